@@ -1,0 +1,27 @@
+//! Legacy x86 platform devices.
+
+mod i8042;
+mod power;
+mod serial;
+
+pub use i8042::I8042;
+pub use power::{AcpiPowerPort, DebugExitPort, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE};
+pub use serial::{ConsoleOutput, Serial, SerialInput};
+
+use crate::PowerHandler;
+use vm_superio::Trigger;
+
+/// A `vm-superio` trigger that turns a line assertion into a [`crate::PowerEvent`].
+struct PowerTrigger {
+    handler: PowerHandler,
+    event: crate::PowerEvent,
+}
+
+impl Trigger for PowerTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        (self.handler)(self.event);
+        Ok(())
+    }
+}

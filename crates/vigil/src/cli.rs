@@ -1,0 +1,278 @@
+//! Command-line interface: `vigil run`, `vigil guest export`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
+use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, KernelImage, VmConfig};
+use vigil_vmm::VmOutcome;
+
+use crate::terminal::TerminalGuard;
+
+/// Exit status when the VMM itself fails (bad input, KVM errors).
+pub const EXIT_VMM_ERROR: u8 = 1;
+/// Exit status when the guest crashes (triple fault, KVM internal error).
+pub const EXIT_GUEST_CRASH: u8 = 3;
+/// Base of the exit status for a non-zero guest debug-exit status N: 32 + N.
+pub const EXIT_GUEST_STATUS_BASE: u8 = 32;
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0        the guest powered off (ACPI), reset the machine, or wrote 0 to the debug-exit port
+  1        the VMM failed (bad input, KVM error); the message names the value at fault
+  2        the command line could not be parsed
+  3        the guest crashed (triple fault, KVM internal or emulation error); a report with
+           the vCPU registers goes to stderr
+  32+N     the guest wrote status N (1..223) to the debug-exit port (0xf4)
+  130/143  stopped by SIGINT (Ctrl-C) / SIGTERM
+
+Set VIGIL_LOG (e.g. VIGIL_LOG=debug) for detailed logs.";
+
+/// Vigil: a KVM virtual machine monitor that watches what it runs.
+#[derive(Parser, Debug)]
+#[command(name = "vigil", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Log level for the VMM's own messages (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a VM and connect its serial console to this terminal.
+    ///
+    /// Without --kernel, boots Vigil's embedded test guest, which prints what it
+    /// found (vCPUs, memory, timer) and powers off. Give it scenarios with
+    /// --cmdline "test=serial,timer,smp,memory,user".
+    #[command(after_help = AFTER_HELP)]
+    Run(RunArgs),
+    /// Work with the embedded test guest.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GuestCommand {
+    /// Write the embedded test guest (an ELF with a PVH entry) to PATH, to boot the
+    /// very same guest under QEMU or Firecracker.
+    Export {
+        /// Where to write the ELF image.
+        path: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Kernel to boot: an ELF vmlinux (PVH entry when it has the PVH note, else the
+    /// Linux 64-bit entry) or a bzImage. Default: the embedded test guest.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk, loaded at the top of low memory.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line. Default: "console=ttyS0 reboot=k panic=1" for a
+    /// --kernel, empty for the test guest.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+
+    /// Number of vCPUs (1 to the host's KVM limit, at most 254).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u32,
+
+    /// Guest memory in MiB (the part above 3 GiB is mapped above 4 GiB).
+    #[arg(long, default_value_t = 128, value_name = "MiB")]
+    pub memory: u64,
+
+    /// Serial console (COM1): stdio, file:PATH (output only), or none.
+    #[arg(long, default_value = "stdio", value_name = "stdio|file:PATH|none", value_parser = parse_console)]
+    pub console: ConsoleConfig,
+
+    /// A System.map for the kernel, to name the function at RIP in crash reports.
+    #[arg(long, value_name = "PATH")]
+    pub symbols: Option<PathBuf>,
+
+    /// Entry point: auto (PVH when the ELF note is present), pvh, or linux
+    /// (64-bit boot protocol with a zero page).
+    #[arg(long, default_value = "auto", value_enum)]
+    pub boot_protocol: BootProtocolArg,
+
+    /// CPUID template: auto hides XSAVE, CX16, SMAP, SMEP and POPCNT on hosts
+    /// whose KVM emulates guest kernel code (kvm_pvm), whose emulator lacks them;
+    /// host passes through everything KVM supports.
+    #[arg(long, default_value = "auto", value_enum)]
+    pub cpu_template: CpuTemplateArg,
+
+    /// CPUID features to hide from the guest, comma-separated, in
+    /// /proc/cpuinfo spelling (e.g. "avx2,rdrand").
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    pub cpuid_hide: Vec<CpuFeature>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BootProtocolArg {
+    Auto,
+    Pvh,
+    Linux,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CpuTemplateArg {
+    Auto,
+    Host,
+}
+
+fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
+    match s {
+        "stdio" => Ok(ConsoleConfig::Stdio),
+        "none" => Ok(ConsoleConfig::None),
+        _ => match s.strip_prefix("file:") {
+            Some("") => Err("file: needs a path, as in file:/tmp/console.log".into()),
+            Some(path) => Ok(ConsoleConfig::File(path.into())),
+            None => Err(format!("{s:?} is not one of stdio, file:PATH, none")),
+        },
+    }
+}
+
+const TEST_GUEST_NAME: &str = "vigil-test-guest";
+const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+impl RunArgs {
+    fn into_config(self) -> VmConfig {
+        let kernel = match self.kernel {
+            Some(path) => KernelImage::File(path),
+            None => KernelImage::Embedded {
+                name: TEST_GUEST_NAME,
+                bytes: vigil_test_guest::ELF,
+            },
+        };
+        let default_cmdline = match kernel {
+            KernelImage::File(_) => DEFAULT_LINUX_CMDLINE,
+            KernelImage::Embedded { .. } => "",
+        };
+        let mut config = VmConfig::new(kernel);
+        config.initrd = self.initrd;
+        config.cmdline = self.cmdline.unwrap_or_else(|| default_cmdline.into());
+        config.vcpus = self.cpus;
+        config.memory_mib = self.memory;
+        config.console = self.console;
+        config.symbols = self.symbols;
+        config.boot_protocol = match self.boot_protocol {
+            BootProtocolArg::Auto => BootProtocol::Auto,
+            BootProtocolArg::Pvh => BootProtocol::Pvh,
+            BootProtocolArg::Linux => BootProtocol::Linux,
+        };
+        config.cpu_template = match self.cpu_template {
+            CpuTemplateArg::Auto => CpuTemplate::Auto,
+            CpuTemplateArg::Host => CpuTemplate::Host,
+        };
+        config.cpuid_hide = self.cpuid_hide;
+        config
+    }
+}
+
+impl Command {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Command::Run(args) => run_vm(args.into_config()),
+            Command::Guest(GuestCommand::Export { path }) => {
+                std::fs::write(&path, vigil_test_guest::ELF).with_context(|| {
+                    format!("cannot write the test guest to {}", path.display())
+                })?;
+                eprintln!(
+                    "wrote {} ({} bytes)",
+                    path.display(),
+                    vigil_test_guest::ELF.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+fn run_vm(config: VmConfig) -> anyhow::Result<ExitCode> {
+    let vm = vigil_vmm::builder::build(&config)?;
+    let _terminal = (config.console == ConsoleConfig::Stdio)
+        .then(TerminalGuard::enter)
+        .flatten();
+    let running = vm.start().context("cannot start the VM's threads")?;
+    let stop = running.stop_handle();
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .context("cannot install signal handlers")?;
+    let signals_handle = signals.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                stop.stop(signal);
+            }
+        })
+        .context("cannot start the signal thread")?;
+    let symbols = running.symbols().cloned();
+    let outcome = running.wait();
+    signals_handle.close();
+    Ok(exit_code(outcome, &|addr| {
+        symbols.as_ref().and_then(|s| s.describe(addr))
+    }))
+}
+
+fn exit_code(outcome: VmOutcome, describe: &dyn Fn(u64) -> Option<String>) -> ExitCode {
+    match outcome {
+        VmOutcome::PoweredOff => ExitCode::SUCCESS,
+        VmOutcome::Reset => {
+            tracing::info!(
+                "the guest reset the machine; Vigil stops the VM instead of rebooting it"
+            );
+            ExitCode::SUCCESS
+        }
+        VmOutcome::DebugExit(0) => ExitCode::SUCCESS,
+        VmOutcome::DebugExit(n) => {
+            eprintln!("vigil: the guest exited with status {n}");
+            let code = u32::from(EXIT_GUEST_STATUS_BASE).saturating_add(n).min(255);
+            ExitCode::from(code as u8)
+        }
+        VmOutcome::Crashed(report) => {
+            eprint!("vigil: the guest crashed.\n{}", report.render(describe));
+            ExitCode::from(EXIT_GUEST_CRASH)
+        }
+        VmOutcome::Stopped(signal) => {
+            eprintln!("vigil: stopped by signal {signal}");
+            ExitCode::from(128 + signal as u8)
+        }
+        VmOutcome::Failed(e) => {
+            eprintln!("vigil: error: {e}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_values() {
+        assert_eq!(parse_console("stdio").unwrap(), ConsoleConfig::Stdio);
+        assert_eq!(parse_console("none").unwrap(), ConsoleConfig::None);
+        assert_eq!(
+            parse_console("file:/tmp/x").unwrap(),
+            ConsoleConfig::File("/tmp/x".into())
+        );
+        assert!(parse_console("file:").unwrap_err().contains("needs a path"));
+        assert!(parse_console("tty")
+            .unwrap_err()
+            .contains("\"tty\" is not one of"));
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

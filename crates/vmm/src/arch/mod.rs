@@ -1,0 +1,3 @@
+//! Architecture-specific parts of building a VM.
+
+pub mod x86_64;

@@ -1,0 +1,231 @@
+//! ACPI tables for a hardware-reduced x86_64 platform: RSDP, XSDT, FADT, MADT and
+//! DSDT, so that a guest finds every vCPU, the I/O APIC, COM1, and a way to power
+//! off (the FADT sleep control register) and reset (the FADT reset register).
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vigil_devices::legacy::{ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
+
+const OEM_ID: [u8; 6] = *b"VIGIL ";
+const OEM_REVISION: u32 = 1;
+
+/// I/O port of the ACPI sleep control / reset register.
+pub const ACPI_POWER_PORT: u16 = 0x600;
+/// COM1's port and interrupt, declared in the DSDT.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+
+// IA-PC boot architecture flags (FADT): an i8042 is present, VGA is not, nor is a CMOS RTC.
+const IAPC_8042: u16 = 1 << 1;
+const IAPC_NO_VGA: u16 = 1 << 2;
+const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+
+/// The tables laid out in guest memory.
+#[derive(Debug)]
+pub struct AcpiTables {
+    /// Where the RSDP is (what `boot_params.acpi_rsdp_addr` and PVH `rsdp_paddr` carry).
+    pub rsdp: GuestAddress,
+    /// Each table's signature, address and bytes, in the order written.
+    pub tables: Vec<([u8; 4], GuestAddress, Vec<u8>)>,
+}
+
+/// Errors from placing the tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables need {needed} bytes, more than the {room} reserved for them")]
+    TooLarge { needed: u64, room: u64 },
+    #[error("cannot write ACPI tables to guest memory: {0}")]
+    Write(#[from] vm_memory::GuestMemoryError),
+}
+
+fn dsdt() -> Vec<u8> {
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE]));
+    let io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
+    let mut body = Vec::new();
+    s5.to_aml_bytes(&mut body);
+    com1.to_aml_bytes(&mut body);
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VIGILDST", OEM_REVISION);
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let port = |addr| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, addr);
+    let mut fadt = FADTBuilder::new(OEM_ID, *b"VIGILFAC", OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
+    fadt.sleep_control_reg = port(u64::from(ACPI_POWER_PORT));
+    fadt.sleep_status_reg = port(u64::from(ACPI_POWER_PORT));
+    fadt.reset_reg = port(u64::from(ACPI_POWER_PORT));
+    fadt.reset_value = ACPI_RESET_VALUE;
+    fadt.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
+    let mut bytes = Vec::new();
+    fadt.finalize().to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn madt(apic_ids: &[u8]) -> Vec<u8> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        *b"VIGILAPC",
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START),
+    );
+    for (uid, &id) in apic_ids.iter().enumerate() {
+        madt.add_structure(ProcessorLocalApic::new(
+            uid as u8,
+            id,
+            EnabledStatus::Enabled,
+        ));
+    }
+    // The I/O APIC takes the id after the last vCPU's.
+    let ioapic_id = apic_ids.iter().max().map_or(0, |m| m + 1);
+    madt.add_structure(IoApic::new(ioapic_id, IOAPIC_START, 0));
+    let mut bytes = Vec::new();
+    madt.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Builds the tables for vCPUs with `apic_ids` and writes them at [`ACPI_START`].
+pub fn write_tables(mem: &GuestMemoryMmap, apic_ids: &[u8]) -> Result<AcpiTables, AcpiError> {
+    let rsdp_len = Rsdp::len() as u64;
+    let align = |a: u64| (a + 15) & !15;
+    let mut next = align(ACPI_START.0 + rsdp_len);
+    let mut tables = Vec::new();
+    let mut place = |sig: [u8; 4], bytes: Vec<u8>| {
+        let addr = GuestAddress(next);
+        next = align(next + bytes.len() as u64);
+        tables.push((sig, addr, bytes));
+        addr
+    };
+    let dsdt_addr = place(*b"DSDT", dsdt());
+    let fadt_addr = place(*b"FACP", fadt(dsdt_addr.0));
+    let madt_addr = place(*b"APIC", madt(apic_ids));
+    let mut xsdt = XSDT::new(OEM_ID, *b"VIGILXSD", OEM_REVISION);
+    xsdt.add_entry(fadt_addr.0);
+    xsdt.add_entry(madt_addr.0);
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+    let xsdt_addr = place(*b"XSDT", xsdt_bytes);
+    if next > ACPI_END {
+        return Err(AcpiError::TooLarge {
+            needed: next - ACPI_START.0,
+            room: ACPI_END - ACPI_START.0,
+        });
+    }
+    let rsdp = Rsdp::new(OEM_ID, xsdt_addr.0);
+    mem.write_slice(zerocopy::IntoBytes::as_bytes(&rsdp), ACPI_START)?;
+    for (_, addr, bytes) in &tables {
+        mem.write_slice(bytes, *addr)?;
+    }
+    Ok(AcpiTables {
+        rsdp: ACPI_START,
+        tables,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn tables_are_checksummed_and_linked() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let t = write_tables(&mem, &[0, 1, 2, 3]).unwrap();
+
+        let mut rsdp = [0u8; 36];
+        mem.read_slice(&mut rsdp, t.rsdp).unwrap();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[..20]), "ACPI 1.0 checksum");
+        assert!(checksum_ok(&rsdp), "extended checksum");
+        assert_eq!(rsdp[15], 2, "revision 2: XSDT present");
+        let xsdt_addr = u64_at(&rsdp, 24);
+
+        for (sig, addr, bytes) in &t.tables {
+            let mut in_mem = vec![0u8; bytes.len()];
+            mem.read_slice(&mut in_mem, *addr).unwrap();
+            assert_eq!(&in_mem, bytes);
+            assert_eq!(&bytes[..4], sig);
+            assert_eq!(u32_at(bytes, 4) as usize, bytes.len(), "{sig:?} length");
+            assert!(checksum_ok(bytes), "{sig:?} checksum");
+            assert!(addr.0 >= ACPI_START.0 && addr.0 + bytes.len() as u64 <= ACPI_END);
+        }
+        let find = |s: &[u8; 4]| t.tables.iter().find(|(sig, _, _)| sig == s).unwrap();
+        let (_, xaddr, xsdt) = find(b"XSDT");
+        assert_eq!(xaddr.0, xsdt_addr);
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
+        assert_eq!(entries, vec![find(b"FACP").1 .0, find(b"APIC").1 .0]);
+
+        let (_, _, fadt) = find(b"FACP");
+        assert_eq!(u64_at(fadt, 140), find(b"DSDT").1 .0, "X_DSDT");
+        assert_ne!(u32_at(fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
+        // SLEEP_CONTROL_REG: system I/O, 8 bits, at the power port.
+        assert_eq!(fadt[244], 1);
+        assert_eq!(u64_at(fadt, 248), u64::from(ACPI_POWER_PORT));
+        assert_eq!(fadt[128], ACPI_RESET_VALUE);
+
+        let (_, _, madt) = find(b"APIC");
+        assert_eq!(u32_at(madt, 36), APIC_START);
+        let mut lapic_ids = Vec::new();
+        let mut ioapics = 0;
+        let mut off = 44;
+        while off < madt.len() {
+            let (kind, len) = (madt[off], madt[off + 1] as usize);
+            match kind {
+                0 => {
+                    assert_eq!(u32_at(madt, off + 4) & 1, 1, "enabled");
+                    lapic_ids.push(madt[off + 3]);
+                }
+                1 => {
+                    ioapics += 1;
+                    assert_eq!(madt[off + 2], 4, "I/O APIC id after the vCPUs");
+                    assert_eq!(u32_at(madt, off + 4), IOAPIC_START);
+                }
+                _ => panic!("unexpected MADT entry {kind}"),
+            }
+            off += len;
+        }
+        assert_eq!(lapic_ids, vec![0, 1, 2, 3]);
+        assert_eq!(ioapics, 1);
+
+        let (_, _, dsdt) = find(b"DSDT");
+        let body = &dsdt[36..];
+        assert!(body.windows(4).any(|w| w == b"_S5_"));
+        assert!(body.windows(4).any(|w| w == b"COM1"));
+    }
+}

@@ -1,0 +1,271 @@
+//! The CPUID each vCPU sees: what KVM supports, with per-vCPU topology (APIC ids),
+//! a timing leaf, and features hidden by a template or by the user.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// A CPUID feature bit Vigil can hide from the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuFeature {
+    /// Name as used by `--cpuid-hide` (Linux's `/proc/cpuinfo` spelling).
+    pub name: &'static str,
+    leaf: u32,
+    subleaf: u32,
+    reg: Reg,
+    bit: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reg {
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+const fn feature(name: &'static str, leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> CpuFeature {
+    CpuFeature {
+        name,
+        leaf,
+        subleaf,
+        reg,
+        bit,
+    }
+}
+
+/// Every feature `--cpuid-hide` knows, by name.
+pub const FEATURES: &[CpuFeature] = &[
+    feature("sse3", 1, 0, Reg::Ecx, 0),
+    feature("pclmulqdq", 1, 0, Reg::Ecx, 1),
+    feature("ssse3", 1, 0, Reg::Ecx, 9),
+    feature("fma", 1, 0, Reg::Ecx, 12),
+    feature("cx16", 1, 0, Reg::Ecx, 13),
+    feature("pcid", 1, 0, Reg::Ecx, 17),
+    feature("sse4_1", 1, 0, Reg::Ecx, 19),
+    feature("sse4_2", 1, 0, Reg::Ecx, 20),
+    feature("x2apic", 1, 0, Reg::Ecx, 21),
+    feature("movbe", 1, 0, Reg::Ecx, 22),
+    feature("popcnt", 1, 0, Reg::Ecx, 23),
+    feature("tsc_deadline_timer", 1, 0, Reg::Ecx, 24),
+    feature("aes", 1, 0, Reg::Ecx, 25),
+    feature("xsave", 1, 0, Reg::Ecx, 26),
+    feature("avx", 1, 0, Reg::Ecx, 28),
+    feature("rdrand", 1, 0, Reg::Ecx, 30),
+    feature("fsgsbase", 7, 0, Reg::Ebx, 0),
+    feature("avx2", 7, 0, Reg::Ebx, 5),
+    feature("smep", 7, 0, Reg::Ebx, 7),
+    feature("invpcid", 7, 0, Reg::Ebx, 10),
+    feature("rdseed", 7, 0, Reg::Ebx, 18),
+    feature("smap", 7, 0, Reg::Ebx, 20),
+    feature("umip", 7, 0, Reg::Ecx, 2),
+    feature("pku", 7, 0, Reg::Ecx, 3),
+    feature("la57", 7, 0, Reg::Ecx, 16),
+    feature("rdpid", 7, 0, Reg::Ecx, 22),
+    feature("pdpe1gb", 0x8000_0001, 0, Reg::Edx, 26),
+    feature("rdtscp", 0x8000_0001, 0, Reg::Edx, 27),
+];
+
+impl CpuFeature {
+    /// Looks a feature up by name.
+    pub fn by_name(name: &str) -> Option<CpuFeature> {
+        FEATURES.iter().copied().find(|f| f.name == name)
+    }
+
+    fn clear(&self, entry: &mut kvm_cpuid_entry2) {
+        let mask = !(1u32 << self.bit);
+        match self.reg {
+            Reg::Ebx => entry.ebx &= mask,
+            Reg::Ecx => entry.ecx &= mask,
+            Reg::Edx => entry.edx &= mask,
+        }
+    }
+}
+
+impl std::str::FromStr for CpuFeature {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        CpuFeature::by_name(s).ok_or_else(|| {
+            let known: Vec<_> = FEATURES.iter().map(|f| f.name).collect();
+            format!("unknown CPUID feature {s:?}; known: {}", known.join(", "))
+        })
+    }
+}
+
+/// Features that the CPL0 emulator of a `kvm_pvm` host cannot execute (see the
+/// project's PLATFORM.md): hiding them lets kernels take their fallback paths.
+pub const EMULATED_CPL0_HIDDEN: &[&str] = &["xsave", "cx16", "smap", "smep", "popcnt"];
+
+/// Whether this host's KVM runs guest kernel code through an emulator.
+pub fn host_emulates_cpl0() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// KVM's signature leaf, and the VMware-style timing leaf Vigil adds after it.
+const HYPERVISOR_BASE: u32 = 0x4000_0000;
+const TIMING_LEAF: u32 = 0x4000_0010;
+/// KVM's local APIC timer runs at 1 GHz (`APIC_BUS_CYCLE_NS` = 1).
+const LAPIC_BUS_KHZ: u32 = 1_000_000;
+
+/// Inputs that make one vCPU's CPUID differ from another's.
+#[derive(Clone, Copy, Debug)]
+pub struct Topology {
+    /// This vCPU's APIC id.
+    pub apic_id: u8,
+    /// vCPUs in the VM (one socket, one thread per core).
+    pub vcpus: u32,
+}
+
+/// Builds one vCPU's CPUID from KVM's supported set.
+pub fn build(base: &CpuId, topo: Topology, tsc_khz: Option<u32>, hide: &[CpuFeature]) -> CpuId {
+    let mut entries: Vec<kvm_cpuid_entry2> = base
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|e| e.function != TIMING_LEAF)
+        .collect();
+    // Bits needed to number every vCPU: the core-level shift in leaves 0xb/0x1f.
+    let core_bits = 32 - (topo.vcpus.max(1) - 1).leading_zeros();
+    let apic_id = u32::from(topo.apic_id);
+    for e in entries.iter_mut() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((topo.vcpus & 0xff) << 16);
+                if topo.vcpus > 1 {
+                    e.edx |= 1 << 28; // HTT: the logical processor count is valid
+                }
+                e.ecx |= 1 << 31; // running under a hypervisor
+            }
+            4 => {
+                // Cores per package - 1; the cache sharing fields: L3 is shared.
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { topo.vcpus - 1 } else { 0 };
+                e.eax = (e.eax & 0x3ff) | ((topo.vcpus - 1) << 26) | ((sharing & 0xfff) << 14);
+            }
+            0xb | 0x1f => {
+                e.edx = apic_id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (1 << 8) | e.index;
+                    }
+                    1 => {
+                        e.eax = core_bits;
+                        e.ebx = topo.vcpus;
+                        e.ecx = (2 << 8) | e.index;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            HYPERVISOR_BASE if tsc_khz.is_some() => e.eax = e.eax.max(TIMING_LEAF),
+            _ => {}
+        }
+        let (function, index) = (e.function, e.index);
+        for f in hide
+            .iter()
+            .filter(|f| f.leaf == function && f.subleaf == index)
+        {
+            f.clear(e);
+        }
+        if e.function == 1 && hide.iter().any(|f| f.name == "xsave") {
+            e.ecx &= !(1 << 27); // OSXSAVE follows XSAVE
+        }
+    }
+    if let Some(khz) = tsc_khz {
+        entries.push(kvm_cpuid_entry2 {
+            function: TIMING_LEAF,
+            eax: khz,
+            ebx: LAPIC_BUS_KHZ,
+            ..Default::default()
+        });
+    }
+    CpuId::from_entries(&entries).expect("no more entries than KVM returned plus one")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: 0xffff_ffff,
+            ebx: 0xffff_ffff,
+            ecx: 0xffff_ffff,
+            edx: 0xffff_ffff,
+            ..Default::default()
+        }
+    }
+
+    fn find(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    fn base() -> CpuId {
+        CpuId::from_entries(&[
+            entry(1, 0),
+            entry(7, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(HYPERVISOR_BASE, 0),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn topology_is_per_vcpu() {
+        let c = build(
+            &base(),
+            Topology {
+                apic_id: 3,
+                vcpus: 4,
+            },
+            None,
+            &[],
+        );
+        let l1 = find(&c, 1, 0);
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_eq!((l1.ebx >> 16) & 0xff, 4);
+        assert_ne!(l1.ecx & (1 << 31), 0);
+        let smt = find(&c, 0xb, 0);
+        let core = find(&c, 0xb, 1);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 3));
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 4, 0x201, 3));
+    }
+
+    #[test]
+    fn hides_features_and_adds_timing_leaf() {
+        let hide: Vec<_> = ["xsave", "smap", "smep"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let c = build(
+            &base(),
+            Topology {
+                apic_id: 0,
+                vcpus: 1,
+            },
+            Some(2_500_000),
+            &hide,
+        );
+        assert_eq!(find(&c, 1, 0).ecx & (1 << 26 | 1 << 27), 0);
+        assert_eq!(find(&c, 7, 0).ebx & (1 << 7 | 1 << 20), 0);
+        assert_eq!(find(&c, 7, 0).ebx | (1 << 7 | 1 << 20), 0xffff_ffff);
+        assert_eq!(find(&c, HYPERVISOR_BASE, 0).eax, 0xffff_ffff);
+        let t = find(&c, TIMING_LEAF, 0);
+        assert_eq!((t.eax, t.ebx), (2_500_000, LAPIC_BUS_KHZ));
+    }
+
+    #[test]
+    fn unknown_feature_names_list_the_known_ones() {
+        let e = "sse9".parse::<CpuFeature>().unwrap_err();
+        assert!(e.contains("\"sse9\"") && e.contains("xsave"), "{e}");
+    }
+}

@@ -1,0 +1,213 @@
+//! Turns a validated [`VmConfig`] into a [`Vm`] ready to start: guest memory, the
+//! KVM VM, devices on their buses, the kernel and boot information, and vCPUs.
+
+use std::fs::File;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use vigil_devices::bus::{Bus, BusError};
+use vigil_devices::legacy::{AcpiPowerPort, ConsoleOutput, DebugExitPort, Serial, I8042};
+use vigil_devices::PowerHandler;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::acpi::{self, AcpiError, ACPI_POWER_PORT, COM1_IRQ, COM1_PORT};
+use crate::arch::x86_64::boot::{self, BootError, EntryPoint};
+use crate::arch::x86_64::cpuid::{self, CpuFeature, Topology};
+use crate::arch::x86_64::layout;
+use crate::arch::x86_64::regs::{self, RegsError};
+use crate::config::{ConfigError, ConsoleConfig, CpuTemplate, HostLimits, VmConfig};
+use crate::symbols::{SymbolError, SymbolTable};
+use crate::vm::Vm;
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::{create_vm, VmError};
+use crate::VmEvent;
+
+/// QEMU's `isa-debug-exit` port, as test guests expect it.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+const I8042_PORT: u16 = 0x60;
+
+/// Errors from building a VM. Each names what it could not do and why.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user use it?)")]
+    Kvm(kvm_ioctls::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
+    #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
+    Memory { mib: u64, detail: String },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("--console file:{path}: cannot create it: {source}")]
+    ConsoleFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot set up devices: {0}")]
+    Devices(String),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error("vCPU {vcpu}: {source}")]
+    Vcpu { vcpu: u32, source: RegsError },
+}
+
+impl From<BusError> for BuildError {
+    fn from(e: BusError) -> Self {
+        BuildError::Devices(e.to_string())
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Vm(VmError::Kvm { what, source })
+}
+
+/// The features hidden from the guest: the template's plus the user's.
+fn hidden_features(config: &VmConfig) -> Vec<CpuFeature> {
+    let mut hide = config.cpuid_hide.clone();
+    if config.cpu_template == CpuTemplate::Auto && cpuid::host_emulates_cpl0() {
+        hide.extend(
+            cpuid::EMULATED_CPL0_HIDDEN
+                .iter()
+                .filter_map(|n| CpuFeature::by_name(n)),
+        );
+    }
+    hide
+}
+
+/// Builds the VM described by `config`.
+pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
+    let kvm_sys = Kvm::new().map_err(BuildError::Kvm)?;
+    config.validate(&HostLimits::probe(&kvm_sys))?;
+    let symbols = config
+        .symbols
+        .as_deref()
+        .map(SymbolTable::load)
+        .transpose()?;
+
+    let memory_bytes = config.memory_bytes();
+    let mem = GuestMemoryMmap::from_ranges(&layout::ram_ranges(memory_bytes)).map_err(|e| {
+        BuildError::Memory {
+            mib: config.memory_mib,
+            detail: e.to_string(),
+        }
+    })?;
+    let vm_fd = create_vm(&kvm_sys, &mem)?;
+
+    let (events_tx, events_rx) = mpsc::channel();
+    let power_tx = Mutex::new(events_tx.clone());
+    let power: PowerHandler = Arc::new(move |e| {
+        let _ = power_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(VmEvent::Power(e));
+    });
+
+    let console_out = match &config.console {
+        ConsoleConfig::Stdio => ConsoleOutput::Stdout,
+        ConsoleConfig::File(path) => {
+            ConsoleOutput::File(
+                File::create(path).map_err(|source| BuildError::ConsoleFile {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+            )
+        }
+        ConsoleConfig::None => ConsoleOutput::Sink,
+    };
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Devices(e.to_string()))?;
+    vm_fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("connect the serial port's interrupt"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(power.clone()))),
+        u64::from(I8042_PORT),
+        5,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiPowerPort::new(power.clone()))),
+        u64::from(ACPI_POWER_PORT),
+        1,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(DebugExitPort::new(power))),
+        u64::from(DEBUG_EXIT_PORT),
+        4,
+    )?;
+
+    let kernel = boot::load_kernel(&mem, &config.kernel, config.boot_protocol, memory_bytes)?;
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|p| boot::load_initrd(&mem, p, &kernel, memory_bytes))
+        .transpose()?;
+    let e820 = layout::e820_map(memory_bytes);
+    let apic_ids: Vec<u8> = (0..config.vcpus).map(|i| i as u8).collect();
+    let acpi = acpi::write_tables(&mem, &apic_ids)?;
+    boot::write_cmdline(&mem, &config.cmdline)?;
+    match kernel.entry {
+        EntryPoint::Pvh(_) => boot::write_pvh_info(&mem, &e820, initrd, acpi.rsdp)?,
+        EntryPoint::Linux64(_) => {
+            let params = boot::zero_page(&kernel, config.cmdline.len(), &e820, initrd, acpi.rsdp);
+            boot::write_zero_page(&mem, &params)?;
+        }
+    }
+
+    let base_cpuid = kvm_sys
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report supported CPUID"))?;
+    let hide = hidden_features(config);
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        let fd = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create a vCPU"))?;
+        let topo = Topology {
+            apic_id: apic_ids[id as usize],
+            vcpus: config.vcpus,
+        };
+        let vcpu_cpuid = cpuid::build(&base_cpuid, topo, fd.get_tsc_khz().ok(), &hide);
+        let vcpu_err = |source| BuildError::Vcpu { vcpu: id, source };
+        fd.set_cpuid2(&vcpu_cpuid).map_err(|source| {
+            vcpu_err(RegsError::Kvm {
+                what: "set cpuid",
+                source,
+            })
+        })?;
+        regs::setup_common(&fd).map_err(vcpu_err)?;
+        if id == 0 {
+            regs::setup_boot_vcpu(&fd, &mem, kernel.entry).map_err(vcpu_err)?;
+        }
+        vcpus.push(Vcpu { id, fd });
+    }
+    tracing::info!(
+        kernel = %config.kernel,
+        entry = ?kernel.entry,
+        vcpus = config.vcpus,
+        memory_mib = config.memory_mib,
+        hidden_cpuid = ?hide.iter().map(|f| f.name).collect::<Vec<_>>(),
+        "VM built"
+    );
+
+    Ok(Vm {
+        vcpus,
+        vm_fd,
+        mem,
+        pio,
+        mmio: Bus::new(),
+        serial,
+        console: config.console.clone(),
+        symbols,
+        events_tx,
+        events_rx,
+    })
+}

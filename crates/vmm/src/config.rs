@@ -1,0 +1,338 @@
+//! What a VM is made of, validated once, before anything is built.
+//!
+//! Every check that can fail because of user input happens in [`VmConfig::validate`],
+//! and its error names the option and the value at fault.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::arch::x86_64::cpuid::CpuFeature;
+
+/// Where the kernel image comes from.
+#[derive(Clone, Debug)]
+pub enum KernelImage {
+    /// A file on the host: an ELF `vmlinux` or a `bzImage`.
+    File(PathBuf),
+    /// An image compiled into the VMM (the test guest).
+    Embedded {
+        /// Name shown in messages.
+        name: &'static str,
+        /// The ELF image.
+        bytes: &'static [u8],
+    },
+}
+
+impl std::fmt::Display for KernelImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelImage::File(p) => write!(f, "{}", p.display()),
+            KernelImage::Embedded { name, .. } => write!(f, "<embedded {name}>"),
+        }
+    }
+}
+
+/// Where the serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// The VMM's stdin and stdout.
+    Stdio,
+    /// Output to a file, no input.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+/// Which entry point to use in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// PVH when the ELF has the PVH note, else the Linux 64-bit entry.
+    #[default]
+    Auto,
+    /// PVH only (fails if the image lacks the note).
+    Pvh,
+    /// The Linux 64-bit boot protocol (`startup_64` with a zero page).
+    Linux,
+}
+
+/// CPUID features to hide from the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum CpuTemplate {
+    /// Pass through what KVM supports, except on hosts whose KVM emulates guest
+    /// kernel code (`kvm_pvm`), where instructions that emulator lacks are hidden.
+    #[default]
+    Auto,
+    /// Pass through what KVM supports.
+    Host,
+}
+
+/// A whole VM's configuration.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The kernel.
+    pub kernel: KernelImage,
+    /// An initial ramdisk, passed to the guest as-is.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// The serial console.
+    pub console: ConsoleConfig,
+    /// A `System.map` to resolve guest addresses in crash reports.
+    pub symbols: Option<PathBuf>,
+    /// Entry point choice.
+    pub boot_protocol: BootProtocol,
+    /// Base CPUID template.
+    pub cpu_template: CpuTemplate,
+    /// Extra features to hide, on top of the template.
+    pub cpuid_hide: Vec<CpuFeature>,
+}
+
+/// What the host allows, read once and passed to validation.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimits {
+    /// KVM's vCPU limit (`KVM_CAP_MAX_VCPUS`).
+    pub kvm_max_vcpus: u32,
+    /// Physical memory of the host in bytes.
+    pub host_memory_bytes: u64,
+}
+
+/// Most vCPUs Vigil describes: xAPIC ids in the MADT are 8-bit and 0xff is broadcast.
+pub const MAX_VCPUS: u32 = 254;
+
+/// A configuration error, naming the option and value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--cpus 0: a VM needs at least one vCPU")]
+    NoVcpus,
+    #[error("--cpus {requested}: above this host's limit of {limit} (KVM allows {kvm}, Vigil's MADT {vigil})", limit = .kvm.min(&MAX_VCPUS), vigil = MAX_VCPUS)]
+    TooManyVcpus { requested: u32, kvm: u32 },
+    #[error("--memory 0: a VM needs memory")]
+    NoMemory,
+    #[error("--memory {requested} MiB: the guest needs at least {min} MiB")]
+    TooLittleMemory { requested: u64, min: u64 },
+    #[error("--memory {requested} MiB: larger than this host's {host} MiB of RAM")]
+    TooMuchMemory { requested: u64, host: u64 },
+    #[error("{option} {path}: cannot read it: {source}")]
+    Unreadable {
+        option: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{option} {path}: not a regular file")]
+    NotAFile { option: &'static str, path: String },
+    #[error("--cmdline: {len} bytes, longer than the {max} bytes a kernel accepts")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("--cmdline: contains a NUL byte")]
+    CmdlineNul,
+}
+
+/// Smallest VM Vigil builds: room for the boot structures, a kernel and its stack.
+pub const MIN_MEMORY_MIB: u64 = 2;
+
+impl VmConfig {
+    /// A config for `kernel` with Vigil's defaults: 1 vCPU, 128 MiB, console on stdio.
+    pub fn new(kernel: KernelImage) -> Self {
+        Self {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            console: ConsoleConfig::Stdio,
+            symbols: None,
+            boot_protocol: BootProtocol::Auto,
+            cpu_template: CpuTemplate::Auto,
+            cpuid_hide: Vec::new(),
+        }
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+
+    /// Checks everything that depends on user input against `limits`.
+    pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        match self.vcpus {
+            0 => return Err(ConfigError::NoVcpus),
+            n if n > limits.kvm_max_vcpus.min(MAX_VCPUS) => {
+                return Err(ConfigError::TooManyVcpus {
+                    requested: n,
+                    kvm: limits.kvm_max_vcpus,
+                })
+            }
+            _ => {}
+        }
+        match self.memory_mib {
+            0 => return Err(ConfigError::NoMemory),
+            m if m < MIN_MEMORY_MIB => {
+                return Err(ConfigError::TooLittleMemory {
+                    requested: m,
+                    min: MIN_MEMORY_MIB,
+                })
+            }
+            m if m.saturating_mul(1 << 20) > limits.host_memory_bytes => {
+                return Err(ConfigError::TooMuchMemory {
+                    requested: m,
+                    host: limits.host_memory_bytes >> 20,
+                })
+            }
+            _ => {}
+        }
+        if let KernelImage::File(path) = &self.kernel {
+            check_readable("--kernel", path)?;
+        }
+        if let Some(path) = &self.initrd {
+            check_readable("--initrd", path)?;
+        }
+        if let Some(path) = &self.symbols {
+            check_readable("--symbols", path)?;
+        }
+        if self.cmdline.len() >= crate::arch::x86_64::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.cmdline.len(),
+                max: crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1,
+            });
+        }
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        Ok(())
+    }
+}
+
+fn check_readable(option: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let file = File::open(path).map_err(|source| ConfigError::Unreadable {
+        option,
+        path: path.display().to_string(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| ConfigError::Unreadable {
+        option,
+        path: path.display().to_string(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(ConfigError::NotAFile {
+            option,
+            path: path.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+impl HostLimits {
+    /// Reads the limits of this host from KVM and `/proc/meminfo`.
+    pub fn probe(kvm: &kvm_ioctls::Kvm) -> Self {
+        Self {
+            kvm_max_vcpus: kvm.get_max_vcpus() as u32,
+            host_memory_bytes: host_memory_bytes().unwrap_or(u64::MAX),
+        }
+    }
+}
+
+fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HostLimits = HostLimits {
+        kvm_max_vcpus: 1024,
+        host_memory_bytes: 8 << 30,
+    };
+
+    fn embedded() -> VmConfig {
+        VmConfig::new(KernelImage::Embedded {
+            name: "test",
+            bytes: &[],
+        })
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        embedded().validate(&LIMITS).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_option_and_value() {
+        let mut c = embedded();
+        c.vcpus = 0;
+        assert_eq!(
+            c.validate(&LIMITS).unwrap_err().to_string(),
+            "--cpus 0: a VM needs at least one vCPU"
+        );
+        c.vcpus = 300;
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--cpus 300: above this host's limit of 254"),
+            "{e}"
+        );
+        c.vcpus = 8;
+        let tight = HostLimits {
+            kvm_max_vcpus: 4,
+            ..LIMITS
+        };
+        assert!(c
+            .validate(&tight)
+            .unwrap_err()
+            .to_string()
+            .contains("limit of 4"));
+
+        c.vcpus = 1;
+        c.memory_mib = 0;
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .starts_with("--memory 0"));
+        c.memory_mib = 9000;
+        assert_eq!(
+            c.validate(&LIMITS).unwrap_err().to_string(),
+            "--memory 9000 MiB: larger than this host's 8192 MiB of RAM"
+        );
+        c.memory_mib = 128;
+        c.initrd = Some("/nonexistent/initrd.img".into());
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--initrd /nonexistent/initrd.img: cannot read it"),
+            "{e}"
+        );
+        c.initrd = Some("/".into());
+        assert_eq!(
+            c.validate(&LIMITS).unwrap_err().to_string(),
+            "--initrd /: not a regular file"
+        );
+    }
+
+    #[test]
+    fn kernel_file_must_exist() {
+        let c = VmConfig::new(KernelImage::File("/nonexistent/vmlinux".into()));
+        let e = c.validate(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--kernel /nonexistent/vmlinux: cannot read it: No such file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cmdline_limits() {
+        let mut c = embedded();
+        c.cmdline = "a".repeat(5000);
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("5000 bytes"));
+        c.cmdline = "a\0b".into();
+        assert!(matches!(c.validate(&LIMITS), Err(ConfigError::CmdlineNul)));
+    }
+}

@@ -1,0 +1,36 @@
+//! The life of one Vigil VM.
+//!
+//! Data flows one way: a [`config::VmConfig`] (validated once) goes to
+//! [`builder::build`], which returns a [`Vm`]; [`Vm::start`] spawns one thread per
+//! vCPU and a device event loop and returns a [`RunningVm`], whose
+//! [`RunningVm::wait`] returns how the VM ended.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod symbols;
+mod vm;
+pub mod vstate;
+
+pub use vm::{RunningVm, StopHandle, Vm, VmOutcome};
+
+use vigil_devices::PowerEvent;
+use vstate::vcpu::CrashReport;
+
+/// Something that ends a VM, sent to the thread waiting on it.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// A device asked to power off, reset or exit.
+    Power(PowerEvent),
+    /// A vCPU crashed.
+    Crash(Box<CrashReport>),
+    /// A vCPU could not go on for a reason that is the VMM's, not the guest's.
+    VcpuFailed {
+        /// The vCPU's index.
+        vcpu: u32,
+        /// What went wrong.
+        error: String,
+    },
+    /// The VMM was asked to stop (by a signal, or by an API later).
+    Stop(i32),
+}

@@ -1,0 +1,5 @@
+//! KVM state of a VM: the VM file descriptor with its memory and irqchip, and the
+//! vCPUs with their run loops.
+
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,92 @@
+//! CPU discovery from the ACPI MADT (RSDP -> XSDT or RSDT -> "APIC").
+
+use crate::{apic, paging};
+
+pub const MAX_CPUS: usize = 64;
+
+/// The enabled CPUs by local APIC id, in MADT order.
+pub struct Cpus {
+    ids: [u32; MAX_CPUS],
+    count: usize,
+}
+
+impl Cpus {
+    pub fn ids(&self) -> &[u32] {
+        &self.ids[..self.count]
+    }
+
+    fn push(&mut self, id: u32) {
+        if self.count < MAX_CPUS {
+            self.ids[self.count] = id;
+            self.count += 1;
+        }
+    }
+}
+
+fn read<T: Copy>(addr: u64) -> T {
+    // SAFETY: ACPI tables are readable memory; callers map the address first.
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+fn checksum_ok(addr: u64, len: u64) -> bool {
+    (0..len).fold(0u8, |sum, i| sum.wrapping_add(read(addr + i))) == 0
+}
+
+/// Legacy search: the RSDP sits on a 16-byte boundary in 0xe0000..0x100000.
+fn scan_rsdp() -> u64 {
+    (0xe_0000..0x10_0000u64)
+        .step_by(16)
+        .find(|&addr| read::<[u8; 8]>(addr) == *b"RSD PTR " && checksum_ok(addr, 20))
+        .unwrap_or(0)
+}
+
+/// The MADT's enabled CPUs; just the BSP when there is no ACPI or no MADT.
+pub fn discover(rsdp: u64) -> Cpus {
+    let mut cpus = Cpus { ids: [0; MAX_CPUS], count: 0 };
+    if let Some(madt) = find_madt(rsdp) {
+        let len: u32 = read(madt + 4);
+        let end = madt + u64::from(len);
+        let mut entry = madt + 44;
+        while entry + 2 <= end {
+            let kind: u8 = read(entry);
+            let entry_len: u8 = read(entry + 1);
+            if entry_len < 2 {
+                break;
+            }
+            match kind {
+                0 if read::<u32>(entry + 4) & 1 != 0 => cpus.push(u32::from(read::<u8>(entry + 3))),
+                9 if read::<u32>(entry + 8) & 1 != 0 => cpus.push(read(entry + 4)),
+                _ => {}
+            }
+            entry += u64::from(entry_len);
+        }
+    }
+    if cpus.count == 0 {
+        cpus.push(apic::id());
+    }
+    cpus
+}
+
+fn find_madt(rsdp: u64) -> Option<u64> {
+    let rsdp = if rsdp != 0 { rsdp } else { scan_rsdp() };
+    if rsdp == 0 || !paging::map(rsdp) || read::<[u8; 8]>(rsdp) != *b"RSD PTR " {
+        return None;
+    }
+    let revision: u8 = read(rsdp + 15);
+    let (root, entry_size) = if revision >= 2 { (read::<u64>(rsdp + 24), 8) } else { (u64::from(read::<u32>(rsdp + 16)), 4) };
+    if root == 0 || !paging::map(root) {
+        return None;
+    }
+    let len: u32 = read(root + 4);
+    let entries = (u64::from(len).saturating_sub(36)) / entry_size;
+    (0..entries)
+        .map(|i| {
+            let at = root + 36 + i * entry_size;
+            if entry_size == 8 {
+                read::<u64>(at)
+            } else {
+                u64::from(read::<u32>(at))
+            }
+        })
+        .find(|&table| table != 0 && paging::map(table) && read::<[u8; 4]>(table) == *b"APIC")
+}

@@ -1,0 +1,288 @@
+//! CPU primitives and the kernel's descriptor tables: GDT/TSS, IDT, syscall MSRs,
+//! exception and interrupt entry, and the CPL3 round trip.
+
+use core::arch::{asm, global_asm};
+use core::ptr::{addr_of, addr_of_mut};
+use core::sync::atomic::AtomicU64;
+
+use crate::boot::{GDT_ENTRIES, KERNEL_CS, KERNEL_DS, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
+use crate::serial::{Out, Serial};
+
+/// LAPIC timer interrupt vector.
+pub const TIMER_VECTOR: u8 = 0x20;
+/// LAPIC spurious interrupt vector (low nibble all ones, as old xAPICs require).
+pub const SPURIOUS_VECTOR: u8 = 0x2f;
+/// Vectors 0..IDT_ENTRIES are described; anything above raises #GP, which reports.
+const IDT_ENTRIES: usize = 0x30;
+
+const MSR_EFER: u32 = 0xc000_0080;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_SFMASK: u32 = 0xc000_0084;
+/// RFLAGS bits cleared on `syscall`, as Linux does: TF, IF, DF, IOPL, NT, AC.
+const SFMASK: u64 = 0x47700;
+
+/// Timer interrupts taken since the counter was last reset.
+#[no_mangle]
+pub static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+
+static mut IDT: [u64; 2 * IDT_ENTRIES] = [0; 2 * IDT_ENTRIES];
+
+extern "C" {
+    static mut GDT: [u64; GDT_ENTRIES];
+    static TSS: u8;
+    static exception_stubs: u8;
+    static __user_start: u8;
+    static __user_end: u8;
+    fn timer_isr();
+    fn spurious_isr();
+    fn syscall_entry();
+}
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O touches no memory; the ports used are the platform's devices.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as for outb.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads the time-stamp counter.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// CPUID leaf `leaf`, sub-leaf 0: (eax, ebx, ecx, edx).
+pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    // SAFETY: cpuid only reads; rbx is reserved by LLVM, so it is saved around it.
+    unsafe {
+        asm!(
+            "mov {b:r}, rbx",
+            "cpuid",
+            "xchg {b:r}, rbx",
+            b = out(reg) b,
+            inout("eax") leaf => a,
+            inout("ecx") 0u32 => c,
+            out("edx") d,
+            options(nomem, nostack, preserves_flags)
+        )
+    }
+    (a, b, c, d)
+}
+
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: only architectural MSRs present on every x86_64 CPU are read.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: callers write architectural MSRs with values valid for this kernel.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack, preserves_flags))
+    }
+}
+
+/// Waits for an interrupt with interrupts enabled, then disables them again.
+pub fn wait_for_interrupt() {
+    // SAFETY: `sti; hlt` is atomic (STI's one-instruction shadow), so no wake-up is lost.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
+}
+
+/// Exits through isa-debug-exit (port 0xf4); where that port is absent, resets through
+/// the i8042 (Firecracker's way out); failing both, halts forever.
+pub fn exit(code: u8) -> ! {
+    outb(0xf4, code);
+    outb(0x64, 0xfe);
+    halt_forever()
+}
+
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: halting with interrupts off stops this CPU for good.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
+
+#[repr(C, packed)]
+struct DescriptorPointer {
+    limit: u16,
+    base: u64,
+}
+
+/// Fills the TSS descriptor and loads TR, builds and loads the IDT, and sets up the
+/// syscall MSRs as a real kernel would (introspection targets).
+pub fn init() {
+    let tss = addr_of!(TSS) as u64;
+    let low = TSS_LIMIT | ((tss & 0xff_ffff) << 16) | (0x89 << 40) | (((tss >> 24) & 0xff) << 56);
+    // SAFETY: single-threaded start-up; the GDT slots 5 and 6 are the TSS descriptor.
+    unsafe {
+        let gdt = addr_of_mut!(GDT) as *mut u64;
+        gdt.add(usize::from(TSS_SEL / 8)).write(low);
+        gdt.add(usize::from(TSS_SEL / 8) + 1).write(tss >> 32);
+        asm!("ltr {0:x}", in(reg) TSS_SEL, options(nostack, preserves_flags));
+    }
+
+    // SAFETY: the stubs are 16 bytes apart in `exception_stubs` (see below).
+    let stubs = unsafe { addr_of!(exception_stubs) } as u64;
+    for vector in 0..32 {
+        set_gate(vector, stubs + 16 * vector as u64);
+    }
+    set_gate(usize::from(TIMER_VECTOR), timer_isr as *const () as u64);
+    set_gate(usize::from(SPURIOUS_VECTOR), spurious_isr as *const () as u64);
+    load_idt();
+
+    wrmsr(MSR_STAR, (KERNEL_DS << 48) | (KERNEL_CS << 32));
+    wrmsr(MSR_LSTAR, syscall_entry as *const () as u64);
+    wrmsr(MSR_SFMASK, SFMASK);
+    wrmsr(MSR_EFER, rdmsr(MSR_EFER) | 1);
+}
+
+fn set_gate(vector: usize, handler: u64) {
+    let low = (handler & 0xffff) | (KERNEL_CS << 16) | (0x8e << 40) | (((handler >> 16) & 0xffff) << 48);
+    // SAFETY: single-threaded start-up, before the IDT is loaded on any CPU.
+    unsafe {
+        let idt = addr_of_mut!(IDT) as *mut u64;
+        idt.add(2 * vector).write(low);
+        idt.add(2 * vector + 1).write(handler >> 32);
+    }
+}
+
+/// Loads the (already built) IDT on this CPU.
+pub fn load_idt() {
+    let pointer = DescriptorPointer { limit: (IDT_ENTRIES * 16 - 1) as u16, base: addr_of!(IDT) as u64 };
+    // SAFETY: the IDT is static and fully built before any CPU loads it.
+    unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) }
+}
+
+/// What the exception stubs push, then what the CPU pushed.
+#[repr(C)]
+pub struct ExceptionFrame {
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cs: u64,
+}
+
+/// Called by every exception stub. Returns only for `ud2` in the CPL3 code: that is how
+/// user code hands control back (see `user_enter`); anything else is fatal.
+#[no_mangle]
+extern "C" fn exception_handler(frame: &ExceptionFrame) {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let user = unsafe { addr_of!(__user_start) as u64..addr_of!(__user_end) as u64 };
+    if frame.vector == 6 && frame.cs & 3 == 3 && user.contains(&frame.rip) {
+        return;
+    }
+    Serial
+        .str("EXCEPTION vec=")
+        .dec(frame.vector)
+        .str(" err=")
+        .hex(frame.error)
+        .str(" rip=")
+        .hex(frame.rip)
+        .str(" cs=")
+        .hex(frame.cs)
+        .str("\n");
+    exit(2)
+}
+
+extern "C" {
+    /// Runs `entry(arg)` at CPL3 on `stack` with IOPL=3 and interrupts off; returns when
+    /// the user code executes `ud2`.
+    pub fn user_enter(entry: u64, stack: u64, arg: u64);
+}
+
+// Exception stubs, 16 bytes apart: push a zero error code where the CPU pushes none,
+// push the vector, and go to the common path. Handlers never return to the faulting
+// code, so no registers are saved; the only way back is the CPL3 `ud2` return, which
+// resumes the kernel on the stack `user_enter` saved.
+// `syscall_entry` (LSTAR) serves `syscall` at CPL0, the only place it works on the
+// build machines: it returns to the caller with the caller's RFLAGS (saved in R11).
+global_asm!(
+    r#"
+    .section .text.exceptions, "ax"
+    .balign 16
+    .global exception_stubs
+exception_stubs:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .balign 16
+    .if (\n == 8) || ((\n >= 10) && (\n <= 14)) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $\n
+    jmp exception_common
+    .endr
+
+exception_common:
+    movq %rsp, %rdi
+    andq $-16, %rsp
+    call exception_handler
+    movq USER_KERNEL_RSP(%rip), %rsp
+    movl ${kds}, %eax
+    movl %eax, %ss
+    movl %eax, %ds
+    movl %eax, %es
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbp
+    popq %rbx
+    ret
+
+    .global user_enter
+user_enter:
+    pushq %rbx
+    pushq %rbp
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, USER_KERNEL_RSP(%rip)
+    pushq ${uds}
+    pushq %rsi
+    pushq $0x3002
+    pushq ${ucs}
+    pushq %rdi
+    movq %rdx, %rdi
+    iretq
+
+    .global timer_isr
+timer_isr:
+    pushq %rax
+    lock incq TIMER_TICKS(%rip)
+    movl $0xfee000b0, %eax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
+    .global spurious_isr
+spurious_isr:
+    iretq
+
+    .global syscall_entry
+syscall_entry:
+    pushq %r11
+    popfq
+    jmpq *%rcx
+
+    .section .bss.user_kernel_rsp, "aw", @nobits
+    .balign 8
+USER_KERNEL_RSP:
+    .skip 8
+    "#,
+    kds = const KERNEL_DS,
+    uds = const USER_DS,
+    ucs = const USER_CS,
+    options(att_syntax)
+);

@@ -1,0 +1,338 @@
+//! The scenarios `test=` selects. Each returns pass/fail and writes its detail.
+
+use core::arch::global_asm;
+use core::ptr::{addr_of, read_volatile, write_volatile};
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use crate::boot::MAX_APS;
+use crate::cpu::{self, rdtsc, TIMER_TICKS, TIMER_VECTOR};
+use crate::serial::{Line, Out, Serial};
+use crate::{apic, paging, Machine};
+
+pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
+    match name {
+        b"serial" => serial(),
+        b"timer" => timer(machine, detail),
+        b"smp" => smp(machine, detail),
+        b"memory" => memory(machine, detail),
+        b"user" => user(machine, detail),
+        _ => {
+            detail.str("unknown scenario");
+            false
+        }
+    }
+}
+
+/// The host checks that this line arrives intact.
+fn serial() -> bool {
+    Serial.str("serial: the quick brown fox jumps over the lazy dog 0123456789\n");
+    true
+}
+
+const ONE_SHOTS: u64 = 10;
+const ONE_SHOT_US: u64 = 2_000;
+const PERIODS: u64 = 20;
+const PERIOD_US: u64 = 5_000;
+
+/// LAPIC timer interrupts, one-shot then periodic, timed against the TSC.
+fn timer(machine: &Machine, detail: &mut Line) -> bool {
+    let (tsc_khz, lapic_khz) = (machine.tsc_khz, machine.lapic_khz);
+    if tsc_khz == 0 || lapic_khz == 0 {
+        detail.str("no timer frequencies");
+        return false;
+    }
+    let wait_ticks = |ticks: u64| {
+        while TIMER_TICKS.load(Ordering::SeqCst) < ticks {
+            cpu::wait_for_interrupt();
+        }
+    };
+
+    TIMER_TICKS.store(0, Ordering::SeqCst);
+    let start = rdtsc();
+    for shot in 1..=ONE_SHOTS {
+        apic::start_timer(TIMER_VECTOR, (lapic_khz * ONE_SHOT_US / 1000) as u32, false);
+        wait_ticks(shot);
+    }
+    let one_shot_us = (rdtsc() - start) * 1000 / tsc_khz;
+    let one_shots = TIMER_TICKS.load(Ordering::SeqCst);
+
+    TIMER_TICKS.store(0, Ordering::SeqCst);
+    let start = rdtsc();
+    apic::start_timer(TIMER_VECTOR, (lapic_khz * PERIOD_US / 1000) as u32, true);
+    wait_ticks(PERIODS);
+    let periodic_us = (rdtsc() - start) * 1000 / tsc_khz;
+    apic::stop_timer();
+    let periods = TIMER_TICKS.load(Ordering::SeqCst);
+
+    detail
+        .str("oneshot=")
+        .dec(one_shots)
+        .str(" oneshot_us=")
+        .dec(one_shot_us)
+        .str(" periodic=")
+        .dec(periods)
+        .str(" periodic_us=")
+        .dec(periodic_us);
+    // Generous: this machine's emulated CPL0 is slow and its timing noisy.
+    let plausible = |measured: u64, expected: u64| measured * 2 >= expected && measured <= expected * 3;
+    one_shots == ONE_SHOTS
+        && plausible(one_shot_us, ONE_SHOTS * ONE_SHOT_US)
+        && plausible(periodic_us, PERIODS * PERIOD_US)
+}
+
+/// Next free AP stack slot (taken by boot.rs), APs that reported, and their APIC ids.
+#[no_mangle]
+static AP_NEXT: AtomicU32 = AtomicU32::new(0);
+static AP_REPORTED: AtomicU32 = AtomicU32::new(0);
+static AP_IDS: [AtomicU32; MAX_APS] = [const { AtomicU32::new(0) }; MAX_APS];
+
+extern "C" {
+    static AP_TRAMPOLINE: u8;
+    static AP_TRAMPOLINE_END: u8;
+}
+
+/// An AP, in long mode on its own stack: record the APIC id, then halt for good.
+#[no_mangle]
+extern "C" fn ap_main(slot: u32) -> ! {
+    cpu::load_idt();
+    AP_IDS[slot as usize].store(apic::id(), Ordering::SeqCst);
+    AP_REPORTED.fetch_add(1, Ordering::SeqCst);
+    cpu::halt_forever()
+}
+
+/// Starts every AP of the MADT with INIT, STARTUP, STARTUP (as firmware-less kernels do).
+fn smp(machine: &Machine, detail: &mut Line) -> bool {
+    const MAX_CPUS: usize = MAX_APS + 1;
+    let me = apic::id();
+    let mut expected = [0u32; MAX_CPUS];
+    let mut wanted = 0;
+    for &id in machine.cpus.ids() {
+        if id != me && wanted < MAX_APS {
+            expected[wanted] = id;
+            wanted += 1;
+        }
+    }
+    let expected = &expected[..wanted];
+
+    if !expected.is_empty() {
+        let Some(page) = trampoline_page(machine) else {
+            detail.str("no free page below 1 MiB for the AP trampoline");
+            return false;
+        };
+        // SAFETY: the trampoline is position-independent 16-bit code and smaller than a
+        // page; `page` is RAM below 1 MiB that nothing else uses.
+        unsafe {
+            let start = addr_of!(AP_TRAMPOLINE);
+            let len = addr_of!(AP_TRAMPOLINE_END) as usize - start as usize;
+            core::ptr::copy_nonoverlapping(start, page as *mut u8, len);
+        }
+        AP_NEXT.store(0, Ordering::SeqCst);
+        AP_REPORTED.store(0, Ordering::SeqCst);
+        // xAPIC destinations are 8 bits: larger ids cannot be reached and stay missing.
+        let reachable = || expected.iter().copied().filter(|&id| id <= 0xff);
+        for id in reachable() {
+            apic::send_ipi(id, apic::ICR_INIT);
+        }
+        apic::delay_us(machine.delay_tsc_khz(), 10_000);
+        for _ in 0..2 {
+            for id in reachable() {
+                apic::send_ipi(id, apic::ICR_STARTUP | (page >> 12) as u32);
+            }
+            apic::delay_us(machine.delay_tsc_khz(), 200);
+        }
+        let start = rdtsc();
+        while (AP_REPORTED.load(Ordering::SeqCst) as usize) < expected.len()
+            && rdtsc() - start < machine.delay_tsc_khz() * 2_000
+        {}
+    }
+
+    let reported = (AP_REPORTED.load(Ordering::SeqCst) as usize).min(MAX_APS);
+    let mut seen = [0u32; MAX_CPUS];
+    seen[0] = me;
+    for (slot, id) in seen[1..=reported].iter_mut().zip(AP_IDS.iter()) {
+        *slot = id.load(Ordering::SeqCst);
+    }
+    let seen = &mut seen[..=reported];
+    // Insertion sort: core's sort is a lot of code to run emulated.
+    for i in 1..seen.len() {
+        let mut j = i;
+        while j > 0 && seen[j - 1] > seen[j] {
+            seen.swap(j - 1, j);
+            j -= 1;
+        }
+    }
+    detail.str("cpus=").dec(seen.len() as u64).str(" apic_ids=").dec_list(seen);
+    let all = expected.iter().all(|id| seen.contains(id));
+    if !all {
+        detail.str(" expected=").dec_list(&machine.cpus.ids()[..]);
+    }
+    all
+}
+
+/// A RAM page below 1 MiB for the trampoline; its number is the STARTUP vector.
+fn trampoline_page(machine: &Machine) -> Option<u64> {
+    (0x8000..0xa0000u64)
+        .step_by(4096)
+        .find(|&page| machine.info.ram().iter().any(|r| r.base <= page && page + 4096 <= r.end()))
+}
+
+const PAGE: u64 = 4096;
+
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+/// Writes and reads back a pattern in the first and last page of every RAM region,
+/// skipping the guest's own image (code, data, page tables, stacks).
+fn memory(machine: &Machine, detail: &mut Line) -> bool {
+    let ram = machine.info.ram();
+    if ram.is_empty() {
+        detail.str("no memory map");
+        return false;
+    }
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let image = unsafe { addr_of!(__image_start) as u64..addr_of!(__image_end) as u64 };
+    let clear = |page: u64| page + PAGE <= image.start || page >= image.end;
+    let mut pages = 0u64;
+    for region in ram {
+        let mut first = region.base.next_multiple_of(PAGE);
+        if !clear(first) {
+            first = image.end;
+        }
+        let mut last = (region.end() & !(PAGE - 1)).saturating_sub(PAGE);
+        if !clear(last) {
+            last = image.start - PAGE;
+        }
+        for (i, page) in [first, last].into_iter().enumerate() {
+            if (i == 1 && page == first) || page < region.base || page + PAGE > region.end() {
+                continue;
+            }
+            if !paging::map(page) {
+                detail.str("cannot map ").hex(page);
+                return false;
+            }
+            if let Err(addr) = check_page(page) {
+                detail.str("mismatch at ").hex(addr);
+                return false;
+            }
+            pages += 1;
+        }
+    }
+    detail
+        .str("ram_kib=")
+        .dec(machine.info.ram_kib())
+        .str(" top=")
+        .hex(machine.info.ram_top())
+        .str(" pages=")
+        .dec(pages);
+    true
+}
+
+/// Each quadword: save, write a pattern that depends on the address, read it back,
+/// restore (the page may hold something the VMM placed there).
+fn check_page(page: u64) -> Result<(), u64> {
+    for addr in (page..page + PAGE).step_by(8) {
+        let pattern = addr.rotate_left(17) ^ 0xa5a5_5a5a_0ff0_f00f;
+        let word = addr as *mut u64;
+        // SAFETY: `page` is RAM from the memory map, identity-mapped, outside the image.
+        let readback = unsafe {
+            let saved = read_volatile(word);
+            write_volatile(word, pattern);
+            let readback = read_volatile(word);
+            write_volatile(word, saved);
+            readback
+        };
+        if readback != pattern {
+            return Err(addr);
+        }
+    }
+    Ok(())
+}
+
+const USER_ITERATIONS: u64 = 100_000_000;
+const USER_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+/// xorshift64 (13, 7, 17) applied USER_ITERATIONS times to USER_SEED, computed ahead.
+const USER_EXPECTED: u64 = 0xe501_68cc_8792_3160;
+
+extern "C" {
+    fn user_main();
+    static USER_STACK_TOP: u8;
+    static USER_CPL: u64;
+    static USER_RESULT: u64;
+}
+
+// CPL3 code: checks CS.RPL, says hello on the serial port (IOPL=3), runs the xorshift
+// loop natively, stores the result, and returns to the kernel with `ud2`. It does not
+// poll the UART's LSR: a virtual UART is always ready, and each `in` is one more exit.
+global_asm!(
+    r#"
+    .section .text.user, "ax"
+    .global user_main
+user_main:
+    movl %cs, %eax
+    andl $3, %eax
+    movq %rax, USER_CPL(%rip)
+    cmpl $3, %eax
+    jne 5f
+    leaq user_banner(%rip), %rsi
+1:
+    movb (%rsi), %cl
+    testb %cl, %cl
+    jz 3f
+    movw $0x3f8, %dx
+    movb %cl, %al
+    outb %al, %dx
+    incq %rsi
+    jmp 1b
+3:
+    movabsq ${seed}, %rax
+4:
+    movq %rax, %rdx
+    shlq $13, %rdx
+    xorq %rdx, %rax
+    movq %rax, %rdx
+    shrq $7, %rdx
+    xorq %rdx, %rax
+    movq %rax, %rdx
+    shlq $17, %rdx
+    xorq %rdx, %rax
+    decq %rdi
+    jnz 4b
+    movq %rax, USER_RESULT(%rip)
+5:
+    ud2
+
+    .section .rodata.user, "a"
+user_banner:
+    .asciz "user: running at cpl3\n"
+
+    .section .data.user, "aw"
+    .balign 8
+    .global USER_CPL
+USER_CPL:
+    .quad 0
+    .global USER_RESULT
+USER_RESULT:
+    .quad 0
+    "#,
+    seed = const USER_SEED,
+    options(att_syntax)
+);
+
+/// Enters CPL3 with `iretq`, runs the compute loop there, comes back through `ud2`.
+fn user(machine: &Machine, detail: &mut Line) -> bool {
+    let start = rdtsc();
+    // SAFETY: user_main is CPL3 code that ends in `ud2`, which the #UD handler turns
+    // into a return from user_enter; USER_STACK is reserved for it.
+    let (cpl, result) = unsafe {
+        cpu::user_enter(user_main as *const () as u64, addr_of!(USER_STACK_TOP) as u64, USER_ITERATIONS);
+        (read_volatile(addr_of!(USER_CPL)), read_volatile(addr_of!(USER_RESULT)))
+    };
+    let cycles = rdtsc() - start;
+    detail.str("iterations=").dec(USER_ITERATIONS).str(" result=").hex(result).str(" cpl=").dec(cpl);
+    if machine.tsc_khz != 0 {
+        detail.str(" us=").dec(cycles * 1000 / machine.tsc_khz);
+    }
+    cpl == 3 && result == USER_EXPECTED
+}
