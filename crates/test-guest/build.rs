@@ -27,16 +27,47 @@ fn main() {
     println!("cargo:rerun-if-changed={}", src.display());
 
     let output = Command::new(&rustc)
-        .env("VIGIL_TEST_GUEST_VERSION", env::var("CARGO_PKG_VERSION").unwrap_or_default())
+        .env(
+            "VIGIL_TEST_GUEST_VERSION",
+            env::var("CARGO_PKG_VERSION").unwrap_or_default(),
+        )
         .arg(src.join("main.rs"))
-        .args(["--crate-name", "vigil_test_guest", "--crate-type", "bin", "--edition", "2021"])
-        .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "codegen-units=1", "-C", "lto=fat"])
-        .args(["-C", "debuginfo=0", "-C", "strip=debuginfo", "-C", "debug-assertions=off", "-C", "overflow-checks=off"])
+        .args([
+            "--crate-name",
+            "vigil_test_guest",
+            "--crate-type",
+            "bin",
+            "--edition",
+            "2021",
+        ])
+        .args([
+            "-C",
+            "opt-level=2",
+            "-C",
+            "panic=abort",
+            "-C",
+            "codegen-units=1",
+            "-C",
+            "lto=fat",
+        ])
+        .args([
+            "-C",
+            "debuginfo=0",
+            "-C",
+            "strip=debuginfo",
+            "-C",
+            "debug-assertions=off",
+            "-C",
+            "overflow-checks=off",
+            "-D",
+            "warnings",
+        ])
         .args(["-C", "relocation-model=static", "-C", "no-redzone=yes"])
         .args(["-C", "force-unwind-tables=no"])
         // No SSE at CPL0: the platform's emulator cannot execute SSE arithmetic, and rustc
         // otherwise zeroes structs with `xorps`. rustc warns that disabling SSE2 on this
-        // target is deprecated; the warning is accepted (see guest/README.md).
+        // target is deprecated; the warning (not a lint: `-D warnings` spares it) is
+        // accepted, see guest/README.md.
         .args(["-C", "target-feature=-sse,-sse2"])
         .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
         .args(["-C", "link-arg=-static", "-C", "link-arg=-no-pie"])

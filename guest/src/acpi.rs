@@ -42,7 +42,10 @@ fn scan_rsdp() -> u64 {
 
 /// The MADT's enabled CPUs; just the BSP when there is no ACPI or no MADT.
 pub fn discover(rsdp: u64) -> Cpus {
-    let mut cpus = Cpus { ids: [0; MAX_CPUS], count: 0 };
+    let mut cpus = Cpus {
+        ids: [0; MAX_CPUS],
+        count: 0,
+    };
     if let Some(madt) = find_madt(rsdp) {
         let len: u32 = read(madt + 4);
         let end = madt + u64::from(len);
@@ -73,7 +76,11 @@ fn find_madt(rsdp: u64) -> Option<u64> {
         return None;
     }
     let revision: u8 = read(rsdp + 15);
-    let (root, entry_size) = if revision >= 2 { (read::<u64>(rsdp + 24), 8) } else { (u64::from(read::<u32>(rsdp + 16)), 4) };
+    let (root, entry_size) = if revision >= 2 {
+        (read::<u64>(rsdp + 24), 8)
+    } else {
+        (u64::from(read::<u32>(rsdp + 16)), 4)
+    };
     if root == 0 || !paging::map(root) {
         return None;
     }

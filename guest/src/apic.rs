@@ -8,6 +8,7 @@ const SVR: u64 = 0xf0;
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 const LVT_TIMER: u64 = 0x320;
+const LVT_LINT0: u64 = 0x350;
 const TIMER_INITIAL: u64 = 0x380;
 const TIMER_CURRENT: u64 = 0x390;
 const TIMER_DIVIDE: u64 = 0x3e0;
@@ -36,7 +37,12 @@ pub fn id() -> u32 {
 }
 
 /// Software-enables the LAPIC, accepts every priority, timer masked, divide by 1.
+/// Masks the legacy 8259 PICs and LINT0 (ExtINT): firmware such as SeaBIOS leaves
+/// them set up, and their IRQ0 would arrive on an exception vector.
 pub fn init() {
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    write(LVT_LINT0, LVT_MASKED);
     write(SVR, SVR_ENABLE | u32::from(SPURIOUS_VECTOR));
     write(TPR, 0);
     write(TIMER_DIVIDE, DIVIDE_BY_1);
@@ -50,7 +56,10 @@ pub fn send_ipi(apic_id: u32, command: u32) {
 }
 
 pub fn start_timer(vector: u8, count: u32, periodic: bool) {
-    write(LVT_TIMER, u32::from(vector) | if periodic { LVT_PERIODIC } else { 0 });
+    write(
+        LVT_TIMER,
+        u32::from(vector) | if periodic { LVT_PERIODIC } else { 0 },
+    );
     write(TIMER_INITIAL, count);
 }
 
@@ -75,8 +84,22 @@ pub fn frequencies() -> (u64, u64) {
             return (u64::from(tsc_khz), u64::from(lapic_khz));
         }
     }
-    let tsc_khz = tsc_khz_from_pit();
-    (tsc_khz, if tsc_khz == 0 { 0 } else { lapic_khz_from_tsc(tsc_khz) })
+    // Each measurement is the median of three: a late exit on this nested machine can
+    // skew one.
+    let tsc_khz = median3(tsc_khz_from_pit);
+    (
+        tsc_khz,
+        if tsc_khz == 0 {
+            0
+        } else {
+            median3(|| lapic_khz_from_tsc(tsc_khz))
+        },
+    )
+}
+
+fn median3(mut measure: impl FnMut() -> u64) -> u64 {
+    let (a, b, c) = (measure(), measure(), measure());
+    a.max(b).min(a.min(b).max(c))
 }
 
 /// TSC ticks during 10 ms of PIT channel 0, read with latch commands; 0 without a PIT.
@@ -88,24 +111,26 @@ fn tsc_khz_from_pit() -> u64 {
     const TICKS: u16 = (PIT_HZ * MS / 1000) as u16;
     // Channel 0, lobyte/hibyte access, mode 0 (count down once).
     const CHANNEL0_MODE0: u8 = 0x30;
-    let counter = || {
+    // The TSC is read just before each latch command: the exit's way back, where this
+    // nested machine is most often delayed, then does not count.
+    let sample = || {
+        let tsc = rdtsc();
         outb(0x43, 0x00);
-        u16::from_le_bytes([inb(0x40), inb(0x40)])
+        (tsc, u16::from_le_bytes([inb(0x40), inb(0x40)]))
     };
     outb(0x43, CHANNEL0_MODE0);
     outb(0x40, 0xff);
     outb(0x40, 0xff);
-    let first = counter();
-    let start = rdtsc();
+    let (start, first) = sample();
     let mut polls = 0u32;
     let khz = loop {
-        let now = counter();
-        if first.wrapping_sub(now) >= TICKS {
-            break (rdtsc() - start) / MS;
+        let (now, count) = sample();
+        if first.wrapping_sub(count) >= TICKS {
+            break (now - start) * PIT_HZ / 1000 / u64::from(first.wrapping_sub(count));
         }
         polls += 1;
         // A PIT counts at 1.19 MHz: a counter that never moves is no PIT.
-        if (polls >= 100 && now == first) || polls == 1_000_000 {
+        if (polls >= 100 && count == first) || polls == 1_000_000 {
             break 0;
         }
     };
@@ -114,13 +139,17 @@ fn tsc_khz_from_pit() -> u64 {
     khz
 }
 
-/// LAPIC timer counts (divide by 1) during 10 ms of TSC time.
+/// LAPIC timer counts (divide by 1) per millisecond of TSC time, over 10 ms. Both ends
+/// are (TSC, current count) pairs read the same way, so the delay of the exits does not
+/// count.
 fn lapic_khz_from_tsc(tsc_khz: u64) -> u64 {
     const MS: u64 = 10;
+    let sample = || (rdtsc(), read(TIMER_CURRENT));
     write(LVT_TIMER, LVT_MASKED);
     write(TIMER_INITIAL, u32::MAX);
+    let (start, first) = sample();
     delay_us(tsc_khz, MS * 1000);
-    let elapsed = u32::MAX - read(TIMER_CURRENT);
+    let (end, last) = sample();
     stop_timer();
-    u64::from(elapsed) / MS
+    u64::from(first - last) * tsc_khz / (end - start).max(1)
 }

@@ -61,12 +61,22 @@ impl BootInfo {
             }
         }
         // The memory map arrived with version 1.
-        let (memmap, entries): (u64, u32) = if version >= 1 { (read(addr + 40), read(addr + 48)) } else { (0, 0) };
+        let (memmap, entries): (u64, u32) = if version >= 1 {
+            (read(addr + 40), read(addr + 48))
+        } else {
+            (0, 0)
+        };
         if memmap != 0 && paging::map(memmap) {
             for i in 0..u64::from(entries) {
                 let entry = memmap + 24 * i;
-                let region = Region { base: read(entry), size: read(entry + 8) };
-                if read::<u32>(entry + 16) == E820_RAM && region.size != 0 && info.ram_count < MAX_REGIONS {
+                let region = Region {
+                    base: read(entry),
+                    size: read(entry + 8),
+                };
+                if read::<u32>(entry + 16) == E820_RAM
+                    && region.size != 0
+                    && info.ram_count < MAX_REGIONS
+                {
                     info.ram[info.ram_count] = region;
                     info.ram_count += 1;
                 }

@@ -41,13 +41,17 @@ extern "C" {
 
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O touches no memory; the ports used are the platform's devices.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for outb.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -80,7 +84,9 @@ pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: only architectural MSRs present on every x86_64 CPU are read.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -132,13 +138,16 @@ pub fn init() {
         asm!("ltr {0:x}", in(reg) TSS_SEL, options(nostack, preserves_flags));
     }
 
-    // SAFETY: the stubs are 16 bytes apart in `exception_stubs` (see below).
-    let stubs = unsafe { addr_of!(exception_stubs) } as u64;
+    // The stubs are 16 bytes apart from `exception_stubs` (see below).
+    let stubs = addr_of!(exception_stubs) as u64;
     for vector in 0..32 {
         set_gate(vector, stubs + 16 * vector as u64);
     }
     set_gate(usize::from(TIMER_VECTOR), timer_isr as *const () as u64);
-    set_gate(usize::from(SPURIOUS_VECTOR), spurious_isr as *const () as u64);
+    set_gate(
+        usize::from(SPURIOUS_VECTOR),
+        spurious_isr as *const () as u64,
+    );
     load_idt();
 
     wrmsr(MSR_STAR, (KERNEL_DS << 48) | (KERNEL_CS << 32));
@@ -148,7 +157,8 @@ pub fn init() {
 }
 
 fn set_gate(vector: usize, handler: u64) {
-    let low = (handler & 0xffff) | (KERNEL_CS << 16) | (0x8e << 40) | (((handler >> 16) & 0xffff) << 48);
+    let low =
+        (handler & 0xffff) | (KERNEL_CS << 16) | (0x8e << 40) | (((handler >> 16) & 0xffff) << 48);
     // SAFETY: single-threaded start-up, before the IDT is loaded on any CPU.
     unsafe {
         let idt = addr_of_mut!(IDT) as *mut u64;
@@ -159,7 +169,10 @@ fn set_gate(vector: usize, handler: u64) {
 
 /// Loads the (already built) IDT on this CPU.
 pub fn load_idt() {
-    let pointer = DescriptorPointer { limit: (IDT_ENTRIES * 16 - 1) as u16, base: addr_of!(IDT) as u64 };
+    let pointer = DescriptorPointer {
+        limit: (IDT_ENTRIES * 16 - 1) as u16,
+        base: addr_of!(IDT) as u64,
+    };
     // SAFETY: the IDT is static and fully built before any CPU loads it.
     unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) }
 }
@@ -177,8 +190,7 @@ pub struct ExceptionFrame {
 /// user code hands control back (see `user_enter`); anything else is fatal.
 #[no_mangle]
 extern "C" fn exception_handler(frame: &ExceptionFrame) {
-    // SAFETY: linker-script symbols; only their addresses are used.
-    let user = unsafe { addr_of!(__user_start) as u64..addr_of!(__user_end) as u64 };
+    let user = addr_of!(__user_start) as u64..addr_of!(__user_end) as u64;
     if frame.vector == 6 && frame.cs & 3 == 3 && user.contains(&frame.rip) {
         return;
     }

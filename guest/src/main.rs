@@ -43,13 +43,21 @@ impl Machine {
 #[no_mangle]
 extern "C" fn kmain(start_info: u32) -> ! {
     serial::init();
-    Serial.str("vigil-test-guest ").str(env!("VIGIL_TEST_GUEST_VERSION")).str("\n");
+    Serial
+        .str("vigil-test-guest ")
+        .str(env!("VIGIL_TEST_GUEST_VERSION"))
+        .str("\n");
     cpu::init();
     apic::init();
 
     let info = BootInfo::parse(u64::from(start_info));
     let cpus = acpi::discover(info.rsdp);
-    Serial.str("cpus: ").dec(cpus.ids().len() as u64).str(" apic_ids=").dec_list(cpus.ids()).str("\n");
+    Serial
+        .str("cpus: ")
+        .dec(cpus.ids().len() as u64)
+        .str(" apic_ids=")
+        .dec_list(cpus.ids())
+        .str("\n");
     Serial
         .str("memory: ")
         .dec(info.ram_kib())
@@ -59,14 +67,27 @@ extern "C" fn kmain(start_info: u32) -> ! {
         .hex(info.ram_top())
         .str("\n");
     let (tsc_khz, lapic_khz) = apic::frequencies();
-    Serial.str("timer: tsc_khz=").dec(tsc_khz).str(" lapic_khz=").dec(lapic_khz).str("\n");
+    Serial
+        .str("timer: tsc_khz=")
+        .dec(tsc_khz)
+        .str(" lapic_khz=")
+        .dec(lapic_khz)
+        .str("\n");
 
-    let machine = Machine { info, cpus, tsc_khz, lapic_khz };
+    let machine = Machine {
+        info,
+        cpus,
+        tsc_khz,
+        lapic_khz,
+    };
     let (mut passed, mut failed) = (0u64, 0u64);
     for name in machine.info.scenarios() {
         let mut detail = Line::new();
         let pass = scenarios::run(name, &machine, &mut detail);
-        Serial.str("TEST ").bytes(name).str(if pass { " PASS" } else { " FAIL" });
+        Serial
+            .str("TEST ")
+            .bytes(name)
+            .str(if pass { " PASS" } else { " FAIL" });
         if !detail.as_bytes().is_empty() {
             Serial.str(" ").bytes(detail.as_bytes());
         }
@@ -77,7 +98,12 @@ extern "C" fn kmain(start_info: u32) -> ! {
             failed += 1;
         }
     }
-    Serial.str("DONE passed=").dec(passed).str(" failed=").dec(failed).str("\n");
+    Serial
+        .str("DONE passed=")
+        .dec(passed)
+        .str(" failed=")
+        .dec(failed)
+        .str("\n");
     cpu::exit(if failed == 0 { 0 } else { 1 })
 }
 
@@ -85,7 +111,11 @@ extern "C" fn kmain(start_info: u32) -> ! {
 fn panic(info: &core::panic::PanicInfo) -> ! {
     Serial.str("PANIC");
     if let Some(location) = info.location() {
-        Serial.str(" at ").str(location.file()).str(":").dec(u64::from(location.line()));
+        Serial
+            .str(" at ")
+            .str(location.file())
+            .str(":")
+            .dec(u64::from(location.line()));
     }
     Serial.str("\n");
     cpu::exit(2)

@@ -74,7 +74,8 @@ fn timer(machine: &Machine, detail: &mut Line) -> bool {
         .str(" periodic_us=")
         .dec(periodic_us);
     // Generous: this machine's emulated CPL0 is slow and its timing noisy.
-    let plausible = |measured: u64, expected: u64| measured * 2 >= expected && measured <= expected * 3;
+    let plausible =
+        |measured: u64, expected: u64| measured * 2 >= expected && measured <= expected * 3;
     one_shots == ONE_SHOTS
         && plausible(one_shot_us, ONE_SHOTS * ONE_SHOT_US)
         && plausible(periodic_us, PERIODS * PERIOD_US)
@@ -161,19 +162,27 @@ fn smp(machine: &Machine, detail: &mut Line) -> bool {
             j -= 1;
         }
     }
-    detail.str("cpus=").dec(seen.len() as u64).str(" apic_ids=").dec_list(seen);
+    detail
+        .str("cpus=")
+        .dec(seen.len() as u64)
+        .str(" apic_ids=")
+        .dec_list(seen);
     let all = expected.iter().all(|id| seen.contains(id));
     if !all {
-        detail.str(" expected=").dec_list(&machine.cpus.ids()[..]);
+        detail.str(" expected=").dec_list(machine.cpus.ids());
     }
     all
 }
 
 /// A RAM page below 1 MiB for the trampoline; its number is the STARTUP vector.
 fn trampoline_page(machine: &Machine) -> Option<u64> {
-    (0x8000..0xa0000u64)
-        .step_by(4096)
-        .find(|&page| machine.info.ram().iter().any(|r| r.base <= page && page + 4096 <= r.end()))
+    (0x8000..0xa0000u64).step_by(4096).find(|&page| {
+        machine
+            .info
+            .ram()
+            .iter()
+            .any(|r| r.base <= page && page + 4096 <= r.end())
+    })
 }
 
 const PAGE: u64 = 4096;
@@ -191,8 +200,7 @@ fn memory(machine: &Machine, detail: &mut Line) -> bool {
         detail.str("no memory map");
         return false;
     }
-    // SAFETY: linker-script symbols; only their addresses are used.
-    let image = unsafe { addr_of!(__image_start) as u64..addr_of!(__image_end) as u64 };
+    let image = addr_of!(__image_start) as u64..addr_of!(__image_end) as u64;
     let clear = |page: u64| page + PAGE <= image.start || page >= image.end;
     let mut pages = 0u64;
     for region in ram {
@@ -326,13 +334,26 @@ fn user(machine: &Machine, detail: &mut Line) -> bool {
     // SAFETY: user_main is CPL3 code that ends in `ud2`, which the #UD handler turns
     // into a return from user_enter; USER_STACK is reserved for it.
     let (cpl, result) = unsafe {
-        cpu::user_enter(user_main as *const () as u64, addr_of!(USER_STACK_TOP) as u64, USER_ITERATIONS);
-        (read_volatile(addr_of!(USER_CPL)), read_volatile(addr_of!(USER_RESULT)))
+        cpu::user_enter(
+            user_main as *const () as u64,
+            addr_of!(USER_STACK_TOP) as u64,
+            USER_ITERATIONS,
+        );
+        (
+            read_volatile(addr_of!(USER_CPL)),
+            read_volatile(addr_of!(USER_RESULT)),
+        )
     };
     let cycles = rdtsc() - start;
-    detail.str("iterations=").dec(USER_ITERATIONS).str(" result=").hex(result).str(" cpl=").dec(cpl);
-    if machine.tsc_khz != 0 {
-        detail.str(" us=").dec(cycles * 1000 / machine.tsc_khz);
+    detail
+        .str("iterations=")
+        .dec(USER_ITERATIONS)
+        .str(" result=")
+        .hex(result)
+        .str(" cpl=")
+        .dec(cpl);
+    if let Some(us) = (cycles * 1000).checked_div(machine.tsc_khz) {
+        detail.str(" us=").dec(us);
     }
     cpl == 3 && result == USER_EXPECTED
 }

@@ -24,7 +24,15 @@ mod tests {
 
     /// Instructions the platform's CPL0 emulator cannot execute (PLATFORM.md).
     fn forbidden_at_cpl0(mnemonic: &str, operands: &str) -> bool {
-        const NAMES: &[&str] = &["int3", "cmpxchg16b", "clac", "stac", "popcnt", "fwait", "wait"];
+        const NAMES: &[&str] = &[
+            "int3",
+            "cmpxchg16b",
+            "clac",
+            "stac",
+            "popcnt",
+            "fwait",
+            "wait",
+        ];
         NAMES.contains(&mnemonic)
             || mnemonic.starts_with("xsave")
             || mnemonic.starts_with("xrstor")
@@ -36,7 +44,10 @@ mod tests {
 
     #[test]
     fn no_unemulated_instructions_at_cpl0() {
-        let output = match Command::new("objdump").args(["-d", "--no-show-raw-insn", ELF_PATH]).output() {
+        let output = match Command::new("objdump")
+            .args(["-d", "--no-show-raw-insn", ELF_PATH])
+            .output()
+        {
             Ok(output) if output.status.success() => output,
             _ => {
                 eprintln!("objdump not available: skipping the CPL0 instruction check");
@@ -44,27 +55,44 @@ mod tests {
             }
         };
         let text = String::from_utf8_lossy(&output.stdout);
-        let mut section = String::new();
-        let mut previous = String::new();
+        let mut section = "";
+        // Instructions of the current symbol: (line, mnemonic, operands).
+        let mut symbol: Vec<(&str, &str, String)> = Vec::new();
         let mut bad = Vec::new();
+        let mut check = |section: &str, symbol: &mut Vec<(&str, &str, String)>| {
+            // Trailing int3s are padding (after a call to a function that never returns,
+            // or up to the next symbol's alignment): never executed.
+            let body = symbol
+                .iter()
+                .rposition(|(_, m, _)| *m != "int3")
+                .map_or(0, |last| last + 1);
+            if section != ".text.user" {
+                for (line, mnemonic, operands) in &symbol[..body] {
+                    if forbidden_at_cpl0(mnemonic, operands) {
+                        bad.push(format!("{section}: {}", line.trim()));
+                    }
+                }
+            }
+            symbol.clear();
+        };
         for line in text.lines() {
             if let Some(name) = line.strip_prefix("Disassembly of section ") {
-                section = name.trim_end_matches(':').to_string();
-                previous.clear();
-                continue;
+                check(section, &mut symbol);
+                section = name.trim_end_matches(':');
+            } else if line.ends_with(">:") {
+                check(section, &mut symbol);
+            } else if let Some((_, insn)) = line.split_once(":\t") {
+                // Instruction lines: "  addr:\tmnemonic operands".
+                let mut parts = insn.split_whitespace();
+                let mnemonic = parts.next().unwrap_or("");
+                symbol.push((line, mnemonic, parts.collect::<Vec<_>>().join(" ")));
             }
-            // Instruction lines: "  addr:\tmnemonic operands".
-            let Some((_, insn)) = line.split_once(":\t") else { continue };
-            let mut parts = insn.split_whitespace();
-            let mnemonic = parts.next().unwrap_or("").to_string();
-            let operands: String = parts.collect::<Vec<_>>().join(" ");
-            // int3 after an instruction that never falls through is alignment padding.
-            let padding = mnemonic == "int3" && ["ret", "jmp", "ud2", "int3"].contains(&previous.as_str());
-            if section != ".text.user" && !padding && forbidden_at_cpl0(&mnemonic, &operands) {
-                bad.push(format!("{section}: {}", line.trim()));
-            }
-            previous = mnemonic;
         }
-        assert!(bad.is_empty(), "instructions the CPL0 emulator cannot run:\n{}", bad.join("\n"));
+        check(section, &mut symbol);
+        assert!(
+            bad.is_empty(),
+            "instructions the CPL0 emulator cannot run:\n{}",
+            bad.join("\n")
+        );
     }
 }
