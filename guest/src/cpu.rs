@@ -167,6 +167,14 @@ fn set_gate(vector: usize, handler: u64) {
     }
 }
 
+/// Loads an empty IDT and raises #UD: neither it nor the double fault can be
+/// delivered, so the CPU shuts down (a triple fault), as a broken kernel would.
+pub fn triple_fault() -> ! {
+    let empty = DescriptorPointer { limit: 0, base: 0 };
+    // SAFETY: deliberately unrecoverable; nothing runs after this on this CPU.
+    unsafe { asm!("lidt [{}]", "ud2", in(reg) &empty, options(noreturn, nostack)) }
+}
+
 /// Loads the (already built) IDT on this CPU.
 pub fn load_idt() {
     let pointer = DescriptorPointer {

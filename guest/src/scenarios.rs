@@ -16,6 +16,9 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"smp" => smp(machine, detail),
         b"memory" => memory(machine, detail),
         b"user" => user(machine, detail),
+        // For the VMM's own tests: a guest that crashes, and one that never ends.
+        b"triple-fault" => cpu::triple_fault(),
+        b"hang" => cpu::halt_forever(),
         _ => {
             detail.str("unknown scenario");
             false

@@ -388,7 +388,10 @@ mod tests {
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START.0 as u32);
         assert_eq!({ hdr.cmdline_size }, 10);
-        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (0x300_0000, 4096));
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x300_0000, 4096)
+        );
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         assert_eq!(p.e820_entries as usize, e820.len());
         let last = p.e820_table[e820.len() - 1];

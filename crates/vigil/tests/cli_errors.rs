@@ -1,0 +1,126 @@
+//! Bad input to `vigil run` gets a clear error naming the value, and exit status 1.
+
+mod common;
+
+use common::{run, Run, TIMEOUT};
+
+fn fails(args: &[&str]) -> Run {
+    let r = run(&[&["run"], args].concat(), TIMEOUT);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert_eq!(r.stdout, "", "nothing booted: {r}");
+    r
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("vigil-{}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn vcpu_counts() {
+    assert!(fails(&["--cpus", "0"])
+        .stderr
+        .contains("--cpus 0: a VM needs at least one vCPU"));
+    let r = fails(&["--cpus", "100000"]);
+    assert!(
+        r.stderr
+            .contains("--cpus 100000: above this host's limit of"),
+        "{r}"
+    );
+}
+
+#[test]
+fn memory_sizes() {
+    assert!(fails(&["--memory", "0"])
+        .stderr
+        .contains("--memory 0: a VM needs memory"));
+    let r = fails(&["--memory", "1"]);
+    assert!(
+        r.stderr
+            .contains("--memory 1 MiB: the guest needs at least 2 MiB"),
+        "{r}"
+    );
+    let r = fails(&["--memory", "100000000"]);
+    assert!(
+        r.stderr
+            .contains("--memory 100000000 MiB: larger than this host's"),
+        "{r}"
+    );
+}
+
+#[test]
+fn missing_or_corrupt_kernel() {
+    let r = fails(&["--kernel", "/nonexistent/vmlinux"]);
+    assert!(
+        r.stderr
+            .contains("--kernel /nonexistent/vmlinux: cannot read it: No such file"),
+        "{r}"
+    );
+
+    let junk = temp_file("junk-kernel", &[0x42; 8192]);
+    let r = fails(&["--kernel", junk.to_str().unwrap()]);
+    std::fs::remove_file(&junk).unwrap();
+    assert!(
+        r.stderr.contains("neither an ELF vmlinux nor a bzImage"),
+        "{r}"
+    );
+
+    // An ELF header cut short.
+    let truncated = temp_file("truncated-kernel", &vigil_test_guest::ELF[..100]);
+    let r = fails(&["--kernel", truncated.to_str().unwrap()]);
+    std::fs::remove_file(&truncated).unwrap();
+    assert!(r.stderr.contains(truncated.to_str().unwrap()), "{r}");
+}
+
+#[test]
+fn unreadable_or_oversized_initrd() {
+    let r = fails(&["--initrd", "/nonexistent/initrd"]);
+    assert!(
+        r.stderr
+            .contains("--initrd /nonexistent/initrd: cannot read it"),
+        "{r}"
+    );
+
+    let big = temp_file("big-initrd", &vec![0u8; 3 << 20]);
+    let r = fails(&["--memory", "4", "--initrd", big.to_str().unwrap()]);
+    std::fs::remove_file(&big).unwrap();
+    assert!(
+        r.stderr
+            .contains("3145728 bytes do not fit in guest memory"),
+        "{r}"
+    );
+}
+
+#[test]
+fn kernel_larger_than_guest_memory() {
+    let Some((vmlinux, _)) = common::tiny_linux() else {
+        return;
+    };
+    let r = fails(&["--kernel", vmlinux.to_str().unwrap(), "--memory", "8"]);
+    assert!(
+        r.stderr.contains("does not fit in 8 MiB of guest memory"),
+        "{r}"
+    );
+}
+
+#[test]
+fn usage_errors_name_the_value() {
+    let r = run(&["run", "--console", "tty"], TIMEOUT);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(
+        r.stderr
+            .contains("\"tty\" is not one of stdio, file:PATH, none"),
+        "{r}"
+    );
+    let r = run(&["run", "--cpuid-hide", "sse9"], TIMEOUT);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("unknown CPUID feature \"sse9\""), "{r}");
+    let r = run(&["run", "--symbols", "/nonexistent/System.map"], TIMEOUT);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr
+            .contains("--symbols /nonexistent/System.map: cannot read it"),
+        "{r}"
+    );
+}

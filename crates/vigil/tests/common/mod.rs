@@ -1,0 +1,120 @@
+//! Helpers for end-to-end tests that run the `vigil` binary.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a finished `vigil` process left behind.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Lines of the guest console that start with `prefix`.
+    pub fn lines_starting(&self, prefix: &str) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect()
+    }
+
+    /// The console line starting with `prefix`; panics with the whole output if absent.
+    pub fn line(&self, prefix: &str) -> &str {
+        self.lines_starting(prefix)
+            .first()
+            .copied()
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?}\n{self}"))
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+pub fn vigil() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs `vigil ARGS`, killing it after `timeout`.
+pub fn run(args: &[&str], timeout: Duration) -> Run {
+    let child = vigil().args(args).spawn().expect("spawn vigil");
+    finish(child, timeout)
+}
+
+/// Waits for `child` (killing it after `timeout`) and collects its output.
+pub fn finish(mut child: Child, timeout: Duration) -> Run {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).ok();
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).ok();
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let run = Run {
+        code: status.and_then(|s| s.code()),
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    };
+    assert!(
+        status.is_some(),
+        "vigil did not finish within {timeout:?}\n{run}"
+    );
+    run
+}
+
+/// The shared folder beside the repository, if this checkout has one.
+pub fn shared_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    dir.is_dir().then_some(dir)
+}
+
+/// The small Linux kernel in `../shared/guest-kernels`, or `None` with a message.
+pub fn tiny_linux() -> Option<(PathBuf, PathBuf)> {
+    let dir = shared_dir()?.join("guest-kernels/linux-6.1-tiny");
+    let (vmlinux, map) = (dir.join("vmlinux"), dir.join("System.map"));
+    if vmlinux.is_file() && map.is_file() {
+        Some((vmlinux, map))
+    } else {
+        eprintln!("SKIP: {} not found", vmlinux.display());
+        None
+    }
+}
+
+/// Whether /dev/kvm is backed by hardware virtualization (not the emulating
+/// `kvm_pvm` module of the build machines).
+pub fn hardware_kvm() -> bool {
+    !std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(60);

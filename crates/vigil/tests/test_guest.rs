@@ -1,0 +1,199 @@
+//! Boots Vigil's test guest through `vigil run` and checks what the host saw.
+
+mod common;
+
+use common::{run, vigil, Run, TIMEOUT};
+use std::time::Duration;
+
+const ALL: &str = "test=serial,timer,smp,memory,user";
+
+fn guest(args: &[&str]) -> Run {
+    run(&[&["run", "--console", "stdio"], args].concat(), TIMEOUT)
+}
+
+fn assert_all_pass(r: &Run, scenarios: &[&str]) {
+    for s in scenarios {
+        let line = r.line(&format!("TEST {s} "));
+        assert!(line.starts_with(&format!("TEST {s} PASS")), "{line}\n{r}");
+    }
+    assert_eq!(
+        r.line("DONE"),
+        format!("DONE passed={} failed=0", scenarios.len()),
+        "{r}"
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+}
+
+#[test]
+fn default_guest_reports_the_machine_and_powers_off() {
+    let r = guest(&[]);
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(
+        r.stdout.lines().next(),
+        Some("vigil-test-guest 0.1.0"),
+        "{r}"
+    );
+    assert_eq!(r.line("cpus:"), "cpus: 1 apic_ids=0");
+    // 128 MiB less the 385 KiB between the EBDA and 1 MiB.
+    assert_eq!(
+        r.line("memory:"),
+        "memory: 130687 KiB in 2 regions, top=0x8000000"
+    );
+    let timer = r.line("timer:");
+    assert!(timer.contains("lapic_khz=1000000"), "{timer}");
+    assert_eq!(r.line("DONE"), "DONE passed=0 failed=0");
+}
+
+#[test]
+fn every_scenario_passes_on_one_vcpu() {
+    let r = guest(&["--cmdline", ALL]);
+    assert_all_pass(&r, &["serial", "timer", "smp", "memory", "user"]);
+    assert_eq!(r.line("TEST smp"), "TEST smp PASS cpus=1 apic_ids=0");
+    assert_eq!(
+        r.line("serial:"),
+        "serial: the quick brown fox jumps over the lazy dog 0123456789"
+    );
+    assert!(
+        r.line("TEST user")
+            .contains("result=0xe50168cc87923160 cpl=3"),
+        "{r}"
+    );
+}
+
+#[test]
+fn every_scenario_passes_on_four_vcpus() {
+    let r = guest(&["--cpus", "4", "--cmdline", ALL]);
+    assert_all_pass(&r, &["serial", "timer", "smp", "memory", "user"]);
+    assert_eq!(r.line("cpus:"), "cpus: 4 apic_ids=0,1,2,3");
+    assert_eq!(r.line("TEST smp"), "TEST smp PASS cpus=4 apic_ids=0,1,2,3");
+}
+
+#[test]
+fn memory_above_the_mmio_hole_is_mapped_high() {
+    // 4608 MiB: 3 GiB below the hole, 1.5 GiB from 4 GiB up.
+    let r = guest(&["--memory", "4608", "--cmdline", "test=memory"]);
+    assert_all_pass(&r, &["memory"]);
+    assert_eq!(
+        r.line("memory:"),
+        format!(
+            "memory: {} KiB in 3 regions, top=0x160000000",
+            4608 * 1024 - 385
+        )
+    );
+}
+
+#[test]
+fn odd_sizes_and_counts_work() {
+    let r = guest(&[
+        "--cpus",
+        "3",
+        "--memory",
+        "37",
+        "--cmdline",
+        "test=smp,memory",
+    ]);
+    assert_all_pass(&r, &["smp", "memory"]);
+    assert_eq!(
+        r.line("memory:"),
+        format!(
+            "memory: {} KiB in 2 regions, top=0x2500000",
+            37 * 1024 - 385
+        )
+    );
+}
+
+#[test]
+fn a_failing_scenario_becomes_the_exit_status() {
+    let r = guest(&["--cmdline", "test=serial,no-such-scenario"]);
+    assert_eq!(
+        r.line("TEST no-such-scenario"),
+        "TEST no-such-scenario FAIL unknown scenario"
+    );
+    assert_eq!(r.line("DONE"), "DONE passed=1 failed=1");
+    // The guest writes 1 to the debug-exit port: 32 + 1.
+    assert_eq!(r.code, Some(33), "{r}");
+    assert!(r.stderr.contains("the guest exited with status 1"), "{r}");
+}
+
+#[test]
+fn a_triple_fault_is_a_crash_with_registers() {
+    let r = guest(&["--cmdline", "test=serial,triple-fault"]);
+    assert_eq!(r.code, Some(3), "{r}");
+    assert!(
+        r.stderr
+            .contains("vCPU 0 crashed: triple fault (KVM_EXIT_SHUTDOWN)"),
+        "{r}"
+    );
+    assert!(
+        r.stderr.contains("IDT 0x0/0x0"),
+        "the empty IDT the guest loaded: {r}"
+    );
+    // ud2 is what the guest executed last.
+    assert!(r.stderr.contains("code at RIP: 0f 0b"), "{r}");
+}
+
+#[test]
+fn sigterm_and_sigint_stop_a_running_guest() {
+    for (signal, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let child = vigil()
+            .args(["run", "--cmdline", "test=serial,hang"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // Give the guest time to boot and print before stopping it.
+        std::thread::sleep(Duration::from_millis(700));
+        // SAFETY: pid is our own child, still running (it never exits by itself).
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let r = common::finish(child, Duration::from_secs(10));
+        assert_eq!(r.code, Some(code), "{r}");
+        assert!(r.stdout.contains("TEST serial PASS"), "{r}");
+        assert!(
+            r.stderr.contains(&format!("stopped by signal {signal}")),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn console_can_go_to_a_file_or_nowhere() {
+    let path = std::env::temp_dir().join(format!("vigil-console-{}.log", std::process::id()));
+    let arg = format!("file:{}", path.display());
+    let r = run(
+        &["run", "--console", &arg, "--cmdline", "test=serial"],
+        TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(r.stdout, "");
+    let log = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(log.contains("TEST serial PASS"), "{log}");
+
+    let r = run(
+        &["run", "--console", "none", "--cmdline", "test=serial"],
+        TIMEOUT,
+    );
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), ""), "{r}");
+}
+
+#[test]
+fn guest_export_writes_the_embedded_image() {
+    let path = std::env::temp_dir().join(format!("vigil-guest-{}.elf", std::process::id()));
+    let r = run(&["guest", "export", path.to_str().unwrap()], TIMEOUT);
+    assert_eq!(r.code, Some(0), "{r}");
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes, vigil_test_guest::ELF);
+
+    // And the exported file boots as a --kernel.
+    let r = run(
+        &[
+            "run",
+            "--kernel",
+            path.to_str().unwrap(),
+            "--cmdline",
+            "test=serial",
+        ],
+        TIMEOUT,
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_all_pass(&r, &["serial"]);
+}
