@@ -44,6 +44,10 @@ pub fn create_vm(kvm_sys: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> 
                 what: "map guest memory (region has no host mapping)",
                 source: kvm_ioctls::Error::new(libc::EINVAL),
             })?;
+        // Back guest RAM with transparent huge pages where the host allows: fewer
+        // page-table levels for KVM's shadow or nested paging to walk and fill.
+        // SAFETY: advisory only, on a mapping `mem` owns; failure changes nothing.
+        unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().raw_value(),
