@@ -1,4 +1,5 @@
-//! CPU discovery from the ACPI MADT (RSDP -> XSDT or RSDT -> "APIC").
+//! CPU discovery from the ACPI MADT (RSDP -> XSDT or RSDT -> "APIC"), and the
+//! FADT's sleep control register for ACPI power-off.
 
 use crate::{apic, paging};
 
@@ -70,7 +71,23 @@ pub fn discover(rsdp: u64) -> Cpus {
     cpus
 }
 
+/// The I/O port of the FADT's sleep control register (hardware-reduced ACPI), if
+/// the FADT has one in I/O space.
+pub fn sleep_control_port(rsdp: u64) -> Option<u16> {
+    let fadt = find_table(rsdp, *b"FACP")?;
+    let len: u32 = read(fadt + 4);
+    // SLEEP_CONTROL_REG is a generic address structure at offset 244 (FADT 5.0+).
+    if len < 256 || read::<u8>(fadt + 244) != 1 {
+        return None;
+    }
+    u16::try_from(read::<u64>(fadt + 248)).ok()
+}
+
 fn find_madt(rsdp: u64) -> Option<u64> {
+    find_table(rsdp, *b"APIC")
+}
+
+fn find_table(rsdp: u64, signature: [u8; 4]) -> Option<u64> {
     let rsdp = if rsdp != 0 { rsdp } else { scan_rsdp() };
     if rsdp == 0 || !paging::map(rsdp) || read::<[u8; 8]>(rsdp) != *b"RSD PTR " {
         return None;
@@ -95,5 +112,5 @@ fn find_madt(rsdp: u64) -> Option<u64> {
                 u64::from(read::<u32>(at))
             }
         })
-        .find(|&table| table != 0 && paging::map(table) && read::<[u8; 4]>(table) == *b"APIC")
+        .find(|&table| table != 0 && paging::map(table) && read::<[u8; 4]>(table) == signature)
 }

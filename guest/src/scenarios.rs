@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use crate::boot::MAX_APS;
 use crate::cpu::{self, rdtsc, TIMER_TICKS, TIMER_VECTOR};
 use crate::serial::{Line, Out, Serial};
-use crate::{apic, paging, Machine};
+use crate::{acpi, apic, paging, Machine};
 
 pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
     match name {
@@ -16,6 +16,9 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"smp" => smp(machine, detail),
         b"memory" => memory(machine, detail),
         b"user" => user(machine, detail),
+        b"cpuid" => cpuid(detail),
+        b"acpi-poweroff" => acpi_poweroff(machine, detail),
+        b"i8042-reset" => i8042_reset(detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),
@@ -24,6 +27,49 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
             false
         }
     }
+}
+
+/// `SLP_TYP` for S5 (from the DSDT's `\_S5_`, which Vigil sets to 5) with `SLP_EN`.
+const S5_SLEEP_CONTROL: u8 = (5 << 2) | (1 << 5);
+
+/// Powers off the way Linux's ACPI driver does on a hardware-reduced platform. When
+/// it works, the VM is gone and no TEST line follows.
+fn acpi_poweroff(machine: &Machine, detail: &mut Line) -> bool {
+    match acpi::sleep_control_port(machine.info.rsdp) {
+        Some(port) => {
+            cpu::outb(port, S5_SLEEP_CONTROL);
+            detail.str("still running after writing S5 to port ").hex(u64::from(port));
+        }
+        None => {
+            detail.str("no FADT sleep control register in I/O space");
+        }
+    }
+    false
+}
+
+/// Pulses the CPU reset line through the i8042, as `reboot=k` does.
+fn i8042_reset(detail: &mut Line) -> bool {
+    cpu::outb(0x64, 0xfe);
+    detail.str("still running after the i8042 reset command");
+    false
+}
+
+/// Reports the feature words the VMM's CPUID template shapes, for the host to check.
+fn cpuid(detail: &mut Line) -> bool {
+    let (_, leaf1_ebx, leaf1_ecx, leaf1_edx) = cpu::cpuid(1);
+    let (_, leaf7_ebx, leaf7_ecx, _) = cpu::cpuid(7);
+    detail
+        .str("apic_id=")
+        .dec(u64::from(leaf1_ebx >> 24))
+        .str(" leaf1_ecx=")
+        .hex(u64::from(leaf1_ecx))
+        .str(" leaf1_edx=")
+        .hex(u64::from(leaf1_edx))
+        .str(" leaf7_ebx=")
+        .hex(u64::from(leaf7_ebx))
+        .str(" leaf7_ecx=")
+        .hex(u64::from(leaf7_ecx));
+    true
 }
 
 /// The host checks that this line arrives intact.

@@ -104,8 +104,11 @@ pub struct RunArgs {
     pub boot_protocol: BootProtocolArg,
 
     /// CPUID template: auto hides XSAVE, CX16, SMAP, SMEP and POPCNT on hosts
-    /// whose KVM emulates guest kernel code (kvm_pvm), whose emulator lacks them;
-    /// host passes through everything KVM supports.
+    /// whose KVM emulates guest kernel code (kvm_pvm), whose emulator lacks those
+    /// instructions; host passes through everything KVM supports. kvm_pvm lets
+    /// the host's own bits through for features KVM does not report (XSAVE, SMAP,
+    /// SMEP, POPCNT there), so Linux guests on it also need
+    /// "noxsave clearcpuid=smap,smep,popcnt" on their command line.
     #[arg(long, default_value = "auto", value_enum)]
     pub cpu_template: CpuTemplateArg,
 

@@ -197,3 +197,71 @@ fn guest_export_writes_the_embedded_image() {
     std::fs::remove_file(&path).unwrap();
     assert_all_pass(&r, &["serial"]);
 }
+
+fn cpuid_word(r: &Run, name: &str) -> u32 {
+    let line = r.line("TEST cpuid PASS");
+    let value = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=0x")))
+        .unwrap_or_else(|| panic!("no {name} in {line}"));
+    u32::from_str_radix(value, 16).unwrap()
+}
+
+#[test]
+fn cpuid_hide_clears_the_bits_the_guest_sees() {
+    const X2APIC: u32 = 1 << 21;
+    const TSC_DEADLINE: u32 = 1 << 24;
+    const HYPERVISOR: u32 = 1 << 31;
+    let base = guest(&["--cpu-template", "host", "--cmdline", "test=cpuid"]);
+    let hidden = guest(&[
+        "--cpu-template",
+        "host",
+        "--cpuid-hide",
+        "x2apic,tsc_deadline_timer",
+        "--cmdline",
+        "test=cpuid",
+    ]);
+    let (before, after) = (
+        cpuid_word(&base, "leaf1_ecx"),
+        cpuid_word(&hidden, "leaf1_ecx"),
+    );
+    assert_ne!(
+        before & HYPERVISOR,
+        0,
+        "Vigil sets the hypervisor bit: {before:#x}"
+    );
+    assert_eq!(
+        before & (X2APIC | TSC_DEADLINE),
+        X2APIC | TSC_DEADLINE,
+        "KVM offers both: {before:#x}"
+    );
+    assert_eq!(
+        after,
+        before & !(X2APIC | TSC_DEADLINE),
+        "{before:#x} -> {after:#x}"
+    );
+    assert_eq!(
+        cpuid_word(&base, "leaf1_edx"),
+        cpuid_word(&hidden, "leaf1_edx")
+    );
+    assert_eq!(
+        base.line("TEST cpuid").split_whitespace().nth(3),
+        Some("apic_id=0")
+    );
+}
+
+#[test]
+fn acpi_power_off_and_i8042_reset_end_the_vm_cleanly() {
+    // Were the power-off or reset ignored, the failing scenario after it would make
+    // the guest exit with status 1 (vigil: 33).
+    for scenario in ["acpi-poweroff", "i8042-reset"] {
+        let r = guest(&[
+            "--cmdline",
+            &format!("test=serial,{scenario},no-such-scenario"),
+        ]);
+        assert_eq!(r.code, Some(0), "{scenario}: {r}");
+        assert!(r.stdout.contains("TEST serial PASS"), "{r}");
+        assert!(!r.stdout.contains(&format!("TEST {scenario}")), "{r}");
+        assert!(!r.stdout.contains("DONE"), "{r}");
+    }
+}

@@ -92,6 +92,11 @@ impl std::str::FromStr for CpuFeature {
 
 /// Features that the CPL0 emulator of a `kvm_pvm` host cannot execute (see the
 /// project's PLATFORM.md): hiding them lets kernels take their fallback paths.
+///
+/// Measured with the test guest's `cpuid` scenario: `kvm_pvm` only applies the bits
+/// KVM reports in `KVM_GET_SUPPORTED_CPUID` (CX16 here); for the others it shows
+/// the host's own bits whatever the table says, so a Linux guest there also needs
+/// `noxsave clearcpuid=smap,smep,popcnt`. On other KVMs all five are hidden.
 pub const EMULATED_CPL0_HIDDEN: &[&str] = &["xsave", "cx16", "smap", "smep", "popcnt"];
 
 /// Whether this host's KVM runs guest kernel code through an emulator.
