@@ -1,4 +1,4 @@
-//! Command-line interface: `vigil run`, `vigil guest export`.
+//! Command-line interface: `vigil run`, `vigil guest export`, `vigil bench boot`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +54,17 @@ pub enum Command {
     /// Work with the embedded test guest.
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// Measure Vigil against a peer VMM on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Boot the test guest with Vigil and with QEMU microvm, alternately in one run,
+    /// and print a markdown table: time to the first serial byte and to exit, CPU
+    /// time, and resident memory less the guest's own pages, with ratios.
+    Boot(crate::bench::BootBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -184,6 +195,10 @@ impl Command {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self {
             Command::Run(args) => run_vm(args.into_config()),
+            Command::Bench(BenchCommand::Boot(args)) => {
+                crate::bench::run(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Guest(GuestCommand::Export { path }) => {
                 std::fs::write(&path, vigil_test_guest::ELF).with_context(|| {
                     format!("cannot write the test guest to {}", path.display())

@@ -1,5 +1,6 @@
 //! `vigil`: run a VM on KVM, export the test guest, measure boot.
 
+mod bench;
 mod cli;
 mod terminal;
 

@@ -7,12 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VmFd;
 use vigil_devices::bus::Bus;
 use vigil_devices::legacy::{Serial, SerialInput};
 use vigil_devices::PowerEvent;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::ConsoleConfig;
@@ -67,6 +69,7 @@ impl StopHandle {
 pub struct RunningVm {
     vcpu_threads: Vec<JoinHandle<()>>,
     device_thread: Option<JoinHandle<()>>,
+    device_waker: EventFd,
     stop: Arc<AtomicBool>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
@@ -105,13 +108,19 @@ impl Vm {
                 .spawn(move || vcpu.run(ctx))?;
             vcpu_threads.push(handle);
         }
+        let device_waker = EventFd::new(libc::EFD_NONBLOCK)?;
         let device_thread = match self.console {
-            ConsoleConfig::Stdio => Some(spawn_device_loop(self.serial, stop.clone())?),
+            ConsoleConfig::Stdio => Some(spawn_device_loop(
+                self.serial,
+                stop.clone(),
+                device_waker.try_clone()?,
+            )?),
             _ => None,
         };
         Ok(RunningVm {
             vcpu_threads,
             device_thread,
+            device_waker,
             stop,
             events_tx: self.events_tx,
             events_rx: self.events_rx,
@@ -122,18 +131,35 @@ impl Vm {
     }
 }
 
+/// Wakes the device event loop when the VM stops, so it exits at once.
+struct StopWaker(EventFd);
+
+impl MutEventSubscriber for StopWaker {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            tracing::error!("device event loop cannot watch for stop: {e:?}");
+        }
+    }
+}
+
 fn spawn_device_loop(
     serial: Arc<Mutex<Serial>>,
     stop: Arc<AtomicBool>,
+    waker: EventFd,
 ) -> std::io::Result<JoinHandle<()>> {
     let mut manager = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
         .map_err(|e| std::io::Error::other(format!("device event loop: {e:?}")))?;
     manager.add_subscriber(Box::new(SerialInput::new(serial, std::io::stdin())));
+    manager.add_subscriber(Box::new(StopWaker(waker)));
     std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                if let Err(e) = manager.run_with_timeout(100) {
+                if let Err(e) = manager.run() {
                     tracing::error!("device event loop failed: {e:?}");
                     return;
                 }
@@ -188,6 +214,7 @@ impl RunningVm {
             }
         }
         if let Some(t) = self.device_thread.take() {
+            let _ = self.device_waker.write(1);
             let _ = t.join();
         }
     }

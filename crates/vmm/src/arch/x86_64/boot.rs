@@ -290,13 +290,16 @@ pub fn zero_page(
     initrd: Option<LoadedInitrd>,
     rsdp: GuestAddress,
 ) -> boot_params {
-    let mut params = boot_params::default();
-    params.hdr = kernel.setup_header.unwrap_or(setup_header {
-        boot_flag: KERNEL_BOOT_FLAG_MAGIC,
-        header: KERNEL_HDR_MAGIC,
-        kernel_alignment: KERNEL_MIN_ALIGNMENT,
+    let mut params = boot_params {
+        hdr: kernel.setup_header.unwrap_or(setup_header {
+            boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+            header: KERNEL_HDR_MAGIC,
+            kernel_alignment: KERNEL_MIN_ALIGNMENT,
+            ..Default::default()
+        }),
+        acpi_rsdp_addr: rsdp.0,
         ..Default::default()
-    });
+    };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = CMDLINE_START.0 as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
@@ -304,7 +307,6 @@ pub fn zero_page(
         params.hdr.ramdisk_image = initrd.addr.0 as u32;
         params.hdr.ramdisk_size = initrd.size as u32;
     }
-    params.acpi_rsdp_addr = rsdp.0;
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
         *slot = boot_e820_entry {
             addr: e.addr,

@@ -1,0 +1,301 @@
+//! `vigil bench boot`: boot the test guest with Vigil and with a peer VMM (QEMU
+//! microvm) in the same invocation, and compare start-up time and memory overhead.
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct BootBenchArgs {
+    /// Boots per VMM for the timing figures.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub runs: usize,
+
+    /// The peer to compare with: a qemu-system-x86_64 binary, or "none".
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    pub qemu: String,
+
+    /// Guest memory in MiB for every boot.
+    #[arg(long, default_value_t = 128, value_name = "MiB")]
+    pub memory: u64,
+}
+
+/// One boot's figures.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    first_byte: Duration,
+    exit: Duration,
+    cpu: Duration,
+}
+
+/// A VMM under test: how to start it for a guest command line.
+struct Vmm {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    cmdline_flag: &'static str,
+    /// Exit status of a guest that wrote 0 to the debug-exit port.
+    success: i32,
+}
+
+impl Vmm {
+    fn command(&self, cmdline: &str) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .arg(self.cmdline_flag)
+            .arg(cmdline)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        cmd
+    }
+}
+
+fn vigil(memory: u64) -> anyhow::Result<Vmm> {
+    Ok(Vmm {
+        name: "vigil",
+        program: std::env::current_exe().context("cannot find the vigil binary")?,
+        args: vec![
+            "run".into(),
+            "--memory".into(),
+            memory.to_string(),
+            "--console".into(),
+            "stdio".into(),
+        ],
+        cmdline_flag: "--cmdline",
+        success: 0,
+    })
+}
+
+fn qemu(program: &str, guest: &Path, memory: u64) -> Vmm {
+    Vmm {
+        name: "qemu-microvm",
+        program: program.into(),
+        args: [
+            "-M",
+            "microvm",
+            "-accel",
+            "kvm",
+            // invtsc lets QEMU publish the timing leaf, as Vigil does, so neither
+            // guest spends time calibrating its clocks.
+            "-cpu",
+            "host,+invtsc",
+            "-m",
+            &memory.to_string(),
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+            &guest.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        cmdline_flag: "-append",
+        success: 1, // isa-debug-exit: (0 << 1) | 1
+    }
+}
+
+/// Waits for `child` and returns its exit status and its user+system CPU time.
+fn wait_with_usage(child: &mut Child) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet reaped; status and usage are writable.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r != pid {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    Ok((
+        std::process::ExitStatus::from_raw(status),
+        tv(usage.ru_utime) + tv(usage.ru_stime),
+    ))
+}
+
+fn boot_once(vmm: &Vmm) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let mut child = vmm
+        .command("")
+        .spawn()
+        .with_context(|| format!("cannot start {}", vmm.program.display()))?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut byte = [0u8; 1];
+    let first_byte = match out.read(&mut byte) {
+        Ok(1) => start.elapsed(),
+        _ => bail!("{} printed nothing", vmm.name),
+    };
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).ok();
+    let (status, cpu) = wait_with_usage(&mut child)?;
+    let exit = start.elapsed();
+    if status.code() != Some(vmm.success) {
+        bail!(
+            "{} exited with {status}; output: {}",
+            vmm.name,
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    Ok(Sample {
+        first_byte,
+        exit,
+        cpu,
+    })
+}
+
+/// Resident memory of a running VMM: total, and the part that is guest RAM (the
+/// anonymous mapping at least as large as the guest's memory).
+fn resident_kib(pid: u32, memory_mib: u64) -> anyhow::Result<(u64, u64)> {
+    let smaps =
+        std::fs::read_to_string(format!("/proc/{pid}/smaps")).context("cannot read smaps")?;
+    let (mut total, mut guest) = (0, 0);
+    let mut size = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Size:"), Some(kib)) => size = kib.parse().unwrap_or(0),
+            (Some("Rss:"), Some(kib)) => {
+                let rss: u64 = kib.parse().unwrap_or(0);
+                total += rss;
+                if size >= memory_mib * 1024 {
+                    guest += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((total, guest))
+}
+
+/// Boots the guest into a halt and measures resident memory once it has printed.
+fn memory_once(vmm: &Vmm, memory_mib: u64) -> anyhow::Result<(u64, u64)> {
+    let mut child = vmm.command("test=serial,hang").spawn()?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&seen).contains("TEST serial PASS") {
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    // Let the VMM settle (lazy allocations after the guest's last exit).
+    std::thread::sleep(Duration::from_millis(200));
+    let figures = resident_kib(child.id(), memory_mib);
+    child.kill().ok();
+    child.wait().ok();
+    if !String::from_utf8_lossy(&seen).contains("TEST serial PASS") {
+        bail!(
+            "{} did not boot the guest: {}",
+            vmm.name,
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    figures
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+struct Summary {
+    name: &'static str,
+    first_byte: Duration,
+    exit: Duration,
+    cpu: Duration,
+    rss_kib: u64,
+    overhead_kib: u64,
+}
+
+fn measure(vmm: &Vmm, args: &BootBenchArgs) -> anyhow::Result<Summary> {
+    let mut samples = Vec::with_capacity(args.runs);
+    for i in 0..args.runs {
+        samples.push(boot_once(vmm)?);
+        eprint!("\r{}: {}/{} boots", vmm.name, i + 1, args.runs);
+    }
+    eprintln!();
+    let (rss_kib, guest_kib) = memory_once(vmm, args.memory)?;
+    Ok(Summary {
+        name: vmm.name,
+        first_byte: median(samples.iter().map(|s| s.first_byte).collect()),
+        exit: median(samples.iter().map(|s| s.exit).collect()),
+        cpu: median(samples.iter().map(|s| s.cpu).collect()),
+        rss_kib,
+        overhead_kib: rss_kib - guest_kib,
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+pub fn run(args: BootBenchArgs) -> anyhow::Result<()> {
+    if args.runs == 0 {
+        bail!("--runs 0: need at least one boot");
+    }
+    let mut vmms = vec![vigil(args.memory)?];
+    let guest_file =
+        std::env::temp_dir().join(format!("vigil-bench-guest-{}.elf", std::process::id()));
+    if args.qemu != "none" {
+        std::fs::write(&guest_file, vigil_test_guest::ELF)
+            .context("cannot write the guest image")?;
+        vmms.push(qemu(&args.qemu, &guest_file, args.memory));
+    }
+    let results: anyhow::Result<Vec<Summary>> = vmms.iter().map(|v| measure(v, &args)).collect();
+    std::fs::remove_file(&guest_file).ok();
+    let results = results?;
+
+    println!(
+        "Boot of the embedded test guest (1 vCPU, {} MiB, PVH), median of {} boots; memory once the guest has printed:\n",
+        args.memory, args.runs
+    );
+    println!("| VMM | first serial byte (ms) | exit (ms) | CPU user+sys (ms) | RSS (MiB) | VMM overhead: RSS - guest RAM resident (MiB) |");
+    println!("|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.name,
+            ms(r.first_byte),
+            ms(r.exit),
+            ms(r.cpu),
+            mib(r.rss_kib),
+            mib(r.overhead_kib)
+        );
+    }
+    if let [ours, peer] = &results[..] {
+        let ratio = |a: f64, b: f64| format!("{:.2}", a / b);
+        println!(
+            "| ratio vigil/{} | {} | {} | {} | {} | {} |",
+            peer.name,
+            ratio(ours.first_byte.as_secs_f64(), peer.first_byte.as_secs_f64()),
+            ratio(ours.exit.as_secs_f64(), peer.exit.as_secs_f64()),
+            ratio(ours.cpu.as_secs_f64(), peer.cpu.as_secs_f64()),
+            ratio(ours.rss_kib as f64, peer.rss_kib as f64),
+            ratio(ours.overhead_kib as f64, peer.overhead_kib as f64)
+        );
+    }
+    Ok(())
+}
