@@ -28,7 +28,7 @@ Exit status:
   32+N     the guest wrote status N (1..223) to the debug-exit port (0xf4)
   130/143  stopped by SIGINT (Ctrl-C) / SIGTERM
 
-Set VIGIL_LOG (e.g. VIGIL_LOG=debug) for detailed logs.";
+Set VIGIL_LOG=LEVEL (error, warn, info, debug, trace) or --log-level for detailed logs.";
 
 /// Vigil: a KVM virtual machine monitor that watches what it runs.
 #[derive(Parser, Debug)]

@@ -10,10 +10,18 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log_level.as_str()));
+    let level = std::env::var("VIGIL_LOG").unwrap_or(cli.log_level.clone());
+    let level: tracing::Level = match level.parse() {
+        Ok(level) => level,
+        Err(_) => {
+            eprintln!(
+                "vigil: error: log level {level:?} is not one of error, warn, info, debug, trace"
+            );
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .init();
     match cli.command.run() {

@@ -265,3 +265,52 @@ fn acpi_power_off_and_i8042_reset_end_the_vm_cleanly() {
         assert!(!r.stdout.contains("DONE"), "{r}");
     }
 }
+
+#[test]
+fn the_same_guest_boots_under_qemu_microvm() {
+    let qemu = "qemu-system-x86_64";
+    if std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: {qemu} not installed");
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("vigil-qemu-guest-{}.elf", std::process::id()));
+    std::fs::write(&path, vigil_test_guest::ELF).unwrap();
+    let child = std::process::Command::new(qemu)
+        .args([
+            "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "2",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ])
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+        ])
+        .arg(&path)
+        .args(["-append", "test=serial,smp,memory,user"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let r = common::finish(child, TIMEOUT);
+    std::fs::remove_file(&path).unwrap();
+    for s in ["serial", "smp", "memory", "user"] {
+        assert!(
+            r.line(&format!("TEST {s} "))
+                .starts_with(&format!("TEST {s} PASS")),
+            "{r}"
+        );
+    }
+    // isa-debug-exit: status 0 becomes (0 << 1) | 1.
+    assert_eq!(r.code, Some(1), "{r}");
+}
