@@ -443,3 +443,68 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod bzimage_tests {
+    use super::*;
+
+    /// A minimal bzImage: one setup sector after the boot sector, the setup header
+    /// at 0x1f1, then the protected-mode payload.
+    fn bzimage(init_size: u32) -> Vec<u8> {
+        let mut image = vec![0u8; 2 * 512 + 4096];
+        image[0x1f1] = 1; // setup_sects
+        image[0x1fe..0x200].copy_from_slice(&KERNEL_BOOT_FLAG_MAGIC.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(&KERNEL_HDR_MAGIC.to_le_bytes());
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        image[0x211] = 0x1; // loadflags: LOADED_HIGH
+        image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        image[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+        image[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+        image[1024..1028].copy_from_slice(b"KRNL");
+        image
+    }
+
+    #[test]
+    fn bzimage_enters_at_startup_64_with_its_header() {
+        const MEM: u64 = 32 << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let bytes: &'static [u8] = Box::leak(bzimage(0x80_0000).into_boxed_slice());
+        let image = KernelImage::Embedded { name: "bz", bytes };
+        let k = load_kernel(&mem, &image, BootProtocol::Auto, MEM).unwrap();
+        assert_eq!(k.entry, EntryPoint::Linux64(GuestAddress(0x10_0200)));
+        assert_eq!(
+            k.end,
+            0x10_0000 + 0x80_0000,
+            "room for the decompressed kernel"
+        );
+        let hdr = k.setup_header.unwrap();
+        assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
+        let mut payload = [0u8; 4];
+        mem.read_slice(&mut payload, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(&payload, b"KRNL");
+
+        // The zero page keeps the image's header and fills in the loader's fields.
+        let p = zero_page(&k, 5, &[], None, GuestAddress(0xe0000));
+        assert_eq!(
+            ({ p.hdr.version }, { p.hdr.type_of_loader }),
+            (0x020f, 0xff)
+        );
+
+        // PVH needs an ELF note; a bzImage cannot give one.
+        let e = load_kernel(&mem, &image, BootProtocol::Pvh, MEM).unwrap_err();
+        assert!(matches!(e, BootError::NoPvhEntry { .. }), "{e}");
+    }
+
+    #[test]
+    fn bzimage_that_cannot_decompress_in_memory_is_refused() {
+        const MEM: u64 = 8 << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let bytes: &'static [u8] = Box::leak(bzimage(64 << 20).into_boxed_slice());
+        let image = KernelImage::Embedded { name: "bz", bytes };
+        let e = load_kernel(&mem, &image, BootProtocol::Auto, MEM)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit in 8 MiB of guest memory"), "{e}");
+    }
+}
