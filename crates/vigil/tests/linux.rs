@@ -31,6 +31,25 @@ fn expected_e820_lines() -> Vec<String> {
         .collect()
 }
 
+/// Boots `vmlinux` on 2 vCPUs and 256 MiB with `extra` options and `cmdline`.
+fn boot_linux(vmlinux: &Path, map: &Path, extra: &[&str], cmdline: &str) -> Run {
+    let memory = MEMORY_MIB.to_string();
+    let base = [
+        "run",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--symbols",
+        map.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--memory",
+        &memory,
+        "--cmdline",
+        cmdline,
+    ];
+    run(&[&base[..], extra].concat(), LINUX_TIMEOUT)
+}
+
 fn assert_early_boot(r: &Run, cmdline: &str) {
     assert!(
         r.line("Linux version ").starts_with("Linux version 6.1."),
@@ -67,25 +86,11 @@ fn boot_until_emulation_failure(protocol: &str) {
         return;
     }
     let cmdline = format!("console=ttyS0 earlyprintk=serial vigil.test=linux-{protocol}-7d3f");
-    let r = run(
-        &[
-            "run",
-            "--kernel",
-            vmlinux.to_str().unwrap(),
-            "--symbols",
-            map.to_str().unwrap(),
-            "--boot-protocol",
-            protocol,
-            "--cpus",
-            "2",
-            "--memory",
-            &MEMORY_MIB.to_string(),
-            "--cpu-template",
-            "host",
-            "--cmdline",
-            &cmdline,
-        ],
-        LINUX_TIMEOUT,
+    let r = boot_linux(
+        &vmlinux,
+        &map,
+        &["--boot-protocol", protocol, "--cpu-template", "host"],
+        &cmdline,
     );
     assert_early_boot(&r, &cmdline);
     assert_eq!(r.code, Some(3), "a guest crash: {r}");
@@ -199,23 +204,11 @@ fn linux_boots_to_userspace_on_hardware_kvm() {
     std::fs::create_dir_all(&dir).unwrap();
     let initramfs = build_initramfs(&dir);
     let cmdline = "console=ttyS0 earlyprintk=serial panic=-1 vigil.test=linux-userspace-7d3f";
-    let r = run(
-        &[
-            "run",
-            "--kernel",
-            vmlinux.to_str().unwrap(),
-            "--symbols",
-            map.to_str().unwrap(),
-            "--initrd",
-            initramfs.to_str().unwrap(),
-            "--cpus",
-            "2",
-            "--memory",
-            &MEMORY_MIB.to_string(),
-            "--cmdline",
-            cmdline,
-        ],
-        LINUX_TIMEOUT,
+    let r = boot_linux(
+        &vmlinux,
+        &map,
+        &["--initrd", initramfs.to_str().unwrap()],
+        cmdline,
     );
     std::fs::remove_dir_all(&dir).ok();
     assert_early_boot(&r, cmdline);

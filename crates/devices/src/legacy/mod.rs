@@ -25,3 +25,11 @@ impl Trigger for PowerTrigger {
         Ok(())
     }
 }
+
+/// Reads a byte-wide register for the bus: wider accesses read as zero.
+fn read_byte_register(data: &mut [u8], read: impl FnOnce() -> u8) {
+    data.fill(0);
+    if let [byte] = data {
+        *byte = read();
+    }
+}

@@ -92,10 +92,7 @@ impl Serial {
 
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if data.len() == 1 {
-            data[0] = self.inner.read(offset as u8);
-        }
+        super::read_byte_register(data, || self.inner.read(offset as u8));
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
