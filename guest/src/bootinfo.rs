@@ -98,6 +98,11 @@ impl BootInfo {
         self.ram().iter().map(Region::end).max().unwrap_or(0)
     }
 
+    /// The kernel command line (as copied at boot, at most 1 KiB).
+    pub fn cmdline(&self) -> &[u8] {
+        &self.cmdline[..self.cmdline_len]
+    }
+
     /// Scenario names from `test=NAME[,NAME...]` words, in command-line order.
     pub fn scenarios(&self) -> impl Iterator<Item = &[u8]> {
         self.cmdline[..self.cmdline_len]

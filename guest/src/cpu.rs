@@ -221,6 +221,47 @@ extern "C" {
     pub fn user_enter(entry: u64, stack: u64, arg: u64);
 }
 
+/// Runs `f` at CPL3 on the stack ending at `stack_top` (16-byte aligned), with IOPL=3
+/// and interrupts off, through the `.text.user` trampoline `user_call`: `f` itself is
+/// ordinary kernel-image code (every page is user-accessible), and returns normally;
+/// the trampoline then executes `ud2`, which brings the kernel back here. `f` must not
+/// execute privileged instructions (port I/O is allowed: IOPL=3 and the I/O bitmap).
+pub fn run_user<F: FnMut()>(stack_top: u64, f: &mut F) {
+    extern "C" fn call<F: FnMut()>(f: *mut F) {
+        // SAFETY: `f` is the `&mut F` run_user holds for the whole call.
+        unsafe { (*f)() }
+    }
+    let pair: [u64; 2] = [f as *mut F as u64, call::<F> as *const () as u64];
+    // SAFETY: user_call runs call::<F>(f) and ends in `ud2` (see user_enter); `pair` and
+    // `f` outlive the call; the caller reserves the stack.
+    unsafe {
+        user_enter(
+            user_call as *const () as u64,
+            stack_top,
+            pair.as_ptr() as u64,
+        )
+    }
+}
+
+extern "C" {
+    fn user_call();
+}
+
+// CPL3 trampoline for run_user: RDI = &[closure, function].
+global_asm!(
+    r#"
+    .section .text.user, "ax"
+    .global user_call
+user_call:
+    movq 8(%rdi), %rax
+    movq (%rdi), %rdi
+    andq $-16, %rsp
+    call *%rax
+    ud2
+    "#,
+    options(att_syntax)
+);
+
 // Exception stubs, 16 bytes apart: push a zero error code where the CPU pushes none,
 // push the vector, and go to the common path. Handlers never return to the faulting
 // code, so no registers are saved; the only way back is the CPL3 `ud2` return, which

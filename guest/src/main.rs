@@ -15,6 +15,7 @@ mod mem;
 mod paging;
 mod scenarios;
 mod serial;
+mod virtio;
 
 use bootinfo::BootInfo;
 use serial::{Line, Out, Serial};

@@ -1,5 +1,6 @@
-//! The memory functions the compiler calls. String instructions keep the compiler from
-//! recognising the loops and turning them back into calls to these very functions.
+//! The memory functions the compiler calls (`memcpy`, `memmove`, `memset`, `memcmp`,
+//! `bcmp`). String instructions keep the compiler from recognising the loops and
+//! turning them back into calls to these very functions.
 
 use core::arch::asm;
 
@@ -57,4 +58,12 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
         i += 1;
     }
     0
+}
+
+/// # Safety
+/// `a` and `b` are valid for `n` bytes. (LLVM calls it for slice equality.)
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: the caller's contract.
+    unsafe { memcmp(a, b, n) }
 }

@@ -9,6 +9,8 @@ const FOUR_GIB: u64 = 1 << 32;
 const PDPT_SPAN: u64 = 1 << 39;
 const PRESENT_RW_USER: u64 = 0x7;
 const HUGE: u64 = 0x80;
+/// PWT | PCD: with the power-on PAT, uncacheable (UC).
+const UNCACHED: u64 = 0x18;
 
 extern "C" {
     static mut PDPT: [u64; 512];
@@ -45,6 +47,26 @@ pub fn map(addr: u64) -> bool {
         let page = addr & !((1 << 21) - 1);
         *pd.add(((addr >> 21) & 511) as usize) = page | HUGE | PRESENT_RW_USER;
         asm!("invlpg [{}]", in(reg) page, options(nostack, preserves_flags));
+    }
+    true
+}
+
+/// Identity-maps the 2 MiB page holding `addr` uncacheable (device MMIO). False when
+/// `map` cannot map it.
+pub fn map_uncached(addr: u64) -> bool {
+    if !map(addr) {
+        return false;
+    }
+    // SAFETY: as in `map`; the entry exists now (boot tables or `map`).
+    unsafe {
+        let pdpt = addr_of_mut!(PDPT) as *mut u64;
+        let pd = (*pdpt.add((addr >> 30) as usize) & !0xfff) as *mut u64;
+        let entry = pd.add(((addr >> 21) & 511) as usize);
+        if *entry & UNCACHED != UNCACHED {
+            *entry |= UNCACHED;
+            let page = addr & !((1 << 21) - 1);
+            asm!("invlpg [{}]", in(reg) page, options(nostack, preserves_flags));
+        }
     }
     true
 }

@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use crate::boot::MAX_APS;
 use crate::cpu::{self, rdtsc, TIMER_TICKS, TIMER_VECTOR};
 use crate::serial::{Line, Out, Serial};
-use crate::{acpi, apic, paging, Machine};
+use crate::{acpi, apic, paging, virtio, Machine};
 
 pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
     match name {
@@ -19,6 +19,10 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"cpuid" => cpuid(detail),
         b"acpi-poweroff" => acpi_poweroff(machine, detail),
         b"i8042-reset" => i8042_reset(detail),
+        b"blk" => virtio::blk(machine, detail),
+        b"blk-ro" => virtio::blk_ro(machine, detail),
+        b"rng" => virtio::rng(machine, detail),
+        b"virtio-evil" => virtio::virtio_evil(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),

@@ -7,6 +7,8 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod rate_limiter;
+pub mod virtio;
 
 use std::sync::Arc;
 

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
-use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, KernelImage, VmConfig};
+use vigil_vmm::config::{
+    BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage, RateLimit, VmConfig,
+};
 use vigil_vmm::VmOutcome;
 
 use crate::terminal::TerminalGuard;
@@ -127,6 +129,19 @@ pub struct RunArgs {
     /// /proc/cpuinfo spelling (e.g. "avx2,rdrand").
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub cpuid_hide: Vec<CpuFeature>,
+
+    /// A virtio-blk disk backed by a raw image; repeat for several. Keys:
+    /// path=IMAGE (required), ro=on|off (default off), id=NAME (the serial the
+    /// guest reads, at most 20 bytes; default diskN), and a rate limit:
+    /// bw=BYTES/s, bw_burst=BYTES, ops=REQUESTS/s, ops_burst=REQUESTS (sizes take
+    /// K, M, G suffixes). Example: --disk path=rootfs.img,ro=on,id=root,bw=50M
+    #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..]", value_parser = crate::devices_cli::parse_disk)]
+    pub disk: Vec<BlockConfig>,
+
+    /// A virtio-rng entropy device fed by the host's getrandom, with an optional
+    /// rate limit (bw=BYTES/s, bw_burst, ops, ops_burst). Example: --rng bw=64K
+    #[arg(long, value_name = "[bw=..,ops=..]", num_args = 0..=1, default_missing_value = "", value_parser = crate::devices_cli::parse_rng)]
+    pub rng: Option<RateLimit>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -187,6 +202,13 @@ impl RunArgs {
             CpuTemplateArg::Host => CpuTemplate::Host,
         };
         config.cpuid_hide = self.cpuid_hide;
+        config.disks = self.disk;
+        for (i, disk) in config.disks.iter_mut().enumerate() {
+            if disk.id.is_empty() {
+                disk.id = format!("disk{i}");
+            }
+        }
+        config.rng = self.rng;
         config
     }
 }

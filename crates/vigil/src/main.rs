@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod devices_cli;
 mod terminal;
 
 use std::process::ExitCode;

@@ -5,15 +5,24 @@ use std::fs::File;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+use event_manager::MutEventSubscriber;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vigil_devices::bus::{Bus, BusError};
-use vigil_devices::legacy::{AcpiPowerPort, ConsoleOutput, DebugExitPort, Serial, I8042};
+use vigil_devices::legacy::{
+    AcpiPowerPort, ConsoleOutput, DebugExitPort, Serial, SerialInput, I8042,
+};
+use vigil_devices::virtio::block::{Block, BlockError};
+use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
+use vigil_devices::virtio::rng::Rng;
+use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_devices::PowerHandler;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::acpi::{self, AcpiError, ACPI_POWER_PORT, COM1_IRQ, COM1_PORT};
+use crate::arch::x86_64::acpi::{
+    self, AcpiError, MmioDevice, ACPI_POWER_PORT, COM1_IRQ, COM1_PORT,
+};
 use crate::arch::x86_64::boot::{self, BootError, EntryPoint};
 use crate::arch::x86_64::cpuid::{self, CpuFeature, Topology};
 use crate::arch::x86_64::layout;
@@ -27,6 +36,10 @@ use crate::VmEvent;
 
 /// QEMU's `isa-debug-exit` port, as test guests expect it.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// First virtio-mmio register window; each device takes the next 4 KiB.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Interrupt of the first virtio device; each device takes the next line.
+pub const VIRTIO_FIRST_GSI: u32 = 5;
 const I8042_PORT: u16 = 0x60;
 
 /// Errors from building a VM. Each names what it could not do and why.
@@ -55,6 +68,10 @@ pub enum BuildError {
     Acpi(#[from] AcpiError),
     #[error("vCPU {vcpu}: {source}")]
     Vcpu { vcpu: u32, source: RegsError },
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    #[error("--cmdline: {len} bytes once the virtio devices are declared on it, more than the {max} a kernel accepts")]
+    CmdlineTooLong { len: usize, max: usize },
 }
 
 impl From<BusError> for BuildError {
@@ -144,6 +161,43 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         4,
     )?;
 
+    let mut subscribers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
+    if config.console == ConsoleConfig::Stdio {
+        subscribers.push(Box::new(SerialInput::new(serial.clone(), std::io::stdin())));
+    }
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for disk in &config.disks {
+        devices.push(Box::new(Block::new(disk)?));
+    }
+    if let Some(limit) = config.rng {
+        devices.push(Box::new(Rng::new(limit)));
+    }
+    let mut mmio = Bus::new();
+    let mut cmdline = config.cmdline.clone();
+    let mut virtio_acpi = Vec::new();
+    for (i, device) in devices.into_iter().enumerate() {
+        let slot = MmioDevice {
+            base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+            len: MMIO_WINDOW,
+            gsi: VIRTIO_FIRST_GSI + i as u32,
+        };
+        subscribers.push(attach_virtio(&vm_fd, &mem, &mut mmio, device, slot)?);
+        // Kernels with VIRTIO_MMIO_CMDLINE_DEVICES find devices here; the others
+        // through the DSDT.
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{:#x}:{}",
+            slot.base, slot.gsi
+        ));
+        virtio_acpi.push(slot);
+    }
+    let cmdline = cmdline.trim_start().to_string();
+    if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
+        return Err(BuildError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: layout::CMDLINE_MAX_SIZE - 1,
+        });
+    }
+
     let kernel = boot::load_kernel(&mem, &config.kernel, config.boot_protocol, memory_bytes)?;
     let initrd = config
         .initrd
@@ -152,12 +206,12 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         .transpose()?;
     let e820 = layout::e820_map(memory_bytes);
     let apic_ids: Vec<u8> = (0..config.vcpus).map(|i| i as u8).collect();
-    let acpi = acpi::write_tables(&mem, &apic_ids)?;
-    boot::write_cmdline(&mem, &config.cmdline)?;
+    let acpi = acpi::write_tables(&mem, &apic_ids, &virtio_acpi)?;
+    boot::write_cmdline(&mem, &cmdline)?;
     match kernel.entry {
         EntryPoint::Pvh(_) => boot::write_pvh_info(&mem, &e820, initrd, acpi.rsdp)?,
         EntryPoint::Linux64(_) => {
-            let params = boot::zero_page(&kernel, config.cmdline.len(), &e820, initrd, acpi.rsdp);
+            let params = boot::zero_page(&kernel, cmdline.len(), &e820, initrd, acpi.rsdp);
             boot::write_zero_page(&mem, &params)?;
         }
     }
@@ -203,11 +257,53 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         vm_fd,
         mem,
         pio,
-        mmio: Bus::new(),
-        serial,
-        console: config.console.clone(),
+        mmio,
+        subscribers,
         symbols,
         events_tx,
         events_rx,
     })
+}
+
+/// Puts `device` behind a virtio-mmio window at `slot`: its interrupt on an irqfd,
+/// one ioeventfd per queue on the notify register, the registers on the MMIO bus.
+/// Returns the event-loop subscriber that processes its queues.
+fn attach_virtio(
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    device: Box<dyn VirtioDevice>,
+    slot: MmioDevice,
+) -> Result<Box<dyn MutEventSubscriber + Send>, BuildError> {
+    let dev_err =
+        |e: std::io::Error| BuildError::Devices(format!("virtio device at {:#x}: {e}", slot.base));
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+    vm_fd
+        .register_irqfd(&irq, slot.gsi)
+        .map_err(kvm_err("connect a virtio interrupt"))?;
+    let mut queue_evts = Vec::new();
+    for queue in 0..device.queue_max_sizes().len() as u32 {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+        vm_fd
+            .register_ioevent(&evt, &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY), queue)
+            .map_err(kvm_err("watch a virtio queue notification"))?;
+        queue_evts.push(evt);
+    }
+    let transport_evts = queue_evts
+        .iter()
+        .map(EventFd::try_clone)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(dev_err)?;
+    let transport = MmioTransport::new(
+        device,
+        mem.clone(),
+        Arc::new(Interrupt::new(irq)),
+        transport_evts,
+    )
+    .map_err(BuildError::Devices)?;
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), slot.base, slot.len)?;
+    Ok(Box::new(
+        QueueEvents::new(transport, queue_evts).map_err(dev_err)?,
+    ))
 }

@@ -7,6 +7,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::arch::x86_64::cpuid::CpuFeature;
+pub use vigil_devices::rate_limiter::RateLimit;
+pub use vigil_devices::virtio::block::BlockConfig;
 
 /// Where the kernel image comes from.
 #[derive(Clone, Debug)]
@@ -88,6 +90,10 @@ pub struct VmConfig {
     pub cpu_template: CpuTemplate,
     /// Extra features to hide, on top of the template.
     pub cpuid_hide: Vec<CpuFeature>,
+    /// virtio-blk disks, in the order the guest sees them.
+    pub disks: Vec<BlockConfig>,
+    /// A virtio-rng device, with its rate limit.
+    pub rng: Option<RateLimit>,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -115,19 +121,26 @@ pub enum ConfigError {
     TooLittleMemory { requested: u64, min: u64 },
     #[error("--memory {requested} MiB: larger than this host's {host} MiB of RAM")]
     TooMuchMemory { requested: u64, host: u64 },
-    #[error("{option} {path}: cannot read it: {source}")]
+    #[error("{option}{path}: cannot read it: {source}")]
     Unreadable {
         option: &'static str,
         path: String,
         source: std::io::Error,
     },
-    #[error("{option} {path}: not a regular file")]
+    #[error("{option}{path}: not a regular file")]
     NotAFile { option: &'static str, path: String },
     #[error("--cmdline: {len} bytes, longer than the {max} bytes a kernel accepts")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
+    #[error("--disk id={id}: used by two disks")]
+    DuplicateDiskId { id: String },
+    #[error("{count} virtio devices: Vigil has interrupt lines for at most {max}")]
+    TooManyDevices { count: usize, max: usize },
 }
+
+/// Most virtio devices a VM can have (one I/O APIC line each, GSI 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// Smallest VM Vigil builds: room for the boot structures, a kernel and its stack.
 pub const MIN_MEMORY_MIB: u64 = 2;
@@ -146,6 +159,8 @@ impl VmConfig {
             boot_protocol: BootProtocol::Auto,
             cpu_template: CpuTemplate::Auto,
             cpuid_hide: Vec::new(),
+            disks: Vec::new(),
+            rng: None,
         }
     }
 
@@ -183,13 +198,13 @@ impl VmConfig {
             _ => {}
         }
         if let KernelImage::File(path) = &self.kernel {
-            check_readable("--kernel", path)?;
+            check_readable("--kernel ", path)?;
         }
         if let Some(path) = &self.initrd {
-            check_readable("--initrd", path)?;
+            check_readable("--initrd ", path)?;
         }
         if let Some(path) = &self.symbols {
-            check_readable("--symbols", path)?;
+            check_readable("--symbols ", path)?;
         }
         if self.cmdline.len() >= crate::arch::x86_64::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong {
@@ -199,6 +214,22 @@ impl VmConfig {
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
+        }
+        // Disk images are opened (and their errors reported) by the builder: they
+        // may be block devices, and read-only ones need no write permission.
+        for (i, disk) in self.disks.iter().enumerate() {
+            if self.disks[..i].iter().any(|d| d.id == disk.id) {
+                return Err(ConfigError::DuplicateDiskId {
+                    id: disk.id.clone(),
+                });
+            }
+        }
+        let count = self.disks.len() + usize::from(self.rng.is_some());
+        if count > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices {
+                count,
+                max: MAX_VIRTIO_DEVICES,
+            });
         }
         Ok(())
     }

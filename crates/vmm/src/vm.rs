@@ -3,21 +3,19 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VmFd;
 use vigil_devices::bus::Bus;
-use vigil_devices::legacy::{Serial, SerialInput};
 use vigil_devices::PowerEvent;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::config::ConsoleConfig;
 use crate::symbols::SymbolTable;
 use crate::vstate::vcpu::{CrashReport, Vcpu, VcpuContext};
 use crate::VmEvent;
@@ -30,8 +28,8 @@ pub struct Vm {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) pio: Bus,
     pub(crate) mmio: Bus,
-    pub(crate) serial: Arc<Mutex<Serial>>,
-    pub(crate) console: ConsoleConfig,
+    /// What the device event loop watches: console input, virtio queues.
+    pub(crate) subscribers: Vec<Box<dyn MutEventSubscriber + Send>>,
     pub(crate) symbols: Option<SymbolTable>,
     pub(crate) events_tx: Sender<VmEvent>,
     pub(crate) events_rx: Receiver<VmEvent>,
@@ -109,13 +107,14 @@ impl Vm {
             vcpu_threads.push(handle);
         }
         let device_waker = EventFd::new(libc::EFD_NONBLOCK)?;
-        let device_thread = match self.console {
-            ConsoleConfig::Stdio => Some(spawn_device_loop(
-                self.serial,
+        let device_thread = if self.subscribers.is_empty() {
+            None
+        } else {
+            Some(spawn_device_loop(
+                self.subscribers,
                 stop.clone(),
                 device_waker.try_clone()?,
-            )?),
-            _ => None,
+            )?)
         };
         Ok(RunningVm {
             vcpu_threads,
@@ -147,13 +146,15 @@ impl MutEventSubscriber for StopWaker {
 }
 
 fn spawn_device_loop(
-    serial: Arc<Mutex<Serial>>,
+    subscribers: Vec<Box<dyn MutEventSubscriber + Send>>,
     stop: Arc<AtomicBool>,
     waker: EventFd,
 ) -> std::io::Result<JoinHandle<()>> {
     let mut manager = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
         .map_err(|e| std::io::Error::other(format!("device event loop: {e:?}")))?;
-    manager.add_subscriber(Box::new(SerialInput::new(serial, std::io::stdin())));
+    for subscriber in subscribers {
+        manager.add_subscriber(subscriber);
+    }
     manager.add_subscriber(Box::new(StopWaker(waker)));
     std::thread::Builder::new()
         .name("devices".into())

@@ -49,7 +49,30 @@ pub enum AcpiError {
     Write(#[from] vm_memory::GuestMemoryError),
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device as the DSDT declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioDevice {
+    /// Base of its register window.
+    pub base: u64,
+    /// Length of the window.
+    pub len: u64,
+    /// Its interrupt (GSI).
+    pub gsi: u32,
+}
+
+/// `_SB_.Vnnn`: a device Linux's virtio-mmio driver binds through ACPI (`LNRO0005`).
+fn virtio_device_aml(index: usize, dev: &MmioDevice, out: &mut Vec<u8>) {
+    let mem = aml::Memory32Fixed::new(true, dev.base as u32, dev.len as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, dev.gsi);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid = aml::Name::new("_UID".into(), &(index as u32));
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let path = format!("_SB_.V{index:03}");
+    aml::Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
+}
+
+fn dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE]));
     let io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
     let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
@@ -61,6 +84,9 @@ fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     com1.to_aml_bytes(&mut body);
+    for (i, dev) in virtio.iter().enumerate() {
+        virtio_device_aml(i, dev, &mut body);
+    }
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VIGILDST", OEM_REVISION);
     sdt.append_slice(&body);
     sdt.as_slice().to_vec()
@@ -106,8 +132,13 @@ fn madt(apic_ids: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Builds the tables for vCPUs with `apic_ids` and writes them at [`ACPI_START`].
-pub fn write_tables(mem: &GuestMemoryMmap, apic_ids: &[u8]) -> Result<AcpiTables, AcpiError> {
+/// Builds the tables for vCPUs with `apic_ids` and `virtio` devices, and writes
+/// them at [`ACPI_START`].
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    apic_ids: &[u8],
+    virtio: &[MmioDevice],
+) -> Result<AcpiTables, AcpiError> {
     let rsdp_len = Rsdp::len() as u64;
     let align = |a: u64| (a + 15) & !15;
     let mut next = align(ACPI_START.0 + rsdp_len);
@@ -118,7 +149,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, apic_ids: &[u8]) -> Result<AcpiTables
         tables.push((sig, addr, bytes));
         addr
     };
-    let dsdt_addr = place(*b"DSDT", dsdt());
+    let dsdt_addr = place(*b"DSDT", dsdt(virtio));
     let fadt_addr = place(*b"FACP", fadt(dsdt_addr.0));
     let madt_addr = place(*b"APIC", madt(apic_ids));
     let mut xsdt = XSDT::new(OEM_ID, *b"VIGILXSD", OEM_REVISION);
@@ -163,7 +194,19 @@ mod tests {
     #[test]
     fn tables_are_checksummed_and_linked() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let t = write_tables(&mem, &[0, 1, 2, 3]).unwrap();
+        let virtio = [
+            MmioDevice {
+                base: 0xd000_0000,
+                len: 0x1000,
+                gsi: 5,
+            },
+            MmioDevice {
+                base: 0xd000_1000,
+                len: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let t = write_tables(&mem, &[0, 1, 2, 3], &virtio).unwrap();
 
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, t.rsdp).unwrap();
@@ -227,5 +270,22 @@ mod tests {
         let body = &dsdt[36..];
         assert!(body.windows(4).any(|w| w == b"_S5_"));
         assert!(body.windows(4).any(|w| w == b"COM1"));
+        // Two virtio-mmio devices, each with its window and interrupt.
+        assert_eq!(body.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
+        for dev in &virtio {
+            let mut mem32 = vec![0x86, 9, 0, 1];
+            mem32.extend_from_slice(&(dev.base as u32).to_le_bytes());
+            mem32.extend_from_slice(&(dev.len as u32).to_le_bytes());
+            assert!(
+                body.windows(mem32.len()).any(|w| w == mem32),
+                "Memory32Fixed for {dev:?}"
+            );
+            let mut irq = vec![0x89, 6, 0, 0x03, 1];
+            irq.extend_from_slice(&dev.gsi.to_le_bytes());
+            assert!(
+                body.windows(irq.len()).any(|w| w == irq),
+                "Interrupt for {dev:?}"
+            );
+        }
     }
 }

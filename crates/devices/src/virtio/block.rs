@@ -1,0 +1,424 @@
+//! virtio-blk over a raw image file: read, write, flush (acknowledged once the data
+//! is durable), discard, write-zeroes and device id, with sector bounds checked
+//! against the capacity and I/O errors reported to the guest, never raised.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{DeviceBroken, QueueOutcome, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+
+/// Sector size the virtio-blk protocol counts in.
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+const ID_LEN: usize = 20;
+/// Largest discard / write-zeroes range in one segment (sectors).
+const MAX_RANGE_SECTORS: u32 = 0x3f_ffff;
+const MAX_RANGE_SEGMENTS: u32 = 16;
+/// Bytes moved between the image and guest memory per copy.
+const CHUNK: usize = 64 * 1024;
+
+// Feature bits (virtio 1.1, 5.2.3).
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+// Request types and statuses (virtio 1.1, 5.2.6).
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+/// Request completed.
+pub const S_OK: u8 = 0;
+/// Request failed (bad sector, I/O error, write to a read-only disk).
+pub const S_IOERR: u8 = 1;
+/// Request type not supported.
+pub const S_UNSUPP: u8 = 2;
+
+/// How a disk is attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Image file.
+    pub path: std::path::PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Device id the guest reads with GET_ID (at most 20 bytes).
+    pub id: String,
+    /// I/O limits.
+    pub rate_limit: RateLimit,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    file: File,
+    read_only: bool,
+    capacity: u64,
+    id: [u8; ID_LEN],
+    limiter: RateLimiter,
+    buf: Vec<u8>,
+    requests: u64,
+    errors: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RequestHeader {
+    kind: u32,
+    _reserved: u32,
+    sector: u64,
+}
+// SAFETY: plain integers, any bit pattern is valid.
+unsafe impl vm_memory::ByteValued for RequestHeader {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Range {
+    sector: u64,
+    sectors: u32,
+    flags: u32,
+}
+// SAFETY: plain integers, any bit pattern is valid.
+unsafe impl vm_memory::ByteValued for Range {}
+const RANGE_UNMAP: u32 = 1;
+
+/// Errors opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("--disk path={path}: cannot open it{mode}: {source}")]
+    Open {
+        path: String,
+        mode: &'static str,
+        source: std::io::Error,
+    },
+    #[error("--disk path={path}: not a regular file or block device")]
+    NotAFile { path: String },
+    #[error("--disk id={id}: longer than the 20 bytes virtio-blk allows")]
+    IdTooLong { id: String },
+}
+
+impl Block {
+    /// Opens the image at `config.path`.
+    pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
+        let path = config.path.display().to_string();
+        let file = File::options()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                mode: if config.read_only { "" } else { " for writing" },
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| BlockError::Open {
+            path: path.clone(),
+            mode: "",
+            source,
+        })?;
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.is_file() && !meta.file_type().is_block_device() {
+            return Err(BlockError::NotAFile { path });
+        }
+        let bytes = image_size(&file, &config.path).map_err(|source| BlockError::Open {
+            path: path.clone(),
+            mode: "",
+            source,
+        })?;
+        if config.id.len() > ID_LEN {
+            return Err(BlockError::IdTooLong {
+                id: config.id.clone(),
+            });
+        }
+        let mut id = [0u8; ID_LEN];
+        id[..config.id.len()].copy_from_slice(config.id.as_bytes());
+        Ok(Self {
+            file,
+            read_only: config.read_only,
+            capacity: bytes / SECTOR_SIZE,
+            id,
+            limiter: RateLimiter::new(config.rate_limit),
+            buf: vec![0; CHUNK],
+            requests: 0,
+            errors: 0,
+        })
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Requests completed, and how many of them failed.
+    pub fn counters(&self) -> (u64, u64) {
+        (self.requests, self.errors)
+    }
+
+    fn in_bounds(&self, sector: u64, bytes: u64) -> bool {
+        bytes.is_multiple_of(SECTOR_SIZE)
+            && sector
+                .checked_add(bytes / SECTOR_SIZE)
+                .is_some_and(|end| end <= self.capacity)
+    }
+
+    fn read_into(&mut self, offset: u64, len: usize, out: &mut impl Write) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.file
+                .read_exact_at(&mut self.buf[..n], offset + done as u64)?;
+            out.write_all(&self.buf[..n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_from(
+        &mut self,
+        offset: u64,
+        len: usize,
+        input: &mut impl Read,
+    ) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            input.read_exact(&mut self.buf[..n])?;
+            self.file
+                .write_all_at(&self.buf[..n], offset + done as u64)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn ranges(&mut self, reader: &mut impl Read, count: usize, zeroes: bool) -> u8 {
+        if self.read_only {
+            return S_IOERR;
+        }
+        if count == 0 || count > MAX_RANGE_SEGMENTS as usize {
+            return S_IOERR;
+        }
+        for _ in 0..count {
+            let mut raw = [0u8; 16];
+            if reader.read_exact(&mut raw).is_err() {
+                return S_IOERR;
+            }
+            let range: Range = *vm_memory::ByteValued::from_slice(&raw).expect("16 bytes");
+            let bytes = u64::from(range.sectors) * SECTOR_SIZE;
+            if range.sectors > MAX_RANGE_SECTORS || !self.in_bounds(range.sector, bytes) {
+                return S_IOERR;
+            }
+            let offset = range.sector * SECTOR_SIZE;
+            let mode = if zeroes && range.flags & RANGE_UNMAP == 0 {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            // SAFETY: fallocate on our own open file; offsets are in bounds.
+            let r = unsafe {
+                libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, bytes as i64)
+            };
+            if r != 0 {
+                // Filesystems without hole punching still get zeroes (discard may keep data).
+                if zeroes && self.write_zeroes(offset, bytes).is_err() {
+                    return S_IOERR;
+                }
+            }
+        }
+        S_OK
+    }
+
+    fn write_zeroes(&mut self, offset: u64, bytes: u64) -> std::io::Result<()> {
+        self.buf.fill(0);
+        let mut done = 0;
+        while done < bytes {
+            let n = (bytes - done).min(CHUNK as u64) as usize;
+            self.file.write_all_at(&self.buf[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Serves one request; returns the bytes written into the guest's buffers, or
+    /// `None` when the chain is too malformed to carry a status.
+    fn serve(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Option<u32> {
+        let mut reader = chain.clone().reader(mem).ok()?;
+        let mut writer = chain.writer(mem).ok()?;
+        let data_len = writer.available_bytes().checked_sub(1)?;
+        let mut status_writer = writer.split_at(data_len).ok()?;
+        let header: RequestHeader = reader.read_obj().ok()?;
+        let mut written = 0;
+        let status = match header.kind {
+            T_IN if self.in_bounds(header.sector, data_len as u64) => {
+                match self.read_into(header.sector * SECTOR_SIZE, data_len, &mut writer) {
+                    Ok(()) => {
+                        written = data_len;
+                        S_OK
+                    }
+                    Err(e) => {
+                        tracing::warn!("virtio-blk read failed: {e}");
+                        S_IOERR
+                    }
+                }
+            }
+            T_OUT if self.read_only => S_IOERR,
+            T_OUT if self.in_bounds(header.sector, reader.available_bytes() as u64) => {
+                let len = reader.available_bytes();
+                match self.write_from(header.sector * SECTOR_SIZE, len, &mut reader) {
+                    Ok(()) => S_OK,
+                    Err(e) => {
+                        tracing::warn!("virtio-blk write failed: {e}");
+                        S_IOERR
+                    }
+                }
+            }
+            T_IN | T_OUT => S_IOERR,
+            T_FLUSH => match self.file.sync_data() {
+                Ok(()) => S_OK,
+                Err(e) => {
+                    tracing::warn!("virtio-blk flush failed: {e}");
+                    S_IOERR
+                }
+            },
+            T_GET_ID => {
+                let n = data_len.min(ID_LEN);
+                match writer.write_all(&self.id[..n]) {
+                    Ok(()) => {
+                        written = n;
+                        S_OK
+                    }
+                    Err(_) => S_IOERR,
+                }
+            }
+            T_DISCARD | T_WRITE_ZEROES => {
+                let count = reader.available_bytes() / 16;
+                self.ranges(&mut reader, count, header.kind == T_WRITE_ZEROES)
+            }
+            _ => S_UNSUPP,
+        };
+        status_writer.write_all(&[status]).ok()?;
+        self.requests += 1;
+        if status != S_OK {
+            self.errors += 1;
+        }
+        Some(written as u32 + 1)
+    }
+}
+
+fn image_size(file: &File, path: &Path) -> std::io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    // A block device: its size is where seeking to the end lands.
+    let mut f = File::open(path)?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
+}
+
+/// Bytes a request moves, for the rate limiter (the data after the header, or the
+/// space the guest gave for data).
+fn request_bytes(chain: &DescriptorChain<&GuestMemoryMmap>) -> u64 {
+    let total: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+    total.saturating_sub(16 + 1)
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let base = VIRTIO_F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if self.read_only {
+            base | F_RO
+        } else {
+            base | F_DISCARD | F_WRITE_ZEROES
+        }
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 60];
+        config[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        config[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        config[40..44].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes());
+        config[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard alignment, sectors
+        config[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        config[52..56].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes());
+        config[56] = 1; // write_zeroes_may_unmap
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(data.len()).min(config.len());
+        data[..end - start].copy_from_slice(&config[start..end]);
+    }
+
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let mut used = false;
+        loop {
+            check_avail_ring(queue, mem)?;
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Ok(QueueOutcome::Done(used));
+            };
+            if let Err(wait) = self.limiter.consume(request_bytes(&chain)) {
+                queue.go_to_previous_position();
+                return Ok(QueueOutcome::Throttled(wait, used));
+            }
+            let head = chain.head_index();
+            let len = self.serve(chain, mem).unwrap_or_else(|| {
+                tracing::warn!(
+                    head,
+                    "malformed virtio-blk request; completed without a status"
+                );
+                self.errors += 1;
+                0
+            });
+            queue
+                .add_used(mem, head, len)
+                .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))?;
+            used = true;
+        }
+    }
+
+    fn rate_limiter(&self) -> Option<&RateLimiter> {
+        Some(&self.limiter)
+    }
+}
+
+/// Refuses an available ring whose index runs ahead of the queue size: a driver
+/// bug the device cannot recover from by itself.
+pub(crate) fn check_avail_ring(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceBroken> {
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|e| DeviceBroken(format!("cannot read the available ring: {e:?}")))?;
+    let pending = avail - std::num::Wrapping(queue.next_avail());
+    if pending.0 > queue.size() {
+        return Err(DeviceBroken(format!(
+            "available index {} is {} entries ahead of a {}-entry queue",
+            avail.0,
+            pending.0,
+            queue.size()
+        )));
+    }
+    Ok(())
+}

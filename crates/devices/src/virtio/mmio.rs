@@ -1,0 +1,390 @@
+//! The virtio-mmio transport (virtio 1.1, 4.2): the register file a driver
+//! programs, feature negotiation, queue set-up, the device status state machine,
+//! and the event-loop subscriber that processes notified queues.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::{
+    DeviceBroken, Interrupt, QueueOutcome, VirtioDevice, INT_CONFIG, INT_USED_RING,
+    VIRTIO_F_VERSION_1,
+};
+use crate::bus::BusDevice;
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Offset of the queue notification register (where ioeventfds are matched).
+pub const QUEUE_NOTIFY: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = u32::from_le_bytes(*b"VGIL");
+const CONFIG_SPACE: u64 = 0x100;
+
+/// Device status bits (virtio 1.1, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// One virtio device behind its MMIO registers.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `queue_evts` are the eventfds KVM signals on notification.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<Self, String> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).map_err(|e| format!("queue of {max} entries: {e:?}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if queues.len() != queue_evts.len() {
+            return Err(format!(
+                "{} queues but {} eventfds",
+                queues.len(),
+                queue_evts.len()
+            ));
+        }
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+        })
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn needs_reset(&mut self, why: &str) {
+        tracing::warn!(
+            device_type = self.device.device_type(),
+            "virtio device needs reset: {why}"
+        );
+        self.status |= status::DEVICE_NEEDS_RESET;
+        self.interrupt.signal(INT_CONFIG);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only adds bits (virtio 1.1, 3.1.1); anything else is refused.
+        if value & self.status != self.status {
+            tracing::debug!(
+                old = self.status,
+                new = value,
+                "virtio status write clears bits; ignored"
+            );
+            return;
+        }
+        let added = value & !self.status;
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                // Leaving FEATURES_OK clear tells the driver the set is refused.
+                tracing::debug!(acked = self.driver_features, offered, "feature set refused");
+                self.status = value & !status::FEATURES_OK;
+                return;
+            }
+        }
+        if added & status::DRIVER_OK != 0 {
+            if self.status & status::FEATURES_OK == 0 {
+                self.status = value | status::FAILED;
+                return;
+            }
+            self.status = value;
+            if let Some(i) = self
+                .queues
+                .iter()
+                .position(|q| q.ready() && !q.is_valid(&self.mem))
+            {
+                self.needs_reset(&format!(
+                    "queue {i} has addresses outside guest memory or a bad size"
+                ));
+            }
+            return;
+        }
+        self.status = value;
+    }
+
+    fn driver_ok(&self) -> bool {
+        self.status & (status::DRIVER_OK | status::DEVICE_NEEDS_RESET | status::FAILED)
+            == status::DRIVER_OK
+    }
+
+    /// Processes queue `index` after a notification. Returns how long to wait
+    /// before trying again when the device's rate limiter throttled it.
+    pub fn process_queue(&mut self, index: usize) -> Option<Duration> {
+        if !self.driver_ok() {
+            return None;
+        }
+        let queue = self.queues.get_mut(index).filter(|q| q.ready())?;
+        match self.device.process_queue(index, queue, &self.mem) {
+            Ok(QueueOutcome::Done(used)) => {
+                if used {
+                    self.interrupt.signal(INT_USED_RING);
+                }
+                None
+            }
+            Ok(QueueOutcome::Throttled(wait, used)) => {
+                if used {
+                    self.interrupt.signal(INT_USED_RING);
+                }
+                Some(wait)
+            }
+            Err(DeviceBroken(why)) => {
+                self.needs_reset(&why);
+                None
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, v: u32) {
+        let queue_configurable = self.status & status::DRIVER_OK == 0;
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if !queue_configurable => {
+                tracing::debug!(offset, "queue register written after DRIVER_OK; ignored");
+            }
+            0x38 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x80 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(Some(v), None)),
+            0x84 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(None, Some(v))),
+            0x90 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(Some(v), None)),
+            0x94 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(None, Some(v))),
+            0xa0 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(Some(v), None)),
+            0xa4 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(None, Some(v))),
+            QUEUE_NOTIFY => {
+                // Normally caught by an ioeventfd in KVM; pass it on the same way.
+                if let Some(evt) = self.queue_evts.get(v as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            0x64 => self.interrupt.ack(v),
+            0x70 => self.set_status(v),
+            _ => tracing::debug!(
+                offset,
+                value = v,
+                "write to read-only or unknown virtio-mmio register"
+            ),
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR_ID,
+            0x10 => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            0x44 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt.status(),
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            data.fill(0);
+            self.device.read_config(offset - CONFIG_SPACE, data);
+        } else if let Ok(bytes) = <&mut [u8; 4]>::try_from(&mut *data) {
+            *bytes = self.read_register(offset).to_le_bytes();
+        } else {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio register read not 32 bits wide"
+            );
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.write_config(offset - CONFIG_SPACE, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+        } else if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        } else {
+            tracing::debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio register write not 32 bits wide; ignored"
+            );
+        }
+    }
+}
+
+/// Device event-loop subscriber for one transport: its queue eventfds and the
+/// timer that resumes a throttled device.
+pub struct QueueEvents {
+    transport: Arc<Mutex<MmioTransport>>,
+    queue_evts: Vec<EventFd>,
+    timer: TimerFd,
+}
+
+impl QueueEvents {
+    /// Watches `queue_evts` (clones of the ones given to the transport).
+    pub fn new(
+        transport: Arc<Mutex<MmioTransport>>,
+        queue_evts: Vec<EventFd>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            transport,
+            queue_evts,
+            timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+        })
+    }
+
+    fn run(&mut self, queues: impl Iterator<Item = usize>) {
+        let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        let wait = queues.filter_map(|i| transport.process_queue(i)).min();
+        drop(transport);
+        if let Some(wait) = wait {
+            // A zero duration would disarm the timer.
+            let wait = wait.max(Duration::from_micros(100));
+            if let Err(e) = self.timer.reset(wait, None) {
+                tracing::error!("cannot arm the rate-limiter timer: {e}");
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for QueueEvents {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == std::os::fd::AsRawFd::as_raw_fd(&self.timer) {
+            let _ = self.timer.wait();
+            let n = self.queue_evts.len();
+            self.run(0..n);
+            return;
+        }
+        if let Some(i) = self
+            .queue_evts
+            .iter()
+            .position(|e| std::os::fd::AsRawFd::as_raw_fd(e) == fd)
+        {
+            let _ = self.queue_evts[i].read();
+            self.run(std::iter::once(i));
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.queue_evts {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                tracing::error!("cannot watch a virtio queue: {e:?}");
+            }
+        }
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            tracing::error!("cannot watch the rate-limiter timer: {e:?}");
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Virtio devices over the MMIO transport (virtio 1.x).
+//!
+//! A device implements [`VirtioDevice`]: its type, features, config space and
+//! what to do with a queue's available descriptors. [`mmio::MmioTransport`] owns
+//! the device, the queues and the register file the guest programs;
+//! [`mmio::QueueEvents`] runs on the device event loop and is woken by the
+//! ioeventfds KVM signals when the guest notifies a queue.
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::rate_limiter::RateLimiter;
+
+/// `VIRTIO_F_VERSION_1`: the device is a virtio 1.x device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device types (virtio 1.1, 5).
+pub const TYPE_NET: u32 = 1;
+/// Block device.
+pub const TYPE_BLOCK: u32 = 2;
+/// Entropy source.
+pub const TYPE_RNG: u32 = 4;
+
+/// Interrupt status bit: the device used buffers.
+pub const INT_USED_RING: u32 = 1;
+/// Interrupt status bit: the configuration changed (or the device needs a reset).
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one virtio-mmio device, and its status register.
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised by writing `irq` (an irqfd).
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Sets `bits` in the interrupt status and raises the line.
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The guest acknowledges `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What processing a queue did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueueOutcome {
+    /// Nothing to report, or buffers used (`true`: raise the used-ring interrupt).
+    Done(bool),
+    /// The rate limiter stopped processing; try again after this long.
+    Throttled(std::time::Duration, bool),
+}
+
+/// A driver broke the virtio contract so that the device cannot go on (for
+/// example a corrupt ring): the transport sets `DEVICE_NEEDS_RESET`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DeviceBroken(pub String);
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// Virtio device type.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue (their number is the length).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers, `VIRTIO_F_VERSION_1` included.
+    fn features(&self) -> u64;
+    /// Reads the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (most devices ignore it).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(offset, len = data.len(), "ignored virtio config write");
+    }
+    /// Processes what the driver made available on `queue` (index `index`).
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken>;
+    /// The device's rate limiter, if it has one.
+    fn rate_limiter(&self) -> Option<&RateLimiter> {
+        None
+    }
+    /// The device is reset: forget any in-flight state.
+    fn reset(&mut self) {}
+}

@@ -1,0 +1,117 @@
+//! virtio-rng: fills the guest's buffers from the host's `getrandom`.
+
+use std::io::Write;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::block::check_avail_ring;
+use super::{DeviceBroken, QueueOutcome, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+
+const QUEUE_SIZE: u16 = 256;
+/// Most bytes served per request: a larger buffer is filled up to this.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// A virtio entropy device.
+pub struct Rng {
+    limiter: RateLimiter,
+    buf: Vec<u8>,
+    bytes: u64,
+}
+
+impl Rng {
+    /// An entropy device limited by `limit`.
+    pub fn new(limit: RateLimit) -> Self {
+        Self {
+            limiter: RateLimiter::new(limit),
+            buf: vec![0; MAX_REQUEST],
+            bytes: 0,
+        }
+    }
+
+    /// Bytes handed to the guest so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.bytes
+    }
+}
+
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most `buf.len() - done` bytes into our own buffer.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            done += n as usize;
+        }
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let mut used = false;
+        loop {
+            check_avail_ring(queue, mem)?;
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Ok(QueueOutcome::Done(used));
+            };
+            let head = chain.head_index();
+            let len = match chain.writer(mem) {
+                Ok(mut writer) => {
+                    let n = writer.available_bytes().min(MAX_REQUEST);
+                    if let Err(wait) = self.limiter.consume(n as u64) {
+                        queue.go_to_previous_position();
+                        return Ok(QueueOutcome::Throttled(wait, used));
+                    }
+                    match fill_random(&mut self.buf[..n])
+                        .and_then(|()| writer.write_all(&self.buf[..n]))
+                    {
+                        Ok(()) => n,
+                        Err(e) => {
+                            tracing::warn!("virtio-rng request failed: {e}");
+                            0
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(head, "malformed virtio-rng request: {e:?}");
+                    0
+                }
+            };
+            self.bytes += len as u64;
+            queue
+                .add_used(mem, head, len as u32)
+                .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))?;
+            used = true;
+        }
+    }
+
+    fn rate_limiter(&self) -> Option<&RateLimiter> {
+        Some(&self.limiter)
+    }
+}

@@ -1,0 +1,879 @@
+//! virtio-mmio (virtio 1.x, "modern") devices: discovery from the command line, a
+//! polled split-virtqueue driver, and the scenarios `blk`, `blk-ro`, `rng` and
+//! `virtio-evil`.
+//!
+//! Only the discovery (parsing `virtio_mmio.device=` words, mapping the MMIO pages
+//! uncacheable) runs at CPL0. Everything else, device set-up included, runs at CPL3
+//! (`cpu::run_user`), where this platform executes natively: MMIO, rdtsc and the ring
+//! memory need no privilege. One device, one queue (0) and one request at a time; no
+//! interrupts are taken: completions are polled in the used ring, and InterruptStatus is
+//! checked and acknowledged after each.
+
+use core::arch::global_asm;
+use core::ptr::{addr_of, read_volatile, write_volatile};
+use core::sync::atomic::{compiler_fence, Ordering};
+
+use crate::cpu::{self, rdtsc};
+use crate::serial::{Line, Out};
+use crate::{paging, Machine};
+
+const MAX_DEVICES: usize = 16;
+
+// Registers (virtio 1.x MMIO transport).
+const MAGIC: u64 = 0x000;
+const VERSION: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC: u64 = 0x080;
+const QUEUE_DRIVER: u64 = 0x090;
+const QUEUE_DEVICE: u64 = 0x0a0;
+const CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG: u64 = 0x100;
+
+const MAGIC_VALUE: u32 = 0x7472_6976;
+
+// Device status bits.
+const ACKNOWLEDGE: u32 = 1;
+const DRIVER: u32 = 2;
+const DRIVER_OK: u32 = 4;
+const FEATURES_OK: u32 = 8;
+const NEEDS_RESET: u32 = 0x40;
+
+const F_VERSION_1: u64 = 1 << 32;
+
+const ID_BLK: u32 = 2;
+const ID_RNG: u32 = 4;
+const BLK_F_RO: u64 = 1 << 5;
+const BLK_F_FLUSH: u64 = 1 << 9;
+const BLK_T_IN: u32 = 0;
+const BLK_T_OUT: u32 = 1;
+const BLK_T_FLUSH: u32 = 4;
+const BLK_T_GET_ID: u32 = 8;
+const BLK_S_OK: u8 = 0;
+const BLK_S_IOERR: u8 = 1;
+const SECTOR: u32 = 512;
+
+// Descriptor flags.
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+
+/// Entries of queue 0 (fewer when the device offers fewer).
+const QUEUE_SIZE: u32 = 16;
+
+// The DMA area (`.dma`, page-aligned, identity-mapped below 4 GiB: guest-physical ==
+// virtual): descriptor table, avail ring, used ring, one page each; a page of small
+// buffers (request header, status byte, GET_ID buffer, entropy buffers); two 4 KiB data
+// buffers, the read buffer last.
+const DESC: u64 = 0x0000;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const HEADER: u64 = 0x3000;
+const STATUS_BYTE: u64 = 0x3010;
+const ID_BUF: u64 = 0x3020;
+const ID_LEN: u32 = 20;
+const RNG_BUF: u64 = 0x3100;
+const RNG_LEN: u32 = 64;
+const WRITE_BUF: u64 = 0x4000;
+const READ_BUF: u64 = 0x5000;
+const DATA_LEN: u32 = 4096;
+
+global_asm!(
+    r#"
+    .section .dma, "aw", @nobits
+    .balign 4096
+    .skip 65536
+    .global VIRTIO_STACK_TOP
+VIRTIO_STACK_TOP:
+    .global VIRTIO_DMA
+VIRTIO_DMA:
+    .skip 4096 * 6
+    "#,
+    options(att_syntax)
+);
+
+extern "C" {
+    static VIRTIO_STACK_TOP: u8;
+    static VIRTIO_DMA: u8;
+}
+
+fn dma(offset: u64) -> u64 {
+    addr_of!(VIRTIO_DMA) as u64 + offset
+}
+
+fn rd<T: Copy>(addr: u64) -> T {
+    // SAFETY: only DMA-area and MMIO addresses are passed, identity-mapped.
+    unsafe { read_volatile(addr as *const T) }
+}
+
+fn wr<T: Copy>(addr: u64, value: T) {
+    // SAFETY: as for rd.
+    unsafe { write_volatile(addr as *mut T, value) }
+}
+
+fn zero(addr: u64, len: usize) {
+    // SAFETY: a range of the DMA area.
+    unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len) }
+}
+
+/// `virtio_mmio.device=` bases from the command line, mapped uncacheable.
+struct Devices {
+    base: [u64; MAX_DEVICES],
+    count: usize,
+}
+
+impl Devices {
+    fn bases(&self) -> &[u64] {
+        &self.base[..self.count]
+    }
+}
+
+/// A number as C's `%lli` reads it: `0x` hex, leading `0` octal, else decimal. Returns
+/// it and the rest of the input.
+fn number(s: &[u8]) -> Option<(u64, &[u8])> {
+    let (radix, digits) = match s {
+        [b'0', b'x' | b'X', rest @ ..] => (16, rest),
+        [b'0', rest @ ..] if !rest.is_empty() && rest[0].is_ascii_digit() => (8, rest),
+        _ => (10, s),
+    };
+    let mut value = 0u64;
+    let mut used = 0;
+    for &c in digits {
+        let digit = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => break,
+        };
+        if u32::from(digit) >= radix {
+            break;
+        }
+        value = value
+            .checked_mul(u64::from(radix))?
+            .checked_add(u64::from(digit))?;
+        used += 1;
+    }
+    (used > 0).then(|| (value, &digits[used..]))
+}
+
+/// `<size>@<base>:<irq>[:<id>]` (Linux's syntax; the size takes K/M/G suffixes):
+/// the base, when the size is non-zero.
+fn parse_device(word: &[u8]) -> Option<u64> {
+    let (mut size, mut rest) = number(word)?;
+    if let [suffix, tail @ ..] = rest {
+        let shift = match suffix {
+            b'k' | b'K' => 10,
+            b'm' | b'M' => 20,
+            b'g' | b'G' => 30,
+            _ => 0,
+        };
+        if shift != 0 {
+            size <<= shift;
+            rest = tail;
+        }
+    }
+    let (base, rest) = number(rest.strip_prefix(b"@")?)?;
+    let (_irq, _) = number(rest.strip_prefix(b":")?)?;
+    (size != 0).then_some(base)
+}
+
+/// At CPL0: the devices of the command line, their pages mapped uncacheable.
+fn discover(machine: &Machine) -> Devices {
+    let mut devices = Devices {
+        base: [0; MAX_DEVICES],
+        count: 0,
+    };
+    for word in machine.info.cmdline().split(|&b| b == b' ') {
+        let Some(spec) = word.strip_prefix(b"virtio_mmio.device=") else {
+            continue;
+        };
+        if let Some(base) = parse_device(spec) {
+            if devices.count < MAX_DEVICES && paging::map_uncached(base) {
+                devices.base[devices.count] = base;
+                devices.count += 1;
+            }
+        }
+    }
+    devices
+}
+
+/// TSC ticks per millisecond.
+#[derive(Clone, Copy)]
+struct Clock {
+    tsc_khz: u64,
+}
+
+impl Clock {
+    fn ms(self, ms: u64) -> u64 {
+        self.tsc_khz * ms
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Dev {
+    base: u64,
+}
+
+impl Dev {
+    fn read(self, reg: u64) -> u32 {
+        rd(self.base + reg)
+    }
+
+    fn write(self, reg: u64, value: u32) {
+        wr(self.base + reg, value)
+    }
+
+    fn status(self) -> u32 {
+        self.read(STATUS)
+    }
+
+    fn add_status(self, bits: u32) {
+        self.write(STATUS, self.status() | bits)
+    }
+
+    /// Writes 0 to Status and waits (up to 100 ms) until it reads back 0.
+    fn reset(self, clock: Clock) -> Result<(), &'static str> {
+        self.write(STATUS, 0);
+        let start = rdtsc();
+        while self.status() != 0 {
+            if rdtsc() - start > clock.ms(100) {
+                return Err("reset: status stays non-zero");
+            }
+        }
+        Ok(())
+    }
+
+    fn device_features(self) -> u64 {
+        self.write(DEVICE_FEATURES_SEL, 0);
+        let low = self.read(DEVICE_FEATURES);
+        self.write(DEVICE_FEATURES_SEL, 1);
+        let high = self.read(DEVICE_FEATURES);
+        (u64::from(high) << 32) | u64::from(low)
+    }
+
+    /// Reset, ACKNOWLEDGE | DRIVER, the device features, reset again.
+    fn probe_features(self, clock: Clock) -> u64 {
+        if self.reset(clock).is_err() {
+            return 0;
+        }
+        self.write(STATUS, ACKNOWLEDGE);
+        self.write(STATUS, ACKNOWLEDGE | DRIVER);
+        let features = self.device_features();
+        let _ = self.reset(clock);
+        features
+    }
+
+    /// A 64-bit config field, read as two 32-bit halves under the config generation.
+    fn config_u64(self, offset: u64) -> u64 {
+        let mut value = 0;
+        for _ in 0..16 {
+            let generation = self.read(CONFIG_GENERATION);
+            let low = self.read(CONFIG + offset);
+            let high = self.read(CONFIG + offset + 4);
+            value = (u64::from(high) << 32) | u64::from(low);
+            if self.read(CONFIG_GENERATION) == generation {
+                break;
+            }
+        }
+        value
+    }
+}
+
+/// The first device with `id` whose features satisfy `wanted` (any version: a legacy
+/// device is reported, not skipped).
+fn find(devices: &Devices, clock: Clock, id: u32, wanted: impl Fn(u64) -> bool) -> Option<Dev> {
+    devices
+        .bases()
+        .iter()
+        .map(|&base| Dev { base })
+        .filter(|dev| dev.read(MAGIC) == MAGIC_VALUE && dev.read(DEVICE_ID) == id)
+        .find(|dev| wanted(dev.probe_features(clock)))
+}
+
+/// `found=<base>:<device id>,...` for a FAIL detail.
+fn list_devices(devices: &Devices, detail: &mut Line) {
+    detail.str(" found=");
+    if devices.bases().is_empty() {
+        detail.str("none");
+    }
+    let mut first = true;
+    for &base in devices.bases() {
+        let dev = Dev { base };
+        if !first {
+            detail.str(",");
+        }
+        first = false;
+        detail.hex(base).str(":");
+        if dev.read(MAGIC) == MAGIC_VALUE {
+            detail.dec(u64::from(dev.read(DEVICE_ID)));
+        } else {
+            detail.str("none");
+        }
+    }
+}
+
+/// Version 2 (virtio 1.x); version 1 is the legacy transport this driver does not do.
+fn modern(dev: Dev) -> Result<(), &'static str> {
+    match dev.read(VERSION) {
+        2 => Ok(()),
+        1 => Err("legacy virtio-mmio"),
+        _ => Err("unknown virtio-mmio version"),
+    }
+}
+
+enum Wait {
+    /// The device used the chain; the used element's length.
+    Used(u32),
+    /// The device set DEVICE_NEEDS_RESET.
+    NeedsReset,
+    Timeout,
+}
+
+/// Queue 0 of a set-up device.
+struct Queue {
+    dev: Dev,
+    clock: Clock,
+    size: u16,
+    avail: u16,
+    used: u16,
+    features: u64,
+}
+
+/// Brings `dev` up to FEATURES_OK with VIRTIO_F_VERSION_1 and the offered part of
+/// `features`, sets up queue 0, and sets DRIVER_OK when `driver_ok`.
+fn setup(dev: Dev, clock: Clock, features: u64, driver_ok: bool) -> Result<Queue, &'static str> {
+    modern(dev)?;
+    dev.reset(clock)?;
+    dev.write(STATUS, ACKNOWLEDGE);
+    dev.write(STATUS, ACKNOWLEDGE | DRIVER);
+    let offered = dev.device_features();
+    if offered & F_VERSION_1 == 0 {
+        return Err("no VIRTIO_F_VERSION_1");
+    }
+    let accepted = offered & (features | F_VERSION_1);
+    dev.write(DRIVER_FEATURES_SEL, 0);
+    dev.write(DRIVER_FEATURES, accepted as u32);
+    dev.write(DRIVER_FEATURES_SEL, 1);
+    dev.write(DRIVER_FEATURES, (accepted >> 32) as u32);
+    dev.add_status(FEATURES_OK);
+    if dev.status() & FEATURES_OK == 0 {
+        return Err("FEATURES_OK not accepted");
+    }
+
+    dev.write(QUEUE_SEL, 0);
+    if dev.read(QUEUE_READY) != 0 {
+        return Err("queue 0 ready after reset");
+    }
+    let max = dev.read(QUEUE_NUM_MAX);
+    if max == 0 {
+        return Err("no queue 0");
+    }
+    let size = max.min(QUEUE_SIZE);
+    zero(dma(DESC), 3 * 4096);
+    dev.write(QUEUE_NUM, size);
+    for (reg, addr) in [
+        (QUEUE_DESC, dma(DESC)),
+        (QUEUE_DRIVER, dma(AVAIL)),
+        (QUEUE_DEVICE, dma(USED)),
+    ] {
+        dev.write(reg, addr as u32);
+        dev.write(reg + 4, (addr >> 32) as u32);
+    }
+    dev.write(QUEUE_READY, 1);
+    if driver_ok {
+        dev.add_status(DRIVER_OK);
+    }
+    if dev.status() & NEEDS_RESET != 0 {
+        return Err("DEVICE_NEEDS_RESET after set-up");
+    }
+    Ok(Queue {
+        dev,
+        clock,
+        size: size as u16,
+        avail: 0,
+        used: 0,
+        features: accepted,
+    })
+}
+
+impl Queue {
+    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let desc = dma(DESC) + 16 * u64::from(index);
+        wr(desc, addr);
+        wr(desc + 8, len);
+        wr(desc + 12, flags);
+        wr(desc + 14, next);
+    }
+
+    /// A chain of descriptors 0, 1, ... of `(addr, len, device-writable)`.
+    fn chain(&self, buffers: &[(u64, u32, bool)]) {
+        for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
+            let last = i + 1 == buffers.len();
+            let flags = if last { 0 } else { NEXT } | if writable { WRITE } else { 0 };
+            self.desc(i as u16, addr, len, flags, i as u16 + 1);
+        }
+    }
+
+    /// Makes the chain at `head` available and notifies queue 0.
+    fn kick(&mut self, head: u16) {
+        let slot = dma(AVAIL) + 4 + 2 * u64::from(self.avail % self.size);
+        wr(slot, head);
+        compiler_fence(Ordering::SeqCst);
+        self.avail = self.avail.wrapping_add(1);
+        wr(dma(AVAIL) + 2, self.avail);
+        compiler_fence(Ordering::SeqCst);
+        self.dev.write(QUEUE_NOTIFY, 0);
+    }
+
+    /// Polls the used ring (and, each millisecond, DEVICE_NEEDS_RESET) for up to `ms`.
+    fn wait(&mut self, ms: u64) -> Wait {
+        let start = rdtsc();
+        let mut status_checked = start;
+        loop {
+            if rd::<u16>(dma(USED) + 2) != self.used {
+                compiler_fence(Ordering::SeqCst);
+                let elem = dma(USED) + 4 + 8 * u64::from(self.used % self.size);
+                let len = rd::<u32>(elem + 4);
+                self.used = self.used.wrapping_add(1);
+                return Wait::Used(len);
+            }
+            let now = rdtsc();
+            if now - status_checked >= self.clock.ms(1) || now - start > self.clock.ms(ms) {
+                status_checked = now;
+                if self.dev.status() & NEEDS_RESET != 0 {
+                    return Wait::NeedsReset;
+                }
+                if now - start > self.clock.ms(ms) {
+                    return Wait::Timeout;
+                }
+            }
+        }
+    }
+
+    /// After a completion: InterruptStatus must show a used-buffer interrupt (polled up
+    /// to 100 ms: the device may set it just after the used index); acknowledges it.
+    fn ack_interrupt(&self) -> Result<(), &'static str> {
+        let start = rdtsc();
+        loop {
+            let isr = self.dev.read(INTERRUPT_STATUS);
+            if isr & 1 != 0 {
+                self.dev.write(INTERRUPT_ACK, isr);
+                return Ok(());
+            }
+            if rdtsc() - start > self.clock.ms(100) {
+                return Err("no used-buffer interrupt in InterruptStatus");
+            }
+        }
+    }
+
+    /// Submits the chain already in descriptors from `head`, waits up to 2 s for it,
+    /// checks and acknowledges the interrupt: the used length.
+    fn complete(&mut self, head: u16) -> Result<u32, &'static str> {
+        self.kick(head);
+        match self.wait(2000) {
+            Wait::Used(len) => {
+                self.ack_interrupt()?;
+                Ok(len)
+            }
+            Wait::NeedsReset => Err("DEVICE_NEEDS_RESET"),
+            Wait::Timeout => Err("timeout"),
+        }
+    }
+
+    /// Writes a virtio-blk request header and the status sentinel 0xff.
+    fn blk_header(&self, kind: u32, sector: u64) {
+        wr(dma(HEADER), kind);
+        wr(dma(HEADER) + 4, 0u32);
+        wr(dma(HEADER) + 8, sector);
+        wr(dma(STATUS_BYTE), 0xffu8);
+    }
+
+    /// One virtio-blk request: header, data (`len` bytes at `data`, none when 0),
+    /// status. The status byte the device wrote.
+    fn blk(&mut self, kind: u32, sector: u64, data: u64, len: u32) -> Result<u8, &'static str> {
+        self.blk_header(kind, sector);
+        let device_writes = kind != BLK_T_OUT;
+        let header = (dma(HEADER), 16, false);
+        let status = (dma(STATUS_BYTE), 1, true);
+        if len == 0 {
+            self.chain(&[header, status]);
+        } else {
+            self.chain(&[header, (data, len, device_writes), status]);
+        }
+        self.complete(0)?;
+        Ok(rd(dma(STATUS_BYTE)))
+    }
+}
+
+/// Runs `body` at CPL3 on the virtio stack; its error, if any, becomes the detail.
+fn run_at_cpl3(
+    machine: &Machine,
+    detail: &mut Line,
+    body: impl Fn(&Devices, Clock, &mut Line) -> Result<(), ()>,
+) -> bool {
+    let devices = discover(machine);
+    let clock = Clock {
+        tsc_khz: machine.delay_tsc_khz(),
+    };
+    let mut pass = false;
+    cpu::run_user(addr_of!(VIRTIO_STACK_TOP) as u64, &mut || {
+        pass = body(&devices, clock, detail).is_ok();
+    });
+    pass
+}
+
+/// Writes `what: error` to the detail.
+fn fail<T>(detail: &mut Line, what: &str, error: &str) -> Result<T, ()> {
+    detail.str(what).str(": ").str(error);
+    Err(())
+}
+
+/// A request's status must be OK.
+fn expect_ok(detail: &mut Line, what: &str, status: Result<u8, &'static str>) -> Result<(), ()> {
+    match status {
+        Ok(BLK_S_OK) => Ok(()),
+        Ok(status) => {
+            detail.str(what).str(": status=").dec(u64::from(status));
+            Err(())
+        }
+        Err(error) => fail(detail, what, error),
+    }
+}
+
+/// `byte[i]` of sector `s` of the `blk` write pattern.
+pub fn pattern(sector: u64, i: u64) -> u8 {
+    (sector * 31 + i * 7 + 0x5a) as u8
+}
+
+const PATTERN_SECTORS: u64 = (DATA_LEN / SECTOR) as u64;
+
+pub fn blk(machine: &Machine, detail: &mut Line) -> bool {
+    run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = find(devices, clock, ID_BLK, |f| f & BLK_F_RO == 0) else {
+            detail.str("no virtio-blk device without VIRTIO_BLK_F_RO");
+            list_devices(devices, detail);
+            return Err(());
+        };
+        let mut q = match setup(dev, clock, BLK_F_FLUSH, true) {
+            Ok(q) => q,
+            Err(error) => {
+                detail.str(error);
+                return Err(());
+            }
+        };
+        let result = blk_body(&mut q, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
+fn blk_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
+    let capacity = q.dev.config_u64(0);
+    if capacity < PATTERN_SECTORS {
+        detail.str("capacity=").dec(capacity).str(" too small");
+        return Err(());
+    }
+
+    zero(dma(ID_BUF), ID_LEN as usize);
+    let status = q.blk(BLK_T_GET_ID, 0, dma(ID_BUF), ID_LEN);
+    expect_ok(detail, "get_id", status)?;
+
+    for s in 0..PATTERN_SECTORS {
+        for i in 0..u64::from(SECTOR) {
+            wr(dma(WRITE_BUF) + s * u64::from(SECTOR) + i, pattern(s, i));
+        }
+    }
+    let status = q.blk(BLK_T_OUT, 0, dma(WRITE_BUF), DATA_LEN);
+    expect_ok(detail, "write", status)?;
+
+    let flush = q.features & BLK_F_FLUSH != 0;
+    if flush {
+        let status = q.blk(BLK_T_FLUSH, 0, 0, 0);
+        expect_ok(detail, "flush", status)?;
+    }
+
+    zero(dma(READ_BUF), DATA_LEN as usize);
+    let status = q.blk(BLK_T_IN, 0, dma(READ_BUF), DATA_LEN);
+    expect_ok(detail, "read", status)?;
+    for offset in 0..u64::from(DATA_LEN) {
+        if rd::<u8>(dma(READ_BUF) + offset) != rd::<u8>(dma(WRITE_BUF) + offset) {
+            detail.str("read back: mismatch at byte ").dec(offset);
+            return Err(());
+        }
+    }
+
+    let status = q.blk(BLK_T_IN, capacity - 1, dma(READ_BUF), SECTOR);
+    expect_ok(detail, "read last sector", status)?;
+
+    match q.blk(BLK_T_IN, capacity, dma(READ_BUF), SECTOR) {
+        Ok(BLK_S_IOERR) => {}
+        Ok(status) => {
+            detail
+                .str("read past the end: status=")
+                .dec(u64::from(status));
+            return Err(());
+        }
+        Err(error) => return fail(detail, "read past the end", error),
+    }
+
+    detail.str("capacity=").dec(capacity).str(" id=");
+    for i in 0..u64::from(ID_LEN) {
+        let byte: u8 = rd(dma(ID_BUF) + i);
+        if byte == 0 {
+            break;
+        }
+        detail.bytes(&[if byte.is_ascii_graphic() { byte } else { b'?' }]);
+    }
+    detail.str(" flush=").dec(u64::from(flush));
+    Ok(())
+}
+
+pub fn blk_ro(machine: &Machine, detail: &mut Line) -> bool {
+    run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = find(devices, clock, ID_BLK, |f| f & BLK_F_RO != 0) else {
+            detail.str("no virtio-blk device with VIRTIO_BLK_F_RO");
+            list_devices(devices, detail);
+            return Err(());
+        };
+        let mut q = match setup(dev, clock, BLK_F_RO, true) {
+            Ok(q) => q,
+            Err(error) => {
+                detail.str(error);
+                return Err(());
+            }
+        };
+        let result = blk_ro_body(&mut q, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
+fn blk_ro_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
+    // Sector 0 is read first and the write offers the same bytes: a device that wrongly
+    // accepts the write leaves the image as it was.
+    zero(dma(READ_BUF), SECTOR as usize);
+    let status = q.blk(BLK_T_IN, 0, dma(READ_BUF), SECTOR);
+    expect_ok(detail, "read", status)?;
+    let first: u32 = rd(dma(READ_BUF));
+    for i in 0..u64::from(SECTOR) {
+        wr(dma(WRITE_BUF) + i, rd::<u8>(dma(READ_BUF) + i));
+    }
+    let write_status = match q.blk(BLK_T_OUT, 0, dma(WRITE_BUF), SECTOR) {
+        Ok(status) => status,
+        Err(error) => return fail(detail, "write", error),
+    };
+    zero(dma(READ_BUF), SECTOR as usize);
+    let status = q.blk(BLK_T_IN, 0, dma(READ_BUF), SECTOR);
+    expect_ok(detail, "read after write", status)?;
+    detail
+        .str("write_status=")
+        .dec(u64::from(write_status))
+        .str(" first_bytes=")
+        .hex(u64::from(first));
+    if write_status == BLK_S_OK {
+        detail.str(" (the device accepted a write)");
+        return Err(());
+    }
+    if rd::<u32>(dma(READ_BUF)) != first {
+        detail.str(" (sector 0 changed)");
+        return Err(());
+    }
+    Ok(())
+}
+
+pub fn rng(machine: &Machine, detail: &mut Line) -> bool {
+    run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = find(devices, clock, ID_RNG, |_| true) else {
+            detail.str("no virtio-rng device");
+            list_devices(devices, detail);
+            return Err(());
+        };
+        let mut q = match setup(dev, clock, 0, true) {
+            Ok(q) => q,
+            Err(error) => {
+                detail.str(error);
+                return Err(());
+            }
+        };
+        let result = rng_body(&mut q, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
+fn rng_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
+    let bufs = [dma(RNG_BUF), dma(RNG_BUF) + u64::from(RNG_LEN)];
+    zero(bufs[0], 2 * RNG_LEN as usize);
+    for (k, &buf) in bufs.iter().enumerate() {
+        q.chain(&[(buf, RNG_LEN, true)]);
+        match q.complete(0) {
+            Ok(RNG_LEN) => {}
+            Ok(len) => {
+                detail
+                    .str("request ")
+                    .dec(k as u64)
+                    .str(": len=")
+                    .dec(u64::from(len));
+                return Err(());
+            }
+            Err(error) => {
+                detail.str("request ").dec(k as u64).str(": ").str(error);
+                return Err(());
+            }
+        }
+        if (0..u64::from(RNG_LEN)).all(|i| rd::<u8>(buf + i) == 0) {
+            detail.str("request ").dec(k as u64).str(": all zeros");
+            return Err(());
+        }
+    }
+    if (0..u64::from(RNG_LEN)).all(|i| rd::<u8>(bufs[0] + i) == rd::<u8>(bufs[1] + i)) {
+        detail.str("both requests returned the same bytes");
+        return Err(());
+    }
+    detail.str("bytes=").dec(2 * u64::from(RNG_LEN));
+    Ok(())
+}
+
+/// The malformed requests of `virtio-evil`, in order.
+#[derive(Clone, Copy)]
+enum Evil {
+    /// A valid read, notified with the queue set up but before DRIVER_OK.
+    PreOk,
+    /// A data descriptor far outside RAM.
+    Oob,
+    /// Descriptor 0 -> 1 -> 0.
+    Loop,
+    /// A data descriptor of 0x7fff_ffff bytes.
+    Huge,
+    /// The header descriptor marked device-writable.
+    Dir,
+}
+
+const EVILS: [(Evil, &str); 5] = [
+    (Evil::PreOk, "pre_ok"),
+    (Evil::Oob, "oob"),
+    (Evil::Loop, "loop"),
+    (Evil::Huge, "huge"),
+    (Evil::Dir, "dir"),
+];
+
+const FAR_OUTSIDE_RAM: u64 = 0xffff_0000_0000;
+
+/// What the device made of a malformed request.
+fn outcome(wait: Wait) -> &'static str {
+    match wait {
+        Wait::Timeout => "idle",
+        Wait::NeedsReset => "needs_reset",
+        Wait::Used(_) => match rd::<u8>(dma(STATUS_BYTE)) {
+            0 => "ok",
+            1 => "ioerr",
+            2 => "unsupp",
+            _ => "nostatus",
+        },
+    }
+}
+
+/// Submits the malformed request `evil` on a freshly set-up device.
+fn evil_case(dev: Dev, clock: Clock, evil: Evil) -> Result<&'static str, &'static str> {
+    let mut q = setup(dev, clock, 0, !matches!(evil, Evil::PreOk))?;
+    q.blk_header(BLK_T_IN, 0);
+    let header = (dma(HEADER), 16, false);
+    let status = (dma(STATUS_BYTE), 1, true);
+    let data = (dma(READ_BUF), SECTOR, true);
+    let timeout_ms = match evil {
+        Evil::PreOk => {
+            q.chain(&[header, data, status]);
+            100
+        }
+        Evil::Oob => {
+            q.chain(&[header, (FAR_OUTSIDE_RAM, SECTOR, true), status]);
+            2000
+        }
+        Evil::Loop => {
+            q.desc(0, dma(HEADER), 16, NEXT, 1);
+            q.desc(1, dma(READ_BUF), SECTOR, NEXT | WRITE, 0);
+            2000
+        }
+        Evil::Huge => {
+            q.chain(&[header, (dma(READ_BUF), 0x7fff_ffff, true), status]);
+            2000
+        }
+        Evil::Dir => {
+            q.chain(&[(dma(HEADER), 16, true), data, status]);
+            2000
+        }
+    };
+    q.kick(0);
+    Ok(outcome(q.wait(timeout_ms)))
+}
+
+/// After a malformed request: reset, set up again, one valid 512-byte read of sector 0.
+fn recover(dev: Dev, clock: Clock) -> Result<(), &'static str> {
+    dev.reset(clock)?;
+    let mut q = setup(dev, clock, 0, true)?;
+    match q.blk(BLK_T_IN, 0, dma(READ_BUF), SECTOR)? {
+        BLK_S_OK => Ok(()),
+        _ => Err("status not OK"),
+    }
+}
+
+pub fn virtio_evil(machine: &Machine, detail: &mut Line) -> bool {
+    run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = find(devices, clock, ID_BLK, |_| true) else {
+            detail.str("no virtio-blk device");
+            list_devices(devices, detail);
+            return Err(());
+        };
+        if let Err(error) = modern(dev) {
+            detail.str(error);
+            return Err(());
+        }
+        let mut recovered = 0;
+        let mut bad: Option<(&str, &str)> = None;
+        let mut accepted = false;
+        for (evil, name) in EVILS {
+            let result = match evil_case(dev, clock, evil) {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    let _ = dev.reset(clock);
+                    return fail(detail, name, error);
+                }
+            };
+            accepted |= result == "ok";
+            detail.str(name).str("=").str(result).str(" ");
+            match recover(dev, clock) {
+                Ok(()) => recovered += 1,
+                Err(error) => {
+                    if bad.is_none() {
+                        bad = Some((name, error));
+                    }
+                }
+            }
+        }
+        let _ = dev.reset(clock);
+        detail.str("recovered=").dec(recovered);
+        if let Some((name, error)) = bad {
+            detail
+                .str(" (recovery after ")
+                .str(name)
+                .str(": ")
+                .str(error)
+                .str(")");
+            return Err(());
+        }
+        if accepted {
+            return Err(());
+        }
+        Ok(())
+    })
+}
