@@ -877,3 +877,58 @@ pub fn virtio_evil(machine: &Machine, detail: &mut Line) -> bool {
         Ok(())
     })
 }
+
+/// Requests per direction in `blk-bench`.
+const BENCH_REQUESTS: u64 = 4000;
+
+/// `blk-bench`: 4 KiB requests, one at a time, reads then writes, over the first
+/// 64 MiB of the first writable disk, timed with the TSC at CPL3.
+pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
+    run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = find(devices, clock, ID_BLK, |f| f & BLK_F_RO == 0) else {
+            detail.str("no virtio-blk device without VIRTIO_BLK_F_RO");
+            list_devices(devices, detail);
+            return Err(());
+        };
+        let mut q = match setup(dev, clock, 0, true) {
+            Ok(q) => q,
+            Err(error) => {
+                detail.str(error);
+                return Err(());
+            }
+        };
+        let result = blk_bench_body(&mut q, clock, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
+fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    let per_request = u64::from(DATA_LEN / SECTOR);
+    let span = q.dev.config_u64(0).min(64 * 2048) / per_request * per_request;
+    if span == 0 {
+        detail.str("disk smaller than 4 KiB");
+        return Err(());
+    }
+    for (kind, buffer, name) in [(BLK_T_IN, READ_BUF, "read"), (BLK_T_OUT, WRITE_BUF, "write")] {
+        let start = rdtsc();
+        for i in 0..BENCH_REQUESTS {
+            let sector = (i * per_request) % span;
+            let status = q.blk(kind, sector, dma(buffer), DATA_LEN);
+            expect_ok(detail, name, status)?;
+        }
+        let us = ((rdtsc() - start) * 1000 / clock.tsc_khz).max(1);
+        let iops = BENCH_REQUESTS * 1_000_000 / us;
+        detail
+            .str(name)
+            .str("_iops=")
+            .dec(iops)
+            .str(" ")
+            .str(name)
+            .str("_kib_s=")
+            .dec(iops * u64::from(DATA_LEN) / 1024)
+            .str(" ");
+    }
+    detail.str("requests=").dec(BENCH_REQUESTS);
+    Ok(())
+}

@@ -67,6 +67,10 @@ pub enum BenchCommand {
     /// and print a markdown table: time to the first serial byte and to exit, CPU
     /// time, and resident memory less the guest's own pages, with ratios.
     Boot(crate::bench::BootBenchArgs),
+    /// Run the test guest's virtio-blk benchmark (4 KiB requests, reads then
+    /// writes) under Vigil and under QEMU microvm, and print IOPS and MiB/s with
+    /// ratios.
+    Blk(crate::bench::BlkBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -219,6 +223,10 @@ impl Command {
             Command::Run(args) => run_vm(args.into_config()),
             Command::Bench(BenchCommand::Boot(args)) => {
                 crate::bench::run(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchCommand::Blk(args)) => {
+                crate::bench::run_blk(args)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Guest(GuestCommand::Export { path }) => {

@@ -314,3 +314,15 @@ fn the_same_guest_boots_under_qemu_microvm() {
     // isa-debug-exit: status 0 becomes (0 << 1) | 1.
     assert_eq!(r.code, Some(1), "{r}");
 }
+
+#[test]
+fn bench_commands_produce_their_tables() {
+    let r = run(&["bench", "boot", "--runs", "2", "--qemu", "none"], TIMEOUT);
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("| vigil | "), "{r}");
+    let r = run(&["bench", "blk", "--runs", "1", "--qemu", "none"], TIMEOUT);
+    assert_eq!(r.code, Some(0), "{r}");
+    let row = r.line("| vigil | ");
+    let iops: u64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+    assert!(iops > 0, "{row}");
+}
