@@ -189,6 +189,76 @@ fn build_initramfs(dir: &Path) -> PathBuf {
 }
 
 #[test]
+fn linux_finds_the_virtio_devices_vigil_declares() {
+    let Some((vmlinux, _)) = common::tiny_linux() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("vigil-linux-virtio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (rw, ro) = (dir.join("rw.img"), dir.join("ro.img"));
+    std::fs::File::create(&rw)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    std::fs::File::create(&ro)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let (rw_arg, ro_arg) = (
+        format!("path={}", rw.display()),
+        format!("path={},ro=on", ro.display()),
+    );
+    // This machine's KVM emulates the kernel's CPL0 code: offer it the paths the
+    // emulator can run (see PLATFORM.md).
+    let cmdline = "console=ttyS0 earlyprintk=serial noxsave clearcpuid=smap,smep,popcnt nopti";
+    let r = common::run_until(
+        &[
+            "run",
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--memory",
+            &MEMORY_MIB.to_string(),
+            "--disk",
+            &rw_arg,
+            "--disk",
+            &ro_arg,
+            "--rng",
+            "--cmdline",
+            cmdline,
+        ],
+        &["[vda]", "[vdb]"],
+        LINUX_TIMEOUT,
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    // Declared on the command line (for kernels with VIRTIO_MMIO_CMDLINE_DEVICES)...
+    for (i, base) in [0xd000_0000u64, 0xd000_1000, 0xd000_2000]
+        .iter()
+        .enumerate()
+    {
+        let word = format!("virtio_mmio.device=4K@{base:#x}:{}", 5 + i);
+        assert!(r.line("Command line: ").contains(&word), "{word}\n{r}");
+        let registered = format!(
+            "virtio-mmio: Registering device virtio-mmio.{i} at {base:#x}-{:#x}, IRQ {}.",
+            base + 0xfff,
+            5 + i
+        );
+        assert!(r.stdout.contains(&registered), "{registered}\n{r}");
+    }
+    // ...and in the DSDT: the ACPI-enumerated devices are the ones that bind (the
+    // command-line twins then find their windows taken), as on distribution kernels.
+    assert!(
+        r.stdout
+            .contains("virtio_blk virtio0: [vda] 131072 512-byte logical blocks"),
+        "{r}"
+    );
+    assert!(
+        r.stdout
+            .contains("virtio_blk virtio1: [vdb] 32768 512-byte logical blocks"),
+        "{r}"
+    );
+}
+
+#[test]
 fn linux_boots_to_userspace_on_hardware_kvm() {
     let Some((vmlinux, map)) = common::tiny_linux() else {
         return;

@@ -118,3 +118,40 @@ pub fn hardware_kvm() -> bool {
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `vigil ARGS` until its console shows every one of `wanted` (or `timeout`
+/// passes), then stops it with SIGTERM and collects what it printed.
+pub fn run_until(args: &[&str], wanted: &[&str], timeout: Duration) -> Run {
+    use std::io::BufRead;
+    let mut child = vigil().args(args).spawn().expect("spawn vigil");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(all.clone());
+        }
+        all
+    });
+    let deadline = Instant::now() + timeout;
+    while let Ok(seen) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if wanted.iter().all(|w| seen.contains(w)) {
+            break;
+        }
+    }
+    // SAFETY: the pid is our child's; if it already exited, kill fails harmlessly.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    let status = child.wait().unwrap();
+    Run {
+        code: status.code(),
+        stdout: reader.join().unwrap(),
+        stderr: err,
+    }
+}
