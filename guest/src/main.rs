@@ -8,6 +8,7 @@
 
 mod acpi;
 mod apic;
+mod balloon;
 mod boot;
 mod bootinfo;
 mod cpu;

@@ -24,6 +24,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"rng" => virtio::rng(machine, detail),
         b"virtio-evil" => virtio::virtio_evil(machine, detail),
         b"blk-bench" => virtio::blk_bench(machine, detail),
+        b"balloon" => crate::balloon::balloon(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),

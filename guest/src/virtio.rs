@@ -932,3 +932,13 @@ fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), 
     detail.str("requests=").dec(BENCH_REQUESTS);
     Ok(())
 }
+
+/// At CPL0: the register base of the first modern device of type `id` on the command
+/// line (its page mapped uncacheable), for drivers kept in their own files.
+pub fn find_base(machine: &Machine, id: u32) -> Option<u64> {
+    discover(machine)
+        .bases()
+        .iter()
+        .copied()
+        .find(|&base| rd::<u32>(base + MAGIC) == MAGIC_VALUE && rd::<u32>(base + DEVICE_ID) == id)
+}

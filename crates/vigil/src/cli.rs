@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
 use vigil_vmm::config::{
-    BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage, RateLimit, VmConfig,
+    BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage, RateLimit,
+    VmConfig,
 };
 use vigil_vmm::VmOutcome;
 
@@ -52,7 +53,7 @@ pub enum Command {
     /// found (vCPUs, memory, timer) and powers off. Give it scenarios with
     /// --cmdline "test=serial,timer,smp,memory,user".
     #[command(after_help = AFTER_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Work with the embedded test guest.
     #[command(subcommand)]
     Guest(GuestCommand),
@@ -146,6 +147,14 @@ pub struct RunArgs {
     /// rate limit (bw=BYTES/s, bw_burst, ops, ops_burst). Example: --rng bw=64K
     #[arg(long, value_name = "[bw=..,ops=..]", num_args = 0..=1, default_missing_value = "", value_parser = crate::devices_cli::parse_rng)]
     pub rng: Option<RateLimit>,
+
+    /// A virtio-balloon device. Keys: size_mib=N (how much memory the guest is
+    /// asked to give back at boot, default 0), stats_s=N (ask for memory statistics
+    /// every N seconds; 0 or absent: no statistics queue), free_page_reporting=on
+    /// (the guest reports free pages, which are returned to the host),
+    /// deflate_on_oom=on. Pages the guest gives back leave the VMM's resident memory.
+    #[arg(long, value_name = "size_mib=N[,stats_s=N][,..]", num_args = 0..=1, default_missing_value = "", value_parser = crate::devices_cli::parse_balloon)]
+    pub balloon: Option<BalloonConfig>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -213,6 +222,7 @@ impl RunArgs {
             }
         }
         config.rng = self.rng;
+        config.balloon = self.balloon;
         config
     }
 }

@@ -1,6 +1,6 @@
 //! Parsing of device options: `--disk path=...,ro=on,id=...,bw=...`, `--rng bw=...`.
 
-use vigil_vmm::config::{BlockConfig, RateLimit};
+use vigil_vmm::config::{BalloonConfig, BlockConfig, RateLimit};
 
 /// `key=value` pairs of one option, with the keys it accepts.
 struct Pairs<'a> {
@@ -101,6 +101,35 @@ pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
     })
 }
 
+/// Parses one `--balloon` value.
+pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
+    let p = Pairs::parse(
+        "--balloon",
+        s,
+        &[
+            "size_mib",
+            "stats_s",
+            "free_page_reporting",
+            "deflate_on_oom",
+        ],
+    )?;
+    let on_off = |key: &str| match p.get(key) {
+        None | Some("off") => Ok(false),
+        Some("on") => Ok(true),
+        Some(v) => Err(format!("--balloon {key}={v}: expected on or off")),
+    };
+    let stats_interval = match p.size("stats_s")? {
+        None | Some(0) => None,
+        Some(s) => Some(std::time::Duration::from_secs(s)),
+    };
+    Ok(BalloonConfig {
+        target_mib: p.size("size_mib")?.unwrap_or(0),
+        stats_interval,
+        free_page_reporting: on_off("free_page_reporting")?,
+        deflate_on_oom: on_off("deflate_on_oom")?,
+    })
+}
+
 /// Parses the `--rng` value (empty: no limit).
 pub fn parse_rng(s: &str) -> Result<RateLimit, String> {
     Pairs::parse("--rng", s, &RATE_KEYS)?.rate_limit()
@@ -149,6 +178,18 @@ mod tests {
         assert!(parse_disk("path=a,junk")
             .unwrap_err()
             .contains("\"junk\" is not key=value"));
+    }
+
+    #[test]
+    fn balloon() {
+        let b = parse_balloon("size_mib=64,stats_s=2,free_page_reporting=on").unwrap();
+        assert_eq!(b.target_mib, 64);
+        assert_eq!(b.stats_interval, Some(std::time::Duration::from_secs(2)));
+        assert!(b.free_page_reporting && !b.deflate_on_oom);
+        assert_eq!(parse_balloon("").unwrap(), BalloonConfig::default());
+        assert!(parse_balloon("deflate_on_oom=maybe")
+            .unwrap_err()
+            .contains("deflate_on_oom=maybe: expected on or off"));
     }
 
     #[test]

@@ -177,3 +177,64 @@ fn disk_option_errors_name_the_value() {
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("longer than the 20 bytes"), "{r}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn balloon_inflation_returns_memory_to_the_host() {
+    use std::io::BufRead;
+    let mut child = common::vigil()
+        .args([
+            "run",
+            "--balloon",
+            "size_mib=64",
+            "--cmdline",
+            "test=balloon",
+        ])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut touched, mut inflated) = (None, None);
+    let mut console = String::new();
+    // The guest holds each phase for 1.5 s: long enough to read /proc.
+    for line in stdout.lines().map_while(Result::ok) {
+        if line.starts_with("balloon: touched") {
+            touched = Some(rss_kib(pid));
+        } else if line.starts_with("balloon: inflated") {
+            inflated = Some(rss_kib(pid));
+        }
+        console.push_str(&line);
+        console.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        console.contains("TEST balloon PASS pages=16384 zeroed=16384"),
+        "{console}"
+    );
+    assert_eq!(status.code(), Some(0), "{console}");
+    let (touched, inflated) = (touched.unwrap(), inflated.unwrap());
+    // 64 MiB given back: at least 48 MiB of it must have left the VMM's RSS.
+    assert!(
+        touched >= inflated + 48 * 1024,
+        "RSS {touched} KiB -> {inflated} KiB\n{console}"
+    );
+}
+
+#[test]
+fn balloon_larger_than_memory_is_refused() {
+    let r = run(
+        &["run", "--memory", "64", "--balloon", "size_mib=65"],
+        TIMEOUT,
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr
+            .contains("--balloon size_mib=65: more than the guest's 64 MiB"),
+        "{r}"
+    );
+}

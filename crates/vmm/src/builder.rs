@@ -12,6 +12,7 @@ use vigil_devices::bus::{Bus, BusError};
 use vigil_devices::legacy::{
     AcpiPowerPort, ConsoleOutput, DebugExitPort, Serial, SerialInput, I8042,
 };
+use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::{Block, BlockError};
 use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
 use vigil_devices::virtio::rng::Rng;
@@ -171,6 +172,9 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     }
     if let Some(limit) = config.rng {
         devices.push(Box::new(Rng::new(limit)));
+    }
+    if let Some(balloon) = config.balloon {
+        devices.push(Box::new(Balloon::new(balloon)));
     }
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();

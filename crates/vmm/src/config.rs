@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::arch::x86_64::cpuid::CpuFeature;
 pub use vigil_devices::rate_limiter::RateLimit;
+pub use vigil_devices::virtio::balloon::BalloonConfig;
 pub use vigil_devices::virtio::block::BlockConfig;
 
 /// Where the kernel image comes from.
@@ -94,6 +95,8 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// A virtio-rng device, with its rate limit.
     pub rng: Option<RateLimit>,
+    /// A virtio-balloon device.
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -133,6 +136,8 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
+    #[error("--balloon size_mib={size}: more than the guest's {memory} MiB")]
+    BalloonTooBig { size: u64, memory: u64 },
     #[error("--disk id={id}: used by two disks")]
     DuplicateDiskId { id: String },
     #[error("{count} virtio devices: Vigil has interrupt lines for at most {max}")]
@@ -161,6 +166,7 @@ impl VmConfig {
             cpuid_hide: Vec::new(),
             disks: Vec::new(),
             rng: None,
+            balloon: None,
         }
     }
 
@@ -224,7 +230,15 @@ impl VmConfig {
                 });
             }
         }
-        let count = self.disks.len() + usize::from(self.rng.is_some());
+        if let Some(b) = self.balloon.filter(|b| b.target_mib > self.memory_mib) {
+            return Err(ConfigError::BalloonTooBig {
+                size: b.target_mib,
+                memory: self.memory_mib,
+            });
+        }
+        let count = self.disks.len()
+            + usize::from(self.rng.is_some())
+            + usize::from(self.balloon.is_some());
         if count > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 count,

@@ -382,7 +382,7 @@ impl VirtioDevice for Block {
             };
             if let Err(wait) = self.limiter.consume(request_bytes(&chain)) {
                 queue.go_to_previous_position();
-                return Ok(QueueOutcome::Throttled(wait, used));
+                return Ok(QueueOutcome::RetryAfter(wait, used));
             }
             let head = chain.head_index();
             let len = self.serve(chain, mem).unwrap_or_else(|| {

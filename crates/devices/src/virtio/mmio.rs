@@ -189,7 +189,7 @@ impl MmioTransport {
                 }
                 None
             }
-            Ok(QueueOutcome::Throttled(wait, used)) => {
+            Ok(QueueOutcome::RetryAfter(wait, used)) => {
                 if used {
                     self.interrupt.signal(INT_USED_RING);
                 }

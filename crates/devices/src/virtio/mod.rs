@@ -6,6 +6,7 @@
 //! [`mmio::QueueEvents`] runs on the device event loop and is woken by the
 //! ioeventfds KVM signals when the guest notifies a queue.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod rng;
@@ -72,8 +73,10 @@ impl Interrupt {
 pub enum QueueOutcome {
     /// Nothing to report, or buffers used (`true`: raise the used-ring interrupt).
     Done(bool),
-    /// The rate limiter stopped processing; try again after this long.
-    Throttled(std::time::Duration, bool),
+    /// Processing stopped (the rate limiter) or the device wants to be called
+    /// again (to ask for fresh statistics, say) after this long; the flag is as
+    /// for `Done`.
+    RetryAfter(std::time::Duration, bool),
 }
 
 /// A driver broke the virtio contract so that the device cannot go on (for

@@ -86,7 +86,7 @@ impl VirtioDevice for Rng {
                     let n = writer.available_bytes().min(MAX_REQUEST);
                     if let Err(wait) = self.limiter.consume(n as u64) {
                         queue.go_to_previous_position();
-                        return Ok(QueueOutcome::Throttled(wait, used));
+                        return Ok(QueueOutcome::RetryAfter(wait, used));
                     }
                     match fill_random(&mut self.buf[..n])
                         .and_then(|()| writer.write_all(&self.buf[..n]))

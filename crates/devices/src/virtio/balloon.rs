@@ -1,0 +1,271 @@
+//! virtio-balloon: the guest gives pages back on request (inflate) and takes them
+//! again (deflate); given-back and reported-free pages are returned to the host with
+//! `madvise(MADV_DONTNEED)`, so the VMM's resident memory shrinks. Optional memory
+//! statistics and free page reporting.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::block::check_avail_ring;
+use super::{DeviceBroken, QueueOutcome, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Device type (virtio 1.1, 5.5).
+pub const TYPE_BALLOON: u32 = 5;
+/// The balloon counts in 4 KiB pages whatever the guest's page size.
+pub const PAGE_SIZE: u64 = 4096;
+const QUEUE_SIZE: u16 = 256;
+
+const F_STATS_VQ: u64 = 1 << 1;
+const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+const F_REPORTING: u64 = 1 << 5;
+
+/// How the balloon is configured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Initial target: how much memory the guest should give back, in MiB.
+    pub target_mib: u64,
+    /// Ask the guest for memory statistics this often (`None`: no statistics queue).
+    pub stats_interval: Option<Duration>,
+    /// Offer free page reporting.
+    pub free_page_reporting: bool,
+    /// Let the guest deflate when it runs out of memory.
+    pub deflate_on_oom: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Inflate,
+    Deflate,
+    Stats,
+    Reporting,
+}
+
+/// The statistics the guest last sent: `(tag, value)` (virtio 1.1, 5.5.6.3).
+pub type Stats = Vec<(u16, u64)>;
+
+/// A virtio-balloon device.
+pub struct Balloon {
+    config: BalloonConfig,
+    roles: Vec<Role>,
+    queue_sizes: Vec<u16>,
+    target_pages: u32,
+    actual_pages: u32,
+    /// The stats buffer the guest handed over, held until fresh stats are wanted.
+    stats_held: Option<u16>,
+    stats_last: Instant,
+    stats: Stats,
+    inflated: u64,
+    deflated: u64,
+    reported_bytes: u64,
+    bad_pages: u64,
+}
+
+impl Balloon {
+    /// A balloon for `config`.
+    pub fn new(config: BalloonConfig) -> Self {
+        let mut roles = vec![Role::Inflate, Role::Deflate];
+        if config.stats_interval.is_some() {
+            roles.push(Role::Stats);
+        }
+        if config.free_page_reporting {
+            roles.push(Role::Reporting);
+        }
+        Self {
+            queue_sizes: vec![QUEUE_SIZE; roles.len()],
+            roles,
+            config,
+            target_pages: (config.target_mib * (1 << 20) / PAGE_SIZE) as u32,
+            actual_pages: 0,
+            stats_held: None,
+            stats_last: Instant::now(),
+            stats: Vec::new(),
+            inflated: 0,
+            deflated: 0,
+            reported_bytes: 0,
+            bad_pages: 0,
+        }
+    }
+
+    /// Pages the guest has given back (inflated) and taken again (deflated), bytes
+    /// of free memory it reported, and page numbers it sent that were not RAM.
+    pub fn counters(&self) -> (u64, u64, u64, u64) {
+        (
+            self.inflated,
+            self.deflated,
+            self.reported_bytes,
+            self.bad_pages,
+        )
+    }
+
+    /// The latest memory statistics.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Returns `len` bytes at `addr` to the host, if they are guest RAM.
+    fn discard(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
+        let Ok(host) = mem.get_slice(GuestAddress(addr), len as usize) else {
+            return false;
+        };
+        // SAFETY: the range is guest RAM that `mem` maps; dropping its pages only
+        // makes the next guest access read zeroes, which is what the guest agreed to.
+        unsafe {
+            libc::madvise(
+                host.ptr_guard_mut().as_ptr().cast(),
+                len as usize,
+                libc::MADV_DONTNEED,
+            ) == 0
+        }
+    }
+
+    fn page_numbers(
+        &mut self,
+        reader: &mut impl Read,
+        mem: &GuestMemoryMmap,
+        give_back: bool,
+    ) -> u64 {
+        let mut pages = 0;
+        let mut pfn = [0u8; 4];
+        while reader.read_exact(&mut pfn).is_ok() {
+            let addr = u64::from(u32::from_le_bytes(pfn)) * PAGE_SIZE;
+            let ok = if give_back {
+                self.discard(mem, addr, PAGE_SIZE)
+            } else {
+                mem.get_host_address(GuestAddress(addr)).is_ok()
+            };
+            if ok {
+                pages += 1;
+            } else {
+                self.bad_pages += 1;
+            }
+        }
+        pages
+    }
+
+    fn stats_due(&self) -> Option<Duration> {
+        let interval = self.config.stats_interval?;
+        Some(interval.saturating_sub(self.stats_last.elapsed()))
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        TYPE_BALLOON
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1;
+        if self.config.stats_interval.is_some() {
+            f |= F_STATS_VQ;
+        }
+        if self.config.deflate_on_oom {
+            f |= F_DEFLATE_ON_OOM;
+        }
+        if self.config.free_page_reporting {
+            f |= F_REPORTING;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 8];
+        config[..4].copy_from_slice(&self.target_pages.to_le_bytes());
+        config[4..].copy_from_slice(&self.actual_pages.to_le_bytes());
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(data.len()).min(config.len());
+        data[..end - start].copy_from_slice(&config[start..end]);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (offset 4) is the driver's to write.
+        if let (4, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) {
+            self.actual_pages = u32::from_le_bytes(bytes);
+        }
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let Some(&role) = self.roles.get(index) else {
+            return Ok(QueueOutcome::Done(false));
+        };
+        let mut used = false;
+        if role == Role::Stats {
+            // Hand the held buffer back when fresh statistics are due: the guest
+            // refills it and makes it available again.
+            if let (Some(head), Some(Duration::ZERO)) = (self.stats_held, self.stats_due()) {
+                queue
+                    .add_used(mem, head, 0)
+                    .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))?;
+                self.stats_held = None;
+                used = true;
+            }
+        }
+        loop {
+            check_avail_ring(queue, mem)?;
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match role {
+                Role::Inflate | Role::Deflate => {
+                    if let Ok(mut reader) = chain.reader(mem) {
+                        let pages = self.page_numbers(&mut reader, mem, role == Role::Inflate);
+                        if role == Role::Inflate {
+                            self.inflated += pages;
+                        } else {
+                            self.deflated += pages;
+                        }
+                    }
+                }
+                Role::Stats => {
+                    if let Ok(mut reader) = chain.reader(mem) {
+                        let mut entry = [0u8; 10];
+                        self.stats.clear();
+                        while reader.read_exact(&mut entry).is_ok() && self.stats.len() < 64 {
+                            let tag = u16::from_le_bytes([entry[0], entry[1]]);
+                            let value = u64::from_le_bytes(entry[2..].try_into().expect("8 bytes"));
+                            self.stats.push((tag, value));
+                        }
+                    }
+                    self.stats_last = Instant::now();
+                    if let Some(old) = self.stats_held.replace(head) {
+                        // A driver that sends a second buffer gets the first one back.
+                        queue.add_used(mem, old, 0).map_err(|e| {
+                            DeviceBroken(format!("cannot write the used ring: {e:?}"))
+                        })?;
+                        used = true;
+                    }
+                    continue;
+                }
+                Role::Reporting => {
+                    for desc in chain.clone() {
+                        if self.discard(mem, desc.addr().0, u64::from(desc.len())) {
+                            self.reported_bytes += u64::from(desc.len());
+                        } else {
+                            self.bad_pages += 1;
+                        }
+                    }
+                }
+            }
+            queue
+                .add_used(mem, head, 0)
+                .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))?;
+            used = true;
+        }
+        match (role, self.stats_held.and(self.stats_due())) {
+            (Role::Stats, Some(wait)) => Ok(QueueOutcome::RetryAfter(wait, used)),
+            _ => Ok(QueueOutcome::Done(used)),
+        }
+    }
+}
