@@ -269,3 +269,128 @@ impl VirtioDevice for Balloon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Bytes;
+
+    const WRITE: u16 = 2;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn queue_with(mem: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> Queue {
+        let mock = MockSplitQueue::create(mem, GuestAddress(0x10000), 16);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|&(addr, len, flags)| {
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+            })
+            .collect();
+        mock.add_desc_chains(&raw, 0).unwrap();
+        mock.create_queue().unwrap()
+    }
+
+    fn used_idx(q: &Queue, mem: &GuestMemoryMmap) -> u16 {
+        q.used_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn inflate_discards_ram_pages_and_counts_bad_ones() {
+        let mem = mem();
+        mem.write_obj(0xdead_beefu64, GuestAddress(0x40000))
+            .unwrap();
+        // Two page numbers: 0x40 (RAM) and one far past the end of memory.
+        mem.write_obj(0x40u32, GuestAddress(0x30000)).unwrap();
+        mem.write_obj(0x00ff_ffffu32, GuestAddress(0x30004))
+            .unwrap();
+        let mut q = queue_with(&mem, &[(0x30000, 8, 0)]);
+        let mut b = Balloon::new(BalloonConfig {
+            target_mib: 1,
+            ..Default::default()
+        });
+        assert_eq!(
+            b.process_queue(0, &mut q, &mem),
+            Ok(QueueOutcome::Done(true))
+        );
+        assert_eq!(used_idx(&q, &mem), 1);
+        assert_eq!(b.counters(), (1, 0, 0, 1));
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x40000)).unwrap(),
+            0,
+            "page discarded"
+        );
+    }
+
+    #[test]
+    fn config_has_the_target_and_takes_actual() {
+        let mut b = Balloon::new(BalloonConfig {
+            target_mib: 2,
+            ..Default::default()
+        });
+        let mut data = [0u8; 8];
+        b.write_config(4, &7u32.to_le_bytes());
+        b.write_config(0, &99u32.to_le_bytes()); // num_pages is the device's
+        b.read_config(0, &mut data);
+        assert_eq!(data, [0, 2, 0, 0, 7, 0, 0, 0]);
+        let mut past = [0xffu8; 4];
+        b.read_config(6, &mut past);
+        assert_eq!(past, [0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn statistics_buffer_is_held_then_returned_when_due() {
+        let mem = mem();
+        // Two entries: swap_in = 5, free memory = 0x1000.
+        let mut stats = Vec::new();
+        stats.extend_from_slice(&0u16.to_le_bytes());
+        stats.extend_from_slice(&5u64.to_le_bytes());
+        stats.extend_from_slice(&4u16.to_le_bytes());
+        stats.extend_from_slice(&0x1000u64.to_le_bytes());
+        mem.write_slice(&stats, GuestAddress(0x20000)).unwrap();
+        let mut q = queue_with(&mem, &[(0x20000, 20, 0)]);
+        let interval = Duration::from_millis(30);
+        let mut b = Balloon::new(BalloonConfig {
+            stats_interval: Some(interval),
+            ..Default::default()
+        });
+        assert_eq!(b.queue_max_sizes().len(), 3);
+        assert_ne!(b.features() & F_STATS_VQ, 0);
+        match b.process_queue(2, &mut q, &mem) {
+            Ok(QueueOutcome::RetryAfter(wait, false)) => assert!(wait <= interval),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.stats(), &vec![(0, 5), (4, 0x1000)]);
+        assert_eq!(used_idx(&q, &mem), 0, "held until fresh statistics are due");
+        std::thread::sleep(interval);
+        assert_eq!(
+            b.process_queue(2, &mut q, &mem),
+            Ok(QueueOutcome::Done(true))
+        );
+        assert_eq!(used_idx(&q, &mem), 1);
+    }
+
+    #[test]
+    fn reported_free_pages_are_discarded() {
+        let mem = mem();
+        mem.write_obj(0x1234u64, GuestAddress(0x50000)).unwrap();
+        let mut q = queue_with(&mem, &[(0x50000, 4096, WRITE), (0x4000_0000, 4096, WRITE)]);
+        let mut b = Balloon::new(BalloonConfig {
+            free_page_reporting: true,
+            ..Default::default()
+        });
+        // Without statistics the reporting queue is the third.
+        assert_eq!(
+            b.process_queue(2, &mut q, &mem),
+            Ok(QueueOutcome::Done(true))
+        );
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x50000)).unwrap(), 0);
+        assert_eq!(b.counters(), (0, 0, 4096, 1));
+    }
+}
