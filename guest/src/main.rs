@@ -12,6 +12,7 @@ mod boot;
 mod bootinfo;
 mod cpu;
 mod mem;
+mod net;
 mod paging;
 mod scenarios;
 mod serial;
