@@ -13,6 +13,7 @@ mod boot;
 mod bootinfo;
 mod cpu;
 mod mem;
+mod net;
 mod paging;
 mod scenarios;
 mod serial;

@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use crate::boot::MAX_APS;
 use crate::cpu::{self, rdtsc, TIMER_TICKS, TIMER_VECTOR};
 use crate::serial::{Line, Out, Serial};
-use crate::{acpi, apic, paging, virtio, Machine};
+use crate::{acpi, apic, net, paging, virtio, Machine};
 
 pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
     match name {
@@ -25,6 +25,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"virtio-evil" => virtio::virtio_evil(machine, detail),
         b"blk-bench" => virtio::blk_bench(machine, detail),
         b"balloon" => crate::balloon::balloon(machine, detail),
+        b"net" => net::net(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),

@@ -8,6 +8,10 @@
 //! memory need no privilege. One device, one queue (0) and one request at a time; no
 //! interrupts are taken: completions are polled in the used ring, and InterruptStatus is
 //! checked and acknowledged after each.
+//!
+//! Devices with several queues (`net`, `vsock`, in their own files) use the same
+//! pieces: [`negotiate`], then [`setup_queue`] for each queue with its rings at
+//! [`ring`], [`Queue::push_avail`] / [`Queue::notify`] and [`Queue::take_used`].
 
 use core::arch::global_asm;
 use core::ptr::{addr_of, read_volatile, write_volatile};
@@ -65,8 +69,8 @@ const BLK_S_IOERR: u8 = 1;
 const SECTOR: u32 = 512;
 
 // Descriptor flags.
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
+pub(crate) const NEXT: u16 = 1;
+pub(crate) const WRITE: u16 = 2;
 
 /// Entries of queue 0 (fewer when the device offers fewer).
 const QUEUE_SIZE: u32 = 16;
@@ -87,6 +91,12 @@ const RNG_LEN: u32 = 64;
 const WRITE_BUF: u64 = 0x4000;
 const READ_BUF: u64 = 0x5000;
 const DATA_LEN: u32 = 4096;
+/// Rings of queues 1 and 2 (three pages each), then four pages of buffers for the
+/// multi-queue scenarios.
+const RINGS_1: u64 = 0x6000;
+/// Buffers of the `net` and `vsock` scenarios (16 KiB).
+pub(crate) const MQ_BUF: u64 = 0xc000;
+pub(crate) const MQ_BUF_LEN: u64 = 0x4000;
 
 global_asm!(
     r#"
@@ -97,7 +107,7 @@ global_asm!(
 VIRTIO_STACK_TOP:
     .global VIRTIO_DMA
 VIRTIO_DMA:
-    .skip 4096 * 6
+    .skip 4096 * 16
     "#,
     options(att_syntax)
 );
@@ -107,27 +117,27 @@ extern "C" {
     static VIRTIO_DMA: u8;
 }
 
-fn dma(offset: u64) -> u64 {
+pub(crate) fn dma(offset: u64) -> u64 {
     addr_of!(VIRTIO_DMA) as u64 + offset
 }
 
-fn rd<T: Copy>(addr: u64) -> T {
+pub(crate) fn rd<T: Copy>(addr: u64) -> T {
     // SAFETY: only DMA-area and MMIO addresses are passed, identity-mapped.
     unsafe { read_volatile(addr as *const T) }
 }
 
-fn wr<T: Copy>(addr: u64, value: T) {
+pub(crate) fn wr<T: Copy>(addr: u64, value: T) {
     // SAFETY: as for rd.
     unsafe { write_volatile(addr as *mut T, value) }
 }
 
-fn zero(addr: u64, len: usize) {
+pub(crate) fn zero(addr: u64, len: usize) {
     // SAFETY: a range of the DMA area.
     unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len) }
 }
 
 /// `virtio_mmio.device=` bases from the command line, mapped uncacheable.
-struct Devices {
+pub(crate) struct Devices {
     base: [u64; MAX_DEVICES],
     count: usize,
 }
@@ -209,24 +219,29 @@ fn discover(machine: &Machine) -> Devices {
 
 /// TSC ticks per millisecond.
 #[derive(Clone, Copy)]
-struct Clock {
+pub(crate) struct Clock {
     tsc_khz: u64,
 }
 
 impl Clock {
-    fn ms(self, ms: u64) -> u64 {
+    pub(crate) fn ms(self, ms: u64) -> u64 {
         self.tsc_khz * ms
     }
 }
 
 #[derive(Clone, Copy)]
-struct Dev {
+pub(crate) struct Dev {
     base: u64,
 }
 
 impl Dev {
     fn read(self, reg: u64) -> u32 {
         rd(self.base + reg)
+    }
+
+    /// Byte `offset` of the device configuration space.
+    pub(crate) fn config_u8(self, offset: u64) -> u8 {
+        rd(self.base + CONFIG + offset)
     }
 
     fn write(self, reg: u64, value: u32) {
@@ -242,7 +257,7 @@ impl Dev {
     }
 
     /// Writes 0 to Status and waits (up to 100 ms) until it reads back 0.
-    fn reset(self, clock: Clock) -> Result<(), &'static str> {
+    pub(crate) fn reset(self, clock: Clock) -> Result<(), &'static str> {
         self.write(STATUS, 0);
         let start = rdtsc();
         while self.status() != 0 {
@@ -274,7 +289,7 @@ impl Dev {
     }
 
     /// A 64-bit config field, read as two 32-bit halves under the config generation.
-    fn config_u64(self, offset: u64) -> u64 {
+    pub(crate) fn config_u64(self, offset: u64) -> u64 {
         let mut value = 0;
         for _ in 0..16 {
             let generation = self.read(CONFIG_GENERATION);
@@ -291,7 +306,7 @@ impl Dev {
 
 /// The first device with `id` whose features satisfy `wanted` (any version: a legacy
 /// device is reported, not skipped).
-fn find(devices: &Devices, clock: Clock, id: u32, wanted: impl Fn(u64) -> bool) -> Option<Dev> {
+pub(crate) fn find(devices: &Devices, clock: Clock, id: u32, wanted: impl Fn(u64) -> bool) -> Option<Dev> {
     devices
         .bases()
         .iter()
@@ -301,7 +316,7 @@ fn find(devices: &Devices, clock: Clock, id: u32, wanted: impl Fn(u64) -> bool) 
 }
 
 /// `found=<base>:<device id>,...` for a FAIL detail.
-fn list_devices(devices: &Devices, detail: &mut Line) {
+pub(crate) fn list_devices(devices: &Devices, detail: &mut Line) {
     detail.str(" found=");
     if devices.bases().is_empty() {
         detail.str("none");
@@ -339,19 +354,52 @@ enum Wait {
     Timeout,
 }
 
-/// Queue 0 of a set-up device.
-struct Queue {
+/// One queue of a set-up device, its rings in the three pages at `ring`.
+pub(crate) struct Queue {
     dev: Dev,
     clock: Clock,
+    index: u16,
+    ring: u64,
     size: u16,
     avail: u16,
     used: u16,
     features: u64,
 }
 
+/// Where the rings of queue `index` (0, 1 or 2) live: three pages each.
+pub(crate) fn ring(index: u16) -> u64 {
+    match index {
+        0 => dma(DESC),
+        n => dma(RINGS_1 + u64::from(n - 1) * 0x3000),
+    }
+}
+
 /// Brings `dev` up to FEATURES_OK with VIRTIO_F_VERSION_1 and the offered part of
 /// `features`, sets up queue 0, and sets DRIVER_OK when `driver_ok`.
 fn setup(dev: Dev, clock: Clock, features: u64, driver_ok: bool) -> Result<Queue, &'static str> {
+    let accepted = negotiate(dev, clock, features)?;
+    let q = setup_queue(dev, clock, 0, accepted)?;
+    if driver_ok {
+        dev.add_status(DRIVER_OK);
+    }
+    if dev.status() & NEEDS_RESET != 0 {
+        return Err("DEVICE_NEEDS_RESET after set-up");
+    }
+    Ok(q)
+}
+
+/// Sets DRIVER_OK once the queues are set up.
+pub(crate) fn driver_ok(dev: Dev) -> Result<(), &'static str> {
+    dev.add_status(DRIVER_OK);
+    if dev.status() & NEEDS_RESET != 0 {
+        return Err("DEVICE_NEEDS_RESET after set-up");
+    }
+    Ok(())
+}
+
+/// Reset, ACKNOWLEDGE | DRIVER, VIRTIO_F_VERSION_1 and the offered part of
+/// `features` accepted, FEATURES_OK: the accepted features.
+pub(crate) fn negotiate(dev: Dev, clock: Clock, features: u64) -> Result<u64, &'static str> {
     modern(dev)?;
     dev.reset(clock)?;
     dev.write(STATUS, ACKNOWLEDGE);
@@ -369,46 +417,56 @@ fn setup(dev: Dev, clock: Clock, features: u64, driver_ok: bool) -> Result<Queue
     if dev.status() & FEATURES_OK == 0 {
         return Err("FEATURES_OK not accepted");
     }
+    Ok(accepted)
+}
 
-    dev.write(QUEUE_SEL, 0);
+/// Sets up queue `index` (rings at [`ring`]) on a device at FEATURES_OK.
+pub(crate) fn setup_queue(
+    dev: Dev,
+    clock: Clock,
+    index: u16,
+    features: u64,
+) -> Result<Queue, &'static str> {
+    dev.write(QUEUE_SEL, u32::from(index));
     if dev.read(QUEUE_READY) != 0 {
-        return Err("queue 0 ready after reset");
+        return Err("queue ready after reset");
     }
     let max = dev.read(QUEUE_NUM_MAX);
     if max == 0 {
-        return Err("no queue 0");
+        return Err(match index {
+            0 => "no queue 0",
+            1 => "no queue 1",
+            _ => "no queue 2",
+        });
     }
     let size = max.min(QUEUE_SIZE);
-    zero(dma(DESC), 3 * 4096);
+    let base = ring(index);
+    zero(base, 3 * 4096);
     dev.write(QUEUE_NUM, size);
     for (reg, addr) in [
-        (QUEUE_DESC, dma(DESC)),
-        (QUEUE_DRIVER, dma(AVAIL)),
-        (QUEUE_DEVICE, dma(USED)),
+        (QUEUE_DESC, base + DESC),
+        (QUEUE_DRIVER, base + AVAIL),
+        (QUEUE_DEVICE, base + USED),
     ] {
         dev.write(reg, addr as u32);
         dev.write(reg + 4, (addr >> 32) as u32);
     }
     dev.write(QUEUE_READY, 1);
-    if driver_ok {
-        dev.add_status(DRIVER_OK);
-    }
-    if dev.status() & NEEDS_RESET != 0 {
-        return Err("DEVICE_NEEDS_RESET after set-up");
-    }
     Ok(Queue {
         dev,
         clock,
+        index,
+        ring: base,
         size: size as u16,
         avail: 0,
         used: 0,
-        features: accepted,
+        features,
     })
 }
 
 impl Queue {
-    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let desc = dma(DESC) + 16 * u64::from(index);
+    pub(crate) fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let desc = self.ring + DESC + 16 * u64::from(index);
         wr(desc, addr);
         wr(desc + 8, len);
         wr(desc + 12, flags);
@@ -416,7 +474,7 @@ impl Queue {
     }
 
     /// A chain of descriptors 0, 1, ... of `(addr, len, device-writable)`.
-    fn chain(&self, buffers: &[(u64, u32, bool)]) {
+    pub(crate) fn chain(&self, buffers: &[(u64, u32, bool)]) {
         for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
             let last = i + 1 == buffers.len();
             let flags = if last { 0 } else { NEXT } | if writable { WRITE } else { 0 };
@@ -424,15 +482,69 @@ impl Queue {
         }
     }
 
-    /// Makes the chain at `head` available and notifies queue 0.
+    /// Makes the chain at `head` available and notifies the queue.
     fn kick(&mut self, head: u16) {
-        let slot = dma(AVAIL) + 4 + 2 * u64::from(self.avail % self.size);
+        self.push_avail(head);
+        self.notify();
+    }
+
+    /// Makes the chain at `head` available, without a notification.
+    pub(crate) fn push_avail(&mut self, head: u16) {
+        let slot = self.ring + AVAIL + 4 + 2 * u64::from(self.avail % self.size);
         wr(slot, head);
         compiler_fence(Ordering::SeqCst);
         self.avail = self.avail.wrapping_add(1);
-        wr(dma(AVAIL) + 2, self.avail);
+        wr(self.ring + AVAIL + 2, self.avail);
         compiler_fence(Ordering::SeqCst);
-        self.dev.write(QUEUE_NOTIFY, 0);
+    }
+
+    /// Notifies the device of new available buffers on this queue.
+    pub(crate) fn notify(&self) {
+        self.dev.write(QUEUE_NOTIFY, u32::from(self.index));
+    }
+
+    /// The next used element (descriptor id, length), if the device used one;
+    /// acknowledges the interrupt status.
+    pub(crate) fn take_used(&mut self) -> Option<(u16, u32)> {
+        if rd::<u16>(self.ring + USED + 2) == self.used {
+            return None;
+        }
+        compiler_fence(Ordering::SeqCst);
+        let elem = self.ring + USED + 4 + 8 * u64::from(self.used % self.size);
+        let id = rd::<u32>(elem) as u16;
+        let len = rd::<u32>(elem + 4);
+        self.used = self.used.wrapping_add(1);
+        let isr = self.dev.read(INTERRUPT_STATUS);
+        if isr != 0 {
+            self.dev.write(INTERRUPT_ACK, isr);
+        }
+        Some((id, len))
+    }
+
+    /// Whether the device set DEVICE_NEEDS_RESET.
+    pub(crate) fn needs_reset(&self) -> bool {
+        self.dev.status() & NEEDS_RESET != 0
+    }
+
+    /// Polls for the next used element for up to `ms` (DEVICE_NEEDS_RESET ends it).
+    pub(crate) fn wait_used(&mut self, ms: u64) -> Result<(u16, u32), &'static str> {
+        let start = rdtsc();
+        let mut checked = start;
+        loop {
+            if let Some(used) = self.take_used() {
+                return Ok(used);
+            }
+            let now = rdtsc();
+            if now - checked >= self.clock.ms(1) {
+                checked = now;
+                if self.needs_reset() {
+                    return Err("DEVICE_NEEDS_RESET");
+                }
+            }
+            if now - start > self.clock.ms(ms) {
+                return Err("timeout");
+            }
+        }
     }
 
     /// Polls the used ring (and, each millisecond, DEVICE_NEEDS_RESET) for up to `ms`.
@@ -440,9 +552,9 @@ impl Queue {
         let start = rdtsc();
         let mut status_checked = start;
         loop {
-            if rd::<u16>(dma(USED) + 2) != self.used {
+            if rd::<u16>(self.ring + USED + 2) != self.used {
                 compiler_fence(Ordering::SeqCst);
-                let elem = dma(USED) + 4 + 8 * u64::from(self.used % self.size);
+                let elem = self.ring + USED + 4 + 8 * u64::from(self.used % self.size);
                 let len = rd::<u32>(elem + 4);
                 self.used = self.used.wrapping_add(1);
                 return Wait::Used(len);
@@ -516,7 +628,7 @@ impl Queue {
 }
 
 /// Runs `body` at CPL3 on the virtio stack; its error, if any, becomes the detail.
-fn run_at_cpl3(
+pub(crate) fn run_at_cpl3(
     machine: &Machine,
     detail: &mut Line,
     body: impl Fn(&Devices, Clock, &mut Line) -> Result<(), ()>,

@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod tap;
 pub mod virtio;
 
 use std::sync::Arc;

@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
 use vigil_vmm::config::{
-    BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage, RateLimit,
-    VmConfig,
+    default_mac, BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage,
+    NetConfig, RateLimit, VmConfig,
 };
 use vigil_vmm::VmOutcome;
 
@@ -155,6 +155,16 @@ pub struct RunArgs {
     /// deflate_on_oom=on. Pages the guest gives back leave the VMM's resident memory.
     #[arg(long, value_name = "size_mib=N[,stats_s=N][,..]", num_args = 0..=1, default_missing_value = "", value_parser = crate::devices_cli::parse_balloon)]
     pub balloon: Option<BalloonConfig>,
+
+    /// A virtio-net interface on a Linux tap; repeat for several. Keys: tap=NAME
+    /// (required: attaches to the tap, or creates it when absent, which needs root or
+    /// CAP_NET_ADMIN; bring it up and into a bridge on the host yourself),
+    /// mac=XX:XX:XX:XX:XX:XX (default 02:76:69:67:00:NN, NN the interface's index),
+    /// and rate limits per direction (rx: to the guest, tx: from it): rx_bw,
+    /// rx_bw_burst, rx_ops, rx_ops_burst, tx_bw, tx_bw_burst, tx_ops, tx_ops_burst.
+    /// No offloads. Example: --net tap=vm0,mac=02:00:00:00:00:01,tx_bw=10M
+    #[arg(long, value_name = "tap=NAME[,mac=..][,rx_bw=..]", value_parser = crate::devices_cli::parse_net)]
+    pub net: Vec<NetConfig>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -223,6 +233,12 @@ impl RunArgs {
         }
         config.rng = self.rng;
         config.balloon = self.balloon;
+        config.nets = self.net;
+        for (i, net) in config.nets.iter_mut().enumerate() {
+            if net.mac == [0; 6] {
+                net.mac = default_mac(i);
+            }
+        }
         config
     }
 }

@@ -1,6 +1,7 @@
-//! Parsing of device options: `--disk path=...,ro=on,id=...,bw=...`, `--rng bw=...`.
+//! Parsing of device options: `--disk path=...,ro=on,id=...,bw=...`, `--rng bw=...`,
+//! `--net tap=...,mac=...,rx_bw=...`.
 
-use vigil_vmm::config::{BalloonConfig, BlockConfig, RateLimit};
+use vigil_vmm::config::{BalloonConfig, BlockConfig, NetConfig, RateLimit};
 
 /// `key=value` pairs of one option, with the keys it accepts.
 struct Pairs<'a> {
@@ -60,9 +61,14 @@ impl<'a> Pairs<'a> {
     }
 
     fn rate_limit(&self) -> Result<RateLimit, String> {
+        self.rate_limit_prefixed("")
+    }
+
+    /// The rate keys with `prefix` (`rx_`: `rx_bw`, `rx_bw_burst`, ...).
+    fn rate_limit_prefixed(&self, prefix: &str) -> Result<RateLimit, String> {
         Ok(RateLimit {
-            bandwidth: self.rate("bw", "bw_burst")?,
-            ops: self.rate("ops", "ops_burst")?,
+            bandwidth: self.rate(&format!("{prefix}bw"), &format!("{prefix}bw_burst"))?,
+            ops: self.rate(&format!("{prefix}ops"), &format!("{prefix}ops_burst"))?,
         })
     }
 }
@@ -130,6 +136,60 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
     })
 }
 
+/// `aa:bb:cc:dd:ee:ff` (hex, either case).
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Parses one `--net` value. Without `mac=`, the MAC is all zeros, which the
+/// caller replaces with the interface's default.
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let keys: Vec<&str> = ["tap", "mac"]
+        .into_iter()
+        .chain(RATE_KEYS.iter().map(|k| match *k {
+            "bw" => "rx_bw",
+            "bw_burst" => "rx_bw_burst",
+            "ops" => "rx_ops",
+            _ => "rx_ops_burst",
+        }))
+        .chain(["tx_bw", "tx_bw_burst", "tx_ops", "tx_ops_burst"])
+        .collect();
+    let p = Pairs::parse("--net", s, &keys)?;
+    let tap = p
+        .get("tap")
+        .filter(|v| !v.is_empty())
+        .ok_or("--net: tap=NAME is required")?;
+    let mac = match p.get("mac") {
+        None => [0; 6],
+        Some(v) => match parse_mac(v) {
+            Some([0, 0, 0, 0, 0, 0]) => {
+                return Err(format!("--net mac={v}: the all-zero address"));
+            }
+            Some(mac) => mac,
+            None => {
+                return Err(format!(
+                    "--net mac={v}: expected six hex bytes as in 02:00:00:00:00:01"
+                ))
+            }
+        },
+    };
+    Ok(NetConfig {
+        tap: tap.into(),
+        mac,
+        rx_rate_limit: p.rate_limit_prefixed("rx_")?,
+        tx_rate_limit: p.rate_limit_prefixed("tx_")?,
+    })
+}
+
 /// Parses the `--rng` value (empty: no limit).
 pub fn parse_rng(s: &str) -> Result<RateLimit, String> {
     Pairs::parse("--rng", s, &RATE_KEYS)?.rate_limit()
@@ -190,6 +250,35 @@ mod tests {
         assert!(parse_balloon("deflate_on_oom=maybe")
             .unwrap_err()
             .contains("deflate_on_oom=maybe: expected on or off"));
+    }
+
+    #[test]
+    fn nets() {
+        let n =
+            parse_net("tap=vg0,mac=02:AB:cd:00:00:01,rx_bw=1M,tx_ops=10,tx_ops_burst=2").unwrap();
+        assert_eq!(n.tap, "vg0");
+        assert_eq!(n.mac, [2, 0xab, 0xcd, 0, 0, 1]);
+        assert_eq!(n.rx_rate_limit.bandwidth, Some((1 << 20, None)));
+        assert_eq!(n.rx_rate_limit.ops, None);
+        assert_eq!(n.tx_rate_limit.ops, Some((10, Some(2))));
+        assert_eq!(parse_net("tap=x").unwrap().mac, [0; 6]);
+        assert_eq!(
+            parse_net("mac=02:00:00:00:00:01").unwrap_err(),
+            "--net: tap=NAME is required"
+        );
+        assert!(parse_net("tap=x,mac=02:00:00:00:00")
+            .unwrap_err()
+            .contains("mac=02:00:00:00:00: expected six hex bytes"));
+        assert!(parse_net("tap=x,mac=02:00:00:00:00:0g").is_err());
+        assert!(parse_net("tap=x,mac=00:00:00:00:00:00")
+            .unwrap_err()
+            .contains("all-zero"));
+        assert!(parse_net("tap=x,bw=1M")
+            .unwrap_err()
+            .contains("unknown key \"bw\""));
+        assert!(parse_net("tap=x,tx_bw_burst=1M")
+            .unwrap_err()
+            .contains("tx_bw_burst needs tx_bw"));
     }
 
     #[test]

@@ -227,7 +227,9 @@ fn linux_finds_the_virtio_devices_vigil_declares() {
             cmdline,
         ],
         &["[vda]", "[vdb]"],
-        LINUX_TIMEOUT,
+        // The virtio drivers come late in this emulated boot (~1-2 min alone on a
+        // build machine, several under load).
+        Duration::from_secs(600),
     );
     std::fs::remove_dir_all(&dir).ok();
     // Declared on the command line (for kernels with VIRTIO_MMIO_CMDLINE_DEVICES)...

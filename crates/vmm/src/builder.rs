@@ -15,6 +15,7 @@ use vigil_devices::legacy::{
 use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::{Block, BlockError};
 use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
+use vigil_devices::virtio::net::{Net, NetError};
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_devices::PowerHandler;
@@ -71,6 +72,8 @@ pub enum BuildError {
     Vcpu { vcpu: u32, source: RegsError },
     #[error(transparent)]
     Disk(#[from] BlockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("--cmdline: {len} bytes once the virtio devices are declared on it, more than the {max} a kernel accepts")]
     CmdlineTooLong { len: usize, max: usize },
 }
@@ -175,6 +178,9 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     }
     if let Some(balloon) = config.balloon {
         devices.push(Box::new(Balloon::new(balloon)));
+    }
+    for net in &config.nets {
+        devices.push(Box::new(Net::new(net)?));
     }
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();

@@ -10,6 +10,7 @@ use crate::arch::x86_64::cpuid::CpuFeature;
 pub use vigil_devices::rate_limiter::RateLimit;
 pub use vigil_devices::virtio::balloon::BalloonConfig;
 pub use vigil_devices::virtio::block::BlockConfig;
+pub use vigil_devices::virtio::net::NetConfig;
 
 /// Where the kernel image comes from.
 #[derive(Clone, Debug)]
@@ -97,6 +98,8 @@ pub struct VmConfig {
     pub rng: Option<RateLimit>,
     /// A virtio-balloon device.
     pub balloon: Option<BalloonConfig>,
+    /// virtio-net interfaces on taps, in the order the guest sees them.
+    pub nets: Vec<NetConfig>,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -140,6 +143,12 @@ pub enum ConfigError {
     BalloonTooBig { size: u64, memory: u64 },
     #[error("--disk id={id}: used by two disks")]
     DuplicateDiskId { id: String },
+    #[error("--net tap={tap}: {why}")]
+    BadTapName { tap: String, why: &'static str },
+    #[error("--net tap={tap}: used by two interfaces")]
+    DuplicateTap { tap: String },
+    #[error("--net mac={mac}: {why}")]
+    BadMac { mac: String, why: &'static str },
     #[error("{count} virtio devices: Vigil has interrupt lines for at most {max}")]
     TooManyDevices { count: usize, max: usize },
 }
@@ -167,6 +176,7 @@ impl VmConfig {
             disks: Vec::new(),
             rng: None,
             balloon: None,
+            nets: Vec::new(),
         }
     }
 
@@ -236,9 +246,24 @@ impl VmConfig {
                 memory: self.memory_mib,
             });
         }
+        for (i, net) in self.nets.iter().enumerate() {
+            validate_net(net)?;
+            if self.nets[..i].iter().any(|n| n.tap == net.tap) {
+                return Err(ConfigError::DuplicateTap {
+                    tap: net.tap.clone(),
+                });
+            }
+            if self.nets[..i].iter().any(|n| n.mac == net.mac) {
+                return Err(ConfigError::BadMac {
+                    mac: format_mac(&net.mac),
+                    why: "used by two interfaces",
+                });
+            }
+        }
         let count = self.disks.len()
             + usize::from(self.rng.is_some())
-            + usize::from(self.balloon.is_some());
+            + usize::from(self.balloon.is_some())
+            + self.nets.len();
         if count > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 count,
@@ -247,6 +272,58 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// `02:76:69:67:00:NN` ("vig", locally administered): the MAC of interface `index`
+/// when none is given.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    [0x02, 0x76, 0x69, 0x67, (index >> 8) as u8, index as u8]
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn validate_net(net: &NetConfig) -> Result<(), ConfigError> {
+    let bad = |why| ConfigError::BadTapName {
+        tap: net.tap.clone(),
+        why,
+    };
+    if net.tap.is_empty() {
+        return Err(bad("an interface needs a name"));
+    }
+    if net.tap.len() > vigil_devices::tap::IFNAME_MAX {
+        return Err(bad("longer than the 15 bytes of a Linux interface name"));
+    }
+    if net.tap == "." || net.tap == ".." {
+        return Err(bad("not an interface name"));
+    }
+    if net
+        .tap
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(bad(
+            "an interface name has no '/', ':', spaces or control characters",
+        ));
+    }
+    if net.mac[0] & 1 != 0 {
+        return Err(ConfigError::BadMac {
+            mac: format_mac(&net.mac),
+            why: "a multicast address (the low bit of the first byte is set)",
+        });
+    }
+    if net.mac == [0; 6] {
+        return Err(ConfigError::BadMac {
+            mac: format_mac(&net.mac),
+            why: "the all-zero address",
+        });
+    }
+    Ok(())
 }
 
 fn check_readable(option: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -379,5 +456,46 @@ mod tests {
             .contains("5000 bytes"));
         c.cmdline = "a\0b".into();
         assert!(matches!(c.validate(&LIMITS), Err(ConfigError::CmdlineNul)));
+    }
+
+    fn net(tap: &str, mac: [u8; 6]) -> NetConfig {
+        NetConfig {
+            tap: tap.into(),
+            mac,
+            rx_rate_limit: RateLimit::default(),
+            tx_rate_limit: RateLimit::default(),
+        }
+    }
+
+    #[test]
+    fn net_checks_name_the_value() {
+        let mut c = embedded();
+        c.nets = vec![net("vg0", default_mac(0)), net("vg1", default_mac(1))];
+        c.validate(&LIMITS).unwrap();
+        assert_eq!(format_mac(&default_mac(1)), "02:76:69:67:00:01");
+        c.nets[1].tap = "vg0".into();
+        assert_eq!(
+            c.validate(&LIMITS).unwrap_err().to_string(),
+            "--net tap=vg0: used by two interfaces"
+        );
+        c.nets[1] = net("vg1", default_mac(0));
+        assert_eq!(
+            c.validate(&LIMITS).unwrap_err().to_string(),
+            "--net mac=02:76:69:67:00:00: used by two interfaces"
+        );
+        c.nets[1] = net("a-very-long-interface", default_mac(1));
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .starts_with("--net tap=a-very-long-interface: longer than"));
+        c.nets[1] = net("a/b", default_mac(1));
+        assert!(c.validate(&LIMITS).is_err());
+        c.nets[1] = net("vg1", [1, 2, 3, 4, 5, 6]);
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .starts_with("--net mac=01:02:03:04:05:06: a multicast address"));
     }
 }

@@ -2,6 +2,7 @@
 //! programs, feature negotiation, queue set-up, the device status state machine,
 //! and the event-loop subscriber that processes notified queues.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -178,11 +179,38 @@ impl MmioTransport {
     /// Processes queue `index` after a notification. Returns how long to wait
     /// before trying again when the device's rate limiter throttled it.
     pub fn process_queue(&mut self, index: usize) -> Option<Duration> {
+        if !self.driver_ok() || !self.queues.get(index).is_some_and(|q| q.ready()) {
+            return None;
+        }
+        let result = self
+            .device
+            .process_queues(index, &mut self.queues, &self.mem);
+        self.outcome(result)
+    }
+
+    /// Processes a ready host fd of the device (see [`VirtioDevice::watched_fds`]).
+    pub fn process_fd(&mut self, fd: RawFd, events: EventSet) -> Option<Duration> {
         if !self.driver_ok() {
             return None;
         }
-        let queue = self.queues.get_mut(index).filter(|q| q.ready())?;
-        match self.device.process_queue(index, queue, &self.mem) {
+        let result = self
+            .device
+            .process_fd(fd, events, &mut self.queues, &self.mem);
+        self.outcome(result)
+    }
+
+    /// The host fds the device wants watched: none until the driver is ready.
+    pub fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
+        let fds = self.device.watched_fds();
+        if self.driver_ok() {
+            fds
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn outcome(&mut self, result: Result<QueueOutcome, DeviceBroken>) -> Option<Duration> {
+        match result {
             Ok(QueueOutcome::Done(used)) => {
                 if used {
                     self.interrupt.signal(INT_USED_RING);
@@ -323,12 +351,14 @@ impl BusDevice for MmioTransport {
     }
 }
 
-/// Device event-loop subscriber for one transport: its queue eventfds and the
-/// timer that resumes a throttled device.
+/// Device event-loop subscriber for one transport: its queue eventfds, the
+/// timer that resumes a throttled device, and the host fds the device asks for.
 pub struct QueueEvents {
     transport: Arc<Mutex<MmioTransport>>,
     queue_evts: Vec<EventFd>,
     timer: TimerFd,
+    /// Device fds registered with the event loop, and their events.
+    watched: Vec<(RawFd, EventSet)>,
 }
 
 impl QueueEvents {
@@ -341,13 +371,19 @@ impl QueueEvents {
             transport,
             queue_evts,
             timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            watched: Vec::new(),
         })
     }
 
-    fn run(&mut self, queues: impl Iterator<Item = usize>) {
+    fn run(&mut self, ops: &mut EventOps, work: Work) {
         let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
-        let wait = queues.filter_map(|i| transport.process_queue(i)).min();
+        let wait = match work {
+            Work::Queues(range) => range.filter_map(|i| transport.process_queue(i)).min(),
+            Work::Fd(fd, events) => transport.process_fd(fd, events),
+        };
+        let wanted = transport.watched_fds();
         drop(transport);
+        self.sync(ops, wanted);
         if let Some(wait) = wait {
             // A zero duration would disarm the timer.
             let wait = wait.max(Duration::from_micros(100));
@@ -356,24 +392,47 @@ impl QueueEvents {
             }
         }
     }
+
+    /// Makes the event loop watch exactly `wanted` among the device's fds.
+    fn sync(&mut self, ops: &mut EventOps, wanted: Vec<(RawFd, EventSet)>) {
+        for &(fd, set) in &self.watched {
+            if !wanted.iter().any(|&(w, _)| w == fd) {
+                if let Err(e) = ops.remove(Events::new_raw(fd, set)) {
+                    tracing::warn!(fd, "cannot stop watching a device fd: {e:?}");
+                }
+            }
+        }
+        for &(fd, set) in &wanted {
+            let result = match self.watched.iter().find(|&&(w, _)| w == fd) {
+                Some(&(_, old)) if old == set => Ok(()),
+                Some(_) => ops.modify(Events::new_raw(fd, set)),
+                None => ops.add(Events::new_raw(fd, set)),
+            };
+            if let Err(e) = result {
+                tracing::warn!(fd, "cannot watch a device fd: {e:?}");
+            }
+        }
+        self.watched = wanted;
+    }
+}
+
+enum Work {
+    Queues(std::ops::Range<usize>),
+    Fd(RawFd, EventSet),
 }
 
 impl MutEventSubscriber for QueueEvents {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == std::os::fd::AsRawFd::as_raw_fd(&self.timer) {
+        if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
             let n = self.queue_evts.len();
-            self.run(0..n);
-            return;
-        }
-        if let Some(i) = self
-            .queue_evts
-            .iter()
-            .position(|e| std::os::fd::AsRawFd::as_raw_fd(e) == fd)
-        {
+            self.run(ops, Work::Queues(0..n));
+        } else if let Some(i) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[i].read();
-            self.run(std::iter::once(i));
+            self.run(ops, Work::Queues(i..i + 1));
+        } else if self.watched.iter().any(|&(w, _)| w == fd) {
+            self.run(ops, Work::Fd(fd, events.event_set()));
         }
     }
 

@@ -9,12 +9,15 @@
 pub mod balloon;
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::rate_limiter::RateLimiter;
@@ -28,6 +31,8 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 /// Entropy source.
 pub const TYPE_RNG: u32 = 4;
+/// Socket device (vsock).
+pub const TYPE_VSOCK: u32 = 19;
 
 /// Interrupt status bit: the device used buffers.
 pub const INT_USED_RING: u32 = 1;
@@ -105,6 +110,42 @@ pub trait VirtioDevice: Send {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken>;
+    /// Processes queue `index` after a notification, with every queue at hand:
+    /// devices whose queues depend on one another (a request on one queue answered
+    /// on another) override this; the others implement [`Self::process_queue`].
+    /// `queues[index]` is ready; the device checks any other queue it touches.
+    fn process_queues(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        match queues.get_mut(index) {
+            Some(queue) => self.process_queue(index, queue, mem),
+            None => Ok(QueueOutcome::Done(false)),
+        }
+    }
+    /// Host file descriptors (a tap, sockets) the device wants watched on the
+    /// device event loop now, with the events of interest. Called after each
+    /// event the device handled; the event loop adds, changes and removes its
+    /// registrations to match. An fd the device closes must first be left out of
+    /// one answer (keep it open until the next call), so that its registration is
+    /// removed while it is still open.
+    fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
+        Vec::new()
+    }
+    /// One of [`Self::watched_fds`] is ready (only called once the driver set
+    /// DRIVER_OK).
+    fn process_fd(
+        &mut self,
+        fd: RawFd,
+        events: EventSet,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let _ = (fd, events, queues, mem);
+        Ok(QueueOutcome::Done(false))
+    }
     /// The device's rate limiter, if it has one.
     fn rate_limiter(&self) -> Option<&RateLimiter> {
         None

@@ -1,0 +1,319 @@
+//! virtio-net over a tap: two queues (receive 0, transmit 1), a MAC in the config
+//! space, link status, no offloads, and a rate limiter per direction.
+//!
+//! Each buffer the guest posts or sends begins with a 12-byte `virtio_net_hdr_v1`
+//! (`VIRTIO_F_VERSION_1`); the tap is opened with `IFF_VNET_HDR` and the same
+//! header size, so frames travel with their header both ways. Offloads are not
+//! offered: the header of a transmitted frame is zeroed before it reaches the tap,
+//! and a received one says "no checksum, no GSO, one buffer".
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use super::block::check_avail_ring;
+use super::{DeviceBroken, QueueOutcome, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::tap::{Tap, VNET_HDR_LEN};
+
+const QUEUE_SIZE: u16 = 256;
+/// Receive queue index.
+pub const RX: usize = 0;
+/// Transmit queue index.
+pub const TX: usize = 1;
+/// Largest buffer (header and frame) either way: a 64 KiB IP packet, its
+/// Ethernet header (with a VLAN tag) and the virtio-net header, as Firecracker.
+pub const MAX_BUFFER: usize = 65562;
+/// Shortest buffer worth passing on: the header and an Ethernet header.
+const MIN_BUFFER: usize = VNET_HDR_LEN + 14;
+
+const F_MAC: u64 = 1 << 5;
+const F_STATUS: u64 = 1 << 16;
+const LINK_UP: u16 = 1;
+
+/// How a network interface is attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of the tap (created when absent).
+    pub tap: String,
+    /// MAC address the guest reads from the config space.
+    pub mac: [u8; 6],
+    /// Limits on frames delivered to the guest.
+    pub rx_rate_limit: RateLimit,
+    /// Limits on frames the guest sends.
+    pub tx_rate_limit: RateLimit,
+}
+
+/// Errors attaching a network interface.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("--net tap={tap}: cannot open or create the tap: {source} (this needs /dev/net/tun and root or CAP_NET_ADMIN, unless the tap was created for this user)")]
+    Open { tap: String, source: std::io::Error },
+}
+
+/// Counters of one interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames dropped: malformed chains, oversized or runt frames, a full tap.
+    pub errors: u64,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+    /// A frame read from the tap and not yet delivered (`rx_len` bytes of `rx_buf`).
+    rx_buf: Vec<u8>,
+    rx_len: usize,
+    /// The guest has no receive buffer, or the limiter said wait: the tap is not
+    /// watched until the guest adds buffers or the timer fires.
+    rx_blocked: bool,
+    tx_buf: Vec<u8>,
+    counters: NetCounters,
+}
+
+impl Net {
+    /// Opens (or creates) the tap of `config`.
+    pub fn new(config: &NetConfig) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.tap).map_err(|source| NetError::Open {
+            tap: config.tap.clone(),
+            source,
+        })?;
+        tracing::info!(tap = tap.name(), "virtio-net attached");
+        Ok(Self {
+            tap,
+            mac: config.mac,
+            rx_limiter: RateLimiter::new(config.rx_rate_limit),
+            tx_limiter: RateLimiter::new(config.tx_rate_limit),
+            rx_buf: vec![0; MAX_BUFFER],
+            rx_len: 0,
+            rx_blocked: false,
+            tx_buf: vec![0; MAX_BUFFER],
+            counters: NetCounters::default(),
+        })
+    }
+
+    /// Frames and bytes each way, and drops.
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    /// Moves frames from the tap into the guest's receive buffers until either
+    /// runs out (or the limiter says wait).
+    fn receive(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        self.rx_blocked = false;
+        let mut used = false;
+        loop {
+            if self.rx_len == 0 {
+                match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(n) if n < MIN_BUFFER => {
+                        tracing::debug!(n, "runt frame from the tap; dropped");
+                        self.counters.errors += 1;
+                        continue;
+                    }
+                    Ok(n) => self.rx_len = n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Ok(QueueOutcome::Done(used))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!("cannot read from the tap: {e}");
+                        return Ok(QueueOutcome::Done(used));
+                    }
+                }
+            }
+            check_avail_ring(queue, mem)?;
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                self.rx_blocked = true;
+                return Ok(QueueOutcome::Done(used));
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(mem) {
+                Ok(w) if w.available_bytes() >= MIN_BUFFER => w,
+                result => {
+                    // A chain nothing can be received into: give it back empty and
+                    // keep the frame for the next one.
+                    tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
+                    self.counters.errors += 1;
+                    queue.add_used(mem, head, 0).map_err(used_ring)?;
+                    used = true;
+                    continue;
+                }
+            };
+            let len = self.rx_len;
+            if writer.available_bytes() < len {
+                tracing::debug!(
+                    len,
+                    room = writer.available_bytes(),
+                    "frame larger than the receive buffer; dropped"
+                );
+                self.counters.errors += 1;
+                self.rx_len = 0;
+                queue.go_to_previous_position();
+                continue;
+            }
+            if let Err(wait) = self.rx_limiter.consume(len as u64) {
+                queue.go_to_previous_position();
+                self.rx_blocked = true;
+                return Ok(QueueOutcome::RetryAfter(wait, used));
+            }
+            // No offloads: flags and GSO type 0; num_buffers (bytes 10..12) is 1.
+            self.rx_buf[..VNET_HDR_LEN].fill(0);
+            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let written = match writer.write_all(&self.rx_buf[..len]) {
+                Ok(()) => {
+                    self.counters.rx_frames += 1;
+                    self.counters.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                    len as u32
+                }
+                Err(e) => {
+                    tracing::debug!(head, "cannot write a frame into guest memory: {e}");
+                    self.counters.errors += 1;
+                    0
+                }
+            };
+            self.rx_len = 0;
+            queue.add_used(mem, head, written).map_err(used_ring)?;
+            used = true;
+        }
+    }
+
+    /// Sends what the guest made available on the transmit queue to the tap.
+    fn transmit(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let mut used = false;
+        loop {
+            check_avail_ring(queue, mem)?;
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Ok(QueueOutcome::Done(used));
+            };
+            let head = chain.head_index();
+            match chain.reader(mem) {
+                Ok(mut reader) => {
+                    let len = reader.available_bytes();
+                    if !(MIN_BUFFER..=MAX_BUFFER).contains(&len) {
+                        tracing::debug!(head, len, "transmit buffer of a bad size; dropped");
+                        self.counters.errors += 1;
+                    } else if let Err(wait) = self.tx_limiter.consume(len as u64) {
+                        queue.go_to_previous_position();
+                        return Ok(QueueOutcome::RetryAfter(wait, used));
+                    } else if let Err(e) = reader.read_exact(&mut self.tx_buf[..len]) {
+                        tracing::debug!(head, "cannot read a frame from guest memory: {e}");
+                        self.counters.errors += 1;
+                    } else {
+                        // Offloads were not offered: whatever the guest put in the
+                        // header, the frame is complete as it is.
+                        self.tx_buf[..VNET_HDR_LEN].fill(0);
+                        match self.tap.write_frame(&self.tx_buf[..len]) {
+                            Ok(_) => {
+                                self.counters.tx_frames += 1;
+                                self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                            }
+                            Err(e) => {
+                                // Full (WouldBlock) or down: the frame is lost, as
+                                // on a real link.
+                                tracing::debug!("cannot write a frame to the tap: {e}");
+                                self.counters.errors += 1;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(head, "malformed transmit chain: {e:?}");
+                    self.counters.errors += 1;
+                }
+            }
+            queue.add_used(mem, head, 0).map_err(used_ring)?;
+            used = true;
+        }
+    }
+}
+
+fn used_ring(e: virtio_queue::Error) -> DeviceBroken {
+    DeviceBroken(format!("cannot write the used ring: {e:?}"))
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | F_MAC | F_STATUS
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac);
+        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(data.len()).min(config.len());
+        data[..end - start].copy_from_slice(&config[start..end]);
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        match index {
+            RX => self.receive(queue, mem),
+            TX => self.transmit(queue, mem),
+            _ => Ok(QueueOutcome::Done(false)),
+        }
+    }
+
+    fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
+        if self.rx_blocked {
+            Vec::new()
+        } else {
+            vec![(self.tap.as_raw_fd(), EventSet::IN)]
+        }
+    }
+
+    fn process_fd(
+        &mut self,
+        _fd: RawFd,
+        _events: EventSet,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        match queues.get_mut(RX).filter(|q| q.ready()) {
+            Some(queue) => self.receive(queue, mem),
+            None => {
+                self.rx_blocked = true;
+                Ok(QueueOutcome::Done(false))
+            }
+        }
+    }
+
+    fn rate_limiter(&self) -> Option<&RateLimiter> {
+        Some(&self.tx_limiter)
+    }
+
+    fn reset(&mut self) {
+        self.rx_len = 0;
+        self.rx_blocked = false;
+    }
+}

@@ -1,0 +1,275 @@
+//! virtio-net end to end: the test guest sends a frame through a tap, the host
+//! reads it on an AF_PACKET socket bound to the tap and answers with one of its
+//! own. Needs root (or CAP_NET_ADMIN) and /dev/net/tun; skipped otherwise.
+
+mod common;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use common::{finish, vigil, TIMEOUT};
+
+const ETHERTYPE: u16 = 0x88b5;
+const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+fn ifreq(name: &str, flags: i32) -> [u8; 40] {
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    req[16..18].copy_from_slice(&(flags as u16).to_ne_bytes());
+    req
+}
+
+/// A persistent tap, up, removed on drop.
+struct TestTap(String);
+
+impl TestTap {
+    fn create(name: &str) -> std::io::Result<Self> {
+        let set_persist = |on: libc::c_ulong| -> std::io::Result<()> {
+            let tun = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")?;
+            let mut req = ifreq(name, libc::IFF_TAP | libc::IFF_NO_PI);
+            // SAFETY: TUNSETIFF and TUNSETPERSIST on our own fd with a 40-byte ifreq.
+            unsafe {
+                if libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) < 0
+                    || libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, on) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        };
+        set_persist(1)?;
+        let tap = TestTap(name.into());
+        // Up: SIOCGIFFLAGS, | IFF_UP, SIOCSIFFLAGS on any socket.
+        // SAFETY: plain socket call.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if sock < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: we own the fd just created.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let mut req = ifreq(name, 0);
+        // SAFETY: the ioctls read and write a 40-byte ifreq.
+        unsafe {
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, req.as_mut_ptr()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let flags = i16::from_ne_bytes([req[16], req[17]]) | libc::IFF_UP as i16;
+            req[16..18].copy_from_slice(&flags.to_ne_bytes());
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, req.as_mut_ptr()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(tap)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        if let Ok(tun) = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+        {
+            let mut req = ifreq(&self.0, libc::IFF_TAP | libc::IFF_NO_PI);
+            // SAFETY: as in create.
+            unsafe {
+                if libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) == 0 {
+                    libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 0 as libc::c_ulong);
+                }
+            }
+        }
+    }
+}
+
+/// An AF_PACKET socket for our ethertype on one interface.
+struct PacketSocket {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    fn bind(ifname: &str) -> Self {
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+        assert!(ifindex > 0, "no interface {ifname}");
+        let proto = ETHERTYPE.to_be() as i32;
+        // SAFETY: plain socket call.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: we own the fd just created.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let addr = Self::addr(ifindex, [0; 6]);
+        // SAFETY: bind with a sockaddr_ll of the right size.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        Self { fd, ifindex }
+    }
+
+    fn addr(ifindex: i32, mac: [u8; 6]) -> libc::sockaddr_ll {
+        let mut addr: libc::sockaddr_ll = unsafe_zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ETHERTYPE.to_be();
+        addr.sll_ifindex = ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&mac);
+        addr
+    }
+
+    fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: receives into our buffer.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        (n > 0).then(|| {
+            buf.truncate(n as usize);
+            buf
+        })
+    }
+
+    fn send(&self, to: [u8; 6], frame: &[u8]) {
+        let addr = Self::addr(self.ifindex, to);
+        // SAFETY: sends our buffer to a sockaddr_ll.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn unsafe_zeroed() -> libc::sockaddr_ll {
+    // SAFETY: sockaddr_ll is plain integers; all zeros is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+fn can_use_tun() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP: virtio-net tests need root and /dev/net/tun");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn net_frames_cross_the_tap_both_ways() {
+    if !can_use_tun() {
+        return;
+    }
+    let name = format!("vgtest{}", std::process::id() % 100_000);
+    let _tap = match TestTap::create(&name) {
+        Ok(tap) => tap,
+        Err(e) => {
+            eprintln!("SKIP: cannot create tap {name}: {e}");
+            return;
+        }
+    };
+    let socket = PacketSocket::bind(&name);
+    let mac = [0x02, 0x76, 0x69, 0x67, 0x00, 0x42];
+    let child = vigil()
+        .args([
+            "run",
+            "--net",
+            &format!("tap={name},mac=02:76:69:67:00:42"),
+            "--cmdline",
+            "test=net",
+        ])
+        .spawn()
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let frame = loop {
+        if let Some(frame) = socket.recv() {
+            break Some(frame);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+    };
+    let Some(frame) = frame else {
+        let r = finish(child, TIMEOUT);
+        panic!("no frame from the guest\n{r}");
+    };
+    assert_eq!(&frame[0..6], &[0xff; 6], "broadcast destination");
+    assert_eq!(&frame[6..12], &mac, "source is the guest's MAC");
+    assert_eq!(&frame[12..14], &ETHERTYPE.to_be_bytes());
+    assert!(
+        frame[14..].starts_with(b"vigil-net-guest-to-host"),
+        "{frame:?}"
+    );
+    assert_eq!(frame.len(), 60, "padded to the Ethernet minimum");
+
+    let mut reply = Vec::new();
+    reply.extend_from_slice(&mac);
+    reply.extend_from_slice(&HOST_MAC);
+    reply.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    reply.extend_from_slice(b"vigil-net-host-to-guest");
+    reply.resize(60, 0);
+    socket.send(mac, &reply);
+
+    let r = finish(child, TIMEOUT);
+    assert_eq!(
+        r.line("TEST net "),
+        "TEST net PASS mac=02:76:69:67:00:42 sent=1 received=1",
+        "{r}"
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+}
+
+#[test]
+fn net_option_errors_name_the_value() {
+    let r = common::run(&["run", "--net", "tap=x,mac=02:00"], TIMEOUT);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(
+        r.stderr.contains("mac=02:00: expected six hex bytes"),
+        "{r}"
+    );
+    let r = common::run(&["run", "--net", "tap=a/b"], TIMEOUT);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("--net tap=a/b:"), "{r}");
+    let r = common::run(&["run", "--net", "tap=x,mac=03:00:00:00:00:01"], TIMEOUT);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("multicast"), "{r}");
+}
