@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use crate::boot::MAX_APS;
 use crate::cpu::{self, rdtsc, TIMER_TICKS, TIMER_VECTOR};
 use crate::serial::{Line, Out, Serial};
-use crate::{acpi, apic, net, paging, virtio, Machine};
+use crate::{acpi, apic, net, paging, virtio, vsock, Machine};
 
 pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
     match name {
@@ -24,6 +24,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"rng" => virtio::rng(machine, detail),
         b"virtio-evil" => virtio::virtio_evil(machine, detail),
         b"net" => net::net(machine, detail),
+        b"vsock" => vsock::vsock(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),

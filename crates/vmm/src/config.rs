@@ -10,6 +10,7 @@ use crate::arch::x86_64::cpuid::CpuFeature;
 pub use vigil_devices::rate_limiter::RateLimit;
 pub use vigil_devices::virtio::block::BlockConfig;
 pub use vigil_devices::virtio::net::NetConfig;
+pub use vigil_devices::virtio::vsock::VsockConfig;
 
 /// Where the kernel image comes from.
 #[derive(Clone, Debug)]
@@ -97,6 +98,8 @@ pub struct VmConfig {
     pub rng: Option<RateLimit>,
     /// virtio-net interfaces on taps, in the order the guest sees them.
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device bridged to Unix sockets.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -144,6 +147,10 @@ pub enum ConfigError {
     DuplicateTap { tap: String },
     #[error("--net mac={mac}: {why}")]
     BadMac { mac: String, why: &'static str },
+    #[error("--vsock cid={cid}: {why}")]
+    BadCid { cid: u64, why: &'static str },
+    #[error("--vsock uds={path}: {why}")]
+    BadUds { path: String, why: &'static str },
     #[error("{count} virtio devices: Vigil has interrupt lines for at most {max}")]
     TooManyDevices { count: usize, max: usize },
 }
@@ -171,6 +178,7 @@ impl VmConfig {
             disks: Vec::new(),
             rng: None,
             nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -248,7 +256,13 @@ impl VmConfig {
                 });
             }
         }
-        let count = self.disks.len() + usize::from(self.rng.is_some()) + self.nets.len();
+        if let Some(vsock) = &self.vsock {
+            validate_vsock(vsock)?;
+        }
+        let count = self.disks.len()
+            + usize::from(self.rng.is_some())
+            + self.nets.len()
+            + usize::from(self.vsock.is_some());
         if count > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 count,
@@ -307,6 +321,37 @@ fn validate_net(net: &NetConfig) -> Result<(), ConfigError> {
             mac: format_mac(&net.mac),
             why: "the all-zero address",
         });
+    }
+    Ok(())
+}
+
+fn validate_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
+    let bad_cid = |why| ConfigError::BadCid {
+        cid: vsock.cid,
+        why,
+    };
+    if vsock.cid < 3 {
+        return Err(bad_cid(
+            "0 to 2 are reserved (2 is the host); use 3 or more",
+        ));
+    }
+    if vsock.cid >= u64::from(u32::MAX) {
+        return Err(bad_cid("above the 32-bit CIDs guests use"));
+    }
+    let bad_uds = |why| ConfigError::BadUds {
+        path: vsock.uds.display().to_string(),
+        why,
+    };
+    // sun_path holds 108 bytes; `_<port>` (up to 11 more) is appended for guest
+    // connections.
+    let len = vsock.uds.as_os_str().len();
+    if len == 0 {
+        return Err(bad_uds("needs a path"));
+    }
+    if len + 11 > 107 {
+        return Err(bad_uds(
+            "longer than a Unix socket path allows (96 bytes here)",
+        ));
     }
     Ok(())
 }
@@ -450,6 +495,34 @@ mod tests {
             rx_rate_limit: RateLimit::default(),
             tx_rate_limit: RateLimit::default(),
         }
+    }
+
+    #[test]
+    fn vsock_checks_name_the_value() {
+        let mut c = embedded();
+        c.vsock = Some(VsockConfig {
+            cid: 2,
+            uds: "/tmp/v.sock".into(),
+        });
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .starts_with("--vsock cid=2: 0 to 2 are reserved"));
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: "/tmp/v.sock".into(),
+        });
+        c.validate(&LIMITS).unwrap();
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: "a".repeat(100).into(),
+        });
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("longer"));
     }
 
     #[test]
