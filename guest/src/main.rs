@@ -18,6 +18,7 @@ mod paging;
 mod scenarios;
 mod serial;
 mod virtio;
+mod vsock;
 
 use bootinfo::BootInfo;
 use serial::{Line, Out, Serial};

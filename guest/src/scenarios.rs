@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use crate::boot::MAX_APS;
 use crate::cpu::{self, rdtsc, TIMER_TICKS, TIMER_VECTOR};
 use crate::serial::{Line, Out, Serial};
-use crate::{acpi, apic, net, paging, virtio, Machine};
+use crate::{acpi, apic, net, paging, virtio, vsock, Machine};
 
 pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
     match name {
@@ -26,6 +26,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"blk-bench" => virtio::blk_bench(machine, detail),
         b"balloon" => crate::balloon::balloon(machine, detail),
         b"net" => net::net(machine, detail),
+        b"vsock" => vsock::vsock(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
 use vigil_vmm::config::{
     default_mac, BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage,
-    NetConfig, RateLimit, VmConfig,
+    NetConfig, RateLimit, VmConfig, VsockConfig,
 };
 use vigil_vmm::VmOutcome;
 
@@ -165,6 +165,14 @@ pub struct RunArgs {
     /// No offloads. Example: --net tap=vm0,mac=02:00:00:00:00:01,tx_bw=10M
     #[arg(long, value_name = "tap=NAME[,mac=..][,rx_bw=..]", value_parser = crate::devices_cli::parse_net)]
     pub net: Vec<NetConfig>,
+
+    /// A virtio-vsock device with Firecracker's Unix-socket convention: cid=N (the
+    /// guest's CID, 3 or more) and uds=PATH. A guest connection to CID 2 port P
+    /// goes to the Unix socket PATH_P; a host client connects to PATH, writes
+    /// "CONNECT <port>\n" and, once the guest accepts, reads "OK <host port>\n"
+    /// before the stream. Example: --vsock cid=3,uds=/tmp/vm.vsock
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = crate::devices_cli::parse_vsock)]
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -233,6 +241,7 @@ impl RunArgs {
         }
         config.rng = self.rng;
         config.balloon = self.balloon;
+        config.vsock = self.vsock;
         config.nets = self.net;
         for (i, net) in config.nets.iter_mut().enumerate() {
             if net.mac == [0; 6] {

@@ -1,7 +1,7 @@
 //! Parsing of device options: `--disk path=...,ro=on,id=...,bw=...`, `--rng bw=...`,
 //! `--net tap=...,mac=...,rx_bw=...`.
 
-use vigil_vmm::config::{BalloonConfig, BlockConfig, NetConfig, RateLimit};
+use vigil_vmm::config::{BalloonConfig, BlockConfig, NetConfig, RateLimit, VsockConfig};
 
 /// `key=value` pairs of one option, with the keys it accepts.
 struct Pairs<'a> {
@@ -190,6 +190,23 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
     })
 }
 
+/// Parses the `--vsock` value.
+pub fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let p = Pairs::parse("--vsock", s, &["cid", "uds"])?;
+    let cid = p.get("cid").ok_or("--vsock: cid=N is required")?;
+    let cid = cid
+        .parse::<u64>()
+        .map_err(|_| format!("--vsock cid={cid}: not a number"))?;
+    let uds = p
+        .get("uds")
+        .filter(|v| !v.is_empty())
+        .ok_or("--vsock: uds=PATH is required")?;
+    Ok(VsockConfig {
+        cid,
+        uds: uds.into(),
+    })
+}
+
 /// Parses the `--rng` value (empty: no limit).
 pub fn parse_rng(s: &str) -> Result<RateLimit, String> {
     Pairs::parse("--rng", s, &RATE_KEYS)?.rate_limit()
@@ -250,6 +267,22 @@ mod tests {
         assert!(parse_balloon("deflate_on_oom=maybe")
             .unwrap_err()
             .contains("deflate_on_oom=maybe: expected on or off"));
+    }
+
+    #[test]
+    fn vsocks() {
+        let v = parse_vsock("cid=3,uds=/tmp/v.sock").unwrap();
+        assert_eq!((v.cid, v.uds.to_str()), (3, Some("/tmp/v.sock")));
+        assert_eq!(
+            parse_vsock("uds=/x").unwrap_err(),
+            "--vsock: cid=N is required"
+        );
+        assert!(parse_vsock("cid=x,uds=/x")
+            .unwrap_err()
+            .contains("cid=x: not a number"));
+        assert!(parse_vsock("cid=3")
+            .unwrap_err()
+            .contains("uds=PATH is required"));
     }
 
     #[test]

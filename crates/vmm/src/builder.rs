@@ -17,6 +17,7 @@ use vigil_devices::virtio::block::{Block, BlockError};
 use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
 use vigil_devices::virtio::net::{Net, NetError};
 use vigil_devices::virtio::rng::Rng;
+use vigil_devices::virtio::vsock::{Vsock, VsockError};
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_devices::PowerHandler;
 use vm_memory::GuestMemoryMmap;
@@ -74,6 +75,8 @@ pub enum BuildError {
     Disk(#[from] BlockError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error("--cmdline: {len} bytes once the virtio devices are declared on it, more than the {max} a kernel accepts")]
     CmdlineTooLong { len: usize, max: usize },
 }
@@ -181,6 +184,9 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     }
     for net in &config.nets {
         devices.push(Box::new(Net::new(net)?));
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.push(Box::new(Vsock::new(vsock)?));
     }
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();

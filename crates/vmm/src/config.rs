@@ -11,6 +11,7 @@ pub use vigil_devices::rate_limiter::RateLimit;
 pub use vigil_devices::virtio::balloon::BalloonConfig;
 pub use vigil_devices::virtio::block::BlockConfig;
 pub use vigil_devices::virtio::net::NetConfig;
+pub use vigil_devices::virtio::vsock::VsockConfig;
 
 /// Where the kernel image comes from.
 #[derive(Clone, Debug)]
@@ -100,6 +101,8 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
     /// virtio-net interfaces on taps, in the order the guest sees them.
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device bridged to Unix sockets.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -149,6 +152,10 @@ pub enum ConfigError {
     DuplicateTap { tap: String },
     #[error("--net mac={mac}: {why}")]
     BadMac { mac: String, why: &'static str },
+    #[error("--vsock cid={cid}: {why}")]
+    BadCid { cid: u64, why: &'static str },
+    #[error("--vsock uds={path}: {why}")]
+    BadUds { path: String, why: &'static str },
     #[error("{count} virtio devices: Vigil has interrupt lines for at most {max}")]
     TooManyDevices { count: usize, max: usize },
 }
@@ -177,6 +184,7 @@ impl VmConfig {
             rng: None,
             balloon: None,
             nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -260,10 +268,14 @@ impl VmConfig {
                 });
             }
         }
+        if let Some(vsock) = &self.vsock {
+            validate_vsock(vsock)?;
+        }
         let count = self.disks.len()
             + usize::from(self.rng.is_some())
             + usize::from(self.balloon.is_some())
-            + self.nets.len();
+            + self.nets.len()
+            + usize::from(self.vsock.is_some());
         if count > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 count,
@@ -322,6 +334,37 @@ fn validate_net(net: &NetConfig) -> Result<(), ConfigError> {
             mac: format_mac(&net.mac),
             why: "the all-zero address",
         });
+    }
+    Ok(())
+}
+
+fn validate_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
+    let bad_cid = |why| ConfigError::BadCid {
+        cid: vsock.cid,
+        why,
+    };
+    if vsock.cid < 3 {
+        return Err(bad_cid(
+            "0 to 2 are reserved (2 is the host); use 3 or more",
+        ));
+    }
+    if vsock.cid >= u64::from(u32::MAX) {
+        return Err(bad_cid("above the 32-bit CIDs guests use"));
+    }
+    let bad_uds = |why| ConfigError::BadUds {
+        path: vsock.uds.display().to_string(),
+        why,
+    };
+    // sun_path holds 108 bytes; `_<port>` (up to 11 more) is appended for guest
+    // connections.
+    let len = vsock.uds.as_os_str().len();
+    if len == 0 {
+        return Err(bad_uds("needs a path"));
+    }
+    if len + 11 > 107 {
+        return Err(bad_uds(
+            "longer than a Unix socket path allows (96 bytes here)",
+        ));
     }
     Ok(())
 }
@@ -465,6 +508,34 @@ mod tests {
             rx_rate_limit: RateLimit::default(),
             tx_rate_limit: RateLimit::default(),
         }
+    }
+
+    #[test]
+    fn vsock_checks_name_the_value() {
+        let mut c = embedded();
+        c.vsock = Some(VsockConfig {
+            cid: 2,
+            uds: "/tmp/v.sock".into(),
+        });
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .starts_with("--vsock cid=2: 0 to 2 are reserved"));
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: "/tmp/v.sock".into(),
+        });
+        c.validate(&LIMITS).unwrap();
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: "a".repeat(100).into(),
+        });
+        assert!(c
+            .validate(&LIMITS)
+            .unwrap_err()
+            .to_string()
+            .contains("longer"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,755 @@
+//! virtio-vsock (stream sockets only) bridged to Unix sockets with Firecracker's
+//! convention:
+//!
+//! - the guest connects to CID 2 port P: the device connects to the host Unix
+//!   socket `<uds>_P`;
+//! - a host client connects to `<uds>` (the device listens there), writes
+//!   `CONNECT <port>\n`; the device opens a stream to the guest's port and answers
+//!   `OK <host port>\n` once the guest accepted.
+//!
+//! Queues: rx (0, device to guest), tx (1, guest to device), event (2, unused: no
+//! transport reset events are sent). Flow control is credit based (virtio 1.2,
+//! 5.10.6.3): every packet carries the sender's `buf_alloc` and `fwd_cnt`, and the
+//! device sends no more stream data than the guest's credit allows. Packets a
+//! guest gets wrong (bad lengths, wrong CIDs, unknown ops or types, no such
+//! connection) are answered with RST or dropped; nothing panics.
+//!
+//! The packet header is parsed by hand (44 bytes, little-endian).
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use super::block::check_avail_ring;
+use super::{DeviceBroken, QueueOutcome, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// The host's CID.
+pub const HOST_CID: u64 = 2;
+/// Bytes of `struct virtio_vsock_hdr`.
+pub const HDR_LEN: usize = 44;
+/// Most payload bytes in one packet either way.
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// What the device buffers per connection for data the guest sent (its credit).
+const BUF_ALLOC: u32 = 256 * 1024;
+/// Longest `CONNECT <port>\n` line a host client may send.
+const MAX_CONNECT_LINE: usize = 32;
+/// First port the device gives host-initiated connections (host side).
+const FIRST_HOST_PORT: u32 = 1 << 30;
+
+const TYPE_STREAM: u16 = 1;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+const SHUTDOWN_RCV: u32 = 1;
+const SHUTDOWN_SEND: u32 = 2;
+
+/// How a vsock device is attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub cid: u64,
+    /// Where the device listens; guest-initiated connections go to `<uds>_<port>`.
+    pub uds: PathBuf,
+}
+
+/// Errors attaching a vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("--vsock uds={path}: cannot listen there: {source}")]
+    Listen {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// `struct virtio_vsock_hdr`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Header {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    kind: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+impl Header {
+    fn parse(b: &[u8; HDR_LEN]) -> Self {
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        Self {
+            src_cid: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+            dst_cid: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            kind: u16::from_le_bytes([b[28], b[29]]),
+            op: u16::from_le_bytes([b[30], b[31]]),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+
+    fn bytes(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.kind.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// A host client connected to `<uds>`; its `CONNECT <port>\n` line is coming.
+    ReadingConnect,
+    /// REQUEST sent to the guest; waiting for RESPONSE.
+    Connecting,
+    Established,
+}
+
+struct Conn {
+    stream: UnixStream,
+    state: State,
+    /// Host-side port (ours) and guest-side port.
+    local_port: u32,
+    peer_port: u32,
+    /// `CONNECT` line so far.
+    line: Vec<u8>,
+    /// Guest data not yet written to the stream.
+    pending: VecDeque<u8>,
+    /// Bytes of guest data passed on to the stream.
+    fwd_cnt: u32,
+    /// `fwd_cnt` as last told to the guest.
+    fwd_cnt_sent: u32,
+    /// Bytes of stream data sent to the guest.
+    rx_cnt: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// The host side closed or the guest shut down sending.
+    host_eof: bool,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Self {
+        Self {
+            stream,
+            state,
+            local_port,
+            peer_port,
+            line: Vec::new(),
+            pending: VecDeque::new(),
+            fwd_cnt: 0,
+            fwd_cnt_sent: 0,
+            rx_cnt: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            host_eof: false,
+        }
+    }
+
+    /// Bytes the guest can take now.
+    fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Writes what it can of `pending` to the stream.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while !self.pending.is_empty() {
+            let (front, _) = self.pending.as_slices();
+            match self.stream.write(front) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.pending.drain(..n);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counters of one device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VsockCounters {
+    pub connections: u64,
+    pub resets_sent: u64,
+    /// Packets dropped: unreadable chains, bad lengths, wrong CIDs.
+    pub dropped: u64,
+}
+
+/// A virtio-vsock device.
+pub struct Vsock {
+    cid: u64,
+    uds: PathBuf,
+    listener: UnixListener,
+    conns: Vec<Conn>,
+    /// Control packets waiting for a receive buffer.
+    control: VecDeque<Header>,
+    /// The guest has receive buffers (as far as the device knows).
+    rx_ready: bool,
+    next_port: u32,
+    /// Streams closed but maybe still registered with the event loop; dropped
+    /// once left out of a `watched_fds` answer.
+    closing: Vec<UnixStream>,
+    closing_old: Vec<UnixStream>,
+    buf: Vec<u8>,
+    counters: VsockCounters,
+}
+
+impl Vsock {
+    /// Listens on `config.uds` (a stale socket file there is replaced).
+    pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
+        let err = |source| VsockError::Listen {
+            path: config.uds.display().to_string(),
+            source,
+        };
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(meta) = std::fs::symlink_metadata(&config.uds) {
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(&config.uds).map_err(err)?;
+            }
+        }
+        let listener = UnixListener::bind(&config.uds).map_err(err)?;
+        listener.set_nonblocking(true).map_err(err)?;
+        Ok(Self {
+            cid: config.cid,
+            uds: config.uds.clone(),
+            listener,
+            conns: Vec::new(),
+            control: VecDeque::new(),
+            rx_ready: true,
+            next_port: FIRST_HOST_PORT,
+            closing: Vec::new(),
+            closing_old: Vec::new(),
+            buf: vec![0; MAX_PAYLOAD],
+            counters: VsockCounters::default(),
+        })
+    }
+
+    /// Connections made, resets sent, packets dropped.
+    pub fn counters(&self) -> VsockCounters {
+        self.counters
+    }
+
+    fn header(&self, conn: &Conn, op: u16) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: conn.local_port,
+            dst_port: conn.peer_port,
+            len: 0,
+            kind: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: conn.fwd_cnt,
+        }
+    }
+
+    fn rst_for(&mut self, hdr: &Header) {
+        self.counters.resets_sent += 1;
+        self.control.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            kind: TYPE_STREAM,
+            op: OP_RST,
+            buf_alloc: BUF_ALLOC,
+            ..Header::default()
+        });
+    }
+
+    fn close(&mut self, i: usize) {
+        let conn = self.conns.swap_remove(i);
+        self.closing.push(conn.stream);
+    }
+
+    fn reset_conn(&mut self, i: usize) {
+        let rst = self.header(&self.conns[i], OP_RST);
+        self.counters.resets_sent += 1;
+        self.control.push_back(rst);
+        self.close(i);
+    }
+
+    fn find(&self, local_port: u32, peer_port: u32) -> Option<usize> {
+        self.conns
+            .iter()
+            .position(|c| c.local_port == local_port && c.peer_port == peer_port)
+    }
+
+    /// One packet from the guest.
+    fn handle_packet(&mut self, hdr: Header, payload: &[u8]) {
+        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
+            tracing::debug!(?hdr, "vsock packet with wrong CIDs; dropped");
+            self.counters.dropped += 1;
+            return;
+        }
+        if hdr.kind != TYPE_STREAM {
+            if hdr.op != OP_RST {
+                self.rst_for(&hdr);
+            }
+            return;
+        }
+        let found = self.find(hdr.dst_port, hdr.src_port);
+        if let Some(i) = found {
+            let conn = &mut self.conns[i];
+            conn.peer_buf_alloc = hdr.buf_alloc;
+            conn.peer_fwd_cnt = hdr.fwd_cnt;
+        }
+        match (hdr.op, found) {
+            (OP_REQUEST, None) => {
+                let path = format!("{}_{}", self.uds.display(), hdr.dst_port);
+                match UnixStream::connect(&path).and_then(|s| {
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                }) {
+                    Ok(stream) => {
+                        let mut conn =
+                            Conn::new(stream, State::Established, hdr.dst_port, hdr.src_port);
+                        conn.peer_buf_alloc = hdr.buf_alloc;
+                        conn.peer_fwd_cnt = hdr.fwd_cnt;
+                        self.control.push_back(self.header(&conn, OP_RESPONSE));
+                        self.conns.push(conn);
+                        self.counters.connections += 1;
+                    }
+                    Err(e) => {
+                        tracing::debug!(path, "vsock connect failed: {e}");
+                        self.rst_for(&hdr);
+                    }
+                }
+            }
+            (OP_RST, None) => {}
+            (_, None) => self.rst_for(&hdr),
+            (OP_RST, Some(i)) => self.close(i),
+            (OP_RESPONSE, Some(i)) if self.conns[i].state == State::Connecting => {
+                let conn = &mut self.conns[i];
+                conn.state = State::Established;
+                let line = format!("OK {}\n", conn.local_port);
+                conn.pending.extend(line.as_bytes());
+                // The OK line is not guest data: keep fwd_cnt where it was.
+                conn.fwd_cnt = conn.fwd_cnt.wrapping_sub(line.len() as u32);
+                if conn.flush().is_err() {
+                    self.reset_conn(i);
+                }
+            }
+            (OP_REQUEST | OP_RESPONSE, Some(i)) => self.reset_conn(i),
+            (_, Some(i)) if self.conns[i].state != State::Established => self.reset_conn(i),
+            (OP_RW, Some(i)) => {
+                let conn = &mut self.conns[i];
+                let in_flight = conn.pending.len() + payload.len();
+                if in_flight > BUF_ALLOC as usize {
+                    tracing::debug!("vsock guest overran its credit; reset");
+                    self.reset_conn(i);
+                    return;
+                }
+                conn.pending.extend(payload);
+                if conn.flush().is_err() {
+                    self.reset_conn(i);
+                }
+            }
+            (OP_SHUTDOWN, Some(i)) => {
+                if hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    let _ = self.conns[i].flush();
+                    self.reset_conn(i);
+                } else if hdr.flags & SHUTDOWN_SEND != 0 {
+                    let conn = &mut self.conns[i];
+                    let _ = conn.flush();
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            (OP_CREDIT_UPDATE, Some(_)) => {}
+            (OP_CREDIT_REQUEST, Some(i)) => {
+                let update = self.header(&self.conns[i], OP_CREDIT_UPDATE);
+                self.conns[i].fwd_cnt_sent = self.conns[i].fwd_cnt;
+                self.control.push_back(update);
+            }
+            (_, Some(i)) => self.reset_conn(i),
+        }
+    }
+
+    fn process_tx(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceBroken> {
+        let mut used = false;
+        loop {
+            check_avail_ring(queue, mem)?;
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Ok(used);
+            };
+            let head = chain.head_index();
+            match chain.reader(mem) {
+                Ok(mut reader) => {
+                    let mut raw = [0u8; HDR_LEN];
+                    if reader.read_exact(&mut raw).is_err() {
+                        self.counters.dropped += 1;
+                    } else {
+                        let hdr = Header::parse(&raw);
+                        let len = hdr.len as usize;
+                        if len > MAX_PAYLOAD
+                            || len > reader.available_bytes()
+                            || (hdr.op != OP_RW && len != 0)
+                        {
+                            tracing::debug!(?hdr, "vsock packet of a bad length");
+                            self.counters.dropped += 1;
+                            if hdr.op != OP_RST {
+                                self.rst_for(&hdr);
+                                if let Some(i) = self.find(hdr.dst_port, hdr.src_port) {
+                                    self.close(i);
+                                }
+                            }
+                        } else if reader.read_exact(&mut self.buf[..len]).is_ok() {
+                            let payload = std::mem::take(&mut self.buf);
+                            self.handle_packet(hdr, &payload[..len]);
+                            self.buf = payload;
+                        } else {
+                            self.counters.dropped += 1;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(head, "malformed vsock tx chain: {e:?}");
+                    self.counters.dropped += 1;
+                }
+            }
+            queue.add_used(mem, head, 0).map_err(used_ring)?;
+            used = true;
+        }
+    }
+
+    /// Fills the guest's receive buffers: control packets first, then stream data
+    /// within the guest's credit.
+    fn process_rx(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceBroken> {
+        let mut used = false;
+        let mut next_conn = 0;
+        loop {
+            // What to send next: a control packet, or data from a readable stream.
+            let mut packet: Option<(Header, usize)> = self.control.front().map(|h| (*h, 0));
+            if packet.is_none() {
+                while next_conn < self.conns.len() && packet.is_none() {
+                    let i = next_conn;
+                    let conn = &self.conns[i];
+                    let want = conn.fwd_cnt.wrapping_sub(conn.fwd_cnt_sent) >= BUF_ALLOC / 2;
+                    if conn.state == State::Established && want {
+                        packet = Some((self.header(conn, OP_CREDIT_UPDATE), usize::MAX));
+                        break;
+                    }
+                    if conn.state != State::Established || conn.host_eof || conn.peer_credit() == 0
+                    {
+                        next_conn += 1;
+                        continue;
+                    }
+                    packet = Some((self.header(conn, OP_RW), i));
+                }
+                if packet.is_none() {
+                    return Ok(used);
+                }
+            }
+            check_avail_ring(queue, mem)?;
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                self.rx_ready = false;
+                return Ok(used);
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(mem) {
+                Ok(w) if w.available_bytes() >= HDR_LEN => w,
+                _ => {
+                    self.counters.dropped += 1;
+                    queue.add_used(mem, head, 0).map_err(used_ring)?;
+                    used = true;
+                    continue;
+                }
+            };
+            let (mut hdr, source) = packet.expect("chosen above");
+            let mut len = 0;
+            if hdr.op == OP_RW {
+                let conn = &mut self.conns[source];
+                let room = (writer.available_bytes() - HDR_LEN)
+                    .min(conn.peer_credit() as usize)
+                    .min(MAX_PAYLOAD);
+                match conn.stream.read(&mut self.buf[..room]) {
+                    Ok(0) => {
+                        // The host side closed: tell the guest, which answers RST.
+                        conn.host_eof = true;
+                        hdr.op = OP_SHUTDOWN;
+                        hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                    }
+                    Ok(n) => {
+                        len = n;
+                        conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
+                        hdr.len = n as u32;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        queue.go_to_previous_position();
+                        next_conn += 1;
+                        continue;
+                    }
+                    Err(_) => {
+                        queue.go_to_previous_position();
+                        self.reset_conn(source);
+                        continue;
+                    }
+                }
+                conn.fwd_cnt_sent = conn.fwd_cnt;
+            } else if source == usize::MAX {
+                if let Some(i) = self.find(hdr.src_port, hdr.dst_port) {
+                    self.conns[i].fwd_cnt_sent = self.conns[i].fwd_cnt;
+                }
+            } else {
+                self.control.pop_front();
+            }
+            let written = if writer.write_all(&hdr.bytes()).is_ok()
+                && writer.write_all(&self.buf[..len]).is_ok()
+            {
+                (HDR_LEN + len) as u32
+            } else {
+                self.counters.dropped += 1;
+                0
+            };
+            queue.add_used(mem, head, written).map_err(used_ring)?;
+            used = true;
+        }
+    }
+
+    /// A host client connected to `<uds>`.
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let port = self.next_port;
+                    self.next_port = self.next_port.wrapping_add(1).max(FIRST_HOST_PORT);
+                    self.conns
+                        .push(Conn::new(stream, State::ReadingConnect, port, 0));
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads a `CONNECT <port>\n` line; sends the REQUEST once it is complete.
+    fn read_connect(&mut self, i: usize) {
+        let mut byte = [0u8; 1];
+        loop {
+            match self.conns[i].stream.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break,
+                Ok(1) if self.conns[i].line.len() < MAX_CONNECT_LINE => {
+                    self.conns[i].line.push(byte[0])
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => {
+                    self.close(i);
+                    return;
+                }
+            }
+        }
+        let line = String::from_utf8_lossy(&self.conns[i].line).into_owned();
+        let port = line
+            .strip_prefix("CONNECT ")
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let Some(port) = port else {
+            tracing::debug!(line, "bad vsock CONNECT line");
+            self.close(i);
+            return;
+        };
+        let conn = &mut self.conns[i];
+        conn.peer_port = port;
+        conn.state = State::Connecting;
+        let request = self.header(&self.conns[i], OP_REQUEST);
+        self.control.push_back(request);
+        self.counters.connections += 1;
+    }
+
+    fn fill_rx(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceBroken> {
+        match queues.get_mut(RX).filter(|q| q.ready()) {
+            Some(queue) => self.process_rx(queue, mem),
+            None => Ok(false),
+        }
+    }
+}
+
+fn used_ring(e: virtio_queue::Error) -> DeviceBroken {
+    DeviceBroken(format!("cannot write the used ring: {e:?}"))
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.cid.to_le_bytes();
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(data.len()).min(config.len());
+        data[..end - start].copy_from_slice(&config[start..end]);
+    }
+
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        _queue: &mut Queue,
+        _mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        // All the work is in process_queues: tx packets are answered on rx.
+        Ok(QueueOutcome::Done(false))
+    }
+
+    fn process_queues(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let mut used = false;
+        match index {
+            RX => self.rx_ready = true,
+            TX => {
+                if let Some(queue) = queues.get_mut(TX) {
+                    used |= self.process_tx(queue, mem)?;
+                }
+            }
+            _ => {}
+        }
+        used |= self.fill_rx(queues, mem)?;
+        Ok(QueueOutcome::Done(used))
+    }
+
+    fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
+        self.closing_old = std::mem::take(&mut self.closing);
+        let mut fds = vec![(self.listener.as_raw_fd(), EventSet::IN)];
+        for conn in &self.conns {
+            let mut set = EventSet::empty();
+            let readable = match conn.state {
+                State::ReadingConnect => true,
+                State::Connecting => false,
+                State::Established => self.rx_ready && !conn.host_eof && conn.peer_credit() > 0,
+            };
+            if readable {
+                set |= EventSet::IN;
+            }
+            if !conn.pending.is_empty() {
+                set |= EventSet::OUT;
+            }
+            if !set.is_empty() {
+                fds.push((conn.stream.as_raw_fd(), set));
+            }
+        }
+        fds
+    }
+
+    fn process_fd(
+        &mut self,
+        fd: RawFd,
+        events: EventSet,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        if fd == self.listener.as_raw_fd() {
+            self.accept();
+        } else if let Some(i) = self.conns.iter().position(|c| c.stream.as_raw_fd() == fd) {
+            if self.conns[i].state == State::ReadingConnect {
+                self.read_connect(i);
+            } else if events.contains(EventSet::OUT) && self.conns[i].flush().is_err() {
+                self.reset_conn(i);
+            }
+        }
+        let used = self.fill_rx(queues, mem)?;
+        Ok(QueueOutcome::Done(used))
+    }
+
+    fn reset(&mut self) {
+        for conn in self.conns.drain(..) {
+            self.closing.push(conn.stream);
+        }
+        self.control.clear();
+        self.rx_ready = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let h = Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 49152,
+            dst_port: 1234,
+            len: 16,
+            kind: TYPE_STREAM,
+            op: OP_RW,
+            flags: 0,
+            buf_alloc: 4096,
+            fwd_cnt: 7,
+        };
+        let b = h.bytes();
+        assert_eq!(b[24..28], 16u32.to_le_bytes());
+        assert_eq!(b[30..32], OP_RW.to_le_bytes());
+        assert_eq!(Header::parse(&b), h);
+    }
+
+    #[test]
+    fn credit_counts_bytes_in_flight() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut c = Conn::new(a, State::Established, 1, 2);
+        c.peer_buf_alloc = 100;
+        c.rx_cnt = 60;
+        c.peer_fwd_cnt = 20;
+        assert_eq!(c.peer_credit(), 60);
+        c.rx_cnt = 200;
+        assert_eq!(c.peer_credit(), 0);
+    }
+}

@@ -1,0 +1,197 @@
+//! The `vsock` scenario: a stream connection from the guest to CID 2 port 1234
+//! through the first virtio-vsock device (DeviceID 19), an echo, a shutdown; with
+//! the polled driver of `virtio.rs` at CPL3.
+
+use crate::serial::{Line, Out};
+use crate::virtio::{self, dma, rd, wr, zero, Clock, Dev, Queue, MQ_BUF, WRITE};
+use crate::Machine;
+
+const ID_VSOCK: u32 = 19;
+const HDR: u64 = 44;
+const HOST_CID: u64 = 2;
+const HOST_PORT: u32 = 1234;
+const LOCAL_PORT: u32 = 49152;
+const BUF_ALLOC: u32 = 4096;
+const PING: &[u8] = b"vigil-vsock-ping";
+
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+
+const RX: u16 = 0;
+const TX: u16 = 1;
+const EVENT: u16 = 2;
+const RX_BUFFERS: u16 = 4;
+const RX_LEN: u64 = 1024;
+const TX_BUF: u64 = MQ_BUF + RX_BUFFERS as u64 * RX_LEN;
+const EVENT_BUF: u64 = TX_BUF + 0x800;
+
+fn rx_buf(id: u16) -> u64 {
+    dma(MQ_BUF) + u64::from(id) * RX_LEN
+}
+
+struct Conn {
+    cid: u64,
+    rx: Queue,
+    tx: Queue,
+    fwd_cnt: u32,
+}
+
+impl Conn {
+    /// Sends one packet (header and `payload`) and waits until the device used it.
+    fn send(&mut self, op: u16, flags: u32, payload: &[u8]) -> Result<(), &'static str> {
+        let p = dma(TX_BUF);
+        zero(p, HDR as usize);
+        wr(p, self.cid);
+        wr(p + 8, HOST_CID);
+        wr(p + 16, LOCAL_PORT);
+        wr(p + 20, HOST_PORT);
+        wr(p + 24, payload.len() as u32);
+        wr(p + 28, 1u16);
+        wr(p + 30, op);
+        wr(p + 32, flags);
+        wr(p + 36, BUF_ALLOC);
+        wr(p + 40, self.fwd_cnt);
+        for (i, &b) in payload.iter().enumerate() {
+            wr(p + HDR + i as u64, b);
+        }
+        self.tx.desc(0, p, (HDR as usize + payload.len()) as u32, 0, 0);
+        self.tx.push_avail(0);
+        self.tx.notify();
+        self.tx.wait_used(2000).map(|_| ())
+    }
+
+    /// The next packet for our connection: (op, rx buffer id, payload length). The
+    /// caller posts the buffer again with `repost`.
+    fn recv(&mut self, ms: u64) -> Result<(u16, u16, u32), &'static str> {
+        loop {
+            let (id, len) = self.rx.wait_used(ms)?;
+            if id >= RX_BUFFERS || u64::from(len) < HDR {
+                return Err("bad used element");
+            }
+            let b = rx_buf(id);
+            let ours = rd::<u64>(b) == HOST_CID
+                && rd::<u64>(b + 8) == self.cid
+                && rd::<u32>(b + 16) == HOST_PORT
+                && rd::<u32>(b + 20) == LOCAL_PORT;
+            if !ours {
+                self.repost(id);
+                continue;
+            }
+            let plen = rd::<u32>(b + 24);
+            if u64::from(plen) + HDR > u64::from(len) {
+                return Err("payload longer than the used length");
+            }
+            return Ok((rd::<u16>(b + 30), id, plen));
+        }
+    }
+
+    fn repost(&mut self, id: u16) {
+        self.rx.push_avail(id);
+        self.rx.notify();
+    }
+}
+
+pub fn vsock(machine: &Machine, detail: &mut Line) -> bool {
+    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = virtio::find(devices, clock, ID_VSOCK, |_| true) else {
+            detail.str("no virtio-vsock device");
+            virtio::list_devices(devices, detail);
+            return Err(());
+        };
+        let result = run(dev, clock, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
+fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    let set_up = || -> Result<Conn, &'static str> {
+        let features = virtio::negotiate(dev, clock, 0)?;
+        let rx = virtio::setup_queue(dev, clock, RX, features)?;
+        let tx = virtio::setup_queue(dev, clock, TX, features)?;
+        let mut event = virtio::setup_queue(dev, clock, EVENT, features)?;
+        virtio::driver_ok(dev)?;
+        event.desc(0, dma(EVENT_BUF), 8, WRITE, 0);
+        event.push_avail(0);
+        event.notify();
+        Ok(Conn {
+            cid: dev.config_u64(0),
+            rx,
+            tx,
+            fwd_cnt: 0,
+        })
+    };
+    let mut c = match set_up() {
+        Ok(c) => c,
+        Err(error) => {
+            detail.str(error);
+            return Err(());
+        }
+    };
+    for id in 0..RX_BUFFERS {
+        c.rx.desc(id, rx_buf(id), RX_LEN as u32, WRITE, 0);
+        c.rx.push_avail(id);
+    }
+    c.rx.notify();
+
+    let step = |detail: &mut Line, what: &str, r: Result<(), &'static str>| {
+        r.map_err(|error| {
+            detail.str(what).str(": ").str(error);
+        })
+    };
+    step(detail, "request", c.send(OP_REQUEST, 0, &[]))?;
+    let (op, id, _) = c.recv(3000).map_err(|e| {
+        detail.str("response: ").str(e);
+    })?;
+    c.repost(id);
+    if op != OP_RESPONSE {
+        detail.str("response: op=").dec(u64::from(op));
+        return Err(());
+    }
+    step(detail, "send", c.send(OP_RW, 0, PING))?;
+
+    let mut echoed = 0u64;
+    while echoed < PING.len() as u64 {
+        let (op, id, len) = c.recv(3000).map_err(|e| {
+            detail.str("echo: ").str(e);
+        })?;
+        match op {
+            OP_RW => {
+                let b = rx_buf(id) + HDR;
+                for i in 0..u64::from(len) {
+                    let k = echoed + i;
+                    if k >= PING.len() as u64 || rd::<u8>(b + i) != PING[k as usize] {
+                        detail.str("echo: mismatch at byte ").dec(k);
+                        return Err(());
+                    }
+                }
+                echoed += u64::from(len);
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(len);
+            }
+            OP_RST => {
+                detail.str("echo: reset by the host after ").dec(echoed);
+                return Err(());
+            }
+            _ => {}
+        }
+        c.repost(id);
+    }
+    step(detail, "shutdown", c.send(OP_SHUTDOWN, 3, &[]))?;
+    // The host answers a full shutdown with RST (bounded wait; not required).
+    let deadline_ms = 1000;
+    while let Ok((op, id, _)) = c.recv(deadline_ms) {
+        c.repost(id);
+        if op == OP_RST {
+            break;
+        }
+    }
+    detail
+        .str("cid=")
+        .dec(c.cid)
+        .str(" echoed=")
+        .dec(echoed);
+    Ok(())
+}
