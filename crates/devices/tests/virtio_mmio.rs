@@ -98,6 +98,30 @@ fn features_ok_needs_version_1_and_only_offered_bits() {
     assert_eq!(t.process_queue(0), None);
 }
 
+/// Found by fuzzing (virtio_mmio_registers): a refused FEATURES_OK written
+/// together with DRIVER_OK used to skip the DRIVER_OK checks and start the
+/// device on a feature set it had refused (and without checking its queues).
+#[test]
+fn driver_ok_with_a_refused_feature_set_fails_the_device() {
+    let mem = memory(1 << 20);
+    let mut d = Driver::new(&mem, QSIZE);
+    for acked_high in [0, 1 | 2] {
+        let (mut t, irq, _) = transport(rng(), &mem);
+        write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+        write32(&mut t, 0x24, 1);
+        write32(&mut t, 0x20, acked_high); // no VERSION_1, or an unoffered bit
+        program_queue(&mut t, &d, QSIZE);
+        write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        let s = read32(&mut t, 0x70);
+        assert_eq!(s & FEATURES_OK, 0, "{s:#x}");
+        assert_ne!(s & FAILED, 0, "{s:#x}");
+        d.add(&[(BUF, 8, F_WRITE)]);
+        assert_eq!(t.process_queue(0), None);
+        assert_eq!(d.used_idx(), 0);
+        assert_eq!(irq.status(), 0);
+    }
+}
+
 #[test]
 fn status_writes_that_clear_bits_are_ignored() {
     let mem = memory(1 << 20);
