@@ -139,6 +139,7 @@ impl MmioTransport {
             );
             return;
         }
+        let mut value = value;
         let added = value & !self.status;
         if added & status::FEATURES_OK != 0 {
             let offered = self.device.features();
@@ -146,9 +147,10 @@ impl MmioTransport {
                 || self.driver_features & VIRTIO_F_VERSION_1 == 0
             {
                 // Leaving FEATURES_OK clear tells the driver the set is refused.
+                // Not returning here: a DRIVER_OK in the same write must fail the
+                // device, not start it on a refused feature set.
                 tracing::debug!(acked = self.driver_features, offered, "feature set refused");
-                self.status = value & !status::FEATURES_OK;
-                return;
+                value &= !status::FEATURES_OK;
             }
         }
         if added & status::DRIVER_OK != 0 {

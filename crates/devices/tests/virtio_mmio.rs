@@ -1,0 +1,331 @@
+//! The virtio-mmio transport as a hostile driver sees it: identity registers,
+//! feature negotiation, the status state machine, queue set-up, reset, and
+//! accesses of the wrong width or past the end.
+
+mod common;
+
+use common::{
+    bring_up, memory, program_queue, read32, transport, write32, Driver, TempImage, F_WRITE,
+};
+use vigil_devices::bus::BusDevice;
+use vigil_devices::rate_limiter::RateLimit;
+use vigil_devices::virtio::block::{Block, BlockConfig};
+use vigil_devices::virtio::mmio::status::{
+    ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
+};
+use vigil_devices::virtio::rng::Rng;
+use vigil_devices::virtio::{INT_CONFIG, INT_USED_RING};
+
+const QSIZE: u16 = 16;
+const BUF: u64 = 0x8000;
+
+fn rng() -> Box<Rng> {
+    Box::new(Rng::new(RateLimit::default()))
+}
+
+fn blk(image: &TempImage) -> Box<Block> {
+    Box::new(
+        Block::new(&BlockConfig {
+            path: image.0.clone(),
+            read_only: false,
+            id: "id".into(),
+            rate_limit: RateLimit::default(),
+        })
+        .unwrap(),
+    )
+}
+
+#[test]
+fn identity_registers() {
+    let mem = memory(1 << 20);
+    let (mut t, _, _) = transport(rng(), &mem);
+    assert_eq!(read32(&mut t, 0x00), 0x7472_6976, "magic");
+    assert_eq!(read32(&mut t, 0x04), 2, "version");
+    assert_eq!(read32(&mut t, 0x08), 4, "rng device id");
+    assert_eq!(read32(&mut t, 0x0c), u32::from_le_bytes(*b"VGIL"));
+    write32(&mut t, 0x14, 0);
+    assert_eq!(read32(&mut t, 0x10), 0);
+    write32(&mut t, 0x14, 1);
+    assert_eq!(read32(&mut t, 0x10), 1, "VERSION_1 in the high word");
+    write32(&mut t, 0x14, u32::MAX);
+    assert_eq!(read32(&mut t, 0x10), 0);
+    assert_eq!(read32(&mut t, 0x34), u32::from(256u16), "queue 0 max size");
+    write32(&mut t, 0x30, 1);
+    assert_eq!(read32(&mut t, 0x34), 0, "no queue 1");
+    assert_eq!(read32(&mut t, 0x44), 0);
+
+    let image = TempImage::new(&[0; 4096]);
+    let (mut t, _, _) = transport(blk(&image), &mem);
+    assert_eq!(read32(&mut t, 0x08), 2, "block device id");
+    // Registers that do not exist read as zero; writes to them are ignored.
+    for offset in [0x18, 0x28, 0x3c, 0x48, 0x4c, 0x54, 0x68, 0x74, 0xb0, 0xf8] {
+        write32(&mut t, offset, u32::MAX);
+        assert_eq!(read32(&mut t, offset), 0, "{offset:#x}");
+    }
+}
+
+#[test]
+fn features_ok_needs_version_1_and_only_offered_bits() {
+    let mem = memory(1 << 20);
+    let (mut t, _, _) = transport(rng(), &mem);
+    let negotiate = |t: &mut vigil_devices::virtio::mmio::MmioTransport, lo: u32, hi: u32| {
+        write32(t, 0x70, 0);
+        write32(t, 0x70, ACKNOWLEDGE | DRIVER);
+        write32(t, 0x24, 0);
+        write32(t, 0x20, lo);
+        write32(t, 0x24, 1);
+        write32(t, 0x20, hi);
+        write32(t, 0x24, 7); // a bogus selector: ignored
+        write32(t, 0x20, u32::MAX);
+        write32(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        read32(t, 0x70)
+    };
+    let refused = ACKNOWLEDGE | DRIVER;
+    assert_eq!(negotiate(&mut t, 0, 0), refused, "no VERSION_1");
+    assert_eq!(negotiate(&mut t, 1, 1), refused, "bit 0 not offered");
+    assert_eq!(
+        negotiate(&mut t, 0, 1 | 1 << 31),
+        refused,
+        "bit 63 not offered"
+    );
+    assert_eq!(negotiate(&mut t, 0, 1), refused | FEATURES_OK);
+
+    // DRIVER_OK without FEATURES_OK fails the device.
+    write32(&mut t, 0x70, 0);
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+    assert_eq!(read32(&mut t, 0x70) & FAILED, FAILED);
+    assert_eq!(t.process_queue(0), None);
+}
+
+/// Found by fuzzing (virtio_mmio_registers): a refused FEATURES_OK written
+/// together with DRIVER_OK used to skip the DRIVER_OK checks and start the
+/// device on a feature set it had refused (and without checking its queues).
+#[test]
+fn driver_ok_with_a_refused_feature_set_fails_the_device() {
+    let mem = memory(1 << 20);
+    let mut d = Driver::new(&mem, QSIZE);
+    for acked_high in [0, 1 | 2] {
+        let (mut t, irq, _) = transport(rng(), &mem);
+        write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+        write32(&mut t, 0x24, 1);
+        write32(&mut t, 0x20, acked_high); // no VERSION_1, or an unoffered bit
+        program_queue(&mut t, &d, QSIZE);
+        write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        let s = read32(&mut t, 0x70);
+        assert_eq!(s & FEATURES_OK, 0, "{s:#x}");
+        assert_ne!(s & FAILED, 0, "{s:#x}");
+        d.add(&[(BUF, 8, F_WRITE)]);
+        assert_eq!(t.process_queue(0), None);
+        assert_eq!(d.used_idx(), 0);
+        assert_eq!(irq.status(), 0);
+    }
+}
+
+#[test]
+fn status_writes_that_clear_bits_are_ignored() {
+    let mem = memory(1 << 20);
+    let d = Driver::new(&mem, QSIZE);
+    let (mut t, _, _) = transport(rng(), &mem);
+    let ok = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+    assert_eq!(bring_up(&mut t, &d, QSIZE), ok);
+    for v in [ACKNOWLEDGE, DRIVER_OK, ok & !FEATURES_OK, 0x100, FAILED] {
+        write32(&mut t, 0x70, v);
+        assert_eq!(read32(&mut t, 0x70), ok, "{v:#x}");
+    }
+    // Setting a bit the device already has is a no-op.
+    write32(&mut t, 0x70, ok);
+    assert_eq!(read32(&mut t, 0x70), ok);
+}
+
+#[test]
+fn queue_registers_are_ignored_after_driver_ok() {
+    let mem = memory(1 << 20);
+    let mut d = Driver::new(&mem, QSIZE);
+    let (mut t, irq, _) = transport(rng(), &mem);
+    assert_eq!(bring_up(&mut t, &d, QSIZE), 15);
+    // Try to move the queue out of memory, shrink it and disable it.
+    write32(&mut t, 0x38, 2);
+    for reg in [0x80, 0x84, 0x90, 0x94, 0xa0, 0xa4] {
+        write32(&mut t, reg, 0xffff_f000);
+    }
+    write32(&mut t, 0x44, 0);
+    assert_eq!(read32(&mut t, 0x44), 1);
+    // The queue still works where it was set up.
+    d.add(&[(BUF, 64, F_WRITE)]);
+    assert_eq!(t.process_queue(0), None);
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(d.used(0), (0, 64));
+    assert_eq!(irq.status(), INT_USED_RING);
+    write32(&mut t, 0x64, INT_USED_RING);
+    assert_eq!(read32(&mut t, 0x60), 0);
+    assert_eq!(t.status() & DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn reset_clears_queues_features_and_interrupts() {
+    let mem = memory(1 << 20);
+    let mut d = Driver::new(&mem, QSIZE);
+    let (mut t, irq, _) = transport(rng(), &mem);
+    bring_up(&mut t, &d, QSIZE);
+    d.add(&[(BUF, 8, F_WRITE)]);
+    t.process_queue(0);
+    assert_eq!(read32(&mut t, 0x60), INT_USED_RING);
+
+    write32(&mut t, 0x70, 0);
+    assert_eq!(read32(&mut t, 0x70), 0);
+    assert_eq!(irq.status(), 0);
+    assert_eq!(read32(&mut t, 0x44), 0, "queue not ready");
+    assert_eq!(read32(&mut t, 0x34), 256);
+    // The features acked before the reset are gone: FEATURES_OK is refused.
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_eq!(read32(&mut t, 0x70), ACKNOWLEDGE | DRIVER);
+    // Nothing is processed until the driver sets the device up again.
+    d.add(&[(BUF, 8, F_WRITE)]);
+    t.process_queue(0);
+    assert_eq!(d.used_idx(), 1);
+
+    // A fresh set-up starts the rings from index 0 again.
+    let mut d = Driver::new(&mem, QSIZE);
+    assert_eq!(bring_up(&mut t, &d, QSIZE), 15);
+    d.add(&[(BUF, 8, F_WRITE)]);
+    t.process_queue(0);
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(d.used(0), (0, 8));
+}
+
+#[test]
+fn driver_ok_with_rings_outside_memory_needs_reset() {
+    let mem = memory(1 << 20);
+    let d = Driver::new(&mem, QSIZE);
+    for (reg, addr) in [
+        (0x80u64, 1u64 << 20),
+        (0x90, (1 << 20) - 4),
+        (0xa0, (1 << 20) - 8),
+        (0x80, !0xf),
+    ] {
+        let (mut t, irq, _) = transport(rng(), &mem);
+        write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+        write32(&mut t, 0x24, 1);
+        write32(&mut t, 0x20, 1);
+        write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        program_queue(&mut t, &d, QSIZE);
+        write32(&mut t, reg, addr as u32);
+        write32(&mut t, reg + 4, (addr >> 32) as u32);
+        write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert_ne!(
+            read32(&mut t, 0x70) & DEVICE_NEEDS_RESET,
+            0,
+            "{reg:#x}={addr:#x}"
+        );
+        assert_eq!(irq.status(), INT_CONFIG);
+        assert_eq!(t.process_queue(0), None);
+    }
+}
+
+#[test]
+fn notify_before_driver_ok_processes_nothing() {
+    let mem = memory(1 << 20);
+    let mut d = Driver::new(&mem, QSIZE);
+    let (mut t, irq, evts) = transport(rng(), &mem);
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+    write32(&mut t, 0x24, 1);
+    write32(&mut t, 0x20, 1);
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    program_queue(&mut t, &d, QSIZE);
+    d.add(&[(BUF, 8, F_WRITE)]);
+    write32(&mut t, 0x50, 0);
+    assert_eq!(
+        evts[0].read().unwrap(),
+        1,
+        "the notification reaches the eventfd"
+    );
+    write32(&mut t, 0x50, 7); // no such queue: ignored
+    assert_eq!(t.process_queue(0), None);
+    assert_eq!(t.process_queue(5), None);
+    assert_eq!(d.used_idx(), 0);
+    assert_eq!(irq.status(), 0);
+    // Once the driver is OK the pending request is served.
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    t.process_queue(0);
+    assert_eq!(d.used_idx(), 1);
+}
+
+#[test]
+fn register_accesses_not_32_bits_wide() {
+    let mem = memory(1 << 20);
+    let (mut t, _, _) = transport(rng(), &mem);
+    for len in [0usize, 1, 2, 3, 8] {
+        let mut b = vec![0u8; len];
+        t.read(0x00, &mut b);
+        assert!(b.iter().all(|&x| x == 0xff), "{len}");
+        t.read(0x02, &mut b);
+        assert!(b.iter().all(|&x| x == 0xff), "{len}");
+    }
+    // Narrow or wide writes to the status register do nothing.
+    t.write(0x70, &[1]);
+    t.write(0x70, &[1, 0]);
+    t.write(0x70, &[1, 0, 0, 0, 0, 0, 0, 0]);
+    t.write(0x70, &[]);
+    assert_eq!(read32(&mut t, 0x70), 0);
+    // A 32-bit access at an unaligned offset is an unknown register.
+    write32(&mut t, 0x71, 1);
+    assert_eq!(read32(&mut t, 0x70), 0);
+    assert_eq!(read32(&mut t, 0x01), 0);
+}
+
+#[test]
+fn config_reads_at_odd_offsets_and_past_the_end() {
+    let mem = memory(1 << 20);
+    let image = TempImage::new(&vec![0; 0x1234 * 512]);
+    let (mut t, _, _) = transport(blk(&image), &mem);
+    let read = |t: &mut vigil_devices::virtio::mmio::MmioTransport, offset: u64, len: usize| {
+        let mut b = vec![0xaau8; len];
+        t.read(0x100 + offset, &mut b);
+        b
+    };
+    assert_eq!(read(&mut t, 0, 8), 0x1234u64.to_le_bytes());
+    assert_eq!(read(&mut t, 1, 1), [0x12]);
+    assert_eq!(read(&mut t, 1, 2), [0x12, 0]);
+    assert_eq!(read(&mut t, 3, 8), [0; 8]);
+    // write_zeroes_may_unmap is the last byte; past it everything reads zero.
+    assert_eq!(read(&mut t, 56, 8), [1, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(read(&mut t, 59, 4), [0; 4]);
+    assert_eq!(read(&mut t, 0xeff, 1), [0]);
+    assert_eq!(read(&mut t, 0xefc, 8), [0; 8]);
+    assert_eq!(read(&mut t, 0x10_0000, 8), [0; 8]);
+    assert_eq!(read(&mut t, 0, 0), [0; 0]);
+    // The rng has no config space at all.
+    let (mut t, _, _) = transport(rng(), &mem);
+    assert_eq!(read(&mut t, 0, 4), [0; 4]);
+    // Config writes are ignored, but bump the generation.
+    let generation = read32(&mut t, 0xfc);
+    t.write(0x100, &[1, 2, 3]);
+    assert_eq!(read(&mut t, 0, 4), [0; 4]);
+    assert_eq!(read32(&mut t, 0xfc), generation.wrapping_add(1));
+}
+
+#[test]
+fn a_broken_ring_needs_reset_and_a_reset_recovers() {
+    let mem = memory(1 << 20);
+    let mut d = Driver::new(&mem, QSIZE);
+    let image = TempImage::new(&[0; 4096]);
+    let (mut t, irq, _) = transport(blk(&image), &mem);
+    assert_eq!(bring_up(&mut t, &d, QSIZE), 15);
+    d.set_avail_idx(QSIZE + 1);
+    assert_eq!(t.process_queue(0), None);
+    assert_ne!(t.status() & DEVICE_NEEDS_RESET, 0);
+    assert_eq!(irq.status(), INT_CONFIG);
+    assert_eq!(d.used_idx(), 0);
+    // Stays broken: nothing more is processed.
+    d.set_avail_idx(1);
+    t.process_queue(0);
+    assert_eq!(d.used_idx(), 0);
+
+    let mut d = Driver::new(&mem, QSIZE);
+    assert_eq!(bring_up(&mut t, &d, QSIZE), 15);
+    d.add(&[(BUF, 16, 0), (BUF + 0x100, 1, F_WRITE)]); // a zeroed header: an empty read
+    t.process_queue(0);
+    assert_eq!(d.used(0), (0, 1));
+    assert_eq!(d.read(BUF + 0x100, 1), [0]);
+}

@@ -1,0 +1,196 @@
+//! What the fuzz targets share: a small guest memory with a hole, a split queue
+//! laid out from fuzz input, and a scratch disk image in memory.
+//!
+//! Addresses in the input are mostly "near" (inside or just past guest memory) so
+//! the fuzzer reaches the devices' request handling instead of only bouncing off
+//! address checks; "far" ones cover the rest of the 64-bit space.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+
+use libfuzzer_sys::arbitrary::{self, Arbitrary};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest memory: 64 KiB at 0, a 4 KiB hole, 4 KiB at 0x11000.
+pub const LOW: u64 = 0x1_0000;
+pub const HIGH: u64 = 0x1_1000;
+pub const HIGH_LEN: u64 = 0x1000;
+/// Where the queue's rings live (room for 256 entries each).
+pub const DESC_TABLE: u64 = 0;
+pub const AVAIL_RING: u64 = 0x1000;
+pub const USED_RING: u64 = 0x1400;
+/// Start of the area the input fills freely (headers, data, range lists).
+pub const DATA: u64 = 0x2000;
+
+pub fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), LOW as usize),
+        (GuestAddress(HIGH), HIGH_LEN as usize),
+    ])
+    .unwrap()
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum Addr {
+    /// Anywhere from 0 to just past the high region.
+    Near(u16),
+    /// In the high region, near its end.
+    High(u16),
+    Far(u64),
+}
+
+impl Addr {
+    pub fn get(self) -> u64 {
+        match self {
+            Addr::Near(a) => u64::from(a) % (HIGH + HIGH_LEN + 0x100),
+            Addr::High(a) => HIGH + u64::from(a) % (HIGH_LEN + 0x20),
+            Addr::Far(a) => a,
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum Len {
+    Small(u16),
+    Any(u32),
+}
+
+impl Len {
+    pub fn get(self) -> u32 {
+        match self {
+            Len::Small(n) => u32::from(n) % 0x2400,
+            Len::Any(n) => n,
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+pub struct Desc {
+    pub addr: Addr,
+    pub len: Len,
+    /// NEXT, WRITE, INDIRECT and whatever else.
+    pub flags: u16,
+    pub next: u16,
+}
+
+/// A write of guest memory before the device runs.
+#[derive(Arbitrary, Debug)]
+pub struct Poke {
+    pub at: Addr,
+    pub bytes: Vec<u8>,
+}
+
+/// One queue as the driver left it: descriptors, available ring and memory.
+#[derive(Arbitrary, Debug)]
+pub struct QueueInput {
+    /// log2 of the queue size (taken modulo 9: 1 to 256 entries).
+    pub size_log2: u8,
+    pub descs: Vec<Desc>,
+    pub avail: Vec<u16>,
+    /// How far the available index runs ahead of what was filled in.
+    pub avail_extra: u8,
+    pub pokes: Vec<Poke>,
+    /// Times to run the device, with the available index bumped in between.
+    pub rounds: Vec<u8>,
+}
+
+impl QueueInput {
+    pub fn size(&self) -> u16 {
+        1 << (self.size_log2 % 9)
+    }
+
+    /// Writes the queue into `mem` and returns it, ready.
+    pub fn install(&self, mem: &GuestMemoryMmap) -> Queue {
+        let size = self.size();
+        for p in &self.pokes {
+            // Ignore what falls outside memory, as a guest's store would fault.
+            let _ = mem.write(&p.bytes, GuestAddress(p.at.get()));
+        }
+        for (i, d) in self.descs.iter().take(usize::from(size)).enumerate() {
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&d.addr.get().to_le_bytes());
+            raw[8..12].copy_from_slice(&d.len.get().to_le_bytes());
+            raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+            raw[14..].copy_from_slice(&d.next.to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(DESC_TABLE + 16 * i as u64))
+                .unwrap();
+        }
+        let n = self.avail.len().min(usize::from(size));
+        for (i, head) in self.avail.iter().take(n).enumerate() {
+            mem.write_obj(*head, GuestAddress(AVAIL_RING + 4 + 2 * i as u64))
+                .unwrap();
+        }
+        let idx = (n as u16).wrapping_add(u16::from(self.avail_extra % 4));
+        mem.write_obj(0u16, GuestAddress(AVAIL_RING)).unwrap();
+        mem.write_obj(idx, GuestAddress(AVAIL_RING + 2)).unwrap();
+        mem.write_obj(0u32, GuestAddress(USED_RING)).unwrap();
+
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(size);
+        q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+        q.set_used_ring_address(Some(USED_RING as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
+        q
+    }
+
+    /// Bumps the available index by `by` (a driver adding or replaying entries).
+    pub fn bump(mem: &GuestMemoryMmap, by: u8) {
+        let idx: u16 = mem.read_obj(GuestAddress(AVAIL_RING + 2)).unwrap();
+        mem.write_obj(
+            idx.wrapping_add(u16::from(by % 8)),
+            GuestAddress(AVAIL_RING + 2),
+        )
+        .unwrap();
+    }
+}
+
+/// The used ring's index.
+pub fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+    mem.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+}
+
+/// Used ring entry `i` of a `size`-entry queue: (head, length).
+pub fn used(mem: &GuestMemoryMmap, size: u16, i: u16) -> (u32, u32) {
+    let at = USED_RING + 4 + 8 * u64::from(i % size);
+    (
+        mem.read_obj(GuestAddress(at)).unwrap(),
+        mem.read_obj(GuestAddress(at + 4)).unwrap(),
+    )
+}
+
+/// A disk image in memory (a memfd), reopened by path like a real image.
+pub struct Image {
+    file: File,
+    pub path: PathBuf,
+    pub len: u64,
+}
+
+impl Image {
+    pub fn new(len: u64) -> Self {
+        // SAFETY: a fresh memfd; the name is a valid C string.
+        let fd = unsafe { libc::memfd_create(c"vigil-fuzz-disk".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create failed");
+        // SAFETY: we own the new descriptor.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let image = Image { file, path, len };
+        image.reset();
+        image
+    }
+
+    /// Back to a known pattern (the previous run may have written it).
+    pub fn reset(&self) {
+        use std::os::unix::fs::FileExt;
+        self.file.set_len(0).unwrap();
+        let pattern: Vec<u8> = (0..self.len).map(|i| (i / 512) as u8 ^ 0xa5).collect();
+        self.file.write_all_at(&pattern, 0).unwrap();
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.path).unwrap()
+    }
+}
