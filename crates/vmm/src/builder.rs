@@ -2,6 +2,7 @@
 //! KVM VM, devices on their buses, the kernel and boot information, and vCPUs.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -124,12 +125,14 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let vm_fd = create_vm(&kvm_sys, &mem)?;
 
     let (events_tx, events_rx) = mpsc::channel();
-    let power_tx = Mutex::new(events_tx.clone());
+    // A power event ends the VM at once: the vCPU that raised it must not go back
+    // into the guest (which would run past its own power-off), so the stop flag is
+    // set here, before the waiting thread even hears of it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (power_tx, power_stop) = (events_tx.clone(), stop.clone());
     let power: PowerHandler = Arc::new(move |e| {
-        let _ = power_tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(VmEvent::Power(e));
+        power_stop.store(true, Ordering::Release);
+        let _ = power_tx.send(VmEvent::Power(e));
     });
 
     let console_out = match &config.console {
@@ -276,6 +279,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         mmio,
         subscribers,
         symbols,
+        stop,
         events_tx,
         events_rx,
     })

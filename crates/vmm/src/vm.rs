@@ -31,6 +31,8 @@ pub struct Vm {
     /// What the device event loop watches: console input, virtio queues.
     pub(crate) subscribers: Vec<Box<dyn MutEventSubscriber + Send>>,
     pub(crate) symbols: Option<SymbolTable>,
+    /// Set when the VM is ending; vCPU threads and the device loop leave then.
+    pub(crate) stop: Arc<AtomicBool>,
     pub(crate) events_tx: Sender<VmEvent>,
     pub(crate) events_rx: Receiver<VmEvent>,
 }
@@ -91,7 +93,7 @@ impl Vm {
     pub fn start(self) -> std::io::Result<RunningVm> {
         register_signal_handler(kick_signal(), kick_handler)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = self.stop;
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus {
             let ctx = VcpuContext {
