@@ -6,11 +6,10 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::block::check_avail_ring;
-use super::{DeviceBroken, QueueOutcome, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Device type (virtio 1.1, 5.5).
 pub const TYPE_BALLOON: u32 = 5;
@@ -204,18 +203,12 @@ impl VirtioDevice for Balloon {
             // Hand the held buffer back when fresh statistics are due: the guest
             // refills it and makes it available again.
             if let (Some(head), Some(Duration::ZERO)) = (self.stats_held, self.stats_due()) {
-                queue
-                    .add_used(mem, head, 0)
-                    .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))?;
+                add_used(queue, mem, head, 0)?;
                 self.stats_held = None;
                 used = true;
             }
         }
-        loop {
-            check_avail_ring(queue, mem)?;
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
+        while let Some(chain) = pop_chain(queue, mem)? {
             let head = chain.head_index();
             match role {
                 Role::Inflate | Role::Deflate => {
@@ -241,9 +234,7 @@ impl VirtioDevice for Balloon {
                     self.stats_last = Instant::now();
                     if let Some(old) = self.stats_held.replace(head) {
                         // A driver that sends a second buffer gets the first one back.
-                        queue.add_used(mem, old, 0).map_err(|e| {
-                            DeviceBroken(format!("cannot write the used ring: {e:?}"))
-                        })?;
+                        add_used(queue, mem, old, 0)?;
                         used = true;
                     }
                     continue;
@@ -258,9 +249,7 @@ impl VirtioDevice for Balloon {
                     }
                 }
             }
-            queue
-                .add_used(mem, head, 0)
-                .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))?;
+            add_used(queue, mem, head, 0)?;
             used = true;
         }
         match (role, self.stats_held.and(self.stats_due())) {
@@ -275,6 +264,7 @@ mod tests {
     use super::*;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::Bytes;
 
     const WRITE: u16 = 2;

@@ -8,10 +8,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{DeviceBroken, QueueOutcome, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use super::{
+    add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+};
 use crate::rate_limiter::{RateLimit, RateLimiter};
 
 /// Sector size the virtio-blk protocol counts in.
@@ -376,8 +378,7 @@ impl VirtioDevice for Block {
     ) -> Result<QueueOutcome, DeviceBroken> {
         let mut used = false;
         loop {
-            check_avail_ring(queue, mem)?;
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(queue, mem)? else {
                 return Ok(QueueOutcome::Done(used));
             };
             if let Err(wait) = self.limiter.consume(request_bytes(&chain)) {
@@ -393,9 +394,7 @@ impl VirtioDevice for Block {
                 self.errors += 1;
                 0
             });
-            queue
-                .add_used(mem, head, len)
-                .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))?;
+            add_used(queue, mem, head, len)?;
             used = true;
         }
     }
@@ -403,22 +402,4 @@ impl VirtioDevice for Block {
     fn rate_limiter(&self) -> Option<&RateLimiter> {
         Some(&self.limiter)
     }
-}
-
-/// Refuses an available ring whose index runs ahead of the queue size: a driver
-/// bug the device cannot recover from by itself.
-pub(crate) fn check_avail_ring(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceBroken> {
-    let avail = queue
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .map_err(|e| DeviceBroken(format!("cannot read the available ring: {e:?}")))?;
-    let pending = avail - std::num::Wrapping(queue.next_avail());
-    if pending.0 > queue.size() {
-        return Err(DeviceBroken(format!(
-            "available index {} is {} entries ahead of a {}-entry queue",
-            avail.0,
-            pending.0,
-            queue.size()
-        )));
-    }
-    Ok(())
 }

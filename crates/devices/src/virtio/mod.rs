@@ -16,7 +16,7 @@ pub mod vsock;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -153,4 +153,43 @@ pub trait VirtioDevice: Send {
     }
     /// The device is reset: forget any in-flight state.
     fn reset(&mut self) {}
+}
+
+/// The next chain the driver made available, after checking that the ring is sane.
+pub(crate) fn pop_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceBroken> {
+    check_avail_ring(queue, mem)?;
+    Ok(queue.pop_descriptor_chain(mem))
+}
+
+/// Returns the chain at `head` to the driver, `len` bytes written into it.
+pub(crate) fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), DeviceBroken> {
+    queue
+        .add_used(mem, head, len)
+        .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))
+}
+
+/// Refuses an available ring whose index runs ahead of the queue size: a driver
+/// bug the device cannot recover from by itself.
+fn check_avail_ring(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceBroken> {
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|e| DeviceBroken(format!("cannot read the available ring: {e:?}")))?;
+    let pending = avail - std::num::Wrapping(queue.next_avail());
+    if pending.0 > queue.size() {
+        return Err(DeviceBroken(format!(
+            "available index {} is {} entries ahead of a {}-entry queue",
+            avail.0,
+            pending.0,
+            queue.size()
+        )));
+    }
+    Ok(())
 }

@@ -14,8 +14,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::block::check_avail_ring;
-use super::{DeviceBroken, QueueOutcome, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use super::{
+    add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+};
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::tap::{Tap, VNET_HDR_LEN};
 
@@ -135,8 +136,7 @@ impl Net {
                     }
                 }
             }
-            check_avail_ring(queue, mem)?;
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(queue, mem)? else {
                 self.rx_blocked = true;
                 return Ok(QueueOutcome::Done(used));
             };
@@ -148,7 +148,7 @@ impl Net {
                     // keep the frame for the next one.
                     tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
                     self.counters.errors += 1;
-                    queue.add_used(mem, head, 0).map_err(used_ring)?;
+                    add_used(queue, mem, head, 0)?;
                     used = true;
                     continue;
                 }
@@ -186,7 +186,7 @@ impl Net {
                 }
             };
             self.rx_len = 0;
-            queue.add_used(mem, head, written).map_err(used_ring)?;
+            add_used(queue, mem, head, written)?;
             used = true;
         }
     }
@@ -199,8 +199,7 @@ impl Net {
     ) -> Result<QueueOutcome, DeviceBroken> {
         let mut used = false;
         loop {
-            check_avail_ring(queue, mem)?;
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(queue, mem)? else {
                 return Ok(QueueOutcome::Done(used));
             };
             let head = chain.head_index();
@@ -239,14 +238,10 @@ impl Net {
                     self.counters.errors += 1;
                 }
             }
-            queue.add_used(mem, head, 0).map_err(used_ring)?;
+            add_used(queue, mem, head, 0)?;
             used = true;
         }
     }
-}
-
-fn used_ring(e: virtio_queue::Error) -> DeviceBroken {
-    DeviceBroken(format!("cannot write the used ring: {e:?}"))
 }
 
 impl VirtioDevice for Net {

@@ -2,11 +2,12 @@
 
 use std::io::Write;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
-use super::block::check_avail_ring;
-use super::{DeviceBroken, QueueOutcome, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use super::{
+    add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+};
 use crate::rate_limiter::{RateLimit, RateLimiter};
 
 const QUEUE_SIZE: u16 = 256;
@@ -76,8 +77,7 @@ impl VirtioDevice for Rng {
     ) -> Result<QueueOutcome, DeviceBroken> {
         let mut used = false;
         loop {
-            check_avail_ring(queue, mem)?;
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(queue, mem)? else {
                 return Ok(QueueOutcome::Done(used));
             };
             let head = chain.head_index();
@@ -104,9 +104,7 @@ impl VirtioDevice for Rng {
                 }
             };
             self.bytes += len as u64;
-            queue
-                .add_used(mem, head, len as u32)
-                .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))?;
+            add_used(queue, mem, head, len as u32)?;
             used = true;
         }
     }

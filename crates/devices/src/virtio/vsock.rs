@@ -26,8 +26,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::block::check_avail_ring;
-use super::{DeviceBroken, QueueOutcome, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{
+    add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -404,8 +405,7 @@ impl Vsock {
     ) -> Result<bool, DeviceBroken> {
         let mut used = false;
         loop {
-            check_avail_ring(queue, mem)?;
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(queue, mem)? else {
                 return Ok(used);
             };
             let head = chain.head_index();
@@ -443,7 +443,7 @@ impl Vsock {
                     self.counters.dropped += 1;
                 }
             }
-            queue.add_used(mem, head, 0).map_err(used_ring)?;
+            add_used(queue, mem, head, 0)?;
             used = true;
         }
     }
@@ -480,8 +480,7 @@ impl Vsock {
                     return Ok(used);
                 }
             }
-            check_avail_ring(queue, mem)?;
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(queue, mem)? else {
                 self.rx_ready = false;
                 return Ok(used);
             };
@@ -490,7 +489,7 @@ impl Vsock {
                 Ok(w) if w.available_bytes() >= HDR_LEN => w,
                 _ => {
                     self.counters.dropped += 1;
-                    queue.add_used(mem, head, 0).map_err(used_ring)?;
+                    add_used(queue, mem, head, 0)?;
                     used = true;
                     continue;
                 }
@@ -541,7 +540,7 @@ impl Vsock {
                 self.counters.dropped += 1;
                 0
             };
-            queue.add_used(mem, head, written).map_err(used_ring)?;
+            add_used(queue, mem, head, written)?;
             used = true;
         }
     }
@@ -609,10 +608,6 @@ impl Vsock {
             None => Ok(false),
         }
     }
-}
-
-fn used_ring(e: virtio_queue::Error) -> DeviceBroken {
-    DeviceBroken(format!("cannot write the used ring: {e:?}"))
 }
 
 impl VirtioDevice for Vsock {
