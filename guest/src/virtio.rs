@@ -43,7 +43,7 @@ const QUEUE_DESC: u64 = 0x080;
 const QUEUE_DRIVER: u64 = 0x090;
 const QUEUE_DEVICE: u64 = 0x0a0;
 const CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG: u64 = 0x100;
+pub(crate) const CONFIG: u64 = 0x100;
 
 const MAGIC_VALUE: u32 = 0x7472_6976;
 
@@ -235,7 +235,7 @@ pub(crate) struct Dev {
 }
 
 impl Dev {
-    fn read(self, reg: u64) -> u32 {
+    pub(crate) fn read(self, reg: u64) -> u32 {
         rd(self.base + reg)
     }
 
@@ -244,7 +244,7 @@ impl Dev {
         rd(self.base + CONFIG + offset)
     }
 
-    fn write(self, reg: u64, value: u32) {
+    pub(crate) fn write(self, reg: u64, value: u32) {
         wr(self.base + reg, value)
     }
 
@@ -1043,14 +1043,4 @@ fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), 
     }
     detail.str("requests=").dec(BENCH_REQUESTS);
     Ok(())
-}
-
-/// At CPL0: the register base of the first modern device of type `id` on the command
-/// line (its page mapped uncacheable), for drivers kept in their own files.
-pub fn find_base(machine: &Machine, id: u32) -> Option<u64> {
-    discover(machine)
-        .bases()
-        .iter()
-        .copied()
-        .find(|&base| rd::<u32>(base + MAGIC) == MAGIC_VALUE && rd::<u32>(base + DEVICE_ID) == id)
 }
