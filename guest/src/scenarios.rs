@@ -26,6 +26,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"blk-bench" => virtio::blk_bench(machine, detail),
         b"balloon" => crate::balloon::balloon(machine, detail),
         b"net" => net::net(machine, detail),
+        b"net-bench" => net::net_bench(machine, detail),
         b"vsock" => vsock::vsock(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),

@@ -1,6 +1,6 @@
 //! `vigil bench`: run the test guest with Vigil and with a peer VMM (QEMU microvm)
 //! in the same invocation, and compare: start-up time and memory overhead
-//! (`boot`), virtio-blk throughput (`blk`).
+//! (`boot`), virtio-blk and virtio-net throughput (`blk`, `net`).
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -256,8 +256,8 @@ fn mib(kib: u64) -> String {
 }
 
 #[derive(Args, Debug)]
-pub struct BlkBenchArgs {
-    /// Rounds per VMM (each: 4000 reads and 4000 writes of 4 KiB).
+pub struct DeviceBenchArgs {
+    /// Rounds per VMM; the table shows the median.
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub runs: usize,
 
@@ -266,103 +266,192 @@ pub struct BlkBenchArgs {
     pub qemu: String,
 }
 
-/// Runs the guest's `blk-bench` on a fresh 64 MiB image; its figures by name.
-fn blk_once(vmm: &Vmm, image: &Path) -> anyhow::Result<Vec<(String, u64)>> {
-    std::fs::File::create(image)?.set_len(64 << 20)?;
-    let mut cmd = vmm.command("test=blk-bench");
-    if vmm.name == "vigil" {
-        cmd.arg("--disk").arg(format!("path={}", image.display()));
-    } else {
-        cmd.args(["-global", "virtio-mmio.force-legacy=false", "-drive"])
-            .arg(format!(
-                "id=d0,file={},format=raw,if=none,cache=writeback",
-                image.display()
-            ))
-            .args(["-device", "virtio-blk-device,drive=d0"]);
-    }
+/// A benchmark the test guest runs against one virtio device.
+struct DeviceBench {
+    /// The guest scenario; its PASS line carries `key=value` figures.
+    scenario: &'static str,
+    /// The figures to report, in table order.
+    keys: &'static [&'static str],
+    /// What the table's caption says.
+    caption: &'static str,
+}
+
+/// Runs `bench.scenario` once; `attach` adds the device to the VMM's command line.
+fn device_once(
+    vmm: &Vmm,
+    bench: &DeviceBench,
+    attach: &dyn Fn(&Vmm, &mut Command),
+) -> anyhow::Result<Vec<u64>> {
+    let mut cmd = vmm.command(&format!("test={}", bench.scenario));
+    attach(vmm, &mut cmd);
     let out = cmd
         .output()
         .with_context(|| format!("cannot start {}", vmm.program.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("TEST {} PASS", bench.scenario);
     let line = text
         .lines()
-        .find(|l| l.starts_with("TEST blk-bench PASS"))
-        .with_context(|| format!("{}: blk-bench did not pass: {text}", vmm.name))?;
-    Ok(line
+        .find(|l| l.starts_with(&prefix))
+        .with_context(|| format!("{}: {} did not pass: {text}", vmm.name, bench.scenario))?;
+    let figures: Vec<(&str, u64)> = line
         .split_whitespace()
         .filter_map(|w| w.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect())
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    bench
+        .keys
+        .iter()
+        .map(|k| {
+            figures
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| *v)
+                .with_context(|| format!("{}: no {k} in {line}", vmm.name))
+        })
+        .collect()
 }
 
-pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
+/// Runs `bench` under Vigil and the peer and prints the medians with ratios.
+fn device_bench(
+    args: &DeviceBenchArgs,
+    bench: &DeviceBench,
+    attach: &dyn Fn(&Vmm, &mut Command),
+) -> anyhow::Result<()> {
     if args.runs == 0 {
         bail!("--runs 0: need at least one round");
     }
-    let tmp = std::env::temp_dir();
-    let guest_file = tmp.join(format!("vigil-bench-guest-{}.elf", std::process::id()));
-    let image = tmp.join(format!("vigil-bench-disk-{}.img", std::process::id()));
+    let guest_file =
+        std::env::temp_dir().join(format!("vigil-bench-guest-{}.elf", std::process::id()));
     let mut vmms = vec![vigil(128)?];
     if args.qemu != "none" {
         std::fs::write(&guest_file, vigil_test_guest::ELF)
             .context("cannot write the guest image")?;
         vmms.push(qemu(&args.qemu, &guest_file, 128));
     }
-    let keys = ["read_iops", "read_kib_s", "write_iops", "write_kib_s"];
     let mut medians: Vec<Vec<u64>> = Vec::new();
     for vmm in &vmms {
-        let mut rounds: Vec<Vec<(String, u64)>> = Vec::new();
+        let mut rounds = Vec::new();
         for i in 0..args.runs {
-            rounds.push(blk_once(vmm, &image)?);
+            let round = device_once(vmm, bench, attach);
+            if round.is_err() {
+                std::fs::remove_file(&guest_file).ok();
+            }
+            rounds.push(round?);
             eprint!("\r{}: {}/{} rounds", vmm.name, i + 1, args.runs);
         }
         eprintln!();
         medians.push(
-            keys.iter()
+            (0..bench.keys.len())
                 .map(|k| {
-                    let mut v: Vec<u64> = rounds
-                        .iter()
-                        .filter_map(|r| r.iter().find(|(n, _)| n == k).map(|(_, v)| *v))
-                        .collect();
+                    let mut v: Vec<u64> = rounds.iter().map(|r| r[k]).collect();
                     v.sort();
-                    v.get(v.len() / 2).copied().unwrap_or(0)
+                    v[v.len() / 2]
                 })
                 .collect(),
         );
     }
     std::fs::remove_file(&guest_file).ok();
-    std::fs::remove_file(&image).ok();
 
-    println!(
-        "virtio-blk, 4 KiB requests at queue depth 1 from the test guest (CPL3 polling driver), \
-         raw 64 MiB image, median of {} rounds of 4000 reads and 4000 writes:\n",
-        args.runs
-    );
-    println!("| VMM | read IOPS | read MiB/s | write IOPS | write MiB/s |");
-    println!("|---|---|---|---|---|");
-    let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+    println!("{}, median of {} rounds:\n", bench.caption, args.runs);
+    println!("| VMM | {} |", bench.keys.join(" | "));
+    println!("|---|{}", "---|".repeat(bench.keys.len()));
     for (vmm, m) in vmms.iter().zip(&medians) {
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            vmm.name,
-            m[0],
-            mib(m[1]),
-            m[2],
-            mib(m[3])
-        );
+        let cells: Vec<String> = m.iter().map(u64::to_string).collect();
+        println!("| {} | {} |", vmm.name, cells.join(" | "));
     }
     if let [ours, peer] = &medians[..] {
-        let r = |i: usize| format!("{:.2}", ours[i] as f64 / peer[i].max(1) as f64);
-        println!(
-            "| ratio vigil/{} | {} | {} | {} | {} |",
-            vmms[1].name,
-            r(0),
-            r(1),
-            r(2),
-            r(3)
-        );
+        let cells: Vec<String> = ours
+            .iter()
+            .zip(peer)
+            .map(|(a, b)| format!("{:.2}", *a as f64 / (*b).max(1) as f64))
+            .collect();
+        println!("| ratio vigil/{} | {} |", vmms[1].name, cells.join(" | "));
     }
     Ok(())
+}
+
+pub fn run_blk(args: DeviceBenchArgs) -> anyhow::Result<()> {
+    let image = std::env::temp_dir().join(format!("vigil-bench-disk-{}.img", std::process::id()));
+    let bench = DeviceBench {
+        scenario: "blk-bench",
+        keys: &["read_iops", "read_kib_s", "write_iops", "write_kib_s"],
+        caption: "virtio-blk, 4 KiB requests at queue depth 1 from the test guest (CPL3 polling \
+                  driver), fresh raw 64 MiB image per round, 4000 reads then 4000 writes",
+    };
+    let attach = |vmm: &Vmm, cmd: &mut Command| {
+        // A fresh image each round; creation errors show up as the VMM's own.
+        if let Ok(f) = std::fs::File::create(&image) {
+            let _ = f.set_len(64 << 20);
+        }
+        if vmm.name == "vigil" {
+            cmd.arg("--disk").arg(format!("path={}", image.display()));
+        } else {
+            cmd.args(["-global", "virtio-mmio.force-legacy=false", "-drive"])
+                .arg(format!(
+                    "id=d0,file={},format=raw,if=none,cache=writeback",
+                    image.display()
+                ))
+                .args(["-device", "virtio-blk-device,drive=d0"]);
+        }
+    };
+    let result = device_bench(&args, &bench, &attach);
+    std::fs::remove_file(&image).ok();
+    result
+}
+
+/// Creates tap `name` (up, no address) with iproute2, removed on drop.
+struct Tap(String);
+
+impl Tap {
+    fn new(name: String) -> anyhow::Result<Self> {
+        for args in [
+            vec!["tuntap", "add", &name, "mode", "tap"],
+            vec!["link", "set", &name, "up"],
+        ] {
+            let status = Command::new("ip")
+                .args(&args)
+                .status()
+                .context("cannot run ip (iproute2) to create a tap")?;
+            if !status.success() {
+                bail!(
+                    "ip {} failed (creating taps needs root or CAP_NET_ADMIN)",
+                    args.join(" ")
+                );
+            }
+        }
+        Ok(Tap(name))
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.0])
+            .status();
+    }
+}
+
+pub fn run_net(args: DeviceBenchArgs) -> anyhow::Result<()> {
+    let tap = Tap::new(format!("vgbench{}", std::process::id() % 10000))?;
+    let bench = DeviceBench {
+        scenario: "net-bench",
+        keys: &["tx_pps"],
+        caption: "virtio-net on a tap, 60-byte frames sent one at a time by the test guest \
+                  (CPL3 polling driver), 20000 frames",
+    };
+    let attach = |vmm: &Vmm, cmd: &mut Command| {
+        if vmm.name == "vigil" {
+            cmd.arg("--net").arg(format!("tap={}", tap.0));
+        } else {
+            cmd.args(["-global", "virtio-mmio.force-legacy=false", "-netdev"])
+                .arg(format!(
+                    "tap,id=n0,ifname={},script=no,downscript=no",
+                    tap.0
+                ))
+                .args(["-device", "virtio-net-device,netdev=n0"]);
+        }
+    };
+    device_bench(&args, &bench, &attach)
 }
 
 pub fn run(args: BootBenchArgs) -> anyhow::Result<()> {

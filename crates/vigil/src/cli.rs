@@ -71,7 +71,11 @@ pub enum BenchCommand {
     /// Run the test guest's virtio-blk benchmark (4 KiB requests, reads then
     /// writes) under Vigil and under QEMU microvm, and print IOPS and MiB/s with
     /// ratios.
-    Blk(crate::bench::BlkBenchArgs),
+    Blk(crate::bench::DeviceBenchArgs),
+    /// Run the test guest's virtio-net transmit benchmark (minimum-size frames to a
+    /// tap this command creates, so it needs root) under Vigil and under QEMU
+    /// microvm, and print packets per second with the ratio.
+    Net(crate::bench::DeviceBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -262,6 +266,10 @@ impl Command {
             }
             Command::Bench(BenchCommand::Blk(args)) => {
                 crate::bench::run_blk(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchCommand::Net(args)) => {
+                crate::bench::run_net(args)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Guest(GuestCommand::Export { path }) => {
