@@ -44,7 +44,7 @@ fuzz_target!(|input: Input| {
         let before = used_idx(&mem);
         match dev.process_queue(0, &mut queue, &mem) {
             Ok(QueueOutcome::Done(_)) => {}
-            Ok(QueueOutcome::Throttled(..)) => panic!("throttled without a rate limit"),
+            Ok(QueueOutcome::RetryAfter(..)) => panic!("throttled without a rate limit"),
             // The transport sets DEVICE_NEEDS_RESET; the driver must reset.
             Err(_) => break,
         }

@@ -21,7 +21,7 @@ fuzz_target!(|input: QueueInput| {
         let before = used_idx(&mem);
         let broken = match dev.process_queue(0, &mut queue, &mem) {
             Ok(QueueOutcome::Done(_)) => false,
-            Ok(QueueOutcome::Throttled(..)) => panic!("throttled without a rate limit"),
+            Ok(QueueOutcome::RetryAfter(..)) => panic!("throttled without a rate limit"),
             Err(_) => true,
         };
         let done = used_idx(&mem).wrapping_sub(before);
