@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    add_used, copy_config, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// Device type (virtio 1.1, 5.5).
 pub const TYPE_BALLOON: u32 = 5;
@@ -177,9 +179,7 @@ impl VirtioDevice for Balloon {
         let mut config = [0u8; 8];
         config[..4].copy_from_slice(&self.target_pages.to_le_bytes());
         config[4..].copy_from_slice(&self.actual_pages.to_le_bytes());
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data[..end - start].copy_from_slice(&config[start..end]);
+        copy_config(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

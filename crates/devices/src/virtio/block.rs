@@ -12,7 +12,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
 
@@ -365,9 +366,7 @@ impl VirtioDevice for Block {
         config[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
         config[52..56].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes());
         config[56] = 1; // write_zeroes_may_unmap
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data[..end - start].copy_from_slice(&config[start..end]);
+        copy_config(&config, offset, data);
     }
 
     fn process_queue(

@@ -155,6 +155,16 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {}
 }
 
+/// Copies the part of a device's config space `config` that a read of
+/// `data.len()` bytes at `offset` covers; bytes past its end stay as they are.
+pub(crate) fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
+    let end = start.saturating_add(data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
+}
+
 /// The next chain the driver made available, after checking that the ring is sane.
 pub(crate) fn pop_chain<'a>(
     queue: &mut Queue,

@@ -15,7 +15,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::tap::{Tap, VNET_HDR_LEN};
@@ -261,9 +262,7 @@ impl VirtioDevice for Net {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac);
         config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data[..end - start].copy_from_slice(&config[start..end]);
+        copy_config(&config, offset, data);
     }
 
     fn process_queue(

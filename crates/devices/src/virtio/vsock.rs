@@ -27,7 +27,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -625,9 +626,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.cid.to_le_bytes();
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data[..end - start].copy_from_slice(&config[start..end]);
+        copy_config(&config, offset, data);
     }
 
     fn process_queue(
