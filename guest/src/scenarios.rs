@@ -47,7 +47,9 @@ fn acpi_poweroff(machine: &Machine, detail: &mut Line) -> bool {
     match acpi::sleep_control_port(machine.info.rsdp) {
         Some(port) => {
             cpu::outb(port, S5_SLEEP_CONTROL);
-            detail.str("still running after writing S5 to port ").hex(u64::from(port));
+            detail
+                .str("still running after writing S5 to port ")
+                .hex(u64::from(port));
         }
         None => {
             detail.str("no FADT sleep control register in I/O space");

@@ -306,7 +306,12 @@ impl Dev {
 
 /// The first device with `id` whose features satisfy `wanted` (any version: a legacy
 /// device is reported, not skipped).
-pub(crate) fn find(devices: &Devices, clock: Clock, id: u32, wanted: impl Fn(u64) -> bool) -> Option<Dev> {
+pub(crate) fn find(
+    devices: &Devices,
+    clock: Clock,
+    id: u32,
+    wanted: impl Fn(u64) -> bool,
+) -> Option<Dev> {
     devices
         .bases()
         .iter()
@@ -644,6 +649,36 @@ pub(crate) fn run_at_cpl3(
     pass
 }
 
+/// Runs `body` at CPL3 on queue 0 of the first device of type `id` whose offered
+/// features satisfy `wanted`, set up with `features`; resets the device after.
+fn with_queue0(
+    machine: &Machine,
+    detail: &mut Line,
+    id: u32,
+    wanted: impl Fn(u64) -> bool,
+    missing: &str,
+    features: u64,
+    body: impl Fn(&mut Queue, Clock, &mut Line) -> Result<(), ()>,
+) -> bool {
+    run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = find(devices, clock, id, &wanted) else {
+            detail.str(missing);
+            list_devices(devices, detail);
+            return Err(());
+        };
+        let mut q = match setup(dev, clock, features, true) {
+            Ok(q) => q,
+            Err(error) => {
+                detail.str(error);
+                return Err(());
+            }
+        };
+        let result = body(&mut q, clock, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
 /// Writes `what: error` to the detail.
 fn fail<T>(detail: &mut Line, what: &str, error: &str) -> Result<T, ()> {
     detail.str(what).str(": ").str(error);
@@ -670,23 +705,15 @@ pub fn pattern(sector: u64, i: u64) -> u8 {
 const PATTERN_SECTORS: u64 = (DATA_LEN / SECTOR) as u64;
 
 pub fn blk(machine: &Machine, detail: &mut Line) -> bool {
-    run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = find(devices, clock, ID_BLK, |f| f & BLK_F_RO == 0) else {
-            detail.str("no virtio-blk device without VIRTIO_BLK_F_RO");
-            list_devices(devices, detail);
-            return Err(());
-        };
-        let mut q = match setup(dev, clock, BLK_F_FLUSH, true) {
-            Ok(q) => q,
-            Err(error) => {
-                detail.str(error);
-                return Err(());
-            }
-        };
-        let result = blk_body(&mut q, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    with_queue0(
+        machine,
+        detail,
+        ID_BLK,
+        |f| f & BLK_F_RO == 0,
+        "no virtio-blk device without VIRTIO_BLK_F_RO",
+        BLK_F_FLUSH,
+        |q, _clock, detail| blk_body(q, detail),
+    )
 }
 
 fn blk_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
@@ -751,23 +778,15 @@ fn blk_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
 }
 
 pub fn blk_ro(machine: &Machine, detail: &mut Line) -> bool {
-    run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = find(devices, clock, ID_BLK, |f| f & BLK_F_RO != 0) else {
-            detail.str("no virtio-blk device with VIRTIO_BLK_F_RO");
-            list_devices(devices, detail);
-            return Err(());
-        };
-        let mut q = match setup(dev, clock, BLK_F_RO, true) {
-            Ok(q) => q,
-            Err(error) => {
-                detail.str(error);
-                return Err(());
-            }
-        };
-        let result = blk_ro_body(&mut q, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    with_queue0(
+        machine,
+        detail,
+        ID_BLK,
+        |f| f & BLK_F_RO != 0,
+        "no virtio-blk device with VIRTIO_BLK_F_RO",
+        BLK_F_RO,
+        |q, _clock, detail| blk_ro_body(q, detail),
+    )
 }
 
 fn blk_ro_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
@@ -804,23 +823,15 @@ fn blk_ro_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
 }
 
 pub fn rng(machine: &Machine, detail: &mut Line) -> bool {
-    run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = find(devices, clock, ID_RNG, |_| true) else {
-            detail.str("no virtio-rng device");
-            list_devices(devices, detail);
-            return Err(());
-        };
-        let mut q = match setup(dev, clock, 0, true) {
-            Ok(q) => q,
-            Err(error) => {
-                detail.str(error);
-                return Err(());
-            }
-        };
-        let result = rng_body(&mut q, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    with_queue0(
+        machine,
+        detail,
+        ID_RNG,
+        |_| true,
+        "no virtio-rng device",
+        0,
+        |q, _clock, detail| rng_body(q, detail),
+    )
 }
 
 fn rng_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
@@ -996,23 +1007,15 @@ const BENCH_REQUESTS: u64 = 4000;
 /// `blk-bench`: 4 KiB requests, one at a time, reads then writes, over the first
 /// 64 MiB of the first writable disk, timed with the TSC at CPL3.
 pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
-    run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = find(devices, clock, ID_BLK, |f| f & BLK_F_RO == 0) else {
-            detail.str("no virtio-blk device without VIRTIO_BLK_F_RO");
-            list_devices(devices, detail);
-            return Err(());
-        };
-        let mut q = match setup(dev, clock, 0, true) {
-            Ok(q) => q,
-            Err(error) => {
-                detail.str(error);
-                return Err(());
-            }
-        };
-        let result = blk_bench_body(&mut q, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    with_queue0(
+        machine,
+        detail,
+        ID_BLK,
+        |f| f & BLK_F_RO == 0,
+        "no virtio-blk device without VIRTIO_BLK_F_RO",
+        0,
+        |q, clock, detail| blk_bench_body(q, clock, detail),
+    )
 }
 
 fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), ()> {
@@ -1022,7 +1025,10 @@ fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), 
         detail.str("disk smaller than 4 KiB");
         return Err(());
     }
-    for (kind, buffer, name) in [(BLK_T_IN, READ_BUF, "read"), (BLK_T_OUT, WRITE_BUF, "write")] {
+    for (kind, buffer, name) in [
+        (BLK_T_IN, READ_BUF, "read"),
+        (BLK_T_OUT, WRITE_BUF, "write"),
+    ] {
         let start = rdtsc();
         for i in 0..BENCH_REQUESTS {
             let sector = (i * per_request) % span;

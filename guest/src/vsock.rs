@@ -57,7 +57,8 @@ impl Conn {
         for (i, &b) in payload.iter().enumerate() {
             wr(p + HDR + i as u64, b);
         }
-        self.tx.desc(0, p, (HDR as usize + payload.len()) as u32, 0, 0);
+        self.tx
+            .desc(0, p, (HDR as usize + payload.len()) as u32, 0, 0);
         self.tx.push_avail(0);
         self.tx.notify();
         self.tx.wait_used(2000).map(|_| ())
@@ -188,10 +189,6 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
             break;
         }
     }
-    detail
-        .str("cid=")
-        .dec(c.cid)
-        .str(" echoed=")
-        .dec(echoed);
+    detail.str("cid=").dec(c.cid).str(" echoed=").dec(echoed);
     Ok(())
 }
