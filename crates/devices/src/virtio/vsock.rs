@@ -208,6 +208,11 @@ pub struct VsockCounters {
     pub dropped: u64,
 }
 
+/// Most control packets (RST, RESPONSE, credit updates) waiting for receive buffers.
+const MAX_CONTROL: usize = 1024;
+/// Most open streams (each holds a host socket), whoever opened them.
+const MAX_CONNECTIONS: usize = 1024;
+
 /// A virtio-vsock device.
 pub struct Vsock {
     cid: u64,
@@ -277,9 +282,20 @@ impl Vsock {
         }
     }
 
+    /// Queues a control packet for the guest. A guest that floods the transmit
+    /// queue without giving receive buffers cannot grow this without bound: past
+    /// [`MAX_CONTROL`] packets, new ones are dropped (and counted).
+    fn queue_control(&mut self, hdr: Header) {
+        if self.control.len() >= MAX_CONTROL {
+            self.counters.dropped += 1;
+            return;
+        }
+        self.control.push_back(hdr);
+    }
+
     fn rst_for(&mut self, hdr: &Header) {
         self.counters.resets_sent += 1;
-        self.control.push_back(Header {
+        self.queue_control(Header {
             src_cid: HOST_CID,
             dst_cid: self.cid,
             src_port: hdr.dst_port,
@@ -299,7 +315,7 @@ impl Vsock {
     fn reset_conn(&mut self, i: usize) {
         let rst = self.header(&self.conns[i], OP_RST);
         self.counters.resets_sent += 1;
-        self.control.push_back(rst);
+        self.queue_control(rst);
         self.close(i);
     }
 
@@ -329,6 +345,13 @@ impl Vsock {
             conn.peer_fwd_cnt = hdr.fwd_cnt;
         }
         match (hdr.op, found) {
+            (OP_REQUEST, None) if self.conns.len() >= MAX_CONNECTIONS => {
+                tracing::debug!(
+                    port = hdr.dst_port,
+                    "vsock connection refused: too many open"
+                );
+                self.rst_for(&hdr);
+            }
             (OP_REQUEST, None) => {
                 let path = format!("{}_{}", self.uds.display(), hdr.dst_port);
                 match UnixStream::connect(&path).and_then(|s| {
@@ -340,7 +363,7 @@ impl Vsock {
                             Conn::new(stream, State::Established, hdr.dst_port, hdr.src_port);
                         conn.peer_buf_alloc = hdr.buf_alloc;
                         conn.peer_fwd_cnt = hdr.fwd_cnt;
-                        self.control.push_back(self.header(&conn, OP_RESPONSE));
+                        self.queue_control(self.header(&conn, OP_RESPONSE));
                         self.conns.push(conn);
                         self.counters.connections += 1;
                     }
@@ -393,7 +416,7 @@ impl Vsock {
             (OP_CREDIT_REQUEST, Some(i)) => {
                 let update = self.header(&self.conns[i], OP_CREDIT_UPDATE);
                 self.conns[i].fwd_cnt_sent = self.conns[i].fwd_cnt;
-                self.control.push_back(update);
+                self.queue_control(update);
             }
             (_, Some(i)) => self.reset_conn(i),
         }
@@ -551,7 +574,9 @@ impl Vsock {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_err() {
+                    // Past the limit the host client is simply closed.
+                    if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err()
+                    {
                         continue;
                     }
                     let port = self.next_port;
@@ -595,7 +620,7 @@ impl Vsock {
         conn.peer_port = port;
         conn.state = State::Connecting;
         let request = self.header(&self.conns[i], OP_REQUEST);
-        self.control.push_back(request);
+        self.queue_control(request);
         self.counters.connections += 1;
     }
 
@@ -714,6 +739,33 @@ impl VirtioDevice for Vsock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_packets_waiting_for_the_guest_are_bounded() {
+        let dir = std::env::temp_dir().join(format!("vigil-vsock-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut v = Vsock::new(&VsockConfig {
+            cid: 3,
+            uds: dir.join("v.sock"),
+        })
+        .unwrap();
+        // A guest that connects to closed ports without ever posting receive buffers.
+        let request = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 5000,
+            dst_port: 9,
+            kind: TYPE_STREAM,
+            op: OP_RST,
+            ..Header::default()
+        };
+        for _ in 0..MAX_CONTROL + 500 {
+            v.rst_for(&request);
+        }
+        assert_eq!(v.control.len(), MAX_CONTROL);
+        assert_eq!(v.counters.dropped, 500);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn header_round_trips() {
