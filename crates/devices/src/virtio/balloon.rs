@@ -10,7 +10,8 @@ use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    add_used, copy_config, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
+    VIRTIO_F_VERSION_1, YIELD,
 };
 
 /// Device type (virtio 1.1, 5.5).
@@ -208,7 +209,13 @@ impl VirtioDevice for Balloon {
                 used = true;
             }
         }
-        while let Some(chain) = pop_chain(queue, mem)? {
+        let mut budget = Budget::of(queue);
+        loop {
+            let chain = match pop_chain(queue, mem, &mut budget)? {
+                Next::Chain(chain) => chain,
+                Next::Empty => break,
+                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
+            };
             let head = chain.head_index();
             match role {
                 Role::Inflate | Role::Deflate => {

@@ -12,8 +12,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    add_used, copy_config, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1, YIELD,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
 
@@ -376,9 +376,12 @@ impl VirtioDevice for Block {
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
         let mut used = false;
+        let mut budget = Budget::of(queue);
         loop {
-            let Some(chain) = pop_chain(queue, mem)? else {
-                return Ok(QueueOutcome::Done(used));
+            let chain = match pop_chain(queue, mem, &mut budget)? {
+                Next::Chain(chain) => chain,
+                Next::Empty => return Ok(QueueOutcome::Done(used)),
+                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
             };
             if let Err(wait) = self.limiter.consume(request_bytes(&chain)) {
                 queue.go_to_previous_position();

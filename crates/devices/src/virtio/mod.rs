@@ -165,13 +165,48 @@ pub(crate) fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..end - start].copy_from_slice(&config[start..end]);
 }
 
+/// How many more chains a device may take from one queue in this call. A device
+/// stops there and asks to be called again, so a guest that keeps refilling a queue
+/// cannot hold the device event loop, which every device of the VM shares.
+pub(crate) struct Budget(u16);
+
+impl Budget {
+    /// One queue's worth.
+    pub(crate) fn of(queue: &Queue) -> Self {
+        Self(queue.size().max(1))
+    }
+}
+
+/// What [`pop_chain`] found.
+pub(crate) enum Next<'a> {
+    /// A chain to serve.
+    Chain(DescriptorChain<&'a GuestMemoryMmap>),
+    /// Nothing is available.
+    Empty,
+    /// More is available but the budget is spent: return [`YIELD`].
+    Later,
+}
+
+/// What a device returns when its budget ran out: call again at once (after the
+/// event loop has served everything else).
+pub(crate) const YIELD: std::time::Duration = std::time::Duration::ZERO;
+
 /// The next chain the driver made available, after checking that the ring is sane.
 pub(crate) fn pop_chain<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceBroken> {
-    check_avail_ring(queue, mem)?;
-    Ok(queue.pop_descriptor_chain(mem))
+    budget: &mut Budget,
+) -> Result<Next<'a>, DeviceBroken> {
+    if pending(queue, mem)? == 0 {
+        return Ok(Next::Empty);
+    }
+    if budget.0 == 0 {
+        return Ok(Next::Later);
+    }
+    budget.0 -= 1;
+    Ok(queue
+        .pop_descriptor_chain(mem)
+        .map_or(Next::Empty, Next::Chain))
 }
 
 /// Returns the chain at `head` to the driver, `len` bytes written into it.
@@ -186,9 +221,9 @@ pub(crate) fn add_used(
         .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e:?}")))
 }
 
-/// Refuses an available ring whose index runs ahead of the queue size: a driver
-/// bug the device cannot recover from by itself.
-fn check_avail_ring(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceBroken> {
+/// How many chains are available, refusing an available ring whose index runs
+/// ahead of the queue size: a driver bug the device cannot recover from by itself.
+fn pending(queue: &Queue, mem: &GuestMemoryMmap) -> Result<u16, DeviceBroken> {
     let avail = queue
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
         .map_err(|e| DeviceBroken(format!("cannot read the available ring: {e:?}")))?;
@@ -201,5 +236,45 @@ fn check_avail_ring(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceBr
             queue.size()
         )));
     }
-    Ok(())
+    Ok(pending.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn a_spent_budget_asks_to_come_back_only_when_more_is_available() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
+        let desc = |addr| RawDescriptor::from(SplitDescriptor::new(addr, 16, 0, 0));
+        mock.add_desc_chains(&[desc(0x20000), desc(0x20010), desc(0x20020)], 0)
+            .unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut budget = Budget(2);
+        assert!(matches!(
+            pop_chain(&mut queue, &mem, &mut budget),
+            Ok(Next::Chain(_))
+        ));
+        assert!(matches!(
+            pop_chain(&mut queue, &mem, &mut budget),
+            Ok(Next::Chain(_))
+        ));
+        assert!(matches!(
+            pop_chain(&mut queue, &mem, &mut budget),
+            Ok(Next::Later)
+        ));
+        let mut fresh = Budget::of(&queue);
+        assert!(matches!(
+            pop_chain(&mut queue, &mem, &mut fresh),
+            Ok(Next::Chain(_))
+        ));
+        assert!(matches!(
+            pop_chain(&mut queue, &mem, &mut budget),
+            Ok(Next::Empty)
+        ));
+    }
 }

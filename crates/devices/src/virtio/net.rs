@@ -15,8 +15,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    add_used, copy_config, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_NET,
-    VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
+    TYPE_NET, VIRTIO_F_VERSION_1, YIELD,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::tap::{Tap, VNET_HDR_LEN};
@@ -118,6 +118,7 @@ impl Net {
     ) -> Result<QueueOutcome, DeviceBroken> {
         self.rx_blocked = false;
         let mut used = false;
+        let mut budget = Budget::of(queue);
         loop {
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_buf) {
@@ -137,9 +138,14 @@ impl Net {
                     }
                 }
             }
-            let Some(chain) = pop_chain(queue, mem)? else {
-                self.rx_blocked = true;
-                return Ok(QueueOutcome::Done(used));
+            let chain = match pop_chain(queue, mem, &mut budget)? {
+                Next::Chain(chain) => chain,
+                Next::Empty => {
+                    self.rx_blocked = true;
+                    return Ok(QueueOutcome::Done(used));
+                }
+                // The tap is still readable: the event loop comes back to it.
+                Next::Later => return Ok(QueueOutcome::Done(used)),
             };
             let head = chain.head_index();
             let mut writer = match chain.writer(mem) {
@@ -199,9 +205,12 @@ impl Net {
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
         let mut used = false;
+        let mut budget = Budget::of(queue);
         loop {
-            let Some(chain) = pop_chain(queue, mem)? else {
-                return Ok(QueueOutcome::Done(used));
+            let chain = match pop_chain(queue, mem, &mut budget)? {
+                Next::Chain(chain) => chain,
+                Next::Empty => return Ok(QueueOutcome::Done(used)),
+                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
             };
             let head = chain.head_index();
             match chain.reader(mem) {

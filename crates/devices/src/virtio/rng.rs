@@ -6,7 +6,8 @@ use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    add_used, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+    add_used, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice, TYPE_RNG,
+    VIRTIO_F_VERSION_1, YIELD,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
 
@@ -76,9 +77,12 @@ impl VirtioDevice for Rng {
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
         let mut used = false;
+        let mut budget = Budget::of(queue);
         loop {
-            let Some(chain) = pop_chain(queue, mem)? else {
-                return Ok(QueueOutcome::Done(used));
+            let chain = match pop_chain(queue, mem, &mut budget)? {
+                Next::Chain(chain) => chain,
+                Next::Empty => return Ok(QueueOutcome::Done(used)),
+                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
             };
             let head = chain.head_index();
             let len = match chain.writer(mem) {

@@ -27,8 +27,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    add_used, copy_config, pop_chain, DeviceBroken, QueueOutcome, VirtioDevice, TYPE_VSOCK,
-    VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
+    TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -223,6 +223,8 @@ pub struct Vsock {
     control: VecDeque<Header>,
     /// The guest has receive buffers (as far as the device knows).
     rx_ready: bool,
+    /// The transmit queue had more than one call's budget: come back to it.
+    tx_pending: bool,
     next_port: u32,
     /// Streams closed but maybe still registered with the event loop; dropped
     /// once left out of a `watched_fds` answer.
@@ -254,6 +256,7 @@ impl Vsock {
             conns: Vec::new(),
             control: VecDeque::new(),
             rx_ready: true,
+            tx_pending: false,
             next_port: FIRST_HOST_PORT,
             closing: Vec::new(),
             closing_old: Vec::new(),
@@ -428,9 +431,15 @@ impl Vsock {
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceBroken> {
         let mut used = false;
+        let mut budget = Budget::of(queue);
         loop {
-            let Some(chain) = pop_chain(queue, mem)? else {
-                return Ok(used);
+            let chain = match pop_chain(queue, mem, &mut budget)? {
+                Next::Chain(chain) => chain,
+                Next::Empty => return Ok(used),
+                Next::Later => {
+                    self.tx_pending = true;
+                    return Ok(used);
+                }
             };
             let head = chain.head_index();
             match chain.reader(mem) {
@@ -481,6 +490,7 @@ impl Vsock {
     ) -> Result<bool, DeviceBroken> {
         let mut used = false;
         let mut next_conn = 0;
+        let mut budget = Budget::of(queue);
         loop {
             // What to send next: a control packet, or data from a readable stream.
             let mut packet: Option<(Header, usize)> = self.control.front().map(|h| (*h, 0));
@@ -504,9 +514,14 @@ impl Vsock {
                     return Ok(used);
                 }
             }
-            let Some(chain) = pop_chain(queue, mem)? else {
-                self.rx_ready = false;
-                return Ok(used);
+            let chain = match pop_chain(queue, mem, &mut budget)? {
+                Next::Chain(chain) => chain,
+                Next::Empty => {
+                    self.rx_ready = false;
+                    return Ok(used);
+                }
+                // Host data is still waiting: its fds keep the event loop coming back.
+                Next::Later => return Ok(used),
             };
             let head = chain.head_index();
             let mut writer = match chain.writer(mem) {
@@ -675,12 +690,16 @@ impl VirtioDevice for Vsock {
             RX => self.rx_ready = true,
             TX => {
                 if let Some(queue) = queues.get_mut(TX) {
+                    self.tx_pending = false;
                     used |= self.process_tx(queue, mem)?;
                 }
             }
             _ => {}
         }
         used |= self.fill_rx(queues, mem)?;
+        if self.tx_pending {
+            return Ok(QueueOutcome::RetryAfter(YIELD, used));
+        }
         Ok(QueueOutcome::Done(used))
     }
 
