@@ -28,6 +28,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"net" => net::net(machine, detail),
         b"net-bench" => net::net_bench(machine, detail),
         b"vsock" => vsock::vsock(machine, detail),
+        b"vsock-listen" => vsock::vsock_listen(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),

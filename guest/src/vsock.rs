@@ -1,8 +1,9 @@
 //! The `vsock` scenario: a stream connection from the guest to CID 2 port 1234
-//! through the first virtio-vsock device (DeviceID 19), an echo, a shutdown; with
-//! the polled driver of `virtio.rs` at CPL3.
+//! through the first virtio-vsock device (DeviceID 19), an echo, a shutdown; and
+//! `vsock-listen`: the guest accepts a connection from the host on port 5000 and
+//! echoes what it receives. Both with the polled driver of `virtio.rs` at CPL3.
 
-use crate::serial::{Line, Out};
+use crate::serial::{Line, Out, Serial};
 use crate::virtio::{self, dma, rd, wr, zero, Clock, Dev, Queue, MQ_BUF, WRITE};
 use crate::Machine;
 
@@ -11,6 +12,7 @@ const HDR: u64 = 44;
 const HOST_CID: u64 = 2;
 const HOST_PORT: u32 = 1234;
 const LOCAL_PORT: u32 = 49152;
+const LISTEN_PORT: u32 = 5000;
 const BUF_ALLOC: u32 = 4096;
 const PING: &[u8] = b"vigil-vsock-ping";
 
@@ -37,6 +39,9 @@ struct Conn {
     rx: Queue,
     tx: Queue,
     fwd_cnt: u32,
+    local_port: u32,
+    /// The host's port; 0 while listening (any source port is ours then).
+    peer_port: u32,
 }
 
 impl Conn {
@@ -46,8 +51,8 @@ impl Conn {
         zero(p, HDR as usize);
         wr(p, self.cid);
         wr(p + 8, HOST_CID);
-        wr(p + 16, LOCAL_PORT);
-        wr(p + 20, HOST_PORT);
+        wr(p + 16, self.local_port);
+        wr(p + 20, self.peer_port);
         wr(p + 24, payload.len() as u32);
         wr(p + 28, 1u16);
         wr(p + 30, op);
@@ -75,8 +80,8 @@ impl Conn {
             let b = rx_buf(id);
             let ours = rd::<u64>(b) == HOST_CID
                 && rd::<u64>(b + 8) == self.cid
-                && rd::<u32>(b + 16) == HOST_PORT
-                && rd::<u32>(b + 20) == LOCAL_PORT;
+                && (self.peer_port == 0 || rd::<u32>(b + 16) == self.peer_port)
+                && rd::<u32>(b + 20) == self.local_port;
             if !ours {
                 self.repost(id);
                 continue;
@@ -108,7 +113,15 @@ pub fn vsock(machine: &Machine, detail: &mut Line) -> bool {
     })
 }
 
-fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+/// Sets the device up and posts the receive buffers, for a connection between
+/// `local_port` and `peer_port`.
+fn open(
+    dev: Dev,
+    clock: Clock,
+    local_port: u32,
+    peer_port: u32,
+    detail: &mut Line,
+) -> Result<Conn, ()> {
     let set_up = || -> Result<Conn, &'static str> {
         let features = virtio::negotiate(dev, clock, 0)?;
         let rx = virtio::setup_queue(dev, clock, RX, features)?;
@@ -123,6 +136,8 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
             rx,
             tx,
             fwd_cnt: 0,
+            local_port,
+            peer_port,
         })
     };
     let mut c = match set_up() {
@@ -137,6 +152,11 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
         c.rx.push_avail(id);
     }
     c.rx.notify();
+    Ok(c)
+}
+
+fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    let mut c = open(dev, clock, LOCAL_PORT, HOST_PORT, detail)?;
 
     let step = |detail: &mut Line, what: &str, r: Result<(), &'static str>| {
         r.map_err(|error| {
@@ -190,5 +210,79 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
         }
     }
     detail.str("cid=").dec(c.cid).str(" echoed=").dec(echoed);
+    Ok(())
+}
+
+pub fn vsock_listen(machine: &Machine, detail: &mut Line) -> bool {
+    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = virtio::find(devices, clock, ID_VSOCK, |_| true) else {
+            detail.str("no virtio-vsock device");
+            virtio::list_devices(devices, detail);
+            return Err(());
+        };
+        let result = listen(dev, clock, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
+/// How long the guest waits for the host to connect and to send.
+const LISTEN_MS: u64 = 10_000;
+
+fn listen(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    let mut c = open(dev, clock, LISTEN_PORT, 0, detail)?;
+    Serial
+        .str("vsock: listening on port ")
+        .dec(u64::from(LISTEN_PORT))
+        .str("\n");
+    let (op, id, _) = c.recv(LISTEN_MS).map_err(|e| {
+        detail.str("request: ").str(e);
+    })?;
+    let peer = rd::<u32>(rx_buf(id) + 16);
+    c.repost(id);
+    if op != OP_REQUEST {
+        detail.str("request: op=").dec(u64::from(op));
+        return Err(());
+    }
+    c.peer_port = peer;
+    c.send(OP_RESPONSE, 0, &[]).map_err(|e| {
+        detail.str("response: ").str(e);
+    })?;
+
+    // Echo until the host shuts its side down.
+    let mut echoed = 0u64;
+    let mut data = [0u8; 256];
+    loop {
+        let (op, id, len) = c.recv(LISTEN_MS).map_err(|e| {
+            detail.str("receive: ").str(e);
+        })?;
+        match op {
+            OP_RW => {
+                let n = (len as usize).min(data.len());
+                for (i, byte) in data[..n].iter_mut().enumerate() {
+                    *byte = rd::<u8>(rx_buf(id) + HDR + i as u64);
+                }
+                c.repost(id);
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(len);
+                c.send(OP_RW, 0, &data[..n]).map_err(|e| {
+                    detail.str("echo: ").str(e);
+                })?;
+                echoed += n as u64;
+            }
+            OP_SHUTDOWN | OP_RST => {
+                c.repost(id);
+                break;
+            }
+            _ => c.repost(id),
+        }
+    }
+    let _ = c.send(OP_RST, 0, &[]);
+    detail
+        .str("port=")
+        .dec(u64::from(LISTEN_PORT))
+        .str(" peer_port=")
+        .dec(u64::from(c.peer_port))
+        .str(" echoed=")
+        .dec(echoed);
     Ok(())
 }

@@ -72,3 +72,52 @@ fn vsock_option_errors_name_the_value() {
         "{r}"
     );
 }
+
+#[test]
+fn a_host_client_connects_to_a_listening_guest() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+    let uds = std::env::temp_dir().join(format!("vigil-vsock-listen-{}.sock", std::process::id()));
+    let mut child = common::vigil()
+        .args(["run", "--vsock", &format!("cid=3,uds={}", uds.display())])
+        .args(["--cmdline", "test=vsock-listen"])
+        .spawn()
+        .unwrap();
+    let mut console = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = String::new();
+    // Wait for the guest to listen, then connect the way Firecracker clients do.
+    loop {
+        let mut line = String::new();
+        assert!(
+            console.read_line(&mut line).unwrap() > 0,
+            "guest ended early:\n{lines}"
+        );
+        lines.push_str(&line);
+        if line.starts_with("vsock: listening on port 5000") {
+            break;
+        }
+    }
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    host.write_all(b"CONNECT 5000\n").unwrap();
+    let mut reader = BufReader::new(host.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "{ok:?}");
+    let host_port: u32 = ok[3..].trim().parse().unwrap();
+    host.write_all(b"vigil-vsock-hello").unwrap();
+    let mut echo = [0u8; 17];
+    reader.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"vigil-vsock-hello");
+    drop(reader);
+    drop(host);
+    let mut rest = String::new();
+    console.read_to_string(&mut rest).unwrap();
+    let r = common::finish(child, TIMEOUT);
+    std::fs::remove_file(&uds).ok();
+    let all = format!("{lines}{rest}");
+    let expected = format!("TEST vsock-listen PASS port=5000 peer_port={host_port} echoed=17");
+    assert!(all.contains(&expected), "{expected}\n{all}\n{}", r.stderr);
+    assert_eq!(r.code, Some(0), "{r}");
+}

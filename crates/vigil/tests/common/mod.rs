@@ -55,13 +55,16 @@ pub fn run(args: &[&str], timeout: Duration) -> Run {
     finish(child, timeout)
 }
 
-/// Waits for `child` (killing it after `timeout`) and collects its output.
+/// Waits for `child` (killing it after `timeout`) and collects its output (the
+/// rest of it, when the caller already took stdout).
 pub fn finish(mut child: Child, timeout: Duration) -> Run {
-    let mut out = child.stdout.take().unwrap();
+    let out = child.stdout.take();
     let mut err = child.stderr.take().unwrap();
     let out_reader = std::thread::spawn(move || {
         let mut s = String::new();
-        out.read_to_string(&mut s).ok();
+        if let Some(mut out) = out {
+            out.read_to_string(&mut s).ok();
+        }
         s
     });
     let err_reader = std::thread::spawn(move || {
