@@ -208,6 +208,16 @@ pub struct VsockCounters {
     pub dropped: u64,
 }
 
+/// Connects to a host Unix socket without waiting: a listener whose backlog is full
+/// refuses at once (`EAGAIN`) instead of stalling the device event loop.
+fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&SockAddr::unix(path)?)?;
+    Ok(socket.into())
+}
+
 /// Most control packets (RST, RESPONSE, credit updates) waiting for receive buffers.
 const MAX_CONTROL: usize = 1024;
 /// Most open streams (each holds a host socket), whoever opened them.
@@ -357,10 +367,7 @@ impl Vsock {
             }
             (OP_REQUEST, None) => {
                 let path = format!("{}_{}", self.uds.display(), hdr.dst_port);
-                match UnixStream::connect(&path).and_then(|s| {
-                    s.set_nonblocking(true)?;
-                    Ok(s)
-                }) {
+                match connect_nonblocking(&path) {
                     Ok(stream) => {
                         let mut conn =
                             Conn::new(stream, State::Established, hdr.dst_port, hdr.src_port);
@@ -784,6 +791,28 @@ mod tests {
         assert_eq!(v.control.len(), MAX_CONTROL);
         assert_eq!(v.counters.dropped, 500);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn connecting_to_a_full_listener_fails_at_once() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let path =
+            std::env::temp_dir().join(format!("vigil-vsock-full-{}.sock", std::process::id()));
+        std::fs::remove_file(&path).ok();
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        let path_str = path.to_str().unwrap();
+        // Nobody accepts: past the backlog, connecting must fail rather than block.
+        let results: Vec<_> = (0..4).map(|_| connect_nonblocking(path_str)).collect();
+        std::fs::remove_file(&path).ok();
+        assert!(results[0].is_ok());
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::WouldBlock))
+            .count();
+        assert!(refused >= 1, "{results:?}");
+        assert!(connect_nonblocking("/nonexistent/vigil.sock").is_err());
     }
 
     #[test]
