@@ -33,6 +33,7 @@ fuzz_target!(|input: Input| {
         read_only: input.read_only,
         id: "fuzz".into(),
         rate_limit: Default::default(),
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(dev.capacity(), 64);

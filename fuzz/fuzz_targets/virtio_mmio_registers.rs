@@ -124,6 +124,7 @@ fuzz_target!(|input: Input| {
                 read_only: input.read_only,
                 id: "fuzz".into(),
                 rate_limit: Default::default(),
+                ..Default::default()
             })
             .unwrap(),
         )

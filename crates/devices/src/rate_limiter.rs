@@ -82,32 +82,56 @@ impl RateLimiter {
     /// Takes one operation of `bytes` if both buckets allow it now; otherwise
     /// returns how long to wait and takes nothing.
     pub fn consume(&mut self, bytes: u64) -> Result<(), Duration> {
-        let now = Instant::now();
-        let wait = [
+        consume_all(&mut [self], bytes)
+    }
+
+    /// How long until one operation of `bytes` may pass (zero: now).
+    fn wait(&mut self, bytes: u64, now: Instant) -> Duration {
+        [
             self.bandwidth.as_mut().map(|b| b.wait_for(bytes, now)),
             self.ops.as_mut().map(|b| b.wait_for(1, now)),
         ]
         .into_iter()
         .flatten()
         .max()
-        .unwrap_or(Duration::ZERO);
-        if wait > Duration::ZERO {
-            self.throttled += 1;
-            return Err(wait);
-        }
+        .unwrap_or(Duration::ZERO)
+    }
+
+    fn take(&mut self, bytes: u64) {
         if let Some(b) = self.bandwidth.as_mut() {
             b.take(bytes);
         }
         if let Some(b) = self.ops.as_mut() {
             b.take(1);
         }
-        Ok(())
     }
 
     /// How many times a request had to wait.
     pub fn throttled_count(&self) -> u64 {
         self.throttled
     }
+}
+
+/// Takes one operation of `bytes` from every limiter in `limiters` (a device's
+/// overall limit and its direction's, say) if all allow it now; otherwise returns
+/// the longest wait and takes nothing from any.
+pub fn consume_all(limiters: &mut [&mut RateLimiter], bytes: u64) -> Result<(), Duration> {
+    let now = Instant::now();
+    let wait = limiters
+        .iter_mut()
+        .map(|l| l.wait(bytes, now))
+        .max()
+        .unwrap_or(Duration::ZERO);
+    if wait > Duration::ZERO {
+        for l in limiters.iter_mut() {
+            l.throttled += 1;
+        }
+        return Err(wait);
+    }
+    for l in limiters.iter_mut() {
+        l.take(bytes);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -140,6 +164,28 @@ mod tests {
         assert_eq!(r.throttled_count(), 1);
         std::thread::sleep(wait + Duration::from_millis(2));
         assert_eq!(r.consume(0), Ok(()));
+    }
+
+    #[test]
+    fn consume_all_takes_from_every_limiter_or_none() {
+        let mut total = RateLimiter::new(RateLimit {
+            ops: Some((1000, Some(100))),
+            ..Default::default()
+        });
+        let mut reads = RateLimiter::new(RateLimit {
+            ops: Some((10, Some(1))),
+            ..Default::default()
+        });
+        assert_eq!(consume_all(&mut [&mut total, &mut reads], 0), Ok(()));
+        // The read bucket is empty now: nothing is taken from the total either.
+        assert!(consume_all(&mut [&mut total, &mut reads], 0).is_err());
+        for _ in 0..99 {
+            assert_eq!(total.consume(0), Ok(()));
+        }
+        assert!(
+            total.consume(0).is_err(),
+            "the total had 100 and lost 1 + 99"
+        );
     }
 
     #[test]

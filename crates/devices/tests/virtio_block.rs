@@ -34,6 +34,7 @@ fn block(image: &TempImage, read_only: bool) -> Block {
         read_only,
         id: "vigil-disk-0".into(),
         rate_limit: RateLimit::default(),
+        ..Default::default()
     })
     .unwrap()
 }
@@ -469,5 +470,54 @@ fn config_space_reads_clamp_at_its_end() {
         let mut b = vec![0u8; len];
         dev.read_config(offset, &mut b);
         assert!(b.iter().all(|&x| x == 0), "{offset} {len}");
+    }
+}
+
+#[test]
+fn write_limit_throttles_writes_but_not_reads() {
+    let rig = Rig::new();
+    let one_write = RateLimit {
+        ops: Some((1, Some(1))),
+        ..Default::default()
+    };
+    let mut dev = Block::new(&BlockConfig {
+        path: rig.image.0.clone(),
+        id: "limited".into(),
+        write_limit: one_write,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut d = Driver::new(&rig.mem, QSIZE);
+    let mut q = d.queue();
+    // Reads are not limited: many pass.
+    for _ in 0..5 {
+        let r = request(&mut dev, &mut d, &mut q, T_IN, 0, Some((512, true)));
+        assert_eq!(r, (S_OK, 513));
+    }
+    // The first write uses the write bucket's one token; the second must wait.
+    let r = request(&mut dev, &mut d, &mut q, T_OUT, 1, Some((512, false)));
+    assert_eq!(r, (S_OK, 1));
+    header(&d, T_OUT, 2);
+    d.add(&[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)]);
+    let before = d.used_idx();
+    match process(&mut dev, &mut q, &rig.mem) {
+        QueueOutcome::RetryAfter(wait, false) => assert!(wait > std::time::Duration::ZERO),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.used_idx(), before, "the throttled write stays available");
+
+    // A read limit leaves writes alone.
+    let mut dev = Block::new(&BlockConfig {
+        path: rig.image.0.clone(),
+        id: "limited".into(),
+        read_limit: one_write,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut d = Driver::new(&rig.mem, QSIZE);
+    let mut q = d.queue();
+    for sector in 0..3 {
+        let r = request(&mut dev, &mut d, &mut q, T_OUT, sector, Some((512, false)));
+        assert_eq!(r, (S_OK, 1));
     }
 }

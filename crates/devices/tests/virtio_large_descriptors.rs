@@ -76,6 +76,7 @@ fn two_gib_descriptors_do_not_allocate_two_gib() {
         read_only: false,
         id: "big".into(),
         rate_limit: RateLimit::default(),
+        ..Default::default()
     })
     .unwrap();
     let mut rng = Rng::new(RateLimit::default());
@@ -135,6 +136,7 @@ fn large_transfers_are_copied_in_chunks() {
         read_only: false,
         id: String::new(),
         rate_limit: RateLimit::default(),
+        ..Default::default()
     })
     .unwrap();
     let mut d = Driver::new(&mem, 16);

@@ -30,6 +30,7 @@ fn blk(image: &TempImage) -> Box<Block> {
             read_only: false,
             id: "id".into(),
             rate_limit: RateLimit::default(),
+            ..Default::default()
         })
         .unwrap(),
     )

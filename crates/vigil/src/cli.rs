@@ -141,9 +141,11 @@ pub struct RunArgs {
 
     /// A virtio-blk disk backed by a raw image; repeat for several. Keys:
     /// path=IMAGE (required), ro=on|off (default off), id=NAME (the serial the
-    /// guest reads, at most 20 bytes; default diskN), and a rate limit:
-    /// bw=BYTES/s, bw_burst=BYTES, ops=REQUESTS/s, ops_burst=REQUESTS (sizes take
-    /// K, M, G suffixes). Example: --disk path=rootfs.img,ro=on,id=root,bw=50M
+    /// guest reads, at most 20 bytes; default diskN), and rate limits on all
+    /// requests: bw=BYTES/s, bw_burst=BYTES, ops=REQUESTS/s, ops_burst=REQUESTS; on
+    /// reads alone: rd_bw, rd_bw_burst, rd_ops, rd_ops_burst; on writes (and discard,
+    /// write-zeroes) alone: wr_bw, wr_bw_burst, wr_ops, wr_ops_burst (sizes take K,
+    /// M, G suffixes). Example: --disk path=rootfs.img,ro=on,id=root,bw=50M,wr_ops=200
     #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..]", value_parser = crate::devices_cli::parse_disk)]
     pub disk: Vec<BlockConfig>,
 

@@ -88,7 +88,21 @@ fn parse_size(s: &str) -> Option<u64> {
 
 /// Parses one `--disk` value (an empty id is filled in later with the disk's index).
 pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
-    let keys: Vec<&str> = ["path", "ro", "id"].into_iter().chain(RATE_KEYS).collect();
+    const DIRECTION_KEYS: [&str; 8] = [
+        "rd_bw",
+        "rd_bw_burst",
+        "rd_ops",
+        "rd_ops_burst",
+        "wr_bw",
+        "wr_bw_burst",
+        "wr_ops",
+        "wr_ops_burst",
+    ];
+    let keys: Vec<&str> = ["path", "ro", "id"]
+        .into_iter()
+        .chain(RATE_KEYS)
+        .chain(DIRECTION_KEYS)
+        .collect();
     let p = Pairs::parse("--disk", s, &keys)?;
     let path = p
         .get("path")
@@ -104,6 +118,8 @@ pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
         read_only,
         id: p.get("id").unwrap_or_default().to_string(),
         rate_limit: p.rate_limit()?,
+        read_limit: p.rate_limit_prefixed("rd_")?,
+        write_limit: p.rate_limit_prefixed("wr_")?,
     })
 }
 
@@ -224,6 +240,13 @@ mod tests {
         assert_eq!(d.id, "root");
         assert_eq!(d.rate_limit.bandwidth, Some((10 << 20, None)));
         assert_eq!(d.rate_limit.ops, Some((1000, Some(50))));
+        let d = parse_disk("path=c.img,rd_bw=1M,wr_ops=5,wr_ops_burst=2").unwrap();
+        assert_eq!(d.read_limit.bandwidth, Some((1 << 20, None)));
+        assert_eq!(d.write_limit.ops, Some((5, Some(2))));
+        assert_eq!(d.rate_limit, RateLimit::default());
+        assert!(parse_disk("path=a,rd_ops_burst=3")
+            .unwrap_err()
+            .contains("rd_ops_burst needs rd_ops"));
         let d = parse_disk("path=b.img").unwrap();
         assert!(!d.read_only && d.id.is_empty() && d.rate_limit == RateLimit::default());
     }

@@ -15,7 +15,7 @@ use super::{
     add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
     TYPE_BLOCK, VIRTIO_F_VERSION_1, YIELD,
 };
-use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::rate_limiter::{consume_all, RateLimit, RateLimiter};
 
 /// Sector size the virtio-blk protocol counts in.
 pub const SECTOR_SIZE: u64 = 512;
@@ -50,7 +50,7 @@ pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
 /// How a disk is attached.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockConfig {
     /// Image file.
     pub path: std::path::PathBuf,
@@ -58,8 +58,12 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Device id the guest reads with GET_ID (at most 20 bytes).
     pub id: String,
-    /// I/O limits.
+    /// Limits on all requests together.
     pub rate_limit: RateLimit,
+    /// Limits on reads alone.
+    pub read_limit: RateLimit,
+    /// Limits on writes, discards and write-zeroes alone.
+    pub write_limit: RateLimit,
 }
 
 /// A virtio-blk device.
@@ -69,6 +73,8 @@ pub struct Block {
     capacity: u64,
     id: [u8; ID_LEN],
     limiter: RateLimiter,
+    read_limiter: RateLimiter,
+    write_limiter: RateLimiter,
     buf: Vec<u8>,
     requests: u64,
     errors: u64,
@@ -150,6 +156,8 @@ impl Block {
             capacity: bytes / SECTOR_SIZE,
             id,
             limiter: RateLimiter::new(config.rate_limit),
+            read_limiter: RateLimiter::new(config.read_limit),
+            write_limiter: RateLimiter::new(config.write_limit),
             buf: vec![0; CHUNK],
             requests: 0,
             errors: 0,
@@ -330,11 +338,18 @@ fn image_size(file: &File, path: &Path) -> std::io::Result<u64> {
     std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
 }
 
-/// Bytes a request moves, for the rate limiter (the data after the header, or the
-/// space the guest gave for data).
-fn request_bytes(chain: &DescriptorChain<&GuestMemoryMmap>) -> u64 {
+/// What a request costs the rate limiters: the bytes it moves (the data after the
+/// header, or the space the guest gave for data) and its type (`u32::MAX` when the
+/// header cannot be read; `serve` then fails it).
+fn request_cost(chain: &DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> (u64, u32) {
     let total: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
-    total.saturating_sub(16 + 1)
+    let kind = chain
+        .clone()
+        .reader(mem)
+        .ok()
+        .and_then(|mut r| r.read_obj::<RequestHeader>().ok())
+        .map_or(u32::MAX, |h| h.kind);
+    (total.saturating_sub(16 + 1), kind)
 }
 
 impl VirtioDevice for Block {
@@ -383,7 +398,15 @@ impl VirtioDevice for Block {
                 Next::Empty => return Ok(QueueOutcome::Done(used)),
                 Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
             };
-            if let Err(wait) = self.limiter.consume(request_bytes(&chain)) {
+            let (bytes, kind) = request_cost(&chain, mem);
+            let limited = match kind {
+                T_IN => consume_all(&mut [&mut self.limiter, &mut self.read_limiter], bytes),
+                T_OUT | T_DISCARD | T_WRITE_ZEROES => {
+                    consume_all(&mut [&mut self.limiter, &mut self.write_limiter], bytes)
+                }
+                _ => self.limiter.consume(bytes),
+            };
+            if let Err(wait) = limited {
                 queue.go_to_previous_position();
                 return Ok(QueueOutcome::RetryAfter(wait, used));
             }
@@ -399,9 +422,5 @@ impl VirtioDevice for Block {
             add_used(queue, mem, head, len)?;
             used = true;
         }
-    }
-
-    fn rate_limiter(&self) -> Option<&RateLimiter> {
-        Some(&self.limiter)
     }
 }

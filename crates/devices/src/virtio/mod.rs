@@ -21,8 +21,6 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::rate_limiter::RateLimiter;
-
 /// `VIRTIO_F_VERSION_1`: the device is a virtio 1.x device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -146,10 +144,6 @@ pub trait VirtioDevice: Send {
     ) -> Result<QueueOutcome, DeviceBroken> {
         let _ = (fd, events, queues, mem);
         Ok(QueueOutcome::Done(false))
-    }
-    /// The device's rate limiter, if it has one.
-    fn rate_limiter(&self) -> Option<&RateLimiter> {
-        None
     }
     /// The device is reset: forget any in-flight state.
     fn reset(&mut self) {}

@@ -311,10 +311,6 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn rate_limiter(&self) -> Option<&RateLimiter> {
-        Some(&self.tx_limiter)
-    }
-
     fn reset(&mut self) {
         self.rx_len = 0;
         self.rx_blocked = false;

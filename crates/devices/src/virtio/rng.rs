@@ -112,8 +112,4 @@ impl VirtioDevice for Rng {
             used = true;
         }
     }
-
-    fn rate_limiter(&self) -> Option<&RateLimiter> {
-        Some(&self.limiter)
-    }
 }
