@@ -111,7 +111,7 @@ impl Bus {
 
 /// Locks a device, recovering from a poisoned lock: a device panic must not take
 /// every later access down with it (the state is plain data and stays usable).
-pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
     dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
