@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::tap::TestTap;
 use common::{hardware_kvm, run, Run};
 use vigil_vmm::arch::x86_64::layout::{e820_map, E820Type};
 
@@ -172,20 +173,143 @@ fn write_initramfs(init: &[u8], out: &Path) {
     std::fs::write(out, cpio).unwrap();
 }
 
-fn build_initramfs(dir: &Path) -> PathBuf {
-    let src = dir.join("init.c");
-    let bin = dir.join("init");
-    std::fs::write(&src, INIT_C).unwrap();
+/// A static `/init` (with libc) that mounts the ext4 disk on /dev/vda, reads the
+/// file the host put there and writes one back, brings eth0 up and pings the host
+/// side of the tap, then powers off.
+const DEVICES_INIT_C: &str = r#"
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/ip.h>
+#include <netinet/ip_icmp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+static void set_addr(int s, unsigned long req, const char *ip) {
+    struct ifreq ifr = {0};
+    struct sockaddr_in *a = (struct sockaddr_in *)&ifr.ifr_addr;
+    strcpy(ifr.ifr_name, "eth0");
+    a->sin_family = AF_INET;
+    inet_pton(AF_INET, ip, &a->sin_addr);
+    if (ioctl(s, req, &ifr)) printf("VIGIL-NET-FAIL ioctl %lx: %m\n", req);
+}
+
+static unsigned short csum(const void *p, int n) {
+    const unsigned short *w = p;
+    unsigned long sum = 0;
+    for (; n > 1; n -= 2) sum += *w++;
+    if (n) sum += *(const unsigned char *)w;
+    sum = (sum >> 16) + (sum & 0xffff);
+    return ~(sum + (sum >> 16));
+}
+
+static void disk(void) {
+    char buf[128] = {0};
+    mkdir("/mnt", 0755);
+    if (mount("/dev/vda", "/mnt", "ext4", 0, 0)) { printf("VIGIL-MOUNT-FAIL %m\n"); return; }
+    int fd = open("/mnt/hello.txt", O_RDONLY);
+    if (fd < 0 || read(fd, buf, sizeof buf - 1) < 0) { printf("VIGIL-MOUNT-FAIL read: %m\n"); return; }
+    close(fd);
+    buf[strcspn(buf, "\n")] = 0;
+    fd = open("/mnt/from-guest.txt", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || write(fd, "written by the guest\n", 21) != 21) printf("VIGIL-MOUNT-FAIL write: %m\n");
+    close(fd);
+    if (umount("/mnt")) printf("VIGIL-MOUNT-FAIL umount: %m\n");
+    else printf("VIGIL-MOUNT-OK %s\n", buf);
+}
+
+static void ping(void) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    set_addr(s, SIOCSIFADDR, GUEST_IP);
+    set_addr(s, SIOCSIFNETMASK, "255.255.255.0");
+    struct ifreq ifr = {0};
+    strcpy(ifr.ifr_name, "eth0");
+    ioctl(s, SIOCGIFFLAGS, &ifr);
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr)) printf("VIGIL-NET-FAIL up: %m\n");
+    int r = socket(AF_INET, SOCK_RAW, IPPROTO_ICMP);
+    struct timeval tv = {1, 0};
+    setsockopt(r, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_in host = {.sin_family = AF_INET};
+    inet_pton(AF_INET, HOST_IP, &host.sin_addr);
+    for (int seq = 1; seq <= 20; seq++) {
+        struct icmphdr req = {.type = ICMP_ECHO, .un.echo = {.id = htons(0x7167), .sequence = htons(seq)}};
+        req.checksum = csum(&req, sizeof req);
+        sendto(r, &req, sizeof req, 0, (struct sockaddr *)&host, sizeof host);
+        unsigned char reply[1500];
+        struct sockaddr_in from;
+        socklen_t len = sizeof from;
+        long n = recvfrom(r, reply, sizeof reply, 0, (struct sockaddr *)&from, &len);
+        if (n < (long)(sizeof(struct iphdr) + sizeof(struct icmphdr))) continue;
+        struct icmphdr *ic = (struct icmphdr *)(reply + ((struct iphdr *)reply)->ihl * 4);
+        if (ic->type == ICMP_ECHOREPLY && from.sin_addr.s_addr == host.sin_addr.s_addr) {
+            printf("VIGIL-PING-OK seq=%d from %s\n", seq, HOST_IP);
+            return;
+        }
+    }
+    printf("VIGIL-PING-FAIL no reply from %s\n", HOST_IP);
+}
+
+int main(void) {
+    int con = open("/dev/console", O_RDWR);
+    dup2(con, 1);
+    dup2(con, 2);
+    setvbuf(stdout, 0, _IONBF, 0);
+    mkdir("/dev", 0755);
+    mount("devtmpfs", "/dev", "devtmpfs", 0, 0);
+    disk();
+    ping();
+    sync();
+    reboot(RB_POWER_OFF);
+    return 0;
+}
+"#;
+
+const GUEST_IP: &str = "10.213.7.2";
+const HOST_IP: &str = "10.213.7.1";
+
+/// Compiles `source` into a static binary at `out`.
+fn compile_static(source: &str, flags: &[&str], out: &Path) {
+    let src = out.with_extension("c");
+    std::fs::write(&src, source).unwrap();
     let status = Command::new("gcc")
-        .args(["-static", "-nostdlib", "-O2", "-fno-stack-protector", "-o"])
-        .arg(&bin)
+        .args(["-static", "-O2", "-o"])
+        .arg(out)
         .arg(&src)
+        .args(flags)
         .status()
         .expect("gcc");
-    assert!(status.success(), "gcc failed");
+    assert!(status.success(), "gcc failed on {}", src.display());
+}
+
+fn build_initramfs(dir: &Path, init: &Path) -> PathBuf {
     let initramfs = dir.join("initramfs.cpio");
-    write_initramfs(&std::fs::read(&bin).unwrap(), &initramfs);
+    write_initramfs(&std::fs::read(init).unwrap(), &initramfs);
     initramfs
+}
+
+fn hello_init(dir: &Path) -> PathBuf {
+    let bin = dir.join("init-hello");
+    compile_static(INIT_C, &["-nostdlib", "-fno-stack-protector"], &bin);
+    bin
+}
+
+fn devices_init(dir: &Path) -> PathBuf {
+    let bin = dir.join("init-devices");
+    let (guest, host) = (
+        format!("-DGUEST_IP=\"{GUEST_IP}\""),
+        format!("-DHOST_IP=\"{HOST_IP}\""),
+    );
+    compile_static(DEVICES_INIT_C, &[&guest, &host], &bin);
+    bin
 }
 
 #[test]
@@ -274,7 +398,7 @@ fn linux_boots_to_userspace_on_hardware_kvm() {
     }
     let dir = std::env::temp_dir().join(format!("vigil-linux-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let initramfs = build_initramfs(&dir);
+    let initramfs = build_initramfs(&dir, &hello_init(&dir));
     let cmdline = "console=ttyS0 earlyprintk=serial panic=-1 vigil.test=linux-userspace-7d3f";
     let r = boot_linux(
         &vmlinux,
@@ -287,6 +411,93 @@ fn linux_boots_to_userspace_on_hardware_kvm() {
     assert!(r.stdout.contains("smp: Brought up 1 node, 2 CPUs"), "{r}");
     assert!(r.stdout.contains("VIGIL-USERSPACE-OK"), "{r}");
     assert_eq!(r.code, Some(0), "init powered the VM off through ACPI: {r}");
+}
+
+#[test]
+fn linux_mounts_a_disk_and_pings_over_a_tap_on_hardware_kvm() {
+    let Some((vmlinux, map)) = common::tiny_linux() else {
+        return;
+    };
+    if !hardware_kvm() {
+        eprintln!(
+            "SKIP: /dev/kvm here is kvm_pvm; Linux cannot reach user space on it (see \
+             linux_boots_to_userspace_on_hardware_kvm)"
+        );
+        return;
+    }
+    let name = format!("vgl-lx{}", std::process::id() % 100_000);
+    let tap = match TestTap::create(&name) {
+        Ok(tap) => tap,
+        Err(e) => {
+            eprintln!("SKIP: cannot create tap {name} (needs root and /dev/net/tun): {e}");
+            return;
+        }
+    };
+    tap.set_ipv4(HOST_IP.parse().unwrap())
+        .expect("address on the tap");
+    let dir = std::env::temp_dir().join(format!("vigil-linux-devices-{}", std::process::id()));
+    let content = dir.join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    let greeting = format!("hello from the host {}", std::process::id());
+    std::fs::write(content.join("hello.txt"), format!("{greeting}\n")).unwrap();
+    let image = dir.join("disk.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&content)
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(mkfs.success(), "mkfs.ext4 failed");
+    let initramfs = build_initramfs(&dir, &devices_init(&dir));
+    let cmdline = "console=ttyS0 earlyprintk=serial panic=-1";
+    let r = boot_linux(
+        &vmlinux,
+        &map,
+        &[
+            "--initrd",
+            initramfs.to_str().unwrap(),
+            "--disk",
+            &format!("path={}", image.display()),
+            "--net",
+            &format!("tap={name}"),
+        ],
+        cmdline,
+    );
+    assert_early_boot(&r, cmdline);
+    assert_eq!(
+        r.line("VIGIL-MOUNT-OK"),
+        format!("VIGIL-MOUNT-OK {greeting}"),
+        "{r}"
+    );
+    assert!(r.line("VIGIL-PING-OK").ends_with(HOST_IP), "{r}");
+    assert_eq!(r.code, Some(0), "init powered the VM off through ACPI: {r}");
+    // What the guest wrote reached the image file.
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /from-guest.txt"])
+        .arg(&image)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout),
+        "written by the guest\n",
+        "{}",
+        String::from_utf8_lossy(&cat.stderr)
+    );
+}
+
+#[test]
+fn hardware_only_init_programs_compile() {
+    // The programs the hardware-KVM tests boot, built here too so that they cannot
+    // rot where those tests skip.
+    let dir = std::env::temp_dir().join(format!("vigil-init-build-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for init in [hello_init(&dir), devices_init(&dir)] {
+        let elf = std::fs::read(&init).unwrap();
+        assert_eq!(&elf[..4], b"\x7fELF", "{}", init.display());
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -7,85 +7,11 @@ mod common;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use common::tap::TestTap;
 use common::{finish, vigil, TIMEOUT};
 
 const ETHERTYPE: u16 = 0x88b5;
 const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-
-fn ifreq(name: &str, flags: i32) -> [u8; 40] {
-    let mut req = [0u8; 40];
-    req[..name.len()].copy_from_slice(name.as_bytes());
-    req[16..18].copy_from_slice(&(flags as u16).to_ne_bytes());
-    req
-}
-
-/// A persistent tap, up, removed on drop.
-struct TestTap(String);
-
-impl TestTap {
-    fn create(name: &str) -> std::io::Result<Self> {
-        let set_persist = |on: libc::c_ulong| -> std::io::Result<()> {
-            let tun = std::fs::File::options()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")?;
-            let mut req = ifreq(name, libc::IFF_TAP | libc::IFF_NO_PI);
-            // SAFETY: TUNSETIFF and TUNSETPERSIST on our own fd with a 40-byte ifreq.
-            unsafe {
-                if libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) < 0
-                    || libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, on) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        };
-        set_persist(1)?;
-        let tap = TestTap(name.into());
-        // Up: SIOCGIFFLAGS, | IFF_UP, SIOCSIFFLAGS on any socket.
-        // SAFETY: plain socket call.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-        if sock < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: we own the fd just created.
-        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-        let mut req = ifreq(name, 0);
-        // SAFETY: the ioctls read and write a 40-byte ifreq.
-        unsafe {
-            if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, req.as_mut_ptr()) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let flags = i16::from_ne_bytes([req[16], req[17]]) | libc::IFF_UP as i16;
-            req[16..18].copy_from_slice(&flags.to_ne_bytes());
-            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, req.as_mut_ptr()) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(tap)
-    }
-}
-
-impl Drop for TestTap {
-    fn drop(&mut self) {
-        if let Ok(tun) = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-        {
-            let mut req = ifreq(&self.0, libc::IFF_TAP | libc::IFF_NO_PI);
-            // SAFETY: as in create.
-            unsafe {
-                if libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) == 0 {
-                    libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 0 as libc::c_ulong);
-                }
-            }
-        }
-    }
-}
 
 /// An AF_PACKET socket for our ethertype on one interface.
 struct PacketSocket {
