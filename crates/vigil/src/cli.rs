@@ -37,9 +37,10 @@ Set VIGIL_LOG=LEVEL (error, warn, info, debug, trace) or --log-level for detaile
 #[derive(Parser, Debug)]
 #[command(name = "vigil", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// Log level for the VMM's own messages (error, warn, info, debug, trace).
-    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
-    pub log_level: String,
+    /// Log level for Vigil's own messages (error, warn, info, debug, trace)
+    /// [default: info for `vigil daemon`, warn otherwise].
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -60,6 +61,14 @@ pub enum Command {
     /// Measure Vigil against a peer VMM on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the host daemon in the foreground: it supervises VMs (one `vigil run`
+    /// process each) behind a REST API on a Unix socket.
+    #[command(long_about = crate::ctl::DAEMON_ABOUT, after_help = crate::ctl::DAEMON_AFTER_HELP)]
+    Daemon(crate::ctl::DaemonArgs),
+    /// Talk to the host daemon: list, create, inspect, pause, resume, stop and
+    /// destroy VMs, read metrics.
+    #[command(after_help = crate::ctl::CTL_AFTER_HELP)]
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -272,6 +281,14 @@ impl Command {
             }
             Command::Bench(BenchCommand::Net(args)) => {
                 crate::bench::run_net(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Daemon(args) => {
+                crate::ctl::run_daemon(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Ctl(args) => {
+                crate::ctl::run_ctl(args)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Guest(GuestCommand::Export { path }) => {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod ctl;
 mod devices_cli;
 mod terminal;
 
@@ -11,7 +12,14 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let level = std::env::var("VIGIL_LOG").unwrap_or(cli.log_level.clone());
+    let default_level = match cli.command {
+        cli::Command::Daemon(_) => "info",
+        _ => "warn",
+    };
+    let level = std::env::var("VIGIL_LOG")
+        .ok()
+        .or(cli.log_level.clone())
+        .unwrap_or_else(|| default_level.into());
     let level: tracing::Level = match level.parse() {
         Ok(level) => level,
         Err(_) => {
@@ -24,6 +32,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        // No colour codes in the journal or in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command.run() {
         Ok(code) => code,
