@@ -77,7 +77,7 @@ pub struct DaemonArgs {
     pub socket: Option<PathBuf>,
 
     /// Also serve the API on TCP at ADDR (e.g. 127.0.0.1:7070). Needs --token-file.
-    #[arg(long, value_name = "ADDR", requires = "token_file")]
+    #[arg(long, value_name = "ADDR")]
     pub listen_tcp: Option<SocketAddr>,
 
     /// A file holding the bearer token for --listen-tcp (at least 16 printable

@@ -1,0 +1,645 @@
+//! `vigil daemon` and `vigil ctl` end to end, with real VMs (the embedded test guest):
+//! the life of a VM through the CLI and through raw HTTP, a crashing guest, 20 VMs at
+//! once, 100 create/destroy cycles that leak nothing, the TCP listener's token, and
+//! a clean SIGTERM.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{run, Run};
+use serde_json::{json, Value};
+
+const VIGIL: &str = env!("CARGO_BIN_EXE_vigil");
+const CTL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A daemon in its own scratch folder, with the test guest written out and a config.
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(name: &str, extra: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("vigil-d-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("guest.elf"), vigil_test_guest::ELF).unwrap();
+        let socket = dir.join("daemon.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(VIGIL)
+            .args(["daemon", "--state-dir"])
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--stop-timeout", "5"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            dir,
+            socket,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.socket.exists() {
+            assert!(Instant::now() < deadline, "no socket:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A Firecracker-style config for the test guest running `scenario`.
+    fn config(&self, scenario: &str) -> Value {
+        json!({
+            "boot-source": {
+                "kernel_image_path": self.dir.join("guest.elf"),
+                "boot_args": format!("test={scenario}"),
+            },
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+        })
+    }
+
+    fn config_file(&self, scenario: &str) -> PathBuf {
+        let path = self.dir.join(format!("{scenario}.json"));
+        std::fs::write(&path, self.config(scenario).to_string()).unwrap();
+        path
+    }
+
+    fn ctl(&self, args: &[&str]) -> Run {
+        let socket = self.socket.to_str().unwrap();
+        run(&[&["ctl", "--socket", socket], args].concat(), CTL_TIMEOUT)
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> Run {
+        let r = self.ctl(args);
+        assert_eq!(
+            r.code,
+            Some(0),
+            "vigil ctl {args:?}: {r}\n--- daemon\n{}",
+            self.log()
+        );
+        r
+    }
+
+    fn http(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, text) = http_unix(&self.socket, method, path, body, None);
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn create(&self, id: &str, scenario: &str) -> Value {
+        let (status, body) = self.http(
+            "POST",
+            "/vms",
+            Some(json!({"id": id, "config": self.config(scenario)})),
+        );
+        assert_eq!(
+            status,
+            201,
+            "create {id}: {body}\n--- daemon\n{}",
+            self.log()
+        );
+        body
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill has no memory effects; the pid is our unreaped child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_timeout(&mut child, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: as in sigterm.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = wait_timeout(&mut child, Duration::from_secs(30));
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            panic!("the daemon did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One hand-written HTTP/1.1 exchange (Connection: close) on any stream.
+fn http_exchange(
+    mut stream: impl Read + Write,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn http_unix(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    http_exchange(stream, method, path, body, token)
+}
+
+fn wait_for_state(d: &Daemon, id: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, vm) = d.http("GET", &format!("/vms/{id}"), None);
+        if vm["state"] == state {
+            return vm;
+        }
+        assert!(Instant::now() < deadline, "{id} never became {state}: {vm}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn process_gone(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+}
+
+#[test]
+fn ctl_lifecycle() {
+    let d = Daemon::start("ctl", &[]);
+    let hang = d.config_file("hang");
+    let r = d.ctl_ok(&["create", "web-1", "--config", hang.to_str().unwrap()]);
+    let header = r.stdout.lines().next().unwrap();
+    for column in ["ID", "STATE", "PID", "VCPUS", "MEMORY", "UPTIME"] {
+        assert!(header.contains(column), "{r}");
+    }
+    assert!(
+        r.stdout.contains("web-1") && r.stdout.contains("running") && r.stdout.contains("32 MiB"),
+        "{r}"
+    );
+
+    let r = d.ctl_ok(&["list"]);
+    let row = r.stdout.lines().nth(1).unwrap();
+    assert_eq!(
+        row.find("running"),
+        header.find("STATE"),
+        "columns align:\n{}",
+        r.stdout
+    );
+
+    let r = d.ctl_ok(&["--json", "inspect", "web-1"]);
+    let vm: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["config"]["machine-config"]["mem_size_mib"], 32);
+    let pid = vm["pid"].as_u64().unwrap();
+    let vm_socket = PathBuf::from(vm["api_socket"].as_str().unwrap());
+
+    assert!(d.ctl_ok(&["pause", "web-1"]).stdout.contains("paused"));
+    // The VM's own API agrees.
+    let (_, info) = http_unix(&vm_socket, "GET", "/", None, None);
+    assert!(info.contains("\"Paused\""), "{info}");
+    assert!(d.ctl_ok(&["resume", "web-1"]).stdout.contains("running"));
+    let (_, info) = http_unix(&vm_socket, "GET", "/", None, None);
+    assert!(info.contains("\"Running\""), "{info}");
+
+    let r = d.ctl_ok(&["stop", "web-1", "--timeout", "5"]);
+    assert!(
+        r.stdout.contains("stopped") && r.stdout.contains("status 143"),
+        "{r}"
+    );
+    assert!(process_gone(pid));
+    let r = d.ctl(&["pause", "web-1"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("is stopped"), "{r}");
+    assert!(d
+        .ctl_ok(&["destroy", "web-1"])
+        .stdout
+        .contains("destroyed web-1"));
+    let r = d.ctl_ok(&["--json", "list"]);
+    assert_eq!(serde_json::from_str::<Value>(&r.stdout).unwrap(), json!([]));
+
+    // Errors name what is at fault.
+    let r = d.ctl(&["inspect", "nope"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("no VM with id \"nope\""), "{r}");
+    let r = d.ctl(&["create", "a/b", "--config", hang.to_str().unwrap()]);
+    assert!(r.stderr.contains("id \"a/b\" contains '/'"), "{r}");
+    let r = d.ctl(&["create", "x", "--config", "/nonexistent.json"]);
+    assert!(r.stderr.contains("--config /nonexistent.json"), "{r}");
+    let missing = d.dir.join("missing.json");
+    std::fs::write(
+        &missing,
+        json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}).to_string(),
+    )
+    .unwrap();
+    let r = d.ctl(&["create", "x", "--config", missing.to_str().unwrap()]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("failed to start"), "{r}");
+    let r = run(
+        &["ctl", "--socket", "/nonexistent/d.sock", "list"],
+        CTL_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr
+            .contains("no daemon at /nonexistent/d.sock: start one with `vigil daemon`"),
+        "{r}"
+    );
+}
+
+#[test]
+fn raw_http_lifecycle() {
+    let d = Daemon::start("http", &[]);
+    let vm = d.create("vm-a", "hang");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["vcpus"], 1);
+    let (status, list) = d.http("GET", "/vms", None);
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (status, body) = d.http(
+        "POST",
+        "/vms",
+        Some(json!({"id": "vm-a", "config": d.config("hang")})),
+    );
+    assert_eq!(status, 409, "{body}");
+    let (status, vm) = d.http("PATCH", "/vms/vm-a", Some(json!({"state": "Paused"})));
+    assert_eq!((status, vm["state"].as_str()), (200, Some("paused")));
+    let (status, vm) = d.http("PATCH", "/vms/vm-a", Some(json!({"state": "Resumed"})));
+    assert_eq!((status, vm["state"].as_str()), (200, Some("running")));
+    let (status, text) = http_unix(&d.socket, "GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("vigil_vm_info{vm_id=\"vm-a\",state=\"running\"} 1"),
+        "{text}"
+    );
+    let (status, health) = d.http("GET", "/health", None);
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    let (status, vm) = d.http("POST", "/vms/vm-a/stop", Some(json!({"timeout_s": 5})));
+    assert_eq!(
+        (status, vm["state"].as_str()),
+        (200, Some("stopped")),
+        "{vm}"
+    );
+    let (status, _) = d.http("DELETE", "/vms/vm-a", None);
+    assert_eq!(status, 204);
+    let (status, body) = d.http("GET", "/vms/vm-a", None);
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = d.http(
+        "PATCH",
+        "/vms/vm-a",
+        Some(json!({"state": "Paused", "x": 1})),
+    );
+    assert!(
+        status == 400
+            && body["fault_message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field `x`"),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_crashed_guest_is_reported_and_not_restarted() {
+    let d = Daemon::start("crash", &[]);
+    d.create("boom", "triple-fault");
+    let vm = wait_for_state(&d, "boom", "crashed");
+    assert_eq!(vm["exit"]["code"], 3, "{vm}");
+    assert!(vm["pid"].is_null());
+    let stderr = vm["stderr_tail"].as_str().unwrap();
+    assert!(stderr.contains("triple fault"), "{stderr}");
+    assert!(d.dir.join("state/vms/boom/exit.json").is_file());
+    // Not restarted: still crashed a while later, with no process of its own.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, vm) = d.http("GET", "/vms/boom", None);
+    assert_eq!(vm["state"], "crashed");
+    assert!(
+        children(d.pid()).is_empty(),
+        "the daemon has children: {:?}",
+        children(d.pid())
+    );
+    let r = d.ctl_ok(&["list"]);
+    assert!(
+        r.stdout.contains("crashed") && r.stdout.contains("status 3"),
+        "{r}"
+    );
+    assert!(d.log().contains("not restarted"), "{}", d.log());
+    // The daemon keeps serving.
+    assert_eq!(d.create("after", "hang")["state"], "running");
+}
+
+/// The pids whose parent is `pid` (zombies included).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) {
+            // pid (comm) state ppid ...
+            let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+            if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn twenty_vms_at_once() {
+    let d = Daemon::start("twenty", &[]);
+    std::thread::scope(|s| {
+        for i in 0..20 {
+            let d = &d;
+            s.spawn(move || d.create(&format!("vm{i:02}"), "hang"));
+        }
+    });
+    let (_, list) = d.http("GET", "/vms", None);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 20);
+    assert!(list.iter().all(|vm| vm["state"] == "running"), "{list:?}");
+    assert_eq!(children(d.pid()).len(), 20);
+    let (_, text) = http_unix(&d.socket, "GET", "/metrics", None, None);
+    assert_eq!(text.matches("vigil_vm_up{vm_id=").count(), 20);
+    assert!(
+        text.contains("vigil_daemon_vms{state=\"running\"} 20"),
+        "{text}"
+    );
+    let r = d.ctl_ok(&["list"]);
+    assert_eq!(r.stdout.lines().count(), 21);
+    std::thread::scope(|s| {
+        for i in 0..20 {
+            let d = &d;
+            s.spawn(move || assert_eq!(d.http("DELETE", &format!("/vms/vm{i:02}"), None).0, 204));
+        }
+    });
+    assert!(children(d.pid()).is_empty());
+}
+
+struct Usage {
+    fds: usize,
+    sockets: usize,
+    threads: usize,
+    rss_kib: u64,
+}
+
+fn usage(pid: u32) -> Usage {
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    Usage {
+        sockets: fds.iter().filter(|f| f.starts_with("socket:")).count(),
+        fds: fds.len(),
+        threads: std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count(),
+        rss_kib,
+    }
+}
+
+#[test]
+fn create_destroy_cycles_leak_nothing() {
+    let d = Daemon::start("cycles", &[]);
+    let cycle = |i: usize| {
+        d.create("cycle", "hang");
+        if i.is_multiple_of(10) {
+            // Exercise the other requests too.
+            assert_eq!(
+                d.http("PATCH", "/vms/cycle", Some(json!({"state": "Paused"})))
+                    .0,
+                200
+            );
+            assert_eq!(http_unix(&d.socket, "GET", "/metrics", None, None).0, 200);
+        }
+        let (status, body) = d.http("DELETE", "/vms/cycle", None);
+        assert_eq!(status, 204, "{body}");
+    };
+    for i in 0..5 {
+        cycle(i);
+    }
+    // Let the server side of the last connection close.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = usage(d.pid());
+    let start = Instant::now();
+    for i in 0..100 {
+        cycle(i);
+    }
+    let took = start.elapsed();
+    // Let the runtime's idle blocking threads (if any) wind down.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = usage(d.pid());
+    eprintln!(
+        "100 cycles in {took:?}: fds {} -> {}, sockets {} -> {}, threads {} -> {}, RSS {} -> {} KiB",
+        before.fds, after.fds, before.sockets, after.sockets, before.threads, after.threads, before.rss_kib, after.rss_kib
+    );
+    assert_eq!(after.fds, before.fds, "file descriptors leaked");
+    assert_eq!(after.sockets, before.sockets, "sockets leaked");
+    // The runtime's blocking pool may grow up to its cap (8); anything beyond is a leak.
+    assert!(
+        after.threads <= before.threads + 8,
+        "threads: {} -> {}",
+        before.threads,
+        after.threads
+    );
+    assert!(
+        after.rss_kib < before.rss_kib + 16 * 1024,
+        "RSS grew from {} to {} KiB",
+        before.rss_kib,
+        after.rss_kib
+    );
+    assert!(
+        children(d.pid()).is_empty(),
+        "children left: {:?}",
+        children(d.pid())
+    );
+    let left: Vec<_> = std::fs::read_dir(d.dir.join("state/vms"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "VM folders left: {left:?}");
+}
+
+#[test]
+fn tcp_needs_a_token() {
+    let dir = std::env::temp_dir().join(format!("vigil-d-tcp-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state");
+    let sock = dir.join("x.sock");
+    let base = [
+        "daemon",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ];
+    for addr in ["127.0.0.1:1", "0.0.0.0:1"] {
+        let r = run(&[&base[..], &["--listen-tcp", addr]].concat(), CTL_TIMEOUT);
+        assert_eq!(r.code, Some(1), "{r}");
+        assert!(
+            r.stderr
+                .contains(&format!("--listen-tcp {addr} needs --token-file")),
+            "{r}"
+        );
+        assert!(!sock.exists());
+    }
+    let r = run(
+        &[&base[..], &["--listen-tcp", "0.0.0.0:1"]].concat(),
+        CTL_TIMEOUT,
+    );
+    assert!(r.stderr.contains("not a loopback address"), "{r}");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-s3cret-s3cret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = run(
+        &[
+            &base[..],
+            &[
+                "--listen-tcp",
+                "127.0.0.1:1",
+                "--token-file",
+                token_file.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+        CTL_TIMEOUT,
+    );
+    assert!(r.code == Some(1) && r.stderr.contains("chmod 600"), "{r}");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        "tcp",
+        &[
+            "--listen-tcp",
+            &addr,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let tcp = |token: Option<&str>| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match std::net::TcpStream::connect(&addr) {
+                Ok(s) => break s,
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        http_exchange(stream, "GET", "/vms", None, token)
+    };
+    let (status, body) = tcp(None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("Authorization: Bearer"), "{body}");
+    assert_eq!(tcp(Some("s3cret-s3cret-s3creX")).0, 401);
+    assert_eq!(tcp(Some("s3cret")).0, 401);
+    assert_eq!(tcp(Some("s3cret-s3cret-s3cret")), (200, "[]".into()));
+    // The Unix socket needs no token (its file mode guards it).
+    assert_eq!(d.http("GET", "/vms", None).0, 200);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    drop(d);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sigterm_stops_the_vms_and_exits_0() {
+    let mut d = Daemon::start("term", &[]);
+    let a = d.create("a", "hang")["pid"].as_u64().unwrap();
+    let b = d.create("b", "hang")["pid"].as_u64().unwrap();
+    // A second daemon on the same socket is refused.
+    let r = run(
+        &[
+            "daemon",
+            "--state-dir",
+            d.dir.join("state2").to_str().unwrap(),
+            "--socket",
+            d.socket.to_str().unwrap(),
+        ],
+        CTL_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("another daemon is listening"), "{r}");
+    let t = Instant::now();
+    let status = d.sigterm();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(process_gone(a) && process_gone(b));
+    assert!(!d.socket.exists());
+    let log = d.log();
+    assert!(
+        log.contains("SIGTERM received") && log.contains("stopping 2 VM(s)"),
+        "{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a non-terminal log"
+    );
+}
