@@ -127,8 +127,35 @@ async fn exchange(
     result
 }
 
-/// [`request`] for callers without a runtime (the CLI): runs it on a
-/// single-threaded runtime of its own.
+/// [`request`] for callers without a runtime (the CLI, benchmarks): requests run
+/// on a single-threaded runtime that the client keeps.
+pub struct BlockingClient {
+    runtime: tokio::runtime::Runtime,
+}
+
+impl BlockingClient {
+    pub fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(BlockingClient { runtime })
+    }
+
+    /// Sends one request; see [`request`].
+    pub fn request(
+        &self,
+        socket: &Path,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        self.runtime
+            .block_on(request(socket, method, path, body, timeout))
+    }
+}
+
+/// One request from a caller without a runtime (see [`BlockingClient`]).
 pub fn request_blocking(
     socket: &Path,
     method: &str,
@@ -136,12 +163,9 @@ pub fn request_blocking(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ClientError::Http {
-            path: socket.to_owned(),
-            message: format!("cannot start an I/O runtime: {e}"),
-        })?;
-    runtime.block_on(request(socket, method, path, body, timeout))
+    let client = BlockingClient::new().map_err(|e| ClientError::Http {
+        path: socket.to_owned(),
+        message: format!("cannot start an I/O runtime: {e}"),
+    })?;
+    client.request(socket, method, path, body, timeout)
 }

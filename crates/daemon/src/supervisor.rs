@@ -579,7 +579,7 @@ impl Supervisor {
                 ));
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            pause = (pause * 2).min(Duration::from_millis(10));
         }
         // A VMM that refused its configuration is not a VM: report why and forget it.
         if vm.state() == VmState::Failed {

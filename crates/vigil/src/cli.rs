@@ -103,6 +103,11 @@ pub enum BenchCommand {
     /// tap this command creates, so it needs root) under Vigil and under QEMU
     /// microvm, and print packets per second with the ratio.
     Net(crate::bench::DeviceBenchArgs),
+    /// Start a `vigil daemon` in a scratch folder and measure API request latency
+    /// (p50/p99 of GET / on a VM's socket, GET /vms and GET /metrics on the daemon)
+    /// and VM creation and destruction rates through the daemon (test-guest VMs,
+    /// one at a time and all at once); print markdown tables.
+    Api(crate::bench_api::ApiBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -415,6 +420,10 @@ impl Command {
             }
             Command::Bench(BenchCommand::Net(args)) => {
                 crate::bench::run_net(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchCommand::Api(args)) => {
+                crate::bench_api::run(args)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Daemon(args) => {

@@ -2,6 +2,7 @@
 //! link named `firecracker` (or as `vigil firecracker`), stand in for Firecracker.
 
 mod bench;
+mod bench_api;
 mod cli;
 mod ctl;
 mod devices_cli;
