@@ -8,7 +8,7 @@
 //! | `PATCH /vms/{id}` `{"state": "Paused"\|"Resumed"}` | pause or resume it |
 //! | `POST /vms/{id}/stop` `[{"timeout_s", "method"}]` | stop it; its record stays |
 //! | `DELETE /vms/{id}` | stop it and remove it and its folder; 204 |
-//! | `GET /metrics` | Prometheus text: host, daemon, every VM by `vm_id` |
+//! | `GET /metrics` | Prometheus text: host, daemon, every VM labelled `vm="<id>"` |
 //! | `GET /health` | `{"status": "ok", ...}` |
 //!
 //! Errors are `{"fault_message": "..."}` with a 4xx/5xx status.

@@ -114,7 +114,7 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
     for s in samples {
         let _ = writeln!(
             out,
-            "vigil_vm_info{{vm_id=\"{}\",state=\"{}\"}} 1",
+            "vigil_vm_info{{vm=\"{}\",state=\"{}\"}} 1",
             s.info.id,
             s.info.state.as_str()
         );
@@ -128,38 +128,38 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
     for s in samples {
         let _ = writeln!(
             out,
-            "vigil_vm_up{{vm_id=\"{}\"}} {}",
+            "vigil_vm_up{{vm=\"{}\"}} {}",
             s.info.id,
             u8::from(s.info.state.is_live())
         );
     }
     family(
         &mut out,
-        "vigil_vm_uptime_seconds",
+        "vigil_daemon_vm_uptime_seconds",
         "gauge",
-        "Seconds from the VM's start to now, or to its end.",
+        "Seconds from the VM process's start to now, or to its end (every VM the daemon holds).",
     );
     for s in samples {
         let _ = writeln!(
             out,
-            "vigil_vm_uptime_seconds{{vm_id=\"{}\"}} {:.3}",
+            "vigil_daemon_vm_uptime_seconds{{vm=\"{}\"}} {:.3}",
             s.info.id, s.info.uptime_s
         );
     }
     family(
         &mut out,
-        "vigil_vm_vcpus",
+        "vigil_vm_configured_vcpus",
         "gauge",
         "vCPUs in the VM's configuration.",
     );
     for s in samples {
         if let Some(v) = s.info.vcpus {
-            let _ = writeln!(out, "vigil_vm_vcpus{{vm_id=\"{}\"}} {v}", s.info.id);
+            let _ = writeln!(out, "vigil_vm_configured_vcpus{{vm=\"{}\"}} {v}", s.info.id);
         }
     }
     family(
         &mut out,
-        "vigil_vm_memory_bytes",
+        "vigil_vm_configured_memory_bytes",
         "gauge",
         "Guest memory in the VM's configuration, in bytes.",
     );
@@ -167,7 +167,7 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
         if let Some(m) = s.info.memory_mib {
             let _ = writeln!(
                 out,
-                "vigil_vm_memory_bytes{{vm_id=\"{}\"}} {}",
+                "vigil_vm_configured_memory_bytes{{vm=\"{}\"}} {}",
                 s.info.id,
                 m.saturating_mul(1 << 20)
             );
@@ -181,7 +181,7 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
     );
     for s in samples {
         if let Some(code) = s.info.exit.as_ref().and_then(|e| e.code) {
-            let _ = writeln!(out, "vigil_vm_exit_code{{vm_id=\"{}\"}} {code}", s.info.id);
+            let _ = writeln!(out, "vigil_vm_exit_code{{vm=\"{}\"}} {code}", s.info.id);
         }
     }
     family(
@@ -194,7 +194,7 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
         if matches!(s.info.state, VmState::Running | VmState::Paused) {
             let _ = writeln!(
                 out,
-                "vigil_vm_scrape_ok{{vm_id=\"{}\"}} {}",
+                "vigil_vm_scrape_ok{{vm=\"{}\"}} {}",
                 s.info.id,
                 u8::from(s.snapshot.is_some())
             );

@@ -286,15 +286,15 @@ async fn a_slow_vm_does_not_hold_up_metrics() {
     assert!(took < Duration::from_secs(2), "metrics took {took:?}");
     let text = r.text();
     assert!(
-        text.contains("vigil_vm_scrape_ok{vm_id=\"fast\"} 1"),
+        text.contains("vigil_vm_scrape_ok{vm=\"fast\"} 1"),
         "{text}"
     );
     assert!(
-        text.contains("vigil_vm_scrape_ok{vm_id=\"slow\"} 0"),
+        text.contains("vigil_vm_scrape_ok{vm=\"slow\"} 0"),
         "{text}"
     );
     assert!(
-        text.contains("vigil_vm_info{vm_id=\"gone\",state=\"exited\"} 1"),
+        text.contains("vigil_vm_info{vm=\"gone\",state=\"exited\"} 1"),
         "{text}"
     );
     assert!(
@@ -302,7 +302,7 @@ async fn a_slow_vm_does_not_hold_up_metrics() {
         "{text}"
     );
     assert!(
-        text.contains("vigil_vm_memory_bytes{vm_id=\"fast\"} 33554432"),
+        text.contains("vigil_vm_configured_memory_bytes{vm=\"fast\"} 33554432"),
         "{text}"
     );
     d.stop().await;

@@ -322,7 +322,7 @@ fn raw_http_lifecycle() {
     let (status, text) = http_unix(&d.socket, "GET", "/metrics", None, None);
     assert_eq!(status, 200);
     assert!(
-        text.contains("vigil_vm_info{vm_id=\"vm-a\",state=\"running\"} 1"),
+        text.contains("vigil_vm_info{vm=\"vm-a\",state=\"running\"} 1"),
         "{text}"
     );
     let (status, health) = d.http("GET", "/health", None);
@@ -414,7 +414,7 @@ fn twenty_vms_at_once() {
     assert!(list.iter().all(|vm| vm["state"] == "running"), "{list:?}");
     assert_eq!(children(d.pid()).len(), 20);
     let (_, text) = http_unix(&d.socket, "GET", "/metrics", None, None);
-    assert_eq!(text.matches("vigil_vm_up{vm_id=").count(), 20);
+    assert_eq!(text.matches("vigil_vm_up{vm=").count(), 20);
     assert!(
         text.contains("vigil_daemon_vms{state=\"running\"} 20"),
         "{text}"
