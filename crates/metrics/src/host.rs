@@ -280,10 +280,7 @@ mod tests {
             parse_statm_rss("1000 250 100 10 0 200 0\n", 4096),
             Some(250 * 4096)
         );
-        assert_eq!(
-            parse_schedstat("123456 7890 42\n"),
-            Some((123456, 7890))
-        );
+        assert_eq!(parse_schedstat("123456 7890 42\n"), Some((123456, 7890)));
     }
 
     #[test]

@@ -35,7 +35,12 @@ struct Family<'a> {
 }
 
 impl<'a> Family<'a> {
-    fn new(out: &'a mut String, name: &'static str, kind: &'static str, help: &'static str) -> Self {
+    fn new(
+        out: &'a mut String,
+        name: &'static str,
+        kind: &'static str,
+        help: &'static str,
+    ) -> Self {
         Self {
             out,
             name,
@@ -273,7 +278,12 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
                     if d.kind == crate::DeviceKind::Entropy && dir == "write" {
                         continue;
                     }
-                    let labels = [("vm", *vm), ("device", &d.name), ("kind", kind), ("direction", dir)];
+                    let labels = [
+                        ("vm", *vm),
+                        ("device", &d.name),
+                        ("kind", kind),
+                        ("direction", dir),
+                    ];
                     f.sample("", &labels, Value::Int(n));
                 }
             }
@@ -297,7 +307,11 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
-    let per_device: [(&'static str, &'static str, fn(&crate::DeviceSnapshot) -> u64); 2] = [
+    let per_device: [(
+        &'static str,
+        &'static str,
+        fn(&crate::DeviceSnapshot) -> u64,
+    ); 2] = [
         (
             "vigil_device_errors_total",
             "Failed requests and dropped frames or packets.",
@@ -467,7 +481,11 @@ pub(crate) mod tests {
                     .unwrap_or_else(|| panic!("sample {name} has no HELP/TYPE"))
                     .to_string()
             };
-            assert_eq!(current.as_deref(), Some(family.as_str()), "{name} out of its family");
+            assert_eq!(
+                current.as_deref(),
+                Some(family.as_str()),
+                "{name} out of its family"
+            );
             assert!(!finished.contains(&family));
             assert!(name.starts_with("vigil_"), "{name}");
             assert!(
@@ -489,15 +507,25 @@ pub(crate) mod tests {
                 if *n == bucket {
                     let mut key = l.clone();
                     let le = key.remove("le").expect("bucket without le");
-                    let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() };
+                    let le = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().unwrap()
+                    };
                     series.entry(key).or_default().push((le, *v));
                 }
             }
             assert!(!series.is_empty(), "{family} without buckets");
             for (key, buckets) in series {
-                assert!(buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
+                assert!(buckets
+                    .windows(2)
+                    .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
                 let (last_le, last) = *buckets.last().unwrap();
-                assert_eq!(last_le, f64::INFINITY, "{family} {key:?} has no +Inf bucket");
+                assert_eq!(
+                    last_le,
+                    f64::INFINITY,
+                    "{family} {key:?} has no +Inf bucket"
+                );
                 let c = samples
                     .iter()
                     .find(|(n, l, _)| *n == count && *l == key)
@@ -590,7 +618,10 @@ pub(crate) mod tests {
         samples
             .iter()
             .find(|(n, l, _)| {
-                n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
             })
             .map(|(_, _, v)| v)
     }
@@ -622,17 +653,29 @@ pub(crate) mod tests {
         let samples = check(&text);
         let s = &samples;
         assert_eq!(
-            find(s, "vigil_vcpu_exits_total", &[("vm", "vm-a"), ("vcpu", "0"), ("reason", "io")]),
+            find(
+                s,
+                "vigil_vcpu_exits_total",
+                &[("vm", "vm-a"), ("vcpu", "0"), ("reason", "io")]
+            ),
             Some(&5.0)
         );
         assert_eq!(
-            find(s, "vigil_vcpu_exits_total", &[("vm", odd_id), ("vcpu", "1"), ("reason", "hlt")]),
+            find(
+                s,
+                "vigil_vcpu_exits_total",
+                &[("vm", odd_id), ("vcpu", "1"), ("reason", "hlt")]
+            ),
             Some(&1.0),
             "the escaped id parses back\n{text}"
         );
         assert!(text.contains(r#"vm="we\"ird\\vm\nid""#));
         assert_eq!(
-            find(s, "vigil_vcpu_exit_handling_seconds_count", &[("vm", "vm-a"), ("vcpu", "0")]),
+            find(
+                s,
+                "vigil_vcpu_exit_handling_seconds_count",
+                &[("vm", "vm-a"), ("vcpu", "0")]
+            ),
             Some(&6.0)
         );
         assert_eq!(
@@ -645,28 +688,53 @@ pub(crate) mod tests {
             "{text}"
         );
         assert_eq!(
-            find(s, "vigil_vcpu_exit_handling_seconds_bucket", &[("vcpu", "0"), ("le", "+Inf")]),
+            find(
+                s,
+                "vigil_vcpu_exit_handling_seconds_bucket",
+                &[("vcpu", "0"), ("le", "+Inf")]
+            ),
             Some(&6.0)
         );
         assert_eq!(
             find(s, "vigil_vcpu_exit_handling_seconds_sum", &[("vcpu", "0")]),
             Some(&20.00001)
         );
-        assert_eq!(find(s, "vigil_vcpu_guest_seconds_total", &[("vcpu", "0")]), Some(&1.5));
         assert_eq!(
-            find(s, "vigil_device_bytes_total", &[("device", "blk0"), ("direction", "read")]),
+            find(s, "vigil_vcpu_guest_seconds_total", &[("vcpu", "0")]),
+            Some(&1.5)
+        );
+        assert_eq!(
+            find(
+                s,
+                "vigil_device_bytes_total",
+                &[("device", "blk0"), ("direction", "read")]
+            ),
             Some(&4608.0)
         );
         assert_eq!(
-            find(s, "vigil_device_bytes_total", &[("device", "blk0"), ("direction", "write")]),
+            find(
+                s,
+                "vigil_device_bytes_total",
+                &[("device", "blk0"), ("direction", "write")]
+            ),
             Some(&4096.0)
         );
         assert_eq!(
-            find(s, "vigil_device_bytes_total", &[("device", "rng0"), ("direction", "write")]),
+            find(
+                s,
+                "vigil_device_bytes_total",
+                &[("device", "rng0"), ("direction", "write")]
+            ),
             None
         );
-        assert_eq!(find(s, "vigil_device_errors_total", &[("device", "blk0")]), Some(&1.0));
-        assert_eq!(find(s, "vigil_device_throttled_total", &[("device", "rng0")]), Some(&1.0));
+        assert_eq!(
+            find(s, "vigil_device_errors_total", &[("device", "blk0")]),
+            Some(&1.0)
+        );
+        assert_eq!(
+            find(s, "vigil_device_throttled_total", &[("device", "rng0")]),
+            Some(&1.0)
+        );
         assert_eq!(
             find(s, "vigil_vm_memory_guest_bytes", &[("vm", "vm-a")]),
             Some(&134217728.0)
@@ -686,7 +754,11 @@ pub(crate) mod tests {
             Some(&0.125)
         );
         assert_eq!(
-            find(s, "vigil_host_pressure_stalled_seconds_total", &[("resource", "cpu")]),
+            find(
+                s,
+                "vigil_host_pressure_stalled_seconds_total",
+                &[("resource", "cpu")]
+            ),
             Some(&2.5)
         );
         assert_eq!(
@@ -694,9 +766,15 @@ pub(crate) mod tests {
             None,
             "absent PSI gives no samples"
         );
-        assert_eq!(find(s, "vigil_host_load_average", &[("window", "15m")]), Some(&2.0));
+        assert_eq!(
+            find(s, "vigil_host_load_average", &[("window", "15m")]),
+            Some(&2.0)
+        );
         assert_eq!(find(s, "vigil_host_cpus", &[]), Some(&2.0));
-        assert!(!text.contains("vigil_host_cpu_seconds_total"), "no samples, no family");
+        assert!(
+            !text.contains("vigil_host_cpu_seconds_total"),
+            "no samples, no family"
+        );
     }
 
     #[test]

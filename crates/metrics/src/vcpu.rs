@@ -180,7 +180,9 @@ impl RunClock {
     pub fn entering(&mut self, counters: &VcpuCounters) {
         let now = Instant::now();
         if let Some(left) = self.left.take() {
-            counters.exit_handling.record(now.saturating_duration_since(left));
+            counters
+                .exit_handling
+                .record(now.saturating_duration_since(left));
         }
         self.entered = Some(now);
     }
@@ -305,7 +307,10 @@ mod tests {
         assert_eq!(s.exits.mmio, 1);
         assert_eq!(s.exits.total(), 3);
         assert!(s.guest_ns >= 3_000_000, "{}", s.guest_ns);
-        assert_eq!(s.exit_handling.count, 3, "one per exit followed by an entry");
+        assert_eq!(
+            s.exit_handling.count, 3,
+            "one per exit followed by an entry"
+        );
         let names: Vec<_> = s.exits.iter().map(|(r, _)| r.name()).collect();
         assert_eq!(names[0], "io");
         assert_eq!(names.len(), 9);
