@@ -139,6 +139,9 @@ fn escape_label(out: &mut String, v: &str) {
     }
 }
 
+/// Name, help and the value of one series of a one-value-per-series family.
+type SimpleFamily<T, V> = (&'static str, &'static str, fn(&T) -> V);
+
 fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
     {
         let mut f = Family::new(
@@ -235,7 +238,7 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
-    let per_vcpu: [(&'static str, &'static str, fn(&crate::VcpuSnapshot) -> Option<u64>); 3] = [
+    let per_vcpu: [SimpleFamily<crate::VcpuSnapshot, Option<u64>>; 3] = [
         (
             "vigil_vcpu_guest_seconds_total",
             "Time inside KVM_RUN (guest code, in-kernel exits and halts).",
@@ -307,11 +310,7 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
-    let per_device: [(
-        &'static str,
-        &'static str,
-        fn(&crate::DeviceSnapshot) -> u64,
-    ); 2] = [
+    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 2] = [
         (
             "vigil_device_errors_total",
             "Failed requests and dropped frames or packets.",
