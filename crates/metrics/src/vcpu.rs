@@ -1,6 +1,7 @@
 //! Counters of one vCPU: exits by reason, how long the VMM took to handle each
-//! exit, and time spent inside `KVM_RUN`. Written only by the vCPU's own thread
-//! (relaxed atomics, no locks, no allocation); read by anyone.
+//! exit, and time spent inside `KVM_RUN`. Written only by the vCPU's own thread,
+//! with single-writer relaxed atomics (a load and a store: no locked instruction,
+//! no lock, no allocation); read by anyone.
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Instant;
@@ -99,10 +100,10 @@ impl VcpuCounters {
         self.id
     }
 
-    /// Counts one exit.
+    /// Counts one exit. Only the vCPU's own thread may call this.
     #[inline]
     pub fn count_exit(&self, reason: ExitReason) {
-        self.exits[reason.index()].inc();
+        self.exits[reason.index()].add_single_writer(1);
     }
 
     /// Exits for `reason` so far.
@@ -167,7 +168,8 @@ impl VcpuCounters {
 
 /// The timing state of one vCPU run loop (a local of the vCPU thread): call
 /// [`Self::entering`] just before `KVM_RUN` and [`Self::exited`] just after.
-/// Two clock reads per exit.
+/// The vCPU thread is the only writer of its [`VcpuCounters`]. Two clock reads
+/// per exit.
 #[derive(Debug, Default)]
 pub struct RunClock {
     entered: Option<Instant>,
@@ -182,7 +184,7 @@ impl RunClock {
         if let Some(left) = self.left.take() {
             counters
                 .exit_handling
-                .record(now.saturating_duration_since(left));
+                .record_ns_single_writer(duration_ns(now.saturating_duration_since(left)));
         }
         self.entered = Some(now);
     }
@@ -194,7 +196,7 @@ impl RunClock {
         if let Some(entered) = self.entered.take() {
             counters
                 .guest_ns
-                .add(duration_ns(now.saturating_duration_since(entered)));
+                .add_single_writer(duration_ns(now.saturating_duration_since(entered)));
         }
         counters.count_exit(reason);
         self.left = Some(now);
