@@ -170,8 +170,10 @@ enum Outcome {
 impl Vcpu {
     /// Runs until the VM stops or this vCPU ends it.
     pub fn run(mut self, ctx: VcpuContext) {
-        // SAFETY: gettid has no preconditions and cannot fail.
-        ctx.metrics.thread_started(unsafe { libc::gettid() });
+        // SAFETY: the gettid system call takes no arguments and cannot fail. (Not
+        // libc::gettid: a static glibc can leave that symbol unresolved.)
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        ctx.metrics.thread_started(tid as i32);
         self.run_loop(&ctx);
         ctx.metrics.thread_exiting();
     }
