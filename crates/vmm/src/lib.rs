@@ -12,6 +12,7 @@ pub mod symbols;
 mod vm;
 pub mod vstate;
 
+pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
 pub use vm::{
     BalloonHandle, ControlError, RunState, RunningVm, StopHandle, Vm, VmControl, VmOutcome,
 };

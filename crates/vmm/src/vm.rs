@@ -15,6 +15,7 @@ use vigil_devices::legacy::I8042;
 use vigil_devices::virtio::balloon::{BalloonConfig, BalloonControl, Stats};
 use vigil_devices::virtio::{Interrupt, INT_CONFIG};
 use vigil_devices::PowerEvent;
+use vigil_metrics::{MetricsHandle, VmMetrics};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -46,6 +47,8 @@ pub struct Vm {
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// The balloon, when the VM has one.
     pub(crate) balloon: Option<BalloonHandle>,
+    /// Counters of the vCPUs and devices.
+    pub(crate) metrics: Arc<VmMetrics>,
 }
 
 /// How a VM ended.
@@ -279,6 +282,7 @@ pub struct RunningVm {
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     symbols: Option<SymbolTable>,
+    metrics: Arc<VmMetrics>,
     // Kept alive until the threads that use them have been joined.
     _vm_fd: VmFd,
     _mem: GuestMemoryMmap,
@@ -299,6 +303,7 @@ impl Vm {
         register_signal_handler(kick_signal(), kick_handler)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let stop = self.stop;
+        self.metrics.mark_started();
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus {
             let ctx = VcpuContext {
@@ -308,6 +313,11 @@ impl Vm {
                 events: self.events_tx.clone(),
                 stop: stop.clone(),
                 pause: self.pause.clone(),
+                metrics: self
+                    .metrics
+                    .vcpu(vcpu.id)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(vigil_metrics::VcpuCounters::new(vcpu.id))),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
@@ -345,6 +355,7 @@ impl Vm {
             events_tx: self.events_tx,
             events_rx: self.events_rx,
             symbols: self.symbols,
+            metrics: self.metrics,
             _vm_fd: self.vm_fd,
             _mem: self.mem,
         })
@@ -398,6 +409,12 @@ impl RunningVm {
     /// A handle to pause, resume and query this VM from another thread.
     pub fn control(&self) -> VmControl {
         self.control.clone()
+    }
+
+    /// A handle on this VM's metrics, to take snapshots from another thread; it
+    /// stays valid after the VM ended.
+    pub fn metrics(&self) -> MetricsHandle {
+        MetricsHandle::new(self.metrics.clone())
     }
 
     /// The symbols given at launch, to describe guest addresses.

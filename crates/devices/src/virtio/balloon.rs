@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -118,6 +119,7 @@ pub struct Balloon {
     deflated: u64,
     reported_bytes: u64,
     bad_pages: u64,
+    metrics: Arc<DeviceCounters>,
 }
 
 impl Balloon {
@@ -133,6 +135,10 @@ impl Balloon {
         let control = Arc::new(BalloonControl::default());
         control.set_target_mib(config.target_mib);
         control.set_stats_interval(config.stats_interval.unwrap_or_default());
+        let metrics = Arc::new(DeviceCounters::new(DeviceKind::Balloon, "balloon0"));
+        metrics
+            .balloon_target_pages
+            .set(u64::from(control.pages().0));
         Self {
             control,
             queue_sizes: vec![QUEUE_SIZE; roles.len()],
@@ -146,7 +152,20 @@ impl Balloon {
             deflated: 0,
             reported_bytes: 0,
             bad_pages: 0,
+            metrics,
         }
+    }
+
+    /// Counts into `metrics` (shared with whoever reads them) from now on.
+    pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
+        metrics
+            .balloon_target_pages
+            .set(u64::from(self.control.pages().0));
+        metrics
+            .balloon_actual_pages
+            .set(u64::from(self.actual_pages));
+        self.metrics = metrics;
+        self
     }
 
     /// Pages the guest has given back (inflated) and taken again (deflated), bytes
@@ -205,6 +224,7 @@ impl Balloon {
                 pages += 1;
             } else {
                 self.bad_pages += 1;
+                self.metrics.errors.inc();
             }
         }
         pages
@@ -243,6 +263,9 @@ impl VirtioDevice for Balloon {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
         let target_pages = self.control.pages().0;
+        self.metrics
+            .balloon_target_pages
+            .set(u64::from(target_pages));
         config[..4].copy_from_slice(&target_pages.to_le_bytes());
         config[4..].copy_from_slice(&self.actual_pages.to_le_bytes());
         copy_config(&config, offset, data);
@@ -255,6 +278,9 @@ impl VirtioDevice for Balloon {
             self.control
                 .actual_pages
                 .store(self.actual_pages, Ordering::Release);
+            self.metrics
+                .balloon_actual_pages
+                .set(u64::from(self.actual_pages));
         }
     }
 
@@ -291,8 +317,10 @@ impl VirtioDevice for Balloon {
                         let pages = self.page_numbers(&mut reader, mem, role == Role::Inflate);
                         if role == Role::Inflate {
                             self.inflated += pages;
+                            self.metrics.transfer_out(pages * PAGE_SIZE);
                         } else {
                             self.deflated += pages;
+                            self.metrics.transfer_in(pages * PAGE_SIZE);
                         }
                     }
                 }
@@ -310,6 +338,7 @@ impl VirtioDevice for Balloon {
                         shared.clone_from(&self.stats);
                     }
                     self.stats_last = Instant::now();
+                    self.metrics.ops_other.inc();
                     if let Some(old) = self.stats_held.replace(head) {
                         // A driver that sends a second buffer gets the first one back.
                         add_used(queue, mem, old, 0)?;
@@ -318,11 +347,14 @@ impl VirtioDevice for Balloon {
                     continue;
                 }
                 Role::Reporting => {
+                    self.metrics.ops_out.inc();
                     for desc in chain.clone() {
                         if self.discard(mem, desc.addr().0, u64::from(desc.len())) {
                             self.reported_bytes += u64::from(desc.len());
+                            self.metrics.bytes_out.add(u64::from(desc.len()));
                         } else {
                             self.bad_pages += 1;
+                            self.metrics.errors.inc();
                         }
                     }
                 }

@@ -21,6 +21,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use vigil_metrics::{DeviceCounters, DeviceKind};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -242,6 +245,7 @@ pub struct Vsock {
     closing_old: Vec<UnixStream>,
     buf: Vec<u8>,
     counters: VsockCounters,
+    metrics: Arc<DeviceCounters>,
 }
 
 impl Vsock {
@@ -272,7 +276,14 @@ impl Vsock {
             closing_old: Vec::new(),
             buf: vec![0; MAX_PAYLOAD],
             counters: VsockCounters::default(),
+            metrics: Arc::new(DeviceCounters::new(DeviceKind::Vsock, "vsock0")),
         })
+    }
+
+    /// Counts into `metrics` (shared with whoever reads them) from now on.
+    pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Connections made, resets sent, packets dropped.
@@ -301,6 +312,7 @@ impl Vsock {
     fn queue_control(&mut self, hdr: Header) {
         if self.control.len() >= MAX_CONTROL {
             self.counters.dropped += 1;
+            self.metrics.errors.inc();
             return;
         }
         self.control.push_back(hdr);
@@ -343,6 +355,7 @@ impl Vsock {
         if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
             tracing::debug!(?hdr, "vsock packet with wrong CIDs; dropped");
             self.counters.dropped += 1;
+            self.metrics.errors.inc();
             return;
         }
         if hdr.kind != TYPE_STREAM {
@@ -454,6 +467,7 @@ impl Vsock {
                     let mut raw = [0u8; HDR_LEN];
                     if reader.read_exact(&mut raw).is_err() {
                         self.counters.dropped += 1;
+                        self.metrics.errors.inc();
                     } else {
                         let hdr = Header::parse(&raw);
                         let len = hdr.len as usize;
@@ -463,6 +477,7 @@ impl Vsock {
                         {
                             tracing::debug!(?hdr, "vsock packet of a bad length");
                             self.counters.dropped += 1;
+                            self.metrics.errors.inc();
                             if hdr.op != OP_RST {
                                 self.rst_for(&hdr);
                                 if let Some(i) = self.find(hdr.dst_port, hdr.src_port) {
@@ -470,17 +485,24 @@ impl Vsock {
                                 }
                             }
                         } else if reader.read_exact(&mut self.buf[..len]).is_ok() {
+                            if hdr.op == OP_RW {
+                                self.metrics.transfer_out(len as u64);
+                            } else {
+                                self.metrics.ops_other.inc();
+                            }
                             let payload = std::mem::take(&mut self.buf);
                             self.handle_packet(hdr, &payload[..len]);
                             self.buf = payload;
                         } else {
                             self.counters.dropped += 1;
+                            self.metrics.errors.inc();
                         }
                     }
                 }
                 Err(e) => {
                     tracing::debug!(head, "malformed vsock tx chain: {e:?}");
                     self.counters.dropped += 1;
+                    self.metrics.errors.inc();
                 }
             }
             add_used(queue, mem, head, 0)?;
@@ -535,6 +557,7 @@ impl Vsock {
                 Ok(w) if w.available_bytes() >= HDR_LEN => w,
                 _ => {
                     self.counters.dropped += 1;
+                    self.metrics.errors.inc();
                     add_used(queue, mem, head, 0)?;
                     used = true;
                     continue;
@@ -581,9 +604,15 @@ impl Vsock {
             let written = if writer.write_all(&hdr.bytes()).is_ok()
                 && writer.write_all(&self.buf[..len]).is_ok()
             {
+                if hdr.op == OP_RW {
+                    self.metrics.transfer_in(len as u64);
+                } else {
+                    self.metrics.ops_other.inc();
+                }
                 (HDR_LEN + len) as u32
             } else {
                 self.counters.dropped += 1;
+                self.metrics.errors.inc();
                 0
             };
             add_used(queue, mem, head, written)?;
