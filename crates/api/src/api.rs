@@ -25,6 +25,9 @@ pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
 /// Where the OpenAPI document is served.
 pub const OPENAPI_PATH: &str = "/vigil/openapi.yaml";
+/// The running VM's metrics snapshot (vigil-metrics' `VmMetricsSnapshot` as JSON),
+/// which the host daemon aggregates.
+pub const VIGIL_METRICS_PATH: &str = "/vigil/metrics";
 
 /// Reconfigures logging (`PUT /logger`); the binary owns the log subscriber.
 pub type LoggerHook = Arc<dyn Fn(&Logger) -> Result<(), String> + Send + Sync>;
@@ -84,6 +87,8 @@ struct Inner {
     logger: Option<Logger>,
     metrics: Option<MetricsSink>,
     counts: RequestCounts,
+    /// The running VM's counters, for `GET /vigil/metrics`.
+    vm_metrics: Option<vigil_vmm::MetricsHandle>,
 }
 
 /// The state behind one VM's API.
@@ -113,6 +118,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/metrics", "PUT"),
     ("/logger", "PUT"),
     (OPENAPI_PATH, "GET"),
+    (VIGIL_METRICS_PATH, "GET"),
 ];
 
 /// Firecracker resources Vigil does not have.
@@ -212,6 +218,7 @@ impl Api {
                 logger: None,
                 metrics: None,
                 counts: RequestCounts::default(),
+                vm_metrics: None,
             }),
             to_vmm: Mutex::new(to_vmm),
             logger_hook,
@@ -231,6 +238,11 @@ impl Api {
     /// Records that the VM was started outside the API (`--config-file`).
     pub fn set_running(&self, vm: VmControl) {
         lock(&self.inner).vm = Some(vm);
+    }
+
+    /// Where `GET /vigil/metrics` takes the running VM's snapshots from.
+    pub fn set_metrics_source(&self, metrics: vigil_vmm::MetricsHandle) {
+        lock(&self.inner).vm_metrics = Some(metrics);
     }
 
     /// Configures logging as `PUT /logger` does.
@@ -310,6 +322,13 @@ impl Api {
                 let mut full = inner.pre.to_full();
                 full.logger = inner.logger.clone();
                 Response::json(&full)
+            }
+            ("GET", VIGIL_METRICS_PATH) => {
+                let source = lock(&self.inner).vm_metrics.clone();
+                match source {
+                    Some(metrics) => Response::json(&metrics.snapshot()),
+                    None => before_start(method, path),
+                }
             }
             ("GET", OPENAPI_PATH) => Response {
                 status: 200,

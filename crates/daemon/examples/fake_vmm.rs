@@ -70,7 +70,10 @@ fn main() {
             .route("/actions", put(|| async { axum::http::StatusCode::NO_CONTENT }))
             .route("/vigil/metrics", get(move || async move {
                 tokio::time::sleep(delay).await;
-                Json(json!({"vcpus": []}))
+                let mut snapshot = vigil_metrics::VmMetricsSnapshot::default();
+                snapshot.uptime_ns = 1_000_000_000;
+                snapshot.memory.guest_bytes = 32 << 20;
+                Json(serde_json::to_value(snapshot).unwrap())
             }));
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         tokio::select! {

@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vigil_metrics::{HostSnapshot, VmMetricsSnapshot};
+
 use crate::client;
 use crate::supervisor::{Supervisor, VmInfo, VmState};
 
@@ -16,7 +18,7 @@ pub const VM_METRICS_PATH: &str = "/vigil/metrics";
 /// One VM's record and, when its socket answered in time, its metrics snapshot.
 pub struct VmSample {
     pub info: VmInfo,
-    pub snapshot: Option<serde_json::Value>,
+    pub snapshot: Option<VmMetricsSnapshot>,
 }
 
 /// Fetches every live VM's snapshot concurrently, each within `timeout`.
@@ -32,7 +34,9 @@ pub async fn collect(supervisor: &Arc<Supervisor>, timeout: Duration) -> Vec<VmS
         tasks.spawn(async move {
             let response = client::request(&socket, "GET", VM_METRICS_PATH, None, timeout).await;
             let snapshot = match response {
-                Ok(r) if r.is_success() => r.json(),
+                Ok(r) if r.is_success() => {
+                    serde_json::from_slice::<VmMetricsSnapshot>(&r.body).ok()
+                }
                 _ => None,
             };
             (index, snapshot)
@@ -60,14 +64,10 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// Reads /proc/loadavg: the 1, 5 and 15 minute load averages.
-fn load_average() -> Option<[f64; 3]> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    let mut it = text.split_whitespace().map(|s| s.parse::<f64>().ok());
-    Some([it.next()??, it.next()??, it.next()??])
-}
-
-/// Renders the host's, the daemon's and the VMs' metrics.
+/// Renders the host's, the daemon's and the VMs' metrics: the daemon's own
+/// families (`vigil_daemon_*`, and per VM `vigil_vm_info`, `vigil_vm_up`, ...: every
+/// VM it holds, running or not), then vigil-metrics' rendering of the running VMs'
+/// snapshots (vCPU exits, devices, memory) and of the host (PSI, load, memory, CPU).
 pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
     let mut out = String::new();
     family(
@@ -90,20 +90,6 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
     for state in VmState::ALL {
         let n = samples.iter().filter(|s| s.info.state == state).count();
         let _ = writeln!(out, "vigil_daemon_vms{{state=\"{}\"}} {n}", state.as_str());
-    }
-    if let Some(load) = load_average() {
-        family(
-            &mut out,
-            "vigil_host_load_average",
-            "gauge",
-            "The host's load average over 1, 5 and 15 minutes.",
-        );
-        for (window, value) in ["1m", "5m", "15m"].iter().zip(load) {
-            let _ = writeln!(
-                out,
-                "vigil_host_load_average{{window=\"{window}\"}} {value}"
-            );
-        }
     }
     family(
         &mut out,
@@ -188,7 +174,7 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
         &mut out,
         "vigil_vm_scrape_ok",
         "gauge",
-        "1 when the running VM's API socket answered the metrics request in time.",
+        "1 when the running VM's API socket answered GET /vigil/metrics in time with a snapshot.",
     );
     for s in samples {
         if matches!(s.info.state, VmState::Running | VmState::Paused) {
@@ -200,5 +186,13 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
             );
         }
     }
+    let vms: Vec<(&str, &VmMetricsSnapshot)> = samples
+        .iter()
+        .filter_map(|s| Some((s.info.id.as_str(), s.snapshot.as_ref()?)))
+        .collect();
+    out.push_str(&vigil_metrics::prometheus::render(
+        &vms,
+        Some(&HostSnapshot::read()),
+    ));
     out
 }

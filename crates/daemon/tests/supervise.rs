@@ -285,14 +285,8 @@ async fn a_slow_vm_does_not_hold_up_metrics() {
     let took = t.elapsed();
     assert!(took < Duration::from_secs(2), "metrics took {took:?}");
     let text = r.text();
-    assert!(
-        text.contains("vigil_vm_scrape_ok{vm=\"fast\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("vigil_vm_scrape_ok{vm=\"slow\"} 0"),
-        "{text}"
-    );
+    assert!(text.contains("vigil_vm_scrape_ok{vm=\"fast\"} 1"), "{text}");
+    assert!(text.contains("vigil_vm_scrape_ok{vm=\"slow\"} 0"), "{text}");
     assert!(
         text.contains("vigil_vm_info{vm=\"gone\",state=\"exited\"} 1"),
         "{text}"
@@ -305,6 +299,25 @@ async fn a_slow_vm_does_not_hold_up_metrics() {
         text.contains("vigil_vm_configured_memory_bytes{vm=\"fast\"} 33554432"),
         "{text}"
     );
+    // The VM's own snapshot, rendered by vigil-metrics, and the host.
+    assert!(
+        text.contains("vigil_vm_uptime_seconds{vm=\"fast\"} 1"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("vigil_vm_uptime_seconds{vm=\"slow\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vigil_host_load_average{window=\"1m\"}"),
+        "{text}"
+    );
+    // Each family once.
+    let mut types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    let n = types.len();
+    types.sort();
+    types.dedup();
+    assert_eq!(types.len(), n, "a family appears twice:\n{text}");
     d.stop().await;
 }
 

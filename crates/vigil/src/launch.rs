@@ -137,6 +137,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                 *s = Some(running.stop_handle());
             }
             api.set_running(running.control());
+            api.set_metrics_source(running.metrics());
             (running, terminal)
         }
         None => loop {
@@ -149,6 +150,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                             if let Ok(mut s) = stop_slot.lock() {
                                 *s = Some(running.stop_handle());
                             }
+                            api.set_metrics_source(running.metrics());
                             let _ = reply.send(Ok(running.control()));
                             break (running, terminal);
                         }

@@ -325,6 +325,16 @@ fn raw_http_lifecycle() {
         text.contains("vigil_vm_info{vm=\"vm-a\",state=\"running\"} 1"),
         "{text}"
     );
+    // The VM's own counters, from its API socket.
+    assert!(text.contains("vigil_vm_scrape_ok{vm=\"vm-a\"} 1"), "{text}");
+    assert!(
+        text.contains("vigil_vcpu_exits_total{vm=\"vm-a\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("vigil_vm_memory_guest_bytes{vm=\"vm-a\"} 33554432"),
+        "{text}"
+    );
     let (status, health) = d.http("GET", "/health", None);
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
     let (status, vm) = d.http("POST", "/vms/vm-a/stop", Some(json!({"timeout_s": 5})));
