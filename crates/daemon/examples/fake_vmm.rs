@@ -70,9 +70,14 @@ fn main() {
             .route("/actions", put(|| async { axum::http::StatusCode::NO_CONTENT }))
             .route("/vigil/metrics", get(move || async move {
                 tokio::time::sleep(delay).await;
-                let mut snapshot = vigil_metrics::VmMetricsSnapshot::default();
-                snapshot.uptime_ns = 1_000_000_000;
-                snapshot.memory.guest_bytes = 32 << 20;
+                let snapshot = vigil_metrics::VmMetricsSnapshot {
+                    uptime_ns: 1_000_000_000,
+                    memory: vigil_metrics::MemorySnapshot {
+                        guest_bytes: 32 << 20,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
                 Json(serde_json::to_value(snapshot).unwrap())
             }));
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
