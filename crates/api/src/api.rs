@@ -96,7 +96,7 @@ pub struct Api {
 }
 
 /// The resources Vigil answers, with the methods each accepts (for messages).
-const ROUTES: &[(&str, &str)] = &[
+pub const ROUTES: &[(&str, &str)] = &[
     ("/", "GET"),
     ("/version", "GET"),
     ("/vm/config", "GET"),
