@@ -262,7 +262,9 @@ impl Api {
         let id = self.id.clone();
         match inner.metrics.as_mut() {
             Some(sink) => sink.flush(line, &id),
-            None => Err("metrics are not configured: PUT /metrics with a metrics_path first".into()),
+            None => {
+                Err("metrics are not configured: PUT /metrics with a metrics_path first".into())
+            }
         }
     }
 
@@ -315,35 +317,49 @@ impl Api {
             },
             ("GET", "/machine-config") => Response::json(&lock(&self.inner).pre.machine),
             ("PUT", "/machine-config") => {
-                self.pre_boot(method, path, bytes, |pre, m: MachineConfig| pre.set_machine(m))
+                self.pre_boot(method, path, bytes, |pre, m: MachineConfig| {
+                    pre.set_machine(m)
+                })
             }
-            ("PATCH", "/machine-config") => self.pre_boot(
-                method,
-                path,
-                bytes,
-                |pre, m: MachineConfigUpdate| pre.patch_machine(m),
-            ),
-            ("PUT", "/boot-source") => {
-                self.pre_boot(method, path, bytes, |pre, b: BootSource| pre.set_boot_source(b))
+            ("PATCH", "/machine-config") => {
+                self.pre_boot(method, path, bytes, |pre, m: MachineConfigUpdate| {
+                    pre.patch_machine(m)
+                })
             }
+            ("PUT", "/boot-source") => self.pre_boot(method, path, bytes, |pre, b: BootSource| {
+                pre.set_boot_source(b)
+            }),
             ("PUT", "/drives/{drive_id}") => {
                 self.pre_boot(method, path, bytes, |pre, d: Drive| pre.put_drive(id, d))
             }
-            ("PATCH", "/drives/{drive_id}") => self.patch_device(method, path, bytes, |p: &PartialDrive| {
-                (p.drive_id != id).then(|| format!("drive_id {:?}: differs from the id in the path, {id:?}", p.drive_id))
-            }),
-            ("PUT", "/network-interfaces/{iface_id}") => self.pre_boot(
-                method,
-                path,
-                bytes,
-                |pre, n: NetworkInterface| pre.put_net(id, n),
-            ),
-            ("PATCH", "/network-interfaces/{iface_id}") => {
-                self.patch_device(method, path, bytes, |p: &PartialNetworkInterface| {
-                    (p.iface_id != id).then(|| format!("iface_id {:?}: differs from the id in the path, {id:?}", p.iface_id))
+            ("PATCH", "/drives/{drive_id}") => {
+                self.patch_device(method, path, bytes, |p: &PartialDrive| {
+                    (p.drive_id != id).then(|| {
+                        format!(
+                            "drive_id {:?}: differs from the id in the path, {id:?}",
+                            p.drive_id
+                        )
+                    })
                 })
             }
-            ("PUT", "/vsock") => self.pre_boot(method, path, bytes, |pre, v: Vsock| pre.set_vsock(v)),
+            ("PUT", "/network-interfaces/{iface_id}") => {
+                self.pre_boot(method, path, bytes, |pre, n: NetworkInterface| {
+                    pre.put_net(id, n)
+                })
+            }
+            ("PATCH", "/network-interfaces/{iface_id}") => {
+                self.patch_device(method, path, bytes, |p: &PartialNetworkInterface| {
+                    (p.iface_id != id).then(|| {
+                        format!(
+                            "iface_id {:?}: differs from the id in the path, {id:?}",
+                            p.iface_id
+                        )
+                    })
+                })
+            }
+            ("PUT", "/vsock") => {
+                self.pre_boot(method, path, bytes, |pre, v: Vsock| pre.set_vsock(v))
+            }
             ("PUT", "/balloon") => {
                 self.pre_boot(method, path, bytes, |pre, b: Balloon| pre.set_balloon(b))
             }
@@ -465,7 +481,8 @@ impl Api {
             ActionType::FlushMetrics => done(
                 method,
                 path,
-                self.flush_metrics().map_err(|e| format!("FlushMetrics: {e}")),
+                self.flush_metrics()
+                    .map_err(|e| format!("FlushMetrics: {e}")),
             ),
         }
     }

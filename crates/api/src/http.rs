@@ -48,8 +48,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
             }
             Err(_) => {
                 tracing::warn!("--api-sock {shown}: removing a stale socket nobody listens on");
-                std::fs::remove_file(path)
-                    .map_err(|e| format!("--api-sock {shown}: cannot remove the stale socket: {e}"))?;
+                std::fs::remove_file(path).map_err(|e| {
+                    format!("--api-sock {shown}: cannot remove the stale socket: {e}")
+                })?;
             }
         },
     }

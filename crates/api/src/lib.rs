@@ -13,7 +13,9 @@ pub mod metrics;
 pub mod model;
 pub mod preboot;
 
-pub use api::{Api, LoggerHook, Response, ToVmm, FIRECRACKER_API_VERSION, OPENAPI_PATH, OPENAPI_YAML};
+pub use api::{
+    Api, LoggerHook, Response, ToVmm, FIRECRACKER_API_VERSION, OPENAPI_PATH, OPENAPI_YAML,
+};
 pub use http::{serve, ApiServer};
 
 /// Reads a Firecracker configuration file: the error names the file, and the key

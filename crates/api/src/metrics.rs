@@ -52,7 +52,10 @@ impl MetricsSink {
         let mut options = OpenOptions::new();
         if is_fifo {
             // Read and write: the open does not block waiting for a reader.
-            options.read(true).write(true).custom_flags(libc::O_NONBLOCK);
+            options
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK);
         } else {
             options.append(true).create(true);
         }

@@ -254,9 +254,17 @@ pub struct InstanceInfo {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfig {
-    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_source: Option<BootSource>,
-    #[serde(rename = "machine-config", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "machine-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub machine_config: Option<MachineConfig>,
     #[serde(default)]
     pub drives: Vec<Drive>,

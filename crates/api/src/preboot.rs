@@ -121,7 +121,9 @@ fn check_machine(m: &MachineConfig) -> Result<(), String> {
         return Err(format!("mem_size_mib {}: too large", m.mem_size_mib));
     }
     if m.smt {
-        return Err("smt true: Vigil does not offer simultaneous multithreading (use false)".into());
+        return Err(
+            "smt true: Vigil does not offer simultaneous multithreading (use false)".into(),
+        );
     }
     match m.cpu_template.as_deref() {
         None | Some("None") => {}
@@ -132,7 +134,9 @@ fn check_machine(m: &MachineConfig) -> Result<(), String> {
         }
     }
     if m.track_dirty_pages {
-        return Err("track_dirty_pages true: Vigil does not track dirty pages yet (use false)".into());
+        return Err(
+            "track_dirty_pages true: Vigil does not track dirty pages yet (use false)".into(),
+        );
     }
     if m.huge_pages != "None" {
         return Err(format!(
@@ -179,12 +183,18 @@ fn check_drive(d: &Drive) -> Result<(), String> {
         let meta = std::fs::metadata(path)
             .map_err(|e| format!("path_on_host {path:?}: cannot read it: {e}"))?;
         if meta.is_dir() {
-            return Err(format!("path_on_host {path:?}: a directory, not a disk image"));
+            return Err(format!(
+                "path_on_host {path:?}: a directory, not a disk image"
+            ));
         }
     }
     match d.cache_type.as_deref() {
         None | Some("Unsafe") | Some("Writeback") => {}
-        Some(v) => return Err(format!("cache_type {v:?}: expected \"Unsafe\" or \"Writeback\"")),
+        Some(v) => {
+            return Err(format!(
+                "cache_type {v:?}: expected \"Unsafe\" or \"Writeback\""
+            ))
+        }
     }
     match d.io_engine.as_deref() {
         None | Some("Sync") => {}
@@ -274,7 +284,9 @@ impl PreBoot {
                 ));
             }
         }
-        self.check_device_count(usize::from(!self.drives.iter().any(|o| o.drive_id == d.drive_id)))?;
+        self.check_device_count(usize::from(
+            !self.drives.iter().any(|o| o.drive_id == d.drive_id),
+        ))?;
         match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
             Some(old) => *old = d,
             None => self.drives.push(d),
@@ -451,7 +463,8 @@ impl PreBoot {
                 .map_err(|e| format!("network-interfaces[{:?}]: {e}", n.iface_id))?;
         }
         if let Some(v) = &file.vsock {
-            self.set_vsock(v.clone()).map_err(|e| format!("vsock: {e}"))?;
+            self.set_vsock(v.clone())
+                .map_err(|e| format!("vsock: {e}"))?;
         }
         if let Some(b) = &file.balloon {
             self.set_balloon(b.clone())
@@ -481,10 +494,9 @@ impl PreBoot {
 
     /// The VM to build: fails when no boot source was given.
     pub fn to_vm_config(&self) -> Result<VmConfig, String> {
-        let boot = self
-            .boot_source
-            .as_ref()
-            .ok_or("no boot source: PUT /boot-source with a kernel_image_path before InstanceStart")?;
+        let boot = self.boot_source.as_ref().ok_or(
+            "no boot source: PUT /boot-source with a kernel_image_path before InstanceStart",
+        )?;
         let mut config = VmConfig::new(KernelImage::File(PathBuf::from(&boot.kernel_image_path)));
         config.initrd = boot.initrd_path.as_deref().map(PathBuf::from);
         let mut cmdline = boot
@@ -502,7 +514,11 @@ impl PreBoot {
                     Some(uuid) => format!("root=PARTUUID={uuid}"),
                     None => "root=/dev/vda".into(),
                 };
-                let mode = if d.is_read_only.unwrap_or(false) { "ro" } else { "rw" };
+                let mode = if d.is_read_only.unwrap_or(false) {
+                    "ro"
+                } else {
+                    "rw"
+                };
                 cmdline = format!("{cmdline} {root} {mode}");
             }
             config
@@ -564,13 +580,22 @@ mod tests {
             ..Default::default()
         };
         let e = rate_limit("rate_limiter", Some(&slow)).unwrap_err();
-        assert!(e.starts_with("rate_limiter.ops: size 1 per refill_time 5000 ms"), "{e}");
+        assert!(
+            e.starts_with("rate_limiter.ops: size 1 per refill_time 5000 ms"),
+            "{e}"
+        );
     }
 
     #[test]
     fn macs() {
         assert_eq!(parse_mac("02:00:00:00:00:0a").unwrap(), [2, 0, 0, 0, 0, 10]);
-        for bad in ["", "02:00", "02:00:00:00:00:0g", "02:00:00:00:00:00:00", "2:0:0:0:0:0"] {
+        for bad in [
+            "",
+            "02:00",
+            "02:00:00:00:00:0g",
+            "02:00:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
             assert!(parse_mac(bad).unwrap_err().contains(bad), "{bad}");
         }
     }
@@ -588,10 +613,16 @@ mod tests {
         );
         m.vcpu_count = 2;
         m.smt = true;
-        assert!(p.set_machine(m.clone()).unwrap_err().starts_with("smt true"));
+        assert!(p
+            .set_machine(m.clone())
+            .unwrap_err()
+            .starts_with("smt true"));
         m.smt = false;
         m.huge_pages = "2M".into();
-        assert!(p.set_machine(m.clone()).unwrap_err().starts_with("huge_pages \"2M\""));
+        assert!(p
+            .set_machine(m.clone())
+            .unwrap_err()
+            .starts_with("huge_pages \"2M\""));
         assert_eq!(p.machine, MachineConfig::default());
         m.huge_pages = "None".into();
         p.set_machine(m).unwrap();

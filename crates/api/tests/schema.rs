@@ -94,10 +94,16 @@ fn sample(doc: &Yaml, schema: &Yaml, full: bool) -> Json {
 /// exist, so that no test writes files.
 fn sample_named(doc: &Yaml, schema: &Yaml, full: bool, name: &str) -> Json {
     let schema = resolve(doc, schema);
-    if let Some(first) = get(schema, "enum").and_then(Yaml::as_sequence).and_then(|e| e.first()) {
+    if let Some(first) = get(schema, "enum")
+        .and_then(Yaml::as_sequence)
+        .and_then(|e| e.first())
+    {
         return json!(first.as_str().expect("string enums"));
     }
-    match get(schema, "type").and_then(Yaml::as_str).unwrap_or("object") {
+    match get(schema, "type")
+        .and_then(Yaml::as_str)
+        .unwrap_or("object")
+    {
         "string" if name.ends_with("path") || name.ends_with("path_on_host") => {
             json!("/nonexistent/sample")
         }
@@ -124,7 +130,11 @@ fn sample_named(doc: &Yaml, schema: &Yaml, full: bool, name: &str) -> Json {
 fn required(schema: &Yaml) -> Vec<String> {
     get(schema, "required")
         .and_then(Yaml::as_sequence)
-        .map(|r| r.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .map(|r| {
+            r.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -253,7 +263,9 @@ fn bodies_that_violate_the_schema_get_400_naming_the_field() {
     let doc = ours();
     let api = api();
     for (path, method, op) in operations(&doc) {
-        let Some(schema) = our_body(&op) else { continue };
+        let Some(schema) = our_body(&op) else {
+            continue;
+        };
         let path = concrete(&path);
         let schema = resolve(&doc, schema);
         let full = sample(&doc, schema, true);
@@ -270,7 +282,10 @@ fn bodies_that_violate_the_schema_get_400_naming_the_field() {
         let r = call(&api, &method, &path, &extra);
         assert_eq!(r.status, 400, "{method} {path} with an unknown field");
         let m = fault(&r);
-        assert!(m.contains("unknown field `surprise`"), "{method} {path}: {m}");
+        assert!(
+            m.contains("unknown field `surprise`"),
+            "{method} {path}: {m}"
+        );
 
         for field in required(schema) {
             let mut missing = full.clone();
@@ -278,10 +293,16 @@ fn bodies_that_violate_the_schema_get_400_naming_the_field() {
             let r = call(&api, &method, &path, &missing);
             assert_eq!(r.status, 400, "{method} {path} without {field}");
             let m = fault(&r);
-            assert!(m.contains(&format!("missing field `{field}`")), "{method} {path}: {m}");
+            assert!(
+                m.contains(&format!("missing field `{field}`")),
+                "{method} {path}: {m}"
+            );
         }
 
-        let props = get(schema, "properties").and_then(Yaml::as_mapping).cloned().unwrap_or_default();
+        let props = get(schema, "properties")
+            .and_then(Yaml::as_mapping)
+            .cloned()
+            .unwrap_or_default();
         for (name, prop) in props {
             let name = name.as_str().unwrap();
             let prop = resolve(&doc, &prop);
@@ -294,7 +315,10 @@ fn bodies_that_violate_the_schema_get_400_naming_the_field() {
             let r = call(&api, &method, &path, &bad);
             assert_eq!(r.status, 400, "{method} {path} with {name}={wrong}");
             let m = fault(&r);
-            assert!(m.contains(&format!("{name}: ")), "{method} {path} {name}: {m}");
+            assert!(
+                m.contains(&format!("{name}: ")),
+                "{method} {path} {name}: {m}"
+            );
         }
     }
 }
@@ -304,7 +328,10 @@ fn the_document_is_served() {
     let r = api().handle("GET", "/vigil/openapi.yaml", b"");
     assert_eq!(r.status, 200);
     assert_eq!(r.body.as_deref(), Some(OPENAPI_YAML));
-    assert_eq!(get(&ours(), "openapi").and_then(Yaml::as_str), Some("3.0.3"));
+    assert_eq!(
+        get(&ours(), "openapi").and_then(Yaml::as_str),
+        Some("3.0.3")
+    );
 }
 
 #[test]
@@ -353,7 +380,9 @@ fn firecracker_shaped_bodies_are_accepted() {
             .into_iter()
             .find(|(p, m, _)| p == path && m == method)
             .unwrap();
-        let Some(schema) = their_body(&op) else { continue };
+        let Some(schema) = their_body(&op) else {
+            continue;
+        };
         for full in [false, true] {
             let body = sample(&fc, schema, full);
             let r = call(&api, method, &concrete(path), &body);
@@ -378,16 +407,44 @@ fn a_firecracker_configuration_sequence_is_accepted_and_shown() {
         let r = call(&api, method, path, &body);
         assert_eq!(r.status, 204, "{method} {path} {body}: {:?}", r.body);
     };
-    ok("put", "/boot-source", json!({"kernel_image_path": exe, "boot_args": "console=ttyS0"}));
-    ok("put", "/machine-config", json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "cpu_template": "None", "track_dirty_pages": false, "huge_pages": "None"}));
+    ok(
+        "put",
+        "/boot-source",
+        json!({"kernel_image_path": exe, "boot_args": "console=ttyS0"}),
+    );
+    ok(
+        "put",
+        "/machine-config",
+        json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "cpu_template": "None", "track_dirty_pages": false, "huge_pages": "None"}),
+    );
     ok("patch", "/machine-config", json!({"mem_size_mib": 512}));
-    ok("put", "/drives/rootfs", json!({"drive_id": "rootfs", "path_on_host": exe, "is_root_device": true, "is_read_only": true,
-        "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 1000}, "ops": {"size": 100, "one_time_burst": 50, "refill_time": 1000}}}));
-    ok("put", "/network-interfaces/eth0", json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}));
-    ok("put", "/vsock", json!({"guest_cid": 3, "uds_path": "/tmp/v.sock"}));
-    ok("put", "/balloon", json!({"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}));
+    ok(
+        "put",
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": exe, "is_root_device": true, "is_read_only": true,
+        "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 1000}, "ops": {"size": 100, "one_time_burst": 50, "refill_time": 1000}}}),
+    );
+    ok(
+        "put",
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}),
+    );
+    ok(
+        "put",
+        "/vsock",
+        json!({"guest_cid": 3, "uds_path": "/tmp/v.sock"}),
+    );
+    ok(
+        "put",
+        "/balloon",
+        json!({"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}),
+    );
     ok("patch", "/balloon", json!({"amount_mib": 32}));
-    ok("patch", "/balloon/statistics", json!({"stats_polling_interval_s": 5}));
+    ok(
+        "patch",
+        "/balloon/statistics",
+        json!({"stats_polling_interval_s": 5}),
+    );
     ok("put", "/entropy", json!({}));
     let r = api.handle("GET", "/vm/config", b"");
     let full: Json = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
@@ -395,34 +452,125 @@ fn a_firecracker_configuration_sequence_is_accepted_and_shown() {
     assert_eq!(full["balloon"]["amount_mib"], 32);
     assert_eq!(full["drives"][0]["drive_id"], "rootfs");
     let r = api.handle("GET", "/machine-config", b"");
-    assert_eq!(serde_json::from_str::<Json>(r.body.as_deref().unwrap()).unwrap()["vcpu_count"], 2);
+    assert_eq!(
+        serde_json::from_str::<Json>(r.body.as_deref().unwrap()).unwrap()["vcpu_count"],
+        2
+    );
 
     // Refusals leave what was configured as it was, and name field and value.
     for (method, path, body, needle) in [
-        ("put", "/machine-config", json!({"vcpu_count": 0, "mem_size_mib": 64}), "vcpu_count 0"),
-        ("put", "/machine-config", json!({"vcpu_count": 2, "mem_size_mib": 64, "smt": true}), "smt true"),
-        ("put", "/machine-config", json!({"vcpu_count": 2, "mem_size_mib": 16}), "amount_mib 32"),
-        ("put", "/drives/x", json!({"drive_id": "y", "is_root_device": false, "path_on_host": exe}), "drive_id \"y\""),
-        ("put", "/drives/other", json!({"drive_id": "other", "is_root_device": true, "path_on_host": exe}), "already is the root device"),
-        ("put", "/drives/d", json!({"drive_id": "d", "is_root_device": false, "path_on_host": "/nonexistent"}), "path_on_host \"/nonexistent\""),
-        ("put", "/network-interfaces/eth1", json!({"iface_id": "eth1", "host_dev_name": "tap0"}), "host_dev_name \"tap0\""),
-        ("put", "/network-interfaces/eth1", json!({"iface_id": "eth1", "host_dev_name": "tap1", "guest_mac": "zz"}), "guest_mac \"zz\""),
-        ("put", "/vsock", json!({"guest_cid": 2, "uds_path": "/tmp/v"}), "guest_cid 2"),
-        ("put", "/boot-source", json!({"kernel_image_path": "/nonexistent/vmlinux"}), "kernel_image_path \"/nonexistent/vmlinux\""),
-        ("patch", "/vm", json!({"state": "Paused"}), "needs a running VM"),
-        ("patch", "/vm", json!({"state": "Sleeping"}), "unknown variant `Sleeping`"),
-        ("put", "/actions", json!({"action_type": "SendCtrlAltDel"}), "needs a running VM"),
-        ("put", "/actions", json!({"action_type": "FlushMetrics"}), "PUT /metrics"),
-        ("put", "/actions", json!({"action_type": "Reboot"}), "unknown variant `Reboot`"),
+        (
+            "put",
+            "/machine-config",
+            json!({"vcpu_count": 0, "mem_size_mib": 64}),
+            "vcpu_count 0",
+        ),
+        (
+            "put",
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": 64, "smt": true}),
+            "smt true",
+        ),
+        (
+            "put",
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": 16}),
+            "amount_mib 32",
+        ),
+        (
+            "put",
+            "/drives/x",
+            json!({"drive_id": "y", "is_root_device": false, "path_on_host": exe}),
+            "drive_id \"y\"",
+        ),
+        (
+            "put",
+            "/drives/other",
+            json!({"drive_id": "other", "is_root_device": true, "path_on_host": exe}),
+            "already is the root device",
+        ),
+        (
+            "put",
+            "/drives/d",
+            json!({"drive_id": "d", "is_root_device": false, "path_on_host": "/nonexistent"}),
+            "path_on_host \"/nonexistent\"",
+        ),
+        (
+            "put",
+            "/network-interfaces/eth1",
+            json!({"iface_id": "eth1", "host_dev_name": "tap0"}),
+            "host_dev_name \"tap0\"",
+        ),
+        (
+            "put",
+            "/network-interfaces/eth1",
+            json!({"iface_id": "eth1", "host_dev_name": "tap1", "guest_mac": "zz"}),
+            "guest_mac \"zz\"",
+        ),
+        (
+            "put",
+            "/vsock",
+            json!({"guest_cid": 2, "uds_path": "/tmp/v"}),
+            "guest_cid 2",
+        ),
+        (
+            "put",
+            "/boot-source",
+            json!({"kernel_image_path": "/nonexistent/vmlinux"}),
+            "kernel_image_path \"/nonexistent/vmlinux\"",
+        ),
+        (
+            "patch",
+            "/vm",
+            json!({"state": "Paused"}),
+            "needs a running VM",
+        ),
+        (
+            "patch",
+            "/vm",
+            json!({"state": "Sleeping"}),
+            "unknown variant `Sleeping`",
+        ),
+        (
+            "put",
+            "/actions",
+            json!({"action_type": "SendCtrlAltDel"}),
+            "needs a running VM",
+        ),
+        (
+            "put",
+            "/actions",
+            json!({"action_type": "FlushMetrics"}),
+            "PUT /metrics",
+        ),
+        (
+            "put",
+            "/actions",
+            json!({"action_type": "Reboot"}),
+            "unknown variant `Reboot`",
+        ),
         ("get", "/nowhere", Json::Null, "no such resource"),
         ("put", "/snapshot/create", json!({}), "does not implement"),
-        ("delete", "/machine-config", Json::Null, "accepts GET, PUT, PATCH"),
-        ("post", "/actions", json!({"action_type": "InstanceStart"}), "accepts PUT"),
+        (
+            "delete",
+            "/machine-config",
+            Json::Null,
+            "accepts GET, PUT, PATCH",
+        ),
+        (
+            "post",
+            "/actions",
+            json!({"action_type": "InstanceStart"}),
+            "accepts PUT",
+        ),
     ] {
         let r = call(&api, method, path, &body);
         assert_eq!(r.status, 400, "{method} {path} {body}");
         let m = fault(&r);
-        assert!(m.contains(needle), "{method} {path}: {m:?} lacks {needle:?}");
+        assert!(
+            m.contains(needle),
+            "{method} {path}: {m:?} lacks {needle:?}"
+        );
     }
     let r = api.handle("GET", "/vm/config", b"");
     let after: Json = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();

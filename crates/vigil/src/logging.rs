@@ -48,7 +48,10 @@ fn output(path: Option<&str>, show_level: bool, show_origin: bool) -> Result<Out
             let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
             let mut options = OpenOptions::new();
             if is_fifo {
-                options.read(true).write(true).custom_flags(libc::O_NONBLOCK);
+                options
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK);
             } else {
                 options.append(true).create(true);
             }
@@ -82,7 +85,10 @@ impl Logging {
             .transpose()
             .map_err(|e| format!("level: {e}"))?;
         if let Some(module) = &l.module {
-            tracing::warn!(module, "logger: Vigil does not filter logs by module; \"module\" is ignored");
+            tracing::warn!(
+                module,
+                "logger: Vigil does not filter logs by module; \"module\" is ignored"
+            );
         }
         let out = output(l.log_path.as_deref(), l.show_level, l.show_log_origin)?;
         self.output

@@ -14,12 +14,12 @@ use vigil_devices::legacy::{
     AcpiPowerPort, ConsoleOutput, DebugExitPort, Serial, SerialInput, I8042,
 };
 use vigil_devices::virtio::balloon::Balloon;
-use vigil_devices::virtio::Interrupt as VirtioInterrupt;
 use vigil_devices::virtio::block::{Block, BlockError};
 use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
 use vigil_devices::virtio::net::{Net, NetError};
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::{Vsock, VsockError};
+use vigil_devices::virtio::Interrupt as VirtioInterrupt;
 use vigil_devices::virtio::VirtioDevice;
 use vigil_devices::PowerHandler;
 use vm_memory::GuestMemoryMmap;

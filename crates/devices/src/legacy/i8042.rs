@@ -205,7 +205,10 @@ mod tests {
     fn device() -> (I8042, Arc<Mutex<Vec<PowerEvent>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        (I8042::new(Arc::new(move |e| s.lock().unwrap().push(e))), seen)
+        (
+            I8042::new(Arc::new(move |e| s.lock().unwrap().push(e))),
+            seen,
+        )
     }
 
     fn read(dev: &mut I8042, offset: u64) -> u8 {

@@ -4,7 +4,7 @@ mod i8042;
 mod power;
 mod serial;
 
-pub use i8042::{I8042, CTRL_ALT_DEL};
+pub use i8042::{CTRL_ALT_DEL, I8042};
 pub use power::{AcpiPowerPort, DebugExitPort, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE};
 pub use serial::{ConsoleOutput, Serial, SerialInput};
 

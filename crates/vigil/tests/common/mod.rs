@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests that run the `vigil` binary.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod http;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

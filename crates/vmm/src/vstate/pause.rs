@@ -38,7 +38,10 @@ impl PauseGate {
         self.changed.notify_all();
         while self.requested() && !stop.load(Ordering::Acquire) {
             // The timeout only bounds how long a missed wake-up could last.
-            parked = match self.changed.wait_timeout(parked, Duration::from_millis(100)) {
+            parked = match self
+                .changed
+                .wait_timeout(parked, Duration::from_millis(100))
+            {
                 Ok((guard, _)) => guard,
                 Err(e) => e.into_inner().0,
             };
