@@ -101,7 +101,7 @@ pub struct Api {
 }
 
 /// The resources Vigil answers, with the methods each accepts (for messages).
-const ROUTES: &[(&str, &str)] = &[
+pub const ROUTES: &[(&str, &str)] = &[
     ("/", "GET"),
     ("/version", "GET"),
     ("/vm/config", "GET"),
@@ -184,6 +184,11 @@ fn done(method: &str, path: &str, r: Result<(), String>) -> Response {
         Ok(()) => Response::no_content(),
         Err(e) => Response::bad(format!("{method} {path}: {e}")),
     }
+}
+
+/// 4 KiB balloon pages in MiB.
+fn pages_to_mib(pages: u32) -> u64 {
+    (u64::from(pages) * 4096) >> 20
 }
 
 const STAT_NAMES: [&str; 16] = [
@@ -558,7 +563,7 @@ impl Api {
             Some(Ok(b)) => {
                 let (target_pages, _) = b.pages();
                 Response::json(&Balloon {
-                    amount_mib: u64::from(target_pages) * 4096 >> 20,
+                    amount_mib: pages_to_mib(target_pages),
                     stats_polling_interval_s: b.stats_interval_s(),
                     ..configured
                 })
@@ -620,8 +625,8 @@ impl Api {
         let mut out = serde_json::Map::new();
         out.insert("target_pages".into(), json!(target));
         out.insert("actual_pages".into(), json!(actual));
-        out.insert("target_mib".into(), json!(u64::from(target) * 4096 >> 20));
-        out.insert("actual_mib".into(), json!(u64::from(actual) * 4096 >> 20));
+        out.insert("target_mib".into(), json!(pages_to_mib(target)));
+        out.insert("actual_mib".into(), json!(pages_to_mib(actual)));
         for (tag, value) in b.stats() {
             if let Some(name) = STAT_NAMES.get(usize::from(tag)) {
                 out.insert((*name).into(), json!(value));
