@@ -150,8 +150,9 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                             if let Ok(mut s) = stop_slot.lock() {
                                 *s = Some(running.stop_handle());
                             }
-                            api.set_metrics_source(running.metrics());
                             let _ = reply.send(Ok(running.control()));
+                            // After the reply: the API holds its state while it waits.
+                            api.set_metrics_source(running.metrics());
                             break (running, terminal);
                         }
                         Err(e) => {
