@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 /// What went wrong talking to a socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("nothing listens on {}: {source}", path.display())]
+    #[error("cannot connect to {}: {source}", path.display())]
     Connect {
         path: PathBuf,
         source: std::io::Error,

@@ -231,6 +231,14 @@ fn call(
                 socket.display()
             )
         }
+        Err(ClientError::Connect { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            bail!(
+                "cannot connect to {}: permission denied (the daemon's socket is mode 0600: run as the daemon's user)",
+                socket.display()
+            )
+        }
         Err(e) => Err(e.into()),
     }
 }
