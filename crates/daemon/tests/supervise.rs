@@ -12,11 +12,18 @@ use vigil_daemon::DaemonConfig;
 fn fake_vmm() -> PathBuf {
     // target/<triple>/debug/deps/supervise-HASH -> target/<triple>/debug/examples/fake_vmm
     let exe = std::env::current_exe().unwrap();
-    exe.parent()
+    let fake = exe
+        .parent()
         .unwrap()
         .parent()
         .unwrap()
-        .join("examples/fake_vmm")
+        .join("examples/fake_vmm");
+    assert!(
+        fake.is_file(),
+        "{} is missing: run `cargo test -p vigil-daemon` (which builds the examples), or `cargo build -p vigil-daemon --example fake_vmm` first",
+        fake.display()
+    );
+    fake
 }
 
 struct Daemon {

@@ -30,12 +30,23 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("guest.elf"), vigil_test_guest::ELF).unwrap();
         let socket = dir.join("daemon.sock");
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let mut d = Daemon {
+            dir,
+            socket,
+            child: None,
+        };
+        d.spawn(extra);
+        d
+    }
+
+    /// Starts `vigil daemon` on this folder and waits until it answers.
+    fn spawn(&mut self, extra: &[&str]) {
+        let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
         let child = Command::new(VIGIL)
             .args(["daemon", "--state-dir"])
-            .arg(dir.join("state"))
+            .arg(self.dir.join("state"))
             .arg("--socket")
-            .arg(&socket)
+            .arg(&self.socket)
             .args(["--stop-timeout", "5"])
             .args(extra)
             .stdin(Stdio::null())
@@ -43,17 +54,16 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        let d = Daemon {
-            dir,
-            socket,
-            child: Some(child),
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !d.socket.exists() {
-            assert!(Instant::now() < deadline, "no socket:\n{}", d.log());
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon does not answer:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        d
     }
 
     fn pid(&self) -> u32 {
@@ -652,4 +662,22 @@ fn sigterm_stops_the_vms_and_exits_0() {
         !log.contains('\u{1b}'),
         "colour codes in a non-terminal log"
     );
+}
+
+#[test]
+fn vms_do_not_outlive_a_killed_daemon() {
+    let mut d = Daemon::start("kill", &[]);
+    let pid = d.create("orphan", "hang")["pid"].as_u64().unwrap();
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The parent-death signal (SIGTERM) stops the VM; nothing is left running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process_gone(pid) {
+        assert!(Instant::now() < deadline, "VM {pid} outlived its daemon");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A new daemon takes the stale socket and the VM's folder over.
+    d.spawn(&[]);
+    assert_eq!(d.create("orphan", "hang")["state"], "running");
 }
