@@ -257,6 +257,18 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
     let socket = args.socket.unwrap_or_else(default_socket);
     let socket = socket.as_path();
     let json = args.json;
+    // An id the daemon could never have accepted cannot even be put in a URL.
+    match &args.command {
+        CtlCommand::Create { id, .. }
+        | CtlCommand::Inspect { id }
+        | CtlCommand::Pause { id }
+        | CtlCommand::Resume { id }
+        | CtlCommand::Stop { id, .. }
+        | CtlCommand::Destroy { id } => {
+            vigil_daemon::id::validate_id(id).map_err(anyhow::Error::msg)?
+        }
+        CtlCommand::List | CtlCommand::Metrics | CtlCommand::Health => {}
+    }
     match args.command {
         CtlCommand::List => {
             let r = call(socket, "GET", "/vms", None, FAST)?;
