@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::state::{BalloonStat, BalloonState, DeviceState};
 use super::{
     add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
     VIRTIO_F_VERSION_1, YIELD,
@@ -88,6 +89,24 @@ impl Balloon {
             deflated: 0,
             reported_bytes: 0,
             bad_pages: 0,
+        }
+    }
+
+    /// A balloon rebuilt from its saved state (checked by the caller): its target
+    /// and `actual` in pages, the statistics buffer it holds and the last statistics.
+    pub(crate) fn restored(
+        config: BalloonConfig,
+        target_pages: u32,
+        actual_pages: u32,
+        stats_held: Option<u16>,
+        stats: Stats,
+    ) -> Self {
+        Self {
+            target_pages,
+            actual_pages,
+            stats_held,
+            stats,
+            ..Self::new(config)
         }
     }
 
@@ -174,6 +193,27 @@ impl VirtioDevice for Balloon {
             f |= F_REPORTING;
         }
         f
+    }
+
+    fn state(&self) -> DeviceState {
+        DeviceState::Balloon(BalloonState {
+            num_pages: self.target_pages,
+            actual: self.actual_pages,
+            stats_interval: self.config.stats_interval,
+            free_page_reporting: self.config.free_page_reporting,
+            deflate_on_oom: self.config.deflate_on_oom,
+            stats_held: self.stats_held,
+            stats: self
+                .stats
+                .iter()
+                .map(|&(tag, value)| BalloonStat { tag, value })
+                .collect(),
+        })
+    }
+
+    fn reset(&mut self) {
+        // A buffer of the old rings must not be handed back into the new ones.
+        self.stats_held = None;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -371,6 +411,24 @@ mod tests {
             Ok(QueueOutcome::Done(true))
         );
         assert_eq!(used_idx(&q, &mem), 1);
+    }
+
+    #[test]
+    fn a_reset_forgets_the_held_statistics_buffer() {
+        let mem = mem();
+        let mut q = queue_with(&mem, &[(0x20000, 10, 0)]);
+        let mut b = Balloon::new(BalloonConfig {
+            stats_interval: Some(Duration::from_secs(60)),
+            ..Default::default()
+        });
+        b.process_queue(2, &mut q, &mem).unwrap();
+        assert_eq!(b.stats_held, Some(0));
+        b.reset();
+        assert_eq!(b.stats_held, None);
+        match b.state() {
+            DeviceState::Balloon(s) => assert_eq!(s.stats_held, None),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
