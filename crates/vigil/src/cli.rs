@@ -1,6 +1,6 @@
 //! Command-line interface: `vigil run`, `vigil guest export`, `vigil bench boot`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -12,6 +12,7 @@ use vigil_vmm::config::{
 };
 use vigil_vmm::VmOutcome;
 
+use crate::metrics_file::{MetricsFile, FLUSH_INTERVAL};
 use crate::terminal::TerminalGuard;
 
 /// Exit status when the VMM itself fails (bad input, KVM errors).
@@ -179,6 +180,18 @@ pub struct RunArgs {
     /// before the stream. Example: --vsock cid=3,uds=/tmp/vm.vsock
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = crate::devices_cli::parse_vsock)]
     pub vsock: Option<VsockConfig>,
+
+    /// Append the VM's metrics to PATH as JSON lines (created if absent): one line
+    /// every 60 seconds and one when the VM ends, each a JSON object with
+    /// "utc_timestamp_ms" and groups of counters: "vm" (uptime, guest memory,
+    /// resident memory, balloon), "vcpu" and "vcpu<N>" (exits by reason, exit
+    /// handling latency, time in the guest, host CPU time and run-queue wait),
+    /// "block", "block_blk<N>", "net", "net_net<N>", "vsock", "entropy", "balloon"
+    /// (bytes and requests each way, errors, rate-limiter throttles) and "host"
+    /// (load, memory, pressure). Counters are totals since the VM started (unlike
+    /// Firecracker's per-flush deltas).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -261,7 +274,10 @@ impl RunArgs {
 impl Command {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self {
-            Command::Run(args) => run_vm(args.into_config()),
+            Command::Run(args) => {
+                let metrics_path = args.metrics_path.clone();
+                run_vm(args.into_config(), metrics_path.as_deref())
+            }
             Command::Bench(BenchCommand::Boot(args)) => {
                 crate::bench::run(args)?;
                 Ok(ExitCode::SUCCESS)
@@ -289,12 +305,17 @@ impl Command {
     }
 }
 
-fn run_vm(config: VmConfig) -> anyhow::Result<ExitCode> {
+fn run_vm(config: VmConfig, metrics_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let vm = vigil_vmm::builder::build(&config)?;
+    let metrics_file = metrics_path.map(MetricsFile::open).transpose()?;
     let _terminal = (config.console == ConsoleConfig::Stdio)
         .then(TerminalGuard::enter)
         .flatten();
     let running = vm.start().context("cannot start the VM's threads")?;
+    let metrics = match metrics_file {
+        Some(file) => Some(file.spawn(running.metrics(), FLUSH_INTERVAL)?),
+        None => None,
+    };
     let stop = running.stop_handle();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
         .context("cannot install signal handlers")?;
@@ -310,6 +331,9 @@ fn run_vm(config: VmConfig) -> anyhow::Result<ExitCode> {
     let symbols = running.symbols().cloned();
     let outcome = running.wait();
     signals_handle.close();
+    if let Some(metrics) = metrics {
+        metrics.finish();
+    }
     Ok(exit_code(outcome, &|addr| {
         symbols.as_ref().and_then(|s| s.describe(addr))
     }))

@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod devices_cli;
+mod metrics_file;
 mod terminal;
 
 use std::process::ExitCode;

@@ -21,6 +21,7 @@ use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::{Vsock, VsockError};
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_devices::PowerHandler;
+use vigil_metrics::{DeviceCounters, DeviceKind, VcpuCounters, VmMetrics};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -176,20 +177,31 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         subscribers.push(Box::new(SerialInput::new(serial.clone(), std::io::stdin())));
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for disk in &config.disks {
-        devices.push(Box::new(Block::new(disk)?));
+    let mut device_metrics = Vec::new();
+    let mut counters = |kind: DeviceKind, name: String| {
+        let c = Arc::new(DeviceCounters::new(kind, name));
+        device_metrics.push(c.clone());
+        c
+    };
+    for (i, disk) in config.disks.iter().enumerate() {
+        let c = counters(DeviceKind::Block, format!("blk{i}"));
+        devices.push(Box::new(Block::new(disk)?.with_counters(c)));
     }
     if let Some(limit) = config.rng {
-        devices.push(Box::new(Rng::new(limit)));
+        let c = counters(DeviceKind::Entropy, "rng0".into());
+        devices.push(Box::new(Rng::new(limit).with_counters(c)));
     }
     if let Some(balloon) = config.balloon {
-        devices.push(Box::new(Balloon::new(balloon)));
+        let c = counters(DeviceKind::Balloon, "balloon0".into());
+        devices.push(Box::new(Balloon::new(balloon).with_counters(c)));
     }
-    for net in &config.nets {
-        devices.push(Box::new(Net::new(net)?));
+    for (i, net) in config.nets.iter().enumerate() {
+        let c = counters(DeviceKind::Net, format!("net{i}"));
+        devices.push(Box::new(Net::new(net)?.with_counters(c)));
     }
     if let Some(vsock) = &config.vsock {
-        devices.push(Box::new(Vsock::new(vsock)?));
+        let c = counters(DeviceKind::Vsock, "vsock0".into());
+        devices.push(Box::new(Vsock::new(vsock)?.with_counters(c)));
     }
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();
@@ -271,6 +283,11 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         "VM built"
     );
 
+    let vcpu_metrics = (0..config.vcpus)
+        .map(|id| Arc::new(VcpuCounters::new(id)))
+        .collect();
+    let metrics = Arc::new(VmMetrics::new(memory_bytes, vcpu_metrics, device_metrics));
+
     Ok(Vm {
         vcpus,
         vm_fd,
@@ -282,6 +299,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         stop,
         events_tx,
         events_rx,
+        metrics,
     })
 }
 

@@ -12,6 +12,7 @@ pub mod symbols;
 mod vm;
 pub mod vstate;
 
+pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
 pub use vm::{RunningVm, StopHandle, Vm, VmOutcome};
 
 use vigil_devices::PowerEvent;

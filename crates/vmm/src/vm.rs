@@ -11,6 +11,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_ioctls::VmFd;
 use vigil_devices::bus::Bus;
 use vigil_devices::PowerEvent;
+use vigil_metrics::{MetricsHandle, VmMetrics};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -35,6 +36,8 @@ pub struct Vm {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) events_tx: Sender<VmEvent>,
     pub(crate) events_rx: Receiver<VmEvent>,
+    /// Counters of the vCPUs and devices.
+    pub(crate) metrics: Arc<VmMetrics>,
 }
 
 /// How a VM ended.
@@ -74,6 +77,7 @@ pub struct RunningVm {
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     symbols: Option<SymbolTable>,
+    metrics: Arc<VmMetrics>,
     // Kept alive until the threads that use them have been joined.
     _vm_fd: VmFd,
     _mem: GuestMemoryMmap,
@@ -94,6 +98,7 @@ impl Vm {
         register_signal_handler(kick_signal(), kick_handler)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let stop = self.stop;
+        self.metrics.mark_started();
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus {
             let ctx = VcpuContext {
@@ -102,6 +107,11 @@ impl Vm {
                 mem: self.mem.clone(),
                 events: self.events_tx.clone(),
                 stop: stop.clone(),
+                metrics: self
+                    .metrics
+                    .vcpu(vcpu.id)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(vigil_metrics::VcpuCounters::new(vcpu.id))),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
@@ -126,6 +136,7 @@ impl Vm {
             events_tx: self.events_tx,
             events_rx: self.events_rx,
             symbols: self.symbols,
+            metrics: self.metrics,
             _vm_fd: self.vm_fd,
             _mem: self.mem,
         })
@@ -174,6 +185,12 @@ impl RunningVm {
     /// A handle to stop this VM from another thread.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(self.events_tx.clone())
+    }
+
+    /// A handle on this VM's metrics, to take snapshots from another thread; it
+    /// stays valid after the VM ended.
+    pub fn metrics(&self) -> MetricsHandle {
+        MetricsHandle::new(self.metrics.clone())
     }
 
     /// The symbols given at launch, to describe guest addresses.

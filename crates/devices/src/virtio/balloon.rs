@@ -4,8 +4,10 @@
 //! statistics and free page reporting.
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -64,6 +66,7 @@ pub struct Balloon {
     deflated: u64,
     reported_bytes: u64,
     bad_pages: u64,
+    metrics: Arc<DeviceCounters>,
 }
 
 impl Balloon {
@@ -76,11 +79,14 @@ impl Balloon {
         if config.free_page_reporting {
             roles.push(Role::Reporting);
         }
+        let metrics = Arc::new(DeviceCounters::new(DeviceKind::Balloon, "balloon0"));
+        let target_pages = (config.target_mib * (1 << 20) / PAGE_SIZE) as u32;
+        metrics.balloon_target_pages.set(u64::from(target_pages));
         Self {
             queue_sizes: vec![QUEUE_SIZE; roles.len()],
             roles,
             config,
-            target_pages: (config.target_mib * (1 << 20) / PAGE_SIZE) as u32,
+            target_pages,
             actual_pages: 0,
             stats_held: None,
             stats_last: Instant::now(),
@@ -89,6 +95,7 @@ impl Balloon {
             deflated: 0,
             reported_bytes: 0,
             bad_pages: 0,
+            metrics,
         }
     }
 
@@ -108,6 +115,18 @@ impl Balloon {
             stats,
             ..Self::new(config)
         }
+    }
+
+    /// Counts into `metrics` (shared with whoever reads them) from now on.
+    pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
+        metrics
+            .balloon_target_pages
+            .set(u64::from(self.target_pages));
+        metrics
+            .balloon_actual_pages
+            .set(u64::from(self.actual_pages));
+        self.metrics = metrics;
+        self
     }
 
     /// Pages the guest has given back (inflated) and taken again (deflated), bytes
@@ -161,6 +180,7 @@ impl Balloon {
                 pages += 1;
             } else {
                 self.bad_pages += 1;
+                self.metrics.errors.inc();
             }
         }
         pages
@@ -227,6 +247,9 @@ impl VirtioDevice for Balloon {
         // Only `actual` (offset 4) is the driver's to write.
         if let (4, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) {
             self.actual_pages = u32::from_le_bytes(bytes);
+            self.metrics
+                .balloon_actual_pages
+                .set(u64::from(self.actual_pages));
         }
     }
 
@@ -263,8 +286,10 @@ impl VirtioDevice for Balloon {
                         let pages = self.page_numbers(&mut reader, mem, role == Role::Inflate);
                         if role == Role::Inflate {
                             self.inflated += pages;
+                            self.metrics.transfer_out(pages * PAGE_SIZE);
                         } else {
                             self.deflated += pages;
+                            self.metrics.transfer_in(pages * PAGE_SIZE);
                         }
                     }
                 }
@@ -279,6 +304,7 @@ impl VirtioDevice for Balloon {
                         }
                     }
                     self.stats_last = Instant::now();
+                    self.metrics.ops_other.inc();
                     if let Some(old) = self.stats_held.replace(head) {
                         // A driver that sends a second buffer gets the first one back.
                         add_used(queue, mem, old, 0)?;
@@ -287,11 +313,14 @@ impl VirtioDevice for Balloon {
                     continue;
                 }
                 Role::Reporting => {
+                    self.metrics.ops_out.inc();
                     for desc in chain.clone() {
                         if self.discard(mem, desc.addr().0, u64::from(desc.len())) {
                             self.reported_bytes += u64::from(desc.len());
+                            self.metrics.bytes_out.add(u64::from(desc.len()));
                         } else {
                             self.bad_pages += 1;
+                            self.metrics.errors.inc();
                         }
                     }
                 }

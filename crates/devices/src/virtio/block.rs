@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
+use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
@@ -80,6 +82,7 @@ pub struct Block {
     buf: Vec<u8>,
     requests: u64,
     errors: u64,
+    metrics: Arc<DeviceCounters>,
 }
 
 #[repr(C)]
@@ -164,7 +167,14 @@ impl Block {
             buf: vec![0; CHUNK],
             requests: 0,
             errors: 0,
+            metrics: Arc::new(DeviceCounters::new(DeviceKind::Block, config.id.clone())),
         })
+    }
+
+    /// Counts into `metrics` (shared with whoever reads them) from now on.
+    pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Capacity in sectors.
@@ -279,6 +289,7 @@ impl Block {
                 match self.read_into(header.sector * SECTOR_SIZE, data_len, &mut writer) {
                     Ok(()) => {
                         written = data_len;
+                        self.metrics.bytes_in.add(data_len as u64);
                         S_OK
                     }
                     Err(e) => {
@@ -291,7 +302,10 @@ impl Block {
             T_OUT if self.in_bounds(header.sector, reader.available_bytes() as u64) => {
                 let len = reader.available_bytes();
                 match self.write_from(header.sector * SECTOR_SIZE, len, &mut reader) {
-                    Ok(()) => S_OK,
+                    Ok(()) => {
+                        self.metrics.bytes_out.add(len as u64);
+                        S_OK
+                    }
                     Err(e) => {
                         tracing::warn!("virtio-blk write failed: {e}");
                         S_IOERR
@@ -324,8 +338,14 @@ impl Block {
         };
         status_writer.write_all(&[status]).ok()?;
         self.requests += 1;
+        match header.kind {
+            T_IN => self.metrics.ops_in.inc(),
+            T_OUT => self.metrics.ops_out.inc(),
+            _ => self.metrics.ops_other.inc(),
+        }
         if status != S_OK {
             self.errors += 1;
+            self.metrics.errors.inc();
         }
         Some(written as u32 + 1)
     }
@@ -423,6 +443,7 @@ impl VirtioDevice for Block {
                 _ => self.limiter.consume(bytes),
             };
             if let Err(wait) = limited {
+                self.metrics.throttled.inc();
                 queue.go_to_previous_position();
                 return Ok(QueueOutcome::RetryAfter(wait, used));
             }
@@ -433,6 +454,7 @@ impl VirtioDevice for Block {
                     "malformed virtio-blk request; completed without a status"
                 );
                 self.errors += 1;
+                self.metrics.errors.inc();
                 0
             });
             add_used(queue, mem, head, len)?;

@@ -9,6 +9,9 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use vigil_metrics::{DeviceCounters, DeviceKind};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -82,6 +85,7 @@ pub struct Net {
     rx_blocked: bool,
     tx_buf: Vec<u8>,
     counters: NetCounters,
+    metrics: Arc<DeviceCounters>,
 }
 
 impl Net {
@@ -102,7 +106,14 @@ impl Net {
             rx_blocked: false,
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
+            metrics: Arc::new(DeviceCounters::new(DeviceKind::Net, config.tap.clone())),
         })
+    }
+
+    /// Counts into `metrics` (shared with whoever reads them) from now on.
+    pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Frames and bytes each way, and drops.
@@ -126,6 +137,7 @@ impl Net {
                     Ok(n) if n < MIN_BUFFER => {
                         tracing::debug!(n, "runt frame from the tap; dropped");
                         self.counters.errors += 1;
+                        self.metrics.errors.inc();
                         continue;
                     }
                     Ok(n) => self.rx_len = n,
@@ -156,6 +168,7 @@ impl Net {
                     // keep the frame for the next one.
                     tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
                     self.counters.errors += 1;
+                    self.metrics.errors.inc();
                     add_used(queue, mem, head, 0)?;
                     used = true;
                     continue;
@@ -169,11 +182,13 @@ impl Net {
                     "frame larger than the receive buffer; dropped"
                 );
                 self.counters.errors += 1;
+                self.metrics.errors.inc();
                 self.rx_len = 0;
                 queue.go_to_previous_position();
                 continue;
             }
             if let Err(wait) = self.rx_limiter.consume(len as u64) {
+                self.metrics.throttled.inc();
                 queue.go_to_previous_position();
                 self.rx_blocked = true;
                 return Ok(QueueOutcome::RetryAfter(wait, used));
@@ -185,11 +200,13 @@ impl Net {
                 Ok(()) => {
                     self.counters.rx_frames += 1;
                     self.counters.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                    self.metrics.transfer_in((len - VNET_HDR_LEN) as u64);
                     len as u32
                 }
                 Err(e) => {
                     tracing::debug!(head, "cannot write a frame into guest memory: {e}");
                     self.counters.errors += 1;
+                    self.metrics.errors.inc();
                     0
                 }
             };
@@ -220,12 +237,15 @@ impl Net {
                     if !(MIN_BUFFER..=MAX_BUFFER).contains(&len) {
                         tracing::debug!(head, len, "transmit buffer of a bad size; dropped");
                         self.counters.errors += 1;
+                        self.metrics.errors.inc();
                     } else if let Err(wait) = self.tx_limiter.consume(len as u64) {
+                        self.metrics.throttled.inc();
                         queue.go_to_previous_position();
                         return Ok(QueueOutcome::RetryAfter(wait, used));
                     } else if let Err(e) = reader.read_exact(&mut self.tx_buf[..len]) {
                         tracing::debug!(head, "cannot read a frame from guest memory: {e}");
                         self.counters.errors += 1;
+                        self.metrics.errors.inc();
                     } else {
                         // Offloads were not offered: whatever the guest put in the
                         // header, the frame is complete as it is.
@@ -234,12 +254,14 @@ impl Net {
                             Ok(_) => {
                                 self.counters.tx_frames += 1;
                                 self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                                self.metrics.transfer_out((len - VNET_HDR_LEN) as u64);
                             }
                             Err(e) => {
                                 // Full (WouldBlock) or down: the frame is lost, as
                                 // on a real link.
                                 tracing::debug!("cannot write a frame to the tap: {e}");
                                 self.counters.errors += 1;
+                                self.metrics.errors.inc();
                             }
                         }
                     }
@@ -247,6 +269,7 @@ impl Net {
                 Err(e) => {
                     tracing::debug!(head, "malformed transmit chain: {e:?}");
                     self.counters.errors += 1;
+                    self.metrics.errors.inc();
                 }
             }
             add_used(queue, mem, head, 0)?;

@@ -1,6 +1,9 @@
 //! virtio-rng: fills the guest's buffers from the host's `getrandom`.
 
 use std::io::Write;
+use std::sync::Arc;
+
+use vigil_metrics::{DeviceCounters, DeviceKind};
 
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
@@ -21,6 +24,7 @@ pub struct Rng {
     limiter: RateLimiter,
     buf: Vec<u8>,
     bytes: u64,
+    metrics: Arc<DeviceCounters>,
 }
 
 impl Rng {
@@ -30,7 +34,14 @@ impl Rng {
             limiter: RateLimiter::new(limit),
             buf: vec![0; MAX_REQUEST],
             bytes: 0,
+            metrics: Arc::new(DeviceCounters::new(DeviceKind::Entropy, "rng0")),
         }
+    }
+
+    /// Counts into `metrics` (shared with whoever reads them) from now on.
+    pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Bytes handed to the guest so far.
@@ -96,6 +107,7 @@ impl VirtioDevice for Rng {
                 Ok(mut writer) => {
                     let n = writer.available_bytes().min(MAX_REQUEST);
                     if let Err(wait) = self.limiter.consume(n as u64) {
+                        self.metrics.throttled.inc();
                         queue.go_to_previous_position();
                         return Ok(QueueOutcome::RetryAfter(wait, used));
                     }
@@ -105,16 +117,19 @@ impl VirtioDevice for Rng {
                         Ok(()) => n,
                         Err(e) => {
                             tracing::warn!("virtio-rng request failed: {e}");
+                            self.metrics.errors.inc();
                             0
                         }
                     }
                 }
                 Err(e) => {
                     tracing::warn!(head, "malformed virtio-rng request: {e:?}");
+                    self.metrics.errors.inc();
                     0
                 }
             };
             self.bytes += len as u64;
+            self.metrics.transfer_in(len as u64);
             add_used(queue, mem, head, len as u32)?;
             used = true;
         }

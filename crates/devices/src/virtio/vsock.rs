@@ -22,6 +22,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use vigil_metrics::{DeviceCounters, DeviceKind};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -252,6 +255,7 @@ pub struct Vsock {
     counters: VsockCounters,
     /// A transport reset event is owed to the guest (the device was restored).
     reset_event: bool,
+    metrics: Arc<DeviceCounters>,
 }
 
 impl Vsock {
@@ -283,6 +287,7 @@ impl Vsock {
             buf: vec![0; MAX_PAYLOAD],
             counters: VsockCounters::default(),
             reset_event: false,
+            metrics: Arc::new(DeviceCounters::new(DeviceKind::Vsock, "vsock0")),
         })
     }
 
@@ -331,6 +336,12 @@ impl Vsock {
         Ok(used)
     }
 
+    /// Counts into `metrics` (shared with whoever reads them) from now on.
+    pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Connections made, resets sent, packets dropped.
     pub fn counters(&self) -> VsockCounters {
         self.counters
@@ -357,6 +368,7 @@ impl Vsock {
     fn queue_control(&mut self, hdr: Header) {
         if self.control.len() >= MAX_CONTROL {
             self.counters.dropped += 1;
+            self.metrics.errors.inc();
             return;
         }
         self.control.push_back(hdr);
@@ -399,6 +411,7 @@ impl Vsock {
         if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
             tracing::debug!(?hdr, "vsock packet with wrong CIDs; dropped");
             self.counters.dropped += 1;
+            self.metrics.errors.inc();
             return;
         }
         if hdr.kind != TYPE_STREAM {
@@ -510,6 +523,7 @@ impl Vsock {
                     let mut raw = [0u8; HDR_LEN];
                     if reader.read_exact(&mut raw).is_err() {
                         self.counters.dropped += 1;
+                        self.metrics.errors.inc();
                     } else {
                         let hdr = Header::parse(&raw);
                         let len = hdr.len as usize;
@@ -519,6 +533,7 @@ impl Vsock {
                         {
                             tracing::debug!(?hdr, "vsock packet of a bad length");
                             self.counters.dropped += 1;
+                            self.metrics.errors.inc();
                             if hdr.op != OP_RST {
                                 self.rst_for(&hdr);
                                 if let Some(i) = self.find(hdr.dst_port, hdr.src_port) {
@@ -526,17 +541,24 @@ impl Vsock {
                                 }
                             }
                         } else if reader.read_exact(&mut self.buf[..len]).is_ok() {
+                            if hdr.op == OP_RW {
+                                self.metrics.transfer_out(len as u64);
+                            } else {
+                                self.metrics.ops_other.inc();
+                            }
                             let payload = std::mem::take(&mut self.buf);
                             self.handle_packet(hdr, &payload[..len]);
                             self.buf = payload;
                         } else {
                             self.counters.dropped += 1;
+                            self.metrics.errors.inc();
                         }
                     }
                 }
                 Err(e) => {
                     tracing::debug!(head, "malformed vsock tx chain: {e:?}");
                     self.counters.dropped += 1;
+                    self.metrics.errors.inc();
                 }
             }
             add_used(queue, mem, head, 0)?;
@@ -591,6 +613,7 @@ impl Vsock {
                 Ok(w) if w.available_bytes() >= HDR_LEN => w,
                 _ => {
                     self.counters.dropped += 1;
+                    self.metrics.errors.inc();
                     add_used(queue, mem, head, 0)?;
                     used = true;
                     continue;
@@ -637,9 +660,15 @@ impl Vsock {
             let written = if writer.write_all(&hdr.bytes()).is_ok()
                 && writer.write_all(&self.buf[..len]).is_ok()
             {
+                if hdr.op == OP_RW {
+                    self.metrics.transfer_in(len as u64);
+                } else {
+                    self.metrics.ops_other.inc();
+                }
                 (HDR_LEN + len) as u32
             } else {
                 self.counters.dropped += 1;
+                self.metrics.errors.inc();
                 0
             };
             add_used(queue, mem, head, written)?;

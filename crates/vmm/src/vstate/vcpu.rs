@@ -11,6 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vigil_devices::bus::Bus;
 use vigil_devices::PowerEvent;
+use vigil_metrics::{ExitReason, RunClock, VcpuCounters};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::VmEvent;
@@ -148,6 +149,8 @@ pub struct VcpuContext {
     pub events: Sender<VmEvent>,
     /// Set when the VM is stopping: leave the run loop.
     pub stop: Arc<AtomicBool>,
+    /// This vCPU's counters.
+    pub metrics: Arc<VcpuCounters>,
 }
 
 /// A vCPU ready to run.
@@ -167,8 +170,18 @@ enum Outcome {
 impl Vcpu {
     /// Runs until the VM stops or this vCPU ends it.
     pub fn run(mut self, ctx: VcpuContext) {
+        // SAFETY: the gettid system call takes no arguments and cannot fail. (Not
+        // libc::gettid: a static glibc can leave that symbol unresolved.)
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        ctx.metrics.thread_started(tid as i32);
+        self.run_loop(&ctx);
+        ctx.metrics.thread_exiting();
+    }
+
+    fn run_loop(&mut self, ctx: &VcpuContext) {
+        let mut clock = RunClock::default();
         while !ctx.stop.load(Ordering::Acquire) {
-            let outcome = self.run_once(&ctx);
+            let outcome = self.run_once(ctx, &mut clock);
             let event = match outcome {
                 Outcome::Continue => continue,
                 Outcome::Event(e) => e,
@@ -182,8 +195,11 @@ impl Vcpu {
         }
     }
 
-    fn run_once(&mut self, ctx: &VcpuContext) -> Outcome {
-        match self.fd.run() {
+    fn run_once(&mut self, ctx: &VcpuContext, clock: &mut RunClock) -> Outcome {
+        clock.entering(&ctx.metrics);
+        let exit = self.fd.run();
+        clock.exited(&ctx.metrics, exit_reason(&exit));
+        match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if !ctx.pio.write(u64::from(port), data) {
                     tracing::trace!(vcpu = self.id, port, "write to unhandled port");
@@ -267,6 +283,21 @@ impl Vcpu {
             sregs,
             code,
         }
+    }
+}
+
+/// What a `KVM_RUN` result counts as.
+fn exit_reason(exit: &Result<VcpuExit, kvm_ioctls::Error>) -> ExitReason {
+    match exit {
+        Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => ExitReason::Io,
+        Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => ExitReason::Mmio,
+        Ok(VcpuExit::Hlt) => ExitReason::Hlt,
+        Ok(VcpuExit::Shutdown) => ExitReason::Shutdown,
+        Ok(VcpuExit::InternalError) => ExitReason::InternalError,
+        Ok(VcpuExit::FailEntry(..)) => ExitReason::FailEntry,
+        Ok(VcpuExit::SystemEvent(..)) => ExitReason::SystemEvent,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitReason::Intr,
+        _ => ExitReason::Other,
     }
 }
 

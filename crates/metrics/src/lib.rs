@@ -1,0 +1,28 @@
+//! Vigil's metrics: what a VM and its host are doing, counted cheaply and
+//! rendered for people and machines.
+//!
+//! - [`Counter`], [`Gauge`], [`Histogram`]: lock-free primitives (relaxed
+//!   atomics; recording never allocates or locks).
+//! - [`VcpuCounters`] (exits by reason, exit handling latency, time in `KVM_RUN`,
+//!   the vCPU thread's CPU and run-queue wait) with the [`RunClock`] a vCPU run
+//!   loop keeps; [`DeviceCounters`] (bytes, operations, errors, rate-limiter
+//!   throttles), shared with a device through an `Arc`.
+//! - [`VmMetrics`] holds one VM's counters; [`MetricsHandle`] is the cheap
+//!   cloneable handle other threads take [`VmMetricsSnapshot`]s through.
+//! - [`host`]: PSI, load, memory and CPU of the host, from `/proc`.
+//! - [`prometheus::render`]: the Prometheus text format of many VMs (labelled by VM
+//!   id) and the host; [`json::json_line`]: a Firecracker-style JSON line per VM.
+
+pub mod device;
+pub mod host;
+pub mod json;
+pub mod primitives;
+pub mod prometheus;
+pub mod vcpu;
+pub mod vm;
+
+pub use device::{BalloonSnapshot, DeviceCounters, DeviceKind, DeviceSnapshot};
+pub use host::HostSnapshot;
+pub use primitives::{Counter, Gauge, Histogram, HistogramSnapshot};
+pub use vcpu::{ExitCounts, ExitReason, RunClock, VcpuCounters, VcpuSnapshot};
+pub use vm::{MemorySnapshot, MetricsHandle, VmMetrics, VmMetricsSnapshot};
