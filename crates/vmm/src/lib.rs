@@ -13,7 +13,9 @@ mod vm;
 pub mod vstate;
 
 pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
-pub use vm::{RunningVm, StopHandle, Vm, VmOutcome};
+pub use vm::{
+    BalloonHandle, ControlError, RunState, RunningVm, StopHandle, Vm, VmControl, VmOutcome,
+};
 
 use vigil_devices::PowerEvent;
 use vstate::vcpu::CrashReport;

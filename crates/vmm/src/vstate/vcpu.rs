@@ -151,6 +151,8 @@ pub struct VcpuContext {
     pub stop: Arc<AtomicBool>,
     /// This vCPU's counters.
     pub metrics: Arc<VcpuCounters>,
+    /// Where the vCPU parks while the VM is paused.
+    pub pause: Arc<super::pause::PauseGate>,
 }
 
 /// A vCPU ready to run.
@@ -181,6 +183,10 @@ impl Vcpu {
     fn run_loop(&mut self, ctx: &VcpuContext) {
         let mut clock = RunClock::default();
         while !ctx.stop.load(Ordering::Acquire) {
+            ctx.pause.park_if_requested(&ctx.stop);
+            if ctx.stop.load(Ordering::Acquire) {
+                return;
+            }
             let outcome = self.run_once(ctx, &mut clock);
             let event = match outcome {
                 Outcome::Continue => continue,

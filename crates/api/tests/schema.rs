@@ -1,0 +1,578 @@
+//! The API against its documents: Vigil's OpenAPI document (every documented
+//! operation answers as documented; bodies that violate a schema get 400 naming
+//! the field) and Firecracker's own description (every Firecracker operation Vigil
+//! claims exists, with the same success status, and accepts Firecracker-shaped
+//! bodies). These run on the router directly; no socket, no KVM.
+
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
+
+use serde_json::{json, Map, Value as Json};
+use serde_yaml_ng::Value as Yaml;
+use vigil_api::api::ROUTES;
+use vigil_api::{Api, Response, OPENAPI_YAML};
+
+/// The Firecracker operations Vigil claims to answer as Firecracker does.
+const CLAIMED: &[(&str, &str)] = &[
+    ("/", "get"),
+    ("/version", "get"),
+    ("/vm/config", "get"),
+    ("/machine-config", "get"),
+    ("/machine-config", "put"),
+    ("/machine-config", "patch"),
+    ("/boot-source", "put"),
+    ("/drives/{drive_id}", "put"),
+    ("/drives/{drive_id}", "patch"),
+    ("/network-interfaces/{iface_id}", "put"),
+    ("/network-interfaces/{iface_id}", "patch"),
+    ("/vsock", "put"),
+    ("/balloon", "get"),
+    ("/balloon", "put"),
+    ("/balloon", "patch"),
+    ("/balloon/statistics", "get"),
+    ("/balloon/statistics", "patch"),
+    ("/entropy", "put"),
+    ("/actions", "put"),
+    ("/vm", "patch"),
+    ("/metrics", "put"),
+    ("/logger", "put"),
+];
+
+fn api() -> Arc<Api> {
+    // A VMM thread that refuses every start: these tests boot nothing.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(msg) = rx.recv() {
+            if let vigil_api::ToVmm::Start { reply, .. } = msg {
+                let _ = reply.send(Err("no VMM in this test".into()));
+            }
+        }
+    });
+    Api::new("test".into(), tx, None)
+}
+
+fn ours() -> Yaml {
+    serde_yaml_ng::from_str(OPENAPI_YAML).expect("openapi.yaml parses")
+}
+
+fn firecracker() -> Option<Yaml> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/firecracker-api/firecracker.yaml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Some(serde_yaml_ng::from_str(&text).expect("firecracker.yaml parses")),
+        Err(_) => {
+            eprintln!("SKIP: {} not found", path.display());
+            None
+        }
+    }
+}
+
+fn get<'a>(v: &'a Yaml, key: &str) -> Option<&'a Yaml> {
+    v.get(key)
+}
+
+/// Follows `$ref` (`#/components/schemas/X` or `#/definitions/X`).
+fn resolve<'a>(doc: &'a Yaml, schema: &'a Yaml) -> &'a Yaml {
+    match get(schema, "$ref").and_then(Yaml::as_str) {
+        Some(r) => {
+            let mut node = doc;
+            for part in r.trim_start_matches("#/").split('/') {
+                node = get(node, part).unwrap_or_else(|| panic!("dangling $ref {r}"));
+            }
+            resolve(doc, node)
+        }
+        None => schema,
+    }
+}
+
+/// A sample value for `schema`: every property (`full`) or only the required ones.
+fn sample(doc: &Yaml, schema: &Yaml, full: bool) -> Json {
+    sample_named(doc, schema, full, "")
+}
+
+/// The same; a string field whose name ends in `path` gets a path that does not
+/// exist, so that no test writes files.
+fn sample_named(doc: &Yaml, schema: &Yaml, full: bool, name: &str) -> Json {
+    let schema = resolve(doc, schema);
+    if let Some(first) = get(schema, "enum")
+        .and_then(Yaml::as_sequence)
+        .and_then(|e| e.first())
+    {
+        return json!(first.as_str().expect("string enums"));
+    }
+    match get(schema, "type")
+        .and_then(Yaml::as_str)
+        .unwrap_or("object")
+    {
+        "string" if name.ends_with("path") || name.ends_with("path_on_host") => {
+            json!("/nonexistent/sample")
+        }
+        "string" => json!("sample"),
+        "integer" => json!(get(schema, "minimum").and_then(Yaml::as_u64).unwrap_or(1)),
+        "boolean" => json!(false),
+        "array" => json!([sample(doc, get(schema, "items").expect("items"), full)]),
+        _ => {
+            let required = required(schema);
+            let mut out = Map::new();
+            if let Some(props) = get(schema, "properties").and_then(Yaml::as_mapping) {
+                for (name, prop) in props {
+                    let name = name.as_str().expect("property names are strings");
+                    if full || required.iter().any(|r| r == name) {
+                        out.insert(name.into(), sample_named(doc, prop, full, name));
+                    }
+                }
+            }
+            Json::Object(out)
+        }
+    }
+}
+
+fn required(schema: &Yaml) -> Vec<String> {
+    get(schema, "required")
+        .and_then(Yaml::as_sequence)
+        .map(|r| {
+            r.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `(path, method, operation)` for every operation of an OpenAPI or Swagger doc.
+fn operations(doc: &Yaml) -> Vec<(String, String, Yaml)> {
+    let mut out = Vec::new();
+    for (path, item) in get(doc, "paths").and_then(Yaml::as_mapping).expect("paths") {
+        for (method, op) in item.as_mapping().expect("path item") {
+            let method = method.as_str().unwrap().to_string();
+            if ["get", "put", "patch", "post", "delete"].contains(&method.as_str()) {
+                out.push((path.as_str().unwrap().to_string(), method, op.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Status codes an operation documents (`default` as 0).
+fn statuses(op: &Yaml) -> Vec<u16> {
+    get(op, "responses")
+        .and_then(Yaml::as_mapping)
+        .expect("responses")
+        .keys()
+        .map(|k| match k {
+            Yaml::Number(n) => n.as_u64().unwrap() as u16,
+            Yaml::String(s) if s == "default" => 0,
+            Yaml::String(s) => s.parse().expect("status"),
+            other => panic!("status key {other:?}"),
+        })
+        .collect()
+}
+
+fn success(op: &Yaml) -> u16 {
+    *statuses(op)
+        .iter()
+        .find(|s| (200..300).contains(*s))
+        .expect("a success status")
+}
+
+/// The body schema of an OpenAPI operation.
+fn our_body(op: &Yaml) -> Option<&Yaml> {
+    get(op, "requestBody")?
+        .get("content")?
+        .get("application/json")?
+        .get("schema")
+}
+
+/// The body schema of a Swagger 2 operation.
+fn their_body(op: &Yaml) -> Option<&Yaml> {
+    get(op, "parameters")?
+        .as_sequence()?
+        .iter()
+        .find(|p| get(p, "in").and_then(Yaml::as_str) == Some("body"))?
+        .get("schema")
+}
+
+fn concrete(path: &str) -> String {
+    path.replace("{drive_id}", "sample")
+        .replace("{iface_id}", "sample")
+}
+
+fn call(api: &Api, method: &str, path: &str, body: &Json) -> Response {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    api.handle(&method.to_ascii_uppercase(), path, &bytes)
+}
+
+fn fault(r: &Response) -> String {
+    let body: Json = serde_json::from_str(r.body.as_deref().expect("an error has a body"))
+        .expect("errors are JSON");
+    let obj = body.as_object().expect("an object");
+    assert_eq!(obj.len(), 1, "only fault_message: {body}");
+    obj["fault_message"].as_str().expect("a string").to_string()
+}
+
+const SERDE_ERRORS: [&str; 3] = ["unknown field", "missing field", "invalid type"];
+
+#[test]
+fn every_documented_operation_answers_as_documented() {
+    let doc = ours();
+    let api = api();
+    for (path, method, op) in operations(&doc) {
+        let body = our_body(&op).map_or(Json::Null, |s| sample(&doc, s, true));
+        let r = call(&api, &method, &concrete(&path), &body);
+        let documented = statuses(&op);
+        assert!(
+            documented.contains(&r.status) || (r.status >= 400 && documented.contains(&0)),
+            "{method} {path}: {} is not documented ({documented:?}): {:?}",
+            r.status,
+            r.body
+        );
+        if r.status >= 400 {
+            fault(&r);
+        }
+    }
+}
+
+#[test]
+fn every_route_is_documented_and_every_documented_path_routed() {
+    let doc = ours();
+    let documented: Vec<(String, String)> = operations(&doc)
+        .into_iter()
+        .map(|(p, m, _)| (p, m.to_ascii_uppercase()))
+        .collect();
+    for (path, methods) in ROUTES {
+        for method in methods.split(", ") {
+            assert!(
+                documented.contains(&(path.to_string(), method.to_string())),
+                "{method} {path} is served but not documented"
+            );
+        }
+    }
+    for (path, method) in &documented {
+        let served = ROUTES
+            .iter()
+            .any(|(p, m)| p == path && m.split(", ").any(|x| x == method));
+        assert!(served, "{method} {path} is documented but not served");
+    }
+}
+
+#[test]
+fn bodies_that_violate_the_schema_get_400_naming_the_field() {
+    let doc = ours();
+    let api = api();
+    for (path, method, op) in operations(&doc) {
+        let Some(schema) = our_body(&op) else {
+            continue;
+        };
+        let path = concrete(&path);
+        let schema = resolve(&doc, schema);
+        let full = sample(&doc, schema, true);
+
+        let r = call(&api, &method, &path, &Json::Null);
+        assert_eq!(r.status, 400, "{method} {path} without a body");
+        assert!(fault(&r).contains("JSON body"), "{:?}", r.body);
+
+        let r = api.handle(&method.to_ascii_uppercase(), &path, b"{not json");
+        assert_eq!(r.status, 400, "{method} {path} with bad JSON");
+
+        let mut extra = full.clone();
+        extra["surprise"] = json!(1);
+        let r = call(&api, &method, &path, &extra);
+        assert_eq!(r.status, 400, "{method} {path} with an unknown field");
+        let m = fault(&r);
+        assert!(
+            m.contains("unknown field `surprise`"),
+            "{method} {path}: {m}"
+        );
+
+        for field in required(schema) {
+            let mut missing = full.clone();
+            missing.as_object_mut().unwrap().remove(&field);
+            let r = call(&api, &method, &path, &missing);
+            assert_eq!(r.status, 400, "{method} {path} without {field}");
+            let m = fault(&r);
+            assert!(
+                m.contains(&format!("missing field `{field}`")),
+                "{method} {path}: {m}"
+            );
+        }
+
+        let props = get(schema, "properties")
+            .and_then(Yaml::as_mapping)
+            .cloned()
+            .unwrap_or_default();
+        for (name, prop) in props {
+            let name = name.as_str().unwrap();
+            let prop = resolve(&doc, &prop);
+            let wrong = match get(prop, "type").and_then(Yaml::as_str) {
+                Some("string") => json!(12345),
+                _ => json!("not-the-right-type"),
+            };
+            let mut bad = full.clone();
+            bad[name] = wrong.clone();
+            let r = call(&api, &method, &path, &bad);
+            assert_eq!(r.status, 400, "{method} {path} with {name}={wrong}");
+            let m = fault(&r);
+            assert!(
+                m.contains(&format!("{name}: ")),
+                "{method} {path} {name}: {m}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_document_is_served() {
+    let r = api().handle("GET", "/vigil/openapi.yaml", b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.as_deref(), Some(OPENAPI_YAML));
+    assert_eq!(
+        get(&ours(), "openapi").and_then(Yaml::as_str),
+        Some("3.0.3")
+    );
+}
+
+#[test]
+fn firecracker_operations_we_claim_exist_with_the_same_success_status() {
+    let Some(fc) = firecracker() else { return };
+    let doc = ours();
+    let theirs = operations(&fc);
+    let mine = operations(&doc);
+    let api = api();
+    for (path, method) in CLAIMED {
+        let (_, _, their_op) = theirs
+            .iter()
+            .find(|(p, m, _)| p == path && m == method)
+            .unwrap_or_else(|| panic!("{method} {path} is not in Firecracker's API"));
+        let (_, _, my_op) = mine
+            .iter()
+            .find(|(p, m, _)| p == path && m == method)
+            .unwrap_or_else(|| panic!("{method} {path} is not in Vigil's document"));
+        assert_eq!(success(their_op), success(my_op), "{method} {path}");
+        let r = api.handle(&method.to_ascii_uppercase(), &concrete(path), b"{}");
+        if r.status >= 400 {
+            let m = fault(&r);
+            assert!(
+                !m.contains("no such resource") && !m.contains("not a method"),
+                "{method} {path}: {m}"
+            );
+        }
+    }
+    // And every non-Vigil operation in our document is a claimed one.
+    for (path, method, _) in &mine {
+        if !path.starts_with("/vigil/") {
+            assert!(
+                CLAIMED.contains(&(path.as_str(), method.as_str())),
+                "{method} {path} is documented but not claimed as Firecracker's"
+            );
+        }
+    }
+}
+
+#[test]
+fn firecracker_shaped_bodies_are_accepted() {
+    let Some(fc) = firecracker() else { return };
+    let api = api();
+    for (path, method) in CLAIMED {
+        let (_, _, op) = operations(&fc)
+            .into_iter()
+            .find(|(p, m, _)| p == path && m == method)
+            .unwrap();
+        let Some(schema) = their_body(&op) else {
+            continue;
+        };
+        for full in [false, true] {
+            let body = sample(&fc, schema, full);
+            let r = call(&api, method, &concrete(path), &body);
+            if r.status == 204 {
+                continue;
+            }
+            assert_eq!(r.status, 400, "{method} {path} {body}: {:?}", r.body);
+            let m = fault(&r);
+            assert!(
+                !SERDE_ERRORS.iter().any(|e| m.contains(e)),
+                "{method} {path}: Firecracker's body {body} does not parse: {m}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_firecracker_configuration_sequence_is_accepted_and_shown() {
+    let api = api();
+    let exe = std::env::current_exe().unwrap().display().to_string();
+    let ok = |method: &str, path: &str, body: Json| {
+        let r = call(&api, method, path, &body);
+        assert_eq!(r.status, 204, "{method} {path} {body}: {:?}", r.body);
+    };
+    ok(
+        "put",
+        "/boot-source",
+        json!({"kernel_image_path": exe, "boot_args": "console=ttyS0"}),
+    );
+    ok(
+        "put",
+        "/machine-config",
+        json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "cpu_template": "None", "track_dirty_pages": false, "huge_pages": "None"}),
+    );
+    ok("patch", "/machine-config", json!({"mem_size_mib": 512}));
+    ok(
+        "put",
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": exe, "is_root_device": true, "is_read_only": true,
+        "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 1000}, "ops": {"size": 100, "one_time_burst": 50, "refill_time": 1000}}}),
+    );
+    ok(
+        "put",
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}),
+    );
+    ok(
+        "put",
+        "/vsock",
+        json!({"guest_cid": 3, "uds_path": "/tmp/v.sock"}),
+    );
+    ok(
+        "put",
+        "/balloon",
+        json!({"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}),
+    );
+    ok("patch", "/balloon", json!({"amount_mib": 32}));
+    ok(
+        "patch",
+        "/balloon/statistics",
+        json!({"stats_polling_interval_s": 5}),
+    );
+    ok("put", "/entropy", json!({}));
+    let r = api.handle("GET", "/vm/config", b"");
+    let full: Json = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+    assert_eq!(full["machine-config"]["mem_size_mib"], 512);
+    assert_eq!(full["balloon"]["amount_mib"], 32);
+    assert_eq!(full["drives"][0]["drive_id"], "rootfs");
+    let r = api.handle("GET", "/machine-config", b"");
+    assert_eq!(
+        serde_json::from_str::<Json>(r.body.as_deref().unwrap()).unwrap()["vcpu_count"],
+        2
+    );
+
+    // Refusals leave what was configured as it was, and name field and value.
+    for (method, path, body, needle) in [
+        (
+            "put",
+            "/machine-config",
+            json!({"vcpu_count": 0, "mem_size_mib": 64}),
+            "vcpu_count 0",
+        ),
+        (
+            "put",
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": 64, "smt": true}),
+            "smt true",
+        ),
+        (
+            "put",
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": 16}),
+            "amount_mib 32",
+        ),
+        (
+            "put",
+            "/drives/x",
+            json!({"drive_id": "y", "is_root_device": false, "path_on_host": exe}),
+            "drive_id \"y\"",
+        ),
+        (
+            "put",
+            "/drives/other",
+            json!({"drive_id": "other", "is_root_device": true, "path_on_host": exe}),
+            "already is the root device",
+        ),
+        (
+            "put",
+            "/drives/d",
+            json!({"drive_id": "d", "is_root_device": false, "path_on_host": "/nonexistent"}),
+            "path_on_host \"/nonexistent\"",
+        ),
+        (
+            "put",
+            "/network-interfaces/eth1",
+            json!({"iface_id": "eth1", "host_dev_name": "tap0"}),
+            "host_dev_name \"tap0\"",
+        ),
+        (
+            "put",
+            "/network-interfaces/eth1",
+            json!({"iface_id": "eth1", "host_dev_name": "tap1", "guest_mac": "zz"}),
+            "guest_mac \"zz\"",
+        ),
+        (
+            "put",
+            "/vsock",
+            json!({"guest_cid": 2, "uds_path": "/tmp/v"}),
+            "guest_cid 2",
+        ),
+        (
+            "put",
+            "/boot-source",
+            json!({"kernel_image_path": "/nonexistent/vmlinux"}),
+            "kernel_image_path \"/nonexistent/vmlinux\"",
+        ),
+        (
+            "patch",
+            "/vm",
+            json!({"state": "Paused"}),
+            "needs a running VM",
+        ),
+        (
+            "patch",
+            "/vm",
+            json!({"state": "Sleeping"}),
+            "unknown variant `Sleeping`",
+        ),
+        (
+            "put",
+            "/actions",
+            json!({"action_type": "SendCtrlAltDel"}),
+            "needs a running VM",
+        ),
+        (
+            "put",
+            "/actions",
+            json!({"action_type": "FlushMetrics"}),
+            "PUT /metrics",
+        ),
+        (
+            "put",
+            "/actions",
+            json!({"action_type": "Reboot"}),
+            "unknown variant `Reboot`",
+        ),
+        ("get", "/nowhere", Json::Null, "no such resource"),
+        ("put", "/snapshot/create", json!({}), "does not implement"),
+        (
+            "delete",
+            "/machine-config",
+            Json::Null,
+            "accepts GET, PUT, PATCH",
+        ),
+        (
+            "post",
+            "/actions",
+            json!({"action_type": "InstanceStart"}),
+            "accepts PUT",
+        ),
+    ] {
+        let r = call(&api, method, path, &body);
+        assert_eq!(r.status, 400, "{method} {path} {body}");
+        let m = fault(&r);
+        assert!(
+            m.contains(needle),
+            "{method} {path}: {m:?} lacks {needle:?}"
+        );
+    }
+    let r = api.handle("GET", "/vm/config", b"");
+    let after: Json = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+    assert_eq!(after, full, "refused requests changed the configuration");
+}
