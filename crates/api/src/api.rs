@@ -26,6 +26,10 @@ pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
 /// Where the OpenAPI document is served.
 pub const OPENAPI_PATH: &str = "/vigil/openapi.yaml";
 
+/// The VM's counters as JSON (a `vigil_metrics::VmMetricsSnapshot`), for the
+/// daemon and dashboards.
+pub const METRICS_SNAPSHOT_PATH: &str = "/vigil/metrics";
+
 /// Reconfigures logging (`PUT /logger`); the binary owns the log subscriber.
 pub type LoggerHook = Arc<dyn Fn(&Logger) -> Result<(), String> + Send + Sync>;
 
@@ -113,6 +117,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/metrics", "PUT"),
     ("/logger", "PUT"),
     (OPENAPI_PATH, "GET"),
+    (METRICS_SNAPSHOT_PATH, "GET"),
 ];
 
 /// Firecracker resources Vigil does not have.
@@ -316,6 +321,12 @@ impl Api {
                 full.logger = inner.logger.clone();
                 Response::json(&full)
             }
+            ("GET", METRICS_SNAPSHOT_PATH) => match lock(&self.inner).vm.as_ref() {
+                Some(vm) => Response::json(&vm.metrics().snapshot()),
+                None => Response::bad(format!(
+                    "GET {METRICS_SNAPSHOT_PATH}: the VM has not started; it has no counters yet"
+                )),
+            },
             ("GET", OPENAPI_PATH) => Response {
                 status: 200,
                 body: Some(OPENAPI_YAML.into()),

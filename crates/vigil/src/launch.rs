@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use vigil_api::model::{FullVmConfig, Logger, Metrics};
@@ -167,9 +168,11 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
             }
         },
     };
+    let flusher = spawn_metrics_flusher(api.clone())?;
     let symbols = running.symbols().cloned();
     let outcome = running.wait();
     signals_handle.close();
+    flusher.finish();
     if let Err(e) = api.flush_metrics() {
         tracing::debug!("no metrics at exit: {e}");
     }
@@ -177,4 +180,37 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     Ok(crate::cli::exit_code(outcome, &|addr| {
         symbols.as_ref().and_then(|s| s.describe(addr))
     }))
+}
+
+/// How often a metrics line is written while the VM runs (as Firecracker does).
+const METRICS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The thread that writes a metrics line every [`METRICS_INTERVAL`] (once metrics
+/// are configured, by `--metrics-path`, the config file or `PUT /metrics`).
+struct MetricsFlusher {
+    stop: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn spawn_metrics_flusher(api: Arc<Api>) -> anyhow::Result<MetricsFlusher> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(METRICS_INTERVAL)
+            {
+                if let Err(e) = api.flush_metrics() {
+                    tracing::debug!("no periodic metrics line: {e}");
+                }
+            }
+        })
+        .context("cannot start the metrics thread")?;
+    Ok(MetricsFlusher { stop, thread })
+}
+
+impl MetricsFlusher {
+    fn finish(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
 }

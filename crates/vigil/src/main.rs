@@ -7,7 +7,6 @@ mod devices_cli;
 mod firecracker;
 mod launch;
 mod logging;
-mod metrics_file;
 mod terminal;
 
 use std::process::ExitCode;

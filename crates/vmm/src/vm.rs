@@ -184,6 +184,7 @@ pub struct VmControl {
     op: Arc<Mutex<()>>,
     i8042: Arc<Mutex<I8042>>,
     balloon: Option<BalloonHandle>,
+    metrics: MetricsHandle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,6 +237,11 @@ impl VmControl {
         }
         self.gate.release();
         Ok(())
+    }
+
+    /// A handle on the VM's counters, to take snapshots.
+    pub fn metrics(&self) -> &MetricsHandle {
+        &self.metrics
     }
 
     /// Whether the vCPUs run or are paused.
@@ -345,6 +351,7 @@ impl Vm {
             op: Arc::new(Mutex::new(())),
             i8042: self.i8042,
             balloon: self.balloon,
+            metrics: MetricsHandle::new(self.metrics.clone()),
         };
         Ok(RunningVm {
             control,

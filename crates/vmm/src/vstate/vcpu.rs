@@ -183,7 +183,9 @@ impl Vcpu {
     fn run_loop(&mut self, ctx: &VcpuContext) {
         let mut clock = RunClock::default();
         while !ctx.stop.load(Ordering::Acquire) {
-            ctx.pause.park_if_requested(&ctx.stop);
+            if ctx.pause.park_if_requested(&ctx.stop) {
+                clock.parked();
+            }
             if ctx.stop.load(Ordering::Acquire) {
                 return;
             }
