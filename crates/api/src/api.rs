@@ -265,6 +265,11 @@ impl Api {
         Ok(())
     }
 
+    /// Whether metrics have somewhere to go.
+    pub fn metrics_configured(&self) -> bool {
+        lock(&self.inner).metrics.is_some()
+    }
+
     /// Writes one metrics line, as `FlushMetrics` does.
     pub fn flush_metrics(&self) -> Result<(), String> {
         let mut inner = lock(&self.inner);

@@ -168,11 +168,18 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
             }
         },
     };
-    let flusher = spawn_metrics_flusher(api.clone())?;
+    // Only where metrics are configured, or may be through the API.
+    let flusher = if api.metrics_configured() || server.is_some() {
+        Some(spawn_metrics_flusher(api.clone())?)
+    } else {
+        None
+    };
     let symbols = running.symbols().cloned();
     let outcome = running.wait();
     signals_handle.close();
-    flusher.finish();
+    if let Some(flusher) = flusher {
+        flusher.finish();
+    }
     if let Err(e) = api.flush_metrics() {
         tracing::debug!("no metrics at exit: {e}");
     }
