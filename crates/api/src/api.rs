@@ -25,9 +25,10 @@ pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
 /// Where the OpenAPI document is served.
 pub const OPENAPI_PATH: &str = "/vigil/openapi.yaml";
-/// The running VM's metrics snapshot (vigil-metrics' `VmMetricsSnapshot` as JSON),
-/// which the host daemon aggregates.
-pub const VIGIL_METRICS_PATH: &str = "/vigil/metrics";
+
+/// The VM's counters as JSON (a `vigil_metrics::VmMetricsSnapshot`), for the
+/// daemon and dashboards.
+pub const METRICS_SNAPSHOT_PATH: &str = "/vigil/metrics";
 
 /// Reconfigures logging (`PUT /logger`); the binary owns the log subscriber.
 pub type LoggerHook = Arc<dyn Fn(&Logger) -> Result<(), String> + Send + Sync>;
@@ -87,8 +88,6 @@ struct Inner {
     logger: Option<Logger>,
     metrics: Option<MetricsSink>,
     counts: RequestCounts,
-    /// The running VM's counters, for `GET /vigil/metrics`.
-    vm_metrics: Option<vigil_vmm::MetricsHandle>,
 }
 
 /// The state behind one VM's API.
@@ -118,7 +117,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/metrics", "PUT"),
     ("/logger", "PUT"),
     (OPENAPI_PATH, "GET"),
-    (VIGIL_METRICS_PATH, "GET"),
+    (METRICS_SNAPSHOT_PATH, "GET"),
 ];
 
 /// Firecracker resources Vigil does not have.
@@ -223,7 +222,6 @@ impl Api {
                 logger: None,
                 metrics: None,
                 counts: RequestCounts::default(),
-                vm_metrics: None,
             }),
             to_vmm: Mutex::new(to_vmm),
             logger_hook,
@@ -243,11 +241,6 @@ impl Api {
     /// Records that the VM was started outside the API (`--config-file`).
     pub fn set_running(&self, vm: VmControl) {
         lock(&self.inner).vm = Some(vm);
-    }
-
-    /// Where `GET /vigil/metrics` takes the running VM's snapshots from.
-    pub fn set_metrics_source(&self, metrics: vigil_vmm::MetricsHandle) {
-        lock(&self.inner).vm_metrics = Some(metrics);
     }
 
     /// Configures logging as `PUT /logger` does.
@@ -270,6 +263,11 @@ impl Api {
         }
         inner.metrics = Some(MetricsSink::open(&m.metrics_path, m.emit_id, m.properties)?);
         Ok(())
+    }
+
+    /// Whether metrics have somewhere to go.
+    pub fn metrics_configured(&self) -> bool {
+        lock(&self.inner).metrics.is_some()
     }
 
     /// Writes one metrics line, as `FlushMetrics` does.
@@ -328,13 +326,12 @@ impl Api {
                 full.logger = inner.logger.clone();
                 Response::json(&full)
             }
-            ("GET", VIGIL_METRICS_PATH) => {
-                let source = lock(&self.inner).vm_metrics.clone();
-                match source {
-                    Some(metrics) => Response::json(&metrics.snapshot()),
-                    None => before_start(method, path),
-                }
-            }
+            ("GET", METRICS_SNAPSHOT_PATH) => match lock(&self.inner).vm.as_ref() {
+                Some(vm) => Response::json(&vm.metrics().snapshot()),
+                None => Response::bad(format!(
+                    "GET {METRICS_SNAPSHOT_PATH}: the VM has not started; it has no counters yet"
+                )),
+            },
             ("GET", OPENAPI_PATH) => Response {
                 status: 200,
                 body: Some(OPENAPI_YAML.into()),

@@ -8,6 +8,8 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
+use vigil_metrics::json::json_line;
+use vigil_metrics::HostSnapshot;
 use vigil_vmm::{RunState, VmControl};
 
 /// Requests the API answered, by status class.
@@ -87,9 +89,9 @@ impl MetricsSink {
     }
 }
 
-/// One metrics line: what the API process knows (uptime, requests by status
-/// class) and the VM's state. The VM's own counters join here when `vigil_vmm`
-/// offers them.
+/// One metrics line: the VM's counters and the host's readings (the groups of
+/// `vigil_metrics::json`), what the API process knows (requests by status class)
+/// and the VM's state.
 pub fn metrics_line(
     started: Instant,
     counts: &RequestCounts,
@@ -103,7 +105,12 @@ pub fn metrics_line(
         Some(RunState::Running) => "Running",
         Some(RunState::Paused) => "Paused",
     };
-    let mut line = Map::new();
+    let mut line = vm
+        .and_then(|vm| {
+            let text = json_line(&vm.metrics().snapshot(), Some(&HostSnapshot::read()));
+            serde_json::from_str::<Map<String, Value>>(&text).ok()
+        })
+        .unwrap_or_default();
     line.insert("utc_timestamp_ms".into(), json!(utc_ms));
     line.insert(
         "api_server".into(),

@@ -79,6 +79,15 @@ impl RateLimiter {
         }
     }
 
+    /// The limit this limiter enforces, each burst as it took effect.
+    pub fn limit(&self) -> RateLimit {
+        let pair = |b: &TokenBucket| (b.rate, Some(b.burst));
+        RateLimit {
+            bandwidth: self.bandwidth.as_ref().map(pair),
+            ops: self.ops.as_ref().map(pair),
+        }
+    }
+
     /// Takes one operation of `bytes` if both buckets allow it now; otherwise
     /// returns how long to wait and takes nothing.
     pub fn consume(&mut self, bytes: u64) -> Result<(), Duration> {

@@ -189,6 +189,12 @@ impl RunClock {
         self.entered = Some(now);
     }
 
+    /// The vCPU was parked (the VM paused) since its last exit: that wait is not
+    /// exit handling.
+    pub fn parked(&mut self) {
+        self.left = None;
+    }
+
     /// `KVM_RUN` returned for `reason`.
     #[inline]
     pub fn exited(&mut self, counters: &VcpuCounters, reason: ExitReason) {

@@ -1,6 +1,6 @@
 //! Command-line interface: `vigil run`, `vigil guest export`, `vigil bench boot`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -14,8 +14,7 @@ use vigil_vmm::VmOutcome;
 
 use crate::launch::{Launch, Overrides};
 use crate::logging::Logging;
-use crate::metrics_file::{MetricsFile, FLUSH_INTERVAL};
-use crate::terminal::TerminalGuard;
+use vigil_api::model::Metrics;
 
 /// Exit status when the VMM itself fails (bad input, KVM errors).
 pub const EXIT_VMM_ERROR: u8 = 1;
@@ -319,61 +318,63 @@ impl RunArgs {
     }
 
     fn run(self, logging: &Logging) -> anyhow::Result<ExitCode> {
-        if let (Some(path), true) = (
-            &self.metrics_path,
-            self.api_sock.is_some() || self.config_file.is_some(),
-        ) {
-            anyhow::bail!(
-                "--metrics-path {} with --api-sock or --config-file: configure metrics through PUT /metrics or the file's \"metrics\" key instead",
-                path.display()
-            );
+        if let Some(path) = &self.metrics_path {
+            // Checked here so that the error names the option.
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("--metrics-path {}: cannot open it", path.display()))?;
         }
-        if let Some(file) = &self.config_file {
+        let metrics = self.metrics_path.as_ref().map(|path| Metrics {
+            metrics_path: path.display().to_string(),
+            ..Default::default()
+        });
+        let (id, overrides) = (self.id.clone(), self.overrides());
+        let launch = if let Some(file) = &self.config_file {
             if let Some(option) = self.vm_options_given().first() {
                 anyhow::bail!(
                     "{option} with --config-file {}: the file describes the VM; put it there",
                     file.display()
                 );
             }
-            let (pre, config, logger, metrics) = crate::launch::from_config_file(file)?;
-            return crate::launch::launch(
-                Launch {
-                    api_sock: self.api_sock.clone(),
-                    id: self.id.clone(),
-                    boot_now: Some(config),
-                    pre,
-                    logger,
-                    metrics,
-                    overrides: self.overrides(),
-                },
-                logging,
-            );
-        }
-        let Some(api_sock) = self.api_sock.clone() else {
-            let metrics_path = self.metrics_path.clone();
-            return run_vm(self.into_config(), metrics_path.as_deref());
-        };
-        let waits = self.kernel.is_none();
-        if waits {
-            if let Some(option) = self.vm_options_given().first() {
+            let (pre, config, logger, file_metrics) = crate::launch::from_config_file(file)?;
+            if let (Some(path), Some(_)) = (&self.metrics_path, &file_metrics) {
                 anyhow::bail!(
-                    "{option} with --api-sock and no --kernel: the VM waits for its configuration through the API (PUT /machine-config, PUT /drives/ID, ...); give --kernel to boot it at once instead"
+                    "--metrics-path {} with --config-file {}: the file has a \"metrics\" section already; keep one",
+                    path.display(),
+                    file.display()
                 );
             }
-        }
-        let (id, overrides) = (self.id.clone(), self.overrides());
-        crate::launch::launch(
             Launch {
-                api_sock: Some(api_sock),
+                api_sock: self.api_sock.clone(),
+                id,
+                boot_now: Some(config),
+                pre,
+                logger,
+                metrics: file_metrics.or(metrics),
+                overrides,
+            }
+        } else {
+            let waits = self.api_sock.is_some() && self.kernel.is_none();
+            if waits {
+                if let Some(option) = self.vm_options_given().first() {
+                    anyhow::bail!(
+                        "{option} with --api-sock and no --kernel: the VM waits for its configuration through the API (PUT /machine-config, PUT /drives/ID, ...); give --kernel to boot it at once instead"
+                    );
+                }
+            }
+            Launch {
+                api_sock: self.api_sock.clone(),
                 id,
                 boot_now: (!waits).then(|| self.into_config()),
                 pre: Default::default(),
                 logger: None,
-                metrics: None,
+                metrics,
                 overrides,
-            },
-            logging,
-        )
+            }
+        };
+        crate::launch::launch(launch, logging)
     }
 
     fn into_config(self) -> VmConfig {
@@ -470,40 +471,6 @@ impl Command {
             }
         }
     }
-}
-
-fn run_vm(config: VmConfig, metrics_path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let vm = vigil_vmm::builder::build(&config)?;
-    let metrics_file = metrics_path.map(MetricsFile::open).transpose()?;
-    let _terminal = (config.console == ConsoleConfig::Stdio)
-        .then(TerminalGuard::enter)
-        .flatten();
-    let running = vm.start().context("cannot start the VM's threads")?;
-    let metrics = match metrics_file {
-        Some(file) => Some(file.spawn(running.metrics(), FLUSH_INTERVAL)?),
-        None => None,
-    };
-    let stop = running.stop_handle();
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .context("cannot install signal handlers")?;
-    let signals_handle = signals.handle();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                stop.stop(signal);
-            }
-        })
-        .context("cannot start the signal thread")?;
-    let symbols = running.symbols().cloned();
-    let outcome = running.wait();
-    signals_handle.close();
-    if let Some(metrics) = metrics {
-        metrics.finish();
-    }
-    Ok(exit_code(outcome, &|addr| {
-        symbols.as_ref().and_then(|s| s.describe(addr))
-    }))
 }
 
 pub(crate) fn exit_code(outcome: VmOutcome, describe: &dyn Fn(u64) -> Option<String>) -> ExitCode {

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use vigil_api::model::{FullVmConfig, Logger, Metrics};
@@ -137,7 +138,6 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                 *s = Some(running.stop_handle());
             }
             api.set_running(running.control());
-            api.set_metrics_source(running.metrics());
             (running, terminal)
         }
         None => loop {
@@ -151,8 +151,6 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                                 *s = Some(running.stop_handle());
                             }
                             let _ = reply.send(Ok(running.control()));
-                            // After the reply: the API holds its state while it waits.
-                            api.set_metrics_source(running.metrics());
                             break (running, terminal);
                         }
                         Err(e) => {
@@ -170,9 +168,18 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
             }
         },
     };
+    // Only where metrics are configured, or may be through the API.
+    let flusher = if api.metrics_configured() || server.is_some() {
+        Some(spawn_metrics_flusher(api.clone())?)
+    } else {
+        None
+    };
     let symbols = running.symbols().cloned();
     let outcome = running.wait();
     signals_handle.close();
+    if let Some(flusher) = flusher {
+        flusher.finish();
+    }
     if let Err(e) = api.flush_metrics() {
         tracing::debug!("no metrics at exit: {e}");
     }
@@ -180,4 +187,37 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     Ok(crate::cli::exit_code(outcome, &|addr| {
         symbols.as_ref().and_then(|s| s.describe(addr))
     }))
+}
+
+/// How often a metrics line is written while the VM runs (as Firecracker does).
+const METRICS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The thread that writes a metrics line every [`METRICS_INTERVAL`] (once metrics
+/// are configured, by `--metrics-path`, the config file or `PUT /metrics`).
+struct MetricsFlusher {
+    stop: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn spawn_metrics_flusher(api: Arc<Api>) -> anyhow::Result<MetricsFlusher> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(METRICS_INTERVAL)
+            {
+                if let Err(e) = api.flush_metrics() {
+                    tracing::debug!("no periodic metrics line: {e}");
+                }
+            }
+        })
+        .context("cannot start the metrics thread")?;
+    Ok(MetricsFlusher { stop, thread })
+}
+
+impl MetricsFlusher {
+    fn finish(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
 }

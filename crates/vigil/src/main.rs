@@ -9,7 +9,6 @@ mod devices_cli;
 mod firecracker;
 mod launch;
 mod logging;
-mod metrics_file;
 mod terminal;
 
 use std::process::ExitCode;

@@ -194,6 +194,14 @@ fn pause_and_resume_a_running_guest() {
     );
     ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
     assert_eq!(state(&sock), "Paused");
+    // The counters the daemon scrapes (their values are checked in the metrics
+    // line the VM writes at its end, below).
+    let snapshot = request(&sock, "GET", "/vigil/metrics", "");
+    assert_eq!(snapshot.status, 200, "{snapshot:?}");
+    let snapshot = snapshot.json();
+    assert_eq!(snapshot["vcpus"].as_array().unwrap().len(), 2, "{snapshot}");
+    assert_eq!(snapshot["memory"]["guest_bytes"], 64 << 20, "{snapshot}");
+    assert!(snapshot["uptime_ns"].as_u64().unwrap() > 0, "{snapshot}");
     let at_pause = vigil.output();
     assert!(
         !at_pause.contains("DONE"),
@@ -277,6 +285,11 @@ fn pause_and_resume_a_running_guest() {
         2,
         "one line per FlushMetrics and one at exit"
     );
+    // The last line carries the VM's counters: the guest's serial output alone
+    // is port I/O on vCPU 0.
+    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert!(last["vcpu0"]["exits_io"].as_u64().unwrap() > 0, "{last}");
+    assert_eq!(last["vm"]["guest_memory_bytes"], 64 << 20, "{last}");
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("INFO") && log.contains("VM built"), "{log}");
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::tap::TestTap;
+use common::tap::{in_new_netns, TestTap};
 use common::{hardware_kvm, run, Run};
 use vigil_vmm::arch::x86_64::layout::{e820_map, E820Type};
 
@@ -425,16 +425,6 @@ fn linux_mounts_a_disk_and_pings_over_a_tap_on_hardware_kvm() {
         );
         return;
     }
-    let name = format!("vgl-lx{}", std::process::id() % 100_000);
-    let tap = match TestTap::create(&name) {
-        Ok(tap) => tap,
-        Err(e) => {
-            eprintln!("SKIP: cannot create tap {name} (needs root and /dev/net/tun): {e}");
-            return;
-        }
-    };
-    tap.set_ipv4(HOST_IP.parse().unwrap())
-        .expect("address on the tap");
     let dir = std::env::temp_dir().join(format!("vigil-linux-devices-{}", std::process::id()));
     let content = dir.join("content");
     std::fs::create_dir_all(&content).unwrap();
@@ -451,19 +441,34 @@ fn linux_mounts_a_disk_and_pings_over_a_tap_on_hardware_kvm() {
     assert!(mkfs.success(), "mkfs.ext4 failed");
     let initramfs = build_initramfs(&dir, &devices_init(&dir));
     let cmdline = "console=ttyS0 earlyprintk=serial panic=-1";
-    let r = boot_linux(
-        &vmlinux,
-        &map,
-        &[
-            "--initrd",
-            initramfs.to_str().unwrap(),
-            "--disk",
-            &format!("path={}", image.display()),
-            "--net",
-            &format!("tap={name}"),
-        ],
-        cmdline,
-    );
+    // The tap, its address and the VM live in a network namespace of their own.
+    let booted = in_new_netns(|| {
+        let tap = TestTap::create("vigil-lx0")?;
+        tap.set_ipv4(HOST_IP.parse().unwrap())?;
+        Ok::<_, std::io::Error>(boot_linux(
+            &vmlinux,
+            &map,
+            &[
+                "--initrd",
+                initramfs.to_str().unwrap(),
+                "--disk",
+                &format!("path={}", image.display()),
+                "--net",
+                "tap=vigil-lx0",
+            ],
+            cmdline,
+        ))
+    });
+    let r = match booted.and_then(|r| r) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "SKIP: no network namespace with a tap here (needs root and /dev/net/tun): {e}"
+            );
+            std::fs::remove_dir_all(&dir).ok();
+            return;
+        }
+    };
     assert_early_boot(&r, cmdline);
     assert_eq!(
         r.line("VIGIL-MOUNT-OK"),

@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use common::tap::TestTap;
+use common::tap::{in_new_netns, TestTap};
 use common::{finish, vigil, TIMEOUT};
 
 const ETHERTYPE: u16 = 0x88b5;
@@ -124,15 +124,22 @@ fn net_frames_cross_the_tap_both_ways() {
     if !can_use_tun() {
         return;
     }
-    let name = format!("vgtest{}", std::process::id() % 100_000);
-    let _tap = match TestTap::create(&name) {
+    // The tap and the VM get a network namespace of their own.
+    if let Err(e) = in_new_netns(frames_cross_the_tap) {
+        eprintln!("SKIP: cannot make a network namespace: {e}");
+    }
+}
+
+fn frames_cross_the_tap() {
+    let name = "vgtest0";
+    let _tap = match TestTap::create(name) {
         Ok(tap) => tap,
         Err(e) => {
             eprintln!("SKIP: cannot create tap {name}: {e}");
             return;
         }
     };
-    let socket = PacketSocket::bind(&name);
+    let socket = PacketSocket::bind(name);
     let mac = [0x02, 0x76, 0x69, 0x67, 0x00, 0x42];
     let child = vigil()
         .args([

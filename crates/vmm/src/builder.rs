@@ -313,10 +313,10 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         stop,
         events_tx,
         events_rx,
+        metrics,
         pause: Arc::new(PauseGate::default()),
         i8042,
         balloon,
-        metrics,
     })
 }
 

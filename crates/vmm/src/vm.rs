@@ -41,14 +41,14 @@ pub struct Vm {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) events_tx: Sender<VmEvent>,
     pub(crate) events_rx: Receiver<VmEvent>,
+    /// Counters of the vCPUs and devices.
+    pub(crate) metrics: Arc<VmMetrics>,
     /// Where vCPUs park while the VM is paused.
     pub(crate) pause: Arc<PauseGate>,
     /// The keyboard controller, to type Ctrl-Alt-Del.
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// The balloon, when the VM has one.
     pub(crate) balloon: Option<BalloonHandle>,
-    /// Counters of the vCPUs and devices.
-    pub(crate) metrics: Arc<VmMetrics>,
 }
 
 /// How a VM ended.
@@ -184,6 +184,7 @@ pub struct VmControl {
     op: Arc<Mutex<()>>,
     i8042: Arc<Mutex<I8042>>,
     balloon: Option<BalloonHandle>,
+    metrics: MetricsHandle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,6 +237,11 @@ impl VmControl {
         }
         self.gate.release();
         Ok(())
+    }
+
+    /// A handle on the VM's counters, to take snapshots.
+    pub fn metrics(&self) -> &MetricsHandle {
+        &self.metrics
     }
 
     /// Whether the vCPUs run or are paused.
@@ -312,12 +318,12 @@ impl Vm {
                 mem: self.mem.clone(),
                 events: self.events_tx.clone(),
                 stop: stop.clone(),
-                pause: self.pause.clone(),
                 metrics: self
                     .metrics
                     .vcpu(vcpu.id)
                     .cloned()
                     .unwrap_or_else(|| Arc::new(vigil_metrics::VcpuCounters::new(vcpu.id))),
+                pause: self.pause.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
@@ -345,6 +351,7 @@ impl Vm {
             op: Arc::new(Mutex::new(())),
             i8042: self.i8042,
             balloon: self.balloon,
+            metrics: MetricsHandle::new(self.metrics.clone()),
         };
         Ok(RunningVm {
             control,
@@ -406,15 +413,15 @@ impl RunningVm {
         StopHandle(self.events_tx.clone())
     }
 
-    /// A handle to pause, resume and query this VM from another thread.
-    pub fn control(&self) -> VmControl {
-        self.control.clone()
-    }
-
     /// A handle on this VM's metrics, to take snapshots from another thread; it
     /// stays valid after the VM ended.
     pub fn metrics(&self) -> MetricsHandle {
         MetricsHandle::new(self.metrics.clone())
+    }
+
+    /// A handle to pause, resume and query this VM from another thread.
+    pub fn control(&self) -> VmControl {
+        self.control.clone()
     }
 
     /// The symbols given at launch, to describe guest addresses.

@@ -12,6 +12,7 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::state::{BalloonStat, BalloonState, DeviceState};
 use super::{
     add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
     VIRTIO_F_VERSION_1, YIELD,
@@ -132,10 +133,10 @@ impl Balloon {
         if config.free_page_reporting {
             roles.push(Role::Reporting);
         }
+        let metrics = Arc::new(DeviceCounters::new(DeviceKind::Balloon, "balloon0"));
         let control = Arc::new(BalloonControl::default());
         control.set_target_mib(config.target_mib);
         control.set_stats_interval(config.stats_interval.unwrap_or_default());
-        let metrics = Arc::new(DeviceCounters::new(DeviceKind::Balloon, "balloon0"));
         metrics
             .balloon_target_pages
             .set(u64::from(control.pages().0));
@@ -154,6 +155,29 @@ impl Balloon {
             bad_pages: 0,
             metrics,
         }
+    }
+
+    /// A balloon rebuilt from its saved state (checked by the caller): its target
+    /// and `actual` in pages, the statistics buffer it holds and the last statistics.
+    pub(crate) fn restored(
+        config: BalloonConfig,
+        target_pages: u32,
+        actual_pages: u32,
+        stats_held: Option<u16>,
+        stats: Stats,
+    ) -> Self {
+        let balloon = Self {
+            actual_pages,
+            stats_held,
+            ..Self::new(config)
+        };
+        let control = &balloon.control;
+        control.target_pages.store(target_pages, Ordering::Release);
+        control.actual_pages.store(actual_pages, Ordering::Release);
+        if let Ok(mut shared) = control.stats.lock() {
+            shared.clone_from(&stats);
+        }
+        Self { stats, ..balloon }
     }
 
     /// Counts into `metrics` (shared with whoever reads them) from now on.
@@ -260,9 +284,31 @@ impl VirtioDevice for Balloon {
         f
     }
 
+    fn state(&self) -> DeviceState {
+        DeviceState::Balloon(BalloonState {
+            num_pages: self.control.pages().0,
+            actual: self.actual_pages,
+            stats_interval: self.config.stats_interval,
+            free_page_reporting: self.config.free_page_reporting,
+            deflate_on_oom: self.config.deflate_on_oom,
+            stats_held: self.stats_held,
+            stats: self
+                .stats
+                .iter()
+                .map(|&(tag, value)| BalloonStat { tag, value })
+                .collect(),
+        })
+    }
+
+    fn reset(&mut self) {
+        // A buffer of the old rings must not be handed back into the new ones.
+        self.stats_held = None;
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
         let target_pages = self.control.pages().0;
+        // The host may have changed the target since: keep the gauge in step.
         self.metrics
             .balloon_target_pages
             .set(u64::from(target_pages));
@@ -275,12 +321,12 @@ impl VirtioDevice for Balloon {
         // Only `actual` (offset 4) is the driver's to write.
         if let (4, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) {
             self.actual_pages = u32::from_le_bytes(bytes);
-            self.control
-                .actual_pages
-                .store(self.actual_pages, Ordering::Release);
             self.metrics
                 .balloon_actual_pages
                 .set(u64::from(self.actual_pages));
+            self.control
+                .actual_pages
+                .store(self.actual_pages, Ordering::Release);
         }
     }
 
@@ -474,6 +520,24 @@ mod tests {
             Ok(QueueOutcome::Done(true))
         );
         assert_eq!(used_idx(&q, &mem), 1);
+    }
+
+    #[test]
+    fn a_reset_forgets_the_held_statistics_buffer() {
+        let mem = mem();
+        let mut q = queue_with(&mem, &[(0x20000, 10, 0)]);
+        let mut b = Balloon::new(BalloonConfig {
+            stats_interval: Some(Duration::from_secs(60)),
+            ..Default::default()
+        });
+        b.process_queue(2, &mut q, &mem).unwrap();
+        assert_eq!(b.stats_held, Some(0));
+        b.reset();
+        assert_eq!(b.stats_held, None);
+        match b.state() {
+            DeviceState::Balloon(s) => assert_eq!(s.stats_held, None),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
+use super::state::{BlockState, DeviceState};
 use super::{
     add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
     TYPE_BLOCK, VIRTIO_F_VERSION_1, YIELD,
@@ -71,6 +72,7 @@ pub struct BlockConfig {
 /// A virtio-blk device.
 pub struct Block {
     file: File,
+    path: std::path::PathBuf,
     read_only: bool,
     capacity: u64,
     id: [u8; ID_LEN],
@@ -155,6 +157,7 @@ impl Block {
         id[..config.id.len()].copy_from_slice(config.id.as_bytes());
         Ok(Self {
             file,
+            path: config.path.clone(),
             read_only: config.read_only,
             capacity: bytes / SECTOR_SIZE,
             id,
@@ -388,6 +391,19 @@ impl VirtioDevice for Block {
         } else {
             base | F_DISCARD | F_WRITE_ZEROES
         }
+    }
+
+    fn state(&self) -> DeviceState {
+        let id_len = self.id.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        DeviceState::Block(BlockState {
+            path: self.path.clone(),
+            read_only: self.read_only,
+            id: String::from_utf8_lossy(&self.id[..id_len]).into_owned(),
+            capacity: self.capacity,
+            rate_limit: self.limiter.limit().into(),
+            read_limit: self.read_limiter.limit().into(),
+            write_limit: self.write_limiter.limit().into(),
+        })
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -11,6 +11,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod state;
 pub mod vsock;
 
 use std::os::fd::RawFd;
@@ -147,6 +148,8 @@ pub trait VirtioDevice: Send {
     }
     /// The device is reset: forget any in-flight state.
     fn reset(&mut self) {}
+    /// The device's state, for snapshot and migration (see [`state`]).
+    fn state(&self) -> state::DeviceState;
 }
 
 /// Copies the part of a device's config space `config` that a read of

@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
+use super::state::{DeviceState, NetState};
 use super::{
     add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
     TYPE_NET, VIRTIO_F_VERSION_1, YIELD,
@@ -288,6 +289,15 @@ impl VirtioDevice for Net {
 
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1 | F_MAC | F_STATUS
+    }
+
+    fn state(&self) -> DeviceState {
+        DeviceState::Net(NetState {
+            tap: self.tap.name().to_owned(),
+            mac: self.mac,
+            rx_rate_limit: self.rx_limiter.limit().into(),
+            tx_rate_limit: self.tx_limiter.limit().into(),
+        })
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -8,6 +8,7 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 
+use super::state::{DeviceState, RngState};
 use super::{
     add_used, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice, TYPE_RNG,
     VIRTIO_F_VERSION_1, YIELD,
@@ -80,6 +81,12 @@ impl VirtioDevice for Rng {
     }
 
     fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+
+    fn state(&self) -> DeviceState {
+        DeviceState::Rng(RngState {
+            rate_limit: self.limiter.limit().into(),
+        })
+    }
 
     fn process_queue(
         &mut self,

@@ -7,9 +7,10 @@
 //!   `CONNECT <port>\n`; the device opens a stream to the guest's port and answers
 //!   `OK <host port>\n` once the guest accepted.
 //!
-//! Queues: rx (0, device to guest), tx (1, guest to device), event (2, unused: no
-//! transport reset events are sent). Flow control is credit based (virtio 1.2,
-//! 5.10.6.3): every packet carries the sender's `buf_alloc` and `fwd_cnt`, and the
+//! Queues: rx (0, device to guest), tx (1, guest to device), event (2: a device
+//! restored from a saved state sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` there,
+//! since its connections were not carried over). Flow control is credit based
+//! (virtio 1.2, 5.10.6.3): every packet carries the sender's `buf_alloc` and `fwd_cnt`, and the
 //! device sends no more stream data than the guest's credit allows. Packets a
 //! guest gets wrong (bad lengths, wrong CIDs, unknown ops or types, no such
 //! connection) are answered with RST or dropped; nothing panics.
@@ -29,6 +30,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
+use super::state::{DeviceState, VsockState};
 use super::{
     add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
     TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
@@ -37,6 +39,12 @@ use super::{
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2, 5.10.6.7): the guest drops
+/// its connections and reads its CID again.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+/// Bytes of `struct virtio_vsock_event`.
+const EVENT_LEN: usize = 4;
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
 /// Bytes of `struct virtio_vsock_hdr`.
@@ -245,6 +253,8 @@ pub struct Vsock {
     closing_old: Vec<UnixStream>,
     buf: Vec<u8>,
     counters: VsockCounters,
+    /// A transport reset event is owed to the guest (the device was restored).
+    reset_event: bool,
     metrics: Arc<DeviceCounters>,
 }
 
@@ -276,8 +286,54 @@ impl Vsock {
             closing_old: Vec::new(),
             buf: vec![0; MAX_PAYLOAD],
             counters: VsockCounters::default(),
+            reset_event: false,
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Vsock, "vsock0")),
         })
+    }
+
+    /// Owes the guest a transport reset event: sent on the event queue as soon as
+    /// the driver runs and has an event buffer there.
+    pub(crate) fn queue_transport_reset(&mut self) {
+        self.reset_event = true;
+    }
+
+    /// Sends the events owed to the guest on the event queue. A buffer too short
+    /// for an event is handed back empty.
+    fn send_events(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceBroken> {
+        let mut used = false;
+        if !self.reset_event {
+            return Ok(used);
+        }
+        let Some(queue) = queues.get_mut(EVENT).filter(|q| q.ready()) else {
+            return Ok(used);
+        };
+        let mut budget = Budget::of(queue);
+        while self.reset_event {
+            let chain = match pop_chain(queue, mem, &mut budget)? {
+                Next::Chain(chain) => chain,
+                Next::Empty | Next::Later => break,
+            };
+            let head = chain.head_index();
+            let sent = match chain.writer(mem) {
+                Ok(mut w) if w.available_bytes() >= EVENT_LEN => {
+                    w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok()
+                }
+                _ => false,
+            };
+            if sent {
+                self.reset_event = false;
+            } else {
+                tracing::debug!(head, "unusable vsock event buffer");
+                self.counters.dropped += 1;
+            }
+            add_used(queue, mem, head, if sent { EVENT_LEN as u32 } else { 0 })?;
+            used = true;
+        }
+        Ok(used)
     }
 
     /// Counts into `metrics` (shared with whoever reads them) from now on.
@@ -721,7 +777,7 @@ impl VirtioDevice for Vsock {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let mut used = false;
+        let mut used = self.send_events(queues, mem)?;
         match index {
             RX => self.rx_ready = true,
             TX => {
@@ -778,7 +834,7 @@ impl VirtioDevice for Vsock {
                 self.reset_conn(i);
             }
         }
-        let used = self.fill_rx(queues, mem)?;
+        let used = self.send_events(queues, mem)? | self.fill_rx(queues, mem)?;
         Ok(QueueOutcome::Done(used))
     }
 
@@ -788,6 +844,15 @@ impl VirtioDevice for Vsock {
         }
         self.control.clear();
         self.rx_ready = true;
+        // A driver starting afresh has no connections to drop.
+        self.reset_event = false;
+    }
+
+    fn state(&self) -> DeviceState {
+        DeviceState::Vsock(VsockState {
+            cid: self.cid,
+            uds: self.uds.clone(),
+        })
     }
 }
 

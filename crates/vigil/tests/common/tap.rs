@@ -89,3 +89,20 @@ impl Drop for TestTap {
         let _ = set_persist(&self.0, false);
     }
 }
+
+/// Runs `f` on a thread of its own in a new, empty network namespace, so that the
+/// taps it creates, their addresses and the VMs it spawns (children inherit the
+/// namespace) never share a network with the host.
+pub fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare only changes this thread's namespaces.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}

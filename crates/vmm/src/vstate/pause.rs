@@ -28,10 +28,10 @@ impl PauseGate {
     }
 
     /// Called by a vCPU thread before `KVM_RUN`: parks while a pause is asked for
-    /// and the VM is not stopping.
-    pub fn park_if_requested(&self, stop: &AtomicBool) {
+    /// and the VM is not stopping. Says whether it parked.
+    pub fn park_if_requested(&self, stop: &AtomicBool) -> bool {
         if !self.requested() {
-            return;
+            return false;
         }
         let mut parked = self.lock();
         *parked += 1;
@@ -48,6 +48,7 @@ impl PauseGate {
         }
         *parked -= 1;
         self.changed.notify_all();
+        true
     }
 
     /// Asks the vCPUs to park (they do so at their next exit).

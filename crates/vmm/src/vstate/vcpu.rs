@@ -149,10 +149,10 @@ pub struct VcpuContext {
     pub events: Sender<VmEvent>,
     /// Set when the VM is stopping: leave the run loop.
     pub stop: Arc<AtomicBool>,
-    /// Where the vCPU parks while the VM is paused.
-    pub pause: Arc<super::pause::PauseGate>,
     /// This vCPU's counters.
     pub metrics: Arc<VcpuCounters>,
+    /// Where the vCPU parks while the VM is paused.
+    pub pause: Arc<super::pause::PauseGate>,
 }
 
 /// A vCPU ready to run.
@@ -183,7 +183,9 @@ impl Vcpu {
     fn run_loop(&mut self, ctx: &VcpuContext) {
         let mut clock = RunClock::default();
         while !ctx.stop.load(Ordering::Acquire) {
-            ctx.pause.park_if_requested(&ctx.stop);
+            if ctx.pause.park_if_requested(&ctx.stop) {
+                clock.parked();
+            }
             if ctx.stop.load(Ordering::Acquire) {
                 return;
             }

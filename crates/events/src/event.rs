@@ -1,0 +1,715 @@
+//! The event record and its vocabulary: rules, priorities, sources, tags.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::time::Timestamp;
+
+/// How severe an event is: Falco's eight levels, which are syslog's.
+///
+/// Ordered by severity: `Priority::Debug < Priority::Warning < Priority::Emergency`,
+/// so "at least Warning" is `p >= Priority::Warning`. Serialized as Falco writes it
+/// (`"Warning"`); parsed case-insensitively, with `info` for `Informational`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    Debug,
+    Informational,
+    Notice,
+    Warning,
+    Error,
+    Critical,
+    Alert,
+    Emergency,
+}
+
+impl Priority {
+    /// Every level, least severe first.
+    pub const ALL: [Priority; 8] = [
+        Priority::Debug,
+        Priority::Informational,
+        Priority::Notice,
+        Priority::Warning,
+        Priority::Error,
+        Priority::Critical,
+        Priority::Alert,
+        Priority::Emergency,
+    ];
+
+    /// The name Falco writes: `Emergency` ... `Debug`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Priority::Debug => "Debug",
+            Priority::Informational => "Informational",
+            Priority::Notice => "Notice",
+            Priority::Warning => "Warning",
+            Priority::Error => "Error",
+            Priority::Critical => "Critical",
+            Priority::Alert => "Alert",
+            Priority::Emergency => "Emergency",
+        }
+    }
+
+    /// RFC 5424 severity: 0 (Emergency) to 7 (Debug).
+    pub const fn syslog_severity(self) -> u8 {
+        match self {
+            Priority::Emergency => 0,
+            Priority::Alert => 1,
+            Priority::Critical => 2,
+            Priority::Error => 3,
+            Priority::Warning => 4,
+            Priority::Notice => 5,
+            Priority::Informational => 6,
+            Priority::Debug => 7,
+        }
+    }
+
+    /// CEF severity, 0 (lowest) to 10 (highest).
+    pub const fn cef_severity(self) -> u8 {
+        match self {
+            Priority::Debug => 0,
+            Priority::Informational => 1,
+            Priority::Notice => 3,
+            Priority::Warning => 5,
+            Priority::Error => 7,
+            Priority::Critical => 8,
+            Priority::Alert => 9,
+            Priority::Emergency => 10,
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not one of the values a field accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {name:?} (expected one of: {expected})")]
+pub struct UnknownName {
+    what: &'static str,
+    name: String,
+    expected: String,
+}
+
+impl FromStr for Priority {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("info") {
+            return Ok(Priority::Informational);
+        }
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownName {
+                what: "priority",
+                name: s.to_owned(),
+                expected: Priority::ALL.map(Priority::as_str).join(", "),
+            })
+    }
+}
+
+impl Serialize for Priority {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where an event comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Host-side ("physical") signals: pressure, rate limiters, floods, crashes.
+    Host,
+    /// VM-side ("virtual") signals from introspection.
+    Vm,
+    /// The control-plane API.
+    Api,
+    /// An action a policy took.
+    Policy,
+    /// A sequence the correlator recognised across events.
+    Correlation,
+}
+
+impl Source {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Source::Host => "host",
+            Source::Vm => "vm",
+            Source::Api => "api",
+            Source::Policy => "policy",
+            Source::Correlation => "correlation",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A MITRE ATT&CK technique an event is tagged with, and its tactic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mitre {
+    /// `T1499.001`
+    pub technique: &'static str,
+    /// Falco's tactic tag: `mitre_impact`
+    pub tactic_tag: &'static str,
+}
+
+const T1499: Mitre = Mitre {
+    technique: "T1499",
+    tactic_tag: "mitre_impact",
+};
+const T1499_001: Mitre = Mitre {
+    technique: "T1499.001",
+    tactic_tag: "mitre_impact",
+};
+const T1498_001: Mitre = Mitre {
+    technique: "T1498.001",
+    tactic_tag: "mitre_impact",
+};
+const T1068: Mitre = Mitre {
+    technique: "T1068",
+    tactic_tag: "mitre_privilege_escalation",
+};
+const T1190: Mitre = Mitre {
+    technique: "T1190",
+    tactic_tag: "mitre_initial_access",
+};
+
+/// What an event is about: a stable identifier (`vm_io_flood`), the same in every
+/// output. New rules (the introspection ones) are added as variants; names are
+/// never reused or renamed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rule {
+    /// Host memory PSI `some avg10` crossed its threshold (or fell back below it).
+    HostMemoryPressure,
+    /// Host CPU PSI `some avg10` crossed its threshold.
+    HostCpuPressure,
+    /// Host I/O PSI `some avg10` crossed its threshold.
+    HostIoPressure,
+    /// A VM's rate limiter throttled it in N consecutive samples.
+    VmRateLimitSaturated,
+    /// A VM's disk operations per second stayed above the threshold for the window.
+    VmIoFlood,
+    /// A VM's received or sent packets per second stayed above the threshold.
+    VmPacketFlood,
+    /// The API refused a request it could not parse or validate.
+    ApiMalformedRequest,
+    /// The API refused a request from a peer that may not make it.
+    ApiUnauthorized,
+    /// The guest crashed (triple fault, KVM internal or emulation error).
+    VmCrashed,
+    /// A policy acted on a VM (or tried to and failed).
+    PolicyAction,
+    /// The correlator saw a flood (or saturated rate limiter) then a crash of one VM.
+    IncidentDosCrash,
+}
+
+impl Rule {
+    /// Every rule, in the README's order.
+    pub const ALL: [Rule; 11] = [
+        Rule::HostMemoryPressure,
+        Rule::HostCpuPressure,
+        Rule::HostIoPressure,
+        Rule::VmRateLimitSaturated,
+        Rule::VmIoFlood,
+        Rule::VmPacketFlood,
+        Rule::ApiMalformedRequest,
+        Rule::ApiUnauthorized,
+        Rule::VmCrashed,
+        Rule::PolicyAction,
+        Rule::IncidentDosCrash,
+    ];
+
+    /// The stable identifier.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rule::HostMemoryPressure => "host_memory_pressure",
+            Rule::HostCpuPressure => "host_cpu_pressure",
+            Rule::HostIoPressure => "host_io_pressure",
+            Rule::VmRateLimitSaturated => "vm_rate_limit_saturated",
+            Rule::VmIoFlood => "vm_io_flood",
+            Rule::VmPacketFlood => "vm_packet_flood",
+            Rule::ApiMalformedRequest => "api_malformed_request",
+            Rule::ApiUnauthorized => "api_unauthorized",
+            Rule::VmCrashed => "vm_crashed",
+            Rule::PolicyAction => "policy_action",
+            Rule::IncidentDosCrash => "incident_dos_crash",
+        }
+    }
+
+    /// A few words for an incident summary: "io flood", "crashed".
+    pub const fn label(self) -> &'static str {
+        match self {
+            Rule::HostMemoryPressure => "host memory pressure",
+            Rule::HostCpuPressure => "host cpu pressure",
+            Rule::HostIoPressure => "host io pressure",
+            Rule::VmRateLimitSaturated => "rate limit saturated",
+            Rule::VmIoFlood => "io flood",
+            Rule::VmPacketFlood => "packet flood",
+            Rule::ApiMalformedRequest => "malformed api request",
+            Rule::ApiUnauthorized => "unauthorized api request",
+            Rule::VmCrashed => "crashed",
+            Rule::PolicyAction => "policy action",
+            Rule::IncidentDosCrash => "possible denial of service leading to crash",
+        }
+    }
+
+    /// The priority of the rule's main ("started", "crossed") event.
+    pub const fn default_priority(self) -> Priority {
+        match self {
+            Rule::HostMemoryPressure => Priority::Error,
+            Rule::HostCpuPressure | Rule::HostIoPressure => Priority::Warning,
+            Rule::VmRateLimitSaturated | Rule::VmIoFlood | Rule::VmPacketFlood => Priority::Warning,
+            Rule::ApiMalformedRequest => Priority::Notice,
+            Rule::ApiUnauthorized => Priority::Warning,
+            Rule::VmCrashed => Priority::Error,
+            Rule::PolicyAction => Priority::Notice,
+            Rule::IncidentDosCrash => Priority::Critical,
+        }
+    }
+
+    /// Which source emits it.
+    pub const fn source(self) -> Source {
+        match self {
+            Rule::HostMemoryPressure
+            | Rule::HostCpuPressure
+            | Rule::HostIoPressure
+            | Rule::VmRateLimitSaturated
+            | Rule::VmIoFlood
+            | Rule::VmPacketFlood
+            | Rule::VmCrashed => Source::Host,
+            Rule::ApiMalformedRequest | Rule::ApiUnauthorized => Source::Api,
+            Rule::PolicyAction => Source::Policy,
+            Rule::IncidentDosCrash => Source::Correlation,
+        }
+    }
+
+    /// The ATT&CK technique the rule's events carry, if one applies (the README
+    /// explains each choice). API rules carry the Unix-socket mapping here; see
+    /// [`ApiTransport`].
+    pub const fn mitre(self) -> Option<Mitre> {
+        match self {
+            Rule::HostMemoryPressure | Rule::HostCpuPressure | Rule::HostIoPressure => None,
+            Rule::VmRateLimitSaturated => Some(T1499),
+            Rule::VmIoFlood => Some(T1499_001),
+            Rule::VmPacketFlood => Some(T1498_001),
+            Rule::ApiMalformedRequest | Rule::ApiUnauthorized => Some(T1068),
+            Rule::VmCrashed => None,
+            Rule::PolicyAction => None,
+            Rule::IncidentDosCrash => Some(T1499),
+        }
+    }
+
+    /// Whether it is a resource-exhaustion signal from one VM (what the
+    /// flood-then-crash sequence starts with).
+    pub const fn is_vm_exhaustion(self) -> bool {
+        matches!(
+            self,
+            Rule::VmIoFlood | Rule::VmPacketFlood | Rule::VmRateLimitSaturated
+        )
+    }
+
+    /// Tags: a few category words, then the ATT&CK tactic and technique, Falco-style
+    /// (`["vm", "resource_exhaustion", "mitre_impact", "T1499.001"]`).
+    pub fn default_tags(self) -> Vec<String> {
+        let categories: &[&str] = match self {
+            Rule::HostMemoryPressure | Rule::HostCpuPressure | Rule::HostIoPressure => {
+                &["host", "resource_exhaustion"]
+            }
+            Rule::VmRateLimitSaturated | Rule::VmIoFlood | Rule::VmPacketFlood => {
+                &["vm", "resource_exhaustion"]
+            }
+            Rule::ApiMalformedRequest | Rule::ApiUnauthorized => &["api"],
+            Rule::VmCrashed => &["vm", "availability"],
+            Rule::PolicyAction => &["policy", "response"],
+            Rule::IncidentDosCrash => &["vm", "incident", "availability"],
+        };
+        let mut tags: Vec<String> = categories.iter().map(|s| (*s).to_owned()).collect();
+        if let Some(m) = self.mitre() {
+            tags.push(m.tactic_tag.to_owned());
+            tags.push(m.technique.to_owned());
+        }
+        tags
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Rule {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Rule::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                what: "rule",
+                name: s.to_owned(),
+                expected: Rule::ALL.map(Rule::as_str).join(", "),
+            })
+    }
+}
+
+impl Serialize for Rule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Rule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How the API that refused a request is reached: it picks the ATT&CK technique of
+/// `api_malformed_request` and `api_unauthorized` (README: "Choosing the ATT&CK
+/// tags").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiTransport {
+    /// A Unix socket on the host (Firecracker's convention): the peer is a local
+    /// process reaching for a VMM that holds more privilege than it: T1068.
+    UnixSocket,
+    /// A TCP listener others can reach: T1190, Exploit Public-Facing Application.
+    Network,
+}
+
+impl ApiTransport {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ApiTransport::UnixSocket => "unix_socket",
+            ApiTransport::Network => "network",
+        }
+    }
+}
+
+/// One security event.
+///
+/// Serialized (our own schema, for storage and the API) with both `time` (RFC 3339
+/// UTC, nanoseconds) and `time_unix_ns`; deserialization takes `time_unix_ns` when
+/// present, else parses `time`. The Falco-like JSON of the outputs is
+/// [`crate::output::falco_json`].
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "EventRepr")]
+pub struct Event {
+    pub time: Timestamp,
+    /// The VM it is about; `None` for the host as a whole.
+    pub vm_id: Option<String>,
+    pub rule: Rule,
+    pub priority: Priority,
+    pub source: Source,
+    /// One human-readable line.
+    pub message: String,
+    /// Machine-readable details, dotted keys (`flood.rate_per_s`).
+    pub fields: BTreeMap<String, Value>,
+    /// Category words, then the ATT&CK tactic and technique where one applies.
+    pub tags: Vec<String>,
+    /// The incident the correlator filed it under.
+    pub incident_id: Option<u64>,
+}
+
+impl Event {
+    /// An event of `rule` with its default priority, source and tags, at `time`.
+    pub fn new(rule: Rule, time: Timestamp, message: impl Into<String>) -> Self {
+        Event {
+            time,
+            vm_id: None,
+            rule,
+            priority: rule.default_priority(),
+            source: rule.source(),
+            message: message.into(),
+            fields: BTreeMap::new(),
+            tags: rule.default_tags(),
+            incident_id: None,
+        }
+    }
+
+    /// About this VM.
+    pub fn with_vm(mut self, vm_id: impl Into<String>) -> Self {
+        self.vm_id = Some(vm_id.into());
+        self
+    }
+
+    /// At this priority instead of the rule's default.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// With one more field (replacing one of the same key).
+    pub fn with_field(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.fields.insert(key.into(), value.into());
+        self
+    }
+
+    /// The guest of `vm_id` crashed; `reason` as the VMM reported it ("triple
+    /// fault", "KVM internal error", "emulation failure").
+    pub fn vm_crashed(vm_id: impl Into<String>, time: Timestamp, reason: &str) -> Self {
+        let vm_id = vm_id.into();
+        Event::new(
+            Rule::VmCrashed,
+            time,
+            format!("vm {vm_id} crashed: {reason}"),
+        )
+        .with_vm(vm_id)
+        .with_field("crash.reason", reason)
+    }
+
+    /// The API refused a request: `rule` is [`Rule::ApiMalformedRequest`] or
+    /// [`Rule::ApiUnauthorized`] (any other rule is taken as malformed). `peer`
+    /// names the client as the API knows it (a uid, an address); `detail` says what
+    /// was wrong. The ATT&CK tag follows `transport`.
+    pub fn api_rejected(
+        rule: Rule,
+        time: Timestamp,
+        vm_id: Option<&str>,
+        transport: ApiTransport,
+        peer: &str,
+        detail: &str,
+    ) -> Self {
+        let rule = match rule {
+            Rule::ApiUnauthorized => Rule::ApiUnauthorized,
+            _ => Rule::ApiMalformedRequest,
+        };
+        let what = match rule {
+            Rule::ApiUnauthorized => "unauthorized",
+            _ => "malformed",
+        };
+        let mut e = Event::new(
+            rule,
+            time,
+            format!("api: {what} request from {peer}: {detail}"),
+        )
+        .with_field("api.transport", transport.as_str())
+        .with_field("api.peer", peer)
+        .with_field("api.detail", detail);
+        if let Some(vm) = vm_id {
+            e = e.with_vm(vm);
+        }
+        if transport == ApiTransport::Network {
+            e.tags = vec![
+                "api".to_owned(),
+                T1190.tactic_tag.to_owned(),
+                T1190.technique.to_owned(),
+            ];
+        }
+        e
+    }
+}
+
+/// The serialized shape of [`Event`].
+#[derive(Serialize, Deserialize)]
+struct EventRepr {
+    #[serde(default)]
+    time: Option<String>,
+    #[serde(default)]
+    time_unix_ns: Option<u64>,
+    vm_id: Option<String>,
+    rule: Rule,
+    priority: Priority,
+    source: Source,
+    message: String,
+    #[serde(default)]
+    fields: BTreeMap<String, Value>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    incident_id: Option<u64>,
+}
+
+impl TryFrom<EventRepr> for Event {
+    type Error = String;
+    fn try_from(r: EventRepr) -> Result<Self, String> {
+        let time = match (r.time_unix_ns, r.time.as_deref()) {
+            (Some(ns), _) => Timestamp::from_unix_ns(ns),
+            (None, Some(s)) => {
+                Timestamp::parse_rfc3339(s).ok_or_else(|| format!("not an RFC 3339 time: {s:?}"))?
+            }
+            (None, None) => return Err("missing field `time` or `time_unix_ns`".to_owned()),
+        };
+        Ok(Event {
+            time,
+            vm_id: r.vm_id,
+            rule: r.rule,
+            priority: r.priority,
+            source: r.source,
+            message: r.message,
+            fields: r.fields,
+            tags: r.tags,
+            incident_id: r.incident_id,
+        })
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Event", 10)?;
+        st.serialize_field("time", &self.time.rfc3339())?;
+        st.serialize_field("time_unix_ns", &self.time.unix_ns())?;
+        st.serialize_field("vm_id", &self.vm_id)?;
+        st.serialize_field("rule", &self.rule)?;
+        st.serialize_field("priority", &self.priority)?;
+        st.serialize_field("source", &self.source)?;
+        st.serialize_field("message", &self.message)?;
+        st.serialize_field("fields", &self.fields)?;
+        st.serialize_field("tags", &self.tags)?;
+        st.serialize_field("incident_id", &self.incident_id)?;
+        st.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_order_names_and_mappings() {
+        assert!(Priority::Emergency > Priority::Alert);
+        assert!(Priority::Warning > Priority::Notice);
+        assert!(Priority::Debug < Priority::Informational);
+        for p in Priority::ALL {
+            assert_eq!(p.as_str().parse::<Priority>(), Ok(p));
+            assert_eq!(p.as_str().to_uppercase().parse::<Priority>(), Ok(p));
+        }
+        assert_eq!("info".parse::<Priority>(), Ok(Priority::Informational));
+        assert!("severe".parse::<Priority>().is_err());
+        // Syslog severity falls as priority rises; CEF severity rises with it.
+        for w in Priority::ALL.windows(2) {
+            assert!(w[0].syslog_severity() > w[1].syslog_severity());
+            assert!(w[0].cef_severity() < w[1].cef_severity());
+        }
+        assert_eq!(Priority::Emergency.cef_severity(), 10);
+        assert_eq!(
+            serde_json::to_string(&Priority::Critical).unwrap(),
+            "\"Critical\""
+        );
+        assert_eq!(
+            serde_json::from_str::<Priority>("\"WARNING\"").unwrap(),
+            Priority::Warning
+        );
+    }
+
+    #[test]
+    fn rule_names_are_stable_and_unique() {
+        let names: Vec<&str> = Rule::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "host_memory_pressure",
+                "host_cpu_pressure",
+                "host_io_pressure",
+                "vm_rate_limit_saturated",
+                "vm_io_flood",
+                "vm_packet_flood",
+                "api_malformed_request",
+                "api_unauthorized",
+                "vm_crashed",
+                "policy_action",
+                "incident_dos_crash",
+            ]
+        );
+        for r in Rule::ALL {
+            assert_eq!(r.as_str().parse::<Rule>(), Ok(r));
+            assert_eq!(
+                serde_json::to_string(&r).unwrap(),
+                format!("\"{}\"", r.as_str())
+            );
+            // RFC 5424 MSGID holds at most 32 characters.
+            assert!(r.as_str().len() <= 32);
+        }
+        assert!("vm_io_flod".parse::<Rule>().is_err());
+    }
+
+    #[test]
+    fn tags_carry_attack_techniques() {
+        assert_eq!(
+            Rule::VmIoFlood.default_tags(),
+            ["vm", "resource_exhaustion", "mitre_impact", "T1499.001"]
+        );
+        assert!(Rule::VmPacketFlood
+            .default_tags()
+            .contains(&"T1498.001".to_owned()));
+        assert!(Rule::IncidentDosCrash
+            .default_tags()
+            .contains(&"T1499".to_owned()));
+        assert!(Rule::HostMemoryPressure.mitre().is_none());
+        let local = Event::api_rejected(
+            Rule::ApiUnauthorized,
+            Timestamp::EPOCH,
+            Some("vm1"),
+            ApiTransport::UnixSocket,
+            "uid=1001",
+            "PUT /actions",
+        );
+        assert!(local.tags.contains(&"T1068".to_owned()));
+        assert_eq!(local.priority, Priority::Warning);
+        let remote = Event::api_rejected(
+            Rule::VmCrashed, // not an API rule: taken as malformed
+            Timestamp::EPOCH,
+            None,
+            ApiTransport::Network,
+            "192.0.2.1:5555",
+            "bad JSON",
+        );
+        assert_eq!(remote.rule, Rule::ApiMalformedRequest);
+        assert_eq!(remote.tags, ["api", "mitre_initial_access", "T1190"]);
+        assert_eq!(remote.vm_id, None);
+    }
+
+    #[test]
+    fn event_serde_round_trip() {
+        let e = Event::vm_crashed(
+            "vm-7",
+            Timestamp::from_unix_ns(1_700_000_000_000_000_001),
+            "triple fault",
+        )
+        .with_field("vcpu", 2);
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["time"], "2023-11-14T22:13:20.000000001Z");
+        assert_eq!(json["time_unix_ns"], 1_700_000_000_000_000_001u64);
+        assert_eq!(json["rule"], "vm_crashed");
+        assert_eq!(json["priority"], "Error");
+        assert_eq!(json["source"], "host");
+        assert_eq!(json["vm_id"], "vm-7");
+        assert_eq!(json["fields"]["crash.reason"], "triple fault");
+        assert_eq!(json["incident_id"], Value::Null);
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, e);
+        // `time` alone is enough; garbage is an error, not a panic.
+        let only_time = r#"{"time":"2023-11-14T22:13:20Z","vm_id":null,"rule":"vm_io_flood",
+            "priority":"warning","source":"host","message":"m"}"#;
+        let e: Event = serde_json::from_str(only_time).unwrap();
+        assert_eq!(e.time, Timestamp::from_unix_secs(1_700_000_000));
+        for bad in [
+            r#"{"vm_id":null,"rule":"vm_io_flood","priority":"Warning","source":"host","message":"m"}"#,
+            r#"{"time":"yesterday","vm_id":null,"rule":"vm_io_flood","priority":"Warning","source":"host","message":"m"}"#,
+            r#"{"time_unix_ns":1,"vm_id":null,"rule":"nope","priority":"Warning","source":"host","message":"m"}"#,
+            r#"[1,2,3]"#,
+        ] {
+            assert!(serde_json::from_str::<Event>(bad).is_err(), "{bad}");
+        }
+    }
+}
