@@ -103,6 +103,17 @@ impl BootInfo {
         &self.cmdline[..self.cmdline_len]
     }
 
+    /// The value of the last `KEY=VALUE` word for `key` (`key` without the `=`).
+    pub fn param(&self, key: &[u8]) -> Option<&[u8]> {
+        self.cmdline()
+            .split(|&b| b == b' ')
+            .filter_map(|word| {
+                word.strip_prefix(key)
+                    .and_then(|rest| rest.strip_prefix(b"="))
+            })
+            .last()
+    }
+
     /// Scenario names from `test=NAME[,NAME...]` words, in command-line order.
     pub fn scenarios(&self) -> impl Iterator<Item = &[u8]> {
         self.cmdline[..self.cmdline_len]

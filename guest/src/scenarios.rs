@@ -24,6 +24,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"rng" => virtio::rng(machine, detail),
         b"virtio-evil" => virtio::virtio_evil(machine, detail),
         b"blk-bench" => virtio::blk_bench(machine, detail),
+        b"flood" => virtio::flood(machine, detail),
         b"balloon" => crate::balloon::balloon(machine, detail),
         b"net" => net::net(machine, detail),
         b"net-bench" => net::net_bench(machine, detail),

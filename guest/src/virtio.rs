@@ -18,7 +18,7 @@ use core::ptr::{addr_of, read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use crate::cpu::{self, rdtsc};
-use crate::serial::{Line, Out};
+use crate::serial::{Line, Out, Serial};
 use crate::{paging, Machine};
 
 const MAX_DEVICES: usize = 16;
@@ -596,8 +596,13 @@ impl Queue {
     /// Submits the chain already in descriptors from `head`, waits up to 2 s for it,
     /// checks and acknowledges the interrupt: the used length.
     fn complete(&mut self, head: u16) -> Result<u32, &'static str> {
+        self.complete_within(head, 2000)
+    }
+
+    /// [`Self::complete`], waiting up to `ms`.
+    fn complete_within(&mut self, head: u16, ms: u64) -> Result<u32, &'static str> {
         self.kick(head);
-        match self.wait(2000) {
+        match self.wait(ms) {
             Wait::Used(len) => {
                 self.ack_interrupt()?;
                 Ok(len)
@@ -618,6 +623,19 @@ impl Queue {
     /// One virtio-blk request: header, data (`len` bytes at `data`, none when 0),
     /// status. The status byte the device wrote.
     fn blk(&mut self, kind: u32, sector: u64, data: u64, len: u32) -> Result<u8, &'static str> {
+        self.blk_within(kind, sector, data, len, 2000)
+    }
+
+    /// [`Self::blk`], waiting up to `ms` for the device (a rate-limited one may
+    /// take long).
+    fn blk_within(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data: u64,
+        len: u32,
+        ms: u64,
+    ) -> Result<u8, &'static str> {
         self.blk_header(kind, sector);
         let device_writes = kind != BLK_T_OUT;
         let header = (dma(HEADER), 16, false);
@@ -627,7 +645,7 @@ impl Queue {
         } else {
             self.chain(&[header, (data, len, device_writes), status]);
         }
-        self.complete(0)?;
+        self.complete_within(0, ms)?;
         Ok(rd(dma(STATUS_BYTE)))
     }
 }
@@ -1018,21 +1036,42 @@ pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
     )
 }
 
-fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), ()> {
-    let per_request = u64::from(DATA_LEN / SECTOR);
-    let span = q.dev.config_u64(0).min(64 * 2048) / per_request * per_request;
+/// Sectors per 4 KiB request.
+const PER_REQUEST: u64 = (DATA_LEN / SECTOR) as u64;
+
+/// The sectors the benchmarks spread their 4 KiB requests over: the first 64 MiB
+/// of the disk, in whole requests.
+fn bench_span(q: &Queue, detail: &mut Line) -> Result<u64, ()> {
+    let span = q.dev.config_u64(0).min(64 * 2048) / PER_REQUEST * PER_REQUEST;
     if span == 0 {
         detail.str("disk smaller than 4 KiB");
         return Err(());
     }
+    Ok(span)
+}
+
+/// Request `i` of a benchmark: 4 KiB of `kind` at the `i`-th 4 KiB of `span`.
+fn bench_request(
+    q: &mut Queue,
+    kind: u32,
+    buffer: u64,
+    i: u64,
+    span: u64,
+    ms: u64,
+) -> Result<u8, &'static str> {
+    let sector = (i * PER_REQUEST) % span;
+    q.blk_within(kind, sector, dma(buffer), DATA_LEN, ms)
+}
+
+fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    let span = bench_span(q, detail)?;
     for (kind, buffer, name) in [
         (BLK_T_IN, READ_BUF, "read"),
         (BLK_T_OUT, WRITE_BUF, "write"),
     ] {
         let start = rdtsc();
         for i in 0..BENCH_REQUESTS {
-            let sector = (i * per_request) % span;
-            let status = q.blk(kind, sector, dma(buffer), DATA_LEN);
+            let status = bench_request(q, kind, buffer, i, span, 2000);
             expect_ok(detail, name, status)?;
         }
         let us = ((rdtsc() - start) * 1000 / clock.tsc_khz).max(1);
@@ -1048,5 +1087,87 @@ fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), 
             .str(" ");
     }
     detail.str("requests=").dec(BENCH_REQUESTS);
+    Ok(())
+}
+
+/// `flood` runs this long without `flood_s=`.
+const FLOOD_DEFAULT_S: u64 = 5;
+/// The longest `flood_s=`.
+const FLOOD_MAX_S: u64 = 3600;
+/// How long one `flood` request may wait: a rate-limited device may hold it.
+const FLOOD_REQUEST_MS: u64 = 30_000;
+
+/// `flood_s=N` (decimal seconds, 1 to [`FLOOD_MAX_S`]); the default without it.
+fn flood_seconds(machine: &Machine) -> Result<u64, &[u8]> {
+    let Some(value) = machine.info.param(b"flood_s") else {
+        return Ok(FLOOD_DEFAULT_S);
+    };
+    let mut seconds = 0u64;
+    for &c in value {
+        if !c.is_ascii_digit() {
+            return Err(value);
+        }
+        seconds = seconds
+            .saturating_mul(10)
+            .saturating_add(u64::from(c - b'0'));
+    }
+    if value.is_empty() || seconds == 0 || seconds > FLOOD_MAX_S {
+        return Err(value);
+    }
+    Ok(seconds)
+}
+
+/// `flood`: 4 KiB reads, one at a time, as fast as the first virtio-blk disk
+/// serves them, for `flood_s=` seconds (TSC time, at CPL3); prints
+/// `flood: <ops> ops in second <k>` at the end of each second, so that a host
+/// sees its rate limit bite.
+pub fn flood(machine: &Machine, detail: &mut Line) -> bool {
+    let seconds = match flood_seconds(machine) {
+        Ok(s) => s,
+        Err(value) => {
+            detail
+                .str("flood_s=")
+                .bytes(value)
+                .str(": expected 1 to ")
+                .dec(FLOOD_MAX_S)
+                .str(" seconds");
+            return false;
+        }
+    };
+    with_queue0(
+        machine,
+        detail,
+        ID_BLK,
+        |_| true,
+        "no virtio-blk device",
+        0,
+        |q, clock, detail| flood_body(q, clock, seconds, detail),
+    )
+}
+
+fn flood_body(q: &mut Queue, clock: Clock, seconds: u64, detail: &mut Line) -> Result<(), ()> {
+    let span = bench_span(q, detail)?;
+    let second = clock.ms(1000);
+    let start = rdtsc();
+    let (mut total, mut in_second, mut k) = (0u64, 0u64, 1u64);
+    while k <= seconds {
+        let status = bench_request(q, BLK_T_IN, READ_BUF, total, span, FLOOD_REQUEST_MS);
+        expect_ok(detail, "read", status)?;
+        total += 1;
+        in_second += 1;
+        // A request that outlasted several seconds counts in the one it ended in;
+        // the seconds it spanned report 0.
+        while k <= seconds && rdtsc() - start >= k * second {
+            Serial
+                .str("flood: ")
+                .dec(in_second)
+                .str(" ops in second ")
+                .dec(k)
+                .str("\n");
+            in_second = 0;
+            k += 1;
+        }
+    }
+    detail.str("ops=").dec(total).str(" seconds=").dec(seconds);
     Ok(())
 }

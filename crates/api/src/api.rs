@@ -17,7 +17,7 @@ use crate::model::{
     InstanceActionInfo, InstanceInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics,
     NetworkInterface, PartialDrive, PartialNetworkInterface, VmState, VmStateValue, Vsock,
 };
-use crate::preboot::PreBoot;
+use crate::preboot::{limit_update, merge_rate_limiter, PreBoot};
 
 /// The Firecracker API version whose requests Vigil answers.
 pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
@@ -353,31 +353,13 @@ impl Api {
             ("PUT", "/drives/{drive_id}") => {
                 self.pre_boot(method, path, bytes, |pre, d: Drive| pre.put_drive(id, d))
             }
-            ("PATCH", "/drives/{drive_id}") => {
-                self.patch_device(method, path, bytes, |p: &PartialDrive| {
-                    (p.drive_id != id).then(|| {
-                        format!(
-                            "drive_id {:?}: differs from the id in the path, {id:?}",
-                            p.drive_id
-                        )
-                    })
-                })
-            }
+            ("PATCH", "/drives/{drive_id}") => self.patch_drive(method, path, id, bytes),
             ("PUT", "/network-interfaces/{iface_id}") => {
                 self.pre_boot(method, path, bytes, |pre, n: NetworkInterface| {
                     pre.put_net(id, n)
                 })
             }
-            ("PATCH", "/network-interfaces/{iface_id}") => {
-                self.patch_device(method, path, bytes, |p: &PartialNetworkInterface| {
-                    (p.iface_id != id).then(|| {
-                        format!(
-                            "iface_id {:?}: differs from the id in the path, {id:?}",
-                            p.iface_id
-                        )
-                    })
-                })
-            }
+            ("PATCH", "/network-interfaces/{iface_id}") => self.patch_net(method, path, id, bytes),
             ("PUT", "/vsock") => {
                 self.pre_boot(method, path, bytes, |pre, v: Vsock| pre.set_vsock(v))
             }
@@ -460,28 +442,84 @@ impl Api {
         }
     }
 
-    /// `PATCH /drives/{id}` and `PATCH /network-interfaces/{id}`: post-boot
-    /// updates, which Vigil does not offer yet.
-    fn patch_device<T: serde::de::DeserializeOwned>(
-        &self,
-        method: &str,
-        path: &str,
-        bytes: &[u8],
-        check_id: impl FnOnce(&T) -> Option<String>,
-    ) -> Response {
-        let value = match body::<T>(method, path, bytes) {
-            Ok(v) => v,
+    /// `PATCH /drives/{id}`: a running drive's rate limit, as Firecracker changes
+    /// it (a bucket left out stays, a zero one goes, another replaces it). A new
+    /// backing file (`path_on_host`) is refused.
+    fn patch_drive(&self, method: &str, path: &str, id: &str, bytes: &[u8]) -> Response {
+        let p = match body::<PartialDrive>(method, path, bytes) {
+            Ok(p) => p,
             Err(r) => return r,
         };
-        if let Some(e) = check_id(&value) {
-            return Response::bad(format!("{method} {path}: {e}"));
+        let bad = |e: String| Response::bad(format!("{method} {path}: {e}"));
+        if p.drive_id != id {
+            return bad(format!(
+                "drive_id {:?}: differs from the id in the path, {id:?}",
+                p.drive_id
+            ));
         }
-        if lock(&self.inner).vm.is_none() {
+        let mut inner = lock(&self.inner);
+        let Some(vm) = inner.vm.clone() else {
             return before_start(method, path);
+        };
+        if let Some(host) = &p.path_on_host {
+            return bad(format!(
+                "path_on_host {host:?}: Vigil cannot change the backing file of a running drive (leave path_on_host out; rate_limiter can change)"
+            ));
         }
-        Response::bad(format!(
-            "{method} {path}: Vigil cannot change a device of a running VM yet (its path or rate limits)"
-        ))
+        let update = match limit_update("rate_limiter", p.rate_limiter.as_ref()) {
+            Ok(u) => u,
+            Err(e) => return bad(e),
+        };
+        match vm.drive(id) {
+            Ok(drive) => drive.set_rate_limit(update),
+            Err(_) => return bad(format!("drive_id {id:?}: the VM has no such drive")),
+        }
+        if let Some(d) = inner.pre.drives.iter_mut().find(|d| d.drive_id == id) {
+            d.rate_limiter = merge_rate_limiter(d.rate_limiter, p.rate_limiter.as_ref());
+        }
+        Response::no_content()
+    }
+
+    /// `PATCH /network-interfaces/{id}`: a running interface's rate limits, as
+    /// for a drive.
+    fn patch_net(&self, method: &str, path: &str, id: &str, bytes: &[u8]) -> Response {
+        let p = match body::<PartialNetworkInterface>(method, path, bytes) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let bad = |e: String| Response::bad(format!("{method} {path}: {e}"));
+        if p.iface_id != id {
+            return bad(format!(
+                "iface_id {:?}: differs from the id in the path, {id:?}",
+                p.iface_id
+            ));
+        }
+        let mut inner = lock(&self.inner);
+        let Some(vm) = inner.vm.clone() else {
+            return before_start(method, path);
+        };
+        let rx = match limit_update("rx_rate_limiter", p.rx_rate_limiter.as_ref()) {
+            Ok(u) => u,
+            Err(e) => return bad(e),
+        };
+        let tx = match limit_update("tx_rate_limiter", p.tx_rate_limiter.as_ref()) {
+            Ok(u) => u,
+            Err(e) => return bad(e),
+        };
+        // The VM's interfaces are those configured, in order (PreBoot::to_vm_config).
+        let Some(index) = inner.pre.nets.iter().position(|n| n.iface_id == id) else {
+            return bad(format!(
+                "iface_id {id:?}: the VM has no such network interface"
+            ));
+        };
+        match vm.net(index) {
+            Ok(net) => net.set_rate_limits(rx, tx),
+            Err(e) => return bad(format!("iface_id {id:?}: {e}")),
+        }
+        let n = &mut inner.pre.nets[index];
+        n.rx_rate_limiter = merge_rate_limiter(n.rx_rate_limiter, p.rx_rate_limiter.as_ref());
+        n.tx_rate_limiter = merge_rate_limiter(n.tx_rate_limiter, p.tx_rate_limiter.as_ref());
+        Response::no_content()
     }
 
     fn action(&self, method: &str, path: &str, action: ActionType) -> Response {

@@ -10,6 +10,7 @@ use vigil_vmm::config::{
     default_mac, BalloonConfig, BlockConfig, KernelImage, NetConfig, RateLimit, VmConfig,
     VsockConfig, MAX_VCPUS, MIN_MEMORY_MIB,
 };
+use vigil_vmm::{BucketUpdate, LimitUpdate};
 
 use crate::model::{
     Balloon, BootSource, Drive, Entropy, FullVmConfig, MachineConfig, MachineConfigUpdate,
@@ -47,9 +48,11 @@ fn check_file(field: &str, path: &str) -> Result<(), String> {
         .map_err(|e| format!("{field} {path:?}: cannot open it: {e}"))
 }
 
-/// One Firecracker token bucket as Vigil's `(rate per second, burst)`; a bucket
-/// with a zero size or refill time limits nothing, as in Firecracker.
-fn bucket(field: &str, b: &TokenBucket) -> Result<Option<(u64, Option<u64>)>, String> {
+/// One Firecracker token bucket as Vigil's `(rate per second, burst, one-time
+/// burst)`: `size` tokens refilled in `refill_time` ms, and `one_time_burst`
+/// spent first. A bucket with a zero size or refill time limits nothing, as in
+/// Firecracker.
+fn bucket(field: &str, b: &TokenBucket) -> Result<Option<(u64, u64, u64)>, String> {
     if b.size == 0 || b.refill_time == 0 {
         return Ok(None);
     }
@@ -61,8 +64,7 @@ fn bucket(field: &str, b: &TokenBucket) -> Result<Option<(u64, Option<u64>)>, St
         ));
     }
     let rate = u64::try_from(rate).unwrap_or(u64::MAX);
-    let burst = b.size.saturating_add(b.one_time_burst.unwrap_or(0));
-    Ok(Some((rate, Some(burst))))
+    Ok(Some((rate, b.size, b.one_time_burst.unwrap_or(0))))
 }
 
 /// A Firecracker rate limiter as a Vigil [`RateLimit`]; `field` names it in errors.
@@ -70,20 +72,68 @@ pub fn rate_limit(field: &str, r: Option<&RateLimiter>) -> Result<RateLimit, Str
     let Some(r) = r else {
         return Ok(RateLimit::default());
     };
+    let one = |name: &str, b: Option<&TokenBucket>| {
+        b.map(|b| bucket(&format!("{field}.{name}"), b))
+            .transpose()
+            .map(Option::flatten)
+    };
+    let bandwidth = one("bandwidth", r.bandwidth.as_ref())?;
+    let ops = one("ops", r.ops.as_ref())?;
     Ok(RateLimit {
-        bandwidth: r
-            .bandwidth
-            .as_ref()
-            .map(|b| bucket(&format!("{field}.bandwidth"), b))
-            .transpose()?
-            .flatten(),
-        ops: r
-            .ops
-            .as_ref()
-            .map(|b| bucket(&format!("{field}.ops"), b))
-            .transpose()?
-            .flatten(),
+        bandwidth: bandwidth.map(|(rate, burst, _)| (rate, Some(burst))),
+        ops: ops.map(|(rate, burst, _)| (rate, Some(burst))),
+        one_time_burst: (
+            bandwidth.map_or(0, |(.., once)| once),
+            ops.map_or(0, |(.., once)| once),
+        ),
     })
+}
+
+/// A Firecracker rate limiter in a `PATCH` body as a change to a running
+/// limiter, as Firecracker applies it: a bucket left out stays as it is, one with
+/// a zero `size` or `refill_time` is removed, any other replaces it (full).
+/// `field` names it in errors.
+pub fn limit_update(field: &str, r: Option<&RateLimiter>) -> Result<LimitUpdate, String> {
+    let Some(r) = r else {
+        return Ok(LimitUpdate::default());
+    };
+    let one = |name: &str, b: Option<&TokenBucket>| -> Result<BucketUpdate, String> {
+        let Some(b) = b else {
+            return Ok(BucketUpdate::Keep);
+        };
+        Ok(match bucket(&format!("{field}.{name}"), b)? {
+            None => BucketUpdate::Remove,
+            Some((rate, burst, one_time_burst)) => BucketUpdate::Set {
+                rate,
+                burst,
+                one_time_burst,
+            },
+        })
+    };
+    Ok(LimitUpdate {
+        bandwidth: one("bandwidth", r.bandwidth.as_ref())?,
+        ops: one("ops", r.ops.as_ref())?,
+    })
+}
+
+/// `stored` as a `PATCH` with `update` leaves it (for `GET /vm/config`): a bucket
+/// given replaces the stored one, a zero one removes it.
+pub fn merge_rate_limiter(
+    stored: Option<RateLimiter>,
+    update: Option<&RateLimiter>,
+) -> Option<RateLimiter> {
+    let Some(update) = update else {
+        return stored;
+    };
+    let mut merged = stored.unwrap_or_default();
+    let limits = |b: &TokenBucket| b.size != 0 && b.refill_time != 0;
+    if let Some(b) = update.bandwidth {
+        merged.bandwidth = limits(&b).then_some(b);
+    }
+    if let Some(b) = update.ops {
+        merged.ops = limits(&b).then_some(b);
+    }
+    Some(merged)
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
@@ -569,8 +619,22 @@ mod tests {
             }),
         };
         let l = rate_limit("rate_limiter", Some(&r)).unwrap();
-        assert_eq!(l.bandwidth, Some((10_000, Some(1500))));
+        assert_eq!(l.bandwidth, Some((10_000, Some(1000))));
+        assert_eq!(l.one_time_burst, (500, 0));
         assert_eq!(l.ops, None);
+        let u = limit_update("rate_limiter", Some(&r)).unwrap();
+        assert_eq!(
+            u.bandwidth,
+            BucketUpdate::Set {
+                rate: 10_000,
+                burst: 1000,
+                one_time_burst: 500
+            }
+        );
+        assert_eq!(u.ops, BucketUpdate::Remove);
+        let keep = limit_update("rate_limiter", Some(&RateLimiter::default())).unwrap();
+        assert!(keep.is_keep());
+        assert!(limit_update("rate_limiter", None).unwrap().is_keep());
         let slow = RateLimiter {
             ops: Some(TokenBucket {
                 size: 1,
@@ -582,6 +646,11 @@ mod tests {
         let e = rate_limit("rate_limiter", Some(&slow)).unwrap_err();
         assert!(
             e.starts_with("rate_limiter.ops: size 1 per refill_time 5000 ms"),
+            "{e}"
+        );
+        let e = limit_update("rx_rate_limiter", Some(&slow)).unwrap_err();
+        assert!(
+            e.starts_with("rx_rate_limiter.ops: size 1 per refill_time 5000 ms"),
             "{e}"
         );
     }

@@ -1,6 +1,14 @@
 //! Token-bucket rate limiting for device I/O: one bucket for bytes, one for
-//! operations, each with a refill rate and a burst size.
+//! operations, each with a refill rate, a burst size and, as Firecracker has it,
+//! a one-time burst spent before the bucket's own tokens and never refilled.
+//!
+//! A running device's limits change through a [`RateLimitControl`]: another thread
+//! (the API) posts a [`LimitUpdate`]; the limiter picks it up, with one atomic load
+//! when nothing changed, before it next decides on a request. No lock is held
+//! while a device serves I/O.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One token bucket: `rate` tokens per second, holding at most `burst`.
@@ -11,6 +19,8 @@ pub struct TokenBucket {
     /// May go negative: a request larger than the burst is let through when the
     /// bucket is full, and later requests wait until the debt is repaid.
     tokens: f64,
+    /// Firecracker's `one_time_burst`: spent first, never refilled.
+    one_time: u64,
     last: Instant,
 }
 
@@ -22,8 +32,15 @@ impl TokenBucket {
             rate,
             burst,
             tokens: burst as f64,
+            one_time: 0,
             last: Instant::now(),
         }
+    }
+
+    /// The same bucket with `tokens` more to spend once, before its own.
+    pub fn with_one_time_burst(mut self, tokens: u64) -> Self {
+        self.one_time = tokens;
+        self
     }
 
     fn refill(&mut self, now: Instant) {
@@ -35,7 +52,10 @@ impl TokenBucket {
     /// How long until `n` tokens may be taken (zero when they may be now).
     fn wait_for(&mut self, n: u64, now: Instant) -> Duration {
         self.refill(now);
-        let needed = (n.min(self.burst)) as f64;
+        if self.one_time >= n {
+            return Duration::ZERO;
+        }
+        let needed = (n - self.one_time).min(self.burst) as f64;
         if self.tokens >= needed {
             Duration::ZERO
         } else if self.rate == 0 {
@@ -46,7 +66,9 @@ impl TokenBucket {
     }
 
     fn take(&mut self, n: u64) {
-        self.tokens -= n as f64;
+        let from_one_time = n.min(self.one_time);
+        self.one_time -= from_one_time;
+        self.tokens -= (n - from_one_time) as f64;
     }
 }
 
@@ -56,6 +78,18 @@ pub struct RateLimiter {
     bandwidth: Option<TokenBucket>,
     ops: Option<TokenBucket>,
     throttled: u64,
+    control: Control,
+}
+
+/// The control a limiter polls, if one was handed out. Limiters compare equal
+/// whatever their controls.
+#[derive(Clone, Debug, Default)]
+struct Control(Option<Arc<RateLimitControl>>);
+
+impl PartialEq for Control {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// How a rate limiter is configured.
@@ -65,26 +99,135 @@ pub struct RateLimit {
     pub bandwidth: Option<(u64, Option<u64>)>,
     /// Operations per second, and burst in operations (defaults to one second's worth).
     pub ops: Option<(u64, Option<u64>)>,
+    /// Tokens each bucket (bytes, operations) may spend once, before its own
+    /// (Firecracker's `one_time_burst`). Spent tokens, not configuration: a saved
+    /// state does not carry them.
+    pub one_time_burst: (u64, u64),
+}
+
+/// A change to one bucket of a running limiter (Firecracker's `BucketUpdate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BucketUpdate {
+    /// Leave the bucket as it is.
+    #[default]
+    Keep,
+    /// No limit on this bucket any more.
+    Remove,
+    /// A new, full bucket: `rate` tokens per second, holding `burst`, and
+    /// `one_time_burst` tokens to spend once first.
+    Set {
+        rate: u64,
+        burst: u64,
+        one_time_burst: u64,
+    },
+}
+
+impl BucketUpdate {
+    /// `self`, then `later` on top of it.
+    fn then(self, later: BucketUpdate) -> BucketUpdate {
+        match later {
+            BucketUpdate::Keep => self,
+            other => other,
+        }
+    }
+
+    fn apply(self, bucket: &mut Option<TokenBucket>) {
+        match self {
+            BucketUpdate::Keep => {}
+            BucketUpdate::Remove => *bucket = None,
+            BucketUpdate::Set {
+                rate,
+                burst,
+                one_time_burst,
+            } => *bucket = Some(TokenBucket::new(rate, burst).with_one_time_burst(one_time_burst)),
+        }
+    }
+}
+
+/// A change to a running limiter, bucket by bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitUpdate {
+    pub bandwidth: BucketUpdate,
+    pub ops: BucketUpdate,
+}
+
+impl LimitUpdate {
+    /// Whether it changes nothing.
+    pub fn is_keep(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Where another thread posts limit changes for one limiter (see
+/// [`RateLimiter::control`]). Posting never waits for the device; the limiter
+/// applies what was posted before it decides on its next request.
+#[derive(Debug, Default)]
+pub struct RateLimitControl {
+    changed: AtomicBool,
+    pending: Mutex<LimitUpdate>,
+}
+
+impl RateLimitControl {
+    /// Posts `update`; it joins any update not yet applied (a bucket it keeps
+    /// stays as the earlier update left it).
+    pub fn post(&self, update: LimitUpdate) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.bandwidth = pending.bandwidth.then(update.bandwidth);
+        pending.ops = pending.ops.then(update.ops);
+        self.changed.store(true, Ordering::Release);
+    }
+
+    /// The update posted since the last call, if any.
+    fn take(&self) -> Option<LimitUpdate> {
+        if !self.changed.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        Some(std::mem::take(&mut *pending))
+    }
 }
 
 impl RateLimiter {
     /// A limiter for `limit`; an empty limit never throttles.
     pub fn new(limit: RateLimit) -> Self {
-        let bucket =
-            |(rate, burst): (u64, Option<u64>)| TokenBucket::new(rate, burst.unwrap_or(rate));
+        let bucket = |(rate, burst): (u64, Option<u64>), one_time| {
+            TokenBucket::new(rate, burst.unwrap_or(rate)).with_one_time_burst(one_time)
+        };
         Self {
-            bandwidth: limit.bandwidth.map(bucket),
-            ops: limit.ops.map(bucket),
+            bandwidth: limit.bandwidth.map(|b| bucket(b, limit.one_time_burst.0)),
+            ops: limit.ops.map(|b| bucket(b, limit.one_time_burst.1)),
             throttled: 0,
+            control: Control::default(),
         }
     }
 
-    /// The limit this limiter enforces, each burst as it took effect.
+    /// The limit this limiter enforces, each burst as it took effect (without
+    /// what is left of a one-time burst).
     pub fn limit(&self) -> RateLimit {
         let pair = |b: &TokenBucket| (b.rate, Some(b.burst));
         RateLimit {
             bandwidth: self.bandwidth.as_ref().map(pair),
             ops: self.ops.as_ref().map(pair),
+            one_time_burst: (0, 0),
+        }
+    }
+
+    /// Changes the limits now (what a posted update does).
+    pub fn update(&mut self, update: LimitUpdate) {
+        update.bandwidth.apply(&mut self.bandwidth);
+        update.ops.apply(&mut self.ops);
+    }
+
+    /// The control through which another thread changes this limiter's limits
+    /// (the same one on every call).
+    pub fn control(&mut self) -> Arc<RateLimitControl> {
+        self.control.0.get_or_insert_with(Default::default).clone()
+    }
+
+    /// Applies an update posted on the control, if any.
+    fn poll(&mut self) {
+        if let Some(update) = self.control.0.as_ref().and_then(|c| c.take()) {
+            self.update(update);
         }
     }
 
@@ -125,6 +268,9 @@ impl RateLimiter {
 /// overall limit and its direction's, say) if all allow it now; otherwise returns
 /// the longest wait and takes nothing from any.
 pub fn consume_all(limiters: &mut [&mut RateLimiter], bytes: u64) -> Result<(), Duration> {
+    for l in limiters.iter_mut() {
+        l.poll();
+    }
     let now = Instant::now();
     let wait = limiters
         .iter_mut()
@@ -208,5 +354,92 @@ mod tests {
         // Now 400 bytes in debt: the next 1-byte request waits ~0.4 s.
         let wait = r.consume(1).unwrap_err();
         assert!(wait >= Duration::from_millis(390), "{wait:?}");
+    }
+
+    #[test]
+    fn one_time_burst_is_spent_first_and_not_refilled() {
+        let mut r = RateLimiter::new(RateLimit {
+            ops: Some((1, Some(2))),
+            one_time_burst: (0, 3),
+            ..Default::default()
+        });
+        // 3 one-time operations, then the bucket's own 2.
+        for _ in 0..5 {
+            assert_eq!(r.consume(0), Ok(()));
+        }
+        assert!(r.consume(0).is_err());
+        assert_eq!(r.limit().one_time_burst, (0, 0));
+    }
+
+    #[test]
+    fn a_blocked_bucket_is_re_evaluated_after_an_update() {
+        let mut r = RateLimiter::new(RateLimit {
+            bandwidth: Some((1, Some(1))),
+            ..Default::default()
+        });
+        let control = r.control();
+        // A full 1-byte bucket lets 4 KiB through, then owes an hour's worth.
+        assert_eq!(r.consume(4096), Ok(()));
+        let wait = r.consume(4096).unwrap_err();
+        assert!(wait > Duration::from_secs(4000), "{wait:?}");
+        // Lifting the limit takes effect on the very next request.
+        control.post(LimitUpdate {
+            bandwidth: BucketUpdate::Remove,
+            ..Default::default()
+        });
+        assert_eq!(r.consume(4096), Ok(()));
+        assert_eq!(r.limit(), RateLimit::default());
+        // A new limit is a full bucket of its own size.
+        control.post(LimitUpdate {
+            ops: BucketUpdate::Set {
+                rate: 10,
+                burst: 2,
+                one_time_burst: 1,
+            },
+            ..Default::default()
+        });
+        for _ in 0..3 {
+            assert_eq!(r.consume(1 << 20), Ok(()));
+        }
+        let wait = r.consume(0).unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        assert_eq!(r.throttled_count(), 2);
+    }
+
+    #[test]
+    fn posted_updates_merge_bucket_by_bucket() {
+        let mut r = RateLimiter::new(RateLimit {
+            bandwidth: Some((1000, None)),
+            ops: Some((10, None)),
+            ..Default::default()
+        });
+        let control = r.control();
+        let set = |rate| BucketUpdate::Set {
+            rate,
+            burst: rate,
+            one_time_burst: 0,
+        };
+        control.post(LimitUpdate {
+            ops: set(20),
+            bandwidth: set(2000),
+        });
+        // Keeps the bandwidth the first update set, removes the ops.
+        control.post(LimitUpdate {
+            ops: BucketUpdate::Remove,
+            ..Default::default()
+        });
+        assert!(Arc::ptr_eq(&control, &r.control()));
+        assert_eq!(r.consume(0), Ok(()));
+        assert_eq!(
+            r.limit(),
+            RateLimit {
+                bandwidth: Some((2000, Some(2000))),
+                ..Default::default()
+            }
+        );
+        // Nothing posted since: nothing changes.
+        r.update(LimitUpdate::default());
+        assert!(LimitUpdate::default().is_keep());
+        assert_eq!(r.limit().bandwidth, Some((2000, Some(2000))));
     }
 }

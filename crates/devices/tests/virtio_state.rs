@@ -139,6 +139,7 @@ fn block_config(image: &TempImage) -> BlockConfig {
         rate_limit: RateLimit {
             bandwidth: Some((100 << 20, None)),
             ops: None,
+            ..Default::default()
         },
         ..Default::default()
     }
@@ -298,6 +299,7 @@ fn rng_continues_after_restore() {
     let limit = RateLimit {
         bandwidth: None,
         ops: Some((1000, Some(100))),
+        ..Default::default()
     };
     let (mut t, _, _) = attach(Box::new(Rng::new(limit)), &mem);
     bring_up(&mut t, VIRTIO_F_VERSION_1, &[&d]);
@@ -341,6 +343,7 @@ fn net_transmits_after_restore() {
         tx_rate_limit: RateLimit {
             bandwidth: Some((1 << 20, Some(1 << 16))),
             ops: None,
+            ..Default::default()
         },
     };
     let net = match Net::new(&config) {

@@ -69,6 +69,7 @@ impl<'a> Pairs<'a> {
         Ok(RateLimit {
             bandwidth: self.rate(&format!("{prefix}bw"), &format!("{prefix}bw_burst"))?,
             ops: self.rate(&format!("{prefix}ops"), &format!("{prefix}ops_burst"))?,
+            ..Default::default()
         })
     }
 }

@@ -571,3 +571,300 @@ fn the_socket_in_use_stale_and_removed() {
     assert!(run.stderr.contains("not a socket"), "{run}");
     assert!(sock.exists());
 }
+
+/// `(second, ops)` of each `flood: <ops> ops in second <k>` line so far.
+fn flood_seconds(out: &str) -> Vec<(u64, u64)> {
+    out.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("flood: ")?;
+            let (ops, k) = rest.split_once(" ops in second ")?;
+            Some((k.trim().parse().ok()?, ops.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits until the guest reported at least `n` seconds of flood; returns them.
+fn flood_until(vigil: &Vigil, n: usize, within: Duration) -> Vec<(u64, u64)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = flood_seconds(&vigil.output());
+        if seen.len() >= n {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} flood seconds after {within:?}:\n{}",
+            seen.len(),
+            vigil.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_flooding_guest_is_throttled_and_released_at_run_time() {
+    let dir = scratch("throttle");
+    let sock = dir.join("api.sock");
+    let disk = dir.join("data.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let vigil = Vigil::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for(&sock, TIMEOUT);
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": guest(), "boot_args": "test=flood flood_s=12"}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),
+    );
+    let limit = |bucket: &str, size: u64, refill_time: u64| json!({"drive_id": "data", "rate_limiter": {bucket: {"size": size, "refill_time": refill_time}}});
+    refused(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        &limit("ops", 100, 1000).to_string(),
+        "needs a running VM",
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+
+    // Unthrottled, then 100 operations a second: a second wholly after the
+    // PATCH (the one after the one it landed in) stays near the limit.
+    let seen = flood_until(&vigil, 1, TIMEOUT);
+    let baseline = seen[0].1;
+    ok(&sock, "PATCH", "/drives/data", limit("ops", 100, 1000));
+    let at = flood_seconds(&vigil.output()).len();
+    let seen = flood_until(&vigil, at + 2, Duration::from_secs(5));
+    let throttled = seen[at + 1].1;
+    eprintln!("flood: {baseline} ops/s unthrottled, {throttled} ops/s at 100 ops/s");
+    assert!(
+        (30..=150).contains(&throttled),
+        "{throttled} ops in second {}: {seen:?}",
+        at + 2
+    );
+    assert!(
+        baseline > 3 * throttled,
+        "{baseline} then {throttled}: {seen:?}"
+    );
+
+    // What a PATCH refuses, and the VM flooding on regardless.
+    refused(
+        &sock,
+        "PATCH",
+        "/drives/nope",
+        &json!({"drive_id": "nope", "rate_limiter": {}}).to_string(),
+        "drive_id \"nope\": the VM has no such drive",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": "many", "refill_time": 1}}}"#,
+        "rate_limiter.ops.size: invalid type",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 1}}}"#,
+        "rate_limiter.ops: missing field `refill_time`",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        &limit("ops", 1, 5000).to_string(),
+        "rate_limiter.ops: size 1 per refill_time 5000 ms",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        &json!({"drive_id": "data", "path_on_host": "/tmp/other.img"}).to_string(),
+        "path_on_host \"/tmp/other.img\"",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/drives/other",
+        r#"{"drive_id": "data"}"#,
+        "drive_id \"data\": differs from the id in the path",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}}"#,
+        "iface_id \"eth0\": the VM has no such network interface",
+    );
+    assert_eq!(state(&sock), "Running");
+    let metrics = request(&sock, "GET", "/vigil/metrics", "").json();
+    let blk = metrics["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "blk0")
+        .unwrap_or_else(|| panic!("no blk0: {metrics}"));
+    assert!(blk["throttled"].as_u64().unwrap() > 0, "{blk}");
+    let config = request(&sock, "GET", "/vm/config", "").json();
+    assert_eq!(
+        config["drives"][0]["rate_limiter"],
+        json!({"ops": {"size": 100, "refill_time": 1000}}),
+        "{config}"
+    );
+
+    // 256 bytes a second instead: one 4 KiB read passes on the full bucket and
+    // leaves the next waiting ~15 s for tokens. Lifting the limit must wake it
+    // at once, not when the refill is done.
+    ok(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        json!({"drive_id": "data", "rate_limiter": {
+            "ops": {"size": 0, "refill_time": 0},
+            "bandwidth": {"size": 256, "refill_time": 1000}}}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let stalled = flood_seconds(&vigil.output()).len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        flood_seconds(&vigil.output()).len(),
+        stalled,
+        "the guest went on at 256 bytes a second:\n{}",
+        vigil.output()
+    );
+    ok(&sock, "PATCH", "/drives/data", limit("bandwidth", 0, 0));
+    let lifted = Instant::now();
+    flood_until(&vigil, stalled + 1, Duration::from_secs(3));
+    assert!(lifted.elapsed() < Duration::from_secs(3));
+    let at = flood_seconds(&vigil.output()).len();
+    let seen = flood_until(&vigil, at + 2, Duration::from_secs(5));
+    let released = seen[at + 1].1;
+    eprintln!("flood: {released} ops/s once released");
+    assert!(released > 3 * throttled, "{released}: {seen:?}");
+
+    let (code, out, err) = vigil.finish();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("TEST flood PASS ops="), "{out}");
+    assert!(out.contains("seconds=12"), "{out}");
+}
+
+#[test]
+fn a_running_interface_gets_new_rate_limits() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP: virtio-net needs root and /dev/net/tun");
+        return;
+    }
+    if let Err(e) = common::tap::in_new_netns(interface_rate_limits) {
+        eprintln!("SKIP: cannot make a network namespace: {e}");
+    }
+}
+
+fn interface_rate_limits() {
+    let name = "vgthr0";
+    let _tap = match common::tap::TestTap::create(name) {
+        Ok(tap) => tap,
+        Err(e) => {
+            eprintln!("SKIP: cannot create tap {name}: {e}");
+            return;
+        }
+    };
+    let dir = scratch("net-throttle");
+    let sock = dir.join("api.sock");
+    let vigil = Vigil::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for(&sock, TIMEOUT);
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": guest(), "boot_args": "test=net-bench"}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": name}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+    // 500 frames a second for a while, then no limit, so that net-bench ends.
+    ok(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0",
+            "tx_rate_limiter": {"ops": {"size": 500, "refill_time": 1000}},
+            "rx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}}}),
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 1, "refill_time": 2000}}}"#,
+        "tx_rate_limiter.ops: size 1 per refill_time 2000 ms",
+    );
+    let net0 = || {
+        let metrics = request(&sock, "GET", "/vigil/metrics", "").json();
+        metrics["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "net0")
+            .unwrap_or_else(|| panic!("no net0: {metrics}"))
+            .clone()
+    };
+    // The bucket starts full: the first second may carry twice the rate.
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = net0();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = net0();
+    let sent = after["ops_out"].as_u64().unwrap() - before["ops_out"].as_u64().unwrap();
+    eprintln!("net-bench: {sent} frames in a second at 500 frames/s");
+    assert!(sent <= 700, "{before} {after}");
+    assert!(after["throttled"].as_u64().unwrap() > 0, "{after}");
+    let config = request(&sock, "GET", "/vm/config", "").json();
+    assert_eq!(
+        config["network-interfaces"][0]["tx_rate_limiter"],
+        json!({"ops": {"size": 500, "refill_time": 1000}}),
+        "{config}"
+    );
+    ok(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}),
+    );
+    let config = request(&sock, "GET", "/vm/config", "").json();
+    assert_eq!(
+        config["network-interfaces"][0]["tx_rate_limiter"],
+        json!({}),
+        "{config}"
+    );
+    assert_eq!(
+        config["network-interfaces"][0]["rx_rate_limiter"],
+        json!({}),
+        "{config}"
+    );
+    let (code, out, err) = vigil.finish();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("TEST net-bench PASS"), "{out}");
+}

@@ -35,7 +35,7 @@ use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::config::{ConfigError, ConsoleConfig, CpuTemplate, HostLimits, VmConfig};
 use crate::symbols::{SymbolError, SymbolTable};
-use crate::vm::{BalloonHandle, Vm};
+use crate::vm::{BalloonHandle, DriveHandle, NetHandle, QueueWaker, Vm};
 use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{create_vm, VmError};
@@ -189,9 +189,14 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         device_metrics.push(c.clone());
         c
     };
+    // Rate-limit controls by device index, with what the handle needs.
+    let mut drive_limits = Vec::new();
+    let mut net_limits = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let c = counters(DeviceKind::Block, format!("blk{i}"));
-        devices.push(Box::new(Block::new(disk)?.with_counters(c)));
+        let mut block = Block::new(disk)?.with_counters(c);
+        drive_limits.push((devices.len(), disk.id.clone(), block.rate_limit_control()));
+        devices.push(Box::new(block));
     }
     if let Some(limit) = config.rng {
         let c = counters(DeviceKind::Entropy, "rng0".into());
@@ -206,7 +211,9 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     }
     for (i, net) in config.nets.iter().enumerate() {
         let c = counters(DeviceKind::Net, format!("net{i}"));
-        devices.push(Box::new(Net::new(net)?.with_counters(c)));
+        let mut net = Net::new(net)?.with_counters(c);
+        net_limits.push((devices.len(), net.rate_limit_controls()));
+        devices.push(Box::new(net));
     }
     if let Some(vsock) = &config.vsock {
         let c = counters(DeviceKind::Vsock, "vsock0".into());
@@ -216,14 +223,23 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let mut cmdline = config.cmdline.clone();
     let mut virtio_acpi = Vec::new();
     let mut balloon = None;
+    let mut drives = Vec::new();
+    let mut nets = Vec::new();
     for (i, device) in devices.into_iter().enumerate() {
         let slot = MmioDevice {
             base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
             len: MMIO_WINDOW,
             gsi: VIRTIO_FIRST_GSI + i as u32,
         };
-        let (subscriber, interrupt) = attach_virtio(&vm_fd, &mem, &mut mmio, device, slot)?;
+        let (subscriber, interrupt, queue_evts) =
+            attach_virtio(&vm_fd, &mem, &mut mmio, device, slot)?;
         subscribers.push(subscriber);
+        let waker = || QueueWaker::new(queue_evts);
+        if let Some((_, id, control)) = drive_limits.iter().find(|(n, ..)| *n == i) {
+            drives.push(DriveHandle::new(id.clone(), control.clone(), waker()));
+        } else if let Some((_, controls)) = net_limits.iter().find(|(n, _)| *n == i) {
+            nets.push(NetHandle::new(controls.clone(), waker()));
+        }
         if let Some((_, control, config)) = balloon_slot.as_ref().filter(|(n, ..)| *n == i) {
             balloon = Some(BalloonHandle::new(control.clone(), interrupt, *config));
         }
@@ -317,19 +333,30 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         pause: Arc::new(PauseGate::default()),
         i8042,
         balloon,
+        drives,
+        nets,
     })
 }
 
 /// Puts `device` behind a virtio-mmio window at `slot`: its interrupt on an irqfd,
 /// one ioeventfd per queue on the notify register, the registers on the MMIO bus.
-/// Returns the event-loop subscriber that processes its queues.
+/// Returns the event-loop subscriber that processes its queues, the interrupt, and
+/// clones of the queue eventfds (to wake the queues from another thread).
+#[allow(clippy::type_complexity)]
 fn attach_virtio(
     vm_fd: &VmFd,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     device: Box<dyn VirtioDevice>,
     slot: MmioDevice,
-) -> Result<(Box<dyn MutEventSubscriber + Send>, Arc<VirtioInterrupt>), BuildError> {
+) -> Result<
+    (
+        Box<dyn MutEventSubscriber + Send>,
+        Arc<VirtioInterrupt>,
+        Vec<EventFd>,
+    ),
+    BuildError,
+> {
     let dev_err =
         |e: std::io::Error| BuildError::Devices(format!("virtio device at {:#x}: {e}", slot.base));
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
@@ -344,16 +371,20 @@ fn attach_virtio(
             .map_err(kvm_err("watch a virtio queue notification"))?;
         queue_evts.push(evt);
     }
-    let transport_evts = queue_evts
-        .iter()
-        .map(EventFd::try_clone)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(dev_err)?;
+    let clone_evts = || {
+        queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(dev_err)
+    };
+    let transport_evts = clone_evts()?;
+    let waker_evts = clone_evts()?;
     let interrupt = Arc::new(VirtioInterrupt::new(irq));
     let transport = MmioTransport::new(device, mem.clone(), interrupt.clone(), transport_evts)
         .map_err(BuildError::Devices)?;
     let transport = Arc::new(Mutex::new(transport));
     mmio.insert(transport.clone(), slot.base, slot.len)?;
     let subscriber = Box::new(QueueEvents::new(transport, queue_evts).map_err(dev_err)?);
-    Ok((subscriber, interrupt))
+    Ok((subscriber, interrupt, waker_evts))
 }

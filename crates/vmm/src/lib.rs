@@ -12,9 +12,11 @@ pub mod symbols;
 mod vm;
 pub mod vstate;
 
+pub use vigil_devices::rate_limiter::{BucketUpdate, LimitUpdate};
 pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
 pub use vm::{
-    BalloonHandle, ControlError, RunState, RunningVm, StopHandle, Vm, VmControl, VmOutcome,
+    BalloonHandle, ControlError, DriveHandle, NetHandle, RunState, RunningVm, StopHandle, Vm,
+    VmControl, VmOutcome,
 };
 
 use vigil_devices::PowerEvent;

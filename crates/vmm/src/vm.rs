@@ -12,6 +12,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_ioctls::VmFd;
 use vigil_devices::bus::Bus;
 use vigil_devices::legacy::I8042;
+use vigil_devices::rate_limiter::{LimitUpdate, RateLimitControl};
 use vigil_devices::virtio::balloon::{BalloonConfig, BalloonControl, Stats};
 use vigil_devices::virtio::{Interrupt, INT_CONFIG};
 use vigil_devices::PowerEvent;
@@ -49,6 +50,10 @@ pub struct Vm {
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// The balloon, when the VM has one.
     pub(crate) balloon: Option<BalloonHandle>,
+    /// The drives, in `VmConfig::disks` order.
+    pub(crate) drives: Vec<DriveHandle>,
+    /// The network interfaces, in `VmConfig::nets` order.
+    pub(crate) nets: Vec<NetHandle>,
 }
 
 /// How a VM ended.
@@ -103,6 +108,10 @@ pub enum ControlError {
     KeyboardBusy,
     #[error("the VM has no balloon device")]
     NoBalloon,
+    #[error("no drive with id {0:?}")]
+    NoDrive(String),
+    #[error("no network interface number {0} (the VM has {1})")]
+    NoNet(usize, usize),
     #[error("the balloon was configured without statistics (stats_polling_interval_s 0); they cannot be turned on or off after boot")]
     BalloonStatsOff,
 }
@@ -170,8 +179,84 @@ impl BalloonHandle {
     }
 }
 
+/// Wakes a device's queues on the device event loop, so that a device waiting on
+/// its rate-limiter timer decides again at once under a new limit.
+#[derive(Clone)]
+pub(crate) struct QueueWaker(Arc<Vec<EventFd>>);
+
+impl QueueWaker {
+    pub(crate) fn new(queue_evts: Vec<EventFd>) -> Self {
+        Self(Arc::new(queue_evts))
+    }
+
+    fn wake(&self) {
+        for evt in self.0.iter() {
+            if let Err(e) = evt.write(1) {
+                tracing::warn!("cannot wake a virtio queue after a rate-limit change: {e}");
+            }
+        }
+    }
+}
+
+/// A virtio-blk drive of a running VM, as the host sees it: its rate limit.
+#[derive(Clone)]
+pub struct DriveHandle {
+    id: String,
+    limit: Arc<RateLimitControl>,
+    waker: QueueWaker,
+}
+
+impl DriveHandle {
+    pub(crate) fn new(id: String, limit: Arc<RateLimitControl>, waker: QueueWaker) -> Self {
+        Self { id, limit, waker }
+    }
+
+    /// The drive's id (`BlockConfig::id`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Changes the limit on all the drive's requests together; the next request
+    /// is decided under it, including one waiting for tokens now.
+    pub fn set_rate_limit(&self, update: LimitUpdate) {
+        if update.is_keep() {
+            return;
+        }
+        self.limit.post(update);
+        self.waker.wake();
+    }
+}
+
+/// A virtio-net interface of a running VM, as the host sees it: its rate limits.
+#[derive(Clone)]
+pub struct NetHandle {
+    rx: Arc<RateLimitControl>,
+    tx: Arc<RateLimitControl>,
+    waker: QueueWaker,
+}
+
+impl NetHandle {
+    pub(crate) fn new(
+        (rx, tx): (Arc<RateLimitControl>, Arc<RateLimitControl>),
+        waker: QueueWaker,
+    ) -> Self {
+        Self { rx, tx, waker }
+    }
+
+    /// Changes the receive and transmit limits; the next frame each way is
+    /// decided under them, including one waiting for tokens now.
+    pub fn set_rate_limits(&self, rx: LimitUpdate, tx: LimitUpdate) {
+        if rx.is_keep() && tx.is_keep() {
+            return;
+        }
+        self.rx.post(rx);
+        self.tx.post(tx);
+        self.waker.wake();
+    }
+}
+
 /// A cloneable handle to control a running VM from another thread (an API server):
-/// pause, resume, state, stop, Ctrl-Alt-Del, the balloon.
+/// pause, resume, state, stop, Ctrl-Alt-Del, the balloon, device rate limits.
 #[derive(Clone)]
 pub struct VmControl {
     gate: Arc<PauseGate>,
@@ -184,6 +269,8 @@ pub struct VmControl {
     op: Arc<Mutex<()>>,
     i8042: Arc<Mutex<I8042>>,
     balloon: Option<BalloonHandle>,
+    drives: Arc<Vec<DriveHandle>>,
+    nets: Arc<Vec<NetHandle>>,
     metrics: MetricsHandle,
 }
 
@@ -276,6 +363,21 @@ impl VmControl {
     pub fn balloon(&self) -> Result<&BalloonHandle, ControlError> {
         self.balloon.as_ref().ok_or(ControlError::NoBalloon)
     }
+
+    /// The virtio-blk drive whose id (`BlockConfig::id`) is `id`.
+    pub fn drive(&self, id: &str) -> Result<&DriveHandle, ControlError> {
+        self.drives
+            .iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| ControlError::NoDrive(id.to_string()))
+    }
+
+    /// The virtio-net interface `index` (its place in `VmConfig::nets`).
+    pub fn net(&self, index: usize) -> Result<&NetHandle, ControlError> {
+        self.nets
+            .get(index)
+            .ok_or(ControlError::NoNet(index, self.nets.len()))
+    }
 }
 
 /// A running VM.
@@ -351,6 +453,8 @@ impl Vm {
             op: Arc::new(Mutex::new(())),
             i8042: self.i8042,
             balloon: self.balloon,
+            drives: Arc::new(self.drives),
+            nets: Arc::new(self.nets),
             metrics: MetricsHandle::new(self.metrics.clone()),
         };
         Ok(RunningVm {

@@ -18,7 +18,7 @@ use super::{
     add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
     TYPE_BLOCK, VIRTIO_F_VERSION_1, YIELD,
 };
-use crate::rate_limiter::{consume_all, RateLimit, RateLimiter};
+use crate::rate_limiter::{consume_all, RateLimit, RateLimitControl, RateLimiter};
 
 /// Sector size the virtio-blk protocol counts in.
 pub const SECTOR_SIZE: u64 = 512;
@@ -175,6 +175,12 @@ impl Block {
     pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
         self.metrics = metrics;
         self
+    }
+
+    /// Where another thread changes the limit on all requests together (the
+    /// one Firecracker's `rate_limiter` sets) while the device runs.
+    pub fn rate_limit_control(&mut self) -> Arc<RateLimitControl> {
+        self.limiter.control()
     }
 
     /// Capacity in sectors.

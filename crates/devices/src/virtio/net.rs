@@ -22,7 +22,7 @@ use super::{
     add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
     TYPE_NET, VIRTIO_F_VERSION_1, YIELD,
 };
-use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::rate_limiter::{RateLimit, RateLimitControl, RateLimiter};
 use crate::tap::{Tap, VNET_HDR_LEN};
 
 const QUEUE_SIZE: u16 = 256;
@@ -114,6 +114,12 @@ impl Net {
     pub fn with_counters(mut self, metrics: Arc<DeviceCounters>) -> Self {
         self.metrics = metrics;
         self
+    }
+
+    /// Where another thread changes the receive and transmit limits while the
+    /// device runs: `(rx, tx)`.
+    pub fn rate_limit_controls(&mut self) -> (Arc<RateLimitControl>, Arc<RateLimitControl>) {
+        (self.rx_limiter.control(), self.tx_limiter.control())
     }
 
     /// Frames and bytes each way, and drops.

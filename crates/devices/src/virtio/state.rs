@@ -257,6 +257,7 @@ impl RateLimitState {
         Ok(RateLimit {
             bandwidth: self.bandwidth.map(pair),
             ops: self.ops.map(pair),
+            ..Default::default()
         })
     }
 }
@@ -761,6 +762,7 @@ mod tests {
         let l = RateLimit {
             bandwidth: Some((10, None)),
             ops: Some((5, Some(1))),
+            ..Default::default()
         };
         assert_eq!(RateLimitState::from(l).to_limit("x").unwrap(), l);
     }
