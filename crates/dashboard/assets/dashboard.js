@@ -192,7 +192,7 @@
         }
         entry.vm = vm;
         let m = vm.metrics || null;
-        if (!m && isLive(vm.state)) {
+        if (!m && isLive(stateOf(vm))) {
           try { m = await api("GET", "vms/" + encodeURIComponent(id) + "/metrics"); } catch (e) {
             if (e.status === 401) throw e;
             m = null; // a VM that just went away: keep the row, skip the sample
@@ -209,7 +209,7 @@
             entry.series.push({ t: Date.now(), exits: r.exits, cpu: r.cpu, rss: f.rss, io: r.io });
             if (entry.series.length > MAX_POINTS) entry.series.shift();
           }
-        } else if (!isLive(vm.state)) {
+        } else if (!isLive(stateOf(vm))) {
           entry.rates = null;
         }
       }));
@@ -225,8 +225,14 @@
     if (!needLogin) pollTimer = setTimeout(poll, POLL_MS);
   }
 
+  // The daemon says "running", "paused", ...; the page shows and compares "Running".
+  function stateOf(vm) {
+    const s = String((vm && vm.state) || "unknown");
+    return s.charAt(0).toUpperCase() + s.slice(1).toLowerCase();
+  }
+
   function isLive(state) {
-    return state === "Running" || state === "Paused" || state === "Resumed" || state === "Starting";
+    return state === "Running" || state === "Paused" || state === "Starting" || state === "Stopping";
   }
 
   function setConn(ok, text) {
@@ -273,7 +279,7 @@
 
   function fillRow(row, e) {
     const vm = e.vm, mc = machineConfig(vm), r = e.rates || {}, f = e.f || {};
-    const state = String(vm.state || "unknown");
+    const state = stateOf(vm);
     row.dataset.state = state;
     row.classList.toggle("selected", row.dataset.vmId === selected);
     const st = row.cells[1].firstChild;
@@ -306,14 +312,14 @@
     const e = selected === null ? null : vms.get(selected);
     d.hidden = !e;
     if (!e) return;
-    const state = String(e.vm.state || "unknown");
+    const state = stateOf(e.vm);
     $("detail-id").textContent = selected;
     const st = $("detail-state");
     st.textContent = state;
     st.className = "state state-" + state;
-    $("btn-pause").disabled = !(state === "Running" || state === "Resumed");
+    $("btn-pause").disabled = state !== "Running";
     $("btn-resume").disabled = state !== "Paused";
-    $("btn-stop").disabled = !isLive(state);
+    $("btn-stop").disabled = !(state === "Running" || state === "Paused" || state === "Starting");
     drawChart($("chart-exits"), e.series, "exits", fmtNum);
     drawChart($("chart-cpu"), e.series, "cpu", (x) => x.toFixed(0) + "%");
     drawChart($("chart-rss"), e.series, "rss", fmtBytes);
@@ -588,7 +594,7 @@
   // For tests and the curious: read-only views of what the page holds.
   window.vigilDashboard = {
     series: (id) => (vms.get(String(id)) || { series: [] }).series.map((p) => Object.assign({}, p)),
-    state: (id) => { const e = vms.get(String(id)); return e ? e.vm.state : null; },
+    state: (id) => { const e = vms.get(String(id)); return e ? stateOf(e.vm) : null; },
     vms: () => [...vms.keys()],
     selected: () => selected,
     select: (id) => select(String(id)),

@@ -67,12 +67,14 @@ where
         .route("/index.html", get(|| async { serve(&INDEX) }))
         .route(
             "/assets/{name}",
-            get(|axum::extract::Path(name): axum::extract::Path<String>| async move {
-                match ASSETS.iter().find(|a| a.name == name) {
-                    Some(asset) => serve(asset),
-                    None => (StatusCode::NOT_FOUND, "no such asset\n").into_response(),
-                }
-            }),
+            get(
+                |axum::extract::Path(name): axum::extract::Path<String>| async move {
+                    match ASSETS.iter().find(|a| a.name == name) {
+                        Some(asset) => serve(asset),
+                        None => (StatusCode::NOT_FOUND, "no such asset\n").into_response(),
+                    }
+                },
+            ),
         )
 }
 
@@ -84,16 +86,25 @@ pub fn asset_names() -> impl Iterator<Item = &'static str> {
 fn serve(asset: &'static Asset) -> Response {
     (
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type)),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(asset.content_type),
+            ),
             // The assets change with the binary; revalidate cheaply rather than keep
             // a stale page after an upgrade.
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP)),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(CSP),
+            ),
             (
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
             ),
-            (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+            (
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            ),
             (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
         ],
         asset.body,

@@ -35,7 +35,7 @@ struct FakeVm {
 impl FakeVm {
     fn tick(&mut self) {
         let now = Instant::now();
-        if self.state == "Running" {
+        if self.state == "running" {
             self.run_ns += now.duration_since(self.last).as_nanos() as u64;
         }
         self.last = now;
@@ -73,7 +73,11 @@ async fn auth(req: Request, next: Next) -> Response {
     if ok {
         next.run(req).await
     } else {
-        (StatusCode::UNAUTHORIZED, Json(json!({"error": "unauthorized"}))).into_response()
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "unauthorized"})),
+        )
+            .into_response()
     }
 }
 
@@ -83,8 +87,8 @@ async fn list(State(f): State<Fake>) -> Json<Value> {
         .iter_mut()
         .map(|(id, vm)| {
             vm.tick();
-            json!({ "id": id, "state": vm.state,
-                    "config": { "machine-config": { "vcpu_count": 2, "mem_size_mib": 128 } } })
+            json!({ "id": id, "state": vm.state, "vcpus": 2, "memory_mib": 128,
+                    "uptime_s": vm.started.elapsed().as_secs_f64() })
         })
         .collect();
     Json(json!(list))
@@ -127,8 +131,8 @@ async fn patch(State(f): State<Fake>, Path(id): Path<String>, Json(body): Json<V
     };
     vm.tick();
     let (from, to, rule) = match want {
-        "Paused" => ("Running", "Paused", "VM paused"),
-        "Resumed" => ("Paused", "Running", "VM resumed"),
+        "Paused" => ("running", "paused", "VM paused"),
+        "Resumed" => ("paused", "running", "VM resumed"),
         _ => return (StatusCode::BAD_REQUEST, Json(json!({"error": "bad state"}))).into_response(),
     };
     if vm.state != from {
@@ -149,9 +153,14 @@ async fn stop(State(f): State<Fake>, Path(id): Path<String>) -> Response {
     let Some(vm) = vms.get_mut(&id) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    vm.state = "Stopped".to_string();
+    vm.state = "stopped".to_string();
     drop(vms);
-    f.event("VM stopped", "Notice", &id, format!("VM stopped (vm.id={id})"));
+    f.event(
+        "VM stopped",
+        "Notice",
+        &id,
+        format!("VM stopped (vm.id={id})"),
+    );
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -167,7 +176,10 @@ async fn events(State(f): State<Fake>) -> Response {
         }
     });
     (
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         axum::body::Body::from_stream(stream),
     )
         .into_response()
@@ -217,7 +229,12 @@ fn dashboard_in_chromium_against_a_fake_daemon() {
     let now = Instant::now();
     fake.vms.lock().unwrap().insert(
         "web-1".into(),
-        FakeVm { state: "Running".into(), started: now, run_ns: 0, last: now },
+        FakeVm {
+            state: "running".into(),
+            started: now,
+            run_ns: 0,
+            last: now,
+        },
     );
     let (url, _rt) = start_fake(fake.clone()).expect("fake daemon");
     let mut b = cdp::Browser::launch(&chromium, 1280, 800).expect("launch chromium");
@@ -250,7 +267,10 @@ fn dashboard_in_chromium_against_a_fake_daemon() {
         .eval("window.vigilDashboard.series('web-1').at(-1).exits")
         .expect("last point");
     let rate = exits.as_f64().unwrap_or(0.0);
-    assert!((3000.0..7000.0).contains(&rate), "exits/s {rate}, want about 5000");
+    assert!(
+        (3000.0..7000.0).contains(&rate),
+        "exits/s {rate}, want about 5000"
+    );
     let cpu = b
         .eval("window.vigilDashboard.series('web-1').at(-1).cpu")
         .expect("cpu")
@@ -277,14 +297,15 @@ fn dashboard_in_chromium_against_a_fake_daemon() {
         secs(5),
     )
     .expect("row becomes Paused");
-    assert_eq!(fake.vms.lock().unwrap()["web-1"].state, "Paused");
+    assert_eq!(fake.vms.lock().unwrap()["web-1"].state, "paused");
     b.wait_for(
         "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'VM paused')",
         secs(5),
     )
     .expect("the pause event in the events panel");
     assert_eq!(
-        b.eval("document.getElementById('btn-pause').disabled").unwrap(),
+        b.eval("document.getElementById('btn-pause').disabled")
+            .unwrap(),
         json!(true)
     );
 
@@ -298,10 +319,11 @@ fn dashboard_in_chromium_against_a_fake_daemon() {
         )
         .expect("an error is shown");
     assert!(
-        err.as_str().unwrap_or("").contains("500") && err.as_str().unwrap_or("").contains("injected failure"),
+        err.as_str().unwrap_or("").contains("500")
+            && err.as_str().unwrap_or("").contains("injected failure"),
         "error text {err}"
     );
-    assert_eq!(fake.vms.lock().unwrap()["web-1"].state, "Paused");
+    assert_eq!(fake.vms.lock().unwrap()["web-1"].state, "paused");
     b.click("#error-dismiss").expect("dismiss");
     b.wait_for("document.getElementById('error').hidden", secs(5))
         .expect("error dismissed");
@@ -317,9 +339,10 @@ fn dashboard_in_chromium_against_a_fake_daemon() {
     b.click("#btn-stop").expect("click Stop");
     b.wait_for("document.getElementById('confirm-stop').open", secs(5))
         .expect("confirmation dialog");
-    b.click("#confirm-stop button[value=cancel]").expect("cancel");
+    b.click("#confirm-stop button[value=cancel]")
+        .expect("cancel");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(fake.vms.lock().unwrap()["web-1"].state, "Running");
+    assert_eq!(fake.vms.lock().unwrap()["web-1"].state, "running");
     b.click("#btn-stop").expect("click Stop");
     b.wait_for("document.getElementById('confirm-stop').open", secs(5))
         .expect("confirmation dialog");
@@ -329,16 +352,25 @@ fn dashboard_in_chromium_against_a_fake_daemon() {
         secs(5),
     )
     .expect("row becomes Stopped");
-    assert_eq!(fake.vms.lock().unwrap()["web-1"].state, "Stopped");
+    assert_eq!(fake.vms.lock().unwrap()["web-1"].state, "stopped");
 
     // Narrow screens: the charts stack and nothing overflows the page sideways.
     b.set_viewport(420, 800).expect("narrow viewport");
-    b.eval(&format!("window.vigilDashboard.select({})", js_str("web-1")))
-        .expect("select");
+    b.eval(&format!(
+        "window.vigilDashboard.select({})",
+        js_str("web-1")
+    ))
+    .expect("select");
     let overflow = b
         .eval("document.documentElement.scrollWidth - window.innerWidth")
         .expect("scroll width");
-    assert!(overflow.as_f64().unwrap_or(1.0) <= 0.0, "page overflows by {overflow}px");
+    assert!(
+        overflow.as_f64().unwrap_or(1.0) <= 0.0,
+        "page overflows by {overflow}px"
+    );
+    if let Ok(png) = b.screenshot() {
+        std::fs::write(shot.with_file_name("dashboard-fake-narrow.png"), png).ok();
+    }
     let log = b.log_text();
     assert!(
         !log.contains("exception:") && !log.contains("Content Security Policy"),

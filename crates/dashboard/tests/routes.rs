@@ -34,11 +34,18 @@ async fn index_is_html_with_a_strict_policy() {
 async fn every_asset_is_served_and_nothing_points_off_the_daemon() {
     let (_, _, index) = get("/").await;
     for name in vigil_dashboard::asset_names() {
-        assert!(index.contains(&format!("assets/{name}")), "index.html does not load {name}");
+        assert!(
+            index.contains(&format!("assets/{name}")),
+            "index.html does not load {name}"
+        );
         let (status, h, body) = get(&format!("/assets/{name}")).await;
         assert_eq!(status, StatusCode::OK, "{name}");
         let ct = h[header::CONTENT_TYPE].to_str().unwrap();
-        assert!(ct.starts_with(if name.ends_with(".js") { "text/javascript" } else { "text/css" }));
+        assert!(ct.starts_with(if name.ends_with(".js") {
+            "text/javascript"
+        } else {
+            "text/css"
+        }));
         // Works offline: no URL with a scheme or a protocol-relative one.
         for bad in ["http://", "https://", "//cdn", "src=\"//", "url(//"] {
             assert!(!body.contains(bad), "{name} mentions {bad}");

@@ -15,8 +15,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -208,7 +208,9 @@ impl Browser {
                     return Ok(reply["result"].clone());
                 }
                 Ok(_) => continue, // a late reply to an earlier, timed-out call
-                Err(RecvTimeoutError::Timeout) => return Err(format!("{method}: no reply in 30 s")),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("{method}: no reply in 30 s"))
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(format!("{method}: the browser went away"))
                 }
@@ -239,8 +241,11 @@ impl Browser {
         if let Some(e) = r.get("errorText").and_then(Value::as_str) {
             return Err(format!("navigate {url}: {e}"));
         }
-        self.wait_for("document.readyState === 'complete'", Duration::from_secs(20))
-            .map(drop)
+        self.wait_for(
+            "document.readyState === 'complete'",
+            Duration::from_secs(20),
+        )
+        .map(drop)
     }
 
     /// The value of a JavaScript expression (promises awaited).
@@ -301,7 +306,8 @@ impl Browser {
     /// Focuses `selector` and types `text` into it as keyboard input would.
     pub fn type_into(&mut self, selector: &str, text: &str) -> Result<(), String> {
         self.click(selector)?;
-        self.call("Input.insertText", json!({ "text": text })).map(drop)
+        self.call("Input.insertText", json!({ "text": text }))
+            .map(drop)
     }
 
     /// Presses Enter in the focused element.
@@ -359,7 +365,11 @@ fn describe_event(msg: &Value) -> Option<String> {
                     v => v.to_string(),
                 })
                 .collect();
-            Some(format!("console.{}: {}", p["type"].as_str()?, args.join(" ")))
+            Some(format!(
+                "console.{}: {}",
+                p["type"].as_str()?,
+                args.join(" ")
+            ))
         }
         "Runtime.exceptionThrown" => Some(format!(
             "exception: {}",
