@@ -1,0 +1,201 @@
+//! The daemon's REST API (the same on the Unix socket and, behind the token, on TCP).
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /vms` `{"id", "config"}` | create a VM and start it; 201 with its record |
+//! | `GET /vms` | every VM's record |
+//! | `GET /vms/{id}` | one VM's record, with its configuration |
+//! | `PATCH /vms/{id}` `{"state": "Paused"\|"Resumed"}` | pause or resume it |
+//! | `POST /vms/{id}/stop` `[{"timeout_s", "method"}]` | stop it; its record stays |
+//! | `DELETE /vms/{id}` | stop it and remove it and its folder; 204 |
+//! | `GET /metrics` | Prometheus text: host, daemon, every VM by `vm_id` |
+//! | `GET /health` | `{"status": "ok", ...}` |
+//!
+//! Errors are `{"fault_message": "..."}` with a 4xx/5xx status.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::metrics;
+use crate::supervisor::{CreateRequest, StopMethod, Supervisor};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub supervisor: Arc<Supervisor>,
+    pub started: Instant,
+    pub scrape_timeout: Duration,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/vms", post(create).get(list))
+        .route("/vms/{id}", get(inspect).patch(patch).delete(destroy))
+        .route("/vms/{id}/stop", post(stop))
+        .route("/metrics", get(prometheus))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_allowed)
+        .with_state(state)
+}
+
+/// Parses a JSON body, naming the field at fault when it does not fit.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body of {what} is not valid: {e}")))
+}
+
+async fn create(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let request: CreateRequest = parse(
+        &body,
+        "POST /vms (expected {\"id\": \"NAME\", \"config\": {...}})",
+    )?;
+    let info = app.supervisor.create(request).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn list(State(app): State<AppState>) -> Response {
+    let vms: Vec<_> = app
+        .supervisor
+        .list()
+        .iter()
+        .map(|vm| vm.info(false))
+        .collect();
+    Json(vms).into_response()
+}
+
+async fn inspect(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let vm = app.supervisor.get(&id)?;
+    app.supervisor.refresh(&vm).await;
+    Ok(Json(vm.info(true)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchRequest {
+    state: String,
+}
+
+async fn patch(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: PatchRequest = parse(
+        &body,
+        "PATCH /vms/{id} (expected {\"state\": \"Paused\"|\"Resumed\"})",
+    )?;
+    let paused = match request.state.as_str() {
+        "Paused" => true,
+        "Resumed" => false,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "state {other:?} is not one of \"Paused\", \"Resumed\""
+            )))
+        }
+    };
+    let info = app.supervisor.set_paused(&id, paused).await?;
+    Ok(Json(info).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StopRequest {
+    timeout_s: Option<f64>,
+    method: Option<StopMethod>,
+}
+
+/// The longest stop timeout a request may ask for.
+const MAX_STOP_TIMEOUT_S: f64 = 600.0;
+
+fn stop_timeout(requested: Option<f64>, default: Duration) -> Result<Duration, ApiError> {
+    match requested {
+        None => Ok(default),
+        Some(t) if t.is_finite() && t > 0.0 && t <= MAX_STOP_TIMEOUT_S => {
+            Ok(Duration::from_secs_f64(t))
+        }
+        Some(t) => Err(ApiError::bad_request(format!(
+            "timeout_s {t} is out of range: give seconds in (0, {MAX_STOP_TIMEOUT_S}]"
+        ))),
+    }
+}
+
+async fn stop(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        StopRequest::default()
+    } else {
+        parse(
+            &body,
+            "POST /vms/{id}/stop (expected {\"timeout_s\": N, \"method\": \"sigterm\"|\"ctrl-alt-del\"}, both optional)",
+        )?
+    };
+    let timeout = stop_timeout(request.timeout_s, app.supervisor.config().stop_timeout)?;
+    let info = app
+        .supervisor
+        .stop(&id, request.method.unwrap_or_default(), timeout)
+        .await?;
+    Ok(Json(info).into_response())
+}
+
+async fn destroy(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let timeout = app.supervisor.config().stop_timeout;
+    app.supervisor.destroy(&id, timeout).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn prometheus(State(app): State<AppState>) -> Response {
+    let samples = metrics::collect(&app.supervisor, app.scrape_timeout).await;
+    let text = metrics::render(&samples, app.started);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn health(State(app): State<AppState>) -> Response {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": app.started.elapsed().as_secs_f64(),
+        "vms": app.supervisor.list().len(),
+        "pid": std::process::id(),
+    }))
+    .into_response()
+}
+
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no endpoint {method} {}: see GET /vms, POST /vms, GET|PATCH|DELETE /vms/{{id}}, POST /vms/{{id}}/stop, GET /metrics, GET /health",
+        uri.path()
+    ))
+}
+
+async fn not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+}

@@ -1,0 +1,147 @@
+//! A small HTTP/1.1 client over a Unix socket: the daemon uses it to talk to each
+//! VM's API socket, and `vigil ctl` to talk to the daemon.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+/// What went wrong talking to a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("nothing listens on {}: {source}", path.display())]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} did not answer within {timeout:?}", path.display())]
+    Timeout { path: PathBuf, timeout: Duration },
+    #[error("HTTP exchange with {} failed: {message}", path.display())]
+    Http { path: PathBuf, message: String },
+}
+
+/// A response: its status and its whole body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// Whether the status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body parsed as JSON, if it is JSON.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// The error message of a JSON error body (`fault_message`), or the body itself.
+    pub fn fault_message(&self) -> String {
+        self.json()
+            .and_then(|v| v.get("fault_message")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| self.text())
+    }
+}
+
+/// Sends one request (`body` as JSON when given) on a fresh connection to the Unix
+/// socket at `socket`, and reads the whole response, all within `timeout`.
+pub async fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    match tokio::time::timeout(timeout, exchange(socket, method, path, body)).await {
+        Ok(result) => result,
+        Err(_) => Err(ClientError::Timeout {
+            path: socket.to_owned(),
+            timeout,
+        }),
+    }
+}
+
+async fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Response, ClientError> {
+    let http = |message: String| ClientError::Http {
+        path: socket.to_owned(),
+        message,
+    };
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| http(e.to_string()))?;
+    // The connection future ends when the response is read and `sender` is dropped.
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| http(format!("bad request {method} {path}: {e}")))?;
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(e.to_string()))?
+            .to_bytes()
+            .to_vec();
+        Ok(Response { status, body })
+    }
+    .await;
+    drop(sender);
+    driver.abort();
+    result
+}
+
+/// [`request`] for callers without a runtime (the CLI): runs it on a
+/// single-threaded runtime of its own.
+pub fn request_blocking(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ClientError::Http {
+            path: socket.to_owned(),
+            message: format!("cannot start an I/O runtime: {e}"),
+        })?;
+    runtime.block_on(request(socket, method, path, body, timeout))
+}

@@ -1,0 +1,259 @@
+//! Vigil's host daemon: supervises VM processes (one `vigil run` per VM), serves a
+//! REST API on a Unix socket (and, with a bearer token, on TCP), and aggregates the
+//! VMs' metrics. It never touches KVM or guest memory: it reaches each VM through
+//! its process handle and its API socket only.
+
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod id;
+pub mod metrics;
+pub mod supervisor;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+pub use supervisor::{Supervisor, SupervisorConfig, VmInfo, VmState};
+
+/// Everything `vigil daemon` is told.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where the daemon keeps its lock and the VMs' folders.
+    pub state_dir: PathBuf,
+    /// The API's Unix socket (created with mode 0600).
+    pub socket: PathBuf,
+    /// An optional TCP listener; needs `token_file`.
+    pub listen_tcp: Option<SocketAddr>,
+    /// The bearer token for the TCP listener (a file only its owner may read).
+    pub token_file: Option<PathBuf>,
+    /// The `vigil` binary that runs each VM.
+    pub vmm_binary: PathBuf,
+    pub start_timeout: Duration,
+    pub stop_timeout: Duration,
+    /// How long `GET /metrics` waits for each VM's snapshot.
+    pub scrape_timeout: Duration,
+    pub max_vms: usize,
+}
+
+impl DaemonConfig {
+    pub fn new(state_dir: PathBuf, socket: PathBuf, vmm_binary: PathBuf) -> Self {
+        DaemonConfig {
+            state_dir,
+            socket,
+            listen_tcp: None,
+            token_file: None,
+            vmm_binary,
+            start_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
+            scrape_timeout: Duration::from_millis(500),
+            max_vms: 256,
+        }
+    }
+}
+
+/// Holds `<state_dir>/daemon.lock` for the daemon's life: one daemon per state folder.
+struct StateLock {
+    _file: std::fs::File,
+}
+
+fn lock_state_dir(dir: &Path) -> anyhow::Result<StateLock> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir.join("vms"))
+        .with_context(|| format!("--state-dir {}: cannot create it", dir.display()))?;
+    let path = dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| {
+            format!(
+                "--state-dir {}: cannot open {}",
+                dir.display(),
+                path.display()
+            )
+        })?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "--state-dir {}: another vigil daemon uses it (it holds {})",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(StateLock { _file: file })
+}
+
+/// Binds the Unix socket with mode 0600, refusing when another daemon answers on it
+/// and removing a stale socket file left by one that died.
+fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "--socket {}: the path exists and is not a socket; remove it or pick another",
+                path.display()
+            );
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => bail!(
+                "--socket {}: another daemon is listening there (stop it first, or pick another --socket)",
+                path.display()
+            ),
+            Err(_) => {
+                tracing::info!("removing the stale socket {}", path.display());
+                std::fs::remove_file(path)
+                    .with_context(|| format!("--socket {}: cannot remove the stale socket", path.display()))?;
+            }
+        }
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("--socket {}: cannot create its folder", path.display()))?;
+    }
+    // Create it already private: no moment in which another user could connect.
+    // SAFETY: umask only changes this process's file-creation mask; it is restored
+    // right after the bind.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener =
+        listener.with_context(|| format!("--socket {}: cannot listen", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("--socket {}: cannot set its mode to 0600", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(tokio::net::UnixListener::from_std(listener)?)
+}
+
+/// Runs the daemon until `shutdown` completes: then stops every VM (SIGTERM, then
+/// SIGKILL after the stop timeout), removes the socket and returns.
+pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let token = match &config.token_file {
+        Some(path) => Some(auth::Token::from_file(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    if let Some(addr) = config.listen_tcp {
+        auth::check_tcp_listen(addr, token.as_ref()).map_err(anyhow::Error::msg)?;
+    } else if token.is_some() {
+        tracing::warn!("--token-file without --listen-tcp: the token is not used (the Unix socket relies on its file mode)");
+    }
+    let lock = lock_state_dir(&config.state_dir)?;
+    let unix = bind_unix(&config.socket)?;
+    let tcp = match config.listen_tcp {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--listen-tcp {addr}: cannot listen"))?,
+        ),
+        None => None,
+    };
+
+    let supervisor = Arc::new(Supervisor::new(SupervisorConfig {
+        state_dir: config.state_dir.clone(),
+        vmm_binary: config.vmm_binary.clone(),
+        start_timeout: config.start_timeout,
+        stop_timeout: config.stop_timeout,
+        vm_request_timeout: Duration::from_secs(5),
+        max_vms: config.max_vms,
+    }));
+    let state = api::AppState {
+        supervisor: supervisor.clone(),
+        started: Instant::now(),
+        scrape_timeout: config.scrape_timeout,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    tracing::info!(
+        "vigil daemon {} listening on {}{}",
+        env!("CARGO_PKG_VERSION"),
+        config.socket.display(),
+        config
+            .listen_tcp
+            .map(|a| format!(" and on tcp {a} (bearer token)"))
+            .unwrap_or_default()
+    );
+    let unix_server = axum::serve(unix, api::router(state.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let unix_task = tokio::spawn(async move { unix_server.await });
+    let tcp_task = match (tcp, token) {
+        (Some(listener), Some(token)) => {
+            let app = api::router(state.clone()).layer(axum::middleware::from_fn_with_state(
+                token,
+                auth::require_token,
+            ));
+            let server =
+                axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+            Some(tokio::spawn(async move { server.await }))
+        }
+        _ => None,
+    };
+
+    shutdown.await;
+    tracing::info!(
+        "shutting down: stopping {} VM(s)",
+        supervisor
+            .list()
+            .iter()
+            .filter(|v| v.state().is_live())
+            .count()
+    );
+    let _ = stop_tx.send(true);
+    supervisor.stop_all().await;
+    // In-flight requests had the time of the VMs' stop to finish; do not wait forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), unix_task).await;
+    if let Some(task) = tcp_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        tracing::warn!("cannot remove {}: {e}", config.socket.display());
+    }
+    drop(lock);
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+/// Starts watching SIGTERM and SIGINT (from this call on: none is missed) and
+/// returns a future that resolves on the first of them. Needs a runtime.
+pub fn termination_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+/// Runs the daemon in the foreground until SIGTERM or SIGINT (what `vigil daemon` does).
+pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .thread_name("vigil-daemon")
+        .enable_all()
+        .build()
+        .context("cannot start the daemon's runtime")?;
+    runtime.block_on(async {
+        // Watch the signals before listening, so that none is missed.
+        let signals = termination_signal()?;
+        serve(config, signals).await
+    })
+}

@@ -1,0 +1,366 @@
+//! The daemon against a stand-in VMM (`examples/fake_vmm.rs`): creation, crashes,
+//! failed starts, timeouts, pause/resume, stop, destroy, metrics with a slow VM,
+//! shutdown. The end-to-end tests with real VMs are in crates/vigil/tests/daemon.rs.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vigil_daemon::client::{request, Response};
+use vigil_daemon::DaemonConfig;
+
+fn fake_vmm() -> PathBuf {
+    // target/<triple>/debug/deps/supervise-HASH -> target/<triple>/debug/examples/fake_vmm
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/fake_vmm")
+}
+
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Daemon {
+    async fn start(name: &str, adjust: impl FnOnce(&mut DaemonConfig)) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("vigil-daemon-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("daemon.sock");
+        let mut config = DaemonConfig::new(dir.join("state"), socket.clone(), fake_vmm());
+        config.start_timeout = Duration::from_secs(10);
+        config.stop_timeout = Duration::from_secs(2);
+        adjust(&mut config);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(vigil_daemon::serve(config, async {
+            let _ = rx.await;
+        }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the daemon did not listen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Daemon {
+            dir,
+            socket,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Response {
+        request(
+            &self.socket,
+            method,
+            path,
+            body.map(|b| b.to_string().into_bytes()),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn create(&self, id: &str, fake: Value) -> Response {
+        self.call(
+            "POST",
+            "/vms",
+            Some(json!({"id": id, "config": {"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}, "fake": fake}})),
+        )
+        .await
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.take().unwrap().send(()).unwrap();
+        self.task.take().unwrap().await.unwrap().unwrap();
+        assert!(!self.socket.exists(), "the socket was not removed");
+        std::fs::remove_dir_all(&self.dir).unwrap();
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    // A zombie still has a /proc entry: look at its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn pid_of(r: &Response) -> u64 {
+    r.json().unwrap()["pid"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_with_a_running_vm() {
+    let d = Daemon::start("life", |_| {}).await;
+    let r = d.create("vm-1", json!({})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let info = r.json().unwrap();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["vcpus"], 1);
+    assert_eq!(info["memory_mib"], 32);
+    let pid = pid_of(&r);
+    assert!(alive(pid));
+    assert!(Path::new(info["api_socket"].as_str().unwrap()).exists());
+
+    // Duplicates are refused.
+    let r = d.create("vm-1", json!({})).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.fault_message().contains("\"vm-1\" already exists"));
+
+    let r = d.call("GET", "/vms", None).await;
+    assert_eq!(r.json().unwrap().as_array().unwrap().len(), 1);
+
+    let r = d
+        .call("PATCH", "/vms/vm-1", Some(json!({"state": "Paused"})))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["state"], "paused");
+    let r = d.call("GET", "/vms/vm-1", None).await;
+    assert_eq!(r.json().unwrap()["state"], "paused");
+    assert!(r.json().unwrap()["config"]["fake"].is_object());
+    let r = d
+        .call("PATCH", "/vms/vm-1", Some(json!({"state": "Frozen"})))
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.fault_message().contains("\"Frozen\""), "{}", r.text());
+    let r = d
+        .call("PATCH", "/vms/vm-1", Some(json!({"state": "Resumed"})))
+        .await;
+    assert_eq!(r.json().unwrap()["state"], "running");
+
+    let r = d
+        .call("POST", "/vms/vm-1/stop", Some(json!({"timeout_s": 0})))
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.fault_message().contains("timeout_s 0"), "{}", r.text());
+    let r = d.call("POST", "/vms/vm-1/stop", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info = r.json().unwrap();
+    assert_eq!(info["state"], "stopped");
+    assert_eq!(info["exit"]["code"], 143);
+    assert!(info["pid"].is_null());
+    assert!(!alive(pid));
+    // Stopping again is harmless; pausing a stopped VM is not possible.
+    assert_eq!(d.call("POST", "/vms/vm-1/stop", None).await.status, 200);
+    let r = d
+        .call("PATCH", "/vms/vm-1", Some(json!({"state": "Paused"})))
+        .await;
+    assert_eq!(r.status, 409);
+    assert!(r.fault_message().contains("is stopped"), "{}", r.text());
+
+    let r = d.call("DELETE", "/vms/vm-1", None).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(d.call("GET", "/vms/vm-1", None).await.status, 404);
+    assert!(!d.dir.join("state/vms/vm-1").exists());
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_is_reported_not_restarted() {
+    let d = Daemon::start("crash", |_| {}).await;
+    let r = d.create("c", json!({"exit": 3})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let info = r.json().unwrap();
+    assert_eq!(info["state"], "crashed", "{info}");
+    assert_eq!(info["exit"]["code"], 3);
+    assert!(info["stderr_tail"]
+        .as_str()
+        .unwrap()
+        .contains("fake: exiting 3"));
+    assert!(info["console_tail"]
+        .as_str()
+        .unwrap()
+        .contains("fake console line"));
+    // It stays crashed, and the daemon keeps serving.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = d.call("GET", "/vms/c", None).await;
+    assert_eq!(r.json().unwrap()["state"], "crashed");
+    assert!(d.dir.join("state/vms/c/exit.json").exists());
+    assert_eq!(d.call("GET", "/health", None).await.status, 200);
+    // Its id stays taken until it is destroyed.
+    assert_eq!(d.create("c", json!({})).await.status, 409);
+    assert_eq!(d.call("DELETE", "/vms/c", None).await.status, 204);
+    assert_eq!(d.create("c", json!({})).await.status, 201);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_config_is_an_error_and_leaves_nothing() {
+    let d = Daemon::start("refused", |_| {}).await;
+    let r = d.create("bad", json!({"exit": 1})).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let m = r.fault_message();
+    assert!(
+        m.contains("failed to start") && m.contains("fake: exiting 1"),
+        "{m}"
+    );
+    assert_eq!(d.call("GET", "/vms/bad", None).await.status, 404);
+    assert!(!d.dir.join("state/vms/bad").exists());
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_never_answers_times_out_and_is_killed() {
+    let d = Daemon::start("timeout", |c| {
+        c.start_timeout = Duration::from_millis(300);
+        c.stop_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let r = d
+        .create("mute", json!({"no_socket": true, "ignore_sigterm": true}))
+        .await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(r.fault_message().contains("did not report itself running"));
+    assert_eq!(d.call("GET", "/vms", None).await.json().unwrap(), json!([]));
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field() {
+    let d = Daemon::start("bad", |_| {}).await;
+    let cases = [
+        (json!({"id": "a/b", "config": {}}), "'/'"),
+        (json!({"id": "", "config": {}}), "id is empty"),
+        (json!({"config": {}}), "missing field `id`"),
+        (json!({"id": "x"}), "missing field `config`"),
+        (
+            json!({"id": "x", "config": {}, "extra": 1}),
+            "unknown field `extra`",
+        ),
+        (json!({"id": "x", "config": [1]}), "not an array"),
+        (json!({"id": 5, "config": {}}), "invalid type: integer `5`"),
+    ];
+    for (body, expected) in cases {
+        let r = d.call("POST", "/vms", Some(body.clone())).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        let m = r.fault_message();
+        if expected == "not an array" {
+            assert!(
+                m.contains("config must be a JSON object") && m.contains("an array"),
+                "{m}"
+            );
+        } else {
+            assert!(m.contains(expected), "{body}: {m}");
+        }
+    }
+    let r = request(
+        &d.socket,
+        "POST",
+        "/vms",
+        Some(b"{not json".to_vec()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.fault_message().contains("POST /vms"));
+    let r = d.call("GET", "/nothing", None).await;
+    assert_eq!(r.status, 404);
+    assert!(r.fault_message().contains("GET /nothing"));
+    let r = d.call("PUT", "/vms", None).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(d.call("GET", "/vms/absent", None).await.status, 404);
+    assert_eq!(d.call("DELETE", "/vms/absent", None).await.status, 404);
+    assert_eq!(d.call("POST", "/vms/absent/stop", None).await.status, 404);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_vm_does_not_hold_up_metrics() {
+    let d = Daemon::start("metrics", |c| c.scrape_timeout = Duration::from_millis(300)).await;
+    assert_eq!(d.create("fast", json!({})).await.status, 201);
+    assert_eq!(
+        d.create("slow", json!({"metrics_delay_ms": 5000}))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(d.create("gone", json!({"exit": 0})).await.status, 201);
+    let t = Instant::now();
+    let r = d.call("GET", "/metrics", None).await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "metrics took {took:?}");
+    let text = r.text();
+    assert!(
+        text.contains("vigil_vm_scrape_ok{vm_id=\"fast\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vigil_vm_scrape_ok{vm_id=\"slow\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vigil_vm_info{vm_id=\"gone\",state=\"exited\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vigil_daemon_vms{state=\"running\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vigil_vm_memory_bytes{vm_id=\"fast\"} 33554432"),
+        "{text}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_vm_and_a_second_daemon_is_refused() {
+    let d = Daemon::start("shutdown", |c| c.stop_timeout = Duration::from_millis(500)).await;
+    let a = pid_of(&d.create("a", json!({})).await);
+    let b = pid_of(&d.create("b", json!({"ignore_sigterm": true})).await);
+    // Another daemon on the same socket, or the same state folder, is refused.
+    let mut other = DaemonConfig::new(d.dir.join("state2"), d.socket.clone(), fake_vmm());
+    other.stop_timeout = Duration::from_secs(1);
+    let e = vigil_daemon::serve(other, async {}).await.unwrap_err();
+    assert!(
+        format!("{e:#}").contains("another daemon is listening"),
+        "{e:#}"
+    );
+    let other = DaemonConfig::new(d.dir.join("state"), d.dir.join("other.sock"), fake_vmm());
+    let e = vigil_daemon::serve(other, async {}).await.unwrap_err();
+    assert!(
+        format!("{e:#}").contains("another vigil daemon uses it"),
+        "{e:#}"
+    );
+    let t = Instant::now();
+    d.stop().await;
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(!alive(a) && !alive(b), "VMs survived the daemon");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_socket_is_replaced() {
+    let dir = std::env::temp_dir().join(format!("vigil-daemon-stale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("daemon.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let config = DaemonConfig::new(dir.join("state"), socket.clone(), fake_vmm());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(vigil_daemon::serve(config, async {
+        let _ = rx.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = request(&socket, "GET", "/health", None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    // A path that is not a socket is never removed.
+    std::fs::write(&socket, "x").unwrap();
+    let config = DaemonConfig::new(dir.join("state"), socket.clone(), fake_vmm());
+    let e = vigil_daemon::serve(config, async {}).await.unwrap_err();
+    assert!(format!("{e:#}").contains("is not a socket"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
