@@ -12,6 +12,8 @@ use vigil_vmm::config::{
 };
 use vigil_vmm::VmOutcome;
 
+use crate::launch::{Launch, Overrides};
+use crate::logging::Logging;
 use crate::terminal::TerminalGuard;
 
 /// Exit status when the VMM itself fails (bad input, KVM errors).
@@ -37,9 +39,10 @@ Set VIGIL_LOG=LEVEL (error, warn, info, debug, trace) or --log-level for detaile
 #[derive(Parser, Debug)]
 #[command(name = "vigil", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// Log level for the VMM's own messages (error, warn, info, debug, trace).
-    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
-    pub log_level: String,
+    /// Log level for Vigil's own messages (error, warn, info, debug, trace)
+    /// [default: info for `vigil daemon`, warn otherwise].
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -47,11 +50,27 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Behave as Firecracker: take Firecracker's command-line flags (--api-sock,
+    /// --config-file, --no-api, --id, --level, --log-path, --metrics-path, ...).
+    /// The same happens when Vigil is run through a link named `firecracker`.
+    /// `vigil firecracker --help` lists the flags and what Vigil does with each.
+    #[command(disable_help_flag = true)]
+    Firecracker {
+        /// Firecracker's flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Boot a VM and connect its serial console to this terminal.
     ///
     /// Without --kernel, boots Vigil's embedded test guest, which prints what it
     /// found (vCPUs, memory, timer) and powers off. Give it scenarios with
     /// --cmdline "test=serial,timer,smp,memory,user".
+    ///
+    /// With --api-sock PATH, Vigil serves its REST API (Firecracker's, plus its own
+    /// under /vigil/) on that Unix socket; without --kernel or --config-file it
+    /// then boots nothing and waits for the VM's configuration and an
+    /// InstanceStart action. With --config-file, the VM is described by a
+    /// Firecracker configuration file and boots at once.
     #[command(after_help = AFTER_HELP)]
     Run(Box<RunArgs>),
     /// Work with the embedded test guest.
@@ -60,6 +79,14 @@ pub enum Command {
     /// Measure Vigil against a peer VMM on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the host daemon in the foreground: it supervises VMs (one `vigil run`
+    /// process each) behind a REST API on a Unix socket.
+    #[command(long_about = crate::ctl::DAEMON_ABOUT, after_help = crate::ctl::DAEMON_AFTER_HELP)]
+    Daemon(crate::ctl::DaemonArgs),
+    /// Talk to the host daemon: list, create, inspect, pause, resume, stop and
+    /// destroy VMs, read metrics.
+    #[command(after_help = crate::ctl::CTL_AFTER_HELP)]
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +117,31 @@ pub enum GuestCommand {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    /// Serve the REST API on this Unix socket (HTTP/1.1, JSON). It answers
+    /// Firecracker's requests (PUT /boot-source, PUT /machine-config,
+    /// PUT /drives/ID, PUT /actions {"action_type": "InstanceStart"}, PATCH /vm
+    /// {"state": "Paused"}, ...) with Firecracker's status codes and
+    /// {"fault_message": ...} errors; GET /vigil/openapi.yaml describes them all.
+    /// Without --kernel or --config-file, the VM waits for its configuration;
+    /// --console, --symbols, --boot-protocol, --cpu-template and --cpuid-hide
+    /// still apply to it. A socket path in use is refused; a stale socket nobody
+    /// listens on is replaced; the socket is removed on exit. Example:
+    /// vigil run --api-sock /tmp/vm.sock & curl --unix-socket /tmp/vm.sock http://localhost/
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Boot the VM described by a Firecracker configuration file (JSON with the
+    /// keys "boot-source", "machine-config", "drives", "network-interfaces",
+    /// "vsock", "balloon", "entropy", "logger", "metrics"; the bodies of the API's
+    /// requests). No API is needed; with --api-sock the API serves the running VM.
+    /// Cannot be combined with options that describe the VM (--kernel, --disk, ...).
+    #[arg(long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+
+    /// The instance id that GET / and metrics report.
+    #[arg(long, default_value = "anonymous-instance", value_name = "ID")]
+    pub id: String,
+
     /// Kernel to boot: an ELF vmlinux (PVH entry when it has the PVH note, else the
     /// Linux 64-bit entry) or a bzImage. Default: the embedded test guest.
     #[arg(long, value_name = "PATH")]
@@ -210,6 +262,92 @@ const TEST_GUEST_NAME: &str = "vigil-test-guest";
 const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 impl RunArgs {
+    /// The options that describe the VM itself (as opposed to how Vigil runs it).
+    fn vm_options_given(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        let mut check = |yes: bool, name| {
+            if yes {
+                given.push(name)
+            }
+        };
+        check(self.kernel.is_some(), "--kernel");
+        check(self.initrd.is_some(), "--initrd");
+        check(self.cmdline.is_some(), "--cmdline");
+        check(self.cpus != 1, "--cpus");
+        check(self.memory != 128, "--memory");
+        check(!self.disk.is_empty(), "--disk");
+        check(self.rng.is_some(), "--rng");
+        check(self.balloon.is_some(), "--balloon");
+        check(!self.net.is_empty(), "--net");
+        check(self.vsock.is_some(), "--vsock");
+        given
+    }
+
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            console: self.console.clone(),
+            symbols: self.symbols.clone(),
+            boot_protocol: match self.boot_protocol {
+                BootProtocolArg::Auto => BootProtocol::Auto,
+                BootProtocolArg::Pvh => BootProtocol::Pvh,
+                BootProtocolArg::Linux => BootProtocol::Linux,
+            },
+            cpu_template: match self.cpu_template {
+                CpuTemplateArg::Auto => CpuTemplate::Auto,
+                CpuTemplateArg::Host => CpuTemplate::Host,
+            },
+            cpuid_hide: self.cpuid_hide.clone(),
+        }
+    }
+
+    fn run(self, logging: &Logging) -> anyhow::Result<ExitCode> {
+        if let Some(file) = &self.config_file {
+            if let Some(option) = self.vm_options_given().first() {
+                anyhow::bail!(
+                    "{option} with --config-file {}: the file describes the VM; put it there",
+                    file.display()
+                );
+            }
+            let (pre, config, logger, metrics) = crate::launch::from_config_file(file)?;
+            return crate::launch::launch(
+                Launch {
+                    api_sock: self.api_sock.clone(),
+                    id: self.id.clone(),
+                    boot_now: Some(config),
+                    pre,
+                    logger,
+                    metrics,
+                    overrides: self.overrides(),
+                },
+                logging,
+            );
+        }
+        let Some(api_sock) = self.api_sock.clone() else {
+            return run_vm(self.into_config());
+        };
+        let waits = self.kernel.is_none();
+        if waits {
+            if let Some(option) = self.vm_options_given().first() {
+                anyhow::bail!(
+                    "{option} with --api-sock and no --kernel: the VM waits for its configuration through the API (PUT /machine-config, PUT /drives/ID, ...); give --kernel to boot it at once instead"
+                );
+            }
+        }
+        let (id, overrides) = (self.id.clone(), self.overrides());
+        crate::launch::launch(
+            Launch {
+                api_sock: Some(api_sock),
+                id,
+                boot_now: (!waits).then(|| self.into_config()),
+                pre: Default::default(),
+                logger: None,
+                metrics: None,
+                overrides,
+            },
+            logging,
+        )
+    }
+
     fn into_config(self) -> VmConfig {
         let kernel = match self.kernel {
             Some(path) => KernelImage::File(path),
@@ -259,9 +397,14 @@ impl RunArgs {
 }
 
 impl Command {
-    pub fn run(self) -> anyhow::Result<ExitCode> {
+    pub fn run(self, logging: &Logging) -> anyhow::Result<ExitCode> {
         match self {
-            Command::Run(args) => run_vm(args.into_config()),
+            Command::Firecracker { args } => {
+                let mut argv = vec![std::ffi::OsString::from("firecracker")];
+                argv.extend(args);
+                crate::firecracker::main(argv, logging)
+            }
+            Command::Run(args) => args.run(logging),
             Command::Bench(BenchCommand::Boot(args)) => {
                 crate::bench::run(args)?;
                 Ok(ExitCode::SUCCESS)
@@ -272,6 +415,14 @@ impl Command {
             }
             Command::Bench(BenchCommand::Net(args)) => {
                 crate::bench::run_net(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Daemon(args) => {
+                crate::ctl::run_daemon(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Ctl(args) => {
+                crate::ctl::run_ctl(args)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Guest(GuestCommand::Export { path }) => {
@@ -315,7 +466,7 @@ fn run_vm(config: VmConfig) -> anyhow::Result<ExitCode> {
     }))
 }
 
-fn exit_code(outcome: VmOutcome, describe: &dyn Fn(u64) -> Option<String>) -> ExitCode {
+pub(crate) fn exit_code(outcome: VmOutcome, describe: &dyn Fn(u64) -> Option<String>) -> ExitCode {
     match outcome {
         VmOutcome::PoweredOff => ExitCode::SUCCESS,
         VmOutcome::Reset => {

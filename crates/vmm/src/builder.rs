@@ -14,12 +14,13 @@ use vigil_devices::legacy::{
     AcpiPowerPort, ConsoleOutput, DebugExitPort, Serial, SerialInput, I8042,
 };
 use vigil_devices::virtio::balloon::Balloon;
+use vigil_devices::virtio::Interrupt as VirtioInterrupt;
 use vigil_devices::virtio::block::{Block, BlockError};
 use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
 use vigil_devices::virtio::net::{Net, NetError};
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::{Vsock, VsockError};
-use vigil_devices::virtio::{Interrupt, VirtioDevice};
+use vigil_devices::virtio::VirtioDevice;
 use vigil_devices::PowerHandler;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -33,7 +34,8 @@ use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::config::{ConfigError, ConsoleConfig, CpuTemplate, HostLimits, VmConfig};
 use crate::symbols::{SymbolError, SymbolTable};
-use crate::vm::Vm;
+use crate::vm::{BalloonHandle, Vm};
+use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{create_vm, VmError};
 use crate::VmEvent;
@@ -45,6 +47,8 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Interrupt of the first virtio device; each device takes the next line.
 pub const VIRTIO_FIRST_GSI: u32 = 5;
 const I8042_PORT: u16 = 0x60;
+/// The keyboard's ISA interrupt.
+const I8042_IRQ: u32 = 1;
 
 /// Errors from building a VM. Each names what it could not do and why.
 #[derive(Debug, thiserror::Error)]
@@ -155,11 +159,13 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
-    pio.insert(
-        Arc::new(Mutex::new(I8042::new(power.clone()))),
-        u64::from(I8042_PORT),
-        5,
-    )?;
+    let i8042_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Devices(e.to_string()))?;
+    vm_fd
+        .register_irqfd(&i8042_irq, I8042_IRQ)
+        .map_err(kvm_err("connect the i8042's interrupt"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::with_irq(power.clone(), i8042_irq)));
+    pio.insert(i8042.clone(), u64::from(I8042_PORT), 5)?;
     pio.insert(
         Arc::new(Mutex::new(AcpiPowerPort::new(power.clone()))),
         u64::from(ACPI_POWER_PORT),
@@ -182,8 +188,11 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     if let Some(limit) = config.rng {
         devices.push(Box::new(Rng::new(limit)));
     }
+    let mut balloon_slot = None;
     if let Some(balloon) = config.balloon {
-        devices.push(Box::new(Balloon::new(balloon)));
+        let device = Balloon::new(balloon);
+        balloon_slot = Some((devices.len(), device.control(), balloon));
+        devices.push(Box::new(device));
     }
     for net in &config.nets {
         devices.push(Box::new(Net::new(net)?));
@@ -194,13 +203,18 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();
     let mut virtio_acpi = Vec::new();
+    let mut balloon = None;
     for (i, device) in devices.into_iter().enumerate() {
         let slot = MmioDevice {
             base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
             len: MMIO_WINDOW,
             gsi: VIRTIO_FIRST_GSI + i as u32,
         };
-        subscribers.push(attach_virtio(&vm_fd, &mem, &mut mmio, device, slot)?);
+        let (subscriber, interrupt) = attach_virtio(&vm_fd, &mem, &mut mmio, device, slot)?;
+        subscribers.push(subscriber);
+        if let Some((_, control, config)) = balloon_slot.as_ref().filter(|(n, ..)| *n == i) {
+            balloon = Some(BalloonHandle::new(control.clone(), interrupt, *config));
+        }
         // Kernels with VIRTIO_MMIO_CMDLINE_DEVICES find devices here; the others
         // through the DSDT.
         cmdline.push_str(&format!(
@@ -282,6 +296,9 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         stop,
         events_tx,
         events_rx,
+        pause: Arc::new(PauseGate::default()),
+        i8042,
+        balloon,
     })
 }
 
@@ -294,7 +311,7 @@ fn attach_virtio(
     mmio: &mut Bus,
     device: Box<dyn VirtioDevice>,
     slot: MmioDevice,
-) -> Result<Box<dyn MutEventSubscriber + Send>, BuildError> {
+) -> Result<(Box<dyn MutEventSubscriber + Send>, Arc<VirtioInterrupt>), BuildError> {
     let dev_err =
         |e: std::io::Error| BuildError::Devices(format!("virtio device at {:#x}: {e}", slot.base));
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
@@ -314,16 +331,11 @@ fn attach_virtio(
         .map(EventFd::try_clone)
         .collect::<Result<Vec<_>, _>>()
         .map_err(dev_err)?;
-    let transport = MmioTransport::new(
-        device,
-        mem.clone(),
-        Arc::new(Interrupt::new(irq)),
-        transport_evts,
-    )
-    .map_err(BuildError::Devices)?;
+    let interrupt = Arc::new(VirtioInterrupt::new(irq));
+    let transport = MmioTransport::new(device, mem.clone(), interrupt.clone(), transport_evts)
+        .map_err(BuildError::Devices)?;
     let transport = Arc::new(Mutex::new(transport));
     mmio.insert(transport.clone(), slot.base, slot.len)?;
-    Ok(Box::new(
-        QueueEvents::new(transport, queue_evts).map_err(dev_err)?,
-    ))
+    let subscriber = Box::new(QueueEvents::new(transport, queue_evts).map_err(dev_err)?);
+    Ok((subscriber, interrupt))
 }

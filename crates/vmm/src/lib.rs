@@ -12,7 +12,9 @@ pub mod symbols;
 mod vm;
 pub mod vstate;
 
-pub use vm::{RunningVm, StopHandle, Vm, VmOutcome};
+pub use vm::{
+    BalloonHandle, ControlError, RunState, RunningVm, StopHandle, Vm, VmControl, VmOutcome,
+};
 
 use vigil_devices::PowerEvent;
 use vstate::vcpu::CrashReport;

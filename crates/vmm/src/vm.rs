@@ -1,15 +1,19 @@
 //! A built VM, and the same VM running: its vCPU threads, its device event loop,
 //! and the wait for whatever ends it.
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VmFd;
 use vigil_devices::bus::Bus;
+use vigil_devices::legacy::I8042;
+use vigil_devices::virtio::balloon::{BalloonConfig, BalloonControl, Stats};
+use vigil_devices::virtio::{Interrupt, INT_CONFIG};
 use vigil_devices::PowerEvent;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -17,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::symbols::SymbolTable;
+use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{CrashReport, Vcpu, VcpuContext};
 use crate::VmEvent;
 
@@ -35,6 +40,12 @@ pub struct Vm {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) events_tx: Sender<VmEvent>,
     pub(crate) events_rx: Receiver<VmEvent>,
+    /// Where vCPUs park while the VM is paused.
+    pub(crate) pause: Arc<PauseGate>,
+    /// The keyboard controller, to type Ctrl-Alt-Del.
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    /// The balloon, when the VM has one.
+    pub(crate) balloon: Option<BalloonHandle>,
 }
 
 /// How a VM ended.
@@ -65,8 +76,202 @@ impl StopHandle {
     }
 }
 
+/// Whether a started VM's vCPUs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// The vCPUs run the guest.
+    Running,
+    /// Every vCPU is parked outside `KVM_RUN`.
+    Paused,
+}
+
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM is shutting down")]
+    Stopping,
+    #[error("{parked} of {total} vCPUs paused within {waited_ms} ms; the VM was resumed")]
+    PauseTimeout {
+        parked: usize,
+        total: usize,
+        waited_ms: u128,
+    },
+    #[error("the keyboard controller's buffer is full: the guest has not read the last keys")]
+    KeyboardBusy,
+    #[error("the VM has no balloon device")]
+    NoBalloon,
+    #[error("the balloon was configured without statistics (stats_polling_interval_s 0); they cannot be turned on or off after boot")]
+    BalloonStatsOff,
+}
+
+/// The balloon device of a running VM, as the host sees it: a target to set, and
+/// what the guest reports.
+#[derive(Clone)]
+pub struct BalloonHandle {
+    control: Arc<BalloonControl>,
+    interrupt: Arc<Interrupt>,
+    config: BalloonConfig,
+}
+
+impl BalloonHandle {
+    pub(crate) fn new(
+        control: Arc<BalloonControl>,
+        interrupt: Arc<Interrupt>,
+        config: BalloonConfig,
+    ) -> Self {
+        Self {
+            control,
+            interrupt,
+            config,
+        }
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> BalloonConfig {
+        self.config
+    }
+
+    /// Asks the guest to give back `mib` MiB in all, and tells it so (the
+    /// configuration-change interrupt).
+    pub fn set_target_mib(&self, mib: u64) {
+        self.control.set_target_mib(mib);
+        self.interrupt.signal(INT_CONFIG);
+    }
+
+    /// `(target, actual)` in 4 KiB pages.
+    pub fn pages(&self) -> (u32, u32) {
+        self.control.pages()
+    }
+
+    /// The statistics interval in seconds (0: statistics off).
+    pub fn stats_interval_s(&self) -> u64 {
+        if self.config.stats_interval.is_some() {
+            self.control.stats_interval_s()
+        } else {
+            0
+        }
+    }
+
+    /// Changes how often statistics are asked for (not whether).
+    pub fn set_stats_interval_s(&self, seconds: u64) -> Result<(), ControlError> {
+        if self.config.stats_interval.is_none() || seconds == 0 {
+            return Err(ControlError::BalloonStatsOff);
+        }
+        self.control.set_stats_interval_s(seconds);
+        Ok(())
+    }
+
+    /// The latest statistics the guest sent: `(tag, value)`.
+    pub fn stats(&self) -> Stats {
+        self.control.stats()
+    }
+}
+
+/// A cloneable handle to control a running VM from another thread (an API server):
+/// pause, resume, state, stop, Ctrl-Alt-Del, the balloon.
+#[derive(Clone)]
+pub struct VmControl {
+    gate: Arc<PauseGate>,
+    /// The vCPU threads, to kick; emptied before they are joined.
+    threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    vcpu_count: usize,
+    stop: Arc<AtomicBool>,
+    stop_handle: StopHandle,
+    /// One pause or resume at a time.
+    op: Arc<Mutex<()>>,
+    i8042: Arc<Mutex<I8042>>,
+    balloon: Option<BalloonHandle>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long a pause waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VmControl {
+    /// Pauses the vCPUs; returns once every one of them is parked outside `KVM_RUN`.
+    /// Pausing a paused VM does nothing.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let _op = lock(&self.op);
+        self.gate.request();
+        let start = Instant::now();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                self.gate.release();
+                return Err(ControlError::Stopping);
+            }
+            // A kick can land just before a thread enters KVM_RUN and be lost, so
+            // kick until every thread has parked.
+            for &thread in lock(&self.threads).iter() {
+                // SAFETY: `thread` is a vCPU thread that has not been joined (the
+                // list is emptied, under this lock, before any join), and the kick
+                // signal has a handler that does nothing.
+                unsafe { libc::pthread_kill(thread, kick_signal()) };
+            }
+            let parked = self.gate.parked_after(Duration::from_millis(1));
+            if parked >= self.vcpu_count {
+                return Ok(());
+            }
+            if start.elapsed() > PAUSE_TIMEOUT {
+                self.gate.release();
+                return Err(ControlError::PauseTimeout {
+                    parked,
+                    total: self.vcpu_count,
+                    waited_ms: start.elapsed().as_millis(),
+                });
+            }
+        }
+    }
+
+    /// Lets the vCPUs run again. Resuming a running VM does nothing.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let _op = lock(&self.op);
+        if self.stop.load(Ordering::Acquire) {
+            return Err(ControlError::Stopping);
+        }
+        self.gate.release();
+        Ok(())
+    }
+
+    /// Whether the vCPUs run or are paused.
+    pub fn state(&self) -> RunState {
+        if self.gate.requested() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    /// Whether the VM is ending (a power-off, a crash, a stop).
+    pub fn is_stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Asks the VM to stop, recording `signal` as the reason.
+    pub fn stop(&self, signal: i32) {
+        self.stop_handle.stop(signal);
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
+        if lock(&self.i8042).send_ctrl_alt_del() {
+            Ok(())
+        } else {
+            Err(ControlError::KeyboardBusy)
+        }
+    }
+
+    /// The balloon, when the VM has one.
+    pub fn balloon(&self) -> Result<&BalloonHandle, ControlError> {
+        self.balloon.as_ref().ok_or(ControlError::NoBalloon)
+    }
+}
+
 /// A running VM.
 pub struct RunningVm {
+    control: VmControl,
     vcpu_threads: Vec<JoinHandle<()>>,
     device_thread: Option<JoinHandle<()>>,
     device_waker: EventFd,
@@ -102,6 +307,7 @@ impl Vm {
                 mem: self.mem.clone(),
                 events: self.events_tx.clone(),
                 stop: stop.clone(),
+                pause: self.pause.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
@@ -118,7 +324,20 @@ impl Vm {
                 device_waker.try_clone()?,
             )?)
         };
+        let control = VmControl {
+            gate: self.pause,
+            threads: Arc::new(Mutex::new(
+                vcpu_threads.iter().map(|t| t.as_pthread_t()).collect(),
+            )),
+            vcpu_count: vcpu_threads.len(),
+            stop: stop.clone(),
+            stop_handle: StopHandle(self.events_tx.clone()),
+            op: Arc::new(Mutex::new(())),
+            i8042: self.i8042,
+            balloon: self.balloon,
+        };
         Ok(RunningVm {
+            control,
             vcpu_threads,
             device_thread,
             device_waker,
@@ -176,6 +395,11 @@ impl RunningVm {
         StopHandle(self.events_tx.clone())
     }
 
+    /// A handle to pause, resume and query this VM from another thread.
+    pub fn control(&self) -> VmControl {
+        self.control.clone()
+    }
+
     /// The symbols given at launch, to describe guest addresses.
     pub fn symbols(&self) -> Option<&SymbolTable> {
         self.symbols.as_ref()
@@ -200,6 +424,7 @@ impl RunningVm {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.control.gate.wake_all();
         // A kick can land just before a thread enters KVM_RUN and be lost, so kick
         // until every thread has left.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -209,6 +434,8 @@ impl RunningVm {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        // No kick from a control handle may reach a thread id once it is joined.
+        lock(&self.control.threads).clear();
         for t in self.vcpu_threads.drain(..) {
             if t.is_finished() {
                 let _ = t.join();

@@ -4,6 +4,8 @@
 //! statistics and free page reporting.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virtio_queue::Queue;
@@ -48,12 +50,65 @@ enum Role {
 /// The statistics the guest last sent: `(tag, value)` (virtio 1.1, 5.5.6.3).
 pub type Stats = Vec<(u16, u64)>;
 
+/// What the host reads and changes while the VM runs (an API, a memory policy):
+/// shared between the device and [`Balloon::control`]'s clones.
+#[derive(Debug, Default)]
+pub struct BalloonControl {
+    target_pages: AtomicU32,
+    actual_pages: AtomicU32,
+    /// The statistics interval in milliseconds (0: none), when statistics are on.
+    stats_interval_ms: AtomicU64,
+    stats: Mutex<Stats>,
+}
+
+impl BalloonControl {
+    /// Sets how much memory the guest should give back; the caller then raises
+    /// the device's configuration-change interrupt.
+    pub fn set_target_mib(&self, mib: u64) {
+        let pages = (mib.saturating_mul(1 << 20) / PAGE_SIZE).min(u64::from(u32::MAX));
+        self.target_pages.store(pages as u32, Ordering::Release);
+    }
+
+    /// `(target, actual)` in 4 KiB pages: asked for, and given back per the driver.
+    pub fn pages(&self) -> (u32, u32) {
+        (
+            self.target_pages.load(Ordering::Acquire),
+            self.actual_pages.load(Ordering::Acquire),
+        )
+    }
+
+    /// The statistics interval in seconds (0: statistics off).
+    pub fn stats_interval_s(&self) -> u64 {
+        self.stats_interval_ms.load(Ordering::Acquire) / 1000
+    }
+
+    /// Changes the statistics interval (only meaningful when statistics are on;
+    /// 0 is refused by callers, as the queue cannot come and go after boot).
+    pub fn set_stats_interval_s(&self, seconds: u64) {
+        self.set_stats_interval(Duration::from_secs(seconds));
+    }
+
+    fn set_stats_interval(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        self.stats_interval_ms.store(ms, Ordering::Release);
+    }
+
+    fn stats_interval(&self) -> Duration {
+        Duration::from_millis(self.stats_interval_ms.load(Ordering::Acquire).max(1))
+    }
+
+    /// The latest memory statistics the guest sent: `(tag, value)`.
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
 /// A virtio-balloon device.
 pub struct Balloon {
+    control: Arc<BalloonControl>,
     config: BalloonConfig,
     roles: Vec<Role>,
     queue_sizes: Vec<u16>,
-    target_pages: u32,
     actual_pages: u32,
     /// The stats buffer the guest handed over, held until fresh stats are wanted.
     stats_held: Option<u16>,
@@ -75,11 +130,14 @@ impl Balloon {
         if config.free_page_reporting {
             roles.push(Role::Reporting);
         }
+        let control = Arc::new(BalloonControl::default());
+        control.set_target_mib(config.target_mib);
+        control.set_stats_interval(config.stats_interval.unwrap_or_default());
         Self {
+            control,
             queue_sizes: vec![QUEUE_SIZE; roles.len()],
             roles,
             config,
-            target_pages: (config.target_mib * (1 << 20) / PAGE_SIZE) as u32,
             actual_pages: 0,
             stats_held: None,
             stats_last: Instant::now(),
@@ -100,6 +158,11 @@ impl Balloon {
             self.reported_bytes,
             self.bad_pages,
         )
+    }
+
+    /// A handle on the target, the driver's count and the statistics, for the host.
+    pub fn control(&self) -> Arc<BalloonControl> {
+        self.control.clone()
     }
 
     /// The latest memory statistics.
@@ -148,7 +211,8 @@ impl Balloon {
     }
 
     fn stats_due(&self) -> Option<Duration> {
-        let interval = self.config.stats_interval?;
+        self.config.stats_interval?;
+        let interval = self.control.stats_interval();
         Some(interval.saturating_sub(self.stats_last.elapsed()))
     }
 }
@@ -178,7 +242,8 @@ impl VirtioDevice for Balloon {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
-        config[..4].copy_from_slice(&self.target_pages.to_le_bytes());
+        let target_pages = self.control.pages().0;
+        config[..4].copy_from_slice(&target_pages.to_le_bytes());
         config[4..].copy_from_slice(&self.actual_pages.to_le_bytes());
         copy_config(&config, offset, data);
     }
@@ -187,6 +252,9 @@ impl VirtioDevice for Balloon {
         // Only `actual` (offset 4) is the driver's to write.
         if let (4, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) {
             self.actual_pages = u32::from_le_bytes(bytes);
+            self.control
+                .actual_pages
+                .store(self.actual_pages, Ordering::Release);
         }
     }
 
@@ -237,6 +305,9 @@ impl VirtioDevice for Balloon {
                             let value = u64::from_le_bytes(entry[2..].try_into().expect("8 bytes"));
                             self.stats.push((tag, value));
                         }
+                    }
+                    if let Ok(mut shared) = self.control.stats.lock() {
+                        shared.clone_from(&self.stats);
                     }
                     self.stats_last = Instant::now();
                     if let Some(old) = self.stats_held.replace(head) {

@@ -1,5 +1,6 @@
 //! KVM state of a VM: the VM file descriptor with its memory and irqchip, and the
 //! vCPUs with their run loops.
 
+pub mod pause;
 pub mod vcpu;
 pub mod vm;

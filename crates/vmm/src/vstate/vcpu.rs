@@ -148,6 +148,8 @@ pub struct VcpuContext {
     pub events: Sender<VmEvent>,
     /// Set when the VM is stopping: leave the run loop.
     pub stop: Arc<AtomicBool>,
+    /// Where the vCPU parks while the VM is paused.
+    pub pause: Arc<super::pause::PauseGate>,
 }
 
 /// A vCPU ready to run.
@@ -168,6 +170,10 @@ impl Vcpu {
     /// Runs until the VM stops or this vCPU ends it.
     pub fn run(mut self, ctx: VcpuContext) {
         while !ctx.stop.load(Ordering::Acquire) {
+            ctx.pause.park_if_requested(&ctx.stop);
+            if ctx.stop.load(Ordering::Acquire) {
+                return;
+            }
             let outcome = self.run_once(&ctx);
             let event = match outcome {
                 Outcome::Continue => continue,

@@ -1,0 +1,625 @@
+//! The API's resources: what each method on each path does, before and after the
+//! VM starts. [`Api::handle`] takes a request (method, path, body) and returns the
+//! answer; the HTTP server ([`crate::http`]) only carries bytes to and from it.
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use vigil_vmm::config::VmConfig;
+use vigil_vmm::{RunState, VmControl};
+
+use crate::metrics::{metrics_line, MetricsSink, RequestCounts};
+use crate::model::{
+    self, ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, Entropy,
+    InstanceActionInfo, InstanceInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, VmState, VmStateValue, Vsock,
+};
+use crate::preboot::PreBoot;
+
+/// The Firecracker API version whose requests Vigil answers.
+pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
+/// Vigil's own OpenAPI document, served at [`OPENAPI_PATH`].
+pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
+/// Where the OpenAPI document is served.
+pub const OPENAPI_PATH: &str = "/vigil/openapi.yaml";
+
+/// Reconfigures logging (`PUT /logger`); the binary owns the log subscriber.
+pub type LoggerHook = Arc<dyn Fn(&Logger) -> Result<(), String> + Send + Sync>;
+
+/// A request from the API to the thread that owns the VM.
+pub enum ToVmm {
+    /// Build and start this VM; answer with its control handle, or why not.
+    Start {
+        config: Box<VmConfig>,
+        reply: Sender<Result<VmControl, String>>,
+    },
+    /// The process was asked to stop (by this signal) before the VM started.
+    Stop(i32),
+}
+
+/// An answer: status and an optional JSON body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Option<String>,
+}
+
+impl Response {
+    fn no_content() -> Self {
+        Self {
+            status: 204,
+            body: None,
+        }
+    }
+
+    fn json(value: &impl Serialize) -> Self {
+        match serde_json::to_string(value) {
+            Ok(body) => Self {
+                status: 200,
+                body: Some(body),
+            },
+            Err(e) => Self::error(500, format!("cannot encode the answer: {e}")),
+        }
+    }
+
+    /// An error in Firecracker's shape: `{"fault_message": "..."}`.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: Some(json!({ "fault_message": message.into() }).to_string()),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::error(400, message)
+    }
+}
+
+struct Inner {
+    pre: PreBoot,
+    vm: Option<VmControl>,
+    logger: Option<Logger>,
+    metrics: Option<MetricsSink>,
+    counts: RequestCounts,
+}
+
+/// The state behind one VM's API.
+pub struct Api {
+    id: String,
+    started: Instant,
+    inner: Mutex<Inner>,
+    to_vmm: Mutex<Sender<ToVmm>>,
+    logger_hook: Option<LoggerHook>,
+}
+
+/// The resources Vigil answers, with the methods each accepts (for messages).
+const ROUTES: &[(&str, &str)] = &[
+    ("/", "GET"),
+    ("/version", "GET"),
+    ("/vm/config", "GET"),
+    ("/machine-config", "GET, PUT, PATCH"),
+    ("/boot-source", "PUT"),
+    ("/drives/{drive_id}", "PUT, PATCH"),
+    ("/network-interfaces/{iface_id}", "PUT, PATCH"),
+    ("/vsock", "PUT"),
+    ("/balloon", "GET, PUT, PATCH"),
+    ("/balloon/statistics", "GET, PATCH"),
+    ("/entropy", "PUT"),
+    ("/actions", "PUT"),
+    ("/vm", "PATCH"),
+    ("/metrics", "PUT"),
+    ("/logger", "PUT"),
+    (OPENAPI_PATH, "GET"),
+];
+
+/// Firecracker resources Vigil does not have.
+const NOT_IMPLEMENTED: &[&str] = &[
+    "/snapshot/create",
+    "/snapshot/load",
+    "/mmds",
+    "/mmds/config",
+    "/cpu-config",
+    "/pmem",
+    "/serial",
+    "/hotplug/memory",
+    "/balloon/hinting/start",
+    "/balloon/hinting/status",
+    "/balloon/hinting/stop",
+];
+
+fn pattern_of(path: &str) -> Option<&'static str> {
+    let (first, rest) = match path.trim_start_matches('/').split_once('/') {
+        Some((f, r)) => (f, Some(r)),
+        None => (path.trim_start_matches('/'), None),
+    };
+    match (first, rest) {
+        ("drives", Some(id)) if !id.is_empty() && !id.contains('/') => Some("/drives/{drive_id}"),
+        ("network-interfaces", Some(id)) if !id.is_empty() && !id.contains('/') => {
+            Some("/network-interfaces/{iface_id}")
+        }
+        _ => ROUTES.iter().find(|(p, _)| *p == path).map(|(p, _)| *p),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn body<T: serde::de::DeserializeOwned>(
+    method: &str,
+    path: &str,
+    bytes: &[u8],
+) -> Result<T, Response> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Response::bad(format!(
+            "{method} {path}: the request needs a JSON body"
+        )));
+    }
+    model::parse(bytes).map_err(|e| Response::bad(format!("{method} {path}: {e}")))
+}
+
+fn after_start(method: &str, path: &str) -> Response {
+    Response::bad(format!(
+        "{method} {path}: this can only be done before the VM starts, and it has started"
+    ))
+}
+
+fn before_start(method: &str, path: &str) -> Response {
+    Response::bad(format!(
+        "{method} {path}: this needs a running VM; InstanceStart has not been done"
+    ))
+}
+
+fn done(method: &str, path: &str, r: Result<(), String>) -> Response {
+    match r {
+        Ok(()) => Response::no_content(),
+        Err(e) => Response::bad(format!("{method} {path}: {e}")),
+    }
+}
+
+const STAT_NAMES: [&str; 16] = [
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free_memory",
+    "total_memory",
+    "available_memory",
+    "disk_caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+    "oom_kill",
+    "alloc_stall",
+    "async_scan",
+    "direct_scan",
+    "async_reclaim",
+    "direct_reclaim",
+];
+
+impl Api {
+    /// The API of VM `id`; VM starts go to `to_vmm`; `PUT /logger` calls
+    /// `logger_hook`.
+    pub fn new(id: String, to_vmm: Sender<ToVmm>, logger_hook: Option<LoggerHook>) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            started: Instant::now(),
+            inner: Mutex::new(Inner {
+                pre: PreBoot::default(),
+                vm: None,
+                logger: None,
+                metrics: None,
+                counts: RequestCounts::default(),
+            }),
+            to_vmm: Mutex::new(to_vmm),
+            logger_hook,
+        })
+    }
+
+    /// The configuration accumulated so far.
+    pub fn preboot(&self) -> PreBoot {
+        lock(&self.inner).pre.clone()
+    }
+
+    /// Replaces the accumulated configuration (a configuration file's).
+    pub fn set_preboot(&self, pre: PreBoot) {
+        lock(&self.inner).pre = pre;
+    }
+
+    /// Records that the VM was started outside the API (`--config-file`).
+    pub fn set_running(&self, vm: VmControl) {
+        lock(&self.inner).vm = Some(vm);
+    }
+
+    /// Configures logging as `PUT /logger` does.
+    pub fn configure_logger(&self, l: Logger) -> Result<(), String> {
+        if let Some(hook) = &self.logger_hook {
+            hook(&l)?;
+        }
+        lock(&self.inner).logger = Some(l);
+        Ok(())
+    }
+
+    /// Configures metrics as `PUT /metrics` does.
+    pub fn configure_metrics(&self, m: Metrics) -> Result<(), String> {
+        let mut inner = lock(&self.inner);
+        if let Some(sink) = &inner.metrics {
+            return Err(format!(
+                "metrics_path {:?}: metrics already go to {:?}; they are configured once",
+                m.metrics_path, sink.path
+            ));
+        }
+        inner.metrics = Some(MetricsSink::open(&m.metrics_path, m.emit_id, m.properties)?);
+        Ok(())
+    }
+
+    /// Writes one metrics line, as `FlushMetrics` does.
+    pub fn flush_metrics(&self) -> Result<(), String> {
+        let mut inner = lock(&self.inner);
+        let line = metrics_line(self.started, &inner.counts, inner.vm.as_ref());
+        let id = self.id.clone();
+        match inner.metrics.as_mut() {
+            Some(sink) => sink.flush(line, &id),
+            None => Err("metrics are not configured: PUT /metrics with a metrics_path first".into()),
+        }
+    }
+
+    /// Answers one request. `path` may carry a query string, which is ignored.
+    pub fn handle(&self, method: &str, path: &str, bytes: &[u8]) -> Response {
+        let path = path.split(['?', '#']).next().unwrap_or("/");
+        let path = if path.len() > 1 {
+            path.trim_end_matches('/')
+        } else {
+            path
+        };
+        let response = self.route(method, path, bytes);
+        let mut inner = lock(&self.inner);
+        inner.counts.count(response.status);
+        drop(inner);
+        if response.status >= 400 {
+            tracing::info!(method, path, status = response.status, body = ?response.body, "API request refused");
+        } else {
+            tracing::debug!(method, path, status = response.status, "API request");
+        }
+        response
+    }
+
+    fn route(&self, method: &str, path: &str, bytes: &[u8]) -> Response {
+        let Some(pattern) = pattern_of(path) else {
+            if NOT_IMPLEMENTED.contains(&path) || path.starts_with("/pmem/") {
+                return Response::bad(format!(
+                    "{method} {path}: Vigil does not implement this Firecracker resource"
+                ));
+            }
+            return Response::bad(format!(
+                "{method} {path}: no such resource (GET {OPENAPI_PATH} lists them)"
+            ));
+        };
+        let id = path.rsplit('/').next().unwrap_or_default();
+        match (method, pattern) {
+            ("GET", "/") => self.instance_info(),
+            ("GET", "/version") => {
+                Response::json(&json!({ "firecracker_version": FIRECRACKER_API_VERSION }))
+            }
+            ("GET", "/vm/config") => {
+                let inner = lock(&self.inner);
+                let mut full = inner.pre.to_full();
+                full.logger = inner.logger.clone();
+                Response::json(&full)
+            }
+            ("GET", OPENAPI_PATH) => Response {
+                status: 200,
+                body: Some(OPENAPI_YAML.into()),
+            },
+            ("GET", "/machine-config") => Response::json(&lock(&self.inner).pre.machine),
+            ("PUT", "/machine-config") => {
+                self.pre_boot(method, path, bytes, |pre, m: MachineConfig| pre.set_machine(m))
+            }
+            ("PATCH", "/machine-config") => self.pre_boot(
+                method,
+                path,
+                bytes,
+                |pre, m: MachineConfigUpdate| pre.patch_machine(m),
+            ),
+            ("PUT", "/boot-source") => {
+                self.pre_boot(method, path, bytes, |pre, b: BootSource| pre.set_boot_source(b))
+            }
+            ("PUT", "/drives/{drive_id}") => {
+                self.pre_boot(method, path, bytes, |pre, d: Drive| pre.put_drive(id, d))
+            }
+            ("PATCH", "/drives/{drive_id}") => self.patch_device(method, path, bytes, |p: &PartialDrive| {
+                (p.drive_id != id).then(|| format!("drive_id {:?}: differs from the id in the path, {id:?}", p.drive_id))
+            }),
+            ("PUT", "/network-interfaces/{iface_id}") => self.pre_boot(
+                method,
+                path,
+                bytes,
+                |pre, n: NetworkInterface| pre.put_net(id, n),
+            ),
+            ("PATCH", "/network-interfaces/{iface_id}") => {
+                self.patch_device(method, path, bytes, |p: &PartialNetworkInterface| {
+                    (p.iface_id != id).then(|| format!("iface_id {:?}: differs from the id in the path, {id:?}", p.iface_id))
+                })
+            }
+            ("PUT", "/vsock") => self.pre_boot(method, path, bytes, |pre, v: Vsock| pre.set_vsock(v)),
+            ("PUT", "/balloon") => {
+                self.pre_boot(method, path, bytes, |pre, b: Balloon| pre.set_balloon(b))
+            }
+            ("PUT", "/entropy") => {
+                self.pre_boot(method, path, bytes, |pre, e: Entropy| pre.set_entropy(e))
+            }
+            ("GET", "/balloon") => self.get_balloon(),
+            ("PATCH", "/balloon") => self.patch_balloon(method, path, bytes),
+            ("GET", "/balloon/statistics") => self.balloon_stats(),
+            ("PATCH", "/balloon/statistics") => self.patch_balloon_stats(method, path, bytes),
+            ("PUT", "/actions") => match body::<InstanceActionInfo>(method, path, bytes) {
+                Ok(a) => self.action(method, path, a.action_type),
+                Err(r) => r,
+            },
+            ("PATCH", "/vm") => match body::<VmState>(method, path, bytes) {
+                Ok(s) => self.set_vm_state(method, path, s.state),
+                Err(r) => r,
+            },
+            ("PUT", "/metrics") => match body::<Metrics>(method, path, bytes) {
+                Ok(m) => done(method, path, self.configure_metrics(m)),
+                Err(r) => r,
+            },
+            ("PUT", "/logger") => match body::<Logger>(method, path, bytes) {
+                Ok(l) => done(method, path, self.configure_logger(l)),
+                Err(r) => r,
+            },
+            (_, pattern) => {
+                let allowed = ROUTES
+                    .iter()
+                    .find(|(p, _)| *p == pattern)
+                    .map_or("", |(_, m)| *m);
+                Response::bad(format!(
+                    "{method} {path}: not a method this resource accepts (it accepts {allowed})"
+                ))
+            }
+        }
+    }
+
+    fn instance_info(&self) -> Response {
+        let state = match lock(&self.inner).vm.as_ref().map(VmControl::state) {
+            None => "Not started",
+            Some(RunState::Running) => "Running",
+            Some(RunState::Paused) => "Paused",
+        };
+        Response::json(&InstanceInfo {
+            app_name: "Vigil".into(),
+            id: self.id.clone(),
+            state: state.into(),
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+        })
+    }
+
+    /// A pre-boot-only request: parse, refuse after start, apply.
+    fn pre_boot<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        bytes: &[u8],
+        apply: impl FnOnce(&mut PreBoot, T) -> Result<(), String>,
+    ) -> Response {
+        let value = match body::<T>(method, path, bytes) {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        let mut inner = lock(&self.inner);
+        if inner.vm.is_some() {
+            return after_start(method, path);
+        }
+        // Apply to a copy: a failed check leaves the stored configuration as it was.
+        let mut pre = inner.pre.clone();
+        match apply(&mut pre, value) {
+            Ok(()) => {
+                inner.pre = pre;
+                Response::no_content()
+            }
+            Err(e) => Response::bad(format!("{method} {path}: {e}")),
+        }
+    }
+
+    /// `PATCH /drives/{id}` and `PATCH /network-interfaces/{id}`: post-boot
+    /// updates, which Vigil does not offer yet.
+    fn patch_device<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        bytes: &[u8],
+        check_id: impl FnOnce(&T) -> Option<String>,
+    ) -> Response {
+        let value = match body::<T>(method, path, bytes) {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        if let Some(e) = check_id(&value) {
+            return Response::bad(format!("{method} {path}: {e}"));
+        }
+        if lock(&self.inner).vm.is_none() {
+            return before_start(method, path);
+        }
+        Response::bad(format!(
+            "{method} {path}: Vigil cannot change a device of a running VM yet (its path or rate limits)"
+        ))
+    }
+
+    fn action(&self, method: &str, path: &str, action: ActionType) -> Response {
+        match action {
+            ActionType::InstanceStart => self.instance_start(method, path),
+            ActionType::SendCtrlAltDel => {
+                let vm = lock(&self.inner).vm.clone();
+                match vm {
+                    None => before_start(method, path),
+                    Some(vm) => done(
+                        method,
+                        path,
+                        vm.send_ctrl_alt_del()
+                            .map_err(|e| format!("SendCtrlAltDel: {e}")),
+                    ),
+                }
+            }
+            ActionType::FlushMetrics => done(
+                method,
+                path,
+                self.flush_metrics().map_err(|e| format!("FlushMetrics: {e}")),
+            ),
+        }
+    }
+
+    fn instance_start(&self, method: &str, path: &str) -> Response {
+        let mut inner = lock(&self.inner);
+        if inner.vm.is_some() {
+            return Response::bad(format!(
+                "{method} {path}: InstanceStart: the VM has already started"
+            ));
+        }
+        let config = match inner.pre.to_vm_config() {
+            Ok(c) => c,
+            Err(e) => return Response::bad(format!("{method} {path}: InstanceStart: {e}")),
+        };
+        let (reply, answer) = mpsc::channel();
+        let sent = lock(&self.to_vmm).send(ToVmm::Start {
+            config: Box::new(config),
+            reply,
+        });
+        if sent.is_err() {
+            return Response::error(500, "InstanceStart: the VMM thread is gone");
+        }
+        match answer.recv() {
+            Ok(Ok(vm)) => {
+                inner.vm = Some(vm);
+                Response::no_content()
+            }
+            Ok(Err(e)) => Response::bad(format!(
+                "{method} {path}: InstanceStart: cannot start the VM: {e}"
+            )),
+            Err(_) => Response::error(500, "InstanceStart: the VMM thread ended without an answer"),
+        }
+    }
+
+    fn set_vm_state(&self, method: &str, path: &str, state: VmStateValue) -> Response {
+        let vm = lock(&self.inner).vm.clone();
+        let Some(vm) = vm else {
+            return before_start(method, path);
+        };
+        let r = match state {
+            VmStateValue::Paused => vm.pause(),
+            VmStateValue::Resumed => vm.resume(),
+        };
+        done(method, path, r.map_err(|e| format!("state {state:?}: {e}")))
+    }
+
+    fn get_balloon(&self) -> Response {
+        let inner = lock(&self.inner);
+        let Some(configured) = inner.pre.balloon.clone() else {
+            return Response::bad("GET /balloon: the VM has no balloon device (PUT /balloon)");
+        };
+        match inner.vm.as_ref().map(|vm| vm.balloon().cloned()) {
+            Some(Ok(b)) => {
+                let (target_pages, _) = b.pages();
+                Response::json(&Balloon {
+                    amount_mib: u64::from(target_pages) * 4096 >> 20,
+                    stats_polling_interval_s: b.stats_interval_s(),
+                    ..configured
+                })
+            }
+            _ => Response::json(&configured),
+        }
+    }
+
+    fn patch_balloon(&self, method: &str, path: &str, bytes: &[u8]) -> Response {
+        let update = match body::<BalloonUpdate>(method, path, bytes) {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        let mut inner = lock(&self.inner);
+        let Some(vm) = inner.vm.clone() else {
+            let mut pre = inner.pre.clone();
+            return match pre.patch_balloon_amount(update.amount_mib) {
+                Ok(()) => {
+                    inner.pre = pre;
+                    Response::no_content()
+                }
+                Err(e) => Response::bad(format!("{method} {path}: {e}")),
+            };
+        };
+        let memory = inner.pre.machine.mem_size_mib;
+        if update.amount_mib > memory {
+            return Response::bad(format!(
+                "{method} {path}: amount_mib {}: more than the guest's {memory} MiB",
+                update.amount_mib
+            ));
+        }
+        match vm.balloon() {
+            Ok(b) => {
+                b.set_target_mib(update.amount_mib);
+                if let Some(pre) = inner.pre.balloon.as_mut() {
+                    pre.amount_mib = update.amount_mib;
+                }
+                Response::no_content()
+            }
+            Err(e) => Response::bad(format!("{method} {path}: {e}")),
+        }
+    }
+
+    fn balloon_stats(&self) -> Response {
+        let inner = lock(&self.inner);
+        let Some(vm) = inner.vm.as_ref() else {
+            return before_start("GET", "/balloon/statistics");
+        };
+        let b = match vm.balloon() {
+            Ok(b) => b,
+            Err(e) => return Response::bad(format!("GET /balloon/statistics: {e}")),
+        };
+        if b.stats_interval_s() == 0 {
+            return Response::bad(
+                "GET /balloon/statistics: statistics are off (stats_polling_interval_s 0 in PUT /balloon)",
+            );
+        }
+        let (target, actual) = b.pages();
+        let mut out = serde_json::Map::new();
+        out.insert("target_pages".into(), json!(target));
+        out.insert("actual_pages".into(), json!(actual));
+        out.insert("target_mib".into(), json!(u64::from(target) * 4096 >> 20));
+        out.insert("actual_mib".into(), json!(u64::from(actual) * 4096 >> 20));
+        for (tag, value) in b.stats() {
+            if let Some(name) = STAT_NAMES.get(usize::from(tag)) {
+                out.insert((*name).into(), json!(value));
+            }
+        }
+        Response::json(&Value::Object(out))
+    }
+
+    fn patch_balloon_stats(&self, method: &str, path: &str, bytes: &[u8]) -> Response {
+        let update = match body::<BalloonStatsUpdate>(method, path, bytes) {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        let seconds = update.stats_polling_interval_s;
+        let mut inner = lock(&self.inner);
+        let Some(vm) = inner.vm.clone() else {
+            let mut pre = inner.pre.clone();
+            return match pre.patch_balloon_stats(seconds) {
+                Ok(()) => {
+                    inner.pre = pre;
+                    Response::no_content()
+                }
+                Err(e) => Response::bad(format!("{method} {path}: {e}")),
+            };
+        };
+        let r = vm
+            .balloon()
+            .and_then(|b| b.set_stats_interval_s(seconds))
+            .map_err(|e| format!("stats_polling_interval_s {seconds}: {e}"));
+        if r.is_ok() {
+            if let Some(pre) = inner.pre.balloon.as_mut() {
+                pre.stats_polling_interval_s = seconds;
+            }
+        }
+        done(method, path, r)
+    }
+}

@@ -1,0 +1,159 @@
+//! HTTP/1.1 on a Unix socket: one thread with a current-thread tokio runtime, so
+//! the VMM's own threads never share a scheduler with the API.
+
+use std::convert::Infallible;
+use std::io::ErrorKind;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use crate::api::{Api, Response, OPENAPI_PATH};
+
+/// Largest request body accepted (Firecracker's limit is 50 KiB).
+pub const MAX_BODY: usize = 64 << 10;
+
+/// Binds `path`, refusing a path that is in use.
+///
+/// Policy: a socket that a process still accepts connections on is never taken
+/// over, and a path that is not a socket (a file, a folder) is never removed; a
+/// socket file nobody listens on (left behind by a process that died) is removed
+/// and bound again, with a warning. Firecracker refuses any existing path; Vigil
+/// differs only for the stale socket, which is safe to reuse.
+pub fn bind(path: &Path) -> Result<UnixListener, String> {
+    let shown = path.display();
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("--api-sock {shown}: cannot inspect it: {e}")),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(format!(
+                "--api-sock {shown}: exists and is not a socket; remove it or choose another path"
+            ))
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(format!(
+                    "--api-sock {shown}: another process is serving this socket"
+                ))
+            }
+            Err(_) => {
+                tracing::warn!("--api-sock {shown}: removing a stale socket nobody listens on");
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("--api-sock {shown}: cannot remove the stale socket: {e}"))?;
+            }
+        },
+    }
+    UnixListener::bind(path).map_err(|e| format!("--api-sock {shown}: cannot listen there: {e}"))
+}
+
+/// The serving thread; dropping it removes the socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    _thread: JoinHandle<()>,
+}
+
+impl ApiServer {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        // The thread blocks in accept(); the process ends right after this.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves `api` on a socket bound at `path` (see [`bind`]).
+pub fn serve(path: &Path, api: Arc<Api>) -> Result<ApiServer, String> {
+    let listener = bind(path)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| format!("cannot start the API's runtime: {e}"))?;
+    let thread = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || runtime.block_on(accept_loop(listener, api)))
+        .map_err(|e| format!("cannot start the API thread: {e}"))?;
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        _thread: thread,
+    })
+}
+
+async fn accept_loop(listener: UnixListener, api: Arc<Api>) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("API socket: {e}");
+            return;
+        }
+    };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("API socket: accept failed: {e}");
+                continue;
+            }
+        };
+        let api = api.clone();
+        tokio::task::spawn(async move {
+            let service = service_fn(move |req| answer(api.clone(), req));
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("API connection: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(
+    api: Arc<Api>,
+    req: Request<Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let method = req.method().as_str().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let response = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => api.handle(&method, &path, &collected.to_bytes()),
+        Err(e) => Response::error(
+            400,
+            format!("{method} {path}: cannot read the body (at most {MAX_BODY} bytes): {e}"),
+        ),
+    };
+    let content_type = if path == OPENAPI_PATH && response.status == 200 {
+        "application/yaml"
+    } else {
+        "application/json"
+    };
+    let mut out = hyper::Response::new(Full::new(Bytes::from(
+        response.body.clone().unwrap_or_default(),
+    )));
+    *out.status_mut() = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+    if response.body.is_some() {
+        out.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    Ok(out)
+}

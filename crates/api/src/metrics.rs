@@ -1,0 +1,121 @@
+//! `PUT /metrics` and the `FlushMetrics` action: one JSON line per flush, appended
+//! to a file or written to a named pipe.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+use vigil_vmm::{RunState, VmControl};
+
+/// Requests the API answered, by status class.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestCounts {
+    pub ok: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+}
+
+impl RequestCounts {
+    /// Counts one answer with `status`.
+    pub fn count(&mut self, status: u16) {
+        match status {
+            500.. => self.server_errors += 1,
+            400..=499 => self.client_errors += 1,
+            _ => self.ok += 1,
+        }
+    }
+}
+
+/// Where metrics go, opened once by `PUT /metrics`.
+pub struct MetricsSink {
+    pub path: String,
+    file: File,
+    emit_id: bool,
+    properties: Option<BTreeMap<String, String>>,
+}
+
+impl MetricsSink {
+    /// Opens `path`: a named pipe is opened for writing without waiting for a
+    /// reader; anything else is created if needed and appended to.
+    pub fn open(
+        path: &str,
+        emit_id: bool,
+        properties: Option<BTreeMap<String, String>>,
+    ) -> Result<Self, String> {
+        if path.is_empty() {
+            return Err("metrics_path: empty path".into());
+        }
+        let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+        let mut options = OpenOptions::new();
+        if is_fifo {
+            // Read and write: the open does not block waiting for a reader.
+            options.read(true).write(true).custom_flags(libc::O_NONBLOCK);
+        } else {
+            options.append(true).create(true);
+        }
+        let file = options
+            .open(path)
+            .map_err(|e| format!("metrics_path {path:?}: cannot open it: {e}"))?;
+        Ok(Self {
+            path: path.into(),
+            file,
+            emit_id,
+            properties,
+        })
+    }
+
+    /// Writes one line.
+    pub fn flush(&mut self, line: Map<String, Value>, id: &str) -> Result<(), String> {
+        let mut line = line;
+        if self.emit_id {
+            line.insert("id".into(), json!(id));
+        }
+        if let Some(p) = &self.properties {
+            line.insert("properties".into(), json!(p));
+        }
+        let mut text = Value::Object(line).to_string();
+        text.push('\n');
+        self.file
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("metrics_path {:?}: cannot write: {e}", self.path))
+    }
+}
+
+/// One metrics line: what the API process knows (uptime, requests by status
+/// class) and the VM's state. The VM's own counters join here when `vigil_vmm`
+/// offers them.
+pub fn metrics_line(
+    started: Instant,
+    counts: &RequestCounts,
+    vm: Option<&VmControl>,
+) -> Map<String, Value> {
+    let utc_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let state = match vm.map(VmControl::state) {
+        None => "Not started",
+        Some(RunState::Running) => "Running",
+        Some(RunState::Paused) => "Paused",
+    };
+    let mut line = Map::new();
+    line.insert("utc_timestamp_ms".into(), json!(utc_ms));
+    line.insert(
+        "api_server".into(),
+        json!({
+            "requests_2xx": counts.ok,
+            "requests_4xx": counts.client_errors,
+            "requests_5xx": counts.server_errors,
+        }),
+    );
+    line.insert(
+        "vmm".into(),
+        json!({
+            "uptime_ms": started.elapsed().as_millis() as u64,
+            "state": state,
+        }),
+    );
+    line
+}

@@ -1,0 +1,500 @@
+//! `vigil daemon` (the host daemon in the foreground) and `vigil ctl` (its CLI).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use vigil_daemon::client::{request_blocking, ClientError, Response};
+
+/// The daemon's socket when neither --socket nor VIGIL_SOCKET says otherwise:
+/// /run/vigil/daemon.sock for root, else $XDG_RUNTIME_DIR/vigil/daemon.sock (or
+/// /tmp/vigil-UID/daemon.sock without XDG_RUNTIME_DIR).
+pub fn default_socket() -> PathBuf {
+    if let Some(path) = std::env::var_os("VIGIL_SOCKET") {
+        return path.into();
+    }
+    // SAFETY: getuid cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        return "/run/vigil/daemon.sock".into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => PathBuf::from(dir).join("vigil/daemon.sock"),
+        None => PathBuf::from(format!("/tmp/vigil-{uid}/daemon.sock")),
+    }
+}
+
+/// /var/lib/vigil for root, else $XDG_STATE_HOME/vigil or ~/.local/state/vigil.
+fn default_state_dir() -> PathBuf {
+    // SAFETY: as above.
+    if unsafe { libc::getuid() } == 0 {
+        return "/var/lib/vigil".into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("vigil");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/vigil"),
+        None => std::env::temp_dir().join("vigil-state"),
+    }
+}
+
+pub const DAEMON_ABOUT: &str = "\
+Supervise VMs on this host: one `vigil run` process per VM, created, paused, resumed,
+stopped and destroyed through a REST API (see `vigil ctl`). Runs in the foreground
+(for systemd: Type=simple), logs to stderr (the journal), and on SIGTERM or SIGINT
+stops every VM (SIGTERM, then SIGKILL after --stop-timeout), removes its socket and
+exits 0. VMs never outlive the daemon (they get SIGTERM if it dies), and a VM that
+crashes is reported (state \"crashed\", its exit status and the end of its logs), never
+restarted.";
+
+pub const DAEMON_AFTER_HELP: &str = "\
+Access: the Unix socket is created with mode 0600, so only this user (and root) can
+use it. --listen-tcp adds a TCP listener that always needs --token-file; every request
+on it must carry `Authorization: Bearer <token>`. Make a token with
+  head -c 32 /dev/urandom | base64 > /etc/vigil/token && chmod 600 /etc/vigil/token
+
+Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
+(its serial console), vmm.log (the VMM's log), exit.json (how it ended).
+
+Example:
+  vigil daemon --state-dir /var/lib/vigil --socket /run/vigil/daemon.sock
+  vigil ctl create web-1 --config vm.json && vigil ctl list";
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Where VM folders and the daemon's lock live [default: /var/lib/vigil for root,
+    /// else ~/.local/state/vigil].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// The API's Unix socket [default: $VIGIL_SOCKET, else /run/vigil/daemon.sock for
+    /// root, else $XDG_RUNTIME_DIR/vigil/daemon.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Also serve the API on TCP at ADDR (e.g. 127.0.0.1:7070). Needs --token-file.
+    #[arg(long, value_name = "ADDR", requires = "token_file")]
+    pub listen_tcp: Option<SocketAddr>,
+
+    /// A file holding the bearer token for --listen-tcp (at least 16 printable
+    /// characters; readable by its owner only).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Seconds a new VM may take to report itself running on its API socket.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub start_timeout: f64,
+
+    /// Seconds a stopping VM gets after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub stop_timeout: f64,
+
+    /// Seconds GET /metrics waits for each VM's own metrics.
+    #[arg(long, default_value_t = 0.5, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub scrape_timeout: f64,
+
+    /// The most VMs the daemon holds at once (any state).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_vms: usize,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
+    }
+}
+
+pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    if args.listen_tcp.is_none() && args.token_file.is_some() {
+        bail!(
+            "--token-file {} is only used with --listen-tcp ADDR",
+            args.token_file.unwrap_or_default().display()
+        );
+    }
+    let vmm_binary =
+        std::env::current_exe().context("cannot find the vigil binary (current_exe)")?;
+    let mut config = vigil_daemon::DaemonConfig::new(
+        args.state_dir.unwrap_or_else(default_state_dir),
+        args.socket.unwrap_or_else(default_socket),
+        vmm_binary,
+    );
+    config.listen_tcp = args.listen_tcp;
+    config.token_file = args.token_file;
+    config.start_timeout = Duration::from_secs_f64(args.start_timeout);
+    config.stop_timeout = Duration::from_secs_f64(args.stop_timeout);
+    config.scrape_timeout = Duration::from_secs_f64(args.scrape_timeout);
+    if args.max_vms == 0 {
+        bail!("--max-vms 0: the daemon must be allowed at least one VM");
+    }
+    config.max_vms = args.max_vms;
+    vigil_daemon::run(config)
+}
+
+pub const CTL_AFTER_HELP: &str = "\
+Output: aligned tables for people by default; --json prints the daemon's JSON as it
+came (for scripts and jq). Exit status: 0 on success, 1 when the daemon refused (its
+message is printed) or cannot be reached.
+
+Examples:
+  vigil ctl create web-1 --config vm.json   # Firecracker-style config file
+  vigil ctl list
+  vigil ctl pause web-1 && vigil ctl resume web-1
+  vigil ctl stop web-1 --timeout 5          # SIGTERM, SIGKILL after 5 s
+  vigil ctl inspect web-1 --json | jq .exit
+  vigil ctl destroy web-1";
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The daemon's socket [default: as `vigil daemon`'s: $VIGIL_SOCKET, else
+    /// /run/vigil/daemon.sock for root, else $XDG_RUNTIME_DIR/vigil/daemon.sock].
+    #[arg(long, value_name = "PATH", global = true)]
+    pub socket: Option<PathBuf>,
+
+    /// Print the daemon's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// List the VMs: ID, STATE, PID, VCPUS, MEMORY, UPTIME, and how ended ones ended.
+    #[command(alias = "ls")]
+    List,
+    /// Create a VM from a Firecracker-style JSON configuration and start it.
+    Create {
+        /// Its id: 1 to 64 characters from A-Z a-z 0-9 _ -.
+        id: String,
+        /// The configuration file ("boot-source", "machine-config", "drives", ...).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Show everything about one VM, including how it ended and its logs' last lines.
+    Inspect { id: String },
+    /// Pause a running VM (its vCPUs stop; its memory stays).
+    Pause { id: String },
+    /// Resume a paused VM.
+    Resume { id: String },
+    /// Stop a VM; its record and folder stay until `destroy`.
+    Stop {
+        id: String,
+        /// Seconds to wait before SIGKILL [default: the daemon's --stop-timeout].
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        timeout: Option<f64>,
+        /// Ask the guest to shut down (Ctrl+Alt+Del) before SIGTERM.
+        #[arg(long)]
+        ctrl_alt_del: bool,
+    },
+    /// Stop a VM (when it runs) and remove it and its folder.
+    #[command(alias = "rm")]
+    Destroy { id: String },
+    /// Print the Prometheus metrics of the host, the daemon and every VM.
+    Metrics,
+    /// Check that the daemon answers.
+    Health,
+}
+
+/// How long `ctl` waits for answers that involve starting or stopping processes.
+const SLOW: Duration = Duration::from_secs(120);
+const FAST: Duration = Duration::from_secs(15);
+
+fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
+    let body = body.map(|b| b.to_string().into_bytes());
+    match request_blocking(socket, method, path, body, timeout) {
+        Ok(r) if r.is_success() => Ok(r),
+        Ok(r) => bail!(
+            "the daemon refused {method} {path} (HTTP {}): {}",
+            r.status,
+            r.fault_message()
+        ),
+        Err(ClientError::Connect { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            bail!(
+                "no daemon at {}: start one with `vigil daemon` (or point --socket / VIGIL_SOCKET at its socket)",
+                socket.display()
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_json(r: &Response) {
+    match r.json() {
+        Some(v) => println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| r.text())
+        ),
+        None => println!("{}", r.text()),
+    }
+}
+
+pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
+    let socket = args.socket.unwrap_or_else(default_socket);
+    let socket = socket.as_path();
+    let json = args.json;
+    match args.command {
+        CtlCommand::List => {
+            let r = call(socket, "GET", "/vms", None, FAST)?;
+            if json {
+                print_json(&r);
+            } else {
+                let vms = r
+                    .json()
+                    .and_then(|v| v.as_array().cloned())
+                    .unwrap_or_default();
+                print!("{}", vm_table(&vms));
+            }
+        }
+        CtlCommand::Create { id, config } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("--config {}: cannot read it", config.display()))?;
+            let value: Value = serde_json::from_str(&text)
+                .with_context(|| format!("--config {}: not valid JSON", config.display()))?;
+            let r = call(
+                socket,
+                "POST",
+                "/vms",
+                Some(serde_json::json!({"id": id, "config": value})),
+                SLOW,
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                let v = r.json().unwrap_or_default();
+                print!("{}", vm_table(std::slice::from_ref(&v)));
+            }
+        }
+        CtlCommand::Inspect { id } => {
+            let r = call(socket, "GET", &format!("/vms/{id}"), None, FAST)?;
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", describe(&r.json().unwrap_or_default()));
+            }
+        }
+        CtlCommand::Pause { id } => state_change(socket, &id, "Paused", json)?,
+        CtlCommand::Resume { id } => state_change(socket, &id, "Resumed", json)?,
+        CtlCommand::Stop {
+            id,
+            timeout,
+            ctrl_alt_del,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(t) = timeout {
+                body.insert("timeout_s".into(), t.into());
+            }
+            if ctrl_alt_del {
+                body.insert("method".into(), "ctrl-alt-del".into());
+            }
+            let r = call(
+                socket,
+                "POST",
+                &format!("/vms/{id}/stop"),
+                Some(Value::Object(body)),
+                SLOW,
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                let v = r.json().unwrap_or_default();
+                print!("{}", vm_table(std::slice::from_ref(&v)));
+            }
+        }
+        CtlCommand::Destroy { id } => {
+            call(socket, "DELETE", &format!("/vms/{id}"), None, SLOW)?;
+            if json {
+                println!("{}", serde_json::json!({"id": id, "destroyed": true}));
+            } else {
+                println!("destroyed {id}");
+            }
+        }
+        CtlCommand::Metrics => {
+            let r = call(socket, "GET", "/metrics", None, FAST)?;
+            print!("{}", r.text());
+        }
+        CtlCommand::Health => {
+            let r = call(socket, "GET", "/health", None, FAST)?;
+            if json {
+                print_json(&r);
+            } else {
+                let v = r.json().unwrap_or_default();
+                println!(
+                    "ok: vigil daemon {} (pid {}), {} VM(s), up {}",
+                    v["version"].as_str().unwrap_or("?"),
+                    v["pid"],
+                    v["vms"],
+                    uptime(v["uptime_s"].as_f64())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn state_change(socket: &Path, id: &str, state: &str, json: bool) -> anyhow::Result<()> {
+    let r = call(
+        socket,
+        "PATCH",
+        &format!("/vms/{id}"),
+        Some(serde_json::json!({"state": state})),
+        FAST,
+    )?;
+    if json {
+        print_json(&r);
+    } else {
+        let v = r.json().unwrap_or_default();
+        print!("{}", vm_table(std::slice::from_ref(&v)));
+    }
+    Ok(())
+}
+
+/// 42s, 3m05s, 2h07m, 3d04h.
+pub fn uptime(seconds: Option<f64>) -> String {
+    let Some(s) = seconds.filter(|s| s.is_finite() && *s >= 0.0) else {
+        return "-".into();
+    };
+    let s = s as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn field(v: &Value, key: &str) -> String {
+    match &v[key] {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The VMs as an aligned table.
+pub fn vm_table(vms: &[Value]) -> String {
+    let header = ["ID", "STATE", "PID", "VCPUS", "MEMORY", "UPTIME", "EXIT"];
+    let rows: Vec<[String; 7]> = vms
+        .iter()
+        .map(|v| {
+            let exit = match (&v["exit"]["code"], &v["exit"]["signal"]) {
+                (Value::Number(c), _) => format!("status {c}"),
+                (_, Value::Number(s)) => format!("signal {s}"),
+                _ => "-".into(),
+            };
+            [
+                field(v, "id"),
+                field(v, "state"),
+                field(v, "pid"),
+                field(v, "vcpus"),
+                v["memory_mib"]
+                    .as_u64()
+                    .map_or("-".into(), |m| format!("{m} MiB")),
+                uptime(v["uptime_s"].as_f64()),
+                exit,
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header.map(String::from));
+    for row in &rows {
+        line(row);
+    }
+    out
+}
+
+/// One VM, as "key: value" lines and its logs' tails.
+fn describe(v: &Value) -> String {
+    let mut out = vm_table(std::slice::from_ref(v));
+    out.push('\n');
+    for (label, key) in [
+        ("dir", "dir"),
+        ("api socket", "api_socket"),
+        ("created (unix s)", "created_at_unix_s"),
+    ] {
+        out.push_str(&format!("{label:<17} {}\n", field(v, key)));
+    }
+    if let Some(reason) = v["exit"]["reason"].as_str() {
+        out.push_str(&format!("{:<17} {reason}\n", "how it ended"));
+    }
+    for (label, key) in [
+        ("VMM log (end)", "stderr_tail"),
+        ("console (end)", "console_tail"),
+    ] {
+        if let Some(text) = v[key].as_str().filter(|t| !t.trim().is_empty()) {
+            out.push_str(&format!("\n--- {label}\n{}", text));
+            if !text.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let vms = [
+            serde_json::json!({"id": "a", "state": "running", "pid": 12, "vcpus": 1, "memory_mib": 32, "uptime_s": 5.2}),
+            serde_json::json!({"id": "long-name", "state": "crashed", "pid": null, "vcpus": 2, "memory_mib": 1024, "uptime_s": 3700.0, "exit": {"code": 3}}),
+        ];
+        let t = vm_table(&vms);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let col = lines[0].find("STATE").unwrap();
+        assert_eq!(lines[1].find("running"), Some(col));
+        assert_eq!(lines[2].find("crashed"), Some(col));
+        assert!(
+            lines[2].contains("1024 MiB")
+                && lines[2].contains("1h01m")
+                && lines[2].ends_with("status 3")
+        );
+        assert!(lines[1].ends_with('-'));
+    }
+
+    #[test]
+    fn uptimes() {
+        assert_eq!(uptime(Some(0.4)), "0s");
+        assert_eq!(uptime(Some(185.0)), "3m05s");
+        assert_eq!(uptime(Some(90000.0)), "1d01h");
+        assert_eq!(uptime(None), "-");
+        assert_eq!(uptime(Some(f64::NAN)), "-");
+    }
+}

@@ -1,0 +1,180 @@
+//! Running a VM whose configuration comes from the API or a Firecracker
+//! configuration file: serve the API (when asked), wait for `InstanceStart` (or
+//! start at once), then run the VM to its end as `vigil run` does.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{mpsc, Arc, Mutex};
+
+use anyhow::{anyhow, Context};
+use vigil_api::model::{FullVmConfig, Logger, Metrics};
+use vigil_api::preboot::PreBoot;
+use vigil_api::{Api, ToVmm};
+use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
+use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, VmConfig};
+use vigil_vmm::{RunningVm, StopHandle};
+
+use crate::logging::Logging;
+use crate::terminal::TerminalGuard;
+
+/// VMM-side settings that Firecracker's API has no place for; they apply to a VM
+/// configured through the API or a file.
+#[derive(Clone, Debug)]
+pub struct Overrides {
+    pub console: ConsoleConfig,
+    pub symbols: Option<PathBuf>,
+    pub boot_protocol: BootProtocol,
+    pub cpu_template: CpuTemplate,
+    pub cpuid_hide: Vec<CpuFeature>,
+}
+
+impl Default for Overrides {
+    fn default() -> Self {
+        Self {
+            console: ConsoleConfig::Stdio,
+            symbols: None,
+            boot_protocol: BootProtocol::Auto,
+            cpu_template: CpuTemplate::Auto,
+            cpuid_hide: Vec::new(),
+        }
+    }
+}
+
+impl Overrides {
+    fn apply(&self, config: &mut VmConfig) {
+        config.console = self.console.clone();
+        config.symbols = self.symbols.clone();
+        config.boot_protocol = self.boot_protocol;
+        config.cpu_template = self.cpu_template.clone();
+        config.cpuid_hide = self.cpuid_hide.clone();
+    }
+}
+
+/// How to launch.
+pub struct Launch {
+    /// Serve the API here.
+    pub api_sock: Option<PathBuf>,
+    /// The instance id (`GET /`, metrics).
+    pub id: String,
+    /// Start this VM at once instead of waiting for `InstanceStart`.
+    pub boot_now: Option<VmConfig>,
+    /// What `GET /vm/config` starts from (a configuration file's content).
+    pub pre: PreBoot,
+    pub logger: Option<Logger>,
+    pub metrics: Option<Metrics>,
+    pub overrides: Overrides,
+}
+
+/// Reads a Firecracker configuration file into what [`Launch`] needs: the
+/// accumulated configuration, the VM to boot, and the logger and metrics keys.
+pub fn from_config_file(
+    path: &std::path::Path,
+) -> anyhow::Result<(PreBoot, VmConfig, Option<Logger>, Option<Metrics>)> {
+    let file: FullVmConfig = vigil_api::read_config_file(path).map_err(|e| anyhow!(e))?;
+    let mut pre = PreBoot::default();
+    pre.apply_file(&file)
+        .map_err(|e| anyhow!("--config-file {}: {e}", path.display()))?;
+    let config = pre
+        .to_vm_config()
+        .map_err(|e| anyhow!("--config-file {}: {e}", path.display()))?;
+    Ok((pre, config, file.logger, file.metrics))
+}
+
+fn start(config: &VmConfig) -> anyhow::Result<(RunningVm, Option<TerminalGuard>)> {
+    let vm = vigil_vmm::builder::build(config)?;
+    let terminal = (config.console == ConsoleConfig::Stdio)
+        .then(TerminalGuard::enter)
+        .flatten();
+    let running = vm.start().context("cannot start the VM's threads")?;
+    Ok((running, terminal))
+}
+
+/// Serves the API (if asked), starts the VM (at once or on `InstanceStart`) and
+/// waits for it to end.
+pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
+    let (to_vmm, from_api) = mpsc::channel();
+    let api = Api::new(l.id.clone(), to_vmm.clone(), Some(logging.hook()));
+    api.set_preboot(l.pre);
+    if let Some(logger) = l.logger {
+        api.configure_logger(logger)
+            .map_err(|e| anyhow!("logger: {e}"))?;
+    }
+    if let Some(metrics) = l.metrics {
+        api.configure_metrics(metrics)
+            .map_err(|e| anyhow!("metrics: {e}"))?;
+    }
+
+    // SIGINT/SIGTERM: before the VM starts they end the process; after, the VM.
+    let stop_slot: Arc<Mutex<Option<StopHandle>>> = Arc::new(Mutex::new(None));
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .context("cannot install signal handlers")?;
+    let signals_handle = signals.handle();
+    let slot = stop_slot.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                match slot.lock().ok().and_then(|s| s.clone()) {
+                    Some(stop) => stop.stop(signal),
+                    None => {
+                        let _ = to_vmm.send(ToVmm::Stop(signal));
+                    }
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+
+    let server = match &l.api_sock {
+        Some(path) => Some(vigil_api::serve(path, api.clone()).map_err(|e| anyhow!(e))?),
+        None => None,
+    };
+
+    let (running, _terminal) = match l.boot_now {
+        Some(mut config) => {
+            l.overrides.apply(&mut config);
+            let (running, terminal) = start(&config)?;
+            if let Ok(mut s) = stop_slot.lock() {
+                *s = Some(running.stop_handle());
+            }
+            api.set_running(running.control());
+            (running, terminal)
+        }
+        None => loop {
+            match from_api.recv() {
+                Ok(ToVmm::Start { config, reply }) => {
+                    let mut config = *config;
+                    l.overrides.apply(&mut config);
+                    match start(&config) {
+                        Ok((running, terminal)) => {
+                            if let Ok(mut s) = stop_slot.lock() {
+                                *s = Some(running.stop_handle());
+                            }
+                            let _ = reply.send(Ok(running.control()));
+                            break (running, terminal);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(format!("{e:#}")));
+                        }
+                    }
+                }
+                Ok(ToVmm::Stop(signal)) => {
+                    signals_handle.close();
+                    drop(server);
+                    eprintln!("vigil: stopped by signal {signal} before the VM started");
+                    return Ok(ExitCode::from(128 + signal as u8));
+                }
+                Err(_) => return Err(anyhow!("the API thread ended")),
+            }
+        },
+    };
+    let symbols = running.symbols().cloned();
+    let outcome = running.wait();
+    signals_handle.close();
+    if let Err(e) = api.flush_metrics() {
+        tracing::debug!("no metrics at exit: {e}");
+    }
+    drop(server);
+    Ok(crate::cli::exit_code(outcome, &|addr| {
+        symbols.as_ref().and_then(|s| s.describe(addr))
+    }))
+}

@@ -1,0 +1,122 @@
+//! Parking vCPU threads between two `KVM_RUN`s: what pause and resume are made of.
+//!
+//! A pause sets [`PauseGate::requested`]; each vCPU thread checks it before every
+//! `KVM_RUN` and, when set, parks on a condition variable and counts itself. The
+//! pausing thread kicks the vCPUs out of `KVM_RUN` (the kick signal) until every one
+//! of them has parked. Resume clears the request and wakes them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Shared by the vCPU threads and whoever pauses them.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    requested: AtomicBool,
+    parked: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a pause is asked for (or in force).
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Called by a vCPU thread before `KVM_RUN`: parks while a pause is asked for
+    /// and the VM is not stopping.
+    pub fn park_if_requested(&self, stop: &AtomicBool) {
+        if !self.requested() {
+            return;
+        }
+        let mut parked = self.lock();
+        *parked += 1;
+        self.changed.notify_all();
+        while self.requested() && !stop.load(Ordering::Acquire) {
+            // The timeout only bounds how long a missed wake-up could last.
+            parked = match self.changed.wait_timeout(parked, Duration::from_millis(100)) {
+                Ok((guard, _)) => guard,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        *parked -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Asks the vCPUs to park (they do so at their next exit).
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+    }
+
+    /// Lets parked vCPUs go on.
+    pub fn release(&self) {
+        self.requested.store(false, Ordering::Release);
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Wakes parked vCPUs so they see that the VM is stopping.
+    pub fn wake_all(&self) {
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// How many vCPUs are parked now, waiting at most `wait` for a change first.
+    pub fn parked_after(&self, wait: Duration) -> usize {
+        let parked = self.lock();
+        match self.changed.wait_timeout(parked, wait) {
+            Ok((guard, _)) => *guard,
+            Err(e) => *e.into_inner().0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn parks_until_released_and_counts() {
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        gate.request();
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (g, s) = (gate.clone(), stop.clone());
+                std::thread::spawn(move || g.park_if_requested(&s))
+            })
+            .collect();
+        let mut parked = 0;
+        for _ in 0..500 {
+            parked = gate.parked_after(Duration::from_millis(10));
+            if parked == 3 {
+                break;
+            }
+        }
+        assert_eq!(parked, 3);
+        assert!(threads.iter().all(|t| !t.is_finished()));
+        gate.release();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(gate.parked_after(Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn stop_unparks() {
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        gate.request();
+        let (g, s) = (gate.clone(), stop.clone());
+        let t = std::thread::spawn(move || g.park_if_requested(&s));
+        while gate.parked_after(Duration::from_millis(10)) == 0 {}
+        stop.store(true, Ordering::Release);
+        gate.wake_all();
+        t.join().unwrap();
+    }
+}
