@@ -321,7 +321,7 @@
     $("btn-resume").disabled = state !== "Paused";
     $("btn-stop").disabled = !(state === "Running" || state === "Paused" || state === "Starting");
     drawChart($("chart-exits"), e.series, "exits", fmtNum);
-    drawChart($("chart-cpu"), e.series, "cpu", (x) => x.toFixed(0) + "%");
+    drawChart($("chart-cpu"), e.series, "cpu", (x) => (x > 0 && x < 10 ? x.toFixed(1) : x.toFixed(0)) + "%");
     drawChart($("chart-rss"), e.series, "rss", fmtBytes);
     drawChart($("chart-io"), e.series, "io", fmtRate);
   }
@@ -366,7 +366,7 @@
       ctx.moveTo(padL, Math.round(y) + 0.5);
       ctx.lineTo(w - padR, Math.round(y) + 0.5);
       ctx.stroke();
-      ctx.fillText(labels[i], padL - 6, y);
+      if (pts.length > 0) ctx.fillText(labels[i], padL - 6, y);
     }
     ctx.textAlign = "left";
     ctx.textBaseline = "alphabetic";
