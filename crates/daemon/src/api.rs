@@ -8,8 +8,11 @@
 //! | `PATCH /vms/{id}` `{"state": "Paused"\|"Resumed"}` | pause or resume it |
 //! | `POST /vms/{id}/stop` `[{"timeout_s", "method"}]` | stop it; its record stays |
 //! | `DELETE /vms/{id}` | stop it and remove it and its folder; 204 |
+//! | `GET /vms/{id}/metrics` | one live VM's vigil-metrics snapshot (JSON), from its API socket |
+//! | `GET /events` | server-sent events: VM lifecycle events as Falco-style JSON ([`crate::events`]) |
 //! | `GET /metrics` | Prometheus text: host, daemon, every VM labelled `vm="<id>"` |
 //! | `GET /health` | `{"status": "ok", ...}` |
+//! | `GET /`, `GET /assets/{name}` | the web dashboard (`vigil-dashboard`; public on TCP: the data it shows needs the token) |
 //!
 //! Errors are `{"fault_message": "..."}` with a 4xx/5xx status.
 
@@ -24,9 +27,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
+use crate::client;
 use crate::error::ApiError;
 use crate::metrics;
-use crate::supervisor::{CreateRequest, StopMethod, Supervisor};
+use crate::supervisor::{CreateRequest, StopMethod, Supervisor, VmState};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -41,6 +45,8 @@ pub fn router(state: AppState) -> Router {
         .route("/vms", post(create).get(list))
         .route("/vms/{id}", get(inspect).patch(patch).delete(destroy))
         .route("/vms/{id}/stop", post(stop))
+        .route("/vms/{id}/metrics", get(vm_metrics))
+        .route("/events", get(events))
         .route("/metrics", get(prometheus))
         .route("/health", get(health))
         .fallback(not_found)
@@ -162,6 +168,42 @@ async fn destroy(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// One VM's metrics snapshot, as its API socket gives it (`GET /vigil/metrics`).
+async fn vm_metrics(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let vm = app.supervisor.get(&id)?;
+    let state = vm.state();
+    if !matches!(state, VmState::Running | VmState::Paused) {
+        return Err(ApiError::conflict(format!(
+            "VM {id:?} is {}: only a running or paused VM has metrics",
+            state.as_str()
+        )));
+    }
+    let response = client::request(
+        vm.api_socket(),
+        "GET",
+        metrics::VM_METRICS_PATH,
+        None,
+        app.scrape_timeout,
+    )
+    .await
+    .map_err(|e| ApiError::bad_gateway(format!("VM {id:?}: {e}")))?;
+    match response.json() {
+        Some(snapshot) if response.is_success() => Ok(Json(snapshot).into_response()),
+        _ => Err(ApiError::bad_gateway(format!(
+            "VM {id:?} gave no metrics snapshot (HTTP {}): {}",
+            response.status,
+            response.fault_message()
+        ))),
+    }
+}
+
+async fn events(State(app): State<AppState>) -> Response {
+    app.supervisor.events().sse()
+}
+
 async fn prometheus(State(app): State<AppState>) -> Response {
     let samples = metrics::collect(&app.supervisor, app.scrape_timeout).await;
     let text = metrics::render(&samples, app.started);
@@ -188,7 +230,7 @@ async fn health(State(app): State<AppState>) -> Response {
 
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!(
-        "no endpoint {method} {}: see GET /vms, POST /vms, GET|PATCH|DELETE /vms/{{id}}, POST /vms/{{id}}/stop, GET /metrics, GET /health",
+        "no endpoint {method} {}: see GET /vms, POST /vms, GET|PATCH|DELETE /vms/{{id}}, POST /vms/{{id}}/stop, GET /vms/{{id}}/metrics, GET /events, GET /metrics, GET /health, and the dashboard at /",
         uri.path()
     ))
 }

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod events;
 pub mod id;
 pub mod metrics;
 pub mod supervisor;
@@ -188,15 +189,23 @@ pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> 
             .map(|a| format!(" and on tcp {a} (bearer token)"))
             .unwrap_or_default()
     );
-    let unix_server = axum::serve(unix, api::router(state.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    // The dashboard's assets are public; everything they show comes from the API
+    // routes, which need the token on TCP: so the dashboard is merged outside the
+    // token layer.
+    let unix_server = axum::serve(
+        unix,
+        api::router(state.clone()).merge(vigil_dashboard::router()),
+    )
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
     let unix_task = tokio::spawn(async move { unix_server.await });
     let tcp_task = match (tcp, token) {
         (Some(listener), Some(token)) => {
-            let app = api::router(state.clone()).layer(axum::middleware::from_fn_with_state(
-                token,
-                auth::require_token,
-            ));
+            let app = api::router(state.clone())
+                .layer(axum::middleware::from_fn_with_state(
+                    token,
+                    auth::require_token,
+                ))
+                .merge(vigil_dashboard::router());
             let server =
                 axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
             Some(tokio::spawn(async move { server.await }))
@@ -215,6 +224,9 @@ pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> 
     );
     let _ = stop_tx.send(true);
     supervisor.stop_all().await;
+    // Event streams never end by themselves: end them, or the servers' graceful
+    // shutdown would wait for every open dashboard.
+    supervisor.events().close();
     // In-flight requests had the time of the VMs' stop to finish; do not wait forever.
     let _ = tokio::time::timeout(Duration::from_secs(5), unix_task).await;
     if let Some(task) = tcp_task {

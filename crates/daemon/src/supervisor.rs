@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::client;
 use crate::error::ApiError;
+use crate::events::{EventHub, Priority};
 use crate::id::validate_id;
 
 /// How many bytes of a VM's stderr and console logs its record keeps when it ends.
@@ -324,6 +325,8 @@ pub fn tail(path: &Path, max: u64) -> Option<String> {
 pub struct Supervisor {
     config: SupervisorConfig,
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
+    /// Lifecycle events, for `GET /events`.
+    events: Arc<EventHub>,
 }
 
 /// The request to create a VM.
@@ -344,7 +347,13 @@ impl Supervisor {
         Supervisor {
             config,
             vms: Mutex::new(BTreeMap::new()),
+            events: Arc::new(EventHub::new()),
         }
+    }
+
+    /// The hub VM lifecycle events are published to.
+    pub fn events(&self) -> &Arc<EventHub> {
+        &self.events
     }
 
     pub fn config(&self) -> &SupervisorConfig {
@@ -435,7 +444,15 @@ impl Supervisor {
                 return Err(e);
             }
         }
-        self.wait_started(&vm).await
+        let info = self.wait_started(&vm).await?;
+        self.events.vm(
+            &id,
+            "created",
+            info.state.as_str(),
+            Priority::Informational,
+            serde_json::json!({ "vm.vcpus": info.vcpus, "vm.memory_mib": info.memory_mib, "proc.pid": info.pid }),
+        );
+        Ok(info)
     }
 
     /// Prepares the folder and spawns the process with its reaper.
@@ -533,7 +550,7 @@ impl Supervisor {
         })?;
         vm.status().pid = child.id();
         tracing::info!(id = %vm.id, pid = ?child.id(), "VM process started");
-        tokio::spawn(reap(vm.clone(), child, signals, ended));
+        tokio::spawn(reap(vm.clone(), child, signals, ended, self.events.clone()));
         Ok(())
     }
 
@@ -641,6 +658,13 @@ impl Supervisor {
             }
         }
         tracing::info!(id, "VM {word}");
+        self.events.vm(
+            id,
+            word,
+            to.as_str(),
+            Priority::Informational,
+            serde_json::json!({}),
+        );
         Ok(vm.info(false))
     }
 
@@ -684,6 +708,13 @@ impl Supervisor {
             status.state = VmState::Stopping;
         }
         tracing::info!(id = %vm.id, ?method, "stopping VM");
+        self.events.vm(
+            &vm.id,
+            "stopping",
+            VmState::Stopping.as_str(),
+            Priority::Notice,
+            serde_json::json!({ "method": method }),
+        );
         if method == StopMethod::CtrlAltDel {
             let body = serde_json::json!({ "action_type": "SendCtrlAltDel" });
             let sent = client::request(
@@ -740,6 +771,13 @@ impl Supervisor {
         self.stop_vm(&vm, StopMethod::Sigterm, timeout).await;
         self.remove(&vm).await;
         tracing::info!(id, "VM destroyed");
+        self.events.vm(
+            id,
+            "destroyed",
+            vm.state().as_str(),
+            Priority::Notice,
+            serde_json::json!({}),
+        );
         Ok(())
     }
 
@@ -791,6 +829,7 @@ async fn reap(
     mut child: tokio::process::Child,
     mut signals: mpsc::UnboundedReceiver<i32>,
     ended: watch::Sender<bool>,
+    events: Arc<EventHub>,
 ) {
     let status = loop {
         tokio::select! {
@@ -848,6 +887,23 @@ async fn reap(
         if vm.dir.is_dir() {
             let _ = std::fs::write(vm.dir.join("exit.json"), record.to_string());
         }
+        let priority = match s.state {
+            VmState::Crashed => Priority::Critical,
+            VmState::Failed => Priority::Error,
+            _ => Priority::Notice,
+        };
+        let exit = s.exit.as_ref();
+        events.vm(
+            &vm.id,
+            s.state.as_str(),
+            s.state.as_str(),
+            priority,
+            serde_json::json!({
+                "reason": exit.map(|e| e.reason.as_str()),
+                "proc.exit_code": exit.and_then(|e| e.code),
+                "proc.signal": exit.and_then(|e| e.signal),
+            }),
+        );
     }
     let _ = std::fs::remove_file(&vm.api_socket);
     let _ = ended.send(true);

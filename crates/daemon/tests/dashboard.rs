@@ -1,0 +1,365 @@
+//! The dashboard as `vigil daemon` serves it, against the stand-in VMM
+//! (`examples/fake_vmm.rs`): the page and its assets load without a token on TCP,
+//! every data and control endpoint needs it; `GET /vms/{id}/metrics` passes the VM's
+//! snapshot through; `GET /events` streams lifecycle events; and the page, in
+//! headless Chromium, drives a VM through pause, resume and stop.
+//! With a real guest: crates/vigil/tests/dashboard.rs.
+
+#[path = "../../dashboard/tests/cdp/mod.rs"]
+mod cdp;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vigil_daemon::DaemonConfig;
+
+const TOKEN: &str = "dashboard-test-token-0123456789";
+
+fn fake_vmm() -> PathBuf {
+    // target/<triple>/debug/deps/dashboard-HASH -> target/<triple>/debug/examples/fake_vmm
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("examples/fake_vmm"))
+        .expect("examples dir")
+}
+
+/// A daemon on a Unix socket and 127.0.0.1 (with a token), on its own runtime.
+struct Daemon {
+    dir: PathBuf,
+    tcp: SocketAddr,
+    rt: tokio::runtime::Runtime,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Daemon {
+    fn start(name: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("vigil-dash-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod token");
+        // A free loopback port (released just before the daemon takes it).
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let socket = dir.join("daemon.sock");
+        let mut config = DaemonConfig::new(dir.join("state"), socket.clone(), fake_vmm());
+        config.listen_tcp = Some(tcp);
+        config.token_file = Some(token_file);
+        config.start_timeout = Duration::from_secs(10);
+        config.stop_timeout = Duration::from_secs(2);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(vigil_daemon::serve(config, async {
+            let _ = rx.await;
+        }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(tcp).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not listen on {tcp}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon {
+            dir,
+            tcp,
+            rt,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// One request on the TCP listener: (status, content type, body).
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: bool,
+        body: Option<Value>,
+    ) -> (u16, String, String) {
+        let mut s = TcpStream::connect(self.tcp).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let auth = if token {
+            format!("Authorization: Bearer {TOKEN}\r\n")
+        } else {
+            String::new()
+        };
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.tcp,
+            body.len()
+        )
+        .expect("send");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("read");
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let ctype = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type:")
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        (status, ctype, body.to_string())
+    }
+
+    fn create(&self, id: &str) {
+        let (status, _, body) = self.call(
+            "POST",
+            "/vms",
+            true,
+            Some(json!({"id": id, "config": {"machine-config": {"vcpu_count": 2, "mem_size_mib": 64}, "fake": {}}})),
+        );
+        assert_eq!(status, 201, "create {id}: {body}");
+    }
+
+    fn state(&self, id: &str) -> String {
+        let (_, _, body) = self.call("GET", &format!("/vms/{id}"), true, None);
+        serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(20), task).await });
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reads server-sent events from `GET /events` until `want` rules have all been seen.
+fn read_events(tcp: SocketAddr, want: &[&str], timeout: Duration) -> Vec<Value> {
+    let mut s = TcpStream::connect(tcp).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+    write!(
+        s,
+        "GET /events HTTP/1.1\r\nHost: {tcp}\r\nAuthorization: Bearer {TOKEN}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .expect("send");
+    let mut r = BufReader::new(s);
+    let mut events = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut line = String::new();
+    let mut head = true;
+    while Instant::now() < deadline {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => continue, // read timeout: look at the deadline again
+        }
+        if head {
+            if line.starts_with("HTTP/1.1") {
+                assert!(line.contains(" 200 "), "GET /events: {line}");
+            }
+            if line.to_ascii_lowercase().starts_with("content-type:") {
+                assert!(line.contains("text/event-stream"), "{line}");
+            }
+            head = line != "\r\n";
+            continue;
+        }
+        // Chunked encoding: chunk-size lines are hex; SSE lines start with a field.
+        if let Some(data) = line.trim_end().strip_prefix("data:") {
+            if let Ok(v) = serde_json::from_str::<Value>(data.trim()) {
+                events.push(v);
+            }
+        }
+        if want
+            .iter()
+            .all(|w| events.iter().any(|e| e["rule"] == json!(w)))
+        {
+            return events;
+        }
+    }
+    panic!("events {want:?} not all seen in {timeout:?}; got {events:#?}");
+}
+
+#[test]
+fn tcp_serves_the_page_freely_and_everything_else_behind_the_token() {
+    let d = Daemon::start("auth");
+    let (status, ctype, body) = d.call("GET", "/", false, None);
+    assert_eq!(status, 200);
+    assert!(ctype.starts_with("text/html"), "{ctype}");
+    assert!(body.contains("Vigil"));
+    for asset in vigil_dashboard::asset_names() {
+        assert_eq!(
+            d.call("GET", &format!("/assets/{asset}"), false, None).0,
+            200,
+            "{asset}"
+        );
+    }
+    d.create("vm-a");
+    let paused = Some(json!({"state": "Paused"}));
+    for (method, path, body) in [
+        ("GET", "/vms", None),
+        ("GET", "/vms/vm-a", None),
+        ("GET", "/vms/vm-a/metrics", None),
+        ("GET", "/events", None),
+        ("GET", "/metrics", None),
+        ("PATCH", "/vms/vm-a", paused.clone()),
+        ("POST", "/vms/vm-a/stop", None),
+        ("DELETE", "/vms/vm-a", None),
+    ] {
+        let (status, _, text) = d.call(method, path, false, body);
+        assert_eq!(status, 401, "{method} {path} without the token: {text}");
+    }
+    // Nothing happened to the VM.
+    assert_eq!(d.state("vm-a"), "running");
+
+    // With the token: the snapshot comes through from the VM's socket.
+    let (status, ctype, body) = d.call("GET", "/vms/vm-a/metrics", true, None);
+    assert_eq!(status, 200, "{body}");
+    assert!(ctype.starts_with("application/json"));
+    let snapshot: Value = serde_json::from_str(&body).expect("json");
+    assert!(snapshot["vcpus"].is_array(), "{snapshot}");
+    assert_eq!(d.call("GET", "/vms/nope/metrics", true, None).0, 404);
+
+    let (status, _, body) = d.call("PATCH", "/vms/vm-a", true, paused);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(d.state("vm-a"), "paused");
+    let (status, _, body) = d.call("POST", "/vms/vm-a/stop", true, None);
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = d.call("GET", "/vms/vm-a/metrics", true, None);
+    assert_eq!(status, 409, "metrics of a stopped VM: {body}");
+    assert!(body.contains("stopped"), "{body}");
+}
+
+#[test]
+fn events_stream_lifecycle_events_with_falcos_keys() {
+    let d = Daemon::start("events");
+    d.create("vm-e");
+    let tcp = d.tcp;
+    let reader = std::thread::spawn(move || {
+        read_events(
+            tcp,
+            &[
+                "VM created",
+                "VM paused",
+                "VM resumed",
+                "VM stopping",
+                "VM stopped",
+            ],
+            Duration::from_secs(20),
+        )
+    });
+    // "created" came before the stream opened: it arrives from the history.
+    for state in ["Paused", "Resumed"] {
+        let (status, _, body) = d.call("PATCH", "/vms/vm-e", true, Some(json!({ "state": state })));
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(d.call("POST", "/vms/vm-e/stop", true, None).0, 200);
+    let events = reader.join().expect("reader");
+    let rules: Vec<&str> = events.iter().filter_map(|e| e["rule"].as_str()).collect();
+    let pos = |r: &str| rules.iter().position(|x| *x == r).unwrap_or(usize::MAX);
+    assert!(
+        pos("VM created") < pos("VM paused")
+            && pos("VM paused") < pos("VM resumed")
+            && pos("VM resumed") < pos("VM stopped"),
+        "order: {rules:?}"
+    );
+    for e in &events {
+        for key in [
+            "time",
+            "rule",
+            "priority",
+            "output",
+            "output_fields",
+            "source",
+        ] {
+            assert!(e.get(key).is_some(), "no {key} in {e}");
+        }
+        assert_eq!(e["output_fields"]["vm.id"], "vm-e");
+        assert_eq!(e["source"], "vigil");
+    }
+    let stopped = events
+        .iter()
+        .find(|e| e["rule"] == "VM stopped")
+        .expect("stopped");
+    assert_eq!(stopped["priority"], "Notice");
+    assert_eq!(stopped["output_fields"]["vm.state"], "stopped");
+}
+
+#[test]
+fn dashboard_in_chromium_drives_a_vm_of_the_daemon() {
+    let Some(chromium) = cdp::find_chromium() else {
+        eprintln!("SKIP: no chromium binary (apt-get install chromium, or set VIGIL_CHROMIUM)");
+        return;
+    };
+    let d = Daemon::start("browser");
+    d.create("vm-b");
+    let mut b = cdp::Browser::launch(&chromium, 1280, 800).expect("launch chromium");
+    let secs = Duration::from_secs;
+    b.navigate(&format!("http://{}/", d.tcp))
+        .expect("load the page");
+    b.wait_for("!document.getElementById('login').hidden", secs(10))
+        .expect("token prompt");
+    b.type_into("#token", TOKEN).expect("type the token");
+    b.press_enter().expect("submit");
+    let row = "document.querySelector('tr[data-vm-id=\"vm-b\"]')";
+    b.wait_for(&format!("{row}?.dataset.state === 'Running'"), secs(10))
+        .expect("the VM's row, Running");
+    b.wait_for("window.vigilDashboard.series('vm-b').length >= 3", secs(10))
+        .expect("chart points from the daemon's metrics");
+    b.wait_for(
+        "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'VM created')",
+        secs(5),
+    )
+    .expect("the created event");
+
+    b.click("#btn-pause").expect("click Pause");
+    b.wait_for(&format!("{row}.dataset.state === 'Paused'"), secs(5))
+        .expect("row becomes Paused");
+    assert_eq!(d.state("vm-b"), "paused");
+    b.wait_for(
+        "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'VM paused')",
+        secs(5),
+    )
+    .expect("the paused event");
+    b.click("#btn-resume").expect("click Resume");
+    b.wait_for(&format!("{row}.dataset.state === 'Running'"), secs(5))
+        .expect("row becomes Running");
+    assert_eq!(d.state("vm-b"), "running");
+    b.click("#btn-stop").expect("click Stop");
+    b.wait_for("document.getElementById('confirm-stop').open", secs(5))
+        .expect("confirmation dialog");
+    b.click("#confirm-stop-yes").expect("confirm");
+    b.wait_for(&format!("{row}.dataset.state === 'Stopped'"), secs(10))
+        .expect("row becomes Stopped");
+    assert_eq!(d.state("vm-b"), "stopped");
+    let log = b.log_text();
+    assert!(
+        !log.contains("exception:") && !log.contains("Content Security Policy"),
+        "page log:\n{log}"
+    );
+}
