@@ -162,24 +162,18 @@ fn dashboard_shows_and_controls_a_booted_vm() {
     // The charts are fed by GET /vms/{id}/metrics, which passes on the VM's own
     // snapshot (`GET /vigil/metrics` on its API socket).
     let (mstatus, mbody) = d.call("GET", "/vms/guest-1/metrics", None);
-    if mstatus == 200 {
-        if let Err(e) = b.wait_for(
-            "window.vigilDashboard.series('guest-1').length >= 3",
-            secs(15),
-        ) {
-            panic!("chart points: {e}\n{}", ctx(&b, &d));
-        }
-        b.wait_for(
-            "Number(document.getElementById('chart-exits').dataset.points) >= 2",
-            secs(5),
-        )
-        .expect("the exits chart drew its points");
-    } else {
-        eprintln!(
-            "NOTE: the VM serves no metrics snapshot yet (GET /vms/guest-1/metrics: {mstatus} {}); chart check skipped",
-            mbody.trim()
-        );
+    assert_eq!(mstatus, 200, "GET /vms/guest-1/metrics: {mbody}");
+    if let Err(e) = b.wait_for(
+        "window.vigilDashboard.series('guest-1').length >= 3",
+        secs(15),
+    ) {
+        panic!("chart points: {e}\n{}", ctx(&b, &d));
     }
+    b.wait_for(
+        "Number(document.getElementById('chart-exits').dataset.points) >= 2",
+        secs(5),
+    )
+    .expect("the exits chart drew its points");
     if let Ok(png) = b.screenshot() {
         let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-e2e.png");
         std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).ok();
