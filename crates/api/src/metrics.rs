@@ -40,8 +40,7 @@ pub struct MetricsSink {
 }
 
 impl MetricsSink {
-    /// Opens `path`: a named pipe is opened for writing without waiting for a
-    /// reader; anything else is created if needed and appended to.
+    /// Opens `path` (see [`open_output`]).
     pub fn open(
         path: &str,
         emit_id: bool,
@@ -50,20 +49,7 @@ impl MetricsSink {
         if path.is_empty() {
             return Err("metrics_path: empty path".into());
         }
-        let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-        let mut options = OpenOptions::new();
-        if is_fifo {
-            // Read and write: the open does not block waiting for a reader.
-            options
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK);
-        } else {
-            options.append(true).create(true);
-        }
-        let file = options
-            .open(path)
-            .map_err(|e| format!("metrics_path {path:?}: cannot open it: {e}"))?;
+        let file = open_output("metrics_path", path)?;
         Ok(Self {
             path: path.into(),
             file,
@@ -87,6 +73,26 @@ impl MetricsSink {
             .write_all(text.as_bytes())
             .map_err(|e| format!("metrics_path {:?}: cannot write: {e}", self.path))
     }
+}
+
+/// Opens where Firecracker's API sends logs or metrics (`field` names it in
+/// errors): a named pipe is opened for writing without waiting for a reader;
+/// anything else is created if needed and appended to.
+pub fn open_output(field: &str, path: &str) -> Result<File, String> {
+    let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+    let mut options = OpenOptions::new();
+    if is_fifo {
+        // Read and write: the open does not block waiting for a reader.
+        options
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK);
+    } else {
+        options.append(true).create(true);
+    }
+    options
+        .open(path)
+        .map_err(|e| format!("{field} {path:?}: cannot open it: {e}"))
 }
 
 /// One metrics line: the VM's counters and the host's readings (the groups of

@@ -1,8 +1,6 @@
 //! The VMM's log: a `tracing` subscriber whose level and destination can change
 //! while it runs (`PUT /logger`, Firecracker's `--level` and `--log-path`).
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::{Arc, Mutex};
 
 use tracing_subscriber::filter::LevelFilter;
@@ -45,19 +43,7 @@ fn output(path: Option<&str>, show_level: bool, show_origin: bool) -> Result<Out
     Ok(match path {
         None => Box::new(layer.with_writer(std::io::stderr)),
         Some(path) => {
-            let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-            let mut options = OpenOptions::new();
-            if is_fifo {
-                options
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_NONBLOCK);
-            } else {
-                options.append(true).create(true);
-            }
-            let file = options
-                .open(path)
-                .map_err(|e| format!("log_path {path:?}: cannot open it: {e}"))?;
+            let file = vigil_api::metrics::open_output("log_path", path)?;
             Box::new(layer.with_writer(Mutex::new(file)))
         }
     })
