@@ -169,3 +169,104 @@ pub fn request_blocking(
     })?;
     client.request(socket, method, path, body, timeout)
 }
+
+/// Sends a GET to the Unix socket at `socket` and hands each piece of the response
+/// body to `on_chunk` as it arrives, until it returns false or the body ends (a
+/// stream such as `GET /events`). `connect_timeout` bounds the wait for the
+/// response's head. A response that is not 2xx is returned whole instead
+/// (`Ok(Some(response))`); a stream that was read gives `Ok(None)`.
+pub async fn stream(
+    socket: &Path,
+    path: &str,
+    headers: &[(&str, &str)],
+    connect_timeout: Duration,
+    mut on_chunk: impl FnMut(&[u8]) -> bool,
+) -> Result<Option<Response>, ClientError> {
+    let http = |message: String| ClientError::Http {
+        path: socket.to_owned(),
+        message,
+    };
+    let head = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: socket.to_owned(),
+                source,
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut builder = Request::builder()
+            .method("GET")
+            .uri(path)
+            .header("host", "localhost");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| http(format!("bad request GET {path}: {e}")))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        Ok::<_, ClientError>((response, sender, driver))
+    };
+    let (response, sender, driver) = match tokio::time::timeout(connect_timeout, head).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ClientError::Timeout {
+                path: socket.to_owned(),
+                timeout: connect_timeout,
+            })
+        }
+    };
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let result = if (200..300).contains(&status) {
+        loop {
+            match body.frame().await {
+                None => break Ok(None),
+                Some(Err(e)) => break Err(http(e.to_string())),
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        if !on_chunk(data) {
+                            break Ok(None);
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        body.collect()
+            .await
+            .map(|b| {
+                Some(Response {
+                    status,
+                    body: b.to_bytes().to_vec(),
+                })
+            })
+            .map_err(|e| http(e.to_string()))
+    };
+    drop(sender);
+    driver.abort();
+    result
+}
+
+impl BlockingClient {
+    /// [`stream`], for callers without a runtime.
+    pub fn stream(
+        &self,
+        socket: &Path,
+        path: &str,
+        headers: &[(&str, &str)],
+        connect_timeout: Duration,
+        on_chunk: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Option<Response>, ClientError> {
+        self.runtime
+            .block_on(stream(socket, path, headers, connect_timeout, on_chunk))
+    }
+}
