@@ -73,12 +73,28 @@ pub async fn request(
     }
 }
 
-async fn exchange(
+/// A request's connection, kept while its response body is read; dropping it
+/// closes the connection.
+struct Connection {
+    _sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Connects to `socket`, sends one request (`body` as JSON when given) and
+/// returns the response's head, its body still to be read through the connection.
+async fn send(
     socket: &Path,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
-) -> Result<Response, ClientError> {
+) -> Result<(hyper::Response<hyper::body::Incoming>, Connection), ClientError> {
     let http = |message: String| ClientError::Http {
         path: socket.to_owned(),
         message,
@@ -103,28 +119,44 @@ async fn exchange(
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
     }
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
     let request = builder
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| http(format!("bad request {method} {path}: {e}")))?;
-    let result = async {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| http(e.to_string()))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http(e.to_string()))?
-            .to_bytes()
-            .to_vec();
-        Ok(Response { status, body })
-    }
-    .await;
-    drop(sender);
-    driver.abort();
-    result
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| http(e.to_string()))?;
+    Ok((
+        response,
+        Connection {
+            _sender: sender,
+            driver,
+        },
+    ))
+}
+
+async fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Response, ClientError> {
+    let (response, _connection) = send(socket, method, path, &[], body).await?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http {
+            path: socket.to_owned(),
+            message: e.to_string(),
+        })?
+        .to_bytes()
+        .to_vec();
+    Ok(Response { status, body })
 }
 
 /// [`request`] for callers without a runtime (the CLI, benchmarks): requests run
@@ -186,44 +218,17 @@ pub async fn stream(
         path: socket.to_owned(),
         message,
     };
-    let head = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: socket.to_owned(),
-                source,
-            })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| http(e.to_string()))?;
-        let driver = tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut builder = Request::builder()
-            .method("GET")
-            .uri(path)
-            .header("host", "localhost");
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let request = builder
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| http(format!("bad request GET {path}: {e}")))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| http(e.to_string()))?;
-        Ok::<_, ClientError>((response, sender, driver))
-    };
-    let (response, sender, driver) = match tokio::time::timeout(connect_timeout, head).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(ClientError::Timeout {
-                path: socket.to_owned(),
-                timeout: connect_timeout,
-            })
-        }
-    };
+    let (response, connection) =
+        match tokio::time::timeout(connect_timeout, send(socket, "GET", path, headers, None)).await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    path: socket.to_owned(),
+                    timeout: connect_timeout,
+                })
+            }
+        };
     let status = response.status().as_u16();
     let mut body = response.into_body();
     let result = if (200..300).contains(&status) {
@@ -251,8 +256,7 @@ pub async fn stream(
             })
             .map_err(|e| http(e.to_string()))
     };
-    drop(sender);
-    driver.abort();
+    drop(connection);
     result
 }
 

@@ -635,22 +635,8 @@ impl Supervisor {
             )));
         }
         let body = serde_json::json!({ "state": if paused { "Paused" } else { "Resumed" } });
-        let response = client::request(
-            &vm.api_socket,
-            "PATCH",
-            "/vm",
-            Some(body.to_string().into_bytes()),
-            self.config.vm_request_timeout,
-        )
-        .await
-        .map_err(|e| ApiError::bad_gateway(format!("VM {id:?}: {e}")))?;
-        if !response.is_success() {
-            return Err(ApiError::bad_gateway(format!(
-                "VM {id:?} refused to be {word} (HTTP {}): {}",
-                response.status,
-                response.fault_message()
-            )));
-        }
+        self.patch_vm(&vm, "/vm", &body, &format!("to be {word}"))
+            .await?;
         {
             let mut status = vm.status();
             if status.state == from {
@@ -718,25 +704,40 @@ impl Supervisor {
         }
         let mut done = Vec::new();
         for (path, what, body) in requests {
-            let response = client::request(
-                &vm.api_socket,
-                "PATCH",
-                &path,
-                Some(body.to_string().into_bytes()),
-                self.config.vm_request_timeout,
-            )
-            .await
-            .map_err(|e| ApiError::bad_gateway(format!("VM {id:?}: PATCH {path}: {e}")))?;
-            if !response.is_success() {
-                return Err(ApiError::bad_gateway(format!(
-                    "VM {id:?} refused PATCH {path} (HTTP {}): {}",
-                    response.status,
-                    response.fault_message()
-                )));
-            }
+            self.patch_vm(&vm, &path, &body, &format!("PATCH {path}"))
+                .await?;
             done.push(what);
         }
         Ok(done)
+    }
+
+    /// Sends `PATCH path` with `body` to the VM's API socket; `what` names the
+    /// request in errors ("VM \"a\" refused <what> (HTTP 400): ...").
+    async fn patch_vm(
+        &self,
+        vm: &Vm,
+        path: &str,
+        body: &serde_json::Value,
+        what: &str,
+    ) -> Result<(), ApiError> {
+        let id = &vm.id;
+        let response = client::request(
+            &vm.api_socket,
+            "PATCH",
+            path,
+            Some(body.to_string().into_bytes()),
+            self.config.vm_request_timeout,
+        )
+        .await
+        .map_err(|e| ApiError::bad_gateway(format!("VM {id:?}: {what}: {e}")))?;
+        if !response.is_success() {
+            return Err(ApiError::bad_gateway(format!(
+                "VM {id:?} refused {what} (HTTP {}): {}",
+                response.status,
+                response.fault_message()
+            )));
+        }
+        Ok(())
     }
 
     /// Asks the VM's API socket for its state ("Running"/"Paused"), to refresh the

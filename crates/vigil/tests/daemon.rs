@@ -8,7 +8,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::daemon::{http_exchange, http_unix, wait_for_state, Daemon, CTL_TIMEOUT};
+use common::daemon::{
+    free_loopback_addr, http_exchange, http_unix, tcp_args, wait_for_state, Daemon, CTL_TIMEOUT,
+};
 use common::run;
 use serde_json::{json, Value};
 
@@ -378,21 +380,8 @@ fn tcp_needs_a_token() {
     assert!(r.code == Some(1) && r.stderr.contains("chmod 600"), "{r}");
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start(
-        "tcp",
-        &[
-            "--listen-tcp",
-            &addr,
-            "--token-file",
-            token_file.to_str().unwrap(),
-        ],
-    );
+    let addr = free_loopback_addr();
+    let d = Daemon::start("tcp", &tcp_args(&addr, &token_file));
     let tcp = |token: Option<&str>| {
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = loop {

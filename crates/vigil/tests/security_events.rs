@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::{http_exchange, http_unix, wait_for_state, Daemon, VIGIL};
+use common::daemon::{
+    free_loopback_addr, http_exchange, http_unix, tcp_args, wait_for_state, Daemon, VIGIL,
+};
 use serde_json::{json, Value};
 
 /// A scratch folder for files the daemon is started with.
@@ -341,22 +343,15 @@ fn api_misuse_is_reported_limited_per_peer_and_printed_by_ctl() {
     std::fs::write(&token_file, "s3cret-s3cret-s3cret\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr();
+    let jsonl_output = format!("json:{}", jsonl.display());
     let d = Daemon::start(
         "secev-api",
         &[
-            "--listen-tcp",
-            &addr,
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "--events-output",
-            &format!("json:{}", jsonl.display()),
-        ],
+            &tcp_args(&addr, &token_file)[..],
+            &["--events-output", &jsonl_output],
+        ]
+        .concat(),
     );
     // `vigil ctl events --follow --json`, following from the start.
     let mut follower = Command::new(VIGIL)

@@ -219,3 +219,24 @@ pub fn wait_for_state(d: &Daemon, id: &str, state: &str) -> Value {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_loopback_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// `vigil daemon` arguments for a TCP listener on `addr` with the token in
+/// `token_file`.
+pub fn tcp_args<'a>(addr: &'a str, token_file: &'a Path) -> [&'a str; 4] {
+    [
+        "--listen-tcp",
+        addr,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]
+}
