@@ -9,7 +9,7 @@
 //! | `POST /vms/{id}/stop` `[{"timeout_s", "method"}]` | stop it; its record stays |
 //! | `DELETE /vms/{id}` | stop it and remove it and its folder; 204 |
 //! | `GET /vms/{id}/metrics` | one live VM's vigil-metrics snapshot (JSON), from its API socket |
-//! | `GET /events` | server-sent events: VM lifecycle events as Falco-style JSON ([`crate::events`]) |
+//! | `GET /events` | server-sent events: security and lifecycle events as Falco-style JSON ([`crate::events`]); `Last-Event-ID` resumes, `?follow=false` ends after the backlog |
 //! | `GET /metrics` | Prometheus text: host, daemon, every VM labelled `vm="<id>"` |
 //! | `GET /health` | `{"status": "ok", ...}` |
 //! | `GET /`, `GET /assets/{name}` | the web dashboard (`vigil-dashboard`; public on TCP: the data it shows needs the token) |
@@ -20,15 +20,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::client;
-use crate::error::ApiError;
+use crate::error::{ApiError, FaultMessage};
+use crate::events::{Events, Peer, Rule};
 use crate::metrics;
 use crate::supervisor::{CreateRequest, StopMethod, Supervisor, VmState};
 
@@ -200,8 +202,118 @@ async fn vm_metrics(
     }
 }
 
-async fn events(State(app): State<AppState>) -> Response {
-    app.supervisor.events().sse()
+#[derive(Deserialize)]
+struct EventsQuery {
+    follow: Option<String>,
+}
+
+async fn events(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(vigil_events::output::parse_last_event_id)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "Last-Event-ID {v:?} is not an event id (a whole number)"
+                    ))
+                })?,
+        ),
+    };
+    let follow = match query.follow.as_deref() {
+        None | Some("true" | "1" | "yes") => true,
+        Some("false" | "0" | "no") => false,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "follow {other:?} is not one of true, false"
+            )))
+        }
+    };
+    Ok(app.supervisor.events().stream().sse(last_event_id, follow))
+}
+
+/// A Unix-socket client, as the kernel names it (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy)]
+pub struct UnixPeer {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for UnixPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        let cred = stream.io().peer_cred().ok();
+        UnixPeer {
+            uid: cred.map(|c| c.uid()),
+            pid: cred.and_then(|c| c.pid()),
+        }
+    }
+}
+
+fn peer_of(request: &Request) -> Peer {
+    use vigil_events::ApiTransport;
+    if let Some(ConnectInfo(addr)) = request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+    {
+        return Peer {
+            transport: ApiTransport::Network,
+            name: addr.to_string(),
+            key: addr.ip().to_string(),
+        };
+    }
+    let (uid, pid) = match request.extensions().get::<ConnectInfo<UnixPeer>>() {
+        Some(ConnectInfo(p)) => (p.uid, p.pid),
+        None => (None, None),
+    };
+    let uid = uid.map_or_else(|| "?".to_owned(), |u| u.to_string());
+    let pid = pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
+    Peer {
+        transport: ApiTransport::UnixSocket,
+        name: format!("uid={uid} pid={pid}"),
+        key: format!("uid={uid}"),
+    }
+}
+
+/// The longest request detail an API misuse event carries.
+const MAX_DETAIL: usize = 300;
+
+/// Middleware (outermost, so it sees the token check's answers too): a request
+/// the API refused as malformed (400, 413, 422) or unauthorized (401, 403) becomes
+/// an `api_malformed_request` / `api_unauthorized` event, with the peer, the
+/// method and path, and the refusal's message (limited per peer: [`Events::api_rejected`]).
+pub async fn report_misuse(State(events): State<Events>, request: Request, next: Next) -> Response {
+    let peer = peer_of(&request);
+    let what = format!("{} {}", request.method(), request.uri().path());
+    let response = next.run(request).await;
+    let status = response.status();
+    let rule = match status.as_u16() {
+        400 | 413 | 422 => Rule::ApiMalformedRequest,
+        401 | 403 => Rule::ApiUnauthorized,
+        _ => return response,
+    };
+    let mut detail = match response.extensions().get::<FaultMessage>() {
+        Some(FaultMessage(m)) => format!("{what}: {m}"),
+        None => format!("{what}: HTTP {status}"),
+    };
+    if detail.len() > MAX_DETAIL {
+        let mut cut = MAX_DETAIL;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push_str("...");
+    }
+    events.api_rejected(rule, &peer, &detail);
+    response
 }
 
 async fn prometheus(State(app): State<AppState>) -> Response {

@@ -73,12 +73,28 @@ pub async fn request(
     }
 }
 
-async fn exchange(
+/// A request's connection, kept while its response body is read; dropping it
+/// closes the connection.
+struct Connection {
+    _sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Connects to `socket`, sends one request (`body` as JSON when given) and
+/// returns the response's head, its body still to be read through the connection.
+async fn send(
     socket: &Path,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
-) -> Result<Response, ClientError> {
+) -> Result<(hyper::Response<hyper::body::Incoming>, Connection), ClientError> {
     let http = |message: String| ClientError::Http {
         path: socket.to_owned(),
         message,
@@ -103,28 +119,44 @@ async fn exchange(
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
     }
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
     let request = builder
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| http(format!("bad request {method} {path}: {e}")))?;
-    let result = async {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| http(e.to_string()))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http(e.to_string()))?
-            .to_bytes()
-            .to_vec();
-        Ok(Response { status, body })
-    }
-    .await;
-    drop(sender);
-    driver.abort();
-    result
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| http(e.to_string()))?;
+    Ok((
+        response,
+        Connection {
+            _sender: sender,
+            driver,
+        },
+    ))
+}
+
+async fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Response, ClientError> {
+    let (response, _connection) = send(socket, method, path, &[], body).await?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http {
+            path: socket.to_owned(),
+            message: e.to_string(),
+        })?
+        .to_bytes()
+        .to_vec();
+    Ok(Response { status, body })
 }
 
 /// [`request`] for callers without a runtime (the CLI, benchmarks): requests run
@@ -168,4 +200,77 @@ pub fn request_blocking(
         message: format!("cannot start an I/O runtime: {e}"),
     })?;
     client.request(socket, method, path, body, timeout)
+}
+
+/// Sends a GET to the Unix socket at `socket` and hands each piece of the response
+/// body to `on_chunk` as it arrives, until it returns false or the body ends (a
+/// stream such as `GET /events`). `connect_timeout` bounds the wait for the
+/// response's head. A response that is not 2xx is returned whole instead
+/// (`Ok(Some(response))`); a stream that was read gives `Ok(None)`.
+pub async fn stream(
+    socket: &Path,
+    path: &str,
+    headers: &[(&str, &str)],
+    connect_timeout: Duration,
+    mut on_chunk: impl FnMut(&[u8]) -> bool,
+) -> Result<Option<Response>, ClientError> {
+    let http = |message: String| ClientError::Http {
+        path: socket.to_owned(),
+        message,
+    };
+    let (response, connection) =
+        match tokio::time::timeout(connect_timeout, send(socket, "GET", path, headers, None)).await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    path: socket.to_owned(),
+                    timeout: connect_timeout,
+                })
+            }
+        };
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let result = if (200..300).contains(&status) {
+        loop {
+            match body.frame().await {
+                None => break Ok(None),
+                Some(Err(e)) => break Err(http(e.to_string())),
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        if !on_chunk(data) {
+                            break Ok(None);
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        body.collect()
+            .await
+            .map(|b| {
+                Some(Response {
+                    status,
+                    body: b.to_bytes().to_vec(),
+                })
+            })
+            .map_err(|e| http(e.to_string()))
+    };
+    drop(connection);
+    result
+}
+
+impl BlockingClient {
+    /// [`stream`], for callers without a runtime.
+    pub fn stream(
+        &self,
+        socket: &Path,
+        path: &str,
+        headers: &[(&str, &str)],
+        connect_timeout: Duration,
+        on_chunk: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Option<Response>, ClientError> {
+        self.runtime
+            .block_on(stream(socket, path, headers, connect_timeout, on_chunk))
+    }
 }

@@ -45,9 +45,16 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// The message of an error response, kept as a response extension so that the
+/// API's misuse reporting can say what was wrong without reading the body.
+#[derive(Debug, Clone)]
+pub struct FaultMessage(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "fault_message": self.message });
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        response.extensions_mut().insert(FaultMessage(self.message));
+        response
     }
 }

@@ -1,6 +1,7 @@
 //! Vigil's host daemon: supervises VM processes (one `vigil run` per VM), serves a
-//! REST API on a Unix socket (and, with a bearer token, on TCP), and aggregates the
-//! VMs' metrics. It never touches KVM or guest memory: it reaches each VM through
+//! REST API on a Unix socket (and, with a bearer token, on TCP), aggregates the
+//! VMs' metrics, and runs the security event stream (`vigil-events`: detectors,
+//! incidents, policy actions, outputs). It never touches KVM or guest memory: it reaches each VM through
 //! its process handle and its API socket only.
 
 pub mod api;
@@ -42,6 +43,8 @@ pub struct DaemonConfig {
     /// How long `GET /metrics` waits for each VM's snapshot.
     pub scrape_timeout: Duration,
     pub max_vms: usize,
+    /// Security events: detector thresholds, policy, outputs, sample interval.
+    pub events: events::EventsSettings,
 }
 
 impl DaemonConfig {
@@ -56,6 +59,7 @@ impl DaemonConfig {
             stop_timeout: Duration::from_secs(10),
             scrape_timeout: Duration::from_millis(500),
             max_vms: 256,
+            events: events::EventsSettings::default(),
         }
     }
 }
@@ -151,6 +155,7 @@ pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> 
     } else if token.is_some() {
         tracing::warn!("--token-file without --listen-tcp: the token is not used (the Unix socket relies on its file mode)");
     }
+    events::validate_settings(&config.events).map_err(anyhow::Error::msg)?;
     let lock = lock_state_dir(&config.state_dir)?;
     let unix = bind_unix(&config.socket)?;
     let tcp = match config.listen_tcp {
@@ -162,14 +167,25 @@ pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> 
         None => None,
     };
 
-    let supervisor = Arc::new(Supervisor::new(SupervisorConfig {
-        state_dir: config.state_dir.clone(),
-        vmm_binary: config.vmm_binary.clone(),
-        start_timeout: config.start_timeout,
-        stop_timeout: config.stop_timeout,
-        vm_request_timeout: Duration::from_secs(5),
-        max_vms: config.max_vms,
-    }));
+    let (events, engine_input) = events::Events::new(&config.events);
+    let supervisor = Arc::new(Supervisor::new(
+        SupervisorConfig {
+            state_dir: config.state_dir.clone(),
+            vmm_binary: config.vmm_binary.clone(),
+            start_timeout: config.start_timeout,
+            stop_timeout: config.stop_timeout,
+            vm_request_timeout: Duration::from_secs(5),
+            max_vms: config.max_vms,
+        },
+        events.clone(),
+    ));
+    let engine = events::start_engine(
+        engine_input,
+        &events,
+        &config.events,
+        Arc::downgrade(&supervisor),
+        tokio::runtime::Handle::current(),
+    )?;
     let state = api::AppState {
         supervisor: supervisor.clone(),
         started: Instant::now(),
@@ -192,9 +208,21 @@ pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> 
     // The dashboard's assets are public; everything they show comes from the API
     // routes, which need the token on TCP: so the dashboard is merged outside the
     // token layer.
+    let sampler = tokio::spawn(events::sample(
+        supervisor.clone(),
+        events.clone(),
+        config.events.sample_interval,
+        config.scrape_timeout,
+        stop_rx.clone(),
+    ));
+    // Misuse reporting is the outermost layer: it sees the token check's 401s.
+    let misuse = axum::middleware::from_fn_with_state(events.clone(), api::report_misuse);
+    let unix_app = api::router(state.clone())
+        .merge(vigil_dashboard::router())
+        .layer(misuse.clone());
     let unix_server = axum::serve(
         unix,
-        api::router(state.clone()).merge(vigil_dashboard::router()),
+        unix_app.into_make_service_with_connect_info::<api::UnixPeer>(),
     )
     .with_graceful_shutdown(stopped(stop_rx.clone()));
     let unix_task = tokio::spawn(async move { unix_server.await });
@@ -205,9 +233,13 @@ pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> 
                     token,
                     auth::require_token,
                 ))
-                .merge(vigil_dashboard::router());
-            let server =
-                axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+                .merge(vigil_dashboard::router())
+                .layer(misuse);
+            let server = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stopped(stop_rx.clone()));
             Some(tokio::spawn(async move { server.await }))
         }
         _ => None,
@@ -224,9 +256,12 @@ pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> 
     );
     let _ = stop_tx.send(true);
     supervisor.stop_all().await;
+    let _ = sampler.await;
+    // The VMs' last events are queued: write them out, then end the engine.
+    engine.stop().await;
     // Event streams never end by themselves: end them, or the servers' graceful
     // shutdown would wait for every open dashboard.
-    supervisor.events().close();
+    supervisor.events().stream().close();
     // In-flight requests had the time of the VMs' stop to finish; do not wait forever.
     let _ = tokio::time::timeout(Duration::from_secs(5), unix_task).await;
     if let Some(task) = tcp_task {

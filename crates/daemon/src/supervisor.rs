@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::client;
 use crate::error::ApiError;
-use crate::events::{EventHub, Priority};
+use crate::events::{Event, Events, Priority, ThrottleLimits};
 use crate::id::validate_id;
 
 /// How many bytes of a VM's stderr and console logs its record keeps when it ends.
@@ -325,8 +325,8 @@ pub fn tail(path: &Path, max: u64) -> Option<String> {
 pub struct Supervisor {
     config: SupervisorConfig,
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
-    /// Lifecycle events, for `GET /events`.
-    events: Arc<EventHub>,
+    /// The security event stream (lifecycle events, crashes, ...).
+    events: Events,
 }
 
 /// The request to create a VM.
@@ -343,16 +343,16 @@ fn machine_field(config: &serde_json::Value, field: &str) -> Option<u64> {
 }
 
 impl Supervisor {
-    pub fn new(config: SupervisorConfig) -> Self {
+    pub fn new(config: SupervisorConfig, events: Events) -> Self {
         Supervisor {
             config,
             vms: Mutex::new(BTreeMap::new()),
-            events: Arc::new(EventHub::new()),
+            events,
         }
     }
 
-    /// The hub VM lifecycle events are published to.
-    pub fn events(&self) -> &Arc<EventHub> {
+    /// Where VM lifecycle events (and every other security event) go.
+    pub fn events(&self) -> &Events {
         &self.events
     }
 
@@ -445,10 +445,10 @@ impl Supervisor {
             }
         }
         let info = self.wait_started(&vm).await?;
-        self.events.vm(
+        self.events.lifecycle(
             &id,
             "created",
-            info.state.as_str(),
+            info.state,
             Priority::Informational,
             serde_json::json!({ "vm.vcpus": info.vcpus, "vm.memory_mib": info.memory_mib, "proc.pid": info.pid }),
         );
@@ -635,22 +635,8 @@ impl Supervisor {
             )));
         }
         let body = serde_json::json!({ "state": if paused { "Paused" } else { "Resumed" } });
-        let response = client::request(
-            &vm.api_socket,
-            "PATCH",
-            "/vm",
-            Some(body.to_string().into_bytes()),
-            self.config.vm_request_timeout,
-        )
-        .await
-        .map_err(|e| ApiError::bad_gateway(format!("VM {id:?}: {e}")))?;
-        if !response.is_success() {
-            return Err(ApiError::bad_gateway(format!(
-                "VM {id:?} refused to be {word} (HTTP {}): {}",
-                response.status,
-                response.fault_message()
-            )));
-        }
+        self.patch_vm(&vm, "/vm", &body, &format!("to be {word}"))
+            .await?;
         {
             let mut status = vm.status();
             if status.state == from {
@@ -658,14 +644,100 @@ impl Supervisor {
             }
         }
         tracing::info!(id, "VM {word}");
-        self.events.vm(
-            id,
-            word,
-            to.as_str(),
-            Priority::Informational,
-            serde_json::json!({}),
-        );
+        self.events
+            .lifecycle(id, word, to, Priority::Informational, serde_json::json!({}));
         Ok(vm.info(false))
+    }
+
+    /// Sets rate limits on a live VM's drives and network interfaces (those of its
+    /// configuration) through its API socket (`PATCH /drives/{id}`, `PATCH
+    /// /network-interfaces/{id}`); returns what it limited. Fails when the VM is
+    /// not running or paused, has no device the limits apply to, or refuses one.
+    pub async fn throttle(
+        &self,
+        id: &str,
+        limits: ThrottleLimits,
+    ) -> Result<Vec<String>, ApiError> {
+        let vm = self.get(id)?;
+        let state = vm.state();
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(ApiError::conflict(format!(
+                "VM {id:?} is {}: only a running or paused VM can be throttled",
+                state.as_str()
+            )));
+        }
+        let ids = |list: &str, key: &str| -> Vec<String> {
+            vm.config
+                .get(list)
+                .and_then(serde_json::Value::as_array)
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|d| d.get(key)?.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut requests = Vec::new();
+        if let Some(limiter) = ThrottleLimits::rate_limiter(limits.disk_ops, limits.disk_bytes) {
+            for drive in ids("drives", "drive_id") {
+                let body = serde_json::json!({"drive_id": drive, "rate_limiter": limiter});
+                requests.push((format!("/drives/{drive}"), format!("drive {drive}"), body));
+            }
+        }
+        if let Some(limiter) = ThrottleLimits::rate_limiter(limits.net_packets, limits.net_bytes) {
+            for iface in ids("network-interfaces", "iface_id") {
+                let body = serde_json::json!({
+                    "iface_id": iface, "rx_rate_limiter": limiter, "tx_rate_limiter": limiter,
+                });
+                requests.push((
+                    format!("/network-interfaces/{iface}"),
+                    format!("interface {iface}"),
+                    body,
+                ));
+            }
+        }
+        if requests.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "VM {id:?} has no drive or network interface that the limits {limits:?} apply to"
+            )));
+        }
+        let mut done = Vec::new();
+        for (path, what, body) in requests {
+            self.patch_vm(&vm, &path, &body, &format!("PATCH {path}"))
+                .await?;
+            done.push(what);
+        }
+        Ok(done)
+    }
+
+    /// Sends `PATCH path` with `body` to the VM's API socket; `what` names the
+    /// request in errors ("VM \"a\" refused <what> (HTTP 400): ...").
+    async fn patch_vm(
+        &self,
+        vm: &Vm,
+        path: &str,
+        body: &serde_json::Value,
+        what: &str,
+    ) -> Result<(), ApiError> {
+        let id = &vm.id;
+        let response = client::request(
+            &vm.api_socket,
+            "PATCH",
+            path,
+            Some(body.to_string().into_bytes()),
+            self.config.vm_request_timeout,
+        )
+        .await
+        .map_err(|e| ApiError::bad_gateway(format!("VM {id:?}: {what}: {e}")))?;
+        if !response.is_success() {
+            return Err(ApiError::bad_gateway(format!(
+                "VM {id:?} refused {what} (HTTP {}): {}",
+                response.status,
+                response.fault_message()
+            )));
+        }
+        Ok(())
     }
 
     /// Asks the VM's API socket for its state ("Running"/"Paused"), to refresh the
@@ -708,10 +780,10 @@ impl Supervisor {
             status.state = VmState::Stopping;
         }
         tracing::info!(id = %vm.id, ?method, "stopping VM");
-        self.events.vm(
+        self.events.lifecycle(
             &vm.id,
             "stopping",
-            VmState::Stopping.as_str(),
+            VmState::Stopping,
             Priority::Notice,
             serde_json::json!({ "method": method }),
         );
@@ -771,13 +843,14 @@ impl Supervisor {
         self.stop_vm(&vm, StopMethod::Sigterm, timeout).await;
         self.remove(&vm).await;
         tracing::info!(id, "VM destroyed");
-        self.events.vm(
+        self.events.lifecycle(
             id,
             "destroyed",
-            vm.state().as_str(),
+            vm.state(),
             Priority::Notice,
             serde_json::json!({}),
         );
+        self.events.vm_destroyed(id);
         Ok(())
     }
 
@@ -823,13 +896,35 @@ fn last_lines(text: &str) -> String {
     lines[lines.len().saturating_sub(3)..].join(" | ")
 }
 
+/// A crash in a few words: what the VMM's report names (triple fault, KVM
+/// internal error, emulation failure), or the signal that killed it.
+fn crash_reason(exit: Option<&ExitInfo>, stderr_tail: Option<&str>) -> String {
+    if let Some(signal) = exit.and_then(|e| e.signal) {
+        return format!(
+            "the VMM was killed by signal {signal} ({})",
+            signal_name(signal)
+        );
+    }
+    let log = stderr_tail.unwrap_or_default().to_ascii_lowercase();
+    for (needle, reason) in [
+        ("triple fault", "triple fault"),
+        ("internal error", "KVM internal error"),
+        ("emulation", "emulation failure"),
+    ] {
+        if log.contains(needle) {
+            return reason.to_owned();
+        }
+    }
+    exit.map_or_else(|| "unknown".to_owned(), |e| e.reason.clone())
+}
+
 /// Owns the process: forwards signals to it until it exits, then records how it ended.
 async fn reap(
     vm: Arc<Vm>,
     mut child: tokio::process::Child,
     mut signals: mpsc::UnboundedReceiver<i32>,
     ended: watch::Sender<bool>,
-    events: Arc<EventHub>,
+    events: Events,
 ) {
     let status = loop {
         tokio::select! {
@@ -887,23 +982,36 @@ async fn reap(
         if vm.dir.is_dir() {
             let _ = std::fs::write(vm.dir.join("exit.json"), record.to_string());
         }
-        let priority = match s.state {
-            VmState::Crashed => Priority::Critical,
-            VmState::Failed => Priority::Error,
-            _ => Priority::Notice,
-        };
         let exit = s.exit.as_ref();
-        events.vm(
-            &vm.id,
-            s.state.as_str(),
-            s.state.as_str(),
-            priority,
-            serde_json::json!({
-                "reason": exit.map(|e| e.reason.as_str()),
-                "proc.exit_code": exit.and_then(|e| e.code),
-                "proc.signal": exit.and_then(|e| e.signal),
-            }),
-        );
+        let fields = serde_json::json!({
+            "reason": exit.map(|e| e.reason.as_str()),
+            "proc.exit_code": exit.and_then(|e| e.code),
+            "proc.signal": exit.and_then(|e| e.signal),
+        });
+        if s.state == VmState::Crashed {
+            // A security event of its own: the engine files it with the VM's
+            // earlier events (a flood, then a crash, is an incident).
+            let reason = crash_reason(exit, s.stderr_tail.as_deref());
+            let mut event = Event::vm_crashed(&vm.id, vigil_events::Timestamp::now(), &reason)
+                .with_field("vm.state", s.state.as_str())
+                .with_field("vm.exit_reason", exit.map_or("", |e| e.reason.as_str()));
+            if let serde_json::Value::Object(fields) = fields {
+                for (k, v) in fields
+                    .into_iter()
+                    .filter(|(k, v)| k != "reason" && !v.is_null())
+                {
+                    event = event.with_field(k, v);
+                }
+            }
+            events.emit(event);
+        } else {
+            let priority = match s.state {
+                VmState::Failed => Priority::Error,
+                _ => Priority::Notice,
+            };
+            events.lifecycle(&vm.id, s.state.as_str(), s.state, priority, fields);
+        }
+        events.vm_ended(&vm.id);
     }
     let _ = std::fs::remove_file(&vm.api_socket);
     let _ = ended.send(true);

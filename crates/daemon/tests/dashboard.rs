@@ -158,7 +158,16 @@ impl Drop for Daemon {
     }
 }
 
-/// Reads server-sent events from `GET /events` until `want` rules have all been seen.
+/// What a lifecycle event says happened ("created", "paused", ...).
+fn lifecycle(e: &Value) -> &str {
+    if e["rule"] != "vm_lifecycle" {
+        return "";
+    }
+    e["output_fields"]["vm.lifecycle"].as_str().unwrap_or("")
+}
+
+/// Reads server-sent events from `GET /events` until lifecycle events for each of
+/// `want` have all been seen.
 fn read_events(tcp: SocketAddr, want: &[&str], timeout: Duration) -> Vec<Value> {
     let mut s = TcpStream::connect(tcp).expect("connect");
     s.set_read_timeout(Some(Duration::from_millis(500))).ok();
@@ -197,7 +206,7 @@ fn read_events(tcp: SocketAddr, want: &[&str], timeout: Duration) -> Vec<Value> 
         }
         if want
             .iter()
-            .all(|w| events.iter().any(|e| e["rule"] == json!(w)))
+            .all(|w| events.iter().any(|e| lifecycle(e) == *w))
         {
             return events;
         }
@@ -263,13 +272,7 @@ fn events_stream_lifecycle_events_with_falcos_keys() {
     let reader = std::thread::spawn(move || {
         read_events(
             tcp,
-            &[
-                "VM created",
-                "VM paused",
-                "VM resumed",
-                "VM stopping",
-                "VM stopped",
-            ],
+            &["created", "paused", "resumed", "stopping", "stopped"],
             Duration::from_secs(20),
         )
     });
@@ -280,12 +283,12 @@ fn events_stream_lifecycle_events_with_falcos_keys() {
     }
     assert_eq!(d.call("POST", "/vms/vm-e/stop", true, None).0, 200);
     let events = reader.join().expect("reader");
-    let rules: Vec<&str> = events.iter().filter_map(|e| e["rule"].as_str()).collect();
+    let rules: Vec<&str> = events.iter().map(lifecycle).collect();
     let pos = |r: &str| rules.iter().position(|x| *x == r).unwrap_or(usize::MAX);
     assert!(
-        pos("VM created") < pos("VM paused")
-            && pos("VM paused") < pos("VM resumed")
-            && pos("VM resumed") < pos("VM stopped"),
+        pos("created") < pos("paused")
+            && pos("paused") < pos("resumed")
+            && pos("resumed") < pos("stopped"),
         "order: {rules:?}"
     );
     for e in &events {
@@ -299,12 +302,15 @@ fn events_stream_lifecycle_events_with_falcos_keys() {
         ] {
             assert!(e.get(key).is_some(), "no {key} in {e}");
         }
-        assert_eq!(e["output_fields"]["vm.id"], "vm-e");
-        assert_eq!(e["source"], "vigil");
+        if e["rule"] == "vm_lifecycle" {
+            assert_eq!(e["output_fields"]["vm.id"], "vm-e");
+            assert_eq!(e["source"], "host");
+            assert_eq!(e["tags"], json!(["vm", "lifecycle"]));
+        }
     }
     let stopped = events
         .iter()
-        .find(|e| e["rule"] == "VM stopped")
+        .find(|e| lifecycle(e) == "stopped")
         .expect("stopped");
     assert_eq!(stopped["priority"], "Notice");
     assert_eq!(stopped["output_fields"]["vm.state"], "stopped");
@@ -332,7 +338,7 @@ fn dashboard_in_chromium_drives_a_vm_of_the_daemon() {
     b.wait_for("window.vigilDashboard.series('vm-b').length >= 3", secs(10))
         .expect("chart points from the daemon's metrics");
     b.wait_for(
-        "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'VM created')",
+        "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'vm_lifecycle' && li.textContent.includes('vm-b created'))",
         secs(5),
     )
     .expect("the created event");
@@ -342,7 +348,7 @@ fn dashboard_in_chromium_drives_a_vm_of_the_daemon() {
         .expect("row becomes Paused");
     assert_eq!(d.state("vm-b"), "paused");
     b.wait_for(
-        "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'VM paused')",
+        "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'vm_lifecycle' && li.textContent.includes('vm-b paused'))",
         secs(5),
     )
     .expect("the paused event");

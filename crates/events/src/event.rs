@@ -219,11 +219,14 @@ pub enum Rule {
     PolicyAction,
     /// The correlator saw a flood (or saturated rate limiter) then a crash of one VM.
     IncidentDosCrash,
+    /// A VM's life went on: created, paused, resumed, stopping, stopped, exited,
+    /// failed, destroyed (`vm.lifecycle` says which); a crash is [`Rule::VmCrashed`].
+    VmLifecycle,
 }
 
 impl Rule {
     /// Every rule, in the README's order.
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 12] = [
         Rule::HostMemoryPressure,
         Rule::HostCpuPressure,
         Rule::HostIoPressure,
@@ -235,6 +238,7 @@ impl Rule {
         Rule::VmCrashed,
         Rule::PolicyAction,
         Rule::IncidentDosCrash,
+        Rule::VmLifecycle,
     ];
 
     /// The stable identifier.
@@ -251,6 +255,7 @@ impl Rule {
             Rule::VmCrashed => "vm_crashed",
             Rule::PolicyAction => "policy_action",
             Rule::IncidentDosCrash => "incident_dos_crash",
+            Rule::VmLifecycle => "vm_lifecycle",
         }
     }
 
@@ -268,6 +273,7 @@ impl Rule {
             Rule::VmCrashed => "crashed",
             Rule::PolicyAction => "policy action",
             Rule::IncidentDosCrash => "possible denial of service leading to crash",
+            Rule::VmLifecycle => "lifecycle",
         }
     }
 
@@ -282,6 +288,7 @@ impl Rule {
             Rule::VmCrashed => Priority::Error,
             Rule::PolicyAction => Priority::Notice,
             Rule::IncidentDosCrash => Priority::Critical,
+            Rule::VmLifecycle => Priority::Informational,
         }
     }
 
@@ -294,7 +301,8 @@ impl Rule {
             | Rule::VmRateLimitSaturated
             | Rule::VmIoFlood
             | Rule::VmPacketFlood
-            | Rule::VmCrashed => Source::Host,
+            | Rule::VmCrashed
+            | Rule::VmLifecycle => Source::Host,
             Rule::ApiMalformedRequest | Rule::ApiUnauthorized => Source::Api,
             Rule::PolicyAction => Source::Policy,
             Rule::IncidentDosCrash => Source::Correlation,
@@ -314,6 +322,7 @@ impl Rule {
             Rule::VmCrashed => None,
             Rule::PolicyAction => None,
             Rule::IncidentDosCrash => Some(T1499),
+            Rule::VmLifecycle => None,
         }
     }
 
@@ -340,6 +349,7 @@ impl Rule {
             Rule::VmCrashed => &["vm", "availability"],
             Rule::PolicyAction => &["policy", "response"],
             Rule::IncidentDosCrash => &["vm", "incident", "availability"],
+            Rule::VmLifecycle => &["vm", "lifecycle"],
         };
         let mut tags: Vec<String> = categories.iter().map(|s| (*s).to_owned()).collect();
         if let Some(m) = self.mitre() {
@@ -629,6 +639,7 @@ mod tests {
                 "vm_crashed",
                 "policy_action",
                 "incident_dos_crash",
+                "vm_lifecycle",
             ]
         );
         for r in Rule::ALL {

@@ -60,8 +60,32 @@ on it must carry `Authorization: Bearer <token>`. Make a token with
 Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
 (its serial console), vmm.log (the VMM's log), exit.json (how it ended).
 
+Security events: every --sample-interval the daemon reads each running VM's
+metrics and the host's pressure (PSI); detectors turn them into events (a VM's I/O
+or packet flood, a saturated rate limiter, host pressure). VM crashes, lifecycle
+changes and refused API requests (malformed: 400; no or bad token: 401, at most 10
+a minute per peer, then one summary) are events too. Events about one VM are
+grouped into incidents (a flood then a crash raises incident_dos_crash), and a
+policy may throttle, pause or stop the VM; each action is an event. They stream on
+GET /events (server-sent events; `vigil ctl events --follow`) and go to each
+--events-output: json (Falco-style JSON lines), syslog (RFC 5424) or cef, to a file
+(appended) or `-` (stderr).
+
+--events-config FILE (JSON; every key optional, unknown keys refused):
+  {\"detectors\": {\"disk_ops\": {\"enter_per_s\": 20000, \"sustain_s\": 30, \"exit_per_s\": 10000},
+                 \"rate_limit\": {\"consecutive_samples\": 5, \"clear_samples\": 3}},
+   \"correlation\": {\"window_s\": 300},
+   \"policy\": {\"cooldown_s\": 60, \"rules\": [
+     {\"name\": \"slow floods\", \"when\": {\"rule\": \"vm_io_flood\"}, \"action\": \"throttle\",
+      \"params\": {\"ops_per_s\": 1000}},
+     {\"name\": \"dos\", \"when\": {\"rule\": \"incident_dos_crash\"}, \"action\": \"stop\"}]}}
+A throttle sets token-bucket limits on the VM's drives and interfaces (params,
+per second: ops_per_s, bytes_per_s, disk_ops_per_s, disk_bytes_per_s,
+net_packets_per_s, net_bytes_per_s). crates/daemon/README.md lists every key.
+
 Example:
-  vigil daemon --state-dir /var/lib/vigil --socket /run/vigil/daemon.sock
+  vigil daemon --state-dir /var/lib/vigil --socket /run/vigil/daemon.sock \\
+    --events-config /etc/vigil/events.json --events-output json:/var/log/vigil/events.jsonl
   vigil ctl create web-1 --config vm.json && vigil ctl list";
 
 #[derive(Args, Debug)]
@@ -100,6 +124,48 @@ pub struct DaemonArgs {
     /// The most VMs the daemon holds at once (any state).
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_vms: usize,
+
+    /// Security events: detector thresholds, correlation window and policy, as JSON
+    /// (see below) [default: the built-in thresholds, no policy].
+    #[arg(long, value_name = "FILE")]
+    pub events_config: Option<PathBuf>,
+
+    /// Also write every security event to PATH (appended; `-` for stderr) as
+    /// FORMAT: json (Falco-style JSON lines), syslog (RFC 5424) or cef. Repeatable.
+    #[arg(long, value_name = "FORMAT:PATH", value_parser = parse_output)]
+    pub events_output: Vec<vigil_daemon::events::OutputSpec>,
+
+    /// Seconds between two samples of the VMs' metrics and the host's pressure for
+    /// the detectors.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
+    pub sample_interval: f64,
+}
+
+fn parse_output(s: &str) -> Result<vigil_daemon::events::OutputSpec, String> {
+    s.parse()
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.05..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in [0.05, 60]")),
+    }
+}
+
+/// Reads `--events-config`: vigil-events' `EventsConfig` as JSON.
+fn read_events_config(path: &Path) -> anyhow::Result<vigil_events::EventsConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--events-config {}: cannot read it", path.display()))?;
+    let config: vigil_events::EventsConfig = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--events-config {}: not a valid events configuration",
+            path.display()
+        )
+    })?;
+    config
+        .validate()
+        .with_context(|| format!("--events-config {}", path.display()))?;
+    Ok(config)
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -132,6 +198,20 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         bail!("--max-vms 0: the daemon must be allowed at least one VM");
     }
     config.max_vms = args.max_vms;
+    if let Some(path) = &args.events_config {
+        config.events.config = read_events_config(path)?;
+    }
+    config.events.outputs = args.events_output;
+    config.events.sample_interval = Duration::from_secs_f64(args.sample_interval);
+    vigil_daemon::events::validate_settings(&config.events).map_err(|e| {
+        anyhow::anyhow!(
+            "{}{e}",
+            args.events_config
+                .as_ref()
+                .map(|p| format!("{}: ", p.display()))
+                .unwrap_or_default()
+        )
+    })?;
     vigil_daemon::run(config)
 }
 
@@ -199,6 +279,14 @@ pub enum CtlCommand {
     Metrics,
     /// Check that the daemon answers.
     Health,
+    /// Print the security event stream: the recent events (one line each: time,
+    /// priority, rule, VM, incident, message; --json: Falco-style JSON lines), then
+    /// with --follow every new one until the daemon stops or Ctrl-C.
+    Events {
+        /// Keep printing events as they come.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 /// How long `ctl` waits for answers that involve starting or stopping processes.
@@ -267,7 +355,8 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
         | CtlCommand::Destroy { id } => {
             vigil_daemon::id::validate_id(id).map_err(anyhow::Error::msg)?
         }
-        CtlCommand::List | CtlCommand::Metrics | CtlCommand::Health => {}
+        CtlCommand::List | CtlCommand::Metrics | CtlCommand::Health | CtlCommand::Events { .. } => {
+        }
     }
     match args.command {
         CtlCommand::List => {
@@ -349,6 +438,7 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
             let r = call(socket, "GET", "/metrics", None, FAST)?;
             print!("{}", r.text());
         }
+        CtlCommand::Events { follow } => events(socket, follow, json)?,
         CtlCommand::Health => {
             let r = call(socket, "GET", "/health", None, FAST)?;
             if json {
@@ -364,6 +454,103 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Splits server-sent events out of a byte stream: the `data:` of each complete
+/// frame (comments and keep-alives skipped).
+#[derive(Default)]
+struct SseFrames {
+    buf: String,
+}
+
+impl SseFrames {
+    fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.buf.push_str(&String::from_utf8_lossy(bytes));
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.find("\n\n") {
+            let frame: String = self.buf.drain(..end + 2).collect();
+            let data: Vec<&str> = frame
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            if !data.is_empty() {
+                out.push(data.join("\n"));
+            }
+        }
+        out
+    }
+}
+
+/// One event (Falco-style JSON) as one line for people.
+pub fn event_line(text: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(text) else {
+        return text.to_owned();
+    };
+    let f = &v["output_fields"];
+    let s = |x: &Value| x.as_str().map_or_else(|| "-".to_owned(), str::to_owned);
+    let incident = f["incident.id"]
+        .as_u64()
+        .map_or_else(String::new, |i| format!(" incident={i}"));
+    let line = format!(
+        "{} {:<13} {:<24} vm={}{incident}  {}",
+        s(&v["time"]),
+        s(&v["priority"]),
+        s(&v["rule"]),
+        s(&f["vm.id"]),
+        s(&v["output"])
+    );
+    // The message comes from guests and peers: no control characters on a terminal.
+    line.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn events(socket: &Path, follow: bool, json: bool) -> anyhow::Result<()> {
+    let print = |data: String| {
+        if json {
+            println!("{data}");
+        } else {
+            println!("{}", event_line(&data));
+        }
+    };
+    if !follow {
+        let r = call(socket, "GET", "/events?follow=false", None, FAST)?;
+        let mut frames = SseFrames::default();
+        frames.push(&r.body).into_iter().for_each(print);
+        return Ok(());
+    }
+    let client =
+        vigil_daemon::client::BlockingClient::new().context("cannot start an I/O runtime")?;
+    let mut frames = SseFrames::default();
+    let refused = client
+        .stream(
+            socket,
+            "/events",
+            &[("accept", "text/event-stream")],
+            FAST,
+            |chunk| {
+                frames.push(chunk).into_iter().for_each(print);
+                use std::io::Write;
+                // A closed pipe (`| head`) ends the stream.
+                std::io::stdout().flush().is_ok()
+            },
+        )
+        .map_err(|e| match e {
+            ClientError::Connect { .. } => anyhow::anyhow!(
+                "no daemon at {}: start one with `vigil daemon` (or point --socket / VIGIL_SOCKET at its socket)",
+                socket.display()
+            ),
+            e => e.into(),
+        })?;
+    if let Some(r) = refused {
+        bail!(
+            "the daemon refused GET /events (HTTP {}): {}",
+            r.status,
+            r.fault_message()
+        );
     }
     Ok(())
 }
@@ -507,6 +694,28 @@ mod tests {
                 && lines[2].ends_with("status 3")
         );
         assert!(lines[1].ends_with('-'));
+    }
+
+    #[test]
+    fn sse_frames_and_event_lines() {
+        let mut f = SseFrames::default();
+        assert!(f.push(b"id: 1\nevent: vigil\ndata: {\"rule\":").is_empty());
+        let got = f.push(b"\"x\"}\n\n: keepalive\n\nid: 2\ndata: 7\n\n");
+        assert_eq!(got, ["{\"rule\":\"x\"}", "7"]);
+        let line = event_line(
+            r#"{"time":"2026-01-01T00:00:00.000000000Z","priority":"Warning","rule":"vm_io_flood",
+                "output":"vm a: flood\nforged","output_fields":{"vm.id":"a","incident.id":3}}"#,
+        );
+        assert!(
+            line.starts_with("2026-01-01T00:00:00.000000000Z Warning"),
+            "{line}"
+        );
+        assert!(
+            line.contains("vm_io_flood") && line.contains("vm=a incident=3"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
+        assert_eq!(event_line("not json"), "not json");
     }
 
     #[test]

@@ -187,7 +187,7 @@ fn dashboard_shows_and_controls_a_booted_vm() {
     }
     assert_eq!(d.state("guest-1"), "paused");
     b.wait_for(
-        "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'VM paused')",
+        "[...document.querySelectorAll('#events li')].some(li => li.dataset.rule === 'vm_lifecycle' && li.textContent.includes('guest-1 paused'))",
         secs(5),
     )
     .expect("the paused event in the events panel");
