@@ -10,8 +10,8 @@ use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
-    VIRTIO_F_VERSION_1, YIELD,
+    add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Device type (virtio 1.1, 5.5).
@@ -209,13 +209,7 @@ impl VirtioDevice for Balloon {
                 used = true;
             }
         }
-        let mut budget = Budget::of(queue);
-        loop {
-            let chain = match pop_chain(queue, mem, &mut budget)? {
-                Next::Chain(chain) => chain,
-                Next::Empty => break,
-                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
-            };
+        let outcome = serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
             match role {
                 Role::Inflate | Role::Deflate => {
@@ -239,12 +233,10 @@ impl VirtioDevice for Balloon {
                         }
                     }
                     self.stats_last = Instant::now();
-                    if let Some(old) = self.stats_held.replace(head) {
-                        // A driver that sends a second buffer gets the first one back.
-                        add_used(queue, mem, old, 0)?;
-                        used = true;
-                    }
-                    continue;
+                    // A driver that sends a second buffer gets the first one back.
+                    return Ok(Served::Kept {
+                        release: self.stats_held.replace(head),
+                    });
                 }
                 Role::Reporting => {
                     for desc in chain.clone() {
@@ -256,9 +248,14 @@ impl VirtioDevice for Balloon {
                     }
                 }
             }
-            add_used(queue, mem, head, 0)?;
-            used = true;
-        }
+            Ok(Served::Used(0))
+        })?;
+        let used = match outcome {
+            QueueOutcome::Done(more) => used | more,
+            QueueOutcome::RetryAfter(wait, more) => {
+                return Ok(QueueOutcome::RetryAfter(wait, used | more))
+            }
+        };
         match (role, self.stats_held.and(self.stats_due())) {
             (Role::Stats, Some(wait)) => Ok(QueueOutcome::RetryAfter(wait, used)),
             _ => Ok(QueueOutcome::Done(used)),

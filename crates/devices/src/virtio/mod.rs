@@ -16,7 +16,7 @@ pub mod vsock;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -201,6 +201,57 @@ pub(crate) fn pop_chain<'a>(
     Ok(queue
         .pop_descriptor_chain(mem)
         .map_or(Next::Empty, Next::Chain))
+}
+
+/// What a device did with one chain handed to it by [`serve_chains`].
+pub(crate) enum Served {
+    /// Give the chain back to the driver, this many bytes written into it.
+    Used(u32),
+    /// The device keeps the chain for now and gives it back itself later;
+    /// `release` is a chain it held until now, given back empty.
+    Kept { release: Option<u16> },
+    /// The rate limiter says wait this long: the chain goes back to the queue and
+    /// processing stops until then.
+    Wait(std::time::Duration),
+}
+
+/// Hands the chains the driver made available on `queue` to `serve`, one at a
+/// time and at most one queue's worth ([`Budget`]), and gives each back as `serve`
+/// says. Returns `Done` once the queue is empty, `RetryAfter(YIELD)` when the budget
+/// ran out with more available, and `RetryAfter(wait)` when `serve` said wait; the
+/// flag says whether any chain went back to the driver.
+pub(crate) fn serve_chains<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+    mut serve: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
+) -> Result<QueueOutcome, DeviceBroken> {
+    let mut used = false;
+    let mut budget = Budget::of(queue);
+    loop {
+        let chain = match pop_chain(queue, mem, &mut budget)? {
+            Next::Chain(chain) => chain,
+            Next::Empty => return Ok(QueueOutcome::Done(used)),
+            Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
+        };
+        let head = chain.head_index();
+        match serve(chain)? {
+            Served::Used(len) => {
+                add_used(queue, mem, head, len)?;
+                used = true;
+            }
+            Served::Kept { release: None } => {}
+            Served::Kept {
+                release: Some(held),
+            } => {
+                add_used(queue, mem, held, 0)?;
+                used = true;
+            }
+            Served::Wait(wait) => {
+                queue.go_to_previous_position();
+                return Ok(QueueOutcome::RetryAfter(wait, used));
+            }
+        }
+    }
 }
 
 /// Returns the chain at `head` to the driver, `len` bytes written into it.

@@ -15,8 +15,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
-    TYPE_NET, VIRTIO_F_VERSION_1, YIELD,
+    add_used, copy_config, pop_chain, serve_chains, Budget, DeviceBroken, Next, QueueOutcome,
+    Served, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::tap::{Tap, VNET_HDR_LEN};
@@ -204,14 +204,7 @@ impl Net {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let mut used = false;
-        let mut budget = Budget::of(queue);
-        loop {
-            let chain = match pop_chain(queue, mem, &mut budget)? {
-                Next::Chain(chain) => chain,
-                Next::Empty => return Ok(QueueOutcome::Done(used)),
-                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
-            };
+        serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
             match chain.reader(mem) {
                 Ok(mut reader) => {
@@ -220,8 +213,7 @@ impl Net {
                         tracing::debug!(head, len, "transmit buffer of a bad size; dropped");
                         self.counters.errors += 1;
                     } else if let Err(wait) = self.tx_limiter.consume(len as u64) {
-                        queue.go_to_previous_position();
-                        return Ok(QueueOutcome::RetryAfter(wait, used));
+                        return Ok(Served::Wait(wait));
                     } else if let Err(e) = reader.read_exact(&mut self.tx_buf[..len]) {
                         tracing::debug!(head, "cannot read a frame from guest memory: {e}");
                         self.counters.errors += 1;
@@ -248,9 +240,8 @@ impl Net {
                     self.counters.errors += 1;
                 }
             }
-            add_used(queue, mem, head, 0)?;
-            used = true;
-        }
+            Ok(Served::Used(0))
+        })
     }
 }
 

@@ -22,13 +22,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
-    TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
+    add_used, copy_config, pop_chain, serve_chains, Budget, DeviceBroken, Next, QueueOutcome,
+    Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -437,54 +437,51 @@ impl Vsock {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceBroken> {
-        let mut used = false;
-        let mut budget = Budget::of(queue);
-        loop {
-            let chain = match pop_chain(queue, mem, &mut budget)? {
-                Next::Chain(chain) => chain,
-                Next::Empty => return Ok(used),
-                Next::Later => {
-                    self.tx_pending = true;
-                    return Ok(used);
-                }
-            };
+        let outcome = serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
             match chain.reader(mem) {
-                Ok(mut reader) => {
-                    let mut raw = [0u8; HDR_LEN];
-                    if reader.read_exact(&mut raw).is_err() {
-                        self.counters.dropped += 1;
-                    } else {
-                        let hdr = Header::parse(&raw);
-                        let len = hdr.len as usize;
-                        if len > MAX_PAYLOAD
-                            || len > reader.available_bytes()
-                            || (hdr.op != OP_RW && len != 0)
-                        {
-                            tracing::debug!(?hdr, "vsock packet of a bad length");
-                            self.counters.dropped += 1;
-                            if hdr.op != OP_RST {
-                                self.rst_for(&hdr);
-                                if let Some(i) = self.find(hdr.dst_port, hdr.src_port) {
-                                    self.close(i);
-                                }
-                            }
-                        } else if reader.read_exact(&mut self.buf[..len]).is_ok() {
-                            let payload = std::mem::take(&mut self.buf);
-                            self.handle_packet(hdr, &payload[..len]);
-                            self.buf = payload;
-                        } else {
-                            self.counters.dropped += 1;
-                        }
-                    }
-                }
+                Ok(mut reader) => self.packet_from(&mut reader),
                 Err(e) => {
                     tracing::debug!(head, "malformed vsock tx chain: {e:?}");
                     self.counters.dropped += 1;
                 }
             }
-            add_used(queue, mem, head, 0)?;
-            used = true;
+            Ok(Served::Used(0))
+        })?;
+        Ok(match outcome {
+            QueueOutcome::Done(used) => used,
+            // More than one call's budget: come back (nothing here is rate limited).
+            QueueOutcome::RetryAfter(_, used) => {
+                self.tx_pending = true;
+                used
+            }
+        })
+    }
+
+    /// One packet the guest sent: its header, then its payload.
+    fn packet_from(&mut self, reader: &mut Reader<'_>) {
+        let mut raw = [0u8; HDR_LEN];
+        if reader.read_exact(&mut raw).is_err() {
+            self.counters.dropped += 1;
+            return;
+        }
+        let hdr = Header::parse(&raw);
+        let len = hdr.len as usize;
+        if len > MAX_PAYLOAD || len > reader.available_bytes() || (hdr.op != OP_RW && len != 0) {
+            tracing::debug!(?hdr, "vsock packet of a bad length");
+            self.counters.dropped += 1;
+            if hdr.op != OP_RST {
+                self.rst_for(&hdr);
+                if let Some(i) = self.find(hdr.dst_port, hdr.src_port) {
+                    self.close(i);
+                }
+            }
+        } else if reader.read_exact(&mut self.buf[..len]).is_ok() {
+            let payload = std::mem::take(&mut self.buf);
+            self.handle_packet(hdr, &payload[..len]);
+            self.buf = payload;
+        } else {
+            self.counters.dropped += 1;
         }
     }
 
