@@ -107,20 +107,24 @@ impl Balloon {
         &self.stats
     }
 
-    /// Returns `len` bytes at `addr` to the host, if they are guest RAM.
+    /// Returns the whole pages of the `len` bytes at `addr` to the host, if those
+    /// bytes are guest RAM. Partial pages at either end are kept: the guest gave
+    /// only part of them (and `madvise` would take all of a page, or refuse an
+    /// unaligned start).
     fn discard(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
         let Ok(host) = mem.get_slice(GuestAddress(addr), len as usize) else {
             return false;
         };
-        // SAFETY: the range is guest RAM that `mem` maps; dropping its pages only
-        // makes the next guest access read zeroes, which is what the guest agreed to.
-        unsafe {
-            libc::madvise(
-                host.ptr_guard_mut().as_ptr().cast(),
-                len as usize,
-                libc::MADV_DONTNEED,
-            ) == 0
+        let start = host.ptr_guard_mut().as_ptr() as usize;
+        let first = start.next_multiple_of(PAGE_SIZE as usize);
+        let end = (start + host.len()) / PAGE_SIZE as usize * PAGE_SIZE as usize;
+        if end <= first {
+            return true;
         }
+        // SAFETY: `first..end` lies within guest RAM that `mem` maps (inside the
+        // slice just checked) and is page-aligned; dropping its pages only makes the
+        // next guest access read zeroes, which is what the guest agreed to.
+        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) == 0 }
     }
 
     fn page_numbers(
@@ -188,6 +192,14 @@ impl VirtioDevice for Balloon {
         if let (4, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) {
             self.actual_pages = u32::from_le_bytes(bytes);
         }
+    }
+
+    fn reset(&mut self) {
+        // The statistics buffer belonged to the old queue: handing it back on the
+        // new one would give the driver a buffer it never posted there. A driver
+        // starts over with an empty balloon.
+        self.stats_held = None;
+        self.actual_pages = 0;
     }
 
     fn process_queue(

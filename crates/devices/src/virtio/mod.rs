@@ -16,7 +16,7 @@ pub mod vsock;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -251,6 +251,21 @@ pub(crate) fn serve_chains<'a>(
                 return Ok(QueueOutcome::RetryAfter(wait, used));
             }
         }
+    }
+}
+
+/// A reader of what the driver wrote into `chain`, refusing a chain that does
+/// not end where its driver ended it. Iterating a chain stops without an error at
+/// a `next` that loops, past the queue size, past 4 GiB in all, at a `next` outside
+/// the table or at a descriptor that cannot be read; a device that passes a
+/// chain's bytes on (a frame, a packet) must not send what it happened to gather.
+pub(crate) fn whole_chain_reader<'a>(
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Reader<'a>, virtio_queue::Error> {
+    match chain.clone().last() {
+        Some(last) if !last.has_next() => chain.reader(mem),
+        _ => Err(virtio_queue::Error::InvalidChain),
     }
 }
 

@@ -15,8 +15,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    add_used, copy_config, pop_chain, serve_chains, Budget, DeviceBroken, Next, QueueOutcome,
-    Served, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
+    QueueOutcome, Served, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::tap::{Tap, VNET_HDR_LEN};
@@ -90,8 +90,13 @@ impl Net {
             tap: config.tap.clone(),
             source,
         })?;
+        Ok(Self::with_tap(tap, config))
+    }
+
+    /// A device on `tap`, already open (`config.tap` is not used).
+    pub fn with_tap(tap: Tap, config: &NetConfig) -> Self {
         tracing::info!(tap = tap.name(), "virtio-net attached");
-        Ok(Self {
+        Self {
             tap,
             mac: config.mac,
             rx_limiter: RateLimiter::new(config.rx_rate_limit),
@@ -101,7 +106,7 @@ impl Net {
             rx_blocked: false,
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
-        })
+        }
     }
 
     /// Frames and bytes each way, and drops.
@@ -206,7 +211,7 @@ impl Net {
     ) -> Result<QueueOutcome, DeviceBroken> {
         serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            match chain.reader(mem) {
+            match whole_chain_reader(chain, mem) {
                 Ok(mut reader) => {
                     let len = reader.available_bytes();
                     if !(MIN_BUFFER..=MAX_BUFFER).contains(&len) {

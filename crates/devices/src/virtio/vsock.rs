@@ -27,8 +27,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    add_used, copy_config, pop_chain, serve_chains, Budget, DeviceBroken, Next, QueueOutcome,
-    Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
+    add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
+    QueueOutcome, Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -338,13 +338,8 @@ impl Vsock {
             .position(|c| c.local_port == local_port && c.peer_port == peer_port)
     }
 
-    /// One packet from the guest.
+    /// One packet from the guest, its CIDs checked.
     fn handle_packet(&mut self, hdr: Header, payload: &[u8]) {
-        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
-            tracing::debug!(?hdr, "vsock packet with wrong CIDs; dropped");
-            self.counters.dropped += 1;
-            return;
-        }
         if hdr.kind != TYPE_STREAM {
             if hdr.op != OP_RST {
                 self.rst_for(&hdr);
@@ -439,7 +434,7 @@ impl Vsock {
     ) -> Result<bool, DeviceBroken> {
         let outcome = serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            match chain.reader(mem) {
+            match whole_chain_reader(chain, mem) {
                 Ok(mut reader) => self.packet_from(&mut reader),
                 Err(e) => {
                     tracing::debug!(head, "malformed vsock tx chain: {e:?}");
@@ -466,6 +461,12 @@ impl Vsock {
             return;
         }
         let hdr = Header::parse(&raw);
+        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
+            // Before anything else: such a packet must not touch a connection.
+            tracing::debug!(?hdr, "vsock packet with wrong CIDs; dropped");
+            self.counters.dropped += 1;
+            return;
+        }
         let len = hdr.len as usize;
         if len > MAX_PAYLOAD || len > reader.available_bytes() || (hdr.op != OP_RW && len != 0) {
             tracing::debug!(?hdr, "vsock packet of a bad length");
@@ -544,6 +545,16 @@ impl Vsock {
                 let room = (writer.available_bytes() - HDR_LEN)
                     .min(conn.peer_credit() as usize)
                     .min(MAX_PAYLOAD);
+                if room == 0 {
+                    // A buffer with room for a header only (the credit is not zero
+                    // here): no data fits. Reading 0 bytes would look like the
+                    // host closing; putting it back would leave the readable stream
+                    // waking the event loop for ever. It goes back empty.
+                    self.counters.dropped += 1;
+                    add_used(queue, mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
                 match conn.stream.read(&mut self.buf[..room]) {
                     Ok(0) => {
                         // The host side closed: tell the guest, which answers RST.

@@ -68,7 +68,12 @@ pub struct Driver<'a> {
 
 impl<'a> Driver<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
-        let vq = MockSplitQueue::new(mem, size);
+        Self::at(mem, 0, size)
+    }
+
+    /// A driver whose rings start at `base` (for devices with several queues).
+    pub fn at(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let vq = MockSplitQueue::create(mem, GuestAddress(base), size);
         let avail_end = vq.avail_addr().0 + 4 + 2 * u64::from(size) + 2;
         let used_addr = avail_end.next_multiple_of(4);
         mem.write_slice(&[0; 4], GuestAddress(used_addr)).unwrap();
