@@ -371,10 +371,13 @@ pub(crate) struct Queue {
     features: u64,
 }
 
-/// Where the rings of queue `index` (0, 1 or 2) live: three pages each.
+/// Where the rings of queue `index` (0 to 3) live: three pages each. Queue 3 (the
+/// balloon's reporting queue after its statistics queue) takes the pages of the
+/// single-queue scenarios' buffers, which multi-queue scenarios leave alone.
 pub(crate) fn ring(index: u16) -> u64 {
     match index {
         0 => dma(DESC),
+        3 => dma(HEADER),
         n => dma(RINGS_1 + u64::from(n - 1) * 0x3000),
     }
 }
@@ -441,7 +444,8 @@ pub(crate) fn setup_queue(
         return Err(match index {
             0 => "no queue 0",
             1 => "no queue 1",
-            _ => "no queue 2",
+            2 => "no queue 2",
+            _ => "no queue 3",
         });
     }
     let size = max.min(QUEUE_SIZE);
@@ -890,7 +894,18 @@ const EVILS: [(Evil, &str); 5] = [
     (Evil::Dir, "dir"),
 ];
 
-const FAR_OUTSIDE_RAM: u64 = 0xffff_0000_0000;
+/// A guest-physical address far outside RAM, for descriptors that point nowhere.
+pub(crate) const FAR_OUTSIDE_RAM: u64 = 0xffff_0000_0000;
+
+/// What a device made of a malformed chain on a multi-queue device, as
+/// [`Queue::wait_used`] saw it.
+pub(crate) fn evil_outcome<T>(waited: Result<T, &'static str>) -> &'static str {
+    match waited {
+        Ok(_) => "used",
+        Err("DEVICE_NEEDS_RESET") => "needs_reset",
+        Err(_) => "idle",
+    }
+}
 
 /// What the device made of a malformed request.
 fn outcome(wait: Wait) -> &'static str {

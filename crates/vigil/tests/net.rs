@@ -259,6 +259,62 @@ fn net_frames_cross_the_tap_both_ways() {
 }
 
 #[test]
+fn net_hostile_transmit_chains_never_reach_the_tap() {
+    if !can_use_tun() {
+        return;
+    }
+    let name = format!("vgevil{}", std::process::id() % 100_000);
+    let _tap = match TestTap::create(&name) {
+        Ok(tap) => tap,
+        Err(e) => {
+            eprintln!("SKIP: cannot create tap {name}: {e}");
+            return;
+        }
+    };
+    let socket = PacketSocket::bind(&name);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            loop {
+                match socket.recv() {
+                    Some(frame) => frames.push(frame),
+                    None if stop.load(std::sync::atomic::Ordering::SeqCst) => return frames,
+                    None => {}
+                }
+            }
+        })
+    };
+    let child = vigil()
+        .args(["run", "--net", &format!("tap={name}")])
+        .args(["--cmdline", "test=net-evil"])
+        .spawn()
+        .unwrap();
+    let r = finish(child, TIMEOUT);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let frames = receiver.join().unwrap();
+    // Each malformed chain is used and dropped (the one given before DRIVER_OK is
+    // never started; a head past the queue needs a reset), and a good frame goes
+    // through after each.
+    assert_eq!(
+        r.line("TEST net-evil "),
+        "TEST net-evil PASS pre_ok=idle oob=used loop=used short=used hdr=used huge=used \
+         dir=used head=needs_reset recovered=8",
+        "{r}"
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    // On the tap: the eight good frames and nothing of the malformed chains (which
+    // carry a payload of their own).
+    let payloads: Vec<&[u8]> = frames.iter().map(|f| &f[14..]).collect();
+    assert_eq!(frames.len(), 8, "{payloads:?}");
+    for frame in &frames {
+        assert_eq!(frame.len(), 60);
+        assert!(frame[14..].starts_with(b"vigil-net-evil-ok"), "{frame:?}");
+    }
+}
+
+#[test]
 fn net_option_errors_name_the_value() {
     let r = common::run(&["run", "--net", "tap=x,mac=02:00"], TIMEOUT);
     assert_eq!(r.code, Some(2), "{r}");
