@@ -21,17 +21,24 @@ const PAGE: u64 = 4096;
 const HOLD_MS: u64 = 1500;
 
 pub fn balloon(machine: &Machine, detail: &mut Line) -> bool {
+    with_balloon(machine, detail, run)
+}
+
+/// Runs `body` at CPL3 on the first virtio-balloon device, with the top of RAM.
+fn with_balloon(
+    machine: &Machine,
+    detail: &mut Line,
+    body: fn(Dev, Clock, u64, &mut Line) -> Result<(), ()>,
+) -> bool {
     let ram_top = machine.info.ram_top();
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_BALLOON, |_| true) else {
-            detail.str("no virtio-balloon device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = run(dev, clock, ram_top, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    let missing = "no virtio-balloon device";
+    virtio::with_device(
+        machine,
+        detail,
+        ID_BALLOON,
+        missing,
+        |dev, clock, detail| body(dev, clock, ram_top, detail),
+    )
 }
 
 /// Sends the pool's page numbers, `PFNS_PER_REQUEST` at a time, on `queue`.
@@ -119,17 +126,7 @@ const NOT_RAM: [u32; 2] = [u32::MAX, 0xfee00];
 /// offers free page reporting, a report that starts and ends inside pages (only the
 /// whole page between goes) and one outside RAM. Then a good inflate and deflate.
 pub fn balloon_evil(machine: &Machine, detail: &mut Line) -> bool {
-    let ram_top = machine.info.ram_top();
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_BALLOON, |_| true) else {
-            detail.str("no virtio-balloon device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = evil(dev, clock, ram_top, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    with_balloon(machine, detail, evil)
 }
 
 /// Fills `page` with a pattern of its addresses.

@@ -3,9 +3,7 @@
 
 use crate::cpu::rdtsc;
 use crate::serial::{Line, Out};
-use crate::virtio::{
-    self, dma, rd, wr, zero, Clock, Dev, Devices, Queue, MQ_BUF, MQ_BUF_LEN, NEXT, WRITE,
-};
+use crate::virtio::{self, dma, rd, wr, zero, Clock, Dev, Queue, MQ_BUF, MQ_BUF_LEN, NEXT, WRITE};
 use crate::Machine;
 
 const ID_NET: u32 = 1;
@@ -32,19 +30,16 @@ fn rx_buf(id: u16) -> u64 {
 }
 
 pub fn net(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_NET, |_| true) else {
-            detail.str("no virtio-net device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = run(dev, clock, devices, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_NET,
+        "no virtio-net device",
+        |dev, clock, detail| run(dev, clock, detail),
+    )
 }
 
-fn run(dev: Dev, clock: Clock, _devices: &Devices, detail: &mut Line) -> Result<(), ()> {
+fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
     let set_up = || -> Result<(Queue, Queue, u64), &'static str> {
         let features = virtio::negotiate(dev, clock, NET_F_MAC)?;
         let rx = virtio::setup_queue(dev, clock, RX, features)?;
@@ -145,16 +140,13 @@ const BENCH_FRAMES: u64 = 20_000;
 /// `net-bench`: 20000 minimum-size frames sent one at a time (each waits for the
 /// device to use it), timed with the TSC at CPL3: the transmit packet rate.
 pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_NET, |_| true) else {
-            detail.str("no virtio-net device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = bench(dev, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_NET,
+        "no virtio-net device",
+        |dev, clock, detail| bench(dev, clock, detail),
+    )
 }
 
 fn bench(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
@@ -313,36 +305,31 @@ fn evil_case(dev: Dev, clock: Clock, evil: Evil) -> Result<(&'static str, bool),
 /// `net-evil`: a hostile driver's transmit chains on the first virtio-net device,
 /// each followed by a good frame that must go through.
 pub fn net_evil(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_NET, |_| true) else {
-            detail.str("no virtio-net device");
-            virtio::list_devices(devices, detail);
-            return Err(());
+    virtio::with_device(machine, detail, ID_NET, "no virtio-net device", evil)
+}
+
+fn evil(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    zero(dma(MQ_BUF), MQ_BUF_LEN as usize);
+    write_frame(dma(TX_BUF), EVIL_FRAME);
+    write_frame(dma(GOOD_BUF), GOOD_FRAME);
+    let mut recovered = 0;
+    let mut good = true;
+    for (evil, name) in EVILS {
+        let (outcome, ok) = match evil_case(dev, clock, evil) {
+            Ok(result) => result,
+            Err(error) => {
+                detail.str(name).str(": ").str(error);
+                return Err(());
+            }
         };
-        zero(dma(MQ_BUF), MQ_BUF_LEN as usize);
-        write_frame(dma(TX_BUF), EVIL_FRAME);
-        write_frame(dma(GOOD_BUF), GOOD_FRAME);
-        let mut recovered = 0;
-        let mut good = true;
-        for (evil, name) in EVILS {
-            let (outcome, ok) = match evil_case(dev, clock, evil) {
-                Ok(result) => result,
-                Err(error) => {
-                    let _ = dev.reset(clock);
-                    detail.str(name).str(": ").str(error);
-                    return Err(());
-                }
-            };
-            detail.str(name).str("=").str(outcome).str(" ");
-            recovered += u64::from(ok);
-            // Only the chain given before DRIVER_OK may be left alone.
-            good &= (outcome == "idle") == (evil == Evil::PreOk);
-        }
-        let _ = dev.reset(clock);
-        detail.str("recovered=").dec(recovered);
-        if !good || recovered != EVILS.len() as u64 {
-            return Err(());
-        }
-        Ok(())
-    })
+        detail.str(name).str("=").str(outcome).str(" ");
+        recovered += u64::from(ok);
+        // Only the chain given before DRIVER_OK may be left alone.
+        good &= (outcome == "idle") == (evil == Evil::PreOk);
+    }
+    detail.str("recovered=").dec(recovered);
+    if !good || recovered != EVILS.len() as u64 {
+        return Err(());
+    }
+    Ok(())
 }

@@ -653,6 +653,40 @@ pub(crate) fn run_at_cpl3(
     pass
 }
 
+/// Runs `body` at CPL3 on the first device of type `id` whose offered features
+/// satisfy `wanted` (`missing`, and the devices found, are the detail when there is
+/// none); resets the device after.
+fn with_device_where(
+    machine: &Machine,
+    detail: &mut Line,
+    id: u32,
+    wanted: impl Fn(u64) -> bool,
+    missing: &str,
+    body: impl Fn(Dev, Clock, &mut Line) -> Result<(), ()>,
+) -> bool {
+    run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = find(devices, clock, id, &wanted) else {
+            detail.str(missing);
+            list_devices(devices, detail);
+            return Err(());
+        };
+        let result = body(dev, clock, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
+/// [`with_device_where`] for a device of any features.
+pub(crate) fn with_device(
+    machine: &Machine,
+    detail: &mut Line,
+    id: u32,
+    missing: &str,
+    body: impl Fn(Dev, Clock, &mut Line) -> Result<(), ()>,
+) -> bool {
+    with_device_where(machine, detail, id, |_| true, missing, body)
+}
+
 /// Runs `body` at CPL3 on queue 0 of the first device of type `id` whose offered
 /// features satisfy `wanted`, set up with `features`; resets the device after.
 fn with_queue0(
@@ -664,23 +698,20 @@ fn with_queue0(
     features: u64,
     body: impl Fn(&mut Queue, Clock, &mut Line) -> Result<(), ()>,
 ) -> bool {
-    run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = find(devices, clock, id, &wanted) else {
-            detail.str(missing);
-            list_devices(devices, detail);
-            return Err(());
-        };
-        let mut q = match setup(dev, clock, features, true) {
-            Ok(q) => q,
+    with_device_where(
+        machine,
+        detail,
+        id,
+        wanted,
+        missing,
+        |dev, clock, detail| match setup(dev, clock, features, true) {
+            Ok(mut q) => body(&mut q, clock, detail),
             Err(error) => {
                 detail.str(error);
-                return Err(());
+                Err(())
             }
-        };
-        let result = body(&mut q, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+        },
+    )
 }
 
 /// Writes `what: error` to the detail.

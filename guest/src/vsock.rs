@@ -101,16 +101,13 @@ impl Conn {
 }
 
 pub fn vsock(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_VSOCK, |_| true) else {
-            detail.str("no virtio-vsock device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = run(dev, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_VSOCK,
+        "no virtio-vsock device",
+        |dev, clock, detail| run(dev, clock, detail),
+    )
 }
 
 /// Sets the device up and posts the receive buffers, for a connection between
@@ -214,16 +211,13 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
 }
 
 pub fn vsock_listen(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_VSOCK, |_| true) else {
-            detail.str("no virtio-vsock device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = listen(dev, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_VSOCK,
+        "no virtio-vsock device",
+        |dev, clock, detail| listen(dev, clock, detail),
+    )
 }
 
 /// How long the guest waits for the host to connect and to send.
@@ -386,16 +380,13 @@ impl Conn {
 /// by a probe the device must answer (a CREDIT_REQUEST for no stream: RST), then a
 /// whole connection with an echo, as `vsock`.
 pub fn vsock_evil(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_VSOCK, |_| true) else {
-            detail.str("no virtio-vsock device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = evil(dev, clock, detail).and_then(|()| run(dev, clock, detail));
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_VSOCK,
+        "no virtio-vsock device",
+        |dev, clock, detail| evil(dev, clock, detail).and_then(|()| run(dev, clock, detail)),
+    )
 }
 
 fn evil(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {

@@ -193,20 +193,31 @@ fn can_use_tun() -> bool {
     true
 }
 
-#[test]
-fn net_frames_cross_the_tap_both_ways() {
+/// A tap named `<prefix><pid>` and a packet socket on it, or `None` (with a
+/// message) where taps cannot be made.
+fn test_tap(prefix: &str) -> Option<(TestTap, PacketSocket)> {
     if !can_use_tun() {
-        return;
+        return None;
     }
-    let name = format!("vgtest{}", std::process::id() % 100_000);
-    let _tap = match TestTap::create(&name) {
-        Ok(tap) => tap,
+    let name = format!("{prefix}{}", std::process::id() % 100_000);
+    match TestTap::create(&name) {
+        Ok(tap) => {
+            let socket = PacketSocket::bind(&name);
+            Some((tap, socket))
+        }
         Err(e) => {
             eprintln!("SKIP: cannot create tap {name}: {e}");
-            return;
+            None
         }
+    }
+}
+
+#[test]
+fn net_frames_cross_the_tap_both_ways() {
+    let Some((tap, socket)) = test_tap("vgtest") else {
+        return;
     };
-    let socket = PacketSocket::bind(&name);
+    let name = tap.0.clone();
     let mac = [0x02, 0x76, 0x69, 0x67, 0x00, 0x42];
     let child = vigil()
         .args([
@@ -260,18 +271,10 @@ fn net_frames_cross_the_tap_both_ways() {
 
 #[test]
 fn net_hostile_transmit_chains_never_reach_the_tap() {
-    if !can_use_tun() {
+    let Some((tap, socket)) = test_tap("vgevil") else {
         return;
-    }
-    let name = format!("vgevil{}", std::process::id() % 100_000);
-    let _tap = match TestTap::create(&name) {
-        Ok(tap) => tap,
-        Err(e) => {
-            eprintln!("SKIP: cannot create tap {name}: {e}");
-            return;
-        }
     };
-    let socket = PacketSocket::bind(&name);
+    let name = tap.0.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let receiver = {
         let stop = stop.clone();

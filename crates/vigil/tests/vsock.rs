@@ -29,9 +29,10 @@ fn echo_server(path: &str) -> std::thread::JoinHandle<Vec<u8>> {
     })
 }
 
-#[test]
-fn vsock_guest_connection_reaches_the_host_echo_server() {
-    let uds = std::env::temp_dir().join(format!("vigil-vsock-{}.sock", std::process::id()));
+/// Runs the test guest's `scenario` with a vsock device whose `<uds>_1234` is an
+/// echo server: the run, and what the server received.
+fn run_with_echo_server(name: &str, scenario: &str) -> (common::Run, Vec<u8>) {
+    let uds = std::env::temp_dir().join(format!("vigil-vsock-{name}-{}.sock", std::process::id()));
     let port_path = format!("{}_1234", uds.display());
     let server = echo_server(&port_path);
     let r = run(
@@ -40,38 +41,30 @@ fn vsock_guest_connection_reaches_the_host_echo_server() {
             "--vsock",
             &format!("cid=3,uds={}", uds.display()),
             "--cmdline",
-            "test=vsock",
+            &format!("test={scenario}"),
         ],
         TIMEOUT,
     );
     std::fs::remove_file(&port_path).ok();
     std::fs::remove_file(&uds).ok();
+    (r, server.join().unwrap())
+}
+
+#[test]
+fn vsock_guest_connection_reaches_the_host_echo_server() {
+    let (r, echoed) = run_with_echo_server("echo", "vsock");
     assert_eq!(
         r.line("TEST vsock "),
         "TEST vsock PASS cid=3 echoed=16",
         "{r}"
     );
     assert_eq!(r.code, Some(0), "{r}");
-    assert_eq!(server.join().unwrap(), b"vigil-vsock-ping");
+    assert_eq!(echoed, b"vigil-vsock-ping");
 }
 
 #[test]
 fn vsock_hostile_packets_are_refused_and_the_device_goes_on() {
-    let uds = std::env::temp_dir().join(format!("vigil-vsock-evil-{}.sock", std::process::id()));
-    let port_path = format!("{}_1234", uds.display());
-    let server = echo_server(&port_path);
-    let r = run(
-        &[
-            "run",
-            "--vsock",
-            &format!("cid=3,uds={}", uds.display()),
-            "--cmdline",
-            "test=vsock-evil",
-        ],
-        TIMEOUT,
-    );
-    std::fs::remove_file(&port_path).ok();
-    std::fs::remove_file(&uds).ok();
+    let (r, echoed) = run_with_echo_server("evil", "vsock-evil");
     // Refused with RST: a length past the buffer, an unknown op, a type the device
     // does not do. Dropped without a word: wrong source or destination CID, and
     // chains with no packet to read (short, outside RAM, looping, 2 GiB). After
@@ -83,7 +76,7 @@ fn vsock_hostile_packets_are_refused_and_the_device_goes_on() {
         "{r}"
     );
     assert_eq!(r.code, Some(0), "{r}");
-    assert_eq!(server.join().unwrap(), b"vigil-vsock-ping");
+    assert_eq!(echoed, b"vigil-vsock-ping");
 }
 
 #[test]
