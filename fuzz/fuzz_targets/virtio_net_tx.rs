@@ -24,6 +24,8 @@ struct Input {
     rx: Option<(QueueInput, Vec<Vec<u8>>)>,
     /// A transmit byte limit (bytes per second, burst).
     tx_limit: Option<(u16, u16)>,
+    /// The host closes its end after sending its frames.
+    host_closes: bool,
 }
 
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> Option<usize> {
@@ -136,15 +138,18 @@ fuzz_target!(|input: Input| {
         for frame in sent.iter().take(8) {
             send(&host_end, frame);
         }
+        let host_fd = host_end.as_raw_fd();
+        let host_end = (!input.host_closes).then_some(host_end);
         let mut rx = rx_input.install_at(&mem, RINGS_2);
         run(&mut dev, RX, &mut rx, &mem, rx_input, false);
         // The event loop would call again when the tap is readable.
         let _ = dev.process_fd(
-            host_end.as_raw_fd(),
+            host_fd,
             vmm_sys_util::epoll::EventSet::IN,
             &mut [rx, tx],
             &mem,
         );
         let _ = dev.watched_fds();
+        drop(host_end);
     }
 });

@@ -144,3 +144,29 @@ fn received_frames_fill_a_buffer_after_a_fresh_header() {
     assert_eq!(got[..VNET_HDR_LEN], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
     assert_eq!(got[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
 }
+
+/// A backend that reports end-of-file (the host end of a socket pair closed; a tap
+/// handed over by a parent that went away) used to be read as an endless stream of
+/// empty "runt frames": the receive loop never returned. Now receiving stops, and
+/// the device no longer asks the event loop to watch a backend that would always
+/// be readable.
+#[test]
+fn a_closed_backend_neither_hangs_nor_stays_watched() {
+    let mem = memory(1 << 20);
+    let (mut dev, host) = net();
+    drop(host);
+    let mut d = Driver::at(&mem, 0x20000, QSIZE);
+    let mut queue = d.queue();
+    d.add(&[(RX_BUF, 2048, F_WRITE)]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let first = dev.process_queue(0, &mut queue, &mem);
+        let watched = dev.watched_fds();
+        tx.send((first, watched.len())).unwrap();
+    });
+    let (first, watched) = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("receiving from a closed backend hangs");
+    assert_eq!(first, Ok(QueueOutcome::Done(false)));
+    assert_eq!(watched, 0);
+}

@@ -76,8 +76,9 @@ pub struct Net {
     /// A frame read from the tap and not yet delivered (`rx_len` bytes of `rx_buf`).
     rx_buf: Vec<u8>,
     rx_len: usize,
-    /// The guest has no receive buffer, or the limiter said wait: the tap is not
-    /// watched until the guest adds buffers or the timer fires.
+    /// The guest has no receive buffer, the limiter said wait, or the backend
+    /// closed: the tap is not watched until the guest adds buffers or the timer
+    /// fires.
     rx_blocked: bool,
     tx_buf: Vec<u8>,
     counters: NetCounters,
@@ -127,6 +128,15 @@ impl Net {
         loop {
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(0) => {
+                        // End of file: the backend is gone (a tap never says so; a
+                        // socket or a handed-over fd can). Stop watching it, or it
+                        // would wake the event loop for ever; the guest adding
+                        // buffers tries again.
+                        tracing::warn!(tap = self.tap.name(), "the network backend closed");
+                        self.rx_blocked = true;
+                        return Ok(QueueOutcome::Done(used));
+                    }
                     Ok(n) if n < MIN_BUFFER => {
                         tracing::debug!(n, "runt frame from the tap; dropped");
                         self.counters.errors += 1;
@@ -138,7 +148,9 @@ impl Net {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
+                        // As for end of file: an fd in error stays "readable".
                         tracing::warn!("cannot read from the tap: {e}");
+                        self.rx_blocked = true;
                         return Ok(QueueOutcome::Done(used));
                     }
                 }
