@@ -19,7 +19,7 @@ use vigil_devices::virtio::net::{Net, NetConfig};
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::{Vsock, VsockConfig};
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
-use vigil_fuzz::{memory, Addr, Image, AVAIL_RING, DESC_TABLE, USED_RING};
+use vigil_fuzz::{memory, scratch_dir, Addr, Image, AVAIL_RING, DESC_TABLE, USED_RING};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -166,8 +166,7 @@ fuzz_target!(|input: Input| {
             Box::new(Net::with_tap(tap, &config))
         }
         Device::Vsock => {
-            let dir = std::env::temp_dir();
-            let uds = dir.join(format!("vigil-fuzz-mmio-{}.sock", std::process::id()));
+            let uds = scratch_dir().join("v.sock");
             Box::new(Vsock::new(&VsockConfig { cid: 3, uds }).unwrap())
         }
         Device::Balloon => Box::new(Balloon::new(BalloonConfig {

@@ -21,7 +21,7 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use vigil_devices::virtio::vsock::{Vsock, VsockConfig, HDR_LEN, HOST_CID};
 use vigil_devices::virtio::{DeviceBroken, QueueOutcome, VirtioDevice};
-use vigil_fuzz::{memory, QueueInput, DATA, RINGS, RINGS_2};
+use vigil_fuzz::{memory, scratch_dir, QueueInput, DATA, RINGS, RINGS_2};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -175,8 +175,7 @@ static HOST: OnceLock<Host> = OnceLock::new();
 
 fn host() -> &'static Host {
     HOST.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("vigil-fuzz-vsock-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir().to_path_buf();
         let servers = SERVED_PORTS
             .iter()
             .map(|port| {

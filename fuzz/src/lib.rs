@@ -229,6 +229,25 @@ pub fn used(mem: &GuestMemoryMmap, size: u16, i: u16) -> (u32, u32) {
     RINGS.used(mem, size, i)
 }
 
+/// A directory of this process's own in the temporary directory (for Unix
+/// sockets), created on first use and removed when the process exits.
+pub fn scratch_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    extern "C" fn remove() {
+        if let Some(dir) = DIR.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("vigil-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // SAFETY: registers a function that takes no arguments and does not unwind
+        // (remove_dir_all reports errors, it does not panic).
+        unsafe { libc::atexit(remove) };
+        dir
+    })
+}
+
 /// A disk image in memory (a memfd), reopened by path like a real image.
 pub struct Image {
     file: File,
