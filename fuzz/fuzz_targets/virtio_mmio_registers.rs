@@ -1,7 +1,8 @@
 //! A hostile driver on the virtio-mmio register file: reads and writes of any
 //! offset, width and value, guest memory changes and queue processing, in any
-//! order, against virtio-blk or virtio-rng. Checks the transport's invariants
-//! after every step.
+//! order, against any of the virtio devices (virtio-net on a socket pair,
+//! virtio-vsock on a socket in the temporary directory). Checks the transport's
+//! invariants after every step.
 
 #![no_main]
 
@@ -10,11 +11,15 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use vigil_devices::bus::BusDevice;
+use vigil_devices::tap::Tap;
+use vigil_devices::virtio::balloon::{Balloon, BalloonConfig};
 use vigil_devices::virtio::block::{Block, BlockConfig};
 use vigil_devices::virtio::mmio::{status, MmioTransport};
+use vigil_devices::virtio::net::{Net, NetConfig};
 use vigil_devices::virtio::rng::Rng;
+use vigil_devices::virtio::vsock::{Vsock, VsockConfig};
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
-use vigil_fuzz::{memory, Addr, Image, AVAIL_RING, DESC_TABLE, USED_RING};
+use vigil_fuzz::{memory, scratch_dir, Addr, Image, AVAIL_RING, DESC_TABLE, USED_RING};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,10 +71,24 @@ enum Op {
     },
 }
 
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Device {
+    Block {
+        read_only: bool,
+    },
+    Rng,
+    /// On a socket pair (no root), whose host end may be closed.
+    Net {
+        host_closed: bool,
+    },
+    Vsock,
+    /// Statistics and free page reporting on: four queues.
+    Balloon,
+}
+
 #[derive(Arbitrary, Debug)]
 struct Input {
-    block: bool,
-    read_only: bool,
+    device: Device,
     ops: Vec<Op>,
 }
 
@@ -115,26 +134,55 @@ fn bring_up(t: &mut MmioTransport, size: u32) {
 
 fuzz_target!(|input: Input| {
     let mem = memory();
-    let device: Box<dyn VirtioDevice> = if input.block {
-        let image = IMAGE.get_or_init(|| Image::new(64 * 512));
-        image.reset();
-        Box::new(
-            Block::new(&BlockConfig {
-                path: image.path.clone(),
-                read_only: input.read_only,
-                id: "fuzz".into(),
-                rate_limit: Default::default(),
-                ..Default::default()
-            })
-            .unwrap(),
-        )
-    } else {
-        Box::new(Rng::new(Default::default()))
+    // Kept open for the whole input (unless the input closes it).
+    let mut _host_end = None;
+    let device: Box<dyn VirtioDevice> = match input.device {
+        Device::Block { read_only } => {
+            let image = IMAGE.get_or_init(|| Image::new(64 * 512));
+            image.reset();
+            Box::new(
+                Block::new(&BlockConfig {
+                    path: image.path.clone(),
+                    read_only,
+                    id: "fuzz".into(),
+                    rate_limit: Default::default(),
+                    ..Default::default()
+                })
+                .unwrap(),
+            )
+        }
+        Device::Rng => Box::new(Rng::new(Default::default())),
+        Device::Net { host_closed } => {
+            let (tap, host) = Tap::pair().unwrap();
+            if !host_closed {
+                _host_end = Some(host);
+            }
+            let config = NetConfig {
+                tap: String::new(),
+                mac: [2, 0, 0, 0, 0, 1],
+                rx_rate_limit: Default::default(),
+                tx_rate_limit: Default::default(),
+            };
+            Box::new(Net::with_tap(tap, &config))
+        }
+        Device::Vsock => {
+            let uds = scratch_dir().join("v.sock");
+            Box::new(Vsock::new(&VsockConfig { cid: 3, uds }).unwrap())
+        }
+        Device::Balloon => Box::new(Balloon::new(BalloonConfig {
+            target_mib: 1,
+            stats_interval: Some(std::time::Duration::ZERO),
+            free_page_reporting: true,
+            deflate_on_oom: true,
+        })),
     };
     let device_type = device.device_type();
     let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-    let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut t = MmioTransport::new(device, mem.clone(), irq.clone(), vec![evt]).unwrap();
+    let queues = device.queue_max_sizes().len();
+    let evts = (0..queues)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
+    let mut t = MmioTransport::new(device, mem.clone(), irq.clone(), evts).unwrap();
 
     for op in input.ops.iter().take(256) {
         match op {
@@ -157,9 +205,9 @@ fuzz_target!(|input: Input| {
                 }
             }
             Op::BringUp { size_log2 } => bring_up(&mut t, 1 << (size_log2 % 10)),
-            Op::Notify { queue } => write32(&mut t, 0x50, u32::from(*queue % 3)),
+            Op::Notify { queue } => write32(&mut t, 0x50, u32::from(*queue % 5)),
             Op::Process { queue } => {
-                let _ = t.process_queue(usize::from(*queue % 3));
+                let _ = t.process_queue(usize::from(*queue % 5));
             }
             Op::Poke { at, bytes } => {
                 let _ = mem.write(bytes, GuestAddress(at.get()));

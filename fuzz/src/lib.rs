@@ -23,6 +23,81 @@ pub const AVAIL_RING: u64 = 0x1000;
 pub const USED_RING: u64 = 0x1400;
 /// Start of the area the input fills freely (headers, data, range lists).
 pub const DATA: u64 = 0x2000;
+/// The rings of a second queue, for devices with two (room for 256 entries each,
+/// in the free area: a hostile driver's buffers may overlap them).
+pub const RINGS_2: Rings = Rings {
+    desc: 0x8000,
+    avail: 0x9000,
+    used: 0x9400,
+};
+
+/// Where one queue's rings are.
+#[derive(Clone, Copy, Debug)]
+pub struct Rings {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// The rings of the first (or only) queue.
+pub const RINGS: Rings = Rings {
+    desc: DESC_TABLE,
+    avail: AVAIL_RING,
+    used: USED_RING,
+};
+
+impl Rings {
+    /// A ready queue of `size` entries on these rings (which the caller filled).
+    pub fn queue(self, mem: &GuestMemoryMmap, size: u16) -> Queue {
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(size);
+        q.set_desc_table_address(Some(self.desc as u32), Some(0));
+        q.set_avail_ring_address(Some(self.avail as u32), Some(0));
+        q.set_used_ring_address(Some(self.used as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
+        q
+    }
+
+    /// Writes descriptor `i`.
+    pub fn desc(self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(self.desc + 16 * u64::from(i)))
+            .unwrap();
+    }
+
+    /// The available ring's index.
+    pub fn avail_idx(self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.avail + 2)).unwrap()
+    }
+
+    /// Puts `head` in the available ring of a `size`-entry queue and bumps its index.
+    pub fn publish(self, mem: &GuestMemoryMmap, size: u16, head: u16) {
+        let idx = self.avail_idx(mem);
+        let slot = self.avail + 4 + 2 * u64::from(idx % size);
+        mem.write_obj(head, GuestAddress(slot)).unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    /// The used ring's index.
+    pub fn used_idx(self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+    }
+
+    /// Used ring entry `i` of a `size`-entry queue: (head, length).
+    pub fn used(self, mem: &GuestMemoryMmap, size: u16, i: u16) -> (u32, u32) {
+        let at = self.used + 4 + 8 * u64::from(i % size);
+        (
+            mem.read_obj(GuestAddress(at)).unwrap(),
+            mem.read_obj(GuestAddress(at + 4)).unwrap(),
+        )
+    }
+}
 
 pub fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[
@@ -103,63 +178,74 @@ impl QueueInput {
 
     /// Writes the queue into `mem` and returns it, ready.
     pub fn install(&self, mem: &GuestMemoryMmap) -> Queue {
+        self.install_at(mem, RINGS)
+    }
+
+    /// The same, on `rings`.
+    pub fn install_at(&self, mem: &GuestMemoryMmap, rings: Rings) -> Queue {
         let size = self.size();
         for p in &self.pokes {
             // Ignore what falls outside memory, as a guest's store would fault.
             let _ = mem.write(&p.bytes, GuestAddress(p.at.get()));
         }
         for (i, d) in self.descs.iter().take(usize::from(size)).enumerate() {
-            let mut raw = [0u8; 16];
-            raw[..8].copy_from_slice(&d.addr.get().to_le_bytes());
-            raw[8..12].copy_from_slice(&d.len.get().to_le_bytes());
-            raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
-            raw[14..].copy_from_slice(&d.next.to_le_bytes());
-            mem.write_slice(&raw, GuestAddress(DESC_TABLE + 16 * i as u64))
-                .unwrap();
+            rings.desc(mem, i as u16, d.addr.get(), d.len.get(), d.flags, d.next);
         }
         let n = self.avail.len().min(usize::from(size));
         for (i, head) in self.avail.iter().take(n).enumerate() {
-            mem.write_obj(*head, GuestAddress(AVAIL_RING + 4 + 2 * i as u64))
+            mem.write_obj(*head, GuestAddress(rings.avail + 4 + 2 * i as u64))
                 .unwrap();
         }
         let idx = (n as u16).wrapping_add(u16::from(self.avail_extra % 4));
-        mem.write_obj(0u16, GuestAddress(AVAIL_RING)).unwrap();
-        mem.write_obj(idx, GuestAddress(AVAIL_RING + 2)).unwrap();
-        mem.write_obj(0u32, GuestAddress(USED_RING)).unwrap();
-
-        let mut q = Queue::new(256).unwrap();
-        q.set_size(size);
-        q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-        q.set_used_ring_address(Some(USED_RING as u32), Some(0));
-        q.set_ready(true);
-        assert!(q.is_valid(mem));
-        q
+        mem.write_obj(0u16, GuestAddress(rings.avail)).unwrap();
+        mem.write_obj(idx, GuestAddress(rings.avail + 2)).unwrap();
+        mem.write_obj(0u32, GuestAddress(rings.used)).unwrap();
+        rings.queue(mem, size)
     }
 
     /// Bumps the available index by `by` (a driver adding or replaying entries).
     pub fn bump(mem: &GuestMemoryMmap, by: u8) {
-        let idx: u16 = mem.read_obj(GuestAddress(AVAIL_RING + 2)).unwrap();
+        Self::bump_at(mem, RINGS, by)
+    }
+
+    /// The same, on `rings`.
+    pub fn bump_at(mem: &GuestMemoryMmap, rings: Rings, by: u8) {
+        let idx = rings.avail_idx(mem);
         mem.write_obj(
             idx.wrapping_add(u16::from(by % 8)),
-            GuestAddress(AVAIL_RING + 2),
+            GuestAddress(rings.avail + 2),
         )
         .unwrap();
     }
 }
 
-/// The used ring's index.
+/// The used ring's index (first queue).
 pub fn used_idx(mem: &GuestMemoryMmap) -> u16 {
-    mem.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+    RINGS.used_idx(mem)
 }
 
-/// Used ring entry `i` of a `size`-entry queue: (head, length).
+/// Used ring entry `i` of a `size`-entry queue (first queue): (head, length).
 pub fn used(mem: &GuestMemoryMmap, size: u16, i: u16) -> (u32, u32) {
-    let at = USED_RING + 4 + 8 * u64::from(i % size);
-    (
-        mem.read_obj(GuestAddress(at)).unwrap(),
-        mem.read_obj(GuestAddress(at + 4)).unwrap(),
-    )
+    RINGS.used(mem, size, i)
+}
+
+/// A directory of this process's own in the temporary directory (for Unix
+/// sockets), created on first use and removed when the process exits.
+pub fn scratch_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    extern "C" fn remove() {
+        if let Some(dir) = DIR.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("vigil-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // SAFETY: registers a function that takes no arguments and does not unwind
+        // (remove_dir_all reports errors, it does not panic).
+        unsafe { libc::atexit(remove) };
+        dir
+    })
 }
 
 /// A disk image in memory (a memfd), reopened by path like a real image.

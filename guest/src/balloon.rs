@@ -6,7 +6,7 @@
 
 use crate::cpu::rdtsc;
 use crate::serial::{Line, Out, Serial};
-use crate::virtio::{self, dma, rd, wr, Clock, Dev, Queue, CONFIG, MQ_BUF, MQ_BUF_LEN};
+use crate::virtio::{self, dma, rd, wr, Clock, Dev, Queue, CONFIG, MQ_BUF, MQ_BUF_LEN, WRITE};
 use crate::Machine;
 
 const ID_BALLOON: u32 = 5;
@@ -21,17 +21,24 @@ const PAGE: u64 = 4096;
 const HOLD_MS: u64 = 1500;
 
 pub fn balloon(machine: &Machine, detail: &mut Line) -> bool {
+    with_balloon(machine, detail, run)
+}
+
+/// Runs `body` at CPL3 on the first virtio-balloon device, with the top of RAM.
+fn with_balloon(
+    machine: &Machine,
+    detail: &mut Line,
+    body: fn(Dev, Clock, u64, &mut Line) -> Result<(), ()>,
+) -> bool {
     let ram_top = machine.info.ram_top();
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_BALLOON, |_| true) else {
-            detail.str("no virtio-balloon device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = run(dev, clock, ram_top, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    let missing = "no virtio-balloon device";
+    virtio::with_device(
+        machine,
+        detail,
+        ID_BALLOON,
+        missing,
+        |dev, clock, detail| body(dev, clock, ram_top, detail),
+    )
 }
 
 /// Sends the pool's page numbers, `PFNS_PER_REQUEST` at a time, on `queue`.
@@ -102,6 +109,159 @@ fn run(dev: Dev, clock: Clock, ram_top: u64, detail: &mut Line) -> Result<(), ()
         .count() as u64;
     detail.str("pages=").dec(pages).str(" zeroed=").dec(zeroed);
     if zeroed != pages {
+        return Err(());
+    }
+    Ok(())
+}
+
+const F_STATS_VQ: u64 = 1 << 1;
+const F_REPORTING: u64 = 1 << 5;
+/// Page numbers no RAM has: the largest, the first past the top of RAM is added at
+/// run time, and the local APIC's page (MMIO).
+const NOT_RAM: [u32; 2] = [u32::MAX, 0xfee00];
+
+/// `balloon-evil`: a hostile balloon driver. Page numbers outside RAM and a page of
+/// the guest's own image (given back: the guest's business, it reads zero after);
+/// inflate chains outside RAM, looping, or of 0x7fff_ffff bytes; when the device
+/// offers free page reporting, a report that starts and ends inside pages (only the
+/// whole page between goes) and one outside RAM. Then a good inflate and deflate.
+pub fn balloon_evil(machine: &Machine, detail: &mut Line) -> bool {
+    with_balloon(machine, detail, evil)
+}
+
+/// Fills `page` with a pattern of its addresses.
+fn mark(page: u64) {
+    for i in (0..PAGE).step_by(8) {
+        wr(page + i, 0x5a5a_0000_0000_0000u64 | page | i);
+    }
+}
+
+/// Whether bytes `from..to` of `page` read as zero (the host discarded them).
+fn zeroed(page: u64, from: u64, to: u64) -> bool {
+    (from..to).step_by(8).all(|i| rd::<u64>(page + i) == 0)
+}
+
+/// Whether bytes `from..to` of `page` still hold the pattern of [`mark`].
+fn marked(page: u64, from: u64, to: u64) -> bool {
+    (from..to)
+        .step_by(8)
+        .all(|i| rd::<u64>(page + i) == 0x5a5a_0000_0000_0000u64 | page | i)
+}
+
+/// Makes the chain in descriptors 0.. available on `queue`; what the device made
+/// of it.
+fn submit(queue: &mut Queue) -> &'static str {
+    queue.push_avail(0);
+    queue.notify();
+    virtio::evil_outcome(queue.wait_used(2000))
+}
+
+/// One inflate request of `pfns` (from MQ_BUF).
+fn inflate_pages(queue: &mut Queue, pfns: &[u32]) -> &'static str {
+    for (i, &pfn) in pfns.iter().enumerate() {
+        wr(dma(MQ_BUF) + 4 * i as u64, pfn);
+    }
+    queue.desc(0, dma(MQ_BUF), 4 * pfns.len() as u32, 0, 0);
+    submit(queue)
+}
+
+fn evil(dev: Dev, clock: Clock, ram_top: u64, detail: &mut Line) -> Result<(), ()> {
+    let set_up = || -> Result<(Queue, Queue, Option<Queue>), &'static str> {
+        // The statistics queue is accepted when offered, as Linux does (its queue
+        // then comes before the reporting queue), and left unused.
+        let features = virtio::negotiate(dev, clock, F_STATS_VQ | F_REPORTING)?;
+        let inflate = virtio::setup_queue(dev, clock, INFLATE, features)?;
+        let deflate = virtio::setup_queue(dev, clock, DEFLATE, features)?;
+        let reporting = if features & F_REPORTING != 0 {
+            let index = if features & F_STATS_VQ != 0 { 3 } else { 2 };
+            Some(virtio::setup_queue(dev, clock, index, features)?)
+        } else {
+            None
+        };
+        virtio::driver_ok(dev)?;
+        Ok((inflate, deflate, reporting))
+    };
+    let (mut inflate, mut deflate, reporting) = match set_up() {
+        Ok(queues) => queues,
+        Err(error) => {
+            detail.str(error);
+            return Err(());
+        }
+    };
+    let mut good = true;
+    let mut first = true;
+    let mut report = |detail: &mut Line, name: &str, outcome: &str, expected: &str| {
+        if !first {
+            detail.str(" ");
+        }
+        first = false;
+        detail.str(name).str("=").str(outcome);
+        good &= outcome == expected;
+    };
+
+    let past_top = (ram_top / PAGE) as u32;
+    let outcome = inflate_pages(&mut inflate, &[NOT_RAM[0], past_top, NOT_RAM[1]]);
+    report(detail, "beyond", outcome, "used");
+
+    // A page of the guest's own image (its DMA area, unused by this scenario).
+    let own = dma(MQ_BUF + PAGE);
+    mark(own);
+    let outcome = match inflate_pages(&mut inflate, &[(own / PAGE) as u32]) {
+        "used" if zeroed(own, 0, PAGE) => "zeroed",
+        "used" => "kept",
+        other => other,
+    };
+    report(detail, "image", outcome, "zeroed");
+
+    inflate.desc(0, virtio::FAR_OUTSIDE_RAM, 64, 0, 0);
+    report(detail, "oob", submit(&mut inflate), "used");
+    wr(dma(MQ_BUF), NOT_RAM[0]);
+    inflate.desc(0, dma(MQ_BUF), 4, virtio::NEXT, 1);
+    inflate.desc(1, dma(MQ_BUF), 4, virtio::NEXT, 0);
+    report(detail, "loop", submit(&mut inflate), "used");
+    inflate.desc(0, dma(MQ_BUF), 0x7fff_ffff, 0, 0);
+    report(detail, "huge", submit(&mut inflate), "used");
+
+    if let Some(mut reporting) = reporting {
+        // Half of the first page, all of the second, half of the third; then
+        // nowhere.
+        for p in 0..3 {
+            mark(POOL_START + p * PAGE);
+        }
+        let half = PAGE / 2;
+        reporting.desc(
+            0,
+            POOL_START + half,
+            2 * PAGE as u32,
+            WRITE | virtio::NEXT,
+            1,
+        );
+        reporting.desc(1, virtio::FAR_OUTSIDE_RAM, PAGE as u32, WRITE, 0);
+        let outcome = match submit(&mut reporting) {
+            "used"
+                if marked(POOL_START, 0, PAGE)
+                    && zeroed(POOL_START + PAGE, 0, PAGE)
+                    && marked(POOL_START + 2 * PAGE, 0, PAGE) =>
+            {
+                "exact"
+            }
+            "used" => "inexact",
+            other => other,
+        };
+        report(detail, "report", outcome, "exact");
+    }
+
+    // The device still does its job.
+    let page = POOL_START + 4 * PAGE;
+    mark(page);
+    let pfn = (page / PAGE) as u32;
+    let outcome = match (inflate_pages(&mut inflate, &[pfn]), zeroed(page, 0, PAGE)) {
+        ("used", true) => inflate_pages(&mut deflate, &[pfn]),
+        ("used", false) => "kept",
+        (other, _) => other,
+    };
+    report(detail, "good", outcome, "used");
+    if !good {
         return Err(());
     }
     Ok(())

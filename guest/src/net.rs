@@ -3,9 +3,7 @@
 
 use crate::cpu::rdtsc;
 use crate::serial::{Line, Out};
-use crate::virtio::{
-    self, dma, rd, wr, zero, Clock, Dev, Devices, Queue, MQ_BUF, MQ_BUF_LEN, WRITE,
-};
+use crate::virtio::{self, dma, rd, wr, zero, Clock, Dev, Queue, MQ_BUF, MQ_BUF_LEN, NEXT, WRITE};
 use crate::Machine;
 
 const ID_NET: u32 = 1;
@@ -32,19 +30,16 @@ fn rx_buf(id: u16) -> u64 {
 }
 
 pub fn net(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_NET, |_| true) else {
-            detail.str("no virtio-net device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = run(dev, clock, devices, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_NET,
+        "no virtio-net device",
+        |dev, clock, detail| run(dev, clock, detail),
+    )
 }
 
-fn run(dev: Dev, clock: Clock, _devices: &Devices, detail: &mut Line) -> Result<(), ()> {
+fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
     let set_up = || -> Result<(Queue, Queue, u64), &'static str> {
         let features = virtio::negotiate(dev, clock, NET_F_MAC)?;
         let rx = virtio::setup_queue(dev, clock, RX, features)?;
@@ -145,16 +140,13 @@ const BENCH_FRAMES: u64 = 20_000;
 /// `net-bench`: 20000 minimum-size frames sent one at a time (each waits for the
 /// device to use it), timed with the TSC at CPL3: the transmit packet rate.
 pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_NET, |_| true) else {
-            detail.str("no virtio-net device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = bench(dev, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_NET,
+        "no virtio-net device",
+        |dev, clock, detail| bench(dev, clock, detail),
+    )
 }
 
 fn bench(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
@@ -196,5 +188,148 @@ fn bench(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
         .dec(BENCH_FRAMES * 1_000_000 / us)
         .str(" frames=")
         .dec(BENCH_FRAMES);
+    Ok(())
+}
+
+/// The malformed transmit chains of `net-evil`, in order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Evil {
+    /// A good frame, notified with the queues set up but before DRIVER_OK.
+    PreOk,
+    /// A descriptor far outside RAM.
+    Oob,
+    /// Descriptor 0 -> 1 -> 0, each half of a good frame.
+    Loop,
+    /// 8 bytes: shorter than the 12-byte virtio-net header.
+    Short,
+    /// The header alone, no Ethernet frame.
+    HdrOnly,
+    /// A descriptor of 0x7fff_ffff bytes.
+    Huge,
+    /// The frame marked device-writable.
+    Dir,
+    /// An available ring entry naming descriptor 200 of a 16-entry queue.
+    BadHead,
+}
+
+const EVILS: [(Evil, &str); 8] = [
+    (Evil::PreOk, "pre_ok"),
+    (Evil::Oob, "oob"),
+    (Evil::Loop, "loop"),
+    (Evil::Short, "short"),
+    (Evil::HdrOnly, "hdr"),
+    (Evil::Huge, "huge"),
+    (Evil::Dir, "dir"),
+    (Evil::BadHead, "head"),
+];
+
+/// Payloads of the frames `net-evil` builds: the malformed chains carry the first
+/// (the host must never see it), the good frame after each the second.
+const EVIL_FRAME: &[u8] = b"vigil-net-evil-bad";
+const GOOD_FRAME: &[u8] = b"vigil-net-evil-ok";
+/// The good frame, after the one the malformed chains use.
+const GOOD_BUF: u64 = TX_BUF + 0x800;
+const _: () = assert!(GOOD_BUF + TX_LEN <= MQ_BUF + MQ_BUF_LEN);
+
+/// A minimum-size broadcast frame of our ethertype carrying `payload` at `at`.
+fn write_frame(at: u64, payload: &[u8]) {
+    zero(at, TX_LEN as usize);
+    for i in 0..6 {
+        wr(at + HDR + i, 0xffu8);
+        wr(at + HDR + 6 + i, [0x02u8, 0, 0, 0, 0, 0xee][i as usize]);
+    }
+    wr(at + HDR + 12, ETHERTYPE.to_be_bytes());
+    for (i, &b) in payload.iter().enumerate() {
+        wr(at + HDR + 14 + i as u64, b);
+    }
+}
+
+/// Resets `dev` and sets up its queues; DRIVER_OK when `driver_ok`. The transmit
+/// queue.
+fn set_up_tx(dev: Dev, clock: Clock, driver_ok: bool) -> Result<Queue, &'static str> {
+    let features = virtio::negotiate(dev, clock, 0)?;
+    virtio::setup_queue(dev, clock, RX, features)?;
+    let tx = virtio::setup_queue(dev, clock, TX, features)?;
+    if driver_ok {
+        virtio::driver_ok(dev)?;
+    }
+    Ok(tx)
+}
+
+/// Sends the good frame (descriptor 2) and waits until the device used it.
+fn send_good(tx: &mut Queue) -> Result<(), &'static str> {
+    tx.desc(2, dma(GOOD_BUF), TX_LEN as u32, 0, 0);
+    tx.push_avail(2);
+    tx.notify();
+    tx.wait_used(2000).map(|_| ())
+}
+
+/// Submits the malformed chain `evil` on a freshly set-up device: what the device
+/// made of it, and whether a good frame went through afterwards (on the same
+/// queues, or after a reset when the device needs one or the chain was never
+/// started).
+fn evil_case(dev: Dev, clock: Clock, evil: Evil) -> Result<(&'static str, bool), &'static str> {
+    let mut tx = set_up_tx(dev, clock, evil != Evil::PreOk)?;
+    let frame = dma(TX_BUF);
+    let mut head = 0;
+    match evil {
+        Evil::PreOk => tx.desc(0, frame, TX_LEN as u32, 0, 0),
+        Evil::Oob => tx.desc(0, virtio::FAR_OUTSIDE_RAM, TX_LEN as u32, 0, 0),
+        Evil::Loop => {
+            let half = TX_LEN as u32 / 2;
+            tx.desc(0, frame, half, NEXT, 1);
+            tx.desc(1, frame + u64::from(half), half, NEXT, 0);
+        }
+        Evil::Short => tx.desc(0, frame, 8, 0, 0),
+        Evil::HdrOnly => tx.desc(0, frame, HDR as u32, 0, 0),
+        Evil::Huge => tx.desc(0, frame, 0x7fff_ffff, 0, 0),
+        Evil::Dir => tx.desc(0, frame, TX_LEN as u32, WRITE, 0),
+        Evil::BadHead => {
+            tx.desc(0, frame, TX_LEN as u32, 0, 0);
+            head = 200;
+        }
+    }
+    tx.push_avail(head);
+    tx.notify();
+    let outcome = virtio::evil_outcome(tx.wait_used(if evil == Evil::PreOk { 100 } else { 2000 }));
+    let recovered = if outcome == "used" {
+        send_good(&mut tx).is_ok()
+    } else {
+        set_up_tx(dev, clock, true)
+            .and_then(|mut tx| send_good(&mut tx))
+            .is_ok()
+    };
+    Ok((outcome, recovered))
+}
+
+/// `net-evil`: a hostile driver's transmit chains on the first virtio-net device,
+/// each followed by a good frame that must go through.
+pub fn net_evil(machine: &Machine, detail: &mut Line) -> bool {
+    virtio::with_device(machine, detail, ID_NET, "no virtio-net device", evil)
+}
+
+fn evil(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    zero(dma(MQ_BUF), MQ_BUF_LEN as usize);
+    write_frame(dma(TX_BUF), EVIL_FRAME);
+    write_frame(dma(GOOD_BUF), GOOD_FRAME);
+    let mut recovered = 0;
+    let mut good = true;
+    for (evil, name) in EVILS {
+        let (outcome, ok) = match evil_case(dev, clock, evil) {
+            Ok(result) => result,
+            Err(error) => {
+                detail.str(name).str(": ").str(error);
+                return Err(());
+            }
+        };
+        detail.str(name).str("=").str(outcome).str(" ");
+        recovered += u64::from(ok);
+        // Only the chain given before DRIVER_OK may be left alone.
+        good &= (outcome == "idle") == (evil == Evil::PreOk);
+    }
+    detail.str("recovered=").dec(recovered);
+    if !good || recovered != EVILS.len() as u64 {
+        return Err(());
+    }
     Ok(())
 }

@@ -26,10 +26,13 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"blk-bench" => virtio::blk_bench(machine, detail),
         b"flood" => virtio::flood(machine, detail),
         b"balloon" => crate::balloon::balloon(machine, detail),
+        b"balloon-evil" => crate::balloon::balloon_evil(machine, detail),
         b"net" => net::net(machine, detail),
         b"net-bench" => net::net_bench(machine, detail),
+        b"net-evil" => net::net_evil(machine, detail),
         b"vsock" => vsock::vsock(machine, detail),
         b"vsock-listen" => vsock::vsock_listen(machine, detail),
+        b"vsock-evil" => vsock::vsock_evil(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),

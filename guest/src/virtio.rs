@@ -371,10 +371,13 @@ pub(crate) struct Queue {
     features: u64,
 }
 
-/// Where the rings of queue `index` (0, 1 or 2) live: three pages each.
+/// Where the rings of queue `index` (0 to 3) live: three pages each. Queue 3 (the
+/// balloon's reporting queue after its statistics queue) takes the pages of the
+/// single-queue scenarios' buffers, which multi-queue scenarios leave alone.
 pub(crate) fn ring(index: u16) -> u64 {
     match index {
         0 => dma(DESC),
+        3 => dma(HEADER),
         n => dma(RINGS_1 + u64::from(n - 1) * 0x3000),
     }
 }
@@ -441,7 +444,8 @@ pub(crate) fn setup_queue(
         return Err(match index {
             0 => "no queue 0",
             1 => "no queue 1",
-            _ => "no queue 2",
+            2 => "no queue 2",
+            _ => "no queue 3",
         });
     }
     let size = max.min(QUEUE_SIZE);
@@ -667,6 +671,40 @@ pub(crate) fn run_at_cpl3(
     pass
 }
 
+/// Runs `body` at CPL3 on the first device of type `id` whose offered features
+/// satisfy `wanted` (`missing`, and the devices found, are the detail when there is
+/// none); resets the device after.
+fn with_device_where(
+    machine: &Machine,
+    detail: &mut Line,
+    id: u32,
+    wanted: impl Fn(u64) -> bool,
+    missing: &str,
+    body: impl Fn(Dev, Clock, &mut Line) -> Result<(), ()>,
+) -> bool {
+    run_at_cpl3(machine, detail, |devices, clock, detail| {
+        let Some(dev) = find(devices, clock, id, &wanted) else {
+            detail.str(missing);
+            list_devices(devices, detail);
+            return Err(());
+        };
+        let result = body(dev, clock, detail);
+        let _ = dev.reset(clock);
+        result
+    })
+}
+
+/// [`with_device_where`] for a device of any features.
+pub(crate) fn with_device(
+    machine: &Machine,
+    detail: &mut Line,
+    id: u32,
+    missing: &str,
+    body: impl Fn(Dev, Clock, &mut Line) -> Result<(), ()>,
+) -> bool {
+    with_device_where(machine, detail, id, |_| true, missing, body)
+}
+
 /// Runs `body` at CPL3 on queue 0 of the first device of type `id` whose offered
 /// features satisfy `wanted`, set up with `features`; resets the device after.
 fn with_queue0(
@@ -678,23 +716,20 @@ fn with_queue0(
     features: u64,
     body: impl Fn(&mut Queue, Clock, &mut Line) -> Result<(), ()>,
 ) -> bool {
-    run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = find(devices, clock, id, &wanted) else {
-            detail.str(missing);
-            list_devices(devices, detail);
-            return Err(());
-        };
-        let mut q = match setup(dev, clock, features, true) {
-            Ok(q) => q,
+    with_device_where(
+        machine,
+        detail,
+        id,
+        wanted,
+        missing,
+        |dev, clock, detail| match setup(dev, clock, features, true) {
+            Ok(mut q) => body(&mut q, clock, detail),
             Err(error) => {
                 detail.str(error);
-                return Err(());
+                Err(())
             }
-        };
-        let result = body(&mut q, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+        },
+    )
 }
 
 /// Writes `what: error` to the detail.
@@ -908,7 +943,18 @@ const EVILS: [(Evil, &str); 5] = [
     (Evil::Dir, "dir"),
 ];
 
-const FAR_OUTSIDE_RAM: u64 = 0xffff_0000_0000;
+/// A guest-physical address far outside RAM, for descriptors that point nowhere.
+pub(crate) const FAR_OUTSIDE_RAM: u64 = 0xffff_0000_0000;
+
+/// What a device made of a malformed chain on a multi-queue device, as
+/// [`Queue::wait_used`] saw it.
+pub(crate) fn evil_outcome<T>(waited: Result<T, &'static str>) -> &'static str {
+    match waited {
+        Ok(_) => "used",
+        Err("DEVICE_NEEDS_RESET") => "needs_reset",
+        Err(_) => "idle",
+    }
+}
 
 /// What the device made of a malformed request.
 fn outcome(wait: Wait) -> &'static str {

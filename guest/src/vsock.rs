@@ -101,16 +101,13 @@ impl Conn {
 }
 
 pub fn vsock(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_VSOCK, |_| true) else {
-            detail.str("no virtio-vsock device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = run(dev, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_VSOCK,
+        "no virtio-vsock device",
+        |dev, clock, detail| run(dev, clock, detail),
+    )
 }
 
 /// Sets the device up and posts the receive buffers, for a connection between
@@ -214,16 +211,13 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
 }
 
 pub fn vsock_listen(machine: &Machine, detail: &mut Line) -> bool {
-    virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
-        let Some(dev) = virtio::find(devices, clock, ID_VSOCK, |_| true) else {
-            detail.str("no virtio-vsock device");
-            virtio::list_devices(devices, detail);
-            return Err(());
-        };
-        let result = listen(dev, clock, detail);
-        let _ = dev.reset(clock);
-        result
-    })
+    virtio::with_device(
+        machine,
+        detail,
+        ID_VSOCK,
+        "no virtio-vsock device",
+        |dev, clock, detail| listen(dev, clock, detail),
+    )
 }
 
 /// How long the guest waits for the host to connect and to send.
@@ -284,5 +278,143 @@ fn listen(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
         .dec(u64::from(c.peer_port))
         .str(" echoed=")
         .dec(echoed);
+    Ok(())
+}
+
+/// The malformed packets of `vsock-evil`, in order, and whether the device must
+/// answer each with RST (a well-addressed packet it refuses) or drop it silently
+/// (wrong CIDs, or no packet to be read at all).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Evil {
+    /// RW whose header says 4096 payload bytes; the buffer has 16.
+    Len,
+    /// Op 99.
+    Op,
+    /// Type 2 (seqpacket), which the device does not do.
+    Type,
+    /// A REQUEST from a CID that is not the guest's.
+    Src,
+    /// A REQUEST to CID 7, not the host.
+    Dst,
+    /// 20 bytes: less than a header.
+    Short,
+    /// A descriptor far outside RAM.
+    Oob,
+    /// Descriptor 0 -> 1 -> 0.
+    Loop,
+    /// A descriptor of 0x7fff_ffff bytes.
+    Huge,
+}
+
+const EVILS: [(Evil, &str, bool); 9] = [
+    (Evil::Len, "len", true),
+    (Evil::Op, "op", true),
+    (Evil::Type, "type", true),
+    (Evil::Src, "src", false),
+    (Evil::Dst, "dst", false),
+    (Evil::Short, "short", false),
+    (Evil::Oob, "oob", false),
+    (Evil::Loop, "loop", false),
+    (Evil::Huge, "huge", false),
+];
+
+/// A port of the host where nothing listens: a REQUEST the device wrongly took
+/// would come back as RST, too.
+const NOWHERE: u32 = 1;
+const OP_CREDIT_REQUEST: u16 = 7;
+
+impl Conn {
+    /// Sends the malformed packet `evil` from `local_port` to NOWHERE; waits until
+    /// the device used it.
+    fn send_evil(&mut self, evil: Evil) -> Result<(), &'static str> {
+        let p = dma(TX_BUF);
+        zero(p, HDR as usize + 16);
+        let src_cid = if evil == Evil::Src {
+            self.cid + 1
+        } else {
+            self.cid
+        };
+        let dst_cid = if evil == Evil::Dst { 7 } else { HOST_CID };
+        let (op, len) = match evil {
+            Evil::Len => (OP_RW, 4096u32),
+            Evil::Op => (99, 0),
+            _ => (OP_REQUEST, 0),
+        };
+        wr(p, src_cid);
+        wr(p + 8, dst_cid);
+        wr(p + 16, self.local_port);
+        wr(p + 20, NOWHERE);
+        wr(p + 24, len);
+        wr(p + 28, if evil == Evil::Type { 2u16 } else { 1 });
+        wr(p + 30, op);
+        wr(p + 36, BUF_ALLOC);
+        let whole = HDR as u32 + 16;
+        match evil {
+            Evil::Short => self.tx.desc(0, p, 20, 0, 0),
+            Evil::Oob => self.tx.desc(0, virtio::FAR_OUTSIDE_RAM, whole, 0, 0),
+            Evil::Loop => {
+                self.tx.desc(0, p, HDR as u32, virtio::NEXT, 1);
+                self.tx.desc(1, p + HDR, 16, virtio::NEXT, 0);
+            }
+            Evil::Huge => self.tx.desc(0, p, 0x7fff_ffff, 0, 0),
+            _ => self.tx.desc(0, p, whole, 0, 0),
+        }
+        self.tx.push_avail(0);
+        self.tx.notify();
+        self.tx.wait_used(2000).map(|_| ())
+    }
+
+    /// Whether an RST for our ports arrives within `ms`.
+    fn reset_within(&mut self, ms: u64) -> bool {
+        while let Ok((op, id, _)) = self.recv(ms) {
+            self.repost(id);
+            if op == OP_RST {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// `vsock-evil`: malformed packets on the first virtio-vsock device, each followed
+/// by a probe the device must answer (a CREDIT_REQUEST for no stream: RST), then a
+/// whole connection with an echo, as `vsock`.
+pub fn vsock_evil(machine: &Machine, detail: &mut Line) -> bool {
+    virtio::with_device(
+        machine,
+        detail,
+        ID_VSOCK,
+        "no virtio-vsock device",
+        |dev, clock, detail| evil(dev, clock, detail).and_then(|()| run(dev, clock, detail)),
+    )
+}
+
+fn evil(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    let mut c = open(dev, clock, 0, NOWHERE, detail)?;
+    let mut alive = 0;
+    let mut good = true;
+    for (i, (evil, name, answered)) in EVILS.into_iter().enumerate() {
+        c.local_port = 50000 + i as u32;
+        if let Err(error) = c.send_evil(evil) {
+            detail.str(name).str(": ").str(error);
+            return Err(());
+        }
+        let reset = c.reset_within(if answered { 2000 } else { 300 });
+        detail
+            .str(name)
+            .str("=")
+            .str(if reset { "rst" } else { "none" })
+            .str(" ");
+        good &= reset == answered;
+        // The probe, from a port of its own.
+        c.local_port = 60000 + i as u32;
+        if c.send(OP_CREDIT_REQUEST, 0, &[]).is_ok() && c.reset_within(2000) {
+            alive += 1;
+        }
+    }
+    detail.str("alive=").dec(alive).str(" ");
+    if !good || alive != EVILS.len() as u64 {
+        return Err(());
+    }
     Ok(())
 }

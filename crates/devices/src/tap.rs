@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Largest interface name Linux accepts, without the NUL.
 pub const IFNAME_MAX: usize = libc::IFNAMSIZ - 1;
@@ -62,6 +62,47 @@ impl Tap {
             file,
             name: String::from_utf8_lossy(&ifreq[..end]).into_owned(),
         })
+    }
+
+    /// A backend already open elsewhere: a tap set up as [`Tap::open`] does (handed
+    /// over by a privileged parent, say), or any fd that carries one frame, with its
+    /// 12-byte header, per read and per write, such as one end of a `SOCK_SEQPACKET`
+    /// socket pair (tests and fuzzing, which need no root). Made non-blocking.
+    pub fn from_fd(fd: OwnedFd) -> std::io::Result<Self> {
+        let raw = fd.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers involved.
+        unsafe {
+            let flags = libc::fcntl(raw, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(Self {
+            file: File::from(fd),
+            name: format!("fd {raw}"),
+        })
+    }
+
+    /// A tap without a network: one end of a `SOCK_SEQPACKET` socket pair, and
+    /// the other end, where the host side reads the frames the device sends and
+    /// writes the ones it receives (for tests and fuzzing, which need no root).
+    pub fn pair() -> std::io::Result<(Self, OwnedFd)> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into the array.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are new and ours.
+        let (tap, host) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((Self::from_fd(tap)?, host))
     }
 
     /// The interface name.

@@ -233,6 +233,8 @@ fn out_of_range_and_unaligned_requests_fail_with_ioerr() {
         Vec::new(),                // no segment at all
         range(0, 1, 0).repeat(17), // more than max_discard_seg
         vec![0; 15],               // a truncated segment
+        // A good segment, then a bad one: all are checked before any is done.
+        [range(2, 2, 0), range(last, 2, 0)].concat(),
     ];
     for ranges in bad_ranges {
         for kind in [T_DISCARD, T_WRITE_ZEROES] {
@@ -242,7 +244,7 @@ fn out_of_range_and_unaligned_requests_fail_with_ioerr() {
             assert_eq!(r, (S_IOERR, 1), "type {kind} ranges {ranges:?}");
         }
     }
-    assert_eq!(rig.image.bytes(), pattern());
+    assert_eq!(rig.image.bytes(), pattern(), "nothing was zeroed");
     let (requests, errors) = dev.counters();
     assert_eq!(requests, errors);
 }
@@ -473,6 +475,28 @@ fn config_space_reads_clamp_at_its_end() {
     }
 }
 
+/// Submits the request whose header is at HDR, with `len` bytes of data the device
+/// reads: the device must hold it back. Returns how long it asks to wait.
+fn throttled(
+    dev: &mut Block,
+    d: &mut Driver,
+    q: &mut virtio_queue::Queue,
+    len: u32,
+) -> std::time::Duration {
+    d.add(&[(HDR, 16, 0), (DATA, len, 0), (STATUS, 1, F_WRITE)]);
+    let before = d.used_idx();
+    let outcome = process(dev, q, d.mem);
+    assert_eq!(
+        d.used_idx(),
+        before,
+        "the throttled request stays available"
+    );
+    match outcome {
+        QueueOutcome::RetryAfter(wait, false) => wait,
+        other => panic!("not throttled: {other:?}"),
+    }
+}
+
 #[test]
 fn write_limit_throttles_writes_but_not_reads() {
     let rig = Rig::new();
@@ -498,13 +522,7 @@ fn write_limit_throttles_writes_but_not_reads() {
     let r = request(&mut dev, &mut d, &mut q, T_OUT, 1, Some((512, false)));
     assert_eq!(r, (S_OK, 1));
     header(&d, T_OUT, 2);
-    d.add(&[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)]);
-    let before = d.used_idx();
-    match process(&mut dev, &mut q, &rig.mem) {
-        QueueOutcome::RetryAfter(wait, false) => assert!(wait > std::time::Duration::ZERO),
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(d.used_idx(), before, "the throttled write stays available");
+    assert!(throttled(&mut dev, &mut d, &mut q, 512) > std::time::Duration::ZERO);
 
     // A read limit leaves writes alone.
     let mut dev = Block::new(&BlockConfig {
@@ -519,5 +537,43 @@ fn write_limit_throttles_writes_but_not_reads() {
     for sector in 0..3 {
         let r = request(&mut dev, &mut d, &mut q, T_OUT, sector, Some((512, false)));
         assert_eq!(r, (S_OK, 1));
+    }
+}
+
+#[test]
+fn write_zeroes_is_charged_the_bytes_it_zeroes_and_discard_only_an_operation() {
+    let rig = Rig::new();
+    // 4 KiB/s with a 4 KiB burst, on the overall bucket, then on the write bucket.
+    let small = RateLimit {
+        bandwidth: Some((4096, Some(4096))),
+        ..Default::default()
+    };
+    for (rate_limit, write_limit) in [(small, RateLimit::default()), (RateLimit::default(), small)]
+    {
+        let mut dev = Block::new(&BlockConfig {
+            path: rig.image.0.clone(),
+            id: "limited".into(),
+            rate_limit,
+            write_limit,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut d = Driver::new(&rig.mem, QSIZE);
+        let mut q = d.queue();
+        // Discards free storage: however large, they cost no bandwidth.
+        let one_range = Some((16, false));
+        d.write(DATA, &range(0, SECTORS as u32, 0));
+        for _ in 0..4 {
+            let r = request(&mut dev, &mut d, &mut q, T_DISCARD, 0, one_range);
+            assert_eq!(r, (S_OK, 1));
+        }
+        // A 16-byte range that zeroes 8 KiB: let through on a full bucket (as any
+        // request larger than the burst), and it leaves the bucket 4 KiB in debt.
+        let r = request(&mut dev, &mut d, &mut q, T_WRITE_ZEROES, 0, one_range);
+        assert_eq!(r, (S_OK, 1));
+        d.write(DATA, &range(0, 1, 0));
+        header(&d, T_WRITE_ZEROES, 0);
+        let wait = throttled(&mut dev, &mut d, &mut q, 16);
+        assert!(wait >= std::time::Duration::from_millis(900), "{wait:?}");
     }
 }

@@ -119,27 +119,42 @@ fn can_use_tun() -> bool {
     true
 }
 
-#[test]
-fn net_frames_cross_the_tap_both_ways() {
+/// A tap named `<prefix><pid>` and a packet socket on it, or `None` (with a
+/// message) where taps cannot be made.
+fn test_tap(prefix: &str) -> Option<(TestTap, PacketSocket)> {
     if !can_use_tun() {
-        return;
+        return None;
     }
-    // The tap and the VM get a network namespace of their own.
-    if let Err(e) = in_new_netns(frames_cross_the_tap) {
+    let name = format!("{prefix}{}", std::process::id() % 100_000);
+    match TestTap::create(&name) {
+        Ok(tap) => {
+            let socket = PacketSocket::bind(&name);
+            Some((tap, socket))
+        }
+        Err(e) => {
+            eprintln!("SKIP: cannot create tap {name}: {e}");
+            None
+        }
+    }
+}
+
+/// Runs a tap test in a network namespace of its own (with the VM it spawns).
+fn in_netns(test: fn()) {
+    if let Err(e) = in_new_netns(test) {
         eprintln!("SKIP: cannot make a network namespace: {e}");
     }
 }
 
+#[test]
+fn net_frames_cross_the_tap_both_ways() {
+    in_netns(frames_cross_the_tap);
+}
+
 fn frames_cross_the_tap() {
-    let name = "vgtest0";
-    let _tap = match TestTap::create(name) {
-        Ok(tap) => tap,
-        Err(e) => {
-            eprintln!("SKIP: cannot create tap {name}: {e}");
-            return;
-        }
+    let Some((tap, socket)) = test_tap("vgtest") else {
+        return;
     };
-    let socket = PacketSocket::bind(name);
+    let name = tap.name().to_string();
     let mac = [0x02, 0x76, 0x69, 0x67, 0x00, 0x42];
     let child = vigil()
         .args([
@@ -189,6 +204,58 @@ fn frames_cross_the_tap() {
         "{r}"
     );
     assert_eq!(r.code, Some(0), "{r}");
+}
+
+#[test]
+fn net_hostile_transmit_chains_never_reach_the_tap() {
+    in_netns(hostile_transmit_chains_never_reach_the_tap);
+}
+
+fn hostile_transmit_chains_never_reach_the_tap() {
+    let Some((tap, socket)) = test_tap("vgevil") else {
+        return;
+    };
+    let name = tap.name().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            loop {
+                match socket.recv() {
+                    Some(frame) => frames.push(frame),
+                    None if stop.load(std::sync::atomic::Ordering::SeqCst) => return frames,
+                    None => {}
+                }
+            }
+        })
+    };
+    let child = vigil()
+        .args(["run", "--net", &format!("tap={name}")])
+        .args(["--cmdline", "test=net-evil"])
+        .spawn()
+        .unwrap();
+    let r = finish(child, TIMEOUT);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let frames = receiver.join().unwrap();
+    // Each malformed chain is used and dropped (the one given before DRIVER_OK is
+    // never started; a head past the queue needs a reset), and a good frame goes
+    // through after each.
+    assert_eq!(
+        r.line("TEST net-evil "),
+        "TEST net-evil PASS pre_ok=idle oob=used loop=used short=used hdr=used huge=used \
+         dir=used head=needs_reset recovered=8",
+        "{r}"
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    // On the tap: the eight good frames and nothing of the malformed chains (which
+    // carry a payload of their own).
+    let payloads: Vec<&[u8]> = frames.iter().map(|f| &f[14..]).collect();
+    assert_eq!(frames.len(), 8, "{payloads:?}");
+    for frame in &frames {
+        assert_eq!(frame.len(), 60);
+        assert!(frame[14..].starts_with(b"vigil-net-evil-ok"), "{frame:?}");
+    }
 }
 
 #[test]

@@ -226,6 +226,29 @@ fn balloon_inflation_returns_memory_to_the_host() {
 }
 
 #[test]
+fn balloon_hostile_requests_are_survived_and_the_device_goes_on() {
+    for (options, report) in [
+        ("size_mib=1", ""),
+        (
+            "size_mib=1,free_page_reporting=on,stats_s=1",
+            " report=exact",
+        ),
+    ] {
+        let r = guest(&["--balloon".into(), options.into()], "balloon-evil");
+        // Page numbers outside RAM, and chains outside RAM, looping or of 2 GiB,
+        // are used and ignored; a page of the guest's own image is given back (its
+        // business: it reads zero after); a report gives back exactly the whole
+        // pages it covers; a good inflate and deflate work after all that.
+        assert_eq!(
+            pass_detail(&r, "balloon-evil"),
+            format!("beyond=used image=zeroed oob=used loop=used huge=used{report} good=used"),
+            "{options}"
+        );
+        assert_eq!(r.code, Some(0), "{r}");
+    }
+}
+
+#[test]
 fn balloon_larger_than_memory_is_refused() {
     let r = run(
         &["run", "--memory", "64", "--balloon", "size_mib=65"],

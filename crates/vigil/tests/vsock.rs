@@ -8,13 +8,11 @@ use std::os::unix::net::UnixListener;
 
 use common::{run, TIMEOUT};
 
-#[test]
-fn vsock_guest_connection_reaches_the_host_echo_server() {
-    let uds = std::env::temp_dir().join(format!("vigil-vsock-{}.sock", std::process::id()));
-    let port_path = format!("{}_1234", uds.display());
-    std::fs::remove_file(&port_path).ok();
-    let listener = UnixListener::bind(&port_path).unwrap();
-    let server = std::thread::spawn(move || {
+/// An echo server for one connection on `path`; what it received.
+fn echo_server(path: &str) -> std::thread::JoinHandle<Vec<u8>> {
+    std::fs::remove_file(path).ok();
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 256];
@@ -28,26 +26,57 @@ fn vsock_guest_connection_reaches_the_host_echo_server() {
             }
         }
         got
-    });
+    })
+}
+
+/// Runs the test guest's `scenario` with a vsock device whose `<uds>_1234` is an
+/// echo server: the run, and what the server received.
+fn run_with_echo_server(name: &str, scenario: &str) -> (common::Run, Vec<u8>) {
+    let uds = std::env::temp_dir().join(format!("vigil-vsock-{name}-{}.sock", std::process::id()));
+    let port_path = format!("{}_1234", uds.display());
+    let server = echo_server(&port_path);
     let r = run(
         &[
             "run",
             "--vsock",
             &format!("cid=3,uds={}", uds.display()),
             "--cmdline",
-            "test=vsock",
+            &format!("test={scenario}"),
         ],
         TIMEOUT,
     );
     std::fs::remove_file(&port_path).ok();
     std::fs::remove_file(&uds).ok();
+    (r, server.join().unwrap())
+}
+
+#[test]
+fn vsock_guest_connection_reaches_the_host_echo_server() {
+    let (r, echoed) = run_with_echo_server("echo", "vsock");
     assert_eq!(
         r.line("TEST vsock "),
         "TEST vsock PASS cid=3 echoed=16",
         "{r}"
     );
     assert_eq!(r.code, Some(0), "{r}");
-    assert_eq!(server.join().unwrap(), b"vigil-vsock-ping");
+    assert_eq!(echoed, b"vigil-vsock-ping");
+}
+
+#[test]
+fn vsock_hostile_packets_are_refused_and_the_device_goes_on() {
+    let (r, echoed) = run_with_echo_server("evil", "vsock-evil");
+    // Refused with RST: a length past the buffer, an unknown op, a type the device
+    // does not do. Dropped without a word: wrong source or destination CID, and
+    // chains with no packet to read (short, outside RAM, looping, 2 GiB). After
+    // each, the device answers a probe; then a whole connection echoes.
+    assert_eq!(
+        r.line("TEST vsock-evil "),
+        "TEST vsock-evil PASS len=rst op=rst type=rst src=none dst=none short=none \
+         oob=none loop=none huge=none alive=9 cid=3 echoed=16",
+        "{r}"
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(echoed, b"vigil-vsock-ping");
 }
 
 #[test]

@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, Reader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::state::{BalloonStat, BalloonState, DeviceState};
 use super::{
-    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
-    VIRTIO_F_VERSION_1, YIELD,
+    add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Device type (virtio 1.1, 5.5).
@@ -23,6 +23,10 @@ pub const TYPE_BALLOON: u32 = 5;
 /// The balloon counts in 4 KiB pages whatever the guest's page size.
 pub const PAGE_SIZE: u64 = 4096;
 const QUEUE_SIZE: u16 = 256;
+/// Most page numbers one inflate or deflate chain may carry (Linux sends at most
+/// 256, the test guest 4096): a chain of a looping or huge descriptor would
+/// otherwise hold the device event loop for seconds.
+const MAX_PFNS_PER_CHAIN: usize = 4096;
 
 const F_STATS_VQ: u64 = 1 << 1;
 const F_DEFLATE_ON_OOM: u64 = 1 << 2;
@@ -213,42 +217,55 @@ impl Balloon {
         &self.stats
     }
 
-    /// Returns `len` bytes at `addr` to the host, if they are guest RAM.
+    /// Returns the whole pages of the `len` bytes at `addr` to the host, if those
+    /// bytes are guest RAM. Partial pages at either end are kept: the guest gave
+    /// only part of them (and `madvise` would take all of a page, or refuse an
+    /// unaligned start).
     fn discard(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
         let Ok(host) = mem.get_slice(GuestAddress(addr), len as usize) else {
             return false;
         };
-        // SAFETY: the range is guest RAM that `mem` maps; dropping its pages only
-        // makes the next guest access read zeroes, which is what the guest agreed to.
-        unsafe {
-            libc::madvise(
-                host.ptr_guard_mut().as_ptr().cast(),
-                len as usize,
-                libc::MADV_DONTNEED,
-            ) == 0
+        let start = host.ptr_guard_mut().as_ptr() as usize;
+        let first = start.next_multiple_of(PAGE_SIZE as usize);
+        let end = (start + host.len()) / PAGE_SIZE as usize * PAGE_SIZE as usize;
+        if end <= first {
+            return true;
         }
+        // SAFETY: `first..end` lies within guest RAM that `mem` maps (inside the
+        // slice just checked) and is page-aligned; dropping its pages only makes the
+        // next guest access read zeroes, which is what the guest agreed to.
+        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) == 0 }
     }
 
-    fn page_numbers(
-        &mut self,
-        reader: &mut impl Read,
-        mem: &GuestMemoryMmap,
-        give_back: bool,
-    ) -> u64 {
+    /// Gives back (inflate) or takes again (deflate) the pages whose numbers
+    /// `reader` holds, at most [`MAX_PFNS_PER_CHAIN`]: the rest are counted as bad
+    /// and not read. Returns how many were RAM.
+    fn page_numbers(&mut self, reader: &mut Reader, mem: &GuestMemoryMmap, give_back: bool) -> u64 {
+        let total = reader.available_bytes() / 4;
+        let mut left = total.min(MAX_PFNS_PER_CHAIN);
+        self.bad_pages += (total - left) as u64;
         let mut pages = 0;
-        let mut pfn = [0u8; 4];
-        while reader.read_exact(&mut pfn).is_ok() {
-            let addr = u64::from(u32::from_le_bytes(pfn)) * PAGE_SIZE;
-            let ok = if give_back {
-                self.discard(mem, addr, PAGE_SIZE)
-            } else {
-                mem.get_host_address(GuestAddress(addr)).is_ok()
-            };
-            if ok {
-                pages += 1;
-            } else {
-                self.bad_pages += 1;
-                self.metrics.errors.inc();
+        let mut buf = [0u8; 4 * 256];
+        while left > 0 {
+            let n = left.min(256);
+            if reader.read_exact(&mut buf[..4 * n]).is_err() {
+                break;
+            }
+            left -= n;
+            for pfn in buf[..4 * n].chunks_exact(4) {
+                let pfn = u32::from_le_bytes(pfn.try_into().expect("4 bytes"));
+                let addr = u64::from(pfn) * PAGE_SIZE;
+                let ok = if give_back {
+                    self.discard(mem, addr, PAGE_SIZE)
+                } else {
+                    mem.get_host_address(GuestAddress(addr)).is_ok()
+                };
+                if ok {
+                    pages += 1;
+                } else {
+                    self.bad_pages += 1;
+                    self.metrics.errors.inc();
+                }
             }
         }
         pages
@@ -300,11 +317,6 @@ impl VirtioDevice for Balloon {
         })
     }
 
-    fn reset(&mut self) {
-        // A buffer of the old rings must not be handed back into the new ones.
-        self.stats_held = None;
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
         let target_pages = self.control.pages().0;
@@ -330,6 +342,16 @@ impl VirtioDevice for Balloon {
         }
     }
 
+    fn reset(&mut self) {
+        // The statistics buffer belonged to the old queue: handing it back on the
+        // new one would give the driver a buffer it never posted there. A driver
+        // starts over with an empty balloon.
+        self.stats_held = None;
+        self.actual_pages = 0;
+        self.control.actual_pages.store(0, Ordering::Release);
+        self.metrics.balloon_actual_pages.set(0);
+    }
+
     fn process_queue(
         &mut self,
         index: usize,
@@ -349,13 +371,7 @@ impl VirtioDevice for Balloon {
                 used = true;
             }
         }
-        let mut budget = Budget::of(queue);
-        loop {
-            let chain = match pop_chain(queue, mem, &mut budget)? {
-                Next::Chain(chain) => chain,
-                Next::Empty => break,
-                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
-            };
+        let outcome = serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
             match role {
                 Role::Inflate | Role::Deflate => {
@@ -385,12 +401,10 @@ impl VirtioDevice for Balloon {
                     }
                     self.stats_last = Instant::now();
                     self.metrics.ops_other.inc();
-                    if let Some(old) = self.stats_held.replace(head) {
-                        // A driver that sends a second buffer gets the first one back.
-                        add_used(queue, mem, old, 0)?;
-                        used = true;
-                    }
-                    continue;
+                    // A driver that sends a second buffer gets the first one back.
+                    return Ok(Served::Kept {
+                        release: self.stats_held.replace(head),
+                    });
                 }
                 Role::Reporting => {
                     self.metrics.ops_out.inc();
@@ -405,9 +419,14 @@ impl VirtioDevice for Balloon {
                     }
                 }
             }
-            add_used(queue, mem, head, 0)?;
-            used = true;
-        }
+            Ok(Served::Used(0))
+        })?;
+        let used = match outcome {
+            QueueOutcome::Done(more) => used | more,
+            QueueOutcome::RetryAfter(wait, more) => {
+                return Ok(QueueOutcome::RetryAfter(wait, used | more))
+            }
+        };
         match (role, self.stats_held.and(self.stats_due())) {
             (Role::Stats, Some(wait)) => Ok(QueueOutcome::RetryAfter(wait, used)),
             _ => Ok(QueueOutcome::Done(used)),

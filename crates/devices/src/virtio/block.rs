@@ -10,13 +10,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::state::{BlockState, DeviceState};
 use super::{
-    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1, YIELD,
+    copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{consume_all, RateLimit, RateLimitControl, RateLimiter};
 
@@ -61,7 +61,9 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Device id the guest reads with GET_ID (at most 20 bytes).
     pub id: String,
-    /// Limits on all requests together.
+    /// Limits on all requests together. Each request is one operation and the
+    /// bytes it moves; a write-zeroes counts the bytes it zeroes, a discard none
+    /// (it only frees storage).
     pub rate_limit: RateLimit,
     /// Limits on reads alone.
     pub read_limit: RateLimit,
@@ -229,24 +231,21 @@ impl Block {
         Ok(())
     }
 
-    fn ranges(&mut self, reader: &mut impl Read, count: usize, zeroes: bool) -> u8 {
-        if self.read_only {
+    /// Discards or zeroes `segments` (all checked before any is done).
+    fn ranges(&mut self, segments: Option<&Segments>, zeroes: bool) -> u8 {
+        let Some(segments) = segments.filter(|_| !self.read_only) else {
+            return S_IOERR;
+        };
+        let valid = |r: &Range| {
+            r.sectors <= MAX_RANGE_SECTORS
+                && self.in_bounds(r.sector, u64::from(r.sectors) * SECTOR_SIZE)
+        };
+        if !segments.iter().all(valid) {
             return S_IOERR;
         }
-        if count == 0 || count > MAX_RANGE_SEGMENTS as usize {
-            return S_IOERR;
-        }
-        for _ in 0..count {
-            let mut raw = [0u8; 16];
-            if reader.read_exact(&mut raw).is_err() {
-                return S_IOERR;
-            }
-            let range: Range = *vm_memory::ByteValued::from_slice(&raw).expect("16 bytes");
-            let bytes = u64::from(range.sectors) * SECTOR_SIZE;
-            if range.sectors > MAX_RANGE_SECTORS || !self.in_bounds(range.sector, bytes) {
-                return S_IOERR;
-            }
+        for range in segments.iter() {
             let offset = range.sector * SECTOR_SIZE;
+            let bytes = u64::from(range.sectors) * SECTOR_SIZE;
             let mode = if zeroes && range.flags & RANGE_UNMAP == 0 {
                 libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
             } else {
@@ -277,22 +276,35 @@ impl Block {
         Ok(())
     }
 
+    /// Takes what `request` costs from the rate limiters: the bytes it moves
+    /// (write-zeroes: the bytes it zeroes; discard: none, it only frees storage)
+    /// from the overall bucket and its direction's, one operation from each.
+    fn charge(&mut self, request: &Request) -> Result<(), std::time::Duration> {
+        let bytes = request.bytes();
+        match request.header.kind {
+            T_IN => consume_all(&mut [&mut self.limiter, &mut self.read_limiter], bytes),
+            T_OUT | T_DISCARD | T_WRITE_ZEROES => {
+                consume_all(&mut [&mut self.limiter, &mut self.write_limiter], bytes)
+            }
+            _ => self.limiter.consume(bytes),
+        }
+    }
+
     /// Serves one request; returns the bytes written into the guest's buffers, or
-    /// `None` when the chain is too malformed to carry a status.
-    fn serve(
-        &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Option<u32> {
-        let mut reader = chain.clone().reader(mem).ok()?;
-        let mut writer = chain.writer(mem).ok()?;
-        let data_len = writer.available_bytes().checked_sub(1)?;
-        let mut status_writer = writer.split_at(data_len).ok()?;
-        let header: RequestHeader = reader.read_obj().ok()?;
+    /// `None` when its status cannot be written.
+    fn serve(&mut self, request: Request) -> Option<u32> {
+        let Request {
+            header,
+            mut reader,
+            mut data,
+            mut status_writer,
+            segments,
+        } = request;
+        let data_len = data.available_bytes();
         let mut written = 0;
         let status = match header.kind {
             T_IN if self.in_bounds(header.sector, data_len as u64) => {
-                match self.read_into(header.sector * SECTOR_SIZE, data_len, &mut writer) {
+                match self.read_into(header.sector * SECTOR_SIZE, data_len, &mut data) {
                     Ok(()) => {
                         written = data_len;
                         self.metrics.bytes_in.add(data_len as u64);
@@ -328,7 +340,7 @@ impl Block {
             },
             T_GET_ID => {
                 let n = data_len.min(ID_LEN);
-                match writer.write_all(&self.id[..n]) {
+                match data.write_all(&self.id[..n]) {
                     Ok(()) => {
                         written = n;
                         S_OK
@@ -337,8 +349,7 @@ impl Block {
                 }
             }
             T_DISCARD | T_WRITE_ZEROES => {
-                let count = reader.available_bytes() / 16;
-                self.ranges(&mut reader, count, header.kind == T_WRITE_ZEROES)
+                self.ranges(segments.as_ref(), header.kind == T_WRITE_ZEROES)
             }
             _ => S_UNSUPP,
         };
@@ -357,6 +368,87 @@ impl Block {
     }
 }
 
+/// The segments of a discard or write-zeroes request.
+struct Segments {
+    list: [Range; MAX_RANGE_SEGMENTS as usize],
+    count: usize,
+}
+
+impl Segments {
+    /// All the segments after the header, or `None` when there are none, more than
+    /// [`MAX_RANGE_SEGMENTS`], or they cannot be read.
+    fn read(reader: &mut Reader) -> Option<Self> {
+        let count = reader.available_bytes() / std::mem::size_of::<Range>();
+        if count == 0 || count > MAX_RANGE_SEGMENTS as usize {
+            return None;
+        }
+        let mut segments = Segments {
+            list: [Range::default(); MAX_RANGE_SEGMENTS as usize],
+            count,
+        };
+        for range in &mut segments.list[..count] {
+            *range = reader.read_obj().ok()?;
+        }
+        Some(segments)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Range> {
+        self.list[..self.count].iter()
+    }
+}
+
+/// One request, read from guest memory once: its header, what follows it, the
+/// device-writable data buffers and the status byte.
+struct Request<'a> {
+    header: RequestHeader,
+    /// The device-readable bytes after the header (write data, segments).
+    reader: Reader<'a>,
+    data: Writer<'a>,
+    status_writer: Writer<'a>,
+    /// Discard and write-zeroes only.
+    segments: Option<Segments>,
+}
+
+impl<'a> Request<'a> {
+    /// `None` when the chain is too malformed to carry a status.
+    fn parse(
+        chain: DescriptorChain<&'a GuestMemoryMmap>,
+        mem: &'a GuestMemoryMmap,
+    ) -> Option<Self> {
+        let mut reader = chain.clone().reader(mem).ok()?;
+        let mut data = chain.writer(mem).ok()?;
+        let data_len = data.available_bytes().checked_sub(1)?;
+        let status_writer = data.split_at(data_len).ok()?;
+        let header: RequestHeader = reader.read_obj().ok()?;
+        let segments = match header.kind {
+            T_DISCARD | T_WRITE_ZEROES => Segments::read(&mut reader),
+            _ => None,
+        };
+        Some(Self {
+            header,
+            reader,
+            data,
+            status_writer,
+            segments,
+        })
+    }
+
+    /// The bytes the request moves, for the rate limiters.
+    fn bytes(&self) -> u64 {
+        match self.header.kind {
+            T_IN => self.data.available_bytes() as u64,
+            T_OUT => self.reader.available_bytes() as u64,
+            T_WRITE_ZEROES => self.segments.as_ref().map_or(0, |s| {
+                s.iter()
+                    .map(|r| u64::from(r.sectors) * SECTOR_SIZE)
+                    .fold(0, u64::saturating_add)
+            }),
+            T_DISCARD => 0,
+            _ => (self.reader.available_bytes() + self.data.available_bytes()) as u64,
+        }
+    }
+}
+
 fn image_size(file: &File, path: &Path) -> std::io::Result<u64> {
     let meta = file.metadata()?;
     if meta.is_file() {
@@ -365,20 +457,6 @@ fn image_size(file: &File, path: &Path) -> std::io::Result<u64> {
     // A block device: its size is where seeking to the end lands.
     let mut f = File::open(path)?;
     std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
-}
-
-/// What a request costs the rate limiters: the bytes it moves (the data after the
-/// header, or the space the guest gave for data) and its type (`u32::MAX` when the
-/// header cannot be read; `serve` then fails it).
-fn request_cost(chain: &DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> (u64, u32) {
-    let total: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
-    let kind = chain
-        .clone()
-        .reader(mem)
-        .ok()
-        .and_then(|mut r| r.read_obj::<RequestHeader>().ok())
-        .map_or(u32::MAX, |h| h.kind);
-    (total.saturating_sub(16 + 1), kind)
 }
 
 impl VirtioDevice for Block {
@@ -432,39 +510,32 @@ impl VirtioDevice for Block {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let mut used = false;
-        let mut budget = Budget::of(queue);
-        loop {
-            let chain = match pop_chain(queue, mem, &mut budget)? {
-                Next::Chain(chain) => chain,
-                Next::Empty => return Ok(QueueOutcome::Done(used)),
-                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
-            };
-            let (bytes, kind) = request_cost(&chain, mem);
-            let limited = match kind {
-                T_IN => consume_all(&mut [&mut self.limiter, &mut self.read_limiter], bytes),
-                T_OUT | T_DISCARD | T_WRITE_ZEROES => {
-                    consume_all(&mut [&mut self.limiter, &mut self.write_limiter], bytes)
-                }
-                _ => self.limiter.consume(bytes),
-            };
-            if let Err(wait) = limited {
-                self.metrics.throttled.inc();
-                queue.go_to_previous_position();
-                return Ok(QueueOutcome::RetryAfter(wait, used));
-            }
+        serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            let len = self.serve(chain, mem).unwrap_or_else(|| {
+            let Some(request) = Request::parse(chain, mem) else {
+                // Still an operation: a guest cannot flood the device with garbage.
+                if let Err(wait) = self.limiter.consume(0) {
+                    self.metrics.throttled.inc();
+                    return Ok(Served::Wait(wait));
+                }
                 tracing::warn!(
                     head,
                     "malformed virtio-blk request; completed without a status"
                 );
                 self.errors += 1;
                 self.metrics.errors.inc();
+                return Ok(Served::Used(0));
+            };
+            if let Err(wait) = self.charge(&request) {
+                self.metrics.throttled.inc();
+                return Ok(Served::Wait(wait));
+            }
+            Ok(Served::Used(self.serve(request).unwrap_or_else(|| {
+                tracing::warn!(head, "virtio-blk status not writable");
+                self.errors += 1;
+                self.metrics.errors.inc();
                 0
-            });
-            add_used(queue, mem, head, len)?;
-            used = true;
-        }
+            })))
+        })
     }
 }

@@ -17,7 +17,7 @@ pub mod vsock;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -204,6 +204,72 @@ pub(crate) fn pop_chain<'a>(
     Ok(queue
         .pop_descriptor_chain(mem)
         .map_or(Next::Empty, Next::Chain))
+}
+
+/// What a device did with one chain handed to it by [`serve_chains`].
+pub(crate) enum Served {
+    /// Give the chain back to the driver, this many bytes written into it.
+    Used(u32),
+    /// The device keeps the chain for now and gives it back itself later;
+    /// `release` is a chain it held until now, given back empty.
+    Kept { release: Option<u16> },
+    /// The rate limiter says wait this long: the chain goes back to the queue and
+    /// processing stops until then.
+    Wait(std::time::Duration),
+}
+
+/// Hands the chains the driver made available on `queue` to `serve`, one at a
+/// time and at most one queue's worth ([`Budget`]), and gives each back as `serve`
+/// says. Returns `Done` once the queue is empty, `RetryAfter(YIELD)` when the budget
+/// ran out with more available, and `RetryAfter(wait)` when `serve` said wait; the
+/// flag says whether any chain went back to the driver.
+pub(crate) fn serve_chains<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+    mut serve: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
+) -> Result<QueueOutcome, DeviceBroken> {
+    let mut used = false;
+    let mut budget = Budget::of(queue);
+    loop {
+        let chain = match pop_chain(queue, mem, &mut budget)? {
+            Next::Chain(chain) => chain,
+            Next::Empty => return Ok(QueueOutcome::Done(used)),
+            Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
+        };
+        let head = chain.head_index();
+        match serve(chain)? {
+            Served::Used(len) => {
+                add_used(queue, mem, head, len)?;
+                used = true;
+            }
+            Served::Kept { release: None } => {}
+            Served::Kept {
+                release: Some(held),
+            } => {
+                add_used(queue, mem, held, 0)?;
+                used = true;
+            }
+            Served::Wait(wait) => {
+                queue.go_to_previous_position();
+                return Ok(QueueOutcome::RetryAfter(wait, used));
+            }
+        }
+    }
+}
+
+/// A reader of what the driver wrote into `chain`, refusing a chain that does
+/// not end where its driver ended it. Iterating a chain stops without an error at
+/// a `next` that loops, past the queue size, past 4 GiB in all, at a `next` outside
+/// the table or at a descriptor that cannot be read; a device that passes a
+/// chain's bytes on (a frame, a packet) must not send what it happened to gather.
+pub(crate) fn whole_chain_reader<'a>(
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Reader<'a>, virtio_queue::Error> {
+    match chain.clone().last() {
+        Some(last) if !last.has_next() => chain.reader(mem),
+        _ => Err(virtio_queue::Error::InvalidChain),
+    }
 }
 
 /// Returns the chain at `head` to the driver, `len` bytes written into it.

@@ -19,8 +19,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::state::{DeviceState, NetState};
 use super::{
-    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
-    TYPE_NET, VIRTIO_F_VERSION_1, YIELD,
+    add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
+    QueueOutcome, Served, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{RateLimit, RateLimitControl, RateLimiter};
 use crate::tap::{Tap, VNET_HDR_LEN};
@@ -80,8 +80,9 @@ pub struct Net {
     /// A frame read from the tap and not yet delivered (`rx_len` bytes of `rx_buf`).
     rx_buf: Vec<u8>,
     rx_len: usize,
-    /// The guest has no receive buffer, or the limiter said wait: the tap is not
-    /// watched until the guest adds buffers or the timer fires.
+    /// The guest has no receive buffer, the limiter said wait, or the backend
+    /// closed: the tap is not watched until the guest adds buffers or the timer
+    /// fires.
     rx_blocked: bool,
     tx_buf: Vec<u8>,
     counters: NetCounters,
@@ -95,8 +96,13 @@ impl Net {
             tap: config.tap.clone(),
             source,
         })?;
+        Ok(Self::with_tap(tap, config))
+    }
+
+    /// A device on `tap`, already open (`config.tap` is not used).
+    pub fn with_tap(tap: Tap, config: &NetConfig) -> Self {
         tracing::info!(tap = tap.name(), "virtio-net attached");
-        Ok(Self {
+        Self {
             tap,
             mac: config.mac,
             rx_limiter: RateLimiter::new(config.rx_rate_limit),
@@ -107,7 +113,7 @@ impl Net {
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Net, config.tap.clone())),
-        })
+        }
     }
 
     /// Counts into `metrics` (shared with whoever reads them) from now on.
@@ -140,6 +146,15 @@ impl Net {
         loop {
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(0) => {
+                        // End of file: the backend is gone (a tap never says so; a
+                        // socket or a handed-over fd can). Stop watching it, or it
+                        // would wake the event loop for ever; the guest adding
+                        // buffers tries again.
+                        tracing::warn!(tap = self.tap.name(), "the network backend closed");
+                        self.rx_blocked = true;
+                        return Ok(QueueOutcome::Done(used));
+                    }
                     Ok(n) if n < MIN_BUFFER => {
                         tracing::debug!(n, "runt frame from the tap; dropped");
                         self.counters.errors += 1;
@@ -152,7 +167,9 @@ impl Net {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
+                        // As for end of file: an fd in error stays "readable".
                         tracing::warn!("cannot read from the tap: {e}");
+                        self.rx_blocked = true;
                         return Ok(QueueOutcome::Done(used));
                     }
                 }
@@ -228,16 +245,9 @@ impl Net {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let mut used = false;
-        let mut budget = Budget::of(queue);
-        loop {
-            let chain = match pop_chain(queue, mem, &mut budget)? {
-                Next::Chain(chain) => chain,
-                Next::Empty => return Ok(QueueOutcome::Done(used)),
-                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
-            };
+        serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            match chain.reader(mem) {
+            match whole_chain_reader(chain, mem) {
                 Ok(mut reader) => {
                     let len = reader.available_bytes();
                     if !(MIN_BUFFER..=MAX_BUFFER).contains(&len) {
@@ -246,8 +256,7 @@ impl Net {
                         self.metrics.errors.inc();
                     } else if let Err(wait) = self.tx_limiter.consume(len as u64) {
                         self.metrics.throttled.inc();
-                        queue.go_to_previous_position();
-                        return Ok(QueueOutcome::RetryAfter(wait, used));
+                        return Ok(Served::Wait(wait));
                     } else if let Err(e) = reader.read_exact(&mut self.tx_buf[..len]) {
                         tracing::debug!(head, "cannot read a frame from guest memory: {e}");
                         self.counters.errors += 1;
@@ -278,9 +287,8 @@ impl Net {
                     self.metrics.errors.inc();
                 }
             }
-            add_used(queue, mem, head, 0)?;
-            used = true;
-        }
+            Ok(Served::Used(0))
+        })
     }
 }
 

@@ -5,13 +5,12 @@ use std::sync::Arc;
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
 
-use virtio_queue::{Queue, QueueOwnedT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::state::{DeviceState, RngState};
 use super::{
-    add_used, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice, TYPE_RNG,
-    VIRTIO_F_VERSION_1, YIELD,
+    serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
 
@@ -94,22 +93,14 @@ impl VirtioDevice for Rng {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let mut used = false;
-        let mut budget = Budget::of(queue);
-        loop {
-            let chain = match pop_chain(queue, mem, &mut budget)? {
-                Next::Chain(chain) => chain,
-                Next::Empty => return Ok(QueueOutcome::Done(used)),
-                Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
-            };
+        serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
             let len = match chain.writer(mem) {
                 Ok(mut writer) => {
                     let n = writer.available_bytes().min(MAX_REQUEST);
                     if let Err(wait) = self.limiter.consume(n as u64) {
                         self.metrics.throttled.inc();
-                        queue.go_to_previous_position();
-                        return Ok(QueueOutcome::RetryAfter(wait, used));
+                        return Ok(Served::Wait(wait));
                     }
                     match fill_random(&mut self.buf[..n])
                         .and_then(|()| writer.write_all(&self.buf[..n]))
@@ -130,8 +121,7 @@ impl VirtioDevice for Rng {
             };
             self.bytes += len as u64;
             self.metrics.transfer_in(len as u64);
-            add_used(queue, mem, head, len as u32)?;
-            used = true;
-        }
+            Ok(Served::Used(len as u32))
+        })
     }
 }

@@ -26,14 +26,14 @@ use std::sync::Arc;
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::state::{DeviceState, VsockState};
 use super::{
-    add_used, copy_config, pop_chain, Budget, DeviceBroken, Next, QueueOutcome, VirtioDevice,
-    TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
+    add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
+    QueueOutcome, Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -406,14 +406,8 @@ impl Vsock {
             .position(|c| c.local_port == local_port && c.peer_port == peer_port)
     }
 
-    /// One packet from the guest.
+    /// One packet from the guest, its CIDs checked.
     fn handle_packet(&mut self, hdr: Header, payload: &[u8]) {
-        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
-            tracing::debug!(?hdr, "vsock packet with wrong CIDs; dropped");
-            self.counters.dropped += 1;
-            self.metrics.errors.inc();
-            return;
-        }
         if hdr.kind != TYPE_STREAM {
             if hdr.op != OP_RST {
                 self.rst_for(&hdr);
@@ -506,63 +500,67 @@ impl Vsock {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceBroken> {
-        let mut used = false;
-        let mut budget = Budget::of(queue);
-        loop {
-            let chain = match pop_chain(queue, mem, &mut budget)? {
-                Next::Chain(chain) => chain,
-                Next::Empty => return Ok(used),
-                Next::Later => {
-                    self.tx_pending = true;
-                    return Ok(used);
-                }
-            };
+        let outcome = serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            match chain.reader(mem) {
-                Ok(mut reader) => {
-                    let mut raw = [0u8; HDR_LEN];
-                    if reader.read_exact(&mut raw).is_err() {
-                        self.counters.dropped += 1;
-                        self.metrics.errors.inc();
-                    } else {
-                        let hdr = Header::parse(&raw);
-                        let len = hdr.len as usize;
-                        if len > MAX_PAYLOAD
-                            || len > reader.available_bytes()
-                            || (hdr.op != OP_RW && len != 0)
-                        {
-                            tracing::debug!(?hdr, "vsock packet of a bad length");
-                            self.counters.dropped += 1;
-                            self.metrics.errors.inc();
-                            if hdr.op != OP_RST {
-                                self.rst_for(&hdr);
-                                if let Some(i) = self.find(hdr.dst_port, hdr.src_port) {
-                                    self.close(i);
-                                }
-                            }
-                        } else if reader.read_exact(&mut self.buf[..len]).is_ok() {
-                            if hdr.op == OP_RW {
-                                self.metrics.transfer_out(len as u64);
-                            } else {
-                                self.metrics.ops_other.inc();
-                            }
-                            let payload = std::mem::take(&mut self.buf);
-                            self.handle_packet(hdr, &payload[..len]);
-                            self.buf = payload;
-                        } else {
-                            self.counters.dropped += 1;
-                            self.metrics.errors.inc();
-                        }
-                    }
-                }
+            match whole_chain_reader(chain, mem) {
+                Ok(mut reader) => self.packet_from(&mut reader),
                 Err(e) => {
                     tracing::debug!(head, "malformed vsock tx chain: {e:?}");
                     self.counters.dropped += 1;
                     self.metrics.errors.inc();
                 }
             }
-            add_used(queue, mem, head, 0)?;
-            used = true;
+            Ok(Served::Used(0))
+        })?;
+        Ok(match outcome {
+            QueueOutcome::Done(used) => used,
+            // More than one call's budget: come back (nothing here is rate limited).
+            QueueOutcome::RetryAfter(_, used) => {
+                self.tx_pending = true;
+                used
+            }
+        })
+    }
+
+    /// One packet the guest sent: its header, then its payload.
+    fn packet_from(&mut self, reader: &mut Reader<'_>) {
+        let mut raw = [0u8; HDR_LEN];
+        if reader.read_exact(&mut raw).is_err() {
+            self.counters.dropped += 1;
+            self.metrics.errors.inc();
+            return;
+        }
+        let hdr = Header::parse(&raw);
+        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
+            // Before anything else: such a packet must not touch a connection.
+            tracing::debug!(?hdr, "vsock packet with wrong CIDs; dropped");
+            self.counters.dropped += 1;
+            self.metrics.errors.inc();
+            return;
+        }
+        let len = hdr.len as usize;
+        if len > MAX_PAYLOAD || len > reader.available_bytes() || (hdr.op != OP_RW && len != 0) {
+            tracing::debug!(?hdr, "vsock packet of a bad length");
+            self.counters.dropped += 1;
+            self.metrics.errors.inc();
+            if hdr.op != OP_RST {
+                self.rst_for(&hdr);
+                if let Some(i) = self.find(hdr.dst_port, hdr.src_port) {
+                    self.close(i);
+                }
+            }
+        } else if reader.read_exact(&mut self.buf[..len]).is_ok() {
+            if hdr.op == OP_RW {
+                self.metrics.transfer_out(len as u64);
+            } else {
+                self.metrics.ops_other.inc();
+            }
+            let payload = std::mem::take(&mut self.buf);
+            self.handle_packet(hdr, &payload[..len]);
+            self.buf = payload;
+        } else {
+            self.counters.dropped += 1;
+            self.metrics.errors.inc();
         }
     }
 
@@ -626,6 +624,16 @@ impl Vsock {
                 let room = (writer.available_bytes() - HDR_LEN)
                     .min(conn.peer_credit() as usize)
                     .min(MAX_PAYLOAD);
+                if room == 0 {
+                    // A buffer with room for a header only (the credit is not zero
+                    // here): no data fits. Reading 0 bytes would look like the
+                    // host closing; putting it back would leave the readable stream
+                    // waking the event loop for ever. It goes back empty.
+                    self.counters.dropped += 1;
+                    add_used(queue, mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
                 match conn.stream.read(&mut self.buf[..room]) {
                     Ok(0) => {
                         // The host side closed: tell the guest, which answers RST.

@@ -76,6 +76,11 @@ impl TestTap {
         Ok(tap)
     }
 
+    /// The interface's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
     /// Gives the host side of the tap an IPv4 address in a /24.
     pub fn set_ipv4(&self, addr: Ipv4Addr) -> std::io::Result<()> {
         if_ioctl(libc::SIOCSIFADDR, &mut ifreq_ipv4(&self.0, addr))?;
