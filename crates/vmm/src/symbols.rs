@@ -42,23 +42,38 @@ impl SymbolTable {
     pub fn parse(text: &str) -> Result<Self, (usize, String)> {
         let mut symbols = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let mut parts = line.split_whitespace();
-            let (Some(addr), Some(kind), Some(name), None) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
-            else {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                return Err((i + 1, line.to_string()));
-            };
-            let addr = u64::from_str_radix(addr, 16).map_err(|_| (i + 1, line.to_string()))?;
-            // Absolute symbols (`A`) are not places in the kernel image.
-            if !kind.eq_ignore_ascii_case("a") {
-                symbols.push((addr, name.to_string()));
+            if let Some(sym) = parse_line(line).map_err(|()| (i + 1, line.to_string()))? {
+                symbols.push(sym);
             }
         }
         symbols.sort_by_key(|(a, _)| *a);
         Ok(Self { symbols })
+    }
+
+    /// Parses `System.map` text, skipping lines that are not `ADDRESS TYPE NAME`;
+    /// also returns how many lines it skipped.
+    pub fn parse_lenient(text: &str) -> (Self, usize) {
+        let mut symbols = Vec::new();
+        let mut skipped = 0;
+        for line in text.lines() {
+            match parse_line(line) {
+                Ok(Some(sym)) => symbols.push(sym),
+                Ok(None) => {}
+                Err(()) => skipped += 1,
+            }
+        }
+        symbols.sort_by_key(|(a, _)| *a);
+        (Self { symbols }, skipped)
+    }
+
+    /// How many symbols the table holds.
+    pub fn len(&self) -> usize {
+        self.symbols.len()
+    }
+
+    /// Whether the table holds no symbol.
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
     }
 
     /// The symbol at or below `addr`, and the offset into it.
@@ -81,6 +96,26 @@ impl SymbolTable {
         self.lookup(addr)
             .map(|(name, off)| format!("{name}+{off:#x}"))
     }
+}
+
+/// One line: `Ok(None)` for a blank line or an absolute symbol, `Err` for a malformed one.
+fn parse_line(line: &str) -> Result<Option<(u64, String)>, ()> {
+    let mut parts = line.split_whitespace();
+    let (Some(addr), Some(kind), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return if line.trim().is_empty() {
+            Ok(None)
+        } else {
+            Err(())
+        };
+    };
+    let addr = u64::from_str_radix(addr, 16).map_err(|_| ())?;
+    // Absolute symbols (`A`) are not places in the kernel image.
+    if kind.eq_ignore_ascii_case("a") {
+        return Ok(None);
+    }
+    Ok(Some((addr, name.to_string())))
 }
 
 #[cfg(test)]
@@ -113,5 +148,14 @@ ffffffff81a00000 T entry_SYSCALL_64
             SymbolTable::parse("ffffffff81000000 T _text\nnot a symbol line at all\n").unwrap_err();
         assert_eq!(e.0, 2);
         assert_eq!(SymbolTable::parse("zzzz T x").unwrap_err().0, 1);
+    }
+
+    #[test]
+    fn lenient_parse_skips_bad_lines() {
+        let (t, skipped) =
+            SymbolTable::parse_lenient("ffffffff81000000 T _text\ngarbage\nzzzz T x\n\n");
+        assert_eq!(skipped, 2);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.address_of("_text"), Some(0xffffffff81000000));
     }
 }
