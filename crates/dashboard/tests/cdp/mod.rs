@@ -65,8 +65,25 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 impl Browser {
     /// Starts `chromium` headless with a window of `width` x `height` CSS pixels and
-    /// attaches to a blank page.
+    /// attaches to a blank page. A browser that dies while starting (seen once on a
+    /// loaded CI machine: "the browser went away" before the first target) is
+    /// started again, up to three times in all.
     pub fn launch(chromium: &std::path::Path, width: u32, height: u32) -> Result<Browser, String> {
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            match Self::launch_once(chromium, width, height) {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    eprintln!("chromium start {attempt}/3 failed: {e}");
+                    last = e;
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn launch_once(chromium: &std::path::Path, width: u32, height: u32) -> Result<Browser, String> {
         static N: AtomicU64 = AtomicU64::new(0);
         let profile = std::env::temp_dir().join(format!(
             "vigil-chromium-{}-{}",
