@@ -331,6 +331,16 @@ fn call(
     }
 }
 
+/// One VM's record as the daemon answered it: raw JSON, or a one-row table.
+fn print_record(r: &Response, json: bool) {
+    if json {
+        print_json(r);
+    } else {
+        let v = r.json().unwrap_or_default();
+        print!("{}", vm_table(std::slice::from_ref(&v)));
+    }
+}
+
 fn print_json(r: &Response) {
     match r.json() {
         Some(v) => println!(
@@ -383,12 +393,7 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
                 Some(serde_json::json!({"id": id, "config": value})),
                 SLOW,
             )?;
-            if json {
-                print_json(&r);
-            } else {
-                let v = r.json().unwrap_or_default();
-                print!("{}", vm_table(std::slice::from_ref(&v)));
-            }
+            print_record(&r, json);
         }
         CtlCommand::Inspect { id } => {
             let r = call(socket, "GET", &format!("/vms/{id}"), None, FAST)?;
@@ -419,12 +424,7 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
                 Some(Value::Object(body)),
                 SLOW,
             )?;
-            if json {
-                print_json(&r);
-            } else {
-                let v = r.json().unwrap_or_default();
-                print!("{}", vm_table(std::slice::from_ref(&v)));
-            }
+            print_record(&r, json);
         }
         CtlCommand::Destroy { id } => {
             call(socket, "DELETE", &format!("/vms/{id}"), None, SLOW)?;
@@ -563,12 +563,7 @@ fn state_change(socket: &Path, id: &str, state: &str, json: bool) -> anyhow::Res
         Some(serde_json::json!({"state": state})),
         FAST,
     )?;
-    if json {
-        print_json(&r);
-    } else {
-        let v = r.json().unwrap_or_default();
-        print!("{}", vm_table(std::slice::from_ref(&v)));
-    }
+    print_record(&r, json);
     Ok(())
 }
 
