@@ -186,6 +186,10 @@ const T1068: Mitre = Mitre {
     technique: "T1068",
     tactic_tag: "mitre_privilege_escalation",
 };
+const T1014: Mitre = Mitre {
+    technique: "T1014",
+    tactic_tag: "mitre_defense_evasion",
+};
 const T1190: Mitre = Mitre {
     technique: "T1190",
     tactic_tag: "mitre_initial_access",
@@ -222,11 +226,47 @@ pub enum Rule {
     /// A VM's life went on: created, paused, resumed, stopping, stopped, exited,
     /// failed, destroyed (`vm.lifecycle` says which); a crash is [`Rule::VmCrashed`].
     VmLifecycle,
+    // The introspection rules (source `vm`): differences from the guest kernel's
+    // integrity baseline, found from outside the guest.
+    /// An IDT gate differs from the integrity baseline.
+    IdtEntryModified,
+    /// A vCPU's IDTR (base or limit) differs from the baseline.
+    IdtrChanged,
+    /// A GDT descriptor differs from the baseline.
+    GdtEntryModified,
+    /// A vCPU's GDTR differs from the baseline.
+    GdtrChanged,
+    /// An entry of the guest kernel's system call table differs from the baseline.
+    SyscallTableModified,
+    /// A page of kernel text hashes differently from the baseline.
+    KernelTextModified,
+    /// A page of kernel read-only data hashes differently from the baseline.
+    KernelRodataModified,
+    /// A page of kernel text or read-only data is mapped elsewhere, unmapped or made writable.
+    KernelMappingChanged,
+    /// LSTAR, STAR, CSTAR, SFMASK or SYSENTER_* differs from the baseline.
+    SyscallMsrChanged,
+    /// The guest wrote a syscall MSR with a value other than its baseline one, caught at the write (refused under the protect policy).
+    SyscallMsrWrite,
+    /// CR0.WP was set at baseline and is clear.
+    Cr0WpCleared,
+    /// CR4.SMEP was set at baseline and is clear.
+    Cr4SmepCleared,
+    /// CR4.SMAP was set at baseline and is clear.
+    Cr4SmapCleared,
+    /// CR4.UMIP was set at baseline and is clear.
+    Cr4UmipCleared,
+    /// EFER.NXE was set at baseline and is clear.
+    EferNxeCleared,
+    /// EFER.SCE differs from the baseline.
+    EferSceChanged,
+    /// Memory an integrity check must read could not be read.
+    IntegrityReadFailed,
 }
 
 impl Rule {
     /// Every rule, in the README's order.
-    pub const ALL: [Rule; 12] = [
+    pub const ALL: [Rule; 29] = [
         Rule::HostMemoryPressure,
         Rule::HostCpuPressure,
         Rule::HostIoPressure,
@@ -239,6 +279,23 @@ impl Rule {
         Rule::PolicyAction,
         Rule::IncidentDosCrash,
         Rule::VmLifecycle,
+        Rule::IdtEntryModified,
+        Rule::IdtrChanged,
+        Rule::GdtEntryModified,
+        Rule::GdtrChanged,
+        Rule::SyscallTableModified,
+        Rule::KernelTextModified,
+        Rule::KernelRodataModified,
+        Rule::KernelMappingChanged,
+        Rule::SyscallMsrChanged,
+        Rule::SyscallMsrWrite,
+        Rule::Cr0WpCleared,
+        Rule::Cr4SmepCleared,
+        Rule::Cr4SmapCleared,
+        Rule::Cr4UmipCleared,
+        Rule::EferNxeCleared,
+        Rule::EferSceChanged,
+        Rule::IntegrityReadFailed,
     ];
 
     /// The stable identifier.
@@ -256,6 +313,23 @@ impl Rule {
             Rule::PolicyAction => "policy_action",
             Rule::IncidentDosCrash => "incident_dos_crash",
             Rule::VmLifecycle => "vm_lifecycle",
+            Rule::IdtEntryModified => "idt_entry_modified",
+            Rule::IdtrChanged => "idtr_changed",
+            Rule::GdtEntryModified => "gdt_entry_modified",
+            Rule::GdtrChanged => "gdtr_changed",
+            Rule::SyscallTableModified => "syscall_table_modified",
+            Rule::KernelTextModified => "kernel_text_modified",
+            Rule::KernelRodataModified => "kernel_rodata_modified",
+            Rule::KernelMappingChanged => "kernel_mapping_changed",
+            Rule::SyscallMsrChanged => "syscall_msr_changed",
+            Rule::SyscallMsrWrite => "syscall_msr_write",
+            Rule::Cr0WpCleared => "cr0_wp_cleared",
+            Rule::Cr4SmepCleared => "cr4_smep_cleared",
+            Rule::Cr4SmapCleared => "cr4_smap_cleared",
+            Rule::Cr4UmipCleared => "cr4_umip_cleared",
+            Rule::EferNxeCleared => "efer_nxe_cleared",
+            Rule::EferSceChanged => "efer_sce_changed",
+            Rule::IntegrityReadFailed => "integrity_read_failed",
         }
     }
 
@@ -274,6 +348,23 @@ impl Rule {
             Rule::PolicyAction => "policy action",
             Rule::IncidentDosCrash => "possible denial of service leading to crash",
             Rule::VmLifecycle => "lifecycle",
+            Rule::IdtEntryModified => "idt gate modified",
+            Rule::IdtrChanged => "idtr changed",
+            Rule::GdtEntryModified => "gdt entry modified",
+            Rule::GdtrChanged => "gdtr changed",
+            Rule::SyscallTableModified => "syscall table modified",
+            Rule::KernelTextModified => "kernel text modified",
+            Rule::KernelRodataModified => "kernel rodata modified",
+            Rule::KernelMappingChanged => "kernel mapping changed",
+            Rule::SyscallMsrChanged => "syscall msr changed",
+            Rule::SyscallMsrWrite => "syscall msr written",
+            Rule::Cr0WpCleared => "cr0.wp cleared",
+            Rule::Cr4SmepCleared => "cr4.smep cleared",
+            Rule::Cr4SmapCleared => "cr4.smap cleared",
+            Rule::Cr4UmipCleared => "cr4.umip cleared",
+            Rule::EferNxeCleared => "efer.nxe cleared",
+            Rule::EferSceChanged => "efer.sce changed",
+            Rule::IntegrityReadFailed => "integrity read failed",
         }
     }
 
@@ -289,6 +380,23 @@ impl Rule {
             Rule::PolicyAction => Priority::Notice,
             Rule::IncidentDosCrash => Priority::Critical,
             Rule::VmLifecycle => Priority::Informational,
+            Rule::Cr4UmipCleared | Rule::EferSceChanged | Rule::IntegrityReadFailed => {
+                Priority::Warning
+            }
+            Rule::IdtEntryModified
+            | Rule::IdtrChanged
+            | Rule::GdtEntryModified
+            | Rule::GdtrChanged
+            | Rule::SyscallTableModified
+            | Rule::KernelTextModified
+            | Rule::KernelRodataModified
+            | Rule::KernelMappingChanged
+            | Rule::SyscallMsrChanged
+            | Rule::SyscallMsrWrite
+            | Rule::Cr0WpCleared
+            | Rule::Cr4SmepCleared
+            | Rule::Cr4SmapCleared
+            | Rule::EferNxeCleared => Priority::Critical,
         }
     }
 
@@ -306,6 +414,23 @@ impl Rule {
             Rule::ApiMalformedRequest | Rule::ApiUnauthorized => Source::Api,
             Rule::PolicyAction => Source::Policy,
             Rule::IncidentDosCrash => Source::Correlation,
+            Rule::IdtEntryModified
+            | Rule::IdtrChanged
+            | Rule::GdtEntryModified
+            | Rule::GdtrChanged
+            | Rule::SyscallTableModified
+            | Rule::KernelTextModified
+            | Rule::KernelRodataModified
+            | Rule::KernelMappingChanged
+            | Rule::SyscallMsrChanged
+            | Rule::SyscallMsrWrite
+            | Rule::Cr0WpCleared
+            | Rule::Cr4SmepCleared
+            | Rule::Cr4SmapCleared
+            | Rule::Cr4UmipCleared
+            | Rule::EferNxeCleared
+            | Rule::EferSceChanged
+            | Rule::IntegrityReadFailed => Source::Vm,
         }
     }
 
@@ -323,7 +448,49 @@ impl Rule {
             Rule::PolicyAction => None,
             Rule::IncidentDosCrash => Some(T1499),
             Rule::VmLifecycle => None,
+            Rule::Cr4SmepCleared
+            | Rule::Cr4SmapCleared
+            | Rule::Cr4UmipCleared
+            | Rule::EferNxeCleared => Some(T1068),
+            Rule::IntegrityReadFailed => None,
+            Rule::IdtEntryModified
+            | Rule::IdtrChanged
+            | Rule::GdtEntryModified
+            | Rule::GdtrChanged
+            | Rule::SyscallTableModified
+            | Rule::KernelTextModified
+            | Rule::KernelRodataModified
+            | Rule::KernelMappingChanged
+            | Rule::SyscallMsrChanged
+            | Rule::SyscallMsrWrite
+            | Rule::Cr0WpCleared
+            | Rule::EferSceChanged => Some(T1014),
         }
+    }
+
+    /// Whether it is one of the introspection rules (a finding about the guest
+    /// kernel's integrity).
+    pub const fn is_introspection(self) -> bool {
+        matches!(
+            self,
+            Rule::IdtEntryModified
+                | Rule::IdtrChanged
+                | Rule::GdtEntryModified
+                | Rule::GdtrChanged
+                | Rule::SyscallTableModified
+                | Rule::KernelTextModified
+                | Rule::KernelRodataModified
+                | Rule::KernelMappingChanged
+                | Rule::SyscallMsrChanged
+                | Rule::SyscallMsrWrite
+                | Rule::Cr0WpCleared
+                | Rule::Cr4SmepCleared
+                | Rule::Cr4SmapCleared
+                | Rule::Cr4UmipCleared
+                | Rule::EferNxeCleared
+                | Rule::EferSceChanged
+                | Rule::IntegrityReadFailed
+        )
     }
 
     /// Whether it is a resource-exhaustion signal from one VM (what the
@@ -350,6 +517,23 @@ impl Rule {
             Rule::PolicyAction => &["policy", "response"],
             Rule::IncidentDosCrash => &["vm", "incident", "availability"],
             Rule::VmLifecycle => &["vm", "lifecycle"],
+            Rule::IdtEntryModified
+            | Rule::IdtrChanged
+            | Rule::GdtEntryModified
+            | Rule::GdtrChanged
+            | Rule::SyscallTableModified
+            | Rule::KernelTextModified
+            | Rule::KernelRodataModified
+            | Rule::KernelMappingChanged
+            | Rule::SyscallMsrChanged
+            | Rule::SyscallMsrWrite
+            | Rule::Cr0WpCleared
+            | Rule::Cr4SmepCleared
+            | Rule::Cr4SmapCleared
+            | Rule::Cr4UmipCleared
+            | Rule::EferNxeCleared
+            | Rule::EferSceChanged
+            | Rule::IntegrityReadFailed => &["vm", "introspection", "integrity"],
         };
         let mut tags: Vec<String> = categories.iter().map(|s| (*s).to_owned()).collect();
         if let Some(m) = self.mitre() {
@@ -640,8 +824,28 @@ mod tests {
                 "policy_action",
                 "incident_dos_crash",
                 "vm_lifecycle",
+                "idt_entry_modified",
+                "idtr_changed",
+                "gdt_entry_modified",
+                "gdtr_changed",
+                "syscall_table_modified",
+                "kernel_text_modified",
+                "kernel_rodata_modified",
+                "kernel_mapping_changed",
+                "syscall_msr_changed",
+                "syscall_msr_write",
+                "cr0_wp_cleared",
+                "cr4_smep_cleared",
+                "cr4_smap_cleared",
+                "cr4_umip_cleared",
+                "efer_nxe_cleared",
+                "efer_sce_changed",
+                "integrity_read_failed",
             ]
         );
+        for r in Rule::ALL {
+            assert_eq!(r.is_introspection(), r.source() == Source::Vm, "{r}");
+        }
         for r in Rule::ALL {
             assert_eq!(r.as_str().parse::<Rule>(), Ok(r));
             assert_eq!(

@@ -10,6 +10,7 @@
 //! | `vcpu<N>` | the same for vCPU N |
 //! | `block`, `net`, `vsock`, `entropy`, `balloon` | all devices of the kind together: `<dir>_bytes`, `<dir>_count` for the kind's two directions (`read`/`write`, `rx`/`tx`, `deflate`/`inflate`; entropy has `read` only), `other_count`, `errors`, `throttled`; the balloon adds `actual_pages`, `target_pages` |
 //! | `block_<name>`, `net_<name>` | the same for one disk or interface (`block_blk0`) |
+//! | `introspect` | once monitoring or tracing ran: `checks`, `check_sum_ns`, `pages_hashed`, `findings`, `msr_writes_allowed`, `msr_writes_refused`, `syscalls_seen`, `syscalls_traced` |
 //! | `host` | when given: `load1`, `load5`, `load15`, `mem_total_bytes`, `mem_available_bytes`, `cpus`, and `pressure_<cpu\|memory\|io>_<some\|full>_avg10` (percent) / `_total_us` where PSI exists |
 //!
 //! Unlike Firecracker, whose counters are deltas since the previous flush, every
@@ -68,6 +69,19 @@ pub fn json_line(vm: &VmMetricsSnapshot, host: Option<&HostSnapshot>) -> String 
                 o.end(g);
             }
         }
+    }
+    let i = &vm.introspection;
+    if i.monitoring || i.tracing || i.checks > 0 || i.syscalls_seen > 0 {
+        let mut g = o.obj("introspect");
+        g.u64("checks", i.checks);
+        g.u64("check_sum_ns", i.check_time.sum_ns);
+        g.u64("pages_hashed", i.pages_hashed);
+        g.u64("findings", i.findings_total());
+        g.u64("msr_writes_allowed", i.msr_writes_allowed);
+        g.u64("msr_writes_refused", i.msr_writes_refused);
+        g.u64("syscalls_seen", i.syscalls_seen);
+        g.u64("syscalls_traced", i.syscalls_traced);
+        o.end(g);
     }
     if let Some(h) = host {
         let mut g = o.obj("host");

@@ -9,12 +9,15 @@
 //!   throttles), shared with a device through an `Arc`.
 //! - [`VmMetrics`] holds one VM's counters; [`MetricsHandle`] is the cheap
 //!   cloneable handle other threads take [`VmMetricsSnapshot`]s through.
+//! - [`IntrospectCounters`]: integrity checks, findings by rule, guarded MSR
+//!   writes and traced system calls of the VM's introspection.
 //! - [`host`]: PSI, load, memory and CPU of the host, from `/proc`.
 //! - [`prometheus::render`]: the Prometheus text format of many VMs (labelled by VM
 //!   id) and the host; [`json::json_line`]: a Firecracker-style JSON line per VM.
 
 pub mod device;
 pub mod host;
+pub mod introspect;
 pub mod json;
 pub mod primitives;
 pub mod prometheus;
@@ -23,6 +26,7 @@ pub mod vm;
 
 pub use device::{BalloonSnapshot, DeviceCounters, DeviceKind, DeviceSnapshot};
 pub use host::HostSnapshot;
+pub use introspect::{IntrospectCounters, IntrospectSnapshot};
 pub use primitives::{Counter, Gauge, Histogram, HistogramSnapshot};
 pub use vcpu::{ExitCounts, ExitReason, RunClock, VcpuCounters, VcpuSnapshot};
 pub use vm::{MemorySnapshot, MetricsHandle, VmMetrics, VmMetricsSnapshot};

@@ -331,6 +331,95 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
+    render_introspection(out, vms);
+}
+
+fn render_introspection(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
+    let per_vm: [SimpleFamily<crate::IntrospectSnapshot, u64>; 4] = [
+        (
+            "vigil_introspect_checks_total",
+            "Integrity checks of the guest kernel against its baseline.",
+            |i| i.checks,
+        ),
+        (
+            "vigil_introspect_pages_hashed_total",
+            "Guest pages integrity checks re-hashed (those the dirty log said were written).",
+            |i| i.pages_hashed,
+        ),
+        (
+            "vigil_introspect_syscalls_seen_total",
+            "Guest system calls the tracer's breakpoint caught, before its filter.",
+            |i| i.syscalls_seen,
+        ),
+        (
+            "vigil_introspect_syscalls_traced_total",
+            "Guest system calls the tracer recorded (those its filter kept).",
+            |i| i.syscalls_traced,
+        ),
+    ];
+    for (name, help, get) in per_vm {
+        let mut f = Family::new(out, name, "counter", help);
+        for (vm, s) in vms {
+            f.sample("", &[("vm", vm)], Value::Int(get(&s.introspection)));
+        }
+    }
+    {
+        let mut f = Family::new(
+            out,
+            "vigil_introspect_active",
+            "gauge",
+            "1 while the integrity monitor (what=\"monitor\") or the system call tracer (what=\"trace\") runs.",
+        );
+        for (vm, s) in vms {
+            let i = &s.introspection;
+            for (what, on) in [("monitor", i.monitoring), ("trace", i.tracing)] {
+                f.sample("", &[("vm", vm), ("what", what)], Value::Int(u64::from(on)));
+            }
+        }
+    }
+    {
+        let mut f = Family::new(
+            out,
+            "vigil_introspect_check_seconds",
+            "histogram",
+            "Time one integrity check took.",
+        );
+        for (vm, s) in vms {
+            if s.introspection.check_time.count > 0 {
+                f.histogram(&[("vm", vm)], &s.introspection.check_time);
+            }
+        }
+    }
+    {
+        let mut f = Family::new(
+            out,
+            "vigil_introspect_findings_total",
+            "counter",
+            "Differences from the integrity baseline, by rule (each reported once).",
+        );
+        for (vm, s) in vms {
+            for (rule, n) in &s.introspection.findings {
+                f.sample("", &[("vm", vm), ("rule", rule)], Value::Int(*n));
+            }
+        }
+    }
+    {
+        let mut f = Family::new(
+            out,
+            "vigil_introspect_msr_writes_total",
+            "counter",
+            "Guest writes to guarded MSRs (the syscall MSRs), by verdict.",
+        );
+        for (vm, s) in vms {
+            let i = &s.introspection;
+            for (verdict, n) in [
+                ("allowed", i.msr_writes_allowed),
+                ("refused", i.msr_writes_refused),
+            ] {
+                f.sample("", &[("vm", vm), ("verdict", verdict)], Value::Int(n));
+            }
+        }
+    }
 }
 
 fn render_host(out: &mut String, h: &HostSnapshot) {
@@ -606,6 +695,12 @@ pub(crate) mod tests {
         balloon.balloon_target_pages.set(256);
         let m = VmMetrics::new(128 << 20, vec![v0, v1], vec![blk, rng, balloon]);
         m.mark_started();
+        let i = m.introspect();
+        i.monitoring.set(1);
+        i.checks.add(3);
+        i.check_time.record_ns(40_000);
+        i.count_finding("idt_entry_modified");
+        i.msr_writes_refused.inc();
         m.snapshot()
     }
 
@@ -669,6 +764,38 @@ pub(crate) mod tests {
             "the escaped id parses back\n{text}"
         );
         assert!(text.contains(r#"vm="we\"ird\\vm\nid""#));
+        assert_eq!(
+            find(s, "vigil_introspect_checks_total", &[("vm", "vm-a")]),
+            Some(&3.0)
+        );
+        assert_eq!(
+            find(
+                s,
+                "vigil_introspect_findings_total",
+                &[("vm", "vm-a"), ("rule", "idt_entry_modified")]
+            ),
+            Some(&1.0)
+        );
+        assert_eq!(
+            find(
+                s,
+                "vigil_introspect_msr_writes_total",
+                &[("vm", "vm-a"), ("verdict", "refused")]
+            ),
+            Some(&1.0)
+        );
+        assert_eq!(
+            find(
+                s,
+                "vigil_introspect_active",
+                &[("vm", "vm-a"), ("what", "monitor")]
+            ),
+            Some(&1.0)
+        );
+        assert_eq!(
+            find(s, "vigil_introspect_check_seconds_count", &[("vm", "vm-a")]),
+            Some(&1.0)
+        );
         assert_eq!(
             find(
                 s,

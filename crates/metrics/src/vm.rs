@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{DeviceCounters, DeviceSnapshot};
 use crate::host;
+use crate::introspect::{IntrospectCounters, IntrospectSnapshot};
 use crate::vcpu::{VcpuCounters, VcpuSnapshot};
 
 /// The unit of `/proc/self/statm` on x86_64 Linux.
@@ -20,6 +21,7 @@ pub struct VmMetrics {
     guest_memory_bytes: u64,
     vcpus: Vec<Arc<VcpuCounters>>,
     devices: Vec<Arc<DeviceCounters>>,
+    introspect: Arc<IntrospectCounters>,
     started: OnceLock<Instant>,
 }
 
@@ -34,6 +36,7 @@ impl VmMetrics {
             guest_memory_bytes,
             vcpus,
             devices,
+            introspect: Arc::default(),
             started: OnceLock::new(),
         }
     }
@@ -58,6 +61,11 @@ impl VmMetrics {
         &self.devices
     }
 
+    /// What introspection did (all zero while it is off).
+    pub fn introspect(&self) -> &Arc<IntrospectCounters> {
+        &self.introspect
+    }
+
     /// Everything now. Reads `/proc` (this process's RSS, each vCPU thread's
     /// schedstat): a few system calls per vCPU; never blocks on the VM.
     pub fn snapshot(&self) -> VmMetricsSnapshot {
@@ -77,6 +85,7 @@ impl VmMetrics {
             },
             vcpus: self.vcpus.iter().map(|v| v.snapshot()).collect(),
             devices,
+            introspection: self.introspect.snapshot(),
         }
     }
 }
@@ -133,6 +142,9 @@ pub struct VmMetricsSnapshot {
     pub memory: MemorySnapshot,
     pub vcpus: Vec<VcpuSnapshot>,
     pub devices: Vec<DeviceSnapshot>,
+    /// What introspection did (absent in snapshots from before it existed).
+    #[serde(default)]
+    pub introspection: IntrospectSnapshot,
 }
 
 #[cfg(test)]
