@@ -22,8 +22,11 @@ mod tests {
         assert!(ELF.windows(note.len()).any(|w| w == note), "no PVH note");
     }
 
-    /// `nm -S` of the image: name -> (address, size if any, type letter).
-    fn symbols() -> Option<std::collections::HashMap<String, (u64, Option<u64>, char)>> {
+    /// Symbol name -> (address, size if any, `nm` type letter).
+    type Symbols = std::collections::HashMap<String, (u64, Option<u64>, char)>;
+
+    /// `nm -S` of the image.
+    fn symbols() -> Option<Symbols> {
         let output = Command::new("nm").args(["-S", ELF_PATH]).output().ok()?;
         if !output.status.success() {
             return None;
