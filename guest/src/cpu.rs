@@ -235,19 +235,25 @@ pub fn init() {
     );
     load_idt();
 
-    // Write-protect for supervisor writes, as every kernel sets it (the guest's own
-    // pages are all writable, so its writes to its text and rodata still work), and
-    // UMIP where the CPU offers it. No SMEP/SMAP: every page is user-accessible.
-    write_cr0(read_cr0() | CR0_WP);
-    if cpuid(0).0 >= 7 && cpuid(7).2 & CPUID7_ECX_UMIP != 0 {
-        write_cr4(read_cr4() | CR4_UMIP);
-        UMIP_AT_BOOT.store(true, Ordering::SeqCst);
-    }
+    UMIP_AT_BOOT.store(protect(), Ordering::SeqCst);
 
     wrmsr(MSR_STAR, (KERNEL_DS << 48) | (KERNEL_CS << 32));
     wrmsr(MSR_LSTAR, syscall_entry as *const () as u64);
     wrmsr(MSR_SFMASK, SFMASK);
     wrmsr(MSR_EFER, rdmsr(MSR_EFER) | 1);
+}
+
+/// Sets CR0.WP on this CPU, as every kernel does (the guest's own pages are all
+/// writable, so its writes to its text and rodata still work), and CR4.UMIP where the
+/// CPU offers it (CPUID leaf 7 ECX bit 2); returns whether UMIP was set. No SMEP/SMAP:
+/// every page is user-accessible. The BSP at boot and each AP call it.
+pub fn protect() -> bool {
+    write_cr0(read_cr0() | CR0_WP);
+    let umip = cpuid(0).0 >= 7 && cpuid(7).2 & CPUID7_ECX_UMIP != 0;
+    if umip {
+        write_cr4(read_cr4() | CR4_UMIP);
+    }
+    umip
 }
 
 fn set_gate(vector: usize, handler: u64) {

@@ -171,6 +171,7 @@ extern "C" {
 #[no_mangle]
 extern "C" fn ap_main(slot: u32) -> ! {
     cpu::load_idt();
+    cpu::protect();
     AP_IDS[slot as usize].store(apic::id(), Ordering::SeqCst);
     AP_REPORTED.fetch_add(1, Ordering::SeqCst);
     cpu::halt_forever()
