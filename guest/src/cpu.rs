@@ -3,7 +3,7 @@
 
 use core::arch::{asm, global_asm};
 use core::ptr::{addr_of, addr_of_mut};
-use core::sync::atomic::AtomicU64;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::boot::{GDT_ENTRIES, KERNEL_CS, KERNEL_DS, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
 use crate::serial::{Out, Serial};
@@ -17,7 +17,7 @@ const IDT_ENTRIES: usize = 0x30;
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
+pub const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_SFMASK: u32 = 0xc000_0084;
 /// RFLAGS bits cleared on `syscall`, as Linux does: TF, IF, DF, IOPL, NT, AC.
 const SFMASK: u64 = 0x47700;
@@ -81,6 +81,57 @@ pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
     (a, b, c, d)
 }
 
+/// CR0.WP: supervisor writes honour read-only pages.
+pub const CR0_WP: u64 = 1 << 16;
+/// CR4.UMIP: `sgdt`, `sidt`, `sldt`, `smsw` and `str` fault at CPL > 0.
+pub const CR4_UMIP: u64 = 1 << 11;
+/// CPUID leaf 7 (sub-leaf 0) ECX: UMIP.
+const CPUID7_ECX_UMIP: u32 = 1 << 2;
+/// Whether `init` set CR4.UMIP (the CPU offers it).
+pub static UMIP_AT_BOOT: AtomicBool = AtomicBool::new(false);
+
+pub fn read_cr0() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR0 has no side effects.
+    unsafe { asm!("mov {}, cr0", out(reg) value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+pub fn write_cr0(value: u64) {
+    // SAFETY: callers change only WP, which this kernel runs with and without.
+    unsafe { asm!("mov cr0, {}", in(reg) value, options(nostack, preserves_flags)) }
+}
+
+pub fn read_cr4() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR4 has no side effects.
+    unsafe { asm!("mov {}, cr4", out(reg) value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+pub fn write_cr4(value: u64) {
+    // SAFETY: callers change only UMIP, which this kernel runs with and without.
+    unsafe { asm!("mov cr4, {}", in(reg) value, options(nostack, preserves_flags)) }
+}
+
+/// The IDTR of this CPU: (base, limit).
+pub fn sidt() -> (u64, u16) {
+    let mut pointer = DescriptorPointer { limit: 0, base: 0 };
+    // SAFETY: sidt writes the 10-byte pointer it is given (CPL0: UMIP does not apply).
+    unsafe { asm!("sidt [{}]", in(reg) &mut pointer, options(nostack, preserves_flags)) }
+    let (base, limit) = (pointer.base, pointer.limit);
+    (base, limit)
+}
+
+/// Loads an IDT at `base` with `limit`.
+///
+/// # Safety
+/// `base..=base+limit` must hold valid gates for every vector that can arrive.
+pub unsafe fn lidt(base: u64, limit: u16) {
+    let pointer = DescriptorPointer { limit, base };
+    asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags))
+}
+
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: only architectural MSRs present on every x86_64 CPU are read.
@@ -88,6 +139,40 @@ pub fn rdmsr(msr: u32) -> u64 {
         asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
     }
     (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// `wrmsr` that survives a #GP (an MSR the VMM refuses to let the guest write): true
+/// when the instruction completed, false when it faulted.
+pub fn try_wrmsr(msr: u32, value: u64) -> bool {
+    let done: u64;
+    // SAFETY: the fault fixup resumes at label 3 with the caller-saved registers
+    // clobbered (clobber_abi); callers write MSRs whose new value this kernel survives.
+    unsafe {
+        asm!(
+            "lea rsi, [rip + 2f]",
+            "mov [{fault}], rsi",
+            "lea rsi, [rip + 3f]",
+            "mov [{recovery}], rsi",
+            "2:",
+            "wrmsr",
+            "mov esi, 1",
+            "jmp 4f",
+            "3:",
+            "xor esi, esi",
+            "4:",
+            out("rsi") done,
+            fault = in(reg) FIXUP_FAULT_RIP.as_ptr(),
+            recovery = in(reg) FIXUP_RECOVERY_RIP.as_ptr(),
+            in("ecx") msr,
+            in("eax") value as u32,
+            in("edx") (value >> 32) as u32,
+            clobber_abi("C"),
+            options(nostack)
+        )
+    }
+    FIXUP_FAULT_RIP.store(0, Ordering::SeqCst);
+    FIXUP_RECOVERY_RIP.store(0, Ordering::SeqCst);
+    done == 1
 }
 
 pub fn wrmsr(msr: u32, value: u64) {
@@ -150,10 +235,25 @@ pub fn init() {
     );
     load_idt();
 
+    UMIP_AT_BOOT.store(protect(), Ordering::SeqCst);
+
     wrmsr(MSR_STAR, (KERNEL_DS << 48) | (KERNEL_CS << 32));
     wrmsr(MSR_LSTAR, syscall_entry as *const () as u64);
     wrmsr(MSR_SFMASK, SFMASK);
     wrmsr(MSR_EFER, rdmsr(MSR_EFER) | 1);
+}
+
+/// Sets CR0.WP on this CPU, as every kernel does (the guest's own pages are all
+/// writable, so its writes to its text and rodata still work), and CR4.UMIP where the
+/// CPU offers it (CPUID leaf 7 ECX bit 2); returns whether UMIP was set. No SMEP/SMAP:
+/// every page is user-accessible. The BSP at boot and each AP call it.
+pub fn protect() -> bool {
+    write_cr0(read_cr0() | CR0_WP);
+    let umip = cpuid(0).0 >= 7 && cpuid(7).2 & CPUID7_ECX_UMIP != 0;
+    if umip {
+        write_cr4(read_cr4() | CR4_UMIP);
+    }
+    umip
 }
 
 fn set_gate(vector: usize, handler: u64) {
@@ -194,13 +294,25 @@ pub struct ExceptionFrame {
     cs: u64,
 }
 
-/// Called by every exception stub. Returns only for `ud2` in the CPL3 code: that is how
-/// user code hands control back (see `user_enter`); anything else is fatal.
+/// An expected #GP at CPL0: (faulting RIP, recovery RIP), armed by `try_wrmsr` (0, 0
+/// when none is armed).
+static FIXUP_FAULT_RIP: AtomicU64 = AtomicU64::new(0);
+static FIXUP_RECOVERY_RIP: AtomicU64 = AtomicU64::new(0);
+
+/// Called by every exception stub. Returns 0 for `ud2` in the CPL3 code: that is how
+/// user code hands control back (see `user_enter`); returns a recovery RIP for the one
+/// expected #GP `try_wrmsr` armed (the stub resumes there, with the caller-saved
+/// registers clobbered); anything else is fatal.
 #[no_mangle]
-extern "C" fn exception_handler(frame: &ExceptionFrame) {
+extern "C" fn exception_handler(frame: &ExceptionFrame) -> u64 {
     let user = addr_of!(__user_start) as u64..addr_of!(__user_end) as u64;
     if frame.vector == 6 && frame.cs & 3 == 3 && user.contains(&frame.rip) {
-        return;
+        return 0;
+    }
+    let expected = FIXUP_FAULT_RIP.load(Ordering::SeqCst);
+    if frame.vector == 13 && frame.cs & 3 == 0 && expected != 0 && frame.rip == expected {
+        FIXUP_FAULT_RIP.store(0, Ordering::SeqCst);
+        return FIXUP_RECOVERY_RIP.swap(0, Ordering::SeqCst);
     }
     Serial
         .str("EXCEPTION vec=")
@@ -285,9 +397,19 @@ exception_stubs:
     .endr
 
 exception_common:
-    movq %rsp, %rdi
+    pushq %rbx
+    leaq 8(%rsp), %rdi
+    movq %rsp, %rbx
     andq $-16, %rsp
     call exception_handler
+    testq %rax, %rax
+    jz 1f
+    movq %rbx, %rsp
+    popq %rbx
+    movq %rax, 16(%rsp)
+    addq $16, %rsp
+    iretq
+1:
     movq USER_KERNEL_RSP(%rip), %rsp
     movl ${kds}, %eax
     movl %eax, %ss
@@ -332,10 +454,30 @@ spurious_isr:
     iretq
 
     .global syscall_entry
+    .type syscall_entry, @function
 syscall_entry:
+    cmpq ${nr_syscalls}, %rax
+    jae 1f
+    pushq %rbp
+    movq %rsp, %rbp
+    andq $-16, %rsp
+    pushq %rcx
+    pushq %r11
+    movq %r10, %rcx
+    callq *sys_call_table(, %rax, 8)
+    popq %r11
+    popq %rcx
+    movq %rbp, %rsp
+    popq %rbp
     pushq %r11
     popfq
     jmpq *%rcx
+1:
+    movq $-38, %rax
+    pushq %r11
+    popfq
+    jmpq *%rcx
+    .size syscall_entry, . - syscall_entry
 
     .section .bss.user_kernel_rsp, "aw", @nobits
     .balign 8
@@ -345,5 +487,6 @@ USER_KERNEL_RSP:
     kds = const KERNEL_DS,
     uds = const USER_DS,
     ucs = const USER_CS,
+    nr_syscalls = const crate::introspect::NR_SYSCALLS,
     options(att_syntax)
 );

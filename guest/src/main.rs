@@ -12,6 +12,7 @@ mod balloon;
 mod boot;
 mod bootinfo;
 mod cpu;
+mod introspect;
 mod mem;
 mod net;
 mod paging;

@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use crate::boot::MAX_APS;
 use crate::cpu::{self, rdtsc, TIMER_TICKS, TIMER_VECTOR};
 use crate::serial::{Line, Out, Serial};
-use crate::{acpi, apic, net, paging, virtio, vsock, Machine};
+use crate::{acpi, apic, introspect, net, paging, virtio, vsock, Machine};
 
 pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
     match name {
@@ -33,6 +33,16 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"vsock" => vsock::vsock(machine, detail),
         b"vsock-listen" => vsock::vsock_listen(machine, detail),
         b"vsock-evil" => vsock::vsock_evil(machine, detail),
+        b"rootkit-idt" => introspect::rootkit_idt(machine, detail),
+        b"rootkit-idtr" => introspect::rootkit_idtr(machine, detail),
+        b"rootkit-text" => introspect::rootkit_text(machine, detail),
+        b"rootkit-syscall-table" => introspect::rootkit_syscall_table(machine, detail),
+        b"rootkit-lstar" => introspect::rootkit_lstar(machine, detail),
+        b"rootkit-wp" => introspect::rootkit_wp(machine, detail),
+        b"rootkit-cr4" => introspect::rootkit_cr4(machine, detail),
+        b"syscalls" => introspect::syscalls(machine, detail),
+        b"syscall-loop" => introspect::syscall_loop(machine, detail),
+        b"msr-fixup" => introspect::msr_fixup(detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),
@@ -161,6 +171,7 @@ extern "C" {
 #[no_mangle]
 extern "C" fn ap_main(slot: u32) -> ! {
     cpu::load_idt();
+    cpu::protect();
     AP_IDS[slot as usize].store(apic::id(), Ordering::SeqCst);
     AP_REPORTED.fetch_add(1, Ordering::SeqCst);
     cpu::halt_forever()

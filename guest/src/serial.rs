@@ -1,15 +1,30 @@
 //! Polled output on the 8250 UART at 0x3f8, with hand-written number formatting
 //! (no `core::fmt`: its precompiled code uses SSE, which CPL0 cannot run here).
 
-use crate::cpu::{inb, outb};
+use crate::cpu::{inb, outb, rdtsc};
 
 const COM1: u16 = 0x3f8;
 const LSR_THR_EMPTY: u8 = 0x20;
+const LSR_DATA_READY: u8 = 0x01;
 
 /// Interrupts off, 8 data bits, no parity, 1 stop bit.
 pub fn init() {
     outb(COM1 + 1, 0);
     outb(COM1 + 3, 0x03);
+}
+
+/// Polls for one received byte (LSR bit 0, then RBR) for up to `timeout_tsc` TSC
+/// ticks; `None` when none arrived.
+pub fn read_byte(timeout_tsc: u64) -> Option<u8> {
+    let start = rdtsc();
+    loop {
+        if inb(COM1 + 5) & LSR_DATA_READY != 0 {
+            return Some(inb(COM1));
+        }
+        if rdtsc().wrapping_sub(start) >= timeout_tsc {
+            return None;
+        }
+    }
 }
 
 /// Text output with the few formats the guest prints.

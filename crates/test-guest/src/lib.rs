@@ -22,6 +22,99 @@ mod tests {
         assert!(ELF.windows(note.len()).any(|w| w == note), "no PVH note");
     }
 
+    /// Symbol name -> (address, size if any, `nm` type letter).
+    type Symbols = std::collections::HashMap<String, (u64, Option<u64>, char)>;
+
+    /// `nm -S` of the image.
+    fn symbols() -> Option<Symbols> {
+        let output = Command::new("nm").args(["-S", ELF_PATH]).output().ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let mut map = std::collections::HashMap::new();
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (addr, size, kind, name) = match fields[..] {
+                [addr, size, kind, name] => (addr, Some(size), kind, name),
+                [addr, kind, name] => (addr, None, kind, name),
+                _ => continue,
+            };
+            let hex = |s: &str| u64::from_str_radix(s, 16).unwrap();
+            let kind = kind.chars().next().unwrap();
+            map.insert(name.to_string(), (hex(addr), size.map(hex), kind));
+        }
+        Some(map)
+    }
+
+    #[test]
+    fn kernel_layout_symbols_are_visible() {
+        let Some(symbols) = symbols() else {
+            eprintln!("nm not available: skipping the symbol check");
+            return;
+        };
+        let get = |name: &str| {
+            *symbols
+                .get(name)
+                .unwrap_or_else(|| panic!("no symbol {name} in the image"))
+        };
+        let text = get("_stext").0..get("_etext").0;
+        let rodata = get("__start_rodata").0..get("__end_rodata").0;
+        assert!(
+            text.start < text.end && text.end <= rodata.start,
+            "{text:x?} {rodata:x?}"
+        );
+        assert_eq!(rodata.start % 4096, 0);
+        assert_eq!(rodata.end % 4096, 0);
+        // .text.user (the CPL3 code) is inside the kernel text.
+        assert_eq!(get("__user_start").0, text.start);
+
+        let (table, size, kind) = get("sys_call_table");
+        assert_eq!(size, Some(128), "16 function pointers");
+        assert_eq!(kind, 'R', "in read-only data");
+        assert!(rodata.contains(&table) && table + 128 <= rodata.end);
+        for name in [
+            "syscall_entry",
+            "rootkit_page_fault",
+            "rootkit_sys_hook",
+            "rootkit_syscall_entry",
+            "patch_target",
+            "sys_vigil_0",
+            "sys_vigil_15",
+        ] {
+            let (addr, size, kind) = get(name);
+            assert_eq!(kind, 'T', "{name} is a global text symbol");
+            assert!(size.is_some_and(|s| s > 0), "{name} has a size");
+            assert!(
+                text.contains(&addr),
+                "{name} at {addr:#x} outside {text:x?}"
+            );
+        }
+        // The table's entries are sys_vigil_0..15, in order, in the file.
+        for n in 0..16u64 {
+            let at = file_offset(table + 8 * n);
+            let entry = u64::from_le_bytes(ELF[at..at + 8].try_into().unwrap());
+            assert_eq!(entry, get(&format!("sys_vigil_{n}")).0, "entry {n}");
+        }
+        // patch_target starts with `mov $imm32, %eax` (what rootkit-text reports).
+        assert_eq!(ELF[file_offset(get("patch_target").0)], 0xb8);
+    }
+
+    /// Where the byte at `vaddr` lies in the file, through the ELF's PT_LOAD headers.
+    fn file_offset(vaddr: u64) -> usize {
+        let u16_at = |at: usize| u16::from_le_bytes(ELF[at..at + 2].try_into().unwrap());
+        let u64_at = |at: usize| u64::from_le_bytes(ELF[at..at + 8].try_into().unwrap());
+        let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+        for i in 0..usize::from(phnum) {
+            let ph = phoff + i * usize::from(phentsize);
+            let kind = u32::from_le_bytes(ELF[ph..ph + 4].try_into().unwrap());
+            let (offset, start, filesz) = (u64_at(ph + 8), u64_at(ph + 16), u64_at(ph + 32));
+            if kind == 1 && (start..start + filesz).contains(&vaddr) {
+                return (offset + vaddr - start) as usize;
+            }
+        }
+        panic!("{vaddr:#x} is not in the file");
+    }
+
     /// Instructions the platform's CPL0 emulator cannot execute (PLATFORM.md).
     fn forbidden_at_cpl0(mnemonic: &str, operands: &str) -> bool {
         const NAMES: &[&str] = &[

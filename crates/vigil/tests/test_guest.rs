@@ -341,3 +341,209 @@ fn bench_commands_produce_their_tables() {
         assert!(pps > 0, "{r}");
     }
 }
+
+/// Addresses of the test guest's symbols (`nm`), or `None` without nm.
+fn guest_symbols() -> Option<std::collections::HashMap<String, u64>> {
+    let output = std::process::Command::new("nm")
+        .arg(vigil_test_guest::ELF_PATH)
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+                let _kind = f.next()?;
+                Some((f.next()?.to_string(), addr))
+            })
+            .collect(),
+    )
+}
+
+/// What an introspection scenario of the test guest printed: its `introspect:
+/// tampered` detail (rootkit scenarios) and its TEST line.
+struct Introspected {
+    tampered: Option<String>,
+    test: String,
+    run: Run,
+}
+
+/// Runs one scenario that waits for the host (`introspect: ready`): writes a byte to
+/// the guest's serial port after each `introspect:` line, as an introspecting host
+/// would after its baseline and after its checks.
+fn introspect_scenario(scenario: &str, extra: &[&str]) -> Introspected {
+    let cmdline = [
+        &[format!("test={scenario}")][..],
+        &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    ]
+    .concat()
+    .join(" ");
+    let mut console = common::Console::spawn(&[
+        "run",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--cmdline",
+        &cmdline,
+    ]);
+    let test_prefix = format!("TEST {scenario} ");
+    let mut tampered = None;
+    let test = loop {
+        let line = console.wait_for(&["introspect: ", &test_prefix], TIMEOUT);
+        if line.starts_with(&test_prefix) {
+            break line;
+        }
+        if line == format!("introspect: ready {scenario}") {
+            console.send(b"g");
+        } else if let Some(detail) = line.strip_prefix(&format!("introspect: tampered {scenario} "))
+        {
+            tampered = Some(detail.to_string());
+            console.send(b"k");
+        } else {
+            panic!("unexpected line {line:?}\n{}", console.seen);
+        }
+    };
+    let run = console.finish(TIMEOUT);
+    Introspected {
+        tampered,
+        test,
+        run,
+    }
+}
+
+#[test]
+fn rootkit_scenarios_tamper_after_the_go_and_pass() {
+    let symbols = guest_symbols();
+    if symbols.is_none() {
+        eprintln!("nm not available: addresses are not checked against the symbols");
+    }
+    let sym = |name: &str| symbols.as_ref().map(|s| format!("{:#x}", s[name]));
+    for scenario in [
+        "rootkit-idt",
+        "rootkit-idtr",
+        "rootkit-text",
+        "rootkit-syscall-table",
+        "rootkit-lstar",
+        "rootkit-wp",
+        "rootkit-cr4",
+    ] {
+        let r = introspect_scenario(scenario, &[]);
+        if scenario == "rootkit-cr4" && r.test == "TEST rootkit-cr4 FAIL umip not set at boot" {
+            eprintln!("SKIP rootkit-cr4: this CPU does not offer UMIP");
+            continue;
+        }
+        let tampered = r
+            .tampered
+            .unwrap_or_else(|| panic!("{scenario}: no tampered line\n{}", r.run));
+        assert_eq!(
+            r.test,
+            format!("TEST {scenario} PASS {tampered}"),
+            "{}",
+            r.run
+        );
+        assert_eq!(r.run.line("DONE"), "DONE passed=1 failed=0", "{}", r.run);
+        assert_eq!(r.run.code, Some(0), "{}", r.run);
+        let words: Vec<&str> = tampered.split(' ').collect();
+        let value = |key: &str| {
+            words
+                .iter()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("{scenario}: no {key}= in {tampered:?}"))
+                .to_string()
+        };
+        let hex = |key: &str| u64::from_str_radix(value(key).trim_start_matches("0x"), 16).unwrap();
+        match scenario {
+            "rootkit-idt" => {
+                assert_eq!(value("vector"), "14");
+                assert_ne!(value("old"), value("new"));
+                if let (Some(stubs), Some(new)) =
+                    (sym("exception_stubs"), sym("rootkit_page_fault"))
+                {
+                    let stubs = u64::from_str_radix(stubs.trim_start_matches("0x"), 16).unwrap();
+                    assert_eq!(hex("old"), stubs + 14 * 16, "{tampered}");
+                    assert_eq!(value("new"), new, "{tampered}");
+                }
+            }
+            "rootkit-idtr" => assert_ne!(value("old_base"), value("new_base"), "{tampered}"),
+            "rootkit-text" => {
+                assert_eq!((value("old"), value("new")), ("0xb8".into(), "0xc3".into()));
+                if let Some(addr) = sym("patch_target") {
+                    assert_eq!(value("addr"), addr);
+                }
+            }
+            "rootkit-syscall-table" => {
+                assert_eq!(value("entry"), "1");
+                if let (Some(old), Some(new)) = (sym("sys_vigil_1"), sym("rootkit_sys_hook")) {
+                    assert_eq!((value("old"), value("new")), (old, new), "{tampered}");
+                }
+            }
+            "rootkit-lstar" => {
+                // Vigil may refuse the guest's LSTAR write (an MSR filter); either is fine
+                // for the guest, which must survive the #GP.
+                if tampered != "lstar=refused" {
+                    assert_eq!(value("lstar"), "written", "{tampered}");
+                    if let Some(new) = sym("rootkit_syscall_entry") {
+                        assert_eq!(value("new"), new);
+                    }
+                }
+            }
+            "rootkit-wp" => {
+                let (old, new) = (hex("cr0_old"), hex("cr0_new"));
+                assert_ne!(
+                    old & (1 << 16),
+                    0,
+                    "the guest sets CR0.WP at boot: {tampered}"
+                );
+                assert_eq!(new, old & !(1 << 16), "{tampered}");
+            }
+            "rootkit-cr4" => {
+                assert_eq!(value("umip"), "cleared");
+                let (old, new) = (hex("cr4_old"), hex("cr4_new"));
+                assert_ne!(old & (1 << 11), 0, "{tampered}");
+                assert_eq!(new, old & !(1 << 11), "{tampered}");
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[test]
+fn syscall_scenarios_run_through_the_table() {
+    let r = introspect_scenario("syscalls", &[]);
+    assert_eq!(r.test, "TEST syscalls PASS calls=9", "{}", r.run);
+    assert_eq!(r.run.code, Some(0), "{}", r.run);
+
+    let r = introspect_scenario("syscall-loop", &["syscall_n=1000"]);
+    assert!(
+        r.test
+            .starts_with("TEST syscall-loop PASS calls=1000 ns_per_call="),
+        "{}",
+        r.run
+    );
+    assert_eq!(r.run.code, Some(0), "{}", r.run);
+
+    let r = guest(&["--cmdline", "test=msr-fixup"]);
+    let line = r.line("TEST msr-fixup");
+    assert!(
+        line.starts_with("TEST msr-fixup PASS gp=caught lstar="),
+        "{r}"
+    );
+    if let Some(symbols) = guest_symbols() {
+        assert_eq!(
+            line,
+            format!(
+                "TEST msr-fixup PASS gp=caught lstar={:#x}",
+                symbols["syscall_entry"]
+            )
+        );
+    }
+    let r = guest(&["--cmdline", "test=syscall-loop syscall_n=0"]);
+    assert_eq!(
+        r.line("TEST syscall-loop"),
+        "TEST syscall-loop FAIL syscall_n=0: expected 1 to 10000000",
+        "{r}"
+    );
+}

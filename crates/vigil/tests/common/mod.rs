@@ -162,3 +162,144 @@ pub fn run_until(args: &[&str], wanted: &[&str], timeout: Duration) -> Run {
         stderr: err,
     }
 }
+
+/// A running `vigil` whose console (stdout) is read line by line as it comes and
+/// whose stdin is a pipe to the guest's serial port: for guests that wait for the
+/// host (the test guest's `introspect: ready` scenarios).
+pub struct Console {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    /// Every console line received so far, `\n`-terminated.
+    pub seen: String,
+}
+
+impl Console {
+    /// Starts `vigil ARGS` with stdin, stdout and stderr piped.
+    pub fn spawn(args: &[&str]) -> Console {
+        use std::io::BufRead;
+        let mut child = vigil()
+            .args(args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn vigil");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            err.read_to_string(&mut s).ok();
+            s
+        });
+        Console {
+            child,
+            stdin,
+            lines,
+            stderr: Some(stderr),
+            seen: String::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the next console line that starts with one of `prefixes` and returns
+    /// it; panics (with everything seen, and the VMM's stderr) when the console ends or
+    /// `timeout` passes first.
+    pub fn wait_for(&mut self, prefixes: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    if prefixes.iter().any(|p| line.starts_with(p)) {
+                        return line;
+                    }
+                }
+                Err(e) => {
+                    let why = match e {
+                        std::sync::mpsc::RecvTimeoutError::Timeout => "timed out",
+                        std::sync::mpsc::RecvTimeoutError::Disconnected => "console ended",
+                    };
+                    self.child.kill().ok();
+                    self.child.wait().ok();
+                    let stderr = self.stderr.take().map(|h| h.join().unwrap());
+                    panic!(
+                        "{why} waiting for a line starting with {prefixes:?}\n--- stdout\n{}\n--- stderr\n{}",
+                        self.seen,
+                        stderr.unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes `bytes` to vigil's stdin (the guest's serial input).
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        stdin.write_all(bytes).expect("write to vigil's stdin");
+        stdin.flush().expect("flush vigil's stdin");
+    }
+
+    /// Waits for vigil to exit (killing it after `timeout`, which fails the test) and
+    /// returns everything it printed.
+    pub fn finish(mut self, timeout: Duration) -> Run {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                self.child.kill().ok();
+                self.child.wait().ok();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        drop(self.stdin.take());
+        // The reader ends at EOF, once the process (and with it stdout) is gone.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        let run = Run {
+            code: status.and_then(|s| s.code()),
+            stdout: std::mem::take(&mut self.seen),
+            stderr: self
+                .stderr
+                .take()
+                .map(|h| h.join().unwrap())
+                .unwrap_or_default(),
+        };
+        assert!(
+            status.is_some(),
+            "vigil did not finish within {timeout:?}\n{run}"
+        );
+        run
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
