@@ -90,3 +90,46 @@ impl CpuState {
         self.cr4 & CR4_LA57 != 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip() {
+        let cpu = CpuState {
+            vcpu: 1,
+            cr0: 0x8005_0033,
+            cr3: 0x10_0000,
+            cr4: CR4_SMEP | CR4_LA57,
+            efer: EFER_SCE | EFER_LMA | EFER_NXE | (1 << 8),
+            idt: TableRegister {
+                base: 0xffff_fe00_0000_0000,
+                limit: 0xfff,
+            },
+            gdt: TableRegister {
+                base: 0xffff_fe00_0000_1000,
+                limit: 0x7f,
+            },
+            lstar: 0xffff_ffff_8140_0040,
+            ..CpuState::default()
+        };
+        let json = serde_json::to_value(cpu).unwrap();
+        assert_eq!(json["lstar"], "0xffffffff81400040");
+        assert_eq!(json["idt"]["base"], "0xfffffe0000000000");
+        assert_eq!(json["idt"]["limit"], 0xfff);
+        assert_eq!(serde_json::from_value::<CpuState>(json).unwrap(), cpu);
+        assert!(cpu.long_mode() && cpu.la57());
+        // Plain numbers are read too; a bad string is an error naming it.
+        let mut v = serde_json::to_value(cpu).unwrap();
+        v["cr3"] = serde_json::json!(4096);
+        assert_eq!(
+            serde_json::from_value::<CpuState>(v.clone()).unwrap().cr3,
+            4096
+        );
+        v["cr3"] = serde_json::json!("0xzz");
+        let e = serde_json::from_value::<CpuState>(v).unwrap_err();
+        assert!(e.to_string().contains("0xzz"), "{e}");
+        assert!(!CpuState::default().long_mode());
+    }
+}

@@ -298,27 +298,53 @@ pub enum BaselineError {
     },
 }
 
+/// Linux's page-table isolation (PTI) gives each process two top-level tables:
+/// the kernel's, and 4 KiB above it the user one, which maps little of the
+/// kernel. A vCPU stopped in user mode has the user one in CR3.
+const PTI_USER_PGD: u64 = 1 << 12;
+
+/// The CR3 to walk kernel addresses with for `cpu`: its own, or, when kernel
+/// address `probe` does not translate through it and clearing the PTI bit makes
+/// it translate, the kernel's table of the same process.
+fn kernel_cr3(mem: &dyn GuestPhysMemory, cpu: &CpuState, probe: u64) -> u64 {
+    let cr3 = cpu.cr3;
+    if cr3 & PTI_USER_PGD != 0
+        && translate(mem, cr3, cpu.la57(), probe).is_err()
+        && translate(mem, cr3 & !PTI_USER_PGD, cpu.la57(), probe).is_ok()
+    {
+        cr3 & !PTI_USER_PGD
+    } else {
+        cr3
+    }
+}
+
+/// The `limit + 1` bytes (at most `max`) of the table at `base`.
 fn read_table(
     mem: &dyn GuestPhysMemory,
+    cr3: u64,
     cpu: &CpuState,
     base: u64,
     limit: u16,
     max: usize,
 ) -> Result<Vec<u8>, WalkError> {
     let mut buf = vec![0u8; (usize::from(limit) + 1).min(max)];
-    read_virt(mem, cpu.cr3, cpu.la57(), base, &mut buf)?;
+    read_virt(mem, cr3, cpu.la57(), base, &mut buf)?;
     Ok(buf)
 }
 
 impl VcpuBaseline {
-    /// Registers and descriptor tables of `cpu` (in long mode); a table that
-    /// cannot be read is `None`, with its error.
-    fn take(mem: &dyn GuestPhysMemory, cpu: &CpuState) -> (Self, Vec<(String, WalkError)>) {
+    /// Registers and descriptor tables of `cpu` (in long mode; tables read
+    /// through `cr3`); a table that cannot be read is `None`, with its error.
+    fn take(
+        mem: &dyn GuestPhysMemory,
+        cpu: &CpuState,
+        cr3: u64,
+    ) -> (Self, Vec<(String, WalkError)>) {
         let mut errors = Vec::new();
-        let idt = read_table(mem, cpu, cpu.idt.base, cpu.idt.limit, MAX_IDT_BYTES)
+        let idt = read_table(mem, cr3, cpu, cpu.idt.base, cpu.idt.limit, MAX_IDT_BYTES)
             .map_err(|e| errors.push(("IDT".to_string(), e)))
             .ok();
-        let gdt = read_table(mem, cpu, cpu.gdt.base, cpu.gdt.limit, MAX_GDT_BYTES)
+        let gdt = read_table(mem, cr3, cpu, cpu.gdt.base, cpu.gdt.limit, MAX_GDT_BYTES)
             .map_err(|e| errors.push(("GDT".to_string(), e)))
             .ok();
         (
@@ -358,6 +384,7 @@ fn table_hole(layout: &KernelLayout, entries: Option<usize>) -> Option<(u64, u64
 fn hash_region(
     mem: &dyn GuestPhysMemory,
     cpu: &CpuState,
+    cr3: u64,
     name: &'static str,
     range: VirtRange,
     hole: Option<(u64, u64)>,
@@ -374,7 +401,7 @@ fn hash_region(
             what: format!("{name} at {va:#x}"),
             source,
         };
-        let t = translate(mem, cpu.cr3, cpu.la57(), va).map_err(err)?;
+        let t = translate(mem, cr3, cpu.la57(), va).map_err(err)?;
         let paddr = t.paddr & !(PAGE_SIZE - 1);
         let b = &mut buf[..len as usize];
         mem.read_phys(paddr + offset, b).map_err(|_| {
@@ -424,12 +451,14 @@ impl Baseline {
         layout: &KernelLayout,
     ) -> Result<Self, BaselineError> {
         let reference = reference_cpu(cpus).ok_or(BaselineError::NoLongModeVcpu)?;
+        let probe = layout.text.start;
+        let ref_cr3 = kernel_cr3(mem, reference, probe);
         let mut vcpus: Vec<VcpuBaseline> = Vec::new();
         let mut sorted: Vec<&CpuState> = cpus.iter().filter(|c| c.long_mode()).collect();
         sorted.sort_by_key(|c| c.vcpu);
         sorted.dedup_by_key(|c| c.vcpu);
         for cpu in sorted {
-            let (vb, errors) = VcpuBaseline::take(mem, cpu);
+            let (vb, errors) = VcpuBaseline::take(mem, cpu, kernel_cr3(mem, cpu, probe));
             if let Some((what, source)) = errors.into_iter().next() {
                 return Err(BaselineError::Unreadable {
                     what: format!("vCPU {}'s {what}", cpu.vcpu),
@@ -441,7 +470,7 @@ impl Baseline {
         let syscall_table = match layout.syscall_table {
             Some(loc) => {
                 let mut raw = vec![0u8; loc.count * 8];
-                read_virt(mem, reference.cr3, reference.la57(), loc.addr, &mut raw).map_err(
+                read_virt(mem, ref_cr3, reference.la57(), loc.addr, &mut raw).map_err(
                     |source| BaselineError::Unreadable {
                         what: "sys_call_table".into(),
                         source,
@@ -464,10 +493,10 @@ impl Baseline {
             None => None,
         };
         let hole = table_hole(layout, syscall_table.as_ref().map(|t| t.entries.len()));
-        let text = hash_region(mem, reference, "kernel text", layout.text, hole)?;
+        let text = hash_region(mem, reference, ref_cr3, "kernel text", layout.text, hole)?;
         let rodata = layout
             .rodata
-            .map(|r| hash_region(mem, reference, "kernel read-only data", r, hole))
+            .map(|r| hash_region(mem, reference, ref_cr3, "kernel read-only data", r, hole))
             .transpose()?;
         let mut notes = layout.notes.clone();
         if let (Some(loc), Some(t)) = (layout.syscall_table, &syscall_table) {
@@ -702,11 +731,16 @@ impl Checker {
             out: Vec::new(),
             reported,
         };
+        let probe = baseline.layout.text.start;
         for cpu in cpus {
             match baseline.vcpus.iter_mut().find(|v| v.cpu.vcpu == cpu.vcpu) {
-                Some(vb) => check_vcpu(&mut round, &sym, mem, vb, cpu),
+                Some(vb) => {
+                    let cr3 = kernel_cr3(mem, cpu, probe);
+                    let volatile = &baseline.layout.gdt_volatile;
+                    check_vcpu(&mut round, &sym, mem, vb, cpu, cr3, volatile)
+                }
                 None if cpu.long_mode() => {
-                    let (vb, errors) = VcpuBaseline::take(mem, cpu);
+                    let (vb, errors) = VcpuBaseline::take(mem, cpu, kernel_cr3(mem, cpu, probe));
                     for (what, e) in errors {
                         round.read_failed(Some(cpu.vcpu), what, &e);
                     }
@@ -720,9 +754,9 @@ impl Checker {
                 None => {}
             }
         }
-        let reference = reference_cpu(cpus);
-        if let (Some(table), Some(cpu)) = (&baseline.syscall_table, reference) {
-            check_syscall_table(&mut round, &sym, mem, table, cpu);
+        let reference = reference_cpu(cpus).map(|c| (c, kernel_cr3(mem, c, probe)));
+        if let (Some(table), Some((cpu, cr3))) = (&baseline.syscall_table, reference) {
+            check_syscall_table(&mut round, &sym, mem, table, cpu, cr3);
         }
         let regions = [
             Some((&baseline.text, IntegrityRule::KernelTextModified)),
@@ -748,6 +782,8 @@ fn check_vcpu(
     mem: &dyn GuestPhysMemory,
     vb: &mut VcpuBaseline,
     cpu: &CpuState,
+    cr3: u64,
+    gdt_volatile: &[u16],
 ) {
     let old = vb.cpu;
     let v = Some(cpu.vcpu);
@@ -902,7 +938,7 @@ fn check_vcpu(
         return;
     }
     // The tables the registers point at now, against the baseline's copies.
-    match read_table(mem, cpu, cpu.idt.base, cpu.idt.limit, MAX_IDT_BYTES) {
+    match read_table(mem, cr3, cpu, cpu.idt.base, cpu.idt.limit, MAX_IDT_BYTES) {
         Err(e) => round.read_failed(v, "IDT".into(), &e),
         Ok(now) => {
             round.same(IntegrityRule::ReadFailed, v, || "IDT".into(), String::new);
@@ -912,13 +948,13 @@ fn check_vcpu(
             }
         }
     }
-    match read_table(mem, cpu, cpu.gdt.base, cpu.gdt.limit, MAX_GDT_BYTES) {
+    match read_table(mem, cr3, cpu, cpu.gdt.base, cpu.gdt.limit, MAX_GDT_BYTES) {
         Err(e) => round.read_failed(v, "GDT".into(), &e),
         Ok(now) => {
             round.same(IntegrityRule::ReadFailed, v, || "GDT".into(), String::new);
             match &vb.gdt {
                 None => vb.gdt = Some(now),
-                Some(base) => compare_gdt(round, &who, v, base, &now),
+                Some(base) => compare_gdt(round, &who, v, base, &now, gdt_volatile),
             }
         }
     }
@@ -999,9 +1035,19 @@ fn normalize_descriptor(d: u64) -> u64 {
     }
 }
 
-fn compare_gdt(round: &mut Round, who: &str, v: Option<u32>, base: &[u8], now: &[u8]) {
+fn compare_gdt(
+    round: &mut Round,
+    who: &str,
+    v: Option<u32>,
+    base: &[u8],
+    now: &[u8],
+    volatile: &[u16],
+) {
     let rule = IntegrityRule::GdtEntryModified;
     for (i, (b, n)) in base.chunks_exact(8).zip(now.chunks_exact(8)).enumerate() {
+        if volatile.iter().any(|&s| usize::from(s) == i * 8) {
+            continue;
+        }
         let location = || format!("GDT selector {:#x}", i * 8);
         let b = u64::from_le_bytes(b.try_into().expect("8 bytes"));
         let n = u64::from_le_bytes(n.try_into().expect("8 bytes"));
@@ -1031,9 +1077,10 @@ fn check_syscall_table(
     mem: &dyn GuestPhysMemory,
     table: &SyscallTableBaseline,
     cpu: &CpuState,
+    cr3: u64,
 ) {
     let mut raw = vec![0u8; table.entries.len() * 8];
-    if let Err(e) = read_virt(mem, cpu.cr3, cpu.la57(), table.addr, &mut raw) {
+    if let Err(e) = read_virt(mem, cr3, cpu.la57(), table.addr, &mut raw) {
         round.read_failed(None, "sys_call_table".into(), &e);
         return;
     }
@@ -1084,7 +1131,7 @@ fn check_region(
     mem: &dyn GuestPhysMemory,
     region: &RegionBaseline,
     rule: IntegrityRule,
-    reference: Option<&CpuState>,
+    reference: Option<(&CpuState, u64)>,
     dirty: Option<&dyn Fn(u64) -> bool>,
     hole: Option<(u64, u64)>,
 ) {
@@ -1096,9 +1143,9 @@ fn check_region(
             None => format!("{} page {:#x}", region.name, page.paddr),
         };
         // The mapping: the same guest-physical page, not made writable.
-        if let Some(cpu) = reference {
+        if let Some((cpu, cr3)) = reference {
             let mapped = describe_mapping(page.paddr, page.writable);
-            let now = translate(mem, cpu.cr3, cpu.la57(), va);
+            let now = translate(mem, cr3, cpu.la57(), va);
             let now_desc = match &now {
                 Ok(t) => {
                     let p = t.paddr & !(PAGE_SIZE - 1);
@@ -1270,7 +1317,7 @@ ffffffffc0000000 t rootkit_read
                     },
                     gdt: crate::TableRegister {
                         base: GDT,
-                        limit: 0x3f,
+                        limit: 0x7f,
                     },
                     lstar: ENTRY_SYSCALL,
                     star: 0x0023_0010_0000_0000,
@@ -1343,7 +1390,7 @@ ffffffffc0000000 t rootkit_read
         let b = c.baseline();
         assert_eq!(b.vcpus.len(), 1);
         assert_eq!(b.vcpus[0].idt.as_ref().unwrap().len(), 4096);
-        assert_eq!(b.vcpus[0].gdt.as_ref().unwrap().len(), 64);
+        assert_eq!(b.vcpus[0].gdt.as_ref().unwrap().len(), 128);
         assert_eq!(
             b.syscall_table.as_ref().unwrap().entries[..3],
             [SYS_READ, SYS_WRITE, SYS_NI]
@@ -1357,7 +1404,7 @@ ffffffffc0000000 t rootkit_read
         assert_eq!(json["text"]["pages"][1]["paddr"], "0x801000");
         assert_eq!(json["text"]["hash"].as_str().unwrap().len(), 64);
         assert_eq!(json["syscall_table"]["entries"][0], "0xffffffff81001000");
-        assert_eq!(json["vcpus"][0]["gdt"].as_str().unwrap().len(), 128);
+        assert_eq!(json["vcpus"][0]["gdt"].as_str().unwrap().len(), 256);
         // A clean guest: nothing, with and without a dirty log.
         assert!(g.check(&mut c).is_empty());
         let all: &dyn Fn(u64) -> bool = &|_| true;
@@ -1433,7 +1480,13 @@ ffffffffc0000000 t rootkit_read
         // What the CPU writes itself: the accessed bit, the TSS busy bit.
         g.t.write(GDT_PA + 0x10, GDT_ENTRIES[2] | 1 << 40);
         g.t.write(GDT_PA + 0x28, GDT_ENTRIES[5] & !(1 << 41));
+        // What Linux writes itself: a TLS descriptor, the LDT descriptor.
+        g.t.write(GDT_PA + 0x60, 0x00cf_f300_1000_ffff);
+        g.t.write(GDT_PA + 0x50, 0x0000_e200_2000_0fff);
         assert!(g.check(&mut c).is_empty());
+        // The slot after the TLS ones is watched.
+        g.t.write(GDT_PA + 0x78, 0x00cf_f300_1000_ffff);
+        assert_eq!(one(&g, &mut c).location, "GDT selector 0x78");
         // The kernel code segment made DPL 3.
         g.t.write(GDT_PA + 0x08, GDT_ENTRIES[1] | 3 << 45);
         let f = one(&g, &mut c);
@@ -1695,6 +1748,37 @@ ffffffffc0000000 t rootkit_read
                 .contains(&format!("kernel text at {:#x}", TEXT + 4 * KIB4)),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pti_user_page_tables() {
+        let mut g = Guest::new();
+        // The kernel's top-level table copied to an 8 KiB-aligned page, and next
+        // to it a user one that maps only the IDT/GDT area, as Linux's PTI has it.
+        let (kernel, user) = (0x3e_0000, 0x3e_1000);
+        let mut top = vec![0u8; 4096];
+        g.t.mem
+            .read_slice(&mut top, GuestAddress(g.t.root))
+            .unwrap();
+        g.t.mem.write_slice(&top, GuestAddress(kernel)).unwrap();
+        let idt_slot = ((IDT >> 39) & 0x1ff) * 8;
+        g.t.write(user + idt_slot, g.t.read(g.t.root + idt_slot));
+        g.cpu.cr3 = user | 0x5; // and a PCID
+        let mut c = g.checker();
+        assert_eq!(c.baseline().text.pages[0].paddr, TEXT_PA);
+        assert!(g.check(&mut c).is_empty());
+        g.cpu.cr3 = kernel;
+        assert!(g.check(&mut c).is_empty());
+        g.cpu.cr3 = user;
+        g.t.write(SCT_PA, ROOTKIT);
+        assert_eq!(one(&g, &mut c).location, "sys_call_table[0] (read)");
+    }
+
+    #[test]
+    fn checker_can_move_to_another_thread() {
+        fn send<T: Send + Sync>() {}
+        send::<Checker>();
+        send::<Baseline>();
     }
 
     fn xorshift(mut x: u64) -> impl FnMut() -> u64 {

@@ -13,6 +13,11 @@ pub const MAX_SYSCALLS: usize = 1024;
 /// The largest region (text or read-only data) accepted: 1 GiB.
 pub const MAX_REGION: u64 = 1 << 30;
 
+/// Linux x86-64's GDT selectors that change at run time (`asm/segment.h`):
+/// `GDT_ENTRY_LDT` 10 (two slots: a 16-byte system descriptor) and
+/// `GDT_ENTRY_TLS_MIN..=GDT_ENTRY_TLS_MAX`, 12 to 14.
+pub const LINUX_GDT_VOLATILE: [u16; 5] = [0x50, 0x58, 0x60, 0x68, 0x70];
+
 /// A guest-virtual range `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct VirtRange {
@@ -83,6 +88,11 @@ pub struct KernelLayout {
     pub syscall_table: Option<SyscallTableLoc>,
     /// The KASLR slide applied to the symbols (0 for explicit layouts).
     pub slide: i64,
+    /// GDT selectors the kernel itself rewrites while it runs, left out of the
+    /// GDT comparison. For Linux x86-64 ([`LINUX_GDT_VOLATILE`]): the LDT
+    /// descriptor (loaded per process that has an LDT) and the three TLS
+    /// descriptors (`set_thread_area`, loaded on every context switch).
+    pub gdt_volatile: Vec<u16>,
     /// What the layout had to do without.
     pub notes: Vec<String>,
 }
@@ -192,6 +202,7 @@ impl KernelLayout {
                 count_is_bound,
             }),
             slide,
+            gdt_volatile: LINUX_GDT_VOLATILE.to_vec(),
             notes,
         })
     }
@@ -226,6 +237,7 @@ impl KernelLayout {
             rodata,
             syscall_table,
             slide: 0,
+            gdt_volatile: Vec::new(),
             notes: Vec::new(),
         })
     }

@@ -26,7 +26,9 @@ pub use kaslr::{
     decode_idt_gate, exception_handler_symbol, kaslr_slide, kaslr_slide_from_idt, read_idt_gate,
     IdtGate, KASLR_ALIGN,
 };
-pub use layout::{KernelLayout, LayoutError, SyscallTableLoc, VirtRange};
+pub use layout::{
+    KernelLayout, LayoutError, SyscallTableLoc, VirtRange, LINUX_GDT_VOLATILE, MAX_SYSCALLS,
+};
 pub use mem::{GuestPhysMemory, PhysReadError};
 pub use paging::{read_virt, translate, PageWalker, Translation, WalkError};
 pub use syscall::{
