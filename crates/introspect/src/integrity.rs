@@ -5,6 +5,26 @@
 //! Plain library code: the integration layer pauses the vCPUs (or not), reads
 //! their registers into [`CpuState`]s, lends guest memory and, when it has one,
 //! the dirty log; it turns each [`Finding`] into a security event.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use vigil_introspect::*;
+//! # fn demo(
+//! #     mem: &vm_memory::GuestMemoryMmap,
+//! #     cpus: &[CpuState],
+//! #     map: SymbolTable,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
+//! let slide = kaslr_slide(&map, cpus[0].lstar).ok_or("LSTAR is not entry_SYSCALL_64")?;
+//! let layout = KernelLayout::from_symbols(&map, slide, None)?;
+//! let mut checker = Checker::new(Baseline::take(mem, cpus, &layout)?, Some(Arc::new(map)));
+//! // Each period: the registers again, and the pages written since the last check.
+//! let dirty = |_paddr: u64| true;
+//! for finding in checker.check(mem, cpus, Some(&dirty)) {
+//!     println!("{}", serde_json::to_string(&finding)?);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -703,7 +723,8 @@ impl Checker {
     ///   GDTR hold now) and the syscall table: re-read in full every check (at
     ///   most 4 KiB, 64 KiB and 8 KiB).
     /// - Kernel text and read-only data: each page's mapping is re-walked every
-    ///   check (through the lowest-numbered vCPU in long mode); its bytes are
+    ///   check (through the lowest-numbered vCPU in long mode; with none in long
+    ///   mode, the mappings and the syscall table wait for the next check); its bytes are
     ///   re-hashed, by the guest-physical page recorded at baseline, only when
     ///   `dirty` is `None` or says the page was written. `dirty` gets the page's
     ///   guest-physical address (4 KiB aligned) and must answer for every write

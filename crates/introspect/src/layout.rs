@@ -178,13 +178,15 @@ impl KernelLayout {
         let (count, count_is_bound) = match syscall_count {
             Some(n) => (n, false),
             None => {
+                // The search looks no further than one slot past the cap.
                 let n = match next_symbol_after(map, linked) {
                     Some(next) => usize::try_from((next - linked) / 8).unwrap_or(usize::MAX),
-                    None => MAX_SYSCALLS,
+                    None => MAX_SYSCALLS + 1,
                 };
                 if n > MAX_SYSCALLS {
                     notes.push(format!(
-                        "sys_call_table: {n} slots up to the next symbol, capped at {MAX_SYSCALLS}"
+                        "sys_call_table: no symbol within {MAX_SYSCALLS} slots after it, \
+                         so {MAX_SYSCALLS} entries at most"
                     ));
                 }
                 (n.min(MAX_SYSCALLS), true)
@@ -343,6 +345,11 @@ ffffffff8192e000 D __end_rodata
         )
         .unwrap();
         assert_eq!(l.syscall_table.unwrap().count, MAX_SYSCALLS);
+        assert!(
+            l.notes[1].contains("no symbol within 1024 slots"),
+            "{:?}",
+            l.notes
+        );
         assert!(matches!(
             KernelLayout::from_symbols(&SymbolTable::parse(MAP).unwrap(), 0, Some(0)),
             Err(LayoutError::BadSyscallCount(0))
