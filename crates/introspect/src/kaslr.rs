@@ -109,7 +109,7 @@ pub fn read_idt_gate<M: GuestPhysMemory + ?Sized>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::paging::tests::Tables;
     use std::path::PathBuf;
@@ -124,7 +124,7 @@ ffffffff81801040 D sys_call_table
 ";
 
     /// Encodes a gate the way Linux's `idt_init_desc` does.
-    fn gate(handler: u64, selector: u16, ist: u8, attr: u8) -> [u8; 16] {
+    pub(crate) fn gate(handler: u64, selector: u16, ist: u8, attr: u8) -> [u8; 16] {
         let mut g = [0u8; 16];
         g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
         g[2..4].copy_from_slice(&selector.to_le_bytes());
@@ -224,7 +224,7 @@ ffffffff81801040 D sys_call_table
     }
 
     /// `../shared` next to the repository (or `VIGIL_SHARED_DIR`).
-    fn tiny_linux_map() -> Option<PathBuf> {
+    pub(crate) fn tiny_linux_map() -> Option<PathBuf> {
         let shared = std::env::var_os("VIGIL_SHARED_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));

@@ -1,0 +1,82 @@
+//! Serde helpers: addresses and register values as `"0x..."` strings (a JSON
+//! number cannot hold a kernel address exactly in JavaScript), bytes as one hex
+//! string.
+
+use std::fmt::Write as _;
+
+/// `"0x..."` for a `u64`; reads a `"0x..."` string or a number.
+pub mod u64 {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{v:#x}"))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        N(u64),
+        S(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Either::deserialize(d)? {
+            Either::N(n) => Ok(n),
+            Either::S(s) => super::parse_u64(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A list of `u64`s, each as `"0x..."`.
+pub mod u64_vec {
+    use serde::ser::SerializeSeq;
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u64], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for x in v {
+            seq.serialize_element(&format_args!("{x:#x}").to_string())?;
+        }
+        seq.end()
+    }
+}
+
+/// Optional bytes as one lowercase hex string (or `null`).
+pub mod opt_bytes {
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_str(&super::bytes(b)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// A digest as one lowercase hex string.
+pub mod digest {
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::bytes(v))
+    }
+}
+
+/// Lowercase hex of `b`, no separators.
+pub fn bytes(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+/// A number: `0x...` is hex, anything else decimal.
+pub(crate) fn parse_u64(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    r.map_err(|e| format!("{s:?} is not a number (0x... hex or decimal): {e}"))
+}

@@ -1,0 +1,771 @@
+//! System call tracing, the library part: a hit at the syscall entry (LSTAR)
+//! decoded from the vCPU's registers into number, name and arguments, filtered
+//! by number and by process (CR3), written as JSON lines.
+//!
+//! Linux x86-64 ABI: the number in RAX, arguments in RDI, RSI, RDX, R10, R8, R9;
+//! the `syscall` instruction leaves the return address in RCX.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::hex;
+
+/// The registers of a vCPU stopped at the system call entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallRegs {
+    pub rax: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub r10: u64,
+    pub r8: u64,
+    pub r9: u64,
+    /// The return address `syscall` saved (the instruction after it).
+    pub rcx: u64,
+    /// The calling process's address space.
+    pub cr3: u64,
+}
+
+/// One system call, decoded. The integration layer adds a timestamp.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SyscallRecord {
+    pub vcpu: u32,
+    /// The number (RAX).
+    pub nr: u64,
+    /// Its name in the Linux x86-64 ABI; `null` for numbers it does not have.
+    pub name: Option<&'static str>,
+    /// RDI, RSI, RDX, R10, R8, R9, as `"0x..."`.
+    #[serde(serialize_with = "hex::u64_vec::serialize")]
+    pub args: [u64; 6],
+    /// The caller's CR3 (which process), as `"0x..."`.
+    #[serde(with = "hex::u64")]
+    pub cr3: u64,
+    /// Where the call returns to (RCX), as `"0x..."`.
+    #[serde(with = "hex::u64")]
+    pub return_rip: u64,
+}
+
+impl SyscallRecord {
+    /// Decodes the call that vCPU `vcpu` is making.
+    pub fn decode(vcpu: u32, regs: &SyscallRegs) -> Self {
+        Self {
+            vcpu,
+            nr: regs.rax,
+            name: syscall_name(regs.rax),
+            args: [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
+            cr3: regs.cr3,
+            return_rip: regs.rcx,
+        }
+    }
+
+    /// One JSON object, without a newline.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a SyscallRecord always serializes")
+    }
+
+    /// One JSON line: the object and `\n`.
+    pub fn to_json_line(&self) -> String {
+        let mut s = self.to_json();
+        s.push('\n');
+        s
+    }
+}
+
+/// The name of system call `nr` in the Linux x86-64 (64-bit) ABI, as of Linux
+/// 6.1. `None` for unused numbers, numbers past 450 and the x32 range (512 and
+/// up, which is not this ABI).
+pub fn syscall_name(nr: u64) -> Option<&'static str> {
+    NAMES.get(usize::try_from(nr).ok()?).copied().flatten()
+}
+
+/// The number of the system call called `name` (see [`syscall_name`]).
+pub fn syscall_number(name: &str) -> Option<u64> {
+    NAMES
+        .iter()
+        .position(|n| *n == Some(name))
+        .map(|i| i as u64)
+}
+
+/// The highest number [`syscall_name`] knows, plus one (`NR_syscalls` of Linux 6.1
+/// x86-64: 451).
+pub const SYSCALL_COUNT: usize = NAMES.len();
+
+/// A filter string that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error("syscall filter: unknown system call {0:?} (not a Linux x86-64 name or number)")]
+    UnknownName(String),
+    #[error("syscall filter: cr3={0:?} is not a hex number")]
+    BadCr3(String),
+    #[error("syscall filter: cr3 given twice")]
+    Cr3Twice,
+}
+
+/// Which system calls to record: by number (none named: all) and by process
+/// (CR3; none: all processes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyscallFilter {
+    numbers: Option<BTreeSet<u64>>,
+    cr3: Option<u64>,
+}
+
+/// CR3 bits that are not the page-table address: PCID (0..11) and the no-flush
+/// bit 63. Two CR3s of the same process differ only there.
+const CR3_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+impl SyscallFilter {
+    /// Every call of every process.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Parses `read,write,59,cr3=0x1234000`: comma-separated system call names or
+    /// numbers (decimal or `0x` hex; a number need not have a name) and at most
+    /// one `cr3=HEX` (the `0x` is optional). Blank items are ignored; an empty
+    /// string is [`SyscallFilter::all`].
+    pub fn parse(s: &str) -> Result<Self, FilterError> {
+        let mut numbers = BTreeSet::new();
+        let mut cr3 = None;
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            if let Some(v) = item.strip_prefix("cr3=") {
+                if cr3.is_some() {
+                    return Err(FilterError::Cr3Twice);
+                }
+                let h = v.trim();
+                let h = h
+                    .strip_prefix("0x")
+                    .or_else(|| h.strip_prefix("0X"))
+                    .unwrap_or(h);
+                cr3 = Some(
+                    u64::from_str_radix(h, 16).map_err(|_| FilterError::BadCr3(v.to_owned()))?,
+                );
+            } else if let Some(nr) = syscall_number(item) {
+                numbers.insert(nr);
+            } else if item.starts_with(|c: char| c.is_ascii_digit()) {
+                let nr =
+                    hex::parse_u64(item).map_err(|_| FilterError::UnknownName(item.to_owned()))?;
+                numbers.insert(nr);
+            } else {
+                return Err(FilterError::UnknownName(item.to_owned()));
+            }
+        }
+        Ok(Self {
+            numbers: (!numbers.is_empty()).then_some(numbers),
+            cr3,
+        })
+    }
+
+    /// Only these numbers (an empty list: all).
+    pub fn with_numbers(mut self, nrs: impl IntoIterator<Item = u64>) -> Self {
+        let set: BTreeSet<u64> = nrs.into_iter().collect();
+        self.numbers = (!set.is_empty()).then_some(set);
+        self
+    }
+
+    /// Only the process with this CR3 (its PCID and bit 63 are ignored).
+    pub fn with_cr3(mut self, cr3: u64) -> Self {
+        self.cr3 = Some(cr3);
+        self
+    }
+
+    /// The numbers it keeps, `None` for all.
+    pub fn numbers(&self) -> Option<&BTreeSet<u64>> {
+        self.numbers.as_ref()
+    }
+
+    /// The CR3 it keeps, `None` for all.
+    pub fn cr3(&self) -> Option<u64> {
+        self.cr3
+    }
+
+    /// Whether a call with these registers is to be recorded.
+    pub fn matches(&self, regs: &SyscallRegs) -> bool {
+        self.numbers.as_ref().is_none_or(|n| n.contains(&regs.rax))
+            && self.cr3.is_none_or(|c| c & CR3_ADDR == regs.cr3 & CR3_ADDR)
+    }
+}
+
+/// Linux x86-64 system call names by number: the `common` and `64` entries of
+/// `arch/x86/entry/syscalls/syscall_64.tbl` in Linux 6.1 (0 `read` to 450
+/// `set_mempolicy_home_node`; 335..=423 are unused). Generated from that file.
+#[rustfmt::skip]
+const NAMES: [Option<&str>; 451] = [
+    /* 0 */ Some("read"),
+    /* 1 */ Some("write"),
+    /* 2 */ Some("open"),
+    /* 3 */ Some("close"),
+    /* 4 */ Some("stat"),
+    /* 5 */ Some("fstat"),
+    /* 6 */ Some("lstat"),
+    /* 7 */ Some("poll"),
+    /* 8 */ Some("lseek"),
+    /* 9 */ Some("mmap"),
+    /* 10 */ Some("mprotect"),
+    /* 11 */ Some("munmap"),
+    /* 12 */ Some("brk"),
+    /* 13 */ Some("rt_sigaction"),
+    /* 14 */ Some("rt_sigprocmask"),
+    /* 15 */ Some("rt_sigreturn"),
+    /* 16 */ Some("ioctl"),
+    /* 17 */ Some("pread64"),
+    /* 18 */ Some("pwrite64"),
+    /* 19 */ Some("readv"),
+    /* 20 */ Some("writev"),
+    /* 21 */ Some("access"),
+    /* 22 */ Some("pipe"),
+    /* 23 */ Some("select"),
+    /* 24 */ Some("sched_yield"),
+    /* 25 */ Some("mremap"),
+    /* 26 */ Some("msync"),
+    /* 27 */ Some("mincore"),
+    /* 28 */ Some("madvise"),
+    /* 29 */ Some("shmget"),
+    /* 30 */ Some("shmat"),
+    /* 31 */ Some("shmctl"),
+    /* 32 */ Some("dup"),
+    /* 33 */ Some("dup2"),
+    /* 34 */ Some("pause"),
+    /* 35 */ Some("nanosleep"),
+    /* 36 */ Some("getitimer"),
+    /* 37 */ Some("alarm"),
+    /* 38 */ Some("setitimer"),
+    /* 39 */ Some("getpid"),
+    /* 40 */ Some("sendfile"),
+    /* 41 */ Some("socket"),
+    /* 42 */ Some("connect"),
+    /* 43 */ Some("accept"),
+    /* 44 */ Some("sendto"),
+    /* 45 */ Some("recvfrom"),
+    /* 46 */ Some("sendmsg"),
+    /* 47 */ Some("recvmsg"),
+    /* 48 */ Some("shutdown"),
+    /* 49 */ Some("bind"),
+    /* 50 */ Some("listen"),
+    /* 51 */ Some("getsockname"),
+    /* 52 */ Some("getpeername"),
+    /* 53 */ Some("socketpair"),
+    /* 54 */ Some("setsockopt"),
+    /* 55 */ Some("getsockopt"),
+    /* 56 */ Some("clone"),
+    /* 57 */ Some("fork"),
+    /* 58 */ Some("vfork"),
+    /* 59 */ Some("execve"),
+    /* 60 */ Some("exit"),
+    /* 61 */ Some("wait4"),
+    /* 62 */ Some("kill"),
+    /* 63 */ Some("uname"),
+    /* 64 */ Some("semget"),
+    /* 65 */ Some("semop"),
+    /* 66 */ Some("semctl"),
+    /* 67 */ Some("shmdt"),
+    /* 68 */ Some("msgget"),
+    /* 69 */ Some("msgsnd"),
+    /* 70 */ Some("msgrcv"),
+    /* 71 */ Some("msgctl"),
+    /* 72 */ Some("fcntl"),
+    /* 73 */ Some("flock"),
+    /* 74 */ Some("fsync"),
+    /* 75 */ Some("fdatasync"),
+    /* 76 */ Some("truncate"),
+    /* 77 */ Some("ftruncate"),
+    /* 78 */ Some("getdents"),
+    /* 79 */ Some("getcwd"),
+    /* 80 */ Some("chdir"),
+    /* 81 */ Some("fchdir"),
+    /* 82 */ Some("rename"),
+    /* 83 */ Some("mkdir"),
+    /* 84 */ Some("rmdir"),
+    /* 85 */ Some("creat"),
+    /* 86 */ Some("link"),
+    /* 87 */ Some("unlink"),
+    /* 88 */ Some("symlink"),
+    /* 89 */ Some("readlink"),
+    /* 90 */ Some("chmod"),
+    /* 91 */ Some("fchmod"),
+    /* 92 */ Some("chown"),
+    /* 93 */ Some("fchown"),
+    /* 94 */ Some("lchown"),
+    /* 95 */ Some("umask"),
+    /* 96 */ Some("gettimeofday"),
+    /* 97 */ Some("getrlimit"),
+    /* 98 */ Some("getrusage"),
+    /* 99 */ Some("sysinfo"),
+    /* 100 */ Some("times"),
+    /* 101 */ Some("ptrace"),
+    /* 102 */ Some("getuid"),
+    /* 103 */ Some("syslog"),
+    /* 104 */ Some("getgid"),
+    /* 105 */ Some("setuid"),
+    /* 106 */ Some("setgid"),
+    /* 107 */ Some("geteuid"),
+    /* 108 */ Some("getegid"),
+    /* 109 */ Some("setpgid"),
+    /* 110 */ Some("getppid"),
+    /* 111 */ Some("getpgrp"),
+    /* 112 */ Some("setsid"),
+    /* 113 */ Some("setreuid"),
+    /* 114 */ Some("setregid"),
+    /* 115 */ Some("getgroups"),
+    /* 116 */ Some("setgroups"),
+    /* 117 */ Some("setresuid"),
+    /* 118 */ Some("getresuid"),
+    /* 119 */ Some("setresgid"),
+    /* 120 */ Some("getresgid"),
+    /* 121 */ Some("getpgid"),
+    /* 122 */ Some("setfsuid"),
+    /* 123 */ Some("setfsgid"),
+    /* 124 */ Some("getsid"),
+    /* 125 */ Some("capget"),
+    /* 126 */ Some("capset"),
+    /* 127 */ Some("rt_sigpending"),
+    /* 128 */ Some("rt_sigtimedwait"),
+    /* 129 */ Some("rt_sigqueueinfo"),
+    /* 130 */ Some("rt_sigsuspend"),
+    /* 131 */ Some("sigaltstack"),
+    /* 132 */ Some("utime"),
+    /* 133 */ Some("mknod"),
+    /* 134 */ Some("uselib"),
+    /* 135 */ Some("personality"),
+    /* 136 */ Some("ustat"),
+    /* 137 */ Some("statfs"),
+    /* 138 */ Some("fstatfs"),
+    /* 139 */ Some("sysfs"),
+    /* 140 */ Some("getpriority"),
+    /* 141 */ Some("setpriority"),
+    /* 142 */ Some("sched_setparam"),
+    /* 143 */ Some("sched_getparam"),
+    /* 144 */ Some("sched_setscheduler"),
+    /* 145 */ Some("sched_getscheduler"),
+    /* 146 */ Some("sched_get_priority_max"),
+    /* 147 */ Some("sched_get_priority_min"),
+    /* 148 */ Some("sched_rr_get_interval"),
+    /* 149 */ Some("mlock"),
+    /* 150 */ Some("munlock"),
+    /* 151 */ Some("mlockall"),
+    /* 152 */ Some("munlockall"),
+    /* 153 */ Some("vhangup"),
+    /* 154 */ Some("modify_ldt"),
+    /* 155 */ Some("pivot_root"),
+    /* 156 */ Some("_sysctl"),
+    /* 157 */ Some("prctl"),
+    /* 158 */ Some("arch_prctl"),
+    /* 159 */ Some("adjtimex"),
+    /* 160 */ Some("setrlimit"),
+    /* 161 */ Some("chroot"),
+    /* 162 */ Some("sync"),
+    /* 163 */ Some("acct"),
+    /* 164 */ Some("settimeofday"),
+    /* 165 */ Some("mount"),
+    /* 166 */ Some("umount2"),
+    /* 167 */ Some("swapon"),
+    /* 168 */ Some("swapoff"),
+    /* 169 */ Some("reboot"),
+    /* 170 */ Some("sethostname"),
+    /* 171 */ Some("setdomainname"),
+    /* 172 */ Some("iopl"),
+    /* 173 */ Some("ioperm"),
+    /* 174 */ Some("create_module"),
+    /* 175 */ Some("init_module"),
+    /* 176 */ Some("delete_module"),
+    /* 177 */ Some("get_kernel_syms"),
+    /* 178 */ Some("query_module"),
+    /* 179 */ Some("quotactl"),
+    /* 180 */ Some("nfsservctl"),
+    /* 181 */ Some("getpmsg"),
+    /* 182 */ Some("putpmsg"),
+    /* 183 */ Some("afs_syscall"),
+    /* 184 */ Some("tuxcall"),
+    /* 185 */ Some("security"),
+    /* 186 */ Some("gettid"),
+    /* 187 */ Some("readahead"),
+    /* 188 */ Some("setxattr"),
+    /* 189 */ Some("lsetxattr"),
+    /* 190 */ Some("fsetxattr"),
+    /* 191 */ Some("getxattr"),
+    /* 192 */ Some("lgetxattr"),
+    /* 193 */ Some("fgetxattr"),
+    /* 194 */ Some("listxattr"),
+    /* 195 */ Some("llistxattr"),
+    /* 196 */ Some("flistxattr"),
+    /* 197 */ Some("removexattr"),
+    /* 198 */ Some("lremovexattr"),
+    /* 199 */ Some("fremovexattr"),
+    /* 200 */ Some("tkill"),
+    /* 201 */ Some("time"),
+    /* 202 */ Some("futex"),
+    /* 203 */ Some("sched_setaffinity"),
+    /* 204 */ Some("sched_getaffinity"),
+    /* 205 */ Some("set_thread_area"),
+    /* 206 */ Some("io_setup"),
+    /* 207 */ Some("io_destroy"),
+    /* 208 */ Some("io_getevents"),
+    /* 209 */ Some("io_submit"),
+    /* 210 */ Some("io_cancel"),
+    /* 211 */ Some("get_thread_area"),
+    /* 212 */ Some("lookup_dcookie"),
+    /* 213 */ Some("epoll_create"),
+    /* 214 */ Some("epoll_ctl_old"),
+    /* 215 */ Some("epoll_wait_old"),
+    /* 216 */ Some("remap_file_pages"),
+    /* 217 */ Some("getdents64"),
+    /* 218 */ Some("set_tid_address"),
+    /* 219 */ Some("restart_syscall"),
+    /* 220 */ Some("semtimedop"),
+    /* 221 */ Some("fadvise64"),
+    /* 222 */ Some("timer_create"),
+    /* 223 */ Some("timer_settime"),
+    /* 224 */ Some("timer_gettime"),
+    /* 225 */ Some("timer_getoverrun"),
+    /* 226 */ Some("timer_delete"),
+    /* 227 */ Some("clock_settime"),
+    /* 228 */ Some("clock_gettime"),
+    /* 229 */ Some("clock_getres"),
+    /* 230 */ Some("clock_nanosleep"),
+    /* 231 */ Some("exit_group"),
+    /* 232 */ Some("epoll_wait"),
+    /* 233 */ Some("epoll_ctl"),
+    /* 234 */ Some("tgkill"),
+    /* 235 */ Some("utimes"),
+    /* 236 */ Some("vserver"),
+    /* 237 */ Some("mbind"),
+    /* 238 */ Some("set_mempolicy"),
+    /* 239 */ Some("get_mempolicy"),
+    /* 240 */ Some("mq_open"),
+    /* 241 */ Some("mq_unlink"),
+    /* 242 */ Some("mq_timedsend"),
+    /* 243 */ Some("mq_timedreceive"),
+    /* 244 */ Some("mq_notify"),
+    /* 245 */ Some("mq_getsetattr"),
+    /* 246 */ Some("kexec_load"),
+    /* 247 */ Some("waitid"),
+    /* 248 */ Some("add_key"),
+    /* 249 */ Some("request_key"),
+    /* 250 */ Some("keyctl"),
+    /* 251 */ Some("ioprio_set"),
+    /* 252 */ Some("ioprio_get"),
+    /* 253 */ Some("inotify_init"),
+    /* 254 */ Some("inotify_add_watch"),
+    /* 255 */ Some("inotify_rm_watch"),
+    /* 256 */ Some("migrate_pages"),
+    /* 257 */ Some("openat"),
+    /* 258 */ Some("mkdirat"),
+    /* 259 */ Some("mknodat"),
+    /* 260 */ Some("fchownat"),
+    /* 261 */ Some("futimesat"),
+    /* 262 */ Some("newfstatat"),
+    /* 263 */ Some("unlinkat"),
+    /* 264 */ Some("renameat"),
+    /* 265 */ Some("linkat"),
+    /* 266 */ Some("symlinkat"),
+    /* 267 */ Some("readlinkat"),
+    /* 268 */ Some("fchmodat"),
+    /* 269 */ Some("faccessat"),
+    /* 270 */ Some("pselect6"),
+    /* 271 */ Some("ppoll"),
+    /* 272 */ Some("unshare"),
+    /* 273 */ Some("set_robust_list"),
+    /* 274 */ Some("get_robust_list"),
+    /* 275 */ Some("splice"),
+    /* 276 */ Some("tee"),
+    /* 277 */ Some("sync_file_range"),
+    /* 278 */ Some("vmsplice"),
+    /* 279 */ Some("move_pages"),
+    /* 280 */ Some("utimensat"),
+    /* 281 */ Some("epoll_pwait"),
+    /* 282 */ Some("signalfd"),
+    /* 283 */ Some("timerfd_create"),
+    /* 284 */ Some("eventfd"),
+    /* 285 */ Some("fallocate"),
+    /* 286 */ Some("timerfd_settime"),
+    /* 287 */ Some("timerfd_gettime"),
+    /* 288 */ Some("accept4"),
+    /* 289 */ Some("signalfd4"),
+    /* 290 */ Some("eventfd2"),
+    /* 291 */ Some("epoll_create1"),
+    /* 292 */ Some("dup3"),
+    /* 293 */ Some("pipe2"),
+    /* 294 */ Some("inotify_init1"),
+    /* 295 */ Some("preadv"),
+    /* 296 */ Some("pwritev"),
+    /* 297 */ Some("rt_tgsigqueueinfo"),
+    /* 298 */ Some("perf_event_open"),
+    /* 299 */ Some("recvmmsg"),
+    /* 300 */ Some("fanotify_init"),
+    /* 301 */ Some("fanotify_mark"),
+    /* 302 */ Some("prlimit64"),
+    /* 303 */ Some("name_to_handle_at"),
+    /* 304 */ Some("open_by_handle_at"),
+    /* 305 */ Some("clock_adjtime"),
+    /* 306 */ Some("syncfs"),
+    /* 307 */ Some("sendmmsg"),
+    /* 308 */ Some("setns"),
+    /* 309 */ Some("getcpu"),
+    /* 310 */ Some("process_vm_readv"),
+    /* 311 */ Some("process_vm_writev"),
+    /* 312 */ Some("kcmp"),
+    /* 313 */ Some("finit_module"),
+    /* 314 */ Some("sched_setattr"),
+    /* 315 */ Some("sched_getattr"),
+    /* 316 */ Some("renameat2"),
+    /* 317 */ Some("seccomp"),
+    /* 318 */ Some("getrandom"),
+    /* 319 */ Some("memfd_create"),
+    /* 320 */ Some("kexec_file_load"),
+    /* 321 */ Some("bpf"),
+    /* 322 */ Some("execveat"),
+    /* 323 */ Some("userfaultfd"),
+    /* 324 */ Some("membarrier"),
+    /* 325 */ Some("mlock2"),
+    /* 326 */ Some("copy_file_range"),
+    /* 327 */ Some("preadv2"),
+    /* 328 */ Some("pwritev2"),
+    /* 329 */ Some("pkey_mprotect"),
+    /* 330 */ Some("pkey_alloc"),
+    /* 331 */ Some("pkey_free"),
+    /* 332 */ Some("statx"),
+    /* 333 */ Some("io_pgetevents"),
+    /* 334 */ Some("rseq"),
+    /* 335 */ None,
+    /* 336 */ None,
+    /* 337 */ None,
+    /* 338 */ None,
+    /* 339 */ None,
+    /* 340 */ None,
+    /* 341 */ None,
+    /* 342 */ None,
+    /* 343 */ None,
+    /* 344 */ None,
+    /* 345 */ None,
+    /* 346 */ None,
+    /* 347 */ None,
+    /* 348 */ None,
+    /* 349 */ None,
+    /* 350 */ None,
+    /* 351 */ None,
+    /* 352 */ None,
+    /* 353 */ None,
+    /* 354 */ None,
+    /* 355 */ None,
+    /* 356 */ None,
+    /* 357 */ None,
+    /* 358 */ None,
+    /* 359 */ None,
+    /* 360 */ None,
+    /* 361 */ None,
+    /* 362 */ None,
+    /* 363 */ None,
+    /* 364 */ None,
+    /* 365 */ None,
+    /* 366 */ None,
+    /* 367 */ None,
+    /* 368 */ None,
+    /* 369 */ None,
+    /* 370 */ None,
+    /* 371 */ None,
+    /* 372 */ None,
+    /* 373 */ None,
+    /* 374 */ None,
+    /* 375 */ None,
+    /* 376 */ None,
+    /* 377 */ None,
+    /* 378 */ None,
+    /* 379 */ None,
+    /* 380 */ None,
+    /* 381 */ None,
+    /* 382 */ None,
+    /* 383 */ None,
+    /* 384 */ None,
+    /* 385 */ None,
+    /* 386 */ None,
+    /* 387 */ None,
+    /* 388 */ None,
+    /* 389 */ None,
+    /* 390 */ None,
+    /* 391 */ None,
+    /* 392 */ None,
+    /* 393 */ None,
+    /* 394 */ None,
+    /* 395 */ None,
+    /* 396 */ None,
+    /* 397 */ None,
+    /* 398 */ None,
+    /* 399 */ None,
+    /* 400 */ None,
+    /* 401 */ None,
+    /* 402 */ None,
+    /* 403 */ None,
+    /* 404 */ None,
+    /* 405 */ None,
+    /* 406 */ None,
+    /* 407 */ None,
+    /* 408 */ None,
+    /* 409 */ None,
+    /* 410 */ None,
+    /* 411 */ None,
+    /* 412 */ None,
+    /* 413 */ None,
+    /* 414 */ None,
+    /* 415 */ None,
+    /* 416 */ None,
+    /* 417 */ None,
+    /* 418 */ None,
+    /* 419 */ None,
+    /* 420 */ None,
+    /* 421 */ None,
+    /* 422 */ None,
+    /* 423 */ None,
+    /* 424 */ Some("pidfd_send_signal"),
+    /* 425 */ Some("io_uring_setup"),
+    /* 426 */ Some("io_uring_enter"),
+    /* 427 */ Some("io_uring_register"),
+    /* 428 */ Some("open_tree"),
+    /* 429 */ Some("move_mount"),
+    /* 430 */ Some("fsopen"),
+    /* 431 */ Some("fsconfig"),
+    /* 432 */ Some("fsmount"),
+    /* 433 */ Some("fspick"),
+    /* 434 */ Some("pidfd_open"),
+    /* 435 */ Some("clone3"),
+    /* 436 */ Some("close_range"),
+    /* 437 */ Some("openat2"),
+    /* 438 */ Some("pidfd_getfd"),
+    /* 439 */ Some("faccessat2"),
+    /* 440 */ Some("process_madvise"),
+    /* 441 */ Some("epoll_pwait2"),
+    /* 442 */ Some("mount_setattr"),
+    /* 443 */ Some("quotactl_fd"),
+    /* 444 */ Some("landlock_create_ruleset"),
+    /* 445 */ Some("landlock_add_rule"),
+    /* 446 */ Some("landlock_restrict_self"),
+    /* 447 */ Some("memfd_secret"),
+    /* 448 */ Some("process_mrelease"),
+    /* 449 */ Some("futex_waitv"),
+    /* 450 */ Some("set_mempolicy_home_node"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_known_numbers() {
+        for (nr, name) in [
+            (0, "read"),
+            (1, "write"),
+            (2, "open"),
+            (3, "close"),
+            (9, "mmap"),
+            (39, "getpid"),
+            (56, "clone"),
+            (59, "execve"),
+            (60, "exit"),
+            (62, "kill"),
+            (101, "ptrace"),
+            (134, "uselib"),
+            (156, "_sysctl"),
+            (169, "reboot"),
+            (175, "init_module"),
+            (231, "exit_group"),
+            (257, "openat"),
+            (313, "finit_module"),
+            (321, "bpf"),
+            (334, "rseq"),
+            (424, "pidfd_send_signal"),
+            (435, "clone3"),
+            (450, "set_mempolicy_home_node"),
+        ] {
+            assert_eq!(syscall_name(nr), Some(name), "{nr}");
+            assert_eq!(syscall_number(name), Some(nr), "{name}");
+        }
+        // The gap, past the end, the x32 range.
+        for nr in [335, 400, 423, 451, 512, 547, u64::MAX] {
+            assert_eq!(syscall_name(nr), None, "{nr}");
+        }
+        assert_eq!(syscall_number("compat_sys_execve"), None);
+        assert_eq!(SYSCALL_COUNT, 451);
+        assert_eq!(NAMES.iter().flatten().count(), 451 - (424 - 335));
+    }
+
+    fn regs(nr: u64, cr3: u64) -> SyscallRegs {
+        SyscallRegs {
+            rax: nr,
+            rdi: 1,
+            rsi: 0x7ffd_0000_1000,
+            rdx: 13,
+            r10: 4,
+            r8: 5,
+            r9: 6,
+            rcx: 0x40_1234,
+            cr3,
+        }
+    }
+
+    #[test]
+    fn decodes_and_writes_json_lines() {
+        let r = SyscallRecord::decode(1, &regs(1, 0x1234_5000));
+        assert_eq!(r.name, Some("write"));
+        assert_eq!(r.args, [1, 0x7ffd_0000_1000, 13, 4, 5, 6]);
+        let line = r.to_json_line();
+        assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "vcpu": 1, "nr": 1, "name": "write",
+                "args": ["0x1", "0x7ffd00001000", "0xd", "0x4", "0x5", "0x6"],
+                "cr3": "0x12345000", "return_rip": "0x401234",
+            })
+        );
+        let unknown = SyscallRecord::decode(0, &regs(999, 0));
+        assert_eq!(unknown.name, None);
+        assert!(unknown.to_json().contains("\"name\":null"));
+    }
+
+    #[test]
+    fn filters() {
+        let all = SyscallFilter::parse("").unwrap();
+        assert_eq!(all, SyscallFilter::all());
+        assert!(all.matches(&regs(12345, 7)));
+
+        let f = SyscallFilter::parse(" read, write ,59,0x3c,,999").unwrap();
+        assert_eq!(
+            f.numbers().unwrap().iter().copied().collect::<Vec<_>>(),
+            vec![0, 1, 59, 60, 999]
+        );
+        assert!(f.matches(&regs(0, 1)) && f.matches(&regs(60, 2)) && f.matches(&regs(999, 3)));
+        assert!(!f.matches(&regs(2, 1)));
+
+        let f = SyscallFilter::parse("openat,cr3=0x1234000").unwrap();
+        assert_eq!(f.cr3(), Some(0x123_4000));
+        assert!(f.matches(&regs(257, 0x123_4000)));
+        // The same process under another PCID, or with the no-flush bit.
+        assert!(f.matches(&regs(257, 0x123_4005 | 1 << 63)));
+        assert!(!f.matches(&regs(257, 0x123_5000)));
+        assert!(!f.matches(&regs(0, 0x123_4000)));
+        assert!(SyscallFilter::parse("cr3=abc000")
+            .unwrap()
+            .matches(&regs(5, 0xabc000)));
+
+        assert_eq!(
+            SyscallFilter::parse("read,frobnicate"),
+            Err(FilterError::UnknownName("frobnicate".into()))
+        );
+        let e = SyscallFilter::parse("read,frobnicate").unwrap_err();
+        assert!(e.to_string().contains("frobnicate"), "{e}");
+        assert_eq!(
+            SyscallFilter::parse("12abc"),
+            Err(FilterError::UnknownName("12abc".into()))
+        );
+        assert_eq!(
+            SyscallFilter::parse("cr3=zz"),
+            Err(FilterError::BadCr3("zz".into()))
+        );
+        assert_eq!(
+            SyscallFilter::parse("cr3=1,cr3=2"),
+            Err(FilterError::Cr3Twice)
+        );
+        let built = SyscallFilter::all().with_numbers([59]).with_cr3(0x1000);
+        assert!(built.matches(&regs(59, 0x1000)) && !built.matches(&regs(60, 0x1000)));
+    }
+}
