@@ -162,36 +162,44 @@ impl fmt::Display for Source {
 }
 
 /// A MITRE ATT&CK technique an event is tagged with, and its tactic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Mitre {
     /// `T1499.001`
     pub technique: &'static str,
+    /// `Endpoint Denial of Service: OS Exhaustion Flood`
+    pub name: &'static str,
     /// Falco's tactic tag: `mitre_impact`
     pub tactic_tag: &'static str,
 }
 
 const T1499: Mitre = Mitre {
     technique: "T1499",
+    name: "Endpoint Denial of Service",
     tactic_tag: "mitre_impact",
 };
 const T1499_001: Mitre = Mitre {
     technique: "T1499.001",
+    name: "Endpoint Denial of Service: OS Exhaustion Flood",
     tactic_tag: "mitre_impact",
 };
 const T1498_001: Mitre = Mitre {
     technique: "T1498.001",
+    name: "Network Denial of Service: Direct Network Flood",
     tactic_tag: "mitre_impact",
 };
 const T1068: Mitre = Mitre {
     technique: "T1068",
+    name: "Exploitation for Privilege Escalation",
     tactic_tag: "mitre_privilege_escalation",
 };
 const T1014: Mitre = Mitre {
     technique: "T1014",
+    name: "Rootkit",
     tactic_tag: "mitre_defense_evasion",
 };
 const T1190: Mitre = Mitre {
     technique: "T1190",
+    name: "Exploit Public-Facing Application",
     tactic_tag: "mitre_initial_access",
 };
 

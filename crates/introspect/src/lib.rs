@@ -19,8 +19,8 @@ pub mod syscall;
 
 pub use cpu::{CpuState, TableRegister};
 pub use integrity::{
-    Baseline, BaselineError, Checker, Finding, IntegrityRule, PageRecord, RegionBaseline,
-    SyscallTableBaseline, Technique, VcpuBaseline,
+    Baseline, BaselineError, Checker, Finding, PageRecord, RegionBaseline, SyscallTableBaseline,
+    VcpuBaseline,
 };
 pub use kaslr::{
     decode_idt_gate, exception_handler_symbol, kaslr_slide, kaslr_slide_from_idt, read_idt_gate,
