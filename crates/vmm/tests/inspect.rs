@@ -390,3 +390,54 @@ struct NoHits;
 impl BreakpointHandler for NoHits {
     fn hit(&self, _: u32, _: &kvm_regs, _: &kvm_sregs) {}
 }
+
+/// Records hits, and what a request from the handler's own thread gives.
+#[derive(Default)]
+struct ApHits {
+    hits: Mutex<Vec<(u32, u64)>>,
+    control: OnceLock<VmControl>,
+    own_thread: Mutex<Vec<String>>,
+}
+
+impl BreakpointHandler for ApHits {
+    fn hit(&self, vcpu: u32, regs: &kvm_regs, _sregs: &kvm_sregs) {
+        self.hits.lock().unwrap().push((vcpu, regs.rip));
+        if let Some(control) = self.control.get() {
+            let answer = match control.vcpu_states() {
+                Err(e @ ControlError::OwnThread(_)) => e.to_string(),
+                other => format!("unexpected: {other:?}"),
+            };
+            self.own_thread.lock().unwrap().push(answer);
+        }
+    }
+}
+
+/// Breakpoints set while paused reach every vCPU, the one still waiting for its
+/// start-up IPI included.
+#[test]
+fn breakpoints_set_while_paused_reach_every_vcpu() {
+    // The timer scenario first: 120 ms before the second CPU starts.
+    let (vm, console) = guest("ap-bp", "test=timer,smp", 2);
+    let ap_main = symbol("ap_main");
+    let handler = Arc::new(ApHits::default());
+    let running = vm.start().unwrap();
+    let control = running.control();
+    handler.control.set(control.clone()).ok().unwrap();
+    control.pause().unwrap();
+    control
+        .set_breakpoints(&[ap_main], handler.clone())
+        .unwrap();
+    control.resume().unwrap();
+    let outcome = running.wait();
+    let out = console.read();
+    assert!(
+        matches!(outcome, VmOutcome::DebugExit(0)),
+        "{outcome:?}\n{out}"
+    );
+    assert!(out.contains("TEST smp PASS cpus=2"), "{out}");
+    assert_eq!(handler.hits.lock().unwrap().as_slice(), &[(1, ap_main)]);
+    assert_eq!(
+        handler.own_thread.lock().unwrap().as_slice(),
+        &[ControlError::OwnThread(1).to_string()]
+    );
+}
