@@ -135,6 +135,8 @@ pub enum ControlError {
     },
     #[error("{0} breakpoints: give 1 to {max} (the debug address registers)", max = MAX_BREAKPOINTS)]
     BreakpointCount(usize),
+    #[error("breakpoint address {0:#x} is not canonical (a debug register cannot hold it)")]
+    BreakpointAddress(u64),
     #[error("{0} MSRs to guard: give 1 to {max} (the ranges of KVM's MSR filter)", max = inspect::MAX_GUARDED_MSRS)]
     GuardedMsrCount(usize),
     #[error("vCPU {vcpu}: KVM refused to write {value:#x} to MSR {index:#x}")]
@@ -457,8 +459,9 @@ impl VmControl {
         self.msr_guard.remove(&vm_fd)
     }
 
-    /// Arms hardware execution breakpoints at the guest-virtual `addrs` (1 to 4) on
-    /// every vCPU, replacing those before; `handler` hears of every hit.
+    /// Arms hardware execution breakpoints at the guest-virtual `addrs` (1 to 4,
+    /// canonical) on every vCPU, replacing those before; `handler` hears of every
+    /// hit. On an error some vCPUs may be armed: `clear_breakpoints` disarms them.
     pub fn set_breakpoints(
         &self,
         addrs: &[u64],
@@ -466,6 +469,14 @@ impl VmControl {
     ) -> Result<(), ControlError> {
         if addrs.is_empty() || addrs.len() > MAX_BREAKPOINTS {
             return Err(ControlError::BreakpointCount(addrs.len()));
+        }
+        // The host loads them into its own debug registers, where a non-canonical
+        // address faults.
+        if let Some(&bad) = addrs
+            .iter()
+            .find(|&&a| ((a << 16) as i64 >> 16) as u64 != a)
+        {
+            return Err(ControlError::BreakpointAddress(bad));
         }
         let addrs = addrs.to_vec();
         self.call_each(move |access| access.breakpoints.arm(access.fd, &addrs, handler.clone()))?

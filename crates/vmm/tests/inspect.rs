@@ -314,6 +314,15 @@ fn msr_guard_from_the_first_instruction_allows_the_boot_write() {
     assert_ne!(states[0].sregs.efer & EFER_SCE, 0);
     assert!(!console.read().contains("EXCEPTION"));
     assert!(control.metrics().snapshot().vcpus[0].exits.msr >= 1);
+    let seventeen: Vec<u32> = (0xc000_0100..0xc000_0111).collect();
+    assert!(matches!(
+        control.guard_msrs(&seventeen, guard.clone()),
+        Err(ControlError::GuardedMsrCount(17))
+    ));
+    assert!(matches!(
+        control.guard_msrs(&[], guard.clone()),
+        Err(ControlError::GuardedMsrCount(0))
+    ));
     control.unguard_msrs().unwrap();
     assert!(matches!(stop(running), VmOutcome::Stopped(_)));
 }
@@ -382,6 +391,10 @@ fn requests_fail_fast_once_the_vm_has_ended() {
     assert!(matches!(
         control.set_breakpoints(&[1, 2, 3, 4, 5], Arc::new(NoHits)),
         Err(ControlError::BreakpointCount(5))
+    ));
+    assert!(matches!(
+        control.set_breakpoints(&[0xffff_ffff_8100_0000, 1 << 47], Arc::new(NoHits)),
+        Err(ControlError::BreakpointAddress(0x8000_0000_0000))
     ));
 }
 
