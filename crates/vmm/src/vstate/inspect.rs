@@ -460,11 +460,10 @@ impl Breakpoints {
             self.stepping = false;
             hw_breakpoints(&armed.addrs)
         } else {
-            // DR6.B0..B3 say which breakpoint hit; the address says it too where a
-            // KVM leaves DR6 empty. Any other exit is stepped over as well, so that
-            // an exit at a breakpoint never repeats forever.
-            let slot_hit = (0..armed.addrs.len()).any(|i| exit.dr6 & (1 << i) != 0);
-            if slot_hit || armed.addrs.contains(&exit.pc) {
+            // The address says whether a breakpoint hit (DR6's B0..B3 are sticky on
+            // hardware). Any other exit is stepped over too, so that an exit that
+            // is not ours never repeats forever at one instruction.
+            if armed.addrs.contains(&exit.pc) {
                 match (fd.get_regs(), fd.get_sregs()) {
                     (Ok(regs), Ok(sregs)) => armed.handler.hit(vcpu, &regs, &sregs),
                     (Err(e), _) | (_, Err(e)) => {
