@@ -283,7 +283,8 @@ impl NetHandle {
 }
 
 /// A cloneable handle to control a running VM from another thread (an API server):
-/// pause, resume, state, stop, Ctrl-Alt-Del, the balloon, device rate limits.
+/// pause, resume, state, stop, Ctrl-Alt-Del, the balloon, device rate limits, and
+/// introspection (vCPU state, guarded MSR writes, breakpoints; see `vstate::inspect`).
 #[derive(Clone)]
 pub struct VmControl {
     gate: Arc<PauseGate>,
