@@ -28,6 +28,11 @@ pub enum ExitReason {
     FailEntry,
     /// `KVM_EXIT_SYSTEM_EVENT`.
     SystemEvent,
+    /// `KVM_EXIT_X86_WRMSR` or `KVM_EXIT_X86_RDMSR`: a guest access to an MSR the
+    /// VMM filters (an MSR write guard).
+    Msr,
+    /// `KVM_EXIT_DEBUG`: a hardware breakpoint or single step the VMM asked for.
+    Debug,
     /// `KVM_RUN` failed with `EINTR`/`EAGAIN` (a kick from the VMM, a signal).
     Intr,
     /// Anything else, `KVM_RUN` errors included.
@@ -36,7 +41,7 @@ pub enum ExitReason {
 
 impl ExitReason {
     /// Every reason, in the order of [`ExitCounts`]' fields.
-    pub const ALL: [ExitReason; 9] = [
+    pub const ALL: [ExitReason; 11] = [
         ExitReason::Io,
         ExitReason::Mmio,
         ExitReason::Hlt,
@@ -44,12 +49,14 @@ impl ExitReason {
         ExitReason::InternalError,
         ExitReason::FailEntry,
         ExitReason::SystemEvent,
+        ExitReason::Msr,
+        ExitReason::Debug,
         ExitReason::Intr,
         ExitReason::Other,
     ];
 
     /// The label value (`io`, `mmio`, `hlt`, `shutdown`, `internal_error`,
-    /// `fail_entry`, `system_event`, `intr`, `other`).
+    /// `fail_entry`, `system_event`, `msr`, `debug`, `intr`, `other`).
     pub fn name(self) -> &'static str {
         match self {
             ExitReason::Io => "io",
@@ -59,6 +66,8 @@ impl ExitReason {
             ExitReason::InternalError => "internal_error",
             ExitReason::FailEntry => "fail_entry",
             ExitReason::SystemEvent => "system_event",
+            ExitReason::Msr => "msr",
+            ExitReason::Debug => "debug",
             ExitReason::Intr => "intr",
             ExitReason::Other => "other",
         }
@@ -155,6 +164,8 @@ impl VcpuCounters {
                 internal_error: e(ExitReason::InternalError),
                 fail_entry: e(ExitReason::FailEntry),
                 system_event: e(ExitReason::SystemEvent),
+                msr: e(ExitReason::Msr),
+                debug: e(ExitReason::Debug),
                 intr: e(ExitReason::Intr),
                 other: e(ExitReason::Other),
             },
@@ -219,6 +230,11 @@ pub struct ExitCounts {
     pub internal_error: u64,
     pub fail_entry: u64,
     pub system_event: u64,
+    // Absent from snapshots taken before these reasons were counted.
+    #[serde(default)]
+    pub msr: u64,
+    #[serde(default)]
+    pub debug: u64,
     pub intr: u64,
     pub other: u64,
 }
@@ -234,6 +250,8 @@ impl ExitCounts {
             self.internal_error,
             self.fail_entry,
             self.system_event,
+            self.msr,
+            self.debug,
             self.intr,
             self.other,
         ];
@@ -253,6 +271,8 @@ impl ExitCounts {
         self.internal_error += o.internal_error;
         self.fail_entry += o.fail_entry;
         self.system_event += o.system_event;
+        self.msr += o.msr;
+        self.debug += o.debug;
         self.intr += o.intr;
         self.other += o.other;
     }
@@ -321,7 +341,8 @@ mod tests {
         );
         let names: Vec<_> = s.exits.iter().map(|(r, _)| r.name()).collect();
         assert_eq!(names[0], "io");
-        assert_eq!(names.len(), 9);
+        assert_eq!(names.len(), ExitReason::ALL.len());
+        assert_eq!(names[7..9], ["msr", "debug"]);
     }
 
     #[test]

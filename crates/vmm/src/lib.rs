@@ -4,6 +4,10 @@
 //! [`builder::build`], which returns a [`Vm`]; [`Vm::start`] spawns one thread per
 //! vCPU and a device event loop and returns a [`RunningVm`], whose
 //! [`RunningVm::wait`] returns how the VM ended.
+//!
+//! [`VmControl`] also serves introspection, on each vCPU's own thread: register and
+//! MSR snapshots ([`VcpuState`]), guarded MSR writes ([`MsrGuard`]) and hardware
+//! breakpoints ([`BreakpointHandler`]); see [`vstate::inspect`].
 
 pub mod arch;
 pub mod builder;
@@ -17,6 +21,11 @@ pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
 pub use vm::{
     BalloonHandle, ControlError, DriveHandle, NetHandle, RunState, RunningVm, StopHandle, Vm,
     VmControl, VmOutcome,
+};
+pub use vstate::inspect::{
+    BreakpointHandler, MsrGuard, MsrVerdict, VcpuState, INSPECTED_MSRS, MAX_BREAKPOINTS,
+    MAX_GUARDED_MSRS, MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS,
+    MSR_SYSENTER_EIP, MSR_SYSENTER_ESP,
 };
 
 use vigil_devices::PowerEvent;

@@ -4,12 +4,12 @@
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use vigil_devices::bus::Bus;
 use vigil_devices::legacy::I8042;
 use vigil_devices::rate_limiter::{LimitUpdate, RateLimitControl};
@@ -23,6 +23,10 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::symbols::SymbolTable;
+use crate::vstate::inspect::{
+    self, BreakpointHandler, Mailbox, MsrGuard, MsrGuardSlot, VcpuAccess, VcpuState,
+    MAX_BREAKPOINTS,
+};
 use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{CrashReport, Vcpu, VcpuContext};
 use crate::VmEvent;
@@ -54,6 +58,8 @@ pub struct Vm {
     pub(crate) drives: Vec<DriveHandle>,
     /// The network interfaces, in `VmConfig::nets` order.
     pub(crate) nets: Vec<NetHandle>,
+    /// The MSR write guard, installed before start or through `VmControl`.
+    pub(crate) msr_guard: Arc<MsrGuardSlot>,
 }
 
 /// How a VM ended.
@@ -114,6 +120,27 @@ pub enum ControlError {
     NoNet(usize, usize),
     #[error("the balloon was configured without statistics (stats_polling_interval_s 0); they cannot be turned on or off after boot")]
     BalloonStatsOff,
+    #[error("no vCPU {0} (the VM has {1})")]
+    NoVcpu(u32, usize),
+    #[error("vCPU {0} has ended: it serves no requests")]
+    VcpuGone(u32),
+    #[error("vCPU {vcpu} did not serve the request within {waited_ms} ms")]
+    VcpuTimeout { vcpu: u32, waited_ms: u128 },
+    #[error("a request to vCPU {0} from its own thread (a breakpoint handler or MSR guard) would wait for itself")]
+    OwnThread(u32),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0} breakpoints: give 1 to {max} (the debug address registers)", max = MAX_BREAKPOINTS)]
+    BreakpointCount(usize),
+    #[error("breakpoint address {0:#x} is not canonical (a debug register cannot hold it)")]
+    BreakpointAddress(u64),
+    #[error("{0} MSRs to guard: give 1 to {max} (the ranges of KVM's MSR filter)", max = inspect::MAX_GUARDED_MSRS)]
+    GuardedMsrCount(usize),
+    #[error("vCPU {vcpu}: KVM refused to write {value:#x} to MSR {index:#x}")]
+    MsrRefused { vcpu: u32, index: u32, value: u64 },
 }
 
 /// The balloon device of a running VM, as the host sees it: a target to set, and
@@ -256,7 +283,8 @@ impl NetHandle {
 }
 
 /// A cloneable handle to control a running VM from another thread (an API server):
-/// pause, resume, state, stop, Ctrl-Alt-Del, the balloon, device rate limits.
+/// pause, resume, state, stop, Ctrl-Alt-Del, the balloon, device rate limits, and
+/// introspection (vCPU state, guarded MSR writes, breakpoints; see `vstate::inspect`).
 #[derive(Clone)]
 pub struct VmControl {
     gate: Arc<PauseGate>,
@@ -272,6 +300,11 @@ pub struct VmControl {
     drives: Arc<Vec<DriveHandle>>,
     nets: Arc<Vec<NetHandle>>,
     metrics: MetricsHandle,
+    /// Per-vCPU requests, by vCPU index.
+    mailboxes: Arc<Vec<Arc<Mailbox>>>,
+    msr_guard: Arc<MsrGuardSlot>,
+    /// For the MSR filter; gone once the VM has ended.
+    vm_fd: Weak<VmFd>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -378,6 +411,148 @@ impl VmControl {
             .get(index)
             .ok_or(ControlError::NoNet(index, self.nets.len()))
     }
+
+    /// How many vCPUs the VM has.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpu_count
+    }
+
+    /// Runs `f` with vCPU `vcpu`'s fd on that vCPU's thread, between two `KVM_RUN`s
+    /// (running or paused), and returns what it returns. Waits at most 1 s. `f` must
+    /// not change the vCPU's guest debug state, which the breakpoints own.
+    pub fn with_vcpu<T, F>(&self, vcpu: u32, f: F) -> Result<T, ControlError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&VcpuFd) -> T + Send + 'static,
+    {
+        self.call(vcpu, move |access| f(access.fd))
+    }
+
+    /// Every vCPU's registers and [`inspect::INSPECTED_MSRS`], each read on its own
+    /// thread (running or paused).
+    pub fn vcpu_states(&self) -> Result<Vec<VcpuState>, ControlError> {
+        self.call_each(|access| inspect::read_state(access.id, access.fd))?
+            .into_iter()
+            .collect()
+    }
+
+    /// Writes MSR `index` of vCPU `vcpu` as the host (the MSR guard does not see it).
+    pub fn write_msr(&self, vcpu: u32, index: u32, value: u64) -> Result<(), ControlError> {
+        if self.call(vcpu, move |access| {
+            inspect::set_msr(access.fd, index, value)
+        })? {
+            Ok(())
+        } else {
+            Err(ControlError::MsrRefused { vcpu, index, value })
+        }
+    }
+
+    /// Sends the guest's writes (not reads) of `msrs` (1 to 16) to `guard`, on
+    /// every vCPU, replacing any guard before.
+    pub fn guard_msrs(&self, msrs: &[u32], guard: Arc<dyn MsrGuard>) -> Result<(), ControlError> {
+        let vm_fd = self.vm_fd.upgrade().ok_or(ControlError::Stopping)?;
+        self.msr_guard.install(&vm_fd, msrs, guard)
+    }
+
+    /// Lets the guest write every MSR without asking a guard.
+    pub fn unguard_msrs(&self) -> Result<(), ControlError> {
+        let vm_fd = self.vm_fd.upgrade().ok_or(ControlError::Stopping)?;
+        self.msr_guard.remove(&vm_fd)
+    }
+
+    /// Arms hardware execution breakpoints at the guest-virtual `addrs` (1 to 4,
+    /// canonical) on every vCPU, replacing those before; `handler` hears of every
+    /// hit. On an error some vCPUs may be armed: `clear_breakpoints` disarms them.
+    pub fn set_breakpoints(
+        &self,
+        addrs: &[u64],
+        handler: Arc<dyn BreakpointHandler>,
+    ) -> Result<(), ControlError> {
+        if addrs.is_empty() || addrs.len() > MAX_BREAKPOINTS {
+            return Err(ControlError::BreakpointCount(addrs.len()));
+        }
+        // The host loads them into its own debug registers, where a non-canonical
+        // address faults.
+        if let Some(&bad) = addrs
+            .iter()
+            .find(|&&a| ((a << 16) as i64 >> 16) as u64 != a)
+        {
+            return Err(ControlError::BreakpointAddress(bad));
+        }
+        let addrs = addrs.to_vec();
+        self.call_each(move |access| access.breakpoints.arm(access.fd, &addrs, handler.clone()))?
+            .into_iter()
+            .collect()
+    }
+
+    /// Disarms the breakpoints on every vCPU: the guest runs at full speed again.
+    pub fn clear_breakpoints(&self) -> Result<(), ControlError> {
+        self.call_each(|access| access.breakpoints.clear(access.fd))?
+            .into_iter()
+            .collect()
+    }
+
+    /// Queues `f` for vCPU `vcpu`; its result comes on the receiver.
+    fn post<T: Send + 'static>(
+        &self,
+        vcpu: u32,
+        f: impl FnOnce(&mut VcpuAccess<'_>) -> T + Send + 'static,
+    ) -> Result<Receiver<T>, ControlError> {
+        let mailbox = self
+            .mailboxes
+            .get(vcpu as usize)
+            .ok_or(ControlError::NoVcpu(vcpu, self.vcpu_count))?;
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        if lock(&self.threads).get(vcpu as usize) == Some(&me) {
+            return Err(ControlError::OwnThread(vcpu));
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let request = Box::new(move |access: &mut VcpuAccess<'_>| {
+            let _ = tx.send(f(access));
+        });
+        if mailbox.post(request) {
+            Ok(rx)
+        } else {
+            Err(ControlError::VcpuGone(vcpu))
+        }
+    }
+
+    /// Waits for the result of a request posted to `vcpu`.
+    fn wait<T>(&self, vcpu: u32, reply: Receiver<T>) -> Result<T, ControlError> {
+        inspect::wait_reply(vcpu, &reply, || {
+            if let Some(&thread) = lock(&self.threads).get(vcpu as usize) {
+                // SAFETY: as in `pause`: a vCPU thread not yet joined, and a kick
+                // signal whose handler does nothing.
+                unsafe { libc::pthread_kill(thread, kick_signal()) };
+            }
+            // A parked vCPU waits on the pause gate, not in KVM_RUN.
+            self.gate.wake_all();
+        })
+    }
+
+    fn call<T: Send + 'static>(
+        &self,
+        vcpu: u32,
+        f: impl FnOnce(&mut VcpuAccess<'_>) -> T + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let reply = self.post(vcpu, f)?;
+        self.wait(vcpu, reply)
+    }
+
+    /// Runs `f` on every vCPU, all at once; results by vCPU index.
+    fn call_each<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut VcpuAccess<'_>) -> T + Clone + Send + 'static,
+    ) -> Result<Vec<T>, ControlError> {
+        let replies = (0..self.vcpu_count as u32)
+            .map(|vcpu| self.post(vcpu, f.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        (0..self.vcpu_count as u32)
+            .zip(replies)
+            .map(|(vcpu, reply)| self.wait(vcpu, reply))
+            .collect()
+    }
 }
 
 /// A running VM.
@@ -391,8 +566,9 @@ pub struct RunningVm {
     events_rx: Receiver<VmEvent>,
     symbols: Option<SymbolTable>,
     metrics: Arc<VmMetrics>,
-    // Kept alive until the threads that use them have been joined.
-    _vm_fd: VmFd,
+    // Kept alive until the threads that use them have been joined (control
+    // handles hold the fd weakly).
+    _vm_fd: Arc<VmFd>,
     _mem: GuestMemoryMmap,
 }
 
@@ -406,6 +582,12 @@ fn kick_signal() -> i32 {
 }
 
 impl Vm {
+    /// Sends the guest's writes of `msrs` (1 to 16) to `guard` from its first
+    /// instruction on; [`VmControl::guard_msrs`] does the same once it runs.
+    pub fn guard_msrs(&self, msrs: &[u32], guard: Arc<dyn MsrGuard>) -> Result<(), ControlError> {
+        self.msr_guard.install(&self.vm_fd, msrs, guard)
+    }
+
     /// Starts the vCPUs and the device event loop.
     pub fn start(self) -> std::io::Result<RunningVm> {
         register_signal_handler(kick_signal(), kick_handler)
@@ -413,7 +595,8 @@ impl Vm {
         let stop = self.stop;
         self.metrics.mark_started();
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus {
+        let mailboxes: Vec<Arc<Mailbox>> = self.vcpus.iter().map(|_| Arc::default()).collect();
+        for (vcpu, mailbox) in self.vcpus.into_iter().zip(&mailboxes) {
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
@@ -426,6 +609,8 @@ impl Vm {
                     .cloned()
                     .unwrap_or_else(|| Arc::new(vigil_metrics::VcpuCounters::new(vcpu.id))),
                 pause: self.pause.clone(),
+                mailbox: mailbox.clone(),
+                msr_guard: self.msr_guard.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
@@ -442,6 +627,7 @@ impl Vm {
                 device_waker.try_clone()?,
             )?)
         };
+        let vm_fd = Arc::new(self.vm_fd);
         let control = VmControl {
             gate: self.pause,
             threads: Arc::new(Mutex::new(
@@ -456,6 +642,9 @@ impl Vm {
             drives: Arc::new(self.drives),
             nets: Arc::new(self.nets),
             metrics: MetricsHandle::new(self.metrics.clone()),
+            mailboxes: Arc::new(mailboxes),
+            msr_guard: self.msr_guard,
+            vm_fd: Arc::downgrade(&vm_fd),
         };
         Ok(RunningVm {
             control,
@@ -467,7 +656,7 @@ impl Vm {
             events_rx: self.events_rx,
             symbols: self.symbols,
             metrics: self.metrics,
-            _vm_fd: self.vm_fd,
+            _vm_fd: vm_fd,
             _mem: self.mem,
         })
     }

@@ -29,7 +29,16 @@ impl PauseGate {
 
     /// Called by a vCPU thread before `KVM_RUN`: parks while a pause is asked for
     /// and the VM is not stopping. Says whether it parked.
-    pub fn park_if_requested(&self, stop: &AtomicBool) -> bool {
+    ///
+    /// A parked vCPU still serves requests (a paused VM can be inspected): whenever
+    /// `work` is set it calls `serve`, without the gate's lock. Whoever sets `work`
+    /// then calls [`Self::wake_all`].
+    pub fn park_if_requested(
+        &self,
+        stop: &AtomicBool,
+        work: &AtomicBool,
+        mut serve: impl FnMut(),
+    ) -> bool {
         if !self.requested() {
             return false;
         }
@@ -37,6 +46,13 @@ impl PauseGate {
         *parked += 1;
         self.changed.notify_all();
         while self.requested() && !stop.load(Ordering::Acquire) {
+            // Checked under the lock, so a wake-up after `work` was set is not lost.
+            if work.load(Ordering::Acquire) {
+                drop(parked);
+                serve();
+                parked = self.lock();
+                continue;
+            }
             // The timeout only bounds how long a missed wake-up could last.
             parked = match self
                 .changed
@@ -63,7 +79,7 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
-    /// Wakes parked vCPUs so they see that the VM is stopping.
+    /// Wakes parked vCPUs so they see that the VM is stopping, or that requests wait.
     pub fn wake_all(&self) {
         let _guard = self.lock();
         self.changed.notify_all();
@@ -92,7 +108,7 @@ mod tests {
         let threads: Vec<_> = (0..3)
             .map(|_| {
                 let (g, s) = (gate.clone(), stop.clone());
-                std::thread::spawn(move || g.park_if_requested(&s))
+                std::thread::spawn(move || g.park_if_requested(&s, &AtomicBool::new(false), || {}))
             })
             .collect();
         let mut parked = 0;
@@ -112,12 +128,38 @@ mod tests {
     }
 
     #[test]
+    fn parked_vcpu_serves_work_and_stays_parked() {
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let work = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        gate.request();
+        let (g, s, w, n) = (gate.clone(), stop.clone(), work.clone(), served.clone());
+        let t = std::thread::spawn(move || {
+            g.park_if_requested(&s, &w, || {
+                w.store(false, Ordering::Release);
+                n.fetch_add(1, Ordering::Release);
+            })
+        });
+        while gate.parked_after(Duration::from_millis(10)) == 0 {}
+        work.store(true, Ordering::Release);
+        gate.wake_all();
+        while served.load(Ordering::Acquire) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(gate.parked_after(Duration::ZERO), 1, "still parked");
+        assert!(!t.is_finished());
+        gate.release();
+        assert!(t.join().unwrap());
+    }
+
+    #[test]
     fn stop_unparks() {
         let gate = Arc::new(PauseGate::default());
         let stop = Arc::new(AtomicBool::new(false));
         gate.request();
         let (g, s) = (gate.clone(), stop.clone());
-        let t = std::thread::spawn(move || g.park_if_requested(&s));
+        let t = std::thread::spawn(move || g.park_if_requested(&s, &AtomicBool::new(false), || {}));
         while gate.parked_after(Duration::from_millis(10)) == 0 {}
         stop.store(true, Ordering::Release);
         gate.wake_all();

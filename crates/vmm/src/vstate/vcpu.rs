@@ -1,4 +1,5 @@
-//! One vCPU thread: `KVM_RUN`, dispatch of port and MMIO exits to the buses, and
+//! One vCPU thread: `KVM_RUN`, dispatch of port and MMIO exits to the buses,
+//! requests from other threads (`inspect`), guarded MSR writes and breakpoints, and
 //! turning the exits that end a VM into [`VmEvent`]s.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -6,7 +7,8 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_regs, kvm_sregs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_debug_exit_arch, kvm_regs, kvm_sregs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vigil_devices::bus::Bus;
@@ -14,6 +16,7 @@ use vigil_devices::PowerEvent;
 use vigil_metrics::{ExitReason, RunClock, VcpuCounters};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::inspect::{self, Breakpoints, Mailbox, MsrGuardSlot, VcpuAccess};
 use crate::VmEvent;
 
 /// Why a vCPU stopped the VM.
@@ -153,6 +156,10 @@ pub struct VcpuContext {
     pub metrics: Arc<VcpuCounters>,
     /// Where the vCPU parks while the VM is paused.
     pub pause: Arc<super::pause::PauseGate>,
+    /// Requests from other threads, served between two `KVM_RUN`s and while parked.
+    pub(crate) mailbox: Arc<Mailbox>,
+    /// Decides guest writes of the MSRs the VM's filter sends here.
+    pub(crate) msr_guard: Arc<MsrGuardSlot>,
 }
 
 /// A vCPU ready to run.
@@ -167,6 +174,18 @@ enum Outcome {
     Continue,
     Event(VmEvent),
     Crash(CrashReason),
+    /// A guest `wrmsr` the MSR filter sent here; answered once the exit no longer
+    /// borrows the vCPU fd.
+    Wrmsr {
+        index: u32,
+        value: u64,
+    },
+    /// A guest `rdmsr` the MSR filter sent here.
+    Rdmsr {
+        index: u32,
+    },
+    /// A breakpoint hit or single step.
+    Debug(kvm_debug_exit_arch),
 }
 
 impl Vcpu {
@@ -177,21 +196,53 @@ impl Vcpu {
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         ctx.metrics.thread_started(tid as i32);
         self.run_loop(&ctx);
+        ctx.mailbox.close();
         ctx.metrics.thread_exiting();
     }
 
     fn run_loop(&mut self, ctx: &VcpuContext) {
         let mut clock = RunClock::default();
+        let mut breakpoints = Breakpoints::default();
         while !ctx.stop.load(Ordering::Acquire) {
-            if ctx.pause.park_if_requested(&ctx.stop) {
+            let serve = |bps: &mut Breakpoints| {
+                ctx.mailbox.serve(&mut VcpuAccess {
+                    id: self.id,
+                    fd: &self.fd,
+                    breakpoints: bps,
+                })
+            };
+            if ctx
+                .pause
+                .park_if_requested(&ctx.stop, ctx.mailbox.pending_flag(), || {
+                    serve(&mut breakpoints)
+                })
+            {
                 clock.parked();
             }
             if ctx.stop.load(Ordering::Acquire) {
                 return;
             }
+            if ctx.mailbox.pending() {
+                serve(&mut breakpoints);
+            }
             let outcome = self.run_once(ctx, &mut clock);
             let event = match outcome {
                 Outcome::Continue => continue,
+                Outcome::Wrmsr { index, value } => {
+                    let error =
+                        inspect::guest_wrmsr(&ctx.msr_guard, &self.fd, self.id, index, value);
+                    self.answer_msr_exit(error, None);
+                    continue;
+                }
+                Outcome::Rdmsr { index } => {
+                    let value = inspect::get_msr(&self.fd, index);
+                    self.answer_msr_exit(u8::from(value.is_none()), value);
+                    continue;
+                }
+                Outcome::Debug(exit) => {
+                    breakpoints.on_debug_exit(&self.fd, self.id, &exit);
+                    continue;
+                }
                 Outcome::Event(e) => e,
                 Outcome::Crash(reason) => {
                     VmEvent::Crash(Box::new(self.crash_report(reason, &ctx.mem)))
@@ -256,6 +307,12 @@ impl Vcpu {
                     error: format!("unknown KVM system event {other}"),
                 }),
             },
+            Ok(VcpuExit::X86Wrmsr(exit)) => Outcome::Wrmsr {
+                index: exit.index,
+                value: exit.data,
+            },
+            Ok(VcpuExit::X86Rdmsr(exit)) => Outcome::Rdmsr { index: exit.index },
+            Ok(VcpuExit::Debug(exit)) => Outcome::Debug(exit),
             // With the in-kernel irqchip, HLT is handled by KVM; a stray one is harmless.
             Ok(VcpuExit::Hlt) => Outcome::Continue,
             Ok(other) => Outcome::Event(VmEvent::VcpuFailed {
@@ -267,6 +324,20 @@ impl Vcpu {
                 vcpu: self.id,
                 error: format!("KVM_RUN failed: {e}"),
             }),
+        }
+    }
+
+    /// Completes a filtered MSR access: `error` 1 gives the guest #GP; `value` is
+    /// what its `rdmsr` reads.
+    fn answer_msr_exit(&mut self, error: u8, value: Option<u64>) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_X86_WRMSR or KVM_EXIT_X86_RDMSR, for
+        // which the kernel filled the `msr` member of the exit union and reads back
+        // its `error` and `data` on the next KVM_RUN; plain integers, any value valid.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        msr.error = error;
+        if let Some(value) = value {
+            msr.data = value;
         }
     }
 
@@ -304,6 +375,8 @@ fn exit_reason(exit: &Result<VcpuExit, kvm_ioctls::Error>) -> ExitReason {
         Ok(VcpuExit::InternalError) => ExitReason::InternalError,
         Ok(VcpuExit::FailEntry(..)) => ExitReason::FailEntry,
         Ok(VcpuExit::SystemEvent(..)) => ExitReason::SystemEvent,
+        Ok(VcpuExit::X86Wrmsr(..) | VcpuExit::X86Rdmsr(..)) => ExitReason::Msr,
+        Ok(VcpuExit::Debug(..)) => ExitReason::Debug,
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitReason::Intr,
         _ => ExitReason::Other,
     }
