@@ -335,6 +335,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         balloon,
         drives,
         nets,
+        on_crash: config.on_crash,
     })
 }
 

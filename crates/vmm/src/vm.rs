@@ -22,6 +22,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::config::OnCrash;
+use crate::dirty_log::{self, DirtyLog, DirtyLogError};
 use crate::symbols::SymbolTable;
 use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{CrashReport, Vcpu, VcpuContext};
@@ -54,6 +56,8 @@ pub struct Vm {
     pub(crate) drives: Vec<DriveHandle>,
     /// The network interfaces, in `VmConfig::nets` order.
     pub(crate) nets: Vec<NetHandle>,
+    /// What a vCPU crash does.
+    pub(crate) on_crash: OnCrash,
 }
 
 /// How a VM ended.
@@ -114,6 +118,10 @@ pub enum ControlError {
     NoNet(usize, usize),
     #[error("the balloon was configured without statistics (stats_polling_interval_s 0); they cannot be turned on or off after boot")]
     BalloonStatsOff,
+    #[error("the VM crashed ({0}); it is kept for inspection and cannot resume")]
+    Crashed(String),
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
 }
 
 /// The balloon device of a running VM, as the host sees it: a target to set, and
@@ -272,6 +280,12 @@ pub struct VmControl {
     drives: Arc<Vec<DriveHandle>>,
     nets: Arc<Vec<NetHandle>>,
     metrics: MetricsHandle,
+    /// The KVM VM, for its dirty log. Declared before `mem`: a control handle
+    /// that outlives the `RunningVm` drops the fd before the memory it maps.
+    vm_fd: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    /// Whether dirty logging is on; held across each dirty-log call.
+    dirty: Arc<Mutex<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -316,11 +330,15 @@ impl VmControl {
         }
     }
 
-    /// Lets the vCPUs run again. Resuming a running VM does nothing.
+    /// Lets the vCPUs run again. Resuming a running VM does nothing. A crashed VM
+    /// kept for inspection ([`OnCrash::Pause`]) cannot resume.
     pub fn resume(&self) -> Result<(), ControlError> {
         let _op = lock(&self.op);
         if self.stop.load(Ordering::Acquire) {
             return Err(ControlError::Stopping);
+        }
+        if let Some(why) = self.gate.held() {
+            return Err(ControlError::Crashed(why));
         }
         self.gate.release();
         Ok(())
@@ -331,7 +349,46 @@ impl VmControl {
         &self.metrics
     }
 
-    /// Whether the vCPUs run or are paused.
+    /// Why the VM crashed (`vCPU N: reason`), when it crashed and is kept, paused,
+    /// for inspection ([`OnCrash::Pause`]).
+    pub fn crashed(&self) -> Option<String> {
+        self.gate.held()
+    }
+
+    /// The guest's RAM (a clone of the reference-counted mapping), to read it.
+    pub fn guest_memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+
+    /// The guest pages written since the previous call. The first call (and the
+    /// first after [`VmControl::stop_dirty_log`]) turns KVM's dirty logging on for
+    /// every RAM slot and returns a log in which every page counts as dirty, since
+    /// nothing is known yet. Calls are serialized; each one resets what the next
+    /// one sees, so the log has one owner at a time (an integrity monitor now; live
+    /// migration, later, must share it through that owner).
+    pub fn dirty_log(&self) -> Result<DirtyLog, ControlError> {
+        let mut on = lock(&self.dirty);
+        if !*on {
+            dirty_log::set_logging(&self.vm_fd, &self.mem, true)?;
+            *on = true;
+            return Ok(DirtyLog::all(&self.mem));
+        }
+        Ok(dirty_log::fetch(&self.vm_fd, &self.mem)?)
+    }
+
+    /// Turns dirty logging off (it costs the guest a fault on the first write to
+    /// each page after every call). Does nothing when it is off.
+    pub fn stop_dirty_log(&self) -> Result<(), ControlError> {
+        let mut on = lock(&self.dirty);
+        if *on {
+            dirty_log::set_logging(&self.vm_fd, &self.mem, false)?;
+            *on = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the vCPUs run or are paused (a crashed VM kept for inspection
+    /// counts as paused).
     pub fn state(&self) -> RunState {
         if self.gate.requested() {
             RunState::Paused
@@ -392,7 +449,7 @@ pub struct RunningVm {
     symbols: Option<SymbolTable>,
     metrics: Arc<VmMetrics>,
     // Kept alive until the threads that use them have been joined.
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     _mem: GuestMemoryMmap,
 }
 
@@ -426,6 +483,7 @@ impl Vm {
                     .cloned()
                     .unwrap_or_else(|| Arc::new(vigil_metrics::VcpuCounters::new(vcpu.id))),
                 pause: self.pause.clone(),
+                on_crash: self.on_crash,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
@@ -442,6 +500,7 @@ impl Vm {
                 device_waker.try_clone()?,
             )?)
         };
+        let vm_fd = Arc::new(self.vm_fd);
         let control = VmControl {
             gate: self.pause,
             threads: Arc::new(Mutex::new(
@@ -456,6 +515,9 @@ impl Vm {
             drives: Arc::new(self.drives),
             nets: Arc::new(self.nets),
             metrics: MetricsHandle::new(self.metrics.clone()),
+            vm_fd: vm_fd.clone(),
+            mem: self.mem.clone(),
+            dirty: Arc::new(Mutex::new(false)),
         };
         Ok(RunningVm {
             control,
@@ -467,7 +529,7 @@ impl Vm {
             events_rx: self.events_rx,
             symbols: self.symbols,
             metrics: self.metrics,
-            _vm_fd: self.vm_fd,
+            _vm_fd: vm_fd,
             _mem: self.mem,
         })
     }
@@ -534,20 +596,52 @@ impl RunningVm {
     }
 
     /// Waits for the VM to end, then stops and joins every thread.
-    pub fn wait(mut self) -> VmOutcome {
-        let outcome = match self.events_rx.recv() {
-            Ok(VmEvent::Power(PowerEvent::PowerOff)) => VmOutcome::PoweredOff,
-            Ok(VmEvent::Power(PowerEvent::Reset)) => VmOutcome::Reset,
-            Ok(VmEvent::Power(PowerEvent::DebugExit(code))) => VmOutcome::DebugExit(code),
-            Ok(VmEvent::Crash(report)) => VmOutcome::Crashed(report),
-            Ok(VmEvent::VcpuFailed { vcpu, error }) => {
-                VmOutcome::Failed(format!("vCPU {vcpu}: {error}"))
-            }
-            Ok(VmEvent::Stop(signal)) => VmOutcome::Stopped(signal),
-            Err(_) => VmOutcome::Failed("every vCPU thread ended without a reason".into()),
+    pub fn wait(self) -> VmOutcome {
+        self.wait_reporting(&mut |report| {
+            tracing::error!(
+                vcpu = report.vcpu,
+                reason = %report.reason,
+                "the guest crashed; the VM is kept, paused, for inspection until it is stopped"
+            )
+        })
+    }
+
+    /// [`RunningVm::wait`], calling `on_kept_crash` at the moment a vCPU crashes
+    /// when the VM is kept for inspection ([`OnCrash::Pause`]). Such a VM ends
+    /// when it is stopped, with [`VmOutcome::Crashed`] and the first crash's report.
+    pub fn wait_reporting(mut self, on_kept_crash: &mut dyn FnMut(&CrashReport)) -> VmOutcome {
+        let mut kept: Option<Box<CrashReport>> = None;
+        let outcome = loop {
+            let outcome = match self.events_rx.recv() {
+                Ok(VmEvent::Power(PowerEvent::PowerOff)) => VmOutcome::PoweredOff,
+                Ok(VmEvent::Power(PowerEvent::Reset)) => VmOutcome::Reset,
+                Ok(VmEvent::Power(PowerEvent::DebugExit(code))) => VmOutcome::DebugExit(code),
+                Ok(VmEvent::Crash(report)) => VmOutcome::Crashed(report),
+                Ok(VmEvent::CrashKept(report)) => {
+                    on_kept_crash(&report);
+                    if kept.is_none() {
+                        kept = Some(report);
+                        // Park the other vCPUs now (the gate is held shut already;
+                        // this kicks them out of KVM_RUN).
+                        if let Err(e) = self.control.pause() {
+                            tracing::warn!("after the crash, pausing the other vCPUs: {e}");
+                        }
+                    }
+                    continue;
+                }
+                Ok(VmEvent::VcpuFailed { vcpu, error }) => {
+                    VmOutcome::Failed(format!("vCPU {vcpu}: {error}"))
+                }
+                Ok(VmEvent::Stop(signal)) => VmOutcome::Stopped(signal),
+                Err(_) => VmOutcome::Failed("every vCPU thread ended without a reason".into()),
+            };
+            break outcome;
         };
         self.shutdown();
-        outcome
+        match kept {
+            Some(report) => VmOutcome::Crashed(report),
+            None => outcome,
+        }
     }
 
     fn shutdown(&mut self) {

@@ -153,6 +153,8 @@ pub struct VcpuContext {
     pub metrics: Arc<VcpuCounters>,
     /// Where the vCPU parks while the VM is paused.
     pub pause: Arc<super::pause::PauseGate>,
+    /// What a crash of this vCPU does to the VM.
+    pub on_crash: crate::config::OnCrash,
 }
 
 /// A vCPU ready to run.
@@ -194,12 +196,32 @@ impl Vcpu {
                 Outcome::Continue => continue,
                 Outcome::Event(e) => e,
                 Outcome::Crash(reason) => {
-                    VmEvent::Crash(Box::new(self.crash_report(reason, &ctx.mem)))
+                    let report = Box::new(self.crash_report(reason, &ctx.mem));
+                    if ctx.on_crash == crate::config::OnCrash::Pause {
+                        self.keep_crashed(ctx, report);
+                        return;
+                    }
+                    VmEvent::Crash(report)
                 }
             };
             // The receiver is gone only when the VM is already being torn down.
             let _ = ctx.events.send(event);
             return;
+        }
+    }
+
+    /// `OnCrash::Pause`: holds the pause gate shut (the other vCPUs park at their
+    /// next exit; the thread waiting on the VM kicks them), reports the crash, and
+    /// stays parked in the gate (never in `KVM_RUN` again) until the VM stops.
+    fn keep_crashed(&self, ctx: &VcpuContext, report: Box<CrashReport>) {
+        ctx.pause
+            .hold(format!("vCPU {}: {}", self.id, report.reason));
+        let _ = ctx.events.send(VmEvent::CrashKept(report));
+        while !ctx.stop.load(Ordering::Acquire) {
+            if !ctx.pause.park_if_requested(&ctx.stop) {
+                // Not reached while the gate is held; bounds a spin if it were not.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 
