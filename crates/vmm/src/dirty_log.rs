@@ -32,7 +32,7 @@ impl SlotLog {
     fn full(start: u64, len: u64) -> Self {
         let pages = len.div_ceil(PAGE_SIZE);
         let mut bitmap = vec![u64::MAX; pages.div_ceil(64) as usize];
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = bitmap.last_mut() {
                 *last = (1u64 << (pages % 64)) - 1;
             }
