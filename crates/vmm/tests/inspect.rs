@@ -125,6 +125,34 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
 }
 
 #[test]
+fn dirty_log_covers_both_ram_slots_around_the_mmio_hole() {
+    let console = console_path("dirty-high");
+    // 3 GiB below the MMIO hole (slot 0), 128 MiB from 4 GiB (slot 1).
+    let vm = vigil_vmm::builder::build(&config("test=user,memory,hang", 3200, &console))
+        .expect("build the VM");
+    let running = vm.start().expect("start the VM");
+    let control = running.control();
+    wait_console(&console, "user: running at cpl3");
+    let first = control.dirty_log().unwrap();
+    assert_eq!(first.count(), (3200 * MIB / 4096) as usize);
+    assert!(first.is_dirty(0x1_07ff_f000));
+    assert!(!first.is_dirty(0xc000_0000), "the MMIO hole is not RAM");
+    wait_console(&console, "TEST memory PASS");
+    let t = Instant::now();
+    let written = control.dirty_log().unwrap();
+    let fetch_us = t.elapsed().as_secs_f64() * 1e6;
+    let listed: Vec<u64> = written.dirty_pages().collect();
+    eprintln!("3200 MiB: fetch {fetch_us:.0} µs, dirty {listed:x?}");
+    for gpa in [0xbfff_f000, 0x1_0000_0000, 0x1_07ff_f000] {
+        assert!(written.is_dirty(gpa), "{gpa:#x} not in {listed:x?}");
+    }
+    assert!(!written.is_dirty(0x1_0400_0000), "{listed:x?}");
+    control.stop(libc::SIGTERM);
+    assert!(matches!(running.wait(), VmOutcome::Stopped(libc::SIGTERM)));
+    let _ = std::fs::remove_file(&console);
+}
+
+#[test]
 fn a_crashed_vm_is_kept_paused_for_inspection() {
     let console = console_path("crash");
     let mut config = config("test=serial,triple-fault", 64, &console);
