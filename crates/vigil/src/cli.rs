@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
 use vigil_vmm::config::{
     default_mac, BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage,
-    NetConfig, RateLimit, VmConfig, VsockConfig,
+    NetConfig, OnCrash, RateLimit, VmConfig, VsockConfig,
 };
 use vigil_vmm::VmOutcome;
 
@@ -128,8 +128,8 @@ pub struct RunArgs {
     /// {"state": "Paused"}, ...) with Firecracker's status codes and
     /// {"fault_message": ...} errors; GET /vigil/openapi.yaml describes them all.
     /// Without --kernel or --config-file, the VM waits for its configuration;
-    /// --console, --symbols, --boot-protocol, --cpu-template and --cpuid-hide
-    /// still apply to it. A socket path in use is refused; a stale socket nobody
+    /// --console, --symbols, --boot-protocol, --cpu-template, --cpuid-hide and
+    /// --on-crash still apply to it. A socket path in use is refused; a stale socket nobody
     /// listens on is replaced; the socket is removed on exit. Example:
     /// vigil run --api-sock /tmp/vm.sock & curl --unix-socket /tmp/vm.sock http://localhost/
     #[arg(long, value_name = "PATH")]
@@ -190,6 +190,16 @@ pub struct RunArgs {
     /// "noxsave clearcpuid=smap,smep,popcnt" on their command line.
     #[arg(long, default_value = "auto", value_enum)]
     pub cpu_template: CpuTemplateArg,
+
+    /// What a guest crash (a triple fault, an instruction KVM cannot run, a failed
+    /// VM entry) does. exit: the VM ends and vigil prints a crash report (registers,
+    /// the function at RIP, code bytes) and exits with status 3. pause: the crash
+    /// report is printed at once, and pause keeps the crashed VM, paused, so its
+    /// state can be inspected through the API (and introspection) until it is
+    /// stopped (SIGTERM, Ctrl-C, or the API); vigil then exits with status 3 and
+    /// the same report. A crashed VM cannot resume.
+    #[arg(long, default_value = "exit", value_enum)]
+    pub on_crash: OnCrashArg,
 
     /// CPUID features to hide from the guest, comma-separated, in
     /// /proc/cpuinfo spelling (e.g. "avx2,rdrand").
@@ -258,6 +268,21 @@ pub enum BootProtocolArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OnCrashArg {
+    Exit,
+    Pause,
+}
+
+impl From<OnCrashArg> for OnCrash {
+    fn from(a: OnCrashArg) -> Self {
+        match a {
+            OnCrashArg::Exit => OnCrash::Exit,
+            OnCrashArg::Pause => OnCrash::Pause,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum CpuTemplateArg {
     Auto,
     Host,
@@ -314,6 +339,7 @@ impl RunArgs {
                 CpuTemplateArg::Host => CpuTemplate::Host,
             },
             cpuid_hide: self.cpuid_hide.clone(),
+            on_crash: self.on_crash.into(),
         }
     }
 
@@ -406,6 +432,7 @@ impl RunArgs {
             CpuTemplateArg::Host => CpuTemplate::Host,
         };
         config.cpuid_hide = self.cpuid_hide;
+        config.on_crash = self.on_crash.into();
         config.disks = self.disk;
         for (i, disk) in config.disks.iter_mut().enumerate() {
             if disk.id.is_empty() {

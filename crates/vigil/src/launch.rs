@@ -12,7 +12,7 @@ use vigil_api::model::{FullVmConfig, Logger, Metrics};
 use vigil_api::preboot::PreBoot;
 use vigil_api::{Api, ToVmm};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
-use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, VmConfig};
+use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, OnCrash, VmConfig};
 use vigil_vmm::{RunningVm, StopHandle};
 
 use crate::logging::Logging;
@@ -27,6 +27,7 @@ pub struct Overrides {
     pub boot_protocol: BootProtocol,
     pub cpu_template: CpuTemplate,
     pub cpuid_hide: Vec<CpuFeature>,
+    pub on_crash: OnCrash,
 }
 
 impl Default for Overrides {
@@ -37,6 +38,7 @@ impl Default for Overrides {
             boot_protocol: BootProtocol::Auto,
             cpu_template: CpuTemplate::Auto,
             cpuid_hide: Vec::new(),
+            on_crash: OnCrash::Exit,
         }
     }
 }
@@ -48,6 +50,7 @@ impl Overrides {
         config.boot_protocol = self.boot_protocol;
         config.cpu_template = self.cpu_template.clone();
         config.cpuid_hide = self.cpuid_hide.clone();
+        config.on_crash = self.on_crash;
     }
 }
 
@@ -175,7 +178,13 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         None
     };
     let symbols = running.symbols().cloned();
-    let outcome = running.wait();
+    let describe = |addr| symbols.as_ref().and_then(|s| s.describe(addr));
+    let outcome = running.wait_reporting(&mut |report| {
+        eprint!(
+            "vigil: the guest crashed.\n{}vigil: --on-crash pause: the VM is kept, paused, for inspection until it is stopped (SIGTERM, Ctrl-C, or the API)\n",
+            report.render(&describe)
+        );
+    });
     signals_handle.close();
     if let Some(flusher) = flusher {
         flusher.finish();
@@ -184,9 +193,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         tracing::debug!("no metrics at exit: {e}");
     }
     drop(server);
-    Ok(crate::cli::exit_code(outcome, &|addr| {
-        symbols.as_ref().and_then(|s| s.describe(addr))
-    }))
+    Ok(crate::cli::exit_code(outcome, &describe))
 }
 
 /// How often a metrics line is written while the VM runs (as Firecracker does).

@@ -120,6 +120,86 @@ fn linux_64bit_boot_protocol_reports_the_platform_then_a_clean_crash() {
     boot_until_emulation_failure("linux");
 }
 
+/// With `--on-crash pause`, the kernel that stops on `xrstor` stays, paused, for
+/// inspection until it is stopped; RIP is named from the vmlinux's own symbols.
+#[test]
+fn linux_emulation_failure_is_kept_paused_with_on_crash_pause() {
+    use common::http::{request, wait_for};
+    let Some((vmlinux, _map)) = common::tiny_linux() else {
+        return;
+    };
+    if hardware_kvm() {
+        eprintln!("SKIP: hardware KVM runs xrstor; the kernel does not crash there");
+        return;
+    }
+    let sock =
+        std::env::temp_dir().join(format!("vigil-linux-oncrash-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let memory = MEMORY_MIB.to_string();
+    let mut child = common::vigil()
+        .args([
+            "run",
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--memory",
+            &memory,
+            "--cmdline",
+            "console=ttyS0 earlyprintk=serial",
+            "--cpu-template",
+            "host",
+            "--on-crash",
+            "pause",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
+        .spawn()
+        .expect("spawn vigil");
+    wait_for(&sock, Duration::from_secs(10));
+    let deadline = std::time::Instant::now() + LINUX_TIMEOUT;
+    loop {
+        let info = request(&sock, "GET", "/", "").json();
+        if info["state"] == "Paused" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "{info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "vigil stays up after the crash"
+    );
+    let resume = request(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(resume.status, 400, "{resume:?}");
+    // SAFETY: the pid is our child's, which is still running.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = common::finish(child, Duration::from_secs(30));
+    assert_eq!(r.code, Some(3), "{r}");
+    assert!(r.stdout.contains("Linux version 6.1."), "{r}");
+    assert_eq!(
+        r.stderr
+            .matches("vCPU 0 crashed: emulation failure (KVM_EXIT_INTERNAL_ERROR")
+            .count(),
+        2,
+        "the report at the crash and at the end: {r}"
+    );
+    assert!(r.stderr.contains("kept, paused, for inspection"), "{r}");
+    let rip = r
+        .stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with("RIP "))
+        .expect("RIP line");
+    assert!(
+        rip.contains("<fpu__"),
+        "named from the vmlinux .symtab: {rip}\n{r}"
+    );
+}
+
 /// A static `/init` that says hello on the console and powers the machine off.
 const INIT_C: &str = r#"
 static long sys(long n, long a, long b, long c, long d) {

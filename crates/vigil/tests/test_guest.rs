@@ -130,6 +130,77 @@ fn a_triple_fault_is_a_crash_with_registers() {
     );
     // ud2 is what the guest executed last.
     assert!(r.stderr.contains("code at RIP: 0f 0b"), "{r}");
+    // Named from the guest ELF's own symbols, without --symbols.
+    let rip = r
+        .stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with("RIP "))
+        .expect("RIP line");
+    assert!(rip.contains(" <kmain+0x"), "{rip}\n{r}");
+}
+
+#[test]
+fn on_crash_pause_keeps_the_crashed_vm_until_it_is_stopped() {
+    use common::http::{request, wait_for};
+    let sock = std::env::temp_dir().join(format!("vigil-oncrash-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let child = vigil()
+        .args([
+            "run",
+            "--kernel",
+            vigil_test_guest::ELF_PATH,
+            "--cmdline",
+            "test=serial,triple-fault",
+            "--cpus",
+            "2",
+            "--on-crash",
+            "pause",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
+        .spawn()
+        .expect("spawn vigil");
+    wait_for(&sock, TIMEOUT);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let info = request(&sock, "GET", "/", "").json();
+        if info["state"] == "Paused" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{info}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let resume = request(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(resume.status, 400, "{resume:?}");
+    assert!(
+        resume.fault().contains(
+            "the VM crashed (vCPU 0: triple fault (KVM_EXIT_SHUTDOWN)); it is kept for inspection and cannot resume"
+        ),
+        "{resume:?}"
+    );
+    let pause = request(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(pause.status, 204, "{pause:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(request(&sock, "GET", "/", "").json()["state"], "Paused");
+    // SAFETY: the pid is our child's, which is still running (it was just answering).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = common::finish(child, TIMEOUT);
+    assert_eq!(r.code, Some(3), "{r}");
+    assert!(r.stdout.contains("TEST serial PASS"), "{r}");
+    // The report at the crash, then again when the VM ends.
+    assert_eq!(
+        r.stderr
+            .matches("vCPU 0 crashed: triple fault (KVM_EXIT_SHUTDOWN)")
+            .count(),
+        2,
+        "{r}"
+    );
+    let kept = r
+        .stderr
+        .find("the VM is kept, paused, for inspection")
+        .expect("kept line");
+    assert!(r.stderr[kept..].contains("vCPU 0 crashed"), "{r}");
+    assert!(!sock.exists(), "the socket is removed on exit");
 }
 
 #[test]

@@ -33,7 +33,7 @@ use crate::arch::x86_64::boot::{self, BootError, EntryPoint};
 use crate::arch::x86_64::cpuid::{self, CpuFeature, Topology};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
-use crate::config::{ConfigError, ConsoleConfig, CpuTemplate, HostLimits, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, CpuTemplate, HostLimits, KernelImage, VmConfig};
 use crate::symbols::{SymbolError, SymbolTable};
 use crate::vm::{BalloonHandle, DriveHandle, NetHandle, QueueWaker, Vm};
 use crate::vstate::pause::PauseGate;
@@ -110,15 +110,33 @@ fn hidden_features(config: &VmConfig) -> Vec<CpuFeature> {
     hide
 }
 
+/// The symbols of the kernel image itself, when it is an ELF with a `.symtab`.
+fn kernel_symbols(kernel: &KernelImage) -> Option<SymbolTable> {
+    let table = match kernel {
+        KernelImage::Embedded { bytes, .. } => SymbolTable::from_kernel_image(bytes),
+        KernelImage::File(path) => match std::fs::read(path) {
+            Ok(bytes) => SymbolTable::from_kernel_image(&bytes),
+            Err(e) => {
+                tracing::debug!("--kernel {}: no symbols: {e}", path.display());
+                None
+            }
+        },
+    };
+    if let Some(t) = &table {
+        tracing::debug!(kernel = %kernel, symbols = t.len(), "symbols from the kernel ELF");
+    }
+    table
+}
+
 /// Builds the VM described by `config`.
 pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let kvm_sys = Kvm::new().map_err(BuildError::Kvm)?;
     config.validate(&HostLimits::probe(&kvm_sys))?;
-    let symbols = config
-        .symbols
-        .as_deref()
-        .map(SymbolTable::load)
-        .transpose()?;
+    let symbols = match config.symbols.as_deref() {
+        Some(path) => Some(SymbolTable::load(path)?),
+        // Without --symbols, a kernel ELF's own .symtab names addresses.
+        None => kernel_symbols(&config.kernel),
+    };
 
     let memory_bytes = config.memory_bytes();
     let mem = GuestMemoryMmap::from_ranges(&layout::ram_ranges(memory_bytes)).map_err(|e| {
@@ -336,6 +354,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         drives,
         nets,
         msr_guard: Default::default(),
+        on_crash: config.on_crash,
     })
 }
 

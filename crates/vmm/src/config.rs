@@ -70,6 +70,19 @@ pub enum CpuTemplate {
     Host,
 }
 
+/// What a vCPU crash (triple fault, `KVM_EXIT_INTERNAL_ERROR`, entry failure, a
+/// guest-reported crash) does to the VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnCrash {
+    /// The VM ends at once with the crash report.
+    #[default]
+    Exit,
+    /// The VM is kept, paused, so that its state can be inspected (API,
+    /// introspection) until it is stopped; it cannot resume. It then ends with the
+    /// crash report as with `Exit`.
+    Pause,
+}
+
 /// A whole VM's configuration.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -103,6 +116,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-vsock device bridged to Unix sockets.
     pub vsock: Option<VsockConfig>,
+    /// What a vCPU crash does.
+    pub on_crash: OnCrash,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -185,6 +200,7 @@ impl VmConfig {
             balloon: None,
             nets: Vec::new(),
             vsock: None,
+            on_crash: OnCrash::Exit,
         }
     }
 

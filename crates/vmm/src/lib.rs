@@ -12,10 +12,12 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod dirty_log;
 pub mod symbols;
 mod vm;
 pub mod vstate;
 
+pub use dirty_log::DirtyLog;
 pub use vigil_devices::rate_limiter::{BucketUpdate, LimitUpdate};
 pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
 pub use vm::{
@@ -38,6 +40,9 @@ pub enum VmEvent {
     Power(PowerEvent),
     /// A vCPU crashed.
     Crash(Box<CrashReport>),
+    /// A vCPU crashed and the VM is kept, paused, for inspection
+    /// ([`config::OnCrash::Pause`]); it ends when stopped.
+    CrashKept(Box<CrashReport>),
     /// A vCPU could not go on for a reason that is the VMM's, not the guest's.
     VcpuFailed {
         /// The vCPU's index.

@@ -1,4 +1,5 @@
-//! Kernel symbols from a `System.map`, to name guest addresses.
+//! Kernel symbols from a `System.map` or the kernel ELF's `.symtab`, to name guest
+//! addresses.
 
 use std::path::Path;
 
@@ -22,6 +23,8 @@ pub enum SymbolError {
         line: usize,
         text: String,
     },
+    #[error("kernel ELF: cannot read its symbol table: {0}")]
+    Elf(String),
 }
 
 impl SymbolTable {
@@ -36,6 +39,63 @@ impl SymbolTable {
             line,
             text,
         })
+    }
+
+    /// The function and object symbols of an ELF image's `.symtab` (and the
+    /// global untyped ones a linker script defines, such as `_stext`, `_etext`,
+    /// `__start_rodata`), by their link-time address; zero and absolute addresses
+    /// are left out, as a `System.map` does. An ELF without `.symtab` (stripped)
+    /// gives an empty table.
+    pub fn from_elf(bytes: &[u8]) -> Result<Self, SymbolError> {
+        use object::{Object, ObjectSymbol, SymbolKind, SymbolSection};
+        // `object` reads ELF structures in place, so it wants them 8-byte aligned;
+        // an `include_bytes!` image may not be.
+        let aligned: Vec<u64>;
+        let bytes = if bytes.as_ptr().align_offset(8) == 0 {
+            bytes
+        } else {
+            let mut words = vec![0u64; bytes.len().div_ceil(8)];
+            zerocopy::IntoBytes::as_mut_bytes(&mut words[..])[..bytes.len()].copy_from_slice(bytes);
+            aligned = words;
+            &zerocopy::IntoBytes::as_bytes(&aligned[..])[..bytes.len()]
+        };
+        let file = object::File::parse(bytes).map_err(|e| SymbolError::Elf(e.to_string()))?;
+        let mut symbols: Vec<(u64, String)> = file
+            .symbols()
+            .filter(|s| s.address() != 0)
+            .filter(|s| {
+                !matches!(
+                    s.section(),
+                    SymbolSection::Absolute | SymbolSection::Undefined
+                )
+            })
+            .filter(|s| match s.kind() {
+                SymbolKind::Text | SymbolKind::Data => true,
+                SymbolKind::Unknown => s.is_global(),
+                _ => false,
+            })
+            .filter_map(|s| Some((s.address(), s.name().ok()?.to_string())))
+            .filter(|(_, name)| !name.is_empty())
+            .collect();
+        symbols.sort();
+        symbols.dedup();
+        Ok(Self { symbols })
+    }
+
+    /// [`SymbolTable::from_elf`] when `bytes` are an ELF image with symbols;
+    /// `None` for anything else (a bzImage, a stripped ELF, a damaged one).
+    pub fn from_kernel_image(bytes: &[u8]) -> Option<Self> {
+        if !bytes.starts_with(b"\x7fELF") {
+            return None;
+        }
+        match Self::from_elf(bytes) {
+            Ok(t) if !t.is_empty() => Some(t),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!("no symbols from the kernel: {e}");
+                None
+            }
+        }
     }
 
     /// Parses `System.map` text; on error, the 1-based line number and its text.
@@ -140,6 +200,56 @@ ffffffff81a00000 T entry_SYSCALL_64
         assert_eq!(t.lookup(0xffffffff81a00000), Some(("entry_SYSCALL_64", 0)));
         assert_eq!(t.lookup(0x1000), None, "absolute symbols are skipped");
         assert_eq!(t.address_of("entry_SYSCALL_64"), Some(0xffffffff81a00000));
+    }
+
+    #[test]
+    fn symbols_from_the_test_guest_elf() {
+        let t = SymbolTable::from_elf(vigil_test_guest::ELF).unwrap();
+        let entry = t.address_of("syscall_entry").expect("syscall_entry");
+        let kmain = t.address_of("kmain").expect("kmain");
+        assert!(
+            entry >= 0x10_0000 && kmain >= 0x10_0000,
+            "{entry:#x} {kmain:#x}"
+        );
+        assert_eq!(t.describe(kmain + 1).unwrap(), "kmain+0x1");
+        assert!(SymbolTable::from_elf(b"not an elf").is_err());
+        assert!(SymbolTable::from_kernel_image(b"MZ...").is_none());
+        assert!(SymbolTable::from_kernel_image(vigil_test_guest::ELF).is_some());
+    }
+
+    #[test]
+    fn symbols_from_vmlinux_match_its_system_map() {
+        // `../shared` next to the repository (or `VIGIL_SHARED_DIR`).
+        let dir = std::env::var_os("VIGIL_SHARED_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+            })
+            .join("guest-kernels/linux-6.1-tiny");
+        let (vmlinux, map) = (dir.join("vmlinux"), dir.join("System.map"));
+        let (Ok(elf), Ok(map)) = (std::fs::read(&vmlinux), std::fs::read_to_string(&map)) else {
+            eprintln!("SKIP: {} not found", vmlinux.display());
+            return;
+        };
+        let from_elf = SymbolTable::from_elf(&elf).unwrap();
+        let (from_map, _) = SymbolTable::parse_lenient(&map);
+        for name in [
+            "entry_SYSCALL_64",
+            "start_kernel",
+            "_stext",
+            "_etext",
+            "__start_rodata",
+        ] {
+            let want = from_map.address_of(name);
+            assert!(want.is_some(), "{name} not in System.map");
+            assert_eq!(from_elf.address_of(name), want, "{name}");
+        }
+        assert!(
+            from_elf.len() * 10 >= from_map.len() * 9,
+            "{} symbols from the ELF, {} in System.map",
+            from_elf.len(),
+            from_map.len()
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::config::OnCrash;
+use crate::dirty_log::{self, DirtyLog, DirtyLogError};
 use crate::symbols::SymbolTable;
 use crate::vstate::inspect::{
     self, BreakpointHandler, Mailbox, MsrGuard, MsrGuardSlot, VcpuAccess, VcpuState,
@@ -60,6 +62,8 @@ pub struct Vm {
     pub(crate) nets: Vec<NetHandle>,
     /// The MSR write guard, installed before start or through `VmControl`.
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
+    /// What a vCPU crash does.
+    pub(crate) on_crash: OnCrash,
 }
 
 /// How a VM ended.
@@ -141,6 +145,10 @@ pub enum ControlError {
     GuardedMsrCount(usize),
     #[error("vCPU {vcpu}: KVM refused to write {value:#x} to MSR {index:#x}")]
     MsrRefused { vcpu: u32, index: u32, value: u64 },
+    #[error("the VM crashed ({0}); it is kept for inspection and cannot resume")]
+    Crashed(String),
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
 }
 
 /// The balloon device of a running VM, as the host sees it: a target to set, and
@@ -305,6 +313,9 @@ pub struct VmControl {
     msr_guard: Arc<MsrGuardSlot>,
     /// For the MSR filter; gone once the VM has ended.
     vm_fd: Weak<VmFd>,
+    mem: GuestMemoryMmap,
+    /// Whether dirty logging is on; held across each dirty-log call.
+    dirty: Arc<Mutex<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -349,11 +360,15 @@ impl VmControl {
         }
     }
 
-    /// Lets the vCPUs run again. Resuming a running VM does nothing.
+    /// Lets the vCPUs run again. Resuming a running VM does nothing. A crashed VM
+    /// kept for inspection ([`OnCrash::Pause`]) cannot resume.
     pub fn resume(&self) -> Result<(), ControlError> {
         let _op = lock(&self.op);
         if self.stop.load(Ordering::Acquire) {
             return Err(ControlError::Stopping);
+        }
+        if let Some(why) = self.gate.held() {
+            return Err(ControlError::Crashed(why));
         }
         self.gate.release();
         Ok(())
@@ -364,7 +379,51 @@ impl VmControl {
         &self.metrics
     }
 
-    /// Whether the vCPUs run or are paused.
+    /// Why the VM crashed (`vCPU N: reason`), when it crashed and is kept, paused,
+    /// for inspection ([`OnCrash::Pause`]).
+    pub fn crashed(&self) -> Option<String> {
+        self.gate.held()
+    }
+
+    /// The guest's RAM (a clone of the reference-counted mapping), to read it.
+    pub fn guest_memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+
+    /// The KVM VM, while it exists (a control handle may outlive it).
+    fn live_vm_fd(&self) -> Result<Arc<VmFd>, ControlError> {
+        self.vm_fd.upgrade().ok_or(ControlError::Stopping)
+    }
+
+    /// The guest pages written since the previous call. The first call (and the
+    /// first after [`VmControl::stop_dirty_log`]) turns KVM's dirty logging on for
+    /// every RAM slot and returns a log in which every page counts as dirty, since
+    /// nothing is known yet. Calls are serialized; each one resets what the next
+    /// one sees, so the log has one owner at a time (an integrity monitor now; live
+    /// migration, later, must share it through that owner).
+    pub fn dirty_log(&self) -> Result<DirtyLog, ControlError> {
+        let mut on = lock(&self.dirty);
+        if !*on {
+            dirty_log::set_logging(&*self.live_vm_fd()?, &self.mem, true)?;
+            *on = true;
+            return Ok(DirtyLog::all(&self.mem));
+        }
+        Ok(dirty_log::fetch(&*self.live_vm_fd()?, &self.mem)?)
+    }
+
+    /// Turns dirty logging off (it costs the guest a fault on the first write to
+    /// each page after every call). Does nothing when it is off.
+    pub fn stop_dirty_log(&self) -> Result<(), ControlError> {
+        let mut on = lock(&self.dirty);
+        if *on {
+            dirty_log::set_logging(&*self.live_vm_fd()?, &self.mem, false)?;
+            *on = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the vCPUs run or are paused (a crashed VM kept for inspection
+    /// counts as paused).
     pub fn state(&self) -> RunState {
         if self.gate.requested() {
             RunState::Paused
@@ -611,6 +670,7 @@ impl Vm {
                 pause: self.pause.clone(),
                 mailbox: mailbox.clone(),
                 msr_guard: self.msr_guard.clone(),
+                on_crash: self.on_crash,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
@@ -645,6 +705,8 @@ impl Vm {
             mailboxes: Arc::new(mailboxes),
             msr_guard: self.msr_guard,
             vm_fd: Arc::downgrade(&vm_fd),
+            mem: self.mem.clone(),
+            dirty: Arc::new(Mutex::new(false)),
         };
         Ok(RunningVm {
             control,
@@ -723,20 +785,52 @@ impl RunningVm {
     }
 
     /// Waits for the VM to end, then stops and joins every thread.
-    pub fn wait(mut self) -> VmOutcome {
-        let outcome = match self.events_rx.recv() {
-            Ok(VmEvent::Power(PowerEvent::PowerOff)) => VmOutcome::PoweredOff,
-            Ok(VmEvent::Power(PowerEvent::Reset)) => VmOutcome::Reset,
-            Ok(VmEvent::Power(PowerEvent::DebugExit(code))) => VmOutcome::DebugExit(code),
-            Ok(VmEvent::Crash(report)) => VmOutcome::Crashed(report),
-            Ok(VmEvent::VcpuFailed { vcpu, error }) => {
-                VmOutcome::Failed(format!("vCPU {vcpu}: {error}"))
-            }
-            Ok(VmEvent::Stop(signal)) => VmOutcome::Stopped(signal),
-            Err(_) => VmOutcome::Failed("every vCPU thread ended without a reason".into()),
+    pub fn wait(self) -> VmOutcome {
+        self.wait_reporting(&mut |report| {
+            tracing::error!(
+                vcpu = report.vcpu,
+                reason = %report.reason,
+                "the guest crashed; the VM is kept, paused, for inspection until it is stopped"
+            )
+        })
+    }
+
+    /// [`RunningVm::wait`], calling `on_kept_crash` at the moment a vCPU crashes
+    /// when the VM is kept for inspection ([`OnCrash::Pause`]). Such a VM ends
+    /// when it is stopped, with [`VmOutcome::Crashed`] and the first crash's report.
+    pub fn wait_reporting(mut self, on_kept_crash: &mut dyn FnMut(&CrashReport)) -> VmOutcome {
+        let mut kept: Option<Box<CrashReport>> = None;
+        let outcome = loop {
+            let outcome = match self.events_rx.recv() {
+                Ok(VmEvent::Power(PowerEvent::PowerOff)) => VmOutcome::PoweredOff,
+                Ok(VmEvent::Power(PowerEvent::Reset)) => VmOutcome::Reset,
+                Ok(VmEvent::Power(PowerEvent::DebugExit(code))) => VmOutcome::DebugExit(code),
+                Ok(VmEvent::Crash(report)) => VmOutcome::Crashed(report),
+                Ok(VmEvent::CrashKept(report)) => {
+                    on_kept_crash(&report);
+                    if kept.is_none() {
+                        kept = Some(report);
+                        // Park the other vCPUs now (the gate is held shut already;
+                        // this kicks them out of KVM_RUN).
+                        if let Err(e) = self.control.pause() {
+                            tracing::warn!("after the crash, pausing the other vCPUs: {e}");
+                        }
+                    }
+                    continue;
+                }
+                Ok(VmEvent::VcpuFailed { vcpu, error }) => {
+                    VmOutcome::Failed(format!("vCPU {vcpu}: {error}"))
+                }
+                Ok(VmEvent::Stop(signal)) => VmOutcome::Stopped(signal),
+                Err(_) => VmOutcome::Failed("every vCPU thread ended without a reason".into()),
+            };
+            break outcome;
         };
         self.shutdown();
-        outcome
+        match kept {
+            Some(report) => VmOutcome::Crashed(report),
+            None => outcome,
+        }
     }
 
     fn shutdown(&mut self) {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use vigil_vmm::builder::build;
 use vigil_vmm::config::{ConsoleConfig, KernelImage, VmConfig};
+use vigil_vmm::symbols::SymbolTable;
 use vigil_vmm::{
     BreakpointHandler, ControlError, MsrGuard, MsrVerdict, RunState, RunningVm, Vm, VmControl,
     VmOutcome, MSR_CSTAR, MSR_LSTAR,
@@ -19,27 +20,10 @@ const CR0_PG: u64 = 1 << 31;
 
 /// The value of `name` in the test guest's ELF symbol table.
 fn symbol(name: &str) -> u64 {
-    let elf = vigil_test_guest::ELF;
-    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
-    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
-    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
-    let (shoff, shentsize, shnum) = (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c));
-    let section = |i: usize| shoff + i * shentsize;
-    const SHT_SYMTAB: usize = 2;
-    let symtab = (0..shnum)
-        .map(section)
-        .find(|&s| u32_at(s + 4) == SHT_SYMTAB)
-        .expect("the test guest keeps its symbol table");
-    let strtab = u64_at(section(u32_at(symtab + 40)) + 24) as usize;
-    let (start, size) = (u64_at(symtab + 24) as usize, u64_at(symtab + 32) as usize);
-    (start..start + size)
-        .step_by(24)
-        .find(|&sym| {
-            let name_at = strtab + u32_at(sym);
-            let end = name_at + elf[name_at..].iter().position(|&b| b == 0).unwrap();
-            &elf[name_at..end] == name.as_bytes()
-        })
-        .map(|sym| u64_at(sym + 8))
+    static SYMBOLS: OnceLock<SymbolTable> = OnceLock::new();
+    SYMBOLS
+        .get_or_init(|| SymbolTable::from_elf(vigil_test_guest::ELF).expect("the guest's symbols"))
+        .address_of(name)
         .unwrap_or_else(|| panic!("no symbol {name} in the test guest"))
 }
 

@@ -100,9 +100,11 @@ pub fn finish(mut child: Child, timeout: Duration) -> Run {
     run
 }
 
-/// The shared folder beside the repository, if this checkout has one.
+/// The shared folder beside the repository (or `VIGIL_SHARED_DIR`), if there is one.
 pub fn shared_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    let dir = std::env::var_os("VIGIL_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
     dir.is_dir().then_some(dir)
 }
 

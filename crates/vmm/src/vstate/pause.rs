@@ -13,6 +13,11 @@ use std::time::Duration;
 #[derive(Debug, Default)]
 pub struct PauseGate {
     requested: AtomicBool,
+    /// Set for good when a crashed VM is kept for inspection: the gate stays shut
+    /// whatever [`PauseGate::release`] is called.
+    held: AtomicBool,
+    /// Why it is held (`vCPU N: reason`).
+    held_why: Mutex<Option<String>>,
     parked: Mutex<usize>,
     changed: Condvar,
 }
@@ -22,9 +27,30 @@ impl PauseGate {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a pause is asked for (or in force).
+    /// Whether a pause is asked for (or in force), or the gate is held.
     pub fn requested(&self) -> bool {
-        self.requested.load(Ordering::Acquire)
+        self.requested.load(Ordering::Acquire) || self.held.load(Ordering::Acquire)
+    }
+
+    /// Shuts the gate for good (a crashed VM kept for inspection): every vCPU parks
+    /// at its next exit and none goes on until the VM stops. The first reason stays.
+    pub fn hold(&self, why: String) {
+        let mut held = self.held_why.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_none() {
+            *held = Some(why);
+        }
+        self.held.store(true, Ordering::Release);
+    }
+
+    /// Why the gate is held, when it is.
+    pub fn held(&self) -> Option<String> {
+        if !self.held.load(Ordering::Acquire) {
+            return None;
+        }
+        self.held_why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Called by a vCPU thread before `KVM_RUN`: parks while a pause is asked for
@@ -151,6 +177,25 @@ mod tests {
         assert!(!t.is_finished());
         gate.release();
         assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn a_held_gate_stays_shut_after_release() {
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        gate.hold("vCPU 0: triple fault".into());
+        gate.hold("vCPU 1: later".into());
+        assert!(gate.requested());
+        let (g, s) = (gate.clone(), stop.clone());
+        let t = std::thread::spawn(move || g.park_if_requested(&s, &AtomicBool::new(false), || {}));
+        while gate.parked_after(Duration::from_millis(10)) == 0 {}
+        gate.release();
+        assert_eq!(gate.parked_after(Duration::from_millis(50)), 1);
+        assert!(!t.is_finished());
+        assert_eq!(gate.held().as_deref(), Some("vCPU 0: triple fault"));
+        stop.store(true, Ordering::Release);
+        gate.wake_all();
+        t.join().unwrap();
     }
 
     #[test]

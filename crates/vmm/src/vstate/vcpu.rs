@@ -160,6 +160,8 @@ pub struct VcpuContext {
     pub(crate) mailbox: Arc<Mailbox>,
     /// Decides guest writes of the MSRs the VM's filter sends here.
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
+    /// What a crash of this vCPU does to the VM.
+    pub on_crash: crate::config::OnCrash,
 }
 
 /// A vCPU ready to run.
@@ -245,12 +247,42 @@ impl Vcpu {
                 }
                 Outcome::Event(e) => e,
                 Outcome::Crash(reason) => {
-                    VmEvent::Crash(Box::new(self.crash_report(reason, &ctx.mem)))
+                    let report = Box::new(self.crash_report(reason, &ctx.mem));
+                    if ctx.on_crash == crate::config::OnCrash::Pause {
+                        self.keep_crashed(ctx, report, &mut breakpoints);
+                        return;
+                    }
+                    VmEvent::Crash(report)
                 }
             };
             // The receiver is gone only when the VM is already being torn down.
             let _ = ctx.events.send(event);
             return;
+        }
+    }
+
+    /// `OnCrash::Pause`: holds the pause gate shut (the other vCPUs park at their
+    /// next exit; the thread waiting on the VM kicks them), reports the crash, and
+    /// stays parked in the gate (never in `KVM_RUN` again) until the VM stops,
+    /// still serving requests (introspection of the crashed state).
+    fn keep_crashed(&self, ctx: &VcpuContext, report: Box<CrashReport>, bps: &mut Breakpoints) {
+        ctx.pause
+            .hold(format!("vCPU {}: {}", self.id, report.reason));
+        let _ = ctx.events.send(VmEvent::CrashKept(report));
+        while !ctx.stop.load(Ordering::Acquire) {
+            let parked = ctx
+                .pause
+                .park_if_requested(&ctx.stop, ctx.mailbox.pending_flag(), || {
+                    ctx.mailbox.serve(&mut VcpuAccess {
+                        id: self.id,
+                        fd: &self.fd,
+                        breakpoints: bps,
+                    })
+                });
+            if !parked {
+                // Not reached while the gate is held; bounds a spin if it were not.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
 
