@@ -18,6 +18,7 @@ use crate::model::{
     NetworkInterface, PartialDrive, PartialNetworkInterface, VmState, VmStateValue, Vsock,
 };
 use crate::preboot::{limit_update, merge_rate_limiter, PreBoot};
+use vigil_introspect::live::Introspector;
 
 /// The Firecracker API version whose requests Vigil answers.
 pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
@@ -52,14 +53,14 @@ pub struct Response {
 }
 
 impl Response {
-    fn no_content() -> Self {
+    pub(crate) fn no_content() -> Self {
         Self {
             status: 204,
             body: None,
         }
     }
 
-    fn json(value: &impl Serialize) -> Self {
+    pub(crate) fn json(value: &impl Serialize) -> Self {
         match serde_json::to_string(value) {
             Ok(body) => Self {
                 status: 200,
@@ -77,7 +78,7 @@ impl Response {
         }
     }
 
-    fn bad(message: impl Into<String>) -> Self {
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
         Self::error(400, message)
     }
 }
@@ -88,6 +89,10 @@ struct Inner {
     logger: Option<Logger>,
     metrics: Option<MetricsSink>,
     counts: RequestCounts,
+    /// Introspection of the running VM.
+    introspector: Option<Arc<Introspector>>,
+    /// Whether `/vigil/debug/...` (writes into the guest) is served.
+    debug_api: bool,
 }
 
 /// The state behind one VM's API.
@@ -149,11 +154,18 @@ fn pattern_of(path: &str) -> Option<&'static str> {
     }
 }
 
+/// The introspection resources (answered by [`crate::introspect`]).
+fn is_introspection(path: &str) -> bool {
+    ["/vigil/introspect", "/vigil/trace", "/vigil/debug/"]
+        .iter()
+        .any(|p| path.starts_with(p))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn body<T: serde::de::DeserializeOwned>(
+pub(crate) fn body<T: serde::de::DeserializeOwned>(
     method: &str,
     path: &str,
     bytes: &[u8],
@@ -178,7 +190,7 @@ fn before_start(method: &str, path: &str) -> Response {
     ))
 }
 
-fn done(method: &str, path: &str, r: Result<(), String>) -> Response {
+pub(crate) fn done(method: &str, path: &str, r: Result<(), String>) -> Response {
     match r {
         Ok(()) => Response::no_content(),
         Err(e) => Response::bad(format!("{method} {path}: {e}")),
@@ -222,6 +234,8 @@ impl Api {
                 logger: None,
                 metrics: None,
                 counts: RequestCounts::default(),
+                introspector: None,
+                debug_api: false,
             }),
             to_vmm: Mutex::new(to_vmm),
             logger_hook,
@@ -241,6 +255,15 @@ impl Api {
     /// Records that the VM was started outside the API (`--config-file`).
     pub fn set_running(&self, vm: VmControl) {
         lock(&self.inner).vm = Some(vm);
+    }
+
+    /// Serves introspection of the running VM (`/vigil/introspect...`,
+    /// `/vigil/trace`), and with `debug_api` the writes into the guest
+    /// (`/vigil/debug/...`) that tests of the monitor use.
+    pub fn set_introspector(&self, introspector: Arc<Introspector>, debug_api: bool) {
+        let mut inner = lock(&self.inner);
+        inner.introspector = Some(introspector);
+        inner.debug_api = debug_api;
     }
 
     /// Configures logging as `PUT /logger` does.
@@ -285,13 +308,18 @@ impl Api {
 
     /// Answers one request. `path` may carry a query string, which is ignored.
     pub fn handle(&self, method: &str, path: &str, bytes: &[u8]) -> Response {
-        let path = path.split(['?', '#']).next().unwrap_or("/");
+        let path = path.split('#').next().unwrap_or("/");
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
         let path = if path.len() > 1 {
             path.trim_end_matches('/')
         } else {
             path
         };
-        let response = self.route(method, path, bytes);
+        let response = if is_introspection(path) {
+            self.introspect(method, path, query, bytes)
+        } else {
+            self.route(method, path, bytes)
+        };
         let mut inner = lock(&self.inner);
         inner.counts.count(response.status);
         drop(inner);
@@ -398,6 +426,17 @@ impl Api {
                     "{method} {path}: not a method this resource accepts (it accepts {allowed})"
                 ))
             }
+        }
+    }
+
+    fn introspect(&self, method: &str, path: &str, query: &str, bytes: &[u8]) -> Response {
+        let (introspector, debug_api) = {
+            let inner = lock(&self.inner);
+            (inner.introspector.clone(), inner.debug_api)
+        };
+        match introspector {
+            Some(i) => crate::introspect::route(&i, debug_api, method, path, query, bytes),
+            None => before_start(method, path),
         }
     }
 

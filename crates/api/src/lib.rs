@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod http;
+pub mod introspect;
 pub mod metrics;
 pub mod model;
 pub mod preboot;

@@ -671,14 +671,7 @@ fn check_vcpu(
     let who = format!("vCPU {}", cpu.vcpu);
     // Protection bits set at baseline that are clear now.
     for (rule, reg, bit_name, bit, was, now) in [
-        (
-            Rule::Cr0WpCleared,
-            "CR0",
-            "WP",
-            CR0_WP,
-            old.cr0,
-            cpu.cr0,
-        ),
+        (Rule::Cr0WpCleared, "CR0", "WP", CR0_WP, old.cr0, cpu.cr0),
         (
             Rule::Cr4SmepCleared,
             "CR4",
@@ -1605,10 +1598,7 @@ ffffffffc0000000 t rootkit_read
         ap.cr0 &= !CR0_WP;
         let f = c.check(&g.t.mem, &[g.cpu, ap], None);
         assert_eq!(f.len(), 1, "{f:#?}");
-        assert_eq!(
-            (f[0].rule, f[0].vcpu),
-            (Rule::Cr0WpCleared, Some(1))
-        );
+        assert_eq!((f[0].rule, f[0].vcpu), (Rule::Cr0WpCleared, Some(1)));
         // Without symbols: no symbol names.
         ap.lstar = ENTRY_SYSCALL;
         let f = c.check(&g.t.mem, &[g.cpu, ap], None);

@@ -13,9 +13,11 @@ mod hex;
 pub mod integrity;
 pub mod kaslr;
 pub mod layout;
+pub mod live;
 pub mod mem;
 pub mod paging;
 pub mod syscall;
+pub mod view;
 
 pub use cpu::{CpuState, TableRegister};
 pub use integrity::{

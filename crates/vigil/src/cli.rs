@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -12,7 +13,9 @@ use vigil_vmm::config::{
 };
 use vigil_vmm::VmOutcome;
 
-use crate::launch::{Launch, Overrides};
+use crate::launch::{IntrospectLaunch, Launch, Overrides};
+use vigil_introspect::live::MonitorSettings;
+use vigil_introspect::SyscallFilter;
 use crate::logging::Logging;
 use vigil_api::model::Metrics;
 
@@ -247,6 +250,37 @@ pub struct RunArgs {
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = crate::devices_cli::parse_vsock)]
     pub vsock: Option<VsockConfig>,
 
+    /// Watch the guest kernel's integrity from outside it: after the baseline
+    /// (baseline_after=DURATION after the VM starts, default 1s), each vCPU's
+    /// CR0.WP, CR4.SMEP/SMAP/UMIP, EFER.NXE/SCE, IDTR, GDTR and syscall MSRs, and
+    /// the IDT, GDT, system call table, kernel text and read-only data are
+    /// checked every period=DURATION (default 1s; 1ms to 1h), re-hashing only the
+    /// pages the dirty log says changed; each difference is logged once (and served
+    /// at GET /vigil/introspect/findings). Guest writes to the syscall MSRs are
+    /// caught as they happen; policy=protect refuses them (the guest's wrmsr
+    /// faults). Needs the kernel's symbols: --symbols, or an ELF kernel with a
+    /// symbol table. Example: --introspect period=100ms,policy=protect
+    #[arg(long, value_name = "[period=DUR][,policy=report|protect][,baseline_after=DUR]", num_args = 0..=1, default_missing_value = "", value_parser = parse_introspect)]
+    pub introspect: Option<MonitorSettings>,
+
+    /// Trace the guest's system calls (a hardware breakpoint at its LSTAR entry)
+    /// into PATH as JSON lines: {"seq", "time_unix_ns", "vcpu", "nr", "name",
+    /// "args" (RDI, RSI, RDX, R10, R8, R9), "cr3", "return_rip"}. Starts once the
+    /// guest has set LSTAR. Each traced call costs an exit and a single step.
+    #[arg(long, value_name = "PATH")]
+    pub trace_syscalls: Option<PathBuf>,
+
+    /// Which system calls --trace-syscalls keeps: comma-separated names or numbers
+    /// (read,write,59), optionally cr3=0x... for one process. Default: all.
+    #[arg(long, value_name = "LIST", requires = "trace_syscalls", value_parser = parse_trace_filter)]
+    pub trace_filter: Option<SyscallFilter>,
+
+    /// Serve PUT /vigil/debug/memory and PUT /vigil/debug/msr on the API socket:
+    /// writes into the guest's memory and MSRs, for testing introspection. Never
+    /// on a production VM.
+    #[arg(long)]
+    pub debug_api: bool,
+
     /// Append the VM's metrics to PATH as JSON lines (created if absent): one line
     /// every 60 seconds and one when the VM ends, each a JSON object with
     /// "utc_timestamp_ms" and groups of counters: "vm" (uptime, guest memory,
@@ -286,6 +320,50 @@ impl From<OnCrashArg> for OnCrash {
 pub enum CpuTemplateArg {
     Auto,
     Host,
+}
+
+/// `100ms`, `2s`, `1m`: a whole number and a unit.
+fn parse_duration(key: &str, v: &str) -> Result<Duration, String> {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{key}={v}: expected a whole number and a unit (100ms, 2s, 1m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{key}={v}: the unit is ms, s or m (100ms, 2s, 1m)")),
+    }
+}
+
+/// `--introspect [period=DUR][,policy=report|protect][,baseline_after=DUR]`.
+fn parse_introspect(s: &str) -> Result<MonitorSettings, String> {
+    let mut settings = MonitorSettings {
+        baseline_after: Duration::from_secs(1),
+        ..Default::default()
+    };
+    for item in s.split(',').filter(|i| !i.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?}: expected key=value (period, policy, baseline_after)"))?;
+        match key {
+            "period" => settings.period = parse_duration(key, value)?,
+            "baseline_after" => settings.baseline_after = parse_duration(key, value)?,
+            "policy" => settings.policy = value.parse()?,
+            _ => {
+                return Err(format!(
+                    "unknown key {key:?} (expected period, policy, baseline_after)"
+                ))
+            }
+        }
+    }
+    settings.validate()?;
+    Ok(settings)
+}
+
+fn parse_trace_filter(s: &str) -> Result<SyscallFilter, String> {
+    SyscallFilter::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
@@ -340,6 +418,14 @@ impl RunArgs {
             },
             cpuid_hide: self.cpuid_hide.clone(),
             on_crash: self.on_crash.into(),
+            introspect: IntrospectLaunch {
+                monitor: self.introspect,
+                trace: self
+                    .trace_syscalls
+                    .clone()
+                    .map(|p| (p, self.trace_filter.clone().unwrap_or_default())),
+                debug_api: self.debug_api,
+            },
         }
     }
 

@@ -13,6 +13,8 @@ use vigil_api::preboot::PreBoot;
 use vigil_api::{Api, ToVmm};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
 use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, OnCrash, VmConfig};
+use vigil_introspect::live::{Introspector, MonitorSettings};
+use vigil_introspect::SyscallFilter;
 use vigil_vmm::{RunningVm, StopHandle};
 
 use crate::logging::Logging;
@@ -28,6 +30,34 @@ pub struct Overrides {
     pub cpu_template: CpuTemplate,
     pub cpuid_hide: Vec<CpuFeature>,
     pub on_crash: OnCrash,
+    pub introspect: IntrospectLaunch,
+}
+
+/// Introspection from the VM's start (`--introspect`, `--trace-syscalls`,
+/// `--debug-api`); the API starts and stops the same things later.
+#[derive(Clone, Debug, Default)]
+pub struct IntrospectLaunch {
+    /// The integrity monitor, with these settings.
+    pub monitor: Option<MonitorSettings>,
+    /// System call tracing into this file (JSON lines), keeping what the filter keeps.
+    pub trace: Option<(PathBuf, SyscallFilter)>,
+    /// Serve `/vigil/debug/...`: writes into the guest, for tests.
+    pub debug_api: bool,
+}
+
+impl IntrospectLaunch {
+    /// Starts what was asked for on the running VM.
+    fn start(&self, intro: &Arc<Introspector>) -> anyhow::Result<()> {
+        if let Some(settings) = self.monitor {
+            intro
+                .start_monitor(settings)
+                .map_err(|e| anyhow!("--introspect: {e}"))?;
+        }
+        if let Some((path, filter)) = &self.trace {
+            intro.trace_once_ready(filter.clone(), path.clone());
+        }
+        Ok(())
+    }
 }
 
 impl Default for Overrides {
@@ -39,6 +69,7 @@ impl Default for Overrides {
             cpu_template: CpuTemplate::Auto,
             cpuid_hide: Vec::new(),
             on_crash: OnCrash::Exit,
+            introspect: IntrospectLaunch::default(),
         }
     }
 }
@@ -178,6 +209,13 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         None
     };
     let symbols = running.symbols().cloned();
+    let introspector = Introspector::new(running.control(), symbols.clone());
+    api.set_introspector(introspector.clone(), l.overrides.introspect.debug_api);
+    if let Err(e) = l.overrides.introspect.start(&introspector) {
+        running.stop_handle().stop(libc::SIGTERM);
+        let _ = running.wait();
+        return Err(e);
+    }
     let describe = |addr| symbols.as_ref().and_then(|s| s.describe(addr));
     let outcome = running.wait_reporting(&mut |report| {
         eprint!(
@@ -185,6 +223,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
             report.render(&describe)
         );
     });
+    introspector.shutdown();
     signals_handle.close();
     if let Some(flusher) = flusher {
         flusher.finish();

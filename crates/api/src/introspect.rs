@@ -1,0 +1,276 @@
+//! Vigil's introspection resources on the per-VM API: the integrity monitor
+//! (`/vigil/introspect...`), the system call tracer (`/vigil/trace`) and, only
+//! when the VMM was started with `--debug-api`, writes into the guest for tests
+//! (`/vigil/debug/...`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use vigil_introspect::live::{Introspector, MonitorSettings, Policy};
+use vigil_introspect::{SymbolTable, SyscallFilter};
+
+use crate::api::{body, done, Response};
+
+/// `PUT /vigil/introspect`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorRequest {
+    /// Milliseconds between checks (default 1000).
+    #[serde(default)]
+    pub period_ms: Option<u64>,
+    /// `report` (default) or `protect`.
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    /// Milliseconds to wait before the baseline (default 0: now).
+    #[serde(default)]
+    pub baseline_after_ms: Option<u64>,
+}
+
+impl MonitorRequest {
+    fn settings(&self) -> MonitorSettings {
+        let d = MonitorSettings::default();
+        MonitorSettings {
+            period: self.period_ms.map_or(d.period, Duration::from_millis),
+            policy: self.policy.unwrap_or(d.policy),
+            baseline_after: self
+                .baseline_after_ms
+                .map_or(Duration::ZERO, Duration::from_millis),
+        }
+    }
+}
+
+/// `PUT /vigil/introspect/symbols`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SymbolsRequest {
+    /// A `System.map` on the host.
+    pub path: PathBuf,
+}
+
+/// `PUT /vigil/trace`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceRequest {
+    /// Comma-separated system call names or numbers (default: all).
+    #[serde(default)]
+    pub syscalls: Option<String>,
+    /// Only calls from the process with this CR3 (`"0x..."`).
+    #[serde(default)]
+    pub cr3: Option<String>,
+    /// Also append each call to this file as a JSON line.
+    #[serde(default)]
+    pub output: Option<PathBuf>,
+}
+
+/// `PUT /vigil/debug/memory`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryWrite {
+    /// `"0x..."`: guest-virtual through `vcpu`'s page tables, or guest-physical
+    /// with `physical: true`.
+    pub address: String,
+    #[serde(default)]
+    pub physical: bool,
+    #[serde(default)]
+    pub vcpu: u32,
+    /// The bytes, in hex (`"90c3"`).
+    pub bytes: String,
+}
+
+/// `PUT /vigil/debug/msr`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsrWrite {
+    #[serde(default)]
+    pub vcpu: u32,
+    /// `"0xc0000082"`.
+    pub index: String,
+    /// `"0x..."`.
+    pub value: String,
+}
+
+/// A `"0x..."` (or decimal) number from a request, the error naming `field`.
+pub fn parse_u64(field: &str, s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| format!("{field} {s:?}: expected a number (0x... for hex)"))
+}
+
+fn parse_hex_bytes(s: &str) -> Result<Vec<u8>, String> {
+    let t = s.trim();
+    if t.is_empty() || t.len() % 2 != 0 || t.len() > 8192 {
+        return Err(format!(
+            "bytes {s:?}: expected 1 to 4096 bytes as an even number of hex digits"
+        ));
+    }
+    (0..t.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&t[i..i + 2], 16)
+                .map_err(|_| format!("bytes {s:?}: {:?} is not a hex byte", &t[i..i + 2]))
+        })
+        .collect()
+}
+
+fn since(query: &str) -> Result<u64, Response> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("since", v)) => {
+                return v
+                    .parse()
+                    .map_err(|_| Response::bad(format!("since {v:?}: expected a sequence number")))
+            }
+            _ => {
+                return Err(Response::bad(format!(
+                    "query {pair:?}: the only parameter is since=N"
+                )))
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Answers the introspection resources.
+pub fn route(
+    intro: &Arc<Introspector>,
+    debug_api: bool,
+    method: &str,
+    path: &str,
+    query: &str,
+    bytes: &[u8],
+) -> Response {
+    match (method, path) {
+        ("GET", "/vigil/introspect") => Response::json(&intro.status()),
+        ("PUT", "/vigil/introspect") => {
+            // An empty body takes every default.
+            let req = if bytes.iter().all(u8::is_ascii_whitespace) {
+                Ok(MonitorRequest {
+                    period_ms: None,
+                    policy: None,
+                    baseline_after_ms: None,
+                })
+            } else {
+                body::<MonitorRequest>(method, path, bytes)
+            };
+            match req {
+                Ok(r) => done(method, path, intro.start_monitor(r.settings())),
+                Err(r) => r,
+            }
+        }
+        ("DELETE", "/vigil/introspect") => {
+            if intro.stop_monitor() {
+                Response::no_content()
+            } else {
+                Response::bad(format!("{method} {path}: the monitor is not running"))
+            }
+        }
+        ("GET", "/vigil/introspect/baseline") => match intro.baseline() {
+            Some(b) => Response::json(&*b),
+            None => Response::bad(format!(
+                "{method} {path}: no baseline yet (PUT /vigil/introspect takes one)"
+            )),
+        },
+        ("GET", "/vigil/introspect/state") => match intro.current_state() {
+            Ok(view) => Response::json(&view),
+            Err(e) => Response::error(500, format!("{method} {path}: {e}")),
+        },
+        ("PUT", "/vigil/introspect/check") => match intro.check_now() {
+            Ok(found) => Response::json(&found),
+            Err(e) => Response::bad(format!("{method} {path}: {e}")),
+        },
+        ("GET", "/vigil/introspect/findings") => match since(query) {
+            Ok(n) => Response::json(&intro.findings(n)),
+            Err(r) => r,
+        },
+        ("PUT", "/vigil/introspect/symbols") => match body::<SymbolsRequest>(method, path, bytes) {
+            Ok(r) => done(
+                method,
+                path,
+                SymbolTable::load(&r.path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| intro.set_symbols(s)),
+            ),
+            Err(r) => r,
+        },
+        ("PUT", "/vigil/trace") => match body::<TraceRequest>(method, path, bytes) {
+            Ok(r) => done(method, path, start_trace(intro, &r)),
+            Err(r) => r,
+        },
+        ("DELETE", "/vigil/trace") => {
+            if intro.stop_trace() {
+                Response::no_content()
+            } else {
+                Response::bad(format!("{method} {path}: tracing is not on"))
+            }
+        }
+        ("GET", "/vigil/trace") => match since(query) {
+            Ok(n) => {
+                let (calls, tracing) = intro.trace(n);
+                Response::json(&json!({ "tracing": tracing, "calls": calls }))
+            }
+            Err(r) => r,
+        },
+        (_, p) if p.starts_with("/vigil/debug/") && !debug_api => Response::error(
+            403,
+            format!("{method} {path}: the debug API is off (start the VMM with --debug-api)"),
+        ),
+        ("PUT", "/vigil/debug/memory") => match body::<MemoryWrite>(method, path, bytes) {
+            Ok(w) => done(method, path, debug_memory(intro, &w)),
+            Err(r) => r,
+        },
+        ("PUT", "/vigil/debug/msr") => match body::<MsrWrite>(method, path, bytes) {
+            Ok(w) => done(
+                method,
+                path,
+                parse_u64("index", &w.index).and_then(|index| {
+                    let index = u32::try_from(index)
+                        .map_err(|_| format!("index {}: MSR indices are 32-bit", w.index))?;
+                    intro.debug_write_msr(w.vcpu, index, parse_u64("value", &w.value)?)
+                }),
+            ),
+            Err(r) => r,
+        },
+        _ => Response::bad(format!("{method} {path}: no such introspection resource")),
+    }
+}
+
+fn start_trace(intro: &Introspector, r: &TraceRequest) -> Result<(), String> {
+    let mut filter = match &r.syscalls {
+        Some(s) => SyscallFilter::parse(s).map_err(|e| format!("syscalls: {e}"))?,
+        None => SyscallFilter::all(),
+    };
+    if let Some(cr3) = &r.cr3 {
+        filter = filter.with_cr3(parse_u64("cr3", cr3)?);
+    }
+    intro.start_trace(filter, r.output.as_deref())
+}
+
+fn debug_memory(intro: &Introspector, w: &MemoryWrite) -> Result<(), String> {
+    let address = parse_u64("address", &w.address)?;
+    let bytes = parse_hex_bytes(&w.bytes)?;
+    intro.debug_write_memory(w.vcpu, address, w.physical, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_bytes() {
+        assert_eq!(parse_u64("x", "0xc0000082"), Ok(0xc000_0082));
+        assert_eq!(parse_u64("x", "42"), Ok(42));
+        assert!(parse_u64("index", "0xzz").unwrap_err().contains("index \"0xzz\""));
+        assert_eq!(parse_hex_bytes("90c3"), Ok(vec![0x90, 0xc3]));
+        assert!(parse_hex_bytes("9").is_err());
+        assert!(parse_hex_bytes("zz").unwrap_err().contains("\"zz\""));
+        assert_eq!(since("since=5").ok(), Some(5));
+        assert_eq!(since("").ok(), Some(0));
+        assert!(since("until=3").is_err());
+    }
+}

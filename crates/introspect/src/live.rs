@@ -1,0 +1,855 @@
+//! Introspection of a running VM: the integrity monitor's thread, the MSR guard
+//! and the system call tracer, on top of the handle the VMM lends
+//! ([`VmControl`]). This is the only part of the crate with threads; what it
+//! runs (baseline, checks, decoding) is the plain library code beside it.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use vigil_metrics::IntrospectCounters;
+use vigil_events::Rule;
+use vigil_vmm::vstate::inspect::{
+    BreakpointHandler, MsrGuard, MsrVerdict, VcpuState, INSPECTED_MSRS, MSR_CSTAR, MSR_LSTAR,
+    MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP,
+};
+use vigil_vmm::VmControl;
+use vm_memory::GuestMemoryMmap;
+
+use crate::view::GuestView;
+use crate::{
+    kaslr_slide, kaslr_slide_from_idt, read_idt_gate, translate, Baseline, Checker,
+    CpuState, Finding, KernelLayout, SymbolTable, SyscallFilter, SyscallRecord, SyscallRegs,
+    TableRegister,
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// What the monitor does about a guest write to a syscall MSR after the baseline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Report it and let it happen.
+    #[default]
+    Report,
+    /// Report it and refuse it: the guest's `wrmsr` raises #GP.
+    Protect,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "report" => Ok(Policy::Report),
+            "protect" => Ok(Policy::Protect),
+            other => Err(format!(
+                "policy {other:?}: expected report (tell) or protect (tell and refuse MSR writes)"
+            )),
+        }
+    }
+}
+
+/// How the integrity monitor runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorSettings {
+    /// Time between two checks.
+    #[serde(with = "millis")]
+    pub period: Duration,
+    pub policy: Policy,
+    /// How long after the monitor starts the baseline is taken (boot settling).
+    #[serde(with = "millis")]
+    pub baseline_after: Duration,
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// How often a baseline that could not be taken (the kernel not up yet) is tried
+/// again.
+const BASELINE_RETRY: Duration = Duration::from_millis(20);
+
+/// Bounds on settings, so that a typo cannot make the monitor spin or sleep for
+/// ever.
+pub const MIN_PERIOD: Duration = Duration::from_millis(1);
+pub const MAX_PERIOD: Duration = Duration::from_secs(3600);
+
+impl Default for MonitorSettings {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(1),
+            policy: Policy::Report,
+            baseline_after: Duration::ZERO,
+        }
+    }
+}
+
+impl MonitorSettings {
+    /// Refuses settings outside the bounds, naming the field and value.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.period < MIN_PERIOD || self.period > MAX_PERIOD {
+            return Err(format!(
+                "period {:?}: expected {MIN_PERIOD:?} to {MAX_PERIOD:?}",
+                self.period
+            ));
+        }
+        if self.baseline_after > MAX_PERIOD {
+            return Err(format!(
+                "baseline_after {:?}: expected at most {MAX_PERIOD:?}",
+                self.baseline_after
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A finding with its place in this VM's log.
+#[derive(Clone, Debug, Serialize)]
+pub struct FindingRecord {
+    /// 1, 2, 3, ... in the order found.
+    pub seq: u64,
+    pub time_unix_ns: u64,
+    #[serde(flatten)]
+    pub finding: Finding,
+}
+
+/// Every finding of this VM, in order.
+#[derive(Default)]
+struct FindingLog {
+    records: Vec<FindingRecord>,
+}
+
+/// What the monitor thread, the MSR guard and the API share.
+struct Shared {
+    counters: Arc<IntrospectCounters>,
+    findings: Mutex<FindingLog>,
+    baseline: Mutex<Option<Arc<Baseline>>>,
+    /// Per vCPU, the syscall MSRs of the baseline (what the MSR guard compares to).
+    baseline_msrs: Mutex<Option<Vec<CpuState>>>,
+    policy: Mutex<Policy>,
+    symbols: Mutex<Option<Arc<SymbolTable>>>,
+    /// (vCPU, MSR, value) the guard already reported.
+    msr_reported: Mutex<HashSet<(u32, u32, u64)>>,
+}
+
+impl Shared {
+    fn record(&self, findings: Vec<Finding>) -> Vec<FindingRecord> {
+        let mut log = lock(&self.findings);
+        let mut out = Vec::with_capacity(findings.len());
+        for finding in findings {
+            self.counters.count_finding(finding.rule.as_str());
+            tracing::warn!(rule = finding.rule.as_str(), "introspection: {}", finding.message);
+            let record = FindingRecord {
+                seq: log.records.len() as u64 + 1,
+                time_unix_ns: unix_ns(),
+                finding,
+            };
+            log.records.push(record.clone());
+            out.push(record);
+        }
+        out
+    }
+
+    fn describe(&self, addr: u64) -> Option<String> {
+        lock(&self.symbols).as_ref()?.describe(addr)
+    }
+}
+
+/// A guest write to a syscall MSR, decided the moment it happens.
+struct Guard(Arc<Shared>);
+
+/// The baseline's value of syscall MSR `index`.
+fn syscall_msr(c: &CpuState, index: u32) -> Option<u64> {
+    Some(match index {
+        MSR_LSTAR => c.lstar,
+        MSR_STAR => c.star,
+        MSR_CSTAR => c.cstar,
+        MSR_SFMASK => c.sfmask,
+        MSR_SYSENTER_CS => c.sysenter_cs,
+        MSR_SYSENTER_ESP => c.sysenter_esp,
+        MSR_SYSENTER_EIP => c.sysenter_eip,
+        _ => return None,
+    })
+}
+
+fn msr_name(index: u32) -> &'static str {
+    match index {
+        MSR_LSTAR => "LSTAR",
+        MSR_STAR => "STAR",
+        MSR_CSTAR => "CSTAR",
+        MSR_SFMASK => "SFMASK",
+        MSR_SYSENTER_CS => "SYSENTER_CS",
+        MSR_SYSENTER_ESP => "SYSENTER_ESP",
+        MSR_SYSENTER_EIP => "SYSENTER_EIP",
+        _ => "MSR",
+    }
+}
+
+impl MsrGuard for Guard {
+    fn msr_write(&self, vcpu: u32, index: u32, value: u64) -> MsrVerdict {
+        let shared = &self.0;
+        let baseline = lock(&shared.baseline_msrs)
+            .as_ref()
+            .and_then(|cpus| cpus.iter().find(|c| c.vcpu == vcpu).copied())
+            .and_then(|c| syscall_msr(&c, index));
+        // Before the baseline (boot), for a vCPU the baseline did not see, or a
+        // write of the value it already has: nothing to say.
+        let Some(old) = baseline.filter(|&old| old != value) else {
+            shared.counters.msr_writes_allowed.inc();
+            return MsrVerdict::Allow;
+        };
+        let policy = *lock(&shared.policy);
+        if lock(&shared.msr_reported).insert((vcpu, index, value)) {
+            let name = msr_name(index);
+            let (from_symbol, symbol) = (shared.describe(old), shared.describe(value));
+            let verdict = match policy {
+                Policy::Protect => "refused",
+                Policy::Report => "let through",
+            };
+            let rule = Rule::SyscallMsrWrite;
+            shared.record(vec![Finding {
+                rule,
+                priority: rule.default_priority(),
+                mitre: rule.mitre(),
+                vcpu: Some(vcpu),
+                message: format!(
+                    "vCPU {vcpu}: wrmsr {name} {value:#x}{} (baseline {old:#x}{}): {verdict}",
+                    symbol.as_ref().map(|s| format!(" <{s}>")).unwrap_or_default(),
+                    from_symbol.as_ref().map(|s| format!(" <{s}>")).unwrap_or_default(),
+                ),
+                location: name.to_string(),
+                from: format!("{old:#x}"),
+                to: format!("{value:#x}"),
+                from_symbol,
+                symbol,
+                restored: false,
+            }]);
+        }
+        match policy {
+            Policy::Protect => {
+                shared.counters.msr_writes_refused.inc();
+                MsrVerdict::Refuse
+            }
+            Policy::Report => {
+                shared.counters.msr_writes_allowed.inc();
+                MsrVerdict::Allow
+            }
+        }
+    }
+}
+
+/// The integrity monitor's thread and how to talk to it.
+struct MonitorThread {
+    commands: Sender<Command>,
+    thread: JoinHandle<()>,
+    settings: MonitorSettings,
+}
+
+enum Command {
+    /// Check now; answer with what was found.
+    Check(Sender<Result<Vec<FindingRecord>, String>>),
+    Stop,
+}
+
+/// The registers introspection looks at, from what the VMM read.
+pub fn cpu_state(s: &VcpuState) -> CpuState {
+    let msr = |i| s.msr(i).unwrap_or(0);
+    CpuState {
+        vcpu: s.id,
+        cr0: s.sregs.cr0,
+        cr3: s.sregs.cr3,
+        cr4: s.sregs.cr4,
+        efer: s.sregs.efer,
+        idt: TableRegister {
+            base: s.sregs.idt.base,
+            limit: s.sregs.idt.limit,
+        },
+        gdt: TableRegister {
+            base: s.sregs.gdt.base,
+            limit: s.sregs.gdt.limit,
+        },
+        lstar: msr(MSR_LSTAR),
+        star: msr(MSR_STAR),
+        cstar: msr(MSR_CSTAR),
+        sfmask: msr(MSR_SFMASK),
+        sysenter_cs: msr(MSR_SYSENTER_CS),
+        sysenter_esp: msr(MSR_SYSENTER_ESP),
+        sysenter_eip: msr(MSR_SYSENTER_EIP),
+    }
+}
+
+/// Where the kernel is: the KASLR slide found from LSTAR (or, failing that, the
+/// page-fault gate of the IDT), and the layout from the symbols moved by it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Located {
+    /// The slide and how it was found (`"lstar"`, `"idt"`), or why none was.
+    pub slide: i64,
+    pub slide_from: String,
+    pub layout: KernelLayout,
+}
+
+fn locate(
+    mem: &GuestMemoryMmap,
+    symbols: &SymbolTable,
+    boot_cpu: &CpuState,
+) -> Result<Located, String> {
+    let (slide, from) = if let Some(s) = kaslr_slide(symbols, boot_cpu.lstar) {
+        (s, "lstar".to_string())
+    } else if let Some(s) =
+        read_idt_gate(mem, boot_cpu.cr3, boot_cpu.la57(), boot_cpu.idt.base, 14)
+            .ok()
+            .and_then(|g| kaslr_slide_from_idt(symbols, 14, g.handler))
+    {
+        (s, "idt".to_string())
+    } else {
+        (
+            0,
+            "none: LSTAR and the page-fault gate match no entry_SYSCALL_64 / asm_exc_page_fault in the symbols; taken as 0".to_string(),
+        )
+    };
+    let layout = KernelLayout::from_symbols(symbols, slide, None).map_err(|e| e.to_string())?;
+    Ok(Located {
+        slide,
+        slide_from: from,
+        layout,
+    })
+}
+
+/// Introspection of one VM. Cheap to share (`Arc`); the API and the launch code
+/// hold it.
+pub struct Introspector {
+    vm: VmControl,
+    mem: GuestMemoryMmap,
+    shared: Arc<Shared>,
+    monitor: Mutex<Option<MonitorThread>>,
+    tracer: Mutex<Option<Arc<Tracer>>>,
+    located: Mutex<Option<Located>>,
+}
+
+/// What `GET /vigil/introspect` says.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub monitoring: bool,
+    pub settings: Option<MonitorSettings>,
+    pub baseline_taken: bool,
+    pub symbols: usize,
+    pub kaslr_slide: Option<i64>,
+    pub kaslr_slide_from: Option<String>,
+    pub checks: u64,
+    pub findings: u64,
+    pub tracing: bool,
+}
+
+impl Introspector {
+    /// Introspection of the VM behind `vm`, naming addresses with `symbols`.
+    pub fn new(vm: VmControl, symbols: Option<SymbolTable>) -> Arc<Self> {
+        let counters = vm.metrics().metrics().introspect().clone();
+        let mem = vm.guest_memory();
+        Arc::new(Self {
+            vm,
+            mem,
+            shared: Arc::new(Shared {
+                counters,
+                findings: Mutex::default(),
+                baseline: Mutex::default(),
+                baseline_msrs: Mutex::default(),
+                policy: Mutex::default(),
+                symbols: Mutex::new(symbols.map(Arc::new)),
+                msr_reported: Mutex::default(),
+            }),
+            monitor: Mutex::default(),
+            tracer: Mutex::default(),
+            located: Mutex::default(),
+        })
+    }
+
+    /// Replaces the symbols (`PUT /vigil/introspect/symbols`); refused while
+    /// monitoring, whose baseline was laid out with the old ones.
+    pub fn set_symbols(&self, symbols: SymbolTable) -> Result<(), String> {
+        if lock(&self.monitor).is_some() {
+            return Err("the monitor runs with the symbols it started with: stop it (DELETE /vigil/introspect) first".into());
+        }
+        *lock(&self.shared.symbols) = Some(Arc::new(symbols));
+        Ok(())
+    }
+
+    fn cpus(&self) -> Result<Vec<CpuState>, String> {
+        let states = self.vm.vcpu_states().map_err(|e| e.to_string())?;
+        Ok(states.iter().map(cpu_state).collect())
+    }
+
+    /// Starts the monitor: after `settings.baseline_after`, a baseline, then a check
+    /// every `settings.period`. A monitor already running is stopped first (so this
+    /// also takes a fresh baseline).
+    pub fn start_monitor(self: &Arc<Self>, settings: MonitorSettings) -> Result<(), String> {
+        settings.validate()?;
+        let symbols = lock(&self.shared.symbols).clone().ok_or(
+            "no kernel symbols: give a System.map (vigil run --symbols, or PUT /vigil/introspect/symbols), or boot an ELF kernel that has a symbol table",
+        )?;
+        self.stop_monitor();
+        *lock(&self.shared.policy) = settings.policy;
+        // Guard the syscall MSRs from now: writes are decided against the baseline
+        // once there is one.
+        self.vm
+            .guard_msrs(&INSPECTED_MSRS, Arc::new(Guard(self.shared.clone())))
+            .map_err(|e| format!("cannot guard the syscall MSRs: {e}"))?;
+        let (commands, rx) = mpsc::channel();
+        let me = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("introspect".into())
+            .spawn(move || me.monitor_loop(&symbols, settings, rx))
+            .map_err(|e| format!("cannot start the monitor thread: {e}"))?;
+        self.shared.counters.monitoring.set(1);
+        *lock(&self.monitor) = Some(MonitorThread {
+            commands,
+            thread,
+            settings,
+        });
+        Ok(())
+    }
+
+    /// Stops the monitor and its MSR guard; the findings stay.
+    pub fn stop_monitor(&self) -> bool {
+        let Some(m) = lock(&self.monitor).take() else {
+            return false;
+        };
+        let _ = m.commands.send(Command::Stop);
+        let _ = m.thread.join();
+        // A VM that is ending takes its guard and dirty log with it.
+        if !self.vm.is_stopping() {
+            if let Err(e) = self.vm.unguard_msrs() {
+                tracing::warn!("cannot lift the MSR guard: {e}");
+            }
+            if let Err(e) = self.vm.stop_dirty_log() {
+                tracing::warn!("cannot stop the dirty log: {e}");
+            }
+        }
+        *lock(&self.shared.baseline) = None;
+        *lock(&self.shared.baseline_msrs) = None;
+        self.shared.counters.monitoring.set(0);
+        true
+    }
+
+    fn take_baseline(&self, symbols: &Arc<SymbolTable>) -> Result<Checker, String> {
+        let cpus = self.cpus()?;
+        let boot = cpus
+            .iter()
+            .find(|c| c.long_mode())
+            .ok_or("no vCPU is in long mode yet: nothing to baseline")?;
+        let located = locate(&self.mem, symbols, boot)?;
+        // Logging starts before the hashes are taken: a write between the two is
+        // seen as dirty by the first check.
+        self.vm.dirty_log().map_err(|e| e.to_string())?;
+        let baseline =
+            Baseline::take(&self.mem, &cpus, &located.layout).map_err(|e| e.to_string())?;
+        tracing::info!(
+            slide = located.slide,
+            from = located.slide_from.as_str(),
+            "introspection: baseline taken"
+        );
+        *lock(&self.located) = Some(located);
+        // The MSR guard compares with vCPUs that were up: one still starting
+        // (no long mode) sets its MSRs for the first time later.
+        *lock(&self.shared.baseline_msrs) =
+            Some(cpus.into_iter().filter(CpuState::long_mode).collect());
+        let baseline = Arc::new(baseline);
+        *lock(&self.shared.baseline) = Some(baseline.clone());
+        Ok(Checker::new((*baseline).clone(), Some(symbols.clone())))
+    }
+
+    fn check(&self, checker: &mut Checker) -> Result<Vec<FindingRecord>, String> {
+        let start = Instant::now();
+        let cpus = self.cpus()?;
+        let dirty = self.vm.dirty_log().map_err(|e| e.to_string())?;
+        // The checker re-hashes exactly the pages this says were written.
+        let hashed = std::cell::Cell::new(0u64);
+        let is_dirty = |gpa: u64| {
+            let d = dirty.is_dirty(gpa);
+            hashed.set(hashed.get() + u64::from(d));
+            d
+        };
+        let findings = checker.check(&self.mem, &cpus, Some(&is_dirty));
+        let c = &self.shared.counters;
+        c.checks.inc();
+        c.pages_hashed.add(hashed.get());
+        c.check_time.record(start.elapsed());
+        Ok(self.shared.record(findings))
+    }
+
+    fn monitor_loop(
+        &self,
+        symbols: &Arc<SymbolTable>,
+        settings: MonitorSettings,
+        rx: mpsc::Receiver<Command>,
+    ) {
+        // Boot settles: wait, still answering (with an error) and stopping.
+        let until = Instant::now() + settings.baseline_after;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(Command::Check(reply)) => {
+                    let _ = reply.send(Err("the baseline is not taken yet".into()));
+                }
+                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => break,
+            }
+        }
+        // The kernel may not be up yet (no vCPU in long mode, its tables not
+        // mapped): try again until it is.
+        let mut logged = false;
+        let mut checker = loop {
+            match self.take_baseline(symbols) {
+                Ok(c) => break c,
+                Err(e) => {
+                    if !logged {
+                        tracing::info!("introspection: no baseline yet, retrying: {e}");
+                        logged = true;
+                    }
+                }
+            }
+            match rx.recv_timeout(BASELINE_RETRY) {
+                Ok(Command::Check(reply)) => {
+                    let _ = reply.send(Err("the baseline is not taken yet".into()));
+                }
+                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        };
+        let mut next = Instant::now() + settings.period;
+        loop {
+            let left = next.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Command::Check(reply)) => {
+                    let _ = reply.send(self.check(&mut checker));
+                }
+                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = self.check(&mut checker) {
+                        tracing::warn!("introspection: check failed: {e}");
+                    }
+                    next += settings.period;
+                    // A check that overran does not make the next ones bunch up.
+                    if next < Instant::now() {
+                        next = Instant::now() + settings.period;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks now (`PUT /vigil/introspect/check`), returning what is new.
+    pub fn check_now(&self) -> Result<Vec<FindingRecord>, String> {
+        let (reply, answer) = mpsc::channel();
+        {
+            let monitor = lock(&self.monitor);
+            let m = monitor
+                .as_ref()
+                .ok_or("the monitor is not running (PUT /vigil/introspect starts it)")?;
+            m.commands
+                .send(Command::Check(reply))
+                .map_err(|_| "the monitor thread ended")?;
+        }
+        answer
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "the monitor did not answer within 30 s".to_string())?
+    }
+
+    /// The baseline, once taken.
+    pub fn baseline(&self) -> Option<Arc<Baseline>> {
+        lock(&self.shared.baseline).clone()
+    }
+
+    /// Findings with a sequence number above `since`.
+    pub fn findings(&self, since: u64) -> Vec<FindingRecord> {
+        let log = lock(&self.shared.findings);
+        let start = usize::try_from(since).unwrap_or(usize::MAX).min(log.records.len());
+        log.records[start..].to_vec()
+    }
+
+    /// Where things stand.
+    pub fn status(&self) -> Status {
+        let monitor = lock(&self.monitor);
+        let located = lock(&self.located);
+        let snap = self.shared.counters.snapshot();
+        Status {
+            monitoring: monitor.is_some(),
+            settings: monitor.as_ref().map(|m| m.settings),
+            baseline_taken: lock(&self.shared.baseline).is_some(),
+            symbols: lock(&self.shared.symbols).as_ref().map_or(0, |s| s.len()),
+            kaslr_slide: located.as_ref().map(|l| l.slide),
+            kaslr_slide_from: located.as_ref().map(|l| l.slide_from.clone()),
+            checks: snap.checks,
+            findings: snap.findings_total(),
+            tracing: lock(&self.tracer).is_some(),
+        }
+    }
+
+    /// What the guest kernel looks like now: registers of every vCPU, where LSTAR,
+    /// the IDT's exception gates and the syscall table point, and the KASLR slide.
+    pub fn current_state(&self) -> Result<GuestView, String> {
+        let cpus = self.cpus()?;
+        let symbols = lock(&self.shared.symbols).clone();
+        Ok(GuestView::read(&self.mem, &cpus, symbols.as_deref()))
+    }
+
+    /// Writes `bytes` into the guest at `address` (guest-physical with `physical`,
+    /// else guest-virtual through vCPU `vcpu`'s page tables), for tests of the
+    /// monitor (`PUT /vigil/debug/memory`).
+    pub fn debug_write_memory(
+        &self,
+        vcpu: u32,
+        address: u64,
+        physical: bool,
+        bytes: &[u8],
+    ) -> Result<(), String> {
+        use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+        let cpu = if physical {
+            None
+        } else {
+            let cpus = self.cpus()?;
+            Some(
+                *cpus
+                    .iter()
+                    .find(|c| c.vcpu == vcpu)
+                    .ok_or_else(|| format!("vcpu {vcpu}: the VM has {} vCPUs", cpus.len()))?,
+            )
+        };
+        // Translate every byte's page first: all of it is written, or none.
+        let mut pieces = Vec::new();
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let va = address.wrapping_add(done as u64);
+            let pa = match &cpu {
+                None => va,
+                Some(c) => {
+                    translate(&self.mem, c.cr3, c.la57(), va)
+                        .map_err(|e| format!("address {va:#x}: {e}"))?
+                        .paddr
+                }
+            };
+            let n = ((0x1000 - (va & 0xfff)) as usize).min(bytes.len() - done);
+            pieces.push((pa, done, n));
+            done += n;
+        }
+        if let Some(&(pa, _, n)) = pieces
+            .iter()
+            .find(|(pa, _, n)| !self.mem.check_range(GuestAddress(*pa), *n, Permissions::Write))
+        {
+            return Err(format!("address {pa:#x} (+{n} bytes): outside guest RAM"));
+        }
+        for (pa, at, n) in pieces {
+            self.mem
+                .write_slice(&bytes[at..at + n], GuestAddress(pa))
+                .map_err(|_| format!("address {pa:#x} (+{n} bytes): outside guest RAM"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes an MSR of vCPU `vcpu` from the host (`PUT /vigil/debug/msr`): not
+    /// subject to the MSR guard, so only the periodic check sees it.
+    pub fn debug_write_msr(&self, vcpu: u32, index: u32, value: u64) -> Result<(), String> {
+        self.vm
+            .write_msr(vcpu, index, value)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Starts tracing system calls that pass `filter`; each is kept in memory (the
+    /// last [`TRACE_KEEP`]) and, with `output`, written there as a JSON line.
+    pub fn start_trace(&self, filter: SyscallFilter, output: Option<&Path>) -> Result<(), String> {
+        let cpus = self.cpus()?;
+        let lstar = cpus
+            .iter()
+            .find(|c| c.long_mode())
+            .map(|c| c.lstar)
+            .filter(|&l| l != 0)
+            .ok_or("the guest has no syscall entry yet (LSTAR is 0)")?;
+        let out = match output {
+            Some(p) => Some((
+                p.to_owned(),
+                std::io::BufWriter::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .map_err(|e| format!("output {}: {e}", p.display()))?,
+                ),
+            )),
+            None => None,
+        };
+        self.stop_trace();
+        let tracer = Arc::new(Tracer {
+            filter,
+            entry: lstar,
+            out: Mutex::new(out),
+            kept: Mutex::default(),
+            seq: AtomicU64::new(0),
+            counters: self.shared.counters.clone(),
+        });
+        self.vm
+            .set_breakpoints(&[lstar], tracer.clone())
+            .map_err(|e| format!("cannot set the breakpoint at LSTAR {lstar:#x}: {e}"))?;
+        self.shared.counters.tracing.set(1);
+        *lock(&self.tracer) = Some(tracer);
+        Ok(())
+    }
+
+    /// Starts tracing into `output` as soon as the guest has a syscall entry
+    /// (LSTAR set, early in its boot): `--trace-syscalls`.
+    pub fn trace_once_ready(self: &Arc<Self>, filter: SyscallFilter, output: PathBuf) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("trace-start".into())
+            .spawn(move || {
+                while !me.vm.is_stopping() {
+                    let ready = me
+                        .cpus()
+                        .map(|cpus| cpus.iter().any(|c| c.long_mode() && c.lstar != 0))
+                        .unwrap_or(false);
+                    if ready {
+                        if let Err(e) = me.start_trace(filter, Some(&output)) {
+                            tracing::error!("--trace-syscalls: {e}");
+                        }
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("--trace-syscalls: cannot start its thread: {e}");
+        }
+    }
+
+    /// Stops tracing: the guest runs at full speed again.
+    pub fn stop_trace(&self) -> bool {
+        let Some(tracer) = lock(&self.tracer).take() else {
+            return false;
+        };
+        if !self.vm.is_stopping() {
+            if let Err(e) = self.vm.clear_breakpoints() {
+                tracing::warn!("cannot clear the tracing breakpoint: {e}");
+            }
+        }
+        tracer.flush();
+        self.shared.counters.tracing.set(0);
+        true
+    }
+
+    /// Traced calls with a sequence number above `since`, and whether tracing runs.
+    pub fn trace(&self, since: u64) -> (Vec<TraceRecord>, bool) {
+        match lock(&self.tracer).as_ref() {
+            Some(t) => (t.since(since), true),
+            None => (Vec::new(), false),
+        }
+    }
+
+    /// Stops whatever runs (the VM is ending).
+    pub fn shutdown(&self) {
+        self.stop_trace();
+        self.stop_monitor();
+    }
+}
+
+/// How many traced calls are kept in memory for `GET /vigil/trace`.
+pub const TRACE_KEEP: usize = 65536;
+
+/// A traced system call with its place and time.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceRecord {
+    pub seq: u64,
+    pub time_unix_ns: u64,
+    #[serde(flatten)]
+    pub call: SyscallRecord,
+}
+
+struct Tracer {
+    filter: SyscallFilter,
+    entry: u64,
+    out: Mutex<Option<(PathBuf, std::io::BufWriter<std::fs::File>)>>,
+    kept: Mutex<VecDeque<TraceRecord>>,
+    seq: AtomicU64,
+    counters: Arc<IntrospectCounters>,
+}
+
+impl Tracer {
+    fn since(&self, since: u64) -> Vec<TraceRecord> {
+        lock(&self.kept)
+            .iter()
+            .filter(|r| r.seq > since)
+            .cloned()
+            .collect()
+    }
+
+    fn flush(&self) {
+        if let Some((path, out)) = lock(&self.out).as_mut() {
+            if let Err(e) = out.flush() {
+                tracing::warn!("syscall trace {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+impl BreakpointHandler for Tracer {
+    fn hit(&self, vcpu: u32, regs: &kvm_bindings::kvm_regs, sregs: &kvm_bindings::kvm_sregs) {
+        if regs.rip != self.entry {
+            return;
+        }
+        self.counters.syscalls_seen.inc();
+        let r = SyscallRegs {
+            rax: regs.rax,
+            rdi: regs.rdi,
+            rsi: regs.rsi,
+            rdx: regs.rdx,
+            r10: regs.r10,
+            r8: regs.r8,
+            r9: regs.r9,
+            rcx: regs.rcx,
+            cr3: sregs.cr3,
+        };
+        if !self.filter.matches(&r) {
+            return;
+        }
+        self.counters.syscalls_traced.inc();
+        let record = TraceRecord {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            time_unix_ns: unix_ns(),
+            call: SyscallRecord::decode(vcpu, &r),
+        };
+        if let Some((path, out)) = lock(&self.out).as_mut() {
+            let line = serde_json::to_string(&record).unwrap_or_default();
+            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                tracing::warn!("syscall trace {}: {e}", path.display());
+            }
+        }
+        let mut kept = lock(&self.kept);
+        if kept.len() == TRACE_KEEP {
+            kept.pop_front();
+        }
+        kept.push_back(record);
+    }
+}
