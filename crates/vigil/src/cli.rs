@@ -438,6 +438,13 @@ impl RunArgs {
                 .open(path)
                 .with_context(|| format!("--metrics-path {}: cannot open it", path.display()))?;
         }
+        if let Some(path) = &self.trace_syscalls {
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("--trace-syscalls {}: cannot open it", path.display()))?;
+        }
         let metrics = self.metrics_path.as_ref().map(|path| Metrics {
             metrics_path: path.display().to_string(),
             ..Default::default()
