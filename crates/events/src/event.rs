@@ -410,35 +410,14 @@ impl Rule {
 
     /// Which source emits it.
     pub const fn source(self) -> Source {
+        if self.is_introspection() {
+            return Source::Vm;
+        }
         match self {
-            Rule::HostMemoryPressure
-            | Rule::HostCpuPressure
-            | Rule::HostIoPressure
-            | Rule::VmRateLimitSaturated
-            | Rule::VmIoFlood
-            | Rule::VmPacketFlood
-            | Rule::VmCrashed
-            | Rule::VmLifecycle => Source::Host,
             Rule::ApiMalformedRequest | Rule::ApiUnauthorized => Source::Api,
             Rule::PolicyAction => Source::Policy,
             Rule::IncidentDosCrash => Source::Correlation,
-            Rule::IdtEntryModified
-            | Rule::IdtrChanged
-            | Rule::GdtEntryModified
-            | Rule::GdtrChanged
-            | Rule::SyscallTableModified
-            | Rule::KernelTextModified
-            | Rule::KernelRodataModified
-            | Rule::KernelMappingChanged
-            | Rule::SyscallMsrChanged
-            | Rule::SyscallMsrWrite
-            | Rule::Cr0WpCleared
-            | Rule::Cr4SmepCleared
-            | Rule::Cr4SmapCleared
-            | Rule::Cr4UmipCleared
-            | Rule::EferNxeCleared
-            | Rule::EferSceChanged
-            | Rule::IntegrityReadFailed => Source::Vm,
+            _ => Source::Host,
         }
     }
 
@@ -525,23 +504,8 @@ impl Rule {
             Rule::PolicyAction => &["policy", "response"],
             Rule::IncidentDosCrash => &["vm", "incident", "availability"],
             Rule::VmLifecycle => &["vm", "lifecycle"],
-            Rule::IdtEntryModified
-            | Rule::IdtrChanged
-            | Rule::GdtEntryModified
-            | Rule::GdtrChanged
-            | Rule::SyscallTableModified
-            | Rule::KernelTextModified
-            | Rule::KernelRodataModified
-            | Rule::KernelMappingChanged
-            | Rule::SyscallMsrChanged
-            | Rule::SyscallMsrWrite
-            | Rule::Cr0WpCleared
-            | Rule::Cr4SmepCleared
-            | Rule::Cr4SmapCleared
-            | Rule::Cr4UmipCleared
-            | Rule::EferNxeCleared
-            | Rule::EferSceChanged
-            | Rule::IntegrityReadFailed => &["vm", "introspection", "integrity"],
+            // The introspection rules.
+            _ => &["vm", "introspection", "integrity"],
         };
         let mut tags: Vec<String> = categories.iter().map(|s| (*s).to_owned()).collect();
         if let Some(m) = self.mitre() {

@@ -101,11 +101,7 @@ fn boot_until_emulation_failure(protocol: &str) {
         "{r}"
     );
     // RIP is named from the System.map, in the FPU set-up that runs xrstor.
-    let rip = r
-        .stderr
-        .lines()
-        .find(|l| l.trim_start().starts_with("RIP "))
-        .expect("RIP line");
+    let rip = r.rip_line();
     assert!(rip.contains("<fpu__"), "{rip}\n{r}");
     assert!(r.stderr.contains("CS 0x0010 (CPL 0, 64-bit)"), "{r}");
 }
@@ -189,11 +185,7 @@ fn linux_emulation_failure_is_kept_paused_with_on_crash_pause() {
         "the report at the crash and at the end: {r}"
     );
     assert!(r.stderr.contains("kept, paused, for inspection"), "{r}");
-    let rip = r
-        .stderr
-        .lines()
-        .find(|l| l.trim_start().starts_with("RIP "))
-        .expect("RIP line");
+    let rip = r.rip_line();
     assert!(
         rip.contains("<fpu__"),
         "named from the vmlinux .symtab: {rip}\n{r}"

@@ -131,11 +131,7 @@ fn a_triple_fault_is_a_crash_with_registers() {
     // ud2 is what the guest executed last.
     assert!(r.stderr.contains("code at RIP: 0f 0b"), "{r}");
     // Named from the guest ELF's own symbols, without --symbols.
-    let rip = r
-        .stderr
-        .lines()
-        .find(|l| l.trim_start().starts_with("RIP "))
-        .expect("RIP line");
+    let rip = r.rip_line();
     assert!(rip.contains(" <kmain+0x"), "{rip}\n{r}");
 }
 

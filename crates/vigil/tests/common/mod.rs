@@ -33,6 +33,14 @@ impl Run {
             .copied()
             .unwrap_or_else(|| panic!("no line starting with {prefix:?}\n{self}"))
     }
+
+    /// The `RIP ...` line of a crash report on stderr.
+    pub fn rip_line(&self) -> &str {
+        self.stderr
+            .lines()
+            .find(|l| l.trim_start().starts_with("RIP "))
+            .unwrap_or_else(|| panic!("no RIP line in a crash report\n{self}"))
+    }
 }
 
 impl std::fmt::Display for Run {
