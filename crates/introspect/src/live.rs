@@ -152,6 +152,8 @@ struct Shared {
     symbols: Mutex<Option<Arc<SymbolTable>>>,
     /// (vCPU, MSR, value) the guard already reported.
     msr_reported: Mutex<HashSet<(u32, u32, u64)>>,
+    /// The monitor thread, to check at once on an event.
+    monitor_tx: Mutex<Option<Sender<Command>>>,
 }
 
 impl Shared {
@@ -233,7 +235,7 @@ impl MsrGuard for Guard {
                 Policy::Report => "let through",
             };
             let rule = Rule::SyscallMsrWrite;
-            shared.record(vec![Finding {
+            let _ = shared.record(vec![Finding {
                 rule,
                 priority: rule.default_priority(),
                 mitre: rule.mitre(),
@@ -256,6 +258,10 @@ impl MsrGuard for Guard {
                 symbol,
                 restored: false,
             }]);
+            // An event: check the rest of the kernel now rather than at the period.
+            if let Some(tx) = lock(&shared.monitor_tx).as_ref() {
+                let _ = tx.send(Command::Check(None));
+            }
         }
         match policy {
             Policy::Protect => {
@@ -278,8 +284,9 @@ struct MonitorThread {
 }
 
 enum Command {
-    /// Check now; answer with what was found.
-    Check(Sender<Result<Vec<FindingRecord>, String>>),
+    /// Check now; answer with what was found, when asked (the API), or not (an
+    /// event: the MSR guard saw a write).
+    Check(Option<Sender<Result<Vec<FindingRecord>, String>>>),
     Stop,
 }
 
@@ -387,6 +394,7 @@ impl Introspector {
                 policy: Mutex::default(),
                 symbols: Mutex::new(symbols.map(Arc::new)),
                 msr_reported: Mutex::default(),
+                monitor_tx: Mutex::default(),
             }),
             monitor: Mutex::default(),
             tracer: Mutex::default(),
@@ -431,6 +439,7 @@ impl Introspector {
             .spawn(move || me.monitor_loop(&symbols, settings, rx))
             .map_err(|e| format!("cannot start the monitor thread: {e}"))?;
         self.shared.counters.monitoring.set(1);
+        *lock(&self.shared.monitor_tx) = Some(commands.clone());
         *lock(&self.monitor) = Some(MonitorThread {
             commands,
             thread,
@@ -444,6 +453,7 @@ impl Introspector {
         let Some(m) = lock(&self.monitor).take() else {
             return false;
         };
+        *lock(&self.shared.monitor_tx) = None;
         let _ = m.commands.send(Command::Stop);
         let _ = m.thread.join();
         // A VM that is ending takes its guard and dirty log with it.
@@ -522,7 +532,9 @@ impl Introspector {
             }
             match rx.recv_timeout(left) {
                 Ok(Command::Check(reply)) => {
-                    let _ = reply.send(Err("the baseline is not taken yet".into()));
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err("the baseline is not taken yet".into()));
+                    }
                 }
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => break,
@@ -543,7 +555,9 @@ impl Introspector {
             }
             match rx.recv_timeout(BASELINE_RETRY) {
                 Ok(Command::Check(reply)) => {
-                    let _ = reply.send(Err("the baseline is not taken yet".into()));
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err("the baseline is not taken yet".into()));
+                    }
                 }
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {}
@@ -554,7 +568,17 @@ impl Introspector {
             let left = next.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(Command::Check(reply)) => {
-                    let _ = reply.send(self.check(&mut checker));
+                    let found = self.check(&mut checker);
+                    match reply {
+                        Some(reply) => {
+                            let _ = reply.send(found);
+                        }
+                        None => {
+                            if let Err(e) = found {
+                                tracing::warn!("introspection: check failed: {e}");
+                            }
+                        }
+                    }
                 }
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {
@@ -580,7 +604,7 @@ impl Introspector {
                 .as_ref()
                 .ok_or("the monitor is not running (PUT /vigil/introspect starts it)")?;
             m.commands
-                .send(Command::Check(reply))
+                .send(Command::Check(Some(reply)))
                 .map_err(|_| "the monitor thread ended")?;
         }
         answer
