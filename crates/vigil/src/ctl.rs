@@ -494,18 +494,47 @@ pub fn event_line(text: &str) -> String {
     let incident = f["incident.id"]
         .as_u64()
         .map_or_else(String::new, |i| format!(" incident={i}"));
+    let what = finding_text(f).unwrap_or_else(|| s(&v["output"]));
     let line = format!(
-        "{} {:<13} {:<24} vm={}{incident}  {}",
+        "{} {:<13} {:<24} vm={}{incident}  {what}",
         s(&v["time"]),
         s(&v["priority"]),
         s(&v["rule"]),
         s(&f["vm.id"]),
-        s(&v["output"])
     );
     // The message comes from guests and peers: no control characters on a terminal.
     line.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// An introspection finding's fields, for people: `vCPU 0 LSTAR: 0x1000
+/// <syscall_entry> -> 0x2000 <rootkit_syscall_entry> (refused)`; `None` for other
+/// events (and for findings without a `from`, whose message says it better).
+fn finding_text(f: &Value) -> Option<String> {
+    let get = |k: &str| f[k].as_str().filter(|s| !s.is_empty());
+    let location = get("introspect.location")?;
+    let from = get("introspect.from")?;
+    let to = get("introspect.to").unwrap_or("-");
+    let sym = |k: &str| get(k).map(|s| format!(" <{s}>")).unwrap_or_default();
+    let vcpu = f["introspect.vcpu"]
+        .as_u64()
+        .map(|v| format!("vCPU {v} "))
+        .unwrap_or_default();
+    let mut text = format!(
+        "{vcpu}{location}: {from}{} -> {to}{}",
+        sym("introspect.from_symbol"),
+        sym("introspect.symbol")
+    );
+    if f["introspect.restored"] == Value::Bool(true) {
+        text.push_str(" (restored)");
+    }
+    match f["introspect.refused"].as_bool() {
+        Some(true) => text.push_str(" (refused)"),
+        Some(false) => text.push_str(" (let through)"),
+        None => {}
+    }
+    Some(text)
 }
 
 fn events(socket: &Path, follow: bool, json: bool) -> anyhow::Result<()> {
@@ -711,6 +740,37 @@ mod tests {
         );
         assert!(!line.contains('\n'), "{line}");
         assert_eq!(event_line("not json"), "not json");
+    }
+
+    #[test]
+    fn findings_as_lines() {
+        let line = event_line(
+            r#"{"time":"t","priority":"Critical","rule":"syscall_table_modified","output":"vm a: long message",
+                "output_fields":{"vm.id":"a","introspect.location":"sys_call_table[1]",
+                "introspect.from":"0x1000","introspect.to":"0x2000","introspect.from_symbol":"sys_vigil_1",
+                "introspect.symbol":"rootkit_sys_hook","introspect.restored":false,"introspect.seq":1}}"#,
+        );
+        assert!(
+            line.ends_with(
+                "vm=a  sys_call_table[1]: 0x1000 <sys_vigil_1> -> 0x2000 <rootkit_sys_hook>"
+            ),
+            "{line}"
+        );
+        let line = event_line(
+            r#"{"time":"t","priority":"Critical","rule":"syscall_msr_write","output":"m",
+                "output_fields":{"vm.id":"a","introspect.location":"LSTAR","introspect.vcpu":0,
+                "introspect.from":"0x1000","introspect.to":"0x2000","introspect.refused":true}}"#,
+        );
+        assert!(
+            line.ends_with("vCPU 0 LSTAR: 0x1000 -> 0x2000 (refused)"),
+            "{line}"
+        );
+        // Without a baseline value: the message.
+        let line = event_line(
+            r#"{"time":"t","priority":"Warning","rule":"integrity_read_failed","output":"vm a: cannot read",
+                "output_fields":{"vm.id":"a","introspect.location":"IDT","introspect.from":""}}"#,
+        );
+        assert!(line.ends_with("vm a: cannot read"), "{line}");
     }
 
     #[test]
