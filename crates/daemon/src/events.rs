@@ -1,7 +1,8 @@
 //! The daemon's security event stream: `vigil-events` embedded and fed.
 //!
 //! Sources: the sampler (every `--sample-interval`, each running VM's metrics
-//! snapshot and the host's pressure readings, through the detectors), the
+//! snapshot and the host's pressure readings, through the detectors; and each
+//! VM's new introspection findings, one event each: [`crate::findings`]), the
 //! supervisor (VM lifecycle events, `vm_crashed` when it reaps a crashed VM) and the
 //! API (`api_malformed_request`, `api_unauthorized`, limited per peer). Every event
 //! goes through one [`vigil_events::Engine`] (correlation into incidents, then the

@@ -1,6 +1,7 @@
 //! VM processes: spawning, reaping, forwarding to their API sockets, stopping.
 //!
 //! Each VM is one `vigil run --api-sock DIR/api.sock --config-file DIR/config.json`
+//! (with `--introspect`, `--trace-syscalls`, `--debug-api` when the create request asks)
 //! process, DIR being `<state-dir>/vms/<id>`. Its serial console (stdout) goes to
 //! `DIR/console.log` and its own log (stderr) to `DIR/vmm.log`. One task per VM owns
 //! the process handle: it alone reaps the process, and it alone signals it, so a
