@@ -71,6 +71,18 @@ fn the_daemon_refuses_bad_introspection_settings() {
         body.to_string().contains("trace_syscalls.syscalls"),
         "{body}"
     );
+    // `vigil ctl create --introspect` passes the settings on, and the refusal back.
+    let config = d.config_file("hang");
+    let r = d.ctl(&[
+        "create",
+        "bad",
+        "--config",
+        config.to_str().unwrap(),
+        "--introspect",
+        "period_ms=0",
+    ]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("introspect.period_ms 0"), "{r}");
     // Nothing was created.
     let (_, list) = d.http("GET", "/vms", None);
     assert_eq!(list, json!([]), "{list}");
