@@ -178,6 +178,17 @@ fn a_hooked_syscall_table_is_a_security_event_of_the_daemon() {
     assert_eq!(f["introspect.restored"], false, "{e}");
     assert!(f["introspect.seq"].as_u64().unwrap() >= 1, "{e}");
 
+    // GET /events carries it too.
+    let (status, sse) = d.http("GET", "/events?follow=false", None);
+    assert_eq!(status, 200);
+    let sse = sse.as_str().unwrap_or_default().to_owned();
+    assert!(
+        sse.lines().any(|l| l.starts_with("data:")
+            && l.contains("\"rule\":\"syscall_table_modified\"")
+            && l.contains("\"vm.id\":\"rk\"")),
+        "{sse}"
+    );
+
     // Prometheus on the daemon counts it.
     let want = "vigil_introspect_findings_total{vm=\"rk\",rule=\"syscall_table_modified\"} 1";
     let (_, metrics) = d.http("GET", "/metrics", None);
