@@ -86,6 +86,34 @@ fn the_daemon_refuses_bad_introspection_settings() {
     // Nothing was created.
     let (_, list) = d.http("GET", "/vms", None);
     assert_eq!(list, json!([]), "{list}");
+
+    // `{}`: the VMM's defaults (`--introspect=`, `--trace-syscalls` of every call).
+    let (status, vm) = d.http(
+        "POST",
+        "/vms",
+        Some(json!({"id": "defaults", "config": d.config("hang"),
+                    "introspect": {}, "trace_syscalls": {}})),
+    );
+    assert_eq!(status, 201, "{vm}\n--- daemon\n{}", d.log());
+    assert_eq!(vm["introspect"], json!({}), "{vm}");
+    assert_eq!(vm["trace_syscalls"], json!({}), "{vm}");
+    assert!(vm.get("debug_api").is_none(), "{vm}");
+    let sock = PathBuf::from(vm["api_socket"].as_str().unwrap());
+    // The VMM starts the monitor just after it reports itself running.
+    let s = wait_until("the monitor", Duration::from_secs(20), || {
+        let r = http::request(&sock, "GET", "/vigil/introspect", "");
+        (r.status == 200 && r.json()["monitoring"] == true).then(|| r.json())
+    });
+    assert_eq!(s["settings"]["period"], 1000, "{s}");
+    // Without debug_api the debug writes are refused.
+    let w = http::request(
+        &sock,
+        "PUT",
+        "/vigil/debug/memory",
+        r#"{"address": "0x1000", "bytes": "00"}"#,
+    );
+    assert_eq!(w.status, 403, "{}", w.body);
+    d.ctl_ok(&["destroy", "defaults"]);
 }
 
 #[test]
@@ -121,7 +149,8 @@ fn a_hooked_syscall_table_is_a_security_event_of_the_daemon() {
 
     // The VM's own API: the monitor runs and takes its baseline.
     wait_until("the baseline", Duration::from_secs(20), || {
-        let s = http::request(&sock, "GET", "/vigil/introspect", "").json();
+        let r = http::request(&sock, "GET", "/vigil/introspect", "");
+        let s = if r.status == 200 { r.json() } else { json!({}) };
         (s["monitoring"] == true && s["baseline_taken"] == true).then_some(())
     });
 
