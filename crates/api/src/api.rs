@@ -155,7 +155,7 @@ fn pattern_of(path: &str) -> Option<&'static str> {
 }
 
 /// The introspection resources (answered by [`crate::introspect`]).
-fn is_introspection(path: &str) -> bool {
+pub(crate) fn is_introspection(path: &str) -> bool {
     ["/vigil/introspect", "/vigil/trace", "/vigil/debug/"]
         .iter()
         .any(|p| path.starts_with(p))

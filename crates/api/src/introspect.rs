@@ -14,6 +14,21 @@ use vigil_introspect::{SymbolTable, SyscallFilter};
 
 use crate::api::{body, done, Response};
 
+/// The introspection resources, with the methods each accepts (the API routes
+/// every path under `/vigil/introspect`, `/vigil/trace` and `/vigil/debug/` here;
+/// each needs a running VM, the debug ones `--debug-api` too).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("/vigil/introspect", "GET, PUT, DELETE"),
+    ("/vigil/introspect/baseline", "GET"),
+    ("/vigil/introspect/state", "GET"),
+    ("/vigil/introspect/check", "PUT"),
+    ("/vigil/introspect/findings", "GET"),
+    ("/vigil/introspect/symbols", "PUT"),
+    ("/vigil/trace", "GET, PUT, DELETE"),
+    ("/vigil/debug/memory", "PUT"),
+    ("/vigil/debug/msr", "PUT"),
+];
+
 /// `PUT /vigil/introspect`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -275,5 +290,19 @@ mod tests {
         assert_eq!(since("since=5").ok(), Some(5));
         assert_eq!(since("").ok(), Some(0));
         assert!(since("until=3").is_err());
+    }
+
+    #[test]
+    fn every_introspection_route_reaches_this_router() {
+        for (path, _) in ROUTES {
+            assert!(crate::api::is_introspection(path), "{path}");
+            assert!(
+                !crate::api::ROUTES.iter().any(|(p, _)| p == path),
+                "{path} is in both route lists"
+            );
+        }
+        for (path, _) in crate::api::ROUTES {
+            assert!(!crate::api::is_introspection(path), "{path}");
+        }
     }
 }

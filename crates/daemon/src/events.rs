@@ -1,7 +1,8 @@
 //! The daemon's security event stream: `vigil-events` embedded and fed.
 //!
 //! Sources: the sampler (every `--sample-interval`, each running VM's metrics
-//! snapshot and the host's pressure readings, through the detectors), the
+//! snapshot and the host's pressure readings, through the detectors; and each
+//! VM's new introspection findings, one event each: [`crate::findings`]), the
 //! supervisor (VM lifecycle events, `vm_crashed` when it reaps a crashed VM) and the
 //! API (`api_malformed_request`, `api_unauthorized`, limited per peer). Every event
 //! goes through one [`vigil_events::Engine`] (correlation into incidents, then the
@@ -36,6 +37,7 @@ use vigil_events::{
 };
 pub use vigil_events::{Event, Priority, Rule};
 
+use crate::findings::{finding_event, FindingCursors, FindingRecord, VM_FINDINGS_PATH};
 use crate::supervisor::{StopMethod, Supervisor, VmState};
 
 /// How long an SSE stream stays silent before a keep-alive comment.
@@ -791,6 +793,7 @@ pub async fn sample(
     scrape_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut cursors = FindingCursors::default();
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -798,7 +801,9 @@ pub async fn sample(
             _ = ticks.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let samples = crate::metrics::collect(&supervisor, scrape_timeout.min(interval)).await;
+        let timeout = scrape_timeout.min(interval);
+        let samples = crate::metrics::collect(&supervisor, timeout).await;
+        emit_findings(&events, &mut cursors, &samples, timeout).await;
         let vms = samples
             .iter()
             .filter_map(|s| Some(vm_sample(&s.info.id, s.snapshot.as_ref()?)))
@@ -806,6 +811,62 @@ pub async fn sample(
         let host = host_sample(&vigil_metrics::HostSnapshot::read());
         let _ = events.tx.send(Input::Tick { host, vms });
         events.flush_api_summaries();
+    }
+}
+
+/// Emits the introspection findings of each VM whose snapshot counts more of them
+/// than were emitted (see [`crate::findings`]); forgets the VMs that are gone.
+async fn emit_findings(
+    events: &Events,
+    cursors: &mut FindingCursors,
+    samples: &[crate::metrics::VmSample],
+    timeout: Duration,
+) {
+    cursors.retain(samples.iter().map(|s| s.info.id.as_str()));
+    let mut fetches = tokio::task::JoinSet::new();
+    for s in samples {
+        let Some(snapshot) = &s.snapshot else {
+            continue;
+        };
+        let total = snapshot.introspection.findings_total();
+        let Some(since) = cursors.due(&s.info.id, s.info.pid, total) else {
+            continue;
+        };
+        let (id, pid, socket) = (s.info.id.clone(), s.info.pid, s.info.api_socket.clone());
+        fetches.spawn(async move {
+            let path = format!("{VM_FINDINGS_PATH}?since={since}");
+            let records = match crate::client::request(&socket, "GET", &path, None, timeout).await {
+                Ok(r) if r.is_success() => serde_json::from_slice::<Vec<FindingRecord>>(&r.body)
+                    .map_err(|e| format!("not a list of findings: {e}")),
+                Ok(r) => Err(format!("status {}: {}", r.status, r.fault_message())),
+                Err(e) => Err(e.to_string()),
+            };
+            (id, pid, since, records)
+        });
+    }
+    while let Some(joined) = fetches.join_next().await {
+        let Ok((id, pid, since, records)) = joined else {
+            continue;
+        };
+        match records {
+            Ok(records) => {
+                let records = crate::findings::after(since, records);
+                for r in &records {
+                    match finding_event(&id, r) {
+                        Some(e) => events.emit(e),
+                        None => tracing::warn!(
+                            id,
+                            rule = r.rule,
+                            "introspection finding {} of an unknown rule: not reported",
+                            r.seq
+                        ),
+                    }
+                }
+                cursors.advance(&id, pid, &records);
+            }
+            // Asked again next tick.
+            Err(e) => tracing::debug!(id, "cannot fetch introspection findings: {e}"),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod events;
+pub mod findings;
 pub mod id;
 pub mod metrics;
 pub mod supervisor;

@@ -152,6 +152,32 @@ fn parse_interval(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `vigil ctl create --introspect period_ms=100,policy=protect`: the create
+/// request's `introspect` object (the daemon checks the values).
+fn parse_introspect(s: &str) -> Result<Value, String> {
+    let mut out = serde_json::Map::new();
+    for item in s.split(',').filter(|i| !i.is_empty()) {
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            format!("{item:?}: expected key=value (period_ms, policy, baseline_after_ms)")
+        })?;
+        let v = match key {
+            "period_ms" | "baseline_after_ms" => {
+                Value::from(value.parse::<u64>().map_err(|_| {
+                    format!("{key}={value}: expected a whole number of milliseconds")
+                })?)
+            }
+            "policy" => Value::from(value),
+            _ => {
+                return Err(format!(
+                    "unknown key {key:?} (expected period_ms, policy, baseline_after_ms)"
+                ))
+            }
+        };
+        out.insert(key.to_owned(), v);
+    }
+    Ok(Value::Object(out))
+}
+
 /// Reads `--events-config`: vigil-events' `EventsConfig` as JSON.
 fn read_events_config(path: &Path) -> anyhow::Result<vigil_events::EventsConfig> {
     let text = std::fs::read_to_string(path)
@@ -255,6 +281,20 @@ pub enum CtlCommand {
         /// The configuration file ("boot-source", "machine-config", "drives", ...).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Watch the guest kernel's integrity from the start (its findings become
+        /// security events): period_ms=N (1 to 3600000, default 1000),
+        /// policy=report|protect, baseline_after_ms=N; `--introspect` alone takes the
+        /// defaults.
+        #[arg(long, value_name = "[period_ms=N][,policy=P][,baseline_after_ms=N]", num_args = 0..=1, default_missing_value = "", value_parser = parse_introspect)]
+        introspect: Option<Value>,
+        /// Trace the guest's system calls into syscalls.jsonl in the VM's folder:
+        /// the calls to keep (read,write,59; cr3=0x... for one process), or all.
+        #[arg(long, value_name = "LIST", num_args = 0..=1, default_missing_value = "")]
+        trace_syscalls: Option<String>,
+        /// Let the VM's API socket write into the guest (PUT /vigil/debug/...): for
+        /// tests only.
+        #[arg(long)]
+        debug_api: bool,
     },
     /// Show everything about one VM, including how it ended and its logs' last lines.
     Inspect { id: String },
@@ -381,18 +421,32 @@ pub fn run_ctl(args: CtlArgs) -> anyhow::Result<()> {
                 print!("{}", vm_table(&vms));
             }
         }
-        CtlCommand::Create { id, config } => {
+        CtlCommand::Create {
+            id,
+            config,
+            introspect,
+            trace_syscalls,
+            debug_api,
+        } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("--config {}: cannot read it", config.display()))?;
             let value: Value = serde_json::from_str(&text)
                 .with_context(|| format!("--config {}: not valid JSON", config.display()))?;
-            let r = call(
-                socket,
-                "POST",
-                "/vms",
-                Some(serde_json::json!({"id": id, "config": value})),
-                SLOW,
-            )?;
+            let mut body = serde_json::json!({"id": id, "config": value});
+            if let Some(i) = introspect {
+                body["introspect"] = i;
+            }
+            if let Some(t) = trace_syscalls {
+                body["trace_syscalls"] = if t.is_empty() {
+                    serde_json::json!({})
+                } else {
+                    serde_json::json!({ "syscalls": t })
+                };
+            }
+            if debug_api {
+                body["debug_api"] = Value::Bool(true);
+            }
+            let r = call(socket, "POST", "/vms", Some(body), SLOW)?;
             print_record(&r, json);
         }
         CtlCommand::Inspect { id } => {
@@ -494,18 +548,47 @@ pub fn event_line(text: &str) -> String {
     let incident = f["incident.id"]
         .as_u64()
         .map_or_else(String::new, |i| format!(" incident={i}"));
+    let what = finding_text(f).unwrap_or_else(|| s(&v["output"]));
     let line = format!(
-        "{} {:<13} {:<24} vm={}{incident}  {}",
+        "{} {:<13} {:<24} vm={}{incident}  {what}",
         s(&v["time"]),
         s(&v["priority"]),
         s(&v["rule"]),
         s(&f["vm.id"]),
-        s(&v["output"])
     );
     // The message comes from guests and peers: no control characters on a terminal.
     line.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// An introspection finding's fields, for people: `vCPU 0 LSTAR: 0x1000
+/// <syscall_entry> -> 0x2000 <rootkit_syscall_entry> (refused)`; `None` for other
+/// events (and for findings without a `from`, whose message says it better).
+fn finding_text(f: &Value) -> Option<String> {
+    let get = |k: &str| f[k].as_str().filter(|s| !s.is_empty());
+    let location = get("introspect.location")?;
+    let from = get("introspect.from")?;
+    let to = get("introspect.to").unwrap_or("-");
+    let sym = |k: &str| get(k).map(|s| format!(" <{s}>")).unwrap_or_default();
+    let vcpu = f["introspect.vcpu"]
+        .as_u64()
+        .map(|v| format!("vCPU {v} "))
+        .unwrap_or_default();
+    let mut text = format!(
+        "{vcpu}{location}: {from}{} -> {to}{}",
+        sym("introspect.from_symbol"),
+        sym("introspect.symbol")
+    );
+    if f["introspect.restored"] == Value::Bool(true) {
+        text.push_str(" (restored)");
+    }
+    match f["introspect.refused"].as_bool() {
+        Some(true) => text.push_str(" (refused)"),
+        Some(false) => text.push_str(" (let through)"),
+        None => {}
+    }
+    Some(text)
 }
 
 fn events(socket: &Path, follow: bool, json: bool) -> anyhow::Result<()> {
@@ -711,6 +794,53 @@ mod tests {
         );
         assert!(!line.contains('\n'), "{line}");
         assert_eq!(event_line("not json"), "not json");
+    }
+
+    #[test]
+    fn introspect_options() {
+        assert_eq!(parse_introspect(""), Ok(serde_json::json!({})));
+        assert_eq!(
+            parse_introspect("period_ms=100,policy=protect,baseline_after_ms=0"),
+            Ok(serde_json::json!({"period_ms": 100, "policy": "protect", "baseline_after_ms": 0}))
+        );
+        assert!(parse_introspect("period=1s")
+            .unwrap_err()
+            .contains("\"period\""));
+        assert!(parse_introspect("period_ms=fast")
+            .unwrap_err()
+            .contains("period_ms=fast"));
+        assert!(parse_introspect("policy").is_err());
+    }
+
+    #[test]
+    fn findings_as_lines() {
+        let line = event_line(
+            r#"{"time":"t","priority":"Critical","rule":"syscall_table_modified","output":"vm a: long message",
+                "output_fields":{"vm.id":"a","introspect.location":"sys_call_table[1]",
+                "introspect.from":"0x1000","introspect.to":"0x2000","introspect.from_symbol":"sys_vigil_1",
+                "introspect.symbol":"rootkit_sys_hook","introspect.restored":false,"introspect.seq":1}}"#,
+        );
+        assert!(
+            line.ends_with(
+                "vm=a  sys_call_table[1]: 0x1000 <sys_vigil_1> -> 0x2000 <rootkit_sys_hook>"
+            ),
+            "{line}"
+        );
+        let line = event_line(
+            r#"{"time":"t","priority":"Critical","rule":"syscall_msr_write","output":"m",
+                "output_fields":{"vm.id":"a","introspect.location":"LSTAR","introspect.vcpu":0,
+                "introspect.from":"0x1000","introspect.to":"0x2000","introspect.refused":true}}"#,
+        );
+        assert!(
+            line.ends_with("vCPU 0 LSTAR: 0x1000 -> 0x2000 (refused)"),
+            "{line}"
+        );
+        // Without a baseline value: the message.
+        let line = event_line(
+            r#"{"time":"t","priority":"Warning","rule":"integrity_read_failed","output":"vm a: cannot read",
+                "output_fields":{"vm.id":"a","introspect.location":"IDT","introspect.from":""}}"#,
+        );
+        assert!(line.ends_with("vm a: cannot read"), "{line}");
     }
 
     #[test]
