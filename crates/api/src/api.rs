@@ -89,10 +89,6 @@ struct Inner {
     logger: Option<Logger>,
     metrics: Option<MetricsSink>,
     counts: RequestCounts,
-    /// Introspection of the running VM.
-    introspector: Option<Arc<Introspector>>,
-    /// Whether `/vigil/debug/...` (writes into the guest) is served.
-    debug_api: bool,
 }
 
 /// The state behind one VM's API.
@@ -102,6 +98,10 @@ pub struct Api {
     inner: Mutex<Inner>,
     to_vmm: Mutex<Sender<ToVmm>>,
     logger_hook: Option<LoggerHook>,
+    /// Introspection of the running VM, and whether `/vigil/debug/...` (writes
+    /// into the guest) is served. Not under `inner`: it is attached while a
+    /// request that started the VM may hold that lock.
+    introspection: Mutex<Option<(Arc<Introspector>, bool)>>,
 }
 
 /// The resources Vigil answers, with the methods each accepts (for messages).
@@ -234,9 +234,8 @@ impl Api {
                 logger: None,
                 metrics: None,
                 counts: RequestCounts::default(),
-                introspector: None,
-                debug_api: false,
             }),
+            introspection: Mutex::new(None),
             to_vmm: Mutex::new(to_vmm),
             logger_hook,
         })
@@ -261,9 +260,7 @@ impl Api {
     /// `/vigil/trace`), and with `debug_api` the writes into the guest
     /// (`/vigil/debug/...`) that tests of the monitor use.
     pub fn set_introspector(&self, introspector: Arc<Introspector>, debug_api: bool) {
-        let mut inner = lock(&self.inner);
-        inner.introspector = Some(introspector);
-        inner.debug_api = debug_api;
+        *lock(&self.introspection) = Some((introspector, debug_api));
     }
 
     /// Configures logging as `PUT /logger` does.
@@ -430,12 +427,11 @@ impl Api {
     }
 
     fn introspect(&self, method: &str, path: &str, query: &str, bytes: &[u8]) -> Response {
-        let (introspector, debug_api) = {
-            let inner = lock(&self.inner);
-            (inner.introspector.clone(), inner.debug_api)
-        };
-        match introspector {
-            Some(i) => crate::introspect::route(&i, debug_api, method, path, query, bytes),
+        let attached = lock(&self.introspection).clone();
+        match attached {
+            Some((i, debug_api)) => {
+                crate::introspect::route(&i, debug_api, method, path, query, bytes)
+            }
             None => before_start(method, path),
         }
     }

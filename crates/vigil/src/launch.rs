@@ -164,15 +164,16 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
-    let (running, _terminal) = match l.boot_now {
+    let (running, _terminal, introspector) = match l.boot_now {
         Some(mut config) => {
             l.overrides.apply(&mut config);
             let (running, terminal) = start(&config)?;
             if let Ok(mut s) = stop_slot.lock() {
                 *s = Some(running.stop_handle());
             }
+            let introspector = attach_introspection(&api, &running, &l.overrides.introspect);
             api.set_running(running.control());
-            (running, terminal)
+            (running, terminal, introspector)
         }
         None => loop {
             match from_api.recv() {
@@ -184,8 +185,10 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                             if let Ok(mut s) = stop_slot.lock() {
                                 *s = Some(running.stop_handle());
                             }
+                            let introspector =
+                                attach_introspection(&api, &running, &l.overrides.introspect);
                             let _ = reply.send(Ok(running.control()));
-                            break (running, terminal);
+                            break (running, terminal, introspector);
                         }
                         Err(e) => {
                             let _ = reply.send(Err(format!("{e:#}")));
@@ -209,8 +212,6 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         None
     };
     let symbols = running.symbols().cloned();
-    let introspector = Introspector::new(running.control(), symbols.clone());
-    api.set_introspector(introspector.clone(), l.overrides.introspect.debug_api);
     if let Err(e) = l.overrides.introspect.start(&introspector) {
         running.stop_handle().stop(libc::SIGTERM);
         let _ = running.wait();
@@ -233,6 +234,18 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     }
     drop(server);
     Ok(crate::cli::exit_code(outcome, &describe))
+}
+
+/// Lends the running VM to introspection and its API, before the API reports the
+/// VM as running (so that whoever sees it running can introspect it at once).
+fn attach_introspection(
+    api: &Api,
+    running: &RunningVm,
+    settings: &IntrospectLaunch,
+) -> Arc<Introspector> {
+    let introspector = Introspector::new(running.control(), running.symbols().cloned());
+    api.set_introspector(introspector.clone(), settings.debug_api);
+    introspector
 }
 
 /// How often a metrics line is written while the VM runs (as Firecracker does).
