@@ -104,7 +104,7 @@ pub fn parse_u64(field: &str, s: &str) -> Result<u64, String> {
 
 fn parse_hex_bytes(s: &str) -> Result<Vec<u8>, String> {
     let t = s.trim();
-    if t.is_empty() || t.len() % 2 != 0 || t.len() > 8192 {
+    if t.is_empty() || !t.len().is_multiple_of(2) || t.len() > 8192 {
         return Err(format!(
             "bytes {s:?}: expected 1 to 4096 bytes as an even number of hex digits"
         ));
@@ -119,12 +119,13 @@ fn parse_hex_bytes(s: &str) -> Result<Vec<u8>, String> {
 }
 
 fn since(query: &str) -> Result<u64, Response> {
+    let mut since = 0;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("since", v)) => {
-                return v
-                    .parse()
-                    .map_err(|_| Response::bad(format!("since {v:?}: expected a sequence number")))
+                since = v.parse().map_err(|_| {
+                    Response::bad(format!("since {v:?}: expected a sequence number"))
+                })?
             }
             _ => {
                 return Err(Response::bad(format!(
@@ -133,7 +134,7 @@ fn since(query: &str) -> Result<u64, Response> {
             }
         }
     }
-    Ok(0)
+    Ok(since)
 }
 
 /// Answers the introspection resources.
@@ -265,12 +266,15 @@ mod tests {
     fn numbers_and_bytes() {
         assert_eq!(parse_u64("x", "0xc0000082"), Ok(0xc000_0082));
         assert_eq!(parse_u64("x", "42"), Ok(42));
-        assert!(parse_u64("index", "0xzz").unwrap_err().contains("index \"0xzz\""));
+        assert!(parse_u64("index", "0xzz")
+            .unwrap_err()
+            .contains("index \"0xzz\""));
         assert_eq!(parse_hex_bytes("90c3"), Ok(vec![0x90, 0xc3]));
         assert!(parse_hex_bytes("9").is_err());
         assert!(parse_hex_bytes("zz").unwrap_err().contains("\"zz\""));
         assert_eq!(since("since=5").ok(), Some(5));
         assert_eq!(since("").ok(), Some(0));
         assert!(since("until=3").is_err());
+        assert!(since("since=1&until=3").is_err());
     }
 }
