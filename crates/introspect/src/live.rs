@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use vigil_metrics::IntrospectCounters;
 use vigil_events::Rule;
+use vigil_metrics::IntrospectCounters;
 use vigil_vmm::vstate::inspect::{
     BreakpointHandler, MsrGuard, MsrVerdict, VcpuState, INSPECTED_MSRS, MSR_CSTAR, MSR_LSTAR,
     MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP,
@@ -24,9 +24,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::view::GuestView;
 use crate::{
-    kaslr_slide, kaslr_slide_from_idt, read_idt_gate, translate, Baseline, Checker,
-    CpuState, Finding, KernelLayout, SymbolTable, SyscallFilter, SyscallRecord, SyscallRegs,
-    TableRegister,
+    kaslr_slide, kaslr_slide_from_idt, read_idt_gate, translate, Baseline, Checker, CpuState,
+    Finding, KernelLayout, SymbolTable, SyscallFilter, SyscallRecord, SyscallRegs, TableRegister,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,7 +160,11 @@ impl Shared {
         let mut out = Vec::with_capacity(findings.len());
         for finding in findings {
             self.counters.count_finding(finding.rule.as_str());
-            tracing::warn!(rule = finding.rule.as_str(), "introspection: {}", finding.message);
+            tracing::warn!(
+                rule = finding.rule.as_str(),
+                "introspection: {}",
+                finding.message
+            );
             let record = FindingRecord {
                 seq: log.records.len() as u64 + 1,
                 time_unix_ns: unix_ns(),
@@ -237,8 +240,14 @@ impl MsrGuard for Guard {
                 vcpu: Some(vcpu),
                 message: format!(
                     "vCPU {vcpu}: wrmsr {name} {value:#x}{} (baseline {old:#x}{}): {verdict}",
-                    symbol.as_ref().map(|s| format!(" <{s}>")).unwrap_or_default(),
-                    from_symbol.as_ref().map(|s| format!(" <{s}>")).unwrap_or_default(),
+                    symbol
+                        .as_ref()
+                        .map(|s| format!(" <{s}>"))
+                        .unwrap_or_default(),
+                    from_symbol
+                        .as_ref()
+                        .map(|s| format!(" <{s}>"))
+                        .unwrap_or_default(),
                 ),
                 location: name.to_string(),
                 from: format!("{old:#x}"),
@@ -318,10 +327,9 @@ fn locate(
 ) -> Result<Located, String> {
     let (slide, from) = if let Some(s) = kaslr_slide(symbols, boot_cpu.lstar) {
         (s, "lstar".to_string())
-    } else if let Some(s) =
-        read_idt_gate(mem, boot_cpu.cr3, boot_cpu.la57(), boot_cpu.idt.base, 14)
-            .ok()
-            .and_then(|g| kaslr_slide_from_idt(symbols, 14, g.handler))
+    } else if let Some(s) = read_idt_gate(mem, boot_cpu.cr3, boot_cpu.la57(), boot_cpu.idt.base, 14)
+        .ok()
+        .and_then(|g| kaslr_slide_from_idt(symbols, 14, g.handler))
     {
         (s, "idt".to_string())
     } else {
@@ -588,7 +596,9 @@ impl Introspector {
     /// Findings with a sequence number above `since`.
     pub fn findings(&self, since: u64) -> Vec<FindingRecord> {
         let log = lock(&self.shared.findings);
-        let start = usize::try_from(since).unwrap_or(usize::MAX).min(log.records.len());
+        let start = usize::try_from(since)
+            .unwrap_or(usize::MAX)
+            .min(log.records.len());
         log.records[start..].to_vec()
     }
 
@@ -657,10 +667,11 @@ impl Introspector {
             pieces.push((pa, done, n));
             done += n;
         }
-        if let Some(&(pa, _, n)) = pieces
-            .iter()
-            .find(|(pa, _, n)| !self.mem.check_range(GuestAddress(*pa), *n, Permissions::Write))
-        {
+        if let Some(&(pa, _, n)) = pieces.iter().find(|(pa, _, n)| {
+            !self
+                .mem
+                .check_range(GuestAddress(*pa), *n, Permissions::Write)
+        }) {
             return Err(format!("address {pa:#x} (+{n} bytes): outside guest RAM"));
         }
         for (pa, at, n) in pieces {
