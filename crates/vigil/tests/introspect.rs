@@ -155,9 +155,9 @@ fn hex(s: &str) -> u64 {
 }
 
 /// A rootkit scenario up to its `ready`, monitored with `--introspect SETTINGS`,
-/// the baseline taken: the VM and the findings count to look from. `None` when
+/// the baseline taken, no finding yet. `None` when
 /// the guest FAILed before `ready` (rootkit-cr4 without UMIP).
-fn rootkit_ready(scenario: &str, settings: &str) -> Option<(Vm, u64)> {
+fn rootkit_ready(scenario: &str, settings: &str) -> Option<Vm> {
     let mut vm = Vm::boot(
         scenario,
         &format!("test={scenario}"),
@@ -173,13 +173,13 @@ fn rootkit_ready(scenario: &str, settings: &str) -> Option<(Vm, u64)> {
     }
     assert_eq!(line, format!("introspect: ready {scenario}"));
     vm.wait_until("baseline_taken", |vm| vm.status()["baseline_taken"] == true);
-    // With baseline_after=0 the baseline can be taken while the guest is still
-    // setting itself up (it boots straight into long mode): what it then sets
-    // (EFER.SCE, LSTAR, SFMASK) is reported by the first check. Look only at what
-    // comes after two more checks, which see the guest at `ready`.
+    // The guest boots straight into long mode and sets its IDT, syscall MSRs and
+    // EFER.SCE afterwards: with baseline_after=0 the baseline waits for that, so
+    // the checks that see it at `ready` have nothing to say.
     vm.wait_checks(2);
-    let since = vm.findings(0).len() as u64;
-    Some((vm, since))
+    let before = vm.findings(0);
+    assert!(before.is_empty(), "before the tampering: {before:#?}");
+    Some(vm)
 }
 
 /// Sends the go byte; returns the `tampered` detail and the checks count then.
@@ -191,16 +191,16 @@ fn tamper(vm: &mut Vm, scenario: &str) -> (String, u64) {
     (line[prefix.len()..].to_string(), checks)
 }
 
-/// Waits for findings with exactly `expected` rules (in order) after `since`;
+/// Waits for findings with exactly `expected` rules (in order);
 /// they must be there once a third check after `checks_at_tamper` has begun, i.e.
 /// the second check after the tampering found them. Then asserts a few more
 /// checks add nothing.
-fn found_once(vm: &mut Vm, since: u64, checks_at_tamper: u64, expected: &[&str]) -> Vec<Value> {
+fn found_once(vm: &mut Vm, checks_at_tamper: u64, expected: &[&str]) -> Vec<Value> {
     let deadline = Instant::now() + TIMEOUT;
     let found = loop {
         // Checks first: a check counts itself before it records its findings.
         let checks = vm.checks();
-        let f = vm.findings(since);
+        let f = vm.findings(0);
         if f.len() >= expected.len() {
             break f;
         }
@@ -215,7 +215,7 @@ fn found_once(vm: &mut Vm, since: u64, checks_at_tamper: u64, expected: &[&str])
     };
     assert_eq!(rules(&found), expected, "{found:#?}");
     vm.wait_checks(3);
-    let after = vm.findings(since);
+    let after = vm.findings(0);
     assert_eq!(
         after.len(),
         found.len(),
@@ -239,9 +239,9 @@ const REPORT: &str = "period=100ms,baseline_after=0ms";
 
 /// A rootkit scenario under the default policy: the findings of its tampering.
 fn rootkit(scenario: &str, expected: &[&str]) -> Option<(String, Vec<Value>)> {
-    let (mut vm, since) = rootkit_ready(scenario, REPORT)?;
+    let mut vm = rootkit_ready(scenario, REPORT)?;
     let (detail, checks) = tamper(&mut vm, scenario);
-    let found = found_once(&mut vm, since, checks, expected);
+    let found = found_once(&mut vm, checks, expected);
     pass(vm, scenario, &detail);
     Some((detail, found))
 }
@@ -322,6 +322,10 @@ fn rootkit_lstar_is_caught_at_the_write_and_by_the_check() {
         assert_eq!(f["symbol"], "rootkit_syscall_entry+0x0", "{f}");
     }
     assert!(str_of(&f[0], "message").contains("let through"), "{}", f[0]);
+    assert_eq!(f[0]["seq"], 1);
+    assert_eq!(f[1]["seq"], 2);
+    assert_eq!(f[0]["vcpu"], 0);
+    assert_eq!(f[1]["vcpu"], 0);
 }
 
 #[test]
@@ -342,19 +346,18 @@ fn rootkit_cr4_is_found() {
 #[test]
 fn protect_policy_refuses_the_lstar_hook() {
     let scenario = "rootkit-lstar";
-    let (mut vm, since) =
-        rootkit_ready(scenario, "period=100ms,baseline_after=0ms,policy=protect").unwrap();
+    let mut vm = rootkit_ready(scenario, "period=100ms,baseline_after=0ms,policy=protect").unwrap();
     assert_eq!(vm.status()["settings"]["policy"], "protect");
     let (detail, _) = tamper(&mut vm, scenario);
     assert_eq!(detail, "lstar=refused");
     // The guard reports at the write itself.
-    let f = vm.findings(since);
+    let f = vm.findings(0);
     assert_eq!(rules(&f), ["syscall_msr_write"], "{f:#?}");
     assert_eq!(f[0]["symbol"], "rootkit_syscall_entry+0x0", "{}", f[0]);
     assert!(str_of(&f[0], "message").contains("refused"), "{}", f[0]);
     // LSTAR never changed: the checks have nothing to add.
     vm.wait_checks(3);
-    assert_eq!(rules(&vm.findings(since)), ["syscall_msr_write"]);
+    assert_eq!(rules(&vm.findings(0)), ["syscall_msr_write"]);
     let state = vm.get("/vigil/introspect/state");
     assert_eq!(state["cpus"][0]["lstar_symbol"], "syscall_entry+0x0");
     let m = vm.metrics();
@@ -371,15 +374,17 @@ fn a_clean_guest_on_two_vcpus_gives_no_finding() {
     let mut vm = Vm::boot(
         "clean",
         "test=timer,user,memory,syscall-loop,smp,cpuid,hang syscall_n=20000",
-        &["--cpus", "2"],
+        &[
+            "--cpus",
+            "2",
+            "--introspect",
+            "period=10ms,baseline_after=0ms",
+        ],
     );
-    // The guest is set up and waits; its second vCPU starts after the go (smp).
+    // The guest waits after its first scenarios; its second vCPU starts after
+    // the go (smp).
     vm.console
         .wait_for(&["introspect: ready syscall-loop"], TIMEOUT);
-    vm.put_ok(
-        "/vigil/introspect",
-        json!({"period_ms": 10, "baseline_after_ms": 0}),
-    );
     vm.wait_until("baseline_taken", |vm| vm.status()["baseline_taken"] == true);
     let baseline = vm.get("/vigil/introspect/baseline");
     assert_eq!(
