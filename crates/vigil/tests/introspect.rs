@@ -51,11 +51,17 @@ impl Vm {
         args.extend_from_slice(extra);
         let console = Console::spawn(&args);
         wait_for(&sock, TIMEOUT);
-        Vm {
+        let mut vm = Vm {
             console,
             sock,
             _dir: Scratch(dir),
-        }
+        };
+        // The introspection resources are attached just after the VM starts
+        // (until then they answer 400, "InstanceStart has not been done").
+        vm.wait_until("introspection attached", |vm| {
+            vm.req("GET", "/vigil/introspect", "").status == 200
+        });
+        vm
     }
 
     fn req(&self, method: &str, path: &str, body: &str) -> Answer {
@@ -158,8 +164,13 @@ fn hex(s: &str) -> u64 {
 /// the baseline taken, no finding yet. `None` when
 /// the guest FAILed before `ready` (rootkit-cr4 without UMIP).
 fn rootkit_ready(scenario: &str, settings: &str) -> Option<Vm> {
+    let policy = if settings.contains("policy=protect") {
+        "protect"
+    } else {
+        "report"
+    };
     let mut vm = Vm::boot(
-        scenario,
+        &format!("{scenario}-{policy}"),
         &format!("test={scenario}"),
         &["--introspect", settings],
     );
@@ -221,6 +232,15 @@ fn found_once(vm: &mut Vm, checks_at_tamper: u64, expected: &[&str]) -> Vec<Valu
         found.len(),
         "reported more than once: {after:#?}"
     );
+    // since=N gives the findings after the Nth.
+    let n = found.len() as u64;
+    assert_eq!(
+        vm.findings(n - 1),
+        found[found.len() - 1..],
+        "since={}",
+        n - 1
+    );
+    assert!(vm.findings(n).is_empty(), "since={n}");
     found
 }
 
@@ -324,6 +344,7 @@ fn rootkit_lstar_is_caught_at_the_write_and_by_the_check() {
     assert!(str_of(&f[0], "message").contains("let through"), "{}", f[0]);
     assert_eq!(f[0]["seq"], 1);
     assert_eq!(f[1]["seq"], 2);
+    assert!(f[0]["time_unix_ns"].as_u64().unwrap() <= f[1]["time_unix_ns"].as_u64().unwrap());
     assert_eq!(f[0]["vcpu"], 0);
     assert_eq!(f[1]["vcpu"], 0);
 }
