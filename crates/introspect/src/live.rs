@@ -92,17 +92,19 @@ mod millis {
 const BASELINE_RETRY: Duration = Duration::from_millis(20);
 
 /// How long the baseline waits for the kernel to set up its system call entry
-/// (EFER.SCE and LSTAR) before it is taken anyway (a guest that never uses
-/// `syscall`).
+/// (EFER.SCE, LSTAR and SFMASK) before it is taken anyway (a guest that never
+/// uses `syscall`).
 const SYSCALL_SETUP_WAIT: Duration = Duration::from_secs(10);
 
 /// Whether a vCPU has its system call entry set up: a kernel that boots straight
 /// into long mode (an ELF or bzImage kernel on Vigil) is in long mode long before
 /// it has set its IDT, syscall MSRs and EFER.SCE, and a baseline taken then would
 /// report the kernel's own set-up as tampering (and the MSR guard would refuse it
-/// under `protect`).
+/// under `protect`). SFMASK too: Linux writes it last (after LSTAR, CSTAR and
+/// SYSENTER_*), the test guest sets EFER.SCE last, and every kernel that uses
+/// `syscall` masks at least IF with it.
 fn syscall_ready(c: &CpuState) -> bool {
-    c.long_mode() && c.efer & crate::cpu::EFER_SCE != 0 && c.lstar != 0
+    c.long_mode() && c.efer & crate::cpu::EFER_SCE != 0 && c.lstar != 0 && c.sfmask != 0
 }
 
 /// Bounds on settings, so that a typo cannot make the monitor spin or sleep for
@@ -487,7 +489,7 @@ impl Introspector {
             .ok_or("no vCPU is in long mode yet: nothing to baseline")?;
         if wait_for_syscall && !syscall_ready(boot) {
             return Err(format!(
-                "vCPU {} has not set up its system call entry yet (EFER.SCE and LSTAR)",
+                "vCPU {} has not set up its system call entry yet (EFER.SCE, LSTAR, SFMASK)",
                 boot.vcpu
             ));
         }
@@ -887,5 +889,32 @@ impl BreakpointHandler for Tracer {
             kept.pop_front();
         }
         kept.push_back(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{EFER_LMA, EFER_SCE};
+
+    #[test]
+    fn the_baseline_waits_for_the_syscall_entry() {
+        let up = CpuState {
+            cr0: 0x8000_0001,
+            efer: EFER_SCE | EFER_LMA | (1 << 8),
+            lstar: 0x10_13a3,
+            sfmask: 0x4_7700,
+            ..CpuState::default()
+        };
+        assert!(up.long_mode());
+        assert!(syscall_ready(&up));
+        // The test guest's order: STAR, LSTAR, SFMASK, then EFER.SCE.
+        assert!(!syscall_ready(&CpuState { lstar: 0, ..up }));
+        assert!(!syscall_ready(&CpuState { sfmask: 0, ..up }));
+        assert!(!syscall_ready(&CpuState {
+            efer: up.efer & !EFER_SCE,
+            ..up
+        }));
+        assert!(!syscall_ready(&CpuState { cr0: 1, ..up }));
     }
 }
