@@ -290,6 +290,7 @@ mod tests {
         assert_eq!(since("since=5").ok(), Some(5));
         assert_eq!(since("").ok(), Some(0));
         assert!(since("until=3").is_err());
+        assert!(since("since=1&until=3").is_err());
     }
 
     #[test]

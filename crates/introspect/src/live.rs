@@ -91,6 +91,22 @@ mod millis {
 /// again.
 const BASELINE_RETRY: Duration = Duration::from_millis(20);
 
+/// How long the baseline waits for the kernel to set up its system call entry
+/// (EFER.SCE, LSTAR and SFMASK) before it is taken anyway (a guest that never
+/// uses `syscall`).
+const SYSCALL_SETUP_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether a vCPU has its system call entry set up: a kernel that boots straight
+/// into long mode (an ELF or bzImage kernel on Vigil) is in long mode long before
+/// it has set its IDT, syscall MSRs and EFER.SCE, and a baseline taken then would
+/// report the kernel's own set-up as tampering (and the MSR guard would refuse it
+/// under `protect`). SFMASK too: Linux writes it last (after LSTAR, CSTAR and
+/// SYSENTER_*), the test guest sets EFER.SCE last, and every kernel that uses
+/// `syscall` masks at least IF with it.
+fn syscall_ready(c: &CpuState) -> bool {
+    c.long_mode() && c.efer & crate::cpu::EFER_SCE != 0 && c.lstar != 0 && c.sfmask != 0
+}
+
 /// Bounds on settings, so that a typo cannot make the monitor spin or sleep for
 /// ever.
 pub const MIN_PERIOD: Duration = Duration::from_millis(1);
@@ -471,12 +487,22 @@ impl Introspector {
         true
     }
 
-    fn take_baseline(&self, symbols: &Arc<SymbolTable>) -> Result<Checker, String> {
+    fn take_baseline(
+        &self,
+        symbols: &Arc<SymbolTable>,
+        wait_for_syscall: bool,
+    ) -> Result<Checker, String> {
         let cpus = self.cpus()?;
         let boot = cpus
             .iter()
             .find(|c| c.long_mode())
             .ok_or("no vCPU is in long mode yet: nothing to baseline")?;
+        if wait_for_syscall && !syscall_ready(boot) {
+            return Err(format!(
+                "vCPU {} has not set up its system call entry yet (EFER.SCE, LSTAR, SFMASK)",
+                boot.vcpu
+            ));
+        }
         let located = locate(&self.mem, symbols, boot)?;
         // Logging starts before the hashes are taken: a write between the two is
         // seen as dirty by the first check.
@@ -490,9 +516,9 @@ impl Introspector {
         );
         *lock(&self.located) = Some(located);
         // The MSR guard compares with vCPUs that were up: one still starting
-        // (no long mode) sets its MSRs for the first time later.
-        *lock(&self.shared.baseline_msrs) =
-            Some(cpus.into_iter().filter(CpuState::long_mode).collect());
+        // (no long mode, or no syscall entry yet) sets its MSRs for the first
+        // time later, and must not be refused that.
+        *lock(&self.shared.baseline_msrs) = Some(cpus.into_iter().filter(syscall_ready).collect());
         let baseline = Arc::new(baseline);
         *lock(&self.shared.baseline) = Some(baseline.clone());
         Ok(Checker::new((*baseline).clone(), Some(symbols.clone())))
@@ -543,8 +569,9 @@ impl Introspector {
         // The kernel may not be up yet (no vCPU in long mode, its tables not
         // mapped): try again until it is.
         let mut logged = false;
+        let waiting_since = Instant::now();
         let mut checker = loop {
-            match self.take_baseline(symbols) {
+            match self.take_baseline(symbols, waiting_since.elapsed() < SYSCALL_SETUP_WAIT) {
                 Ok(c) => break c,
                 Err(e) => {
                     if !logged {
@@ -886,5 +913,32 @@ impl BreakpointHandler for Tracer {
             kept.pop_front();
         }
         kept.push_back(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{EFER_LMA, EFER_SCE};
+
+    #[test]
+    fn the_baseline_waits_for_the_syscall_entry() {
+        let up = CpuState {
+            cr0: 0x8000_0001,
+            efer: EFER_SCE | EFER_LMA | (1 << 8),
+            lstar: 0x10_13a3,
+            sfmask: 0x4_7700,
+            ..CpuState::default()
+        };
+        assert!(up.long_mode());
+        assert!(syscall_ready(&up));
+        // The test guest's order: STAR, LSTAR, SFMASK, then EFER.SCE.
+        assert!(!syscall_ready(&CpuState { lstar: 0, ..up }));
+        assert!(!syscall_ready(&CpuState { sfmask: 0, ..up }));
+        assert!(!syscall_ready(&CpuState {
+            efer: up.efer & !EFER_SCE,
+            ..up
+        }));
+        assert!(!syscall_ready(&CpuState { cr0: 1, ..up }));
     }
 }

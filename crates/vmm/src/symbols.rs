@@ -41,10 +41,11 @@ impl SymbolTable {
         })
     }
 
-    /// The function and object symbols of an ELF image's `.symtab` (and the
-    /// global untyped ones a linker script defines, such as `_stext`, `_etext`,
-    /// `__start_rodata`), by their link-time address; zero and absolute addresses
-    /// are left out, as a `System.map` does. An ELF without `.symtab` (stripped)
+    /// The function, object and untyped symbols of an ELF image's `.symtab`
+    /// (untyped: what a linker script or assembly defines, such as `_stext`,
+    /// `__start_rodata` or a label after a table), local ones included, by their
+    /// link-time address; zero and absolute addresses and the assembler's `.L`
+    /// labels are left out, as a `System.map` does. An ELF without `.symtab` (stripped)
     /// gives an empty table.
     pub fn from_elf(bytes: &[u8]) -> Result<Self, SymbolError> {
         use object::{Object, ObjectSymbol, SymbolKind, SymbolSection};
@@ -69,13 +70,17 @@ impl SymbolTable {
                     SymbolSection::Absolute | SymbolSection::Undefined
                 )
             })
-            .filter(|s| match s.kind() {
-                SymbolKind::Text | SymbolKind::Data => true,
-                SymbolKind::Unknown => s.is_global(),
-                _ => false,
+            // As `nm` (and so System.map) lists them: untyped symbols too, local
+            // ones included (assembly labels such as a table's end), but not the
+            // assembler's own `.L` labels.
+            .filter(|s| {
+                matches!(
+                    s.kind(),
+                    SymbolKind::Text | SymbolKind::Data | SymbolKind::Unknown
+                )
             })
             .filter_map(|s| Some((s.address(), s.name().ok()?.to_string())))
-            .filter(|(_, name)| !name.is_empty())
+            .filter(|(_, name)| !name.is_empty() && !name.starts_with(".L"))
             .collect();
         symbols.sort();
         symbols.dedup();

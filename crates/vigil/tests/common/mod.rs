@@ -259,6 +259,16 @@ impl Console {
         }
     }
 
+    /// Takes the console lines that have arrived, without waiting, and returns
+    /// everything seen so far.
+    pub fn poll(&mut self) -> &str {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        &self.seen
+    }
+
     /// Writes `bytes` to vigil's stdin (the guest's serial input).
     pub fn send(&mut self, bytes: &[u8]) {
         use std::io::Write;
