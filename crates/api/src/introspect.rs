@@ -265,7 +265,9 @@ mod tests {
     fn numbers_and_bytes() {
         assert_eq!(parse_u64("x", "0xc0000082"), Ok(0xc000_0082));
         assert_eq!(parse_u64("x", "42"), Ok(42));
-        assert!(parse_u64("index", "0xzz").unwrap_err().contains("index \"0xzz\""));
+        assert!(parse_u64("index", "0xzz")
+            .unwrap_err()
+            .contains("index \"0xzz\""));
         assert_eq!(parse_hex_bytes("90c3"), Ok(vec![0x90, 0xc3]));
         assert!(parse_hex_bytes("9").is_err());
         assert!(parse_hex_bytes("zz").unwrap_err().contains("\"zz\""));

@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use vigil_metrics::IntrospectCounters;
 use vigil_events::Rule;
+use vigil_metrics::IntrospectCounters;
 use vigil_vmm::vstate::inspect::{
     BreakpointHandler, MsrGuard, MsrVerdict, VcpuState, INSPECTED_MSRS, MSR_CSTAR, MSR_LSTAR,
     MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP,
@@ -24,9 +24,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::view::GuestView;
 use crate::{
-    kaslr_slide, kaslr_slide_from_idt, read_idt_gate, translate, Baseline, Checker,
-    CpuState, Finding, KernelLayout, SymbolTable, SyscallFilter, SyscallRecord, SyscallRegs,
-    TableRegister,
+    kaslr_slide, kaslr_slide_from_idt, read_idt_gate, translate, Baseline, Checker, CpuState,
+    Finding, KernelLayout, SymbolTable, SyscallFilter, SyscallRecord, SyscallRegs, TableRegister,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +152,11 @@ struct Shared {
     symbols: Mutex<Option<Arc<SymbolTable>>>,
     /// (vCPU, MSR, value) the guard already reported.
     msr_reported: Mutex<HashSet<(u32, u32, u64)>>,
+    /// Guest-physical pages (4 KiB aligned) the host wrote through
+    /// [`Introspector::debug_write_memory`] since the last check. KVM's dirty log
+    /// records only the guest's own writes, not the VMM's writes into the memory
+    /// mapping, so the next check re-hashes these too (and empties the set).
+    host_dirty: Mutex<HashSet<u64>>,
 }
 
 impl Shared {
@@ -161,7 +165,11 @@ impl Shared {
         let mut out = Vec::with_capacity(findings.len());
         for finding in findings {
             self.counters.count_finding(finding.rule.as_str());
-            tracing::warn!(rule = finding.rule.as_str(), "introspection: {}", finding.message);
+            tracing::warn!(
+                rule = finding.rule.as_str(),
+                "introspection: {}",
+                finding.message
+            );
             let record = FindingRecord {
                 seq: log.records.len() as u64 + 1,
                 time_unix_ns: unix_ns(),
@@ -237,8 +245,14 @@ impl MsrGuard for Guard {
                 vcpu: Some(vcpu),
                 message: format!(
                     "vCPU {vcpu}: wrmsr {name} {value:#x}{} (baseline {old:#x}{}): {verdict}",
-                    symbol.as_ref().map(|s| format!(" <{s}>")).unwrap_or_default(),
-                    from_symbol.as_ref().map(|s| format!(" <{s}>")).unwrap_or_default(),
+                    symbol
+                        .as_ref()
+                        .map(|s| format!(" <{s}>"))
+                        .unwrap_or_default(),
+                    from_symbol
+                        .as_ref()
+                        .map(|s| format!(" <{s}>"))
+                        .unwrap_or_default(),
                 ),
                 location: name.to_string(),
                 from: format!("{old:#x}"),
@@ -318,10 +332,9 @@ fn locate(
 ) -> Result<Located, String> {
     let (slide, from) = if let Some(s) = kaslr_slide(symbols, boot_cpu.lstar) {
         (s, "lstar".to_string())
-    } else if let Some(s) =
-        read_idt_gate(mem, boot_cpu.cr3, boot_cpu.la57(), boot_cpu.idt.base, 14)
-            .ok()
-            .and_then(|g| kaslr_slide_from_idt(symbols, 14, g.handler))
+    } else if let Some(s) = read_idt_gate(mem, boot_cpu.cr3, boot_cpu.la57(), boot_cpu.idt.base, 14)
+        .ok()
+        .and_then(|g| kaslr_slide_from_idt(symbols, 14, g.handler))
     {
         (s, "idt".to_string())
     } else {
@@ -379,6 +392,7 @@ impl Introspector {
                 policy: Mutex::default(),
                 symbols: Mutex::new(symbols.map(Arc::new)),
                 msr_reported: Mutex::default(),
+                host_dirty: Mutex::default(),
             }),
             monitor: Mutex::default(),
             tracer: Mutex::default(),
@@ -483,11 +497,15 @@ impl Introspector {
     fn check(&self, checker: &mut Checker) -> Result<Vec<FindingRecord>, String> {
         let start = Instant::now();
         let cpus = self.cpus()?;
+        // Pages the host wrote: taken before the dirty log is read, so a host
+        // write that lands after this stays for the next check.
+        let host_dirty = std::mem::take(&mut *lock(&self.shared.host_dirty));
         let dirty = self.vm.dirty_log().map_err(|e| e.to_string())?;
-        // The checker re-hashes exactly the pages this says were written.
+        // The checker re-hashes exactly the pages this says were written (by the
+        // guest, in KVM's dirty log, or by the host through the debug API).
         let hashed = std::cell::Cell::new(0u64);
         let is_dirty = |gpa: u64| {
-            let d = dirty.is_dirty(gpa);
+            let d = dirty.is_dirty(gpa) || host_dirty.contains(&(gpa & !0xfff));
             hashed.set(hashed.get() + u64::from(d));
             d
         };
@@ -588,7 +606,9 @@ impl Introspector {
     /// Findings with a sequence number above `since`.
     pub fn findings(&self, since: u64) -> Vec<FindingRecord> {
         let log = lock(&self.shared.findings);
-        let start = usize::try_from(since).unwrap_or(usize::MAX).min(log.records.len());
+        let start = usize::try_from(since)
+            .unwrap_or(usize::MAX)
+            .min(log.records.len());
         log.records[start..].to_vec()
     }
 
@@ -657,17 +677,22 @@ impl Introspector {
             pieces.push((pa, done, n));
             done += n;
         }
-        if let Some(&(pa, _, n)) = pieces
-            .iter()
-            .find(|(pa, _, n)| !self.mem.check_range(GuestAddress(*pa), *n, Permissions::Write))
-        {
+        if let Some(&(pa, _, n)) = pieces.iter().find(|(pa, _, n)| {
+            !self
+                .mem
+                .check_range(GuestAddress(*pa), *n, Permissions::Write)
+        }) {
             return Err(format!("address {pa:#x} (+{n} bytes): outside guest RAM"));
         }
-        for (pa, at, n) in pieces {
+        for &(pa, at, n) in &pieces {
             self.mem
                 .write_slice(&bytes[at..at + n], GuestAddress(pa))
                 .map_err(|_| format!("address {pa:#x} (+{n} bytes): outside guest RAM"))?;
         }
+        // KVM's dirty log does not see this write (the host wrote the mapping, the
+        // guest did not): record its pages, after the bytes are in, for the next
+        // check to re-hash.
+        lock(&self.shared.host_dirty).extend(pieces.iter().map(|&(pa, _, _)| pa & !0xfff));
         Ok(())
     }
 

@@ -8,8 +8,8 @@ use serde::Serialize;
 use crate::cpu::{CpuState, CR0_WP, CR4_SMAP, CR4_SMEP, CR4_UMIP, EFER_NXE, EFER_SCE};
 use crate::hex;
 use crate::{
-    exception_handler_symbol, kaslr_slide, read_idt_gate, read_virt, syscall_name,
-    GuestPhysMemory, KernelLayout, SymbolTable,
+    exception_handler_symbol, kaslr_slide, read_idt_gate, read_virt, syscall_name, GuestPhysMemory,
+    KernelLayout, SymbolTable,
 };
 
 /// The whole view.

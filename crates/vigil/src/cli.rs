@@ -14,10 +14,10 @@ use vigil_vmm::config::{
 use vigil_vmm::VmOutcome;
 
 use crate::launch::{IntrospectLaunch, Launch, Overrides};
-use vigil_introspect::live::MonitorSettings;
-use vigil_introspect::SyscallFilter;
 use crate::logging::Logging;
 use vigil_api::model::Metrics;
+use vigil_introspect::live::MonitorSettings;
+use vigil_introspect::SyscallFilter;
 
 /// Exit status when the VMM itself fails (bad input, KVM errors).
 pub const EXIT_VMM_ERROR: u8 = 1;
@@ -344,9 +344,9 @@ fn parse_introspect(s: &str) -> Result<MonitorSettings, String> {
         ..Default::default()
     };
     for item in s.split(',').filter(|i| !i.is_empty()) {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or_else(|| format!("{item:?}: expected key=value (period, policy, baseline_after)"))?;
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            format!("{item:?}: expected key=value (period, policy, baseline_after)")
+        })?;
         match key {
             "period" => settings.period = parse_duration(key, value)?,
             "baseline_after" => settings.baseline_after = parse_duration(key, value)?,

@@ -11,10 +11,10 @@ use anyhow::{anyhow, Context};
 use vigil_api::model::{FullVmConfig, Logger, Metrics};
 use vigil_api::preboot::PreBoot;
 use vigil_api::{Api, ToVmm};
-use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
-use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, OnCrash, VmConfig};
 use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::SyscallFilter;
+use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
+use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, OnCrash, VmConfig};
 use vigil_vmm::{RunningVm, StopHandle};
 
 use crate::logging::Logging;
