@@ -44,6 +44,10 @@ pub struct IntrospectBenchArgs {
     /// System calls the test guest makes per tracing run.
     #[arg(long, default_value_t = 20000, value_name = "N")]
     pub syscalls: u64,
+
+    /// Runs of each tracing variant (the median is shown).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub runs: usize,
 }
 
 /// The kernel and its map, from the options or the shared folder.
@@ -284,6 +288,25 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
     control.dirty_log().map_err(|e| anyhow!("{e}"))?;
     let dirty_check = time(&mut checker, false)?;
     let full_check = time(&mut checker, true)?;
+    // Its parts: reading the vCPUs' registers (a request to each vCPU thread),
+    // fetching the dirty log (an ioctl per memory slot), and the checker's own
+    // work with nothing dirty (mappings walked, IDT, GDT, syscall table read).
+    let t = Instant::now();
+    for _ in 0..runs {
+        cpus(&control)?;
+    }
+    let regs_time = t.elapsed() / runs;
+    let t = Instant::now();
+    for _ in 0..runs {
+        control.dirty_log().map_err(|e| anyhow!("{e}"))?;
+    }
+    let log_time = t.elapsed() / runs;
+    let t = Instant::now();
+    for _ in 0..runs {
+        let clean = |_: u64| false;
+        checker.check(&mem, &cpus_now, Some(&clean));
+    }
+    let walk_time = t.elapsed() / runs;
     let _ = control.stop_dirty_log();
 
     let off = &windows[0];
@@ -326,6 +349,13 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
         "| with the dirty log (nothing written: mappings walked, tables and registers read, no page re-hashed) | {:.0} µs |",
         dirty_check.as_secs_f64() * 1e6
     );
+    for (what, d) in [
+        ("  of which: the vCPUs' registers (2 vCPUs)", regs_time),
+        ("  of which: the dirty log (KVM_GET_DIRTY_LOG)", log_time),
+        ("  of which: the checker, nothing dirty", walk_time),
+    ] {
+        println!("| {what} | {:.0} µs |", d.as_secs_f64() * 1e6);
+    }
     println!(
         "| without the dirty log (every page re-hashed) | {:.0} µs |",
         full_check.as_secs_f64() * 1e6
@@ -404,18 +434,36 @@ fn tracing_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("vigil-bench-introspect-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let trace = dir.join("trace.jsonl");
-    eprintln!("syscall-loop, {n} calls: untraced...");
-    let untraced = syscall_loop(n, None)?;
-    eprintln!("... breakpoint only (filter keeps nothing)...");
-    let bare = syscall_loop(n, Some((&dir.join("none.jsonl"), "write")))?;
-    eprintln!("... traced to a file...");
-    let _ = std::fs::remove_file(&trace);
-    let traced = syscall_loop(n, Some((&trace, "")))?;
-    let lines = std::fs::read_to_string(&trace)
-        .map(|t| t.lines().count())
-        .unwrap_or(0);
+    let (mut untraced, mut bare, mut traced) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lines = 0;
+    // The three alternate, so that a change in the machine's load touches all.
+    for round in 1..=args.runs {
+        eprintln!(
+            "syscall-loop, {n} calls, round {round}/{}: untraced, breakpoint only, traced...",
+            args.runs
+        );
+        untraced.push(syscall_loop(n, None)?);
+        bare.push(syscall_loop(n, Some((&dir.join("none.jsonl"), "write")))?);
+        let _ = std::fs::remove_file(&trace);
+        traced.push(syscall_loop(n, Some((&trace, "")))?);
+        lines = std::fs::read_to_string(&trace)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (untraced, bare, traced) = (
+        median(&mut untraced),
+        median(&mut bare),
+        median(&mut traced),
+    );
     let _ = std::fs::remove_dir_all(&dir);
-    println!("### System call tracing, test guest `syscall-loop`, {n} calls (read, RAX = 0)\n");
+    println!(
+        "### System call tracing, test guest `syscall-loop`, {n} calls (read, RAX = 0), median of {} runs\n",
+        args.runs
+    );
     println!("| run | ns per call (guest TSC) | cost per call over untraced |");
     println!("|---|---:|---:|");
     println!("| untraced | {untraced:.0} | - |");
@@ -437,6 +485,9 @@ fn tracing_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
 pub fn run(args: IntrospectBenchArgs) -> anyhow::Result<()> {
     if args.seconds == 0 {
         bail!("--seconds 0: expected at least 1");
+    }
+    if args.runs == 0 {
+        bail!("--runs 0: expected at least 1");
     }
     if args.syscalls == 0 || args.syscalls > 10_000_000 {
         bail!("--syscalls {}: expected 1 to 10000000", args.syscalls);
