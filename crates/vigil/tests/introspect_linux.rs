@@ -463,3 +463,59 @@ fn linux_kernel_state_is_found_and_tampering_is_reported() {
     let _ = std::fs::remove_file(&sock);
     eprintln!("done in {:.1?}", started.elapsed());
 }
+
+/// `vigil bench introspect` names the kernel it could not find and how to give one.
+#[test]
+fn bench_introspect_names_a_missing_kernel() {
+    let r = common::run(
+        &["bench", "introspect", "--kernel", "/nonexistent/vmlinux"],
+        Duration::from_secs(30),
+    );
+    assert_ne!(r.code, Some(0), "{r}");
+    assert!(
+        r.stderr
+            .contains("kernel /nonexistent/vmlinux: not found (give --kernel PATH"),
+        "{r}"
+    );
+}
+
+/// A short `vigil bench introspect` prints its three tables.
+#[test]
+fn bench_introspect_prints_its_tables() {
+    let Some((vmlinux, map)) = common::tiny_linux() else {
+        return;
+    };
+    if hardware_kvm() {
+        eprintln!("SKIP: the benchmark keeps the kernel at an emulation failure that hardware KVM does not have");
+        return;
+    }
+    let r = common::run(
+        &[
+            "bench",
+            "introspect",
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--symbols",
+            map.to_str().unwrap(),
+            "--seconds",
+            "1",
+            "--syscalls",
+            "200",
+            "--runs",
+            "1",
+        ],
+        CRASH_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    for row in [
+        "| monitor off |",
+        "| monitor every 1s |",
+        "| monitor every 100ms |",
+        "| monitor every 10ms |",
+        "| without the dirty log (every page re-hashed) |",
+        "| untraced |",
+        "| traced to a file (`--trace-syscalls`, 200 records) |",
+    ] {
+        assert!(r.stdout.contains(row), "{row}: {r}");
+    }
+}
