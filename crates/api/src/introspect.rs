@@ -119,7 +119,8 @@ pub fn parse_u64(field: &str, s: &str) -> Result<u64, String> {
 
 fn parse_hex_bytes(s: &str) -> Result<Vec<u8>, String> {
     let t = s.trim();
-    if t.is_empty() || !t.len().is_multiple_of(2) || t.len() > 8192 {
+    // ASCII only: slicing two bytes at a time must not split a character.
+    if t.is_empty() || !t.is_ascii() || !t.len().is_multiple_of(2) || t.len() > 8192 {
         return Err(format!(
             "bytes {s:?}: expected 1 to 4096 bytes as an even number of hex digits"
         ));
@@ -287,6 +288,8 @@ mod tests {
         assert_eq!(parse_hex_bytes("90c3"), Ok(vec![0x90, 0xc3]));
         assert!(parse_hex_bytes("9").is_err());
         assert!(parse_hex_bytes("zz").unwrap_err().contains("\"zz\""));
+        // Not a panic on a character split by the two-digit steps.
+        assert!(parse_hex_bytes("a\u{e9}b").is_err());
         assert_eq!(since("since=5").ok(), Some(5));
         assert_eq!(since("").ok(), Some(0));
         assert!(since("until=3").is_err());

@@ -170,6 +170,11 @@ struct Shared {
     msr_reported: Mutex<HashSet<(u32, u32, u64)>>,
     /// The monitor thread, to check at once on an event.
     monitor_tx: Mutex<Option<Sender<Command>>>,
+    /// Guest-physical pages (4 KiB aligned) the host wrote through
+    /// [`Introspector::debug_write_memory`] since the last check. KVM's dirty log
+    /// records only the guest's own writes, not the VMM's writes into the memory
+    /// mapping, so the next check re-hashes these too (and empties the set).
+    host_dirty: Mutex<HashSet<u64>>,
 }
 
 impl Shared {
@@ -411,6 +416,7 @@ impl Introspector {
                 symbols: Mutex::new(symbols.map(Arc::new)),
                 msr_reported: Mutex::default(),
                 monitor_tx: Mutex::default(),
+                host_dirty: Mutex::default(),
             }),
             monitor: Mutex::default(),
             tracer: Mutex::default(),
@@ -527,11 +533,15 @@ impl Introspector {
     fn check(&self, checker: &mut Checker) -> Result<Vec<FindingRecord>, String> {
         let start = Instant::now();
         let cpus = self.cpus()?;
+        // Pages the host wrote: taken before the dirty log is read, so a host
+        // write that lands after this stays for the next check.
+        let host_dirty = std::mem::take(&mut *lock(&self.shared.host_dirty));
         let dirty = self.vm.dirty_log().map_err(|e| e.to_string())?;
-        // The checker re-hashes exactly the pages this says were written.
+        // The checker re-hashes exactly the pages this says were written (by the
+        // guest, in KVM's dirty log, or by the host through the debug API).
         let hashed = std::cell::Cell::new(0u64);
         let is_dirty = |gpa: u64| {
-            let d = dirty.is_dirty(gpa);
+            let d = dirty.is_dirty(gpa) || host_dirty.contains(&(gpa & !0xfff));
             hashed.set(hashed.get() + u64::from(d));
             d
         };
@@ -725,11 +735,15 @@ impl Introspector {
         }) {
             return Err(format!("address {pa:#x} (+{n} bytes): outside guest RAM"));
         }
-        for (pa, at, n) in pieces {
+        for &(pa, at, n) in &pieces {
             self.mem
                 .write_slice(&bytes[at..at + n], GuestAddress(pa))
                 .map_err(|_| format!("address {pa:#x} (+{n} bytes): outside guest RAM"))?;
         }
+        // KVM's dirty log does not see this write (the host wrote the mapping, the
+        // guest did not): record its pages, after the bytes are in, for the next
+        // check to re-hash.
+        lock(&self.shared.host_dirty).extend(pieces.iter().map(|&(pa, _, _)| pa & !0xfff));
         Ok(())
     }
 

@@ -111,6 +111,12 @@ pub enum BenchCommand {
     /// and VM creation and destruction rates through the daemon (test-guest VMs,
     /// one at a time and all at once); print markdown tables.
     Api(crate::bench_api::ApiBenchArgs),
+    /// Measure introspection: the integrity monitor's CPU (% of one CPU at 1 s,
+    /// 100 ms and 10 ms periods) on the small Linux kernel kept paused at its
+    /// emulation failure, one check with and without the dirty log, and the cost
+    /// per traced system call (the test guest's syscall-loop); print markdown
+    /// tables.
+    Introspect(crate::bench_introspect::IntrospectBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -568,6 +574,10 @@ impl Command {
             }
             Command::Bench(BenchCommand::Api(args)) => {
                 crate::bench_api::run(args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Bench(BenchCommand::Introspect(args)) => {
+                crate::bench_introspect::run(args)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Daemon(args) => {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_api;
+mod bench_introspect;
 mod cli;
 mod ctl;
 mod devices_cli;
