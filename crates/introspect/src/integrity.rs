@@ -1022,7 +1022,7 @@ fn check_region(
         };
         // The mapping: the same guest-physical page, not made writable.
         if let Some((cpu, cr3)) = reference {
-            let mapped = describe_mapping(page.paddr, page.writable);
+            let mapped = || describe_mapping(page.paddr, page.writable);
             let now = match large {
                 Some((base, t)) if va & !(t.page_size - 1) == base => Ok(Translation {
                     paddr: t.page_base() + (va & (t.page_size - 1)),
@@ -1044,8 +1044,9 @@ fn check_region(
             };
             let mrule = Rule::KernelMappingChanged;
             match now_desc {
-                None => round.same(mrule, None, location, || mapped),
+                None => round.same(mrule, None, location, mapped),
                 Some(to) => {
+                    let mapped = mapped();
                     let why = match &now {
                         Err(e) => format!(": {e}"),
                         Ok(_) => String::new(),
