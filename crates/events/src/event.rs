@@ -391,20 +391,8 @@ impl Rule {
             Rule::Cr4UmipCleared | Rule::EferSceChanged | Rule::IntegrityReadFailed => {
                 Priority::Warning
             }
-            Rule::IdtEntryModified
-            | Rule::IdtrChanged
-            | Rule::GdtEntryModified
-            | Rule::GdtrChanged
-            | Rule::SyscallTableModified
-            | Rule::KernelTextModified
-            | Rule::KernelRodataModified
-            | Rule::KernelMappingChanged
-            | Rule::SyscallMsrChanged
-            | Rule::SyscallMsrWrite
-            | Rule::Cr0WpCleared
-            | Rule::Cr4SmepCleared
-            | Rule::Cr4SmapCleared
-            | Rule::EferNxeCleared => Priority::Critical,
+            // The other introspection rules: a hooked or patched kernel.
+            _ => Priority::Critical,
         }
     }
 

@@ -4,8 +4,9 @@
 
 mod common;
 
+use common::scratch;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,14 +15,6 @@ use common::http::{request, wait_for, Answer};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vigil-api-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn guest() -> String {
     vigil_test_guest::ELF_PATH.to_string()

@@ -5,28 +5,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{json_lines, scratch};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::http;
 use serde_json::{json, Value};
 use vigil_vmm::symbols::SymbolTable;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vigil-dintro-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
 
 fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::scratch;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -19,14 +20,6 @@ use common::Console;
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vigil-intro-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// The test guest booted at once with an API socket, its console and stdin piped.
 struct Vm {

@@ -6,8 +6,9 @@
 
 mod common;
 
+use common::{json_lines, scratch};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,23 +16,6 @@ use common::daemon::{
     free_loopback_addr, http_exchange, http_unix, tcp_args, wait_for_state, Daemon, VIGIL,
 };
 use serde_json::{json, Value};
-
-/// A scratch folder for files the daemon is started with.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vigil-secev-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The events of a JSON-lines output so far.
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
 
 fn rule(e: &Value) -> &str {
     e["rule"].as_str().unwrap_or("")

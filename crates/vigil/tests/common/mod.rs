@@ -6,7 +6,7 @@ pub mod http;
 pub mod tap;
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,24 @@ pub fn finish(mut child: Child, timeout: Duration) -> Run {
         "vigil did not finish within {timeout:?}\n{run}"
     );
     run
+}
+
+/// A fresh scratch folder for one test (the process id keeps test binaries that
+/// run at once apart).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vigil-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The JSON objects of a JSON-lines file so far (none when it does not exist yet).
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 /// The shared folder beside the repository (or `VIGIL_SHARED_DIR`), if there is one.
