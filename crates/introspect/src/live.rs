@@ -311,6 +311,26 @@ enum Command {
     Stop,
 }
 
+/// Waits `wait` before a baseline, answering requests for a check with an error
+/// meanwhile; false when the monitor is to stop.
+fn idle_before_baseline(rx: &mpsc::Receiver<Command>, wait: Duration) -> bool {
+    let until = Instant::now() + wait;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        match rx.recv_timeout(left) {
+            Ok(Command::Check(Some(reply))) => {
+                let _ = reply.send(Err("the baseline is not taken yet".into()));
+            }
+            Ok(Command::Check(None)) => {}
+            Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
+            Err(RecvTimeoutError::Timeout) => return true,
+        }
+    }
+}
+
 /// The registers introspection looks at, from what the VMM read.
 pub fn cpu_state(s: &VcpuState) -> CpuState {
     let msr = |i| s.msr(i).unwrap_or(0);
@@ -559,75 +579,48 @@ impl Introspector {
         settings: MonitorSettings,
         rx: mpsc::Receiver<Command>,
     ) {
-        // Boot settles: wait, still answering (with an error) and stopping.
-        let until = Instant::now() + settings.baseline_after;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match rx.recv_timeout(left) {
-                Ok(Command::Check(reply)) => {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err("the baseline is not taken yet".into()));
-                    }
-                }
-                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-                Err(RecvTimeoutError::Timeout) => break,
-            }
+        // Boot settles, then the kernel may not be up yet (no vCPU in long mode,
+        // its tables not mapped): try again until it is.
+        if !idle_before_baseline(&rx, settings.baseline_after) {
+            return;
         }
-        // The kernel may not be up yet (no vCPU in long mode, its tables not
-        // mapped): try again until it is.
         let mut logged = false;
         let waiting_since = Instant::now();
         let mut checker = loop {
             match self.take_baseline(symbols, waiting_since.elapsed() < SYSCALL_SETUP_WAIT) {
                 Ok(c) => break c,
-                Err(e) => {
-                    if !logged {
-                        tracing::info!("introspection: no baseline yet, retrying: {e}");
-                        logged = true;
-                    }
+                Err(e) if !logged => {
+                    tracing::info!("introspection: no baseline yet, retrying: {e}");
+                    logged = true;
                 }
+                Err(_) => {}
             }
-            match rx.recv_timeout(BASELINE_RETRY) {
-                Ok(Command::Check(reply)) => {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err("the baseline is not taken yet".into()));
-                    }
-                }
-                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-                Err(RecvTimeoutError::Timeout) => {}
+            if !idle_before_baseline(&rx, BASELINE_RETRY) {
+                return;
             }
         };
         let mut next = Instant::now() + settings.period;
         loop {
             let left = next.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(Command::Check(reply)) => {
-                    let found = self.check(&mut checker);
-                    match reply {
-                        Some(reply) => {
-                            let _ = reply.send(found);
-                        }
-                        None => {
-                            if let Err(e) = found {
-                                tracing::warn!("introspection: check failed: {e}");
-                            }
-                        }
-                    }
-                }
+            let reply = match rx.recv_timeout(left) {
+                Ok(Command::Check(reply)) => reply,
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {
-                    if let Err(e) = self.check(&mut checker) {
-                        tracing::warn!("introspection: check failed: {e}");
-                    }
                     next += settings.period;
                     // A check that overran does not make the next ones bunch up.
                     if next < Instant::now() {
                         next = Instant::now() + settings.period;
                     }
+                    None
                 }
+            };
+            let found = self.check(&mut checker);
+            match (reply, found) {
+                (Some(reply), found) => {
+                    let _ = reply.send(found);
+                }
+                (None, Err(e)) => tracing::warn!("introspection: check failed: {e}"),
+                (None, Ok(_)) => {}
             }
         }
     }
