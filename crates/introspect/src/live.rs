@@ -151,10 +151,53 @@ pub struct FindingRecord {
     pub finding: Finding,
 }
 
-/// Every finding of this VM, in order.
+/// How many findings are kept for `GET /vigil/introspect/findings` (the oldest go
+/// first): a guest that keeps changing what is watched must not grow the VMM.
+pub const FINDINGS_KEEP: usize = 10_000;
+/// How many findings a second go to the log; the rest are counted, and said.
+const FINDINGS_LOGGED_PER_S: u32 = 100;
+/// How many (vCPU, MSR, value) the MSR guard remembers having reported; past
+/// that, new values are still decided but not reported again.
+const MSR_REPORTS_KEEP: usize = 4096;
+
+/// This VM's latest findings, in order, and the log's rate limit.
 #[derive(Default)]
 struct FindingLog {
-    records: Vec<FindingRecord>,
+    records: VecDeque<FindingRecord>,
+    last_seq: u64,
+    /// The current second of logging: when it began, findings logged in it, and
+    /// findings not logged.
+    window: Option<Instant>,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl FindingLog {
+    fn log(&mut self, finding: &Finding) {
+        let now = Instant::now();
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            if self.unlogged > 0 {
+                tracing::warn!(
+                    "introspection: {} more findings not logged (over {FINDINGS_LOGGED_PER_S} a second); GET /vigil/introspect/findings has them",
+                    self.unlogged
+                );
+            }
+            (self.window, self.logged, self.unlogged) = (Some(now), 0, 0);
+        }
+        if self.logged < FINDINGS_LOGGED_PER_S {
+            self.logged += 1;
+            tracing::warn!(
+                rule = finding.rule.as_str(),
+                "introspection: {}",
+                finding.message
+            );
+        } else {
+            self.unlogged += 1;
+        }
+    }
 }
 
 /// What the monitor thread, the MSR guard and the API share.
@@ -183,17 +226,17 @@ impl Shared {
         let mut out = Vec::with_capacity(findings.len());
         for finding in findings {
             self.counters.count_finding(finding.rule.as_str());
-            tracing::warn!(
-                rule = finding.rule.as_str(),
-                "introspection: {}",
-                finding.message
-            );
+            log.log(&finding);
+            log.last_seq += 1;
             let record = FindingRecord {
-                seq: log.records.len() as u64 + 1,
+                seq: log.last_seq,
                 time_unix_ns: unix_ns(),
                 finding,
             };
-            log.records.push(record.clone());
+            if log.records.len() == FINDINGS_KEEP {
+                log.records.pop_front();
+            }
+            log.records.push_back(record.clone());
             out.push(record);
         }
         out
@@ -248,7 +291,11 @@ impl MsrGuard for Guard {
             return MsrVerdict::Allow;
         };
         let policy = *lock(&shared.policy);
-        if lock(&shared.msr_reported).insert((vcpu, index, value)) {
+        let report = {
+            let mut reported = lock(&shared.msr_reported);
+            reported.len() < MSR_REPORTS_KEEP && reported.insert((vcpu, index, value))
+        };
+        if report {
             let name = msr_name(index);
             let (from_symbol, symbol) = (shared.describe(old), shared.describe(value));
             let verdict = match policy {
@@ -647,13 +694,15 @@ impl Introspector {
         lock(&self.shared.baseline).clone()
     }
 
-    /// Findings with a sequence number above `since`.
+    /// Findings with a sequence number above `since` (of the last
+    /// [`FINDINGS_KEEP`]).
     pub fn findings(&self, since: u64) -> Vec<FindingRecord> {
         let log = lock(&self.shared.findings);
-        let start = usize::try_from(since)
-            .unwrap_or(usize::MAX)
-            .min(log.records.len());
-        log.records[start..].to_vec()
+        log.records
+            .iter()
+            .filter(|r| r.seq > since)
+            .cloned()
+            .collect()
     }
 
     /// Where things stand.
@@ -947,5 +996,82 @@ mod tests {
             ..up
         }));
         assert!(!syscall_ready(&CpuState { cr0: 1, ..up }));
+    }
+
+    fn shared() -> Shared {
+        Shared {
+            counters: Arc::default(),
+            findings: Mutex::default(),
+            baseline: Mutex::default(),
+            baseline_msrs: Mutex::default(),
+            policy: Mutex::default(),
+            symbols: Mutex::default(),
+            msr_reported: Mutex::default(),
+            monitor_tx: Mutex::default(),
+            host_dirty: Mutex::default(),
+        }
+    }
+
+    fn finding(n: u64) -> Finding {
+        let rule = Rule::SyscallMsrWrite;
+        Finding {
+            rule,
+            priority: rule.default_priority(),
+            mitre: rule.mitre(),
+            vcpu: Some(0),
+            location: "LSTAR".into(),
+            from: "0x1".into(),
+            to: format!("{n:#x}"),
+            from_symbol: None,
+            symbol: None,
+            restored: false,
+            message: format!("wrmsr LSTAR {n:#x}"),
+        }
+    }
+
+    #[test]
+    fn the_findings_log_keeps_the_latest_and_counts_them_all() {
+        let s = shared();
+        let total = FINDINGS_KEEP as u64 + 5;
+        for n in 0..total {
+            s.record(vec![finding(n)]);
+        }
+        let log = lock(&s.findings);
+        assert_eq!(log.records.len(), FINDINGS_KEEP);
+        assert_eq!(log.records.front().unwrap().seq, 6);
+        assert_eq!(log.records.back().unwrap().seq, total);
+        // Logged at most the per-second budget; the rest counted for the next line.
+        assert_eq!(log.logged, FINDINGS_LOGGED_PER_S);
+        assert_eq!(log.unlogged, total - u64::from(FINDINGS_LOGGED_PER_S));
+        drop(log);
+        assert_eq!(s.counters.snapshot().findings["syscall_msr_write"], total);
+    }
+
+    #[test]
+    fn a_guest_cycling_msr_values_is_reported_a_bounded_number_of_times() {
+        let s = Arc::new(shared());
+        let base = CpuState {
+            cr0: 0x8000_0001,
+            efer: EFER_SCE | EFER_LMA,
+            lstar: 0x1000,
+            sfmask: 0x4_7700,
+            ..CpuState::default()
+        };
+        *lock(&s.baseline_msrs) = Some(vec![base]);
+        *lock(&s.policy) = Policy::Protect;
+        let guard = Guard(s.clone());
+        for v in 0..(MSR_REPORTS_KEEP as u64 + 100) {
+            assert_eq!(
+                guard.msr_write(0, MSR_LSTAR, 0x2000 + v),
+                MsrVerdict::Refuse
+            );
+        }
+        // The baseline value itself is let through, unreported.
+        assert_eq!(guard.msr_write(0, MSR_LSTAR, 0x1000), MsrVerdict::Allow);
+        assert_eq!(lock(&s.findings).last_seq, MSR_REPORTS_KEEP as u64);
+        assert_eq!(
+            s.counters.snapshot().msr_writes_refused,
+            MSR_REPORTS_KEEP as u64 + 100
+        );
     }
 }
