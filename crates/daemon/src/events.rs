@@ -37,7 +37,10 @@ use vigil_events::{
 };
 pub use vigil_events::{Event, Priority, Rule};
 
-use crate::findings::{finding_event, FindingCursors, FindingRecord, VM_FINDINGS_PATH};
+use crate::findings::{
+    finding_event, parse_findings_file, FindingCursors, FindingRecord, FINDINGS_FILE,
+    VM_FINDINGS_PATH,
+};
 use crate::supervisor::{StopMethod, Supervisor, VmState};
 
 /// How long an SSE stream stays silent before a keep-alive comment.
@@ -823,6 +826,37 @@ async fn emit_findings(
     timeout: Duration,
 ) {
     cursors.retain(samples.iter().map(|s| s.info.id.as_str()));
+    let emit = |id: &str, records: &[FindingRecord]| {
+        for r in records {
+            match finding_event(id, r) {
+                Some(e) => events.emit(e),
+                None => tracing::warn!(
+                    id,
+                    rule = r.rule,
+                    "introspection finding {} of an unknown rule: not reported",
+                    r.seq
+                ),
+            }
+        }
+    };
+    // VMs that ended: what they found after the last fetch, from their file.
+    for s in samples.iter().filter(|s| !s.info.state.is_live()) {
+        let Some(since) = cursors.drain(&s.info.id) else {
+            continue;
+        };
+        let path = s.info.dir.join(FINDINGS_FILE);
+        // A small local file, read once per ended VM.
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                tracing::warn!(id = s.info.id, "cannot read {}: {e}", path.display());
+                continue;
+            }
+        };
+        let records = crate::findings::after(since, parse_findings_file(&text));
+        emit(&s.info.id, &records);
+    }
     let mut fetches = tokio::task::JoinSet::new();
     for s in samples {
         let Some(snapshot) = &s.snapshot else {
@@ -851,17 +885,7 @@ async fn emit_findings(
         match records {
             Ok(records) => {
                 let records = crate::findings::after(since, records);
-                for r in &records {
-                    match finding_event(&id, r) {
-                        Some(e) => events.emit(e),
-                        None => tracing::warn!(
-                            id,
-                            rule = r.rule,
-                            "introspection finding {} of an unknown rule: not reported",
-                            r.seq
-                        ),
-                    }
-                }
+                emit(&id, &records);
                 cursors.advance(&id, pid, &records);
             }
             // Asked again next tick.

@@ -7,12 +7,19 @@
 //! for the VM; when it grew, it fetches the findings after that number and emits
 //! one event each ([`finding_event`]). A fetch that fails leaves the number where it
 //! was, so the next tick asks again: nothing is lost, nothing is sent twice.
+//!
+//! The daemon also starts every VM with `--findings-path` in its folder
+//! ([`FINDINGS_FILE`]): once a VM has ended (its socket is gone), the findings it
+//! made after the last fetch are read from there, once ([`FindingCursors::drain`]).
 
 use std::collections::HashMap;
 use std::str::FromStr;
 
 use serde::Deserialize;
 use vigil_events::{Event, Priority, Rule, Timestamp};
+
+/// Where a VM's process appends its findings as JSON lines, in its folder.
+pub const FINDINGS_FILE: &str = "findings.jsonl";
 
 /// The path of a VM's findings on its API socket (`?since=N` appended).
 pub const VM_FINDINGS_PATH: &str = "/vigil/introspect/findings";
@@ -104,6 +111,8 @@ struct Cursor {
     /// numbers its findings from 1 again).
     pid: Option<u32>,
     last_seq: u64,
+    /// The VM has ended and its findings file was read.
+    drained: bool,
 }
 
 /// The sampler's bookkeeping: which findings of which VM were already emitted.
@@ -117,12 +126,17 @@ impl FindingCursors {
     /// total its metrics snapshot counts: `Some(since)` to fetch those after
     /// `since`.
     pub fn due(&mut self, id: &str, pid: Option<u32>, total: u64) -> Option<u64> {
-        let cursor = self
-            .vms
-            .entry(id.to_owned())
-            .or_insert(Cursor { pid, last_seq: 0 });
+        let cursor = self.vms.entry(id.to_owned()).or_insert(Cursor {
+            pid,
+            last_seq: 0,
+            drained: false,
+        });
         if cursor.pid != pid {
-            *cursor = Cursor { pid, last_seq: 0 };
+            *cursor = Cursor {
+                pid,
+                last_seq: 0,
+                drained: false,
+            };
         }
         (total > cursor.last_seq).then_some(cursor.last_seq)
     }
@@ -133,13 +147,30 @@ impl FindingCursors {
         let Some(max) = records.iter().map(|r| r.seq).max() else {
             return;
         };
-        let cursor = self
-            .vms
-            .entry(id.to_owned())
-            .or_insert(Cursor { pid, last_seq: 0 });
+        let cursor = self.vms.entry(id.to_owned()).or_insert(Cursor {
+            pid,
+            last_seq: 0,
+            drained: false,
+        });
         if cursor.pid == pid {
             cursor.last_seq = cursor.last_seq.max(max);
         }
+    }
+
+    /// VM `id` has ended: the first time, `Some(since)`, to read the findings its
+    /// process wrote to its findings file after those already emitted; `None`
+    /// after that.
+    pub fn drain(&mut self, id: &str) -> Option<u64> {
+        let cursor = self.vms.entry(id.to_owned()).or_insert(Cursor {
+            pid: None,
+            last_seq: 0,
+            drained: false,
+        });
+        if cursor.drained {
+            return None;
+        }
+        cursor.drained = true;
+        Some(cursor.last_seq)
     }
 
     /// The last sequence number emitted for VM `id`.
@@ -161,6 +192,21 @@ impl FindingCursors {
     pub fn is_empty(&self) -> bool {
         self.vms.is_empty()
     }
+}
+
+/// The records of a findings file (JSON lines); lines that are not one are
+/// skipped with a warning.
+pub fn parse_findings_file(text: &str) -> Vec<FindingRecord> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| match serde_json::from_str(l) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("a findings file line that is not a finding: {e}");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Keeps the records after `since`, in order, dropping any seen twice (a VM that
@@ -306,5 +352,27 @@ mod tests {
         assert_eq!(c.last_seq("b"), Some(0));
         c.retain([]);
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn an_ended_vm_is_drained_once_after_what_was_fetched() {
+        let mut c = FindingCursors::default();
+        assert_eq!(c.due("a", Some(7), 3), Some(0));
+        c.advance(
+            "a",
+            Some(7),
+            &[record(table_record(1)), record(table_record(2))],
+        );
+        // It ended (no pid any more): its file is read after seq 2, once.
+        assert_eq!(c.drain("a"), Some(2));
+        assert_eq!(c.drain("a"), None);
+        // A VM that ended before any sample: its whole file.
+        assert_eq!(c.drain("b"), Some(0));
+        let text = format!("{}\nnot json\n\n{}\n", table_record(1), table_record(3));
+        let records = parse_findings_file(&text);
+        assert_eq!(
+            after(2, records).iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [3]
+        );
     }
 }

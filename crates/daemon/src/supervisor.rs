@@ -463,7 +463,11 @@ struct LaunchOptions {
 impl LaunchOptions {
     /// The `vigil run` arguments; `dir` is the VM's folder.
     fn args(&self, dir: &Path) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        // Findings outlive the process there, for the sampler to read once it ended.
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--findings-path".into(),
+            dir.join(crate::findings::FINDINGS_FILE).into(),
+        ];
         if let Some(i) = &self.introspect {
             args.push(format!("--introspect={}", i.arg()).into());
         }
@@ -1202,6 +1206,8 @@ mod tests {
         assert_eq!(
             args,
             [
+                "--findings-path",
+                "/s/vms/a/findings.jsonl",
                 "--introspect=period=100ms,policy=protect,baseline_after=0ms",
                 "--trace-syscalls",
                 "/s/vms/a/syscalls.jsonl",
@@ -1217,9 +1223,20 @@ mod tests {
         };
         assert_eq!(
             options.args(Path::new("d")),
-            ["--introspect=", "--trace-syscalls", "d/syscalls.jsonl"].map(std::ffi::OsString::from)
+            [
+                "--findings-path",
+                "d/findings.jsonl",
+                "--introspect=",
+                "--trace-syscalls",
+                "d/syscalls.jsonl"
+            ]
+            .map(std::ffi::OsString::from)
         );
-        assert!(LaunchOptions::default().args(Path::new("d")).is_empty());
+        // Every VM writes its findings down (monitoring may start through its API).
+        assert_eq!(
+            LaunchOptions::default().args(Path::new("d")),
+            ["--findings-path", "d/findings.jsonl"].map(std::ffi::OsString::from)
+        );
     }
 
     #[test]

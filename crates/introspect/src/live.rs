@@ -213,6 +213,9 @@ struct Shared {
     msr_reported: Mutex<HashSet<(u32, u32, u64)>>,
     /// The monitor thread, to check at once on an event.
     monitor_tx: Mutex<Option<Sender<Command>>>,
+    /// Where each finding is also appended as a JSON line, as it is found: a
+    /// record that outlives the VMM (`vigil run --findings-path`).
+    findings_out: Mutex<Option<(PathBuf, std::fs::File)>>,
     /// Guest-physical pages (4 KiB aligned) the host wrote through
     /// [`Introspector::debug_write_memory`] since the last check. KVM's dirty log
     /// records only the guest's own writes, not the VMM's writes into the memory
@@ -233,6 +236,12 @@ impl Shared {
                 time_unix_ns: unix_ns(),
                 finding,
             };
+            if let Some((path, out)) = lock(&self.findings_out).as_mut() {
+                let line = serde_json::to_string(&record).unwrap_or_default() + "\n";
+                if let Err(e) = out.write_all(line.as_bytes()) {
+                    tracing::warn!("findings output {}: {e}", path.display());
+                }
+            }
             if log.records.len() == FINDINGS_KEEP {
                 log.records.pop_front();
             }
@@ -484,11 +493,24 @@ impl Introspector {
                 msr_reported: Mutex::default(),
                 monitor_tx: Mutex::default(),
                 host_dirty: Mutex::default(),
+                findings_out: Mutex::default(),
             }),
             monitor: Mutex::default(),
             tracer: Mutex::default(),
             located: Mutex::default(),
         })
+    }
+
+    /// Appends every finding from now on to `path` as a JSON line (the records of
+    /// [`Introspector::findings`]), as it is found.
+    pub fn write_findings_to(&self, path: &Path) -> Result<(), String> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        *lock(&self.shared.findings_out) = Some((path.to_owned(), file));
+        Ok(())
     }
 
     /// Replaces the symbols (`PUT /vigil/introspect/symbols`); refused while
@@ -1009,6 +1031,7 @@ mod tests {
             msr_reported: Mutex::default(),
             monitor_tx: Mutex::default(),
             host_dirty: Mutex::default(),
+            findings_out: Mutex::default(),
         }
     }
 

@@ -281,6 +281,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "LIST", requires = "trace_syscalls", value_parser = parse_trace_filter)]
     pub trace_filter: Option<SyscallFilter>,
 
+    /// Append every introspection finding to PATH as a JSON line, the moment it is
+    /// found (the records GET /vigil/introspect/findings serves: seq, time_unix_ns,
+    /// rule, priority, mitre, vcpu, location, from, to, from_symbol, symbol,
+    /// restored, message): a record of what the monitor saw that outlives the VMM.
+    #[arg(long, value_name = "PATH")]
+    pub findings_path: Option<PathBuf>,
+
     /// Serve PUT /vigil/debug/memory and PUT /vigil/debug/msr on the API socket:
     /// writes into the guest's memory and MSRs, for testing introspection. Never
     /// on a production VM.
@@ -431,6 +438,7 @@ impl RunArgs {
                     .clone()
                     .map(|p| (p, self.trace_filter.clone().unwrap_or_default())),
                 debug_api: self.debug_api,
+                findings_path: self.findings_path.clone(),
             },
         }
     }
@@ -444,12 +452,17 @@ impl RunArgs {
                 .open(path)
                 .with_context(|| format!("--metrics-path {}: cannot open it", path.display()))?;
         }
-        if let Some(path) = &self.trace_syscalls {
-            std::fs::File::options()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("--trace-syscalls {}: cannot open it", path.display()))?;
+        for (option, path) in [
+            ("--trace-syscalls", &self.trace_syscalls),
+            ("--findings-path", &self.findings_path),
+        ] {
+            if let Some(path) = path {
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("{option} {}: cannot open it", path.display()))?;
+            }
         }
         let metrics = self.metrics_path.as_ref().map(|path| Metrics {
             metrics_path: path.display().to_string(),

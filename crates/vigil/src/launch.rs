@@ -43,11 +43,18 @@ pub struct IntrospectLaunch {
     pub trace: Option<(PathBuf, SyscallFilter)>,
     /// Serve `/vigil/debug/...`: writes into the guest, for tests.
     pub debug_api: bool,
+    /// Append every finding here as a JSON line.
+    pub findings_path: Option<PathBuf>,
 }
 
 impl IntrospectLaunch {
     /// Starts what was asked for on the running VM.
     fn start(&self, intro: &Arc<Introspector>) -> anyhow::Result<()> {
+        if let Some(path) = &self.findings_path {
+            intro
+                .write_findings_to(path)
+                .map_err(|e| anyhow!("--findings-path {e}"))?;
+        }
         if let Some(settings) = self.monitor {
             intro
                 .start_monitor(settings)

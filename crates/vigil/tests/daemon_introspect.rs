@@ -251,3 +251,67 @@ fn a_hooked_syscall_table_is_a_security_event_of_the_daemon() {
     drop(d);
     std::fs::remove_dir_all(&files).ok();
 }
+
+#[test]
+fn a_finding_made_just_before_the_vm_stops_still_reaches_the_stream() {
+    let files = scratch("last");
+    let jsonl = files.join("events.jsonl");
+    // Samples far apart: the VM is stopped between two, so its last finding can
+    // only come from the findings file its process wrote.
+    let d = Daemon::start(
+        "dintro-last",
+        &[
+            "--events-output",
+            &format!("json:{}", jsonl.display()),
+            "--sample-interval",
+            "4",
+        ],
+    );
+    let (status, vm) = d.http(
+        "POST",
+        "/vms",
+        Some(json!({
+            "id": "brief",
+            "config": d.config("hang"),
+            "introspect": {"period_ms": 60000, "baseline_after_ms": 0},
+            "debug_api": true,
+        })),
+    );
+    assert_eq!(status, 201, "{vm}\n--- daemon\n{}", d.log());
+    let sock = PathBuf::from(vm["api_socket"].as_str().unwrap());
+    let dir = PathBuf::from(vm["dir"].as_str().unwrap());
+    wait_until("the baseline", Duration::from_secs(20), || {
+        let r = http::request(&sock, "GET", "/vigil/introspect", "");
+        (r.status == 200 && r.json()["baseline_taken"] == true).then_some(())
+    });
+    let symbols = SymbolTable::from_elf(vigil_test_guest::ELF).unwrap();
+    let table = symbols.address_of("sys_call_table").unwrap();
+    let hook = symbols.address_of("rootkit_sys_hook").unwrap();
+    let bytes: String = hook
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let body = json!({"address": format!("{:#x}", table + 16), "bytes": bytes}).to_string();
+    let w = http::request(&sock, "PUT", "/vigil/debug/memory", &body);
+    assert_eq!(w.status, 204, "{}", w.body);
+    // The check (the period is a minute) finds it now; the VM stops at once.
+    let c = http::request(&sock, "PUT", "/vigil/introspect/check", "");
+    assert_eq!(c.status, 200, "{}", c.body);
+    assert_eq!(c.json()[0]["rule"], "syscall_table_modified", "{}", c.body);
+    d.ctl_ok(&["stop", "brief"]);
+    // The VM's process wrote it down as it was found...
+    let written = json_lines(&dir.join("findings.jsonl"));
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert_eq!(written[0]["location"], "sys_call_table[2] (open)");
+    // ...and the daemon emits it, once, after the VM has ended.
+    let is_hook =
+        |e: &Value| e["rule"] == "syscall_table_modified" && e["output_fields"]["vm.id"] == "brief";
+    wait_until("the last finding", Duration::from_secs(20), || {
+        json_lines(&jsonl).into_iter().find(is_hook)
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let n = json_lines(&jsonl).into_iter().filter(is_hook).count();
+    assert_eq!(n, 1, "emitted once\n--- daemon\n{}", d.log());
+    d.ctl_ok(&["destroy", "brief"]);
+}
