@@ -45,7 +45,7 @@ impl SymbolTable {
     /// (untyped: what a linker script or assembly defines, such as `_stext`,
     /// `__start_rodata` or a label after a table), local ones included, by their
     /// link-time address; zero and absolute addresses and the assembler's `.L`
-    /// labels are left out, as a `System.map` does. An ELF without `.symtab` (stripped)
+    /// labels are left out, as a `System.map` does. Rust names are demangled. An ELF without `.symtab` (stripped)
     /// gives an empty table.
     pub fn from_elf(bytes: &[u8]) -> Result<Self, SymbolError> {
         use object::{Object, ObjectSymbol, SymbolKind, SymbolSection};
@@ -79,8 +79,14 @@ impl SymbolTable {
                     SymbolKind::Text | SymbolKind::Data | SymbolKind::Unknown
                 )
             })
-            .filter_map(|s| Some((s.address(), s.name().ok()?.to_string())))
+            .filter_map(|s| Some((s.address(), s.name().ok()?)))
             .filter(|(_, name)| !name.is_empty() && !name.starts_with(".L"))
+            // Rust symbols (a Rust kernel, Rust for Linux) by their path, without
+            // the hash: `vigil_test_guest::cpu::IDT`, not `_ZN16vigil_test_guest...E`.
+            .map(|(addr, name)| match rustc_demangle::try_demangle(name) {
+                Ok(d) => (addr, format!("{d:#}")),
+                Err(_) => (addr, name.to_string()),
+            })
             .collect();
         symbols.sort();
         symbols.dedup();
@@ -217,6 +223,15 @@ ffffffff81a00000 T entry_SYSCALL_64
             "{entry:#x} {kmain:#x}"
         );
         assert_eq!(t.describe(kmain + 1).unwrap(), "kmain+0x1");
+        // Rust statics by their path, without the mangling or the hash.
+        let idt = t
+            .address_of("vigil_test_guest::cpu::IDT")
+            .expect("demangled");
+        assert_eq!(
+            t.describe(idt + 8).unwrap(),
+            "vigil_test_guest::cpu::IDT+0x8"
+        );
+        assert!(t.address_of("_ZN16vigil_test_guest3cpu3IDT").is_none());
         assert!(SymbolTable::from_elf(b"not an elf").is_err());
         assert!(SymbolTable::from_kernel_image(b"MZ...").is_none());
         assert!(SymbolTable::from_kernel_image(vigil_test_guest::ELF).is_some());
