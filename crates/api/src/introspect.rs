@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 use vigil_introspect::live::{Introspector, MonitorSettings, Policy};
-use vigil_introspect::{SymbolTable, SyscallFilter};
+use vigil_introspect::{hex, SymbolTable, SyscallFilter};
 
 use crate::api::{body, done, Response};
 
@@ -109,29 +109,17 @@ pub struct MsrWrite {
 
 /// A `"0x..."` (or decimal) number from a request, the error naming `field`.
 pub fn parse_u64(field: &str, s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => t.parse(),
-    };
-    parsed.map_err(|_| format!("{field} {s:?}: expected a number (0x... for hex)"))
+    hex::parse_u64(s).map_err(|e| format!("{field} {e}"))
 }
 
 fn parse_hex_bytes(s: &str) -> Result<Vec<u8>, String> {
     let t = s.trim();
-    // ASCII only: slicing two bytes at a time must not split a character.
-    if t.is_empty() || !t.is_ascii() || !t.len().is_multiple_of(2) || t.len() > 8192 {
+    if t.is_empty() || t.len() > 8192 {
         return Err(format!(
             "bytes {s:?}: expected 1 to 4096 bytes as an even number of hex digits"
         ));
     }
-    (0..t.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&t[i..i + 2], 16)
-                .map_err(|_| format!("bytes {s:?}: {:?} is not a hex byte", &t[i..i + 2]))
-        })
-        .collect()
+    hex::parse_bytes(t).map_err(|e| format!("bytes {e}"))
 }
 
 fn since(query: &str) -> Result<u64, Response> {

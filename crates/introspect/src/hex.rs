@@ -1,6 +1,6 @@
-//! Serde helpers: addresses and register values as `"0x..."` strings (a JSON
-//! number cannot hold a kernel address exactly in JavaScript), bytes as one hex
-//! string.
+//! Addresses and register values as `"0x..."` strings (a JSON number cannot hold
+//! a kernel address exactly in JavaScript) and bytes as one hex string: serde
+//! helpers, and the parsers the API uses for the same spellings.
 
 use std::fmt::Write as _;
 
@@ -72,11 +72,26 @@ pub fn bytes(b: &[u8]) -> String {
 }
 
 /// A number: `0x...` is hex, anything else decimal.
-pub(crate) fn parse_u64(s: &str) -> Result<u64, String> {
+pub fn parse_u64(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(h) => u64::from_str_radix(h, 16),
         None => t.parse(),
     };
     r.map_err(|e| format!("{s:?} is not a number (0x... hex or decimal): {e}"))
+}
+
+/// Bytes from hex digits, two a byte (what [`bytes`] writes).
+pub fn parse_bytes(s: &str) -> Result<Vec<u8>, String> {
+    // ASCII only: slicing two bytes at a time must not split a character.
+    if !s.is_ascii() || !s.len().is_multiple_of(2) {
+        return Err(format!("{s:?} is not an even number of hex digits"));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16)
+                .map_err(|_| format!("{s:?}: {:?} is not a hex byte", &s[i..i + 2]))
+        })
+        .collect()
 }

@@ -9,7 +9,7 @@
 //! LSTAR, IDTR, ...) as plain numbers ([`CpuState`], [`SyscallRegs`]).
 
 pub mod cpu;
-mod hex;
+pub mod hex;
 pub mod integrity;
 pub mod kaslr;
 pub mod layout;

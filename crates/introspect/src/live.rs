@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vigil_events::Rule;
+use vigil_events::{Rule, Timestamp};
 use vigil_metrics::IntrospectCounters;
 use vigil_vmm::vstate::inspect::{
     BreakpointHandler, MsrGuard, MsrVerdict, VcpuState, INSPECTED_MSRS, MSR_CSTAR, MSR_LSTAR,
@@ -32,10 +32,33 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+/// A file that records are appended to as JSON lines, each written (not buffered)
+/// as it comes: the findings and traced calls a user tails.
+struct JsonLines {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl JsonLines {
+    fn open(path: &Path) -> Result<Self, String> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    fn append(&mut self, record: &impl Serialize) {
+        let mut line = serde_json::to_vec(record).unwrap_or_default();
+        line.push(b'\n');
+        if let Err(e) = self.file.write_all(&line) {
+            tracing::warn!("{}: {e}", self.path.display());
+        }
+    }
 }
 
 /// What the monitor does about a guest write to a syscall MSR after the baseline.
@@ -215,7 +238,7 @@ struct Shared {
     monitor_tx: Mutex<Option<Sender<Command>>>,
     /// Where each finding is also appended as a JSON line, as it is found: a
     /// record that outlives the VMM (`vigil run --findings-path`).
-    findings_out: Mutex<Option<(PathBuf, std::fs::File)>>,
+    findings_out: Mutex<Option<JsonLines>>,
     /// Guest-physical pages (4 KiB aligned) the host wrote through
     /// [`Introspector::debug_write_memory`] since the last check. KVM's dirty log
     /// records only the guest's own writes, not the VMM's writes into the memory
@@ -233,14 +256,11 @@ impl Shared {
             log.last_seq += 1;
             let record = FindingRecord {
                 seq: log.last_seq,
-                time_unix_ns: unix_ns(),
+                time_unix_ns: Timestamp::now().unix_ns(),
                 finding,
             };
-            if let Some((path, out)) = lock(&self.findings_out).as_mut() {
-                let line = serde_json::to_string(&record).unwrap_or_default() + "\n";
-                if let Err(e) = out.write_all(line.as_bytes()) {
-                    tracing::warn!("findings output {}: {e}", path.display());
-                }
+            if let Some(out) = lock(&self.findings_out).as_mut() {
+                out.append(&record);
             }
             if log.records.len() == FINDINGS_KEEP {
                 log.records.pop_front();
@@ -504,12 +524,7 @@ impl Introspector {
     /// Appends every finding from now on to `path` as a JSON line (the records of
     /// [`Introspector::findings`]), as it is found.
     pub fn write_findings_to(&self, path: &Path) -> Result<(), String> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        *lock(&self.shared.findings_out) = Some((path.to_owned(), file));
+        *lock(&self.shared.findings_out) = Some(JsonLines::open(path)?);
         Ok(())
     }
 
@@ -829,19 +844,10 @@ impl Introspector {
             .map(|c| c.lstar)
             .filter(|&l| l != 0)
             .ok_or("the guest has no syscall entry yet (LSTAR is 0)")?;
-        let out = match output {
-            Some(p) => Some((
-                p.to_owned(),
-                std::io::BufWriter::new(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(p)
-                        .map_err(|e| format!("output {}: {e}", p.display()))?,
-                ),
-            )),
-            None => None,
-        };
+        let out = output
+            .map(JsonLines::open)
+            .transpose()
+            .map_err(|e| format!("output {e}"))?;
         self.stop_trace();
         let tracer = Arc::new(Tracer {
             filter,
@@ -887,15 +893,14 @@ impl Introspector {
 
     /// Stops tracing: the guest runs at full speed again.
     pub fn stop_trace(&self) -> bool {
-        let Some(tracer) = lock(&self.tracer).take() else {
+        if lock(&self.tracer).take().is_none() {
             return false;
-        };
+        }
         if !self.vm.is_stopping() {
             if let Err(e) = self.vm.clear_breakpoints() {
                 tracing::warn!("cannot clear the tracing breakpoint: {e}");
             }
         }
-        tracer.flush();
         self.shared.counters.tracing.set(0);
         true
     }
@@ -930,7 +935,7 @@ pub struct TraceRecord {
 struct Tracer {
     filter: SyscallFilter,
     entry: u64,
-    out: Mutex<Option<(PathBuf, std::io::BufWriter<std::fs::File>)>>,
+    out: Mutex<Option<JsonLines>>,
     kept: Mutex<VecDeque<TraceRecord>>,
     seq: AtomicU64,
     counters: Arc<IntrospectCounters>,
@@ -943,14 +948,6 @@ impl Tracer {
             .filter(|r| r.seq > since)
             .cloned()
             .collect()
-    }
-
-    fn flush(&self) {
-        if let Some((path, out)) = lock(&self.out).as_mut() {
-            if let Err(e) = out.flush() {
-                tracing::warn!("syscall trace {}: {e}", path.display());
-            }
-        }
     }
 }
 
@@ -977,14 +974,11 @@ impl BreakpointHandler for Tracer {
         self.counters.syscalls_traced.inc();
         let record = TraceRecord {
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            time_unix_ns: unix_ns(),
+            time_unix_ns: Timestamp::now().unix_ns(),
             call: SyscallRecord::decode(vcpu, &r),
         };
-        if let Some((path, out)) = lock(&self.out).as_mut() {
-            let line = serde_json::to_string(&record).unwrap_or_default();
-            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                tracing::warn!("syscall trace {}: {e}", path.display());
-            }
+        if let Some(out) = lock(&self.out).as_mut() {
+            out.append(&record);
         }
         let mut kept = lock(&self.kept);
         if kept.len() == TRACE_KEEP {
