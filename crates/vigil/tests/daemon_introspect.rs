@@ -5,14 +5,13 @@
 
 mod common;
 
-use common::{json_lines, scratch};
-use std::path::PathBuf;
+use common::{guest_symbol, hex_u64, json_lines, scratch};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::http;
 use serde_json::{json, Value};
-use vigil_vmm::symbols::SymbolTable;
 
 fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -23,6 +22,17 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
         assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Points the test guest's `sys_call_table[nr]` at `rootkit_sys_hook` through the
+/// VM's debug API; returns the hook's address.
+fn hook_syscall_entry(sock: &Path, nr: u64) -> u64 {
+    let hook = guest_symbol("rootkit_sys_hook");
+    let entry = guest_symbol("sys_call_table") + nr * 8;
+    let body = json!({"address": format!("{entry:#x}"), "bytes": vigil_introspect::hex::bytes(&hook.to_le_bytes())});
+    let w = http::request(sock, "PUT", "/vigil/debug/memory", &body.to_string());
+    assert_eq!(w.status, 204, "{}", w.body);
+    hook
 }
 
 #[test]
@@ -141,17 +151,7 @@ fn a_hooked_syscall_table_is_a_security_event_of_the_daemon() {
     });
 
     // The rootkit's move, through the debug API: sys_call_table[1] = rootkit_sys_hook.
-    let symbols = SymbolTable::from_elf(vigil_test_guest::ELF).unwrap();
-    let table = symbols.address_of("sys_call_table").unwrap();
-    let hook = symbols.address_of("rootkit_sys_hook").unwrap();
-    let bytes: String = hook
-        .to_le_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let body = json!({"address": format!("{:#x}", table + 8), "bytes": bytes}).to_string();
-    let w = http::request(&sock, "PUT", "/vigil/debug/memory", &body);
-    assert_eq!(w.status, 204, "{}", w.body);
+    let hook = hook_syscall_entry(&sock, 1);
 
     // The finding reaches the daemon's event stream.
     let is_hook =
@@ -187,8 +187,8 @@ fn a_hooked_syscall_table_is_a_security_event_of_the_daemon() {
         field("introspect.from_symbol").starts_with("sys_vigil_1"),
         "{e}"
     );
-    let from = u64::from_str_radix(field("introspect.from").trim_start_matches("0x"), 16).unwrap();
-    assert_eq!(Some(from), symbols.address_of("sys_vigil_1"), "{e}");
+    let from = hex_u64(&field("introspect.from"));
+    assert_eq!(from, guest_symbol("sys_vigil_1"), "{e}");
     assert_eq!(f["introspect.to"], format!("{hook:#x}"), "{e}");
     assert_eq!(f["introspect.restored"], false, "{e}");
     assert!(f["introspect.seq"].as_u64().unwrap() >= 1, "{e}");
@@ -284,17 +284,7 @@ fn a_finding_made_just_before_the_vm_stops_still_reaches_the_stream() {
         let r = http::request(&sock, "GET", "/vigil/introspect", "");
         (r.status == 200 && r.json()["baseline_taken"] == true).then_some(())
     });
-    let symbols = SymbolTable::from_elf(vigil_test_guest::ELF).unwrap();
-    let table = symbols.address_of("sys_call_table").unwrap();
-    let hook = symbols.address_of("rootkit_sys_hook").unwrap();
-    let bytes: String = hook
-        .to_le_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let body = json!({"address": format!("{:#x}", table + 16), "bytes": bytes}).to_string();
-    let w = http::request(&sock, "PUT", "/vigil/debug/memory", &body);
-    assert_eq!(w.status, 204, "{}", w.body);
+    hook_syscall_entry(&sock, 2);
     // The check (the period is a minute) finds it now; the VM stops at once.
     let c = http::request(&sock, "PUT", "/vigil/introspect/check", "");
     assert_eq!(c.status, 200, "{}", c.body);

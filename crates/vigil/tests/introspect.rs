@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::scratch;
+use common::{guest_symbol, hex_u64, scratch};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -149,10 +149,6 @@ fn detail_value<'a>(detail: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in {detail:?}"))
 }
 
-fn hex(s: &str) -> u64 {
-    u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("{s:?}"))
-}
-
 /// A rootkit scenario up to its `ready`, monitored with `--introspect SETTINGS`,
 /// the baseline taken, no finding yet. `None` when
 /// the guest FAILed before `ready` (rootkit-cr4 without UMIP).
@@ -266,13 +262,13 @@ fn rootkit_idt_is_found_with_the_hook_named() {
     assert_eq!(f["location"], "IDT vector 14", "{f}");
     assert_eq!(f["vcpu"], 0, "{f}");
     assert_eq!(
-        hex(str_of(f, "from")),
-        hex(detail_value(&detail, "old")),
+        hex_u64(str_of(f, "from")),
+        hex_u64(detail_value(&detail, "old")),
         "{f}"
     );
     assert_eq!(
-        hex(str_of(f, "to")),
-        hex(detail_value(&detail, "new")),
+        hex_u64(str_of(f, "to")),
+        hex_u64(detail_value(&detail, "new")),
         "{f}"
     );
     assert_eq!(f["from_symbol"], "exception_stubs+0xe0", "{f}");
@@ -286,7 +282,7 @@ fn rootkit_idtr_is_found() {
     let (detail, f) = rootkit("rootkit-idtr", &["idtr_changed"]).unwrap();
     let f = &f[0];
     assert_eq!(f["vcpu"], 0, "{f}");
-    let new_base = hex(detail_value(&detail, "new_base"));
+    let new_base = hex_u64(detail_value(&detail, "new_base"));
     assert!(
         str_of(f, "to").contains(&format!("{new_base:#x}")),
         "{f} lacks {new_base:#x}"
@@ -297,7 +293,7 @@ fn rootkit_idtr_is_found() {
 fn rootkit_text_is_found() {
     let (detail, f) = rootkit("rootkit-text", &["kernel_text_modified"]).unwrap();
     let f = &f[0];
-    let addr = hex(detail_value(&detail, "addr"));
+    let addr = hex_u64(detail_value(&detail, "addr"));
     let page = addr & !0xfff;
     assert!(
         str_of(f, "location").starts_with(&format!("kernel text page {page:#x}")),
@@ -313,8 +309,8 @@ fn rootkit_syscall_table_is_found_with_the_hook_named() {
     assert_eq!(f["symbol"], "rootkit_sys_hook+0x0", "{f}");
     assert_eq!(f["from_symbol"], "sys_vigil_1+0x0", "{f}");
     assert_eq!(
-        hex(str_of(f, "to")),
-        hex(detail_value(&detail, "new")),
+        hex_u64(str_of(f, "to")),
+        hex_u64(detail_value(&detail, "new")),
         "{f}"
     );
 }
@@ -326,11 +322,11 @@ fn rootkit_lstar_is_caught_at_the_write_and_by_the_check() {
         &["syscall_msr_write", "syscall_msr_changed"],
     )
     .unwrap();
-    let new = hex(detail_value(&detail, "new"));
+    let new = hex_u64(detail_value(&detail, "new"));
     assert!(detail.starts_with("lstar=written "), "{detail}");
     for f in &f {
         assert_eq!(f["location"], "LSTAR", "{f}");
-        assert_eq!(hex(str_of(f, "to")), new, "{f}");
+        assert_eq!(hex_u64(str_of(f, "to")), new, "{f}");
         assert_eq!(f["from_symbol"], "syscall_entry+0x0", "{f}");
         assert_eq!(f["symbol"], "rootkit_syscall_entry+0x0", "{f}");
     }
@@ -454,7 +450,7 @@ fn assert_call(c: &Value, (nr, name, args): &(u64, Option<&str>, [u64; 6])) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| hex(a.as_str().unwrap()))
+        .map(|a| hex_u64(a.as_str().unwrap()))
         .collect();
     assert_eq!(got, args, "{c}");
     assert_eq!(c["vcpu"], 0, "{c}");
@@ -486,7 +482,7 @@ fn trace_file_holds_the_documented_calls() {
         assert_call(c, e);
         assert_eq!(c["cr3"], lines[0]["cr3"], "one address space: {c}");
     }
-    assert!(hex(str_of(&lines[0], "cr3")) != 0);
+    assert!(hex_u64(str_of(&lines[0], "cr3")) != 0);
     let api = vm.get("/vigil/trace");
     assert_eq!(api["tracing"], true);
     let calls = api["calls"].as_array().unwrap();
@@ -646,15 +642,6 @@ fn api_refusals_name_the_field_and_the_state_reads_the_guest() {
 
 #[test]
 fn debug_writes_are_found_by_the_next_check() {
-    let symbols = vigil_vmm::symbols::SymbolTable::from_elf(
-        &std::fs::read(vigil_test_guest::ELF_PATH).unwrap(),
-    )
-    .unwrap();
-    let sym = |name: &str| {
-        symbols
-            .address_of(name)
-            .unwrap_or_else(|| panic!("no {name} in the test guest"))
-    };
     let mut vm = Vm::boot("debug", "test=cpuid,hang", &["--debug-api"]);
     vm.console.wait_for(&["TEST cpuid PASS"], TIMEOUT);
     // A long period: only the checks asked for run.
@@ -670,16 +657,11 @@ fn debug_writes_are_found_by_the_next_check() {
     };
     assert_eq!(check(&vm), Vec::<Value>::new());
 
-    let entry = sym("sys_call_table") + 8;
-    let hook = sym("sys_vigil_2");
-    let bytes: String = hook
-        .to_le_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let entry = guest_symbol("sys_call_table") + 8;
+    let hook = guest_symbol("sys_vigil_2");
     vm.put_ok(
         "/vigil/debug/memory",
-        json!({"address": format!("{entry:#x}"), "bytes": bytes}),
+        json!({"address": format!("{entry:#x}"), "bytes": vigil_introspect::hex::bytes(&hook.to_le_bytes())}),
     );
     let f = check(&vm);
     assert_eq!(rules(&f), ["syscall_table_modified"], "{f:#?}");
@@ -691,7 +673,7 @@ fn debug_writes_are_found_by_the_next_check() {
     assert_eq!(f[0]["symbol"], "sys_vigil_2+0x0", "{}", f[0]);
     assert_eq!(f[0]["from_symbol"], "sys_vigil_1+0x0", "{}", f[0]);
 
-    let lstar = sym("rootkit_syscall_entry");
+    let lstar = guest_symbol("rootkit_syscall_entry");
     vm.put_ok(
         "/vigil/debug/msr",
         json!({"index": "0xc0000082", "value": format!("{lstar:#x}")}),

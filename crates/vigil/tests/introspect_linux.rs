@@ -8,46 +8,25 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::hardware_kvm;
 use common::http::{request, wait_for};
+use common::{hardware_kvm, hex_u64};
 use serde_json::Value;
+use vigil_vmm::symbols::SymbolTable;
 
 /// Generous: the kernel reaches its `xrstor` within seconds here (about 20 s in a
 /// debug build on a loaded machine).
 const CRASH_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// `System.map`: name to address (the first of a name).
-fn read_map(map: &Path) -> HashMap<String, u64> {
-    let text = std::fs::read_to_string(map).expect("read System.map");
-    let mut out = HashMap::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(addr), Some(_kind), Some(name)) = (words.next(), words.next(), words.next())
-        else {
-            continue;
-        };
-        if let Ok(a) = u64::from_str_radix(addr, 16) {
-            out.entry(name.to_string()).or_insert(a);
-        }
-    }
-    out
-}
-
 fn hex(v: &Value) -> u64 {
-    let s = v
-        .as_str()
-        .unwrap_or_else(|| panic!("not a hex string: {v}"));
-    u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-fn hex_bytes(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex_u64(
+        v.as_str()
+            .unwrap_or_else(|| panic!("not a hex string: {v}")),
+    )
 }
 
 /// A 64-bit interrupt gate (type 0xE, present, DPL 0) to `handler` through
@@ -137,9 +116,9 @@ fn linux_kernel_state_is_found_and_tampering_is_reported() {
         );
         return;
     }
-    let map = read_map(&map_path);
+    let map = SymbolTable::load(&map_path).expect("read System.map");
     let sym = |name: &str| -> u64 {
-        *map.get(name)
+        map.address_of(name)
             .unwrap_or_else(|| panic!("{name} not in {}", map_path.display()))
     };
     let started = Instant::now();
@@ -148,29 +127,10 @@ fn linux_kernel_state_is_found_and_tampering_is_reported() {
         std::process::id()
     ));
     let _ = std::fs::remove_file(&sock);
-    let mut child = common::vigil()
-        .args([
-            "run",
-            "--kernel",
-            vmlinux.to_str().unwrap(),
-            "--symbols",
-            map_path.to_str().unwrap(),
-            "--cpus",
-            "2",
-            "--memory",
-            "256",
-            "--cmdline",
-            "console=ttyS0 earlyprintk=serial",
-            // Offers XSAVE: the kernel stops on `xrstor` in fpu__init_cpu, the
-            // earliest emulation failure after trap_init and syscall_init.
-            "--cpu-template",
-            "host",
-            "--on-crash",
-            "pause",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--debug-api",
-        ])
+    let mut child = common::linux_kept_at_its_crash(&vmlinux, &sock)
+        .arg("--symbols")
+        .arg(&map_path)
+        .arg("--debug-api")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -258,7 +218,7 @@ fn linux_kernel_state_is_found_and_tampering_is_reported() {
     // kernel has, points at it.
     for g in idt {
         if let Some(h) = g["linux_handler"].as_str() {
-            if map.contains_key(h) {
+            if map.address_of(h).is_some() {
                 assert_eq!(g["symbol"], format!("{h}+0x0"), "{g}");
             }
         }
@@ -351,7 +311,7 @@ fn linux_kernel_state_is_found_and_tampering_is_reported() {
         &format!(
             r#"{{"address": "{:#x}", "vcpu": 0, "bytes": "{}"}}"#,
             sym("sys_call_table"),
-            hex_bytes(&ni.to_le_bytes())
+            vigil_introspect::hex::bytes(&ni.to_le_bytes())
         ),
     );
     let found = check(&sock);
@@ -374,7 +334,7 @@ fn linux_kernel_state_is_found_and_tampering_is_reported() {
         &format!(
             r#"{{"address": "{:#x}", "vcpu": 0, "bytes": "{}"}}"#,
             idt_base + 14 * 16,
-            hex_bytes(&interrupt_gate(gp, 0x10, 0))
+            vigil_introspect::hex::bytes(&interrupt_gate(gp, 0x10, 0))
         ),
     );
     let found = check(&sock);

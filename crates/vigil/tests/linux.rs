@@ -131,25 +131,7 @@ fn linux_emulation_failure_is_kept_paused_with_on_crash_pause() {
     let sock =
         std::env::temp_dir().join(format!("vigil-linux-oncrash-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
-    let memory = MEMORY_MIB.to_string();
-    let mut child = common::vigil()
-        .args([
-            "run",
-            "--kernel",
-            vmlinux.to_str().unwrap(),
-            "--cpus",
-            "2",
-            "--memory",
-            &memory,
-            "--cmdline",
-            "console=ttyS0 earlyprintk=serial",
-            "--cpu-template",
-            "host",
-            "--on-crash",
-            "pause",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ])
+    let mut child = common::linux_kept_at_its_crash(&vmlinux, &sock)
         .spawn()
         .expect("spawn vigil");
     wait_for(&sock, Duration::from_secs(10));

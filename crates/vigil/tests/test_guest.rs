@@ -521,7 +521,7 @@ fn rootkit_scenarios_tamper_after_the_go_and_pass() {
                 .unwrap_or_else(|| panic!("{scenario}: no {key}= in {tampered:?}"))
                 .to_string()
         };
-        let hex = |key: &str| u64::from_str_radix(value(key).trim_start_matches("0x"), 16).unwrap();
+        let hex = |key: &str| common::hex_u64(&value(key));
         match scenario {
             "rootkit-idt" => {
                 assert_eq!(value("vector"), "14");
@@ -529,7 +529,7 @@ fn rootkit_scenarios_tamper_after_the_go_and_pass() {
                 if let (Some(stubs), Some(new)) =
                     (sym("exception_stubs"), sym("rootkit_page_fault"))
                 {
-                    let stubs = u64::from_str_radix(stubs.trim_start_matches("0x"), 16).unwrap();
+                    let stubs = common::hex_u64(&stubs);
                     assert_eq!(hex("old"), stubs + 14 * 16, "{tampered}");
                     assert_eq!(value("new"), new, "{tampered}");
                 }

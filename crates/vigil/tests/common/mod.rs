@@ -126,6 +126,45 @@ pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `vigil run` of the small Linux kernel as this machine's KVM stops it and Vigil
+/// keeps it: 2 vCPUs, 256 MiB, the host CPU template (XSAVE offered, so the kernel
+/// stops on `xrstor` in its FPU set-up, after `trap_init` and `syscall_init`),
+/// `--on-crash pause`, and an API socket at `sock`. Callers add their options.
+pub fn linux_kept_at_its_crash(vmlinux: &Path, sock: &Path) -> Command {
+    let mut cmd = vigil();
+    cmd.args(["run", "--kernel"])
+        .arg(vmlinux)
+        .args(["--cpus", "2", "--memory", "256"])
+        .args(["--cmdline", "console=ttyS0 earlyprintk=serial"])
+        .args([
+            "--cpu-template",
+            "host",
+            "--on-crash",
+            "pause",
+            "--api-sock",
+        ])
+        .arg(sock);
+    cmd
+}
+
+/// The address of `name` in the test guest's ELF symbol table.
+pub fn guest_symbol(name: &str) -> u64 {
+    static SYMBOLS: std::sync::OnceLock<vigil_vmm::symbols::SymbolTable> =
+        std::sync::OnceLock::new();
+    SYMBOLS
+        .get_or_init(|| {
+            vigil_vmm::symbols::SymbolTable::from_elf(vigil_test_guest::ELF)
+                .expect("the test guest's symbols")
+        })
+        .address_of(name)
+        .unwrap_or_else(|| panic!("no {name} in the test guest"))
+}
+
+/// A `"0x..."` value of an API answer or a guest's report line.
+pub fn hex_u64(s: &str) -> u64 {
+    vigil_introspect::hex::parse_u64(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// The shared folder beside the repository (or `VIGIL_SHARED_DIR`), if there is one.
 pub fn shared_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("VIGIL_SHARED_DIR")
