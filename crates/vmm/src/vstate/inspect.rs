@@ -441,17 +441,8 @@ impl Breakpoints {
     pub fn on_debug_exit(&mut self, fd: &VcpuFd, vcpu: u32, exit: &kvm_debug_exit_arch) {
         let Some(armed) = &self.armed else {
             // A stale exit (from before a clear) or one nobody asked for.
-            if !self.stray_logged {
-                self.stray_logged = true;
-                tracing::debug!(
-                    vcpu,
-                    pc = exit.pc,
-                    dr6 = exit.dr6,
-                    "debug exit with no breakpoint armed; ignored"
-                );
-            }
-            self.stepping = false;
-            let _ = fd.set_guest_debug(&kvm_guest_debug::default());
+            self.log_stray_once(vcpu, exit, "debug exit with no breakpoint armed; ignored");
+            let _ = self.clear(fd);
             return;
         };
         let next = if self.stepping {
@@ -470,13 +461,11 @@ impl Breakpoints {
                         tracing::warn!(vcpu, "cannot read registers at a breakpoint: {e}")
                     }
                 }
-            } else if !self.stray_logged {
-                self.stray_logged = true;
-                tracing::debug!(
+            } else {
+                self.log_stray_once(
                     vcpu,
-                    pc = exit.pc,
-                    dr6 = exit.dr6,
-                    "debug exit at no armed breakpoint; stepping over it"
+                    exit,
+                    "debug exit at no armed breakpoint; stepping over it",
                 );
             }
             self.stepping = true;
@@ -487,9 +476,15 @@ impl Breakpoints {
                 vcpu,
                 "cannot step over a breakpoint: {e}; breakpoints dropped"
             );
-            self.armed = None;
-            self.stepping = false;
-            let _ = fd.set_guest_debug(&kvm_guest_debug::default());
+            let _ = self.clear(fd);
+        }
+    }
+
+    /// Logs the first debug exit that is not a hit of ours (later ones are not).
+    fn log_stray_once(&mut self, vcpu: u32, exit: &kvm_debug_exit_arch, what: &str) {
+        if !self.stray_logged {
+            self.stray_logged = true;
+            tracing::debug!(vcpu, pc = exit.pc, dr6 = exit.dr6, "{what}");
         }
     }
 }
