@@ -195,6 +195,26 @@ pub const T1014: Mitre = Mitre {
     name: "Rootkit",
     tactic_tag: "mitre_defense_evasion",
 };
+/// Every technique a rule or event carries.
+pub const TECHNIQUES: [Mitre; 6] = [T1499, T1499_001, T1498_001, T1068, T1014, T1190];
+
+impl<'de> Deserialize<'de> for Mitre {
+    /// From its technique id; a technique Vigil does not know is an error.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Repr {
+            technique: String,
+        }
+        let r = Repr::deserialize(d)?;
+        TECHNIQUES
+            .into_iter()
+            .find(|m| m.technique == r.technique)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("unknown ATT&CK technique {:?}", r.technique))
+            })
+    }
+}
+
 pub const T1190: Mitre = Mitre {
     technique: "T1190",
     name: "Exploit Public-Facing Application",

@@ -1,0 +1,70 @@
+//! Disks: virtio-blk devices backed by raw images.
+
+use std::path::PathBuf;
+
+use crate::config::rate_limit::RateLimit;
+use crate::config::FieldError;
+
+/// Longest drive id: the virtio-blk serial the guest reads is 20 bytes.
+pub const MAX_DRIVE_ID: usize = 20;
+
+/// How a disk is attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// Device id the guest reads with GET_ID (1 to [`MAX_DRIVE_ID`] bytes).
+    pub id: String,
+    /// Image file (or block device).
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Limits on all requests together. Each request is one operation and the
+    /// bytes it moves; a write-zeroes counts the bytes it zeroes, a discard none
+    /// (it only frees storage).
+    pub rate_limit: RateLimit,
+    /// Limits on reads alone.
+    pub read_limit: RateLimit,
+    /// Limits on writes, discards and write-zeroes alone.
+    pub write_limit: RateLimit,
+}
+
+/// A disk that cannot be attached as given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DriveConfigError {
+    #[error(
+        "drive_id {0:?}: must be 1 to {MAX_DRIVE_ID} bytes (it is the serial the guest reads)"
+    )]
+    IdLength(String),
+    #[error("drive_id {0}: used by two disks")]
+    DuplicateId(String),
+    #[error("path_on_host: empty path")]
+    EmptyPath,
+    #[error("path_on_host {0}: a directory, not a disk image")]
+    Directory(String),
+}
+
+impl FieldError for DriveConfigError {
+    fn field(&self) -> &'static str {
+        match self {
+            Self::IdLength(_) | Self::DuplicateId(_) => "drive_id",
+            Self::EmptyPath | Self::Directory(_) => "path_on_host",
+        }
+    }
+}
+
+impl DriveConfig {
+    /// Checks one disk on its own (the image is opened, and its errors reported,
+    /// when the device is built: it may be a block device, and a read-only one
+    /// needs no write permission).
+    pub fn validate(&self) -> Result<(), DriveConfigError> {
+        if self.id.is_empty() || self.id.len() > MAX_DRIVE_ID {
+            return Err(DriveConfigError::IdLength(self.id.clone()));
+        }
+        if self.path.as_os_str().is_empty() {
+            return Err(DriveConfigError::EmptyPath);
+        }
+        if self.path.is_dir() {
+            return Err(DriveConfigError::Directory(self.path.display().to_string()));
+        }
+        Ok(())
+    }
+}
