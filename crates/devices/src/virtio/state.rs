@@ -427,7 +427,7 @@ fn restore_net(s: &NetState) -> Result<Net, RestoreError> {
     let tap = &s.tap;
     let bad_tap =
         |why: &str| RestoreError::invalid(format!("{F}.tap"), format_args!("{tap:?}"), why);
-    if tap.is_empty() || tap.len() > crate::tap::IFNAME_MAX {
+    if tap.is_empty() || tap.len() > super::net::tap::IFNAME_MAX {
         return Err(bad_tap("an interface name has 1 to 15 bytes"));
     }
     if tap == "." || tap == ".." {

@@ -1,4 +1,4 @@
-//! virtio-rng: fills the guest's buffers from the host's `getrandom`.
+//! The virtio-rng device: one queue, filled from `getrandom` under a rate limit.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -8,11 +8,11 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::state::{DeviceState, RngState};
-use super::{
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::virtio::state::{DeviceState, RngState};
+use crate::virtio::{
     serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{RateLimit, RateLimiter};
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes served per request: a larger buffer is filled up to this.

@@ -1,7 +1,5 @@
-//! virtio-balloon: the guest gives pages back on request (inflate) and takes them
-//! again (deflate); given-back and reported-free pages are returned to the host with
-//! `madvise(MADV_DONTNEED)`, so the VMM's resident memory shrinks. Optional memory
-//! statistics and free page reporting.
+//! The virtio-balloon device: its queues by role, the pages it gives back, the
+//! statistics it holds, and the control it shares with the host.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -12,8 +10,8 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::{Queue, Reader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::state::{BalloonStat, BalloonState, DeviceState};
-use super::{
+use crate::virtio::state::{BalloonStat, BalloonState, DeviceState};
+use crate::virtio::{
     add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
