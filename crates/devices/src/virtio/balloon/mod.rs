@@ -4,5 +4,7 @@
 //! statistics and free page reporting.
 
 mod device;
+mod persist;
 
 pub use device::{Balloon, BalloonConfig, BalloonControl, Stats, PAGE_SIZE, TYPE_BALLOON};
+pub use persist::{BalloonStat, BalloonState};

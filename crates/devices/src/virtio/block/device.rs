@@ -15,15 +15,16 @@ use super::request::{
     Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
+use crate::persist::Persist;
 use crate::rate_limiter::{consume_all, RateLimit, RateLimitControl, RateLimiter};
-use crate::virtio::state::{BlockState, DeviceState};
+use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
-const ID_LEN: usize = 20;
+pub(super) const ID_LEN: usize = 20;
 /// Bytes moved between the image and guest memory per copy.
 const CHUNK: usize = 64 * 1024;
 
@@ -57,13 +58,13 @@ pub struct BlockConfig {
 /// A virtio-blk device.
 pub struct Block {
     file: File,
-    path: std::path::PathBuf,
-    read_only: bool,
-    capacity: u64,
-    id: [u8; ID_LEN],
-    limiter: RateLimiter,
-    read_limiter: RateLimiter,
-    write_limiter: RateLimiter,
+    pub(super) path: std::path::PathBuf,
+    pub(super) read_only: bool,
+    pub(super) capacity: u64,
+    pub(super) id: [u8; ID_LEN],
+    pub(super) limiter: RateLimiter,
+    pub(super) read_limiter: RateLimiter,
+    pub(super) write_limiter: RateLimiter,
     buf: Vec<u8>,
     requests: u64,
     errors: u64,
@@ -359,16 +360,7 @@ impl VirtioDevice for Block {
     }
 
     fn state(&self) -> DeviceState {
-        let id_len = self.id.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-        DeviceState::Block(BlockState {
-            path: self.path.clone(),
-            read_only: self.read_only,
-            id: String::from_utf8_lossy(&self.id[..id_len]).into_owned(),
-            capacity: self.capacity,
-            rate_limit: self.limiter.limit().into(),
-            read_limit: self.read_limiter.limit().into(),
-            write_limit: self.write_limiter.limit().into(),
-        })
+        DeviceState::Block(self.save())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

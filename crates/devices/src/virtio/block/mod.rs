@@ -3,7 +3,9 @@
 //! against the capacity and I/O errors reported to the guest, never raised.
 
 mod device;
+mod persist;
 mod request;
 
 pub use device::{Block, BlockConfig, BlockError};
+pub use persist::BlockState;
 pub use request::{SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP};

@@ -11,8 +11,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::tap::{Tap, VNET_HDR_LEN};
+use crate::persist::Persist;
 use crate::rate_limiter::{RateLimit, RateLimitControl, RateLimiter};
-use crate::virtio::state::{DeviceState, NetState};
+use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
     QueueOutcome, Served, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
@@ -66,10 +67,10 @@ pub struct NetCounters {
 
 /// A virtio-net device.
 pub struct Net {
-    tap: Tap,
-    mac: [u8; 6],
-    rx_limiter: RateLimiter,
-    tx_limiter: RateLimiter,
+    pub(super) tap: Tap,
+    pub(super) mac: [u8; 6],
+    pub(super) rx_limiter: RateLimiter,
+    pub(super) tx_limiter: RateLimiter,
     /// A frame read from the tap and not yet delivered (`rx_len` bytes of `rx_buf`).
     rx_buf: Vec<u8>,
     rx_len: usize,
@@ -299,12 +300,7 @@ impl VirtioDevice for Net {
     }
 
     fn state(&self) -> DeviceState {
-        DeviceState::Net(NetState {
-            tap: self.tap.name().to_owned(),
-            mac: self.mac,
-            rx_rate_limit: self.rx_limiter.limit().into(),
-            tx_rate_limit: self.tx_limiter.limit().into(),
-        })
+        DeviceState::Net(self.save())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -8,6 +8,8 @@
 //! and a received one says "no checksum, no GSO, one buffer".
 
 mod device;
+mod persist;
 pub mod tap;
 
 pub use device::{Net, NetConfig, NetCounters, NetError, MAX_BUFFER, RX, TX};
+pub use persist::NetState;

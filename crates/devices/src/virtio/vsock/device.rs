@@ -19,7 +19,8 @@ use super::packet::{
     Header, HDR_LEN, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
     OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
-use crate::virtio::state::{DeviceState, VsockState};
+use crate::persist::Persist;
+use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
     QueueOutcome, Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
@@ -76,8 +77,8 @@ const MAX_CONNECTIONS: usize = 1024;
 
 /// A virtio-vsock device.
 pub struct Vsock {
-    cid: u64,
-    uds: PathBuf,
+    pub(super) cid: u64,
+    pub(super) uds: PathBuf,
     listener: UnixListener,
     conns: Vec<Conn>,
     /// Control packets waiting for a receive buffer.
@@ -133,7 +134,7 @@ impl Vsock {
 
     /// Owes the guest a transport reset event: sent on the event queue as soon as
     /// the driver runs and has an event buffer there.
-    pub(crate) fn queue_transport_reset(&mut self) {
+    pub(super) fn queue_transport_reset(&mut self) {
         self.reset_event = true;
     }
 
@@ -697,10 +698,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn state(&self) -> DeviceState {
-        DeviceState::Vsock(VsockState {
-            cid: self.cid,
-            uds: self.uds.clone(),
-        })
+        DeviceState::Vsock(self.save())
     }
 }
 

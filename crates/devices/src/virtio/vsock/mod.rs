@@ -20,6 +20,8 @@
 mod connection;
 mod device;
 mod packet;
+mod persist;
 
 pub use device::{Vsock, VsockConfig, VsockCounters, VsockError};
 pub use packet::{HDR_LEN, HOST_CID};
+pub use persist::VsockState;
