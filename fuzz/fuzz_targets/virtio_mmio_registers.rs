@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use vigil_devices::bus::BusDevice;
 use vigil_devices::virtio::net::tap::Tap;
 use vigil_devices::virtio::balloon::{Balloon, BalloonConfig};
-use vigil_devices::virtio::block::{Block, BlockConfig};
+use vigil_devices::virtio::block::{Block, DriveConfig};
 use vigil_devices::virtio::mmio::{status, MmioTransport};
 use vigil_devices::virtio::net::{Net, NetConfig};
 use vigil_devices::virtio::rng::Rng;
@@ -141,7 +141,7 @@ fuzz_target!(|input: Input| {
             let image = IMAGE.get_or_init(|| Image::new(64 * 512));
             image.reset();
             Box::new(
-                Block::new(&BlockConfig {
+                Block::new(&DriveConfig {
                     path: image.path.clone(),
                     read_only,
                     id: "fuzz".into(),

@@ -9,7 +9,7 @@ use common::{
 };
 use vigil_devices::bus::BusDevice;
 use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::virtio::block::{Block, BlockConfig};
+use vigil_devices::virtio::block::{Block, DriveConfig};
 use vigil_devices::virtio::mmio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
@@ -25,7 +25,7 @@ fn rng() -> Box<Rng> {
 
 fn blk(image: &TempImage) -> Box<Block> {
     Box::new(
-        Block::new(&BlockConfig {
+        Block::new(&DriveConfig {
             path: image.0.clone(),
             read_only: false,
             id: "id".into(),

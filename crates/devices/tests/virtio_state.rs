@@ -13,7 +13,7 @@ use vigil_devices::bus::BusDevice;
 use vigil_devices::persist::RestoreError;
 use vigil_devices::rate_limiter::{RateLimit, RateLimitState, TokenBucketState};
 use vigil_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonStat};
-use vigil_devices::virtio::block::{Block, BlockConfig, BlockState, S_OK};
+use vigil_devices::virtio::block::{Block, BlockState, DriveConfig, S_OK};
 use vigil_devices::virtio::mmio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
@@ -130,8 +130,8 @@ fn pattern() -> Vec<u8> {
         .collect()
 }
 
-fn block_config(image: &TempImage) -> BlockConfig {
-    BlockConfig {
+fn block_config(image: &TempImage) -> DriveConfig {
+    DriveConfig {
         path: image.0.clone(),
         read_only: false,
         id: "vigil-state-0".into(),

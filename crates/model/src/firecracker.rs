@@ -227,8 +227,13 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, JsonError
         let path = e.path().to_string();
         let inner = e.into_inner();
         // serde_json appends " at line L column C": useful, keep it.
+        let inner = inner.to_string();
+        let last = path.rsplit('.').next().unwrap_or_default();
         JsonError(if path == "." || path.is_empty() {
-            inner.to_string()
+            inner
+        } else if let Some(rest) = inner.strip_prefix(last).filter(|r| r.starts_with(' ')) {
+            // A value's own message names its field already: `policy "x": ...`.
+            format!("{path}{rest}")
         } else {
             format!("{path}: {inner}")
         })
@@ -671,13 +676,21 @@ mod tests {
         );
     }
 
+    /// A scratch disk image this test may open for writing.
+    fn image(name: &str) -> String {
+        let path = std::env::temp_dir().join(format!("vigil-model-{}-{name}", std::process::id()));
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        path.display().to_string()
+    }
+
     fn document(kernel: &str) -> FullVmConfig {
+        let data = image("data");
         parse(
             serde_json::json!({
                 "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
                 "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
                 "drives": [
-                    {"drive_id": "data", "path_on_host": kernel, "is_root_device": false},
+                    {"drive_id": "data", "path_on_host": data, "is_root_device": false},
                     {"drive_id": "rootfs", "path_on_host": kernel, "is_root_device": true,
                      "is_read_only": true},
                 ],
@@ -720,14 +733,14 @@ mod tests {
         assert!(refused(
             &|d| d.boot_source.as_mut().unwrap().kernel_image_path = "/nonexistent".into()
         )
-        .starts_with("boot-source: kernel_image_path /nonexistent: cannot read it"));
+        .starts_with("boot-source: kernel_image_path \"/nonexistent\": cannot read it"));
         assert_eq!(
             refused(&|d| d.drives[0].is_root_device = true),
             "drives[\"rootfs\"]: is_root_device true: drive \"data\" already is the root device"
         );
         assert_eq!(
             refused(&|d| d.drives[1].drive_id = "data".into()),
-            "drives: drive_id data: used by two disks"
+            "drives: drive_id \"data\": used by two disks"
         );
         assert_eq!(
             refused(&|d| d.network_interfaces[0].guest_mac = Some("nope".into())),

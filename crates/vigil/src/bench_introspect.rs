@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use vigil_introspect::live::{cpu_state, Introspector, MonitorSettings};
 use vigil_introspect::{kaslr_slide, Baseline, Checker, CpuState, KernelLayout};
-use vigil_vmm::config::{ConsoleConfig, CpuTemplate, KernelImage, OnCrash, VmConfig};
+use vigil_model::config::{ConsoleConfig, CpuTemplate, KernelImage, OnCrash, VmConfig};
 use vigil_vmm::VmControl;
 
 #[derive(Args, Debug)]

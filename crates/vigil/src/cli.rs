@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
-use vigil_vmm::config::{
-    default_mac, BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage,
+use vigil_model::config::{
+    default_mac, BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, KernelImage,
     NetConfig, OnCrash, RateLimit, VmConfig, VsockConfig,
 };
+use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
 use vigil_vmm::VmOutcome;
 
 use crate::launch::{IntrospectLaunch, Launch, Overrides};
@@ -223,7 +223,7 @@ pub struct RunArgs {
     /// write-zeroes) alone: wr_bw, wr_bw_burst, wr_ops, wr_ops_burst (sizes take K,
     /// M, G suffixes). Example: --disk path=rootfs.img,ro=on,id=root,bw=50M,wr_ops=200
     #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..]", value_parser = crate::devices_cli::parse_disk)]
-    pub disk: Vec<BlockConfig>,
+    pub disk: Vec<DriveConfig>,
 
     /// A virtio-rng entropy device fed by the host's getrandom, with an optional
     /// rate limit (bw=BYTES/s, bw_burst, ops, ops_burst). Example: --rng bw=64K

@@ -1,7 +1,7 @@
 //! Parsing of device options: `--disk path=...,ro=on,id=...,bw=...`, `--rng bw=...`,
 //! `--net tap=...,mac=...,rx_bw=...`.
 
-use vigil_vmm::config::{BalloonConfig, BlockConfig, NetConfig, RateLimit, VsockConfig};
+use vigil_model::config::{BalloonConfig, DriveConfig, NetConfig, RateLimit, VsockConfig};
 
 /// `key=value` pairs of one option, with the keys it accepts.
 struct Pairs<'a> {
@@ -88,7 +88,7 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 /// Parses one `--disk` value (an empty id is filled in later with the disk's index).
-pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
+pub fn parse_disk(s: &str) -> Result<DriveConfig, String> {
     const DIRECTION_KEYS: [&str; 8] = [
         "rd_bw",
         "rd_bw_burst",
@@ -114,7 +114,7 @@ pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
         Some("on") => true,
         Some(v) => return Err(format!("--disk ro={v}: expected on or off")),
     };
-    Ok(BlockConfig {
+    Ok(DriveConfig {
         path: path.into(),
         read_only,
         id: p.get("id").unwrap_or_default().to_string(),

@@ -13,8 +13,8 @@ use vigil_api::preboot::PreBoot;
 use vigil_api::{Api, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::SyscallFilter;
+use vigil_model::config::{BootProtocol, ConsoleConfig, CpuTemplate, OnCrash, VmConfig};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
-use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, OnCrash, VmConfig};
 use vigil_vmm::{RunningVm, StopHandle};
 
 use crate::logging::Logging;

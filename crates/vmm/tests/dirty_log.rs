@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vigil_vmm::config::{ConsoleConfig, KernelImage, OnCrash, VmConfig};
+use vigil_model::config::{ConsoleConfig, KernelImage, OnCrash, VmConfig};
 use vigil_vmm::{ControlError, RunState, VmOutcome};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 

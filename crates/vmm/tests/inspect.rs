@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
+use vigil_model::config::{ConsoleConfig, KernelImage, VmConfig};
 use vigil_vmm::builder::build;
-use vigil_vmm::config::{ConsoleConfig, KernelImage, VmConfig};
 use vigil_vmm::symbols::SymbolTable;
 use vigil_vmm::{
     BreakpointHandler, ControlError, MsrGuard, MsrVerdict, RunState, RunningVm, Vm, VmControl,

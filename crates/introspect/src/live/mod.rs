@@ -34,10 +34,11 @@ mod guard;
 mod monitor;
 mod tracer;
 
-pub use findings::{FindingRecord, FINDINGS_KEEP};
-pub use guard::Policy;
-pub use monitor::{Located, MonitorSettings, MAX_PERIOD, MIN_PERIOD};
+pub use findings::FINDINGS_KEEP;
+pub use monitor::{Located, MonitorSettings};
 pub use tracer::{TraceRecord, TRACE_KEEP};
+use vigil_model::config::Policy;
+pub use vigil_model::finding::FindingRecord;
 
 use findings::FindingLog;
 use monitor::{Command, MonitorThread};

@@ -74,13 +74,13 @@ impl BootConfig {
 /// A boot source that cannot boot.
 #[derive(Debug, thiserror::Error)]
 pub enum BootConfigError {
-    #[error("{field} {path}: cannot read it: {source}")]
+    #[error("{field} {path:?}: cannot read it: {source}")]
     Unreadable {
         field: &'static str,
         path: String,
         source: std::io::Error,
     },
-    #[error("{field} {path}: not a regular file")]
+    #[error("{field} {path:?}: not a regular file")]
     NotAFile { field: &'static str, path: String },
     #[error("boot_args: {len} bytes, longer than the {max} bytes a kernel accepts", max = CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong { len: usize },

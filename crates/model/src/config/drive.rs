@@ -28,33 +28,39 @@ pub struct DriveConfig {
 }
 
 /// A disk that cannot be attached as given.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum DriveConfigError {
     #[error(
         "drive_id {0:?}: must be 1 to {MAX_DRIVE_ID} bytes (it is the serial the guest reads)"
     )]
     IdLength(String),
-    #[error("drive_id {0}: used by two disks")]
+    #[error("drive_id {0:?}: used by two disks")]
     DuplicateId(String),
     #[error("path_on_host: empty path")]
     EmptyPath,
-    #[error("path_on_host {0}: a directory, not a disk image")]
+    #[error("path_on_host {0:?}: a directory, not a disk image")]
     Directory(String),
+    #[error("path_on_host {path:?}: cannot open it{mode}: {source}", mode = if *.read_only { "" } else { " for writing" })]
+    Open {
+        path: String,
+        read_only: bool,
+        source: std::io::Error,
+    },
 }
 
 impl FieldError for DriveConfigError {
     fn field(&self) -> &'static str {
         match self {
             Self::IdLength(_) | Self::DuplicateId(_) => "drive_id",
-            Self::EmptyPath | Self::Directory(_) => "path_on_host",
+            Self::EmptyPath | Self::Directory(_) | Self::Open { .. } => "path_on_host",
         }
     }
 }
 
 impl DriveConfig {
-    /// Checks one disk on its own (the image is opened, and its errors reported,
-    /// when the device is built: it may be a block device, and a read-only one
-    /// needs no write permission).
+    /// Checks one disk on its own: its id, and that its image (a file or a block
+    /// device) opens as the device will open it (a read-only disk needs no write
+    /// permission).
     pub fn validate(&self) -> Result<(), DriveConfigError> {
         if self.id.is_empty() || self.id.len() > MAX_DRIVE_ID {
             return Err(DriveConfigError::IdLength(self.id.clone()));
@@ -65,6 +71,15 @@ impl DriveConfig {
         if self.path.is_dir() {
             return Err(DriveConfigError::Directory(self.path.display().to_string()));
         }
+        std::fs::File::options()
+            .read(true)
+            .write(!self.read_only)
+            .open(&self.path)
+            .map_err(|source| DriveConfigError::Open {
+                path: self.path.display().to_string(),
+                read_only: self.read_only,
+                source,
+            })?;
         Ok(())
     }
 }

@@ -17,7 +17,7 @@ pub const MIN_PERIOD: Duration = Duration::from_millis(1);
 pub const MAX_PERIOD: Duration = Duration::from_secs(3600);
 
 /// What the monitor does about a guest write to a syscall MSR after the baseline.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Report it and let it happen.
@@ -33,6 +33,14 @@ impl Policy {
             Policy::Report => "report",
             Policy::Protect => "protect",
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Policy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 

@@ -34,16 +34,42 @@ pub trait FieldError: std::fmt::Display {
     fn field(&self) -> &'static str;
 
     /// The message with the field called `name` instead: a flag (`--cpus`) or a
-    /// flag's key (`--disk id=`, which takes the value without a space).
+    /// flag's key (`--disk id=`, which takes the value without a space). A string
+    /// value, quoted in the neutral message as JSON surfaces show it, is shown
+    /// bare, as it was typed: `--kernel /a b/vmlinux: ...`.
     fn named(&self, name: &str) -> String {
         let message = self.to_string();
         let rest = message.strip_prefix(self.field()).unwrap_or(&message);
+        let rest = unquote_value(rest);
         if name.ends_with('=') {
             format!("{name}{}", rest.trim_start())
         } else {
             format!("{name}{rest}")
         }
     }
+}
+
+/// ` "a \"b\"": why` -> ` a "b": why`: the leading value of a message, unquoted
+/// when it is a quoted string (Rust's `{:?}`); anything else as it is.
+fn unquote_value(rest: &str) -> String {
+    let Some(quoted) = rest.strip_prefix(" \"") else {
+        return rest.to_owned();
+    };
+    let mut value = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some((_, 'n')) => value.push('\n'),
+                Some((_, 't')) => value.push('\t'),
+                Some((_, e)) => value.push(e),
+                None => break,
+            },
+            '"' => return format!(" {value}{}", &quoted[i + 1..]),
+            c => value.push(c),
+        }
+    }
+    rest.to_owned()
 }
 
 /// Where the serial console goes.
@@ -211,19 +237,7 @@ impl VmConfig {
         if let Some(balloon) = &self.balloon {
             balloon.validate(self.machine.mem_size_mib)?;
         }
-        for (i, net) in self.nets.iter().enumerate() {
-            net.validate()?;
-            if self.nets[..i].iter().any(|n| n.tap == net.tap) {
-                return Err(NetConfigError::DuplicateTap(net.tap.clone()).into());
-            }
-            if self.nets[..i].iter().any(|n| n.mac == net.mac) {
-                return Err(NetConfigError::Mac {
-                    mac: net.mac,
-                    why: "used by two interfaces",
-                }
-                .into());
-            }
-        }
+        net::validate_all(&self.nets)?;
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
         }
@@ -366,7 +380,7 @@ mod tests {
         c.drives[1].path = "/".into();
         assert_eq!(
             err(&c).to_string(),
-            "path_on_host /: a directory, not a disk image"
+            "path_on_host \"/\": a directory, not a disk image"
         );
         c.drives = (0..20).map(|i| drive(&format!("d{i}"))).collect();
         assert_eq!(
@@ -433,6 +447,7 @@ mod tests {
             .starts_with("--net tap=a-very-long-interface: longer than"));
         c.nets[1] = NetConfig::new("a/b", 1);
         assert!(err(&c).named("--net tap=").starts_with("--net tap=a/b:"));
+        assert!(err(&c).to_string().starts_with("host_dev_name \"a/b\":"));
         c.nets[1] = NetConfig::new("vg1", 1);
         c.nets[1].mac = MacAddr([1, 2, 3, 4, 5, 6]);
         assert!(err(&c)

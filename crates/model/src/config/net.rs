@@ -23,11 +23,11 @@ pub struct NetConfig {
 /// An interface that cannot be attached as given.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NetConfigError {
-    #[error("host_dev_name {tap}: {why}")]
+    #[error("host_dev_name {tap:?}: {why}")]
     TapName { tap: String, why: &'static str },
-    #[error("host_dev_name {0}: used by two interfaces")]
+    #[error("host_dev_name {0:?}: used by two interfaces")]
     DuplicateTap(String),
-    #[error("guest_mac {mac}: {why}")]
+    #[error("guest_mac \"{mac}\": {why}")]
     Mac { mac: MacAddr, why: &'static str },
 }
 
@@ -38,6 +38,23 @@ impl FieldError for NetConfigError {
             Self::Mac { .. } => "guest_mac",
         }
     }
+}
+
+/// Checks the interfaces of one VM: each on its own, and no tap or MAC twice.
+pub fn validate_all(nets: &[NetConfig]) -> Result<(), NetConfigError> {
+    for (i, net) in nets.iter().enumerate() {
+        net.validate()?;
+        if nets[..i].iter().any(|n| n.tap == net.tap) {
+            return Err(NetConfigError::DuplicateTap(net.tap.clone()));
+        }
+        if nets[..i].iter().any(|n| n.mac == net.mac) {
+            return Err(NetConfigError::Mac {
+                mac: net.mac,
+                why: "used by two interfaces",
+            });
+        }
+    }
+    Ok(())
 }
 
 impl NetConfig {

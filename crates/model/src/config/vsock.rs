@@ -18,7 +18,7 @@ pub struct VsockConfig {
 pub enum VsockConfigError {
     #[error("guest_cid {cid}: {why}")]
     Cid { cid: u64, why: &'static str },
-    #[error("uds_path {path}: {why}")]
+    #[error("uds_path {path:?}: {why}")]
     Uds { path: String, why: &'static str },
 }
 
