@@ -496,8 +496,10 @@ pub struct Status {
 }
 
 impl Introspector {
-    /// Introspection of the VM behind `vm`, naming addresses with `symbols`.
-    pub fn new(vm: VmControl, symbols: Option<SymbolTable>) -> Arc<Self> {
+    /// Introspection of the VM behind `vm`, naming addresses with the kernel's
+    /// symbols (the VM's, read when introspection first needs them, or those of
+    /// [`Introspector::set_symbols`]).
+    pub fn new(vm: VmControl) -> Arc<Self> {
         let counters = vm.metrics().metrics().introspect().clone();
         let mem = vm.guest_memory();
         Arc::new(Self {
@@ -509,7 +511,7 @@ impl Introspector {
                 baseline: Mutex::default(),
                 baseline_msrs: Mutex::default(),
                 policy: Mutex::default(),
-                symbols: Mutex::new(symbols.map(Arc::new)),
+                symbols: Mutex::default(),
                 msr_reported: Mutex::default(),
                 monitor_tx: Mutex::default(),
                 host_dirty: Mutex::default(),
@@ -538,6 +540,16 @@ impl Introspector {
         Ok(())
     }
 
+    /// The symbols set through the API, else the VM's own (read now, the first
+    /// time introspection needs them).
+    fn symbols(&self) -> Option<Arc<SymbolTable>> {
+        let mut symbols = lock(&self.shared.symbols);
+        if symbols.is_none() {
+            *symbols = self.vm.symbols().get();
+        }
+        symbols.clone()
+    }
+
     fn cpus(&self) -> Result<Vec<CpuState>, String> {
         let states = self.vm.vcpu_states().map_err(|e| e.to_string())?;
         Ok(states.iter().map(cpu_state).collect())
@@ -548,7 +560,7 @@ impl Introspector {
     /// also takes a fresh baseline).
     pub fn start_monitor(self: &Arc<Self>, settings: MonitorSettings) -> Result<(), String> {
         settings.validate()?;
-        let symbols = lock(&self.shared.symbols).clone().ok_or(
+        let symbols = self.symbols().ok_or(
             "no kernel symbols: give a System.map (vigil run --symbols, or PUT /vigil/introspect/symbols), or boot an ELF kernel that has a symbol table",
         )?;
         self.stop_monitor();
@@ -751,7 +763,7 @@ impl Introspector {
             monitoring: monitor.is_some(),
             settings: monitor.as_ref().map(|m| m.settings),
             baseline_taken: lock(&self.shared.baseline).is_some(),
-            symbols: lock(&self.shared.symbols).as_ref().map_or(0, |s| s.len()),
+            symbols: self.symbols().map_or(0, |s| s.len()),
             kaslr_slide: located.as_ref().map(|l| l.slide),
             kaslr_slide_from: located.as_ref().map(|l| l.slide_from.clone()),
             checks: snap.checks,
@@ -764,7 +776,7 @@ impl Introspector {
     /// the IDT's exception gates and the syscall table point, and the KASLR slide.
     pub fn current_state(&self) -> Result<GuestView, String> {
         let cpus = self.cpus()?;
-        let symbols = lock(&self.shared.symbols).clone();
+        let symbols = self.symbols();
         Ok(GuestView::read(&self.mem, &cpus, symbols.as_deref()))
     }
 

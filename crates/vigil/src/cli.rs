@@ -1,4 +1,4 @@
-//! Command-line interface: `vigil run`, `vigil guest export`, `vigil bench boot`.
+//! The VMM's command line: `vigil run`, `vigil guest export`, `vigil firecracker`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,25 +8,22 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
 use vigil_vmm::config::{
-    default_mac, BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, KernelImage,
-    NetConfig, OnCrash, RateLimit, VmConfig, VsockConfig,
+    default_mac, BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, HugePages,
+    KernelImage, NetConfig, OnCrash, RateLimit, VmConfig, VsockConfig,
 };
 use vigil_vmm::VmOutcome;
 
 use crate::launch::{IntrospectLaunch, Launch, Overrides};
-use crate::logging::Logging;
 use vigil_api::model::Metrics;
 use vigil_introspect::live::MonitorSettings;
 use vigil_introspect::SyscallFilter;
+use vigil_shared::exit::{EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_GUEST_STATUS_BASE};
+use vigil_shared::logging::Logging;
 
-/// Exit status when the VMM itself fails (bad input, KVM errors).
-pub const EXIT_VMM_ERROR: u8 = 1;
-/// Exit status when the guest crashes (triple fault, KVM internal error).
-pub const EXIT_GUEST_CRASH: u8 = 3;
-/// Base of the exit status for a non-zero guest debug-exit status N: 32 + N.
-pub const EXIT_GUEST_STATUS_BASE: u8 = 32;
-
-const AFTER_HELP: &str = "\
+/// The exit statuses, for `vigil --help` and `vigil run --help`.
+macro_rules! exit_status_help {
+    () => {
+        "\
 Exit status:
   0        the guest powered off (ACPI), reset the machine, or wrote 0 to the debug-exit port
   1        the VMM failed (bad input, KVM error); the message names the value at fault
@@ -36,14 +33,31 @@ Exit status:
   32+N     the guest wrote status N (1..223) to the debug-exit port (0xf4)
   130/143  stopped by SIGINT (Ctrl-C) / SIGTERM
 
-Set VIGIL_LOG=LEVEL (error, warn, info, debug, trace) or --log-level for detailed logs.";
+Set VIGIL_LOG=LEVEL (error, warn, info, debug, trace) or --log-level for detailed logs."
+    };
+}
+
+const AFTER_HELP: &str = exit_status_help!();
+
+/// `vigil --help`: the commands other binaries run, then the exit statuses.
+const TOP_AFTER_HELP: &str = concat!(
+    "\
+Host commands (each runs the binary of that name beside vigil, with the rest of the
+command line; `vigil daemon --help` and so on explain them):
+  daemon    The host daemon: supervises VMs, one `vigil run` process each (vigild)
+  ctl       Talk to the host daemon: create, list, stop VMs, events (vigil-ctl)
+  bench     Measure Vigil against QEMU microvm and Firecracker (vigil-bench)
+
+",
+    exit_status_help!()
+);
 
 /// Vigil: a KVM virtual machine monitor that watches what it runs.
 #[derive(Parser, Debug)]
-#[command(name = "vigil", version, about, after_help = AFTER_HELP)]
+#[command(name = "vigil", version, about, after_help = TOP_AFTER_HELP)]
 pub struct Cli {
     /// Log level for Vigil's own messages (error, warn, info, debug, trace)
-    /// [default: info for `vigil daemon`, warn otherwise].
+    /// [default: warn].
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
 
@@ -79,44 +93,6 @@ pub enum Command {
     /// Work with the embedded test guest.
     #[command(subcommand)]
     Guest(GuestCommand),
-    /// Measure Vigil against a peer VMM on this machine.
-    #[command(subcommand)]
-    Bench(BenchCommand),
-    /// Run the host daemon in the foreground: it supervises VMs (one `vigil run`
-    /// process each) behind a REST API on a Unix socket.
-    #[command(long_about = crate::ctl::DAEMON_ABOUT, after_help = crate::ctl::DAEMON_AFTER_HELP)]
-    Daemon(crate::ctl::DaemonArgs),
-    /// Talk to the host daemon: list, create, inspect, pause, resume, stop and
-    /// destroy VMs, read metrics.
-    #[command(after_help = crate::ctl::CTL_AFTER_HELP)]
-    Ctl(crate::ctl::CtlArgs),
-}
-
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Boot the test guest with Vigil and with QEMU microvm, alternately in one run,
-    /// and print a markdown table: time to the first serial byte and to exit, CPU
-    /// time, and resident memory less the guest's own pages, with ratios.
-    Boot(crate::bench::BootBenchArgs),
-    /// Run the test guest's virtio-blk benchmark (4 KiB requests, reads then
-    /// writes) under Vigil and under QEMU microvm, and print IOPS and MiB/s with
-    /// ratios.
-    Blk(crate::bench::DeviceBenchArgs),
-    /// Run the test guest's virtio-net transmit benchmark (minimum-size frames to a
-    /// tap this command creates, so it needs root) under Vigil and under QEMU
-    /// microvm, and print packets per second with the ratio.
-    Net(crate::bench::DeviceBenchArgs),
-    /// Start a `vigil daemon` in a scratch folder and measure API request latency
-    /// (p50/p99 of GET / on a VM's socket, GET /vms and GET /metrics on the daemon)
-    /// and VM creation and destruction rates through the daemon (test-guest VMs,
-    /// one at a time and all at once); print markdown tables.
-    Api(crate::bench_api::ApiBenchArgs),
-    /// Measure introspection: the integrity monitor's CPU (% of one CPU at 1 s,
-    /// 100 ms and 10 ms periods) on the small Linux kernel kept paused at its
-    /// emulation failure, one check with and without the dirty log, and the cost
-    /// per traced system call (the test guest's syscall-loop); print markdown
-    /// tables.
-    Introspect(crate::bench_introspect::IntrospectBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,6 +175,17 @@ pub struct RunArgs {
     /// "noxsave clearcpuid=smap,smep,popcnt" on their command line.
     #[arg(long, default_value = "auto", value_enum)]
     pub cpu_template: CpuTemplateArg,
+
+    /// How guest RAM is backed. none: 4 KiB pages; the VM's resident memory grows
+    /// only by the pages the guest touches (a small guest costs little), as with
+    /// Firecracker's default. thp: transparent huge pages (MADV_HUGEPAGE; the
+    /// host's /sys/kernel/mm/transparent_hugepage/enabled must say madvise or
+    /// always): KVM maps guest memory in 2 MiB pages, so a guest kernel that
+    /// touches much memory boots faster, but each 2 MiB page the guest touches at
+    /// all is resident in full. BENCHMARKS.md measures both with the small Linux
+    /// kernel. Applies to VMs configured through the API or a file too.
+    #[arg(long, default_value = "none", value_enum)]
+    pub huge_pages: HugePagesArg,
 
     /// What a guest crash (a triple fault, an instruction KVM cannot run, a failed
     /// VM entry) does. exit: the VM ends and vigil prints a crash report (registers,
@@ -312,6 +299,21 @@ pub enum BootProtocolArg {
     Auto,
     Pvh,
     Linux,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum HugePagesArg {
+    None,
+    Thp,
+}
+
+impl From<HugePagesArg> for HugePages {
+    fn from(a: HugePagesArg) -> Self {
+        match a {
+            HugePagesArg::None => HugePages::None,
+            HugePagesArg::Thp => HugePages::Transparent,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -431,6 +433,7 @@ impl RunArgs {
             },
             cpuid_hide: self.cpuid_hide.clone(),
             on_crash: self.on_crash.into(),
+            huge_pages: self.huge_pages.into(),
             introspect: IntrospectLaunch {
                 monitor: self.introspect,
                 trace: self
@@ -545,6 +548,7 @@ impl RunArgs {
         };
         config.cpuid_hide = self.cpuid_hide;
         config.on_crash = self.on_crash.into();
+        config.huge_pages = self.huge_pages.into();
         config.disks = self.disk;
         for (i, disk) in config.disks.iter_mut().enumerate() {
             if disk.id.is_empty() {
@@ -573,34 +577,6 @@ impl Command {
                 crate::firecracker::main(argv, logging)
             }
             Command::Run(args) => args.run(logging),
-            Command::Bench(BenchCommand::Boot(args)) => {
-                crate::bench::run(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Bench(BenchCommand::Blk(args)) => {
-                crate::bench::run_blk(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Bench(BenchCommand::Net(args)) => {
-                crate::bench::run_net(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Bench(BenchCommand::Api(args)) => {
-                crate::bench_api::run(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Bench(BenchCommand::Introspect(args)) => {
-                crate::bench_introspect::run(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Daemon(args) => {
-                crate::ctl::run_daemon(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Ctl(args) => {
-                crate::ctl::run_ctl(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
             Command::Guest(GuestCommand::Export { path }) => {
                 std::fs::write(&path, vigil_test_guest::ELF).with_context(|| {
                     format!("cannot write the test guest to {}", path.display())
@@ -641,7 +617,7 @@ pub(crate) fn exit_code(outcome: VmOutcome, describe: &dyn Fn(u64) -> Option<Str
         }
         VmOutcome::Failed(e) => {
             eprintln!("vigil: error: {e}");
-            ExitCode::from(EXIT_VMM_ERROR)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }

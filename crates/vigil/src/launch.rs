@@ -14,11 +14,11 @@ use vigil_api::{Api, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::SyscallFilter;
 use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
-use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, OnCrash, VmConfig};
+use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, HugePages, OnCrash, VmConfig};
 use vigil_vmm::{RunningVm, StopHandle};
 
-use crate::logging::Logging;
 use crate::terminal::TerminalGuard;
+use vigil_shared::logging::Logging;
 
 /// VMM-side settings that Firecracker's API has no place for; they apply to a VM
 /// configured through the API or a file.
@@ -30,6 +30,7 @@ pub struct Overrides {
     pub cpu_template: CpuTemplate,
     pub cpuid_hide: Vec<CpuFeature>,
     pub on_crash: OnCrash,
+    pub huge_pages: HugePages,
     pub introspect: IntrospectLaunch,
 }
 
@@ -76,6 +77,7 @@ impl Default for Overrides {
             cpu_template: CpuTemplate::Auto,
             cpuid_hide: Vec::new(),
             on_crash: OnCrash::Exit,
+            huge_pages: HugePages::None,
             introspect: IntrospectLaunch::default(),
         }
     }
@@ -89,6 +91,7 @@ impl Overrides {
         config.cpu_template = self.cpu_template.clone();
         config.cpuid_hide = self.cpuid_hide.clone();
         config.on_crash = self.on_crash;
+        config.huge_pages = self.huge_pages;
     }
 }
 
@@ -218,13 +221,14 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let symbols = running.symbols().cloned();
+    // Crash reports name the function at RIP: the symbols are read then, if ever.
+    let symbols = running.symbols().clone();
     if let Err(e) = l.overrides.introspect.start(&introspector) {
         running.stop_handle().stop(libc::SIGTERM);
         let _ = running.wait();
         return Err(e);
     }
-    let describe = |addr| symbols.as_ref().and_then(|s| s.describe(addr));
+    let describe = |addr| symbols.get().and_then(|s| s.describe(addr));
     let outcome = running.wait_reporting(&mut |report| {
         eprint!(
             "vigil: the guest crashed.\n{}vigil: --on-crash pause: the VM is kept, paused, for inspection until it is stopped (SIGTERM, Ctrl-C, or the API)\n",
@@ -250,7 +254,7 @@ fn attach_introspection(
     running: &RunningVm,
     settings: &IntrospectLaunch,
 ) -> Arc<Introspector> {
-    let introspector = Introspector::new(running.control(), running.symbols().cloned());
+    let introspector = Introspector::new(running.control());
     api.set_introspector(introspector.clone(), settings.debug_api);
     introspector
 }

@@ -33,8 +33,8 @@ use crate::arch::x86_64::boot::{self, BootError, EntryPoint};
 use crate::arch::x86_64::cpuid::{self, CpuFeature, Topology};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
-use crate::config::{ConfigError, ConsoleConfig, CpuTemplate, HostLimits, KernelImage, VmConfig};
-use crate::symbols::{SymbolError, SymbolTable};
+use crate::config::{ConfigError, ConsoleConfig, CpuTemplate, HostLimits, VmConfig};
+use crate::symbols::KernelSymbols;
 use crate::vm::{BalloonHandle, DriveHandle, NetHandle, QueueWaker, Vm};
 use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::Vcpu;
@@ -58,8 +58,6 @@ pub enum BuildError {
     Kvm(kvm_ioctls::Error),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error(transparent)]
-    Symbols(#[from] SymbolError),
     #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
     Memory { mib: u64, detail: String },
     #[error(transparent)]
@@ -110,33 +108,12 @@ fn hidden_features(config: &VmConfig) -> Vec<CpuFeature> {
     hide
 }
 
-/// The symbols of the kernel image itself, when it is an ELF with a `.symtab`.
-fn kernel_symbols(kernel: &KernelImage) -> Option<SymbolTable> {
-    let table = match kernel {
-        KernelImage::Embedded { bytes, .. } => SymbolTable::from_kernel_image(bytes),
-        KernelImage::File(path) => match std::fs::read(path) {
-            Ok(bytes) => SymbolTable::from_kernel_image(&bytes),
-            Err(e) => {
-                tracing::debug!("--kernel {}: no symbols: {e}", path.display());
-                None
-            }
-        },
-    };
-    if let Some(t) = &table {
-        tracing::debug!(kernel = %kernel, symbols = t.len(), "symbols from the kernel ELF");
-    }
-    table
-}
-
 /// Builds the VM described by `config`.
 pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let kvm_sys = Kvm::new().map_err(BuildError::Kvm)?;
     config.validate(&HostLimits::probe(&kvm_sys))?;
-    let symbols = match config.symbols.as_deref() {
-        Some(path) => Some(SymbolTable::load(path)?),
-        // Without --symbols, a kernel ELF's own .symtab names addresses.
-        None => kernel_symbols(&config.kernel),
-    };
+    // Read when a crash report or introspection needs them, not at boot.
+    let symbols = KernelSymbols::new(config.symbols.clone(), config.kernel.clone());
 
     let memory_bytes = config.memory_bytes();
     let mem = GuestMemoryMmap::from_ranges(&layout::ram_ranges(memory_bytes)).map_err(|e| {
@@ -145,7 +122,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
             detail: e.to_string(),
         }
     })?;
-    let vm_fd = create_vm(&kvm_sys, &mem)?;
+    let vm_fd = create_vm(&kvm_sys, &mem, config.huge_pages)?;
 
     let (events_tx, events_rx) = mpsc::channel();
     // A power event ends the VM at once: the vCPU that raised it must not go back

@@ -70,6 +70,19 @@ pub enum CpuTemplate {
     Host,
 }
 
+/// How guest RAM is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HugePages {
+    /// 4 KiB pages (`MADV_NOHUGEPAGE`): the VMM's resident memory grows only by
+    /// the pages the guest touches.
+    #[default]
+    None,
+    /// Transparent huge pages (`MADV_HUGEPAGE`), where the host allows them: KVM
+    /// maps guest memory in 2 MiB pages, faster for guests that touch much of it;
+    /// a touched byte makes its whole 2 MiB page resident.
+    Transparent,
+}
+
 /// What a vCPU crash (triple fault, `KVM_EXIT_INTERNAL_ERROR`, entry failure, a
 /// guest-reported crash) does to the VM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,6 +131,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// What a vCPU crash does.
     pub on_crash: OnCrash,
+    /// How guest RAM is backed.
+    pub huge_pages: HugePages,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -201,6 +216,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             on_crash: OnCrash::Exit,
+            huge_pages: HugePages::None,
         }
     }
 

@@ -1,5 +1,6 @@
-//! The VMM's log: a `tracing` subscriber whose level and destination can change
-//! while it runs (`PUT /logger`, Firecracker's `--level` and `--log-path`).
+//! The log of every Vigil binary: a `tracing` subscriber on stderr whose level and
+//! destination can change while it runs (the VMM's `PUT /logger`, Firecracker's
+//! `--level` and `--log-path`).
 
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +32,26 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, String> {
         _ => Err(format!(
             "log level {s:?} is not one of error, warn(ing), info, debug, trace, off"
         )),
+    }
+}
+
+/// Installs the log of `program` at its level: `VIGIL_LOG`, else `--log-level`
+/// (`cli_level`), else `default`. A bad level is a usage error, reported here.
+pub fn start(
+    program: &str,
+    cli_level: Option<&str>,
+    default: &str,
+) -> Result<Logging, std::process::ExitCode> {
+    let level = std::env::var("VIGIL_LOG")
+        .ok()
+        .or(cli_level.map(str::to_owned))
+        .unwrap_or_else(|| default.into());
+    match parse_level(&level) {
+        Ok(level) => Ok(Logging::init(level)),
+        Err(e) => {
+            eprintln!("{program}: error: {e}");
+            Err(std::process::ExitCode::from(crate::exit::EXIT_USAGE))
+        }
     }
 }
 
