@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vigil_devices::virtio::block::{Block, DriveConfig};
+use vigil_model::config::DriveConfig;
+use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_fuzz::{memory, used, used_idx, Image, QueueInput};
 

@@ -12,10 +12,11 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use common::{memory, Driver, TempImage, F_WRITE};
-use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::virtio::block::{Block, DriveConfig, S_IOERR, S_OK};
+use vigil_devices::virtio::block::{Block, S_IOERR, S_OK};
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::VirtioDevice;
+use vigil_model::config::DriveConfig;
+use vigil_model::config::RateLimit;
 
 struct Counting;
 

@@ -6,11 +6,12 @@ mod common;
 use std::sync::Arc;
 
 use common::{memory, Driver, TempImage, F_WRITE};
-use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::virtio::block::{Block, DriveConfig};
+use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_metrics::{DeviceCounters, DeviceKind};
+use vigil_model::config::DriveConfig;
+use vigil_model::config::RateLimit;
 
 const HDR: u64 = 0x1000;
 const DATA: u64 = 0x2000;

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use common::{memory, Driver, TempImage, F_WRITE};
 use vigil_devices::rate_limiter::{BucketUpdate, LimitUpdate, RateLimit};
-use vigil_devices::virtio::block::{Block, DriveConfig, S_OK};
+use vigil_devices::virtio::block::{Block, S_OK};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_model::config::DriveConfig;
 
 const HDR: u64 = 0x1000;
 const DATA: u64 = 0x2000;

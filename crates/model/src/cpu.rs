@@ -90,3 +90,15 @@ impl fmt::Display for CpuFeature {
         f.write_str(self.name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_feature_names_list_the_known_ones() {
+        let e = "sse9".parse::<CpuFeature>().unwrap_err().to_string();
+        assert!(e.contains("\"sse9\"") && e.contains("xsave"), "{e}");
+        assert_eq!("smap".parse::<CpuFeature>().unwrap().leaf, 7);
+    }
+}

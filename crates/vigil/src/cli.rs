@@ -1,32 +1,30 @@
-//! Command-line interface: `vigil run`, `vigil guest export`, `vigil bench boot`.
+//! The VMM's command line: `vigil run`, `vigil guest export`, `vigil firecracker`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_model::config::{
-    default_mac, BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, KernelImage,
-    NetConfig, OnCrash, RateLimit, VmConfig, VsockConfig,
+    BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, FieldError, HugePages,
+    IntrospectConfig, IntrospectConfigError, KernelImage, MachineConfig, NetConfig, OnCrash,
+    RateLimit, VmConfig, VsockConfig,
 };
-use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
+use vigil_model::cpu::CpuFeature;
+use vigil_model::firecracker::Metrics;
+use vigil_model::MacAddr;
+use vigil_vmm::builder::BuildError;
 use vigil_vmm::VmOutcome;
 
 use crate::launch::{IntrospectLaunch, Launch, Overrides};
-use crate::logging::Logging;
-use vigil_api::model::Metrics;
-use vigil_introspect::live::MonitorSettings;
 use vigil_introspect::SyscallFilter;
+use vigil_shared::exit::{EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_GUEST_STATUS_BASE};
+use vigil_shared::logging::Logging;
 
-/// Exit status when the VMM itself fails (bad input, KVM errors).
-pub const EXIT_VMM_ERROR: u8 = 1;
-/// Exit status when the guest crashes (triple fault, KVM internal error).
-pub const EXIT_GUEST_CRASH: u8 = 3;
-/// Base of the exit status for a non-zero guest debug-exit status N: 32 + N.
-pub const EXIT_GUEST_STATUS_BASE: u8 = 32;
-
-const AFTER_HELP: &str = "\
+/// The exit statuses, for `vigil --help` and `vigil run --help`.
+macro_rules! exit_status_help {
+    () => {
+        "\
 Exit status:
   0        the guest powered off (ACPI), reset the machine, or wrote 0 to the debug-exit port
   1        the VMM failed (bad input, KVM error); the message names the value at fault
@@ -36,14 +34,31 @@ Exit status:
   32+N     the guest wrote status N (1..223) to the debug-exit port (0xf4)
   130/143  stopped by SIGINT (Ctrl-C) / SIGTERM
 
-Set VIGIL_LOG=LEVEL (error, warn, info, debug, trace) or --log-level for detailed logs.";
+Set VIGIL_LOG=LEVEL (error, warn, info, debug, trace) or --log-level for detailed logs."
+    };
+}
+
+const AFTER_HELP: &str = exit_status_help!();
+
+/// `vigil --help`: the commands other binaries run, then the exit statuses.
+const TOP_AFTER_HELP: &str = concat!(
+    "\
+Host commands (each runs the binary of that name beside vigil, with the rest of the
+command line; `vigil daemon --help` and so on explain them):
+  daemon    The host daemon: supervises VMs, one `vigil run` process each (vigild)
+  ctl       Talk to the host daemon: create, list, stop VMs, events (vigil-ctl)
+  bench     Measure Vigil against QEMU microvm and Firecracker (vigil-bench)
+
+",
+    exit_status_help!()
+);
 
 /// Vigil: a KVM virtual machine monitor that watches what it runs.
 #[derive(Parser, Debug)]
-#[command(name = "vigil", version, about, after_help = AFTER_HELP)]
+#[command(name = "vigil", version, about, after_help = TOP_AFTER_HELP)]
 pub struct Cli {
     /// Log level for Vigil's own messages (error, warn, info, debug, trace)
-    /// [default: info for `vigil daemon`, warn otherwise].
+    /// [default: warn].
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
 
@@ -79,44 +94,6 @@ pub enum Command {
     /// Work with the embedded test guest.
     #[command(subcommand)]
     Guest(GuestCommand),
-    /// Measure Vigil against a peer VMM on this machine.
-    #[command(subcommand)]
-    Bench(BenchCommand),
-    /// Run the host daemon in the foreground: it supervises VMs (one `vigil run`
-    /// process each) behind a REST API on a Unix socket.
-    #[command(long_about = crate::ctl::DAEMON_ABOUT, after_help = crate::ctl::DAEMON_AFTER_HELP)]
-    Daemon(crate::ctl::DaemonArgs),
-    /// Talk to the host daemon: list, create, inspect, pause, resume, stop and
-    /// destroy VMs, read metrics.
-    #[command(after_help = crate::ctl::CTL_AFTER_HELP)]
-    Ctl(crate::ctl::CtlArgs),
-}
-
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Boot the test guest with Vigil and with QEMU microvm, alternately in one run,
-    /// and print a markdown table: time to the first serial byte and to exit, CPU
-    /// time, and resident memory less the guest's own pages, with ratios.
-    Boot(crate::bench::BootBenchArgs),
-    /// Run the test guest's virtio-blk benchmark (4 KiB requests, reads then
-    /// writes) under Vigil and under QEMU microvm, and print IOPS and MiB/s with
-    /// ratios.
-    Blk(crate::bench::DeviceBenchArgs),
-    /// Run the test guest's virtio-net transmit benchmark (minimum-size frames to a
-    /// tap this command creates, so it needs root) under Vigil and under QEMU
-    /// microvm, and print packets per second with the ratio.
-    Net(crate::bench::DeviceBenchArgs),
-    /// Start a `vigil daemon` in a scratch folder and measure API request latency
-    /// (p50/p99 of GET / on a VM's socket, GET /vms and GET /metrics on the daemon)
-    /// and VM creation and destruction rates through the daemon (test-guest VMs,
-    /// one at a time and all at once); print markdown tables.
-    Api(crate::bench_api::ApiBenchArgs),
-    /// Measure introspection: the integrity monitor's CPU (% of one CPU at 1 s,
-    /// 100 ms and 10 ms periods) on the small Linux kernel kept paused at its
-    /// emulation failure, one check with and without the dirty log, and the cost
-    /// per traced system call (the test guest's syscall-loop); print markdown
-    /// tables.
-    Introspect(crate::bench_introspect::IntrospectBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +177,17 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto", value_enum)]
     pub cpu_template: CpuTemplateArg,
 
+    /// How guest RAM is backed. none: 4 KiB pages; the VM's resident memory grows
+    /// only by the pages the guest touches (a small guest costs little), as with
+    /// Firecracker's default. thp: transparent huge pages (MADV_HUGEPAGE; the
+    /// host's /sys/kernel/mm/transparent_hugepage/enabled must say madvise or
+    /// always): KVM maps guest memory in 2 MiB pages, so a guest kernel that
+    /// touches much memory boots faster, but each 2 MiB page the guest touches at
+    /// all is resident in full. BENCHMARKS.md measures both with the small Linux
+    /// kernel. Applies to VMs configured through the API or a file too.
+    #[arg(long, default_value = "none", value_enum)]
+    pub huge_pages: HugePagesArg,
+
     /// What a guest crash (a triple fault, an instruction KVM cannot run, a failed
     /// VM entry) does. exit: the VM ends and vigil prints a crash report (registers,
     /// the function at RIP, code bytes) and exits with status 3. pause: the crash
@@ -267,7 +255,7 @@ pub struct RunArgs {
     /// faults). Needs the kernel's symbols: --symbols, or an ELF kernel with a
     /// symbol table. Example: --introspect period=100ms,policy=protect
     #[arg(long, value_name = "[period=DUR][,policy=report|protect][,baseline_after=DUR]", num_args = 0..=1, default_missing_value = "", value_parser = parse_introspect)]
-    pub introspect: Option<MonitorSettings>,
+    pub introspect: Option<IntrospectConfig>,
 
     /// Trace the guest's system calls (a hardware breakpoint at its LSTAR entry)
     /// into PATH as JSON lines: {"seq", "time_unix_ns", "vcpu", "nr", "name",
@@ -315,6 +303,21 @@ pub enum BootProtocolArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum HugePagesArg {
+    None,
+    Thp,
+}
+
+impl From<HugePagesArg> for HugePages {
+    fn from(a: HugePagesArg) -> Self {
+        match a {
+            HugePagesArg::None => HugePages::None,
+            HugePagesArg::Thp => HugePages::Transparent,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum OnCrashArg {
     Exit,
     Pause,
@@ -335,44 +338,16 @@ pub enum CpuTemplateArg {
     Host,
 }
 
-/// `100ms`, `2s`, `1m`: a whole number and a unit.
-fn parse_duration(key: &str, v: &str) -> Result<Duration, String> {
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (n, unit) = v.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{key}={v}: expected a whole number and a unit (100ms, 2s, 1m)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("{key}={v}: the unit is ms, s or m (100ms, 2s, 1m)")),
-    }
-}
-
 /// `--introspect [period=DUR][,policy=report|protect][,baseline_after=DUR]`.
-fn parse_introspect(s: &str) -> Result<MonitorSettings, String> {
-    let mut settings = MonitorSettings {
-        baseline_after: Duration::from_secs(1),
-        ..Default::default()
-    };
-    for item in s.split(',').filter(|i| !i.is_empty()) {
-        let (key, value) = item.split_once('=').ok_or_else(|| {
-            format!("{item:?}: expected key=value (period, policy, baseline_after)")
-        })?;
-        match key {
-            "period" => settings.period = parse_duration(key, value)?,
-            "baseline_after" => settings.baseline_after = parse_duration(key, value)?,
-            "policy" => settings.policy = value.parse()?,
-            _ => {
-                return Err(format!(
-                    "unknown key {key:?} (expected period, policy, baseline_after)"
-                ))
-            }
-        }
-    }
-    settings.validate()?;
-    Ok(settings)
+fn parse_introspect(s: &str) -> Result<IntrospectConfig, String> {
+    s.parse::<IntrospectConfig>().map_err(|e| match e {
+        IntrospectConfigError::Options(o) => o.to_string(),
+        other => other.named(match other.field() {
+            "period_ms" => "period=",
+            "baseline_after_ms" => "baseline_after=",
+            _ => "policy=",
+        }),
+    })
 }
 
 fn parse_trace_filter(s: &str) -> Result<SyscallFilter, String> {
@@ -388,6 +363,43 @@ fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
             Some(path) => Ok(ConsoleConfig::File(path.into())),
             None => Err(format!("{s:?} is not one of stdio, file:PATH, none")),
         },
+    }
+}
+
+/// The `vigil run` flag of each configuration field (`VmConfig`'s errors name
+/// the fields as the configuration document spells them).
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "vcpu_count" => "--cpus",
+        "mem_size_mib" => "--memory",
+        "kernel_image_path" => "--kernel",
+        "initrd_path" => "--initrd",
+        "boot_args" => "--cmdline",
+        "symbols" => "--symbols",
+        "console" => "--console",
+        "drive_id" => "--disk id=",
+        "path_on_host" => "--disk path=",
+        "host_dev_name" => "--net tap=",
+        "guest_mac" => "--net mac=",
+        "guest_cid" => "--vsock cid=",
+        "uds_path" => "--vsock uds=",
+        "amount_mib" => "--balloon size_mib=",
+        _ => return None,
+    })
+}
+
+/// A VM built from `vigil run`'s flags: an error about one of its fields names
+/// the flag that set it (`--cpus 0: ...`), not the configuration field.
+fn named_as_flags(e: anyhow::Error) -> anyhow::Error {
+    let Some(build) = e.downcast_ref::<BuildError>() else {
+        return e;
+    };
+    match build
+        .field_error()
+        .and_then(|f| Some(f.named(flag_of(f.field())?)))
+    {
+        Some(message) => anyhow::anyhow!(message),
+        None => e,
     }
 }
 
@@ -431,6 +443,7 @@ impl RunArgs {
             },
             cpuid_hide: self.cpuid_hide.clone(),
             on_crash: self.on_crash.into(),
+            huge_pages: self.huge_pages.into(),
             introspect: IntrospectLaunch {
                 monitor: self.introspect,
                 trace: self
@@ -469,6 +482,9 @@ impl RunArgs {
             ..Default::default()
         });
         let (id, overrides) = (self.id.clone(), self.overrides());
+        // The flags describe the VM unless a file or the API does.
+        let from_flags =
+            self.config_file.is_none() && (self.kernel.is_some() || self.api_sock.is_none());
         let launch = if let Some(file) = &self.config_file {
             if let Some(option) = self.vm_options_given().first() {
                 anyhow::bail!(
@@ -512,7 +528,12 @@ impl RunArgs {
                 overrides,
             }
         };
-        crate::launch::launch(launch, logging)
+        let result = crate::launch::launch(launch, logging);
+        if from_flags {
+            result.map_err(named_as_flags)
+        } else {
+            result
+        }
     }
 
     fn into_config(self) -> VmConfig {
@@ -528,25 +549,28 @@ impl RunArgs {
             KernelImage::Embedded { .. } => "",
         };
         let mut config = VmConfig::new(kernel);
-        config.initrd = self.initrd;
-        config.cmdline = self.cmdline.unwrap_or_else(|| default_cmdline.into());
-        config.vcpus = self.cpus;
-        config.memory_mib = self.memory;
-        config.console = self.console;
-        config.symbols = self.symbols;
-        config.boot_protocol = match self.boot_protocol {
+        config.boot.initrd = self.initrd;
+        config.boot.cmdline = self.cmdline.unwrap_or_else(|| default_cmdline.into());
+        config.boot.symbols = self.symbols;
+        config.boot.protocol = match self.boot_protocol {
             BootProtocolArg::Auto => BootProtocol::Auto,
             BootProtocolArg::Pvh => BootProtocol::Pvh,
             BootProtocolArg::Linux => BootProtocol::Linux,
         };
-        config.cpu_template = match self.cpu_template {
-            CpuTemplateArg::Auto => CpuTemplate::Auto,
-            CpuTemplateArg::Host => CpuTemplate::Host,
+        config.machine = MachineConfig {
+            vcpu_count: self.cpus,
+            mem_size_mib: self.memory,
+            cpu_template: match self.cpu_template {
+                CpuTemplateArg::Auto => CpuTemplate::Auto,
+                CpuTemplateArg::Host => CpuTemplate::Host,
+            },
+            cpuid_hide: self.cpuid_hide,
+            huge_pages: self.huge_pages.into(),
         };
-        config.cpuid_hide = self.cpuid_hide;
+        config.console = self.console;
         config.on_crash = self.on_crash.into();
-        config.disks = self.disk;
-        for (i, disk) in config.disks.iter_mut().enumerate() {
+        config.drives = self.disk;
+        for (i, disk) in config.drives.iter_mut().enumerate() {
             if disk.id.is_empty() {
                 disk.id = format!("disk{i}");
             }
@@ -556,8 +580,8 @@ impl RunArgs {
         config.vsock = self.vsock;
         config.nets = self.net;
         for (i, net) in config.nets.iter_mut().enumerate() {
-            if net.mac == [0; 6] {
-                net.mac = default_mac(i);
+            if net.mac.is_zero() {
+                net.mac = MacAddr::for_interface(i);
             }
         }
         config
@@ -573,34 +597,6 @@ impl Command {
                 crate::firecracker::main(argv, logging)
             }
             Command::Run(args) => args.run(logging),
-            Command::Bench(BenchCommand::Boot(args)) => {
-                crate::bench::run(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Bench(BenchCommand::Blk(args)) => {
-                crate::bench::run_blk(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Bench(BenchCommand::Net(args)) => {
-                crate::bench::run_net(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Bench(BenchCommand::Api(args)) => {
-                crate::bench_api::run(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Bench(BenchCommand::Introspect(args)) => {
-                crate::bench_introspect::run(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Daemon(args) => {
-                crate::ctl::run_daemon(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Ctl(args) => {
-                crate::ctl::run_ctl(args)?;
-                Ok(ExitCode::SUCCESS)
-            }
             Command::Guest(GuestCommand::Export { path }) => {
                 std::fs::write(&path, vigil_test_guest::ELF).with_context(|| {
                     format!("cannot write the test guest to {}", path.display())
@@ -641,7 +637,7 @@ pub(crate) fn exit_code(outcome: VmOutcome, describe: &dyn Fn(u64) -> Option<Str
         }
         VmOutcome::Failed(e) => {
             eprintln!("vigil: error: {e}");
-            ExitCode::from(EXIT_VMM_ERROR)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }

@@ -10,10 +10,10 @@ use std::process::ExitCode;
 
 use anyhow::anyhow;
 use clap::Parser;
-use vigil_api::model::{Logger, Metrics};
+use vigil_model::firecracker::{Logger, Metrics};
 
 use crate::launch::{Launch, Overrides};
-use crate::logging::Logging;
+use vigil_shared::logging::Logging;
 
 const ABOUT: &str = "\
 Vigil, run as Firecracker: serves Firecracker's API on --api-sock, or boots the VM of

@@ -346,23 +346,10 @@ fn the_same_guest_boots_under_qemu_microvm() {
     }
     let path = std::env::temp_dir().join(format!("vigil-qemu-guest-{}.elf", std::process::id()));
     std::fs::write(&path, vigil_test_guest::ELF).unwrap();
+    // The benchmarks' command line (a CPU model for Intel and AMD hosts alike),
+    // with the microvm's ACPI tables on, as this test always had them.
     let child = std::process::Command::new(qemu)
-        .args([
-            "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "2",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-        ])
-        .args([
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel",
-        ])
-        .arg(&path)
+        .args(vigil_shared::qemu::microvm_args(&path, 128, 2, true))
         .args(["-append", "test=serial,smp,memory,user"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -379,7 +366,7 @@ fn the_same_guest_boots_under_qemu_microvm() {
         );
     }
     // isa-debug-exit: status 0 becomes (0 << 1) | 1.
-    assert_eq!(r.code, Some(1), "{r}");
+    assert_eq!(r.code, Some(vigil_shared::qemu::DEBUG_EXIT_SUCCESS), "{r}");
 }
 
 #[test]
@@ -387,6 +374,11 @@ fn bench_commands_produce_their_tables() {
     let r = run(&["bench", "boot", "--runs", "2", "--qemu", "none"], TIMEOUT);
     assert_eq!(r.code, Some(0), "{r}");
     assert!(r.stdout.contains("| vigil | "), "{r}");
+    assert!(r.stdout.contains("\nTrivial PVH guest"), "{r}");
+    assert!(r.stdout.contains("\nVigil's test guest"), "{r}");
+    // Not a terminal: one progress line each, none rewritten in place.
+    assert!(r.stderr.contains("round 2/2: vigil on "), "{r}");
+    assert!(!r.stderr.contains('\r'), "{r}");
     let r = run(&["bench", "blk", "--runs", "1", "--qemu", "none"], TIMEOUT);
     assert_eq!(r.code, Some(0), "{r}");
     let row = r.line("| vigil | ");
@@ -407,6 +399,75 @@ fn bench_commands_produce_their_tables() {
             .unwrap();
         assert!(pps > 0, "{r}");
     }
+}
+
+#[test]
+fn bench_commands_run_qemu_microvm_beside_vigil() {
+    if std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: qemu-system-x86_64 not installed");
+        return;
+    }
+    let r = run(
+        &["bench", "boot", "--runs", "1", "--guests", "trivial"],
+        TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("| qemu-microvm | "), "{r}");
+    assert!(r.stdout.contains("| ratio vigil/qemu-microvm | "), "{r}");
+    let r = run(&["bench", "blk", "--runs", "1"], TIMEOUT);
+    assert_eq!(r.code, Some(0), "{r}");
+    let row = r.line("| qemu-microvm | ");
+    let iops: u64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+    assert!(iops > 0, "{row}");
+}
+
+#[test]
+fn a_failing_peer_shows_its_command_line_and_stderr() {
+    let dir = common::scratch("failing-peer");
+    let peer = dir.join("peer.sh");
+    std::fs::write(&peer, "#!/bin/sh\necho 'the peer refuses' >&2\nexit 3\n").unwrap();
+    let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+    std::fs::set_permissions(&peer, mode).unwrap();
+    let peer = peer.to_str().unwrap();
+    let r = run(
+        &[
+            "bench", "boot", "--runs", "1", "--guests", "trivial", "--qemu", peer,
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr
+            .contains(&format!("command: {peer} -M microvm,acpi=off -accel kvm")),
+        "{r}"
+    );
+    assert!(r.stderr.contains("stderr:\nthe peer refuses"), "{r}");
+    let r = run(
+        &[
+            "bench",
+            "boot",
+            "--runs",
+            "1",
+            "--guests",
+            "trivial",
+            "--qemu",
+            "none",
+            "--firecracker",
+            peer,
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr.contains(&format!("command: {peer} --no-api")),
+        "{r}"
+    );
+    assert!(r.stderr.contains("the peer refuses"), "{r}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Addresses of the test guest's symbols (`nm`), or `None` without nm.

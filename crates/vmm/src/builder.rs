@@ -35,14 +35,14 @@ use crate::arch::x86_64::cpuid::{self, Topology};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::device_manager::DeviceManager;
-use crate::symbols::{SymbolError, SymbolTable};
+use crate::symbols::KernelSymbols;
 use crate::vm::Vm;
 use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{create_vm, VmError};
 use crate::VmEvent;
 use vigil_model::config::{
-    ConfigError, ConsoleConfig, CpuTemplate, FieldError, HostLimits, KernelImage, VmConfig,
+    ConfigError, ConsoleConfig, CpuTemplate, FieldError, HostLimits, VmConfig,
 };
 use vigil_model::cpu::CpuFeature;
 
@@ -59,8 +59,6 @@ pub enum BuildError {
     Kvm(kvm_ioctls::Error),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error(transparent)]
-    Symbols(#[from] SymbolError),
     #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
     Memory { mib: u64, detail: String },
     #[error(transparent)]
@@ -137,32 +135,6 @@ fn hidden_features(config: &VmConfig) -> Vec<CpuFeature> {
     hide
 }
 
-/// The symbols of the kernel image itself, when it is an ELF with a `.symtab`.
-fn kernel_symbols(kernel: &KernelImage) -> Option<SymbolTable> {
-    let table = match kernel {
-        KernelImage::Embedded { bytes, .. } => SymbolTable::from_kernel_image(bytes),
-        KernelImage::File(path) => match std::fs::read(path) {
-            Ok(bytes) => SymbolTable::from_kernel_image(&bytes),
-            Err(e) => {
-                tracing::debug!("--kernel {}: no symbols: {e}", path.display());
-                None
-            }
-        },
-    };
-    if let Some(t) = &table {
-        tracing::debug!(kernel = %kernel, symbols = t.len(), "symbols from the kernel ELF");
-    }
-    table
-}
-
-/// The kernel's symbols: `--symbols`, or else the kernel ELF's own `.symtab`.
-fn load_symbols(config: &VmConfig) -> Result<Option<SymbolTable>, BuildError> {
-    Ok(match config.boot.symbols.as_deref() {
-        Some(path) => Some(SymbolTable::load(path)?),
-        None => kernel_symbols(&config.boot.kernel),
-    })
-}
-
 /// Guest RAM, laid out around the 32-bit hole.
 fn guest_memory(config: &VmConfig) -> Result<GuestMemoryMmap, BuildError> {
     let ranges = layout::ram_ranges(config.machine.memory_bytes());
@@ -176,9 +148,10 @@ fn guest_memory(config: &VmConfig) -> Result<GuestMemoryMmap, BuildError> {
 pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     config.validate(&HostLimits::read(kvm.get_max_vcpus() as u32))?;
-    let symbols = load_symbols(config)?;
+    // Read when a crash report or introspection needs them, not at boot.
+    let symbols = KernelSymbols::new(config.boot.symbols.clone(), config.boot.kernel.clone());
     let mem = guest_memory(config)?;
-    let vm_fd = create_vm(&kvm, &mem)?;
+    let vm_fd = create_vm(&kvm, &mem, config.machine.huge_pages)?;
 
     let (events_tx, events_rx) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,7 +1,10 @@
 //! Kernel symbols from a `System.map` or the kernel ELF's `.symtab`, to name guest
 //! addresses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use vigil_model::config::KernelImage;
 
 /// Symbols sorted by address.
 #[derive(Clone, Debug, Default)]
@@ -25,6 +28,60 @@ pub enum SymbolError {
     },
     #[error("kernel ELF: cannot read its symbol table: {0}")]
     Elf(String),
+}
+
+/// The kernel's symbols, read the first time something needs them (a crash
+/// report, introspection) from a `System.map` or else the kernel ELF's own
+/// `.symtab`: a Linux kernel's table takes megabytes of the VMM's memory, which
+/// most VMs never use. Clones share the one table.
+#[derive(Clone, Debug)]
+pub struct KernelSymbols(Arc<LazyTable>);
+
+#[derive(Debug)]
+struct LazyTable {
+    map: Option<PathBuf>,
+    kernel: KernelImage,
+    table: OnceLock<Option<Arc<SymbolTable>>>,
+}
+
+impl KernelSymbols {
+    /// The symbols of the `System.map` at `map` when there is one, else those of
+    /// `kernel`'s ELF image. Nothing is read yet.
+    pub fn new(map: Option<PathBuf>, kernel: KernelImage) -> Self {
+        Self(Arc::new(LazyTable {
+            map,
+            kernel,
+            table: OnceLock::new(),
+        }))
+    }
+
+    /// The table, read now if nobody asked before; `None` without symbols (a
+    /// bzImage, a stripped ELF) or when the `System.map` cannot be read (logged).
+    pub fn get(&self) -> Option<Arc<SymbolTable>> {
+        self.0.table.get_or_init(|| self.0.read()).clone()
+    }
+}
+
+impl LazyTable {
+    fn read(&self) -> Option<Arc<SymbolTable>> {
+        let table = match (&self.map, &self.kernel) {
+            (Some(path), _) => SymbolTable::load(path)
+                .inspect_err(|e| tracing::warn!("no kernel symbols: {e}"))
+                .ok(),
+            (None, KernelImage::Embedded { bytes, .. }) => SymbolTable::from_kernel_image(bytes),
+            (None, KernelImage::File(path)) => match std::fs::read(path) {
+                Ok(bytes) => SymbolTable::from_kernel_image(&bytes),
+                Err(e) => {
+                    tracing::warn!("--kernel {}: no symbols: {e}", path.display());
+                    None
+                }
+            },
+        };
+        if let Some(t) = &table {
+            tracing::debug!(kernel = %self.kernel, symbols = t.len(), "kernel symbols read");
+        }
+        table.map(Arc::new)
+    }
 }
 
 impl SymbolTable {

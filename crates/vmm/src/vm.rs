@@ -25,7 +25,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{self, DirtyLog, DirtyLogError};
-use crate::symbols::SymbolTable;
+use crate::symbols::KernelSymbols;
 use crate::vstate::inspect::{
     self, BreakpointHandler, Mailbox, MsrGuard, MsrGuardSlot, VcpuAccess, VcpuState,
     MAX_BREAKPOINTS,
@@ -45,7 +45,8 @@ pub struct Vm {
     pub(crate) mmio: Bus,
     /// What the device event loop watches: console input, virtio queues.
     pub(crate) subscribers: Vec<Box<dyn MutEventSubscriber + Send>>,
-    pub(crate) symbols: Option<SymbolTable>,
+    /// The kernel's symbols, read when first needed.
+    pub(crate) symbols: KernelSymbols,
     /// Set when the VM is ending; vCPU threads and the device loop leave then.
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) events_tx: Sender<VmEvent>,
@@ -312,6 +313,8 @@ pub struct VmControl {
     mem: GuestMemoryMmap,
     /// Whether dirty logging is on; held across each dirty-log call.
     dirty: Arc<Mutex<bool>>,
+    /// The kernel's symbols, read when first needed.
+    symbols: KernelSymbols,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -384,6 +387,11 @@ impl VmControl {
     /// The guest's RAM (a clone of the reference-counted mapping), to read it.
     pub fn guest_memory(&self) -> GuestMemoryMmap {
         self.mem.clone()
+    }
+
+    /// The kernel's symbols (read when first asked for).
+    pub fn symbols(&self) -> &KernelSymbols {
+        &self.symbols
     }
 
     /// The KVM VM, while it exists (a control handle may outlive it).
@@ -619,7 +627,6 @@ pub struct RunningVm {
     stop: Arc<AtomicBool>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
-    symbols: Option<SymbolTable>,
     metrics: Arc<VmMetrics>,
     // Kept alive until the threads that use them have been joined (control
     // handles hold the fd weakly).
@@ -701,6 +708,7 @@ impl Vm {
             vm_fd: Arc::downgrade(&vm_fd),
             mem: self.mem.clone(),
             dirty: Arc::new(Mutex::new(false)),
+            symbols: self.symbols,
         };
         Ok(RunningVm {
             control,
@@ -710,7 +718,6 @@ impl Vm {
             stop,
             events_tx: self.events_tx,
             events_rx: self.events_rx,
-            symbols: self.symbols,
             metrics: self.metrics,
             _vm_fd: vm_fd,
             _mem: self.mem,
@@ -773,9 +780,9 @@ impl RunningVm {
         self.control.clone()
     }
 
-    /// The symbols given at launch, to describe guest addresses.
-    pub fn symbols(&self) -> Option<&SymbolTable> {
-        self.symbols.as_ref()
+    /// The kernel's symbols, to describe guest addresses (read when first asked for).
+    pub fn symbols(&self) -> &KernelSymbols {
+        &self.control.symbols
     }
 
     /// Waits for the VM to end, then stops and joins every thread.

@@ -186,7 +186,7 @@ impl Vm {
             stderr_tail: status.stderr_tail.clone(),
             console_tail: status.console_tail.clone(),
             config: full.then(|| self.config.clone()),
-            introspect: self.options.introspect.clone(),
+            introspect: self.options.introspect,
             trace_syscalls: self.options.trace_syscalls.clone(),
             debug_api: self.options.debug_api,
         }

@@ -159,8 +159,10 @@ pub struct Status {
 }
 
 impl Introspector {
-    /// Introspection of the VM behind `vm`, naming addresses with `symbols`.
-    pub fn new(vm: VmControl, symbols: Option<SymbolTable>) -> Arc<Self> {
+    /// Introspection of the VM behind `vm`, naming addresses with the kernel's
+    /// symbols (the VM's, read when introspection first needs them, or those of
+    /// [`Introspector::set_symbols`]).
+    pub fn new(vm: VmControl) -> Arc<Self> {
         let counters = vm.metrics().metrics().introspect().clone();
         let mem = vm.guest_memory();
         Arc::new(Self {
@@ -172,7 +174,7 @@ impl Introspector {
                 baseline: Mutex::default(),
                 baseline_msrs: Mutex::default(),
                 policy: Mutex::default(),
-                symbols: Mutex::new(symbols.map(Arc::new)),
+                symbols: Mutex::default(),
                 msr_reported: Mutex::default(),
                 monitor_tx: Mutex::default(),
                 host_dirty: Mutex::default(),
@@ -182,6 +184,16 @@ impl Introspector {
             tracer: Mutex::default(),
             located: Mutex::default(),
         })
+    }
+
+    /// The symbols set through the API, else the VM's own (read now, the first
+    /// time introspection needs them).
+    pub(super) fn symbols(&self) -> Option<Arc<SymbolTable>> {
+        let mut symbols = lock(&self.shared.symbols);
+        if symbols.is_none() {
+            *symbols = self.vm.symbols().get();
+        }
+        symbols.clone()
     }
 
     /// Replaces the symbols (`PUT /vigil/introspect/symbols`); refused while
@@ -208,7 +220,7 @@ impl Introspector {
             monitoring: monitor.is_some(),
             settings: monitor.as_ref().map(|m| m.settings),
             baseline_taken: lock(&self.shared.baseline).is_some(),
-            symbols: lock(&self.shared.symbols).as_ref().map_or(0, |s| s.len()),
+            symbols: self.symbols().map_or(0, |s| s.len()),
             kaslr_slide: located.as_ref().map(|l| l.slide),
             kaslr_slide_from: located.as_ref().map(|l| l.slide_from.clone()),
             checks: snap.checks,
@@ -221,7 +233,7 @@ impl Introspector {
     /// the IDT's exception gates and the syscall table point, and the KASLR slide.
     pub fn current_state(&self) -> Result<GuestView, String> {
         let cpus = self.cpus()?;
-        let symbols = lock(&self.shared.symbols).clone();
+        let symbols = self.symbols();
         Ok(GuestView::read(&self.mem, &cpus, symbols.as_deref()))
     }
 

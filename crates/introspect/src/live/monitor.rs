@@ -150,7 +150,7 @@ impl Introspector {
     /// every `settings.period`. A monitor already running is stopped first (so this
     /// also takes a fresh baseline).
     pub fn start_monitor(self: &Arc<Self>, settings: MonitorSettings) -> Result<(), String> {
-        let symbols = lock(&self.shared.symbols).clone().ok_or(
+        let symbols = self.symbols().ok_or(
             "no kernel symbols: give a System.map (vigil run --symbols, or PUT /vigil/introspect/symbols), or boot an ELF kernel that has a symbol table",
         )?;
         self.stop_monitor();

@@ -162,22 +162,44 @@ impl IntrospectConfig {
     }
 }
 
+impl IntrospectConfig {
+    /// The settings of an option string, `[period=DUR][,policy=report|protect]
+    /// [,baseline_after=DUR]` (or `period_ms=N`, `baseline_after_ms=N`, as in
+    /// JSON), not yet validated: a client passes them on for the VMM or the
+    /// daemon to judge.
+    pub fn from_options(s: &str) -> Result<Self, IntrospectConfigError> {
+        let o = Options::parse(
+            s,
+            &[
+                "period",
+                "period_ms",
+                "policy",
+                "baseline_after",
+                "baseline_after_ms",
+            ],
+        )
+        .map_err(IntrospectConfigError::Options)?;
+        let duration = |key: &str, ms_key: &str| -> Result<Option<Duration>, OptionsError> {
+            match o.duration(key)? {
+                Some(d) => Ok(Some(d)),
+                None => Ok(o.number::<u64>(ms_key)?.map(Duration::from_millis)),
+            }
+        };
+        Ok(IntrospectConfig {
+            period: duration("period", "period_ms").map_err(IntrospectConfigError::Options)?,
+            policy: o.get("policy").map(str::parse).transpose()?,
+            baseline_after: duration("baseline_after", "baseline_after_ms")
+                .map_err(IntrospectConfigError::Options)?,
+        })
+    }
+}
+
 impl FromStr for IntrospectConfig {
     type Err = IntrospectConfigError;
 
-    /// `[period=DUR][,policy=report|protect][,baseline_after=DUR]`, validated.
+    /// [`IntrospectConfig::from_options`], validated.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let o = Options::parse(s, &["period", "policy", "baseline_after"])
-            .map_err(IntrospectConfigError::Options)?;
-        let config = IntrospectConfig {
-            period: o
-                .duration("period")
-                .map_err(IntrospectConfigError::Options)?,
-            policy: o.get("policy").map(str::parse).transpose()?,
-            baseline_after: o
-                .duration("baseline_after")
-                .map_err(IntrospectConfigError::Options)?,
-        };
+        let config = Self::from_options(s)?;
         config.validate()?;
         Ok(config)
     }
@@ -227,6 +249,8 @@ mod tests {
             ("policy=block", "policy \"block\""),
             ("speed=1", "unknown key \"speed\""),
             ("period=fast", "period=fast: expected a number and a unit"),
+            ("period_ms=0", "period_ms 0: expected 1 to 3600000"),
+            ("period_ms=soon", "period_ms=soon: not a number"),
         ] {
             let e = bad.parse::<IntrospectConfig>().unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");

@@ -23,12 +23,14 @@ pub enum CpuTemplate {
 /// How guest RAM is backed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HugePages {
-    /// 4 KiB pages: the VMM's resident memory follows what the guest touches.
+    /// 4 KiB pages (`MADV_NOHUGEPAGE`): the VMM's resident memory grows only by
+    /// the pages the guest touches.
     #[default]
     None,
-    /// Transparent huge pages (`MADV_HUGEPAGE`): fewer page faults and TLB
-    /// misses, so guests boot faster, but one touched byte makes 2 MiB resident.
-    Thp,
+    /// Transparent huge pages (`MADV_HUGEPAGE`), where the host allows them: KVM
+    /// maps guest memory in 2 MiB pages, faster for guests that touch much of it;
+    /// a touched byte makes its whole 2 MiB page resident.
+    Transparent,
 }
 
 /// The vCPUs and memory of a VM.

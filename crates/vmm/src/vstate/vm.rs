@@ -6,6 +6,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use vigil_model::config::HugePages;
 
 /// Errors from creating the KVM VM.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +23,12 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 }
 
 /// Creates a VM with the x86 platform pieces KVM emulates in the kernel and maps
-/// `mem` into it.
-pub fn create_vm(kvm_sys: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+/// `mem` into it, backed by huge pages or not as `huge_pages` says.
+pub fn create_vm(
+    kvm_sys: &Kvm,
+    mem: &GuestMemoryMmap,
+    huge_pages: HugePages,
+) -> Result<VmFd, VmError> {
     let vm = kvm_sys.create_vm().map_err(kvm("create a VM"))?;
     // Memory slots go in before the irqchip: on kvm_pvm hosts each slot added after
     // it costs ~10 ms (measured), before it ~0.1 ms.
@@ -34,10 +39,15 @@ pub fn create_vm(kvm_sys: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> 
                 what: "map guest memory (region has no host mapping)",
                 source: kvm_ioctls::Error::new(libc::EINVAL),
             })?;
-        // Back guest RAM with transparent huge pages where the host allows: fewer
-        // page-table levels for KVM's shadow or nested paging to walk and fill.
+        // Huge pages: fewer page-table levels for KVM's shadow or nested paging to
+        // walk and fill, but a touched byte makes 2 MiB resident. Said either way,
+        // so that a host whose THP policy is "always" does not decide for the VM.
+        let advice = match huge_pages {
+            HugePages::None => libc::MADV_NOHUGEPAGE,
+            HugePages::Transparent => libc::MADV_HUGEPAGE,
+        };
         // SAFETY: advisory only, on a mapping `mem` owns; failure changes nothing.
-        unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        unsafe { libc::madvise(host.cast(), region.len() as usize, advice) };
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().raw_value(),

@@ -16,7 +16,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -24,6 +23,7 @@ use clap::Args;
 use vigil_introspect::live::{cpu_state, Introspector, MonitorSettings};
 use vigil_introspect::{kaslr_slide, Baseline, Checker, CpuState, KernelLayout};
 use vigil_model::config::{ConsoleConfig, CpuTemplate, KernelImage, OnCrash, VmConfig};
+use vigil_shared::siblings;
 use vigil_vmm::VmControl;
 
 #[derive(Args, Debug)]
@@ -54,12 +54,7 @@ pub struct IntrospectBenchArgs {
 fn kernel_paths(args: &IntrospectBenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
-        None => {
-            let shared = std::env::var_os("VIGIL_SHARED_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("../shared"));
-            shared.join("guest-kernels/linux-6.1-tiny/vmlinux")
-        }
+        None => crate::peers::tiny_linux(),
     };
     if !kernel.is_file() {
         bail!(
@@ -155,14 +150,14 @@ fn boot_until_crash(
     Duration,
 )> {
     let mut config = VmConfig::new(KernelImage::File(kernel.to_owned()));
-    config.cmdline = "console=ttyS0 earlyprintk=serial".into();
-    config.vcpus = 2;
-    config.memory_mib = 256;
+    config.boot.cmdline = "console=ttyS0 earlyprintk=serial".into();
+    config.machine.vcpu_count = 2;
+    config.machine.mem_size_mib = 256;
     config.console = ConsoleConfig::None;
-    config.symbols = Some(symbols.to_owned());
+    config.boot.symbols = Some(symbols.to_owned());
     // Offers XSAVE: on this machine's emulating KVM the kernel stops on `xrstor`
     // in its FPU set-up, after its IDT, GDT and LSTAR are in place.
-    config.cpu_template = CpuTemplate::Host;
+    config.machine.cpu_template = CpuTemplate::Host;
     config.on_crash = OnCrash::Pause;
     let started = Instant::now();
     let vm = vigil_vmm::builder::build(&config)?;
@@ -220,10 +215,12 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
         "kept, paused after {took:.1?}: {}",
         control.crashed().unwrap_or_default()
     );
-    let symbols = vigil_introspect::SymbolTable::load(&symbols_path)
-        .map_err(|e| anyhow!("{}: {e}", symbols_path.display()))?;
-    let symbols = Arc::new(symbols);
-    let intro = Introspector::new(control.clone(), Some((*symbols).clone()));
+    // The VM's own symbols (its --symbols), as the monitor reads them.
+    let symbols = control
+        .symbols()
+        .get()
+        .ok_or_else(|| anyhow!("{}: no symbols", symbols_path.display()))?;
+    let intro = Introspector::new(control.clone());
 
     let mut windows = Vec::new();
     eprintln!("monitor off, {} s...", args.seconds);
@@ -397,8 +394,9 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
 
 /// One run of the `syscall-loop` scenario: the guest's ns per call.
 fn syscall_loop(n: u64, trace: Option<(&Path, &str)>) -> anyhow::Result<f64> {
-    let exe = std::env::current_exe().context("cannot find the vigil binary")?;
-    let mut cmd = Command::new(exe);
+    let vigil = siblings::beside_me(siblings::VMM)?;
+    siblings::check_executable(&vigil, "the VMM to measure (vigil, beside vigil-bench)")?;
+    let mut cmd = Command::new(vigil);
     cmd.args([
         "run",
         "--console",

@@ -1,5 +1,6 @@
-//! The VMM's log: a `tracing` subscriber whose level and destination can change
-//! while it runs (`PUT /logger`, Firecracker's `--level` and `--log-path`).
+//! The log of every Vigil binary: a `tracing` subscriber on stderr whose level and
+//! destination can change while it runs (the VMM's `PUT /logger`, Firecracker's
+//! `--level` and `--log-path`).
 
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +35,26 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, String> {
     }
 }
 
+/// Installs the log of `program` at its level: `VIGIL_LOG`, else `--log-level`
+/// (`cli_level`), else `default`. A bad level is a usage error, reported here.
+pub fn start(
+    program: &str,
+    cli_level: Option<&str>,
+    default: &str,
+) -> Result<Logging, std::process::ExitCode> {
+    let level = std::env::var("VIGIL_LOG")
+        .ok()
+        .or(cli_level.map(str::to_owned))
+        .unwrap_or_else(|| default.into());
+    match parse_level(&level) {
+        Ok(level) => Ok(Logging::init(level)),
+        Err(e) => {
+            eprintln!("{program}: error: {e}");
+            Err(std::process::ExitCode::from(crate::exit::EXIT_USAGE))
+        }
+    }
+}
+
 fn output(path: Option<&str>, show_level: bool, show_origin: bool) -> Result<Output, String> {
     let layer = fmt::layer()
         .with_level(show_level)
@@ -65,7 +86,7 @@ impl Logging {
     }
 
     /// Applies a `PUT /logger` body (or the equivalent command-line flags).
-    pub fn configure(&self, l: &vigil_api::model::Logger) -> Result<(), String> {
+    pub fn configure(&self, l: &vigil_model::firecracker::Logger) -> Result<(), String> {
         let level = l
             .level
             .as_deref()

@@ -1,6 +1,7 @@
 //! `vigil bench api`: request latency of the per-VM API and of the daemon's API, and
-//! how fast the daemon creates (and destroys) VMs. Everything runs here: a daemon
-//! child process in a scratch folder, test-guest VMs halted in `test=hang`.
+//! how fast the daemon creates (and destroys) VMs. Everything runs here: a `vigild`
+//! child process (the one beside this binary) in a scratch folder, test-guest VMs
+//! halted in `test=hang`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 use vigil_daemon::client::BlockingClient;
+use vigil_shared::siblings;
 
 #[derive(Args, Debug)]
 pub struct ApiBenchArgs {
@@ -46,8 +48,13 @@ impl Bench {
         std::fs::write(dir.join("guest.elf"), vigil_test_guest::ELF)?;
         let socket = dir.join("daemon.sock");
         let log = std::fs::File::create(dir.join("daemon.log"))?;
-        let daemon = Command::new(std::env::current_exe()?)
-            .args(["daemon", "--log-level", "warn", "--state-dir"])
+        let vigild = siblings::beside_me(siblings::DAEMON)?;
+        siblings::check_executable(
+            &vigild,
+            "the daemon to measure (vigild, beside vigil-bench)",
+        )?;
+        let daemon = Command::new(&vigild)
+            .args(["--log-level", "warn", "--state-dir"])
             .arg(dir.join("state"))
             .arg("--socket")
             .arg(&socket)
@@ -55,7 +62,7 @@ impl Bench {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("cannot start `vigil daemon`")?;
+            .with_context(|| format!("cannot start {}", vigild.display()))?;
         let bench = Bench {
             dir,
             socket,

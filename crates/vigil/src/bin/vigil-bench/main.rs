@@ -1,0 +1,81 @@
+//! `vigil-bench`: Vigil measured against its peers on this machine (also run as
+//! `vigil bench`). It runs the `vigil` and `vigild` binaries beside it, QEMU
+//! microvm and Firecracker as separate processes, and prints markdown tables.
+
+mod api;
+mod boot;
+mod devices;
+mod introspect;
+mod peers;
+mod pvh;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vigil_shared::{exit, logging};
+
+/// Measure Vigil against a peer VMM on this machine.
+#[derive(Parser, Debug)]
+#[command(name = "vigil-bench", version)]
+struct BenchArgs {
+    /// Log level for the benchmark's own messages (error, warn, info, debug, trace)
+    /// [default: warn; VIGIL_LOG overrides it].
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Boot three guests (a trivial PVH guest, Vigil's test guest, the small Linux
+    /// kernel) under Vigil, QEMU microvm and Firecracker (--firecracker PATH), the
+    /// VMMs interleaved over the rounds, and print markdown tables: time to the
+    /// guest's line on the serial console, CPU time, resident memory at that line
+    /// and the VMM's overhead (RSS less the guest's resident RAM), with ratios.
+    Boot(boot::BootBenchArgs),
+    /// Run the test guest's virtio-blk benchmark (4 KiB requests, reads then
+    /// writes) under Vigil and under QEMU microvm, and print IOPS and MiB/s with
+    /// ratios.
+    Blk(devices::DeviceBenchArgs),
+    /// Run the test guest's virtio-net transmit benchmark (minimum-size frames to a
+    /// tap this command creates, so it needs root) under Vigil and under QEMU
+    /// microvm, and print packets per second with the ratio.
+    Net(devices::DeviceBenchArgs),
+    /// Start `vigild` in a scratch folder and measure API request latency
+    /// (p50/p99 of GET / on a VM's socket, GET /vms and GET /metrics on the daemon)
+    /// and VM creation and destruction rates through the daemon (test-guest VMs,
+    /// one at a time and all at once); print markdown tables.
+    Api(api::ApiBenchArgs),
+    /// Measure introspection: the integrity monitor's CPU (% of one CPU at 1 s,
+    /// 100 ms and 10 ms periods) on the small Linux kernel kept paused at its
+    /// emulation failure, one check with and without the dirty log, and the cost
+    /// per traced system call (the test guest's syscall-loop); print markdown
+    /// tables.
+    Introspect(introspect::IntrospectBenchArgs),
+}
+
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
+    if let Err(code) = logging::start("vigil-bench", args.log_level.as_deref(), "warn") {
+        return code;
+    }
+    let result = match args.command {
+        BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Blk(args) => devices::run_blk(args),
+        BenchCommand::Net(args) => devices::run_net(args),
+        BenchCommand::Api(args) => api::run(args),
+        BenchCommand::Introspect(args) => introspect::run(args),
+    };
+    exit::report("vigil-bench", result.map(|()| ExitCode::SUCCESS))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::BenchArgs::command().debug_assert();
+    }
+}

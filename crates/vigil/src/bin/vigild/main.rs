@@ -1,0 +1,238 @@
+//! `vigild`: the host daemon in the foreground (also run as `vigil daemon`). It
+//! supervises VMs, each a process of the `vigil` binary beside it (or `--vmm`),
+//! behind a REST API (`vigil-ctl` is its client), with the dashboard and the
+//! security event stream.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use vigil_shared::args::{default_socket, parse_seconds};
+use vigil_shared::{exit, logging, siblings};
+
+/// /var/lib/vigil for root, else $XDG_STATE_HOME/vigil or ~/.local/state/vigil.
+fn default_state_dir() -> PathBuf {
+    // SAFETY: getuid cannot fail and touches no memory.
+    if unsafe { libc::getuid() } == 0 {
+        return "/var/lib/vigil".into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("vigil");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/vigil"),
+        None => std::env::temp_dir().join("vigil-state"),
+    }
+}
+
+const ABOUT: &str = "\
+Supervise VMs on this host: one `vigil run` process per VM (the `vigil` binary beside
+this one, or --vmm), created, paused, resumed, stopped and destroyed through a REST API
+(see `vigil ctl`). Runs in the foreground (for systemd: Type=simple), logs to stderr
+(the journal), and on SIGTERM or SIGINT stops every VM (SIGTERM, then SIGKILL after
+--stop-timeout), removes its socket and exits 0. VMs never outlive the daemon (they get SIGTERM if it dies), and a VM that
+crashes is reported (state \"crashed\", its exit status and the end of its logs), never
+restarted.";
+
+const AFTER_HELP: &str = "\
+Access: the Unix socket is created with mode 0600, so only this user (and root) can
+use it. --listen-tcp adds a TCP listener that always needs --token-file; every request
+on it must carry `Authorization: Bearer <token>`. Make a token with
+  head -c 32 /dev/urandom | base64 > /etc/vigil/token && chmod 600 /etc/vigil/token
+
+Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
+(its serial console), vmm.log (the VMM's log), exit.json (how it ended).
+
+Security events: every --sample-interval the daemon reads each running VM's
+metrics and the host's pressure (PSI); detectors turn them into events (a VM's I/O
+or packet flood, a saturated rate limiter, host pressure). VM crashes, lifecycle
+changes and refused API requests (malformed: 400; no or bad token: 401, at most 10
+a minute per peer, then one summary) are events too. Events about one VM are
+grouped into incidents (a flood then a crash raises incident_dos_crash), and a
+policy may throttle, pause or stop the VM; each action is an event. They stream on
+GET /events (server-sent events; `vigil ctl events --follow`) and go to each
+--events-output: json (Falco-style JSON lines), syslog (RFC 5424) or cef, to a file
+(appended) or `-` (stderr).
+
+--events-config FILE (JSON; every key optional, unknown keys refused):
+  {\"detectors\": {\"disk_ops\": {\"enter_per_s\": 20000, \"sustain_s\": 30, \"exit_per_s\": 10000},
+                 \"rate_limit\": {\"consecutive_samples\": 5, \"clear_samples\": 3}},
+   \"correlation\": {\"window_s\": 300},
+   \"policy\": {\"cooldown_s\": 60, \"rules\": [
+     {\"name\": \"slow floods\", \"when\": {\"rule\": \"vm_io_flood\"}, \"action\": \"throttle\",
+      \"params\": {\"ops_per_s\": 1000}},
+     {\"name\": \"dos\", \"when\": {\"rule\": \"incident_dos_crash\"}, \"action\": \"stop\"}]}}
+A throttle sets token-bucket limits on the VM's drives and interfaces (params,
+per second: ops_per_s, bytes_per_s, disk_ops_per_s, disk_bytes_per_s,
+net_packets_per_s, net_bytes_per_s). crates/daemon/README.md lists every key.
+
+Example:
+  vigil daemon --state-dir /var/lib/vigil --socket /run/vigil/daemon.sock \\
+    --events-config /etc/vigil/events.json --events-output json:/var/log/vigil/events.jsonl
+  vigil ctl create web-1 --config vm.json && vigil ctl list";
+
+/// The host daemon: supervises VMs (one `vigil run` process each) behind a REST API.
+#[derive(Parser, Debug)]
+#[command(name = "vigild", version, long_about = ABOUT, after_help = AFTER_HELP)]
+struct DaemonArgs {
+    /// Log level (error, warn, info, debug, trace) [default: info; VIGIL_LOG
+    /// overrides it].
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    /// The VMM binary each VM runs as (`PATH run --api-sock ... --config-file ...`)
+    /// [default: $VIGIL_VMM, else the `vigil` beside this vigild]. Checked at start.
+    #[arg(long, value_name = "PATH")]
+    vmm: Option<PathBuf>,
+
+    /// Where VM folders and the daemon's lock live [default: /var/lib/vigil for root,
+    /// else ~/.local/state/vigil].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// The API's Unix socket [default: $VIGIL_SOCKET, else /run/vigil/daemon.sock for
+    /// root, else $XDG_RUNTIME_DIR/vigil/daemon.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Also serve the API on TCP at ADDR (e.g. 127.0.0.1:7070). Needs --token-file.
+    #[arg(long, value_name = "ADDR")]
+    listen_tcp: Option<SocketAddr>,
+
+    /// A file holding the bearer token for --listen-tcp (at least 16 printable
+    /// characters; readable by its owner only).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+
+    /// Seconds a new VM may take to report itself running on its API socket.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    start_timeout: f64,
+
+    /// Seconds a stopping VM gets after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    stop_timeout: f64,
+
+    /// Seconds GET /metrics waits for each VM's own metrics.
+    #[arg(long, default_value_t = 0.5, value_name = "SECONDS", value_parser = parse_seconds)]
+    scrape_timeout: f64,
+
+    /// The most VMs the daemon holds at once (any state).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_vms: usize,
+
+    /// Security events: detector thresholds, correlation window and policy, as JSON
+    /// (see below) [default: the built-in thresholds, no policy].
+    #[arg(long, value_name = "FILE")]
+    events_config: Option<PathBuf>,
+
+    /// Also write every security event to PATH (appended; `-` for stderr) as
+    /// FORMAT: json (Falco-style JSON lines), syslog (RFC 5424) or cef. Repeatable.
+    #[arg(long, value_name = "FORMAT:PATH", value_parser = parse_output)]
+    events_output: Vec<vigil_daemon::events::OutputSpec>,
+
+    /// Seconds between two samples of the VMs' metrics and the host's pressure for
+    /// the detectors.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
+    sample_interval: f64,
+}
+
+fn parse_output(s: &str) -> Result<vigil_daemon::events::OutputSpec, String> {
+    s.parse()
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.05..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in [0.05, 60]")),
+    }
+}
+
+/// Reads `--events-config`: vigil-events' `EventsConfig` as JSON.
+fn read_events_config(path: &Path) -> anyhow::Result<vigil_events::EventsConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--events-config {}: cannot read it", path.display()))?;
+    let config: vigil_events::EventsConfig = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--events-config {}: not a valid events configuration",
+            path.display()
+        )
+    })?;
+    config
+        .validate()
+        .with_context(|| format!("--events-config {}", path.display()))?;
+    Ok(config)
+}
+
+fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    if args.listen_tcp.is_none() && args.token_file.is_some() {
+        bail!(
+            "--token-file {} is only used with --listen-tcp ADDR",
+            args.token_file.unwrap_or_default().display()
+        );
+    }
+    let vmm_binary = vmm_binary(args.vmm)?;
+    let mut config = vigil_daemon::DaemonConfig::new(
+        args.state_dir.unwrap_or_else(default_state_dir),
+        args.socket.unwrap_or_else(default_socket),
+        vmm_binary,
+    );
+    config.listen_tcp = args.listen_tcp;
+    config.token_file = args.token_file;
+    config.start_timeout = Duration::from_secs_f64(args.start_timeout);
+    config.stop_timeout = Duration::from_secs_f64(args.stop_timeout);
+    config.scrape_timeout = Duration::from_secs_f64(args.scrape_timeout);
+    if args.max_vms == 0 {
+        bail!("--max-vms 0: the daemon must be allowed at least one VM");
+    }
+    config.max_vms = args.max_vms;
+    if let Some(path) = &args.events_config {
+        config.events.config = read_events_config(path)?;
+    }
+    config.events.outputs = args.events_output;
+    config.events.sample_interval = Duration::from_secs_f64(args.sample_interval);
+    vigil_daemon::events::validate_settings(&config.events).map_err(|e| {
+        anyhow::anyhow!(
+            "{}{e}",
+            args.events_config
+                .as_ref()
+                .map(|p| format!("{}: ", p.display()))
+                .unwrap_or_default()
+        )
+    })?;
+    vigil_daemon::run(config)
+}
+
+/// The VMM the daemon spawns: `--vmm`, else `$VIGIL_VMM`, else `vigil` beside
+/// this binary; refused now, not at the first VM, when it is not there.
+fn vmm_binary(option: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let (path, what) = match (option, std::env::var_os("VIGIL_VMM")) {
+        (Some(path), _) => (path, "--vmm".to_owned()),
+        (None, Some(path)) => (PathBuf::from(path), "VIGIL_VMM".to_owned()),
+        (None, None) => (
+            siblings::beside_me(siblings::VMM)?,
+            "the VMM binary (vigil, beside vigild; or give --vmm PATH)".to_owned(),
+        ),
+    };
+    siblings::check_executable(&path, &what)?;
+    Ok(path)
+}
+
+fn main() -> ExitCode {
+    let args = DaemonArgs::parse();
+    if let Err(code) = logging::start("vigild", args.log_level.as_deref(), "info") {
+        return code;
+    }
+    exit::report("vigild", run(args).map(|()| ExitCode::SUCCESS))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::DaemonArgs::command().debug_assert();
+    }
+}
