@@ -15,15 +15,11 @@ use crate::config::{
     self, BalloonConfig, BootConfig, BucketUpdate, ConfigError, DriveConfig, FieldError,
     KernelImage, LimitUpdate, NetConfig, RateLimit, VmConfig, VsockConfig,
 };
+pub use crate::json::{parse, JsonError};
 use crate::mac::{BadMac, MacAddr};
 
 /// The kernel command line when `boot_args` is not given.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
-
-/// A JSON body that does not parse: the field at fault (its path) and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct JsonError(pub String);
 
 /// `PUT /boot-source`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -217,29 +213,6 @@ pub struct FullVmConfig {
     pub logger: Option<Logger>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
-}
-
-/// Parses a JSON body as `T`; the error names the field at fault (its path) and
-/// what was wrong with it.
-pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, JsonError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        // serde_json appends " at line L column C": useful, keep it.
-        let inner = inner.to_string();
-        let last = path.rsplit('.').next().unwrap_or_default();
-        JsonError(if path == "." || path.is_empty() {
-            inner
-        } else if let Some(rest) = inner.strip_prefix(last).filter(|r| r.starts_with(' ')) {
-            // A value's own message names its field already: `policy "x": ...`.
-            format!("{path}{rest}")
-        } else {
-            format!("{path}: {inner}")
-        })
-    })?;
-    de.end().map_err(|e| JsonError(e.to_string()))?;
-    Ok(value)
 }
 
 /// A body Vigil cannot take: what Firecracker allows and Vigil does not offer,
@@ -744,7 +717,7 @@ mod tests {
         );
         assert_eq!(
             refused(&|d| d.network_interfaces[0].guest_mac = Some("nope".into())),
-            "network-interfaces[\"eth0\"]: guest_mac nope: not a MAC address (aa:bb:cc:dd:ee:ff)"
+            "network-interfaces[\"eth0\"]: guest_mac \"nope\": not a MAC address (aa:bb:cc:dd:ee:ff)"
         );
         assert_eq!(
             refused(&|d| d.boot_source = None),

@@ -11,13 +11,15 @@
 //! - [`finding`], [`rule`] and [`time`]: introspection findings and the
 //!   vocabulary of security events (rules, priorities, sources, ATT&CK
 //!   techniques, timestamps).
-//! - [`mac`], [`cpu`] and [`options`]: MAC addresses, CPUID features by name, and
-//!   the `key=value,...` option strings of the command-line tools.
+//! - [`mac`], [`cpu`], [`options`] and [`json`]: MAC addresses, CPUID features by
+//!   name, the `key=value,...` option strings of the command-line tools, and JSON
+//!   parsing whose errors name the field.
 
 pub mod config;
 pub mod cpu;
 pub mod finding;
 pub mod firecracker;
+pub mod json;
 pub mod mac;
 pub mod options;
 pub mod rule;

@@ -12,7 +12,7 @@ pub struct MacAddr(pub [u8; 6]);
 
 /// A string that is not `aa:bb:cc:dd:ee:ff`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}: not a MAC address (aa:bb:cc:dd:ee:ff)")]
+#[error("{0:?}: not a MAC address (aa:bb:cc:dd:ee:ff)")]
 pub struct BadMac(pub String);
 
 impl MacAddr {
@@ -93,7 +93,7 @@ mod tests {
             "2:0:0:0:0:0",
         ] {
             let e = bad.parse::<MacAddr>().unwrap_err();
-            assert!(e.to_string().starts_with(bad), "{e}");
+            assert!(e.to_string().starts_with(&format!("{bad:?}")), "{e}");
         }
         assert!("01:00:00:00:00:00"
             .parse::<MacAddr>()

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_model::config::{
-    BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, FieldError, HugePages,
-    IntrospectConfig, IntrospectConfigError, KernelImage, MachineConfig, NetConfig, OnCrash,
-    RateLimit, VmConfig, VsockConfig,
+    BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, HugePages,
+    IntrospectConfig, KernelImage, MachineConfig, NetConfig, OnCrash, RateLimit, VmConfig,
+    VsockConfig,
 };
 use vigil_model::cpu::CpuFeature;
 use vigil_model::firecracker::Metrics;
@@ -340,14 +340,7 @@ pub enum CpuTemplateArg {
 
 /// `--introspect [period=DUR][,policy=report|protect][,baseline_after=DUR]`.
 fn parse_introspect(s: &str) -> Result<IntrospectConfig, String> {
-    s.parse::<IntrospectConfig>().map_err(|e| match e {
-        IntrospectConfigError::Options(o) => o.to_string(),
-        other => other.named(match other.field() {
-            "period_ms" => "period=",
-            "baseline_after_ms" => "baseline_after=",
-            _ => "policy=",
-        }),
-    })
+    s.parse::<IntrospectConfig>().map_err(|e| e.to_string())
 }
 
 fn parse_trace_filter(s: &str) -> Result<SyscallFilter, String> {

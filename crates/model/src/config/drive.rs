@@ -31,9 +31,11 @@ pub struct DriveConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum DriveConfigError {
     #[error(
-        "drive_id {0:?}: must be 1 to {MAX_DRIVE_ID} bytes (it is the serial the guest reads)"
+        "drive_id \"\": a disk needs an id (1 to {MAX_DRIVE_ID} bytes: the serial the guest reads)"
     )]
-    IdLength(String),
+    EmptyId,
+    #[error("drive_id {0:?}: longer than the {MAX_DRIVE_ID} bytes virtio-blk allows (the serial the guest reads)")]
+    IdTooLong(String),
     #[error("drive_id {0:?}: used by two disks")]
     DuplicateId(String),
     #[error("path_on_host: empty path")]
@@ -51,7 +53,7 @@ pub enum DriveConfigError {
 impl FieldError for DriveConfigError {
     fn field(&self) -> &'static str {
         match self {
-            Self::IdLength(_) | Self::DuplicateId(_) => "drive_id",
+            Self::EmptyId | Self::IdTooLong(_) | Self::DuplicateId(_) => "drive_id",
             Self::EmptyPath | Self::Directory(_) | Self::Open { .. } => "path_on_host",
         }
     }
@@ -62,8 +64,11 @@ impl DriveConfig {
     /// device) opens as the device will open it (a read-only disk needs no write
     /// permission).
     pub fn validate(&self) -> Result<(), DriveConfigError> {
-        if self.id.is_empty() || self.id.len() > MAX_DRIVE_ID {
-            return Err(DriveConfigError::IdLength(self.id.clone()));
+        if self.id.is_empty() {
+            return Err(DriveConfigError::EmptyId);
+        }
+        if self.id.len() > MAX_DRIVE_ID {
+            return Err(DriveConfigError::IdTooLong(self.id.clone()));
         }
         if self.path.as_os_str().is_empty() {
             return Err(DriveConfigError::EmptyPath);

@@ -375,7 +375,9 @@ mod tests {
             "--disk id=a: used by two disks"
         );
         c.drives[1].id = "x".repeat(21);
-        assert!(err(&c).to_string().contains("must be 1 to 20 bytes"));
+        assert!(err(&c)
+            .to_string()
+            .contains("longer than the 20 bytes virtio-blk allows"));
         c.drives[1] = drive("b");
         c.drives[1].path = "/".into();
         assert_eq!(

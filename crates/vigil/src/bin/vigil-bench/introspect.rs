@@ -22,7 +22,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use vigil_introspect::live::{cpu_state, Introspector, MonitorSettings};
 use vigil_introspect::{kaslr_slide, Baseline, Checker, CpuState, KernelLayout};
-use vigil_model::config::{ConsoleConfig, CpuTemplate, KernelImage, OnCrash, VmConfig};
+use vigil_model::config::{ConsoleConfig, CpuTemplate, HugePages, KernelImage, OnCrash, VmConfig};
 use vigil_shared::siblings;
 use vigil_vmm::VmControl;
 
@@ -153,6 +153,7 @@ fn boot_until_crash(
     config.boot.cmdline = "console=ttyS0 earlyprintk=serial".into();
     config.machine.vcpu_count = 2;
     config.machine.mem_size_mib = 256;
+    config.machine.huge_pages = HugePages::Transparent;
     config.console = ConsoleConfig::None;
     config.boot.symbols = Some(symbols.to_owned());
     // Offers XSAVE: on this machine's emulating KVM the kernel stops on `xrstor`
