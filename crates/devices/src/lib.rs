@@ -26,3 +26,10 @@ pub enum PowerEvent {
 
 /// Where devices send [`PowerEvent`]s. Called from vCPU threads.
 pub type PowerHandler = Arc<dyn Fn(PowerEvent) + Send + Sync>;
+
+/// Guest RAM, as the VMM and every device take it: mmap'ed regions, each with a
+/// dirty bitmap (one bit per 4 KiB page) that the VMM's own writes mark (vm-memory's
+/// `Bytes` writes, virtio-queue's `Writer`). KVM's dirty log sees only the guest's
+/// writes; the VMM's dirty-log owner merges this bitmap with it, so that a device's
+/// DMA into guest memory counts as a write too.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

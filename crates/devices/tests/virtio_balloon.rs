@@ -8,8 +8,9 @@ use std::time::Duration;
 use common::{memory, Driver, F_WRITE};
 use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_devices::GuestMemoryMmap;
 use vigil_model::config::BalloonConfig;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const PAGE: u64 = 4096;
 const QSIZE: u16 = 16;

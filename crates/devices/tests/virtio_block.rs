@@ -6,9 +6,9 @@ mod common;
 use common::{memory, Driver, TempImage, F_INDIRECT, F_NEXT, F_WRITE};
 use vigil_devices::virtio::block::{Block, S_IOERR, S_OK, S_UNSUPP};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_devices::GuestMemoryMmap;
 use vigil_model::config::DriveConfig;
 use vigil_model::config::RateLimit;
-use vm_memory::GuestMemoryMmap;
 
 const SECTORS: usize = 16;
 const HDR: u64 = 0x1000;

@@ -9,9 +9,9 @@ use common::{memory, Driver, F_WRITE};
 use vigil_devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
 use vigil_devices::virtio::net::{Net, MAX_BUFFER, TX};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_devices::GuestMemoryMmap;
 use vigil_model::config::NetConfig;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 const QSIZE: u16 = 16;

@@ -23,8 +23,8 @@ use vigil_devices::virtio::persist::{DeviceState, QueueState};
 use vigil_devices::virtio::rng::{Rng, RngState};
 use vigil_devices::virtio::vsock::{Vsock, VsockState};
 use vigil_devices::virtio::{Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
+use vigil_devices::GuestMemoryMmap;
 use vigil_model::config::{BalloonConfig, DriveConfig, NetConfig, VsockConfig};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 const QSIZE: u16 = 16;

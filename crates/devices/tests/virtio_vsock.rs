@@ -11,9 +11,9 @@ use std::time::Duration;
 use common::{memory, Driver, F_WRITE};
 use vigil_devices::virtio::vsock::{Vsock, HDR_LEN, HOST_CID};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_devices::GuestMemoryMmap;
 use vigil_model::config::VsockConfig;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 const CID: u64 = 3;
 const RX: usize = 0;

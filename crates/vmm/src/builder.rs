@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
@@ -24,7 +25,6 @@ use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::{Vsock, VsockError};
 use vigil_devices::PowerHandler;
 use vigil_metrics::{DeviceKind, VcpuCounters, VmMetrics};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{

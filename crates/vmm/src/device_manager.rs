@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vigil_devices::bus::Bus;
@@ -18,12 +19,11 @@ use vigil_devices::virtio::net::Net;
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_metrics::{DeviceCounters, DeviceKind};
 use vigil_model::config::BalloonConfig;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::MmioDevice;
 use crate::builder::{kvm_err, BuildError};
-use crate::vm::{BalloonHandle, DriveHandle, NetHandle, QueueWaker};
+use crate::control::{BalloonHandle, DriveHandle, NetHandle, QueueWaker};
 
 /// First virtio-mmio register window; each device takes the next 4 KiB.
 const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;

@@ -5,25 +5,33 @@
 //! vCPU and a device event loop and returns a [`RunningVm`], whose
 //! [`RunningVm::wait`] returns how the VM ended.
 //!
-//! [`VmControl`] also serves introspection, on each vCPU's own thread: register and
-//! MSR snapshots ([`VcpuState`]), guarded MSR writes ([`MsrGuard`]) and hardware
-//! breakpoints ([`BreakpointHandler`]); see [`vstate::inspect`].
+//! A [`RunningVm`] hands out two cloneable handles for other threads:
+//! [`VmControl`], the lifecycle (pause, resume, stop, devices, metrics), for the API
+//! and the binary; and [`VmInspect`], for capabilities that look into the guest:
+//! guest memory, register and MSR snapshots ([`VcpuState`]) and requests served on
+//! each vCPU's own thread, guarded MSR writes ([`MsrGuard`]), hardware breakpoints
+//! ([`BreakpointHandler`]), and the dirty log ([`DirtyTracker`]: one owner, a
+//! [`DirtyReader`] per user, the guest's writes and the VMM's own).
 
 pub mod arch;
 pub mod builder;
+mod control;
 mod device_manager;
 pub mod dirty_log;
+mod inspect;
 pub mod symbols;
 mod vm;
 pub mod vstate;
 
-pub use dirty_log::DirtyLog;
-pub use vigil_devices::rate_limiter::{BucketUpdate, LimitUpdate};
-pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
-pub use vm::{
-    BalloonHandle, ControlError, DriveHandle, NetHandle, RunState, RunningVm, StopHandle, Vm,
-    VmControl, VmOutcome,
+pub use control::{
+    BalloonHandle, ControlError, DriveHandle, NetHandle, RunState, StopHandle, VmControl,
 };
+pub use dirty_log::{DirtyLog, DirtyLogError, DirtyReader, DirtyTracker};
+pub use inspect::VmInspect;
+pub use vigil_devices::rate_limiter::{BucketUpdate, LimitUpdate};
+pub use vigil_devices::GuestMemoryMmap;
+pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
+pub use vm::{RunningVm, Vm, VmOutcome};
 pub use vstate::inspect::{
     BreakpointHandler, MsrGuard, MsrVerdict, VcpuState, INSPECTED_MSRS, MAX_BREAKPOINTS,
     MAX_GUARDED_MSRS, MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS,

@@ -54,11 +54,13 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
         .expect("build the VM");
     let running = vm.start().expect("start the VM");
     let control = running.control();
+    let inspect = running.inspect();
     let pages = (256 * MIB / 4096) as usize;
 
     wait_console(&console, "user: running at cpl3");
     let t = Instant::now();
-    let first = control.dirty_log().unwrap();
+    let reader = inspect.dirty_log().subscribe().unwrap();
+    let first = reader.take().unwrap();
     let first_ms = t.elapsed().as_secs_f64() * 1e6;
     assert!(first.is_all());
     assert_eq!(first.count(), pages, "every page counts as dirty at first");
@@ -67,7 +69,7 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
 
     wait_console(&console, "TEST memory PASS");
     let t = Instant::now();
-    let written = control.dirty_log().unwrap();
+    let written = reader.take().unwrap();
     let fetch_ms = t.elapsed().as_secs_f64() * 1e6;
     let listed: Vec<u64> = written.dirty_pages().collect();
     eprintln!(
@@ -87,9 +89,9 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
 
     // The guest now halts with interrupts off: little or nothing changes.
     std::thread::sleep(Duration::from_millis(200));
-    let settle = control.dirty_log().unwrap();
+    let settle = reader.take().unwrap();
     let t = Instant::now();
-    let idle = control.dirty_log().unwrap();
+    let idle = reader.take().unwrap();
     let idle_ms = t.elapsed().as_secs_f64() * 1e6;
     let idle_pages: Vec<u64> = idle.dirty_pages().collect();
     eprintln!(
@@ -102,7 +104,7 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
 
     // The guest's memory, as introspection reads it: the ELF's first bytes land
     // at 1 MiB, where it is linked.
-    let mem = control.guest_memory();
+    let mem = inspect.guest_memory();
     assert_eq!(
         mem.iter()
             .map(vm_memory::GuestMemoryRegion::len)
@@ -112,12 +114,26 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
     let mut word = [0u8; 4];
     mem.read_slice(&mut word, GuestAddress(0x10_0000)).unwrap();
 
-    // Off, then on again: the first call after is a full log again.
-    control.stop_dirty_log().unwrap();
-    control.stop_dirty_log().unwrap();
-    assert!(control.dirty_log().unwrap().is_all());
-    assert!(!control.dirty_log().unwrap().is_all());
-    control.stop_dirty_log().unwrap();
+    // The VMM's own writes count (KVM logs only the guest's): a host write to a
+    // page the guest never touches is in the next take, and only there.
+    mem.write_obj(0x5a5a_u16, GuestAddress(200 * MIB + 0x10))
+        .unwrap();
+    let host = reader.take().unwrap();
+    assert!(
+        host.is_dirty(200 * MIB),
+        "{:x?}",
+        host.dirty_pages().collect::<Vec<_>>()
+    );
+    assert!(!reader.take().unwrap().is_dirty(200 * MIB));
+
+    // Off (the last reader gone), then on again: a new reader's first take is a
+    // full log again.
+    drop(reader);
+    assert_eq!(inspect.dirty_log().readers(), 0);
+    let reader = inspect.dirty_log().subscribe().unwrap();
+    assert!(reader.take().unwrap().is_all());
+    assert!(!reader.take().unwrap().is_all());
+    drop(reader);
 
     control.stop(libc::SIGTERM);
     assert!(matches!(running.wait(), VmOutcome::Stopped(libc::SIGTERM)));
@@ -133,13 +149,14 @@ fn dirty_log_covers_both_ram_slots_around_the_mmio_hole() {
     let running = vm.start().expect("start the VM");
     let control = running.control();
     wait_console(&console, "user: running at cpl3");
-    let first = control.dirty_log().unwrap();
+    let reader = running.inspect().dirty_log().subscribe().unwrap();
+    let first = reader.take().unwrap();
     assert_eq!(first.count(), (3200 * MIB / 4096) as usize);
     assert!(first.is_dirty(0x1_07ff_f000));
     assert!(!first.is_dirty(0xc000_0000), "the MMIO hole is not RAM");
     wait_console(&console, "TEST memory PASS");
     let t = Instant::now();
-    let written = control.dirty_log().unwrap();
+    let written = reader.take().unwrap();
     let fetch_us = t.elapsed().as_secs_f64() * 1e6;
     let listed: Vec<u64> = written.dirty_pages().collect();
     eprintln!("3200 MiB: fetch {fetch_us:.0} µs, dirty {listed:x?}");
@@ -163,6 +180,7 @@ fn a_crashed_vm_is_kept_paused_for_inspection() {
         .start()
         .expect("start the VM");
     let control = running.control();
+    let inspect = running.inspect();
     let deadline = Instant::now() + TIMEOUT;
     while control.crashed().is_none() {
         assert!(Instant::now() < deadline, "no crash");
@@ -196,9 +214,10 @@ fn a_crashed_vm_is_kept_paused_for_inspection() {
     control.pause().unwrap();
     assert_eq!(control.state(), RunState::Paused);
     // Nothing runs: after the first dirty log, the next one is empty.
-    assert!(control.dirty_log().unwrap().is_all());
+    let reader = inspect.dirty_log().subscribe().unwrap();
+    assert!(reader.take().unwrap().is_all());
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(control.dirty_log().unwrap().count(), 0);
+    assert_eq!(reader.take().unwrap().count(), 0);
     assert!(control.resume().is_err());
     assert!(!waiter.is_finished(), "the VM stays until it is stopped");
 

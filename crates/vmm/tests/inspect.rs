@@ -12,7 +12,7 @@ use vigil_vmm::builder::build;
 use vigil_vmm::symbols::SymbolTable;
 use vigil_vmm::{
     BreakpointHandler, ControlError, MsrGuard, MsrVerdict, RunState, RunningVm, Vm, VmControl,
-    VmOutcome, MSR_CSTAR, MSR_LSTAR,
+    VmInspect, VmOutcome, MSR_CSTAR, MSR_LSTAR,
 };
 
 const EFER_SCE: u64 = 1;
@@ -75,9 +75,9 @@ fn eventually(mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// vCPU 0's LSTAR, once the guest's `cpu::init` has written it.
-fn wait_for_lstar(control: &VmControl, expected: u64) -> bool {
+fn wait_for_lstar(inspect: &VmInspect, expected: u64) -> bool {
     eventually(|| {
-        control
+        inspect
             .vcpu_states()
             .map(|s| s[0].msr(MSR_LSTAR) == Some(expected))
             .unwrap_or(false)
@@ -94,10 +94,11 @@ fn vcpu_states_of_a_running_then_paused_guest() {
     let (vm, _console) = guest("states", "test=hang", 2);
     let running = vm.start().unwrap();
     let control = running.control();
+    let inspect = running.inspect();
     let syscall_entry = symbol("syscall_entry");
-    assert_eq!(control.vcpu_count(), 2);
+    assert_eq!(inspect.vcpu_count(), 2);
     assert!(
-        wait_for_lstar(&control, syscall_entry),
+        wait_for_lstar(&inspect, syscall_entry),
         "LSTAR never became syscall_entry ({syscall_entry:#x})"
     );
     let check = |states: &[vigil_vmm::VcpuState]| {
@@ -114,29 +115,29 @@ fn vcpu_states_of_a_running_then_paused_guest() {
         assert_ne!(bsp.sregs.efer & EFER_SCE, 0, "EFER {:#x}", bsp.sregs.efer);
         assert_ne!(bsp.sregs.cr0 & CR0_PG, 0, "CR0 {:#x}", bsp.sregs.cr0);
     };
-    check(&control.vcpu_states().unwrap());
+    check(&inspect.vcpu_states().unwrap());
 
     control.pause().unwrap();
     assert_eq!(control.state(), RunState::Paused);
-    check(&control.vcpu_states().unwrap());
+    check(&inspect.vcpu_states().unwrap());
     // A host write goes to the vCPU's MSR while it is parked.
-    control.write_msr(0, MSR_CSTAR, 0x1234_5000).unwrap();
+    inspect.write_msr(0, MSR_CSTAR, 0x1234_5000).unwrap();
     assert_eq!(
-        control.vcpu_states().unwrap()[0].msr(MSR_CSTAR),
+        inspect.vcpu_states().unwrap()[0].msr(MSR_CSTAR),
         Some(0x1234_5000)
     );
     assert!(matches!(
-        control.write_msr(0, MSR_LSTAR, 1 << 63),
+        inspect.write_msr(0, MSR_LSTAR, 1 << 63),
         Err(ControlError::MsrRefused { vcpu: 0, .. })
     ));
     assert!(matches!(
-        control.vcpu_states().map(|s| s[0].msr(MSR_LSTAR)),
+        inspect.vcpu_states().map(|s| s[0].msr(MSR_LSTAR)),
         Ok(Some(v)) if v == syscall_entry
     ));
     control.resume().unwrap();
-    check(&control.vcpu_states().unwrap());
+    check(&inspect.vcpu_states().unwrap());
     assert!(matches!(
-        control.write_msr(2, MSR_CSTAR, 0),
+        inspect.write_msr(2, MSR_CSTAR, 0),
         Err(ControlError::NoVcpu(2, 2))
     ));
     assert!(matches!(stop(running), VmOutcome::Stopped(libc::SIGTERM)));
@@ -197,7 +198,8 @@ fn breakpoints_in_the_timer_interrupt_see_every_tick_until_cleared() {
     });
     let running = vm.start().unwrap();
     let control = running.control();
-    control
+    let inspect = running.inspect();
+    inspect
         .set_breakpoints(&[isr, isr + 1], hits.clone())
         .unwrap();
     let armed = Instant::now();
@@ -207,7 +209,7 @@ fn breakpoints_in_the_timer_interrupt_see_every_tick_until_cleared() {
         console.read()
     );
     let first_pass = armed.elapsed();
-    control.clear_breakpoints().unwrap();
+    inspect.clear_breakpoints().unwrap();
     let at_clear = hits.total();
     let outcome = running.wait();
     let out = console.read();
@@ -283,9 +285,10 @@ fn msr_guard_from_the_first_instruction_allows_the_boot_write() {
     vm.guard_msrs(&[MSR_LSTAR], guard.clone()).unwrap();
     let running = vm.start().unwrap();
     let control = running.control();
+    let inspect = running.inspect();
     let syscall_entry = symbol("syscall_entry");
     assert!(
-        wait_for_lstar(&control, syscall_entry),
+        wait_for_lstar(&inspect, syscall_entry),
         "{}",
         console.read()
     );
@@ -293,21 +296,21 @@ fn msr_guard_from_the_first_instruction_allows_the_boot_write() {
         guard.writes.lock().unwrap().as_slice(),
         &[(0, MSR_LSTAR, syscall_entry)]
     );
-    let states = control.vcpu_states().unwrap();
+    let states = inspect.vcpu_states().unwrap();
     // cpu::init goes on after LSTAR: SFMASK, then EFER.SCE.
     assert_ne!(states[0].sregs.efer & EFER_SCE, 0);
     assert!(!console.read().contains("EXCEPTION"));
     assert!(control.metrics().snapshot().vcpus[0].exits.msr >= 1);
     let seventeen: Vec<u32> = (0xc000_0100..0xc000_0111).collect();
     assert!(matches!(
-        control.guard_msrs(&seventeen, guard.clone()),
+        inspect.guard_msrs(&seventeen, guard.clone()),
         Err(ControlError::GuardedMsrCount(17))
     ));
     assert!(matches!(
-        control.guard_msrs(&[], guard.clone()),
+        inspect.guard_msrs(&[], guard.clone()),
         Err(ControlError::GuardedMsrCount(0))
     ));
-    control.unguard_msrs().unwrap();
+    inspect.unguard_msrs().unwrap();
     assert!(matches!(stop(running), VmOutcome::Stopped(_)));
 }
 
@@ -318,11 +321,12 @@ fn msr_guard_refusal_gives_the_guest_a_general_protection_fault() {
     vm.guard_msrs(&[MSR_LSTAR], guard.clone()).unwrap();
     let running = vm.start().unwrap();
     let control = running.control();
+    let inspect = running.inspect();
     guard.pause_on_refusal.set(control.clone()).ok().unwrap();
     assert!(eventually(|| !guard.writes.lock().unwrap().is_empty()));
     assert!(eventually(|| control.state() == RunState::Paused));
     // Paused right after the refusal: the MSR kept the value Vigil set at reset.
-    assert!(eventually(|| control
+    assert!(eventually(|| inspect
         .vcpu_states()
         .is_ok_and(|s| s[0].msr(MSR_LSTAR) == Some(0))));
     control.resume().unwrap();
@@ -344,27 +348,27 @@ fn msr_guard_refusal_gives_the_guest_a_general_protection_fault() {
 fn requests_fail_fast_once_the_vm_has_ended() {
     let (vm, _console) = guest("ended", "test=serial", 2);
     let running = vm.start().unwrap();
-    let control = running.control();
+    let inspect = running.inspect();
     assert!(matches!(running.wait(), VmOutcome::DebugExit(0)));
     let start = Instant::now();
     assert!(matches!(
-        control.vcpu_states(),
+        inspect.vcpu_states(),
         Err(ControlError::VcpuGone(0))
     ));
     assert!(matches!(
-        control.write_msr(1, MSR_CSTAR, 0),
+        inspect.write_msr(1, MSR_CSTAR, 0),
         Err(ControlError::VcpuGone(1))
     ));
     assert!(matches!(
-        control.set_breakpoints(&[0x10_0000], Arc::new(NoHits)),
+        inspect.set_breakpoints(&[0x10_0000], Arc::new(NoHits)),
         Err(ControlError::VcpuGone(0))
     ));
     assert!(matches!(
-        control.clear_breakpoints(),
+        inspect.clear_breakpoints(),
         Err(ControlError::VcpuGone(0))
     ));
     assert!(matches!(
-        control.guard_msrs(&[MSR_LSTAR], Recorder::new(MsrVerdict::Allow)),
+        inspect.guard_msrs(&[MSR_LSTAR], Recorder::new(MsrVerdict::Allow)),
         Err(ControlError::Stopping)
     ));
     assert!(
@@ -373,11 +377,11 @@ fn requests_fail_fast_once_the_vm_has_ended() {
         start.elapsed()
     );
     assert!(matches!(
-        control.set_breakpoints(&[1, 2, 3, 4, 5], Arc::new(NoHits)),
+        inspect.set_breakpoints(&[1, 2, 3, 4, 5], Arc::new(NoHits)),
         Err(ControlError::BreakpointCount(5))
     ));
     assert!(matches!(
-        control.set_breakpoints(&[0xffff_ffff_8100_0000, 1 << 47], Arc::new(NoHits)),
+        inspect.set_breakpoints(&[0xffff_ffff_8100_0000, 1 << 47], Arc::new(NoHits)),
         Err(ControlError::BreakpointAddress(0x8000_0000_0000))
     ));
 }
@@ -392,15 +396,15 @@ impl BreakpointHandler for NoHits {
 #[derive(Default)]
 struct ApHits {
     hits: Mutex<Vec<(u32, u64)>>,
-    control: OnceLock<VmControl>,
+    inspect: OnceLock<VmInspect>,
     own_thread: Mutex<Vec<String>>,
 }
 
 impl BreakpointHandler for ApHits {
     fn hit(&self, vcpu: u32, regs: &kvm_regs, _sregs: &kvm_sregs) {
         self.hits.lock().unwrap().push((vcpu, regs.rip));
-        if let Some(control) = self.control.get() {
-            let answer = match control.vcpu_states() {
+        if let Some(inspect) = self.inspect.get() {
+            let answer = match inspect.vcpu_states() {
                 Err(e @ ControlError::OwnThread(_)) => e.to_string(),
                 other => format!("unexpected: {other:?}"),
             };
@@ -419,9 +423,10 @@ fn breakpoints_set_while_paused_reach_every_vcpu() {
     let handler = Arc::new(ApHits::default());
     let running = vm.start().unwrap();
     let control = running.control();
-    handler.control.set(control.clone()).ok().unwrap();
+    let inspect = running.inspect();
+    handler.inspect.set(inspect.clone()).ok().unwrap();
     control.pause().unwrap();
-    control
+    inspect
         .set_breakpoints(&[ap_main], handler.clone())
         .unwrap();
     control.resume().unwrap();

@@ -25,10 +25,17 @@ pub mod vsock;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::{AtomicBitmap, BS};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+
+/// virtio-queue's reader of a chain's device-readable buffers over [`GuestMemoryMmap`].
+pub(crate) type Reader<'a> = virtio_queue::Reader<'a, BS<'a, AtomicBitmap>>;
+/// virtio-queue's writer into a chain's device-writable buffers over
+/// [`GuestMemoryMmap`]: what it writes is marked in the memory's dirty bitmap.
+pub(crate) type Writer<'a> = virtio_queue::Writer<'a, BS<'a, AtomicBitmap>>;
 
 /// `VIRTIO_F_VERSION_1`: the device is a virtio 1.x device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -3,9 +3,10 @@
 //! [`DeviceState`] (the one place that lists the kinds). Each device's state and
 //! its restore live in its folder (`block/persist.rs`, ...).
 
+use crate::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::balloon::BalloonState;
 use super::block::BlockState;

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use vigil_devices::bus::BusDevice;
 use vigil_devices::virtio::mmio::MmioTransport;
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
+use vigil_devices::GuestMemoryMmap;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const F_NEXT: u16 = 1;

@@ -3,5 +3,6 @@
 
 pub mod inspect;
 pub mod pause;
+pub(crate) mod threads;
 pub mod vcpu;
 pub mod vm;

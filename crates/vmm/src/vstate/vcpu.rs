@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_debug_exit_arch, kvm_regs, kvm_sregs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -14,7 +15,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vigil_devices::bus::Bus;
 use vigil_devices::PowerEvent;
 use vigil_metrics::{ExitReason, RunClock, VcpuCounters};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::inspect::{self, Breakpoints, Mailbox, MsrGuardSlot, VcpuAccess};
 use crate::VmEvent;

@@ -1,9 +1,10 @@
 //! The KVM VM: guest memory slots, the in-kernel irqchip (PIC, I/O APIC, LAPICs)
 //! and PIT.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use vigil_model::config::HugePages;

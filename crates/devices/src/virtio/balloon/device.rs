@@ -6,9 +6,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::virtio::Reader;
+use crate::GuestMemoryMmap;
 use vigil_metrics::{DeviceCounters, DeviceKind};
-use virtio_queue::{Queue, Reader};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::persist::Persist;
 use crate::virtio::persist::DeviceState;
@@ -223,7 +226,16 @@ impl Balloon {
         // SAFETY: `first..end` lies within guest RAM that `mem` maps (inside the
         // slice just checked) and is page-aligned; dropping its pages only makes the
         // next guest access read zeroes, which is what the guest agreed to.
-        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) == 0 }
+        let dropped =
+            unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) }
+                == 0;
+        if dropped {
+            // The pages now read as zeroes: a write the dirty log must see (a guest
+            // may give back a page of its own kernel text), marked after the fact
+            // so that a reader never hashes the old bytes as the new.
+            host.bitmap().mark_dirty(first - start, end - first);
+        }
+        dropped
     }
 
     /// Gives back (inflate) or takes again (deflate) the pages whose numbers
@@ -458,6 +470,8 @@ mod tests {
             target_mib: 1,
             ..Default::default()
         });
+        let bitmap = mem.iter().next().unwrap().bitmap();
+        bitmap.reset();
         assert_eq!(
             b.process_queue(0, &mut q, &mem),
             Ok(QueueOutcome::Done(true))
@@ -469,6 +483,10 @@ mod tests {
             0,
             "page discarded"
         );
+        // The discarded page changed (it reads as zeroes): the dirty bitmap says
+        // so; the page numbers were only read.
+        assert!(bitmap.dirty_at(0x40000));
+        assert!(!bitmap.dirty_at(0x30000));
     }
 
     #[test]

@@ -7,9 +7,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::request::{
     Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,

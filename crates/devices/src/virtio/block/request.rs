@@ -1,8 +1,9 @@
 //! The virtio-blk request format (virtio 1.1, 5.2.6): the header, the segments of
 //! a discard or write-zeroes, and one request as read from guest memory.
 
-use virtio_queue::{DescriptorChain, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use crate::virtio::{Reader, Writer};
+use crate::GuestMemoryMmap;
+use virtio_queue::DescriptorChain;
 
 /// Sector size the virtio-blk protocol counts in.
 pub const SECTOR_SIZE: u64 = 512;

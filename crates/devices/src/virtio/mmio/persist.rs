@@ -26,9 +26,9 @@
 
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, MmioTransport, KNOWN_STATUS};

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::tap::{Tap, VNET_HDR_LEN};

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
 
+use crate::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use crate::persist::Persist;
 use crate::rate_limiter::{RateLimit, RateLimiter};

@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
-use vm_memory::GuestMemoryMmap;
+use crate::virtio::Reader;
+use crate::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{connect_nonblocking, Conn, State, BUF_ALLOC};

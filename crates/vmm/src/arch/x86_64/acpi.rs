@@ -2,6 +2,7 @@
 //! DSDT, so that a guest finds every vCPU, the I/O APIC, COM1, and a way to power
 //! off (the FADT sleep control register) and reset (the FADT reset register).
 
+use crate::GuestMemoryMmap;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -12,7 +13,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vigil_devices::legacy::{ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
 

@@ -1,10 +1,11 @@
 //! Initial vCPU state for each entry point: segments and GDT, page tables for the
 //! 64-bit entry, general registers, FPU, MSRs and the local APIC's LINT pins.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
 };
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::boot::EntryPoint;
 use super::layout::{

@@ -1,20 +1,30 @@
-//! Which guest pages were written: KVM's dirty page log, per RAM slot.
+//! Which guest pages were written, by the guest or by the VMM.
 //!
-//! [`crate::VmControl::dirty_log`] turns logging on for every RAM slot at its first
-//! call (KVM lets the flags of an existing slot change, not its place or size) and
-//! reports every page as dirty, since nothing is known yet; each later call reports
-//! the pages written since the call before (`KVM_GET_DIRTY_LOG`, which also clears
-//! KVM's log). [`crate::VmControl::stop_dirty_log`] turns it off.
+//! Two sources, merged: KVM's dirty page log (per RAM slot; the guest's own writes,
+//! `kvm.rs`), and the dirty bitmap of [`GuestMemoryMmap`], which the VMM's own
+//! writes into guest memory mark (a device's DMA: a virtio-blk read, a received
+//! frame, a vsock packet; the balloon's discarded pages; the debug API's writes),
+//! since KVM does not see those.
 //!
-//! One owner at a time: each call resets what the next one sees, so two users (an
-//! integrity monitor and, later, live migration) must share one reader that hands
-//! the pages to both.
+//! One owner, many readers ([`DirtyTracker`], `tracker.rs`): the owner fetches both
+//! (each fetch resets them) and hands the pages to every [`DirtyReader`]; each
+//! reader's [`DirtyReader::take`] returns the pages written since its own previous
+//! `take` (the first one: every page, since nothing is known yet), whatever the
+//! other readers took meanwhile. KVM's logging turns on with the first reader and
+//! off when the last one is dropped (logging costs the guest a fault on the first
+//! write to each page after every fetch).
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+mod kvm;
+mod tracker;
 
-/// The size of a page in the dirty log (KVM logs 4 KiB guest pages on x86_64).
+pub(crate) use kvm::KvmGuestLog;
+pub use tracker::{DirtyReader, DirtyTracker};
+
+use crate::GuestMemoryMmap;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+/// The size of a page in the dirty log (KVM logs 4 KiB guest pages on x86_64, and
+/// the memory's dirty bitmap has one bit per 4 KiB host page).
 pub const PAGE_SIZE: u64 = 4096;
 
 /// One RAM slot's part of a [`DirtyLog`].
@@ -29,19 +39,24 @@ struct SlotLog {
 }
 
 impl SlotLog {
-    fn full(start: u64, len: u64) -> Self {
+    fn empty(start: u64, len: u64) -> Self {
         let pages = len.div_ceil(PAGE_SIZE);
-        let mut bitmap = vec![u64::MAX; pages.div_ceil(64) as usize];
-        if !pages.is_multiple_of(64) {
-            if let Some(last) = bitmap.last_mut() {
-                *last = (1u64 << (pages % 64)) - 1;
-            }
-        }
         Self {
             start,
             pages,
-            bitmap,
+            bitmap: vec![0; pages.div_ceil(64) as usize],
         }
+    }
+
+    fn full(start: u64, len: u64) -> Self {
+        let mut slot = Self::empty(start, len);
+        slot.bitmap.fill(u64::MAX);
+        if !slot.pages.is_multiple_of(64) {
+            if let Some(last) = slot.bitmap.last_mut() {
+                *last = (1u64 << (slot.pages % 64)) - 1;
+            }
+        }
+        slot
     }
 
     fn bit(&self, page: u64) -> bool {
@@ -50,6 +65,19 @@ impl SlotLog {
                 .bitmap
                 .get((page / 64) as usize)
                 .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// Adds the pages of `bits` (the same layout; bits past the slot's end, which
+    /// neither source sets, are dropped).
+    fn add(&mut self, bits: &[u64]) {
+        for (word, &more) in self.bitmap.iter_mut().zip(bits) {
+            *word |= more;
+        }
+        if !self.pages.is_multiple_of(64) {
+            if let Some(last) = self.bitmap.last_mut() {
+                *last &= (1u64 << (self.pages % 64)) - 1;
+            }
+        }
     }
 }
 
@@ -61,8 +89,8 @@ pub struct DirtyLog {
 }
 
 impl DirtyLog {
-    /// A log in which every page of `mem` counts as dirty: what the first call
-    /// reports, when nothing is known yet.
+    /// A log in which every page of `mem` counts as dirty: what a reader's first
+    /// `take` reports, when nothing is known yet.
     pub fn all(mem: &GuestMemoryMmap) -> Self {
         Self {
             slots: mem
@@ -70,6 +98,25 @@ impl DirtyLog {
                 .map(|r| SlotLog::full(r.start_addr().raw_value(), r.len()))
                 .collect(),
             all: true,
+        }
+    }
+
+    /// A log of `mem` in which no page was written.
+    pub(crate) fn empty(mem: &GuestMemoryMmap) -> Self {
+        Self {
+            slots: mem
+                .iter()
+                .map(|r| SlotLog::empty(r.start_addr().raw_value(), r.len()))
+                .collect(),
+            all: false,
+        }
+    }
+
+    /// Adds the pages of `bits` to slot `slot` (a log that counts every page as
+    /// dirty stays so).
+    pub(crate) fn add(&mut self, slot: usize, bits: &[u64]) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.add(bits);
         }
     }
 
@@ -116,74 +163,19 @@ impl DirtyLog {
 
 /// Why the dirty log could not be turned on, read or turned off.
 #[derive(Debug, thiserror::Error)]
-#[error("KVM refused to {what} for memory slot {slot} (guest {start:#x}, {mib} MiB): {source}")]
-pub struct DirtyLogError {
-    what: &'static str,
-    slot: u32,
-    start: u64,
-    mib: u64,
-    source: kvm_ioctls::Error,
-}
-
-fn slot_error(
-    what: &'static str,
-    slot: u32,
-    start: u64,
-    len: u64,
-) -> impl FnOnce(kvm_ioctls::Error) -> DirtyLogError {
-    move |source| DirtyLogError {
-        what,
-        slot,
-        start,
-        mib: len >> 20,
-        source,
-    }
-}
-
-/// Registers every RAM region of `mem` (slot i = region i, as `create_vm` did)
-/// again with dirty logging on or off.
-pub(crate) fn set_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<(), DirtyLogError> {
-    let what = if on {
-        "turn dirty logging on"
-    } else {
-        "turn dirty logging off"
-    };
-    for (slot, region) in mem.iter().enumerate() {
-        let (start, len) = (region.start_addr().raw_value(), region.len());
-        let err = || slot_error(what, slot as u32, start, len);
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|_| err()(kvm_ioctls::Error::new(libc::EINVAL)))?;
-        let desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: start,
-            memory_size: len,
-            userspace_addr: host as u64,
-            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-        };
-        // SAFETY: the same slot, address, size and mapping `create_vm` registered;
-        // only the flags change. The mapping is owned by `mem`, which the caller
-        // keeps alive for as long as the VM fd exists.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(err())?;
-    }
-    Ok(())
-}
-
-/// Reads (and clears) KVM's dirty log of every RAM slot.
-pub(crate) fn fetch(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<DirtyLog, DirtyLogError> {
-    let mut slots = Vec::with_capacity(mem.num_regions());
-    for (slot, region) in mem.iter().enumerate() {
-        let (start, len) = (region.start_addr().raw_value(), region.len());
-        let bitmap = vm
-            .get_dirty_log(slot as u32, len as usize)
-            .map_err(slot_error("read the dirty log", slot as u32, start, len))?;
-        slots.push(SlotLog {
-            start,
-            pages: len.div_ceil(PAGE_SIZE),
-            bitmap,
-        });
-    }
-    Ok(DirtyLog { slots, all: false })
+pub enum DirtyLogError {
+    #[error(
+        "KVM refused to {what} for memory slot {slot} (guest {start:#x}, {mib} MiB): {source}"
+    )]
+    Kvm {
+        what: &'static str,
+        slot: u32,
+        start: u64,
+        mib: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("the VM has ended: its dirty log is gone")]
+    VmEnded,
 }
 
 #[cfg(test)]
@@ -193,7 +185,7 @@ mod tests {
 
     #[test]
     fn all_covers_ram_only() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 0x9000),
             (GuestAddress(0x1_0000_0000), 0x40_0000),
         ])
@@ -232,5 +224,17 @@ mod tests {
         assert!(log.is_dirty(0x10_2fff));
         assert!(!log.is_dirty(0x10_1000));
         assert!(!log.is_dirty(0xf_f000));
+    }
+
+    #[test]
+    fn added_pages_stay_inside_the_slot() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x9000)]).unwrap();
+        let mut log = DirtyLog::empty(&mem);
+        assert_eq!(log.count(), 0);
+        log.add(0, &[0b1_0000_0001 | 1 << 40]);
+        log.add(0, &[0b10]);
+        log.add(1, &[1]);
+        assert_eq!(log.dirty_pages().collect::<Vec<_>>(), [0, 0x1000, 0x8000]);
+        assert!(!log.is_all());
     }
 }
