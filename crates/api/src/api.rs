@@ -2,6 +2,7 @@
 //! VM starts. [`Api::handle`] takes a request (method, path, body) and returns the
 //! answer; the HTTP server ([`crate::http`]) only carries bytes to and from it.
 
+use std::fmt::Display;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -193,7 +194,8 @@ fn before_start(method: &str, path: &str) -> Response {
     ))
 }
 
-pub(crate) fn done(method: &str, path: &str, r: Result<(), String>) -> Response {
+/// 204, or 400 saying why the request failed.
+pub(crate) fn done<E: Display>(method: &str, path: &str, r: Result<(), E>) -> Response {
     match r {
         Ok(()) => Response::no_content(),
         Err(e) => Response::bad(format!("{method} {path}: {e}")),

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
-use vigil_introspect::live::{Introspector, MonitorSettings};
-use vigil_introspect::{hex, SymbolTable, SyscallFilter};
+use vigil_introspect::hex::{self, HexError};
+use vigil_introspect::live::{IntrospectError, Introspector, MonitorSettings};
+use vigil_introspect::{FilterError, SymbolTable, SyscallFilter};
 use vigil_model::config::IntrospectConfig;
+use vigil_vmm::symbols::SymbolError;
 
 use crate::api::{body, done, Response};
 
@@ -80,19 +82,46 @@ pub struct MsrWrite {
     pub value: String,
 }
 
-/// A `"0x..."` (or decimal) number from a request, the error naming `field`.
-pub fn parse_u64(field: &str, s: &str) -> Result<u64, String> {
-    hex::parse_u64(s).map_err(|e| format!("{field} {e}"))
+/// A field of an introspection request that is not valid; the message names it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("{field} {source}")]
+    Number {
+        field: &'static str,
+        source: HexError,
+    },
+    #[error("bytes {0:?}: expected 1 to 4096 bytes as an even number of hex digits")]
+    ByteCount(String),
+    #[error("bytes {0}")]
+    Bytes(HexError),
+    #[error("index {0}: MSR indices are 32-bit")]
+    MsrIndex(String),
+    #[error("syscalls: {0}")]
+    Syscalls(FilterError),
 }
 
-fn parse_hex_bytes(s: &str) -> Result<Vec<u8>, String> {
+/// Why an introspection request failed: one of its fields, or what it asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
+    #[error(transparent)]
+    Introspect(#[from] IntrospectError),
+}
+
+/// A `"0x..."` (or decimal) number from a request, the error naming `field`.
+pub fn parse_u64(field: &'static str, s: &str) -> Result<u64, FieldError> {
+    hex::parse_u64(s).map_err(|source| FieldError::Number { field, source })
+}
+
+fn parse_hex_bytes(s: &str) -> Result<Vec<u8>, FieldError> {
     let t = s.trim();
     if t.is_empty() || t.len() > 8192 {
-        return Err(format!(
-            "bytes {s:?}: expected 1 to 4096 bytes as an even number of hex digits"
-        ));
+        return Err(FieldError::ByteCount(s.to_owned()));
     }
-    hex::parse_bytes(t).map_err(|e| format!("bytes {e}"))
+    hex::parse_bytes(t).map_err(FieldError::Bytes)
 }
 
 fn since(query: &str) -> Result<u64, Response> {
@@ -171,13 +200,7 @@ pub fn route(
             Err(r) => r,
         },
         ("PUT", "/vigil/introspect/symbols") => match body::<SymbolsRequest>(method, path, bytes) {
-            Ok(r) => done(
-                method,
-                path,
-                SymbolTable::load(&r.path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| intro.set_symbols(s)),
-            ),
+            Ok(r) => done(method, path, set_symbols(intro, &r)),
             Err(r) => r,
         },
         ("PUT", "/vigil/trace") => match body::<TraceRequest>(method, path, bytes) {
@@ -207,36 +230,39 @@ pub fn route(
             Err(r) => r,
         },
         ("PUT", "/vigil/debug/msr") => match body::<MsrWrite>(method, path, bytes) {
-            Ok(w) => done(
-                method,
-                path,
-                parse_u64("index", &w.index).and_then(|index| {
-                    let index = u32::try_from(index)
-                        .map_err(|_| format!("index {}: MSR indices are 32-bit", w.index))?;
-                    intro.debug_write_msr(w.vcpu, index, parse_u64("value", &w.value)?)
-                }),
-            ),
+            Ok(w) => done(method, path, debug_msr(intro, &w)),
             Err(r) => r,
         },
         _ => Response::bad(format!("{method} {path}: no such introspection resource")),
     }
 }
 
-fn start_trace(intro: &Introspector, r: &TraceRequest) -> Result<(), String> {
+fn set_symbols(intro: &Introspector, r: &SymbolsRequest) -> Result<(), RequestError> {
+    Ok(intro.set_symbols(SymbolTable::load(&r.path)?)?)
+}
+
+fn start_trace(intro: &Introspector, r: &TraceRequest) -> Result<(), RequestError> {
     let mut filter = match &r.syscalls {
-        Some(s) => SyscallFilter::parse(s).map_err(|e| format!("syscalls: {e}"))?,
+        Some(s) => SyscallFilter::parse(s).map_err(FieldError::Syscalls)?,
         None => SyscallFilter::all(),
     };
     if let Some(cr3) = &r.cr3 {
         filter = filter.with_cr3(parse_u64("cr3", cr3)?);
     }
-    intro.start_trace(filter, r.output.as_deref())
+    Ok(intro.start_trace(filter, r.output.as_deref())?)
 }
 
-fn debug_memory(intro: &Introspector, w: &MemoryWrite) -> Result<(), String> {
+fn debug_memory(intro: &Introspector, w: &MemoryWrite) -> Result<(), RequestError> {
     let address = parse_u64("address", &w.address)?;
     let bytes = parse_hex_bytes(&w.bytes)?;
-    intro.debug_write_memory(w.vcpu, address, w.physical, &bytes)
+    Ok(intro.debug_write_memory(w.vcpu, address, w.physical, &bytes)?)
+}
+
+fn debug_msr(intro: &Introspector, w: &MsrWrite) -> Result<(), RequestError> {
+    let index = parse_u64("index", &w.index)?;
+    let index = u32::try_from(index).map_err(|_| FieldError::MsrIndex(w.index.clone()))?;
+    let value = parse_u64("value", &w.value)?;
+    Ok(intro.debug_write_msr(w.vcpu, index, value)?)
 }
 
 #[cfg(test)]
@@ -249,10 +275,14 @@ mod tests {
         assert_eq!(parse_u64("x", "42"), Ok(42));
         assert!(parse_u64("index", "0xzz")
             .unwrap_err()
+            .to_string()
             .contains("index \"0xzz\""));
         assert_eq!(parse_hex_bytes("90c3"), Ok(vec![0x90, 0xc3]));
         assert!(parse_hex_bytes("9").is_err());
-        assert!(parse_hex_bytes("zz").unwrap_err().contains("\"zz\""));
+        assert!(parse_hex_bytes("zz")
+            .unwrap_err()
+            .to_string()
+            .contains("\"zz\""));
         // Not a panic on a character split by the two-digit steps.
         assert!(parse_hex_bytes("a\u{e9}b").is_err());
         assert_eq!(since("since=5").ok(), Some(5));

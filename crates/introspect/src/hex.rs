@@ -71,27 +71,46 @@ pub fn bytes(b: &[u8]) -> String {
     s
 }
 
+/// A number or bytes that did not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HexError {
+    #[error("{text:?} is not a number (0x... hex or decimal): {source}")]
+    Number {
+        text: String,
+        source: std::num::ParseIntError,
+    },
+    #[error("{0:?} is not an even number of hex digits")]
+    OddDigits(String),
+    #[error("{text:?}: {byte:?} is not a hex byte")]
+    Byte { text: String, byte: String },
+}
+
 /// A number: `0x...` is hex, anything else decimal.
-pub fn parse_u64(s: &str) -> Result<u64, String> {
+pub fn parse_u64(s: &str) -> Result<u64, HexError> {
     let t = s.trim();
     let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(h) => u64::from_str_radix(h, 16),
         None => t.parse(),
     };
-    r.map_err(|e| format!("{s:?} is not a number (0x... hex or decimal): {e}"))
+    r.map_err(|source| HexError::Number {
+        text: s.to_owned(),
+        source,
+    })
 }
 
 /// Bytes from hex digits, two a byte (what [`bytes`] writes).
-pub fn parse_bytes(s: &str) -> Result<Vec<u8>, String> {
+pub fn parse_bytes(s: &str) -> Result<Vec<u8>, HexError> {
     // ASCII only: slicing two bytes at a time must not split a character.
     if !s.is_ascii() || !s.len().is_multiple_of(2) {
-        return Err(format!("{s:?} is not an even number of hex digits"));
+        return Err(HexError::OddDigits(s.to_owned()));
     }
     (0..s.len())
         .step_by(2)
         .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| format!("{s:?}: {:?} is not a hex byte", &s[i..i + 2]))
+            u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| HexError::Byte {
+                text: s.to_owned(),
+                byte: s[i..i + 2].to_owned(),
+            })
         })
         .collect()
 }

@@ -1,6 +1,7 @@
 //! Guest-physical memory as introspection sees it.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vigil_vmm::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 /// A guest-physical range that is not (wholly) guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -13,7 +14,8 @@ pub struct PhysReadError {
 }
 
 /// Reads guest RAM by guest-physical address. This is how the VMM lends the
-/// guest's memory to introspection.
+/// guest's memory to introspection (its [`GuestMemoryMmap`], from
+/// `VmInspect::guest_memory`).
 pub trait GuestPhysMemory {
     /// Fills `buf` from guest-physical `paddr`; the whole range must be RAM.
     fn read_phys(&self, paddr: u64, buf: &mut [u8]) -> Result<(), PhysReadError>;

@@ -237,7 +237,8 @@ impl<M: GuestPhysMemory> PageWalker<M> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vigil_vmm::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
 
     const KIB4: u64 = 0x1000;
     const MIB2: u64 = 0x20_0000;

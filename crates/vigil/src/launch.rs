@@ -249,14 +249,16 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     Ok(crate::cli::exit_code(outcome, &describe))
 }
 
-/// Lends the running VM to introspection and its API, before the API reports the
-/// VM as running (so that whoever sees it running can introspect it at once).
+/// Lends the running VM's inspection handle to introspection, and introspection to
+/// the API, before the API reports the VM as running (so that whoever sees it
+/// running can introspect it at once). The API itself gets the lifecycle handle.
 fn attach_introspection(
     api: &Api,
     running: &RunningVm,
     settings: &IntrospectLaunch,
 ) -> Arc<Introspector> {
-    let introspector = Introspector::new(running.control());
+    let counters = running.metrics().metrics().introspect().clone();
+    let introspector = Introspector::new(running.inspect(), counters);
     api.set_introspector(introspector.clone(), settings.debug_api);
     introspector
 }

@@ -10,7 +10,7 @@
 //! use std::sync::Arc;
 //! use vigil_introspect::*;
 //! # fn demo(
-//! #     mem: &vm_memory::GuestMemoryMmap,
+//! #     mem: &vigil_vmm::GuestMemoryMmap,
 //! #     cpus: &[CpuState],
 //! #     map: SymbolTable,
 //! # ) -> Result<(), Box<dyn std::error::Error>> {

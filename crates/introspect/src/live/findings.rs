@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vigil_model::finding::FindingRecord;
 use vigil_model::Timestamp;
 
-use super::{lock, Introspector, JsonLines, Shared};
+use super::{lock, IntrospectError, Introspector, JsonLines, Shared};
 use crate::Finding;
 
 /// How many findings are kept for `GET /vigil/introspect/findings` (the oldest go
@@ -87,8 +87,9 @@ impl Shared {
 impl Introspector {
     /// Appends every finding from now on to `path` as a JSON line (the records of
     /// [`Introspector::findings`]), as it is found.
-    pub fn write_findings_to(&self, path: &Path) -> Result<(), String> {
-        *lock(&self.shared.findings_out) = Some(JsonLines::open(path)?);
+    pub fn write_findings_to(&self, path: &Path) -> Result<(), IntrospectError> {
+        let out = JsonLines::open(path).map_err(IntrospectError::FindingsOutput)?;
+        *lock(&self.shared.findings_out) = Some(out);
         Ok(())
     }
 

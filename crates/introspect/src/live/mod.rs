@@ -1,13 +1,13 @@
 //! Introspection of a running VM: the integrity monitor's thread, the MSR guard
-//! and the system call tracer, on top of the handle the VMM lends
-//! ([`VmControl`]). This is the only part of the crate with threads; what it
+//! and the system call tracer, on top of the inspection handle the VMM lends
+//! ([`VmInspect`]). This is the only part of the crate with threads; what it
 //! runs (baseline, checks, decoding) is the plain library code beside it.
 //!
 //! The parts: `monitor` (the integrity monitor's thread: baseline, periodic
 //! checks), `guard` (the MSR guard and its policy), `findings` (the findings
 //! log: numbered, rate-limited in the log, kept, written out), `tracer` (the
-//! system call tracer and its JSON lines) and `debug` (the debug API's writes
-//! into the guest). [`Introspector`] here is the one place that holds the VM's
+//! system call tracer and its JSON lines), `debug` (the debug API's writes
+//! into the guest) and `error` (why a request failed). [`Introspector`] here is the one place that holds the VM's
 //! handle; each part adds its methods to it.
 
 use std::collections::HashSet;
@@ -22,18 +22,19 @@ use vigil_vmm::vstate::inspect::{
     VcpuState, MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS, MSR_SYSENTER_EIP,
     MSR_SYSENTER_ESP,
 };
-use vigil_vmm::VmControl;
-use vm_memory::GuestMemoryMmap;
+use vigil_vmm::{GuestMemoryMmap, VmInspect};
 
 use crate::view::GuestView;
 use crate::{Baseline, CpuState, SymbolTable, TableRegister};
 
 mod debug;
+mod error;
 mod findings;
 mod guard;
 mod monitor;
 mod tracer;
 
+pub use error::{FileError, IntrospectError};
 pub use findings::FINDINGS_KEEP;
 pub use monitor::{Located, MonitorSettings};
 pub use tracer::{TraceRecord, TRACE_KEEP};
@@ -56,12 +57,15 @@ struct JsonLines {
 }
 
 impl JsonLines {
-    fn open(path: &Path) -> Result<Self, String> {
+    fn open(path: &Path) -> Result<Self, FileError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|source| FileError {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(Self {
             path: path.to_owned(),
             file,
@@ -93,11 +97,6 @@ struct Shared {
     /// Where each finding is also appended as a JSON line, as it is found: a
     /// record that outlives the VMM (`vigil run --findings-path`).
     findings_out: Mutex<Option<JsonLines>>,
-    /// Guest-physical pages (4 KiB aligned) the host wrote through
-    /// [`Introspector::debug_write_memory`] since the last check. KVM's dirty log
-    /// records only the guest's own writes, not the VMM's writes into the memory
-    /// mapping, so the next check re-hashes these too (and empties the set).
-    host_dirty: Mutex<HashSet<u64>>,
 }
 
 impl Shared {
@@ -136,7 +135,7 @@ pub fn cpu_state(s: &VcpuState) -> CpuState {
 /// Introspection of one VM. Cheap to share (`Arc`); the API and the launch code
 /// hold it.
 pub struct Introspector {
-    vm: VmControl,
+    vm: VmInspect,
     mem: GuestMemoryMmap,
     shared: Arc<Shared>,
     monitor: Mutex<Option<MonitorThread>>,
@@ -161,9 +160,9 @@ pub struct Status {
 impl Introspector {
     /// Introspection of the VM behind `vm`, naming addresses with the kernel's
     /// symbols (the VM's, read when introspection first needs them, or those of
-    /// [`Introspector::set_symbols`]).
-    pub fn new(vm: VmControl) -> Arc<Self> {
-        let counters = vm.metrics().metrics().introspect().clone();
+    /// [`Introspector::set_symbols`]); what it does is counted in `counters` (the
+    /// VM's metrics).
+    pub fn new(vm: VmInspect, counters: Arc<IntrospectCounters>) -> Arc<Self> {
         let mem = vm.guest_memory();
         Arc::new(Self {
             vm,
@@ -177,7 +176,6 @@ impl Introspector {
                 symbols: Mutex::default(),
                 msr_reported: Mutex::default(),
                 monitor_tx: Mutex::default(),
-                host_dirty: Mutex::default(),
                 findings_out: Mutex::default(),
             }),
             monitor: Mutex::default(),
@@ -198,16 +196,16 @@ impl Introspector {
 
     /// Replaces the symbols (`PUT /vigil/introspect/symbols`); refused while
     /// monitoring, whose baseline was laid out with the old ones.
-    pub fn set_symbols(&self, symbols: SymbolTable) -> Result<(), String> {
+    pub fn set_symbols(&self, symbols: SymbolTable) -> Result<(), IntrospectError> {
         if lock(&self.monitor).is_some() {
-            return Err("the monitor runs with the symbols it started with: stop it (DELETE /vigil/introspect) first".into());
+            return Err(IntrospectError::SymbolsInUse);
         }
         *lock(&self.shared.symbols) = Some(Arc::new(symbols));
         Ok(())
     }
 
-    fn cpus(&self) -> Result<Vec<CpuState>, String> {
-        let states = self.vm.vcpu_states().map_err(|e| e.to_string())?;
+    fn cpus(&self) -> Result<Vec<CpuState>, IntrospectError> {
+        let states = self.vm.vcpu_states().map_err(IntrospectError::Vm)?;
         Ok(states.iter().map(cpu_state).collect())
     }
 
@@ -231,7 +229,7 @@ impl Introspector {
 
     /// What the guest kernel looks like now: registers of every vCPU, where LSTAR,
     /// the IDT's exception gates and the syscall table point, and the KASLR slide.
-    pub fn current_state(&self) -> Result<GuestView, String> {
+    pub fn current_state(&self) -> Result<GuestView, IntrospectError> {
         let cpus = self.cpus()?;
         let symbols = self.symbols();
         Ok(GuestView::read(&self.mem, &cpus, symbols.as_deref()))
@@ -258,7 +256,6 @@ mod tests {
             symbols: Mutex::default(),
             msr_reported: Mutex::default(),
             monitor_tx: Mutex::default(),
-            host_dirty: Mutex::default(),
             findings_out: Mutex::default(),
         }
     }

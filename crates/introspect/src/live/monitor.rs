@@ -1,6 +1,8 @@
 //! The integrity monitor's thread: after the boot settles and the kernel has set
 //! up its system call entry, a baseline (with the KASLR slide and layout from the
-//! symbols), then a check every period and on demand, over KVM's dirty log.
+//! symbols), then a check every period and on demand, over the dirty log (the
+//! monitor is one of its readers: KVM's log of the guest's writes merged with the
+//! VMM's own writes into guest memory).
 
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -10,10 +12,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vigil_model::config::{IntrospectConfig, Policy};
 use vigil_vmm::vstate::inspect::INSPECTED_MSRS;
-use vm_memory::GuestMemoryMmap;
+use vigil_vmm::{DirtyReader, GuestMemoryMmap};
 
 use super::guard::Guard;
-use super::{lock, FindingRecord, Introspector};
+use super::{lock, FindingRecord, IntrospectError, Introspector};
 use crate::{
     kaslr_slide, kaslr_slide_from_idt, read_idt_gate, Baseline, Checker, CpuState, KernelLayout,
     SymbolTable,
@@ -85,7 +87,7 @@ pub(super) struct MonitorThread {
 pub(super) enum Command {
     /// Check now; answer with what was found, when asked (the API), or not (an
     /// event: the MSR guard saw a write).
-    Check(Option<Sender<Result<Vec<FindingRecord>, String>>>),
+    Check(Option<Sender<Result<Vec<FindingRecord>, IntrospectError>>>),
     Stop,
 }
 
@@ -100,7 +102,7 @@ fn idle_before_baseline(rx: &mpsc::Receiver<Command>, wait: Duration) -> bool {
         }
         match rx.recv_timeout(left) {
             Ok(Command::Check(Some(reply))) => {
-                let _ = reply.send(Err("the baseline is not taken yet".into()));
+                let _ = reply.send(Err(IntrospectError::NoBaselineYet));
             }
             Ok(Command::Check(None)) => {}
             Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
@@ -123,7 +125,7 @@ fn locate(
     mem: &GuestMemoryMmap,
     symbols: &SymbolTable,
     boot_cpu: &CpuState,
-) -> Result<Located, String> {
+) -> Result<Located, IntrospectError> {
     let (slide, from) = if let Some(s) = kaslr_slide(symbols, boot_cpu.lstar) {
         (s, "lstar".to_string())
     } else if let Some(s) = read_idt_gate(mem, boot_cpu.cr3, boot_cpu.la57(), boot_cpu.idt.base, 14)
@@ -137,7 +139,7 @@ fn locate(
             "none: LSTAR and the page-fault gate match no entry_SYSCALL_64 / asm_exc_page_fault in the symbols; taken as 0".to_string(),
         )
     };
-    let layout = KernelLayout::from_symbols(symbols, slide, None).map_err(|e| e.to_string())?;
+    let layout = KernelLayout::from_symbols(symbols, slide, None)?;
     Ok(Located {
         slide,
         slide_from: from,
@@ -149,23 +151,24 @@ impl Introspector {
     /// Starts the monitor: after `settings.baseline_after`, a baseline, then a check
     /// every `settings.period`. A monitor already running is stopped first (so this
     /// also takes a fresh baseline).
-    pub fn start_monitor(self: &Arc<Self>, settings: MonitorSettings) -> Result<(), String> {
-        let symbols = self.symbols().ok_or(
-            "no kernel symbols: give a System.map (vigil run --symbols, or PUT /vigil/introspect/symbols), or boot an ELF kernel that has a symbol table",
-        )?;
+    pub fn start_monitor(
+        self: &Arc<Self>,
+        settings: MonitorSettings,
+    ) -> Result<(), IntrospectError> {
+        let symbols = self.symbols().ok_or(IntrospectError::NoSymbols)?;
         self.stop_monitor();
         *lock(&self.shared.policy) = settings.policy;
         // Guard the syscall MSRs from now: writes are decided against the baseline
         // once there is one.
         self.vm
             .guard_msrs(&INSPECTED_MSRS, Arc::new(Guard(self.shared.clone())))
-            .map_err(|e| format!("cannot guard the syscall MSRs: {e}"))?;
+            .map_err(IntrospectError::Guard)?;
         let (commands, rx) = mpsc::channel();
         let me = self.clone();
         let thread = std::thread::Builder::new()
             .name("introspect".into())
             .spawn(move || me.monitor_loop(&symbols, settings, rx))
-            .map_err(|e| format!("cannot start the monitor thread: {e}"))?;
+            .map_err(IntrospectError::Thread)?;
         self.shared.counters.monitoring.set(1);
         *lock(&self.shared.monitor_tx) = Some(commands.clone());
         *lock(&self.monitor) = Some(MonitorThread {
@@ -176,7 +179,8 @@ impl Introspector {
         Ok(())
     }
 
-    /// Stops the monitor and its MSR guard; the findings stay.
+    /// Stops the monitor and its MSR guard; the findings stay. The monitor's
+    /// thread drops its dirty-log reader as it ends.
     pub fn stop_monitor(&self) -> bool {
         let Some(m) = lock(&self.monitor).take() else {
             return false;
@@ -184,13 +188,10 @@ impl Introspector {
         *lock(&self.shared.monitor_tx) = None;
         let _ = m.commands.send(Command::Stop);
         let _ = m.thread.join();
-        // A VM that is ending takes its guard and dirty log with it.
+        // A VM that is ending takes its guard with it.
         if !self.vm.is_stopping() {
             if let Err(e) = self.vm.unguard_msrs() {
                 tracing::warn!("cannot lift the MSR guard: {e}");
-            }
-            if let Err(e) = self.vm.stop_dirty_log() {
-                tracing::warn!("cannot stop the dirty log: {e}");
             }
         }
         *lock(&self.shared.baseline) = None;
@@ -199,28 +200,27 @@ impl Introspector {
         true
     }
 
+    /// The baseline, with the checker that compares against it and the monitor's
+    /// reader of the dirty log.
     fn take_baseline(
         &self,
         symbols: &Arc<SymbolTable>,
         wait_for_syscall: bool,
-    ) -> Result<Checker, String> {
+    ) -> Result<(Checker, DirtyReader), IntrospectError> {
         let cpus = self.cpus()?;
         let boot = cpus
             .iter()
             .find(|c| c.long_mode())
-            .ok_or("no vCPU is in long mode yet: nothing to baseline")?;
+            .ok_or(IntrospectError::NoLongMode)?;
         if wait_for_syscall && !syscall_ready(boot) {
-            return Err(format!(
-                "vCPU {} has not set up its system call entry yet (EFER.SCE, LSTAR, SFMASK)",
-                boot.vcpu
-            ));
+            return Err(IntrospectError::NoSyscallEntry(boot.vcpu));
         }
         let located = locate(&self.mem, symbols, boot)?;
-        // Logging starts before the hashes are taken: a write between the two is
-        // seen as dirty by the first check.
-        self.vm.dirty_log().map_err(|e| e.to_string())?;
-        let baseline =
-            Baseline::take(&self.mem, &cpus, &located.layout).map_err(|e| e.to_string())?;
+        // Reading starts before the hashes are taken: a write between the two is
+        // in the first check's take. (The first take counts every page dirty.)
+        let dirty = self.vm.dirty_log().subscribe()?;
+        dirty.take()?;
+        let baseline = Baseline::take(&self.mem, &cpus, &located.layout)?;
         tracing::info!(
             slide = located.slide,
             from = located.slide_from.as_str(),
@@ -233,21 +233,25 @@ impl Introspector {
         *lock(&self.shared.baseline_msrs) = Some(cpus.into_iter().filter(syscall_ready).collect());
         let baseline = Arc::new(baseline);
         *lock(&self.shared.baseline) = Some(baseline.clone());
-        Ok(Checker::new((*baseline).clone(), Some(symbols.clone())))
+        Ok((
+            Checker::new((*baseline).clone(), Some(symbols.clone())),
+            dirty,
+        ))
     }
 
-    fn check(&self, checker: &mut Checker) -> Result<Vec<FindingRecord>, String> {
+    fn check(
+        &self,
+        checker: &mut Checker,
+        reader: &DirtyReader,
+    ) -> Result<Vec<FindingRecord>, IntrospectError> {
         let start = Instant::now();
         let cpus = self.cpus()?;
-        // Pages the host wrote: taken before the dirty log is read, so a host
-        // write that lands after this stays for the next check.
-        let host_dirty = std::mem::take(&mut *lock(&self.shared.host_dirty));
-        let dirty = self.vm.dirty_log().map_err(|e| e.to_string())?;
-        // The checker re-hashes exactly the pages this says were written (by the
-        // guest, in KVM's dirty log, or by the host through the debug API).
+        let dirty = reader.take()?;
+        // The checker re-hashes exactly the pages this says were written: by the
+        // guest (KVM's log) or by the VMM (a device's DMA, the debug API).
         let hashed = std::cell::Cell::new(0u64);
         let is_dirty = |gpa: u64| {
-            let d = dirty.is_dirty(gpa) || host_dirty.contains(&(gpa & !0xfff));
+            let d = dirty.is_dirty(gpa);
             hashed.set(hashed.get() + u64::from(d));
             d
         };
@@ -272,9 +276,9 @@ impl Introspector {
         }
         let mut logged = false;
         let waiting_since = Instant::now();
-        let mut checker = loop {
+        let (mut checker, reader) = loop {
             match self.take_baseline(symbols, waiting_since.elapsed() < SYSCALL_SETUP_WAIT) {
-                Ok(c) => break c,
+                Ok(taken) => break taken,
                 Err(e) if !logged => {
                     tracing::info!("introspection: no baseline yet, retrying: {e}");
                     logged = true;
@@ -300,7 +304,7 @@ impl Introspector {
                     None
                 }
             };
-            let found = self.check(&mut checker);
+            let found = self.check(&mut checker, &reader);
             match (reply, found) {
                 (Some(reply), found) => {
                     let _ = reply.send(found);
@@ -312,20 +316,18 @@ impl Introspector {
     }
 
     /// Checks now (`PUT /vigil/introspect/check`), returning what is new.
-    pub fn check_now(&self) -> Result<Vec<FindingRecord>, String> {
+    pub fn check_now(&self) -> Result<Vec<FindingRecord>, IntrospectError> {
         let (reply, answer) = mpsc::channel();
         {
             let monitor = lock(&self.monitor);
-            let m = monitor
-                .as_ref()
-                .ok_or("the monitor is not running (PUT /vigil/introspect starts it)")?;
+            let m = monitor.as_ref().ok_or(IntrospectError::NotMonitoring)?;
             m.commands
                 .send(Command::Check(Some(reply)))
-                .map_err(|_| "the monitor thread ended")?;
+                .map_err(|_| IntrospectError::MonitorEnded)?;
         }
         answer
             .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| "the monitor did not answer within 30 s".to_string())?
+            .map_err(|_| IntrospectError::MonitorTimeout)?
     }
 
     /// The baseline, once taken.

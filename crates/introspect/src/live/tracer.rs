@@ -13,24 +13,28 @@ use vigil_events::Timestamp;
 use vigil_metrics::IntrospectCounters;
 use vigil_vmm::vstate::inspect::BreakpointHandler;
 
-use super::{lock, Introspector, JsonLines};
+use super::{lock, IntrospectError, Introspector, JsonLines};
 use crate::{SyscallFilter, SyscallRecord, SyscallRegs};
 
 impl Introspector {
     /// Starts tracing system calls that pass `filter`; each is kept in memory (the
     /// last [`TRACE_KEEP`]) and, with `output`, written there as a JSON line.
-    pub fn start_trace(&self, filter: SyscallFilter, output: Option<&Path>) -> Result<(), String> {
+    pub fn start_trace(
+        &self,
+        filter: SyscallFilter,
+        output: Option<&Path>,
+    ) -> Result<(), IntrospectError> {
         let cpus = self.cpus()?;
         let lstar = cpus
             .iter()
             .find(|c| c.long_mode())
             .map(|c| c.lstar)
             .filter(|&l| l != 0)
-            .ok_or("the guest has no syscall entry yet (LSTAR is 0)")?;
+            .ok_or(IntrospectError::NoLstar)?;
         let out = output
             .map(JsonLines::open)
             .transpose()
-            .map_err(|e| format!("output {e}"))?;
+            .map_err(IntrospectError::TraceOutput)?;
         self.stop_trace();
         let tracer = Arc::new(Tracer {
             filter,
@@ -42,7 +46,7 @@ impl Introspector {
         });
         self.vm
             .set_breakpoints(&[lstar], tracer.clone())
-            .map_err(|e| format!("cannot set the breakpoint at LSTAR {lstar:#x}: {e}"))?;
+            .map_err(|source| IntrospectError::Breakpoint { lstar, source })?;
         self.shared.counters.tracing.set(1);
         *lock(&self.tracer) = Some(tracer);
         Ok(())

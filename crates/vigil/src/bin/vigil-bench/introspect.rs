@@ -6,7 +6,8 @@
 //!    figures would include the guest): the guest uses no CPU, so what the process
 //!    uses with the monitor on, less what it uses with it off over the same
 //!    window, is the monitor's cost (its thread, the vCPU threads answering its
-//!    register reads, the dirty-log ioctls). Periods 1 s, 100 ms and 10 ms; and a
+//!    register reads, the dirty-log ioctls and the merge of the guest memory's
+//!    dirty bitmap). Periods 1 s, 100 ms and 10 ms; and a
 //!    full check without the dirty log (every text and read-only page re-hashed)
 //!    for comparison.
 //! 2. System call tracing: the test guest's `syscall-loop` scenario untraced,
@@ -22,9 +23,10 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use vigil_introspect::live::{cpu_state, Introspector, MonitorSettings};
 use vigil_introspect::{kaslr_slide, Baseline, Checker, CpuState, KernelLayout};
+use vigil_metrics::IntrospectCounters;
 use vigil_model::config::{ConsoleConfig, CpuTemplate, HugePages, KernelImage, OnCrash, VmConfig};
 use vigil_shared::siblings;
-use vigil_vmm::VmControl;
+use vigil_vmm::VmInspect;
 
 #[derive(Args, Debug)]
 pub struct IntrospectBenchArgs {
@@ -117,8 +119,7 @@ struct Window {
     pages_hashed: u64,
 }
 
-fn measure(label: String, control: &VmControl, seconds: u64) -> Window {
-    let counters = control.metrics().metrics().introspect().clone();
+fn measure(label: String, counters: &IntrospectCounters, seconds: u64) -> Window {
     let before = counters.snapshot();
     let (cpu0, thread0, t0) = (process_cpu(), thread_cpu("introspect"), Instant::now());
     std::thread::sleep(Duration::from_secs(seconds));
@@ -139,16 +140,17 @@ fn pct(cpu: Duration, wall: Duration) -> f64 {
     100.0 * cpu.as_secs_f64() / wall.as_secs_f64()
 }
 
+/// A VM kept, paused, at its crash, and the thread waiting for it to end.
+struct KeptVm {
+    inspect: VmInspect,
+    counters: std::sync::Arc<IntrospectCounters>,
+    crash: String,
+    stop: vigil_vmm::StopHandle,
+    waiter: std::thread::JoinHandle<()>,
+}
+
 /// Boots the kernel in this process and waits for its emulation failure.
-fn boot_until_crash(
-    kernel: &Path,
-    symbols: &Path,
-) -> anyhow::Result<(
-    VmControl,
-    vigil_vmm::StopHandle,
-    std::thread::JoinHandle<()>,
-    Duration,
-)> {
+fn boot_until_crash(kernel: &Path, symbols: &Path) -> anyhow::Result<(KeptVm, Duration)> {
     let mut config = VmConfig::new(KernelImage::File(kernel.to_owned()));
     config.boot.cmdline = "console=ttyS0 earlyprintk=serial".into();
     config.machine.vcpu_count = 2;
@@ -164,6 +166,8 @@ fn boot_until_crash(
     let vm = vigil_vmm::builder::build(&config)?;
     let running = vm.start().context("cannot start the VM's threads")?;
     let control = running.control();
+    let inspect = running.inspect();
+    let counters = running.metrics().metrics().introspect().clone();
     let stop = running.stop_handle();
     let waiter = std::thread::Builder::new()
         .name("bench-wait".into())
@@ -173,7 +177,7 @@ fn boot_until_crash(
         .context("cannot start a thread")?;
     let deadline = started + Duration::from_secs(300);
     while control.crashed().is_none() {
-        if Instant::now() > deadline || control.is_stopping() {
+        if Instant::now() > deadline || inspect.is_stopping() {
             stop.stop(libc::SIGTERM);
             let _ = waiter.join();
             bail!(
@@ -182,7 +186,14 @@ fn boot_until_crash(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok((control, stop, waiter, started.elapsed()))
+    let kept = KeptVm {
+        inspect,
+        counters,
+        crash: control.crashed().unwrap_or_default(),
+        stop,
+        waiter,
+    };
+    Ok((kept, started.elapsed()))
 }
 
 fn wait_baseline(intro: &Introspector) -> anyhow::Result<()> {
@@ -196,8 +207,8 @@ fn wait_baseline(intro: &Introspector) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cpus(control: &VmControl) -> anyhow::Result<Vec<CpuState>> {
-    Ok(control
+fn cpus(inspect: &VmInspect) -> anyhow::Result<Vec<CpuState>> {
+    Ok(inspect
         .vcpu_states()
         .map_err(|e| anyhow!("vCPU states: {e}"))?
         .iter()
@@ -211,21 +222,19 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
         "booting {} until its emulation failure...",
         kernel.display()
     );
-    let (control, stop, waiter, took) = boot_until_crash(&kernel, &symbols_path)?;
-    eprintln!(
-        "kept, paused after {took:.1?}: {}",
-        control.crashed().unwrap_or_default()
-    );
+    let (vm, took) = boot_until_crash(&kernel, &symbols_path)?;
+    eprintln!("kept, paused after {took:.1?}: {}", vm.crash);
+    let inspect = &vm.inspect;
     // The VM's own symbols (its --symbols), as the monitor reads them.
-    let symbols = control
+    let symbols = inspect
         .symbols()
         .get()
         .ok_or_else(|| anyhow!("{}: no symbols", symbols_path.display()))?;
-    let intro = Introspector::new(control.clone());
+    let intro = Introspector::new(inspect.clone(), vm.counters.clone());
 
     let mut windows = Vec::new();
     eprintln!("monitor off, {} s...", args.seconds);
-    windows.push(measure("monitor off".into(), &control, args.seconds));
+    windows.push(measure("monitor off".into(), &vm.counters, args.seconds));
     for period in [
         Duration::from_secs(1),
         Duration::from_millis(100),
@@ -236,14 +245,14 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
                 period,
                 ..MonitorSettings::default()
             })
-            .map_err(|e| anyhow!(e))?;
+            .map_err(|e| anyhow!("{e}"))?;
         // The baseline (every page hashed once) is not part of the steady state.
         wait_baseline(&intro)?;
         std::thread::sleep(Duration::from_millis(50));
         eprintln!("monitor every {period:?}, {} s...", args.seconds);
         windows.push(measure(
             format!("monitor every {period:?}"),
-            &control,
+            &vm.counters,
             args.seconds,
         ));
         intro.stop_monitor();
@@ -251,14 +260,17 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
 
     // Checks in this thread, timed one by one: the dirty-log check as the monitor
     // does it (nothing written: no page re-hashed) and the full check.
-    let cpus_now = cpus(&control)?;
+    let cpus_now = cpus(inspect)?;
     let boot = cpus_now
         .iter()
         .find(|c| c.long_mode())
         .ok_or_else(|| anyhow!("no vCPU in long mode"))?;
     let slide = kaslr_slide(&symbols, boot.lstar).unwrap_or(0);
     let layout = KernelLayout::from_symbols(&symbols, slide, None).map_err(|e| anyhow!("{e}"))?;
-    let mem = control.guest_memory();
+    let mem = inspect.guest_memory();
+    // A reader of its own, as the monitor has: its first take counts every page.
+    let reader = inspect.dirty_log().subscribe()?;
+    reader.take()?;
     let t = Instant::now();
     let baseline = Baseline::take(&mem, &cpus_now, &layout).map_err(|e| anyhow!("{e}"))?;
     let baseline_time = t.elapsed();
@@ -268,11 +280,11 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
     let time = |checker: &mut Checker, full: bool| -> anyhow::Result<Duration> {
         let t = Instant::now();
         for _ in 0..runs {
-            let cpus_now = cpus(&control)?;
+            let cpus_now = cpus(inspect)?;
             let findings = if full {
                 checker.check(&mem, &cpus_now, None)
             } else {
-                let dirty = control.dirty_log().map_err(|e| anyhow!("{e}"))?;
+                let dirty = reader.take()?;
                 let is_dirty = |gpa: u64| dirty.is_dirty(gpa);
                 checker.check(&mem, &cpus_now, Some(&is_dirty))
             };
@@ -282,21 +294,20 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
         }
         Ok(t.elapsed() / runs)
     };
-    // The first dirty log after the monitor stopped reports every page: take it.
-    control.dirty_log().map_err(|e| anyhow!("{e}"))?;
     let dirty_check = time(&mut checker, false)?;
     let full_check = time(&mut checker, true)?;
     // Its parts: reading the vCPUs' registers (a request to each vCPU thread),
-    // fetching the dirty log (an ioctl per memory slot), and the checker's own
+    // fetching the dirty log (an ioctl per memory slot, and the memory's dirty
+    // bitmap read and reset), and the checker's own
     // work with nothing dirty (mappings walked, IDT, GDT, syscall table read).
     let t = Instant::now();
     for _ in 0..runs {
-        cpus(&control)?;
+        cpus(inspect)?;
     }
     let regs_time = t.elapsed() / runs;
     let t = Instant::now();
     for _ in 0..runs {
-        control.dirty_log().map_err(|e| anyhow!("{e}"))?;
+        reader.take()?;
     }
     let log_time = t.elapsed() / runs;
     let t = Instant::now();
@@ -305,17 +316,18 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
         checker.check(&mem, &cpus_now, Some(&clean));
     }
     let walk_time = t.elapsed() / runs;
-    // What logging's start costs: the first fetch after it is turned on (the
-    // monitor's first check after its baseline), then a second one.
-    let _ = control.stop_dirty_log();
-    control.dirty_log().map_err(|e| anyhow!("{e}"))?;
+    // What logging's start costs: the last reader gone turns it off, a new one
+    // turns it on; its first take (the monitor's, before its baseline hashes)
+    // fetches and counts every page dirty, then a second one.
+    drop(reader);
+    let reader = inspect.dirty_log().subscribe()?;
     let t = Instant::now();
-    control.dirty_log().map_err(|e| anyhow!("{e}"))?;
+    reader.take()?;
     let first_fetch = t.elapsed();
     let t = Instant::now();
-    control.dirty_log().map_err(|e| anyhow!("{e}"))?;
+    reader.take()?;
     let second_fetch = t.elapsed();
-    let _ = control.stop_dirty_log();
+    drop(reader);
 
     let off = &windows[0];
     let off_pct = pct(off.process_cpu, off.wall);
@@ -367,13 +379,16 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
     );
     for (what, d) in [
         ("  of which: the vCPUs' registers (2 vCPUs)", regs_time),
-        ("  of which: the dirty log (KVM_GET_DIRTY_LOG)", log_time),
+        (
+            "  of which: the dirty log (KVM_GET_DIRTY_LOG, the memory's dirty bitmap)",
+            log_time,
+        ),
         ("  of which: the checker, nothing dirty", walk_time),
         (
-            "the first dirty-log fetch after logging is turned on (once per baseline)",
+            "a new reader's first take, logging just turned on (once per baseline)",
             first_fetch,
         ),
-        ("the fetch after it", second_fetch),
+        ("the take after it", second_fetch),
     ] {
         println!("| {what} | {:.0} µs |", d.as_secs_f64() * 1e6);
     }
@@ -388,8 +403,8 @@ fn monitor_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
     println!();
 
     intro.shutdown();
-    stop.stop(libc::SIGTERM);
-    let _ = waiter.join();
+    vm.stop.stop(libc::SIGTERM);
+    let _ = vm.waiter.join();
     Ok(())
 }
 
