@@ -1,8 +1,9 @@
 //! What makes the guest look like a kernel to an introspecting host: a system call
 //! table in `.rodata` that `syscall_entry` dispatches through, and functions a rootkit
 //! would hook with; and the scenarios that tamper with the kernel's state after the
-//! host took its baseline (`rootkit-*`), or make a known sequence of system calls for
-//! the host to trace (`syscalls`, `syscall-loop`). See README.md for their output.
+//! host took its baseline (`rootkit-*`, one of them through a virtio-blk read into its
+//! own text), or make a known sequence of system calls for the host to trace
+//! (`syscalls`, `syscall-loop`). See README.md for their output.
 
 use core::arch::{asm, global_asm};
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
@@ -10,7 +11,7 @@ use core::sync::atomic::Ordering;
 
 use crate::cpu::{self, rdtsc};
 use crate::serial::{self, Line, Out, Serial};
-use crate::Machine;
+use crate::{virtio, Machine};
 
 /// Entries of `sys_call_table`; `syscall_entry` answers -ENOSYS at and above.
 pub const NR_SYSCALLS: usize = 16;
@@ -70,7 +71,9 @@ extern "C" fn rootkit_sys_hook(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -
 // The system call table, in .rodata as Linux has it (the guest maps every page
 // writable, so `rootkit-syscall-table` can still overwrite it); and the code a rootkit
 // would point the kernel at: a #PF handler and a syscall entry that chain to the real
-// ones, and `patch_target`, a function that is never called (`rootkit-text` patches it).
+// ones, and `patch_target`, a function that is never called (`rootkit-text` patches it);
+// and `blk_target`, a page of text of its own, never executed, that `rootkit-blk` has
+// a virtio-blk device read a sector into (a page alone, so no code around it changes).
 global_asm!(
     r#"
     .section .rodata.sys_call_table, "a"
@@ -106,6 +109,14 @@ patch_target:
     movl $0x6c696769, %eax
     ret
     .size patch_target, . - patch_target
+
+    .section .text.rootkit_blk, "ax"
+    .balign 4096
+    .global blk_target
+    .type blk_target, @function
+blk_target:
+    .fill 4096, 1, 0xc3
+    .size blk_target, . - blk_target
     "#,
     nr = const NR_SYSCALLS,
     options(att_syntax)
@@ -117,6 +128,7 @@ extern "C" {
     fn rootkit_page_fault();
     fn rootkit_syscall_entry();
     fn patch_target();
+    fn blk_target();
 }
 
 /// How long the guest waits for each byte from the host.
@@ -136,7 +148,7 @@ fn rootkit(
     name: &[u8],
     machine: &Machine,
     detail: &mut Line,
-    tamper: fn(&mut Line) -> bool,
+    tamper: impl FnOnce(&mut Line) -> bool,
 ) -> bool {
     ready(name);
     if !wait_for_host(machine) {
@@ -174,6 +186,14 @@ pub fn rootkit_idtr(machine: &Machine, detail: &mut Line) -> bool {
 
 pub fn rootkit_text(machine: &Machine, detail: &mut Line) -> bool {
     rootkit(b"rootkit-text", machine, detail, tamper_text)
+}
+
+/// The DMA flow: the guest has its disk write over its own kernel text, which
+/// KVM's dirty log does not see (the VMM, not the guest, writes the page).
+pub fn rootkit_blk(machine: &Machine, detail: &mut Line) -> bool {
+    rootkit(b"rootkit-blk", machine, detail, |what| {
+        tamper_blk(machine, what)
+    })
 }
 
 pub fn rootkit_syscall_table(machine: &Machine, detail: &mut Line) -> bool {
@@ -272,6 +292,23 @@ fn tamper_text(what: &mut Line) -> bool {
         .hex(u64::from(old))
         .str(" new=")
         .hex(u64::from(PATCH_BYTE));
+    true
+}
+
+/// How much of `blk_target` `rootkit-blk` reads over: one sector.
+const BLK_PATCH_LEN: u32 = 512;
+
+/// Reads sector 0 of the first virtio-blk device over the start of `blk_target`
+/// (guest-physical == virtual here).
+fn tamper_blk(machine: &Machine, what: &mut Line) -> bool {
+    let addr = blk_target as *const () as u64;
+    if !virtio::blk_read_into(machine, what, addr, BLK_PATCH_LEN) {
+        return false;
+    }
+    what.str("addr=")
+        .hex(addr)
+        .str(" bytes=")
+        .dec(u64::from(BLK_PATCH_LEN));
     true
 }
 

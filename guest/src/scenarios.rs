@@ -36,6 +36,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"rootkit-idt" => introspect::rootkit_idt(machine, detail),
         b"rootkit-idtr" => introspect::rootkit_idtr(machine, detail),
         b"rootkit-text" => introspect::rootkit_text(machine, detail),
+        b"rootkit-blk" => introspect::rootkit_blk(machine, detail),
         b"rootkit-syscall-table" => introspect::rootkit_syscall_table(machine, detail),
         b"rootkit-lstar" => introspect::rootkit_lstar(machine, detail),
         b"rootkit-wp" => introspect::rootkit_wp(machine, detail),

@@ -830,6 +830,21 @@ fn blk_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
     Ok(())
 }
 
+/// One read (`IN`) of sector 0 of the first virtio-blk device (RO or not) into
+/// `len` bytes at guest-physical `addr`, wherever that is: `rootkit-blk` aims it
+/// at the guest's own kernel text.
+pub(crate) fn blk_read_into(machine: &Machine, detail: &mut Line, addr: u64, len: u32) -> bool {
+    with_queue0(
+        machine,
+        detail,
+        ID_BLK,
+        |_| true,
+        "no virtio-blk device",
+        0,
+        |q, _clock, detail| expect_ok(detail, "read", q.blk(BLK_T_IN, 0, addr, len)),
+    )
+}
+
 pub fn blk_ro(machine: &Machine, detail: &mut Line) -> bool {
     with_queue0(
         machine,

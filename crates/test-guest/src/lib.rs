@@ -78,6 +78,7 @@ mod tests {
             "rootkit_sys_hook",
             "rootkit_syscall_entry",
             "patch_target",
+            "blk_target",
             "sys_vigil_0",
             "sys_vigil_15",
         ] {
@@ -97,6 +98,13 @@ mod tests {
         }
         // patch_target starts with `mov $imm32, %eax` (what rootkit-text reports).
         assert_eq!(ELF[file_offset(get("patch_target").0)], 0xb8);
+        // blk_target, what rootkit-blk reads a sector over, is a text page alone,
+        // all `ret` (0xc3): a disk sector of anything else changes its hash.
+        let (blk, size, _) = get("blk_target");
+        assert_eq!((blk % 4096, size), (0, Some(4096)));
+        assert!(blk + 4096 <= text.end, "{blk:#x} in {text:x?}");
+        let at = file_offset(blk);
+        assert!(ELF[at..at + 4096].iter().all(|&b| b == 0xc3));
     }
 
     /// Where the byte at `vaddr` lies in the file, through the ELF's PT_LOAD headers.
