@@ -48,6 +48,7 @@ pub fn create_vm(
             HugePages::Transparent => libc::MADV_HUGEPAGE,
         };
         // SAFETY: advisory only, on a mapping `mem` owns; failure changes nothing.
+        // No byte of guest memory changes, so its dirty bitmap has nothing to mark.
         unsafe { libc::madvise(host.cast(), region.len() as usize, advice) };
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
