@@ -21,7 +21,8 @@ use vigil_devices::virtio::balloon::{Balloon, PAGE_SIZE};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_fuzz::{memory, Addr, Len, QueueInput, Rings, DATA, HIGH, HIGH_LEN, LOW};
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vigil_devices::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 const QSIZE: u16 = 16;
 /// Queues: inflate, deflate, statistics, free page reporting.

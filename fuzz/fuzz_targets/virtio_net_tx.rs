@@ -46,7 +46,7 @@ fn run(
     dev: &mut Net,
     index: usize,
     queue: &mut virtio_queue::Queue,
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &vigil_devices::GuestMemoryMmap,
     input: &QueueInput,
     limited: bool,
 ) -> u16 {

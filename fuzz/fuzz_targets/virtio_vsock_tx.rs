@@ -24,7 +24,8 @@ use vigil_devices::virtio::vsock::{Vsock, HDR_LEN, HOST_CID};
 use vigil_devices::virtio::{DeviceBroken, QueueOutcome, VirtioDevice};
 use vigil_fuzz::{memory, scratch_dir, QueueInput, DATA, RINGS, RINGS_2};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vigil_devices::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 const GUEST_CID: u64 = 3;

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vigil_devices::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory: 64 KiB at 0, a 4 KiB hole, 4 KiB at 0x11000.
 pub const LOW: u64 = 0x1_0000;
