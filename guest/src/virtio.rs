@@ -834,6 +834,18 @@ fn blk_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
 /// `len` bytes at guest-physical `addr`, wherever that is: `rootkit-blk` aims it
 /// at the guest's own kernel text.
 pub(crate) fn blk_read_into(machine: &Machine, detail: &mut Line, addr: u64, len: u32) -> bool {
+    with_any_blk(machine, detail, |q, _clock, detail| {
+        expect_ok(detail, "read", q.blk(BLK_T_IN, 0, addr, len))
+    })
+}
+
+/// [`with_queue0`] on the first virtio-blk device, read-only or not, with no
+/// feature but `VIRTIO_F_VERSION_1`.
+fn with_any_blk(
+    machine: &Machine,
+    detail: &mut Line,
+    body: impl Fn(&mut Queue, Clock, &mut Line) -> Result<(), ()>,
+) -> bool {
     with_queue0(
         machine,
         detail,
@@ -841,7 +853,7 @@ pub(crate) fn blk_read_into(machine: &Machine, detail: &mut Line, addr: u64, len
         |_| true,
         "no virtio-blk device",
         0,
-        |q, _clock, detail| expect_ok(detail, "read", q.blk(BLK_T_IN, 0, addr, len)),
+        body,
     )
 }
 
@@ -1195,15 +1207,9 @@ pub fn flood(machine: &Machine, detail: &mut Line) -> bool {
             return false;
         }
     };
-    with_queue0(
-        machine,
-        detail,
-        ID_BLK,
-        |_| true,
-        "no virtio-blk device",
-        0,
-        |q, clock, detail| flood_body(q, clock, seconds, detail),
-    )
+    with_any_blk(machine, detail, |q, clock, detail| {
+        flood_body(q, clock, seconds, detail)
+    })
 }
 
 fn flood_body(q: &mut Queue, clock: Clock, seconds: u64, detail: &mut Line) -> Result<(), ()> {
