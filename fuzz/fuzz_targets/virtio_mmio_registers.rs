@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use vigil_devices::bus::BusDevice;
-use vigil_devices::tap::Tap;
+use vigil_devices::virtio::net::tap::Tap;
 use vigil_devices::virtio::balloon::{Balloon, BalloonConfig};
 use vigil_devices::virtio::block::{Block, BlockConfig};
 use vigil_devices::virtio::mmio::{status, MmioTransport};

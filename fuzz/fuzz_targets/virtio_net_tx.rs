@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::tap::{Tap, VNET_HDR_LEN};
+use vigil_devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
 use vigil_devices::virtio::net::{Net, NetConfig, MAX_BUFFER, RX, TX};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_fuzz::{memory, QueueInput, RINGS, RINGS_2};

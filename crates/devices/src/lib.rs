@@ -7,8 +7,8 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod rate_limiter;
-pub mod tap;
 pub mod virtio;
 
 use std::sync::Arc;

@@ -6,7 +6,7 @@ mod common;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use common::{memory, Driver, F_WRITE};
-use vigil_devices::tap::{Tap, VNET_HDR_LEN};
+use vigil_devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
 use vigil_devices::virtio::net::{Net, NetConfig, MAX_BUFFER, TX};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use virtio_queue::{Queue, QueueT};

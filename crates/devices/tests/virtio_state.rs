@@ -10,19 +10,18 @@ use std::time::Duration;
 
 use common::{memory, read32, write32, Driver, TempImage, F_WRITE};
 use vigil_devices::bus::BusDevice;
-use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::virtio::balloon::{Balloon, BalloonConfig};
-use vigil_devices::virtio::block::{Block, BlockConfig, S_OK};
+use vigil_devices::persist::RestoreError;
+use vigil_devices::rate_limiter::{RateLimit, RateLimitState, TokenBucketState};
+use vigil_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonStat};
+use vigil_devices::virtio::block::{Block, BlockConfig, BlockState, S_OK};
 use vigil_devices::virtio::mmio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
-use vigil_devices::virtio::mmio::MmioTransport;
+use vigil_devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use vigil_devices::virtio::net::{Net, NetConfig};
-use vigil_devices::virtio::rng::Rng;
-use vigil_devices::virtio::state::{
-    BalloonStat, DeviceState, MmioTransportState, RateLimitState, RestoreError, TokenBucketState,
-};
-use vigil_devices::virtio::vsock::{Vsock, VsockConfig};
+use vigil_devices::virtio::persist::{DeviceState, QueueState};
+use vigil_devices::virtio::rng::{Rng, RngState};
+use vigil_devices::virtio::vsock::{Vsock, VsockConfig, VsockState};
 use vigil_devices::virtio::{Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -311,7 +310,7 @@ fn rng_continues_after_restore() {
     let state = save(&t);
     assert_eq!(
         state.device,
-        DeviceState::Rng(vigil_devices::virtio::state::RngState {
+        DeviceState::Rng(RngState {
             rate_limit: RateLimitState {
                 bandwidth: None,
                 ops: Some(TokenBucketState {
@@ -600,6 +599,34 @@ fn balloon_keeps_its_target_and_held_statistics_buffer() {
     assert_eq!(inflate.used_idx(), 2);
 }
 
+/// The held statistics buffer must be a descriptor of the statistics queue: the
+/// balloon's own check, reached through the transport's state.
+#[test]
+fn balloon_refuses_a_held_buffer_outside_its_statistics_queue() {
+    let mem = memory(1 << 20);
+    let d = Driver::at(&mem, 0, QSIZE);
+    let mut stats = Driver::at(&mem, 0x2000, QSIZE);
+    let balloon = Balloon::new(BalloonConfig {
+        target_mib: 1,
+        stats_interval: Some(Duration::from_secs(60)),
+        free_page_reporting: false,
+        deflate_on_oom: false,
+    });
+    let (mut t, _, _) = attach(Box::new(balloon), &mem);
+    bring_up(&mut t, VIRTIO_F_VERSION_1, &[&d, &d, &stats]);
+    stats.add(&[(0x21000, 10, 0)]);
+    t.process_queue(2);
+    let state = save(&t);
+    drop(t);
+    let e = refused(&state, &mem, |s| match &mut s.device {
+        DeviceState::Balloon(b) => b.stats_held = Some(QSIZE),
+        other => panic!("{other:?}"),
+    });
+    assert_eq!(e.field(), "device.balloon.stats_held", "{e}");
+    assert!(e.to_string().contains("16-entry statistics queue"), "{e}");
+    assert!(restore(&state, &mem).is_ok());
+}
+
 // ------------------------------------- rules the live transport keeps, too
 
 /// A state with FEATURES_OK and unoffered features is refused, so the live
@@ -655,7 +682,7 @@ fn refused(
     }
 }
 
-fn block_state(state: &mut MmioTransportState) -> &mut vigil_devices::virtio::state::BlockState {
+fn block_state(state: &mut MmioTransportState) -> &mut BlockState {
     match &mut state.device {
         DeviceState::Block(b) => b,
         other => panic!("{other:?}"),
@@ -795,7 +822,7 @@ fn a_state_refused_before_the_device_is_built_opens_nothing() {
     let dir = std::env::temp_dir().join(format!("vigil-state-none-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let uds = dir.join("v.sock");
-    let queue = vigil_devices::virtio::state::QueueState {
+    let queue = QueueState {
         max_size: 256,
         next_avail: 0,
         next_used: 0,
@@ -815,7 +842,7 @@ fn a_state_refused_before_the_device_is_built_opens_nothing() {
         interrupt_status: 0,
         config_generation: 0,
         queues: vec![queue; 3],
-        device: DeviceState::Vsock(vigil_devices::virtio::state::VsockState {
+        device: DeviceState::Vsock(VsockState {
             cid: GUEST_CID,
             uds: uds.clone(),
         }),

@@ -340,7 +340,7 @@ fn validate_net(net: &NetConfig) -> Result<(), ConfigError> {
     if net.tap.is_empty() {
         return Err(bad("an interface needs a name"));
     }
-    if net.tap.len() > vigil_devices::tap::IFNAME_MAX {
+    if net.tap.len() > vigil_devices::virtio::net::tap::IFNAME_MAX {
         return Err(bad("longer than the 15 bytes of a Linux interface name"));
     }
     if net.tap == "." || net.tap == ".." {

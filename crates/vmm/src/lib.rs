@@ -12,6 +12,7 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+mod device_manager;
 pub mod dirty_log;
 pub mod symbols;
 mod vm;

@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::OnCrash;
+use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{self, DirtyLog, DirtyLogError};
 use crate::symbols::KernelSymbols;
 use crate::vstate::inspect::{
@@ -55,12 +56,8 @@ pub struct Vm {
     pub(crate) pause: Arc<PauseGate>,
     /// The keyboard controller, to type Ctrl-Alt-Del.
     pub(crate) i8042: Arc<Mutex<I8042>>,
-    /// The balloon, when the VM has one.
-    pub(crate) balloon: Option<BalloonHandle>,
-    /// The drives, in `VmConfig::disks` order.
-    pub(crate) drives: Vec<DriveHandle>,
-    /// The network interfaces, in `VmConfig::nets` order.
-    pub(crate) nets: Vec<NetHandle>,
+    /// The host's handles on the drives, network interfaces and balloon.
+    pub(crate) devices: DeviceHandles,
     /// The MSR write guard, installed before start or through `VmControl`.
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
     /// What a vCPU crash does.
@@ -305,9 +302,7 @@ pub struct VmControl {
     /// One pause or resume at a time.
     op: Arc<Mutex<()>>,
     i8042: Arc<Mutex<I8042>>,
-    balloon: Option<BalloonHandle>,
-    drives: Arc<Vec<DriveHandle>>,
-    nets: Arc<Vec<NetHandle>>,
+    devices: Arc<DeviceHandles>,
     metrics: MetricsHandle,
     /// Per-vCPU requests, by vCPU index.
     mailboxes: Arc<Vec<Arc<Mailbox>>>,
@@ -461,22 +456,22 @@ impl VmControl {
 
     /// The balloon, when the VM has one.
     pub fn balloon(&self) -> Result<&BalloonHandle, ControlError> {
-        self.balloon.as_ref().ok_or(ControlError::NoBalloon)
+        self.devices.balloon.as_ref().ok_or(ControlError::NoBalloon)
     }
 
     /// The virtio-blk drive whose id (`BlockConfig::id`) is `id`.
     pub fn drive(&self, id: &str) -> Result<&DriveHandle, ControlError> {
-        self.drives
-            .iter()
-            .find(|d| d.id == id)
+        self.devices
+            .drives
+            .get(id)
             .ok_or_else(|| ControlError::NoDrive(id.to_string()))
     }
 
     /// The virtio-net interface `index` (its place in `VmConfig::nets`).
     pub fn net(&self, index: usize) -> Result<&NetHandle, ControlError> {
-        self.nets
-            .get(index)
-            .ok_or(ControlError::NoNet(index, self.nets.len()))
+        let nets = &self.devices.nets;
+        nets.get(index)
+            .ok_or(ControlError::NoNet(index, nets.len()))
     }
 
     /// How many vCPUs the VM has.
@@ -705,9 +700,7 @@ impl Vm {
             stop_handle: StopHandle(self.events_tx.clone()),
             op: Arc::new(Mutex::new(())),
             i8042: self.i8042,
-            balloon: self.balloon,
-            drives: Arc::new(self.drives),
-            nets: Arc::new(self.nets),
+            devices: Arc::new(self.devices),
             metrics: MetricsHandle::new(self.metrics.clone()),
             mailboxes: Arc::new(mailboxes),
             msr_guard: self.msr_guard,

@@ -5,13 +5,21 @@
 //! the device, the queues and the register file the guest programs;
 //! [`mmio::QueueEvents`] runs on the device event loop and is woken by the
 //! ioeventfds KVM signals when the guest notifies a queue.
+//!
+//! Each device has its folder (`block/`, `net/`, `vsock/`, `balloon/`, `rng/`):
+//! the device model in `device.rs`, its wire formats beside it, and in
+//! `persist.rs` its saved state and its restore
+//! ([`Persist`](crate::persist::Persist),
+//! [`VirtioDeviceState`](persist::VirtioDeviceState)). The transport knows
+//! devices only through those traits; [`persist::DeviceState`] is the one place
+//! that lists the kinds.
 
 pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
-pub mod state;
 pub mod vsock;
 
 use std::os::fd::RawFd;
@@ -148,8 +156,9 @@ pub trait VirtioDevice: Send {
     }
     /// The device is reset: forget any in-flight state.
     fn reset(&mut self) {}
-    /// The device's state, for snapshot and migration (see [`state`]).
-    fn state(&self) -> state::DeviceState;
+    /// The device's state, for snapshot and migration: its
+    /// [`Persist::save`](crate::persist::Persist::save), by kind.
+    fn state(&self) -> persist::DeviceState;
 }
 
 /// Copies the part of a device's config space `config` that a read of

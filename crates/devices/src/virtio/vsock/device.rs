@@ -1,21 +1,5 @@
-//! virtio-vsock (stream sockets only) bridged to Unix sockets with Firecracker's
-//! convention:
-//!
-//! - the guest connects to CID 2 port P: the device connects to the host Unix
-//!   socket `<uds>_P`;
-//! - a host client connects to `<uds>` (the device listens there), writes
-//!   `CONNECT <port>\n`; the device opens a stream to the guest's port and answers
-//!   `OK <host port>\n` once the guest accepted.
-//!
-//! Queues: rx (0, device to guest), tx (1, guest to device), event (2: a device
-//! restored from a saved state sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` there,
-//! since its connections were not carried over). Flow control is credit based
-//! (virtio 1.2, 5.10.6.3): every packet carries the sender's `buf_alloc` and `fwd_cnt`, and the
-//! device sends no more stream data than the guest's credit allows. Packets a
-//! guest gets wrong (bad lengths, wrong CIDs, unknown ops or types, no such
-//! connection) are answered with RST or dropped; nothing panics.
-//!
-//! The packet header is parsed by hand (44 bytes, little-endian).
+//! The virtio-vsock device: its queues, the listening socket, the open
+//! connections and the control packets owed to the guest.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -30,8 +14,14 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::state::{DeviceState, VsockState};
-use super::{
+use super::connection::{connect_nonblocking, Conn, State, BUF_ALLOC};
+use super::packet::{
+    Header, HDR_LEN, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
+    OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
+use crate::persist::Persist;
+use crate::virtio::persist::DeviceState;
+use crate::virtio::{
     add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
     QueueOutcome, Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
 };
@@ -45,29 +35,12 @@ const EVENT: usize = 2;
 const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Bytes of `struct virtio_vsock_event`.
 const EVENT_LEN: usize = 4;
-/// The host's CID.
-pub const HOST_CID: u64 = 2;
-/// Bytes of `struct virtio_vsock_hdr`.
-pub const HDR_LEN: usize = 44;
 /// Most payload bytes in one packet either way.
 const MAX_PAYLOAD: usize = 64 * 1024;
-/// What the device buffers per connection for data the guest sent (its credit).
-const BUF_ALLOC: u32 = 256 * 1024;
 /// Longest `CONNECT <port>\n` line a host client may send.
 const MAX_CONNECT_LINE: usize = 32;
 /// First port the device gives host-initiated connections (host side).
 const FIRST_HOST_PORT: u32 = 1 << 30;
-
-const TYPE_STREAM: u16 = 1;
-const OP_REQUEST: u16 = 1;
-const OP_RESPONSE: u16 = 2;
-const OP_RST: u16 = 3;
-const OP_SHUTDOWN: u16 = 4;
-const OP_RW: u16 = 5;
-const OP_CREDIT_UPDATE: u16 = 6;
-const OP_CREDIT_REQUEST: u16 = 7;
-const SHUTDOWN_RCV: u32 = 1;
-const SHUTDOWN_SEND: u32 = 2;
 
 /// How a vsock device is attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,128 +61,6 @@ pub enum VsockError {
     },
 }
 
-/// `struct virtio_vsock_hdr`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Header {
-    src_cid: u64,
-    dst_cid: u64,
-    src_port: u32,
-    dst_port: u32,
-    len: u32,
-    kind: u16,
-    op: u16,
-    flags: u32,
-    buf_alloc: u32,
-    fwd_cnt: u32,
-}
-
-impl Header {
-    fn parse(b: &[u8; HDR_LEN]) -> Self {
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-        Self {
-            src_cid: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
-            dst_cid: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            kind: u16::from_le_bytes([b[28], b[29]]),
-            op: u16::from_le_bytes([b[30], b[31]]),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-        }
-    }
-
-    fn bytes(&self) -> [u8; HDR_LEN] {
-        let mut b = [0u8; HDR_LEN];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.kind.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// A host client connected to `<uds>`; its `CONNECT <port>\n` line is coming.
-    ReadingConnect,
-    /// REQUEST sent to the guest; waiting for RESPONSE.
-    Connecting,
-    Established,
-}
-
-struct Conn {
-    stream: UnixStream,
-    state: State,
-    /// Host-side port (ours) and guest-side port.
-    local_port: u32,
-    peer_port: u32,
-    /// `CONNECT` line so far.
-    line: Vec<u8>,
-    /// Guest data not yet written to the stream.
-    pending: VecDeque<u8>,
-    /// Bytes of guest data passed on to the stream.
-    fwd_cnt: u32,
-    /// `fwd_cnt` as last told to the guest.
-    fwd_cnt_sent: u32,
-    /// Bytes of stream data sent to the guest.
-    rx_cnt: u32,
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    /// The host side closed or the guest shut down sending.
-    host_eof: bool,
-}
-
-impl Conn {
-    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Self {
-        Self {
-            stream,
-            state,
-            local_port,
-            peer_port,
-            line: Vec::new(),
-            pending: VecDeque::new(),
-            fwd_cnt: 0,
-            fwd_cnt_sent: 0,
-            rx_cnt: 0,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            host_eof: false,
-        }
-    }
-
-    /// Bytes the guest can take now.
-    fn peer_credit(&self) -> u32 {
-        self.peer_buf_alloc
-            .saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
-    }
-
-    /// Writes what it can of `pending` to the stream.
-    fn flush(&mut self) -> std::io::Result<()> {
-        while !self.pending.is_empty() {
-            let (front, _) = self.pending.as_slices();
-            match self.stream.write(front) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.pending.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Counters of one device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VsockCounters {
@@ -219,16 +70,6 @@ pub struct VsockCounters {
     pub dropped: u64,
 }
 
-/// Connects to a host Unix socket without waiting: a listener whose backlog is full
-/// refuses at once (`EAGAIN`) instead of stalling the device event loop.
-fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
-    use socket2::{Domain, SockAddr, Socket, Type};
-    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-    socket.set_nonblocking(true)?;
-    socket.connect(&SockAddr::unix(path)?)?;
-    Ok(socket.into())
-}
-
 /// Most control packets (RST, RESPONSE, credit updates) waiting for receive buffers.
 const MAX_CONTROL: usize = 1024;
 /// Most open streams (each holds a host socket), whoever opened them.
@@ -236,8 +77,8 @@ const MAX_CONNECTIONS: usize = 1024;
 
 /// A virtio-vsock device.
 pub struct Vsock {
-    cid: u64,
-    uds: PathBuf,
+    pub(super) cid: u64,
+    pub(super) uds: PathBuf,
     listener: UnixListener,
     conns: Vec<Conn>,
     /// Control packets waiting for a receive buffer.
@@ -293,7 +134,7 @@ impl Vsock {
 
     /// Owes the guest a transport reset event: sent on the event queue as soon as
     /// the driver runs and has an event buffer there.
-    pub(crate) fn queue_transport_reset(&mut self) {
+    pub(super) fn queue_transport_reset(&mut self) {
         self.reset_event = true;
     }
 
@@ -857,10 +698,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn state(&self) -> DeviceState {
-        DeviceState::Vsock(VsockState {
-            cid: self.cid,
-            uds: self.uds.clone(),
-        })
+        DeviceState::Vsock(self.save())
     }
 }
 
@@ -893,59 +731,5 @@ mod tests {
         assert_eq!(v.control.len(), MAX_CONTROL);
         assert_eq!(v.counters.dropped, 500);
         std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn connecting_to_a_full_listener_fails_at_once() {
-        use socket2::{Domain, SockAddr, Socket, Type};
-        let path =
-            std::env::temp_dir().join(format!("vigil-vsock-full-{}.sock", std::process::id()));
-        std::fs::remove_file(&path).ok();
-        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
-        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
-        listener.listen(0).unwrap();
-        let path_str = path.to_str().unwrap();
-        // Nobody accepts: past the backlog, connecting must fail rather than block.
-        let results: Vec<_> = (0..4).map(|_| connect_nonblocking(path_str)).collect();
-        std::fs::remove_file(&path).ok();
-        assert!(results[0].is_ok());
-        let refused = results
-            .iter()
-            .filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::WouldBlock))
-            .count();
-        assert!(refused >= 1, "{results:?}");
-        assert!(connect_nonblocking("/nonexistent/vigil.sock").is_err());
-    }
-
-    #[test]
-    fn header_round_trips() {
-        let h = Header {
-            src_cid: 3,
-            dst_cid: 2,
-            src_port: 49152,
-            dst_port: 1234,
-            len: 16,
-            kind: TYPE_STREAM,
-            op: OP_RW,
-            flags: 0,
-            buf_alloc: 4096,
-            fwd_cnt: 7,
-        };
-        let b = h.bytes();
-        assert_eq!(b[24..28], 16u32.to_le_bytes());
-        assert_eq!(b[30..32], OP_RW.to_le_bytes());
-        assert_eq!(Header::parse(&b), h);
-    }
-
-    #[test]
-    fn credit_counts_bytes_in_flight() {
-        let (a, _b) = UnixStream::pair().unwrap();
-        let mut c = Conn::new(a, State::Established, 1, 2);
-        c.peer_buf_alloc = 100;
-        c.rx_cnt = 60;
-        c.peer_fwd_cnt = 20;
-        assert_eq!(c.peer_credit(), 60);
-        c.rx_cnt = 200;
-        assert_eq!(c.peer_credit(), 0);
     }
 }

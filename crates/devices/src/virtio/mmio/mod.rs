@@ -1,6 +1,9 @@
 //! The virtio-mmio transport (virtio 1.1, 4.2): the register file a driver
 //! programs, feature negotiation, queue set-up, the device status state machine,
-//! and the event-loop subscriber that processes notified queues.
+//! and the event-loop subscriber that processes notified queues. Its saved state
+//! and restore are in `persist.rs`.
+
+mod persist;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -13,12 +16,13 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::state::{MmioTransportState, QueueState, RestoreError, KNOWN_STATUS};
 use super::{
     DeviceBroken, Interrupt, QueueOutcome, VirtioDevice, INT_CONFIG, INT_USED_RING,
     VIRTIO_F_VERSION_1,
 };
 use crate::bus::BusDevice;
+
+pub use persist::MmioTransportState;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -39,6 +43,14 @@ pub mod status {
     pub const DEVICE_NEEDS_RESET: u32 = 0x40;
     pub const FAILED: u32 = 0x80;
 }
+
+/// The status bits virtio 1.1 (2.1) defines.
+const KNOWN_STATUS: u32 = status::ACKNOWLEDGE
+    | status::DRIVER
+    | status::DRIVER_OK
+    | status::FEATURES_OK
+    | status::DEVICE_NEEDS_RESET
+    | status::FAILED;
 
 /// One virtio device behind its MMIO registers.
 pub struct MmioTransport {
@@ -88,74 +100,6 @@ impl MmioTransport {
             queue_sel: 0,
             config_generation: 0,
         })
-    }
-
-    /// Rebuilds a transport from `state` around `device` (made by
-    /// [`MmioTransportState::restore_device`]), over the guest memory the state was saved with;
-    /// `queue_evts` as for [`Self::new`]. Every field is checked first (see
-    /// [`super::state`]); nothing is changed when one is refused.
-    ///
-    /// The interrupt status is restored without raising the line (the interrupt
-    /// controller's own state carries a pending interrupt). When the driver was
-    /// running, each queue's eventfd is signalled, so that the event loop looks at
-    /// every queue once it runs: what the guest made available before the
-    /// snapshot is served, and a device owes the guest news of what it lost (vsock:
-    /// a transport reset event) sends it.
-    pub fn restore(
-        state: &MmioTransportState,
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<Self, RestoreError> {
-        let queues = state.check(device.as_ref(), &mem)?;
-        if queues.len() != queue_evts.len() {
-            return Err(RestoreError::Invalid {
-                field: "queues".into(),
-                value: format!("{} queues", queues.len()),
-                why: format!("but {} eventfds to notify them", queue_evts.len()),
-            });
-        }
-        interrupt
-            .status
-            .store(state.interrupt_status, std::sync::atomic::Ordering::SeqCst);
-        let transport = Self {
-            device,
-            mem,
-            interrupt,
-            queues,
-            queue_evts,
-            status: state.device_status,
-            device_features_sel: state.device_features_sel,
-            driver_features_sel: state.driver_features_sel,
-            driver_features: state.acked_features,
-            queue_sel: state.queue_sel,
-            config_generation: state.config_generation,
-        };
-        if transport.driver_ok() {
-            for evt in &transport.queue_evts {
-                if let Err(e) = evt.write(1) {
-                    tracing::warn!("cannot wake a restored virtio queue: {e}");
-                }
-            }
-        }
-        Ok(transport)
-    }
-
-    /// The transport's and the device's state, for snapshot and migration. Take
-    /// it with the vCPUs paused, so that the rings do not move meanwhile.
-    pub fn state(&self) -> MmioTransportState {
-        MmioTransportState {
-            device_status: self.status,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            acked_features: self.driver_features,
-            queue_sel: self.queue_sel,
-            interrupt_status: self.interrupt.status(),
-            config_generation: self.config_generation,
-            queues: self.queues.iter().map(QueueState::from).collect(),
-            device: self.device.state(),
-        }
     }
 
     /// The device status register.

@@ -1,11 +1,4 @@
-//! virtio-net over a tap: two queues (receive 0, transmit 1), a MAC in the config
-//! space, link status, no offloads, and a rate limiter per direction.
-//!
-//! Each buffer the guest posts or sends begins with a 12-byte `virtio_net_hdr_v1`
-//! (`VIRTIO_F_VERSION_1`); the tap is opened with `IFF_VNET_HDR` and the same
-//! header size, so frames travel with their header both ways. Offloads are not
-//! offered: the header of a transmitted frame is zeroed before it reaches the tap,
-//! and a received one says "no checksum, no GSO, one buffer".
+//! The virtio-net device: its queues, its tap and its rate limiters.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -17,13 +10,14 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::state::{DeviceState, NetState};
-use super::{
+use super::tap::{Tap, VNET_HDR_LEN};
+use crate::persist::Persist;
+use crate::rate_limiter::{RateLimit, RateLimitControl, RateLimiter};
+use crate::virtio::persist::DeviceState;
+use crate::virtio::{
     add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
     QueueOutcome, Served, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{RateLimit, RateLimitControl, RateLimiter};
-use crate::tap::{Tap, VNET_HDR_LEN};
 
 const QUEUE_SIZE: u16 = 256;
 /// Receive queue index.
@@ -73,10 +67,10 @@ pub struct NetCounters {
 
 /// A virtio-net device.
 pub struct Net {
-    tap: Tap,
-    mac: [u8; 6],
-    rx_limiter: RateLimiter,
-    tx_limiter: RateLimiter,
+    pub(super) tap: Tap,
+    pub(super) mac: [u8; 6],
+    pub(super) rx_limiter: RateLimiter,
+    pub(super) tx_limiter: RateLimiter,
     /// A frame read from the tap and not yet delivered (`rx_len` bytes of `rx_buf`).
     rx_buf: Vec<u8>,
     rx_len: usize,
@@ -306,12 +300,7 @@ impl VirtioDevice for Net {
     }
 
     fn state(&self) -> DeviceState {
-        DeviceState::Net(NetState {
-            tap: self.tap.name().to_owned(),
-            mac: self.mac,
-            rx_rate_limit: self.rx_limiter.limit().into(),
-            tx_rate_limit: self.tx_limiter.limit().into(),
-        })
+        DeviceState::Net(self.save())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -1,6 +1,4 @@
-//! virtio-blk over a raw image file: read, write, flush (acknowledged once the data
-//! is durable), discard, write-zeroes and device id, with sector bounds checked
-//! against the capacity and I/O errors reported to the guest, never raised.
+//! The virtio-blk device: an image file, its rate limiters and its config space.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -10,23 +8,23 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
-use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::state::{BlockState, DeviceState};
-use super::{
+use super::request::{
+    Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,
+    S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
+};
+use crate::persist::Persist;
+use crate::rate_limiter::{consume_all, RateLimit, RateLimitControl, RateLimiter};
+use crate::virtio::persist::DeviceState;
+use crate::virtio::{
     copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{consume_all, RateLimit, RateLimitControl, RateLimiter};
 
-/// Sector size the virtio-blk protocol counts in.
-pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
-const ID_LEN: usize = 20;
-/// Largest discard / write-zeroes range in one segment (sectors).
-const MAX_RANGE_SECTORS: u32 = 0x3f_ffff;
-const MAX_RANGE_SEGMENTS: u32 = 16;
+pub(super) const ID_LEN: usize = 20;
 /// Bytes moved between the image and guest memory per copy.
 const CHUNK: usize = 64 * 1024;
 
@@ -37,20 +35,6 @@ const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
-
-// Request types and statuses (virtio 1.1, 5.2.6).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-/// Request completed.
-pub const S_OK: u8 = 0;
-/// Request failed (bad sector, I/O error, write to a read-only disk).
-pub const S_IOERR: u8 = 1;
-/// Request type not supported.
-pub const S_UNSUPP: u8 = 2;
 
 /// How a disk is attached.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -74,39 +58,18 @@ pub struct BlockConfig {
 /// A virtio-blk device.
 pub struct Block {
     file: File,
-    path: std::path::PathBuf,
-    read_only: bool,
-    capacity: u64,
-    id: [u8; ID_LEN],
-    limiter: RateLimiter,
-    read_limiter: RateLimiter,
-    write_limiter: RateLimiter,
+    pub(super) path: std::path::PathBuf,
+    pub(super) read_only: bool,
+    pub(super) capacity: u64,
+    pub(super) id: [u8; ID_LEN],
+    pub(super) limiter: RateLimiter,
+    pub(super) read_limiter: RateLimiter,
+    pub(super) write_limiter: RateLimiter,
     buf: Vec<u8>,
     requests: u64,
     errors: u64,
     metrics: Arc<DeviceCounters>,
 }
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct RequestHeader {
-    kind: u32,
-    _reserved: u32,
-    sector: u64,
-}
-// SAFETY: plain integers, any bit pattern is valid.
-unsafe impl vm_memory::ByteValued for RequestHeader {}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Range {
-    sector: u64,
-    sectors: u32,
-    flags: u32,
-}
-// SAFETY: plain integers, any bit pattern is valid.
-unsafe impl vm_memory::ByteValued for Range {}
-const RANGE_UNMAP: u32 = 1;
 
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -368,87 +331,6 @@ impl Block {
     }
 }
 
-/// The segments of a discard or write-zeroes request.
-struct Segments {
-    list: [Range; MAX_RANGE_SEGMENTS as usize],
-    count: usize,
-}
-
-impl Segments {
-    /// All the segments after the header, or `None` when there are none, more than
-    /// [`MAX_RANGE_SEGMENTS`], or they cannot be read.
-    fn read(reader: &mut Reader) -> Option<Self> {
-        let count = reader.available_bytes() / std::mem::size_of::<Range>();
-        if count == 0 || count > MAX_RANGE_SEGMENTS as usize {
-            return None;
-        }
-        let mut segments = Segments {
-            list: [Range::default(); MAX_RANGE_SEGMENTS as usize],
-            count,
-        };
-        for range in &mut segments.list[..count] {
-            *range = reader.read_obj().ok()?;
-        }
-        Some(segments)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &Range> {
-        self.list[..self.count].iter()
-    }
-}
-
-/// One request, read from guest memory once: its header, what follows it, the
-/// device-writable data buffers and the status byte.
-struct Request<'a> {
-    header: RequestHeader,
-    /// The device-readable bytes after the header (write data, segments).
-    reader: Reader<'a>,
-    data: Writer<'a>,
-    status_writer: Writer<'a>,
-    /// Discard and write-zeroes only.
-    segments: Option<Segments>,
-}
-
-impl<'a> Request<'a> {
-    /// `None` when the chain is too malformed to carry a status.
-    fn parse(
-        chain: DescriptorChain<&'a GuestMemoryMmap>,
-        mem: &'a GuestMemoryMmap,
-    ) -> Option<Self> {
-        let mut reader = chain.clone().reader(mem).ok()?;
-        let mut data = chain.writer(mem).ok()?;
-        let data_len = data.available_bytes().checked_sub(1)?;
-        let status_writer = data.split_at(data_len).ok()?;
-        let header: RequestHeader = reader.read_obj().ok()?;
-        let segments = match header.kind {
-            T_DISCARD | T_WRITE_ZEROES => Segments::read(&mut reader),
-            _ => None,
-        };
-        Some(Self {
-            header,
-            reader,
-            data,
-            status_writer,
-            segments,
-        })
-    }
-
-    /// The bytes the request moves, for the rate limiters.
-    fn bytes(&self) -> u64 {
-        match self.header.kind {
-            T_IN => self.data.available_bytes() as u64,
-            T_OUT => self.reader.available_bytes() as u64,
-            T_WRITE_ZEROES => self.segments.as_ref().map_or(0, |s| {
-                s.iter()
-                    .map(|r| u64::from(r.sectors) * SECTOR_SIZE)
-                    .fold(0, u64::saturating_add)
-            }),
-            T_DISCARD => 0,
-            _ => (self.reader.available_bytes() + self.data.available_bytes()) as u64,
-        }
-    }
-}
-
 fn image_size(file: &File, path: &Path) -> std::io::Result<u64> {
     let meta = file.metadata()?;
     if meta.is_file() {
@@ -478,16 +360,7 @@ impl VirtioDevice for Block {
     }
 
     fn state(&self) -> DeviceState {
-        let id_len = self.id.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-        DeviceState::Block(BlockState {
-            path: self.path.clone(),
-            read_only: self.read_only,
-            id: String::from_utf8_lossy(&self.id[..id_len]).into_owned(),
-            capacity: self.capacity,
-            rate_limit: self.limiter.limit().into(),
-            read_limit: self.read_limiter.limit().into(),
-            write_limit: self.write_limiter.limit().into(),
-        })
+        DeviceState::Block(self.save())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -7,9 +7,13 @@
 //! when nothing changed, before it next decides on a request. No lock is held
 //! while a device serves I/O.
 
+mod persist;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub use persist::{RateLimitState, TokenBucketState};
 
 /// One token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Clone, Debug, PartialEq)]

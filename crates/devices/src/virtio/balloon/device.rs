@@ -1,7 +1,5 @@
-//! virtio-balloon: the guest gives pages back on request (inflate) and takes them
-//! again (deflate); given-back and reported-free pages are returned to the host with
-//! `madvise(MADV_DONTNEED)`, so the VMM's resident memory shrinks. Optional memory
-//! statistics and free page reporting.
+//! The virtio-balloon device: its queues by role, the pages it gives back, the
+//! statistics it holds, and the control it shares with the host.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -12,8 +10,9 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::{Queue, Reader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::state::{BalloonStat, BalloonState, DeviceState};
-use super::{
+use crate::persist::Persist;
+use crate::virtio::persist::DeviceState;
+use crate::virtio::{
     add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
@@ -27,6 +26,8 @@ const QUEUE_SIZE: u16 = 256;
 /// 256, the test guest 4096): a chain of a looping or huge descriptor would
 /// otherwise hold the device event loop for seconds.
 const MAX_PFNS_PER_CHAIN: usize = 4096;
+/// Most statistics kept from one buffer.
+pub(super) const MAX_STATS: usize = 64;
 
 const F_STATS_VQ: u64 = 1 << 1;
 const F_DEFLATE_ON_OOM: u64 = 1 << 2;
@@ -111,15 +112,15 @@ impl BalloonControl {
 
 /// A virtio-balloon device.
 pub struct Balloon {
-    control: Arc<BalloonControl>,
-    config: BalloonConfig,
+    pub(super) control: Arc<BalloonControl>,
+    pub(super) config: BalloonConfig,
     roles: Vec<Role>,
     queue_sizes: Vec<u16>,
-    actual_pages: u32,
+    pub(super) actual_pages: u32,
     /// The stats buffer the guest handed over, held until fresh stats are wanted.
-    stats_held: Option<u16>,
+    pub(super) stats_held: Option<u16>,
     stats_last: Instant,
-    stats: Stats,
+    pub(super) stats: Stats,
     inflated: u64,
     deflated: u64,
     reported_bytes: u64,
@@ -163,7 +164,7 @@ impl Balloon {
 
     /// A balloon rebuilt from its saved state (checked by the caller): its target
     /// and `actual` in pages, the statistics buffer it holds and the last statistics.
-    pub(crate) fn restored(
+    pub(super) fn restored(
         config: BalloonConfig,
         target_pages: u32,
         actual_pages: u32,
@@ -302,19 +303,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn state(&self) -> DeviceState {
-        DeviceState::Balloon(BalloonState {
-            num_pages: self.control.pages().0,
-            actual: self.actual_pages,
-            stats_interval: self.config.stats_interval,
-            free_page_reporting: self.config.free_page_reporting,
-            deflate_on_oom: self.config.deflate_on_oom,
-            stats_held: self.stats_held,
-            stats: self
-                .stats
-                .iter()
-                .map(|&(tag, value)| BalloonStat { tag, value })
-                .collect(),
-        })
+        DeviceState::Balloon(self.save())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -390,7 +379,8 @@ impl VirtioDevice for Balloon {
                     if let Ok(mut reader) = chain.reader(mem) {
                         let mut entry = [0u8; 10];
                         self.stats.clear();
-                        while reader.read_exact(&mut entry).is_ok() && self.stats.len() < 64 {
+                        while reader.read_exact(&mut entry).is_ok() && self.stats.len() < MAX_STATS
+                        {
                             let tag = u16::from_le_bytes([entry[0], entry[1]]);
                             let value = u64::from_le_bytes(entry[2..].try_into().expect("8 bytes"));
                             self.stats.push((tag, value));

@@ -1,4 +1,4 @@
-//! virtio-rng: fills the guest's buffers from the host's `getrandom`.
+//! The virtio-rng device: one queue, filled from `getrandom` under a rate limit.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -8,11 +8,12 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::state::{DeviceState, RngState};
-use super::{
+use crate::persist::Persist;
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::virtio::persist::DeviceState;
+use crate::virtio::{
     serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{RateLimit, RateLimiter};
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes served per request: a larger buffer is filled up to this.
@@ -20,7 +21,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 /// A virtio entropy device.
 pub struct Rng {
-    limiter: RateLimiter,
+    pub(super) limiter: RateLimiter,
     buf: Vec<u8>,
     bytes: u64,
     metrics: Arc<DeviceCounters>,
@@ -82,9 +83,7 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
 
     fn state(&self) -> DeviceState {
-        DeviceState::Rng(RngState {
-            rate_limit: self.limiter.limit().into(),
-        })
+        DeviceState::Rng(self.save())
     }
 
     fn process_queue(

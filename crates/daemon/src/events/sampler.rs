@@ -1,0 +1,204 @@
+//! The sampler: every `--sample-interval`, each running VM's metrics snapshot and
+//! the host's pressure readings to the detectors, and each VM's new
+//! introspection findings as events (fetched from its API socket, or read from
+//! its findings file once it has ended).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use vigil_events::{HostSample, Timestamp};
+
+use super::{Events, Input};
+use crate::findings::{
+    finding_event, parse_findings_file, FindingCursors, FindingRecord, FINDINGS_FILE,
+    VM_FINDINGS_PATH,
+};
+use crate::supervisor::Supervisor;
+
+/// The sampler: every `interval`, each running VM's metrics snapshot (as `GET
+/// /metrics` takes them) and the host's readings, to the detectors. Ends when
+/// `stop` turns true.
+pub async fn sample(
+    supervisor: Arc<Supervisor>,
+    events: Events,
+    interval: Duration,
+    scrape_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut cursors = FindingCursors::default();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let timeout = scrape_timeout.min(interval);
+        let samples = crate::metrics::collect(&supervisor, timeout).await;
+        emit_findings(&events, &mut cursors, &samples, timeout).await;
+        let vms = samples
+            .iter()
+            .filter_map(|s| Some(vm_sample(&s.info.id, s.snapshot.as_ref()?)))
+            .collect();
+        let host = host_sample(&vigil_metrics::HostSnapshot::read());
+        let _ = events.tx.send(Input::Tick { host, vms });
+        events.flush_api_summaries();
+    }
+}
+
+/// Emits the introspection findings of each VM whose snapshot counts more of them
+/// than were emitted (see [`crate::findings`]); forgets the VMs that are gone.
+async fn emit_findings(
+    events: &Events,
+    cursors: &mut FindingCursors,
+    samples: &[crate::metrics::VmSample],
+    timeout: Duration,
+) {
+    cursors.retain(samples.iter().map(|s| s.info.id.as_str()));
+    let emit = |id: &str, records: &[FindingRecord]| {
+        for r in records {
+            match finding_event(id, r) {
+                Some(e) => events.emit(e),
+                None => tracing::warn!(
+                    id,
+                    rule = r.rule,
+                    "introspection finding {} of an unknown rule: not reported",
+                    r.seq
+                ),
+            }
+        }
+    };
+    // VMs that ended: what they found after the last fetch, from their file.
+    for s in samples.iter().filter(|s| !s.info.state.is_live()) {
+        let Some(since) = cursors.drain(&s.info.id) else {
+            continue;
+        };
+        let path = s.info.dir.join(FINDINGS_FILE);
+        // A small local file, read once per ended VM.
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                tracing::warn!(id = s.info.id, "cannot read {}: {e}", path.display());
+                continue;
+            }
+        };
+        let records = crate::findings::after(since, parse_findings_file(&text));
+        emit(&s.info.id, &records);
+    }
+    let mut fetches = tokio::task::JoinSet::new();
+    for s in samples {
+        let Some(snapshot) = &s.snapshot else {
+            continue;
+        };
+        let total = snapshot.introspection.findings_total();
+        let Some(since) = cursors.due(&s.info.id, s.info.pid, total) else {
+            continue;
+        };
+        let (id, pid, socket) = (s.info.id.clone(), s.info.pid, s.info.api_socket.clone());
+        fetches.spawn(async move {
+            let path = format!("{VM_FINDINGS_PATH}?since={since}");
+            let records = match crate::client::request(&socket, "GET", &path, None, timeout).await {
+                Ok(r) if r.is_success() => serde_json::from_slice::<Vec<FindingRecord>>(&r.body)
+                    .map_err(|e| format!("not a list of findings: {e}")),
+                Ok(r) => Err(format!("status {}: {}", r.status, r.fault_message())),
+                Err(e) => Err(e.to_string()),
+            };
+            (id, pid, since, records)
+        });
+    }
+    while let Some(joined) = fetches.join_next().await {
+        let Ok((id, pid, since, records)) = joined else {
+            continue;
+        };
+        match records {
+            Ok(records) => {
+                let records = crate::findings::after(since, records);
+                emit(&id, &records);
+                cursors.advance(&id, pid, &records);
+            }
+            // Asked again next tick.
+            Err(e) => tracing::debug!(id, "cannot fetch introspection findings: {e}"),
+        }
+    }
+}
+
+/// A VM's metrics snapshot as the detectors' sample: disk ops (every block
+/// device's requests), packets each way (every net device), and the throttle
+/// counters of all devices. A kind of device the VM lacks gives `None`.
+pub fn vm_sample(id: &str, s: &vigil_metrics::VmMetricsSnapshot) -> vigil_events::VmSample {
+    use vigil_metrics::DeviceKind;
+    let sum = |kind: DeviceKind, f: fn(&vigil_metrics::DeviceSnapshot) -> u64| {
+        s.devices
+            .iter()
+            .filter(|d| d.kind == kind)
+            .map(f)
+            .reduce(u64::saturating_add)
+    };
+    vigil_events::VmSample {
+        vm_id: id.to_owned(),
+        at: Timestamp::from_unix_ns(s.utc_timestamp_ms.saturating_mul(1_000_000)),
+        disk_ops_total: sum(DeviceKind::Block, |d| {
+            d.ops_in
+                .saturating_add(d.ops_out)
+                .saturating_add(d.ops_other)
+        }),
+        net_rx_packets_total: sum(DeviceKind::Net, |d| d.ops_in),
+        net_tx_packets_total: sum(DeviceKind::Net, |d| d.ops_out),
+        throttled_total: s
+            .devices
+            .iter()
+            .map(|d| d.throttled)
+            .reduce(u64::saturating_add),
+    }
+}
+
+/// The host's pressure readings as the detectors' sample.
+pub fn host_sample(h: &vigil_metrics::HostSnapshot) -> HostSample {
+    HostSample {
+        at: Timestamp::now(),
+        psi_cpu_some_avg10: h.cpu_pressure.as_ref().map(|p| p.some.avg10),
+        psi_memory_some_avg10: h.memory_pressure.as_ref().map(|p| p.some.avg10),
+        psi_io_some_avg10: h.io_pressure.as_ref().map(|p| p.some.avg10),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_from_snapshots() {
+        use vigil_metrics::{DeviceKind, DeviceSnapshot, VmMetricsSnapshot};
+        let dev = |kind, ops_in, ops_out, throttled| DeviceSnapshot {
+            name: "d".into(),
+            kind,
+            ops_in,
+            ops_out,
+            ops_other: 1,
+            throttled,
+            ..DeviceSnapshot::default()
+        };
+        let snap = VmMetricsSnapshot {
+            utc_timestamp_ms: 1_700_000_000_000,
+            devices: vec![
+                dev(DeviceKind::Block, 10, 20, 3),
+                dev(DeviceKind::Block, 1, 2, 0),
+                dev(DeviceKind::Net, 7, 8, 4),
+                dev(DeviceKind::Entropy, 100, 0, 5),
+            ],
+            ..VmMetricsSnapshot::default()
+        };
+        let s = vm_sample("vm-1", &snap);
+        assert_eq!(s.vm_id, "vm-1");
+        assert_eq!(s.at, Timestamp::from_unix_secs(1_700_000_000));
+        assert_eq!(s.disk_ops_total, Some(35));
+        assert_eq!(s.net_rx_packets_total, Some(7));
+        assert_eq!(s.net_tx_packets_total, Some(8));
+        assert_eq!(s.throttled_total, Some(12));
+        let bare = vm_sample("vm-2", &VmMetricsSnapshot::default());
+        assert_eq!(bare.disk_ops_total, None);
+        assert_eq!(bare.throttled_total, None);
+    }
+}

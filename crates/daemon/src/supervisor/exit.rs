@@ -1,0 +1,124 @@
+//! How a VM process ended: the state it leaves the VM in and the reason in words
+//! (exit status, signal), and a crash's cause from the VMM's report.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::time::SystemTime;
+
+use super::vm::{unix_s, ExitInfo, VmState};
+
+/// Describes how a VMM process ended: the state it leaves the VM in, and why.
+pub fn classify(status: ExitStatus, stop_requested: bool) -> (VmState, ExitInfo) {
+    let code = status.code();
+    let signal = status.signal();
+    let (state, reason) = match (code, signal) {
+        (Some(c), _) if stop_requested => (VmState::Stopped, format!("stopped by the daemon (exit status {c})")),
+        (None, Some(s)) if stop_requested => (
+            VmState::Stopped,
+            format!("stopped by the daemon (killed by signal {s})"),
+        ),
+        (Some(0), _) => (
+            VmState::Exited,
+            "the guest powered off or reset (exit status 0)".into(),
+        ),
+        (Some(3), _) => (
+            VmState::Crashed,
+            "the guest crashed: triple fault, KVM internal or emulation error (exit status 3; the report is in stderr_tail)".into(),
+        ),
+        (Some(c @ (1 | 2)), _) => (
+            VmState::Failed,
+            format!("the VMM failed (exit status {c}; the message is in stderr_tail)"),
+        ),
+        (Some(c @ (130 | 143)), _) => (
+            VmState::Stopped,
+            format!(
+                "stopped by {} from outside the daemon (exit status {c})",
+                if c == 130 { "SIGINT" } else { "SIGTERM" }
+            ),
+        ),
+        (Some(c @ 32..=255), _) => (
+            VmState::Exited,
+            format!(
+                "the guest wrote status {} to the debug-exit port (exit status {c})",
+                c - 32
+            ),
+        ),
+        (Some(c), _) => (VmState::Failed, format!("the VMM exited with status {c}")),
+        (None, Some(s)) => (
+            VmState::Crashed,
+            format!("the VMM was killed by signal {s} ({})", signal_name(s)),
+        ),
+        (None, None) => (VmState::Crashed, "the VMM ended for an unknown reason".into()),
+    };
+    let info = ExitInfo {
+        code,
+        signal,
+        reason,
+        at_unix_s: unix_s(SystemTime::now()),
+    };
+    (state, info)
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        _ => "see kill -l",
+    }
+}
+
+/// A crash in a few words: what the VMM's report names (triple fault, KVM
+/// internal error, emulation failure), or the signal that killed it.
+pub(super) fn crash_reason(exit: Option<&ExitInfo>, stderr_tail: Option<&str>) -> String {
+    if let Some(signal) = exit.and_then(|e| e.signal) {
+        return format!(
+            "the VMM was killed by signal {signal} ({})",
+            signal_name(signal)
+        );
+    }
+    let log = stderr_tail.unwrap_or_default().to_ascii_lowercase();
+    for (needle, reason) in [
+        ("triple fault", "triple fault"),
+        ("internal error", "KVM internal error"),
+        ("emulation", "emulation failure"),
+    ] {
+        if log.contains(needle) {
+            return reason.to_owned();
+        }
+    }
+    exit.map_or_else(|| "unknown".to_owned(), |e| e.reason.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn exits_are_classified() {
+        assert_eq!(classify(status_of(0), false).0, VmState::Exited);
+        assert_eq!(classify(status_of(3), false).0, VmState::Crashed);
+        assert_eq!(classify(status_of(1), false).0, VmState::Failed);
+        assert_eq!(classify(status_of(143), false).0, VmState::Stopped);
+        assert_eq!(classify(status_of(3), true).0, VmState::Stopped);
+        let (state, exit) = classify(status_of(35), false);
+        assert_eq!(state, VmState::Exited);
+        assert!(exit.reason.contains("status 3 "), "{}", exit.reason);
+        let (state, exit) = classify(ExitStatus::from_raw(libc::SIGSEGV), false);
+        assert_eq!(state, VmState::Crashed);
+        assert_eq!(exit.signal, Some(libc::SIGSEGV));
+        assert!(exit.reason.contains("SIGSEGV"));
+        assert_eq!(
+            classify(ExitStatus::from_raw(libc::SIGKILL), true).0,
+            VmState::Stopped
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! VM processes: spawning, reaping, forwarding to their API sockets, stopping.
+//!
+//! Each VM is one `vigil run --api-sock DIR/api.sock --config-file DIR/config.json`
+//! (with `--introspect`, `--trace-syscalls`, `--debug-api` when the create request asks)
+//! process, DIR being `<state-dir>/vms/<id>`. Its serial console (stdout) goes to
+//! `DIR/console.log` and its own log (stderr) to `DIR/vmm.log`. One task per VM owns
+//! the process handle: it alone reaps the process, and it alone signals it, so a
+//! signal can never reach a recycled pid. A VM that ends is never restarted: its
+//! record keeps how it ended (and the tails of its logs) until it is destroyed.
+//!
+//! The parts: `vm` (the VM record and its states), `request` (the create request,
+//! its introspection options and the `vigil run` flags they become), `process`
+//! (launching the process, waiting for it to come up, reaping it), `exit` (how a
+//! process ended: its state and reason, crash reasons), `control` (pause, resume
+//! and throttle through the VM's API socket) and `stop` (stop, destroy, stop
+//! all). This module holds the [`Supervisor`] (the table of VMs) and creation.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::error::ApiError;
+use crate::events::{Events, Priority};
+use crate::id::validate_id;
+
+mod control;
+mod exit;
+mod process;
+mod request;
+mod stop;
+mod vm;
+
+pub use exit::classify;
+pub use process::{tail, TAIL_BYTES};
+pub use request::{CreateRequest, IntrospectSpec, TraceSpec, MAX_INTROSPECT_MS, SYSCALLS_FILE};
+pub use stop::StopMethod;
+pub use vm::{ExitInfo, Vm, VmInfo, VmState};
+
+use request::LaunchOptions;
+use vm::Status;
+
+/// The daemon's settings for supervising VMs.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Where VM folders live (`<state_dir>/vms/<id>`).
+    pub state_dir: PathBuf,
+    /// The `vigil` binary to run each VM with.
+    pub vmm_binary: PathBuf,
+    /// How long a VM may take to report itself running on its API socket.
+    pub start_timeout: Duration,
+    /// How long a stop waits after SIGTERM before SIGKILL.
+    pub stop_timeout: Duration,
+    /// How long one request to a VM's API socket may take.
+    pub vm_request_timeout: Duration,
+    /// The most VMs (in any state) the daemon keeps.
+    pub max_vms: usize,
+}
+
+/// The VMs, by id.
+pub struct Supervisor {
+    config: SupervisorConfig,
+    vms: Mutex<BTreeMap<String, Arc<Vm>>>,
+    /// The security event stream (lifecycle events, crashes, ...).
+    events: Events,
+}
+
+fn machine_field(config: &serde_json::Value, field: &str) -> Option<u64> {
+    config.get("machine-config")?.get(field)?.as_u64()
+}
+
+impl Supervisor {
+    pub fn new(config: SupervisorConfig, events: Events) -> Self {
+        Supervisor {
+            config,
+            vms: Mutex::new(BTreeMap::new()),
+            events,
+        }
+    }
+
+    /// Where VM lifecycle events (and every other security event) go.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    pub fn config(&self) -> &SupervisorConfig {
+        &self.config
+    }
+
+    fn table(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Vm>>> {
+        self.vms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// All VMs, in id order.
+    pub fn list(&self) -> Vec<Arc<Vm>> {
+        self.table().values().cloned().collect()
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Vm>, ApiError> {
+        self.table()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no VM with id {id:?}")))
+    }
+
+    fn vm_dir(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join("vms").join(id)
+    }
+
+    /// Creates a VM: writes its folder, starts its process and waits until its API
+    /// socket reports it running (or it ends, or `start_timeout` passes).
+    pub async fn create(&self, request: CreateRequest) -> Result<VmInfo, ApiError> {
+        validate_id(&request.id).map_err(ApiError::bad_request)?;
+        if !request.config.is_object() {
+            return Err(ApiError::bad_request(format!(
+                "config must be a JSON object (a Firecracker-style VM configuration with \"boot-source\", \"machine-config\", ...), not {}",
+                json_kind(&request.config)
+            )));
+        }
+        if let Some(i) = &request.introspect {
+            i.validate().map_err(ApiError::bad_request)?;
+        }
+        if let Some(t) = &request.trace_syscalls {
+            t.validate().map_err(ApiError::bad_request)?;
+        }
+        let options = LaunchOptions {
+            introspect: request.introspect,
+            trace_syscalls: request.trace_syscalls,
+            debug_api: request.debug_api,
+        };
+        let id = request.id;
+        let dir = self.vm_dir(&id);
+        let api_socket = dir.join("api.sock");
+        // Reserve the id first, so that two creates of one id cannot both proceed.
+        let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+        let (ended_tx, ended_rx) = watch::channel(false);
+        let vm = Arc::new(Vm {
+            id: id.clone(),
+            dir: dir.clone(),
+            api_socket: api_socket.clone(),
+            vcpus: machine_field(&request.config, "vcpu_count"),
+            memory_mib: machine_field(&request.config, "mem_size_mib"),
+            config: request.config,
+            options,
+            created_at: SystemTime::now(),
+            started: Instant::now(),
+            status: Mutex::new(Status {
+                state: VmState::Starting,
+                pid: None,
+                ended: None,
+                exit: None,
+                stderr_tail: None,
+                console_tail: None,
+                stop_requested: false,
+            }),
+            signals: signal_tx,
+            ended: ended_rx,
+        });
+        {
+            let mut table = self.table();
+            if table.contains_key(&id) {
+                return Err(ApiError::conflict(format!(
+                    "a VM with id {id:?} already exists: destroy it first or pick another id"
+                )));
+            }
+            if table.len() >= self.config.max_vms {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "the daemon already holds {} VMs (--max-vms {}): destroy some first",
+                        table.len(),
+                        self.config.max_vms
+                    ),
+                ));
+            }
+            table.insert(id.clone(), vm.clone());
+        }
+        match self.launch(&vm, signal_rx, ended_tx).await {
+            Ok(()) => {}
+            Err(e) => {
+                self.table().remove(&id);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
+        let info = self.wait_started(&vm).await?;
+        self.events.lifecycle(
+            &id,
+            "created",
+            info.state,
+            Priority::Informational,
+            serde_json::json!({ "vm.vcpus": info.vcpus, "vm.memory_mib": info.memory_mib, "proc.pid": info.pid }),
+        );
+        Ok(info)
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,341 @@
+//! A VM's process: its folder prepared and the process spawned (with its
+//! parent-death signal), the wait until its API socket reports it running, and
+//! the task that owns the process: it alone signals and reaps it, then records
+//! how it ended.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+
+use super::exit::{classify, crash_reason};
+use super::stop::StopMethod;
+use super::vm::{unix_s, ExitInfo, Vm, VmInfo, VmState};
+use super::Supervisor;
+use crate::client;
+use crate::error::ApiError;
+use crate::events::{Event, Events, Priority};
+
+/// How many bytes of a VM's stderr and console logs its record keeps when it ends.
+pub const TAIL_BYTES: u64 = 4096;
+
+/// The last `max` bytes of the file at `path` (from a line start when it was cut).
+pub fn tail(path: &Path, max: u64) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes).ok()?;
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if start > 0 {
+        if let Some(nl) = text.find('\n') {
+            text.drain(..=nl);
+        }
+    }
+    Some(text)
+}
+
+impl Supervisor {
+    /// Prepares the folder and spawns the process with its reaper.
+    pub(super) async fn launch(
+        &self,
+        vm: &Arc<Vm>,
+        signals: mpsc::UnboundedReceiver<i32>,
+        ended: watch::Sender<bool>,
+    ) -> Result<(), ApiError> {
+        let dir = &vm.dir;
+        if dir.exists() {
+            // Left by an earlier daemon. Its VM would have been stopped with it (the
+            // parent-death signal), but check before taking the folder over.
+            if client::request(&vm.api_socket, "GET", "/", None, Duration::from_millis(200))
+                .await
+                .is_ok()
+            {
+                return Err(ApiError::conflict(format!(
+                    "{} belongs to a VM that still answers on its API socket (not started by this daemon): stop it, or pick another id",
+                    dir.display()
+                )));
+            }
+            std::fs::remove_dir_all(dir).map_err(|e| {
+                ApiError::internal(format!("cannot remove stale {}: {e}", dir.display()))
+            })?;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
+        let config_path = dir.join("config.json");
+        let open = |name: &str| {
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", path.display())))
+        };
+        let config_bytes = serde_json::to_vec_pretty(&vm.config)
+            .map_err(|e| ApiError::internal(format!("cannot encode the config: {e}")))?;
+        std::io::Write::write_all(&mut open("config.json")?, &config_bytes).map_err(|e| {
+            ApiError::internal(format!("cannot write {}: {e}", config_path.display()))
+        })?;
+        let console = open("console.log")?;
+        let stderr = open("vmm.log")?;
+
+        let mut command = tokio::process::Command::new(&self.config.vmm_binary);
+        command
+            .arg("run")
+            .arg("--api-sock")
+            .arg(&vm.api_socket)
+            .arg("--config-file")
+            .arg(&config_path)
+            .args(vm.options.args(dir))
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(stderr)
+            // Its own process group: a Ctrl-C on the daemon's terminal reaches the
+            // daemon alone, which then stops its VMs in order.
+            .process_group(0)
+            .kill_on_drop(false);
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // async-signal-safe calls (prctl, getppid, _exit). PR_SET_PDEATHSIG makes the VM
+        // get SIGTERM when the daemon dies, even by SIGKILL, so no VM outlives its
+        // supervisor unnoticed; the getppid check closes the race with a daemon that
+        // died before the prctl. (The signal follows the spawning thread; the daemon
+        // spawns from its runtime's worker threads, which live as long as it does.)
+        unsafe {
+            let parent = libc::getpid();
+            command.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(143);
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| {
+            ApiError::internal(format!(
+                "cannot start {}: {e}",
+                self.config.vmm_binary.display()
+            ))
+        })?;
+        vm.status().pid = child.id();
+        tracing::info!(id = %vm.id, pid = ?child.id(), "VM process started");
+        tokio::spawn(reap(vm.clone(), child, signals, ended, self.events.clone()));
+        Ok(())
+    }
+
+    pub(super) async fn wait_started(&self, vm: &Arc<Vm>) -> Result<VmInfo, ApiError> {
+        let deadline = Instant::now() + self.config.start_timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let state = vm.state();
+            if state != VmState::Starting {
+                break;
+            }
+            if vm.api_socket.exists() {
+                if let Ok(response) =
+                    client::request(&vm.api_socket, "GET", "/", None, Duration::from_millis(500))
+                        .await
+                {
+                    if let Some(s @ (VmState::Running | VmState::Paused)) =
+                        reported_state(&response)
+                    {
+                        let mut status = vm.status();
+                        if status.state == VmState::Starting {
+                            status.state = s;
+                        }
+                        break;
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(id = %vm.id, "VM did not report itself running in time; stopping it");
+                self.stop_vm(vm, StopMethod::Sigterm, Duration::from_secs(2))
+                    .await;
+                let info = vm.info(false);
+                self.remove(vm).await;
+                return Err(ApiError::new(
+                    axum::http::StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "VM {:?} did not report itself running on {} within {:?}; it was stopped and removed. Its log ended with: {}",
+                        vm.id,
+                        vm.api_socket.display(),
+                        self.config.start_timeout,
+                        info.stderr_tail.as_deref().map(last_lines).unwrap_or_default()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+        // A VMM that refused its configuration is not a VM: report why and forget it.
+        if vm.state() == VmState::Failed {
+            let info = vm.info(false);
+            self.remove(vm).await;
+            let exit = info.exit.map(|e| e.reason).unwrap_or_default();
+            return Err(ApiError::bad_request(format!(
+                "VM {:?} failed to start: {exit}: {}",
+                vm.id,
+                info.stderr_tail
+                    .as_deref()
+                    .map(last_lines)
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(vm.info(false))
+    }
+}
+
+pub(super) fn reported_state(response: &client::Response) -> Option<VmState> {
+    if !response.is_success() {
+        return None;
+    }
+    match response.json()?.get("state")?.as_str()? {
+        "Running" => Some(VmState::Running),
+        "Paused" => Some(VmState::Paused),
+        _ => None,
+    }
+}
+
+/// The last few non-empty lines of a log, on one line.
+fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// Owns the process: forwards signals to it until it exits, then records how it ended.
+async fn reap(
+    vm: Arc<Vm>,
+    mut child: tokio::process::Child,
+    mut signals: mpsc::UnboundedReceiver<i32>,
+    ended: watch::Sender<bool>,
+    events: Events,
+) {
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            Some(signal) = signals.recv() => {
+                if let Some(pid) = child.id() {
+                    // SAFETY: kill has no memory effects; `pid` is our unreaped child
+                    // (only this task reaps it), so it cannot name another process.
+                    unsafe { libc::kill(pid as i32, signal) };
+                }
+            }
+        }
+    };
+    let stderr_tail = tail(&vm.dir.join("vmm.log"), TAIL_BYTES);
+    let console_tail = tail(&vm.dir.join("console.log"), TAIL_BYTES);
+    {
+        let mut s = vm.status();
+        match status {
+            Ok(status) => {
+                let (state, exit) = classify(status, s.stop_requested);
+                match state {
+                    VmState::Crashed | VmState::Failed => tracing::warn!(
+                        id = %vm.id,
+                        "VM {}: {} (not restarted); last log lines: {}",
+                        state.as_str(),
+                        exit.reason,
+                        stderr_tail.as_deref().map(last_lines).unwrap_or_default()
+                    ),
+                    _ => tracing::info!(id = %vm.id, "VM {}: {}", state.as_str(), exit.reason),
+                }
+                s.state = state;
+                s.exit = Some(exit);
+            }
+            Err(e) => {
+                tracing::error!(id = %vm.id, "cannot wait for the VM process: {e}");
+                s.state = VmState::Crashed;
+                s.exit = Some(ExitInfo {
+                    code: None,
+                    signal: None,
+                    reason: format!("the daemon lost track of the process: {e}"),
+                    at_unix_s: unix_s(SystemTime::now()),
+                });
+            }
+        }
+        s.pid = None;
+        s.ended = Some(Instant::now());
+        s.stderr_tail = stderr_tail;
+        s.console_tail = console_tail;
+        let record = serde_json::json!({
+            "exit": s.exit,
+            "state": s.state,
+            "stderr_tail": s.stderr_tail,
+            "console_tail": s.console_tail,
+        });
+        if vm.dir.is_dir() {
+            let _ = std::fs::write(vm.dir.join("exit.json"), record.to_string());
+        }
+        let exit = s.exit.as_ref();
+        let fields = serde_json::json!({
+            "reason": exit.map(|e| e.reason.as_str()),
+            "proc.exit_code": exit.and_then(|e| e.code),
+            "proc.signal": exit.and_then(|e| e.signal),
+        });
+        if s.state == VmState::Crashed {
+            // A security event of its own: the engine files it with the VM's
+            // earlier events (a flood, then a crash, is an incident).
+            let reason = crash_reason(exit, s.stderr_tail.as_deref());
+            let mut event = Event::vm_crashed(&vm.id, vigil_events::Timestamp::now(), &reason)
+                .with_field("vm.state", s.state.as_str())
+                .with_field("vm.exit_reason", exit.map_or("", |e| e.reason.as_str()));
+            if let serde_json::Value::Object(fields) = fields {
+                for (k, v) in fields
+                    .into_iter()
+                    .filter(|(k, v)| k != "reason" && !v.is_null())
+                {
+                    event = event.with_field(k, v);
+                }
+            }
+            events.emit(event);
+        } else {
+            let priority = match s.state {
+                VmState::Failed => Priority::Error,
+                _ => Priority::Notice,
+            };
+            events.lifecycle(&vm.id, s.state.as_str(), s.state, priority, fields);
+        }
+        events.vm_ended(&vm.id);
+    }
+    let _ = std::fs::remove_file(&vm.api_socket);
+    let _ = ended.send(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails_start_at_a_line() {
+        let dir = std::env::temp_dir().join(format!("vigil-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log");
+        let text: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&path, &text).unwrap();
+        let t = tail(&path, 100).unwrap();
+        assert!(t.starts_with("line "), "{t}");
+        assert!(t.ends_with("line 999\n"));
+        assert!(t.len() <= 100);
+        assert_eq!(tail(&path, 1 << 20).unwrap(), text);
+        assert!(tail(&dir.join("absent"), 10).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,247 @@
+//! The request to create a VM: its id and configuration, the introspection,
+//! tracing and debug options (checked, naming the field and value), and the
+//! `vigil run` flags they become.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The request to create a VM.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub id: String,
+    /// A Firecracker-style VM configuration (the JSON `--config-file` takes).
+    pub config: serde_json::Value,
+    /// Watch the guest kernel's integrity from its start (`vigil run --introspect`).
+    #[serde(default)]
+    pub introspect: Option<IntrospectSpec>,
+    /// Trace the guest's system calls from its start into `DIR/syscalls.jsonl`
+    /// (`vigil run --trace-syscalls`).
+    #[serde(default)]
+    pub trace_syscalls: Option<TraceSpec>,
+    /// Serve `PUT /vigil/debug/memory` and `/vigil/debug/msr` on the VM's API
+    /// socket (`vigil run --debug-api`): writes into the guest, for tests only.
+    #[serde(default)]
+    pub debug_api: bool,
+}
+
+/// The longest introspection period and baseline delay (`vigil run` refuses more).
+pub const MAX_INTROSPECT_MS: u64 = 3_600_000;
+
+/// `introspect` in a create request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectSpec {
+    /// Milliseconds between checks, 1 to 3600000 (the VMM's default: 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_ms: Option<u64>,
+    /// `report` (the default) or `protect` (guest writes to the syscall MSRs fault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Milliseconds from the VM's start to the baseline, up to 3600000 (the VMM's
+    /// default: 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_after_ms: Option<u64>,
+}
+
+impl IntrospectSpec {
+    /// Refuses values the VMM would refuse, naming the field and the value.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(p) = self.period_ms {
+            if !(1..=MAX_INTROSPECT_MS).contains(&p) {
+                return Err(format!(
+                    "introspect.period_ms {p}: expected 1 to {MAX_INTROSPECT_MS}"
+                ));
+            }
+        }
+        if let Some(b) = self.baseline_after_ms {
+            if b > MAX_INTROSPECT_MS {
+                return Err(format!(
+                    "introspect.baseline_after_ms {b}: expected 0 to {MAX_INTROSPECT_MS}"
+                ));
+            }
+        }
+        if let Some(p) = &self.policy {
+            if p != "report" && p != "protect" {
+                return Err(format!(
+                    "introspect.policy {p:?}: expected \"report\" or \"protect\""
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The value of `vigil run --introspect=`: `period=100ms,policy=protect,...`.
+    pub fn arg(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(p) = self.period_ms {
+            parts.push(format!("period={p}ms"));
+        }
+        if let Some(p) = &self.policy {
+            parts.push(format!("policy={p}"));
+        }
+        if let Some(b) = self.baseline_after_ms {
+            parts.push(format!("baseline_after={b}ms"));
+        }
+        parts.join(",")
+    }
+}
+
+/// `trace_syscalls` in a create request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceSpec {
+    /// Which calls: comma-separated names or numbers (`read,write,59`), optionally
+    /// `cr3=0x...` for one process (`vigil run --trace-filter`). Default: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syscalls: Option<String>,
+}
+
+impl TraceSpec {
+    /// Refuses what cannot be a filter, naming the field and the value (the VMM
+    /// checks the names themselves).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(s) = &self.syscalls {
+            let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | ',' | '=');
+            if s.is_empty() || s.len() > 4096 || !s.chars().all(fine) {
+                return Err(format!(
+                    "trace_syscalls.syscalls {s:?}: expected comma-separated system call names or numbers (read,write,59), optionally cr3=0x..."
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the VMM process is started, besides its configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct LaunchOptions {
+    pub(super) introspect: Option<IntrospectSpec>,
+    pub(super) trace_syscalls: Option<TraceSpec>,
+    pub(super) debug_api: bool,
+}
+
+impl LaunchOptions {
+    /// The `vigil run` arguments; `dir` is the VM's folder.
+    pub(super) fn args(&self, dir: &Path) -> Vec<std::ffi::OsString> {
+        // Findings outlive the process there, for the sampler to read once it ended.
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--findings-path".into(),
+            dir.join(crate::findings::FINDINGS_FILE).into(),
+        ];
+        if let Some(i) = &self.introspect {
+            args.push(format!("--introspect={}", i.arg()).into());
+        }
+        if let Some(t) = &self.trace_syscalls {
+            args.push("--trace-syscalls".into());
+            args.push(dir.join(SYSCALLS_FILE).into());
+            if let Some(f) = &t.syscalls {
+                args.push(format!("--trace-filter={f}").into());
+            }
+        }
+        if self.debug_api {
+            args.push("--debug-api".into());
+        }
+        args
+    }
+}
+
+/// Where a VM created with `trace_syscalls` writes its calls, in its folder.
+pub const SYSCALLS_FILE: &str = "syscalls.jsonl";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn introspection_options_become_run_flags() {
+        let req: CreateRequest = serde_json::from_value(serde_json::json!({
+            "id": "a", "config": {},
+            "introspect": {"period_ms": 100, "policy": "protect", "baseline_after_ms": 0},
+            "trace_syscalls": {"syscalls": "read,write,59"},
+            "debug_api": true
+        }))
+        .unwrap();
+        let options = LaunchOptions {
+            introspect: req.introspect,
+            trace_syscalls: req.trace_syscalls,
+            debug_api: req.debug_api,
+        };
+        let args: Vec<String> = options
+            .args(Path::new("/s/vms/a"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--findings-path",
+                "/s/vms/a/findings.jsonl",
+                "--introspect=period=100ms,policy=protect,baseline_after=0ms",
+                "--trace-syscalls",
+                "/s/vms/a/syscalls.jsonl",
+                "--trace-filter=read,write,59",
+                "--debug-api"
+            ]
+        );
+        // `{}`: introspection with the VMM's defaults, all calls traced.
+        let options = LaunchOptions {
+            introspect: Some(IntrospectSpec::default()),
+            trace_syscalls: Some(TraceSpec::default()),
+            debug_api: false,
+        };
+        assert_eq!(
+            options.args(Path::new("d")),
+            [
+                "--findings-path",
+                "d/findings.jsonl",
+                "--introspect=",
+                "--trace-syscalls",
+                "d/syscalls.jsonl"
+            ]
+            .map(std::ffi::OsString::from)
+        );
+        // Every VM writes its findings down (monitoring may start through its API).
+        assert_eq!(
+            LaunchOptions::default().args(Path::new("d")),
+            ["--findings-path", "d/findings.jsonl"].map(std::ffi::OsString::from)
+        );
+    }
+
+    #[test]
+    fn introspection_options_are_checked() {
+        let spec = |v: serde_json::Value| serde_json::from_value::<IntrospectSpec>(v).unwrap();
+        assert!(spec(serde_json::json!({})).validate().is_ok());
+        let e = spec(serde_json::json!({"period_ms": 0}))
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("introspect.period_ms 0"), "{e}");
+        let e = spec(serde_json::json!({"period_ms": 3_600_001}))
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("introspect.period_ms 3600001"), "{e}");
+        let e = spec(serde_json::json!({"baseline_after_ms": 4_000_000}))
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("introspect.baseline_after_ms 4000000"), "{e}");
+        let e = spec(serde_json::json!({"policy": "block"}))
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("introspect.policy \"block\""), "{e}");
+        assert!(
+            serde_json::from_value::<IntrospectSpec>(serde_json::json!({"period": 5})).is_err()
+        );
+        let t = TraceSpec {
+            syscalls: Some("read; rm -rf".into()),
+        };
+        assert!(t
+            .validate()
+            .unwrap_err()
+            .contains("trace_syscalls.syscalls"));
+        let t = TraceSpec {
+            syscalls: Some("read,write,cr3=0x1000".into()),
+        };
+        assert!(t.validate().is_ok());
+    }
+}

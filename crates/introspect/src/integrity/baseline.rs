@@ -1,0 +1,384 @@
+//! The baseline: the kernel's protection state at a moment policy chose (each
+//! vCPU's registers and descriptor tables, the syscall table, kernel text and
+//! read-only data page by page), and how it is taken.
+
+use serde::Serialize;
+
+use crate::cpu::CpuState;
+use crate::hex;
+use crate::layout::{KernelLayout, VirtRange};
+use crate::mem::GuestPhysMemory;
+use crate::paging::{read_virt, WalkError};
+
+use super::pages::{hash_region, table_hole, Digest32};
+use super::tables::{read_table, MAX_GDT_BYTES, MAX_IDT_BYTES};
+use super::{kernel_cr3, reference_cpu};
+
+/// One vCPU at baseline: its registers and a copy of its descriptor tables.
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuBaseline {
+    pub cpu: CpuState,
+    /// The IDT's `limit + 1` bytes (at most [`MAX_IDT_BYTES`]), hex; `None` until
+    /// it could be read.
+    #[serde(serialize_with = "hex::opt_bytes::serialize")]
+    pub idt: Option<Vec<u8>>,
+    /// The GDT's `limit + 1` bytes (at most [`MAX_GDT_BYTES`]), hex.
+    #[serde(serialize_with = "hex::opt_bytes::serialize")]
+    pub gdt: Option<Vec<u8>>,
+}
+
+/// One page of a protected region at baseline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PageRecord {
+    /// The guest-virtual page.
+    #[serde(with = "hex::u64")]
+    pub vaddr: u64,
+    /// The guest-physical 4 KiB page it translated to: what is re-hashed, and
+    /// what the dirty log is asked about.
+    #[serde(with = "hex::u64")]
+    pub paddr: u64,
+    /// The protected bytes: `offset..offset + len` of the page.
+    pub offset: u32,
+    pub len: u32,
+    /// Whether the mapping was writable.
+    pub writable: bool,
+    /// SHA-256 of the protected bytes (the syscall table's zeroed), hex.
+    #[serde(serialize_with = "hex::digest::serialize")]
+    pub hash: Digest32,
+}
+
+/// A protected region at baseline.
+#[derive(Clone, Debug, Serialize)]
+pub struct RegionBaseline {
+    /// `kernel text` or `kernel read-only data`.
+    pub name: &'static str,
+    pub range: VirtRange,
+    /// SHA-256 of the whole region (its pages' protected bytes in order), for
+    /// display.
+    #[serde(serialize_with = "hex::digest::serialize")]
+    pub hash: Digest32,
+    pub pages: Vec<PageRecord>,
+}
+
+/// The system call table at baseline.
+#[derive(Clone, Debug, Serialize)]
+pub struct SyscallTableBaseline {
+    #[serde(with = "hex::u64")]
+    pub addr: u64,
+    /// The entries (handler addresses), as `"0x..."`.
+    #[serde(serialize_with = "hex::u64_vec::serialize")]
+    pub entries: Vec<u64>,
+}
+
+/// The kernel's protection state at a moment policy chose.
+#[derive(Clone, Debug, Serialize)]
+pub struct Baseline {
+    pub layout: KernelLayout,
+    /// The vCPU whose CR3 translated the regions (the lowest-numbered one in long
+    /// mode, normally the boot CPU 0).
+    pub reference_vcpu: u32,
+    /// vCPUs in long mode, by vCPU number; others join when a check first sees
+    /// them in long mode.
+    pub vcpus: Vec<VcpuBaseline>,
+    pub syscall_table: Option<SyscallTableBaseline>,
+    pub text: RegionBaseline,
+    pub rodata: Option<RegionBaseline>,
+    /// What the baseline had to do without, and vCPUs that joined later.
+    pub notes: Vec<String>,
+}
+
+/// A baseline that cannot be taken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BaselineError {
+    #[error("integrity baseline: no vCPU is in long mode with paging (CR0.PG and EFER.LMA)")]
+    NoLongModeVcpu,
+    #[error("integrity baseline: {what} cannot be read: {source}")]
+    Unreadable {
+        what: String,
+        #[source]
+        source: WalkError,
+    },
+}
+
+impl VcpuBaseline {
+    /// Registers and descriptor tables of `cpu` (in long mode; tables read
+    /// through `cr3`); a table that cannot be read is `None`, with its error.
+    pub(super) fn take(
+        mem: &dyn GuestPhysMemory,
+        cpu: &CpuState,
+        cr3: u64,
+    ) -> (Self, Vec<(String, WalkError)>) {
+        let mut errors = Vec::new();
+        let idt = read_table(mem, cr3, cpu, cpu.idt.base, cpu.idt.limit, MAX_IDT_BYTES)
+            .map_err(|e| errors.push(("IDT".to_string(), e)))
+            .ok();
+        let gdt = read_table(mem, cr3, cpu, cpu.gdt.base, cpu.gdt.limit, MAX_GDT_BYTES)
+            .map_err(|e| errors.push(("GDT".to_string(), e)))
+            .ok();
+        (
+            Self {
+                cpu: *cpu,
+                idt,
+                gdt,
+            },
+            errors,
+        )
+    }
+}
+
+impl Baseline {
+    /// Takes the baseline: every vCPU of `cpus` in long mode (registers, IDT and
+    /// GDT through its own CR3), the syscall table, and kernel text and read-only
+    /// data page by page, translated through the CR3 of the lowest-numbered vCPU
+    /// in long mode. A page of a region that does not translate, or a table that
+    /// cannot be read, is an error naming it: a baseline with holes would protect
+    /// less than it says. vCPUs not in long mode (application processors not
+    /// started yet) are left out; a check baselines each when it first sees it in
+    /// long mode.
+    ///
+    /// The syscall table's bytes are left out of (zeroed in) the region hashes, so
+    /// a hooked entry is reported once, as `syscall_table_modified`. When its
+    /// count is an upper bound (see [`crate::SyscallTableLoc`]), trailing zero
+    /// entries are dropped.
+    pub fn take(
+        mem: &dyn GuestPhysMemory,
+        cpus: &[CpuState],
+        layout: &KernelLayout,
+    ) -> Result<Self, BaselineError> {
+        let reference = reference_cpu(cpus).ok_or(BaselineError::NoLongModeVcpu)?;
+        let probe = layout.text.start;
+        let ref_cr3 = kernel_cr3(mem, reference, probe);
+        let mut vcpus: Vec<VcpuBaseline> = Vec::new();
+        let mut sorted: Vec<&CpuState> = cpus.iter().filter(|c| c.long_mode()).collect();
+        sorted.sort_by_key(|c| c.vcpu);
+        sorted.dedup_by_key(|c| c.vcpu);
+        for cpu in sorted {
+            let (vb, errors) = VcpuBaseline::take(mem, cpu, kernel_cr3(mem, cpu, probe));
+            if let Some((what, source)) = errors.into_iter().next() {
+                return Err(BaselineError::Unreadable {
+                    what: format!("vCPU {}'s {what}", cpu.vcpu),
+                    source,
+                });
+            }
+            vcpus.push(vb);
+        }
+        let syscall_table = match layout.syscall_table {
+            Some(loc) => {
+                let mut raw = vec![0u8; loc.count * 8];
+                read_virt(mem, ref_cr3, reference.la57(), loc.addr, &mut raw).map_err(
+                    |source| BaselineError::Unreadable {
+                        what: "sys_call_table".into(),
+                        source,
+                    },
+                )?;
+                let mut entries: Vec<u64> = raw
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                if loc.count_is_bound {
+                    while entries.last() == Some(&0) {
+                        entries.pop();
+                    }
+                }
+                Some(SyscallTableBaseline {
+                    addr: loc.addr,
+                    entries,
+                })
+            }
+            None => None,
+        };
+        let hole = table_hole(layout, syscall_table.as_ref().map(|t| t.entries.len()));
+        let text = hash_region(mem, reference, ref_cr3, "kernel text", layout.text, hole)?;
+        let rodata = layout
+            .rodata
+            .map(|r| hash_region(mem, reference, ref_cr3, "kernel read-only data", r, hole))
+            .transpose()?;
+        let mut notes = layout.notes.clone();
+        if let (Some(loc), Some(t)) = (layout.syscall_table, &syscall_table) {
+            if t.entries.len() != loc.count {
+                notes.push(format!(
+                    "sys_call_table: {} entries ({} slots up to the next symbol, the rest zero padding)",
+                    t.entries.len(),
+                    loc.count
+                ));
+            }
+        }
+        Ok(Self {
+            layout: layout.clone(),
+            reference_vcpu: reference.vcpu,
+            vcpus,
+            syscall_table,
+            text,
+            rodata,
+            notes,
+        })
+    }
+
+    /// The baseline as JSON (for the API).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a Baseline always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CR0_PG;
+    use crate::integrity::fixture::*;
+    use crate::integrity::Checker;
+    use crate::kaslr::tests::tiny_linux_map;
+    use crate::paging::tests::Tables;
+    use std::sync::Arc;
+    use vigil_vmm::symbols::SymbolTable;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn baseline_of_a_clean_guest() {
+        let g = Guest::new();
+        let mut c = g.checker();
+        let b = c.baseline();
+        assert_eq!(b.vcpus.len(), 1);
+        assert_eq!(b.vcpus[0].idt.as_ref().unwrap().len(), 4096);
+        assert_eq!(b.vcpus[0].gdt.as_ref().unwrap().len(), 128);
+        assert_eq!(
+            b.syscall_table.as_ref().unwrap().entries[..3],
+            [SYS_READ, SYS_WRITE, SYS_NI]
+        );
+        assert_eq!(b.text.pages.len(), 4);
+        assert_eq!(b.text.pages[1].paddr, TEXT_PA + KIB4);
+        assert!(!b.text.pages[1].writable);
+        assert_eq!(b.rodata.as_ref().unwrap().pages.len(), 2);
+        let json: serde_json::Value = serde_json::from_str(&b.to_json()).unwrap();
+        assert_eq!(json["vcpus"][0]["cpu"]["lstar"], "0xffffffff81002000");
+        assert_eq!(json["text"]["pages"][1]["paddr"], "0x801000");
+        assert_eq!(json["text"]["hash"].as_str().unwrap().len(), 64);
+        assert_eq!(json["syscall_table"]["entries"][0], "0xffffffff81001000");
+        assert_eq!(json["vcpus"][0]["gdt"].as_str().unwrap().len(), 256);
+        // A clean guest: nothing, with and without a dirty log.
+        assert!(g.check(&mut c).is_empty());
+        let all: &dyn Fn(u64) -> bool = &|_| true;
+        assert!(c.check(&g.t.mem, &[g.cpu], Some(all)).is_empty());
+        // Not in long mode: no baseline.
+        let mut real = g.cpu;
+        real.cr0 &= !CR0_PG;
+        assert_eq!(
+            Baseline::take(&g.t.mem, &[real], &Guest::layout()).unwrap_err(),
+            BaselineError::NoLongModeVcpu
+        );
+    }
+
+    #[test]
+    fn unreadable_baseline_names_what() {
+        let mut g = Guest::new();
+        g.cpu.gdt.base = GDT + 0x10_0000;
+        let e = Baseline::take(&g.t.mem, &[g.cpu], &Guest::layout()).unwrap_err();
+        assert!(e.to_string().contains("vCPU 0's GDT"), "{e}");
+        let g = Guest::new();
+        let l = KernelLayout::new(TEXT..TEXT + 5 * KIB4, None, None).unwrap();
+        let e = Baseline::take(&g.t.mem, &[g.cpu], &l).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("kernel text at {:#x}", TEXT + 4 * KIB4)),
+            "{e}"
+        );
+    }
+
+    /// The ELF segment data at guest-virtual `va`: `len` bytes, fewer where the
+    /// segment's file data ends first (the rest is zero in the guest).
+    fn elf_bytes(elf: &[u8], va: u64, len: usize) -> Option<&[u8]> {
+        let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+        let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+        let (phoff, phnum) = (u64_at(0x20)? as usize, u16_at(0x38)? as usize);
+        for i in 0..phnum {
+            let ph = phoff + i * 56;
+            let (off, vaddr, filesz) = (u64_at(ph + 8)?, u64_at(ph + 16)?, u64_at(ph + 32)?);
+            if vaddr <= va && va < vaddr + filesz {
+                let start = (off + va - vaddr) as usize;
+                let n = len.min((vaddr + filesz - va) as usize);
+                return elf.get(start..start + n);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn real_linux_kernel() {
+        let Some(path) = tiny_linux_map() else {
+            return;
+        };
+        let (map, _) = SymbolTable::parse_lenient(&std::fs::read_to_string(&path).unwrap());
+        let l = KernelLayout::from_symbols(&map, 0, None).unwrap();
+        let a = |n| map.address_of(n).unwrap();
+        assert_eq!(l.text.start, a("_stext"));
+        assert_eq!(l.text.end, a("_etext"));
+        let ro = l.rodata.unwrap();
+        assert_eq!((ro.start, ro.end), (a("__start_rodata"), a("__end_rodata")));
+        let t = l.syscall_table.unwrap();
+        assert_eq!(t.addr, a("sys_call_table"));
+        // 451 system calls and 8 bytes of padding before the next symbol.
+        assert_eq!((t.count, t.count_is_bound), (452, true));
+
+        // With the kernel's own bytes (vmlinux next to the map): the baseline's
+        // table has the 451 entries, the padding dropped.
+        let vmlinux = path.with_file_name("vmlinux");
+        let Ok(elf) = std::fs::read(&vmlinux) else {
+            eprintln!("SKIP: {} not found", vmlinux.display());
+            return;
+        };
+        let mut tables = Tables::new(false);
+        // Text (up to 4 x 2 MiB) at 4 MiB, read-only data (2 MiB) at 12 MiB; the
+        // page tables stay below 4 MiB.
+        let text_len = (l.text.end - l.text.start) as usize;
+        assert!(text_len <= 8 << 20 && ro.end - ro.start <= 2 << 20);
+        for i in 0..(text_len as u64).div_ceil(2 << 20) {
+            tables.map(
+                l.text.start + i * (2 << 20),
+                0x40_0000 + i * (2 << 20),
+                2 << 20,
+                0,
+            );
+        }
+        tables.map(ro.start, 0xc0_0000, 2 << 20, NX);
+        let text = elf_bytes(&elf, l.text.start, text_len).expect("text in vmlinux");
+        tables
+            .mem
+            .write_slice(text, GuestAddress(0x40_0000))
+            .unwrap();
+        let rodata = elf_bytes(&elf, ro.start, (ro.end - ro.start) as usize).expect("rodata");
+        tables
+            .mem
+            .write_slice(rodata, GuestAddress(0xc0_0000))
+            .unwrap();
+        let mut cpu = Guest::new().cpu;
+        cpu.cr3 = tables.root;
+        // No IDT or GDT of this kernel here: point them at its rodata.
+        cpu.idt.base = ro.start;
+        cpu.gdt.base = ro.start;
+        cpu.lstar = a("entry_SYSCALL_64");
+        let b = Baseline::take(&tables.mem, &[cpu], &l).unwrap();
+        let entries = &b.syscall_table.as_ref().unwrap().entries;
+        assert_eq!(entries.len(), crate::syscall::SYSCALL_COUNT);
+        assert!(
+            b.notes.iter().any(|n| n.contains("451 entries")),
+            "{:?}",
+            b.notes
+        );
+        let ni_addr = a("__x64_sys_ni_syscall");
+        let map = Arc::new(map);
+        assert_eq!(map.lookup(entries[0]), Some(("__x64_sys_read", 0)));
+        assert_eq!(map.lookup(entries[59]), Some(("__x64_sys_execve", 0)));
+        assert_eq!(b.text.pages.len(), text_len.div_ceil(4096));
+        let ni = ni_addr;
+        let mut c = Checker::new(b, Some(map));
+        let dirty_none: &dyn Fn(u64) -> bool = &|_| false;
+        assert!(c.check(&tables.mem, &[cpu], Some(dirty_none)).is_empty());
+        // read -> ni_syscall, found by the table check, not as a rodata change.
+        let slot = 0xc0_0000 + (t.addr - ro.start);
+        tables.write(slot, ni);
+        let f = c.check(&tables.mem, &[cpu], None);
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert_eq!(f[0].location, "sys_call_table[0] (read)");
+        assert_eq!(f[0].symbol.as_deref(), Some("__x64_sys_ni_syscall+0x0"));
+        assert_eq!(f[0].from_symbol.as_deref(), Some("__x64_sys_read+0x0"));
+    }
+}

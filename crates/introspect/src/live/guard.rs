@@ -1,0 +1,176 @@
+//! The MSR guard: a guest write to a syscall MSR, caught by KVM's MSR filter and
+//! decided the moment it happens, against the baseline, by the policy (`report`
+//! lets it through, `protect` refuses it); each new value is one finding.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vigil_events::Rule;
+use vigil_vmm::vstate::inspect::{
+    MsrGuard, MsrVerdict, MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS,
+    MSR_SYSENTER_EIP, MSR_SYSENTER_ESP,
+};
+
+use super::monitor::Command;
+use super::{lock, Shared};
+use crate::{CpuState, Finding};
+
+/// What the monitor does about a guest write to a syscall MSR after the baseline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Report it and let it happen.
+    #[default]
+    Report,
+    /// Report it and refuse it: the guest's `wrmsr` raises #GP.
+    Protect,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "report" => Ok(Policy::Report),
+            "protect" => Ok(Policy::Protect),
+            other => Err(format!(
+                "policy {other:?}: expected report (tell) or protect (tell and refuse MSR writes)"
+            )),
+        }
+    }
+}
+
+/// How many (vCPU, MSR, value) the MSR guard remembers having reported; past
+/// that, new values are still decided but not reported again.
+const MSR_REPORTS_KEEP: usize = 4096;
+
+/// A guest write to a syscall MSR, decided the moment it happens.
+pub(super) struct Guard(pub(super) Arc<Shared>);
+
+/// The baseline's value of syscall MSR `index`.
+fn syscall_msr(c: &CpuState, index: u32) -> Option<u64> {
+    Some(match index {
+        MSR_LSTAR => c.lstar,
+        MSR_STAR => c.star,
+        MSR_CSTAR => c.cstar,
+        MSR_SFMASK => c.sfmask,
+        MSR_SYSENTER_CS => c.sysenter_cs,
+        MSR_SYSENTER_ESP => c.sysenter_esp,
+        MSR_SYSENTER_EIP => c.sysenter_eip,
+        _ => return None,
+    })
+}
+
+fn msr_name(index: u32) -> &'static str {
+    match index {
+        MSR_LSTAR => "LSTAR",
+        MSR_STAR => "STAR",
+        MSR_CSTAR => "CSTAR",
+        MSR_SFMASK => "SFMASK",
+        MSR_SYSENTER_CS => "SYSENTER_CS",
+        MSR_SYSENTER_ESP => "SYSENTER_ESP",
+        MSR_SYSENTER_EIP => "SYSENTER_EIP",
+        _ => "MSR",
+    }
+}
+
+impl MsrGuard for Guard {
+    fn msr_write(&self, vcpu: u32, index: u32, value: u64) -> MsrVerdict {
+        let shared = &self.0;
+        let baseline = lock(&shared.baseline_msrs)
+            .as_ref()
+            .and_then(|cpus| cpus.iter().find(|c| c.vcpu == vcpu).copied())
+            .and_then(|c| syscall_msr(&c, index));
+        // Before the baseline (boot), for a vCPU the baseline did not see, or a
+        // write of the value it already has: nothing to say.
+        let Some(old) = baseline.filter(|&old| old != value) else {
+            shared.counters.msr_writes_allowed.inc();
+            return MsrVerdict::Allow;
+        };
+        let policy = *lock(&shared.policy);
+        let report = {
+            let mut reported = lock(&shared.msr_reported);
+            reported.len() < MSR_REPORTS_KEEP && reported.insert((vcpu, index, value))
+        };
+        if report {
+            let name = msr_name(index);
+            let (from_symbol, symbol) = (shared.describe(old), shared.describe(value));
+            let verdict = match policy {
+                Policy::Protect => "refused",
+                Policy::Report => "let through",
+            };
+            let rule = Rule::SyscallMsrWrite;
+            let _ = shared.record(vec![Finding {
+                rule,
+                priority: rule.default_priority(),
+                mitre: rule.mitre(),
+                vcpu: Some(vcpu),
+                message: format!(
+                    "vCPU {vcpu}: wrmsr {name} {value:#x}{} (baseline {old:#x}{}): {verdict}",
+                    symbol
+                        .as_ref()
+                        .map(|s| format!(" <{s}>"))
+                        .unwrap_or_default(),
+                    from_symbol
+                        .as_ref()
+                        .map(|s| format!(" <{s}>"))
+                        .unwrap_or_default(),
+                ),
+                location: name.to_string(),
+                from: format!("{old:#x}"),
+                to: format!("{value:#x}"),
+                from_symbol,
+                symbol,
+                restored: false,
+            }]);
+            // An event: check the rest of the kernel now rather than at the period.
+            if let Some(tx) = lock(&shared.monitor_tx).as_ref() {
+                let _ = tx.send(Command::Check(None));
+            }
+        }
+        match policy {
+            Policy::Protect => {
+                shared.counters.msr_writes_refused.inc();
+                MsrVerdict::Refuse
+            }
+            Policy::Report => {
+                shared.counters.msr_writes_allowed.inc();
+                MsrVerdict::Allow
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{EFER_LMA, EFER_SCE};
+    use crate::live::tests::shared;
+
+    #[test]
+    fn a_guest_cycling_msr_values_is_reported_a_bounded_number_of_times() {
+        let s = Arc::new(shared());
+        let base = CpuState {
+            cr0: 0x8000_0001,
+            efer: EFER_SCE | EFER_LMA,
+            lstar: 0x1000,
+            sfmask: 0x4_7700,
+            ..CpuState::default()
+        };
+        *lock(&s.baseline_msrs) = Some(vec![base]);
+        *lock(&s.policy) = Policy::Protect;
+        let guard = Guard(s.clone());
+        for v in 0..(MSR_REPORTS_KEEP as u64 + 100) {
+            assert_eq!(
+                guard.msr_write(0, MSR_LSTAR, 0x2000 + v),
+                MsrVerdict::Refuse
+            );
+        }
+        // The baseline value itself is let through, unreported.
+        assert_eq!(guard.msr_write(0, MSR_LSTAR, 0x1000), MsrVerdict::Allow);
+        assert_eq!(lock(&s.findings).last_seq, MSR_REPORTS_KEEP as u64);
+        assert_eq!(
+            s.counters.snapshot().msr_writes_refused,
+            MSR_REPORTS_KEEP as u64 + 100
+        );
+    }
+}

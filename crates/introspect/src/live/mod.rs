@@ -1,0 +1,264 @@
+//! Introspection of a running VM: the integrity monitor's thread, the MSR guard
+//! and the system call tracer, on top of the handle the VMM lends
+//! ([`VmControl`]). This is the only part of the crate with threads; what it
+//! runs (baseline, checks, decoding) is the plain library code beside it.
+//!
+//! The parts: `monitor` (the integrity monitor's thread: baseline, periodic
+//! checks), `guard` (the MSR guard and its policy), `findings` (the findings
+//! log: numbered, rate-limited in the log, kept, written out), `tracer` (the
+//! system call tracer and its JSON lines) and `debug` (the debug API's writes
+//! into the guest). [`Introspector`] here is the one place that holds the VM's
+//! handle; each part adds its methods to it.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use vigil_metrics::IntrospectCounters;
+use vigil_vmm::vstate::inspect::{
+    VcpuState, MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS, MSR_SYSENTER_EIP,
+    MSR_SYSENTER_ESP,
+};
+use vigil_vmm::VmControl;
+use vm_memory::GuestMemoryMmap;
+
+use crate::view::GuestView;
+use crate::{Baseline, CpuState, SymbolTable, TableRegister};
+
+mod debug;
+mod findings;
+mod guard;
+mod monitor;
+mod tracer;
+
+pub use findings::{FindingRecord, FINDINGS_KEEP};
+pub use guard::Policy;
+pub use monitor::{Located, MonitorSettings, MAX_PERIOD, MIN_PERIOD};
+pub use tracer::{TraceRecord, TRACE_KEEP};
+
+use findings::FindingLog;
+use monitor::{Command, MonitorThread};
+use tracer::Tracer;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A file that records are appended to as JSON lines, each written (not buffered)
+/// as it comes: the findings and traced calls a user tails.
+struct JsonLines {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl JsonLines {
+    fn open(path: &Path) -> Result<Self, String> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    fn append(&mut self, record: &impl Serialize) {
+        let mut line = serde_json::to_vec(record).unwrap_or_default();
+        line.push(b'\n');
+        if let Err(e) = self.file.write_all(&line) {
+            tracing::warn!("{}: {e}", self.path.display());
+        }
+    }
+}
+
+/// What the monitor thread, the MSR guard and the API share.
+struct Shared {
+    counters: Arc<IntrospectCounters>,
+    findings: Mutex<FindingLog>,
+    baseline: Mutex<Option<Arc<Baseline>>>,
+    /// Per vCPU, the syscall MSRs of the baseline (what the MSR guard compares to).
+    baseline_msrs: Mutex<Option<Vec<CpuState>>>,
+    policy: Mutex<Policy>,
+    symbols: Mutex<Option<Arc<SymbolTable>>>,
+    /// (vCPU, MSR, value) the guard already reported.
+    msr_reported: Mutex<HashSet<(u32, u32, u64)>>,
+    /// The monitor thread, to check at once on an event.
+    monitor_tx: Mutex<Option<Sender<Command>>>,
+    /// Where each finding is also appended as a JSON line, as it is found: a
+    /// record that outlives the VMM (`vigil run --findings-path`).
+    findings_out: Mutex<Option<JsonLines>>,
+    /// Guest-physical pages (4 KiB aligned) the host wrote through
+    /// [`Introspector::debug_write_memory`] since the last check. KVM's dirty log
+    /// records only the guest's own writes, not the VMM's writes into the memory
+    /// mapping, so the next check re-hashes these too (and empties the set).
+    host_dirty: Mutex<HashSet<u64>>,
+}
+
+impl Shared {
+    fn describe(&self, addr: u64) -> Option<String> {
+        lock(&self.symbols).as_ref()?.describe(addr)
+    }
+}
+
+/// The registers introspection looks at, from what the VMM read.
+pub fn cpu_state(s: &VcpuState) -> CpuState {
+    let msr = |i| s.msr(i).unwrap_or(0);
+    CpuState {
+        vcpu: s.id,
+        cr0: s.sregs.cr0,
+        cr3: s.sregs.cr3,
+        cr4: s.sregs.cr4,
+        efer: s.sregs.efer,
+        idt: TableRegister {
+            base: s.sregs.idt.base,
+            limit: s.sregs.idt.limit,
+        },
+        gdt: TableRegister {
+            base: s.sregs.gdt.base,
+            limit: s.sregs.gdt.limit,
+        },
+        lstar: msr(MSR_LSTAR),
+        star: msr(MSR_STAR),
+        cstar: msr(MSR_CSTAR),
+        sfmask: msr(MSR_SFMASK),
+        sysenter_cs: msr(MSR_SYSENTER_CS),
+        sysenter_esp: msr(MSR_SYSENTER_ESP),
+        sysenter_eip: msr(MSR_SYSENTER_EIP),
+    }
+}
+
+/// Introspection of one VM. Cheap to share (`Arc`); the API and the launch code
+/// hold it.
+pub struct Introspector {
+    vm: VmControl,
+    mem: GuestMemoryMmap,
+    shared: Arc<Shared>,
+    monitor: Mutex<Option<MonitorThread>>,
+    tracer: Mutex<Option<Arc<Tracer>>>,
+    located: Mutex<Option<Located>>,
+}
+
+/// What `GET /vigil/introspect` says.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub monitoring: bool,
+    pub settings: Option<MonitorSettings>,
+    pub baseline_taken: bool,
+    pub symbols: usize,
+    pub kaslr_slide: Option<i64>,
+    pub kaslr_slide_from: Option<String>,
+    pub checks: u64,
+    pub findings: u64,
+    pub tracing: bool,
+}
+
+impl Introspector {
+    /// Introspection of the VM behind `vm`, naming addresses with the kernel's
+    /// symbols (the VM's, read when introspection first needs them, or those of
+    /// [`Introspector::set_symbols`]).
+    pub fn new(vm: VmControl) -> Arc<Self> {
+        let counters = vm.metrics().metrics().introspect().clone();
+        let mem = vm.guest_memory();
+        Arc::new(Self {
+            vm,
+            mem,
+            shared: Arc::new(Shared {
+                counters,
+                findings: Mutex::default(),
+                baseline: Mutex::default(),
+                baseline_msrs: Mutex::default(),
+                policy: Mutex::default(),
+                symbols: Mutex::default(),
+                msr_reported: Mutex::default(),
+                monitor_tx: Mutex::default(),
+                host_dirty: Mutex::default(),
+                findings_out: Mutex::default(),
+            }),
+            monitor: Mutex::default(),
+            tracer: Mutex::default(),
+            located: Mutex::default(),
+        })
+    }
+
+    /// Replaces the symbols (`PUT /vigil/introspect/symbols`); refused while
+    /// monitoring, whose baseline was laid out with the old ones.
+    pub fn set_symbols(&self, symbols: SymbolTable) -> Result<(), String> {
+        if lock(&self.monitor).is_some() {
+            return Err("the monitor runs with the symbols it started with: stop it (DELETE /vigil/introspect) first".into());
+        }
+        *lock(&self.shared.symbols) = Some(Arc::new(symbols));
+        Ok(())
+    }
+
+    /// The symbols set through the API, else the VM's own (read now, the first
+    /// time introspection needs them).
+    fn symbols(&self) -> Option<Arc<SymbolTable>> {
+        let mut symbols = lock(&self.shared.symbols);
+        if symbols.is_none() {
+            *symbols = self.vm.symbols().get();
+        }
+        symbols.clone()
+    }
+
+    fn cpus(&self) -> Result<Vec<CpuState>, String> {
+        let states = self.vm.vcpu_states().map_err(|e| e.to_string())?;
+        Ok(states.iter().map(cpu_state).collect())
+    }
+
+    /// Where things stand.
+    pub fn status(&self) -> Status {
+        let monitor = lock(&self.monitor);
+        let located = lock(&self.located);
+        let snap = self.shared.counters.snapshot();
+        Status {
+            monitoring: monitor.is_some(),
+            settings: monitor.as_ref().map(|m| m.settings),
+            baseline_taken: lock(&self.shared.baseline).is_some(),
+            symbols: self.symbols().map_or(0, |s| s.len()),
+            kaslr_slide: located.as_ref().map(|l| l.slide),
+            kaslr_slide_from: located.as_ref().map(|l| l.slide_from.clone()),
+            checks: snap.checks,
+            findings: snap.findings_total(),
+            tracing: lock(&self.tracer).is_some(),
+        }
+    }
+
+    /// What the guest kernel looks like now: registers of every vCPU, where LSTAR,
+    /// the IDT's exception gates and the syscall table point, and the KASLR slide.
+    pub fn current_state(&self) -> Result<GuestView, String> {
+        let cpus = self.cpus()?;
+        let symbols = self.symbols();
+        Ok(GuestView::read(&self.mem, &cpus, symbols.as_deref()))
+    }
+
+    /// Stops whatever runs (the VM is ending).
+    pub fn shutdown(&self) {
+        self.stop_trace();
+        self.stop_monitor();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn shared() -> Shared {
+        Shared {
+            counters: Arc::default(),
+            findings: Mutex::default(),
+            baseline: Mutex::default(),
+            baseline_msrs: Mutex::default(),
+            policy: Mutex::default(),
+            symbols: Mutex::default(),
+            msr_reported: Mutex::default(),
+            monitor_tx: Mutex::default(),
+            host_dirty: Mutex::default(),
+            findings_out: Mutex::default(),
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The integrity monitor's thread: after the boot settles and the kernel has set
+//! up its system call entry, a baseline (with the KASLR slide and layout from the
+//! symbols), then a check every period and on demand, over KVM's dirty log.
+
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vigil_vmm::vstate::inspect::INSPECTED_MSRS;
+use vm_memory::GuestMemoryMmap;
+
+use super::guard::{Guard, Policy};
+use super::{lock, FindingRecord, Introspector};
+use crate::{
+    kaslr_slide, kaslr_slide_from_idt, read_idt_gate, Baseline, Checker, CpuState, KernelLayout,
+    SymbolTable,
+};
+
+/// How the integrity monitor runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorSettings {
+    /// Time between two checks.
+    #[serde(with = "millis")]
+    pub period: Duration,
+    pub policy: Policy,
+    /// How long after the monitor starts the baseline is taken (boot settling).
+    #[serde(with = "millis")]
+    pub baseline_after: Duration,
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// How often a baseline that could not be taken (the kernel not up yet) is tried
+/// again.
+const BASELINE_RETRY: Duration = Duration::from_millis(20);
+
+/// How long the baseline waits for the kernel to set up its system call entry
+/// (EFER.SCE, LSTAR and SFMASK) before it is taken anyway (a guest that never
+/// uses `syscall`).
+const SYSCALL_SETUP_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether a vCPU has its system call entry set up: a kernel that boots straight
+/// into long mode (an ELF or bzImage kernel on Vigil) is in long mode long before
+/// it has set its IDT, syscall MSRs and EFER.SCE, and a baseline taken then would
+/// report the kernel's own set-up as tampering (and the MSR guard would refuse it
+/// under `protect`). SFMASK too: Linux writes it last (after LSTAR, CSTAR and
+/// SYSENTER_*), the test guest sets EFER.SCE last, and every kernel that uses
+/// `syscall` masks at least IF with it.
+fn syscall_ready(c: &CpuState) -> bool {
+    c.long_mode() && c.efer & crate::cpu::EFER_SCE != 0 && c.lstar != 0 && c.sfmask != 0
+}
+
+/// Bounds on settings, so that a typo cannot make the monitor spin or sleep for
+/// ever.
+pub const MIN_PERIOD: Duration = Duration::from_millis(1);
+pub const MAX_PERIOD: Duration = Duration::from_secs(3600);
+
+impl Default for MonitorSettings {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(1),
+            policy: Policy::Report,
+            baseline_after: Duration::ZERO,
+        }
+    }
+}
+
+impl MonitorSettings {
+    /// Refuses settings outside the bounds, naming the field and value.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.period < MIN_PERIOD || self.period > MAX_PERIOD {
+            return Err(format!(
+                "period {:?}: expected {MIN_PERIOD:?} to {MAX_PERIOD:?}",
+                self.period
+            ));
+        }
+        if self.baseline_after > MAX_PERIOD {
+            return Err(format!(
+                "baseline_after {:?}: expected at most {MAX_PERIOD:?}",
+                self.baseline_after
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The integrity monitor's thread and how to talk to it.
+pub(super) struct MonitorThread {
+    commands: Sender<Command>,
+    thread: JoinHandle<()>,
+    pub(super) settings: MonitorSettings,
+}
+
+pub(super) enum Command {
+    /// Check now; answer with what was found, when asked (the API), or not (an
+    /// event: the MSR guard saw a write).
+    Check(Option<Sender<Result<Vec<FindingRecord>, String>>>),
+    Stop,
+}
+
+/// Waits `wait` before a baseline, answering requests for a check with an error
+/// meanwhile; false when the monitor is to stop.
+fn idle_before_baseline(rx: &mpsc::Receiver<Command>, wait: Duration) -> bool {
+    let until = Instant::now() + wait;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        match rx.recv_timeout(left) {
+            Ok(Command::Check(Some(reply))) => {
+                let _ = reply.send(Err("the baseline is not taken yet".into()));
+            }
+            Ok(Command::Check(None)) => {}
+            Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
+            Err(RecvTimeoutError::Timeout) => return true,
+        }
+    }
+}
+
+/// Where the kernel is: the KASLR slide found from LSTAR (or, failing that, the
+/// page-fault gate of the IDT), and the layout from the symbols moved by it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Located {
+    /// The slide and how it was found (`"lstar"`, `"idt"`), or why none was.
+    pub slide: i64,
+    pub slide_from: String,
+    pub layout: KernelLayout,
+}
+
+fn locate(
+    mem: &GuestMemoryMmap,
+    symbols: &SymbolTable,
+    boot_cpu: &CpuState,
+) -> Result<Located, String> {
+    let (slide, from) = if let Some(s) = kaslr_slide(symbols, boot_cpu.lstar) {
+        (s, "lstar".to_string())
+    } else if let Some(s) = read_idt_gate(mem, boot_cpu.cr3, boot_cpu.la57(), boot_cpu.idt.base, 14)
+        .ok()
+        .and_then(|g| kaslr_slide_from_idt(symbols, 14, g.handler))
+    {
+        (s, "idt".to_string())
+    } else {
+        (
+            0,
+            "none: LSTAR and the page-fault gate match no entry_SYSCALL_64 / asm_exc_page_fault in the symbols; taken as 0".to_string(),
+        )
+    };
+    let layout = KernelLayout::from_symbols(symbols, slide, None).map_err(|e| e.to_string())?;
+    Ok(Located {
+        slide,
+        slide_from: from,
+        layout,
+    })
+}
+
+impl Introspector {
+    /// Starts the monitor: after `settings.baseline_after`, a baseline, then a check
+    /// every `settings.period`. A monitor already running is stopped first (so this
+    /// also takes a fresh baseline).
+    pub fn start_monitor(self: &Arc<Self>, settings: MonitorSettings) -> Result<(), String> {
+        settings.validate()?;
+        let symbols = self.symbols().ok_or(
+            "no kernel symbols: give a System.map (vigil run --symbols, or PUT /vigil/introspect/symbols), or boot an ELF kernel that has a symbol table",
+        )?;
+        self.stop_monitor();
+        *lock(&self.shared.policy) = settings.policy;
+        // Guard the syscall MSRs from now: writes are decided against the baseline
+        // once there is one.
+        self.vm
+            .guard_msrs(&INSPECTED_MSRS, Arc::new(Guard(self.shared.clone())))
+            .map_err(|e| format!("cannot guard the syscall MSRs: {e}"))?;
+        let (commands, rx) = mpsc::channel();
+        let me = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("introspect".into())
+            .spawn(move || me.monitor_loop(&symbols, settings, rx))
+            .map_err(|e| format!("cannot start the monitor thread: {e}"))?;
+        self.shared.counters.monitoring.set(1);
+        *lock(&self.shared.monitor_tx) = Some(commands.clone());
+        *lock(&self.monitor) = Some(MonitorThread {
+            commands,
+            thread,
+            settings,
+        });
+        Ok(())
+    }
+
+    /// Stops the monitor and its MSR guard; the findings stay.
+    pub fn stop_monitor(&self) -> bool {
+        let Some(m) = lock(&self.monitor).take() else {
+            return false;
+        };
+        *lock(&self.shared.monitor_tx) = None;
+        let _ = m.commands.send(Command::Stop);
+        let _ = m.thread.join();
+        // A VM that is ending takes its guard and dirty log with it.
+        if !self.vm.is_stopping() {
+            if let Err(e) = self.vm.unguard_msrs() {
+                tracing::warn!("cannot lift the MSR guard: {e}");
+            }
+            if let Err(e) = self.vm.stop_dirty_log() {
+                tracing::warn!("cannot stop the dirty log: {e}");
+            }
+        }
+        *lock(&self.shared.baseline) = None;
+        *lock(&self.shared.baseline_msrs) = None;
+        self.shared.counters.monitoring.set(0);
+        true
+    }
+
+    fn take_baseline(
+        &self,
+        symbols: &Arc<SymbolTable>,
+        wait_for_syscall: bool,
+    ) -> Result<Checker, String> {
+        let cpus = self.cpus()?;
+        let boot = cpus
+            .iter()
+            .find(|c| c.long_mode())
+            .ok_or("no vCPU is in long mode yet: nothing to baseline")?;
+        if wait_for_syscall && !syscall_ready(boot) {
+            return Err(format!(
+                "vCPU {} has not set up its system call entry yet (EFER.SCE, LSTAR, SFMASK)",
+                boot.vcpu
+            ));
+        }
+        let located = locate(&self.mem, symbols, boot)?;
+        // Logging starts before the hashes are taken: a write between the two is
+        // seen as dirty by the first check.
+        self.vm.dirty_log().map_err(|e| e.to_string())?;
+        let baseline =
+            Baseline::take(&self.mem, &cpus, &located.layout).map_err(|e| e.to_string())?;
+        tracing::info!(
+            slide = located.slide,
+            from = located.slide_from.as_str(),
+            "introspection: baseline taken"
+        );
+        *lock(&self.located) = Some(located);
+        // The MSR guard compares with vCPUs that were up: one still starting
+        // (no long mode, or no syscall entry yet) sets its MSRs for the first
+        // time later, and must not be refused that.
+        *lock(&self.shared.baseline_msrs) = Some(cpus.into_iter().filter(syscall_ready).collect());
+        let baseline = Arc::new(baseline);
+        *lock(&self.shared.baseline) = Some(baseline.clone());
+        Ok(Checker::new((*baseline).clone(), Some(symbols.clone())))
+    }
+
+    fn check(&self, checker: &mut Checker) -> Result<Vec<FindingRecord>, String> {
+        let start = Instant::now();
+        let cpus = self.cpus()?;
+        // Pages the host wrote: taken before the dirty log is read, so a host
+        // write that lands after this stays for the next check.
+        let host_dirty = std::mem::take(&mut *lock(&self.shared.host_dirty));
+        let dirty = self.vm.dirty_log().map_err(|e| e.to_string())?;
+        // The checker re-hashes exactly the pages this says were written (by the
+        // guest, in KVM's dirty log, or by the host through the debug API).
+        let hashed = std::cell::Cell::new(0u64);
+        let is_dirty = |gpa: u64| {
+            let d = dirty.is_dirty(gpa) || host_dirty.contains(&(gpa & !0xfff));
+            hashed.set(hashed.get() + u64::from(d));
+            d
+        };
+        let findings = checker.check(&self.mem, &cpus, Some(&is_dirty));
+        let c = &self.shared.counters;
+        c.checks.inc();
+        c.pages_hashed.add(hashed.get());
+        c.check_time.record(start.elapsed());
+        Ok(self.shared.record(findings))
+    }
+
+    fn monitor_loop(
+        &self,
+        symbols: &Arc<SymbolTable>,
+        settings: MonitorSettings,
+        rx: mpsc::Receiver<Command>,
+    ) {
+        // Boot settles, then the kernel may not be up yet (no vCPU in long mode,
+        // its tables not mapped): try again until it is.
+        if !idle_before_baseline(&rx, settings.baseline_after) {
+            return;
+        }
+        let mut logged = false;
+        let waiting_since = Instant::now();
+        let mut checker = loop {
+            match self.take_baseline(symbols, waiting_since.elapsed() < SYSCALL_SETUP_WAIT) {
+                Ok(c) => break c,
+                Err(e) if !logged => {
+                    tracing::info!("introspection: no baseline yet, retrying: {e}");
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+            if !idle_before_baseline(&rx, BASELINE_RETRY) {
+                return;
+            }
+        };
+        let mut next = Instant::now() + settings.period;
+        loop {
+            let left = next.saturating_duration_since(Instant::now());
+            let reply = match rx.recv_timeout(left) {
+                Ok(Command::Check(reply)) => reply,
+                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    next += settings.period;
+                    // A check that overran does not make the next ones bunch up.
+                    if next < Instant::now() {
+                        next = Instant::now() + settings.period;
+                    }
+                    None
+                }
+            };
+            let found = self.check(&mut checker);
+            match (reply, found) {
+                (Some(reply), found) => {
+                    let _ = reply.send(found);
+                }
+                (None, Err(e)) => tracing::warn!("introspection: check failed: {e}"),
+                (None, Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Checks now (`PUT /vigil/introspect/check`), returning what is new.
+    pub fn check_now(&self) -> Result<Vec<FindingRecord>, String> {
+        let (reply, answer) = mpsc::channel();
+        {
+            let monitor = lock(&self.monitor);
+            let m = monitor
+                .as_ref()
+                .ok_or("the monitor is not running (PUT /vigil/introspect starts it)")?;
+            m.commands
+                .send(Command::Check(Some(reply)))
+                .map_err(|_| "the monitor thread ended")?;
+        }
+        answer
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "the monitor did not answer within 30 s".to_string())?
+    }
+
+    /// The baseline, once taken.
+    pub fn baseline(&self) -> Option<Arc<Baseline>> {
+        lock(&self.shared.baseline).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{EFER_LMA, EFER_SCE};
+
+    #[test]
+    fn the_baseline_waits_for_the_syscall_entry() {
+        let up = CpuState {
+            cr0: 0x8000_0001,
+            efer: EFER_SCE | EFER_LMA | (1 << 8),
+            lstar: 0x10_13a3,
+            sfmask: 0x4_7700,
+            ..CpuState::default()
+        };
+        assert!(up.long_mode());
+        assert!(syscall_ready(&up));
+        // The test guest's order: STAR, LSTAR, SFMASK, then EFER.SCE.
+        assert!(!syscall_ready(&CpuState { lstar: 0, ..up }));
+        assert!(!syscall_ready(&CpuState { sfmask: 0, ..up }));
+        assert!(!syscall_ready(&CpuState {
+            efer: up.efer & !EFER_SCE,
+            ..up
+        }));
+        assert!(!syscall_ready(&CpuState { cr0: 1, ..up }));
+    }
+}

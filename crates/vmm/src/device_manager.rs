@@ -1,0 +1,271 @@
+//! Where the virtio devices sit: each device attached takes the next virtio-mmio
+//! window and the next interrupt line (GSI), in the order the builder attaches
+//! them; the manager wires it to KVM (irqfd, one ioeventfd per queue), puts its
+//! transport on the MMIO bus and its queues on the device event loop, and keeps
+//! what the rest of the VM needs of it: the kernel command-line and DSDT entries
+//! that declare it, its metrics counters, and the host's handle on it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vigil_devices::bus::Bus;
+use vigil_devices::virtio::balloon::{Balloon, BalloonConfig};
+use vigil_devices::virtio::block::Block;
+use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
+use vigil_devices::virtio::net::Net;
+use vigil_devices::virtio::{Interrupt, VirtioDevice};
+use vigil_metrics::{DeviceCounters, DeviceKind};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::acpi::MmioDevice;
+use crate::builder::{kvm_err, BuildError};
+use crate::vm::{BalloonHandle, DriveHandle, NetHandle, QueueWaker};
+
+/// First virtio-mmio register window; each device takes the next 4 KiB.
+const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Interrupt of the first virtio device; each device takes the next line.
+const VIRTIO_FIRST_GSI: u32 = 5;
+
+/// The host's handles on the devices it can change while the VM runs, by what
+/// users name them by.
+#[derive(Default)]
+pub(crate) struct DeviceHandles {
+    /// By drive id (`BlockConfig::id`, unique once the config is validated).
+    pub(crate) drives: HashMap<String, DriveHandle>,
+    /// By place in `VmConfig::nets`.
+    pub(crate) nets: Vec<NetHandle>,
+    pub(crate) balloon: Option<BalloonHandle>,
+}
+
+/// What the builder takes back from the device manager.
+pub(crate) struct VirtioDevices {
+    /// The transports' register windows.
+    pub(crate) mmio: Bus,
+    /// One per device: its queues, timer and host fds on the device event loop.
+    pub(crate) subscribers: Vec<Box<dyn MutEventSubscriber + Send>>,
+    /// Every device's counters, in attach order.
+    pub(crate) counters: Vec<Arc<DeviceCounters>>,
+    pub(crate) handles: DeviceHandles,
+}
+
+/// A device just attached: its interrupt, and a waker of its queues.
+struct Attached {
+    interrupt: Arc<Interrupt>,
+    waker: QueueWaker,
+}
+
+/// Places virtio devices, one after the other, on a VM.
+pub(crate) struct DeviceManager<'a> {
+    vm_fd: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    slots: Vec<MmioDevice>,
+    devices: VirtioDevices,
+}
+
+impl<'a> DeviceManager<'a> {
+    pub(crate) fn new(vm_fd: &'a VmFd, mem: &'a GuestMemoryMmap) -> Self {
+        Self {
+            vm_fd,
+            mem,
+            slots: Vec::new(),
+            devices: VirtioDevices {
+                mmio: Bus::new(),
+                subscribers: Vec::new(),
+                counters: Vec::new(),
+                handles: DeviceHandles::default(),
+            },
+        }
+    }
+
+    /// Counters for a device about to be attached, reported with the VM's metrics.
+    pub(crate) fn counters(&mut self, kind: DeviceKind, name: String) -> Arc<DeviceCounters> {
+        let counters = Arc::new(DeviceCounters::new(kind, name));
+        self.devices.counters.push(counters.clone());
+        counters
+    }
+
+    /// Attaches a drive; its handle is found by `id`.
+    pub(crate) fn add_drive(&mut self, id: &str, mut block: Block) -> Result<(), BuildError> {
+        let limit = block.rate_limit_control();
+        let attached = self.attach(Box::new(block))?;
+        let handle = DriveHandle::new(id.to_owned(), limit, attached.waker);
+        self.devices.handles.drives.insert(id.to_owned(), handle);
+        Ok(())
+    }
+
+    /// Attaches a network interface; its handle is the next net index.
+    pub(crate) fn add_net(&mut self, mut net: Net) -> Result<(), BuildError> {
+        let limits = net.rate_limit_controls();
+        let attached = self.attach(Box::new(net))?;
+        let handle = NetHandle::new(limits, attached.waker);
+        self.devices.handles.nets.push(handle);
+        Ok(())
+    }
+
+    /// Attaches the balloon, built from `config`.
+    pub(crate) fn add_balloon(
+        &mut self,
+        balloon: Balloon,
+        config: BalloonConfig,
+    ) -> Result<(), BuildError> {
+        let control = balloon.control();
+        let attached = self.attach(Box::new(balloon))?;
+        let handle = BalloonHandle::new(control, attached.interrupt, config);
+        self.devices.handles.balloon = Some(handle);
+        Ok(())
+    }
+
+    /// Attaches a device the host holds no handle on.
+    pub(crate) fn add(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), BuildError> {
+        self.attach(device).map(drop)
+    }
+
+    /// The `virtio_mmio.device=` entries that declare every device to kernels
+    /// with `VIRTIO_MMIO_CMDLINE_DEVICES`, each with a space before it.
+    pub(crate) fn cmdline_entries(&self) -> String {
+        self.slots
+            .iter()
+            .map(|slot| format!(" virtio_mmio.device=4K@{:#x}:{}", slot.base, slot.gsi))
+            .collect()
+    }
+
+    /// The devices as the DSDT declares them (`LNRO0005`), for the other kernels.
+    pub(crate) fn acpi_devices(&self) -> &[MmioDevice] {
+        &self.slots
+    }
+
+    pub(crate) fn finish(self) -> VirtioDevices {
+        self.devices
+    }
+
+    /// Puts `device` behind the next virtio-mmio window: its interrupt on an irqfd
+    /// at the next GSI, one ioeventfd per queue on the notify register, the
+    /// registers on the MMIO bus, its queues on the device event loop.
+    fn attach(&mut self, device: Box<dyn VirtioDevice>) -> Result<Attached, BuildError> {
+        let index = self.slots.len();
+        let slot = MmioDevice {
+            base: VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW,
+            len: MMIO_WINDOW,
+            gsi: VIRTIO_FIRST_GSI + index as u32,
+        };
+        let dev_err = |e: std::io::Error| {
+            BuildError::Devices(format!("virtio device at {:#x}: {e}", slot.base))
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+        self.vm_fd
+            .register_irqfd(&irq, slot.gsi)
+            .map_err(kvm_err("connect a virtio interrupt"))?;
+        let mut queue_evts = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() as u32 {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+            self.vm_fd
+                .register_ioevent(&evt, &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY), queue)
+                .map_err(kvm_err("watch a virtio queue notification"))?;
+            queue_evts.push(evt);
+        }
+        let clone_evts = || {
+            queue_evts
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(dev_err)
+        };
+        let transport_evts = clone_evts()?;
+        let waker = QueueWaker::new(clone_evts()?);
+        let interrupt = Arc::new(Interrupt::new(irq));
+        let transport =
+            MmioTransport::new(device, self.mem.clone(), interrupt.clone(), transport_evts)
+                .map_err(BuildError::Devices)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.devices
+            .mmio
+            .insert(transport.clone(), slot.base, slot.len)?;
+        let subscriber = QueueEvents::new(transport, queue_evts).map_err(dev_err)?;
+        self.devices.subscribers.push(Box::new(subscriber));
+        self.slots.push(slot);
+        Ok(Attached { interrupt, waker })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_ioctls::Kvm;
+    use vigil_devices::rate_limiter::RateLimit;
+    use vigil_devices::virtio::block::BlockConfig;
+    use vigil_devices::virtio::rng::Rng;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::vstate::vm::create_vm;
+
+    /// Devices take the windows and lines in the order they are attached, from
+    /// 0xd000_0000 and GSI 5, are declared there, and answer there; the host finds
+    /// their handles by what users name them by.
+    #[test]
+    fn devices_take_windows_and_lines_in_attach_order() {
+        let kvm = Kvm::new().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let vm_fd = create_vm(&kvm, &mem).unwrap();
+        let image = std::env::temp_dir().join(format!("vigil-dm-{}.img", std::process::id()));
+        std::fs::write(&image, [0u8; 4096]).unwrap();
+        let block = Block::new(&BlockConfig {
+            path: image.clone(),
+            id: "root".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let balloon_config = BalloonConfig {
+            target_mib: 1,
+            ..Default::default()
+        };
+
+        let mut devices = DeviceManager::new(&vm_fd, &mem);
+        devices.add_drive("root", block).unwrap();
+        devices
+            .add(Box::new(Rng::new(RateLimit::default())))
+            .unwrap();
+        devices
+            .add_balloon(Balloon::new(balloon_config), balloon_config)
+            .unwrap();
+        std::fs::remove_file(&image).ok();
+        assert_eq!(
+            devices.cmdline_entries(),
+            " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             virtio_mmio.device=4K@0xd0002000:7"
+        );
+        let slot = |base, gsi| MmioDevice {
+            base,
+            len: 0x1000,
+            gsi,
+        };
+        assert_eq!(
+            devices.acpi_devices(),
+            [
+                slot(0xd000_0000, 5),
+                slot(0xd000_1000, 6),
+                slot(0xd000_2000, 7)
+            ]
+        );
+
+        let virtio = devices.finish();
+        for (base, device_type) in [(0xd000_0000, 2), (0xd000_1000, 4), (0xd000_2000, 5)] {
+            let mut word = [0u8; 4];
+            assert!(virtio.mmio.read(base + 8, &mut word));
+            assert_eq!(u32::from_le_bytes(word), device_type, "at {base:#x}");
+        }
+        assert!(!virtio.mmio.read(0xd000_3000, &mut [0u8; 4]));
+        assert_eq!(virtio.subscribers.len(), 3);
+        assert_eq!(
+            virtio.handles.drives.get("root").map(DriveHandle::id),
+            Some("root")
+        );
+        assert_eq!(
+            virtio.handles.balloon.as_ref().map(BalloonHandle::config),
+            Some(balloon_config)
+        );
+        assert!(virtio.handles.nets.is_empty());
+    }
+}
