@@ -208,7 +208,7 @@ mod tests {
     fn devices_take_windows_and_lines_in_attach_order() {
         let kvm = Kvm::new().unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let vm_fd = create_vm(&kvm, &mem).unwrap();
+        let vm_fd = create_vm(&kvm, &mem, crate::config::HugePages::None).unwrap();
         let image = std::env::temp_dir().join(format!("vigil-dm-{}.img", std::process::id()));
         std::fs::write(&image, [0u8; 4096]).unwrap();
         let block = Block::new(&BlockConfig {
