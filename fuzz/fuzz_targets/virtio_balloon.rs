@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vigil_devices::virtio::balloon::{Balloon, BalloonConfig, PAGE_SIZE};
+use vigil_model::config::BalloonConfig;
+use vigil_devices::virtio::balloon::{Balloon, PAGE_SIZE};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_fuzz::{memory, Addr, Len, QueueInput, Rings, DATA, HIGH, HIGH_LEN, LOW};
 use virtio_queue::Queue;

@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vigil_devices::virtio::block::{Block, BlockConfig};
+use vigil_model::config::DriveConfig;
+use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_fuzz::{memory, used, used_idx, Image, QueueInput};
 
@@ -28,7 +29,7 @@ fuzz_target!(|input: Input| {
     let mem = memory();
     let mut queue = input.queue.install(&mem);
     let size = input.queue.size();
-    let mut dev = Block::new(&BlockConfig {
+    let mut dev = Block::new(&DriveConfig {
         path: image.path.clone(),
         read_only: input.read_only,
         id: "fuzz".into(),

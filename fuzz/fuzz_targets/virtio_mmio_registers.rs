@@ -10,14 +10,15 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
+use vigil_model::config::{BalloonConfig, DriveConfig, NetConfig, VsockConfig};
 use vigil_devices::bus::BusDevice;
 use vigil_devices::virtio::net::tap::Tap;
-use vigil_devices::virtio::balloon::{Balloon, BalloonConfig};
-use vigil_devices::virtio::block::{Block, BlockConfig};
+use vigil_devices::virtio::balloon::Balloon;
+use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::mmio::{status, MmioTransport};
-use vigil_devices::virtio::net::{Net, NetConfig};
+use vigil_devices::virtio::net::Net;
 use vigil_devices::virtio::rng::Rng;
-use vigil_devices::virtio::vsock::{Vsock, VsockConfig};
+use vigil_devices::virtio::vsock::Vsock;
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_fuzz::{memory, scratch_dir, Addr, Image, AVAIL_RING, DESC_TABLE, USED_RING};
 use vm_memory::{Bytes, GuestAddress};
@@ -141,7 +142,7 @@ fuzz_target!(|input: Input| {
             let image = IMAGE.get_or_init(|| Image::new(64 * 512));
             image.reset();
             Box::new(
-                Block::new(&BlockConfig {
+                Block::new(&DriveConfig {
                     path: image.path.clone(),
                     read_only,
                     id: "fuzz".into(),
@@ -159,7 +160,7 @@ fuzz_target!(|input: Input| {
             }
             let config = NetConfig {
                 tap: String::new(),
-                mac: [2, 0, 0, 0, 0, 1],
+                mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
                 rx_rate_limit: Default::default(),
                 tx_rate_limit: Default::default(),
             };

@@ -11,9 +11,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vigil_devices::rate_limiter::RateLimit;
+use vigil_model::config::RateLimit;
+use vigil_model::config::NetConfig;
 use vigil_devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
-use vigil_devices::virtio::net::{Net, NetConfig, MAX_BUFFER, RX, TX};
+use vigil_devices::virtio::net::{Net, MAX_BUFFER, RX, TX};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_fuzz::{memory, QueueInput, RINGS, RINGS_2};
 
@@ -99,7 +100,7 @@ fuzz_target!(|input: Input| {
     };
     let config = NetConfig {
         tap: String::new(),
-        mac: [2, 0, 0, 0, 0, 1],
+        mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
         rx_rate_limit: RateLimit::default(),
         tx_rate_limit,
     };

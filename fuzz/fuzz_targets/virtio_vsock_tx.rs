@@ -19,7 +19,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vigil_devices::virtio::vsock::{Vsock, VsockConfig, HDR_LEN, HOST_CID};
+use vigil_model::config::VsockConfig;
+use vigil_devices::virtio::vsock::{Vsock, HDR_LEN, HOST_CID};
 use vigil_devices::virtio::{DeviceBroken, QueueOutcome, VirtioDevice};
 use vigil_fuzz::{memory, scratch_dir, QueueInput, DATA, RINGS, RINGS_2};
 use virtio_queue::{Queue, QueueT};

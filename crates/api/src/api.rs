@@ -8,17 +8,20 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use vigil_vmm::config::VmConfig;
+use vigil_model::config::VmConfig;
 use vigil_vmm::{RunState, VmControl};
 
 use crate::metrics::{metrics_line, MetricsSink, RequestCounts};
 use crate::model::{
-    self, ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, Entropy,
-    InstanceActionInfo, InstanceInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, VmState, VmStateValue, Vsock,
+    ActionType, BalloonStatsUpdate, BalloonUpdate, InstanceActionInfo, InstanceInfo,
+    MachineConfigUpdate, PartialDrive, PartialNetworkInterface, VmState, VmStateValue,
 };
-use crate::preboot::{limit_update, merge_rate_limiter, PreBoot};
+use crate::preboot::{PreBoot, PreBootError};
 use vigil_introspect::live::Introspector;
+use vigil_model::firecracker::{
+    self, limit_update, merge_rate_limiter, Balloon, BootSource, Drive, Entropy, Logger,
+    MachineConfig, Metrics, NetworkInterface, Vsock,
+};
 
 /// The Firecracker API version whose requests Vigil answers.
 pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
@@ -175,7 +178,7 @@ pub(crate) fn body<T: serde::de::DeserializeOwned>(
             "{method} {path}: the request needs a JSON body"
         )));
     }
-    model::parse(bytes).map_err(|e| Response::bad(format!("{method} {path}: {e}")))
+    firecracker::parse(bytes).map_err(|e| Response::bad(format!("{method} {path}: {e}")))
 }
 
 fn after_start(method: &str, path: &str) -> Response {
@@ -456,7 +459,7 @@ impl Api {
         method: &str,
         path: &str,
         bytes: &[u8],
-        apply: impl FnOnce(&mut PreBoot, T) -> Result<(), String>,
+        apply: impl FnOnce(&mut PreBoot, T) -> Result<(), PreBootError>,
     ) -> Response {
         let value = match body::<T>(method, path, bytes) {
             Ok(v) => v,
@@ -503,7 +506,7 @@ impl Api {
         }
         let update = match limit_update("rate_limiter", p.rate_limiter.as_ref()) {
             Ok(u) => u,
-            Err(e) => return bad(e),
+            Err(e) => return bad(e.to_string()),
         };
         match vm.drive(id) {
             Ok(drive) => drive.set_rate_limit(update),
@@ -535,11 +538,11 @@ impl Api {
         };
         let rx = match limit_update("rx_rate_limiter", p.rx_rate_limiter.as_ref()) {
             Ok(u) => u,
-            Err(e) => return bad(e),
+            Err(e) => return bad(e.to_string()),
         };
         let tx = match limit_update("tx_rate_limiter", p.tx_rate_limiter.as_ref()) {
             Ok(u) => u,
-            Err(e) => return bad(e),
+            Err(e) => return bad(e.to_string()),
         };
         // The VM's interfaces are those configured, in order (PreBoot::to_vm_config).
         let Some(index) = inner.pre.nets.iter().position(|n| n.iface_id == id) else {

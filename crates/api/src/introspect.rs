@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
-use vigil_introspect::live::{Introspector, MonitorSettings, Policy};
+use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::{hex, SymbolTable, SyscallFilter};
+use vigil_model::config::IntrospectConfig;
 
 use crate::api::{body, done, Response};
 
@@ -28,34 +29,6 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/vigil/debug/memory", "PUT"),
     ("/vigil/debug/msr", "PUT"),
 ];
-
-/// `PUT /vigil/introspect`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MonitorRequest {
-    /// Milliseconds between checks (default 1000).
-    #[serde(default)]
-    pub period_ms: Option<u64>,
-    /// `report` (default) or `protect`.
-    #[serde(default)]
-    pub policy: Option<Policy>,
-    /// Milliseconds to wait before the baseline (default 0: now).
-    #[serde(default)]
-    pub baseline_after_ms: Option<u64>,
-}
-
-impl MonitorRequest {
-    fn settings(&self) -> MonitorSettings {
-        let d = MonitorSettings::default();
-        MonitorSettings {
-            period: self.period_ms.map_or(d.period, Duration::from_millis),
-            policy: self.policy.unwrap_or(d.policy),
-            baseline_after: self
-                .baseline_after_ms
-                .map_or(Duration::ZERO, Duration::from_millis),
-        }
-    }
-}
 
 /// `PUT /vigil/introspect/symbols`.
 #[derive(Debug, Deserialize)]
@@ -155,16 +128,20 @@ pub fn route(
         ("PUT", "/vigil/introspect") => {
             // An empty body takes every default.
             let req = if bytes.iter().all(u8::is_ascii_whitespace) {
-                Ok(MonitorRequest {
-                    period_ms: None,
-                    policy: None,
-                    baseline_after_ms: None,
-                })
+                Ok(IntrospectConfig::default())
             } else {
-                body::<MonitorRequest>(method, path, bytes)
+                body::<IntrospectConfig>(method, path, bytes)
             };
             match req {
-                Ok(r) => done(method, path, intro.start_monitor(r.settings())),
+                Ok(r) => match r.validate() {
+                    // On a running VM the baseline is taken at once unless asked.
+                    Ok(()) => done(
+                        method,
+                        path,
+                        intro.start_monitor(MonitorSettings::resolve(&r, Duration::ZERO)),
+                    ),
+                    Err(e) => Response::bad(format!("{method} {path}: {e}")),
+                },
                 Err(r) => r,
             }
         }

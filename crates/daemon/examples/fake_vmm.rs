@@ -1,6 +1,7 @@
 //! A stand-in for `vigil run --api-sock S --config-file C` in the daemon's tests: it
-//! serves a tiny part of the per-VM API and behaves as the config's "fake" object
-//! says: {"exit": N} exits at once with status N (after writing "fake: exiting N" to
+//! serves a tiny part of the per-VM API and behaves as the JSON object in its
+//! config's boot arguments (`"boot-source": {"boot_args": "{...}"}`, so that the
+//! daemon takes the config as a valid VM's) says: {"exit": N} exits at once with status N (after writing "fake: exiting N" to
 //! stderr), {"no_socket": true} never listens, {"metrics_delay_ms": N} answers
 //! GET /vigil/metrics late, {"ignore_sigterm": true} survives SIGTERM.
 
@@ -25,7 +26,10 @@ fn main() {
     let socket = arg("--api-sock");
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(arg("--config-file")).unwrap()).unwrap();
-    let fake = config.get("fake").cloned().unwrap_or(json!({}));
+    let fake = config["boot-source"]["boot_args"]
+        .as_str()
+        .and_then(|args| serde_json::from_str(args).ok())
+        .unwrap_or(json!({}));
     println!("fake console line");
     if let Some(code) = fake.get("exit").and_then(Value::as_i64) {
         eprintln!("fake: exiting {code}");

@@ -58,7 +58,7 @@ pub fn router(state: AppState) -> Router {
 
 /// Parses a JSON body, naming the field at fault when it does not fit.
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
+    vigil_model::json::parse(body)
         .map_err(|e| ApiError::bad_request(format!("the body of {what} is not valid: {e}")))
 }
 

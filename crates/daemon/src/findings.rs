@@ -13,10 +13,10 @@
 //! made after the last fetch are read from there, once ([`FindingCursors::drain`]).
 
 use std::collections::HashMap;
-use std::str::FromStr;
 
 use serde::Deserialize;
-use vigil_events::{Event, Priority, Rule, Timestamp};
+use vigil_events::{Event, Rule, Timestamp};
+pub use vigil_model::finding::FindingRecord;
 
 /// Where a VM's process appends its findings as JSON lines, in its folder.
 pub const FINDINGS_FILE: &str = "findings.jsonl";
@@ -24,84 +24,59 @@ pub const FINDINGS_FILE: &str = "findings.jsonl";
 /// The path of a VM's findings on its API socket (`?since=N` appended).
 pub const VM_FINDINGS_PATH: &str = "/vigil/introspect/findings";
 
-/// One finding as a VM's API serves it (`vigil_introspect::live::FindingRecord`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct FindingRecord {
-    pub seq: u64,
-    #[serde(default)]
-    pub time_unix_ns: u64,
-    /// A [`Rule`] id (`syscall_table_modified`).
-    pub rule: String,
-    /// Falco's name of the priority (`Critical`; `Notice` for a restored location).
-    #[serde(default)]
-    pub priority: Option<String>,
-    #[serde(default)]
-    pub vcpu: Option<u32>,
-    #[serde(default)]
-    pub location: String,
-    #[serde(default)]
-    pub from: String,
-    #[serde(default)]
-    pub to: String,
-    #[serde(default)]
-    pub from_symbol: Option<String>,
-    #[serde(default)]
-    pub symbol: Option<String>,
-    #[serde(default)]
-    pub restored: bool,
-    #[serde(default)]
-    pub message: String,
-}
-
 /// The security event of one finding of VM `vm_id`: the finding's rule (source
-/// `vm`, the rule's tags and ATT&CK technique), its priority (the rule's default
-/// when the record has none: `Notice` when restored), its time and message, and
-/// the record's details as `introspect.*` fields. `None` for a rule this daemon
-/// does not know (a newer VMM).
-pub fn finding_event(vm_id: &str, r: &FindingRecord) -> Option<Event> {
-    let rule = Rule::from_str(&r.rule).ok()?;
-    let priority = r
-        .priority
-        .as_deref()
-        .and_then(|p| Priority::from_str(p).ok())
-        .unwrap_or(if r.restored {
-            Priority::Notice
-        } else {
-            rule.default_priority()
-        });
+/// `vm`, the rule's tags and ATT&CK technique), its priority, its time and
+/// message, and the record's details as `introspect.*` fields.
+pub fn finding_event(vm_id: &str, r: &FindingRecord) -> Event {
+    let f = &r.finding;
     let time = if r.time_unix_ns > 0 {
         Timestamp::from_unix_ns(r.time_unix_ns)
     } else {
         Timestamp::now()
     };
-    let message = if r.message.is_empty() {
-        format!("vm {vm_id}: {rule} at {}", r.location)
+    let message = if f.message.is_empty() {
+        format!("vm {vm_id}: {} at {}", f.rule, f.location)
     } else {
-        format!("vm {vm_id}: {}", r.message)
+        format!("vm {vm_id}: {}", f.message)
     };
-    let mut e = Event::new(rule, time, message)
+    let mut e = Event::new(f.rule, time, message)
         .with_vm(vm_id)
-        .with_priority(priority)
+        .with_priority(f.priority)
         .with_field("introspect.seq", r.seq)
-        .with_field("introspect.location", r.location.as_str())
-        .with_field("introspect.from", r.from.as_str())
-        .with_field("introspect.to", r.to.as_str())
-        .with_field("introspect.restored", r.restored);
-    if let Some(v) = r.vcpu {
+        .with_field("introspect.location", f.location.as_str())
+        .with_field("introspect.from", f.from.as_str())
+        .with_field("introspect.to", f.to.as_str())
+        .with_field("introspect.restored", f.restored);
+    if let Some(v) = f.vcpu {
         e = e.with_field("introspect.vcpu", v);
     }
-    if let Some(s) = &r.symbol {
+    if let Some(s) = &f.symbol {
         e = e.with_field("introspect.symbol", s.as_str());
     }
-    if let Some(s) = &r.from_symbol {
+    if let Some(s) = &f.from_symbol {
         e = e.with_field("introspect.from_symbol", s.as_str());
     }
     // The MSR guard's verdict is the end of its message: `...: refused` under
     // policy=protect, `...: let through` under report.
-    if rule == Rule::SyscallMsrWrite {
-        e = e.with_field("introspect.refused", r.message.ends_with(": refused"));
+    if f.rule == Rule::SyscallMsrWrite {
+        e = e.with_field("introspect.refused", f.message.ends_with(": refused"));
     }
-    Some(e)
+    e
+}
+
+/// The records among `values` (a VM's answer, or the lines of its file); one
+/// this daemon cannot read (a rule from a newer VMM) is skipped and said.
+pub fn parse_records(values: impl IntoIterator<Item = serde_json::Value>) -> Vec<FindingRecord> {
+    values
+        .into_iter()
+        .filter_map(|v| match FindingRecord::deserialize(&v) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(seq = %v["seq"], "an introspection finding this daemon cannot read, not reported: {e}");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Per VM, the last finding turned into an event.
@@ -197,16 +172,17 @@ impl FindingCursors {
 /// The records of a findings file (JSON lines); lines that are not one are
 /// skipped with a warning.
 pub fn parse_findings_file(text: &str) -> Vec<FindingRecord> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter_map(|l| match serde_json::from_str(l) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!("a findings file line that is not a finding: {e}");
-                None
-            }
-        })
-        .collect()
+    parse_records(
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter_map(|l| match serde_json::from_str(l) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!("a findings file line that is not JSON: {e}");
+                    None
+                }
+            }),
+    )
 }
 
 /// Keeps the records after `since`, in order, dropping any seen twice (a VM that
@@ -222,10 +198,14 @@ pub fn after(since: u64, mut records: Vec<FindingRecord>) -> Vec<FindingRecord> 
 mod tests {
     use super::*;
     use serde_json::json;
-    use vigil_events::Source;
+    use vigil_events::{Priority, Source};
 
     fn record(v: serde_json::Value) -> FindingRecord {
         serde_json::from_value(v).unwrap()
+    }
+
+    fn event(v: serde_json::Value) -> Event {
+        finding_event("a", &record(v))
     }
 
     /// A record as `GET /vigil/introspect/findings` serves it.
@@ -249,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_record_becomes_an_event() {
-        let e = finding_event("web-1", &record(table_record(3))).unwrap();
+        let e = finding_event("web-1", &record(table_record(3)));
         assert_eq!(e.rule, Rule::SyscallTableModified);
         assert_eq!(e.source, Source::Vm);
         assert_eq!(e.priority, Priority::Critical);
@@ -277,22 +257,16 @@ mod tests {
 
     #[test]
     fn restored_msr_writes_and_unknown_rules() {
-        // Restored: the record's Notice wins over the rule's Critical.
+        // Restored: the record's priority (the VMM writes Notice).
         let mut v = table_record(4);
         v["restored"] = json!(true);
-        let e = finding_event("a", &record(v.clone())).unwrap();
-        assert_eq!(e.priority, Priority::Critical, "the record says Critical");
+        assert_eq!(
+            event(v.clone()).priority,
+            Priority::Critical,
+            "the record says Critical"
+        );
         v["priority"] = json!("Notice");
-        assert_eq!(
-            finding_event("a", &record(v.clone())).unwrap().priority,
-            Priority::Notice
-        );
-        // Without a priority: Notice when restored, else the rule's.
-        v.as_object_mut().unwrap().remove("priority");
-        assert_eq!(
-            finding_event("a", &record(v)).unwrap().priority,
-            Priority::Notice
-        );
+        assert_eq!(event(v).priority, Priority::Notice);
         // An MSR write: the vCPU and the guard's verdict.
         let msr = |verdict: &str| {
             record(json!({
@@ -302,17 +276,21 @@ mod tests {
                 "message": format!("vCPU 0: wrmsr LSTAR 0x2000 (baseline 0x1000): {verdict}")
             }))
         };
-        let e = finding_event("a", &msr("refused")).unwrap();
+        let e = finding_event("a", &msr("refused"));
         assert_eq!(e.rule, Rule::SyscallMsrWrite);
         assert_eq!(e.fields["introspect.vcpu"], json!(0));
         assert_eq!(e.fields["introspect.refused"], json!(true));
         assert!(!e.fields.contains_key("introspect.from_symbol"));
-        let e = finding_event("a", &msr("let through")).unwrap();
+        let e = finding_event("a", &msr("let through"));
         assert_eq!(e.fields["introspect.refused"], json!(false));
-        // A rule this daemon does not know is skipped.
-        let mut v = table_record(1);
-        v["rule"] = json!("from_the_future");
-        assert!(finding_event("a", &record(v)).is_none());
+        // A rule this daemon does not know, or a record without its priority, is
+        // skipped; the others are read.
+        let mut future = table_record(1);
+        future["rule"] = json!("from_the_future");
+        let mut bare = table_record(2);
+        bare.as_object_mut().unwrap().remove("priority");
+        let read = parse_records([future, bare, table_record(3)]);
+        assert_eq!(read.iter().map(|r| r.seq).collect::<Vec<_>>(), [3]);
     }
 
     #[test]

@@ -130,7 +130,10 @@ impl Daemon {
             "POST",
             "/vms",
             true,
-            Some(json!({"id": id, "config": {"machine-config": {"vcpu_count": 2, "mem_size_mib": 64}, "fake": {}}})),
+            Some(json!({"id": id, "config": {
+                "boot-source": {"kernel_image_path": fake_vmm()},
+                "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
+            }})),
         );
         assert_eq!(status, 201, "create {id}: {body}");
     }

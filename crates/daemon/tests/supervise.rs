@@ -9,6 +9,15 @@ use serde_json::{json, Value};
 use vigil_daemon::client::{request, Response};
 use vigil_daemon::DaemonConfig;
 
+/// A VM configuration the daemon accepts, whose boot arguments tell the fake VMM
+/// how to behave (its kernel: the fake itself, any readable file does).
+fn fake_config(vcpus: u32, memory_mib: u64, fake: &Value) -> Value {
+    json!({
+        "boot-source": {"kernel_image_path": fake_vmm(), "boot_args": fake.to_string()},
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": memory_mib},
+    })
+}
+
 fn fake_vmm() -> PathBuf {
     // target/<triple>/debug/deps/supervise-HASH -> target/<triple>/debug/examples/fake_vmm
     let exe = std::env::current_exe().unwrap();
@@ -76,7 +85,7 @@ impl Daemon {
         self.call(
             "POST",
             "/vms",
-            Some(json!({"id": id, "config": {"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}, "fake": fake}})),
+            Some(json!({"id": id, "config": fake_config(1, 32, &fake)})),
         )
         .await
     }
@@ -128,7 +137,7 @@ async fn lifecycle_with_a_running_vm() {
     assert_eq!(r.json().unwrap()["state"], "paused");
     let r = d.call("GET", "/vms/vm-1", None).await;
     assert_eq!(r.json().unwrap()["state"], "paused");
-    assert!(r.json().unwrap()["config"]["fake"].is_object());
+    assert!(r.json().unwrap()["config"]["boot-source"]["boot_args"].is_string());
     let r = d
         .call("PATCH", "/vms/vm-1", Some(json!({"state": "Frozen"})))
         .await;
@@ -207,6 +216,51 @@ async fn a_refused_config_is_an_error_and_leaves_nothing() {
     );
     assert_eq!(d.call("GET", "/vms/bad", None).await.status, 404);
     assert!(!d.dir.join("state/vms/bad").exists());
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_is_refused_before_anything_is_spawned() {
+    let d = Daemon::start("invalid", |_| {}).await;
+    let mut config = fake_config(1, 32, &json!({}));
+    for (edit, want) in [
+        (
+            json!({"machine-config": {"vcpu_count": 0, "mem_size_mib": 32}}),
+            "config: machine-config: vcpu_count 0: a VM needs at least one vCPU",
+        ),
+        (
+            json!({"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}),
+            "config: boot-source: kernel_image_path \"/nonexistent/vmlinux\": cannot read it",
+        ),
+        (
+            json!({"drives": [{"drive_id": "root", "is_root_device": true, "path_on_host": "/nonexistent.img"}]}),
+            "config: drives[\"root\"]: path_on_host \"/nonexistent.img\": cannot open it for writing",
+        ),
+        (json!({"mmds-config": {}}), "config: mmds-config: unknown field `mmds-config`"),
+    ] {
+        let mut bad = config.clone();
+        for (k, v) in edit.as_object().unwrap() {
+            bad[k] = v.clone();
+        }
+        let r = d
+            .call("POST", "/vms", Some(json!({"id": "bad", "config": bad})))
+            .await;
+        assert_eq!(r.status, 400, "{edit}: {}", r.text());
+        let m = r.fault_message();
+        assert!(m.starts_with(want), "{edit}: {m}");
+        assert!(!d.dir.join("state/vms/bad").exists(), "{edit}");
+    }
+    assert_eq!(d.call("GET", "/vms", None).await.json().unwrap(), json!([]));
+    // The same config, valid, is created.
+    config["machine-config"]["vcpu_count"] = json!(2);
+    let r = d
+        .call(
+            "POST",
+            "/vms",
+            Some(json!({"id": "good", "config": config})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
     d.stop().await;
 }
 

@@ -6,8 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{memory, Driver, F_WRITE};
-use vigil_devices::virtio::balloon::{Balloon, BalloonConfig};
+use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_model::config::BalloonConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const PAGE: u64 = 4096;

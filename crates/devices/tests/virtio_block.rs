@@ -4,9 +4,10 @@
 mod common;
 
 use common::{memory, Driver, TempImage, F_INDIRECT, F_NEXT, F_WRITE};
-use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::virtio::block::{Block, BlockConfig, S_IOERR, S_OK, S_UNSUPP};
+use vigil_devices::virtio::block::{Block, S_IOERR, S_OK, S_UNSUPP};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_model::config::DriveConfig;
+use vigil_model::config::RateLimit;
 use vm_memory::GuestMemoryMmap;
 
 const SECTORS: usize = 16;
@@ -29,7 +30,7 @@ fn pattern() -> Vec<u8> {
 }
 
 fn block(image: &TempImage, read_only: bool) -> Block {
-    Block::new(&BlockConfig {
+    Block::new(&DriveConfig {
         path: image.0.clone(),
         read_only,
         id: "vigil-disk-0".into(),
@@ -504,7 +505,7 @@ fn write_limit_throttles_writes_but_not_reads() {
         ops: Some((1, Some(1))),
         ..Default::default()
     };
-    let mut dev = Block::new(&BlockConfig {
+    let mut dev = Block::new(&DriveConfig {
         path: rig.image.0.clone(),
         id: "limited".into(),
         write_limit: one_write,
@@ -525,7 +526,7 @@ fn write_limit_throttles_writes_but_not_reads() {
     assert!(throttled(&mut dev, &mut d, &mut q, 512) > std::time::Duration::ZERO);
 
     // A read limit leaves writes alone.
-    let mut dev = Block::new(&BlockConfig {
+    let mut dev = Block::new(&DriveConfig {
         path: rig.image.0.clone(),
         id: "limited".into(),
         read_limit: one_write,
@@ -550,7 +551,7 @@ fn write_zeroes_is_charged_the_bytes_it_zeroes_and_discard_only_an_operation() {
     };
     for (rate_limit, write_limit) in [(small, RateLimit::default()), (RateLimit::default(), small)]
     {
-        let mut dev = Block::new(&BlockConfig {
+        let mut dev = Block::new(&DriveConfig {
             path: rig.image.0.clone(),
             id: "limited".into(),
             rate_limit,

@@ -12,10 +12,11 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use common::{memory, Driver, TempImage, F_WRITE};
-use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::virtio::block::{Block, BlockConfig, S_IOERR, S_OK};
+use vigil_devices::virtio::block::{Block, S_IOERR, S_OK};
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::VirtioDevice;
+use vigil_model::config::DriveConfig;
+use vigil_model::config::RateLimit;
 
 struct Counting;
 
@@ -71,7 +72,7 @@ const LIMIT: usize = 1 << 20;
 fn two_gib_descriptors_do_not_allocate_two_gib() {
     let mem = memory((1 << 31) + (1 << 20));
     let image = TempImage::new(&[0x77; 8 * 512]);
-    let mut blk = Block::new(&BlockConfig {
+    let mut blk = Block::new(&DriveConfig {
         path: image.0.clone(),
         read_only: false,
         id: "big".into(),
@@ -131,7 +132,7 @@ fn large_transfers_are_copied_in_chunks() {
         .unwrap()
         .set_len(u64::from(LEN))
         .unwrap();
-    let mut blk = Block::new(&BlockConfig {
+    let mut blk = Block::new(&DriveConfig {
         path: image.0.clone(),
         read_only: false,
         id: String::new(),

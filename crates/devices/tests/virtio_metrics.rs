@@ -6,11 +6,12 @@ mod common;
 use std::sync::Arc;
 
 use common::{memory, Driver, TempImage, F_WRITE};
-use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::virtio::block::{Block, BlockConfig};
+use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_metrics::{DeviceCounters, DeviceKind};
+use vigil_model::config::DriveConfig;
+use vigil_model::config::RateLimit;
 
 const HDR: u64 = 0x1000;
 const DATA: u64 = 0x2000;
@@ -42,7 +43,7 @@ fn block_counts_bytes_ops_errors_and_throttles() {
     let mem = memory(1 << 20);
     let image = TempImage::new(&[0u8; 8 * 512]);
     let counters = Arc::new(DeviceCounters::new(DeviceKind::Block, "blk0"));
-    let mut dev = Block::new(&BlockConfig {
+    let mut dev = Block::new(&DriveConfig {
         path: image.0.clone(),
         id: "m".into(),
         write_limit: RateLimit {

@@ -8,13 +8,14 @@ use common::{
     bring_up, memory, program_queue, read32, transport, write32, Driver, TempImage, F_WRITE,
 };
 use vigil_devices::bus::BusDevice;
-use vigil_devices::rate_limiter::RateLimit;
-use vigil_devices::virtio::block::{Block, BlockConfig};
+use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::mmio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::{INT_CONFIG, INT_USED_RING};
+use vigil_model::config::DriveConfig;
+use vigil_model::config::RateLimit;
 
 const QSIZE: u16 = 16;
 const BUF: u64 = 0x8000;
@@ -25,7 +26,7 @@ fn rng() -> Box<Rng> {
 
 fn blk(image: &TempImage) -> Box<Block> {
     Box::new(
-        Block::new(&BlockConfig {
+        Block::new(&DriveConfig {
             path: image.0.clone(),
             read_only: false,
             id: "id".into(),

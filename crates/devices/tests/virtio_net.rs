@@ -7,8 +7,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use common::{memory, Driver, F_WRITE};
 use vigil_devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
-use vigil_devices::virtio::net::{Net, NetConfig, MAX_BUFFER, TX};
+use vigil_devices::virtio::net::{Net, MAX_BUFFER, TX};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_model::config::NetConfig;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -22,7 +23,7 @@ fn net() -> (Net, OwnedFd) {
     let (tap, host) = Tap::pair().unwrap();
     let config = NetConfig {
         tap: String::new(),
-        mac: [2, 0, 0, 0, 0, 1],
+        mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
         rx_rate_limit: Default::default(),
         tx_rate_limit: Default::default(),
     };

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use common::{memory, Driver, TempImage, F_WRITE};
 use vigil_devices::rate_limiter::{BucketUpdate, LimitUpdate, RateLimit};
-use vigil_devices::virtio::block::{Block, BlockConfig, S_OK};
+use vigil_devices::virtio::block::{Block, S_OK};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_model::config::DriveConfig;
 
 const HDR: u64 = 0x1000;
 const DATA: u64 = 0x2000;
@@ -20,7 +21,7 @@ fn a_throttled_request_is_served_once_the_limit_is_lifted() {
     let image = TempImage::new(&[0u8; 8192]);
     // 1 byte a second: the first 4 KiB read passes on the full bucket, the
     // second owes more than an hour.
-    let mut dev = Block::new(&BlockConfig {
+    let mut dev = Block::new(&DriveConfig {
         path: image.0.clone(),
         id: "limited".into(),
         rate_limit: RateLimit {
@@ -68,7 +69,7 @@ fn a_throttled_request_is_served_once_the_limit_is_lifted() {
     assert_eq!(d.used_idx(), 2);
     assert_eq!(d.read(STATUS, 1)[0], S_OK);
     assert_eq!(dev.state(), {
-        let mut fresh = Block::new(&BlockConfig {
+        let mut fresh = Block::new(&DriveConfig {
             path: image.0.clone(),
             id: "limited".into(),
             ..Default::default()

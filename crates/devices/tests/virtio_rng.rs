@@ -3,9 +3,9 @@
 mod common;
 
 use common::{memory, Driver, F_WRITE};
-use vigil_devices::rate_limiter::RateLimit;
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_model::config::RateLimit;
 
 const QSIZE: u16 = 16;
 const MARK: u8 = 0x5c;

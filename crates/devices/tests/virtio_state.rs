@@ -12,17 +12,18 @@ use common::{memory, read32, write32, Driver, TempImage, F_WRITE};
 use vigil_devices::bus::BusDevice;
 use vigil_devices::persist::RestoreError;
 use vigil_devices::rate_limiter::{RateLimit, RateLimitState, TokenBucketState};
-use vigil_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonStat};
-use vigil_devices::virtio::block::{Block, BlockConfig, BlockState, S_OK};
+use vigil_devices::virtio::balloon::{Balloon, BalloonStat};
+use vigil_devices::virtio::block::{Block, BlockState, S_OK};
 use vigil_devices::virtio::mmio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
 use vigil_devices::virtio::mmio::{MmioTransport, MmioTransportState};
-use vigil_devices::virtio::net::{Net, NetConfig};
+use vigil_devices::virtio::net::Net;
 use vigil_devices::virtio::persist::{DeviceState, QueueState};
 use vigil_devices::virtio::rng::{Rng, RngState};
-use vigil_devices::virtio::vsock::{Vsock, VsockConfig, VsockState};
+use vigil_devices::virtio::vsock::{Vsock, VsockState};
 use vigil_devices::virtio::{Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
+use vigil_model::config::{BalloonConfig, DriveConfig, NetConfig, VsockConfig};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -130,8 +131,8 @@ fn pattern() -> Vec<u8> {
         .collect()
 }
 
-fn block_config(image: &TempImage) -> BlockConfig {
-    BlockConfig {
+fn block_config(image: &TempImage) -> DriveConfig {
+    DriveConfig {
         path: image.0.clone(),
         read_only: false,
         id: "vigil-state-0".into(),
@@ -337,7 +338,7 @@ fn net_transmits_after_restore() {
     let tap = format!("vgst{}", std::process::id() % 100_000);
     let config = NetConfig {
         tap: tap.clone(),
-        mac: [0x02, 0x76, 0x69, 0x67, 0x00, 0x07],
+        mac: vigil_model::MacAddr([0x02, 0x76, 0x69, 0x67, 0x00, 0x07]),
         rx_rate_limit: RateLimit::default(),
         tx_rate_limit: RateLimit {
             bandwidth: Some((1 << 20, Some(1 << 16))),
@@ -361,7 +362,7 @@ fn net_transmits_after_restore() {
     // A broadcast frame behind a zeroed 12-byte header.
     let mut frame = vec![0u8; 12];
     frame.extend([0xff; 6]);
-    frame.extend(config.mac);
+    frame.extend(config.mac.0);
     frame.extend([0x88, 0xb5]);
     frame.extend([0x42; 46]);
     tx.write(0x20000, &frame);
@@ -374,7 +375,7 @@ fn net_transmits_after_restore() {
     match &state.device {
         DeviceState::Net(n) => {
             assert_eq!(n.tap, tap);
-            assert_eq!(n.mac, config.mac);
+            assert_eq!(n.mac, config.mac.0);
             assert_eq!(n.tx_rate_limit.bandwidth.unwrap().burst, Some(1 << 16));
         }
         other => panic!("{other:?}"),
@@ -385,7 +386,7 @@ fn net_transmits_after_restore() {
     let mut t = restore(&state, &mem).unwrap().t;
     let mut mac = [0u8; 6];
     t.read(0x100, &mut mac);
-    assert_eq!(mac, config.mac);
+    assert_eq!(mac, config.mac.0);
     tx.add(&[(0x20000, frame.len() as u32, 0)]);
     t.process_queue(1);
     assert_eq!(tx.used_idx(), 3);

@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{memory, Driver, F_WRITE};
-use vigil_devices::virtio::vsock::{Vsock, VsockConfig, HDR_LEN, HOST_CID};
+use vigil_devices::virtio::vsock::{Vsock, HDR_LEN, HOST_CID};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
+use vigil_model::config::VsockConfig;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 

@@ -51,7 +51,7 @@ pub mod engine;
 pub mod event;
 pub mod output;
 pub mod policy;
-pub mod time;
+pub use vigil_model::time;
 
 pub use correlate::{Correlator, CorrelatorConfig, Incident, IncidentEntry, Pattern};
 pub use detect::{

@@ -2,20 +2,21 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
-use vigil_vmm::config::{
-    default_mac, BalloonConfig, BlockConfig, BootProtocol, ConsoleConfig, CpuTemplate, HugePages,
-    KernelImage, NetConfig, OnCrash, RateLimit, VmConfig, VsockConfig,
+use vigil_model::config::{
+    BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, HugePages,
+    IntrospectConfig, KernelImage, MachineConfig, NetConfig, OnCrash, RateLimit, VmConfig,
+    VsockConfig,
 };
+use vigil_model::cpu::CpuFeature;
+use vigil_model::firecracker::Metrics;
+use vigil_model::MacAddr;
+use vigil_vmm::builder::BuildError;
 use vigil_vmm::VmOutcome;
 
 use crate::launch::{IntrospectLaunch, Launch, Overrides};
-use vigil_api::model::Metrics;
-use vigil_introspect::live::MonitorSettings;
 use vigil_introspect::SyscallFilter;
 use vigil_shared::exit::{EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_GUEST_STATUS_BASE};
 use vigil_shared::logging::Logging;
@@ -211,7 +212,7 @@ pub struct RunArgs {
     /// write-zeroes) alone: wr_bw, wr_bw_burst, wr_ops, wr_ops_burst (sizes take K,
     /// M, G suffixes). Example: --disk path=rootfs.img,ro=on,id=root,bw=50M,wr_ops=200
     #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..]", value_parser = crate::devices_cli::parse_disk)]
-    pub disk: Vec<BlockConfig>,
+    pub disk: Vec<DriveConfig>,
 
     /// A virtio-rng entropy device fed by the host's getrandom, with an optional
     /// rate limit (bw=BYTES/s, bw_burst, ops, ops_burst). Example: --rng bw=64K
@@ -255,7 +256,7 @@ pub struct RunArgs {
     /// faults). Needs the kernel's symbols: --symbols, or an ELF kernel with a
     /// symbol table. Example: --introspect period=100ms,policy=protect
     #[arg(long, value_name = "[period=DUR][,policy=report|protect][,baseline_after=DUR]", num_args = 0..=1, default_missing_value = "", value_parser = parse_introspect)]
-    pub introspect: Option<MonitorSettings>,
+    pub introspect: Option<IntrospectConfig>,
 
     /// Trace the guest's system calls (a hardware breakpoint at its LSTAR entry)
     /// into PATH as JSON lines: {"seq", "time_unix_ns", "vcpu", "nr", "name",
@@ -338,44 +339,9 @@ pub enum CpuTemplateArg {
     Host,
 }
 
-/// `100ms`, `2s`, `1m`: a whole number and a unit.
-fn parse_duration(key: &str, v: &str) -> Result<Duration, String> {
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (n, unit) = v.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{key}={v}: expected a whole number and a unit (100ms, 2s, 1m)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("{key}={v}: the unit is ms, s or m (100ms, 2s, 1m)")),
-    }
-}
-
 /// `--introspect [period=DUR][,policy=report|protect][,baseline_after=DUR]`.
-fn parse_introspect(s: &str) -> Result<MonitorSettings, String> {
-    let mut settings = MonitorSettings {
-        baseline_after: Duration::from_secs(1),
-        ..Default::default()
-    };
-    for item in s.split(',').filter(|i| !i.is_empty()) {
-        let (key, value) = item.split_once('=').ok_or_else(|| {
-            format!("{item:?}: expected key=value (period, policy, baseline_after)")
-        })?;
-        match key {
-            "period" => settings.period = parse_duration(key, value)?,
-            "baseline_after" => settings.baseline_after = parse_duration(key, value)?,
-            "policy" => settings.policy = value.parse()?,
-            _ => {
-                return Err(format!(
-                    "unknown key {key:?} (expected period, policy, baseline_after)"
-                ))
-            }
-        }
-    }
-    settings.validate()?;
-    Ok(settings)
+fn parse_introspect(s: &str) -> Result<IntrospectConfig, String> {
+    s.parse::<IntrospectConfig>().map_err(|e| e.to_string())
 }
 
 fn parse_trace_filter(s: &str) -> Result<SyscallFilter, String> {
@@ -391,6 +357,43 @@ fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
             Some(path) => Ok(ConsoleConfig::File(path.into())),
             None => Err(format!("{s:?} is not one of stdio, file:PATH, none")),
         },
+    }
+}
+
+/// The `vigil run` flag of each configuration field (`VmConfig`'s errors name
+/// the fields as the configuration document spells them).
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "vcpu_count" => "--cpus",
+        "mem_size_mib" => "--memory",
+        "kernel_image_path" => "--kernel",
+        "initrd_path" => "--initrd",
+        "boot_args" => "--cmdline",
+        "symbols" => "--symbols",
+        "console" => "--console",
+        "drive_id" => "--disk id=",
+        "path_on_host" => "--disk path=",
+        "host_dev_name" => "--net tap=",
+        "guest_mac" => "--net mac=",
+        "guest_cid" => "--vsock cid=",
+        "uds_path" => "--vsock uds=",
+        "amount_mib" => "--balloon size_mib=",
+        _ => return None,
+    })
+}
+
+/// A VM built from `vigil run`'s flags: an error about one of its fields names
+/// the flag that set it (`--cpus 0: ...`), not the configuration field.
+fn named_as_flags(e: anyhow::Error) -> anyhow::Error {
+    let Some(build) = e.downcast_ref::<BuildError>() else {
+        return e;
+    };
+    match build
+        .field_error()
+        .and_then(|f| Some(f.named(flag_of(f.field())?)))
+    {
+        Some(message) => anyhow::anyhow!(message),
+        None => e,
     }
 }
 
@@ -473,6 +476,9 @@ impl RunArgs {
             ..Default::default()
         });
         let (id, overrides) = (self.id.clone(), self.overrides());
+        // The flags describe the VM unless a file or the API does.
+        let from_flags =
+            self.config_file.is_none() && (self.kernel.is_some() || self.api_sock.is_none());
         let launch = if let Some(file) = &self.config_file {
             if let Some(option) = self.vm_options_given().first() {
                 anyhow::bail!(
@@ -516,7 +522,12 @@ impl RunArgs {
                 overrides,
             }
         };
-        crate::launch::launch(launch, logging)
+        let result = crate::launch::launch(launch, logging);
+        if from_flags {
+            result.map_err(named_as_flags)
+        } else {
+            result
+        }
     }
 
     fn into_config(self) -> VmConfig {
@@ -532,26 +543,28 @@ impl RunArgs {
             KernelImage::Embedded { .. } => "",
         };
         let mut config = VmConfig::new(kernel);
-        config.initrd = self.initrd;
-        config.cmdline = self.cmdline.unwrap_or_else(|| default_cmdline.into());
-        config.vcpus = self.cpus;
-        config.memory_mib = self.memory;
-        config.console = self.console;
-        config.symbols = self.symbols;
-        config.boot_protocol = match self.boot_protocol {
+        config.boot.initrd = self.initrd;
+        config.boot.cmdline = self.cmdline.unwrap_or_else(|| default_cmdline.into());
+        config.boot.symbols = self.symbols;
+        config.boot.protocol = match self.boot_protocol {
             BootProtocolArg::Auto => BootProtocol::Auto,
             BootProtocolArg::Pvh => BootProtocol::Pvh,
             BootProtocolArg::Linux => BootProtocol::Linux,
         };
-        config.cpu_template = match self.cpu_template {
-            CpuTemplateArg::Auto => CpuTemplate::Auto,
-            CpuTemplateArg::Host => CpuTemplate::Host,
+        config.machine = MachineConfig {
+            vcpu_count: self.cpus,
+            mem_size_mib: self.memory,
+            cpu_template: match self.cpu_template {
+                CpuTemplateArg::Auto => CpuTemplate::Auto,
+                CpuTemplateArg::Host => CpuTemplate::Host,
+            },
+            cpuid_hide: self.cpuid_hide,
+            huge_pages: self.huge_pages.into(),
         };
-        config.cpuid_hide = self.cpuid_hide;
+        config.console = self.console;
         config.on_crash = self.on_crash.into();
-        config.huge_pages = self.huge_pages.into();
-        config.disks = self.disk;
-        for (i, disk) in config.disks.iter_mut().enumerate() {
+        config.drives = self.disk;
+        for (i, disk) in config.drives.iter_mut().enumerate() {
             if disk.id.is_empty() {
                 disk.id = format!("disk{i}");
             }
@@ -561,8 +574,8 @@ impl RunArgs {
         config.vsock = self.vsock;
         config.nets = self.net;
         for (i, net) in config.nets.iter_mut().enumerate() {
-            if net.mac == [0; 6] {
-                net.mac = default_mac(i);
+            if net.mac.is_zero() {
+                net.mac = MacAddr::for_interface(i);
             }
         }
         config

@@ -1,55 +1,33 @@
 //! Parsing of device options: `--disk path=...,ro=on,id=...,bw=...`, `--rng bw=...`,
-//! `--net tap=...,mac=...,rx_bw=...`.
+//! `--net tap=...,mac=...,rx_bw=...`, `--balloon ...`, `--vsock ...`, with the
+//! option strings of `vigil_model::options`. What is checked here is the shape
+//! of each value; the configuration's own checks (`VmConfig::validate`) come after.
 
-use vigil_vmm::config::{BalloonConfig, BlockConfig, NetConfig, RateLimit, VsockConfig};
+use vigil_model::config::{BalloonConfig, DriveConfig, NetConfig, RateLimit, VsockConfig};
+use vigil_model::options::{Options, OptionsError};
+use vigil_model::MacAddr;
 
-/// `key=value` pairs of one option, with the keys it accepts.
+/// One option's `key=value` pairs, the errors naming the option.
 struct Pairs<'a> {
     option: &'static str,
-    pairs: Vec<(&'a str, &'a str)>,
+    options: Options<'a>,
 }
 
 impl<'a> Pairs<'a> {
     fn parse(option: &'static str, s: &'a str, known: &[&str]) -> Result<Self, String> {
-        let mut pairs = Vec::new();
-        for item in s.split(',').filter(|i| !i.is_empty()) {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| format!("{option}: {item:?} is not key=value"))?;
-            if !known.contains(&key) {
-                return Err(format!(
-                    "{option}: unknown key {key:?} (known: {})",
-                    known.join(", ")
-                ));
-            }
-            if pairs.iter().any(|(k, _)| *k == key) {
-                return Err(format!("{option}: {key} given twice"));
-            }
-            pairs.push((key, value));
-        }
-        Ok(Self { option, pairs })
+        Ok(Self {
+            option,
+            options: Options::parse(s, known).map_err(|e| e.for_option(option))?,
+        })
     }
 
-    fn get(&self, key: &str) -> Option<&'a str> {
-        self.pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
-    }
-
-    fn size(&self, key: &str) -> Result<Option<u64>, String> {
-        self.get(key)
-            .map(|v| {
-                parse_size(v).ok_or_else(|| {
-                    format!(
-                        "{} {key}={v}: not a number (suffixes K, M, G allowed)",
-                        self.option
-                    )
-                })
-            })
-            .transpose()
+    fn named<T>(&self, r: Result<T, OptionsError>) -> Result<T, String> {
+        r.map_err(|e| e.for_option(self.option))
     }
 
     fn rate(&self, key: &str, burst_key: &str) -> Result<Option<(u64, Option<u64>)>, String> {
-        let burst = self.size(burst_key)?;
-        match self.size(key)? {
+        let burst = self.named(self.options.size(burst_key))?;
+        match self.named(self.options.size(key))? {
             Some(0) => Err(format!(
                 "{} {key}=0: a rate must be above zero (leave it out for no limit)",
                 self.option
@@ -60,12 +38,8 @@ impl<'a> Pairs<'a> {
         }
     }
 
-    fn rate_limit(&self) -> Result<RateLimit, String> {
-        self.rate_limit_prefixed("")
-    }
-
     /// The rate keys with `prefix` (`rx_`: `rx_bw`, `rx_bw_burst`, ...).
-    fn rate_limit_prefixed(&self, prefix: &str) -> Result<RateLimit, String> {
+    fn rate_limit(&self, prefix: &str) -> Result<RateLimit, String> {
         Ok(RateLimit {
             bandwidth: self.rate(&format!("{prefix}bw"), &format!("{prefix}bw_burst"))?,
             ops: self.rate(&format!("{prefix}ops"), &format!("{prefix}ops_burst"))?,
@@ -74,53 +48,35 @@ impl<'a> Pairs<'a> {
     }
 }
 
-const RATE_KEYS: [&str; 4] = ["bw", "bw_burst", "ops", "ops_burst"];
+/// The rate-limit keys, each with `prefix`.
+fn rate_keys(prefix: &str) -> [String; 4] {
+    ["bw", "bw_burst", "ops", "ops_burst"].map(|k| format!("{prefix}{k}"))
+}
 
-/// `123`, `4K`, `10M`, `1G` (powers of 1024).
-fn parse_size(s: &str) -> Option<u64> {
-    let (digits, unit) = match s.char_indices().last()? {
-        (i, 'K' | 'k') => (&s[..i], 1 << 10),
-        (i, 'M' | 'm') => (&s[..i], 1 << 20),
-        (i, 'G' | 'g') => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    digits.parse::<u64>().ok()?.checked_mul(unit)
+fn keys<'k>(plain: &[&'k str], rates: &'k [String]) -> Vec<&'k str> {
+    plain
+        .iter()
+        .copied()
+        .chain(rates.iter().map(String::as_str))
+        .collect()
 }
 
 /// Parses one `--disk` value (an empty id is filled in later with the disk's index).
-pub fn parse_disk(s: &str) -> Result<BlockConfig, String> {
-    const DIRECTION_KEYS: [&str; 8] = [
-        "rd_bw",
-        "rd_bw_burst",
-        "rd_ops",
-        "rd_ops_burst",
-        "wr_bw",
-        "wr_bw_burst",
-        "wr_ops",
-        "wr_ops_burst",
-    ];
-    let keys: Vec<&str> = ["path", "ro", "id"]
-        .into_iter()
-        .chain(RATE_KEYS)
-        .chain(DIRECTION_KEYS)
-        .collect();
-    let p = Pairs::parse("--disk", s, &keys)?;
+pub fn parse_disk(s: &str) -> Result<DriveConfig, String> {
+    let rates: Vec<String> = ["", "rd_", "wr_"].into_iter().flat_map(rate_keys).collect();
+    let p = Pairs::parse("--disk", s, &keys(&["path", "ro", "id"], &rates))?;
     let path = p
+        .options
         .get("path")
         .filter(|v| !v.is_empty())
         .ok_or("--disk: path=IMAGE is required")?;
-    let read_only = match p.get("ro") {
-        None | Some("off") => false,
-        Some("on") => true,
-        Some(v) => return Err(format!("--disk ro={v}: expected on or off")),
-    };
-    Ok(BlockConfig {
+    Ok(DriveConfig {
         path: path.into(),
-        read_only,
-        id: p.get("id").unwrap_or_default().to_string(),
-        rate_limit: p.rate_limit()?,
-        read_limit: p.rate_limit_prefixed("rd_")?,
-        write_limit: p.rate_limit_prefixed("wr_")?,
+        read_only: p.named(p.options.on_off("ro"))?,
+        id: p.options.get("id").unwrap_or_default().to_string(),
+        rate_limit: p.rate_limit("")?,
+        read_limit: p.rate_limit("rd_")?,
+        write_limit: p.rate_limit("wr_")?,
     })
 }
 
@@ -136,63 +92,36 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
             "deflate_on_oom",
         ],
     )?;
-    let on_off = |key: &str| match p.get(key) {
-        None | Some("off") => Ok(false),
-        Some("on") => Ok(true),
-        Some(v) => Err(format!("--balloon {key}={v}: expected on or off")),
-    };
-    let stats_interval = match p.size("stats_s")? {
+    let stats_interval = match p.named(p.options.size("stats_s"))? {
         None | Some(0) => None,
         Some(s) => Some(std::time::Duration::from_secs(s)),
     };
     Ok(BalloonConfig {
-        target_mib: p.size("size_mib")?.unwrap_or(0),
+        target_mib: p.named(p.options.size("size_mib"))?.unwrap_or(0),
         stats_interval,
-        free_page_reporting: on_off("free_page_reporting")?,
-        deflate_on_oom: on_off("deflate_on_oom")?,
+        free_page_reporting: p.named(p.options.on_off("free_page_reporting"))?,
+        deflate_on_oom: p.named(p.options.on_off("deflate_on_oom"))?,
     })
-}
-
-/// `aa:bb:cc:dd:ee:ff` (hex, either case).
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 /// Parses one `--net` value. Without `mac=`, the MAC is all zeros, which the
 /// caller replaces with the interface's default.
 pub fn parse_net(s: &str) -> Result<NetConfig, String> {
-    let keys: Vec<&str> = ["tap", "mac"]
-        .into_iter()
-        .chain(RATE_KEYS.iter().map(|k| match *k {
-            "bw" => "rx_bw",
-            "bw_burst" => "rx_bw_burst",
-            "ops" => "rx_ops",
-            _ => "rx_ops_burst",
-        }))
-        .chain(["tx_bw", "tx_bw_burst", "tx_ops", "tx_ops_burst"])
-        .collect();
-    let p = Pairs::parse("--net", s, &keys)?;
+    let rates: Vec<String> = ["rx_", "tx_"].into_iter().flat_map(rate_keys).collect();
+    let p = Pairs::parse("--net", s, &keys(&["tap", "mac"], &rates))?;
     let tap = p
+        .options
         .get("tap")
         .filter(|v| !v.is_empty())
         .ok_or("--net: tap=NAME is required")?;
-    let mac = match p.get("mac") {
-        None => [0; 6],
-        Some(v) => match parse_mac(v) {
-            Some([0, 0, 0, 0, 0, 0]) => {
+    let mac = match p.options.get("mac") {
+        None => MacAddr::default(),
+        Some(v) => match v.parse::<MacAddr>() {
+            Ok(mac) if mac.is_zero() => {
                 return Err(format!("--net mac={v}: the all-zero address"));
             }
-            Some(mac) => mac,
-            None => {
+            Ok(mac) => mac,
+            Err(_) => {
                 return Err(format!(
                     "--net mac={v}: expected six hex bytes as in 02:00:00:00:00:01"
                 ))
@@ -202,19 +131,20 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
     Ok(NetConfig {
         tap: tap.into(),
         mac,
-        rx_rate_limit: p.rate_limit_prefixed("rx_")?,
-        tx_rate_limit: p.rate_limit_prefixed("tx_")?,
+        rx_rate_limit: p.rate_limit("rx_")?,
+        tx_rate_limit: p.rate_limit("tx_")?,
     })
 }
 
 /// Parses the `--vsock` value.
 pub fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     let p = Pairs::parse("--vsock", s, &["cid", "uds"])?;
-    let cid = p.get("cid").ok_or("--vsock: cid=N is required")?;
-    let cid = cid
-        .parse::<u64>()
-        .map_err(|_| format!("--vsock cid={cid}: not a number"))?;
+    if p.options.get("cid").is_none() {
+        return Err("--vsock: cid=N is required".into());
+    }
+    let cid = p.named(p.options.number::<u64>("cid"))?.unwrap_or_default();
     let uds = p
+        .options
         .get("uds")
         .filter(|v| !v.is_empty())
         .ok_or("--vsock: uds=PATH is required")?;
@@ -226,7 +156,8 @@ pub fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
 
 /// Parses the `--rng` value (empty: no limit).
 pub fn parse_rng(s: &str) -> Result<RateLimit, String> {
-    Pairs::parse("--rng", s, &RATE_KEYS)?.rate_limit()
+    let rates = rate_keys("");
+    Pairs::parse("--rng", s, &keys(&[], &rates))?.rate_limit("")
 }
 
 #[cfg(test)]
@@ -314,11 +245,11 @@ mod tests {
         let n =
             parse_net("tap=vg0,mac=02:AB:cd:00:00:01,rx_bw=1M,tx_ops=10,tx_ops_burst=2").unwrap();
         assert_eq!(n.tap, "vg0");
-        assert_eq!(n.mac, [2, 0xab, 0xcd, 0, 0, 1]);
+        assert_eq!(n.mac, MacAddr([2, 0xab, 0xcd, 0, 0, 1]));
         assert_eq!(n.rx_rate_limit.bandwidth, Some((1 << 20, None)));
         assert_eq!(n.rx_rate_limit.ops, None);
         assert_eq!(n.tx_rate_limit.ops, Some((10, Some(2))));
-        assert_eq!(parse_net("tap=x").unwrap().mac, [0; 6]);
+        assert!(parse_net("tap=x").unwrap().mac.is_zero());
         assert_eq!(
             parse_net("mac=02:00:00:00:00:01").unwrap_err(),
             "--net: tap=NAME is required"
@@ -342,9 +273,8 @@ mod tests {
     fn rng_and_sizes() {
         assert_eq!(parse_rng("").unwrap(), RateLimit::default());
         assert_eq!(parse_rng("bw=4K").unwrap().bandwidth, Some((4096, None)));
-        assert_eq!(parse_size("1G"), Some(1 << 30));
-        assert_eq!(parse_size("12"), Some(12));
-        assert_eq!(parse_size("M"), None);
-        assert_eq!(parse_size("99999999999999999999G"), None);
+        assert!(parse_rng("bw=4X")
+            .unwrap_err()
+            .contains("--rng bw=4X: not a number"));
     }
 }

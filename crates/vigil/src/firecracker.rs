@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::anyhow;
 use clap::Parser;
-use vigil_api::model::{Logger, Metrics};
+use vigil_model::firecracker::{Logger, Metrics};
 
 use crate::launch::{Launch, Overrides};
 use vigil_shared::logging::Logging;

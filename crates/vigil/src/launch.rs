@@ -8,13 +8,16 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use vigil_api::model::{FullVmConfig, Logger, Metrics};
 use vigil_api::preboot::PreBoot;
 use vigil_api::{Api, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::SyscallFilter;
-use vigil_vmm::arch::x86_64::cpuid::CpuFeature;
-use vigil_vmm::config::{BootProtocol, ConsoleConfig, CpuTemplate, HugePages, OnCrash, VmConfig};
+use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
+use vigil_model::config::{
+    BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash, VmConfig,
+};
+use vigil_model::cpu::CpuFeature;
+use vigil_model::firecracker::{self, FullVmConfig, Logger, Metrics};
 use vigil_vmm::{RunningVm, StopHandle};
 
 use crate::terminal::TerminalGuard;
@@ -39,7 +42,7 @@ pub struct Overrides {
 #[derive(Clone, Debug, Default)]
 pub struct IntrospectLaunch {
     /// The integrity monitor, with these settings.
-    pub monitor: Option<MonitorSettings>,
+    pub monitor: Option<IntrospectConfig>,
     /// System call tracing into this file (JSON lines), keeping what the filter keeps.
     pub trace: Option<(PathBuf, SyscallFilter)>,
     /// Serve `/vigil/debug/...`: writes into the guest, for tests.
@@ -56,9 +59,9 @@ impl IntrospectLaunch {
                 .write_findings_to(path)
                 .map_err(|e| anyhow!("--findings-path {e}"))?;
         }
-        if let Some(settings) = self.monitor {
+        if let Some(config) = &self.monitor {
             intro
-                .start_monitor(settings)
+                .start_monitor(MonitorSettings::resolve(config, BOOT_BASELINE_AFTER))
                 .map_err(|e| anyhow!("--introspect: {e}"))?;
         }
         if let Some((path, filter)) = &self.trace {
@@ -86,12 +89,12 @@ impl Default for Overrides {
 impl Overrides {
     fn apply(&self, config: &mut VmConfig) {
         config.console = self.console.clone();
-        config.symbols = self.symbols.clone();
-        config.boot_protocol = self.boot_protocol;
-        config.cpu_template = self.cpu_template.clone();
-        config.cpuid_hide = self.cpuid_hide.clone();
+        config.boot.symbols = self.symbols.clone();
+        config.boot.protocol = self.boot_protocol;
+        config.machine.cpu_template = self.cpu_template.clone();
+        config.machine.cpuid_hide = self.cpuid_hide.clone();
+        config.machine.huge_pages = self.huge_pages;
         config.on_crash = self.on_crash;
-        config.huge_pages = self.huge_pages;
     }
 }
 
@@ -115,13 +118,12 @@ pub struct Launch {
 pub fn from_config_file(
     path: &std::path::Path,
 ) -> anyhow::Result<(PreBoot, VmConfig, Option<Logger>, Option<Metrics>)> {
-    let file: FullVmConfig = vigil_api::read_config_file(path).map_err(|e| anyhow!(e))?;
-    let mut pre = PreBoot::default();
-    pre.apply_file(&file)
-        .map_err(|e| anyhow!("--config-file {}: {e}", path.display()))?;
-    let config = pre
-        .to_vm_config()
-        .map_err(|e| anyhow!("--config-file {}: {e}", path.display()))?;
+    let text = std::fs::read(path)
+        .with_context(|| format!("--config-file {}: cannot read it", path.display()))?;
+    let file: FullVmConfig =
+        firecracker::parse(&text).map_err(|e| anyhow!("--config-file {}: {e}", path.display()))?;
+    let (pre, config) =
+        PreBoot::from_file(&file).map_err(|e| anyhow!("--config-file {}: {e}", path.display()))?;
     Ok((pre, config, file.logger, file.metrics))
 }
 

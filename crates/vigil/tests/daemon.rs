@@ -86,9 +86,14 @@ fn ctl_lifecycle() {
         json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}).to_string(),
     )
     .unwrap();
+    // Checked as `vigil run` checks it, before anything is spawned.
     let r = d.ctl(&["create", "x", "--config", missing.to_str().unwrap()]);
     assert_eq!(r.code, Some(1));
-    assert!(r.stderr.contains("failed to start"), "{r}");
+    assert!(
+        r.stderr
+            .contains("HTTP 400): config: boot-source: missing (a VM needs a kernel_image_path)"),
+        "{r}"
+    );
     let r = run(
         &["ctl", "--socket", "/nonexistent/d.sock", "list"],
         CTL_TIMEOUT,

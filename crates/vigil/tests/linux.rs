@@ -47,6 +47,10 @@ fn boot_linux(vmlinux: &Path, map: &Path, extra: &[&str], cmdline: &str) -> Run 
         &memory,
         "--cmdline",
         cmdline,
+        // Huge pages, so that Linux boots on them end to end too (on the build
+        // machines they make its boot no faster: BENCHMARKS.md, "Huge pages").
+        "--huge-pages",
+        "thp",
     ];
     run(&[&base[..], extra].concat(), LINUX_TIMEOUT)
 }
@@ -401,6 +405,8 @@ fn linux_finds_the_virtio_devices_vigil_declares() {
             "--disk",
             &ro_arg,
             "--rng",
+            "--huge-pages",
+            "thp",
             "--cmdline",
             cmdline,
         ],

@@ -31,10 +31,9 @@ use crate::arch::x86_64::acpi::{
     self, AcpiError, MmioDevice, ACPI_POWER_PORT, COM1_IRQ, COM1_PORT,
 };
 use crate::arch::x86_64::boot::{self, BootError, EntryPoint};
-use crate::arch::x86_64::cpuid::{self, CpuFeature, Topology};
+use crate::arch::x86_64::cpuid::{self, Topology};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
-use crate::config::{ConfigError, ConsoleConfig, CpuTemplate, HostLimits, VmConfig};
 use crate::device_manager::DeviceManager;
 use crate::symbols::KernelSymbols;
 use crate::vm::Vm;
@@ -42,6 +41,10 @@ use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{create_vm, VmError};
 use crate::VmEvent;
+use vigil_model::config::{
+    ConfigError, ConsoleConfig, CpuTemplate, FieldError, HostLimits, VmConfig,
+};
+use vigil_model::cpu::CpuFeature;
 
 /// QEMU's `isa-debug-exit` port, as test guests expect it.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -60,7 +63,7 @@ pub enum BuildError {
     Memory { mib: u64, detail: String },
     #[error(transparent)]
     Vm(#[from] VmError),
-    #[error("--console file:{path}: cannot create it: {source}")]
+    #[error("console file:{path}: cannot create it: {source}")]
     ConsoleFile {
         path: String,
         source: std::io::Error,
@@ -79,8 +82,34 @@ pub enum BuildError {
     Net(#[from] NetError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
-    #[error("--cmdline: {len} bytes once the virtio devices are declared on it, more than the {max} a kernel accepts")]
+    #[error("boot_args: {len} bytes once the virtio devices are declared on it, more than the {max} a kernel accepts")]
     CmdlineTooLong { len: usize, max: usize },
+}
+
+impl BuildError {
+    /// The configured field the error is about, when it is about one: the front
+    /// end names it ([`FieldError::named`]).
+    pub fn field_error(&self) -> Option<&dyn FieldError> {
+        match self {
+            BuildError::Config(e) => Some(e),
+            BuildError::Boot(e) if !e.field().is_empty() => Some(e),
+            BuildError::Disk(e) => Some(e),
+            BuildError::Net(e) => Some(e),
+            BuildError::Vsock(e) => Some(e),
+            BuildError::ConsoleFile { .. } | BuildError::CmdlineTooLong { .. } => Some(self),
+            _ => None,
+        }
+    }
+}
+
+impl FieldError for BuildError {
+    fn field(&self) -> &'static str {
+        match self {
+            BuildError::ConsoleFile { .. } => "console",
+            BuildError::CmdlineTooLong { .. } => "boot_args",
+            _ => self.field_error().map_or("", |e| e.field()),
+        }
+    }
 }
 
 impl From<BusError> for BuildError {
@@ -95,8 +124,8 @@ pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> B
 
 /// The features hidden from the guest: the template's plus the user's.
 fn hidden_features(config: &VmConfig) -> Vec<CpuFeature> {
-    let mut hide = config.cpuid_hide.clone();
-    if config.cpu_template == CpuTemplate::Auto && cpuid::host_emulates_cpl0() {
+    let mut hide = config.machine.cpuid_hide.clone();
+    if config.machine.cpu_template == CpuTemplate::Auto && cpuid::host_emulates_cpl0() {
         hide.extend(
             cpuid::EMULATED_CPL0_HIDDEN
                 .iter()
@@ -108,9 +137,9 @@ fn hidden_features(config: &VmConfig) -> Vec<CpuFeature> {
 
 /// Guest RAM, laid out around the 32-bit hole.
 fn guest_memory(config: &VmConfig) -> Result<GuestMemoryMmap, BuildError> {
-    let ranges = layout::ram_ranges(config.memory_bytes());
+    let ranges = layout::ram_ranges(config.machine.memory_bytes());
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::Memory {
-        mib: config.memory_mib,
+        mib: config.machine.mem_size_mib,
         detail: e.to_string(),
     })
 }
@@ -118,11 +147,11 @@ fn guest_memory(config: &VmConfig) -> Result<GuestMemoryMmap, BuildError> {
 /// Builds the VM described by `config`.
 pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
-    config.validate(&HostLimits::probe(&kvm))?;
+    config.validate(&HostLimits::read(kvm.get_max_vcpus() as u32))?;
     // Read when a crash report or introspection needs them, not at boot.
-    let symbols = KernelSymbols::new(config.symbols.clone(), config.kernel.clone());
+    let symbols = KernelSymbols::new(config.boot.symbols.clone(), config.boot.kernel.clone());
     let mem = guest_memory(config)?;
-    let vm_fd = create_vm(&kvm, &mem, config.huge_pages)?;
+    let vm_fd = create_vm(&kvm, &mem, config.machine.huge_pages)?;
 
     let (events_tx, events_rx) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
@@ -136,28 +165,28 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     attach_nets(config, &mut devices)?;
     attach_vsock(config, &mut devices)?;
 
-    let cmdline = format!("{}{}", config.cmdline, devices.cmdline_entries());
+    let cmdline = format!("{}{}", config.boot.cmdline, devices.cmdline_entries());
     let cmdline = cmdline.trim_start();
-    let apic_ids: Vec<u8> = (0..config.vcpus).map(|i| i as u8).collect();
+    let apic_ids: Vec<u8> = (0..config.machine.vcpu_count).map(|i| i as u8).collect();
     let entry = load_boot(config, &mem, cmdline, &apic_ids, devices.acpi_devices())?;
     let virtio = devices.finish();
 
     let hide = hidden_features(config);
     let vcpus = create_vcpus(config, &kvm, &vm_fd, &mem, &apic_ids, &hide, entry)?;
     tracing::info!(
-        kernel = %config.kernel,
+        kernel = %config.boot.kernel,
         entry = ?entry,
-        vcpus = config.vcpus,
-        memory_mib = config.memory_mib,
+        vcpus = config.machine.vcpu_count,
+        memory_mib = config.machine.mem_size_mib,
         hidden_cpuid = ?hide.iter().map(|f| f.name).collect::<Vec<_>>(),
         "VM built"
     );
 
-    let vcpu_metrics = (0..config.vcpus)
+    let vcpu_metrics = (0..config.machine.vcpu_count)
         .map(|id| Arc::new(VcpuCounters::new(id)))
         .collect();
     let metrics = Arc::new(VmMetrics::new(
-        config.memory_bytes(),
+        config.machine.memory_bytes(),
         vcpu_metrics,
         virtio.counters,
     ));
@@ -262,7 +291,7 @@ fn legacy_devices(
 
 /// virtio-blk: one device per `--disk`, in order.
 fn attach_disks(config: &VmConfig, devices: &mut DeviceManager) -> Result<(), BuildError> {
-    for (i, disk) in config.disks.iter().enumerate() {
+    for (i, disk) in config.drives.iter().enumerate() {
         let counters = devices.counters(DeviceKind::Block, format!("blk{i}"));
         devices.add_drive(&disk.id, Block::new(disk)?.with_counters(counters))?;
     }
@@ -321,9 +350,10 @@ fn load_boot(
             max: layout::CMDLINE_MAX_SIZE - 1,
         });
     }
-    let memory_bytes = config.memory_bytes();
-    let kernel = boot::load_kernel(mem, &config.kernel, config.boot_protocol, memory_bytes)?;
+    let memory_bytes = config.machine.memory_bytes();
+    let kernel = boot::load_kernel(mem, &config.boot.kernel, config.boot.protocol, memory_bytes)?;
     let initrd = config
+        .boot
         .initrd
         .as_deref()
         .map(|p| boot::load_initrd(mem, p, &kernel, memory_bytes))
@@ -355,14 +385,14 @@ fn create_vcpus(
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report supported CPUID"))?;
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    for id in 0..config.vcpus {
+    let mut vcpus = Vec::with_capacity(config.machine.vcpu_count as usize);
+    for id in 0..config.machine.vcpu_count {
         let fd = vm_fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create a vCPU"))?;
         let topo = Topology {
             apic_id: apic_ids[id as usize],
-            vcpus: config.vcpus,
+            vcpus: config.machine.vcpu_count,
         };
         let vcpu_cpuid = cpuid::build(&base_cpuid, topo, fd.get_tsc_khz().ok(), hide);
         let vcpu_err = |source| BuildError::Vcpu { vcpu: id, source };

@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vigil_devices::bus::Bus;
-use vigil_devices::virtio::balloon::{Balloon, BalloonConfig};
+use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
 use vigil_devices::virtio::net::Net;
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_metrics::{DeviceCounters, DeviceKind};
+use vigil_model::config::BalloonConfig;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -33,7 +34,7 @@ const VIRTIO_FIRST_GSI: u32 = 5;
 /// users name them by.
 #[derive(Default)]
 pub(crate) struct DeviceHandles {
-    /// By drive id (`BlockConfig::id`, unique once the config is validated).
+    /// By drive id (`DriveConfig::id`, unique once the config is validated).
     pub(crate) drives: HashMap<String, DriveHandle>,
     /// By place in `VmConfig::nets`.
     pub(crate) nets: Vec<NetHandle>,
@@ -194,8 +195,8 @@ impl<'a> DeviceManager<'a> {
 mod tests {
     use kvm_ioctls::Kvm;
     use vigil_devices::rate_limiter::RateLimit;
-    use vigil_devices::virtio::block::BlockConfig;
     use vigil_devices::virtio::rng::Rng;
+    use vigil_model::config::DriveConfig;
     use vm_memory::GuestAddress;
 
     use super::*;
@@ -208,10 +209,10 @@ mod tests {
     fn devices_take_windows_and_lines_in_attach_order() {
         let kvm = Kvm::new().unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let vm_fd = create_vm(&kvm, &mem, crate::config::HugePages::None).unwrap();
+        let vm_fd = create_vm(&kvm, &mem, vigil_model::config::HugePages::None).unwrap();
         let image = std::env::temp_dir().join(format!("vigil-dm-{}.img", std::process::id()));
         std::fs::write(&image, [0u8; 4096]).unwrap();
-        let block = Block::new(&BlockConfig {
+        let block = Block::new(&DriveConfig {
             path: image.clone(),
             id: "root".into(),
             ..Default::default()

@@ -1,6 +1,6 @@
 //! The life of one Vigil VM.
 //!
-//! Data flows one way: a [`config::VmConfig`] (validated once) goes to
+//! Data flows one way: a [`vigil_model::config::VmConfig`] (validated once) goes to
 //! [`builder::build`], which returns a [`Vm`]; [`Vm::start`] spawns one thread per
 //! vCPU and a device event loop and returns a [`RunningVm`], whose
 //! [`RunningVm::wait`] returns how the VM ended.
@@ -11,7 +11,6 @@
 
 pub mod arch;
 pub mod builder;
-pub mod config;
 mod device_manager;
 pub mod dirty_log;
 pub mod symbols;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use crate::config::KernelImage;
+use vigil_model::config::KernelImage;
 
 /// Symbols sorted by address.
 #[derive(Clone, Debug, Default)]

@@ -13,16 +13,16 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vigil_devices::bus::Bus;
 use vigil_devices::legacy::I8042;
 use vigil_devices::rate_limiter::{LimitUpdate, RateLimitControl};
-use vigil_devices::virtio::balloon::{BalloonConfig, BalloonControl, Stats};
+use vigil_devices::virtio::balloon::{BalloonControl, Stats};
 use vigil_devices::virtio::{Interrupt, INT_CONFIG};
 use vigil_devices::PowerEvent;
 use vigil_metrics::{MetricsHandle, VmMetrics};
+use vigil_model::config::BalloonConfig;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::config::OnCrash;
 use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{self, DirtyLog, DirtyLogError};
 use crate::symbols::KernelSymbols;
@@ -33,6 +33,7 @@ use crate::vstate::inspect::{
 use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{CrashReport, Vcpu, VcpuContext};
 use crate::VmEvent;
+use vigil_model::config::OnCrash;
 
 /// A VM ready to start. Field order matters: the KVM fd and vCPUs are dropped
 /// before the guest memory they map.
@@ -244,7 +245,7 @@ impl DriveHandle {
         Self { id, limit, waker }
     }
 
-    /// The drive's id (`BlockConfig::id`).
+    /// The drive's id (`DriveConfig::id`).
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -459,7 +460,7 @@ impl VmControl {
         self.devices.balloon.as_ref().ok_or(ControlError::NoBalloon)
     }
 
-    /// The virtio-blk drive whose id (`BlockConfig::id`) is `id`.
+    /// The virtio-blk drive whose id (`DriveConfig::id`) is `id`.
     pub fn drive(&self, id: &str) -> Result<&DriveHandle, ControlError> {
         self.devices
             .drives

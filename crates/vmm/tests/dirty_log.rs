@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vigil_vmm::config::{ConsoleConfig, KernelImage, OnCrash, VmConfig};
+use vigil_model::config::{ConsoleConfig, KernelImage, OnCrash, VmConfig};
 use vigil_vmm::{ControlError, RunState, VmOutcome};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -16,8 +16,8 @@ fn config(cmdline: &str, memory_mib: u64, console: &Path) -> VmConfig {
         name: "vigil-test-guest",
         bytes: vigil_test_guest::ELF,
     });
-    config.cmdline = cmdline.into();
-    config.memory_mib = memory_mib;
+    config.boot.cmdline = cmdline.into();
+    config.machine.mem_size_mib = memory_mib;
     config.console = ConsoleConfig::File(console.to_path_buf());
     config
 }
@@ -156,7 +156,7 @@ fn dirty_log_covers_both_ram_slots_around_the_mmio_hole() {
 fn a_crashed_vm_is_kept_paused_for_inspection() {
     let console = console_path("crash");
     let mut config = config("test=serial,triple-fault", 64, &console);
-    config.vcpus = 2;
+    config.machine.vcpu_count = 2;
     config.on_crash = OnCrash::Pause;
     let running = vigil_vmm::builder::build(&config)
         .expect("build the VM")

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
+use vigil_model::config::{ConsoleConfig, KernelImage, VmConfig};
 use vigil_vmm::builder::build;
-use vigil_vmm::config::{ConsoleConfig, KernelImage, VmConfig};
 use vigil_vmm::symbols::SymbolTable;
 use vigil_vmm::{
     BreakpointHandler, ControlError, MsrGuard, MsrVerdict, RunState, RunningVm, Vm, VmControl,
@@ -52,9 +52,9 @@ fn guest(name: &str, cmdline: &str, vcpus: u32) -> (Vm, Console) {
         name: "vigil-test-guest",
         bytes: vigil_test_guest::ELF,
     });
-    config.cmdline = cmdline.into();
-    config.vcpus = vcpus;
-    config.memory_mib = 64;
+    config.boot.cmdline = cmdline.into();
+    config.machine.vcpu_count = vcpus;
+    config.machine.mem_size_mib = 64;
     config.console = ConsoleConfig::File(console.clone());
     (
         build(&config).expect("build the test guest"),

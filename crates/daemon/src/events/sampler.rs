@@ -11,8 +11,8 @@ use vigil_events::{HostSample, Timestamp};
 
 use super::{Events, Input};
 use crate::findings::{
-    finding_event, parse_findings_file, FindingCursors, FindingRecord, FINDINGS_FILE,
-    VM_FINDINGS_PATH,
+    finding_event, parse_findings_file, parse_records, FindingCursors, FindingRecord,
+    FINDINGS_FILE, VM_FINDINGS_PATH,
 };
 use crate::supervisor::Supervisor;
 
@@ -58,15 +58,7 @@ async fn emit_findings(
     cursors.retain(samples.iter().map(|s| s.info.id.as_str()));
     let emit = |id: &str, records: &[FindingRecord]| {
         for r in records {
-            match finding_event(id, r) {
-                Some(e) => events.emit(e),
-                None => tracing::warn!(
-                    id,
-                    rule = r.rule,
-                    "introspection finding {} of an unknown rule: not reported",
-                    r.seq
-                ),
-            }
+            events.emit(finding_event(id, r));
         }
     };
     // VMs that ended: what they found after the last fetch, from their file.
@@ -100,8 +92,11 @@ async fn emit_findings(
         fetches.spawn(async move {
             let path = format!("{VM_FINDINGS_PATH}?since={since}");
             let records = match crate::client::request(&socket, "GET", &path, None, timeout).await {
-                Ok(r) if r.is_success() => serde_json::from_slice::<Vec<FindingRecord>>(&r.body)
-                    .map_err(|e| format!("not a list of findings: {e}")),
+                Ok(r) if r.is_success() => {
+                    serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
+                        .map(parse_records)
+                        .map_err(|e| format!("not a list of findings: {e}"))
+                }
                 Ok(r) => Err(format!("status {}: {}", r.status, r.fault_message())),
                 Err(e) => Err(e.to_string()),
             };

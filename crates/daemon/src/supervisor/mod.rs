@@ -21,6 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch};
+use vigil_model::config::machine::MAX_VCPUS;
+use vigil_model::config::HostLimits;
+use vigil_model::firecracker::{self, FullVmConfig};
 
 use crate::error::ApiError;
 use crate::events::{Events, Priority};
@@ -35,7 +38,7 @@ mod vm;
 
 pub use exit::classify;
 pub use process::{tail, TAIL_BYTES};
-pub use request::{CreateRequest, IntrospectSpec, TraceSpec, MAX_INTROSPECT_MS, SYSCALLS_FILE};
+pub use request::{CreateRequest, TraceSpec, SYSCALLS_FILE};
 pub use stop::StopMethod;
 pub use vm::{ExitInfo, Vm, VmInfo, VmState};
 
@@ -119,8 +122,16 @@ impl Supervisor {
                 json_kind(&request.config)
             )));
         }
+        // The configuration is checked as `vigil run` checks it, before anything
+        // is spawned.
+        let document: FullVmConfig = firecracker::parse(request.config.to_string().as_bytes())
+            .map_err(|e| ApiError::bad_request(format!("config: {e}")))?;
+        document
+            .to_vm_config(&HostLimits::read(MAX_VCPUS))
+            .map_err(|e| ApiError::bad_request(format!("config: {e}")))?;
         if let Some(i) = &request.introspect {
-            i.validate().map_err(ApiError::bad_request)?;
+            i.validate()
+                .map_err(|e| ApiError::bad_request(format!("introspect.{e}")))?;
         }
         if let Some(t) = &request.trace_syscalls {
             t.validate().map_err(ApiError::bad_request)?;

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use vigil_model::config::IntrospectConfig;
 
 /// The request to create a VM.
 #[derive(Debug, Deserialize)]
@@ -15,7 +16,7 @@ pub struct CreateRequest {
     pub config: serde_json::Value,
     /// Watch the guest kernel's integrity from its start (`vigil run --introspect`).
     #[serde(default)]
-    pub introspect: Option<IntrospectSpec>,
+    pub introspect: Option<IntrospectConfig>,
     /// Trace the guest's system calls from its start into `DIR/syscalls.jsonl`
     /// (`vigil run --trace-syscalls`).
     #[serde(default)]
@@ -24,68 +25,6 @@ pub struct CreateRequest {
     /// socket (`vigil run --debug-api`): writes into the guest, for tests only.
     #[serde(default)]
     pub debug_api: bool,
-}
-
-/// The longest introspection period and baseline delay (`vigil run` refuses more).
-pub const MAX_INTROSPECT_MS: u64 = 3_600_000;
-
-/// `introspect` in a create request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IntrospectSpec {
-    /// Milliseconds between checks, 1 to 3600000 (the VMM's default: 1000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub period_ms: Option<u64>,
-    /// `report` (the default) or `protect` (guest writes to the syscall MSRs fault).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
-    /// Milliseconds from the VM's start to the baseline, up to 3600000 (the VMM's
-    /// default: 1000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub baseline_after_ms: Option<u64>,
-}
-
-impl IntrospectSpec {
-    /// Refuses values the VMM would refuse, naming the field and the value.
-    pub fn validate(&self) -> Result<(), String> {
-        if let Some(p) = self.period_ms {
-            if !(1..=MAX_INTROSPECT_MS).contains(&p) {
-                return Err(format!(
-                    "introspect.period_ms {p}: expected 1 to {MAX_INTROSPECT_MS}"
-                ));
-            }
-        }
-        if let Some(b) = self.baseline_after_ms {
-            if b > MAX_INTROSPECT_MS {
-                return Err(format!(
-                    "introspect.baseline_after_ms {b}: expected 0 to {MAX_INTROSPECT_MS}"
-                ));
-            }
-        }
-        if let Some(p) = &self.policy {
-            if p != "report" && p != "protect" {
-                return Err(format!(
-                    "introspect.policy {p:?}: expected \"report\" or \"protect\""
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The value of `vigil run --introspect=`: `period=100ms,policy=protect,...`.
-    pub fn arg(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(p) = self.period_ms {
-            parts.push(format!("period={p}ms"));
-        }
-        if let Some(p) = &self.policy {
-            parts.push(format!("policy={p}"));
-        }
-        if let Some(b) = self.baseline_after_ms {
-            parts.push(format!("baseline_after={b}ms"));
-        }
-        parts.join(",")
-    }
 }
 
 /// `trace_syscalls` in a create request.
@@ -117,7 +56,7 @@ impl TraceSpec {
 /// How the VMM process is started, besides its configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct LaunchOptions {
-    pub(super) introspect: Option<IntrospectSpec>,
+    pub(super) introspect: Option<IntrospectConfig>,
     pub(super) trace_syscalls: Option<TraceSpec>,
     pub(super) debug_api: bool,
 }
@@ -131,7 +70,7 @@ impl LaunchOptions {
             dir.join(crate::findings::FINDINGS_FILE).into(),
         ];
         if let Some(i) = &self.introspect {
-            args.push(format!("--introspect={}", i.arg()).into());
+            args.push(format!("--introspect={i}").into());
         }
         if let Some(t) = &self.trace_syscalls {
             args.push("--trace-syscalls".into());
@@ -187,7 +126,7 @@ mod tests {
         );
         // `{}`: introspection with the VMM's defaults, all calls traced.
         let options = LaunchOptions {
-            introspect: Some(IntrospectSpec::default()),
+            introspect: Some(IntrospectConfig::default()),
             trace_syscalls: Some(TraceSpec::default()),
             debug_api: false,
         };
@@ -211,27 +150,26 @@ mod tests {
 
     #[test]
     fn introspection_options_are_checked() {
-        let spec = |v: serde_json::Value| serde_json::from_value::<IntrospectSpec>(v).unwrap();
-        assert!(spec(serde_json::json!({})).validate().is_ok());
-        let e = spec(serde_json::json!({"period_ms": 0}))
-            .validate()
-            .unwrap_err();
-        assert!(e.contains("introspect.period_ms 0"), "{e}");
-        let e = spec(serde_json::json!({"period_ms": 3_600_001}))
-            .validate()
-            .unwrap_err();
-        assert!(e.contains("introspect.period_ms 3600001"), "{e}");
-        let e = spec(serde_json::json!({"baseline_after_ms": 4_000_000}))
-            .validate()
-            .unwrap_err();
-        assert!(e.contains("introspect.baseline_after_ms 4000000"), "{e}");
-        let e = spec(serde_json::json!({"policy": "block"}))
-            .validate()
-            .unwrap_err();
-        assert!(e.contains("introspect.policy \"block\""), "{e}");
-        assert!(
-            serde_json::from_value::<IntrospectSpec>(serde_json::json!({"period": 5})).is_err()
-        );
+        // The VMM's own checks (`vigil_model`), which `create` names `introspect.*`.
+        let spec = |v: serde_json::Value| serde_json::from_value::<IntrospectConfig>(v);
+        assert!(spec(serde_json::json!({})).unwrap().validate().is_ok());
+        for (v, want) in [
+            (serde_json::json!({"period_ms": 0}), "period_ms 0"),
+            (
+                serde_json::json!({"period_ms": 3_600_001}),
+                "period_ms 3600001",
+            ),
+            (
+                serde_json::json!({"baseline_after_ms": 4_000_000}),
+                "baseline_after_ms 4000000",
+            ),
+        ] {
+            let e = spec(v).unwrap().validate().unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+        let e = spec(serde_json::json!({"policy": "block"})).unwrap_err();
+        assert!(e.to_string().contains("policy \"block\""), "{e}");
+        assert!(spec(serde_json::json!({"period": 5})).is_err());
         let t = TraceSpec {
             syscalls: Some("read; rm -rf".into()),
         };

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::request::{IntrospectSpec, LaunchOptions, TraceSpec};
+use super::request::{LaunchOptions, TraceSpec};
+use vigil_model::config::IntrospectConfig;
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,7 +107,7 @@ pub struct VmInfo {
     pub config: Option<serde_json::Value>,
     /// Introspection from the start, as created (`introspect` of `POST /vms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub introspect: Option<IntrospectSpec>,
+    pub introspect: Option<IntrospectConfig>,
     /// System call tracing from the start, into `dir/syscalls.jsonl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_syscalls: Option<TraceSpec>,
@@ -185,7 +186,7 @@ impl Vm {
             stderr_tail: status.stderr_tail.clone(),
             console_tail: status.console_tail.clone(),
             config: full.then(|| self.config.clone()),
-            introspect: self.options.introspect.clone(),
+            introspect: self.options.introspect,
             trace_syscalls: self.options.trace_syscalls.clone(),
             debug_api: self.options.debug_api,
         }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use persist::{RateLimitState, TokenBucketState};
+pub use vigil_model::config::rate_limit::{BucketUpdate, LimitUpdate, RateLimit};
 
 /// One token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Clone, Debug, PartialEq)]
@@ -96,69 +97,16 @@ impl PartialEq for Control {
     }
 }
 
-/// How a rate limiter is configured.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Bytes per second, and burst in bytes (defaults to one second's worth).
-    pub bandwidth: Option<(u64, Option<u64>)>,
-    /// Operations per second, and burst in operations (defaults to one second's worth).
-    pub ops: Option<(u64, Option<u64>)>,
-    /// Tokens each bucket (bytes, operations) may spend once, before its own
-    /// (Firecracker's `one_time_burst`). Spent tokens, not configuration: a saved
-    /// state does not carry them.
-    pub one_time_burst: (u64, u64),
-}
-
-/// A change to one bucket of a running limiter (Firecracker's `BucketUpdate`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum BucketUpdate {
-    /// Leave the bucket as it is.
-    #[default]
-    Keep,
-    /// No limit on this bucket any more.
-    Remove,
-    /// A new, full bucket: `rate` tokens per second, holding `burst`, and
-    /// `one_time_burst` tokens to spend once first.
-    Set {
-        rate: u64,
-        burst: u64,
-        one_time_burst: u64,
-    },
-}
-
-impl BucketUpdate {
-    /// `self`, then `later` on top of it.
-    fn then(self, later: BucketUpdate) -> BucketUpdate {
-        match later {
-            BucketUpdate::Keep => self,
-            other => other,
-        }
-    }
-
-    fn apply(self, bucket: &mut Option<TokenBucket>) {
-        match self {
-            BucketUpdate::Keep => {}
-            BucketUpdate::Remove => *bucket = None,
-            BucketUpdate::Set {
-                rate,
-                burst,
-                one_time_burst,
-            } => *bucket = Some(TokenBucket::new(rate, burst).with_one_time_burst(one_time_burst)),
-        }
-    }
-}
-
-/// A change to a running limiter, bucket by bucket.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LimitUpdate {
-    pub bandwidth: BucketUpdate,
-    pub ops: BucketUpdate,
-}
-
-impl LimitUpdate {
-    /// Whether it changes nothing.
-    pub fn is_keep(&self) -> bool {
-        *self == Self::default()
+/// Applies one bucket's change to a limiter's bucket.
+fn apply(update: BucketUpdate, bucket: &mut Option<TokenBucket>) {
+    match update {
+        BucketUpdate::Keep => {}
+        BucketUpdate::Remove => *bucket = None,
+        BucketUpdate::Set {
+            rate,
+            burst,
+            one_time_burst,
+        } => *bucket = Some(TokenBucket::new(rate, burst).with_one_time_burst(one_time_burst)),
     }
 }
 
@@ -218,8 +166,8 @@ impl RateLimiter {
 
     /// Changes the limits now (what a posted update does).
     pub fn update(&mut self, update: LimitUpdate) {
-        update.bandwidth.apply(&mut self.bandwidth);
-        update.ops.apply(&mut self.ops);
+        apply(update.bandwidth, &mut self.bandwidth);
+        apply(update.ops, &mut self.ops);
     }
 
     /// The control through which another thread changes this limiter's limits

@@ -1,12 +1,12 @@
-//! The finding record (one difference from the baseline, or its end) and the
-//! memory that reports each difference once: a location's value reported is not
+//! Findings (`vigil_model::finding::Finding`: one difference from the baseline,
+//! or its end) and the memory that reports each difference once: a location's value reported is not
 //! reported again, and a location back at its baseline value gives one
 //! "restored" finding.
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::Serialize;
-use vigil_events::{Mitre, Priority, Rule};
+pub use vigil_model::finding::Finding;
+use vigil_model::{Priority, Rule};
 use vigil_vmm::symbols::SymbolTable;
 
 use crate::paging::WalkError;
@@ -16,36 +16,6 @@ use crate::paging::WalkError;
 pub const MAX_SYMBOL_OFFSET: u64 = 1 << 20;
 /// How many distinct new values of one location are remembered as reported.
 pub(super) const REMEMBERED_VALUES: usize = 16;
-
-/// One difference from the baseline (or its end: `restored`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Finding {
-    pub rule: Rule,
-    /// [`Rule::default_priority`], or Notice when `restored`.
-    pub priority: Priority,
-    /// [`Rule::mitre`].
-    pub mitre: Option<Mitre>,
-    /// The vCPU whose register or descriptor table it is; `None` for memory all
-    /// vCPUs share (syscall table, kernel text and read-only data).
-    pub vcpu: Option<u32>,
-    /// Where: `IDT vector 14`, `LSTAR`, `sys_call_table[1] (write)`,
-    /// `kernel text page 0x1234000 (_stext+0x3000)`.
-    pub location: String,
-    /// The baseline value (hex address or register, a hash, `set`).
-    pub from: String,
-    /// The value now.
-    pub to: String,
-    /// The symbol the baseline value points at, when it is an address.
-    pub from_symbol: Option<String>,
-    /// The symbol the new value points at (or the page's first protected byte is
-    /// in), when known.
-    pub symbol: Option<String>,
-    /// True: the location is back at its baseline value (`to`), after it was
-    /// reported at `from`.
-    pub restored: bool,
-    /// One line for a human.
-    pub message: String,
-}
 
 /// Names addresses with the kernel's symbols (link-time addresses, moved by the
 /// slide).

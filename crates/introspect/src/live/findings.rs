@@ -6,21 +6,11 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use vigil_events::Timestamp;
+use vigil_model::finding::FindingRecord;
+use vigil_model::Timestamp;
 
 use super::{lock, Introspector, JsonLines, Shared};
 use crate::Finding;
-
-/// A finding with its place in this VM's log.
-#[derive(Clone, Debug, Serialize)]
-pub struct FindingRecord {
-    /// 1, 2, 3, ... in the order found.
-    pub seq: u64,
-    pub time_unix_ns: u64,
-    #[serde(flatten)]
-    pub finding: Finding,
-}
 
 /// How many findings are kept for `GET /vigil/introspect/findings` (the oldest go
 /// first): a guest that keeps changing what is watched must not grow the VMM.

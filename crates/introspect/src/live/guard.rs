@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use vigil_events::Rule;
 use vigil_vmm::vstate::inspect::{
     MsrGuard, MsrVerdict, MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS,
@@ -14,30 +13,7 @@ use vigil_vmm::vstate::inspect::{
 use super::monitor::Command;
 use super::{lock, Shared};
 use crate::{CpuState, Finding};
-
-/// What the monitor does about a guest write to a syscall MSR after the baseline.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
-    /// Report it and let it happen.
-    #[default]
-    Report,
-    /// Report it and refuse it: the guest's `wrmsr` raises #GP.
-    Protect,
-}
-
-impl std::str::FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "report" => Ok(Policy::Report),
-            "protect" => Ok(Policy::Protect),
-            other => Err(format!(
-                "policy {other:?}: expected report (tell) or protect (tell and refuse MSR writes)"
-            )),
-        }
-    }
-}
+use vigil_model::config::Policy;
 
 /// How many (vCPU, MSR, value) the MSR guard remembers having reported; past
 /// that, new values are still decided but not reported again.

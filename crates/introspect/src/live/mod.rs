@@ -34,10 +34,11 @@ mod guard;
 mod monitor;
 mod tracer;
 
-pub use findings::{FindingRecord, FINDINGS_KEEP};
-pub use guard::Policy;
-pub use monitor::{Located, MonitorSettings, MAX_PERIOD, MIN_PERIOD};
+pub use findings::FINDINGS_KEEP;
+pub use monitor::{Located, MonitorSettings};
 pub use tracer::{TraceRecord, TRACE_KEEP};
+use vigil_model::config::Policy;
+pub use vigil_model::finding::FindingRecord;
 
 use findings::FindingLog;
 use monitor::{Command, MonitorThread};
@@ -185,6 +186,16 @@ impl Introspector {
         })
     }
 
+    /// The symbols set through the API, else the VM's own (read now, the first
+    /// time introspection needs them).
+    pub(super) fn symbols(&self) -> Option<Arc<SymbolTable>> {
+        let mut symbols = lock(&self.shared.symbols);
+        if symbols.is_none() {
+            *symbols = self.vm.symbols().get();
+        }
+        symbols.clone()
+    }
+
     /// Replaces the symbols (`PUT /vigil/introspect/symbols`); refused while
     /// monitoring, whose baseline was laid out with the old ones.
     pub fn set_symbols(&self, symbols: SymbolTable) -> Result<(), String> {
@@ -193,16 +204,6 @@ impl Introspector {
         }
         *lock(&self.shared.symbols) = Some(Arc::new(symbols));
         Ok(())
-    }
-
-    /// The symbols set through the API, else the VM's own (read now, the first
-    /// time introspection needs them).
-    fn symbols(&self) -> Option<Arc<SymbolTable>> {
-        let mut symbols = lock(&self.shared.symbols);
-        if symbols.is_none() {
-            *symbols = self.vm.symbols().get();
-        }
-        symbols.clone()
     }
 
     fn cpus(&self) -> Result<Vec<CpuState>, String> {

@@ -7,39 +7,51 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use vigil_model::config::{IntrospectConfig, Policy};
 use vigil_vmm::vstate::inspect::INSPECTED_MSRS;
 use vm_memory::GuestMemoryMmap;
 
-use super::guard::{Guard, Policy};
+use super::guard::Guard;
 use super::{lock, FindingRecord, Introspector};
 use crate::{
     kaslr_slide, kaslr_slide_from_idt, read_idt_gate, Baseline, Checker, CpuState, KernelLayout,
     SymbolTable,
 };
 
-/// How the integrity monitor runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// How the integrity monitor runs: an [`IntrospectConfig`] (checked by its
+/// `validate`) with its defaults resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct MonitorSettings {
     /// Time between two checks.
-    #[serde(with = "millis")]
+    #[serde(serialize_with = "millis")]
     pub period: Duration,
     pub policy: Policy,
     /// How long after the monitor starts the baseline is taken (boot settling).
-    #[serde(with = "millis")]
+    #[serde(serialize_with = "millis")]
     pub baseline_after: Duration,
 }
 
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
+impl MonitorSettings {
+    /// `config`'s settings, with `baseline_after` when it gives none (time for the
+    /// kernel to set itself up when the monitor starts with the VM; none on a
+    /// running VM).
+    pub fn resolve(config: &IntrospectConfig, baseline_after: Duration) -> Self {
+        Self {
+            period: config.period(),
+            policy: config.policy(),
+            baseline_after: config.baseline_after_or(baseline_after),
+        }
     }
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
+impl Default for MonitorSettings {
+    fn default() -> Self {
+        Self::resolve(&IntrospectConfig::default(), Duration::ZERO)
     }
 }
 
@@ -61,40 +73,6 @@ const SYSCALL_SETUP_WAIT: Duration = Duration::from_secs(10);
 /// `syscall` masks at least IF with it.
 fn syscall_ready(c: &CpuState) -> bool {
     c.long_mode() && c.efer & crate::cpu::EFER_SCE != 0 && c.lstar != 0 && c.sfmask != 0
-}
-
-/// Bounds on settings, so that a typo cannot make the monitor spin or sleep for
-/// ever.
-pub const MIN_PERIOD: Duration = Duration::from_millis(1);
-pub const MAX_PERIOD: Duration = Duration::from_secs(3600);
-
-impl Default for MonitorSettings {
-    fn default() -> Self {
-        Self {
-            period: Duration::from_secs(1),
-            policy: Policy::Report,
-            baseline_after: Duration::ZERO,
-        }
-    }
-}
-
-impl MonitorSettings {
-    /// Refuses settings outside the bounds, naming the field and value.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.period < MIN_PERIOD || self.period > MAX_PERIOD {
-            return Err(format!(
-                "period {:?}: expected {MIN_PERIOD:?} to {MAX_PERIOD:?}",
-                self.period
-            ));
-        }
-        if self.baseline_after > MAX_PERIOD {
-            return Err(format!(
-                "baseline_after {:?}: expected at most {MAX_PERIOD:?}",
-                self.baseline_after
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// The integrity monitor's thread and how to talk to it.
@@ -172,7 +150,6 @@ impl Introspector {
     /// every `settings.period`. A monitor already running is stopped first (so this
     /// also takes a fresh baseline).
     pub fn start_monitor(self: &Arc<Self>, settings: MonitorSettings) -> Result<(), String> {
-        settings.validate()?;
         let symbols = self.symbols().ok_or(
             "no kernel symbols: give a System.map (vigil run --symbols, or PUT /vigil/introspect/symbols), or boot an ELF kernel that has a symbol table",
         )?;

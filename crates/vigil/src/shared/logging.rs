@@ -86,7 +86,7 @@ impl Logging {
     }
 
     /// Applies a `PUT /logger` body (or the equivalent command-line flags).
-    pub fn configure(&self, l: &vigil_api::model::Logger) -> Result<(), String> {
+    pub fn configure(&self, l: &vigil_model::firecracker::Logger) -> Result<(), String> {
         let level = l
             .level
             .as_deref()

@@ -127,14 +127,14 @@ pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
 }
 
 /// `vigil run` of the small Linux kernel as this machine's KVM stops it and Vigil
-/// keeps it: 2 vCPUs, 256 MiB, the host CPU template (XSAVE offered, so the kernel
+/// keeps it: 2 vCPUs, 256 MiB in huge pages, the host CPU template (XSAVE offered, so the kernel
 /// stops on `xrstor` in its FPU set-up, after `trap_init` and `syscall_init`),
 /// `--on-crash pause`, and an API socket at `sock`. Callers add their options.
 pub fn linux_kept_at_its_crash(vmlinux: &Path, sock: &Path) -> Command {
     let mut cmd = vigil();
     cmd.args(["run", "--kernel"])
         .arg(vmlinux)
-        .args(["--cpus", "2", "--memory", "256"])
+        .args(["--cpus", "2", "--memory", "256", "--huge-pages", "thp"])
         .args(["--cmdline", "console=ttyS0 earlyprintk=serial"])
         .args([
             "--cpu-template",

@@ -161,7 +161,7 @@ pub struct VcpuContext {
     /// Decides guest writes of the MSRs the VM's filter sends here.
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
     /// What a crash of this vCPU does to the VM.
-    pub on_crash: crate::config::OnCrash,
+    pub on_crash: vigil_model::config::OnCrash,
 }
 
 /// A vCPU ready to run.
@@ -248,7 +248,7 @@ impl Vcpu {
                 Outcome::Event(e) => e,
                 Outcome::Crash(reason) => {
                     let report = Box::new(self.crash_report(reason, &ctx.mem));
-                    if ctx.on_crash == crate::config::OnCrash::Pause {
+                    if ctx.on_crash == vigil_model::config::OnCrash::Pause {
                         self.keep_crashed(ctx, report, &mut breakpoints);
                         return;
                     }

@@ -6,7 +6,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
-use crate::config::HugePages;
+use vigil_model::config::HugePages;
 
 /// Errors from creating the KVM VM.
 #[derive(Debug, thiserror::Error)]

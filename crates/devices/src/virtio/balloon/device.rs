@@ -16,6 +16,7 @@ use crate::virtio::{
     add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
+use vigil_model::config::BalloonConfig;
 
 /// Device type (virtio 1.1, 5.5).
 pub const TYPE_BALLOON: u32 = 5;
@@ -32,19 +33,6 @@ pub(super) const MAX_STATS: usize = 64;
 const F_STATS_VQ: u64 = 1 << 1;
 const F_DEFLATE_ON_OOM: u64 = 1 << 2;
 const F_REPORTING: u64 = 1 << 5;
-
-/// How the balloon is configured.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BalloonConfig {
-    /// Initial target: how much memory the guest should give back, in MiB.
-    pub target_mib: u64,
-    /// Ask the guest for memory statistics this often (`None`: no statistics queue).
-    pub stats_interval: Option<Duration>,
-    /// Offer free page reporting.
-    pub free_page_reporting: bool,
-    /// Let the guest deflate when it runs out of memory.
-    pub deflate_on_oom: bool,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {

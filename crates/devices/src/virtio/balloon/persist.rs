@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::device::{Balloon, BalloonConfig, MAX_STATS, PAGE_SIZE, TYPE_BALLOON};
+use super::device::{Balloon, MAX_STATS, PAGE_SIZE, TYPE_BALLOON};
 use crate::persist::{Persist, RestoreError};
 use crate::virtio::persist::{QueueState, VirtioDeviceState};
 use crate::virtio::VirtioDevice;
+use vigil_model::config::BalloonConfig;
 
 /// One memory statistic the guest sent (virtio 1.1, 5.5.6.3).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,12 +16,13 @@ use super::request::{
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
 use crate::persist::Persist;
-use crate::rate_limiter::{consume_all, RateLimit, RateLimitControl, RateLimiter};
+use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1,
 };
+use vigil_model::config::{DriveConfig, FieldError};
 
 const QUEUE_SIZE: u16 = 256;
 pub(super) const ID_LEN: usize = 20;
@@ -35,25 +36,6 @@ const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
-
-/// How a disk is attached.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BlockConfig {
-    /// Image file.
-    pub path: std::path::PathBuf,
-    /// Refuse writes.
-    pub read_only: bool,
-    /// Device id the guest reads with GET_ID (at most 20 bytes).
-    pub id: String,
-    /// Limits on all requests together. Each request is one operation and the
-    /// bytes it moves; a write-zeroes counts the bytes it zeroes, a discard none
-    /// (it only frees storage).
-    pub rate_limit: RateLimit,
-    /// Limits on reads alone.
-    pub read_limit: RateLimit,
-    /// Limits on writes, discards and write-zeroes alone.
-    pub write_limit: RateLimit,
-}
 
 /// A virtio-blk device.
 pub struct Block {
@@ -74,21 +56,30 @@ pub struct Block {
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("--disk path={path}: cannot open it{mode}: {source}")]
+    #[error("path_on_host {path:?}: cannot open it{mode}: {source}")]
     Open {
         path: String,
         mode: &'static str,
         source: std::io::Error,
     },
-    #[error("--disk path={path}: not a regular file or block device")]
+    #[error("path_on_host {path:?}: not a regular file or block device")]
     NotAFile { path: String },
-    #[error("--disk id={id}: longer than the 20 bytes virtio-blk allows")]
+    #[error("drive_id {id:?}: longer than the 20 bytes virtio-blk allows")]
     IdTooLong { id: String },
+}
+
+impl FieldError for BlockError {
+    fn field(&self) -> &'static str {
+        match self {
+            BlockError::IdTooLong { .. } => "drive_id",
+            _ => "path_on_host",
+        }
+    }
 }
 
 impl Block {
     /// Opens the image at `config.path`.
-    pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
+    pub fn new(config: &DriveConfig) -> Result<Self, BlockError> {
         let path = config.path.display().to_string();
         let file = File::options()
             .read(true)

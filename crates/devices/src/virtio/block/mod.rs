@@ -6,6 +6,6 @@ mod device;
 mod persist;
 mod request;
 
-pub use device::{Block, BlockConfig, BlockError};
+pub use device::{Block, BlockError};
 pub use persist::BlockState;
 pub use request::{SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP};

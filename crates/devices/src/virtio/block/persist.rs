@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::device::{Block, BlockConfig, BlockError, ID_LEN};
+use super::device::{Block, BlockError, ID_LEN};
 use crate::persist::{Persist, RestoreError};
 use crate::rate_limiter::RateLimitState;
 use crate::virtio::persist::VirtioDeviceState;
 use crate::virtio::{VirtioDevice, TYPE_BLOCK};
+use vigil_model::config::DriveConfig;
 
 /// virtio-blk: the image is re-opened from `path` on restore; it must still have
 /// `capacity` sectors.
@@ -57,7 +58,7 @@ impl Persist for Block {
         if s.id.len() > ID_LEN {
             return Err(id_too_long());
         }
-        let config = BlockConfig {
+        let config = DriveConfig {
             path: s.path.clone(),
             read_only: s.read_only,
             id: s.id.clone(),

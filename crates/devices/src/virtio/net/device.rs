@@ -12,12 +12,13 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::persist::Persist;
-use crate::rate_limiter::{RateLimit, RateLimitControl, RateLimiter};
+use crate::rate_limiter::{RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
     QueueOutcome, Served, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
+use vigil_model::config::{FieldError, NetConfig};
 
 const QUEUE_SIZE: u16 = 256;
 /// Receive queue index.
@@ -34,24 +35,17 @@ const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 const LINK_UP: u16 = 1;
 
-/// How a network interface is attached.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    /// Name of the tap (created when absent).
-    pub tap: String,
-    /// MAC address the guest reads from the config space.
-    pub mac: [u8; 6],
-    /// Limits on frames delivered to the guest.
-    pub rx_rate_limit: RateLimit,
-    /// Limits on frames the guest sends.
-    pub tx_rate_limit: RateLimit,
-}
-
 /// Errors attaching a network interface.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("--net tap={tap}: cannot open or create the tap: {source} (this needs /dev/net/tun and root or CAP_NET_ADMIN, unless the tap was created for this user)")]
+    #[error("host_dev_name {tap:?}: cannot open or create the tap: {source} (this needs /dev/net/tun and root or CAP_NET_ADMIN, unless the tap was created for this user)")]
     Open { tap: String, source: std::io::Error },
+}
+
+impl FieldError for NetError {
+    fn field(&self) -> &'static str {
+        "host_dev_name"
+    }
 }
 
 /// Counters of one interface.
@@ -98,7 +92,7 @@ impl Net {
         tracing::info!(tap = tap.name(), "virtio-net attached");
         Self {
             tap,
-            mac: config.mac,
+            mac: config.mac.0,
             rx_limiter: RateLimiter::new(config.rx_rate_limit),
             tx_limiter: RateLimiter::new(config.tx_rate_limit),
             rx_buf: vec![0; MAX_BUFFER],

@@ -11,5 +11,5 @@ mod device;
 mod persist;
 pub mod tap;
 
-pub use device::{Net, NetConfig, NetCounters, NetError, MAX_BUFFER, RX, TX};
+pub use device::{Net, NetCounters, NetError, MAX_BUFFER, RX, TX};
 pub use persist::NetState;

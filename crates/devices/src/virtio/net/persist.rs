@@ -3,12 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::device::{Net, NetConfig, NetError};
-use super::tap::IFNAME_MAX;
+use super::device::{Net, NetError};
 use crate::persist::{Persist, RestoreError};
 use crate::rate_limiter::RateLimitState;
 use crate::virtio::persist::VirtioDeviceState;
 use crate::virtio::{VirtioDevice, TYPE_NET};
+use vigil_model::config::{NetConfig, NetConfigError};
+use vigil_model::MacAddr;
 
 /// virtio-net: the tap is opened (or created) by name on restore.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -36,34 +37,17 @@ impl Persist for Net {
 
     fn restore((): (), s: &NetState) -> Result<Self, RestoreError> {
         let tap = &s.tap;
-        let bad_tap = |why: &str| RestoreError::invalid("tap", format_args!("{tap:?}"), why);
-        if tap.is_empty() || tap.len() > IFNAME_MAX {
-            return Err(bad_tap("an interface name has 1 to 15 bytes"));
-        }
-        if tap == "." || tap == ".." {
-            return Err(bad_tap("not an interface name"));
-        }
-        if tap
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
-        {
-            return Err(bad_tap(
-                "an interface name has no '/', ':', spaces or control characters",
-            ));
-        }
-        let mac = format_args!("{:02x?}", s.mac).to_string();
-        if s.mac[0] & 1 != 0 {
-            return Err(RestoreError::invalid("mac", mac, "a multicast address"));
-        }
-        if s.mac == [0; 6] {
-            return Err(RestoreError::invalid("mac", mac, "the all-zero address"));
-        }
         let config = NetConfig {
             tap: tap.clone(),
-            mac: s.mac,
+            mac: MacAddr(s.mac),
             rx_rate_limit: s.rx_rate_limit.to_limit("rx_rate_limit")?,
             tx_rate_limit: s.tx_rate_limit.to_limit("tx_rate_limit")?,
         };
+        // The same checks as a configured interface's, with the state's names.
+        config.validate().map_err(|e| match e {
+            NetConfigError::Mac { mac, why } => RestoreError::invalid("mac", mac, why),
+            other => RestoreError::invalid("tap", format_args!("{tap:?}"), other.to_string()),
+        })?;
         Net::new(&config).map_err(|e| match e {
             NetError::Open { source, .. } => RestoreError::Resource {
                 field: "tap".into(),

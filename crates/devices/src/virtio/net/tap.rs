@@ -6,8 +6,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Largest interface name Linux accepts, without the NUL.
-pub const IFNAME_MAX: usize = libc::IFNAMSIZ - 1;
+use vigil_model::config::net::IFNAME_MAX;
 /// Bytes of the virtio-net header before each frame (`virtio_net_hdr_v1`).
 pub const VNET_HDR_LEN: usize = 12;
 

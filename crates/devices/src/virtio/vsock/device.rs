@@ -25,6 +25,7 @@ use crate::virtio::{
     add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
     QueueOutcome, Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
 };
+use vigil_model::config::{FieldError, VsockConfig};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -42,23 +43,20 @@ const MAX_CONNECT_LINE: usize = 32;
 /// First port the device gives host-initiated connections (host side).
 const FIRST_HOST_PORT: u32 = 1 << 30;
 
-/// How a vsock device is attached.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VsockConfig {
-    /// The guest's CID (3 or more).
-    pub cid: u64,
-    /// Where the device listens; guest-initiated connections go to `<uds>_<port>`.
-    pub uds: PathBuf,
-}
-
 /// Errors attaching a vsock device.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    #[error("--vsock uds={path}: cannot listen there: {source}")]
+    #[error("uds_path {path:?}: cannot listen there: {source}")]
     Listen {
         path: String,
         source: std::io::Error,
     },
+}
+
+impl FieldError for VsockError {
+    fn field(&self) -> &'static str {
+        "uds_path"
+    }
 }
 
 /// Counters of one device.

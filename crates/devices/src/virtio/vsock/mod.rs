@@ -22,6 +22,6 @@ mod device;
 mod packet;
 mod persist;
 
-pub use device::{Vsock, VsockConfig, VsockCounters, VsockError};
+pub use device::{Vsock, VsockCounters, VsockError};
 pub use packet::{HDR_LEN, HOST_CID};
 pub use persist::VsockState;

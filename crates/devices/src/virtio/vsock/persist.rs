@@ -8,10 +8,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::device::{Vsock, VsockConfig, VsockError};
+use super::device::{Vsock, VsockError};
 use crate::persist::{Persist, RestoreError};
 use crate::virtio::persist::VirtioDeviceState;
 use crate::virtio::{VirtioDevice, TYPE_VSOCK};
+use vigil_model::config::VsockConfig;
 
 /// virtio-vsock: the guest's CID and where the device listens.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

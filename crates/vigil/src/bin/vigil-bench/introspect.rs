@@ -22,8 +22,8 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use vigil_introspect::live::{cpu_state, Introspector, MonitorSettings};
 use vigil_introspect::{kaslr_slide, Baseline, Checker, CpuState, KernelLayout};
+use vigil_model::config::{ConsoleConfig, CpuTemplate, HugePages, KernelImage, OnCrash, VmConfig};
 use vigil_shared::siblings;
-use vigil_vmm::config::{ConsoleConfig, CpuTemplate, KernelImage, OnCrash, VmConfig};
 use vigil_vmm::VmControl;
 
 #[derive(Args, Debug)]
@@ -150,14 +150,15 @@ fn boot_until_crash(
     Duration,
 )> {
     let mut config = VmConfig::new(KernelImage::File(kernel.to_owned()));
-    config.cmdline = "console=ttyS0 earlyprintk=serial".into();
-    config.vcpus = 2;
-    config.memory_mib = 256;
+    config.boot.cmdline = "console=ttyS0 earlyprintk=serial".into();
+    config.machine.vcpu_count = 2;
+    config.machine.mem_size_mib = 256;
+    config.machine.huge_pages = HugePages::Transparent;
     config.console = ConsoleConfig::None;
-    config.symbols = Some(symbols.to_owned());
+    config.boot.symbols = Some(symbols.to_owned());
     // Offers XSAVE: on this machine's emulating KVM the kernel stops on `xrstor`
     // in its FPU set-up, after its IDT, GDT and LSTAR are in place.
-    config.cpu_template = CpuTemplate::Host;
+    config.machine.cpu_template = CpuTemplate::Host;
     config.on_crash = OnCrash::Pause;
     let started = Instant::now();
     let vm = vigil_vmm::builder::build(&config)?;

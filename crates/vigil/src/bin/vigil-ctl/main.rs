@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use vigil_daemon::client::{request_blocking, ClientError, Response};
+use vigil_model::config::IntrospectConfig;
 use vigil_shared::args::{default_socket, parse_seconds};
 use vigil_shared::{exit, logging};
 
@@ -65,10 +66,11 @@ enum CtlCommand {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Watch the guest kernel's integrity from the start (its findings become
-        /// security events): period_ms=N (1 to 3600000, default 1000),
-        /// policy=report|protect, baseline_after_ms=N; `--introspect` alone takes the
-        /// defaults.
-        #[arg(long, value_name = "[period_ms=N][,policy=P][,baseline_after_ms=N]", num_args = 0..=1, default_missing_value = "", value_parser = parse_introspect)]
+        /// security events), as `vigil run --introspect` takes it: period=DURATION
+        /// (1ms to 1h, default 1s), policy=report|protect, baseline_after=DURATION
+        /// (default 1s); period_ms=N and baseline_after_ms=N also do. `--introspect`
+        /// alone takes the defaults.
+        #[arg(long, value_name = "[period=DUR][,policy=P][,baseline_after=DUR]", num_args = 0..=1, default_missing_value = "", value_parser = parse_introspect)]
         introspect: Option<Value>,
         /// Trace the guest's system calls into syscalls.jsonl in the VM's folder:
         /// the calls to keep (read,write,59; cr3=0x... for one process), or all.
@@ -295,30 +297,12 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `vigil ctl create --introspect period_ms=100,policy=protect`: the create
-/// request's `introspect` object (the daemon checks the values).
+/// `vigil ctl create --introspect period=100ms,policy=protect`: the create
+/// request's `introspect` object (the daemon checks the values, as `vigil run`
+/// does).
 fn parse_introspect(s: &str) -> Result<Value, String> {
-    let mut out = serde_json::Map::new();
-    for item in s.split(',').filter(|i| !i.is_empty()) {
-        let (key, value) = item.split_once('=').ok_or_else(|| {
-            format!("{item:?}: expected key=value (period_ms, policy, baseline_after_ms)")
-        })?;
-        let v = match key {
-            "period_ms" | "baseline_after_ms" => {
-                Value::from(value.parse::<u64>().map_err(|_| {
-                    format!("{key}={value}: expected a whole number of milliseconds")
-                })?)
-            }
-            "policy" => Value::from(value),
-            _ => {
-                return Err(format!(
-                    "unknown key {key:?} (expected period_ms, policy, baseline_after_ms)"
-                ))
-            }
-        };
-        out.insert(key.to_owned(), v);
-    }
-    Ok(Value::Object(out))
+    let config = IntrospectConfig::from_options(s).map_err(|e| e.to_string())?;
+    serde_json::to_value(config).map_err(|e| e.to_string())
 }
 
 fn events(socket: &Path, follow: bool, json: bool) -> anyhow::Result<()> {
@@ -405,9 +389,13 @@ mod tests {
             parse_introspect("period_ms=100,policy=protect,baseline_after_ms=0"),
             Ok(serde_json::json!({"period_ms": 100, "policy": "protect", "baseline_after_ms": 0}))
         );
-        assert!(parse_introspect("period=1s")
+        assert_eq!(
+            parse_introspect("period=1s,baseline_after=250ms"),
+            Ok(serde_json::json!({"period_ms": 1000, "baseline_after_ms": 250}))
+        );
+        assert!(parse_introspect("speed=1s")
             .unwrap_err()
-            .contains("\"period\""));
+            .contains("\"speed\""));
         assert!(parse_introspect("period_ms=fast")
             .unwrap_err()
             .contains("period_ms=fast"));

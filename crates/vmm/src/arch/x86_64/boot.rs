@@ -21,7 +21,7 @@ use super::layout::{
     E820Entry, CMDLINE_START, HIMEM_START, MEMMAP_START, MMIO_HOLE_START, MODLIST_START,
     PVH_INFO_START, ZERO_PAGE_START,
 };
-use crate::config::{BootProtocol, KernelImage};
+use vigil_model::config::{BootProtocol, FieldError, KernelImage};
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -65,34 +65,34 @@ pub struct LoadedInitrd {
 /// Errors while loading the kernel and writing boot information.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("--kernel {image}: cannot read it: {source}")]
+    #[error("kernel_image_path {image:?}: cannot read it: {source}")]
     ReadKernel {
         image: String,
         source: std::io::Error,
     },
     #[error(
-        "--kernel {image}: neither an ELF vmlinux nor a bzImage (ELF: {elf}; bzImage: {bzimage})"
+        "kernel_image_path {image:?}: neither an ELF vmlinux nor a bzImage (ELF: {elf}; bzImage: {bzimage})"
     )]
     UnknownFormat {
         image: String,
         elf: String,
         bzimage: String,
     },
-    #[error("--kernel {image}: does not fit in {memory_mib} MiB of guest memory (needs memory up to {end:#x}): {detail}")]
+    #[error("kernel_image_path {image:?}: does not fit in {memory_mib} MiB of guest memory (needs memory up to {end:#x}): {detail}")]
     KernelTooBig {
         image: String,
         memory_mib: u64,
         end: u64,
         detail: String,
     },
-    #[error("--kernel {image}: has no PVH entry note, but --boot-protocol pvh was asked for")]
+    #[error("kernel_image_path {image:?}: has no PVH entry note, but the PVH boot protocol was asked for")]
     NoPvhEntry { image: String },
-    #[error("--initrd {path}: cannot read it: {source}")]
+    #[error("initrd_path {path:?}: cannot read it: {source}")]
     ReadInitrd {
         path: String,
         source: std::io::Error,
     },
-    #[error("--initrd {path}: {size} bytes do not fit in guest memory between the kernel (ends at {kernel_end:#x}) and {limit:#x}")]
+    #[error("initrd_path {path:?}: {size} bytes do not fit in guest memory between the kernel (ends at {kernel_end:#x}) and {limit:#x}")]
     InitrdTooBig {
         path: String,
         size: u64,
@@ -101,6 +101,16 @@ pub enum BootError {
     },
     #[error("cannot write boot information to guest memory: {0}")]
     Write(String),
+}
+
+impl FieldError for BootError {
+    fn field(&self) -> &'static str {
+        match self {
+            BootError::ReadInitrd { .. } | BootError::InitrdTooBig { .. } => "initrd_path",
+            BootError::Write(_) => "",
+            _ => "kernel_image_path",
+        }
+    }
 }
 
 /// Loads `image` into `mem` and chooses its entry point.

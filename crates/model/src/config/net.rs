@@ -1,0 +1,109 @@
+//! Network interfaces: virtio-net devices on Linux taps.
+
+use crate::config::rate_limit::RateLimit;
+use crate::config::FieldError;
+use crate::mac::MacAddr;
+
+/// Longest Linux interface name, without its NUL.
+pub const IFNAME_MAX: usize = 15;
+
+/// How a network interface is attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of the tap (created when absent).
+    pub tap: String,
+    /// MAC address the guest reads from the config space.
+    pub mac: MacAddr,
+    /// Limits on frames delivered to the guest.
+    pub rx_rate_limit: RateLimit,
+    /// Limits on frames the guest sends.
+    pub tx_rate_limit: RateLimit,
+}
+
+/// An interface that cannot be attached as given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NetConfigError {
+    #[error("host_dev_name {tap:?}: {why}")]
+    TapName { tap: String, why: &'static str },
+    #[error("host_dev_name {0:?}: used by two interfaces")]
+    DuplicateTap(String),
+    #[error("guest_mac \"{mac}\": {why}")]
+    Mac { mac: MacAddr, why: &'static str },
+}
+
+impl FieldError for NetConfigError {
+    fn field(&self) -> &'static str {
+        match self {
+            Self::TapName { .. } | Self::DuplicateTap(_) => "host_dev_name",
+            Self::Mac { .. } => "guest_mac",
+        }
+    }
+}
+
+/// Checks the interfaces of one VM: each on its own, and no tap or MAC twice.
+pub fn validate_all(nets: &[NetConfig]) -> Result<(), NetConfigError> {
+    for (i, net) in nets.iter().enumerate() {
+        net.validate()?;
+        if nets[..i].iter().any(|n| n.tap == net.tap) {
+            return Err(NetConfigError::DuplicateTap(net.tap.clone()));
+        }
+        if nets[..i].iter().any(|n| n.mac == net.mac) {
+            return Err(NetConfigError::Mac {
+                mac: net.mac,
+                why: "used by two interfaces",
+            });
+        }
+    }
+    Ok(())
+}
+
+impl NetConfig {
+    /// An interface on `tap` with the default MAC of interface `index` and no limits.
+    pub fn new(tap: impl Into<String>, index: usize) -> Self {
+        Self {
+            tap: tap.into(),
+            mac: MacAddr::for_interface(index),
+            rx_rate_limit: RateLimit::default(),
+            tx_rate_limit: RateLimit::default(),
+        }
+    }
+
+    /// Checks one interface on its own.
+    pub fn validate(&self) -> Result<(), NetConfigError> {
+        let bad = |why| NetConfigError::TapName {
+            tap: self.tap.clone(),
+            why,
+        };
+        if self.tap.is_empty() {
+            return Err(bad("an interface needs a name"));
+        }
+        if self.tap.len() > IFNAME_MAX {
+            return Err(bad("longer than the 15 bytes of a Linux interface name"));
+        }
+        if self.tap == "." || self.tap == ".." {
+            return Err(bad("not an interface name"));
+        }
+        if self
+            .tap
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(bad(
+                "an interface name has no '/', ':', spaces or control characters",
+            ));
+        }
+        if self.mac.is_multicast() {
+            return Err(NetConfigError::Mac {
+                mac: self.mac,
+                why: "a multicast address (the low bit of the first byte is set)",
+            });
+        }
+        if self.mac.is_zero() {
+            return Err(NetConfigError::Mac {
+                mac: self.mac,
+                why: "the all-zero address",
+            });
+        }
+        Ok(())
+    }
+}

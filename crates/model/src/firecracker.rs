@@ -1,0 +1,732 @@
+//! Firecracker's configuration document: the bodies of its API's `PUT`
+//! requests and of its configuration file (`--config-file`, the daemon's
+//! `POST /vms`), with Firecracker's field names, and their translation into
+//! Vigil's [`VmConfig`]. What Firecracker accepts and Vigil does not offer is
+//! refused here, naming the field; everything else is checked by
+//! [`VmConfig::validate`], once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{
+    self, BalloonConfig, BootConfig, BucketUpdate, ConfigError, DriveConfig, FieldError,
+    KernelImage, LimitUpdate, NetConfig, RateLimit, VmConfig, VsockConfig,
+};
+pub use crate::json::{parse, JsonError};
+use crate::mac::{BadMac, MacAddr};
+
+/// The kernel command line when `boot_args` is not given.
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
+
+/// `PUT /boot-source`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel_image_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+/// `PUT /machine-config`: every optional field not given takes its default.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u32,
+    pub mem_size_mib: u64,
+    #[serde(default)]
+    pub smt: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default = "huge_pages_none")]
+    pub huge_pages: String,
+}
+
+fn huge_pages_none() -> String {
+    "None".into()
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            cpu_template: None,
+            track_dirty_pages: false,
+            huge_pages: huge_pages_none(),
+        }
+    }
+}
+
+/// Firecracker's token bucket: `size` tokens, refilled in `refill_time` ms, plus a
+/// `one_time_burst` spent first.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+/// Firecracker's rate limiter: a bandwidth bucket (bytes) and an operations bucket.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    pub drive_id: String,
+    pub is_root_device: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /vsock`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    pub guest_cid: u64,
+    pub uds_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// `PUT /balloon`, and what `GET /balloon` answers.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    pub amount_mib: u64,
+    pub deflate_on_oom: bool,
+    #[serde(default)]
+    pub stats_polling_interval_s: u64,
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+/// `PUT /entropy`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /logger`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub show_level: bool,
+    #[serde(default)]
+    pub show_log_origin: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `PUT /metrics`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub metrics_path: String,
+    #[serde(default)]
+    pub emit_id: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<BTreeMap<String, String>>,
+}
+
+/// A Firecracker configuration file (`--config-file`), and `GET /vm/config`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullVmConfig {
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSource>,
+    #[serde(
+        rename = "machine-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub machine_config: Option<MachineConfig>,
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Balloon>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<Entropy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<Logger>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+}
+
+/// A body Vigil cannot take: what Firecracker allows and Vigil does not offer,
+/// or a value that fails Vigil's checks of its resource.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("smt true: Vigil does not offer simultaneous multithreading (use false)")]
+    Smt,
+    #[error("cpu_template {0:?}: Vigil has no Firecracker CPU templates (use \"None\"; Vigil's own template hides what its host cannot run)")]
+    CpuTemplate(String),
+    #[error("track_dirty_pages true: Vigil does not track dirty pages yet (use false)")]
+    TrackDirtyPages,
+    #[error("huge_pages {0:?}: Vigil backs guest memory with 4 KiB pages only (use \"None\")")]
+    HugePages(String),
+    #[error("mem_size_mib {0}: too large")]
+    MemoryTooLarge(u64),
+    #[error("socket: Vigil has no vhost-user-block; give path_on_host")]
+    DriveSocket,
+    #[error("path_on_host: required")]
+    DrivePathMissing,
+    #[error("cache_type {0:?}: expected \"Unsafe\" or \"Writeback\"")]
+    CacheType(String),
+    #[error("io_engine {0:?}: expected \"Sync\" or \"Async\"")]
+    IoEngine(String),
+    #[error("partuuid {0:?}: only a root device (is_root_device true) has one")]
+    PartuuidNotRoot(String),
+    #[error("mtu {0}: Vigil's virtio-net does not advertise an MTU (leave it out)")]
+    Mtu(u32),
+    #[error("guest_mac {0}")]
+    Mac(BadMac),
+    #[error("is_root_device true: drive {0:?} already is the root device")]
+    SecondRoot(String),
+    #[error("free_page_hinting true: Vigil offers free page reporting, not hinting (use free_page_reporting)")]
+    FreePageHinting,
+    #[error(
+        "{field}: size {size} per refill_time {refill_time} ms is less than one token a second"
+    )]
+    SlowBucket {
+        field: String,
+        size: u64,
+        refill_time: u64,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl BodyError {
+    /// The field at fault, as the body spells it.
+    pub fn field(&self) -> &str {
+        match self {
+            Self::Smt => "smt",
+            Self::CpuTemplate(_) => "cpu_template",
+            Self::TrackDirtyPages => "track_dirty_pages",
+            Self::HugePages(_) => "huge_pages",
+            Self::MemoryTooLarge(_) => "mem_size_mib",
+            Self::DriveSocket => "socket",
+            Self::DrivePathMissing => "path_on_host",
+            Self::CacheType(_) => "cache_type",
+            Self::IoEngine(_) => "io_engine",
+            Self::PartuuidNotRoot(_) => "partuuid",
+            Self::Mtu(_) => "mtu",
+            Self::Mac(_) => "guest_mac",
+            Self::SecondRoot(_) => "is_root_device",
+            Self::FreePageHinting => "free_page_hinting",
+            Self::SlowBucket { field, .. } => field,
+            Self::Config(e) => e.field(),
+        }
+    }
+}
+
+/// A configuration document Vigil cannot boot: the key of the resource at fault
+/// (`machine-config`, `drives["rootfs"]`), and why.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("{key}: {error}")]
+    Body { key: String, error: BodyError },
+    #[error("boot-source: missing (a VM needs a kernel_image_path)")]
+    NoBootSource,
+}
+
+/// One Firecracker token bucket as Vigil's `(rate per second, burst, one-time
+/// burst)`: `size` tokens refilled in `refill_time` ms, and `one_time_burst`
+/// spent first. A bucket with a zero size or refill time limits nothing, as in
+/// Firecracker.
+fn bucket(field: &str, b: &TokenBucket) -> Result<Option<(u64, u64, u64)>, BodyError> {
+    if b.size == 0 || b.refill_time == 0 {
+        return Ok(None);
+    }
+    let rate = u128::from(b.size) * 1000 / u128::from(b.refill_time);
+    if rate == 0 {
+        return Err(BodyError::SlowBucket {
+            field: field.to_owned(),
+            size: b.size,
+            refill_time: b.refill_time,
+        });
+    }
+    let rate = u64::try_from(rate).unwrap_or(u64::MAX);
+    Ok(Some((rate, b.size, b.one_time_burst.unwrap_or(0))))
+}
+
+/// A Firecracker rate limiter as a Vigil [`RateLimit`]; `field` names it in errors.
+pub fn rate_limit(field: &str, r: Option<&RateLimiter>) -> Result<RateLimit, BodyError> {
+    let Some(r) = r else {
+        return Ok(RateLimit::default());
+    };
+    let one = |name: &str, b: Option<&TokenBucket>| {
+        b.map(|b| bucket(&format!("{field}.{name}"), b))
+            .transpose()
+            .map(Option::flatten)
+    };
+    let bandwidth = one("bandwidth", r.bandwidth.as_ref())?;
+    let ops = one("ops", r.ops.as_ref())?;
+    Ok(RateLimit {
+        bandwidth: bandwidth.map(|(rate, burst, _)| (rate, Some(burst))),
+        ops: ops.map(|(rate, burst, _)| (rate, Some(burst))),
+        one_time_burst: (
+            bandwidth.map_or(0, |(.., once)| once),
+            ops.map_or(0, |(.., once)| once),
+        ),
+    })
+}
+
+/// A Firecracker rate limiter in a `PATCH` body as a change to a running
+/// limiter, as Firecracker applies it: a bucket left out stays as it is, one with
+/// a zero `size` or `refill_time` is removed, any other replaces it (full).
+/// `field` names it in errors.
+pub fn limit_update(field: &str, r: Option<&RateLimiter>) -> Result<LimitUpdate, BodyError> {
+    let Some(r) = r else {
+        return Ok(LimitUpdate::default());
+    };
+    let one = |name: &str, b: Option<&TokenBucket>| -> Result<BucketUpdate, BodyError> {
+        let Some(b) = b else {
+            return Ok(BucketUpdate::Keep);
+        };
+        Ok(match bucket(&format!("{field}.{name}"), b)? {
+            None => BucketUpdate::Remove,
+            Some((rate, burst, one_time_burst)) => BucketUpdate::Set {
+                rate,
+                burst,
+                one_time_burst,
+            },
+        })
+    };
+    Ok(LimitUpdate {
+        bandwidth: one("bandwidth", r.bandwidth.as_ref())?,
+        ops: one("ops", r.ops.as_ref())?,
+    })
+}
+
+/// `stored` as a `PATCH` with `update` leaves it (for `GET /vm/config`): a bucket
+/// given replaces the stored one, a zero one removes it.
+pub fn merge_rate_limiter(
+    stored: Option<RateLimiter>,
+    update: Option<&RateLimiter>,
+) -> Option<RateLimiter> {
+    let Some(update) = update else {
+        return stored;
+    };
+    let mut merged = stored.unwrap_or_default();
+    let limits = |b: &TokenBucket| b.size != 0 && b.refill_time != 0;
+    if let Some(b) = update.bandwidth {
+        merged.bandwidth = limits(&b).then_some(b);
+    }
+    if let Some(b) = update.ops {
+        merged.ops = limits(&b).then_some(b);
+    }
+    Some(merged)
+}
+
+impl BootSource {
+    /// The boot source as Vigil boots it (its files are checked by
+    /// [`BootConfig::validate`]).
+    pub fn to_config(&self) -> BootConfig {
+        let mut boot = BootConfig::new(KernelImage::File(PathBuf::from(&self.kernel_image_path)));
+        boot.initrd = self.initrd_path.as_deref().map(PathBuf::from);
+        boot.cmdline = self
+            .boot_args
+            .clone()
+            .unwrap_or_else(|| DEFAULT_BOOT_ARGS.into());
+        boot
+    }
+}
+
+impl MachineConfig {
+    /// The machine as Vigil builds it: what Firecracker offers and Vigil does
+    /// not is refused.
+    pub fn to_config(&self) -> Result<config::MachineConfig, BodyError> {
+        if self.smt {
+            return Err(BodyError::Smt);
+        }
+        match self.cpu_template.as_deref() {
+            None | Some("None") => {}
+            Some(t) => return Err(BodyError::CpuTemplate(t.to_owned())),
+        }
+        if self.track_dirty_pages {
+            return Err(BodyError::TrackDirtyPages);
+        }
+        if self.huge_pages != "None" {
+            return Err(BodyError::HugePages(self.huge_pages.clone()));
+        }
+        if self.mem_size_mib > (u64::MAX >> 20) {
+            return Err(BodyError::MemoryTooLarge(self.mem_size_mib));
+        }
+        Ok(config::MachineConfig {
+            vcpu_count: self.vcpu_count,
+            mem_size_mib: self.mem_size_mib,
+            ..Default::default()
+        })
+    }
+}
+
+impl Drive {
+    /// The disk as Vigil attaches it.
+    pub fn to_config(&self) -> Result<DriveConfig, BodyError> {
+        if self.socket.is_some() {
+            return Err(BodyError::DriveSocket);
+        }
+        let path = self
+            .path_on_host
+            .as_deref()
+            .ok_or(BodyError::DrivePathMissing)?;
+        match self.cache_type.as_deref() {
+            None | Some("Unsafe") | Some("Writeback") => {}
+            Some(v) => return Err(BodyError::CacheType(v.to_owned())),
+        }
+        match self.io_engine.as_deref() {
+            None | Some("Sync") | Some("Async") => {}
+            Some(v) => return Err(BodyError::IoEngine(v.to_owned())),
+        }
+        if let Some(uuid) = self.partuuid.as_ref().filter(|_| !self.is_root_device) {
+            return Err(BodyError::PartuuidNotRoot(uuid.clone()));
+        }
+        let drive = DriveConfig {
+            id: self.drive_id.clone(),
+            path: PathBuf::from(path),
+            read_only: self.is_read_only.unwrap_or(false),
+            rate_limit: rate_limit("rate_limiter", self.rate_limiter.as_ref())?,
+            ..Default::default()
+        };
+        drive.validate().map_err(ConfigError::from)?;
+        Ok(drive)
+    }
+}
+
+impl NetworkInterface {
+    /// The interface as Vigil attaches it, the `index`th of the VM (its default MAC).
+    pub fn to_config(&self, index: usize) -> Result<NetConfig, BodyError> {
+        if let Some(mtu) = self.mtu {
+            return Err(BodyError::Mtu(mtu));
+        }
+        let net = NetConfig {
+            tap: self.host_dev_name.clone(),
+            mac: match &self.guest_mac {
+                Some(m) => m.parse().map_err(BodyError::Mac)?,
+                None => MacAddr::for_interface(index),
+            },
+            rx_rate_limit: rate_limit("rx_rate_limiter", self.rx_rate_limiter.as_ref())?,
+            tx_rate_limit: rate_limit("tx_rate_limiter", self.tx_rate_limiter.as_ref())?,
+        };
+        net.validate().map_err(ConfigError::from)?;
+        Ok(net)
+    }
+}
+
+impl Vsock {
+    /// The vsock device as Vigil attaches it.
+    pub fn to_config(&self) -> Result<VsockConfig, BodyError> {
+        let vsock = VsockConfig {
+            cid: self.guest_cid,
+            uds: PathBuf::from(&self.uds_path),
+        };
+        vsock.validate().map_err(ConfigError::from)?;
+        Ok(vsock)
+    }
+}
+
+impl Balloon {
+    /// The balloon as Vigil attaches it (its size is checked against the
+    /// machine by [`VmConfig::validate`]).
+    pub fn to_config(&self) -> Result<BalloonConfig, BodyError> {
+        if self.free_page_hinting {
+            return Err(BodyError::FreePageHinting);
+        }
+        Ok(BalloonConfig {
+            target_mib: self.amount_mib,
+            stats_interval: (self.stats_polling_interval_s > 0)
+                .then(|| Duration::from_secs(self.stats_polling_interval_s)),
+            free_page_reporting: self.free_page_reporting,
+            deflate_on_oom: self.deflate_on_oom,
+        })
+    }
+}
+
+impl Entropy {
+    /// The entropy device's rate limit.
+    pub fn to_config(&self) -> Result<RateLimit, BodyError> {
+        rate_limit("rate_limiter", self.rate_limiter.as_ref())
+    }
+}
+
+impl FullVmConfig {
+    /// The VM the document describes, validated against `limits`; the error
+    /// names the key and the field at fault. The root device becomes the guest's
+    /// first disk (`/dev/vda`) and is named on the command line, as in Firecracker.
+    pub fn to_vm_config(&self, limits: &config::HostLimits) -> Result<VmConfig, DocumentError> {
+        let body = |key: String| move |error: BodyError| DocumentError::Body { key, error };
+        let boot = self
+            .boot_source
+            .as_ref()
+            .ok_or(DocumentError::NoBootSource)?;
+        let mut config = VmConfig::new(KernelImage::File(PathBuf::new()));
+        config.boot = boot.to_config();
+        if let Some(m) = &self.machine_config {
+            config.machine = m.to_config().map_err(body("machine-config".into()))?;
+        }
+        let roots: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        if let [first, second, ..] = roots.as_slice() {
+            return Err(DocumentError::Body {
+                key: format!("drives[{:?}]", second.drive_id),
+                error: BodyError::SecondRoot(first.drive_id.clone()),
+            });
+        }
+        let drives = roots
+            .iter()
+            .copied()
+            .chain(self.drives.iter().filter(|d| !d.is_root_device));
+        for d in drives {
+            if d.is_root_device {
+                let root = match &d.partuuid {
+                    Some(uuid) => format!("root=PARTUUID={uuid}"),
+                    None => "root=/dev/vda".into(),
+                };
+                let mode = if d.is_read_only.unwrap_or(false) {
+                    "ro"
+                } else {
+                    "rw"
+                };
+                config.boot.cmdline = format!("{} {root} {mode}", config.boot.cmdline);
+            }
+            config.drives.push(
+                d.to_config()
+                    .map_err(body(format!("drives[{:?}]", d.drive_id)))?,
+            );
+        }
+        config.boot.cmdline = config.boot.cmdline.trim().to_string();
+        for (i, n) in self.network_interfaces.iter().enumerate() {
+            let key = format!("network-interfaces[{:?}]", n.iface_id);
+            config.nets.push(n.to_config(i).map_err(body(key))?);
+        }
+        config.vsock = self
+            .vsock
+            .as_ref()
+            .map(|v| v.to_config().map_err(body("vsock".into())))
+            .transpose()?;
+        config.balloon = self
+            .balloon
+            .as_ref()
+            .map(|b| b.to_config().map_err(body("balloon".into())))
+            .transpose()?;
+        config.rng = self
+            .entropy
+            .as_ref()
+            .map(|e| e.to_config().map_err(body("entropy".into())))
+            .transpose()?;
+        config.validate(limits).map_err(|e| DocumentError::Body {
+            key: e.resource().into(),
+            error: BodyError::Config(e),
+        })?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HostLimits;
+
+    const LIMITS: HostLimits = HostLimits {
+        kvm_max_vcpus: 1024,
+        host_memory_bytes: 8 << 30,
+    };
+
+    #[test]
+    fn token_buckets_become_rates_per_second() {
+        let r = RateLimiter {
+            bandwidth: Some(TokenBucket {
+                size: 1000,
+                one_time_burst: Some(500),
+                refill_time: 100,
+            }),
+            ops: Some(TokenBucket {
+                size: 0,
+                one_time_burst: None,
+                refill_time: 100,
+            }),
+        };
+        let l = rate_limit("rate_limiter", Some(&r)).unwrap();
+        assert_eq!(l.bandwidth, Some((10_000, Some(1000))));
+        assert_eq!(l.one_time_burst, (500, 0));
+        assert_eq!(l.ops, None);
+        let u = limit_update("rate_limiter", Some(&r)).unwrap();
+        assert_eq!(
+            u.bandwidth,
+            BucketUpdate::Set {
+                rate: 10_000,
+                burst: 1000,
+                one_time_burst: 500
+            }
+        );
+        assert_eq!(u.ops, BucketUpdate::Remove);
+        let keep = limit_update("rate_limiter", Some(&RateLimiter::default())).unwrap();
+        assert!(keep.is_keep());
+        assert!(limit_update("rate_limiter", None).unwrap().is_keep());
+        let slow = RateLimiter {
+            ops: Some(TokenBucket {
+                size: 1,
+                one_time_burst: None,
+                refill_time: 5000,
+            }),
+            ..Default::default()
+        };
+        let e = rate_limit("rate_limiter", Some(&slow)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("rate_limiter.ops: size 1 per refill_time 5000 ms"),
+            "{e}"
+        );
+        assert_eq!(e.field(), "rate_limiter.ops");
+        let e = limit_update("rx_rate_limiter", Some(&slow)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("rx_rate_limiter.ops: size 1 per refill_time 5000 ms"),
+            "{e}"
+        );
+    }
+
+    /// A scratch disk image this test may open for writing.
+    fn image(name: &str) -> String {
+        let path = std::env::temp_dir().join(format!("vigil-model-{}-{name}", std::process::id()));
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        path.display().to_string()
+    }
+
+    fn document(kernel: &str) -> FullVmConfig {
+        let data = image("data");
+        parse(
+            serde_json::json!({
+                "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+                "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+                "drives": [
+                    {"drive_id": "data", "path_on_host": data, "is_root_device": false},
+                    {"drive_id": "rootfs", "path_on_host": kernel, "is_root_device": true,
+                     "is_read_only": true},
+                ],
+                "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "vg0"}],
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_document_becomes_a_validated_vm_config() {
+        let exe = std::env::current_exe().unwrap().display().to_string();
+        let c = document(&exe).to_vm_config(&LIMITS).unwrap();
+        assert_eq!(c.machine.vcpu_count, 2);
+        assert_eq!(c.boot.cmdline, "console=ttyS0 root=/dev/vda ro");
+        assert_eq!(c.drives[0].id, "rootfs");
+        assert!(c.drives[0].read_only);
+        assert_eq!(c.drives[1].id, "data");
+        assert_eq!(c.nets[0].mac, MacAddr::for_interface(0));
+    }
+
+    #[test]
+    fn document_errors_name_the_key_and_field() {
+        let exe = std::env::current_exe().unwrap().display().to_string();
+        let refused = |edit: &dyn Fn(&mut FullVmConfig)| {
+            let mut d = document(&exe);
+            edit(&mut d);
+            d.to_vm_config(&LIMITS).unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(&|d| d.machine_config.as_mut().unwrap().vcpu_count = 0),
+            "machine-config: vcpu_count 0: a VM needs at least one vCPU (1 to 254)"
+        );
+        assert_eq!(
+            refused(&|d| d.machine_config.as_mut().unwrap().smt = true),
+            "machine-config: smt true: Vigil does not offer simultaneous multithreading (use false)"
+        );
+        assert!(refused(
+            &|d| d.boot_source.as_mut().unwrap().kernel_image_path = "/nonexistent".into()
+        )
+        .starts_with("boot-source: kernel_image_path \"/nonexistent\": cannot read it"));
+        assert_eq!(
+            refused(&|d| d.drives[0].is_root_device = true),
+            "drives[\"rootfs\"]: is_root_device true: drive \"data\" already is the root device"
+        );
+        assert_eq!(
+            refused(&|d| d.drives[1].drive_id = "data".into()),
+            "drives: drive_id \"data\": used by two disks"
+        );
+        assert_eq!(
+            refused(&|d| d.network_interfaces[0].guest_mac = Some("nope".into())),
+            "network-interfaces[\"eth0\"]: guest_mac \"nope\": not a MAC address (aa:bb:cc:dd:ee:ff)"
+        );
+        assert_eq!(
+            refused(&|d| d.boot_source = None),
+            "boot-source: missing (a VM needs a kernel_image_path)"
+        );
+        let e = parse::<FullVmConfig>(br#"{"machine-config": {"vcpu_count": "two"}}"#).unwrap_err();
+        assert!(
+            e.0.starts_with("machine-config.vcpu_count: invalid type"),
+            "{e}"
+        );
+    }
+}
