@@ -10,9 +10,10 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{json, Value};
 use vigil_model::config::VmConfig;
+use vigil_vmm::builder::BuildError;
 use vigil_vmm::{RunState, VmControl};
 
-use crate::metrics::{metrics_line, MetricsSink, RequestCounts};
+use crate::metrics::{metrics_line, MetricsError, MetricsSink, RequestCounts};
 use crate::model::{
     ActionType, BalloonStatsUpdate, BalloonUpdate, InstanceActionInfo, InstanceInfo,
     MachineConfigUpdate, PartialDrive, PartialNetworkInterface, VmState, VmStateValue,
@@ -35,15 +36,28 @@ pub const OPENAPI_PATH: &str = "/vigil/openapi.yaml";
 /// daemon and dashboards.
 pub const METRICS_SNAPSHOT_PATH: &str = "/vigil/metrics";
 
+/// Why the binary could not apply a `PUT /logger` body: its log subscriber's own
+/// error (the API only shows it).
+pub type LoggerHookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Reconfigures logging (`PUT /logger`); the binary owns the log subscriber.
-pub type LoggerHook = Arc<dyn Fn(&Logger) -> Result<(), String> + Send + Sync>;
+pub type LoggerHook = Arc<dyn Fn(&Logger) -> Result<(), LoggerHookError> + Send + Sync>;
+
+/// Why the thread that owns the VM could not start it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("cannot start the VM's threads: {0}")]
+    Threads(std::io::Error),
+}
 
 /// A request from the API to the thread that owns the VM.
 pub enum ToVmm {
     /// Build and start this VM; answer with its control handle, or why not.
     Start {
         config: Box<VmConfig>,
-        reply: Sender<Result<VmControl, String>>,
+        reply: Sender<Result<VmControl, StartError>>,
     },
     /// The process was asked to stop (by this signal) before the VM started.
     Stop(i32),
@@ -202,6 +216,14 @@ pub(crate) fn done<E: Display>(method: &str, path: &str, r: Result<(), E>) -> Re
     }
 }
 
+/// [`done`], the error prefixed with what was asked (`SendCtrlAltDel: ...`).
+fn done_as<E: Display>(method: &str, path: &str, what: impl Display, r: Result<(), E>) -> Response {
+    match r {
+        Ok(()) => Response::no_content(),
+        Err(e) => Response::bad(format!("{method} {path}: {what}: {e}")),
+    }
+}
+
 /// 4 KiB balloon pages in MiB.
 fn pages_to_mib(pages: u32) -> u64 {
     (u64::from(pages) * 4096) >> 20
@@ -269,7 +291,7 @@ impl Api {
     }
 
     /// Configures logging as `PUT /logger` does.
-    pub fn configure_logger(&self, l: Logger) -> Result<(), String> {
+    pub fn configure_logger(&self, l: Logger) -> Result<(), LoggerHookError> {
         if let Some(hook) = &self.logger_hook {
             hook(&l)?;
         }
@@ -278,13 +300,13 @@ impl Api {
     }
 
     /// Configures metrics as `PUT /metrics` does.
-    pub fn configure_metrics(&self, m: Metrics) -> Result<(), String> {
+    pub fn configure_metrics(&self, m: Metrics) -> Result<(), MetricsError> {
         let mut inner = lock(&self.inner);
         if let Some(sink) = &inner.metrics {
-            return Err(format!(
-                "metrics_path {:?}: metrics already go to {:?}; they are configured once",
-                m.metrics_path, sink.path
-            ));
+            return Err(MetricsError::AlreadyConfigured {
+                path: m.metrics_path,
+                current: sink.path.clone(),
+            });
         }
         inner.metrics = Some(MetricsSink::open(&m.metrics_path, m.emit_id, m.properties)?);
         Ok(())
@@ -296,15 +318,13 @@ impl Api {
     }
 
     /// Writes one metrics line, as `FlushMetrics` does.
-    pub fn flush_metrics(&self) -> Result<(), String> {
+    pub fn flush_metrics(&self) -> Result<(), MetricsError> {
         let mut inner = lock(&self.inner);
         let line = metrics_line(self.started, &inner.counts, inner.vm.as_ref());
         let id = self.id.clone();
         match inner.metrics.as_mut() {
-            Some(sink) => sink.flush(line, &id),
-            None => {
-                Err("metrics are not configured: PUT /metrics with a metrics_path first".into())
-            }
+            Some(sink) => Ok(sink.flush(line, &id)?),
+            None => Err(MetricsError::NotConfigured),
         }
     }
 
@@ -569,20 +589,10 @@ impl Api {
                 let vm = lock(&self.inner).vm.clone();
                 match vm {
                     None => before_start(method, path),
-                    Some(vm) => done(
-                        method,
-                        path,
-                        vm.send_ctrl_alt_del()
-                            .map_err(|e| format!("SendCtrlAltDel: {e}")),
-                    ),
+                    Some(vm) => done_as(method, path, "SendCtrlAltDel", vm.send_ctrl_alt_del()),
                 }
             }
-            ActionType::FlushMetrics => done(
-                method,
-                path,
-                self.flush_metrics()
-                    .map_err(|e| format!("FlushMetrics: {e}")),
-            ),
+            ActionType::FlushMetrics => done_as(method, path, "FlushMetrics", self.flush_metrics()),
         }
     }
 
@@ -626,7 +636,7 @@ impl Api {
             VmStateValue::Paused => vm.pause(),
             VmStateValue::Resumed => vm.resume(),
         };
-        done(method, path, r.map_err(|e| format!("state {state:?}: {e}")))
+        done_as(method, path, format_args!("state {state:?}"), r)
     }
 
     fn get_balloon(&self) -> Response {
@@ -727,15 +737,17 @@ impl Api {
                 Err(e) => Response::bad(format!("{method} {path}: {e}")),
             };
         };
-        let r = vm
-            .balloon()
-            .and_then(|b| b.set_stats_interval_s(seconds))
-            .map_err(|e| format!("stats_polling_interval_s {seconds}: {e}"));
+        let r = vm.balloon().and_then(|b| b.set_stats_interval_s(seconds));
         if r.is_ok() {
             if let Some(pre) = inner.pre.balloon.as_mut() {
                 pre.stats_polling_interval_s = seconds;
             }
         }
-        done(method, path, r)
+        done_as(
+            method,
+            path,
+            format_args!("stats_polling_interval_s {seconds}"),
+            r,
+        )
     }
 }

@@ -20,6 +20,39 @@ use hyper_util::rt::TokioIo;
 
 use crate::api::{Api, Response, OPENAPI_PATH};
 
+/// Why the API could not be served; `path` is the `--api-sock`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("--api-sock {}: cannot inspect it: {source}", path.display())]
+    Inspect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--api-sock {}: exists and is not a socket; remove it or choose another path", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("--api-sock {}: another process is serving this socket", path.display())]
+    InUse { path: PathBuf },
+    #[error("--api-sock {}: cannot remove the stale socket: {source}", path.display())]
+    RemoveStale {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--api-sock {}: cannot listen there: {source}", path.display())]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--api-sock {}: {source}", path.display())]
+    NonBlocking {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the API's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot start the API thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// Largest request body accepted (Firecracker's limit is 50 KiB).
 pub const MAX_BODY: usize = 64 << 10;
 
@@ -30,31 +63,37 @@ pub const MAX_BODY: usize = 64 << 10;
 /// socket file nobody listens on (left behind by a process that died) is removed
 /// and bound again, with a warning. Firecracker refuses any existing path; Vigil
 /// differs only for the stale socket, which is safe to reuse.
-pub fn bind(path: &Path) -> Result<UnixListener, String> {
-    let shown = path.display();
+pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    let path_buf = || path.to_path_buf();
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("--api-sock {shown}: cannot inspect it: {e}")),
+        Err(source) => {
+            return Err(ServeError::Inspect {
+                path: path_buf(),
+                source,
+            })
+        }
         Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(format!(
-                "--api-sock {shown}: exists and is not a socket; remove it or choose another path"
-            ))
+            return Err(ServeError::NotASocket { path: path_buf() })
         }
         Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(format!(
-                    "--api-sock {shown}: another process is serving this socket"
-                ))
-            }
+            Ok(_) => return Err(ServeError::InUse { path: path_buf() }),
             Err(_) => {
-                tracing::warn!("--api-sock {shown}: removing a stale socket nobody listens on");
-                std::fs::remove_file(path).map_err(|e| {
-                    format!("--api-sock {shown}: cannot remove the stale socket: {e}")
+                tracing::warn!(
+                    "--api-sock {}: removing a stale socket nobody listens on",
+                    path.display()
+                );
+                std::fs::remove_file(path).map_err(|source| ServeError::RemoveStale {
+                    path: path_buf(),
+                    source,
                 })?;
             }
         },
     }
-    UnixListener::bind(path).map_err(|e| format!("--api-sock {shown}: cannot listen there: {e}"))
+    UnixListener::bind(path).map_err(|source| ServeError::Listen {
+        path: path_buf(),
+        source,
+    })
 }
 
 /// The serving thread; dropping it removes the socket file.
@@ -78,19 +117,22 @@ impl Drop for ApiServer {
 }
 
 /// Serves `api` on a socket bound at `path` (see [`bind`]).
-pub fn serve(path: &Path, api: Arc<Api>) -> Result<ApiServer, String> {
+pub fn serve(path: &Path, api: Arc<Api>) -> Result<ApiServer, ServeError> {
     let listener = bind(path)?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
+        .map_err(|source| ServeError::NonBlocking {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
-        .map_err(|e| format!("cannot start the API's runtime: {e}"))?;
+        .map_err(ServeError::Runtime)?;
     let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || runtime.block_on(accept_loop(listener, api)))
-        .map_err(|e| format!("cannot start the API thread: {e}"))?;
+        .map_err(ServeError::Thread)?;
     Ok(ApiServer {
         path: path.to_path_buf(),
         _thread: thread,

@@ -31,6 +31,37 @@ impl RequestCounts {
     }
 }
 
+/// A file Firecracker's API sends logs or metrics to that cannot be used; `field`
+/// names the body's field (`metrics_path`, `log_path`).
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("{field}: empty path")]
+    EmptyPath { field: &'static str },
+    #[error("{field} {path:?}: cannot open it: {source}")]
+    Open {
+        field: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{field} {path:?}: cannot write: {source}")]
+    Write {
+        field: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Why `PUT /metrics` or `FlushMetrics` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics_path {path:?}: metrics already go to {current:?}; they are configured once")]
+    AlreadyConfigured { path: String, current: String },
+    #[error("metrics are not configured: PUT /metrics with a metrics_path first")]
+    NotConfigured,
+    #[error(transparent)]
+    Output(#[from] OutputError),
+}
+
 /// Where metrics go, opened once by `PUT /metrics`.
 pub struct MetricsSink {
     pub path: String,
@@ -45,9 +76,11 @@ impl MetricsSink {
         path: &str,
         emit_id: bool,
         properties: Option<BTreeMap<String, String>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, OutputError> {
         if path.is_empty() {
-            return Err("metrics_path: empty path".into());
+            return Err(OutputError::EmptyPath {
+                field: "metrics_path",
+            });
         }
         let file = open_output("metrics_path", path)?;
         Ok(Self {
@@ -59,7 +92,7 @@ impl MetricsSink {
     }
 
     /// Writes one line.
-    pub fn flush(&mut self, line: Map<String, Value>, id: &str) -> Result<(), String> {
+    pub fn flush(&mut self, line: Map<String, Value>, id: &str) -> Result<(), OutputError> {
         let mut line = line;
         if self.emit_id {
             line.insert("id".into(), json!(id));
@@ -71,14 +104,18 @@ impl MetricsSink {
         text.push('\n');
         self.file
             .write_all(text.as_bytes())
-            .map_err(|e| format!("metrics_path {:?}: cannot write: {e}", self.path))
+            .map_err(|source| OutputError::Write {
+                field: "metrics_path",
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
 /// Opens where Firecracker's API sends logs or metrics (`field` names it in
 /// errors): a named pipe is opened for writing without waiting for a reader;
 /// anything else is created if needed and appended to.
-pub fn open_output(field: &str, path: &str) -> Result<File, String> {
+pub fn open_output(field: &'static str, path: &str) -> Result<File, OutputError> {
     let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
     let mut options = OpenOptions::new();
     if is_fifo {
@@ -90,9 +127,11 @@ pub fn open_output(field: &str, path: &str) -> Result<File, String> {
     } else {
         options.append(true).create(true);
     }
-    options
-        .open(path)
-        .map_err(|e| format!("{field} {path:?}: cannot open it: {e}"))
+    options.open(path).map_err(|source| OutputError::Open {
+        field,
+        path: path.into(),
+        source,
+    })
 }
 
 /// One metrics line: the VM's counters and the host's readings (the groups of

@@ -45,7 +45,8 @@ fn api() -> Arc<Api> {
     std::thread::spawn(move || {
         while let Ok(msg) = rx.recv() {
             if let vigil_api::ToVmm::Start { reply, .. } = msg {
-                let _ = reply.send(Err("no VMM in this test".into()));
+                let none = std::io::Error::other("no VMM in this test");
+                let _ = reply.send(Err(vigil_api::StartError::Threads(none)));
             }
         }
     });

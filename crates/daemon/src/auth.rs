@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -26,37 +26,61 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// A token the daemon refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is {len} bytes long: use at least {MIN_TOKEN_LEN} (e.g. `head -c 32 /dev/urandom | base64`)")]
+    TooShort { len: usize },
+    #[error("the token must be printable ASCII without spaces")]
+    NotPrintable,
+}
+
+/// A `--token-file` the daemon cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("--token-file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--token-file {}: other users may read it (mode {mode:04o}): run `chmod 600 {}`", path.display(), path.display())]
+    Readable { path: PathBuf, mode: u32 },
+    #[error("--token-file {}: {source}", path.display())]
+    Token { path: PathBuf, source: TokenError },
+}
+
 impl Token {
-    pub fn new(token: &str) -> Result<Token, String> {
+    pub fn new(token: &str) -> Result<Token, TokenError> {
         let token = token.trim();
         if token.len() < MIN_TOKEN_LEN {
-            return Err(format!(
-                "the token is {} bytes long: use at least {MIN_TOKEN_LEN} (e.g. `head -c 32 /dev/urandom | base64`)",
-                token.len()
-            ));
+            return Err(TokenError::TooShort { len: token.len() });
         }
         if token.bytes().any(|b| !b.is_ascii_graphic()) {
-            return Err("the token must be printable ASCII without spaces".into());
+            return Err(TokenError::NotPrintable);
         }
         Ok(Token(token.as_bytes().into()))
     }
 
     /// Reads a token from a file that only its owner may read (the way ssh treats
     /// private keys): surrounding whitespace is ignored.
-    pub fn from_file(path: &Path) -> Result<Token, String> {
-        let meta =
-            std::fs::metadata(path).map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Token, TokenFileError> {
+        let read = |source| TokenFileError::Read {
+            path: path.into(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read)?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(format!(
-                "--token-file {}: other users may read it (mode {mode:04o}): run `chmod 600 {}`",
-                path.display(),
-                path.display()
-            ));
+            return Err(TokenFileError::Readable {
+                path: path.into(),
+                mode,
+            });
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
-        Token::new(&text).map_err(|e| format!("--token-file {}: {e}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        Token::new(&text).map_err(|source| TokenFileError::Token {
+            path: path.into(),
+            source,
+        })
     }
 
     /// Whether `candidate` is this token; the time taken does not depend on where
@@ -77,20 +101,27 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// A TCP listener without a token: refused, loopback or not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "--listen-tcp {addr} needs --token-file: {}. Create one with \
+     `head -c 32 /dev/urandom | base64 > token && chmod 600 token`, \
+     or use the Unix socket alone",
+    if addr.ip().is_loopback() {
+        "any local user can reach a loopback port"
+    } else {
+        "it is not a loopback address, so other machines could reach it"
+    }
+)]
+pub struct NoTokenError {
+    pub addr: SocketAddr,
+}
+
 /// Checks a TCP listen address against the token rule: the daemon's TCP API always
 /// needs a token; without one, no address is allowed (loopback or not).
-pub fn check_tcp_listen(addr: SocketAddr, token: Option<&Token>) -> Result<(), String> {
+pub fn check_tcp_listen(addr: SocketAddr, token: Option<&Token>) -> Result<(), NoTokenError> {
     if token.is_none() {
-        let why = if addr.ip().is_loopback() {
-            "any local user can reach a loopback port"
-        } else {
-            "it is not a loopback address, so other machines could reach it"
-        };
-        return Err(format!(
-            "--listen-tcp {addr} needs --token-file: {why}. Create one with \
-             `head -c 32 /dev/urandom | base64 > token && chmod 600 token`, \
-             or use the Unix socket alone"
-        ));
+        return Err(NoTokenError { addr });
     }
     if !addr.ip().is_loopback() {
         tracing::warn!(
@@ -140,7 +171,10 @@ mod tests {
 
     #[test]
     fn tokens() {
-        assert!(Token::new("short").unwrap_err().contains("at least 16"));
+        assert!(Token::new("short")
+            .unwrap_err()
+            .to_string()
+            .contains("at least 16"));
         assert!(Token::new("0123456789abcdef 0").is_err());
         let t = Token::new("  0123456789abcdef\n").unwrap();
         assert!(t.matches(b"0123456789abcdef"));
@@ -155,8 +189,9 @@ mod tests {
         let token = Token::new("0123456789abcdef").unwrap();
         assert!(check_tcp_listen(lo, None)
             .unwrap_err()
+            .to_string()
             .contains("--token-file"));
-        let e = check_tcp_listen(any, None).unwrap_err();
+        let e = check_tcp_listen(any, None).unwrap_err().to_string();
         assert!(
             e.contains("0.0.0.0:7000") && e.contains("not a loopback"),
             "{e}"
@@ -172,7 +207,10 @@ mod tests {
         let path = dir.join("token");
         std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(Token::from_file(&path).unwrap_err().contains("chmod 600"));
+        assert!(Token::from_file(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(Token::from_file(&path)
             .unwrap()

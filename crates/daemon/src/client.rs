@@ -20,8 +20,20 @@ pub enum ClientError {
     },
     #[error("{} did not answer within {timeout:?}", path.display())]
     Timeout { path: PathBuf, timeout: Duration },
-    #[error("HTTP exchange with {} failed: {message}", path.display())]
-    Http { path: PathBuf, message: String },
+    #[error("HTTP exchange with {} failed: {source}", path.display())]
+    Http { path: PathBuf, source: hyper::Error },
+    #[error("HTTP exchange with {} failed: bad request {method} {target}: {source}", path.display())]
+    Request {
+        path: PathBuf,
+        method: String,
+        target: String,
+        source: hyper::http::Error,
+    },
+    #[error("HTTP exchange with {} failed: cannot start an I/O runtime: {source}", path.display())]
+    Runtime {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A response: its status and its whole body.
@@ -95,9 +107,9 @@ async fn send(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> Result<(hyper::Response<hyper::body::Incoming>, Connection), ClientError> {
-    let http = |message: String| ClientError::Http {
+    let http = |source| ClientError::Http {
         path: socket.to_owned(),
-        message,
+        source,
     };
     let stream = UnixStream::connect(socket)
         .await
@@ -107,7 +119,7 @@ async fn send(
         })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| http(e.to_string()))?;
+        .map_err(http)?;
     // The connection future ends when the response is read and `sender` is dropped.
     let driver = tokio::spawn(async move {
         let _ = connection.await;
@@ -124,11 +136,13 @@ async fn send(
     }
     let request = builder
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| http(format!("bad request {method} {path}: {e}")))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| http(e.to_string()))?;
+        .map_err(|source| ClientError::Request {
+            path: socket.to_owned(),
+            method: method.into(),
+            target: path.into(),
+            source,
+        })?;
+    let response = sender.send_request(request).await.map_err(http)?;
     Ok((
         response,
         Connection {
@@ -150,9 +164,9 @@ async fn exchange(
         .into_body()
         .collect()
         .await
-        .map_err(|e| ClientError::Http {
+        .map_err(|source| ClientError::Http {
             path: socket.to_owned(),
-            message: e.to_string(),
+            source,
         })?
         .to_bytes()
         .to_vec();
@@ -195,9 +209,9 @@ pub fn request_blocking(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
-    let client = BlockingClient::new().map_err(|e| ClientError::Http {
+    let client = BlockingClient::new().map_err(|source| ClientError::Runtime {
         path: socket.to_owned(),
-        message: format!("cannot start an I/O runtime: {e}"),
+        source,
     })?;
     client.request(socket, method, path, body, timeout)
 }
@@ -214,9 +228,9 @@ pub async fn stream(
     connect_timeout: Duration,
     mut on_chunk: impl FnMut(&[u8]) -> bool,
 ) -> Result<Option<Response>, ClientError> {
-    let http = |message: String| ClientError::Http {
+    let http = |source| ClientError::Http {
         path: socket.to_owned(),
-        message,
+        source,
     };
     let (response, connection) =
         match tokio::time::timeout(connect_timeout, send(socket, "GET", path, headers, None)).await
@@ -235,7 +249,7 @@ pub async fn stream(
         loop {
             match body.frame().await {
                 None => break Ok(None),
-                Some(Err(e)) => break Err(http(e.to_string())),
+                Some(Err(e)) => break Err(http(e)),
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         if !on_chunk(data) {
@@ -254,7 +268,7 @@ pub async fn stream(
                     body: b.to_bytes().to_vec(),
                 })
             })
-            .map_err(|e| http(e.to_string()))
+            .map_err(http)
     };
     drop(connection);
     result

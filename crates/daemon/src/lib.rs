@@ -22,9 +22,56 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+pub use supervisor::{Supervisor, SupervisorConfig, SupervisorError, VmInfo, VmState};
 
-pub use supervisor::{Supervisor, SupervisorConfig, VmInfo, VmState};
+/// Why the daemon could not start (or keep running).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    TokenFile(#[from] auth::TokenFileError),
+    #[error(transparent)]
+    NoToken(#[from] auth::NoTokenError),
+    #[error(transparent)]
+    EventsSettings(#[from] events::SettingsError),
+    #[error(transparent)]
+    Engine(#[from] events::EngineError),
+    #[error("--state-dir {}: cannot create it: {source}", dir.display())]
+    CreateStateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--state-dir {}: cannot open {}: {source}", dir.display(), lock.display())]
+    OpenLock {
+        dir: PathBuf,
+        lock: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--state-dir {}: another vigil daemon uses it (it holds {})", dir.display(), lock.display())]
+    StateDirTaken { dir: PathBuf, lock: PathBuf },
+    #[error("--socket {}: the path exists and is not a socket; remove it or pick another", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("--socket {}: another daemon is listening there (stop it first, or pick another --socket)", path.display())]
+    SocketTaken { path: PathBuf },
+    /// The Unix socket could not be set up; `what` says which step failed.
+    #[error("--socket {}: {what}: {source}", path.display())]
+    Socket {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("--listen-tcp {addr}: cannot listen: {source}")]
+    ListenTcp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot watch {signal}: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot start the daemon's runtime: {0}")]
+    Runtime(std::io::Error),
+}
 
 /// Everything `vigil daemon` is told.
 #[derive(Debug, Clone)]
@@ -70,55 +117,55 @@ struct StateLock {
     _file: std::fs::File,
 }
 
-fn lock_state_dir(dir: &Path) -> anyhow::Result<StateLock> {
+fn lock_state_dir(dir: &Path) -> Result<StateLock, DaemonError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir.join("vms"))
-        .with_context(|| format!("--state-dir {}: cannot create it", dir.display()))?;
-    let path = dir.join("daemon.lock");
+        .map_err(|source| DaemonError::CreateStateDir {
+            dir: dir.into(),
+            source,
+        })?;
+    let lock = dir.join("daemon.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
-        .with_context(|| {
-            format!(
-                "--state-dir {}: cannot open {}",
-                dir.display(),
-                path.display()
-            )
+        .open(&lock)
+        .map_err(|source| DaemonError::OpenLock {
+            dir: dir.into(),
+            lock: lock.clone(),
+            source,
         })?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
-            "--state-dir {}: another vigil daemon uses it (it holds {})",
-            dir.display(),
-            path.display()
-        );
+        return Err(DaemonError::StateDirTaken {
+            dir: dir.into(),
+            lock,
+        });
     }
     Ok(StateLock { _file: file })
 }
 
 /// Binds the Unix socket with mode 0600, refusing when another daemon answers on it
 /// and removing a stale socket file left by one that died.
-fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    let failed = |what| {
+        move |source| DaemonError::Socket {
+            path: path.into(),
+            what,
+            source,
+        }
+    };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            bail!(
-                "--socket {}: the path exists and is not a socket; remove it or pick another",
-                path.display()
-            );
+            return Err(DaemonError::NotASocket { path: path.into() });
         }
         match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => bail!(
-                "--socket {}: another daemon is listening there (stop it first, or pick another --socket)",
-                path.display()
-            ),
+            Ok(_) => return Err(DaemonError::SocketTaken { path: path.into() }),
             Err(_) => {
                 tracing::info!("removing the stale socket {}", path.display());
-                std::fs::remove_file(path)
-                    .with_context(|| format!("--socket {}: cannot remove the stale socket", path.display()))?;
+                std::fs::remove_file(path).map_err(failed("cannot remove the stale socket"))?;
             }
         }
     }
@@ -127,7 +174,7 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
             .recursive(true)
             .mode(0o755)
             .create(parent)
-            .with_context(|| format!("--socket {}: cannot create its folder", path.display()))?;
+            .map_err(failed("cannot create its folder"))?;
     }
     // Create it already private: no moment in which another user could connect.
     // SAFETY: umask only changes this process's file-creation mask; it is restored
@@ -136,34 +183,38 @@ fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     let listener = std::os::unix::net::UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    let listener =
-        listener.with_context(|| format!("--socket {}: cannot listen", path.display()))?;
+    let listener = listener.map_err(failed("cannot listen"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("--socket {}: cannot set its mode to 0600", path.display()))?;
-    listener.set_nonblocking(true)?;
-    Ok(tokio::net::UnixListener::from_std(listener)?)
+        .map_err(failed("cannot set its mode to 0600"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(failed("cannot listen"))?;
+    tokio::net::UnixListener::from_std(listener).map_err(failed("cannot listen"))
 }
 
 /// Runs the daemon until `shutdown` completes: then stops every VM (SIGTERM, then
 /// SIGKILL after the stop timeout), removes the socket and returns.
-pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    config: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
     let token = match &config.token_file {
-        Some(path) => Some(auth::Token::from_file(path).map_err(anyhow::Error::msg)?),
+        Some(path) => Some(auth::Token::from_file(path)?),
         None => None,
     };
     if let Some(addr) = config.listen_tcp {
-        auth::check_tcp_listen(addr, token.as_ref()).map_err(anyhow::Error::msg)?;
+        auth::check_tcp_listen(addr, token.as_ref())?;
     } else if token.is_some() {
         tracing::warn!("--token-file without --listen-tcp: the token is not used (the Unix socket relies on its file mode)");
     }
-    events::validate_settings(&config.events).map_err(anyhow::Error::msg)?;
+    events::validate_settings(&config.events)?;
     let lock = lock_state_dir(&config.state_dir)?;
     let unix = bind_unix(&config.socket)?;
     let tcp = match config.listen_tcp {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("--listen-tcp {addr}: cannot listen"))?,
+                .map_err(|source| DaemonError::ListenTcp { addr, source })?,
         ),
         None => None,
     };
@@ -278,10 +329,16 @@ pub async fn serve(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> 
 
 /// Starts watching SIGTERM and SIGINT (from this call on: none is missed) and
 /// returns a future that resolves on the first of them. Needs a runtime.
-pub fn termination_signal() -> anyhow::Result<impl Future<Output = ()>> {
+pub fn termination_signal() -> Result<impl Future<Output = ()>, DaemonError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let watch = |kind, name| {
+        signal(kind).map_err(|source| DaemonError::Signal {
+            signal: name,
+            source,
+        })
+    };
+    let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
     Ok(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
@@ -291,14 +348,14 @@ pub fn termination_signal() -> anyhow::Result<impl Future<Output = ()>> {
 }
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT (what `vigil daemon` does).
-pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
+pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(8)
         .thread_name("vigil-daemon")
         .enable_all()
         .build()
-        .context("cannot start the daemon's runtime")?;
+        .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {
         // Watch the signals before listening, so that none is missed.
         let signals = termination_signal()?;

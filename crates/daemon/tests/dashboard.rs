@@ -34,7 +34,7 @@ struct Daemon {
     tcp: SocketAddr,
     rt: tokio::runtime::Runtime,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), vigil_daemon::DaemonError>>>,
 }
 
 impl Daemon {

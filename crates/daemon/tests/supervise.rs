@@ -39,7 +39,7 @@ struct Daemon {
     dir: PathBuf,
     socket: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), vigil_daemon::DaemonError>>>,
 }
 
 impl Daemon {

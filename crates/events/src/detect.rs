@@ -169,10 +169,30 @@ impl Default for DetectorConfig {
     }
 }
 
-/// A threshold that makes no sense.
+/// A threshold that makes no sense, named by its section of `detectors`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("detector config: {0}")]
-pub struct ConfigError(String);
+pub enum ConfigError {
+    #[error("detector config: {name}: need 0 <= exit <= enter <= 100 and enter > 0 (enter={enter}, exit={exit})")]
+    Psi {
+        name: &'static str,
+        enter: f64,
+        exit: f64,
+    },
+    #[error(
+        "detector config: rate_limit: consecutive_samples and clear_samples must be at least 1"
+    )]
+    RateLimitSamples,
+    #[error(
+        "detector config: {name}: need 0 <= exit_per_s <= enter_per_s, enter_per_s > 0, sustain_s <= 86400 \
+         (enter_per_s={enter_per_s}, exit_per_s={exit_per_s}, sustain_s={sustain_s})"
+    )]
+    Flood {
+        name: &'static str,
+        enter_per_s: f64,
+        exit_per_s: f64,
+        sustain_s: u64,
+    },
+}
 
 impl DetectorConfig {
     /// Checks every threshold: finite, `exit <= enter`, PSI within 0..=100,
@@ -190,17 +210,16 @@ impl DetectorConfig {
                 && t.exit >= 0.0
                 && t.exit <= t.enter;
             if !ok {
-                return Err(ConfigError(format!(
-                    "{name}: need 0 <= exit <= enter <= 100 and enter > 0 (enter={}, exit={})",
-                    t.enter, t.exit
-                )));
+                return Err(ConfigError::Psi {
+                    name,
+                    enter: t.enter,
+                    exit: t.exit,
+                });
             }
         }
         let r = &self.rate_limit;
         if r.consecutive_samples == 0 || r.clear_samples == 0 {
-            return Err(ConfigError(
-                "rate_limit: consecutive_samples and clear_samples must be at least 1".into(),
-            ));
+            return Err(ConfigError::RateLimitSamples);
         }
         for (name, f) in [
             ("disk_ops", &self.disk_ops),
@@ -213,11 +232,12 @@ impl DetectorConfig {
                 && f.exit_per_s <= f.enter_per_s
                 && f.sustain_s <= 86_400;
             if !ok {
-                return Err(ConfigError(format!(
-                    "{name}: need 0 <= exit_per_s <= enter_per_s, enter_per_s > 0, sustain_s <= 86400 \
-                     (enter_per_s={}, exit_per_s={}, sustain_s={})",
-                    f.enter_per_s, f.exit_per_s, f.sustain_s
-                )));
+                return Err(ConfigError::Flood {
+                    name,
+                    enter_per_s: f.enter_per_s,
+                    exit_per_s: f.exit_per_s,
+                    sustain_s: f.sustain_s,
+                });
             }
         }
         Ok(())
@@ -757,7 +777,11 @@ mod tests {
         assert!(DetectorConfig::default().validate().is_ok());
         let mut c = DetectorConfig::default();
         c.psi_memory.exit = 30.0; // above enter
-        assert!(HostDetector::new(c).is_err());
+        let e = HostDetector::new(c).unwrap_err().to_string();
+        assert!(
+            e.starts_with("detector config: psi_memory: ") && e.contains("exit=30"),
+            "{e}"
+        );
         let mut c = DetectorConfig::default();
         c.disk_ops.enter_per_s = f64::NAN;
         assert!(VmDetector::new(c).is_err());

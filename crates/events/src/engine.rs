@@ -64,7 +64,7 @@ const MAX_CASCADE: usize = 16;
 /// );
 /// let flood = Event::new(vigil_events::Rule::VmIoFlood, Timestamp::from_unix_secs(1), "flood")
 ///     .with_vm("vm1");
-/// let mut sink = |_: &vigil_events::Action| -> Result<(), String> { Ok(()) };
+/// let mut sink = |_: &vigil_events::Action| -> Result<(), std::convert::Infallible> { Ok(()) };
 /// let out = engine.handle(flood, &mut sink);
 /// assert_eq!(out.len(), 2); // the flood, then the throttle's policy_action event
 /// assert_eq!(out[1].incident_id, out[0].incident_id);
@@ -84,7 +84,7 @@ impl Engine {
     /// `sink`), and does the same for what that causes (a recognised sequence, a
     /// `policy_action` event). Returns every event to publish, in order: `event`
     /// first, each followed by its consequences.
-    pub fn handle(&mut self, event: Event, sink: &mut dyn ActionSink) -> Vec<Event> {
+    pub fn handle<S: ActionSink + ?Sized>(&mut self, event: Event, sink: &mut S) -> Vec<Event> {
         let mut out = Vec::new();
         let mut queue = VecDeque::from([event]);
         while let Some(mut e) = queue.pop_front() {
@@ -155,7 +155,7 @@ mod tests {
             PolicyEngine::new(policy).unwrap(),
         );
         let mut actions = Vec::new();
-        let mut sink = |a: &Action| -> Result<(), String> {
+        let mut sink = |a: &Action| -> Result<(), std::convert::Infallible> {
             actions.push(a.kind);
             Ok(())
         };

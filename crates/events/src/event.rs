@@ -166,15 +166,22 @@ struct EventRepr {
     incident_id: Option<u64>,
 }
 
+/// Why a serialized event has no usable time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventTimeError {
+    #[error("not an RFC 3339 time: {0:?}")]
+    NotRfc3339(String),
+    #[error("missing field `time` or `time_unix_ns`")]
+    Missing,
+}
+
 impl TryFrom<EventRepr> for Event {
-    type Error = String;
-    fn try_from(r: EventRepr) -> Result<Self, String> {
-        let time = match (r.time_unix_ns, r.time.as_deref()) {
+    type Error = EventTimeError;
+    fn try_from(r: EventRepr) -> Result<Self, EventTimeError> {
+        let time = match (r.time_unix_ns, r.time) {
             (Some(ns), _) => Timestamp::from_unix_ns(ns),
-            (None, Some(s)) => {
-                Timestamp::parse_rfc3339(s).ok_or_else(|| format!("not an RFC 3339 time: {s:?}"))?
-            }
-            (None, None) => return Err("missing field `time` or `time_unix_ns`".to_owned()),
+            (None, Some(s)) => Timestamp::parse_rfc3339(&s).ok_or(EventTimeError::NotRfc3339(s))?,
+            (None, None) => return Err(EventTimeError::Missing),
         };
         Ok(Event {
             time,
@@ -280,5 +287,12 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Event>(bad).is_err(), "{bad}");
         }
+        // The time's error says which field and value.
+        let no_time = r#"{"vm_id":null,"rule":"vm_io_flood","priority":"Warning","source":"host","message":"m"}"#;
+        let e = serde_json::from_str::<Event>(no_time).unwrap_err();
+        assert!(e.to_string().contains("`time` or `time_unix_ns`"), "{e}");
+        let e = serde_json::from_str::<Event>(&no_time.replace("{", r#"{"time":"yesterday","#))
+            .unwrap_err();
+        assert!(e.to_string().contains("\"yesterday\""), "{e}");
     }
 }

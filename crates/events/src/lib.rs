@@ -21,7 +21,7 @@
 //!     PolicyEngine::new(Policy::default()).unwrap(),
 //! );
 //! let hub = EventHub::new(HubConfig::default());
-//! let mut sink = |_: &Action| -> Result<(), String> { Ok(()) };
+//! let mut sink = |_: &Action| -> Result<(), std::convert::Infallible> { Ok(()) };
 //!
 //! let mut found = Vec::new();
 //! for t in 0..40u64 {
@@ -59,7 +59,7 @@ pub use detect::{
     HostSample, PsiThreshold, RateLimitThreshold, VmDetector, VmSample,
 };
 pub use engine::{Engine, EventsConfig, EventsConfigError};
-pub use event::{ApiTransport, Event, Mitre, Priority, Rule, Source, UnknownName};
+pub use event::{ApiTransport, Event, EventTimeError, Mitre, Priority, Rule, Source, UnknownName};
 pub use output::{
     falco_json, falco_json_line, sse_frame, CefFormat, EventHub, HubConfig, JsonLinesWriter,
     Published, Resume, Subscription, SyslogFormat,

@@ -179,14 +179,21 @@ pub struct Action {
 }
 
 /// Does actions: the daemon implements it (or passes a closure
-/// `FnMut(&Action) -> Result<(), String>`). An error is reported in the
-/// `policy_action` event; it must not panic.
+/// `FnMut(&Action) -> Result<(), E>`). An error is reported, as its `Display`
+/// text, in the `policy_action` event; it must not panic.
 pub trait ActionSink {
-    fn execute(&mut self, action: &Action) -> Result<(), String>;
+    /// Why an action failed.
+    type Error: std::fmt::Display;
+    fn execute(&mut self, action: &Action) -> Result<(), Self::Error>;
 }
 
-impl<F: FnMut(&Action) -> Result<(), String>> ActionSink for F {
-    fn execute(&mut self, action: &Action) -> Result<(), String> {
+impl<F, E> ActionSink for F
+where
+    F: FnMut(&Action) -> Result<(), E>,
+    E: std::fmt::Display,
+{
+    type Error = E;
+    fn execute(&mut self, action: &Action) -> Result<(), E> {
         self(action)
     }
 }
@@ -282,13 +289,10 @@ impl PolicyEngine {
 
     /// [`PolicyEngine::decide`], then has `sink` execute the action; returns the
     /// `policy_action` event to publish (and correlate).
-    pub fn apply(&mut self, event: &Event, sink: &mut dyn ActionSink) -> Option<Event> {
+    pub fn apply<S: ActionSink + ?Sized>(&mut self, event: &Event, sink: &mut S) -> Option<Event> {
         let action = self.decide(event)?;
-        let result = sink.execute(&action);
-        Some(action_event(
-            &action,
-            result.as_ref().err().map(String::as_str),
-        ))
+        let error = sink.execute(&action).err().map(|e| e.to_string());
+        Some(action_event(&action, error.as_deref()))
     }
 }
 
@@ -396,7 +400,7 @@ mod tests {
                 "action":"throttle","params":{"disk_ops_per_s":1000}}]}"#,
         );
         let mut done = Vec::new();
-        let mut sink = |a: &Action| -> Result<(), String> {
+        let mut sink = |a: &Action| -> Result<(), std::convert::Infallible> {
             done.push((a.vm_id.clone(), a.kind, a.at));
             Ok(())
         };
@@ -435,9 +439,9 @@ mod tests {
     fn failed_action_is_an_error_event_and_still_cools_down() {
         let mut e = policy(r#"{"rules":[{"when":{"rule":"vm_io_flood"},"action":"pause"}]}"#);
         let mut calls = 0;
-        let mut sink = |_: &Action| -> Result<(), String> {
+        let mut sink = |_: &Action| -> Result<(), &str> {
             calls += 1;
-            Err("vm not found".to_owned())
+            Err("vm not found")
         };
         let mut flooded = flood("a", 0);
         flooded.incident_id = Some(9);

@@ -2,8 +2,6 @@
 //! a kernel address exactly in JavaScript) and bytes as one hex string: serde
 //! helpers, and the parsers the API uses for the same spellings.
 
-use std::fmt::Write as _;
-
 /// `"0x..."` for a `u64`; reads a `"0x..."` string or a number.
 pub mod u64 {
     use serde::{de, Deserialize, Deserializer, Serializer};
@@ -64,11 +62,7 @@ pub mod digest {
 
 /// Lowercase hex of `b`, no separators.
 pub fn bytes(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
+    ::hex::encode(b)
 }
 
 /// A number or bytes that did not parse.

@@ -178,13 +178,14 @@ pub struct RunArgs {
     pub cpu_template: CpuTemplateArg,
 
     /// How guest RAM is backed. none: 4 KiB pages; the VM's resident memory grows
-    /// only by the pages the guest touches (a small guest costs little), as with
-    /// Firecracker's default. thp: transparent huge pages (MADV_HUGEPAGE; the
-    /// host's /sys/kernel/mm/transparent_hugepage/enabled must say madvise or
-    /// always): KVM maps guest memory in 2 MiB pages, so a guest kernel that
-    /// touches much memory boots faster, but each 2 MiB page the guest touches at
-    /// all is resident in full. BENCHMARKS.md measures both with the small Linux
-    /// kernel. Applies to VMs configured through the API or a file too.
+    /// only by the pages the guest touches (as with Firecracker's default). thp:
+    /// transparent huge pages (MADV_HUGEPAGE; the host's
+    /// /sys/kernel/mm/transparent_hugepage/enabled must say madvise or always): KVM
+    /// can map guest memory in 2 MiB pages, sparing page-table work for guests that
+    /// use much of their memory, but each 2 MiB region the guest touches at all is
+    /// resident in full. Measured on a nested KVM with the small Linux kernel: no
+    /// faster to boot, 35% more resident memory (BENCHMARKS.md). Applies to VMs
+    /// configured through the API or a file too.
     #[arg(long, default_value = "none", value_enum)]
     pub huge_pages: HugePagesArg,
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use vigil_api::preboot::PreBoot;
-use vigil_api::{Api, ToVmm};
+use vigil_api::{Api, StartError, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::SyscallFilter;
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
@@ -127,12 +127,12 @@ pub fn from_config_file(
     Ok((pre, config, file.logger, file.metrics))
 }
 
-fn start(config: &VmConfig) -> anyhow::Result<(RunningVm, Option<TerminalGuard>)> {
+fn start(config: &VmConfig) -> Result<(RunningVm, Option<TerminalGuard>), StartError> {
     let vm = vigil_vmm::builder::build(config)?;
     let terminal = (config.console == ConsoleConfig::Stdio)
         .then(TerminalGuard::enter)
         .flatten();
-    let running = vm.start().context("cannot start the VM's threads")?;
+    let running = vm.start().map_err(StartError::Threads)?;
     Ok((running, terminal))
 }
 
@@ -172,14 +172,19 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         .context("cannot start the signal thread")?;
 
     let server = match &l.api_sock {
-        Some(path) => Some(vigil_api::serve(path, api.clone()).map_err(|e| anyhow!(e))?),
+        Some(path) => Some(vigil_api::serve(path, api.clone())?),
         None => None,
     };
 
     let (running, _terminal, introspector) = match l.boot_now {
         Some(mut config) => {
             l.overrides.apply(&mut config);
-            let (running, terminal) = start(&config)?;
+            // A BuildError stays one: the CLI names its field after the flag
+            // (`cli::named_as_flags`).
+            let (running, terminal) = start(&config).map_err(|e| match e {
+                StartError::Build(e) => anyhow::Error::from(e),
+                e => e.into(),
+            })?;
             if let Ok(mut s) = stop_slot.lock() {
                 *s = Some(running.stop_handle());
             }
@@ -203,7 +208,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                             break (running, terminal, introspector);
                         }
                         Err(e) => {
-                            let _ = reply.send(Err(format!("{e:#}")));
+                            let _ = reply.send(Err(e));
                         }
                     }
                 }

@@ -47,8 +47,8 @@ fn boot_linux(vmlinux: &Path, map: &Path, extra: &[&str], cmdline: &str) -> Run 
         &memory,
         "--cmdline",
         cmdline,
-        // Linux touches much of its memory early: huge pages make its emulated
-        // boot several times faster here (BENCHMARKS.md).
+        // Huge pages, so that Linux boots on them end to end too (on the build
+        // machines they make its boot no faster: BENCHMARKS.md, "Huge pages").
         "--huge-pages",
         "thp",
     ];

@@ -20,6 +20,7 @@ use vigil_devices::legacy::{
 };
 use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::{Block, BlockError};
+use vigil_devices::virtio::mmio::TransportError;
 use vigil_devices::virtio::net::{Net, NetError};
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::{Vsock, VsockError};
@@ -69,7 +70,13 @@ pub enum BuildError {
         source: std::io::Error,
     },
     #[error("cannot set up devices: {0}")]
-    Devices(String),
+    Bus(#[from] BusError),
+    #[error("cannot set up devices: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot set up devices: virtio device at {base:#x}: {source}")]
+    VirtioDevice { base: u64, source: std::io::Error },
+    #[error("cannot set up devices: {0}")]
+    Transport(#[from] TransportError),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -109,12 +116,6 @@ impl FieldError for BuildError {
             BuildError::CmdlineTooLong { .. } => "boot_args",
             _ => self.field_error().map_or("", |e| e.field()),
         }
-    }
-}
-
-impl From<BusError> for BuildError {
-    fn from(e: BusError) -> Self {
-        BuildError::Devices(e.to_string())
     }
 }
 
@@ -253,16 +254,14 @@ fn legacy_devices(
         }
         ConsoleConfig::None => ConsoleOutput::Sink,
     };
-    let serial_irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Devices(e.to_string()))?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("connect the serial port's interrupt"))?;
     let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
-    let i8042_irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Devices(e.to_string()))?;
+    let i8042_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm_fd
         .register_irqfd(&i8042_irq, I8042_IRQ)
         .map_err(kvm_err("connect the i8042's interrupt"))?;

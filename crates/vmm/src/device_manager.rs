@@ -152,8 +152,9 @@ impl<'a> DeviceManager<'a> {
             len: MMIO_WINDOW,
             gsi: VIRTIO_FIRST_GSI + index as u32,
         };
-        let dev_err = |e: std::io::Error| {
-            BuildError::Devices(format!("virtio device at {:#x}: {e}", slot.base))
+        let dev_err = |source| BuildError::VirtioDevice {
+            base: slot.base,
+            source,
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
         self.vm_fd
@@ -178,8 +179,7 @@ impl<'a> DeviceManager<'a> {
         let waker = QueueWaker::new(clone_evts()?);
         let interrupt = Arc::new(Interrupt::new(irq));
         let transport =
-            MmioTransport::new(device, self.mem.clone(), interrupt.clone(), transport_evts)
-                .map_err(BuildError::Devices)?;
+            MmioTransport::new(device, self.mem.clone(), interrupt.clone(), transport_evts)?;
         let transport = Arc::new(Mutex::new(transport));
         self.devices
             .mmio

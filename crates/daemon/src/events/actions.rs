@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Weak;
 
 use serde_json::Value;
-use vigil_events::{Action, ActionKind, ActionSink};
+use vigil_events::{Action, ActionKind, ActionSink, EventsConfigError};
 
 use super::EventsSettings;
-use crate::supervisor::{StopMethod, Supervisor};
+use crate::supervisor::{StopMethod, Supervisor, SupervisorError};
 
 /// Throttle parameters a policy rule may give (all per second, all optional, at
 /// least one): `ops_per_s` and `bytes_per_s` apply to drives and interfaces,
@@ -22,6 +22,50 @@ pub const THROTTLE_PARAMS: [&str; 6] = [
     "net_bytes_per_s",
 ];
 
+/// Throttle parameters a policy rule (named `rule`) gets wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ThrottleParamError {
+    #[error("policy rule {rule:?}: params.{key} {value}: give a whole number above 0")]
+    NotPositive {
+        rule: String,
+        key: &'static str,
+        value: Value,
+    },
+    #[error("policy rule {rule:?}: unknown throttle parameter {key:?} (expected {})", THROTTLE_PARAMS.join(", "))]
+    Unknown { rule: String, key: String },
+    #[error("policy rule {rule:?}: a throttle needs params, e.g. {{\"ops_per_s\": 100}} (any of {})", THROTTLE_PARAMS.join(", "))]
+    Missing { rule: String },
+}
+
+/// An `--events-config` the daemon cannot act on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("--events-config: {0}")]
+    Config(#[from] EventsConfigError),
+    #[error("--events-config: {0}")]
+    Throttle(#[from] ThrottleParamError),
+    /// A pause or stop rule with params (`key` is the first).
+    #[error("--events-config: policy rule {rule:?}: {action} takes no params, got {key:?}")]
+    UnexpectedParams {
+        rule: String,
+        action: ActionKind,
+        key: String,
+    },
+}
+
+/// Why a policy's action on a VM failed (the `policy.error` of its event).
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Params(#[from] ThrottleParamError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("VM {id:?} is {state}: nothing to stop")]
+    NotLive { id: String, state: &'static str },
+}
+
 /// The rate limits a throttle action sets, from its parameters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ThrottleLimits {
@@ -33,17 +77,20 @@ pub struct ThrottleLimits {
 
 impl ThrottleLimits {
     /// Reads a throttle action's parameters; `rule` names the policy rule in errors.
-    pub fn from_params(rule: &str, params: &BTreeMap<String, Value>) -> Result<Self, String> {
-        let get = |key: &str| -> Result<Option<u64>, String> {
-            match params.get(key) {
-                None => Ok(None),
-                Some(v) => match v.as_u64() {
-                    Some(n) if n > 0 => Ok(Some(n)),
-                    _ => Err(format!(
-                        "policy rule {rule:?}: params.{key} {v}: give a whole number above 0"
-                    )),
-                },
-            }
+    pub fn from_params(
+        rule: &str,
+        params: &BTreeMap<String, Value>,
+    ) -> Result<Self, ThrottleParamError> {
+        let get = |key: &'static str| match params.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Ok(Some(n)),
+                _ => Err(ThrottleParamError::NotPositive {
+                    rule: rule.into(),
+                    key,
+                    value: v.clone(),
+                }),
+            },
         };
         let ops = get("ops_per_s")?;
         let bytes = get("bytes_per_s")?;
@@ -57,16 +104,13 @@ impl ThrottleLimits {
             .keys()
             .find(|k| !THROTTLE_PARAMS.contains(&k.as_str()))
         {
-            return Err(format!(
-                "policy rule {rule:?}: unknown throttle parameter {unknown:?} (expected {})",
-                THROTTLE_PARAMS.join(", ")
-            ));
+            return Err(ThrottleParamError::Unknown {
+                rule: rule.into(),
+                key: unknown.clone(),
+            });
         }
         if limits == ThrottleLimits::default() {
-            return Err(format!(
-                "policy rule {rule:?}: a throttle needs params, e.g. {{\"ops_per_s\": 100}} (any of {})",
-                THROTTLE_PARAMS.join(", ")
-            ));
+            return Err(ThrottleParamError::Missing { rule: rule.into() });
         }
         Ok(limits)
     }
@@ -87,11 +131,8 @@ impl ThrottleLimits {
 }
 
 /// Checks what `vigil-events` cannot: the parameters of each policy action.
-pub fn validate_settings(settings: &EventsSettings) -> Result<(), String> {
-    settings
-        .config
-        .validate()
-        .map_err(|e| format!("--events-config: {e}"))?;
+pub fn validate_settings(settings: &EventsSettings) -> Result<(), SettingsError> {
+    settings.config.validate()?;
     for (i, rule) in settings.config.policy.rules.iter().enumerate() {
         let name = if rule.name.is_empty() {
             format!("#{i}")
@@ -100,15 +141,15 @@ pub fn validate_settings(settings: &EventsSettings) -> Result<(), String> {
         };
         match rule.action {
             ActionKind::Throttle => {
-                ThrottleLimits::from_params(&name, &rule.params)
-                    .map_err(|e| format!("--events-config: {e}"))?;
+                ThrottleLimits::from_params(&name, &rule.params)?;
             }
             ActionKind::Pause | ActionKind::Stop => {
                 if let Some(key) = rule.params.keys().next() {
-                    return Err(format!(
-                        "--events-config: policy rule {name:?}: {} takes no params, got {key:?}",
-                        rule.action
-                    ));
+                    return Err(SettingsError::UnexpectedParams {
+                        rule: name,
+                        action: rule.action,
+                        key: key.clone(),
+                    });
                 }
             }
         }
@@ -123,36 +164,33 @@ pub struct DaemonActions {
 }
 
 impl ActionSink for DaemonActions {
-    fn execute(&mut self, action: &Action) -> Result<(), String> {
-        let supervisor = self
-            .supervisor
-            .upgrade()
-            .ok_or("the daemon is shutting down")?;
+    type Error = ActionError;
+
+    fn execute(&mut self, action: &Action) -> Result<(), ActionError> {
+        let supervisor = self.supervisor.upgrade().ok_or(ActionError::ShuttingDown)?;
         let id = action.vm_id.as_str();
         match action.kind {
             ActionKind::Throttle => {
                 let limits = ThrottleLimits::from_params(&action.policy_rule, &action.params)?;
-                let done = self
-                    .runtime
-                    .block_on(supervisor.throttle(id, limits))
-                    .map_err(|e| e.message)?;
+                let done = self.runtime.block_on(supervisor.throttle(id, limits))?;
                 tracing::warn!(id, rule = %action.policy_rule, "policy: throttled {}", done.join(", "));
                 Ok(())
             }
             ActionKind::Pause => {
-                self.runtime
-                    .block_on(supervisor.set_paused(id, true))
-                    .map_err(|e| e.message)?;
+                self.runtime.block_on(supervisor.set_paused(id, true))?;
                 tracing::warn!(id, rule = %action.policy_rule, "policy: paused");
                 Ok(())
             }
             ActionKind::Stop => {
                 // A stop waits for the process to end (up to the stop timeout):
                 // start it, and let the engine go on.
-                let vm = supervisor.get(id).map_err(|e| e.message)?;
+                let vm = supervisor.get(id)?;
                 let state = vm.state();
                 if !state.is_live() {
-                    return Err(format!("VM {id:?} is {}: nothing to stop", state.as_str()));
+                    return Err(ActionError::NotLive {
+                        id: id.into(),
+                        state: state.as_str(),
+                    });
                 }
                 let timeout = supervisor.config().stop_timeout;
                 let id = id.to_owned();
@@ -195,12 +233,16 @@ mod tests {
                 net_bytes: Some(1000)
             }
         );
-        let e = ThrottleLimits::from_params("slow", &params(json!({"ops": 1}))).unwrap_err();
+        let throttle_err = |p: Value| {
+            ThrottleLimits::from_params("slow", &params(p))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = throttle_err(json!({"ops": 1}));
         assert!(e.contains("\"slow\"") && e.contains("\"ops\""), "{e}");
-        let e = ThrottleLimits::from_params("slow", &params(json!({"ops_per_s": 0}))).unwrap_err();
+        let e = throttle_err(json!({"ops_per_s": 0}));
         assert!(e.contains("params.ops_per_s 0"), "{e}");
-        let e =
-            ThrottleLimits::from_params("slow", &params(json!({"ops_per_s": "x"}))).unwrap_err();
+        let e = throttle_err(json!({"ops_per_s": "x"}));
         assert!(e.contains("params.ops_per_s \"x\""), "{e}");
         assert!(ThrottleLimits::from_params("slow", &params(json!({}))).is_err());
         assert_eq!(
@@ -218,12 +260,15 @@ mod tests {
             {"name": "p", "when": {"rule": "vm_crashed"}, "action": "pause", "params": {"x": 1}}
         ]}}))
         .unwrap();
-        let e = validate_settings(&s).unwrap_err();
+        let e = validate_settings(&s).unwrap_err().to_string();
         assert!(e.contains("\"p\"") && e.contains("\"x\""), "{e}");
         s.config = serde_json::from_value(json!({"policy": {"rules": [
             {"when": {"rule": "vm_io_flood"}, "action": "throttle"}
         ]}}))
         .unwrap();
-        assert!(validate_settings(&s).unwrap_err().contains("\"#0\""));
+        assert!(validate_settings(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("\"#0\""));
     }
 }

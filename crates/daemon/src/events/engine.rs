@@ -5,10 +5,12 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use vigil_events::{Correlator, Engine, HostDetector, PolicyEngine, Timestamp, VmDetector};
+use vigil_events::{
+    Correlator, Engine, EventsConfigError, HostDetector, PolicyEngine, Timestamp, VmDetector,
+};
 
-use super::actions::{validate_settings, DaemonActions};
-use super::outputs::Outputs;
+use super::actions::{validate_settings, DaemonActions, SettingsError};
+use super::outputs::{OutputOpenError, Outputs};
 use super::{EngineInput, Event, Events, EventsSettings, Input};
 use crate::supervisor::Supervisor;
 
@@ -28,6 +30,23 @@ impl EngineHandle {
     }
 }
 
+/// Why the engine thread did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Output(#[from] OutputOpenError),
+    #[error("cannot start the events thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl From<EventsConfigError> for EngineError {
+    fn from(e: EventsConfigError) -> Self {
+        EngineError::Settings(SettingsError::Config(e))
+    }
+}
+
 /// Starts the engine thread: detectors, correlation, policy, outputs, hub. Fails
 /// when an output cannot be opened or the configuration is not valid.
 pub fn start_engine(
@@ -36,16 +55,13 @@ pub fn start_engine(
     settings: &EventsSettings,
     supervisor: Weak<Supervisor>,
     runtime: tokio::runtime::Handle,
-) -> anyhow::Result<EngineHandle> {
-    validate_settings(settings).map_err(anyhow::Error::msg)?;
+) -> Result<EngineHandle, EngineError> {
+    validate_settings(settings)?;
     let mut outputs = Outputs::open(&settings.outputs)?;
     let config = &settings.config;
-    let mut host = HostDetector::new(config.detectors.clone())
-        .map_err(|e| anyhow::anyhow!("--events-config: {e}"))?;
-    let mut vms = VmDetector::new(config.detectors.clone())
-        .map_err(|e| anyhow::anyhow!("--events-config: {e}"))?;
-    let policy = PolicyEngine::new(config.policy.clone())
-        .map_err(|e| anyhow::anyhow!("--events-config: {e}"))?;
+    let mut host = HostDetector::new(config.detectors.clone()).map_err(EventsConfigError::from)?;
+    let mut vms = VmDetector::new(config.detectors.clone()).map_err(EventsConfigError::from)?;
+    let policy = PolicyEngine::new(config.policy.clone()).map_err(EventsConfigError::from)?;
     // Incident ids, like event ids, keep growing across restarts.
     let seed = Timestamp::now().unix_ns() / 1_000_000;
     let mut engine = Engine::new(
@@ -109,7 +125,7 @@ pub fn start_engine(
                 }
             }
         })
-        .map_err(|e| anyhow::anyhow!("cannot start the events thread: {e}"))?;
+        .map_err(EngineError::Thread)?;
     Ok(EngineHandle {
         tx,
         thread: Some(thread),

@@ -38,10 +38,15 @@ mod outputs;
 mod sampler;
 mod stream;
 
-pub use actions::{validate_settings, DaemonActions, ThrottleLimits, THROTTLE_PARAMS};
-pub use engine::{start_engine, EngineHandle};
+pub use actions::{
+    validate_settings, ActionError, DaemonActions, SettingsError, ThrottleLimits,
+    ThrottleParamError, THROTTLE_PARAMS,
+};
+pub use engine::{start_engine, EngineError, EngineHandle};
 pub use limiter::Peer;
-pub use outputs::{OutputFormat, OutputSpec, OutputTarget};
+pub use outputs::{
+    OutputFormat, OutputOpenError, OutputSpec, OutputSpecError, OutputSpecProblem, OutputTarget,
+};
 pub use sampler::{host_sample, sample, vm_sample};
 pub use stream::{EventStream, BACKLOG};
 

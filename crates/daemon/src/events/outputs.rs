@@ -37,21 +37,51 @@ pub struct OutputSpec {
     pub target: OutputTarget,
 }
 
+/// An `--events-output` that is not `FORMAT:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--events-output {spec:?}: {problem} (expected FORMAT:PATH, FORMAT one of json, syslog, cef; PATH `-` for stderr)")]
+pub struct OutputSpecError {
+    pub spec: String,
+    pub problem: OutputSpecProblem,
+}
+
+/// What is wrong with an `--events-output`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutputSpecProblem {
+    #[error("no `:`")]
+    NoColon,
+    #[error("unknown format {0:?}")]
+    UnknownFormat(String),
+    #[error("empty PATH")]
+    EmptyPath,
+}
+
+/// An `--events-output` file that cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("--events-output {}: cannot open it: {source}", path.display())]
+pub struct OutputOpenError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
 impl FromStr for OutputSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| {
-            format!("--events-output {s:?}: {why} (expected FORMAT:PATH, FORMAT one of json, syslog, cef; PATH `-` for stderr)")
+    type Err = OutputSpecError;
+    fn from_str(s: &str) -> Result<Self, OutputSpecError> {
+        let bad = |problem| OutputSpecError {
+            spec: s.into(),
+            problem,
         };
-        let (format, path) = s.split_once(':').ok_or_else(|| bad("no `:`"))?;
+        let (format, path) = s
+            .split_once(':')
+            .ok_or_else(|| bad(OutputSpecProblem::NoColon))?;
         let format = match format {
             "json" => OutputFormat::Json,
             "syslog" => OutputFormat::Syslog,
             "cef" => OutputFormat::Cef,
-            other => return Err(bad(&format!("unknown format {other:?}"))),
+            other => return Err(bad(OutputSpecProblem::UnknownFormat(other.into()))),
         };
         let target = match path {
-            "" => return Err(bad("empty PATH")),
+            "" => return Err(bad(OutputSpecProblem::EmptyPath)),
             "-" => OutputTarget::Stderr,
             p => OutputTarget::File(p.into()),
         };
@@ -69,7 +99,7 @@ pub(super) struct Outputs {
 }
 
 impl Outputs {
-    pub(super) fn open(specs: &[OutputSpec]) -> anyhow::Result<Outputs> {
+    pub(super) fn open(specs: &[OutputSpec]) -> Result<Outputs, OutputOpenError> {
         let hostname = vigil_events::output::hostname();
         let mut writers: Vec<(OutputSpec, Box<dyn Write + Send>)> = Vec::new();
         for spec in specs {
@@ -81,11 +111,9 @@ impl Outputs {
                         .append(true)
                         .mode(0o600)
                         .open(path)
-                        .map_err(|e| {
-                            anyhow::anyhow!(
-                                "--events-output {}: cannot open it: {e}",
-                                path.display()
-                            )
+                        .map_err(|source| OutputOpenError {
+                            path: path.clone(),
+                            source,
                         })?,
                 ),
             };
@@ -158,7 +186,7 @@ mod tests {
             OutputTarget::File("a:b".into())
         );
         for bad in ["json", "xml:/tmp/x", "json:", ":x"] {
-            let e = bad.parse::<OutputSpec>().unwrap_err();
+            let e = bad.parse::<OutputSpec>().unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
     }

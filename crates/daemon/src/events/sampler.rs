@@ -95,10 +95,13 @@ async fn emit_findings(
                 Ok(r) if r.is_success() => {
                     serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
                         .map(parse_records)
-                        .map_err(|e| format!("not a list of findings: {e}"))
+                        .map_err(FindingsFetchError::NotAList)
                 }
-                Ok(r) => Err(format!("status {}: {}", r.status, r.fault_message())),
-                Err(e) => Err(e.to_string()),
+                Ok(r) => Err(FindingsFetchError::Refused {
+                    status: r.status,
+                    message: r.fault_message(),
+                }),
+                Err(e) => Err(FindingsFetchError::Client(e)),
             };
             (id, pid, since, records)
         });
@@ -117,6 +120,17 @@ async fn emit_findings(
             Err(e) => tracing::debug!(id, "cannot fetch introspection findings: {e}"),
         }
     }
+}
+
+/// Why a VM's new findings could not be fetched (they are asked again next tick).
+#[derive(Debug, thiserror::Error)]
+enum FindingsFetchError {
+    #[error("not a list of findings: {0}")]
+    NotAList(serde_json::Error),
+    #[error("status {status}: {message}")]
+    Refused { status: u16, message: String },
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
 }
 
 /// A VM's metrics snapshot as the detectors' sample: disk ops (every block

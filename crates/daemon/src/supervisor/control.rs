@@ -5,14 +5,13 @@ use std::time::Duration;
 
 use super::process::reported_state;
 use super::vm::{Vm, VmInfo, VmState};
-use super::Supervisor;
+use super::{Supervisor, SupervisorError};
 use crate::client;
-use crate::error::ApiError;
 use crate::events::{Priority, ThrottleLimits};
 
 impl Supervisor {
     /// Pauses or resumes a VM through its API socket.
-    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<VmInfo, ApiError> {
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<VmInfo, SupervisorError> {
         let vm = self.get(id)?;
         let (from, to, word) = if paused {
             (VmState::Running, VmState::Paused, "paused")
@@ -24,11 +23,12 @@ impl Supervisor {
             return Ok(vm.info(false));
         }
         if state != from {
-            return Err(ApiError::conflict(format!(
-                "VM {id:?} is {}: only a {} VM can be {word}",
-                state.as_str(),
-                from.as_str()
-            )));
+            return Err(SupervisorError::CannotPauseOrResume {
+                id: id.into(),
+                state: state.as_str(),
+                from: from.as_str(),
+                word,
+            });
         }
         let body = serde_json::json!({ "state": if paused { "Paused" } else { "Resumed" } });
         self.patch_vm(&vm, "/vm", &body, &format!("to be {word}"))
@@ -53,14 +53,14 @@ impl Supervisor {
         &self,
         id: &str,
         limits: ThrottleLimits,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, SupervisorError> {
         let vm = self.get(id)?;
         let state = vm.state();
         if !matches!(state, VmState::Running | VmState::Paused) {
-            return Err(ApiError::conflict(format!(
-                "VM {id:?} is {}: only a running or paused VM can be throttled",
-                state.as_str()
-            )));
+            return Err(SupervisorError::CannotThrottle {
+                id: id.into(),
+                state: state.as_str(),
+            });
         }
         let ids = |list: &str, key: &str| -> Vec<String> {
             vm.config
@@ -94,9 +94,10 @@ impl Supervisor {
             }
         }
         if requests.is_empty() {
-            return Err(ApiError::conflict(format!(
-                "VM {id:?} has no drive or network interface that the limits {limits:?} apply to"
-            )));
+            return Err(SupervisorError::NothingToThrottle {
+                id: id.into(),
+                limits,
+            });
         }
         let mut done = Vec::new();
         for (path, what, body) in requests {
@@ -115,7 +116,7 @@ impl Supervisor {
         path: &str,
         body: &serde_json::Value,
         what: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), SupervisorError> {
         let id = &vm.id;
         let response = client::request(
             &vm.api_socket,
@@ -125,13 +126,18 @@ impl Supervisor {
             self.config.vm_request_timeout,
         )
         .await
-        .map_err(|e| ApiError::bad_gateway(format!("VM {id:?}: {what}: {e}")))?;
+        .map_err(|source| SupervisorError::VmUnreachable {
+            id: id.clone(),
+            what: what.into(),
+            source: Box::new(source),
+        })?;
         if !response.is_success() {
-            return Err(ApiError::bad_gateway(format!(
-                "VM {id:?} refused {what} (HTTP {}): {}",
-                response.status,
-                response.fault_message()
-            )));
+            return Err(SupervisorError::VmRefused {
+                id: id.clone(),
+                what: what.into(),
+                status: response.status,
+                message: response.fault_message(),
+            });
         }
         Ok(())
     }

@@ -25,20 +25,21 @@ use vigil_model::config::machine::MAX_VCPUS;
 use vigil_model::config::HostLimits;
 use vigil_model::firecracker::{self, FullVmConfig};
 
-use crate::error::ApiError;
 use crate::events::{Events, Priority};
 use crate::id::validate_id;
 
 mod control;
+mod error;
 mod exit;
 mod process;
 mod request;
 mod stop;
 mod vm;
 
+pub use error::SupervisorError;
 pub use exit::classify;
 pub use process::{tail, TAIL_BYTES};
-pub use request::{CreateRequest, TraceSpec, SYSCALLS_FILE};
+pub use request::{CreateRequest, TraceSpec, TraceSpecError, SYSCALLS_FILE};
 pub use stop::StopMethod;
 pub use vm::{ExitInfo, Vm, VmInfo, VmState};
 
@@ -101,11 +102,11 @@ impl Supervisor {
         self.table().values().cloned().collect()
     }
 
-    pub fn get(&self, id: &str) -> Result<Arc<Vm>, ApiError> {
+    pub fn get(&self, id: &str) -> Result<Arc<Vm>, SupervisorError> {
         self.table()
             .get(id)
             .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("no VM with id {id:?}")))
+            .ok_or_else(|| SupervisorError::NoSuchVm(id.into()))
     }
 
     fn vm_dir(&self, id: &str) -> PathBuf {
@@ -114,27 +115,22 @@ impl Supervisor {
 
     /// Creates a VM: writes its folder, starts its process and waits until its API
     /// socket reports it running (or it ends, or `start_timeout` passes).
-    pub async fn create(&self, request: CreateRequest) -> Result<VmInfo, ApiError> {
-        validate_id(&request.id).map_err(ApiError::bad_request)?;
+    pub async fn create(&self, request: CreateRequest) -> Result<VmInfo, SupervisorError> {
+        validate_id(&request.id)?;
         if !request.config.is_object() {
-            return Err(ApiError::bad_request(format!(
-                "config must be a JSON object (a Firecracker-style VM configuration with \"boot-source\", \"machine-config\", ...), not {}",
-                json_kind(&request.config)
-            )));
+            return Err(SupervisorError::ConfigNotObject {
+                kind: json_kind(&request.config),
+            });
         }
         // The configuration is checked as `vigil run` checks it, before anything
         // is spawned.
-        let document: FullVmConfig = firecracker::parse(request.config.to_string().as_bytes())
-            .map_err(|e| ApiError::bad_request(format!("config: {e}")))?;
-        document
-            .to_vm_config(&HostLimits::read(MAX_VCPUS))
-            .map_err(|e| ApiError::bad_request(format!("config: {e}")))?;
+        let document: FullVmConfig = firecracker::parse(request.config.to_string().as_bytes())?;
+        document.to_vm_config(&HostLimits::read(MAX_VCPUS))?;
         if let Some(i) = &request.introspect {
-            i.validate()
-                .map_err(|e| ApiError::bad_request(format!("introspect.{e}")))?;
+            i.validate()?;
         }
         if let Some(t) = &request.trace_syscalls {
-            t.validate().map_err(ApiError::bad_request)?;
+            t.validate()?;
         }
         let options = LaunchOptions {
             introspect: request.introspect,
@@ -172,19 +168,13 @@ impl Supervisor {
         {
             let mut table = self.table();
             if table.contains_key(&id) {
-                return Err(ApiError::conflict(format!(
-                    "a VM with id {id:?} already exists: destroy it first or pick another id"
-                )));
+                return Err(SupervisorError::IdTaken(id));
             }
             if table.len() >= self.config.max_vms {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "the daemon already holds {} VMs (--max-vms {}): destroy some first",
-                        table.len(),
-                        self.config.max_vms
-                    ),
-                ));
+                return Err(SupervisorError::TooManyVms {
+                    held: table.len(),
+                    max: self.config.max_vms,
+                });
             }
             table.insert(id.clone(), vm.clone());
         }

@@ -15,9 +15,8 @@ use tokio::sync::{mpsc, watch};
 use super::exit::{classify, crash_reason};
 use super::stop::StopMethod;
 use super::vm::{unix_s, ExitInfo, Vm, VmInfo, VmState};
-use super::Supervisor;
+use super::{Supervisor, SupervisorError};
 use crate::client;
-use crate::error::ApiError;
 use crate::events::{Event, Events, Priority};
 
 /// How many bytes of a VM's stderr and console logs its record keeps when it ends.
@@ -47,8 +46,12 @@ impl Supervisor {
         vm: &Arc<Vm>,
         signals: mpsc::UnboundedReceiver<i32>,
         ended: watch::Sender<bool>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), SupervisorError> {
         let dir = &vm.dir;
+        let folder = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SupervisorError::Folder { what, path, source }
+        };
         if dir.exists() {
             // Left by an earlier daemon. Its VM would have been stopped with it (the
             // parent-death signal), but check before taking the folder over.
@@ -56,20 +59,15 @@ impl Supervisor {
                 .await
                 .is_ok()
             {
-                return Err(ApiError::conflict(format!(
-                    "{} belongs to a VM that still answers on its API socket (not started by this daemon): stop it, or pick another id",
-                    dir.display()
-                )));
+                return Err(SupervisorError::FolderInUse { dir: dir.clone() });
             }
-            std::fs::remove_dir_all(dir).map_err(|e| {
-                ApiError::internal(format!("cannot remove stale {}: {e}", dir.display()))
-            })?;
+            std::fs::remove_dir_all(dir).map_err(folder("cannot remove stale", dir))?;
         }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(folder("cannot create", dir))?;
         let config_path = dir.join("config.json");
         let open = |name: &str| {
             let path = dir.join(name);
@@ -79,13 +77,12 @@ impl Supervisor {
                 .truncate(true)
                 .mode(0o600)
                 .open(&path)
-                .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", path.display())))
+                .map_err(folder("cannot create", &path))
         };
-        let config_bytes = serde_json::to_vec_pretty(&vm.config)
-            .map_err(|e| ApiError::internal(format!("cannot encode the config: {e}")))?;
-        std::io::Write::write_all(&mut open("config.json")?, &config_bytes).map_err(|e| {
-            ApiError::internal(format!("cannot write {}: {e}", config_path.display()))
-        })?;
+        let config_bytes =
+            serde_json::to_vec_pretty(&vm.config).map_err(SupervisorError::EncodeConfig)?;
+        std::io::Write::write_all(&mut open("config.json")?, &config_bytes)
+            .map_err(folder("cannot write", &config_path))?;
         let console = open("console.log")?;
         let stderr = open("vmm.log")?;
 
@@ -129,11 +126,9 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|e| {
-            ApiError::internal(format!(
-                "cannot start {}: {e}",
-                self.config.vmm_binary.display()
-            ))
+        let child = command.spawn().map_err(|source| SupervisorError::Spawn {
+            vmm: self.config.vmm_binary.clone(),
+            source,
         })?;
         vm.status().pid = child.id();
         tracing::info!(id = %vm.id, pid = ?child.id(), "VM process started");
@@ -141,7 +136,7 @@ impl Supervisor {
         Ok(())
     }
 
-    pub(super) async fn wait_started(&self, vm: &Arc<Vm>) -> Result<VmInfo, ApiError> {
+    pub(super) async fn wait_started(&self, vm: &Arc<Vm>) -> Result<VmInfo, SupervisorError> {
         let deadline = Instant::now() + self.config.start_timeout;
         let mut pause = Duration::from_millis(2);
         loop {
@@ -171,16 +166,16 @@ impl Supervisor {
                     .await;
                 let info = vm.info(false);
                 self.remove(vm).await;
-                return Err(ApiError::new(
-                    axum::http::StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "VM {:?} did not report itself running on {} within {:?}; it was stopped and removed. Its log ended with: {}",
-                        vm.id,
-                        vm.api_socket.display(),
-                        self.config.start_timeout,
-                        info.stderr_tail.as_deref().map(last_lines).unwrap_or_default()
-                    ),
-                ));
+                return Err(SupervisorError::StartTimeout {
+                    id: vm.id.clone(),
+                    socket: vm.api_socket.clone(),
+                    timeout: self.config.start_timeout,
+                    log: info
+                        .stderr_tail
+                        .as_deref()
+                        .map(last_lines)
+                        .unwrap_or_default(),
+                });
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(10));
@@ -189,15 +184,15 @@ impl Supervisor {
         if vm.state() == VmState::Failed {
             let info = vm.info(false);
             self.remove(vm).await;
-            let exit = info.exit.map(|e| e.reason).unwrap_or_default();
-            return Err(ApiError::bad_request(format!(
-                "VM {:?} failed to start: {exit}: {}",
-                vm.id,
-                info.stderr_tail
+            return Err(SupervisorError::StartFailed {
+                id: vm.id.clone(),
+                reason: info.exit.map(|e| e.reason).unwrap_or_default(),
+                log: info
+                    .stderr_tail
                     .as_deref()
                     .map(last_lines)
-                    .unwrap_or_default()
-            )));
+                    .unwrap_or_default(),
+            });
         }
         Ok(vm.info(false))
     }

@@ -37,16 +37,19 @@ pub struct TraceSpec {
     pub syscalls: Option<String>,
 }
 
+/// A `trace_syscalls.syscalls` that cannot be a filter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("trace_syscalls.syscalls {0:?}: expected comma-separated system call names or numbers (read,write,59), optionally cr3=0x...")]
+pub struct TraceSpecError(pub String);
+
 impl TraceSpec {
     /// Refuses what cannot be a filter, naming the field and the value (the VMM
     /// checks the names themselves).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TraceSpecError> {
         if let Some(s) = &self.syscalls {
             let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | ',' | '=');
             if s.is_empty() || s.len() > 4096 || !s.chars().all(fine) {
-                return Err(format!(
-                    "trace_syscalls.syscalls {s:?}: expected comma-separated system call names or numbers (read,write,59), optionally cr3=0x..."
-                ));
+                return Err(TraceSpecError(s.clone()));
             }
         }
         Ok(())
@@ -176,6 +179,7 @@ mod tests {
         assert!(t
             .validate()
             .unwrap_err()
+            .to_string()
             .contains("trace_syscalls.syscalls"));
         let t = TraceSpec {
             syscalls: Some("read,write,cr3=0x1000".into()),

@@ -8,9 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::vm::{Vm, VmInfo, VmState};
-use super::Supervisor;
+use super::{Supervisor, SupervisorError};
 use crate::client;
-use crate::error::ApiError;
 use crate::events::Priority;
 
 /// How to stop a VM.
@@ -32,7 +31,7 @@ impl Supervisor {
         id: &str,
         method: StopMethod,
         timeout: Duration,
-    ) -> Result<VmInfo, ApiError> {
+    ) -> Result<VmInfo, SupervisorError> {
         let vm = self.get(id)?;
         self.stop_vm(&vm, method, timeout).await;
         Ok(vm.info(false))
@@ -106,7 +105,7 @@ impl Supervisor {
     }
 
     /// Stops a VM (when it runs) and removes it and its folder.
-    pub async fn destroy(&self, id: &str, timeout: Duration) -> Result<(), ApiError> {
+    pub async fn destroy(&self, id: &str, timeout: Duration) -> Result<(), SupervisorError> {
         let vm = self.get(id)?;
         self.stop_vm(&vm, StopMethod::Sigterm, timeout).await;
         self.remove(&vm).await;

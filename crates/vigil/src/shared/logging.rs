@@ -64,7 +64,8 @@ fn output(path: Option<&str>, show_level: bool, show_origin: bool) -> Result<Out
     Ok(match path {
         None => Box::new(layer.with_writer(std::io::stderr)),
         Some(path) => {
-            let file = vigil_api::metrics::open_output("log_path", path)?;
+            let file =
+                vigil_api::metrics::open_output("log_path", path).map_err(|e| e.to_string())?;
             Box::new(layer.with_writer(Mutex::new(file)))
         }
     })
@@ -114,6 +115,6 @@ impl Logging {
     /// The hook the API calls on `PUT /logger`.
     pub fn hook(&self) -> vigil_api::LoggerHook {
         let me = self.clone();
-        Arc::new(move |l| me.configure(l))
+        Arc::new(move |l| me.configure(l).map_err(vigil_api::LoggerHookError::from))
     }
 }

@@ -52,6 +52,18 @@ const KNOWN_STATUS: u32 = status::ACKNOWLEDGE
     | status::DEVICE_NEEDS_RESET
     | status::FAILED;
 
+/// A device the transport cannot wrap.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("queue of {max} entries: {source}")]
+    Queue {
+        max: u16,
+        source: virtio_queue::Error,
+    },
+    #[error("{queues} queues but {eventfds} eventfds")]
+    EventFds { queues: usize, eventfds: usize },
+}
+
 /// One virtio device behind its MMIO registers.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -74,18 +86,17 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         queue_evts: Vec<EventFd>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TransportError> {
         let queues = device
             .queue_max_sizes()
             .iter()
-            .map(|&max| Queue::new(max).map_err(|e| format!("queue of {max} entries: {e:?}")))
+            .map(|&max| Queue::new(max).map_err(|source| TransportError::Queue { max, source }))
             .collect::<Result<Vec<_>, _>>()?;
         if queues.len() != queue_evts.len() {
-            return Err(format!(
-                "{} queues but {} eventfds",
-                queues.len(),
-                queue_evts.len()
-            ));
+            return Err(TransportError::EventFds {
+                queues: queues.len(),
+                eventfds: queue_evts.len(),
+            });
         }
         Ok(Self {
             device,

@@ -1,19 +1,18 @@
 //! A Linux tap interface (`/dev/net/tun`), opened non-blocking with
 //! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and a 12-byte virtio-net header in front
-//! of each frame (`TUNSETVNETHDRSZ`), offloads off (`TUNSETOFFLOAD 0`).
+//! of each frame (`TUNSETVNETHDRSZ`), offloads off (`TUNSETOFFLOAD 0`). The ioctl
+//! numbers and `struct ifreq` are libc's; the calls go through vmm-sys-util.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use vigil_model::config::net::IFNAME_MAX;
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+
 /// Bytes of the virtio-net header before each frame (`virtio_net_hdr_v1`).
 pub const VNET_HDR_LEN: usize = 12;
-
-// <linux/if_tun.h>: _IOW('T', n, int).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 
 /// An open tap.
 pub struct Tap {
@@ -36,30 +35,38 @@ impl Tap {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")?;
-        // struct ifreq: the name (16 bytes), then a union whose first member here
-        // is `short ifr_flags`.
-        let mut ifreq = [0u8; 40];
-        ifreq[..name.len()].copy_from_slice(name.as_bytes());
-        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
-        ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifreq` is large
-        // enough for (40 bytes); the fd is ours.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) } < 0 {
+        // SAFETY: `ifreq` is plain data (a name and a union of integers and
+        // addresses): all zeroes is a valid value of it.
+        let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
+        // IFNAME_MAX < IFNAMSIZ: the name stays NUL-terminated.
+        for (to, from) in ifreq.ifr_name.iter_mut().zip(name.bytes()) {
+            *to = from as libc::c_char;
+        }
+        ifreq.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
+        // SAFETY: TUNSETIFF reads and writes the `struct ifreq` it is given, which
+        // lives across the call; the fd is ours.
+        if unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifreq) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+        if unsafe { ioctl_with_ref(&file, libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        if unsafe { ioctl_with_val(&file, libc::TUNSETOFFLOAD, 0) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let end = ifreq[..16].iter().position(|&b| b == 0).unwrap_or(16);
+        // The kernel writes back the name it chose, NUL-terminated.
+        let chosen: Vec<u8> = ifreq
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
         Ok(Self {
             file,
-            name: String::from_utf8_lossy(&ifreq[..end]).into_owned(),
+            name: String::from_utf8_lossy(&chosen).into_owned(),
         })
     }
 
@@ -125,5 +132,3 @@ impl AsRawFd for Tap {
         self.file.as_raw_fd()
     }
 }
-
-use std::os::unix::fs::OpenOptionsExt;

@@ -15,7 +15,9 @@
 //! guest gets wrong (bad lengths, wrong CIDs, unknown ops or types, no such
 //! connection) are answered with RST or dropped; nothing panics.
 //!
-//! The packet header is parsed by hand (44 bytes, little-endian).
+//! The packet header is parsed by hand (44 bytes, little-endian), from a chain of
+//! any layout: rust-vmm's `virtio-vsock` packet parser refuses headers and
+//! payloads spread over several descriptors (see the crate's README).
 
 mod connection;
 mod device;

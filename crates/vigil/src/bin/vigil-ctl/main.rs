@@ -187,9 +187,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
         | CtlCommand::Pause { id }
         | CtlCommand::Resume { id }
         | CtlCommand::Stop { id, .. }
-        | CtlCommand::Destroy { id } => {
-            vigil_daemon::id::validate_id(id).map_err(anyhow::Error::msg)?
-        }
+        | CtlCommand::Destroy { id } => vigil_daemon::id::validate_id(id)?,
         CtlCommand::List | CtlCommand::Metrics | CtlCommand::Health | CtlCommand::Events { .. } => {
         }
     }

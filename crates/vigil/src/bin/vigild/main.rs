@@ -130,17 +130,13 @@ struct DaemonArgs {
 
     /// Also write every security event to PATH (appended; `-` for stderr) as
     /// FORMAT: json (Falco-style JSON lines), syslog (RFC 5424) or cef. Repeatable.
-    #[arg(long, value_name = "FORMAT:PATH", value_parser = parse_output)]
+    #[arg(long, value_name = "FORMAT:PATH")]
     events_output: Vec<vigil_daemon::events::OutputSpec>,
 
     /// Seconds between two samples of the VMs' metrics and the host's pressure for
     /// the detectors.
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
     sample_interval: f64,
-}
-
-fn parse_output(s: &str) -> Result<vigil_daemon::events::OutputSpec, String> {
-    s.parse()
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -202,7 +198,7 @@ fn run(args: DaemonArgs) -> anyhow::Result<()> {
                 .unwrap_or_default()
         )
     })?;
-    vigil_daemon::run(config)
+    Ok(vigil_daemon::run(config)?)
 }
 
 /// The VMM the daemon spawns: `--vmm`, else `$VIGIL_VMM`, else `vigil` beside
