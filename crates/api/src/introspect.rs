@@ -83,7 +83,7 @@ pub struct MsrWrite {
 }
 
 /// A field of an introspection request that is not valid; the message names it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum FieldError {
     #[error("{field} {source}")]
     Number {

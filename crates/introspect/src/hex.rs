@@ -66,17 +66,18 @@ pub fn bytes(b: &[u8]) -> String {
 }
 
 /// A number or bytes that did not parse.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum HexError {
     #[error("{text:?} is not a number (0x... hex or decimal): {source}")]
     Number {
         text: String,
         source: std::num::ParseIntError,
     },
-    #[error("{0:?} is not an even number of hex digits")]
-    OddDigits(String),
-    #[error("{text:?}: {byte:?} is not a hex byte")]
-    Byte { text: String, byte: String },
+    #[error("{text:?}: {source}")]
+    Bytes {
+        text: String,
+        source: ::hex::FromHexError,
+    },
 }
 
 /// A number: `0x...` is hex, anything else decimal.
@@ -94,17 +95,8 @@ pub fn parse_u64(s: &str) -> Result<u64, HexError> {
 
 /// Bytes from hex digits, two a byte (what [`bytes`] writes).
 pub fn parse_bytes(s: &str) -> Result<Vec<u8>, HexError> {
-    // ASCII only: slicing two bytes at a time must not split a character.
-    if !s.is_ascii() || !s.len().is_multiple_of(2) {
-        return Err(HexError::OddDigits(s.to_owned()));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| HexError::Byte {
-                text: s.to_owned(),
-                byte: s[i..i + 2].to_owned(),
-            })
-        })
-        .collect()
+    ::hex::decode(s).map_err(|source| HexError::Bytes {
+        text: s.to_owned(),
+        source,
+    })
 }

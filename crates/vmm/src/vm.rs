@@ -55,7 +55,7 @@ pub struct Vm {
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// The host's handles on the drives, network interfaces and balloon.
     pub(crate) devices: DeviceHandles,
-    /// The MSR write guard, installed before start or through `VmControl`.
+    /// The MSR write guard, installed before start or through `VmInspect`.
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
     /// What a vCPU crash does.
     pub(crate) on_crash: OnCrash,
@@ -92,8 +92,8 @@ pub struct RunningVm {
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     metrics: Arc<VmMetrics>,
-    // Kept alive until the threads that use them have been joined (control
-    // handles hold the fd weakly).
+    // Kept alive until the threads that use them have been joined (the
+    // inspection handle and the dirty log hold the fd weakly).
     _vm_fd: Arc<VmFd>,
     _mem: GuestMemoryMmap,
 }

@@ -88,7 +88,7 @@ pub enum MsrVerdict {
 
 /// Decides guest writes of the MSRs given to `guard_msrs`. Called on the writing
 /// vCPU's thread, which waits for the verdict: it must not wait on that vCPU (no
-/// `VmControl` request to it).
+/// `VmInspect` request to it).
 pub trait MsrGuard: Send + Sync {
     /// vCPU `vcpu` executes `wrmsr` of `value` to MSR `index`.
     fn msr_write(&self, vcpu: u32, index: u32, value: u64) -> MsrVerdict;
@@ -96,7 +96,7 @@ pub trait MsrGuard: Send + Sync {
 
 /// Told of every hit of the breakpoints given to `set_breakpoints`. Called on the
 /// vCPU's thread before the instruction at the breakpoint runs; that vCPU waits for
-/// it, so it must not wait on that vCPU (no `VmControl` request to it).
+/// it, so it must not wait on that vCPU (no `VmInspect` request to it).
 pub trait BreakpointHandler: Send + Sync {
     /// vCPU `vcpu` reached a breakpoint: `regs.rip` is its address.
     fn hit(&self, vcpu: u32, regs: &kvm_regs, sregs: &kvm_sregs);
