@@ -445,11 +445,17 @@ mod tests {
             name: "junk",
             bytes: &JUNK,
         };
-        let e = load_kernel(&m, &image, BootProtocol::Auto, MEM)
-            .unwrap_err()
-            .to_string();
+        let e = load_kernel(&m, &image, BootProtocol::Auto, MEM).unwrap_err();
+        // Neutral (the configuration field), and as `vigil run` names it.
         assert!(
-            e.starts_with("--kernel <embedded junk>: neither an ELF vmlinux nor a bzImage"),
+            e.to_string().starts_with(
+                "kernel_image_path \"<embedded junk>\": neither an ELF vmlinux nor a bzImage"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.named("--kernel")
+                .starts_with("--kernel <embedded junk>: neither an ELF vmlinux nor a bzImage"),
             "{e}"
         );
     }
