@@ -14,6 +14,7 @@ mod bootinfo;
 mod cpu;
 mod introspect;
 mod mem;
+mod mobility;
 mod net;
 mod paging;
 mod scenarios;

@@ -44,6 +44,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"syscalls" => introspect::syscalls(machine, detail),
         b"syscall-loop" => introspect::syscall_loop(machine, detail),
         b"msr-fixup" => introspect::msr_fixup(detail),
+        b"counter" => crate::mobility::counter(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.
         b"triple-fault" => cpu::triple_fault(),
         b"hang" => cpu::halt_forever(),

@@ -16,7 +16,8 @@ use vigil_vmm::{RunState, VmControl};
 use crate::metrics::{metrics_line, MetricsError, MetricsSink, RequestCounts};
 use crate::model::{
     ActionType, BalloonStatsUpdate, BalloonUpdate, InstanceActionInfo, InstanceInfo,
-    MachineConfigUpdate, PartialDrive, PartialNetworkInterface, VmState, VmStateValue,
+    MachineConfigUpdate, MemoryBackendType, PartialDrive, PartialNetworkInterface,
+    SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmState, VmStateValue,
 };
 use crate::preboot::{PreBoot, PreBootError};
 use vigil_introspect::live::Introspector;
@@ -59,8 +60,23 @@ pub enum ToVmm {
         config: Box<VmConfig>,
         reply: Sender<Result<VmControl, StartError>>,
     },
+    /// Build the VM a snapshot holds and start it, paused unless `resume`;
+    /// answer as for `Start`.
+    Restore {
+        load: SnapshotLoad,
+        reply: Sender<Result<VmControl, StartError>>,
+    },
     /// The process was asked to stop (by this signal) before the VM started.
     Stop(i32),
+}
+
+/// A snapshot to load (`PUT /snapshot/load`), checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotLoad {
+    pub state_path: std::path::PathBuf,
+    pub mem_path: std::path::PathBuf,
+    /// Run the VM once loaded; otherwise it stays paused until `PATCH /vm`.
+    pub resume: bool,
 }
 
 /// An answer: status and an optional JSON body.
@@ -137,6 +153,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/entropy", "PUT"),
     ("/actions", "PUT"),
     ("/vm", "PATCH"),
+    ("/snapshot/create", "PUT"),
+    ("/snapshot/load", "PUT"),
     ("/metrics", "PUT"),
     ("/logger", "PUT"),
     (OPENAPI_PATH, "GET"),
@@ -145,8 +163,6 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Firecracker resources Vigil does not have.
 const NOT_IMPLEMENTED: &[&str] = &[
-    "/snapshot/create",
-    "/snapshot/load",
     "/mmds",
     "/mmds/config",
     "/cpu-config",
@@ -431,6 +447,16 @@ impl Api {
                 Ok(s) => self.set_vm_state(method, path, s.state),
                 Err(r) => r,
             },
+            ("PUT", "/snapshot/create") => {
+                match body::<SnapshotCreateParams>(method, path, bytes) {
+                    Ok(p) => self.snapshot_create(method, path, p),
+                    Err(r) => r,
+                }
+            }
+            ("PUT", "/snapshot/load") => match body::<SnapshotLoadParams>(method, path, bytes) {
+                Ok(p) => self.snapshot_load(method, path, p),
+                Err(r) => r,
+            },
             ("PUT", "/metrics") => match body::<Metrics>(method, path, bytes) {
                 Ok(m) => done(method, path, self.configure_metrics(m)),
                 Err(r) => r,
@@ -624,6 +650,100 @@ impl Api {
                 "{method} {path}: InstanceStart: cannot start the VM: {e}"
             )),
             Err(_) => Response::error(500, "InstanceStart: the VMM thread ended without an answer"),
+        }
+    }
+
+    /// `PUT /snapshot/create`: a full snapshot of the paused VM.
+    fn snapshot_create(&self, method: &str, path: &str, p: SnapshotCreateParams) -> Response {
+        let vm = lock(&self.inner).vm.clone();
+        let Some(vm) = vm else {
+            return before_start(method, path);
+        };
+        if p.snapshot_type == SnapshotType::Diff {
+            return Response::bad(format!(
+                "{method} {path}: snapshot_type Diff: not supported yet; take a Full snapshot"
+            ));
+        }
+        match vm.snapshot(&p.snapshot_path, &p.mem_file_path) {
+            Ok(info) => {
+                tracing::info!(
+                    snapshot = %p.snapshot_path.display(),
+                    memory = %p.mem_file_path.display(),
+                    state_bytes = info.state_bytes,
+                    memory_bytes = info.memory_bytes,
+                    memory_written = info.memory_written,
+                    ms = info.took.as_millis() as u64,
+                    "snapshot created"
+                );
+                Response::no_content()
+            }
+            Err(e) => Response::bad(format!("{method} {path}: {e}")),
+        }
+    }
+
+    /// `PUT /snapshot/load`: the VM a snapshot holds, instead of a configured one.
+    fn snapshot_load(&self, method: &str, path: &str, p: SnapshotLoadParams) -> Response {
+        let bad = |why: String| Response::bad(format!("{method} {path}: {why}"));
+        let mem_path = match (p.mem_backend, p.mem_file_path) {
+            (Some(_), Some(_)) => {
+                return bad("mem_backend and mem_file_path: give one of them, not both".into())
+            }
+            (None, None) => {
+                return bad("mem_backend: missing (or the deprecated mem_file_path)".into())
+            }
+            (Some(b), None) if b.backend_type == MemoryBackendType::Uffd => {
+                return bad("mem_backend.backend_type Uffd: not supported yet; use File".into())
+            }
+            (Some(b), None) => b.backend_path,
+            (None, Some(f)) => f,
+        };
+        if !p.network_overrides.is_empty() {
+            return bad("network_overrides: not supported yet".into());
+        }
+        if p.vsock_override.is_some() {
+            return bad("vsock_override: not supported yet".into());
+        }
+        if p.clock_realtime {
+            return bad("clock_realtime true: not supported yet".into());
+        }
+        if let Some(h) = p
+            .huge_pages
+            .as_deref()
+            .filter(|h| !["None", "Snapshot"].contains(h))
+        {
+            return bad(format!(
+                "huge_pages {h:?}: a loaded snapshot's memory is its file's pages (None or Snapshot)"
+            ));
+        }
+        let mut inner = lock(&self.inner);
+        if inner.vm.is_some() {
+            return after_start(method, path);
+        }
+        if inner.pre.boot_source.is_some()
+            || !inner.pre.drives.is_empty()
+            || !inner.pre.nets.is_empty()
+        {
+            return bad("a snapshot can only be loaded before anything is configured; this VM has a boot source or devices already".into());
+        }
+        let load = SnapshotLoad {
+            state_path: p.snapshot_path,
+            mem_path,
+            resume: p.resume_vm,
+        };
+        let (reply, answer) = mpsc::channel();
+        if lock(&self.to_vmm)
+            .send(ToVmm::Restore { load, reply })
+            .is_err()
+        {
+            return Response::error(500, "snapshot load: the VMM thread is gone");
+        }
+        match answer.recv() {
+            Ok(Ok(vm)) => {
+                inner.vm = Some(vm);
+                Response::no_content()
+            }
+            Ok(Err(e)) => bad(format!("cannot load the snapshot: {e}")),
+            Err(_) => Response::error(500, "snapshot load: the VMM thread ended without an answer"),
         }
     }
 

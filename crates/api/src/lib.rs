@@ -15,8 +15,8 @@ pub mod model;
 pub mod preboot;
 
 pub use api::{
-    Api, LoggerHook, LoggerHookError, Response, StartError, ToVmm, FIRECRACKER_API_VERSION,
-    OPENAPI_PATH, OPENAPI_YAML,
+    Api, LoggerHook, LoggerHookError, Response, SnapshotLoad, StartError, ToVmm,
+    FIRECRACKER_API_VERSION, OPENAPI_PATH, OPENAPI_YAML,
 };
 pub use http::{serve, ApiServer, ServeError};
 pub use metrics::{MetricsError, OutputError};

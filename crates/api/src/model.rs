@@ -5,6 +5,8 @@
 //! `vigil_model::firecracker`. Unknown fields are refused, as Firecracker
 //! refuses them.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 use vigil_model::firecracker::RateLimiter;
 
@@ -79,6 +81,77 @@ pub struct VmState {
 pub enum VmStateValue {
     Paused,
     Resumed,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
+/// `snapshot_type`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: PathBuf,
+    /// Deprecated by Firecracker in favour of `mem_backend`; one of the two.
+    pub mem_file_path: Option<PathBuf>,
+    pub mem_backend: Option<MemoryBackend>,
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    pub vsock_override: Option<VsockOverride>,
+    #[serde(default)]
+    pub clock_realtime: bool,
+    pub huge_pages: Option<String>,
+}
+
+/// `network_overrides[]`: another tap for an interface of a loaded snapshot.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `vsock_override`: another Unix socket for a loaded snapshot's vsock.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
+/// Where a loaded snapshot's memory comes from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    pub backend_type: MemoryBackendType,
+    pub backend_path: PathBuf,
+}
+
+/// `mem_backend.backend_type`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum MemoryBackendType {
+    File,
+    Uffd,
 }
 
 /// `GET /`.

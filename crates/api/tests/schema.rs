@@ -35,6 +35,8 @@ const CLAIMED: &[(&str, &str)] = &[
     ("/entropy", "put"),
     ("/actions", "put"),
     ("/vm", "patch"),
+    ("/snapshot/create", "put"),
+    ("/snapshot/load", "put"),
     ("/metrics", "put"),
     ("/logger", "put"),
 ];
@@ -44,7 +46,9 @@ fn api() -> Arc<Api> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         while let Ok(msg) = rx.recv() {
-            if let vigil_api::ToVmm::Start { reply, .. } = msg {
+            if let vigil_api::ToVmm::Start { reply, .. } | vigil_api::ToVmm::Restore { reply, .. } =
+                msg
+            {
                 let none = std::io::Error::other("no VMM in this test");
                 let _ = reply.send(Err(vigil_api::StartError::Threads(none)));
             }
@@ -594,7 +598,13 @@ fn a_firecracker_configuration_sequence_is_accepted_and_shown() {
             "unknown variant `Reboot`",
         ),
         ("get", "/nowhere", Json::Null, "no such resource"),
-        ("put", "/snapshot/create", json!({}), "does not implement"),
+        ("put", "/mmds", json!({}), "does not implement"),
+        (
+            "put",
+            "/snapshot/create",
+            json!({"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}),
+            "needs a running VM",
+        ),
         (
             "delete",
             "/machine-config",

@@ -94,6 +94,25 @@ pub enum Command {
     /// Work with the embedded test guest.
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// Work with snapshot files (taken with PUT /snapshot/create, loaded with
+    /// PUT /snapshot/load).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Check a snapshot's state file (format version, length, checksum, every
+    /// field) and print what it holds: the machine, each vCPU, the devices.
+    /// With --mem, also check that the memory file is the snapshot's size.
+    /// Exits 1, naming what is wrong, for a file that cannot be loaded.
+    Inspect {
+        /// The state file (`snapshot_path`).
+        path: PathBuf,
+        /// The memory file (`mem_file_path`), to check its size.
+        #[arg(long, value_name = "PATH")]
+        mem: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -591,6 +610,10 @@ impl Command {
                 crate::firecracker::main(argv, logging)
             }
             Command::Run(args) => args.run(logging),
+            Command::Snapshot(SnapshotCommand::Inspect { path, mem }) => {
+                print!("{}", crate::snapshot::inspect(&path, mem.as_deref())?);
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Guest(GuestCommand::Export { path }) => {
                 std::fs::write(&path, vigil_test_guest::ELF).with_context(|| {
                     format!("cannot write the test guest to {}", path.display())

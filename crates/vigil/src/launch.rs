@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use vigil_api::preboot::PreBoot;
-use vigil_api::{Api, StartError, ToVmm};
+use vigil_api::{Api, SnapshotLoad, StartError, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::SyscallFilter;
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
@@ -136,6 +136,28 @@ fn start(config: &VmConfig) -> Result<(RunningVm, Option<TerminalGuard>), StartE
     Ok((running, terminal))
 }
 
+/// Builds back the VM a snapshot holds, with this process's console and crash
+/// policy, and starts it (paused unless the load asked to resume).
+fn restore(
+    load: &SnapshotLoad,
+    overrides: &Overrides,
+) -> Result<(RunningVm, Option<TerminalGuard>), StartError> {
+    let vm = vigil_vmm::builder::restore(
+        &load.state_path,
+        &load.mem_path,
+        &overrides.console,
+        overrides.on_crash,
+    )?;
+    if !load.resume {
+        vm.start_paused();
+    }
+    let terminal = (overrides.console == ConsoleConfig::Stdio)
+        .then(TerminalGuard::enter)
+        .flatten();
+    let running = vm.start().map_err(StartError::Threads)?;
+    Ok((running, terminal))
+}
+
 /// Serves the API (if asked), starts the VM (at once or on `InstanceStart`) and
 /// waits for it to end.
 pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
@@ -193,25 +215,13 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
             (running, terminal, introspector)
         }
         None => loop {
-            match from_api.recv() {
+            let (started, reply) = match from_api.recv() {
                 Ok(ToVmm::Start { config, reply }) => {
                     let mut config = *config;
                     l.overrides.apply(&mut config);
-                    match start(&config) {
-                        Ok((running, terminal)) => {
-                            if let Ok(mut s) = stop_slot.lock() {
-                                *s = Some(running.stop_handle());
-                            }
-                            let introspector =
-                                attach_introspection(&api, &running, &l.overrides.introspect);
-                            let _ = reply.send(Ok(running.control()));
-                            break (running, terminal, introspector);
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
+                    (start(&config), reply)
                 }
+                Ok(ToVmm::Restore { load, reply }) => (restore(&load, &l.overrides), reply),
                 Ok(ToVmm::Stop(signal)) => {
                     signals_handle.close();
                     drop(server);
@@ -219,6 +229,20 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(128 + signal as u8));
                 }
                 Err(_) => return Err(anyhow!("the API thread ended")),
+            };
+            match started {
+                Ok((running, terminal)) => {
+                    if let Ok(mut s) = stop_slot.lock() {
+                        *s = Some(running.stop_handle());
+                    }
+                    let introspector =
+                        attach_introspection(&api, &running, &l.overrides.introspect);
+                    let _ = reply.send(Ok(running.control()));
+                    break (running, terminal, introspector);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
             }
         },
     };

@@ -1,4 +1,5 @@
-//! `vigil`: the VMM, one process per VM: `vigil run`, `vigil guest export`, and
+//! `vigil`: the VMM, one process per VM: `vigil run`, `vigil guest export`,
+//! `vigil snapshot inspect`, and
 //! Firecracker's command line through a link named `firecracker` (or as `vigil
 //! firecracker`). It links nothing of the host daemon, its dashboard or the
 //! benchmarks: `vigil daemon|ctl|bench ...` run the binaries beside it (`vigild`,
@@ -8,6 +9,7 @@ mod cli;
 mod devices_cli;
 mod firecracker;
 mod launch;
+mod snapshot;
 mod terminal;
 
 use std::ffi::OsString;

@@ -6,6 +6,7 @@
 //! MMIO windows and interrupt lines one after the other.
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -16,8 +17,10 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 use vigil_devices::bus::{Bus, BusError};
 use vigil_devices::legacy::{
-    AcpiPowerPort, ConsoleOutput, DebugExitPort, Serial, SerialInput, I8042,
+    AcpiPowerPort, ConsoleOutput, DebugExitPort, I8042State, Serial, SerialInput, SerialState,
+    I8042,
 };
+use vigil_devices::persist::{Persist, RestoreError};
 use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::{Block, BlockError};
 use vigil_devices::virtio::mmio::TransportError;
@@ -36,14 +39,18 @@ use crate::arch::x86_64::cpuid::{self, Topology};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::device_manager::DeviceManager;
+use crate::snapshot::file::{self as snapshot_file, FileError};
+use crate::snapshot::state::{MemoryRange, SavedMachine, VmState};
 use crate::symbols::KernelSymbols;
 use crate::vm::Vm;
 use crate::vstate::pause::PauseGate;
+use crate::vstate::persist::{self, KvmStateError};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{create_vm, VmError};
 use crate::VmEvent;
 use vigil_model::config::{
-    ConfigError, ConsoleConfig, CpuTemplate, FieldError, HostLimits, VmConfig,
+    ConfigError, ConsoleConfig, CpuTemplate, FieldError, HostLimits, HugePages, KernelImage,
+    OnCrash, VmConfig,
 };
 use vigil_model::cpu::CpuFeature;
 
@@ -89,6 +96,14 @@ pub enum BuildError {
     Net(#[from] NetError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] FileError),
+    #[error("snapshot: {0}")]
+    Restore(RestoreError),
+    #[error("snapshot: {0}")]
+    KvmState(#[from] KvmStateError),
+    #[error("snapshot: {field}: {why}")]
+    SnapshotMismatch { field: String, why: String },
     #[error("boot_args: {len} bytes once the virtio devices are declared on it, more than the {max} a kernel accepts")]
     CmdlineTooLong { len: usize, max: usize },
 }
@@ -157,7 +172,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let (events_tx, events_rx) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let power = power_handler(&events_tx, &stop);
-    let legacy = legacy_devices(config, &vm_fd, power)?;
+    let legacy = legacy_devices(&config.console, &vm_fd, power, None)?;
 
     let mut devices = DeviceManager::new(&vm_fd, &mem);
     attach_disks(config, &mut devices)?;
@@ -207,10 +222,255 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         events_rx,
         metrics,
         pause: Arc::new(PauseGate::default()),
+        serial: legacy.serial,
         i8042: legacy.i8042,
         devices: virtio.handles,
+        transports: virtio.transports,
+        machine: saved_machine(config),
+        memory_file: None,
         msr_guard: Default::default(),
         on_crash: config.on_crash,
+    })
+}
+
+/// What a snapshot keeps of `config` to build the machine back.
+fn saved_machine(config: &VmConfig) -> SavedMachine {
+    SavedMachine {
+        vcpu_count: config.machine.vcpu_count,
+        mem_size_mib: config.machine.mem_size_mib,
+        kernel: config.boot.kernel.to_string(),
+        kernel_file: match &config.boot.kernel {
+            KernelImage::File(path) => Some(path.clone()),
+            KernelImage::Embedded { .. } => None,
+        },
+        symbols: config.boot.symbols.clone(),
+    }
+}
+
+fn mismatch(field: impl Into<String>, why: impl Into<String>) -> BuildError {
+    BuildError::SnapshotMismatch {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+/// Checks what a snapshot says of the machine against itself and this host,
+/// before anything is built.
+fn check_machine(state: &VmState, kvm: &Kvm) -> Result<(), BuildError> {
+    let m = &state.machine;
+    let max = kvm.get_max_vcpus() as u32;
+    if m.vcpu_count == 0 || m.vcpu_count > max {
+        return Err(mismatch(
+            "machine.vcpu_count",
+            format!("{}: this host runs 1 to {max} vCPUs", m.vcpu_count),
+        ));
+    }
+    if state.vcpus.len() != m.vcpu_count as usize
+        || state
+            .vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| v.id != i as u32)
+    {
+        return Err(mismatch(
+            "vcpus",
+            format!(
+                "{} states, not one per vCPU 0..{} in order",
+                state.vcpus.len(),
+                m.vcpu_count
+            ),
+        ));
+    }
+    let expected: Vec<MemoryRange> = layout::ram_ranges(m.mem_size_mib << 20)
+        .into_iter()
+        .map(|(addr, len)| MemoryRange {
+            guest_address: addr.0,
+            bytes: len as u64,
+        })
+        .collect();
+    if state.memory != expected {
+        return Err(mismatch(
+            "memory",
+            format!(
+                "{:?} is not the layout of {} MiB of RAM",
+                state.memory, m.mem_size_mib
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Fails when the snapshot's guest was shown a CPU feature this host has not
+/// (leaves 1 and 7): one neither this CPU reports nor KVM offers to emulate.
+/// Both count: KVM's supported list leaves out bits some hosts pass through.
+fn check_cpu_features(state: &VmState, kvm: &Kvm) -> Result<(), BuildError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report supported CPUID"))?;
+    let regs = |e: &kvm_bindings::kvm_cpuid_entry2| [e.ebx, e.ecx, e.edx];
+    let find = |entries: &[kvm_bindings::kvm_cpuid_entry2], leaf: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == leaf && e.index == 0)
+            .map(regs)
+            .unwrap_or_default()
+    };
+    for leaf in [1, 7] {
+        let native = std::arch::x86_64::__cpuid_count(leaf, 0);
+        let offered = find(supported.as_slice(), leaf);
+        let host = [
+            native.ebx | offered[0],
+            native.ecx | offered[1],
+            native.edx | offered[2],
+        ];
+        for (v, vcpu) in state.vcpus.iter().enumerate() {
+            let saved = find(&vcpu.cpuid, leaf);
+            for (i, reg) in ["ebx", "ecx", "edx"].iter().enumerate() {
+                let missing = saved[i] & !host[i] & !runtime_bits(leaf, reg);
+                if missing != 0 {
+                    return Err(mismatch(
+                        format!("vcpus[{v}].cpuid"),
+                        format!(
+                            "the guest was shown CPUID leaf {leaf} {reg} bits {missing:#x}, which this host does not have"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CPUID bits that are not features the host has or lacks: leaf 1 EBX (APIC id
+/// and counts), and the bits KVM changes as the guest runs (OSXSAVE with
+/// CR4.OSXSAVE, APIC with the APIC base MSR, OSPKE with CR4.PKE).
+fn runtime_bits(leaf: u32, reg: &str) -> u32 {
+    match (leaf, reg) {
+        (1, "ebx") => u32::MAX,
+        (1, "ecx") => 1 << 27,
+        (1, "edx") => 1 << 9,
+        (7, "ecx") => 1 << 4,
+        _ => 0,
+    }
+}
+
+/// Guest RAM mapped privately from a snapshot's memory file: pages are read
+/// from it as the guest touches them, and the guest's writes stay in this
+/// process (the file is never written).
+fn memory_from_file(ranges: &[MemoryRange], file: File) -> Result<GuestMemoryMmap, BuildError> {
+    use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+    let total: u64 = ranges.iter().map(|r| r.bytes).sum();
+    let fail = |detail: String| BuildError::Memory {
+        mib: total >> 20,
+        detail,
+    };
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut offset = 0u64;
+    for r in ranges {
+        let len = r.bytes as usize;
+        let file = file.try_clone().map_err(|e| fail(e.to_string()))?;
+        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(r.guest_address))
+            .ok_or_else(|| fail(format!("range at {:#x} overflows", r.guest_address)))?;
+        regions.push(region);
+        offset += r.bytes;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| fail(e.to_string()))
+}
+
+/// Builds back the VM a snapshot holds, from its state file and memory file,
+/// ready to start where it was paused. The console and what a crash does are
+/// this process's choice, not the snapshot's. Every field of the state is
+/// checked (by this function and the devices' restores) before a vCPU runs.
+pub fn restore(
+    state_path: &Path,
+    memory_path: &Path,
+    console: &ConsoleConfig,
+    on_crash: OnCrash,
+) -> Result<Vm, BuildError> {
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    let (_, state) = snapshot_file::read_state(state_path)?;
+    check_machine(&state, &kvm)?;
+    check_cpu_features(&state, &kvm)?;
+    let memory_bytes: u64 = state.memory.iter().map(|r| r.bytes).sum();
+    let file = snapshot_file::open_memory(memory_path, memory_bytes)?;
+    let mem = memory_from_file(&state.memory, file)?;
+    // Huge pages do not apply to a file mapping.
+    let vm_fd = create_vm(&kvm, &mem, HugePages::None)?;
+    persist::check_xsave_size(&vm_fd)?;
+
+    let (events_tx, events_rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let power = power_handler(&events_tx, &stop);
+    let legacy = legacy_devices(console, &vm_fd, power, Some((&state.serial, &state.i8042)))?;
+    let mut devices = DeviceManager::new(&vm_fd, &mem);
+    for (i, transport) in state.virtio.iter().enumerate() {
+        devices.restore(i, transport)?;
+    }
+    let virtio = devices.finish();
+
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for saved in &state.vcpus {
+        let fd = vm_fd
+            .create_vcpu(u64::from(saved.id))
+            .map_err(kvm_err("create a vCPU"))?;
+        persist::restore_vcpu(&fd, saved)?;
+        vcpus.push(Vcpu { id: saved.id, fd });
+    }
+    persist::restore_vm(&vm_fd, &state.kvm)?;
+
+    let m = &state.machine;
+    let kernel = match &m.kernel_file {
+        Some(path) => KernelImage::File(path.clone()),
+        None => KernelImage::Embedded {
+            name: "a kernel built into the Vigil that saved the snapshot",
+            bytes: &[],
+        },
+    };
+    let symbols = KernelSymbols::new(m.symbols.clone(), kernel);
+    let vcpu_metrics = (0..m.vcpu_count)
+        .map(|id| Arc::new(VcpuCounters::new(id)))
+        .collect();
+    let metrics = Arc::new(VmMetrics::new(memory_bytes, vcpu_metrics, virtio.counters));
+    let mut subscribers = legacy.subscribers;
+    subscribers.extend(virtio.subscribers);
+    tracing::info!(
+        snapshot = %state_path.display(),
+        memory = %memory_path.display(),
+        saved_by = %state.vigil_version,
+        vcpus = m.vcpu_count,
+        memory_mib = m.mem_size_mib,
+        devices = state.virtio.len(),
+        "VM restored"
+    );
+    Ok(Vm {
+        vcpus,
+        vm_fd,
+        mem,
+        pio: legacy.pio,
+        mmio: virtio.mmio,
+        subscribers,
+        symbols,
+        stop,
+        events_tx,
+        events_rx,
+        metrics,
+        pause: Arc::new(PauseGate::default()),
+        serial: legacy.serial,
+        i8042: legacy.i8042,
+        devices: virtio.handles,
+        transports: virtio.transports,
+        machine: state.machine,
+        memory_file: Some(memory_path.to_owned()),
+        msr_guard: Default::default(),
+        on_crash,
     })
 }
 
@@ -229,6 +489,8 @@ fn power_handler(events_tx: &Sender<VmEvent>, stop: &Arc<AtomicBool>) -> PowerHa
 /// for them.
 struct LegacyDevices {
     pio: Bus,
+    /// The console, to save its state.
+    serial: Arc<Mutex<Serial>>,
     /// The keyboard controller, to type Ctrl-Alt-Del.
     i8042: Arc<Mutex<I8042>>,
     /// Console input, when the console is the terminal.
@@ -236,13 +498,15 @@ struct LegacyDevices {
 }
 
 /// The 8250 console on COM1, the i8042, the ACPI power port and the debug-exit
-/// port, their interrupts on the in-kernel irqchip.
+/// port, their interrupts on the in-kernel irqchip; the first two from `saved`
+/// states when given.
 fn legacy_devices(
-    config: &VmConfig,
+    console: &ConsoleConfig,
     vm_fd: &VmFd,
     power: PowerHandler,
+    saved: Option<(&SerialState, &I8042State)>,
 ) -> Result<LegacyDevices, BuildError> {
-    let console_out = match &config.console {
+    let console_out = match console {
         ConsoleConfig::Stdio => ConsoleOutput::Stdout,
         ConsoleConfig::File(path) => {
             ConsoleOutput::File(
@@ -258,14 +522,24 @@ fn legacy_devices(
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("connect the serial port's interrupt"))?;
-    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console_out)));
+    let serial = match saved {
+        None => Serial::new(serial_irq, console_out),
+        Some((state, _)) => Serial::restore((serial_irq, console_out), state)
+            .map_err(|e| BuildError::Restore(e.within("serial")))?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
     let i8042_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm_fd
         .register_irqfd(&i8042_irq, I8042_IRQ)
         .map_err(kvm_err("connect the i8042's interrupt"))?;
-    let i8042 = Arc::new(Mutex::new(I8042::with_irq(power.clone(), i8042_irq)));
+    let i8042 = match saved {
+        None => I8042::with_irq(power.clone(), i8042_irq),
+        Some((_, state)) => I8042::restore((power.clone(), i8042_irq), state)
+            .map_err(|e| BuildError::Restore(e.within("i8042")))?,
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
     pio.insert(i8042.clone(), u64::from(I8042_PORT), 5)?;
     pio.insert(
         Arc::new(Mutex::new(AcpiPowerPort::new(power.clone()))),
@@ -278,11 +552,12 @@ fn legacy_devices(
         4,
     )?;
     let mut subscribers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
-    if config.console == ConsoleConfig::Stdio {
-        subscribers.push(Box::new(SerialInput::new(serial, std::io::stdin())));
+    if *console == ConsoleConfig::Stdio {
+        subscribers.push(Box::new(SerialInput::new(serial.clone(), std::io::stdin())));
     }
     Ok(LegacyDevices {
         pio,
+        serial,
         i8042,
         subscribers,
     })

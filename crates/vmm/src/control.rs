@@ -18,6 +18,7 @@ use vigil_model::config::BalloonConfig;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::DeviceHandles;
+use crate::snapshot::{SnapshotError, SnapshotInfo, SnapshotSources};
 use crate::vstate::inspect::{self, MAX_BREAKPOINTS};
 use crate::vstate::threads::VcpuThreads;
 use crate::VmEvent;
@@ -240,6 +241,7 @@ pub struct VmControl {
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) devices: Arc<DeviceHandles>,
     pub(crate) metrics: MetricsHandle,
+    pub(crate) snapshot: Arc<SnapshotSources>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -293,6 +295,24 @@ impl VmControl {
         }
         self.vcpus.gate.release();
         Ok(())
+    }
+
+    /// Saves the paused VM: its state to `state_path`, its memory to `mem_path`
+    /// (each written under a temporary name and renamed when complete, so a
+    /// failure leaves what was there). The VM stays paused.
+    pub fn snapshot(
+        &self,
+        state_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let _op = lock(&self.op);
+        if self.stop.load(Ordering::Acquire) {
+            return Err(ControlError::Stopping.into());
+        }
+        if !self.vcpus.gate.requested() {
+            return Err(SnapshotError::NotPaused);
+        }
+        self.snapshot.save(&self.vcpus, state_path, mem_path)
     }
 
     /// A handle on the VM's counters, to take snapshots.

@@ -12,10 +12,16 @@ use crate::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vigil_devices::bus::Bus;
+use vigil_devices::persist::{Persist, RestoreError};
 use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::Block;
-use vigil_devices::virtio::mmio::{MmioTransport, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY};
+use vigil_devices::virtio::mmio::{
+    MmioTransport, MmioTransportState, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY,
+};
 use vigil_devices::virtio::net::Net;
+use vigil_devices::virtio::persist::DeviceState;
+use vigil_devices::virtio::rng::Rng;
+use vigil_devices::virtio::vsock::Vsock;
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_metrics::{DeviceCounters, DeviceKind};
 use vigil_model::config::BalloonConfig;
@@ -50,6 +56,8 @@ pub(crate) struct VirtioDevices {
     /// Every device's counters, in attach order.
     pub(crate) counters: Vec<Arc<DeviceCounters>>,
     pub(crate) handles: DeviceHandles,
+    /// The transports in attach order, to save their state.
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 /// A device just attached: its interrupt, and a waker of its queues.
@@ -77,6 +85,7 @@ impl<'a> DeviceManager<'a> {
                 subscribers: Vec::new(),
                 counters: Vec::new(),
                 handles: DeviceHandles::default(),
+                transports: Vec::new(),
             },
         }
     }
@@ -89,18 +98,35 @@ impl<'a> DeviceManager<'a> {
     }
 
     /// Attaches a drive; its handle is found by `id`.
-    pub(crate) fn add_drive(&mut self, id: &str, mut block: Block) -> Result<(), BuildError> {
+    pub(crate) fn add_drive(&mut self, id: &str, block: Block) -> Result<(), BuildError> {
+        self.attach_drive(id, block, None)
+    }
+
+    fn attach_drive(
+        &mut self,
+        id: &str,
+        mut block: Block,
+        saved: Option<&MmioTransportState>,
+    ) -> Result<(), BuildError> {
         let limit = block.rate_limit_control();
-        let attached = self.attach(Box::new(block))?;
+        let attached = self.attach(Box::new(block), saved)?;
         let handle = DriveHandle::new(id.to_owned(), limit, attached.waker);
         self.devices.handles.drives.insert(id.to_owned(), handle);
         Ok(())
     }
 
     /// Attaches a network interface; its handle is the next net index.
-    pub(crate) fn add_net(&mut self, mut net: Net) -> Result<(), BuildError> {
+    pub(crate) fn add_net(&mut self, net: Net) -> Result<(), BuildError> {
+        self.attach_net(net, None)
+    }
+
+    fn attach_net(
+        &mut self,
+        mut net: Net,
+        saved: Option<&MmioTransportState>,
+    ) -> Result<(), BuildError> {
         let limits = net.rate_limit_controls();
-        let attached = self.attach(Box::new(net))?;
+        let attached = self.attach(Box::new(net), saved)?;
         let handle = NetHandle::new(limits, attached.waker);
         self.devices.handles.nets.push(handle);
         Ok(())
@@ -112,8 +138,17 @@ impl<'a> DeviceManager<'a> {
         balloon: Balloon,
         config: BalloonConfig,
     ) -> Result<(), BuildError> {
+        self.attach_balloon(balloon, config, None)
+    }
+
+    fn attach_balloon(
+        &mut self,
+        balloon: Balloon,
+        config: BalloonConfig,
+        saved: Option<&MmioTransportState>,
+    ) -> Result<(), BuildError> {
         let control = balloon.control();
-        let attached = self.attach(Box::new(balloon))?;
+        let attached = self.attach(Box::new(balloon), saved)?;
         let handle = BalloonHandle::new(control, attached.interrupt, config);
         self.devices.handles.balloon = Some(handle);
         Ok(())
@@ -121,7 +156,66 @@ impl<'a> DeviceManager<'a> {
 
     /// Attaches a device the host holds no handle on.
     pub(crate) fn add(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), BuildError> {
-        self.attach(device).map(drop)
+        self.attach(device, None).map(drop)
+    }
+
+    /// Attaches the device of a saved transport behind the next window, with
+    /// the transport's registers and queues as saved: a snapshot's devices, in
+    /// their saved order, land where the guest had them. `index` places errors
+    /// (`virtio[2].device.block.path`).
+    pub(crate) fn restore(
+        &mut self,
+        index: usize,
+        saved: &MmioTransportState,
+    ) -> Result<(), BuildError> {
+        let placed = |e: RestoreError| BuildError::Restore(e.within(&format!("virtio[{index}]")));
+        let in_device = |e: RestoreError| placed(e.within("device"));
+        saved.check_registers_only().map_err(placed)?;
+        let n = |kind| {
+            self.devices
+                .counters
+                .iter()
+                .filter(|c| c.kind() == kind)
+                .count()
+        };
+        match &saved.device {
+            DeviceState::Block(s) => {
+                let name = format!("blk{}", n(DeviceKind::Block));
+                let block = Block::restore((), s).map_err(|e| in_device(e.within("block")))?;
+                let counters = self.counters(DeviceKind::Block, name);
+                self.attach_drive(&s.id, block.with_counters(counters), Some(saved))
+            }
+            DeviceState::Net(s) => {
+                let name = format!("net{}", n(DeviceKind::Net));
+                let net = Net::restore((), s).map_err(|e| in_device(e.within("net")))?;
+                let counters = self.counters(DeviceKind::Net, name);
+                self.attach_net(net.with_counters(counters), Some(saved))
+            }
+            DeviceState::Balloon(s) => {
+                let balloon =
+                    Balloon::restore((), s).map_err(|e| in_device(e.within("balloon")))?;
+                let config = BalloonConfig {
+                    target_mib: (u64::from(s.num_pages) * 4096) >> 20,
+                    stats_interval: s.stats_interval,
+                    free_page_reporting: s.free_page_reporting,
+                    deflate_on_oom: s.deflate_on_oom,
+                };
+                let counters = self.counters(DeviceKind::Balloon, "balloon0".into());
+                self.attach_balloon(balloon.with_counters(counters), config, Some(saved))
+            }
+            DeviceState::Rng(s) => {
+                let rng = Rng::restore((), s).map_err(|e| in_device(e.within("rng")))?;
+                let counters = self.counters(DeviceKind::Entropy, "rng0".into());
+                self.attach(Box::new(rng.with_counters(counters)), Some(saved))
+                    .map(drop)
+            }
+            DeviceState::Vsock(s) => {
+                let vsock = Vsock::restore((), s).map_err(|e| in_device(e.within("vsock")))?;
+                let counters = self.counters(DeviceKind::Vsock, "vsock0".into());
+                self.attach(Box::new(vsock.with_counters(counters)), Some(saved))
+                    .map(drop)
+            }
+        }
     }
 
     /// The `virtio_mmio.device=` entries that declare every device to kernels
@@ -144,8 +238,13 @@ impl<'a> DeviceManager<'a> {
 
     /// Puts `device` behind the next virtio-mmio window: its interrupt on an irqfd
     /// at the next GSI, one ioeventfd per queue on the notify register, the
-    /// registers on the MMIO bus, its queues on the device event loop.
-    fn attach(&mut self, device: Box<dyn VirtioDevice>) -> Result<Attached, BuildError> {
+    /// registers on the MMIO bus, its queues on the device event loop. With
+    /// `saved`, the transport takes the saved registers and queues.
+    fn attach(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        saved: Option<&MmioTransportState>,
+    ) -> Result<Attached, BuildError> {
         let index = self.slots.len();
         let slot = MmioDevice {
             base: VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW,
@@ -178,9 +277,16 @@ impl<'a> DeviceManager<'a> {
         let transport_evts = clone_evts()?;
         let waker = QueueWaker::new(clone_evts()?);
         let interrupt = Arc::new(Interrupt::new(irq));
-        let transport =
-            MmioTransport::new(device, self.mem.clone(), interrupt.clone(), transport_evts)?;
+        let mem = self.mem.clone();
+        let transport = match saved {
+            None => MmioTransport::new(device, mem, interrupt.clone(), transport_evts)?,
+            Some(state) => {
+                MmioTransport::restore(state, device, mem, interrupt.clone(), transport_evts)
+                    .map_err(|e| BuildError::Restore(e.within(&format!("virtio[{index}]"))))?
+            }
+        };
         let transport = Arc::new(Mutex::new(transport));
+        self.devices.transports.push(transport.clone());
         self.devices
             .mmio
             .insert(transport.clone(), slot.base, slot.len)?;

@@ -19,6 +19,7 @@ mod control;
 mod device_manager;
 pub mod dirty_log;
 mod inspect;
+pub mod snapshot;
 pub mod symbols;
 mod vm;
 pub mod vstate;

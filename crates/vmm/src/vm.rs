@@ -2,6 +2,7 @@
 //! and the wait for whatever ends it.
 
 use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,8 @@ use crate::GuestMemoryMmap;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VmFd;
 use vigil_devices::bus::Bus;
-use vigil_devices::legacy::I8042;
+use vigil_devices::legacy::{Serial, I8042};
+use vigil_devices::virtio::mmio::MmioTransport;
 use vigil_devices::PowerEvent;
 use vigil_metrics::{MetricsHandle, VmMetrics};
 use vmm_sys_util::epoll::EventSet;
@@ -23,6 +25,7 @@ use crate::control::{ControlError, StopHandle, VmControl};
 use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{DirtyTracker, KvmGuestLog};
 use crate::inspect::VmInspect;
+use crate::snapshot::{SavedMachine, SnapshotSources};
 use crate::symbols::KernelSymbols;
 use crate::vstate::inspect::{Mailbox, MsrGuard, MsrGuardSlot};
 use crate::vstate::pause::PauseGate;
@@ -51,10 +54,18 @@ pub struct Vm {
     pub(crate) metrics: Arc<VmMetrics>,
     /// Where vCPUs park while the VM is paused.
     pub(crate) pause: Arc<PauseGate>,
+    /// The console, to save its state.
+    pub(crate) serial: Arc<Mutex<Serial>>,
     /// The keyboard controller, to type Ctrl-Alt-Del.
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// The host's handles on the drives, network interfaces and balloon.
     pub(crate) devices: DeviceHandles,
+    /// The virtio transports in attach order, to save their state.
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// What a snapshot keeps of the configuration.
+    pub(crate) machine: SavedMachine,
+    /// The file guest memory is privately mapped from (a restored VM).
+    pub(crate) memory_file: Option<PathBuf>,
     /// The MSR write guard, installed before start or through `VmInspect`.
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
     /// What a vCPU crash does.
@@ -109,6 +120,12 @@ impl Vm {
         self.msr_guard.install(&self.vm_fd, msrs, guard)
     }
 
+    /// Keeps the vCPUs parked from their first instruction on: once started,
+    /// the VM is paused until [`VmControl::resume`].
+    pub fn start_paused(&self) {
+        self.pause.request();
+    }
+
     /// Starts the vCPUs and the device event loop.
     pub fn start(self) -> std::io::Result<RunningVm> {
         register_signal_handler(kick_signal(), kick_handler)
@@ -155,6 +172,15 @@ impl Vm {
             vcpu_threads.iter().map(|t| t.as_pthread_t()).collect(),
             mailboxes,
         ));
+        let snapshot = SnapshotSources {
+            machine: self.machine,
+            vm_fd: Arc::downgrade(&vm_fd),
+            mem: self.mem.clone(),
+            serial: self.serial,
+            i8042: self.i8042.clone(),
+            transports: self.transports,
+            memory_file: self.memory_file,
+        };
         let control = VmControl {
             vcpus: vcpus.clone(),
             stop: stop.clone(),
@@ -163,6 +189,7 @@ impl Vm {
             i8042: self.i8042,
             devices: Arc::new(self.devices),
             metrics: MetricsHandle::new(self.metrics.clone()),
+            snapshot: Arc::new(snapshot),
         };
         let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone());
         let inspect = VmInspect {

@@ -51,25 +51,48 @@ const KBD_SELF_TEST_OK: u8 = 0xaa;
 pub const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
 
 /// Bytes the output buffer holds at most; a guest that does not read loses the rest.
-const BUFFER_MAX: usize = 16;
+pub(super) const BUFFER_MAX: usize = 16;
 
 /// What the next data byte is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pending {
+pub(super) enum Pending {
     None,
     Ctr,
     OutputPort,
     Aux,
 }
 
+impl Pending {
+    /// The name a saved state gives it.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Pending::None => "none",
+            Pending::Ctr => "ctr",
+            Pending::OutputPort => "output_port",
+            Pending::Aux => "aux",
+        }
+    }
+
+    pub(super) fn by_name(name: &str) -> Option<Self> {
+        [
+            Pending::None,
+            Pending::Ctr,
+            Pending::OutputPort,
+            Pending::Aux,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+    }
+}
+
 /// i8042 at ports 0x60 (data) and 0x64 (command/status): register it with length 5.
 pub struct I8042 {
     power: PowerHandler,
     irq: Option<EventFd>,
-    buffer: VecDeque<u8>,
-    status: u8,
-    ctr: u8,
-    pending: Pending,
+    pub(super) buffer: VecDeque<u8>,
+    pub(super) status: u8,
+    pub(super) ctr: u8,
+    pub(super) pending: Pending,
 }
 
 impl I8042 {

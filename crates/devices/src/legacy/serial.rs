@@ -47,7 +47,7 @@ impl Write for ConsoleOutput {
     }
 }
 
-struct IrqTrigger(EventFd);
+pub(super) struct IrqTrigger(pub(super) EventFd);
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
@@ -59,7 +59,7 @@ impl Trigger for IrqTrigger {
 
 /// A 16550-compatible UART: register it on the port bus with length 8.
 pub struct Serial {
-    inner: vm_superio::Serial<IrqTrigger, NoEvents, ConsoleOutput>,
+    pub(super) inner: vm_superio::Serial<IrqTrigger, NoEvents, ConsoleOutput>,
 }
 
 impl Serial {

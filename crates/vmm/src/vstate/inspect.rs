@@ -105,7 +105,8 @@ pub trait BreakpointHandler: Send + Sync {
 /// What a request runs with on the vCPU thread.
 pub(crate) struct VcpuAccess<'a> {
     pub id: u32,
-    pub fd: &'a VcpuFd,
+    /// Mutable for a snapshot, which runs the vCPU once with `immediate_exit`.
+    pub fd: &'a mut VcpuFd,
     pub breakpoints: &'a mut Breakpoints,
 }
 

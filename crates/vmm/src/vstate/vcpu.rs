@@ -207,10 +207,10 @@ impl Vcpu {
         let mut clock = RunClock::default();
         let mut breakpoints = Breakpoints::default();
         while !ctx.stop.load(Ordering::Acquire) {
-            let serve = |bps: &mut Breakpoints| {
+            let mut serve = |bps: &mut Breakpoints| {
                 ctx.mailbox.serve(&mut VcpuAccess {
                     id: self.id,
-                    fd: &self.fd,
+                    fd: &mut self.fd,
                     breakpoints: bps,
                 })
             };
@@ -266,7 +266,7 @@ impl Vcpu {
     /// next exit; the thread waiting on the VM kicks them), reports the crash, and
     /// stays parked in the gate (never in `KVM_RUN` again) until the VM stops,
     /// still serving requests (introspection of the crashed state).
-    fn keep_crashed(&self, ctx: &VcpuContext, report: Box<CrashReport>, bps: &mut Breakpoints) {
+    fn keep_crashed(&mut self, ctx: &VcpuContext, report: Box<CrashReport>, bps: &mut Breakpoints) {
         ctx.pause
             .hold(format!("vCPU {}: {}", self.id, report.reason));
         let _ = ctx.events.send(VmEvent::CrashKept(report));
@@ -276,7 +276,7 @@ impl Vcpu {
                 .park_if_requested(&ctx.stop, ctx.mailbox.pending_flag(), || {
                     ctx.mailbox.serve(&mut VcpuAccess {
                         id: self.id,
-                        fd: &self.fd,
+                        fd: &mut self.fd,
                         breakpoints: bps,
                     })
                 });

@@ -144,6 +144,13 @@ impl MmioTransportState {
         self.device.restore().map_err(|e| e.within("device"))
     }
 
+    /// The first step of restoring for a caller that builds the device itself
+    /// (from [`MmioTransportState::device`], to keep a typed handle on it): the
+    /// checks that need no device. The second step is [`MmioTransport::restore`].
+    pub fn check_registers_only(&self) -> Result<(), RestoreError> {
+        self.check_registers().map(drop)
+    }
+
     /// The checks that need no device; returns the queues.
     fn check_registers(&self) -> Result<Vec<Queue>, RestoreError> {
         let s = self.device_status;

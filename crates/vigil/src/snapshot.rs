@@ -1,0 +1,90 @@
+//! `vigil snapshot inspect`: what a snapshot's state file holds, after the same
+//! checks a load makes of the file.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use vigil_devices::virtio::persist::DeviceState;
+use vigil_vmm::snapshot::file;
+
+/// The report `vigil snapshot inspect` prints.
+pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
+    let (header, state) = file::read_state(path)?;
+    let memory: u64 = state.memory.iter().map(|r| r.bytes).sum();
+    if let Some(mem) = mem {
+        file::open_memory(mem, memory)?;
+    }
+    let m = &state.machine;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "{}: Vigil snapshot, format version {}, {} bytes of state, CRC-64 {:#018x} (checked)",
+        path.display(),
+        header.version,
+        header.state_bytes,
+        header.checksum
+    );
+    let _ = writeln!(out, "saved by: Vigil {}", state.vigil_version);
+    let _ = writeln!(
+        out,
+        "machine: {} vCPUs, {} MiB; kernel {}{}",
+        m.vcpu_count,
+        m.mem_size_mib,
+        m.kernel,
+        m.symbols
+            .as_ref()
+            .map(|s| format!(", symbols {}", s.display()))
+            .unwrap_or_default()
+    );
+    let ranges: Vec<String> = state
+        .memory
+        .iter()
+        .map(|r| format!("{:#x}+{:#x}", r.guest_address, r.bytes))
+        .collect();
+    let _ = writeln!(
+        out,
+        "memory: {memory} bytes ({}){}",
+        ranges.join(", "),
+        match mem {
+            Some(mem) => format!("; {} has that size", mem.display()),
+            None => String::new(),
+        }
+    );
+    for v in &state.vcpus {
+        let cpl = v.sregs.cs.selector & 3;
+        let mode = if v.sregs.efer & (1 << 10) != 0 {
+            "long mode"
+        } else if v.sregs.cr0 & 1 != 0 {
+            "protected mode"
+        } else {
+            "real mode"
+        };
+        let _ = writeln!(
+            out,
+            "vcpu {}: RIP {:#x} RSP {:#x} CPL {cpl}, {mode}, {} MSRs, TSC {} kHz, {} CPUID entries",
+            v.id,
+            v.regs.rip,
+            v.regs.rsp,
+            v.msrs.len(),
+            v.tsc_khz.map_or("unknown".into(), |k| k.to_string()),
+            v.cpuid.len()
+        );
+    }
+    for (i, t) in state.virtio.iter().enumerate() {
+        let what = match &t.device {
+            DeviceState::Block(b) => format!("block {:?} at {}", b.id, b.path.display()),
+            DeviceState::Net(_) => "net".into(),
+            DeviceState::Vsock(_) => "vsock".into(),
+            DeviceState::Balloon(b) => format!("balloon, target {} pages", b.num_pages),
+            DeviceState::Rng(_) => "rng".into(),
+        };
+        let _ = writeln!(
+            out,
+            "virtio {i}: {what}; status {:#x}, {} queues",
+            t.device_status,
+            t.queues.len()
+        );
+    }
+    Ok(out)
+}

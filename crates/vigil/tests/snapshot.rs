@@ -1,0 +1,299 @@
+//! Snapshots through Firecracker's API (`PATCH /vm`, `PUT /snapshot/create`,
+//! `PUT /snapshot/load`): the test guest's `counter` scenario, paused, saved and
+//! loaded into another Vigil process, counts on from where it was with every
+//! word of its memory intact; bad requests and bad snapshot files are refused,
+//! naming what is wrong, leaving the running VM and the loading process unharmed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::http::{request, wait_for};
+use common::{scratch, Console};
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn call(sock: &Path, method: &str, path: &str, body: &Value) -> (u16, String) {
+    let a = request(sock, method, path, &body.to_string());
+    (a.status, a.body)
+}
+
+fn ok(sock: &Path, method: &str, path: &str, body: Value) {
+    let (status, answer) = call(sock, method, path, &body);
+    assert_eq!(status, 204, "{method} {path} {body}: {answer}");
+}
+
+/// A 400 whose message contains every one of `words`.
+fn refused(sock: &Path, method: &str, path: &str, body: Value, words: &[&str]) {
+    let (status, answer) = call(sock, method, path, &body);
+    assert_eq!(status, 400, "{method} {path} {body}: {answer}");
+    for w in words {
+        assert!(
+            answer.contains(w),
+            "{method} {path}: {answer:?} lacks {w:?}"
+        );
+    }
+}
+
+/// The numbers of the `counter: N` lines.
+fn counts(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("counter: "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// A Vigil serving its API on `dir/NAME.sock`, not started.
+fn vigil(dir: &Path, name: &str) -> (Console, PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let console = Console::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for(&sock, TIMEOUT);
+    (console, sock)
+}
+
+/// The `counter` guest with a disk (so that a virtio transport is saved too),
+/// booted through the API, counting.
+fn counting_guest(dir: &Path) -> (Console, PathBuf) {
+    let (mut console, sock) = vigil(dir, "source");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": vigil_test_guest::ELF_PATH, "boot_args": "test=counter"}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/drives/disk",
+        json!({"drive_id": "disk", "path_on_host": disk, "is_root_device": false, "is_read_only": false}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+    console.wait_for(&["counter: 3"], TIMEOUT);
+    (console, sock)
+}
+
+fn snapshot_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("vm.snap"), dir.join("vm.mem"))
+}
+
+fn create(sock: &Path, state: &Path, mem: &Path) {
+    ok(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Full"}),
+    );
+}
+
+fn load_body(state: &Path, mem: &Path) -> Value {
+    json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true
+    })
+}
+
+#[test]
+fn a_restored_guest_counts_on_with_its_memory_intact() {
+    let dir = scratch("snapshot-restore");
+    let (state, mem) = snapshot_paths(&dir);
+    let (mut source, sock) = counting_guest(&dir);
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    std::thread::sleep(Duration::from_millis(400));
+    let before = counts(source.poll());
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        counts(source.poll()),
+        before,
+        "a paused guest does not count"
+    );
+    create(&sock, &state, &mem);
+    let saved_memory = std::fs::read(&mem).unwrap();
+    assert_eq!(
+        saved_memory.len(),
+        128 << 20,
+        "the memory file is guest RAM"
+    );
+    drop(source);
+
+    let (mut restored, sock) = vigil(&dir, "restored");
+    ok(&sock, "PUT", "/snapshot/load", load_body(&state, &mem));
+    assert_eq!(
+        request(&sock, "GET", "/", "").json()["state"],
+        "Running",
+        "resume_vm: true runs it"
+    );
+    let last = *before.last().expect("the guest counted before the pause");
+    restored.wait_for(&[&format!("counter: {}", last + 10)], TIMEOUT);
+    let after = counts(restored.poll());
+    // The first tick after the restore is the next one; a line the pause cut in
+    // two (its start printed by the source) is the only one allowed missing.
+    let first = after[0];
+    assert!(
+        first == last + 1 || (first == last + 2 && !restored.seen.starts_with("counter: ")),
+        "the count went from {last} to {first}:\n{}",
+        restored.seen
+    );
+    assert_eq!(
+        after,
+        (first..first + after.len() as u64).collect::<Vec<_>>(),
+        "one tick at a time, each after checking the last tick's 32768 words"
+    );
+    assert!(!restored.seen.contains("FAIL"), "{}", restored.seen);
+
+    // Guest memory is a private mapping of the file: the guest's writes since
+    // are its own, and the snapshot stays as it was taken.
+    assert!(std::fs::read(&mem).unwrap() == saved_memory);
+    let (paused, answer) = call(&sock, "PATCH", "/vm", &json!({"state": "Paused"}));
+    assert_eq!(paused, 204, "{answer}");
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("again.snap"), "mem_file_path": mem}),
+        &["vm.mem", "guest memory is mapped from this file"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_snapshots_and_requests_are_refused_leaving_vms_unharmed() {
+    let dir = scratch("snapshot-refusals");
+    let (state, mem) = snapshot_paths(&dir);
+    let (mut source, sock) = counting_guest(&dir);
+
+    // The source: a running VM cannot be saved; what cannot be done leaves it
+    // running or paused as it was, and nothing half-written behind.
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": mem}),
+        &["pause it first"],
+    );
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Diff"}),
+        &["snapshot_type Diff"],
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": dir.join("no/such/dir/vm.mem")}),
+        &["no/such/dir/vm.mem.partial", "cannot create it"],
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": mem, "compress": true}),
+        &["compress"],
+    );
+    assert!(!state.exists() && !mem.exists());
+    create(&sock, &state, &mem);
+    let last = *counts(source.poll()).last().unwrap();
+    ok(&sock, "PATCH", "/vm", json!({"state": "Resumed"}));
+    source.wait_for(&[&format!("counter: {}", last + 3)], TIMEOUT);
+
+    // Bad files, each refused before anything is built, by one process that
+    // then loads the good snapshot.
+    let (mut target, tsock) = vigil(&dir, "target");
+    let bytes = std::fs::read(&state).unwrap();
+    let variant = |name: &str, edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = bytes.clone();
+        edit(&mut b);
+        let path = dir.join(name);
+        std::fs::write(&path, b).unwrap();
+        path
+    };
+    let corrupt = variant("corrupt.snap", &|b| {
+        let i = b.len() / 2;
+        b[i] ^= 0x20;
+    });
+    let bumped = variant("bumped.snap", &|b| {
+        b[8..12].copy_from_slice(&2u32.to_le_bytes())
+    });
+    let cut = variant("cut.snap", &|b| b.truncate(b.len() - 100));
+    let alien = variant("alien.snap", &|b| b[..8].copy_from_slice(b"NOTVIGIL"));
+    let short_mem = dir.join("short.mem");
+    std::fs::copy(&mem, &short_mem).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short_mem)
+        .unwrap();
+    f.set_len((128 << 20) - 4096).unwrap();
+    for (file, memory, words) in [
+        (&corrupt, &mem, vec!["corrupt.snap", "checksum", "corrupt"]),
+        (
+            &bumped,
+            &mem,
+            vec!["bumped.snap", "format version 2", "version 1 only"],
+        ),
+        (&cut, &mem, vec!["cut.snap", "bytes of state"]),
+        (&alien, &mem, vec!["alien.snap", "not a Vigil snapshot"]),
+        (
+            &state,
+            &short_mem,
+            vec!["short.mem", "134213632 bytes", "truncated"],
+        ),
+        (
+            &dir.join("missing.snap"),
+            &mem,
+            vec!["missing.snap", "cannot open it"],
+        ),
+    ] {
+        refused(
+            &tsock,
+            "PUT",
+            "/snapshot/load",
+            load_body(file, memory),
+            &words,
+        );
+        assert_eq!(
+            request(&tsock, "GET", "/", "").json()["state"],
+            "Not started"
+        );
+    }
+    refused(
+        &tsock,
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}}),
+        &["Uffd"],
+    );
+    refused(
+        &tsock,
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": state}),
+        &["mem_backend: missing"],
+    );
+    ok(&tsock, "PUT", "/snapshot/load", load_body(&state, &mem));
+    target.wait_for(&[&format!("counter: {}", last + 3)], TIMEOUT);
+    refused(
+        &tsock,
+        "PUT",
+        "/snapshot/load",
+        load_body(&state, &mem),
+        &["only be done before the VM starts"],
+    );
+
+    // The source counted on all along.
+    let now = *counts(source.poll()).last().unwrap();
+    source.wait_for(&[&format!("counter: {}", now + 2)], TIMEOUT);
+    assert!(!source.seen.contains("FAIL") && !target.seen.contains("FAIL"));
+    std::fs::remove_dir_all(&dir).ok();
+}

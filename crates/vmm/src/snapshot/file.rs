@@ -1,0 +1,262 @@
+//! The two files of a snapshot.
+//!
+//! The state file: a 32-byte header, then the [`VmState`] as JSON (self-describing,
+//! so that a state struct may gain `#[serde(default)]` fields, see
+//! `vigil_devices::persist`):
+//!
+//! | bytes | what |
+//! |---|---|
+//! | 0..8 | `VIGILSNP` |
+//! | 8..12 | format version, u32 little-endian ([`FORMAT_VERSION`]) |
+//! | 12..16 | zero |
+//! | 16..24 | length of the state in bytes, u64 little-endian |
+//! | 24..32 | CRC-64/XZ of the state, u64 little-endian |
+//!
+//! The memory file: guest RAM, the ranges of [`VmState::memory`] one after the
+//! other; pages that are all zeros are holes (the file is sparse).
+//!
+//! Both are written to a temporary name beside the target and renamed over it
+//! once complete and synced, so that a failure (a full disk) leaves whatever was
+//! at the path before.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crc::{Crc, CRC_64_XZ};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::state::VmState;
+use crate::GuestMemoryMmap;
+
+/// What the state file starts with.
+pub const MAGIC: &[u8; 8] = b"VIGILSNP";
+/// The format this Vigil writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 32;
+/// A state is some KiB per vCPU and device; anything larger is not one of ours.
+const MAX_STATE_BYTES: u64 = 64 << 20;
+const CHECKSUM: Crc<u64> = Crc::<u64>::new(&CRC_64_XZ);
+/// Guest memory is copied out this much at a time.
+const CHUNK: usize = 1 << 20;
+const PAGE: usize = 4096;
+
+/// Why a snapshot file cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a Vigil snapshot (it does not start with VIGILSNP)")]
+    NotASnapshot { path: PathBuf },
+    #[error(
+        "{path}: snapshot format version {found}; this Vigil reads version {FORMAT_VERSION} only"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: the header says {said} bytes of state, {}", if *.said > MAX_STATE_BYTES { format!("more than the {MAX_STATE_BYTES} a snapshot can have") } else { format!("but the file holds {found}") })]
+    Length {
+        path: PathBuf,
+        said: u64,
+        found: u64,
+    },
+    #[error("{path}: the state's checksum is {found:#018x}, the header says {expected:#018x}: the file is corrupt")]
+    Checksum {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("{path}: state: {field}: {message}")]
+    State {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{path}: {found} bytes, but the snapshot's memory is {expected} bytes: the memory file is truncated or not this snapshot's")]
+    MemorySize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+}
+
+fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> FileError {
+    let path = path.to_owned();
+    move |source| FileError::Io { path, what, source }
+}
+
+/// The temporary name a file is written under before it is renamed to `path`.
+fn partial(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Writes `fill` into a new file at `path` through a temporary name, syncs it
+/// and renames it over `path`; on failure removes the temporary file.
+fn write_atomically(
+    path: &Path,
+    fill: impl FnOnce(&File, &Path) -> Result<(), FileError>,
+) -> Result<(), FileError> {
+    let tmp = partial(path);
+    let result = (|| {
+        let file = File::create(&tmp).map_err(io(&tmp, "cannot create it"))?;
+        fill(&file, &tmp)?;
+        file.sync_all().map_err(io(&tmp, "cannot sync it"))?;
+        std::fs::rename(&tmp, path).map_err(io(path, "cannot rename the finished file to it"))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes `state` to a state file at `path`.
+pub fn write_state(path: &Path, state: &VmState) -> Result<(), FileError> {
+    let body = serde_json::to_vec(state).map_err(|e| FileError::State {
+        path: path.to_owned(),
+        field: "(whole)".into(),
+        message: e.to_string(),
+    })?;
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&[0; 4]);
+    header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    header.extend_from_slice(&CHECKSUM.checksum(&body).to_le_bytes());
+    write_atomically(path, |mut file, tmp| {
+        file.write_all(&header)
+            .and_then(|()| file.write_all(&body))
+            .map_err(io(tmp, "cannot write the state"))
+    })
+}
+
+/// What a state file's header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub state_bytes: u64,
+    pub checksum: u64,
+}
+
+/// Reads and checks a state file: magic, version, length, checksum, then every
+/// field of the state. Nothing is built from it here.
+pub fn read_state(path: &Path) -> Result<(Header, VmState), FileError> {
+    let mut file = File::open(path).map_err(io(path, "cannot open it"))?;
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match file
+            .read(&mut header[got..])
+            .map_err(io(path, "cannot read it"))?
+        {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
+    if got < MAGIC.len() || &header[..8] != MAGIC {
+        return Err(FileError::NotASnapshot {
+            path: path.to_owned(),
+        });
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+    if got >= 12 && version != FORMAT_VERSION {
+        return Err(FileError::Version {
+            path: path.to_owned(),
+            found: version,
+        });
+    }
+    let file_len = file.metadata().map_err(io(path, "cannot stat it"))?.len();
+    let found = file_len.saturating_sub(HEADER_LEN as u64);
+    let said = if got == HEADER_LEN {
+        word(16)
+    } else {
+        u64::MAX
+    };
+    if got < HEADER_LEN || said > MAX_STATE_BYTES || said != found {
+        return Err(FileError::Length {
+            path: path.to_owned(),
+            said: said.min(MAX_STATE_BYTES + 1),
+            found,
+        });
+    }
+    let mut body = vec![0u8; said as usize];
+    file.read_exact(&mut body)
+        .map_err(io(path, "cannot read the state"))?;
+    let checksum = CHECKSUM.checksum(&body);
+    if checksum != word(24) {
+        return Err(FileError::Checksum {
+            path: path.to_owned(),
+            expected: word(24),
+            found: checksum,
+        });
+    }
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let state: VmState = serde_path_to_error::deserialize(de).map_err(|e| FileError::State {
+        path: path.to_owned(),
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
+    })?;
+    Ok((
+        Header {
+            version,
+            state_bytes: said,
+            checksum,
+        },
+        state,
+    ))
+}
+
+/// Writes guest RAM to a memory file at `path`, leaving holes for pages of
+/// zeros. Returns how many bytes it wrote (the rest are holes).
+pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<u64, FileError> {
+    let mut written = 0u64;
+    write_atomically(path, |file, tmp| {
+        let mut buf = vec![0u8; CHUNK];
+        let mut at = 0u64;
+        for region in mem.iter() {
+            let len = region.len() as usize;
+            let mut off = 0usize;
+            while off < len {
+                let n = CHUNK.min(len - off);
+                let slice = region
+                    .get_slice(MemoryRegionAddress(off as u64), n)
+                    .map_err(|e| FileError::Io {
+                        path: tmp.to_owned(),
+                        what: "cannot read guest memory",
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                slice.copy_to(&mut buf[..n]);
+                for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                    if page.iter().any(|&b| b != 0) {
+                        file.write_all_at(page, at + (off + i * PAGE) as u64)
+                            .map_err(io(tmp, "cannot write guest memory"))?;
+                        written += page.len() as u64;
+                    }
+                }
+                off += n;
+            }
+            at += len as u64;
+        }
+        file.set_len(at).map_err(io(tmp, "cannot size it"))
+    })?;
+    Ok(written)
+}
+
+/// Opens a memory file and checks that it holds `expected` bytes.
+pub fn open_memory(path: &Path, expected: u64) -> Result<File, FileError> {
+    let file = File::open(path).map_err(io(path, "cannot open it"))?;
+    let found = file.metadata().map_err(io(path, "cannot stat it"))?.len();
+    if found != expected {
+        return Err(FileError::MemorySize {
+            path: path.to_owned(),
+            expected,
+            found,
+        });
+    }
+    Ok(file)
+}
