@@ -16,11 +16,12 @@ use vigil_vmm::{RunState, VmControl};
 use crate::metrics::{metrics_line, MetricsError, MetricsSink, RequestCounts};
 use crate::model::{
     ActionType, BalloonStatsUpdate, BalloonUpdate, InstanceActionInfo, InstanceInfo,
-    MachineConfigUpdate, MemoryBackendType, PartialDrive, PartialNetworkInterface,
+    MachineConfigUpdate, MemoryBackendType, MigrationParams, PartialDrive, PartialNetworkInterface,
     SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmState, VmStateValue,
 };
 use crate::preboot::{PreBoot, PreBootError};
 use vigil_introspect::live::Introspector;
+use vigil_migration::{MigrationRequest, Migrator, Target, DEFAULT_DOWNTIME, DEFAULT_MAX_ROUNDS};
 use vigil_model::firecracker::{
     self, limit_update, merge_rate_limiter, Balloon, BootSource, Drive, Entropy, Logger,
     MachineConfig, Metrics, NetworkInterface, Vsock,
@@ -136,7 +137,12 @@ pub struct Api {
     /// into the guest) is served. Not under `inner`: it is attached while a
     /// request that started the VM may hold that lock.
     introspection: Mutex<Option<(Arc<Introspector>, bool)>>,
+    /// Migrates the running VM; set once it runs.
+    migrator: Mutex<Option<Arc<Migrator>>>,
 }
+
+/// Live migration of the running VM ([`Api::set_migrator`]).
+pub const MIGRATION_PATH: &str = "/vigil/migration";
 
 /// The resources Vigil answers, with the methods each accepts (for messages).
 pub const ROUTES: &[(&str, &str)] = &[
@@ -159,6 +165,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/logger", "PUT"),
     (OPENAPI_PATH, "GET"),
     (METRICS_SNAPSHOT_PATH, "GET"),
+    (MIGRATION_PATH, "GET, PUT, DELETE"),
 ];
 
 /// Firecracker resources Vigil does not have.
@@ -279,6 +286,7 @@ impl Api {
                 counts: RequestCounts::default(),
             }),
             introspection: Mutex::new(None),
+            migrator: Mutex::new(None),
             to_vmm: Mutex::new(to_vmm),
             logger_hook,
         })
@@ -304,6 +312,11 @@ impl Api {
     /// (`/vigil/debug/...`) that tests of the monitor use.
     pub fn set_introspector(&self, introspector: Arc<Introspector>, debug_api: bool) {
         *lock(&self.introspection) = Some((introspector, debug_api));
+    }
+
+    /// Serves `/vigil/migration` for the running VM.
+    pub fn set_migrator(&self, migrator: Arc<Migrator>) {
+        *lock(&self.migrator) = Some(migrator);
     }
 
     /// Configures logging as `PUT /logger` does.
@@ -397,6 +410,19 @@ impl Api {
                 None => Response::bad(format!(
                     "GET {METRICS_SNAPSHOT_PATH}: the VM has not started; it has no counters yet"
                 )),
+            },
+            ("PUT", MIGRATION_PATH) => match body::<MigrationParams>(method, path, bytes) {
+                Ok(p) => self.migrate(method, path, p),
+                Err(r) => r,
+            },
+            ("GET", MIGRATION_PATH) => match lock(&self.migrator).as_ref() {
+                Some(m) => Response::json(&m.status()),
+                None => before_start(method, path),
+            },
+            ("DELETE", MIGRATION_PATH) => match lock(&self.migrator).as_ref() {
+                Some(m) if m.cancel() => Response::no_content(),
+                Some(_) => Response::bad(format!("{method} {path}: no migration is under way")),
+                None => before_start(method, path),
             },
             ("GET", OPENAPI_PATH) => Response {
                 status: 200,
@@ -650,6 +676,38 @@ impl Api {
                 "{method} {path}: InstanceStart: cannot start the VM: {e}"
             )),
             Err(_) => Response::error(500, "InstanceStart: the VMM thread ended without an answer"),
+        }
+    }
+
+    /// `PUT /vigil/migration`: starts moving the running VM; `GET` follows it.
+    fn migrate(&self, method: &str, path: &str, p: MigrationParams) -> Response {
+        let bad = |why: String| Response::bad(format!("{method} {path}: {why}"));
+        let Some(migrator) = lock(&self.migrator).clone() else {
+            return before_start(method, path);
+        };
+        let destination = match p.destination.parse::<Target>() {
+            Ok(t) => t,
+            Err(e) => return bad(format!("destination {e}")),
+        };
+        if p.token.is_empty() {
+            return bad("token \"\": give the destination's --migration-token".into());
+        }
+        if p.downtime_ms == Some(0) || p.max_rounds == Some(0) || p.bandwidth_mib_s == Some(0) {
+            return bad("downtime_ms, bandwidth_mib_s and max_rounds are at least 1".into());
+        }
+        let request = MigrationRequest {
+            destination,
+            token: p.token,
+            downtime: p
+                .downtime_ms
+                .map_or(DEFAULT_DOWNTIME, std::time::Duration::from_millis),
+            bandwidth: p.bandwidth_mib_s.map(|m| m << 20),
+            max_rounds: p.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
+            auto_converge: p.auto_converge.unwrap_or(true),
+        };
+        match migrator.start(request) {
+            Ok(()) => Response::no_content(),
+            Err(e) => bad(e.to_string()),
         }
     }
 

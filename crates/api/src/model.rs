@@ -154,6 +154,25 @@ pub enum MemoryBackendType {
     Uffd,
 }
 
+/// `PUT /vigil/migration`: move the running VM to a waiting Vigil.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationParams {
+    /// `tcp:HOST:PORT` or `unix:PATH`, where `vigil run --migrate-from` waits.
+    pub destination: String,
+    /// The destination's `--migration-token`.
+    pub token: String,
+    /// The longest pause at the end, predicted (default 100).
+    pub downtime_ms: Option<u64>,
+    /// At most this many MiB per second (default: no limit).
+    pub bandwidth_mib_s: Option<u64>,
+    /// Pre-copy rounds at most (default 30).
+    pub max_rounds: Option<u32>,
+    /// Slow the vCPUs when the guest dirties memory faster than it is sent
+    /// (default true).
+    pub auto_converge: Option<bool>,
+}
+
 /// `GET /`.
 #[derive(Clone, Debug, Serialize)]
 pub struct InstanceInfo {

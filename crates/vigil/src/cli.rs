@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use vigil_migration::Target;
 use vigil_model::config::{
     BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, HugePages,
     IntrospectConfig, KernelImage, MachineConfig, NetConfig, OnCrash, RateLimit, VmConfig,
@@ -26,7 +27,8 @@ macro_rules! exit_status_help {
     () => {
         "\
 Exit status:
-  0        the guest powered off (ACPI), reset the machine, or wrote 0 to the debug-exit port
+  0        the guest powered off (ACPI), reset the machine, or wrote 0 to the debug-exit
+           port; or the VM migrated away
   1        the VMM failed (bad input, KVM error); the message names the value at fault
   2        the command line could not be parsed
   3        the guest crashed (triple fault, KVM internal or emulation error); a report with
@@ -139,6 +141,21 @@ pub struct RunArgs {
     /// vigil run --api-sock /tmp/vm.sock & curl --unix-socket /tmp/vm.sock http://localhost/
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+
+    /// Receive a VM from another Vigil instead of booting one: listen on TARGET
+    /// (tcp:HOST:PORT, or unix:PATH for a local upgrade) for a source that
+    /// presents --migration-token (the source is told with PUT
+    /// /vigil/migration {"destination": TARGET, "token": TOKEN}). A failed
+    /// attempt (a wrong token, a corrupt or cut stream) is logged and the wait
+    /// goes on; the VM runs here once the source has stopped its own. With
+    /// --api-sock, the API serves the VM once it runs. Example:
+    /// vigil run --migrate-from tcp:0.0.0.0:4444 --migration-token "$(openssl rand -hex 16)"
+    #[arg(long, value_name = "TARGET", requires = "migration_token")]
+    pub migrate_from: Option<Target>,
+
+    /// The one-time token a migration source must present (with --migrate-from).
+    #[arg(long, value_name = "TOKEN", requires = "migrate_from")]
+    pub migration_token: Option<String>,
 
     /// Boot the VM described by a Firecracker configuration file (JSON with the
     /// keys "boot-source", "machine-config", "drives", "network-interfaces",
@@ -498,7 +515,29 @@ impl RunArgs {
         // The flags describe the VM unless a file or the API does.
         let from_flags =
             self.config_file.is_none() && (self.kernel.is_some() || self.api_sock.is_none());
-        let launch = if let Some(file) = &self.config_file {
+        let launch = if let Some(from) = self.migrate_from.clone() {
+            if let Some(option) = self.vm_options_given().first() {
+                anyhow::bail!(
+                    "{option} with --migrate-from {from}: the VM comes from the source as it is there"
+                );
+            }
+            if let Some(file) = &self.config_file {
+                anyhow::bail!(
+                    "--config-file {} with --migrate-from {from}: the VM comes from the source",
+                    file.display()
+                );
+            }
+            Launch {
+                api_sock: self.api_sock.clone(),
+                id,
+                boot_now: None,
+                pre: Default::default(),
+                logger: None,
+                metrics,
+                overrides,
+                incoming: Some((from, self.migration_token.clone().unwrap_or_default())),
+            }
+        } else if let Some(file) = &self.config_file {
             if let Some(option) = self.vm_options_given().first() {
                 anyhow::bail!(
                     "{option} with --config-file {}: the file describes the VM; put it there",
@@ -521,6 +560,7 @@ impl RunArgs {
                 logger,
                 metrics: file_metrics.or(metrics),
                 overrides,
+                incoming: None,
             }
         } else {
             let waits = self.api_sock.is_some() && self.kernel.is_none();
@@ -539,6 +579,7 @@ impl RunArgs {
                 logger: None,
                 metrics,
                 overrides,
+                incoming: None,
             }
         };
         let result = crate::launch::launch(launch, logging);
@@ -655,6 +696,10 @@ pub(crate) fn exit_code(outcome: VmOutcome, describe: &dyn Fn(u64) -> Option<Str
         VmOutcome::Failed(e) => {
             eprintln!("vigil: error: {e}");
             ExitCode::from(EXIT_ERROR)
+        }
+        VmOutcome::Migrated(to) => {
+            eprintln!("vigil: the VM migrated to {to} and runs there now");
+            ExitCode::SUCCESS
         }
     }
 }

@@ -162,6 +162,7 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
             .map_err(|e| anyhow!("--log-path/--level: {e}"))?;
     }
     let mut launch = Launch {
+        incoming: None,
         api_sock: (!args.no_api).then_some(args.api_sock),
         id: args.id,
         boot_now: None,

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use vigil_api::preboot::PreBoot;
 use vigil_api::{Api, SnapshotLoad, StartError, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::SyscallFilter;
+use vigil_migration::{Migrator, Target};
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
 use vigil_model::config::{
     BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash, VmConfig,
@@ -111,6 +113,8 @@ pub struct Launch {
     pub logger: Option<Logger>,
     pub metrics: Option<Metrics>,
     pub overrides: Overrides,
+    /// Receive the VM by migration (`--migrate-from`), with this token.
+    pub incoming: Option<(Target, String)>,
 }
 
 /// Reads a Firecracker configuration file into what [`Launch`] needs: the
@@ -175,6 +179,9 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
 
     // SIGINT/SIGTERM: before the VM starts they end the process; after, the VM.
     let stop_slot: Arc<Mutex<Option<StopHandle>>> = Arc::new(Mutex::new(None));
+    // Set by a signal before the VM starts: a wait for a migration ends.
+    let stopped_waiting = Arc::new(AtomicI32::new(0));
+    let stopped = stopped_waiting.clone();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
         .context("cannot install signal handlers")?;
     let signals_handle = signals.handle();
@@ -186,6 +193,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                 match slot.lock().ok().and_then(|s| s.clone()) {
                     Some(stop) => stop.stop(signal),
                     None => {
+                        stopped.store(signal, Ordering::Release);
                         let _ = to_vmm.send(ToVmm::Stop(signal));
                     }
                 }
@@ -198,54 +206,113 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
-    let (running, _terminal, introspector) = match l.boot_now {
-        Some(mut config) => {
-            l.overrides.apply(&mut config);
-            // A BuildError stays one: the CLI names its field after the flag
-            // (`cli::named_as_flags`).
-            let (running, terminal) = start(&config).map_err(|e| match e {
-                StartError::Build(e) => anyhow::Error::from(e),
-                e => e.into(),
-            })?;
+    let (running, _terminal, introspector) = match (l.boot_now, &l.incoming) {
+        (None, Some((from, token))) => {
+            let listener = from
+                .listen()
+                .with_context(|| format!("--migrate-from {from}: cannot listen there"))?;
+            eprintln!(
+                "vigil: waiting for a VM to migrate here, on {}",
+                listener.local()
+            );
+            let stop = AtomicBool::new(false);
+            let watch = || {
+                stop.store(
+                    stopped_waiting.load(Ordering::Acquire) != 0,
+                    Ordering::Release,
+                )
+            };
+            let received = std::thread::scope(|scope| {
+                let waiter = scope.spawn(|| {
+                    vigil_migration::receive(
+                        &listener,
+                        token,
+                        &l.overrides.console,
+                        l.overrides.on_crash,
+                        &|e| eprintln!("vigil: a migration attempt failed: {e}; still waiting"),
+                        &stop,
+                    )
+                });
+                while !waiter.is_finished() {
+                    watch();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                waiter.join()
+            });
+            let running = match received {
+                Ok(Ok(running)) => running,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    let signal = stopped_waiting.load(Ordering::Acquire);
+                    signals_handle.close();
+                    drop(server);
+                    eprintln!("vigil: stopped by signal {signal} before a VM arrived");
+                    return Ok(ExitCode::from(128 + signal as u8));
+                }
+                Ok(Err(e)) => return Err(anyhow!("--migrate-from {from}: {e}")),
+                Err(_) => {
+                    return Err(anyhow!(
+                        "--migrate-from {from}: the receiving thread failed"
+                    ))
+                }
+            };
+            eprintln!("vigil: the VM arrived and runs here");
             if let Ok(mut s) = stop_slot.lock() {
                 *s = Some(running.stop_handle());
             }
             let introspector = attach_introspection(&api, &running, &l.overrides.introspect);
             api.set_running(running.control());
-            (running, terminal, introspector)
+            (running, None, introspector)
         }
-        None => loop {
-            let (started, reply) = match from_api.recv() {
-                Ok(ToVmm::Start { config, reply }) => {
-                    let mut config = *config;
-                    l.overrides.apply(&mut config);
-                    (start(&config), reply)
+        (boot_now, _) => match boot_now {
+            Some(mut config) => {
+                l.overrides.apply(&mut config);
+                // A BuildError stays one: the CLI names its field after the flag
+                // (`cli::named_as_flags`).
+                let (running, terminal) = start(&config).map_err(|e| match e {
+                    StartError::Build(e) => anyhow::Error::from(e),
+                    e => e.into(),
+                })?;
+                if let Ok(mut s) = stop_slot.lock() {
+                    *s = Some(running.stop_handle());
                 }
-                Ok(ToVmm::Restore { load, reply }) => (restore(&load, &l.overrides), reply),
-                Ok(ToVmm::Stop(signal)) => {
-                    signals_handle.close();
-                    drop(server);
-                    eprintln!("vigil: stopped by signal {signal} before the VM started");
-                    return Ok(ExitCode::from(128 + signal as u8));
-                }
-                Err(_) => return Err(anyhow!("the API thread ended")),
-            };
-            match started {
-                Ok((running, terminal)) => {
-                    if let Ok(mut s) = stop_slot.lock() {
-                        *s = Some(running.stop_handle());
-                    }
-                    let introspector =
-                        attach_introspection(&api, &running, &l.overrides.introspect);
-                    let _ = reply.send(Ok(running.control()));
-                    break (running, terminal, introspector);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
+                let introspector = attach_introspection(&api, &running, &l.overrides.introspect);
+                api.set_running(running.control());
+                (running, terminal, introspector)
             }
+            None => loop {
+                let (started, reply) = match from_api.recv() {
+                    Ok(ToVmm::Start { config, reply }) => {
+                        let mut config = *config;
+                        l.overrides.apply(&mut config);
+                        (start(&config), reply)
+                    }
+                    Ok(ToVmm::Restore { load, reply }) => (restore(&load, &l.overrides), reply),
+                    Ok(ToVmm::Stop(signal)) => {
+                        signals_handle.close();
+                        drop(server);
+                        eprintln!("vigil: stopped by signal {signal} before the VM started");
+                        return Ok(ExitCode::from(128 + signal as u8));
+                    }
+                    Err(_) => return Err(anyhow!("the API thread ended")),
+                };
+                match started {
+                    Ok((running, terminal)) => {
+                        if let Ok(mut s) = stop_slot.lock() {
+                            *s = Some(running.stop_handle());
+                        }
+                        let introspector =
+                            attach_introspection(&api, &running, &l.overrides.introspect);
+                        let _ = reply.send(Ok(running.control()));
+                        break (running, terminal, introspector);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            },
         },
     };
+    api.set_migrator(Migrator::new(running.control(), running.inspect()));
     // Only where metrics are configured, or may be through the API.
     let flusher = if api.metrics_configured() || server.is_some() {
         Some(spawn_metrics_flusher(api.clone())?)

@@ -40,6 +40,7 @@ use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::device_manager::DeviceManager;
 use crate::snapshot::file::{self as snapshot_file, FileError};
+use crate::snapshot::memory_ranges;
 use crate::snapshot::state::{MemoryRange, SavedMachine, VmState};
 use crate::symbols::KernelSymbols;
 use crate::vm::Vm;
@@ -395,14 +396,52 @@ pub fn restore(
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<Vm, BuildError> {
-    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     let (_, state) = snapshot_file::read_state(state_path)?;
-    check_machine(&state, &kvm)?;
-    check_cpu_features(&state, &kvm)?;
+    check_machine(&state, &Kvm::new().map_err(BuildError::Kvm)?)?;
     let memory_bytes: u64 = state.memory.iter().map(|r| r.bytes).sum();
     let file = snapshot_file::open_memory(memory_path, memory_bytes)?;
     let mem = memory_from_file(&state.memory, file)?;
-    // Huge pages do not apply to a file mapping.
+    tracing::info!(
+        snapshot = %state_path.display(),
+        memory = %memory_path.display(),
+        "restoring a snapshot"
+    );
+    restore_with_memory(state, mem, Some(memory_path), console, on_crash)
+}
+
+/// Guest RAM for a VM that arrives by migration: the ranges `state` will say,
+/// zeroed, written as pages come.
+pub fn memory_for(ranges: &[MemoryRange]) -> Result<GuestMemoryMmap, BuildError> {
+    let total: u64 = ranges.iter().map(|r| r.bytes).sum();
+    let ranges: Vec<_> = ranges
+        .iter()
+        .map(|r| (vm_memory::GuestAddress(r.guest_address), r.bytes as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::Memory {
+        mib: total >> 20,
+        detail: e.to_string(),
+    })
+}
+
+/// Builds back the VM `state` describes around `mem`, which already holds its
+/// memory (a snapshot's file mapped privately, named by `memory_file`, or pages
+/// received by migration). As [`restore`] otherwise.
+pub fn restore_with_memory(
+    state: VmState,
+    mem: GuestMemoryMmap,
+    memory_file: Option<&Path>,
+    console: &ConsoleConfig,
+    on_crash: OnCrash,
+) -> Result<Vm, BuildError> {
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    check_machine(&state, &kvm)?;
+    check_cpu_features(&state, &kvm)?;
+    if memory_ranges(&mem) != state.memory {
+        return Err(mismatch("memory", "not the guest memory given"));
+    }
+    let memory_bytes: u64 = state.memory.iter().map(|r| r.bytes).sum();
+    // 4 KiB pages: a file mapping has no huge pages, and received memory is
+    // written page by page.
     let vm_fd = create_vm(&kvm, &mem, HugePages::None)?;
     persist::check_xsave_size(&vm_fd)?;
 
@@ -442,8 +481,6 @@ pub fn restore(
     let mut subscribers = legacy.subscribers;
     subscribers.extend(virtio.subscribers);
     tracing::info!(
-        snapshot = %state_path.display(),
-        memory = %memory_path.display(),
         saved_by = %state.vigil_version,
         vcpus = m.vcpu_count,
         memory_mib = m.mem_size_mib,
@@ -468,7 +505,7 @@ pub fn restore(
         devices: virtio.handles,
         transports: virtio.transports,
         machine: state.machine,
-        memory_file: Some(memory_path.to_owned()),
+        memory_file: memory_file.map(Path::to_path_buf),
         msr_guard: Default::default(),
         on_crash,
     })

@@ -18,9 +18,10 @@ use vigil_model::config::BalloonConfig;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::DeviceHandles;
-use crate::snapshot::{SnapshotError, SnapshotInfo, SnapshotSources};
+use crate::snapshot::{SnapshotError, SnapshotInfo, SnapshotSources, VmState};
 use crate::vstate::inspect::{self, MAX_BREAKPOINTS};
 use crate::vstate::threads::VcpuThreads;
+use crate::GuestMemoryMmap;
 use crate::VmEvent;
 
 /// Lets another thread (a signal handler thread, an API server) stop the VM.
@@ -313,6 +314,29 @@ impl VmControl {
             return Err(SnapshotError::NotPaused);
         }
         self.snapshot.save(&self.vcpus, state_path, mem_path)
+    }
+
+    /// The paused VM's state, and `with_memory` run on its guest memory while
+    /// its devices are held, so that no device writes guest memory meanwhile:
+    /// what migration's last round sends. The VM stays paused.
+    pub fn capture<T>(
+        &self,
+        with_memory: impl FnOnce(&GuestMemoryMmap) -> Result<T, SnapshotError>,
+    ) -> Result<(VmState, T), SnapshotError> {
+        let _op = lock(&self.op);
+        if self.stop.load(Ordering::Acquire) {
+            return Err(ControlError::Stopping.into());
+        }
+        if !self.vcpus.gate.requested() {
+            return Err(SnapshotError::NotPaused);
+        }
+        self.snapshot.capture(&self.vcpus, with_memory)
+    }
+
+    /// Ends this VM because it now runs at `destination` (a migration that the
+    /// destination confirmed): the VM ends as [`crate::VmOutcome::Migrated`].
+    pub fn end_migrated(&self, destination: String) {
+        let _ = self.stop_handle.0.send(VmEvent::Migrated(destination));
     }
 
     /// A handle on the VM's counters, to take snapshots.

@@ -61,4 +61,6 @@ pub enum VmEvent {
     },
     /// The VMM was asked to stop (by a signal, or by an API later).
     Stop(i32),
+    /// The VM migrated: it runs at this destination now.
+    Migrated(String),
 }

@@ -87,6 +87,8 @@ pub enum VmOutcome {
     Stopped(i32),
     /// The VMM failed while running the VM.
     Failed(String),
+    /// The VM migrated and runs at this destination now.
+    Migrated(String),
 }
 
 /// A running VM. It hands out two handles: [`VmControl`] (lifecycle) to the API
@@ -321,6 +323,7 @@ impl RunningVm {
                     VmOutcome::Failed(format!("vCPU {vcpu}: {error}"))
                 }
                 Ok(VmEvent::Stop(signal)) => VmOutcome::Stopped(signal),
+                Ok(VmEvent::Migrated(to)) => VmOutcome::Migrated(to),
                 Err(_) => VmOutcome::Failed("every vCPU thread ended without a reason".into()),
             };
             break outcome;

@@ -67,7 +67,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The guest RAM ranges of `mem`, in order.
-pub(crate) fn memory_ranges(mem: &GuestMemoryMmap) -> Vec<MemoryRange> {
+pub fn memory_ranges(mem: &GuestMemoryMmap) -> Vec<MemoryRange> {
     mem.iter()
         .map(|r| MemoryRange {
             guest_address: r.start_addr().raw_value(),
@@ -85,20 +85,14 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 impl SnapshotSources {
-    /// Saves the VM (paused by the caller, whose vCPU threads run `call_each`)
-    /// to `state_path` and `mem_path`.
-    pub(crate) fn save(
+    /// Captures the paused VM's state, and with its devices still held (none
+    /// can write guest memory meanwhile) runs `with_memory`, which saves or
+    /// sends guest memory: state and memory are of the same instant.
+    pub(crate) fn capture<T>(
         &self,
         vcpus: &crate::vstate::threads::VcpuThreads,
-        state_path: &Path,
-        mem_path: &Path,
-    ) -> Result<SnapshotInfo, SnapshotError> {
-        let start = Instant::now();
-        if let Some(source) = &self.memory_file {
-            if same_file(source, mem_path) {
-                return Err(SnapshotError::MemoryIsSource(mem_path.to_owned()));
-            }
-        }
+        with_memory: impl FnOnce(&GuestMemoryMmap) -> Result<T, SnapshotError>,
+    ) -> Result<(VmState, T), SnapshotError> {
         let vm_fd = self.vm_fd.upgrade().ok_or(ControlError::Stopping)?;
         persist::check_xsave_size(&vm_fd)?;
         let msr_list = Kvm::new()
@@ -113,7 +107,7 @@ impl SnapshotSources {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         // The device event loop may be in the middle of a request: holding every
-        // transport keeps it out of the queues and guest memory until both saved.
+        // transport keeps it out of the queues and guest memory until both taken.
         let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
         let virtio = transports.iter().map(|t| t.state()).collect();
         let state = VmState {
@@ -126,8 +120,27 @@ impl SnapshotSources {
             i8042: lock(&self.i8042).save(),
             virtio,
         };
-        let memory_written = file::write_memory(mem_path, &self.mem)?;
+        let memory = with_memory(&self.mem)?;
         drop(transports);
+        Ok((state, memory))
+    }
+
+    /// Saves the VM (paused by the caller, whose vCPU threads run `call_each`)
+    /// to `state_path` and `mem_path`.
+    pub(crate) fn save(
+        &self,
+        vcpus: &crate::vstate::threads::VcpuThreads,
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let start = Instant::now();
+        if let Some(source) = &self.memory_file {
+            if same_file(source, mem_path) {
+                return Err(SnapshotError::MemoryIsSource(mem_path.to_owned()));
+            }
+        }
+        let (state, memory_written) =
+            self.capture(vcpus, |mem| Ok(file::write_memory(mem_path, mem)?))?;
         file::write_state(state_path, &state)?;
         let state_bytes = std::fs::metadata(state_path).map_or(0, |m| m.len());
         Ok(SnapshotInfo {

@@ -1,0 +1,488 @@
+//! The source side: pre-copy rounds over the dirty log until what is left to
+//! send fits the downtime target, then the VM paused, the last pages and its
+//! state sent, and the VM ended here once the destination runs it.
+//!
+//! Round 0 sends every page that is not all zeros (the destination's memory
+//! starts zeroed). Each later round sends the pages written since the previous
+//! one (a page that became all zeros as a `Zeros` entry). Before a round, the
+//! time its pages would take at the measured bandwidth is the predicted
+//! downtime: when it fits the target (or the rounds run out), the VM is paused
+//! and that round is the last. When the guest dirties memory faster than half
+//! the link carries, auto-converge holds the vCPUs paused for a growing share of
+//! each 100 ms (20% more each round, at most 80%).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vigil_vmm::snapshot::{memory_ranges, SnapshotError};
+use vigil_vmm::{ControlError, DirtyLog, DirtyLogError, GuestMemoryMmap, VmControl, VmInspect};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::target::{Stream, Target};
+use crate::wire::{self, Kind, WireError, PAGE};
+
+/// What to migrate where, and how.
+#[derive(Clone, Debug)]
+pub struct MigrationRequest {
+    pub destination: Target,
+    /// The destination's one-time token.
+    pub token: String,
+    /// The longest the VM may be paused at the end (predicted).
+    pub downtime: Duration,
+    /// Bytes per second at most; `None`: as fast as the link goes.
+    pub bandwidth: Option<u64>,
+    /// Pre-copy rounds at most before the VM is paused whatever is left.
+    pub max_rounds: u32,
+    /// Throttle the vCPUs when the guest dirties memory faster than it is sent.
+    pub auto_converge: bool,
+}
+
+/// Default downtime target.
+pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(100);
+/// Default round limit.
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+
+/// Where a migration stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Idle,
+    Connecting,
+    Precopy,
+    Stopped,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// Progress, as `GET /vigil/migration` shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrationStatus {
+    pub state: Phase,
+    pub destination: String,
+    pub round: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    /// Pages sent as all zeros (no data).
+    pub zero_pages: u64,
+    /// Dirty bytes at the last round's start.
+    pub remaining_bytes: u64,
+    pub dirty_rate_bytes_per_s: u64,
+    pub bandwidth_bytes_per_s: u64,
+    pub predicted_downtime_ms: u64,
+    /// Share of time auto-converge holds the vCPUs paused.
+    pub throttle_percent: u32,
+    /// From the pause to the destination's confirmation (source's clock).
+    pub downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
+    #[error("cannot read guest memory at {0:#x}")]
+    Memory(u64),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the destination did not confirm it runs the VM ({0}); the VM is kept here, paused, since it may run there: check the destination before resuming it")]
+    Unconfirmed(String),
+    #[error("a migration is already under way")]
+    Busy,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Migrates one VM, at most one migration at a time.
+pub struct Migrator {
+    control: VmControl,
+    inspect: VmInspect,
+    status: Arc<Mutex<MigrationStatus>>,
+    cancel: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Migrator {
+    pub fn new(control: VmControl, inspect: VmInspect) -> Arc<Self> {
+        Arc::new(Self {
+            control,
+            inspect,
+            status: Arc::default(),
+            cancel: Arc::default(),
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// Starts migrating in the background; [`Migrator::status`] follows it.
+    pub fn start(self: &Arc<Self>, request: MigrationRequest) -> Result<(), MigrationError> {
+        let mut thread = lock(&self.thread);
+        if thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            return Err(MigrationError::Busy);
+        }
+        self.cancel.store(false, Ordering::Release);
+        *lock(&self.status) = MigrationStatus {
+            state: Phase::Connecting,
+            destination: request.destination.to_string(),
+            ..Default::default()
+        };
+        let me = self.clone();
+        *thread = Some(
+            std::thread::Builder::new()
+                .name("migration".into())
+                .spawn(move || {
+                    if let Err(e) = me.run(&request) {
+                        tracing::error!(destination = %request.destination, "migration failed: {e}");
+                    }
+                })
+                .map_err(|e| MigrationError::Connect {
+                    target: "a migration thread".into(),
+                    source: e,
+                })?,
+        );
+        Ok(())
+    }
+
+    /// Where the current (or last) migration stands.
+    pub fn status(&self) -> MigrationStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Asks the migration under way to stop; false when none is. A migration
+    /// whose destination already took over is not undone.
+    pub fn cancel(&self) -> bool {
+        let under_way = lock(&self.thread)
+            .as_ref()
+            .is_some_and(|t| !t.is_finished());
+        self.cancel.store(true, Ordering::Release);
+        under_way
+    }
+
+    /// Migrates now, on this thread; the status says how it ended.
+    pub fn run(&self, request: &MigrationRequest) -> Result<(), MigrationError> {
+        let started = Instant::now();
+        let result = self.migrate(request, started);
+        let mut status = lock(&self.status);
+        status.total_ms = Some(started.elapsed().as_millis() as u64);
+        match &result {
+            Ok(()) => status.state = Phase::Completed,
+            Err(MigrationError::Cancelled) => status.state = Phase::Cancelled,
+            Err(e) => {
+                status.state = Phase::Failed;
+                status.error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut lock(&self.status));
+    }
+
+    fn migrate(&self, request: &MigrationRequest, started: Instant) -> Result<(), MigrationError> {
+        let target = request.destination.to_string();
+        let mut stream =
+            request
+                .destination
+                .connect()
+                .map_err(|source| MigrationError::Connect {
+                    target: target.clone(),
+                    source,
+                })?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(WireError::Io)?;
+        wire::write(&mut stream, Kind::Hello, &wire::hello(&request.token))?;
+        wire::read_answer(&mut stream)?.map_err(MigrationError::Refused)?;
+        let mem = self.inspect.guest_memory();
+        let begin = serde_json::to_vec(&memory_ranges(&mem)).unwrap_or_default();
+        let mut out = Out {
+            stream: &mut stream,
+            limit: request.bandwidth,
+            started: Instant::now(),
+            sent: 0,
+            cancel: &self.cancel,
+        };
+        out.frame(Kind::Begin, &begin)?;
+        self.update(|s| s.state = Phase::Precopy);
+
+        let reader = self.inspect.dirty_log().subscribe()?;
+        let mut log = reader.take()?;
+        let mut last_take = Instant::now();
+        let mut throttle: Option<Throttle> = None;
+        let mut round = 0u32;
+        loop {
+            let (t0, b0) = (Instant::now(), out.sent);
+            let counts = send_pages(&mut out, &mem, &log, round == 0)?;
+            let took = t0.elapsed().as_secs_f64().max(1e-6);
+            let bandwidth = ((out.sent - b0) as f64 / took).max(1.0);
+            round += 1;
+            log = reader.take()?;
+            let interval = last_take.elapsed().as_secs_f64().max(1e-6);
+            last_take = Instant::now();
+            let dirty_bytes = log.count() as u64 * PAGE as u64;
+            let dirty_rate = dirty_bytes as f64 / interval;
+            let predicted = Duration::from_secs_f64(dirty_bytes as f64 / bandwidth);
+            self.update(|s| {
+                s.round = round;
+                s.bytes_sent = out.sent;
+                s.pages_sent += counts.pages;
+                s.zero_pages += counts.zeros;
+                s.remaining_bytes = dirty_bytes;
+                s.dirty_rate_bytes_per_s = dirty_rate as u64;
+                s.bandwidth_bytes_per_s = bandwidth as u64;
+                s.predicted_downtime_ms = predicted.as_millis() as u64;
+            });
+            tracing::info!(
+                round,
+                dirty_bytes,
+                dirty_rate,
+                bandwidth,
+                ?predicted,
+                "pre-copy round"
+            );
+            if predicted <= request.downtime || round >= request.max_rounds {
+                break;
+            }
+            if request.auto_converge && round >= 2 && dirty_rate > bandwidth / 2.0 {
+                let t = throttle.get_or_insert_with(|| Throttle::start(self.control.clone()));
+                let percent = t.raise();
+                self.update(|s| s.throttle_percent = percent);
+            }
+        }
+        drop(throttle);
+
+        // The last round, with the VM paused.
+        let paused_at = Instant::now();
+        self.control.pause()?;
+        self.update(|s| s.state = Phase::Stopped);
+        let result = self.stop_and_copy(&mut out, &reader, &log);
+        let confirmed = match result {
+            Ok(()) => {
+                wire::write(out.stream, Kind::Commit, &[])?;
+                match wire::expect(out.stream, Kind::Running) {
+                    Ok(_) => Ok(()),
+                    Err(e) => return Err(MigrationError::Unconfirmed(e.to_string())),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = confirmed {
+            // Nothing ran at the destination: the VM goes on here.
+            if let Err(r) = self.control.resume() {
+                tracing::error!("after a failed migration, resuming the VM: {r}");
+            }
+            if !matches!(e, MigrationError::Cancelled) {
+                let _ = wire::write(out.stream, Kind::Cancel, e.to_string().as_bytes());
+            }
+            return Err(e);
+        }
+        let downtime = paused_at.elapsed();
+        self.update(|s| {
+            s.downtime_ms = Some(downtime.as_millis() as u64);
+            s.bytes_sent = out.sent;
+        });
+        tracing::info!(
+            destination = %target,
+            ?downtime,
+            total = ?started.elapsed(),
+            bytes = out.sent,
+            "migrated"
+        );
+        self.control.end_migrated(target);
+        Ok(())
+    }
+
+    /// With the VM paused: the pages of the last round and those written since,
+    /// then the state, and the destination's word that it built the VM.
+    fn stop_and_copy(
+        &self,
+        out: &mut Out<'_>,
+        reader: &vigil_vmm::DirtyReader,
+        pending: &DirtyLog,
+    ) -> Result<(), MigrationError> {
+        let (state, counts) = self.control.capture(|mem| {
+            // Infallible for the capture: what failed here is the migration's.
+            Ok(send_pages(out, mem, pending, false).and_then(|a| {
+                let last = reader.take()?;
+                let b = send_pages(out, mem, &last, false)?;
+                Ok(Counts {
+                    pages: a.pages + b.pages,
+                    zeros: a.zeros + b.zeros,
+                })
+            }))
+        })?;
+        let counts = counts?;
+        self.update(|s| {
+            s.pages_sent += counts.pages;
+            s.zero_pages += counts.zeros;
+        });
+        let state = serde_json::to_vec(&state).map_err(|e| WireError::Payload {
+            kind: Kind::State,
+            why: format!("cannot encode the state: {e}"),
+        })?;
+        out.frame(Kind::State, &state)?;
+        wire::read_answer(out.stream)?.map_err(MigrationError::Refused)?;
+        Ok(())
+    }
+}
+
+/// The stream, paced to the bandwidth limit, counting bytes, watching for a
+/// cancel.
+struct Out<'a> {
+    stream: &'a mut Box<dyn Stream>,
+    limit: Option<u64>,
+    started: Instant,
+    sent: u64,
+    cancel: &'a AtomicBool,
+}
+
+impl Out<'_> {
+    fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+        if self.cancel.load(Ordering::Acquire) {
+            return Err(MigrationError::Cancelled);
+        }
+        wire::write(self.stream, kind, payload)?;
+        self.sent += payload.len() as u64 + 9;
+        if let Some(limit) = self.limit.filter(|&l| l > 0) {
+            let due = Duration::from_secs_f64(self.sent as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Counts {
+    pages: u64,
+    zeros: u64,
+}
+
+/// Pages in one `Pages` frame at most.
+const RUN: usize = 256;
+/// Addresses in one `Zeros` frame at most.
+const ZEROS: usize = 8192;
+
+/// Sends the dirty pages of `log`: runs of pages with data as `Pages`, pages of
+/// zeros as `Zeros` (or not at all with `skip_zeros`: the destination's memory
+/// starts zeroed).
+fn send_pages(
+    out: &mut Out<'_>,
+    mem: &GuestMemoryMmap,
+    log: &DirtyLog,
+    skip_zeros: bool,
+) -> Result<Counts, MigrationError> {
+    let mut counts = Counts::default();
+    let mut run: Vec<u8> = Vec::with_capacity(8 + RUN * PAGE);
+    let mut run_next = 0u64;
+    let mut zeros: Vec<u8> = Vec::new();
+    let mut page = [0u8; PAGE];
+    let flush_run = |out: &mut Out<'_>, run: &mut Vec<u8>| -> Result<(), MigrationError> {
+        if run.len() > 8 {
+            out.frame(Kind::Pages, run)?;
+        }
+        run.clear();
+        Ok(())
+    };
+    for gpa in log.dirty_pages() {
+        mem.read_slice(&mut page, GuestAddress(gpa))
+            .map_err(|_| MigrationError::Memory(gpa))?;
+        if page.iter().all(|&b| b == 0) {
+            if !skip_zeros {
+                zeros.extend_from_slice(&gpa.to_le_bytes());
+                counts.zeros += 1;
+                if zeros.len() >= ZEROS * 8 {
+                    out.frame(Kind::Zeros, &zeros)?;
+                    zeros.clear();
+                }
+            }
+            continue;
+        }
+        if run.len() > 8 && (gpa != run_next || run.len() >= 8 + RUN * PAGE) {
+            flush_run(out, &mut run)?;
+        }
+        if run.is_empty() {
+            run.extend_from_slice(&gpa.to_le_bytes());
+        }
+        run.extend_from_slice(&page);
+        run_next = gpa + PAGE as u64;
+        counts.pages += 1;
+    }
+    flush_run(out, &mut run)?;
+    if !zeros.is_empty() {
+        out.frame(Kind::Zeros, &zeros)?;
+    }
+    Ok(counts)
+}
+
+/// Auto-converge: a thread that holds the vCPUs paused for `percent` of every
+/// 100 ms. Dropping it stops it with the VM running.
+struct Throttle {
+    percent: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn start(control: VmControl) -> Self {
+        let percent = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (percent.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("auto-converge".into())
+            .spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    let held = u64::from(p.load(Ordering::Acquire).min(80));
+                    if held > 0 && control.pause().is_ok() {
+                        std::thread::sleep(Duration::from_millis(held));
+                        let _ = control.resume();
+                    }
+                    std::thread::sleep(Duration::from_millis(100 - held));
+                }
+            })
+            .ok();
+        Self {
+            percent,
+            stop,
+            thread,
+        }
+    }
+
+    /// 20 points more, at most 80; the new share.
+    fn raise(&self) -> u32 {
+        let now = (self.percent.load(Ordering::Acquire) + 20).min(80);
+        self.percent.store(now, Ordering::Release);
+        now
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

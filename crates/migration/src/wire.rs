@@ -1,0 +1,218 @@
+//! The migration stream: frames of `kind u8, length u32 LE, payload, CRC-32C
+//! u32 LE` (the CRC over kind, length and payload), in this order:
+//!
+//! | from | frame | payload |
+//! |---|---|---|
+//! | source | `Hello` | `VIGILMIG`, protocol version u32 LE, the one-time token |
+//! | destination | `Answer` | 1 (go on) or 0, and a message |
+//! | source | `Begin` | JSON: the guest RAM ranges |
+//! | source | `Pages` (repeated) | guest-physical address u64 LE, then whole 4 KiB pages from there |
+//! | source | `Zeros` (repeated) | guest-physical addresses u64 LE of pages that are all zeros now |
+//! | source | `State` | JSON: the VM's state, as in a snapshot (`vigil_vmm::snapshot::VmState`) |
+//! | destination | `Answer` | 1: the VM is built, paused; 0 and why not |
+//! | source | `Commit` | empty: the source has stopped its VM for good |
+//! | destination | `Running` | empty: the VM runs at the destination |
+//!
+//! A source may send `Cancel` (a reason) instead of any frame after `Hello`.
+//! Pages not sent are zeros at the destination. Any frame that does not
+//! decode, fails its CRC or comes out of order ends the attempt.
+
+use std::io::{Read, Write};
+
+use crc::{Crc, CRC_32_ISCSI};
+
+/// The protocol version of this Vigil.
+pub const VERSION: u32 = 1;
+pub const MAGIC: &[u8; 8] = b"VIGILMIG";
+/// The largest payload: a run of 256 pages and its address.
+pub const MAX_PAYLOAD: usize = 8 + 256 * 4096;
+/// A page of guest memory.
+pub const PAGE: usize = 4096;
+const CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Hello = 1,
+    Answer = 2,
+    Begin = 3,
+    Pages = 4,
+    Zeros = 5,
+    State = 6,
+    Commit = 7,
+    Running = 8,
+    Cancel = 9,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        [
+            Hello, Answer, Begin, Pages, Zeros, State, Commit, Running, Cancel,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == b)
+    }
+}
+
+/// Why the stream could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("the connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame kind {0}: not a frame of this protocol")]
+    Kind(u8),
+    #[error("{kind:?} frame of {len} bytes: more than the {MAX_PAYLOAD} a frame may carry")]
+    TooLong { kind: Kind, len: u32 },
+    #[error(
+        "{kind:?} frame: its CRC-32C is {found:#010x}, it says {said:#010x}: the stream is corrupt"
+    )]
+    Crc { kind: Kind, said: u32, found: u32 },
+    #[error("expected a {expected} frame, got {got:?}")]
+    Unexpected { expected: &'static str, got: Kind },
+    #[error("{kind:?} frame: {why}")]
+    Payload { kind: Kind, why: String },
+}
+
+/// One frame.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+/// Writes one frame.
+pub fn write(out: &mut dyn Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+    let mut head = [0u8; 5];
+    head[0] = kind as u8;
+    head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut digest = CRC.digest();
+    digest.update(&head);
+    digest.update(payload);
+    out.write_all(&head)?;
+    out.write_all(payload)?;
+    out.write_all(&digest.finalize().to_le_bytes())?;
+    Ok(())
+}
+
+/// Reads one frame, checking its kind, length and CRC.
+pub fn read(input: &mut dyn Read) -> Result<Frame, WireError> {
+    let mut head = [0u8; 5];
+    input.read_exact(&mut head)?;
+    let kind = Kind::from_u8(head[0]).ok_or(WireError::Kind(head[0]))?;
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+    if len as usize > MAX_PAYLOAD {
+        return Err(WireError::TooLong { kind, len });
+    }
+    let mut payload = vec![0u8; len as usize];
+    input.read_exact(&mut payload)?;
+    let mut crc = [0u8; 4];
+    input.read_exact(&mut crc)?;
+    let said = u32::from_le_bytes(crc);
+    let mut digest = CRC.digest();
+    digest.update(&head);
+    digest.update(&payload);
+    let found = digest.finalize();
+    if said != found {
+        return Err(WireError::Crc { kind, said, found });
+    }
+    Ok(Frame { kind, payload })
+}
+
+/// Reads a frame that must be of kind `want` (a `Cancel` becomes an error
+/// carrying its reason).
+pub fn expect(input: &mut dyn Read, want: Kind) -> Result<Vec<u8>, WireError> {
+    let frame = read(input)?;
+    if frame.kind == want {
+        return Ok(frame.payload);
+    }
+    if frame.kind == Kind::Cancel {
+        return Err(WireError::Payload {
+            kind: Kind::Cancel,
+            why: String::from_utf8_lossy(&frame.payload).into_owned(),
+        });
+    }
+    Err(WireError::Unexpected {
+        expected: kind_name(want),
+        got: frame.kind,
+    })
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Hello => "Hello",
+        Kind::Answer => "Answer",
+        Kind::Begin => "Begin",
+        Kind::Pages => "Pages",
+        Kind::Zeros => "Zeros",
+        Kind::State => "State",
+        Kind::Commit => "Commit",
+        Kind::Running => "Running",
+        Kind::Cancel => "Cancel",
+    }
+}
+
+/// An `Answer`: go on, or not and why.
+pub fn answer(out: &mut dyn Write, ok: bool, message: &str) -> Result<(), WireError> {
+    let mut payload = vec![u8::from(ok)];
+    payload.extend_from_slice(message.as_bytes());
+    write(out, Kind::Answer, &payload)
+}
+
+/// Reads an `Answer`: `Ok(message)` to go on, `Err(message)` when refused.
+pub fn read_answer(input: &mut dyn Read) -> Result<Result<String, String>, WireError> {
+    let payload = expect(input, Kind::Answer)?;
+    let message = String::from_utf8_lossy(payload.get(1..).unwrap_or_default()).into_owned();
+    Ok(match payload.first() {
+        Some(1) => Ok(message),
+        _ => Err(message),
+    })
+}
+
+/// The `Hello` payload.
+pub fn hello(token: &str) -> Vec<u8> {
+    let mut p = MAGIC.to_vec();
+    p.extend_from_slice(&VERSION.to_le_bytes());
+    p.extend_from_slice(token.as_bytes());
+    p
+}
+
+/// Splits a `Hello` payload into the version and the token.
+pub fn parse_hello(payload: &[u8]) -> Result<(u32, &[u8]), WireError> {
+    if payload.len() < 12 || &payload[..8] != MAGIC {
+        return Err(WireError::Payload {
+            kind: Kind::Hello,
+            why: "not a Vigil migration (no VIGILMIG)".into(),
+        });
+    }
+    let version = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
+    Ok((version, &payload[12..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_a_flipped_byte_is_caught() {
+        let mut buf = Vec::new();
+        write(&mut buf, Kind::Pages, &[7u8; 4104]).unwrap();
+        let frame = read(&mut buf.as_slice()).unwrap();
+        assert_eq!(frame.kind, Kind::Pages);
+        assert_eq!(frame.payload, vec![7u8; 4104]);
+        for i in [0, 3, 100, buf.len() - 1] {
+            let mut bad = buf.clone();
+            bad[i] ^= 1;
+            assert!(read(&mut bad.as_slice()).is_err(), "byte {i} flipped");
+        }
+        let e = read(&mut &buf[..buf.len() - 2]).unwrap_err();
+        assert!(matches!(e, WireError::Io(_)), "{e}");
+    }
+
+    #[test]
+    fn hello_carries_version_and_token() {
+        let p = hello("s3cret");
+        assert_eq!(parse_hello(&p).unwrap(), (VERSION, &b"s3cret"[..]));
+        assert!(parse_hello(b"GARBAGE!\x01\0\0\0x").is_err());
+    }
+}
