@@ -165,6 +165,38 @@ fn a_restored_guest_counts_on_with_its_memory_intact() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A snapshot onto a full file system (a 64 KiB tmpfs) is refused, and leaves
+/// neither a partial file nor the one that was there before changed.
+fn full_disk_is_refused(sock: &Path, dir: &Path) {
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: the full-disk case needs to mount a tmpfs (root)");
+        return;
+    }
+    let before = small.join("vm.mem");
+    std::fs::write(&before, b"an older snapshot's memory").unwrap();
+    refused(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": small.join("vm.snap"), "mem_file_path": before}),
+        &["vm.mem.partial", "cannot write guest memory", "No space left"],
+    );
+    let left: Vec<_> = std::fs::read_dir(&small)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["vm.mem"], "nothing partial left behind");
+    assert_eq!(std::fs::read(&before).unwrap(), b"an older snapshot's memory");
+    let _ = std::process::Command::new("umount").arg(&small).status();
+}
+
 #[test]
 fn bad_snapshots_and_requests_are_refused_leaving_vms_unharmed() {
     let dir = scratch("snapshot-refusals");
@@ -203,6 +235,7 @@ fn bad_snapshots_and_requests_are_refused_leaving_vms_unharmed() {
         &["compress"],
     );
     assert!(!state.exists() && !mem.exists());
+    full_disk_is_refused(&sock, &dir);
     create(&sock, &state, &mem);
     let last = *counts(source.poll()).last().unwrap();
     ok(&sock, "PATCH", "/vm", json!({"state": "Resumed"}));
