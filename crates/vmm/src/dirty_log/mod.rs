@@ -120,6 +120,14 @@ impl DirtyLog {
         }
     }
 
+    /// Adds the pages of `other`, a log of the same memory.
+    pub(crate) fn merge(&mut self, other: &DirtyLog) {
+        for (slot, s) in other.slots.iter().enumerate() {
+            self.add(slot, &s.bitmap);
+        }
+        self.all |= other.all;
+    }
+
     /// Whether this log counts every page as dirty (made by [`DirtyLog::all`]).
     pub fn is_all(&self) -> bool {
         self.all
