@@ -342,6 +342,13 @@ fn a_diff_snapshot_holds_the_pages_written_since_the_last_one_and_loads_merged()
     let (mut source, sock) = counting_guest(&dir);
     let path = |name: &str| dir.join(name);
     ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    // A booted VM's first diff has no snapshot to differ from: every page is in
+    // it, and its state file says it is whole.
+    create_as(&sock, "Diff", &path("z.snap"), &path("z.mem"));
+    assert_eq!(allocated(&path("z.mem")), 128 << 20);
+    let inspect = snapshot_cli(&["inspect", text(&path("z.snap"))]);
+    assert!(inspect.stdout.contains("memory file: Full\n"), "{inspect}");
+    std::fs::remove_file(path("z.mem")).unwrap();
     let full_took = create_as(&sock, "Full", &path("a.snap"), &path("a.mem"));
     ok(&sock, "PATCH", "/vm", json!({"state": "Resumed"}));
     let at_full = *counts(source.poll()).last().unwrap();

@@ -451,3 +451,102 @@ pub fn open_memory(path: &Path, expected: u64) -> Result<File, FileError> {
     }
     Ok(file)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vigil-file-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_diff_holds_the_dirty_pages_zeros_included_and_merges_onto_its_base() {
+        let dir = scratch("diff");
+        // Two regions of 16 pages, the second at 1 MiB.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 16 * PAGE),
+            (GuestAddress(0x10_0000), 16 * PAGE),
+        ])
+        .unwrap();
+        mem.write_slice(&[1; PAGE], GuestAddress(PAGE as u64))
+            .unwrap();
+        mem.write_slice(&[2; PAGE], GuestAddress(0x10_0000))
+            .unwrap();
+        let base = dir.join("base.mem");
+        assert_eq!(
+            write_memory(&base, &mem, Pages::NonZero).unwrap(),
+            2 * PAGE as u64
+        );
+        let base_file = File::open(&base).unwrap();
+        assert_eq!(
+            data_ranges(&base_file, &base).unwrap(),
+            [
+                (PAGE as u64, 2 * PAGE as u64),
+                (16 * PAGE as u64, 17 * PAGE as u64)
+            ]
+        );
+
+        // Page 1 back to zeros, pages 3 and 4 written, the rest unchanged.
+        mem.write_slice(&[0; PAGE], GuestAddress(PAGE as u64))
+            .unwrap();
+        mem.write_slice(&[3; 2 * PAGE], GuestAddress(3 * PAGE as u64))
+            .unwrap();
+        let mut log = DirtyLog::empty(&mem);
+        log.add(0, &[0b11010]);
+        let diff = dir.join("diff.mem");
+        assert_eq!(
+            write_memory(&diff, &mem, Pages::Dirty(&log)).unwrap(),
+            3 * PAGE as u64
+        );
+        let diff_file = File::open(&diff).unwrap();
+        assert_eq!(
+            data_ranges(&diff_file, &diff).unwrap(),
+            [
+                (PAGE as u64, 2 * PAGE as u64),
+                (3 * PAGE as u64, 5 * PAGE as u64)
+            ]
+        );
+
+        let mut seen = Vec::new();
+        let info = merge_memory(&base, &diff, &mut |done, total| seen.push((done, total))).unwrap();
+        assert_eq!(
+            (info.copied, info.ranges, info.bytes),
+            (3 * PAGE as u64, 2, 32 * PAGE as u64)
+        );
+        assert_eq!(seen.last(), Some(&(3 * PAGE as u64, 3 * PAGE as u64)));
+        let merged = std::fs::read(&base).unwrap();
+        let mut now = vec![0u8; 32 * PAGE];
+        mem.read_slice(&mut now[..16 * PAGE], GuestAddress(0))
+            .unwrap();
+        mem.read_slice(&mut now[16 * PAGE..], GuestAddress(0x10_0000))
+            .unwrap();
+        assert!(merged == now, "the base merged with the diff is memory now");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn merge_refuses_files_of_other_sizes_and_itself() {
+        let dir = scratch("merge");
+        let (a, b) = (dir.join("a.mem"), dir.join("b.mem"));
+        std::fs::write(&a, [1; 8192]).unwrap();
+        std::fs::write(&b, [2; 4096]).unwrap();
+        let e = merge_memory(&a, &b, &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a.mem: 8192 bytes") && e.contains("b.mem is 4096 bytes"),
+            "{e}"
+        );
+        let e = merge_memory(&a, &a, &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same file"), "{e}");
+        assert_eq!(std::fs::read(&a).unwrap(), [1; 8192]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
