@@ -126,7 +126,8 @@ pub enum SnapshotCommand {
     /// (a Full one, or one already merged up to the previous diff) with this
     /// diff's pages copied onto it, which is what this command does. Merge the
     /// diffs of a chain in the order they were taken. Keep a copy of BASE when
-    /// it is still needed: it is overwritten.
+    /// it is still needed: it is overwritten. Never merge onto the memory file a
+    /// running VM was loaded from: its memory is a private mapping of that file.
     ///
     ///   cp full.mem vm.mem
     ///   vigil snapshot merge --base vm.mem --diff diff1.mem
