@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use vigil_model::config::VmConfig;
 use vigil_vmm::builder::BuildError;
+use vigil_vmm::snapshot::MemoryKind;
 use vigil_vmm::{RunState, VmControl};
 
 use crate::metrics::{metrics_line, MetricsError, MetricsSink, RequestCounts};
@@ -711,22 +712,22 @@ impl Api {
         }
     }
 
-    /// `PUT /snapshot/create`: a full snapshot of the paused VM.
+    /// `PUT /snapshot/create`: a full or diff snapshot of the paused VM.
     fn snapshot_create(&self, method: &str, path: &str, p: SnapshotCreateParams) -> Response {
         let vm = lock(&self.inner).vm.clone();
         let Some(vm) = vm else {
             return before_start(method, path);
         };
-        if p.snapshot_type == SnapshotType::Diff {
-            return Response::bad(format!(
-                "{method} {path}: snapshot_type Diff: not supported yet; take a Full snapshot"
-            ));
-        }
-        match vm.snapshot(&p.snapshot_path, &p.mem_file_path) {
+        let kind = match p.snapshot_type {
+            SnapshotType::Full => MemoryKind::Full,
+            SnapshotType::Diff => MemoryKind::Diff,
+        };
+        match vm.snapshot(&p.snapshot_path, &p.mem_file_path, kind) {
             Ok(info) => {
                 tracing::info!(
                     snapshot = %p.snapshot_path.display(),
                     memory = %p.mem_file_path.display(),
+                    memory_kind = ?info.memory_kind,
                     state_bytes = info.state_bytes,
                     memory_bytes = info.memory_bytes,
                     memory_written = info.memory_written,

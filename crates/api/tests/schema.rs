@@ -466,6 +466,12 @@ fn a_firecracker_configuration_sequence_is_accepted_and_shown() {
         json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "cpu_template": "None", "track_dirty_pages": false, "huge_pages": "None"}),
     );
     ok("patch", "/machine-config", json!({"mem_size_mib": 512}));
+    // Firecracker's switch for diff snapshots: Vigil always tracks.
+    ok(
+        "patch",
+        "/machine-config",
+        json!({"track_dirty_pages": true}),
+    );
     ok(
         "put",
         "/drives/rootfs",

@@ -321,7 +321,7 @@ impl Migrator {
         reader: &vigil_vmm::DirtyReader,
         pending: &DirtyLog,
     ) -> Result<(), MigrationError> {
-        let (state, counts) = self.control.capture(|mem| {
+        let (state, counts) = self.control.capture(|mem, _| {
             // Infallible for the capture: what failed here is the migration's.
             Ok(send_pages(out, mem, pending, false).and_then(|a| {
                 let last = reader.take()?;

@@ -42,6 +42,8 @@ pub struct MachineConfig {
     pub smt: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
+    /// Accepted either way: Vigil always tracks guest memory writes (diff
+    /// snapshots need them).
     #[serde(default)]
     pub track_dirty_pages: bool,
     #[serde(default = "huge_pages_none")]
@@ -223,8 +225,6 @@ pub enum BodyError {
     Smt,
     #[error("cpu_template {0:?}: Vigil has no Firecracker CPU templates (use \"None\"; Vigil's own template hides what its host cannot run)")]
     CpuTemplate(String),
-    #[error("track_dirty_pages true: Vigil does not track dirty pages yet (use false)")]
-    TrackDirtyPages,
     #[error("huge_pages {0:?}: Vigil backs guest memory with 4 KiB pages only (use \"None\")")]
     HugePages(String),
     #[error("mem_size_mib {0}: too large")]
@@ -265,7 +265,6 @@ impl BodyError {
         match self {
             Self::Smt => "smt",
             Self::CpuTemplate(_) => "cpu_template",
-            Self::TrackDirtyPages => "track_dirty_pages",
             Self::HugePages(_) => "huge_pages",
             Self::MemoryTooLarge(_) => "mem_size_mib",
             Self::DriveSocket => "socket",
@@ -406,9 +405,6 @@ impl MachineConfig {
         match self.cpu_template.as_deref() {
             None | Some("None") => {}
             Some(t) => return Err(BodyError::CpuTemplate(t.to_owned())),
-        }
-        if self.track_dirty_pages {
-            return Err(BodyError::TrackDirtyPages);
         }
         if self.huge_pages != "None" {
             return Err(BodyError::HugePages(self.huge_pages.clone()));

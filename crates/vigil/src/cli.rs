@@ -1,4 +1,5 @@
-//! The VMM's command line: `vigil run`, `vigil guest export`, `vigil firecracker`.
+//! The VMM's command line: `vigil run`, `vigil guest export`, `vigil snapshot`,
+//! `vigil firecracker`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,9 +112,42 @@ pub enum SnapshotCommand {
     Inspect {
         /// The state file (`snapshot_path`).
         path: PathBuf,
-        /// The memory file (`mem_file_path`), to check its size.
+        /// The memory file (`mem_file_path`), to check its size and count its
+        /// data (the rest is holes).
         #[arg(long, value_name = "PATH")]
         mem: Option<PathBuf>,
+    },
+    /// Merge a diff snapshot's memory file onto the memory file of the snapshot
+    /// before it, in place, so that the result can be loaded with the diff's
+    /// state file.
+    ///
+    /// A diff (PUT /snapshot/create with "snapshot_type": "Diff") holds only the
+    /// guest pages written since the VM's previous snapshot, every other page a
+    /// hole that means "unchanged"; its state file says "memory file: Diff".
+    /// Loading it needs complete memory: the previous snapshot's memory file
+    /// (a Full one, or one already merged up to the previous diff) with this
+    /// diff's pages copied onto it, which is what this command does. Merge the
+    /// diffs of a chain in the order they were taken. Keep a copy of BASE when
+    /// it is still needed: it is overwritten. Never merge onto the memory file a
+    /// running VM was loaded from: its memory is a private mapping of that file.
+    ///
+    ///   cp full.mem vm.mem
+    ///   vigil snapshot merge --base vm.mem --diff diff1.mem
+    ///   vigil snapshot merge --base vm.mem --diff diff2.mem
+    ///   # then PUT /snapshot/load with diff2.snap and vm.mem
+    ///
+    /// Only the diff's data is copied (found with SEEK_DATA/SEEK_HOLE), so the
+    /// file system holding it must keep its holes (ext4, XFS, btrfs, tmpfs do).
+    /// Exits 1, naming the file and what is wrong, when the two files differ in
+    /// size or cannot be read or written.
+    #[command(verbatim_doc_comment)]
+    Merge {
+        /// The memory file to merge onto, overwritten in place.
+        #[arg(long, value_name = "BASE.mem")]
+        base: PathBuf,
+        /// The diff snapshot's memory file.
+        #[arg(long, value_name = "DIFF.mem")]
+        diff: PathBuf,
     },
 }
 
@@ -653,6 +687,10 @@ impl Command {
             Command::Run(args) => args.run(logging),
             Command::Snapshot(SnapshotCommand::Inspect { path, mem }) => {
                 print!("{}", crate::snapshot::inspect(&path, mem.as_deref())?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Snapshot(SnapshotCommand::Merge { base, diff }) => {
+                eprintln!("{}", crate::snapshot::merge(&base, &diff)?);
                 Ok(ExitCode::SUCCESS)
             }
             Command::Guest(GuestCommand::Export { path }) => {

@@ -1,5 +1,5 @@
 //! `vigil`: the VMM, one process per VM: `vigil run`, `vigil guest export`,
-//! `vigil snapshot inspect`, and
+//! `vigil snapshot inspect|merge`, and
 //! Firecracker's command line through a link named `firecracker` (or as `vigil
 //! firecracker`). It links nothing of the host daemon, its dashboard or the
 //! benchmarks: `vigil daemon|ctl|bench ...` run the binaries beside it (`vigild`,

@@ -1,19 +1,27 @@
 //! `vigil snapshot inspect`: what a snapshot's state file holds, after the same
-//! checks a load makes of the file.
+//! checks a load makes of the file; `vigil snapshot merge`: a diff's memory file
+//! onto its base.
 
 use std::fmt::Write;
 use std::path::Path;
 
+use std::io::IsTerminal;
+
 use vigil_devices::virtio::persist::DeviceState;
-use vigil_vmm::snapshot::file;
+use vigil_vmm::snapshot::{file, MemoryKind};
 
 /// The report `vigil snapshot inspect` prints.
 pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
     let (header, state) = file::read_state(path)?;
     let memory: u64 = state.memory.iter().map(|r| r.bytes).sum();
-    if let Some(mem) = mem {
-        file::open_memory(mem, memory)?;
-    }
+    let data = match mem {
+        Some(mem) => {
+            let f = file::open_memory(mem, memory)?;
+            let data: u64 = file::data_ranges(&f, mem)?.iter().map(|(a, b)| b - a).sum();
+            Some(data)
+        }
+        None => None,
+    };
     let m = &state.machine;
     let mut out = String::new();
     // Writing to a String cannot fail.
@@ -46,9 +54,20 @@ pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
         out,
         "memory: {memory} bytes ({}){}",
         ranges.join(", "),
-        match mem {
-            Some(mem) => format!("; {} has that size", mem.display()),
-            None => String::new(),
+        match (mem, data) {
+            (Some(mem), Some(data)) =>
+                format!("; {} has that size, {data} bytes of data", mem.display()),
+            _ => String::new(),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "memory file: {}",
+        match state.memory_kind {
+            MemoryKind::Full => "Full",
+            MemoryKind::Diff =>
+                "Diff (only the pages written since the previous snapshot: load it with that \
+                 snapshot's memory file merged with this one, vigil snapshot merge)",
         }
     );
     for v in &state.vcpus {
@@ -87,4 +106,28 @@ pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
         );
     }
     Ok(out)
+}
+
+/// Merges the diff memory file `diff` onto `base` in place; returns what it did.
+pub fn merge(base: &Path, diff: &Path) -> anyhow::Result<String> {
+    // Progress on a terminal, every 64 MiB.
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = 0u64;
+    let info = file::merge_memory(base, diff, &mut |copied, total| {
+        if tty && (copied - shown >= 64 << 20 || copied == total) {
+            shown = copied;
+            eprint!("\rmerged {} of {} MiB", copied >> 20, total >> 20);
+        }
+    })?;
+    if tty && shown > 0 {
+        eprintln!();
+    }
+    Ok(format!(
+        "merged {}: {} bytes in {} ranges onto {} ({} bytes)",
+        diff.display(),
+        info.copied,
+        info.ranges,
+        base.display(),
+        info.bytes
+    ))
 }

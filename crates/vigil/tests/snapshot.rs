@@ -3,14 +3,18 @@
 //! loaded into another Vigil process, counts on from where it was with every
 //! word of its memory intact; bad requests and bad snapshot files are refused,
 //! naming what is wrong, leaving the running VM and the loading process unharmed.
+//! A diff snapshot holds only the pages written since the previous snapshot and,
+//! merged onto that snapshot's memory (`vigil snapshot merge`), loads like a
+//! full one.
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::http::{request, wait_for};
-use common::{scratch, Console};
+use common::{run, scratch, Console};
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -86,12 +90,56 @@ fn snapshot_paths(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn create(sock: &Path, state: &Path, mem: &Path) {
+    create_as(sock, "Full", state, mem);
+}
+
+/// Takes a snapshot of `snapshot_type`; returns how long the request took.
+fn create_as(sock: &Path, snapshot_type: &str, state: &Path, mem: &Path) -> Duration {
+    let start = Instant::now();
     ok(
         sock,
         "PUT",
         "/snapshot/create",
-        json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Full"}),
+        json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": snapshot_type}),
     );
+    start.elapsed()
+}
+
+/// Bytes the file system holds for a file (its data; holes take none).
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// `vigil snapshot ARGS`.
+fn snapshot_cli(args: &[&str]) -> common::Run {
+    let mut argv = vec!["snapshot"];
+    argv.extend_from_slice(args);
+    run(&argv, TIMEOUT)
+}
+
+fn text(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Checks that a loaded guest counts on from `last`, one tick at a time, with
+/// its memory intact.
+fn counts_on_from(restored: &mut Console, last: u64) {
+    restored.wait_for(&[&format!("counter: {}", last + 10)], TIMEOUT);
+    let after = counts(restored.poll());
+    // The first tick after the restore is the next one; a line the pause cut in
+    // two (its start printed by the source) is the only one allowed missing.
+    let first = after[0];
+    assert!(
+        first == last + 1 || (first == last + 2 && !restored.seen.starts_with("counter: ")),
+        "the count went from {last} to {first}:\n{}",
+        restored.seen
+    );
+    assert_eq!(
+        after,
+        (first..first + after.len() as u64).collect::<Vec<_>>(),
+        "one tick at a time, each after checking the last tick's 32768 words"
+    );
+    assert!(!restored.seen.contains("FAIL"), "{}", restored.seen);
 }
 
 fn load_body(state: &Path, mem: &Path) -> Value {
@@ -133,22 +181,7 @@ fn a_restored_guest_counts_on_with_its_memory_intact() {
         "resume_vm: true runs it"
     );
     let last = *before.last().expect("the guest counted before the pause");
-    restored.wait_for(&[&format!("counter: {}", last + 10)], TIMEOUT);
-    let after = counts(restored.poll());
-    // The first tick after the restore is the next one; a line the pause cut in
-    // two (its start printed by the source) is the only one allowed missing.
-    let first = after[0];
-    assert!(
-        first == last + 1 || (first == last + 2 && !restored.seen.starts_with("counter: ")),
-        "the count went from {last} to {first}:\n{}",
-        restored.seen
-    );
-    assert_eq!(
-        after,
-        (first..first + after.len() as u64).collect::<Vec<_>>(),
-        "one tick at a time, each after checking the last tick's 32768 words"
-    );
-    assert!(!restored.seen.contains("FAIL"), "{}", restored.seen);
+    counts_on_from(&mut restored, last);
 
     // Guest memory is a private mapping of the file: the guest's writes since
     // are its own, and the snapshot stays as it was taken.
@@ -186,14 +219,21 @@ fn full_disk_is_refused(sock: &Path, dir: &Path) {
         "PUT",
         "/snapshot/create",
         json!({"snapshot_path": small.join("vm.snap"), "mem_file_path": before}),
-        &["vm.mem.partial", "cannot write guest memory", "No space left"],
+        &[
+            "vm.mem.partial",
+            "cannot write guest memory",
+            "No space left",
+        ],
     );
     let left: Vec<_> = std::fs::read_dir(&small)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["vm.mem"], "nothing partial left behind");
-    assert_eq!(std::fs::read(&before).unwrap(), b"an older snapshot's memory");
+    assert_eq!(
+        std::fs::read(&before).unwrap(),
+        b"an older snapshot's memory"
+    );
     let _ = std::process::Command::new("umount").arg(&small).status();
 }
 
@@ -217,8 +257,8 @@ fn bad_snapshots_and_requests_are_refused_leaving_vms_unharmed() {
         &sock,
         "PUT",
         "/snapshot/create",
-        json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Diff"}),
-        &["snapshot_type Diff"],
+        json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Delta"}),
+        &["snapshot_type", "Delta"],
     );
     refused(
         &sock,
@@ -328,5 +368,166 @@ fn bad_snapshots_and_requests_are_refused_leaving_vms_unharmed() {
     let now = *counts(source.poll()).last().unwrap();
     source.wait_for(&[&format!("counter: {}", now + 2)], TIMEOUT);
     assert!(!source.seen.contains("FAIL") && !target.seen.contains("FAIL"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `vigil snapshot merge` of `diff` onto a copy of `base` at `into`, which
+/// must succeed.
+fn merge_onto_copy(base: &Path, diff: &Path, into: &Path) -> common::Run {
+    std::fs::copy(base, into).unwrap();
+    let merge = snapshot_cli(&["merge", "--base", text(into), "--diff", text(diff)]);
+    assert_eq!(merge.code, Some(0), "{merge}");
+    merge
+}
+
+/// The pages the `counter` scenario rewrites at every tick.
+const COUNTER_BYTES: u64 = 64 * 4096;
+/// What else a counting guest writes between two snapshots, at most.
+const SLACK: u64 = 16 * 4096;
+
+#[test]
+fn a_diff_snapshot_holds_the_pages_written_since_the_last_one_and_loads_merged() {
+    let dir = scratch("snapshot-diff");
+    let (mut source, sock) = counting_guest(&dir);
+    let path = |name: &str| dir.join(name);
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    // A booted VM's first diff has no snapshot to differ from: every page is in
+    // it, and its state file says it is whole.
+    create_as(&sock, "Diff", &path("z.snap"), &path("z.mem"));
+    assert_eq!(allocated(&path("z.mem")), 128 << 20);
+    let inspect = snapshot_cli(&["inspect", text(&path("z.snap"))]);
+    assert!(inspect.stdout.contains("memory file: Full\n"), "{inspect}");
+    std::fs::remove_file(path("z.mem")).unwrap();
+    let full_took = create_as(&sock, "Full", &path("a.snap"), &path("a.mem"));
+    ok(&sock, "PATCH", "/vm", json!({"state": "Resumed"}));
+    let at_full = *counts(source.poll()).last().unwrap();
+    source.wait_for(&[&format!("counter: {}", at_full + 3)], TIMEOUT);
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = counts(source.poll());
+    let diff_took = create_as(&sock, "Diff", &path("b.snap"), &path("b.mem"));
+    // Still paused: a full snapshot of the same moment, then a diff of nothing.
+    create_as(&sock, "Full", &path("c.snap"), &path("c.mem"));
+    create_as(&sock, "Diff", &path("d.snap"), &path("d.mem"));
+    drop(source);
+
+    let (full, diff) = (allocated(&path("a.mem")), allocated(&path("b.mem")));
+    eprintln!(
+        "128 MiB guest: Full {full} bytes of data in {full_took:?}, Diff {diff} bytes in {diff_took:?}"
+    );
+    assert_eq!(std::fs::metadata(path("b.mem")).unwrap().len(), 128 << 20);
+    // The counter's 64 pages changed, and little else (its stack, page-table
+    // accessed bits): the guest's other pages are not in the diff.
+    assert!(
+        (COUNTER_BYTES..=COUNTER_BYTES + SLACK).contains(&diff) && diff < full,
+        "Full {full} bytes of data, Diff {diff}"
+    );
+    assert_eq!(
+        allocated(&path("d.mem")),
+        0,
+        "nothing was written since the full snapshot just before"
+    );
+    let inspect = snapshot_cli(&[
+        "inspect",
+        text(&path("b.snap")),
+        "--mem",
+        text(&path("b.mem")),
+    ]);
+    assert_eq!(inspect.code, Some(0), "{inspect}");
+    assert!(inspect.stdout.contains("memory file: Diff"), "{inspect}");
+    assert!(
+        inspect.stdout.contains(&format!("{diff} bytes of data")),
+        "{inspect}"
+    );
+    let inspect = snapshot_cli(&["inspect", text(&path("a.snap"))]);
+    assert!(inspect.stdout.contains("memory file: Full\n"), "{inspect}");
+
+    // Merged onto the full snapshot before it, the diff is the memory of its
+    // moment, byte for byte.
+    let merge = merge_onto_copy(&path("a.mem"), &path("b.mem"), &path("merged.mem"));
+    assert!(merge.stderr.contains(&format!("{diff} bytes")), "{merge}");
+    assert!(std::fs::read(path("merged.mem")).unwrap() == std::fs::read(path("c.mem")).unwrap());
+    let inspect = snapshot_cli(&[
+        "inspect",
+        text(&path("b.snap")),
+        "--mem",
+        text(&path("merged.mem")),
+    ]);
+    assert_eq!(inspect.code, Some(0), "{inspect}");
+
+    // Loaded with the diff's state, it counts on from the diff's moment.
+    let (mut restored, rsock) = vigil(&dir, "restored");
+    ok(
+        &rsock,
+        "PUT",
+        "/snapshot/load",
+        load_body(&path("b.snap"), &path("merged.mem")),
+    );
+    counts_on_from(&mut restored, *before.last().unwrap());
+
+    // The restored VM's first diff holds what it wrote since the load: merged
+    // onto the memory it was loaded from, it is its memory again.
+    ok(&rsock, "PATCH", "/vm", json!({"state": "Paused"}));
+    create_as(&rsock, "Diff", &path("e.snap"), &path("e.mem"));
+    create_as(&rsock, "Full", &path("f.snap"), &path("f.mem"));
+    let e = allocated(&path("e.mem"));
+    assert!(
+        (COUNTER_BYTES..=COUNTER_BYTES + SLACK).contains(&e),
+        "Diff after a load: {e} bytes"
+    );
+    // Not onto merged.mem itself: the restored VM's memory is a private mapping
+    // of it.
+    merge_onto_copy(&path("merged.mem"), &path("e.mem"), &path("merged2.mem"));
+    assert!(std::fs::read(path("merged2.mem")).unwrap() == std::fs::read(path("f.mem")).unwrap());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn merge_refuses_files_that_do_not_fit() {
+    let dir = scratch("snapshot-merge-refusals");
+    let (base, diff, short) = (
+        dir.join("base.mem"),
+        dir.join("diff.mem"),
+        dir.join("short.mem"),
+    );
+    std::fs::write(&base, vec![1u8; 8192]).unwrap();
+    std::fs::write(&diff, vec![2u8; 8192]).unwrap();
+    std::fs::write(&short, vec![2u8; 4096]).unwrap();
+    for (b, d, words) in [
+        (
+            &base,
+            &short,
+            vec!["base.mem: 8192 bytes", "short.mem is 4096 bytes"],
+        ),
+        (
+            &short,
+            &base,
+            vec!["short.mem: 4096 bytes", "base.mem is 8192 bytes"],
+        ),
+        (&base, &base, vec!["base.mem", "same file"]),
+        (
+            &base,
+            &dir.join("none.mem"),
+            vec!["none.mem", "cannot open it"],
+        ),
+        (
+            &dir.join("none.mem"),
+            &diff,
+            vec!["none.mem", "cannot open it for writing"],
+        ),
+    ] {
+        let merge = snapshot_cli(&["merge", "--base", text(b), "--diff", text(d)]);
+        assert_eq!(merge.code, Some(1), "{merge}");
+        for w in words {
+            assert!(merge.stderr.contains(w), "{merge}\nlacks {w:?}");
+        }
+    }
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        vec![1u8; 8192],
+        "left as it was"
+    );
+    let help = snapshot_cli(&["merge", "--help"]);
+    assert!(help.stdout.contains("cp full.mem vm.mem"), "{help}");
     std::fs::remove_dir_all(&dir).ok();
 }

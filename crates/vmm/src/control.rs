@@ -18,7 +18,7 @@ use vigil_model::config::BalloonConfig;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::DeviceHandles;
-use crate::snapshot::{SnapshotError, SnapshotInfo, SnapshotSources, VmState};
+use crate::snapshot::{MemoryKind, SnapshotError, SnapshotInfo, SnapshotSources, VmState};
 use crate::vstate::inspect::{self, MAX_BREAKPOINTS};
 use crate::vstate::threads::VcpuThreads;
 use crate::GuestMemoryMmap;
@@ -300,11 +300,13 @@ impl VmControl {
 
     /// Saves the paused VM: its state to `state_path`, its memory to `mem_path`
     /// (each written under a temporary name and renamed when complete, so a
-    /// failure leaves what was there). The VM stays paused.
+    /// failure leaves what was there), whole or only the pages written since the
+    /// previous snapshot (`kind`, see [`crate::snapshot`]). The VM stays paused.
     pub fn snapshot(
         &self,
         state_path: &std::path::Path,
         mem_path: &std::path::Path,
+        kind: MemoryKind,
     ) -> Result<SnapshotInfo, SnapshotError> {
         let _op = lock(&self.op);
         if self.stop.load(Ordering::Acquire) {
@@ -313,7 +315,7 @@ impl VmControl {
         if !self.vcpus.gate.requested() {
             return Err(SnapshotError::NotPaused);
         }
-        self.snapshot.save(&self.vcpus, state_path, mem_path)
+        self.snapshot.save(&self.vcpus, state_path, mem_path, kind)
     }
 
     /// The paused VM's state, and `with_memory` run on its guest memory while
@@ -321,7 +323,7 @@ impl VmControl {
     /// what migration's last round sends. The VM stays paused.
     pub fn capture<T>(
         &self,
-        with_memory: impl FnOnce(&GuestMemoryMmap) -> Result<T, SnapshotError>,
+        with_memory: impl FnOnce(&GuestMemoryMmap, &mut VmState) -> Result<T, SnapshotError>,
     ) -> Result<(VmState, T), SnapshotError> {
         let _op = lock(&self.op);
         if self.stop.load(Ordering::Acquire) {

@@ -25,7 +25,7 @@ use crate::control::{ControlError, StopHandle, VmControl};
 use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{DirtyTracker, KvmGuestLog};
 use crate::inspect::VmInspect;
-use crate::snapshot::{SavedMachine, SnapshotSources};
+use crate::snapshot::{SavedMachine, SnapshotSources, WrittenSince};
 use crate::symbols::KernelSymbols;
 use crate::vstate::inspect::{Mailbox, MsrGuard, MsrGuardSlot};
 use crate::vstate::pause::PauseGate;
@@ -133,6 +133,14 @@ impl Vm {
         register_signal_handler(kick_signal(), kick_handler)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let stop = self.stop;
+        let vm_fd = Arc::new(self.vm_fd);
+        let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone());
+        let dirty = DirtyTracker::new(self.mem.clone(), Box::new(guest_log));
+        // Before any vCPU runs: a restored VM's first diff differs from its file.
+        let written = WrittenSince::new(
+            dirty.subscribe().map_err(|e| e.to_string()),
+            self.memory_file.is_some(),
+        );
         self.metrics.mark_started();
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
         let mailboxes: Vec<Arc<Mailbox>> = self.vcpus.iter().map(|_| Arc::default()).collect();
@@ -168,7 +176,6 @@ impl Vm {
                 device_waker.try_clone()?,
             )?)
         };
-        let vm_fd = Arc::new(self.vm_fd);
         let vcpus = Arc::new(VcpuThreads::new(
             self.pause,
             vcpu_threads.iter().map(|t| t.as_pthread_t()).collect(),
@@ -182,6 +189,7 @@ impl Vm {
             i8042: self.i8042.clone(),
             transports: self.transports,
             memory_file: self.memory_file,
+            written,
         };
         let control = VmControl {
             vcpus: vcpus.clone(),
@@ -193,14 +201,13 @@ impl Vm {
             metrics: MetricsHandle::new(self.metrics.clone()),
             snapshot: Arc::new(snapshot),
         };
-        let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone());
         let inspect = VmInspect {
             vcpus: vcpus.clone(),
             stop: stop.clone(),
             msr_guard: self.msr_guard,
             vm_fd: Arc::downgrade(&vm_fd),
             mem: self.mem.clone(),
-            dirty: DirtyTracker::new(self.mem.clone(), Box::new(guest_log)),
+            dirty,
             symbols: self.symbols,
         };
         Ok(RunningVm {

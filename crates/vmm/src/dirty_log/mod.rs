@@ -120,6 +120,14 @@ impl DirtyLog {
         }
     }
 
+    /// Adds the pages of `other`, a log of the same memory.
+    pub(crate) fn merge(&mut self, other: &DirtyLog) {
+        for (slot, s) in other.slots.iter().enumerate() {
+            self.add(slot, &s.bitmap);
+        }
+        self.all |= other.all;
+    }
+
     /// Whether this log counts every page as dirty (made by [`DirtyLog::all`]).
     pub fn is_all(&self) -> bool {
         self.all
@@ -236,5 +244,19 @@ mod tests {
         log.add(1, &[1]);
         assert_eq!(log.dirty_pages().collect::<Vec<_>>(), [0, 0x1000, 0x8000]);
         assert!(!log.is_all());
+    }
+
+    #[test]
+    fn merged_logs_hold_the_pages_of_both() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x9000)]).unwrap();
+        let (mut a, mut b) = (DirtyLog::empty(&mem), DirtyLog::empty(&mem));
+        a.add(0, &[0b1]);
+        b.add(0, &[0b100]);
+        a.merge(&b);
+        assert_eq!(a.dirty_pages().collect::<Vec<_>>(), [0, 0x2000]);
+        assert!(!a.is_all());
+        a.merge(&DirtyLog::all(&mem));
+        assert!(a.is_all());
+        assert_eq!(a.count(), 9);
     }
 }

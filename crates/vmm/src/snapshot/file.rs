@@ -13,7 +13,10 @@
 //! | 24..32 | CRC-64/XZ of the state, u64 little-endian |
 //!
 //! The memory file: guest RAM, the ranges of [`VmState::memory`] one after the
-//! other; pages that are all zeros are holes (the file is sparse).
+//! other. A full one ([`MemoryKind::Full`]) leaves pages of zeros as holes (the
+//! file is sparse); a diff ([`MemoryKind::Diff`]) holds only the pages written
+//! since the VM's previous snapshot, every other page a hole, and is merged onto
+//! that snapshot's memory file ([`merge_memory`]) before it is loaded.
 //!
 //! Both are written to a temporary name beside the target and renamed over it
 //! once complete and synced, so that a failure (a full disk) leaves whatever was
@@ -25,9 +28,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crc::{Crc, CRC_64_XZ};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+#[cfg(doc)]
+use super::state::MemoryKind;
 use super::state::VmState;
+use crate::dirty_log::DirtyLog;
 use crate::GuestMemoryMmap;
 
 /// What the state file starts with.
@@ -75,6 +81,21 @@ pub enum FileError {
         field: String,
         message: String,
     },
+    #[error("{path}: the file system kept {data} bytes of data where {written} bytes were written: a diff memory file needs holes exactly where nothing was written (4 KiB blocks, no hole punching of zeros); write it to another file system (ext4, XFS, tmpfs)")]
+    Holes {
+        path: PathBuf,
+        written: u64,
+        data: u64,
+    },
+    #[error("{base}: {base_bytes} bytes, but the diff {diff} is {diff_bytes} bytes: a diff merges only onto the memory file of the same VM's previous snapshot, which has its size")]
+    MergeSize {
+        base: PathBuf,
+        base_bytes: u64,
+        diff: PathBuf,
+        diff_bytes: u64,
+    },
+    #[error("{path}: the diff and the base are the same file")]
+    MergeSame { path: PathBuf },
     #[error("{path}: {found} bytes, but the snapshot's memory is {expected} bytes: the memory file is truncated or not this snapshot's")]
     MemorySize {
         path: PathBuf,
@@ -211,15 +232,30 @@ pub fn read_state(path: &Path) -> Result<(Header, VmState), FileError> {
     ))
 }
 
-/// Writes guest RAM to a memory file at `path`, leaving holes for pages of
-/// zeros. Returns how many bytes it wrote (the rest are holes).
-pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<u64, FileError> {
+/// Which pages of guest RAM a memory file gets; every other page is a hole.
+#[derive(Clone, Copy)]
+pub enum Pages<'a> {
+    /// Every page that is not all zeros (a full memory file).
+    NonZero,
+    /// Every page the log counts as written, zeros included: a hole in a diff
+    /// means "unchanged", so a page written back to zeros must be there.
+    Dirty(&'a DirtyLog),
+}
+
+/// Writes `pages` of guest RAM to a memory file at `path`: the ranges of `mem`
+/// one after the other, every page left out a hole. Returns how many bytes it
+/// wrote. A diff ([`Pages::Dirty`]) is only as good as its holes, so the file's
+/// data ranges are read back and must be exactly the pages written: a file
+/// system that fills holes or makes holes of zeros is refused.
+pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, pages: Pages) -> Result<u64, FileError> {
     let mut written = 0u64;
     write_atomically(path, |file, tmp| {
+        let mut runs = Runs::default();
         let mut buf = vec![0u8; CHUNK];
         let mut at = 0u64;
         for region in mem.iter() {
             let len = region.len() as usize;
+            let guest = region.start_addr().raw_value();
             let mut off = 0usize;
             while off < len {
                 let n = CHUNK.min(len - off);
@@ -231,20 +267,175 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<u64, FileError
                         source: std::io::Error::other(e.to_string()),
                     })?;
                 slice.copy_to(&mut buf[..n]);
-                for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                    if page.iter().any(|&b| b != 0) {
-                        file.write_all_at(page, at + (off + i * PAGE) as u64)
-                            .map_err(io(tmp, "cannot write guest memory"))?;
-                        written += page.len() as u64;
+                // Consecutive pages to write go out in one write.
+                let mut run: Option<usize> = None;
+                for i in 0..=n.div_ceil(PAGE) {
+                    let from = i * PAGE;
+                    let wanted = from < n
+                        && match pages {
+                            Pages::NonZero => buf[from..n.min(from + PAGE)].iter().any(|&b| b != 0),
+                            Pages::Dirty(log) => log.is_dirty(guest + (off + from) as u64),
+                        };
+                    match (run, wanted) {
+                        (None, true) => run = Some(from),
+                        (Some(first), false) => {
+                            let end = from.min(n);
+                            let offset = at + (off + first) as u64;
+                            file.write_all_at(&buf[first..end], offset)
+                                .map_err(io(tmp, "cannot write guest memory"))?;
+                            runs.push(offset, offset + (end - first) as u64);
+                            run = None;
+                        }
+                        _ => {}
                     }
                 }
                 off += n;
             }
             at += len as u64;
         }
-        file.set_len(at).map_err(io(tmp, "cannot size it"))
+        file.set_len(at).map_err(io(tmp, "cannot size it"))?;
+        if matches!(pages, Pages::Dirty(_)) {
+            let data = data_ranges(file, tmp)?;
+            if data != runs.0 {
+                return Err(FileError::Holes {
+                    path: tmp.to_owned(),
+                    written: runs.bytes(),
+                    data: data.iter().map(|(a, b)| b - a).sum(),
+                });
+            }
+        }
+        written = runs.bytes();
+        Ok(())
     })?;
     Ok(written)
+}
+
+/// Byte ranges `[start, end)` of a file, ascending, adjacent ones joined.
+#[derive(Default)]
+struct Runs(Vec<(u64, u64)>);
+
+impl Runs {
+    fn push(&mut self, start: u64, end: u64) {
+        match self.0.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => self.0.push((start, end)),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.0.iter().map(|(a, b)| b - a).sum()
+    }
+}
+
+/// The data ranges `[start, end)` of `file` (everything but its holes), as the
+/// file system reports them (`SEEK_DATA`, `SEEK_HOLE`).
+pub fn data_ranges(file: &File, path: &Path) -> Result<Vec<(u64, u64)>, FileError> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata().map_err(io(path, "cannot stat it"))?.len();
+    let seek = |from: u64, whence: libc::c_int| -> Result<Option<u64>, FileError> {
+        // SAFETY: lseek on a file descriptor `file` owns and keeps open; it moves
+        // the file offset (the writes and reads here are positional) and touches
+        // no memory.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        match std::io::Error::last_os_error() {
+            // No data at or after `from`.
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(FileError::Io {
+                path: path.to_owned(),
+                what: "cannot find its data and holes (SEEK_DATA, SEEK_HOLE)",
+                source: e,
+            }),
+        }
+    };
+    let mut ranges = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        // The end of the file counts as a hole.
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        if end <= start {
+            break;
+        }
+        ranges.push((start, end));
+        at = end;
+    }
+    Ok(ranges)
+}
+
+/// What [`merge_memory`] did.
+#[derive(Clone, Copy, Debug)]
+pub struct MergeInfo {
+    /// Bytes of the diff copied onto the base.
+    pub copied: u64,
+    /// Data ranges of the diff.
+    pub ranges: usize,
+    /// The size of both files.
+    pub bytes: u64,
+}
+
+/// Copies the data ranges of the diff memory file `diff` onto the memory file
+/// `base`, in place, at the same offsets: `base` becomes the memory the diff's
+/// snapshot saved when `base` is the memory of the snapshot before it. Both
+/// must be the same size. `progress` hears the bytes copied so far and the
+/// diff's data bytes.
+pub fn merge_memory(
+    base: &Path,
+    diff: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MergeInfo, FileError> {
+    let base_file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(io(base, "cannot open it for writing"))?;
+    let diff_file = File::open(diff).map_err(io(diff, "cannot open it"))?;
+    let base_len = base_file.metadata().map_err(io(base, "cannot stat it"))?;
+    let diff_len = diff_file.metadata().map_err(io(diff, "cannot stat it"))?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        if (base_len.dev(), base_len.ino()) == (diff_len.dev(), diff_len.ino()) {
+            return Err(FileError::MergeSame {
+                path: diff.to_owned(),
+            });
+        }
+    }
+    if base_len.len() != diff_len.len() {
+        return Err(FileError::MergeSize {
+            base: base.to_owned(),
+            base_bytes: base_len.len(),
+            diff: diff.to_owned(),
+            diff_bytes: diff_len.len(),
+        });
+    }
+    let ranges = data_ranges(&diff_file, diff)?;
+    let total: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    let mut buf = vec![0u8; CHUNK];
+    let mut copied = 0u64;
+    for &(start, end) in &ranges {
+        let mut at = start;
+        while at < end {
+            let n = CHUNK.min((end - at) as usize);
+            diff_file
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(io(diff, "cannot read it"))?;
+            base_file
+                .write_all_at(&buf[..n], at)
+                .map_err(io(base, "cannot write to it"))?;
+            at += n as u64;
+            copied += n as u64;
+            progress(copied, total);
+        }
+    }
+    base_file.sync_all().map_err(io(base, "cannot sync it"))?;
+    Ok(MergeInfo {
+        copied,
+        ranges: ranges.len(),
+        bytes: base_len.len(),
+    })
 }
 
 /// Opens a memory file and checks that it holds `expected` bytes.
@@ -259,4 +450,100 @@ pub fn open_memory(path: &Path, expected: u64) -> Result<File, FileError> {
         });
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vigil-file-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The data ranges of the file at `path`, in pages.
+    fn data_pages(path: &Path) -> Vec<(u64, u64)> {
+        let file = File::open(path).unwrap();
+        let page = PAGE as u64;
+        data_ranges(&file, path)
+            .unwrap()
+            .into_iter()
+            .map(|(a, b)| (a / page, b / page))
+            .collect()
+    }
+
+    #[test]
+    fn a_diff_holds_the_dirty_pages_zeros_included_and_merges_onto_its_base() {
+        let dir = scratch("diff");
+        // Two regions of 16 pages, the second at 1 MiB.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 16 * PAGE),
+            (GuestAddress(0x10_0000), 16 * PAGE),
+        ])
+        .unwrap();
+        mem.write_slice(&[1; PAGE], GuestAddress(PAGE as u64))
+            .unwrap();
+        mem.write_slice(&[2; PAGE], GuestAddress(0x10_0000))
+            .unwrap();
+        let base = dir.join("base.mem");
+        assert_eq!(
+            write_memory(&base, &mem, Pages::NonZero).unwrap(),
+            2 * PAGE as u64
+        );
+        assert_eq!(data_pages(&base), [(1, 2), (16, 17)]);
+
+        // Page 1 back to zeros, pages 3 and 4 written, the rest unchanged.
+        mem.write_slice(&[0; PAGE], GuestAddress(PAGE as u64))
+            .unwrap();
+        mem.write_slice(&[3; 2 * PAGE], GuestAddress(3 * PAGE as u64))
+            .unwrap();
+        let mut log = DirtyLog::empty(&mem);
+        log.add(0, &[0b11010]);
+        let diff = dir.join("diff.mem");
+        assert_eq!(
+            write_memory(&diff, &mem, Pages::Dirty(&log)).unwrap(),
+            3 * PAGE as u64
+        );
+        assert_eq!(data_pages(&diff), [(1, 2), (3, 5)]);
+
+        let mut seen = Vec::new();
+        let info = merge_memory(&base, &diff, &mut |done, total| seen.push((done, total))).unwrap();
+        assert_eq!(
+            (info.copied, info.ranges, info.bytes),
+            (3 * PAGE as u64, 2, 32 * PAGE as u64)
+        );
+        assert_eq!(seen.last(), Some(&(3 * PAGE as u64, 3 * PAGE as u64)));
+        let merged = std::fs::read(&base).unwrap();
+        let mut now = vec![0u8; 32 * PAGE];
+        mem.read_slice(&mut now[..16 * PAGE], GuestAddress(0))
+            .unwrap();
+        mem.read_slice(&mut now[16 * PAGE..], GuestAddress(0x10_0000))
+            .unwrap();
+        assert!(merged == now, "the base merged with the diff is memory now");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn merge_refuses_files_of_other_sizes_and_itself() {
+        let dir = scratch("merge");
+        let (a, b) = (dir.join("a.mem"), dir.join("b.mem"));
+        std::fs::write(&a, [1; 8192]).unwrap();
+        std::fs::write(&b, [2; 4096]).unwrap();
+        let e = merge_memory(&a, &b, &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a.mem: 8192 bytes") && e.contains("b.mem is 4096 bytes"),
+            "{e}"
+        );
+        let e = merge_memory(&a, &a, &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same file"), "{e}");
+        assert_eq!(std::fs::read(&a).unwrap(), [1; 8192]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -5,6 +5,14 @@
 //! vCPU's (registers, XSAVE, local APIC, MSRs, pending events, CPUID, TSC
 //! frequency), the legacy devices' and every virtio transport's with its device
 //! (through `vigil_devices::persist`). The file format is in [`file`].
+//!
+//! Guest memory is saved whole ([`MemoryKind::Full`]) or as a diff
+//! ([`MemoryKind::Diff`]): the pages written since the VM's previous snapshot,
+//! Full or Diff, or since it started or was restored. The snapshot code has its
+//! own [`DirtyReader`], subscribed when the VM starts, and takes from it at every
+//! snapshot; pages taken by a snapshot that then failed are kept for the next.
+//! A booted VM's first diff has nothing to differ from: it holds every page and
+//! is written as, and marked, a full one.
 
 pub mod file;
 pub mod state;
@@ -19,10 +27,11 @@ use vigil_devices::persist::Persist;
 use vigil_devices::virtio::mmio::MmioTransport;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::dirty_log::{DirtyLog, DirtyReader};
 use crate::vstate::persist::{self, KvmStateError};
 use crate::{ControlError, GuestMemoryMmap};
 pub use file::{FileError, Header, FORMAT_VERSION};
-pub use state::{MemoryRange, SavedMachine, VmState};
+pub use state::{MemoryKind, MemoryRange, SavedMachine, VmState};
 
 /// Why a snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +40,10 @@ pub enum SnapshotError {
     NotPaused,
     #[error("{0}: guest memory is mapped from this file (the VM was restored from it); write the memory elsewhere")]
     MemoryIsSource(PathBuf),
+    #[error(
+        "a diff snapshot needs the dirty log, which is not available: {0}; take a Full snapshot"
+    )]
+    NoDirtyLog(String),
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -45,8 +58,11 @@ pub struct SnapshotInfo {
     pub state_bytes: u64,
     /// Guest RAM in bytes (the memory file's size).
     pub memory_bytes: u64,
-    /// Bytes of it written (the rest were pages of zeros, left as holes).
+    /// Bytes of it written (the rest are holes: pages of zeros in a full
+    /// memory file, pages not written since the previous snapshot in a diff).
     pub memory_written: u64,
+    /// What the memory file holds (a booted VM's first diff is a full one).
+    pub memory_kind: MemoryKind,
     pub took: Duration,
 }
 
@@ -60,6 +76,57 @@ pub(crate) struct SnapshotSources {
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// The file guest memory is privately mapped from, after a restore.
     pub(crate) memory_file: Option<PathBuf>,
+    pub(crate) written: WrittenSince,
+}
+
+/// The guest pages written since the VM's previous snapshot.
+pub(crate) struct WrittenSince {
+    /// The snapshots' own reader, or why there is none.
+    reader: Result<DirtyReader, String>,
+    /// Pages taken from it by snapshots that failed, for the next one.
+    unsaved: Mutex<Option<DirtyLog>>,
+}
+
+impl WrittenSince {
+    /// Pages written from now on, through `reader` (subscribed by the caller,
+    /// whose first take counts every page). A VM restored from a memory file
+    /// starts from that file: nothing is written yet, so the first take is
+    /// dropped.
+    pub(crate) fn new(reader: Result<DirtyReader, String>, restored: bool) -> Self {
+        if let (Ok(reader), true) = (&reader, restored) {
+            if let Err(e) = reader.take() {
+                tracing::warn!("the dirty log cannot be read; the first diff snapshot will hold every page: {e}");
+            }
+        }
+        Self {
+            reader,
+            unsaved: Mutex::new(None),
+        }
+    }
+
+    /// The pages written since the previous snapshot, to be saved now: on an
+    /// error from the dirty log, `Err` with the pages taken so far still kept.
+    fn take(&self) -> Result<DirtyLog, String> {
+        let reader = self.reader.as_ref().map_err(Clone::clone)?;
+        let mut unsaved = lock(&self.unsaved);
+        let new = reader.take().map_err(|e| e.to_string())?;
+        Ok(match unsaved.take() {
+            Some(mut pages) => {
+                pages.merge(&new);
+                pages
+            }
+            None => new,
+        })
+    }
+
+    /// Keeps `pages`, taken by a snapshot that failed, for the next one.
+    fn keep(&self, pages: DirtyLog) {
+        let mut unsaved = lock(&self.unsaved);
+        match unsaved.as_mut() {
+            Some(kept) => kept.merge(&pages),
+            None => *unsaved = Some(pages),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,11 +154,12 @@ fn same_file(a: &Path, b: &Path) -> bool {
 impl SnapshotSources {
     /// Captures the paused VM's state, and with its devices still held (none
     /// can write guest memory meanwhile) runs `with_memory`, which saves or
-    /// sends guest memory: state and memory are of the same instant.
+    /// sends guest memory and may complete the state: state and memory are of
+    /// the same instant.
     pub(crate) fn capture<T>(
         &self,
         vcpus: &crate::vstate::threads::VcpuThreads,
-        with_memory: impl FnOnce(&GuestMemoryMmap) -> Result<T, SnapshotError>,
+        with_memory: impl FnOnce(&GuestMemoryMmap, &mut VmState) -> Result<T, SnapshotError>,
     ) -> Result<(VmState, T), SnapshotError> {
         let vm_fd = self.vm_fd.upgrade().ok_or(ControlError::Stopping)?;
         persist::check_xsave_size(&vm_fd)?;
@@ -110,28 +178,30 @@ impl SnapshotSources {
         // transport keeps it out of the queues and guest memory until both taken.
         let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
         let virtio = transports.iter().map(|t| t.state()).collect();
-        let state = VmState {
+        let mut state = VmState {
             vigil_version: env!("CARGO_PKG_VERSION").into(),
             machine: self.machine.clone(),
             memory: memory_ranges(&self.mem),
+            memory_kind: MemoryKind::Full,
             kvm: persist::save_vm(&vm_fd)?,
             vcpus,
             serial: lock(&self.serial).save(),
             i8042: lock(&self.i8042).save(),
             virtio,
         };
-        let memory = with_memory(&self.mem)?;
+        let memory = with_memory(&self.mem, &mut state)?;
         drop(transports);
         Ok((state, memory))
     }
 
     /// Saves the VM (paused by the caller, whose vCPU threads run `call_each`)
-    /// to `state_path` and `mem_path`.
+    /// to `state_path` and `mem_path`, its memory whole or as a diff (`kind`).
     pub(crate) fn save(
         &self,
         vcpus: &crate::vstate::threads::VcpuThreads,
         state_path: &Path,
         mem_path: &Path,
+        kind: MemoryKind,
     ) -> Result<SnapshotInfo, SnapshotError> {
         let start = Instant::now();
         if let Some(source) = &self.memory_file {
@@ -139,14 +209,42 @@ impl SnapshotSources {
                 return Err(SnapshotError::MemoryIsSource(mem_path.to_owned()));
             }
         }
-        let (state, memory_written) =
-            self.capture(vcpus, |mem| Ok(file::write_memory(mem_path, mem)?))?;
-        file::write_state(state_path, &state)?;
+        let (state, (written, memory_written)) = self.capture(vcpus, |mem, state| {
+            // Taken with the vCPUs paused and the devices held: nothing writes
+            // guest memory until it is saved.
+            let written = match (self.written.take(), kind) {
+                (Ok(pages), _) => pages,
+                (Err(why), MemoryKind::Diff) => return Err(SnapshotError::NoDirtyLog(why)),
+                // A full snapshot does not need the log, but the next diff cannot
+                // know what this one saved: it will hold every page.
+                (Err(_), MemoryKind::Full) => DirtyLog::all(mem),
+            };
+            state.memory_kind = match kind {
+                MemoryKind::Diff if !written.is_all() => MemoryKind::Diff,
+                _ => MemoryKind::Full,
+            };
+            let pages = match kind {
+                MemoryKind::Full => file::Pages::NonZero,
+                MemoryKind::Diff => file::Pages::Dirty(&written),
+            };
+            match file::write_memory(mem_path, mem, pages) {
+                Ok(n) => Ok((written, n)),
+                Err(e) => {
+                    self.written.keep(written);
+                    Err(e.into())
+                }
+            }
+        })?;
+        if let Err(e) = file::write_state(state_path, &state) {
+            self.written.keep(written);
+            return Err(e.into());
+        }
         let state_bytes = std::fs::metadata(state_path).map_or(0, |m| m.len());
         Ok(SnapshotInfo {
             state_bytes,
             memory_bytes: state.memory.iter().map(|r| r.bytes).sum(),
             memory_written,
+            memory_kind: state.memory_kind,
             took: start.elapsed(),
         })
     }

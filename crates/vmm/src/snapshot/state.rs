@@ -20,6 +20,10 @@ pub struct VmState {
     pub machine: SavedMachine,
     /// Guest RAM, in the order the memory file holds it.
     pub memory: Vec<MemoryRange>,
+    /// Whether the memory file was written whole or as a diff (files from
+    /// before diffs existed are whole).
+    #[serde(default)]
+    pub memory_kind: MemoryKind,
     /// The in-kernel irqchip, PIT and clock.
     pub kvm: KvmVmState,
     /// One per vCPU, by index.
@@ -29,6 +33,20 @@ pub struct VmState {
     /// The virtio transports in attach order: each takes the next MMIO window
     /// and interrupt line, as when the VM was built.
     pub virtio: Vec<MmioTransportState>,
+}
+
+/// What a snapshot's memory file holds, as written (`snapshot_type`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// All of guest RAM, pages of zeros as holes: loaded as it is.
+    #[default]
+    Full,
+    /// Only the pages written since the VM's previous snapshot (or since it was
+    /// restored), each at its offset, every other page a hole meaning
+    /// "unchanged": it is loaded only after it has been merged onto that previous
+    /// snapshot's memory file (`vigil snapshot merge`), which cannot be checked
+    /// from the file's content.
+    Diff,
 }
 
 /// What the VM was built from that building it back needs.
