@@ -32,7 +32,9 @@ use crate::client;
 use crate::error::{ApiError, FaultMessage};
 use crate::events::{Events, Peer, Rule};
 use crate::metrics;
-use crate::supervisor::{CreateRequest, StopMethod, Supervisor, VmState};
+use crate::supervisor::{
+    CreateRequest, MigrateRequest, ReceiveRequest, StopMethod, Supervisor, VmState,
+};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -47,6 +49,8 @@ pub fn router(state: AppState) -> Router {
         .route("/vms", post(create).get(list))
         .route("/vms/{id}", get(inspect).patch(patch).delete(destroy))
         .route("/vms/{id}/stop", post(stop))
+        .route("/vms/{id}/migrate", post(migrate))
+        .route("/vms/{id}/receive", post(receive))
         .route("/vms/{id}/metrics", get(vm_metrics))
         .route("/events", get(events))
         .route("/metrics", get(prometheus))
@@ -159,6 +163,32 @@ async fn stop(
         .stop(&id, request.method.unwrap_or_default(), timeout)
         .await?;
     Ok(Json(info).into_response())
+}
+
+async fn migrate(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: MigrateRequest = parse(
+        &body,
+        "POST /vms/{id}/migrate (expected {\"to\": \"HOST:PORT\", \"peer_token\": \"...\"}, with downtime_ms and bandwidth_mib_s optional)",
+    )?;
+    let info = app.supervisor.migrate(&id, request).await?;
+    Ok(Json(info).into_response())
+}
+
+async fn receive(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: ReceiveRequest = parse(
+        &body,
+        "POST /vms/{id}/receive (expected {\"config\": {...}}: the VM's configuration at its source)",
+    )?;
+    let incoming = app.supervisor.receive(&id, request).await?;
+    Ok((StatusCode::CREATED, Json(incoming)).into_response())
 }
 
 async fn destroy(

@@ -1,5 +1,6 @@
 //! A small HTTP/1.1 client over a Unix socket: the daemon uses it to talk to each
-//! VM's API socket, and `vigil ctl` to talk to the daemon.
+//! VM's API socket, and `vigil ctl` to talk to the daemon; and over TCP with a
+//! bearer token, from one daemon to another (migration).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -107,16 +108,32 @@ async fn send(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> Result<(hyper::Response<hyper::body::Incoming>, Connection), ClientError> {
-    let http = |source| ClientError::Http {
-        path: socket.to_owned(),
-        source,
-    };
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| ClientError::Connect {
             path: socket.to_owned(),
             source,
         })?;
+    send_on(stream, socket, method, path, headers, body).await
+}
+
+/// [`send`] on a connected stream; `peer` names it in errors.
+async fn send_on<S>(
+    stream: S,
+    peer: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Result<(hyper::Response<hyper::body::Incoming>, Connection), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let socket = peer;
+    let http = |source| ClientError::Http {
+        path: socket.to_owned(),
+        source,
+    };
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http)?;
@@ -152,13 +169,50 @@ async fn send(
     ))
 }
 
-async fn exchange(
-    socket: &Path,
+/// Sends one request to another daemon's TCP listener at `addr` (`HOST:PORT`),
+/// with its bearer `token`, and reads the whole response, all within `timeout`.
+pub async fn request_tcp(
+    addr: &str,
+    token: &str,
     method: &str,
     path: &str,
     body: Option<Vec<u8>>,
+    timeout: Duration,
 ) -> Result<Response, ClientError> {
-    let (response, _connection) = send(socket, method, path, &[], body).await?;
+    let peer = PathBuf::from(format!("tcp:{addr}"));
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: peer.clone(),
+                source,
+            })?;
+        let bearer = format!("Bearer {token}");
+        let (response, connection) = send_on(
+            stream,
+            &peer,
+            method,
+            path,
+            &[("authorization", &bearer)],
+            body,
+        )
+        .await?;
+        read_whole(&peer, response, connection).await
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(ClientError::Timeout {
+            path: peer.clone(),
+            timeout,
+        }),
+    }
+}
+
+async fn read_whole(
+    socket: &Path,
+    response: hyper::Response<hyper::body::Incoming>,
+    _connection: Connection,
+) -> Result<Response, ClientError> {
     let status = response.status().as_u16();
     let body = response
         .into_body()
@@ -171,6 +225,16 @@ async fn exchange(
         .to_bytes()
         .to_vec();
     Ok(Response { status, body })
+}
+
+async fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Response, ClientError> {
+    let (response, connection) = send(socket, method, path, &[], body).await?;
+    read_whole(socket, response, connection).await
 }
 
 /// [`request`] for callers without a runtime (the CLI, benchmarks): requests run

@@ -88,6 +88,16 @@ pub enum SupervisorError {
         what: String,
         source: Box<ClientError>,
     },
+    #[error("VM {id:?} is {state}: only a running or paused VM can migrate")]
+    CannotMigrate { id: String, state: &'static str },
+    #[error("to {to:?}: expected the other daemon's TCP API address, HOST:PORT")]
+    BadPeer { to: String },
+    /// The other daemon did not take the VM.
+    #[error("the daemon at {to} {why}")]
+    Peer { to: String, why: String },
+    /// The migration started and did not complete; the VM runs here still.
+    #[error("VM {id:?} did not migrate to {to}: {why}")]
+    MigrationFailed { id: String, to: String, why: String },
     /// The VM's API refused `what` with `status` and `message`.
     #[error("VM {id:?} refused {what} (HTTP {status}): {message}")]
     VmRefused {
@@ -115,7 +125,10 @@ impl SupervisorError {
             | FolderInUse { .. }
             | CannotPauseOrResume { .. }
             | CannotThrottle { .. }
-            | NothingToThrottle { .. } => StatusCode::CONFLICT,
+            | NothingToThrottle { .. }
+            | CannotMigrate { .. } => StatusCode::CONFLICT,
+            BadPeer { .. } => StatusCode::BAD_REQUEST,
+            Peer { .. } | MigrationFailed { .. } => StatusCode::BAD_GATEWAY,
             TooManyVms { .. } => StatusCode::TOO_MANY_REQUESTS,
             Folder { .. } | EncodeConfig(_) | Spawn { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             VmUnreachable { .. } | VmRefused { .. } => StatusCode::BAD_GATEWAY,

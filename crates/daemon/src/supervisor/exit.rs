@@ -8,10 +8,23 @@ use std::time::SystemTime;
 use super::vm::{unix_s, ExitInfo, VmState};
 
 /// Describes how a VMM process ended: the state it leaves the VM in, and why.
-pub fn classify(status: ExitStatus, stop_requested: bool) -> (VmState, ExitInfo) {
+/// `migrating_to`: a migration was under way to there (a VMM that exits 0 then
+/// handed its VM over).
+pub fn classify(
+    status: ExitStatus,
+    stop_requested: bool,
+    migrating_to: Option<&str>,
+) -> (VmState, ExitInfo) {
     let code = status.code();
     let signal = status.signal();
     let (state, reason) = match (code, signal) {
+        (Some(0), _) if migrating_to.is_some() => (
+            VmState::Migrated,
+            format!(
+                "migrated to {} (exit status 0)",
+                migrating_to.unwrap_or_default()
+            ),
+        ),
         (Some(c), _) if stop_requested => (VmState::Stopped, format!("stopped by the daemon (exit status {c})")),
         (None, Some(s)) if stop_requested => (
             VmState::Stopped,
@@ -104,20 +117,24 @@ mod tests {
 
     #[test]
     fn exits_are_classified() {
-        assert_eq!(classify(status_of(0), false).0, VmState::Exited);
-        assert_eq!(classify(status_of(3), false).0, VmState::Crashed);
-        assert_eq!(classify(status_of(1), false).0, VmState::Failed);
-        assert_eq!(classify(status_of(143), false).0, VmState::Stopped);
-        assert_eq!(classify(status_of(3), true).0, VmState::Stopped);
-        let (state, exit) = classify(status_of(35), false);
+        assert_eq!(classify(status_of(0), false, None).0, VmState::Exited);
+        let (state, exit) = classify(status_of(0), false, Some("tcp:10.0.0.2:4000"));
+        assert_eq!(state, VmState::Migrated);
+        assert!(exit.reason.contains("tcp:10.0.0.2:4000"), "{}", exit.reason);
+        assert_eq!(classify(status_of(1), false, Some("x")).0, VmState::Failed);
+        assert_eq!(classify(status_of(3), false, None).0, VmState::Crashed);
+        assert_eq!(classify(status_of(1), false, None).0, VmState::Failed);
+        assert_eq!(classify(status_of(143), false, None).0, VmState::Stopped);
+        assert_eq!(classify(status_of(3), true, None).0, VmState::Stopped);
+        let (state, exit) = classify(status_of(35), false, None);
         assert_eq!(state, VmState::Exited);
         assert!(exit.reason.contains("status 3 "), "{}", exit.reason);
-        let (state, exit) = classify(ExitStatus::from_raw(libc::SIGSEGV), false);
+        let (state, exit) = classify(ExitStatus::from_raw(libc::SIGSEGV), false, None);
         assert_eq!(state, VmState::Crashed);
         assert_eq!(exit.signal, Some(libc::SIGSEGV));
         assert!(exit.reason.contains("SIGSEGV"));
         assert_eq!(
-            classify(ExitStatus::from_raw(libc::SIGKILL), true).0,
+            classify(ExitStatus::from_raw(libc::SIGKILL), true, None).0,
             VmState::Stopped
         );
     }

@@ -31,6 +31,7 @@ use crate::id::validate_id;
 mod control;
 mod error;
 mod exit;
+mod migrate;
 mod process;
 mod request;
 mod stop;
@@ -38,6 +39,7 @@ mod vm;
 
 pub use error::SupervisorError;
 pub use exit::classify;
+pub use migrate::{Incoming, MigrateRequest, ReceiveRequest};
 pub use process::{tail, TAIL_BYTES};
 pub use request::{CreateRequest, TraceSpec, TraceSpecError, SYSCALLS_FILE};
 pub use stop::StopMethod;
@@ -136,8 +138,28 @@ impl Supervisor {
             introspect: request.introspect,
             trace_syscalls: request.trace_syscalls,
             debug_api: request.debug_api,
+            incoming: None,
         };
-        let id = request.id;
+        let vm = self.launch_new(request.id, request.config, options).await?;
+        let info = self.wait_started(&vm).await?;
+        self.events.lifecycle(
+            &vm.id,
+            "created",
+            info.state,
+            Priority::Informational,
+            serde_json::json!({ "vm.vcpus": info.vcpus, "vm.memory_mib": info.memory_mib, "proc.pid": info.pid }),
+        );
+        Ok(info)
+    }
+
+    /// Reserves `id`, writes the VM's folder and starts its process (which owns
+    /// the reaper); the caller waits for it as it needs.
+    async fn launch_new(
+        &self,
+        id: String,
+        config: serde_json::Value,
+        options: LaunchOptions,
+    ) -> Result<Arc<Vm>, SupervisorError> {
         let dir = self.vm_dir(&id);
         let api_socket = dir.join("api.sock");
         // Reserve the id first, so that two creates of one id cannot both proceed.
@@ -147,9 +169,9 @@ impl Supervisor {
             id: id.clone(),
             dir: dir.clone(),
             api_socket: api_socket.clone(),
-            vcpus: machine_field(&request.config, "vcpu_count"),
-            memory_mib: machine_field(&request.config, "mem_size_mib"),
-            config: request.config,
+            vcpus: machine_field(&config, "vcpu_count"),
+            memory_mib: machine_field(&config, "mem_size_mib"),
+            config,
             options,
             created_at: SystemTime::now(),
             started: Instant::now(),
@@ -161,6 +183,7 @@ impl Supervisor {
                 stderr_tail: None,
                 console_tail: None,
                 stop_requested: false,
+                migrating_to: None,
             }),
             signals: signal_tx,
             ended: ended_rx,
@@ -179,22 +202,13 @@ impl Supervisor {
             table.insert(id.clone(), vm.clone());
         }
         match self.launch(&vm, signal_rx, ended_tx).await {
-            Ok(()) => {}
+            Ok(()) => Ok(vm),
             Err(e) => {
                 self.table().remove(&id);
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
+                Err(e)
             }
         }
-        let info = self.wait_started(&vm).await?;
-        self.events.lifecycle(
-            &id,
-            "created",
-            info.state,
-            Priority::Informational,
-            serde_json::json!({ "vm.vcpus": info.vcpus, "vm.memory_mib": info.memory_mib, "proc.pid": info.pid }),
-        );
-        Ok(info)
     }
 }
 

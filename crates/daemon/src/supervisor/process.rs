@@ -87,12 +87,12 @@ impl Supervisor {
         let stderr = open("vmm.log")?;
 
         let mut command = tokio::process::Command::new(&self.config.vmm_binary);
+        command.arg("run").arg("--api-sock").arg(&vm.api_socket);
+        // A VM that comes by migration is described by its source, not a file.
+        if vm.options.incoming.is_none() {
+            command.arg("--config-file").arg(&config_path);
+        }
         command
-            .arg("run")
-            .arg("--api-sock")
-            .arg(&vm.api_socket)
-            .arg("--config-file")
-            .arg(&config_path)
             .args(vm.options.args(dir))
             .stdin(Stdio::null())
             .stdout(console)
@@ -241,7 +241,7 @@ async fn reap(
         let mut s = vm.status();
         match status {
             Ok(status) => {
-                let (state, exit) = classify(status, s.stop_requested);
+                let (state, exit) = classify(status, s.stop_requested, s.migrating_to.as_deref());
                 match state {
                     VmState::Crashed | VmState::Failed => tracing::warn!(
                         id = %vm.id,

@@ -62,6 +62,8 @@ pub(super) struct LaunchOptions {
     pub(super) introspect: Option<IntrospectConfig>,
     pub(super) trace_syscalls: Option<TraceSpec>,
     pub(super) debug_api: bool,
+    /// Wait for the VM from another host: the port and one-time token.
+    pub(super) incoming: Option<(u16, String)>,
 }
 
 impl LaunchOptions {
@@ -84,6 +86,10 @@ impl LaunchOptions {
         }
         if self.debug_api {
             args.push("--debug-api".into());
+        }
+        if let Some((port, token)) = &self.incoming {
+            args.push(format!("--migrate-from=tcp:0.0.0.0:{port}").into());
+            args.push(format!("--migration-token={token}").into());
         }
         args
     }
@@ -109,6 +115,7 @@ mod tests {
             introspect: req.introspect,
             trace_syscalls: req.trace_syscalls,
             debug_api: req.debug_api,
+            incoming: None,
         };
         let args: Vec<String> = options
             .args(Path::new("/s/vms/a"))
@@ -132,6 +139,7 @@ mod tests {
             introspect: Some(IntrospectConfig::default()),
             trace_syscalls: Some(TraceSpec::default()),
             debug_api: false,
+            incoming: None,
         };
         assert_eq!(
             options.args(Path::new("d")),

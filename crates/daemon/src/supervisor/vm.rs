@@ -29,6 +29,10 @@ pub enum VmState {
     Crashed,
     /// The VMM itself failed (exit status 1 or 2: bad configuration, KVM error).
     Failed,
+    /// Its process waits for the VM to arrive from another daemon's host.
+    Incoming,
+    /// It moved to another host (its process exited once the VM ran there).
+    Migrated,
 }
 
 impl VmState {
@@ -36,7 +40,11 @@ impl VmState {
     pub fn is_live(self) -> bool {
         matches!(
             self,
-            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+            VmState::Starting
+                | VmState::Running
+                | VmState::Paused
+                | VmState::Stopping
+                | VmState::Incoming
         )
     }
 
@@ -50,10 +58,12 @@ impl VmState {
             VmState::Exited => "exited",
             VmState::Crashed => "crashed",
             VmState::Failed => "failed",
+            VmState::Incoming => "incoming",
+            VmState::Migrated => "migrated",
         }
     }
 
-    pub const ALL: [VmState; 8] = [
+    pub const ALL: [VmState; 10] = [
         VmState::Starting,
         VmState::Running,
         VmState::Paused,
@@ -62,6 +72,8 @@ impl VmState {
         VmState::Exited,
         VmState::Crashed,
         VmState::Failed,
+        VmState::Incoming,
+        VmState::Migrated,
     ];
 }
 
@@ -124,6 +136,8 @@ pub(super) struct Status {
     pub(super) stderr_tail: Option<String>,
     pub(super) console_tail: Option<String>,
     pub(super) stop_requested: bool,
+    /// Where a migration under way or done sends it (`tcp:HOST:PORT`).
+    pub(super) migrating_to: Option<String>,
 }
 
 /// One VM the daemon supervises.

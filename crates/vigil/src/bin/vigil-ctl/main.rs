@@ -97,6 +97,28 @@ enum CtlCommand {
         #[arg(long)]
         ctrl_alt_del: bool,
     },
+    /// Move a running VM to another host's daemon, live: that daemon starts a
+    /// process waiting for it, this daemon tells the VM to migrate there (pre-copy,
+    /// then a pause of about --downtime-ms), and once it runs there its record here
+    /// says `migrated`. On any failure the VM keeps running here. The other daemon
+    /// must listen on TCP (`vigil daemon --listen HOST:PORT --token-file F`); give
+    /// its address and token. Example:
+    /// vigil ctl migrate web1 --to 10.0.0.2:7070 --peer-token-file /etc/vigil/peer.token
+    Migrate {
+        id: String,
+        /// The other daemon's TCP API, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// A file holding the other daemon's bearer token.
+        #[arg(long, value_name = "FILE")]
+        peer_token_file: PathBuf,
+        /// The longest pause at the end, in milliseconds [default: 100].
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// At most this many MiB/s [default: no limit].
+        #[arg(long, value_name = "MIB")]
+        bandwidth_mib_s: Option<u64>,
+    },
     /// Stop a VM (when it runs) and remove it and its folder.
     #[command(alias = "rm")]
     Destroy { id: String },
@@ -187,6 +209,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
         | CtlCommand::Pause { id }
         | CtlCommand::Resume { id }
         | CtlCommand::Stop { id, .. }
+        | CtlCommand::Migrate { id, .. }
         | CtlCommand::Destroy { id } => vigil_daemon::id::validate_id(id)?,
         CtlCommand::List | CtlCommand::Metrics | CtlCommand::Health | CtlCommand::Events { .. } => {
         }
@@ -260,6 +283,35 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
                 &format!("/vms/{id}/stop"),
                 Some(Value::Object(body)),
                 SLOW,
+            )?;
+            print_record(&r, json);
+        }
+        CtlCommand::Migrate {
+            id,
+            to,
+            peer_token_file,
+            downtime_ms,
+            bandwidth_mib_s,
+        } => {
+            let token = std::fs::read_to_string(&peer_token_file).with_context(|| {
+                format!(
+                    "--peer-token-file {}: cannot read it",
+                    peer_token_file.display()
+                )
+            })?;
+            let body = serde_json::json!({
+                "to": to,
+                "peer_token": token.trim(),
+                "downtime_ms": downtime_ms,
+                "bandwidth_mib_s": bandwidth_mib_s,
+            });
+            eprintln!("migrating {id} to the daemon at {to}...");
+            let r = call(
+                socket,
+                "POST",
+                &format!("/vms/{id}/migrate"),
+                Some(body),
+                Duration::from_secs(660),
             )?;
             print_record(&r, json);
         }
