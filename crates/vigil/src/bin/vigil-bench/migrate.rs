@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 use vigil_daemon::client::request_blocking;
+use vigil_shared::qemu;
 
 use crate::peers::{median, Progress, Running, Scratch, Vmm};
 
@@ -24,13 +25,22 @@ pub struct MigrateBenchArgs {
     pub runs: usize,
 
     /// Guest memory sizes in MiB, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "256,1024", value_name = "MiB")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "256,1024",
+        value_name = "MiB"
+    )]
     pub memory: Vec<u64>,
 
     /// Cases, comma-separated: idle (test=hang, no bandwidth limit), near (the
     /// guest dirties 3/4 of the link), fast (twice the link), fast-plain (fast
     /// without auto-converge).
-    #[arg(long, value_delimiter = ',', default_value = "idle,near,fast,fast-plain")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,near,fast,fast-plain"
+    )]
     pub cases: Vec<Case>,
 
     /// The link of the dirtying cases: both VMMs' bandwidth limit, MiB/s.
@@ -74,10 +84,11 @@ struct Setup {
     bandwidth: Option<u64>,
     auto_converge: bool,
     timeout: Duration,
+    tsc_khz: u64,
 }
 
 impl Setup {
-    fn new(case: Case, memory_mib: u64, args: &MigrateBenchArgs) -> Setup {
+    fn new(case: Case, memory_mib: u64, args: &MigrateBenchArgs, tsc_khz: u64) -> Setup {
         let dirty = |mib_s: u64| {
             format!(
                 "test=dirty dirty_mib={} dirty_mib_s={mib_s}",
@@ -87,7 +98,9 @@ impl Setup {
         let (cmdline, ready, bandwidth) = match case {
             Case::Idle => ("test=hang".to_string(), "timer:", None),
             Case::Near => (dirty(args.link * 3 / 4), "dirty: ", Some(args.link << 20)),
-            Case::Fast | Case::FastPlain => (dirty(args.link * 2), "dirty: ", Some(args.link << 20)),
+            Case::Fast | Case::FastPlain => {
+                (dirty(args.link * 2), "dirty: ", Some(args.link << 20))
+            }
         };
         Setup {
             memory_mib,
@@ -96,6 +109,7 @@ impl Setup {
             bandwidth,
             auto_converge: case != Case::FastPlain,
             timeout: Duration::from_secs(args.timeout),
+            tsc_khz,
         }
     }
 }
@@ -110,6 +124,22 @@ struct Outcome {
     /// The source process's user+system CPU from the request to the end.
     cpu: Duration,
     rounds: u64,
+}
+
+/// The TSC frequency KVM gives guests here, in kHz: what the test guest reads
+/// from Vigil's CPUID (its `timer: tsc_khz=` line). QEMU refuses to migrate a
+/// VM with `invtsc` unless told this frequency.
+fn tsc_khz(vigil: &Vmm, guest: &Path) -> anyhow::Result<u64> {
+    let mut cmd = vigil.command(guest, "", 64)?;
+    let out = cmd
+        .output()
+        .context("cannot run vigil for the TSC frequency")?;
+    let console = String::from_utf8_lossy(&out.stdout);
+    console
+        .lines()
+        .find_map(|l| field(l.strip_prefix("timer: ")?, "tsc_khz")?.parse().ok())
+        .filter(|&khz| khz > 0)
+        .with_context(|| format!("the test guest printed no tsc_khz under Vigil:\n{console}"))
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
@@ -304,8 +334,12 @@ impl Qmp {
 /// polled); a migration still running at the timeout is cancelled.
 fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<Outcome> {
     let port = free_port()?;
+    // The later -cpu wins: the same CPU with the TSC frequency fixed, which
+    // QEMU wants before it migrates a VM with invtsc.
+    let cpu = format!("{},tsc-frequency={}", qemu::CPU, s.tsc_khz * 1000);
     let mut dest_cmd = qemu.command(guest, &s.cmdline, s.memory_mib)?;
     dest_cmd
+        .args(["-cpu", &cpu])
         .arg("-incoming")
         .arg(format!("tcp:127.0.0.1:{port}"));
     let mut dest = Running::spawn("qemu (destination)", dest_cmd)?;
@@ -314,7 +348,8 @@ fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<
     let qmp_path = dir.join("qemu-source.qmp");
     let _ = std::fs::remove_file(&qmp_path);
     let mut cmd = qemu.command(guest, &s.cmdline, s.memory_mib)?;
-    cmd.arg("-qmp")
+    cmd.args(["-cpu", &cpu])
+        .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
     let mut src = Running::spawn("qemu (source)", cmd)?;
     src.wait_for_line(s.ready, START_TIMEOUT)?;
@@ -413,7 +448,11 @@ impl Column {
     }
 
     fn completed(&self) -> String {
-        let done = self.outcomes.iter().filter(|o| o.downtime.is_some()).count();
+        let done = self
+            .outcomes
+            .iter()
+            .filter(|o| o.downtime.is_some())
+            .count();
         format!("{done}/{}", self.outcomes.len())
     }
 }
@@ -431,7 +470,11 @@ pub fn run(args: MigrateBenchArgs) -> anyhow::Result<()> {
     if args.runs == 0 {
         bail!("--runs 0: need at least one round");
     }
-    if args.memory.iter().any(|&m| m < 64 || m < 16 + args.dirty_mib + 16) {
+    if args
+        .memory
+        .iter()
+        .any(|&m| m < 64 || m < 16 + args.dirty_mib + 16)
+    {
         bail!(
             "--memory {:?}: each size must be at least 64 MiB and hold the {} MiB dirty region \
              above 16 MiB",
@@ -446,6 +489,7 @@ pub fn run(args: MigrateBenchArgs) -> anyhow::Result<()> {
     let guest = scratch.write("guest.elf", vigil_test_guest::ELF)?;
     let vigil = Vmm::vigil("vigil", &[])?;
     let qemu = (args.qemu != "none").then(|| Vmm::qemu(&args.qemu));
+    let tsc_khz = tsc_khz(&vigil, &guest)?;
     let progress = Progress::new();
 
     println!(
@@ -455,6 +499,15 @@ pub fn run(args: MigrateBenchArgs) -> anyhow::Result<()> {
          {} MiB/s. CPU: the source process, user+system, from the request to the end.\n",
         args.runs, args.dirty_mib, args.link
     );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "Host: {} CPUs, load average {} at the start; TSC {tsc_khz} kHz.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!(
         "| guest | case | VMM | total ms | downtime ms | sent MiB | source CPU ms | rounds | \
          completed |"
@@ -463,7 +516,7 @@ pub fn run(args: MigrateBenchArgs) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     for &memory in &args.memory {
         for &case in &args.cases {
-            let setup = Setup::new(case, memory, &args);
+            let setup = Setup::new(case, memory, &args, tsc_khz);
             let mut columns: Vec<(&Vmm, Column)> = std::iter::once(&vigil)
                 .chain(qemu.as_ref())
                 .map(|v| {
