@@ -114,6 +114,25 @@ impl BootInfo {
             .last()
     }
 
+    /// `key=N` as a decimal number within `min..=max`: `Ok(None)` without the word,
+    /// `Err(value)` when it is not such a number.
+    pub fn param_number(&self, key: &[u8], min: u64, max: u64) -> Result<Option<u64>, &[u8]> {
+        let Some(value) = self.param(key) else {
+            return Ok(None);
+        };
+        let mut n = 0u64;
+        for &c in value {
+            if !c.is_ascii_digit() {
+                return Err(value);
+            }
+            n = n.saturating_mul(10).saturating_add(u64::from(c - b'0'));
+        }
+        if value.is_empty() || n < min || n > max {
+            return Err(value);
+        }
+        Ok(Some(n))
+    }
+
     /// Scenario names from `test=NAME[,NAME...]` words, in command-line order.
     pub fn scenarios(&self) -> impl Iterator<Item = &[u8]> {
         self.cmdline[..self.cmdline_len]

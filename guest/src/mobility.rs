@@ -1,8 +1,9 @@
-//! `counter`, for snapshot, restore and migration tests: at CPL3, a count of
-//! 100 ms ticks (TSC time), printed each tick, and 64 pages of memory whose
-//! every word depends on the count. Each tick first checks the previous tick's
-//! words, so a guest brought back with memory lost or stale, or with its count
-//! gone back, says so.
+//! Guests that move. `counter`, for snapshot, restore and migration tests: at
+//! CPL3, a count of 100 ms ticks (TSC time), printed each tick, and 64 pages of
+//! memory whose every word depends on the count. Each tick first checks the
+//! previous tick's words, so a guest brought back with memory lost or stale, or
+//! with its count gone back, says so. `dirty`, for `vigil bench migrate`: at
+//! CPL3, one word written per 4 KiB page across a region, at a set rate.
 
 use core::arch::global_asm;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -26,15 +27,16 @@ global_asm!(
 COUNTER_PAGES:
     .skip 4096 * 64
     .skip 16384
-    .global COUNTER_STACK_TOP
-COUNTER_STACK_TOP:
+    .global MOBILITY_STACK_TOP
+MOBILITY_STACK_TOP:
     "#,
     options(att_syntax)
 );
 
 extern "C" {
     static mut COUNTER_PAGES: [u64; WORDS];
-    static COUNTER_STACK_TOP: u8;
+    /// The CPL3 stack of `counter` and `dirty` (never both at once).
+    static MOBILITY_STACK_TOP: u8;
 }
 
 /// The word `i` holds after tick `tick`.
@@ -45,20 +47,7 @@ fn word(tick: u64, i: usize) -> u64 {
 /// `counter_ticks=N` (1 to [`MAX_TICKS`]): stop after N ticks; without it, count
 /// until the VM is stopped.
 fn ticks(machine: &Machine) -> Result<Option<u64>, &[u8]> {
-    let Some(value) = machine.info.param(b"counter_ticks") else {
-        return Ok(None);
-    };
-    let mut n = 0u64;
-    for &c in value {
-        if !c.is_ascii_digit() {
-            return Err(value);
-        }
-        n = n.saturating_mul(10).saturating_add(u64::from(c - b'0'));
-    }
-    if value.is_empty() || n == 0 || n > MAX_TICKS {
-        return Err(value);
-    }
-    Ok(Some(n))
+    machine.info.param_number(b"counter_ticks", 1, MAX_TICKS)
 }
 
 /// Prints `counter: <tick>` each tick; fails at the first word that does not
@@ -112,6 +101,141 @@ pub fn counter(machine: &Machine, detail: &mut Line) -> bool {
         }
         detail.str("ticks=").dec(tick);
     };
-    cpu::run_user(addr_of!(COUNTER_STACK_TOP) as u64, &mut run);
+    cpu::run_user(addr_of!(MOBILITY_STACK_TOP) as u64, &mut run);
+    pass
+}
+
+/// Where the `dirty` region begins: above the guest's image.
+const DIRTY_BASE: u64 = 16 << 20;
+const PAGE: u64 = 4096;
+/// `dirty_mib=` without the word, and its most (the region stays below 4 GiB,
+/// which the boot page tables map).
+const DIRTY_DEFAULT_MIB: u64 = 32;
+const DIRTY_MAX_MIB: u64 = 4096 - 16;
+/// `dirty_mib_s=` without the word, and its most.
+const DIRTY_DEFAULT_MIB_S: u64 = 64;
+const DIRTY_MAX_MIB_S: u64 = 1_000_000;
+/// The most `dirty_s=`.
+const DIRTY_MAX_S: u64 = 1_000_000;
+
+/// What `dirty` writes into page `page` on sweep `sweep`: never zero, so that
+/// a migration cannot send the page as zeros.
+fn dirty_word(sweep: u64, page: u64) -> u64 {
+    ((sweep + 1) << 32) | page
+}
+
+extern "C" {
+    static __image_end: u8;
+}
+
+/// `dirty`: at CPL3, writes one word per 4 KiB page across `dirty_mib=` MiB
+/// from 16 MiB up, page after page and round again, paced by the TSC to
+/// `dirty_mib_s=` MiB per second; prints `dirty: <pages> pages in second <k>`
+/// each second; runs until the VM is stopped, or for `dirty_s=` seconds. From
+/// the second sweep on, each page's word must still hold what the last sweep
+/// wrote (`lost: page=<i> sweep=<s> found=0x..` otherwise).
+pub fn dirty(machine: &Machine, detail: &mut Line) -> bool {
+    let param = |key: &str, max: u64, default: Option<u64>, detail: &mut Line| {
+        match machine.info.param_number(key.as_bytes(), 1, max) {
+            Ok(v) => Ok(v.or(default)),
+            Err(value) => {
+                detail
+                    .str(key)
+                    .str("=")
+                    .bytes(value)
+                    .str(": expected 1 to ")
+                    .dec(max);
+                Err(())
+            }
+        }
+    };
+    let (Ok(Some(mib)), Ok(Some(mib_s)), Ok(seconds)) = (
+        param("dirty_mib", DIRTY_MAX_MIB, Some(DIRTY_DEFAULT_MIB), detail),
+        param("dirty_mib_s", DIRTY_MAX_MIB_S, Some(DIRTY_DEFAULT_MIB_S), detail),
+        param("dirty_s", DIRTY_MAX_S, None, detail),
+    ) else {
+        return false;
+    };
+    let end = DIRTY_BASE + (mib << 20);
+    let image_end = addr_of!(__image_end) as u64;
+    let in_ram = machine
+        .info
+        .ram()
+        .iter()
+        .any(|r| r.base <= DIRTY_BASE && end <= r.end());
+    if !in_ram || image_end > DIRTY_BASE {
+        detail
+            .str("dirty_mib=")
+            .dec(mib)
+            .str(": 0x")
+            .hex(DIRTY_BASE)
+            .str("..0x")
+            .hex(end)
+            .str(" is not free RAM");
+        return false;
+    }
+    let pages = mib << 8;
+    let pages_per_s = mib_s << 8;
+    let second = machine.delay_tsc_khz() * 1000;
+    let mut pass = true;
+    let mut run = || {
+        let (mut page, mut sweep, mut total, mut k) = (0u64, 0u64, 0u64, 0u64);
+        while seconds.is_none_or(|n| k < n) {
+            let start = rdtsc();
+            let mut done = 0u64;
+            loop {
+                // Wrapping: a TSC that went back (a restore elsewhere) ends the second.
+                let elapsed = rdtsc().wrapping_sub(start).min(second);
+                // Saturating: a rate beyond what the loop can write just writes flat out.
+                let due = elapsed.saturating_mul(pages_per_s) / second;
+                while done < due {
+                    let word = (DIRTY_BASE + page * PAGE) as *mut u64;
+                    // SAFETY: the page is RAM above the guest's image (checked
+                    // above), identity-mapped and this scenario's alone.
+                    let found = unsafe { read_volatile(word) };
+                    if sweep > 0 && found != dirty_word(sweep - 1, page) {
+                        detail
+                            .str("lost: page=")
+                            .dec(page)
+                            .str(" sweep=")
+                            .dec(sweep)
+                            .str(" found=")
+                            .hex(found);
+                        pass = false;
+                        return;
+                    }
+                    // SAFETY: as above.
+                    unsafe { write_volatile(word, dirty_word(sweep, page)) };
+                    page += 1;
+                    if page == pages {
+                        page = 0;
+                        sweep += 1;
+                    }
+                    done += 1;
+                }
+                if elapsed == second {
+                    break;
+                }
+            }
+            k += 1;
+            total += done;
+            Serial
+                .str("dirty: ")
+                .dec(done)
+                .str(" pages in second ")
+                .dec(k)
+                .str("\n");
+        }
+        detail
+            .str("mib=")
+            .dec(mib)
+            .str(" mib_s=")
+            .dec(mib_s)
+            .str(" seconds=")
+            .dec(k)
+            .str(" pages=")
+            .dec(total);
+    };
+    cpu::run_user(addr_of!(MOBILITY_STACK_TOP) as u64, &mut run);
     pass
 }

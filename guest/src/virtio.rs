@@ -1172,22 +1172,8 @@ const FLOOD_REQUEST_MS: u64 = 30_000;
 
 /// `flood_s=N` (decimal seconds, 1 to [`FLOOD_MAX_S`]); the default without it.
 fn flood_seconds(machine: &Machine) -> Result<u64, &[u8]> {
-    let Some(value) = machine.info.param(b"flood_s") else {
-        return Ok(FLOOD_DEFAULT_S);
-    };
-    let mut seconds = 0u64;
-    for &c in value {
-        if !c.is_ascii_digit() {
-            return Err(value);
-        }
-        seconds = seconds
-            .saturating_mul(10)
-            .saturating_add(u64::from(c - b'0'));
-    }
-    if value.is_empty() || seconds == 0 || seconds > FLOOD_MAX_S {
-        return Err(value);
-    }
-    Ok(seconds)
+    let seconds = machine.info.param_number(b"flood_s", 1, FLOOD_MAX_S)?;
+    Ok(seconds.unwrap_or(FLOOD_DEFAULT_S))
 }
 
 /// `flood`: 4 KiB reads, one at a time, as fast as the first virtio-blk disk

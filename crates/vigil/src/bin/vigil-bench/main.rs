@@ -6,6 +6,7 @@ mod api;
 mod boot;
 mod devices;
 mod introspect;
+mod migrate;
 mod peers;
 mod pvh;
 
@@ -54,6 +55,11 @@ enum BenchCommand {
     /// per traced system call (the test guest's syscall-loop); print markdown
     /// tables.
     Introspect(introspect::IntrospectBenchArgs),
+    /// Live-migrate the test guest over TCP on 127.0.0.1, Vigil to Vigil and QEMU
+    /// to QEMU alternating, idle and dirtying memory (256 MiB and 1 GiB guests),
+    /// and print median total time, downtime, bytes sent and the source's CPU
+    /// time, with ratios.
+    Migrate(migrate::MigrateBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
         BenchCommand::Net(args) => devices::run_net(args),
         BenchCommand::Api(args) => api::run(args),
         BenchCommand::Introspect(args) => introspect::run(args),
+        BenchCommand::Migrate(args) => migrate::run(args),
     };
     exit::report("vigil-bench", result.map(|()| ExitCode::SUCCESS))
 }

@@ -65,6 +65,11 @@ impl Vmm {
         })
     }
 
+    /// Its binary.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
     /// Boots `kernel` (an ELF) with `cmdline` on 1 vCPU and `memory_mib` of RAM,
     /// the guest's COM1 on the command's stdout. The caller adds devices.
     pub fn command(
@@ -210,6 +215,24 @@ impl Running {
         Ok(cpu)
     }
 
+    /// Waits up to `timeout` for the process to end on its own; returns its exit
+    /// status, its CPU time (user + system) and what it wrote on stderr.
+    pub fn wait_exit(
+        mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, Duration, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((status, cpu)) = wait_with_usage_flags(&mut self.child, libc::WNOHANG)? {
+                return Ok((status, cpu, self.take_stderr()));
+            }
+            if Instant::now() > deadline {
+                return Err(self.failure(&format!("did not end within {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn take_stderr(&mut self) -> String {
         self.stderr
             .take()
@@ -235,22 +258,33 @@ impl Running {
 
 /// Waits for `child` and returns its exit status and its user+system CPU time.
 pub fn wait_with_usage(child: &mut Child) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+    wait_with_usage_flags(child, 0)?.context("wait4 returned without the child")
+}
+
+/// `wait4` on `child` with `flags`: `None` when `WNOHANG` found it still running.
+fn wait_with_usage_flags(
+    child: &mut Child,
+    flags: libc::c_int,
+) -> anyhow::Result<Option<(std::process::ExitStatus, Duration)>> {
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: rusage is plain data that wait4 fills in.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: pid is our child, not yet reaped; status and usage are writable.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let r = unsafe { libc::wait4(pid, &mut status, flags, &mut usage) };
+    if r == 0 && flags & libc::WNOHANG != 0 {
+        return Ok(None);
+    }
     if r != pid {
         bail!("wait4: {}", std::io::Error::last_os_error());
     }
     let tv = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
-    Ok((
+    Ok(Some((
         std::process::ExitStatus::from_raw(status),
         tv(usage.ru_utime) + tv(usage.ru_stime),
-    ))
+    )))
 }
 
 /// Resident memory of a running process in KiB: all of it, and the part that is
