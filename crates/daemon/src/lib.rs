@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod balance;
 pub mod client;
 pub mod error;
 pub mod events;
@@ -93,6 +94,8 @@ pub struct DaemonConfig {
     pub max_vms: usize,
     /// Security events: detector thresholds, policy, outputs, sample interval.
     pub events: events::EventsSettings,
+    /// The adaptive migration policy (`--migrate-peer` ...); off without peers.
+    pub migration: Option<balance::PolicySettings>,
 }
 
 impl DaemonConfig {
@@ -108,6 +111,7 @@ impl DaemonConfig {
             scrape_timeout: Duration::from_millis(500),
             max_vms: 256,
             events: events::EventsSettings::default(),
+            migration: None,
         }
     }
 }
@@ -265,6 +269,7 @@ pub async fn serve(
         events.clone(),
         config.events.sample_interval,
         config.scrape_timeout,
+        config.migration.clone().map(balance::Policy::new),
         stop_rx.clone(),
     ));
     // Misuse reporting is the outermost layer: it sees the token check's 401s.

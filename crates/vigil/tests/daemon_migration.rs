@@ -108,3 +108,124 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
         "the record there keeps the configuration: {inspected}"
     );
 }
+
+/// Spins `n` threads until the returned flag is set: CPU pressure on the host.
+fn hog(n: usize) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for _ in 0..n {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut x = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                std::hint::black_box(x);
+            }
+        });
+    }
+    stop
+}
+
+/// The first `policy_action` migration event in a JSON-lines output, with `result`.
+fn decision(path: &Path, result: &str) -> Option<serde_json::Value> {
+    common::json_lines(path).into_iter().find(|e| {
+        e["rule"] == "policy_action"
+            && e["output_fields"]["policy.rule"] == "adaptive_migration"
+            && e["output_fields"]["policy.result"] == result
+    })
+}
+
+fn wait_decision(d: &Daemon, path: &Path, result: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(e) = decision(path, result) {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {result} migration decision; events:\n{}\n--- daemon\n{}",
+            std::fs::read_to_string(path).unwrap_or_default(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_hot_host_makes_the_policy_move_a_vm_and_dry_run_only_reports() {
+    let addr = free_loopback_addr();
+    let b_dir = std::env::temp_dir().join(format!("vigil-adaptive-{}", std::process::id()));
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let token = token_file(&b_dir, "b-daemon-token-0123456789");
+    let b = Daemon::start("adaptive-b", &tcp_args(&addr, &token));
+    let peer = format!("{addr}={}", token.display());
+    let policy = |events: &Path, dry: bool| {
+        let mut args = vec![
+            "--migrate-peer".to_owned(),
+            peer.clone(),
+            "--migrate-cpu-pressure".into(),
+            "5".into(),
+            "--migrate-window".into(),
+            "3".into(),
+            "--migrate-hits".into(),
+            "2".into(),
+            "--sample-interval".into(),
+            "0.2".into(),
+            "--events-output".into(),
+            format!("json:{}", events.display()),
+        ];
+        if dry {
+            args.push("--migrate-dry-run".into());
+        }
+        args
+    };
+    let stop = hog(6);
+
+    // Dry run: the decision is reported with its reasons and costs; nothing moves.
+    let dry_events = b_dir.join("dry.jsonl");
+    let args = policy(&dry_events, true);
+    let dry = Daemon::start(
+        "adaptive-dry",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    dry.create("d1", "counter");
+    let e = wait_decision(&dry, &dry_events, "dry_run");
+    assert_eq!(e["output_fields"]["vm.id"], "d1", "{e}");
+    assert_eq!(
+        e["output_fields"]["policy.trigger_rule"], "host_cpu_pressure",
+        "{e}"
+    );
+    let params = &e["output_fields"]["policy.params"];
+    assert_eq!(params["to"], addr.as_str(), "{e}");
+    assert_eq!(params["method"], "pre-copy", "{e}");
+    assert!(params["predicted_total_ms"].is_u64(), "{e}");
+    assert!(
+        params["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("host CPU pressure"),
+        "{e}"
+    );
+    assert!(e["output"].as_str().unwrap().contains("dry run"), "{e}");
+    std::thread::sleep(Duration::from_millis(600));
+    wait_for_state(&dry, "d1", "running");
+    assert!(decision(&dry_events, "started").is_none());
+    drop(dry);
+
+    // Acting: the VM moves to the peer.
+    let events = b_dir.join("act.jsonl");
+    let args = policy(&events, false);
+    let a = Daemon::start(
+        "adaptive-act",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    a.create("m1", "counter");
+    wait_decision(&a, &events, "started");
+    let done = wait_decision(&a, &events, "ok");
+    assert_eq!(done["output_fields"]["vm.id"], "m1", "{done}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_for_state(&a, "m1", "migrated");
+    wait_for_state(&b, "m1", "running");
+    console_has(&b, "m1", "counter: ");
+    std::fs::remove_dir_all(&b_dir).ok();
+}

@@ -4,17 +4,18 @@
 //! its findings file once it has ended).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use vigil_events::{HostSample, Timestamp};
 
 use super::{Events, Input};
+use crate::balance::{Candidate, Decision, Policy, PolicySettings};
 use crate::findings::{
     finding_event, parse_findings_file, parse_records, FindingCursors, FindingRecord,
     FINDINGS_FILE, VM_FINDINGS_PATH,
 };
-use crate::supervisor::Supervisor;
+use crate::supervisor::{MigrateRequest, Supervisor, VmState};
 
 /// The sampler: every `interval`, each running VM's metrics snapshot (as `GET
 /// /metrics` takes them) and the host's readings, to the detectors. Ends when
@@ -24,6 +25,7 @@ pub async fn sample(
     events: Events,
     interval: Duration,
     scrape_timeout: Duration,
+    mut policy: Option<Policy>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut cursors = FindingCursors::default();
@@ -42,9 +44,95 @@ pub async fn sample(
             .filter_map(|s| Some(vm_sample(&s.info.id, s.snapshot.as_ref()?)))
             .collect();
         let host = host_sample(&vigil_metrics::HostSnapshot::read());
+        if let Some(policy) = policy.as_mut() {
+            let candidates: Vec<Candidate> = samples
+                .iter()
+                .filter(|s| s.info.state == VmState::Running)
+                .map(|s| Candidate {
+                    id: s.info.id.clone(),
+                    memory_bytes: s.info.memory_mib.unwrap_or(0) << 20,
+                    // Not measured outside a migration yet: memory alone
+                    // prices a move.
+                    dirty_bytes_per_s: 0.0,
+                })
+                .collect();
+            if let Some(decision) = policy.observe(Instant::now(), &host, &candidates) {
+                decide(&supervisor, &events, decision, policy.settings());
+            }
+        }
         let _ = events.tx.send(Input::Tick { host, vms });
         events.flush_api_summaries();
     }
+}
+
+/// Reports a migration decision as a `policy_action` event and, unless the
+/// policy only reports (`dry_run`), starts the migration and reports how it ended.
+fn decide(supervisor: &Arc<Supervisor>, events: &Events, d: Decision, settings: &PolicySettings) {
+    if settings.dry_run {
+        events.emit(decision_event(&d, "dry_run", None));
+        return;
+    }
+    events.emit(decision_event(&d, "started", None));
+    let (supervisor, events) = (supervisor.clone(), events.clone());
+    let request = MigrateRequest {
+        to: d.to.addr.clone(),
+        peer_token: d.to.token.clone(),
+        downtime_ms: Some(settings.downtime.as_millis() as u64),
+        bandwidth_mib_s: None,
+    };
+    tokio::spawn(async move {
+        match supervisor.migrate(&d.vm, request).await {
+            Ok(_) => events.emit(decision_event(&d, "ok", None)),
+            Err(e) => events.emit(decision_event(&d, "failed", Some(&e.to_string()))),
+        }
+    });
+}
+
+/// The `policy_action` event of a migration decision: `result` is `dry_run`,
+/// `started`, `ok` or `failed` (with `error`).
+fn decision_event(d: &Decision, result: &str, error: Option<&str>) -> vigil_events::Event {
+    let outcome = match (result, error) {
+        ("dry_run", _) => " [dry run: nothing moved]".to_owned(),
+        (_, Some(e)) => format!(": failed: {e}"),
+        _ => String::new(),
+    };
+    let mut e = vigil_events::Event::new(
+        vigil_events::Rule::PolicyAction,
+        Timestamp::now(),
+        format!(
+            "policy: migrate vm {} to {} ({}; {}){outcome}",
+            d.vm,
+            d.to.addr,
+            d.plan.method.as_str(),
+            d.reasons.join("; ")
+        ),
+    )
+    .with_vm(d.vm.clone())
+    .with_priority(if error.is_some() {
+        vigil_events::Priority::Error
+    } else {
+        vigil_events::Priority::Notice
+    })
+    .with_field("policy.action", "migrate")
+    .with_field("policy.rule", "adaptive_migration")
+    .with_field("policy.trigger_rule", d.trigger.as_str())
+    .with_field("policy.result", result)
+    .with_field(
+        "policy.params",
+        serde_json::json!({
+            "to": d.to.addr,
+            "method": d.plan.method.as_str(),
+            "rounds": d.plan.rounds,
+            "predicted_bytes": d.plan.bytes as u64,
+            "predicted_total_ms": d.plan.total.as_millis() as u64,
+            "predicted_downtime_ms": d.plan.downtime.as_millis() as u64,
+            "reasons": d.reasons,
+        }),
+    );
+    if let Some(err) = error {
+        e = e.with_field("policy.error", err);
+    }
+    e
 }
 
 /// Emits the introspection findings of each VM whose snapshot counts more of them

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use vigil_daemon::balance::{PeerDaemon, PolicySettings};
 use vigil_shared::args::{default_socket, parse_seconds};
 use vigil_shared::{exit, logging, siblings};
 
@@ -137,6 +138,66 @@ struct DaemonArgs {
     /// the detectors.
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
     sample_interval: f64,
+
+    /// Move VMs away from this host when it is hot, to the daemon at HOST:PORT (its
+    /// --listen-tcp), whose bearer token is in TOKEN_FILE; repeat for more peers
+    /// (taken in turn). The host is hot when its CPU or memory pressure (PSI some
+    /// avg10) stays above --migrate-cpu-pressure / --migrate-memory-pressure in
+    /// --migrate-hits of the last --migrate-window samples and its trend says it
+    /// stays so; the VM cheapest to move goes. Every decision is a policy_action
+    /// event with its reasons and predicted costs. Example:
+    /// --migrate-peer 10.0.0.2:7070=/etc/vigil/peer.token --migrate-dry-run
+    #[arg(long, value_name = "HOST:PORT=TOKEN_FILE", value_parser = parse_peer)]
+    migrate_peer: Vec<PeerDaemon>,
+
+    /// Decide and report migrations, move nothing.
+    #[arg(long)]
+    migrate_dry_run: bool,
+
+    /// Host CPU pressure (PSI some avg10, %) above which a sample is hot.
+    #[arg(long, default_value_t = 50.0, value_name = "PERCENT", value_parser = parse_percent)]
+    migrate_cpu_pressure: f64,
+
+    /// Host memory pressure (PSI some avg10, %) above which a sample is hot.
+    #[arg(long, default_value_t = 20.0, value_name = "PERCENT", value_parser = parse_percent)]
+    migrate_memory_pressure: f64,
+
+    /// Samples the hotspot test looks at.
+    #[arg(long, default_value_t = 6, value_name = "N")]
+    migrate_window: usize,
+
+    /// Hot samples among --migrate-window that make a hotspot.
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    migrate_hits: usize,
+
+    /// Seconds after a migration decision before the next.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS", value_parser = parse_seconds)]
+    migrate_cooldown: f64,
+}
+
+fn parse_peer(s: &str) -> Result<PeerDaemon, String> {
+    let (addr, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected HOST:PORT=TOKEN_FILE"))?;
+    if !addr
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+    {
+        return Err(format!("{addr:?}: expected HOST:PORT"));
+    }
+    let token = std::fs::read_to_string(file)
+        .map_err(|e| format!("{file}: cannot read the peer's token: {e}"))?;
+    Ok(PeerDaemon {
+        addr: addr.to_owned(),
+        token: token.trim().to_owned(),
+    })
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a percentage in (0, 100]")),
+    }
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -189,6 +250,29 @@ fn run(args: DaemonArgs) -> anyhow::Result<()> {
     }
     config.events.outputs = args.events_output;
     config.events.sample_interval = Duration::from_secs_f64(args.sample_interval);
+    if !args.migrate_peer.is_empty() {
+        if args.migrate_window == 0
+            || args.migrate_hits == 0
+            || args.migrate_hits > args.migrate_window
+        {
+            bail!(
+                "--migrate-hits {} with --migrate-window {}: give 1 <= hits <= window",
+                args.migrate_hits,
+                args.migrate_window
+            );
+        }
+        config.migration = Some(PolicySettings {
+            cpu_pressure: args.migrate_cpu_pressure,
+            memory_pressure: args.migrate_memory_pressure,
+            window: args.migrate_window,
+            hits: args.migrate_hits,
+            dry_run: args.migrate_dry_run,
+            cooldown: Duration::from_secs_f64(args.migrate_cooldown),
+            ..PolicySettings::with_peers(args.migrate_peer)
+        });
+    } else if args.migrate_dry_run {
+        bail!("--migrate-dry-run without --migrate-peer: the policy has nowhere to move VMs");
+    }
     vigil_daemon::events::validate_settings(&config.events).map_err(|e| {
         anyhow::anyhow!(
             "{}{e}",
