@@ -9,7 +9,8 @@
 //! downtime: when it fits the target (or the rounds run out), the VM is paused
 //! and that round is the last. When the guest dirties memory faster than half
 //! the link carries, auto-converge holds the vCPUs paused for a growing share of
-//! each 100 ms (20% more each round, at most 80%).
+//! each 100 ms (20% more each round, at most 95%: a guest that dirties twice
+//! what the link carries needs more than 80% to converge).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -453,6 +454,9 @@ fn is_zero(page: &[u8]) -> bool {
         .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
 }
 
+/// The largest share of each 100 ms auto-converge holds the vCPUs paused.
+const MAX_THROTTLE: u32 = 95;
+
 /// Auto-converge: a thread that holds the vCPUs paused for `percent` of every
 /// 100 ms. Dropping it stops it with the VM running.
 struct Throttle {
@@ -470,7 +474,7 @@ impl Throttle {
             .name("auto-converge".into())
             .spawn(move || {
                 while !s.load(Ordering::Acquire) {
-                    let held = u64::from(p.load(Ordering::Acquire).min(80));
+                    let held = u64::from(p.load(Ordering::Acquire).min(MAX_THROTTLE));
                     if held > 0 && control.pause().is_ok() {
                         std::thread::sleep(Duration::from_millis(held));
                         let _ = control.resume();
@@ -486,9 +490,9 @@ impl Throttle {
         }
     }
 
-    /// 20 points more, at most 80; the new share.
+    /// 20 points more, at most [`MAX_THROTTLE`]; the new share.
     fn raise(&self) -> u32 {
-        let now = (self.percent.load(Ordering::Acquire) + 20).min(80);
+        let now = (self.percent.load(Ordering::Acquire) + 20).min(MAX_THROTTLE);
         self.percent.store(now, Ordering::Release);
         now
     }
