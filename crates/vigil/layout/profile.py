@@ -60,6 +60,55 @@ def functions(binary):
     return sorted(found.values(), key=lambda f: f[1])
 
 
+# Instructions uprobes cannot single-step, so that a probe on them is accepted but
+# never fires: AVX (VEX, EVEX: glibc's string functions) and those with a LOCK or
+# ES/CS/SS/DS segment prefix (std's `Thread::park` begins with `lock decl`).
+BAD_PREFIXES = {0xF0, 0x26, 0x2E, 0x36, 0x3E}
+LEGACY_PREFIXES = BAD_PREFIXES | {0xF2, 0xF3, 0x66, 0x67, 0x64, 0x65}
+VEX = {0xC4, 0xC5, 0x62}
+
+
+def probeable(code):
+    """Whether uprobes can single-step the instruction that begins `code`."""
+    for byte in code:
+        if byte in BAD_PREFIXES:
+            return False
+        if byte not in LEGACY_PREFIXES:
+            return byte not in VEX
+    return False
+
+
+def probe_offsets(binary, funcs):
+    """vaddr -> the file offset to probe each function at: its entry, or where its
+    entry cannot be probed, the first probeable instruction of its straight-line
+    start (every entry reaches it). Functions with neither are left out."""
+    with open(binary, "rb") as f:
+        data = f.read()
+    starts = {vaddr: offset for _name, vaddr, offset in funcs}
+    late = {vaddr for vaddr, offset in starts.items() if not probeable(data[offset:offset + 15])}
+    where = {vaddr: starts[vaddr] for vaddr in starts if vaddr not in late}
+    if late:
+        # One pass over the binary: the instructions after each such entry.
+        out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", binary],
+                             check=True, capture_output=True, text=True)
+        function = None
+        for line in out.stdout.splitlines():
+            header = re.match(r"([0-9a-f]+) <", line)
+            if header:
+                function = int(header[1], 16) if int(header[1], 16) in late else None
+                continue
+            match = re.match(r"\s*([0-9a-f]+):\s+(\S+)", line)
+            if function is None or not match:
+                continue
+            offset = int(match[1], 16) - function + starts[function]
+            if probeable(data[offset:offset + 15]):
+                where[function] = offset
+                function = None
+            elif match[2].startswith(("j", "call", "ret", "loop")):
+                function = None  # branches before anything probeable: left out
+    return where
+
+
 def write_tracefs(name, text, append=True):
     # os.open: Python's append mode seeks to the end, which tracefs refuses.
     flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
@@ -96,10 +145,14 @@ def main():
     vigil = os.path.join(scratch, "vigil")
     funcs = functions(vigil)
 
+    where = probe_offsets(vigil, funcs)
     probes = {}
     try:
-        for index, (name, _vaddr, offset) in enumerate(funcs):
+        for index, (name, vaddr, _entry) in enumerate(funcs):
             probe = f"f{index}"
+            offset = where.get(vaddr)
+            if offset is None:
+                continue
             try:
                 write_tracefs("uprobe_events", f"p:{GROUP}/{probe} {vigil}:0x{offset:x}\n")
                 probes[probe] = name
@@ -117,10 +170,6 @@ def main():
             )
             new = {p for p, n in hits().items() if n > 0} - seen
             seen |= new
-            # A probe that has fired has told what it knows: its traps would only
-            # slow the next guests' boots.
-            for probe in new:
-                write_tracefs(f"events/{GROUP}/{probe}/enable", "0\n", append=False)
             groups.append((guest, sorted(new, key=lambda p: int(p[1:]))))
             print(f"{guest}: {len(new)} more functions, {time.monotonic() - started:.0f} s",
                   file=sys.stderr)
