@@ -11,53 +11,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::http::{request, wait_for};
+use common::http::request;
+use common::mobility::{counting_guest, counts, ok, TIMEOUT};
 use common::{scratch, Console};
 use serde_json::{json, Value};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "4f1c9a7e-one-time";
-
-fn ok(sock: &Path, method: &str, path: &str, body: Value) {
-    let a = request(sock, method, path, &body.to_string());
-    assert_eq!(a.status, 204, "{method} {path} {body}: {}", a.body);
-}
-
-fn counts(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("counter: "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-/// The `counter` guest with a disk, booted through the API, counting.
-fn source(dir: &Path) -> (Console, PathBuf) {
-    let sock = dir.join("source.sock");
-    let mut console = Console::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
-    wait_for(&sock, TIMEOUT);
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
-    ok(
-        &sock,
-        "PUT",
-        "/boot-source",
-        json!({"kernel_image_path": vigil_test_guest::ELF_PATH, "boot_args": "test=counter"}),
-    );
-    ok(
-        &sock,
-        "PUT",
-        "/drives/disk",
-        json!({"drive_id": "disk", "path_on_host": disk, "is_root_device": false, "is_read_only": false}),
-    );
-    ok(
-        &sock,
-        "PUT",
-        "/actions",
-        json!({"action_type": "InstanceStart"}),
-    );
-    console.wait_for(&["counter: 3"], TIMEOUT);
-    (console, sock)
-}
 
 /// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`.
 fn destination(dir: &Path, name: &str) -> (Console, PathBuf, String) {
@@ -120,7 +79,7 @@ fn assert_counts_on(before: &str, after: &str) {
 fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
     let dir = scratch("migrate");
     let (mut dest, dest_sock, target) = destination(&dir, "dest");
-    let (src, src_sock) = source(&dir);
+    let (src, src_sock) = counting_guest(&dir);
     ok(
         &src_sock,
         "PUT",
@@ -179,7 +138,7 @@ fn corrupting_proxy(front: PathBuf, back: PathBuf, flip: usize) -> std::thread::
 fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
     let dir = scratch("migrate-faults");
     let (mut dest, _dest_sock, target) = destination(&dir, "dest");
-    let (mut src, src_sock) = source(&dir);
+    let (mut src, src_sock) = counting_guest(&dir);
     let still_counts = |src: &mut Console| {
         let now = *counts(src.poll()).last().unwrap();
         src.wait_for(&[&format!("counter: {}", now + 2)], TIMEOUT);

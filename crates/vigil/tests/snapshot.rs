@@ -13,20 +13,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::http::{request, wait_for};
+use common::http::request;
+use common::mobility::{api_vigil, counting_guest, counts, ok, TIMEOUT};
 use common::{run, scratch, Console};
 use serde_json::{json, Value};
-
-const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn call(sock: &Path, method: &str, path: &str, body: &Value) -> (u16, String) {
     let a = request(sock, method, path, &body.to_string());
     (a.status, a.body)
-}
-
-fn ok(sock: &Path, method: &str, path: &str, body: Value) {
-    let (status, answer) = call(sock, method, path, &body);
-    assert_eq!(status, 204, "{method} {path} {body}: {answer}");
 }
 
 /// A 400 whose message contains every one of `words`.
@@ -39,50 +33,6 @@ fn refused(sock: &Path, method: &str, path: &str, body: Value, words: &[&str]) {
             "{method} {path}: {answer:?} lacks {w:?}"
         );
     }
-}
-
-/// The numbers of the `counter: N` lines.
-fn counts(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("counter: "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-/// A Vigil serving its API on `dir/NAME.sock`, not started.
-fn vigil(dir: &Path, name: &str) -> (Console, PathBuf) {
-    let sock = dir.join(format!("{name}.sock"));
-    let console = Console::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
-    wait_for(&sock, TIMEOUT);
-    (console, sock)
-}
-
-/// The `counter` guest with a disk (so that a virtio transport is saved too),
-/// booted through the API, counting.
-fn counting_guest(dir: &Path) -> (Console, PathBuf) {
-    let (mut console, sock) = vigil(dir, "source");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
-    ok(
-        &sock,
-        "PUT",
-        "/boot-source",
-        json!({"kernel_image_path": vigil_test_guest::ELF_PATH, "boot_args": "test=counter"}),
-    );
-    ok(
-        &sock,
-        "PUT",
-        "/drives/disk",
-        json!({"drive_id": "disk", "path_on_host": disk, "is_root_device": false, "is_read_only": false}),
-    );
-    ok(
-        &sock,
-        "PUT",
-        "/actions",
-        json!({"action_type": "InstanceStart"}),
-    );
-    console.wait_for(&["counter: 3"], TIMEOUT);
-    (console, sock)
 }
 
 fn snapshot_paths(dir: &Path) -> (PathBuf, PathBuf) {
@@ -173,7 +123,7 @@ fn a_restored_guest_counts_on_with_its_memory_intact() {
     );
     drop(source);
 
-    let (mut restored, sock) = vigil(&dir, "restored");
+    let (mut restored, sock) = api_vigil(&dir, "restored");
     ok(&sock, "PUT", "/snapshot/load", load_body(&state, &mem));
     assert_eq!(
         request(&sock, "GET", "/", "").json()["state"],
@@ -283,7 +233,7 @@ fn bad_snapshots_and_requests_are_refused_leaving_vms_unharmed() {
 
     // Bad files, each refused before anything is built, by one process that
     // then loads the good snapshot.
-    let (mut target, tsock) = vigil(&dir, "target");
+    let (mut target, tsock) = api_vigil(&dir, "target");
     let bytes = std::fs::read(&state).unwrap();
     let variant = |name: &str, edit: &dyn Fn(&mut Vec<u8>)| {
         let mut b = bytes.clone();
@@ -456,7 +406,7 @@ fn a_diff_snapshot_holds_the_pages_written_since_the_last_one_and_loads_merged()
     assert_eq!(inspect.code, Some(0), "{inspect}");
 
     // Loaded with the diff's state, it counts on from the diff's moment.
-    let (mut restored, rsock) = vigil(&dir, "restored");
+    let (mut restored, rsock) = api_vigil(&dir, "restored");
     ok(
         &rsock,
         "PUT",

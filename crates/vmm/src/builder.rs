@@ -199,39 +199,71 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         "VM built"
     );
 
-    let vcpu_metrics = (0..config.machine.vcpu_count)
-        .map(|id| Arc::new(VcpuCounters::new(id)))
-        .collect();
-    let metrics = Arc::new(VmMetrics::new(
-        config.machine.memory_bytes(),
-        vcpu_metrics,
-        virtio.counters,
-    ));
-    let mut subscribers = legacy.subscribers;
-    subscribers.extend(virtio.subscribers);
-
-    Ok(Vm {
+    Ok(assemble(Parts {
         vcpus,
         vm_fd,
         mem,
-        pio: legacy.pio,
-        mmio: virtio.mmio,
-        subscribers,
+        legacy,
+        virtio,
         symbols,
         stop,
-        events_tx,
-        events_rx,
-        metrics,
-        pause: Arc::new(PauseGate::default()),
-        serial: legacy.serial,
-        i8042: legacy.i8042,
-        devices: virtio.handles,
-        transports: virtio.transports,
+        events: (events_tx, events_rx),
         machine: saved_machine(config),
         memory_file: None,
-        msr_guard: Default::default(),
         on_crash: config.on_crash,
-    })
+    }))
+}
+
+/// What building or restoring made, for [`assemble`].
+struct Parts {
+    vcpus: Vec<Vcpu>,
+    vm_fd: VmFd,
+    mem: GuestMemoryMmap,
+    legacy: LegacyDevices,
+    virtio: crate::device_manager::VirtioDevices,
+    symbols: KernelSymbols,
+    stop: Arc<AtomicBool>,
+    events: (Sender<VmEvent>, mpsc::Receiver<VmEvent>),
+    machine: SavedMachine,
+    memory_file: Option<std::path::PathBuf>,
+    on_crash: OnCrash,
+}
+
+/// The last step of building or restoring: the VM from its parts, with the
+/// counters of its vCPUs and devices and what the device event loop watches.
+fn assemble(p: Parts) -> Vm {
+    let vcpu_metrics = (0..p.machine.vcpu_count)
+        .map(|id| Arc::new(VcpuCounters::new(id)))
+        .collect();
+    let metrics = Arc::new(VmMetrics::new(
+        p.machine.mem_size_mib << 20,
+        vcpu_metrics,
+        p.virtio.counters,
+    ));
+    let mut subscribers = p.legacy.subscribers;
+    subscribers.extend(p.virtio.subscribers);
+    Vm {
+        vcpus: p.vcpus,
+        vm_fd: p.vm_fd,
+        mem: p.mem,
+        pio: p.legacy.pio,
+        mmio: p.virtio.mmio,
+        subscribers,
+        symbols: p.symbols,
+        stop: p.stop,
+        events_tx: p.events.0,
+        events_rx: p.events.1,
+        metrics,
+        pause: Arc::new(PauseGate::default()),
+        serial: p.legacy.serial,
+        i8042: p.legacy.i8042,
+        devices: p.virtio.handles,
+        transports: p.virtio.transports,
+        machine: p.machine,
+        memory_file: p.memory_file,
+        msr_guard: Default::default(),
+        on_crash: p.on_crash,
+    }
 }
 
 /// What a snapshot keeps of `config` to build the machine back.
@@ -439,7 +471,6 @@ pub fn restore_with_memory(
     if memory_ranges(&mem) != state.memory {
         return Err(mismatch("memory", "not the guest memory given"));
     }
-    let memory_bytes: u64 = state.memory.iter().map(|r| r.bytes).sum();
     // 4 KiB pages: a file mapping has no huge pages, and received memory is
     // written page by page.
     let vm_fd = create_vm(&kvm, &mem, HugePages::None)?;
@@ -474,12 +505,6 @@ pub fn restore_with_memory(
         },
     };
     let symbols = KernelSymbols::new(m.symbols.clone(), kernel);
-    let vcpu_metrics = (0..m.vcpu_count)
-        .map(|id| Arc::new(VcpuCounters::new(id)))
-        .collect();
-    let metrics = Arc::new(VmMetrics::new(memory_bytes, vcpu_metrics, virtio.counters));
-    let mut subscribers = legacy.subscribers;
-    subscribers.extend(virtio.subscribers);
     tracing::info!(
         saved_by = %state.vigil_version,
         vcpus = m.vcpu_count,
@@ -487,28 +512,19 @@ pub fn restore_with_memory(
         devices = state.virtio.len(),
         "VM restored"
     );
-    Ok(Vm {
+    Ok(assemble(Parts {
         vcpus,
         vm_fd,
         mem,
-        pio: legacy.pio,
-        mmio: virtio.mmio,
-        subscribers,
+        legacy,
+        virtio,
         symbols,
         stop,
-        events_tx,
-        events_rx,
-        metrics,
-        pause: Arc::new(PauseGate::default()),
-        serial: legacy.serial,
-        i8042: legacy.i8042,
-        devices: virtio.handles,
-        transports: virtio.transports,
+        events: (events_tx, events_rx),
         machine: state.machine,
         memory_file: memory_file.map(Path::to_path_buf),
-        msr_guard: Default::default(),
         on_crash,
-    })
+    }))
 }
 
 /// Where devices send power events. A power event ends the VM at once: the vCPU

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod http;
+pub mod mobility;
 pub mod tap;
 
 use std::io::Read;
