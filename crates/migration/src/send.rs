@@ -229,6 +229,16 @@ impl Migrator {
 
         let reader = self.inspect.dirty_log().subscribe()?;
         let mut log = reader.take()?;
+        // Round 0 need not read what the host never backed: in anonymous memory
+        // that is zeros, which the destination starts with.
+        if self.inspect.memory_is_anonymous() {
+            match DirtyLog::backed(&mem) {
+                Ok(backed) => log = backed,
+                Err(e) => {
+                    tracing::debug!("/proc/self/pagemap unreadable, round 0 reads every page: {e}")
+                }
+            }
+        }
         let mut last_take = Instant::now();
         let mut throttle: Option<Throttle> = None;
         let mut round = 0u32;

@@ -28,6 +28,9 @@ pub struct VmInspect {
     /// For the MSR filter; gone once the VM has ended.
     pub(crate) vm_fd: Weak<VmFd>,
     pub(crate) mem: GuestMemoryMmap,
+    /// Guest memory is anonymous (not mapped from a snapshot's file): a page the
+    /// host never backed reads as zeros.
+    pub(crate) anonymous_memory: bool,
     pub(crate) dirty: DirtyTracker,
     /// The kernel's symbols, read when first needed.
     pub(crate) symbols: KernelSymbols,
@@ -38,6 +41,12 @@ impl VmInspect {
     /// Writes through it mark its dirty bitmap, so dirty-log readers see them.
     pub fn guest_memory(&self) -> GuestMemoryMmap {
         self.mem.clone()
+    }
+
+    /// Whether guest memory is anonymous (see [`crate::DirtyLog::backed`]); false
+    /// for a VM loaded from a snapshot, whose memory is its file's.
+    pub fn memory_is_anonymous(&self) -> bool {
+        self.anonymous_memory
     }
 
     /// The owner of the VM's dirty log: [`DirtyTracker::subscribe`] makes a reader.

@@ -181,6 +181,7 @@ impl Vm {
             vcpu_threads.iter().map(|t| t.as_pthread_t()).collect(),
             mailboxes,
         ));
+        let anonymous_memory = self.memory_file.is_none();
         let snapshot = SnapshotSources {
             machine: self.machine,
             vm_fd: Arc::downgrade(&vm_fd),
@@ -207,6 +208,7 @@ impl Vm {
             msr_guard: self.msr_guard,
             vm_fd: Arc::downgrade(&vm_fd),
             mem: self.mem.clone(),
+            anonymous_memory,
             dirty,
             symbols: self.symbols,
         };

@@ -101,6 +101,42 @@ impl DirtyLog {
         }
     }
 
+    /// The pages of `mem` the host has backed (present in memory or swapped
+    /// out, from `/proc/self/pagemap`): for anonymous guest memory, every other
+    /// page was never touched and reads as zeros. Not for memory mapped from a
+    /// file, whose pages not yet read hold the file's content.
+    pub fn backed(mem: &GuestMemoryMmap) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        let mut log = Self::empty(mem);
+        let mut entries = vec![0u8; 8 * 4096];
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| std::io::Error::other(e.to_string()))? as u64;
+            let pages = region.len() / PAGE_SIZE;
+            let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+            let mut page = 0u64;
+            while page < pages {
+                let n = (pages - page).min(4096);
+                let buf = &mut entries[..(n * 8) as usize];
+                pagemap.read_exact_at(buf, (host / PAGE_SIZE + page) * 8)?;
+                for (i, entry) in buf.chunks_exact(8).enumerate() {
+                    let e = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+                    if e & (PRESENT | SWAPPED) != 0 {
+                        let p = page + i as u64;
+                        bits[(p / 64) as usize] |= 1 << (p % 64);
+                    }
+                }
+                page += n;
+            }
+            log.add(slot, &bits);
+        }
+        Ok(log)
+    }
+
     /// A log of `mem` in which no page was written.
     pub(crate) fn empty(mem: &GuestMemoryMmap) -> Self {
         Self {
@@ -190,6 +226,25 @@ pub enum DirtyLogError {
 mod tests {
     use super::*;
     use vm_memory::GuestAddress;
+
+    #[test]
+    fn backed_pages_are_those_written_and_no_others() {
+        use vm_memory::Bytes;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 64 * 4096),
+            (GuestAddress(0x1_0000_0000), 64 * 4096),
+        ])
+        .unwrap();
+        for gpa in [3 * 4096 + 17, 40 * 4096, 0x1_0000_0000 + 5 * 4096] {
+            mem.write_obj(0xa5u8, GuestAddress(gpa)).unwrap();
+        }
+        let backed = DirtyLog::backed(&mem).unwrap();
+        assert!(!backed.is_all());
+        assert_eq!(
+            backed.dirty_pages().collect::<Vec<_>>(),
+            [3 * 4096, 40 * 4096, 0x1_0000_0000 + 5 * 4096]
+        );
+    }
 
     #[test]
     fn all_covers_ram_only() {
