@@ -106,42 +106,34 @@ const MAX_ROUNDS: u32 = 30;
 /// Pre-copy as a geometric series: each round sends what the last dirtied
 /// (`memory * q^n` with `q = dirty / link`), until the rest fits the downtime.
 pub fn plan(memory: f64, dirty: f64, link: f64, downtime: Duration) -> Plan {
-    let q = dirty / link;
     let fits = link * downtime.as_secs_f64();
-    let mut left = memory;
-    let mut bytes = 0.0;
-    let mut rounds = 0;
-    while left > fits && rounds < MAX_ROUNDS && q < 1.0 {
-        bytes += left;
+    let (mut method, mut rounds) = (Method::PreCopy, series(memory, dirty / link, fits));
+    if rounds.2 > fits {
+        // Auto-converge holds the guest until it dirties at most half the link:
+        // the rounds go as if at q = 1/2, and the pause meets the target.
+        method = Method::AutoConverge;
+        rounds = series(memory, 0.5, fits);
+    }
+    let (rounds, before, left) = rounds;
+    Plan {
+        method,
+        rounds,
+        bytes: before + left,
+        total: Duration::from_secs_f64((before + left) / link),
+        downtime: Duration::from_secs_f64(left / link),
+    }
+}
+
+/// Rounds at ratio `q` until what is left fits (at most [`MAX_ROUNDS`]): how
+/// many, the bytes they send, and what is left for the pause.
+fn series(memory: f64, q: f64, fits: f64) -> (u32, f64, f64) {
+    let (mut rounds, mut sent, mut left) = (0, 0.0, memory);
+    while left > fits && rounds < MAX_ROUNDS {
+        sent += left;
         left *= q;
         rounds += 1;
     }
-    if left <= fits {
-        return Plan {
-            method: Method::PreCopy,
-            rounds,
-            bytes: bytes + left,
-            total: Duration::from_secs_f64((bytes + left) / link),
-            downtime: Duration::from_secs_f64(left / link),
-        };
-    }
-    // Auto-converge holds the guest until it dirties at most half the link: the
-    // rounds go as if at q = 1/2, and the pause meets the target.
-    let mut left = memory;
-    let mut bytes = 0.0;
-    let mut rounds = 0;
-    while left > fits && rounds < MAX_ROUNDS {
-        bytes += left;
-        left *= 0.5;
-        rounds += 1;
-    }
-    Plan {
-        method: Method::AutoConverge,
-        rounds,
-        bytes: bytes + left,
-        total: Duration::from_secs_f64((bytes + left) / link),
-        downtime: Duration::from_secs_f64(left / link),
-    }
+    (rounds, sent, left)
 }
 
 /// One decision: move `vm` to `to`, as `plan` predicts, for `reasons`.

@@ -5,7 +5,6 @@
 //! is answered and dropped, and the destination waits for the next: the
 //! source, which never stopped its VM, is unharmed.
 
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use vigil_model::config::{ConsoleConfig, HostLimits, OnCrash};
@@ -48,14 +47,14 @@ pub enum ReceiveError {
 
 /// Accepts sources on `listener` until one brings a VM that runs here; returns
 /// it running. `on_failed_attempt` hears of every attempt that failed. Ends
-/// with `Interrupted` once `stop` is set while no source is connected.
+/// with `Interrupted` once `stop` says so while no source is connected.
 pub fn receive(
     listener: &Listener,
     token: &str,
     console: &ConsoleConfig,
     on_crash: OnCrash,
     on_failed_attempt: &dyn Fn(&ReceiveError),
-    stop: &AtomicBool,
+    stop: &dyn Fn() -> bool,
 ) -> std::io::Result<RunningVm> {
     loop {
         let mut stream = listener.accept(stop)?;

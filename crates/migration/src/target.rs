@@ -6,8 +6,9 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use vigil_model::options::host_port;
 
 /// A migration endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,13 +29,7 @@ impl FromStr for Target {
 
     fn from_str(s: &str) -> Result<Self, BadTarget> {
         match s.split_once(':') {
-            Some(("tcp", addr))
-                if addr
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
-            {
-                Ok(Target::Tcp(addr.to_owned()))
-            }
+            Some(("tcp", addr)) if host_port(addr).is_some() => Ok(Target::Tcp(addr.to_owned())),
             Some(("unix", path)) if !path.is_empty() => Ok(Target::Unix(path.into())),
             _ => Err(BadTarget(s.to_owned())),
         }
@@ -102,14 +97,14 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// The next source; `Interrupted` once `stop` is set (checked every 50 ms).
-    pub fn accept(&self, stop: &AtomicBool) -> std::io::Result<Box<dyn Stream>> {
+    /// The next source; `Interrupted` once `stop` says so (asked every 50 ms).
+    pub fn accept(&self, stop: &dyn Fn() -> bool) -> std::io::Result<Box<dyn Stream>> {
         match self {
             Listener::Tcp(l) => l.set_nonblocking(true)?,
             Listener::Unix(l, _) => l.set_nonblocking(true)?,
         }
         loop {
-            if stop.load(Ordering::Acquire) {
+            if stop() {
                 return Err(std::io::ErrorKind::Interrupted.into());
             }
             let accepted: std::io::Result<Box<dyn Stream>> = match self {

@@ -121,6 +121,15 @@ impl<'a> Options<'a> {
 }
 
 /// `123`, `4K`, `10M`, `1G` (powers of 1024).
+/// The host and port of a `HOST:PORT` address (a host name, an IPv4 address or
+/// a bracketed IPv6 one, and a port number), as every TCP address option takes
+/// it; `None` when it is not one.
+pub fn host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then_some((host, port))
+}
+
 pub fn parse_size(s: &str) -> Option<u64> {
     let (digits, unit) = match s.char_indices().last()? {
         (i, 'K' | 'k') => (&s[..i], 1 << 10),
@@ -134,6 +143,15 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_port_takes_a_host_and_a_port_number() {
+        assert_eq!(host_port("10.0.0.2:7070"), Some(("10.0.0.2", 7070)));
+        assert_eq!(host_port("[::1]:80"), Some(("[::1]", 80)));
+        for bad in ["10.0.0.2", ":7070", "h:", "h:99999", "h:x"] {
+            assert_eq!(host_port(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn pairs_keys_and_values() {

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -215,45 +215,24 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                 "vigil: waiting for a VM to migrate here, on {}",
                 listener.local()
             );
-            let stop = AtomicBool::new(false);
-            let watch = || {
-                stop.store(
-                    stopped_waiting.load(Ordering::Acquire) != 0,
-                    Ordering::Release,
-                )
-            };
-            let received = std::thread::scope(|scope| {
-                let waiter = scope.spawn(|| {
-                    vigil_migration::receive(
-                        &listener,
-                        token,
-                        &l.overrides.console,
-                        l.overrides.on_crash,
-                        &|e| eprintln!("vigil: a migration attempt failed: {e}; still waiting"),
-                        &stop,
-                    )
-                });
-                while !waiter.is_finished() {
-                    watch();
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                waiter.join()
-            });
+            let received = vigil_migration::receive(
+                &listener,
+                token,
+                &l.overrides.console,
+                l.overrides.on_crash,
+                &|e| eprintln!("vigil: a migration attempt failed: {e}; still waiting"),
+                &|| stopped_waiting.load(Ordering::Acquire) != 0,
+            );
             let running = match received {
-                Ok(Ok(running)) => running,
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                Ok(running) => running,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
                     let signal = stopped_waiting.load(Ordering::Acquire);
                     signals_handle.close();
                     drop(server);
                     eprintln!("vigil: stopped by signal {signal} before a VM arrived");
                     return Ok(ExitCode::from(128 + signal as u8));
                 }
-                Ok(Err(e)) => return Err(anyhow!("--migrate-from {from}: {e}")),
-                Err(_) => {
-                    return Err(anyhow!(
-                        "--migrate-from {from}: the receiving thread failed"
-                    ))
-                }
+                Err(e) => return Err(anyhow!("--migrate-from {from}: {e}")),
             };
             eprintln!("vigil: the VM arrived and runs here");
             if let Ok(mut s) = stop_slot.lock() {

@@ -141,11 +141,9 @@ impl Supervisor {
             });
         }
         let to = request.to.clone();
-        let host = match to.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                host.to_owned()
-            }
-            _ => return Err(SupervisorError::BadPeer { to }),
+        let host = match vigil_model::options::host_port(&to) {
+            Some((host, _)) => host.to_owned(),
+            None => return Err(SupervisorError::BadPeer { to }),
         };
         let peer = |why: String| SupervisorError::Peer {
             to: to.clone(),

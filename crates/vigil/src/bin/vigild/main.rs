@@ -179,10 +179,7 @@ fn parse_peer(s: &str) -> Result<PeerDaemon, String> {
     let (addr, file) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected HOST:PORT=TOKEN_FILE"))?;
-    if !addr
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-    {
+    if vigil_model::options::host_port(addr).is_none() {
         return Err(format!("{addr:?}: expected HOST:PORT"));
     }
     let token = std::fs::read_to_string(file)
