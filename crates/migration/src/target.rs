@@ -49,17 +49,28 @@ impl std::fmt::Display for Target {
 pub trait Stream: Read + Write + Send {
     /// Limits how long one read may wait.
     fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+    /// A second handle on the same connection, so that one thread reads while
+    /// another writes (post-copy: page requests one way, pages the other).
+    fn try_clone(&self) -> std::io::Result<Box<dyn Stream>>;
 }
 
 impl Stream for TcpStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
         TcpStream::set_read_timeout(self, timeout)
     }
+
+    fn try_clone(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(TcpStream::try_clone(self)?))
+    }
 }
 
 impl Stream for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
+    }
+
+    fn try_clone(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(UnixStream::try_clone(self)?))
     }
 }
 
