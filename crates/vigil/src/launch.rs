@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use vigil_api::preboot::PreBoot;
-use vigil_api::{Api, SnapshotLoad, StartError, ToVmm};
+use vigil_api::{Api, SnapshotLoad, SnapshotMemory, StartError, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings};
 use vigil_introspect::SyscallFilter;
 use vigil_migration::{Migrator, Target};
@@ -146,12 +146,15 @@ fn restore(
     load: &SnapshotLoad,
     overrides: &Overrides,
 ) -> Result<(RunningVm, Option<TerminalGuard>), StartError> {
-    let vm = vigil_vmm::builder::restore(
-        &load.state_path,
-        &load.mem_path,
-        &overrides.console,
-        overrides.on_crash,
-    )?;
+    let (console, on_crash) = (&overrides.console, overrides.on_crash);
+    let vm = match &load.memory {
+        SnapshotMemory::File(file) => {
+            vigil_vmm::builder::restore(&load.state_path, file, console, on_crash)?
+        }
+        SnapshotMemory::Uffd(handler) => {
+            vigil_vmm::builder::restore_lazily(&load.state_path, handler, console, on_crash)?
+        }
+    };
     if !load.resume {
         vm.start_paused();
     }
