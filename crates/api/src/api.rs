@@ -715,6 +715,7 @@ impl Api {
             bandwidth: p.bandwidth_mib_s.map(|m| m << 20),
             max_rounds: p.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
             auto_converge: p.auto_converge.unwrap_or(true),
+            method: p.method.unwrap_or_default(),
         };
         match migrator.start(request) {
             Ok(()) => Response::no_content(),

@@ -171,6 +171,9 @@ pub struct MigrationParams {
     /// Slow the vCPUs when the guest dirties memory faster than it is sent
     /// (default true).
     pub auto_converge: Option<bool>,
+    /// `auto` (default: pre-copy, post-copy when it does not converge),
+    /// `precopy` or `postcopy`.
+    pub method: Option<vigil_migration::Method>,
 }
 
 /// `GET /`.

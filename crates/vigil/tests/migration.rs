@@ -3,6 +3,8 @@
 //! counts and goes on at the destination with every word of its memory intact;
 //! a wrong token, a corrupted stream, a destination killed midway and a cancel
 //! each leave the source running, and exactly one of the two VMs runs at the end.
+//! Post-copy moves a writing guest at once, its pages pulled as it touches
+//! them, and takes over when pre-copy cannot keep up with the guest.
 
 mod common;
 
@@ -46,7 +48,7 @@ fn wait_migration_end(sock: &Path) -> Value {
     loop {
         let status = request(sock, "GET", "/vigil/migration", "").json();
         let state = status["state"].as_str().unwrap_or_default().to_string();
-        if !["connecting", "precopy", "stopped"].contains(&state.as_str()) {
+        if !["connecting", "precopy", "stopped", "postcopy"].contains(&state.as_str()) {
             return status;
         }
         assert!(Instant::now() < deadline, "migration still {state}");
@@ -260,5 +262,141 @@ fn a_dirtying_guest_migrates_with_every_page_it_wrote() {
         "{}\n{after}",
         run.stdout
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The `dirty` guest (64 MiB, writing 8 MiB over and over at 32 MiB/s) on a
+/// source Vigil serving its API on `dir/source.sock`, logging what it does,
+/// two seconds into its writing.
+fn writing_guest(dir: &Path) -> (Console, PathBuf) {
+    let sock = dir.join("source.sock");
+    let mut src = Console::spawn(&[
+        "--log-level",
+        "info",
+        "run",
+        "--memory",
+        "64",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--cmdline",
+        "test=dirty dirty_mib=8 dirty_mib_s=32",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    src.wait_for(&["dirty: 8192 pages in second 2"], TIMEOUT);
+    (src, sock)
+}
+
+/// The number after `key=` in a log line that says `what`.
+fn logged(stderr: &str, what: &str, key: &str) -> Option<u64> {
+    let line = stderr.lines().find(|l| l.contains(what))?;
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Post-copy as the method: the VM pauses only for its state and runs at the
+/// destination at once; the pages it touches before the (slowed) push brings
+/// them are asked for, and every one it checks holds what it wrote at the
+/// source.
+#[test]
+fn a_writing_guest_moves_by_postcopy_pulling_the_pages_it_touches() {
+    let dir = scratch("migrate-postcopy");
+    let (mut dest, _, target) = destination(&dir, "dest");
+    let (src, sock) = writing_guest(&dir);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 16}),
+    );
+    dest.wait_for(&["dirty: "], TIMEOUT);
+    dest.wait_for(&["dirty: 8192 pages in second"], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    let after = dest.poll().to_string();
+    assert!(
+        !after.contains("FAIL") && !run.stdout.contains("FAIL"),
+        "{}\n{after}",
+        run.stdout
+    );
+    assert!(
+        !run.stderr.contains("pre-copy round"),
+        "post-copy sends nothing before the pause:\n{}",
+        run.stderr
+    );
+    let requested = logged(&run.stderr, "post-copy done", "requested")
+        .unwrap_or_else(|| panic!("no post-copy summary:\n{}", run.stderr));
+    let pages = logged(&run.stderr, "post-copy done", "pages").unwrap();
+    assert!(
+        requested > 0 && requested < pages,
+        "{requested} of {pages} pages asked for: the guest touched some before the push"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `auto` (the default): pre-copy over a link slower than the guest writes,
+/// without auto-converge, does not converge; when its rounds run out,
+/// post-copy takes over instead of a long pause.
+#[test]
+fn pre_copy_that_cannot_converge_switches_to_postcopy() {
+    let dir = scratch("migrate-switch");
+    let (mut dest, _, target) = destination(&dir, "dest");
+    let (src, sock) = writing_guest(&dir);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({
+            "destination": target, "token": TOKEN, "bandwidth_mib_s": 8,
+            "auto_converge": false, "max_rounds": 3
+        }),
+    );
+    dest.wait_for(&["dirty: "], TIMEOUT);
+    dest.wait_for(&["dirty: 8192 pages in second"], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert_eq!(
+        run.stderr.matches("pre-copy round").count(),
+        3,
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("post-copy done"), "{}", run.stderr);
+    assert!(!dest.poll().contains("FAIL") && !run.stdout.contains("FAIL"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Post-copy's price: once the VM runs at the destination, losing it loses
+/// the VM. The source says so and keeps its stale copy paused (never both
+/// running), its process alive for the operator.
+#[test]
+fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
+    let dir = scratch("migrate-postcopy-lost");
+    let (mut dest, _, target) = destination(&dir, "dest");
+    let (_src, sock) = counting_guest(&dir);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 1}),
+    );
+    dest.wait_for(&["counter: "], TIMEOUT);
+    let status = request(&sock, "GET", "/vigil/migration", "").json();
+    assert_eq!(status["state"], "postcopy", "{status}");
+    drop(dest);
+    let status = wait_migration_end(&sock);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap()
+            .contains("post-copy failed"),
+        "{status}"
+    );
+    assert_eq!(request(&sock, "GET", "/", "").json()["state"], "Paused");
     std::fs::remove_dir_all(&dir).ok();
 }
