@@ -80,7 +80,7 @@ pub(crate) fn send(
     request: &MigrationRequest,
     reader: &DirtyReader,
     log: &DirtyLog,
-    paused_at: Instant,
+    (started, paused_at): (Instant, Instant),
 ) -> Result<(), MigrationError> {
     let target = request.destination.to_string();
     let mem = m.inspect.guest_memory();
@@ -139,14 +139,16 @@ pub(crate) fn send(
         tracing::error!(destination = %target, "{e}");
         e
     })?;
-    let requested = m.status().requested_pages;
+    let status = m.status();
     m.update(|s| s.bytes_sent = out.sent);
     tracing::info!(
         destination = %target,
+        downtime = ?Duration::from_millis(status.downtime_ms.unwrap_or_default()),
+        total = ?started.elapsed(),
         bytes = out.sent,
         pages = order.len(),
-        requested,
-        "post-copy done"
+        requested = status.requested_pages,
+        "migrated (post-copy)"
     );
     m.control.end_migrated(target);
     Ok(())

@@ -281,7 +281,8 @@ impl Migrator {
         self.update(|s| s.state = Phase::Stopped);
         if postcopy {
             self.update(|s| s.method = Method::Postcopy);
-            return crate::postcopy::send(self, &mut out, request, &reader, &log, paused_at);
+            let times = (started, paused_at);
+            return crate::postcopy::send(self, &mut out, request, &reader, &log, times);
         }
         let result = self.stop_and_copy(&mut out, &reader, &log);
         let confirmed = match result {

@@ -328,9 +328,9 @@ fn a_writing_guest_moves_by_postcopy_pulling_the_pages_it_touches() {
         "post-copy sends nothing before the pause:\n{}",
         run.stderr
     );
-    let requested = logged(&run.stderr, "post-copy done", "requested")
+    let requested = logged(&run.stderr, "migrated (post-copy)", "requested")
         .unwrap_or_else(|| panic!("no post-copy summary:\n{}", run.stderr));
-    let pages = logged(&run.stderr, "post-copy done", "pages").unwrap();
+    let pages = logged(&run.stderr, "migrated (post-copy)", "pages").unwrap();
     assert!(
         requested > 0 && requested < pages,
         "{requested} of {pages} pages asked for: the guest touched some before the push"
@@ -365,7 +365,11 @@ fn pre_copy_that_cannot_converge_switches_to_postcopy() {
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains("post-copy done"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("migrated (post-copy)"),
+        "{}",
+        run.stderr
+    );
     assert!(!dest.poll().contains("FAIL") && !run.stdout.contains("FAIL"));
     std::fs::remove_dir_all(&dir).ok();
 }
