@@ -1,12 +1,13 @@
 //! Live migration of a Vigil VM from one Vigil process to another, over TCP or
-//! a Unix socket: the wire protocol ([`wire`]), the source's pre-copy rounds
-//! with auto-converge ([`send`], driven by a [`Migrator`]) and the destination
-//! ([`receive`]). The VM's state travels as a snapshot's does
+//! a Unix socket (in TLS when certificates are given: [`tls`]): the wire
+//! protocol ([`wire`]), the source's pre-copy rounds with auto-converge
+//! ([`send`], driven by a [`Migrator`]) and the destination ([`receive`]). The VM's state travels as a snapshot's does
 //! (`vigil_vmm::snapshot::VmState`); guest memory as pages from the dirty log.
 
 pub mod receive;
 pub mod send;
 pub mod target;
+pub mod tls;
 pub mod wire;
 
 pub use receive::{receive, ReceiveError};
@@ -15,3 +16,4 @@ pub use send::{
     DEFAULT_MAX_ROUNDS,
 };
 pub use target::{BadTarget, Listener, Target};
+pub use tls::{ClientTls, ServerTls, TlsError};

@@ -23,6 +23,7 @@ use vigil_vmm::{ControlError, DirtyLog, DirtyLogError, GuestMemoryMmap, VmContro
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::target::{Stream, Target};
+use crate::tls::ClientTls;
 use crate::wire::{self, Kind, WireError, PAGE};
 
 /// What to migrate where, and how.
@@ -39,6 +40,8 @@ pub struct MigrationRequest {
     pub max_rounds: u32,
     /// Throttle the vCPUs when the guest dirties memory faster than it is sent.
     pub auto_converge: bool,
+    /// Over TLS, checking the destination's certificate.
+    pub tls: Option<ClientTls>,
 }
 
 /// Default downtime target.
@@ -202,14 +205,13 @@ impl Migrator {
 
     fn migrate(&self, request: &MigrationRequest, started: Instant) -> Result<(), MigrationError> {
         let target = request.destination.to_string();
-        let mut stream =
-            request
-                .destination
-                .connect()
-                .map_err(|source| MigrationError::Connect {
-                    target: target.clone(),
-                    source,
-                })?;
+        let mut stream = request
+            .destination
+            .connect(request.tls.as_ref())
+            .map_err(|source| MigrationError::Connect {
+                target: target.clone(),
+                source,
+            })?;
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(WireError::Io)?;
