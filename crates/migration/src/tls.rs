@@ -104,6 +104,8 @@ impl ServerTls {
             return Err(failed(&"the source closed the connection"));
         }
         if first[0] != HANDSHAKE_RECORD {
+            // Its whole first frame read, the answer is not lost to a reset.
+            let _ = wire::read(&mut (&first[..n]).chain(&mut socket));
             let why = "this destination takes migrations over TLS only (give the source tls_ca)";
             let _ = wire::answer(&mut socket, false, why);
             return Err(failed(&"the source does not speak TLS"));
