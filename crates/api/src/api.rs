@@ -22,7 +22,9 @@ use crate::model::{
 };
 use crate::preboot::{PreBoot, PreBootError};
 use vigil_introspect::live::Introspector;
-use vigil_migration::{MigrationRequest, Migrator, Target, DEFAULT_DOWNTIME, DEFAULT_MAX_ROUNDS};
+use vigil_migration::{
+    ClientTls, MigrationRequest, Migrator, Target, TlsError, DEFAULT_DOWNTIME, DEFAULT_MAX_ROUNDS,
+};
 use vigil_model::firecracker::{
     self, limit_update, merge_rate_limiter, Balloon, BootSource, Drive, Entropy, Logger,
     MachineConfig, Metrics, NetworkInterface, Vsock,
@@ -696,6 +698,26 @@ impl Api {
         if p.downtime_ms == Some(0) || p.max_rounds == Some(0) || p.bandwidth_mib_s == Some(0) {
             return bad("downtime_ms, bandwidth_mib_s and max_rounds are at least 1".into());
         }
+        let tls = match (&p.tls_ca, &p.tls_server_name) {
+            (None, None) => None,
+            (None, Some(name)) => {
+                return bad(format!(
+                    "tls_server_name {name:?} without tls_ca: give both"
+                ))
+            }
+            (Some(ca), name) => {
+                let Some(name) = name.as_deref().or(destination.host()) else {
+                    return bad(format!(
+                        "tls_ca with destination {destination}: give tls_server_name, the name the destination's certificate carries"
+                    ));
+                };
+                match ClientTls::load(ca, name) {
+                    Ok(tls) => Some(tls),
+                    Err(e @ TlsError::ServerName(_)) => return bad(format!("tls_server_name {e}")),
+                    Err(e) => return bad(format!("tls_ca {e}")),
+                }
+            }
+        };
         let request = MigrationRequest {
             destination,
             token: p.token,
@@ -705,6 +727,7 @@ impl Api {
             bandwidth: p.bandwidth_mib_s.map(|m| m << 20),
             max_rounds: p.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
             auto_converge: p.auto_converge.unwrap_or(true),
+            tls,
         };
         match migrator.start(request) {
             Ok(()) => Response::no_content(),

@@ -171,6 +171,12 @@ pub struct MigrationParams {
     /// Slow the vCPUs when the guest dirties memory faster than it is sent
     /// (default true).
     pub auto_converge: Option<bool>,
+    /// Over TLS: a PEM file of the CA (or the self-signed certificate) that
+    /// the destination's `--migration-tls-cert` must come from.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the destination's certificate must carry (default: the host
+    /// of a `tcp:` destination).
+    pub tls_server_name: Option<String>,
 }
 
 /// `GET /`.

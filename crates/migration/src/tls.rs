@@ -118,7 +118,7 @@ impl ServerTls {
             }
             if let Err(e) = conn.process_new_packets() {
                 // The alert that tells the source why.
-                let _ = conn.write_tls(&mut socket);
+                let _ = flush(&mut Connection::Server(conn), &mut socket);
                 return Err(failed(&e));
             }
         }
@@ -198,11 +198,24 @@ impl ClientTls {
 /// Reads and writes until the handshake is done and its last records sent.
 fn handshake(conn: &mut Connection, socket: &mut (impl Read + Write)) -> io::Result<()> {
     while conn.is_handshaking() {
-        let (read, wrote) = conn.complete_io(socket)?;
+        let (read, wrote) = match conn.complete_io(socket) {
+            Ok(done) => done,
+            Err(e) => {
+                // The alert that tells the peer why (complete_io may have
+                // written only part of what was queued).
+                let _ = flush(conn, socket);
+                return Err(e);
+            }
+        };
         if read == 0 && wrote == 0 && conn.is_handshaking() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
+    flush(conn, socket)
+}
+
+/// Writes every TLS record queued.
+fn flush(conn: &mut Connection, socket: &mut impl Write) -> io::Result<()> {
     while conn.wants_write() {
         conn.write_tls(socket)?;
     }
@@ -490,7 +503,8 @@ mod tests {
             .err()
             .expect("the destination went on after a refused handshake");
         assert!(
-            s.to_string().contains("handshake with the source failed"),
+            s.to_string()
+                .contains("handshake with the source failed: received fatal alert"),
             "{s}"
         );
         // A name the certificate does not carry.
