@@ -326,6 +326,9 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         );
     });
     introspector.shutdown();
+    if matches!(outcome, vigil_vmm::VmOutcome::Migrated(_)) && server.is_some() {
+        api.await_migration_summary_read(MIGRATION_SUMMARY_WAIT);
+    }
     signals_handle.close();
     if let Some(flusher) = flusher {
         flusher.finish();
@@ -350,6 +353,10 @@ fn attach_introspection(
     api.set_introspector(introspector.clone(), settings.debug_api);
     introspector
 }
+
+/// How long the API stays up after the VM migrated away, for whoever follows the
+/// migration to read how it ended (a daemon polls every few milliseconds then).
+const MIGRATION_SUMMARY_WAIT: Duration = Duration::from_millis(500);
 
 /// How often a metrics line is written while the VM runs (as Firecracker does).
 const METRICS_INTERVAL: Duration = Duration::from_secs(60);
