@@ -393,14 +393,14 @@ mod tests {
         (Box::new(client), Box::new(server))
     }
 
-    /// Both ends of a TLS session (the server's handshake on a thread).
-    fn session(
-        server: &ServerTls,
-        client: &ClientTls,
-    ) -> (
+    /// The client's end and the server's, each as its handshake ended.
+    type Ends = (
         io::Result<Box<dyn Stream>>,
         Result<Box<dyn Stream>, TlsError>,
-    ) {
+    );
+
+    /// Both ends of a TLS session (the server's handshake on a thread).
+    fn session(server: &ServerTls, client: &ClientTls) -> Ends {
         let (c, s) = pair();
         let server = server.clone();
         let accepted = thread::spawn(move || server.accept(s));

@@ -106,7 +106,9 @@ enum CtlCommand {
     /// then a pause of about --downtime-ms), and once it runs there its record here
     /// says `migrated`. On any failure the VM keeps running here. The other daemon
     /// must listen on TCP (`vigil daemon --listen HOST:PORT --token-file F`); give
-    /// its address and token. Example:
+    /// its address and token. On a terminal (without --json) a progress line shows
+    /// the round, bytes sent and remaining, dirty rate, bandwidth, predicted pause and
+    /// throttle; at the end, the total time, pause and bytes. Example:
     /// vigil ctl migrate web1 --to 10.0.0.2:7070 --peer-token-file /etc/vigil/peer.token
     Migrate {
         id: String,
