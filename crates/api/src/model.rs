@@ -174,6 +174,12 @@ pub struct MigrationParams {
     /// `auto` (default: pre-copy, post-copy when it does not converge),
     /// `precopy` or `postcopy`.
     pub method: Option<vigil_migration::Method>,
+    /// Over TLS: a PEM file of the CA (or the self-signed certificate) that
+    /// the destination's `--migration-tls-cert` must come from.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the destination's certificate must carry (default: the host
+    /// of a `tcp:` destination).
+    pub tls_server_name: Option<String>,
 }
 
 /// `GET /`.

@@ -1,7 +1,8 @@
 //! Live migration of a Vigil VM from one Vigil process to another, over TCP or
-//! a Unix socket: the wire protocol ([`wire`]), the source's pre-copy rounds
-//! with auto-converge ([`send`], driven by a [`Migrator`]), post-copy
-//! (`postcopy`) and the destination ([`receive`]). The VM's state travels as a snapshot's does
+//! a Unix socket (in TLS when certificates are given: [`tls`]): the wire
+//! protocol ([`wire`]), the source's pre-copy rounds with auto-converge
+//! ([`send`], driven by a [`Migrator`]), post-copy (`postcopy`) and the
+//! destination ([`receive`]). The VM's state travels as a snapshot's does
 //! (`vigil_vmm::snapshot::VmState`); guest memory as pages from the dirty log.
 
 pub mod pages;
@@ -9,6 +10,7 @@ mod postcopy;
 pub mod receive;
 pub mod send;
 pub mod target;
+pub mod tls;
 pub mod wire;
 
 pub use receive::{receive, ReceiveError};
@@ -17,3 +19,4 @@ pub use send::{
     DEFAULT_MAX_ROUNDS,
 };
 pub use target::{BadTarget, Listener, Target};
+pub use tls::{ClientTls, ServerTls, TlsError};

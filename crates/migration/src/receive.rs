@@ -44,6 +44,8 @@ pub enum ReceiveError {
     Threads(std::io::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Accepts sources on `listener` until one brings a VM that runs here; returns
@@ -58,7 +60,13 @@ pub fn receive(
     stop: &dyn Fn() -> bool,
 ) -> std::io::Result<RunningVm> {
     loop {
-        let mut stream = listener.accept(stop)?;
+        let mut stream = match listener.secure(listener.accept(stop)?) {
+            Ok(stream) => stream,
+            Err(e) => {
+                on_failed_attempt(&e.into());
+                continue;
+            }
+        };
         match attempt(&mut stream, token, console, on_crash) {
             Ok(running) => return Ok(running),
             Err(e) => {

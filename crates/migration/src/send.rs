@@ -29,6 +29,7 @@ use vigil_vmm::{ControlError, DirtyLog, DirtyLogError, GuestMemoryMmap, VmContro
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::target::{Stream, Target};
+use crate::tls::ClientTls;
 use crate::wire::{self, Kind, WireError, PAGE};
 
 /// What to migrate where, and how.
@@ -46,6 +47,8 @@ pub struct MigrationRequest {
     /// Throttle the vCPUs when the guest dirties memory faster than it is sent.
     pub auto_converge: bool,
     pub method: Method,
+    /// Over TLS, checking the destination's certificate.
+    pub tls: Option<ClientTls>,
 }
 
 /// How guest memory moves.
@@ -233,14 +236,13 @@ impl Migrator {
 
     fn migrate(&self, request: &MigrationRequest, started: Instant) -> Result<(), MigrationError> {
         let target = request.destination.to_string();
-        let mut stream =
-            request
-                .destination
-                .connect()
-                .map_err(|source| MigrationError::Connect {
-                    target: target.clone(),
-                    source,
-                })?;
+        let mut stream = request
+            .destination
+            .connect(request.tls.as_ref())
+            .map_err(|source| MigrationError::Connect {
+                target: target.clone(),
+                source,
+            })?;
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(WireError::Io)?;

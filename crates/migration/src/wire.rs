@@ -70,7 +70,7 @@ impl Kind {
 pub enum WireError {
     #[error("the connection failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame kind {0}: not a frame of this protocol")]
+    #[error("frame kind {0}: not a frame of this protocol{hint}", hint = if *.0 == 0x16 { " (a TLS handshake: this destination was given no --migration-tls-cert)" } else { "" })]
     Kind(u8),
     #[error("{kind:?} frame of {len} bytes: more than the {MAX_PAYLOAD} a frame may carry")]
     TooLong { kind: Kind, len: u32 },

@@ -5,6 +5,8 @@
 //! each leave the source running, and exactly one of the two VMs runs at the end.
 //! Post-copy moves a writing guest at once, its pages pulled as it touches
 //! them, and takes over when pre-copy cannot keep up with the guest.
+//! Over TLS, a source without the CA of the destination's certificate is
+//! refused and keeps running.
 
 mod common;
 
@@ -13,8 +15,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::daemon::free_loopback_addr;
 use common::http::request;
-use common::mobility::{counting_guest, counts, ok, TIMEOUT};
+use common::mobility::{certificate, counting_guest, counts, ok, TIMEOUT};
 use common::{scratch, Console};
 use serde_json::{json, Value};
 
@@ -402,5 +405,152 @@ fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
         "{status}"
     );
     assert_eq!(request(&sock, "GET", "/", "").json()["state"], "Paused");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Sends SIGTERM to a Vigil and returns how it ended.
+fn terminate(console: Console) -> common::Run {
+    // SAFETY: kill(2) on a child of this test, which it has not reaped.
+    unsafe { libc::kill(console.pid() as i32, libc::SIGTERM) };
+    console.finish(TIMEOUT)
+}
+
+#[test]
+fn over_tls_only_a_source_trusting_the_destinations_certificate_migrates() {
+    let dir = scratch("migrate-tls");
+    let (cert, key) = certificate(&dir.join("dest"), "127.0.0.1");
+    let (other, _) = certificate(&dir.join("other"), "127.0.0.1");
+    let addr = free_loopback_addr();
+    let target = format!("tcp:{addr}");
+    let mut dest = Console::spawn(&[
+        "run",
+        "--migrate-from",
+        &target,
+        "--migration-token",
+        TOKEN,
+        "--migration-tls-cert",
+        cert.to_str().unwrap(),
+        "--migration-tls-key",
+        key.to_str().unwrap(),
+    ]);
+    // Listening: a connection is taken (and, bringing no TLS, dropped).
+    let deadline = Instant::now() + TIMEOUT;
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the destination never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (mut src, src_sock) = counting_guest(&dir);
+    let refused = |src: &mut Console, body: Value, why: &str| {
+        ok(&src_sock, "PUT", "/vigil/migration", body.clone());
+        let status = wait_migration_end(&src_sock);
+        assert_eq!(status["state"], "failed", "{body}: {status}");
+        let error = status["error"].as_str().unwrap();
+        assert!(error.contains(why), "{body}: {status}");
+        let now = *counts(src.poll()).last().unwrap();
+        src.wait_for(&[&format!("counter: {}", now + 2)], TIMEOUT);
+    };
+    // Without TLS: the destination answers, in plain frames, why not.
+    refused(
+        &mut src,
+        json!({"destination": target, "token": TOKEN}),
+        "over TLS only",
+    );
+    // Trusting another certificate.
+    refused(
+        &mut src,
+        json!({"destination": target, "token": TOKEN, "tls_ca": other}),
+        "invalid peer certificate",
+    );
+    // The right CA, but the certificate is not for the name asked.
+    refused(
+        &mut src,
+        json!({"destination": target, "token": TOKEN, "tls_ca": cert, "tls_server_name": "elsewhere"}),
+        "not valid for name",
+    );
+    // The right CA and a wrong token: the token is still checked, inside TLS.
+    refused(
+        &mut src,
+        json!({"destination": target, "token": "guessed", "tls_ca": cert}),
+        "token is wrong",
+    );
+    assert!(
+        dest.poll().lines().all(|l| !l.starts_with("counter")),
+        "nothing ran at the destination:\n{}",
+        dest.seen
+    );
+    // The certificate's name is the target's host unless told another.
+    ok(
+        &src_sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "tls_ca": cert}),
+    );
+    dest.wait_for(&["counter: "], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert_counts_on(&run.stdout, dest.poll());
+    let dest = terminate(dest);
+    for why in [
+        "(TLS)",
+        "TLS handshake with the source failed: the source does not speak TLS",
+        "TLS handshake with the source failed: received fatal alert",
+        "token is wrong",
+        "the VM arrived and runs here",
+    ] {
+        assert!(dest.stderr.contains(why), "{why}: {dest}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn tls_files_that_do_not_load_name_the_option_and_the_path() {
+    let dir = scratch("migrate-tls-files");
+    let (cert, key) = certificate(&dir, "localhost");
+    let missing = dir.join("missing.pem");
+    let run_with = |cert: &Path, key: &Path| {
+        common::run(
+            &[
+                "run",
+                "--migrate-from",
+                "tcp:127.0.0.1:0",
+                "--migration-token",
+                TOKEN,
+                "--migration-tls-cert",
+                cert.to_str().unwrap(),
+                "--migration-tls-key",
+                key.to_str().unwrap(),
+            ],
+            TIMEOUT,
+        )
+    };
+    let run = run_with(&missing, &key);
+    assert_ne!(run.code, Some(0), "{run}");
+    assert!(
+        run.stderr
+            .contains(&format!("--migration-tls-cert {}", missing.display())),
+        "{run}"
+    );
+    // A certificate is no key.
+    let run = run_with(&cert, &cert);
+    assert_ne!(run.code, Some(0), "{run}");
+    assert!(
+        run.stderr
+            .contains(&format!("--migration-tls-key {}", cert.display())),
+        "{run}"
+    );
+    // The source's CA.
+    let (_src, sock) = counting_guest(&dir);
+    let a = request(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        &json!({"destination": "tcp:127.0.0.1:9", "token": TOKEN, "tls_ca": missing}).to_string(),
+    );
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(
+        a.body.contains(&format!("tls_ca {}", missing.display())),
+        "{}",
+        a.body
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -60,3 +60,14 @@ pub fn counting_guest(dir: &Path) -> (Console, PathBuf) {
     console.wait_for(&["counter: 3"], TIMEOUT);
     (console, sock)
 }
+
+/// A self-signed certificate for `name` and its key, as `cert.pem` and
+/// `key.pem` in `dir` (the certificate is its own CA).
+pub fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let made = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}
