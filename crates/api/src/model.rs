@@ -173,7 +173,7 @@ pub struct MigrationParams {
     pub auto_converge: Option<bool>,
     /// `auto` (default: pre-copy, post-copy when it does not converge),
     /// `precopy` or `postcopy`.
-    pub method: Option<vigil_migration::Method>,
+    pub method: Option<vigil_model::migration::MigrationMethod>,
     /// Over TLS: a PEM file of the CA (or the self-signed certificate) that
     /// the destination's `--migration-tls-cert` must come from.
     pub tls_ca: Option<std::path::PathBuf>,

@@ -6,9 +6,10 @@
 //! short prediction (the trend of the last three samples, one interval ahead)
 //! must still be hot, so a spike that is already fading moves nothing. Then the
 //! VM cheapest to move goes (the predicted total time from its memory and dirty
-//! rate at the assumed link speed), to the next peer daemon in turn, by pre-copy
-//! when the rounds are predicted to converge within the downtime target, else
-//! with auto-converge. After a decision the policy waits `cooldown`. Every
+//! rate, as the VM's metrics measure it, at the assumed link speed), to the
+//! next peer daemon in turn, by pre-copy when the rounds are predicted to
+//! converge within the downtime target, with auto-converge when the guest
+//! dirties less than the link carries, else by post-copy. After a decision the policy waits `cooldown`. Every
 //! decision, acted on or not (`--migrate-dry-run`), is a `policy_action` event
 //! with its reasons and predicted costs.
 
@@ -79,6 +80,9 @@ pub enum Method {
     PreCopy,
     /// The guest dirties memory too fast: slow its vCPUs as rounds go.
     AutoConverge,
+    /// The guest dirties memory faster than the link carries: throttling it
+    /// enough would nearly stop it, so it moves at once and its pages follow.
+    PostCopy,
 }
 
 impl Method {
@@ -86,6 +90,16 @@ impl Method {
         match self {
             Method::PreCopy => "pre-copy",
             Method::AutoConverge => "auto-converge",
+            Method::PostCopy => "post-copy",
+        }
+    }
+
+    /// What the VM is told.
+    pub fn migration_method(self) -> vigil_model::migration::MigrationMethod {
+        use vigil_model::migration::MigrationMethod;
+        match self {
+            Method::PreCopy | Method::AutoConverge => MigrationMethod::Precopy,
+            Method::PostCopy => MigrationMethod::Postcopy,
         }
     }
 }
@@ -108,6 +122,16 @@ const MAX_ROUNDS: u32 = 30;
 pub fn plan(memory: f64, dirty: f64, link: f64, downtime: Duration) -> Plan {
     let fits = link * downtime.as_secs_f64();
     let (mut method, mut rounds) = (Method::PreCopy, series(memory, dirty / link, fits));
+    if rounds.2 > fits && dirty >= link {
+        // Every page once, after a pause for the state alone (not counted).
+        return Plan {
+            method: Method::PostCopy,
+            rounds: 0,
+            bytes: memory,
+            total: Duration::from_secs_f64(memory / link),
+            downtime: Duration::ZERO,
+        };
+    }
     if rounds.2 > fits {
         // Auto-converge holds the guest until it dirties at most half the link:
         // the rounds go as if at q = 1/2, and the pause meets the target.
@@ -337,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn plans_converge_or_need_auto_converge() {
+    fn plans_converge_or_need_auto_converge_or_postcopy() {
         let link = 1e9;
         let idle = plan(1e9, 0.0, link, Duration::from_millis(100));
         assert_eq!(idle.method, Method::PreCopy);
@@ -346,8 +370,11 @@ mod tests {
         let busy = plan(1e9, 0.5e9, link, Duration::from_millis(100));
         assert_eq!(busy.method, Method::PreCopy);
         assert!(busy.rounds > 1 && busy.total > idle.total);
+        let warm = plan(1e9, 0.95e9, link, Duration::from_millis(100));
+        assert_eq!(warm.method, Method::AutoConverge);
+        assert!(warm.downtime <= Duration::from_millis(100));
         let hot = plan(1e9, 2e9, link, Duration::from_millis(100));
-        assert_eq!(hot.method, Method::AutoConverge);
-        assert!(hot.downtime <= Duration::from_millis(100));
+        assert_eq!(hot.method, Method::PostCopy);
+        assert_eq!(hot.bytes, 1e9, "every page once");
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! | group | what |
 //! |---|---|
-//! | `vm` | `uptime_ms`, `guest_memory_bytes`, `rss_bytes`, `balloon_actual_bytes`, `balloon_target_bytes` |
+//! | `vm` | `uptime_ms`, `guest_memory_bytes`, `rss_bytes`, `balloon_actual_bytes`, `balloon_target_bytes`, `dirty_bytes_per_s` |
 //! | `vcpu` | all vCPUs together: `exits_<reason>` (reasons: `io`, `mmio`, `hlt`, `shutdown`, `internal_error`, `fail_entry`, `system_event`, `msr`, `debug`, `intr`, `other`), `exits_total`, `guest_ns`, `cpu_ns`, `wait_ns`, `exit_handling_count`, `exit_handling_sum_ns`, `exit_handling_p50_ns`, `exit_handling_p99_ns`, `exit_handling_max_ns` |
 //! | `vcpu<N>` | the same for vCPU N |
 //! | `block`, `net`, `vsock`, `entropy`, `balloon` | all devices of the kind together: `<dir>_bytes`, `<dir>_count` for the kind's two directions (`read`/`write`, `rx`/`tx`, `deflate`/`inflate`; entropy has `read` only), `other_count`, `errors`, `throttled`; the balloon adds `actual_pages`, `target_pages` |
@@ -38,6 +38,7 @@ pub fn json_line(vm: &VmMetricsSnapshot, host: Option<&HostSnapshot>) -> String 
         g.opt("rss_bytes", vm.memory.rss_bytes);
         g.opt("balloon_actual_bytes", vm.memory.balloon_actual_bytes);
         g.opt("balloon_target_bytes", vm.memory.balloon_target_bytes);
+        g.opt("dirty_bytes_per_s", vm.memory.dirty_bytes_per_s);
         o.end(g);
     }
     if !vm.vcpus.is_empty() {

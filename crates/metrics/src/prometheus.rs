@@ -207,6 +207,19 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
     {
         let mut f = Family::new(
             out,
+            "vigil_vm_dirty_bytes_per_second",
+            "gauge",
+            "Guest memory written per second, between the last two readings.",
+        );
+        for (vm, s) in vms {
+            if let Some(b) = s.memory.dirty_bytes_per_s {
+                f.sample("", &[("vm", vm)], Value::Int(b));
+            }
+        }
+    }
+    {
+        let mut f = Family::new(
+            out,
             "vigil_vcpu_exits_total",
             "counter",
             "Returns from KVM_RUN to the VMM, by reason.",

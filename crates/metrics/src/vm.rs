@@ -1,7 +1,7 @@
 //! All the counters of one VM, and the snapshot of them that writers render.
 
-use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,48 @@ pub struct VmMetrics {
     devices: Vec<Arc<DeviceCounters>>,
     introspect: Arc<IntrospectCounters>,
     started: OnceLock<Instant>,
+    dirty: Mutex<DirtyRate>,
+}
+
+/// Bytes of guest memory written since the previous call (the VM's dirty log).
+pub type DirtySource = Box<dyn FnMut() -> Option<u64> + Send>;
+
+/// The guest's write rate, measured between two snapshots at least
+/// [`DIRTY_INTERVAL`] apart: no thread and no cost while nobody asks.
+#[derive(Default)]
+struct DirtyRate {
+    source: Option<DirtySource>,
+    since: Option<Instant>,
+    rate: Option<u64>,
+}
+
+impl std::fmt::Debug for DirtyRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyRate")
+            .field("rate", &self.rate)
+            .finish()
+    }
+}
+
+/// The shortest interval a dirty rate is measured over.
+pub const DIRTY_INTERVAL: Duration = Duration::from_millis(500);
+
+impl DirtyRate {
+    fn read(&mut self) -> Option<u64> {
+        let source = self.source.as_mut()?;
+        let now = Instant::now();
+        match self.since {
+            Some(t) if now.duration_since(t) < DIRTY_INTERVAL => {}
+            since => {
+                let bytes = source();
+                if let (Some(t), Some(bytes)) = (since, bytes) {
+                    self.rate = Some((bytes as f64 / now.duration_since(t).as_secs_f64()) as u64);
+                }
+                self.since = Some(now);
+            }
+        }
+        self.rate
+    }
 }
 
 impl VmMetrics {
@@ -38,7 +80,17 @@ impl VmMetrics {
             devices,
             introspect: Arc::default(),
             started: OnceLock::new(),
+            dirty: Mutex::default(),
         }
+    }
+
+    /// Where the guest's write rate comes from (the VMM's dirty log); its
+    /// first call starts the first interval.
+    pub fn set_dirty_source(&self, source: DirtySource) {
+        *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = DirtyRate {
+            source: Some(source),
+            ..DirtyRate::default()
+        };
     }
 
     /// The VM started running now (uptime counts from here; later calls are ignored).
@@ -82,6 +134,7 @@ impl VmMetrics {
                 rss_bytes: host::process_rss_bytes(PAGE_SIZE),
                 balloon_actual_bytes: balloon.map(|b| b.actual_pages * BALLOON_PAGE),
                 balloon_target_bytes: balloon.map(|b| b.target_pages * BALLOON_PAGE),
+                dirty_bytes_per_s: self.dirty.lock().unwrap_or_else(|e| e.into_inner()).read(),
             },
             vcpus: self.vcpus.iter().map(|v| v.snapshot()).collect(),
             devices,
@@ -130,6 +183,10 @@ pub struct MemorySnapshot {
     pub balloon_actual_bytes: Option<u64>,
     /// Memory the balloon asks for, when there is one.
     pub balloon_target_bytes: Option<u64>,
+    /// Guest memory written per second, between this snapshot and an earlier
+    /// one at least half a second before (absent until there is one).
+    #[serde(default)]
+    pub dirty_bytes_per_s: Option<u64>,
 }
 
 /// Everything about one VM at one moment.

@@ -15,7 +15,7 @@ pub mod wire;
 
 pub use receive::{receive, ReceiveError};
 pub use send::{
-    Method, MigrationError, MigrationRequest, MigrationStatus, Migrator, Phase, DEFAULT_DOWNTIME,
+    MigrationError, MigrationRequest, MigrationStatus, Migrator, Phase, DEFAULT_DOWNTIME,
     DEFAULT_MAX_ROUNDS,
 };
 pub use target::{BadTarget, Listener, Target};

@@ -13,7 +13,7 @@
 //! pre-copy. After it, the VM's memory is split between the two hosts: losing
 //! the link loses the VM (the destination stops its VM; the source keeps its
 //! paused, stale copy and says so). That is post-copy's price, which
-//! [`crate::Method::Auto`] pays only when pre-copy cannot converge.
+//! [`MigrationMethod::Auto`](vigil_model::migration::MigrationMethod::Auto) pays only when pre-copy cannot converge.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};

@@ -12,7 +12,7 @@
 //! each 100 ms (20% more each round, at most 95%: a guest that dirties twice
 //! what the link carries needs more than 80% to converge).
 //!
-//! Post-copy ([`Method::Postcopy`] at once, [`Method::Auto`] when pre-copy
+//! Post-copy ([`MigrationMethod::Postcopy`] at once, [`MigrationMethod::Auto`] when pre-copy
 //! does not converge: the rounds run out, or two rounds at the most throttle
 //! still predict too long a pause): the VM pauses, its state and the list of
 //! pages not yet sent go, and it runs at the destination while its pages follow
@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use vigil_model::migration::MigrationMethod;
 use vigil_vmm::snapshot::{memory_ranges, SnapshotError};
 use vigil_vmm::{ControlError, DirtyLog, DirtyLogError, GuestMemoryMmap, VmControl, VmInspect};
 use vm_memory::{Bytes, GuestAddress};
@@ -46,24 +47,9 @@ pub struct MigrationRequest {
     pub max_rounds: u32,
     /// Throttle the vCPUs when the guest dirties memory faster than it is sent.
     pub auto_converge: bool,
-    pub method: Method,
+    pub method: MigrationMethod,
     /// Over TLS, checking the destination's certificate.
     pub tls: Option<ClientTls>,
-}
-
-/// How guest memory moves.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// Pre-copy; post-copy when pre-copy does not converge.
-    #[default]
-    Auto,
-    /// Pre-copy only: when the rounds run out, the VM pauses for all that is left.
-    Precopy,
-    /// The VM moves at once and its memory follows: the shortest pause and
-    /// every page sent once, but the guest waits for each page it touches
-    /// before it arrives, and the VM is lost if the link fails meanwhile.
-    Postcopy,
 }
 
 /// Default downtime target.
@@ -105,7 +91,7 @@ pub struct MigrationStatus {
     /// Share of time auto-converge holds the vCPUs paused.
     pub throttle_percent: u32,
     /// The method asked for; `postcopy` once a migration switched to it.
-    pub method: Method,
+    pub method: MigrationMethod,
     /// Post-copy: pages the destination asked for when its VM touched them.
     pub requested_pages: u64,
     /// From the pause to the destination's confirmation (source's clock).
@@ -272,7 +258,7 @@ impl Migrator {
                 }
             }
         }
-        let postcopy = request.method == Method::Postcopy
+        let postcopy = request.method == MigrationMethod::Postcopy
             || self.precopy(request, &mut out, &mem, &reader, &mut log)?;
 
         // The last round, with the VM paused, goes as fast as the link does: the
@@ -282,7 +268,7 @@ impl Migrator {
         self.control.pause()?;
         self.update(|s| s.state = Phase::Stopped);
         if postcopy {
-            self.update(|s| s.method = Method::Postcopy);
+            self.update(|s| s.method = MigrationMethod::Postcopy);
             let times = (started, paused_at);
             return crate::postcopy::send(self, &mut out, request, &reader, &log, times);
         }
@@ -333,7 +319,7 @@ impl Migrator {
     }
 
     /// Pre-copy rounds until what is left fits the downtime target (false) or
-    /// post-copy should take over (true; only with [`Method::Auto`]). `log`
+    /// post-copy should take over (true; only with [`MigrationMethod::Auto`]). `log`
     /// starts as round 0's pages and ends as those still to send.
     fn precopy(
         &self,
@@ -343,7 +329,7 @@ impl Migrator {
         reader: &vigil_vmm::DirtyReader,
         log: &mut DirtyLog,
     ) -> Result<bool, MigrationError> {
-        let auto = request.method == Method::Auto;
+        let auto = request.method == MigrationMethod::Auto;
         let mut last_take = Instant::now();
         let mut throttle: Option<Throttle> = None;
         let mut rounds_at_most = 0;

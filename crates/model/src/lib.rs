@@ -11,6 +11,7 @@
 //! - [`finding`], [`rule`] and [`time`]: introspection findings and the
 //!   vocabulary of security events (rules, priorities, sources, ATT&CK
 //!   techniques, timestamps).
+//! - [`migration`]: how a live migration moves memory.
 //! - [`mac`], [`cpu`], [`options`] and [`json`]: MAC addresses, CPUID features by
 //!   name, the `key=value,...` option strings of the command-line tools, and JSON
 //!   parsing whose errors name the field.
@@ -21,6 +22,7 @@ pub mod finding;
 pub mod firecracker;
 pub mod json;
 pub mod mac;
+pub mod migration;
 pub mod options;
 pub mod rule;
 pub mod time;

@@ -349,6 +349,20 @@ fn pre_copy_that_cannot_converge_switches_to_postcopy() {
     let dir = scratch("migrate-switch");
     let (mut dest, _, target) = destination(&dir, "dest");
     let (src, sock) = writing_guest(&dir);
+    // The rate the policy prices a move by: the VM's metrics measure it between
+    // two readings from its dirty log.
+    let rate = || {
+        request(&sock, "GET", "/vigil/metrics", "").json()["memory"]["dirty_bytes_per_s"].as_u64()
+    };
+    rate();
+    std::thread::sleep(Duration::from_secs(1));
+    let measured = rate().expect("a rate after two readings");
+    // 32 MiB/s over an 8 MiB region: each page several times a second, so a
+    // second's distinct pages are the region's 8 MiB.
+    assert!(
+        (4 << 20..16 << 20).contains(&measured),
+        "the guest rewrites 8 MiB 4 times a second; measured {measured} B/s"
+    );
     ok(
         &sock,
         "PUT",

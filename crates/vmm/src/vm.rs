@@ -162,6 +162,13 @@ impl Vm {
         // Memory not built here holds data in pages the host has not backed.
         let restored = memory_file.is_some() || lazy.is_some();
         let written = WrittenSince::new(dirty.subscribe().map_err(|e| e.to_string()), restored);
+        // The guest's write rate, measured when metrics are read.
+        if let Ok(reader) = dirty.subscribe() {
+            let _ = reader.take(); // every page, at first
+            self.metrics.set_dirty_source(Box::new(move || {
+                reader.take().ok().map(|log| log.count() as u64 * 4096)
+            }));
+        }
         self.metrics.mark_started();
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
         let mailboxes: Vec<Arc<Mailbox>> = self.vcpus.iter().map(|_| Arc::default()).collect();

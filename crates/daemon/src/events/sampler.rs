@@ -51,9 +51,11 @@ pub async fn sample(
                 .map(|s| Candidate {
                     id: s.info.id.clone(),
                     memory_bytes: s.info.memory_mib.unwrap_or(0) << 20,
-                    // Not measured outside a migration yet: memory alone
-                    // prices a move.
-                    dirty_bytes_per_s: 0.0,
+                    dirty_bytes_per_s: s
+                        .snapshot
+                        .as_ref()
+                        .and_then(|m| m.memory.dirty_bytes_per_s)
+                        .unwrap_or(0) as f64,
                 })
                 .collect();
             if let Some(decision) = policy.observe(Instant::now(), &host, &candidates) {
@@ -79,6 +81,7 @@ fn decide(supervisor: &Arc<Supervisor>, events: &Events, d: Decision, settings: 
         peer_token: d.to.token.clone(),
         downtime_ms: Some(settings.downtime.as_millis() as u64),
         bandwidth_mib_s: None,
+        method: Some(d.plan.method.migration_method()),
     };
     tokio::spawn(async move {
         match supervisor.migrate(&d.vm, request).await {

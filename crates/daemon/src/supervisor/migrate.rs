@@ -49,6 +49,9 @@ pub struct MigrateRequest {
     /// At most this many MiB/s (default: no limit).
     #[serde(default)]
     pub bandwidth_mib_s: Option<u64>,
+    /// How memory moves (default: auto).
+    #[serde(default)]
+    pub method: Option<vigil_model::migration::MigrationMethod>,
 }
 
 /// How long the whole migration may take before it is cancelled.
@@ -246,6 +249,7 @@ impl Supervisor {
             "token": token,
             "downtime_ms": request.downtime_ms,
             "bandwidth_mib_s": request.bandwidth_mib_s,
+            "method": request.method,
         });
         let timeout = self.config.vm_request_timeout;
         let answer = client::request(

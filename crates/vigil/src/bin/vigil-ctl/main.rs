@@ -102,9 +102,11 @@ enum CtlCommand {
         ctrl_alt_del: bool,
     },
     /// Move a running VM to another host's daemon, live: that daemon starts a
-    /// process waiting for it, this daemon tells the VM to migrate there (pre-copy,
-    /// then a pause of about --downtime-ms), and once it runs there its record here
-    /// says `migrated`. On any failure the VM keeps running here. The other daemon
+    /// process waiting for it, this daemon tells the VM to migrate there (by default
+    /// pre-copy, then a pause of about --downtime-ms, switching to post-copy when
+    /// pre-copy cannot converge; see --method), and once it runs there its record
+    /// here says `migrated`. On a failure before the VM runs there it keeps running
+    /// here. The other daemon
     /// must listen on TCP (`vigil daemon --listen HOST:PORT --token-file F`); give
     /// its address and token. On a terminal (without --json) a progress line shows
     /// the round, bytes sent and remaining, dirty rate, bandwidth, predicted pause and
@@ -124,6 +126,12 @@ enum CtlCommand {
         /// At most this many MiB/s [default: no limit].
         #[arg(long, value_name = "MIB")]
         bandwidth_mib_s: Option<u64>,
+        /// auto: pre-copy, then post-copy if it does not converge; precopy:
+        /// pre-copy only; postcopy: the VM moves at once and its memory follows
+        /// (the shortest pause, but the VM is lost if the link fails before
+        /// every page arrived) [default: auto].
+        #[arg(long, value_name = "METHOD")]
+        method: Option<vigil_model::migration::MigrationMethod>,
     },
     /// Stop a VM (when it runs) and remove it and its folder.
     #[command(alias = "rm")]
@@ -300,6 +308,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
             peer_token_file,
             downtime_ms,
             bandwidth_mib_s,
+            method,
         } => {
             let token = std::fs::read_to_string(&peer_token_file).with_context(|| {
                 format!(
@@ -312,6 +321,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
                 "peer_token": token.trim(),
                 "downtime_ms": downtime_ms,
                 "bandwidth_mib_s": bandwidth_mib_s,
+                "method": method,
             });
             eprintln!("migrating {id} to the daemon at {to}...");
             let status_path = format!("/vms/{id}/migration");
