@@ -123,7 +123,7 @@ mod tests {
             introspect: req.introspect,
             trace_syscalls: req.trace_syscalls,
             debug_api: req.debug_api,
-            incoming: None,
+            ..Default::default()
         };
         let args: Vec<String> = options
             .args(Path::new("/s/vms/a"))
@@ -147,7 +147,7 @@ mod tests {
             introspect: Some(IntrospectConfig::default()),
             trace_syscalls: Some(TraceSpec::default()),
             debug_api: false,
-            incoming: None,
+            ..Default::default()
         };
         assert_eq!(
             options.args(Path::new("d")),
