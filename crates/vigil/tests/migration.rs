@@ -1,7 +1,7 @@
 //! Live migration between two Vigil processes (`vigil run --migrate-from`, `PUT
 //! /vigil/migration`): the test guest's `counter` scenario moves while it
 //! counts and goes on at the destination with every word of its memory intact;
-//! a wrong token, a corrupted stream, a destination killed midway and a cancel
+//! a wrong token, a corrupted or cut stream, a destination killed midway and a cancel
 //! each leave the source running, and exactly one of the two VMs runs at the end.
 //! Post-copy moves a writing guest at once, its pages pulled as it touches
 //! them, and takes over when pre-copy cannot keep up with the guest.
@@ -108,9 +108,18 @@ fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Forwards one connection from `front` to `back`, flipping the byte at
-/// `flip` of what goes forward.
-fn corrupting_proxy(front: PathBuf, back: PathBuf, flip: usize) -> std::thread::JoinHandle<()> {
+/// What a proxy does to the stream at a byte offset.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Flips a bit of the byte there.
+    Flip(usize),
+    /// Cuts both ways there (a network cut).
+    Cut(usize),
+}
+
+/// Forwards one connection from `front` to `back`, doing `fault` to what goes
+/// forward.
+fn faulty_proxy(front: PathBuf, back: PathBuf, fault: Fault) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(&front).unwrap();
     std::thread::spawn(move || {
         let (mut from_source, _) = listener.accept().unwrap();
@@ -128,8 +137,15 @@ fn corrupting_proxy(front: PathBuf, back: PathBuf, flip: usize) -> std::thread::
             if n == 0 {
                 break;
             }
-            if (at..at + n).contains(&flip) {
-                buf[flip - at] ^= 0x40;
+            match fault {
+                Fault::Flip(flip) if (at..at + n).contains(&flip) => buf[flip - at] ^= 0x40,
+                Fault::Cut(cut) if at + n > cut => {
+                    let _ = to_dest.write_all(&buf[..cut - at]);
+                    let _ = from_source.shutdown(std::net::Shutdown::Both);
+                    let _ = to_dest.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                _ => {}
             }
             at += n;
             if to_dest.write_all(&buf[..n]).is_err() {
@@ -166,18 +182,24 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
 
     // One byte of the stream flipped on the way: the destination's CRC check
     // refuses the frame.
-    let proxy = dir.join("proxy.mig");
-    let forward = corrupting_proxy(proxy.clone(), dir.join("dest.mig"), 200_000);
-    ok(
-        &src_sock,
-        "PUT",
-        "/vigil/migration",
-        json!({"destination": format!("unix:{}", proxy.display()), "token": TOKEN}),
-    );
-    let status = wait_migration_end(&src_sock);
-    assert_eq!(status["state"], "failed", "{status}");
-    forward.join().unwrap();
-    still_counts(&mut src);
+    // And the connection cut midway.
+    for (name, fault) in [
+        ("flip.mig", Fault::Flip(200_000)),
+        ("cut.mig", Fault::Cut(300_000)),
+    ] {
+        let proxy = dir.join(name);
+        let forward = faulty_proxy(proxy.clone(), dir.join("dest.mig"), fault);
+        ok(
+            &src_sock,
+            "PUT",
+            "/vigil/migration",
+            json!({"destination": format!("unix:{}", proxy.display()), "token": TOKEN}),
+        );
+        let status = wait_migration_end(&src_sock);
+        assert_eq!(status["state"], "failed", "{name}: {status}");
+        forward.join().unwrap();
+        still_counts(&mut src);
+    }
 
     // A slow migration cancelled midway.
     ok(
