@@ -294,6 +294,11 @@ fn a_dirtying_guest_migrates_with_every_page_it_wrote() {
 /// source Vigil serving its API on `dir/source.sock`, logging what it does,
 /// two seconds into its writing.
 fn writing_guest(dir: &Path) -> (Console, PathBuf) {
+    writing_guest_at(dir, 8, 32)
+}
+
+/// The `dirty` guest writing `mib` MiB over and over at `mib_s` MiB/s.
+fn writing_guest_at(dir: &Path, mib: u32, mib_s: u32) -> (Console, PathBuf) {
     let sock = dir.join("source.sock");
     let mut src = Console::spawn(&[
         "--log-level",
@@ -304,12 +309,31 @@ fn writing_guest(dir: &Path) -> (Console, PathBuf) {
         "--kernel",
         vigil_test_guest::ELF_PATH,
         "--cmdline",
-        "test=dirty dirty_mib=8 dirty_mib_s=32",
+        &format!("test=dirty dirty_mib={mib} dirty_mib_s={mib_s}"),
         "--api-sock",
         sock.to_str().unwrap(),
     ]);
-    src.wait_for(&["dirty: 8192 pages in second 2"], TIMEOUT);
+    src.wait_for(
+        &[&format!("dirty: {} pages in second 2", mib_s * 256)],
+        TIMEOUT,
+    );
     (src, sock)
+}
+
+/// Polls the source's migration status until it is in post-copy: the VM runs
+/// at the destination, pages still to come.
+fn wait_postcopy(sock: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let status = request(sock, "GET", "/vigil/migration", "").json();
+        match status["state"].as_str() {
+            Some("postcopy") => return,
+            Some("connecting" | "precopy" | "stopped") => {}
+            _ => panic!("not in post-copy: {status}"),
+        }
+        assert!(Instant::now() < deadline, "still {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The number after `key=` in a log line that says `what`.
@@ -420,16 +444,16 @@ fn pre_copy_that_cannot_converge_switches_to_postcopy() {
 fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
     let dir = scratch("migrate-postcopy-lost");
     let (mut dest, _, target) = destination(&dir, "dest");
-    let (_src, sock) = counting_guest(&dir);
+    // 32 MiB written at 4 MiB/s, pushed at 1 MiB/s: the VM runs there for
+    // seconds before it has all its pages.
+    let (_src, sock) = writing_guest_at(&dir, 32, 4);
     ok(
         &sock,
         "PUT",
         "/vigil/migration",
         json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 1}),
     );
-    dest.wait_for(&["counter: "], TIMEOUT);
-    let status = request(&sock, "GET", "/vigil/migration", "").json();
-    assert_eq!(status["state"], "postcopy", "{status}");
+    wait_postcopy(&sock);
     drop(dest);
     let status = wait_migration_end(&sock);
     assert_eq!(status["state"], "failed", "{status}");
@@ -588,5 +612,27 @@ fn tls_files_that_do_not_load_name_the_option_and_the_path() {
         "{}",
         a.body
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The other side of post-copy's price: the source lost while the VM runs at
+/// the destination with pages still there. The destination cannot go on: it
+/// stops its VM and says why, rather than run a guest whose memory is gone.
+#[test]
+fn a_source_lost_during_postcopy_stops_the_destination_saying_why() {
+    let dir = scratch("migrate-postcopy-source-lost");
+    let (mut dest, _, target) = destination(&dir, "dest");
+    let (src, sock) = writing_guest_at(&dir, 32, 4);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 1}),
+    );
+    wait_postcopy(&sock);
+    drop(src);
+    let run = dest.finish(TIMEOUT);
+    assert_eq!(run.code, Some(1), "a VMM failure: {run}");
+    assert!(run.stderr.contains("the source is lost"), "{run}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -335,6 +335,12 @@ impl VmControl {
         self.snapshot.capture(&self.vcpus, with_memory)
     }
 
+    /// Ends this VM because it cannot go on (`why`): it ends as
+    /// [`crate::VmOutcome::Failed`].
+    pub fn fail(&self, why: String) {
+        let _ = self.stop_handle.0.send(VmEvent::Failed(why));
+    }
+
     /// Ends this VM because it now runs at `destination` (a migration that the
     /// destination confirmed): the VM ends as [`crate::VmOutcome::Migrated`].
     pub fn end_migrated(&self, destination: String) {

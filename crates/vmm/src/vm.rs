@@ -360,6 +360,7 @@ impl RunningVm {
                     VmOutcome::Failed(format!("vCPU {vcpu}: {error}"))
                 }
                 Ok(VmEvent::Stop(signal)) => VmOutcome::Stopped(signal),
+                Ok(VmEvent::Failed(why)) => VmOutcome::Failed(why),
                 Ok(VmEvent::Migrated(to)) => VmOutcome::Migrated(to),
                 Err(_) => VmOutcome::Failed("every vCPU thread ended without a reason".into()),
             };
