@@ -443,7 +443,7 @@ fn pre_copy_that_cannot_converge_switches_to_postcopy() {
 #[test]
 fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
     let dir = scratch("migrate-postcopy-lost");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (dest, _, target) = destination(&dir, "dest");
     // 32 MiB written at 4 MiB/s, pushed at 1 MiB/s: the VM runs there for
     // seconds before it has all its pages.
     let (_src, sock) = writing_guest_at(&dir, 32, 4);
