@@ -621,7 +621,7 @@ fn tls_files_that_do_not_load_name_the_option_and_the_path() {
 #[test]
 fn a_source_lost_during_postcopy_stops_the_destination_saying_why() {
     let dir = scratch("migrate-postcopy-source-lost");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (dest, _, target) = destination(&dir, "dest");
     let (src, sock) = writing_guest_at(&dir, 32, 4);
     ok(
         &sock,
