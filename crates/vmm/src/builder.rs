@@ -211,6 +211,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         machine: saved_machine(config),
         memory_file: None,
         on_crash: config.on_crash,
+        extensions: Default::default(),
     }))
 }
 
@@ -227,6 +228,8 @@ struct Parts {
     machine: SavedMachine,
     memory_file: Option<std::path::PathBuf>,
     on_crash: OnCrash,
+    /// The restored state's [`VmState::extensions`].
+    extensions: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// The last step of building or restoring: the VM from its parts, with the
@@ -263,6 +266,7 @@ fn assemble(p: Parts) -> Vm {
         memory_file: p.memory_file,
         msr_guard: Default::default(),
         on_crash: p.on_crash,
+        extensions: p.extensions,
     }
 }
 
@@ -524,6 +528,7 @@ pub fn restore_with_memory(
         machine: state.machine,
         memory_file: memory_file.map(Path::to_path_buf),
         on_crash,
+        extensions: state.extensions,
     }))
 }
 
