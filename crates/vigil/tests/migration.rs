@@ -3,6 +3,8 @@
 //! counts and goes on at the destination with every word of its memory intact;
 //! a wrong token, a corrupted stream, a destination killed midway and a cancel
 //! each leave the source running, and exactly one of the two VMs runs at the end.
+//! The integrity monitor moves with the VM and goes on from its baseline at the
+//! destination, without `--introspect` there.
 
 mod common;
 
@@ -12,17 +14,21 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::http::request;
-use common::mobility::{counting_guest, counts, ok, TIMEOUT};
+use common::mobility::{
+    assert_monitor_carried, counting_guest, counts, monitored_counting_guest, ok,
+    tamper_before_capture, wait_monitoring, TIMEOUT,
+};
 use common::{scratch, Console};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "4f1c9a7e-one-time";
 
-/// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`.
-fn destination(dir: &Path, name: &str) -> (Console, PathBuf, String) {
+/// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`,
+/// with the `extra` arguments.
+fn destination(dir: &Path, name: &str, extra: &[&str]) -> (Console, PathBuf, String) {
     let listen = format!("unix:{}", dir.join(format!("{name}.mig")).display());
     let sock = dir.join(format!("{name}.sock"));
-    let console = Console::spawn(&[
+    let mut args = vec![
         "run",
         "--migrate-from",
         &listen,
@@ -30,7 +36,9 @@ fn destination(dir: &Path, name: &str) -> (Console, PathBuf, String) {
         TOKEN,
         "--api-sock",
         sock.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let console = Console::spawn(&args);
     let mig = dir.join(format!("{name}.mig"));
     let deadline = Instant::now() + TIMEOUT;
     while !mig.exists() {
@@ -78,7 +86,7 @@ fn assert_counts_on(before: &str, after: &str) {
 #[test]
 fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
     let dir = scratch("migrate");
-    let (mut dest, dest_sock, target) = destination(&dir, "dest");
+    let (mut dest, dest_sock, target) = destination(&dir, "dest", &[]);
     let (src, src_sock) = counting_guest(&dir);
     ok(
         &src_sock,
@@ -100,6 +108,28 @@ fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
         request(&dest_sock, "GET", "/", "").json()["state"],
         "Running"
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_integrity_monitor_migrates_and_goes_on_from_its_baseline() {
+    let dir = scratch("migrate-introspect");
+    let (mut dest, dest_sock, target) = destination(&dir, "dest", &["--debug-api"]);
+    let (src, src_sock) = monitored_counting_guest(&dir);
+    let pages = tamper_before_capture(&src_sock);
+    ok(
+        &src_sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "downtime_ms": 50}),
+    );
+    dest.wait_for(&["counter: "], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    // No --introspect here: the carried monitor, with its settings.
+    let status = wait_monitoring(&dest_sock);
+    assert_eq!(status["settings"]["period"], 600_000, "{status}");
+    assert_monitor_carried(&dest_sock, pages);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -137,7 +167,7 @@ fn corrupting_proxy(front: PathBuf, back: PathBuf, flip: usize) -> std::thread::
 #[test]
 fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
     let dir = scratch("migrate-faults");
-    let (mut dest, _dest_sock, target) = destination(&dir, "dest");
+    let (mut dest, _dest_sock, target) = destination(&dir, "dest", &[]);
     let (mut src, src_sock) = counting_guest(&dir);
     let still_counts = |src: &mut Console| {
         let now = *counts(src.poll()).last().unwrap();
@@ -207,7 +237,7 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
     still_counts(&mut src);
 
     // And then a good one, to a new destination: one VM runs, there.
-    let (mut dest, _, target) = destination(&dir, "dest2");
+    let (mut dest, _, target) = destination(&dir, "dest2", &[]);
     ok(
         &src_sock,
         "PUT",
@@ -227,7 +257,7 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
 #[test]
 fn a_dirtying_guest_migrates_with_every_page_it_wrote() {
     let dir = scratch("migrate-dirty");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
     let sock = dir.join("source.sock");
     let mut src = Console::spawn(&[
         "run",
