@@ -42,7 +42,10 @@ pub mod u64_vec {
     struct Hex(#[serde(with = "super::u64")] u64);
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
-        Ok(Vec::<Hex>::deserialize(d)?.into_iter().map(|h| h.0).collect())
+        Ok(Vec::<Hex>::deserialize(d)?
+            .into_iter()
+            .map(|h| h.0)
+            .collect())
     }
 }
 

@@ -320,7 +320,10 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     };
     // Crash reports name the function at RIP: the symbols are read then, if ever.
     let symbols = running.symbols().clone();
-    let carried = match running.extension(STATE_EXTENSION).map(MonitorState::from_json) {
+    let carried = match running
+        .extension(STATE_EXTENSION)
+        .map(MonitorState::from_json)
+    {
         None => None,
         Some(Ok(state)) => Some(state),
         // A loaded snapshot's was checked before its VM ran: a VM that arrived

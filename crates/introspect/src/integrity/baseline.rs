@@ -127,7 +127,10 @@ impl RegionBaseline {
     /// index and add without further checks.
     fn validate(&self, field: &str, name: &str, range: VirtRange) -> Result<(), BaselineError> {
         if self.name != name {
-            return Err(invalid(format!("{field}.name"), format!("{:?}, expected {name:?}", self.name)));
+            return Err(invalid(
+                format!("{field}.name"),
+                format!("{:?}, expected {name:?}", self.name),
+            ));
         }
         if self.range != range {
             return Err(invalid(format!("{field}.range"), "not the layout's"));
@@ -136,7 +139,10 @@ impl RegionBaseline {
         if self.pages.len() as u64 > most {
             return Err(invalid(
                 format!("{field}.pages"),
-                format!("{} pages, more than the {most} of its range", self.pages.len()),
+                format!(
+                    "{} pages, more than the {most} of its range",
+                    self.pages.len()
+                ),
             ));
         }
         for (i, p) in self.pages.iter().enumerate() {
@@ -304,7 +310,10 @@ impl Baseline {
         match (&self.rodata, layout.rodata) {
             (None, None) => Ok(()),
             (Some(r), Some(range)) => r.validate("rodata", RODATA_NAME, range),
-            _ => Err(invalid("rodata", "present in only one of the baseline and its layout")),
+            _ => Err(invalid(
+                "rodata",
+                "present in only one of the baseline and its layout",
+            )),
         }
     }
 

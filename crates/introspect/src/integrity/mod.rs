@@ -148,7 +148,9 @@ impl Checker {
                 values: r.values.iter().cloned().collect(),
             })
             .collect();
-        out.sort_by(|a, b| (a.rule.as_str(), a.vcpu, &a.location).cmp(&(b.rule.as_str(), b.vcpu, &b.location)));
+        out.sort_by(|a, b| {
+            (a.rule.as_str(), a.vcpu, &a.location).cmp(&(b.rule.as_str(), b.vcpu, &b.location))
+        });
         out
     }
 
@@ -257,16 +259,24 @@ mod tests {
         let mut c = g.checker();
         let text_page = |i: u64| TEXT_PA + i * KIB4;
         let original: u8 = g.t.mem.read_obj(GuestAddress(text_page(1) + 5)).unwrap();
-        g.t.mem.write_obj(0xccu8, GuestAddress(text_page(1) + 5)).unwrap();
+        g.t.mem
+            .write_obj(0xccu8, GuestAddress(text_page(1) + 5))
+            .unwrap();
         assert_eq!(one(&g, &mut c).rule, Rule::KernelTextModified);
         // Changed after the last check, before the capture.
-        g.t.mem.write_obj(0xccu8, GuestAddress(text_page(2) + 5)).unwrap();
+        g.t.mem
+            .write_obj(0xccu8, GuestAddress(text_page(2) + 5))
+            .unwrap();
 
         let json = c.baseline().to_json();
         let reported = serde_json::to_string(&c.reported()).unwrap();
         let baseline: Baseline = serde_json::from_str(&json).unwrap();
         baseline.validate().unwrap();
-        assert_eq!(baseline.to_json(), json, "the baseline reads back as it was");
+        assert_eq!(
+            baseline.to_json(),
+            json,
+            "the baseline reads back as it was"
+        );
         let reported: Vec<ReportedLocation> = serde_json::from_str(&reported).unwrap();
         assert_eq!(reported.len(), 1, "{reported:?}");
         let mut resumed = Checker::resume(baseline, Some(Arc::new(symbols())), reported);
@@ -275,15 +285,21 @@ mod tests {
         let f = one(&g, &mut resumed);
         assert!(f.location.starts_with("kernel text page 0x802000"), "{f:?}");
         // Page 1 back as it was at the carried baseline: restored.
-        g.t.mem.write_obj(original, GuestAddress(text_page(1) + 5)).unwrap();
+        g.t.mem
+            .write_obj(original, GuestAddress(text_page(1) + 5))
+            .unwrap();
         let f = one(&g, &mut resumed);
-        assert!(f.restored && f.location.starts_with("kernel text page 0x801000"), "{f:?}");
+        assert!(
+            f.restored && f.location.starts_with("kernel text page 0x801000"),
+            "{f:?}"
+        );
     }
 
     #[test]
     fn a_carried_baseline_that_the_checks_cannot_use_is_refused() {
         let g = Guest::new();
-        let json: serde_json::Value = serde_json::from_str(&g.checker().baseline().to_json()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&g.checker().baseline().to_json()).unwrap();
         let refused = |edit: &dyn Fn(&mut serde_json::Value), needle: &str| {
             let mut v = json.clone();
             edit(&mut v);
@@ -293,15 +309,36 @@ mod tests {
             };
             assert!(e.contains(needle), "{e} lacks {needle:?}");
         };
-        refused(&|v| v["text"]["pages"][0]["len"] = 5000.into(), "text.pages[0]");
-        refused(&|v| v["text"]["pages"][1]["paddr"] = "0x801001".into(), "text.pages[1]");
-        refused(&|v| v["rodata"]["name"] = "kernel text".into(), "rodata.name");
+        refused(
+            &|v| v["text"]["pages"][0]["len"] = 5000.into(),
+            "text.pages[0]",
+        );
+        refused(
+            &|v| v["text"]["pages"][1]["paddr"] = "0x801001".into(),
+            "text.pages[1]",
+        );
+        refused(
+            &|v| v["rodata"]["name"] = "kernel text".into(),
+            "rodata.name",
+        );
         refused(&|v| v["text"]["range"]["end"] = "0x0".into(), "text.range");
-        refused(&|v| v["layout"]["text"]["end"] = "0x0".into(), "layout: kernel layout");
-        refused(&|v| v["layout"]["syscall_table"]["count"] = 100_000.into(), "layout");
-        refused(&|v| v["vcpus"][0]["idt"] = "00".repeat(4097).into(), "vcpus[0]");
+        refused(
+            &|v| v["layout"]["text"]["end"] = "0x0".into(),
+            "layout: kernel layout",
+        );
+        refused(
+            &|v| v["layout"]["syscall_table"]["count"] = 100_000.into(),
+            "layout",
+        );
+        refused(
+            &|v| v["vcpus"][0]["idt"] = "00".repeat(4097).into(),
+            "vcpus[0]",
+        );
         refused(&|v| v["text"]["hash"] = "abcd".into(), "32-byte");
-        refused(&|v| v["syscall_table"]["addr"] = "0x1".into(), "syscall_table");
+        refused(
+            &|v| v["syscall_table"]["addr"] = "0x1".into(),
+            "syscall_table",
+        );
     }
     use vm_memory::{Bytes, GuestAddress};
 

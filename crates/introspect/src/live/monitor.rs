@@ -98,7 +98,7 @@ pub(super) enum Start {
     /// Take a baseline (after `baseline_after`).
     Take,
     /// Go on from a carried baseline, with a new reader of the dirty log.
-    Resume(Checker, DirtyReader),
+    Resume(Box<(Checker, DirtyReader)>),
 }
 
 /// Waits `wait` before a baseline, answering requests for a check with an error
@@ -333,7 +333,7 @@ impl Introspector {
         rx: mpsc::Receiver<Command>,
     ) {
         let (mut checker, reader) = match start {
-            Start::Resume(checker, reader) => (checker, reader),
+            Start::Resume(resumed) => *resumed,
             Start::Take => match self.wait_for_baseline(symbols, settings, &rx) {
                 Some(taken) => taken,
                 None => return,

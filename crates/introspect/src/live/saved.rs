@@ -64,7 +64,8 @@ impl MonitorState {
     /// the baseline is one the checks can use ([`Baseline::validate`]).
     pub fn from_json(value: &serde_json::Value) -> Result<Self, IntrospectError> {
         let bytes = serde_json::to_vec(value).unwrap_or_default();
-        let state: Self = vigil_model::json::parse(&bytes).map_err(|e| carried(STATE_EXTENSION, e))?;
+        let state: Self =
+            vigil_model::json::parse(&bytes).map_err(|e| carried(STATE_EXTENSION, e))?;
         if state.format != FORMAT {
             return Err(carried(
                 "format",
@@ -205,13 +206,18 @@ impl Introspector {
         });
         *lock(&self.shared.baseline) = Some(Arc::new(baseline.clone()));
         *lock(&self.shared.baseline_msrs) = Some(carried.guard_msrs);
-        *lock(&self.shared.msr_reported) = carried.guard_reported.into_iter().collect::<HashSet<_>>();
+        *lock(&self.shared.msr_reported) =
+            carried.guard_reported.into_iter().collect::<HashSet<_>>();
         // A new reader's first take counts every page written: the first check
         // re-hashes them all.
         let reader = self.vm.dirty_log().subscribe()?;
         let checker = Checker::resume(baseline, symbols.clone(), carried.reported);
         tracing::info!("introspection: the monitor goes on from its carried baseline");
-        self.spawn_monitor(symbols, settings, Start::Resume(checker, reader))
+        self.spawn_monitor(
+            symbols,
+            settings,
+            Start::Resume(Box::new((checker, reader))),
+        )
     }
 }
 
