@@ -76,9 +76,19 @@ pub enum ToVmm {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotLoad {
     pub state_path: std::path::PathBuf,
-    pub mem_path: std::path::PathBuf,
+    pub memory: SnapshotMemory,
     /// Run the VM once loaded; otherwise it stays paused until `PATCH /vm`.
     pub resume: bool,
+}
+
+/// Where a loaded snapshot's guest memory comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotMemory {
+    /// The memory file, mapped privately.
+    File(std::path::PathBuf),
+    /// The page-fault handler listening on this Unix socket (Firecracker's
+    /// protocol), page by page as the guest touches them.
+    Uffd(std::path::PathBuf),
 }
 
 /// An answer: status and an optional JSON body.
@@ -743,18 +753,18 @@ impl Api {
     /// `PUT /snapshot/load`: the VM a snapshot holds, instead of a configured one.
     fn snapshot_load(&self, method: &str, path: &str, p: SnapshotLoadParams) -> Response {
         let bad = |why: String| Response::bad(format!("{method} {path}: {why}"));
-        let mem_path = match (p.mem_backend, p.mem_file_path) {
+        let memory = match (p.mem_backend, p.mem_file_path) {
             (Some(_), Some(_)) => {
                 return bad("mem_backend and mem_file_path: give one of them, not both".into())
             }
             (None, None) => {
                 return bad("mem_backend: missing (or the deprecated mem_file_path)".into())
             }
-            (Some(b), None) if b.backend_type == MemoryBackendType::Uffd => {
-                return bad("mem_backend.backend_type Uffd: not supported yet; use File".into())
-            }
-            (Some(b), None) => b.backend_path,
-            (None, Some(f)) => f,
+            (Some(b), None) => match b.backend_type {
+                MemoryBackendType::File => SnapshotMemory::File(b.backend_path),
+                MemoryBackendType::Uffd => SnapshotMemory::Uffd(b.backend_path),
+            },
+            (None, Some(f)) => SnapshotMemory::File(f),
         };
         if !p.network_overrides.is_empty() {
             return bad("network_overrides: not supported yet".into());
@@ -786,7 +796,7 @@ impl Api {
         }
         let load = SnapshotLoad {
             state_path: p.snapshot_path,
-            mem_path,
+            memory,
             resume: p.resume_vm,
         };
         let (reply, answer) = mpsc::channel();

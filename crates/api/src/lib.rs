@@ -15,7 +15,7 @@ pub mod model;
 pub mod preboot;
 
 pub use api::{
-    Api, LoggerHook, LoggerHookError, Response, SnapshotLoad, StartError, ToVmm,
+    Api, LoggerHook, LoggerHookError, Response, SnapshotLoad, SnapshotMemory, StartError, ToVmm,
     FIRECRACKER_API_VERSION, OPENAPI_PATH, OPENAPI_YAML,
 };
 pub use http::{serve, ApiServer, ServeError};

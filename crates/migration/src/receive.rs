@@ -10,7 +10,7 @@ use std::time::Duration;
 use vigil_model::config::{ConsoleConfig, HostLimits, OnCrash};
 use vigil_vmm::builder::{self, BuildError};
 use vigil_vmm::snapshot::{MemoryRange, VmState};
-use vigil_vmm::{ControlError, RunningVm};
+use vigil_vmm::{ControlError, MemoryOrigin, RunningVm};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::target::{Listener, Stream};
@@ -169,7 +169,7 @@ fn attempt(
         }
     };
 
-    let vm = builder::restore_with_memory(state, mem, None, console, on_crash)?;
+    let vm = builder::restore_with_memory(state, mem, MemoryOrigin::Anonymous, console, on_crash)?;
     vm.start_paused();
     let running = vm.start().map_err(ReceiveError::Threads)?;
     let control = running.control();

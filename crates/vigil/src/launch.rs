@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use vigil_api::preboot::PreBoot;
-use vigil_api::{Api, SnapshotLoad, StartError, ToVmm};
+use vigil_api::{Api, SnapshotLoad, SnapshotMemory, StartError, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings, MonitorState, STATE_EXTENSION};
 use vigil_introspect::SyscallFilter;
 use vigil_migration::{Migrator, Target};
@@ -159,12 +159,15 @@ fn restore(
     load: &SnapshotLoad,
     overrides: &Overrides,
 ) -> Result<(RunningVm, Option<TerminalGuard>), StartError> {
-    let vm = vigil_vmm::builder::restore(
-        &load.state_path,
-        &load.mem_path,
-        &overrides.console,
-        overrides.on_crash,
-    )?;
+    let (console, on_crash) = (&overrides.console, overrides.on_crash);
+    let vm = match &load.memory {
+        SnapshotMemory::File(file) => {
+            vigil_vmm::builder::restore(&load.state_path, file, console, on_crash)?
+        }
+        SnapshotMemory::Uffd(handler) => {
+            vigil_vmm::builder::restore_lazily(&load.state_path, handler, console, on_crash)?
+        }
+    };
     // Refused before the VM runs: a monitor that cannot go on from its baseline.
     if let Some(carried) = vm.extension(STATE_EXTENSION) {
         MonitorState::from_json(carried).map_err(|e| BuildError::SnapshotMismatch {

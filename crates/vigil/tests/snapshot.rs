@@ -152,6 +152,48 @@ fn a_restored_guest_counts_on_with_its_memory_intact() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Firecracker's `Uffd` backend: the loaded guest's memory comes from a
+/// page-fault handler (one written to Firecracker's protocol), page by page as
+/// the guest touches it; the guest counts on with its memory intact, and the
+/// handler served only the pages it touched.
+#[test]
+fn a_snapshot_loads_lazily_from_a_page_fault_handler() {
+    let dir = scratch("snapshot-uffd");
+    let (state, mem) = snapshot_paths(&dir);
+    let (mut source, sock) = counting_guest(&dir);
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    std::thread::sleep(Duration::from_millis(400));
+    let before = counts(source.poll());
+    create(&sock, &state, &mem);
+    drop(source);
+
+    let handler_sock = dir.join("uffd.sock");
+    let handler = common::fault_handler::FaultHandler::serve(&handler_sock, &mem);
+    let (mut restored, sock) = api_vigil(&dir, "restored");
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "Uffd", "backend_path": handler_sock},
+            "resume_vm": true
+        }),
+    );
+    let last = *before.last().expect("the guest counted before the pause");
+    counts_on_from(&mut restored, last);
+    let served = handler.served();
+    let pages = (128u64 << 20) / 4096;
+    assert!(
+        served > 32 && served < pages / 2,
+        "the handler served {served} of {pages} pages: those the guest touched"
+    );
+
+    drop(restored);
+    drop(handler);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A snapshot onto a full file system (a 64 KiB tmpfs) is refused, and leaves
 /// neither a partial file nor the one that was there before changed.
 fn full_disk_is_refused(sock: &Path, dir: &Path) {
@@ -299,7 +341,7 @@ fn bad_snapshots_and_requests_are_refused_leaving_vms_unharmed() {
         "PUT",
         "/snapshot/load",
         json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}}),
-        &["Uffd"],
+        &["the page-fault handler at /x"],
     );
     refused(
         &tsock,

@@ -39,11 +39,12 @@ use crate::arch::x86_64::cpuid::{self, Topology};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::device_manager::DeviceManager;
+use crate::lazy_memory::{LazyMemory, LazyMemoryError};
 use crate::snapshot::file::{self as snapshot_file, FileError};
 use crate::snapshot::memory_ranges;
 use crate::snapshot::state::{MemoryRange, SavedMachine, VmState};
 use crate::symbols::KernelSymbols;
-use crate::vm::Vm;
+use crate::vm::{MemoryOrigin, Vm};
 use crate::vstate::pause::PauseGate;
 use crate::vstate::persist::{self, KvmStateError};
 use crate::vstate::vcpu::Vcpu;
@@ -99,6 +100,8 @@ pub enum BuildError {
     Vsock(#[from] VsockError),
     #[error("snapshot: {0}")]
     Snapshot(#[from] FileError),
+    #[error("memory on demand: {0}")]
+    LazyMemory(#[from] LazyMemoryError),
     #[error("snapshot: {0}")]
     Restore(RestoreError),
     #[error("snapshot: {0}")]
@@ -209,7 +212,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         stop,
         events: (events_tx, events_rx),
         machine: saved_machine(config),
-        memory_file: None,
+        memory: MemoryOrigin::Anonymous,
         on_crash: config.on_crash,
         extensions: Default::default(),
     }))
@@ -226,7 +229,7 @@ struct Parts {
     stop: Arc<AtomicBool>,
     events: (Sender<VmEvent>, mpsc::Receiver<VmEvent>),
     machine: SavedMachine,
-    memory_file: Option<std::path::PathBuf>,
+    memory: MemoryOrigin,
     on_crash: OnCrash,
     /// The restored state's [`VmState::extensions`].
     extensions: std::collections::BTreeMap<String, serde_json::Value>,
@@ -263,7 +266,7 @@ fn assemble(p: Parts) -> Vm {
         devices: p.virtio.handles,
         transports: p.virtio.transports,
         machine: p.machine,
-        memory_file: p.memory_file,
+        memory: p.memory,
         msr_guard: Default::default(),
         on_crash: p.on_crash,
         extensions: p.extensions,
@@ -442,7 +445,43 @@ pub fn restore(
         memory = %memory_path.display(),
         "restoring a snapshot"
     );
-    restore_with_memory(state, mem, Some(memory_path), console, on_crash)
+    restore_with_memory(
+        state,
+        mem,
+        MemoryOrigin::File(memory_path.to_owned()),
+        console,
+        on_crash,
+    )
+}
+
+/// As [`restore`], with the memory file served by the page-fault handler
+/// listening at `handler` (Firecracker's `Uffd` backend): guest memory starts
+/// empty, and each page is the handler's to fill when first touched.
+pub fn restore_lazily(
+    state_path: &Path,
+    handler: &Path,
+    console: &ConsoleConfig,
+    on_crash: OnCrash,
+) -> Result<Vm, BuildError> {
+    let (_, state) = snapshot_file::read_state(state_path)?;
+    check_machine(&state, &Kvm::new().map_err(BuildError::Kvm)?)?;
+    let mem = memory_for(&state.memory)?;
+    let lazy = LazyMemory::register(&mem, true)?;
+    // Before anything is restored: restoring touches guest memory (KVM maps
+    // the clock's page), which waits for the handler from here on.
+    lazy.send_to_handler(handler)?;
+    tracing::info!(
+        snapshot = %state_path.display(),
+        handler = %handler.display(),
+        "restoring a snapshot, memory on demand"
+    );
+    restore_with_memory(
+        state,
+        mem,
+        MemoryOrigin::Lazy(Arc::new(lazy)),
+        console,
+        on_crash,
+    )
 }
 
 /// Guest RAM for a VM that arrives by migration: the ranges `state` will say,
@@ -459,13 +498,13 @@ pub fn memory_for(ranges: &[MemoryRange]) -> Result<GuestMemoryMmap, BuildError>
     })
 }
 
-/// Builds back the VM `state` describes around `mem`, which already holds its
-/// memory (a snapshot's file mapped privately, named by `memory_file`, or pages
-/// received by migration). As [`restore`] otherwise.
+/// Builds back the VM `state` describes around `mem`, which holds its memory
+/// or will (`origin`: a snapshot's file mapped privately, pages received by
+/// migration, pages filled on demand). As [`restore`] otherwise.
 pub fn restore_with_memory(
     state: VmState,
     mem: GuestMemoryMmap,
-    memory_file: Option<&Path>,
+    origin: MemoryOrigin,
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<Vm, BuildError> {
@@ -526,7 +565,7 @@ pub fn restore_with_memory(
         stop,
         events: (events_tx, events_rx),
         machine: state.machine,
-        memory_file: memory_file.map(Path::to_path_buf),
+        memory: origin,
         on_crash,
         extensions: state.extensions,
     }))

@@ -19,6 +19,7 @@ mod control;
 mod device_manager;
 pub mod dirty_log;
 mod inspect;
+pub mod lazy_memory;
 pub mod snapshot;
 pub mod symbols;
 mod vm;
@@ -32,7 +33,7 @@ pub use inspect::VmInspect;
 pub use vigil_devices::rate_limiter::{BucketUpdate, LimitUpdate};
 pub use vigil_devices::GuestMemoryMmap;
 pub use vigil_metrics::{MetricsHandle, VmMetricsSnapshot};
-pub use vm::{RunningVm, Vm, VmOutcome};
+pub use vm::{MemoryOrigin, RunningVm, Vm, VmOutcome};
 pub use vstate::inspect::{
     BreakpointHandler, MsrGuard, MsrVerdict, VcpuState, INSPECTED_MSRS, MAX_BREAKPOINTS,
     MAX_GUARDED_MSRS, MSR_CSTAR, MSR_LSTAR, MSR_SFMASK, MSR_STAR, MSR_SYSENTER_CS,

@@ -26,6 +26,7 @@ use crate::control::{ControlError, StopHandle, VmControl};
 use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{DirtyTracker, KvmGuestLog};
 use crate::inspect::VmInspect;
+use crate::lazy_memory::LazyMemory;
 use crate::snapshot::{SavedMachine, SnapshotSources, WrittenSince};
 use crate::symbols::KernelSymbols;
 use crate::vstate::inspect::{Mailbox, MsrGuard, MsrGuardSlot};
@@ -65,8 +66,8 @@ pub struct Vm {
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// What a snapshot keeps of the configuration.
     pub(crate) machine: SavedMachine,
-    /// The file guest memory is privately mapped from (a restored VM).
-    pub(crate) memory_file: Option<PathBuf>,
+    /// Where guest memory came from.
+    pub(crate) memory: MemoryOrigin,
     /// The MSR write guard, installed before start or through `VmInspect`.
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
     /// What a vCPU crash does.
@@ -74,6 +75,21 @@ pub struct Vm {
     /// The snapshot's (or migrated state's) [`crate::snapshot::VmState::extensions`]
     /// a restored VM was built from; none for a booted one.
     pub(crate) extensions: BTreeMap<String, serde_json::Value>,
+}
+
+/// Where a VM's guest memory came from: what a snapshot or a migration of it
+/// may assume of the pages the host has not backed.
+#[derive(Debug, Default)]
+pub enum MemoryOrigin {
+    /// Anonymous memory, zeroed at the start (a VM built here, or received
+    /// whole by migration): a page the host never backed holds zeros.
+    #[default]
+    Anonymous,
+    /// A snapshot's memory file, mapped privately.
+    File(PathBuf),
+    /// Filled on demand through a userfaultfd (a snapshot's `Uffd` backend,
+    /// post-copy migration); kept open as long as the VM runs.
+    Lazy(Arc<LazyMemory>),
 }
 
 /// How a VM ended.
@@ -114,6 +130,7 @@ pub struct RunningVm {
     // inspection handle and the dirty log hold the fd weakly).
     _vm_fd: Arc<VmFd>,
     _mem: GuestMemoryMmap,
+    _lazy: Option<Arc<LazyMemory>>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -148,10 +165,14 @@ impl Vm {
         let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone());
         let dirty = DirtyTracker::new(self.mem.clone(), Box::new(guest_log));
         // Before any vCPU runs: a restored VM's first diff differs from its file.
-        let written = WrittenSince::new(
-            dirty.subscribe().map_err(|e| e.to_string()),
-            self.memory_file.is_some(),
-        );
+        let (memory_file, lazy) = match self.memory {
+            MemoryOrigin::Anonymous => (None, None),
+            MemoryOrigin::File(path) => (Some(path), None),
+            MemoryOrigin::Lazy(lazy) => (None, Some(lazy)),
+        };
+        // Memory not built here holds data in pages the host has not backed.
+        let restored = memory_file.is_some() || lazy.is_some();
+        let written = WrittenSince::new(dirty.subscribe().map_err(|e| e.to_string()), restored);
         self.metrics.mark_started();
         let mut vcpu_threads = Vec::with_capacity(self.vcpus.len());
         let mailboxes: Vec<Arc<Mailbox>> = self.vcpus.iter().map(|_| Arc::default()).collect();
@@ -192,7 +213,6 @@ impl Vm {
             vcpu_threads.iter().map(|t| t.as_pthread_t()).collect(),
             mailboxes,
         ));
-        let anonymous_memory = self.memory_file.is_none();
         let snapshot = SnapshotSources {
             machine: self.machine,
             vm_fd: Arc::downgrade(&vm_fd),
@@ -200,7 +220,7 @@ impl Vm {
             serial: self.serial,
             i8042: self.i8042.clone(),
             transports: self.transports,
-            memory_file: self.memory_file,
+            memory_file,
             written,
             extensions: Mutex::default(),
         };
@@ -220,7 +240,7 @@ impl Vm {
             msr_guard: self.msr_guard,
             vm_fd: Arc::downgrade(&vm_fd),
             mem: self.mem.clone(),
-            anonymous_memory,
+            anonymous_memory: !restored,
             dirty,
             symbols: self.symbols,
         };
@@ -238,6 +258,7 @@ impl Vm {
             extensions: self.extensions,
             _vm_fd: vm_fd,
             _mem: self.mem,
+            _lazy: lazy,
         })
     }
 }

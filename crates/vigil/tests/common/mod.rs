@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod daemon;
+pub mod fault_handler;
 pub mod http;
 pub mod mobility;
 pub mod tap;
