@@ -3,9 +3,10 @@
 //! answer; the HTTP server ([`crate::http`]) only carries bytes to and from it.
 
 use std::fmt::Display;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -22,7 +23,10 @@ use crate::model::{
 };
 use crate::preboot::{PreBoot, PreBootError};
 use vigil_introspect::live::Introspector;
-use vigil_migration::{MigrationRequest, Migrator, Target, DEFAULT_DOWNTIME, DEFAULT_MAX_ROUNDS};
+use vigil_migration::{
+    ClientTls, MigrationRequest, Migrator, Phase, Target, TlsError, DEFAULT_DOWNTIME,
+    DEFAULT_MAX_ROUNDS,
+};
 use vigil_model::firecracker::{
     self, limit_update, merge_rate_limiter, Balloon, BootSource, Drive, Entropy, Logger,
     MachineConfig, Metrics, NetworkInterface, Vsock,
@@ -150,6 +154,8 @@ pub struct Api {
     introspection: Mutex<Option<(Arc<Introspector>, bool)>>,
     /// Migrates the running VM; set once it runs.
     migrator: Mutex<Option<Arc<Migrator>>>,
+    /// A `GET /vigil/migration` has shown a completed migration.
+    migration_summary_read: AtomicBool,
 }
 
 /// Live migration of the running VM ([`Api::set_migrator`]).
@@ -298,6 +304,7 @@ impl Api {
             }),
             introspection: Mutex::new(None),
             migrator: Mutex::new(None),
+            migration_summary_read: AtomicBool::new(false),
             to_vmm: Mutex::new(to_vmm),
             logger_hook,
         })
@@ -328,6 +335,16 @@ impl Api {
     /// Serves `/vigil/migration` for the running VM.
     pub fn set_migrator(&self, migrator: Arc<Migrator>) {
         *lock(&self.migrator) = Some(migrator);
+    }
+
+    /// After the VM migrated away: waits, at most `at_most`, until whoever
+    /// follows the migration (a daemon) has read its summary (downtime, total
+    /// time, bytes), which goes with the process.
+    pub fn await_migration_summary_read(&self, at_most: Duration) {
+        let deadline = Instant::now() + at_most;
+        while !self.migration_summary_read.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Configures logging as `PUT /logger` does.
@@ -427,7 +444,13 @@ impl Api {
                 Err(r) => r,
             },
             ("GET", MIGRATION_PATH) => match lock(&self.migrator).as_ref() {
-                Some(m) => Response::json(&m.status()),
+                Some(m) => {
+                    let status = m.status();
+                    if status.state == Phase::Completed {
+                        self.migration_summary_read.store(true, Ordering::Release);
+                    }
+                    Response::json(&status)
+                }
                 None => before_start(method, path),
             },
             ("DELETE", MIGRATION_PATH) => match lock(&self.migrator).as_ref() {
@@ -706,6 +729,26 @@ impl Api {
         if p.downtime_ms == Some(0) || p.max_rounds == Some(0) || p.bandwidth_mib_s == Some(0) {
             return bad("downtime_ms, bandwidth_mib_s and max_rounds are at least 1".into());
         }
+        let tls = match (&p.tls_ca, &p.tls_server_name) {
+            (None, None) => None,
+            (None, Some(name)) => {
+                return bad(format!(
+                    "tls_server_name {name:?} without tls_ca: give both"
+                ))
+            }
+            (Some(ca), name) => {
+                let Some(name) = name.as_deref().or(destination.host()) else {
+                    return bad(format!(
+                        "tls_ca with destination {destination}: give tls_server_name, the name the destination's certificate carries"
+                    ));
+                };
+                match ClientTls::load(ca, name) {
+                    Ok(tls) => Some(tls),
+                    Err(e @ TlsError::ServerName(_)) => return bad(format!("tls_server_name {e}")),
+                    Err(e) => return bad(format!("tls_ca {e}")),
+                }
+            }
+        };
         let request = MigrationRequest {
             destination,
             token: p.token,
@@ -715,6 +758,8 @@ impl Api {
             bandwidth: p.bandwidth_mib_s.map(|m| m << 20),
             max_rounds: p.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
             auto_converge: p.auto_converge.unwrap_or(true),
+            method: p.method.unwrap_or_default(),
+            tls,
         };
         match migrator.start(request) {
             Ok(()) => Response::no_content(),

@@ -171,6 +171,15 @@ pub struct MigrationParams {
     /// Slow the vCPUs when the guest dirties memory faster than it is sent
     /// (default true).
     pub auto_converge: Option<bool>,
+    /// `auto` (default: pre-copy, post-copy when it does not converge),
+    /// `precopy` or `postcopy`.
+    pub method: Option<vigil_migration::Method>,
+    /// Over TLS: a PEM file of the CA (or the self-signed certificate) that
+    /// the destination's `--migration-tls-cert` must come from.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the destination's certificate must carry (default: the host
+    /// of a `tcp:` destination).
+    pub tls_server_name: Option<String>,
 }
 
 /// `GET /`.

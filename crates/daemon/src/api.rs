@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/vms/{id}", get(inspect).patch(patch).delete(destroy))
         .route("/vms/{id}/stop", post(stop))
         .route("/vms/{id}/migrate", post(migrate))
+        .route("/vms/{id}/migration", get(migration))
         .route("/vms/{id}/receive", post(receive))
         .route("/vms/{id}/metrics", get(vm_metrics))
         .route("/events", get(events))
@@ -201,6 +202,36 @@ async fn destroy(
 }
 
 /// One VM's metrics snapshot, as its API socket gives it (`GET /vigil/metrics`).
+/// `GET /vms/{id}/migration`: the VM's own migration status while it runs
+/// (`GET /vigil/migration`), else the last one this daemon saw.
+async fn migration(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let vm = app.supervisor.get(&id)?;
+    let info = vm.info(false);
+    if matches!(info.state, VmState::Running | VmState::Paused) {
+        let live = client::request(
+            vm.api_socket(),
+            "GET",
+            "/vigil/migration",
+            None,
+            app.scrape_timeout,
+        )
+        .await;
+        if let Some(status) = live.ok().filter(|r| r.is_success()).and_then(|r| r.json()) {
+            return Ok(Json::<serde_json::Value>(status).into_response());
+        }
+    }
+    match info.migration {
+        Some(status) => Ok(Json(status).into_response()),
+        None => Err(ApiError::not_found(format!(
+            "VM {id:?} is {} and did not migrate through this daemon",
+            info.state.as_str()
+        ))),
+    }
+}
+
 async fn vm_metrics(
     State(app): State<AppState>,
     Path(id): Path<String>,
@@ -372,7 +403,7 @@ async fn health(State(app): State<AppState>) -> Response {
 
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!(
-        "no endpoint {method} {}: see GET /vms, POST /vms, GET|PATCH|DELETE /vms/{{id}}, POST /vms/{{id}}/stop, GET /vms/{{id}}/metrics, GET /events, GET /metrics, GET /health, and the dashboard at /",
+        "no endpoint {method} {}: see GET /vms, POST /vms, GET|PATCH|DELETE /vms/{{id}}, POST /vms/{{id}}/stop, POST /vms/{{id}}/migrate, GET /vms/{{id}}/migration, GET /vms/{{id}}/metrics, GET /events, GET /metrics, GET /health, and the dashboard at /",
         uri.path()
     ))
 }

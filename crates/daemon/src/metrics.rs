@@ -170,6 +170,7 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
             let _ = writeln!(out, "vigil_vm_exit_code{{vm=\"{}\"}} {code}", s.info.id);
         }
     }
+    render_migrations(&mut out, samples);
     family(
         &mut out,
         "vigil_vm_scrape_ok",
@@ -195,4 +196,93 @@ pub fn render(samples: &[VmSample], daemon_started: Instant) -> String {
         Some(&HostSnapshot::read()),
     ));
     out
+}
+
+/// The migration gauges: (name, help, field of the VM's migration status, scale).
+const MIGRATION_GAUGES: [(&str, &str, &str, f64); 9] = [
+    (
+        "vigil_migration_round",
+        "Pre-copy rounds done.",
+        "round",
+        1.0,
+    ),
+    (
+        "vigil_migration_sent_bytes",
+        "Bytes sent to the destination.",
+        "bytes_sent",
+        1.0,
+    ),
+    (
+        "vigil_migration_remaining_bytes",
+        "Dirty bytes at the start of the last round.",
+        "remaining_bytes",
+        1.0,
+    ),
+    (
+        "vigil_migration_dirty_rate_bytes_per_second",
+        "How fast the guest dirtied memory in the last round.",
+        "dirty_rate_bytes_per_s",
+        1.0,
+    ),
+    (
+        "vigil_migration_bandwidth_bytes_per_second",
+        "The bandwidth measured in the last round.",
+        "bandwidth_bytes_per_s",
+        1.0,
+    ),
+    (
+        "vigil_migration_predicted_downtime_seconds",
+        "The pause the remaining bytes would take at that bandwidth.",
+        "predicted_downtime_ms",
+        1e-3,
+    ),
+    (
+        "vigil_migration_throttle_ratio",
+        "Share of time auto-converge holds the vCPUs paused.",
+        "throttle_percent",
+        1e-2,
+    ),
+    (
+        "vigil_migration_downtime_seconds",
+        "The pause at the end of a completed migration (source's clock).",
+        "downtime_ms",
+        1e-3,
+    ),
+    (
+        "vigil_migration_duration_seconds",
+        "How long the migration took, once ended.",
+        "total_ms",
+        1e-3,
+    ),
+];
+
+/// The migration each VM made (or makes) through this daemon, from its last
+/// status: `vigil_migration_state` and the gauges of [`MIGRATION_GAUGES`].
+fn render_migrations(out: &mut String, samples: &[VmSample]) {
+    let migrations: Vec<(&str, &serde_json::Value)> = samples
+        .iter()
+        .filter_map(|s| Some((s.info.id.as_str(), s.info.migration.as_ref()?)))
+        .collect();
+    family(
+        out,
+        "vigil_migration_state",
+        "gauge",
+        "1 for the state of the VM's migration through this daemon (connecting, precopy, stopped, completed, failed, cancelled).",
+    );
+    for (vm, status) in &migrations {
+        if let Some(state) = status["state"].as_str() {
+            let _ = writeln!(
+                out,
+                "vigil_migration_state{{vm=\"{vm}\",state=\"{state}\"}} 1"
+            );
+        }
+    }
+    for (name, help, field, scale) in MIGRATION_GAUGES {
+        family(out, name, "gauge", help);
+        for (vm, status) in &migrations {
+            if let Some(v) = status[field].as_f64() {
+                let _ = writeln!(out, "{name}{{vm=\"{vm}\"}} {}", v * scale);
+            }
+        }
+    }
 }

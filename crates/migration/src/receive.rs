@@ -13,6 +13,7 @@ use vigil_vmm::snapshot::{MemoryRange, VmState};
 use vigil_vmm::{ControlError, MemoryOrigin, RunningVm};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::pages::PageSet;
 use crate::target::{Listener, Stream};
 use crate::wire::{self, Kind, WireError, PAGE};
 
@@ -43,6 +44,8 @@ pub enum ReceiveError {
     Threads(std::io::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Accepts sources on `listener` until one brings a VM that runs here; returns
@@ -57,7 +60,13 @@ pub fn receive(
     stop: &dyn Fn() -> bool,
 ) -> std::io::Result<RunningVm> {
     loop {
-        let mut stream = listener.accept(stop)?;
+        let mut stream = match listener.secure(listener.accept(stop)?) {
+            Ok(stream) => stream,
+            Err(e) => {
+                on_failed_attempt(&e.into());
+                continue;
+            }
+        };
         match attempt(&mut stream, token, console, on_crash) {
             Ok(running) => return Ok(running),
             Err(e) => {
@@ -104,6 +113,7 @@ fn attempt(
         )));
     }
     let mem = builder::memory_for(&ranges)?;
+    let pending = PageSet::new(&ranges);
     let state = loop {
         let frame = wire::read(stream)?;
         match frame.kind {
@@ -125,21 +135,28 @@ fn attempt(
             }
             Kind::Zeros => {
                 let zero = [0u8; PAGE];
-                if frame.payload.len() % 8 != 0 {
-                    return Err(ReceiveError::Frame {
-                        kind: Kind::Zeros,
-                        why: "not a list of addresses".into(),
-                    });
-                }
-                for addr in frame.payload.chunks_exact(8) {
-                    let gpa = u64::from_le_bytes(addr.try_into().unwrap_or_default());
-                    if gpa % PAGE as u64 != 0 || mem.write_slice(&zero, GuestAddress(gpa)).is_err()
-                    {
+                let pages = wire::addresses(&frame.payload).ok_or_else(|| ReceiveError::Frame {
+                    kind: Kind::Zeros,
+                    why: "not a list of pages".into(),
+                })?;
+                for gpa in pages {
+                    if mem.write_slice(&zero, GuestAddress(gpa)).is_err() {
                         return Err(ReceiveError::Frame {
                             kind: Kind::Zeros,
                             why: format!("{gpa:#x} is not a page of guest RAM"),
                         });
                     }
+                }
+            }
+            Kind::Pending => {
+                let pages = wire::addresses(&frame.payload)
+                    .filter(|pages| pages.iter().all(|&p| pending.covers(p)))
+                    .ok_or_else(|| ReceiveError::Frame {
+                        kind: Kind::Pending,
+                        why: "not a list of pages of guest RAM".into(),
+                    })?;
+                for p in pages {
+                    pending.insert(p);
                 }
             }
             Kind::State => {
@@ -169,6 +186,9 @@ fn attempt(
         }
     };
 
+    if !pending.is_empty() {
+        return crate::postcopy::arrive(stream, state, mem, pending, console, on_crash);
+    }
     let vm = builder::restore_with_memory(state, mem, MemoryOrigin::Anonymous, console, on_crash)?;
     vm.start_paused();
     let running = vm.start().map_err(ReceiveError::Threads)?;

@@ -11,18 +11,25 @@
 //! the link carries, auto-converge holds the vCPUs paused for a growing share of
 //! each 100 ms (20% more each round, at most 95%: a guest that dirties twice
 //! what the link carries needs more than 80% to converge).
+//!
+//! Post-copy ([`Method::Postcopy`] at once, [`Method::Auto`] when pre-copy
+//! does not converge: the rounds run out, or two rounds at the most throttle
+//! still predict too long a pause): the VM pauses, its state and the list of
+//! pages not yet sent go, and it runs at the destination while its pages follow
+//! (`crate::postcopy`).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vigil_vmm::snapshot::{memory_ranges, SnapshotError};
 use vigil_vmm::{ControlError, DirtyLog, DirtyLogError, GuestMemoryMmap, VmControl, VmInspect};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::target::{Stream, Target};
+use crate::tls::ClientTls;
 use crate::wire::{self, Kind, WireError, PAGE};
 
 /// What to migrate where, and how.
@@ -39,6 +46,24 @@ pub struct MigrationRequest {
     pub max_rounds: u32,
     /// Throttle the vCPUs when the guest dirties memory faster than it is sent.
     pub auto_converge: bool,
+    pub method: Method,
+    /// Over TLS, checking the destination's certificate.
+    pub tls: Option<ClientTls>,
+}
+
+/// How guest memory moves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Pre-copy; post-copy when pre-copy does not converge.
+    #[default]
+    Auto,
+    /// Pre-copy only: when the rounds run out, the VM pauses for all that is left.
+    Precopy,
+    /// The VM moves at once and its memory follows: the shortest pause and
+    /// every page sent once, but the guest waits for each page it touches
+    /// before it arrives, and the VM is lost if the link fails meanwhile.
+    Postcopy,
 }
 
 /// Default downtime target.
@@ -55,6 +80,8 @@ pub enum Phase {
     Connecting,
     Precopy,
     Stopped,
+    /// The VM runs at the destination; its remaining pages follow.
+    Postcopy,
     Completed,
     Failed,
     Cancelled,
@@ -77,6 +104,10 @@ pub struct MigrationStatus {
     pub predicted_downtime_ms: u64,
     /// Share of time auto-converge holds the vCPUs paused.
     pub throttle_percent: u32,
+    /// The method asked for; `postcopy` once a migration switched to it.
+    pub method: Method,
+    /// Post-copy: pages the destination asked for when its VM touched them.
+    pub requested_pages: u64,
     /// From the pause to the destination's confirmation (source's clock).
     pub downtime_ms: Option<u64>,
     pub total_ms: Option<u64>,
@@ -109,6 +140,8 @@ pub enum MigrationError {
     Unconfirmed(String),
     #[error("a migration is already under way")]
     Busy,
+    #[error("post-copy failed after the VM started at the destination ({0}); the copy kept here, paused, is stale: the destination's VM is lost with it")]
+    PostcopyLost(String),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,8 +150,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Migrates one VM, at most one migration at a time.
 pub struct Migrator {
-    control: VmControl,
-    inspect: VmInspect,
+    pub(crate) control: VmControl,
+    pub(crate) inspect: VmInspect,
     status: Arc<Mutex<MigrationStatus>>,
     cancel: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -145,6 +178,7 @@ impl Migrator {
         *lock(&self.status) = MigrationStatus {
             state: Phase::Connecting,
             destination: request.destination.to_string(),
+            method: request.method,
             ..Default::default()
         };
         let me = self.clone();
@@ -196,20 +230,19 @@ impl Migrator {
         result
     }
 
-    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
         f(&mut lock(&self.status));
     }
 
     fn migrate(&self, request: &MigrationRequest, started: Instant) -> Result<(), MigrationError> {
         let target = request.destination.to_string();
-        let mut stream =
-            request
-                .destination
-                .connect()
-                .map_err(|source| MigrationError::Connect {
-                    target: target.clone(),
-                    source,
-                })?;
+        let mut stream = request
+            .destination
+            .connect(request.tls.as_ref())
+            .map_err(|source| MigrationError::Connect {
+                target: target.clone(),
+                source,
+            })?;
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(WireError::Io)?;
@@ -220,7 +253,7 @@ impl Migrator {
         let mut out = Out {
             stream: &mut stream,
             limit: request.bandwidth,
-            started: Instant::now(),
+            paced_from: (Instant::now(), 0),
             sent: 0,
             cancel: &self.cancel,
         };
@@ -239,16 +272,89 @@ impl Migrator {
                 }
             }
         }
+        let postcopy = request.method == Method::Postcopy
+            || self.precopy(request, &mut out, &mem, &reader, &mut log)?;
+
+        // The last round, with the VM paused, goes as fast as the link does: the
+        // limit protects the link while the guest runs, not the guest's pause.
+        out.pace(None);
+        let paused_at = Instant::now();
+        self.control.pause()?;
+        self.update(|s| s.state = Phase::Stopped);
+        if postcopy {
+            self.update(|s| s.method = Method::Postcopy);
+            let times = (started, paused_at);
+            return crate::postcopy::send(self, &mut out, request, &reader, &log, times);
+        }
+        let result = self.stop_and_copy(&mut out, &reader, &log);
+        let confirmed = match result {
+            Ok(()) => {
+                wire::write(out.stream, Kind::Commit, &[])?;
+                match wire::expect(out.stream, Kind::Running) {
+                    Ok(_) => Ok(()),
+                    Err(e) => return Err(MigrationError::Unconfirmed(e.to_string())),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = confirmed {
+            return Err(self.keep_vm(out.stream, e));
+        }
+        let downtime = paused_at.elapsed();
+        self.update(|s| {
+            s.downtime_ms = Some(downtime.as_millis() as u64);
+            s.bytes_sent = out.sent;
+        });
+        tracing::info!(
+            destination = %target,
+            ?downtime,
+            total = ?started.elapsed(),
+            bytes = out.sent,
+            "migrated"
+        );
+        self.control.end_migrated(target);
+        Ok(())
+    }
+
+    /// After a failure before the source committed: nothing ran at the
+    /// destination, so the VM goes on here; the destination hears why.
+    pub(crate) fn keep_vm(
+        &self,
+        stream: &mut Box<dyn Stream>,
+        e: MigrationError,
+    ) -> MigrationError {
+        if let Err(r) = self.control.resume() {
+            tracing::error!("after a failed migration, resuming the VM: {r}");
+        }
+        if !matches!(e, MigrationError::Cancelled) {
+            let _ = wire::write(stream, Kind::Cancel, e.to_string().as_bytes());
+        }
+        e
+    }
+
+    /// Pre-copy rounds until what is left fits the downtime target (false) or
+    /// post-copy should take over (true; only with [`Method::Auto`]). `log`
+    /// starts as round 0's pages and ends as those still to send.
+    fn precopy(
+        &self,
+        request: &MigrationRequest,
+        out: &mut Out<'_>,
+        mem: &GuestMemoryMmap,
+        reader: &vigil_vmm::DirtyReader,
+        log: &mut DirtyLog,
+    ) -> Result<bool, MigrationError> {
+        let auto = request.method == Method::Auto;
         let mut last_take = Instant::now();
         let mut throttle: Option<Throttle> = None;
+        let mut rounds_at_most = 0;
         let mut round = 0u32;
         loop {
             let (t0, b0) = (Instant::now(), out.sent);
-            let counts = send_pages(&mut out, &mem, &log, round == 0)?;
+            let counts = send_pages(out, mem, log.dirty_pages(), round == 0)?;
             let took = t0.elapsed().as_secs_f64().max(1e-6);
             let bandwidth = ((out.sent - b0) as f64 / took).max(1.0);
             round += 1;
-            log = reader.take()?;
+            *log = reader.take()?;
             let interval = last_take.elapsed().as_secs_f64().max(1e-6);
             last_take = Instant::now();
             let dirty_bytes = log.count() as u64 * PAGE as u64;
@@ -272,58 +378,21 @@ impl Migrator {
                 ?predicted,
                 "pre-copy round"
             );
-            if predicted <= request.downtime || round >= request.max_rounds {
-                break;
+            if predicted <= request.downtime {
+                return Ok(false);
+            }
+            if round >= request.max_rounds || rounds_at_most >= 2 {
+                return Ok(auto);
             }
             if request.auto_converge && round >= 2 && dirty_rate > bandwidth / 2.0 {
                 let t = throttle.get_or_insert_with(|| Throttle::start(self.control.clone()));
                 let percent = t.raise();
+                if percent == MAX_THROTTLE && auto {
+                    rounds_at_most += 1;
+                }
                 self.update(|s| s.throttle_percent = percent);
             }
         }
-        drop(throttle);
-
-        // The last round, with the VM paused, goes as fast as the link does: the
-        // limit protects the link while the guest runs, not the guest's pause.
-        out.limit = None;
-        let paused_at = Instant::now();
-        self.control.pause()?;
-        self.update(|s| s.state = Phase::Stopped);
-        let result = self.stop_and_copy(&mut out, &reader, &log);
-        let confirmed = match result {
-            Ok(()) => {
-                wire::write(out.stream, Kind::Commit, &[])?;
-                match wire::expect(out.stream, Kind::Running) {
-                    Ok(_) => Ok(()),
-                    Err(e) => return Err(MigrationError::Unconfirmed(e.to_string())),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = confirmed {
-            // Nothing ran at the destination: the VM goes on here.
-            if let Err(r) = self.control.resume() {
-                tracing::error!("after a failed migration, resuming the VM: {r}");
-            }
-            if !matches!(e, MigrationError::Cancelled) {
-                let _ = wire::write(out.stream, Kind::Cancel, e.to_string().as_bytes());
-            }
-            return Err(e);
-        }
-        let downtime = paused_at.elapsed();
-        self.update(|s| {
-            s.downtime_ms = Some(downtime.as_millis() as u64);
-            s.bytes_sent = out.sent;
-        });
-        tracing::info!(
-            destination = %target,
-            ?downtime,
-            total = ?started.elapsed(),
-            bytes = out.sent,
-            "migrated"
-        );
-        self.control.end_migrated(target);
-        Ok(())
     }
 
     /// With the VM paused: the pages of the last round and those written since,
@@ -336,14 +405,16 @@ impl Migrator {
     ) -> Result<(), MigrationError> {
         let (state, counts) = self.control.capture(|mem, _| {
             // Infallible for the capture: what failed here is the migration's.
-            Ok(send_pages(out, mem, pending, false).and_then(|a| {
-                let last = reader.take()?;
-                let b = send_pages(out, mem, &last, false)?;
-                Ok(Counts {
-                    pages: a.pages + b.pages,
-                    zeros: a.zeros + b.zeros,
-                })
-            }))
+            Ok(
+                send_pages(out, mem, pending.dirty_pages(), false).and_then(|a| {
+                    let last = reader.take()?;
+                    let b = send_pages(out, mem, last.dirty_pages(), false)?;
+                    Ok(Counts {
+                        pages: a.pages + b.pages,
+                        zeros: a.zeros + b.zeros,
+                    })
+                }),
+            )
         })?;
         let counts = counts?;
         self.update(|s| {
@@ -362,24 +433,32 @@ impl Migrator {
 
 /// The stream, paced to the bandwidth limit, counting bytes, watching for a
 /// cancel.
-struct Out<'a> {
-    stream: &'a mut Box<dyn Stream>,
+pub(crate) struct Out<'a> {
+    pub(crate) stream: &'a mut Box<dyn Stream>,
     limit: Option<u64>,
-    started: Instant,
-    sent: u64,
-    cancel: &'a AtomicBool,
+    /// Since when, and from which byte count, the limit is kept.
+    paced_from: (Instant, u64),
+    pub(crate) sent: u64,
+    pub(crate) cancel: &'a AtomicBool,
 }
 
 impl Out<'_> {
-    fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+    /// Keeps to `limit` bytes a second from now on (`None`: no limit).
+    pub(crate) fn pace(&mut self, limit: Option<u64>) {
+        self.limit = limit;
+        self.paced_from = (Instant::now(), self.sent);
+    }
+
+    pub(crate) fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
         if self.cancel.load(Ordering::Acquire) {
             return Err(MigrationError::Cancelled);
         }
         wire::write(self.stream, kind, payload)?;
         self.sent += payload.len() as u64 + 9;
         if let Some(limit) = self.limit.filter(|&l| l > 0) {
-            let due = Duration::from_secs_f64(self.sent as f64 / limit as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            let (since, base) = self.paced_from;
+            let due = Duration::from_secs_f64((self.sent - base) as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(since.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
@@ -388,23 +467,23 @@ impl Out<'_> {
 }
 
 #[derive(Clone, Copy, Default)]
-struct Counts {
-    pages: u64,
-    zeros: u64,
+pub(crate) struct Counts {
+    pub(crate) pages: u64,
+    pub(crate) zeros: u64,
 }
 
 /// Pages in one `Pages` frame at most.
-const RUN: usize = 256;
-/// Addresses in one `Zeros` frame at most.
-const ZEROS: usize = 8192;
+pub(crate) const RUN: usize = 256;
+/// Addresses in one `Zeros` (or `Pending`) frame at most.
+pub(crate) const ZEROS: usize = 8192;
 
-/// Sends the dirty pages of `log`: runs of pages with data as `Pages`, pages of
-/// zeros as `Zeros` (or not at all with `skip_zeros`: the destination's memory
-/// starts zeroed).
-fn send_pages(
+/// Sends `pages` (ascending addresses): runs of pages with data as `Pages`,
+/// pages of zeros as `Zeros` (or not at all with `skip_zeros`: the
+/// destination's memory starts zeroed).
+pub(crate) fn send_pages(
     out: &mut Out<'_>,
     mem: &GuestMemoryMmap,
-    log: &DirtyLog,
+    pages: impl Iterator<Item = u64>,
     skip_zeros: bool,
 ) -> Result<Counts, MigrationError> {
     let mut counts = Counts::default();
@@ -412,7 +491,7 @@ fn send_pages(
     let mut zeros: Vec<u8> = Vec::new();
     // Contiguous dirty pages are read from guest memory in one copy.
     let mut span = vec![0u8; RUN * PAGE];
-    let mut pages = log.dirty_pages().peekable();
+    let mut pages = pages.peekable();
     while let Some(first) = pages.next() {
         let mut len = 1usize;
         while len < RUN && pages.peek() == Some(&(first + (len * PAGE) as u64)) {

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use vigil_model::options::host_port;
 
+use crate::tls::{ClientTls, ServerTls, TlsError};
+
 /// A migration endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -75,56 +77,94 @@ impl Stream for UnixStream {
 }
 
 impl Target {
-    /// Connects to a waiting destination.
-    pub fn connect(&self) -> std::io::Result<Box<dyn Stream>> {
-        Ok(match self {
+    /// Connects to a waiting destination, over TLS with `tls`.
+    pub fn connect(&self, tls: Option<&ClientTls>) -> std::io::Result<Box<dyn Stream>> {
+        let socket: Box<dyn Stream> = match self {
             Target::Tcp(addr) => {
                 let s = TcpStream::connect(addr)?;
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
             Target::Unix(path) => Box::new(UnixStream::connect(path)?),
-        })
+        };
+        match tls {
+            Some(tls) => tls.connect(socket),
+            None => Ok(socket),
+        }
+    }
+
+    /// The host of a TCP target (without an IPv6 address's brackets): the
+    /// name its TLS certificate must carry unless told another.
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Target::Tcp(addr) => host_port(addr).map(|(host, _)| {
+                host.strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(host)
+            }),
+            Target::Unix(_) => None,
+        }
     }
 
     /// Listens for sources (a stale Unix socket file is replaced).
     pub fn listen(&self) -> std::io::Result<Listener> {
-        Ok(match self {
-            Target::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr)?),
+        let socket = match self {
+            Target::Tcp(addr) => Socket::Tcp(TcpListener::bind(addr)?),
             Target::Unix(path) => {
                 if UnixStream::connect(path).is_err() {
                     let _ = std::fs::remove_file(path);
                 }
-                Listener::Unix(UnixListener::bind(path)?, path.clone())
+                Socket::Unix(UnixListener::bind(path)?, path.clone())
             }
-        })
+        };
+        Ok(Listener { socket, tls: None })
     }
 }
 
 /// A listening destination.
-pub enum Listener {
+pub struct Listener {
+    socket: Socket,
+    tls: Option<ServerTls>,
+}
+
+enum Socket {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
+    /// Takes sources over TLS only, presenting `tls`'s certificate.
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// An accepted source's stream as the migration reads it: over TLS (the
+    /// handshake done) when the listener has a certificate.
+    pub fn secure(&self, socket: Box<dyn Stream>) -> Result<Box<dyn Stream>, TlsError> {
+        match &self.tls {
+            Some(tls) => tls.accept(socket),
+            None => Ok(socket),
+        }
+    }
+
     /// The next source; `Interrupted` once `stop` says so (asked every 50 ms).
     pub fn accept(&self, stop: &dyn Fn() -> bool) -> std::io::Result<Box<dyn Stream>> {
-        match self {
-            Listener::Tcp(l) => l.set_nonblocking(true)?,
-            Listener::Unix(l, _) => l.set_nonblocking(true)?,
+        match &self.socket {
+            Socket::Tcp(l) => l.set_nonblocking(true)?,
+            Socket::Unix(l, _) => l.set_nonblocking(true)?,
         }
         loop {
             if stop() {
                 return Err(std::io::ErrorKind::Interrupted.into());
             }
-            let accepted: std::io::Result<Box<dyn Stream>> = match self {
-                Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+            let accepted: std::io::Result<Box<dyn Stream>> = match &self.socket {
+                Socket::Tcp(l) => l.accept().and_then(|(s, _)| {
                     s.set_nonblocking(false)?;
                     s.set_nodelay(true)?;
                     Ok(Box::new(s) as Box<dyn Stream>)
                 }),
-                Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                Socket::Unix(l, _) => l.accept().and_then(|(s, _)| {
                     s.set_nonblocking(false)?;
                     Ok(Box::new(s) as Box<dyn Stream>)
                 }),
@@ -140,18 +180,18 @@ impl Listener {
 
     /// Where it listens (with the port a `:0` address was given).
     pub fn local(&self) -> String {
-        match self {
-            Listener::Tcp(l) => l
+        match &self.socket {
+            Socket::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
-            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+            Socket::Unix(_, path) => format!("unix:{}", path.display()),
         }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let Socket::Unix(_, path) = &self.socket {
             let _ = std::fs::remove_file(path);
         }
     }

@@ -8,10 +8,17 @@
 //! | source | `Begin` | JSON: the guest RAM ranges |
 //! | source | `Pages` (repeated) | guest-physical address u64 LE, then whole 4 KiB pages from there |
 //! | source | `Zeros` (repeated) | guest-physical addresses u64 LE of pages that are all zeros now |
+//! | source | `Pending` (repeated, post-copy only) | guest-physical addresses u64 LE of pages still to come: what the destination holds of them is stale |
 //! | source | `State` | JSON: the VM's state, as in a snapshot (`vigil_vmm::snapshot::VmState`) |
 //! | destination | `Answer` | 1: the VM is built, paused; 0 and why not |
 //! | source | `Commit` | empty: the source has stopped its VM for good |
 //! | destination | `Running` | empty: the VM runs at the destination |
+//!
+//! Post-copy: when `Pending` frames came, the destination builds and runs the
+//! VM before those pages arrive. From `State` on, it asks for a pending page the
+//! moment something touches it (`Want`, addresses u64 LE) while the source
+//! answers and, once the VM runs there, pushes the rest (`Pages`, `Zeros`) and
+//! ends with `Done`, which the destination confirms with an `Answer`.
 //!
 //! A source may send `Cancel` (a reason) instead of any frame after `Hello`.
 //! Pages not sent are zeros at the destination. Any frame that does not
@@ -22,7 +29,7 @@ use std::io::{Read, Write};
 use crc::{Crc, CRC_32_ISCSI};
 
 /// The protocol version of this Vigil.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const MAGIC: &[u8; 8] = b"VIGILMIG";
 /// The largest payload: a run of 256 pages and its address.
 pub const MAX_PAYLOAD: usize = 8 + 256 * 4096;
@@ -42,13 +49,16 @@ pub enum Kind {
     Commit = 7,
     Running = 8,
     Cancel = 9,
+    Pending = 10,
+    Want = 11,
+    Done = 12,
 }
 
 impl Kind {
     fn from_u8(b: u8) -> Option<Kind> {
         use Kind::*;
         [
-            Hello, Answer, Begin, Pages, Zeros, State, Commit, Running, Cancel,
+            Hello, Answer, Begin, Pages, Zeros, State, Commit, Running, Cancel, Pending, Want, Done,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -60,7 +70,7 @@ impl Kind {
 pub enum WireError {
     #[error("the connection failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame kind {0}: not a frame of this protocol")]
+    #[error("frame kind {0}: not a frame of this protocol{hint}", hint = if *.0 == 0x16 { " (a TLS handshake: this destination was given no --migration-tls-cert)" } else { "" })]
     Kind(u8),
     #[error("{kind:?} frame of {len} bytes: more than the {MAX_PAYLOAD} a frame may carry")]
     TooLong { kind: Kind, len: u32 },
@@ -149,6 +159,9 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Commit => "Commit",
         Kind::Running => "Running",
         Kind::Cancel => "Cancel",
+        Kind::Pending => "Pending",
+        Kind::Want => "Want",
+        Kind::Done => "Done",
     }
 }
 
@@ -161,12 +174,34 @@ pub fn answer(out: &mut dyn Write, ok: bool, message: &str) -> Result<(), WireEr
 
 /// Reads an `Answer`: `Ok(message)` to go on, `Err(message)` when refused.
 pub fn read_answer(input: &mut dyn Read) -> Result<Result<String, String>, WireError> {
-    let payload = expect(input, Kind::Answer)?;
+    Ok(parse_answer(&expect(input, Kind::Answer)?))
+}
+
+/// An `Answer`'s payload: `Ok(message)` to go on, `Err(message)` when refused.
+pub fn parse_answer(payload: &[u8]) -> Result<String, String> {
     let message = String::from_utf8_lossy(payload.get(1..).unwrap_or_default()).into_owned();
-    Ok(match payload.first() {
+    match payload.first() {
         Some(1) => Ok(message),
         _ => Err(message),
-    })
+    }
+}
+
+/// A payload of guest-physical addresses (`Zeros`, `Pending`, `Want`), each a
+/// page boundary; `None` when it is not one.
+pub fn addresses(payload: &[u8]) -> Option<Vec<u64>> {
+    if !payload.len().is_multiple_of(8) {
+        return None;
+    }
+    payload
+        .chunks_exact(8)
+        .map(|a| u64::from_le_bytes(a.try_into().unwrap_or_default()))
+        .map(|gpa| gpa.is_multiple_of(PAGE as u64).then_some(gpa))
+        .collect()
+}
+
+/// Addresses as a payload.
+pub fn address_payload(pages: &[u64]) -> Vec<u8> {
+    pages.iter().flat_map(|p| p.to_le_bytes()).collect()
 }
 
 /// The `Hello` payload.

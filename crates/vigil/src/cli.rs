@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use vigil_migration::Target;
+use vigil_migration::{ServerTls, Target, TlsError};
 use vigil_model::config::{
     BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, HugePages,
     IntrospectConfig, KernelImage, MachineConfig, NetConfig, OnCrash, RateLimit, VmConfig,
@@ -18,7 +18,7 @@ use vigil_model::MacAddr;
 use vigil_vmm::builder::BuildError;
 use vigil_vmm::VmOutcome;
 
-use crate::launch::{IntrospectLaunch, Launch, Overrides};
+use crate::launch::{Incoming, IntrospectLaunch, Launch, Overrides};
 use vigil_introspect::SyscallFilter;
 use vigil_shared::exit::{EXIT_ERROR, EXIT_GUEST_CRASH, EXIT_GUEST_STATUS_BASE};
 use vigil_shared::logging::Logging;
@@ -190,6 +190,21 @@ pub struct RunArgs {
     /// The one-time token a migration source must present (with --migrate-from).
     #[arg(long, value_name = "TOKEN", requires = "migrate_from")]
     pub migration_token: Option<String>,
+
+    /// Take migration sources over TLS only, presenting this certificate (PEM,
+    /// the chain from this destination's own; with --migration-tls-key). The
+    /// source checks it against the CA it is given (PUT /vigil/migration
+    /// "tls_ca"); the token is still checked, inside TLS.
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires_all = ["migrate_from", "migration_tls_key"]
+    )]
+    pub migration_tls_cert: Option<PathBuf>,
+
+    /// The private key of --migration-tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "migration_tls_cert")]
+    pub migration_tls_key: Option<PathBuf>,
 
     /// Boot the VM described by a Firecracker configuration file (JSON with the
     /// keys "boot-source", "machine-config", "drives", "network-interfaces",
@@ -471,6 +486,20 @@ const TEST_GUEST_NAME: &str = "vigil-test-guest";
 const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 impl RunArgs {
+    /// The certificate and key of --migration-tls-cert and --migration-tls-key.
+    fn migration_tls(&self) -> anyhow::Result<Option<ServerTls>> {
+        let (Some(cert), Some(key)) = (&self.migration_tls_cert, &self.migration_tls_key) else {
+            return Ok(None);
+        };
+        ServerTls::load(cert, key).map(Some).map_err(|e| {
+            let option = match e {
+                TlsError::Key { .. } => "--migration-tls-key",
+                _ => "--migration-tls-cert",
+            };
+            anyhow::anyhow!("{option} {e}")
+        })
+    }
+
     /// The options that describe the VM itself (as opposed to how Vigil runs it).
     fn vm_options_given(&self) -> Vec<&'static str> {
         let mut given = Vec::new();
@@ -569,7 +598,11 @@ impl RunArgs {
                 logger: None,
                 metrics,
                 overrides,
-                incoming: Some((from, self.migration_token.clone().unwrap_or_default())),
+                incoming: Some(Incoming {
+                    from,
+                    token: self.migration_token.clone().unwrap_or_default(),
+                    tls: self.migration_tls()?,
+                }),
             }
         } else if let Some(file) = &self.config_file {
             if let Some(option) = self.vm_options_given().first() {

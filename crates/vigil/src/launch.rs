@@ -13,7 +13,7 @@ use vigil_api::preboot::PreBoot;
 use vigil_api::{Api, SnapshotLoad, SnapshotMemory, StartError, ToVmm};
 use vigil_introspect::live::{Introspector, MonitorSettings, MonitorState, STATE_EXTENSION};
 use vigil_introspect::SyscallFilter;
-use vigil_migration::{Migrator, Target};
+use vigil_migration::{Migrator, ServerTls, Target};
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
 use vigil_model::config::{
     BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash, VmConfig,
@@ -126,8 +126,17 @@ pub struct Launch {
     pub logger: Option<Logger>,
     pub metrics: Option<Metrics>,
     pub overrides: Overrides,
-    /// Receive the VM by migration (`--migrate-from`), with this token.
-    pub incoming: Option<(Target, String)>,
+    /// Receive the VM by migration (`--migrate-from`).
+    pub incoming: Option<Incoming>,
+}
+
+/// Where a migrating VM comes in, and what its source must hold.
+pub struct Incoming {
+    pub from: Target,
+    /// The one-time token (`--migration-token`).
+    pub token: String,
+    /// Sources come over TLS, with this certificate (`--migration-tls-cert`).
+    pub tls: Option<ServerTls>,
 }
 
 /// Reads a Firecracker configuration file into what [`Launch`] needs: the
@@ -230,13 +239,17 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     };
 
     let (running, _terminal, introspector) = match (l.boot_now, &l.incoming) {
-        (None, Some((from, token))) => {
-            let listener = from
+        (None, Some(Incoming { from, token, tls })) => {
+            let mut listener = from
                 .listen()
                 .with_context(|| format!("--migrate-from {from}: cannot listen there"))?;
+            if let Some(tls) = tls {
+                listener = listener.with_tls(tls.clone());
+            }
             eprintln!(
-                "vigil: waiting for a VM to migrate here, on {}",
-                listener.local()
+                "vigil: waiting for a VM to migrate here, on {}{}",
+                listener.local(),
+                if tls.is_some() { " (TLS)" } else { "" }
             );
             let received = vigil_migration::receive(
                 &listener,
@@ -349,6 +362,9 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         );
     });
     introspector.shutdown();
+    if matches!(outcome, vigil_vmm::VmOutcome::Migrated(_)) && server.is_some() {
+        api.await_migration_summary_read(MIGRATION_SUMMARY_WAIT);
+    }
     signals_handle.close();
     if let Some(flusher) = flusher {
         flusher.finish();
@@ -377,6 +393,10 @@ fn attach_introspection(
     api.set_introspector(introspector.clone(), settings.debug_api);
     introspector
 }
+
+/// How long the API stays up after the VM migrated away, for whoever follows the
+/// migration to read how it ended (a daemon polls every few milliseconds then).
+const MIGRATION_SUMMARY_WAIT: Duration = Duration::from_millis(500);
 
 /// How often a metrics line is written while the VM runs (as Firecracker does).
 const METRICS_INTERVAL: Duration = Duration::from_secs(60);

@@ -47,7 +47,11 @@ fn token_file(dir: &Path, token: &str) -> std::path::PathBuf {
 
 #[test]
 fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
-    let a = Daemon::start("migrate-a", &[]);
+    let events = std::env::temp_dir().join(format!("vigil-migrate-a-{}.jsonl", std::process::id()));
+    let a = Daemon::start(
+        "migrate-a",
+        &["--events-output", &format!("json:{}", events.display())],
+    );
     let addr = free_loopback_addr();
     let token = token_file(&a.dir, "b-daemon-token-0123456789");
     let b = Daemon::start("migrate-b", &tcp_args(&addr, &token));
@@ -107,6 +111,94 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
         inspected["config"]["machine-config"]["mem_size_mib"], 32,
         "the record there keeps the configuration: {inspected}"
     );
+
+    // How it went, after: the status, the metrics and the events here.
+    let (code, status) = a.http("GET", "/vms/m1/migration", None);
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["state"], "completed", "{status}");
+    for field in ["total_ms", "downtime_ms", "bytes_sent", "round"] {
+        assert!(status[field].as_u64().is_some(), "{field}: {status}");
+    }
+    assert!(status["bytes_sent"].as_u64().unwrap() > 0, "{status}");
+    let r = a.ctl_ok(&["metrics"]);
+    for line in [
+        "vigil_migration_state{vm=\"m1\",state=\"completed\"} 1",
+        "vigil_migration_downtime_seconds{vm=\"m1\"} ",
+        "vigil_migration_sent_bytes{vm=\"m1\"} ",
+        "vigil_migration_duration_seconds{vm=\"m1\"} ",
+    ] {
+        assert!(r.stdout.contains(line), "{line}:\n{}", r.stdout);
+    }
+    let lifecycle: Vec<String> = common::json_lines(&events)
+        .iter()
+        .filter(|e| {
+            e["output_fields"]["vm.id"] == "m1"
+                || e["output"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("vm m1 "))
+        })
+        .filter_map(|e| {
+            e["output_fields"]["vm.lifecycle"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    for what in ["migrating", "migration completed"] {
+        assert!(lifecycle.iter().any(|l| l == what), "{what}: {lifecycle:?}");
+    }
+    let completed = common::json_lines(&events)
+        .into_iter()
+        .find(|e| e["output_fields"]["vm.lifecycle"] == "migration completed")
+        .unwrap();
+    assert!(
+        completed["output_fields"]["migration.downtime_ms"].is_u64(),
+        "{completed}"
+    );
+
+    // While one goes (slowly: 1 MiB/s), the daemon shows its progress.
+    std::thread::scope(|scope| {
+        let ctl = scope.spawn(|| {
+            a.ctl_ok(&[
+                "migrate",
+                "m2",
+                "--to",
+                &addr,
+                "--peer-token-file",
+                token.to_str().unwrap(),
+                "--bandwidth-mib-s",
+                "1",
+            ])
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (code, status) = a.http("GET", "/vms/m2/migration", None);
+            if code == 200
+                && status["state"] == "precopy"
+                && status["bytes_sent"].as_u64() > Some(0)
+            {
+                for field in [
+                    "round",
+                    "remaining_bytes",
+                    "dirty_rate_bytes_per_s",
+                    "bandwidth_bytes_per_s",
+                    "predicted_downtime_ms",
+                    "throttle_percent",
+                ] {
+                    assert!(status[field].as_u64().is_some(), "{field}: {status}");
+                }
+                break;
+            }
+            assert!(Instant::now() < deadline, "never seen under way: {status}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = ctl.join().unwrap();
+        // Not a terminal: no progress line, the summary.
+        assert!(r.stderr.contains("completed: "), "{r}");
+        assert!(r.stderr.contains(" ms in all, paused "), "{r}");
+        assert!(!r.stderr.contains('\r'), "{r}");
+    });
+    wait_for_state(&a, "m2", "migrated");
+    let _ = std::fs::remove_file(&events);
 }
 
 /// Spins `n` threads until the returned flag is set: CPU pressure on the host.

@@ -5,6 +5,10 @@
 //! each leave the source running, and exactly one of the two VMs runs at the end.
 //! The integrity monitor moves with the VM and goes on from its baseline at the
 //! destination, without `--introspect` there.
+//! Post-copy moves a writing guest at once, its pages pulled as it touches
+//! them, and takes over when pre-copy cannot keep up with the guest.
+//! Over TLS, a source without the CA of the destination's certificate is
+//! refused and keeps running.
 
 mod common;
 
@@ -13,9 +17,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::daemon::free_loopback_addr;
 use common::http::request;
 use common::mobility::{
-    assert_monitor_carried, counting_guest, counts, monitored_counting_guest, ok,
+    assert_monitor_carried, certificate, counting_guest, counts, monitored_counting_guest, ok,
     tamper_before_capture, wait_monitoring, TIMEOUT,
 };
 use common::{scratch, Console};
@@ -54,7 +59,7 @@ fn wait_migration_end(sock: &Path) -> Value {
     loop {
         let status = request(sock, "GET", "/vigil/migration", "").json();
         let state = status["state"].as_str().unwrap_or_default().to_string();
-        if !["connecting", "precopy", "stopped"].contains(&state.as_str()) {
+        if !["connecting", "precopy", "stopped", "postcopy"].contains(&state.as_str()) {
             return status;
         }
         assert!(Instant::now() < deadline, "migration still {state}");
@@ -111,18 +116,18 @@ fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn the_integrity_monitor_migrates_and_goes_on_from_its_baseline() {
-    let dir = scratch("migrate-introspect");
+/// The monitored guest, tampered with, moves (by `method`, or the default);
+/// the destination, without `--introspect`, goes on with the carried monitor.
+fn monitor_migrates(name: &str, method: Option<&str>) {
+    let dir = scratch(name);
     let (mut dest, dest_sock, target) = destination(&dir, "dest", &["--debug-api"]);
     let (src, src_sock) = monitored_counting_guest(&dir);
     let pages = tamper_before_capture(&src_sock);
-    ok(
-        &src_sock,
-        "PUT",
-        "/vigil/migration",
-        json!({"destination": target, "token": TOKEN, "downtime_ms": 50}),
-    );
+    let mut request = json!({"destination": target, "token": TOKEN, "downtime_ms": 50});
+    if let Some(method) = method {
+        request["method"] = method.into();
+    }
+    ok(&src_sock, "PUT", "/vigil/migration", request);
     dest.wait_for(&["counter: "], TIMEOUT);
     let run = src.finish(TIMEOUT);
     assert_eq!(run.code, Some(0), "{run}");
@@ -131,6 +136,16 @@ fn the_integrity_monitor_migrates_and_goes_on_from_its_baseline() {
     assert_eq!(status["settings"]["period"], 600_000, "{status}");
     assert_monitor_carried(&dest_sock, pages);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_integrity_monitor_migrates_and_goes_on_from_its_baseline() {
+    monitor_migrates("migrate-introspect", None);
+}
+
+#[test]
+fn the_integrity_monitor_goes_on_after_a_post_copy_migration() {
+    monitor_migrates("migrate-introspect-postcopy", Some("postcopy"));
 }
 
 /// Forwards one connection from `front` to `back`, flipping the byte at
@@ -289,6 +304,293 @@ fn a_dirtying_guest_migrates_with_every_page_it_wrote() {
         !after.contains("FAIL") && !run.stdout.contains("FAIL"),
         "{}\n{after}",
         run.stdout
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The `dirty` guest (64 MiB, writing 8 MiB over and over at 32 MiB/s) on a
+/// source Vigil serving its API on `dir/source.sock`, logging what it does,
+/// two seconds into its writing.
+fn writing_guest(dir: &Path) -> (Console, PathBuf) {
+    let sock = dir.join("source.sock");
+    let mut src = Console::spawn(&[
+        "--log-level",
+        "info",
+        "run",
+        "--memory",
+        "64",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--cmdline",
+        "test=dirty dirty_mib=8 dirty_mib_s=32",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    src.wait_for(&["dirty: 8192 pages in second 2"], TIMEOUT);
+    (src, sock)
+}
+
+/// The number after `key=` in a log line that says `what`.
+fn logged(stderr: &str, what: &str, key: &str) -> Option<u64> {
+    let line = stderr.lines().find(|l| l.contains(what))?;
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Post-copy as the method: the VM pauses only for its state and runs at the
+/// destination at once; the pages it touches before the (slowed) push brings
+/// them are asked for, and every one it checks holds what it wrote at the
+/// source.
+#[test]
+fn a_writing_guest_moves_by_postcopy_pulling_the_pages_it_touches() {
+    let dir = scratch("migrate-postcopy");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
+    let (src, sock) = writing_guest(&dir);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 16}),
+    );
+    dest.wait_for(&["dirty: "], TIMEOUT);
+    dest.wait_for(&["dirty: 8192 pages in second"], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    let after = dest.poll().to_string();
+    assert!(
+        !after.contains("FAIL") && !run.stdout.contains("FAIL"),
+        "{}\n{after}",
+        run.stdout
+    );
+    assert!(
+        !run.stderr.contains("pre-copy round"),
+        "post-copy sends nothing before the pause:\n{}",
+        run.stderr
+    );
+    let requested = logged(&run.stderr, "migrated (post-copy)", "requested")
+        .unwrap_or_else(|| panic!("no post-copy summary:\n{}", run.stderr));
+    let pages = logged(&run.stderr, "migrated (post-copy)", "pages").unwrap();
+    assert!(
+        requested > 0 && requested < pages,
+        "{requested} of {pages} pages asked for: the guest touched some before the push"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `auto` (the default): pre-copy over a link slower than the guest writes,
+/// without auto-converge, does not converge; when its rounds run out,
+/// post-copy takes over instead of a long pause.
+#[test]
+fn pre_copy_that_cannot_converge_switches_to_postcopy() {
+    let dir = scratch("migrate-switch");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
+    let (src, sock) = writing_guest(&dir);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({
+            "destination": target, "token": TOKEN, "bandwidth_mib_s": 8,
+            "auto_converge": false, "max_rounds": 3
+        }),
+    );
+    dest.wait_for(&["dirty: "], TIMEOUT);
+    dest.wait_for(&["dirty: 8192 pages in second"], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert_eq!(
+        run.stderr.matches("pre-copy round").count(),
+        3,
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("migrated (post-copy)"),
+        "{}",
+        run.stderr
+    );
+    assert!(!dest.poll().contains("FAIL") && !run.stdout.contains("FAIL"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Post-copy's price: once the VM runs at the destination, losing it loses
+/// the VM. The source says so and keeps its stale copy paused (never both
+/// running), its process alive for the operator.
+#[test]
+fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
+    let dir = scratch("migrate-postcopy-lost");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
+    let (_src, sock) = counting_guest(&dir);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 1}),
+    );
+    dest.wait_for(&["counter: "], TIMEOUT);
+    let status = request(&sock, "GET", "/vigil/migration", "").json();
+    assert_eq!(status["state"], "postcopy", "{status}");
+    drop(dest);
+    let status = wait_migration_end(&sock);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap()
+            .contains("post-copy failed"),
+        "{status}"
+    );
+    assert_eq!(request(&sock, "GET", "/", "").json()["state"], "Paused");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Sends SIGTERM to a Vigil and returns how it ended.
+fn terminate(console: Console) -> common::Run {
+    // SAFETY: kill(2) on a child of this test, which it has not reaped.
+    unsafe { libc::kill(console.pid() as i32, libc::SIGTERM) };
+    console.finish(TIMEOUT)
+}
+
+#[test]
+fn over_tls_only_a_source_trusting_the_destinations_certificate_migrates() {
+    let dir = scratch("migrate-tls");
+    let (cert, key) = certificate(&dir.join("dest"), "127.0.0.1");
+    let (other, _) = certificate(&dir.join("other"), "127.0.0.1");
+    let addr = free_loopback_addr();
+    let target = format!("tcp:{addr}");
+    let mut dest = Console::spawn(&[
+        "run",
+        "--migrate-from",
+        &target,
+        "--migration-token",
+        TOKEN,
+        "--migration-tls-cert",
+        cert.to_str().unwrap(),
+        "--migration-tls-key",
+        key.to_str().unwrap(),
+    ]);
+    // Listening: a connection is taken (and, bringing no TLS, dropped).
+    let deadline = Instant::now() + TIMEOUT;
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the destination never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (mut src, src_sock) = counting_guest(&dir);
+    let refused = |src: &mut Console, body: Value, why: &str| {
+        ok(&src_sock, "PUT", "/vigil/migration", body.clone());
+        let status = wait_migration_end(&src_sock);
+        assert_eq!(status["state"], "failed", "{body}: {status}");
+        let error = status["error"].as_str().unwrap();
+        assert!(error.contains(why), "{body}: {status}");
+        let now = *counts(src.poll()).last().unwrap();
+        src.wait_for(&[&format!("counter: {}", now + 2)], TIMEOUT);
+    };
+    // Without TLS: the destination answers, in plain frames, why not.
+    refused(
+        &mut src,
+        json!({"destination": target, "token": TOKEN}),
+        "over TLS only",
+    );
+    // Trusting another certificate.
+    refused(
+        &mut src,
+        json!({"destination": target, "token": TOKEN, "tls_ca": other}),
+        "invalid peer certificate",
+    );
+    // The right CA, but the certificate is not for the name asked.
+    refused(
+        &mut src,
+        json!({"destination": target, "token": TOKEN, "tls_ca": cert, "tls_server_name": "elsewhere"}),
+        "not valid for name",
+    );
+    // The right CA and a wrong token: the token is still checked, inside TLS.
+    refused(
+        &mut src,
+        json!({"destination": target, "token": "guessed", "tls_ca": cert}),
+        "token is wrong",
+    );
+    assert!(
+        dest.poll().lines().all(|l| !l.starts_with("counter")),
+        "nothing ran at the destination:\n{}",
+        dest.seen
+    );
+    // The certificate's name is the target's host unless told another.
+    ok(
+        &src_sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "tls_ca": cert}),
+    );
+    dest.wait_for(&["counter: "], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert_counts_on(&run.stdout, dest.poll());
+    let dest = terminate(dest);
+    for why in [
+        "(TLS)",
+        "TLS handshake with the source failed: the source does not speak TLS",
+        "TLS handshake with the source failed: received fatal alert",
+        "token is wrong",
+        "the VM arrived and runs here",
+    ] {
+        assert!(dest.stderr.contains(why), "{why}: {dest}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn tls_files_that_do_not_load_name_the_option_and_the_path() {
+    let dir = scratch("migrate-tls-files");
+    let (cert, key) = certificate(&dir, "localhost");
+    let missing = dir.join("missing.pem");
+    let run_with = |cert: &Path, key: &Path| {
+        common::run(
+            &[
+                "run",
+                "--migrate-from",
+                "tcp:127.0.0.1:0",
+                "--migration-token",
+                TOKEN,
+                "--migration-tls-cert",
+                cert.to_str().unwrap(),
+                "--migration-tls-key",
+                key.to_str().unwrap(),
+            ],
+            TIMEOUT,
+        )
+    };
+    let run = run_with(&missing, &key);
+    assert_ne!(run.code, Some(0), "{run}");
+    assert!(
+        run.stderr
+            .contains(&format!("--migration-tls-cert {}", missing.display())),
+        "{run}"
+    );
+    // A certificate is no key.
+    let run = run_with(&cert, &cert);
+    assert_ne!(run.code, Some(0), "{run}");
+    assert!(
+        run.stderr
+            .contains(&format!("--migration-tls-key {}", cert.display())),
+        "{run}"
+    );
+    // The source's CA.
+    let (_src, sock) = counting_guest(&dir);
+    let a = request(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        &json!({"destination": "tcp:127.0.0.1:9", "token": TOKEN, "tls_ca": missing}).to_string(),
+    );
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(
+        a.body.contains(&format!("tls_ca {}", missing.display())),
+        "{}",
+        a.body
     );
     std::fs::remove_dir_all(&dir).ok();
 }

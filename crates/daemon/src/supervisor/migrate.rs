@@ -184,9 +184,26 @@ impl Supervisor {
             serde_json::json!({ "migration.to": destination }),
         );
         vm.status().migrating_to = Some(destination.clone());
+        vm.status().migration = None;
         let result = self
             .follow_migration(&vm, &destination, &incoming.token, &request)
             .await;
+        if result.is_ok() {
+            let status = vm.status().migration.clone().unwrap_or_default();
+            self.events.lifecycle(
+                id,
+                "migration completed",
+                VmState::Migrated,
+                Priority::Informational,
+                serde_json::json!({
+                    "migration.to": destination,
+                    "migration.total_ms": status["total_ms"],
+                    "migration.downtime_ms": status["downtime_ms"],
+                    "migration.bytes_sent": status["bytes_sent"],
+                    "migration.rounds": status["round"],
+                }),
+            );
+        }
         if let Err(e) = &result {
             vm.status().migrating_to = None;
             // Nothing runs there: the waiting process goes.
@@ -251,7 +268,10 @@ impl Supervisor {
             }
             match client::request(&vm.api_socket, "GET", "/vigil/migration", None, timeout).await {
                 Ok(r) => {
-                    let status = r.json().unwrap_or_default();
+                    let status: serde_json::Value = r.json().unwrap_or_default();
+                    if status.is_object() {
+                        vm.status().migration = Some(status.clone());
+                    }
                     match status["state"].as_str() {
                         Some("failed") | Some("cancelled") => {
                             return Err(failed(
@@ -281,7 +301,10 @@ impl Supervisor {
                     break;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The last round (`stopped`) is short: its end, the summary, is
+            // read before the process goes.
+            let pace = if status_is(vm, "stopped") { 5 } else { 50 };
+            tokio::time::sleep(Duration::from_millis(pace)).await;
         }
         let info = vm.info(false);
         if info.state == VmState::Migrated {
@@ -294,6 +317,14 @@ impl Supervisor {
             )))
         }
     }
+}
+
+/// Whether the migration's last status seen is in `state`.
+fn status_is(vm: &Vm, state: &str) -> bool {
+    vm.status()
+        .migration
+        .as_ref()
+        .is_some_and(|m| m["state"] == state)
 }
 
 /// Marks an incoming VM running once its API says it runs (it arrived).

@@ -184,6 +184,7 @@ impl Supervisor {
                 console_tail: None,
                 stop_requested: false,
                 migrating_to: None,
+                migration: None,
             }),
             signals: signal_tx,
             ended: ended_rx,

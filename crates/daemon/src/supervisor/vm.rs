@@ -126,6 +126,10 @@ pub struct VmInfo {
     /// Whether the VM's API serves the debug writes (tests only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debug_api: bool,
+    /// The last status of the migration this daemon moved it by (the VM's
+    /// `GET /vigil/migration`), under way or ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<serde_json::Value>,
 }
 
 pub(super) struct Status {
@@ -138,6 +142,8 @@ pub(super) struct Status {
     pub(super) stop_requested: bool,
     /// Where a migration under way or done sends it (`tcp:HOST:PORT`).
     pub(super) migrating_to: Option<String>,
+    /// The migration's last status seen (`VmInfo::migration`).
+    pub(super) migration: Option<serde_json::Value>,
 }
 
 /// One VM the daemon supervises.
@@ -203,6 +209,7 @@ impl Vm {
             introspect: self.options.introspect,
             trace_syscalls: self.options.trace_syscalls.clone(),
             debug_api: self.options.debug_api,
+            migration: status.migration.clone(),
         }
     }
 

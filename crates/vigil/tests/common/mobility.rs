@@ -185,3 +185,14 @@ pub fn assert_monitor_carried(sock: &Path, (a, b): (u64, u64)) {
         [modified(b), ("kernel_text_modified".to_string(), a, true)]
     );
 }
+
+/// A self-signed certificate for `name` and its key, as `cert.pem` and
+/// `key.pem` in `dir` (the certificate is its own CA).
+pub fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let made = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}

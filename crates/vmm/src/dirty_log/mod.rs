@@ -157,7 +157,7 @@ impl DirtyLog {
     }
 
     /// Adds the pages of `other`, a log of the same memory.
-    pub(crate) fn merge(&mut self, other: &DirtyLog) {
+    pub fn merge(&mut self, other: &DirtyLog) {
         for (slot, s) in other.slots.iter().enumerate() {
             self.add(slot, &s.bitmap);
         }

@@ -34,12 +34,14 @@ pub struct MigrateBenchArgs {
     pub memory: Vec<u64>,
 
     /// Cases, comma-separated: idle (test=hang, no bandwidth limit), near (the
-    /// guest dirties 3/4 of the link), fast (twice the link), fast-plain (fast
-    /// without auto-converge).
+    /// guest dirties 3/4 of the link), fast (twice the link), fast-plain (fast,
+    /// pre-copy only, without auto-converge), fast-postcopy (fast, post-copy
+    /// from the start: Vigil's method postcopy, QEMU's postcopy-ram with
+    /// migrate-start-postcopy at once).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,near,fast,fast-plain"
+        default_value = "idle,near,fast,fast-plain,fast-postcopy"
     )]
     pub cases: Vec<Case>,
 
@@ -67,6 +69,7 @@ pub enum Case {
     Near,
     Fast,
     FastPlain,
+    FastPostcopy,
 }
 
 /// The downtime target both VMMs get.
@@ -83,6 +86,8 @@ struct Setup {
     /// Bytes per second; `None`: as fast as the link goes.
     bandwidth: Option<u64>,
     auto_converge: bool,
+    /// Vigil's method: auto, precopy or postcopy (QEMU: post-copy or not).
+    method: &'static str,
     timeout: Duration,
     tsc_khz: u64,
 }
@@ -98,7 +103,7 @@ impl Setup {
         let (cmdline, ready, bandwidth) = match case {
             Case::Idle => ("test=hang".to_string(), "timer:", None),
             Case::Near => (dirty(args.link * 3 / 4), "dirty: ", Some(args.link << 20)),
-            Case::Fast | Case::FastPlain => {
+            Case::Fast | Case::FastPlain | Case::FastPostcopy => {
                 (dirty(args.link * 2), "dirty: ", Some(args.link << 20))
             }
         };
@@ -107,7 +112,12 @@ impl Setup {
             cmdline,
             ready,
             bandwidth,
-            auto_converge: case != Case::FastPlain,
+            auto_converge: case == Case::Near || case == Case::Fast,
+            method: match case {
+                Case::FastPlain => "precopy",
+                Case::FastPostcopy => "postcopy",
+                _ => "auto",
+            },
             timeout: Duration::from_secs(args.timeout),
             tsc_khz,
         }
@@ -237,6 +247,7 @@ fn vigil_once(vigil: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Resul
         "token": TOKEN,
         "downtime_ms": DOWNTIME_MS,
         "auto_converge": s.auto_converge,
+        "method": s.method,
     });
     if let Some(b) = s.bandwidth {
         body["bandwidth_mib_s"] = json!(b >> 20);
@@ -329,20 +340,43 @@ impl Qmp {
     }
 }
 
-/// QEMU to QEMU: the destination with `-incoming`, the source driven through
-/// QMP (downtime limit, bandwidth, auto-converge, `migrate`, `query-migrate`
-/// polled); a migration still running at the timeout is cancelled.
+/// QEMU to QEMU: the destination with `-incoming` (`defer` and QMP for
+/// post-copy, which both sides must allow), the source driven through QMP
+/// (downtime limit, bandwidth, auto-converge, post-copy, `migrate`,
+/// `query-migrate` polled); a migration still running at the timeout is
+/// cancelled.
 fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<Outcome> {
     let port = free_port()?;
     // The later -cpu wins: the same CPU with the TSC frequency fixed, which
     // QEMU wants before it migrates a VM with invtsc.
     let cpu = format!("{},tsc-frequency={}", qemu::CPU, s.tsc_khz * 1000);
+    let postcopy = s.method == "postcopy";
+    let uri = format!("tcp:127.0.0.1:{port}");
     let mut dest_cmd = qemu.command(guest, &s.cmdline, s.memory_mib)?;
-    dest_cmd
-        .args(["-cpu", &cpu])
-        .arg("-incoming")
-        .arg(format!("tcp:127.0.0.1:{port}"));
+    dest_cmd.args(["-cpu", &cpu]).arg("-incoming");
+    let dest_qmp = dir.join("qemu-destination.qmp");
+    if postcopy {
+        let _ = std::fs::remove_file(&dest_qmp);
+        dest_cmd
+            .arg("defer")
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", dest_qmp.display()));
+    } else {
+        dest_cmd.arg(&uri);
+    }
     let mut dest = Running::spawn("qemu (destination)", dest_cmd)?;
+    if postcopy {
+        let mut qmp = Qmp::connect(&dest_qmp, &mut dest)?;
+        let incoming = qmp
+            .call(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+            )
+            .and_then(|_| qmp.call("migrate-incoming", json!({"uri": uri})));
+        if let Err(e) = incoming {
+            return Err(dest.failure(&e.to_string()));
+        }
+    }
     wait_listening(port, &mut dest)?;
 
     let qmp_path = dir.join("qemu-source.qmp");
@@ -364,7 +398,10 @@ fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<
         )?;
         qmp.call(
             "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "auto-converge", "state": s.auto_converge}]}),
+            json!({"capabilities": [
+                {"capability": "auto-converge", "state": s.auto_converge},
+                {"capability": "postcopy-ram", "state": postcopy},
+            ]}),
         )
     })();
     if let Err(e) = setup {
@@ -372,7 +409,13 @@ fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<
     }
     let cpu_before = process_cpu(src.pid())?;
     let started = Instant::now();
-    if let Err(e) = qmp.call("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")})) {
+    let start = qmp.call("migrate", json!({"uri": uri})).and_then(|_| {
+        if postcopy {
+            qmp.call("migrate-start-postcopy", json!({}))?;
+        }
+        Ok(())
+    });
+    if let Err(e) = start {
         return Err(src.failure(&e.to_string()));
     }
     let info = loop {
@@ -463,6 +506,7 @@ fn case_name(case: Case) -> &'static str {
         Case::Near => "near",
         Case::Fast => "fast",
         Case::FastPlain => "fast-plain",
+        Case::FastPostcopy => "fast-postcopy",
     }
 }
 
@@ -555,10 +599,11 @@ pub fn run(args: MigrateBenchArgs) -> anyhow::Result<()> {
             let what = match case {
                 Case::Idle => "idle (hang)".to_string(),
                 _ => format!(
-                    "{} ({} MiB/s, auto-converge {})",
+                    "{} ({} MiB/s, auto-converge {}, {})",
                     case_name(case),
                     setup.cmdline.rsplit('=').next().unwrap_or_default(),
-                    if setup.auto_converge { "on" } else { "off" }
+                    if setup.auto_converge { "on" } else { "off" },
+                    setup.method
                 ),
             };
             for (vmm, column) in &columns {

@@ -3,8 +3,10 @@
 
 mod render;
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -15,7 +17,9 @@ use vigil_model::config::IntrospectConfig;
 use vigil_shared::args::{default_socket, parse_seconds};
 use vigil_shared::{exit, logging};
 
-use render::{describe, event_line, uptime, vm_table, SseFrames};
+use render::{
+    describe, event_line, migration_progress, migration_summary, uptime, vm_table, SseFrames,
+};
 
 const AFTER_HELP: &str = "\
 Output: aligned tables for people by default; --json prints the daemon's JSON as it
@@ -102,7 +106,9 @@ enum CtlCommand {
     /// then a pause of about --downtime-ms), and once it runs there its record here
     /// says `migrated`. On any failure the VM keeps running here. The other daemon
     /// must listen on TCP (`vigil daemon --listen HOST:PORT --token-file F`); give
-    /// its address and token. Example:
+    /// its address and token. On a terminal (without --json) a progress line shows
+    /// the round, bytes sent and remaining, dirty rate, bandwidth, predicted pause and
+    /// throttle; at the end, the total time, pause and bytes. Example:
     /// vigil ctl migrate web1 --to 10.0.0.2:7070 --peer-token-file /etc/vigil/peer.token
     Migrate {
         id: String,
@@ -139,6 +145,8 @@ enum CtlCommand {
 /// How long `ctl` waits for answers that involve starting or stopping processes.
 const SLOW: Duration = Duration::from_secs(120);
 const FAST: Duration = Duration::from_secs(15);
+/// How often `migrate` redraws its progress line.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 fn call(
     socket: &Path,
@@ -306,13 +314,38 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
                 "bandwidth_mib_s": bandwidth_mib_s,
             });
             eprintln!("migrating {id} to the daemon at {to}...");
-            let r = call(
-                socket,
-                "POST",
-                &format!("/vms/{id}/migrate"),
-                Some(body),
-                Duration::from_secs(660),
-            )?;
+            let status_path = format!("/vms/{id}/migration");
+            let done = AtomicBool::new(false);
+            let live = !json && std::io::stderr().is_terminal();
+            let r = std::thread::scope(|scope| {
+                if live {
+                    // The POST answers once it ended: meanwhile, the progress.
+                    scope.spawn(|| {
+                        while !done.load(Ordering::Acquire) {
+                            if let Ok(r) = call(socket, "GET", &status_path, None, FAST) {
+                                let line = migration_progress(&r.json().unwrap_or_default());
+                                eprint!("\r\x1b[2K{line}");
+                            }
+                            std::thread::sleep(PROGRESS_INTERVAL);
+                        }
+                        eprint!("\r\x1b[2K");
+                    });
+                }
+                let r = call(
+                    socket,
+                    "POST",
+                    &format!("/vms/{id}/migrate"),
+                    Some(body),
+                    Duration::from_secs(660),
+                );
+                done.store(true, Ordering::Release);
+                r
+            })?;
+            if !json {
+                if let Ok(status) = call(socket, "GET", &status_path, None, FAST) {
+                    eprintln!("{}", migration_summary(&status.json().unwrap_or_default()));
+                }
+            }
             print_record(&r, json);
         }
         CtlCommand::Destroy { id } => {

@@ -182,6 +182,38 @@ pub fn describe(v: &Value) -> String {
     out
 }
 
+/// Bytes as MiB with one decimal.
+fn mib(v: &Value) -> String {
+    format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / f64::from(1 << 20))
+}
+
+/// One line of a migration under way (`GET /vms/{id}/migration`).
+pub fn migration_progress(v: &Value) -> String {
+    format!(
+        "{} round {}: {} sent, {} remaining, dirtied at {}/s, link {}/s, pause {} ms predicted, throttle {}%",
+        field(v, "state"),
+        field(v, "round"),
+        mib(&v["bytes_sent"]),
+        mib(&v["remaining_bytes"]),
+        mib(&v["dirty_rate_bytes_per_s"]),
+        mib(&v["bandwidth_bytes_per_s"]),
+        field(v, "predicted_downtime_ms"),
+        field(v, "throttle_percent"),
+    )
+}
+
+/// How a migration ended: total time, pause, bytes and rounds.
+pub fn migration_summary(v: &Value) -> String {
+    format!(
+        "{}: {} ms in all, paused {} ms, {} sent in {} rounds",
+        field(v, "state"),
+        field(v, "total_ms"),
+        field(v, "downtime_ms"),
+        mib(&v["bytes_sent"]),
+        field(v, "round"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
