@@ -3,6 +3,8 @@
 //! counts and goes on at the destination with every word of its memory intact;
 //! a wrong token, a corrupted or cut stream, a destination killed midway and a cancel
 //! each leave the source running, and exactly one of the two VMs runs at the end.
+//! The integrity monitor moves with the VM and goes on from its baseline at the
+//! destination, without `--introspect` there.
 //! Post-copy moves a writing guest at once, its pages pulled as it touches
 //! them, and takes over when pre-copy cannot keep up with the guest.
 //! Over TLS, a source without the CA of the destination's certificate is
@@ -17,17 +19,21 @@ use std::time::{Duration, Instant};
 
 use common::daemon::free_loopback_addr;
 use common::http::request;
-use common::mobility::{certificate, counting_guest, counts, ok, TIMEOUT};
+use common::mobility::{
+    assert_monitor_carried, certificate, counting_guest, counts, monitored_counting_guest, ok,
+    tamper_before_capture, wait_monitoring, TIMEOUT,
+};
 use common::{scratch, Console};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "4f1c9a7e-one-time";
 
-/// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`.
-fn destination(dir: &Path, name: &str) -> (Console, PathBuf, String) {
+/// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`,
+/// with the `extra` arguments.
+fn destination(dir: &Path, name: &str, extra: &[&str]) -> (Console, PathBuf, String) {
     let listen = format!("unix:{}", dir.join(format!("{name}.mig")).display());
     let sock = dir.join(format!("{name}.sock"));
-    let console = Console::spawn(&[
+    let mut args = vec![
         "run",
         "--migrate-from",
         &listen,
@@ -35,7 +41,9 @@ fn destination(dir: &Path, name: &str) -> (Console, PathBuf, String) {
         TOKEN,
         "--api-sock",
         sock.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let console = Console::spawn(&args);
     let mig = dir.join(format!("{name}.mig"));
     let deadline = Instant::now() + TIMEOUT;
     while !mig.exists() {
@@ -83,7 +91,7 @@ fn assert_counts_on(before: &str, after: &str) {
 #[test]
 fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
     let dir = scratch("migrate");
-    let (mut dest, dest_sock, target) = destination(&dir, "dest");
+    let (mut dest, dest_sock, target) = destination(&dir, "dest", &[]);
     let (src, src_sock) = counting_guest(&dir);
     ok(
         &src_sock,
@@ -106,6 +114,38 @@ fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
         "Running"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The monitored guest, tampered with, moves (by `method`, or the default);
+/// the destination, without `--introspect`, goes on with the carried monitor.
+fn monitor_migrates(name: &str, method: Option<&str>) {
+    let dir = scratch(name);
+    let (mut dest, dest_sock, target) = destination(&dir, "dest", &["--debug-api"]);
+    let (src, src_sock) = monitored_counting_guest(&dir);
+    let pages = tamper_before_capture(&src_sock);
+    let mut request = json!({"destination": target, "token": TOKEN, "downtime_ms": 50});
+    if let Some(method) = method {
+        request["method"] = method.into();
+    }
+    ok(&src_sock, "PUT", "/vigil/migration", request);
+    dest.wait_for(&["counter: "], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    // No --introspect here: the carried monitor, with its settings.
+    let status = wait_monitoring(&dest_sock);
+    assert_eq!(status["settings"]["period"], 600_000, "{status}");
+    assert_monitor_carried(&dest_sock, pages);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_integrity_monitor_migrates_and_goes_on_from_its_baseline() {
+    monitor_migrates("migrate-introspect", None);
+}
+
+#[test]
+fn the_integrity_monitor_goes_on_after_a_post_copy_migration() {
+    monitor_migrates("migrate-introspect-postcopy", Some("postcopy"));
 }
 
 /// What a proxy does to the stream at a byte offset.
@@ -158,7 +198,7 @@ fn faulty_proxy(front: PathBuf, back: PathBuf, fault: Fault) -> std::thread::Joi
 #[test]
 fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
     let dir = scratch("migrate-faults");
-    let (mut dest, _dest_sock, target) = destination(&dir, "dest");
+    let (mut dest, _dest_sock, target) = destination(&dir, "dest", &[]);
     let (mut src, src_sock) = counting_guest(&dir);
     let still_counts = |src: &mut Console| {
         let now = *counts(src.poll()).last().unwrap();
@@ -234,7 +274,7 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
     still_counts(&mut src);
 
     // And then a good one, to a new destination: one VM runs, there.
-    let (mut dest, _, target) = destination(&dir, "dest2");
+    let (mut dest, _, target) = destination(&dir, "dest2", &[]);
     ok(
         &src_sock,
         "PUT",
@@ -254,7 +294,7 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
 #[test]
 fn a_dirtying_guest_migrates_with_every_page_it_wrote() {
     let dir = scratch("migrate-dirty");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
     let sock = dir.join("source.sock");
     let mut src = Console::spawn(&[
         "run",
@@ -354,7 +394,7 @@ fn logged(stderr: &str, what: &str, key: &str) -> Option<u64> {
 #[test]
 fn a_writing_guest_moves_by_postcopy_pulling_the_pages_it_touches() {
     let dir = scratch("migrate-postcopy");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
     let (src, sock) = writing_guest(&dir);
     ok(
         &sock,
@@ -393,7 +433,7 @@ fn a_writing_guest_moves_by_postcopy_pulling_the_pages_it_touches() {
 #[test]
 fn pre_copy_that_cannot_converge_switches_to_postcopy() {
     let dir = scratch("migrate-switch");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
     let (src, sock) = writing_guest(&dir);
     // The rate the policy prices a move by: the VM's metrics measure it between
     // two readings from its dirty log.
@@ -443,7 +483,7 @@ fn pre_copy_that_cannot_converge_switches_to_postcopy() {
 #[test]
 fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
     let dir = scratch("migrate-postcopy-lost");
-    let (dest, _, target) = destination(&dir, "dest");
+    let (dest, _, target) = destination(&dir, "dest", &[]);
     // 32 MiB written at 4 MiB/s, pushed at 1 MiB/s: the VM runs there for
     // seconds before it has all its pages.
     let (_src, sock) = writing_guest_at(&dir, 32, 4);
@@ -621,7 +661,7 @@ fn tls_files_that_do_not_load_name_the_option_and_the_path() {
 #[test]
 fn a_source_lost_during_postcopy_stops_the_destination_saying_why() {
     let dir = scratch("migrate-postcopy-source-lost");
-    let (dest, _, target) = destination(&dir, "dest");
+    let (dest, _, target) = destination(&dir, "dest", &[]);
     let (src, sock) = writing_guest_at(&dir, 32, 4);
     ok(
         &sock,
