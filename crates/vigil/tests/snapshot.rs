@@ -59,7 +59,8 @@ fn create_as(sock: &Path, snapshot_type: &str, state: &Path, mem: &Path) -> Dura
     start.elapsed()
 }
 
-/// Bytes the file system holds for a file (its data; holes take none).
+/// Bytes the file system holds for a file (its data, and the blocks of its
+/// extent tree when the file system is fragmented; holes take none).
 fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
 }
@@ -390,7 +391,11 @@ fn a_diff_snapshot_holds_the_pages_written_since_the_last_one_and_loads_merged()
     // A booted VM's first diff has no snapshot to differ from: every page is in
     // it, and its state file says it is whole.
     create_as(&sock, "Diff", &path("z.snap"), &path("z.mem"));
-    assert_eq!(allocated(&path("z.mem")), 128 << 20);
+    let z = allocated(&path("z.mem"));
+    assert!(
+        (128 << 20..(128 << 20) + (64 << 10)).contains(&z),
+        "every page, {z} bytes"
+    );
     let inspect = snapshot_cli(&["inspect", text(&path("z.snap"))]);
     assert!(inspect.stdout.contains("memory file: Full\n"), "{inspect}");
     std::fs::remove_file(path("z.mem")).unwrap();

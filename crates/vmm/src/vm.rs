@@ -162,7 +162,7 @@ impl Vm {
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let stop = self.stop;
         let vm_fd = Arc::new(self.vm_fd);
-        let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone());
+        let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone(), true);
         let dirty = DirtyTracker::new(self.mem.clone(), Box::new(guest_log));
         // Before any vCPU runs: a restored VM's first diff differs from its file.
         let (memory_file, lazy) = match self.memory {
