@@ -85,9 +85,9 @@ fn free_region(machine: &Machine, key: &str, mib: u64, detail: &mut Line) -> Opt
             .str(key)
             .str("=")
             .dec(mib)
-            .str(": 0x")
+            .str(": ")
             .hex(DIRTY_BASE)
-            .str("..0x")
+            .str("..")
             .hex(end)
             .str(" is not free RAM");
         return None;
