@@ -44,32 +44,88 @@ fn word(tick: u64, i: usize) -> u64 {
     (tick << 32) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// `counter_ticks=N` (1 to [`MAX_TICKS`]): stop after N ticks; without it, count
-/// until the VM is stopped.
-fn ticks(machine: &Machine) -> Result<Option<u64>, &[u8]> {
-    machine.info.param_number(b"counter_ticks", 1, MAX_TICKS)
-}
+/// The most `counter_ms=`.
+const MAX_TICK_MS: u64 = 1000;
 
-/// Prints `counter: <tick>` each tick; fails at the first word that does not
-/// hold what the previous tick wrote (`lost: tick=<t> word=<i> found=0x..`).
-pub fn counter(machine: &Machine, detail: &mut Line) -> bool {
-    let limit = match ticks(machine) {
-        Ok(limit) => limit,
+/// The number `key=` holds (1 to `max`), else `default`; a bad value is said in
+/// `detail`.
+fn number(
+    machine: &Machine,
+    key: &str,
+    max: u64,
+    default: Option<u64>,
+    detail: &mut Line,
+) -> Result<Option<u64>, ()> {
+    match machine.info.param_number(key.as_bytes(), 1, max) {
+        Ok(v) => Ok(v.or(default)),
         Err(value) => {
             detail
-                .str("counter_ticks=")
+                .str(key)
+                .str("=")
                 .bytes(value)
                 .str(": expected 1 to ")
-                .dec(MAX_TICKS);
-            return false;
+                .dec(max);
+            Err(())
         }
+    }
+}
+
+/// The end of `mib` MiB from [`DIRTY_BASE`] up, when all of it is RAM above the
+/// guest's image; else says so in `detail` under `key`.
+fn free_region(machine: &Machine, key: &str, mib: u64, detail: &mut Line) -> Option<u64> {
+    let end = DIRTY_BASE + (mib << 20);
+    let image_end = addr_of!(__image_end) as u64;
+    let in_ram = machine
+        .info
+        .ram()
+        .iter()
+        .any(|r| r.base <= DIRTY_BASE && end <= r.end());
+    if !in_ram || image_end > DIRTY_BASE {
+        detail
+            .str(key)
+            .str("=")
+            .dec(mib)
+            .str(": ")
+            .hex(DIRTY_BASE)
+            .str("..")
+            .hex(end)
+            .str(" is not free RAM");
+        return None;
+    }
+    Some(end)
+}
+
+/// Prints `counter: <tick>` each tick (`counter_ms=`, default 100); fails at
+/// the first word that does not hold what the previous tick wrote (`lost:
+/// tick=<t> word=<i> found=0x..`). With `counter_fill_mib=N` it first writes a
+/// word into each page of N MiB from 16 MiB up, so that a snapshot of it holds
+/// that much touched memory.
+pub fn counter(machine: &Machine, detail: &mut Line) -> bool {
+    let (Ok(limit), Ok(Some(tick_ms)), Ok(fill)) = (
+        number(machine, "counter_ticks", MAX_TICKS, None, detail),
+        number(machine, "counter_ms", MAX_TICK_MS, Some(TICK_MS), detail),
+        number(machine, "counter_fill_mib", DIRTY_MAX_MIB, None, detail),
+    ) else {
+        return false;
     };
-    let tick_tsc = machine.delay_tsc_khz() * TICK_MS;
+    let fill_end = match fill {
+        Some(mib) => match free_region(machine, "counter_fill_mib", mib, detail) {
+            Some(end) => end,
+            None => return false,
+        },
+        None => DIRTY_BASE,
+    };
+    let tick_tsc = machine.delay_tsc_khz() * tick_ms;
     let mut pass = true;
     // COUNTER_PAGES is this scenario's alone; all of the kernel image is
     // user-accessible, so the CPL3 loop may read and write it.
     let pages = addr_of_mut!(COUNTER_PAGES) as *mut u64;
     let mut run = || {
+        for page in (DIRTY_BASE..fill_end).step_by(PAGE as usize) {
+            // SAFETY: the page is RAM above the guest's image (checked above),
+            // identity-mapped and this scenario's alone.
+            unsafe { write_volatile(page as *mut u64, page | 1) };
+        }
         for i in 0..WORDS {
             // SAFETY: i < WORDS, inside COUNTER_PAGES.
             unsafe { write_volatile(pages.add(i), word(0, i)) };
@@ -135,43 +191,14 @@ extern "C" {
 /// the second sweep on, each page's word must still hold what the last sweep
 /// wrote (`lost: page=<i> sweep=<s> found=0x..` otherwise).
 pub fn dirty(machine: &Machine, detail: &mut Line) -> bool {
-    let param = |key: &str, max: u64, default: Option<u64>, detail: &mut Line| {
-        match machine.info.param_number(key.as_bytes(), 1, max) {
-            Ok(v) => Ok(v.or(default)),
-            Err(value) => {
-                detail
-                    .str(key)
-                    .str("=")
-                    .bytes(value)
-                    .str(": expected 1 to ")
-                    .dec(max);
-                Err(())
-            }
-        }
-    };
     let (Ok(Some(mib)), Ok(Some(mib_s)), Ok(seconds)) = (
-        param("dirty_mib", DIRTY_MAX_MIB, Some(DIRTY_DEFAULT_MIB), detail),
-        param("dirty_mib_s", DIRTY_MAX_MIB_S, Some(DIRTY_DEFAULT_MIB_S), detail),
-        param("dirty_s", DIRTY_MAX_S, None, detail),
+        number(machine, "dirty_mib", DIRTY_MAX_MIB, Some(DIRTY_DEFAULT_MIB), detail),
+        number(machine, "dirty_mib_s", DIRTY_MAX_MIB_S, Some(DIRTY_DEFAULT_MIB_S), detail),
+        number(machine, "dirty_s", DIRTY_MAX_S, None, detail),
     ) else {
         return false;
     };
-    let end = DIRTY_BASE + (mib << 20);
-    let image_end = addr_of!(__image_end) as u64;
-    let in_ram = machine
-        .info
-        .ram()
-        .iter()
-        .any(|r| r.base <= DIRTY_BASE && end <= r.end());
-    if !in_ram || image_end > DIRTY_BASE {
-        detail
-            .str("dirty_mib=")
-            .dec(mib)
-            .str(": 0x")
-            .hex(DIRTY_BASE)
-            .str("..0x")
-            .hex(end)
-            .str(" is not free RAM");
+    if free_region(machine, "dirty_mib", mib, detail).is_none() {
         return false;
     }
     let pages = mib << 8;
