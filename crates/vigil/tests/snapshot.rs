@@ -169,7 +169,7 @@ fn a_snapshot_loads_lazily_from_a_page_fault_handler() {
     drop(source);
 
     let handler_sock = dir.join("uffd.sock");
-    let handler = common::fault_handler::FaultHandler::serve(&handler_sock, &mem);
+    let handler = vigil_shared::page_server::PageServer::listen(&handler_sock, &mem).unwrap();
     let (mut restored, sock) = api_vigil(&dir, "restored");
     ok(
         &sock,
@@ -191,7 +191,7 @@ fn a_snapshot_loads_lazily_from_a_page_fault_handler() {
     );
 
     drop(restored);
-    drop(handler);
+    handler.finish().unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
 

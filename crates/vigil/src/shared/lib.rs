@@ -5,5 +5,6 @@
 pub mod args;
 pub mod exit;
 pub mod logging;
+pub mod page_server;
 pub mod qemu;
 pub mod siblings;

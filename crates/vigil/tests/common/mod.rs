@@ -2,7 +2,6 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod daemon;
-pub mod fault_handler;
 pub mod http;
 pub mod mobility;
 pub mod tap;
