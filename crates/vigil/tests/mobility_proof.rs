@@ -29,6 +29,8 @@ const TOKEN: &str = "9d2e-proof-one-time";
 const STREAM_PORT: u32 = 1235;
 const DISK_BYTES: usize = 8 << 20;
 const SECTOR: usize = 512;
+/// Stream records in the device's credit window (256 KiB, 16 bytes each).
+const CREDIT_RECORDS: u64 = (256 << 10) / 16;
 /// The guest's command line: 16 MiB dirtied at 16 MiB/s, 200 disk records and
 /// 4096 stream records (64 KiB) a second, for `seconds` of guest time.
 fn boot_args(seconds: u64) -> String {
@@ -155,6 +157,7 @@ fn check_everything(before: &str, after: &str, disk: &Path, stream: Vec<Vec<u8>>
         .lines()
         .find(|l| l.starts_with("TEST mobility PASS "))
         .unwrap_or_else(|| panic!("no PASS:\n{both}"));
+    eprintln!("{pass}");
 
     // The count goes on one tick at a time (a line the move cut in two is the
     // one that may be missing), never back.
@@ -199,12 +202,10 @@ fn check_everything(before: &str, after: &str, disk: &Path, stream: Vec<Vec<u8>>
     let starts: Vec<u64> = lines_starting(&both, "vsock: connected port=")
         .map(|l| field(l, "seq"))
         .collect();
-    assert_eq!(
-        stream.len() as u64,
-        field(pass, "connections"),
-        "connections\n{both}"
-    );
-    assert_eq!(starts.len(), stream.len(), "connections\n{both}");
+    // One connection before the move, one after.
+    assert_eq!(stream.len(), 2, "connections the host took\n{both}");
+    assert_eq!(field(pass, "connections"), 2, "{both}");
+    assert_eq!(starts.len(), 2, "connections the guest made\n{both}");
     assert!(
         after.contains("vsock: transport reset at seq="),
         "the guest saw no transport reset after the move\n{after}"
@@ -212,9 +213,11 @@ fn check_everything(before: &str, after: &str, disk: &Path, stream: Vec<Vec<u8>>
     let mut expected = 0u64;
     for (i, (bytes, &start)) in stream.iter().zip(&starts).enumerate() {
         let last_conn = i + 1 == stream.len();
+        // What a reset may lose: what the device had taken from the guest but
+        // not yet passed on, at most its credit window.
         assert!(
-            start >= expected,
-            "connection {i} starts at record {start}, before {expected}"
+            start >= expected && start - expected <= CREDIT_RECORDS,
+            "connection {i} starts at record {start}; the last one ended before {expected}"
         );
         for (k, chunk) in bytes.chunks(16).enumerate() {
             let n = start + k as u64;
@@ -317,14 +320,22 @@ struct Namespaces {
 }
 
 impl Namespaces {
-    /// None (with the reason) where namespaces cannot be made here.
-    fn new() -> Result<Namespaces, String> {
+    /// The reason where namespaces cannot be made here. `tag` (a letter) keeps
+    /// the names of the tests that run at once apart.
+    fn new(tag: char) -> Result<Namespaces, String> {
         let id = std::process::id();
         let ns = Namespaces {
-            names: [format!("vigil-proof-a-{id}"), format!("vigil-proof-b-{id}")],
+            names: [
+                format!("vigil-proof-{tag}a-{id}"),
+                format!("vigil-proof-{tag}b-{id}"),
+            ],
         };
         let [a, b] = &ns.names;
-        let (va, vb) = (format!("vpa{}", id % 1_000_000), format!("vpb{}", id % 1_000_000));
+        // Interface names have at most 15 bytes.
+        let (va, vb) = (
+            format!("vp{tag}a{}", id % 1_000_000),
+            format!("vp{tag}b{}", id % 1_000_000),
+        );
         let steps: [&[&str]; 10] = [
             &["netns", "add", a],
             &["netns", "add", b],
@@ -381,8 +392,8 @@ fn listening(pid: u32, port: u16) -> bool {
 }
 
 /// Migrates the scenario with `method` from namespace a to namespace b over TCP.
-fn migrate_between_namespaces(name: &str, method: &str) {
-    let ns = match Namespaces::new() {
+fn migrate_between_namespaces(name: &str, tag: char, method: &str) {
+    let ns = match Namespaces::new(tag) {
         Ok(ns) => ns,
         Err(why) => {
             eprintln!("skipped: cannot make network namespaces here ({why})");
@@ -423,16 +434,21 @@ fn migrate_between_namespaces(name: &str, method: &str) {
     eprintln!("{}", run.stderr);
     let after = dest.finish(TIMEOUT);
     assert_eq!(after.code, Some(0), "{after}");
-    check_everything(&run.stdout, &after.stdout, &setup.disk, setup.stream.finish());
+    check_everything(
+        &run.stdout,
+        &after.stdout,
+        &setup.disk,
+        setup.stream.finish(),
+    );
     std::fs::remove_dir_all(&setup.dir).ok();
 }
 
 #[test]
 fn a_guest_migrated_between_network_namespaces_keeps_everything() {
-    migrate_between_namespaces("proof-migrate", "auto");
+    migrate_between_namespaces("proof-migrate", 'm', "auto");
 }
 
 #[test]
 fn a_guest_migrated_post_copy_between_network_namespaces_keeps_everything() {
-    migrate_between_namespaces("proof-postcopy", "postcopy");
+    migrate_between_namespaces("proof-postcopy", 'p', "postcopy");
 }
