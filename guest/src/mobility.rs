@@ -330,6 +330,26 @@ const VSOCK_MAX_REC_S: u64 = 10_000_000;
 /// How long the end waits for the host to take the stream's last bytes.
 const STREAM_CLOSE_MS: u64 = 5000;
 
+/// `seconds=<k> ticks=<t> blk=<records> vsock=<next record> connections=<n>`.
+fn progress<'a, O: Out>(
+    out: &'a mut O,
+    dirtier: &Dirtier,
+    counter: &Counter,
+    records: &Records,
+    stream: &Stream,
+) -> &'a mut O {
+    out.str("seconds=")
+        .dec(dirtier.seconds)
+        .str(" ticks=")
+        .dec(counter.tick)
+        .str(" blk=")
+        .dec(records.written)
+        .str(" vsock=")
+        .dec(stream.next)
+        .str(" connections=")
+        .dec(stream.connections)
+}
+
 /// Lets `per_s` events happen each second of TSC time, a second at a time (a
 /// TSC that jumped, as across a restore, starts a new second).
 struct Pace {
@@ -368,8 +388,8 @@ impl Pace {
 /// second; read back and checked 8 at a time), and a stream of numbered
 /// records to the host over the first virtio-vsock device (`vsock_rec_s=` a
 /// second, to CID 2 port 1235; after a transport reset it connects again and
-/// goes on from the next record). Prints `mobility: second=<k> ticks=<t>
-/// blk=<records> vsock=<records> connections=<n>` each second. Runs until the VM
+/// goes on from the next record). Prints `mobility: seconds=<k> ticks=<t>
+/// blk=<records> vsock=<next record> connections=<n>` each second. Runs until the VM
 /// is stopped, or for `mobility_s=` seconds; then reads every disk record back,
 /// waits until the host has taken the whole stream and shuts it down.
 pub fn mobility(machine: &Machine, detail: &mut Line) -> bool {
@@ -385,63 +405,64 @@ pub fn mobility(machine: &Machine, detail: &mut Line) -> bool {
     let packets_s = vsock_rec_s
         .unwrap_or(VSOCK_DEFAULT_REC_S)
         .div_ceil(STREAM_RECORDS_PER_PACKET);
+    let rates = (seconds, blk_rec_s, packets_s);
     virtio::run_at_cpl3(machine, detail, |devices, clock, detail| {
         let mut records = Records::open(devices, clock).map_err(|e| {
             detail.str(e);
         })?;
-        let mut stream = Stream::open(devices, clock, detail)?;
-        let mut dirtier = Dirtier::from_params(machine, detail)?;
-        let mut counter = Counter::start(machine);
-        let (mut blk_pace, mut vsock_pace) = (
-            Pace::new(blk_rec_s, machine),
-            Pace::new(packets_s, machine),
-        );
-        let vsock_error = |detail: &mut Line, e: &str| {
-            detail.str("vsock: ").str(e);
-        };
-        while seconds.is_none_or(|n| dirtier.seconds < n) {
-            counter.poll(detail)?;
-            if dirtier.step(detail)? {
-                Serial
-                    .str("mobility: second=")
-                    .dec(dirtier.seconds)
-                    .str(" ticks=")
-                    .dec(counter.tick)
-                    .str(" blk=")
-                    .dec(records.written)
-                    .str(" vsock=")
-                    .dec(stream.next)
-                    .str(" connections=")
-                    .dec(stream.connections)
-                    .str("\n");
-            }
-            stream.poll().map_err(|e| vsock_error(detail, e))?;
-            if stream.ready() && vsock_pace.take() {
-                stream.send_records().map_err(|e| vsock_error(detail, e))?;
-            }
-            if !records.full() && blk_pace.take() {
-                records.write_next(detail)?;
-            }
-        }
-        records.check_all(detail)?;
-        stream
-            .close(STREAM_CLOSE_MS)
-            .map_err(|e| vsock_error(detail, e))?;
-        detail
-            .str("seconds=")
-            .dec(dirtier.seconds)
-            .str(" ticks=")
-            .dec(counter.tick)
-            .str(" dirty_pages=")
-            .dec(dirtier.total)
-            .str(" blk=")
-            .dec(records.written)
-            .str(" vsock=")
-            .dec(stream.next)
-            .str(" connections=")
-            .dec(stream.connections)
-            .str(" resets=")
-            .dec(stream.resets);
-        Ok(())
+        let result = Stream::open(devices, clock, detail).and_then(|mut stream| {
+            let result = run_all(machine, rates, &mut records, &mut stream, detail);
+            stream.reset();
+            result
+        });
+        records.reset();
+        result
     })
+}
+
+/// `mobility`'s loop, with its devices set up.
+fn run_all(
+    machine: &Machine,
+    (seconds, blk_rec_s, packets_s): (Option<u64>, u64, u64),
+    records: &mut Records,
+    stream: &mut Stream,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    let mut dirtier = Dirtier::from_params(machine, detail)?;
+    let mut counter = Counter::start(machine);
+    let (mut blk_pace, mut vsock_pace) =
+        (Pace::new(blk_rec_s, machine), Pace::new(packets_s, machine));
+    let vsock_error = |detail: &mut Line, e: &str| {
+        detail.str("vsock: ").str(e);
+    };
+    while seconds.is_none_or(|n| dirtier.seconds < n) {
+        counter.poll(detail)?;
+        if dirtier.step(detail)? {
+            progress(
+                Serial.str("mobility: "),
+                &dirtier,
+                &counter,
+                records,
+                stream,
+            )
+            .str("\n");
+        }
+        stream.poll().map_err(|e| vsock_error(detail, e))?;
+        if stream.ready() && vsock_pace.take() {
+            stream.send_records().map_err(|e| vsock_error(detail, e))?;
+        }
+        if !records.full() && blk_pace.take() {
+            records.write_next(detail)?;
+        }
+    }
+    records.check_all(detail)?;
+    stream
+        .close(STREAM_CLOSE_MS)
+        .map_err(|e| vsock_error(detail, e))?;
+    progress(detail, &dirtier, &counter, records, stream)
+        .str(" dirty_pages=")
+        .dec(dirtier.total)
+        .str(" resets=")
+        .dec(stream.resets);
+    Ok(())
 }

@@ -1318,7 +1318,11 @@ impl Records {
     pub(crate) fn write_next(&mut self, detail: &mut Line) -> Result<(), ()> {
         let n = self.written;
         fill_record(dma(WRITE_BUF), n);
-        expect_ok(detail, "blk write", self.q.blk(BLK_T_OUT, n, dma(WRITE_BUF), SECTOR))?;
+        expect_ok(
+            detail,
+            "blk write",
+            self.q.blk(BLK_T_OUT, n, dma(WRITE_BUF), SECTOR),
+        )?;
         self.written += 1;
         if self.written - self.checked == RECORDS_PER_CHECK {
             self.check(detail)?;
@@ -1333,16 +1337,28 @@ impl Records {
             let first = self.checked;
             let count = (self.written - first).min(RECORDS_PER_CHECK);
             let len = (count * u64::from(SECTOR)) as u32;
-            expect_ok(detail, "blk read", self.q.blk(BLK_T_IN, first, dma(READ_BUF), len))?;
+            expect_ok(
+                detail,
+                "blk read",
+                self.q.blk(BLK_T_IN, first, dma(READ_BUF), len),
+            )?;
             for k in 0..count {
                 if !is_record(dma(READ_BUF) + k * u64::from(SECTOR), first + k) {
-                    detail.str("blk record ").dec(first + k).str(" read back wrong");
+                    detail
+                        .str("blk record ")
+                        .dec(first + k)
+                        .str(" read back wrong");
                     return Err(());
                 }
             }
             self.checked += count;
         }
         Ok(())
+    }
+
+    /// Resets the device.
+    pub(crate) fn reset(&self) {
+        let _ = self.q.dev.reset(self.q.clock);
     }
 
     /// Reads every record written so far back and checks it.

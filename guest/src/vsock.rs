@@ -441,7 +441,7 @@ const RETRY_MS: u64 = 100;
 
 /// The second word of stream record `n`.
 fn stream_check(n: u64) -> u64 {
-    n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed_0f_5eed
+    n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x005e_ed0f_5eed
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -609,6 +609,11 @@ impl Stream {
         self.c.send(OP_SHUTDOWN, 3, &[])?;
         self.state = StreamState::Closed(u64::MAX);
         Ok(())
+    }
+
+    /// Resets the device.
+    pub(crate) fn reset(&self) {
+        let _ = self.dev.reset(self.clock);
     }
 
     /// Drops the connection (saying so when it was established); the next
