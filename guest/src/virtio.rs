@@ -78,7 +78,7 @@ const QUEUE_SIZE: u32 = 16;
 // The DMA area (`.dma`, page-aligned, identity-mapped below 4 GiB: guest-physical ==
 // virtual): descriptor table, avail ring, used ring, one page each; a page of small
 // buffers (request header, status byte, GET_ID buffer, entropy buffers); two 4 KiB data
-// buffers, the read buffer last.
+// buffers (write, read); then the rings and buffers of several queues and devices.
 const DESC: u64 = 0x0000;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
@@ -1241,7 +1241,7 @@ fn flood_body(q: &mut Queue, clock: Clock, seconds: u64, detail: &mut Line) -> R
 /// The `mobility` scenario's disk records: record `n` fills sector `n` (512 bytes):
 /// `VIGILREC`, `n` (u64, little-endian), 488 payload bytes ([`record_byte`]),
 /// and the FNV-1a 64 hash of the 504 bytes before it (u64).
-pub(crate) const RECORD_MAGIC: &[u8; 8] = b"VIGILREC";
+const RECORD_MAGIC: &[u8; 8] = b"VIGILREC";
 const RECORD_HASH_AT: u64 = 504;
 /// Written records are read back and checked this many at a time (one 4 KiB
 /// request), each time that many more are written.

@@ -192,7 +192,9 @@ fn check_everything(before: &str, after: &str, disk: &Path, stream: Vec<Vec<u8>>
     // The stream: each connection's records in order and intact from the number
     // the guest said it started at; across the move only the records in flight
     // are missing; the last connection ends with the last record sent.
-    let starts: Vec<u64> = lines_starting(&both, "vsock: connected port=")
+    let starts: Vec<u64> = both
+        .lines()
+        .filter(|l| l.starts_with("vsock: connected port="))
         .map(|l| field(l, "seq"))
         .collect();
     // One connection before the move, one after.
@@ -242,11 +244,6 @@ fn check_everything(before: &str, after: &str, disk: &Path, stream: Vec<Vec<u8>>
             );
         }
     }
-}
-
-/// The lines of `text` that start with `prefix`.
-fn lines_starting<'a>(text: &'a str, prefix: &'a str) -> impl Iterator<Item = &'a str> {
-    text.lines().filter(move |l| l.starts_with(prefix))
 }
 
 /// Disk record `n`, as the guest writes it (guest/src/virtio.rs, `Records`).
