@@ -46,10 +46,55 @@ fn word(tick: u64, i: usize) -> u64 {
     (tick << 32) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// `counter_ticks=N` (1 to [`MAX_TICKS`]): stop after N ticks; without it, count
-/// until the VM is stopped.
-fn ticks(machine: &Machine) -> Result<Option<u64>, &[u8]> {
-    machine.info.param_number(b"counter_ticks", 1, MAX_TICKS)
+/// The most `counter_ms=`.
+const MAX_TICK_MS: u64 = 1000;
+
+/// The number `key=` holds (1 to `max`), else `default`; a bad value is said in
+/// `detail`.
+fn number(
+    machine: &Machine,
+    key: &str,
+    max: u64,
+    default: Option<u64>,
+    detail: &mut Line,
+) -> Result<Option<u64>, ()> {
+    match machine.info.param_number(key.as_bytes(), 1, max) {
+        Ok(v) => Ok(v.or(default)),
+        Err(value) => {
+            detail
+                .str(key)
+                .str("=")
+                .bytes(value)
+                .str(": expected 1 to ")
+                .dec(max);
+            Err(())
+        }
+    }
+}
+
+/// The end of `mib` MiB from [`DIRTY_BASE`] up, when all of it is RAM above the
+/// guest's image; else says so in `detail` under `key`.
+fn free_region(machine: &Machine, key: &str, mib: u64, detail: &mut Line) -> Option<u64> {
+    let end = DIRTY_BASE + (mib << 20);
+    let image_end = addr_of!(__image_end) as u64;
+    let in_ram = machine
+        .info
+        .ram()
+        .iter()
+        .any(|r| r.base <= DIRTY_BASE && end <= r.end());
+    if !in_ram || image_end > DIRTY_BASE {
+        detail
+            .str(key)
+            .str("=")
+            .dec(mib)
+            .str(": ")
+            .hex(DIRTY_BASE)
+            .str("..")
+            .hex(end)
+            .str(" is not free RAM");
+        return None;
+    }
+    Some(end)
 }
 
 /// The `counter` pages and their count: each tick checks every word the
@@ -62,8 +107,8 @@ struct Counter {
 }
 
 impl Counter {
-    /// Fills the pages for tick 0; the first tick is due [`TICK_MS`] from now.
-    fn start(machine: &Machine) -> Counter {
+    /// Fills the pages for tick 0; the first tick is due `tick_ms` from now.
+    fn start(machine: &Machine, tick_ms: u64) -> Counter {
         // COUNTER_PAGES is this scenario's alone; all of the kernel image is
         // user-accessible, so the CPL3 loop may read and write it.
         let pages = addr_of_mut!(COUNTER_PAGES) as *mut u64;
@@ -71,7 +116,7 @@ impl Counter {
             // SAFETY: i < WORDS, inside COUNTER_PAGES.
             unsafe { write_volatile(pages.add(i), word(0, i)) };
         }
-        let tick_tsc = machine.delay_tsc_khz() * TICK_MS;
+        let tick_tsc = machine.delay_tsc_khz() * tick_ms;
         Counter {
             pages,
             tick: 0,
@@ -111,23 +156,34 @@ impl Counter {
     }
 }
 
-/// Prints `counter: <tick>` each tick; fails at the first word that does not
-/// hold what the previous tick wrote (`lost: tick=<t> word=<i> found=0x..`).
+/// Prints `counter: <tick>` each tick (`counter_ms=`, default 100); fails at
+/// the first word that does not hold what the previous tick wrote (`lost:
+/// tick=<t> word=<i> found=0x..`). With `counter_fill_mib=N` it first writes a
+/// word into each page of N MiB from 16 MiB up, so that a snapshot of it holds
+/// that much touched memory.
 pub fn counter(machine: &Machine, detail: &mut Line) -> bool {
-    let limit = match ticks(machine) {
-        Ok(limit) => limit,
-        Err(value) => {
-            detail
-                .str("counter_ticks=")
-                .bytes(value)
-                .str(": expected 1 to ")
-                .dec(MAX_TICKS);
-            return false;
-        }
+    let (Ok(limit), Ok(Some(tick_ms)), Ok(fill)) = (
+        number(machine, "counter_ticks", MAX_TICKS, None, detail),
+        number(machine, "counter_ms", MAX_TICK_MS, Some(TICK_MS), detail),
+        number(machine, "counter_fill_mib", DIRTY_MAX_MIB, None, detail),
+    ) else {
+        return false;
+    };
+    let fill_end = match fill {
+        Some(mib) => match free_region(machine, "counter_fill_mib", mib, detail) {
+            Some(end) => end,
+            None => return false,
+        },
+        None => DIRTY_BASE,
     };
     let mut pass = true;
     let mut run = || {
-        let mut counter = Counter::start(machine);
+        for page in (DIRTY_BASE..fill_end).step_by(PAGE as usize) {
+            // SAFETY: the page is RAM above the guest's image (checked above),
+            // identity-mapped and this scenario's alone.
+            unsafe { write_volatile(page as *mut u64, page | 1) };
+        }
+        let mut counter = Counter::start(machine, tick_ms);
         while limit.is_none_or(|n| counter.tick < n) {
             if counter.poll(detail).is_err() {
                 pass = false;
@@ -185,27 +241,25 @@ impl Dirtier {
     /// From `dirty_mib=` and `dirty_mib_s=` (defaults without them); the error
     /// goes to the detail.
     fn from_params(machine: &Machine, detail: &mut Line) -> Result<Dirtier, ()> {
-        let mib = param(machine, "dirty_mib", DIRTY_MAX_MIB, detail)?.unwrap_or(DIRTY_DEFAULT_MIB);
-        let mib_s =
-            param(machine, "dirty_mib_s", DIRTY_MAX_MIB_S, detail)?.unwrap_or(DIRTY_DEFAULT_MIB_S);
-        let end = DIRTY_BASE + (mib << 20);
-        let image_end = addr_of!(__image_end) as u64;
-        let in_ram = machine
-            .info
-            .ram()
-            .iter()
-            .any(|r| r.base <= DIRTY_BASE && end <= r.end());
-        if !in_ram || image_end > DIRTY_BASE {
-            detail
-                .str("dirty_mib=")
-                .dec(mib)
-                .str(": 0x")
-                .hex(DIRTY_BASE)
-                .str("..0x")
-                .hex(end)
-                .str(" is not free RAM");
+        let (Ok(Some(mib)), Ok(Some(mib_s))) = (
+            number(
+                machine,
+                "dirty_mib",
+                DIRTY_MAX_MIB,
+                Some(DIRTY_DEFAULT_MIB),
+                detail,
+            ),
+            number(
+                machine,
+                "dirty_mib_s",
+                DIRTY_MAX_MIB_S,
+                Some(DIRTY_DEFAULT_MIB_S),
+                detail,
+            ),
+        ) else {
             return Err(());
-        }
+        };
+        free_region(machine, "dirty_mib", mib, detail).ok_or(())?;
         Ok(Dirtier {
             pages: mib << 8,
             pages_per_s: mib_s << 8,
@@ -269,22 +323,6 @@ impl Dirtier {
     }
 }
 
-/// The number `key=` on the command line, 1 to `max`, if there; the error (the
-/// value and the range) goes to the detail.
-fn param(machine: &Machine, key: &str, max: u64, detail: &mut Line) -> Result<Option<u64>, ()> {
-    machine
-        .info
-        .param_number(key.as_bytes(), 1, max)
-        .map_err(|value| {
-            detail
-                .str(key)
-                .str("=")
-                .bytes(value)
-                .str(": expected 1 to ")
-                .dec(max);
-        })
-}
-
 /// `dirty`: at CPL3, writes one word per 4 KiB page across `dirty_mib=` MiB
 /// from 16 MiB up, page after page and round again, paced by the TSC to
 /// `dirty_mib_s=` MiB per second; prints `dirty: <pages> pages in second <k>`
@@ -292,7 +330,7 @@ fn param(machine: &Machine, key: &str, max: u64, detail: &mut Line) -> Result<Op
 /// the second sweep on, each page's word must still hold what the last sweep
 /// wrote (`lost: page=<i> sweep=<s> found=0x..` otherwise).
 pub fn dirty(machine: &Machine, detail: &mut Line) -> bool {
-    let Ok(seconds) = param(machine, "dirty_s", DIRTY_MAX_S, detail) else {
+    let Ok(seconds) = number(machine, "dirty_s", DIRTY_MAX_S, None, detail) else {
         return false;
     };
     let Ok(mut dirtier) = Dirtier::from_params(machine, detail) else {
@@ -394,9 +432,9 @@ impl Pace {
 /// waits until the host has taken the whole stream and shuts it down.
 pub fn mobility(machine: &Machine, detail: &mut Line) -> bool {
     let params = (
-        param(machine, "mobility_s", MOBILITY_MAX_S, detail),
-        param(machine, "blk_rec_s", BLK_MAX_REC_S, detail),
-        param(machine, "vsock_rec_s", VSOCK_MAX_REC_S, detail),
+        number(machine, "mobility_s", MOBILITY_MAX_S, None, detail),
+        number(machine, "blk_rec_s", BLK_MAX_REC_S, None, detail),
+        number(machine, "vsock_rec_s", VSOCK_MAX_REC_S, None, detail),
     );
     let (Ok(seconds), Ok(blk_rec_s), Ok(vsock_rec_s)) = params else {
         return false;
@@ -429,7 +467,7 @@ fn run_all(
     detail: &mut Line,
 ) -> Result<(), ()> {
     let mut dirtier = Dirtier::from_params(machine, detail)?;
-    let mut counter = Counter::start(machine);
+    let mut counter = Counter::start(machine, TICK_MS);
     let (mut blk_pace, mut vsock_pace) =
         (Pace::new(blk_rec_s, machine), Pace::new(packets_s, machine));
     let vsock_error = |detail: &mut Line, e: &str| {

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use supervisor::{Supervisor, SupervisorConfig, SupervisorError, VmInfo, VmState};
+pub use supervisor::{
+    MigrationTls, Supervisor, SupervisorConfig, SupervisorError, VmInfo, VmState,
+};
 
 /// Why the daemon could not start (or keep running).
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,8 @@ pub struct DaemonConfig {
     pub events: events::EventsSettings,
     /// The adaptive migration policy (`--migrate-peer` ...); off without peers.
     pub migration: Option<balance::PolicySettings>,
+    /// TLS for migrations (`--migration-tls-*`).
+    pub migration_tls: supervisor::MigrationTls,
 }
 
 impl DaemonConfig {
@@ -112,6 +116,7 @@ impl DaemonConfig {
             max_vms: 256,
             events: events::EventsSettings::default(),
             migration: None,
+            migration_tls: supervisor::MigrationTls::default(),
         }
     }
 }
@@ -232,6 +237,7 @@ pub async fn serve(
             stop_timeout: config.stop_timeout,
             vm_request_timeout: Duration::from_secs(5),
             max_vms: config.max_vms,
+            migration_tls: config.migration_tls.clone(),
         },
         events.clone(),
     ));

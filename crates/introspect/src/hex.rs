@@ -25,10 +25,10 @@ pub mod u64 {
     }
 }
 
-/// A list of `u64`s, each as `"0x..."`.
+/// A list of `u64`s, each as `"0x..."`; reads `"0x..."` strings or numbers.
 pub mod u64_vec {
     use serde::ser::SerializeSeq;
-    use serde::Serializer;
+    use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u64], s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(v.len()))?;
@@ -37,11 +37,21 @@ pub mod u64_vec {
         }
         seq.end()
     }
+
+    #[derive(Deserialize)]
+    struct Hex(#[serde(with = "super::u64")] u64);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        Ok(Vec::<Hex>::deserialize(d)?
+            .into_iter()
+            .map(|h| h.0)
+            .collect())
+    }
 }
 
 /// Optional bytes as one lowercase hex string (or `null`).
 pub mod opt_bytes {
-    use serde::Serializer;
+    use serde::{de, Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
         match v {
@@ -49,14 +59,27 @@ pub mod opt_bytes {
             None => s.serialize_none(),
         }
     }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| super::parse_bytes(&s).map_err(de::Error::custom))
+            .transpose()
+    }
 }
 
 /// A digest as one lowercase hex string.
 pub mod digest {
-    use serde::Serializer;
+    use serde::{de, Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::bytes(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let b = super::parse_bytes(&String::deserialize(d)?).map_err(de::Error::custom)?;
+        let n = b.len();
+        b.try_into()
+            .map_err(|_| de::Error::custom(format!("{n} bytes, expected a 32-byte SHA-256")))
     }
 }
 

@@ -1,7 +1,7 @@
 //! The guest kernel's memory that the integrity monitor protects: kernel text,
 //! read-only data and the system call table, as guest-virtual ranges.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vigil_vmm::symbols::SymbolTable;
 
 use crate::hex;
@@ -19,7 +19,8 @@ pub const MAX_REGION: u64 = 1 << 30;
 pub const LINUX_GDT_VOLATILE: [u16; 5] = [0x50, 0x58, 0x60, 0x68, 0x70];
 
 /// A guest-virtual range `[start, end)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VirtRange {
     #[serde(with = "hex::u64")]
     pub start: u64,
@@ -38,7 +39,8 @@ impl VirtRange {
 }
 
 /// Where the system call table is and how many entries it has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SyscallTableLoc {
     /// Guest-virtual address of entry 0.
     #[serde(with = "hex::u64")]
@@ -77,7 +79,8 @@ pub enum LayoutError {
 
 /// The guest-virtual ranges the monitor protects, at their run-time addresses
 /// (KASLR slide applied).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KernelLayout {
     /// Kernel text: `[_stext, _etext)`.
     pub text: VirtRange,
@@ -242,6 +245,31 @@ impl KernelLayout {
             gdt_volatile: Vec::new(),
             notes: Vec::new(),
         })
+    }
+}
+
+impl KernelLayout {
+    /// Checks a layout read back from elsewhere (a snapshot, a migration) as
+    /// [`KernelLayout::new`] checks its ranges, and that the system call table
+    /// fits the address space.
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        check_range("kernel text", self.text.start, self.text.end)?;
+        if let Some(r) = self.rodata {
+            check_range("kernel read-only data", r.start, r.end)?;
+        }
+        if let Some(t) = self.syscall_table {
+            if t.count == 0 || t.count > MAX_SYSCALLS {
+                return Err(LayoutError::BadSyscallCount(t.count));
+            }
+            if t.addr.checked_add(t.count as u64 * 8).is_none() {
+                return Err(LayoutError::BadRange {
+                    what: "the system call table",
+                    start: t.addr,
+                    end: t.addr.wrapping_add(t.count as u64 * 8),
+                });
+            }
+        }
+        Ok(())
     }
 }
 

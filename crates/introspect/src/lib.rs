@@ -21,8 +21,8 @@ pub mod view;
 
 pub use cpu::{CpuState, TableRegister};
 pub use integrity::{
-    Baseline, BaselineError, Checker, Finding, PageRecord, RegionBaseline, SyscallTableBaseline,
-    VcpuBaseline,
+    Baseline, BaselineError, Checker, Finding, PageRecord, RegionBaseline, ReportedLocation,
+    SyscallTableBaseline, VcpuBaseline,
 };
 pub use kaslr::{
     decode_idt_gate, exception_handler_symbol, kaslr_slide, kaslr_slide_from_idt, read_idt_gate,

@@ -175,7 +175,7 @@ fn serve(
         .filter(|&p| to_send.remove(p))
         .collect();
     now.sort_unstable();
-    let counts = send_pages(out, mem, now.iter().copied(), false)?;
+    let counts = out.urgently(|out| send_pages(out, mem, now.iter().copied(), false))?;
     m.update(|s| {
         // Asked for, whether still to send or on the way already.
         s.requested_pages += pages.len() as u64;
@@ -308,11 +308,11 @@ impl Arrival {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Some(control) = control {
-            tracing::error!(
-                missing = self.pending.len(),
-                "post-copy: the source is lost ({why}); the VM cannot run without its memory and stops"
-            );
-            control.stop(SIGTERM);
+            control.fail(format!(
+                "post-copy: the source is lost ({why}) with {} pages of the VM's memory still there; \
+                 the VM cannot run without them",
+                self.pending.len()
+            ));
         }
         if let Err(e) = self.lazy.unregister() {
             tracing::error!("post-copy: {e}");

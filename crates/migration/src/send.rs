@@ -435,6 +435,15 @@ impl Out<'_> {
         self.paced_from = (Instant::now(), self.sent);
     }
 
+    /// Runs `f` without waiting for the limit (pages a running guest waits
+    /// for); the bytes still count toward it.
+    pub(crate) fn urgently<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let limit = self.limit.take();
+        let r = f(self);
+        self.limit = limit;
+        r
+    }
+
     pub(crate) fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
         if self.cancel.load(Ordering::Acquire) {
             return Err(MigrationError::Cancelled);

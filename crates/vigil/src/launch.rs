@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use vigil_api::preboot::PreBoot;
 use vigil_api::{Api, SnapshotLoad, SnapshotMemory, StartError, ToVmm};
-use vigil_introspect::live::{Introspector, MonitorSettings};
+use vigil_introspect::live::{Introspector, MonitorSettings, MonitorState, STATE_EXTENSION};
 use vigil_introspect::SyscallFilter;
 use vigil_migration::{Migrator, ServerTls, Target};
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
@@ -20,6 +20,7 @@ use vigil_model::config::{
 };
 use vigil_model::cpu::CpuFeature;
 use vigil_model::firecracker::{self, FullVmConfig, Logger, Metrics};
+use vigil_vmm::builder::BuildError;
 use vigil_vmm::{RunningVm, StopHandle};
 
 use crate::terminal::TerminalGuard;
@@ -54,17 +55,29 @@ pub struct IntrospectLaunch {
 }
 
 impl IntrospectLaunch {
-    /// Starts what was asked for on the running VM.
-    fn start(&self, intro: &Arc<Introspector>) -> anyhow::Result<()> {
+    /// Starts what was asked for on the running VM. A monitor `carried` by the
+    /// snapshot or migration the VM came from goes on from its baseline, with
+    /// or without `--introspect` (whose settings, where given, replace the
+    /// carried ones); a new baseline would trust whatever the guest changed
+    /// before the capture.
+    fn start(
+        &self,
+        intro: &Arc<Introspector>,
+        carried: Option<MonitorState>,
+    ) -> anyhow::Result<()> {
         if let Some(path) = &self.findings_path {
             intro
                 .write_findings_to(path)
                 .map_err(|e| anyhow!("--findings-path {e}"))?;
         }
-        if let Some(config) = &self.monitor {
-            intro
+        match (carried, &self.monitor) {
+            (Some(state), config) => intro
+                .resume_monitor(state, config.as_ref())
+                .map_err(|e| anyhow!("the carried introspection monitor: {e}"))?,
+            (None, Some(config)) => intro
                 .start_monitor(MonitorSettings::resolve(config, BOOT_BASELINE_AFTER))
-                .map_err(|e| anyhow!("--introspect: {e}"))?;
+                .map_err(|e| anyhow!("--introspect: {e}"))?,
+            (None, None) => {}
         }
         if let Some((path, filter)) = &self.trace {
             intro.trace_once_ready(filter.clone(), path.clone());
@@ -164,6 +177,13 @@ fn restore(
             vigil_vmm::builder::restore_lazily(&load.state_path, handler, console, on_crash)?
         }
     };
+    // Refused before the VM runs: a monitor that cannot go on from its baseline.
+    if let Some(carried) = vm.extension(STATE_EXTENSION) {
+        MonitorState::from_json(carried).map_err(|e| BuildError::SnapshotMismatch {
+            field: format!("extensions.{STATE_EXTENSION}"),
+            why: e.to_string(),
+        })?;
+    }
     if !load.resume {
         vm.start_paused();
     }
@@ -316,7 +336,20 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     };
     // Crash reports name the function at RIP: the symbols are read then, if ever.
     let symbols = running.symbols().clone();
-    if let Err(e) = l.overrides.introspect.start(&introspector) {
+    let carried = match running
+        .extension(STATE_EXTENSION)
+        .map(MonitorState::from_json)
+    {
+        None => None,
+        Some(Ok(state)) => Some(state),
+        // A loaded snapshot's was checked before its VM ran: a VM that arrived
+        // by migration, whose source has ended, runs on.
+        Some(Err(e)) => {
+            eprintln!("vigil: {e}: it does not go on here");
+            None
+        }
+    };
+    if let Err(e) = l.overrides.introspect.start(&introspector, carried) {
         running.stop_handle().stop(libc::SIGTERM);
         let _ = running.wait();
         return Err(e);
@@ -353,6 +386,10 @@ fn attach_introspection(
 ) -> Arc<Introspector> {
     let counters = running.metrics().metrics().introspect().clone();
     let introspector = Introspector::new(running.inspect(), counters);
+    // Snapshots and migrations carry the monitor.
+    running
+        .control()
+        .set_state_extension(STATE_EXTENSION, introspector.state_extension());
     api.set_introspector(introspector.clone(), settings.debug_api);
     introspector
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::io::IsTerminal;
 
 use vigil_devices::virtio::persist::DeviceState;
+use vigil_introspect::live::{MonitorState, STATE_EXTENSION};
 use vigil_vmm::snapshot::{file, MemoryKind};
 
 /// The report `vigil snapshot inspect` prints.
@@ -105,7 +106,43 @@ pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
             t.queues.len()
         );
     }
+    for (name, value) in &state.extensions {
+        let line = if name == STATE_EXTENSION {
+            introspection(value)?
+        } else {
+            "kept for another layer, not read by this Vigil".into()
+        };
+        let _ = writeln!(out, "{name}: {line}");
+    }
     Ok(out)
+}
+
+/// The carried integrity monitor, checked as a load checks it.
+fn introspection(value: &serde_json::Value) -> anyhow::Result<String> {
+    let state = MonitorState::from_json(value)?;
+    let s = &state.settings;
+    let monitor = format!(
+        "the integrity monitor, every {} ms, policy {}",
+        s.period().as_millis(),
+        s.policy().as_str()
+    );
+    let Some(c) = &state.baseline else {
+        return Ok(format!("{monitor}; no baseline taken yet"));
+    };
+    let b = &c.baseline;
+    Ok(format!(
+        "{monitor}; its baseline: {} vCPUs, kernel text {} pages{}, syscall table {} entries, KASLR slide {:#x} ({}); {} locations reported",
+        b.vcpus.len(),
+        b.text.pages.len(),
+        b.rodata
+            .as_ref()
+            .map(|r| format!(", read-only data {} pages", r.pages.len()))
+            .unwrap_or_default(),
+        b.syscall_table.as_ref().map_or(0, |t| t.entries.len()),
+        b.layout.slide,
+        c.kaslr_slide_from,
+        c.reported.len()
+    ))
 }
 
 /// Merges the diff memory file `diff` onto `base` in place; returns what it did.

@@ -48,13 +48,28 @@ fn token_file(dir: &Path, token: &str) -> std::path::PathBuf {
 #[test]
 fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
     let events = std::env::temp_dir().join(format!("vigil-migrate-a-{}.jsonl", std::process::id()));
+    // The daemons migrate over TLS: b serves with its certificate, a trusts it.
+    let certs = std::env::temp_dir().join(format!("vigil-migrate-certs-{}", std::process::id()));
+    let (cert, key) = common::mobility::certificate(&certs, "127.0.0.1");
     let a = Daemon::start(
         "migrate-a",
-        &["--events-output", &format!("json:{}", events.display())],
+        &[
+            "--events-output",
+            &format!("json:{}", events.display()),
+            "--migration-tls-ca",
+            cert.to_str().unwrap(),
+        ],
     );
     let addr = free_loopback_addr();
     let token = token_file(&a.dir, "b-daemon-token-0123456789");
-    let b = Daemon::start("migrate-b", &tcp_args(&addr, &token));
+    let mut b_args = tcp_args(&addr, &token).to_vec();
+    b_args.extend([
+        "--migration-tls-cert",
+        cert.to_str().unwrap(),
+        "--migration-tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let b = Daemon::start("migrate-b", &b_args);
     a.create("m1", "counter");
     a.create("m2", "counter");
     console_has(&a, "m1", "counter: 3");
@@ -110,6 +125,12 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
     assert_eq!(
         inspected["config"]["machine-config"]["mem_size_mib"], 32,
         "the record there keeps the configuration: {inspected}"
+    );
+    let pid = inspected["pid"].as_u64().expect("the VM's process");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("--migration-tls-cert"),
+        "the VM arrived behind b's certificate"
     );
 
     // How it went, after: the status, the metrics and the events here.
@@ -199,6 +220,7 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
     });
     wait_for_state(&a, "m2", "migrated");
     let _ = std::fs::remove_file(&events);
+    let _ = std::fs::remove_dir_all(&certs);
 }
 
 /// Spins `n` threads until the returned flag is set: CPU pressure on the host.

@@ -1,8 +1,10 @@
 //! Live migration between two Vigil processes (`vigil run --migrate-from`, `PUT
 //! /vigil/migration`): the test guest's `counter` scenario moves while it
 //! counts and goes on at the destination with every word of its memory intact;
-//! a wrong token, a corrupted stream, a destination killed midway and a cancel
+//! a wrong token, a corrupted or cut stream, a destination killed midway and a cancel
 //! each leave the source running, and exactly one of the two VMs runs at the end.
+//! The integrity monitor moves with the VM and goes on from its baseline at the
+//! destination, without `--introspect` there.
 //! Post-copy moves a writing guest at once, its pages pulled as it touches
 //! them, and takes over when pre-copy cannot keep up with the guest.
 //! Over TLS, a source without the CA of the destination's certificate is
@@ -17,17 +19,21 @@ use std::time::{Duration, Instant};
 
 use common::daemon::free_loopback_addr;
 use common::http::request;
-use common::mobility::{assert_counts_on, certificate, counting_guest, counts, ok, TIMEOUT};
+use common::mobility::{
+    assert_counts_on, assert_monitor_carried, certificate, counting_guest, counts,
+    monitored_counting_guest, ok, tamper_before_capture, wait_monitoring, TIMEOUT,
+};
 use common::{scratch, Console};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "4f1c9a7e-one-time";
 
-/// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`.
-fn destination(dir: &Path, name: &str) -> (Console, PathBuf, String) {
+/// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`,
+/// with the `extra` arguments.
+fn destination(dir: &Path, name: &str, extra: &[&str]) -> (Console, PathBuf, String) {
     let listen = format!("unix:{}", dir.join(format!("{name}.mig")).display());
     let sock = dir.join(format!("{name}.sock"));
-    let console = Console::spawn(&[
+    let mut args = vec![
         "run",
         "--migrate-from",
         &listen,
@@ -35,7 +41,9 @@ fn destination(dir: &Path, name: &str) -> (Console, PathBuf, String) {
         TOKEN,
         "--api-sock",
         sock.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let console = Console::spawn(&args);
     let mig = dir.join(format!("{name}.mig"));
     let deadline = Instant::now() + TIMEOUT;
     while !mig.exists() {
@@ -62,7 +70,7 @@ fn wait_migration_end(sock: &Path) -> Value {
 #[test]
 fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
     let dir = scratch("migrate");
-    let (mut dest, dest_sock, target) = destination(&dir, "dest");
+    let (mut dest, dest_sock, target) = destination(&dir, "dest", &[]);
     let (src, src_sock) = counting_guest(&dir);
     ok(
         &src_sock,
@@ -87,9 +95,50 @@ fn a_counting_guest_migrates_and_counts_on_with_its_memory_intact() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Forwards one connection from `front` to `back`, flipping the byte at
-/// `flip` of what goes forward.
-fn corrupting_proxy(front: PathBuf, back: PathBuf, flip: usize) -> std::thread::JoinHandle<()> {
+/// The monitored guest, tampered with, moves (by `method`, or the default);
+/// the destination, without `--introspect`, goes on with the carried monitor.
+fn monitor_migrates(name: &str, method: Option<&str>) {
+    let dir = scratch(name);
+    let (mut dest, dest_sock, target) = destination(&dir, "dest", &["--debug-api"]);
+    let (src, src_sock) = monitored_counting_guest(&dir);
+    let pages = tamper_before_capture(&src_sock);
+    let mut request = json!({"destination": target, "token": TOKEN, "downtime_ms": 50});
+    if let Some(method) = method {
+        request["method"] = method.into();
+    }
+    ok(&src_sock, "PUT", "/vigil/migration", request);
+    dest.wait_for(&["counter: "], TIMEOUT);
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    // No --introspect here: the carried monitor, with its settings.
+    let status = wait_monitoring(&dest_sock);
+    assert_eq!(status["settings"]["period"], 600_000, "{status}");
+    assert_monitor_carried(&dest_sock, pages);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_integrity_monitor_migrates_and_goes_on_from_its_baseline() {
+    monitor_migrates("migrate-introspect", None);
+}
+
+#[test]
+fn the_integrity_monitor_goes_on_after_a_post_copy_migration() {
+    monitor_migrates("migrate-introspect-postcopy", Some("postcopy"));
+}
+
+/// What a proxy does to the stream at a byte offset.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Flips a bit of the byte there.
+    Flip(usize),
+    /// Cuts both ways there (a network cut).
+    Cut(usize),
+}
+
+/// Forwards one connection from `front` to `back`, doing `fault` to what goes
+/// forward.
+fn faulty_proxy(front: PathBuf, back: PathBuf, fault: Fault) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(&front).unwrap();
     std::thread::spawn(move || {
         let (mut from_source, _) = listener.accept().unwrap();
@@ -107,8 +156,15 @@ fn corrupting_proxy(front: PathBuf, back: PathBuf, flip: usize) -> std::thread::
             if n == 0 {
                 break;
             }
-            if (at..at + n).contains(&flip) {
-                buf[flip - at] ^= 0x40;
+            match fault {
+                Fault::Flip(flip) if (at..at + n).contains(&flip) => buf[flip - at] ^= 0x40,
+                Fault::Cut(cut) if at + n > cut => {
+                    let _ = to_dest.write_all(&buf[..cut - at]);
+                    let _ = from_source.shutdown(std::net::Shutdown::Both);
+                    let _ = to_dest.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                _ => {}
             }
             at += n;
             if to_dest.write_all(&buf[..n]).is_err() {
@@ -121,7 +177,7 @@ fn corrupting_proxy(front: PathBuf, back: PathBuf, flip: usize) -> std::thread::
 #[test]
 fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
     let dir = scratch("migrate-faults");
-    let (mut dest, _dest_sock, target) = destination(&dir, "dest");
+    let (mut dest, _dest_sock, target) = destination(&dir, "dest", &[]);
     let (mut src, src_sock) = counting_guest(&dir);
     let still_counts = |src: &mut Console| {
         let now = *counts(src.poll()).last().unwrap();
@@ -145,18 +201,24 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
 
     // One byte of the stream flipped on the way: the destination's CRC check
     // refuses the frame.
-    let proxy = dir.join("proxy.mig");
-    let forward = corrupting_proxy(proxy.clone(), dir.join("dest.mig"), 200_000);
-    ok(
-        &src_sock,
-        "PUT",
-        "/vigil/migration",
-        json!({"destination": format!("unix:{}", proxy.display()), "token": TOKEN}),
-    );
-    let status = wait_migration_end(&src_sock);
-    assert_eq!(status["state"], "failed", "{status}");
-    forward.join().unwrap();
-    still_counts(&mut src);
+    // And the connection cut midway.
+    for (name, fault) in [
+        ("flip.mig", Fault::Flip(200_000)),
+        ("cut.mig", Fault::Cut(300_000)),
+    ] {
+        let proxy = dir.join(name);
+        let forward = faulty_proxy(proxy.clone(), dir.join("dest.mig"), fault);
+        ok(
+            &src_sock,
+            "PUT",
+            "/vigil/migration",
+            json!({"destination": format!("unix:{}", proxy.display()), "token": TOKEN}),
+        );
+        let status = wait_migration_end(&src_sock);
+        assert_eq!(status["state"], "failed", "{name}: {status}");
+        forward.join().unwrap();
+        still_counts(&mut src);
+    }
 
     // A slow migration cancelled midway.
     ok(
@@ -191,7 +253,7 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
     still_counts(&mut src);
 
     // And then a good one, to a new destination: one VM runs, there.
-    let (mut dest, _, target) = destination(&dir, "dest2");
+    let (mut dest, _, target) = destination(&dir, "dest2", &[]);
     ok(
         &src_sock,
         "PUT",
@@ -211,7 +273,7 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
 #[test]
 fn a_dirtying_guest_migrates_with_every_page_it_wrote() {
     let dir = scratch("migrate-dirty");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
     let sock = dir.join("source.sock");
     let mut src = Console::spawn(&[
         "run",
@@ -251,6 +313,11 @@ fn a_dirtying_guest_migrates_with_every_page_it_wrote() {
 /// source Vigil serving its API on `dir/source.sock`, logging what it does,
 /// two seconds into its writing.
 fn writing_guest(dir: &Path) -> (Console, PathBuf) {
+    writing_guest_at(dir, 8, 32)
+}
+
+/// The `dirty` guest writing `mib` MiB over and over at `mib_s` MiB/s.
+fn writing_guest_at(dir: &Path, mib: u32, mib_s: u32) -> (Console, PathBuf) {
     let sock = dir.join("source.sock");
     let mut src = Console::spawn(&[
         "--log-level",
@@ -261,12 +328,31 @@ fn writing_guest(dir: &Path) -> (Console, PathBuf) {
         "--kernel",
         vigil_test_guest::ELF_PATH,
         "--cmdline",
-        "test=dirty dirty_mib=8 dirty_mib_s=32",
+        &format!("test=dirty dirty_mib={mib} dirty_mib_s={mib_s}"),
         "--api-sock",
         sock.to_str().unwrap(),
     ]);
-    src.wait_for(&["dirty: 8192 pages in second 2"], TIMEOUT);
+    src.wait_for(
+        &[&format!("dirty: {} pages in second 2", mib_s * 256)],
+        TIMEOUT,
+    );
     (src, sock)
+}
+
+/// Polls the source's migration status until it is in post-copy: the VM runs
+/// at the destination, pages still to come.
+fn wait_postcopy(sock: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let status = request(sock, "GET", "/vigil/migration", "").json();
+        match status["state"].as_str() {
+            Some("postcopy") => return,
+            Some("connecting" | "precopy" | "stopped") => {}
+            _ => panic!("not in post-copy: {status}"),
+        }
+        assert!(Instant::now() < deadline, "still {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The number after `key=` in a log line that says `what`.
@@ -287,7 +373,7 @@ fn logged(stderr: &str, what: &str, key: &str) -> Option<u64> {
 #[test]
 fn a_writing_guest_moves_by_postcopy_pulling_the_pages_it_touches() {
     let dir = scratch("migrate-postcopy");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
     let (src, sock) = writing_guest(&dir);
     ok(
         &sock,
@@ -326,7 +412,7 @@ fn a_writing_guest_moves_by_postcopy_pulling_the_pages_it_touches() {
 #[test]
 fn pre_copy_that_cannot_converge_switches_to_postcopy() {
     let dir = scratch("migrate-switch");
-    let (mut dest, _, target) = destination(&dir, "dest");
+    let (mut dest, _, target) = destination(&dir, "dest", &[]);
     let (src, sock) = writing_guest(&dir);
     // The rate the policy prices a move by: the VM's metrics measure it between
     // two readings from its dirty log.
@@ -376,17 +462,17 @@ fn pre_copy_that_cannot_converge_switches_to_postcopy() {
 #[test]
 fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
     let dir = scratch("migrate-postcopy-lost");
-    let (mut dest, _, target) = destination(&dir, "dest");
-    let (_src, sock) = counting_guest(&dir);
+    let (dest, _, target) = destination(&dir, "dest", &[]);
+    // 32 MiB written at 4 MiB/s, pushed at 1 MiB/s: the VM runs there for
+    // seconds before it has all its pages.
+    let (_src, sock) = writing_guest_at(&dir, 32, 4);
     ok(
         &sock,
         "PUT",
         "/vigil/migration",
         json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 1}),
     );
-    dest.wait_for(&["counter: "], TIMEOUT);
-    let status = request(&sock, "GET", "/vigil/migration", "").json();
-    assert_eq!(status["state"], "postcopy", "{status}");
+    wait_postcopy(&sock);
     drop(dest);
     let status = wait_migration_end(&sock);
     assert_eq!(status["state"], "failed", "{status}");
@@ -545,5 +631,27 @@ fn tls_files_that_do_not_load_name_the_option_and_the_path() {
         "{}",
         a.body
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The other side of post-copy's price: the source lost while the VM runs at
+/// the destination with pages still there. The destination cannot go on: it
+/// stops its VM and says why, rather than run a guest whose memory is gone.
+#[test]
+fn a_source_lost_during_postcopy_stops_the_destination_saying_why() {
+    let dir = scratch("migrate-postcopy-source-lost");
+    let (dest, _, target) = destination(&dir, "dest", &[]);
+    let (src, sock) = writing_guest_at(&dir, 32, 4);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 1}),
+    );
+    wait_postcopy(&sock);
+    drop(src);
+    let run = dest.finish(TIMEOUT);
+    assert_eq!(run.code, Some(1), "a VMM failure: {run}");
+    assert!(run.stderr.contains("the source is lost"), "{run}");
     std::fs::remove_dir_all(&dir).ok();
 }

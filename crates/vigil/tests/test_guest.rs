@@ -384,6 +384,17 @@ fn bench_commands_produce_their_tables() {
     let row = r.line("| vigil | ");
     let iops: u64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
     assert!(iops > 0, "{row}");
+    let r = run(
+        &["bench", "snapshot", "--runs", "1", "--memory", "64"],
+        TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("Vigil alone"), "{r}");
+    let row: Vec<&str> = r.line("| vigil | ").split('|').map(str::trim).collect();
+    // Both loads ran; the handler served the pages one tick of the guest touches.
+    assert!(!row.contains(&"failed"), "{r}");
+    let pages: u64 = row[11].parse().unwrap();
+    assert!(pages >= 64, "{r}");
     // The net benchmark creates a tap, which needs root.
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 && std::path::Path::new("/dev/net/tun").exists() {
@@ -672,6 +683,39 @@ fn syscall_scenarios_run_through_the_table() {
     assert_eq!(
         r.line("TEST syscall-loop"),
         "TEST syscall-loop FAIL syscall_n=0: expected 1 to 10000000",
+        "{r}"
+    );
+}
+
+#[test]
+fn counter_ticks_as_often_as_told_and_fills_memory_first() {
+    let start = std::time::Instant::now();
+    let r = guest(&[
+        "--memory",
+        "64",
+        "--cmdline",
+        "test=counter counter_ticks=50 counter_ms=1 counter_fill_mib=32",
+    ]);
+    assert_eq!(r.line("TEST counter"), "TEST counter PASS ticks=50", "{r}");
+    assert_eq!(r.lines_starting("counter: ").len(), 50, "{r}");
+    // 50 ticks of the default 100 ms would take 5 s.
+    assert!(start.elapsed() < Duration::from_secs(4), "{r}");
+
+    let r = guest(&["--memory", "64", "--cmdline", "test=counter counter_ms=0"]);
+    assert_eq!(
+        r.line("TEST counter"),
+        "TEST counter FAIL counter_ms=0: expected 1 to 1000",
+        "{r}"
+    );
+    let r = guest(&[
+        "--memory",
+        "64",
+        "--cmdline",
+        "test=counter counter_fill_mib=64",
+    ]);
+    assert_eq!(
+        r.line("TEST counter"),
+        "TEST counter FAIL counter_fill_mib=64: 0x1000000..0x5000000 is not free RAM",
         "{r}"
     );
 }

@@ -214,6 +214,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         machine: saved_machine(config),
         memory: MemoryOrigin::Anonymous,
         on_crash: config.on_crash,
+        extensions: Default::default(),
     }))
 }
 
@@ -230,6 +231,8 @@ struct Parts {
     machine: SavedMachine,
     memory: MemoryOrigin,
     on_crash: OnCrash,
+    /// The restored state's [`VmState::extensions`].
+    extensions: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// The last step of building or restoring: the VM from its parts, with the
@@ -266,6 +269,7 @@ fn assemble(p: Parts) -> Vm {
         memory: p.memory,
         msr_guard: Default::default(),
         on_crash: p.on_crash,
+        extensions: p.extensions,
     }
 }
 
@@ -563,6 +567,7 @@ pub fn restore_with_memory(
         machine: state.machine,
         memory: origin,
         on_crash,
+        extensions: state.extensions,
     }))
 }
 

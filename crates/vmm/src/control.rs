@@ -18,7 +18,9 @@ use vigil_model::config::BalloonConfig;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::DeviceHandles;
-use crate::snapshot::{MemoryKind, SnapshotError, SnapshotInfo, SnapshotSources, VmState};
+use crate::snapshot::{
+    MemoryKind, SnapshotError, SnapshotInfo, SnapshotSources, StateExtension, VmState,
+};
 use crate::vstate::inspect::{self, MAX_BREAKPOINTS};
 use crate::vstate::threads::VcpuThreads;
 use crate::GuestMemoryMmap;
@@ -333,6 +335,19 @@ impl VmControl {
             return Err(SnapshotError::NotPaused);
         }
         self.snapshot.capture(&self.vcpus, with_memory)
+    }
+
+    /// Ends this VM because it cannot go on (`why`): it ends as
+    /// [`crate::VmOutcome::Failed`].
+    pub fn fail(&self, why: String) {
+        let _ = self.stop_handle.0.send(VmEvent::Failed(why));
+    }
+
+    /// Has every later snapshot and migration keep `provider`'s state under
+    /// `name` in [`VmState::extensions`] (a provider already under `name` is
+    /// replaced).
+    pub fn set_state_extension(&self, name: &str, provider: StateExtension) {
+        lock(&self.snapshot.extensions).insert(name.to_owned(), provider);
     }
 
     /// Ends this VM because it now runs at `destination` (a migration that the

@@ -62,6 +62,8 @@ pub enum VmEvent {
     },
     /// The VMM was asked to stop (by a signal, or by an API later).
     Stop(i32),
+    /// The VM cannot go on, for a reason outside it (its memory is lost).
+    Failed(String),
     /// The VM migrated: it runs at this destination now.
     Migrated(String),
 }

@@ -1,6 +1,7 @@
 //! A built VM, and the same VM running: its vCPU threads, its device event loop,
 //! and the wait for whatever ends it.
 
+use std::collections::BTreeMap;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,6 +72,9 @@ pub struct Vm {
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
     /// What a vCPU crash does.
     pub(crate) on_crash: OnCrash,
+    /// The snapshot's (or migrated state's) [`crate::snapshot::VmState::extensions`]
+    /// a restored VM was built from; none for a booted one.
+    pub(crate) extensions: BTreeMap<String, serde_json::Value>,
 }
 
 /// Where a VM's guest memory came from: what a snapshot or a migration of it
@@ -121,6 +125,7 @@ pub struct RunningVm {
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     metrics: Arc<VmMetrics>,
+    extensions: BTreeMap<String, serde_json::Value>,
     // Kept alive until the threads that use them have been joined (the
     // inspection handle and the dirty log hold the fd weakly).
     _vm_fd: Arc<VmFd>,
@@ -139,6 +144,12 @@ impl Vm {
         self.msr_guard.install(&self.vm_fd, msrs, guard)
     }
 
+    /// The entry `name` of the state this VM was restored from
+    /// ([`crate::snapshot::VmState::extensions`]), for the layer that owns it.
+    pub fn extension(&self, name: &str) -> Option<&serde_json::Value> {
+        self.extensions.get(name)
+    }
+
     /// Keeps the vCPUs parked from their first instruction on: once started,
     /// the VM is paused until [`VmControl::resume`].
     pub fn start_paused(&self) {
@@ -151,7 +162,7 @@ impl Vm {
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let stop = self.stop;
         let vm_fd = Arc::new(self.vm_fd);
-        let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone());
+        let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone(), true);
         let dirty = DirtyTracker::new(self.mem.clone(), Box::new(guest_log));
         // Before any vCPU runs: a restored VM's first diff differs from its file.
         let (memory_file, lazy) = match self.memory {
@@ -218,6 +229,7 @@ impl Vm {
             transports: self.transports,
             memory_file,
             written,
+            extensions: Mutex::default(),
         };
         let control = VmControl {
             vcpus: vcpus.clone(),
@@ -250,6 +262,7 @@ impl Vm {
             events_tx: self.events_tx,
             events_rx: self.events_rx,
             metrics: self.metrics,
+            extensions: self.extensions,
             _vm_fd: vm_fd,
             _mem: self.mem,
             _lazy: lazy,
@@ -317,6 +330,12 @@ impl RunningVm {
         self.inspect.clone()
     }
 
+    /// The entry `name` of the state this VM was restored from, as
+    /// [`Vm::extension`].
+    pub fn extension(&self, name: &str) -> Option<&serde_json::Value> {
+        self.extensions.get(name)
+    }
+
     /// The kernel's symbols, to describe guest addresses (read when first asked for).
     pub fn symbols(&self) -> &KernelSymbols {
         self.inspect.symbols()
@@ -360,6 +379,7 @@ impl RunningVm {
                     VmOutcome::Failed(format!("vCPU {vcpu}: {error}"))
                 }
                 Ok(VmEvent::Stop(signal)) => VmOutcome::Stopped(signal),
+                Ok(VmEvent::Failed(why)) => VmOutcome::Failed(why),
                 Ok(VmEvent::Migrated(to)) => VmOutcome::Migrated(to),
                 Err(_) => VmOutcome::Failed("every vCPU thread ended without a reason".into()),
             };

@@ -126,11 +126,11 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
     );
     assert!(!reader.take().unwrap().is_dirty(200 * MIB));
 
-    // Gone, then back: the snapshots' own reader stays (KVM keeps logging;
-    // turning it off with the last reader is tracker.rs's unit test), and a new
-    // reader's first take is a full log again.
+    // Gone, then back: the snapshots' own reader and the metrics' (the write
+    // rate) stay (KVM keeps logging; turning it off with the last reader is
+    // tracker.rs's unit test), and a new reader's first take is a full log again.
     drop(reader);
-    assert_eq!(inspect.dirty_log().readers(), 1);
+    assert_eq!(inspect.dirty_log().readers(), 2);
     let reader = inspect.dirty_log().subscribe().unwrap();
     assert!(reader.take().unwrap().is_all());
     assert!(!reader.take().unwrap().is_all());

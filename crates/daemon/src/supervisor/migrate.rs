@@ -85,6 +85,7 @@ impl Supervisor {
         let token = one_time_token().map_err(spawn_error)?;
         let options = LaunchOptions {
             incoming: Some((port, token.clone())),
+            incoming_tls: self.config.migration_tls.identity.clone(),
             ..Default::default()
         };
         let vm = self
@@ -250,6 +251,7 @@ impl Supervisor {
             "downtime_ms": request.downtime_ms,
             "bandwidth_mib_s": request.bandwidth_mib_s,
             "method": request.method,
+            "tls_ca": self.config.migration_tls.ca,
         });
         let timeout = self.config.vm_request_timeout;
         let answer = client::request(

@@ -63,6 +63,18 @@ pub struct SupervisorConfig {
     pub vm_request_timeout: Duration,
     /// The most VMs (in any state) the daemon keeps.
     pub max_vms: usize,
+    /// TLS for the migrations it sends and receives (none: plain TCP).
+    pub migration_tls: MigrationTls,
+}
+
+/// The daemon's migration certificates: its own (VMs arriving here wait behind
+/// them) and the CA the peers' must come from (VMs leaving check it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationTls {
+    /// Certificate and key, PEM.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// CA, PEM.
+    pub ca: Option<PathBuf>,
 }
 
 /// The VMs, by id.
@@ -138,7 +150,7 @@ impl Supervisor {
             introspect: request.introspect,
             trace_syscalls: request.trace_syscalls,
             debug_api: request.debug_api,
-            incoming: None,
+            ..Default::default()
         };
         let vm = self.launch_new(request.id, request.config, options).await?;
         let info = self.wait_started(&vm).await?;

@@ -2,7 +2,7 @@
 //! tracing and debug options (checked, naming the field and value), and the
 //! `vigil run` flags they become.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vigil_model::config::IntrospectConfig;
@@ -64,6 +64,8 @@ pub(super) struct LaunchOptions {
     pub(super) debug_api: bool,
     /// Wait for the VM from another host: the port and one-time token.
     pub(super) incoming: Option<(u16, String)>,
+    /// The certificate and key the incoming migration is served with.
+    pub(super) incoming_tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl LaunchOptions {
@@ -90,6 +92,12 @@ impl LaunchOptions {
         if let Some((port, token)) = &self.incoming {
             args.push(format!("--migrate-from=tcp:0.0.0.0:{port}").into());
             args.push(format!("--migration-token={token}").into());
+            if let Some((cert, key)) = &self.incoming_tls {
+                args.push("--migration-tls-cert".into());
+                args.push(cert.into());
+                args.push("--migration-tls-key".into());
+                args.push(key.into());
+            }
         }
         args
     }
@@ -115,7 +123,7 @@ mod tests {
             introspect: req.introspect,
             trace_syscalls: req.trace_syscalls,
             debug_api: req.debug_api,
-            incoming: None,
+            ..Default::default()
         };
         let args: Vec<String> = options
             .args(Path::new("/s/vms/a"))
@@ -139,7 +147,7 @@ mod tests {
             introspect: Some(IntrospectConfig::default()),
             trace_syscalls: Some(TraceSpec::default()),
             debug_api: false,
-            incoming: None,
+            ..Default::default()
         };
         assert_eq!(
             options.args(Path::new("d")),

@@ -2,33 +2,39 @@
 //! vCPU's registers and descriptor tables, the syscall table, kernel text and
 //! read-only data page by page), and how it is taken.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cpu::CpuState;
 use crate::hex;
-use crate::layout::{KernelLayout, VirtRange};
+use crate::layout::{KernelLayout, LayoutError, VirtRange};
 use crate::mem::GuestPhysMemory;
 use crate::paging::{read_virt, WalkError};
 
-use super::pages::{hash_region, table_hole, Digest32};
+use super::pages::{hash_region, table_hole, Digest32, PAGE_SIZE};
 use super::tables::{read_table, MAX_GDT_BYTES, MAX_IDT_BYTES};
 use super::{kernel_cr3, reference_cpu};
 
+// Serialized for the API (`GET /vigil/introspect/baseline`) and, read back, in
+// snapshots and migrations (`live::MonitorState`): checked by
+// `Baseline::validate` before use.
+
 /// One vCPU at baseline: its registers and a copy of its descriptor tables.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VcpuBaseline {
     pub cpu: CpuState,
     /// The IDT's `limit + 1` bytes (at most [`MAX_IDT_BYTES`]), hex; `None` until
     /// it could be read.
-    #[serde(serialize_with = "hex::opt_bytes::serialize")]
+    #[serde(with = "hex::opt_bytes")]
     pub idt: Option<Vec<u8>>,
     /// The GDT's `limit + 1` bytes (at most [`MAX_GDT_BYTES`]), hex.
-    #[serde(serialize_with = "hex::opt_bytes::serialize")]
+    #[serde(with = "hex::opt_bytes")]
     pub gdt: Option<Vec<u8>>,
 }
 
 /// One page of a protected region at baseline.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PageRecord {
     /// The guest-virtual page.
     #[serde(with = "hex::u64")]
@@ -43,35 +49,42 @@ pub struct PageRecord {
     /// Whether the mapping was writable.
     pub writable: bool,
     /// SHA-256 of the protected bytes (the syscall table's zeroed), hex.
-    #[serde(serialize_with = "hex::digest::serialize")]
+    #[serde(with = "hex::digest")]
     pub hash: Digest32,
 }
 
+/// The names of the two regions.
+const TEXT_NAME: &str = "kernel text";
+const RODATA_NAME: &str = "kernel read-only data";
+
 /// A protected region at baseline.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RegionBaseline {
     /// `kernel text` or `kernel read-only data`.
-    pub name: &'static str,
+    pub name: String,
     pub range: VirtRange,
     /// SHA-256 of the whole region (its pages' protected bytes in order), for
     /// display.
-    #[serde(serialize_with = "hex::digest::serialize")]
+    #[serde(with = "hex::digest")]
     pub hash: Digest32,
     pub pages: Vec<PageRecord>,
 }
 
 /// The system call table at baseline.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SyscallTableBaseline {
     #[serde(with = "hex::u64")]
     pub addr: u64,
     /// The entries (handler addresses), as `"0x..."`.
-    #[serde(serialize_with = "hex::u64_vec::serialize")]
+    #[serde(with = "hex::u64_vec")]
     pub entries: Vec<u64>,
 }
 
 /// The kernel's protection state at a moment policy chose.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Baseline {
     pub layout: KernelLayout,
     /// The vCPU whose CR3 translated the regions (the lowest-numbered one in long
@@ -98,6 +111,56 @@ pub enum BaselineError {
         #[source]
         source: WalkError,
     },
+    #[error("integrity baseline: {field}: {why}")]
+    Invalid { field: String, why: String },
+}
+
+fn invalid(field: impl Into<String>, why: impl Into<String>) -> BaselineError {
+    BaselineError::Invalid {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+impl RegionBaseline {
+    /// Its pages within `range` and the page each names: what the checks
+    /// index and add without further checks.
+    fn validate(&self, field: &str, name: &str, range: VirtRange) -> Result<(), BaselineError> {
+        if self.name != name {
+            return Err(invalid(
+                format!("{field}.name"),
+                format!("{:?}, expected {name:?}", self.name),
+            ));
+        }
+        if self.range != range {
+            return Err(invalid(format!("{field}.range"), "not the layout's"));
+        }
+        let most = range.len().div_ceil(PAGE_SIZE) + 1;
+        if self.pages.len() as u64 > most {
+            return Err(invalid(
+                format!("{field}.pages"),
+                format!(
+                    "{} pages, more than the {most} of its range",
+                    self.pages.len()
+                ),
+            ));
+        }
+        for (i, p) in self.pages.iter().enumerate() {
+            let aligned = p.vaddr % PAGE_SIZE == 0 && p.paddr % PAGE_SIZE == 0;
+            let inside = p.len > 0 && u64::from(p.offset) + u64::from(p.len) <= PAGE_SIZE;
+            let va = p.vaddr + u64::from(p.offset);
+            if !aligned || !inside || va < range.start || va + u64::from(p.len) > range.end {
+                return Err(invalid(
+                    format!("{field}.pages[{i}]"),
+                    format!(
+                        "vaddr {:#x} paddr {:#x} offset {} len {}: not a part of one 4 KiB page within [{:#x}, {:#x})",
+                        p.vaddr, p.paddr, p.offset, p.len, range.start, range.end
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl VcpuBaseline {
@@ -188,10 +251,10 @@ impl Baseline {
             None => None,
         };
         let hole = table_hole(layout, syscall_table.as_ref().map(|t| t.entries.len()));
-        let text = hash_region(mem, reference, ref_cr3, "kernel text", layout.text, hole)?;
+        let text = hash_region(mem, reference, ref_cr3, TEXT_NAME, layout.text, hole)?;
         let rodata = layout
             .rodata
-            .map(|r| hash_region(mem, reference, ref_cr3, "kernel read-only data", r, hole))
+            .map(|r| hash_region(mem, reference, ref_cr3, RODATA_NAME, r, hole))
             .transpose()?;
         let mut notes = layout.notes.clone();
         if let (Some(loc), Some(t)) = (layout.syscall_table, &syscall_table) {
@@ -212,6 +275,46 @@ impl Baseline {
             rodata,
             notes,
         })
+    }
+
+    /// Checks a baseline read back from elsewhere (a snapshot, a migration):
+    /// what the checks rely on holds (sizes within their maxima, pages within
+    /// their regions, the regions and the syscall table those of the layout),
+    /// so that checking against it cannot fail on it. Says nothing of whether
+    /// the values are this guest's.
+    pub fn validate(&self) -> Result<(), BaselineError> {
+        let layout = &self.layout;
+        layout
+            .validate()
+            .map_err(|e: LayoutError| invalid("layout", e.to_string()))?;
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let too_long = |t: &Option<Vec<u8>>, max| t.as_ref().is_some_and(|b| b.len() > max);
+            if too_long(&v.idt, MAX_IDT_BYTES) || too_long(&v.gdt, MAX_GDT_BYTES) {
+                return Err(invalid(
+                    format!("vcpus[{i}]"),
+                    format!("an IDT over {MAX_IDT_BYTES} or a GDT over {MAX_GDT_BYTES} bytes"),
+                ));
+            }
+        }
+        match (&self.syscall_table, layout.syscall_table) {
+            (None, None) => {}
+            (Some(t), Some(loc)) if t.addr == loc.addr && t.entries.len() <= loc.count => {}
+            _ => {
+                return Err(invalid(
+                    "syscall_table",
+                    "not the layout's table (its address, at most its entries)",
+                ))
+            }
+        }
+        self.text.validate("text", TEXT_NAME, layout.text)?;
+        match (&self.rodata, layout.rodata) {
+            (None, None) => Ok(()),
+            (Some(r), Some(range)) => r.validate("rodata", RODATA_NAME, range),
+            _ => Err(invalid(
+                "rodata",
+                "present in only one of the baseline and its layout",
+            )),
+        }
     }
 
     /// The baseline as JSON (for the API).

@@ -40,6 +40,19 @@ pub(super) struct Reported {
     pub(super) values: VecDeque<String>,
 }
 
+/// A location reported and not restored since, with the values reported (most
+/// recent last): what a checker that goes on elsewhere (a snapshot restored, a
+/// migrated VM) needs so as not to report them again
+/// ([`super::Checker::reported`], [`super::Checker::resume`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportedLocation {
+    pub rule: Rule,
+    pub vcpu: Option<u32>,
+    pub location: String,
+    pub values: Vec<String>,
+}
+
 /// One check's findings and the memory of what was reported.
 pub(super) struct Round<'a> {
     pub(super) out: Vec<Finding>,

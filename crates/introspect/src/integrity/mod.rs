@@ -54,11 +54,11 @@ mod tables;
 pub use baseline::{
     Baseline, BaselineError, PageRecord, RegionBaseline, SyscallTableBaseline, VcpuBaseline,
 };
-pub use finding::{Finding, MAX_SYMBOL_OFFSET};
+pub use finding::{Finding, ReportedLocation, MAX_SYMBOL_OFFSET};
 pub use pages::{Digest32, PAGE_SIZE};
 pub use tables::{MAX_GDT_BYTES, MAX_IDT_BYTES};
 
-use finding::{Key, Reported, Round, Symbolizer};
+use finding::{Key, Reported, Round, Symbolizer, REMEMBERED_VALUES};
 use pages::{check_region, table_hole};
 use registers::check_registers;
 use tables::{check_syscall_table, check_tables};
@@ -106,9 +106,52 @@ impl Checker {
         }
     }
 
+    /// Goes on checking against `baseline` where another checker left off,
+    /// not reporting again what it had `reported` (see [`Checker::reported`]):
+    /// a monitor carried by a snapshot or a migration. `baseline` must be
+    /// valid ([`Baseline::validate`]); only the last values of a location are
+    /// kept, as a checker keeps them.
+    pub fn resume(
+        baseline: Baseline,
+        symbols: Option<Arc<SymbolTable>>,
+        reported: Vec<ReportedLocation>,
+    ) -> Self {
+        let reported = reported
+            .into_iter()
+            .map(|r| {
+                let skip = r.values.len().saturating_sub(REMEMBERED_VALUES);
+                let values = r.values.into_iter().skip(skip).collect();
+                ((r.rule, r.vcpu, r.location), Reported { values })
+            })
+            .collect();
+        Self {
+            baseline,
+            symbols,
+            reported,
+        }
+    }
+
     /// The baseline (with the vCPUs that joined since).
     pub fn baseline(&self) -> &Baseline {
         &self.baseline
+    }
+
+    /// The locations reported and not restored since, in a stable order.
+    pub fn reported(&self) -> Vec<ReportedLocation> {
+        let mut out: Vec<_> = self
+            .reported
+            .iter()
+            .map(|((rule, vcpu, location), r)| ReportedLocation {
+                rule: *rule,
+                vcpu: *vcpu,
+                location: location.clone(),
+                values: r.values.iter().cloned().collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (a.rule.as_str(), a.vcpu, &a.location).cmp(&(b.rule.as_str(), b.vcpu, &b.location))
+        });
+        out
     }
 
     /// Compares the guest now with the baseline; returns the differences not
@@ -207,6 +250,96 @@ mod tests {
     use crate::cpu::{CR0_PG, CR0_WP, EFER_LMA};
     use crate::integrity::fixture::*;
     use finding::REMEMBERED_VALUES;
+
+    /// A checker carried elsewhere (its baseline and what it reported, through
+    /// JSON, as a snapshot keeps them) goes on as if nothing happened.
+    #[test]
+    fn a_resumed_checker_goes_on_where_the_other_left_off() {
+        let g = Guest::new();
+        let mut c = g.checker();
+        let text_page = |i: u64| TEXT_PA + i * KIB4;
+        let original: u8 = g.t.mem.read_obj(GuestAddress(text_page(1) + 5)).unwrap();
+        g.t.mem
+            .write_obj(0xccu8, GuestAddress(text_page(1) + 5))
+            .unwrap();
+        assert_eq!(one(&g, &mut c).rule, Rule::KernelTextModified);
+        // Changed after the last check, before the capture.
+        g.t.mem
+            .write_obj(0xccu8, GuestAddress(text_page(2) + 5))
+            .unwrap();
+
+        let json = c.baseline().to_json();
+        let reported = serde_json::to_string(&c.reported()).unwrap();
+        let baseline: Baseline = serde_json::from_str(&json).unwrap();
+        baseline.validate().unwrap();
+        assert_eq!(
+            baseline.to_json(),
+            json,
+            "the baseline reads back as it was"
+        );
+        let reported: Vec<ReportedLocation> = serde_json::from_str(&reported).unwrap();
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        let mut resumed = Checker::resume(baseline, Some(Arc::new(symbols())), reported);
+
+        // Page 2 is found, page 1 is not reported again.
+        let f = one(&g, &mut resumed);
+        assert!(f.location.starts_with("kernel text page 0x802000"), "{f:?}");
+        // Page 1 back as it was at the carried baseline: restored.
+        g.t.mem
+            .write_obj(original, GuestAddress(text_page(1) + 5))
+            .unwrap();
+        let f = one(&g, &mut resumed);
+        assert!(
+            f.restored && f.location.starts_with("kernel text page 0x801000"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn a_carried_baseline_that_the_checks_cannot_use_is_refused() {
+        let g = Guest::new();
+        let json: serde_json::Value =
+            serde_json::from_str(&g.checker().baseline().to_json()).unwrap();
+        let refused = |edit: &dyn Fn(&mut serde_json::Value), needle: &str| {
+            let mut v = json.clone();
+            edit(&mut v);
+            let e = match serde_json::from_value::<Baseline>(v) {
+                Ok(b) => b.validate().unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(needle), "{e} lacks {needle:?}");
+        };
+        refused(
+            &|v| v["text"]["pages"][0]["len"] = 5000.into(),
+            "text.pages[0]",
+        );
+        refused(
+            &|v| v["text"]["pages"][1]["paddr"] = "0x801001".into(),
+            "text.pages[1]",
+        );
+        refused(
+            &|v| v["rodata"]["name"] = "kernel text".into(),
+            "rodata.name",
+        );
+        refused(&|v| v["text"]["range"]["end"] = "0x0".into(), "text.range");
+        refused(
+            &|v| v["layout"]["text"]["end"] = "0x0".into(),
+            "layout: kernel layout",
+        );
+        refused(
+            &|v| v["layout"]["syscall_table"]["count"] = 100_000.into(),
+            "layout",
+        );
+        refused(
+            &|v| v["vcpus"][0]["idt"] = "00".repeat(4097).into(),
+            "vcpus[0]",
+        );
+        refused(&|v| v["text"]["hash"] = "abcd".into(), "32-byte");
+        refused(
+            &|v| v["syscall_table"]["addr"] = "0x1".into(),
+            "syscall_table",
+        );
+    }
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]

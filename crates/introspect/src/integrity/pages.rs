@@ -47,7 +47,7 @@ pub(super) fn hash_region(
     mem: &dyn GuestPhysMemory,
     cpu: &CpuState,
     cr3: u64,
-    name: &'static str,
+    name: &str,
     range: VirtRange,
     hole: Option<(u64, u64)>,
 ) -> Result<RegionBaseline, BaselineError> {
@@ -86,7 +86,7 @@ pub(super) fn hash_region(
         va = next;
     }
     Ok(RegionBaseline {
-        name,
+        name: name.to_owned(),
         range,
         hash: whole.finalize().into(),
         pages,

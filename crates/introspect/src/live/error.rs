@@ -34,6 +34,8 @@ pub enum IntrospectError {
     MonitorEnded,
     #[error("the monitor did not answer within 30 s")]
     MonitorTimeout,
+    #[error("the introspection monitor carried by the snapshot or migration: {0}")]
+    Carried(String),
     #[error("the baseline is not taken yet")]
     NoBaselineYet,
     #[error("no vCPU is in long mode yet: nothing to baseline")]

@@ -17,7 +17,7 @@ use vigil_model::config::Policy;
 
 /// How many (vCPU, MSR, value) the MSR guard remembers having reported; past
 /// that, new values are still decided but not reported again.
-const MSR_REPORTS_KEEP: usize = 4096;
+pub(super) const MSR_REPORTS_KEEP: usize = 4096;
 
 /// A guest write to a syscall MSR, decided the moment it happens.
 pub(super) struct Guard(pub(super) Arc<Shared>);

@@ -7,7 +7,8 @@
 //! checks), `guard` (the MSR guard and its policy), `findings` (the findings
 //! log: numbered, rate-limited in the log, kept, written out), `tracer` (the
 //! system call tracer and its JSON lines), `debug` (the debug API's writes
-//! into the guest) and `error` (why a request failed). [`Introspector`] here is the one place that holds the VM's
+//! into the guest), `saved` (the monitor carried by a snapshot or a
+//! migration) and `error` (why a request failed). [`Introspector`] here is the one place that holds the VM's
 //! handle; each part adds its methods to it.
 
 use std::collections::HashSet;
@@ -32,11 +33,13 @@ mod error;
 mod findings;
 mod guard;
 mod monitor;
+mod saved;
 mod tracer;
 
 pub use error::{FileError, IntrospectError};
 pub use findings::FINDINGS_KEEP;
 pub use monitor::{Located, MonitorSettings};
+pub use saved::{CarriedBaseline, MonitorState, STATE_EXTENSION};
 pub use tracer::{TraceRecord, TRACE_KEEP};
 use vigil_model::config::Policy;
 pub use vigil_model::finding::FindingRecord;

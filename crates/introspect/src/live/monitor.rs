@@ -15,7 +15,7 @@ use vigil_vmm::vstate::inspect::INSPECTED_MSRS;
 use vigil_vmm::{DirtyReader, GuestMemoryMmap};
 
 use super::guard::Guard;
-use super::{lock, FindingRecord, IntrospectError, Introspector};
+use super::{lock, FindingRecord, IntrospectError, Introspector, MonitorState};
 use crate::{
     kaslr_slide, kaslr_slide_from_idt, read_idt_gate, Baseline, Checker, CpuState, KernelLayout,
     SymbolTable,
@@ -79,7 +79,7 @@ fn syscall_ready(c: &CpuState) -> bool {
 
 /// The integrity monitor's thread and how to talk to it.
 pub(super) struct MonitorThread {
-    commands: Sender<Command>,
+    pub(super) commands: Sender<Command>,
     thread: JoinHandle<()>,
     pub(super) settings: MonitorSettings,
 }
@@ -88,12 +88,27 @@ pub(super) enum Command {
     /// Check now; answer with what was found, when asked (the API), or not (an
     /// event: the MSR guard saw a write).
     Check(Option<Sender<Result<Vec<FindingRecord>, IntrospectError>>>),
+    /// Answer with the monitor's state, to carry in a snapshot or migration.
+    Save(Sender<MonitorState>),
     Stop,
 }
 
+/// Where the monitor's thread starts from.
+pub(super) enum Start {
+    /// Take a baseline (after `baseline_after`).
+    Take,
+    /// Go on from a carried baseline, with a new reader of the dirty log.
+    Resume(Box<(Checker, DirtyReader)>),
+}
+
 /// Waits `wait` before a baseline, answering requests for a check with an error
-/// meanwhile; false when the monitor is to stop.
-fn idle_before_baseline(rx: &mpsc::Receiver<Command>, wait: Duration) -> bool {
+/// and those for its state with `no_baseline` meanwhile; false when the
+/// monitor is to stop.
+fn idle_before_baseline(
+    rx: &mpsc::Receiver<Command>,
+    wait: Duration,
+    no_baseline: &MonitorState,
+) -> bool {
     let until = Instant::now() + wait;
     loop {
         let left = until.saturating_duration_since(Instant::now());
@@ -105,6 +120,9 @@ fn idle_before_baseline(rx: &mpsc::Receiver<Command>, wait: Duration) -> bool {
                 let _ = reply.send(Err(IntrospectError::NoBaselineYet));
             }
             Ok(Command::Check(None)) => {}
+            Ok(Command::Save(reply)) => {
+                let _ = reply.send(no_baseline.clone());
+            }
             Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
             Err(RecvTimeoutError::Timeout) => return true,
         }
@@ -157,6 +175,18 @@ impl Introspector {
     ) -> Result<(), IntrospectError> {
         let symbols = self.symbols().ok_or(IntrospectError::NoSymbols)?;
         self.stop_monitor();
+        self.spawn_monitor(Some(symbols), settings, Start::Take)
+    }
+
+    /// The monitor's thread from `start`, with the MSR guard on; the caller
+    /// stopped any monitor before. `symbols` are needed to take a baseline,
+    /// and name addresses.
+    pub(super) fn spawn_monitor(
+        self: &Arc<Self>,
+        symbols: Option<Arc<SymbolTable>>,
+        settings: MonitorSettings,
+        start: Start,
+    ) -> Result<(), IntrospectError> {
         *lock(&self.shared.policy) = settings.policy;
         // Guard the syscall MSRs from now: writes are decided against the baseline
         // once there is one.
@@ -167,7 +197,7 @@ impl Introspector {
         let me = self.clone();
         let thread = std::thread::Builder::new()
             .name("introspect".into())
-            .spawn(move || me.monitor_loop(&symbols, settings, rx))
+            .spawn(move || me.monitor_loop(symbols, settings, start, rx))
             .map_err(IntrospectError::Thread)?;
         self.shared.counters.monitoring.set(1);
         *lock(&self.shared.monitor_tx) = Some(commands.clone());
@@ -263,37 +293,61 @@ impl Introspector {
         Ok(self.shared.record(findings))
     }
 
-    fn monitor_loop(
+    /// A baseline, or none when the monitor is stopped first.
+    fn wait_for_baseline(
         &self,
-        symbols: &Arc<SymbolTable>,
+        symbols: Option<Arc<SymbolTable>>,
         settings: MonitorSettings,
-        rx: mpsc::Receiver<Command>,
-    ) {
+        rx: &mpsc::Receiver<Command>,
+    ) -> Option<(Checker, DirtyReader)> {
+        let no_baseline = self.state_of(settings, None);
         // Boot settles, then the kernel may not be up yet (no vCPU in long mode,
         // its tables not mapped): try again until it is.
-        if !idle_before_baseline(&rx, settings.baseline_after) {
-            return;
+        if !idle_before_baseline(rx, settings.baseline_after, &no_baseline) {
+            return None;
         }
+        // start_monitor gives them.
+        let symbols = symbols?;
         let mut logged = false;
         let waiting_since = Instant::now();
-        let (mut checker, reader) = loop {
-            match self.take_baseline(symbols, waiting_since.elapsed() < SYSCALL_SETUP_WAIT) {
-                Ok(taken) => break taken,
+        loop {
+            match self.take_baseline(&symbols, waiting_since.elapsed() < SYSCALL_SETUP_WAIT) {
+                Ok(taken) => return Some(taken),
                 Err(e) if !logged => {
                     tracing::info!("introspection: no baseline yet, retrying: {e}");
                     logged = true;
                 }
                 Err(_) => {}
             }
-            if !idle_before_baseline(&rx, BASELINE_RETRY) {
-                return;
+            if !idle_before_baseline(rx, BASELINE_RETRY, &no_baseline) {
+                return None;
             }
+        }
+    }
+
+    fn monitor_loop(
+        &self,
+        symbols: Option<Arc<SymbolTable>>,
+        settings: MonitorSettings,
+        start: Start,
+        rx: mpsc::Receiver<Command>,
+    ) {
+        let (mut checker, reader) = match start {
+            Start::Resume(resumed) => *resumed,
+            Start::Take => match self.wait_for_baseline(symbols, settings, &rx) {
+                Some(taken) => taken,
+                None => return,
+            },
         };
         let mut next = Instant::now() + settings.period;
         loop {
             let left = next.saturating_duration_since(Instant::now());
             let reply = match rx.recv_timeout(left) {
                 Ok(Command::Check(reply)) => reply,
+                Ok(Command::Save(reply)) => {
+                    let _ = reply.send(self.state_of(settings, Some(&checker)));
+                    continue;
+                }
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {
                     next += settings.period;

@@ -1,5 +1,7 @@
 //! For the snapshot and migration tests: a Vigil serving its API, the test
-//! guest's `counter` scenario booted through it, and the counts it printed.
+//! guest's `counter` scenario booted through it, and the counts it printed;
+//! the same guest under the integrity monitor, tampered with before it moves,
+//! and what the monitor says after.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -80,6 +82,129 @@ pub fn counting_guest(dir: &Path) -> (Console, PathBuf) {
     );
     console.wait_for(&["counter: 3"], TIMEOUT);
     (console, sock)
+}
+
+/// The `counter` guest booted at once with the integrity monitor on (checking
+/// only when asked, `period=600s`) and the debug API, its API on
+/// `dir/source.sock`, the baseline taken.
+pub fn monitored_counting_guest(dir: &Path) -> (Console, PathBuf) {
+    let sock = dir.join("source.sock");
+    let mut console = Console::spawn(&[
+        "run",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--cmdline",
+        "test=counter",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--debug-api",
+        "--introspect",
+        "period=600s,baseline_after=0s",
+    ]);
+    wait_for(&sock, TIMEOUT);
+    console.wait_for(&["counter: 3"], TIMEOUT);
+    wait_monitoring(&sock);
+    (console, sock)
+}
+
+/// Waits until the VM behind `sock` is monitored from a baseline.
+pub fn wait_monitoring(sock: &Path) -> Value {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let a = request(sock, "GET", "/vigil/introspect", "");
+        if a.status == 200 && a.json()["baseline_taken"] == true {
+            return a.json();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no baseline within {TIMEOUT:?}: {a:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two pages of the test guest's kernel text that the `counter` scenario
+/// never runs: `blk_target` (a page of its own, all `ret`) and the page of
+/// `patch_target`.
+pub fn untouched_text_pages() -> (u64, u64) {
+    let a = super::guest_symbol("blk_target");
+    let b = super::guest_symbol("patch_target") & !0xfff;
+    assert_ne!(a & !0xfff, b, "two different pages");
+    (a, b)
+}
+
+/// Writes `byte` 16 times at `addr` through the debug API.
+pub fn write_guest(sock: &Path, addr: u64, byte: u8) {
+    ok(
+        sock,
+        "PUT",
+        "/vigil/debug/memory",
+        json!({"address": format!("{addr:#x}"), "bytes": vigil_introspect::hex::bytes(&[byte; 16])}),
+    );
+}
+
+/// A check now (`PUT /vigil/introspect/check`): what it found new.
+pub fn check_now(sock: &Path) -> Vec<Value> {
+    let a = request(sock, "PUT", "/vigil/introspect/check", "");
+    assert_eq!(a.status, 200, "{a:?}");
+    a.json().as_array().unwrap().clone()
+}
+
+/// Every finding the VM behind `sock` has reported, as `(rule, page, restored)`
+/// for kernel text pages.
+pub fn text_findings(sock: &Path) -> Vec<(String, u64, bool)> {
+    let all = request(sock, "GET", "/vigil/introspect/findings", "").json();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let location = f["location"].as_str().unwrap_or_default();
+            let page = location
+                .strip_prefix("kernel text page ")
+                .and_then(|l| l.split(' ').next())
+                .map_or(0, super::hex_u64);
+            (
+                f["rule"].as_str().unwrap_or_default().to_string(),
+                page,
+                f["restored"] == true,
+            )
+        })
+        .collect()
+}
+
+/// Before a snapshot or migration of [`monitored_counting_guest`]: page A
+/// tampered with and found, then page B tampered with and not checked yet.
+pub fn tamper_before_capture(sock: &Path) -> (u64, u64) {
+    let (a, b) = untouched_text_pages();
+    assert_eq!(check_now(sock), Vec::<Value>::new(), "a clean guest");
+    write_guest(sock, a, 0xcc);
+    let found = check_now(sock);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    write_guest(sock, b, 0xcc);
+    (a, b)
+}
+
+/// After it: the monitor goes on from the carried baseline. B, changed after
+/// the baseline and never checked at the source, is found (a monitor with a
+/// new baseline would take it as it is); A, reported at the source, is not
+/// reported again; nothing else is found over more checks; and A written back
+/// as it was at the baseline is "restored" (a new baseline would call that a
+/// change).
+pub fn assert_monitor_carried(sock: &Path, (a, b): (u64, u64)) {
+    let modified = |page: u64| ("kernel_text_modified".to_string(), page, false);
+    check_now(sock);
+    assert_eq!(text_findings(sock), [modified(b)]);
+    for _ in 0..3 {
+        check_now(sock);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(text_findings(sock), [modified(b)], "nothing new");
+    write_guest(sock, a, 0xc3);
+    check_now(sock);
+    assert_eq!(
+        text_findings(sock),
+        [modified(b), ("kernel_text_modified".to_string(), a, true)]
+    );
 }
 
 /// A self-signed certificate for `name` and its key, as `cert.pem` and

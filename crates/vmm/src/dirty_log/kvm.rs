@@ -3,6 +3,7 @@
 //! slot, which KVM lets change on an existing slot (not its place or size);
 //! `KVM_GET_DIRTY_LOG` returns a slot's bitmap and clears it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
@@ -32,11 +33,18 @@ fn slot_error(
 pub(crate) struct KvmGuestLog {
     vm: Weak<VmFd>,
     mem: GuestMemoryMmap,
+    /// Whether the slots log now (`create_vm` registers them logging).
+    logging: AtomicBool,
 }
 
 impl KvmGuestLog {
-    pub(crate) fn new(vm: Weak<VmFd>, mem: GuestMemoryMmap) -> Self {
-        Self { vm, mem }
+    /// The log of `vm`'s slots over `mem`, which log already when `logging`.
+    pub(crate) fn new(vm: Weak<VmFd>, mem: GuestMemoryMmap, logging: bool) -> Self {
+        Self {
+            vm,
+            mem,
+            logging: AtomicBool::new(logging),
+        }
     }
 
     fn vm(&self) -> Result<Arc<VmFd>, DirtyLogError> {
@@ -47,6 +55,11 @@ impl KvmGuestLog {
 impl GuestWriteLog for KvmGuestLog {
     /// Registers every RAM region again with dirty logging on or off.
     fn set_logging(&self, on: bool) -> Result<(), DirtyLogError> {
+        // Registering a slot again costs ~10 ms on kvm_pvm once the irqchip
+        // exists: not when nothing changes.
+        if self.logging.load(Ordering::Acquire) == on {
+            return Ok(());
+        }
         let vm = self.vm()?;
         let what = if on {
             "turn dirty logging on"
@@ -71,6 +84,7 @@ impl GuestWriteLog for KvmGuestLog {
             // which outlives the VM fd (the running VM drops the fd first).
             unsafe { vm.set_user_memory_region(desc) }.map_err(err())?;
         }
+        self.logging.store(on, Ordering::Release);
         Ok(())
     }
 

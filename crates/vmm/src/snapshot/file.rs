@@ -2,7 +2,8 @@
 //!
 //! The state file: a 32-byte header, then the [`VmState`] as JSON (self-describing,
 //! so that a state struct may gain `#[serde(default)]` fields, see
-//! `vigil_devices::persist`):
+//! `vigil_devices::persist`; [`VmState::extensions`] is one, left out when
+//! empty, so a file without it still loads and one with none is as before):
 //!
 //! | bytes | what |
 //! |---|---|

@@ -13,10 +13,16 @@
 //! snapshot; pages taken by a snapshot that then failed are kept for the next.
 //! A booted VM's first diff has nothing to differ from: it holds every page and
 //! is written as, and marked, a full one.
+//!
+//! Layers above the VMM keep their own state of the VM in the snapshot,
+//! opaque here ([`VmState::extensions`]): each registers a [`StateExtension`]
+//! on the running VM, asked at every capture (snapshot and migration) with the
+//! vCPUs paused, and reads its entry back from the VM built from the state.
 
 pub mod file;
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -44,6 +50,8 @@ pub enum SnapshotError {
         "a diff snapshot needs the dirty log, which is not available: {0}; take a Full snapshot"
     )]
     NoDirtyLog(String),
+    #[error("the {name:?} state cannot be captured: {message}")]
+    Extension { name: String, message: String },
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -66,6 +74,11 @@ pub struct SnapshotInfo {
     pub took: Duration,
 }
 
+/// A layer's own state of a running VM for [`VmState::extensions`], asked at
+/// every capture with the vCPUs paused: `Ok(None)` when it has nothing to
+/// keep now, `Err` (why) to make the snapshot or migration fail.
+pub type StateExtension = Arc<dyn Fn() -> Result<Option<serde_json::Value>, String> + Send + Sync>;
+
 /// What a running VM keeps so that it can be saved.
 pub(crate) struct SnapshotSources {
     pub(crate) machine: SavedMachine,
@@ -77,6 +90,8 @@ pub(crate) struct SnapshotSources {
     /// The file guest memory is privately mapped from, after a restore.
     pub(crate) memory_file: Option<PathBuf>,
     pub(crate) written: WrittenSince,
+    /// The providers of [`VmState::extensions`], by name.
+    pub(crate) extensions: Mutex<BTreeMap<String, StateExtension>>,
 }
 
 /// The guest pages written since the VM's previous snapshot.
@@ -174,6 +189,7 @@ impl SnapshotSources {
             .call_each(move |access| persist::save_vcpu(access.id, access.fd, &msrs))?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
+        let extensions = self.capture_extensions()?;
         // The device event loop may be in the middle of a request: holding every
         // transport keeps it out of the queues and guest memory until both taken.
         let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
@@ -188,10 +204,31 @@ impl SnapshotSources {
             serial: lock(&self.serial).save(),
             i8042: lock(&self.i8042).save(),
             virtio,
+            extensions,
         };
         let memory = with_memory(&self.mem, &mut state)?;
         drop(transports);
         Ok((state, memory))
+    }
+
+    /// Every provider's entry, asked outside the providers' lock (one may take
+    /// a while: introspection asks its monitor's thread).
+    fn capture_extensions(&self) -> Result<BTreeMap<String, serde_json::Value>, SnapshotError> {
+        let providers: Vec<_> = lock(&self.extensions)
+            .iter()
+            .map(|(name, p)| (name.clone(), p.clone()))
+            .collect();
+        let mut out = BTreeMap::new();
+        for (name, provider) in providers {
+            match provider() {
+                Ok(Some(value)) => {
+                    out.insert(name, value);
+                }
+                Ok(None) => {}
+                Err(message) => return Err(SnapshotError::Extension { name, message }),
+            }
+        }
+        Ok(out)
     }
 
     /// Saves the VM (paused by the caller, whose vCPU threads run `call_each`)

@@ -1,6 +1,7 @@
 //! What a snapshot holds besides guest memory: plain serde data, checked when a
 //! VM is built back from it (the file may come from anywhere).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use kvm_bindings::{
@@ -33,6 +34,14 @@ pub struct VmState {
     /// The virtio transports in attach order: each takes the next MMIO window
     /// and interrupt line, as when the VM was built.
     pub virtio: Vec<MmioTransportState>,
+    /// What the layers above the VMM keep of this VM, by name, opaque here:
+    /// each owner's provider fills its entry at capture
+    /// (`VmControl::set_state_extension`), and reads it back from the VM built
+    /// from this state (`Vm::extension`, `RunningVm::extension`). Introspection
+    /// keeps its monitor here (`"introspection"`). Left out when empty; files
+    /// from before it have none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extensions: BTreeMap<String, serde_json::Value>,
 }
 
 /// What a snapshot's memory file holds, as written (`snapshot_type`).

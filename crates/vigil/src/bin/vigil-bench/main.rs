@@ -9,6 +9,7 @@ mod introspect;
 mod migrate;
 mod peers;
 mod pvh;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -60,6 +61,13 @@ enum BenchCommand {
     /// and print median total time, downtime, bytes sent and the source's CPU
     /// time, with ratios.
     Migrate(migrate::MigrateBenchArgs),
+    /// Snapshot the test guest (128 MiB and 1 GiB, its memory written) through
+    /// Firecracker's API under Vigil and Firecracker (--firecracker PATH),
+    /// interleaved, and load it into a fresh process with the File backend and
+    /// with the Uffd backend (a page-fault handler in this program serving both);
+    /// print median create and load times, time from the load request to the
+    /// guest's first console line, the VMM's CPU and the pages served, with ratios.
+    Snapshot(snapshot::SnapshotBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +82,7 @@ fn main() -> ExitCode {
         BenchCommand::Api(args) => api::run(args),
         BenchCommand::Introspect(args) => introspect::run(args),
         BenchCommand::Migrate(args) => migrate::run(args),
+        BenchCommand::Snapshot(args) => snapshot::run(args),
     };
     exit::report("vigil-bench", result.map(|()| ExitCode::SUCCESS))
 }

@@ -392,9 +392,14 @@ fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<
     // never reaches.
     let bandwidth = s.bandwidth.unwrap_or(1 << 40);
     let setup = (|| {
+        // Post-copy has its own limit, unlimited by default: the same link.
         qmp.call(
             "migrate-set-parameters",
-            json!({"downtime-limit": DOWNTIME_MS, "max-bandwidth": bandwidth}),
+            json!({
+                "downtime-limit": DOWNTIME_MS,
+                "max-bandwidth": bandwidth,
+                "max-postcopy-bandwidth": bandwidth,
+            }),
         )?;
         qmp.call(
             "migrate-set-capabilities",

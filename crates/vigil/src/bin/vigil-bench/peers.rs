@@ -182,6 +182,11 @@ impl Running {
         self.child.id()
     }
 
+    /// When it was spawned, the moment [`Running::wait_for_line`] counts from.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Waits for a console line that contains `marker` ("" for the first line) and
     /// returns how long after the spawn it was read.
     pub fn wait_for_line(&mut self, marker: &str, timeout: Duration) -> anyhow::Result<Duration> {

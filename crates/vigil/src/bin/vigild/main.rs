@@ -154,6 +154,22 @@ struct DaemonArgs {
     #[arg(long)]
     migrate_dry_run: bool,
 
+    /// Serve VMs migrating to this host over TLS with this certificate (PEM;
+    /// with --migration-tls-key): the sources' daemons need --migration-tls-ca
+    /// for the CA it comes from, and the certificate must name the HOST they
+    /// reach this daemon at.
+    #[arg(long, value_name = "PEM", requires = "migration_tls_key")]
+    migration_tls_cert: Option<PathBuf>,
+
+    /// The key of --migration-tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "migration_tls_cert")]
+    migration_tls_key: Option<PathBuf>,
+
+    /// Send VMs over TLS, trusting only destinations whose certificate comes
+    /// from this CA (PEM, or the peer's self-signed certificate).
+    #[arg(long, value_name = "PEM")]
+    migration_tls_ca: Option<PathBuf>,
+
     /// Host CPU pressure (PSI some avg10, %) above which a sample is hot.
     #[arg(long, default_value_t = 50.0, value_name = "PERCENT", value_parser = parse_percent)]
     migrate_cpu_pressure: f64,
@@ -242,6 +258,20 @@ fn run(args: DaemonArgs) -> anyhow::Result<()> {
         bail!("--max-vms 0: the daemon must be allowed at least one VM");
     }
     config.max_vms = args.max_vms;
+    for (option, path) in [
+        ("--migration-tls-cert", &args.migration_tls_cert),
+        ("--migration-tls-key", &args.migration_tls_key),
+        ("--migration-tls-ca", &args.migration_tls_ca),
+    ] {
+        if let Some(path) = path {
+            std::fs::File::open(path)
+                .with_context(|| format!("{option} {}: cannot read it", path.display()))?;
+        }
+    }
+    config.migration_tls = vigil_daemon::MigrationTls {
+        identity: args.migration_tls_cert.zip(args.migration_tls_key),
+        ca: args.migration_tls_ca,
+    };
     if let Some(path) = &args.events_config {
         config.events.config = read_events_config(path)?;
     }
