@@ -78,7 +78,7 @@ const QUEUE_SIZE: u32 = 16;
 // The DMA area (`.dma`, page-aligned, identity-mapped below 4 GiB: guest-physical ==
 // virtual): descriptor table, avail ring, used ring, one page each; a page of small
 // buffers (request header, status byte, GET_ID buffer, entropy buffers); two 4 KiB data
-// buffers, the read buffer last.
+// buffers (write, read); then the rings and buffers of several queues and devices.
 const DESC: u64 = 0x0000;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
@@ -97,6 +97,9 @@ const RINGS_1: u64 = 0x6000;
 /// Buffers of the `net` and `vsock` scenarios (16 KiB).
 pub(crate) const MQ_BUF: u64 = 0xc000;
 pub(crate) const MQ_BUF_LEN: u64 = 0x4000;
+/// Rings of queue 0 of a second device (three pages): the `mobility` scenario's
+/// disk, beside a vsock device whose queue 0 has the first rings.
+const RINGS_SECOND: u64 = 0x10000;
 
 global_asm!(
     r#"
@@ -107,7 +110,7 @@ global_asm!(
 VIRTIO_STACK_TOP:
     .global VIRTIO_DMA
 VIRTIO_DMA:
-    .skip 4096 * 16
+    .skip 4096 * 19
     "#,
     options(att_syntax)
 );
@@ -435,6 +438,17 @@ pub(crate) fn setup_queue(
     index: u16,
     features: u64,
 ) -> Result<Queue, &'static str> {
+    setup_queue_at(dev, clock, index, features, ring(index))
+}
+
+/// [`setup_queue`] with the rings in the three pages at `base`.
+fn setup_queue_at(
+    dev: Dev,
+    clock: Clock,
+    index: u16,
+    features: u64,
+    base: u64,
+) -> Result<Queue, &'static str> {
     dev.write(QUEUE_SEL, u32::from(index));
     if dev.read(QUEUE_READY) != 0 {
         return Err("queue ready after reset");
@@ -449,7 +463,6 @@ pub(crate) fn setup_queue(
         });
     }
     let size = max.min(QUEUE_SIZE);
-    let base = ring(index);
     zero(base, 3 * 4096);
     dev.write(QUEUE_NUM, size);
     for (reg, addr) in [
@@ -1223,4 +1236,134 @@ fn flood_body(q: &mut Queue, clock: Clock, seconds: u64, detail: &mut Line) -> R
     }
     detail.str("ops=").dec(total).str(" seconds=").dec(seconds);
     Ok(())
+}
+
+/// The `mobility` scenario's disk records: record `n` fills sector `n` (512 bytes):
+/// `VIGILREC`, `n` (u64, little-endian), 488 payload bytes ([`record_byte`]),
+/// and the FNV-1a 64 hash of the 504 bytes before it (u64).
+const RECORD_MAGIC: &[u8; 8] = b"VIGILREC";
+const RECORD_HASH_AT: u64 = 504;
+/// Written records are read back and checked this many at a time (one 4 KiB
+/// request), each time that many more are written.
+const RECORDS_PER_CHECK: u64 = PER_REQUEST;
+
+/// Payload byte `i` (16..504) of record `n`.
+fn record_byte(n: u64, i: u64) -> u8 {
+    (n.wrapping_mul(13) ^ i.wrapping_mul(7)) as u8
+}
+
+/// FNV-1a 64 of `len` bytes at `addr`.
+fn fnv1a(addr: u64, len: u64) -> u64 {
+    (0..len).fold(0xcbf2_9ce4_8422_2325, |h, i| {
+        (h ^ u64::from(rd::<u8>(addr + i))).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Writes record `n` at `addr`.
+fn fill_record(addr: u64, n: u64) {
+    for (i, &b) in RECORD_MAGIC.iter().enumerate() {
+        wr(addr + i as u64, b);
+    }
+    wr(addr + 8, n);
+    for i in 16..RECORD_HASH_AT {
+        wr(addr + i, record_byte(n, i));
+    }
+    wr(addr + RECORD_HASH_AT, fnv1a(addr, RECORD_HASH_AT));
+}
+
+/// Whether `addr` holds record `n`, intact.
+fn is_record(addr: u64, n: u64) -> bool {
+    RECORD_MAGIC
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| rd::<u8>(addr + i as u64) == b)
+        && rd::<u64>(addr + 8) == n
+        && (16..RECORD_HASH_AT).all(|i| rd::<u8>(addr + i) == record_byte(n, i))
+        && rd::<u64>(addr + RECORD_HASH_AT) == fnv1a(addr, RECORD_HASH_AT)
+}
+
+/// A virtio-blk disk written with records, one request at a time, its queue's
+/// rings apart from those of other devices.
+pub(crate) struct Records {
+    q: Queue,
+    capacity: u64,
+    /// Records written (the next one's number) and checked by reading back.
+    pub(crate) written: u64,
+    pub(crate) checked: u64,
+}
+
+impl Records {
+    /// The first virtio-blk device without `VIRTIO_BLK_F_RO`, set up.
+    pub(crate) fn open(devices: &Devices, clock: Clock) -> Result<Records, &'static str> {
+        let dev = find(devices, clock, ID_BLK, |f| f & BLK_F_RO == 0)
+            .ok_or("no virtio-blk device without VIRTIO_BLK_F_RO")?;
+        let features = negotiate(dev, clock, 0)?;
+        let q = setup_queue_at(dev, clock, 0, features, dma(RINGS_SECOND))?;
+        driver_ok(dev)?;
+        Ok(Records {
+            capacity: dev.config_u64(0),
+            q,
+            written: 0,
+            checked: 0,
+        })
+    }
+
+    /// Whether every sector holds a record.
+    pub(crate) fn full(&self) -> bool {
+        self.written == self.capacity
+    }
+
+    /// Writes the next record; each [`RECORDS_PER_CHECK`] records, reads them
+    /// back and checks them. The error names the request or the record.
+    pub(crate) fn write_next(&mut self, detail: &mut Line) -> Result<(), ()> {
+        let n = self.written;
+        fill_record(dma(WRITE_BUF), n);
+        expect_ok(
+            detail,
+            "blk write",
+            self.q.blk(BLK_T_OUT, n, dma(WRITE_BUF), SECTOR),
+        )?;
+        self.written += 1;
+        if self.written - self.checked == RECORDS_PER_CHECK {
+            self.check(detail)?;
+        }
+        Ok(())
+    }
+
+    /// Reads back the records written since the last check (up to
+    /// [`RECORDS_PER_CHECK`] at a time) and checks each.
+    pub(crate) fn check(&mut self, detail: &mut Line) -> Result<(), ()> {
+        while self.checked < self.written {
+            let first = self.checked;
+            let count = (self.written - first).min(RECORDS_PER_CHECK);
+            let len = (count * u64::from(SECTOR)) as u32;
+            expect_ok(
+                detail,
+                "blk read",
+                self.q.blk(BLK_T_IN, first, dma(READ_BUF), len),
+            )?;
+            for k in 0..count {
+                if !is_record(dma(READ_BUF) + k * u64::from(SECTOR), first + k) {
+                    detail
+                        .str("blk record ")
+                        .dec(first + k)
+                        .str(" read back wrong");
+                    return Err(());
+                }
+            }
+            self.checked += count;
+        }
+        Ok(())
+    }
+
+    /// Resets the device.
+    pub(crate) fn reset(&self) {
+        let _ = self.q.dev.reset(self.q.clock);
+    }
+
+    /// Reads every record written so far back and checks it.
+    pub(crate) fn check_all(&mut self, detail: &mut Line) -> Result<(), ()> {
+        self.checked = 0;
+        self.check(detail)
+    }
 }

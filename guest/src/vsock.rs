@@ -3,8 +3,9 @@
 //! `vsock-listen`: the guest accepts a connection from the host on port 5000 and
 //! echoes what it receives. Both with the polled driver of `virtio.rs` at CPL3.
 
+use crate::cpu::rdtsc;
 use crate::serial::{Line, Out, Serial};
-use crate::virtio::{self, dma, rd, wr, zero, Clock, Dev, Queue, MQ_BUF, WRITE};
+use crate::virtio::{self, dma, rd, wr, zero, Clock, Dev, Devices, Queue, MQ_BUF, WRITE};
 use crate::Machine;
 
 const ID_VSOCK: u32 = 19;
@@ -38,6 +39,8 @@ struct Conn {
     cid: u64,
     rx: Queue,
     tx: Queue,
+    /// The event queue: one 8-byte buffer at EVENT_BUF.
+    event: Queue,
     fwd_cnt: u32,
     local_port: u32,
     /// The host's port; 0 while listening (any source port is ours then).
@@ -132,6 +135,7 @@ fn open(
             cid: dev.config_u64(0),
             rx,
             tx,
+            event,
             fwd_cnt: 0,
             local_port,
             peer_port,
@@ -417,4 +421,212 @@ fn evil(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
         return Err(());
     }
     Ok(())
+}
+
+/// The host port of the `mobility` scenario's stream (`<uds>_1235` on the host).
+const STREAM_PORT: u32 = 1235;
+/// Its first local port; each new connection takes the next.
+const STREAM_LOCAL_PORT: u32 = 40000;
+/// Bytes of one stream record: its number and [`stream_check`] of it (u64 each,
+/// little-endian).
+const STREAM_RECORD: u64 = 16;
+/// Records per RW packet.
+pub(crate) const STREAM_RECORDS_PER_PACKET: u64 = 32;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+/// A REQUEST not answered within this long is sent again, from the next port.
+const CONNECT_MS: u64 = 2000;
+/// After an RST the next REQUEST waits this long (the host may not listen yet).
+const RETRY_MS: u64 = 100;
+
+/// The second word of stream record `n`.
+fn stream_check(n: u64) -> u64 {
+    n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x005e_ed0f_5eed
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    /// No connection; the next REQUEST goes at or after this TSC.
+    Closed(u64),
+    /// REQUEST sent at this TSC.
+    Connecting(u64),
+    Established,
+}
+
+/// The `mobility` scenario's stream to the host: numbered records, sent within
+/// the host's credit, driven a step at a time without waiting on the host. A
+/// transport reset (the VM was restored or moved) or an RST drops the
+/// connection; the next step connects again, from a new local port, and the
+/// stream goes on from the next record number (records the old connection had
+/// not delivered are lost, as the virtio spec allows).
+pub(crate) struct Stream {
+    c: Conn,
+    dev: Dev,
+    clock: Clock,
+    state: StreamState,
+    /// The next record's number.
+    pub(crate) next: u64,
+    /// Connections made (established) so far.
+    pub(crate) connections: u64,
+    /// Transport resets seen.
+    pub(crate) resets: u64,
+    /// Bytes sent on this connection, and the host's credit (its buf_alloc and
+    /// fwd_cnt).
+    tx_cnt: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+}
+
+impl Stream {
+    /// The first virtio-vsock device, set up; not connected yet.
+    pub(crate) fn open(devices: &Devices, clock: Clock, detail: &mut Line) -> Result<Stream, ()> {
+        let Some(dev) = virtio::find(devices, clock, ID_VSOCK, |_| true) else {
+            detail.str("no virtio-vsock device");
+            return Err(());
+        };
+        let c = open(dev, clock, STREAM_LOCAL_PORT, STREAM_PORT, detail)?;
+        Ok(Stream {
+            c,
+            dev,
+            clock,
+            state: StreamState::Closed(0),
+            next: 0,
+            connections: 0,
+            resets: 0,
+            tx_cnt: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+        })
+    }
+
+    /// Whether a packet of records may go now.
+    pub(crate) fn ready(&self) -> bool {
+        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
+        self.state == StreamState::Established
+            && self.peer_buf_alloc.saturating_sub(in_flight)
+                >= (STREAM_RECORDS_PER_PACKET * STREAM_RECORD) as u32
+    }
+
+    /// Takes what the device sent (events, packets); connects when closed.
+    pub(crate) fn poll(&mut self) -> Result<(), &'static str> {
+        while let Some((id, _)) = self.c.event.take_used() {
+            if id == 0 && rd::<u32>(dma(EVENT_BUF)) == EVENT_TRANSPORT_RESET {
+                self.resets += 1;
+                // The CID may have changed (virtio 1.2, 5.10.6.7).
+                self.c.cid = self.dev.config_u64(0);
+                self.drop_connection("transport reset", 0);
+            }
+            self.c.event.desc(0, dma(EVENT_BUF), 8, WRITE, 0);
+            self.c.event.push_avail(0);
+            self.c.event.notify();
+        }
+        while let Some((id, len)) = self.c.rx.take_used() {
+            if id >= RX_BUFFERS || u64::from(len) < HDR {
+                return Err("bad used element");
+            }
+            let b = rx_buf(id);
+            let ours = rd::<u64>(b) == HOST_CID
+                && rd::<u32>(b + 16) == STREAM_PORT
+                && rd::<u32>(b + 20) == self.c.local_port;
+            let op = rd::<u16>(b + 30);
+            let plen = rd::<u32>(b + 24);
+            if ours && !matches!(self.state, StreamState::Closed(_)) {
+                self.peer_buf_alloc = rd::<u32>(b + 36);
+                self.peer_fwd_cnt = rd::<u32>(b + 40);
+                match op {
+                    OP_RESPONSE => {
+                        self.state = StreamState::Established;
+                        self.connections += 1;
+                        Serial
+                            .str("vsock: connected port=")
+                            .dec(u64::from(self.c.local_port))
+                            .str(" from seq=")
+                            .dec(self.next)
+                            .str("\n");
+                    }
+                    OP_RST | OP_SHUTDOWN => self.drop_connection("reset by the host", RETRY_MS),
+                    // What the host sends is not read: consumed all the same.
+                    OP_RW => self.c.fwd_cnt = self.c.fwd_cnt.wrapping_add(plen),
+                    _ => {}
+                }
+            }
+            self.c.repost(id);
+        }
+        match self.state {
+            StreamState::Closed(at) if rdtsc() >= at => {
+                self.c.local_port += 1;
+                (self.tx_cnt, self.c.fwd_cnt) = (0, 0);
+                (self.peer_buf_alloc, self.peer_fwd_cnt) = (0, 0);
+                self.c.send(OP_REQUEST, 0, &[])?;
+                self.state = StreamState::Connecting(rdtsc());
+            }
+            StreamState::Connecting(at) if rdtsc().wrapping_sub(at) > self.clock.ms(CONNECT_MS) => {
+                self.state = StreamState::Closed(0);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sends the next [`STREAM_RECORDS_PER_PACKET`] records (call when [`Self::ready`]).
+    pub(crate) fn send_records(&mut self) -> Result<(), &'static str> {
+        let mut payload = [0u8; (STREAM_RECORDS_PER_PACKET * STREAM_RECORD) as usize];
+        for (k, record) in payload.chunks_exact_mut(STREAM_RECORD as usize).enumerate() {
+            let n = self.next + k as u64;
+            record[..8].copy_from_slice(&n.to_le_bytes());
+            record[8..].copy_from_slice(&stream_check(n).to_le_bytes());
+        }
+        self.c.send(OP_RW, 0, &payload)?;
+        self.tx_cnt = self.tx_cnt.wrapping_add(payload.len() as u32);
+        self.next += STREAM_RECORDS_PER_PACKET;
+        Ok(())
+    }
+
+    /// Waits (up to `ms`) until the stream is connected and the host has taken
+    /// every byte sent on it, asking for its credit; then shuts the connection
+    /// down, both ways.
+    pub(crate) fn close(&mut self, ms: u64) -> Result<(), &'static str> {
+        let start = rdtsc();
+        loop {
+            self.poll()?;
+            let established = self.state == StreamState::Established;
+            if established && self.peer_fwd_cnt == self.tx_cnt {
+                break;
+            }
+            if rdtsc().wrapping_sub(start) > self.clock.ms(ms) {
+                return Err("the host did not take every byte");
+            }
+            if established {
+                self.c.send(OP_CREDIT_REQUEST, 0, &[])?;
+                let asked = rdtsc();
+                while self.peer_fwd_cnt != self.tx_cnt
+                    && rdtsc().wrapping_sub(asked) < self.clock.ms(10)
+                {
+                    self.poll()?;
+                }
+            }
+        }
+        self.c.send(OP_SHUTDOWN, 3, &[])?;
+        self.state = StreamState::Closed(u64::MAX);
+        Ok(())
+    }
+
+    /// Resets the device.
+    pub(crate) fn reset(&self) {
+        let _ = self.dev.reset(self.clock);
+    }
+
+    /// Drops the connection (saying so when it was established); the next
+    /// REQUEST waits `retry_ms`.
+    fn drop_connection(&mut self, why: &str, retry_ms: u64) {
+        if self.state == StreamState::Established {
+            Serial
+                .str("vsock: ")
+                .str(why)
+                .str(" at seq=")
+                .dec(self.next)
+                .str("\n");
+        }
+        self.state = StreamState::Closed(rdtsc() + self.clock.ms(retry_ms));
+    }
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use common::daemon::free_loopback_addr;
 use common::http::request;
 use common::mobility::{
-    assert_monitor_carried, certificate, counting_guest, counts, monitored_counting_guest, ok,
-    tamper_before_capture, wait_monitoring, TIMEOUT,
+    assert_counts_on, assert_monitor_carried, certificate, counting_guest, counts,
+    monitored_counting_guest, ok, tamper_before_capture, wait_monitoring, TIMEOUT,
 };
 use common::{scratch, Console};
 use serde_json::{json, Value};
@@ -65,27 +65,6 @@ fn wait_migration_end(sock: &Path) -> Value {
         assert!(Instant::now() < deadline, "migration still {state}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The counts of `before` then `after` go on one at a time (a line a move cut
-/// in two is the one that may be missing).
-fn assert_counts_on(before: &str, after: &str) {
-    let (a, b) = (counts(before), counts(after));
-    let last = *a.last().expect("the source counted");
-    let first = *b.first().expect("the destination counted");
-    assert!(
-        first == last + 1 || first == last + 2,
-        "the count went from {last} to {first}\n--- source\n{before}\n--- destination\n{after}"
-    );
-    assert_eq!(
-        b,
-        (first..first + b.len() as u64).collect::<Vec<_>>(),
-        "{after}"
-    );
-    assert!(
-        !before.contains("FAIL") && !after.contains("FAIL"),
-        "{before}\n{after}"
-    );
 }
 
 #[test]

@@ -27,6 +27,27 @@ pub fn counts(out: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The counts of `before` then `after` go on one at a time (a line a move cut
+/// in two is the one that may be missing).
+pub fn assert_counts_on(before: &str, after: &str) {
+    let (a, b) = (counts(before), counts(after));
+    let last = *a.last().expect("the source counted");
+    let first = *b.first().expect("the destination counted");
+    assert!(
+        first == last + 1 || first == last + 2,
+        "the count went from {last} to {first}\n--- source\n{before}\n--- destination\n{after}"
+    );
+    assert_eq!(
+        b,
+        (first..first + b.len() as u64).collect::<Vec<_>>(),
+        "{after}"
+    );
+    assert!(
+        !before.contains("FAIL") && !after.contains("FAIL"),
+        "{before}\n{after}"
+    );
+}
+
 /// A Vigil serving its API on `dir/NAME.sock`, not started.
 pub fn api_vigil(dir: &Path, name: &str) -> (Console, PathBuf) {
     let sock = dir.join(format!("{name}.sock"));

@@ -246,10 +246,19 @@ pub struct Console {
 impl Console {
     /// Starts `vigil ARGS` with stdin, stdout and stderr piped.
     pub fn spawn(args: &[&str]) -> Console {
+        let mut cmd = vigil();
+        cmd.args(args);
+        Console::spawn_command(cmd)
+    }
+
+    /// Starts `cmd` (a vigil, or a command that becomes one) with stdin, stdout
+    /// and stderr piped.
+    pub fn spawn_command(mut cmd: Command) -> Console {
         use std::io::BufRead;
-        let mut child = vigil()
-            .args(args)
+        let mut child = cmd
             .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vigil");
         let stdin = child.stdin.take();
