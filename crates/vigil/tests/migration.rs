@@ -456,16 +456,13 @@ fn pre_copy_that_cannot_converge_switches_to_postcopy() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Post-copy's price: once the VM runs at the destination, losing it loses
-/// the VM. The source says so and keeps its stale copy paused (never both
-/// running), its process alive for the operator.
-#[test]
-fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
-    let dir = scratch("migrate-postcopy-lost");
+/// A writing guest (32 MiB at 4 MiB/s) moving by post-copy pushed at 1 MiB/s,
+/// once it runs at the destination: for seconds it lacks pages there. The
+/// scratch folder, the destination, the source and its API socket.
+fn in_slow_postcopy(name: &str) -> (PathBuf, Console, Console, PathBuf) {
+    let dir = scratch(name);
     let (dest, _, target) = destination(&dir, "dest", &[]);
-    // 32 MiB written at 4 MiB/s, pushed at 1 MiB/s: the VM runs there for
-    // seconds before it has all its pages.
-    let (_src, sock) = writing_guest_at(&dir, 32, 4);
+    let (src, sock) = writing_guest_at(&dir, 32, 4);
     ok(
         &sock,
         "PUT",
@@ -473,6 +470,15 @@ fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
         json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 1}),
     );
     wait_postcopy(&sock);
+    (dir, dest, src, sock)
+}
+
+/// Post-copy's price: once the VM runs at the destination, losing it loses
+/// the VM. The source says so and keeps its stale copy paused (never both
+/// running), its process alive for the operator.
+#[test]
+fn a_destination_lost_during_postcopy_leaves_the_source_paused_saying_why() {
+    let (dir, dest, _src, sock) = in_slow_postcopy("migrate-postcopy-lost");
     drop(dest);
     let status = wait_migration_end(&sock);
     assert_eq!(status["state"], "failed", "{status}");
@@ -639,16 +645,7 @@ fn tls_files_that_do_not_load_name_the_option_and_the_path() {
 /// stops its VM and says why, rather than run a guest whose memory is gone.
 #[test]
 fn a_source_lost_during_postcopy_stops_the_destination_saying_why() {
-    let dir = scratch("migrate-postcopy-source-lost");
-    let (dest, _, target) = destination(&dir, "dest", &[]);
-    let (src, sock) = writing_guest_at(&dir, 32, 4);
-    ok(
-        &sock,
-        "PUT",
-        "/vigil/migration",
-        json!({"destination": target, "token": TOKEN, "method": "postcopy", "bandwidth_mib_s": 1}),
-    );
-    wait_postcopy(&sock);
+    let (dir, dest, src, _) = in_slow_postcopy("migrate-postcopy-source-lost");
     drop(src);
     let run = dest.finish(TIMEOUT);
     assert_eq!(run.code, Some(1), "a VMM failure: {run}");
