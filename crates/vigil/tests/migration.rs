@@ -274,20 +274,8 @@ fn failed_migrations_leave_the_source_running_and_one_vm_at_the_end() {
 fn a_dirtying_guest_migrates_with_every_page_it_wrote() {
     let dir = scratch("migrate-dirty");
     let (mut dest, _, target) = destination(&dir, "dest", &[]);
-    let sock = dir.join("source.sock");
-    let mut src = Console::spawn(&[
-        "run",
-        "--memory",
-        "64",
-        "--kernel",
-        vigil_test_guest::ELF_PATH,
-        "--cmdline",
-        "test=dirty dirty_mib=8 dirty_mib_s=32",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
     // 32 MiB/s is 8192 pages a second: four sweeps of the region, each checked.
-    src.wait_for(&["dirty: 8192 pages in second 2"], TIMEOUT);
+    let (src, sock) = writing_guest(&dir);
     ok(
         &sock,
         "PUT",

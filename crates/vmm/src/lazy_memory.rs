@@ -18,10 +18,8 @@ use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::dirty_log::PAGE_SIZE as PAGE;
 use crate::GuestMemoryMmap;
-
-/// The page the missing-page machinery works in.
-pub const PAGE: u64 = 4096;
 
 /// Why guest memory cannot be filled on demand.
 #[derive(Debug, thiserror::Error)]
@@ -50,15 +48,15 @@ pub enum LazyMemoryError {
 /// One region as Firecracker's page-fault handlers expect it
 /// (`GuestRegionUffdMapping`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct HandlerRegion {
+struct HandlerRegion {
     /// Where the region is in this process.
-    pub base_host_virt_addr: u64,
-    pub size: u64,
+    base_host_virt_addr: u64,
+    size: u64,
     /// Where its bytes start in the snapshot's memory file.
-    pub offset: u64,
-    pub page_size: u64,
+    offset: u64,
+    page_size: u64,
     /// The same in KiB, for handlers from before Firecracker 1.10.
-    pub page_size_kib: u64,
+    page_size_kib: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -112,7 +110,7 @@ impl LazyMemory {
 
     /// The regions, with their offsets in a memory file that holds them one
     /// after the other (a snapshot's).
-    pub fn handler_regions(&self) -> Vec<HandlerRegion> {
+    fn handler_regions(&self) -> Vec<HandlerRegion> {
         let mut offset = 0;
         self.regions
             .iter()
@@ -284,10 +282,5 @@ impl LazyMemory {
                 })?;
         }
         Ok(())
-    }
-
-    /// Whether `gpa` is a page of the registered memory.
-    pub fn holds(&self, gpa: u64) -> bool {
-        self.host(gpa & !(PAGE - 1), PAGE).is_ok()
     }
 }

@@ -24,7 +24,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use crate::control::{ControlError, StopHandle, VmControl};
 use crate::device_manager::DeviceHandles;
-use crate::dirty_log::{DirtyTracker, KvmGuestLog};
+use crate::dirty_log::{DirtyTracker, KvmGuestLog, PAGE_SIZE};
 use crate::inspect::VmInspect;
 use crate::lazy_memory::LazyMemory;
 use crate::snapshot::{SavedMachine, SnapshotSources, WrittenSince};
@@ -162,7 +162,7 @@ impl Vm {
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let stop = self.stop;
         let vm_fd = Arc::new(self.vm_fd);
-        let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone(), true);
+        let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone());
         let dirty = DirtyTracker::new(self.mem.clone(), Box::new(guest_log));
         // Before any vCPU runs: a restored VM's first diff differs from its file.
         let (memory_file, lazy) = match self.memory {
@@ -177,7 +177,7 @@ impl Vm {
         if let Ok(reader) = dirty.subscribe() {
             let _ = reader.take(); // every page, at first
             self.metrics.set_dirty_source(Box::new(move || {
-                reader.take().ok().map(|log| log.count() as u64 * 4096)
+                reader.take().ok().map(|log| log.count() as u64 * PAGE_SIZE)
             }));
         }
         self.metrics.mark_started();

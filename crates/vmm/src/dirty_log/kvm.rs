@@ -38,12 +38,13 @@ pub(crate) struct KvmGuestLog {
 }
 
 impl KvmGuestLog {
-    /// The log of `vm`'s slots over `mem`, which log already when `logging`.
-    pub(crate) fn new(vm: Weak<VmFd>, mem: GuestMemoryMmap, logging: bool) -> Self {
+    /// The log of `vm`'s slots over `mem`, which `create_vm` registered
+    /// logging.
+    pub(crate) fn new(vm: Weak<VmFd>, mem: GuestMemoryMmap) -> Self {
         Self {
             vm,
             mem,
-            logging: AtomicBool::new(logging),
+            logging: AtomicBool::new(true),
         }
     }
 
