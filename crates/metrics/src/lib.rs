@@ -11,6 +11,7 @@
 //!   cloneable handle other threads take [`VmMetricsSnapshot`]s through.
 //! - [`IntrospectCounters`]: integrity checks, findings by rule, guarded MSR
 //!   writes and traced system calls of the VM's introspection.
+//! - [`RtCounters`]: the RT timer device's expiries, boosts and budget overruns.
 //! - [`host`]: PSI, load, memory and CPU of the host, from `/proc`.
 //! - [`prometheus::render`]: the Prometheus text format of many VMs (labelled by VM
 //!   id) and the host; [`json::json_line`]: a Firecracker-style JSON line per VM.
@@ -21,6 +22,7 @@ pub mod introspect;
 pub mod json;
 pub mod primitives;
 pub mod prometheus;
+pub mod rt;
 pub mod vcpu;
 pub mod vm;
 
@@ -28,5 +30,6 @@ pub use device::{BalloonSnapshot, DeviceCounters, DeviceKind, DeviceSnapshot};
 pub use host::HostSnapshot;
 pub use introspect::{IntrospectCounters, IntrospectSnapshot};
 pub use primitives::{Counter, Gauge, Histogram, HistogramSnapshot};
+pub use rt::{RtCounters, RtSnapshot};
 pub use vcpu::{ExitCounts, ExitReason, RunClock, VcpuCounters, VcpuSnapshot};
 pub use vm::{MemorySnapshot, MetricsHandle, VmMetrics, VmMetricsSnapshot};

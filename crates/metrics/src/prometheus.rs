@@ -345,6 +345,49 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
         }
     }
     render_introspection(out, vms);
+    render_rt(out, vms);
+}
+
+fn render_rt(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
+    let per_vm: [SimpleFamily<crate::RtSnapshot, u64>; 4] = [
+        (
+            "vigil_rt_timer_expiries_total",
+            "RT timer expiries injected into the guest.",
+            |r| r.expiries,
+        ),
+        (
+            "vigil_rt_timer_skipped_total",
+            "RT timer expiries skipped: reached after the next one was due.",
+            |r| r.skipped,
+        ),
+        (
+            "vigil_rt_timer_boosts_total",
+            "RT timer expiries that raised a vCPU thread to SCHED_FIFO.",
+            |r| r.boosts,
+        ),
+        (
+            "vigil_rt_timer_overruns_total",
+            "RT timer boosts the guest did not end within its budget (withdrawn; a security event).",
+            |r| r.overruns,
+        ),
+    ];
+    for (name, help, get) in per_vm {
+        let mut f = Family::new(out, name, "counter", help);
+        for (vm, s) in vms {
+            f.sample("", &[("vm", vm)], Value::Int(get(&s.rt)));
+        }
+    }
+    let mut f = Family::new(
+        out,
+        "vigil_rt_timer_injection_late_seconds",
+        "histogram",
+        "From an RT timer expiry's deadline to the injection of its interrupt.",
+    );
+    for (vm, s) in vms {
+        if s.rt.injection_late.count > 0 {
+            f.histogram(&[("vm", vm)], &s.rt.injection_late);
+        }
+    }
 }
 
 fn render_introspection(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {

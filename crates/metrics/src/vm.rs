@@ -22,6 +22,7 @@ pub struct VmMetrics {
     vcpus: Vec<Arc<VcpuCounters>>,
     devices: Vec<Arc<DeviceCounters>>,
     introspect: Arc<IntrospectCounters>,
+    rt: Arc<crate::RtCounters>,
     started: OnceLock<Instant>,
     dirty: Mutex<DirtyRate>,
 }
@@ -79,6 +80,7 @@ impl VmMetrics {
             vcpus,
             devices,
             introspect: Arc::default(),
+            rt: Arc::default(),
             started: OnceLock::new(),
             dirty: Mutex::default(),
         }
@@ -118,6 +120,11 @@ impl VmMetrics {
         &self.introspect
     }
 
+    /// What the RT timer device did (all zero without it).
+    pub fn rt(&self) -> &Arc<crate::RtCounters> {
+        &self.rt
+    }
+
     /// Everything now. Reads `/proc` (this process's RSS, each vCPU thread's
     /// schedstat): a few system calls per vCPU; never blocks on the VM.
     pub fn snapshot(&self) -> VmMetricsSnapshot {
@@ -139,6 +146,7 @@ impl VmMetrics {
             vcpus: self.vcpus.iter().map(|v| v.snapshot()).collect(),
             devices,
             introspection: self.introspect.snapshot(),
+            rt: self.rt.snapshot(),
         }
     }
 }
@@ -202,6 +210,9 @@ pub struct VmMetricsSnapshot {
     /// What introspection did (absent in snapshots from before it existed).
     #[serde(default)]
     pub introspection: IntrospectSnapshot,
+    /// What the RT timer device did (absent in snapshots from before it existed).
+    #[serde(default)]
+    pub rt: crate::RtSnapshot,
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_migration::{ServerTls, Target, TlsError};
 use vigil_model::config::{
     BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, HugePages,
-    IntrospectConfig, KernelImage, MachineConfig, NetConfig, OnCrash, RateLimit, VmConfig,
-    VsockConfig,
+    IntrospectConfig, KernelImage, MachineConfig, NetConfig, OnCrash, RateLimit, RtTimerConfig,
+    VcpuSched, VmConfig, VsockConfig,
 };
 use vigil_model::cpu::CpuFeature;
 use vigil_model::firecracker::Metrics;
@@ -284,6 +284,35 @@ pub struct RunArgs {
     #[arg(long, default_value = "exit", value_enum)]
     pub on_crash: OnCrashArg,
 
+    /// How the host schedules vCPU threads; repeat for several vCPUs. Keys:
+    /// vcpu=N (or all, the default: every vCPU no other entry names),
+    /// policy=other|fifo|rr|deadline (default other, the time-sharing scheduler),
+    /// priority=1..99 (fifo, rr), runtime=DUR, deadline=DUR (default the period),
+    /// period=DUR (deadline: a SCHED_DEADLINE reservation of runtime in every
+    /// period), cpus=LIST (pin to host CPUs: 1, 0-3, 0-1:4; not with deadline,
+    /// which the kernel admits on every CPU). Checked against the host before the
+    /// VM starts: CPUs this process may use, and every SCHED_DEADLINE reservation
+    /// of the host within sched_rt_runtime_us/sched_rt_period_us of its CPUs. The
+    /// per-VM API changes it while the VM runs (PUT /vigil/vcpus/sched);
+    /// `vigil rt analyze` computes reservations for a task set. Examples:
+    /// --vcpu-sched policy=fifo,priority=10,cpus=1
+    /// --vcpu-sched vcpu=0,policy=deadline,runtime=2ms,deadline=10ms,period=10ms
+    #[arg(long, value_name = "[vcpu=N,]policy=..[,..]", value_parser = VcpuSched::parse)]
+    pub vcpu_sched: Vec<VcpuSched>,
+
+    /// The RT timer device (docs/rt-timer.md): the guest arms deadlines per vCPU
+    /// through I/O ports 0x620-0x63f (CPUID leaf 0x40000020, ACPI VGL0001); at each
+    /// expiry Vigil raises the vCPU's thread to SCHED_FIFO for the guest's budget
+    /// and injects the interrupt, so the guest runs on time even when other work
+    /// shares its CPU. `on` takes the defaults; keys: max_timers=N per vCPU
+    /// (default 4), min_period=DUR (default 100us), max_budget=DUR per expiry
+    /// (default 500us), priority=1..98 (default 50; the timer thread runs one
+    /// above). A vCPU is never boosted more than half of the time; a guest that
+    /// overruns its budget loses the boost and the overrun is counted
+    /// (vigil_rt_timer_overruns_total, a security event in vigild).
+    #[arg(long, value_name = "on|off|max_timers=N,..", value_parser = parse_rt_timer)]
+    pub rt_timer: Option<RtTimerArg>,
+
     /// CPUID features to hide from the guest, comma-separated, in
     /// /proc/cpuinfo spelling (e.g. "avx2,rdrand").
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
@@ -445,6 +474,14 @@ fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
     }
 }
 
+/// `--rt-timer`: the device's limits, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+pub struct RtTimerArg(Option<RtTimerConfig>);
+
+fn parse_rt_timer(s: &str) -> Result<RtTimerArg, String> {
+    RtTimerConfig::parse(s).map(RtTimerArg)
+}
+
 /// The `vigil run` flag of each configuration field (`VmConfig`'s errors name
 /// the fields as the configuration document spells them).
 fn flag_of(field: &str) -> Option<&'static str> {
@@ -463,6 +500,8 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "guest_cid" => "--vsock cid=",
         "uds_path" => "--vsock uds=",
         "amount_mib" => "--balloon size_mib=",
+        "vcpu_sched" => "--vcpu-sched",
+        "rt_timer" => "--rt-timer",
         _ => return None,
     })
 }
@@ -537,6 +576,8 @@ impl RunArgs {
             cpuid_hide: self.cpuid_hide.clone(),
             on_crash: self.on_crash.into(),
             huge_pages: self.huge_pages.into(),
+            vcpu_sched: self.vcpu_sched.clone(),
+            rt_timer: self.rt_timer.as_ref().and_then(|a| a.0),
             introspect: IntrospectLaunch {
                 monitor: self.introspect,
                 trace: self
@@ -690,6 +731,8 @@ impl RunArgs {
         };
         config.console = self.console;
         config.on_crash = self.on_crash.into();
+        config.vcpu_sched = self.vcpu_sched;
+        config.rt_timer = self.rt_timer.and_then(|a| a.0);
         config.drives = self.disk;
         for (i, disk) in config.drives.iter_mut().enumerate() {
             if disk.id.is_empty() {

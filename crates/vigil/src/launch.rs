@@ -16,7 +16,8 @@ use vigil_introspect::SyscallFilter;
 use vigil_migration::{Migrator, ServerTls, Target};
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
 use vigil_model::config::{
-    BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash, VmConfig,
+    BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash,
+    RtTimerConfig, VcpuSched, VmConfig,
 };
 use vigil_model::cpu::CpuFeature;
 use vigil_model::firecracker::{self, FullVmConfig, Logger, Metrics};
@@ -37,6 +38,10 @@ pub struct Overrides {
     pub cpuid_hide: Vec<CpuFeature>,
     pub on_crash: OnCrash,
     pub huge_pages: HugePages,
+    /// `--vcpu-sched` entries.
+    pub vcpu_sched: Vec<VcpuSched>,
+    /// `--rt-timer`.
+    pub rt_timer: Option<RtTimerConfig>,
     pub introspect: IntrospectLaunch,
 }
 
@@ -96,6 +101,8 @@ impl Default for Overrides {
             cpuid_hide: Vec::new(),
             on_crash: OnCrash::Exit,
             huge_pages: HugePages::None,
+            vcpu_sched: Vec::new(),
+            rt_timer: None,
             introspect: IntrospectLaunch::default(),
         }
     }
@@ -108,6 +115,8 @@ impl Overrides {
         config.boot.protocol = self.boot_protocol;
         config.machine.cpu_template = self.cpu_template.clone();
         config.machine.cpuid_hide = self.cpuid_hide.clone();
+        config.vcpu_sched = self.vcpu_sched.clone();
+        config.rt_timer = self.rt_timer;
         config.machine.huge_pages = self.huge_pages;
         config.on_crash = self.on_crash;
     }

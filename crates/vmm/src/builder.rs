@@ -40,6 +40,8 @@ use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::device_manager::DeviceManager;
 use crate::lazy_memory::{LazyMemory, LazyMemoryError};
+use crate::rt::timer::{RT_TIMER_LEAF, RT_TIMER_PORT, RT_TIMER_PORTS};
+use crate::rt::{RtTimer, VcpuScheduler};
 use crate::snapshot::file::{self as snapshot_file, FileError};
 use crate::snapshot::memory_ranges;
 use crate::snapshot::state::{MemoryRange, SavedMachine, VmState};
@@ -52,7 +54,7 @@ use crate::vstate::vm::{create_vm, VmError};
 use crate::VmEvent;
 use vigil_model::config::{
     ConfigError, ConsoleConfig, CpuTemplate, FieldError, HostLimits, HugePages, KernelImage,
-    OnCrash, VmConfig,
+    OnCrash, RtTimerConfig, VcpuSched, VmConfig,
 };
 use vigil_model::cpu::CpuFeature;
 
@@ -69,6 +71,8 @@ pub enum BuildError {
     Kvm(kvm_ioctls::Error),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("vCPU scheduling: {0}")]
+    Sched(#[from] crate::rt::SchedError),
     #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
     Memory { mib: u64, detail: String },
     #[error(transparent)]
@@ -168,6 +172,9 @@ fn guest_memory(config: &VmConfig) -> Result<GuestMemoryMmap, BuildError> {
 pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     config.validate(&HostLimits::read(kvm.get_max_vcpus() as u32))?;
+    let plan = VcpuSched::resolve(&config.vcpu_sched, config.machine.vcpu_count)
+        .map_err(ConfigError::from)?;
+    let sched = VcpuScheduler::new(plan)?;
     // Read when a crash report or introspection needs them, not at boot.
     let symbols = KernelSymbols::new(config.boot.symbols.clone(), config.boot.kernel.clone());
     let mem = guest_memory(config)?;
@@ -215,6 +222,8 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         memory: MemoryOrigin::Anonymous,
         on_crash: config.on_crash,
         extensions: Default::default(),
+        sched,
+        rt_timer: config.rt_timer,
     }))
 }
 
@@ -233,6 +242,10 @@ struct Parts {
     on_crash: OnCrash,
     /// The restored state's [`VmState::extensions`].
     extensions: std::collections::BTreeMap<String, serde_json::Value>,
+    /// How the host schedules the vCPU threads, admitted.
+    sched: VcpuScheduler,
+    /// The RT timer device's limits, when the VM has one.
+    rt_timer: Option<RtTimerConfig>,
 }
 
 /// The last step of building or restoring: the VM from its parts, with the
@@ -248,6 +261,15 @@ fn assemble(p: Parts) -> Vm {
     ));
     let mut subscribers = p.legacy.subscribers;
     subscribers.extend(p.virtio.subscribers);
+    let sched = Arc::new(p.sched);
+    let rt_timer = p.rt_timer.map(|config| {
+        Arc::new(RtTimer::new(
+            config,
+            p.machine.vcpu_count,
+            sched.clone(),
+            metrics.rt().clone(),
+        ))
+    });
     Vm {
         vcpus: p.vcpus,
         vm_fd: p.vm_fd,
@@ -270,6 +292,8 @@ fn assemble(p: Parts) -> Vm {
         msr_guard: Default::default(),
         on_crash: p.on_crash,
         extensions: p.extensions,
+        sched,
+        rt_timer,
     }
 }
 
@@ -555,6 +579,7 @@ pub fn restore_with_memory(
         devices = state.virtio.len(),
         "VM restored"
     );
+    let vcpu_count = m.vcpu_count;
     Ok(assemble(Parts {
         vcpus,
         vm_fd,
@@ -568,6 +593,10 @@ pub fn restore_with_memory(
         memory: origin,
         on_crash,
         extensions: state.extensions,
+        // What a snapshot keeps of the machine has no scheduling: a restored VM's
+        // vCPUs are time-shared, without the RT timer.
+        sched: VcpuScheduler::new(vec![VcpuSched::default(); vcpu_count as usize])?,
+        rt_timer: None,
     }))
 }
 
@@ -730,7 +759,18 @@ fn load_boot(
         .map(|p| boot::load_initrd(mem, p, &kernel, memory_bytes))
         .transpose()?;
     let e820 = layout::e820_map(memory_bytes);
-    let acpi = acpi::write_tables(mem, apic_ids, virtio)?;
+    let rt_timer = acpi::IoDevice {
+        name: "VRTT",
+        hid: "VGL0001",
+        port: RT_TIMER_PORT,
+        ports: RT_TIMER_PORTS as u8,
+    };
+    let io: &[acpi::IoDevice] = if config.rt_timer.is_some() {
+        &[rt_timer]
+    } else {
+        &[]
+    };
+    let acpi = acpi::write_tables(mem, apic_ids, virtio, io)?;
     boot::write_cmdline(mem, cmdline)?;
     match kernel.entry {
         EntryPoint::Pvh(_) => boot::write_pvh_info(mem, &e820, initrd, acpi.rsdp)?,
@@ -765,7 +805,11 @@ fn create_vcpus(
             apic_id: apic_ids[id as usize],
             vcpus: config.machine.vcpu_count,
         };
-        let vcpu_cpuid = cpuid::build(&base_cpuid, topo, fd.get_tsc_khz().ok(), hide);
+        let mut vcpu_cpuid = cpuid::build(&base_cpuid, topo, fd.get_tsc_khz().ok(), hide);
+        if let Some(rt) = &config.rt_timer {
+            vcpu_cpuid =
+                cpuid::add_hypervisor_leaf(&vcpu_cpuid, RT_TIMER_LEAF, RtTimer::cpuid(rt));
+        }
         let vcpu_err = |source| BuildError::Vcpu { vcpu: id, source };
         fd.set_cpuid2(&vcpu_cpuid).map_err(|source| {
             vcpu_err(RegsError::Kvm {

@@ -69,6 +69,10 @@ pub enum ControlError {
     BalloonStatsOff,
     #[error("no vCPU {0} (the VM has {1})")]
     NoVcpu(u32, usize),
+    #[error(transparent)]
+    Sched(#[from] crate::rt::SchedError),
+    #[error(transparent)]
+    SchedConfig(#[from] vigil_model::config::SchedConfigError),
     #[error("vCPU {0} has ended: it serves no requests")]
     VcpuGone(u32),
     #[error("vCPU {vcpu} did not serve the request within {waited_ms} ms")]
@@ -245,6 +249,7 @@ pub struct VmControl {
     pub(crate) devices: Arc<DeviceHandles>,
     pub(crate) metrics: MetricsHandle,
     pub(crate) snapshot: Arc<SnapshotSources>,
+    pub(crate) sched: Arc<crate::rt::VcpuScheduler>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -335,6 +340,39 @@ impl VmControl {
             return Err(SnapshotError::NotPaused);
         }
         self.snapshot.capture(&self.vcpus, with_memory)
+    }
+
+    /// How the host schedules each vCPU thread now (one entry per vCPU; an RT
+    /// timer boost in progress not shown).
+    pub fn vcpu_sched(&self) -> Vec<vigil_model::config::VcpuSched> {
+        self.sched.current()
+    }
+
+    /// Changes how the host schedules the vCPU threads: `entries` as
+    /// `--vcpu-sched` takes them (vCPUs no entry names keep their scheduling),
+    /// admitted against the host first; nothing changes when refused.
+    pub fn set_vcpu_sched(
+        &self,
+        entries: &[vigil_model::config::VcpuSched],
+    ) -> Result<Vec<vigil_model::config::VcpuSched>, ControlError> {
+        let current = self.sched.current();
+        let count = current.len() as u32;
+        let changed = vigil_model::config::VcpuSched::resolve(entries, count)?;
+        let has_all = entries.iter().any(|e| e.vcpu.is_none());
+        let plan: Vec<_> = current
+            .into_iter()
+            .zip(changed)
+            .map(|(old, new)| {
+                let named = entries.iter().any(|e| e.vcpu == new.vcpu);
+                if named || has_all {
+                    new
+                } else {
+                    old
+                }
+            })
+            .collect();
+        self.sched.set(plan)?;
+        Ok(self.sched.current())
     }
 
     /// Ends this VM because it cannot go on (`why`): it ends as

@@ -27,6 +27,7 @@ use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{DirtyTracker, KvmGuestLog, PAGE_SIZE};
 use crate::inspect::VmInspect;
 use crate::lazy_memory::LazyMemory;
+use crate::rt::{RtTimer, VcpuScheduler};
 use crate::snapshot::{SavedMachine, SnapshotSources, WrittenSince};
 use crate::symbols::KernelSymbols;
 use crate::vstate::inspect::{Mailbox, MsrGuard, MsrGuardSlot};
@@ -75,6 +76,10 @@ pub struct Vm {
     /// The snapshot's (or migrated state's) [`crate::snapshot::VmState::extensions`]
     /// a restored VM was built from; none for a booted one.
     pub(crate) extensions: BTreeMap<String, serde_json::Value>,
+    /// How the host schedules the vCPU threads.
+    pub(crate) sched: Arc<VcpuScheduler>,
+    /// The RT timer device, when the VM has one.
+    pub(crate) rt_timer: Option<Arc<RtTimer>>,
 }
 
 /// Where a VM's guest memory came from: what a snapshot or a migration of it
@@ -121,6 +126,7 @@ pub struct RunningVm {
     vcpu_threads: Vec<JoinHandle<()>>,
     device_thread: Option<JoinHandle<()>>,
     device_waker: EventFd,
+    rt_timer: Option<(Arc<RtTimer>, JoinHandle<()>)>,
     stop: Arc<AtomicBool>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
@@ -199,6 +205,8 @@ impl Vm {
                 mailbox: mailbox.clone(),
                 msr_guard: self.msr_guard.clone(),
                 on_crash: self.on_crash,
+                sched: self.sched.clone(),
+                rt_timer: self.rt_timer.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
@@ -214,6 +222,13 @@ impl Vm {
                 stop.clone(),
                 device_waker.try_clone()?,
             )?)
+        };
+        let rt_timer = match self.rt_timer {
+            Some(timer) => {
+                let thread = timer.start(Arc::downgrade(&vm_fd), self.pause.clone())?;
+                Some((timer, thread))
+            }
+            None => None,
         };
         let vcpus = Arc::new(VcpuThreads::new(
             self.pause,
@@ -240,6 +255,7 @@ impl Vm {
             devices: Arc::new(self.devices),
             metrics: MetricsHandle::new(self.metrics.clone()),
             snapshot: Arc::new(snapshot),
+            sched: self.sched,
         };
         let inspect = VmInspect {
             vcpus: vcpus.clone(),
@@ -258,6 +274,7 @@ impl Vm {
             vcpu_threads,
             device_thread,
             device_waker,
+            rt_timer,
             stop,
             events_tx: self.events_tx,
             events_rx: self.events_rx,
@@ -416,6 +433,10 @@ impl RunningVm {
         if let Some(t) = self.device_thread.take() {
             let _ = self.device_waker.write(1);
             let _ = t.join();
+        }
+        if let Some((timer, thread)) = self.rt_timer.take() {
+            timer.stop();
+            let _ = thread.join();
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod introspect;
 pub mod machine;
 pub mod net;
 pub mod rate_limit;
+pub mod rt;
 pub mod vsock;
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ pub use introspect::{IntrospectConfig, IntrospectConfigError, Policy};
 pub use machine::{CpuTemplate, HugePages, MachineConfig, MachineConfigError};
 pub use net::{NetConfig, NetConfigError};
 pub use rate_limit::{BucketUpdate, LimitUpdate, RateLimit};
+pub use rt::{RtTimerConfig, RtTimerConfigError, SchedConfigError, SchedPolicy, VcpuSched};
 pub use vsock::{VsockConfig, VsockConfigError};
 
 /// An error about one field: its message starts with the field's name as the
@@ -121,6 +123,11 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// What a vCPU crash does.
     pub on_crash: OnCrash,
+    /// How the host schedules the vCPU threads (entries as given; see
+    /// [`VcpuSched::resolve`]).
+    pub vcpu_sched: Vec<VcpuSched>,
+    /// The RT timer device, with its limits.
+    pub rt_timer: Option<RtTimerConfig>,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -165,6 +172,10 @@ pub enum ConfigError {
     Vsock(#[from] VsockConfigError),
     #[error(transparent)]
     Balloon(#[from] BalloonConfigError),
+    #[error(transparent)]
+    Sched(#[from] SchedConfigError),
+    #[error(transparent)]
+    RtTimer(#[from] RtTimerConfigError),
     #[error("devices {count}: Vigil has interrupt lines for at most {MAX_VIRTIO_DEVICES} virtio devices")]
     TooManyDevices { count: usize },
 }
@@ -178,6 +189,8 @@ impl FieldError for ConfigError {
             ConfigError::Net(e) => e.field(),
             ConfigError::Vsock(e) => e.field(),
             ConfigError::Balloon(e) => e.field(),
+            ConfigError::Sched(e) => e.field(),
+            ConfigError::RtTimer(e) => e.field(),
             ConfigError::TooManyDevices { .. } => "devices",
         }
     }
@@ -194,6 +207,8 @@ impl ConfigError {
             ConfigError::Net(_) => "network-interfaces",
             ConfigError::Vsock(_) => "vsock",
             ConfigError::Balloon(_) => "balloon",
+            ConfigError::Sched(_) => "vcpu-scheduling",
+            ConfigError::RtTimer(_) => "rt-timer",
             ConfigError::TooManyDevices { .. } => "devices",
         }
     }
@@ -212,6 +227,8 @@ impl VmConfig {
             rng: None,
             console: ConsoleConfig::Stdio,
             on_crash: OnCrash::Exit,
+            vcpu_sched: Vec::new(),
+            rt_timer: None,
         }
     }
 
@@ -240,6 +257,10 @@ impl VmConfig {
         net::validate_all(&self.nets)?;
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        VcpuSched::resolve(&self.vcpu_sched, self.machine.vcpu_count)?;
+        if let Some(rt_timer) = &self.rt_timer {
+            rt_timer.validate()?;
         }
         let count = self.virtio_devices();
         if count > MAX_VIRTIO_DEVICES {

@@ -18,6 +18,7 @@ use vigil_metrics::{ExitReason, RunClock, VcpuCounters};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::inspect::{self, Breakpoints, Mailbox, MsrGuardSlot, VcpuAccess};
+use crate::rt::RtTimer;
 use crate::VmEvent;
 
 /// Why a vCPU stopped the VM.
@@ -163,6 +164,10 @@ pub struct VcpuContext {
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
     /// What a crash of this vCPU does to the VM.
     pub on_crash: vigil_model::config::OnCrash,
+    /// How the host schedules this thread (applied as it starts).
+    pub(crate) sched: Arc<crate::rt::VcpuScheduler>,
+    /// The RT timer device, whose registers are per vCPU.
+    pub(crate) rt_timer: Option<Arc<crate::rt::RtTimer>>,
 }
 
 /// A vCPU ready to run.
@@ -189,6 +194,8 @@ enum Outcome {
     },
     /// A breakpoint hit or single step.
     Debug(kvm_debug_exit_arch),
+    /// A guest `out` to the RT timer device.
+    RtTimerWrite { port: u16, value: [u8; 4], len: usize },
 }
 
 impl Vcpu {
@@ -198,13 +205,15 @@ impl Vcpu {
         // libc::gettid: a static glibc can leave that symbol unresolved.)
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         ctx.metrics.thread_started(tid as i32);
-        self.run_loop(&ctx);
+        self.run_loop(&ctx, tid as i32);
+        ctx.sched.thread_exiting(self.id);
         ctx.mailbox.close();
         ctx.metrics.thread_exiting();
     }
 
-    fn run_loop(&mut self, ctx: &VcpuContext) {
+    fn run_loop(&mut self, ctx: &VcpuContext, tid: i32) {
         let mut clock = RunClock::default();
+        let mut scheduled = false;
         let mut breakpoints = Breakpoints::default();
         while !ctx.stop.load(Ordering::Acquire) {
             let mut serve = |bps: &mut Breakpoints| {
@@ -229,6 +238,15 @@ impl Vcpu {
                 serve(&mut breakpoints);
             }
             let outcome = self.run_once(ctx, &mut clock);
+            // After the first exit: a vCPU whose very first KVM_RUN starts under
+            // SCHED_DEADLINE makes no progress on nested kvm_pvm (measured).
+            if !scheduled {
+                scheduled = true;
+                if let Err(e) = ctx.sched.thread_started(self.id, tid) {
+                    let _ = ctx.events.send(VmEvent::Failed(format!("scheduling: {e}")));
+                    return;
+                }
+            }
             let event = match outcome {
                 Outcome::Continue => continue,
                 Outcome::Wrmsr { index, value } => {
@@ -240,6 +258,12 @@ impl Vcpu {
                 Outcome::Rdmsr { index } => {
                     let value = inspect::get_msr(&self.fd, index);
                     self.answer_msr_exit(u8::from(value.is_none()), value);
+                    continue;
+                }
+                Outcome::RtTimerWrite { port, value, len } => {
+                    if let Some(rt) = &ctx.rt_timer {
+                        rt.write(self.id, &self.fd, port, &value[..len]);
+                    }
                     continue;
                 }
                 Outcome::Debug(exit) => {
@@ -293,13 +317,21 @@ impl Vcpu {
         clock.exited(&ctx.metrics, exit_reason(&exit));
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
-                if !ctx.pio.write(u64::from(port), data) {
+                if ctx.rt_timer.is_some() && RtTimer::claims(port) {
+                    // Served once the exit no longer borrows the vCPU fd (ARM reads the TSC).
+                    let mut value = [0u8; 4];
+                    let len = data.len().min(4);
+                    value[..len].copy_from_slice(&data[..len]);
+                    return Outcome::RtTimerWrite { port, value, len };
+                } else if !ctx.pio.write(u64::from(port), data) {
                     tracing::trace!(vcpu = self.id, port, "write to unhandled port");
                 }
                 Outcome::Continue
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                if !ctx.pio.read(u64::from(port), data) {
+                if let Some(rt) = ctx.rt_timer.as_ref().filter(|_| RtTimer::claims(port)) {
+                    rt.read(self.id, port, data);
+                } else if !ctx.pio.read(u64::from(port), data) {
                     data.fill(0xff);
                 }
                 Outcome::Continue

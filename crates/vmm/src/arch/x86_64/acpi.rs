@@ -73,7 +73,30 @@ fn virtio_device_aml(index: usize, dev: &MmioDevice, out: &mut Vec<u8>) {
     aml::Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
 }
 
-fn dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
+/// A device on I/O ports that the DSDT declares by its hardware id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoDevice {
+    /// `_SB_.<name>`.
+    pub name: &'static str,
+    /// `_HID`, an ACPI or PNP id.
+    pub hid: &'static str,
+    /// First port.
+    pub port: u16,
+    /// How many ports.
+    pub ports: u8,
+}
+
+fn io_device_aml(dev: &IoDevice, out: &mut Vec<u8>) {
+    let io = aml::IO::new(dev.port, dev.port, 4, dev.ports);
+    let crs = aml::ResourceTemplate::new(vec![&io]);
+    let hid = aml::Name::new("_HID".into(), &dev.hid);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let path = format!("_SB_.{}", dev.name);
+    aml::Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
+}
+
+fn dsdt(virtio: &[MmioDevice], io_devices: &[IoDevice]) -> Vec<u8> {
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE]));
     let io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
     let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
@@ -87,6 +110,9 @@ fn dsdt(virtio: &[MmioDevice]) -> Vec<u8> {
     com1.to_aml_bytes(&mut body);
     for (i, dev) in virtio.iter().enumerate() {
         virtio_device_aml(i, dev, &mut body);
+    }
+    for dev in io_devices {
+        io_device_aml(dev, &mut body);
     }
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VIGILDST", OEM_REVISION);
     sdt.append_slice(&body);
@@ -133,12 +159,13 @@ fn madt(apic_ids: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Builds the tables for vCPUs with `apic_ids` and `virtio` devices, and writes
-/// them at [`ACPI_START`].
+/// Builds the tables for vCPUs with `apic_ids`, `virtio` devices and the port
+/// devices `io`, and writes them at [`ACPI_START`].
 pub fn write_tables(
     mem: &GuestMemoryMmap,
     apic_ids: &[u8],
     virtio: &[MmioDevice],
+    io: &[IoDevice],
 ) -> Result<AcpiTables, AcpiError> {
     let rsdp_len = Rsdp::len() as u64;
     let align = |a: u64| (a + 15) & !15;
@@ -150,7 +177,7 @@ pub fn write_tables(
         tables.push((sig, addr, bytes));
         addr
     };
-    let dsdt_addr = place(*b"DSDT", dsdt(virtio));
+    let dsdt_addr = place(*b"DSDT", dsdt(virtio, io));
     let fadt_addr = place(*b"FACP", fadt(dsdt_addr.0));
     let madt_addr = place(*b"APIC", madt(apic_ids));
     let mut xsdt = XSDT::new(OEM_ID, *b"VIGILXSD", OEM_REVISION);
@@ -207,7 +234,13 @@ mod tests {
                 gsi: 6,
             },
         ];
-        let t = write_tables(&mem, &[0, 1, 2, 3], &virtio).unwrap();
+        let rt = IoDevice {
+            name: "VRTT",
+            hid: "VGL0001",
+            port: 0x620,
+            ports: 32,
+        };
+        let t = write_tables(&mem, &[0, 1, 2, 3], &virtio, &[rt]).unwrap();
 
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, t.rsdp).unwrap();
@@ -234,6 +267,12 @@ mod tests {
             .map(|o| u64_at(xsdt, o))
             .collect();
         assert_eq!(entries, vec![find(b"FACP").1 .0, find(b"APIC").1 .0]);
+
+        let (_, _, dsdt) = find(b"DSDT");
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"VRTT") && has(b"VGL0001"), "the RT timer is declared");
+        // Its I/O port descriptor: decode16, 0x620..0x620, alignment 4, 32 ports.
+        assert!(has(&[0x47, 0x01, 0x20, 0x06, 0x20, 0x06, 0x04, 0x20]));
 
         let (_, _, fadt) = find(b"FACP");
         assert_eq!(u64_at(fadt, 140), find(b"DSDT").1 .0, "X_DSDT");

@@ -114,6 +114,30 @@ pub fn build(base: &CpuId, topo: Topology, tsc_khz: Option<u32>, hide: &[CpuFeat
     CpuId::from_entries(&entries).expect("no more entries than KVM returned plus one")
 }
 
+/// Adds hypervisor leaf `function` (above `0x4000_0000`, such as the RT timer's)
+/// with `regs` (EAX, EBX, ECX, EDX), raising the hypervisor base leaf's maximum
+/// to reach it.
+pub fn add_hypervisor_leaf(cpuid: &CpuId, function: u32, regs: [u32; 4]) -> CpuId {
+    let mut entries: Vec<kvm_cpuid_entry2> = cpuid
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|e| e.function != function)
+        .collect();
+    for e in entries.iter_mut().filter(|e| e.function == HYPERVISOR_BASE) {
+        e.eax = e.eax.max(function);
+    }
+    entries.push(kvm_cpuid_entry2 {
+        function,
+        eax: regs[0],
+        ebx: regs[1],
+        ecx: regs[2],
+        edx: regs[3],
+        ..Default::default()
+    });
+    CpuId::from_entries(&entries).expect("one entry more than a CPUID KVM accepted")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
