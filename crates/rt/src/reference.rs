@@ -1,0 +1,95 @@
+//! The brute-force reference the analysis is checked against (tests and `vigil
+//! bench rt-analyze`): the worst-case supply pattern of a periodic resource laid out
+//! tick by tick, and EDF or fixed-priority scheduling of the synchronous periodic
+//! task set simulated on it, one tick at a time.
+
+use crate::model::{Scheduler, Task};
+use crate::time::Nanos;
+
+/// The supply that sbf describes, from time 0: nothing for 2(Π - Θ), then Θ at the
+/// end of every period. `true` where tick `[s, s+1)` is supplied.
+pub fn worst_case_supply(period: u64, budget: u64, ticks: u64) -> Vec<bool> {
+    let gap = period - budget;
+    (0..ticks)
+        .map(|s| match s.checked_sub(gap) {
+            None => false,
+            Some(x) => x % period >= gap,
+        })
+        .collect()
+}
+
+/// The first deadline miss of the synchronous periodic `tasks` (times in ticks)
+/// scheduled by `scheduler` on `supply`: (task, deadline); `None` when every job
+/// due within the supply's length meets its deadline.
+pub fn first_miss(tasks: &[Task], scheduler: Scheduler, supply: &[bool]) -> Option<(usize, u64)> {
+    struct Job {
+        task: usize,
+        deadline: u64,
+        left: u64,
+    }
+    let mut jobs: Vec<Job> = Vec::new();
+    for (now, &supplied) in supply.iter().enumerate() {
+        let now = now as u64;
+        for (i, task) in tasks.iter().enumerate() {
+            if now % task.period == 0 {
+                jobs.push(Job {
+                    task: i,
+                    deadline: now + task.deadline,
+                    left: task.wcet,
+                });
+            }
+        }
+        if let Some(missed) = jobs.iter().find(|j| j.deadline <= now) {
+            return Some((missed.task, missed.deadline));
+        }
+        if supplied {
+            let next = match scheduler {
+                Scheduler::Edf => jobs
+                    .iter_mut()
+                    .min_by_key(|j| (j.deadline, j.task)),
+                Scheduler::Fp => jobs
+                    .iter_mut()
+                    .min_by_key(|j| (std::cmp::Reverse(tasks[j.task].priority), j.deadline)),
+            };
+            if let Some(job) = next {
+                job.left -= 1;
+            }
+        }
+        jobs.retain(|j| j.left > 0);
+    }
+    let end = supply.len() as u64;
+    jobs.iter()
+        .find(|j| j.deadline <= end)
+        .map(|j| (j.task, j.deadline))
+}
+
+/// The least supply of `supply` (a pattern, in ticks) over every window of each
+/// length 0..=`longest` that fits in it.
+pub fn least_supply_per_window(supply: &[bool], longest: usize) -> Vec<u64> {
+    let mut prefix = vec![0u64; supply.len() + 1];
+    for (i, &s) in supply.iter().enumerate() {
+        prefix[i + 1] = prefix[i] + u64::from(s);
+    }
+    (0..=longest.min(supply.len()))
+        .map(|len| {
+            (0..=supply.len() - len)
+                .map(|start| prefix[start + len] - prefix[start])
+                .min()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// The smallest budget on the grid (multiples of `resolution` ticks, up to Π) with
+/// which the simulation on the worst-case supply misses nothing up to `ticks`.
+pub fn least_budget_by_simulation(
+    tasks: &[Task],
+    scheduler: Scheduler,
+    period: Nanos,
+    resolution: Nanos,
+    ticks: u64,
+) -> Option<Nanos> {
+    (1..=period / resolution)
+        .map(|k| k * resolution)
+        .find(|&budget| first_miss(tasks, scheduler, &worst_case_supply(period, budget, ticks)).is_none())
+}
