@@ -86,7 +86,10 @@ impl DemandLine {
     pub fn least_budget(self, period: Nanos, resolution: Nanos, floor: Nanos) -> Nanos {
         let over = (u128::from(period) * self.slope) >> SCALE_BITS;
         let least = u64::try_from(over + 1).unwrap_or(u64::MAX);
-        least.div_ceil(resolution).saturating_mul(resolution).max(floor)
+        least
+            .div_ceil(resolution)
+            .saturating_mul(resolution)
+            .max(floor)
     }
 }
 

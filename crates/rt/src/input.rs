@@ -32,7 +32,11 @@ pub enum InputError {
     Unsupported(String),
 }
 
-fn invalid(field: impl Into<String>, value: impl Into<String>, why: impl Into<String>) -> InputError {
+fn invalid(
+    field: impl Into<String>,
+    value: impl Into<String>,
+    why: impl Into<String>,
+) -> InputError {
     InputError::Invalid {
         field: field.into(),
         value: value.into(),
@@ -142,10 +146,16 @@ fn time(field: &str, raw: &RawTime) -> Result<Nanos, InputError> {
                 .and_then(|us| us.checked_mul(NS_PER_US))
                 .filter(|ns| *ns <= crate::time::MAX_TIME);
             ns.ok_or_else(|| {
-                invalid(field, us.to_string(), "not a time from 0 to 1h (integers are microseconds)")
+                invalid(
+                    field,
+                    us.to_string(),
+                    "not a time from 0 to 1h (integers are microseconds)",
+                )
             })
         }
-        RawTime::Text(text) => parse_duration(text).map_err(|why| invalid(field, format!("\"{text}\""), why)),
+        RawTime::Text(text) => {
+            parse_duration(text).map_err(|why| invalid(field, format!("\"{text}\""), why))
+        }
         RawTime::Other(value) => Err(invalid(
             field,
             value.to_string(),
@@ -157,7 +167,11 @@ fn time(field: &str, raw: &RawTime) -> Result<Nanos, InputError> {
 fn positive_time(field: &str, raw: &RawTime) -> Result<Nanos, InputError> {
     let ns = time(field, raw)?;
     if ns == 0 {
-        return Err(invalid(field, display_duration(0), "must be more than zero"));
+        return Err(invalid(
+            field,
+            display_duration(0),
+            "must be more than zero",
+        ));
     }
     Ok(ns)
 }
@@ -186,7 +200,13 @@ fn validate_host(raw: &RawHost) -> Result<Host, InputError> {
     let cores = u64::try_from(raw.cores)
         .ok()
         .filter(|c| (1..=MAX_CORES).contains(c))
-        .ok_or_else(|| invalid("host.cores", raw.cores.to_string(), format!("must be 1 to {MAX_CORES}")))?;
+        .ok_or_else(|| {
+            invalid(
+                "host.cores",
+                raw.cores.to_string(),
+                format!("must be 1 to {MAX_CORES}"),
+            )
+        })?;
     let utilization_limit_ppm = match raw.utilization_limit {
         None => DEFAULT_UTILIZATION_LIMIT_PPM,
         Some(limit) if limit > 0.0 && limit <= 1.0 => {
@@ -203,7 +223,11 @@ fn validate_host(raw: &RawHost) -> Result<Host, InputError> {
         }
     };
     if utilization_limit_ppm == 0 {
-        return Err(invalid("host.utilization_limit", "0", "must be at least a millionth"));
+        return Err(invalid(
+            "host.utilization_limit",
+            "0",
+            "must be at least a millionth",
+        ));
     }
     let resolution = match &raw.resolution {
         None => DEFAULT_RESOLUTION,
@@ -224,7 +248,11 @@ fn validate_host(raw: &RawHost) -> Result<Host, InputError> {
 
 fn validate_vm(field: &str, raw: &RawVm, host: &Host) -> Result<Vm, InputError> {
     if raw.name.trim().is_empty() {
-        return Err(invalid(format!("{field}.name"), "\"\"", "a VM needs a name"));
+        return Err(invalid(
+            format!("{field}.name"),
+            "\"\"",
+            "a VM needs a name",
+        ));
     }
     let scheduler = match raw.scheduler.as_str() {
         "edf" | "EDF" => Scheduler::Edf,
@@ -246,14 +274,21 @@ fn validate_vm(field: &str, raw: &RawVm, host: &Host) -> Result<Vm, InputError> 
                 return Err(invalid(
                     f,
                     display_duration(period),
-                    format!("not a multiple of host.resolution {}", display_duration(host.resolution)),
+                    format!(
+                        "not a multiple of host.resolution {}",
+                        display_duration(host.resolution)
+                    ),
                 ));
             }
             Some(period)
         }
     };
     if raw.tasks.is_empty() {
-        return Err(invalid(format!("{field}.tasks"), "[]", "a VM needs at least one task"));
+        return Err(invalid(
+            format!("{field}.tasks"),
+            "[]",
+            "a VM needs at least one task",
+        ));
     }
     if raw.tasks.len() > MAX_TASKS {
         return Err(invalid(
@@ -264,7 +299,11 @@ fn validate_vm(field: &str, raw: &RawVm, host: &Host) -> Result<Vm, InputError> 
     }
     let with_priority = raw.tasks.iter().filter(|t| t.priority.is_some()).count();
     if with_priority != 0 && with_priority != raw.tasks.len() {
-        let missing = raw.tasks.iter().position(|t| t.priority.is_none()).unwrap_or(0);
+        let missing = raw
+            .tasks
+            .iter()
+            .position(|t| t.priority.is_none())
+            .unwrap_or(0);
         return Err(invalid(
             format!("{field}.tasks[{missing}].priority"),
             "(none)",
@@ -301,10 +340,13 @@ fn validate_vm(field: &str, raw: &RawVm, host: &Host) -> Result<Vm, InputError> 
     }
     let max_vcpus = match raw.max_vcpus {
         None => host.cores.min(tasks.len() as u32),
-        Some(m) => u32::try_from(m)
-            .ok()
-            .filter(|m| *m >= 1)
-            .ok_or_else(|| invalid(format!("{field}.max_vcpus"), m.to_string(), "must be at least 1"))?,
+        Some(m) => u32::try_from(m).ok().filter(|m| *m >= 1).ok_or_else(|| {
+            invalid(
+                format!("{field}.max_vcpus"),
+                m.to_string(),
+                "must be at least 1",
+            )
+        })?,
     };
     Ok(Vm {
         name: raw.name.clone(),
@@ -317,7 +359,11 @@ fn validate_vm(field: &str, raw: &RawVm, host: &Host) -> Result<Vm, InputError> 
 
 fn validate_task(field: &str, raw: &RawTask) -> Result<Task, InputError> {
     if raw.name.trim().is_empty() {
-        return Err(invalid(format!("{field}.name"), "\"\"", "a task needs a name"));
+        return Err(invalid(
+            format!("{field}.name"),
+            "\"\"",
+            "a task needs a name",
+        ));
     }
     let period = positive_time(&format!("{field}.period"), &raw.period)?;
     let deadline = match &raw.deadline {
@@ -344,8 +390,13 @@ fn validate_task(field: &str, raw: &RawTask) -> Result<Task, InputError> {
     }
     let priority = match raw.priority {
         None => 0,
-        Some(p) => u64::try_from(p)
-            .map_err(|_| invalid(format!("{field}.priority"), p.to_string(), "must be 0 or more"))?,
+        Some(p) => u64::try_from(p).map_err(|_| {
+            invalid(
+                format!("{field}.priority"),
+                p.to_string(),
+                "must be 0 or more",
+            )
+        })?,
     };
     Ok(Task {
         name: raw.name.clone(),
@@ -394,7 +445,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_field_and_value() {
-        let vm = |tasks: &str| format!("{HOST}[[vms]]\nname = \"v\"\nscheduler = \"edf\"\ntasks = [{tasks}]\n");
+        let vm = |tasks: &str| {
+            format!("{HOST}[[vms]]\nname = \"v\"\nscheduler = \"edf\"\ntasks = [{tasks}]\n")
+        };
         assert_eq!(
             error(&vm(r#"{ name = "a", period = "10ms", wcet = "12ms" }"#)),
             "vms[0].tasks[0].wcet 12ms: larger than its deadline 10ms"
@@ -407,8 +460,10 @@ mod tests {
             error(&vm(r#"{ name = "a", period = "10ms", deadline = "11ms", wcet = "1ms" }"#)),
             "vms[0].tasks[0].deadline 11ms: larger than its period 10ms (only deadlines up to the period are analysed)"
         );
-        assert!(error(&vm(r#"{ name = "a", period = "10 parsecs", wcet = "1ms" }"#))
-            .starts_with("vms[0].tasks[0].period \"10 parsecs\": unknown unit"));
+        assert!(error(&vm(
+            r#"{ name = "a", period = "10 parsecs", wcet = "1ms" }"#
+        ))
+        .starts_with("vms[0].tasks[0].period \"10 parsecs\": unknown unit"));
         assert!(error(&vm(r#"{ name = "a", period = 1.5, wcet = "1ms" }"#))
             .starts_with("vms[0].tasks[0].period 1.5: not a time"));
         assert!(error(&vm(r#"{ name = "a", period = -3, wcet = "1ms" }"#))
@@ -420,9 +475,14 @@ mod tests {
             )),
             "vms[0].tasks utilization 3.000: more than the host's 2 cores"
         );
-        assert_eq!(error(&vm("")), "vms[0].tasks []: a VM needs at least one task");
         assert_eq!(
-            error(&vm(r#"{ name = "a", period = "1ms", wcet = "1us" }, { name = "a", period = "1ms", wcet = "1us" }"#)),
+            error(&vm("")),
+            "vms[0].tasks []: a VM needs at least one task"
+        );
+        assert_eq!(
+            error(&vm(
+                r#"{ name = "a", period = "1ms", wcet = "1us" }, { name = "a", period = "1ms", wcet = "1us" }"#
+            )),
             "vms[0].tasks[1].name \"a\": vms[0].tasks[0] has the same name"
         );
         assert_eq!(
@@ -433,10 +493,13 @@ mod tests {
             error("[host]\ncores = 0\n"),
             "host.cores 0: must be 1 to 4096"
         );
-        assert!(error("[host]\ncores = 2\nutilization_limit = 1.5\n").starts_with("host.utilization_limit 1.5: must be"));
+        assert!(error("[host]\ncores = 2\nutilization_limit = 1.5\n")
+            .starts_with("host.utilization_limit 1.5: must be"));
         assert_eq!(error(HOST), "vms []: no VMs to analyse");
         assert_eq!(
-            error(&format!("{HOST}[[vms]]\nname = \"v\"\nscheduler = \"lottery\"\n")),
+            error(&format!(
+                "{HOST}[[vms]]\nname = \"v\"\nscheduler = \"lottery\"\n"
+            )),
             "vms[0].scheduler \"lottery\": is not one of edf, fp"
         );
         assert_eq!(
@@ -447,6 +510,9 @@ mod tests {
         );
         assert!(error("[host]\ncores = 2\nspeed = 3\n").contains("unknown field"));
         assert!(error("[host\n").starts_with("cannot read the TOML document"));
-        assert!(matches!(detect_format(Some("x.xml"), ""), Err(InputError::Unsupported(_))));
+        assert!(matches!(
+            detect_format(Some("x.xml"), ""),
+            Err(InputError::Unsupported(_))
+        ));
     }
 }

@@ -4,9 +4,24 @@
 //! host's cores. Pure computation: nothing here touches KVM, threads or the host's
 //! scheduler.
 
+pub mod compose;
 pub mod demand;
 pub mod input;
+pub mod interface;
 pub mod model;
+pub mod mpr;
 pub mod prm;
 pub mod reference;
+pub mod report;
 pub mod time;
+
+pub use input::{Format, InputError};
+pub use report::{analyze, Report};
+
+/// Reads a system description (`path` picks the format by its extension, else the
+/// text's first character does) and analyses it.
+pub fn analyze_text(text: &str, path: Option<&str>) -> Result<Report, InputError> {
+    let format = input::detect_format(path, text)?;
+    let system = input::parse_system(text, format)?;
+    Ok(analyze(&system))
+}

@@ -28,7 +28,13 @@ fn supply_offset(period: Nanos, budget: Nanos) -> i128 {
 
 /// The smallest budget on the grid from `from` up to Π with sbf(t) >= `demand`;
 /// `None` when even Θ = Π (sbf(t) = t) is short.
-pub fn least_budget_for(period: Nanos, t: u128, demand: u128, resolution: Nanos, from: Nanos) -> Option<Nanos> {
+pub fn least_budget_for(
+    period: Nanos,
+    t: u128,
+    demand: u128,
+    resolution: Nanos,
+    from: Nanos,
+) -> Option<Nanos> {
     if demand > t {
         return None;
     }
@@ -56,7 +62,12 @@ pub fn least_budget_for(period: Nanos, t: u128, demand: u128, resolution: Nanos,
 /// One pass over the deadlines in order: Θ rises to what each deadline needs, and
 /// the pass stops where the demand line U·t + Σ(T_i - D_i)U_i falls under the
 /// supply line (Θ/Π)(t - 2(Π - Θ)), after which dbf <= lsbf <= sbf for good.
-pub fn edf_budget(tasks: &[Task], period: Nanos, resolution: Nanos, fixed: Option<Nanos>) -> Result<Nanos, Shortfall> {
+pub fn edf_budget(
+    tasks: &[Task],
+    period: Nanos,
+    resolution: Nanos,
+    fixed: Option<Nanos>,
+) -> Result<Nanos, Shortfall> {
     let line = DemandLine::edf(tasks);
     let floor = resolution.min(period);
     let mut budget = match fixed {
@@ -137,8 +148,9 @@ fn rbf_points(tasks: &[Task], i: usize) -> Result<Vec<(u128, u128)>, Shortfall> 
         .filter(|&(j, t)| j != i && t.priority >= me.priority)
         .map(|(_, t)| t)
         .collect();
-    let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> =
-        (0..higher.len()).map(|j| std::cmp::Reverse((0, j))).collect();
+    let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> = (0..higher.len())
+        .map(|j| std::cmp::Reverse((0, j)))
+        .collect();
     let deadline = me.deadline;
     let mut released: u128 = 0;
     let mut points = Vec::new();
@@ -172,13 +184,21 @@ fn rbf_points(tasks: &[Task], i: usize) -> Result<Vec<(u128, u128)>, Shortfall> 
 /// D_i has rbf_i(t) <= sbf(t) (Shin & Lee 2003, Theorem 3, at the scheduling
 /// points). The smallest Θ is the largest over the tasks of the smallest Θ that
 /// one point of each task needs. With `fixed`, checks that budget.
-pub fn fp_budget(tasks: &[Task], period: Nanos, resolution: Nanos, fixed: Option<Nanos>) -> Result<Nanos, Shortfall> {
+pub fn fp_budget(
+    tasks: &[Task],
+    period: Nanos,
+    resolution: Nanos,
+    fixed: Option<Nanos>,
+) -> Result<Nanos, Shortfall> {
     let mut budget = fixed.unwrap_or(resolution.min(period));
     let mut order: Vec<usize> = (0..tasks.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(tasks[i].priority));
     for i in order {
         let points = rbf_points(tasks, i)?;
-        if points.iter().any(|&(t, demand)| demand <= sbf(period, budget, t)) {
+        if points
+            .iter()
+            .any(|&(t, demand)| demand <= sbf(period, budget, t))
+        {
             continue;
         }
         let (t, demand) = points[points.len() - 1];

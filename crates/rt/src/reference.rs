@@ -44,9 +44,7 @@ pub fn first_miss(tasks: &[Task], scheduler: Scheduler, supply: &[bool]) -> Opti
         }
         if supplied {
             let next = match scheduler {
-                Scheduler::Edf => jobs
-                    .iter_mut()
-                    .min_by_key(|j| (j.deadline, j.task)),
+                Scheduler::Edf => jobs.iter_mut().min_by_key(|j| (j.deadline, j.task)),
                 Scheduler::Fp => jobs
                     .iter_mut()
                     .min_by_key(|j| (std::cmp::Reverse(tasks[j.task].priority), j.deadline)),
@@ -91,5 +89,7 @@ pub fn least_budget_by_simulation(
 ) -> Option<Nanos> {
     (1..=period / resolution)
         .map(|k| k * resolution)
-        .find(|&budget| first_miss(tasks, scheduler, &worst_case_supply(period, budget, ticks)).is_none())
+        .find(|&budget| {
+            first_miss(tasks, scheduler, &worst_case_supply(period, budget, ticks)).is_none()
+        })
 }

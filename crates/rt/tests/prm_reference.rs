@@ -43,13 +43,20 @@ fn random_tasks(rng: &mut Rng) -> Vec<Task> {
 fn horizon(tasks: &[Task], period: u64) -> u64 {
     let h = tasks
         .iter()
-        .try_fold(u128::from(period), |h, t| lcm_within(h, u128::from(t.period), 1 << 20))
+        .try_fold(u128::from(period), |h, t| {
+            lcm_within(h, u128::from(t.period), 1 << 20)
+        })
         .expect("small hyperperiod");
     let longest = tasks.iter().map(|t| t.deadline).max().unwrap();
     2 * h as u64 + 2 * period + longest
 }
 
-fn budget(tasks: &[Task], scheduler: Scheduler, period: u64, fixed: Option<u64>) -> Result<u64, Shortfall> {
+fn budget(
+    tasks: &[Task],
+    scheduler: Scheduler,
+    period: u64,
+    fixed: Option<u64>,
+) -> Result<u64, Shortfall> {
     match scheduler {
         Scheduler::Edf => prm::edf_budget(tasks, period, 1, fixed),
         Scheduler::Fp => prm::fp_budget(tasks, period, 1, fixed),
@@ -70,11 +77,17 @@ fn least_budget_agrees_with_simulation() {
             match budget(&tasks, scheduler, period, None) {
                 Ok(theta) => {
                     let supply = worst_case_supply(period, theta, ticks);
-                    assert_eq!(first_miss(&tasks, scheduler, &supply), None, "Θ={theta} misses: {what}");
+                    assert_eq!(
+                        first_miss(&tasks, scheduler, &supply),
+                        None,
+                        "Θ={theta} misses: {what}"
+                    );
                     // Θ-1: the analysis names an interval, and the simulation misses
                     // a deadline by then.
                     if theta > 1 {
-                        let Err(Shortfall::Demand(w)) = budget(&tasks, scheduler, period, Some(theta - 1)) else {
+                        let Err(Shortfall::Demand(w)) =
+                            budget(&tasks, scheduler, period, Some(theta - 1))
+                        else {
                             panic!("Θ-1={} accepted: {what}", theta - 1);
                         };
                         let longer = ticks.max(w.t as u64 + 1);
@@ -126,13 +139,20 @@ fn sbf_is_the_least_supply_of_any_periodic_pattern() {
         let longest = (6 * period) as usize;
         let least = least_supply_per_window(&supply, longest);
         for (t, &l) in least.iter().enumerate() {
-            assert!(u128::from(l) >= prm::sbf(period, budget, t as u128), "Π={period} Θ={budget} t={t}");
+            assert!(
+                u128::from(l) >= prm::sbf(period, budget, t as u128),
+                "Π={period} Θ={budget} t={t}"
+            );
         }
         // The worst case pattern reaches sbf at every length.
         let worst = worst_case_supply(period, budget, periods * period);
         let least = least_supply_per_window(&worst, longest);
         for (t, &l) in least.iter().enumerate() {
-            assert_eq!(u128::from(l), prm::sbf(period, budget, t as u128), "Π={period} Θ={budget} t={t}");
+            assert_eq!(
+                u128::from(l),
+                prm::sbf(period, budget, t as u128),
+                "Π={period} Θ={budget} t={t}"
+            );
         }
         // More budget never supplies less.
         if budget < period {
