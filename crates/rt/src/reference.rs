@@ -93,3 +93,31 @@ pub fn least_budget_by_simulation(
             first_miss(tasks, scheduler, &worst_case_supply(period, budget, ticks)).is_none()
         })
 }
+
+/// The first deadline miss of the synchronous periodic `tasks` under global EDF on
+/// several CPUs, CPU `c` available in the ticks where `supplies[c]` is `true`;
+/// a job runs on at most one CPU at a time.
+pub fn first_miss_global_edf(tasks: &[Task], supplies: &[Vec<bool>]) -> Option<(usize, u64)> {
+    let ticks = supplies.iter().map(Vec::len).min().unwrap_or(0);
+    // (deadline, task, work left)
+    let mut jobs: Vec<(u64, usize, u64)> = Vec::new();
+    for now in 0..ticks as u64 {
+        for (i, task) in tasks.iter().enumerate() {
+            if now % task.period == 0 {
+                jobs.push((now + task.deadline, i, task.wcet));
+            }
+        }
+        if let Some(&(deadline, task, _)) = jobs.iter().find(|j| j.0 <= now) {
+            return Some((task, deadline));
+        }
+        let cpus = supplies.iter().filter(|s| s[now as usize]).count();
+        jobs.sort_unstable();
+        for job in jobs.iter_mut().take(cpus) {
+            job.2 -= 1;
+        }
+        jobs.retain(|j| j.2 > 0);
+    }
+    jobs.iter()
+        .find(|j| j.0 <= ticks as u64)
+        .map(|&(deadline, task, _)| (task, deadline))
+}
