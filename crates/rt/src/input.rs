@@ -270,7 +270,7 @@ fn validate_vm(field: &str, raw: &RawVm, host: &Host) -> Result<Vm, InputError> 
         Some(raw_period) => {
             let f = format!("{field}.period");
             let period = positive_time(&f, raw_period)?;
-            if period % host.resolution != 0 {
+            if !period.is_multiple_of(host.resolution) {
                 return Err(invalid(
                     f,
                     display_duration(period),

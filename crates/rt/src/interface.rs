@@ -52,11 +52,11 @@ pub fn candidate_periods(vm: &Vm, host: &Host) -> Vec<Nanos> {
     let mut periods = vec![hi];
     periods.extend((2..=32u64).map(|k| hi / k / res * res).filter(|&p| p >= lo));
     let shortest_period = vm.tasks.iter().map(|t| t.period).min().unwrap_or(res);
-    if shortest_period % res == 0 {
+    if shortest_period.is_multiple_of(res) {
         let units = shortest_period / res;
         let mut d = 1;
         while d * d <= units {
-            if units % d == 0 {
+            if units.is_multiple_of(d) {
                 periods.extend(
                     [d * res, units / d * res]
                         .into_iter()

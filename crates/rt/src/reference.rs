@@ -31,7 +31,7 @@ pub fn first_miss(tasks: &[Task], scheduler: Scheduler, supply: &[bool]) -> Opti
     for (now, &supplied) in supply.iter().enumerate() {
         let now = now as u64;
         for (i, task) in tasks.iter().enumerate() {
-            if now % task.period == 0 {
+            if now.is_multiple_of(task.period) {
                 jobs.push(Job {
                     task: i,
                     deadline: now + task.deadline,
@@ -103,7 +103,7 @@ pub fn first_miss_global_edf(tasks: &[Task], supplies: &[Vec<bool>]) -> Option<(
     let mut jobs: Vec<(u64, usize, u64)> = Vec::new();
     for now in 0..ticks as u64 {
         for (i, task) in tasks.iter().enumerate() {
-            if now % task.period == 0 {
+            if now.is_multiple_of(task.period) {
                 jobs.push((now + task.deadline, i, task.wcet));
             }
         }

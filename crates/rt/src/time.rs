@@ -57,7 +57,7 @@ pub fn parse_duration(text: &str) -> Result<Nanos, String> {
     let mut place = u128::from(scale);
     for digit in fraction.bytes() {
         let digit = u128::from(digit - b'0');
-        if place % 10 != 0 {
+        if !place.is_multiple_of(10) {
             if digit != 0 {
                 return Err("finer than a nanosecond".into());
             }
@@ -76,7 +76,7 @@ pub fn parse_duration(text: &str) -> Result<Nanos, String> {
 /// `0ns`): the form `vigil run --vcpu-sched` takes.
 pub fn format_duration(ns: Nanos) -> String {
     for (unit, scale) in [("s", NS_PER_S), ("ms", NS_PER_MS), ("us", NS_PER_US)] {
-        if ns != 0 && ns % scale == 0 {
+        if ns != 0 && ns.is_multiple_of(scale) {
             return format!("{}{unit}", ns / scale);
         }
     }

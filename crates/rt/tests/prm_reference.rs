@@ -65,7 +65,7 @@ fn budget(
 
 #[test]
 fn least_budget_agrees_with_simulation() {
-    let mut rng = Rng(0x5eed_0f_c0ffee);
+    let mut rng = Rng(0x5eed_0fc0_ffee);
     let mut checked = 0;
     for case in 0..1500 {
         let tasks = random_tasks(&mut rng);
