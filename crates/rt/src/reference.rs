@@ -61,12 +61,12 @@ pub fn first_miss(tasks: &[Task], scheduler: Scheduler, supply: &[bool]) -> Opti
         .map(|j| (j.task, j.deadline))
 }
 
-/// The least supply of `supply` (a pattern, in ticks) over every window of each
+/// The least supply of `supply` (CPUs supplied per tick) over every window of each
 /// length 0..=`longest` that fits in it.
-pub fn least_supply_per_window(supply: &[bool], longest: usize) -> Vec<u64> {
+pub fn least_supply_per_window(supply: &[u64], longest: usize) -> Vec<u64> {
     let mut prefix = vec![0u64; supply.len() + 1];
     for (i, &s) in supply.iter().enumerate() {
-        prefix[i + 1] = prefix[i] + u64::from(s);
+        prefix[i + 1] = prefix[i] + s;
     }
     (0..=longest.min(supply.len()))
         .map(|len| {
@@ -76,6 +76,24 @@ pub fn least_supply_per_window(supply: &[bool], longest: usize) -> Vec<u64> {
                 .unwrap_or(0)
         })
         .collect()
+}
+
+/// xorshift64*: reproducible random cases for the tests and the benchmark without a
+/// dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform enough in `lo..=hi` for small ranges.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
 }
 
 /// The smallest budget on the grid (multiples of `resolution` ticks, up to Π) with

@@ -1,22 +1,8 @@
 //! The multiprocessor periodic resource against brute force: its sbf under random
 //! supply patterns that respect ⟨Π, Θ, m'⟩, and the servers that supply it.
 
+use vigil_rt::reference::{least_supply_per_window, Rng};
 use vigil_rt::{mpr, prm};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 /// CPUs supplied per tick: Θ units in every period, at most m' in one tick, at
 /// random; half the time packed at the start or the end of the period (the shapes
@@ -45,21 +31,6 @@ fn random_pattern(rng: &mut Rng, period: u64, budget: u64, cpus: u64, periods: u
     supply
 }
 
-fn least_per_window(supply: &[u64], longest: usize) -> Vec<u64> {
-    let mut prefix = vec![0u64; supply.len() + 1];
-    for (i, &s) in supply.iter().enumerate() {
-        prefix[i + 1] = prefix[i] + s;
-    }
-    (0..=longest)
-        .map(|len| {
-            (0..=supply.len() - len)
-                .map(|s| prefix[s + len] - prefix[s])
-                .min()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn sbf_is_below_every_pattern_and_monotone_in_t() {
     let mut rng = Rng(0x00c0_ffee_d00d);
@@ -69,7 +40,10 @@ fn sbf_is_below_every_pattern_and_monotone_in_t() {
         let budget = rng.range(cpus, period * cpus);
         let pattern = random_pattern(&mut rng, period, budget, cpus, 10);
         let longest = (5 * period) as usize;
-        for (t, &least) in least_per_window(&pattern, longest).iter().enumerate() {
+        for (t, &least) in least_supply_per_window(&pattern, longest)
+            .iter()
+            .enumerate()
+        {
             let sbf = mpr::sbf(period, budget, cpus as u32, t as u128);
             assert!(
                 u128::from(least) >= sbf,

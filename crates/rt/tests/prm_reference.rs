@@ -5,24 +5,8 @@
 use vigil_rt::demand::Shortfall;
 use vigil_rt::model::{deadline_monotonic, Scheduler, Task};
 use vigil_rt::prm;
-use vigil_rt::reference::{first_miss, least_supply_per_window, worst_case_supply};
+use vigil_rt::reference::{first_miss, least_supply_per_window, worst_case_supply, Rng};
 use vigil_rt::time::lcm_within;
-
-/// xorshift64*: reproducible cases without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 fn random_tasks(rng: &mut Rng) -> Vec<Task> {
     let n = rng.range(1, 4);
@@ -115,6 +99,10 @@ fn least_budget_agrees_with_simulation() {
     assert!(checked > 2000, "only {checked} schedulable cases");
 }
 
+fn ticks(supply: &[bool]) -> Vec<u64> {
+    supply.iter().map(|&s| u64::from(s)).collect()
+}
+
 #[test]
 fn sbf_is_the_least_supply_of_any_periodic_pattern() {
     let mut rng = Rng(0xdead_beef_1234);
@@ -137,7 +125,7 @@ fn sbf_is_the_least_supply_of_any_periodic_pattern() {
             supply.extend(slots);
         }
         let longest = (6 * period) as usize;
-        let least = least_supply_per_window(&supply, longest);
+        let least = least_supply_per_window(&ticks(&supply), longest);
         for (t, &l) in least.iter().enumerate() {
             assert!(
                 u128::from(l) >= prm::sbf(period, budget, t as u128),
@@ -146,7 +134,7 @@ fn sbf_is_the_least_supply_of_any_periodic_pattern() {
         }
         // The worst case pattern reaches sbf at every length.
         let worst = worst_case_supply(period, budget, periods * period);
-        let least = least_supply_per_window(&worst, longest);
+        let least = least_supply_per_window(&ticks(&worst), longest);
         for (t, &l) in least.iter().enumerate() {
             assert_eq!(
                 u128::from(l),

@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::Args;
 use vigil_rt::interface::find_interface;
 use vigil_rt::model::{deadline_monotonic, Host, Scheduler, System, Task, Vm};
-use vigil_rt::reference::{first_miss, worst_case_supply};
+use vigil_rt::reference::{first_miss, worst_case_supply, Rng};
 use vigil_rt::time::{gcd, NS_PER_MS, NS_PER_US};
 
 use crate::peers::median;
@@ -23,22 +23,6 @@ pub struct RtBenchArgs {
     /// The most simulated ticks (tick × task) the brute force may take per VM.
     #[arg(long, default_value_t = 200_000_000, value_name = "N")]
     brute_force_limit: u64,
-}
-
-/// xorshift64*: the same task sets on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
 }
 
 #[derive(Clone, Copy)]
