@@ -1,5 +1,5 @@
 //! The VMM's command line: `vigil run`, `vigil guest export`, `vigil snapshot`,
-//! `vigil firecracker`.
+//! `vigil rt analyze`, `vigil firecracker`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -101,6 +101,82 @@ pub enum Command {
     /// PUT /snapshot/load).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Real-time VMs: the CPU reservations their tasks need.
+    #[command(subcommand)]
+    Rt(RtCommand),
+}
+
+/// `vigil rt analyze --help`: the models, the input, the output.
+const RT_ANALYZE_HELP: &str = "\
+What it computes:
+  Each VM gets an interface: a period Π and a budget Θ of CPU time per period on m'
+  vCPUs. With one vCPU this is the periodic resource model Γ=(Π,Θ) (Shin & Lee, RTSS
+  2003): Θ anywhere in each period, so the worst case is a blackout of 2(Π-Θ). The
+  VM's tasks must meet their deadlines under that worst case: under EDF when the
+  demand bound function dbf(t) never exceeds the supply bound function sbf(t); under
+  fixed priorities when each task's request bound rbf_i(t) is at most sbf(t) at some
+  t <= its deadline. Both tests are exact; Θ is the least that passes, for each
+  candidate Π, and the Π with the least bandwidth Θ/Π wins.
+  When one vCPU cannot do it (EDF only), the VM gets m' >= 2 vCPUs under the
+  multiprocessor periodic resource model <Π,Θ,m'> (Easwaran, Shin & Lee, Real-Time
+  Systems 2009) with its global EDF test (sufficient, not exact), the fewest m' up
+  to max_vcpus, split into m' servers of budget floor(Θ/m') or one more.
+  Each vCPU becomes a SCHED_DEADLINE reservation (runtime = its budget, deadline =
+  period = Π); they are placed on the host's cores first-fit decreasing, each core
+  filled to at most utilization_limit, and their sum is checked as the kernel's
+  admission control checks it.
+
+Input (TOML, or the same as JSON; times are strings with a unit, s, ms, us or ns,
+or integers of microseconds):
+  [host]
+  cores = 4
+  utilization_limit = 0.95   # optional: sched_rt_runtime_us / sched_rt_period_us
+  min_period = \"100us\"       # optional: the shortest Π searched
+  resolution = \"1us\"         # optional: Π and Θ are multiples of it
+
+  [[vms]]
+  name = \"ctl\"
+  scheduler = \"edf\"          # or \"fp\": deadline monotonic unless tasks give priority
+  period = \"5ms\"             # optional: fixes Π; else Π is searched from min_period
+                             # up to the shortest deadline
+  max_vcpus = 2              # optional: default the host's cores (at most one per task)
+  tasks = [
+    { name = \"sensor\", period = \"10ms\", wcet = \"2ms\" },
+    { name = \"filter\", period = \"20ms\", deadline = \"15ms\", wcet = 3000 },
+  ]
+  A deadline defaults to the period and may not exceed it; under fp a larger
+  priority runs first.
+
+Output: per VM its interface, and for each vCPU the `vigil run` flag that applies it
+(--vcpu-sched vcpu=0,policy=deadline,runtime=2ms,deadline=10ms,period=10ms) and, with
+--format json, the same as the API's body ({\"vcpu\":0,\"policy\":\"deadline\",
+\"runtime_ns\":...}). A \"no\" names the VM, the task, the interval t, the demand and
+the supply there, or the vCPU that fits no core and the cores' loads.
+
+Exit status:
+  0  everything is schedulable
+  1  the file could not be read or a value is wrong (the message names it)
+  4  something is not schedulable (the report says what)";
+
+#[derive(Subcommand, Debug)]
+pub enum RtCommand {
+    /// Compute each real-time VM's CPU reservation (period, budget, vCPUs), the
+    /// vCPUs' SCHED_DEADLINE parameters and their host cores, or explain why not.
+    #[command(after_help = RT_ANALYZE_HELP)]
+    Analyze {
+        /// The system: a TOML or JSON file (by its extension, else its first
+        /// character).
+        file: PathBuf,
+        /// text for people, json for programs.
+        #[arg(long, value_enum, default_value = "text")]
+        format: RtFormat,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum RtFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -769,6 +845,7 @@ impl Command {
                 eprintln!("{}", crate::snapshot::merge(&base, &diff)?);
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Rt(RtCommand::Analyze { file, format }) => rt_analyze(&file, format),
             Command::Guest(GuestCommand::Export { path }) => {
                 std::fs::write(&path, vigil_test_guest::ELF).with_context(|| {
                     format!("cannot write the test guest to {}", path.display())
@@ -782,6 +859,25 @@ impl Command {
             }
         }
     }
+}
+
+/// Exit status of `vigil rt analyze` when something is not schedulable.
+const EXIT_NOT_SCHEDULABLE: u8 = 4;
+
+fn rt_analyze(file: &std::path::Path, format: RtFormat) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let report = vigil_rt::analyze_text(&text, file.to_str())
+        .with_context(|| format!("{}", file.display()))?;
+    match format {
+        RtFormat::Text => print!("{}", report.text()),
+        RtFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(if report.schedulable {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_SCHEDULABLE)
+    })
 }
 
 pub(crate) fn exit_code(outcome: VmOutcome, describe: &dyn Fn(u64) -> Option<String>) -> ExitCode {

@@ -1,5 +1,5 @@
 //! `vigil`: the VMM, one process per VM: `vigil run`, `vigil guest export`,
-//! `vigil snapshot inspect|merge`, and
+//! `vigil snapshot inspect|merge`, `vigil rt analyze`, and
 //! Firecracker's command line through a link named `firecracker` (or as `vigil
 //! firecracker`). It links nothing of the host daemon, its dashboard or the
 //! benchmarks: `vigil daemon|ctl|bench ...` run the binaries beside it (`vigild`,

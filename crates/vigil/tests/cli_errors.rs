@@ -124,3 +124,74 @@ fn usage_errors_name_the_value() {
         "{r}"
     );
 }
+
+/// `vigil rt analyze`: a wrong value is named (exit 1), a "no" is explained (exit
+/// 4), and a schedulable system prints the flags that apply it (exit 0).
+#[test]
+fn rt_analyze() {
+    let bad = temp_file(
+        "rt-bad.toml",
+        br#"[host]
+cores = 2
+[[vms]]
+name = "ctl"
+scheduler = "edf"
+tasks = [{ name = "sensor", period = "10ms", wcet = "12ms" }]
+"#,
+    );
+    let r = run(&["rt", "analyze", bad.to_str().unwrap()], TIMEOUT);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr
+            .contains("vms[0].tasks[0].wcet 12ms: larger than its deadline 10ms"),
+        "{r}"
+    );
+
+    let no = temp_file(
+        "rt-no.toml",
+        br#"[host]
+cores = 2
+[[vms]]
+name = "ctl"
+scheduler = "fp"
+period = "10ms"
+tasks = [{ name = "sensor", period = "10ms", wcet = "6ms" },
+         { name = "log", period = "20ms", wcet = "9ms" }]
+"#,
+    );
+    let r = run(&["rt", "analyze", no.to_str().unwrap()], TIMEOUT);
+    assert_eq!(r.code, Some(4), "{r}");
+    assert!(
+        r.stdout.contains(
+            "vm \"ctl\" task \"log\": at t=20ms demand 21ms > supply 20ms with Θ=10ms Π=10ms"
+        ),
+        "{r}"
+    );
+
+    let yes = temp_file(
+        "rt-yes.json",
+        br#"{"host":{"cores":1},"vms":[{"name":"ctl","scheduler":"edf","period":"5ms",
+            "tasks":[{"name":"sensor","period":"10ms","wcet":"2ms"}]}]}"#,
+    );
+    let r = run(&["rt", "analyze", yes.to_str().unwrap()], TIMEOUT);
+    assert_eq!(r.code, Some(0), "{r}");
+    // Γ=(5ms, Θ): sbf(10ms) = Θ + max(0, 5ms - 2(5ms - Θ)) >= 2ms needs Θ = 2ms.
+    assert!(
+        r.stdout
+            .contains("--vcpu-sched vcpu=0,policy=deadline,runtime=2ms,deadline=5ms,period=5ms"),
+        "{r}"
+    );
+    let r = run(
+        &["rt", "analyze", "--format", "json", yes.to_str().unwrap()],
+        TIMEOUT,
+    );
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        report["vms"][0]["vcpu_sched"][0],
+        serde_json::json!({"vcpu":0,"policy":"deadline","runtime_ns":2000000u64,
+                           "deadline_ns":5000000u64,"period_ns":5000000u64})
+    );
+    for file in [bad, no, yes] {
+        let _ = std::fs::remove_file(file);
+    }
+}

@@ -9,6 +9,7 @@ mod introspect;
 mod migrate;
 mod peers;
 mod pvh;
+mod rt;
 mod snapshot;
 
 use std::process::ExitCode;
@@ -68,6 +69,12 @@ enum BenchCommand {
     /// print median create and load times, time from the load request to the
     /// guest's first console line, the VMM's CPU and the pages served, with ratios.
     Snapshot(snapshot::SnapshotBenchArgs),
+    /// Time `vigil rt analyze`'s analysis (interfaces of every VM) on random task
+    /// sets of 10, 100 and 1000 tasks over 2, 4 and 8 VMs, periods random or
+    /// harmonic, beside the brute-force reference (least budget by tick-by-tick
+    /// simulation on the worst-case supply) where the hyperperiod allows it; print
+    /// a markdown table of medians.
+    RtAnalyze(rt::RtBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +90,7 @@ fn main() -> ExitCode {
         BenchCommand::Introspect(args) => introspect::run(args),
         BenchCommand::Migrate(args) => migrate::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
+        BenchCommand::RtAnalyze(args) => rt::run(args),
     };
     exit::report("vigil-bench", result.map(|()| ExitCode::SUCCESS))
 }
