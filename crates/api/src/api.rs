@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use vigil_model::config::VmConfig;
+use vigil_model::config::rt::VcpuSchedBody;
+use vigil_model::config::{VcpuSched, VmConfig};
 use vigil_vmm::builder::BuildError;
 use vigil_vmm::snapshot::MemoryKind;
 use vigil_vmm::{RunState, VmControl};
@@ -161,6 +162,9 @@ pub struct Api {
 /// Live migration of the running VM ([`Api::set_migrator`]).
 pub const MIGRATION_PATH: &str = "/vigil/migration";
 
+/// How the host schedules the running VM's vCPU threads.
+pub const VCPU_SCHED_PATH: &str = "/vigil/vcpus/sched";
+
 /// The resources Vigil answers, with the methods each accepts (for messages).
 pub const ROUTES: &[(&str, &str)] = &[
     ("/", "GET"),
@@ -183,6 +187,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     (OPENAPI_PATH, "GET"),
     (METRICS_SNAPSHOT_PATH, "GET"),
     (MIGRATION_PATH, "GET, PUT, DELETE"),
+    (VCPU_SCHED_PATH, "GET, PUT"),
 ];
 
 /// Firecracker resources Vigil does not have.
@@ -458,6 +463,22 @@ impl Api {
                 Some(_) => Response::bad(format!("{method} {path}: no migration is under way")),
                 None => before_start(method, path),
             },
+            ("GET", VCPU_SCHED_PATH) => match lock(&self.inner).vm.as_ref() {
+                Some(vm) => Response::json(&vm.vcpu_sched()),
+                None => before_start(method, path),
+            },
+            // One entry (as `--vcpu-sched` takes it) or a list of them.
+            ("PUT", VCPU_SCHED_PATH) => {
+                let parsed = if bytes.trim_ascii_start().starts_with(b"[") {
+                    body::<Vec<VcpuSchedBody>>(method, path, bytes)
+                } else {
+                    body::<VcpuSchedBody>(method, path, bytes).map(|b| vec![b])
+                };
+                match parsed {
+                    Ok(b) => self.set_vcpu_sched(method, path, b),
+                    Err(r) => r,
+                }
+            }
             ("GET", OPENAPI_PATH) => Response {
                 status: 200,
                 body: Some(OPENAPI_YAML.into()),
@@ -714,6 +735,28 @@ impl Api {
     }
 
     /// `PUT /vigil/migration`: starts moving the running VM; `GET` follows it.
+    fn set_vcpu_sched(&self, method: &str, path: &str, bodies: Vec<VcpuSchedBody>) -> Response {
+        let bad = |why: String| Response::bad(format!("{method} {path}: {why}"));
+        if bodies.is_empty() {
+            return bad("no entries: give one object or a list of them".into());
+        }
+        let mut entries = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.into_iter().enumerate() {
+            match VcpuSched::try_from(body) {
+                Ok(e) => entries.push(e),
+                Err(e) if i == 0 => return bad(e.to_string()),
+                Err(e) => return bad(format!("entry {i}: {e}")),
+            }
+        }
+        let Some(vm) = lock(&self.inner).vm.clone() else {
+            return before_start(method, path);
+        };
+        match vm.set_vcpu_sched(&entries) {
+            Ok(now) => Response::json(&now),
+            Err(e) => bad(e.to_string()),
+        }
+    }
+
     fn migrate(&self, method: &str, path: &str, p: MigrationParams) -> Response {
         let bad = |why: String| Response::bad(format!("{method} {path}: {why}"));
         let Some(migrator) = lock(&self.migrator).clone() else {

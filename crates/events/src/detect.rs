@@ -74,6 +74,8 @@ pub struct VmSample {
     pub net_tx_packets_total: Option<u64>,
     /// Times a rate limiter (any device) held back a request.
     pub throttled_total: Option<u64>,
+    /// RT timer boosts the guest overran (withdrawn by the VMM).
+    pub rt_overruns_total: Option<u64>,
 }
 
 /// Hysteresis thresholds for one PSI resource, in percent.
@@ -674,6 +676,22 @@ impl Detector for VmDetector {
             &iv,
             out,
         );
+        // Every overrun is the guest's doing: no threshold, one event per interval.
+        if let Delta::Value(n @ 1..) = delta(prev.rt_overruns_total, s.rt_overruns_total) {
+            out.push(
+                Event::new(
+                    Rule::VmRtBudgetOverrun,
+                    iv.to,
+                    format!(
+                        "vm {}: the guest overran its RT timer budget {n} time(s) in {:.0} s; each boost was withdrawn",
+                        iv.vm_id, iv.secs
+                    ),
+                )
+                .with_vm(iv.vm_id)
+                .with_field("rt.overruns_in_interval", n)
+                .with_field("rt.overruns_total", s.rt_overruns_total.unwrap_or(0)),
+            );
+        }
     }
 }
 
@@ -813,7 +831,24 @@ mod tests {
             net_rx_packets_total: rx,
             net_tx_packets_total: tx,
             throttled_total: thr,
+            rt_overruns_total: None,
         }
+    }
+
+    #[test]
+    fn rt_budget_overruns_raise_an_event_per_interval() {
+        let mut d = VmDetector::new(DetectorConfig::default()).unwrap();
+        let at = |secs, overruns| VmSample {
+            rt_overruns_total: overruns,
+            ..vm(secs, None, None, None, None)
+        };
+        let out = feed(
+            &mut d,
+            &[at(0, Some(0)), at(1, Some(0)), at(2, Some(3)), at(3, Some(3)), at(4, None)],
+        );
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(out[0].rule, Rule::VmRtBudgetOverrun);
+        assert!(out[0].message.contains("overran its RT timer budget 3 time(s)"), "{}", out[0].message);
     }
 
     fn small_floods() -> DetectorConfig {
@@ -1054,6 +1089,7 @@ mod tests {
                     net_rx_packets_total: Some(u64::MAX),
                     net_tx_packets_total: Some(0),
                     throttled_total: Some(u64::MAX),
+                    rt_overruns_total: None,
                 },
             ],
         );

@@ -239,6 +239,9 @@ pub enum Rule {
     VmIoFlood,
     /// A VM's received or sent packets per second stayed above the threshold.
     VmPacketFlood,
+    /// A guest overran the budget of its RT timer boosts (it kept its vCPU
+    /// thread at a real-time priority past what it asked for; the boost was withdrawn).
+    VmRtBudgetOverrun,
     /// The API refused a request it could not parse or validate.
     ApiMalformedRequest,
     /// The API refused a request from a peer that may not make it.
@@ -292,13 +295,14 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in the README's order.
-    pub const ALL: [Rule; 29] = [
+    pub const ALL: [Rule; 30] = [
         Rule::HostMemoryPressure,
         Rule::HostCpuPressure,
         Rule::HostIoPressure,
         Rule::VmRateLimitSaturated,
         Rule::VmIoFlood,
         Rule::VmPacketFlood,
+        Rule::VmRtBudgetOverrun,
         Rule::ApiMalformedRequest,
         Rule::ApiUnauthorized,
         Rule::VmCrashed,
@@ -333,6 +337,7 @@ impl Rule {
             Rule::VmRateLimitSaturated => "vm_rate_limit_saturated",
             Rule::VmIoFlood => "vm_io_flood",
             Rule::VmPacketFlood => "vm_packet_flood",
+            Rule::VmRtBudgetOverrun => "vm_rt_budget_overrun",
             Rule::ApiMalformedRequest => "api_malformed_request",
             Rule::ApiUnauthorized => "api_unauthorized",
             Rule::VmCrashed => "vm_crashed",
@@ -368,6 +373,7 @@ impl Rule {
             Rule::VmRateLimitSaturated => "rate limit saturated",
             Rule::VmIoFlood => "io flood",
             Rule::VmPacketFlood => "packet flood",
+            Rule::VmRtBudgetOverrun => "real-time budget overrun",
             Rule::ApiMalformedRequest => "malformed api request",
             Rule::ApiUnauthorized => "unauthorized api request",
             Rule::VmCrashed => "crashed",
@@ -399,7 +405,10 @@ impl Rule {
         match self {
             Rule::HostMemoryPressure => Priority::Error,
             Rule::HostCpuPressure | Rule::HostIoPressure => Priority::Warning,
-            Rule::VmRateLimitSaturated | Rule::VmIoFlood | Rule::VmPacketFlood => Priority::Warning,
+            Rule::VmRateLimitSaturated
+            | Rule::VmIoFlood
+            | Rule::VmPacketFlood
+            | Rule::VmRtBudgetOverrun => Priority::Warning,
             Rule::ApiMalformedRequest => Priority::Notice,
             Rule::ApiUnauthorized => Priority::Warning,
             Rule::VmCrashed => Priority::Error,
@@ -433,7 +442,7 @@ impl Rule {
     pub const fn mitre(self) -> Option<Mitre> {
         match self {
             Rule::HostMemoryPressure | Rule::HostCpuPressure | Rule::HostIoPressure => None,
-            Rule::VmRateLimitSaturated => Some(T1499),
+            Rule::VmRateLimitSaturated | Rule::VmRtBudgetOverrun => Some(T1499),
             Rule::VmIoFlood => Some(T1499_001),
             Rule::VmPacketFlood => Some(T1498_001),
             Rule::ApiMalformedRequest | Rule::ApiUnauthorized => Some(T1068),
@@ -491,7 +500,10 @@ impl Rule {
     pub const fn is_vm_exhaustion(self) -> bool {
         matches!(
             self,
-            Rule::VmIoFlood | Rule::VmPacketFlood | Rule::VmRateLimitSaturated
+            Rule::VmIoFlood
+                | Rule::VmPacketFlood
+                | Rule::VmRateLimitSaturated
+                | Rule::VmRtBudgetOverrun
         )
     }
 
@@ -502,9 +514,10 @@ impl Rule {
             Rule::HostMemoryPressure | Rule::HostCpuPressure | Rule::HostIoPressure => {
                 &["host", "resource_exhaustion"]
             }
-            Rule::VmRateLimitSaturated | Rule::VmIoFlood | Rule::VmPacketFlood => {
-                &["vm", "resource_exhaustion"]
-            }
+            Rule::VmRateLimitSaturated
+            | Rule::VmIoFlood
+            | Rule::VmPacketFlood
+            | Rule::VmRtBudgetOverrun => &["vm", "resource_exhaustion"],
             Rule::ApiMalformedRequest | Rule::ApiUnauthorized => &["api"],
             Rule::VmCrashed => &["vm", "availability"],
             Rule::PolicyAction => &["policy", "response"],

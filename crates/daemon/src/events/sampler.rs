@@ -251,6 +251,7 @@ pub fn vm_sample(id: &str, s: &vigil_metrics::VmMetricsSnapshot) -> vigil_events
             .iter()
             .map(|d| d.throttled)
             .reduce(u64::saturating_add),
+        rt_overruns_total: Some(s.rt.overruns),
     }
 }
 
