@@ -26,6 +26,9 @@ pub struct PreBoot {
     pub vsock: Option<Vsock>,
     pub balloon: Option<Balloon>,
     pub entropy: Option<Entropy>,
+    /// Vigil's own keys of a configuration file: `vcpu-scheduling`, `rt-timer`.
+    pub vcpu_scheduling: Vec<vigil_model::config::rt::VcpuSchedBody>,
+    pub rt_timer: Option<vigil_model::config::RtTimerConfig>,
 }
 
 /// A configuration request the VM cannot take, naming the field and the value.
@@ -247,6 +250,8 @@ impl PreBoot {
             vsock: file.vsock.clone(),
             balloon: file.balloon.clone(),
             entropy: file.entropy.clone(),
+            vcpu_scheduling: file.vcpu_scheduling.clone(),
+            rt_timer: file.rt_timer,
         };
         Ok((pre, config))
     }
@@ -263,6 +268,8 @@ impl PreBoot {
             entropy: self.entropy.clone(),
             logger: None,
             metrics: None,
+            vcpu_scheduling: self.vcpu_scheduling.clone(),
+            rt_timer: self.rt_timer,
         }
     }
 

@@ -215,6 +215,16 @@ pub struct FullVmConfig {
     pub logger: Option<Logger>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// Vigil's own: how the host schedules the vCPU threads (`--vcpu-sched`).
+    #[serde(
+        rename = "vcpu-scheduling",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub vcpu_scheduling: Vec<config::rt::VcpuSchedBody>,
+    /// Vigil's own: the RT timer device (`--rt-timer`).
+    #[serde(rename = "rt-timer", default, skip_serializing_if = "Option::is_none")]
+    pub rt_timer: Option<config::RtTimerConfig>,
 }
 
 /// A body Vigil cannot take: what Firecracker allows and Vigil does not offer,
@@ -573,6 +583,14 @@ impl FullVmConfig {
             .as_ref()
             .map(|e| e.to_config().map_err(body("entropy".into())))
             .transpose()?;
+        for (i, b) in self.vcpu_scheduling.iter().enumerate() {
+            let entry = config::VcpuSched::try_from(b.clone()).map_err(|e| DocumentError::Body {
+                key: format!("vcpu-scheduling[{i}]"),
+                error: BodyError::Config(e.into()),
+            })?;
+            config.vcpu_sched.push(entry);
+        }
+        config.rt_timer = self.rt_timer;
         config.validate(limits).map_err(|e| DocumentError::Body {
             key: e.resource().into(),
             error: BodyError::Config(e),

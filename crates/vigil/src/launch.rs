@@ -115,8 +115,13 @@ impl Overrides {
         config.boot.protocol = self.boot_protocol;
         config.machine.cpu_template = self.cpu_template.clone();
         config.machine.cpuid_hide = self.cpuid_hide.clone();
-        config.vcpu_sched = self.vcpu_sched.clone();
-        config.rt_timer = self.rt_timer;
+        // The flags take the place of a file's `vcpu-scheduling` and `rt-timer`.
+        if !self.vcpu_sched.is_empty() {
+            config.vcpu_sched = self.vcpu_sched.clone();
+        }
+        if self.rt_timer.is_some() {
+            config.rt_timer = self.rt_timer;
+        }
         config.machine.huge_pages = self.huge_pages;
         config.on_crash = self.on_crash;
     }

@@ -96,15 +96,21 @@ pub struct VcpuSched {
 
 /// The JSON form of [`VcpuSched`] (API bodies, configuration files): every
 /// policy's fields side by side, checked by [`VcpuSched::try_from`].
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VcpuSchedBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpu: Option<u32>,
     pub policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub period_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<Vec<u32>>,
 }
 
