@@ -844,11 +844,23 @@ mod tests {
         };
         let out = feed(
             &mut d,
-            &[at(0, Some(0)), at(1, Some(0)), at(2, Some(3)), at(3, Some(3)), at(4, None)],
+            &[
+                at(0, Some(0)),
+                at(1, Some(0)),
+                at(2, Some(3)),
+                at(3, Some(3)),
+                at(4, None),
+            ],
         );
         assert_eq!(out.len(), 1, "{out:#?}");
         assert_eq!(out[0].rule, Rule::VmRtBudgetOverrun);
-        assert!(out[0].message.contains("overran its RT timer budget 3 time(s)"), "{}", out[0].message);
+        assert!(
+            out[0]
+                .message
+                .contains("overran its RT timer budget 3 time(s)"),
+            "{}",
+            out[0].message
+        );
     }
 
     fn small_floods() -> DetectorConfig {

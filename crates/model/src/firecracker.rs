@@ -584,10 +584,11 @@ impl FullVmConfig {
             .map(|e| e.to_config().map_err(body("entropy".into())))
             .transpose()?;
         for (i, b) in self.vcpu_scheduling.iter().enumerate() {
-            let entry = config::VcpuSched::try_from(b.clone()).map_err(|e| DocumentError::Body {
-                key: format!("vcpu-scheduling[{i}]"),
-                error: BodyError::Config(e.into()),
-            })?;
+            let entry =
+                config::VcpuSched::try_from(b.clone()).map_err(|e| DocumentError::Body {
+                    key: format!("vcpu-scheduling[{i}]"),
+                    error: BodyError::Config(e.into()),
+                })?;
             config.vcpu_sched.push(entry);
         }
         config.rt_timer = self.rt_timer;

@@ -611,6 +611,7 @@ mod tests {
                 "vm_rate_limit_saturated",
                 "vm_io_flood",
                 "vm_packet_flood",
+                "vm_rt_budget_overrun",
                 "api_malformed_request",
                 "api_unauthorized",
                 "vm_crashed",

@@ -16,8 +16,8 @@ use vigil_introspect::SyscallFilter;
 use vigil_migration::{Migrator, ServerTls, Target};
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
 use vigil_model::config::{
-    BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash,
-    RtTimerConfig, VcpuSched, VmConfig,
+    BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash, RtTimerConfig,
+    VcpuSched, VmConfig,
 };
 use vigil_model::cpu::CpuFeature;
 use vigil_model::firecracker::{self, FullVmConfig, Logger, Metrics};

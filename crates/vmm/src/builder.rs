@@ -807,8 +807,7 @@ fn create_vcpus(
         };
         let mut vcpu_cpuid = cpuid::build(&base_cpuid, topo, fd.get_tsc_khz().ok(), hide);
         if let Some(rt) = &config.rt_timer {
-            vcpu_cpuid =
-                cpuid::add_hypervisor_leaf(&vcpu_cpuid, RT_TIMER_LEAF, RtTimer::cpuid(rt));
+            vcpu_cpuid = cpuid::add_hypervisor_leaf(&vcpu_cpuid, RT_TIMER_LEAF, RtTimer::cpuid(rt));
         }
         let vcpu_err = |source| BuildError::Vcpu { vcpu: id, source };
         fd.set_cpuid2(&vcpu_cpuid).map_err(|source| {

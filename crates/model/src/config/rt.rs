@@ -156,7 +156,7 @@ impl TryFrom<VcpuSchedBody> for VcpuSched {
                 priority: priority(b.priority)?,
             },
             "deadline" => {
-                let need = |v: Option<u64>, f| v.ok_or_else(||  field_error(f, ": required"));
+                let need = |v: Option<u64>, f| v.ok_or_else(|| field_error(f, ": required"));
                 let runtime_ns = need(b.runtime_ns, "runtime_ns")?;
                 let period_ns = need(b.period_ns, "period_ns")?;
                 SchedPolicy::Deadline {
@@ -530,13 +530,16 @@ mod tests {
     #[test]
     fn refuses_bad_entries_naming_the_key() {
         let err = |s| VcpuSched::parse(s).unwrap_err();
-        assert!(err("policy=fifo").contains("priority: required"), "{}", err("policy=fifo"));
+        assert!(
+            err("policy=fifo").contains("priority: required"),
+            "{}",
+            err("policy=fifo")
+        );
         assert!(err("policy=fifo,priority=0").contains("priority 0: expected 1 to 99"));
         assert!(err("policy=idle").contains("idle: unknown policy"));
         assert!(err("policy=deadline,runtime=20ms,period=10ms")
             .contains("runtime 20ms: longer than the deadline 10ms"));
-        assert!(err("policy=deadline,runtime=1ms,period=10ms,cpus=1")
-            .contains("cannot be pinned"));
+        assert!(err("policy=deadline,runtime=1ms,period=10ms,cpus=1").contains("cannot be pinned"));
         assert!(err("policy=deadline,runtime=1ms,period=10ms,priority=3")
             .contains("priority: does not apply to policy deadline"));
         assert!(err("cpus=3-1").contains("cpus=3-1: expected CPU numbers"));
@@ -593,10 +596,15 @@ mod tests {
         let c = RtTimerConfig::parse("max_timers=2,min_period=1ms,max_budget=50us")
             .unwrap()
             .unwrap();
-        assert_eq!((c.max_timers, c.min_period_us, c.max_budget_us), (2, 1000, 50));
+        assert_eq!(
+            (c.max_timers, c.min_period_us, c.max_budget_us),
+            (2, 1000, 50)
+        );
         assert!(RtTimerConfig::parse("max_timers=99")
             .unwrap_err()
             .contains("--rt-timer max_timers 99: expected 1 to 16"));
-        assert!(RtTimerConfig::parse("priority=99").unwrap_err().contains("1 to 98"));
+        assert!(RtTimerConfig::parse("priority=99")
+            .unwrap_err()
+            .contains("1 to 98"));
     }
 }

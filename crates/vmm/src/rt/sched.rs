@@ -459,7 +459,11 @@ impl VcpuScheduler {
             return false;
         }
         if let Err(e) = set_policy(slot.tid, &slot.normal.policy) {
-            tracing::error!(vcpu, "rt timer: cannot return the vCPU thread to {}: {e}", slot.normal.policy.describe());
+            tracing::error!(
+                vcpu,
+                "rt timer: cannot return the vCPU thread to {}: {e}",
+                slot.normal.policy.describe()
+            );
         }
         true
     }

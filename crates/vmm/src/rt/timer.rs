@@ -208,8 +208,7 @@ impl RtTimer {
                 v.staging.deadline = (v.staging.deadline & !0xffff_ffff) | u64::from(value)
             }
             REG_DEADLINE_HI => {
-                v.staging.deadline =
-                    (v.staging.deadline & 0xffff_ffff) | (u64::from(value) << 32)
+                v.staging.deadline = (v.staging.deadline & 0xffff_ffff) | (u64::from(value) << 32)
             }
             REG_PERIOD_NS => v.staging.period_ns = value,
             REG_BUDGET_US => v.staging.budget_us = value,
@@ -365,7 +364,9 @@ impl RtTimer {
                         }
                     }
                 }
-                let refill = now.saturating_duration_since(v.credit_at).mul_f64(BOOST_SHARE);
+                let refill = now
+                    .saturating_duration_since(v.credit_at)
+                    .mul_f64(BOOST_SHARE);
                 v.credit = (v.credit + refill).min(Self::max_credit(&self.config));
                 v.credit_at = now;
                 for i in 0..v.timers.len() {
@@ -381,12 +382,14 @@ impl RtTimer {
                             }
                             Some(period) => {
                                 // The next grid point after now; those between were missed.
-                                let behind = now.duration_since(t.next).as_nanos() / period.as_nanos();
+                                let behind =
+                                    now.duration_since(t.next).as_nanos() / period.as_nanos();
                                 let missed = u64::try_from(behind).unwrap_or(u64::MAX);
                                 if missed > 0 || paused {
                                     self.counters.skipped.add(missed + u64::from(paused));
                                 }
-                                t.next += period.saturating_mul(u32::try_from(behind + 1).unwrap_or(u32::MAX));
+                                t.next += period
+                                    .saturating_mul(u32::try_from(behind + 1).unwrap_or(u32::MAX));
                                 v.timers[i] = Some(t);
                             }
                         }
@@ -426,7 +429,8 @@ impl RtTimer {
     /// the interrupt.
     fn expire(&self, vm_fd: &Weak<VmFd>, id: u32, v: &mut VcpuTimers, t: &Timer, now: Instant) {
         let grant = t.budget.min(v.credit);
-        if v.boost_until.is_none() && !grant.is_zero() && self.sched.boost(id, self.config.priority) {
+        if v.boost_until.is_none() && !grant.is_zero() && self.sched.boost(id, self.config.priority)
+        {
             v.credit -= grant;
             v.boost_until = Some(now + grant);
             self.counters.boosts.inc();
@@ -446,7 +450,11 @@ impl RtTimer {
                     .injection_late
                     .record(Instant::now().saturating_duration_since(t.next));
             }
-            Err(e) => tracing::warn!(vcpu = id, "rt timer: cannot inject vector {}: {e}", t.vector),
+            Err(e) => tracing::warn!(
+                vcpu = id,
+                "rt timer: cannot inject vector {}: {e}",
+                t.vector
+            ),
         }
     }
 }
@@ -493,7 +501,10 @@ mod tests {
         let t = device(RtTimerConfig::default());
         let rel = FLAG_RELATIVE | 0x40;
         assert_eq!(stage(&t, 9, 1_000_000, 100, rel), Status::BadTimer);
-        assert_eq!(stage(&t, 0, 1_000_000, 100, FLAG_RELATIVE | 3), Status::BadVector);
+        assert_eq!(
+            stage(&t, 0, 1_000_000, 100, FLAG_RELATIVE | 3),
+            Status::BadVector
+        );
         assert_eq!(stage(&t, 0, 50_000, 10, rel), Status::PeriodTooShort);
         assert_eq!(stage(&t, 0, 1_000_000, 501, rel), Status::BudgetTooLarge);
         // Half of each period at most, all timers of the vCPU together.

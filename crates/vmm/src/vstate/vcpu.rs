@@ -195,7 +195,11 @@ enum Outcome {
     /// A breakpoint hit or single step.
     Debug(kvm_debug_exit_arch),
     /// A guest `out` to the RT timer device.
-    RtTimerWrite { port: u16, value: [u8; 4], len: usize },
+    RtTimerWrite {
+        port: u16,
+        value: [u8; 4],
+        len: usize,
+    },
 }
 
 impl Vcpu {

@@ -9,7 +9,7 @@ mod introspect;
 mod migrate;
 mod peers;
 mod pvh;
-mod rt;
+mod rt_analyze;
 mod snapshot;
 
 use std::process::ExitCode;
@@ -74,7 +74,7 @@ enum BenchCommand {
     /// harmonic, beside the brute-force reference (least budget by tick-by-tick
     /// simulation on the worst-case supply) where the hyperperiod allows it; print
     /// a markdown table of medians.
-    RtAnalyze(rt::RtBenchArgs),
+    RtAnalyze(rt_analyze::RtBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         BenchCommand::Introspect(args) => introspect::run(args),
         BenchCommand::Migrate(args) => migrate::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
-        BenchCommand::RtAnalyze(args) => rt::run(args),
+        BenchCommand::RtAnalyze(args) => rt_analyze::run(args),
     };
     exit::report("vigil-bench", result.map(|()| ExitCode::SUCCESS))
 }
