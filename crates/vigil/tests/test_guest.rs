@@ -741,11 +741,8 @@ fn rt_scenario_measures_lapic_timer_lateness() {
         n("p50_us") <= n("p99_us") && n("p99_us") <= n("max_us"),
         "{line}"
     );
-    // A period is missed when its interrupt came a period late (or, after that, its
-    // deadline passed before it could be armed): the maximum says whether any was.
-    if n("missed") > 0 {
-        assert!(n("max_us") >= 999, "{line}");
-    }
+    // An interrupt more than a period late is a missed period (so are deadlines the
+    // guest was not scheduled in time to arm).
     if n("max_us") > 1000 {
         assert!(n("missed") > 0, "{line}");
     }
