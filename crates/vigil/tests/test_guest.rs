@@ -763,3 +763,40 @@ fn rt_scenario_measures_lapic_timer_lateness() {
         "{r}"
     );
 }
+
+#[test]
+fn bench_rt_measures_the_guest_beside_hogs() {
+    let r = run(
+        &[
+            "bench",
+            "rt",
+            "--runs",
+            "1",
+            "--periods",
+            "20",
+            "--hogs",
+            "0,1",
+            "--cases",
+            "vigil-cfs",
+            "--qemu",
+            "none",
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    let row = |hogs: &str| -> Vec<String> {
+        r.line(&format!("| vigil cfs | {hogs} | "))
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let (idle, busy) = (row("0"), row("1"));
+    // p50, p99, max and missed are the guest's numbers.
+    for cell in &idle[3..7] {
+        cell.parse::<u64>()
+            .unwrap_or_else(|_| panic!("{cell}\n{r}"));
+    }
+    assert_eq!(idle[7], "-", "no hogs, no hog rate: {r}");
+    let rate: u64 = busy[7].parse().unwrap_or_else(|_| panic!("{r}"));
+    assert!(rate > 0, "the hog counted: {r}");
+}
