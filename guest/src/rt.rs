@@ -286,6 +286,49 @@ impl Tally {
     }
 }
 
+/// The command-line words both scenarios take.
+struct Words {
+    period_us: u64,
+    periods: u64,
+    budget_us: u64,
+}
+
+impl Words {
+    /// `rt`'s defaults: 2000 periods of 1 ms, 200 µs budget.
+    const RT: Words = Words {
+        period_us: 1000,
+        periods: 2000,
+        budget_us: 200,
+    };
+    /// `rt-spin`'s: 20 periods of 10 ms, 100 µs budget.
+    const RT_SPIN: Words = Words {
+        period_us: 10_000,
+        periods: 20,
+        budget_us: 100,
+    };
+
+    /// `rt_period_us=`, `rt_periods=`, `rt_budget_us=` or their `defaults`; `None`
+    /// (said in `detail`) for a bad value or unknown timer frequencies.
+    fn parse(machine: &Machine, defaults: Words, detail: &mut Line) -> Option<Words> {
+        let (Ok(Some(period_us)), Ok(Some(periods)), Ok(Some(budget_us))) = (
+            machine.number("rt_period_us", 100, 100_000, Some(defaults.period_us), detail),
+            machine.number("rt_periods", 10, 1_000_000, Some(defaults.periods), detail),
+            machine.number("rt_budget_us", 1, 100_000, Some(defaults.budget_us), detail),
+        ) else {
+            return None;
+        };
+        if machine.tsc_khz == 0 || machine.lapic_khz == 0 {
+            detail.str("no timer frequencies");
+            return None;
+        }
+        Some(Words {
+            period_us,
+            periods,
+            budget_us,
+        })
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Lapic,
@@ -306,17 +349,14 @@ pub fn rt(machine: &Machine, detail: &mut Line) -> bool {
             return false;
         }
     };
-    let (Ok(Some(period_us)), Ok(Some(periods)), Ok(Some(budget_us))) = (
-        machine.number("rt_period_us", 100, 100_000, Some(1000), detail),
-        machine.number("rt_periods", 10, 1_000_000, Some(2000), detail),
-        machine.number("rt_budget_us", 1, 100_000, Some(200), detail),
-    ) else {
+    let Some(Words {
+        period_us,
+        periods,
+        budget_us,
+    }) = Words::parse(machine, Words::RT, detail)
+    else {
         return false;
     };
-    if machine.tsc_khz == 0 || machine.lapic_khz == 0 {
-        detail.str("no timer frequencies");
-        return false;
-    }
     let device = match mode {
         Mode::Lapic => None,
         Mode::Pv => match Device::discover() {
@@ -476,17 +516,14 @@ const SPIN_BUDGETS: u64 = 5;
 /// `rt_budget_us`, default 100 µs) whose handler busy-waits 5 budgets before DONE,
 /// for `rt_periods` (default 20) expiries; then the device's overrun count.
 pub fn rt_spin(machine: &Machine, detail: &mut Line) -> bool {
-    let (Ok(Some(period_us)), Ok(Some(periods)), Ok(Some(budget_us))) = (
-        machine.number("rt_period_us", 100, 100_000, Some(10_000), detail),
-        machine.number("rt_periods", 10, 1_000_000, Some(20), detail),
-        machine.number("rt_budget_us", 1, 100_000, Some(100), detail),
-    ) else {
+    let Some(Words {
+        period_us,
+        periods,
+        budget_us,
+    }) = Words::parse(machine, Words::RT_SPIN, detail)
+    else {
         return false;
     };
-    if machine.tsc_khz == 0 || machine.lapic_khz == 0 {
-        detail.str("no timer frequencies");
-        return false;
-    }
     let Some(device) = Device::discover() else {
         detail.str("no rt timer device");
         return false;
