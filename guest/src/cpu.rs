@@ -12,8 +12,10 @@ use crate::serial::{Out, Serial};
 pub const TIMER_VECTOR: u8 = 0x20;
 /// LAPIC spurious interrupt vector (low nibble all ones, as old xAPICs require).
 pub const SPURIOUS_VECTOR: u8 = 0x2f;
+/// The `rt` scenarios' timer interrupt (LAPIC one-shot or the RT timer device's MSI).
+pub const RT_VECTOR: u8 = 0x40;
 /// Vectors 0..IDT_ENTRIES are described; anything above raises #GP, which reports.
-const IDT_ENTRIES: usize = 0x30;
+const IDT_ENTRIES: usize = RT_VECTOR as usize + 1;
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_STAR: u32 = 0xc000_0081;
@@ -51,6 +53,22 @@ pub fn inb(port: u16) -> u8 {
     // SAFETY: as for outb.
     unsafe {
         asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for outb.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for outb.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
     }
     value
 }
@@ -233,6 +251,7 @@ pub fn init() {
         usize::from(SPURIOUS_VECTOR),
         spurious_isr as *const () as u64,
     );
+    set_gate(usize::from(RT_VECTOR), crate::rt::rt_isr as *const () as u64);
     load_idt();
 
     UMIP_AT_BOOT.store(protect(), Ordering::SeqCst);

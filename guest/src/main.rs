@@ -17,6 +17,7 @@ mod mem;
 mod mobility;
 mod net;
 mod paging;
+mod rt;
 mod scenarios;
 mod serial;
 mod virtio;
@@ -41,6 +42,32 @@ impl Machine {
             10_000_000
         } else {
             self.tsc_khz
+        }
+    }
+
+    /// The number `key=` holds (`min` to `max`), else `default`; a bad value is
+    /// said in `detail`.
+    pub fn number(
+        &self,
+        key: &str,
+        min: u64,
+        max: u64,
+        default: Option<u64>,
+        detail: &mut Line,
+    ) -> Result<Option<u64>, ()> {
+        match self.info.param_number(key.as_bytes(), min, max) {
+            Ok(v) => Ok(v.or(default)),
+            Err(value) => {
+                detail
+                    .str(key)
+                    .str("=")
+                    .bytes(value)
+                    .str(": expected ")
+                    .dec(min)
+                    .str(" to ")
+                    .dec(max);
+                Err(())
+            }
         }
     }
 }

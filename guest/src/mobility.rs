@@ -49,29 +49,6 @@ fn word(tick: u64, i: usize) -> u64 {
 /// The most `counter_ms=`.
 const MAX_TICK_MS: u64 = 1000;
 
-/// The number `key=` holds (1 to `max`), else `default`; a bad value is said in
-/// `detail`.
-fn number(
-    machine: &Machine,
-    key: &str,
-    max: u64,
-    default: Option<u64>,
-    detail: &mut Line,
-) -> Result<Option<u64>, ()> {
-    match machine.info.param_number(key.as_bytes(), 1, max) {
-        Ok(v) => Ok(v.or(default)),
-        Err(value) => {
-            detail
-                .str(key)
-                .str("=")
-                .bytes(value)
-                .str(": expected 1 to ")
-                .dec(max);
-            Err(())
-        }
-    }
-}
-
 /// The end of `mib` MiB from [`DIRTY_BASE`] up, when all of it is RAM above the
 /// guest's image; else says so in `detail` under `key`.
 fn free_region(machine: &Machine, key: &str, mib: u64, detail: &mut Line) -> Option<u64> {
@@ -163,9 +140,9 @@ impl Counter {
 /// that much touched memory.
 pub fn counter(machine: &Machine, detail: &mut Line) -> bool {
     let (Ok(limit), Ok(Some(tick_ms)), Ok(fill)) = (
-        number(machine, "counter_ticks", MAX_TICKS, None, detail),
-        number(machine, "counter_ms", MAX_TICK_MS, Some(TICK_MS), detail),
-        number(machine, "counter_fill_mib", DIRTY_MAX_MIB, None, detail),
+        machine.number("counter_ticks", 1, MAX_TICKS, None, detail),
+        machine.number("counter_ms", 1, MAX_TICK_MS, Some(TICK_MS), detail),
+        machine.number("counter_fill_mib", 1, DIRTY_MAX_MIB, None, detail),
     ) else {
         return false;
     };
@@ -242,16 +219,12 @@ impl Dirtier {
     /// goes to the detail.
     fn from_params(machine: &Machine, detail: &mut Line) -> Result<Dirtier, ()> {
         let (Ok(Some(mib)), Ok(Some(mib_s))) = (
-            number(
-                machine,
-                "dirty_mib",
+            machine.number("dirty_mib", 1,
                 DIRTY_MAX_MIB,
                 Some(DIRTY_DEFAULT_MIB),
                 detail,
             ),
-            number(
-                machine,
-                "dirty_mib_s",
+            machine.number("dirty_mib_s", 1,
                 DIRTY_MAX_MIB_S,
                 Some(DIRTY_DEFAULT_MIB_S),
                 detail,
@@ -330,7 +303,7 @@ impl Dirtier {
 /// the second sweep on, each page's word must still hold what the last sweep
 /// wrote (`lost: page=<i> sweep=<s> found=0x..` otherwise).
 pub fn dirty(machine: &Machine, detail: &mut Line) -> bool {
-    let Ok(seconds) = number(machine, "dirty_s", DIRTY_MAX_S, None, detail) else {
+    let Ok(seconds) = machine.number("dirty_s", 1, DIRTY_MAX_S, None, detail) else {
         return false;
     };
     let Ok(mut dirtier) = Dirtier::from_params(machine, detail) else {
@@ -432,9 +405,9 @@ impl Pace {
 /// waits until the host has taken the whole stream and shuts it down.
 pub fn mobility(machine: &Machine, detail: &mut Line) -> bool {
     let params = (
-        number(machine, "mobility_s", MOBILITY_MAX_S, None, detail),
-        number(machine, "blk_rec_s", BLK_MAX_REC_S, None, detail),
-        number(machine, "vsock_rec_s", VSOCK_MAX_REC_S, None, detail),
+        machine.number("mobility_s", 1, MOBILITY_MAX_S, None, detail),
+        machine.number("blk_rec_s", 1, BLK_MAX_REC_S, None, detail),
+        machine.number("vsock_rec_s", 1, VSOCK_MAX_REC_S, None, detail),
     );
     let (Ok(seconds), Ok(blk_rec_s), Ok(vsock_rec_s)) = params else {
         return false;

@@ -719,3 +719,84 @@ fn counter_ticks_as_often_as_told_and_fills_memory_first() {
         "{r}"
     );
 }
+
+/// The `key=value` numbers of a PASS line.
+fn figures(line: &str) -> std::collections::HashMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+#[test]
+fn rt_scenario_measures_lapic_timer_lateness() {
+    let r = guest(&["--cmdline", "test=rt rt_periods=200 rt_period_us=1000"]);
+    assert_all_pass(&r, &["rt"]);
+    let line = r.line("TEST rt ");
+    let f = figures(line);
+    assert_eq!(f["mode"], "lapic", "{line}");
+    assert_eq!(f["periods"], "200", "{line}");
+    assert_eq!(f["period_us"], "1000", "{line}");
+    let n = |key: &str| -> u64 { f[key].parse().unwrap_or_else(|_| panic!("{key} in {line}")) };
+    assert!(
+        n("p50_us") <= n("p99_us") && n("p99_us") <= n("max_us"),
+        "{line}"
+    );
+    // An interrupt more than a period late is a missed period (so are deadlines the
+    // guest was not scheduled in time to arm).
+    if n("max_us") > 1000 {
+        assert!(n("missed") > 0, "{line}");
+    }
+    assert!(n("missed") < 200, "{line}");
+
+    // Without the RT timer device, pv mode and rt-spin say so; a bad word is named.
+    let r = guest(&["--cmdline", "test=rt,rt-spin rt_mode=pv"]);
+    assert_eq!(r.line("TEST rt "), "TEST rt FAIL no rt timer device", "{r}");
+    assert_eq!(
+        r.line("TEST rt-spin "),
+        "TEST rt-spin FAIL no rt timer device",
+        "{r}"
+    );
+    let r = guest(&["--cmdline", "test=rt rt_period_us=50"]);
+    assert_eq!(
+        r.line("TEST rt "),
+        "TEST rt FAIL rt_period_us=50: expected 100 to 100000",
+        "{r}"
+    );
+}
+
+#[test]
+fn bench_rt_measures_the_guest_beside_hogs() {
+    let r = run(
+        &[
+            "bench",
+            "rt",
+            "--runs",
+            "1",
+            "--periods",
+            "20",
+            "--hogs",
+            "0,1",
+            "--cases",
+            "vigil-cfs",
+            "--qemu",
+            "none",
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    let row = |hogs: &str| -> Vec<String> {
+        r.line(&format!("| vigil cfs | {hogs} | "))
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let (idle, busy) = (row("0"), row("1"));
+    // p50, p99, max and missed are the guest's numbers.
+    for cell in &idle[3..7] {
+        cell.parse::<u64>()
+            .unwrap_or_else(|_| panic!("{cell}\n{r}"));
+    }
+    assert_eq!(idle[7], "-", "no hogs, no hog rate: {r}");
+    let rate: u64 = busy[7].parse().unwrap_or_else(|_| panic!("{r}"));
+    assert!(rate > 0, "the hog counted: {r}");
+}

@@ -9,6 +9,7 @@ mod introspect;
 mod migrate;
 mod peers;
 mod pvh;
+mod rt;
 mod rt_analyze;
 mod snapshot;
 
@@ -75,6 +76,13 @@ enum BenchCommand {
     /// simulation on the worst-case supply) where the hyperperiod allows it; print
     /// a markdown table of medians.
     RtAnalyze(rt_analyze::RtBenchArgs),
+    /// Run the test guest's periodic real-time task (1 ms deadlines, lateness
+    /// measured in the guest) with its vCPU on one host CPU beside 0 to 2 CPU hogs:
+    /// Vigil with the vCPU thread SCHED_OTHER, SCHED_FIFO, SCHED_DEADLINE and with
+    /// the RT timer device, QEMU microvm with its vCPU thread under CFS and
+    /// SCHED_FIFO, interleaved; print median p50/p99/max lateness, missed periods
+    /// and the hogs' throughput. Cases a VMM refuses are left out with the reason.
+    Rt(rt::RtBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +99,7 @@ fn main() -> ExitCode {
         BenchCommand::Migrate(args) => migrate::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::RtAnalyze(args) => rt_analyze::run(args),
+        BenchCommand::Rt(args) => rt::run(args),
     };
     exit::report("vigil-bench", result.map(|()| ExitCode::SUCCESS))
 }
