@@ -70,7 +70,7 @@ pub enum ControlError {
     #[error("no vCPU {0} (the VM has {1})")]
     NoVcpu(u32, usize),
     #[error(transparent)]
-    Sched(#[from] crate::rt::SchedError),
+    Sched(Box<crate::rt::SchedError>),
     #[error(transparent)]
     SchedConfig(#[from] vigil_model::config::SchedConfigError),
     #[error("vCPU {0} has ended: it serves no requests")]
@@ -250,6 +250,12 @@ pub struct VmControl {
     pub(crate) metrics: MetricsHandle,
     pub(crate) snapshot: Arc<SnapshotSources>,
     pub(crate) sched: Arc<crate::rt::VcpuScheduler>,
+}
+
+impl From<crate::rt::SchedError> for ControlError {
+    fn from(e: crate::rt::SchedError) -> Self {
+        Self::Sched(Box::new(e))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -74,21 +74,68 @@ struct Staging {
     flags: u32,
 }
 
+/// How the guest's TSC reads against the host's: `guest = host + offset`, at
+/// `khz` (KVM does not scale the TSC of a VM built here).
+#[derive(Clone, Copy, Debug)]
+struct GuestClock {
+    offset: i64,
+    khz: u32,
+}
+
+impl GuestClock {
+    fn now(&self) -> u64 {
+        host_tsc().wrapping_add_signed(self.offset)
+    }
+
+    fn ticks(&self, ns: u64) -> u64 {
+        u64::try_from(u128::from(ns) * u128::from(self.khz) / 1_000_000).unwrap_or(u64::MAX)
+    }
+
+    fn ns(&self, ticks: u64) -> u64 {
+        u64::try_from(u128::from(ticks) * 1_000_000 / u128::from(self.khz.max(1)))
+            .unwrap_or(u64::MAX)
+    }
+}
+
+fn host_tsc() -> u64 {
+    // SAFETY: rdtsc reads the time-stamp counter; it has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// An armed timer. Deadlines are kept in the guest's TSC, the clock the guest
+/// set them in: each wait is converted to host time afresh, so no error between
+/// the two clocks' rates accumulates over periods.
 #[derive(Clone, Copy, Debug)]
 struct Timer {
-    next: Instant,
-    period: Option<Duration>,
+    /// The first deadline (guest TSC).
+    first: u64,
+    /// Expiries so far: the next deadline is `first + k` periods.
+    k: u64,
+    period_ns: Option<u64>,
     budget: Duration,
     vector: u8,
+}
+
+impl Timer {
+    fn next(&self, clock: &GuestClock) -> u64 {
+        let period = self.period_ns.unwrap_or(0);
+        let ahead = u128::from(self.k) * u128::from(period) * u128::from(clock.khz) / 1_000_000;
+        self.first
+            .saturating_add(u64::try_from(ahead).unwrap_or(u64::MAX))
+    }
 }
 
 #[derive(Debug)]
 struct VcpuTimers {
     staging: Staging,
     status: Status,
+    /// Measured at this vCPU's last ARM.
+    clock: Option<GuestClock>,
     timers: Vec<Option<Timer>>,
     /// Boosted until then (none: not boosted).
     boost_until: Option<Instant>,
+    /// The guest wrote DONE: the timer thread ends the boost.
+    done: bool,
     /// Boost time left to grant, refilled at [`BOOST_SHARE`] of wall time.
     credit: Duration,
     credit_at: Instant,
@@ -131,8 +178,10 @@ impl RtTimer {
                     .map(|_| VcpuTimers {
                         staging: Staging::default(),
                         status: Status::Ok,
+                        clock: None,
                         timers: vec![None; config.max_timers as usize],
                         boost_until: None,
+                        done: false,
                         credit: max_credit,
                         credit_at: now,
                         overruns: 0,
@@ -234,7 +283,7 @@ impl RtTimer {
     }
 
     /// Checks the staging registers and arms the timer they name.
-    fn arm(&self, v: &mut VcpuTimers, guest_now: Option<(u64, u32, Instant)>) -> Status {
+    fn arm(&self, v: &mut VcpuTimers, clock: Option<GuestClock>) -> Status {
         let s = v.staging;
         if s.index as usize >= v.timers.len() {
             return Status::BadTimer;
@@ -261,36 +310,30 @@ impl RtTimer {
             .enumerate()
             .filter(|(i, _)| *i != s.index as usize)
             .filter_map(|(_, t)| t.as_ref())
-            .map(|t| {
-                share(
-                    t.budget,
-                    t.period.map_or(min_period, |p| p.as_nanos() as u64),
-                )
-            })
+            .map(|t| share(t.budget, t.period_ns.unwrap_or(min_period)))
             .sum();
         if s.budget_us > self.config.max_budget_us
             || others + share(budget, period_ns) > BOOST_SHARE
         {
             return Status::BudgetTooLarge;
         }
-        let now = Instant::now();
-        let first = if s.flags & FLAG_RELATIVE != 0 {
-            Duration::from_nanos(s.deadline)
-        } else {
-            let Some((tsc, khz, at)) = guest_now else {
-                return Status::TooFar; // no clock to convert with
-            };
-            let ahead = s.deadline.saturating_sub(tsc);
-            let ns = u128::from(ahead) * 1_000_000 / u128::from(khz.max(1));
-            Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
-                .saturating_sub(now.saturating_duration_since(at))
+        let Some(clock) = clock.or(v.clock) else {
+            return Status::TooFar; // no clock to convert with
         };
-        if first > MAX_AHEAD {
+        let now = clock.now();
+        let first = if s.flags & FLAG_RELATIVE != 0 {
+            now.saturating_add(clock.ticks(s.deadline))
+        } else {
+            s.deadline
+        };
+        if clock.ns(first.saturating_sub(now)) > MAX_AHEAD.as_nanos() as u64 {
             return Status::TooFar;
         }
+        v.clock = Some(clock);
         v.timers[s.index as usize] = Some(Timer {
-            next: now + first,
-            period: (s.period_ns != 0).then(|| Duration::from_nanos(u64::from(s.period_ns))),
+            first,
+            k: 0,
+            period_ns: (s.period_ns != 0).then_some(u64::from(s.period_ns)),
             budget,
             vector: vector as u8,
         });
@@ -305,17 +348,19 @@ impl RtTimer {
     /// The guest's handler on vCPU `vcpu` is done: its boost ends, the time left
     /// of it goes back to its credit.
     fn done(&self, vcpu: u32) {
-        {
-            let mut state = lock(&self.state);
-            let Some(v) = state.vcpus.get_mut(vcpu as usize) else {
-                return;
-            };
-            let Some(until) = v.boost_until.take() else {
-                return;
-            };
-            v.credit += until.saturating_duration_since(Instant::now());
-        }
-        self.sched.unboost(vcpu);
+        let mut state = lock(&self.state);
+        let Some(v) = state.vcpus.get_mut(vcpu as usize) else {
+            return;
+        };
+        let Some(until) = v.boost_until.take() else {
+            return;
+        };
+        v.credit += until.saturating_duration_since(Instant::now());
+        // The timer thread lowers the vCPU thread: done here, the thread would lose
+        // the CPU before it reaches `hlt`, perhaps while holding the state lock.
+        v.done = true;
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// Starts the timer thread; it ends when [`RtTimer::stop`] is called.
@@ -350,6 +395,9 @@ impl RtTimer {
             let paused = pause.requested();
             for (id, v) in state.vcpus.iter_mut().enumerate() {
                 let id = id as u32;
+                if std::mem::take(&mut v.done) && v.boost_until.is_none() {
+                    self.sched.unboost(id);
+                }
                 if v.boost_until.is_some_and(|u| u <= now) {
                     v.boost_until = None;
                     if self.sched.unboost(id) {
@@ -369,32 +417,36 @@ impl RtTimer {
                     .mul_f64(BOOST_SHARE);
                 v.credit = (v.credit + refill).min(Self::max_credit(&self.config));
                 v.credit_at = now;
+                let Some(clock) = v.clock else { continue };
+                let guest_now = clock.now();
                 for i in 0..v.timers.len() {
                     let Some(mut t) = v.timers[i] else { continue };
-                    if t.next <= now {
+                    let due = t.next(&clock);
+                    if due <= guest_now {
+                        let late = Duration::from_nanos(clock.ns(guest_now - due));
                         if !paused {
-                            self.expire(vm_fd, id, v, &t, now);
+                            self.expire(vm_fd, id, v, &t, now, late);
                         }
-                        match t.period {
+                        match t.period_ns {
                             None => {
                                 v.timers[i] = None;
                                 continue;
                             }
-                            Some(period) => {
+                            Some(period_ns) => {
                                 // The next grid point after now; those between were missed.
-                                let behind =
-                                    now.duration_since(t.next).as_nanos() / period.as_nanos();
-                                let missed = u64::try_from(behind).unwrap_or(u64::MAX);
-                                if missed > 0 || paused {
-                                    self.counters.skipped.add(missed + u64::from(paused));
+                                let behind = late.as_nanos() as u64 / period_ns.max(1);
+                                if behind > 0 || paused {
+                                    self.counters.skipped.add(behind + u64::from(paused));
                                 }
-                                t.next += period
-                                    .saturating_mul(u32::try_from(behind + 1).unwrap_or(u32::MAX));
+                                t.k = t.k.saturating_add(behind + 1);
                                 v.timers[i] = Some(t);
                             }
                         }
                     }
-                    next = Some(next.map_or(t.next, |n| n.min(t.next)));
+                    let wait =
+                        Duration::from_nanos(clock.ns(t.next(&clock).saturating_sub(guest_now)));
+                    let at = now + wait;
+                    next = Some(next.map_or(at, |n| n.min(at)));
                 }
                 if let Some(until) = v.boost_until {
                     next = Some(next.map_or(until, |n| n.min(until)));
@@ -427,7 +479,15 @@ impl RtTimer {
 
     /// One expiry of `t` on vCPU `id`: boost (within the vCPU's credit), then
     /// the interrupt.
-    fn expire(&self, vm_fd: &Weak<VmFd>, id: u32, v: &mut VcpuTimers, t: &Timer, now: Instant) {
+    fn expire(
+        &self,
+        vm_fd: &Weak<VmFd>,
+        id: u32,
+        v: &mut VcpuTimers,
+        t: &Timer,
+        now: Instant,
+        late: Duration,
+    ) {
         let grant = t.budget.min(v.credit);
         if v.boost_until.is_none() && !grant.is_zero() && self.sched.boost(id, self.config.priority)
         {
@@ -446,9 +506,7 @@ impl RtTimer {
         match vm.signal_msi(msi) {
             Ok(_) => {
                 self.counters.expiries.inc();
-                self.counters
-                    .injection_late
-                    .record(Instant::now().saturating_duration_since(t.next));
+                self.counters.injection_late.record(late + now.elapsed());
             }
             Err(e) => tracing::warn!(
                 vcpu = id,
@@ -459,18 +517,37 @@ impl RtTimer {
     }
 }
 
-/// The guest's TSC now, the TSC's frequency (kHz), and the host's clock at that
-/// moment; none when KVM cannot say.
-fn guest_clock(fd: &VcpuFd) -> Option<(u64, u32, Instant)> {
+/// How the guest's TSC reads against the host's, from KVM (the guest's TSC MSR)
+/// bracketed by two host TSC reads; tried again while the bracket is wide (the
+/// thread may be preempted in between: it is not boosted when it arms). None
+/// when KVM cannot say.
+fn guest_clock(fd: &VcpuFd) -> Option<GuestClock> {
+    const TIGHT_TICKS: u64 = 20_000;
     let khz = fd.get_tsc_khz().ok()?;
-    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index: IA32_TSC,
-        ..Default::default()
-    }])
-    .ok()?;
-    let read = fd.get_msrs(&mut msrs).ok()?;
-    let at = Instant::now();
-    (read == 1).then(|| (msrs.as_slice()[0].data, khz, at))
+    let mut best: Option<(i64, u64)> = None;
+    for _ in 0..16 {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: IA32_TSC,
+            ..Default::default()
+        }])
+        .ok()?;
+        let before = host_tsc();
+        let read = fd.get_msrs(&mut msrs).ok()?;
+        let after = host_tsc();
+        if read != 1 {
+            return None;
+        }
+        let width = after.wrapping_sub(before);
+        let host = before.wrapping_add(width / 2);
+        let offset = msrs.as_slice()[0].data.wrapping_sub(host) as i64;
+        if best.is_none_or(|(_, w)| width < w) {
+            best = Some((offset, width));
+        }
+        if width <= TIGHT_TICKS {
+            break;
+        }
+    }
+    best.map(|(offset, _)| GuestClock { offset, khz })
 }
 
 #[cfg(test)]
@@ -493,7 +570,13 @@ mod tests {
             budget_us,
             flags,
         };
-        t.arm(v, None)
+        t.arm(
+            v,
+            Some(GuestClock {
+                offset: 0,
+                khz: 1_000_000,
+            }),
+        )
     }
 
     #[test]
@@ -514,12 +597,17 @@ mod tests {
         // Re-arming a timer replaces its own share.
         assert_eq!(stage(&t, 0, 1_000_000, 400, rel), Status::Ok);
         assert_eq!(lock(&t.state).vcpus[0].timers.iter().flatten().count(), 2);
-        // An absolute deadline needs the guest's clock.
-        assert_eq!(stage(&t, 2, 0, 0, 0x40), Status::TooFar);
+        // Deadlines more than 10 s ahead are refused (1 GHz: ticks are ns).
         let mut state = lock(&t.state);
         state.vcpus[0].staging.deadline = 11_000_000_000;
         state.vcpus[0].staging.flags = rel;
+        state.vcpus[0].staging.budget_us = 0;
         assert_eq!(t.arm(&mut state.vcpus[0], None), Status::TooFar);
+        // A clock is needed to convert with: none was measured on this device.
+        let fresh = device(RtTimerConfig::default());
+        let mut fresh_state = lock(&fresh.state);
+        fresh_state.vcpus[0].staging.flags = rel;
+        assert_eq!(fresh.arm(&mut fresh_state.vcpus[0], None), Status::TooFar);
     }
 
     #[test]
