@@ -703,6 +703,33 @@ mod tests {
     }
 
     #[test]
+    fn vigil_keys_schedule_vcpus_and_add_the_rt_timer() {
+        let exe = std::env::current_exe().unwrap().display().to_string();
+        let mut d = document(&exe);
+        d.vcpu_scheduling = parse(
+            br#"[{"policy": "fifo", "priority": 20, "cpus": [1]},
+                 {"vcpu": 1, "policy": "deadline", "runtime_ns": 1000000, "period_ns": 4000000}]"#,
+        )
+        .unwrap();
+        d.rt_timer = Some(config::RtTimerConfig::default());
+        let c = d.to_vm_config(&LIMITS).unwrap();
+        let plan = config::VcpuSched::resolve(&c.vcpu_sched, 2).unwrap();
+        assert_eq!(plan[0].policy, config::SchedPolicy::Fifo { priority: 20 });
+        assert_eq!(plan[1].policy.bandwidth(), 0.25);
+        assert!(c.rt_timer.is_some());
+        // A third vCPU is not in this machine: the key and the entry are named.
+        d.vcpu_scheduling = parse(br#"[{"vcpu": 2, "policy": "other"}]"#).unwrap();
+        let e = d.to_vm_config(&LIMITS).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "vcpu-scheduling: vcpu_sched vcpu=2: the VM has 2 vCPU(s), 0 to 1"
+        );
+        d.vcpu_scheduling = parse(br#"[{"policy": "rr"}]"#).unwrap();
+        let e = d.to_vm_config(&LIMITS).unwrap_err().to_string();
+        assert_eq!(e, "vcpu-scheduling[0]: vcpu_sched priority: required");
+    }
+
+    #[test]
     fn document_errors_name_the_key_and_field() {
         let exe = std::env::current_exe().unwrap().display().to_string();
         let refused = |edit: &dyn Fn(&mut FullVmConfig)| {
