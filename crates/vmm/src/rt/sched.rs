@@ -390,6 +390,29 @@ impl VcpuScheduler {
         }
     }
 
+    /// The CPUs this process may use that no vCPU is pinned to (all of them when
+    /// the pinned vCPUs cover every CPU).
+    pub fn free_cpus(&self) -> Vec<u32> {
+        let pinned: Vec<u32> = self
+            .current()
+            .into_iter()
+            .filter_map(|e| e.cpus)
+            .flatten()
+            .collect();
+        let free: Vec<u32> = self
+            .host
+            .cpus
+            .iter()
+            .copied()
+            .filter(|c| !pinned.contains(c))
+            .collect();
+        if free.is_empty() {
+            self.host.cpus.clone()
+        } else {
+            free
+        }
+    }
+
     /// Each vCPU's policy and CPUs when not boosted.
     pub fn current(&self) -> Vec<VcpuSched> {
         self.slots.iter().map(|s| lock(s).normal.clone()).collect()

@@ -47,6 +47,8 @@ const FLAG_RELATIVE: u32 = 1 << 8;
 
 /// Farthest deadline a guest may arm.
 const MAX_AHEAD: Duration = Duration::from_secs(10);
+/// How long before an expiry the timer thread stops sleeping and spins.
+const SPIN_AHEAD: Duration = Duration::from_micros(50);
 /// The share of time a vCPU may spend boosted, over any stretch.
 const BOOST_SHARE: f64 = 0.5;
 const IA32_TSC: u32 = 0x10;
@@ -388,6 +390,10 @@ impl RtTimer {
         if let Err(e) = set_policy(0, &SchedPolicy::Fifo { priority }) {
             tracing::warn!("rt timer: its thread stays time-shared (SCHED_FIFO {priority}: {e}); expiries may be late under load");
         }
+        // Away from the pinned vCPUs: its spinning must not take their CPU.
+        if let Err(e) = super::sched::set_affinity(0, &self.sched.free_cpus()) {
+            tracing::warn!("rt timer: cannot keep its thread off the vCPUs' CPUs: {e}");
+        }
         let mut state = lock(&self.state);
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
@@ -460,10 +466,20 @@ impl RtTimer {
                     if wait.is_zero() {
                         continue;
                     }
-                    self.wake
-                        .wait_timeout(state, wait)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    if wait <= SPIN_AHEAD {
+                        // The last stretch spun, without the lock: a sleeping thread's
+                        // wake-up is late by tens of µs here (a nested host), and more.
+                        drop(state);
+                        while Instant::now() < at && !self.stop.load(Ordering::Relaxed) {
+                            std::hint::spin_loop();
+                        }
+                        lock(&self.state)
+                    } else {
+                        self.wake
+                            .wait_timeout(state, wait - SPIN_AHEAD)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
                 }
             };
         }
