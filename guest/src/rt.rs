@@ -494,8 +494,10 @@ fn arm_periodic(
     if handler_done {
         RT_DONE_PORT.store(u32::from(device.base + REG_COMMAND), Ordering::SeqCst);
     }
+    // The grid starts 9 periods on: the first deadline is still ahead when the ARM
+    // lands, even if the host preempts this (time-shared) vCPU in between.
     let grid = Grid {
-        t0: rdtsc(),
+        t0: rdtsc() + 9 * period_us * machine.tsc_khz / 1000,
         period_us,
         tsc_khz: machine.tsc_khz,
     };

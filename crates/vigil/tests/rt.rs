@@ -96,7 +96,7 @@ impl Drop for Hogs {
 
 /// p99 and max lateness (µs) of the guest's `rt` scenario run with `flags`.
 fn lateness(flags: &[&str], mode: &str) -> (u64, u64) {
-    let cmdline = format!("test=rt rt_mode={mode} rt_periods=1000");
+    let cmdline = format!("test=rt rt_mode={mode} rt_periods=500");
     let mut args = vec!["run", "--cmdline", &cmdline];
     args.extend_from_slice(flags);
     let r = run(&args, TIMEOUT);
