@@ -285,7 +285,10 @@ pub struct RunArgs {
     /// Boot the VM described by a Firecracker configuration file (JSON with the
     /// keys "boot-source", "machine-config", "drives", "network-interfaces",
     /// "vsock", "balloon", "entropy", "logger", "metrics"; the bodies of the API's
-    /// requests). No API is needed; with --api-sock the API serves the running VM.
+    /// requests; and Vigil's own "vcpu-scheduling", a list of --vcpu-sched entries
+    /// as PUT /vigil/vcpus/sched takes them, and "rt-timer", {"max_timers",
+    /// "min_period_us", "max_budget_us", "priority"}). No API is needed; with
+    /// --api-sock the API serves the running VM.
     /// Cannot be combined with options that describe the VM (--kernel, --disk, ...).
     #[arg(long, value_name = "PATH")]
     pub config_file: Option<PathBuf>,
