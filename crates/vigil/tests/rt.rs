@@ -16,6 +16,7 @@ use std::time::Duration;
 use common::http::{request, wait_for};
 use common::{run, Console, TIMEOUT};
 use serde_json::{json, Value};
+use vigil_vmm::rt::sched;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -35,16 +36,8 @@ fn root() -> bool {
 
 /// The last CPU this process may use: the vCPU and the hogs go there.
 fn last_cpu() -> u32 {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set; the kernel writes at most
-    // its size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    (0..libc::CPU_SETSIZE as usize)
-        .rev()
-        // SAFETY: `c` is below CPU_SETSIZE.
-        .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .unwrap_or(0) as u32
+    let cpus = sched::get_affinity(0).expect("this process's CPUs");
+    *cpus.last().expect("at least one CPU")
 }
 
 /// CPU hogs: threads pinned to one CPU counting as fast as they can.
@@ -62,12 +55,7 @@ impl Hogs {
             .map(|_| {
                 let (stop, count) = (stop.clone(), count.clone());
                 std::thread::spawn(move || {
-                    // SAFETY: as in last_cpu; `cpu` is below CPU_SETSIZE.
-                    unsafe {
-                        let mut set: libc::cpu_set_t = std::mem::zeroed();
-                        libc::CPU_SET(cpu as usize, &mut set);
-                        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
-                    }
+                    sched::set_affinity(0, &[cpu]).expect("pin a hog");
                     while !stop.load(Ordering::Relaxed) {
                         for _ in 0..10_000 {
                             std::hint::black_box(count.load(Ordering::Relaxed));

@@ -153,26 +153,6 @@ fn get_attr(tid: i32) -> io::Result<libc::sched_attr> {
     }
 }
 
-/// Thread `tid`'s current policy, as Vigil names it (another policy, such as
-/// SCHED_BATCH, reads as `Other`).
-pub fn get_policy(tid: i32) -> io::Result<SchedPolicy> {
-    let a = get_attr(tid)?;
-    Ok(match a.sched_policy as i32 {
-        libc::SCHED_FIFO => SchedPolicy::Fifo {
-            priority: a.sched_priority as u8,
-        },
-        libc::SCHED_RR => SchedPolicy::Rr {
-            priority: a.sched_priority as u8,
-        },
-        6 => SchedPolicy::Deadline {
-            runtime_ns: a.sched_runtime,
-            deadline_ns: a.sched_deadline,
-            period_ns: a.sched_period,
-        },
-        _ => SchedPolicy::Other,
-    })
-}
-
 /// The CPUs thread `tid` may run on.
 pub fn get_affinity(tid: i32) -> io::Result<Vec<u32>> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.

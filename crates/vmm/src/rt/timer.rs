@@ -483,14 +483,11 @@ impl RtTimer {
                 }
             };
         }
+        let vcpus = state.vcpus.len() as u32;
         drop(state);
-        for id in 0..self.counters_vcpus() {
+        for id in 0..vcpus {
             self.sched.unboost(id);
         }
-    }
-
-    fn counters_vcpus(&self) -> u32 {
-        lock(&self.state).vcpus.len() as u32
     }
 
     /// One expiry of `t` on vCPU `id`: boost (within the vCPU's credit), then
