@@ -14,6 +14,7 @@ use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_devices::GuestMemoryMmap;
 use vigil_model::config::VsockConfig;
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
 
 const CID: u64 = 3;
 const RX: usize = 0;
@@ -26,15 +27,23 @@ const RX_BUFS: u64 = 0x50000;
 
 const OP_REQUEST: u16 = 1;
 const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
 const OP_RW: u16 = 5;
+/// The host port the device gives the first host client (`<uds>` itself).
+const FIRST_HOST_PORT: u32 = 1 << 30;
 
 /// `struct virtio_vsock_hdr` of a stream packet from the guest.
 fn header(src_cid: u64, op: u16, len: u32) -> Vec<u8> {
+    header_between(src_cid, GUEST_PORT, PORT, op, len)
+}
+
+/// The same, from guest port `src` to host port `dst`.
+fn header_between(src_cid: u64, src: u32, dst: u32, op: u16, len: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(HDR_LEN);
     h.extend(src_cid.to_le_bytes());
     h.extend(HOST_CID.to_le_bytes());
-    h.extend(GUEST_PORT.to_le_bytes());
-    h.extend(PORT.to_le_bytes());
+    h.extend(src.to_le_bytes());
+    h.extend(dst.to_le_bytes());
     h.extend(len.to_le_bytes());
     h.extend(1u16.to_le_bytes()); // stream
     h.extend(op.to_le_bytes());
@@ -83,6 +92,25 @@ impl<'a> Rig<'a> {
         let (len, op) = rig.receive(1024);
         assert_eq!((len, op), (HDR_LEN as u32, OP_RESPONSE));
         rig
+    }
+
+    /// A host client of `<uds>` (the guest's ports), accepted by the device.
+    fn host_client(&mut self) -> UnixStream {
+        let client = UnixStream::connect(self.dir.join("v.sock")).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        self.serve_fds();
+        client
+    }
+
+    /// What the device's event loop does when its sockets are ready.
+    fn serve_fds(&mut self) {
+        for (fd, _) in self.dev.watched_fds() {
+            self.dev
+                .process_fd(fd, EventSet::IN, &mut self.queues, self.mem)
+                .unwrap();
+        }
     }
 
     fn process(&mut self, index: usize) {
@@ -182,4 +210,56 @@ fn a_packet_spread_over_four_descriptors_reaches_the_stream_whole() {
     rig.server.read_exact(&mut got).unwrap();
     assert_eq!(got, payload);
     assert_eq!(rig.dev.counters().dropped, 0);
+}
+
+/// A host client still sending its `CONNECT` line has no guest port yet: a
+/// guest packet naming its host port (and guest port 0) used to reset it.
+#[test]
+fn a_guest_packet_cannot_reach_a_host_client_still_sending_connect() {
+    let mem = memory(1 << 20);
+    let mut rig = Rig::connected(&mem, "reading-connect");
+    let mut client = rig.host_client();
+    rig.send(&header_between(CID, 0, FIRST_HOST_PORT, OP_RST, 0));
+    rig.send(&header_between(CID, 0, FIRST_HOST_PORT, OP_RW, 0));
+    client.write_all(b"CONNECT 5000\n").unwrap();
+    rig.serve_fds();
+    // The stray data packet is answered with a reset, then the client's
+    // connection is asked of the guest.
+    assert_eq!(rig.receive(1024), (HDR_LEN as u32, OP_RST));
+    assert_eq!(rig.receive(1024), (HDR_LEN as u32, OP_REQUEST));
+}
+
+/// The guest opened a stream to the host port a host client was given, from the
+/// guest port that client then asks for: the client is refused, not a second
+/// connection answering to the same ports.
+#[test]
+fn a_host_connect_that_collides_with_a_guest_stream_is_refused() {
+    let mem = memory(1 << 20);
+    let mut rig = Rig::connected(&mem, "collision");
+    let mut client = rig.host_client();
+    let taken = UnixListener::bind(format!(
+        "{}_{FIRST_HOST_PORT}",
+        rig.dir.join("v.sock").display()
+    ))
+    .unwrap();
+    rig.send(&header_between(CID, 5000, FIRST_HOST_PORT, OP_REQUEST, 0));
+    let _guest_stream = taken.accept().unwrap();
+    assert_eq!(rig.receive(1024), (HDR_LEN as u32, OP_RESPONSE));
+    client.write_all(b"CONNECT 5000\n").unwrap();
+    // A closed stream is dropped two passes later (the event loop may still
+    // hold its fd until then).
+    for _ in 0..3 {
+        rig.serve_fds();
+    }
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        client.read(&mut byte).unwrap(),
+        0,
+        "the client was not closed"
+    );
+    // Nothing was asked of the guest for it.
+    let before = rig.rx.used_idx();
+    rig.rx.add(&[(RX_BUFS + 0x8000, 1024, F_WRITE)]);
+    rig.process(RX);
+    assert_eq!(rig.rx.used_idx(), before);
 }

@@ -163,6 +163,11 @@ pub trait VirtioDevice: Send {
     }
     /// The device is reset: forget any in-flight state.
     fn reset(&mut self) {}
+
+    /// The features the driver accepted: told when the transport takes them
+    /// (FEATURES_OK) and when a device is restored. A device whose queues depend
+    /// on them (the balloon's) numbers its queues here.
+    fn ack_features(&mut self, _acked: u64) {}
     /// The device's state, for snapshot and migration: its
     /// [`Persist::save`](crate::persist::Persist::save), by kind.
     fn state(&self) -> persist::DeviceState;

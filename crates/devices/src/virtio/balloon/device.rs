@@ -122,13 +122,7 @@ pub struct Balloon {
 impl Balloon {
     /// A balloon for `config`.
     pub fn new(config: BalloonConfig) -> Self {
-        let mut roles = vec![Role::Inflate, Role::Deflate];
-        if config.stats_interval.is_some() {
-            roles.push(Role::Stats);
-        }
-        if config.free_page_reporting {
-            roles.push(Role::Reporting);
-        }
+        let roles = roles(offered(&config));
         let metrics = Arc::new(DeviceCounters::new(DeviceKind::Balloon, "balloon0"));
         let control = Arc::new(BalloonControl::default());
         control.set_target_mib(config.target_mib);
@@ -279,6 +273,34 @@ impl Balloon {
     }
 }
 
+/// The features a balloon with `config` offers.
+fn offered(config: &BalloonConfig) -> u64 {
+    let mut f = VIRTIO_F_VERSION_1;
+    if config.stats_interval.is_some() {
+        f |= F_STATS_VQ;
+    }
+    if config.deflate_on_oom {
+        f |= F_DEFLATE_ON_OOM;
+    }
+    if config.free_page_reporting {
+        f |= F_REPORTING;
+    }
+    f
+}
+
+/// The queues, in order, that `features` make (virtio 1.2, 5.5.2): a queue
+/// exists only with its feature, and those after it move up.
+fn roles(features: u64) -> Vec<Role> {
+    let mut roles = vec![Role::Inflate, Role::Deflate];
+    if features & F_STATS_VQ != 0 {
+        roles.push(Role::Stats);
+    }
+    if features & F_REPORTING != 0 {
+        roles.push(Role::Reporting);
+    }
+    roles
+}
+
 impl VirtioDevice for Balloon {
     fn device_type(&self) -> u32 {
         TYPE_BALLOON
@@ -289,17 +311,11 @@ impl VirtioDevice for Balloon {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1;
-        if self.config.stats_interval.is_some() {
-            f |= F_STATS_VQ;
-        }
-        if self.config.deflate_on_oom {
-            f |= F_DEFLATE_ON_OOM;
-        }
-        if self.config.free_page_reporting {
-            f |= F_REPORTING;
-        }
-        f
+        offered(&self.config)
+    }
+
+    fn ack_features(&mut self, acked: u64) {
+        self.roles = roles(acked & self.features());
     }
 
     fn state(&self) -> DeviceState {
@@ -336,6 +352,7 @@ impl VirtioDevice for Balloon {
         // new one would give the driver a buffer it never posted there. A driver
         // starts over with an empty balloon.
         self.stats_held = None;
+        self.roles = roles(self.features());
         self.actual_pages = 0;
         self.control.actual_pages.store(0, Ordering::Release);
         self.metrics.balloon_actual_pages.set(0);
@@ -571,5 +588,38 @@ mod tests {
         );
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x50000)).unwrap(), 0);
         assert_eq!(b.counters(), (0, 0, 4096, 1));
+    }
+
+    #[test]
+    fn queues_are_numbered_by_the_features_the_driver_accepted() {
+        let mem = mem();
+        mem.write_obj(0x1234u64, GuestAddress(0x50000)).unwrap();
+        let mut b = Balloon::new(BalloonConfig {
+            stats_interval: Some(Duration::from_secs(1)),
+            free_page_reporting: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            b.roles,
+            [Role::Inflate, Role::Deflate, Role::Stats, Role::Reporting]
+        );
+        // A driver without statistics: its reporting queue is the third.
+        b.ack_features(VIRTIO_F_VERSION_1 | F_REPORTING);
+        let mut q = queue_with(&mem, &[(0x50000, 4096, WRITE)]);
+        assert_eq!(
+            b.process_queue(2, &mut q, &mem),
+            Ok(QueueOutcome::Done(true))
+        );
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x50000)).unwrap(), 0);
+        assert_eq!(b.stats_held, None, "the buffer was not taken as statistics");
+        // A fourth queue the driver cannot have is ignored.
+        let mut q = queue_with(&mem, &[(0x50000, 4096, WRITE)]);
+        assert_eq!(
+            b.process_queue(3, &mut q, &mem),
+            Ok(QueueOutcome::Done(false))
+        );
+        // A reset offers every queue again.
+        b.reset();
+        assert_eq!(b.roles.len(), 4);
     }
 }

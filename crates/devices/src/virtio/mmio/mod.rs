@@ -179,6 +179,8 @@ impl MmioTransport {
                 // device, not start it on a refused feature set.
                 tracing::debug!(acked = self.driver_features, offered, "feature set refused");
                 value &= !status::FEATURES_OK;
+            } else {
+                self.device.ack_features(self.driver_features);
             }
         }
         if added & status::DRIVER_OK != 0 {

@@ -78,7 +78,7 @@ impl MmioTransport {
     /// a transport reset event) sends it.
     pub fn restore(
         state: &MmioTransportState,
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         queue_evts: Vec<EventFd>,
@@ -94,6 +94,9 @@ impl MmioTransport {
         interrupt
             .status
             .store(state.interrupt_status, std::sync::atomic::Ordering::SeqCst);
+        if state.device_status & status::FEATURES_OK != 0 {
+            device.ack_features(state.acked_features);
+        }
         let transport = Self {
             device,
             mem,

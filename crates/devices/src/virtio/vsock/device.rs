@@ -240,10 +240,26 @@ impl Vsock {
         self.close(i);
     }
 
+    /// The connection between these ports. A host client still sending its
+    /// `CONNECT` line has no guest port yet: no guest packet may reach it.
     fn find(&self, local_port: u32, peer_port: u32) -> Option<usize> {
-        self.conns
-            .iter()
-            .position(|c| c.local_port == local_port && c.peer_port == peer_port)
+        self.conns.iter().position(|c| {
+            c.state != State::ReadingConnect
+                && c.local_port == local_port
+                && c.peer_port == peer_port
+        })
+    }
+
+    /// The next host port no connection uses (there are at most
+    /// `MAX_CONNECTIONS`, so one is found within that many steps).
+    fn free_host_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_port;
+            self.next_port = self.next_port.wrapping_add(1).max(FIRST_HOST_PORT);
+            if !self.conns.iter().any(|c| c.local_port == port) {
+                return port;
+            }
+        }
     }
 
     /// One packet from the guest, its CIDs checked.
@@ -534,8 +550,7 @@ impl Vsock {
                     {
                         continue;
                     }
-                    let port = self.next_port;
-                    self.next_port = self.next_port.wrapping_add(1).max(FIRST_HOST_PORT);
+                    let port = self.free_host_port();
                     self.conns
                         .push(Conn::new(stream, State::ReadingConnect, port, 0));
                 }
@@ -571,6 +586,17 @@ impl Vsock {
             self.close(i);
             return;
         };
+        // The guest may have opened a stream between the same two ports since
+        // (its REQUEST names any host port): two connections would answer to it.
+        if self.find(self.conns[i].local_port, port).is_some() {
+            tracing::warn!(
+                host_port = self.conns[i].local_port,
+                guest_port = port,
+                "vsock CONNECT refused: the guest holds a stream between these ports"
+            );
+            self.close(i);
+            return;
+        }
         let conn = &mut self.conns[i];
         conn.peer_port = port;
         conn.state = State::Connecting;
