@@ -131,7 +131,10 @@ pub fn serve(path: &Path, api: Arc<Api>) -> Result<ApiServer, ServeError> {
         .map_err(ServeError::Runtime)?;
     let thread = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || runtime.block_on(accept_loop(listener, api)))
+        .spawn(move || {
+            vigil_seccomp::confine(vigil_seccomp::ThreadKind::Api);
+            runtime.block_on(accept_loop(listener, api))
+        })
         .map_err(ServeError::Thread)?;
     Ok(ApiServer {
         path: path.to_path_buf(),

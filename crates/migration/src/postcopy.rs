@@ -52,22 +52,25 @@ fn listen(mut input: Box<dyn Stream>, heard: Sender<Heard>) -> std::io::Result<(
     input.set_read_timeout(None)?;
     std::thread::Builder::new()
         .name("migration-in".into())
-        .spawn(move || loop {
-            let said = match wire::read(&mut input) {
-                Ok(f) => match f.kind {
-                    Kind::Want => wire::addresses(&f.payload).map_or_else(
-                        || Heard::Lost("a Want frame that is not a list of pages".into()),
-                        Heard::Want,
-                    ),
-                    Kind::Answer => Heard::Answer(wire::parse_answer(&f.payload)),
-                    Kind::Running => Heard::Running,
-                    other => Heard::Lost(format!("a {other:?} frame during post-copy")),
-                },
-                Err(e) => Heard::Lost(e.to_string()),
-            };
-            let end = matches!(said, Heard::Lost(_));
-            if heard.send(said).is_err() || end {
-                break;
+        .spawn(move || {
+            vigil_seccomp::confine(vigil_seccomp::ThreadKind::Migration);
+            loop {
+                let said = match wire::read(&mut input) {
+                    Ok(f) => match f.kind {
+                        Kind::Want => wire::addresses(&f.payload).map_or_else(
+                            || Heard::Lost("a Want frame that is not a list of pages".into()),
+                            Heard::Want,
+                        ),
+                        Kind::Answer => Heard::Answer(wire::parse_answer(&f.payload)),
+                        Kind::Running => Heard::Running,
+                        other => Heard::Lost(format!("a {other:?} frame during post-copy")),
+                    },
+                    Err(e) => Heard::Lost(e.to_string()),
+                };
+                let end = matches!(said, Heard::Lost(_));
+                if heard.send(said).is_err() || end {
+                    break;
+                }
             }
         })
         .map(drop)
@@ -409,7 +412,10 @@ fn lazy_error(e: vigil_vmm::lazy_memory::LazyMemoryError) -> ReceiveError {
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), ReceiveError> {
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(f)
+        .spawn(move || {
+            vigil_seccomp::confine(vigil_seccomp::ThreadKind::Migration);
+            f()
+        })
         .map(drop)
         .map_err(ReceiveError::Threads)
 }

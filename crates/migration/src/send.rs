@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vigil_seccomp::ThreadKind;
 
 use serde::Serialize;
 use vigil_model::migration::MigrationMethod;
@@ -172,6 +173,7 @@ impl Migrator {
             std::thread::Builder::new()
                 .name("migration".into())
                 .spawn(move || {
+                    vigil_seccomp::confine(ThreadKind::Migration);
                     if let Err(e) = me.run(&request) {
                         tracing::error!(destination = %request.destination, "migration failed: {e}");
                     }
@@ -557,6 +559,7 @@ impl Throttle {
         let thread = std::thread::Builder::new()
             .name("auto-converge".into())
             .spawn(move || {
+                vigil_seccomp::confine(ThreadKind::Migration);
                 while !s.load(Ordering::Acquire) {
                     let held = u64::from(p.load(Ordering::Acquire).min(MAX_THROTTLE));
                     if held > 0 && control.pause().is_ok() {

@@ -36,6 +36,8 @@ Exit status:
            the vCPU registers goes to stderr
   32+N     the guest wrote status N (1..223) to the debug-exit port (0xf4)
   130/143  stopped by SIGINT (Ctrl-C) / SIGTERM
+  SIGSYS   (killed by the signal) a thread made a system call its seccomp filter forbids;
+           stderr names the thread and the call (see --no-seccomp)
 
 Set VIGIL_LOG=LEVEL (error, warn, info, debug, trace) or --log-level for detailed logs."
     };
@@ -476,6 +478,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub debug_api: bool,
 
+    /// Run without seccomp filters. By default every thread of the VMM confines
+    /// itself to the system calls its job needs (vCPU, devices, API, ...; the lists
+    /// are in crates/seccomp), and a forbidden call stops the VMM with a line naming
+    /// the thread and the call. For debugging only: a warning says so.
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// Append the VM's metrics to PATH as JSON lines (created if absent): one line
     /// every 60 seconds and one when the VM ends, each a JSON object with
     /// "utc_timestamp_ms" and groups of counters: "vm" (uptime, guest memory,
@@ -723,6 +732,7 @@ impl RunArgs {
                     token: self.migration_token.clone().unwrap_or_default(),
                     tls: self.migration_tls()?,
                 }),
+                seccomp: !self.no_seccomp,
             }
         } else if let Some(file) = &self.config_file {
             if let Some(option) = self.vm_options_given().first() {
@@ -748,6 +758,7 @@ impl RunArgs {
                 metrics: file_metrics.or(metrics),
                 overrides,
                 incoming: None,
+                seccomp: !self.no_seccomp,
             }
         } else {
             let waits = self.api_sock.is_some() && self.kernel.is_none();
@@ -761,6 +772,7 @@ impl RunArgs {
             Launch {
                 api_sock: self.api_sock.clone(),
                 id,
+                seccomp: !self.no_seccomp,
                 boot_now: (!waits).then(|| self.into_config()),
                 pre: Default::default(),
                 logger: None,

@@ -57,7 +57,7 @@ struct FirecrackerArgs {
     /// Log the guest's boot time (not supported: ignored with a warning).
     #[arg(long)]
     boot_timer: bool,
-    /// Do not install seccomp filters (Vigil installs none yet: accepted).
+    /// Do not install seccomp filters (for debugging only: a warning says so).
     #[arg(long)]
     no_seccomp: bool,
     /// A custom seccomp filter (not supported: refused, as running without the
@@ -110,7 +110,7 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
     }
     if let Some(path) = &args.seccomp_filter {
         anyhow::bail!(
-            "--seccomp-filter {}: Vigil does not install seccomp filters yet; pass --no-seccomp to run without one",
+            "--seccomp-filter {}: Vigil confines its threads with its own filters (on by default), and a filter made for Firecracker's threads does not fit them; drop the flag to run with Vigil's",
             path.display()
         );
     }
@@ -140,7 +140,6 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
         warn(&format!("--mmds-size-limit {n}"), "Vigil has no MMDS");
     }
     let _ = (
-        args.no_seccomp,
         args.start_time_us,
         args.start_time_cpu_us,
         args.parent_cpu_time_us,
@@ -173,6 +172,7 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
             ..Default::default()
         }),
         overrides: Overrides::default(),
+        seccomp: !args.no_seccomp,
     };
     if let Some(file) = &args.config_file {
         let (pre, config, logger, metrics) = crate::launch::from_config_file(file)?;

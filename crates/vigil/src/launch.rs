@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+use vigil_seccomp::ThreadKind;
 
 use anyhow::{anyhow, Context};
 use vigil_api::preboot::PreBoot;
@@ -142,6 +143,8 @@ pub struct Launch {
     pub overrides: Overrides,
     /// Receive the VM by migration (`--migrate-from`).
     pub incoming: Option<Incoming>,
+    /// Confine every thread with its seccomp filter (off only with `--no-seccomp`).
+    pub seccomp: bool,
 }
 
 /// Where a migrating VM comes in, and what its source must hold.
@@ -211,6 +214,13 @@ fn restore(
 /// Serves the API (if asked), starts the VM (at once or on `InstanceStart`) and
 /// waits for it to end.
 pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
+    if l.seccomp {
+        vigil_seccomp::enable()?;
+    } else {
+        tracing::warn!(
+            "--no-seccomp: the VMM's threads run without seccomp filters; use it only to debug"
+        );
+    }
     let (to_vmm, from_api) = mpsc::channel();
     let api = Api::new(l.id.clone(), to_vmm.clone(), Some(logging.hook()));
     api.set_preboot(l.pre);
@@ -235,6 +245,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            vigil_seccomp::confine(ThreadKind::Signals);
             for signal in signals.forever() {
                 match slot.lock().ok().and_then(|s| s.clone()) {
                     Some(stop) => stop.stop(signal),
@@ -368,6 +379,8 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         let _ = running.wait();
         return Err(e);
     }
+    // Every thread of the VM is started: from here this one only waits and reports.
+    vigil_seccomp::confine(ThreadKind::Main);
     let describe = |addr| symbols.get().and_then(|s| s.describe(addr));
     let outcome = running.wait_reporting(&mut |report| {
         eprint!(
@@ -427,6 +440,7 @@ fn spawn_metrics_flusher(api: Arc<Api>) -> anyhow::Result<MetricsFlusher> {
     let thread = std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
+            vigil_seccomp::confine(ThreadKind::Metrics);
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(METRICS_INTERVAL)
             {
                 if let Err(e) = api.flush_metrics() {

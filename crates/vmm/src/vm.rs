@@ -18,6 +18,7 @@ use vigil_devices::legacy::{Serial, I8042};
 use vigil_devices::virtio::mmio::MmioTransport;
 use vigil_devices::PowerEvent;
 use vigil_metrics::{MetricsHandle, VmMetrics};
+use vigil_seccomp::ThreadKind;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
@@ -210,7 +211,10 @@ impl Vm {
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
-                .spawn(move || vcpu.run(ctx))?;
+                .spawn(move || {
+                    vigil_seccomp::confine(ThreadKind::Vcpu);
+                    vcpu.run(ctx)
+                })?;
             vcpu_threads.push(handle);
         }
         let device_waker = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -316,6 +320,7 @@ fn spawn_device_loop(
     std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
+            vigil_seccomp::confine(ThreadKind::Devices);
             while !stop.load(Ordering::Acquire) {
                 if let Err(e) = manager.run() {
                     tracing::error!("device event loop failed: {e:?}");

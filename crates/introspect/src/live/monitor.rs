@@ -197,7 +197,10 @@ impl Introspector {
         let me = self.clone();
         let thread = std::thread::Builder::new()
             .name("introspect".into())
-            .spawn(move || me.monitor_loop(symbols, settings, start, rx))
+            .spawn(move || {
+                vigil_seccomp::confine(vigil_seccomp::ThreadKind::Introspect);
+                me.monitor_loop(symbols, settings, start, rx)
+            })
             .map_err(IntrospectError::Thread)?;
         self.shared.counters.monitoring.set(1);
         *lock(&self.shared.monitor_tx) = Some(commands.clone());

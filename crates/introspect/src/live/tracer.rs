@@ -59,6 +59,7 @@ impl Introspector {
         let spawned = std::thread::Builder::new()
             .name("trace-start".into())
             .spawn(move || {
+                vigil_seccomp::confine(vigil_seccomp::ThreadKind::Introspect);
                 while !me.vm.is_stopping() {
                     let ready = me
                         .cpus()

@@ -374,7 +374,10 @@ impl RtTimer {
         let me = self.clone();
         std::thread::Builder::new()
             .name("rt-timer".into())
-            .spawn(move || me.run(&vm_fd, &pause))
+            .spawn(move || {
+                vigil_seccomp::confine(vigil_seccomp::ThreadKind::RtTimer);
+                me.run(&vm_fd, &pause)
+            })
     }
 
     /// Ends the timer thread.
