@@ -14,6 +14,7 @@ pub mod findings;
 pub mod id;
 pub mod metrics;
 pub mod supervisor;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,7 +34,9 @@ pub enum DaemonError {
     #[error(transparent)]
     TokenFile(#[from] auth::TokenFileError),
     #[error(transparent)]
-    NoToken(#[from] auth::NoTokenError),
+    TcpListen(#[from] auth::TcpListenError),
+    #[error(transparent)]
+    TlsFile(#[from] tls::TlsFileError),
     #[error(transparent)]
     EventsSettings(#[from] events::SettingsError),
     #[error(transparent)]
@@ -87,6 +90,12 @@ pub struct DaemonConfig {
     pub listen_tcp: Option<SocketAddr>,
     /// The bearer token for the TCP listener (a file only its owner may read).
     pub token_file: Option<PathBuf>,
+    /// TLS on the TCP listener (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    pub tls: Option<tls::ApiTls>,
+    /// Serve plain HTTP on a non-loopback `listen_tcp` (`--insecure-plain-tcp`).
+    pub insecure_plain_tcp: bool,
+    /// TLS towards the other daemons' https APIs (`--peer-tls-*`).
+    pub peer_tls: Option<tls::PeerTls>,
     /// The `vigil` binary that runs each VM.
     pub vmm_binary: PathBuf,
     pub start_timeout: Duration,
@@ -109,6 +118,9 @@ impl DaemonConfig {
             socket,
             listen_tcp: None,
             token_file: None,
+            tls: None,
+            insecure_plain_tcp: false,
+            peer_tls: None,
             vmm_binary,
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
@@ -211,20 +223,39 @@ pub async fn serve(
         Some(path) => Some(auth::Token::from_file(path)?),
         None => None,
     };
+    let acceptor = match (config.listen_tcp, &config.tls) {
+        (Some(_), Some(tls)) => Some(tls.acceptor()?),
+        (None, Some(_)) => {
+            tracing::warn!("--tls-cert without --listen-tcp: not used (the Unix socket relies on its file mode)");
+            None
+        }
+        (_, None) => None,
+    };
     if let Some(addr) = config.listen_tcp {
-        auth::check_tcp_listen(addr, token.as_ref())?;
+        auth::check_tcp_listen(
+            addr,
+            token.as_ref(),
+            acceptor.is_some(),
+            config.insecure_plain_tcp,
+        )?;
     } else if token.is_some() {
         tracing::warn!("--token-file without --listen-tcp: the token is not used (the Unix socket relies on its file mode)");
     }
+    let peer_tls = config
+        .peer_tls
+        .as_ref()
+        .map(tls::PeerTls::load)
+        .transpose()?;
     events::validate_settings(&config.events)?;
     let lock = lock_state_dir(&config.state_dir)?;
     let unix = bind_unix(&config.socket)?;
     let tcp = match config.listen_tcp {
-        Some(addr) => Some(
+        Some(addr) => Some((
+            addr,
             tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| DaemonError::ListenTcp { addr, source })?,
-        ),
+        )),
         None => None,
     };
 
@@ -238,6 +269,7 @@ pub async fn serve(
             vm_request_timeout: Duration::from_secs(5),
             max_vms: config.max_vms,
             migration_tls: config.migration_tls.clone(),
+            peer_tls,
         },
         events.clone(),
     ));
@@ -264,7 +296,14 @@ pub async fn serve(
         config.socket.display(),
         config
             .listen_tcp
-            .map(|a| format!(" and on tcp {a} (bearer token)"))
+            .map(|a| format!(
+                " and on tcp {a} ({}, bearer token)",
+                match &config.tls {
+                    Some(t) if t.client_ca.is_some() => "TLS, client certificates",
+                    Some(_) => "TLS",
+                    None => "plain HTTP",
+                }
+            ))
             .unwrap_or_default()
     );
     // The dashboard's assets are public; everything they show comes from the API
@@ -290,20 +329,28 @@ pub async fn serve(
     .with_graceful_shutdown(stopped(stop_rx.clone()));
     let unix_task = tokio::spawn(async move { unix_server.await });
     let tcp_task = match (tcp, token) {
-        (Some(listener), Some(token)) => {
+        (Some((addr, listener)), Some(token)) => {
             let app = api::router(state.clone())
                 .layer(axum::middleware::from_fn_with_state(
                     token,
                     auth::require_token,
                 ))
                 .merge(vigil_dashboard::router())
-                .layer(misuse);
-            let server = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stopped(stop_rx.clone()));
-            Some(tokio::spawn(async move { server.await }))
+                .layer(misuse)
+                .into_make_service_with_connect_info::<api::TcpPeer>();
+            let stop = stopped(stop_rx.clone());
+            Some(match acceptor {
+                Some(acceptor) => {
+                    let listener = tls::TlsListener::new(listener, acceptor)
+                        .map_err(|source| DaemonError::ListenTcp { addr, source })?;
+                    let server = axum::serve(listener, app).with_graceful_shutdown(stop);
+                    tokio::spawn(async move { server.await })
+                }
+                None => {
+                    let server = axum::serve(listener, app).with_graceful_shutdown(stop);
+                    tokio::spawn(async move { server.await })
+                }
+            })
         }
         _ => None,
     };

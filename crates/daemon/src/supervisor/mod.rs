@@ -65,6 +65,9 @@ pub struct SupervisorConfig {
     pub max_vms: usize,
     /// TLS for the migrations it sends and receives (none: plain TCP).
     pub migration_tls: MigrationTls,
+    /// How it checks (and, for mutual TLS, what it presents to) the other
+    /// daemons' https APIs it sends VMs to (`--peer-tls-*`).
+    pub peer_tls: Option<crate::client::ClientTls>,
 }
 
 /// The daemon's migration certificates: its own (VMs arriving here wait behind

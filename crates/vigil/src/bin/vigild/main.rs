@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use vigil_daemon::balance::{PeerDaemon, PolicySettings};
+use vigil_daemon::client::DaemonUrl;
+use vigil_daemon::tls::{ApiTls, PeerTls};
 use vigil_shared::args::{default_socket, parse_seconds};
 use vigil_shared::{exit, logging, siblings};
 
@@ -43,6 +45,12 @@ Access: the Unix socket is created with mode 0600, so only this user (and root) 
 use it. --listen-tcp adds a TCP listener that always needs --token-file; every request
 on it must carry `Authorization: Bearer <token>`. Make a token with
   head -c 32 /dev/urandom | base64 > /etc/vigil/token && chmod 600 /etc/vigil/token
+Off loopback the listener must be TLS (--tls-cert, --tls-key; add --tls-client-ca to
+require client certificates too), so that the token never crosses the network in
+clear text:
+  vigil daemon --listen-tcp 0.0.0.0:7443 --token-file /etc/vigil/token \\
+    --tls-cert /etc/vigil/api.pem --tls-key /etc/vigil/api.key
+  vigil ctl --url https://host:7443 --token-file token --ca-cert ca.pem list
 
 Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
 (its serial console), vmm.log (the VMM's log), exit.json (how it ended).
@@ -99,14 +107,37 @@ struct DaemonArgs {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
 
-    /// Also serve the API on TCP at ADDR (e.g. 127.0.0.1:7070). Needs --token-file.
+    /// Also serve the API (and the dashboard) on TCP at ADDR, e.g. 127.0.0.1:7070 or
+    /// 0.0.0.0:7443. Needs --token-file; an address other than loopback also needs
+    /// --tls-cert and --tls-key (or --insecure-plain-tcp).
     #[arg(long, value_name = "ADDR")]
     listen_tcp: Option<SocketAddr>,
 
     /// A file holding the bearer token for --listen-tcp (at least 16 printable
     /// characters; readable by its owner only).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", requires = "listen_tcp")]
     token_file: Option<PathBuf>,
+
+    /// Serve --listen-tcp over TLS 1.3 with this certificate chain (PEM, the
+    /// daemon's own first; it must name the host clients reach it at). With
+    /// --tls-key.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "listen_tcp"])]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: every client of --listen-tcp must present a certificate this CA
+    /// (PEM) issued, besides the bearer token (`vigil ctl --client-cert`).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Serve --listen-tcp as plain HTTP on an address other than loopback: the
+    /// token and every answer cross the network in clear text. Only behind a TLS
+    /// proxy or on a network you trust; a warning is logged at start.
+    #[arg(long, requires = "listen_tcp", conflicts_with = "tls_cert")]
+    insecure_plain_tcp: bool,
 
     /// Seconds a new VM may take to report itself running on its API socket.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
@@ -139,16 +170,32 @@ struct DaemonArgs {
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
     sample_interval: f64,
 
-    /// Move VMs away from this host when it is hot, to the daemon at HOST:PORT (its
-    /// --listen-tcp), whose bearer token is in TOKEN_FILE; repeat for more peers
+    /// Move VMs away from this host when it is hot, to the daemon at URL (its
+    /// --listen-tcp: https://HOST:PORT, which needs --peer-tls-ca, or HOST:PORT for
+    /// plain HTTP), whose bearer token is in TOKEN_FILE; repeat for more peers
     /// (taken in turn). The host is hot when its CPU or memory pressure (PSI some
     /// avg10) stays above --migrate-cpu-pressure / --migrate-memory-pressure in
     /// --migrate-hits of the last --migrate-window samples and its trend says it
     /// stays so; the VM cheapest to move goes. Every decision is a policy_action
     /// event with its reasons and predicted costs. Example:
-    /// --migrate-peer 10.0.0.2:7070=/etc/vigil/peer.token --migrate-dry-run
-    #[arg(long, value_name = "HOST:PORT=TOKEN_FILE", value_parser = parse_peer)]
+    /// --migrate-peer https://10.0.0.2:7443=/etc/vigil/peer.token --migrate-dry-run
+    #[arg(long, value_name = "URL=TOKEN_FILE", value_parser = parse_peer)]
     migrate_peer: Vec<PeerDaemon>,
+
+    /// The CA (PEM) the other daemons' API certificates come from: what this daemon
+    /// checks when it sends a VM to an https:// peer (--migrate-peer, `vigil ctl
+    /// migrate --to`).
+    #[arg(long, value_name = "PEM")]
+    peer_tls_ca: Option<PathBuf>,
+
+    /// The client certificate (PEM) this daemon presents to peers that want one
+    /// (their --tls-client-ca). With --peer-tls-key.
+    #[arg(long, value_name = "PEM", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    peer_tls_cert: Option<PathBuf>,
+
+    /// The key of --peer-tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "peer_tls_cert")]
+    peer_tls_key: Option<PathBuf>,
 
     /// Decide and report migrations, move nothing.
     #[arg(long)]
@@ -194,10 +241,8 @@ struct DaemonArgs {
 fn parse_peer(s: &str) -> Result<PeerDaemon, String> {
     let (addr, file) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected HOST:PORT=TOKEN_FILE"))?;
-    if vigil_model::options::host_port(addr).is_none() {
-        return Err(format!("{addr:?}: expected HOST:PORT"));
-    }
+        .ok_or_else(|| format!("{s:?}: expected URL=TOKEN_FILE"))?;
+    DaemonUrl::parse(addr).map_err(|e| e.to_string())?;
     let token = std::fs::read_to_string(file)
         .map_err(|e| format!("{file}: cannot read the peer's token: {e}"))?;
     Ok(PeerDaemon {
@@ -237,12 +282,6 @@ fn read_events_config(path: &Path) -> anyhow::Result<vigil_events::EventsConfig>
 }
 
 fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    if args.listen_tcp.is_none() && args.token_file.is_some() {
-        bail!(
-            "--token-file {} is only used with --listen-tcp ADDR",
-            args.token_file.unwrap_or_default().display()
-        );
-    }
     let vmm_binary = vmm_binary(args.vmm)?;
     let mut config = vigil_daemon::DaemonConfig::new(
         args.state_dir.unwrap_or_else(default_state_dir),
@@ -251,6 +290,28 @@ fn run(args: DaemonArgs) -> anyhow::Result<()> {
     );
     config.listen_tcp = args.listen_tcp;
     config.token_file = args.token_file;
+    config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| ApiTls {
+        cert,
+        key,
+        client_ca: args.tls_client_ca,
+    });
+    config.insecure_plain_tcp = args.insecure_plain_tcp;
+    config.peer_tls = args.peer_tls_ca.map(|ca| PeerTls {
+        ca,
+        identity: args.peer_tls_cert.zip(args.peer_tls_key),
+    });
+    if let Some(peer) = args
+        .migrate_peer
+        .iter()
+        .find(|p| p.addr.starts_with("https://"))
+    {
+        if config.peer_tls.is_none() {
+            bail!(
+                "--migrate-peer {}: https needs --peer-tls-ca, the CA the peer's certificate comes from",
+                peer.addr
+            );
+        }
+    }
     config.start_timeout = Duration::from_secs_f64(args.start_timeout);
     config.stop_timeout = Duration::from_secs_f64(args.stop_timeout);
     config.scrape_timeout = Duration::from_secs_f64(args.scrape_timeout);
