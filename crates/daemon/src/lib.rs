@@ -65,6 +65,12 @@ pub enum DaemonError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("--socket-group {gid}: cannot hand {} to it (the daemon's user must be root or a member of that group): {source}", path.display())]
+    SocketGroup {
+        path: PathBuf,
+        gid: u32,
+        source: std::io::Error,
+    },
     #[error("--listen-tcp {addr}: cannot listen: {source}")]
     ListenTcp {
         addr: SocketAddr,
@@ -84,8 +90,11 @@ pub enum DaemonError {
 pub struct DaemonConfig {
     /// Where the daemon keeps its lock and the VMs' folders.
     pub state_dir: PathBuf,
-    /// The API's Unix socket (created with mode 0600).
+    /// The API's Unix socket (created with mode 0600, or 0660 with `socket_group`).
     pub socket: PathBuf,
+    /// The group (gid) the socket is handed to, with mode 0660, so that its
+    /// members may use the API (`--socket-group`); none: the daemon's user only.
+    pub socket_group: Option<u32>,
     /// An optional TCP listener; needs `token_file`.
     pub listen_tcp: Option<SocketAddr>,
     /// The bearer token for the TCP listener (a file only its owner may read).
@@ -116,6 +125,7 @@ impl DaemonConfig {
         DaemonConfig {
             state_dir,
             socket,
+            socket_group: None,
             listen_tcp: None,
             token_file: None,
             tls: None,
@@ -168,9 +178,10 @@ fn lock_state_dir(dir: &Path) -> Result<StateLock, DaemonError> {
     Ok(StateLock { _file: file })
 }
 
-/// Binds the Unix socket with mode 0600, refusing when another daemon answers on it
-/// and removing a stale socket file left by one that died.
-fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+/// Binds the Unix socket with mode 0600 (0660 and handed to `group`, when given),
+/// refusing when another daemon answers on it and removing a stale socket file
+/// left by one that died.
+fn bind_unix(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixListener, DaemonError> {
     let failed = |what| {
         move |source| DaemonError::Socket {
             path: path.into(),
@@ -207,6 +218,20 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     let listener = listener.map_err(failed("cannot listen"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(failed("cannot set its mode to 0600"))?;
+    if let Some(gid) = group {
+        // The group first, then its access: the socket is never open to the
+        // daemon's own group on the way.
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| {
+            let _ = std::fs::remove_file(path);
+            DaemonError::SocketGroup {
+                path: path.into(),
+                gid,
+                source,
+            }
+        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(failed("cannot set its mode to 0660"))?;
+    }
     listener
         .set_nonblocking(true)
         .map_err(failed("cannot listen"))?;
@@ -248,7 +273,7 @@ pub async fn serve(
         .transpose()?;
     events::validate_settings(&config.events)?;
     let lock = lock_state_dir(&config.state_dir)?;
-    let unix = bind_unix(&config.socket)?;
+    let unix = bind_unix(&config.socket, config.socket_group)?;
     let tcp = match config.listen_tcp {
         Some(addr) => Some((
             addr,

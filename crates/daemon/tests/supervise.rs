@@ -438,3 +438,29 @@ async fn a_stale_socket_is_replaced() {
     assert!(format!("{e:#}").contains("is not a socket"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_is_the_users_alone_or_its_groups() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start("mode", |_| {}).await;
+    // Once it answers, the socket is set up.
+    assert_eq!(d.call("GET", "/health", None).await.status, 200);
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    d.stop().await;
+
+    // Root may hand it to any group; another user to one of its own.
+    // SAFETY: geteuid and getegid cannot fail and touch no memory.
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        4242
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::getegid() }
+    };
+    let d = Daemon::start("group", |c| c.socket_group = Some(gid)).await;
+    assert_eq!(d.call("GET", "/health", None).await.status, 200);
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+    d.stop().await;
+}

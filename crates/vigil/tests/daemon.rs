@@ -661,6 +661,40 @@ fn tcp_off_loopback_needs_tls_unless_insisted() {
 }
 
 #[test]
+fn socket_group_opens_the_socket_to_a_group() {
+    use std::os::unix::fs::MetadataExt;
+    let r = run(
+        &[
+            "daemon",
+            "--socket-group",
+            "no-such-group-here",
+            "--socket",
+            "/nonexistent/x.sock",
+        ],
+        CTL_TIMEOUT,
+    );
+    assert!(
+        r.code == Some(2)
+            && r.stderr
+                .contains("\"no-such-group-here\": no such group in /etc/group"),
+        "{r}"
+    );
+    // A gid this test may hand the socket to: any for root, else its own.
+    // SAFETY: geteuid and getegid cannot fail and touch no memory.
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        4242
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::getegid() }
+    };
+    let d = Daemon::start("group", &["--socket-group", &gid.to_string()]);
+    // Once it answers, the socket is set up.
+    assert_eq!(d.ctl_ok(&["list"]).code, Some(0));
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, gid));
+}
+
+#[test]
 fn sigterm_stops_the_vms_and_exits_0() {
     let mut d = Daemon::start("term", &[]);
     let a = d.create("a", "hang")["pid"].as_u64().unwrap();

@@ -42,7 +42,7 @@ restarted.";
 
 const AFTER_HELP: &str = "\
 Access: the Unix socket is created with mode 0600, so only this user (and root) can
-use it. --listen-tcp adds a TCP listener that always needs --token-file; every request
+use it; --socket-group GROUP makes it 0660 for that group's members too. --listen-tcp adds a TCP listener that always needs --token-file; every request
 on it must carry `Authorization: Bearer <token>`. Make a token with
   head -c 32 /dev/urandom | base64 > /etc/vigil/token && chmod 600 /etc/vigil/token
 Off loopback the listener must be TLS (--tls-cert, --tls-key; add --tls-client-ca to
@@ -106,6 +106,13 @@ struct DaemonArgs {
     /// root, else $XDG_RUNTIME_DIR/vigil/daemon.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+
+    /// Let the members of GROUP (a name in /etc/group, or a gid) use the API socket too: it is
+    /// handed to that group with mode 0660 [default: mode 0600, this user only].
+    /// Anyone who can use the socket controls every VM: pick a group for exactly
+    /// the people who should.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
 
     /// Also serve the API (and the dashboard) on TCP at ADDR, e.g. 127.0.0.1:7070 or
     /// 0.0.0.0:7443. Needs --token-file; an address other than loopback also needs
@@ -251,6 +258,26 @@ fn parse_peer(s: &str) -> Result<PeerDaemon, String> {
     })
 }
 
+/// A group's gid, from its number or its name in /etc/group (read directly:
+/// the binary is static, and glibc's getgrnam cannot load NSS modules there;
+/// give a gid for a group from elsewhere, LDAP say).
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("{s:?}: cannot read /etc/group to look it up: {e} (give a gid)"))?;
+    groups
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next() == Some(s))
+                .then(|| fields.nth(1)?.parse().ok())
+                .flatten()
+        })
+        .ok_or_else(|| format!("{s:?}: no such group in /etc/group (give a group name or a gid)"))
+}
+
 fn parse_percent(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 100.0 => Ok(v),
@@ -288,6 +315,7 @@ fn run(args: DaemonArgs) -> anyhow::Result<()> {
         args.socket.unwrap_or_else(default_socket),
         vmm_binary,
     );
+    config.socket_group = args.socket_group;
     config.listen_tcp = args.listen_tcp;
     config.token_file = args.token_file;
     config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| ApiTls {
@@ -402,5 +430,14 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         super::DaemonArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn groups_by_name_or_number() {
+        assert_eq!(super::parse_group("0"), Ok(0));
+        assert_eq!(super::parse_group("root"), Ok(0));
+        assert_eq!(super::parse_group("4242"), Ok(4242));
+        let e = super::parse_group("no-such-group-here").unwrap_err();
+        assert!(e.contains("no such group"), "{e}");
     }
 }
