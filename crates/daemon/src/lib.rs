@@ -76,6 +76,8 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("--allow-vm-path {}: {why}", path.display())]
+    AllowVmPath { path: PathBuf, why: String },
     #[error("cannot watch {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -105,6 +107,9 @@ pub struct DaemonConfig {
     pub insecure_plain_tcp: bool,
     /// TLS towards the other daemons' https APIs (`--peer-tls-*`).
     pub peer_tls: Option<tls::PeerTls>,
+    /// Folders besides each VM's own whose files VM configurations may name
+    /// (`--allow-vm-path`; each must exist).
+    pub allowed_vm_paths: Vec<PathBuf>,
     /// The `vigil` binary that runs each VM.
     pub vmm_binary: PathBuf,
     pub start_timeout: Duration,
@@ -131,6 +136,7 @@ impl DaemonConfig {
             tls: None,
             insecure_plain_tcp: false,
             peer_tls: None,
+            allowed_vm_paths: Vec::new(),
             vmm_binary,
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
@@ -176,6 +182,28 @@ fn lock_state_dir(dir: &Path) -> Result<StateLock, DaemonError> {
         });
     }
     Ok(StateLock { _file: file })
+}
+
+/// The `--allow-vm-path` folders, resolved (links followed): each must be an
+/// existing folder.
+fn allowed_vm_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DaemonError> {
+    paths
+        .iter()
+        .map(|path| {
+            let bad = |why: String| DaemonError::AllowVmPath {
+                path: path.clone(),
+                why,
+            };
+            let resolved = std::fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
+            if !resolved.is_dir() {
+                return Err(bad("not a folder".into()));
+            }
+            if resolved.parent().is_none() {
+                return Err(bad("the whole file system: VMs could name any file".into()));
+            }
+            Ok(resolved)
+        })
+        .collect()
 }
 
 /// Binds the Unix socket with mode 0600 (0660 and handed to `group`, when given),
@@ -272,7 +300,14 @@ pub async fn serve(
         .map(tls::PeerTls::load)
         .transpose()?;
     events::validate_settings(&config.events)?;
+    let allowed = allowed_vm_paths(&config.allowed_vm_paths)?;
     let lock = lock_state_dir(&config.state_dir)?;
+    let vms = std::fs::canonicalize(config.state_dir.join("vms")).map_err(|source| {
+        DaemonError::CreateStateDir {
+            dir: config.state_dir.clone(),
+            source,
+        }
+    })?;
     let unix = bind_unix(&config.socket, config.socket_group)?;
     let tcp = match config.listen_tcp {
         Some(addr) => Some((
@@ -295,6 +330,7 @@ pub async fn serve(
             max_vms: config.max_vms,
             migration_tls: config.migration_tls.clone(),
             peer_tls,
+            paths: supervisor::PathPolicy::new(vms, allowed),
         },
         events.clone(),
     ));

@@ -49,6 +49,8 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("daemon.sock");
         let mut config = DaemonConfig::new(dir.join("state"), socket.clone(), fake_vmm());
+        // The configs name the fake VMM as their kernel: its folder is allowed.
+        config.allowed_vm_paths = vec![fake_vmm().parent().unwrap().to_owned()];
         config.start_timeout = Duration::from_secs(10);
         config.stop_timeout = Duration::from_secs(2);
         adjust(&mut config);
@@ -223,20 +225,33 @@ async fn a_refused_config_is_an_error_and_leaves_nothing() {
 async fn a_bad_config_is_refused_before_anything_is_spawned() {
     let d = Daemon::start("invalid", |_| {}).await;
     let mut config = fake_config(1, 32, &json!({}));
+    // Files that are not there, in a folder VMs may name files in.
+    let allowed = fake_vmm().parent().unwrap().to_owned();
+    let vmlinux = allowed.join("nonexistent-vmlinux");
+    let disk = allowed.join("nonexistent.img");
     for (edit, want) in [
         (
             json!({"machine-config": {"vcpu_count": 0, "mem_size_mib": 32}}),
-            "config: machine-config: vcpu_count 0: a VM needs at least one vCPU",
+            "config: machine-config: vcpu_count 0: a VM needs at least one vCPU".to_owned(),
         ),
         (
-            json!({"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}),
-            "config: boot-source: kernel_image_path \"/nonexistent/vmlinux\": cannot read it",
+            json!({"boot-source": {"kernel_image_path": vmlinux}}),
+            format!(
+                "config: boot-source: kernel_image_path {:?}: cannot read it",
+                vmlinux.display().to_string()
+            ),
         ),
         (
-            json!({"drives": [{"drive_id": "root", "is_root_device": true, "path_on_host": "/nonexistent.img"}]}),
-            "config: drives[\"root\"]: path_on_host \"/nonexistent.img\": cannot open it for writing",
+            json!({"drives": [{"drive_id": "root", "is_root_device": true, "path_on_host": disk}]}),
+            format!(
+                "config: drives[\"root\"]: path_on_host {:?}: cannot open it for writing",
+                disk.display().to_string()
+            ),
         ),
-        (json!({"mmds-config": {}}), "config: mmds-config: unknown field `mmds-config`"),
+        (
+            json!({"mmds-config": {}}),
+            "config: mmds-config: unknown field `mmds-config`".to_owned(),
+        ),
     ] {
         let mut bad = config.clone();
         for (k, v) in edit.as_object().unwrap() {
@@ -247,7 +262,7 @@ async fn a_bad_config_is_refused_before_anything_is_spawned() {
             .await;
         assert_eq!(r.status, 400, "{edit}: {}", r.text());
         let m = r.fault_message();
-        assert!(m.starts_with(want), "{edit}: {m}");
+        assert!(m.starts_with(&want), "{edit}: {m}");
         assert!(!d.dir.join("state/vms/bad").exists(), "{edit}");
     }
     assert_eq!(d.call("GET", "/vms", None).await.json().unwrap(), json!([]));
@@ -463,4 +478,89 @@ async fn the_socket_is_the_users_alone_or_its_groups() {
     assert_eq!(meta.mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), gid);
     d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_files_outside_the_allowed_folders_are_refused() {
+    let images = std::env::temp_dir().join(format!("vigil-daemon-images-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&images);
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::write(images.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", images.join("escape.img")).unwrap();
+    let allowed = images.clone();
+    let d = Daemon::start("paths", move |c| c.allowed_vm_paths.push(allowed)).await;
+    let with_disk = |disk: &Path| {
+        let mut config = fake_config(1, 32, &json!({}));
+        config["drives"] =
+            json!([{"drive_id": "data", "is_root_device": false, "path_on_host": disk}]);
+        config
+    };
+    let shadow = Path::new("/etc/shadow").to_owned();
+    let refused = [
+        (
+            shadow.clone(),
+            "config: drives[\"data\"].path_on_host \"/etc/shadow\": outside the VM's folder"
+                .to_owned(),
+        ),
+        (
+            shadow,
+            format!("{}): a VM may name only files there", images.display()),
+        ),
+        (
+            images.join("escape.img"),
+            "(it leads to /etc/passwd)".to_owned(),
+        ),
+        (
+            images.join("../../etc/shadow"),
+            "must not contain \"..\"".to_owned(),
+        ),
+    ];
+    for (disk, want) in refused {
+        let r = d
+            .call(
+                "POST",
+                "/vms",
+                Some(json!({"id": "bad", "config": with_disk(&disk)})),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{}: {}", disk.display(), r.text());
+        assert!(r.fault_message().contains(&want), "{}", r.fault_message());
+        // Nothing was spawned: no process, no folder, no record.
+        assert!(!d.dir.join("state/vms/bad").exists());
+        assert_eq!(d.call("GET", "/vms", None).await.json().unwrap(), json!([]));
+    }
+    // A VM arriving by migration names its files too.
+    let r = d
+        .call(
+            "POST",
+            "/vms/bad/receive",
+            Some(json!({"config": with_disk(Path::new("/etc/shadow"))})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.fault_message().contains("/etc/shadow"), "{}", r.text());
+    assert!(!d.dir.join("state/vms/bad").exists());
+
+    // An allowed disk, and a socket the VMM makes in the VM's own folder.
+    let mut config = with_disk(&images.join("disk.img"));
+    config["vsock"] = json!({"guest_cid": 3, "uds_path": d.dir.join("state/vms/ok/vsock.sock")});
+    let r = d
+        .call("POST", "/vms", Some(json!({"id": "ok", "config": config})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json().unwrap()["state"], "running");
+    // But not over the daemon's own files there.
+    let mut config = fake_config(1, 32, &json!({}));
+    config["vsock"] = json!({"guest_cid": 3, "uds_path": d.dir.join("state/vms/ok2/exit.json")});
+    let r = d
+        .call("POST", "/vms", Some(json!({"id": "ok2", "config": config})))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.fault_message().contains("the daemon's own file"),
+        "{}",
+        r.text()
+    );
+    d.stop().await;
+    std::fs::remove_dir_all(&images).unwrap();
 }

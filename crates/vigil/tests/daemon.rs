@@ -219,6 +219,47 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 #[test]
+fn host_files_outside_the_allowed_folders_are_refused() {
+    let d = Daemon::start("paths", &[]);
+    // /etc/shadow as a disk: refused before anything runs.
+    let mut vm = d.config("hang");
+    vm["drives"] =
+        json!([{"drive_id": "loot", "path_on_host": "/etc/shadow", "is_root_device": false}]);
+    let (status, body) = d.http("POST", "/vms", Some(json!({"id": "thief", "config": vm})));
+    assert_eq!(status, 400, "{body}");
+    let message = body["fault_message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "config: drives[\"loot\"].path_on_host \"/etc/shadow\": outside the VM's folder"
+        ),
+        "{message}"
+    );
+    assert!(children(d.pid()).is_empty(), "a VMM was started");
+    assert!(!d.dir.join("state/vms/thief").exists());
+    // A link in the allowed folder that leads out of it.
+    std::os::unix::fs::symlink("/etc/shadow", d.dir.join("innocent.img")).unwrap();
+    let mut vm = d.config("hang");
+    vm["drives"] = json!([{"drive_id": "loot", "path_on_host": d.dir.join("innocent.img"), "is_root_device": false}]);
+    let (status, body) = d.http("POST", "/vms", Some(json!({"id": "thief", "config": vm})));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.to_string().contains("(it leads to /etc/shadow)"),
+        "{body}"
+    );
+    assert!(children(d.pid()).is_empty(), "a VMM was started");
+    // A disk in the allowed folder: the guest reads and writes it.
+    let disk = d.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut vm = d.config("blk");
+    vm["drives"] = json!([{"drive_id": "data", "path_on_host": disk, "is_root_device": false}]);
+    let (status, body) = d.http("POST", "/vms", Some(json!({"id": "honest", "config": vm})));
+    assert_eq!(status, 201, "{body}\n{}", d.log());
+    let vm = wait_for_state(&d, "honest", "exited");
+    let console = std::fs::read_to_string(d.dir.join("state/vms/honest/console.log")).unwrap();
+    assert!(console.contains("TEST blk PASS"), "{console}\n{vm}");
+}
+
+#[test]
 fn twenty_vms_at_once() {
     let d = Daemon::start("twenty", &[]);
     std::thread::scope(|s| {

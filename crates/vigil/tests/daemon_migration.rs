@@ -68,6 +68,9 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
     let token = token_file(&a.dir, "b-daemon-token-0123456789");
     let mut b_args = tcp_args(&addr, &token).to_vec();
     b_args.extend([
+        // The VMs arriving name their files in a's folder.
+        "--allow-vm-path",
+        a.dir.to_str().unwrap(),
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",
@@ -285,8 +288,14 @@ fn a_hot_host_makes_the_policy_move_a_vm_and_dry_run_only_reports() {
     let token = token_file(&b_dir, "b-daemon-token-0123456789");
     // The policy reaches the peer over https, as an operator would.
     let (cert, key) = common::mobility::certificate(&b_dir.join("certs"), "127.0.0.1");
+    // The VM arriving names its files in the acting daemon's folder: made now, so
+    // that b can check it at its start (that daemon's start makes it anew).
+    let act_dir = std::env::temp_dir().join(format!("vigil-d-adaptive-act-{}", std::process::id()));
+    std::fs::create_dir_all(&act_dir).unwrap();
     let mut b_args = tcp_args(&addr, &token).to_vec();
     b_args.extend([
+        "--allow-vm-path",
+        act_dir.to_str().unwrap(),
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",

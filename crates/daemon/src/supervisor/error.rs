@@ -26,6 +26,9 @@ pub enum SupervisorError {
     ConfigJson(#[from] JsonError),
     #[error("config: {0}")]
     Config(#[from] DocumentError),
+    /// A file the configuration may not name (`--allow-vm-path`).
+    #[error(transparent)]
+    Path(#[from] super::PathRefused),
     #[error("introspect.{0}")]
     Introspect(#[from] IntrospectConfigError),
     #[error(transparent)]
@@ -119,6 +122,7 @@ impl SupervisorError {
             | ConfigNotObject { .. }
             | ConfigJson(_)
             | Config(_)
+            | Path(_)
             | Introspect(_)
             | TraceSyscalls(_)
             | StartFailed { .. } => StatusCode::BAD_REQUEST,

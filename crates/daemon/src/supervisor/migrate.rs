@@ -74,6 +74,10 @@ impl Supervisor {
         request: ReceiveRequest,
     ) -> Result<Incoming, SupervisorError> {
         validate_id(id)?;
+        // The process here opens the VM's files (its disks) as the source names
+        // them: the same rule as for a VM created here.
+        let document = vigil_model::firecracker::parse(request.config.to_string().as_bytes())?;
+        self.config.paths.check(id, &document)?;
         let spawn_error = |source| SupervisorError::Spawn {
             vmm: self.config.vmm_binary.clone(),
             source,

@@ -32,6 +32,7 @@ mod control;
 mod error;
 mod exit;
 mod migrate;
+mod paths;
 mod process;
 mod request;
 mod stop;
@@ -40,6 +41,7 @@ mod vm;
 pub use error::SupervisorError;
 pub use exit::classify;
 pub use migrate::{Incoming, MigrateRequest, ReceiveRequest};
+pub use paths::{config_paths, PathPolicy, PathRefused};
 pub use process::{tail, TAIL_BYTES};
 pub use request::{CreateRequest, TraceSpec, TraceSpecError, SYSCALLS_FILE};
 pub use stop::StopMethod;
@@ -68,6 +70,8 @@ pub struct SupervisorConfig {
     /// How it checks (and, for mutual TLS, what it presents to) the other
     /// daemons' https APIs it sends VMs to (`--peer-tls-*`).
     pub peer_tls: Option<crate::client::ClientTls>,
+    /// Where the files a VM's configuration names may be (`--allow-vm-path`).
+    pub paths: PathPolicy,
 }
 
 /// The daemon's migration certificates: its own (VMs arriving here wait behind
@@ -140,8 +144,9 @@ impl Supervisor {
             });
         }
         // The configuration is checked as `vigil run` checks it, before anything
-        // is spawned.
+        // is spawned; the files it names first (checking them opens them).
         let document: FullVmConfig = firecracker::parse(request.config.to_string().as_bytes())?;
+        self.config.paths.check(&request.id, &document)?;
         document.to_vm_config(&HostLimits::read(MAX_VCPUS))?;
         if let Some(i) = &request.introspect {
             i.validate()?;

@@ -22,6 +22,11 @@ use crate::events::{Event, Events, Priority};
 /// How many bytes of a VM's stderr and console logs its record keeps when it ends.
 pub const TAIL_BYTES: u64 = 4096;
 
+/// The VM's serial console (the VMM's stdout), in its folder.
+pub const CONSOLE_LOG: &str = "console.log";
+/// The VMM's own log (its stderr), in the VM's folder.
+pub const VMM_LOG: &str = "vmm.log";
+
 /// The last `max` bytes of the file at `path` (from a line start when it was cut).
 pub fn tail(path: &Path, max: u64) -> Option<String> {
     let mut file = std::fs::File::open(path).ok()?;
@@ -83,8 +88,8 @@ impl Supervisor {
             serde_json::to_vec_pretty(&vm.config).map_err(SupervisorError::EncodeConfig)?;
         std::io::Write::write_all(&mut open("config.json")?, &config_bytes)
             .map_err(folder("cannot write", &config_path))?;
-        let console = open("console.log")?;
-        let stderr = open("vmm.log")?;
+        let console = open(CONSOLE_LOG)?;
+        let stderr = open(VMM_LOG)?;
 
         let mut command = tokio::process::Command::new(&self.config.vmm_binary);
         command.arg("run").arg("--api-sock").arg(&vm.api_socket);
@@ -235,8 +240,8 @@ async fn reap(
             }
         }
     };
-    let stderr_tail = tail(&vm.dir.join("vmm.log"), TAIL_BYTES);
-    let console_tail = tail(&vm.dir.join("console.log"), TAIL_BYTES);
+    let stderr_tail = tail(&vm.dir.join(VMM_LOG), TAIL_BYTES);
+    let console_tail = tail(&vm.dir.join(CONSOLE_LOG), TAIL_BYTES);
     {
         let mut s = vm.status();
         match status {

@@ -53,7 +53,9 @@ clear text:
   vigil ctl --url https://host:7443 --token-file token --ca-cert ca.pem list
 
 Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
-(its serial console), vmm.log (the VMM's log), exit.json (how it ended).
+(its serial console), vmm.log (the VMM's log), exit.json (how it ended). The files
+its configuration names must be there or under an --allow-vm-path folder, e.g.
+  vigil daemon --allow-vm-path /srv/vigil/images --allow-vm-path /srv/vigil/disks
 
 Security events: every --sample-interval the daemon reads each running VM's
 metrics and the host's pressure (PSI); detectors turn them into events (a VM's I/O
@@ -80,6 +82,7 @@ net_packets_per_s, net_bytes_per_s). crates/daemon/README.md lists every key.
 
 Example:
   vigil daemon --state-dir /var/lib/vigil --socket /run/vigil/daemon.sock \\
+    --allow-vm-path /srv/vigil/images \\
     --events-config /etc/vigil/events.json --events-output json:/var/log/vigil/events.jsonl
   vigil ctl create web-1 --config vm.json && vigil ctl list";
 
@@ -145,6 +148,15 @@ struct DaemonArgs {
     /// proxy or on a network you trust; a warning is logged at start.
     #[arg(long, requires = "listen_tcp", conflicts_with = "tls_cert")]
     insecure_plain_tcp: bool,
+
+    /// Let VM configurations name files under DIR (kernels, initrds, disks, vsock
+    /// sockets, logs, metrics): repeat for more folders. Every path in a VM's
+    /// configuration must lead (links followed) into its own folder
+    /// (STATE-DIR/vms/ID) or one of these, else POST /vms is refused (400, naming
+    /// the field), so an API client cannot have the VMM open any other host file.
+    /// Only folders whose contents the operator controls.
+    #[arg(long, value_name = "DIR")]
+    allow_vm_path: Vec<PathBuf>,
 
     /// Seconds a new VM may take to report itself running on its API socket.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
@@ -316,6 +328,7 @@ fn run(args: DaemonArgs) -> anyhow::Result<()> {
         vmm_binary,
     );
     config.socket_group = args.socket_group;
+    config.allowed_vm_paths = args.allow_vm_path;
     config.listen_tcp = args.listen_tcp;
     config.token_file = args.token_file;
     config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| ApiTls {
