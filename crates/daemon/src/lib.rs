@@ -110,6 +110,9 @@ pub struct DaemonConfig {
     /// Folders besides each VM's own whose files VM configurations may name
     /// (`--allow-vm-path`; each must exist).
     pub allowed_vm_paths: Vec<PathBuf>,
+    /// The limit of each VM's `console.log` and `vmm.log`, and how many rotated
+    /// files each keeps (`--vm-log-max-size`, `--vm-log-keep`).
+    pub vm_logs: supervisor::LogLimits,
     /// The `vigil` binary that runs each VM.
     pub vmm_binary: PathBuf,
     pub start_timeout: Duration,
@@ -137,6 +140,7 @@ impl DaemonConfig {
             insecure_plain_tcp: false,
             peer_tls: None,
             allowed_vm_paths: Vec::new(),
+            vm_logs: supervisor::LogLimits::default(),
             vmm_binary,
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
@@ -331,6 +335,7 @@ pub async fn serve(
             migration_tls: config.migration_tls.clone(),
             peer_tls,
             paths: supervisor::PathPolicy::new(vms, allowed),
+            vm_logs: config.vm_logs,
         },
         events.clone(),
     ));

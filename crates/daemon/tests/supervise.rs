@@ -564,3 +564,63 @@ async fn host_files_outside_the_allowed_folders_are_refused() {
     d.stop().await;
     std::fs::remove_dir_all(&images).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_console_stays_within_its_limit() {
+    let limits = vigil_daemon::supervisor::LogLimits {
+        max_bytes: 8192,
+        keep: 2,
+    };
+    let d = Daemon::start("flood", |c| c.vm_logs = limits).await;
+    let r = d.create("chatty", json!({"console_flood": true})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let console = d.dir.join("state/vms/chatty/console.log");
+    let rotated = |k| vigil_daemon::supervisor::rotated(&console, k);
+    // Let it write a good many limits' worth.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rotated(2).exists() || std::fs::metadata(rotated(2)).unwrap().len() == 0 {
+        assert!(Instant::now() < deadline, "console.log.2 never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = d.call("POST", "/vms/chatty/stop", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let vm = r.json().unwrap();
+
+    let files = [rotated(2), rotated(1), console.clone()];
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len <= 8192, "{}: {len} bytes", f.display());
+    }
+    assert!(!rotated(3).exists());
+    // What is kept is the end of the console, whole lines in order: numbered
+    // lines with nothing missing between the files.
+    let kept: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let numbers: Vec<u64> = kept
+        .lines()
+        .map(|l| l.strip_prefix("fake flood line ").unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap in the kept lines"
+    );
+    let last = *numbers.last().unwrap();
+    // Far more went through than the files hold (about 1200 of these lines).
+    assert!(last > 10_000, "only {last} lines written");
+    // The record and exit.json end with the console's last line.
+    let tail = vm["console_tail"].as_str().unwrap();
+    assert!(
+        tail.ends_with(&format!("fake flood line {last}\n")),
+        "{tail}"
+    );
+    assert!(tail.len() <= 4096);
+    let exit: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.dir.join("state/vms/chatty/exit.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(exit["console_tail"], vm["console_tail"]);
+    d.stop().await;
+}

@@ -259,6 +259,87 @@ fn host_files_outside_the_allowed_folders_are_refused() {
     assert!(console.contains("TEST blk PASS"), "{console}\n{vm}");
 }
 
+/// The resident memory of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_chatty_guest_console_is_rotated_within_its_limit() {
+    let d = Daemon::start("logs", &["--vm-log-max-size", "4K", "--vm-log-keep", "2"]);
+    // A tick every millisecond, each printed: about 14 KB of console a second.
+    d.create("chatty", "counter counter_ms=1");
+    let console = d.dir.join("state/vms/chatty/console.log");
+    let rotated = |k: u32| {
+        let mut name = console.as_os_str().to_owned();
+        name.push(format!(".{k}"));
+        PathBuf::from(name)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(rotated(2)).map_or(true, |m| m.len() == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "console.log.2 never appeared\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = rss_kib(d.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let after = rss_kib(d.pid());
+    let (_, vm) = d.http("POST", "/vms/chatty/stop", Some(json!({"timeout_s": 5})));
+    assert_eq!(vm["state"], "stopped", "{vm}");
+
+    let files = [rotated(2), rotated(1), console.clone()];
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len <= 4096, "{}: {len} bytes", f.display());
+    }
+    assert!(!rotated(3).exists());
+    // The files hold the end of the console in order, ticks without a gap.
+    let kept: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    // (The stop may have cut the last line short.)
+    let whole = &kept[..kept.rfind('\n').unwrap() + 1];
+    let ticks: Vec<u64> = whole
+        .lines()
+        .filter_map(|l| l.strip_prefix("counter: ")?.trim().parse().ok())
+        .collect();
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap: {ticks:?}"
+    );
+    let last = *ticks.last().unwrap();
+    // The oldest ticks went with the oldest file.
+    assert!(ticks[0] > 1, "nothing was dropped: {ticks:?}");
+    // The record reports the console's last line, as exit.json does.
+    let tail = vm["console_tail"].as_str().unwrap();
+    assert!(
+        kept.ends_with(tail) && tail.contains(&format!("counter: {last}\n")),
+        "{tail}"
+    );
+    let exit: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.dir.join("state/vms/chatty/exit.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(exit["console_tail"], vm["console_tail"]);
+    eprintln!(
+        "{last} ticks printed, {} kept in 3 files; daemon RSS {before} -> {after} KiB over 3 s of flooding",
+        ticks.len()
+    );
+    assert!(
+        after < before + 1024,
+        "the daemon grew from {before} to {after} KiB"
+    );
+}
+
 #[test]
 fn twenty_vms_at_once() {
     let d = Daemon::start("twenty", &[]);

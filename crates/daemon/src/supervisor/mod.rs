@@ -31,6 +31,7 @@ use crate::id::validate_id;
 mod control;
 mod error;
 mod exit;
+mod logs;
 mod migrate;
 mod paths;
 mod process;
@@ -40,9 +41,10 @@ mod vm;
 
 pub use error::SupervisorError;
 pub use exit::classify;
+pub use logs::{rotated, LogLimits, MAX_KEEP, MIN_LOG_BYTES};
 pub use migrate::{Incoming, MigrateRequest, ReceiveRequest};
 pub use paths::{config_paths, PathPolicy, PathRefused};
-pub use process::{tail, TAIL_BYTES};
+pub use process::{CONSOLE_LOG, TAIL_BYTES, VMM_LOG};
 pub use request::{CreateRequest, TraceSpec, TraceSpecError, SYSCALLS_FILE};
 pub use stop::StopMethod;
 pub use vm::{ExitInfo, Vm, VmInfo, VmState};
@@ -72,6 +74,8 @@ pub struct SupervisorConfig {
     pub peer_tls: Option<crate::client::ClientTls>,
     /// Where the files a VM's configuration names may be (`--allow-vm-path`).
     pub paths: PathPolicy,
+    /// How large each VM's `console.log` and `vmm.log` grow (`--vm-log-*`).
+    pub vm_logs: LogLimits,
 }
 
 /// The daemon's migration certificates: its own (VMs arriving here wait behind

@@ -53,7 +53,8 @@ clear text:
   vigil ctl --url https://host:7443 --token-file token --ca-cert ca.pem list
 
 Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
-(its serial console), vmm.log (the VMM's log), exit.json (how it ended). The files
+(its serial console) and vmm.log (the VMM's log), each rotated at --vm-log-max-size
+(console.log.1, ...), exit.json (how it ended, with the end of both logs). The files
 its configuration names must be there or under an --allow-vm-path folder, e.g.
   vigil daemon --allow-vm-path /srv/vigil/images --allow-vm-path /srv/vigil/disks
 
@@ -157,6 +158,19 @@ struct DaemonArgs {
     /// Only folders whose contents the operator controls.
     #[arg(long, value_name = "DIR")]
     allow_vm_path: Vec<PathBuf>,
+
+    /// The largest each VM's console.log (its serial console) and vmm.log (the
+    /// VMM's own log) may grow, in bytes (K, M, G suffixes: powers of 1024; at
+    /// least 4K): the daemon writes both and, at this size, rotates them
+    /// (console.log becomes console.log.1, ...), so a guest that floods its
+    /// console costs at most (--vm-log-keep + 1) times this much disk per log.
+    #[arg(long, default_value = "16M", value_name = "SIZE", value_parser = parse_log_size)]
+    vm_log_max_size: u64,
+
+    /// Rotated files each VM log keeps besides the current one (0 to 100; 0: the
+    /// log starts over at --vm-log-max-size).
+    #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(vigil_daemon::supervisor::MAX_KEEP)))]
+    vm_log_keep: u32,
 
     /// Seconds a new VM may take to report itself running on its API socket.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
@@ -290,6 +304,20 @@ fn parse_group(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?}: no such group in /etc/group (give a group name or a gid)"))
 }
 
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    use vigil_daemon::supervisor::MIN_LOG_BYTES;
+    match vigil_model::options::parse_size(s) {
+        Some(n) if n >= MIN_LOG_BYTES => Ok(n),
+        Some(_) => Err(format!(
+            "{s:?} is too small: give at least {}K",
+            MIN_LOG_BYTES >> 10
+        )),
+        None => Err(format!(
+            "{s:?} is not a size (bytes, or with a K, M or G suffix)"
+        )),
+    }
+}
+
 fn parse_percent(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 100.0 => Ok(v),
@@ -329,6 +357,10 @@ fn run(args: DaemonArgs) -> anyhow::Result<()> {
     );
     config.socket_group = args.socket_group;
     config.allowed_vm_paths = args.allow_vm_path;
+    config.vm_logs = vigil_daemon::supervisor::LogLimits {
+        max_bytes: args.vm_log_max_size,
+        keep: args.vm_log_keep,
+    };
     config.listen_tcp = args.listen_tcp;
     config.token_file = args.token_file;
     config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| ApiTls {
@@ -443,6 +475,18 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         super::DaemonArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn log_sizes() {
+        assert_eq!(super::parse_log_size("16M"), Ok(16 << 20));
+        assert_eq!(super::parse_log_size("4096"), Ok(4096));
+        assert!(super::parse_log_size("1K")
+            .unwrap_err()
+            .contains("at least 4K"));
+        assert!(super::parse_log_size("lots")
+            .unwrap_err()
+            .contains("not a size"));
     }
 
     #[test]
