@@ -1,5 +1,6 @@
 //! Vigil's host daemon: supervises VM processes (one `vigil run` per VM), serves a
-//! REST API on a Unix socket (and, with a bearer token, on TCP), aggregates the
+//! REST API on a Unix socket (and, with a bearer token, on TCP, over TLS off
+//! loopback), aggregates the
 //! VMs' metrics, and runs the security event stream (`vigil-events`: detectors,
 //! incidents, policy actions, outputs). It never touches KVM or guest memory: it reaches each VM through
 //! its process handle and its API socket only.

@@ -3,13 +3,16 @@
 //! Each VM is one `vigil run --api-sock DIR/api.sock --config-file DIR/config.json`
 //! (with `--introspect`, `--trace-syscalls`, `--debug-api` when the create request asks)
 //! process, DIR being `<state-dir>/vms/<id>`. Its serial console (stdout) goes to
-//! `DIR/console.log` and its own log (stderr) to `DIR/vmm.log`. One task per VM owns
+//! `DIR/console.log` and its own log (stderr) to `DIR/vmm.log`, through pipes the
+//! daemon copies and rotates (`logs`). The files its configuration names must
+//! lead into DIR or an allowed folder (`paths`). One task per VM owns
 //! the process handle: it alone reaps the process, and it alone signals it, so a
 //! signal can never reach a recycled pid. A VM that ends is never restarted: its
 //! record keeps how it ended (and the tails of its logs) until it is destroyed.
 //!
 //! The parts: `vm` (the VM record and its states), `request` (the create request,
-//! its introspection options and the `vigil run` flags they become), `process`
+//! its introspection options and the `vigil run` flags they become), `paths` (the
+//! host files a configuration may name), `logs` (the VM's rotated logs), `process`
 //! (launching the process, waiting for it to come up, reaping it), `exit` (how a
 //! process ended: its state and reason, crash reasons), `control` (pause, resume
 //! and throttle through the VM's API socket) and `stop` (stop, destroy, stop
