@@ -3,7 +3,9 @@
 //! config's boot arguments (`"boot-source": {"boot_args": "{...}"}`, so that the
 //! daemon takes the config as a valid VM's) says: {"exit": N} exits at once with status N (after writing "fake: exiting N" to
 //! stderr), {"no_socket": true} never listens, {"metrics_delay_ms": N} answers
-//! GET /vigil/metrics late, {"ignore_sigterm": true} survives SIGTERM.
+//! GET /vigil/metrics late, {"ignore_sigterm": true} survives SIGTERM,
+//! {"console_flood": true} writes numbered lines to its console (stdout) as fast
+//! as they are taken, until it ends.
 
 use std::time::Duration;
 
@@ -31,6 +33,17 @@ fn main() {
         .and_then(|args| serde_json::from_str(args).ok())
         .unwrap_or(json!({}));
     println!("fake console line");
+    if fake.get("console_flood").is_some() {
+        std::thread::spawn(|| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for i in 0u64.. {
+                if writeln!(out, "fake flood line {i}").is_err() {
+                    break;
+                }
+            }
+        });
+    }
     if let Some(code) = fake.get("exit").and_then(Value::as_i64) {
         eprintln!("fake: exiting {code}");
         std::process::exit(code as i32);

@@ -319,12 +319,31 @@ impl
     }
 }
 
+/// A TCP client's address, as both TCP listeners (plain and TLS) report it.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpPeer(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for TcpPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        TcpPeer(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>>
+    for TcpPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        TcpPeer(*stream.remote_addr())
+    }
+}
+
 fn peer_of(request: &Request) -> Peer {
     use vigil_events::ApiTransport;
-    if let Some(ConnectInfo(addr)) = request
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-    {
+    if let Some(ConnectInfo(TcpPeer(addr))) = request.extensions().get::<ConnectInfo<TcpPeer>>() {
         return Peer {
             transport: ApiTransport::Network,
             name: addr.to_string(),

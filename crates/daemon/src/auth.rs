@@ -83,6 +83,12 @@ impl Token {
         })
     }
 
+    /// The token itself, for a client to present.
+    pub fn as_str(&self) -> &str {
+        // Checked printable ASCII when made.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
     /// Whether `candidate` is this token; the time taken does not depend on where
     /// they differ.
     pub fn matches(&self, candidate: &[u8]) -> bool {
@@ -101,31 +107,55 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// A TCP listener without a token: refused, loopback or not.
+/// A TCP listener the daemon refuses to open.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "--listen-tcp {addr} needs --token-file: {}. Create one with \
-     `head -c 32 /dev/urandom | base64 > token && chmod 600 token`, \
-     or use the Unix socket alone",
-    if addr.ip().is_loopback() {
-        "any local user can reach a loopback port"
-    } else {
-        "it is not a loopback address, so other machines could reach it"
-    }
-)]
-pub struct NoTokenError {
-    pub addr: SocketAddr,
+pub enum TcpListenError {
+    /// No token: refused, loopback or not.
+    #[error(
+        "--listen-tcp {addr} needs --token-file: {}. Create one with \
+         `head -c 32 /dev/urandom | base64 > token && chmod 600 token`, \
+         or use the Unix socket alone",
+        if addr.ip().is_loopback() {
+            "any local user can reach a loopback port"
+        } else {
+            "it is not a loopback address, so other machines could reach it"
+        }
+    )]
+    NoToken { addr: SocketAddr },
+    /// A non-loopback address without TLS: the token would cross the network
+    /// in clear text.
+    #[error(
+        "--listen-tcp {addr} is not a loopback address: serve it over TLS \
+         (--tls-cert and --tls-key), or the bearer token crosses the network in \
+         clear text; --insecure-plain-tcp serves plain HTTP anyway (behind a TLS \
+         proxy on the same host, say)"
+    )]
+    PlainNotLoopback { addr: SocketAddr },
+    #[error("--insecure-plain-tcp with --tls-cert: the listener serves TLS; drop one of them")]
+    InsecureWithTls,
 }
 
-/// Checks a TCP listen address against the token rule: the daemon's TCP API always
-/// needs a token; without one, no address is allowed (loopback or not).
-pub fn check_tcp_listen(addr: SocketAddr, token: Option<&Token>) -> Result<(), NoTokenError> {
+/// Checks a TCP listen address against the rules: the daemon's TCP API always
+/// needs a token, and off loopback it needs TLS too, unless the operator says
+/// `insecure_plain` (then a warning is logged).
+pub fn check_tcp_listen(
+    addr: SocketAddr,
+    token: Option<&Token>,
+    tls: bool,
+    insecure_plain: bool,
+) -> Result<(), TcpListenError> {
     if token.is_none() {
-        return Err(NoTokenError { addr });
+        return Err(TcpListenError::NoToken { addr });
     }
-    if !addr.ip().is_loopback() {
+    if tls && insecure_plain {
+        return Err(TcpListenError::InsecureWithTls);
+    }
+    if !tls && !addr.ip().is_loopback() {
+        if !insecure_plain {
+            return Err(TcpListenError::PlainNotLoopback { addr });
+        }
         tracing::warn!(
-            "--listen-tcp {addr} is not a loopback address: the bearer token travels in clear text; put a TLS proxy in front"
+            "--listen-tcp {addr} serves plain HTTP off loopback (--insecure-plain-tcp): the bearer token and every answer cross the network in clear text"
         );
     }
     Ok(())
@@ -187,17 +217,32 @@ mod tests {
         let lo: SocketAddr = "127.0.0.1:7000".parse().unwrap();
         let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
         let token = Token::new("0123456789abcdef").unwrap();
-        assert!(check_tcp_listen(lo, None)
-            .unwrap_err()
-            .to_string()
-            .contains("--token-file"));
-        let e = check_tcp_listen(any, None).unwrap_err().to_string();
-        assert!(
-            e.contains("0.0.0.0:7000") && e.contains("not a loopback"),
-            "{e}"
+        for tls in [false, true] {
+            assert!(check_tcp_listen(lo, None, tls, false)
+                .unwrap_err()
+                .to_string()
+                .contains("--token-file"));
+            let e = check_tcp_listen(any, None, tls, false)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("0.0.0.0:7000") && e.contains("not a loopback"),
+                "{e}"
+            );
+        }
+        // Loopback: plain or TLS.
+        assert!(check_tcp_listen(lo, Some(&token), false, false).is_ok());
+        assert!(check_tcp_listen(lo, Some(&token), true, false).is_ok());
+        // Elsewhere: TLS, or plain only when the operator insists.
+        let e = check_tcp_listen(any, Some(&token), false, false).unwrap_err();
+        assert_eq!(e, TcpListenError::PlainNotLoopback { addr: any });
+        assert!(e.to_string().contains("--insecure-plain-tcp"), "{e}");
+        assert!(check_tcp_listen(any, Some(&token), true, false).is_ok());
+        assert!(check_tcp_listen(any, Some(&token), false, true).is_ok());
+        assert_eq!(
+            check_tcp_listen(any, Some(&token), true, true),
+            Err(TcpListenError::InsecureWithTls)
         );
-        assert!(check_tcp_listen(lo, Some(&token)).is_ok());
-        assert!(check_tcp_listen(any, Some(&token)).is_ok());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Vigil's host daemon: supervises VM processes (one `vigil run` per VM), serves a
-//! REST API on a Unix socket (and, with a bearer token, on TCP), aggregates the
+//! REST API on a Unix socket (and, with a bearer token, on TCP, over TLS off
+//! loopback), aggregates the
 //! VMs' metrics, and runs the security event stream (`vigil-events`: detectors,
 //! incidents, policy actions, outputs). It never touches KVM or guest memory: it reaches each VM through
 //! its process handle and its API socket only.
@@ -14,6 +15,7 @@ pub mod findings;
 pub mod id;
 pub mod metrics;
 pub mod supervisor;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,7 +35,9 @@ pub enum DaemonError {
     #[error(transparent)]
     TokenFile(#[from] auth::TokenFileError),
     #[error(transparent)]
-    NoToken(#[from] auth::NoTokenError),
+    TcpListen(#[from] auth::TcpListenError),
+    #[error(transparent)]
+    TlsFile(#[from] tls::TlsFileError),
     #[error(transparent)]
     EventsSettings(#[from] events::SettingsError),
     #[error(transparent)]
@@ -62,11 +66,19 @@ pub enum DaemonError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("--socket-group {gid}: cannot hand {} to it (the daemon's user must be root or a member of that group): {source}", path.display())]
+    SocketGroup {
+        path: PathBuf,
+        gid: u32,
+        source: std::io::Error,
+    },
     #[error("--listen-tcp {addr}: cannot listen: {source}")]
     ListenTcp {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("--allow-vm-path {}: {why}", path.display())]
+    AllowVmPath { path: PathBuf, why: String },
     #[error("cannot watch {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -81,12 +93,27 @@ pub enum DaemonError {
 pub struct DaemonConfig {
     /// Where the daemon keeps its lock and the VMs' folders.
     pub state_dir: PathBuf,
-    /// The API's Unix socket (created with mode 0600).
+    /// The API's Unix socket (created with mode 0600, or 0660 with `socket_group`).
     pub socket: PathBuf,
+    /// The group (gid) the socket is handed to, with mode 0660, so that its
+    /// members may use the API (`--socket-group`); none: the daemon's user only.
+    pub socket_group: Option<u32>,
     /// An optional TCP listener; needs `token_file`.
     pub listen_tcp: Option<SocketAddr>,
     /// The bearer token for the TCP listener (a file only its owner may read).
     pub token_file: Option<PathBuf>,
+    /// TLS on the TCP listener (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    pub tls: Option<tls::ApiTls>,
+    /// Serve plain HTTP on a non-loopback `listen_tcp` (`--insecure-plain-tcp`).
+    pub insecure_plain_tcp: bool,
+    /// TLS towards the other daemons' https APIs (`--peer-tls-*`).
+    pub peer_tls: Option<tls::PeerTls>,
+    /// Folders besides each VM's own whose files VM configurations may name
+    /// (`--allow-vm-path`; each must exist).
+    pub allowed_vm_paths: Vec<PathBuf>,
+    /// The limit of each VM's `console.log` and `vmm.log`, and how many rotated
+    /// files each keeps (`--vm-log-max-size`, `--vm-log-keep`).
+    pub vm_logs: supervisor::LogLimits,
     /// The `vigil` binary that runs each VM.
     pub vmm_binary: PathBuf,
     pub start_timeout: Duration,
@@ -107,8 +134,14 @@ impl DaemonConfig {
         DaemonConfig {
             state_dir,
             socket,
+            socket_group: None,
             listen_tcp: None,
             token_file: None,
+            tls: None,
+            insecure_plain_tcp: false,
+            peer_tls: None,
+            allowed_vm_paths: Vec::new(),
+            vm_logs: supervisor::LogLimits::default(),
             vmm_binary,
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
@@ -156,9 +189,32 @@ fn lock_state_dir(dir: &Path) -> Result<StateLock, DaemonError> {
     Ok(StateLock { _file: file })
 }
 
-/// Binds the Unix socket with mode 0600, refusing when another daemon answers on it
-/// and removing a stale socket file left by one that died.
-fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+/// The `--allow-vm-path` folders, resolved (links followed): each must be an
+/// existing folder.
+fn allowed_vm_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DaemonError> {
+    paths
+        .iter()
+        .map(|path| {
+            let bad = |why: String| DaemonError::AllowVmPath {
+                path: path.clone(),
+                why,
+            };
+            let resolved = std::fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
+            if !resolved.is_dir() {
+                return Err(bad("not a folder".into()));
+            }
+            if resolved.parent().is_none() {
+                return Err(bad("the whole file system: VMs could name any file".into()));
+            }
+            Ok(resolved)
+        })
+        .collect()
+}
+
+/// Binds the Unix socket with mode 0600 (0660 and handed to `group`, when given),
+/// refusing when another daemon answers on it and removing a stale socket file
+/// left by one that died.
+fn bind_unix(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixListener, DaemonError> {
     let failed = |what| {
         move |source| DaemonError::Socket {
             path: path.into(),
@@ -195,6 +251,20 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     let listener = listener.map_err(failed("cannot listen"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(failed("cannot set its mode to 0600"))?;
+    if let Some(gid) = group {
+        // The group first, then its access: the socket is never open to the
+        // daemon's own group on the way.
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| {
+            let _ = std::fs::remove_file(path);
+            DaemonError::SocketGroup {
+                path: path.into(),
+                gid,
+                source,
+            }
+        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(failed("cannot set its mode to 0660"))?;
+    }
     listener
         .set_nonblocking(true)
         .map_err(failed("cannot listen"))?;
@@ -211,20 +281,46 @@ pub async fn serve(
         Some(path) => Some(auth::Token::from_file(path)?),
         None => None,
     };
+    let acceptor = match (config.listen_tcp, &config.tls) {
+        (Some(_), Some(tls)) => Some(tls.acceptor()?),
+        (None, Some(_)) => {
+            tracing::warn!("--tls-cert without --listen-tcp: not used (the Unix socket relies on its file mode)");
+            None
+        }
+        (_, None) => None,
+    };
     if let Some(addr) = config.listen_tcp {
-        auth::check_tcp_listen(addr, token.as_ref())?;
+        auth::check_tcp_listen(
+            addr,
+            token.as_ref(),
+            acceptor.is_some(),
+            config.insecure_plain_tcp,
+        )?;
     } else if token.is_some() {
         tracing::warn!("--token-file without --listen-tcp: the token is not used (the Unix socket relies on its file mode)");
     }
+    let peer_tls = config
+        .peer_tls
+        .as_ref()
+        .map(tls::PeerTls::load)
+        .transpose()?;
     events::validate_settings(&config.events)?;
+    let allowed = allowed_vm_paths(&config.allowed_vm_paths)?;
     let lock = lock_state_dir(&config.state_dir)?;
-    let unix = bind_unix(&config.socket)?;
+    let vms = std::fs::canonicalize(config.state_dir.join("vms")).map_err(|source| {
+        DaemonError::CreateStateDir {
+            dir: config.state_dir.clone(),
+            source,
+        }
+    })?;
+    let unix = bind_unix(&config.socket, config.socket_group)?;
     let tcp = match config.listen_tcp {
-        Some(addr) => Some(
+        Some(addr) => Some((
+            addr,
             tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| DaemonError::ListenTcp { addr, source })?,
-        ),
+        )),
         None => None,
     };
 
@@ -238,6 +334,9 @@ pub async fn serve(
             vm_request_timeout: Duration::from_secs(5),
             max_vms: config.max_vms,
             migration_tls: config.migration_tls.clone(),
+            peer_tls,
+            paths: supervisor::PathPolicy::new(vms, allowed),
+            vm_logs: config.vm_logs,
         },
         events.clone(),
     ));
@@ -264,7 +363,14 @@ pub async fn serve(
         config.socket.display(),
         config
             .listen_tcp
-            .map(|a| format!(" and on tcp {a} (bearer token)"))
+            .map(|a| format!(
+                " and on tcp {a} ({}, bearer token)",
+                match &config.tls {
+                    Some(t) if t.client_ca.is_some() => "TLS, client certificates",
+                    Some(_) => "TLS",
+                    None => "plain HTTP",
+                }
+            ))
             .unwrap_or_default()
     );
     // The dashboard's assets are public; everything they show comes from the API
@@ -290,20 +396,28 @@ pub async fn serve(
     .with_graceful_shutdown(stopped(stop_rx.clone()));
     let unix_task = tokio::spawn(async move { unix_server.await });
     let tcp_task = match (tcp, token) {
-        (Some(listener), Some(token)) => {
+        (Some((addr, listener)), Some(token)) => {
             let app = api::router(state.clone())
                 .layer(axum::middleware::from_fn_with_state(
                     token,
                     auth::require_token,
                 ))
                 .merge(vigil_dashboard::router())
-                .layer(misuse);
-            let server = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stopped(stop_rx.clone()));
-            Some(tokio::spawn(async move { server.await }))
+                .layer(misuse)
+                .into_make_service_with_connect_info::<api::TcpPeer>();
+            let stop = stopped(stop_rx.clone());
+            Some(match acceptor {
+                Some(acceptor) => {
+                    let listener = tls::TlsListener::new(listener, acceptor)
+                        .map_err(|source| DaemonError::ListenTcp { addr, source })?;
+                    let server = axum::serve(listener, app).with_graceful_shutdown(stop);
+                    tokio::spawn(async move { server.await })
+                }
+                None => {
+                    let server = axum::serve(listener, app).with_graceful_shutdown(stop);
+                    tokio::spawn(async move { server.await })
+                }
+            })
         }
         _ => None,
     };

@@ -2,16 +2,18 @@
 //! (`examples/fake_vmm.rs`): the page and its assets load without a token on TCP,
 //! every data and control endpoint needs it; `GET /vms/{id}/metrics` passes the VM's
 //! snapshot through; `GET /events` streams lifecycle events; and the page, in
-//! headless Chromium, drives a VM through pause, resume and stop.
+//! headless Chromium, drives a VM through pause, resume and stop, over plain
+//! HTTP on loopback and over TLS (the API over https: crates/daemon/tests/tls.rs).
 //! With a real guest: crates/vigil/tests/dashboard.rs.
 
 #[path = "../../dashboard/tests/cdp/mod.rs"]
 mod cdp;
+mod pki;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -31,6 +33,7 @@ fn fake_vmm() -> PathBuf {
 /// A daemon on a Unix socket and 127.0.0.1 (with a token), on its own runtime.
 struct Daemon {
     dir: PathBuf,
+    socket: PathBuf,
     tcp: SocketAddr,
     rt: tokio::runtime::Runtime,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -39,6 +42,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(name: &str) -> Daemon {
+        Self::start_with(name, |_, _| {})
+    }
+
+    /// A daemon that `adjust` configures further (given its folder).
+    fn start_with(name: &str, adjust: impl FnOnce(&Path, &mut DaemonConfig)) -> Daemon {
         let dir = std::env::temp_dir().join(format!("vigil-dash-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
@@ -54,8 +62,11 @@ impl Daemon {
         let mut config = DaemonConfig::new(dir.join("state"), socket.clone(), fake_vmm());
         config.listen_tcp = Some(tcp);
         config.token_file = Some(token_file);
+        // The configs name the fake VMM as their kernel: its folder is allowed.
+        config.allowed_vm_paths = vec![fake_vmm().parent().expect("examples dir").to_owned()];
         config.start_timeout = Duration::from_secs(10);
         config.stop_timeout = Duration::from_secs(2);
+        adjust(&dir, &mut config);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -75,6 +86,7 @@ impl Daemon {
         }
         Daemon {
             dir,
+            socket,
             tcp,
             rt,
             shutdown: Some(tx),
@@ -125,11 +137,25 @@ impl Daemon {
         (status, ctype, body.to_string())
     }
 
+    /// One request on the Unix socket (whatever the TCP listener speaks).
+    fn unix(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let r = self
+            .rt
+            .block_on(vigil_daemon::client::request(
+                &self.socket,
+                method,
+                path,
+                body.map(|b| b.to_string().into_bytes()),
+                Duration::from_secs(30),
+            ))
+            .expect("the daemon's socket");
+        (r.status, r.json().unwrap_or_default())
+    }
+
     fn create(&self, id: &str) {
-        let (status, _, body) = self.call(
+        let (status, body) = self.unix(
             "POST",
             "/vms",
-            true,
             Some(json!({"id": id, "config": {
                 "boot-source": {"kernel_image_path": fake_vmm()},
                 "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
@@ -139,11 +165,8 @@ impl Daemon {
     }
 
     fn state(&self, id: &str) -> String {
-        let (_, _, body) = self.call("GET", &format!("/vms/{id}"), true, None);
-        serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v["state"].as_str().map(str::to_string))
-            .unwrap_or_default()
+        let (_, vm) = self.unix("GET", &format!("/vms/{id}"), None);
+        vm["state"].as_str().unwrap_or_default().to_owned()
     }
 }
 
@@ -337,11 +360,39 @@ fn dashboard_in_chromium_drives_a_vm_of_the_daemon() {
         return;
     };
     let d = Daemon::start("browser");
+    let url = format!("http://{}/", d.tcp);
+    drive_a_vm(&d, &chromium, &url, &[]);
+}
+
+/// The same over TLS: the daemon serves a certificate from a test CA, which the
+/// browser cannot be told to trust without a certificate database, so (in this
+/// test only) it ignores certificate errors.
+#[test]
+fn dashboard_in_chromium_over_https() {
+    let _serial = one_at_a_time();
+    let Some(chromium) = cdp::find_chromium() else {
+        eprintln!("SKIP: no chromium binary (apt-get install chromium, or set VIGIL_CHROMIUM)");
+        return;
+    };
+    let d = Daemon::start_with("browser-tls", |dir, config| {
+        let server = pki::Ca::new(&dir.join("pki"), "ca").server("server");
+        config.tls = Some(vigil_daemon::tls::ApiTls {
+            cert: server.cert,
+            key: server.key,
+            client_ca: None,
+        });
+    });
+    let url = format!("https://{}/", d.tcp);
+    drive_a_vm(&d, &chromium, &url, &["--ignore-certificate-errors"]);
+}
+
+/// Loads the dashboard at `url`, logs in with the token, and pauses, resumes and
+/// stops a VM of the daemon through the page.
+fn drive_a_vm(d: &Daemon, chromium: &Path, url: &str, flags: &[&str]) {
     d.create("vm-b");
-    let mut b = cdp::Browser::launch(&chromium, 1280, 800).expect("launch chromium");
+    let mut b = cdp::Browser::launch_with(chromium, 1280, 800, flags).expect("launch chromium");
     let secs = Duration::from_secs;
-    b.navigate(&format!("http://{}/", d.tcp))
-        .expect("load the page");
+    b.navigate(url).expect("load the page");
     b.wait_for("!document.getElementById('login').hidden", secs(10))
         .expect("token prompt");
     b.type_into("#token", TOKEN).expect("type the token");

@@ -49,6 +49,8 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("daemon.sock");
         let mut config = DaemonConfig::new(dir.join("state"), socket.clone(), fake_vmm());
+        // The configs name the fake VMM as their kernel: its folder is allowed.
+        config.allowed_vm_paths = vec![fake_vmm().parent().unwrap().to_owned()];
         config.start_timeout = Duration::from_secs(10);
         config.stop_timeout = Duration::from_secs(2);
         adjust(&mut config);
@@ -223,20 +225,33 @@ async fn a_refused_config_is_an_error_and_leaves_nothing() {
 async fn a_bad_config_is_refused_before_anything_is_spawned() {
     let d = Daemon::start("invalid", |_| {}).await;
     let mut config = fake_config(1, 32, &json!({}));
+    // Files that are not there, in a folder VMs may name files in.
+    let allowed = fake_vmm().parent().unwrap().to_owned();
+    let vmlinux = allowed.join("nonexistent-vmlinux");
+    let disk = allowed.join("nonexistent.img");
     for (edit, want) in [
         (
             json!({"machine-config": {"vcpu_count": 0, "mem_size_mib": 32}}),
-            "config: machine-config: vcpu_count 0: a VM needs at least one vCPU",
+            "config: machine-config: vcpu_count 0: a VM needs at least one vCPU".to_owned(),
         ),
         (
-            json!({"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}),
-            "config: boot-source: kernel_image_path \"/nonexistent/vmlinux\": cannot read it",
+            json!({"boot-source": {"kernel_image_path": vmlinux}}),
+            format!(
+                "config: boot-source: kernel_image_path {:?}: cannot read it",
+                vmlinux.display().to_string()
+            ),
         ),
         (
-            json!({"drives": [{"drive_id": "root", "is_root_device": true, "path_on_host": "/nonexistent.img"}]}),
-            "config: drives[\"root\"]: path_on_host \"/nonexistent.img\": cannot open it for writing",
+            json!({"drives": [{"drive_id": "root", "is_root_device": true, "path_on_host": disk}]}),
+            format!(
+                "config: drives[\"root\"]: path_on_host {:?}: cannot open it for writing",
+                disk.display().to_string()
+            ),
         ),
-        (json!({"mmds-config": {}}), "config: mmds-config: unknown field `mmds-config`"),
+        (
+            json!({"mmds-config": {}}),
+            "config: mmds-config: unknown field `mmds-config`".to_owned(),
+        ),
     ] {
         let mut bad = config.clone();
         for (k, v) in edit.as_object().unwrap() {
@@ -247,7 +262,7 @@ async fn a_bad_config_is_refused_before_anything_is_spawned() {
             .await;
         assert_eq!(r.status, 400, "{edit}: {}", r.text());
         let m = r.fault_message();
-        assert!(m.starts_with(want), "{edit}: {m}");
+        assert!(m.starts_with(&want), "{edit}: {m}");
         assert!(!d.dir.join("state/vms/bad").exists(), "{edit}");
     }
     assert_eq!(d.call("GET", "/vms", None).await.json().unwrap(), json!([]));
@@ -437,4 +452,175 @@ async fn a_stale_socket_is_replaced() {
     let e = vigil_daemon::serve(config, async {}).await.unwrap_err();
     assert!(format!("{e:#}").contains("is not a socket"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_is_the_users_alone_or_its_groups() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start("mode", |_| {}).await;
+    // Once it answers, the socket is set up.
+    assert_eq!(d.call("GET", "/health", None).await.status, 200);
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    d.stop().await;
+
+    // Root may hand it to any group; another user to one of its own.
+    // SAFETY: geteuid and getegid cannot fail and touch no memory.
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        4242
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::getegid() }
+    };
+    let d = Daemon::start("group", |c| c.socket_group = Some(gid)).await;
+    assert_eq!(d.call("GET", "/health", None).await.status, 200);
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_files_outside_the_allowed_folders_are_refused() {
+    let images = std::env::temp_dir().join(format!("vigil-daemon-images-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&images);
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::write(images.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", images.join("escape.img")).unwrap();
+    let allowed = images.clone();
+    let d = Daemon::start("paths", move |c| c.allowed_vm_paths.push(allowed)).await;
+    let with_disk = |disk: &Path| {
+        let mut config = fake_config(1, 32, &json!({}));
+        config["drives"] =
+            json!([{"drive_id": "data", "is_root_device": false, "path_on_host": disk}]);
+        config
+    };
+    let shadow = Path::new("/etc/shadow").to_owned();
+    let refused = [
+        (
+            shadow.clone(),
+            "config: drives[\"data\"].path_on_host \"/etc/shadow\": outside the VM's folder"
+                .to_owned(),
+        ),
+        (
+            shadow,
+            format!("{}): a VM may name only files there", images.display()),
+        ),
+        (
+            images.join("escape.img"),
+            "(it leads to /etc/passwd)".to_owned(),
+        ),
+        (
+            images.join("../../etc/shadow"),
+            "must not contain \"..\"".to_owned(),
+        ),
+    ];
+    for (disk, want) in refused {
+        let r = d
+            .call(
+                "POST",
+                "/vms",
+                Some(json!({"id": "bad", "config": with_disk(&disk)})),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{}: {}", disk.display(), r.text());
+        assert!(r.fault_message().contains(&want), "{}", r.fault_message());
+        // Nothing was spawned: no process, no folder, no record.
+        assert!(!d.dir.join("state/vms/bad").exists());
+        assert_eq!(d.call("GET", "/vms", None).await.json().unwrap(), json!([]));
+    }
+    // A VM arriving by migration names its files too.
+    let r = d
+        .call(
+            "POST",
+            "/vms/bad/receive",
+            Some(json!({"config": with_disk(Path::new("/etc/shadow"))})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.fault_message().contains("/etc/shadow"), "{}", r.text());
+    assert!(!d.dir.join("state/vms/bad").exists());
+
+    // An allowed disk, and a socket the VMM makes in the VM's own folder.
+    let mut config = with_disk(&images.join("disk.img"));
+    config["vsock"] = json!({"guest_cid": 3, "uds_path": d.dir.join("state/vms/ok/vsock.sock")});
+    let r = d
+        .call("POST", "/vms", Some(json!({"id": "ok", "config": config})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json().unwrap()["state"], "running");
+    // But not over the daemon's own files there.
+    let mut config = fake_config(1, 32, &json!({}));
+    config["vsock"] = json!({"guest_cid": 3, "uds_path": d.dir.join("state/vms/ok2/exit.json")});
+    let r = d
+        .call("POST", "/vms", Some(json!({"id": "ok2", "config": config})))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.fault_message().contains("the daemon's own file"),
+        "{}",
+        r.text()
+    );
+    d.stop().await;
+    std::fs::remove_dir_all(&images).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_console_stays_within_its_limit() {
+    let limits = vigil_daemon::supervisor::LogLimits {
+        max_bytes: 8192,
+        keep: 2,
+    };
+    let d = Daemon::start("flood", |c| c.vm_logs = limits).await;
+    let r = d.create("chatty", json!({"console_flood": true})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let console = d.dir.join("state/vms/chatty/console.log");
+    let rotated = |k| vigil_daemon::supervisor::rotated(&console, k);
+    // Let it write a good many limits' worth.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rotated(2).exists() || std::fs::metadata(rotated(2)).unwrap().len() == 0 {
+        assert!(Instant::now() < deadline, "console.log.2 never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = d.call("POST", "/vms/chatty/stop", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let vm = r.json().unwrap();
+
+    let files = [rotated(2), rotated(1), console.clone()];
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len <= 8192, "{}: {len} bytes", f.display());
+    }
+    assert!(!rotated(3).exists());
+    // What is kept is the end of the console, whole lines in order: numbered
+    // lines with nothing missing between the files.
+    let kept: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let numbers: Vec<u64> = kept
+        .lines()
+        .map(|l| l.strip_prefix("fake flood line ").unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap in the kept lines"
+    );
+    let last = *numbers.last().unwrap();
+    // Far more went through than the files hold (about 1200 of these lines).
+    assert!(last > 10_000, "only {last} lines written");
+    // The record and exit.json end with the console's last line.
+    let tail = vm["console_tail"].as_str().unwrap();
+    assert!(
+        tail.ends_with(&format!("fake flood line {last}\n")),
+        "{tail}"
+    );
+    assert!(tail.len() <= 4096);
+    let exit: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.dir.join("state/vms/chatty/exit.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(exit["console_tail"], vm["console_tail"]);
+    d.stop().await;
 }

@@ -19,4 +19,4 @@ pub use send::{
     DEFAULT_MAX_ROUNDS,
 };
 pub use target::{BadTarget, Listener, Target};
-pub use tls::{ClientTls, ServerTls, TlsError};
+pub use tls::{ClientTls, PemError, ServerTls, TlsError};

@@ -10,16 +10,13 @@
 //! keeps the records of two writes from interleaving).
 
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rustls::crypto::ring;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{
-    ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection,
-};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, Connection, ServerConnection};
+pub use vigil_tls::PemError;
 
 use crate::target::Stream;
 use crate::wire;
@@ -33,59 +30,24 @@ const ALERT_RECORD: u8 = 0x15;
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The destination's certificate chain (PEM).
-    #[error("{}: {why}", path.display())]
-    Cert { path: PathBuf, why: String },
-    /// The destination's private key (PEM).
-    #[error("{}: {why}", path.display())]
-    Key { path: PathBuf, why: String },
-    /// The CA (or certificate) the source trusts (PEM).
-    #[error("{}: {why}", path.display())]
-    Ca { path: PathBuf, why: String },
+    /// A certificate, key or CA file (`vigil_tls` names which).
+    #[error(transparent)]
+    Pem(#[from] PemError),
     #[error("{0:?}: not a DNS name or an IP address")]
     ServerName(String),
     #[error("TLS handshake with the source failed: {0}")]
     Handshake(String),
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(ring::default_provider())
-}
-
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read a PEM certificate from it: {e}"))?;
-    if certs.is_empty() {
-        return Err("no CERTIFICATE in it".into());
-    }
-    Ok(certs)
-}
-
 /// The destination's side: its certificate and key.
 #[derive(Clone)]
-pub struct ServerTls(Arc<ServerConfig>);
+pub struct ServerTls(Arc<rustls::ServerConfig>);
 
 impl ServerTls {
     /// From a PEM certificate chain (the destination's first) and its PEM
     /// private key (PKCS#8, PKCS#1 or SEC1).
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let chain = certificates(cert).map_err(|why| TlsError::Cert {
-            path: cert.into(),
-            why,
-        })?;
-        let bad_key = |why: String| TlsError::Key {
-            path: key.into(),
-            why,
-        };
-        let private = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| bad_key(format!("cannot read a PEM private key from it: {e}")))?;
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| bad_key(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, private)
-            .map_err(|e| bad_key(format!("does not go with {}: {e}", cert.display())))?;
+        let mut config = vigil_tls::server_config(cert, key, None)?;
         // Nothing resumes a migration's session.
         config.send_tls13_tickets = 0;
         Ok(Self(Arc::new(config)))
@@ -132,7 +94,7 @@ impl ServerTls {
 /// and the name it must carry.
 #[derive(Clone)]
 pub struct ClientTls {
-    config: Arc<ClientConfig>,
+    config: Arc<rustls::ClientConfig>,
     server_name: ServerName<'static>,
 }
 
@@ -148,21 +110,7 @@ impl ClientTls {
     /// Trusts the certificates in the PEM file `ca` (a CA, or the
     /// destination's own self-signed certificate) for `server_name`.
     pub fn load(ca: &Path, server_name: &str) -> Result<Self, TlsError> {
-        let bad_ca = |why: String| TlsError::Ca {
-            path: ca.into(),
-            why,
-        };
-        let mut roots = RootCertStore::empty();
-        for cert in certificates(ca).map_err(bad_ca)? {
-            roots
-                .add(cert)
-                .map_err(|e| bad_ca(format!("not a usable CA certificate: {e}")))?;
-        }
-        let config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| bad_ca(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = vigil_tls::client_config(ca, None)?;
         let server_name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| TlsError::ServerName(server_name.into()))?;
         Ok(Self {
@@ -366,6 +314,7 @@ impl Stream for TlsStream {
 #[cfg(test)]
 mod tests {
     use std::net::{TcpListener, TcpStream};
+    use std::path::PathBuf;
     use std::sync::mpsc;
     use std::thread;
 
@@ -556,32 +505,18 @@ mod tests {
 
     #[test]
     fn bad_files_say_which_and_why() {
+        // vigil-tls checks the files; here, that its verdict comes through.
         let dir = scratch("bad-files");
         let (cert, key) = certificate(&dir, "localhost");
-        let missing = dir.join("missing.pem");
-        let e = ServerTls::load(&missing, &key).err().unwrap();
-        assert!(matches!(e, TlsError::Cert { .. }), "{e}");
-        assert!(e.to_string().contains("missing.pem"), "{e}");
-        // A key is no certificate, and a certificate no key.
         let e = ServerTls::load(&key, &key).err().unwrap();
         assert!(
-            matches!(e, TlsError::Cert { .. }) && e.to_string().contains("no CERTIFICATE"),
+            matches!(e, TlsError::Pem(PemError::Cert { .. })) && e.to_string().contains("key.pem"),
             "{e}"
         );
         let e = ServerTls::load(&cert, &cert).err().unwrap();
-        assert!(
-            matches!(e, TlsError::Key { .. }) && e.to_string().contains("cert.pem"),
-            "{e}"
-        );
-        // Another certificate's key.
-        let (_, other_key) = certificate(&dir.join("other"), "localhost");
-        let e = ServerTls::load(&cert, &other_key).err().unwrap();
-        assert!(e.to_string().contains("does not go with"), "{e}");
+        assert!(matches!(e, TlsError::Pem(PemError::Key { .. })), "{e}");
         let e = ClientTls::load(&key, "localhost").err().unwrap();
-        assert!(
-            matches!(e, TlsError::Ca { .. }) && e.to_string().contains("key.pem"),
-            "{e}"
-        );
+        assert!(matches!(e, TlsError::Pem(PemError::Ca { .. })), "{e}");
         let e = ClientTls::load(&cert, "not a name!").err().unwrap();
         assert!(matches!(e, TlsError::ServerName(_)), "{e}");
         let _ = std::fs::remove_dir_all(dir);

@@ -620,7 +620,7 @@ impl RunArgs {
         };
         ServerTls::load(cert, key).map(Some).map_err(|e| {
             let option = match e {
-                TlsError::Key { .. } => "--migration-tls-key",
+                TlsError::Pem(vigil_migration::PemError::Key { .. }) => "--migration-tls-key",
                 _ => "--migration-tls-cert",
             };
             anyhow::anyhow!("{option} {e}")

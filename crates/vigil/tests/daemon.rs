@@ -1,9 +1,12 @@
 //! `vigil daemon` and `vigil ctl` end to end, with real VMs (the embedded test guest):
 //! the life of a VM through the CLI and through raw HTTP, a crashing guest, 20 VMs at
-//! once, 100 create/destroy cycles that leak nothing, the TCP listener's token, and
-//! a clean SIGTERM.
+//! once, 100 create/destroy cycles that leak nothing, the TCP listener's token, its
+//! TLS (`vigil ctl --url https://...`, mutual TLS, plain HTTP refused off loopback),
+//! and a clean SIGTERM.
 
 mod common;
+#[path = "../../daemon/tests/pki/mod.rs"]
+mod pki;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -216,6 +219,128 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 #[test]
+fn host_files_outside_the_allowed_folders_are_refused() {
+    let d = Daemon::start("paths", &[]);
+    // /etc/shadow as a disk: refused before anything runs.
+    let mut vm = d.config("hang");
+    vm["drives"] =
+        json!([{"drive_id": "loot", "path_on_host": "/etc/shadow", "is_root_device": false}]);
+    let (status, body) = d.http("POST", "/vms", Some(json!({"id": "thief", "config": vm})));
+    assert_eq!(status, 400, "{body}");
+    let message = body["fault_message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "config: drives[\"loot\"].path_on_host \"/etc/shadow\": outside the VM's folder"
+        ),
+        "{message}"
+    );
+    assert!(children(d.pid()).is_empty(), "a VMM was started");
+    assert!(!d.dir.join("state/vms/thief").exists());
+    // A link in the allowed folder that leads out of it.
+    std::os::unix::fs::symlink("/etc/shadow", d.dir.join("innocent.img")).unwrap();
+    let mut vm = d.config("hang");
+    vm["drives"] = json!([{"drive_id": "loot", "path_on_host": d.dir.join("innocent.img"), "is_root_device": false}]);
+    let (status, body) = d.http("POST", "/vms", Some(json!({"id": "thief", "config": vm})));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.to_string().contains("(it leads to /etc/shadow)"),
+        "{body}"
+    );
+    assert!(children(d.pid()).is_empty(), "a VMM was started");
+    // A disk in the allowed folder: the guest reads and writes it.
+    let disk = d.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut vm = d.config("blk");
+    vm["drives"] = json!([{"drive_id": "data", "path_on_host": disk, "is_root_device": false}]);
+    let (status, body) = d.http("POST", "/vms", Some(json!({"id": "honest", "config": vm})));
+    assert_eq!(status, 201, "{body}\n{}", d.log());
+    let vm = wait_for_state(&d, "honest", "exited");
+    let console = std::fs::read_to_string(d.dir.join("state/vms/honest/console.log")).unwrap();
+    assert!(console.contains("TEST blk PASS"), "{console}\n{vm}");
+}
+
+/// The resident memory of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_chatty_guest_console_is_rotated_within_its_limit() {
+    let d = Daemon::start("logs", &["--vm-log-max-size", "4K", "--vm-log-keep", "2"]);
+    // A tick every millisecond, each printed: about 14 KB of console a second.
+    d.create("chatty", "counter counter_ms=1");
+    let console = d.dir.join("state/vms/chatty/console.log");
+    let rotated = |k: u32| {
+        let mut name = console.as_os_str().to_owned();
+        name.push(format!(".{k}"));
+        PathBuf::from(name)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(rotated(2)).map_or(true, |m| m.len() == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "console.log.2 never appeared\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = rss_kib(d.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let after = rss_kib(d.pid());
+    let (_, vm) = d.http("POST", "/vms/chatty/stop", Some(json!({"timeout_s": 5})));
+    assert_eq!(vm["state"], "stopped", "{vm}");
+
+    let files = [rotated(2), rotated(1), console.clone()];
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len <= 4096, "{}: {len} bytes", f.display());
+    }
+    assert!(!rotated(3).exists());
+    // The files hold the end of the console in order, ticks without a gap.
+    let kept: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    // (The stop may have cut the last line short.)
+    let whole = &kept[..kept.rfind('\n').unwrap() + 1];
+    let ticks: Vec<u64> = whole
+        .lines()
+        .filter_map(|l| l.strip_prefix("counter: ")?.trim().parse().ok())
+        .collect();
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "a gap: {ticks:?}"
+    );
+    let last = *ticks.last().unwrap();
+    // The oldest ticks went with the oldest file.
+    assert!(ticks[0] > 1, "nothing was dropped: {ticks:?}");
+    // The record reports the console's last line, as exit.json does.
+    let tail = vm["console_tail"].as_str().unwrap();
+    assert!(
+        kept.ends_with(tail) && tail.contains(&format!("counter: {last}\n")),
+        "{tail}"
+    );
+    let exit: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.dir.join("state/vms/chatty/exit.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(exit["console_tail"], vm["console_tail"]);
+    eprintln!(
+        "{last} ticks printed, {} kept in 3 files; daemon RSS {before} -> {after} KiB over 3 s of flooding",
+        ticks.len()
+    );
+    assert!(
+        after < before + 1024,
+        "the daemon grew from {before} to {after} KiB"
+    );
+}
+
+#[test]
 fn twenty_vms_at_once() {
     let d = Daemon::start("twenty", &[]);
     std::thread::scope(|s| {
@@ -410,6 +535,285 @@ fn tcp_needs_a_token() {
     assert_eq!(mode, 0o600);
     drop(d);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Waits until the daemon's log says `text` (it answers on its socket a moment
+/// before it logs that it listens).
+fn wait_for_log(d: &Daemon, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains(text) {
+        assert!(Instant::now() < deadline, "no {text:?} in:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A token file (mode 0600) in `dir`.
+fn token_file(dir: &std::path::Path, token: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[test]
+fn ctl_over_https_with_mutual_tls() {
+    let scratch = std::env::temp_dir().join(format!("vigil-d-https-pki-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let ca = pki::Ca::new(&scratch, "ca");
+    let server = ca.server("server");
+    let client = ca.client("client");
+    let token = token_file(&scratch, "https-token-0123456789abcdef");
+    let addr = free_loopback_addr();
+    let p = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let (cert, key, ca_pem) = (p(&server.cert), p(&server.key), p(&ca.pem));
+    let d = Daemon::start(
+        "https",
+        &[
+            &tcp_args(&addr, &token)[..],
+            &[
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                &ca_pem,
+            ],
+        ]
+        .concat(),
+    );
+    wait_for_log(
+        &d,
+        &format!("tcp {addr} (TLS, client certificates, bearer token)"),
+    );
+    let url = format!("https://{addr}");
+    let (client_cert, client_key) = (p(&client.cert), p(&client.key));
+    let https = |args: &[&str]| {
+        let flags = [
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--ca-cert",
+            &ca_pem,
+            "--client-cert",
+            &client_cert,
+            "--client-key",
+            &client_key,
+        ];
+        run(&[&flags[..], args].concat(), CTL_TIMEOUT)
+    };
+    // The same commands as over the socket: a real VM created, listed, inspected,
+    // paused, destroyed, all over https.
+    let hang = d.config_file("hang");
+    let r = https(&["create", "web-1", "--config", hang.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{r}\n--- daemon\n{}", d.log());
+    let r = https(&["list"]);
+    assert!(
+        r.code == Some(0) && r.stdout.contains("web-1") && r.stdout.contains("running"),
+        "{r}"
+    );
+    let r = https(&["--json", "inspect", "web-1"]);
+    let vm: Value = serde_json::from_str(&r.stdout).unwrap_or_default();
+    assert_eq!(vm["config"]["machine-config"]["mem_size_mib"], 32, "{r}");
+    assert!(https(&["pause", "web-1"]).stdout.contains("paused"));
+    let r = https(&["events"]);
+    assert!(r.stdout.contains("vm web-1 paused"), "{r}");
+    let r = https(&["destroy", "web-1"]);
+    assert!(r.stdout.contains("destroyed web-1"), "{r}");
+    assert_eq!(d.http("GET", "/vms", None).1, json!([]));
+
+    // Without the client certificate: refused in the handshake, and told why.
+    let r = run(
+        &[
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--ca-cert",
+            &ca_pem,
+            "list",
+        ],
+        CTL_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("wants a client certificate"), "{r}");
+    // A wrong token: 401 (TLS does not replace it).
+    let wrong = scratch.join("wrong");
+    std::fs::create_dir_all(&wrong).unwrap();
+    let wrong = token_file(&wrong, "not-the-token-0123456789");
+    let r = run(
+        &[
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            wrong.to_str().unwrap(),
+            "--ca-cert",
+            &ca_pem,
+            "--client-cert",
+            &client_cert,
+            "--client-key",
+            &client_key,
+            "list",
+        ],
+        CTL_TIMEOUT,
+    );
+    assert!(r.code == Some(1) && r.stderr.contains("(HTTP 401)"), "{r}");
+    // Plain HTTP to the TLS port.
+    let r = run(
+        &[
+            "ctl",
+            "--url",
+            &format!("http://{addr}"),
+            "--token-file",
+            token.to_str().unwrap(),
+            "list",
+        ],
+        CTL_TIMEOUT,
+    );
+    assert!(
+        r.code == Some(1) && r.stderr.contains("TLS only: use https://"),
+        "{r}"
+    );
+    // https without a CA to check the daemon with.
+    let r = run(
+        &[
+            "ctl",
+            "--url",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+            "list",
+        ],
+        CTL_TIMEOUT,
+    );
+    assert!(
+        r.code == Some(1) && r.stderr.contains("needs --ca-cert"),
+        "{r}"
+    );
+    drop(d);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[test]
+fn tcp_off_loopback_needs_tls_unless_insisted() {
+    let scratch =
+        std::env::temp_dir().join(format!("vigil-d-insecure-scratch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    let token = token_file(&scratch, "plain-token-0123456789abcdef");
+    let port = free_loopback_addr().rsplit_once(':').unwrap().1.to_owned();
+    let any = format!("0.0.0.0:{port}");
+    let state = scratch.join("state");
+    let socket = scratch.join("d.sock");
+    let base = [
+        "daemon",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+    ];
+    let r = run(
+        &[&base[..], &tcp_args(&any, &token)[..]].concat(),
+        CTL_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr
+            .contains(&format!("--listen-tcp {any} is not a loopback address"))
+            && r.stderr.contains("--tls-cert")
+            && r.stderr.contains("--insecure-plain-tcp"),
+        "{r}"
+    );
+    assert!(!socket.exists());
+    // Bad certificate files name their flag and path.
+    let missing = scratch.join("missing.pem");
+    let r = run(
+        &[
+            &base[..],
+            &tcp_args(&any, &token)[..],
+            &[
+                "--tls-cert",
+                missing.to_str().unwrap(),
+                "--tls-key",
+                token.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+        CTL_TIMEOUT,
+    );
+    assert!(
+        r.code == Some(1)
+            && r.stderr
+                .contains(&format!("--tls-cert {}: cannot read", missing.display())),
+        "{r}"
+    );
+    let r = run(
+        &[&base[..], &["--tls-cert", "x.pem", "--tls-key", "x.key"]].concat(),
+        CTL_TIMEOUT,
+    );
+    assert!(
+        r.code == Some(2) && r.stderr.contains("--listen-tcp"),
+        "{r}"
+    );
+
+    // The operator insists: plain HTTP, with a warning at start.
+    let d = Daemon::start(
+        "plain",
+        &[&tcp_args(&any, &token)[..], &["--insecure-plain-tcp"]].concat(),
+    );
+    wait_for_log(&d, "serves plain HTTP off loopback (--insecure-plain-tcp)");
+    let r = run(
+        &[
+            "ctl",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+            "--token-file",
+            token.to_str().unwrap(),
+            "list",
+        ],
+        CTL_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "{r}");
+    drop(d);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+#[test]
+fn socket_group_opens_the_socket_to_a_group() {
+    use std::os::unix::fs::MetadataExt;
+    let r = run(
+        &[
+            "daemon",
+            "--socket-group",
+            "no-such-group-here",
+            "--socket",
+            "/nonexistent/x.sock",
+        ],
+        CTL_TIMEOUT,
+    );
+    assert!(
+        r.code == Some(2)
+            && r.stderr
+                .contains("\"no-such-group-here\": no such group in /etc/group"),
+        "{r}"
+    );
+    // A gid this test may hand the socket to: any for root, else its own.
+    // SAFETY: geteuid and getegid cannot fail and touch no memory.
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        4242
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::getegid() }
+    };
+    let d = Daemon::start("group", &["--socket-group", &gid.to_string()]);
+    // Once it answers, the socket is set up.
+    assert_eq!(d.ctl_ok(&["list"]).code, Some(0));
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, gid));
 }
 
 #[test]

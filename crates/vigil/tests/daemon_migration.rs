@@ -1,5 +1,5 @@
 //! `vigil ctl migrate`: a VM moves between two daemons on this host (the other
-//! daemon reached over its TCP API with its token), keeps counting there, and the
+//! daemon reached over its TCP API with its token, over https), keeps counting there, and the
 //! first daemon's record says where it went; a migration the other daemon refuses
 //! leaves the VM running where it was.
 
@@ -48,7 +48,8 @@ fn token_file(dir: &Path, token: &str) -> std::path::PathBuf {
 #[test]
 fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
     let events = std::env::temp_dir().join(format!("vigil-migrate-a-{}.jsonl", std::process::id()));
-    // The daemons migrate over TLS: b serves with its certificate, a trusts it.
+    // The daemons talk and migrate over TLS: b serves its API and the VMs
+    // arriving with its certificate, a trusts it for both.
     let certs = std::env::temp_dir().join(format!("vigil-migrate-certs-{}", std::process::id()));
     let (cert, key) = common::mobility::certificate(&certs, "127.0.0.1");
     let a = Daemon::start(
@@ -58,12 +59,22 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
             &format!("json:{}", events.display()),
             "--migration-tls-ca",
             cert.to_str().unwrap(),
+            "--peer-tls-ca",
+            cert.to_str().unwrap(),
         ],
     );
     let addr = free_loopback_addr();
+    let url = format!("https://{addr}");
     let token = token_file(&a.dir, "b-daemon-token-0123456789");
     let mut b_args = tcp_args(&addr, &token).to_vec();
     b_args.extend([
+        // The VMs arriving name their files in a's folder.
+        "--allow-vm-path",
+        a.dir.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
         "--migration-tls-cert",
         cert.to_str().unwrap(),
         "--migration-tls-key",
@@ -81,7 +92,7 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
         "migrate",
         "m2",
         "--to",
-        &addr,
+        &url,
         "--peer-token-file",
         wrong.to_str().unwrap(),
     ]);
@@ -94,7 +105,7 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
         "migrate",
         "m1",
         "--to",
-        &addr,
+        &url,
         "--peer-token-file",
         token.to_str().unwrap(),
         "--downtime-ms",
@@ -183,7 +194,7 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
                 "migrate",
                 "m2",
                 "--to",
-                &addr,
+                &url,
                 "--peer-token-file",
                 token.to_str().unwrap(),
                 "--bandwidth-mib-s",
@@ -275,12 +286,30 @@ fn a_hot_host_makes_the_policy_move_a_vm_and_dry_run_only_reports() {
     let b_dir = std::env::temp_dir().join(format!("vigil-adaptive-{}", std::process::id()));
     std::fs::create_dir_all(&b_dir).unwrap();
     let token = token_file(&b_dir, "b-daemon-token-0123456789");
-    let b = Daemon::start("adaptive-b", &tcp_args(&addr, &token));
-    let peer = format!("{addr}={}", token.display());
+    // The policy reaches the peer over https, as an operator would.
+    let (cert, key) = common::mobility::certificate(&b_dir.join("certs"), "127.0.0.1");
+    // The VM arriving names its files in the acting daemon's folder: made now, so
+    // that b can check it at its start (that daemon's start makes it anew).
+    let act_dir = std::env::temp_dir().join(format!("vigil-d-adaptive-act-{}", std::process::id()));
+    std::fs::create_dir_all(&act_dir).unwrap();
+    let mut b_args = tcp_args(&addr, &token).to_vec();
+    b_args.extend([
+        "--allow-vm-path",
+        act_dir.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let b = Daemon::start("adaptive-b", &b_args);
+    let url = format!("https://{addr}");
+    let peer = format!("{url}={}", token.display());
     let policy = |events: &Path, dry: bool| {
         let mut args = vec![
             "--migrate-peer".to_owned(),
             peer.clone(),
+            "--peer-tls-ca".into(),
+            cert.to_str().unwrap().into(),
             "--migrate-cpu-pressure".into(),
             "5".into(),
             "--migrate-window".into(),
@@ -314,7 +343,7 @@ fn a_hot_host_makes_the_policy_move_a_vm_and_dry_run_only_reports() {
         "{e}"
     );
     let params = &e["output_fields"]["policy.params"];
-    assert_eq!(params["to"], addr.as_str(), "{e}");
+    assert_eq!(params["to"], url.as_str(), "{e}");
     assert_eq!(params["method"], "pre-copy", "{e}");
     assert!(params["predicted_total_ms"].is_u64(), "{e}");
     assert!(

@@ -48,6 +48,13 @@ impl Daemon {
             .arg(tcp.to_string())
             .arg("--token-file")
             .arg(&token_file)
+            // The test guest's kernel, where the build put it.
+            .arg("--allow-vm-path")
+            .arg(
+                std::path::Path::new(vigil_test_guest::ELF_PATH)
+                    .parent()
+                    .expect("the guest's folder"),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -157,7 +157,8 @@ fn a_flood_is_detected_throttled_by_policy_and_written_to_every_output() {
         })
     });
 
-    let disk = files.join("data.img");
+    // In the daemon's folder: the one its VMs may name files in.
+    let disk = d.dir.join("data.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut vm = d.config("flood flood_s=20");
     vm["drives"] = json!([{"drive_id": "data", "path_on_host": disk, "is_root_device": false}]);

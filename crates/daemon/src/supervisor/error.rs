@@ -26,6 +26,9 @@ pub enum SupervisorError {
     ConfigJson(#[from] JsonError),
     #[error("config: {0}")]
     Config(#[from] DocumentError),
+    /// A file the configuration may not name (`--allow-vm-path`).
+    #[error(transparent)]
+    Path(#[from] super::PathRefused),
     #[error("introspect.{0}")]
     Introspect(#[from] IntrospectConfigError),
     #[error(transparent)]
@@ -90,8 +93,10 @@ pub enum SupervisorError {
     },
     #[error("VM {id:?} is {state}: only a running or paused VM can migrate")]
     CannotMigrate { id: String, state: &'static str },
-    #[error("to {to:?}: expected the other daemon's TCP API address, HOST:PORT")]
+    #[error("to {to:?}: expected the other daemon's TCP API, https://HOST:PORT (or HOST:PORT for plain HTTP)")]
     BadPeer { to: String },
+    #[error("to {to}: this daemon has no CA to check the other daemon's certificate with (start it with --peer-tls-ca)")]
+    PeerTlsCa { to: String },
     /// The other daemon did not take the VM.
     #[error("the daemon at {to} {why}")]
     Peer { to: String, why: String },
@@ -117,6 +122,7 @@ impl SupervisorError {
             | ConfigNotObject { .. }
             | ConfigJson(_)
             | Config(_)
+            | Path(_)
             | Introspect(_)
             | TraceSyscalls(_)
             | StartFailed { .. } => StatusCode::BAD_REQUEST,
@@ -127,7 +133,7 @@ impl SupervisorError {
             | CannotThrottle { .. }
             | NothingToThrottle { .. }
             | CannotMigrate { .. } => StatusCode::CONFLICT,
-            BadPeer { .. } => StatusCode::BAD_REQUEST,
+            BadPeer { .. } | PeerTlsCa { .. } => StatusCode::BAD_REQUEST,
             Peer { .. } | MigrationFailed { .. } => StatusCode::BAD_GATEWAY,
             TooManyVms { .. } => StatusCode::TOO_MANY_REQUESTS,
             Folder { .. } | EncodeConfig(_) | Spawn { .. } => StatusCode::INTERNAL_SERVER_ERROR,

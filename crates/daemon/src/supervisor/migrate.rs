@@ -39,7 +39,8 @@ pub struct Incoming {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// The other daemon's TCP API, `HOST:PORT` (its `--listen`).
+    /// The other daemon's TCP API (its `--listen-tcp`): `https://HOST:PORT`, or
+    /// `HOST:PORT` (`http://HOST:PORT`) for one without TLS.
     pub to: String,
     /// The other daemon's bearer token.
     pub peer_token: String,
@@ -73,6 +74,10 @@ impl Supervisor {
         request: ReceiveRequest,
     ) -> Result<Incoming, SupervisorError> {
         validate_id(id)?;
+        // The process here opens the VM's files (its disks) as the source names
+        // them: the same rule as for a VM created here.
+        let document = vigil_model::firecracker::parse(request.config.to_string().as_bytes())?;
+        self.config.paths.check(id, &document)?;
         let spawn_error = |source| SupervisorError::Spawn {
             vmm: self.config.vmm_binary.clone(),
             source,
@@ -145,10 +150,9 @@ impl Supervisor {
             });
         }
         let to = request.to.clone();
-        let host = match vigil_model::options::host_port(&to) {
-            Some((host, _)) => host.to_owned(),
-            None => return Err(SupervisorError::BadPeer { to }),
-        };
+        let peer_daemon = self.peer_endpoint(&to, &request.peer_token)?;
+        let host = peer_daemon.url().host.clone();
+        let peer_daemon = client::Endpoint::Tcp(peer_daemon);
         let peer = |why: String| SupervisorError::Peer {
             to: to.clone(),
             why,
@@ -157,9 +161,8 @@ impl Supervisor {
             config: vm.config.clone(),
         })
         .map_err(SupervisorError::EncodeConfig)?;
-        let answer = client::request_tcp(
-            &to,
-            &request.peer_token,
+        let answer = client::request_to(
+            &peer_daemon,
             "POST",
             &format!("/vms/{id}/receive"),
             Some(body),
@@ -211,9 +214,8 @@ impl Supervisor {
         if let Err(e) = &result {
             vm.status().migrating_to = None;
             // Nothing runs there: the waiting process goes.
-            let _ = client::request_tcp(
-                &to,
-                &request.peer_token,
+            let _ = client::request_to(
+                &peer_daemon,
                 "POST",
                 &format!("/vms/{id}/stop"),
                 Some(b"{}".to_vec()),
@@ -229,6 +231,15 @@ impl Supervisor {
             );
         }
         result
+    }
+
+    /// The other daemon's TCP API at `to` (`https://HOST:PORT`, or
+    /// `HOST:PORT` for plain HTTP) with its token; https needs `--peer-tls-ca`.
+    fn peer_endpoint(&self, to: &str, token: &str) -> Result<client::TcpEndpoint, SupervisorError> {
+        let url =
+            client::DaemonUrl::parse(to).map_err(|_| SupervisorError::BadPeer { to: to.into() })?;
+        client::TcpEndpoint::new(url, token, self.config.peer_tls.clone())
+            .map_err(|_| SupervisorError::PeerTlsCa { to: to.into() })
     }
 
     /// Starts the migration on the VM's API and waits until its process ends

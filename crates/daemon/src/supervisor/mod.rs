@@ -3,13 +3,16 @@
 //! Each VM is one `vigil run --api-sock DIR/api.sock --config-file DIR/config.json`
 //! (with `--introspect`, `--trace-syscalls`, `--debug-api` when the create request asks)
 //! process, DIR being `<state-dir>/vms/<id>`. Its serial console (stdout) goes to
-//! `DIR/console.log` and its own log (stderr) to `DIR/vmm.log`. One task per VM owns
+//! `DIR/console.log` and its own log (stderr) to `DIR/vmm.log`, through pipes the
+//! daemon copies and rotates (`logs`). The files its configuration names must
+//! lead into DIR or an allowed folder (`paths`). One task per VM owns
 //! the process handle: it alone reaps the process, and it alone signals it, so a
 //! signal can never reach a recycled pid. A VM that ends is never restarted: its
 //! record keeps how it ended (and the tails of its logs) until it is destroyed.
 //!
 //! The parts: `vm` (the VM record and its states), `request` (the create request,
-//! its introspection options and the `vigil run` flags they become), `process`
+//! its introspection options and the `vigil run` flags they become), `paths` (the
+//! host files a configuration may name), `logs` (the VM's rotated logs), `process`
 //! (launching the process, waiting for it to come up, reaping it), `exit` (how a
 //! process ended: its state and reason, crash reasons), `control` (pause, resume
 //! and throttle through the VM's API socket) and `stop` (stop, destroy, stop
@@ -31,7 +34,9 @@ use crate::id::validate_id;
 mod control;
 mod error;
 mod exit;
+mod logs;
 mod migrate;
+mod paths;
 mod process;
 mod request;
 mod stop;
@@ -39,8 +44,10 @@ mod vm;
 
 pub use error::SupervisorError;
 pub use exit::classify;
+pub use logs::{rotated, LogLimits, MAX_KEEP, MIN_LOG_BYTES};
 pub use migrate::{Incoming, MigrateRequest, ReceiveRequest};
-pub use process::{tail, TAIL_BYTES};
+pub use paths::{config_paths, PathPolicy, PathRefused};
+pub use process::{CONSOLE_LOG, TAIL_BYTES, VMM_LOG};
 pub use request::{CreateRequest, TraceSpec, TraceSpecError, SYSCALLS_FILE};
 pub use stop::StopMethod;
 pub use vm::{ExitInfo, Vm, VmInfo, VmState};
@@ -65,6 +72,13 @@ pub struct SupervisorConfig {
     pub max_vms: usize,
     /// TLS for the migrations it sends and receives (none: plain TCP).
     pub migration_tls: MigrationTls,
+    /// How it checks (and, for mutual TLS, what it presents to) the other
+    /// daemons' https APIs it sends VMs to (`--peer-tls-*`).
+    pub peer_tls: Option<crate::client::ClientTls>,
+    /// Where the files a VM's configuration names may be (`--allow-vm-path`).
+    pub paths: PathPolicy,
+    /// How large each VM's `console.log` and `vmm.log` grow (`--vm-log-*`).
+    pub vm_logs: LogLimits,
 }
 
 /// The daemon's migration certificates: its own (VMs arriving here wait behind
@@ -137,8 +151,9 @@ impl Supervisor {
             });
         }
         // The configuration is checked as `vigil run` checks it, before anything
-        // is spawned.
+        // is spawned; the files it names first (checking them opens them).
         let document: FullVmConfig = firecracker::parse(request.config.to_string().as_bytes())?;
+        self.config.paths.check(&request.id, &document)?;
         document.to_vm_config(&HostLimits::read(MAX_VCPUS))?;
         if let Some(i) = &request.introspect {
             i.validate()?;

@@ -3,7 +3,6 @@
 //! the task that owns the process: it alone signals and reaps it, then records
 //! how it ended.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Stdio;
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 
 use super::exit::{classify, crash_reason};
+use super::logs::{self, RotatingLog};
 use super::stop::StopMethod;
 use super::vm::{unix_s, ExitInfo, Vm, VmInfo, VmState};
 use super::{Supervisor, SupervisorError};
@@ -22,22 +22,10 @@ use crate::events::{Event, Events, Priority};
 /// How many bytes of a VM's stderr and console logs its record keeps when it ends.
 pub const TAIL_BYTES: u64 = 4096;
 
-/// The last `max` bytes of the file at `path` (from a line start when it was cut).
-pub fn tail(path: &Path, max: u64) -> Option<String> {
-    let mut file = std::fs::File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    let start = len.saturating_sub(max);
-    file.seek(SeekFrom::Start(start)).ok()?;
-    let mut bytes = Vec::new();
-    file.take(max).read_to_end(&mut bytes).ok()?;
-    let mut text = String::from_utf8_lossy(&bytes).into_owned();
-    if start > 0 {
-        if let Some(nl) = text.find('\n') {
-            text.drain(..=nl);
-        }
-    }
-    Some(text)
-}
+/// The VM's serial console (the VMM's stdout), in its folder.
+pub const CONSOLE_LOG: &str = "console.log";
+/// The VMM's own log (its stderr), in the VM's folder.
+pub const VMM_LOG: &str = "vmm.log";
 
 impl Supervisor {
     /// Prepares the folder and spawns the process with its reaper.
@@ -83,8 +71,13 @@ impl Supervisor {
             serde_json::to_vec_pretty(&vm.config).map_err(SupervisorError::EncodeConfig)?;
         std::io::Write::write_all(&mut open("config.json")?, &config_bytes)
             .map_err(folder("cannot write", &config_path))?;
-        let console = open("console.log")?;
-        let stderr = open("vmm.log")?;
+        let log = |name: &str| {
+            let path = dir.join(name);
+            RotatingLog::create(path.clone(), self.config.vm_logs)
+                .map_err(folder("cannot create", &path))
+        };
+        let console = log(CONSOLE_LOG)?;
+        let stderr = log(VMM_LOG)?;
 
         let mut command = tokio::process::Command::new(&self.config.vmm_binary);
         command.arg("run").arg("--api-sock").arg(&vm.api_socket);
@@ -95,8 +88,9 @@ impl Supervisor {
         command
             .args(vm.options.args(dir))
             .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(stderr)
+            // The daemon writes both logs (bounded, rotated), not the VMM.
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             // Its own process group: a Ctrl-C on the daemon's terminal reaches the
             // daemon alone, which then stops its VMs in order.
             .process_group(0)
@@ -126,13 +120,30 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|source| SupervisorError::Spawn {
+        let mut child = command.spawn().map_err(|source| SupervisorError::Spawn {
             vmm: self.config.vmm_binary.clone(),
             source,
         })?;
         vm.status().pid = child.id();
         tracing::info!(id = %vm.id, pid = ?child.id(), "VM process started");
-        tokio::spawn(reap(vm.clone(), child, signals, ended, self.events.clone()));
+        let logs = Logs {
+            console: child
+                .stdout
+                .take()
+                .map(|pipe| tokio::spawn(logs::copy(pipe, console))),
+            stderr: child
+                .stderr
+                .take()
+                .map(|pipe| tokio::spawn(logs::copy(pipe, stderr))),
+        };
+        tokio::spawn(reap(
+            vm.clone(),
+            child,
+            logs,
+            signals,
+            ended,
+            self.events.clone(),
+        ));
         Ok(())
     }
 
@@ -215,10 +226,38 @@ fn last_lines(text: &str) -> String {
     lines[lines.len().saturating_sub(3)..].join(" | ")
 }
 
+/// The tasks copying a VM's output into its logs; each ends with the log's tail.
+struct Logs {
+    console: Option<tokio::task::JoinHandle<String>>,
+    stderr: Option<tokio::task::JoinHandle<String>>,
+}
+
+/// How long, after the VMM exited, its logs may take to drain (a process it
+/// left behind could hold the pipes open).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Logs {
+    /// Waits for both logs to end; their tails.
+    async fn tails(self) -> (Option<String>, Option<String>) {
+        let tail = |task: Option<tokio::task::JoinHandle<String>>| async move {
+            let mut task = task?;
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
+                Ok(tail) => tail.ok(),
+                Err(_) => {
+                    task.abort();
+                    None
+                }
+            }
+        };
+        tokio::join!(tail(self.stderr), tail(self.console))
+    }
+}
+
 /// Owns the process: forwards signals to it until it exits, then records how it ended.
 async fn reap(
     vm: Arc<Vm>,
     mut child: tokio::process::Child,
+    logs: Logs,
     mut signals: mpsc::UnboundedReceiver<i32>,
     ended: watch::Sender<bool>,
     events: Events,
@@ -235,8 +274,8 @@ async fn reap(
             }
         }
     };
-    let stderr_tail = tail(&vm.dir.join("vmm.log"), TAIL_BYTES);
-    let console_tail = tail(&vm.dir.join("console.log"), TAIL_BYTES);
+    // The logs end with the process (its pipes close): their last lines.
+    let (stderr_tail, console_tail) = logs.tails().await;
     {
         let mut s = vm.status();
         match status {
@@ -312,25 +351,4 @@ async fn reap(
     }
     let _ = std::fs::remove_file(&vm.api_socket);
     let _ = ended.send(true);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tails_start_at_a_line() {
-        let dir = std::env::temp_dir().join(format!("vigil-tail-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("log");
-        let text: String = (0..1000).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&path, &text).unwrap();
-        let t = tail(&path, 100).unwrap();
-        assert!(t.starts_with("line "), "{t}");
-        assert!(t.ends_with("line 999\n"));
-        assert!(t.len() <= 100);
-        assert_eq!(tail(&path, 1 << 20).unwrap(), text);
-        assert!(tail(&dir.join("absent"), 10).is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

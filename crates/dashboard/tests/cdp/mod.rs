@@ -69,9 +69,20 @@ impl Browser {
     /// loaded CI machine: "the browser went away" before the first target) is
     /// started again, up to three times in all.
     pub fn launch(chromium: &std::path::Path, width: u32, height: u32) -> Result<Browser, String> {
+        Self::launch_with(chromium, width, height, &[])
+    }
+
+    /// [`Browser::launch`] with more command-line flags (`--ignore-certificate-errors`
+    /// for a page served with a test CA's certificate).
+    pub fn launch_with(
+        chromium: &std::path::Path,
+        width: u32,
+        height: u32,
+        flags: &[&str],
+    ) -> Result<Browser, String> {
         let mut last = String::new();
         for attempt in 1..=3 {
-            match Self::launch_once(chromium, width, height) {
+            match Self::launch_once(chromium, width, height, flags) {
                 Ok(b) => return Ok(b),
                 Err(e) => {
                     eprintln!("chromium start {attempt}/3 failed: {e}");
@@ -83,7 +94,12 @@ impl Browser {
         Err(last)
     }
 
-    fn launch_once(chromium: &std::path::Path, width: u32, height: u32) -> Result<Browser, String> {
+    fn launch_once(
+        chromium: &std::path::Path,
+        width: u32,
+        height: u32,
+        flags: &[&str],
+    ) -> Result<Browser, String> {
         static N: AtomicU64 = AtomicU64::new(0);
         let profile = std::env::temp_dir().join(format!(
             "vigil-chromium-{}-{}",
@@ -120,6 +136,7 @@ impl Browser {
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("--window-size={width},{height}"))
+        .args(flags)
         .arg("about:blank")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -44,6 +44,9 @@ impl Daemon {
             .arg(self.dir.join("state"))
             .arg("--socket")
             .arg(&self.socket)
+            // The test guest and the disks are in this folder.
+            .arg("--allow-vm-path")
+            .arg(&self.dir)
             .args(["--stop-timeout", "5"])
             .args(extra)
             .stdin(Stdio::null())

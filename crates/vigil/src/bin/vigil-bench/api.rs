@@ -58,6 +58,9 @@ impl Bench {
             .arg(dir.join("state"))
             .arg("--socket")
             .arg(&socket)
+            // The guest's kernel is in this folder.
+            .arg("--allow-vm-path")
+            .arg(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

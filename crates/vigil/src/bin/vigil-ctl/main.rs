@@ -4,7 +4,7 @@
 mod render;
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,7 +12,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
-use vigil_daemon::client::{request_blocking, ClientError, Response};
+use vigil_daemon::auth::Token;
+use vigil_daemon::client::{
+    BlockingClient, ClientError, ClientTls, DaemonUrl, Endpoint, PemError, Response, TcpEndpoint,
+};
 use vigil_model::config::IntrospectConfig;
 use vigil_shared::args::{default_socket, parse_seconds};
 use vigil_shared::{exit, logging};
@@ -26,13 +29,19 @@ Output: aligned tables for people by default; --json prints the daemon's JSON as
 came (for scripts and jq). Exit status: 0 on success, 1 when the daemon refused (its
 message is printed) or cannot be reached.
 
+The daemon: its Unix socket (--socket), or its TCP API (--url) with its token
+(--token-file); https also needs --ca-cert, the CA its certificate (its --tls-cert)
+comes from, and a daemon started with --tls-client-ca wants --client-cert and
+--client-key too. Every command works either way.
+
 Examples:
   vigil ctl create web-1 --config vm.json   # Firecracker-style config file
   vigil ctl list
   vigil ctl pause web-1 && vigil ctl resume web-1
   vigil ctl stop web-1 --timeout 5          # SIGTERM, SIGKILL after 5 s
   vigil ctl inspect web-1 --json | jq .exit
-  vigil ctl destroy web-1";
+  vigil ctl destroy web-1
+  vigil ctl --url https://10.0.0.2:7443 --token-file token --ca-cert ca.pem list";
 
 /// Talk to the host daemon (`vigild`): list, create, inspect, pause, resume, stop
 /// and destroy VMs, read metrics and security events.
@@ -46,8 +55,33 @@ struct CtlArgs {
 
     /// The daemon's socket [default: as `vigil daemon`'s: $VIGIL_SOCKET, else
     /// /run/vigil/daemon.sock for root, else $XDG_RUNTIME_DIR/vigil/daemon.sock].
-    #[arg(long, value_name = "PATH", global = true)]
+    #[arg(long, value_name = "PATH", global = true, conflicts_with = "url")]
     socket: Option<PathBuf>,
+
+    /// Reach the daemon on its TCP API (its --listen-tcp) instead of its socket:
+    /// https://HOST:PORT (with --ca-cert), or http://HOST:PORT for a plain listener
+    /// (loopback, say). Needs --token-file.
+    #[arg(long, value_name = "URL", global = true, requires = "token_file")]
+    url: Option<DaemonUrl>,
+
+    /// The file holding the daemon's bearer token (its --token-file; readable by
+    /// its owner only).
+    #[arg(long, value_name = "PATH", global = true, requires = "url")]
+    token_file: Option<PathBuf>,
+
+    /// The CA (PEM) the daemon's certificate must come from, for an https --url
+    /// (or the daemon's own self-signed certificate).
+    #[arg(long, value_name = "PEM", global = true, requires = "url")]
+    ca_cert: Option<PathBuf>,
+
+    /// The client certificate (PEM) to present to a daemon that wants one (its
+    /// --tls-client-ca). With --client-key.
+    #[arg(long, value_name = "PEM", global = true, requires_all = ["client_key", "ca_cert"])]
+    client_cert: Option<PathBuf>,
+
+    /// The key of --client-cert (PEM).
+    #[arg(long, value_name = "PEM", global = true, requires = "client_cert")]
+    client_key: Option<PathBuf>,
 
     /// Print the daemon's JSON instead of tables.
     #[arg(long, global = true)]
@@ -107,15 +141,18 @@ enum CtlCommand {
     /// pre-copy cannot converge; see --method), and once it runs there its record
     /// here says `migrated`. On a failure before the VM runs there it keeps running
     /// here. The other daemon
-    /// must listen on TCP (`vigil daemon --listen HOST:PORT --token-file F`); give
-    /// its address and token. On a terminal (without --json) a progress line shows
-    /// the round, bytes sent and remaining, dirty rate, bandwidth, predicted pause and
-    /// throttle; at the end, the total time, pause and bytes. Example:
-    /// vigil ctl migrate web1 --to 10.0.0.2:7070 --peer-token-file /etc/vigil/peer.token
+    /// must listen on TCP (`vigil daemon --listen-tcp ADDR --token-file F`, with
+    /// --tls-cert off loopback); give its URL and token (this daemon checks an
+    /// https peer's certificate against its --peer-tls-ca). On a terminal (without
+    /// --json) a progress line shows the round, bytes sent and remaining, dirty rate,
+    /// bandwidth, predicted pause and throttle; at the end, the total time, pause and
+    /// bytes. Example:
+    /// vigil ctl migrate web1 --to https://10.0.0.2:7443 --peer-token-file /etc/vigil/peer.token
     Migrate {
         id: String,
-        /// The other daemon's TCP API, HOST:PORT.
-        #[arg(long, value_name = "HOST:PORT")]
+        /// The other daemon's TCP API: https://HOST:PORT, or HOST:PORT for a plain
+        /// HTTP one.
+        #[arg(long, value_name = "URL")]
         to: String,
         /// A file holding the other daemon's bearer token.
         #[arg(long, value_name = "FILE")]
@@ -156,41 +193,105 @@ const FAST: Duration = Duration::from_secs(15);
 /// How often `migrate` redraws its progress line.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Where the daemon is, from --socket or --url and its TLS and token flags.
+fn endpoint(args: &CtlArgs) -> anyhow::Result<Endpoint> {
+    let Some(url) = &args.url else {
+        return Ok(Endpoint::Unix(
+            args.socket.clone().unwrap_or_else(default_socket),
+        ));
+    };
+    // The daemon's rules for its token file hold for its clients' copies too.
+    let token = match &args.token_file {
+        Some(path) => Token::from_file(path)?,
+        None => bail!("--url {url} needs --token-file, the daemon's bearer token"),
+    };
+    let tls = match (&args.ca_cert, url.https) {
+        (Some(ca), true) => {
+            let identity = args.client_cert.as_deref().zip(args.client_key.as_deref());
+            Some(ClientTls::load(ca, identity).map_err(|e| {
+                let flag = match e {
+                    PemError::Cert { .. } => "--client-cert",
+                    PemError::Key { .. } => "--client-key",
+                    PemError::Ca { .. } => "--ca-cert",
+                };
+                anyhow::anyhow!("{flag} {e}")
+            })?)
+        }
+        (Some(ca), false) => bail!(
+            "--ca-cert {} with --url {url}: a plain http:// daemon has no certificate to check (use https://)",
+            ca.display()
+        ),
+        (None, true) => bail!(
+            "--url {url} needs --ca-cert: the CA the daemon's certificate (its --tls-cert) comes from"
+        ),
+        (None, false) => {
+            let host = url.host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                tracing::warn!("--url {url}: the token crosses the network in clear text (use https://)");
+            }
+            None
+        }
+    };
+    Ok(Endpoint::Tcp(TcpEndpoint::new(
+        url.clone(),
+        token.as_str(),
+        tls,
+    )?))
+}
+
 fn call(
-    socket: &Path,
+    daemon: &Endpoint,
     method: &str,
     path: &str,
     body: Option<Value>,
     timeout: Duration,
 ) -> anyhow::Result<Response> {
     let body = body.map(|b| b.to_string().into_bytes());
-    match request_blocking(socket, method, path, body, timeout) {
+    let client = BlockingClient::new().context("cannot start an I/O runtime")?;
+    let answer = client.request_to(daemon, method, path, body, timeout);
+    match answer {
         Ok(r) if r.is_success() => Ok(r),
         Ok(r) => bail!(
             "the daemon refused {method} {path} (HTTP {}): {}",
             r.status,
             r.fault_message()
         ),
-        Err(ClientError::Connect { source, .. })
+        Err(e) => Err(unreachable(daemon, e)),
+    }
+}
+
+/// What a client error means for the operator.
+fn unreachable(daemon: &Endpoint, e: ClientError) -> anyhow::Error {
+    match (daemon, e) {
+        (Endpoint::Unix(socket), ClientError::Connect { source, .. })
             if matches!(
                 source.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            bail!(
+            anyhow::anyhow!(
                 "no daemon at {}: start one with `vigil daemon` (or point --socket / VIGIL_SOCKET at its socket)",
                 socket.display()
             )
         }
-        Err(ClientError::Connect { source, .. })
+        (Endpoint::Unix(socket), ClientError::Connect { source, .. })
             if source.kind() == std::io::ErrorKind::PermissionDenied =>
         {
-            bail!(
-                "cannot connect to {}: permission denied (the daemon's socket is mode 0600: run as the daemon's user)",
+            anyhow::anyhow!(
+                "cannot connect to {}: permission denied (the daemon's socket is mode 0600, or 0660 for its --socket-group: run as the daemon's user or a member of that group)",
                 socket.display()
             )
         }
-        Err(e) => Err(e.into()),
+        (Endpoint::Tcp(t), ClientError::Connect { source, .. }) => anyhow::anyhow!(
+            "no daemon answers at {}: {source} (is it started with --listen-tcp {}?)",
+            t.url(),
+            t.url().authority()
+        ),
+        (_, e) => e.into(),
     }
 }
 
@@ -215,8 +316,7 @@ fn print_json(r: &Response) {
 }
 
 fn run(args: CtlArgs) -> anyhow::Result<()> {
-    let socket = args.socket.unwrap_or_else(default_socket);
-    let socket = socket.as_path();
+    let daemon = &endpoint(&args)?;
     let json = args.json;
     // An id the daemon could never have accepted cannot even be put in a URL.
     match &args.command {
@@ -232,7 +332,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
     }
     match args.command {
         CtlCommand::List => {
-            let r = call(socket, "GET", "/vms", None, FAST)?;
+            let r = call(daemon, "GET", "/vms", None, FAST)?;
             if json {
                 print_json(&r);
             } else {
@@ -268,19 +368,19 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
             if debug_api {
                 body["debug_api"] = Value::Bool(true);
             }
-            let r = call(socket, "POST", "/vms", Some(body), SLOW)?;
+            let r = call(daemon, "POST", "/vms", Some(body), SLOW)?;
             print_record(&r, json);
         }
         CtlCommand::Inspect { id } => {
-            let r = call(socket, "GET", &format!("/vms/{id}"), None, FAST)?;
+            let r = call(daemon, "GET", &format!("/vms/{id}"), None, FAST)?;
             if json {
                 print_json(&r);
             } else {
                 print!("{}", describe(&r.json().unwrap_or_default()));
             }
         }
-        CtlCommand::Pause { id } => state_change(socket, &id, "Paused", json)?,
-        CtlCommand::Resume { id } => state_change(socket, &id, "Resumed", json)?,
+        CtlCommand::Pause { id } => state_change(daemon, &id, "Paused", json)?,
+        CtlCommand::Resume { id } => state_change(daemon, &id, "Resumed", json)?,
         CtlCommand::Stop {
             id,
             timeout,
@@ -294,7 +394,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
                 body.insert("method".into(), "ctrl-alt-del".into());
             }
             let r = call(
-                socket,
+                daemon,
                 "POST",
                 &format!("/vms/{id}/stop"),
                 Some(Value::Object(body)),
@@ -332,7 +432,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
                     // The POST answers once it ended: meanwhile, the progress.
                     scope.spawn(|| {
                         while !done.load(Ordering::Acquire) {
-                            if let Ok(r) = call(socket, "GET", &status_path, None, FAST) {
+                            if let Ok(r) = call(daemon, "GET", &status_path, None, FAST) {
                                 let line = migration_progress(&r.json().unwrap_or_default());
                                 eprint!("\r\x1b[2K{line}");
                             }
@@ -342,7 +442,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
                     });
                 }
                 let r = call(
-                    socket,
+                    daemon,
                     "POST",
                     &format!("/vms/{id}/migrate"),
                     Some(body),
@@ -352,14 +452,14 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
                 r
             })?;
             if !json {
-                if let Ok(status) = call(socket, "GET", &status_path, None, FAST) {
+                if let Ok(status) = call(daemon, "GET", &status_path, None, FAST) {
                     eprintln!("{}", migration_summary(&status.json().unwrap_or_default()));
                 }
             }
             print_record(&r, json);
         }
         CtlCommand::Destroy { id } => {
-            call(socket, "DELETE", &format!("/vms/{id}"), None, SLOW)?;
+            call(daemon, "DELETE", &format!("/vms/{id}"), None, SLOW)?;
             if json {
                 println!("{}", serde_json::json!({"id": id, "destroyed": true}));
             } else {
@@ -367,12 +467,12 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Metrics => {
-            let r = call(socket, "GET", "/metrics", None, FAST)?;
+            let r = call(daemon, "GET", "/metrics", None, FAST)?;
             print!("{}", r.text());
         }
-        CtlCommand::Events { follow } => events(socket, follow, json)?,
+        CtlCommand::Events { follow } => events(daemon, follow, json)?,
         CtlCommand::Health => {
-            let r = call(socket, "GET", "/health", None, FAST)?;
+            let r = call(daemon, "GET", "/health", None, FAST)?;
             if json {
                 print_json(&r);
             } else {
@@ -398,7 +498,7 @@ fn parse_introspect(s: &str) -> Result<Value, String> {
     serde_json::to_value(config).map_err(|e| e.to_string())
 }
 
-fn events(socket: &Path, follow: bool, json: bool) -> anyhow::Result<()> {
+fn events(daemon: &Endpoint, follow: bool, json: bool) -> anyhow::Result<()> {
     let print = |data: String| {
         if json {
             println!("{data}");
@@ -407,17 +507,16 @@ fn events(socket: &Path, follow: bool, json: bool) -> anyhow::Result<()> {
         }
     };
     if !follow {
-        let r = call(socket, "GET", "/events?follow=false", None, FAST)?;
+        let r = call(daemon, "GET", "/events?follow=false", None, FAST)?;
         let mut frames = SseFrames::default();
         frames.push(&r.body).into_iter().for_each(print);
         return Ok(());
     }
-    let client =
-        vigil_daemon::client::BlockingClient::new().context("cannot start an I/O runtime")?;
+    let client = BlockingClient::new().context("cannot start an I/O runtime")?;
     let mut frames = SseFrames::default();
     let refused = client
         .stream(
-            socket,
+            daemon,
             "/events",
             &[("accept", "text/event-stream")],
             FAST,
@@ -428,13 +527,7 @@ fn events(socket: &Path, follow: bool, json: bool) -> anyhow::Result<()> {
                 std::io::stdout().flush().is_ok()
             },
         )
-        .map_err(|e| match e {
-            ClientError::Connect { .. } => anyhow::anyhow!(
-                "no daemon at {}: start one with `vigil daemon` (or point --socket / VIGIL_SOCKET at its socket)",
-                socket.display()
-            ),
-            e => e.into(),
-        })?;
+        .map_err(|e| unreachable(daemon, e))?;
     if let Some(r) = refused {
         bail!(
             "the daemon refused GET /events (HTTP {}): {}",
@@ -445,9 +538,9 @@ fn events(socket: &Path, follow: bool, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn state_change(socket: &Path, id: &str, state: &str, json: bool) -> anyhow::Result<()> {
+fn state_change(daemon: &Endpoint, id: &str, state: &str, json: bool) -> anyhow::Result<()> {
     let r = call(
-        socket,
+        daemon,
         "PATCH",
         &format!("/vms/{id}"),
         Some(serde_json::json!({"state": state})),

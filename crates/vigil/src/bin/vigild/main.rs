@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use vigil_daemon::balance::{PeerDaemon, PolicySettings};
+use vigil_daemon::client::DaemonUrl;
+use vigil_daemon::tls::{ApiTls, PeerTls};
 use vigil_shared::args::{default_socket, parse_seconds};
 use vigil_shared::{exit, logging, siblings};
 
@@ -40,12 +42,21 @@ restarted.";
 
 const AFTER_HELP: &str = "\
 Access: the Unix socket is created with mode 0600, so only this user (and root) can
-use it. --listen-tcp adds a TCP listener that always needs --token-file; every request
+use it; --socket-group GROUP makes it 0660 for that group's members too. --listen-tcp adds a TCP listener that always needs --token-file; every request
 on it must carry `Authorization: Bearer <token>`. Make a token with
   head -c 32 /dev/urandom | base64 > /etc/vigil/token && chmod 600 /etc/vigil/token
+Off loopback the listener must be TLS (--tls-cert, --tls-key; add --tls-client-ca to
+require client certificates too), so that the token never crosses the network in
+clear text:
+  vigil daemon --listen-tcp 0.0.0.0:7443 --token-file /etc/vigil/token \\
+    --tls-cert /etc/vigil/api.pem --tls-key /etc/vigil/api.key
+  vigil ctl --url https://host:7443 --token-file token --ca-cert ca.pem list
 
 Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
-(its serial console), vmm.log (the VMM's log), exit.json (how it ended).
+(its serial console) and vmm.log (the VMM's log), each rotated at --vm-log-max-size
+(console.log.1, ...), exit.json (how it ended, with the end of both logs). The files
+its configuration names must be there or under an --allow-vm-path folder, e.g.
+  vigil daemon --allow-vm-path /srv/vigil/images --allow-vm-path /srv/vigil/disks
 
 Security events: every --sample-interval the daemon reads each running VM's
 metrics and the host's pressure (PSI); detectors turn them into events (a VM's I/O
@@ -72,6 +83,7 @@ net_packets_per_s, net_bytes_per_s). crates/daemon/README.md lists every key.
 
 Example:
   vigil daemon --state-dir /var/lib/vigil --socket /run/vigil/daemon.sock \\
+    --allow-vm-path /srv/vigil/images \\
     --events-config /etc/vigil/events.json --events-output json:/var/log/vigil/events.jsonl
   vigil ctl create web-1 --config vm.json && vigil ctl list";
 
@@ -99,14 +111,66 @@ struct DaemonArgs {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
 
-    /// Also serve the API on TCP at ADDR (e.g. 127.0.0.1:7070). Needs --token-file.
+    /// Let the members of GROUP (a name in /etc/group, or a gid) use the API socket too: it is
+    /// handed to that group with mode 0660 [default: mode 0600, this user only].
+    /// Anyone who can use the socket controls every VM: pick a group for exactly
+    /// the people who should.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
+
+    /// Also serve the API (and the dashboard) on TCP at ADDR, e.g. 127.0.0.1:7070 or
+    /// 0.0.0.0:7443. Needs --token-file; an address other than loopback also needs
+    /// --tls-cert and --tls-key (or --insecure-plain-tcp).
     #[arg(long, value_name = "ADDR")]
     listen_tcp: Option<SocketAddr>,
 
     /// A file holding the bearer token for --listen-tcp (at least 16 printable
     /// characters; readable by its owner only).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", requires = "listen_tcp")]
     token_file: Option<PathBuf>,
+
+    /// Serve --listen-tcp over TLS 1.3 with this certificate chain (PEM, the
+    /// daemon's own first; it must name the host clients reach it at). With
+    /// --tls-key.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "listen_tcp"])]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: every client of --listen-tcp must present a certificate this CA
+    /// (PEM) issued, besides the bearer token (`vigil ctl --client-cert`).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Serve --listen-tcp as plain HTTP on an address other than loopback: the
+    /// token and every answer cross the network in clear text. Only behind a TLS
+    /// proxy or on a network you trust; a warning is logged at start.
+    #[arg(long, requires = "listen_tcp", conflicts_with = "tls_cert")]
+    insecure_plain_tcp: bool,
+
+    /// Let VM configurations name files under DIR (kernels, initrds, disks, vsock
+    /// sockets, logs, metrics): repeat for more folders. Every path in a VM's
+    /// configuration must lead (links followed) into its own folder
+    /// (STATE-DIR/vms/ID) or one of these, else POST /vms is refused (400, naming
+    /// the field), so an API client cannot have the VMM open any other host file.
+    /// Only folders whose contents the operator controls.
+    #[arg(long, value_name = "DIR")]
+    allow_vm_path: Vec<PathBuf>,
+
+    /// The largest each VM's console.log (its serial console) and vmm.log (the
+    /// VMM's own log) may grow, in bytes (K, M, G suffixes: powers of 1024; at
+    /// least 4K): the daemon writes both and, at this size, rotates them
+    /// (console.log becomes console.log.1, ...), so a guest that floods its
+    /// console costs at most (--vm-log-keep + 1) times this much disk per log.
+    #[arg(long, default_value = "16M", value_name = "SIZE", value_parser = parse_log_size)]
+    vm_log_max_size: u64,
+
+    /// Rotated files each VM log keeps besides the current one (0 to 100; 0: the
+    /// log starts over at --vm-log-max-size).
+    #[arg(long, default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(vigil_daemon::supervisor::MAX_KEEP)))]
+    vm_log_keep: u32,
 
     /// Seconds a new VM may take to report itself running on its API socket.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS", value_parser = parse_seconds)]
@@ -139,16 +203,32 @@ struct DaemonArgs {
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_interval)]
     sample_interval: f64,
 
-    /// Move VMs away from this host when it is hot, to the daemon at HOST:PORT (its
-    /// --listen-tcp), whose bearer token is in TOKEN_FILE; repeat for more peers
+    /// Move VMs away from this host when it is hot, to the daemon at URL (its
+    /// --listen-tcp: https://HOST:PORT, which needs --peer-tls-ca, or HOST:PORT for
+    /// plain HTTP), whose bearer token is in TOKEN_FILE; repeat for more peers
     /// (taken in turn). The host is hot when its CPU or memory pressure (PSI some
     /// avg10) stays above --migrate-cpu-pressure / --migrate-memory-pressure in
     /// --migrate-hits of the last --migrate-window samples and its trend says it
     /// stays so; the VM cheapest to move goes. Every decision is a policy_action
     /// event with its reasons and predicted costs. Example:
-    /// --migrate-peer 10.0.0.2:7070=/etc/vigil/peer.token --migrate-dry-run
-    #[arg(long, value_name = "HOST:PORT=TOKEN_FILE", value_parser = parse_peer)]
+    /// --migrate-peer https://10.0.0.2:7443=/etc/vigil/peer.token --migrate-dry-run
+    #[arg(long, value_name = "URL=TOKEN_FILE", value_parser = parse_peer)]
     migrate_peer: Vec<PeerDaemon>,
+
+    /// The CA (PEM) the other daemons' API certificates come from: what this daemon
+    /// checks when it sends a VM to an https:// peer (--migrate-peer, `vigil ctl
+    /// migrate --to`).
+    #[arg(long, value_name = "PEM")]
+    peer_tls_ca: Option<PathBuf>,
+
+    /// The client certificate (PEM) this daemon presents to peers that want one
+    /// (their --tls-client-ca). With --peer-tls-key.
+    #[arg(long, value_name = "PEM", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    peer_tls_cert: Option<PathBuf>,
+
+    /// The key of --peer-tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "peer_tls_cert")]
+    peer_tls_key: Option<PathBuf>,
 
     /// Decide and report migrations, move nothing.
     #[arg(long)]
@@ -194,16 +274,48 @@ struct DaemonArgs {
 fn parse_peer(s: &str) -> Result<PeerDaemon, String> {
     let (addr, file) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected HOST:PORT=TOKEN_FILE"))?;
-    if vigil_model::options::host_port(addr).is_none() {
-        return Err(format!("{addr:?}: expected HOST:PORT"));
-    }
+        .ok_or_else(|| format!("{s:?}: expected URL=TOKEN_FILE"))?;
+    DaemonUrl::parse(addr).map_err(|e| e.to_string())?;
     let token = std::fs::read_to_string(file)
         .map_err(|e| format!("{file}: cannot read the peer's token: {e}"))?;
     Ok(PeerDaemon {
         addr: addr.to_owned(),
         token: token.trim().to_owned(),
     })
+}
+
+/// A group's gid, from its number or its name in /etc/group (read directly:
+/// the binary is static, and glibc's getgrnam cannot load NSS modules there;
+/// give a gid for a group from elsewhere, LDAP say).
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("{s:?}: cannot read /etc/group to look it up: {e} (give a gid)"))?;
+    groups
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next() == Some(s))
+                .then(|| fields.nth(1)?.parse().ok())
+                .flatten()
+        })
+        .ok_or_else(|| format!("{s:?}: no such group in /etc/group (give a group name or a gid)"))
+}
+
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    use vigil_daemon::supervisor::MIN_LOG_BYTES;
+    match vigil_model::options::parse_size(s) {
+        Some(n) if n >= MIN_LOG_BYTES => Ok(n),
+        Some(_) => Err(format!(
+            "{s:?} is too small: give at least {}K",
+            MIN_LOG_BYTES >> 10
+        )),
+        None => Err(format!(
+            "{s:?} is not a size (bytes, or with a K, M or G suffix)"
+        )),
+    }
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -237,20 +349,42 @@ fn read_events_config(path: &Path) -> anyhow::Result<vigil_events::EventsConfig>
 }
 
 fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    if args.listen_tcp.is_none() && args.token_file.is_some() {
-        bail!(
-            "--token-file {} is only used with --listen-tcp ADDR",
-            args.token_file.unwrap_or_default().display()
-        );
-    }
     let vmm_binary = vmm_binary(args.vmm)?;
     let mut config = vigil_daemon::DaemonConfig::new(
         args.state_dir.unwrap_or_else(default_state_dir),
         args.socket.unwrap_or_else(default_socket),
         vmm_binary,
     );
+    config.socket_group = args.socket_group;
+    config.allowed_vm_paths = args.allow_vm_path;
+    config.vm_logs = vigil_daemon::supervisor::LogLimits {
+        max_bytes: args.vm_log_max_size,
+        keep: args.vm_log_keep,
+    };
     config.listen_tcp = args.listen_tcp;
     config.token_file = args.token_file;
+    config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| ApiTls {
+        cert,
+        key,
+        client_ca: args.tls_client_ca,
+    });
+    config.insecure_plain_tcp = args.insecure_plain_tcp;
+    config.peer_tls = args.peer_tls_ca.map(|ca| PeerTls {
+        ca,
+        identity: args.peer_tls_cert.zip(args.peer_tls_key),
+    });
+    if let Some(peer) = args
+        .migrate_peer
+        .iter()
+        .find(|p| p.addr.starts_with("https://"))
+    {
+        if config.peer_tls.is_none() {
+            bail!(
+                "--migrate-peer {}: https needs --peer-tls-ca, the CA the peer's certificate comes from",
+                peer.addr
+            );
+        }
+    }
     config.start_timeout = Duration::from_secs_f64(args.start_timeout);
     config.stop_timeout = Duration::from_secs_f64(args.stop_timeout);
     config.scrape_timeout = Duration::from_secs_f64(args.scrape_timeout);
@@ -341,5 +475,26 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         super::DaemonArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn log_sizes() {
+        assert_eq!(super::parse_log_size("16M"), Ok(16 << 20));
+        assert_eq!(super::parse_log_size("4096"), Ok(4096));
+        assert!(super::parse_log_size("1K")
+            .unwrap_err()
+            .contains("at least 4K"));
+        assert!(super::parse_log_size("lots")
+            .unwrap_err()
+            .contains("not a size"));
+    }
+
+    #[test]
+    fn groups_by_name_or_number() {
+        assert_eq!(super::parse_group("0"), Ok(0));
+        assert_eq!(super::parse_group("root"), Ok(0));
+        assert_eq!(super::parse_group("4242"), Ok(4242));
+        let e = super::parse_group("no-such-group-here").unwrap_err();
+        assert!(e.contains("no such group"), "{e}");
     }
 }
