@@ -99,8 +99,7 @@ impl Cgroup {
             (None, Some(p)) => format!("--parent-cgroup {}", p.display()),
             (None, None) => return Ok(None),
         };
-        let mounts = fs::read_to_string(MOUNTS).with_context(|| format!("{flag}: cannot read {MOUNTS}"))?;
-        let root = v2_root(&mounts).with_context(|| {
+        let root = mounted_v2_root().with_context(|| flag.clone())?.with_context(|| {
             format!("{flag}: no cgroup v2 hierarchy is mounted (no cgroup2 line in {MOUNTS})")
         })?;
         let parent = parent.unwrap_or(default_parent).to_owned();
@@ -252,6 +251,12 @@ fn enable(dir: &Path, controllers: &[String]) -> anyhow::Result<()> {
     })
 }
 
+/// Where the cgroup v2 hierarchy is mounted, if it is.
+pub fn mounted_v2_root() -> anyhow::Result<Option<PathBuf>> {
+    let mounts = fs::read_to_string(MOUNTS).with_context(|| format!("cannot read {MOUNTS}"))?;
+    Ok(v2_root(&mounts))
+}
+
 /// The mount point of the first cgroup2 file system in `mounts` (the text of
 /// /proc/self/mounts).
 fn v2_root(mounts: &str) -> Option<PathBuf> {
@@ -321,7 +326,7 @@ mod tests {
         let e = plan("3", None).unwrap_err().to_string();
         assert!(e.starts_with("--cgroup-version \"3\": not 1 or 2"), "{e}");
         assert!(plan("2", None).unwrap().is_none());
-        for bad in ["/vigil", "../x", "a/./b", ""] {
+        for bad in ["/vigil", "../x", "a/../b", "./a", ""] {
             let e = plan("2", Some(bad)).unwrap_err().to_string();
             assert!(e.starts_with(&format!("--parent-cgroup {bad}: ")), "{e}");
         }

@@ -21,6 +21,8 @@ use clap::Parser;
 
 use plan::Plan;
 
+pub use cgroup::mounted_v2_root;
+
 const ABOUT: &str = "\
 Run one VMM process jailed, with Firecracker's jailer flags: in a chroot of its own,
 a new mount namespace, a cgroup, resource limits, as --uid/--gid. Run as root.";

@@ -131,7 +131,9 @@ fn check_exec_file(path: &Path) -> anyhow::Result<(PathBuf, OsString)> {
     if meta.permissions().mode() & 0o111 == 0 {
         bail!("{}: not executable", flag());
     }
-    let name = exec_file
+    // The name as given, not the canonical one: a link named `firecracker` to
+    // `vigil` keeps the name that makes Vigil behave as Firecracker.
+    let name = path
         .file_name()
         .with_context(|| format!("{}: has no file name", flag()))?
         .to_owned();
