@@ -99,9 +99,11 @@ impl Cgroup {
             (None, Some(p)) => format!("--parent-cgroup {}", p.display()),
             (None, None) => return Ok(None),
         };
-        let root = mounted_v2_root().with_context(|| flag.clone())?.with_context(|| {
-            format!("{flag}: no cgroup v2 hierarchy is mounted (no cgroup2 line in {MOUNTS})")
-        })?;
+        let root = mounted_v2_root()
+            .with_context(|| flag.clone())?
+            .with_context(|| {
+                format!("{flag}: no cgroup v2 hierarchy is mounted (no cgroup2 line in {MOUNTS})")
+            })?;
         let parent = parent.unwrap_or(default_parent).to_owned();
         if settings.is_empty() {
             // Firecracker's rule: without --cgroup, join --parent-cgroup as it is.
@@ -196,7 +198,12 @@ impl Cgroup {
                 .open(&file)
                 .and_then(|mut f| f.write_all(s.value.as_bytes()))
                 .with_context(|| {
-                    format!("--cgroup {}: cannot write {:?} to {}", s.arg, s.value, file.display())
+                    format!(
+                        "--cgroup {}: cannot write {:?} to {}",
+                        s.arg,
+                        s.value,
+                        file.display()
+                    )
                 })?;
         }
         tracing::info!("cgroup {} made", dir.display());
@@ -207,7 +214,10 @@ impl Cgroup {
     pub fn join(&self) -> anyhow::Result<()> {
         let procs = self.path().join("cgroup.procs");
         fs::write(&procs, std::process::id().to_string()).with_context(|| {
-            format!("cannot move the jailer into the cgroup ({})", procs.display())
+            format!(
+                "cannot move the jailer into the cgroup ({})",
+                procs.display()
+            )
         })?;
         tracing::info!("moved into the cgroup {}", self.path().display());
         Ok(())
@@ -216,7 +226,9 @@ impl Cgroup {
 
 /// --parent-cgroup must stay under the root.
 fn check_parent(parent: &Path) -> anyhow::Result<()> {
-    let inside = parent.components().all(|c| matches!(c, Component::Normal(_)));
+    let inside = parent
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
     if parent.as_os_str().is_empty() || !inside {
         bail!(
             "--parent-cgroup {}: must be a relative path of plain names (no /, . or ..), \
@@ -230,7 +242,8 @@ fn check_parent(parent: &Path) -> anyhow::Result<()> {
 /// Makes `controllers` available to the children of the cgroup `dir`.
 fn enable(dir: &Path, controllers: &[String]) -> anyhow::Result<()> {
     let file = dir.join("cgroup.subtree_control");
-    let on = fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    let on =
+        fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
     let missing: Vec<String> = controllers
         .iter()
         .filter(|c| !on.split_whitespace().any(|o| o == c.as_str()))
@@ -274,7 +287,9 @@ fn unescape(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
         match (bytes[i], octal) {
             (b'\\', Some(d)) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -296,11 +311,22 @@ mod tests {
     #[test]
     fn settings() {
         let s = Setting::parse("cpu.max=50000 100000").unwrap();
-        assert_eq!((s.file.as_str(), s.value.as_str()), ("cpu.max", "50000 100000"));
+        assert_eq!(
+            (s.file.as_str(), s.value.as_str()),
+            ("cpu.max", "50000 100000")
+        );
         assert_eq!(s.controller(), Some("cpu"));
         let s = Setting::parse("io.max=8:0 wbps=1048576").unwrap();
-        assert_eq!((s.file.as_str(), s.value.as_str()), ("io.max", "8:0 wbps=1048576"));
-        assert_eq!(Setting::parse("cgroup.max.descendants=3").unwrap().controller(), None);
+        assert_eq!(
+            (s.file.as_str(), s.value.as_str()),
+            ("io.max", "8:0 wbps=1048576")
+        );
+        assert_eq!(
+            Setting::parse("cgroup.max.descendants=3")
+                .unwrap()
+                .controller(),
+            None
+        );
         for (bad, why) in [
             ("memory.max", "not FILE=VALUE"),
             ("memory.max=", "not FILE=VALUE"),
@@ -336,7 +362,10 @@ mod tests {
     fn the_v2_hierarchy_is_found_in_the_mounts() {
         let hybrid = "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n\
                       cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
-        assert_eq!(v2_root(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            v2_root(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         let unified = "proc /proc proc rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
         assert_eq!(v2_root(unified), Some(PathBuf::from("/sys/fs/cgroup")));
         assert_eq!(v2_root("proc /proc proc rw 0 0\n"), None);

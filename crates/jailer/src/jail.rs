@@ -46,7 +46,8 @@ pub fn host_devices() -> anyhow::Result<Vec<Device>> {
             }),
             Ok(_) => bail!("{path} is not a character device on this host"),
             Err(e) if required => {
-                return Err(e).with_context(|| format!("{path}: the VMM needs it, and the host has none"))
+                return Err(e)
+                    .with_context(|| format!("{path}: the VMM needs it, and the host has none"))
             }
             Err(_) => {}
         }
@@ -68,8 +69,9 @@ pub fn build(plan: &Plan, made: &mut Made) -> anyhow::Result<()> {
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        chown(&dir, Some(plan.uid), Some(plan.gid))
-            .with_context(|| format!("cannot give {} to {}:{}", dir.display(), plan.uid, plan.gid))?;
+        chown(&dir, Some(plan.uid), Some(plan.gid)).with_context(|| {
+            format!("cannot give {} to {}:{}", dir.display(), plan.uid, plan.gid)
+        })?;
     }
     copy_exec_file(&plan.exec_file, &root.join(&plan.exec_name))?;
     for device in &plan.devices {
@@ -78,8 +80,14 @@ pub fn build(plan: &Plan, made: &mut Made) -> anyhow::Result<()> {
         // SAFETY: mknod reads the NUL-terminated path, which lives across the call.
         sys(unsafe { libc::mknod(c_node.as_ptr(), libc::S_IFCHR | 0o600, device.rdev) })
             .with_context(|| format!("cannot make the device node {}", node.display()))?;
-        chown(&node, Some(plan.uid), Some(plan.gid))
-            .with_context(|| format!("cannot give {} to {}:{}", node.display(), plan.uid, plan.gid))?;
+        chown(&node, Some(plan.uid), Some(plan.gid)).with_context(|| {
+            format!(
+                "cannot give {} to {}:{}",
+                node.display(),
+                plan.uid,
+                plan.gid
+            )
+        })?;
     }
     tracing::info!("jail {} built", root.display());
     Ok(())
@@ -108,7 +116,8 @@ fn copy_exec_file(from: &Path, to: &Path) -> anyhow::Result<()> {
 pub fn enter(root: &Path) -> anyhow::Result<()> {
     let c_root = c_path(root)?;
     // SAFETY: unshare takes flags only.
-    sys(unsafe { libc::unshare(libc::CLONE_NEWNS) }).context("cannot enter a new mount namespace")?;
+    sys(unsafe { libc::unshare(libc::CLONE_NEWNS) })
+        .context("cannot enter a new mount namespace")?;
     // Nothing done below may reach the host's mounts: propagation from here to there
     // is cut (the host's later mounts may still come in; the old root is detached
     // below anyway).
@@ -139,7 +148,8 @@ pub fn enter(root: &Path) -> anyhow::Result<()> {
     // pivot_root(".", "."): the old root is stacked on the new one, then detached;
     // no folder for it is needed in the jail.
     // SAFETY: both paths are NUL-terminated literals.
-    match sys(unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) } as libc::c_int) {
+    let pivoted = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
+    match sys(pivoted as libc::c_int) {
         Ok(_) => {
             // SAFETY: the path is a NUL-terminated literal.
             sys(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) })
@@ -149,7 +159,10 @@ pub fn enter(root: &Path) -> anyhow::Result<()> {
         // container runtimes) cannot be pivoted away from (EINVAL); a chroot there
         // still confines the VMM, which keeps no privilege to leave it.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::warn!("pivot_root into {} failed ({e}); using chroot", root.display());
+            tracing::warn!(
+                "pivot_root into {} failed ({e}); using chroot",
+                root.display()
+            );
             // SAFETY: the path is a NUL-terminated literal.
             sys(unsafe { libc::chroot(c".".as_ptr()) })
                 .with_context(|| format!("cannot chroot into {}", root.display()))?;
@@ -174,7 +187,12 @@ pub fn write_pid_file(exec_name: &OsStr, pid: u32) -> anyhow::Result<()> {
         .create_new(true)
         .open(&path)
         .and_then(|mut f| f.write_all(pid.to_string().as_bytes()))
-        .with_context(|| format!("cannot write the VMM's pid to {} in the jail", path.display()))
+        .with_context(|| {
+            format!(
+                "cannot write the VMM's pid to {} in the jail",
+                path.display()
+            )
+        })
 }
 
 fn c_path(path: &Path) -> anyhow::Result<CString> {

@@ -29,7 +29,10 @@ pub struct Limit {
 
 /// Parses every `--resource-limit`, adding the default `no-file`.
 pub fn parse(args: &[String]) -> anyhow::Result<Vec<Limit>> {
-    let mut limits: Vec<Limit> = args.iter().map(|a| parse_one(a)).collect::<anyhow::Result<_>>()?;
+    let mut limits: Vec<Limit> = args
+        .iter()
+        .map(|a| parse_one(a))
+        .collect::<anyhow::Result<_>>()?;
     if !limits.iter().any(|l| l.resource == libc::RLIMIT_NOFILE) {
         limits.push(parse_one(&format!("no-file={DEFAULT_NO_FILE}"))?);
     }
@@ -85,7 +88,12 @@ mod tests {
 
     #[test]
     fn limits() {
-        let l = parse(&["fsize=250000000".into(), "core=0".into(), "as=unlimited".into()]).unwrap();
+        let l = parse(&[
+            "fsize=250000000".into(),
+            "core=0".into(),
+            "as=unlimited".into(),
+        ])
+        .unwrap();
         let got: Vec<_> = l.iter().map(|l| (l.resource, l.value)).collect();
         assert_eq!(
             got,
@@ -101,7 +109,10 @@ mod tests {
         assert_eq!(l[0].value, 64);
         for (bad, why) in [
             ("no-file", "not RESOURCE=VALUE"),
-            ("nofile=1", "\"nofile\" is not one of fsize, no-file, nproc, as, memlock, core"),
+            (
+                "nofile=1",
+                "\"nofile\" is not one of fsize, no-file, nproc, as, memlock, core",
+            ),
             ("fsize=-1", "\"-1\" is neither a number nor unlimited"),
             ("fsize=", "\"\" is neither a number nor unlimited"),
         ] {

@@ -123,7 +123,8 @@ fn parse_id_number(flag: &str, value: &str) -> anyhow::Result<u32> {
 /// executable that runs with nothing else in the jail.
 fn check_exec_file(path: &Path) -> anyhow::Result<(PathBuf, OsString)> {
     let flag = || format!("--exec-file {}", path.display());
-    let exec_file = std::fs::canonicalize(path).with_context(|| format!("{}: cannot find it", flag()))?;
+    let exec_file =
+        std::fs::canonicalize(path).with_context(|| format!("{}: cannot find it", flag()))?;
     let meta = std::fs::metadata(&exec_file).with_context(flag)?;
     if !meta.is_file() {
         bail!("{}: not a file", flag());
@@ -212,7 +213,10 @@ mod tests {
         let e = check_id("").unwrap_err().to_string();
         assert!(e.starts_with("--id \"\""), "{e}");
         let e = check_id("a/../b").unwrap_err().to_string();
-        assert_eq!(e, "--id \"a/../b\": '/' is not allowed (only letters, digits and '-')");
+        assert_eq!(
+            e,
+            "--id \"a/../b\": '/' is not allowed (only letters, digits and '-')"
+        );
         assert!(check_id("a_b").is_err());
         assert!(check_id("a.b").is_err());
     }
@@ -234,14 +238,18 @@ mod tests {
         let sh = std::fs::canonicalize("/bin/sh").unwrap();
         let loader = elf_interpreter(&sh).unwrap().expect("/bin/sh is dynamic");
         assert!(loader.contains("ld-linux"), "{loader}");
-        let e = check_exec_file(Path::new("/bin/sh")).unwrap_err().to_string();
+        let e = check_exec_file(Path::new("/bin/sh"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dynamically linked"), "{e}");
         let e = check_exec_file(Path::new("/nonexistent/vigil"))
             .unwrap_err()
             .to_string();
         assert_eq!(e, "--exec-file /nonexistent/vigil: cannot find it");
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-        let e = check_exec_file(Path::new(manifest)).unwrap_err().to_string();
+        let e = check_exec_file(Path::new(manifest))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, format!("--exec-file {manifest}: not executable"));
     }
 }

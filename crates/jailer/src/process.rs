@@ -44,7 +44,10 @@ pub fn close_inherited_fds() -> anyhow::Result<()> {
 pub fn join_netns((path, file): &(PathBuf, File)) -> anyhow::Result<()> {
     // SAFETY: setns takes a descriptor this process holds open and a flag.
     sys(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }).with_context(|| {
-        format!("--netns {}: cannot join it (is it a network namespace?)", path.display())
+        format!(
+            "--netns {}: cannot join it (is it a network namespace?)",
+            path.display()
+        )
     })?;
     tracing::info!("joined the network namespace {}", path.display());
     Ok(())
@@ -88,7 +91,8 @@ pub fn daemonize(dev_null: File) -> anyhow::Result<Forked> {
     let null = dev_null.into_raw_fd();
     for fd in 0..3 {
         // SAFETY: dup2 of a descriptor this process owns onto a standard one.
-        sys(unsafe { libc::dup2(null, fd) }).context("--daemonize: cannot redirect to /dev/null")?;
+        sys(unsafe { libc::dup2(null, fd) })
+            .context("--daemonize: cannot redirect to /dev/null")?;
     }
     // SAFETY: `null` is owned here (into_raw_fd) and not used after.
     unsafe { libc::close(null) };
@@ -168,7 +172,10 @@ impl Vmm {
     /// Replaces this process with the VMM; returns only on failure.
     pub fn exec(mut self) -> anyhow::Error {
         let e = self.command.exec();
-        anyhow::anyhow!("cannot run {:?} in the jail: {e}", self.command.get_program())
+        anyhow::anyhow!(
+            "cannot run {:?} in the jail: {e}",
+            self.command.get_program()
+        )
     }
 }
 

@@ -164,6 +164,12 @@ fn the_jailer_carries_no_vmm_code() {
     // A message of the VMM's (crates/vmm builder.rs), and one of the jailer's.
     let vmm = "(is KVM enabled, and may this user use it?)";
     let jail = "but the jail holds no libraries";
-    assert!(vigil.contains(vmm) && !jailer.contains(vmm), "the jailer carries VMM code");
-    assert!(jailer.contains(jail) && !vigil.contains(jail), "the VMM carries jailer code");
+    assert!(
+        vigil.contains(vmm) && !jailer.contains(vmm),
+        "the jailer carries VMM code"
+    );
+    assert!(
+        jailer.contains(jail) && !vigil.contains(jail),
+        "the VMM carries jailer code"
+    );
 }

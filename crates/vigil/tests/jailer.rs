@@ -253,7 +253,8 @@ fn the_jailed_vmm_is_confined() {
     let marker_path = jail.base.join("marker");
     let marker = File::create(&marker_path).unwrap();
     // SAFETY: clears FD_CLOEXEC on a descriptor this test owns.
-    assert_eq!(unsafe { libc::fcntl(marker.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+    let cleared = unsafe { libc::fcntl(marker.as_raw_fd(), libc::F_SETFD, 0) };
+    assert_eq!(cleared, 0);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut console =
         Console::spawn_command(jail.command(&flags, &["run", "--api-sock", "/run/api.sock"]));
@@ -263,10 +264,20 @@ fn the_jailed_vmm_is_confined() {
 
     // A child of the jailer, process 1 of its own PID namespace.
     assert_ne!(pid, console.pid());
-    assert!(status_field(pid, "NSpid").ends_with("\t1"), "{}", status_field(pid, "NSpid"));
+    assert!(
+        status_field(pid, "NSpid").ends_with("\t1"),
+        "{}",
+        status_field(pid, "NSpid")
+    );
     // The user and group asked for, no other group, no capability, no way back.
-    assert_eq!(status_field(pid, "Uid"), format!("{UID}\t{UID}\t{UID}\t{UID}"));
-    assert_eq!(status_field(pid, "Gid"), format!("{GID}\t{GID}\t{GID}\t{GID}"));
+    assert_eq!(
+        status_field(pid, "Uid"),
+        format!("{UID}\t{UID}\t{UID}\t{UID}")
+    );
+    assert_eq!(
+        status_field(pid, "Gid"),
+        format!("{GID}\t{GID}\t{GID}\t{GID}")
+    );
     assert_eq!(status_field(pid, "Groups"), "");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
@@ -276,7 +287,10 @@ fn the_jailed_vmm_is_confined() {
         fs::metadata(format!("/proc/{pid}/root")).unwrap(),
         fs::metadata(jail.root()).unwrap(),
     );
-    assert_eq!((its_root.dev(), its_root.ino()), (jail_root.dev(), jail_root.ino()));
+    assert_eq!(
+        (its_root.dev(), its_root.ino()),
+        (jail_root.dev(), jail_root.ino())
+    );
     let mut seen: Vec<String> = fs::read_dir(format!("/proc/{pid}/root"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -286,7 +300,11 @@ fn the_jailed_vmm_is_confined() {
     // Mount and PID namespaces of its own; the network namespace is the host's.
     let me = std::process::id().to_string();
     for kind in ["mnt", "pid"] {
-        assert_ne!(namespace(&pid.to_string(), kind), namespace(&me, kind), "{kind}");
+        assert_ne!(
+            namespace(&pid.to_string(), kind),
+            namespace(&me, kind),
+            "{kind}"
+        );
     }
     assert_eq!(namespace(&pid.to_string(), "net"), namespace(&me, "net"));
     // The limits asked for, soft and hard.
@@ -330,7 +348,10 @@ fn the_jailed_vmm_is_confined() {
     unsafe { libc::kill(console.pid() as i32, libc::SIGTERM) };
     let r = console.finish(TIMEOUT);
     assert_eq!(r.code, Some(143), "{r}");
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the VMM is gone");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the VMM is gone"
+    );
 }
 
 #[test]
@@ -370,7 +391,10 @@ fn a_daemon_in_a_network_namespace() {
 
     let net = fs::metadata(&handle).unwrap().ino();
     assert_eq!(namespace(&pid.to_string(), "net"), format!("net:[{net}]"));
-    assert_eq!(status_field(pid, "Uid"), format!("{UID}\t{UID}\t{UID}\t{UID}"));
+    assert_eq!(
+        status_field(pid, "Uid"),
+        format!("{UID}\t{UID}\t{UID}\t{UID}")
+    );
     // Detached: standard input and outputs on /dev/null, a session of its own
     // that it does not lead (so it can acquire no terminal).
     for (fd, target) in fds(pid).iter().take(3) {
@@ -403,15 +427,24 @@ fn bad_values_are_refused_and_nothing_is_created() {
     let id = format!("refused-{}", std::process::id());
     let long_id = "a".repeat(65);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--id", "a_b"], "--id \"a_b\": '_' is not allowed (only letters, digits and '-')"),
-        (vec!["--id", &long_id], "must be 1 to 64 characters long (it has 65)"),
+        (
+            vec!["--id", "a_b"],
+            "--id \"a_b\": '_' is not allowed (only letters, digits and '-')",
+        ),
+        (
+            vec!["--id", &long_id],
+            "must be 1 to 64 characters long (it has 65)",
+        ),
         (
             vec!["--exec-file", "/nonexistent/vigil"],
             "--exec-file /nonexistent/vigil: cannot find it",
         ),
         (vec!["--exec-file", "/bin/sh"], "dynamically linked"),
         (vec!["--uid", "x"], "--uid \"x\": not a number"),
-        (vec!["--cgroup-version", "1"], "--cgroup-version 1: not supported"),
+        (
+            vec!["--cgroup-version", "1"],
+            "--cgroup-version 1: not supported",
+        ),
         (
             vec!["--cgroup", "memory.max"],
             "--cgroup \"memory.max\": not FILE=VALUE",
@@ -439,7 +472,7 @@ fn bad_values_are_refused_and_nothing_is_created() {
     ];
     for (flags, message) in cases {
         // The flags given replace the defaults of the same name.
-        let mut args = vec![
+        let mut args = [
             ("--id", id.as_str()),
             ("--exec-file", VIGIL),
             ("--uid", "4242"),
@@ -461,7 +494,10 @@ fn bad_values_are_refused_and_nothing_is_created() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
-        assert!(stderr.starts_with("vigil-jailer: error: "), "{flags:?}: {stderr}");
+        assert!(
+            stderr.starts_with("vigil-jailer: error: "),
+            "{flags:?}: {stderr}"
+        );
         assert!(stderr.contains(message), "{flags:?}: {stderr}");
         assert!(!base.exists(), "{flags:?} created {}", base.display());
     }
@@ -473,7 +509,16 @@ fn bad_values_are_refused_and_nothing_is_created() {
     let old = base.join("vigil").join(&id);
     fs::create_dir_all(&old).unwrap();
     let out = Command::new(JAILER)
-        .args(["--id", &id, "--exec-file", VIGIL, "--uid", "1", "--gid", "1"])
+        .args([
+            "--id",
+            &id,
+            "--exec-file",
+            VIGIL,
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+        ])
         .args(["--chroot-base-dir", base_arg, "--", "run"])
         .output()
         .unwrap();
