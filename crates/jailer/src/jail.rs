@@ -5,7 +5,9 @@ use std::ffi::{CString, OsStr};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{chown, DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{
+    chown, DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt,
+};
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -55,48 +57,64 @@ pub fn host_devices() -> anyhow::Result<Vec<Device>> {
     Ok(found)
 }
 
-/// Creates the jail: its folders, a copy of the exec file, the device nodes.
+/// Creates the jail: its folders (those missing), a copy of the exec file, the
+/// device nodes. Records in `made` what it created.
 pub fn build(plan: &Plan, made: &mut Made) -> anyhow::Result<()> {
+    // <chroot-base-dir>/<exec file name>, shared by the jails: kept.
     let shared = plan.base_dir.join(&plan.exec_name);
     fs::create_dir_all(&shared).with_context(|| format!("cannot create {}", shared.display()))?;
-    let jail = plan.jail_dir();
-    fs::create_dir(&jail).with_context(|| format!("cannot create {}", jail.display()))?;
-    made.jail = Some(jail);
+    make_dir(&plan.jail_dir(), 0o755, made)?;
     let root = plan.root();
     for folder in FOLDERS {
         let dir = root.join(folder);
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        chown(&dir, Some(plan.uid), Some(plan.gid)).with_context(|| {
-            format!("cannot give {} to {}:{}", dir.display(), plan.uid, plan.gid)
-        })?;
+        make_dir(&dir, 0o700, made)?;
+        // One the operator made (the root holding a kernel) becomes private too.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private (mode 0700)", dir.display()))?;
+        give(&dir, plan)?;
     }
-    copy_exec_file(&plan.exec_file, &root.join(&plan.exec_name))?;
+    copy_exec_file(&plan.exec_file, &root.join(&plan.exec_name), made)?;
     for device in &plan.devices {
         let node = root.join(device.path.trim_start_matches('/'));
         let c_node = c_path(&node)?;
         // SAFETY: mknod reads the NUL-terminated path, which lives across the call.
         sys(unsafe { libc::mknod(c_node.as_ptr(), libc::S_IFCHR | 0o600, device.rdev) })
             .with_context(|| format!("cannot make the device node {}", node.display()))?;
-        chown(&node, Some(plan.uid), Some(plan.gid)).with_context(|| {
-            format!(
-                "cannot give {} to {}:{}",
-                node.display(),
-                plan.uid,
-                plan.gid
-            )
-        })?;
+        made.paths.push(node.clone());
+        give(&node, plan)?;
     }
     tracing::info!("jail {} built", root.display());
     Ok(())
 }
 
+/// Makes `path` the VMM's user's and group's.
+fn give(path: &Path, plan: &Plan) -> anyhow::Result<()> {
+    chown(path, Some(plan.uid), Some(plan.gid)).with_context(|| {
+        format!(
+            "cannot give {} to {}:{}",
+            path.display(),
+            plan.uid,
+            plan.gid
+        )
+    })
+}
+
+/// Creates the folder `dir` unless it exists.
+fn make_dir(dir: &Path, mode: u32, made: &mut Made) -> anyhow::Result<()> {
+    match DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {
+            made.paths.push(dir.to_owned());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+}
+
 /// Copies the VMM's binary into the jail: a copy, not a hard link, as Firecracker's
 /// jailer does (another file system may hold it, and two VMs then share no page of
 /// it). Owned by root, so that the VMM cannot change it; never setuid.
-fn copy_exec_file(from: &Path, to: &Path) -> anyhow::Result<()> {
+fn copy_exec_file(from: &Path, to: &Path, made: &mut Made) -> anyhow::Result<()> {
     let why = || format!("cannot copy {} to {}", from.display(), to.display());
     let mut source = File::open(from).with_context(why)?;
     let mode = source.metadata().with_context(why)?.mode() & 0o755;
@@ -107,6 +125,7 @@ fn copy_exec_file(from: &Path, to: &Path) -> anyhow::Result<()> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(to)
         .with_context(why)?;
+    made.paths.push(to.to_owned());
     std::io::copy(&mut source, &mut copy).with_context(why)?;
     Ok(())
 }

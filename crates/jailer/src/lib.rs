@@ -48,15 +48,21 @@ What it does, in order (every value is checked first; a refused one creates noth
      first gets Firecracker's --id, --start-time-us and --start-time-cpu-us.
 If a step before 5 fails, what it created is removed again.
 
+The jail's folder may exist already, holding what the operator put there for the VMM
+(as Firecracker's jailer allows): kernels, disks. One that still holds an earlier
+run's /<exec file name>, its .pid or /dev/kvm is refused (a jail serves one run), and
+so is an existing cgroup of that id.
+
 Paths the VMM is given (--api-sock, --kernel, disks) are inside the jail: the API
 socket of `-- run --api-sock /run/api.sock` is
 <chroot-base-dir>/<exec file name>/<id>/root/run/api.sock on the host. Put (hard
-link or copy) kernels and disks into the jail before the VMM opens them.
+link or copy) kernels and disks into the jail before the VMM opens them: into
+<chroot-base-dir>/<exec file name>/<id>/root before the jailer starts, for a VMM that
+boots at once (`-- run --kernel /vmlinux`).
 
 Clean-up, as with Firecracker's jailer, is the operator's once the VMM has ended:
   rm -r <chroot-base-dir>/<exec file name>/<id>
   rmdir <cgroup v2 root>/<parent-cgroup>/<id>     (with --cgroup)
-An id whose jail or cgroup is still there is refused.
 
 Exit status: that of the VMM, which replaces the jailer (same process id); with
 --new-pid-ns the jailer waits for the VMM and exits with its status (128+N when
@@ -148,11 +154,11 @@ pub struct Args {
 }
 
 /// What the jailer created on the host, removed again when a step fails before the
-/// process enters the jail.
+/// process enters the jail (what the operator put in the jail stays).
 #[derive(Default)]
 struct Made {
-    /// `<chroot-base-dir>/<exec file name>/<id>`.
-    jail: Option<PathBuf>,
+    /// Folders and files of the jail, in the order made.
+    paths: Vec<PathBuf>,
     /// Cgroup folders, outermost first.
     cgroups: Vec<PathBuf>,
 }
@@ -164,9 +170,14 @@ impl Made {
                 tracing::warn!("cannot remove the cgroup {}: {e}", dir.display());
             }
         }
-        if let Some(jail) = self.jail {
-            if let Err(e) = std::fs::remove_dir_all(&jail) {
-                tracing::warn!("cannot remove the jail {}: {e}", jail.display());
+        for path in self.paths.iter().rev() {
+            let is_dir = path.symlink_metadata().is_ok_and(|m| m.is_dir());
+            let removed = match is_dir {
+                true => std::fs::remove_dir(path),
+                false => std::fs::remove_file(path),
+            };
+            if let Err(e) = removed {
+                tracing::warn!("cannot remove {}: {e}", path.display());
             }
         }
     }

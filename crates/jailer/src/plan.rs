@@ -1,7 +1,7 @@
 //! The command line checked, before anything is created: every refusal names the
 //! flag and the value.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -47,14 +47,11 @@ impl Plan {
         let uid = parse_id_number("--uid", &args.uid)?;
         let gid = parse_id_number("--gid", &args.gid)?;
         let base_dir = check_base_dir(&args.chroot_base_dir)?;
-        let jail = base_dir.join(&exec_name).join(&args.id);
-        if jail.symlink_metadata().is_ok() {
-            bail!(
-                "--id {}: {} already exists (the jail of an earlier run with this id: remove it first)",
-                args.id,
-                jail.display()
-            );
-        }
+        check_unused(
+            &base_dir.join(&exec_name).join(&args.id),
+            &exec_name,
+            &args.id,
+        )?;
         let netns = match args.netns {
             Some(path) => {
                 let file = File::open(&path)
@@ -98,6 +95,28 @@ impl Plan {
     pub fn root(&self) -> PathBuf {
         self.jail_dir().join("root")
     }
+}
+
+/// The jail folder may exist (holding what the operator put there for the VMM), but
+/// not hold what an earlier run made: a jail serves one run.
+fn check_unused(jail: &Path, exec_name: &OsStr, id: &str) -> anyhow::Result<()> {
+    let root = jail.join("root");
+    let mut pid_file = exec_name.to_owned();
+    pid_file.push(".pid");
+    for left in [
+        root.join(exec_name),
+        root.join(pid_file),
+        root.join("dev/kvm"),
+    ] {
+        if left.symlink_metadata().is_ok() {
+            bail!(
+                "--id {id}: {} is there: {} is the jail of an earlier run with this id (remove it first)",
+                left.display(),
+                jail.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn check_id(id: &str) -> anyhow::Result<()> {

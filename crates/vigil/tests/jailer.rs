@@ -223,6 +223,89 @@ fn the_test_guest_boots_in_the_jail() {
 }
 
 #[test]
+fn a_jail_the_operator_prepared() {
+    if !can_jail() {
+        return;
+    }
+    let jail = Jail::new("prepared");
+    let root = jail.root();
+    fs::create_dir_all(&root).unwrap();
+    fs::copy(vigil_test_guest::ELF_PATH, root.join("guest.elf")).unwrap();
+    let names = |dir: &Path| {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // A step that fails once the jail is built (a limit above the kernel's
+    // nr_open, a value it refuses for a cgroup file) removes what the jailer made,
+    // and only that.
+    let out = jail
+        .command(&["--resource-limit", "no-file=1099511627776"], &["run"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--resource-limit no-file=1099511627776: cannot set it"),
+        "{stderr}"
+    );
+    assert_eq!(names(&root), ["guest.elf"]);
+    if let Some((cgroups, _)) = cgroup_files() {
+        let parent = format!("vigil-test-prepared-{}", std::process::id());
+        let out = jail
+            .command(
+                &[
+                    "--parent-cgroup",
+                    &parent,
+                    "--cgroup",
+                    "cgroup.max.descendants=many",
+                ],
+                &["run"],
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("--cgroup cgroup.max.descendants=many: cannot write \"many\" to"),
+            "{stderr}"
+        );
+        assert_eq!(names(&root), ["guest.elf"]);
+        assert!(!cgroups.join(&parent).exists(), "the cgroup stayed");
+    }
+    // The VMM boots at once the kernel the operator put into the jail.
+    let child = jail
+        .command(
+            &[],
+            &[
+                "run",
+                "--kernel",
+                "/guest.elf",
+                "--cmdline",
+                "test=serial,timer",
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let r = common::finish(child, TIMEOUT);
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("DONE passed=2 failed=0"), "{r}");
+    assert_eq!(
+        names(&root),
+        ["dev", "guest.elf", "run", "vigil", "vigil.pid"]
+    );
+    let meta = fs::metadata(&root).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (UID, GID));
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+}
+
+#[test]
 fn the_jailed_vmm_is_confined() {
     if !can_jail() {
         return;
@@ -505,9 +588,10 @@ fn bad_values_are_refused_and_nothing_is_created() {
         assert!(!root.join("vigil").join(&id).exists());
     }
 
-    // A jail left by an earlier run with the same id is refused, not reused.
-    let old = base.join("vigil").join(&id);
+    // A jail an earlier run with the same id left is refused, not reused.
+    let old = base.join("vigil").join(&id).join("root");
     fs::create_dir_all(&old).unwrap();
+    fs::write(old.join("vigil"), "an earlier run's VMM").unwrap();
     let out = Command::new(JAILER)
         .args([
             "--id",
@@ -524,11 +608,13 @@ fn bad_values_are_refused_and_nothing_is_created() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!("--id {id}: {} already exists", old.display())),
-        "{stderr}"
+    let expected = format!(
+        "--id {id}: {} is there: {} is the jail of an earlier run with this id",
+        old.join("vigil").display(),
+        old.parent().unwrap().display()
     );
-    assert_eq!(fs::read_dir(&old).unwrap().count(), 0);
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert_eq!(fs::read_dir(&old).unwrap().count(), 1);
 
     // A command line that cannot be parsed: clap's usage error, status 2.
     let out = Command::new(JAILER).args(["--id", &id]).output().unwrap();
