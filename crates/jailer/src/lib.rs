@@ -3,9 +3,9 @@
 //! in a cgroup (v2), new mount (and, when asked, PID and network) namespaces and
 //! resource limits, drops to an unprivileged user and execs the VMM.
 //!
-//! Everything given is checked before anything is created ([`plan`]); then the
-//! jail is built on disk and the cgroup made ([`jail`], [`cgroup`]), undone if a
-//! step fails; then the process enters the jail and becomes the VMM ([`process`]).
+//! Everything given is checked before anything is created (`plan`); then the jail
+//! is built on disk and the cgroup made (`jail`, `cgroup`), undone if a step fails;
+//! then the process enters the jail and becomes the VMM (`process`).
 
 mod cgroup;
 mod jail;
