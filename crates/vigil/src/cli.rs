@@ -53,6 +53,7 @@ command line; `vigil daemon --help` and so on explain them):
   daemon    The host daemon: supervises VMs, one `vigil run` process each (vigild)
   ctl       Talk to the host daemon: create, list, stop VMs, events (vigil-ctl)
   bench     Measure Vigil against QEMU microvm and Firecracker (vigil-bench)
+  jailer    Run one VMM jailed, with Firecracker's jailer flags (vigil-jailer)
 
 ",
     exit_status_help!()

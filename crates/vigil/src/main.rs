@@ -2,8 +2,9 @@
 //! `vigil snapshot inspect|merge`, `vigil rt analyze`, and
 //! Firecracker's command line through a link named `firecracker` (or as `vigil
 //! firecracker`). It links nothing of the host daemon, its dashboard or the
-//! benchmarks: `vigil daemon|ctl|bench ...` run the binaries beside it (`vigild`,
-//! `vigil-ctl`, `vigil-bench`) with the rest of the command line.
+//! benchmarks: `vigil daemon|ctl|bench|jailer ...` run the binaries beside it
+//! (`vigild`, `vigil-ctl`, `vigil-bench`, `vigil-jailer`) with the rest of the
+//! command line.
 
 mod cli;
 mod devices_cli;
@@ -20,10 +21,11 @@ use tracing_subscriber::filter::LevelFilter;
 use vigil_shared::{exit, logging, siblings};
 
 /// `vigil WORD ...` that another binary runs, and that binary.
-const HANDED_ON: [(&str, &str); 3] = [
+const HANDED_ON: [(&str, &str); 4] = [
     ("daemon", siblings::DAEMON),
     ("ctl", siblings::CTL),
     ("bench", siblings::BENCH),
+    ("jailer", siblings::JAILER),
 ];
 
 fn main() -> ExitCode {
@@ -50,7 +52,7 @@ fn main() -> ExitCode {
     exit::report("vigil", cli.command.run(&logging))
 }
 
-/// `vigil [--log-level L] daemon|ctl|bench ARGS`: replaces this process with the
+/// `vigil [--log-level L] daemon|ctl|bench|jailer ARGS`: replaces this process with the
 /// binary beside it that does the job (`vigild ARGS`, ...), before the VMM's own
 /// command line is parsed. `None` for every other command; else why it could not.
 fn hand_on(argv: &[OsString]) -> Option<anyhow::Error> {

@@ -1,5 +1,6 @@
-//! The binaries: `vigil` (the VMM) hands `daemon`, `ctl` and `bench` to `vigild`,
-//! `vigil-ctl` and `vigil-bench` beside it, and carries none of their code.
+//! The binaries: `vigil` (the VMM) hands `daemon`, `ctl`, `bench` and `jailer` to
+//! `vigild`, `vigil-ctl`, `vigil-bench` and `vigil-jailer` beside it, and carries
+//! none of their code; the jailer carries none of the VMM's.
 
 mod common;
 
@@ -10,18 +11,20 @@ use common::{run, TIMEOUT};
 const VIGIL: &str = env!("CARGO_BIN_EXE_vigil");
 const VIGILD: &str = env!("CARGO_BIN_EXE_vigild");
 const BENCH: &str = env!("CARGO_BIN_EXE_vigil-bench");
+const JAILER: &str = env!("CARGO_BIN_EXE_vigil-jailer");
 
 #[test]
 fn vigil_hands_daemon_ctl_and_bench_to_their_binaries() {
     let r = run(&["--help"], TIMEOUT);
     assert_eq!(r.code, Some(0), "{r}");
-    for line in ["  daemon ", "  ctl ", "  bench "] {
+    for line in ["  daemon ", "  ctl ", "  bench ", "  jailer "] {
         assert!(r.stdout.contains(line), "{r}");
     }
     for (args, usage, option) in [
         (&["daemon", "--help"][..], "Usage: vigild", "--state-dir"),
         (&["ctl", "--help"], "Usage: vigil-ctl", "--socket"),
         (&["bench", "--help"], "Usage: vigil-bench", "boot"),
+        (&["jailer", "--help"], "Usage: vigil-jailer", "--exec-file"),
         (
             &["bench", "boot", "--help"],
             "Usage: vigil-bench boot",
@@ -152,4 +155,21 @@ fn vigil_carries_no_daemon_dashboard_or_bench_code() {
             "the vigil binary carries {what} code: {needle:?}"
         );
     }
+}
+
+#[test]
+fn the_jailer_carries_no_vmm_code() {
+    let bytes = |path: &str| String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned();
+    let (vigil, jailer) = (bytes(VIGIL), bytes(JAILER));
+    // A message of the VMM's (crates/vmm builder.rs), and one of the jailer's.
+    let vmm = "(is KVM enabled, and may this user use it?)";
+    let jail = "but the jail holds no libraries";
+    assert!(
+        vigil.contains(vmm) && !jailer.contains(vmm),
+        "the jailer carries VMM code"
+    );
+    assert!(
+        jailer.contains(jail) && !vigil.contains(jail),
+        "the VMM carries jailer code"
+    );
 }

@@ -1,6 +1,6 @@
 //! Vigil's binaries find each other in the folder they were built or installed
-//! into: `vigil` hands `vigil daemon|ctl|bench ...` to `vigild`, `vigil-ctl` and
-//! `vigil-bench`; `vigild` spawns each VM with `vigil`; the benchmarks run both.
+//! into: `vigil` hands `vigil daemon|ctl|bench|jailer ...` to `vigild`,
+//! `vigil-ctl`, `vigil-bench` and `vigil-jailer`; `vigild` spawns each VM with `vigil`; the benchmarks run both.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -17,6 +17,8 @@ pub const DAEMON: &str = "vigild";
 pub const CTL: &str = "vigil-ctl";
 /// The benchmarks.
 pub const BENCH: &str = "vigil-bench";
+/// The jailer.
+pub const JAILER: &str = "vigil-jailer";
 
 /// Where binary `name` is: the folder of the running executable.
 pub fn beside_me(name: &str) -> anyhow::Result<PathBuf> {

@@ -50,6 +50,12 @@ pub struct BootBenchArgs {
     /// Also run Vigil with --huge-pages thp, as a row of its own.
     #[arg(long)]
     pub thp: bool,
+
+    /// Also run Vigil through the vigil-jailer beside this binary (as user 65534,
+    /// the kernel linked into a fresh jail before each boot), as a row of its own:
+    /// the jailer's cost. Needs root.
+    #[arg(long)]
+    pub jailer: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -191,6 +197,9 @@ pub fn run(args: BootBenchArgs) -> anyhow::Result<()> {
             &["--huge-pages", "thp"],
         )?);
     }
+    if args.jailer {
+        vmms.push(Vmm::jailed_vigil(&scratch.0)?);
+    }
     if args.qemu != "none" {
         vmms.push(Vmm::qemu(&args.qemu));
     }
@@ -252,7 +261,7 @@ pub fn run(args: BootBenchArgs) -> anyhow::Result<()> {
         let ours = &sums[0];
         let ratio = |a: f64, b: f64| format!("{:.2}", a / b);
         for (vmm, peer) in vmms.iter().zip(&sums) {
-            if let Kind::Vigil(_) = vmm.kind {
+            if let Kind::Vigil(_) | Kind::JailedVigil(_) = vmm.kind {
                 continue;
             }
             println!(

@@ -19,11 +19,27 @@ use vigil_shared::{qemu, siblings};
 pub enum Kind {
     /// `vigil run`, with these extra options.
     Vigil(Vec<String>),
+    /// `vigil run` through `vigil-jailer`.
+    JailedVigil(Jailed),
     /// `qemu-system-x86_64 -M microvm`.
     Qemu,
     /// `firecracker --no-api --config-file`, the file written into this folder.
     Firecracker(PathBuf),
 }
+
+/// Where a jailed Vigil's jails are made, and the VMM the jailer runs.
+#[derive(Debug)]
+pub struct Jailed {
+    vmm: PathBuf,
+    /// --chroot-base-dir.
+    jails: PathBuf,
+}
+
+/// The jail id of every jailed boot: each boot's jail replaces the last one's.
+const JAIL_ID: &str = "bench";
+
+/// The user and group a jailed Vigil runs as (nobody's).
+const JAILED_ID: &str = "65534";
 
 /// A VMM under test.
 #[derive(Debug)]
@@ -42,6 +58,27 @@ impl Vmm {
         Ok(Vmm {
             name: name.into(),
             kind: Kind::Vigil(extra.iter().map(|s| s.to_string()).collect()),
+            program,
+        })
+    }
+
+    /// The `vigil` beside this binary run through the `vigil-jailer` beside it, as
+    /// user and group 65534, its jails in `scratch` (needs root).
+    pub fn jailed_vigil(scratch: &Path) -> anyhow::Result<Vmm> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("--jailer: the jailer needs root");
+        }
+        let program = siblings::beside_me(siblings::JAILER)?;
+        siblings::check_executable(&program, "--jailer (vigil-jailer, beside vigil-bench)")?;
+        let vmm = siblings::beside_me(siblings::VMM)?;
+        siblings::check_executable(&vmm, "the VMM to measure (vigil, beside vigil-bench)")?;
+        Ok(Vmm {
+            name: "vigil (jailed)".into(),
+            kind: Kind::JailedVigil(Jailed {
+                vmm,
+                jails: scratch.join("jails"),
+            }),
             program,
         })
     }
@@ -87,6 +124,28 @@ impl Vmm {
                     .arg(kernel)
                     .args(["--cmdline", cmdline])
                     .args(extra);
+            }
+            Kind::JailedVigil(Jailed { vmm, jails }) => {
+                // A fresh jail (the last boot's VMM has ended), the kernel linked in
+                // beforehand as Firecracker's tools do; the jailer copies the VMM.
+                let jail = jails.join(siblings::VMM).join(JAIL_ID);
+                let _ = std::fs::remove_dir_all(&jail);
+                let root = jail.join("root");
+                std::fs::create_dir_all(&root)
+                    .with_context(|| format!("cannot create {}", root.display()))?;
+                let inside = root.join("kernel");
+                if std::fs::hard_link(kernel, &inside).is_err() {
+                    std::fs::copy(kernel, &inside).with_context(|| {
+                        format!("cannot copy {} into {}", kernel.display(), root.display())
+                    })?;
+                }
+                cmd.args(["--id", JAIL_ID, "--exec-file"])
+                    .arg(vmm)
+                    .args(["--uid", JAILED_ID, "--gid", JAILED_ID, "--chroot-base-dir"])
+                    .arg(jails)
+                    .args(["--", "run", "--console", "stdio", "--memory"])
+                    .arg(memory_mib.to_string())
+                    .args(["--kernel", "/kernel", "--cmdline", cmdline]);
             }
             Kind::Qemu => {
                 cmd.args(qemu::microvm_args(kernel, memory_mib, 1, false))

@@ -110,6 +110,7 @@ fn api_process(vmm: &Vmm, sock: &Path) -> anyhow::Result<Running> {
                 .arg(sock);
         }
         Kind::Qemu => bail!("QEMU has no Firecracker API"),
+        Kind::JailedVigil(_) => bail!("the snapshot benchmark runs no jailed Vigil"),
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
