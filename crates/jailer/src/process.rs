@@ -107,8 +107,13 @@ pub fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
     // such as vigild, which must not leave VMs behind when it dies): kept.
     let mut death_signal: libc::c_int = 0;
     // SAFETY: PR_GET_PDEATHSIG writes one int to the pointer, which lives across the call.
-    sys(unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut death_signal as *mut libc::c_int) })
-        .context("cannot read the parent-death signal")?;
+    sys(unsafe {
+        libc::prctl(
+            libc::PR_GET_PDEATHSIG,
+            &mut death_signal as *mut libc::c_int,
+        )
+    })
+    .context("cannot read the parent-death signal")?;
     // SAFETY: getppid cannot fail and touches no memory.
     let parent = unsafe { libc::getppid() };
     // SAFETY: an empty list: the pointer is not read.
@@ -125,11 +130,20 @@ pub fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
         .context("cannot set no_new_privs")?;
     if death_signal != 0 {
         // SAFETY: takes integers only.
-        sys(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong, 0, 0, 0) })
-            .context("cannot keep the parent-death signal")?;
+        sys(unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                death_signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        })
+        .context("cannot keep the parent-death signal")?;
         // The parent died while it was cleared: act on it now.
-        // SAFETY: getppid and raise take no pointers.
+        // SAFETY: getppid takes nothing and touches no memory.
         if unsafe { libc::getppid() } != parent {
+            // SAFETY: sends a signal number the kernel gave us to this process.
             unsafe { libc::raise(death_signal) };
         }
     }

@@ -876,7 +876,11 @@ fn proc_status(pid: u32, name: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(':')
+                .map(|v| v.trim().to_owned())
+        })
         .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
 }
 
@@ -917,7 +921,10 @@ fn vms_run_jailed_as_nobody_in_their_own_root_and_pid_namespace() {
         std::fs::read_link("/proc/self/ns/pid").unwrap()
     );
     // ...whose `/` is the jail, holding what its configuration names.
-    assert_eq!(dev_ino(&PathBuf::from(format!("/proc/{vmm}/root"))), dev_ino(&root));
+    assert_eq!(
+        dev_ino(&PathBuf::from(format!("/proc/{vmm}/root"))),
+        dev_ino(&root)
+    );
     let inside: Value =
         serde_json::from_slice(&std::fs::read(root.join("config.json")).unwrap()).unwrap();
     assert_eq!(inside["boot-source"]["kernel_image_path"], "/kernel");
@@ -943,7 +950,11 @@ fn vms_run_jailed_as_nobody_in_their_own_root_and_pid_namespace() {
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut config = d.config("blk");
     config["drives"] = json!([{"drive_id": "data", "path_on_host": disk, "is_root_device": false}]);
-    let (status, body) = d.http("POST", "/vms", Some(json!({"id": "disk", "config": config})));
+    let (status, body) = d.http(
+        "POST",
+        "/vms",
+        Some(json!({"id": "disk", "config": config})),
+    );
     assert_eq!(status, 201, "{body}\n{}", d.log());
     let vm = wait_for_state(&d, "disk", "exited");
     let console = std::fs::read_to_string(d.dir.join("state/vms/disk/console.log")).unwrap();
@@ -973,7 +984,10 @@ fn no_jailer_runs_vms_as_the_daemons_children() {
     // SAFETY: getuid cannot fail and touches no memory.
     let uid = unsafe { libc::getuid() };
     assert!(proc_status(pid, "Uid").starts_with(&format!("{uid}\t")));
-    assert_eq!(dev_ino(&PathBuf::from(format!("/proc/{pid}/root"))), dev_ino("/".as_ref()));
+    assert_eq!(
+        dev_ino(&PathBuf::from(format!("/proc/{pid}/root"))),
+        dev_ino("/".as_ref())
+    );
     assert!(!d.dir.join("state/jails").exists());
     assert!(
         d.log().contains("--no-jailer: VMs run unjailed"),

@@ -155,7 +155,11 @@ mod tests {
         );
         // Through the jailer, the VMM's signals are exit statuses 128+N.
         let (state, exit) = classify(status_of(159), false, None);
-        assert_eq!(state, VmState::Exited, "without the jailer: guest status 127");
+        assert_eq!(
+            state,
+            VmState::Exited,
+            "without the jailer: guest status 127"
+        );
         assert!(exit.reason.contains("status 127 "), "{}", exit.reason);
     }
 
@@ -169,7 +173,10 @@ mod tests {
             crash_reason(Some(&exit), None),
             "the VMM was killed by signal 31 (SIGSYS: a system call its seccomp filter forbids)"
         );
-        assert_eq!(classify(status_of(137), false, None, true).0, VmState::Crashed);
+        assert_eq!(
+            classify(status_of(137), false, None, true).0,
+            VmState::Crashed
+        );
         // The rest is read as without the jailer.
         for (code, stop, want) in [
             (0, false, VmState::Exited),
@@ -182,7 +189,11 @@ mod tests {
             (128, false, VmState::Exited),
             (192, false, VmState::Exited),
         ] {
-            assert_eq!(classify(status_of(code), stop, None, true).0, want, "{code}");
+            assert_eq!(
+                classify(status_of(code), stop, None, true).0,
+                want,
+                "{code}"
+            );
         }
         // The jailer itself killed (SIGKILL after the stop timeout).
         assert_eq!(

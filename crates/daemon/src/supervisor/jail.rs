@@ -177,7 +177,9 @@ impl Jail {
         let place = Placer {
             settings,
             root: &root,
-            dev: fs::metadata(&root).map_err(folder("cannot read", &root))?.dev(),
+            dev: fs::metadata(&root)
+                .map_err(folder("cannot read", &root))?
+                .dev(),
         };
         let mut config = config.clone();
         let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
@@ -261,14 +263,21 @@ impl Placer<'_> {
     }
 
     /// Puts `host` (named by `field`) into the jail as `/name`.
-    fn file(&self, field: &str, host: &str, name: &str, access: Access) -> Result<(), SupervisorError> {
+    fn file(
+        &self,
+        field: &str,
+        host: &str,
+        name: &str,
+        access: Access,
+    ) -> Result<(), SupervisorError> {
         let to = self.root.join(name);
         if access == Access::Write && fs::symlink_metadata(host).is_err() {
             // A log or metrics file the VMM would create: created here, for it.
             create_owned(Path::new(host), self.settings)
                 .map_err(|e| self.refuse(field, host, format!("cannot create it: {e}")))?;
         }
-        let meta = fs::metadata(host).map_err(|e| self.refuse(field, host, format!("cannot read it: {e}")))?;
+        let meta = fs::metadata(host)
+            .map_err(|e| self.refuse(field, host, format!("cannot read it: {e}")))?;
         let same_fs = meta.dev() == self.dev;
         match access {
             Access::Read if same_fs && self.readable(&meta) => fs::hard_link(host, &to),
@@ -331,7 +340,8 @@ impl Placer<'_> {
             if !(kind.is_symlink() || std::os::unix::fs::FileTypeExt::is_socket(&kind)) {
                 return Err(self.refuse(field, host, "is there and is not a socket".into()));
             }
-            fs::remove_file(host).map_err(|e| self.refuse(field, host, format!("cannot replace it: {e}")))?;
+            fs::remove_file(host)
+                .map_err(|e| self.refuse(field, host, format!("cannot replace it: {e}")))?;
         }
         std::os::unix::fs::symlink(self.root.join(VSOCK), host)
             .map_err(|e| self.refuse(field, host, format!("cannot link it to the jail: {e}")))

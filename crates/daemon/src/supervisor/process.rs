@@ -182,7 +182,11 @@ impl Supervisor {
             linked.push(super::SYSCALLS_FILE);
         }
         jail.prepare(settings, &vm.config, &vm.dir, &linked, &copied)?;
-        let base = jail.dir.parent().and_then(Path::parent).unwrap_or(&jail.dir);
+        let base = jail
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&jail.dir);
         let mut command = tokio::process::Command::new(&settings.jailer);
         command
             .arg("--id")

@@ -33,9 +33,9 @@ fn default_state_dir() -> PathBuf {
 
 const ABOUT: &str = "\
 Supervise VMs on this host: one `vigil run` process per VM (the `vigil` binary beside
-this one, or --vmm), created, paused, resumed, stopped and destroyed through a REST API
-(see `vigil ctl`). Runs in the foreground (for systemd: Type=simple), logs to stderr
-(the journal), and on SIGTERM or SIGINT stops every VM (SIGTERM, then SIGKILL after
+this one, or --vmm), each in the jailer unless --no-jailer, created, paused, resumed,
+stopped and destroyed through a REST API (see `vigil ctl`). Runs in the foreground
+(for systemd: Type=simple), logs to stderr (the journal), and on SIGTERM or SIGINT stops every VM (SIGTERM, then SIGKILL after
 --stop-timeout), removes its socket and exits 0. VMs never outlive the daemon (they get SIGTERM if it dies), and a VM that
 crashes is reported (state \"crashed\", its exit status and the end of its logs), never
 restarted.";
@@ -52,11 +52,19 @@ clear text:
     --tls-cert /etc/vigil/api.pem --tls-key /etc/vigil/api.key
   vigil ctl --url https://host:7443 --token-file token --ca-cert ca.pem list
 
-Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
-(its serial console) and vmm.log (the VMM's log), each rotated at --vm-log-max-size
-(console.log.1, ...), exit.json (how it ended, with the end of both logs). The files
-its configuration names must be there or under an --allow-vm-path folder, e.g.
+Each VM lives in STATE-DIR/vms/ID: config.json, console.log (its serial console)
+and vmm.log (the VMM's log), each rotated at --vm-log-max-size (console.log.1, ...),
+exit.json (how it ended, with the end of both logs). The files its configuration
+names must be there or under an --allow-vm-path folder, e.g.
   vigil daemon --allow-vm-path /srv/vigil/images --allow-vm-path /srv/vigil/disks
+
+Jails: each VM runs in vigil-jailer, as user 65534 (--jail-uid, --jail-gid),
+chrooted into STATE-DIR/jails/vigil/ID/root, in a PID namespace of its own; its API
+socket is run/api.sock there. The files its configuration names are hard-linked
+into the jail (read-only ones copied when on another file system or not readable
+by that user; writable disks, logs and metrics files are handed to that user, so
+they must be on STATE-DIR's file system). Destroying the VM removes its jail. This
+needs root; --no-jailer runs VMs unjailed, with the daemon's rights.
 
 Security events: every --sample-interval the daemon reads each running VM's
 metrics and the host's pressure (PSI); detectors turn them into events (a VM's I/O
@@ -113,7 +121,7 @@ struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = vigil_daemon::supervisor::DEFAULT_JAIL_ID, conflicts_with = "no_jailer")]
     jail_uid: u32,
 
-    /// The group id each jailed VMM runs as [default: 65534, nogroup].
+    /// The group id each jailed VMM runs as (65534: nogroup).
     #[arg(long, value_name = "N", default_value_t = vigil_daemon::supervisor::DEFAULT_JAIL_ID, conflicts_with = "no_jailer")]
     jail_gid: u32,
 
@@ -531,7 +539,10 @@ fn jail_settings(
     };
     siblings::check_executable(&path, &what)?;
     for setting in &cgroups {
-        if !setting.split_once('=').is_some_and(|(file, _)| !file.is_empty()) {
+        if setting
+            .split_once('=')
+            .is_none_or(|(file, _)| file.is_empty())
+        {
             bail!("--jail-cgroup {setting:?}: expected FILE=VALUE, e.g. memory.max=1073741824");
         }
     }
