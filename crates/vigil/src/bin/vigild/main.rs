@@ -115,7 +115,7 @@ struct DaemonArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "no_jailer")]
     jailer: Option<PathBuf>,
 
-    /// The user id each jailed VMM runs as [default: 65534, nobody]. Give one that
+    /// The user id each jailed VMM runs as (65534: nobody). Give one that
     /// owns no file of the host: the VMs' writable disks, log and metrics files are
     /// handed to it.
     #[arg(long, value_name = "N", default_value_t = vigil_daemon::supervisor::DEFAULT_JAIL_ID, conflicts_with = "no_jailer")]
