@@ -116,6 +116,9 @@ pub struct DaemonConfig {
     pub vm_logs: supervisor::LogLimits,
     /// The `vigil` binary that runs each VM.
     pub vmm_binary: PathBuf,
+    /// Run each VM in the jailer (`vigild`'s default); none: unjailed, as the
+    /// daemon's own child (`--no-jailer`, and this library's default).
+    pub jail: Option<supervisor::JailSettings>,
     pub start_timeout: Duration,
     pub stop_timeout: Duration,
     /// How long `GET /metrics` waits for each VM's snapshot.
@@ -143,6 +146,7 @@ impl DaemonConfig {
             allowed_vm_paths: Vec::new(),
             vm_logs: supervisor::LogLimits::default(),
             vmm_binary,
+            jail: None,
             start_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
             scrape_timeout: Duration::from_millis(500),
@@ -329,6 +333,7 @@ pub async fn serve(
         SupervisorConfig {
             state_dir: config.state_dir.clone(),
             vmm_binary: config.vmm_binary.clone(),
+            jail: config.jail.clone(),
             start_timeout: config.start_timeout,
             stop_timeout: config.stop_timeout,
             vm_request_timeout: Duration::from_secs(5),

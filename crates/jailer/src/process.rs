@@ -103,6 +103,19 @@ pub fn daemonize(dev_null: File) -> anyhow::Result<Forked> {
 /// go with the user id, and no exec may give privileges back (no_new_privs).
 pub fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
     let ids = || format!("--uid {uid} --gid {gid}");
+    // The user change clears a parent-death signal the caller set (a supervisor
+    // such as vigild, which must not leave VMs behind when it dies): kept.
+    let mut death_signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int to the pointer, which lives across the call.
+    sys(unsafe {
+        libc::prctl(
+            libc::PR_GET_PDEATHSIG,
+            &mut death_signal as *mut libc::c_int,
+        )
+    })
+    .context("cannot read the parent-death signal")?;
+    // SAFETY: getppid cannot fail and touches no memory.
+    let parent = unsafe { libc::getppid() };
     // SAFETY: an empty list: the pointer is not read.
     sys(unsafe { libc::setgroups(0, std::ptr::null()) })
         .with_context(|| format!("{}: cannot drop the supplementary groups", ids()))?;
@@ -115,6 +128,25 @@ pub fn drop_privileges(uid: u32, gid: u32) -> anyhow::Result<()> {
     // SAFETY: takes integers only.
     sys(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
         .context("cannot set no_new_privs")?;
+    if death_signal != 0 {
+        // SAFETY: takes integers only.
+        sys(unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                death_signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        })
+        .context("cannot keep the parent-death signal")?;
+        // The parent died while it was cleared: act on it now.
+        // SAFETY: getppid takes nothing and touches no memory.
+        if unsafe { libc::getppid() } != parent {
+            // SAFETY: sends a signal number the kernel gave us to this process.
+            unsafe { libc::raise(death_signal) };
+        }
+    }
     Ok(())
 }
 

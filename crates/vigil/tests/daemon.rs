@@ -8,11 +8,13 @@ mod common;
 #[path = "../../daemon/tests/pki/mod.rs"]
 mod pki;
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::daemon::{
-    free_loopback_addr, http_exchange, http_unix, tcp_args, wait_for_state, Daemon, CTL_TIMEOUT,
+    free_loopback_addr, http_exchange, http_unix, is_root, tcp_args, wait_for_state, Daemon,
+    CTL_TIMEOUT,
 };
 use common::run;
 use serde_json::{json, Value};
@@ -867,4 +869,154 @@ fn vms_do_not_outlive_a_killed_daemon() {
     // A new daemon takes the stale socket and the VM's folder over.
     d.spawn(&[]);
     assert_eq!(d.create("orphan", "hang")["state"], "running");
+}
+
+/// `Name:` of /proc/PID/status, its values.
+fn proc_status(pid: u32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(':')
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+}
+
+/// (device, inode) of a folder, for comparing roots.
+fn dev_ino(path: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    (m.dev(), m.ino())
+}
+
+#[test]
+fn vms_run_jailed_as_nobody_in_their_own_root_and_pid_namespace() {
+    if !is_root() {
+        eprintln!("SKIP: the jailer needs root");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start("jail", &[]);
+    let vm = d.create("jailed", "hang");
+    let jailer = vm["pid"].as_u64().unwrap() as u32;
+    let root = PathBuf::from(vm["jail"].as_str().unwrap());
+    assert_eq!(root, d.dir.join("state/jails/vigil/jailed/root"), "{vm}");
+    assert_eq!(
+        PathBuf::from(vm["api_socket"].as_str().unwrap()),
+        root.join("run/api.sock")
+    );
+    // The pid is the jailer's (unprivileged too); the VMM is its one child.
+    assert_eq!(proc_status(jailer, "Uid"), "65534\t65534\t65534\t65534");
+    let vmm = children(jailer);
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    let vmm = vmm[0];
+    assert_eq!(proc_status(vmm, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(proc_status(vmm, "Gid"), "65534\t65534\t65534\t65534");
+    // Process 1 of a PID namespace of its own...
+    assert_eq!(proc_status(vmm, "NSpid"), format!("{vmm}\t1"));
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{vmm}/ns/pid")).unwrap(),
+        std::fs::read_link("/proc/self/ns/pid").unwrap()
+    );
+    // ...whose `/` is the jail, holding what its configuration names.
+    assert_eq!(
+        dev_ino(&PathBuf::from(format!("/proc/{vmm}/root"))),
+        dev_ino(&root)
+    );
+    let inside: Value =
+        serde_json::from_slice(&std::fs::read(root.join("config.json")).unwrap()).unwrap();
+    assert_eq!(inside["boot-source"]["kernel_image_path"], "/kernel");
+    assert_eq!(
+        dev_ino(&root.join("kernel")),
+        dev_ino(&d.dir.join("guest.elf")),
+        "the kernel is hard-linked in"
+    );
+    // The daemon still talks to it, and stops it through the jailer.
+    let (_, info) = http_unix(&root.join("run/api.sock"), "GET", "/", None, None);
+    assert!(info.contains("\"Running\""), "{info}");
+    let (_, stopped) = d.http("POST", "/vms/jailed/stop", Some(json!({"timeout_s": 5})));
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(process_gone(vmm.into()) && process_gone(jailer.into()));
+    // Destroying it removes the jail (and the VM's folder).
+    d.ctl_ok(&["destroy", "jailed"]);
+    assert!(!d.dir.join("state/jails/vigil/jailed").exists());
+    assert!(!d.dir.join("state/vms/jailed").exists());
+
+    // A writable disk is linked in and handed to the jail's user; the guest
+    // writes it.
+    let disk = d.dir.join("rw.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut config = d.config("blk");
+    config["drives"] = json!([{"drive_id": "data", "path_on_host": disk, "is_root_device": false}]);
+    let (status, body) = d.http(
+        "POST",
+        "/vms",
+        Some(json!({"id": "disk", "config": config})),
+    );
+    assert_eq!(status, 201, "{body}\n{}", d.log());
+    let vm = wait_for_state(&d, "disk", "exited");
+    let console = std::fs::read_to_string(d.dir.join("state/vms/disk/console.log")).unwrap();
+    assert!(console.contains("TEST blk PASS"), "{console}\n{vm}");
+    assert_eq!(std::fs::metadata(&disk).unwrap().uid(), 65534);
+    // An id the jailer cannot take is refused, naming the way out.
+    let (status, body) = d.http(
+        "POST",
+        "/vms",
+        Some(json!({"id": "a_b", "config": d.config("hang")})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("--no-jailer"), "{body}");
+}
+
+#[test]
+fn no_jailer_runs_vms_as_the_daemons_children() {
+    let d = Daemon::start("nojail", &["--no-jailer"]);
+    let vm = d.create("free", "hang");
+    let pid = vm["pid"].as_u64().unwrap() as u32;
+    assert!(vm["jail"].is_null(), "{vm}");
+    assert_eq!(
+        PathBuf::from(vm["api_socket"].as_str().unwrap()),
+        d.dir.join("state/vms/free/api.sock")
+    );
+    assert_eq!(children(d.pid()), [pid], "the VMM is the daemon's child");
+    // SAFETY: getuid cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    assert!(proc_status(pid, "Uid").starts_with(&format!("{uid}\t")));
+    assert_eq!(
+        dev_ino(&PathBuf::from(format!("/proc/{pid}/root"))),
+        dev_ino("/".as_ref())
+    );
+    assert!(!d.dir.join("state/jails").exists());
+    assert!(
+        d.log().contains("--no-jailer: VMs run unjailed"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_daemon_that_is_not_root_refuses_to_jail() {
+    if !is_root() {
+        eprintln!("SKIP: needs root to start the daemon as another user");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vigil-d-notroot-{}", std::process::id()));
+    let out = std::process::Command::new(common::daemon::VIGIL)
+        .args(["daemon", "--state-dir"])
+        .arg(dir.join("state"))
+        .arg("--socket")
+        .arg(dir.join("d.sock"))
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("needs root") && stderr.contains("pass --no-jailer"),
+        "{stderr}"
+    );
+    assert!(!dir.exists(), "it must not have started");
 }

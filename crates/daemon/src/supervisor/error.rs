@@ -49,6 +49,16 @@ pub enum SupervisorError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The jailer takes Firecracker's ids, without `_`.
+    #[error("id {0:?}: VMs run in the jailer, whose ids are letters, digits and '-' only (Firecracker's): pick an id without '_', or run the daemon with --no-jailer")]
+    JailId(String),
+    /// A file the configuration names cannot be put into the VM's jail.
+    #[error("config: {field} {path:?}: {why}")]
+    JailFile {
+        field: String,
+        path: String,
+        why: String,
+    },
     #[error("cannot encode the config: {0}")]
     EncodeConfig(serde_json::Error),
     #[error("cannot start {}: {source}", vmm.display())]
@@ -125,6 +135,8 @@ impl SupervisorError {
             | Path(_)
             | Introspect(_)
             | TraceSyscalls(_)
+            | JailId(_)
+            | JailFile { .. }
             | StartFailed { .. } => StatusCode::BAD_REQUEST,
             NoSuchVm(_) => StatusCode::NOT_FOUND,
             IdTaken(_)

@@ -9,15 +9,29 @@ use super::vm::{unix_s, ExitInfo, VmState};
 
 /// Describes how a VMM process ended: the state it leaves the VM in, and why.
 /// `migrating_to`: a migration was under way to there (a VMM that exits 0 then
-/// handed its VM over).
+/// handed its VM over). `jailed`: the process is the jailer, which exits
+/// 128+N when signal N killed the VMM (SIGSYS from its seccomp filter: 159),
+/// so 129 to 191 name signals there, not a guest's debug-exit status (which a
+/// jailed VM can then report from 0 to 96 only).
 pub fn classify(
     status: ExitStatus,
     stop_requested: bool,
     migrating_to: Option<&str>,
+    jailed: bool,
 ) -> (VmState, ExitInfo) {
     let code = status.code();
-    let signal = status.signal();
+    let signal = match code {
+        Some(c @ 129..=191) if jailed && c != 130 && c != 143 => Some(c - 128),
+        _ => status.signal(),
+    };
     let (state, reason) = match (code, signal) {
+        (Some(c), Some(s)) if !stop_requested => (
+            VmState::Crashed,
+            format!(
+                "the VMM was killed by signal {s} ({}; the jailer exited {c})",
+                signal_name(s)
+            ),
+        ),
         (Some(0), _) if migrating_to.is_some() => (
             VmState::Migrated,
             format!(
@@ -81,6 +95,7 @@ fn signal_name(signal: i32) -> &'static str {
         libc::SIGILL => "SIGILL",
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
+        libc::SIGSYS => "SIGSYS: a system call its seccomp filter forbids",
         _ => "see kill -l",
     }
 }
@@ -117,6 +132,7 @@ mod tests {
 
     #[test]
     fn exits_are_classified() {
+        let classify = |status, stop, to| classify(status, stop, to, false);
         assert_eq!(classify(status_of(0), false, None).0, VmState::Exited);
         let (state, exit) = classify(status_of(0), false, Some("tcp:10.0.0.2:4000"));
         assert_eq!(state, VmState::Migrated);
@@ -135,6 +151,53 @@ mod tests {
         assert!(exit.reason.contains("SIGSEGV"));
         assert_eq!(
             classify(ExitStatus::from_raw(libc::SIGKILL), true, None).0,
+            VmState::Stopped
+        );
+        // Through the jailer, the VMM's signals are exit statuses 128+N.
+        let (state, exit) = classify(status_of(159), false, None);
+        assert_eq!(
+            state,
+            VmState::Exited,
+            "without the jailer: guest status 127"
+        );
+        assert!(exit.reason.contains("status 127 "), "{}", exit.reason);
+    }
+
+    #[test]
+    fn a_jailed_vmm_killed_by_a_signal_crashed() {
+        let (state, exit) = classify(status_of(128 + libc::SIGSYS), false, None, true);
+        assert_eq!(state, VmState::Crashed, "{}", exit.reason);
+        assert_eq!((exit.code, exit.signal), (Some(159), Some(libc::SIGSYS)));
+        assert!(exit.reason.contains("SIGSYS"), "{}", exit.reason);
+        assert_eq!(
+            crash_reason(Some(&exit), None),
+            "the VMM was killed by signal 31 (SIGSYS: a system call its seccomp filter forbids)"
+        );
+        assert_eq!(
+            classify(status_of(137), false, None, true).0,
+            VmState::Crashed
+        );
+        // The rest is read as without the jailer.
+        for (code, stop, want) in [
+            (0, false, VmState::Exited),
+            (3, false, VmState::Crashed),
+            (1, false, VmState::Failed),
+            (143, false, VmState::Stopped),
+            (130, false, VmState::Stopped),
+            (137, true, VmState::Stopped),
+            (35, false, VmState::Exited),
+            (128, false, VmState::Exited),
+            (192, false, VmState::Exited),
+        ] {
+            assert_eq!(
+                classify(status_of(code), stop, None, true).0,
+                want,
+                "{code}"
+            );
+        }
+        // The jailer itself killed (SIGKILL after the stop timeout).
+        assert_eq!(
+            classify(ExitStatus::from_raw(libc::SIGKILL), true, None, true).0,
             VmState::Stopped
         );
     }

@@ -262,7 +262,11 @@ impl Supervisor {
             "downtime_ms": request.downtime_ms,
             "bandwidth_mib_s": request.bandwidth_mib_s,
             "method": request.method,
-            "tls_ca": self.config.migration_tls.ca,
+            // A jailed VMM has its copy in the jail (`launch`).
+            "tls_ca": match &vm.jail {
+                Some(_) => self.config.migration_tls.ca.as_ref().map(|_| super::jail::MIGRATION_CA.into()),
+                None => self.config.migration_tls.ca.clone(),
+            },
         });
         let timeout = self.config.vm_request_timeout;
         let answer = client::request(

@@ -34,6 +34,7 @@ use crate::id::validate_id;
 mod control;
 mod error;
 mod exit;
+mod jail;
 mod logs;
 mod migrate;
 mod paths;
@@ -44,6 +45,7 @@ mod vm;
 
 pub use error::SupervisorError;
 pub use exit::classify;
+pub use jail::{JailSettings, DEFAULT_JAIL_ID};
 pub use logs::{rotated, LogLimits, MAX_KEEP, MIN_LOG_BYTES};
 pub use migrate::{Incoming, MigrateRequest, ReceiveRequest};
 pub use paths::{config_paths, PathPolicy, PathRefused};
@@ -62,6 +64,9 @@ pub struct SupervisorConfig {
     pub state_dir: PathBuf,
     /// The `vigil` binary to run each VM with.
     pub vmm_binary: PathBuf,
+    /// Run each VM in the jailer (`<state_dir>/jails/<vmm name>/<id>/root`);
+    /// none: as the daemon's own child (`--no-jailer`).
+    pub jail: Option<JailSettings>,
     /// How long a VM may take to report itself running on its API socket.
     pub start_timeout: Duration,
     /// How long a stop waits after SIGTERM before SIGKILL.
@@ -188,7 +193,19 @@ impl Supervisor {
         options: LaunchOptions,
     ) -> Result<Arc<Vm>, SupervisorError> {
         let dir = self.vm_dir(&id);
-        let api_socket = dir.join("api.sock");
+        let jail = match &self.config.jail {
+            Some(settings) => Some(jail::Jail::new(
+                &self.config.state_dir.join("jails"),
+                &self.config.vmm_binary,
+                &id,
+                settings,
+            )?),
+            None => None,
+        };
+        let api_socket = match &jail {
+            Some(jail) => jail.host_path(jail::API_SOCKET),
+            None => dir.join("api.sock"),
+        };
         // Reserve the id first, so that two creates of one id cannot both proceed.
         let (signal_tx, signal_rx) = mpsc::unbounded_channel();
         let (ended_tx, ended_rx) = watch::channel(false);
@@ -196,6 +213,7 @@ impl Supervisor {
             id: id.clone(),
             dir: dir.clone(),
             api_socket: api_socket.clone(),
+            jail,
             vcpus: machine_field(&config, "vcpu_count"),
             memory_mib: machine_field(&config, "mem_size_mib"),
             config,
@@ -234,6 +252,9 @@ impl Supervisor {
             Err(e) => {
                 self.table().remove(&id);
                 let _ = std::fs::remove_dir_all(&dir);
+                if let Some(jail) = &vm.jail {
+                    jail.remove(&vm.config).await;
+                }
                 Err(e)
             }
         }

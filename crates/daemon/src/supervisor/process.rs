@@ -4,7 +4,7 @@
 //! how it ended.
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 
 use super::exit::{classify, crash_reason};
+use super::jail::{self, Jail, JailSettings};
 use super::logs::{self, RotatingLog};
 use super::stop::StopMethod;
 use super::vm::{unix_s, ExitInfo, Vm, VmInfo, VmState};
@@ -40,16 +41,21 @@ impl Supervisor {
             let path = path.to_path_buf();
             move |source| SupervisorError::Folder { what, path, source }
         };
-        if dir.exists() {
-            // Left by an earlier daemon. Its VM would have been stopped with it (the
-            // parent-death signal), but check before taking the folder over.
-            if client::request(&vm.api_socket, "GET", "/", None, Duration::from_millis(200))
+        // Left by an earlier daemon. Its VM would have been stopped with it (the
+        // parent-death signal), but check before taking the folder over.
+        if vm.api_socket.exists()
+            && client::request(&vm.api_socket, "GET", "/", None, Duration::from_millis(200))
                 .await
                 .is_ok()
-            {
-                return Err(SupervisorError::FolderInUse { dir: dir.clone() });
-            }
+        {
+            return Err(SupervisorError::FolderInUse { dir: dir.clone() });
+        }
+        if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(folder("cannot remove stale", dir))?;
+        }
+        if let Some(jail) = &vm.jail {
+            jail.clear()
+                .map_err(folder("cannot remove stale", &jail.dir))?;
         }
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -79,14 +85,20 @@ impl Supervisor {
         let console = log(CONSOLE_LOG)?;
         let stderr = log(VMM_LOG)?;
 
-        let mut command = tokio::process::Command::new(&self.config.vmm_binary);
-        command.arg("run").arg("--api-sock").arg(&vm.api_socket);
-        // A VM that comes by migration is described by its source, not a file.
-        if vm.options.incoming.is_none() {
-            command.arg("--config-file").arg(&config_path);
-        }
+        let mut command = match (&vm.jail, &self.config.jail) {
+            (Some(jail), Some(settings)) => self.jailed_command(vm, jail, settings)?,
+            _ => {
+                let mut command = tokio::process::Command::new(&self.config.vmm_binary);
+                command.arg("run").arg("--api-sock").arg(&vm.api_socket);
+                // A VM that comes by migration is described by its source, not a file.
+                if vm.options.incoming.is_none() {
+                    command.arg("--config-file").arg(&config_path);
+                }
+                command.args(vm.options.args(dir));
+                command
+            }
+        };
         command
-            .args(vm.options.args(dir))
             .stdin(Stdio::null())
             // The daemon writes both logs (bounded, rotated), not the VMM.
             .stdout(Stdio::piped())
@@ -121,7 +133,7 @@ impl Supervisor {
             });
         }
         let mut child = command.spawn().map_err(|source| SupervisorError::Spawn {
-            vmm: self.config.vmm_binary.clone(),
+            vmm: PathBuf::from(command.as_std().get_program()),
             source,
         })?;
         vm.status().pid = child.id();
@@ -145,6 +157,58 @@ impl Supervisor {
             self.events.clone(),
         ));
         Ok(())
+    }
+
+    /// `vigil-jailer ... -- run ...` for `vm`, its jail prepared: the files its
+    /// configuration names put in, and the paths the VMM gets made the jail's.
+    fn jailed_command(
+        &self,
+        vm: &Vm,
+        jail: &Jail,
+        settings: &JailSettings,
+    ) -> Result<tokio::process::Command, SupervisorError> {
+        let mut options = vm.options.clone();
+        let mut copied = Vec::new();
+        if let Some((cert, key)) = options.incoming_tls.take() {
+            copied.push((cert, jail::MIGRATION_CERT));
+            copied.push((key, jail::MIGRATION_KEY));
+            options.incoming_tls = Some((jail::MIGRATION_CERT.into(), jail::MIGRATION_KEY.into()));
+        }
+        if let Some(ca) = &self.config.migration_tls.ca {
+            copied.push((ca.clone(), jail::MIGRATION_CA));
+        }
+        let mut linked = vec![crate::findings::FINDINGS_FILE];
+        if options.trace_syscalls.is_some() {
+            linked.push(super::SYSCALLS_FILE);
+        }
+        jail.prepare(settings, &vm.config, &vm.dir, &linked, &copied)?;
+        let base = jail
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&jail.dir);
+        let mut command = tokio::process::Command::new(&settings.jailer);
+        command
+            .arg("--id")
+            .arg(&vm.id)
+            .arg("--exec-file")
+            .arg(&self.config.vmm_binary)
+            .args(["--uid", &settings.uid.to_string()])
+            .args(["--gid", &settings.gid.to_string()])
+            .arg("--chroot-base-dir")
+            .arg(base)
+            // The jailer stays as the VMM's parent: one pid for the daemon to
+            // signal and reap, with the VMM's exit status.
+            .arg("--new-pid-ns");
+        for setting in &settings.cgroups {
+            command.arg("--cgroup").arg(setting);
+        }
+        command.args(["--", "run", "--api-sock", jail::API_SOCKET]);
+        if options.incoming.is_none() {
+            command.args(["--config-file", jail::CONFIG]);
+        }
+        command.args(options.args(Path::new("/")));
+        Ok(command)
     }
 
     pub(super) async fn wait_started(&self, vm: &Arc<Vm>) -> Result<VmInfo, SupervisorError> {
@@ -280,7 +344,12 @@ async fn reap(
         let mut s = vm.status();
         match status {
             Ok(status) => {
-                let (state, exit) = classify(status, s.stop_requested, s.migrating_to.as_deref());
+                let (state, exit) = classify(
+                    status,
+                    s.stop_requested,
+                    s.migrating_to.as_deref(),
+                    vm.jail.is_some(),
+                );
                 match state {
                     VmState::Crashed | VmState::Failed => tracing::warn!(
                         id = %vm.id,

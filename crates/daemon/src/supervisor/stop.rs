@@ -1,6 +1,8 @@
 //! Stopping VMs: SIGTERM (or Ctrl+Alt+Del through the VM's API) then SIGKILL
-//! after the timeout, destroying a VM with its folder, and stopping them all at
-//! shutdown.
+//! after the timeout, destroying a VM with its folder (and its jail and
+//! cgroup), and stopping them all at shutdown. A jailed VM's process is the
+//! jailer, which passes SIGTERM on to the VMM; SIGKILL ends the jailer, and
+//! the VMM with it (its parent-death signal).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +103,10 @@ impl Supervisor {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(id = %vm.id, "cannot remove {}: {e}", vm.dir.display());
             }
+        }
+        // The daemon made the jail and its cgroup: the operator does not clean up.
+        if let Some(jail) = &vm.jail {
+            jail.remove(&vm.config).await;
         }
     }
 

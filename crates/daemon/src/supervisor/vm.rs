@@ -103,9 +103,14 @@ pub struct VmInfo {
     pub created_at_unix_s: u64,
     /// Seconds from its start to now, or to its end.
     pub uptime_s: f64,
-    /// Its folder: config.json, api.sock, console.log, vmm.log, exit.json.
+    /// Its folder: config.json, api.sock (unjailed), console.log, vmm.log, exit.json.
     pub dir: PathBuf,
+    /// Its own API socket (in its jail: `<jail>/run/api.sock`).
     pub api_socket: PathBuf,
+    /// Its jail's root (`<state-dir>/jails/<vmm name>/<id>/root`), where its
+    /// VMM runs chrooted; none when the daemon runs VMs unjailed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit: Option<ExitInfo>,
     /// The end of its VMM log (stderr), once it has ended.
@@ -151,6 +156,8 @@ pub struct Vm {
     pub(super) id: String,
     pub(super) dir: PathBuf,
     pub(super) api_socket: PathBuf,
+    /// Its jail, unless the daemon runs VMs unjailed.
+    pub(super) jail: Option<super::jail::Jail>,
     pub(super) config: serde_json::Value,
     /// Introspection and the debug API, as the create request asked.
     pub(super) options: LaunchOptions,
@@ -202,6 +209,7 @@ impl Vm {
             uptime_s: end.saturating_duration_since(self.started).as_secs_f64(),
             dir: self.dir.clone(),
             api_socket: self.api_socket.clone(),
+            jail: self.jail.as_ref().map(|j| j.root()),
             exit: status.exit.clone(),
             stderr_tail: status.stderr_tail.clone(),
             console_tail: status.console_tail.clone(),

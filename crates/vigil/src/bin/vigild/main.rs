@@ -33,9 +33,9 @@ fn default_state_dir() -> PathBuf {
 
 const ABOUT: &str = "\
 Supervise VMs on this host: one `vigil run` process per VM (the `vigil` binary beside
-this one, or --vmm), created, paused, resumed, stopped and destroyed through a REST API
-(see `vigil ctl`). Runs in the foreground (for systemd: Type=simple), logs to stderr
-(the journal), and on SIGTERM or SIGINT stops every VM (SIGTERM, then SIGKILL after
+this one, or --vmm), each in the jailer unless --no-jailer, created, paused, resumed,
+stopped and destroyed through a REST API (see `vigil ctl`). Runs in the foreground
+(for systemd: Type=simple), logs to stderr (the journal), and on SIGTERM or SIGINT stops every VM (SIGTERM, then SIGKILL after
 --stop-timeout), removes its socket and exits 0. VMs never outlive the daemon (they get SIGTERM if it dies), and a VM that
 crashes is reported (state \"crashed\", its exit status and the end of its logs), never
 restarted.";
@@ -52,11 +52,19 @@ clear text:
     --tls-cert /etc/vigil/api.pem --tls-key /etc/vigil/api.key
   vigil ctl --url https://host:7443 --token-file token --ca-cert ca.pem list
 
-Each VM lives in STATE-DIR/vms/ID: config.json, api.sock (its own API), console.log
-(its serial console) and vmm.log (the VMM's log), each rotated at --vm-log-max-size
-(console.log.1, ...), exit.json (how it ended, with the end of both logs). The files
-its configuration names must be there or under an --allow-vm-path folder, e.g.
+Each VM lives in STATE-DIR/vms/ID: config.json, console.log (its serial console)
+and vmm.log (the VMM's log), each rotated at --vm-log-max-size (console.log.1, ...),
+exit.json (how it ended, with the end of both logs). The files its configuration
+names must be there or under an --allow-vm-path folder, e.g.
   vigil daemon --allow-vm-path /srv/vigil/images --allow-vm-path /srv/vigil/disks
+
+Jails: each VM runs in vigil-jailer, as user 65534 (--jail-uid, --jail-gid),
+chrooted into STATE-DIR/jails/vigil/ID/root, in a PID namespace of its own; its API
+socket is run/api.sock there. The files its configuration names are hard-linked
+into the jail (read-only ones copied when on another file system or not readable
+by that user; writable disks, logs and metrics files are handed to that user, so
+they must be on STATE-DIR's file system). Destroying the VM removes its jail. This
+needs root; --no-jailer runs VMs unjailed, with the daemon's rights.
 
 Security events: every --sample-interval the daemon reads each running VM's
 metrics and the host's pressure (PSI); detectors turn them into events (a VM's I/O
@@ -100,6 +108,34 @@ struct DaemonArgs {
     /// [default: $VIGIL_VMM, else the `vigil` beside this vigild]. Checked at start.
     #[arg(long, value_name = "PATH")]
     vmm: Option<PathBuf>,
+
+    /// The jailer each VM runs in (`PATH --id ID --exec-file VMM --uid N --gid N
+    /// --chroot-base-dir STATE-DIR/jails --new-pid-ns -- run ...`) [default: the
+    /// `vigil-jailer` beside this vigild]. Checked at start.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_jailer")]
+    jailer: Option<PathBuf>,
+
+    /// The user id each jailed VMM runs as (65534: nobody). Give one that
+    /// owns no file of the host: the VMs' writable disks, log and metrics files are
+    /// handed to it.
+    #[arg(long, value_name = "N", default_value_t = vigil_daemon::supervisor::DEFAULT_JAIL_ID, conflicts_with = "no_jailer")]
+    jail_uid: u32,
+
+    /// The group id each jailed VMM runs as (65534: nogroup).
+    #[arg(long, value_name = "N", default_value_t = vigil_daemon::supervisor::DEFAULT_JAIL_ID, conflicts_with = "no_jailer")]
+    jail_gid: u32,
+
+    /// A cgroup v2 setting for every VM (the jailer's --cgroup), e.g.
+    /// memory.max=1073741824, cpu.max='50000 100000', pids.max=64; repeatable.
+    /// Each VM gets its cgroup CGROUP2-ROOT/vigil/ID, removed when it is destroyed.
+    #[arg(long, value_name = "FILE=VALUE", conflicts_with = "no_jailer")]
+    jail_cgroup: Vec<String>,
+
+    /// Run each VM as a child of the daemon with its rights (root's, when the
+    /// daemon is root), outside any jail, as before the jailer. Needed when the
+    /// daemon is not root; a warning is logged at start.
+    #[arg(long)]
+    no_jailer: bool,
 
     /// Where VM folders and the daemon's lock live [default: /var/lib/vigil for root,
     /// else ~/.local/state/vigil].
@@ -350,11 +386,23 @@ fn read_events_config(path: &Path) -> anyhow::Result<vigil_events::EventsConfig>
 
 fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let vmm_binary = vmm_binary(args.vmm)?;
+    let jail = if args.no_jailer {
+        tracing::warn!("--no-jailer: VMs run unjailed, as children of this daemon with its user ({}), its file system and its namespaces", current_uid());
+        None
+    } else {
+        Some(jail_settings(
+            args.jailer,
+            args.jail_uid,
+            args.jail_gid,
+            args.jail_cgroup,
+        )?)
+    };
     let mut config = vigil_daemon::DaemonConfig::new(
         args.state_dir.unwrap_or_else(default_state_dir),
         args.socket.unwrap_or_else(default_socket),
         vmm_binary,
     );
+    config.jail = jail;
     config.socket_group = args.socket_group;
     config.allowed_vm_paths = args.allow_vm_path;
     config.vm_logs = vigil_daemon::supervisor::LogLimits {
@@ -459,6 +507,51 @@ fn vmm_binary(option: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     };
     siblings::check_executable(&path, &what)?;
     Ok(path)
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: getuid cannot fail and touches no memory.
+    unsafe { libc::getuid() }
+}
+
+/// How VMs are jailed: the jailer is `--jailer`, else `vigil-jailer` beside this
+/// binary; refused now, not at the first VM, when it is not there or cannot work.
+fn jail_settings(
+    jailer: Option<PathBuf>,
+    uid: u32,
+    gid: u32,
+    cgroups: Vec<String>,
+) -> anyhow::Result<vigil_daemon::supervisor::JailSettings> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "VMs run in the jailer (vigil-jailer), which needs root (it makes a chroot, namespaces and a cgroup, and changes user); this daemon runs as uid {}: run it as root, or pass --no-jailer to run VMs unjailed with this user's rights",
+            current_uid()
+        );
+    }
+    let (path, what) = match jailer {
+        Some(path) => (path, "--jailer".to_owned()),
+        None => (
+            siblings::beside_me(siblings::JAILER)?,
+            "the jailer (vigil-jailer, beside vigild; or give --jailer PATH, or --no-jailer)"
+                .to_owned(),
+        ),
+    };
+    siblings::check_executable(&path, &what)?;
+    for setting in &cgroups {
+        if setting
+            .split_once('=')
+            .is_none_or(|(file, _)| file.is_empty())
+        {
+            bail!("--jail-cgroup {setting:?}: expected FILE=VALUE, e.g. memory.max=1073741824");
+        }
+    }
+    Ok(vigil_daemon::supervisor::JailSettings {
+        jailer: path,
+        uid,
+        gid,
+        cgroups,
+    })
 }
 
 fn main() -> ExitCode {
