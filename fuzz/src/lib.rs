@@ -10,8 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
-use virtio_queue::{Queue, QueueT};
 use vigil_devices::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory: 64 KiB at 0, a 4 KiB hole, 4 KiB at 0x11000.
@@ -280,4 +280,50 @@ impl Image {
     pub fn bytes(&self) -> Vec<u8> {
         std::fs::read(&self.path).unwrap()
     }
+}
+
+/// The destination's `--migration-token` of the `migration_receive` target and
+/// its seeds (`examples/seed_corpus.rs`).
+pub const MIGRATION_TOKEN: &str = "fuzz-token";
+
+/// Decoder inputs: the first byte chooses whether [`mend`] runs (even: it
+/// does), the rest is the file or stream. A mutation almost always breaks a
+/// checksum, which a decoder checks first: mended inputs reach what lies behind
+/// it, the others the checks themselves.
+pub fn split_mend(data: &[u8]) -> (bool, Vec<u8>) {
+    match data.split_first() {
+        Some((flags, rest)) => (flags & 1 == 0, rest.to_vec()),
+        None => (false, Vec::new()),
+    }
+}
+
+/// Gives each migration frame of `stream` (`kind u8, length u32 LE, payload,
+/// CRC-32C u32 LE`) the CRC its bytes have, up to the first frame cut short.
+pub fn mend_frames(stream: &mut [u8]) {
+    const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    let mut at = 0;
+    while let Some(head) = stream.get(at..at + 5) {
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let end = at + 5 + len;
+        let Some(crc) = stream
+            .get(end..end + 4)
+            .map(|_| CRC32C.checksum(&stream[at..end]))
+        else {
+            return;
+        };
+        stream[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+        at = end + 4;
+    }
+}
+
+/// Gives a snapshot state file (a 32-byte header, then the state) the length
+/// and the CRC-64/XZ of the bytes after its header, when it has a header.
+pub fn mend_state(file: &mut [u8]) {
+    const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+    if file.len() < 32 {
+        return;
+    }
+    let (head, body) = file.split_at_mut(32);
+    head[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    head[24..32].copy_from_slice(&CRC64.checksum(body).to_le_bytes());
 }

@@ -468,13 +468,8 @@ fn receive_pages(a: &Arrival, mut input: Box<dyn Stream>, events: &Sender<Event>
 /// A `Pages` frame, copied in through the userfaultfd (a write through the
 /// mapping would itself fault, waiting on this very thread).
 fn place_pages(a: &Arrival, payload: &[u8]) -> Result<(), String> {
-    let (addr, data) = payload
-        .split_at_checked(8)
-        .ok_or("a Pages frame shorter than its address")?;
-    let gpa = u64::from_le_bytes(addr.try_into().unwrap_or_default());
-    if data.is_empty() || !data.len().is_multiple_of(PAGE) {
-        return Err("a Pages frame that is not whole pages".into());
-    }
+    let (gpa, data) =
+        wire::pages(payload).ok_or("a Pages frame that is not whole pages at a page boundary")?;
     a.lazy.copy(gpa, data).map_err(|e| e.to_string())?;
     for i in 0..(data.len() / PAGE) as u64 {
         a.pending.remove(gpa + i * PAGE as u64);

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use vigil_model::config::{ConsoleConfig, HostLimits, OnCrash};
 use vigil_vmm::builder::{self, BuildError};
-use vigil_vmm::snapshot::{MemoryRange, VmState};
-use vigil_vmm::{ControlError, MemoryOrigin, RunningVm};
+use vigil_vmm::snapshot::{check_memory, MemoryRange, VmState};
+use vigil_vmm::{ControlError, GuestMemoryMmap, MemoryOrigin, RunningVm};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::pages::PageSet;
@@ -83,16 +83,22 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn attempt(
-    stream: &mut Box<dyn Stream>,
-    token: &str,
-    console: &ConsoleConfig,
-    on_crash: OnCrash,
-) -> Result<RunningVm, ReceiveError> {
-    stream
-        .set_read_timeout(Some(READ_TIMEOUT))
-        .map_err(WireError::Io)?;
-    let hello = wire::expect(stream, Kind::Hello)?;
+/// What a source sent before its VM is built here.
+pub struct Received {
+    pub state: VmState,
+    /// Guest RAM as the pages came (zeros where none did).
+    pub mem: GuestMemoryMmap,
+    /// Pages the source will send after the VM runs here (post-copy).
+    pub pending: PageSet,
+}
+
+/// An attempt up to the VM's build: the source's `Hello` checked (protocol
+/// version, `token`) and answered, then its guest memory (`Begin`, `Pages`,
+/// `Zeros`, `Pending`) and the VM's state. Every frame is checked before
+/// anything is done with it; the first that fails ends the attempt.
+pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, ReceiveError> {
+    let mut stream = stream;
+    let hello = wire::expect(&mut stream, Kind::Hello)?;
     let (version, theirs) = wire::parse_hello(&hello)?;
     if version != wire::VERSION {
         return Err(ReceiveError::Version(version));
@@ -100,12 +106,12 @@ fn attempt(
     if !same_token(theirs, token.as_bytes()) {
         return Err(ReceiveError::Token);
     }
-    wire::answer(stream, true, "")?;
+    wire::answer(&mut stream, true, "")?;
 
-    let begin = wire::expect(stream, Kind::Begin)?;
+    let begin = wire::expect(&mut stream, Kind::Begin)?;
     let ranges: Vec<MemoryRange> =
         serde_json::from_slice(&begin).map_err(|e| ReceiveError::Begin(e.to_string()))?;
-    let total: u64 = ranges.iter().map(|r| r.bytes).sum();
+    let total = check_memory(&ranges).map_err(ReceiveError::Begin)?;
     let host = HostLimits::read(0).host_memory_bytes;
     if total == 0 || total > host {
         return Err(ReceiveError::Begin(format!(
@@ -114,22 +120,16 @@ fn attempt(
     }
     let mem = builder::memory_for(&ranges)?;
     let pending = PageSet::new(&ranges);
-    let state = loop {
-        let frame = wire::read(stream)?;
+    loop {
+        let frame = wire::read(&mut stream)?;
         match frame.kind {
             Kind::Pages => {
                 let bad = |why: &str| ReceiveError::Frame {
                     kind: Kind::Pages,
                     why: why.into(),
                 };
-                let (addr, data) = frame
-                    .payload
-                    .split_at_checked(8)
-                    .ok_or_else(|| bad("shorter than its address"))?;
-                let gpa = u64::from_le_bytes(addr.try_into().unwrap_or_default());
-                if gpa % PAGE as u64 != 0 || data.is_empty() || data.len() % PAGE != 0 {
-                    return Err(bad("not whole pages at a page boundary"));
-                }
+                let (gpa, data) = wire::pages(&frame.payload)
+                    .ok_or_else(|| bad("not whole pages at a page boundary"))?;
                 mem.write_slice(data, GuestAddress(gpa))
                     .map_err(|_| bad(&format!("{gpa:#x}+{:#x} is not guest RAM", data.len())))?;
             }
@@ -166,7 +166,11 @@ fn attempt(
                         field: e.path().to_string(),
                         message: e.inner().to_string(),
                     })?;
-                break state;
+                return Ok(Received {
+                    state,
+                    mem,
+                    pending,
+                });
             }
             Kind::Cancel => {
                 return Err(ReceiveError::Frame {
@@ -184,8 +188,23 @@ fn attempt(
                 })
             }
         }
-    };
+    }
+}
 
+fn attempt(
+    stream: &mut Box<dyn Stream>,
+    token: &str,
+    console: &ConsoleConfig,
+    on_crash: OnCrash,
+) -> Result<RunningVm, ReceiveError> {
+    stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .map_err(WireError::Io)?;
+    let Received {
+        state,
+        mem,
+        pending,
+    } = receive_state(&mut **stream, token)?;
     if !pending.is_empty() {
         return crate::postcopy::arrive(stream, state, mem, pending, console, on_crash);
     }
@@ -204,4 +223,141 @@ fn attempt(
     control.resume()?;
     wire::write(stream, Kind::Running, &[])?;
     Ok(running)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Cursor, Read, Write};
+
+    /// A source's side of the connection played from bytes; answers go nowhere.
+    struct Played(Cursor<Vec<u8>>);
+
+    impl Read for Played {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Played {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Stream for Played {
+        fn set_read_timeout(&self, _: Option<Duration>) -> std::io::Result<()> {
+            Ok(())
+        }
+
+        fn try_clone(&self) -> std::io::Result<Box<dyn Stream>> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
+    }
+
+    /// The token of the fuzz seeds (`vigil_fuzz::MIGRATION_TOKEN`).
+    const TOKEN: &str = "fuzz-token";
+
+    /// A fuzz seed of `migration_receive` (made by the fuzz crate's
+    /// `examples/seed_corpus.rs` from a real state of the test guest): its
+    /// first byte is the fuzz target's own, the rest what a source sends.
+    fn seed(bytes: &[u8]) -> Result<Received, ReceiveError> {
+        receive_state(&mut Played(Cursor::new(bytes[1..].to_vec())), TOKEN)
+    }
+
+    fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write(&mut out, kind, payload).unwrap();
+        out
+    }
+
+    /// `Hello` with the right token, `Begin` with `ranges` (JSON), then `rest`.
+    fn begin(ranges: &str, rest: &[u8]) -> Result<Received, ReceiveError> {
+        let stream = [
+            frame(Kind::Hello, &wire::hello(TOKEN)),
+            frame(Kind::Begin, ranges.as_bytes()),
+            rest.to_vec(),
+        ]
+        .concat();
+        receive_state(&mut Played(Cursor::new(stream)), TOKEN)
+    }
+
+    #[test]
+    fn the_fuzz_seeds_arrive_with_their_pages_and_state() {
+        let pre = seed(include_bytes!(
+            "../../../fuzz/corpus/migration_receive/seed-precopy"
+        ))
+        .unwrap();
+        let mut page = [0u8; PAGE];
+        pre.mem.read_slice(&mut page, GuestAddress(0x1000)).unwrap();
+        assert!(page.iter().enumerate().all(|(i, &b)| b == i as u8));
+        assert!(pre.pending.is_empty());
+        assert_eq!(pre.state.vcpus.len(), 1);
+
+        let post = seed(include_bytes!(
+            "../../../fuzz/corpus/migration_receive/seed-postcopy"
+        ))
+        .unwrap();
+        assert_eq!(post.pending.runs(), [(0x4000, 2)]);
+
+        let e = seed(include_bytes!(
+            "../../../fuzz/corpus/migration_receive/seed-cancelled"
+        ))
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("the source gave up"), "{e}");
+    }
+
+    /// Found by fuzzing (migration_receive): RAM ranges whose sizes add up past
+    /// 2^64 overflowed the sum checked against the host's memory (a panic), and
+    /// a range that is not whole pages passed to the pending-page set, which
+    /// then indexed past its end on a `Pending` frame (a panic: the destination
+    /// process aborted). Both are refused at `Begin` now, naming the range.
+    #[test]
+    fn ram_ranges_that_are_not_whole_disjoint_pages_are_refused_at_begin() {
+        let pending = frame(Kind::Pending, &wire::address_payload(&[0x1000]));
+        for (ranges, words) in [
+            (
+                r#"[{"guest_address":0,"bytes":18446744073709547520},{"guest_address":0,"bytes":8192}]"#,
+                "range 1 (0x0+0x2000): starts below the end of the range before",
+            ),
+            (
+                r#"[{"guest_address":4096,"bytes":100}]"#,
+                "range 0 (0x1000+0x64): not whole 4 KiB pages",
+            ),
+            (
+                r#"[{"guest_address":18446744073709547520,"bytes":8192}]"#,
+                "ends past the 64-bit address space",
+            ),
+            (
+                r#"[{"guest_address":0,"bytes":0}]"#,
+                "not whole 4 KiB pages",
+            ),
+        ] {
+            let e = begin(ranges, &pending).err().unwrap();
+            assert!(matches!(e, ReceiveError::Begin(_)), "{ranges}: {e}");
+            assert!(e.to_string().contains(words), "{ranges}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_token_or_version_ends_the_attempt_at_hello() {
+        let e = receive_state(
+            &mut Played(Cursor::new(frame(Kind::Hello, &wire::hello("guess")))),
+            TOKEN,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, ReceiveError::Token), "{e}");
+        let mut hello = wire::hello(TOKEN);
+        hello[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = receive_state(&mut Played(Cursor::new(frame(Kind::Hello, &hello))), TOKEN)
+            .err()
+            .unwrap();
+        assert!(matches!(e, ReceiveError::Version(1)), "{e}");
+    }
 }

@@ -199,6 +199,15 @@ pub fn addresses(payload: &[u8]) -> Option<Vec<u64>> {
         .collect()
 }
 
+/// A `Pages` payload: the guest-physical address of its first page, a page
+/// boundary, and its pages (at least one, whole); `None` when it is not one.
+pub fn pages(payload: &[u8]) -> Option<(u64, &[u8])> {
+    let (addr, data) = payload.split_at_checked(8)?;
+    let gpa = u64::from_le_bytes(addr.try_into().ok()?);
+    (gpa.is_multiple_of(PAGE as u64) && !data.is_empty() && data.len().is_multiple_of(PAGE))
+        .then_some((gpa, data))
+}
+
 /// Addresses as a payload.
 pub fn address_payload(pages: &[u64]) -> Vec<u8> {
     pages.iter().flat_map(|p| p.to_le_bytes()).collect()
@@ -242,6 +251,19 @@ mod tests {
         }
         let e = read(&mut &buf[..buf.len() - 2]).unwrap_err();
         assert!(matches!(e, WireError::Io(_)), "{e}");
+    }
+
+    #[test]
+    fn a_pages_payload_is_whole_pages_at_a_page_boundary() {
+        let payload = |gpa: u64, len: usize| [gpa.to_le_bytes().to_vec(), vec![7; len]].concat();
+        let p = payload(0x3000, 2 * PAGE);
+        assert_eq!(pages(&p), Some((0x3000, &p[8..])));
+        // Post-copy placed a Pages frame at any address: only the userfaultfd
+        // copy below refused one off a page boundary.
+        assert_eq!(pages(&payload(0x3001, PAGE)), None);
+        assert_eq!(pages(&payload(0x3000, PAGE - 1)), None);
+        assert_eq!(pages(&payload(0x3000, 0)), None);
+        assert_eq!(pages(&[0; 7]), None);
     }
 
     #[test]

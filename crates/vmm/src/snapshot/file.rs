@@ -33,7 +33,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddr
 
 #[cfg(doc)]
 use super::state::MemoryKind;
-use super::state::VmState;
+use super::state::{check_memory, VmState};
 use crate::dirty_log::DirtyLog;
 use crate::GuestMemoryMmap;
 
@@ -168,69 +168,97 @@ pub struct Header {
 /// field of the state. Nothing is built from it here.
 pub fn read_state(path: &Path) -> Result<(Header, VmState), FileError> {
     let mut file = File::open(path).map_err(io(path, "cannot open it"))?;
-    let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match file
-            .read(&mut header[got..])
-            .map_err(io(path, "cannot read it"))?
-        {
-            0 => break,
-            n => got += n,
-        }
-    }
-    let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
-    if got < MAGIC.len() || &header[..8] != MAGIC {
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    (&mut file)
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(io(path, "cannot read it"))?;
+    let file_len = file.metadata().map_err(io(path, "cannot stat it"))?.len();
+    // The length is checked against the file's before the body is read: a
+    // header cannot make this allocate more than the file holds.
+    let header = check_header(path, &head, file_len)?;
+    let mut body = vec![0u8; header.state_bytes as usize];
+    file.read_exact(&mut body)
+        .map_err(io(path, "cannot read the state"))?;
+    let state = check_body(path, &header, &body)?;
+    Ok((header, state))
+}
+
+/// As [`read_state`], of a state file's bytes already in memory (`path` only
+/// names it in errors): the same checks, in the same order.
+pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<(Header, VmState), FileError> {
+    let head = &bytes[..bytes.len().min(HEADER_LEN)];
+    let header = check_header(path, head, bytes.len() as u64)?;
+    let state = check_body(path, &header, &bytes[HEADER_LEN..])?;
+    Ok((header, state))
+}
+
+/// Checks the first bytes of a state file of `file_len` bytes (`head`: up to
+/// [`HEADER_LEN`] of them), its header as it says (its checksum not yet checked).
+fn check_header(path: &Path, head: &[u8], file_len: u64) -> Result<Header, FileError> {
+    let word = |at: usize| {
+        head.get(at..at + 8).map_or(u64::MAX, |w| {
+            u64::from_le_bytes(w.try_into().unwrap_or_default())
+        })
+    };
+    if head.get(..MAGIC.len()) != Some(&MAGIC[..]) {
         return Err(FileError::NotASnapshot {
             path: path.to_owned(),
         });
     }
-    let version = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
-    if got >= 12 && version != FORMAT_VERSION {
+    let version = head
+        .get(8..12)
+        .map(|v| u32::from_le_bytes(v.try_into().unwrap_or_default()));
+    if let Some(found) = version.filter(|v| *v != FORMAT_VERSION) {
         return Err(FileError::Version {
             path: path.to_owned(),
-            found: version,
+            found,
         });
     }
-    let file_len = file.metadata().map_err(io(path, "cannot stat it"))?.len();
     let found = file_len.saturating_sub(HEADER_LEN as u64);
-    let said = if got == HEADER_LEN {
+    // A header cut short says nothing of the length: "more than a snapshot can have".
+    let said = if head.len() == HEADER_LEN {
         word(16)
     } else {
         u64::MAX
     };
-    if got < HEADER_LEN || said > MAX_STATE_BYTES || said != found {
+    if head.len() < HEADER_LEN || said > MAX_STATE_BYTES || said != found {
         return Err(FileError::Length {
             path: path.to_owned(),
             said: said.min(MAX_STATE_BYTES + 1),
             found,
         });
     }
-    let mut body = vec![0u8; said as usize];
-    file.read_exact(&mut body)
-        .map_err(io(path, "cannot read the state"))?;
-    let checksum = CHECKSUM.checksum(&body);
-    if checksum != word(24) {
+    Ok(Header {
+        version: FORMAT_VERSION,
+        state_bytes: said,
+        checksum: word(24),
+    })
+}
+
+/// Checks the state's checksum against the one its header says, then parses it.
+fn check_body(path: &Path, header: &Header, body: &[u8]) -> Result<VmState, FileError> {
+    let checksum = CHECKSUM.checksum(body);
+    if checksum != header.checksum {
         return Err(FileError::Checksum {
             path: path.to_owned(),
-            expected: word(24),
+            expected: header.checksum,
             found: checksum,
         });
     }
-    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let de = &mut serde_json::Deserializer::from_slice(body);
     let state: VmState = serde_path_to_error::deserialize(de).map_err(|e| FileError::State {
         path: path.to_owned(),
         field: e.path().to_string(),
         message: e.inner().to_string(),
     })?;
-    Ok((
-        Header {
-            version,
-            state_bytes: said,
-            checksum,
-        },
-        state,
-    ))
+    // What every reader sizes from (the memory file, guest RAM): checked here.
+    check_memory(&state.memory).map_err(|message| FileError::State {
+        path: path.to_owned(),
+        field: "memory".into(),
+        message,
+    })?;
+    Ok(state)
 }
 
 /// Which pages of guest RAM a memory file gets; every other page is a hole.
@@ -456,6 +484,7 @@ pub fn open_memory(path: &Path, expected: u64) -> Result<File, FileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::MemoryRange;
     use vm_memory::{Bytes, GuestAddress};
 
     fn scratch(name: &str) -> PathBuf {
@@ -524,6 +553,65 @@ mod tests {
         mem.read_slice(&mut now[16 * PAGE..], GuestAddress(0x10_0000))
             .unwrap();
         assert!(merged == now, "the base merged with the diff is memory now");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A real state file of the test guest: a seed of the fuzz target
+    /// `snapshot_state` (made by the fuzz crate's `examples/seed_corpus.rs`),
+    /// whose first byte is the fuzz target's own.
+    const SEED: &[u8] = include_bytes!("../../../../fuzz/corpus/snapshot_state/seed-state-0");
+
+    #[test]
+    fn a_state_file_decodes_as_it_reads_and_a_cut_header_is_refused() {
+        let dir = scratch("decode");
+        let path = dir.join("vm.state");
+        let bytes = &SEED[1..];
+        std::fs::write(&path, bytes).unwrap();
+        let (header, state) = read_state(&path).unwrap();
+        let (same, _) = decode_state(&path, bytes).unwrap();
+        assert_eq!(header, same);
+        assert_eq!(header.state_bytes as usize, bytes.len() - HEADER_LEN);
+        assert_eq!(state.machine.vcpu_count as usize, state.vcpus.len());
+        // The header cut anywhere: each refused as read_state refuses it.
+        for cut in [0, 3, 8, 10, 12, 20, 31, 32, 100] {
+            let e = decode_state(&path, &bytes[..cut]).unwrap_err().to_string();
+            let expected = if cut < 8 {
+                "not a Vigil snapshot"
+            } else {
+                "bytes of state"
+            };
+            assert!(e.contains(expected), "cut at {cut}: {e}");
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            assert_eq!(read_state(&path).unwrap_err().to_string(), e);
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Found by fuzzing (snapshot_state): RAM ranges were taken as the file
+    /// said, and `vigil snapshot inspect` summed their sizes, which overflowed
+    /// past 2^64 (a panic) or, in a release build, printed the wrapped sum. The
+    /// ranges are checked as the file is read now, and the field named.
+    #[test]
+    fn a_state_whose_ram_ranges_do_not_add_up_is_refused_naming_them() {
+        let dir = scratch("ranges");
+        let path = dir.join("vm.state");
+        let (_, mut state) = decode_state(&path, &SEED[1..]).unwrap();
+        state.memory = vec![
+            MemoryRange {
+                guest_address: 0,
+                bytes: u64::MAX - 0xfff,
+            },
+            MemoryRange {
+                guest_address: 0,
+                bytes: 0x2000,
+            },
+        ];
+        write_state(&path, &state).unwrap();
+        let e = read_state(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("vm.state: state: memory: range 1 (0x0+0x2000): starts below"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -37,7 +37,7 @@ use crate::dirty_log::{DirtyLog, DirtyReader};
 use crate::vstate::persist::{self, KvmStateError};
 use crate::{ControlError, GuestMemoryMmap};
 pub use file::{FileError, Header, FORMAT_VERSION};
-pub use state::{MemoryKind, MemoryRange, SavedMachine, VmState};
+pub use state::{check_memory, MemoryKind, MemoryRange, SavedMachine, VmState};
 
 /// Why a snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]

@@ -80,6 +80,36 @@ pub struct MemoryRange {
     pub bytes: u64,
 }
 
+/// Checks guest RAM ranges that came from outside (a state file, a migration
+/// source's `Begin`) before anything is sized from them: each a whole number
+/// of 4 KiB pages at a page boundary, none empty, past the end of the address
+/// space or over the one before. Returns the bytes of RAM they make; `Err`
+/// says which range is wrong and why.
+pub fn check_memory(ranges: &[MemoryRange]) -> Result<u64, String> {
+    let page = crate::dirty_log::PAGE_SIZE;
+    let mut total = 0u64;
+    let mut previous_end = 0u64;
+    for (i, r) in ranges.iter().enumerate() {
+        let at = format!("range {i} ({:#x}+{:#x})", r.guest_address, r.bytes);
+        if r.bytes == 0 || !r.guest_address.is_multiple_of(page) || !r.bytes.is_multiple_of(page) {
+            return Err(format!("{at}: not whole 4 KiB pages at a page boundary"));
+        }
+        let end = r
+            .guest_address
+            .checked_add(r.bytes)
+            .ok_or_else(|| format!("{at}: ends past the 64-bit address space"))?;
+        if i > 0 && r.guest_address < previous_end {
+            return Err(format!(
+                "{at}: starts below the end of the range before ({previous_end:#x}): ranges go up and do not overlap"
+            ));
+        }
+        previous_end = end;
+        // Disjoint ranges of a 64-bit space: their sum fits.
+        total += r.bytes;
+    }
+    Ok(total)
+}
+
 /// The KVM VM's own devices.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
@@ -110,4 +140,55 @@ pub struct VcpuSnapshot {
     pub msrs: Vec<kvm_msr_entry>,
     pub events: kvm_vcpu_events,
     pub mp_state: kvm_mp_state,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(r: &[(u64, u64)]) -> Vec<MemoryRange> {
+        r.iter()
+            .map(|&(guest_address, bytes)| MemoryRange {
+                guest_address,
+                bytes,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ram_ranges_are_whole_pages_going_up_apart() {
+        assert_eq!(
+            check_memory(&ranges(&[(0, 0xc000_0000), (1 << 32, 1 << 30)])),
+            Ok(0xc000_0000 + (1 << 30))
+        );
+        assert_eq!(check_memory(&[]), Ok(0));
+        for (bad, words) in [
+            (vec![(0, 100)], "range 0 (0x0+0x64): not whole 4 KiB pages"),
+            (
+                vec![(0x800, 0x1000)],
+                "not whole 4 KiB pages at a page boundary",
+            ),
+            (vec![(0, 0)], "range 0 (0x0+0x0): not whole"),
+            (
+                vec![(u64::MAX - 0xfff, 0x2000)],
+                "ends past the 64-bit address space",
+            ),
+            (
+                vec![(0, 0x2000), (0x1000, 0x1000)],
+                "range 1 (0x1000+0x1000): starts below the end of the range before (0x2000)",
+            ),
+            (
+                vec![(0x2000, 0x1000), (0, 0x1000)],
+                "range 1 (0x0+0x1000): starts below",
+            ),
+            // Sizes that add up past 2^64.
+            (
+                vec![(0, u64::MAX - 0xfff), (0, 0x2000)],
+                "range 1 (0x0+0x2000): starts below",
+            ),
+        ] {
+            let e = check_memory(&ranges(&bad)).unwrap_err();
+            assert!(e.contains(words), "{bad:x?}: {e}");
+        }
+    }
 }
