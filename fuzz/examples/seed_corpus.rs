@@ -1,9 +1,9 @@
 //! Writes the seed corpora of the decoder fuzz targets from real snapshot state
 //! files (made by `vigil run --api-sock` and `PUT /snapshot/create`, see
-//! crates/vmm/README.md, "Fuzzing"), with the encoders the VMM itself uses:
-//!
-//! Each seed (`seed-*`: the names `fuzz/.gitignore` keeps) is a byte that asks for checksums to be mended (they are right)
-//! and the input proper (`vigil_fuzz::split_mend`):
+//! crates/vmm/README.md, "Fuzzing"), with the encoders the VMM itself uses.
+//! Each seed (`seed-*`: the names `fuzz/.gitignore` keeps) is a byte that asks
+//! for the checksums to be mended (they are right already), then the input
+//! proper (`vigil_fuzz::split_mend`):
 //!
 //! - `corpus/snapshot_state/`: each state file as it is;
 //! - `corpus/migration_receive/`: for the first state, what a source sends: `Hello`

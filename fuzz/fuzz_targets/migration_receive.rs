@@ -2,8 +2,9 @@
 //! --migrate-from`): the fuzz input is everything the source sends, read by the
 //! destination's own code (`receive::receive_state`) up to the VM's build: the
 //! `Hello` and its token, `Begin` (guest RAM ranges), `Pages`, `Zeros`,
-//! `Pending`, then `State`. Any stream must end in an error or a checked state,
-//! never a panic, a hang or an allocation no frame asked for. Input: a byte
+//! `Pending`, then `State`. Any stream must end in an error or a state, never
+//! a panic, a hang or an allocation no frame asked for; a state then goes
+//! through the checks a restore makes before it builds anything. Input: a byte
 //! choosing whether the frames' CRCs are mended ([`vigil_fuzz::split_mend`]),
 //! then the stream. The seeds (`corpus/migration_receive/`) are streams of the
 //! test guest as a source sends them, with `MIGRATION_TOKEN`
@@ -15,7 +16,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use vigil_fuzz::{mend_frames, split_mend, MIGRATION_TOKEN};
+use vigil_fuzz::{mend_frames, restore_devices, split_mend, MIGRATION_TOKEN};
 use vigil_migration::receive;
 use vigil_migration::target::Stream;
 
@@ -55,5 +56,7 @@ fuzz_target!(|data: &[u8]| {
         mend_frames(&mut stream);
     }
     let mut source = Source(&stream);
-    let _ = receive::receive_state(&mut source, MIGRATION_TOKEN);
+    if let Ok(received) = receive::receive_state(&mut source, MIGRATION_TOKEN) {
+        restore_devices(&received.state, Some(&received.mem));
+    }
 });

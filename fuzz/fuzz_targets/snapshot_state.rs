@@ -1,7 +1,8 @@
-//! A hostile snapshot state file (`vigil snapshot inspect`, `vigil snapshot
-//! restore`, `PUT /snapshot/load`): any bytes must give an error or a state
-//! whose every field was checked, never a panic, a hang or an allocation the
-//! file's own length does not bound. Input: a byte choosing whether the
+//! A hostile snapshot state file (`vigil snapshot inspect`, `PUT
+//! /snapshot/load`): any bytes must give an error or a state, never a panic, a
+//! hang or an allocation the file's own length does not bound; a state then
+//! goes through the checks a restore makes before it builds anything (the
+//! devices' registers and queues, the carried integrity monitor). Input: a byte choosing whether the
 //! header's length and checksum are mended ([`vigil_fuzz::split_mend`]), then
 //! the file. The seeds (`corpus/snapshot_state/`) are real state files of the
 //! test guest (`examples/seed_corpus.rs`).
@@ -11,7 +12,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use vigil_fuzz::{mend_state, split_mend};
+use vigil_fuzz::{mend_state, restore_devices, split_mend};
 use vigil_introspect::live::{MonitorState, STATE_EXTENSION};
 use vigil_vmm::snapshot::file;
 
@@ -29,11 +30,14 @@ fuzz_target!(|data: &[u8]| {
         .memory
         .iter()
         .try_fold(0u64, |t, r| t.checked_add(r.bytes));
-    assert!(
-        ram.is_some(),
-        "RAM ranges past 2^64 bytes: {:?}",
-        state.memory
-    );
+    let Some(ram) = ram else {
+        panic!("RAM ranges past 2^64 bytes: {:?}", state.memory);
+    };
+    // A restore maps the memory file over these ranges; small ones stand in.
+    let mem = (ram <= 256 << 20)
+        .then(|| vigil_vmm::builder::memory_for(&state.memory).ok())
+        .flatten();
+    restore_devices(&state, mem.as_ref());
     if let Some(carried) = state.extensions.get(STATE_EXTENSION) {
         let _ = MonitorState::from_json(carried);
     }

@@ -327,3 +327,37 @@ pub fn mend_state(file: &mut [u8]) {
     head[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
     head[24..32].copy_from_slice(&CRC64.checksum(body).to_le_bytes());
 }
+
+/// A restore of a decoded state up to what opens host resources (a snapshot's
+/// load, a migration's arrival): the legacy devices' state, each virtio
+/// transport's registers and queues, and whole transports of the devices that
+/// open nothing on the host (rng, balloon) over `mem`, the guest memory the
+/// state came with (none: those are skipped). Refusals are fine; a panic is
+/// not.
+pub fn restore_devices(state: &vigil_vmm::snapshot::VmState, mem: Option<&GuestMemoryMmap>) {
+    use std::sync::Arc;
+    use vigil_devices::legacy::{ConsoleOutput, Serial, I8042};
+    use vigil_devices::persist::Persist;
+    use vigil_devices::virtio::mmio::MmioTransport;
+    use vigil_devices::virtio::persist::DeviceState;
+    use vigil_devices::virtio::Interrupt;
+    use vmm_sys_util::eventfd::EventFd;
+
+    let irq = || EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd");
+    let _ = Serial::restore((irq(), ConsoleOutput::Sink), &state.serial);
+    let _ = I8042::restore((Arc::new(|_| {}), irq()), &state.i8042);
+    for transport in &state.virtio {
+        let _ = transport.check_registers_only();
+        let _ = transport.device.check_queues(&transport.queues);
+        let (Some(mem), DeviceState::Rng(_) | DeviceState::Balloon(_)) = (mem, &transport.device)
+        else {
+            continue;
+        };
+        let Ok(device) = transport.restore_device() else {
+            continue;
+        };
+        let queue_evts = transport.queues.iter().map(|_| irq()).collect();
+        let interrupt = Arc::new(Interrupt::new(irq()));
+        let _ = MmioTransport::restore(transport, device, mem.clone(), interrupt, queue_evts);
+    }
+}

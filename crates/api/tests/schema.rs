@@ -636,3 +636,59 @@ fn a_firecracker_configuration_sequence_is_accepted_and_shown() {
     let after: Json = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
     assert_eq!(after, full, "refused requests changed the configuration");
 }
+
+/// Found by schemathesis (negative_data_rejection, crates/vigil/tests/api_fuzz.rs):
+/// the document said `stats_polling_interval_s` is at least 1, while 0 is what a
+/// balloon without statistics has, and PATCH takes it: the document says so now.
+/// Turning statistics on or off by PATCH is refused, as in Firecracker.
+#[test]
+fn balloon_statistics_intervals_as_documented() {
+    let doc = ours();
+    let update = resolve(
+        &doc,
+        get(
+            get(get(&doc, "components").unwrap(), "schemas").unwrap(),
+            "BalloonStatsUpdate",
+        )
+        .unwrap(),
+    );
+    let interval = get(
+        get(update, "properties").unwrap(),
+        "stats_polling_interval_s",
+    )
+    .unwrap();
+    assert_eq!(get(interval, "minimum").and_then(Yaml::as_u64), Some(0));
+
+    let api = api();
+    let patch = |seconds: u64| {
+        call(
+            &api,
+            "patch",
+            "/balloon/statistics",
+            &json!({ "stats_polling_interval_s": seconds }),
+        )
+    };
+    let r = call(
+        &api,
+        "put",
+        "/balloon",
+        &json!({"amount_mib": 0, "deflate_on_oom": false}),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(patch(0).status, 204);
+    let r = patch(5);
+    assert_eq!(r.status, 400);
+    assert!(
+        fault(&r).contains("statistics were turned off by PUT /balloon"),
+        "{r:?}"
+    );
+    let r = call(
+        &api,
+        "put",
+        "/balloon",
+        &json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(patch(5).status, 204);
+    assert!(fault(&patch(0)).contains("turned on"));
+}

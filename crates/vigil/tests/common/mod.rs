@@ -293,6 +293,11 @@ impl Console {
         self.child.id()
     }
 
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits for the next console line that starts with one of `prefixes` and returns
     /// it; panics (with everything seen, and the VMM's stderr) when the console ends or
     /// `timeout` passes first.
