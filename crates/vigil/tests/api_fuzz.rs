@@ -200,8 +200,8 @@ fn the_api_of_a_running_vm_answers_every_generated_request_as_documented() {
     let last = vigil
         .poll()
         .lines()
-        .filter_map(|l| l.strip_prefix("counter: ")?.parse::<u64>().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("counter: ")?.parse::<u64>().ok())
         .expect("the guest counted");
     vigil.wait_for(&[&format!("counter: {}", last + 2)], TIMEOUT);
     assert!(!vigil.seen.contains("FAIL"), "{}", vigil.seen);
