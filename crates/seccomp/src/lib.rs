@@ -146,11 +146,6 @@ pub fn enable() -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// Whether [`enable`] was called in this process.
-pub fn enabled() -> bool {
-    CONFINEMENT.get().is_some()
-}
-
 /// Confines the calling thread to `kind`'s system calls, when confinement is on.
 /// A thread the kernel refuses to confine does not run unconfined: the process
 /// stops, exit status 1, saying why.
