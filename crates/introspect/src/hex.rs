@@ -49,6 +49,25 @@ pub mod u64_vec {
     }
 }
 
+/// An optional `u64` as `"0x..."` (or `null`).
+pub mod opt_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => super::u64::serialize(n, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Hex(#[serde(with = "super::u64")] u64);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(Option::<Hex>::deserialize(d)?.map(|h| h.0))
+    }
+}
+
 /// Optional bytes as one lowercase hex string (or `null`).
 pub mod opt_bytes {
     use serde::{de, Deserialize, Deserializer, Serializer};

@@ -18,6 +18,32 @@ pub const MAX_REGION: u64 = 1 << 30;
 /// `GDT_ENTRY_TLS_MIN..=GDT_ENTRY_TLS_MAX`, 12 to 14.
 pub const LINUX_GDT_VOLATILE: [u16; 5] = [0x50, 0x58, 0x60, 0x68, 0x70];
 
+/// Linux x86-64's module area (`MODULES_VADDR..MODULES_END`,
+/// `arch/x86/include/asm/pgtable_64_types.h`): from the end of the 512 MiB
+/// kernel image mapping (1 GiB with KASLR, so the first 512 MiB are empty there)
+/// to the fixmap. Not moved by the KASLR slide. Besides modules it holds BPF JIT
+/// images and kprobe and ftrace trampolines, which `module_alloc` also serves.
+pub const LINUX_MODULE_AREA: VirtRange = VirtRange {
+    start: 0xffff_ffff_a000_0000,
+    end: 0xffff_ffff_ff00_0000,
+};
+
+/// The largest module area accepted: 2 GiB.
+pub const MAX_MODULE_AREA: u64 = 2 << 30;
+
+/// Where the guest kernel loads its modules, watched for new and changed
+/// executable pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleArea {
+    /// The guest-virtual range modules are mapped in.
+    pub range: VirtRange,
+    /// The guest-virtual address of Linux's `modules` list head (slide
+    /// applied), which names the modules; `None` without the symbol.
+    #[serde(with = "hex::opt_u64")]
+    pub list: Option<u64>,
+}
+
 /// A guest-virtual range `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +122,10 @@ pub struct KernelLayout {
     /// descriptor (loaded per process that has an LDT) and the three TLS
     /// descriptors (`set_thread_area`, loaded on every context switch).
     pub gdt_volatile: Vec<u16>,
+    /// The module area; `None` for a guest without modules (explicit layouts,
+    /// and baselines taken before Vigil watched modules).
+    #[serde(default)]
+    pub modules: Option<ModuleArea>,
     /// What the layout had to do without.
     pub notes: Vec<String>,
 }
@@ -198,6 +228,15 @@ impl KernelLayout {
         if count == 0 || count > MAX_SYSCALLS {
             return Err(LayoutError::BadSyscallCount(count));
         }
+        let list = match map.address_of("modules") {
+            Some(_) => Some(slid(map, "modules", "the module list", slide)?),
+            None => {
+                notes.push(
+                    "no modules in the symbol table: module text is watched, not named".into(),
+                );
+                None
+            }
+        };
         Ok(Self {
             text,
             rodata,
@@ -208,6 +247,10 @@ impl KernelLayout {
             }),
             slide,
             gdt_volatile: LINUX_GDT_VOLATILE.to_vec(),
+            modules: Some(ModuleArea {
+                range: LINUX_MODULE_AREA,
+                list,
+            }),
             notes,
         })
     }
@@ -243,6 +286,7 @@ impl KernelLayout {
             syscall_table,
             slide: 0,
             gdt_volatile: Vec::new(),
+            modules: None,
             notes: Vec::new(),
         })
     }
@@ -266,6 +310,16 @@ impl KernelLayout {
                     what: "the system call table",
                     start: t.addr,
                     end: t.addr.wrapping_add(t.count as u64 * 8),
+                });
+            }
+        }
+        if let Some(m) = self.modules {
+            let r = m.range;
+            if r.start >= r.end || r.len() > MAX_MODULE_AREA {
+                return Err(LayoutError::BadRange {
+                    what: "the module area (at most 2 GiB)",
+                    start: r.start,
+                    end: r.end,
                 });
             }
         }
@@ -336,7 +390,16 @@ ffffffff8192e000 D __end_rodata
                 count_is_bound: true
             })
         );
-        assert!(l.notes.is_empty());
+        // Without a `modules` symbol the module area is watched, its texts unnamed.
+        assert_eq!(
+            l.modules,
+            Some(ModuleArea {
+                range: LINUX_MODULE_AREA,
+                list: None
+            })
+        );
+        assert_eq!(l.notes.len(), 1, "{:?}", l.notes);
+        assert!(l.notes[0].contains("no modules"), "{:?}", l.notes);
         let l = KernelLayout::from_symbols(&map, -0x40_0000, Some(3)).unwrap();
         let t = l.syscall_table.unwrap();
         assert_eq!(

@@ -183,6 +183,132 @@ pub fn read_virt<M: GuestPhysMemory + ?Sized>(
     Ok(())
 }
 
+/// The 4 KiB pages mapped in a guest-virtual range, as [`mapped_pages`] found them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MappedPages {
+    /// Each mapped 4 KiB page (a large page counts as its 4 KiB pages), in
+    /// address order: its guest-virtual address and translation (`paddr` the
+    /// 4 KiB page's, `page_size` the mapping's).
+    pub pages: Vec<(u64, Translation)>,
+    /// Whether the walk stopped at the limit with more mapped.
+    pub truncated: bool,
+    /// Tables the walk could not read (outside RAM): their parts of the range
+    /// are left out.
+    pub unreadable_tables: usize,
+}
+
+/// Every 4 KiB page mapped in `[start, end)` through the tables at `cr3`, at most
+/// `max` of them. Tables are read whole (one read of 4 KiB each) and only where
+/// they are present, so a sparse range costs little however large it is. The
+/// range must lie in one half of the canonical address space.
+pub fn mapped_pages<M: GuestPhysMemory + ?Sized>(
+    mem: &M,
+    cr3: u64,
+    cr4_la57: bool,
+    start: u64,
+    end: u64,
+    max: usize,
+) -> MappedPages {
+    let (levels, bits) = if cr4_la57 {
+        (&LEVELS[..], 57)
+    } else {
+        (&LEVELS[1..], 48)
+    };
+    let mut out = MappedPages::default();
+    if start >= end || !canonical(start, bits) || !canonical(end - 1, bits) {
+        return out;
+    }
+    let mask = (1u64 << bits) - 1;
+    let walk = Walk {
+        mem,
+        levels,
+        bits,
+        start: start & mask,
+        end: ((end - 1) & mask) + 1,
+        max,
+    };
+    walk.table(&mut out, cr3 & ADDR_MASK, 0, 0, (true, true, false));
+    out
+}
+
+/// One [`mapped_pages`] walk: addresses are kept without their sign extension.
+struct Walk<'a, M: ?Sized> {
+    mem: &'a M,
+    levels: &'a [(&'static str, u32)],
+    bits: u32,
+    start: u64,
+    end: u64,
+    max: usize,
+}
+
+impl<M: GuestPhysMemory + ?Sized> Walk<'_, M> {
+    /// Returns false once the limit is reached.
+    fn table(
+        &self,
+        out: &mut MappedPages,
+        table: u64,
+        depth: usize,
+        base: u64,
+        (writable, user, nx): (bool, bool, bool),
+    ) -> bool {
+        let (level, shift) = self.levels[depth];
+        let span = 1u64 << shift;
+        let mut raw = [0u8; 4096];
+        if self.mem.read_phys(table, &mut raw).is_err() {
+            out.unreadable_tables += 1;
+            return true;
+        }
+        let first = (self.start.max(base) - base) >> shift;
+        let last = ((self.end - 1).min(base + 512 * span - 1) - base) >> shift;
+        for i in first..=last.min(511) {
+            let o = i as usize * 8;
+            let entry = u64::from_le_bytes(raw[o..o + 8].try_into().expect("8 bytes"));
+            if entry & P == 0 {
+                continue;
+            }
+            let va = base + i * span;
+            let flags = (
+                writable && entry & RW != 0,
+                user && entry & US != 0,
+                nx || entry & NX != 0,
+            );
+            if shift != 12 && entry & PS == 0 {
+                if !self.table(out, entry & ADDR_MASK, depth + 1, va, flags) {
+                    return false;
+                }
+                continue;
+            }
+            if shift > 30 {
+                continue; // a reserved bit: not a mapping
+            }
+            let page_base = entry & ADDR_MASK & !(span - 1);
+            let (lo, hi) = (va.max(self.start), (va + span).min(self.end));
+            let mut page = lo & !0xfff;
+            while page < hi {
+                if out.pages.len() == self.max {
+                    out.truncated = true;
+                    return false;
+                }
+                let shift_back = 64 - self.bits;
+                let vaddr = (((page << shift_back) as i64) >> shift_back) as u64;
+                out.pages.push((
+                    vaddr,
+                    Translation {
+                        paddr: page_base + (page - va),
+                        page_size: span,
+                        level,
+                        writable: flags.0,
+                        user: flags.1,
+                        nx: flags.2,
+                    },
+                ));
+                page += 0x1000;
+            }
+        }
+        true
+    }
+}
+
 /// One address space of the guest: memory and the CR3 (and LA57) of a vCPU.
 #[derive(Clone, Copy, Debug)]
 pub struct PageWalker<M> {
@@ -321,6 +447,48 @@ pub(crate) mod tests {
         pub fn translate(&self, vaddr: u64) -> Result<Translation, WalkError> {
             translate(&self.mem, self.root, self.la57, vaddr)
         }
+    }
+
+    #[test]
+    fn mapped_pages_lists_what_is_mapped_in_a_range() {
+        let mut t = Tables::new(false);
+        let area = 0xffff_ffff_a000_0000u64;
+        t.map(area + 3 * KIB4, 0x80_0000, KIB4, RW | NX);
+        t.map(area + 4 * KIB4, 0x81_0000, KIB4, 0);
+        t.map(area + MIB2, 0xa0_0000, MIB2, 0);
+        t.map(area - KIB4, 0x82_0000, KIB4, 0); // below the range
+        let m = mapped_pages(&t.mem, t.root, false, area, area + 4 * MIB2, 10_000);
+        assert!(!m.truncated);
+        assert_eq!(m.pages.len(), 2 + 512);
+        assert_eq!(m.pages[0].0, area + 3 * KIB4);
+        assert_eq!(m.pages[0].1.paddr, 0x80_0000);
+        assert!(m.pages[0].1.writable && m.pages[0].1.nx);
+        assert_eq!((m.pages[1].0, m.pages[1].1.nx), (area + 4 * KIB4, false));
+        assert_eq!(m.pages[2].0, area + MIB2);
+        assert_eq!(m.pages[3].1.paddr, 0xa0_1000);
+        assert_eq!(m.pages[3].1.page_size, MIB2);
+        for (va, tr) in &m.pages {
+            assert_eq!(t.translate(*va).unwrap().paddr, tr.paddr, "{va:#x}");
+        }
+        // A range starting inside a large page, and the limit.
+        let m = mapped_pages(
+            &t.mem,
+            t.root,
+            false,
+            area + MIB2 + 5 * KIB4,
+            area + 4 * MIB2,
+            3,
+        );
+        assert!(m.truncated);
+        assert_eq!(m.pages[0].0, area + MIB2 + 5 * KIB4);
+        assert_eq!(m.pages.len(), 3);
+        // Garbage tables end the walk without a panic.
+        t.write(t.entry(area, "PDE"), 0xffff_ffff_ffff_f001);
+        let m = mapped_pages(&t.mem, t.root, false, area, area + 4 * MIB2, 10_000);
+        assert_eq!(m.unreadable_tables, 1);
+        assert!(mapped_pages(&t.mem, t.root, false, 5, 5, 10)
+            .pages
+            .is_empty());
     }
 
     const KVA: u64 = 0xffff_8880_0012_3000;

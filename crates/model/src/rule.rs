@@ -195,8 +195,13 @@ pub const T1014: Mitre = Mitre {
     name: "Rootkit",
     tactic_tag: "mitre_defense_evasion",
 };
+pub const T1547_006: Mitre = Mitre {
+    technique: "T1547.006",
+    name: "Boot or Logon Autostart Execution: Kernel Modules and Extensions",
+    tactic_tag: "mitre_persistence",
+};
 /// Every technique a rule or event carries.
-pub const TECHNIQUES: [Mitre; 6] = [T1499, T1499_001, T1498_001, T1068, T1014, T1190];
+pub const TECHNIQUES: [Mitre; 7] = [T1499, T1499_001, T1498_001, T1068, T1014, T1547_006, T1190];
 
 impl<'de> Deserialize<'de> for Mitre {
     /// From its technique id; a technique Vigil does not know is an error.
@@ -273,6 +278,14 @@ pub enum Rule {
     KernelRodataModified,
     /// A page of kernel text or read-only data is mapped elsewhere, unmapped or made writable.
     KernelMappingChanged,
+    /// New executable pages in the kernel's module area: a module loaded (named
+    /// from the guest's module list when it is there).
+    KernelModuleLoaded,
+    /// A run of module text present before is no longer mapped: a module unloaded.
+    KernelModuleUnloaded,
+    /// A page of module text hashes differently from when it was first seen, or
+    /// is mapped elsewhere or made writable.
+    KernelModuleTextModified,
     /// LSTAR, STAR, CSTAR, SFMASK or SYSENTER_* differs from the baseline.
     SyscallMsrChanged,
     /// The guest wrote a syscall MSR with a value other than its baseline one, caught at the write (refused under the protect policy).
@@ -295,7 +308,7 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in the README's order.
-    pub const ALL: [Rule; 30] = [
+    pub const ALL: [Rule; 33] = [
         Rule::HostMemoryPressure,
         Rule::HostCpuPressure,
         Rule::HostIoPressure,
@@ -317,6 +330,9 @@ impl Rule {
         Rule::KernelTextModified,
         Rule::KernelRodataModified,
         Rule::KernelMappingChanged,
+        Rule::KernelModuleLoaded,
+        Rule::KernelModuleUnloaded,
+        Rule::KernelModuleTextModified,
         Rule::SyscallMsrChanged,
         Rule::SyscallMsrWrite,
         Rule::Cr0WpCleared,
@@ -352,6 +368,9 @@ impl Rule {
             Rule::KernelTextModified => "kernel_text_modified",
             Rule::KernelRodataModified => "kernel_rodata_modified",
             Rule::KernelMappingChanged => "kernel_mapping_changed",
+            Rule::KernelModuleLoaded => "kernel_module_loaded",
+            Rule::KernelModuleUnloaded => "kernel_module_unloaded",
+            Rule::KernelModuleTextModified => "kernel_module_text_modified",
             Rule::SyscallMsrChanged => "syscall_msr_changed",
             Rule::SyscallMsrWrite => "syscall_msr_write",
             Rule::Cr0WpCleared => "cr0_wp_cleared",
@@ -388,6 +407,9 @@ impl Rule {
             Rule::KernelTextModified => "kernel text modified",
             Rule::KernelRodataModified => "kernel rodata modified",
             Rule::KernelMappingChanged => "kernel mapping changed",
+            Rule::KernelModuleLoaded => "kernel module loaded",
+            Rule::KernelModuleUnloaded => "kernel module unloaded",
+            Rule::KernelModuleTextModified => "kernel module text modified",
             Rule::SyscallMsrChanged => "syscall msr changed",
             Rule::SyscallMsrWrite => "syscall msr written",
             Rule::Cr0WpCleared => "cr0.wp cleared",
@@ -415,9 +437,11 @@ impl Rule {
             Rule::PolicyAction => Priority::Notice,
             Rule::IncidentDosCrash => Priority::Critical,
             Rule::VmLifecycle => Priority::Informational,
-            Rule::Cr4UmipCleared | Rule::EferSceChanged | Rule::IntegrityReadFailed => {
-                Priority::Warning
-            }
+            Rule::Cr4UmipCleared
+            | Rule::EferSceChanged
+            | Rule::IntegrityReadFailed
+            | Rule::KernelModuleLoaded => Priority::Warning,
+            Rule::KernelModuleUnloaded => Priority::Notice,
             // The other introspection rules: a hooked or patched kernel.
             _ => Priority::Critical,
         }
@@ -454,7 +478,8 @@ impl Rule {
             | Rule::Cr4SmapCleared
             | Rule::Cr4UmipCleared
             | Rule::EferNxeCleared => Some(T1068),
-            Rule::IntegrityReadFailed => None,
+            Rule::IntegrityReadFailed | Rule::KernelModuleUnloaded => None,
+            Rule::KernelModuleLoaded => Some(T1547_006),
             Rule::IdtEntryModified
             | Rule::IdtrChanged
             | Rule::GdtEntryModified
@@ -463,6 +488,7 @@ impl Rule {
             | Rule::KernelTextModified
             | Rule::KernelRodataModified
             | Rule::KernelMappingChanged
+            | Rule::KernelModuleTextModified
             | Rule::SyscallMsrChanged
             | Rule::SyscallMsrWrite
             | Rule::Cr0WpCleared
@@ -483,6 +509,9 @@ impl Rule {
                 | Rule::KernelTextModified
                 | Rule::KernelRodataModified
                 | Rule::KernelMappingChanged
+                | Rule::KernelModuleLoaded
+                | Rule::KernelModuleUnloaded
+                | Rule::KernelModuleTextModified
                 | Rule::SyscallMsrChanged
                 | Rule::SyscallMsrWrite
                 | Rule::Cr0WpCleared
@@ -626,6 +655,9 @@ mod tests {
                 "kernel_text_modified",
                 "kernel_rodata_modified",
                 "kernel_mapping_changed",
+                "kernel_module_loaded",
+                "kernel_module_unloaded",
+                "kernel_module_text_modified",
                 "syscall_msr_changed",
                 "syscall_msr_write",
                 "cr0_wp_cleared",

@@ -10,6 +10,7 @@ use crate::layout::{KernelLayout, LayoutError, VirtRange};
 use crate::mem::GuestPhysMemory;
 use crate::paging::{read_virt, WalkError};
 
+use super::modules::{self, ModuleText};
 use super::pages::{hash_region, table_hole, Digest32, PAGE_SIZE};
 use super::tables::{read_table, MAX_GDT_BYTES, MAX_IDT_BYTES};
 use super::{kernel_cr3, reference_cpu};
@@ -96,6 +97,10 @@ pub struct Baseline {
     pub syscall_table: Option<SyscallTableBaseline>,
     pub text: RegionBaseline,
     pub rodata: Option<RegionBaseline>,
+    /// The module text watched: what was mapped at baseline, and what was
+    /// loaded since (reported, and watched from then on).
+    #[serde(default)]
+    pub modules: Vec<ModuleText>,
     /// What the baseline had to do without, and vCPUs that joined later.
     pub notes: Vec<String>,
 }
@@ -257,6 +262,14 @@ impl Baseline {
             .map(|r| hash_region(mem, reference, ref_cr3, RODATA_NAME, r, hole))
             .transpose()?;
         let mut notes = layout.notes.clone();
+        let modules = match &layout.modules {
+            Some(area) => {
+                let (texts, more) = modules::take(mem, reference, ref_cr3, area);
+                notes.extend(more);
+                texts
+            }
+            None => Vec::new(),
+        };
         if let (Some(loc), Some(t)) = (layout.syscall_table, &syscall_table) {
             if t.entries.len() != loc.count {
                 notes.push(format!(
@@ -273,6 +286,7 @@ impl Baseline {
             syscall_table,
             text,
             rodata,
+            modules,
             notes,
         })
     }
@@ -307,6 +321,7 @@ impl Baseline {
             }
         }
         self.text.validate("text", TEXT_NAME, layout.text)?;
+        modules::validate(&self.modules, layout.modules.as_ref())?;
         match (&self.rodata, layout.rodata) {
             (None, None) => Ok(()),
             (Some(r), Some(range)) => r.validate("rodata", RODATA_NAME, range),

@@ -31,6 +31,8 @@ pub(super) const GDT_PA: u64 = IDT_PA + 0x1000;
 pub(super) const IDT_COPY: u64 = IDT + 0x2000;
 pub(super) const IDT_COPY_PA: u64 = IDT_PA + 0x2000;
 pub(super) const SPARE_PA: u64 = 0xb0_0000;
+/// Linux's `modules` list head (mapped by the module tests).
+pub(super) const MODULES: u64 = 0xffff_ffff_8200_0000;
 
 pub(super) const PF: u64 = TEXT + 0x100;
 pub(super) const SYS_READ: u64 = TEXT + 0x1000;
@@ -51,6 +53,7 @@ ffffffff81800000 D __start_rodata
 ffffffff81800040 D sys_call_table
 ffffffff81800080 d other_rodata
 ffffffff81802000 D __end_rodata
+ffffffff82000000 D modules
 ffffffffc0000000 t rootkit_read
 ";
 

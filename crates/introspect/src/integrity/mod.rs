@@ -47,6 +47,7 @@ mod baseline;
 mod finding;
 #[cfg(test)]
 mod fixture;
+mod modules;
 mod pages;
 mod registers;
 mod tables;
@@ -55,6 +56,7 @@ pub use baseline::{
     Baseline, BaselineError, PageRecord, RegionBaseline, SyscallTableBaseline, VcpuBaseline,
 };
 pub use finding::{Finding, ReportedLocation, MAX_SYMBOL_OFFSET};
+pub use modules::{ModulePage, ModuleText, MAX_MODULE_PAGES};
 pub use pages::{Digest32, PAGE_SIZE};
 pub use tables::{MAX_GDT_BYTES, MAX_IDT_BYTES};
 
@@ -239,6 +241,11 @@ impl Checker {
         );
         for (region, rule) in regions.into_iter().flatten() {
             check_region(&mut round, &sym, mem, region, rule, reference, dirty, hole);
+        }
+        if let (Some(area), Some(reference)) = (&baseline.layout.modules, reference) {
+            let texts = &mut baseline.modules;
+            let notes = &mut baseline.notes;
+            modules::check(&mut round, mem, texts, notes, area, reference, dirty);
         }
         round.out
     }
