@@ -134,11 +134,11 @@ extern "C" {
 /// How long the guest waits for each byte from the host.
 const GO_TIMEOUT_S: u64 = 60;
 
-fn wait_for_host(machine: &Machine) -> bool {
+pub fn wait_for_host(machine: &Machine) -> bool {
     serial::read_byte(machine.delay_tsc_khz() * 1000 * GO_TIMEOUT_S).is_some()
 }
 
-fn ready(name: &[u8]) {
+pub fn ready(name: &[u8]) {
     Serial.str("introspect: ready ").bytes(name).str("\n");
 }
 

@@ -15,6 +15,7 @@ mod cpu;
 mod introspect;
 mod mem;
 mod mobility;
+mod module;
 mod net;
 mod paging;
 mod rt;

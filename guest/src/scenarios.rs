@@ -44,6 +44,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"syscalls" => introspect::syscalls(machine, detail),
         b"syscall-loop" => introspect::syscall_loop(machine, detail),
         b"msr-fixup" => introspect::msr_fixup(detail),
+        b"module" => crate::module::module(machine, detail),
         b"counter" => crate::mobility::counter(machine, detail),
         b"dirty" => crate::mobility::dirty(machine, detail),
         b"mobility" => crate::mobility::mobility(machine, detail),

@@ -404,6 +404,67 @@ fn rootkit_cr4_is_found() {
     }
 }
 
+/// One more finding after `since`, found by the second check after the step
+/// (`checks_at`), and no other within a few more checks.
+fn next_finding(vm: &mut Vm, checks_at: u64, since: u64) -> Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let checks = vm.checks();
+        if !vm.findings(since).is_empty() {
+            break;
+        }
+        assert!(
+            checks < checks_at + 3,
+            "nothing new by check {checks} (step at {checks_at})\n{}",
+            vm.console.poll()
+        );
+        assert!(Instant::now() < deadline, "no finding after #{since}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.wait_checks(3);
+    let new = vm.findings(since);
+    assert_eq!(new.len(), 1, "one finding per step: {new:#?}");
+    new.into_iter().next().unwrap()
+}
+
+/// The `module` scenario: a kernel module's text mapped in the module area and
+/// the module linked into the guest's `modules` list, then a byte of its text
+/// patched, then the module unloaded: one finding each, the module named from
+/// the list.
+#[test]
+fn a_kernel_module_loaded_patched_and_unloaded_is_found() {
+    let mut vm = rootkit_ready("module", REPORT, &[]).unwrap();
+
+    let (detail, checks) = tamper(&mut vm, "module");
+    assert!(detail.starts_with("loaded "), "{detail}");
+    let base = hex_u64(detail_value(&detail, "base"));
+    let bytes: u64 = detail_value(&detail, "bytes").parse().unwrap();
+    let f = next_finding(&mut vm, checks, 0);
+    let text = format!("module text {base:#x} (vigil_mod)");
+    assert_eq!(f["rule"], "kernel_module_loaded", "{f}");
+    assert_eq!(f["location"], text, "{f}");
+    assert_eq!(f["to"], format!("{bytes:#x} bytes"), "{f}");
+    assert_eq!(f["priority"], "Warning", "{f}");
+    assert_eq!(f["mitre"]["technique"], "T1547.006", "{f}");
+
+    let (detail, checks) = tamper(&mut vm, "module");
+    let addr = hex_u64(detail_value(&detail, "addr"));
+    let f = next_finding(&mut vm, checks, 1);
+    assert_eq!(f["rule"], "kernel_module_text_modified", "{f}");
+    let offset = (addr - base) & !0xfff;
+    assert!(
+        str_of(&f, "location").ends_with(&format!("(vigil_mod+{offset:#x})")),
+        "{f}"
+    );
+    assert_eq!(f["priority"], "Critical", "{f}");
+
+    let (_, checks) = tamper(&mut vm, "module");
+    let f = next_finding(&mut vm, checks, 2);
+    assert_eq!(f["rule"], "kernel_module_unloaded", "{f}");
+    assert_eq!(f["location"], text, "{f}");
+    pass(vm, "module", "loaded patched unloaded");
+}
+
 #[test]
 fn protect_policy_refuses_the_lstar_hook() {
     let scenario = "rootkit-lstar";
