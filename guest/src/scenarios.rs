@@ -25,6 +25,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"virtio-evil" => virtio::virtio_evil(machine, detail),
         b"blk-bench" => virtio::blk_bench(machine, detail),
         b"flood" => virtio::flood(machine, detail),
+        b"io-evil" => crate::probe::io_evil(machine, detail),
         b"balloon" => crate::balloon::balloon(machine, detail),
         b"balloon-evil" => crate::balloon::balloon_evil(machine, detail),
         b"net" => net::net(machine, detail),

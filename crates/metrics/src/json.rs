@@ -6,7 +6,7 @@
 //! | group | what |
 //! |---|---|
 //! | `vm` | `uptime_ms`, `guest_memory_bytes`, `rss_bytes`, `balloon_actual_bytes`, `balloon_target_bytes`, `dirty_bytes_per_s` |
-//! | `vcpu` | all vCPUs together: `exits_<reason>` (reasons: `io`, `mmio`, `hlt`, `shutdown`, `internal_error`, `fail_entry`, `system_event`, `msr`, `debug`, `intr`, `other`), `exits_total`, `guest_ns`, `cpu_ns`, `wait_ns`, `exit_handling_count`, `exit_handling_sum_ns`, `exit_handling_p50_ns`, `exit_handling_p99_ns`, `exit_handling_max_ns` |
+//! | `vcpu` | all vCPUs together: `exits_<reason>` (reasons: `io`, `mmio`, `hlt`, `shutdown`, `internal_error`, `fail_entry`, `system_event`, `msr`, `debug`, `intr`, `other`), `exits_total`, `guest_ns`, `unclaimed_pio`, `unclaimed_mmio`, `cpu_ns`, `wait_ns`, `exit_handling_count`, `exit_handling_sum_ns`, `exit_handling_p50_ns`, `exit_handling_p99_ns`, `exit_handling_max_ns` |
 //! | `vcpu<N>` | the same for vCPU N |
 //! | `block`, `net`, `vsock`, `entropy`, `balloon` | all devices of the kind together: `<dir>_bytes`, `<dir>_count` for the kind's two directions (`read`/`write`, `rx`/`tx`, `deflate`/`inflate`; entropy has `read` only), `other_count`, `errors`, `throttled`; the balloon adds `actual_pages`, `target_pages` |
 //! | `block_<name>`, `net_<name>` | the same for one disk or interface (`block_blk0`) |
@@ -118,6 +118,8 @@ fn vcpu_group(mut g: Obj, v: &VcpuSnapshot) -> Obj {
     }
     g.u64("exits_total", v.exits.total());
     g.u64("guest_ns", v.guest_ns);
+    g.u64("unclaimed_pio", v.unclaimed_pio);
+    g.u64("unclaimed_mmio", v.unclaimed_mmio);
     g.opt("cpu_ns", v.cpu_ns);
     g.opt("wait_ns", v.wait_ns);
     let h = &v.exit_handling;

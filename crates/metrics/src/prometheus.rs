@@ -251,6 +251,26 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
+    {
+        let mut f = Family::new(
+            out,
+            "vigil_vcpu_unclaimed_accesses_total",
+            "counter",
+            "Guest port I/O (space=pio) and MMIO (space=mmio) accesses no device claims: reads get all ones, writes are dropped.",
+        );
+        for (vm, s) in vms {
+            for v in &s.vcpus {
+                let id = v.id.to_string();
+                for (space, n) in [("pio", v.unclaimed_pio), ("mmio", v.unclaimed_mmio)] {
+                    f.sample(
+                        "",
+                        &[("vm", vm), ("vcpu", &id), ("space", space)],
+                        Value::Int(n),
+                    );
+                }
+            }
+        }
+    }
     let per_vcpu: [SimpleFamily<crate::VcpuSnapshot, Option<u64>>; 3] = [
         (
             "vigil_vcpu_guest_seconds_total",

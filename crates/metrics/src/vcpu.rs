@@ -88,6 +88,10 @@ pub struct VcpuCounters {
     /// Nanoseconds inside `KVM_RUN` (guest time, in-kernel exits and in-kernel
     /// halts included).
     pub guest_ns: Counter,
+    /// Guest port I/O and MMIO accesses no device claims (reads get all ones,
+    /// writes are dropped): a guest probing or attacking the VMM's address map.
+    pub unclaimed_pio: Counter,
+    pub unclaimed_mmio: Counter,
     /// The vCPU thread's Linux thread id while it runs (0: not running).
     tid: AtomicI32,
     /// The thread's schedstat (on-CPU ns, run-queue wait ns) as it left.
@@ -171,6 +175,8 @@ impl VcpuCounters {
             },
             exit_handling: self.exit_handling.snapshot(),
             guest_ns: self.guest_ns.get(),
+            unclaimed_pio: self.unclaimed_pio.get(),
+            unclaimed_mmio: self.unclaimed_mmio.get(),
             cpu_ns: sched.map(|s| s.0),
             wait_ns: sched.map(|s| s.1),
         }
@@ -287,6 +293,11 @@ pub struct VcpuSnapshot {
     pub exit_handling: HistogramSnapshot,
     /// Time inside `KVM_RUN`, ns.
     pub guest_ns: u64,
+    /// Port I/O and MMIO accesses no device claims.
+    #[serde(default)]
+    pub unclaimed_pio: u64,
+    #[serde(default)]
+    pub unclaimed_mmio: u64,
     /// The vCPU thread's time on a host CPU, ns (schedstat).
     pub cpu_ns: Option<u64>,
     /// The vCPU thread's time runnable but waiting for a host CPU, ns (schedstat):
@@ -302,6 +313,8 @@ impl VcpuSnapshot {
             total.exits.add(&v.exits);
             total.exit_handling.merge(&v.exit_handling);
             total.guest_ns += v.guest_ns;
+            total.unclaimed_pio += v.unclaimed_pio;
+            total.unclaimed_mmio += v.unclaimed_mmio;
             total.cpu_ns = sum_opt(total.cpu_ns, v.cpu_ns);
             total.wait_ns = sum_opt(total.wait_ns, v.wait_ns);
         }

@@ -328,6 +328,7 @@ impl Vcpu {
                     value[..len].copy_from_slice(&data[..len]);
                     return Outcome::RtTimerWrite { port, value, len };
                 } else if !ctx.pio.write(u64::from(port), data) {
+                    ctx.metrics.unclaimed_pio.add_single_writer(1);
                     tracing::trace!(vcpu = self.id, port, "write to unhandled port");
                 }
                 Outcome::Continue
@@ -336,12 +337,14 @@ impl Vcpu {
                 if let Some(rt) = ctx.rt_timer.as_ref().filter(|_| RtTimer::claims(port)) {
                     rt.read(self.id, port, data);
                 } else if !ctx.pio.read(u64::from(port), data) {
+                    ctx.metrics.unclaimed_pio.add_single_writer(1);
                     data.fill(0xff);
                 }
                 Outcome::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !ctx.mmio.read(addr, data) {
+                    ctx.metrics.unclaimed_mmio.add_single_writer(1);
                     tracing::debug!(vcpu = self.id, addr, "read from unhandled MMIO address");
                     data.fill(0xff);
                 }
@@ -349,6 +352,7 @@ impl Vcpu {
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if !ctx.mmio.write(addr, data) {
+                    ctx.metrics.unclaimed_mmio.add_single_writer(1);
                     tracing::debug!(vcpu = self.id, addr, "write to unhandled MMIO address");
                 }
                 Outcome::Continue
