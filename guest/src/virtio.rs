@@ -960,6 +960,68 @@ fn rng_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
     Ok(())
 }
 
+/// `rng-evil`: four malformed requests on one set-up of the first virtio-rng device,
+/// each waited for up to 2 s, then a good one. See README.md.
+pub fn rng_evil(machine: &Machine, detail: &mut Line) -> bool {
+    with_queue0(
+        machine,
+        detail,
+        ID_RNG,
+        |_| true,
+        "no virtio-rng device",
+        0,
+        |q, _clock, detail| rng_evil_body(q, detail),
+    )
+}
+
+/// Where `rng-evil`'s `huge` buffer starts: free RAM at 16 MiB, away from the image.
+const RNG_HUGE_AT: u64 = 0x100_0000;
+
+fn rng_evil_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
+    let buf = dma(RNG_BUF);
+    let cases: [(&str, &dyn Fn(&Queue)); 5] = [
+        ("oob", &|q| q.chain(&[(FAR_OUTSIDE_RAM, RNG_LEN, true)])),
+        ("loop", &|q| {
+            q.desc(0, buf, RNG_LEN / 2, NEXT | WRITE, 1);
+            q.desc(
+                1,
+                buf + u64::from(RNG_LEN / 2),
+                RNG_LEN / 2,
+                NEXT | WRITE,
+                0,
+            );
+        }),
+        ("huge", &|q| q.chain(&[(RNG_HUGE_AT, 0x7fff_ffff, true)])),
+        ("dir", &|q| q.chain(&[(buf, RNG_LEN, false)])),
+        ("good", &|q| q.chain(&[(buf, RNG_LEN, true)])),
+    ];
+    zero(buf, RNG_LEN as usize);
+    let mut good = false;
+    for (name, make) in cases {
+        make(q);
+        q.kick(0);
+        if name != "oob" {
+            detail.str(" ");
+        }
+        detail.str(name).str("=");
+        match q.wait_used(2000) {
+            Ok((_, len)) => {
+                detail.str("used:").dec(u64::from(len));
+                good = name == "good" && len == RNG_LEN;
+            }
+            Err(why) => {
+                detail.str(evil_outcome::<()>(Err(why)));
+                return Err(());
+            }
+        }
+    }
+    if !good || (0..u64::from(RNG_LEN)).all(|i| rd::<u8>(buf + i) == 0) {
+        detail.str(" (the good request got no entropy)");
+        return Err(());
+    }
+    Ok(())
+}
+
 /// The malformed requests of `virtio-evil`, in order.
 #[derive(Clone, Copy)]
 enum Evil {

@@ -89,8 +89,9 @@ fn a_hostile_guest_is_counted_and_survived_and_its_neighbour_runs_on() {
         &format!("path={}", disk.display()),
         "--balloon",
         "size_mib=1",
+        "--rng",
         "--cmdline",
-        "test=virtio-evil,balloon-evil,io-evil",
+        "test=virtio-evil,balloon-evil,rng-evil,io-evil",
     ]);
     wait_for(&sock, TIMEOUT);
     let ticks_before = last_tick(&mut neighbour);
@@ -101,6 +102,12 @@ fn a_hostile_guest_is_counted_and_survived_and_its_neighbour_runs_on() {
     assert_eq!(
         balloon,
         "TEST balloon-evil PASS beyond=used image=zeroed oob=used loop=used huge=used good=used"
+    );
+    // Out of RAM, looping, 2 GiB past RAM, device-readable: each used, empty.
+    let rng = hostile.wait_for(&["TEST rng-evil "], TIMEOUT);
+    assert_eq!(
+        rng,
+        "TEST rng-evil PASS oob=used:0 loop=used:0 huge=used:0 dir=used:0 good=used:64"
     );
     hostile.wait_for(&["io-evil: ready"], TIMEOUT);
     let before = metrics(&sock);
@@ -120,6 +127,7 @@ fn a_hostile_guest_is_counted_and_survived_and_its_neighbour_runs_on() {
         .count() as u64;
     assert_eq!(refused, 4, "oob, loop, huge and dir refused: {virtio}");
     assert_eq!(device(&before, "block")["errors"], refused, "{before:#}");
+    assert_eq!(device(&before, "entropy")["errors"], 4, "{before:#}");
     let balloon_errors = device(&before, "balloon")["errors"].as_u64().unwrap();
     assert!(balloon_errors >= 3 + 3, "{before:#}");
     hostile.send(b"g");
@@ -133,7 +141,7 @@ fn a_hostile_guest_is_counted_and_survived_and_its_neighbour_runs_on() {
     assert_eq!(mmio1 - mmio0, word(detail, "mmio"), "{detail}");
     assert!(word(detail, "pio") > 130_000, "every port: {detail}");
     hostile.send(b"k");
-    hostile.wait_for(&["DONE passed=3 failed=0"], TIMEOUT);
+    hostile.wait_for(&["DONE passed=4 failed=0"], TIMEOUT);
     let run = hostile.finish(TIMEOUT);
     assert_eq!(
         run.code,

@@ -278,19 +278,36 @@ pub(crate) fn serve_chains<'a>(
     }
 }
 
+/// Whether `chain` ends where its driver ended it. Iterating a chain stops
+/// without an error at a `next` that loops, past the queue size, past 4 GiB in
+/// all, at a `next` outside the table or at a descriptor that cannot be read; a
+/// device that passes a chain's bytes on (a frame, a packet) must not send what
+/// it happened to gather, nor fill a looping chain as if it were longer.
+fn whole(chain: &DescriptorChain<&GuestMemoryMmap>) -> Result<(), virtio_queue::Error> {
+    match chain.clone().last() {
+        Some(last) if !last.has_next() => Ok(()),
+        _ => Err(virtio_queue::Error::InvalidChain),
+    }
+}
+
 /// A reader of what the driver wrote into `chain`, refusing a chain that does
-/// not end where its driver ended it. Iterating a chain stops without an error at
-/// a `next` that loops, past the queue size, past 4 GiB in all, at a `next` outside
-/// the table or at a descriptor that cannot be read; a device that passes a
-/// chain's bytes on (a frame, a packet) must not send what it happened to gather.
+/// not end where its driver ended it ([`whole`]).
 pub(crate) fn whole_chain_reader<'a>(
     chain: DescriptorChain<&'a GuestMemoryMmap>,
     mem: &'a GuestMemoryMmap,
 ) -> Result<Reader<'a>, virtio_queue::Error> {
-    match chain.clone().last() {
-        Some(last) if !last.has_next() => chain.reader(mem),
-        _ => Err(virtio_queue::Error::InvalidChain),
-    }
+    whole(&chain)?;
+    chain.reader(mem)
+}
+
+/// A writer into `chain`'s device-writable buffers, refusing a chain that does
+/// not end where its driver ended it ([`whole`]).
+pub(crate) fn whole_chain_writer<'a>(
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Writer<'a>, virtio_queue::Error> {
+    whole(&chain)?;
+    chain.writer(mem)
 }
 
 /// Returns the chain at `head` to the driver, `len` bytes written into it.

@@ -12,7 +12,8 @@ use crate::persist::Persist;
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+    serve_chains, whole_chain_writer, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -94,7 +95,13 @@ impl VirtioDevice for Rng {
     ) -> Result<QueueOutcome, DeviceBroken> {
         serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            let len = match chain.writer(mem) {
+            let len = match whole_chain_writer(chain, mem) {
+                Ok(writer) if writer.available_bytes() == 0 => {
+                    // The spec has the driver give device-writable buffers only.
+                    tracing::warn!(head, "virtio-rng request with nothing to write into");
+                    self.metrics.errors.inc();
+                    0
+                }
                 Ok(mut writer) => {
                     let n = writer.available_bytes().min(MAX_REQUEST);
                     if let Err(wait) = self.limiter.consume(n as u64) {
