@@ -17,7 +17,6 @@
 use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use vigil_events::Rule;
 
 use crate::cpu::CpuState;
@@ -28,7 +27,7 @@ use crate::paging::{mapped_pages, read_virt, Translation};
 
 use super::baseline::BaselineError;
 use super::finding::{finding, Round};
-use super::pages::{Digest32, PAGE_SIZE};
+use super::pages::{compare_hash, describe_mapping, sha256, Digest32, PAGE_SIZE};
 
 /// The most module text pages watched (128 MiB; a distribution kernel with
 /// a hundred modules loaded has 10 to 20 MiB): a guest mapping more cannot make
@@ -92,10 +91,6 @@ impl ModuleText {
         let n = self.name.as_ref()?;
         Some(format!("{n}+{:#x}", vaddr - self.start()))
     }
-}
-
-fn sha256(b: &[u8]) -> Digest32 {
-    Sha256::digest(b).into()
 }
 
 /// The executable pages of the module area now, as runs of contiguous pages.
@@ -386,10 +381,6 @@ pub(super) fn check(
     texts.sort_by_key(ModuleText::start);
 }
 
-fn describe_mapping(paddr: u64, writable: bool) -> String {
-    format!("{paddr:#x} {}", if writable { "rw" } else { "ro" })
-}
-
 fn check_page(
     round: &mut Round,
     mem: &dyn GuestPhysMemory,
@@ -434,26 +425,11 @@ fn check_page(
     if dirty.is_some_and(|d| !d(page.paddr)) || mem.read_phys(page.paddr, buf).is_err() {
         return;
     }
-    let h = sha256(buf);
-    let from = hex::bytes(&page.hash);
-    if h == page.hash {
-        round.same(rule, None, location, || from);
-        return;
-    }
-    let location = location();
-    round.differs(finding(
-        rule,
-        None,
-        location.clone(),
-        from,
-        hex::bytes(&h),
-        None,
-        symbol.clone(),
-        format!(
-            "{location} (virtual {:#x}) changed since it was first seen",
-            page.vaddr
-        ),
-    ));
+    let since = "it was first seen";
+    let name = symbol.clone();
+    compare_hash(
+        round, rule, buf, &page.hash, location, name, page.vaddr, since,
+    );
 }
 
 #[cfg(test)]

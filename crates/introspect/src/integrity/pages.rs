@@ -21,7 +21,7 @@ pub const PAGE_SIZE: u64 = 0x1000;
 /// non-cryptographic hash would let it craft a collision.
 pub type Digest32 = [u8; 32];
 
-fn sha256(parts: &[u8]) -> Digest32 {
+pub(super) fn sha256(parts: &[u8]) -> Digest32 {
     Sha256::digest(parts).into()
 }
 
@@ -93,7 +93,7 @@ pub(super) fn hash_region(
     })
 }
 
-fn describe_mapping(paddr: u64, writable: bool) -> String {
+pub(super) fn describe_mapping(paddr: u64, writable: bool) -> String {
     format!("{paddr:#x} {}", if writable { "rw" } else { "ro" })
 }
 
@@ -184,28 +184,49 @@ pub(super) fn check_region(
         }
         round.same(Rule::IntegrityReadFailed, None, location, String::new);
         zero_hole(b, va, hole);
-        let h = sha256(b);
-        let from = hex::bytes(&page.hash);
-        if h == page.hash {
-            round.same(rule, None, location, || from);
-            continue;
-        }
-        let to = hex::bytes(&h);
-        let location = location();
-        round.differs(finding(
+        compare_hash(
+            round,
             rule,
-            None,
-            location.clone(),
-            from,
-            to,
-            None,
+            b,
+            &page.hash,
+            location,
             sym.name(va),
-            format!(
-                "{location} (virtual {:#x}) changed since the baseline",
-                page.vaddr
-            ),
-        ));
+            page.vaddr,
+            "the baseline",
+        );
     }
+}
+
+/// The bytes of a watched page against their hash `expected`: reported once when
+/// they differ ("changed since `since`"), restored when back.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn compare_hash(
+    round: &mut Round,
+    rule: Rule,
+    bytes: &[u8],
+    expected: &Digest32,
+    location: impl FnOnce() -> String,
+    symbol: Option<String>,
+    vaddr: u64,
+    since: &str,
+) {
+    let h = sha256(bytes);
+    let from = hex::bytes(expected);
+    if h == *expected {
+        round.same(rule, None, location, || from);
+        return;
+    }
+    let location = location();
+    round.differs(finding(
+        rule,
+        None,
+        location.clone(),
+        from,
+        hex::bytes(&h),
+        None,
+        symbol,
+        format!("{location} (virtual {vaddr:#x}) changed since {since}"),
+    ));
 }
 
 #[cfg(test)]
