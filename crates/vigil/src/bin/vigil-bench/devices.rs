@@ -1,13 +1,15 @@
 //! `vigil bench blk|net`: the test guest's virtio-blk and virtio-net benchmarks
-//! under Vigil and under QEMU microvm, in the same invocation.
+//! under Vigil and under QEMU microvm, in the same invocation, the VMMs
+//! interleaved round by round.
 
+use std::io::Read;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::peers::{median, shell_line, Kind, Progress, Scratch, Vmm};
+use crate::peers::{median, shell_line, wait_with_usage, Kind, Progress, Scratch, Vmm};
 
 #[derive(Args, Debug)]
 pub struct DeviceBenchArgs {
@@ -18,6 +20,11 @@ pub struct DeviceBenchArgs {
     /// The peer to compare with: a qemu-system-x86_64 binary, or "none".
     #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
     pub qemu: String,
+
+    /// Also run Vigil with --no-seccomp, as a row of its own: what its seccomp
+    /// filters cost on the device path.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// A benchmark the test guest runs against one virtio device.
@@ -31,7 +38,8 @@ struct DeviceBench {
 }
 
 /// Runs `bench.scenario` once on `guest`; `attach` adds the device to the VMM's
-/// command line.
+/// command line. Returns the figures of `bench.keys`, then the VMM's CPU time for
+/// the whole run (boot included) in ms.
 fn device_once(
     vmm: &Vmm,
     guest: &Path,
@@ -40,22 +48,37 @@ fn device_once(
 ) -> anyhow::Result<Vec<u64>> {
     let mut cmd = vmm.command(guest, &format!("test={}", bench.scenario), 128)?;
     attach(vmm, &mut cmd);
-    let out = cmd
-        .output()
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("{}: cannot start `{}`", vmm.name, shell_line(&cmd)))?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let mut err = child.stderr.take().expect("stderr piped");
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).ok();
+        s
+    });
+    let mut text = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout piped")
+        .read_to_string(&mut text)
+        .ok();
+    let (status, cpu) = wait_with_usage(&mut child)?;
     let prefix = format!("TEST {} PASS", bench.scenario);
     let line = text
         .lines()
         .find(|l| l.starts_with(&prefix))
         .with_context(|| {
             format!(
-                "{}: {} did not pass ({})\ncommand: {}\nconsole:\n{text}\nstderr:\n{}",
+                "{}: {} did not pass ({status})\ncommand: {}\nconsole:\n{text}\nstderr:\n{}",
                 vmm.name,
                 bench.scenario,
-                out.status,
                 shell_line(&cmd),
-                String::from_utf8_lossy(&out.stderr)
+                stderr.join().unwrap_or_default()
             )
         })?;
     let figures: Vec<(&str, u64)> = line
@@ -63,7 +86,7 @@ fn device_once(
         .filter_map(|w| w.split_once('='))
         .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
         .collect();
-    bench
+    let mut out = bench
         .keys
         .iter()
         .map(|k| {
@@ -73,10 +96,14 @@ fn device_once(
                 .map(|(_, v)| *v)
                 .with_context(|| format!("{}: no {k} in {line}", vmm.name))
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<u64>>>()?;
+    out.push(cpu.as_millis() as u64);
+    Ok(out)
 }
 
-/// Runs `bench` under Vigil and the peer and prints the medians with ratios.
+/// Runs `bench` under Vigil (and without seccomp when asked) and the peer,
+/// interleaved round by round (each round starting with the next VMM), and
+/// prints the medians with each Vigil row's ratio to the peer.
 fn device_bench(
     args: &DeviceBenchArgs,
     bench: &DeviceBench,
@@ -88,39 +115,53 @@ fn device_bench(
     let scratch = Scratch::new("device")?;
     let guest = scratch.write("guest.elf", vigil_test_guest::ELF)?;
     let mut vmms = vec![Vmm::vigil("vigil", &[])?];
+    if args.no_seccomp {
+        vmms.push(Vmm::vigil("vigil (no seccomp)", &["--no-seccomp"])?);
+    }
     if args.qemu != "none" {
         vmms.push(Vmm::qemu(&args.qemu));
     }
     let progress = Progress::new();
-    let mut medians: Vec<Vec<u64>> = Vec::new();
-    for vmm in &vmms {
-        let mut rounds = Vec::new();
-        for i in 0..args.runs {
-            rounds.push(device_once(vmm, &guest, bench, attach)?);
-            progress.show(&format!("{}: {}/{} rounds", vmm.name, i + 1, args.runs));
+    let mut rounds: Vec<Vec<Vec<u64>>> = vec![Vec::new(); vmms.len()];
+    for round in 0..args.runs {
+        for k in 0..vmms.len() {
+            let i = (round + k) % vmms.len();
+            rounds[i].push(device_once(&vmms[i], &guest, bench, attach)?);
+            progress.show(&format!("round {}/{}: {}", round + 1, args.runs, vmms[i].name));
         }
-        progress.done();
-        medians.push(
-            (0..bench.keys.len())
-                .map(|k| median(rounds.iter().map(|r| r[k]).collect()))
-                .collect(),
-        );
     }
+    progress.done();
+    let columns = bench.keys.len() + 1;
+    let medians: Vec<Vec<u64>> = rounds
+        .iter()
+        .map(|r| {
+            (0..columns)
+                .map(|c| median(r.iter().map(|x| x[c]).collect()))
+                .collect()
+        })
+        .collect();
 
-    println!("{}, median of {} rounds:\n", bench.caption, args.runs);
-    println!("| VMM | {} |", bench.keys.join(" | "));
-    println!("|---|{}", "---|".repeat(bench.keys.len()));
+    println!(
+        "{}, medians of {} rounds (VMMs interleaved); VMM CPU: user + system time of the \
+         VMM process for the whole run, boot included:\n",
+        bench.caption, args.runs
+    );
+    println!("| VMM | {} | VMM CPU (ms) |", bench.keys.join(" | "));
+    println!("|---|{}", "---|".repeat(columns));
     for (vmm, m) in vmms.iter().zip(&medians) {
         let cells: Vec<String> = m.iter().map(u64::to_string).collect();
         println!("| {} | {} |", vmm.name, cells.join(" | "));
     }
-    if let [ours, peer] = &medians[..] {
-        let cells: Vec<String> = ours
-            .iter()
-            .zip(peer)
-            .map(|(a, b)| format!("{:.2}", *a as f64 / (*b).max(1) as f64))
-            .collect();
-        println!("| ratio vigil/{} | {} |", vmms[1].name, cells.join(" | "));
+    if let (true, Some(peer)) = (args.qemu != "none", medians.last()) {
+        let peer_name = &vmms[vmms.len() - 1].name;
+        for (vmm, ours) in vmms.iter().zip(&medians).take(vmms.len() - 1) {
+            let cells: Vec<String> = ours
+                .iter()
+                .zip(peer)
+                .map(|(a, b)| format!("{:.2}", *a as f64 / (*b).max(1) as f64))
+                .collect();
+            println!("| ratio {}/{peer_name} | {} |", vmm.name, cells.join(" | "));
+        }
     }
     Ok(())
 }
