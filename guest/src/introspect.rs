@@ -686,6 +686,7 @@ pub fn debug_trap(machine: &Machine, detail: &mut Line) -> bool {
                 "and qword ptr [rsp], {notf}",
                 "popfq",
                 "nop",
+                ".byte 0xf1",
                 tf = const RFLAGS_TF,
                 notf = const !RFLAGS_TF,
             )

@@ -1,9 +1,21 @@
-//! System call tracing, the library part: a hit at the syscall entry (LSTAR)
-//! decoded from the vCPU's registers into number, name and arguments, filtered
-//! by number and by process (CR3), written as JSON lines.
+//! System call tracing, the library part: a hit at a system call entry decoded
+//! from the vCPU's registers (and the caller's stack) into number, name,
+//! arguments and where the call returns, filtered by number and by process
+//! (CR3), written as JSON lines.
 //!
-//! Linux x86-64 ABI: the number in RAX, arguments in RDI, RSI, RDX, R10, R8, R9;
-//! the `syscall` instruction leaves the return address in RCX.
+//! The three entries and their Linux ABIs ([`SyscallEntry`]):
+//! - `syscall` (LSTAR), x86-64: the number in RAX, arguments in RDI, RSI, RDX,
+//!   R10, R8, R9; the instruction leaves the return address in RCX and keeps RSP.
+//! - `int $0x80` (IDT gate 0x80), i386: the number in EAX, arguments in EBX, ECX,
+//!   EDX, ESI, EDI, EBP; the return address and stack are in the interrupt frame
+//!   at RSP (RIP at +0, RSP at +24).
+//! - `sysenter` (SYSENTER_EIP), i386 as the vDSO's `__kernel_vsyscall` makes it:
+//!   EAX, EBX, ECX, EDX, ESI, EDI as for `int $0x80`, the caller's stack in EBP
+//!   with the sixth argument at [EBP] and, 32-bit slots, the return address of
+//!   `__kernel_vsyscall`'s caller at [EBP+12]: the call returns there with
+//!   RSP = RBP + 16. The instruction itself saves no return address.
+//!
+//! The result is in RAX (EAX for the i386 ABI) at the return address.
 
 use std::collections::BTreeSet;
 
@@ -11,18 +23,102 @@ use serde::Serialize;
 
 use crate::hex;
 
-/// The registers of a vCPU stopped at the system call entry.
+/// How a system call entered the kernel, which says its ABI.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyscallEntry {
+    /// `syscall`, at LSTAR: the x86-64 ABI.
+    #[default]
+    Syscall,
+    /// `sysenter`, at SYSENTER_EIP: the i386 ABI through the vDSO.
+    Sysenter,
+    /// `int $0x80`, at the handler of IDT gate 0x80: the i386 ABI.
+    Int80,
+}
+
+impl SyscallEntry {
+    /// Whether the ABI is the 32-bit one (32-bit number, arguments and result).
+    pub fn is_i386(self) -> bool {
+        self != Self::Syscall
+    }
+
+    /// The call's number.
+    pub fn nr(self, regs: &SyscallRegs) -> u64 {
+        self.width(regs.rax)
+    }
+
+    /// A register as this ABI reads it (its low 32 bits for i386).
+    fn width(self, v: u64) -> u64 {
+        if self.is_i386() {
+            v & 0xffff_ffff
+        } else {
+            v
+        }
+    }
+
+    /// Where the call returns and with which stack pointer, `None` when the
+    /// caller's stack cannot be read (see the module's description).
+    pub fn return_point(self, regs: &SyscallRegs, read: &impl GuestRead) -> Option<ReturnPoint> {
+        match self {
+            Self::Syscall => Some(ReturnPoint {
+                rip: regs.rcx,
+                rsp: regs.rsp,
+            }),
+            Self::Int80 => Some(ReturnPoint {
+                rip: read.read_u64(regs.rsp)?,
+                rsp: read.read_u64(regs.rsp.wrapping_add(24))?,
+            }),
+            Self::Sysenter => Some(ReturnPoint {
+                rip: read.read_u32(regs.rbp.wrapping_add(12))?,
+                rsp: regs.rbp.wrapping_add(16),
+            }),
+        }
+    }
+
+    /// The result a call returns with `rax` at its return point.
+    pub fn result(self, rax: u64) -> u64 {
+        self.width(rax)
+    }
+}
+
+/// The caller's memory, read at guest-virtual addresses of its address space.
+pub trait GuestRead {
+    /// Reads `N` bytes at `vaddr`; `None` where they do not translate.
+    fn read<const N: usize>(&self, vaddr: u64) -> Option<[u8; N]>;
+
+    fn read_u64(&self, vaddr: u64) -> Option<u64> {
+        self.read::<8>(vaddr).map(u64::from_le_bytes)
+    }
+
+    fn read_u32(&self, vaddr: u64) -> Option<u64> {
+        self.read::<4>(vaddr)
+            .map(|b| u64::from(u32::from_le_bytes(b)))
+    }
+}
+
+/// Where a call returns to the caller: the instruction and the stack pointer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReturnPoint {
+    pub rip: u64,
+    pub rsp: u64,
+}
+
+/// The registers of a vCPU stopped at a system call entry, and which entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyscallRegs {
+    pub entry: SyscallEntry,
     pub rax: u64,
-    pub rdi: u64,
-    pub rsi: u64,
+    pub rbx: u64,
+    /// For `syscall`, the return address it saved (the instruction after it).
+    pub rcx: u64,
     pub rdx: u64,
-    pub r10: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub rsp: u64,
     pub r8: u64,
     pub r9: u64,
-    /// The return address `syscall` saved (the instruction after it).
-    pub rcx: u64,
+    pub r10: u64,
     /// The calling process's address space.
     pub cr3: u64,
 }
@@ -31,31 +127,59 @@ pub struct SyscallRegs {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SyscallRecord {
     pub vcpu: u32,
-    /// The number (RAX).
+    /// How it entered: `"syscall"`, `"sysenter"` or `"int80"`.
+    pub entry: SyscallEntry,
+    /// The number (RAX; EAX for the i386 entries).
     pub nr: u64,
-    /// Its name in the Linux x86-64 ABI; `null` for numbers it does not have.
+    /// Its name in the Linux x86-64 ABI; `null` for numbers it does not have and
+    /// for the i386 entries (whose numbers are another table's).
     pub name: Option<&'static str>,
-    /// RDI, RSI, RDX, R10, R8, R9, as `"0x..."`.
+    /// The six arguments of the entry's ABI, as `"0x..."`.
     #[serde(serialize_with = "hex::u64_vec::serialize")]
     pub args: [u64; 6],
     /// The caller's CR3 (which process), as `"0x..."`.
     #[serde(with = "hex::u64")]
     pub cr3: u64,
-    /// Where the call returns to (RCX), as `"0x..."`.
-    #[serde(with = "hex::u64")]
-    pub return_rip: u64,
+    /// Where the call returns to, as `"0x..."`; `null` when the caller's stack
+    /// does not translate.
+    #[serde(with = "hex::opt_u64")]
+    pub return_rip: Option<u64>,
+    /// What the call returned (RAX, EAX for the i386 entries, at the return
+    /// address), as `"0x..."`; `null` when the return was not seen.
+    #[serde(with = "hex::opt_u64")]
+    pub ret: Option<u64>,
 }
 
 impl SyscallRecord {
-    /// Decodes the call that vCPU `vcpu` is making.
-    pub fn decode(vcpu: u32, regs: &SyscallRegs) -> Self {
+    /// Decodes the call that vCPU `vcpu` is making, reading the caller's stack
+    /// through `read` where the ABI keeps things there. An argument that does not
+    /// translate reads as 0.
+    pub fn decode(vcpu: u32, regs: &SyscallRegs, read: &impl GuestRead) -> Self {
+        let entry = regs.entry;
+        let nr = entry.nr(regs);
+        let args = match entry {
+            SyscallEntry::Syscall => [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
+            SyscallEntry::Int80 | SyscallEntry::Sysenter => {
+                let sixth = match entry {
+                    SyscallEntry::Sysenter => read.read_u32(regs.rbp).unwrap_or(0),
+                    _ => regs.rbp,
+                };
+                [regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, sixth].map(|v| entry.width(v))
+            }
+        };
         Self {
             vcpu,
-            nr: regs.rax,
-            name: syscall_name(regs.rax),
-            args: [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
+            entry,
+            nr,
+            name: if entry.is_i386() {
+                None
+            } else {
+                syscall_name(nr)
+            },
+            args,
             cr3: regs.cr3,
-            return_rip: regs.rcx,
+            return_rip: entry.return_point(regs, read).map(|r| r.rip),
+            ret: None,
         }
     }
 
@@ -112,7 +236,7 @@ pub struct SyscallFilter {
 
 /// CR3 bits that are not the page-table address: PCID (0..11) and the no-flush
 /// bit 63. Two CR3s of the same process differ only there.
-const CR3_ADDR: u64 = 0x000f_ffff_ffff_f000;
+pub(crate) const CR3_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 impl SyscallFilter {
     /// Every call of every process.
@@ -179,9 +303,12 @@ impl SyscallFilter {
         self.cr3
     }
 
-    /// Whether a call with these registers is to be recorded.
+    /// Whether a call with these registers is to be recorded (numbers compare
+    /// with the entry's own: EAX for the i386 entries).
     pub fn matches(&self, regs: &SyscallRegs) -> bool {
-        self.numbers.as_ref().is_none_or(|n| n.contains(&regs.rax))
+        self.numbers
+            .as_ref()
+            .is_none_or(|n| n.contains(&regs.entry.nr(regs)))
             && self.cr3.is_none_or(|c| c & CR3_ADDR == regs.cr3 & CR3_ADDR)
     }
 }
@@ -689,6 +816,7 @@ mod tests {
 
     fn regs(nr: u64, cr3: u64) -> SyscallRegs {
         SyscallRegs {
+            entry: SyscallEntry::Syscall,
             rax: nr,
             rdi: 1,
             rsi: 0x7ffd_0000_1000,
@@ -697,13 +825,35 @@ mod tests {
             r8: 5,
             r9: 6,
             rcx: 0x40_1234,
+            rsp: 0x7ffd_0000_2000,
             cr3,
+            ..Default::default()
+        }
+    }
+
+    /// Guest memory: little-endian bytes from `base`; nothing elsewhere.
+    struct Stack {
+        base: u64,
+        bytes: Vec<u8>,
+    }
+
+    impl GuestRead for Stack {
+        fn read<const N: usize>(&self, vaddr: u64) -> Option<[u8; N]> {
+            let at = usize::try_from(vaddr.checked_sub(self.base)?).ok()?;
+            self.bytes.get(at..at + N)?.try_into().ok()
+        }
+    }
+
+    fn no_memory() -> Stack {
+        Stack {
+            base: 0,
+            bytes: Vec::new(),
         }
     }
 
     #[test]
     fn decodes_and_writes_json_lines() {
-        let r = SyscallRecord::decode(1, &regs(1, 0x1234_5000));
+        let r = SyscallRecord::decode(1, &regs(1, 0x1234_5000), &no_memory());
         assert_eq!(r.name, Some("write"));
         assert_eq!(r.args, [1, 0x7ffd_0000_1000, 13, 4, 5, 6]);
         let line = r.to_json_line();
@@ -714,12 +864,80 @@ mod tests {
             serde_json::json!({
                 "vcpu": 1, "nr": 1, "name": "write",
                 "args": ["0x1", "0x7ffd00001000", "0xd", "0x4", "0x5", "0x6"],
-                "cr3": "0x12345000", "return_rip": "0x401234",
+                "cr3": "0x12345000", "return_rip": "0x401234", "entry": "syscall",
+                "ret": null,
             })
         );
-        let unknown = SyscallRecord::decode(0, &regs(999, 0));
+        let unknown = SyscallRecord::decode(0, &regs(999, 0), &no_memory());
         assert_eq!(unknown.name, None);
         assert!(unknown.to_json().contains("\"name\":null"));
+    }
+
+    /// The i386 entries: 32-bit number and arguments, their return point (and
+    /// sysenter's sixth argument) from the caller's stack.
+    #[test]
+    fn decodes_the_i386_entries() {
+        let stack = Stack {
+            base: 0x8000,
+            bytes: [
+                &0x40_2000u64.to_le_bytes()[..], // int80 frame: RIP
+                &0x08u64.to_le_bytes(),          // CS
+                &0x246u64.to_le_bytes(),         // RFLAGS
+                &0x9000u64.to_le_bytes(),        // RSP
+                &0xaaaa_0006u32.to_le_bytes(),   // sysenter: [EBP], the sixth argument
+                &0u32.to_le_bytes(),             // EDX
+                &0u32.to_le_bytes(),             // ECX
+                &0x40_3000u32.to_le_bytes(),     // the return address
+            ]
+            .concat(),
+        };
+        let high = 0xffff_ffff_0000_0000;
+        let mut r = SyscallRegs {
+            entry: SyscallEntry::Int80,
+            rax: high | 4,
+            rbx: high | 1,
+            rcx: 2,
+            rdx: 3,
+            rsi: 4,
+            rdi: 5,
+            rbp: 6,
+            rsp: 0x8000,
+            cr3: 0x1000,
+            ..Default::default()
+        };
+        let c = SyscallRecord::decode(0, &r, &stack);
+        assert_eq!((c.nr, c.name, c.args), (4, None, [1, 2, 3, 4, 5, 6]));
+        assert_eq!(c.return_rip, Some(0x40_2000));
+        assert_eq!(
+            SyscallEntry::Int80.return_point(&r, &stack),
+            Some(ReturnPoint {
+                rip: 0x40_2000,
+                rsp: 0x9000
+            })
+        );
+        assert_eq!(SyscallEntry::Int80.result(high | 0x2a), 0x2a);
+        assert!(SyscallFilter::all().with_numbers([4]).matches(&r));
+
+        r.entry = SyscallEntry::Sysenter;
+        r.rbp = 0x8020;
+        let c = SyscallRecord::decode(0, &r, &stack);
+        assert_eq!(c.args, [1, 2, 3, 4, 5, 0xaaaa_0006]);
+        assert_eq!(
+            SyscallEntry::Sysenter.return_point(&r, &stack),
+            Some(ReturnPoint {
+                rip: 0x40_3000,
+                rsp: 0x8030
+            })
+        );
+        assert!(c.to_json().contains(r#""entry":"sysenter""#));
+
+        // A stack that does not translate: no return point, the argument 0.
+        r.rbp = 0x1_0000;
+        let c = SyscallRecord::decode(0, &r, &stack);
+        assert_eq!((c.args[5], c.return_rip), (0, None));
+        r.entry = SyscallEntry::Int80;
+        r.rsp = 0x1_0000;
+        assert_eq!(SyscallEntry::Int80.return_point(&r, &stack), None);
     }
 
     #[test]
