@@ -604,29 +604,30 @@ fn traced_run(name: &str, scenario: &str, traced: bool) -> (String, Vec<Value>) 
 }
 
 /// `syscalls32`: `int $0x80` and `sysenter` are traced at their entries (IDT gate
-/// 0x80's handler, SYSENTER_EIP) with the i386 ABI's number and arguments, and
-/// the 32-bit results the guest checked.
+/// 0x80's handler, SYSENTER_EIP) with the i386 ABI's number, name and arguments,
+/// and the 32-bit results the guest checked.
 #[test]
 fn trace_holds_the_i386_calls_with_their_results() {
     let (test, calls) = traced_run("trace-i386", "syscalls32", true);
     assert_eq!(test, "TEST syscalls32 PASS calls=6");
-    // guest/README.md: (entry, nr) in order; call k's args 0x100*k + 0x11..0x16.
+    // guest/README.md: (entry, nr, i386 name) in order; call k's args
+    // 0x100*k + 0x11..0x16.
     let expected = [
-        ("int80", 2),
-        ("int80", 3),
-        ("sysenter", 4),
-        ("sysenter", 5),
-        ("int80", 1000),
-        ("sysenter", 1000),
+        ("int80", 2, Some("fork")),
+        ("int80", 3, Some("read")),
+        ("sysenter", 4, Some("write")),
+        ("sysenter", 5, Some("open")),
+        ("int80", 1000, None),
+        ("sysenter", 1000, None),
     ];
     assert_eq!(calls.len(), expected.len(), "{calls:#?}");
     let int80_call = guest_symbol("int80_call");
     let sysenter_call = guest_symbol("sysenter_call");
-    for (k, (c, (entry, nr))) in calls.iter().zip(expected).enumerate() {
+    for (k, (c, (entry, nr, name))) in calls.iter().zip(expected).enumerate() {
         let args: [u64; 6] = std::array::from_fn(|i| 0x100 * k as u64 + 0x11 + i as u64);
         assert_eq!(c["entry"], entry, "{c}");
         assert_eq!(c["nr"], nr, "{c}");
-        assert_eq!(c["name"], Value::Null, "no i386 names: {c}");
+        assert_eq!(c["name"].as_str(), name, "{c}");
         let got: Vec<u64> = c["args"]
             .as_array()
             .unwrap()
