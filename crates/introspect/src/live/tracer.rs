@@ -327,3 +327,107 @@ impl BreakpointHandler for Tracer {
         Some(at.rip)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paging::tests::Tables;
+    use kvm_bindings::{kvm_regs, kvm_sregs};
+
+    const LSTAR: u64 = 0xffff_ffff_8100_0000;
+    const INT80: u64 = 0xffff_ffff_8100_0100;
+    /// A mapped kernel stack page (at physical 8 MiB).
+    const STACK: u64 = 0xffff_c900_0000_0000;
+
+    fn tracer(tables: &Tables) -> Tracer {
+        Tracer {
+            filter: SyscallFilter::all(),
+            entries: vec![(LSTAR, SyscallEntry::Syscall), (INT80, SyscallEntry::Int80)],
+            mem: tables.mem.clone(),
+            out: Mutex::new(None),
+            kept: Mutex::default(),
+            pending: Mutex::default(),
+            seq: AtomicU64::new(0),
+            counters: Arc::default(),
+        }
+    }
+
+    fn at(rip: u64, rax: u64, rcx: u64, rsp: u64) -> kvm_regs {
+        kvm_regs {
+            rip,
+            rax,
+            rcx,
+            rsp,
+            ..Default::default()
+        }
+    }
+
+    /// Entries, returns, calls that never return and stacks that do not
+    /// translate, as a hostile guest makes them: one pending call per vCPU,
+    /// every call recorded once, the unreturned ones counted.
+    #[test]
+    fn calls_complete_at_their_return_or_are_recorded_without_it() {
+        let mut tables = Tables::new(false);
+        tables.map(STACK, 0x80_0000, 0x1000, 0);
+        let t = tracer(&tables);
+        let sregs = kvm_sregs {
+            cr3: tables.root,
+            ..Default::default()
+        };
+        let seqs = |t: &Tracer| t.since(0).iter().map(|r| r.seq).collect::<Vec<_>>();
+
+        // syscall: its return is at RCX with the same RSP.
+        assert_eq!(
+            t.hit(0, &at(LSTAR, 1, 0x40_1000, 0x7000), &sregs),
+            Some(0x40_1000)
+        );
+        // The address on another stack is not the return; nor on another vCPU.
+        assert_eq!(
+            t.hit(0, &at(0x40_1000, 5, 0, 0x6000), &sregs),
+            Some(0x40_1000)
+        );
+        assert_eq!(t.hit(1, &at(0x40_1000, 5, 0, 0x7000), &sregs), None);
+        assert!(t.since(0).is_empty());
+        assert_eq!(t.hit(0, &at(0x40_1000, 42, 0, 0x7000), &sregs), None);
+        let done = t.since(0);
+        assert_eq!((done.len(), done[0].call.ret), (1, Some(42)));
+
+        // Entered again before the return: the first is recorded without it.
+        assert_eq!(
+            t.hit(0, &at(LSTAR, 2, 0x40_2000, 0x7000), &sregs),
+            Some(0x40_2000)
+        );
+        assert_eq!(
+            t.hit(0, &at(LSTAR, 3, 0x40_3000, 0x7000), &sregs),
+            Some(0x40_3000)
+        );
+        assert_eq!(t.counters.syscalls_unreturned.get(), 1);
+        assert_eq!(t.since(1)[0].call.nr, 2);
+        assert_eq!(t.since(1)[0].call.ret, None);
+
+        // int 0x80 with the frame on a stack that translates...
+        tables.write(0x80_0000, 0x40_4000); // RIP
+        tables.write(0x80_0018, 0x9000); // RSP
+        assert_eq!(t.hit(1, &at(INT80, 4, 0, STACK), &sregs), Some(0x40_4000));
+        assert_eq!(
+            t.hit(1, &at(0x40_4000, 0xffff_ffff_0000_0007, 0, 0x9000), &sregs),
+            None
+        );
+        let last = t.since(0).pop().unwrap();
+        assert_eq!((last.call.nr, last.call.ret), (4, Some(7)));
+        // ...and on one that does not: recorded at once; vCPU 0's call still waits.
+        assert_eq!(
+            t.hit(0, &at(INT80, 5, 0, 0x1234_5000), &sregs),
+            Some(0x40_3000)
+        );
+        let last = t.since(0).pop().unwrap();
+        assert_eq!((last.call.return_rip, last.call.ret), (None, None));
+        assert_eq!(t.counters.syscalls_unreturned.get(), 2);
+
+        // Stopping records what still waits.
+        t.flush();
+        assert_eq!(seqs(&t), vec![1, 2, 4, 5, 3]);
+        assert!(lock(&t.pending).is_empty());
+        assert_eq!(t.counters.syscalls_seen.get(), 5);
+    }
+}
