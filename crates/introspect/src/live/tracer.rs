@@ -63,12 +63,7 @@ impl Introspector {
         filter: SyscallFilter,
         output: Option<&Path>,
     ) -> Result<(), IntrospectError> {
-        let cpus = self.cpus()?;
-        let cpu = cpus
-            .iter()
-            .find(|c| c.long_mode() && c.lstar != 0)
-            .ok_or(IntrospectError::NoLstar)?;
-        let entries = entries(&self.mem, cpu);
+        let entries = self.trace_entries()?;
         let out = output
             .map(JsonLines::open)
             .transpose()
@@ -100,25 +95,36 @@ impl Introspector {
         Ok(())
     }
 
-    /// Starts tracing into `output` as soon as the guest has a syscall entry
-    /// (LSTAR set, early in its boot): `--trace-syscalls`.
+    /// The entries to trace now (see [`entries`]), those of the first vCPU in
+    /// long mode with LSTAR set.
+    fn trace_entries(&self) -> Result<Vec<(u64, SyscallEntry)>, IntrospectError> {
+        let cpus = self.cpus()?;
+        let cpu = cpus
+            .iter()
+            .find(|c| c.long_mode() && c.lstar != 0)
+            .ok_or(IntrospectError::NoLstar)?;
+        Ok(entries(&self.mem, cpu))
+    }
+
+    /// Starts tracing into `output` as soon as the guest has its system call
+    /// entries (LSTAR set, early in its boot, and the same entries two polls in a
+    /// row: a kernel writes SYSENTER_EIP just after LSTAR): `--trace-syscalls`.
     pub fn trace_once_ready(self: &Arc<Self>, filter: SyscallFilter, output: PathBuf) {
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("trace-start".into())
             .spawn(move || {
                 vigil_seccomp::confine(vigil_seccomp::ThreadKind::Introspect);
+                let mut last = None;
                 while !me.vm.is_stopping() {
-                    let ready = me
-                        .cpus()
-                        .map(|cpus| cpus.iter().any(|c| c.long_mode() && c.lstar != 0))
-                        .unwrap_or(false);
-                    if ready {
+                    let now = me.trace_entries().ok();
+                    if now.is_some() && now == last {
                         if let Err(e) = me.start_trace(filter, Some(&output)) {
                             tracing::error!("--trace-syscalls: {e}");
                         }
                         return;
                     }
+                    last = now;
                     std::thread::sleep(Duration::from_millis(5));
                 }
             });
