@@ -14,19 +14,31 @@ pub const TIMER_VECTOR: u8 = 0x20;
 pub const SPURIOUS_VECTOR: u8 = 0x2f;
 /// The `rt` scenarios' timer interrupt (LAPIC one-shot or the RT timer device's MSI).
 pub const RT_VECTOR: u8 = 0x40;
-/// Vectors 0..IDT_ENTRIES are described; anything above raises #GP, which reports.
-const IDT_ENTRIES: usize = RT_VECTOR as usize + 1;
+/// The `int $0x80` system call gate (Linux's 32-bit entry).
+pub const INT80_VECTOR: u8 = 0x80;
+/// #DB: the debug exception (single step, `int1`).
+const DB_VECTOR: usize = 1;
+/// Vectors 0..IDT_ENTRIES are described (those between the RT vector and 0x80 are not
+/// present); anything above raises #GP, which reports.
+const IDT_ENTRIES: usize = INT80_VECTOR as usize + 1;
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_STAR: u32 = 0xc000_0081;
 pub const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_SFMASK: u32 = 0xc000_0084;
+const MSR_SYSENTER_CS: u32 = 0x174;
+const MSR_SYSENTER_ESP: u32 = 0x175;
+const MSR_SYSENTER_EIP: u32 = 0x176;
 /// RFLAGS bits cleared on `syscall`, as Linux does: TF, IF, DF, IOPL, NT, AC.
 const SFMASK: u64 = 0x47700;
 
 /// Timer interrupts taken since the counter was last reset.
 #[no_mangle]
 pub static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// Debug exceptions (#DB) taken: `db_isr` counts them and returns.
+#[no_mangle]
+pub static DB_HITS: AtomicU64 = AtomicU64::new(0);
 
 static mut IDT: [u64; 2 * IDT_ENTRIES] = [0; 2 * IDT_ENTRIES];
 
@@ -39,6 +51,10 @@ extern "C" {
     fn timer_isr();
     fn spurious_isr();
     fn syscall_entry();
+    fn sysenter_entry();
+    fn int80_entry();
+    fn db_isr();
+    static SYSENTER_STACK_TOP: u8;
 }
 
 pub fn outb(port: u16, value: u8) {
@@ -252,6 +268,8 @@ pub fn init() {
         spurious_isr as *const () as u64,
     );
     set_gate(usize::from(RT_VECTOR), crate::rt::rt_isr as *const () as u64);
+    set_gate(DB_VECTOR, db_isr as *const () as u64);
+    set_gate(usize::from(INT80_VECTOR), int80_entry as *const () as u64);
     load_idt();
 
     UMIP_AT_BOOT.store(protect(), Ordering::SeqCst);
@@ -260,6 +278,9 @@ pub fn init() {
     wrmsr(MSR_LSTAR, syscall_entry as *const () as u64);
     wrmsr(MSR_SFMASK, SFMASK);
     wrmsr(MSR_EFER, rdmsr(MSR_EFER) | 1);
+    wrmsr(MSR_SYSENTER_CS, KERNEL_CS);
+    wrmsr(MSR_SYSENTER_ESP, addr_of!(SYSENTER_STACK_TOP) as u64);
+    wrmsr(MSR_SYSENTER_EIP, sysenter_entry as *const () as u64);
 }
 
 /// Sets CR0.WP on this CPU, as every kernel does (the guest's own pages are all
@@ -497,6 +518,108 @@ syscall_entry:
     popfq
     jmpq *%rcx
     .size syscall_entry, . - syscall_entry
+
+    // #DB: count and return (a kernel that single-steps its own code).
+    .global db_isr
+db_isr:
+    lock incq DB_HITS(%rip)
+    iretq
+
+    // `int $0x80` with the Linux i386 registers: EAX the number, EBX, ECX, EDX, ESI,
+    // EDI, EBP the arguments (32 bits each); EAX the 32-bit result; every other
+    // register kept.
+    .global int80_entry
+    .type int80_entry, @function
+int80_entry:
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    movl %ebp, %r9d
+    call sys32_dispatch
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    iretq
+    .size int80_entry, . - int80_entry
+
+    // `sysenter` as Linux's 32-bit vDSO makes it: EAX the number, EBX, ECX, EDX, ESI,
+    // EDI the first five arguments, the caller's stack in EBP with the sixth argument
+    // at [EBP] and, as `__kernel_vsyscall`'s frame has it, its caller's return
+    // address at [EBP+12] (32-bit slots). Returns there with RSP = RBP + 16 (where
+    // `ret` out of `__kernel_vsyscall` leaves it), EAX the 32-bit result, R11
+    // clobbered, the other registers kept.
+    .global sysenter_entry
+    .type sysenter_entry, @function
+sysenter_entry:
+    pushq %rbp
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r12
+    movl (%rbp), %r9d
+    call sys32_dispatch
+    popq %r12
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rbp
+    movl 12(%rbp), %r11d
+    leaq 16(%rbp), %rsp
+    jmpq *%r11
+    .size sysenter_entry, . - sysenter_entry
+
+    // The common part of both 32-bit entries: EAX, EBX, ECX, EDX, ESI, EDI and R9D
+    // (the sixth argument) to `sys_call_table[EAX](EBX, ECX, EDX, ESI, EDI, R9D)`;
+    // -ENOSYS for EAX >= the table's size. Clobbers RDI, RSI, RDX, RCX, R8..R12.
+sys32_dispatch:
+    movl %eax, %eax
+    cmpq ${nr_syscalls}, %rax
+    jae 1f
+    movl %edi, %r8d
+    movl %esi, %r10d
+    movl %ecx, %esi
+    movl %r10d, %ecx
+    movl %ebx, %edi
+    movl %edx, %edx
+    movq %rsp, %r12
+    andq $-16, %rsp
+    callq *sys_call_table(, %rax, 8)
+    movq %r12, %rsp
+    movl %eax, %eax
+    ret
+1:
+    movl $-38, %eax
+    ret
+
+    .section .bss.sysenter_stack, "aw", @nobits
+    .balign 16
+    .skip 4096
+    .global SYSENTER_STACK_TOP
+SYSENTER_STACK_TOP:
 
     .section .bss.user_kernel_rsp, "aw", @nobits
     .balign 8

@@ -6,7 +6,7 @@
 //! (`syscalls`, `syscall-loop`). See README.md for their output.
 
 use core::arch::{asm, global_asm};
-use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::Ordering;
 
 use crate::cpu::{self, rdtsc};
@@ -499,6 +499,202 @@ pub fn syscall_loop(machine: &Machine, detail: &mut Line) -> bool {
         detail.str(" ns_per_call=").dec(ns / n);
     }
     true
+}
+
+extern "C" {
+    /// `int $0x80` with `nr` in EAX and `args` in EBX, ECX, EDX, ESI, EDI, EBP; made
+    /// as the CPU makes it (RSP aligned to 16, SS, RSP, RFLAGS, CS, RIP pushed, a
+    /// jump to the gate's handler) since the build machines' CPL0 emulator cannot
+    /// execute `int n` in long mode. Interrupts are off in every scenario, as the
+    /// interrupt gate would make them. Clobbers R11.
+    fn int80_call(nr: u64, args: *const u64) -> u64;
+    /// `sysenter` as Linux's `__kernel_vsyscall` makes it (see `sysenter_entry`),
+    /// made as the CPU makes it (RSP = SYSENTER_ESP, a jump to SYSENTER_EIP, both
+    /// as `cpu::init` set them; CS and SS stay the kernel's, which SYSENTER_CS
+    /// names) since the CPL0 emulator cannot execute `sysenter` either.
+    fn sysenter_call(nr: u64, args: *const u64) -> u64;
+    static USER_STACK_TOP: u8;
+}
+
+// The callers of the 32-bit entries: global_asm, since inline asm cannot name RBX and
+// RBP. Both do what the instruction would (see above). `sysenter_call` builds the frame `__kernel_vsyscall` would: EBP, EDX, ECX and
+// the return address in 32-bit slots (the image lies below 4 GiB), RBP pointing at it.
+global_asm!(
+    r#"
+    .section .text.int80_call, "ax"
+    .global int80_call
+int80_call:
+    pushq %rbx
+    pushq %rbp
+    movq %rdi, %rax
+    movq 0(%rsi), %rbx
+    movq 8(%rsi), %rcx
+    movq 16(%rsi), %rdx
+    movq 32(%rsi), %rdi
+    movq 40(%rsi), %rbp
+    movq 24(%rsi), %rsi
+    movq %rsp, %r11
+    andq $-16, %rsp
+    pushq ${kds}
+    pushq %r11
+    pushfq
+    pushq ${kcs}
+    leaq 1f(%rip), %r11
+    pushq %r11
+    jmp int80_entry
+1:
+    popq %rbp
+    popq %rbx
+    ret
+
+    .global sysenter_call
+sysenter_call:
+    pushq %rbx
+    pushq %rbp
+    movq %rdi, %rax
+    movq 0(%rsi), %rbx
+    movq 8(%rsi), %rcx
+    movq 16(%rsi), %rdx
+    movq 32(%rsi), %rdi
+    movq 40(%rsi), %rbp
+    movq 24(%rsi), %rsi
+    subq $16, %rsp
+    leaq 1f(%rip), %r11
+    movl %r11d, 12(%rsp)
+    movl %ecx, 8(%rsp)
+    movl %edx, 4(%rsp)
+    movl %ebp, 0(%rsp)
+    movq %rsp, %rbp
+    leaq SYSENTER_STACK_TOP(%rip), %rsp
+    jmp sysenter_entry
+1:
+    popq %rbp
+    popq %rbx
+    ret
+    "#,
+    kds = const crate::boot::KERNEL_DS,
+    kcs = const crate::boot::KERNEL_CS,
+    options(att_syntax)
+);
+
+/// The arguments of call `k` of `syscalls32`: 32-bit values, `0x100*k + 0x10 + i`.
+const fn sys32_args(k: u64) -> [u64; 6] {
+    let b = 0x100 * k + 0x10;
+    [b + 1, b + 2, b + 3, b + 4, b + 5, b + 6]
+}
+
+/// `syscalls32`: after the host's go, `int $0x80` with EAX = 2, 3 and `sysenter`
+/// with EAX = 4, 5 (arguments `sys32_args(k)` for the k-th call), then `int $0x80`
+/// and `sysenter` with EAX = 1000 (-ENOSYS); each 32-bit result checked.
+pub fn syscalls32(machine: &Machine, detail: &mut Line) -> bool {
+    ready(b"syscalls32");
+    if !wait_for_host(machine) {
+        detail.str("no go from the host");
+        return false;
+    }
+    // (nr, sysenter?) in call order.
+    const CALLS: [(u64, bool); 6] = [
+        (2, false),
+        (3, false),
+        (4, true),
+        (5, true),
+        (SYSCALLS_BAD_NR, false),
+        (SYSCALLS_BAD_NR, true),
+    ];
+    let mut results = [0u64; CALLS.len()];
+    for (k, &(nr, sysenter)) in CALLS.iter().enumerate() {
+        let args = sys32_args(k as u64);
+        // SAFETY: both entries keep every register but RAX (and R11 for sysenter,
+        // caller-saved) and return to the caller on its stack.
+        results[k] = unsafe {
+            if sysenter {
+                sysenter_call(nr, args.as_ptr())
+            } else {
+                int80_call(nr, args.as_ptr())
+            }
+        };
+    }
+    for (k, (&(nr, sysenter), &got)) in CALLS.iter().zip(&results).enumerate() {
+        let expected = if nr < NR_SYSCALLS as u64 {
+            sys_result(nr, sys32_args(k as u64)) & 0xffff_ffff
+        } else {
+            ENOSYS & 0xffff_ffff
+        };
+        if got != expected {
+            detail
+                .str("call ")
+                .dec(k as u64)
+                .str(if sysenter { " sysenter" } else { " int80" })
+                .str(": nr=")
+                .dec(nr)
+                .str(" returned ")
+                .hex(got)
+                .str(" expected ")
+                .hex(expected);
+            return false;
+        }
+    }
+    detail.str("calls=").dec(CALLS.len() as u64);
+    true
+}
+
+const RFLAGS_TF: u64 = 0x100;
+
+/// `debug-trap`: after the host's go, single-steps a few instructions with RFLAGS.TF
+/// at CPL0 (a `syscall` among them) and at CPL3; `db_isr` counts the #DBs.
+pub fn debug_trap(machine: &Machine, detail: &mut Line) -> bool {
+    ready(b"debug-trap");
+    if !wait_for_host(machine) {
+        detail.str("no go from the host");
+        return false;
+    }
+    let before = cpu::DB_HITS.load(Ordering::SeqCst);
+    // SAFETY: TF makes each instruction trap to db_isr, which only counts; the
+    // syscall is syscall6's (RAX = 0: sys_vigil_0, no side effect).
+    unsafe {
+        asm!(
+            "pushfq",
+            "or qword ptr [rsp], {tf}",
+            "popfq",
+            "nop",
+            "nop",
+            "xor eax, eax",
+            "syscall",
+            "nop",
+            "pushfq",
+            "and qword ptr [rsp], {notf}",
+            "popfq",
+            "nop",
+            tf = const RFLAGS_TF,
+            notf = const !RFLAGS_TF,
+            clobber_abi("C"),
+        )
+    }
+    let cpl0 = cpu::DB_HITS.load(Ordering::SeqCst) - before;
+    let before = cpu::DB_HITS.load(Ordering::SeqCst);
+    cpu::run_user(addr_of!(USER_STACK_TOP) as u64, &mut || {
+        // SAFETY: as above, at CPL3 (no syscall: it does not work there).
+        unsafe {
+            asm!(
+                "pushfq",
+                "or qword ptr [rsp], {tf}",
+                "popfq",
+                "nop",
+                "nop",
+                "nop",
+                "pushfq",
+                "and qword ptr [rsp], {notf}",
+                "popfq",
+                "nop",
+                ".byte 0xf1",
+                tf = const RFLAGS_TF,
+                notf = const !RFLAGS_TF,
+            )
+        }
+    });
+    let cpl3 = cpu::DB_HITS.load(Ordering::SeqCst) - before;
+    detail.str("dbs_cpl0=").dec(cpl0).str(" dbs_cpl3=").dec(cpl3);
+    cpl0 > 0 && cpl3 > 0
 }
 
 /// A non-canonical address: writing it to LSTAR raises #GP on every x86_64 CPU.

@@ -45,6 +45,8 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"rootkit-cr4" => introspect::rootkit_cr4(machine, detail),
         b"syscalls" => introspect::syscalls(machine, detail),
         b"syscall-loop" => introspect::syscall_loop(machine, detail),
+        b"syscalls32" => introspect::syscalls32(machine, detail),
+        b"debug-trap" => introspect::debug_trap(machine, detail),
         b"msr-fixup" => introspect::msr_fixup(detail),
         b"module" => crate::module::module(machine, detail),
         b"counter" => crate::mobility::counter(machine, detail),

@@ -34,7 +34,8 @@ pub use layout::{
 pub use mem::{GuestPhysMemory, PhysReadError};
 pub use paging::{read_virt, translate, PageWalker, Translation, WalkError};
 pub use syscall::{
-    syscall_name, syscall_number, FilterError, SyscallFilter, SyscallRecord, SyscallRegs,
+    syscall_name, syscall_number, FilterError, GuestRead, ReturnPoint, SyscallEntry, SyscallFilter,
+    SyscallRecord, SyscallRegs,
 };
 pub use vigil_events::Priority;
 pub use vigil_vmm::symbols::SymbolTable;

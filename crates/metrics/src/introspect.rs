@@ -31,6 +31,9 @@ pub struct IntrospectCounters {
     pub syscalls_seen: Counter,
     /// System calls that passed the filter and were recorded.
     pub syscalls_traced: Counter,
+    /// Recorded calls whose return was not seen (their caller's stack did not
+    /// read, or another call entered on that vCPU first).
+    pub syscalls_unreturned: Counter,
     findings: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -53,6 +56,7 @@ impl IntrospectCounters {
             msr_writes_refused: self.msr_writes_refused.get(),
             syscalls_seen: self.syscalls_seen.get(),
             syscalls_traced: self.syscalls_traced.get(),
+            syscalls_unreturned: self.syscalls_unreturned.get(),
             findings: self
                 .findings
                 .lock()
@@ -74,6 +78,8 @@ pub struct IntrospectSnapshot {
     pub msr_writes_refused: u64,
     pub syscalls_seen: u64,
     pub syscalls_traced: u64,
+    #[serde(default)]
+    pub syscalls_unreturned: u64,
     /// Findings by rule id.
     pub findings: BTreeMap<String, u64>,
 }

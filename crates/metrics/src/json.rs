@@ -10,7 +10,7 @@
 //! | `vcpu<N>` | the same for vCPU N |
 //! | `block`, `net`, `vsock`, `entropy`, `balloon` | all devices of the kind together: `<dir>_bytes`, `<dir>_count` for the kind's two directions (`read`/`write`, `rx`/`tx`, `deflate`/`inflate`; entropy has `read` only), `other_count`, `errors`, `throttled`; the balloon adds `actual_pages`, `target_pages` |
 //! | `block_<name>`, `net_<name>` | the same for one disk or interface (`block_blk0`) |
-//! | `introspect` | once monitoring or tracing ran: `checks`, `check_sum_ns`, `pages_hashed`, `findings`, `msr_writes_allowed`, `msr_writes_refused`, `syscalls_seen`, `syscalls_traced` |
+//! | `introspect` | once monitoring or tracing ran: `checks`, `check_sum_ns`, `pages_hashed`, `findings`, `msr_writes_allowed`, `msr_writes_refused`, `syscalls_seen`, `syscalls_traced`, `syscalls_unreturned` |
 //! | `host` | when given: `load1`, `load5`, `load15`, `mem_total_bytes`, `mem_available_bytes`, `cpus`, and `pressure_<cpu\|memory\|io>_<some\|full>_avg10` (percent) / `_total_us` where PSI exists |
 //!
 //! Unlike Firecracker, whose counters are deltas since the previous flush, every
@@ -82,6 +82,7 @@ pub fn json_line(vm: &VmMetricsSnapshot, host: Option<&HostSnapshot>) -> String 
         g.u64("msr_writes_refused", i.msr_writes_refused);
         g.u64("syscalls_seen", i.syscalls_seen);
         g.u64("syscalls_traced", i.syscalls_traced);
+        g.u64("syscalls_unreturned", i.syscalls_unreturned);
         o.end(g);
     }
     if let Some(h) = host {

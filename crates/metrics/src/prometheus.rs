@@ -411,7 +411,7 @@ fn render_rt(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
 }
 
 fn render_introspection(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
-    let per_vm: [SimpleFamily<crate::IntrospectSnapshot, u64>; 4] = [
+    let per_vm: [SimpleFamily<crate::IntrospectSnapshot, u64>; 5] = [
         (
             "vigil_introspect_checks_total",
             "Integrity checks of the guest kernel against its baseline.",
@@ -431,6 +431,11 @@ fn render_introspection(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             "vigil_introspect_syscalls_traced_total",
             "Guest system calls the tracer recorded (those its filter kept).",
             |i| i.syscalls_traced,
+        ),
+        (
+            "vigil_introspect_syscalls_unreturned_total",
+            "Recorded guest system calls whose return the tracer did not see.",
+            |i| i.syscalls_unreturned,
         ),
     ];
     for (name, help, get) in per_vm {

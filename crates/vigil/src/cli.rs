@@ -454,15 +454,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "[period=DUR][,policy=report|protect][,baseline_after=DUR]", num_args = 0..=1, default_missing_value = "", value_parser = parse_introspect)]
     pub introspect: Option<IntrospectConfig>,
 
-    /// Trace the guest's system calls (a hardware breakpoint at its LSTAR entry)
-    /// into PATH as JSON lines: {"seq", "time_unix_ns", "vcpu", "nr", "name",
-    /// "args" (RDI, RSI, RDX, R10, R8, R9), "cr3", "return_rip"}. Starts once the
-    /// guest has set LSTAR. Each traced call costs an exit and a single step.
+    /// Trace the guest's system calls (hardware breakpoints at its entries:
+    /// syscall at LSTAR, sysenter at SYSENTER_EIP, int 0x80 at its IDT gate, and
+    /// at each call's return) into PATH as JSON lines, one per call as it returns:
+    /// {"seq", "time_unix_ns", "vcpu", "entry", "nr", "name", "args" (x86-64:
+    /// RDI, RSI, RDX, R10, R8, R9; i386: EBX, ECX, EDX, ESI, EDI, EBP), "cr3",
+    /// "return_rip", "ret" (null when the return was not seen)}. Starts once the
+    /// guest has set LSTAR. Each traced call costs two exits and two single steps.
     #[arg(long, value_name = "PATH")]
     pub trace_syscalls: Option<PathBuf>,
 
     /// Which system calls --trace-syscalls keeps: comma-separated names or numbers
-    /// (read,write,59), optionally cr3=0x... for one process. Default: all.
+    /// (read,write,59), optionally cr3=0x... for one process. A name keeps its
+    /// number in each ABI (write: 1 for syscall, 4 for int 0x80 and sysenter).
+    /// Default: all.
     #[arg(long, value_name = "LIST", requires = "trace_syscalls", value_parser = parse_trace_filter)]
     pub trace_filter: Option<SyscallFilter>,
 

@@ -542,6 +542,16 @@ fn a_clean_guest_on_two_vcpus_gives_no_finding() {
     );
 }
 
+/// What entry `nr` of the test guest's table returns for `args` (guest/README.md).
+fn sys_result(nr: u64, args: [u64; 6]) -> u64 {
+    args.iter()
+        .zip(1..)
+        .fold(nr << 48, |acc, (a, w)| acc.wrapping_add(a.wrapping_mul(w)))
+}
+
+/// -ENOSYS.
+const ENOSYS: u64 = -38i64 as u64;
+
 /// The calls of the `syscalls` scenario (guest/README.md): nr and the six args.
 fn documented_calls() -> Vec<(u64, Option<&'static str>, [u64; 6])> {
     let names = [
@@ -573,6 +583,17 @@ fn assert_call(c: &Value, (nr, name, args): &(u64, Option<&str>, [u64; 6])) {
     assert_eq!(c["vcpu"], 0, "{c}");
 }
 
+/// The entry and result the trace recorded for a call of `syscalls`.
+fn assert_returned(c: &Value, (nr, _, args): &(u64, Option<&str>, [u64; 6])) {
+    assert_eq!(c["entry"], "syscall", "{c}");
+    let expected = if *nr < 16 {
+        sys_result(*nr, *args)
+    } else {
+        ENOSYS
+    };
+    assert_eq!(hex_u64(str_of(c, "ret")), expected, "{c}");
+}
+
 #[test]
 fn trace_file_holds_the_documented_calls() {
     let dir = Scratch(scratch("trace-out"));
@@ -597,6 +618,7 @@ fn trace_file_holds_the_documented_calls() {
     assert_eq!(lines.len(), expected.len(), "{text}");
     for (c, e) in lines.iter().zip(&expected) {
         assert_call(c, e);
+        assert_returned(c, e);
         assert_eq!(c["cr3"], lines[0]["cr3"], "one address space: {c}");
     }
     assert!(hex_u64(str_of(&lines[0], "cr3")) != 0);
@@ -606,10 +628,110 @@ fn trace_file_holds_the_documented_calls() {
     assert_eq!(calls.len(), expected.len(), "{api}");
     for (c, e) in calls.iter().zip(&expected) {
         assert_call(c, e);
+        assert_returned(c, e);
     }
     // since=N gives the calls after the Nth.
     let later = vm.get("/vigil/trace?since=7");
     assert_eq!(later["calls"].as_array().unwrap().len(), 2, "{later}");
+}
+
+/// Runs `scenario` (one that waits for a go) with `--trace-syscalls` into a
+/// scratch file when `traced`; its TEST line and the traced calls.
+fn traced_run(name: &str, scenario: &str, traced: bool) -> (String, Vec<Value>) {
+    let dir = Scratch(scratch(name));
+    let out = dir.0.join("trace.jsonl");
+    let extra = ["--trace-syscalls", out.to_str().unwrap()];
+    let mut vm = Vm::boot(
+        name,
+        &format!("test={scenario}"),
+        if traced { &extra[..] } else { &[] },
+    );
+    vm.console
+        .wait_for(&[&format!("introspect: ready {scenario}")], TIMEOUT);
+    vm.wait_until("tracing as asked", |vm| vm.status()["tracing"] == traced);
+    vm.console.send(b"g");
+    let test = vm
+        .console
+        .wait_for(&[&format!("TEST {scenario} ")], TIMEOUT)
+        .to_string();
+    let calls = match std::fs::read_to_string(&out) {
+        Ok(text) => text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    (test, calls)
+}
+
+/// `syscalls32`: `int $0x80` and `sysenter` are traced at their entries (IDT gate
+/// 0x80's handler, SYSENTER_EIP) with the i386 ABI's number, name and arguments,
+/// and the 32-bit results the guest checked.
+#[test]
+fn trace_holds_the_i386_calls_with_their_results() {
+    let (test, calls) = traced_run("trace-i386", "syscalls32", true);
+    assert_eq!(test, "TEST syscalls32 PASS calls=6");
+    // guest/README.md: (entry, nr, i386 name) in order; call k's args
+    // 0x100*k + 0x11..0x16.
+    let expected = [
+        ("int80", 2, Some("fork")),
+        ("int80", 3, Some("read")),
+        ("sysenter", 4, Some("write")),
+        ("sysenter", 5, Some("open")),
+        ("int80", 1000, None),
+        ("sysenter", 1000, None),
+    ];
+    assert_eq!(calls.len(), expected.len(), "{calls:#?}");
+    let int80_call = guest_symbol("int80_call");
+    let sysenter_call = guest_symbol("sysenter_call");
+    for (k, (c, (entry, nr, name))) in calls.iter().zip(expected).enumerate() {
+        let args: [u64; 6] = std::array::from_fn(|i| 0x100 * k as u64 + 0x11 + i as u64);
+        assert_eq!(c["entry"], entry, "{c}");
+        assert_eq!(c["nr"], nr, "{c}");
+        assert_eq!(c["name"].as_str(), name, "{c}");
+        let got: Vec<u64> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| hex_u64(a.as_str().unwrap()))
+            .collect();
+        assert_eq!(got, args, "{c}");
+        let result = if nr < 16 {
+            sys_result(nr, args)
+        } else {
+            ENOSYS
+        } & 0xffff_ffff;
+        assert_eq!(hex_u64(str_of(c, "ret")), result, "{c}");
+        // Back in the caller: the instruction after its entry.
+        let caller = if entry == "int80" {
+            int80_call
+        } else {
+            sysenter_call
+        };
+        let back = hex_u64(str_of(c, "return_rip"));
+        assert!((caller..caller + 0x80).contains(&back), "{c}");
+    }
+}
+
+/// `debug-trap`: the guest's own #DBs (RFLAGS.TF at CPL0 over a traced
+/// `syscall` and its return, TF and `int1` at CPL3) all reach its handler while
+/// the tracer's breakpoints are armed (one of its steps lands on the return
+/// breakpoint, which KVM's own single step would take from it): the same counts
+/// as without the trace.
+#[test]
+fn the_guests_own_debug_traps_reach_it_under_the_trace() {
+    let (plain, none) = traced_run("db-plain", "debug-trap", false);
+    assert!(none.is_empty());
+    let (traced, calls) = traced_run("db-traced", "debug-trap", true);
+    assert!(
+        plain.starts_with("TEST debug-trap PASS dbs_cpl0="),
+        "{plain}"
+    );
+    assert_eq!(traced, plain, "#DBs with the trace on and off");
+    // The single step went over the traced call and its return.
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    assert_eq!(calls[0]["nr"], 0, "{}", calls[0]);
+    assert!(calls[0]["ret"].is_string(), "{}", calls[0]);
 }
 
 #[test]

@@ -129,10 +129,7 @@ impl VmInspect {
         }
         // The host loads them into its own debug registers, where a non-canonical
         // address faults.
-        if let Some(&bad) = addrs
-            .iter()
-            .find(|&&a| ((a << 16) as i64 >> 16) as u64 != a)
-        {
+        if let Some(&bad) = addrs.iter().find(|&&a| !inspect::is_canonical(a)) {
             return Err(ControlError::BreakpointAddress(bad));
         }
         let addrs = addrs.to_vec();

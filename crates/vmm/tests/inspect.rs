@@ -163,7 +163,7 @@ impl IsrHits {
 }
 
 impl BreakpointHandler for IsrHits {
-    fn hit(&self, vcpu: u32, regs: &kvm_regs, _sregs: &kvm_sregs) {
+    fn hit(&self, vcpu: u32, regs: &kvm_regs, _sregs: &kvm_sregs) -> Option<u64> {
         match regs.rip {
             _ if vcpu != 0 => self.wrong.lock().unwrap().push((vcpu, regs.rip)),
             rip if rip == self.isr => {
@@ -179,6 +179,7 @@ impl BreakpointHandler for IsrHits {
             }
             rip => self.wrong.lock().unwrap().push((vcpu, rip)),
         }
+        None
     }
 }
 
@@ -389,7 +390,9 @@ fn requests_fail_fast_once_the_vm_has_ended() {
 struct NoHits;
 
 impl BreakpointHandler for NoHits {
-    fn hit(&self, _: u32, _: &kvm_regs, _: &kvm_sregs) {}
+    fn hit(&self, _: u32, _: &kvm_regs, _: &kvm_sregs) -> Option<u64> {
+        None
+    }
 }
 
 /// Records hits, and what a request from the handler's own thread gives.
@@ -401,7 +404,7 @@ struct ApHits {
 }
 
 impl BreakpointHandler for ApHits {
-    fn hit(&self, vcpu: u32, regs: &kvm_regs, _sregs: &kvm_sregs) {
+    fn hit(&self, vcpu: u32, regs: &kvm_regs, _sregs: &kvm_sregs) -> Option<u64> {
         self.hits.lock().unwrap().push((vcpu, regs.rip));
         if let Some(inspect) = self.inspect.get() {
             let answer = match inspect.vcpu_states() {
@@ -410,6 +413,7 @@ impl BreakpointHandler for ApHits {
             };
             self.own_thread.lock().unwrap().push(answer);
         }
+        None
     }
 }
 

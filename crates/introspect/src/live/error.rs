@@ -50,8 +50,11 @@ pub enum IntrospectError {
     DirtyLog(#[from] DirtyLogError),
     #[error("the guest has no syscall entry yet (LSTAR is 0)")]
     NoLstar,
-    #[error("cannot set the breakpoint at LSTAR {lstar:#x}: {source}")]
-    Breakpoint { lstar: u64, source: ControlError },
+    #[error("cannot set the tracing breakpoints ({entries}): {source}")]
+    Breakpoint {
+        entries: String,
+        source: ControlError,
+    },
     #[error("output {0}")]
     TraceOutput(FileError),
     #[error(transparent)]

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debug_exit_arch, kvm_enable_cap, kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_FILTER_MAX_RANGES,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_DB,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_FILTER_MAX_RANGES,
 };
 use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
 
@@ -94,13 +95,29 @@ pub trait MsrGuard: Send + Sync {
     fn msr_write(&self, vcpu: u32, index: u32, value: u64) -> MsrVerdict;
 }
 
-/// Told of every hit of the breakpoints given to `set_breakpoints`. Called on the
-/// vCPU's thread before the instruction at the breakpoint runs; that vCPU waits for
-/// it, so it must not wait on that vCPU (no `VmInspect` request to it).
+/// Told of every hit of the breakpoints given to `set_breakpoints`, and of each
+/// vCPU's own breakpoint (one per vCPU, which the handler moves: where a call it saw
+/// enter will return). Called on the vCPU's thread before the instruction at the
+/// breakpoint runs; that vCPU waits for it, so it must not wait on that vCPU (no
+/// `VmInspect` request to it).
 pub trait BreakpointHandler: Send + Sync {
-    /// vCPU `vcpu` reached a breakpoint: `regs.rip` is its address.
-    fn hit(&self, vcpu: u32, regs: &kvm_regs, sregs: &kvm_sregs);
+    /// vCPU `vcpu` reached a breakpoint: `regs.rip` is its address. Returns the
+    /// vCPU's own breakpoint from now on (`None`: none), armed in a debug address
+    /// register the shared breakpoints leave free (with 4 shared ones, never); a
+    /// non-canonical address is not armed.
+    fn hit(&self, vcpu: u32, regs: &kvm_regs, sregs: &kvm_sregs) -> Option<u64>;
 }
+
+/// Whether `addr` is a canonical 48-bit address: the host loads breakpoint
+/// addresses into its own debug registers, where any other faults.
+pub fn is_canonical(addr: u64) -> bool {
+    ((addr << 16) as i64 >> 16) as u64 == addr
+}
+
+/// RFLAGS.TF: the guest single-steps itself.
+const RFLAGS_TF: u64 = 1 << 8;
+/// DR6.B0..B3: which debug address register matched.
+const DR6_B0_B3: u64 = 0xf;
 
 /// What a request runs with on the vCPU thread.
 pub(crate) struct VcpuAccess<'a> {
@@ -375,27 +392,48 @@ pub(crate) fn guest_wrmsr(
 /// This platform's KVM does not honour RFLAGS.RF, so resuming at a breakpoint would
 /// hit it again: each hit is followed by a single step with the breakpoints off,
 /// and the step's own debug exit arms them again.
+///
+/// The guest's own debug exceptions are its own: a debug exit that is none of ours
+/// is given back to the guest (`KVM_GUESTDBG_INJECT_DB`), and so is the trap of the
+/// guest's own single step (RFLAGS.TF) over an instruction we stepped over, which
+/// our step's exit took.
 #[derive(Default)]
 pub(crate) struct Breakpoints {
     armed: Option<Armed>,
     /// A single step over a hit is under way.
     stepping: bool,
+    /// The guest had RFLAGS.TF set at the hit being stepped over.
+    guest_tf: bool,
     /// A debug exit nobody asked for was logged once already.
     stray_logged: bool,
 }
 
 struct Armed {
     addrs: Vec<u64>,
+    /// This vCPU's own breakpoint (see [`BreakpointHandler::hit`]).
+    own: Option<u64>,
     handler: Arc<dyn BreakpointHandler>,
 }
 
-/// Execute breakpoints (R/W and LEN 0) at `addrs`, locally enabled.
-fn hw_breakpoints(addrs: &[u64]) -> kvm_guest_debug {
+impl Armed {
+    fn debug_regs(&self) -> kvm_guest_debug {
+        hw_breakpoints(&self.addrs, self.own)
+    }
+}
+
+/// Execute breakpoints (R/W and LEN 0) at `addrs`, then `own` in the next free
+/// register (if any), locally enabled.
+fn hw_breakpoints(addrs: &[u64], own: Option<u64>) -> kvm_guest_debug {
     let mut debug = kvm_guest_debug {
         control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
         ..Default::default()
     };
-    for (i, &addr) in addrs.iter().take(MAX_BREAKPOINTS).enumerate() {
+    for (i, &addr) in addrs
+        .iter()
+        .chain(own.as_ref())
+        .take(MAX_BREAKPOINTS)
+        .enumerate()
+    {
         debug.arch.debugreg[i] = addr;
         debug.arch.debugreg[7] |= 1 << (2 * i);
     }
@@ -418,14 +456,15 @@ impl Breakpoints {
         addrs: &[u64],
         handler: Arc<dyn BreakpointHandler>,
     ) -> Result<(), ControlError> {
-        self.armed = Some(Armed {
+        let armed = self.armed.insert(Armed {
             addrs: addrs.to_vec(),
+            own: None,
             handler,
         });
         if self.stepping {
             return Ok(());
         }
-        fd.set_guest_debug(&hw_breakpoints(addrs))
+        fd.set_guest_debug(&armed.debug_regs())
             .map_err(kvm_err("arm hardware breakpoints"))
     }
 
@@ -433,6 +472,7 @@ impl Breakpoints {
     pub fn clear(&mut self, fd: &VcpuFd) -> Result<(), ControlError> {
         self.armed = None;
         self.stepping = false;
+        self.guest_tf = false;
         fd.set_guest_debug(&kvm_guest_debug::default())
             .map_err(kvm_err("disarm hardware breakpoints"))
     }
@@ -440,37 +480,55 @@ impl Breakpoints {
     /// Handles a `KVM_EXIT_DEBUG`. Never fails the VM: a KVM error is logged and the
     /// breakpoints are dropped.
     pub fn on_debug_exit(&mut self, fd: &VcpuFd, vcpu: u32, exit: &kvm_debug_exit_arch) {
-        let Some(armed) = &self.armed else {
+        let Some(armed) = &mut self.armed else {
             // A stale exit (from before a clear) or one nobody asked for.
-            self.log_stray_once(vcpu, exit, "debug exit with no breakpoint armed; ignored");
+            log_stray_once(
+                &mut self.stray_logged,
+                vcpu,
+                exit,
+                "debug exit with no breakpoint armed; ignored",
+            );
             let _ = self.clear(fd);
             return;
         };
+        let mut give_back = false;
+        let was_stepping = self.stepping;
         let next = if self.stepping {
             // The step is done; if it landed on a breakpoint, that breakpoint hits
-            // as soon as the vCPU runs.
+            // as soon as the vCPU runs. Our step's exit took the trap of the
+            // guest's own single step, if it had one: it gets it now.
             self.stepping = false;
-            hw_breakpoints(&armed.addrs)
-        } else {
-            // The address says whether a breakpoint hit (DR6's B0..B3 are sticky on
-            // hardware). Any other exit is stepped over too, so that an exit that
-            // is not ours never repeats forever at one instruction.
-            if armed.addrs.contains(&exit.pc) {
-                match (fd.get_regs(), fd.get_sregs()) {
-                    (Ok(regs), Ok(sregs)) => armed.handler.hit(vcpu, &regs, &sregs),
-                    (Err(e), _) | (_, Err(e)) => {
-                        tracing::warn!(vcpu, "cannot read registers at a breakpoint: {e}")
-                    }
+            give_back = std::mem::take(&mut self.guest_tf);
+            armed.debug_regs()
+        } else if armed.addrs.contains(&exit.pc) || armed.own == Some(exit.pc) {
+            match (fd.get_regs(), fd.get_sregs()) {
+                (Ok(regs), Ok(sregs)) => {
+                    armed.own = armed
+                        .handler
+                        .hit(vcpu, &regs, &sregs)
+                        .filter(|&a| is_canonical(a));
+                    self.guest_tf = regs.rflags & RFLAGS_TF != 0;
                 }
-            } else {
-                self.log_stray_once(
-                    vcpu,
-                    exit,
-                    "debug exit at no armed breakpoint; stepping over it",
-                );
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(vcpu, "cannot read registers at a breakpoint: {e}")
+                }
             }
             self.stepping = true;
             single_step()
+        } else if exit.dr6 & DR6_B0_B3 != 0 {
+            // One of our registers matched where nothing is armed any more (moved
+            // since): not the guest's; it does not match again.
+            armed.debug_regs()
+        } else {
+            // The guest's own #DB (its single step, `int1`): delivered to it.
+            log_stray_once(
+                &mut self.stray_logged,
+                vcpu,
+                exit,
+                "the guest's own debug exception; given back",
+            );
+            give_back = true;
+            armed.debug_regs()
         };
         if let Err(e) = fd.set_guest_debug(&next) {
             tracing::warn!(
@@ -478,15 +536,41 @@ impl Breakpoints {
                 "cannot step over a breakpoint: {e}; breakpoints dropped"
             );
             let _ = self.clear(fd);
+            return;
+        }
+        if give_back {
+            if was_stepping {
+                // Before the injection: KVM_SET_REGS drops a pending exception.
+                restore_tf(fd, vcpu);
+            }
+            let mut inject = next;
+            inject.control |= KVM_GUESTDBG_INJECT_DB;
+            if let Err(e) = fd.set_guest_debug(&inject) {
+                // KVM refuses while another exception is pending: that one goes
+                // first, and this #DB is lost, as two traps at once can be.
+                tracing::debug!(vcpu, "cannot give the guest its #DB: {e}");
+            }
         }
     }
+}
 
-    /// Logs the first debug exit that is not a hit of ours (later ones are not).
-    fn log_stray_once(&mut self, vcpu: u32, exit: &kvm_debug_exit_arch, what: &str) {
-        if !self.stray_logged {
-            self.stray_logged = true;
-            tracing::debug!(vcpu, pc = exit.pc, dr6 = exit.dr6, "{what}");
-        }
+/// Sets RFLAGS.TF again after our single step: KVM owns TF while it steps and
+/// leaves it clear when the step ends, which would end the guest's own stepping.
+fn restore_tf(fd: &VcpuFd, vcpu: u32) {
+    let restored = fd.get_regs().and_then(|mut regs| {
+        regs.rflags |= RFLAGS_TF;
+        fd.set_regs(&regs)
+    });
+    if let Err(e) = restored {
+        tracing::debug!(vcpu, "cannot give the guest its RFLAGS.TF back: {e}");
+    }
+}
+
+/// Logs the first debug exit that is not a hit of ours (later ones are not).
+fn log_stray_once(logged: &mut bool, vcpu: u32, exit: &kvm_debug_exit_arch, what: &str) {
+    if !*logged {
+        *logged = true;
+        tracing::debug!(vcpu, pc = exit.pc, dr6 = exit.dr6, "{what}");
     }
 }
 
@@ -496,11 +580,24 @@ mod tests {
 
     #[test]
     fn breakpoint_registers_enable_one_execute_slot_each() {
-        let d = hw_breakpoints(&[0x1000, 0x2000, 0x3000]);
+        let d = hw_breakpoints(&[0x1000, 0x2000, 0x3000], None);
         assert_eq!(d.control, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP);
         assert_eq!(d.arch.debugreg[..4], [0x1000, 0x2000, 0x3000, 0]);
         // L0, L1, L2; R/W and LEN bits 0: execute, one byte.
         assert_eq!(d.arch.debugreg[7], 0b01_0101);
+        // The vCPU's own breakpoint takes the next free register...
+        let d = hw_breakpoints(&[0x1000], Some(0x5000));
+        assert_eq!(d.arch.debugreg[..4], [0x1000, 0x5000, 0, 0]);
+        assert_eq!(d.arch.debugreg[7], 0b0101);
+        // ...and none is left with four shared ones.
+        let d = hw_breakpoints(&[1, 2, 3, 4], Some(0x5000));
+        assert_eq!(d.arch.debugreg[..4], [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn canonical_addresses() {
+        assert!(is_canonical(0x7fff_ffff_ffff) && is_canonical(0xffff_8000_0000_0000));
+        assert!(!is_canonical(1 << 47) && !is_canonical(0x8000_0000_0000_0000));
     }
 
     #[test]

@@ -505,11 +505,11 @@ fn tracing_bench(args: &IntrospectBenchArgs) -> anyhow::Result<()> {
     println!("|---|---:|---:|");
     println!("| untraced | {untraced:.0} | - |");
     println!(
-        "| breakpoint at LSTAR, filter keeps nothing (`--trace-filter write`) | {bare:.0} | {:.0} ns |",
+        "| entry breakpoint only, filter keeps nothing (`--trace-filter write`) | {bare:.0} | {:.0} ns |",
         bare - untraced
     );
     println!(
-        "| traced to a file (`--trace-syscalls`, {lines} records) | {traced:.0} | {:.0} ns |",
+        "| traced to a file, entry and return (`--trace-syscalls`, {lines} records) | {traced:.0} | {:.0} ns |",
         traced - untraced
     );
     println!();
