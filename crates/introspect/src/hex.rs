@@ -25,18 +25,6 @@ pub mod u64 {
     }
 }
 
-/// `"0x..."` for `Some`, `null` for `None`.
-pub mod opt_u64 {
-    use serde::Serializer;
-
-    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(v) => super::u64::serialize(v, s),
-            None => s.serialize_none(),
-        }
-    }
-}
-
 /// A list of `u64`s, each as `"0x..."`; reads `"0x..."` strings or numbers.
 pub mod u64_vec {
     use serde::ser::SerializeSeq;
