@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use common::http::{request, wait_for};
@@ -20,7 +20,7 @@ use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-fn metrics(sock: &PathBuf) -> Value {
+fn metrics(sock: &Path) -> Value {
     let a = request(sock, "GET", "/vigil/metrics", "");
     assert_eq!(a.status, 200, "{a:?}");
     a.json()
@@ -61,8 +61,8 @@ fn word(detail: &str, key: &str) -> u64 {
 fn last_tick(c: &mut Console) -> u64 {
     c.poll()
         .lines()
-        .filter_map(|l| l.strip_prefix("counter: ")?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("counter: ")?.parse().ok())
         .unwrap_or(0)
 }
 
