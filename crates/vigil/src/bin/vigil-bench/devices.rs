@@ -127,7 +127,12 @@ fn device_bench(
         for k in 0..vmms.len() {
             let i = (round + k) % vmms.len();
             rounds[i].push(device_once(&vmms[i], &guest, bench, attach)?);
-            progress.show(&format!("round {}/{}: {}", round + 1, args.runs, vmms[i].name));
+            progress.show(&format!(
+                "round {}/{}: {}",
+                round + 1,
+                args.runs,
+                vmms[i].name
+            ));
         }
     }
     progress.done();
