@@ -461,6 +461,7 @@ pub struct RunArgs {
     /// RDI, RSI, RDX, R10, R8, R9; i386: EBX, ECX, EDX, ESI, EDI, EBP), "cr3",
     /// "return_rip", "ret" (null when the return was not seen)}. Starts once the
     /// guest has set LSTAR. Each traced call costs two exits and two single steps.
+    /// Past 64 MiB the file is moved to PATH.1 (replacing it) and started afresh.
     #[arg(long, value_name = "PATH")]
     pub trace_syscalls: Option<PathBuf>,
 
@@ -475,6 +476,7 @@ pub struct RunArgs {
     /// found (the records GET /vigil/introspect/findings serves: seq, time_unix_ns,
     /// rule, priority, mitre, vcpu, location, from, to, from_symbol, symbol,
     /// restored, message): a record of what the monitor saw that outlives the VMM.
+    /// Past 64 MiB the file is moved to PATH.1 (replacing it) and started afresh.
     #[arg(long, value_name = "PATH")]
     pub findings_path: Option<PathBuf>,
 

@@ -52,34 +52,80 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Past this size a JSON-lines file is moved to `PATH.1` (replacing the one
+/// there) and started afresh: a guest making system calls or findings without end
+/// cannot fill the host's disk; at most twice this is kept.
+pub const MAX_JSON_LINES_BYTES: u64 = 64 << 20;
+
 /// A file that records are appended to as JSON lines, each written (not buffered)
-/// as it comes: the findings and traced calls a user tails.
+/// as it comes: the findings and traced calls a user tails (`tail -F` follows the
+/// rotation).
 struct JsonLines {
     path: PathBuf,
     file: std::fs::File,
+    written: u64,
+    limit: u64,
 }
 
 impl JsonLines {
     fn open(path: &Path) -> Result<Self, FileError> {
-        let file = std::fs::OpenOptions::new()
+        Self::open_with_limit(path, MAX_JSON_LINES_BYTES)
+    }
+
+    fn open_with_limit(path: &Path, limit: u64) -> Result<Self, FileError> {
+        let file = Self::open_file(path)?;
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            written,
+            limit,
+        })
+    }
+
+    fn open_file(path: &Path) -> Result<std::fs::File, FileError> {
+        std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|source| FileError {
                 path: path.to_owned(),
                 source,
-            })?;
-        Ok(Self {
-            path: path.to_owned(),
-            file,
-        })
+            })
     }
 
     fn append(&mut self, record: &impl Serialize) {
         let mut line = serde_json::to_vec(record).unwrap_or_default();
         line.push(b'\n');
-        if let Err(e) = self.file.write_all(&line) {
-            tracing::warn!("{}: {e}", self.path.display());
+        if self.written > 0 && self.written + line.len() as u64 > self.limit {
+            self.rotate();
+        }
+        match self.file.write_all(&line) {
+            Ok(()) => self.written += line.len() as u64,
+            Err(e) => tracing::warn!("{}: {e}", self.path.display()),
+        }
+    }
+
+    /// `PATH` becomes `PATH.1`, and a new `PATH` is started; on failure the
+    /// records go on into the file as it is.
+    fn rotate(&mut self) {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        let moved = std::fs::rename(&self.path, &old)
+            .map_err(|e| e.to_string())
+            .and_then(|()| Self::open_file(&self.path).map_err(|e| e.to_string()));
+        match moved {
+            Ok(file) => {
+                tracing::info!(
+                    "{}: {} bytes, moved to {}",
+                    self.path.display(),
+                    self.written,
+                    Path::new(&old).display()
+                );
+                self.file = file;
+                self.written = 0;
+            }
+            Err(e) => tracing::warn!("{}: cannot rotate: {e}", self.path.display()),
         }
     }
 }
@@ -261,5 +307,34 @@ mod tests {
             monitor_tx: Mutex::default(),
             findings_out: Mutex::default(),
         }
+    }
+
+    #[test]
+    fn a_json_lines_file_past_its_limit_is_rotated_once_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("vigil-jsonl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("trace.jsonl");
+        let mut out = JsonLines::open_with_limit(&path, 100).unwrap();
+        for i in 0..40u32 {
+            out.append(&serde_json::json!({ "n": i }));
+        }
+        let now = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.join("trace.jsonl.1")).unwrap();
+        assert!(now.len() <= 100 && old.len() <= 100, "{now:?} {old:?}");
+        // The newest records are in PATH, the ones before them in PATH.1, whole lines.
+        assert!(now.ends_with("{\"n\":39}\n"), "{now:?}");
+        let first_now: serde_json::Value =
+            serde_json::from_str(now.lines().next().unwrap()).unwrap();
+        let last_old: serde_json::Value =
+            serde_json::from_str(old.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            last_old["n"].as_u64().unwrap() + 1,
+            first_now["n"].as_u64().unwrap()
+        );
+        // Reopened, it goes on from its size.
+        let mut again = JsonLines::open_with_limit(&path, 100).unwrap();
+        assert_eq!(again.written, now.len() as u64);
+        again.append(&serde_json::json!({ "n": 40 }));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
