@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, StatusCode};
@@ -181,12 +181,27 @@ async fn answer(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let response = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => api.handle(&method, &path, &collected.to_bytes()),
-        Err(e) => Response::error(
+    // A Content-Length over the limit is refused as its headers arrive, as
+    // Firecracker does: a client is not left sending (or waiting on) a body the
+    // server will not take, and the connection is closed after the answer.
+    let declared = hyper::body::Body::size_hint(req.body()).lower();
+    let too_large = declared > MAX_BODY as u64;
+    let response = if too_large {
+        Response::error(
             400,
-            format!("{method} {path}: cannot read the body (at most {MAX_BODY} bytes): {e}"),
-        ),
+            format!(
+                "{method} {path}: the request body is {declared} bytes, more than the \
+                 {MAX_BODY} bytes accepted"
+            ),
+        )
+    } else {
+        match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(collected) => api.handle(&method, &path, &collected.to_bytes()),
+            Err(e) => Response::error(
+                400,
+                format!("{method} {path}: cannot read the body (at most {MAX_BODY} bytes): {e}"),
+            ),
+        }
     };
     let content_type = if path == OPENAPI_PATH && response.status == 200 {
         "application/yaml"
@@ -200,6 +215,10 @@ async fn answer(
     if response.body.is_some() {
         out.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    if too_large {
+        out.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(out)
 }

@@ -565,6 +565,41 @@ fn the_socket_in_use_stale_and_removed() {
     assert!(sock.exists());
 }
 
+/// A request whose Content-Length is over the body limit is refused when its
+/// headers arrive (its body never sent), the connection closed, and the VMM
+/// goes on serving.
+#[test]
+fn an_oversized_body_is_refused_from_its_headers() {
+    use std::io::Write;
+    let dir = scratch("oversized");
+    let sock = dir.join("api.sock");
+    let vigil = Vigil::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for(&sock, TIMEOUT);
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(
+            b"PUT /machine-config HTTP/1.1\r\nHost: localhost\r\n\
+              Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n",
+        )
+        .unwrap();
+    let mut answer = String::new();
+    // Read to the end: the server closes the connection after answering.
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("the request body is 100000000 bytes, more than the 65536"),
+        "{answer}"
+    );
+    assert_eq!(state(&sock), "Not started");
+    // SAFETY: the pid is our own child's, still running.
+    unsafe { libc::kill(vigil.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(vigil.finish().0, Some(143));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `(second, ops)` of each `flood: <ops> ops in second <k>` line so far.
 fn flood_seconds(out: &str) -> Vec<(u64, u64)> {
     out.lines()
