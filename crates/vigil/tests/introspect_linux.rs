@@ -474,7 +474,8 @@ fn bench_introspect_prints_its_tables() {
         "| monitor every 10ms |",
         "| without the dirty log (every page re-hashed) |",
         "| untraced |",
-        "| traced to a file (`--trace-syscalls`, 200 records) |",
+        "| entry breakpoint only, filter keeps nothing (`--trace-filter write`) |",
+        "| traced to a file, entry and return (`--trace-syscalls`, 200 records) |",
     ] {
         assert!(r.stdout.contains(row), "{row}: {r}");
     }
