@@ -284,6 +284,14 @@ impl Introspector {
             d
         };
         let findings = checker.check(&self.mem, &cpus, Some(&is_dirty));
+        // A vCPU joined: the API's baseline shows it too.
+        let joined = checker.baseline().vcpus.len();
+        {
+            let mut shown = lock(&self.shared.baseline);
+            if shown.as_ref().is_some_and(|b| b.vcpus.len() != joined) {
+                *shown = Some(Arc::new(checker.baseline().clone()));
+            }
+        }
         let c = &self.shared.counters;
         c.checks.inc();
         c.pages_hashed.add(hashed.get());
@@ -382,7 +390,7 @@ impl Introspector {
             .map_err(|_| IntrospectError::MonitorTimeout)?
     }
 
-    /// The baseline, once taken.
+    /// The baseline, once taken, with the vCPUs that joined since.
     pub fn baseline(&self) -> Option<Arc<Baseline>> {
         lock(&self.shared.baseline).clone()
     }
