@@ -564,6 +564,40 @@ mod tests {
     }
 
     #[test]
+    fn an_aps_gdt_unreadable_at_its_join_gets_the_boot_layout_when_read() {
+        let g = Guest::new();
+        let mut c = g.checker();
+        let mut up = ap(&g);
+        let own = up.gdt.base;
+        up.gdt.base = GDT + 0x10_0000;
+        let f = one_of(&g, &mut c, &[g.cpu, up]);
+        assert_eq!(
+            (f.rule, f.location.as_str()),
+            (Rule::IntegrityReadFailed, "GDT")
+        );
+        assert!(c.baseline().vcpus[1].gdt.is_none());
+        // Readable now (moved: reported as for any vCPU); its own TSS base and
+        // descriptor limit are its own, the rest the boot vCPU's layout.
+        up.gdt.base = own;
+        let f = one_of(&g, &mut c, &[g.cpu, up]);
+        assert_eq!(
+            (f.rule, f.location.as_str()),
+            (Rule::GdtrChanged, "GDTR"),
+            "{f:#?}"
+        );
+        g.t.write(GDT_PA + AP_GDT_OFF + 0x10, GDT_ENTRIES[2] | 3 << 45);
+        let f = one_of(&g, &mut c, &[g.cpu, up]);
+        assert_eq!(
+            (f.rule, f.location.as_str(), f.from.as_str()),
+            (
+                Rule::GdtEntryModified,
+                "GDT selector 0x10",
+                "0x00cf93000000ffff"
+            )
+        );
+    }
+
+    #[test]
     fn an_ap_up_at_the_baseline_is_not_trusted_either() {
         let g = Guest::new();
         let mut up = ap(&g);
