@@ -5,7 +5,9 @@ use core::arch::{asm, global_asm};
 use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::boot::{GDT_ENTRIES, KERNEL_CS, KERNEL_DS, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
+use crate::boot::{
+    GDT_ENTRIES, KERNEL_CS, KERNEL_DS, MAX_APS, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS,
+};
 use crate::serial::{Out, Serial};
 
 /// LAPIC timer interrupt vector.
@@ -244,16 +246,22 @@ struct DescriptorPointer {
     base: u64,
 }
 
+/// Writes a 64-bit TSS descriptor (two GDT slots) for the TSS at `tss`.
+///
+/// # Safety
+/// `gdt` must point at a GDT laid out as `boot.rs`'s, that no CPU reads meanwhile.
+unsafe fn set_tss_descriptor(gdt: *mut u64, tss: u64, limit: u64) {
+    let low = limit | ((tss & 0xff_ffff) << 16) | (0x89 << 40) | (((tss >> 24) & 0xff) << 56);
+    gdt.add(usize::from(TSS_SEL / 8)).write(low);
+    gdt.add(usize::from(TSS_SEL / 8) + 1).write(tss >> 32);
+}
+
 /// Fills the TSS descriptor and loads TR, builds and loads the IDT, and sets up the
 /// syscall MSRs as a real kernel would (introspection targets).
 pub fn init() {
-    let tss = addr_of!(TSS) as u64;
-    let low = TSS_LIMIT | ((tss & 0xff_ffff) << 16) | (0x89 << 40) | (((tss >> 24) & 0xff) << 56);
     // SAFETY: single-threaded start-up; the GDT slots 5 and 6 are the TSS descriptor.
     unsafe {
-        let gdt = addr_of_mut!(GDT) as *mut u64;
-        gdt.add(usize::from(TSS_SEL / 8)).write(low);
-        gdt.add(usize::from(TSS_SEL / 8) + 1).write(tss >> 32);
+        set_tss_descriptor(addr_of_mut!(GDT) as *mut u64, addr_of!(TSS) as u64, TSS_LIMIT);
         asm!("ltr {0:x}", in(reg) TSS_SEL, options(nostack, preserves_flags));
     }
 
@@ -273,14 +281,75 @@ pub fn init() {
     load_idt();
 
     UMIP_AT_BOOT.store(protect(), Ordering::SeqCst);
+    setup_syscall(None);
+}
 
+/// Sets up this CPU's system call entry, as a kernel does on every CPU (the BSP
+/// at boot, each AP the `smp` scenarios start): STAR, LSTAR = `syscall_entry`,
+/// SFMASK, then EFER.SCE. With `other_lstar`, LSTAR is that instead, written
+/// through the fault fixup (one CPU at a time): returns whether it was written
+/// (false: the `wrmsr` faulted, a VMM refused it, and LSTAR kept its value).
+pub fn setup_syscall(other_lstar: Option<u64>) -> bool {
     wrmsr(MSR_STAR, (KERNEL_DS << 48) | (KERNEL_CS << 32));
-    wrmsr(MSR_LSTAR, syscall_entry as *const () as u64);
+    let written = match other_lstar {
+        None => {
+            wrmsr(MSR_LSTAR, syscall_entry as *const () as u64);
+            true
+        }
+        Some(lstar) => try_wrmsr(MSR_LSTAR, lstar) && rdmsr(MSR_LSTAR) == lstar,
+    };
     wrmsr(MSR_SFMASK, SFMASK);
     wrmsr(MSR_EFER, rdmsr(MSR_EFER) | 1);
     wrmsr(MSR_SYSENTER_CS, KERNEL_CS);
     wrmsr(MSR_SYSENTER_ESP, addr_of!(SYSENTER_STACK_TOP) as u64);
     wrmsr(MSR_SYSENTER_EIP, sysenter_entry as *const () as u64);
+    written
+}
+
+/// Each AP's own GDT, as Linux gives each CPU its own: a copy of the boot GDT
+/// whose TSS descriptor points at the AP's own TSS.
+static mut AP_GDTS: [[u64; GDT_ENTRIES]; MAX_APS] = [[0; GDT_ENTRIES]; MAX_APS];
+
+/// An AP's TSS: no stacks (APs never change privilege level) and no I/O bitmap
+/// (they never run at CPL3): its I/O map base (bytes 102..104) is past the limit.
+/// Its descriptor has the boot TSS's limit, as Linux gives every CPU's TSS the
+/// same; the CPU reads no further than the 104 bytes.
+#[repr(C, align(16))]
+struct ApTss([u8; AP_TSS_LEN]);
+const AP_TSS_LEN: usize = 104;
+static mut AP_TSSS: [ApTss; MAX_APS] = [const {
+    let mut tss = [0; AP_TSS_LEN];
+    tss[102] = 0xff;
+    tss[103] = 0xff;
+    ApTss(tss)
+}; MAX_APS];
+
+/// Loads AP `slot`'s own GDT (the boot GDT's layout, its own TSS) and TR.
+pub fn load_ap_gdt(slot: usize) {
+    if slot >= MAX_APS {
+        return;
+    }
+    // SAFETY: slot `slot` of AP_GDTS and AP_TSSS is this AP's alone (boot.rs hands
+    // out each slot once); the copy has the boot GDT's segments at the same
+    // selectors, so CS and the data segments stay valid across the `lgdt`; its TSS
+    // descriptor is not busy, so `ltr` takes it.
+    unsafe {
+        let gdt = addr_of_mut!(AP_GDTS[slot]) as *mut u64;
+        core::ptr::copy_nonoverlapping(addr_of!(GDT) as *const u64, gdt, GDT_ENTRIES);
+        let tss = addr_of!(AP_TSSS[slot]) as u64;
+        set_tss_descriptor(gdt, tss, TSS_LIMIT);
+        let pointer = DescriptorPointer {
+            limit: (GDT_ENTRIES * 8 - 1) as u16,
+            base: gdt as u64,
+        };
+        asm!(
+            "lgdt [{}]",
+            "ltr {1:x}",
+            in(reg) &pointer,
+            in(reg) TSS_SEL,
+            options(readonly, nostack, preserves_flags)
+        );
+    }
 }
 
 /// Sets CR0.WP on this CPU, as every kernel does (the guest's own pages are all

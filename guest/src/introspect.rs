@@ -11,7 +11,7 @@ use core::sync::atomic::Ordering;
 
 use crate::cpu::{self, rdtsc};
 use crate::serial::{self, Line, Out, Serial};
-use crate::{virtio, Machine};
+use crate::{scenarios, virtio, Machine};
 
 /// Entries of `sys_call_table`; `syscall_entry` answers -ENOSYS at and above.
 pub const NR_SYSCALLS: usize = 16;
@@ -207,6 +207,36 @@ pub fn rootkit_syscall_table(machine: &Machine, detail: &mut Line) -> bool {
 
 pub fn rootkit_lstar(machine: &Machine, detail: &mut Line) -> bool {
     rootkit(b"rootkit-lstar", machine, detail, tamper_lstar)
+}
+
+/// The rootkit flow through a CPU that comes up after the baseline: starts the APs
+/// as `smp` does, the first writing `rootkit_syscall_entry` to LSTAR (a #GP, a VMM
+/// that refuses it, caught by the fault fixup).
+pub fn smp_rogue_ap(machine: &Machine, detail: &mut Line) -> bool {
+    if machine.cpus.ids().len() < 2 {
+        detail.str("no application processor to start");
+        return false;
+    }
+    rootkit(b"smp-rogue-ap", machine, detail, |what| {
+        let new = rootkit_syscall_entry as *const () as u64;
+        if !scenarios::smp(machine, what, Some(new)) {
+            return false;
+        }
+        match scenarios::rogue_ap_lstar_written() {
+            Some(true) => {
+                what.str(" ap_lstar=written new=").hex(new);
+                true
+            }
+            Some(false) => {
+                what.str(" ap_lstar=refused");
+                true
+            }
+            None => {
+                what.str(" ap_lstar=not tried");
+                false
+            }
+        }
+    })
 }
 
 pub fn rootkit_wp(machine: &Machine, detail: &mut Line) -> bool {

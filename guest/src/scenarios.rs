@@ -2,7 +2,7 @@
 
 use core::arch::global_asm;
 use core::ptr::{addr_of, read_volatile, write_volatile};
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::boot::MAX_APS;
 use crate::cpu::{self, rdtsc, TIMER_TICKS, TIMER_VECTOR};
@@ -13,7 +13,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
     match name {
         b"serial" => serial(),
         b"timer" => timer(machine, detail),
-        b"smp" => smp(machine, detail),
+        b"smp" => smp(machine, detail, None),
         b"memory" => memory(machine, detail),
         b"user" => user(machine, detail),
         b"cpuid" => cpuid(detail),
@@ -43,6 +43,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"rootkit-lstar" => introspect::rootkit_lstar(machine, detail),
         b"rootkit-wp" => introspect::rootkit_wp(machine, detail),
         b"rootkit-cr4" => introspect::rootkit_cr4(machine, detail),
+        b"smp-rogue-ap" => introspect::smp_rogue_ap(machine, detail),
         b"syscalls" => introspect::syscalls(machine, detail),
         b"syscall-loop" => introspect::syscall_loop(machine, detail),
         b"syscalls32" => introspect::syscalls32(machine, detail),
@@ -178,18 +179,45 @@ extern "C" {
     static AP_TRAMPOLINE_END: u8;
 }
 
-/// An AP, in long mode on its own stack: record the APIC id, then halt for good.
+/// For `smp-rogue-ap`: the LSTAR the first AP writes instead of `syscall_entry` (0:
+/// none), and what became of it (0 not tried, 1 written, 2 refused).
+static AP_ROGUE_LSTAR: AtomicU64 = AtomicU64::new(0);
+static AP_ROGUE_RESULT: AtomicU32 = AtomicU32::new(0);
+
+/// An AP, in long mode on its own stack: set up as Linux sets up each CPU (the
+/// boot CPU's IDT, its own GDT of the same layout with its own TSS, CR0.WP and
+/// CR4.UMIP, the boot CPU's syscall MSRs: the first AP another LSTAR under
+/// `smp-rogue-ap`), record the APIC id, then halt for good.
 #[no_mangle]
 extern "C" fn ap_main(slot: u32) -> ! {
     cpu::load_idt();
+    cpu::load_ap_gdt(slot as usize);
     cpu::protect();
+    let rogue = AP_ROGUE_LSTAR.load(Ordering::SeqCst);
+    if slot == 0 && rogue != 0 {
+        let written = cpu::setup_syscall(Some(rogue));
+        AP_ROGUE_RESULT.store(if written { 1 } else { 2 }, Ordering::SeqCst);
+    } else {
+        cpu::setup_syscall(None);
+    }
     AP_IDS[slot as usize].store(apic::id(), Ordering::SeqCst);
     AP_REPORTED.fetch_add(1, Ordering::SeqCst);
     cpu::halt_forever()
 }
 
-/// Starts every AP of the MADT with INIT, STARTUP, STARTUP (as firmware-less kernels do).
-fn smp(machine: &Machine, detail: &mut Line) -> bool {
+/// Whether the first AP's other LSTAR was written (`smp-rogue-ap`): `None` when it
+/// did not try.
+pub fn rogue_ap_lstar_written() -> Option<bool> {
+    match AP_ROGUE_RESULT.load(Ordering::SeqCst) {
+        1 => Some(true),
+        2 => Some(false),
+        _ => None,
+    }
+}
+
+/// Starts every AP of the MADT with INIT, STARTUP, STARTUP (as firmware-less kernels
+/// do); with `rogue_lstar`, the first AP writes that to LSTAR.
+pub fn smp(machine: &Machine, detail: &mut Line, rogue_lstar: Option<u64>) -> bool {
     const MAX_CPUS: usize = MAX_APS + 1;
     let me = apic::id();
     let mut expected = [0u32; MAX_CPUS];
@@ -216,6 +244,8 @@ fn smp(machine: &Machine, detail: &mut Line) -> bool {
         }
         AP_NEXT.store(0, Ordering::SeqCst);
         AP_REPORTED.store(0, Ordering::SeqCst);
+        AP_ROGUE_LSTAR.store(rogue_lstar.unwrap_or(0), Ordering::SeqCst);
+        AP_ROGUE_RESULT.store(0, Ordering::SeqCst);
         // xAPIC destinations are 8 bits: larger ids cannot be reached and stay missing.
         let reachable = || expected.iter().copied().filter(|&id| id <= 0xff);
         for id in reachable() {

@@ -89,6 +89,19 @@ impl CpuState {
     pub fn la57(&self) -> bool {
         self.cr4 & CR4_LA57 != 0
     }
+
+    /// Whether the vCPU is in long mode with its system call entry set up
+    /// (EFER.SCE, LSTAR and SFMASK): a kernel's last step in bringing a CPU up.
+    /// A kernel that boots straight into long mode is there long before it has
+    /// set its IDT, syscall MSRs and EFER.SCE; Linux brings an application
+    /// processor into long mode on a bring-up IDT, and sets its syscall MSRs in
+    /// `syscall_init`, after it loaded the shared IDT, its GDT and CR4's pinned
+    /// bits. SFMASK too: Linux writes it last (after LSTAR, CSTAR and
+    /// SYSENTER_*), the test guest sets EFER.SCE last, and every kernel that
+    /// uses `syscall` masks at least IF with it.
+    pub fn syscall_ready(&self) -> bool {
+        self.long_mode() && self.efer & EFER_SCE != 0 && self.lstar != 0 && self.sfmask != 0
+    }
 }
 
 #[cfg(test)]
@@ -131,5 +144,26 @@ mod tests {
         let e = serde_json::from_value::<CpuState>(v).unwrap_err();
         assert!(e.to_string().contains("0xzz"), "{e}");
         assert!(!CpuState::default().long_mode());
+    }
+
+    #[test]
+    fn the_syscall_entry_is_set_up_last() {
+        let up = CpuState {
+            cr0: 0x8000_0001,
+            efer: EFER_SCE | EFER_LMA | (1 << 8),
+            lstar: 0x10_13a3,
+            sfmask: 0x4_7700,
+            ..CpuState::default()
+        };
+        assert!(up.long_mode());
+        assert!(up.syscall_ready());
+        // The test guest's order: STAR, LSTAR, SFMASK, then EFER.SCE.
+        assert!(!CpuState::syscall_ready(&CpuState { lstar: 0, ..up }));
+        assert!(!CpuState::syscall_ready(&CpuState { sfmask: 0, ..up }));
+        assert!(!CpuState::syscall_ready(&CpuState {
+            efer: up.efer & !EFER_SCE,
+            ..up
+        }));
+        assert!(!CpuState::syscall_ready(&CpuState { cr0: 1, ..up }));
     }
 }

@@ -523,23 +523,117 @@ fn a_clean_guest_on_two_vcpus_gives_no_finding() {
     vm.console.wait_for(&["TEST syscall-loop PASS"], TIMEOUT);
     vm.console.wait_for(&["TEST smp PASS"], TIMEOUT);
     vm.console.wait_for(&["TEST cpuid PASS"], TIMEOUT);
+    // The second vCPU, up as Linux brings one up (the boot vCPU's IDT, syscall
+    // MSRs, CR0.WP and CR4.UMIP, its own GDT and TSS), joins the checks held to
+    // the boot vCPU's values.
+    vm.wait_until("vCPU 1 joined", |vm| {
+        vm.get("/vigil/introspect/baseline")["vcpus"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    });
     vm.wait_until("300 checks", |vm| vm.checks() > 300);
     let f = vm.findings(0);
     assert!(f.is_empty(), "false positives: {f:#?}");
     let status = vm.status();
     assert_eq!(status["findings"], 0, "{status}");
-    // The guard saw no write to refuse (the second vCPU does not set syscall
-    // MSRs; it sets CR0.WP and CR4.UMIP, after the baseline, unreported).
+    let baseline = vm.get("/vigil/introspect/baseline");
+    let (boot, joined) = (&baseline["vcpus"][0], &baseline["vcpus"][1]);
+    assert_eq!(joined["cpu"]["vcpu"], 1, "{joined}");
+    assert_eq!(joined["expected_from"], 0, "{joined}");
+    assert_eq!(joined["cpu"]["lstar"], boot["cpu"]["lstar"], "{joined}");
+    assert_eq!(joined["idt"], boot["idt"], "the boot vCPU's IDT expected");
+    // The guard let the second vCPU's writes through: the boot vCPU's values.
     let intro = &vm.metrics()["introspection"];
     assert_eq!(intro["msr_writes_refused"], 0, "{intro}");
     let state = vm.get("/vigil/introspect/state");
     assert_eq!(state["cpus"].as_array().unwrap().len(), 2, "{state}");
-    let ap = &state["cpus"][1];
+    let (bsp, ap) = (&state["cpus"][0], &state["cpus"][1]);
     assert_eq!(ap["vcpu"], 1, "{ap}");
     assert!(
         ap["protections"].as_array().unwrap().contains(&json!("wp")),
         "{ap}"
     );
+    assert_eq!(ap["lstar_symbol"], "syscall_entry+0x0", "{ap}");
+    assert_eq!(ap["idt"], bsp["idt"], "{ap}");
+    // Its own GDT (Linux's are per CPU): compared by the boot vCPU's layout.
+    assert_ne!(ap["gdt"]["base"], bsp["gdt"]["base"], "{ap}");
+}
+
+/// The first AP of `smp-rogue-ap`, started after the baseline, writes
+/// `rootkit_syscall_entry` to LSTAR as its first write of it: the MSR guard
+/// holds it to the boot vCPU's LSTAR, and the checks hold the AP to the boot
+/// vCPU's values rather than trusting what it loaded.
+#[test]
+fn an_ap_that_comes_up_with_another_lstar_is_found() {
+    let scenario = "smp-rogue-ap";
+    let mut vm = rootkit_ready(scenario, REPORT, &["--cpus", "2"]).unwrap();
+    let baseline = vm.get("/vigil/introspect/baseline");
+    assert_eq!(
+        baseline["vcpus"].as_array().unwrap().len(),
+        1,
+        "only the boot vCPU"
+    );
+    let (detail, checks) = tamper(&mut vm, scenario);
+    let new = guest_symbol("rootkit_syscall_entry");
+    assert_eq!(
+        detail,
+        format!("cpus=2 apic_ids=0,1 ap_lstar=written new={new:#x}")
+    );
+    let f = found_once(
+        &mut vm,
+        checks,
+        &["syscall_msr_write", "syscall_msr_changed"],
+    );
+    let entry = guest_symbol("syscall_entry");
+    for f in &f {
+        assert_eq!(f["vcpu"], 1, "{f}");
+        assert_eq!(f["location"], "LSTAR", "{f}");
+        assert_eq!(hex_u64(str_of(f, "from")), entry, "the boot vCPU's: {f}");
+        assert_eq!(hex_u64(str_of(f, "to")), new, "{f}");
+        assert_eq!(f["from_symbol"], "syscall_entry+0x0", "{f}");
+        assert_eq!(f["symbol"], "rootkit_syscall_entry+0x0", "{f}");
+    }
+    assert!(
+        str_of(&f[0], "message").contains("vCPU 0's baseline")
+            && str_of(&f[0], "message").ends_with("let through"),
+        "{}",
+        f[0]
+    );
+    assert!(
+        str_of(&f[1], "message").starts_with("vCPU 1 (against vCPU 0's baseline): LSTAR"),
+        "{}",
+        f[1]
+    );
+    pass(vm, scenario, &detail);
+}
+
+#[test]
+fn protect_policy_refuses_an_aps_other_lstar() {
+    let scenario = "smp-rogue-ap";
+    let settings = "period=100ms,baseline_after=0ms,policy=protect";
+    let mut vm = rootkit_ready(scenario, settings, &["--cpus", "2"]).unwrap();
+    let (detail, _) = tamper(&mut vm, scenario);
+    assert_eq!(detail, "cpus=2 apic_ids=0,1 ap_lstar=refused");
+    // The guard reported at the write itself, naming the AP.
+    let f = vm.findings(0);
+    assert_eq!(rules(&f)[..1], ["syscall_msr_write"], "{f:#?}");
+    assert_eq!(f[0]["vcpu"], 1, "{}", f[0]);
+    assert_eq!(f[0]["symbol"], "rootkit_syscall_entry+0x0", "{}", f[0]);
+    assert!(str_of(&f[0], "message").ends_with("refused"), "{}", f[0]);
+    // The AP's LSTAR never took the value.
+    let state = vm.get("/vigil/introspect/state");
+    let ap = &state["cpus"][1];
+    assert_eq!(ap["vcpu"], 1, "{ap}");
+    assert_eq!(hex_u64(str_of(ap, "lstar")), 0, "{ap}");
+    let m = vm.metrics();
+    assert!(
+        m["introspection"]["msr_writes_refused"].as_u64().unwrap() >= 1,
+        "{}",
+        m["introspection"]
+    );
+    pass(vm, scenario, &detail);
 }
 
 /// What entry `nr` of the test guest's table returns for `args` (guest/README.md).

@@ -4,7 +4,9 @@
 //! its IDT, GDT and LSTAR in place), looked at from outside through the API, then
 //! tampered with through the debug API and each change reported by a check.
 //!
-//! On a hardware-backed KVM the kernel does not stop there, so the test skips.
+//! On a hardware-backed KVM the kernel does not stop there, so that test skips.
+//! Another boots it on two vCPUs, further: its second CPU is held to the boot
+//! vCPU's values and gives no finding.
 
 mod common;
 
@@ -14,7 +16,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::http::{request, wait_for};
-use common::{hardware_kvm, hex_u64};
+use common::{hardware_kvm, hex_u64, Console};
 use serde_json::Value;
 use vigil_vmm::symbols::SymbolTable;
 
@@ -479,4 +481,87 @@ fn bench_introspect_prints_its_tables() {
     ] {
         assert!(r.stdout.contains(row), "{row}: {r}");
     }
+}
+
+/// The same kernel on two vCPUs, let further (its FPU on FXSAVE, the
+/// instructions this machine's KVM lacks hidden), the monitor started after the
+/// boot CPU's set-up: its second CPU, which Linux brings up through a bring-up
+/// IDT and its own GDT, joins the checks held to the boot vCPU's values and
+/// gives no finding. Linux's per-CPU differences (each CPU's GDT and TSS, the
+/// CPU number in the CPUNODE descriptor's limit) are exactly those the rule
+/// leaves to each CPU.
+#[test]
+fn a_linux_application_processor_is_held_to_the_boot_vcpu_without_a_finding() {
+    let Some((vmlinux, map_path)) = common::tiny_linux() else {
+        return;
+    };
+    let dir = common::scratch("introspect-linux-smp");
+    let sock = dir.join("api.sock");
+    let mut console = Console::spawn(&[
+        "run",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--memory",
+        "256",
+        "--cmdline",
+        "console=ttyS0 earlyprintk=serial noxsave clearcpuid=smap,smep,popcnt nopti",
+        "--symbols",
+        map_path.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for(&sock, CRASH_TIMEOUT);
+    // After trap_init and init_IRQ (the boot CPU's IDT, GDT and syscall MSRs in
+    // place), before smp_init.
+    console.wait_for(&["Mount-cache hash table"], CRASH_TIMEOUT);
+    put(
+        &sock,
+        "/vigil/introspect",
+        r#"{"period_ms": 100, "baseline_after_ms": 0}"#,
+    );
+    console.wait_for(&["smp: Bringing up secondary CPUs"], CRASH_TIMEOUT);
+    let deadline = Instant::now() + CRASH_TIMEOUT;
+    let baseline = loop {
+        let a = request(&sock, "GET", "/vigil/introspect/baseline", "");
+        if a.status == 200 && a.json()["vcpus"].as_array().map(Vec::len) == Some(2) {
+            break a.json();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vCPU 1 never joined: {a:?}\n{}",
+            console.poll()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ap = &baseline["vcpus"][1];
+    assert_eq!(
+        (&ap["cpu"]["vcpu"], &ap["expected_from"]),
+        (&Value::from(1), &Value::from(0)),
+        "{ap}"
+    );
+    // A few more checks, then nothing about vCPU 1 (the boot vCPU's own
+    // findings, Linux patching its text while booting, are not this test's).
+    for _ in 0..3 {
+        check(&sock);
+    }
+    let findings = request(&sock, "GET", "/vigil/introspect/findings?since=0", "").json();
+    let ap_findings: Vec<&Value> = findings
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["vcpu"] == 1)
+        .collect();
+    assert!(ap_findings.is_empty(), "vCPU 1: {ap_findings:#?}");
+    let state = request(&sock, "GET", "/vigil/introspect/state", "").json();
+    let (bsp, ap) = (&state["cpus"][0], &state["cpus"][1]);
+    assert_eq!(ap["lstar_symbol"], "entry_SYSCALL_64+0x0", "{ap}");
+    assert_eq!(ap["idt"], bsp["idt"], "one IDT: {state}");
+    assert_ne!(
+        ap["gdt"]["base"], bsp["gdt"]["base"],
+        "per-CPU GDTs: {state}"
+    );
+    drop(console);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -649,6 +649,21 @@ fn rootkit_scenarios_tamper_after_the_go_and_pass() {
     }
 }
 
+/// `smp-rogue-ap` needs an AP to start: on one vCPU it says so before `ready`
+/// (with two, `tests/introspect.rs` runs it under the monitor).
+#[test]
+fn smp_rogue_ap_fails_without_an_application_processor() {
+    let r = introspect_scenario("smp-rogue-ap", &[]);
+    assert_eq!(
+        r.test, "TEST smp-rogue-ap FAIL no application processor to start",
+        "{}",
+        r.run
+    );
+    assert!(r.tampered.is_none(), "{}", r.run);
+    // The guest's status 1 through the debug-exit port: 32 + 1.
+    assert_eq!(r.run.code, Some(33), "{}", r.run);
+}
+
 #[test]
 fn syscall_scenarios_run_through_the_table() {
     let r = introspect_scenario("syscalls", &[]);

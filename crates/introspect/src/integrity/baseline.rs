@@ -12,18 +12,26 @@ use crate::paging::{read_virt, WalkError};
 
 use super::modules::{self, ModuleText};
 use super::pages::{hash_region, table_hole, Digest32, PAGE_SIZE};
-use super::tables::{read_table, MAX_GDT_BYTES, MAX_IDT_BYTES};
-use super::{kernel_cr3, reference_cpu};
+use super::registers::expected_registers;
+use super::tables::{expected_gdt, read_table, MAX_GDT_BYTES, MAX_IDT_BYTES};
+use super::{ap_up, kernel_cr3, reference_cpu};
 
 // Serialized for the API (`GET /vigil/introspect/baseline`) and, read back, in
 // snapshots and migrations (`live::MonitorState`): checked by
 // `Baseline::validate` before use.
 
-/// One vCPU at baseline: its registers and a copy of its descriptor tables.
+/// One vCPU at baseline: its registers and a copy of its descriptor tables, or,
+/// for an application processor, what it is expected to hold.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VcpuBaseline {
     pub cpu: CpuState,
+    /// For an application processor: the vCPU whose baseline its values are
+    /// expected to equal (the baseline's `reference_vcpu`, the boot vCPU), its
+    /// own values kept only where a kernel's CPUs differ ([`VcpuBaseline::expected`]).
+    /// Absent for the boot vCPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_from: Option<u32>,
     /// The IDT's `limit + 1` bytes (at most [`MAX_IDT_BYTES`]), hex; `None` until
     /// it could be read.
     #[serde(with = "hex::opt_bytes")]
@@ -91,8 +99,8 @@ pub struct Baseline {
     /// The vCPU whose CR3 translated the regions (the lowest-numbered one in long
     /// mode, normally the boot CPU 0).
     pub reference_vcpu: u32,
-    /// vCPUs in long mode, by vCPU number; others join when a check first sees
-    /// them in long mode.
+    /// The boot vCPU and the application processors that were up, by vCPU
+    /// number; others join when a check sees them up.
     pub vcpus: Vec<VcpuBaseline>,
     pub syscall_table: Option<SyscallTableBaseline>,
     pub text: RegionBaseline,
@@ -186,7 +194,48 @@ impl VcpuBaseline {
         (
             Self {
                 cpu: *cpu,
+                expected_from: None,
                 idt,
+                gdt,
+            },
+            errors,
+        )
+    }
+
+    /// How findings name the vCPU: `vCPU 1`, or for an application processor
+    /// checked against the boot vCPU, `vCPU 1 (against vCPU 0's baseline)`.
+    pub(super) fn who(&self) -> String {
+        match self.expected_from {
+            Some(boot) => format!("vCPU {} (against vCPU {boot}'s baseline)", self.cpu.vcpu),
+            None => format!("vCPU {}", self.cpu.vcpu),
+        }
+    }
+
+    /// What application processor `cpu` is expected to hold: the values of
+    /// `boot`'s baseline, not its own, which nothing vouches for. A kernel
+    /// shares one IDT among its CPUs and gives each the same syscall MSRs and
+    /// protection bits; Linux's GDT is per CPU, with the same layout. So its
+    /// own are kept only where CPUs differ: CR3, the GDTR's base, SYSENTER_ESP
+    /// (Linux's per-CPU entry stack), the GDT's per-CPU parts
+    /// ([`expected_gdt`]), and the register bits the checks do not watch. Its
+    /// GDT is read through `cr3`; when it cannot be, it is `None` with its
+    /// error, and the boot vCPU's layout is applied when it is first read.
+    pub(super) fn expected(
+        mem: &dyn GuestPhysMemory,
+        boot: &VcpuBaseline,
+        cpu: &CpuState,
+        cr3: u64,
+    ) -> (Self, Vec<(String, WalkError)>) {
+        let mut errors = Vec::new();
+        let gdt = read_table(mem, cr3, cpu, cpu.gdt.base, cpu.gdt.limit, MAX_GDT_BYTES)
+            .map_err(|e| errors.push(("GDT".to_string(), e)))
+            .ok()
+            .and_then(|own| boot.gdt.as_deref().map(|b| expected_gdt(b, &own)));
+        (
+            Self {
+                cpu: expected_registers(&boot.cpu, cpu),
+                expected_from: Some(boot.cpu.vcpu),
+                idt: boot.idt.clone(),
                 gdt,
             },
             errors,
@@ -195,14 +244,16 @@ impl VcpuBaseline {
 }
 
 impl Baseline {
-    /// Takes the baseline: every vCPU of `cpus` in long mode (registers, IDT and
-    /// GDT through its own CR3), the syscall table, and kernel text and read-only
-    /// data page by page, translated through the CR3 of the lowest-numbered vCPU
-    /// in long mode. A page of a region that does not translate, or a table that
-    /// cannot be read, is an error naming it: a baseline with holes would protect
-    /// less than it says. vCPUs not in long mode (application processors not
-    /// started yet) are left out; a check baselines each when it first sees it in
-    /// long mode.
+    /// Takes the baseline: the boot vCPU (the lowest-numbered one in long mode:
+    /// its registers, IDT and GDT through its own CR3), the syscall table, and
+    /// kernel text and read-only data page by page, translated through the boot
+    /// vCPU's CR3. Every other vCPU that is up (see [`Checker::check`](super::Checker::check)) is
+    /// expected to hold the boot vCPU's values ([`VcpuBaseline::expected`]), its
+    /// own kept only where CPUs differ; the others (application processors not
+    /// started yet, or still starting) are left out, and a check adds each when
+    /// it is up. A page of a region that does not translate, or a table that
+    /// cannot be read, is an error naming it: a baseline with holes would
+    /// protect less than it says.
     ///
     /// The syscall table's bytes are left out of (zeroed in) the region hashes, so
     /// a hooked entry is reported once, as `syscall_table_modified`. When its
@@ -216,20 +267,30 @@ impl Baseline {
         let reference = reference_cpu(cpus).ok_or(BaselineError::NoLongModeVcpu)?;
         let probe = layout.text.start;
         let ref_cr3 = kernel_cr3(mem, reference, probe);
-        let mut vcpus: Vec<VcpuBaseline> = Vec::new();
-        let mut sorted: Vec<&CpuState> = cpus.iter().filter(|c| c.long_mode()).collect();
-        sorted.sort_by_key(|c| c.vcpu);
-        sorted.dedup_by_key(|c| c.vcpu);
-        for cpu in sorted {
-            let (vb, errors) = VcpuBaseline::take(mem, cpu, kernel_cr3(mem, cpu, probe));
-            if let Some((what, source)) = errors.into_iter().next() {
-                return Err(BaselineError::Unreadable {
+        let unreadable =
+            |cpu: &CpuState, errors: Vec<(String, WalkError)>| match errors.into_iter().next() {
+                Some((what, source)) => Err(BaselineError::Unreadable {
                     what: format!("vCPU {}'s {what}", cpu.vcpu),
                     source,
-                });
-            }
+                }),
+                None => Ok(()),
+            };
+        let (boot, errors) = VcpuBaseline::take(mem, reference, ref_cr3);
+        unreadable(reference, errors)?;
+        let mut aps: Vec<&CpuState> = cpus
+            .iter()
+            .filter(|c| c.vcpu != reference.vcpu && ap_up(&boot, c))
+            .collect();
+        aps.sort_by_key(|c| c.vcpu);
+        aps.dedup_by_key(|c| c.vcpu);
+        let mut vcpus = Vec::with_capacity(aps.len() + 1);
+        for cpu in aps {
+            let (vb, errors) = VcpuBaseline::expected(mem, &boot, cpu, kernel_cr3(mem, cpu, probe));
+            unreadable(cpu, errors)?;
             vcpus.push(vb);
         }
+        vcpus.push(boot);
+        vcpus.sort_by_key(|v| v.cpu.vcpu);
         let syscall_table = match layout.syscall_table {
             Some(loc) => {
                 let mut raw = vec![0u8; loc.count * 8];
@@ -301,7 +362,20 @@ impl Baseline {
         layout
             .validate()
             .map_err(|e: LayoutError| invalid("layout", e.to_string()))?;
+        let reference = self.reference_vcpu;
+        if self.boot().is_none() {
+            return Err(invalid(
+                "reference_vcpu",
+                format!("vCPU {reference} has no baseline of its own in vcpus"),
+            ));
+        }
         for (i, v) in self.vcpus.iter().enumerate() {
+            if let Some(from) = v.expected_from.filter(|&f| f != reference) {
+                return Err(invalid(
+                    format!("vcpus[{i}].expected_from"),
+                    format!("vCPU {from}, not the reference_vcpu {reference}"),
+                ));
+            }
             let too_long = |t: &Option<Vec<u8>>, max| t.as_ref().is_some_and(|b| b.len() > max);
             if too_long(&v.idt, MAX_IDT_BYTES) || too_long(&v.gdt, MAX_GDT_BYTES) {
                 return Err(invalid(
@@ -330,6 +404,14 @@ impl Baseline {
                 "present in only one of the baseline and its layout",
             )),
         }
+    }
+
+    /// The boot vCPU's baseline (the reference vCPU's own; [`Baseline::validate`]
+    /// checks there is one).
+    pub(super) fn boot(&self) -> Option<&VcpuBaseline> {
+        self.vcpus
+            .iter()
+            .find(|v| v.cpu.vcpu == self.reference_vcpu && v.expected_from.is_none())
     }
 
     /// The baseline as JSON (for the API).

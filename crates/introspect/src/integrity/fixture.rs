@@ -165,8 +165,13 @@ pub(super) fn symbols() -> SymbolTable {
 
 /// One finding, and a second check that finds nothing.
 pub(super) fn one(g: &Guest, c: &mut Checker) -> Finding {
-    let f = g.check(c);
+    one_of(g, c, &[g.cpu])
+}
+
+/// One finding with these vCPUs, and a second check that finds nothing.
+pub(super) fn one_of(g: &Guest, c: &mut Checker, cpus: &[CpuState]) -> Finding {
+    let f = c.check(&g.t.mem, cpus, None);
     assert_eq!(f.len(), 1, "{f:#?}");
-    assert!(g.check(c).is_empty(), "reported twice");
+    assert!(c.check(&g.t.mem, cpus, None).is_empty(), "reported twice");
     f.into_iter().next().unwrap()
 }

@@ -35,6 +35,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vigil_events::Rule;
 use vigil_vmm::symbols::SymbolTable;
@@ -90,11 +91,73 @@ fn reference_cpu(cpus: &[CpuState]) -> Option<&CpuState> {
     cpus.iter().filter(|c| c.long_mode()).min_by_key(|c| c.vcpu)
 }
 
+/// How long an application processor may stay in long mode without its system
+/// call entry before it is checked anyway: one that never sets it up must not
+/// escape the checks (Linux takes a few milliseconds from long mode to
+/// `syscall_init`; here, emulated, tens).
+pub const AP_SETUP_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether application processor `ap` is up, so that it can be held to the
+/// values of `boot` (the boot vCPU's baseline): in long mode with its system
+/// call entry set up ([`CpuState::syscall_ready`]), or just in long mode when
+/// the boot vCPU had none at baseline (a guest that does not use `syscall`).
+/// Before that a kernel is still bringing it up: Linux's APs reach long mode on
+/// a bring-up IDT, with no syscall MSRs yet.
+fn ap_up(boot: &VcpuBaseline, ap: &CpuState) -> bool {
+    ap.long_mode() && (ap.syscall_ready() || !boot.cpu.syscall_ready())
+}
+
+/// Application processor `cpu`, not in `baseline`, once it is up ([`ap_up`], or
+/// in long mode for `wait` without its system call entry: `starting` has since
+/// when): what it is expected to hold from the boot vCPU's baseline, to be
+/// compared now; `None` while it is not up yet.
+fn join(
+    baseline: &mut Baseline,
+    starting: &mut HashMap<u32, Instant>,
+    wait: Duration,
+    round: &mut Round,
+    mem: &dyn GuestPhysMemory,
+    cpu: &CpuState,
+) -> Option<VcpuBaseline> {
+    let boot = baseline.boot()?;
+    if !cpu.long_mode() {
+        // Not started, or back in reset: its wait starts again.
+        starting.remove(&cpu.vcpu);
+        return None;
+    }
+    let since = *starting.entry(cpu.vcpu).or_insert_with(Instant::now);
+    let up = ap_up(boot, cpu);
+    if !up && since.elapsed() < wait {
+        return None;
+    }
+    starting.remove(&cpu.vcpu);
+    let cr3 = kernel_cr3(mem, cpu, baseline.layout.text.start);
+    let (vb, errors) = VcpuBaseline::expected(mem, boot, cpu, cr3);
+    for (what, e) in errors {
+        round.read_failed(Some(cpu.vcpu), what, &e);
+    }
+    let when = if up {
+        "when first seen up".to_string()
+    } else {
+        format!("in long mode without its system call entry for {wait:?}")
+    };
+    let note = format!(
+        "vCPU {} joined at a later check, {when}, held to vCPU {}'s baseline",
+        cpu.vcpu, boot.cpu.vcpu
+    );
+    baseline.notes.push(note);
+    Some(vb)
+}
+
 /// Checks a running guest against a [`Baseline`], reporting each difference once.
 pub struct Checker {
     baseline: Baseline,
     symbols: Option<Arc<SymbolTable>>,
     reported: HashMap<Key, Reported>,
+    /// Application processors in long mode but not up yet, since when.
+    starting: HashMap<u32, Instant>,
+    /// [`AP_SETUP_WAIT`] (shorter in tests).
+    ap_setup_wait: Duration,
 }
 
 impl Checker {
@@ -105,6 +168,8 @@ impl Checker {
             baseline,
             symbols,
             reported: HashMap::new(),
+            starting: HashMap::new(),
+            ap_setup_wait: AP_SETUP_WAIT,
         }
     }
 
@@ -130,6 +195,8 @@ impl Checker {
             baseline,
             symbols,
             reported,
+            starting: HashMap::new(),
+            ap_setup_wait: AP_SETUP_WAIT,
         }
     }
 
@@ -160,9 +227,11 @@ impl Checker {
     /// reported before, and one "restored" finding for each reported location
     /// back at its baseline value.
     ///
-    /// - Registers of each vCPU of `cpus` that has a baseline (a vCPU without
-    ///   one is baselined now if it is in long mode, and compared from the next
-    ///   check on).
+    /// - Registers of each vCPU of `cpus` that has a baseline. An application
+    ///   processor without one joins once it is up (in long mode with its
+    ///   system call entry set up, or [`AP_SETUP_WAIT`] after it reached long
+    ///   mode), held to the boot vCPU's values, not its own
+    ///   ([`VcpuBaseline::expected`]), and is compared at once.
     /// - Each vCPU's IDT and GDT (through its own CR3, at the base its IDTR and
     ///   GDTR hold now) and the syscall table: re-read in full every check (at
     ///   most 4 KiB, 64 KiB and 8 KiB).
@@ -187,6 +256,8 @@ impl Checker {
             baseline,
             symbols,
             reported,
+            starting,
+            ap_setup_wait,
         } = self;
         let sym = Symbolizer {
             map: symbols.as_deref(),
@@ -198,30 +269,38 @@ impl Checker {
         };
         let probe = baseline.layout.text.start;
         for cpu in cpus {
-            match baseline.vcpus.iter_mut().find(|v| v.cpu.vcpu == cpu.vcpu) {
-                Some(vb) => {
-                    let cr3 = kernel_cr3(mem, cpu, probe);
-                    let volatile = &baseline.layout.gdt_volatile;
-                    check_registers(&mut round, &sym, vb, cpu);
-                    // Out of long mode its CR3 and table bases are not 64-bit
-                    // virtual addresses.
-                    if cpu.long_mode() {
-                        check_tables(&mut round, &sym, mem, vb, cpu, cr3, volatile);
-                    }
-                }
-                None if cpu.long_mode() => {
-                    let (vb, errors) = VcpuBaseline::take(mem, cpu, kernel_cr3(mem, cpu, probe));
-                    for (what, e) in errors {
-                        round.read_failed(Some(cpu.vcpu), what, &e);
-                    }
-                    baseline.notes.push(format!(
-                        "vCPU {} baselined at a later check, when first seen in long mode",
-                        cpu.vcpu
-                    ));
+            let vb = match baseline.vcpus.iter().position(|v| v.cpu.vcpu == cpu.vcpu) {
+                Some(i) => i,
+                None => {
+                    let Some(vb) = join(baseline, starting, *ap_setup_wait, &mut round, mem, cpu)
+                    else {
+                        continue;
+                    };
                     baseline.vcpus.push(vb);
                     baseline.vcpus.sort_by_key(|v| v.cpu.vcpu);
+                    baseline
+                        .vcpus
+                        .iter()
+                        .position(|v| v.cpu.vcpu == cpu.vcpu)
+                        .expect("just pushed")
                 }
-                None => {}
+            };
+            // A table an AP's join could not read is filled from the boot
+            // vCPU's when first read (cloned only then).
+            let fill = {
+                let vb = &baseline.vcpus[vb];
+                (vb.expected_from.is_some() && (vb.idt.is_none() || vb.gdt.is_none()))
+                    .then(|| baseline.boot().cloned())
+                    .flatten()
+            };
+            let vb = &mut baseline.vcpus[vb];
+            check_registers(&mut round, &sym, vb, cpu);
+            // Out of long mode its CR3 and table bases are not 64-bit virtual
+            // addresses.
+            if cpu.long_mode() {
+                let cr3 = kernel_cr3(mem, cpu, probe);
+                let volatile = &baseline.layout.gdt_volatile;
+                check_tables(&mut round, &sym, mem, vb, fill.as_ref(), cpu, cr3, volatile);
             }
         }
         let reference = reference_cpu(cpus).map(|c| (c, kernel_cr3(mem, c, probe)));
@@ -349,33 +428,226 @@ mod tests {
     }
     use vm_memory::{Bytes, GuestAddress};
 
+    /// Where the fixture's application processor keeps its own GDT.
+    const AP_GDT_OFF: u64 = 0x800;
+
+    /// An application processor of the fixture as a kernel brings one up: the
+    /// boot vCPU's IDT and syscall MSRs; its own GDT (a copy at another base,
+    /// its TSS descriptor with its own base, a data descriptor with its own
+    /// limit, as Linux's CPUNODE one), its own SYSENTER_ESP.
+    fn ap(g: &Guest) -> CpuState {
+        for (i, d) in GDT_ENTRIES.iter().enumerate() {
+            g.t.write(GDT_PA + AP_GDT_OFF + i as u64 * 8, *d);
+        }
+        g.t.write(GDT_PA + AP_GDT_OFF + 0x28, GDT_ENTRIES[5] | 0x3000 << 16);
+        g.t.write(GDT_PA + AP_GDT_OFF + 0x30, 0xffff_fe01);
+        g.t.write(GDT_PA + AP_GDT_OFF + 0x18, GDT_ENTRIES[3] & !0xffff | 0x1);
+        CpuState {
+            vcpu: 1,
+            gdt: crate::TableRegister {
+                base: GDT + AP_GDT_OFF,
+                limit: g.cpu.gdt.limit,
+            },
+            sysenter_esp: 0xffff_fe00_0000_9000,
+            ..g.cpu
+        }
+    }
+
     #[test]
-    fn vcpus_join_when_in_long_mode() {
+    fn an_ap_joins_when_up_held_to_the_boot_vcpus_values() {
         let g = Guest::new();
-        let mut ap = g.cpu;
-        ap.vcpu = 1;
-        ap.cr0 = 0x10;
-        ap.efer = 0;
-        ap.cr3 = 0;
-        let b = Baseline::take(&g.t.mem, &[g.cpu, ap], &Guest::layout()).unwrap();
+        let mut starting = ap(&g);
+        starting.cr0 = 0x10;
+        starting.efer = 0;
+        let b = Baseline::take(&g.t.mem, &[g.cpu, starting], &Guest::layout()).unwrap();
         assert_eq!(b.vcpus.len(), 1);
-        let mut c = Checker::new(b, None);
-        assert!(c.check(&g.t.mem, &[g.cpu, ap], None).is_empty());
-        // Started: baselined now, not compared.
-        let mut ap = g.cpu;
-        ap.vcpu = 1;
-        ap.lstar = ROOTKIT;
-        assert!(c.check(&g.t.mem, &[g.cpu, ap], None).is_empty());
-        assert_eq!(c.baseline().vcpus.len(), 2);
-        assert!(c.baseline().notes.iter().any(|n| n.contains("vCPU 1")));
-        ap.cr0 &= !CR0_WP;
-        let f = c.check(&g.t.mem, &[g.cpu, ap], None);
+        let mut c = Checker::new(b, Some(Arc::new(symbols())));
+        assert!(c.check(&g.t.mem, &[g.cpu, starting], None).is_empty());
+        // In long mode on a bring-up IDT, no syscall MSRs yet (as Linux's APs
+        // reach long mode): not compared yet.
+        starting.cr0 = g.cpu.cr0;
+        starting.efer = g.cpu.efer;
+        starting.idt.base = IDT_COPY;
+        starting.lstar = 0;
+        assert!(c.check(&g.t.mem, &[g.cpu, starting], None).is_empty());
+        assert_eq!(c.baseline().vcpus.len(), 1);
+        // Up, with the boot vCPU's values and its own per-CPU ones: nothing.
+        let mut up = ap(&g);
+        assert!(c.check(&g.t.mem, &[g.cpu, up], None).is_empty());
+        let b = c.baseline();
+        assert_eq!(b.vcpus.len(), 2);
+        assert_eq!(b.vcpus[1].expected_from, Some(0));
+        assert!(
+            b.notes.iter().any(|n| n.contains("vCPU 1 joined")
+                && n.contains("first seen up")
+                && n.contains("vCPU 0's baseline")),
+            "{:?}",
+            b.notes
+        );
+        // Carried as it is.
+        let back: Baseline = serde_json::from_str(&b.to_json()).unwrap();
+        back.validate().unwrap();
+        assert_eq!(back.vcpus[1].expected_from, Some(0));
+        // From then on compared as any vCPU: its own TSS base stays its own.
+        g.t.write(GDT_PA + AP_GDT_OFF + 0x28, GDT_ENTRIES[5] | 0x4000 << 16);
+        let f = one_of(&g, &mut c, &[g.cpu, up]);
+        assert_eq!(
+            (f.rule, f.vcpu, f.location.as_str()),
+            (Rule::GdtEntryModified, Some(1), "GDT selector 0x28")
+        );
+        up.cr0 &= !CR0_WP;
+        let f = c.check(&g.t.mem, &[g.cpu, up], None);
         assert_eq!(f.len(), 1, "{f:#?}");
         assert_eq!((f[0].rule, f[0].vcpu), (Rule::Cr0WpCleared, Some(1)));
-        // Without symbols: no symbol names.
-        ap.lstar = ENTRY_SYSCALL;
-        let f = c.check(&g.t.mem, &[g.cpu, ap], None);
-        assert_eq!((f.len(), f[0].symbol.as_deref()), (1, None));
+        assert!(
+            f[0].message
+                .starts_with("vCPU 1 (against vCPU 0's baseline): CR0.WP"),
+            "{}",
+            f[0].message
+        );
+    }
+
+    #[test]
+    fn an_ap_that_differs_from_the_boot_vcpu_is_found() {
+        type Tamper = dyn Fn(&Guest, &mut CpuState);
+        let hostile: [(&str, Rule, &str, &Tamper); 6] = [
+            ("LSTAR", Rule::SyscallMsrChanged, "LSTAR", &|_, c| {
+                c.lstar = ROOTKIT
+            }),
+            ("IDTR", Rule::IdtrChanged, "IDTR", &|g, c| {
+                let mut idt = vec![0u8; 4096];
+                g.t.mem.read_slice(&mut idt, GuestAddress(IDT_PA)).unwrap();
+                g.t.mem
+                    .write_slice(&idt, GuestAddress(IDT_COPY_PA))
+                    .unwrap();
+                c.idt.base = IDT_COPY;
+            }),
+            (
+                "GDT type",
+                Rule::GdtEntryModified,
+                "GDT selector 0x8",
+                &|g, _| {
+                    // Its kernel code segment made DPL 3.
+                    g.t.write(GDT_PA + AP_GDT_OFF + 0x08, GDT_ENTRIES[1] | 3 << 45)
+                },
+            ),
+            ("GDT limit", Rule::GdtrChanged, "GDTR", &|_, c| {
+                c.gdt.limit = 0x3f
+            }),
+            ("WP", Rule::Cr0WpCleared, "CR0.WP", &|_, c| c.cr0 &= !CR0_WP),
+            (
+                "SYSENTER_EIP",
+                Rule::SyscallMsrChanged,
+                "SYSENTER_EIP",
+                &|_, c| c.sysenter_eip = ROOTKIT,
+            ),
+        ];
+        for (what, rule, location, tamper) in hostile {
+            let g = Guest::new();
+            let mut c = g.checker();
+            let mut up = ap(&g);
+            tamper(&g, &mut up);
+            let f = one_of(&g, &mut c, &[g.cpu, up]);
+            assert_eq!(
+                (f.rule, f.vcpu, f.location.as_str()),
+                (rule, Some(1), location),
+                "{what}: {f:#?}"
+            );
+            assert!(
+                f.message
+                    .starts_with("vCPU 1 (against vCPU 0's baseline): "),
+                "{what}: {}",
+                f.message
+            );
+            if rule == Rule::SyscallMsrChanged && location == "LSTAR" {
+                assert_eq!(f.from_symbol.as_deref(), Some("entry_SYSCALL_64+0x0"));
+                assert_eq!(f.symbol.as_deref(), Some("rootkit_read+0x0"));
+                // Agreeing with the boot vCPU again: restored.
+                up.lstar = ENTRY_SYSCALL;
+                let r = one_of(&g, &mut c, &[g.cpu, up]);
+                assert!(r.restored && r.location == "LSTAR", "{r:#?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_aps_gdt_unreadable_at_its_join_gets_the_boot_layout_when_read() {
+        let g = Guest::new();
+        let mut c = g.checker();
+        let mut up = ap(&g);
+        let own = up.gdt.base;
+        up.gdt.base = GDT + 0x10_0000;
+        let f = one_of(&g, &mut c, &[g.cpu, up]);
+        assert_eq!(
+            (f.rule, f.location.as_str()),
+            (Rule::IntegrityReadFailed, "GDT")
+        );
+        assert!(c.baseline().vcpus[1].gdt.is_none());
+        // Readable now (moved: reported as for any vCPU); its own TSS base and
+        // descriptor limit are its own, the rest the boot vCPU's layout.
+        up.gdt.base = own;
+        let f = one_of(&g, &mut c, &[g.cpu, up]);
+        assert_eq!(
+            (f.rule, f.location.as_str()),
+            (Rule::GdtrChanged, "GDTR"),
+            "{f:#?}"
+        );
+        g.t.write(GDT_PA + AP_GDT_OFF + 0x10, GDT_ENTRIES[2] | 3 << 45);
+        let f = one_of(&g, &mut c, &[g.cpu, up]);
+        assert_eq!(
+            (f.rule, f.location.as_str(), f.from.as_str()),
+            (
+                Rule::GdtEntryModified,
+                "GDT selector 0x10",
+                "0x00cf93000000ffff"
+            )
+        );
+    }
+
+    #[test]
+    fn an_ap_up_at_the_baseline_is_not_trusted_either() {
+        let g = Guest::new();
+        let mut up = ap(&g);
+        up.lstar = ROOTKIT;
+        let b = Baseline::take(&g.t.mem, &[g.cpu, up], &Guest::layout()).unwrap();
+        assert_eq!(b.vcpus[1].expected_from, Some(0));
+        assert_eq!(b.vcpus[1].cpu.lstar, ENTRY_SYSCALL);
+        let mut c = Checker::new(b, None);
+        let f = one_of(&g, &mut c, &[g.cpu, up]);
+        assert_eq!((f.rule, f.vcpu), (Rule::SyscallMsrChanged, Some(1)));
+        // A carried baseline whose AP is held to another vCPU is refused.
+        let mut v: serde_json::Value = serde_json::from_str(&c.baseline().to_json()).unwrap();
+        v["vcpus"][1]["expected_from"] = 1.into();
+        let b: Baseline = serde_json::from_value(v).unwrap();
+        let e = b.validate().unwrap_err().to_string();
+        assert!(e.contains("vcpus[1].expected_from"), "{e}");
+    }
+
+    #[test]
+    fn an_ap_that_never_sets_up_its_syscall_entry_is_checked_after_the_wait() {
+        let g = Guest::new();
+        let mut c = g.checker();
+        c.ap_setup_wait = Duration::ZERO;
+        let mut rogue = ap(&g);
+        rogue.lstar = 0;
+        rogue.idt.base = IDT_COPY;
+        let mut f = c.check(&g.t.mem, &[g.cpu, rogue], None);
+        f.sort_by_key(|f| f.location.clone());
+        let found: Vec<_> = f.iter().map(|f| (f.rule, f.location.as_str())).collect();
+        // IDTR moved, and the (empty) copy's gates differ from the boot IDT's.
+        assert!(found.contains(&(Rule::IdtrChanged, "IDTR")), "{found:?}");
+        assert!(
+            found.contains(&(Rule::SyscallMsrChanged, "LSTAR")),
+            "{found:?}"
+        );
+        assert!(
+            c.baseline()
+                .notes
+                .iter()
+                .any(|n| n.contains("without its system call entry")),
+            "{:?}",
+            c.baseline().notes
+        );
     }
 
     #[test]

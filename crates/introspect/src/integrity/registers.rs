@@ -19,7 +19,7 @@ pub(super) fn check_registers(
 ) {
     let old = vb.cpu;
     let v = Some(cpu.vcpu);
-    let who = format!("vCPU {}", cpu.vcpu);
+    let who = vb.who();
     // Protection bits set at baseline that are clear now.
     for (rule, reg, bit_name, bit, was, now) in [
         (Rule::Cr0WpCleared, "CR0", "WP", CR0_WP, old.cr0, cpu.cr0),
@@ -157,6 +157,34 @@ pub(super) fn check_registers(
         } else {
             round.same(rule, v, || name.into(), || format!("{was:#x}"));
         }
+    }
+}
+
+/// The protection bits the checks watch (each reported when set at baseline
+/// and clear now; EFER.SCE on any change).
+const WATCHED_CR0: u64 = CR0_WP;
+const WATCHED_CR4: u64 = CR4_SMEP | CR4_SMAP | CR4_UMIP;
+const WATCHED_EFER: u64 = EFER_NXE | EFER_SCE;
+
+/// The registers application processor `ap` is expected to hold: `boot`'s
+/// IDTR, GDTR limit, syscall MSRs and watched protection bits; its own CR3,
+/// GDTR base (Linux's GDT is per CPU), SYSENTER_ESP (Linux's per-CPU entry
+/// stack) and unwatched bits.
+pub(super) fn expected_registers(boot: &CpuState, ap: &CpuState) -> CpuState {
+    let merge = |own: u64, theirs: u64, watched: u64| (own & !watched) | (theirs & watched);
+    CpuState {
+        vcpu: ap.vcpu,
+        cr0: merge(ap.cr0, boot.cr0, WATCHED_CR0),
+        cr3: ap.cr3,
+        cr4: merge(ap.cr4, boot.cr4, WATCHED_CR4),
+        efer: merge(ap.efer, boot.efer, WATCHED_EFER),
+        idt: boot.idt,
+        gdt: crate::TableRegister {
+            base: ap.gdt.base,
+            limit: boot.gdt.limit,
+        },
+        sysenter_esp: ap.sysenter_esp,
+        ..*boot
     }
 }
 

@@ -33,39 +33,94 @@ pub(super) fn read_table(
 }
 
 /// The tables `cpu`'s IDTR and GDTR point at now (through `cr3`), against the
-/// baseline's copies; a table not read at baseline becomes its baseline now.
+/// baseline's copies. A table not read at baseline becomes its baseline now:
+/// for an application processor, what it is expected to hold from `boot`'s
+/// (the boot vCPU's baseline; only asked for then).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn check_tables(
     round: &mut Round,
     sym: &Symbolizer,
     mem: &dyn GuestPhysMemory,
     vb: &mut VcpuBaseline,
+    boot: Option<&VcpuBaseline>,
     cpu: &CpuState,
     cr3: u64,
     gdt_volatile: &[u16],
 ) {
     let v = Some(cpu.vcpu);
-    let who = format!("vCPU {}", cpu.vcpu);
-    // The tables the registers point at now, against the baseline's copies.
+    let who = vb.who();
     match read_table(mem, cr3, cpu, cpu.idt.base, cpu.idt.limit, MAX_IDT_BYTES) {
         Err(e) => round.read_failed(v, "IDT".into(), &e),
         Ok(now) => {
             round.same(Rule::IntegrityReadFailed, v, || "IDT".into(), String::new);
-            match &vb.idt {
-                None => vb.idt = Some(now),
-                Some(base) => compare_idt(round, sym, &who, v, base, &now),
-            }
+            let base = vb.idt.get_or_insert_with(|| {
+                boot.and_then(|b| b.idt.clone())
+                    .unwrap_or_else(|| now.clone())
+            });
+            compare_idt(round, sym, &who, v, base, &now);
         }
     }
     match read_table(mem, cr3, cpu, cpu.gdt.base, cpu.gdt.limit, MAX_GDT_BYTES) {
         Err(e) => round.read_failed(v, "GDT".into(), &e),
         Ok(now) => {
             round.same(Rule::IntegrityReadFailed, v, || "GDT".into(), String::new);
-            match &vb.gdt {
-                None => vb.gdt = Some(now),
-                Some(base) => compare_gdt(round, &who, v, base, &now, gdt_volatile),
-            }
+            let base = vb
+                .gdt
+                .get_or_insert_with(|| match boot.and_then(|b| b.gdt.as_deref()) {
+                    Some(b) => expected_gdt(b, &now),
+                    None => now.clone(),
+                });
+            compare_gdt(round, &who, v, base, &now, gdt_volatile);
         }
     }
+}
+
+/// Descriptor bits: S (code or data), the base's fields, the limit's fields.
+const DESC_S: u64 = 1 << 44;
+const DESC_BASE: u64 = 0xff00_00ff_ffff_0000;
+const DESC_LIMIT: u64 = 0x000f_0000_0000_ffff;
+
+/// The GDT an application processor is expected to hold: `boot`'s (the boot
+/// vCPU's baseline copy, its length the GDTR limit expected), with `own`'s
+/// bytes where Linux's per-CPU GDTs differ: the base of TSS and LDT
+/// descriptors, and their upper halves (bits 63:32 of the base, the rest
+/// reserved), each CPU having its own TSS; and the limit of code and data
+/// descriptors, which a 64-bit CPU does not check and where Linux keeps the
+/// CPU's number (its CPUNODE descriptor, 0x78). The rest, the layout, is the
+/// boot vCPU's: every descriptor's type, S, DPL, P, L, D/B, G and AVL, the base
+/// of code and data descriptors, and call gates whole.
+pub(super) fn expected_gdt(boot: &[u8], own: &[u8]) -> Vec<u8> {
+    let mut out = boot.to_vec();
+    let word = |t: &[u8], i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            t.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    let slots = boot.len() / 8;
+    let mut i = 0;
+    while i < slots {
+        let b = word(boot, i).unwrap_or(0);
+        let ty = (b >> 40) & 0xf;
+        let (own_bits, upper_half) = if b & DESC_S != 0 {
+            (DESC_LIMIT, false)
+        } else if matches!(ty, 0x2 | 0x9 | 0xb) {
+            (DESC_BASE, true)
+        } else {
+            (0, false)
+        };
+        if let Some(o) = word(own, i) {
+            let merged = (b & !own_bits) | (o & own_bits);
+            out[i * 8..i * 8 + 8].copy_from_slice(&merged.to_le_bytes());
+        }
+        if upper_half && i + 1 < slots {
+            if let Some(o) = word(own, i + 1) {
+                out[(i + 1) * 8..(i + 2) * 8].copy_from_slice(&o.to_le_bytes());
+            }
+            i += 1;
+        }
+        i += 1;
+    }
+    out
 }
 
 fn describe_gate(raw: &[u8; 16]) -> String {

@@ -21,7 +21,7 @@ const FINDINGS_LOGGED_PER_S: u32 = 100;
 /// This VM's latest findings, in order, and the log's rate limit.
 #[derive(Default)]
 pub(super) struct FindingLog {
-    records: VecDeque<FindingRecord>,
+    pub(super) records: VecDeque<FindingRecord>,
     pub(super) last_seq: u64,
     /// The current second of logging: when it began, findings logged in it, and
     /// findings not logged.

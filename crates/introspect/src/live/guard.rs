@@ -22,7 +22,7 @@ pub(super) const MSR_REPORTS_KEEP: usize = 4096;
 /// A guest write to a syscall MSR, decided the moment it happens.
 pub(super) struct Guard(pub(super) Arc<Shared>);
 
-/// The baseline's value of syscall MSR `index`.
+/// `c`'s value of syscall MSR `index`.
 fn syscall_msr(c: &CpuState, index: u32) -> Option<u64> {
     Some(match index {
         MSR_LSTAR => c.lstar,
@@ -34,6 +34,20 @@ fn syscall_msr(c: &CpuState, index: u32) -> Option<u64> {
         MSR_SYSENTER_EIP => c.sysenter_eip,
         _ => return None,
     })
+}
+
+/// The value a write of syscall MSR `index` by `vcpu` is held to: the boot
+/// vCPU's at baseline (`boot`), for the boot vCPU and every other alike (an
+/// application processor gets the same syscall MSRs, whenever it comes up),
+/// except another vCPU's SYSENTER_ESP, which Linux points at each CPU's own
+/// entry stack. `None` leaves the write free: before the baseline, or when the
+/// boot vCPU had no system call entry at baseline (nothing to hold it to).
+fn expected_msr(boot: Option<&CpuState>, vcpu: u32, index: u32) -> Option<u64> {
+    let boot = boot?;
+    if vcpu != boot.vcpu && index == MSR_SYSENTER_ESP {
+        return None;
+    }
+    syscall_msr(boot, index)
 }
 
 fn msr_name(index: u32) -> &'static str {
@@ -52,15 +66,17 @@ fn msr_name(index: u32) -> &'static str {
 impl MsrGuard for Guard {
     fn msr_write(&self, vcpu: u32, index: u32, value: u64) -> MsrVerdict {
         let shared = &self.0;
-        let baseline = lock(&shared.baseline_msrs)
-            .as_ref()
-            .and_then(|cpus| cpus.iter().find(|c| c.vcpu == vcpu).copied())
-            .and_then(|c| syscall_msr(&c, index));
-        // Before the baseline (boot), for a vCPU the baseline did not see, or a
-        // write of the value it already has: nothing to say.
-        let Some(old) = baseline.filter(|&old| old != value) else {
+        let boot = *lock(&shared.boot_msrs);
+        let expected = expected_msr(boot.as_ref(), vcpu, index);
+        // Before the baseline (boot), a vCPU or an MSR the rule leaves free, or a
+        // write of the expected value: nothing to say.
+        let Some(old) = expected.filter(|&old| old != value) else {
             shared.counters.msr_writes_allowed.inc();
             return MsrVerdict::Allow;
+        };
+        let whose = match boot {
+            Some(boot) if boot.vcpu != vcpu => format!("vCPU {}'s baseline", boot.vcpu),
+            _ => "baseline".to_string(),
         };
         let policy = *lock(&shared.policy);
         let report = {
@@ -81,7 +97,7 @@ impl MsrGuard for Guard {
                 mitre: rule.mitre(),
                 vcpu: Some(vcpu),
                 message: format!(
-                    "vCPU {vcpu}: wrmsr {name} {value:#x}{} (baseline {old:#x}{}): {verdict}",
+                    "vCPU {vcpu}: wrmsr {name} {value:#x}{} ({whose} {old:#x}{}): {verdict}",
                     symbol
                         .as_ref()
                         .map(|s| format!(" <{s}>"))
@@ -132,7 +148,7 @@ mod tests {
             sfmask: 0x4_7700,
             ..CpuState::default()
         };
-        *lock(&s.baseline_msrs) = Some(vec![base]);
+        *lock(&s.boot_msrs) = Some(base);
         *lock(&s.policy) = Policy::Protect;
         let guard = Guard(s.clone());
         for v in 0..(MSR_REPORTS_KEEP as u64 + 100) {
@@ -148,5 +164,60 @@ mod tests {
             s.counters.snapshot().msr_writes_refused,
             MSR_REPORTS_KEEP as u64 + 100
         );
+    }
+
+    #[test]
+    fn an_ap_is_held_to_the_boot_vcpus_msrs() {
+        let s = Arc::new(shared());
+        let guard = Guard(s.clone());
+        // Before the baseline: free.
+        assert_eq!(guard.msr_write(1, MSR_LSTAR, 0x6666), MsrVerdict::Allow);
+        let boot = CpuState {
+            cr0: 0x8000_0001,
+            efer: EFER_SCE | EFER_LMA,
+            lstar: 0x1000,
+            sfmask: 0x4_7700,
+            sysenter_esp: 0x5000,
+            ..CpuState::default()
+        };
+        *lock(&s.boot_msrs) = Some(boot);
+        *lock(&s.policy) = Policy::Protect;
+        // An AP writing what the boot vCPU has, and its own SYSENTER_ESP: let
+        // through, unreported.
+        assert_eq!(guard.msr_write(1, MSR_LSTAR, 0x1000), MsrVerdict::Allow);
+        assert_eq!(guard.msr_write(1, MSR_SFMASK, 0x4_7700), MsrVerdict::Allow);
+        assert_eq!(
+            guard.msr_write(1, MSR_SYSENTER_ESP, 0x9000),
+            MsrVerdict::Allow
+        );
+        assert_eq!(lock(&s.findings).last_seq, 0);
+        // Another LSTAR: refused, one finding naming the AP and the boot vCPU's value.
+        assert_eq!(guard.msr_write(1, MSR_LSTAR, 0x6666), MsrVerdict::Refuse);
+        let findings = lock(&s.findings);
+        let f = &findings.records.back().unwrap().finding;
+        assert_eq!(
+            (
+                f.rule,
+                f.vcpu,
+                f.location.as_str(),
+                f.from.as_str(),
+                f.to.as_str()
+            ),
+            (Rule::SyscallMsrWrite, Some(1), "LSTAR", "0x1000", "0x6666")
+        );
+        assert!(
+            f.message.contains("vCPU 0's baseline 0x1000") && f.message.ends_with("refused"),
+            "{}",
+            f.message
+        );
+        drop(findings);
+        // The boot vCPU's own SYSENTER_ESP is held to its baseline.
+        assert_eq!(
+            guard.msr_write(0, MSR_SYSENTER_ESP, 0x9000),
+            MsrVerdict::Refuse
+        );
+        // A boot vCPU without its syscall entry at baseline: nothing to hold to.
+        *lock(&s.boot_msrs) = None;
+        assert_eq!(guard.msr_write(1, MSR_LSTAR, 0x7777), MsrVerdict::Allow);
     }
 }

@@ -135,8 +135,9 @@ struct Shared {
     counters: Arc<IntrospectCounters>,
     findings: Mutex<FindingLog>,
     baseline: Mutex<Option<Arc<Baseline>>>,
-    /// Per vCPU, the syscall MSRs of the baseline (what the MSR guard compares to).
-    baseline_msrs: Mutex<Option<Vec<CpuState>>>,
+    /// The boot vCPU's syscall MSRs at baseline, when it had set them up: what
+    /// the MSR guard holds every vCPU's writes to (none: writes are free).
+    boot_msrs: Mutex<Option<CpuState>>,
     policy: Mutex<Policy>,
     symbols: Mutex<Option<Arc<SymbolTable>>>,
     /// (vCPU, MSR, value) the guard already reported.
@@ -220,7 +221,7 @@ impl Introspector {
                 counters,
                 findings: Mutex::default(),
                 baseline: Mutex::default(),
-                baseline_msrs: Mutex::default(),
+                boot_msrs: Mutex::default(),
                 policy: Mutex::default(),
                 symbols: Mutex::default(),
                 msr_reported: Mutex::default(),
@@ -300,7 +301,7 @@ mod tests {
             counters: Arc::default(),
             findings: Mutex::default(),
             baseline: Mutex::default(),
-            baseline_msrs: Mutex::default(),
+            boot_msrs: Mutex::default(),
             policy: Mutex::default(),
             symbols: Mutex::default(),
             msr_reported: Mutex::default(),

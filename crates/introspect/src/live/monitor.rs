@@ -62,20 +62,10 @@ impl Default for MonitorSettings {
 const BASELINE_RETRY: Duration = Duration::from_millis(20);
 
 /// How long the baseline waits for the kernel to set up its system call entry
-/// (EFER.SCE, LSTAR and SFMASK) before it is taken anyway (a guest that never
-/// uses `syscall`).
+/// ([`CpuState::syscall_ready`]) before it is taken anyway (a guest that never
+/// uses `syscall`): a baseline taken earlier would report the kernel's own
+/// set-up as tampering (and the MSR guard would refuse it under `protect`).
 const SYSCALL_SETUP_WAIT: Duration = Duration::from_secs(10);
-
-/// Whether a vCPU has its system call entry set up: a kernel that boots straight
-/// into long mode (an ELF or bzImage kernel on Vigil) is in long mode long before
-/// it has set its IDT, syscall MSRs and EFER.SCE, and a baseline taken then would
-/// report the kernel's own set-up as tampering (and the MSR guard would refuse it
-/// under `protect`). SFMASK too: Linux writes it last (after LSTAR, CSTAR and
-/// SYSENTER_*), the test guest sets EFER.SCE last, and every kernel that uses
-/// `syscall` masks at least IF with it.
-fn syscall_ready(c: &CpuState) -> bool {
-    c.long_mode() && c.efer & crate::cpu::EFER_SCE != 0 && c.lstar != 0 && c.sfmask != 0
-}
 
 /// The integrity monitor's thread and how to talk to it.
 pub(super) struct MonitorThread {
@@ -228,7 +218,7 @@ impl Introspector {
             }
         }
         *lock(&self.shared.baseline) = None;
-        *lock(&self.shared.baseline_msrs) = None;
+        *lock(&self.shared.boot_msrs) = None;
         self.shared.counters.monitoring.set(0);
         true
     }
@@ -245,7 +235,7 @@ impl Introspector {
             .iter()
             .find(|c| c.long_mode())
             .ok_or(IntrospectError::NoLongMode)?;
-        if wait_for_syscall && !syscall_ready(boot) {
+        if wait_for_syscall && !boot.syscall_ready() {
             return Err(IntrospectError::NoSyscallEntry(boot.vcpu));
         }
         let located = locate(&self.mem, symbols, boot)?;
@@ -260,10 +250,15 @@ impl Introspector {
             "introspection: baseline taken"
         );
         *lock(&self.located) = Some(located);
-        // The MSR guard compares with vCPUs that were up: one still starting
-        // (no long mode, or no syscall entry yet) sets its MSRs for the first
-        // time later, and must not be refused that.
-        *lock(&self.shared.baseline_msrs) = Some(cpus.into_iter().filter(syscall_ready).collect());
+        // The MSR guard holds every vCPU to the boot vCPU's syscall MSRs, once
+        // it had set them up (a boot vCPU without them, the baseline taken
+        // anyway, sets them for the first time later and must not be refused
+        // that).
+        *lock(&self.shared.boot_msrs) = cpus
+            .iter()
+            .find(|c| c.vcpu == baseline.reference_vcpu)
+            .filter(|c| c.syscall_ready())
+            .copied();
         let baseline = Arc::new(baseline);
         *lock(&self.shared.baseline) = Some(baseline.clone());
         Ok((
@@ -289,6 +284,14 @@ impl Introspector {
             d
         };
         let findings = checker.check(&self.mem, &cpus, Some(&is_dirty));
+        // A vCPU joined: the API's baseline shows it too.
+        let joined = checker.baseline().vcpus.len();
+        {
+            let mut shown = lock(&self.shared.baseline);
+            if shown.as_ref().is_some_and(|b| b.vcpus.len() != joined) {
+                *shown = Some(Arc::new(checker.baseline().clone()));
+            }
+        }
         let c = &self.shared.counters;
         c.checks.inc();
         c.pages_hashed.add(hashed.get());
@@ -387,35 +390,8 @@ impl Introspector {
             .map_err(|_| IntrospectError::MonitorTimeout)?
     }
 
-    /// The baseline, once taken.
+    /// The baseline, once taken, with the vCPUs that joined since.
     pub fn baseline(&self) -> Option<Arc<Baseline>> {
         lock(&self.shared.baseline).clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cpu::{EFER_LMA, EFER_SCE};
-
-    #[test]
-    fn the_baseline_waits_for_the_syscall_entry() {
-        let up = CpuState {
-            cr0: 0x8000_0001,
-            efer: EFER_SCE | EFER_LMA | (1 << 8),
-            lstar: 0x10_13a3,
-            sfmask: 0x4_7700,
-            ..CpuState::default()
-        };
-        assert!(up.long_mode());
-        assert!(syscall_ready(&up));
-        // The test guest's order: STAR, LSTAR, SFMASK, then EFER.SCE.
-        assert!(!syscall_ready(&CpuState { lstar: 0, ..up }));
-        assert!(!syscall_ready(&CpuState { sfmask: 0, ..up }));
-        assert!(!syscall_ready(&CpuState {
-            efer: up.efer & !EFER_SCE,
-            ..up
-        }));
-        assert!(!syscall_ready(&CpuState { cr0: 1, ..up }));
     }
 }

@@ -47,7 +47,9 @@ pub struct CarriedBaseline {
     pub kaslr_slide_from: String,
     /// The checker's locations reported and not restored since.
     pub reported: Vec<ReportedLocation>,
-    /// Per vCPU, the syscall MSRs the MSR guard compares guest writes with.
+    /// The boot vCPU's syscall MSRs, which the MSR guard holds guest writes to
+    /// (empty when it had none set up at baseline; an older Vigil put every
+    /// vCPU's here: only the boot vCPU's is read).
     pub guard_msrs: Vec<CpuState>,
     /// (vCPU, MSR, value) the MSR guard has reported.
     pub guard_reported: Vec<(u32, u32, u64)>,
@@ -149,7 +151,7 @@ impl Introspector {
                 .map(|l| l.slide_from.clone())
                 .unwrap_or_default(),
             reported: c.reported(),
-            guard_msrs: lock(&self.shared.baseline_msrs).clone().unwrap_or_default(),
+            guard_msrs: lock(&self.shared.boot_msrs).iter().copied().collect(),
             guard_reported: {
                 let mut r: Vec<_> = lock(&self.shared.msr_reported).iter().copied().collect();
                 r.sort_unstable();
@@ -205,7 +207,10 @@ impl Introspector {
             layout: baseline.layout.clone(),
         });
         *lock(&self.shared.baseline) = Some(Arc::new(baseline.clone()));
-        *lock(&self.shared.baseline_msrs) = Some(carried.guard_msrs);
+        *lock(&self.shared.boot_msrs) = carried
+            .guard_msrs
+            .into_iter()
+            .find(|c| c.vcpu == baseline.reference_vcpu);
         *lock(&self.shared.msr_reported) =
             carried.guard_reported.into_iter().collect::<HashSet<_>>();
         // A new reader's first take counts every page written: the first check
