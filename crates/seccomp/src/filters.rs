@@ -197,10 +197,12 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             list.any(&[recvfrom, read, fcntl]);
         }
         ThreadKind::Metrics => {
-            // A metrics line: /proc for the process and host figures, then the
-            // line appended to the metrics file.
+            // A metrics line: /proc for the process and host figures, the dirty
+            // rate from KVM's dirty log (KVM_GET_DIRTY_LOG), then the line
+            // appended to the metrics file.
             list.any(READ_FILES);
             list.any(WRITE_FILES);
+            kvm_ioctls(list, &[])?;
         }
         ThreadKind::Vcpu => {
             // KVM_RUN and the exits it serves (device registers, the console's
