@@ -30,7 +30,7 @@ use vigil_migration::{
 };
 use vigil_model::firecracker::{
     self, limit_update, merge_rate_limiter, Balloon, BootSource, Drive, Entropy, Logger,
-    MachineConfig, Metrics, NetworkInterface, Vsock,
+    MachineConfig, Metrics, NetworkInterface, SerialDevice, Vsock,
 };
 
 /// The Firecracker API version whose requests Vigil answers.
@@ -178,6 +178,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/balloon", "GET, PUT, PATCH"),
     ("/balloon/statistics", "GET, PATCH"),
     ("/entropy", "PUT"),
+    ("/serial", "PUT"),
     ("/actions", "PUT"),
     ("/vm", "PATCH"),
     ("/snapshot/create", "PUT"),
@@ -196,7 +197,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "/mmds/config",
     "/cpu-config",
     "/pmem",
-    "/serial",
     "/hotplug/memory",
     "/balloon/hinting/start",
     "/balloon/hinting/status",
@@ -513,6 +513,9 @@ impl Api {
             ("PUT", "/balloon") => {
                 self.pre_boot(method, path, bytes, |pre, b: Balloon| pre.set_balloon(b))
             }
+            ("PUT", "/serial") => self.pre_boot(method, path, bytes, |pre, s: SerialDevice| {
+                pre.set_serial(s)
+            }),
             ("PUT", "/entropy") => {
                 self.pre_boot(method, path, bytes, |pre, e: Entropy| pre.set_entropy(e))
             }

@@ -11,7 +11,7 @@ use vigil_model::config::{
 };
 use vigil_model::firecracker::{
     Balloon, BodyError, BootSource, DocumentError, Drive, Entropy, FullVmConfig, MachineConfig,
-    NetworkInterface, Vsock,
+    NetworkInterface, SerialDevice, Vsock,
 };
 
 use crate::model::MachineConfigUpdate;
@@ -26,6 +26,8 @@ pub struct PreBoot {
     pub vsock: Option<Vsock>,
     pub balloon: Option<Balloon>,
     pub entropy: Option<Entropy>,
+    /// `PUT /serial`: the console's output file, over `--console`.
+    pub serial_out: Option<std::path::PathBuf>,
     /// Vigil's own keys of a configuration file: `vcpu-scheduling`, `rt-timer`.
     pub vcpu_scheduling: Vec<vigil_model::config::rt::VcpuSchedBody>,
     pub rt_timer: Option<vigil_model::config::RtTimerConfig>,
@@ -225,6 +227,12 @@ impl PreBoot {
         Ok(())
     }
 
+    /// `PUT /serial`.
+    pub fn set_serial(&mut self, s: SerialDevice) -> Result<(), PreBootError> {
+        self.serial_out = s.console()?;
+        Ok(())
+    }
+
     fn check_device_count(&self, adding: usize) -> Result<(), PreBootError> {
         let count = self.drives.len()
             + self.nets.len()
@@ -252,6 +260,7 @@ impl PreBoot {
             entropy: file.entropy.clone(),
             vcpu_scheduling: file.vcpu_scheduling.clone(),
             rt_timer: file.rt_timer,
+            serial_out: None,
         };
         Ok((pre, config))
     }
@@ -278,7 +287,11 @@ impl PreBoot {
         if self.boot_source.is_none() {
             return Err(PreBootError::NoBootSource);
         }
-        Ok(self.to_full().to_vm_config(&limits())?)
+        let mut config = self.to_full().to_vm_config(&limits())?;
+        if let Some(path) = &self.serial_out {
+            config.console = vigil_model::config::ConsoleConfig::File(path.clone());
+        }
+        Ok(config)
     }
 }
 

@@ -33,6 +33,7 @@ const CLAIMED: &[(&str, &str)] = &[
     ("/balloon/statistics", "get"),
     ("/balloon/statistics", "patch"),
     ("/entropy", "put"),
+    ("/serial", "put"),
     ("/actions", "put"),
     ("/vm", "patch"),
     ("/snapshot/create", "put"),

@@ -158,6 +158,33 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /serial`: where the serial console's output goes.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialDevice {
+    /// A file (created, or truncated) or a named pipe; without it, the VMM's
+    /// standard output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    /// Refused: Vigil does not limit the console's output rate yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucket>,
+}
+
+impl SerialDevice {
+    /// Where the console goes: `None` keeps the VMM's own choice (`--console`).
+    pub fn console(&self) -> Result<Option<PathBuf>, BodyError> {
+        if self.rate_limiter.is_some() {
+            return Err(BodyError::SerialRateLimiter);
+        }
+        match self.serial_out_path.as_deref() {
+            Some("") => Err(BodyError::SerialPathEmpty),
+            Some(p) => Ok(Some(PathBuf::from(p))),
+            None => Ok(None),
+        }
+    }
+}
+
 /// `PUT /logger`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -257,6 +284,10 @@ pub enum BodyError {
     SecondRoot(String),
     #[error("free_page_hinting true: Vigil offers free page reporting, not hinting (use free_page_reporting)")]
     FreePageHinting,
+    #[error("rate_limiter: Vigil does not limit the serial console's output (leave it out)")]
+    SerialRateLimiter,
+    #[error("serial_out_path \"\": empty (leave it out for the VMM's standard output)")]
+    SerialPathEmpty,
     #[error(
         "{field}: size {size} per refill_time {refill_time} ms is less than one token a second"
     )]
@@ -286,6 +317,8 @@ impl BodyError {
             Self::Mac(_) => "guest_mac",
             Self::SecondRoot(_) => "is_root_device",
             Self::FreePageHinting => "free_page_hinting",
+            Self::SerialRateLimiter => "rate_limiter",
+            Self::SerialPathEmpty => "serial_out_path",
             Self::SlowBucket { field, .. } => field,
             Self::Config(e) => e.field(),
         }

@@ -111,7 +111,10 @@ impl Default for Overrides {
 
 impl Overrides {
     fn apply(&self, config: &mut VmConfig) {
-        config.console = self.console.clone();
+        // `PUT /serial` names a file the console goes to; otherwise `--console`.
+        if !matches!(config.console, ConsoleConfig::File(_)) {
+            config.console = self.console.clone();
+        }
         config.boot.symbols = self.symbols.clone();
         config.boot.protocol = self.boot_protocol;
         config.machine.cpu_template = self.cpu_template.clone();

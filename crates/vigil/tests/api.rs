@@ -146,6 +146,58 @@ fn firecracker_request_sequence_boots_the_test_guest() {
     assert!(!sock.exists(), "the socket is removed on exit");
 }
 
+/// `PUT /serial` sends the console to a file instead of the VMM's standard
+/// output; a rate limiter or an empty path is refused naming the field.
+#[test]
+fn serial_output_goes_to_the_file_put_serial_names() {
+    let dir = scratch("serial");
+    let sock = dir.join("api.sock");
+    let console = dir.join("console.log");
+    let vigil = Vigil::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for(&sock, TIMEOUT);
+    refused(
+        &sock,
+        "PUT",
+        "/serial",
+        r#"{"serial_out_path": "/tmp/x", "rate_limiter": {"size": 100, "refill_time": 100}}"#,
+        "rate_limiter: Vigil does not limit",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/serial",
+        r#"{"serial_out_path": ""}"#,
+        "serial_out_path",
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/serial",
+        json!({ "serial_out_path": console }),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": guest(), "boot_args": "test=serial"}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+    let (code, out, err) = vigil.finish();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let written = std::fs::read_to_string(&console).unwrap();
+    assert!(written.contains("TEST serial PASS"), "{written}");
+    assert!(
+        !out.contains("TEST serial"),
+        "the console went to stdout too: {out}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn pause_and_resume_a_running_guest() {
     let dir = scratch("pause");
