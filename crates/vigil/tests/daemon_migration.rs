@@ -82,7 +82,9 @@ fn ctl_migrate_moves_a_running_vm_to_another_daemon() {
     ]);
     let b = Daemon::start("migrate-b", &b_args);
     a.create("m1", "counter");
-    a.create("m2", "counter");
+    // 8 MiB of written pages: at the 1 MiB/s below, its migration lasts seconds,
+    // not one burst of the limiter.
+    a.create("m2", "counter counter_fill_mib=8");
     console_has(&a, "m1", "counter: 3");
 
     // A peer token the other daemon does not accept: refused, nothing moves.
