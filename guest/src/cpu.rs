@@ -286,7 +286,7 @@ pub fn init() {
 
 /// Sets up this CPU's system call entry, as a kernel does on every CPU (the BSP
 /// at boot, each AP the `smp` scenarios start): STAR, LSTAR = `syscall_entry`,
-/// SFMASK, then EFER.SCE. With `other_lstar`, LSTAR is that instead, written
+/// SYSENTER_CS/ESP/EIP, SFMASK, then EFER.SCE. With `other_lstar`, LSTAR is that instead, written
 /// through the fault fixup (one CPU at a time): returns whether it was written
 /// (false: the `wrmsr` faulted, a VMM refused it, and LSTAR kept its value).
 pub fn setup_syscall(other_lstar: Option<u64>) -> bool {
@@ -298,11 +298,14 @@ pub fn setup_syscall(other_lstar: Option<u64>) -> bool {
         }
         Some(lstar) => try_wrmsr(MSR_LSTAR, lstar) && rdmsr(MSR_LSTAR) == lstar,
     };
-    wrmsr(MSR_SFMASK, SFMASK);
-    wrmsr(MSR_EFER, rdmsr(MSR_EFER) | 1);
+    // SFMASK and EFER.SCE last, as Linux's syscall_init writes SYSCALL_MASK
+    // last: a host that deems a CPU's syscall entry set up once they are (the
+    // integrity monitor, for an AP) then sees every syscall MSR in place.
     wrmsr(MSR_SYSENTER_CS, KERNEL_CS);
     wrmsr(MSR_SYSENTER_ESP, addr_of!(SYSENTER_STACK_TOP) as u64);
     wrmsr(MSR_SYSENTER_EIP, sysenter_entry as *const () as u64);
+    wrmsr(MSR_SFMASK, SFMASK);
+    wrmsr(MSR_EFER, rdmsr(MSR_EFER) | 1);
     written
 }
 
