@@ -92,7 +92,12 @@ fn i8042_reset(detail: &mut Line) -> bool {
     false
 }
 
-/// Reports the feature words the VMM's CPUID template shapes, for the host to check.
+/// IA32_MISC_ENABLE, which the VMM sets at boot: a custom CPU template's MSR modifiers
+/// are checked through it.
+const MSR_MISC_ENABLE: u32 = 0x1a0;
+
+/// Reports the feature words the VMM's CPUID template shapes, and an MSR a
+/// custom template can set, for the host to check.
 fn cpuid(detail: &mut Line) -> bool {
     let (_, leaf1_ebx, leaf1_ecx, leaf1_edx) = cpu::cpuid(1);
     let (_, leaf7_ebx, leaf7_ecx, _) = cpu::cpuid(7);
@@ -106,7 +111,9 @@ fn cpuid(detail: &mut Line) -> bool {
         .str(" leaf7_ebx=")
         .hex(u64::from(leaf7_ebx))
         .str(" leaf7_ecx=")
-        .hex(u64::from(leaf7_ecx));
+        .hex(u64::from(leaf7_ecx))
+        .str(" misc_enable=")
+        .hex(cpu::rdmsr(MSR_MISC_ENABLE));
     true
 }
 

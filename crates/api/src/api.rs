@@ -29,7 +29,7 @@ use vigil_migration::{
     DEFAULT_MAX_ROUNDS,
 };
 use vigil_model::firecracker::{
-    self, limit_update, merge_rate_limiter, Balloon, BootSource, Drive, Entropy, Logger,
+    self, limit_update, merge_rate_limiter, Balloon, BootSource, CpuConfig, Drive, Entropy, Logger,
     MachineConfig, Metrics, NetworkInterface, SerialDevice, Vsock,
 };
 
@@ -179,6 +179,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/balloon/statistics", "GET, PATCH"),
     ("/entropy", "PUT"),
     ("/serial", "PUT"),
+    ("/cpu-config", "PUT"),
     ("/actions", "PUT"),
     ("/vm", "PATCH"),
     ("/snapshot/create", "PUT"),
@@ -195,7 +196,6 @@ pub const ROUTES: &[(&str, &str)] = &[
 const NOT_IMPLEMENTED: &[&str] = &[
     "/mmds",
     "/mmds/config",
-    "/cpu-config",
     "/pmem",
     "/hotplug/memory",
     "/balloon/hinting/start",
@@ -515,6 +515,9 @@ impl Api {
             }
             ("PUT", "/serial") => self.pre_boot(method, path, bytes, |pre, s: SerialDevice| {
                 pre.set_serial(s)
+            }),
+            ("PUT", "/cpu-config") => self.pre_boot(method, path, bytes, |pre, c: CpuConfig| {
+                pre.set_cpu_config(c)
             }),
             ("PUT", "/entropy") => {
                 self.pre_boot(method, path, bytes, |pre, e: Entropy| pre.set_entropy(e))

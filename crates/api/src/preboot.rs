@@ -10,8 +10,8 @@ use vigil_model::config::{
     BalloonConfigError, ConfigError, HostLimits, VmConfig, MAX_VIRTIO_DEVICES,
 };
 use vigil_model::firecracker::{
-    Balloon, BodyError, BootSource, DocumentError, Drive, Entropy, FullVmConfig, MachineConfig,
-    NetworkInterface, SerialDevice, Vsock,
+    Balloon, BodyError, BootSource, CpuConfig, DocumentError, Drive, Entropy, FullVmConfig,
+    MachineConfig, NetworkInterface, SerialDevice, Vsock,
 };
 
 use crate::model::MachineConfigUpdate;
@@ -26,6 +26,8 @@ pub struct PreBoot {
     pub vsock: Option<Vsock>,
     pub balloon: Option<Balloon>,
     pub entropy: Option<Entropy>,
+    /// `PUT /cpu-config`: a custom CPU template.
+    pub cpu_config: Option<CpuConfig>,
     /// `PUT /serial`: the console's output file, over `--console`.
     pub serial_out: Option<std::path::PathBuf>,
     /// Vigil's own keys of a configuration file: `vcpu-scheduling`, `rt-timer`.
@@ -227,6 +229,13 @@ impl PreBoot {
         Ok(())
     }
 
+    /// `PUT /cpu-config`.
+    pub fn set_cpu_config(&mut self, c: CpuConfig) -> Result<(), PreBootError> {
+        c.to_config()?;
+        self.cpu_config = Some(c);
+        Ok(())
+    }
+
     /// `PUT /serial`.
     pub fn set_serial(&mut self, s: SerialDevice) -> Result<(), PreBootError> {
         self.serial_out = s.console()?;
@@ -258,6 +267,7 @@ impl PreBoot {
             vsock: file.vsock.clone(),
             balloon: file.balloon.clone(),
             entropy: file.entropy.clone(),
+            cpu_config: file.cpu_config.clone(),
             vcpu_scheduling: file.vcpu_scheduling.clone(),
             rt_timer: file.rt_timer,
             serial_out: None,
@@ -275,6 +285,7 @@ impl PreBoot {
             vsock: self.vsock.clone(),
             balloon: self.balloon.clone(),
             entropy: self.entropy.clone(),
+            cpu_config: self.cpu_config.clone(),
             logger: None,
             metrics: None,
             vcpu_scheduling: self.vcpu_scheduling.clone(),

@@ -34,6 +34,7 @@ const CLAIMED: &[(&str, &str)] = &[
     ("/balloon/statistics", "patch"),
     ("/entropy", "put"),
     ("/serial", "put"),
+    ("/cpu-config", "put"),
     ("/actions", "put"),
     ("/vm", "patch"),
     ("/snapshot/create", "put"),

@@ -7,6 +7,7 @@ use std::str::FromStr;
 /// A CPUID register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reg {
+    Eax,
     Ebx,
     Ecx,
     Edx,
@@ -91,6 +92,63 @@ impl fmt::Display for CpuFeature {
     }
 }
 
+/// Bits a custom CPU template forces in a register of `T` bits: those in `set`
+/// become 1, those in `clear` 0, and the others stay as KVM and Vigil's template
+/// left them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BitModifier<T> {
+    pub set: T,
+    pub clear: T,
+}
+
+impl<T> BitModifier<T>
+where
+    T: Copy
+        + std::ops::BitAnd<Output = T>
+        + std::ops::BitOr<Output = T>
+        + std::ops::Not<Output = T>,
+{
+    pub fn apply(&self, value: T) -> T {
+        (value & !self.clear) | self.set
+    }
+}
+
+/// One CPUID register of one leaf and subleaf, modified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuidModifier {
+    pub leaf: u32,
+    pub subleaf: u32,
+    /// KVM's flags for the entry (`KVM_CPUID_FLAG_SIGNIFCANT_INDEX`), used when
+    /// the leaf is not in KVM's set and is added.
+    pub flags: u32,
+    pub reg: Reg,
+    pub bits: BitModifier<u32>,
+}
+
+/// One MSR's value at boot, modified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsrModifier {
+    pub addr: u32,
+    pub bits: BitModifier<u64>,
+}
+
+/// A custom CPU template (Firecracker's `PUT /cpu-config`): applied on top of
+/// Vigil's own template and `--cpuid-hide`, to every vCPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuModifiers {
+    pub cpuid: Vec<CpuidModifier>,
+    pub msrs: Vec<MsrModifier>,
+    /// KVM capabilities (`KVM_CAP_*` numbers) the VM must have: building fails,
+    /// naming the number, on a host whose KVM lacks one.
+    pub required_kvm_caps: Vec<u32>,
+}
+
+impl CpuModifiers {
+    pub fn is_empty(&self) -> bool {
+        self.cpuid.is_empty() && self.msrs.is_empty() && self.required_kvm_caps.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +158,15 @@ mod tests {
         let e = "sse9".parse::<CpuFeature>().unwrap_err().to_string();
         assert!(e.contains("\"sse9\"") && e.contains("xsave"), "{e}");
         assert_eq!("smap".parse::<CpuFeature>().unwrap().leaf, 7);
+    }
+
+    #[test]
+    fn a_modifier_sets_and_clears_only_its_bits() {
+        let m = BitModifier {
+            set: 0b0001u32,
+            clear: 0b0110,
+        };
+        assert_eq!(m.apply(0b1110), 0b1001);
+        assert_eq!(m.apply(0), 0b0001);
     }
 }

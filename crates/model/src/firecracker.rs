@@ -15,6 +15,7 @@ use crate::config::{
     self, BalloonConfig, BootConfig, BucketUpdate, ConfigError, DriveConfig, FieldError,
     KernelImage, LimitUpdate, NetConfig, RateLimit, VmConfig, VsockConfig,
 };
+use crate::cpu::{BitModifier, CpuModifiers, CpuidModifier, MsrModifier, Reg};
 pub use crate::json::{parse, JsonError};
 use crate::mac::{BadMac, MacAddr};
 
@@ -185,6 +186,171 @@ impl SerialDevice {
     }
 }
 
+/// `PUT /cpu-config`: a custom CPU template, as Firecracker's
+/// `cpu-template-helper` writes them. The aarch64 keys are refused when not
+/// empty: Vigil runs x86_64 guests.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CpuConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kvm_capabilities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_modifiers: Vec<CpuidLeafModifier>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub msr_modifiers: Vec<MsrModifierBody>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reg_modifiers: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_features: Vec<serde_json::Value>,
+}
+
+/// One CPUID leaf and subleaf of a [`CpuConfig`].
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidLeafModifier {
+    pub leaf: String,
+    pub subleaf: String,
+    pub flags: u32,
+    pub modifiers: Vec<CpuidRegisterModifier>,
+}
+
+/// One register of a [`CpuidLeafModifier`]: `bitmap` is `0b` and 32 of `0`,
+/// `1` (force the bit) or `x` (leave it), most significant first.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidRegisterModifier {
+    pub register: String,
+    pub bitmap: String,
+}
+
+/// One MSR of a [`CpuConfig`]: `bitmap` is `0b` and 64 of `0`, `1` or `x`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MsrModifierBody {
+    pub addr: String,
+    pub bitmap: String,
+}
+
+/// A number as a custom template writes it: `0x` hex, `0b` binary or decimal.
+fn template_number(field: &str, text: &str) -> Result<u32, BodyError> {
+    let parsed = if let Some(hex) = text.strip_prefix("0x") {
+        u32::from_str_radix(hex, 16)
+    } else if let Some(bin) = text.strip_prefix("0b") {
+        u32::from_str_radix(bin, 2)
+    } else {
+        text.parse()
+    };
+    parsed.map_err(|_| BodyError::CpuConfig {
+        field: field.into(),
+        value: text.into(),
+        why: "expected a 32-bit number in hex (0x), binary (0b) or decimal".into(),
+    })
+}
+
+/// A bitmap of `bits` bits: `0b`, then one of `0`, `1`, `x` per bit, most
+/// significant first (underscores ignored).
+fn template_bitmap(field: &str, text: &str, bits: u32) -> Result<BitModifier<u64>, BodyError> {
+    let bad = |why: String| BodyError::CpuConfig {
+        field: field.into(),
+        value: text.into(),
+        why,
+    };
+    let digits: Vec<char> = text
+        .strip_prefix("0b")
+        .ok_or_else(|| bad("expected 0b and then one 0, 1 or x per bit".into()))?
+        .chars()
+        .filter(|c| *c != '_')
+        .collect();
+    if digits.len() != bits as usize {
+        return Err(bad(format!(
+            "{} bits, expected {bits} (0, 1 or x each)",
+            digits.len()
+        )));
+    }
+    let mut m = BitModifier::default();
+    for (i, c) in digits.iter().enumerate() {
+        let bit = 1u64 << (bits as usize - 1 - i);
+        match c {
+            '1' => m.set |= bit,
+            '0' => m.clear |= bit,
+            'x' | 'X' => {}
+            other => return Err(bad(format!("{other:?} is not 0, 1 or x"))),
+        }
+    }
+    Ok(m)
+}
+
+impl CpuConfig {
+    /// The template as Vigil applies it.
+    pub fn to_config(&self) -> Result<CpuModifiers, BodyError> {
+        let aarch64 = |field: &str| BodyError::CpuConfig {
+            field: field.into(),
+            value: "[...]".into(),
+            why: "aarch64 only; Vigil runs x86_64 guests (leave it empty)".into(),
+        };
+        if !self.reg_modifiers.is_empty() {
+            return Err(aarch64("reg_modifiers"));
+        }
+        if !self.vcpu_features.is_empty() {
+            return Err(aarch64("vcpu_features"));
+        }
+        let mut out = CpuModifiers::default();
+        for cap in &self.kvm_capabilities {
+            // "!N" drops N from the capabilities a template requires: Vigil checks
+            // the ones it needs itself, so only the required ones are kept.
+            let (number, required) = match cap.strip_prefix('!') {
+                Some(n) => (n, false),
+                None => (cap.as_str(), true),
+            };
+            let n: u32 = number.parse().map_err(|_| BodyError::CpuConfig {
+                field: "kvm_capabilities".into(),
+                value: cap.clone(),
+                why: "expected a KVM capability number, \"!\" before it to remove it".into(),
+            })?;
+            if required {
+                out.required_kvm_caps.push(n);
+            }
+        }
+        for leaf in &self.cpuid_modifiers {
+            let number = template_number("cpuid_modifiers.leaf", &leaf.leaf)?;
+            let subleaf = template_number("cpuid_modifiers.subleaf", &leaf.subleaf)?;
+            for r in &leaf.modifiers {
+                let reg = match r.register.as_str() {
+                    "eax" => Reg::Eax,
+                    "ebx" => Reg::Ebx,
+                    "ecx" => Reg::Ecx,
+                    "edx" => Reg::Edx,
+                    other => {
+                        return Err(BodyError::CpuConfig {
+                            field: "cpuid_modifiers.modifiers.register".into(),
+                            value: other.into(),
+                            why: "expected eax, ebx, ecx or edx".into(),
+                        })
+                    }
+                };
+                let bits = template_bitmap("cpuid_modifiers.modifiers.bitmap", &r.bitmap, 32)?;
+                out.cpuid.push(CpuidModifier {
+                    leaf: number,
+                    subleaf,
+                    flags: leaf.flags,
+                    reg,
+                    bits: BitModifier {
+                        set: bits.set as u32,
+                        clear: bits.clear as u32,
+                    },
+                });
+            }
+        }
+        for msr in &self.msr_modifiers {
+            out.msrs.push(MsrModifier {
+                addr: template_number("msr_modifiers.addr", &msr.addr)?,
+                bits: template_bitmap("msr_modifiers.bitmap", &msr.bitmap, 64)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
 /// `PUT /logger`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -238,6 +404,12 @@ pub struct FullVmConfig {
     pub balloon: Option<Balloon>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<Entropy>,
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<CpuConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -262,8 +434,14 @@ pub enum BodyError {
     Smt,
     #[error("cpu_template {0:?}: Vigil has no Firecracker CPU templates (use \"None\"; Vigil's own template hides what its host cannot run)")]
     CpuTemplate(String),
-    #[error("huge_pages {0:?}: Vigil backs guest memory with 4 KiB pages only (use \"None\")")]
+    #[error("huge_pages {0:?}: Vigil does not back guest memory with hugetlbfs pages (\"Transparent\" gives 2 MiB pages where the host allows; or \"None\")")]
     HugePages(String),
+    #[error("{field} {value:?}: {why}")]
+    CpuConfig {
+        field: String,
+        value: String,
+        why: String,
+    },
     #[error("mem_size_mib {0}: too large")]
     MemoryTooLarge(u64),
     #[error("socket: Vigil has no vhost-user-block; give path_on_host")]
@@ -307,6 +485,7 @@ impl BodyError {
             Self::Smt => "smt",
             Self::CpuTemplate(_) => "cpu_template",
             Self::HugePages(_) => "huge_pages",
+            Self::CpuConfig { field, .. } => field,
             Self::MemoryTooLarge(_) => "mem_size_mib",
             Self::DriveSocket => "socket",
             Self::DrivePathMissing => "path_on_host",
@@ -449,15 +628,18 @@ impl MachineConfig {
             None | Some("None") => {}
             Some(t) => return Err(BodyError::CpuTemplate(t.to_owned())),
         }
-        if self.huge_pages != "None" {
-            return Err(BodyError::HugePages(self.huge_pages.clone()));
-        }
+        let huge_pages = match self.huge_pages.as_str() {
+            "None" => config::HugePages::None,
+            "Transparent" => config::HugePages::Transparent,
+            other => return Err(BodyError::HugePages(other.to_owned())),
+        };
         if self.mem_size_mib > (u64::MAX >> 20) {
             return Err(BodyError::MemoryTooLarge(self.mem_size_mib));
         }
         Ok(config::MachineConfig {
             vcpu_count: self.vcpu_count,
             mem_size_mib: self.mem_size_mib,
+            huge_pages,
             ..Default::default()
         })
     }
@@ -566,6 +748,9 @@ impl FullVmConfig {
         config.boot = boot.to_config();
         if let Some(m) = &self.machine_config {
             config.machine = m.to_config().map_err(body("machine-config".into()))?;
+        }
+        if let Some(c) = &self.cpu_config {
+            config.machine.cpu_modifiers = c.to_config().map_err(body("cpu-config".into()))?;
         }
         let roots: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
         if let [first, second, ..] = roots.as_slice() {
@@ -803,5 +988,78 @@ mod tests {
             e.0.starts_with("machine-config.vcpu_count: invalid type"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_custom_cpu_template_becomes_bit_modifiers() {
+        let body: CpuConfig = serde_json::from_str(
+            r#"{
+                "kvm_capabilities": ["121", "!56"],
+                "cpuid_modifiers": [{
+                    "leaf": "0x1", "subleaf": "0b0", "flags": 0,
+                    "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxx0xxxxxxxxxxxxxxxxxxxx1"}]
+                }],
+                "msr_modifiers": [{"addr": "3221225731",
+                    "bitmap": "0b0000000000000000000000000000000000000000000000000000_0000_0010_1010"}]
+            }"#,
+        )
+        .unwrap();
+        let m = body.to_config().unwrap();
+        assert_eq!(m.required_kvm_caps, [121]);
+        assert_eq!(
+            m.cpuid,
+            [CpuidModifier {
+                leaf: 1,
+                subleaf: 0,
+                flags: 0,
+                reg: Reg::Ecx,
+                bits: BitModifier {
+                    set: 1,
+                    clear: 1 << 21
+                },
+            }]
+        );
+        assert_eq!(m.msrs[0].addr, 0xc000_0103);
+        assert_eq!(m.msrs[0].bits.set, 0x2a);
+        assert_eq!(m.msrs[0].bits.clear, !0x2a);
+    }
+
+    #[test]
+    fn custom_cpu_template_errors_name_the_field_and_value() {
+        let refused = |json: &str| {
+            serde_json::from_str::<CpuConfig>(json)
+                .unwrap()
+                .to_config()
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            refused(r#"{"msr_modifiers": [{"addr": "0xzz", "bitmap": "0b1"}]}"#),
+            "msr_modifiers.addr \"0xzz\": expected a 32-bit number in hex (0x), binary (0b) or decimal"
+        );
+        assert_eq!(
+            refused(r#"{"msr_modifiers": [{"addr": "0x10", "bitmap": "0b101"}]}"#),
+            "msr_modifiers.bitmap \"0b101\": 3 bits, expected 64 (0, 1 or x each)"
+        );
+        let leaf = |register: &str, bitmap: &str| {
+            format!(
+                r#"{{"cpuid_modifiers": [{{"leaf": "1", "subleaf": "0", "flags": 0,
+                    "modifiers": [{{"register": "{register}", "bitmap": "{bitmap}"}}]}}]}}"#
+            )
+        };
+        let x32 = format!("0b{}", "x".repeat(31));
+        assert_eq!(
+            refused(&leaf("esi", &format!("{x32}x"))),
+            "cpuid_modifiers.modifiers.register \"esi\": expected eax, ebx, ecx or edx"
+        );
+        assert_eq!(
+            refused(&leaf("eax", &format!("{x32}2"))),
+            format!("cpuid_modifiers.modifiers.bitmap \"{x32}2\": '2' is not 0, 1 or x")
+        );
+        assert_eq!(
+            refused(r#"{"kvm_capabilities": ["!x"]}"#),
+            "kvm_capabilities \"!x\": expected a KVM capability number, \"!\" before it to remove it"
+        );
+        assert!(refused(r#"{"reg_modifiers": [{}]}"#).contains("aarch64 only"));
     }
 }

@@ -12,7 +12,7 @@ use vigil_model::config::{
     IntrospectConfig, KernelImage, MachineConfig, NetConfig, OnCrash, RateLimit, RtTimerConfig,
     VcpuSched, VmConfig, VsockConfig,
 };
-use vigil_model::cpu::CpuFeature;
+use vigil_model::cpu::{CpuFeature, CpuModifiers};
 use vigil_model::firecracker::Metrics;
 use vigil_model::MacAddr;
 use vigil_vmm::builder::BuildError;
@@ -400,6 +400,15 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub cpuid_hide: Vec<CpuFeature>,
 
+    /// A custom CPU template: a JSON file as Firecracker's PUT /cpu-config takes
+    /// (and its cpu-template-helper writes): cpuid_modifiers force bits of CPUID
+    /// registers ("0b" + 32 of 0, 1 or x, most significant first), msr_modifiers
+    /// the MSRs each vCPU boots with (64 bits), kvm_capabilities the KVM_CAP_*
+    /// numbers the host must have. Applied last, to every vCPU; takes the place of
+    /// a configuration's PUT /cpu-config.
+    #[arg(long, value_name = "FILE", value_parser = parse_cpu_config)]
+    pub cpu_config: Option<CpuConfigArg>,
+
     /// A virtio-blk disk backed by a raw image; repeat for several. Keys:
     /// path=IMAGE (required), ro=on|off (default off), id=NAME (the serial the
     /// guest reads, at most 20 bytes; default diskN), and rate limits on all
@@ -574,6 +583,19 @@ fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
 #[derive(Clone, Copy, Debug)]
 pub struct RtTimerArg(Option<RtTimerConfig>);
 
+/// A custom CPU template read from its file (`--cpu-config`).
+#[derive(Clone, Debug)]
+pub struct CpuConfigArg(pub CpuModifiers);
+
+fn parse_cpu_config(path: &str) -> Result<CpuConfigArg, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{path}: cannot read it: {e}"))?;
+    let body: vigil_model::firecracker::CpuConfig =
+        vigil_model::firecracker::parse(&bytes).map_err(|e| format!("{path}: {e}"))?;
+    body.to_config()
+        .map(CpuConfigArg)
+        .map_err(|e| format!("{path}: {e}"))
+}
+
 fn parse_rt_timer(s: &str) -> Result<RtTimerArg, String> {
     RtTimerConfig::parse(s).map(RtTimerArg)
 }
@@ -670,6 +692,7 @@ impl RunArgs {
                 CpuTemplateArg::Host => CpuTemplate::Host,
             },
             cpuid_hide: self.cpuid_hide.clone(),
+            cpu_modifiers: self.cpu_config.as_ref().map(|c| c.0.clone()),
             on_crash: self.on_crash.into(),
             huge_pages: self.huge_pages.into(),
             vcpu_sched: self.vcpu_sched.clone(),
@@ -826,6 +849,7 @@ impl RunArgs {
                 CpuTemplateArg::Host => CpuTemplate::Host,
             },
             cpuid_hide: self.cpuid_hide,
+            cpu_modifiers: self.cpu_config.map(|c| c.0).unwrap_or_default(),
             huge_pages: self.huge_pages.into(),
         };
         config.console = self.console;

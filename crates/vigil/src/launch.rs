@@ -20,7 +20,7 @@ use vigil_model::config::{
     BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash, RtTimerConfig,
     VcpuSched, VmConfig,
 };
-use vigil_model::cpu::CpuFeature;
+use vigil_model::cpu::{CpuFeature, CpuModifiers};
 use vigil_model::firecracker::{self, FullVmConfig, Logger, Metrics};
 use vigil_vmm::builder::BuildError;
 use vigil_vmm::{RunningVm, StopHandle};
@@ -37,6 +37,8 @@ pub struct Overrides {
     pub boot_protocol: BootProtocol,
     pub cpu_template: CpuTemplate,
     pub cpuid_hide: Vec<CpuFeature>,
+    /// `--cpu-config`, over a configuration's `PUT /cpu-config`.
+    pub cpu_modifiers: Option<CpuModifiers>,
     pub on_crash: OnCrash,
     pub huge_pages: HugePages,
     /// `--vcpu-sched` entries.
@@ -100,6 +102,7 @@ impl Default for Overrides {
             boot_protocol: BootProtocol::Auto,
             cpu_template: CpuTemplate::Auto,
             cpuid_hide: Vec::new(),
+            cpu_modifiers: None,
             on_crash: OnCrash::Exit,
             huge_pages: HugePages::None,
             vcpu_sched: Vec::new(),
@@ -119,6 +122,9 @@ impl Overrides {
         config.boot.protocol = self.boot_protocol;
         config.machine.cpu_template = self.cpu_template.clone();
         config.machine.cpuid_hide = self.cpuid_hide.clone();
+        if let Some(m) = &self.cpu_modifiers {
+            config.machine.cpu_modifiers = m.clone();
+        }
         // The flags take the place of a file's `vcpu-scheduling` and `rt-timer`.
         if !self.vcpu_sched.is_empty() {
             config.vcpu_sched = self.vcpu_sched.clone();
@@ -126,7 +132,10 @@ impl Overrides {
         if self.rt_timer.is_some() {
             config.rt_timer = self.rt_timer;
         }
-        config.machine.huge_pages = self.huge_pages;
+        // A configuration's `huge_pages` stands unless the flag asks for more.
+        if self.huge_pages != HugePages::None {
+            config.machine.huge_pages = self.huge_pages;
+        }
         config.on_crash = self.on_crash;
     }
 }

@@ -274,6 +274,41 @@ fn cpuid_word(r: &Run, name: &str) -> u32 {
     u32::from_str_radix(value, 16).unwrap()
 }
 
+/// `--cpu-config FILE` (Firecracker's custom template format) sets the MSRs
+/// the guest boots with; without it the guest reads Vigil's own value.
+#[test]
+fn cpu_config_file_sets_the_msrs_the_guest_reads() {
+    let file = std::env::temp_dir().join(format!("vigil-cpu-config-{}.json", std::process::id()));
+    let x = |n: usize| "x".repeat(n);
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"msr_modifiers": [{{"addr": "0x1a0", "bitmap": "0b{}1{}"}}]}}"#,
+            x(51),
+            x(12)
+        ),
+    )
+    .unwrap();
+    let plain = guest(&["--cmdline", "test=cpuid"]);
+    let modified = guest(&[
+        "--cpu-config",
+        file.to_str().unwrap(),
+        "--cmdline",
+        "test=cpuid",
+    ]);
+    std::fs::remove_file(&file).ok();
+    let msr = |r: &Run| {
+        let line = r.line("TEST cpuid PASS");
+        let hex = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("misc_enable=0x"))
+            .unwrap_or_else(|| panic!("{line}"));
+        u64::from_str_radix(hex, 16).unwrap()
+    };
+    assert_eq!(msr(&plain), 0x1, "fast strings, as Vigil boots every vCPU");
+    assert_eq!(msr(&modified), 0x1001, "plus bit 12 from the file");
+}
+
 #[test]
 fn cpuid_hide_clears_the_bits_the_guest_sees() {
     const X2APIC: u32 = 1 << 21;

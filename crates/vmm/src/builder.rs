@@ -97,6 +97,8 @@ pub enum BuildError {
     #[error("vCPU {vcpu}: {source}")]
     Vcpu { vcpu: u32, source: RegsError },
     #[error(transparent)]
+    CustomTemplate(#[from] cpuid::CustomTemplateError),
+    #[error(transparent)]
     Disk(#[from] BlockError),
     #[error(transparent)]
     Net(#[from] NetError),
@@ -172,6 +174,11 @@ fn guest_memory(config: &VmConfig) -> Result<GuestMemoryMmap, BuildError> {
 pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     config.validate(&HostLimits::read(kvm.get_max_vcpus() as u32))?;
+    for &cap in &config.machine.cpu_modifiers.required_kvm_caps {
+        if kvm.check_extension_raw(cap.into()) <= 0 {
+            return Err(cpuid::CustomTemplateError::MissingKvmCapability(cap).into());
+        }
+    }
     let plan = VcpuSched::resolve(&config.vcpu_sched, config.machine.vcpu_count)
         .map_err(ConfigError::from)?;
     let sched = VcpuScheduler::new(plan)?;
@@ -805,7 +812,14 @@ fn create_vcpus(
             apic_id: apic_ids[id as usize],
             vcpus: config.machine.vcpu_count,
         };
-        let mut vcpu_cpuid = cpuid::build(&base_cpuid, topo, fd.get_tsc_khz().ok(), hide);
+        let modifiers = &config.machine.cpu_modifiers;
+        let mut vcpu_cpuid = cpuid::build(
+            &base_cpuid,
+            topo,
+            fd.get_tsc_khz().ok(),
+            hide,
+            &modifiers.cpuid,
+        )?;
         if let Some(rt) = &config.rt_timer {
             vcpu_cpuid = cpuid::add_hypervisor_leaf(&vcpu_cpuid, RT_TIMER_LEAF, RtTimer::cpuid(rt));
         }
@@ -817,6 +831,7 @@ fn create_vcpus(
             })
         })?;
         regs::setup_common(&fd).map_err(vcpu_err)?;
+        regs::modify_msrs(&fd, &modifiers.msrs)?;
         if id == 0 {
             regs::setup_boot_vcpu(&fd, mem, entry).map_err(vcpu_err)?;
         }

@@ -1,7 +1,7 @@
 //! The machine: vCPUs, memory, and what the guest's CPUID shows.
 
 use crate::config::{FieldError, HostLimits};
-use crate::cpu::CpuFeature;
+use crate::cpu::{CpuFeature, CpuModifiers};
 
 /// Most vCPUs Vigil describes: xAPIC ids in the MADT are 8-bit and 0xff is broadcast.
 pub const MAX_VCPUS: u32 = 254;
@@ -44,6 +44,8 @@ pub struct MachineConfig {
     pub cpu_template: CpuTemplate,
     /// Extra features to hide, on top of the template.
     pub cpuid_hide: Vec<CpuFeature>,
+    /// A custom CPU template (`PUT /cpu-config`, `--cpu-config`), applied last.
+    pub cpu_modifiers: CpuModifiers,
     /// How guest RAM is backed.
     pub huge_pages: HugePages,
 }
@@ -56,6 +58,7 @@ impl Default for MachineConfig {
             mem_size_mib: 128,
             cpu_template: CpuTemplate::Auto,
             cpuid_hide: Vec::new(),
+            cpu_modifiers: CpuModifiers::default(),
             huge_pages: HugePages::None,
         }
     }

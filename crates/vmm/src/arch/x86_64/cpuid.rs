@@ -2,15 +2,20 @@
 //! a timing leaf, and features hidden by a template or by the user.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
-use vigil_model::cpu::{CpuFeature, Reg};
+use vigil_model::cpu::{CpuFeature, CpuidModifier, Reg};
 
 /// Clears `feature`'s bit in `entry` (of the feature's leaf and subleaf).
 fn clear(feature: &CpuFeature, entry: &mut kvm_cpuid_entry2) {
     let mask = !(1u32 << feature.bit);
-    match feature.reg {
-        Reg::Ebx => entry.ebx &= mask,
-        Reg::Ecx => entry.ecx &= mask,
-        Reg::Edx => entry.edx &= mask,
+    *register(entry, feature.reg) &= mask;
+}
+
+fn register(entry: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
+    match reg {
+        Reg::Eax => &mut entry.eax,
+        Reg::Ebx => &mut entry.ebx,
+        Reg::Ecx => &mut entry.ecx,
+        Reg::Edx => &mut entry.edx,
     }
 }
 
@@ -43,8 +48,15 @@ pub struct Topology {
     pub vcpus: u32,
 }
 
-/// Builds one vCPU's CPUID from KVM's supported set.
-pub fn build(base: &CpuId, topo: Topology, tsc_khz: Option<u32>, hide: &[CpuFeature]) -> CpuId {
+/// Builds one vCPU's CPUID from KVM's supported set, then applies a custom
+/// template's `modifiers` (adding the leaves KVM does not report).
+pub fn build(
+    base: &CpuId,
+    topo: Topology,
+    tsc_khz: Option<u32>,
+    hide: &[CpuFeature],
+    modifiers: &[CpuidModifier],
+) -> Result<CpuId, CustomTemplateError> {
     let mut entries: Vec<kvm_cpuid_entry2> = base
         .as_slice()
         .iter()
@@ -111,7 +123,35 @@ pub fn build(base: &CpuId, topo: Topology, tsc_khz: Option<u32>, hide: &[CpuFeat
             ..Default::default()
         });
     }
-    CpuId::from_entries(&entries).expect("no more entries than KVM returned plus one")
+    for m in modifiers {
+        let at = entries
+            .iter()
+            .position(|e| e.function == m.leaf && e.index == m.subleaf)
+            .unwrap_or_else(|| {
+                entries.push(kvm_cpuid_entry2 {
+                    function: m.leaf,
+                    index: m.subleaf,
+                    flags: m.flags,
+                    ..Default::default()
+                });
+                entries.len() - 1
+            });
+        let reg = register(&mut entries[at], m.reg);
+        *reg = m.bits.apply(*reg);
+    }
+    let count = entries.len();
+    CpuId::from_entries(&entries).map_err(|_| CustomTemplateError::TooManyLeaves(count))
+}
+
+/// A custom CPU template (`PUT /cpu-config`) this host's KVM cannot apply.
+#[derive(Debug, thiserror::Error)]
+pub enum CustomTemplateError {
+    #[error("cpu-config: cpuid_modifiers: {0} CPUID entries with the leaves they add, more than the {max} KVM takes", max = kvm_bindings::KVM_MAX_CPUID_ENTRIES)]
+    TooManyLeaves(usize),
+    #[error("cpu-config: kvm_capabilities \"{0}\": this host's KVM does not have capability {0}")]
+    MissingKvmCapability(u32),
+    #[error("cpu-config: msr_modifiers addr {addr:#x}: KVM refused {what} it")]
+    Msr { addr: u32, what: &'static str },
 }
 
 /// Adds hypervisor leaf `function` (above `0x4000_0000`, such as the RT timer's)
@@ -182,7 +222,9 @@ mod tests {
             },
             None,
             &[],
-        );
+            &[],
+        )
+        .unwrap();
         let l1 = find(&c, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -207,12 +249,54 @@ mod tests {
             },
             Some(2_500_000),
             &hide,
-        );
+            &[],
+        )
+        .unwrap();
         assert_eq!(find(&c, 1, 0).ecx & (1 << 26 | 1 << 27), 0);
         assert_eq!(find(&c, 7, 0).ebx & (1 << 7 | 1 << 20), 0);
         assert_eq!(find(&c, 7, 0).ebx | (1 << 7 | 1 << 20), 0xffff_ffff);
         assert_eq!(find(&c, HYPERVISOR_BASE, 0).eax, 0xffff_ffff);
         let t = find(&c, TIMING_LEAF, 0);
         assert_eq!((t.eax, t.ebx), (2_500_000, LAPIC_BUS_KHZ));
+    }
+
+    #[test]
+    fn a_custom_template_modifies_leaves_and_adds_missing_ones() {
+        use vigil_model::cpu::BitModifier;
+        let modifier = |leaf, reg, set, clear| CpuidModifier {
+            leaf,
+            subleaf: 0,
+            flags: 0,
+            reg,
+            bits: BitModifier { set, clear },
+        };
+        let c = build(
+            &base(),
+            Topology {
+                apic_id: 0,
+                vcpus: 1,
+            },
+            None,
+            &[],
+            &[
+                modifier(7, Reg::Ebx, 0, 0xff),
+                modifier(0x4000_0010, Reg::Edx, 0x1234, 0),
+            ],
+        )
+        .unwrap();
+        assert_eq!(find(&c, 7, 0).ebx, 0xffff_ff00);
+        assert_eq!(find(&c, 0x4000_0010, 0).edx, 0x1234);
+        let too_many: Vec<_> = (0..kvm_bindings::KVM_MAX_CPUID_ENTRIES as u32)
+            .map(|i| modifier(0x4000_1000 + i, Reg::Eax, 1, 0))
+            .collect();
+        let topo = Topology {
+            apic_id: 0,
+            vcpus: 1,
+        };
+        let e = build(&base(), topo, None, &[], &too_many).unwrap_err();
+        assert!(
+            e.to_string().starts_with("cpu-config: cpuid_modifiers: "),
+            "{e}"
+        );
     }
 }

@@ -5,9 +5,11 @@ use crate::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
 };
+use vigil_model::cpu::MsrModifier;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::boot::EntryPoint;
+use super::cpuid::CustomTemplateError;
 use super::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PML4_START, PVH_INFO_START, ZERO_PAGE_START,
 };
@@ -232,6 +234,30 @@ pub fn setup_common(vcpu: &kvm_ioctls::VcpuFd) -> Result<(), RegsError> {
     set_lint_delivery(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
     set_lint_delivery(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
     vcpu.set_lapic(&lapic).map_err(kvm("set lapic"))
+}
+
+/// Applies a custom template's MSR modifiers to the values the vCPU boots with.
+pub fn modify_msrs(
+    vcpu: &kvm_ioctls::VcpuFd,
+    modifiers: &[MsrModifier],
+) -> Result<(), CustomTemplateError> {
+    for m in modifiers {
+        let refused = |what| CustomTemplateError::Msr { addr: m.addr, what };
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: m.addr,
+            ..Default::default()
+        }])
+        .expect("one MSR fits");
+        if vcpu.get_msrs(&mut msrs).map_err(|_| refused("to read"))? != 1 {
+            return Err(refused("to read"));
+        }
+        let entry = &mut msrs.as_mut_slice()[0];
+        entry.data = m.bits.apply(entry.data);
+        if vcpu.set_msrs(&msrs).map_err(|_| refused("to write"))? != 1 {
+            return Err(refused("to write"));
+        }
+    }
+    Ok(())
 }
 
 const APIC_LVT0: usize = 0x350;
