@@ -421,6 +421,63 @@ fn firecracker_operations_we_claim_exist_with_the_same_success_status() {
     }
 }
 
+/// The README's compatibility table: `(method, path, served)` of each row.
+fn compatibility_table() -> Vec<(String, String, bool)> {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .expect("README.md");
+    readme
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.split('|').map(str::trim).skip(1);
+            let op = cells.next()?.strip_prefix('`')?.strip_suffix('`')?;
+            let (method, path) = op.split_once(' ')?;
+            if !path.starts_with('/') {
+                return None;
+            }
+            let served = match cells.next()? {
+                "served" => true,
+                "refused" => false,
+                other => panic!("{line}: {other:?} is neither served nor refused"),
+            };
+            Some((method.to_ascii_lowercase(), path.to_string(), served))
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_says_of_every_firecracker_operation_whether_it_is_served() {
+    let Some(fc) = firecracker() else { return };
+    let table = compatibility_table();
+    for (path, method, _) in operations(&fc) {
+        let rows = table
+            .iter()
+            .filter(|(m, p, _)| *m == method && *p == path)
+            .count();
+        assert_eq!(
+            rows, 1,
+            "{method} {path}: {rows} rows in the README's table"
+        );
+    }
+    let api = api();
+    for (method, path, served) in &table {
+        let claimed = CLAIMED.contains(&(path.as_str(), method.as_str()));
+        assert_eq!(
+            *served, claimed,
+            "{method} {path}: the README says served={served}, CLAIMED says {claimed}"
+        );
+        if !served {
+            let r = api.handle(&method.to_ascii_uppercase(), &concrete(path), b"{}");
+            assert_eq!(r.status, 400, "{method} {path}");
+            let m = fault(&r);
+            assert!(
+                m.contains("Vigil does not implement this Firecracker resource"),
+                "{method} {path}: {m}"
+            );
+        }
+    }
+}
+
 #[test]
 fn firecracker_shaped_bodies_are_accepted() {
     let Some(fc) = firecracker() else { return };

@@ -195,3 +195,43 @@ tasks = [{ name = "sensor", period = "10ms", wcet = "6ms" },
         let _ = std::fs::remove_file(file);
     }
 }
+
+/// Every flag `vigil firecracker` takes has a row in the README's table of
+/// Firecracker's flags, and every row names a flag it takes.
+#[test]
+fn the_readme_says_what_becomes_of_every_firecracker_flag() {
+    let help = run(&["firecracker", "--help"], TIMEOUT);
+    assert_eq!(help.code, Some(0), "{help}");
+    // Option lines of clap's help: "      --api-sock <PATH>".
+    let flags: Vec<&str> = help
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim_start().split_whitespace().next())
+        .filter(|w| w.starts_with("--") && *w != "--help")
+        .collect();
+    assert!(flags.contains(&"--enable-pci"), "{help}");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    let rows: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `--"))
+        .filter_map(|l| l.split('|').next())
+        .collect();
+    let named: Vec<String> = rows
+        .iter()
+        .flat_map(|cell| cell.split(", "))
+        .map(|f| format!("--{}", f.trim().trim_start_matches("`--").trim_matches('`')))
+        .collect();
+    for flag in &flags {
+        assert!(
+            named.contains(&flag.to_string()),
+            "{flag}: no row in the README"
+        );
+    }
+    for flag in &named {
+        assert!(
+            flags.contains(&flag.as_str()),
+            "{flag}: in the README, not a flag"
+        );
+    }
+}

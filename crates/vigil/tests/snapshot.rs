@@ -120,6 +120,16 @@ fn a_restored_guest_counts_on_with_its_memory_intact() {
         "a paused guest does not count"
     );
     create(&sock, &state, &mem);
+    // Firecracker's `--describe-snapshot` checks the file and prints its version.
+    let described = run(
+        &["firecracker", "--describe-snapshot", text(&state)],
+        TIMEOUT,
+    );
+    assert_eq!(described.code, Some(0), "{described}");
+    assert_eq!(described.stdout.trim(), "v1.0.0", "{described}");
+    let not_one = run(&["firecracker", "--describe-snapshot", text(&mem)], TIMEOUT);
+    assert_ne!(not_one.code, Some(0), "{not_one}");
+    assert!(not_one.stderr.contains("not a Vigil snapshot"), "{not_one}");
     let saved_memory = std::fs::read(&mem).unwrap();
     assert_eq!(
         saved_memory.len(),
