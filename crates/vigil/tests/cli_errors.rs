@@ -206,7 +206,7 @@ fn the_readme_says_what_becomes_of_every_firecracker_flag() {
     let flags: Vec<&str> = help
         .stdout
         .lines()
-        .filter_map(|l| l.trim_start().split_whitespace().next())
+        .filter_map(|l| l.split_whitespace().next())
         .filter(|w| w.starts_with("--") && *w != "--help")
         .collect();
     assert!(flags.contains(&"--enable-pci"), "{help}");
