@@ -228,6 +228,7 @@ fuzz_target!(|input: Input| {
             Duration::from_secs(3600)
         }),
         free_page_reporting: true,
+        free_page_hinting: false,
         deflate_on_oom: true,
     });
     assert_eq!(dev.queue_max_sizes().len(), QUEUES);

@@ -174,6 +174,7 @@ fuzz_target!(|input: Input| {
             target_mib: 1,
             stats_interval: Some(std::time::Duration::ZERO),
             free_page_reporting: true,
+            free_page_hinting: true,
             deflate_on_oom: true,
         })),
     };

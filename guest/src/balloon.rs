@@ -266,3 +266,109 @@ fn evil(dev: Dev, clock: Clock, ram_top: u64, detail: &mut Line) -> Result<(), (
     }
     Ok(())
 }
+
+const F_FREE_PAGE_HINT: u64 = 1 << 3;
+/// Free page hinting's command ids (virtio 1.2, 5.5.6.7).
+const HINT_STOP: u32 = 0;
+const HINT_DONE: u32 = 1;
+/// The hinting command id in the config space, after num_pages and actual.
+const HINT_CMD_ID: u64 = CONFIG + 8;
+/// Pages hinted in the run.
+const HINT_PAGES: u64 = 256;
+/// How long the host may take to start the run, then to answer the stop.
+const HINT_WAIT_MS: u64 = 30_000;
+
+/// `balloon-hint`: free page hinting as Linux's driver does it. Waits for the
+/// host to start a run (a command id of 2 or more in the config space), sends
+/// that id, hints 256 pages holding a pattern (one device-writable buffer
+/// each), sends stop, waits for done, then counts the hinted pages that read
+/// back as zero (discarded by the host).
+pub fn balloon_hint(machine: &Machine, detail: &mut Line) -> bool {
+    with_balloon(machine, detail, hint)
+}
+
+/// Polls the hinting command id until `wanted` accepts it, for `ms` at most.
+fn wait_cmd(dev: Dev, clock: Clock, ms: u64, wanted: impl Fn(u32) -> bool) -> Option<u32> {
+    let start = rdtsc();
+    while rdtsc() - start < clock.ms(ms) {
+        let cmd = dev.read(HINT_CMD_ID);
+        if wanted(cmd) {
+            return Some(cmd);
+        }
+    }
+    None
+}
+
+/// Sends command id `cmd` (a device-readable buffer) on `queue`.
+fn send_cmd(queue: &mut Queue, cmd: u32) -> Result<(), &'static str> {
+    wr(dma(MQ_BUF), cmd);
+    queue.desc(0, dma(MQ_BUF), 4, 0, 0);
+    queue.push_avail(0);
+    queue.notify();
+    queue.wait_used(2000).map(drop)
+}
+
+fn hint(dev: Dev, clock: Clock, ram_top: u64, detail: &mut Line) -> Result<(), ()> {
+    let fail = |detail: &mut Line, what: &str| {
+        detail.str(what);
+        Err(())
+    };
+    if POOL_START + HINT_PAGES * PAGE > ram_top.min(1 << 32) {
+        return fail(detail, "too little RAM for the hinted pages");
+    }
+    let set_up = || -> Result<Queue, &'static str> {
+        let features = virtio::negotiate(dev, clock, F_FREE_PAGE_HINT)?;
+        if features & F_FREE_PAGE_HINT == 0 {
+            return Err("the device does not offer free page hinting");
+        }
+        // Inflate and deflate first; the hinting queue is the third without
+        // statistics.
+        virtio::setup_queue(dev, clock, INFLATE, features)?;
+        virtio::setup_queue(dev, clock, DEFLATE, features)?;
+        let hinting = virtio::setup_queue(dev, clock, 2, features)?;
+        virtio::driver_ok(dev)?;
+        Ok(hinting)
+    };
+    let mut queue = match set_up() {
+        Ok(q) => q,
+        Err(e) => return fail(detail, e),
+    };
+    Serial.str("balloon-hint: waiting for a run\n");
+    let Some(run) = wait_cmd(dev, clock, HINT_WAIT_MS, |c| c > HINT_DONE) else {
+        return fail(detail, "the host started no hinting run");
+    };
+    for p in 0..HINT_PAGES {
+        mark(POOL_START + p * PAGE);
+    }
+    let mut hinted = || -> Result<(), &'static str> {
+        send_cmd(&mut queue, run)?;
+        for p in 0..HINT_PAGES {
+            queue.desc(0, POOL_START + p * PAGE, PAGE as u32, WRITE, 0);
+            queue.push_avail(0);
+            queue.notify();
+            queue.wait_used(2000)?;
+        }
+        send_cmd(&mut queue, HINT_STOP)
+    };
+    if let Err(e) = hinted() {
+        detail.str("hinting: ");
+        return fail(detail, e);
+    }
+    if wait_cmd(dev, clock, HINT_WAIT_MS, |c| c == HINT_DONE).is_none() {
+        return fail(detail, "no done after the stop");
+    }
+    let zeroed = (0..HINT_PAGES)
+        .filter(|p| zeroed(POOL_START + p * PAGE, 0, PAGE))
+        .count() as u64;
+    detail
+        .str("run=")
+        .dec(u64::from(run))
+        .str(" pages=")
+        .dec(HINT_PAGES)
+        .str(" zeroed=")
+        .dec(zeroed);
+    if zeroed != HINT_PAGES {
+        return Err(());
+    }
+    Ok(())
+}

@@ -29,6 +29,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"io-evil" => crate::probe::io_evil(machine, detail),
         b"balloon" => crate::balloon::balloon(machine, detail),
         b"balloon-evil" => crate::balloon::balloon_evil(machine, detail),
+        b"balloon-hint" => crate::balloon::balloon_hint(machine, detail),
         b"net" => net::net(machine, detail),
         b"net-bench" => net::net_bench(machine, detail),
         b"net-evil" => net::net_evil(machine, detail),

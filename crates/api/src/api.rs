@@ -14,13 +14,14 @@ use vigil_model::config::rt::VcpuSchedBody;
 use vigil_model::config::{VcpuSched, VmConfig};
 use vigil_vmm::builder::BuildError;
 use vigil_vmm::snapshot::MemoryKind;
-use vigil_vmm::{RunState, VmControl};
+use vigil_vmm::{BalloonHandle, ControlError, RunState, VmControl};
 
 use crate::metrics::{metrics_line, MetricsError, MetricsSink, RequestCounts};
 use crate::model::{
-    ActionType, BalloonStatsUpdate, BalloonUpdate, InstanceActionInfo, InstanceInfo,
-    MachineConfigUpdate, MemoryBackendType, MigrationParams, PartialDrive, PartialNetworkInterface,
-    SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmState, VmStateValue,
+    ActionType, BalloonStartCmd, BalloonStatsUpdate, BalloonUpdate, InstanceActionInfo,
+    InstanceInfo, MachineConfigUpdate, MemoryBackendType, MigrationParams, PartialDrive,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmState,
+    VmStateValue,
 };
 use crate::preboot::{PreBoot, PreBootError};
 use vigil_introspect::live::Introspector;
@@ -177,6 +178,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/vsock", "PUT"),
     ("/balloon", "GET, PUT, PATCH"),
     ("/balloon/statistics", "GET, PATCH"),
+    ("/balloon/hinting/start", "PATCH"),
+    ("/balloon/hinting/status", "GET"),
+    ("/balloon/hinting/stop", "PATCH"),
     ("/entropy", "PUT"),
     ("/serial", "PUT"),
     ("/cpu-config", "PUT"),
@@ -193,15 +197,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 ];
 
 /// Firecracker resources Vigil does not have.
-const NOT_IMPLEMENTED: &[&str] = &[
-    "/mmds",
-    "/mmds/config",
-    "/pmem",
-    "/hotplug/memory",
-    "/balloon/hinting/start",
-    "/balloon/hinting/status",
-    "/balloon/hinting/stop",
-];
+const NOT_IMPLEMENTED: &[&str] = &["/mmds", "/mmds/config", "/pmem", "/hotplug/memory"];
 
 fn pattern_of(path: &str) -> Option<&'static str> {
     let (first, rest) = match path.trim_start_matches('/').split_once('/') {
@@ -526,6 +522,35 @@ impl Api {
             ("PATCH", "/balloon") => self.patch_balloon(method, path, bytes),
             ("GET", "/balloon/statistics") => self.balloon_stats(),
             ("PATCH", "/balloon/statistics") => self.patch_balloon_stats(method, path, bytes),
+            ("PATCH", "/balloon/hinting/start") => {
+                // The body may be left out: Firecracker's default then.
+                let start = if bytes.iter().all(u8::is_ascii_whitespace) {
+                    BalloonStartCmd::default()
+                } else {
+                    match body::<BalloonStartCmd>(method, path, bytes) {
+                        Ok(s) => s,
+                        Err(r) => return r,
+                    }
+                };
+                self.hinting(method, path, |b| b.start_hinting(start.acknowledge_on_stop))
+            }
+            ("PATCH", "/balloon/hinting/stop") => self.hinting(method, path, |b| b.stop_hinting()),
+            ("GET", "/balloon/hinting/status") => {
+                let inner = lock(&self.inner);
+                let Some(vm) = inner.vm.as_ref() else {
+                    return before_start(method, path);
+                };
+                match vm.balloon().and_then(|b| b.hinting_status()) {
+                    Ok(s) => {
+                        let mut out = json!({ "host_cmd": s.host_cmd });
+                        if let Some(guest) = s.guest_cmd {
+                            out["guest_cmd"] = json!(guest);
+                        }
+                        Response::json(&out)
+                    }
+                    Err(e) => Response::bad(format!("{method} {path}: {e}")),
+                }
+            }
             ("PUT", "/actions") => match body::<InstanceActionInfo>(method, path, bytes) {
                 Ok(a) => self.action(method, path, a.action_type),
                 Err(r) => r,
@@ -1001,6 +1026,20 @@ impl Api {
             }
         }
         Response::json(&Value::Object(out))
+    }
+
+    /// A free page hinting command to the running VM's balloon.
+    fn hinting(
+        &self,
+        method: &str,
+        path: &str,
+        command: impl FnOnce(&BalloonHandle) -> Result<(), ControlError>,
+    ) -> Response {
+        let inner = lock(&self.inner);
+        let Some(vm) = inner.vm.as_ref() else {
+            return before_start(method, path);
+        };
+        done(method, path, vm.balloon().and_then(command))
     }
 
     fn patch_balloon_stats(&self, method: &str, path: &str, bytes: &[u8]) -> Response {

@@ -54,6 +54,28 @@ pub struct BalloonStatsUpdate {
     pub stats_polling_interval_s: u64,
 }
 
+/// `PATCH /balloon/hinting/start` (the body may be left out).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStartCmd {
+    /// Answer the guest's stop with done at once, so that it takes its hinted
+    /// pages back (Firecracker's default).
+    #[serde(default = "yes")]
+    pub acknowledge_on_stop: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for BalloonStartCmd {
+    fn default() -> Self {
+        Self {
+            acknowledge_on_stop: true,
+        }
+    }
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

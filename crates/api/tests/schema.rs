@@ -32,6 +32,9 @@ const CLAIMED: &[(&str, &str)] = &[
     ("/balloon", "patch"),
     ("/balloon/statistics", "get"),
     ("/balloon/statistics", "patch"),
+    ("/balloon/hinting/start", "patch"),
+    ("/balloon/hinting/status", "get"),
+    ("/balloon/hinting/stop", "patch"),
     ("/entropy", "put"),
     ("/serial", "put"),
     ("/cpu-config", "put"),
@@ -281,9 +284,21 @@ fn bodies_that_violate_the_schema_get_400_naming_the_field() {
         let schema = resolve(&doc, schema);
         let full = sample(&doc, schema, true);
 
+        let body_required = get(&op, "requestBody")
+            .and_then(|b| get(b, "required"))
+            .and_then(Yaml::as_bool)
+            .unwrap_or(false);
         let r = call(&api, &method, &path, &Json::Null);
-        assert_eq!(r.status, 400, "{method} {path} without a body");
-        assert!(fault(&r).contains("JSON body"), "{:?}", r.body);
+        if body_required {
+            assert_eq!(r.status, 400, "{method} {path} without a body");
+            assert!(fault(&r).contains("JSON body"), "{:?}", r.body);
+        } else {
+            assert!(
+                !fault(&r).contains("JSON body"),
+                "{method} {path}: {:?}",
+                r.body
+            );
+        }
 
         let r = api.handle(&method.to_ascii_uppercase(), &path, b"{not json");
         assert_eq!(r.status, 400, "{method} {path} with bad JSON");

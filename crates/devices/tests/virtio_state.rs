@@ -545,6 +545,7 @@ fn balloon_keeps_its_target_and_held_statistics_buffer() {
         target_mib: 4,
         stats_interval: Some(interval),
         free_page_reporting: false,
+        free_page_hinting: false,
         deflate_on_oom: true,
     });
     let (mut t, _, _) = attach(Box::new(balloon), &mem);
@@ -611,6 +612,7 @@ fn balloon_refuses_a_held_buffer_outside_its_statistics_queue() {
         target_mib: 1,
         stats_interval: Some(Duration::from_secs(60)),
         free_page_reporting: false,
+        free_page_hinting: false,
         deflate_on_oom: false,
     });
     let (mut t, _, _) = attach(Box::new(balloon), &mem);
@@ -964,6 +966,7 @@ fn every_state_a_guest_can_reach_restores() {
                 target_mib: 1,
                 stats_interval: Some(Duration::from_secs(5)),
                 free_page_reporting: true,
+                free_page_hinting: true,
                 deflate_on_oom: false,
             })),
         };
@@ -1042,6 +1045,7 @@ fn no_state_makes_restoring_panic() {
         target_mib: 1,
         stats_interval: Some(Duration::from_secs(1)),
         free_page_reporting: true,
+        free_page_hinting: false,
         deflate_on_oom: true,
     });
     let (mut t, _, _) = attach(Box::new(balloon), &mem);

@@ -460,8 +460,6 @@ pub enum BodyError {
     Mac(BadMac),
     #[error("is_root_device true: drive {0:?} already is the root device")]
     SecondRoot(String),
-    #[error("free_page_hinting true: Vigil offers free page reporting, not hinting (use free_page_reporting)")]
-    FreePageHinting,
     #[error("rate_limiter: Vigil does not limit the serial console's output (leave it out)")]
     SerialRateLimiter,
     #[error("serial_out_path \"\": empty (leave it out for the VMM's standard output)")]
@@ -495,7 +493,6 @@ impl BodyError {
             Self::Mtu(_) => "mtu",
             Self::Mac(_) => "guest_mac",
             Self::SecondRoot(_) => "is_root_device",
-            Self::FreePageHinting => "free_page_hinting",
             Self::SerialRateLimiter => "rate_limiter",
             Self::SerialPathEmpty => "serial_out_path",
             Self::SlowBucket { field, .. } => field,
@@ -714,14 +711,12 @@ impl Balloon {
     /// The balloon as Vigil attaches it (its size is checked against the
     /// machine by [`VmConfig::validate`]).
     pub fn to_config(&self) -> Result<BalloonConfig, BodyError> {
-        if self.free_page_hinting {
-            return Err(BodyError::FreePageHinting);
-        }
         Ok(BalloonConfig {
             target_mib: self.amount_mib,
             stats_interval: (self.stats_polling_interval_s > 0)
                 .then(|| Duration::from_secs(self.stats_polling_interval_s)),
             free_page_reporting: self.free_page_reporting,
+            free_page_hinting: self.free_page_hinting,
             deflate_on_oom: self.deflate_on_oom,
         })
     }

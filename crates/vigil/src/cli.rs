@@ -428,6 +428,8 @@ pub struct RunArgs {
     /// asked to give back at boot, default 0), stats_s=N (ask for memory statistics
     /// every N seconds; 0 or absent: no statistics queue), free_page_reporting=on
     /// (the guest reports free pages, which are returned to the host),
+    /// free_page_hinting=on (hinting runs, started through the API's PATCH
+    /// /balloon/hinting/start: the pages the guest hints are returned to the host),
     /// deflate_on_oom=on. Pages the guest gives back leave the VMM's resident memory.
     #[arg(long, value_name = "size_mib=N[,stats_s=N][,..]", num_args = 0..=1, default_missing_value = "", value_parser = crate::devices_cli::parse_balloon)]
     pub balloon: Option<BalloonConfig>,

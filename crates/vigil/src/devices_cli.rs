@@ -89,6 +89,7 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
             "size_mib",
             "stats_s",
             "free_page_reporting",
+            "free_page_hinting",
             "deflate_on_oom",
         ],
     )?;
@@ -100,6 +101,7 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
         target_mib: p.named(p.options.size("size_mib"))?.unwrap_or(0),
         stats_interval,
         free_page_reporting: p.named(p.options.on_off("free_page_reporting"))?,
+        free_page_hinting: p.named(p.options.on_off("free_page_hinting"))?,
         deflate_on_oom: p.named(p.options.on_off("deflate_on_oom"))?,
     })
 }

@@ -59,6 +59,19 @@ impl Vigil {
         self.out.lock().unwrap().clone()
     }
 
+    /// Waits until the guest console has printed `text`.
+    fn wait_for(&self, text: &str) {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !self.output().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {text:?} in {}",
+                self.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the process to end: (exit code, stdout, stderr).
     fn finish(mut self) -> (Option<i32>, String, String) {
         let mut run = common::finish(
@@ -220,6 +233,75 @@ fn a_custom_cpu_template_is_what_the_guest_reads() {
     assert_eq!(word("leaf1_ecx") & X2APIC, 0, "{line}");
     assert_ne!(word("leaf1_ecx") & (1 << 31), 0, "other bits kept: {line}");
     assert_eq!(word("misc_enable"), MISC_ENABLE, "{line}");
+}
+
+/// Free page hinting as Firecracker drives it: the guest waits for a run, the
+/// API starts one, the guest hints pages that the host discards (they read back
+/// zero), stops, and the run is acknowledged (done); the status shows each
+/// side's last command. Without `free_page_hinting` the commands are refused.
+#[test]
+fn a_free_page_hinting_run_discards_the_hinted_pages() {
+    let dir = scratch("hinting");
+    let sock = dir.join("api.sock");
+    let vigil = Vigil::spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--kernel",
+        &guest(),
+        "--cmdline",
+        "test=balloon-hint",
+        "--memory",
+        "64",
+        "--balloon",
+        "free_page_hinting=on",
+    ]);
+    wait_for(&sock, TIMEOUT);
+    vigil.wait_for("balloon-hint: waiting for a run");
+    let status = || request(&sock, "GET", "/balloon/hinting/status", "").json();
+    assert_eq!(status(), json!({"host_cmd": 0}), "no run yet");
+    refused(
+        &sock,
+        "PATCH",
+        "/balloon/hinting/start",
+        r#"{"acknowledge_on_stop": "yes"}"#,
+        "acknowledge_on_stop",
+    );
+    // No body: Firecracker's default, acknowledged on stop.
+    let a = request(&sock, "PATCH", "/balloon/hinting/start", "");
+    assert_eq!(a.status, 204, "{a:?}");
+    let (code, out, err) = vigil.finish();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("TEST balloon-hint"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(line, "TEST balloon-hint PASS run=2 pages=256 zeroed=256");
+
+    // A balloon without hinting refuses the commands.
+    let sock = dir.join("plain.sock");
+    let vigil = Vigil::spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--kernel",
+        &guest(),
+        "--cmdline",
+        "test=counter",
+        "--balloon",
+    ]);
+    vigil.wait_for("counter: 1");
+    for (method, path) in [
+        ("PATCH", "/balloon/hinting/start"),
+        ("GET", "/balloon/hinting/status"),
+        ("PATCH", "/balloon/hinting/stop"),
+    ] {
+        refused(&sock, method, path, "", "free page hinting was not enabled");
+    }
+    // SAFETY: the pid is our own child's, still running.
+    unsafe { libc::kill(vigil.child.id() as i32, libc::SIGTERM) };
+    vigil.finish();
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `PUT /serial` sends the console to a file instead of the VMM's standard

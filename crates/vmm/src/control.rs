@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use vigil_devices::legacy::I8042;
 use vigil_devices::rate_limiter::{LimitUpdate, RateLimitControl};
-use vigil_devices::virtio::balloon::{BalloonControl, Stats};
+use vigil_devices::virtio::balloon::{BalloonControl, HintingStatus, Stats};
 use vigil_devices::virtio::{Interrupt, INT_CONFIG};
 use vigil_metrics::MetricsHandle;
 use vigil_model::config::BalloonConfig;
@@ -67,6 +67,10 @@ pub enum ControlError {
     NoNet(usize, usize),
     #[error("the balloon was configured without statistics (stats_polling_interval_s 0); they cannot be turned on or off after boot")]
     BalloonStatsOff,
+    #[error(
+        "free page hinting was not enabled (free_page_hinting true in PUT /balloon, before boot)"
+    )]
+    HintingOff,
     #[error("no vCPU {0} (the VM has {1})")]
     NoVcpu(u32, usize),
     #[error(transparent)]
@@ -156,6 +160,31 @@ impl BalloonHandle {
     /// The latest statistics the guest sent: `(tag, value)`.
     pub fn stats(&self) -> Stats {
         self.control.stats()
+    }
+
+    fn hinting(&self) -> Result<&BalloonControl, ControlError> {
+        if !self.config.free_page_hinting {
+            return Err(ControlError::HintingOff);
+        }
+        Ok(&self.control)
+    }
+
+    /// Starts a free page hinting run; with `ack_on_stop` the guest's stop is
+    /// answered at once, so that it takes its hinted pages back.
+    pub fn start_hinting(&self, ack_on_stop: bool) -> Result<(), ControlError> {
+        self.hinting()?.start_hinting(ack_on_stop);
+        Ok(())
+    }
+
+    /// Ends the run: the guest takes its hinted pages back.
+    pub fn stop_hinting(&self) -> Result<(), ControlError> {
+        self.hinting()?.stop_hinting();
+        Ok(())
+    }
+
+    /// The last hinting command of the host and of the guest.
+    pub fn hinting_status(&self) -> Result<HintingStatus, ControlError> {
+        Ok(self.hinting()?.hinting_status())
     }
 }
 

@@ -149,6 +149,7 @@ impl<'a> DeviceManager<'a> {
     ) -> Result<(), BuildError> {
         let control = balloon.control();
         let attached = self.attach(Box::new(balloon), saved)?;
+        control.set_config_interrupt(attached.interrupt.clone());
         let handle = BalloonHandle::new(control, attached.interrupt, config);
         self.devices.handles.balloon = Some(handle);
         Ok(())
@@ -194,12 +195,7 @@ impl<'a> DeviceManager<'a> {
             DeviceState::Balloon(s) => {
                 let balloon =
                     Balloon::restore((), s).map_err(|e| in_device(e.within("balloon")))?;
-                let config = BalloonConfig {
-                    target_mib: (u64::from(s.num_pages) * 4096) >> 20,
-                    stats_interval: s.stats_interval,
-                    free_page_reporting: s.free_page_reporting,
-                    deflate_on_oom: s.deflate_on_oom,
-                };
+                let config = balloon.config();
                 let counters = self.counters(DeviceKind::Balloon, "balloon0".into());
                 self.attach_balloon(balloon.with_counters(counters), config, Some(saved))
             }

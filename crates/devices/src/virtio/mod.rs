@@ -60,6 +60,14 @@ pub struct Interrupt {
     irq: EventFd,
 }
 
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interrupt")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Interrupt {
     /// An interrupt raised by writing `irq` (an irqfd).
     pub fn new(irq: EventFd) -> Self {

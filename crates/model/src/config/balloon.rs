@@ -13,6 +13,9 @@ pub struct BalloonConfig {
     pub stats_interval: Option<Duration>,
     /// Offer free page reporting.
     pub free_page_reporting: bool,
+    /// Offer free page hinting: runs the host starts and stops, in which the
+    /// guest hints free pages that the host discards.
+    pub free_page_hinting: bool,
     /// Let the guest deflate when it runs out of memory.
     pub deflate_on_oom: bool,
 }

@@ -2,16 +2,16 @@
 //! statistics it holds, and the control it shares with the host.
 
 use std::io::Read;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::virtio::Reader;
+use crate::virtio::{Interrupt, Reader, INT_CONFIG};
 use crate::GuestMemoryMmap;
 use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::Queue;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::persist::Persist;
 use crate::virtio::persist::DeviceState;
@@ -35,13 +35,22 @@ pub(super) const MAX_STATS: usize = 64;
 
 const F_STATS_VQ: u64 = 1 << 1;
 const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+const F_FREE_PAGE_HINT: u64 = 1 << 3;
 const F_REPORTING: u64 = 1 << 5;
+
+/// Free page hinting's command ids (virtio 1.2, 5.5.6.7; Linux's
+/// `VIRTIO_BALLOON_CMD_ID_*`): the host asks the guest to stop hinting, or to
+/// take the hinted pages back (done); every other id names a hinting run.
+const HINT_CMD_STOP: u32 = 0;
+const HINT_CMD_DONE: u32 = 1;
+const FIRST_HINT_RUN: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
     Inflate,
     Deflate,
     Stats,
+    Hinting,
     Reporting,
 }
 
@@ -57,6 +66,24 @@ pub struct BalloonControl {
     /// The statistics interval in milliseconds (0: none), when statistics are on.
     stats_interval_ms: AtomicU64,
     stats: Mutex<Stats>,
+    /// Free page hinting: the command id the host shows the guest, the last one
+    /// the guest sent (`u32::MAX`: none yet), and whether a guest's stop is
+    /// answered with done at once.
+    hint_host_cmd: AtomicU32,
+    hint_guest_cmd: AtomicU32,
+    /// The last run's id: each run gets a new one.
+    hint_last_run: AtomicU32,
+    hint_ack_on_stop: AtomicBool,
+    /// The device's interrupt, for configuration changes the device itself makes
+    /// (a hinting run acknowledged on stop).
+    config_interrupt: OnceLock<Arc<Interrupt>>,
+}
+
+/// Where a free page hinting run stands: the last command of each side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HintingStatus {
+    pub host_cmd: u32,
+    pub guest_cmd: Option<u32>,
 }
 
 impl BalloonControl {
@@ -99,6 +126,68 @@ impl BalloonControl {
     pub fn stats(&self) -> Stats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// The interrupt the device raises its configuration changes on.
+    pub fn set_config_interrupt(&self, interrupt: Arc<Interrupt>) {
+        let _ = self.config_interrupt.set(interrupt);
+    }
+
+    fn config_changed(&self) {
+        if let Some(i) = self.config_interrupt.get() {
+            i.signal(INT_CONFIG);
+        }
+    }
+
+    /// Starts a free page hinting run (a new command id, shown to the guest):
+    /// the pages it hints are discarded until it stops. With `ack_on_stop`, the
+    /// guest's stop is answered with done, so that it takes its pages back.
+    pub fn start_hinting(&self, ack_on_stop: bool) {
+        let last = self.hint_last_run.load(Ordering::Acquire);
+        let next = last.wrapping_add(1).max(FIRST_HINT_RUN);
+        self.hint_last_run.store(next, Ordering::Release);
+        self.hint_ack_on_stop.store(ack_on_stop, Ordering::Release);
+        self.hint_host_cmd.store(next, Ordering::Release);
+        self.config_changed();
+    }
+
+    /// Ends the run: the guest takes the hinted pages back.
+    pub fn stop_hinting(&self) {
+        self.hint_host_cmd.store(HINT_CMD_DONE, Ordering::Release);
+        self.config_changed();
+    }
+
+    /// The last command of each side.
+    pub fn hinting_status(&self) -> HintingStatus {
+        let guest = self.hint_guest_cmd.load(Ordering::Acquire);
+        HintingStatus {
+            host_cmd: self.hint_host_cmd.load(Ordering::Acquire),
+            guest_cmd: (guest != u32::MAX).then_some(guest),
+        }
+    }
+
+    pub(super) fn restore_hinting(&self, host_cmd: u32, guest_cmd: u32) {
+        self.hint_host_cmd.store(host_cmd, Ordering::Release);
+        self.hint_last_run.store(host_cmd, Ordering::Release);
+        self.hint_guest_cmd.store(guest_cmd, Ordering::Release);
+    }
+
+    /// The guest sent command `cmd` on the hinting queue.
+    fn guest_hint_cmd(&self, cmd: u32) {
+        self.hint_guest_cmd.store(cmd, Ordering::Release);
+        let host = self.hint_host_cmd.load(Ordering::Acquire);
+        if cmd == HINT_CMD_STOP
+            && host >= FIRST_HINT_RUN
+            && self.hint_ack_on_stop.load(Ordering::Acquire)
+        {
+            self.stop_hinting();
+        }
+    }
+
+    /// Whether the guest's hints belong to the host's current run.
+    fn hinting_now(&self) -> bool {
+        let host = self.hint_host_cmd.load(Ordering::Acquire);
+        host >= FIRST_HINT_RUN && self.hint_guest_cmd.load(Ordering::Acquire) == host
+    }
 }
 
 /// A virtio-balloon device.
@@ -124,7 +213,10 @@ impl Balloon {
     pub fn new(config: BalloonConfig) -> Self {
         let roles = roles(offered(&config));
         let metrics = Arc::new(DeviceCounters::new(DeviceKind::Balloon, "balloon0"));
-        let control = Arc::new(BalloonControl::default());
+        let control = Arc::new(BalloonControl {
+            hint_guest_cmd: AtomicU32::new(u32::MAX),
+            ..Default::default()
+        });
         control.set_target_mib(config.target_mib);
         control.set_stats_interval(config.stats_interval.unwrap_or_default());
         metrics
@@ -191,6 +283,12 @@ impl Balloon {
             self.reported_bytes,
             self.bad_pages,
         )
+    }
+
+    /// The configuration it offers (its initial target, for a restored one, the
+    /// saved target).
+    pub fn config(&self) -> BalloonConfig {
+        self.config
     }
 
     /// A handle on the target, the driver's count and the statistics, for the host.
@@ -285,6 +383,9 @@ fn offered(config: &BalloonConfig) -> u64 {
     if config.free_page_reporting {
         f |= F_REPORTING;
     }
+    if config.free_page_hinting {
+        f |= F_FREE_PAGE_HINT;
+    }
     f
 }
 
@@ -294,6 +395,9 @@ fn roles(features: u64) -> Vec<Role> {
     let mut roles = vec![Role::Inflate, Role::Deflate];
     if features & F_STATS_VQ != 0 {
         roles.push(Role::Stats);
+    }
+    if features & F_FREE_PAGE_HINT != 0 {
+        roles.push(Role::Hinting);
     }
     if features & F_REPORTING != 0 {
         roles.push(Role::Reporting);
@@ -323,14 +427,17 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; 8];
+        // num_pages, actual, free_page_hint_cmd_id, poison_val (no poisoning).
+        let mut config = [0u8; 16];
         let target_pages = self.control.pages().0;
         // The host may have changed the target since: keep the gauge in step.
         self.metrics
             .balloon_target_pages
             .set(u64::from(target_pages));
         config[..4].copy_from_slice(&target_pages.to_le_bytes());
-        config[4..].copy_from_slice(&self.actual_pages.to_le_bytes());
+        config[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
+        let cmd = self.control.hint_host_cmd.load(Ordering::Acquire);
+        config[8..12].copy_from_slice(&cmd.to_le_bytes());
         copy_config(&config, offset, data);
     }
 
@@ -412,6 +519,29 @@ impl VirtioDevice for Balloon {
                     return Ok(Served::Kept {
                         release: self.stats_held.replace(head),
                     });
+                }
+                Role::Hinting => {
+                    // A command id (device-readable, 4 bytes), or hints: free
+                    // pages (device-writable) the guest holds until done.
+                    for desc in chain.clone() {
+                        let (addr, len) = (desc.addr().0, u64::from(desc.len()));
+                        if !desc.is_write_only() {
+                            let mut cmd = [0u8; 4];
+                            if len >= 4 && mem.read_slice(&mut cmd, desc.addr()).is_ok() {
+                                self.control.guest_hint_cmd(u32::from_le_bytes(cmd));
+                            } else {
+                                self.bad_pages += 1;
+                                self.metrics.errors.inc();
+                            }
+                        } else if self.control.hinting_now() {
+                            if self.discard(mem, addr, len) {
+                                self.metrics.bytes_out.add(len);
+                            } else {
+                                self.bad_pages += 1;
+                                self.metrics.errors.inc();
+                            }
+                        }
+                    }
                 }
                 Role::Reporting => {
                     self.metrics.ops_out.inc();
@@ -518,7 +648,7 @@ mod tests {
         b.read_config(0, &mut data);
         assert_eq!(data, [0, 2, 0, 0, 7, 0, 0, 0]);
         let mut past = [0xffu8; 4];
-        b.read_config(6, &mut past);
+        b.read_config(14, &mut past);
         assert_eq!(past, [0, 0, 0xff, 0xff]);
     }
 
@@ -621,5 +751,61 @@ mod tests {
         // A reset offers every queue again.
         b.reset();
         assert_eq!(b.roles.len(), 4);
+    }
+
+    #[test]
+    fn hints_are_discarded_only_within_the_hosts_run() {
+        let mem = mem();
+        let mut b = Balloon::new(BalloonConfig {
+            free_page_hinting: true,
+            ..Default::default()
+        });
+        // Inflate, deflate, then hinting: the third queue without statistics.
+        assert_eq!(b.roles, [Role::Inflate, Role::Deflate, Role::Hinting]);
+        let control = b.control();
+        let hint = |b: &mut Balloon, cmd: Option<u32>| {
+            mem.write_obj(0x77u64, GuestAddress(0x50000)).unwrap();
+            let mut descs = Vec::new();
+            if let Some(cmd) = cmd {
+                mem.write_obj(cmd, GuestAddress(0x20000)).unwrap();
+                descs.push((0x20000, 4, 0));
+            } else {
+                descs.push((0x50000, 4096, WRITE));
+            }
+            let mut q = queue_with(&mem, &descs);
+            b.process_queue(2, &mut q, &mem).unwrap();
+            mem.read_obj::<u64>(GuestAddress(0x50000)).unwrap()
+        };
+        assert_eq!(hint(&mut b, None), 0x77, "no run: the page is kept");
+        control.start_hinting(true);
+        let run = control.hinting_status().host_cmd;
+        assert!(run >= FIRST_HINT_RUN);
+        let mut config = [0u8; 4];
+        b.read_config(8, &mut config);
+        assert_eq!(
+            u32::from_le_bytes(config),
+            run,
+            "the guest reads the run's id"
+        );
+        assert_eq!(
+            hint(&mut b, Some(run - 1)),
+            0x77,
+            "a stale id: not this run"
+        );
+        assert_eq!(hint(&mut b, None), 0x77);
+        hint(&mut b, Some(run));
+        assert_eq!(hint(&mut b, None), 0, "within the run: discarded");
+        hint(&mut b, Some(HINT_CMD_STOP));
+        assert_eq!(
+            control.hinting_status(),
+            HintingStatus {
+                host_cmd: HINT_CMD_DONE,
+                guest_cmd: Some(HINT_CMD_STOP)
+            },
+            "acknowledged on stop"
+        );
+        assert_eq!(hint(&mut b, None), 0x77, "stopped: kept");
+        control.start_hinting(false);
+        assert_eq!(control.hinting_status().host_cmd, run + 1);
     }
 }

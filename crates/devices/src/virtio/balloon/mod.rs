@@ -6,5 +6,5 @@
 mod device;
 mod persist;
 
-pub use device::{Balloon, BalloonControl, Stats, PAGE_SIZE, TYPE_BALLOON};
+pub use device::{Balloon, BalloonControl, HintingStatus, Stats, PAGE_SIZE, TYPE_BALLOON};
 pub use persist::{BalloonStat, BalloonState};

@@ -31,11 +31,23 @@ pub struct BalloonState {
     /// How often statistics are asked for; `None`: no statistics queue.
     pub stats_interval: Option<Duration>,
     pub free_page_reporting: bool,
+    /// Free page hinting offered, and the last command id of each side
+    /// (`u32::MAX`: the guest sent none). Absent from older snapshots.
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    #[serde(default)]
+    pub hint_host_cmd: u32,
+    #[serde(default = "no_guest_cmd")]
+    pub hint_guest_cmd: u32,
     pub deflate_on_oom: bool,
     /// Head of the statistics buffer the device holds, if any.
     pub stats_held: Option<u16>,
     /// The statistics last received.
     pub stats: Vec<BalloonStat>,
+}
+
+fn no_guest_cmd() -> u32 {
+    u32::MAX
 }
 
 /// The statistics queue's place: after inflate and deflate.
@@ -52,6 +64,9 @@ impl Persist for Balloon {
             actual: self.actual_pages,
             stats_interval: self.config.stats_interval,
             free_page_reporting: self.config.free_page_reporting,
+            free_page_hinting: self.config.free_page_hinting,
+            hint_host_cmd: self.control.hinting_status().host_cmd,
+            hint_guest_cmd: self.control.hinting_status().guest_cmd.unwrap_or(u32::MAX),
             deflate_on_oom: self.config.deflate_on_oom,
             stats_held: self.stats_held,
             stats: self
@@ -88,16 +103,15 @@ impl Persist for Balloon {
             target_mib: (u64::from(s.num_pages) * PAGE_SIZE) >> 20,
             stats_interval: s.stats_interval,
             free_page_reporting: s.free_page_reporting,
+            free_page_hinting: s.free_page_hinting,
             deflate_on_oom: s.deflate_on_oom,
         };
         let stats = s.stats.iter().map(|s| (s.tag, s.value)).collect();
-        Ok(Balloon::restored(
-            config,
-            s.num_pages,
-            s.actual,
-            s.stats_held,
-            stats,
-        ))
+        let balloon = Balloon::restored(config, s.num_pages, s.actual, s.stats_held, stats);
+        balloon
+            .control
+            .restore_hinting(s.hint_host_cmd, s.hint_guest_cmd);
+        Ok(balloon)
     }
 }
 
