@@ -6,7 +6,9 @@ use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -162,12 +164,56 @@ async fn accept_loop(listener: UnixListener, api: Arc<Api>) {
         tokio::task::spawn(async move {
             let service = service_fn(move |req| answer(api.clone(), req));
             if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(Persistent(stream)), service)
                 .await
             {
                 tracing::debug!("API connection: {e}");
             }
         });
+    }
+}
+
+/// A connection on which HTTP/1.0 requests are taken as HTTP/1.1, so that it
+/// stays open after the answer. Firecracker keeps every connection open, and
+/// clients written against it send HTTP/1.0 request lines and then reuse the
+/// connection. The request line's `HTTP/1.0\r\n` is rewritten as it is read
+/// (a JSON body cannot hold a raw CR LF); one split across two reads keeps
+/// HTTP/1.0's close, as before.
+struct Persistent(tokio::net::UnixStream);
+
+impl tokio::io::AsyncRead for Persistent {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.0).poll_read(cx, buf);
+        let fresh = &mut buf.filled_mut()[before..];
+        let mut at = 0;
+        while let Some(i) = fresh[at..].windows(10).position(|w| w == b"HTTP/1.0\r\n") {
+            fresh[at + i + 7] = b'1';
+            at += i + 10;
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Persistent {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

@@ -735,6 +735,34 @@ fn vigil_answers_as_firecracker() {
     assert!(out.contains("TEST serial PASS"), "{out}");
 }
 
+/// Clients written against Firecracker send HTTP/1.0 request lines and reuse
+/// the connection: it stays open after each answer, as Firecracker's does.
+#[test]
+fn an_http_1_0_connection_stays_open_for_the_next_request() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = scratch("http10");
+    let sock = dir.join("api.sock");
+    let vigil = Vigil::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for(&sock, TIMEOUT);
+    let mut conn = UnixStream::connect(&sock).unwrap();
+    conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+    for _ in 0..3 {
+        conn.write_all(b"GET /version HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).ends_with("\"1.17.0\"}") {
+            let n = conn.read(&mut buf).unwrap();
+            assert_ne!(n, 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
+    }
+    // SAFETY: the pid is our own child's, still running.
+    unsafe { libc::kill(vigil.child.id() as i32, libc::SIGTERM) };
+    vigil.finish();
+}
+
 #[test]
 fn the_socket_in_use_stale_and_removed() {
     let dir = scratch("socket");
