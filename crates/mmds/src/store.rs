@@ -2,7 +2,6 @@
 //! the net devices share.
 
 use std::fmt;
-use std::io::Read;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -167,7 +166,13 @@ impl Mmds {
     /// A new session token living `ttl`, as hex.
     pub(crate) fn new_token(&self, now: Instant, ttl: Duration) -> std::io::Result<String> {
         let mut token = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut token)?;
+        // getrandom, not /dev/urandom: the device thread that calls this may not
+        // open files (its seccomp filter).
+        // SAFETY: the kernel writes at most `token.len()` bytes into `token`.
+        let n = unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
+        if n != token.len() as isize {
+            return Err(std::io::Error::last_os_error());
+        }
         let mut s = self.lock();
         s.tokens.retain(|(_, until)| *until > now);
         if s.tokens.len() >= MAX_TOKENS {

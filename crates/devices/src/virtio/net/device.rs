@@ -10,6 +10,7 @@ use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
+use super::mmds::{MmdsCounters, MmdsStack};
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::persist::Persist;
 use crate::rate_limiter::{RateLimitControl, RateLimiter};
@@ -75,6 +76,8 @@ pub struct Net {
     tx_buf: Vec<u8>,
     counters: NetCounters,
     metrics: Arc<DeviceCounters>,
+    /// MMDS, when this interface reaches it: its frames never touch the tap.
+    mmds: Option<MmdsStack>,
 }
 
 impl Net {
@@ -101,6 +104,7 @@ impl Net {
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Net, config.tap.clone())),
+            mmds: config.mmds.clone().and_then(MmdsStack::new),
         }
     }
 
@@ -121,6 +125,11 @@ impl Net {
         self.counters
     }
 
+    /// What MMDS saw on this interface, when it reaches MMDS.
+    pub fn mmds_counters(&self) -> Option<MmdsCounters> {
+        self.mmds.as_ref().map(MmdsStack::counters)
+    }
+
     /// Moves frames from the tap into the guest's receive buffers until either
     /// runs out (or the limiter says wait).
     fn receive(
@@ -132,6 +141,14 @@ impl Net {
         let mut used = false;
         let mut budget = Budget::of(queue);
         loop {
+            if self.rx_len == 0 {
+                if let Some(frame) = self.mmds.as_mut().and_then(MmdsStack::to_guest) {
+                    // At most FRAME_MAX bytes: it fits after the header.
+                    let len = VNET_HDR_LEN + frame.len();
+                    self.rx_buf[VNET_HDR_LEN..len].copy_from_slice(&frame);
+                    self.rx_len = len;
+                }
+            }
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_buf) {
                     Ok(0) => {
@@ -253,6 +270,12 @@ impl Net {
                         // Offloads were not offered: whatever the guest put in the
                         // header, the frame is complete as it is.
                         self.tx_buf[..VNET_HDR_LEN].fill(0);
+                        let frame = &self.tx_buf[VNET_HDR_LEN..len];
+                        if let Some(mmds) = self.mmds.as_mut().filter(|m| m.is_for_mmds(frame)) {
+                            mmds.from_guest(frame);
+                            self.metrics.ops_other.inc();
+                            return Ok(Served::Used(0));
+                        }
                         match self.tap.write_frame(&self.tx_buf[..len]) {
                             Ok(_) => {
                                 self.counters.tx_frames += 1;
@@ -315,6 +338,37 @@ impl VirtioDevice for Net {
             TX => self.transmit(queue, mem),
             _ => Ok(QueueOutcome::Done(false)),
         }
+    }
+
+    /// As [`Self::process_queue`]; a transmission MMDS answered is delivered
+    /// on the receive queue at once.
+    fn process_queues(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let Some(queue) = queues.get_mut(index) else {
+            return Ok(QueueOutcome::Done(false));
+        };
+        let sent = self.process_queue(index, queue, mem)?;
+        if index != TX || !self.mmds.as_ref().is_some_and(MmdsStack::has_frames) {
+            return Ok(sent);
+        }
+        let Some(rx) = queues.get_mut(RX).filter(|q| q.ready()) else {
+            return Ok(sent);
+        };
+        let received = self.receive(rx, mem)?;
+        Ok(match (sent, received) {
+            (QueueOutcome::Done(a), QueueOutcome::Done(b)) => QueueOutcome::Done(a || b),
+            (QueueOutcome::RetryAfter(wait, a), QueueOutcome::Done(b))
+            | (QueueOutcome::Done(a), QueueOutcome::RetryAfter(wait, b)) => {
+                QueueOutcome::RetryAfter(wait, a || b)
+            }
+            (QueueOutcome::RetryAfter(w1, a), QueueOutcome::RetryAfter(w2, b)) => {
+                QueueOutcome::RetryAfter(w1.min(w2), a || b)
+            }
+        })
     }
 
     fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
