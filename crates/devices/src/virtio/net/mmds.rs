@@ -297,6 +297,11 @@ fn serve(mmds: &Mmds, c: &mut Connection, socket: &mut tcp::Socket, counters: &m
 mod tests {
     use super::*;
     use serde_json::json;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
+        TcpRepr, TcpSeqNumber,
+    };
     use vigil_mmds::MmdsConfig;
 
     const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
@@ -339,6 +344,97 @@ mod tests {
         let mut other = arp_request();
         other[41] = 1;
         assert!(!s.is_for_mmds(&other));
+    }
+
+    /// A TCP segment from the guest to MMDS port 80.
+    fn tcp(port: u16, seq: u32, ack: Option<u32>, control: TcpControl, payload: &[u8]) -> Vec<u8> {
+        let (src, dst) = (Ipv4Addr::from(GUEST_IP), vigil_mmds::DEFAULT_IPV4);
+        let tcp = TcpRepr {
+            src_port: port,
+            dst_port: PORT,
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 8192,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut f = vec![0; 14 + ip.buffer_len() + tcp.buffer_len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut f[..]);
+        eth.set_dst_addr(EthernetAddress(MMDS_MAC));
+        eth.set_src_addr(EthernetAddress(GUEST_MAC));
+        eth.set_ethertype(EthernetProtocol::Ipv4);
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut f[14..34]), &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(&mut f[34..]),
+            &IpAddress::Ipv4(src),
+            &IpAddress::Ipv4(dst),
+            &caps,
+        );
+        f
+    }
+
+    /// The TCP segments MMDS sent: (flags SYN, ACK, RST, FIN; seq; payload).
+    fn replies(s: &mut MmdsStack) -> Vec<(bool, bool, bool, bool, u32, Vec<u8>)> {
+        std::iter::from_fn(|| s.to_guest())
+            .filter(|f| f[12..14] == ETH_IPV4)
+            .map(|f| {
+                let t = TcpPacket::new_checked(&f[34..]).unwrap();
+                let seq = t.seq_number().0 as u32;
+                (
+                    t.syn(),
+                    t.ack(),
+                    t.rst(),
+                    t.fin(),
+                    seq,
+                    t.payload().to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_tcp_connection_gets_its_answer_and_connections_are_bounded() {
+        let mut s = stack();
+        s.from_guest(&arp_request());
+        let _ = s.to_guest();
+        let syn = tcp(40000, 100, None, TcpControl::Syn, &[]);
+        assert!(s.is_for_mmds(&syn));
+        s.from_guest(&syn);
+        let r = replies(&mut s);
+        assert!(matches!(r[..], [(true, true, false, false, _, _)]), "{r:?}");
+        let server = r[0].4.wrapping_add(1);
+        let request = b"GET /k HTTP/1.1\r\n\r\n";
+        s.from_guest(&tcp(40000, 101, Some(server), TcpControl::Psh, request));
+        let answer: Vec<u8> = replies(&mut s).into_iter().flat_map(|r| r.5).collect();
+        let text = String::from_utf8(answer).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nv"), "{text}");
+        assert_eq!(s.counters().requests, 1);
+
+        // 7 listeners are left: the eighth new connection is reset.
+        let mut accepted = 0;
+        let mut reset = 0;
+        for port in 41000..41008 {
+            s.from_guest(&tcp(port, 1, None, TcpControl::Syn, &[]));
+            for (syn, _, rst, _, _, _) in replies(&mut s) {
+                accepted += usize::from(syn);
+                reset += usize::from(rst);
+            }
+        }
+        assert_eq!((accepted, reset), (CONNECTIONS - 1, 1));
     }
 
     #[test]
