@@ -10,7 +10,7 @@ use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
-use super::mmds::{MmdsCounters, MmdsStack};
+use super::mmds::MmdsStack;
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::persist::Persist;
 use crate::rate_limiter::{RateLimitControl, RateLimiter};
@@ -56,7 +56,8 @@ pub struct NetCounters {
     pub rx_bytes: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
-    /// Frames dropped: malformed chains, oversized or runt frames, a full tap.
+    /// Frames dropped: malformed chains, oversized or runt frames, a full tap,
+    /// MMDS frames that did not fit its queues.
     pub errors: u64,
 }
 
@@ -123,11 +124,6 @@ impl Net {
     /// Frames and bytes each way, and drops.
     pub fn counters(&self) -> NetCounters {
         self.counters
-    }
-
-    /// What MMDS saw on this interface, when it reaches MMDS.
-    pub fn mmds_counters(&self) -> Option<MmdsCounters> {
-        self.mmds.as_ref().map(MmdsStack::counters)
     }
 
     /// Moves frames from the tap into the guest's receive buffers until either
@@ -272,8 +268,10 @@ impl Net {
                         self.tx_buf[..VNET_HDR_LEN].fill(0);
                         let frame = &self.tx_buf[VNET_HDR_LEN..len];
                         if let Some(mmds) = self.mmds.as_mut().filter(|m| m.is_for_mmds(frame)) {
-                            mmds.from_guest(frame);
+                            let dropped = mmds.from_guest(frame);
                             self.metrics.ops_other.inc();
+                            self.counters.errors += dropped;
+                            self.metrics.errors.add(dropped);
                             return Ok(Served::Used(0));
                         }
                         match self.tap.write_frame(&self.tx_buf[..len]) {

@@ -13,5 +13,5 @@ mod persist;
 pub mod tap;
 
 pub use device::{Net, NetCounters, NetError, MAX_BUFFER, RX, TX};
-pub use mmds::{MmdsCounters, MmdsStack, MMDS_MAC};
+pub use mmds::{MmdsStack, MMDS_MAC};
 pub use persist::NetState;
