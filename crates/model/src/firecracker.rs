@@ -764,6 +764,29 @@ mod tests {
     }
 
     #[test]
+    fn mmds_config_reaches_the_interfaces_it_names_and_the_shared_store() {
+        let exe = std::env::current_exe().unwrap().display().to_string();
+        let mut d = document(&exe);
+        d.network_interfaces
+            .push(parse(br#"{"iface_id": "eth1", "host_dev_name": "vg1"}"#).unwrap());
+        d.mmds_config =
+            Some(parse(br#"{"version": "V2", "network_interfaces": ["eth1"]}"#).unwrap());
+        let mut c = d.to_vm_config(&LIMITS).unwrap();
+        assert!(c.nets[0].mmds.is_none());
+        let store = Mmds::new(100);
+        c.share_mmds(&store);
+        assert_eq!(c.nets[1].mmds.as_ref(), Some(&store));
+        assert_eq!(store.config(), d.mmds_config);
+
+        d.mmds_config = Some(parse(br#"{"network_interfaces": ["eth9"]}"#).unwrap());
+        let e = d.to_vm_config(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.starts_with("mmds-config: network_interfaces \"eth9\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn vigil_keys_schedule_vcpus_and_add_the_rt_timer() {
         let exe = std::env::current_exe().unwrap().display().to_string();
         let mut d = document(&exe);
