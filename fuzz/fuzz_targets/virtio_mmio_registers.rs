@@ -163,6 +163,7 @@ fuzz_target!(|input: Input| {
                 mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
                 rx_rate_limit: Default::default(),
                 tx_rate_limit: Default::default(),
+                mmds: None,
             };
             Box::new(Net::with_tap(tap, &config))
         }

@@ -103,6 +103,7 @@ fuzz_target!(|input: Input| {
         mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
         rx_rate_limit: RateLimit::default(),
         tx_rate_limit,
+        mmds: None,
     };
     let mut dev = Net::with_tap(tap, &config);
 

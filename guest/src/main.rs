@@ -14,6 +14,7 @@ mod bootinfo;
 mod cpu;
 mod introspect;
 mod mem;
+mod mmds;
 mod mobility;
 mod module;
 mod net;

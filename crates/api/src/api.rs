@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use vigil_mmds::{Mmds, MmdsConfig};
 use vigil_model::config::rt::VcpuSchedBody;
 use vigil_model::config::{VcpuSched, VmConfig};
 use vigil_vmm::builder::BuildError;
@@ -158,6 +159,9 @@ pub struct Api {
     migrator: Mutex<Option<Arc<Migrator>>>,
     /// A `GET /vigil/migration` has shown a completed migration.
     migration_summary_read: AtomicBool,
+    /// The MMDS data store, before and after the VM starts; shared with the
+    /// net devices that reach it.
+    mmds: Mmds,
 }
 
 /// Live migration of the running VM ([`Api::set_migrator`]).
@@ -190,6 +194,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/snapshot/load", "PUT"),
     ("/metrics", "PUT"),
     ("/logger", "PUT"),
+    ("/mmds", "GET, PUT, PATCH"),
+    ("/mmds/config", "PUT"),
     (OPENAPI_PATH, "GET"),
     (METRICS_SNAPSHOT_PATH, "GET"),
     (MIGRATION_PATH, "GET, PUT, DELETE"),
@@ -197,7 +203,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 ];
 
 /// Firecracker resources Vigil does not have.
-const NOT_IMPLEMENTED: &[&str] = &["/mmds", "/mmds/config", "/pmem", "/hotplug/memory"];
+const NOT_IMPLEMENTED: &[&str] = &["/pmem", "/hotplug/memory"];
 
 fn pattern_of(path: &str) -> Option<&'static str> {
     let (first, rest) = match path.trim_start_matches('/').split_once('/') {
@@ -306,9 +312,16 @@ impl Api {
             introspection: Mutex::new(None),
             migrator: Mutex::new(None),
             migration_summary_read: AtomicBool::new(false),
+            mmds: Mmds::new(crate::http::MAX_BODY),
             to_vmm: Mutex::new(to_vmm),
             logger_hook,
         })
+    }
+
+    /// The VM's MMDS: its data store (size limit: `--mmds-size-limit`), shared
+    /// with the VM through [`VmConfig::share_mmds`].
+    pub fn mmds(&self) -> &Mmds {
+        &self.mmds
     }
 
     /// The configuration accumulated so far.
@@ -573,6 +586,18 @@ impl Api {
                 Ok(m) => done(method, path, self.configure_metrics(m)),
                 Err(r) => r,
             },
+            ("GET", "/mmds") => Response::json(&self.mmds.get()),
+            ("PUT", "/mmds") => match body::<Value>(method, path, bytes) {
+                Ok(v) => done(method, path, self.mmds.put(v)),
+                Err(r) => r,
+            },
+            ("PATCH", "/mmds") => match body::<Value>(method, path, bytes) {
+                Ok(v) => done(method, path, self.mmds.patch(&v)),
+                Err(r) => r,
+            },
+            ("PUT", "/mmds/config") => {
+                self.pre_boot(method, path, bytes, |pre, m: MmdsConfig| pre.set_mmds(m))
+            }
             ("PUT", "/logger") => match body::<Logger>(method, path, bytes) {
                 Ok(l) => done(method, path, self.configure_logger(l)),
                 Err(r) => r,
@@ -741,10 +766,11 @@ impl Api {
                 "{method} {path}: InstanceStart: the VM has already started"
             ));
         }
-        let config = match inner.pre.to_vm_config() {
+        let mut config = match inner.pre.to_vm_config() {
             Ok(c) => c,
             Err(e) => return Response::bad(format!("{method} {path}: InstanceStart: {e}")),
         };
+        config.share_mmds(&self.mmds);
         let (reply, answer) = mpsc::channel();
         let sent = lock(&self.to_vmm).send(ToVmm::Start {
             config: Box::new(config),

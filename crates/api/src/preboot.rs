@@ -15,6 +15,7 @@ use vigil_model::firecracker::{
 };
 
 use crate::model::MachineConfigUpdate;
+use vigil_mmds::MmdsConfig;
 
 /// What has been configured so far.
 #[derive(Clone, Debug, Default)]
@@ -33,6 +34,8 @@ pub struct PreBoot {
     /// Vigil's own keys of a configuration file: `vcpu-scheduling`, `rt-timer`.
     pub vcpu_scheduling: Vec<vigil_model::config::rt::VcpuSchedBody>,
     pub rt_timer: Option<vigil_model::config::RtTimerConfig>,
+    /// `PUT /mmds/config`.
+    pub mmds: Option<MmdsConfig>,
 }
 
 /// A configuration request the VM cannot take, naming the field and the value.
@@ -255,6 +258,14 @@ impl PreBoot {
         Ok(())
     }
 
+    /// `PUT /mmds/config`: the interfaces named must be configured already.
+    pub fn set_mmds(&mut self, m: MmdsConfig) -> Result<(), PreBootError> {
+        m.validate(self.nets.iter().map(|n| n.iface_id.as_str()))
+            .map_err(BodyError::from)?;
+        self.mmds = Some(m);
+        Ok(())
+    }
+
     /// Takes a whole configuration file: it must describe a VM that boots
     /// (validated as a whole, as `vigil run` and the daemon validate it).
     pub fn from_file(file: &FullVmConfig) -> Result<(Self, VmConfig), PreBootError> {
@@ -271,6 +282,7 @@ impl PreBoot {
             vcpu_scheduling: file.vcpu_scheduling.clone(),
             rt_timer: file.rt_timer,
             serial_out: None,
+            mmds: file.mmds_config.clone(),
         };
         Ok((pre, config))
     }
@@ -290,6 +302,7 @@ impl PreBoot {
             metrics: None,
             vcpu_scheduling: self.vcpu_scheduling.clone(),
             rt_timer: self.rt_timer,
+            mmds_config: self.mmds.clone(),
         }
     }
 

@@ -44,6 +44,10 @@ const CLAIMED: &[(&str, &str)] = &[
     ("/snapshot/load", "put"),
     ("/metrics", "put"),
     ("/logger", "put"),
+    ("/mmds", "get"),
+    ("/mmds", "put"),
+    ("/mmds", "patch"),
+    ("/mmds/config", "put"),
 ];
 
 fn api() -> Arc<Api> {
@@ -118,7 +122,10 @@ fn sample_named(doc: &Yaml, schema: &Yaml, full: bool, name: &str) -> Json {
         "string" if name.ends_with("path") || name.ends_with("path_on_host") => {
             json!("/nonexistent/sample")
         }
-        "string" => json!("sample"),
+        // A documented default is a value the field takes (an address, say).
+        "string" => json!(get(schema, "default")
+            .and_then(Yaml::as_str)
+            .unwrap_or("sample")),
         "integer" => json!(get(schema, "minimum").and_then(Yaml::as_u64).unwrap_or(1)),
         "boolean" => json!(false),
         "array" => json!([sample(doc, get(schema, "items").expect("items"), full)]),
@@ -302,6 +309,10 @@ fn bodies_that_violate_the_schema_get_400_naming_the_field() {
 
         let r = api.handle(&method.to_ascii_uppercase(), &path, b"{not json");
         assert_eq!(r.status, 400, "{method} {path} with bad JSON");
+        // A free-form object (the MMDS store) takes any member.
+        if get(schema, "additionalProperties").and_then(Yaml::as_bool) == Some(true) {
+            continue;
+        }
 
         let mut extra = full.clone();
         extra["surprise"] = json!(1);
@@ -678,7 +689,27 @@ fn a_firecracker_configuration_sequence_is_accepted_and_shown() {
             "unknown variant `Reboot`",
         ),
         ("get", "/nowhere", Json::Null, "no such resource"),
-        ("put", "/mmds", json!({}), "does not implement"),
+        ("put", "/mmds", json!([1]), "a JSON object, not an array"),
+        ("patch", "/mmds", json!({"a": 1}), "not initialized"),
+        (
+            "put",
+            "/mmds/config",
+            json!({"network_interfaces": ["eth9"]}),
+            "network_interfaces \"eth9\"",
+        ),
+        (
+            "put",
+            "/mmds/config",
+            json!({"network_interfaces": [], "version": "V2"}),
+            "network_interfaces []",
+        ),
+        (
+            "put",
+            "/mmds/config",
+            json!({"network_interfaces": ["eth0"], "version": "V3"}),
+            "unknown variant `V3`",
+        ),
+        ("put", "/pmem/p0", json!({}), "does not implement"),
         (
             "put",
             "/snapshot/create",
@@ -765,4 +796,79 @@ fn balloon_statistics_intervals_as_documented() {
     assert_eq!(r.status, 204, "{r:?}");
     assert_eq!(patch(5).status, 204);
     assert!(fault(&patch(0)).contains("turned on"));
+}
+
+#[test]
+fn mmds_store_takes_put_patch_and_holds_its_limit() {
+    let api = api();
+    let get = |api: &Api| -> Json {
+        let r = api.handle("GET", "/mmds", b"");
+        assert_eq!(r.status, 200);
+        serde_json::from_str(r.body.as_deref().unwrap()).unwrap()
+    };
+    assert_eq!(get(&api), json!({}));
+    let r = call(
+        &api,
+        "put",
+        "/mmds",
+        &json!({"latest": {"a": "1", "b": "2"}}),
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let r = call(
+        &api,
+        "patch",
+        "/mmds",
+        &json!({"latest": {"a": null, "c": "3"}}),
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    assert_eq!(get(&api), json!({"latest": {"b": "2", "c": "3"}}));
+
+    api.mmds().set_size_limit(40);
+    let r = call(
+        &api,
+        "patch",
+        "/mmds",
+        &json!({"latest": {"d": "x".repeat(40)}}),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        fault(&r).contains("over its limit of 40 bytes"),
+        "{}",
+        fault(&r)
+    );
+    assert_eq!(get(&api), json!({"latest": {"b": "2", "c": "3"}}));
+
+    // /mmds/config names interfaces already configured.
+    let r = call(
+        &api,
+        "put",
+        "/network-interfaces/eth0",
+        &json!({"iface_id": "eth0", "host_dev_name": "vgmmds0"}),
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let r = call(
+        &api,
+        "put",
+        "/mmds/config",
+        &json!({"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.0"}),
+    );
+    assert!(
+        fault(&r).starts_with("PUT /mmds/config: ipv4_address 169.254.0.0"),
+        "{}",
+        fault(&r)
+    );
+    let r = call(
+        &api,
+        "put",
+        "/mmds/config",
+        &json!({"network_interfaces": ["eth0"], "version": "V2"}),
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let r = api.handle("GET", "/vm/config", b"");
+    let full: Json = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+    assert_eq!(full["mmds-config"]["version"], "V2", "{full}");
+    assert_eq!(
+        full["mmds-config"]["ipv4_address"], "169.254.169.254",
+        "{full}"
+    );
 }

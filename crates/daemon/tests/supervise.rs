@@ -249,8 +249,8 @@ async fn a_bad_config_is_refused_before_anything_is_spawned() {
             ),
         ),
         (
-            json!({"mmds-config": {}}),
-            "config: mmds-config: unknown field `mmds-config`".to_owned(),
+            json!({"mmds-config": {"network_interfaces": ["eth7"]}}),
+            "config: mmds-config: network_interfaces \"eth7\": the VM has no network interface with this id".to_owned(),
         ),
     ] {
         let mut bad = config.clone();

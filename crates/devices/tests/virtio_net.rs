@@ -26,6 +26,7 @@ fn net() -> (Net, OwnedFd) {
         mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
         rx_rate_limit: Default::default(),
         tx_rate_limit: Default::default(),
+        mmds: None,
     };
     (Net::with_tap(tap, &config), host)
 }

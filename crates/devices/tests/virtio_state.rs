@@ -345,6 +345,7 @@ fn net_transmits_after_restore() {
             ops: None,
             ..Default::default()
         },
+        mmds: None,
     };
     let net = match Net::new(&config) {
         Ok(net) => net,

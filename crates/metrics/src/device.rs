@@ -63,7 +63,7 @@ pub struct DeviceCounters {
     /// Requests, frames or packets from the guest.
     pub ops_out: Counter,
     /// Other requests (flush, get-id, discard; vsock control packets; balloon
-    /// statistics).
+    /// statistics; guest frames a net device's MMDS took instead of its tap).
     pub ops_other: Counter,
     /// Failed requests and dropped frames or packets.
     pub errors: Counter,

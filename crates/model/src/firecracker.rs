@@ -18,6 +18,7 @@ use crate::config::{
 use crate::cpu::{BitModifier, CpuModifiers, CpuidModifier, MsrModifier, Reg};
 pub use crate::json::{parse, JsonError};
 use crate::mac::{BadMac, MacAddr};
+use vigil_mmds::{Mmds, MmdsConfig, MmdsConfigError};
 
 /// The kernel command line when `boot_args` is not given.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
@@ -424,6 +425,13 @@ pub struct FullVmConfig {
     /// Vigil's own: the RT timer device (`--rt-timer`).
     #[serde(rename = "rt-timer", default, skip_serializing_if = "Option::is_none")]
     pub rt_timer: Option<config::RtTimerConfig>,
+    /// MMDS: its version, address and the interfaces that reach it.
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<MmdsConfig>,
 }
 
 /// A body Vigil cannot take: what Firecracker allows and Vigil does not offer,
@@ -474,6 +482,8 @@ pub enum BodyError {
     },
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Mmds(#[from] MmdsConfigError),
 }
 
 impl BodyError {
@@ -497,6 +507,10 @@ impl BodyError {
             Self::SerialPathEmpty => "serial_out_path",
             Self::SlowBucket { field, .. } => field,
             Self::Config(e) => e.field(),
+            Self::Mmds(e) => match e {
+                MmdsConfigError::NotLinkLocal(_) => "ipv4_address",
+                _ => "network_interfaces",
+            },
         }
     }
 }
@@ -689,6 +703,7 @@ impl NetworkInterface {
             },
             rx_rate_limit: rate_limit("rx_rate_limiter", self.rx_rate_limiter.as_ref())?,
             tx_rate_limit: rate_limit("tx_rate_limiter", self.tx_rate_limiter.as_ref())?,
+            mmds: None,
         };
         net.validate().map_err(ConfigError::from)?;
         Ok(net)
@@ -805,6 +820,19 @@ impl FullVmConfig {
             config.vcpu_sched.push(entry);
         }
         config.rt_timer = self.rt_timer;
+        if let Some(m) = &self.mmds_config {
+            m.validate(self.network_interfaces.iter().map(|n| n.iface_id.as_str()))
+                .map_err(|e| body("mmds-config".into())(e.into()))?;
+            // A store of its own until the process shares the one its API
+            // fills (VmConfig::share_mmds).
+            let mmds = Mmds::new(0);
+            mmds.set_config(m.clone());
+            for (n, net) in self.network_interfaces.iter().zip(&mut config.nets) {
+                if m.network_interfaces.contains(&n.iface_id) {
+                    net.mmds = Some(mmds.clone());
+                }
+            }
+        }
         config.validate(limits).map_err(|e| DocumentError::Body {
             key: e.resource().into(),
             error: BodyError::Config(e),
@@ -913,6 +941,29 @@ mod tests {
         assert!(c.drives[0].read_only);
         assert_eq!(c.drives[1].id, "data");
         assert_eq!(c.nets[0].mac, MacAddr::for_interface(0));
+    }
+
+    #[test]
+    fn mmds_config_reaches_the_interfaces_it_names_and_the_shared_store() {
+        let exe = std::env::current_exe().unwrap().display().to_string();
+        let mut d = document(&exe);
+        d.network_interfaces
+            .push(parse(br#"{"iface_id": "eth1", "host_dev_name": "vg1"}"#).unwrap());
+        d.mmds_config =
+            Some(parse(br#"{"version": "V2", "network_interfaces": ["eth1"]}"#).unwrap());
+        let mut c = d.to_vm_config(&LIMITS).unwrap();
+        assert!(c.nets[0].mmds.is_none());
+        let store = Mmds::new(100);
+        c.share_mmds(&store);
+        assert_eq!(c.nets[1].mmds.as_ref(), Some(&store));
+        assert_eq!(store.config(), d.mmds_config);
+
+        d.mmds_config = Some(parse(br#"{"network_interfaces": ["eth9"]}"#).unwrap());
+        let e = d.to_vm_config(&LIMITS).unwrap_err().to_string();
+        assert!(
+            e.starts_with("mmds-config: network_interfaces \"eth9\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -766,6 +766,7 @@ impl RunArgs {
                     tls: self.migration_tls()?,
                 }),
                 seccomp: !self.no_seccomp,
+                mmds_size_limit: None,
             }
         } else if let Some(file) = &self.config_file {
             if let Some(option) = self.vm_options_given().first() {
@@ -792,6 +793,7 @@ impl RunArgs {
                 overrides,
                 incoming: None,
                 seccomp: !self.no_seccomp,
+                mmds_size_limit: None,
             }
         } else {
             let waits = self.api_sock.is_some() && self.kernel.is_none();
@@ -806,6 +808,7 @@ impl RunArgs {
                 api_sock: self.api_sock.clone(),
                 id,
                 seccomp: !self.no_seccomp,
+                mmds_size_limit: None,
                 boot_now: (!waits).then(|| self.into_config()),
                 pre: Default::default(),
                 logger: None,

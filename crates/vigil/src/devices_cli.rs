@@ -135,6 +135,7 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
         mac,
         rx_rate_limit: p.rate_limit("rx_")?,
         tx_rate_limit: p.rate_limit("tx_")?,
+        mmds: None,
     })
 }
 

@@ -67,8 +67,10 @@ struct FirecrackerArgs {
     /// Largest API request body (Vigil's is fixed at 64 KiB: ignored with a warning).
     #[arg(long, value_name = "BYTES")]
     http_api_max_payload_size: Option<u64>,
-    /// MMDS data store limit (Vigil has no MMDS: ignored with a warning).
-    #[arg(long, value_name = "BYTES")]
+    /// Largest MMDS data store, in bytes of JSON: a PUT or PATCH /mmds that
+    /// would make it larger is refused (400, naming the limit). Default: the
+    /// API's body limit, 65536.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
     mmds_size_limit: Option<u64>,
     /// Print the format version of a snapshot's state file (after checking it).
     #[arg(long, value_name = "PATH")]
@@ -137,9 +139,6 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
             "Vigil's limit is 64 KiB",
         );
     }
-    if let Some(n) = args.mmds_size_limit {
-        warn(&format!("--mmds-size-limit {n}"), "Vigil has no MMDS");
-    }
     let _ = (
         args.start_time_us,
         args.start_time_cpu_us,
@@ -174,6 +173,9 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
         }),
         overrides: Overrides::default(),
         seccomp: !args.no_seccomp,
+        mmds_size_limit: args
+            .mmds_size_limit
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
     };
     if let Some(file) = &args.config_file {
         let (pre, config, logger, metrics) = crate::launch::from_config_file(file)?;

@@ -157,6 +157,9 @@ pub struct Launch {
     pub incoming: Option<Incoming>,
     /// Confine every thread with its seccomp filter (off only with `--no-seccomp`).
     pub seccomp: bool,
+    /// The MMDS data store's limit in bytes (`--mmds-size-limit`); by default
+    /// the API's body limit.
+    pub mmds_size_limit: Option<usize>,
 }
 
 /// Where a migrating VM comes in, and what its source must hold.
@@ -236,6 +239,9 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     let (to_vmm, from_api) = mpsc::channel();
     let api = Api::new(l.id.clone(), to_vmm.clone(), Some(logging.hook()));
     api.set_preboot(l.pre);
+    if let Some(limit) = l.mmds_size_limit {
+        api.mmds().set_size_limit(limit);
+    }
     if let Some(logger) = l.logger {
         api.configure_logger(logger)
             .map_err(|e| anyhow!("logger: {e}"))?;
@@ -318,6 +324,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         (boot_now, _) => match boot_now {
             Some(mut config) => {
                 l.overrides.apply(&mut config);
+                config.share_mmds(api.mmds());
                 // A BuildError stays one: the CLI names its field after the flag
                 // (`cli::named_as_flags`).
                 let (running, terminal) = start(&config).map_err(|e| match e {

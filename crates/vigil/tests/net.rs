@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use common::tap::{in_new_netns, TestTap};
+use common::tap::{can_use_tun, in_netns, TestTap};
 use common::{finish, vigil, TIMEOUT};
 
 const ETHERTYPE: u16 = 0x88b5;
@@ -109,16 +109,6 @@ fn unsafe_zeroed() -> libc::sockaddr_ll {
     unsafe { std::mem::zeroed() }
 }
 
-fn can_use_tun() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIP: virtio-net tests need root and /dev/net/tun");
-        return false;
-    }
-    true
-}
-
 /// A tap named `<prefix><pid>` and a packet socket on it, or `None` (with a
 /// message) where taps cannot be made.
 fn test_tap(prefix: &str) -> Option<(TestTap, PacketSocket)> {
@@ -135,13 +125,6 @@ fn test_tap(prefix: &str) -> Option<(TestTap, PacketSocket)> {
             eprintln!("SKIP: cannot create tap {name}: {e}");
             None
         }
-    }
-}
-
-/// Runs a tap test in a network namespace of its own (with the VM it spawns).
-fn in_netns(test: fn()) {
-    if let Err(e) = in_new_netns(test) {
-        eprintln!("SKIP: cannot make a network namespace: {e}");
     }
 }
 

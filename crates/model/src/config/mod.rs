@@ -215,6 +215,18 @@ impl ConfigError {
 }
 
 impl VmConfig {
+    /// Points the interfaces that reach MMDS at `store` (the one the process's
+    /// API fills), which takes their MMDS configuration.
+    pub fn share_mmds(&mut self, store: &vigil_mmds::Mmds) {
+        for net in &mut self.nets {
+            if let Some(own) = net.mmds.replace(store.clone()) {
+                if let Some(config) = own.config() {
+                    store.set_config(config);
+                }
+            }
+        }
+    }
+
     /// A config for `kernel` with Vigil's defaults: 1 vCPU, 128 MiB, console on stdio.
     pub fn new(kernel: KernelImage) -> Self {
         Self {

@@ -18,6 +18,9 @@ pub struct NetConfig {
     pub rx_rate_limit: RateLimit,
     /// Limits on frames the guest sends.
     pub tx_rate_limit: RateLimit,
+    /// The VM's MMDS, when this interface is one of `mmds-config`'s
+    /// `network_interfaces`: its frames to the MMDS address are answered by the VMM.
+    pub mmds: Option<vigil_mmds::Mmds>,
 }
 
 /// An interface that cannot be attached as given.
@@ -65,6 +68,7 @@ impl NetConfig {
             mac: MacAddr::for_interface(index),
             rx_rate_limit: RateLimit::default(),
             tx_rate_limit: RateLimit::default(),
+            mmds: None,
         }
     }
 

@@ -111,3 +111,21 @@ pub fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T>
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
+
+/// Whether this process may create taps (root and /dev/net/tun); says why not.
+pub fn can_use_tun() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP: virtio-net tests need root and /dev/net/tun");
+        return false;
+    }
+    true
+}
+
+/// Runs a tap test in a network namespace of its own (with the VM it spawns).
+pub fn in_netns(test: fn()) {
+    if let Err(e) = in_new_netns(test) {
+        eprintln!("SKIP: cannot make a network namespace: {e}");
+    }
+}

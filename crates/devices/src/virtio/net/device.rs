@@ -10,6 +10,7 @@ use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
+use super::mmds::MmdsStack;
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::persist::Persist;
 use crate::rate_limiter::{RateLimitControl, RateLimiter};
@@ -55,7 +56,8 @@ pub struct NetCounters {
     pub rx_bytes: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
-    /// Frames dropped: malformed chains, oversized or runt frames, a full tap.
+    /// Frames dropped: malformed chains, oversized or runt frames, a full tap,
+    /// MMDS frames that did not fit its queues.
     pub errors: u64,
 }
 
@@ -75,6 +77,8 @@ pub struct Net {
     tx_buf: Vec<u8>,
     counters: NetCounters,
     metrics: Arc<DeviceCounters>,
+    /// MMDS, when this interface reaches it: its frames never touch the tap.
+    mmds: Option<MmdsStack>,
 }
 
 impl Net {
@@ -101,6 +105,7 @@ impl Net {
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Net, config.tap.clone())),
+            mmds: config.mmds.clone().and_then(MmdsStack::new),
         }
     }
 
@@ -132,6 +137,14 @@ impl Net {
         let mut used = false;
         let mut budget = Budget::of(queue);
         loop {
+            if self.rx_len == 0 {
+                if let Some(frame) = self.mmds.as_mut().and_then(MmdsStack::to_guest) {
+                    // At most FRAME_MAX bytes: it fits after the header.
+                    let len = VNET_HDR_LEN + frame.len();
+                    self.rx_buf[VNET_HDR_LEN..len].copy_from_slice(&frame);
+                    self.rx_len = len;
+                }
+            }
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_buf) {
                     Ok(0) => {
@@ -253,6 +266,14 @@ impl Net {
                         // Offloads were not offered: whatever the guest put in the
                         // header, the frame is complete as it is.
                         self.tx_buf[..VNET_HDR_LEN].fill(0);
+                        let frame = &self.tx_buf[VNET_HDR_LEN..len];
+                        if let Some(mmds) = self.mmds.as_mut().filter(|m| m.is_for_mmds(frame)) {
+                            let dropped = mmds.from_guest(frame);
+                            self.metrics.ops_other.inc();
+                            self.counters.errors += dropped;
+                            self.metrics.errors.add(dropped);
+                            return Ok(Served::Used(0));
+                        }
                         match self.tap.write_frame(&self.tx_buf[..len]) {
                             Ok(_) => {
                                 self.counters.tx_frames += 1;
@@ -315,6 +336,37 @@ impl VirtioDevice for Net {
             TX => self.transmit(queue, mem),
             _ => Ok(QueueOutcome::Done(false)),
         }
+    }
+
+    /// As [`Self::process_queue`]; a transmission MMDS answered is delivered
+    /// on the receive queue at once.
+    fn process_queues(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let Some(queue) = queues.get_mut(index) else {
+            return Ok(QueueOutcome::Done(false));
+        };
+        let sent = self.process_queue(index, queue, mem)?;
+        if index != TX || !self.mmds.as_ref().is_some_and(MmdsStack::has_frames) {
+            return Ok(sent);
+        }
+        let Some(rx) = queues.get_mut(RX).filter(|q| q.ready()) else {
+            return Ok(sent);
+        };
+        let received = self.receive(rx, mem)?;
+        Ok(match (sent, received) {
+            (QueueOutcome::Done(a), QueueOutcome::Done(b)) => QueueOutcome::Done(a || b),
+            (QueueOutcome::RetryAfter(wait, a), QueueOutcome::Done(b))
+            | (QueueOutcome::Done(a), QueueOutcome::RetryAfter(wait, b)) => {
+                QueueOutcome::RetryAfter(wait, a || b)
+            }
+            (QueueOutcome::RetryAfter(w1, a), QueueOutcome::RetryAfter(w2, b)) => {
+                QueueOutcome::RetryAfter(w1.min(w2), a || b)
+            }
+        })
     }
 
     fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {

@@ -8,8 +8,10 @@
 //! and a received one says "no checksum, no GSO, one buffer".
 
 mod device;
+mod mmds;
 mod persist;
 pub mod tap;
 
 pub use device::{Net, NetCounters, NetError, MAX_BUFFER, RX, TX};
+pub use mmds::{MmdsStack, MMDS_MAC};
 pub use persist::NetState;

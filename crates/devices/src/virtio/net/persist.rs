@@ -42,6 +42,8 @@ impl Persist for Net {
             mac: MacAddr(s.mac),
             rx_rate_limit: s.rx_rate_limit.to_limit("rx_rate_limit")?,
             tx_rate_limit: s.tx_rate_limit.to_limit("tx_rate_limit")?,
+            // MMDS is not in the state: a restored VM's interfaces do not reach it.
+            mmds: None,
         };
         // The same checks as a configured interface's, with the state's names.
         config.validate().map_err(|e| match e {
