@@ -88,6 +88,8 @@ pub enum BuildError {
     EventFd(std::io::Error),
     #[error("cannot set up devices: virtio device at {base:#x}: {source}")]
     VirtioDevice { base: u64, source: std::io::Error },
+    #[error("cannot set up the PCI bus: {0}")]
+    Pci(String),
     #[error("cannot set up devices: {0}")]
     Transport(#[from] TransportError),
     #[error(transparent)]
@@ -185,7 +187,11 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let power = power_handler(&events_tx, &stop);
     let legacy = legacy_devices(&config.console, &vm_fd, power, None)?;
 
-    let mut devices = DeviceManager::new(&vm_fd, &mem);
+    let mut devices = if config.pci {
+        DeviceManager::with_pci(&vm_fd, &mem)?
+    } else {
+        DeviceManager::new(&vm_fd, &mem)
+    };
     attach_disks(config, &mut devices)?;
     attach_rng(config, &mut devices)?;
     attach_balloon(config, &mut devices)?;
@@ -196,7 +202,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let cmdline = cmdline.trim_start();
     let apic_ids: Vec<u8> = (0..config.machine.vcpu_count).map(|i| i as u8).collect();
     let entry = load_boot(config, &mem, cmdline, &apic_ids, devices.acpi_devices())?;
-    let virtio = devices.finish();
+    let virtio = devices.finish()?;
 
     let hide = hidden_features(config);
     let vcpus = create_vcpus(config, &kvm, &vm_fd, &mem, &apic_ids, &hide, entry)?;
@@ -287,6 +293,7 @@ fn assemble(p: Parts) -> Vm {
         i8042: p.legacy.i8042,
         devices: p.virtio.handles,
         transports: p.virtio.transports,
+        pci: p.virtio.pci,
         machine: p.machine,
         memory: p.memory,
         msr_guard: Default::default(),
@@ -551,7 +558,7 @@ pub fn restore_with_memory(
     for (i, transport) in state.virtio.iter().enumerate() {
         devices.restore(i, transport)?;
     }
-    let virtio = devices.finish();
+    let virtio = devices.finish()?;
 
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for saved in &state.vcpus {
@@ -770,7 +777,7 @@ fn load_boot(
     } else {
         &[]
     };
-    let acpi = acpi::write_tables(mem, apic_ids, virtio, io)?;
+    let acpi = acpi::write_tables(mem, apic_ids, virtio, io, config.pci)?;
     boot::write_cmdline(mem, cmdline)?;
     match kernel.entry {
         EntryPoint::Pvh(_) => boot::write_pvh_info(mem, &e820, initrd, acpi.rsdp)?,
