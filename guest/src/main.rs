@@ -18,6 +18,7 @@ mod mobility;
 mod module;
 mod net;
 mod paging;
+mod pci;
 mod probe;
 mod rt;
 mod scenarios;
