@@ -273,7 +273,7 @@ impl EcamWindow {
 
 /// Whether a configuration access is naturally aligned and 1, 2 or 4 bytes wide.
 fn config_access_ok(offset: u64, len: usize) -> bool {
-    matches!(len, 1 | 2 | 4) && offset % len as u64 == 0
+    matches!(len, 1 | 2 | 4) && offset & (len as u64 - 1) == 0
 }
 
 impl BusDevice for EcamWindow {
