@@ -145,6 +145,13 @@ impl ConfigSpace {
         }
     }
 
+    /// INTA on I/O APIC line `gsi` (the interrupt line register, which the guest
+    /// may overwrite: it is the OS's scratch byte).
+    pub fn set_interrupt(&mut self, gsi: u32) {
+        self.put(reg::INTERRUPT_PIN - 1, &[gsi as u8, 1]);
+        self.allow(reg::INTERRUPT_PIN - 1, &[0xff]);
+    }
+
     /// A 16-bit register.
     pub fn u16_at(&self, offset: usize) -> u16 {
         u16::from_le_bytes([self.bytes[offset], self.bytes[offset + 1]])

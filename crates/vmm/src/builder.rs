@@ -32,7 +32,7 @@ use vigil_metrics::{DeviceKind, VcpuCounters, VmMetrics};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{
-    self, AcpiError, MmioDevice, ACPI_POWER_PORT, COM1_IRQ, COM1_PORT,
+    self, AcpiError, MmioDevice, PciIntx, ACPI_POWER_PORT, COM1_IRQ, COM1_PORT,
 };
 use crate::arch::x86_64::boot::{self, BootError, EntryPoint};
 use crate::arch::x86_64::cpuid::{self, Topology};
@@ -201,7 +201,14 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let cmdline = format!("{}{}", config.boot.cmdline, devices.cmdline_entries());
     let cmdline = cmdline.trim_start();
     let apic_ids: Vec<u8> = (0..config.machine.vcpu_count).map(|i| i as u8).collect();
-    let entry = load_boot(config, &mem, cmdline, &apic_ids, devices.acpi_devices())?;
+    let entry = load_boot(
+        config,
+        &mem,
+        cmdline,
+        &apic_ids,
+        devices.acpi_devices(),
+        devices.pci_interrupts(),
+    )?;
     let virtio = devices.finish()?;
 
     let hide = hidden_features(config);
@@ -750,6 +757,7 @@ fn load_boot(
     cmdline: &str,
     apic_ids: &[u8],
     virtio: &[MmioDevice],
+    pci: Option<&[PciIntx]>,
 ) -> Result<EntryPoint, BuildError> {
     if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
         return Err(BuildError::CmdlineTooLong {
@@ -765,7 +773,16 @@ fn load_boot(
         .as_deref()
         .map(|p| boot::load_initrd(mem, p, &kernel, memory_bytes))
         .transpose()?;
-    let e820 = layout::e820_map(memory_bytes);
+    let mut e820 = layout::e820_map(memory_bytes);
+    if pci.is_some() {
+        // Linux uses the MCFG's window early (before ACPI) only when the memory
+        // map reserves it.
+        e820.push(layout::E820Entry {
+            addr: layout::PCI_ECAM_START,
+            size: vigil_devices::pci::ECAM_BUS_SIZE,
+            kind: layout::E820Type::Reserved,
+        });
+    }
     let rt_timer = acpi::IoDevice {
         name: "VRTT",
         hid: "VGL0001",
@@ -777,7 +794,7 @@ fn load_boot(
     } else {
         &[]
     };
-    let acpi = acpi::write_tables(mem, apic_ids, virtio, io, config.pci)?;
+    let acpi = acpi::write_tables(mem, apic_ids, virtio, io, pci)?;
     boot::write_cmdline(mem, cmdline)?;
     match kernel.entry {
         EntryPoint::Pvh(_) => boot::write_pvh_info(mem, &e820, initrd, acpi.rsdp)?,

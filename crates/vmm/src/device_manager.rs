@@ -7,7 +7,8 @@
 //!
 //! With PCI (`--enable-pci`) a device instead takes the next slot of PCI bus 0,
 //! its BAR the next [`BAR_SIZE`] of the PCI window, and one MSI-X vector (an
-//! irqfd on its own GSI from 24 on) for its configuration and each queue; the
+//! irqfd on its own GSI from 24 on) for its configuration and each queue, and
+//! INTA on the I/O APIC line a virtio-mmio device would have taken; the
 //! ECAM and BAR windows go on the MMIO bus, and nothing is declared on the
 //! command line (the guest enumerates the bus, found through the MCFG).
 
@@ -35,7 +36,7 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use vigil_model::config::BalloonConfig;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::acpi::MmioDevice;
+use crate::arch::x86_64::acpi::{MmioDevice, PciIntx};
 use crate::arch::x86_64::layout::{PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START};
 use crate::builder::{kvm_err, BuildError};
 use crate::control::{BalloonHandle, DriveHandle, NetHandle, QueueWaker};
@@ -75,6 +76,8 @@ pub(crate) struct VirtioDevices {
 /// The PCI bus being filled.
 struct Pci {
     bus: PciBus,
+    /// Each device's slot and the I/O APIC line of its INTA, for the DSDT's `_PRT`.
+    intx: Vec<PciIntx>,
     vm: Arc<KvmPci>,
     /// The GSI the next MSI-X vector takes.
     next_gsi: u32,
@@ -122,6 +125,7 @@ impl<'a> DeviceManager<'a> {
         manager.devices.pci = true;
         manager.pci = Some(Pci {
             bus: PciBus::new(),
+            intx: Vec::new(),
             vm: Arc::new(vm),
             next_gsi: IOAPIC_PINS,
         });
@@ -265,6 +269,11 @@ impl<'a> DeviceManager<'a> {
             .collect()
     }
 
+    /// With PCI, each device's slot and INTA line (the DSDT's `_PRT`).
+    pub(crate) fn pci_interrupts(&self) -> Option<&[PciIntx]> {
+        self.pci.as_ref().map(|p| p.intx.as_slice())
+    }
+
     /// The devices as the DSDT declares them (`LNRO0005`), for the other kernels.
     pub(crate) fn acpi_devices(&self) -> &[MmioDevice] {
         &self.slots
@@ -385,6 +394,13 @@ impl DeviceManager<'_> {
             vectors.push((irqfd, pci.next_gsi));
             pci.next_gsi += 1;
         }
+        // INTA, for drivers without MSI-X: the I/O APIC line a virtio-mmio device
+        // in the same place would have.
+        let intx_gsi = VIRTIO_FIRST_GSI + pci.intx.len() as u32;
+        let intx = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+        self.vm_fd
+            .register_irqfd(&intx, intx_gsi)
+            .map_err(kvm_err("connect a PCI INTx line"))?;
         let queue_evts = (0..queues)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
@@ -398,7 +414,12 @@ impl DeviceManager<'_> {
         };
         let (transport_evts, notify_evts) = (clone_evts()?, clone_evts()?);
         let waker = QueueWaker::new(clone_evts()?);
-        let msix = Arc::new(Mutex::new(Msix::new(vectors, queues, pci.vm.clone())));
+        let msix = Arc::new(Mutex::new(Msix::new(
+            vectors,
+            (intx, intx_gsi),
+            queues,
+            pci.vm.clone(),
+        )));
         let interrupt = Arc::new(Interrupt::msix(msix.clone()));
         let transport =
             MmioTransport::new(device, self.mem.clone(), interrupt.clone(), transport_evts)?;
@@ -414,6 +435,10 @@ impl DeviceManager<'_> {
             pci.vm.clone(),
         );
         pci.bus.add(Arc::new(Mutex::new(function)));
+        pci.intx.push(PciIntx {
+            slot: slot as u8,
+            gsi: intx_gsi,
+        });
         let subscriber = QueueEvents::new(transport, queue_evts).map_err(dev_err)?;
         self.devices.subscribers.push(Box::new(subscriber));
         Ok(Attached { interrupt, waker })

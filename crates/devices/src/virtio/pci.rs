@@ -6,10 +6,12 @@
 //! queue set-up, the status state machine and queue processing are the same code
 //! whichever transport a device is on.
 //!
-//! Interrupts are MSI-X only (no INTx pin): a vector for the configuration and
-//! one per queue, each an irqfd on its own GSI whose KVM route
-//! ([`PciVm::set_msi_route`]) follows what the guest writes in the table. A
-//! vector masked when it fires sets its pending bit and fires when unmasked.
+//! Interrupts are MSI-X: a vector for the configuration and one per queue, each
+//! an irqfd on its own GSI whose KVM route ([`PciVm::set_msi_route`]) follows
+//! what the guest writes in the table. A vector masked when it fires sets its
+//! pending bit and fires when unmasked. While the driver has not enabled MSI-X
+//! (a kernel without `CONFIG_PCI_MSI`), every cause raises INTA instead, an
+//! I/O APIC line the DSDT's `_PRT` routes the slot to.
 
 use std::sync::{Arc, Mutex};
 
@@ -72,9 +74,12 @@ struct Vector {
     entry: [u32; 4],
 }
 
-/// A function's MSI-X vectors, and which the driver chose for what.
+/// A function's MSI-X vectors, and which the driver chose for what; its INTx
+/// line for when MSI-X is off.
 pub struct Msix {
     vectors: Vec<Vector>,
+    intx: EventFd,
+    intx_gsi: u32,
     pending: u64,
     /// MSI-X message control's enable and function-mask bits.
     enabled: bool,
@@ -86,10 +91,18 @@ pub struct Msix {
 
 impl Msix {
     /// Vectors raised through `irqfds`, each registered on the GSI beside it, for
-    /// a device of `queues` queues.
-    pub fn new(irqfds: Vec<(EventFd, u32)>, queues: usize, vm: Arc<dyn PciVm>) -> Self {
+    /// a device of `queues` queues; INTx raised through `intx` (the irqfd and its
+    /// GSI).
+    pub fn new(
+        irqfds: Vec<(EventFd, u32)>,
+        intx: (EventFd, u32),
+        queues: usize,
+        vm: Arc<dyn PciVm>,
+    ) -> Self {
         debug_assert!(irqfds.len() <= MAX_VECTORS);
         Self {
+            intx: intx.0,
+            intx_gsi: intx.1,
             vectors: irqfds
                 .into_iter()
                 .map(|(irqfd, gsi)| Vector {
@@ -109,6 +122,12 @@ impl Msix {
 
     /// Fires the vectors for `bits` (of queue `queue`, or every queue's).
     pub(crate) fn signal(&mut self, bits: u32, queue: Option<usize>) {
+        if !self.enabled {
+            if let Err(e) = self.intx.write(1) {
+                tracing::warn!("cannot raise a virtio-pci INTx: {e}");
+            }
+            return;
+        }
         if bits & INT_CONFIG != 0 {
             self.fire(self.config_vector);
         }
@@ -257,7 +276,10 @@ impl VirtioPci {
             let t = transport.lock().unwrap_or_else(|e| e.into_inner());
             (t.device().device_type(), t.device().queue_max_sizes().len())
         };
-        let vectors = msix.lock().unwrap_or_else(|e| e.into_inner()).vectors.len();
+        let (vectors, intx_gsi) = {
+            let m = msix.lock().unwrap_or_else(|e| e.into_inner());
+            (m.vectors.len(), m.intx_gsi)
+        };
         let mut config = ConfigSpace::new(
             Identity {
                 vendor: 0x1af4,
@@ -270,6 +292,7 @@ impl VirtioPci {
             BAR_SIZE,
             bar_addr,
         );
+        config.set_interrupt(intx_gsi);
         let virtio_cap = |cfg_type: u8, offset: u64, len: u64, extra: &[u8]| {
             let mut body = vec![16 + extra.len() as u8, cfg_type, 0, 0, 0, 0];
             body.extend_from_slice(&(offset as u32).to_le_bytes());
@@ -605,6 +628,7 @@ mod tests {
         ecam: EcamWindow,
         bars: BarWindow,
         irqfds: Vec<EventFd>,
+        intx: EventFd,
         interrupt: Arc<Interrupt>,
     }
 
@@ -618,12 +642,14 @@ mod tests {
         let irqfds: Vec<EventFd> = (0..2)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
+        let intx = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let msix = Arc::new(Mutex::new(Msix::new(
             irqfds
                 .iter()
                 .enumerate()
                 .map(|(i, e)| (e.try_clone().unwrap(), 24 + i as u32))
                 .collect(),
+            (intx.try_clone().unwrap(), 5),
             1,
             vm.clone(),
         )));
@@ -649,6 +675,7 @@ mod tests {
                 base: WINDOW.0,
             },
             irqfds,
+            intx,
             interrupt,
         }
     }
@@ -739,6 +766,12 @@ mod tests {
         r.bar_write(bar, 0x10, 0, 2);
         r.bar_write(bar, MSIX_TABLE, 0xfee0_0000, 4);
         r.bar_write(bar, MSIX_TABLE + 8, 0x41, 4);
+        // MSI-X still off: INTA (its line in config space) is raised instead.
+        assert_eq!(r.cfg_read(reg::INTERRUPT_PIN as u64, 1), 1);
+        assert_eq!(r.cfg_read(reg::INTERRUPT_PIN as u64 - 1, 1), 5);
+        r.interrupt.signal(INT_CONFIG);
+        assert_eq!(r.intx.read().unwrap(), 1);
+        assert!(r.irqfds[0].read().is_err());
         assert_eq!(
             r.vm.routes.lock().unwrap().last(),
             Some(&(24, 0xfee0_0000, 0x41))
@@ -756,6 +789,7 @@ mod tests {
         assert_eq!(r.bar_read(bar, MSIX_PBA, 8), 0);
         r.interrupt.signal(INT_CONFIG);
         assert_eq!(r.irqfds[0].read().unwrap(), 1);
+        assert!(r.intx.read().is_err(), "no INTx with MSI-X on");
         assert_eq!(r.bar_read(bar, ISR, 1), u64::from(INT_CONFIG));
         assert_eq!(r.bar_read(bar, ISR, 1), 0, "reading the ISR clears it");
     }

@@ -101,10 +101,18 @@ fn io_device_aml(dev: &IoDevice, out: &mut Vec<u8>) {
     aml::Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
 }
 
+/// A PCI device's INTA: its slot on bus 0 and its I/O APIC line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciIntx {
+    pub slot: u8,
+    pub gsi: u32,
+}
+
 /// `_SB_.PCI0`, the root bridge of segment 0, bus 0, its BARs in
-/// [`PCI_MMIO_START`]; and `_SB_.MRES`, the motherboard resource that reserves
-/// the ECAM window (Linux uses an MCFG window only when it is reserved so).
-fn pci_aml(out: &mut Vec<u8>) {
+/// [`PCI_MMIO_START`], its slots' INTA routed to I/O APIC lines by `_PRT`; and
+/// `_SB_.MRES`, the motherboard resource that reserves the ECAM window (Linux
+/// uses an MCFG window only when it is reserved so).
+fn pci_aml(intx: &[PciIntx], out: &mut Vec<u8>) {
     let bus = aml::AddressSpace::<u16>::new_bus_number(0, 0);
     let window = aml::AddressSpace::<u32>::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
@@ -121,9 +129,21 @@ fn pci_aml(out: &mut Vec<u8>) {
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
     let crs = aml::Name::new("_CRS".into(), &crs);
+    // _PRT entries: address (slot << 16 | 0xffff), pin 0 (INTA), source 0 (a
+    // GSI, not a link device), the GSI.
+    let fields: Vec<(u32, u32)> = intx
+        .iter()
+        .map(|i| ((u32::from(i.slot) << 16) | 0xffff, i.gsi))
+        .collect();
+    let entries: Vec<aml::Package> = fields
+        .iter()
+        .map(|(address, gsi)| aml::Package::new(vec![address, &aml::ZERO, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Package::new(entries.iter().map(|e| e as &dyn Aml).collect());
+    let prt = aml::Name::new("_PRT".into(), &prt);
     aml::Device::new(
         "_SB_.PCI0".into(),
-        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt],
     )
     .to_aml_bytes(out);
     let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, ECAM_BUS_SIZE as u32);
@@ -143,7 +163,7 @@ fn mcfg() -> Vec<u8> {
     bytes
 }
 
-fn dsdt(virtio: &[MmioDevice], io_devices: &[IoDevice], pci: bool) -> Vec<u8> {
+fn dsdt(virtio: &[MmioDevice], io_devices: &[IoDevice], pci: Option<&[PciIntx]>) -> Vec<u8> {
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE]));
     let io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
     let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
@@ -161,8 +181,8 @@ fn dsdt(virtio: &[MmioDevice], io_devices: &[IoDevice], pci: bool) -> Vec<u8> {
     for dev in io_devices {
         io_device_aml(dev, &mut body);
     }
-    if pci {
-        pci_aml(&mut body);
+    if let Some(intx) = pci {
+        pci_aml(intx, &mut body);
     }
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VIGILDST", OEM_REVISION);
     sdt.append_slice(&body);
@@ -210,14 +230,14 @@ fn madt(apic_ids: &[u8]) -> Vec<u8> {
 }
 
 /// Builds the tables for vCPUs with `apic_ids`, virtio-mmio devices `virtio`,
-/// the port devices `io` and, with `pci`, the PCI root bridge, and writes them at
-/// [`ACPI_START`].
+/// the port devices `io` and, with `pci` (its devices' INTA lines), the PCI root
+/// bridge, and writes them at [`ACPI_START`].
 pub fn write_tables(
     mem: &GuestMemoryMmap,
     apic_ids: &[u8],
     virtio: &[MmioDevice],
     io: &[IoDevice],
-    pci: bool,
+    pci: Option<&[PciIntx]>,
 ) -> Result<AcpiTables, AcpiError> {
     let rsdp_len = Rsdp::len() as u64;
     let align = |a: u64| (a + 15) & !15;
@@ -235,7 +255,7 @@ pub fn write_tables(
     let mut xsdt = XSDT::new(OEM_ID, *b"VIGILXSD", OEM_REVISION);
     xsdt.add_entry(fadt_addr.0);
     xsdt.add_entry(madt_addr.0);
-    if pci {
+    if pci.is_some() {
         xsdt.add_entry(place(*b"MCFG", mcfg()).0);
     }
     let mut xsdt_bytes = Vec::new();
@@ -295,7 +315,7 @@ mod tests {
             port: 0x620,
             ports: 32,
         };
-        let t = write_tables(&mem, &[0, 1, 2, 3], &virtio, &[rt], false).unwrap();
+        let t = write_tables(&mem, &[0, 1, 2, 3], &virtio, &[rt], None).unwrap();
 
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, t.rsdp).unwrap();
@@ -390,7 +410,8 @@ mod tests {
     #[test]
     fn pci_adds_mcfg_and_the_root_bridge() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let t = write_tables(&mem, &[0], &[], &[], true).unwrap();
+        let intx = [PciIntx { slot: 1, gsi: 5 }, PciIntx { slot: 2, gsi: 6 }];
+        let t = write_tables(&mem, &[0], &[], &[], Some(&intx)).unwrap();
         let find = |s: &[u8; 4]| t.tables.iter().find(|(sig, _, _)| sig == s).unwrap();
         let (_, mcfg_addr, mcfg) = find(b"MCFG");
         assert!(checksum_ok(mcfg));
@@ -411,5 +432,8 @@ mod tests {
         window.extend_from_slice(&((PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32).to_le_bytes());
         assert!(has(&window));
         assert!(!has(b"LNRO0005"));
+        // _PRT: slot 2's INTA on GSI 6 (DWord 0x2ffff, Zero, Zero, Byte 6).
+        assert!(has(b"_PRT"));
+        assert!(has(&[0x0c, 0xff, 0xff, 0x02, 0x00, 0x00, 0x00, 0x0a, 0x06]));
     }
 }
