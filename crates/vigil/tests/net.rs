@@ -139,7 +139,7 @@ fn test_tap(prefix: &str) -> Option<(TestTap, PacketSocket)> {
 }
 
 /// Runs a tap test in a network namespace of its own (with the VM it spawns).
-fn in_netns(test: fn()) {
+fn in_netns(test: impl FnOnce() + Send) {
     if let Err(e) = in_new_netns(test) {
         eprintln!("SKIP: cannot make a network namespace: {e}");
     }
@@ -147,10 +147,16 @@ fn in_netns(test: fn()) {
 
 #[test]
 fn net_frames_cross_the_tap_both_ways() {
-    in_netns(frames_cross_the_tap);
+    in_netns(|| frames_cross_the_tap(&[]));
 }
 
-fn frames_cross_the_tap() {
+/// The same over virtio-pci (`--enable-pci`): the device and the scenario are unchanged.
+#[test]
+fn net_frames_cross_the_tap_both_ways_over_pci() {
+    in_netns(|| frames_cross_the_tap(&["--enable-pci"]));
+}
+
+fn frames_cross_the_tap(extra: &[&str]) {
     let Some((tap, socket)) = test_tap("vgtest") else {
         return;
     };
@@ -164,6 +170,7 @@ fn frames_cross_the_tap() {
             "--cmdline",
             "test=net",
         ])
+        .args(extra)
         .spawn()
         .unwrap();
 

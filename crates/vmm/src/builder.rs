@@ -773,16 +773,7 @@ fn load_boot(
         .as_deref()
         .map(|p| boot::load_initrd(mem, p, &kernel, memory_bytes))
         .transpose()?;
-    let mut e820 = layout::e820_map(memory_bytes);
-    if pci.is_some() {
-        // Linux uses the MCFG's window early (before ACPI) only when the memory
-        // map reserves it.
-        e820.push(layout::E820Entry {
-            addr: layout::PCI_ECAM_START,
-            size: vigil_devices::pci::ECAM_BUS_SIZE,
-            kind: layout::E820Type::Reserved,
-        });
-    }
+    let e820 = layout::e820_map(memory_bytes);
     let rt_timer = acpi::IoDevice {
         name: "VRTT",
         hid: "VGL0001",
