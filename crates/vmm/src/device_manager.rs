@@ -523,4 +523,49 @@ mod tests {
         );
         assert!(virtio.handles.nets.is_empty());
     }
+
+    /// With PCI: devices take slots 1, 2, ... with their BARs in the PCI window
+    /// and INTA on the lines from 5; nothing goes on the command line or in the
+    /// DSDT's device list; ECAM and the BARs answer on the MMIO bus.
+    #[test]
+    fn pci_devices_take_slots_and_answer_on_ecam_and_their_bars() {
+        let kvm = Kvm::new().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let vm_fd = create_vm(&kvm, &mem, vigil_model::config::HugePages::None).unwrap();
+        let mut devices = DeviceManager::with_pci(&vm_fd, &mem).unwrap();
+        devices
+            .add(Box::new(Rng::new(RateLimit::default())))
+            .unwrap();
+        let config = BalloonConfig {
+            target_mib: 1,
+            ..Default::default()
+        };
+        devices.add_balloon(Balloon::new(config), config).unwrap();
+        assert_eq!(devices.cmdline_entries(), "");
+        assert!(devices.acpi_devices().is_empty());
+        assert_eq!(
+            devices.pci_interrupts(),
+            Some(&[PciIntx { slot: 1, gsi: 5 }, PciIntx { slot: 2, gsi: 6 }][..])
+        );
+        let virtio = devices.finish().unwrap();
+        let word = |addr| {
+            let mut b = [0u8; 4];
+            assert!(virtio.mmio.read(addr, &mut b), "{addr:#x}");
+            u32::from_le_bytes(b)
+        };
+        assert_eq!(word(PCI_ECAM_START), 0x0008_1b36, "host bridge");
+        assert_eq!(word(PCI_ECAM_START + (1 << 15)), 0x1044_1af4, "virtio-rng");
+        assert_eq!(
+            word(PCI_ECAM_START + (2 << 15)),
+            0x1045_1af4,
+            "virtio-balloon"
+        );
+        assert_eq!(word(PCI_ECAM_START + (3 << 15)), u32::MAX, "empty slot");
+        assert_eq!(word(PCI_ECAM_START + (2 << 15) + 0x10), 0xc001_0004, "BAR0");
+        // num_queues in the balloon's common configuration.
+        let mut b = [0u8; 2];
+        assert!(virtio.mmio.read(0xc001_0012, &mut b));
+        assert_eq!(u16::from_le_bytes(b), 2);
+        assert!(virtio.pci);
+    }
 }

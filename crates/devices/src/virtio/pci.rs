@@ -354,18 +354,19 @@ impl VirtioPci {
     /// Keeps KVM's notification catch where the BAR is now: moved with the BAR,
     /// dropped while decoding is off or the BAR is outside the window.
     fn follow_bar(&mut self) {
-        let want = self.config.bar().and_then(|(addr, size)| {
-            let inside = addr >= self.window.0 && addr.saturating_add(size) <= self.window.1;
-            if !inside {
-                tracing::error!(
-                    bar = addr,
-                    "virtio-pci BAR placed outside the PCI window; the device is unreachable there"
-                );
-            }
-            inside.then_some(addr)
+        let placed = self.config.bar();
+        let want = placed.and_then(|(addr, size)| {
+            (addr >= self.window.0 && addr.saturating_add(size) <= self.window.1).then_some(addr)
         });
         if want == self.notify_at {
             return;
+        }
+        if let (Some((addr, _)), None) = (placed, want) {
+            // Logged once per move, not per access: a guest cannot flood the log.
+            tracing::error!(
+                bar = addr,
+                "virtio-pci BAR placed outside the PCI window; the device is unreachable there"
+            );
         }
         if let Some(old) = self.notify_at.take() {
             for (q, evt) in self.notify_evts.iter().enumerate() {
