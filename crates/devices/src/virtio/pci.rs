@@ -55,6 +55,23 @@ const CAP_DEVICE: u8 = 4;
 const CAP_ID_VENDOR: u8 = 0x09;
 const CAP_ID_MSIX: u8 = 0x11;
 
+/// Bad values a function logs as errors; the rest go to `debug`, so that a guest
+/// that keeps writing them cannot flood the host's log.
+const LOGGED_ERRORS: u32 = 16;
+
+/// Logs a guest-caused error at `error` level while `$count` (a function's
+/// tally) is under [`LOGGED_ERRORS`], at `debug` after.
+macro_rules! guest_error {
+    ($count:expr, $($arg:tt)+) => {
+        if $count < LOGGED_ERRORS {
+            $count += 1;
+            tracing::error!($($arg)+);
+        } else {
+            tracing::debug!($($arg)+);
+        }
+    };
+}
+
 /// What a virtio-pci function needs of the VM: MSI routes for its vectors' GSIs,
 /// and its queue notifications caught in KVM where the guest put its BAR.
 pub trait PciVm: Send + Sync {
@@ -87,6 +104,8 @@ pub struct Msix {
     config_vector: u16,
     queue_vectors: Vec<u16>,
     vm: Arc<dyn PciVm>,
+    /// Errors logged so far ([`LOGGED_ERRORS`]).
+    errors: u32,
 }
 
 impl Msix {
@@ -117,6 +136,7 @@ impl Msix {
             config_vector: NO_VECTOR,
             queue_vectors: vec![NO_VECTOR; queues],
             vm,
+            errors: 0,
         }
     }
 
@@ -200,10 +220,11 @@ impl Msix {
 
     fn table_write(&mut self, offset: u64, data: &[u8]) {
         let (index, word) = ((offset / 16) as usize, ((offset % 16) / 4) as usize);
-        let Some(vector) = self.vectors.get_mut(index) else {
+        if index >= self.vectors.len() {
             tracing::debug!(offset, "MSI-X table write past its vectors; ignored");
             return;
-        };
+        }
+        let vector = &mut self.vectors[index];
         // 4-byte accesses to one field, or 8 bytes to the address (virtio and PCI
         // allow both); anything else is refused.
         match (data.len(), offset % 4) {
@@ -213,7 +234,8 @@ impl Msix {
                 vector.entry[word + 1] = u32::from_le_bytes(data[4..].try_into().unwrap_or([0; 4]));
             }
             _ => {
-                tracing::error!(
+                guest_error!(
+                    self.errors,
                     offset,
                     len = data.len(),
                     "MSI-X table access neither 4 nor 8 bytes aligned; ignored"
@@ -225,7 +247,11 @@ impl Msix {
         let [lo, hi, msg, _] = vector.entry;
         let address = u64::from(hi) << 32 | u64::from(lo);
         if let Err(e) = self.vm.set_msi_route(vector.gsi, address, msg) {
-            tracing::error!(vector = index, "cannot route an MSI-X vector: {e}");
+            guest_error!(
+                self.errors,
+                vector = index,
+                "cannot route an MSI-X vector: {e}"
+            );
         }
         self.deliver_pending();
     }
@@ -256,6 +282,8 @@ pub struct VirtioPci {
     /// Where the guest may put the BAR for its notifications to be caught in KVM.
     window: (u64, u64),
     vm: Arc<dyn PciVm>,
+    /// Errors logged so far ([`LOGGED_ERRORS`]).
+    errors: u32,
 }
 
 impl VirtioPci {
@@ -334,6 +362,7 @@ impl VirtioPci {
             notify_at: None,
             window,
             vm,
+            errors: 0,
         };
         // Decoding on at the address given, as firmware leaves a device it placed.
         function
@@ -362,8 +391,8 @@ impl VirtioPci {
             return;
         }
         if let (Some((addr, _)), None) = (placed, want) {
-            // Logged once per move, not per access: a guest cannot flood the log.
-            tracing::error!(
+            guest_error!(
+                self.errors,
                 bar = addr,
                 "virtio-pci BAR placed outside the PCI window; the device is unreachable there"
             );
@@ -372,7 +401,11 @@ impl VirtioPci {
             for (q, evt) in self.notify_evts.iter().enumerate() {
                 let addr = old + NOTIFY + q as u64 * NOTIFY_MULTIPLIER;
                 if let Err(e) = self.vm.unregister_notify(evt, addr) {
-                    tracing::error!(queue = q, "cannot stop catching a queue notification: {e}");
+                    guest_error!(
+                        self.errors,
+                        queue = q,
+                        "cannot stop catching a queue notification: {e}"
+                    );
                 }
             }
         }
@@ -381,7 +414,11 @@ impl VirtioPci {
                 let addr = new + NOTIFY + q as u64 * NOTIFY_MULTIPLIER;
                 if let Err(e) = self.vm.register_notify(evt, addr) {
                     // Notifications still arrive through the BAR handler, only slower.
-                    tracing::error!(queue = q, "cannot catch a queue notification in KVM: {e}");
+                    guest_error!(
+                        self.errors,
+                        queue = q,
+                        "cannot catch a queue notification in KVM: {e}"
+                    );
                 }
             }
             self.notify_at = Some(new);
@@ -462,7 +499,8 @@ impl VirtioPci {
                 msix.config_vector = msix.checked(v16);
             }
             (0x14, 1) => {
-                self.transport().write_register(0x70, u32::from(value as u8));
+                self.transport()
+                    .write_register(0x70, u32::from(value as u8));
                 if value == 0 {
                     self.device_feature_select = 0;
                     self.driver_feature_select = 0;
@@ -498,11 +536,14 @@ impl VirtioPci {
             (0x24 | 0x2c | 0x34, 4) => self
                 .transport()
                 .write_register(mmio_address_register(offset - 4) + 4, v32),
-            _ => tracing::error!(
-                offset,
-                len = data.len(),
-                "virtio-pci common config write to a read-only or undefined field, or of the wrong width; ignored"
-            ),
+            _ => {
+                guest_error!(
+                    self.errors,
+                    offset,
+                    len = data.len(),
+                    "virtio-pci common config write to a read-only or undefined field, or of the wrong width; ignored"
+                );
+            }
         }
     }
 }
