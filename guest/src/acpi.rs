@@ -1,5 +1,5 @@
 //! CPU discovery from the ACPI MADT (RSDP -> XSDT or RSDT -> "APIC"), and the
-//! FADT's sleep control register for ACPI power-off.
+//! FADT's sleep control register for ACPI power-off, the MCFG's PCI ECAM window.
 
 use crate::{apic, paging};
 
@@ -81,6 +81,17 @@ pub fn sleep_control_port(rsdp: u64) -> Option<u16> {
         return None;
     }
     u16::try_from(read::<u64>(fadt + 248)).ok()
+}
+
+/// The ECAM window of PCI segment 0, bus 0, from the MCFG.
+pub fn ecam_base(rsdp: u64) -> Option<u64> {
+    let mcfg = find_table(rsdp, *b"MCFG")?;
+    let len: u32 = read(mcfg + 4);
+    // Entries of 16 bytes from offset 44: base, segment, first and last bus.
+    (0..(u64::from(len).saturating_sub(44)) / 16)
+        .map(|i| mcfg + 44 + 16 * i)
+        .find(|&e| read::<u16>(e + 8) == 0 && read::<u8>(e + 10) == 0)
+        .map(|e| read::<u64>(e))
 }
 
 fn find_madt(rsdp: u64) -> Option<u64> {

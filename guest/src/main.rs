@@ -19,6 +19,7 @@ mod mobility;
 mod module;
 mod net;
 mod paging;
+mod pci;
 mod probe;
 mod rt;
 mod scenarios;

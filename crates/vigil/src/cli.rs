@@ -452,6 +452,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = crate::devices_cli::parse_vsock)]
     pub vsock: Option<VsockConfig>,
 
+    /// Put the virtio devices on a PCI bus (virtio-pci 1.x, MSI-X interrupts)
+    /// instead of virtio-mmio, as Firecracker's flag of the same name does: the
+    /// guest finds PCI bus 0 through ACPI (MCFG, ECAM at 0xe0000000; the PCI0 root
+    /// bridge in the DSDT, BARs in 0xc0000000-0xcfffffff) and enumerates it, and no
+    /// virtio_mmio.device= entries are added to the command line. A guest kernel
+    /// needs CONFIG_PCI, CONFIG_PCI_MMCONFIG and CONFIG_VIRTIO_PCI. Snapshots and
+    /// migration of such a VM are refused.
+    #[arg(long)]
+    pub enable_pci: bool,
+
     /// Watch the guest kernel's integrity from outside it: after the baseline
     /// (baseline_after=DURATION after the VM starts, default 1s), each vCPU's
     /// CR0.WP, CR4.SMEP/SMAP/UMIP, EFER.NXE/SCE, IDTR, GDTR and syscall MSRs, and
@@ -699,6 +709,7 @@ impl RunArgs {
             huge_pages: self.huge_pages.into(),
             vcpu_sched: self.vcpu_sched.clone(),
             rt_timer: self.rt_timer.as_ref().and_then(|a| a.0),
+            pci: self.enable_pci,
             introspect: IntrospectLaunch {
                 monitor: self.introspect,
                 trace: self
@@ -861,6 +872,7 @@ impl RunArgs {
         config.on_crash = self.on_crash.into();
         config.vcpu_sched = self.vcpu_sched;
         config.rt_timer = self.rt_timer.and_then(|a| a.0);
+        config.pci = self.enable_pci;
         config.drives = self.disk;
         for (i, disk) in config.drives.iter_mut().enumerate() {
             if disk.id.is_empty() {

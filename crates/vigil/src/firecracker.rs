@@ -1,7 +1,7 @@
 //! Vigil standing in for Firecracker: Firecracker's command-line flags with their
 //! meaning, for tools that spawn `firecracker` themselves. Flags Vigil cannot
 //! honour are refused when ignoring them would change what the VM is or how safe it
-//! is (--seccomp-filter, --enable-pci), and accepted with a
+//! is (--seccomp-filter), and accepted with a
 //! warning when they only tune something (--boot-timer, --mmds-size-limit, ...).
 
 use std::ffi::OsString;
@@ -75,7 +75,8 @@ struct FirecrackerArgs {
     /// Print the format version of a snapshot's state file (after checking it).
     #[arg(long, value_name = "PATH")]
     describe_snapshot: Option<PathBuf>,
-    /// Put devices on PCI (Vigil's are virtio-mmio: refused).
+    /// Put the virtio devices on a PCI bus (virtio-pci, MSI-X) instead of
+    /// virtio-mmio, as with `vigil run --enable-pci`.
     #[arg(long)]
     enable_pci: bool,
     /// Set by the jailer: process start time (accepted, unused).
@@ -123,9 +124,6 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
         println!("v{}.0.0", header.version);
         return Ok(ExitCode::SUCCESS);
     }
-    if args.enable_pci {
-        anyhow::bail!("--enable-pci: Vigil's devices are virtio-mmio; it has no PCI bus");
-    }
     if args.no_api && args.config_file.is_none() {
         anyhow::bail!("--no-api needs --config-file: without an API the VM must come from a file");
     }
@@ -171,7 +169,10 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
             metrics_path,
             ..Default::default()
         }),
-        overrides: Overrides::default(),
+        overrides: Overrides {
+            pci: args.enable_pci,
+            ..Overrides::default()
+        },
         seccomp: !args.no_seccomp,
         mmds_size_limit: args
             .mmds_size_limit

@@ -45,6 +45,8 @@ pub struct Overrides {
     pub vcpu_sched: Vec<VcpuSched>,
     /// `--rt-timer`.
     pub rt_timer: Option<RtTimerConfig>,
+    /// `--enable-pci`: the devices go on PCI.
+    pub pci: bool,
     pub introspect: IntrospectLaunch,
 }
 
@@ -107,6 +109,7 @@ impl Default for Overrides {
             huge_pages: HugePages::None,
             vcpu_sched: Vec::new(),
             rt_timer: None,
+            pci: false,
             introspect: IntrospectLaunch::default(),
         }
     }
@@ -137,6 +140,9 @@ impl Overrides {
             config.machine.huge_pages = self.huge_pages;
         }
         config.on_crash = self.on_crash;
+        if self.pci {
+            config.pci = true;
+        }
     }
 }
 

@@ -444,6 +444,61 @@ fn linux_finds_the_virtio_devices_vigil_declares() {
     );
 }
 
+/// With `--enable-pci` the kernel finds PCI bus 0 through ACPI alone (the MCFG,
+/// its window reserved by a motherboard resource; the `PCI0` root bridge and its
+/// BAR window), enumerates the virtio functions where Vigil placed them, and
+/// binds virtio-blk over virtio-pci (this kernel has no `CONFIG_PCI_MSI`: on
+/// INTA, routed by `_PRT`); nothing is declared on its command line.
+#[test]
+fn linux_finds_the_virtio_devices_on_pci() {
+    let Some((vmlinux, _)) = common::tiny_linux() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("vigil-linux-pci-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rw = dir.join("rw.img");
+    std::fs::File::create(&rw)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let rw_arg = format!("path={}", rw.display());
+    let cmdline = "console=ttyS0 earlyprintk=serial noxsave clearcpuid=smap,smep,popcnt nopti";
+    let r = common::run_until(
+        &[
+            "run",
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--memory",
+            &MEMORY_MIB.to_string(),
+            "--disk",
+            &rw_arg,
+            "--rng",
+            "--enable-pci",
+            "--huge-pages",
+            "thp",
+            "--cmdline",
+            cmdline,
+        ],
+        &["[vda]"],
+        Duration::from_secs(600),
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(!r.line("Command line: ").contains("virtio_mmio"), "{r}");
+    for line in [
+        "PCI: MMCONFIG at [mem 0xe0000000-0xe00fffff] reserved in ACPI motherboard resources",
+        "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00])",
+        "pci_bus 0000:00: root bus resource [mem 0xc0000000-0xcfffffff window]",
+        "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",
+        "pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000",
+        "pci 0000:00:01.0: BAR 0 [mem 0xc0008000-0xc000ffff 64bit]",
+        "pci 0000:00:02.0: [1af4:1044] type 00 class 0xff0000",
+        "virtio_blk virtio0: [vda] 131072 512-byte logical blocks",
+    ] {
+        assert!(r.stdout.contains(line), "{line}\n{r}");
+    }
+    assert!(!r.stdout.contains("virtio-mmio: Registering"), "{r}");
+}
+
 #[test]
 fn linux_boots_to_userspace_on_hardware_kvm() {
     let Some((vmlinux, map)) = common::tiny_linux() else {

@@ -130,10 +130,16 @@ fn test_tap(prefix: &str) -> Option<(TestTap, PacketSocket)> {
 
 #[test]
 fn net_frames_cross_the_tap_both_ways() {
-    in_netns(frames_cross_the_tap);
+    in_netns(|| frames_cross_the_tap(&[]));
 }
 
-fn frames_cross_the_tap() {
+/// The same over virtio-pci (`--enable-pci`): the device and the scenario are unchanged.
+#[test]
+fn net_frames_cross_the_tap_both_ways_over_pci() {
+    in_netns(|| frames_cross_the_tap(&["--enable-pci"]));
+}
+
+fn frames_cross_the_tap(extra: &[&str]) {
     let Some((tap, socket)) = test_tap("vgtest") else {
         return;
     };
@@ -147,6 +153,7 @@ fn frames_cross_the_tap() {
             "--cmdline",
             "test=net",
         ])
+        .args(extra)
         .spawn()
         .unwrap();
 

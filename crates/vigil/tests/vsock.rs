@@ -32,19 +32,19 @@ fn echo_server(path: &str) -> std::thread::JoinHandle<Vec<u8>> {
 /// Runs the test guest's `scenario` with a vsock device whose `<uds>_1234` is an
 /// echo server: the run, and what the server received.
 fn run_with_echo_server(name: &str, scenario: &str) -> (common::Run, Vec<u8>) {
+    run_with_echo_server_and(name, scenario, &[])
+}
+
+/// [`run_with_echo_server`] with `extra` options.
+fn run_with_echo_server_and(name: &str, scenario: &str, extra: &[&str]) -> (common::Run, Vec<u8>) {
     let uds = std::env::temp_dir().join(format!("vigil-vsock-{name}-{}.sock", std::process::id()));
     let port_path = format!("{}_1234", uds.display());
     let server = echo_server(&port_path);
-    let r = run(
-        &[
-            "run",
-            "--vsock",
-            &format!("cid=3,uds={}", uds.display()),
-            "--cmdline",
-            &format!("test={scenario}"),
-        ],
-        TIMEOUT,
-    );
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let cmdline = format!("test={scenario}");
+    let mut args = vec!["run", "--vsock", &vsock, "--cmdline", &cmdline];
+    args.extend_from_slice(extra);
+    let r = run(&args, TIMEOUT);
     std::fs::remove_file(&port_path).ok();
     std::fs::remove_file(&uds).ok();
     (r, server.join().unwrap())
@@ -59,6 +59,18 @@ fn vsock_guest_connection_reaches_the_host_echo_server() {
         "{r}"
     );
     assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(echoed, b"vigil-vsock-ping");
+}
+
+/// The same over virtio-pci: three queues, each on its own MSI-X vector.
+#[test]
+fn vsock_over_pci_reaches_the_host_echo_server() {
+    let (r, echoed) = run_with_echo_server_and("echo-pci", "vsock", &["--enable-pci"]);
+    assert_eq!(
+        r.line("TEST vsock "),
+        "TEST vsock PASS cid=3 echoed=16",
+        "{r}"
+    );
     assert_eq!(echoed, b"vigil-vsock-ping");
 }
 

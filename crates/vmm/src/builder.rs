@@ -32,7 +32,7 @@ use vigil_metrics::{DeviceKind, VcpuCounters, VmMetrics};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{
-    self, AcpiError, MmioDevice, ACPI_POWER_PORT, COM1_IRQ, COM1_PORT,
+    self, AcpiError, MmioDevice, PciIntx, ACPI_POWER_PORT, COM1_IRQ, COM1_PORT,
 };
 use crate::arch::x86_64::boot::{self, BootError, EntryPoint};
 use crate::arch::x86_64::cpuid::{self, Topology};
@@ -88,6 +88,8 @@ pub enum BuildError {
     EventFd(std::io::Error),
     #[error("cannot set up devices: virtio device at {base:#x}: {source}")]
     VirtioDevice { base: u64, source: std::io::Error },
+    #[error("cannot set up the PCI bus: {0}")]
+    Pci(String),
     #[error("cannot set up devices: {0}")]
     Transport(#[from] TransportError),
     #[error(transparent)]
@@ -192,7 +194,11 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let power = power_handler(&events_tx, &stop);
     let legacy = legacy_devices(&config.console, &vm_fd, power, None)?;
 
-    let mut devices = DeviceManager::new(&vm_fd, &mem);
+    let mut devices = if config.pci {
+        DeviceManager::with_pci(&vm_fd, &mem)?
+    } else {
+        DeviceManager::new(&vm_fd, &mem)
+    };
     attach_disks(config, &mut devices)?;
     attach_rng(config, &mut devices)?;
     attach_balloon(config, &mut devices)?;
@@ -202,8 +208,15 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
     let cmdline = format!("{}{}", config.boot.cmdline, devices.cmdline_entries());
     let cmdline = cmdline.trim_start();
     let apic_ids: Vec<u8> = (0..config.machine.vcpu_count).map(|i| i as u8).collect();
-    let entry = load_boot(config, &mem, cmdline, &apic_ids, devices.acpi_devices())?;
-    let virtio = devices.finish();
+    let entry = load_boot(
+        config,
+        &mem,
+        cmdline,
+        &apic_ids,
+        devices.acpi_devices(),
+        devices.pci_interrupts(),
+    )?;
+    let virtio = devices.finish()?;
 
     let hide = hidden_features(config);
     let vcpus = create_vcpus(config, &kvm, &vm_fd, &mem, &apic_ids, &hide, entry)?;
@@ -294,6 +307,7 @@ fn assemble(p: Parts) -> Vm {
         i8042: p.legacy.i8042,
         devices: p.virtio.handles,
         transports: p.virtio.transports,
+        pci: p.virtio.pci,
         machine: p.machine,
         memory: p.memory,
         msr_guard: Default::default(),
@@ -558,7 +572,7 @@ pub fn restore_with_memory(
     for (i, transport) in state.virtio.iter().enumerate() {
         devices.restore(i, transport)?;
     }
-    let virtio = devices.finish();
+    let virtio = devices.finish()?;
 
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for saved in &state.vcpus {
@@ -750,6 +764,7 @@ fn load_boot(
     cmdline: &str,
     apic_ids: &[u8],
     virtio: &[MmioDevice],
+    pci: Option<&[PciIntx]>,
 ) -> Result<EntryPoint, BuildError> {
     if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
         return Err(BuildError::CmdlineTooLong {
@@ -777,7 +792,7 @@ fn load_boot(
     } else {
         &[]
     };
-    let acpi = acpi::write_tables(mem, apic_ids, virtio, io)?;
+    let acpi = acpi::write_tables(mem, apic_ids, virtio, io, pci)?;
     boot::write_cmdline(mem, cmdline)?;
     match kernel.entry {
         EntryPoint::Pvh(_) => boot::write_pvh_info(mem, &e820, initrd, acpi.rsdp)?,

@@ -4,6 +4,13 @@
 //! transport on the MMIO bus and its queues on the device event loop, and keeps
 //! what the rest of the VM needs of it: the kernel command-line and DSDT entries
 //! that declare it, its metrics counters, and the host's handle on it.
+//!
+//! With PCI (`--enable-pci`) a device instead takes the next slot of PCI bus 0,
+//! its BAR the next [`BAR_SIZE`] of the PCI window, and one MSI-X vector (an
+//! irqfd on its own GSI from 24 on) for its configuration and each queue, and
+//! INTA on the I/O APIC line a virtio-mmio device would have taken; the
+//! ECAM and BAR windows go on the MMIO bus, and nothing is declared on the
+//! command line (the guest enumerates the bus, found through the MCFG).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +19,7 @@ use crate::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vigil_devices::bus::Bus;
+use vigil_devices::pci::{BarWindow, EcamWindow, PciBus, ECAM_BUS_SIZE};
 use vigil_devices::persist::{Persist, RestoreError};
 use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::Block;
@@ -19,6 +27,7 @@ use vigil_devices::virtio::mmio::{
     MmioTransport, MmioTransportState, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY,
 };
 use vigil_devices::virtio::net::Net;
+use vigil_devices::virtio::pci::{Msix, VirtioPci, BAR_SIZE};
 use vigil_devices::virtio::persist::DeviceState;
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::Vsock;
@@ -27,9 +36,11 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 use vigil_model::config::BalloonConfig;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::acpi::MmioDevice;
+use crate::arch::x86_64::acpi::{MmioDevice, PciIntx};
+use crate::arch::x86_64::layout::{PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START};
 use crate::builder::{kvm_err, BuildError};
 use crate::control::{BalloonHandle, DriveHandle, NetHandle, QueueWaker};
+use crate::pci::{KvmPci, IOAPIC_PINS};
 
 /// First virtio-mmio register window; each device takes the next 4 KiB.
 const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -58,6 +69,18 @@ pub(crate) struct VirtioDevices {
     pub(crate) handles: DeviceHandles,
     /// The transports in attach order, to save their state.
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The devices are on PCI (whose state a snapshot does not keep).
+    pub(crate) pci: bool,
+}
+
+/// The PCI bus being filled.
+struct Pci {
+    bus: PciBus,
+    /// Each device's slot and the I/O APIC line of its INTA, for the DSDT's `_PRT`.
+    intx: Vec<PciIntx>,
+    vm: Arc<KvmPci>,
+    /// The GSI the next MSI-X vector takes.
+    next_gsi: u32,
 }
 
 /// A device just attached: its interrupt, and a waker of its queues.
@@ -71,23 +94,42 @@ pub(crate) struct DeviceManager<'a> {
     vm_fd: &'a VmFd,
     mem: &'a GuestMemoryMmap,
     slots: Vec<MmioDevice>,
+    pci: Option<Pci>,
     devices: VirtioDevices,
 }
 
 impl<'a> DeviceManager<'a> {
+    /// Devices on virtio-mmio.
     pub(crate) fn new(vm_fd: &'a VmFd, mem: &'a GuestMemoryMmap) -> Self {
         Self {
             vm_fd,
             mem,
             slots: Vec::new(),
+            pci: None,
             devices: VirtioDevices {
                 mmio: Bus::new(),
                 subscribers: Vec::new(),
                 counters: Vec::new(),
                 handles: DeviceHandles::default(),
                 transports: Vec::new(),
+                pci: false,
             },
         }
+    }
+
+    /// Devices on PCI bus 0.
+    pub(crate) fn with_pci(vm_fd: &'a VmFd, mem: &'a GuestMemoryMmap) -> Result<Self, BuildError> {
+        let vm = KvmPci::new(vm_fd)
+            .map_err(|e| BuildError::Pci(format!("cannot duplicate the VM fd: {e}")))?;
+        let mut manager = Self::new(vm_fd, mem);
+        manager.devices.pci = true;
+        manager.pci = Some(Pci {
+            bus: PciBus::new(),
+            intx: Vec::new(),
+            vm: Arc::new(vm),
+            next_gsi: IOAPIC_PINS,
+        });
+        Ok(manager)
     }
 
     /// Counters for a device about to be attached, reported with the VM's metrics.
@@ -223,13 +265,35 @@ impl<'a> DeviceManager<'a> {
             .collect()
     }
 
+    /// With PCI, each device's slot and INTA line (the DSDT's `_PRT`).
+    pub(crate) fn pci_interrupts(&self) -> Option<&[PciIntx]> {
+        self.pci.as_ref().map(|p| p.intx.as_slice())
+    }
+
     /// The devices as the DSDT declares them (`LNRO0005`), for the other kernels.
     pub(crate) fn acpi_devices(&self) -> &[MmioDevice] {
         &self.slots
     }
 
-    pub(crate) fn finish(self) -> VirtioDevices {
-        self.devices
+    /// The devices, with the PCI windows on the MMIO bus when they are on PCI.
+    pub(crate) fn finish(mut self) -> Result<VirtioDevices, BuildError> {
+        if let Some(pci) = self.pci.take() {
+            let bus = Arc::new(pci.bus);
+            self.devices.mmio.insert(
+                Arc::new(Mutex::new(EcamWindow(bus.clone()))),
+                PCI_ECAM_START,
+                ECAM_BUS_SIZE,
+            )?;
+            self.devices.mmio.insert(
+                Arc::new(Mutex::new(BarWindow {
+                    bus,
+                    base: PCI_MMIO_START,
+                })),
+                PCI_MMIO_START,
+                PCI_MMIO_SIZE,
+            )?;
+        }
+        Ok(self.devices)
     }
 
     /// Puts `device` behind the next virtio-mmio window: its interrupt on an irqfd
@@ -241,6 +305,14 @@ impl<'a> DeviceManager<'a> {
         device: Box<dyn VirtioDevice>,
         saved: Option<&MmioTransportState>,
     ) -> Result<Attached, BuildError> {
+        if self.pci.is_some() {
+            if saved.is_some() {
+                return Err(BuildError::Pci(
+                    "a snapshot's devices are restored on virtio-mmio only".into(),
+                ));
+            }
+            return self.attach_pci(device);
+        }
         let index = self.slots.len();
         let slot = MmioDevice {
             base: VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW,
@@ -289,6 +361,82 @@ impl<'a> DeviceManager<'a> {
         let subscriber = QueueEvents::new(transport, queue_evts).map_err(dev_err)?;
         self.devices.subscribers.push(Box::new(subscriber));
         self.slots.push(slot);
+        Ok(Attached { interrupt, waker })
+    }
+}
+
+impl DeviceManager<'_> {
+    /// Puts `device` in the next PCI slot: its BAR the slot's share of the PCI
+    /// window, a vector per queue and one for its configuration, each an irqfd
+    /// on the next GSI; notifications are caught where its BAR is
+    /// ([`VirtioPci`] moves them with it).
+    fn attach_pci(&mut self, device: Box<dyn VirtioDevice>) -> Result<Attached, BuildError> {
+        let Some(pci) = self.pci.as_mut() else {
+            return Err(BuildError::Pci("no PCI bus".into()));
+        };
+        let slot = pci
+            .bus
+            .next_slot()
+            .ok_or_else(|| BuildError::Pci("bus 0 is full".into()))?;
+        let bar = PCI_MMIO_START + slot as u64 * BAR_SIZE;
+        let dev_err = |source| BuildError::VirtioDevice { base: bar, source };
+        let queues = device.queue_max_sizes().len();
+        let mut vectors = Vec::with_capacity(queues + 1);
+        for _ in 0..=queues {
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+            self.vm_fd
+                .register_irqfd(&irqfd, pci.next_gsi)
+                .map_err(kvm_err("connect an MSI-X vector"))?;
+            vectors.push((irqfd, pci.next_gsi));
+            pci.next_gsi += 1;
+        }
+        // INTA, for drivers without MSI-X: the I/O APIC line a virtio-mmio device
+        // in the same place would have.
+        let intx_gsi = VIRTIO_FIRST_GSI + pci.intx.len() as u32;
+        let intx = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err)?;
+        self.vm_fd
+            .register_irqfd(&intx, intx_gsi)
+            .map_err(kvm_err("connect a PCI INTx line"))?;
+        let queue_evts = (0..queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(dev_err)?;
+        let clone_evts = || {
+            queue_evts
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(dev_err)
+        };
+        let (transport_evts, notify_evts) = (clone_evts()?, clone_evts()?);
+        let waker = QueueWaker::new(clone_evts()?);
+        let msix = Arc::new(Mutex::new(Msix::new(
+            vectors,
+            (intx, intx_gsi),
+            queues,
+            pci.vm.clone(),
+        )));
+        let interrupt = Arc::new(Interrupt::msix(msix.clone()));
+        let transport =
+            MmioTransport::new(device, self.mem.clone(), interrupt.clone(), transport_evts)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.devices.transports.push(transport.clone());
+        let function = VirtioPci::new(
+            transport.clone(),
+            interrupt.clone(),
+            msix,
+            notify_evts,
+            bar,
+            (PCI_MMIO_START, PCI_MMIO_START + PCI_MMIO_SIZE),
+            pci.vm.clone(),
+        );
+        pci.bus.add(Arc::new(Mutex::new(function)));
+        pci.intx.push(PciIntx {
+            slot: slot as u8,
+            gsi: intx_gsi,
+        });
+        let subscriber = QueueEvents::new(transport, queue_evts).map_err(dev_err)?;
+        self.devices.subscribers.push(Box::new(subscriber));
         Ok(Attached { interrupt, waker })
     }
 }
@@ -353,7 +501,7 @@ mod tests {
             ]
         );
 
-        let virtio = devices.finish();
+        let virtio = devices.finish().unwrap();
         for (base, device_type) in [(0xd000_0000, 2), (0xd000_1000, 4), (0xd000_2000, 5)] {
             let mut word = [0u8; 4];
             assert!(virtio.mmio.read(base + 8, &mut word));
@@ -370,5 +518,50 @@ mod tests {
             Some(balloon_config)
         );
         assert!(virtio.handles.nets.is_empty());
+    }
+
+    /// With PCI: devices take slots 1, 2, ... with their BARs in the PCI window
+    /// and INTA on the lines from 5; nothing goes on the command line or in the
+    /// DSDT's device list; ECAM and the BARs answer on the MMIO bus.
+    #[test]
+    fn pci_devices_take_slots_and_answer_on_ecam_and_their_bars() {
+        let kvm = Kvm::new().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let vm_fd = create_vm(&kvm, &mem, vigil_model::config::HugePages::None).unwrap();
+        let mut devices = DeviceManager::with_pci(&vm_fd, &mem).unwrap();
+        devices
+            .add(Box::new(Rng::new(RateLimit::default())))
+            .unwrap();
+        let config = BalloonConfig {
+            target_mib: 1,
+            ..Default::default()
+        };
+        devices.add_balloon(Balloon::new(config), config).unwrap();
+        assert_eq!(devices.cmdline_entries(), "");
+        assert!(devices.acpi_devices().is_empty());
+        assert_eq!(
+            devices.pci_interrupts(),
+            Some(&[PciIntx { slot: 1, gsi: 5 }, PciIntx { slot: 2, gsi: 6 }][..])
+        );
+        let virtio = devices.finish().unwrap();
+        let word = |addr| {
+            let mut b = [0u8; 4];
+            assert!(virtio.mmio.read(addr, &mut b), "{addr:#x}");
+            u32::from_le_bytes(b)
+        };
+        assert_eq!(word(PCI_ECAM_START), 0x0008_1b36, "host bridge");
+        assert_eq!(word(PCI_ECAM_START + (1 << 15)), 0x1044_1af4, "virtio-rng");
+        assert_eq!(
+            word(PCI_ECAM_START + (2 << 15)),
+            0x1045_1af4,
+            "virtio-balloon"
+        );
+        assert_eq!(word(PCI_ECAM_START + (3 << 15)), u32::MAX, "empty slot");
+        assert_eq!(word(PCI_ECAM_START + (2 << 15) + 0x10), 0xc001_0004, "BAR0");
+        // num_queues in the balloon's common configuration.
+        let mut b = [0u8; 2];
+        assert!(virtio.mmio.read(0xc001_0012, &mut b));
+        assert_eq!(u16::from_le_bytes(b), 2);
+        assert!(virtio.pci);
     }
 }

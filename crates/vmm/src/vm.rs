@@ -66,6 +66,8 @@ pub struct Vm {
     pub(crate) devices: DeviceHandles,
     /// The virtio transports in attach order, to save their state.
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The devices are on PCI: snapshots and migration are refused.
+    pub(crate) pci: bool,
     /// What a snapshot keeps of the configuration.
     pub(crate) machine: SavedMachine,
     /// Where guest memory came from.
@@ -246,6 +248,7 @@ impl Vm {
             serial: self.serial,
             i8042: self.i8042.clone(),
             transports: self.transports,
+            pci: self.pci,
             memory_file,
             written,
             extensions: Mutex::default(),

@@ -1,8 +1,10 @@
-//! Virtio devices over the MMIO transport (virtio 1.x).
+//! Virtio devices over the MMIO or the PCI transport (virtio 1.x).
 //!
 //! A device implements [`VirtioDevice`]: its type, features, config space and
 //! what to do with a queue's available descriptors. [`mmio::MmioTransport`] owns
 //! the device, the queues and the register file the guest programs;
+//! [`pci::VirtioPci`] is a PCI function whose BAR maps the virtio-pci structures
+//! onto that same register file, with MSI-X vectors for its interrupts;
 //! [`mmio::QueueEvents`] runs on the device event loop and is woken by the
 //! ioeventfds KVM signals when the guest notifies a queue.
 //!
@@ -18,12 +20,14 @@ pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod persist;
 pub mod rng;
 pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -54,10 +58,18 @@ pub const INT_USED_RING: u32 = 1;
 /// Interrupt status bit: the configuration changed (or the device needs a reset).
 pub const INT_CONFIG: u32 = 2;
 
-/// The interrupt line of one virtio-mmio device, and its status register.
+/// How a virtio device interrupts the guest: an I/O APIC line (virtio-mmio) or
+/// MSI-X vectors (virtio-pci), and its interrupt status register (ISR).
 pub struct Interrupt {
     status: AtomicU32,
-    irq: EventFd,
+    line: Line,
+}
+
+enum Line {
+    /// One irqfd for every cause.
+    Pin(EventFd),
+    /// A vector for the configuration and one per queue, as the driver chose.
+    Msix(Arc<Mutex<pci::Msix>>),
 }
 
 impl std::fmt::Debug for Interrupt {
@@ -73,15 +85,41 @@ impl Interrupt {
     pub fn new(irq: EventFd) -> Self {
         Self {
             status: AtomicU32::new(0),
-            irq,
+            line: Line::Pin(irq),
         }
     }
 
-    /// Sets `bits` in the interrupt status and raises the line.
+    /// An interrupt raised through the MSI-X vectors of a virtio-pci function.
+    pub fn msix(msix: Arc<Mutex<pci::Msix>>) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            line: Line::Msix(msix),
+        }
+    }
+
+    /// Sets `bits` in the interrupt status and raises the line (with MSI-X: the
+    /// configuration vector for [`INT_CONFIG`], every queue's for [`INT_USED_RING`]).
     pub fn signal(&self, bits: u32) {
+        self.raise(bits, None);
+    }
+
+    /// Queue `index` used buffers: with MSI-X only its vector fires.
+    pub fn signal_queue(&self, index: usize) {
+        self.raise(INT_USED_RING, Some(index));
+    }
+
+    fn raise(&self, bits: u32, queue: Option<usize>) {
         self.status.fetch_or(bits, Ordering::SeqCst);
-        if let Err(e) = self.irq.write(1) {
-            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        match &self.line {
+            Line::Pin(irq) => {
+                if let Err(e) = irq.write(1) {
+                    tracing::warn!("cannot raise a virtio interrupt: {e}");
+                }
+            }
+            Line::Msix(msix) => msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .signal(bits, queue),
         }
     }
 

@@ -128,6 +128,9 @@ pub struct VmConfig {
     pub vcpu_sched: Vec<VcpuSched>,
     /// The RT timer device, with its limits.
     pub rt_timer: Option<RtTimerConfig>,
+    /// Put the virtio devices on a PCI bus (virtio-pci, MSI-X) instead of
+    /// virtio-mmio (`--enable-pci`).
+    pub pci: bool,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -241,6 +244,7 @@ impl VmConfig {
             on_crash: OnCrash::Exit,
             vcpu_sched: Vec::new(),
             rt_timer: None,
+            pci: false,
         }
     }
 

@@ -50,6 +50,8 @@ pub enum SnapshotError {
         "a diff snapshot needs the dirty log, which is not available: {0}; take a Full snapshot"
     )]
     NoDirtyLog(String),
+    #[error("the VM's devices are on PCI (--enable-pci), whose state Vigil does not save yet; snapshots and migration need a VM without --enable-pci")]
+    Pci,
     #[error("the {name:?} state cannot be captured: {message}")]
     Extension { name: String, message: String },
     #[error(transparent)]
@@ -87,6 +89,8 @@ pub(crate) struct SnapshotSources {
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The devices are on PCI, whose state is not saved: capture is refused.
+    pub(crate) pci: bool,
     /// The file guest memory is privately mapped from, after a restore.
     pub(crate) memory_file: Option<PathBuf>,
     pub(crate) written: WrittenSince,
@@ -176,6 +180,9 @@ impl SnapshotSources {
         vcpus: &crate::vstate::threads::VcpuThreads,
         with_memory: impl FnOnce(&GuestMemoryMmap, &mut VmState) -> Result<T, SnapshotError>,
     ) -> Result<(VmState, T), SnapshotError> {
+        if self.pci {
+            return Err(SnapshotError::Pci);
+        }
         let vm_fd = self.vm_fd.upgrade().ok_or(ControlError::Stopping)?;
         persist::check_xsave_size(&vm_fd)?;
         let msr_list = Kvm::new()

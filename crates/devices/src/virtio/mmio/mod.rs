@@ -32,7 +32,8 @@ pub const QUEUE_NOTIFY: u64 = 0x50;
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = u32::from_le_bytes(*b"VGIL");
-const CONFIG_SPACE: u64 = 0x100;
+/// Offset of the device configuration space.
+pub(crate) const CONFIG_SPACE: u64 = 0x100;
 
 /// Device status bits (virtio 1.1, 2.1).
 pub mod status {
@@ -121,6 +122,11 @@ impl MmioTransport {
     /// The device model.
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
+    }
+
+    /// Queue `index`, as the driver set it up.
+    pub(crate) fn queue(&self, index: usize) -> Option<&Queue> {
+        self.queues.get(index)
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -217,7 +223,7 @@ impl MmioTransport {
         let result = self
             .device
             .process_queues(index, &mut self.queues, &self.mem);
-        self.outcome(result)
+        self.outcome(Some(index), result)
     }
 
     /// Processes a ready host fd of the device (see [`VirtioDevice::watched_fds`]).
@@ -228,7 +234,7 @@ impl MmioTransport {
         let result = self
             .device
             .process_fd(fd, events, &mut self.queues, &self.mem);
-        self.outcome(result)
+        self.outcome(None, result)
     }
 
     /// The host fds the device wants watched: none until the driver is ready.
@@ -241,17 +247,26 @@ impl MmioTransport {
         }
     }
 
-    fn outcome(&mut self, result: Result<QueueOutcome, DeviceBroken>) -> Option<Duration> {
+    /// What processing queue `index` (`None`: a host fd, any queue) came to.
+    fn outcome(
+        &mut self,
+        index: Option<usize>,
+        result: Result<QueueOutcome, DeviceBroken>,
+    ) -> Option<Duration> {
+        let used = |interrupt: &Interrupt| match index {
+            Some(i) => interrupt.signal_queue(i),
+            None => interrupt.signal(INT_USED_RING),
+        };
         match result {
-            Ok(QueueOutcome::Done(used)) => {
-                if used {
-                    self.interrupt.signal(INT_USED_RING);
+            Ok(QueueOutcome::Done(used_any)) => {
+                if used_any {
+                    used(&self.interrupt);
                 }
                 None
             }
-            Ok(QueueOutcome::RetryAfter(wait, used)) => {
-                if used {
-                    self.interrupt.signal(INT_USED_RING);
+            Ok(QueueOutcome::RetryAfter(wait, used_any)) => {
+                if used_any {
+                    used(&self.interrupt);
                 }
                 Some(wait)
             }
@@ -262,7 +277,8 @@ impl MmioTransport {
         }
     }
 
-    fn write_register(&mut self, offset: u64, v: u32) {
+    /// Writes register `offset` (also the virtio-pci common configuration's way in).
+    pub(crate) fn write_register(&mut self, offset: u64, v: u32) {
         let queue_configurable = self.status & status::DRIVER_OK == 0;
         match offset {
             0x14 => self.device_features_sel = v,
@@ -336,7 +352,8 @@ impl MmioTransport {
         }
     }
 
-    fn read_register(&mut self, offset: u64) -> u32 {
+    /// Reads register `offset` (also the virtio-pci common configuration's way in).
+    pub(crate) fn read_register(&mut self, offset: u64) -> u32 {
         match offset {
             0x00 => MAGIC,
             0x04 => VERSION,

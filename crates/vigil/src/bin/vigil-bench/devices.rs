@@ -25,6 +25,11 @@ pub struct DeviceBenchArgs {
     /// filters cost on the device path.
     #[arg(long)]
     pub no_seccomp: bool,
+
+    /// Also run Vigil with --enable-pci, as a row of its own: the device on
+    /// virtio-pci (MSI-X) against the default virtio-mmio.
+    #[arg(long)]
+    pub pci: bool,
 }
 
 /// A benchmark the test guest runs against one virtio device.
@@ -117,6 +122,9 @@ fn device_bench(
     let mut vmms = vec![Vmm::vigil("vigil", &[])?];
     if args.no_seccomp {
         vmms.push(Vmm::vigil("vigil (no seccomp)", &["--no-seccomp"])?);
+    }
+    if args.pci {
+        vmms.push(Vmm::vigil("vigil (pci)", &["--enable-pci"])?);
     }
     if args.qemu != "none" {
         vmms.push(Vmm::qemu(&args.qemu));

@@ -1,6 +1,7 @@
 //! ACPI tables for a hardware-reduced x86_64 platform: RSDP, XSDT, FADT, MADT and
 //! DSDT, so that a guest finds every vCPU, the I/O APIC, COM1, and a way to power
-//! off (the FADT sleep control register) and reset (the FADT reset register).
+//! off (the FADT sleep control register) and reset (the FADT reset register);
+//! with PCI, an MCFG for the ECAM window and the root bridge in the DSDT.
 
 use crate::GuestMemoryMmap;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -8,6 +9,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -15,7 +17,10 @@ use acpi_tables::{aml, Aml};
 use vigil_devices::legacy::{ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{ACPI_END, ACPI_START, APIC_START, IOAPIC_START};
+use super::layout::{
+    ACPI_END, ACPI_START, APIC_START, IOAPIC_START, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START,
+};
+use vigil_devices::pci::ECAM_BUS_SIZE;
 
 const OEM_ID: [u8; 6] = *b"VIGIL ";
 const OEM_REVISION: u32 = 1;
@@ -96,7 +101,69 @@ fn io_device_aml(dev: &IoDevice, out: &mut Vec<u8>) {
     aml::Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
 }
 
-fn dsdt(virtio: &[MmioDevice], io_devices: &[IoDevice]) -> Vec<u8> {
+/// A PCI device's INTA: its slot on bus 0 and its I/O APIC line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciIntx {
+    pub slot: u8,
+    pub gsi: u32,
+}
+
+/// `_SB_.PCI0`, the root bridge of segment 0, bus 0, its BARs in
+/// [`PCI_MMIO_START`], its slots' INTA routed to I/O APIC lines by `_PRT`; and
+/// `_SB_.MRES`, the motherboard resource that reserves the ECAM window (Linux
+/// uses an MCFG window only when it is reserved so).
+fn pci_aml(intx: &[PciIntx], out: &mut Vec<u8>) {
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let window = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &window]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    // _PRT entries: address (slot << 16 | 0xffff), pin 0 (INTA), source 0 (a
+    // GSI, not a link device), the GSI.
+    let fields: Vec<(u32, u32)> = intx
+        .iter()
+        .map(|i| ((u32::from(i.slot) << 16) | 0xffff, i.gsi))
+        .collect();
+    let entries: Vec<aml::Package> = fields
+        .iter()
+        .map(|(address, gsi)| aml::Package::new(vec![address, &aml::ZERO, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Package::new(entries.iter().map(|e| e as &dyn Aml).collect());
+    let prt = aml::Name::new("_PRT".into(), &prt);
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt],
+    )
+    .to_aml_bytes(out);
+    let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, ECAM_BUS_SIZE as u32);
+    let crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let uid = aml::Name::new("_UID".into(), &aml::ONE);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    aml::Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
+}
+
+/// The MCFG: bus 0 of segment 0 at [`PCI_ECAM_START`].
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, *b"VIGILMCF", OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
+    let mut bytes = Vec::new();
+    mcfg.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn dsdt(virtio: &[MmioDevice], io_devices: &[IoDevice], pci: Option<&[PciIntx]>) -> Vec<u8> {
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE]));
     let io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
     let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
@@ -113,6 +180,9 @@ fn dsdt(virtio: &[MmioDevice], io_devices: &[IoDevice]) -> Vec<u8> {
     }
     for dev in io_devices {
         io_device_aml(dev, &mut body);
+    }
+    if let Some(intx) = pci {
+        pci_aml(intx, &mut body);
     }
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VIGILDST", OEM_REVISION);
     sdt.append_slice(&body);
@@ -159,13 +229,15 @@ fn madt(apic_ids: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Builds the tables for vCPUs with `apic_ids`, `virtio` devices and the port
-/// devices `io`, and writes them at [`ACPI_START`].
+/// Builds the tables for vCPUs with `apic_ids`, virtio-mmio devices `virtio`,
+/// the port devices `io` and, with `pci` (its devices' INTA lines), the PCI root
+/// bridge, and writes them at [`ACPI_START`].
 pub fn write_tables(
     mem: &GuestMemoryMmap,
     apic_ids: &[u8],
     virtio: &[MmioDevice],
     io: &[IoDevice],
+    pci: Option<&[PciIntx]>,
 ) -> Result<AcpiTables, AcpiError> {
     let rsdp_len = Rsdp::len() as u64;
     let align = |a: u64| (a + 15) & !15;
@@ -177,12 +249,15 @@ pub fn write_tables(
         tables.push((sig, addr, bytes));
         addr
     };
-    let dsdt_addr = place(*b"DSDT", dsdt(virtio, io));
+    let dsdt_addr = place(*b"DSDT", dsdt(virtio, io, pci));
     let fadt_addr = place(*b"FACP", fadt(dsdt_addr.0));
     let madt_addr = place(*b"APIC", madt(apic_ids));
     let mut xsdt = XSDT::new(OEM_ID, *b"VIGILXSD", OEM_REVISION);
     xsdt.add_entry(fadt_addr.0);
     xsdt.add_entry(madt_addr.0);
+    if pci.is_some() {
+        xsdt.add_entry(place(*b"MCFG", mcfg()).0);
+    }
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let xsdt_addr = place(*b"XSDT", xsdt_bytes);
@@ -240,7 +315,7 @@ mod tests {
             port: 0x620,
             ports: 32,
         };
-        let t = write_tables(&mem, &[0, 1, 2, 3], &virtio, &[rt]).unwrap();
+        let t = write_tables(&mem, &[0, 1, 2, 3], &virtio, &[rt], None).unwrap();
 
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, t.rsdp).unwrap();
@@ -267,6 +342,7 @@ mod tests {
             .map(|o| u64_at(xsdt, o))
             .collect();
         assert_eq!(entries, vec![find(b"FACP").1 .0, find(b"APIC").1 .0]);
+        assert!(!t.tables.iter().any(|(sig, _, _)| sig == b"MCFG"));
 
         let (_, _, dsdt) = find(b"DSDT");
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
@@ -327,5 +403,37 @@ mod tests {
                 "Interrupt for {dev:?}"
             );
         }
+    }
+
+    /// With PCI: an MCFG for bus 0 at the ECAM window, linked from the XSDT, and
+    /// the root bridge and the ECAM reservation in the DSDT.
+    #[test]
+    fn pci_adds_mcfg_and_the_root_bridge() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let intx = [PciIntx { slot: 1, gsi: 5 }, PciIntx { slot: 2, gsi: 6 }];
+        let t = write_tables(&mem, &[0], &[], &[], Some(&intx)).unwrap();
+        let find = |s: &[u8; 4]| t.tables.iter().find(|(sig, _, _)| sig == s).unwrap();
+        let (_, mcfg_addr, mcfg) = find(b"MCFG");
+        assert!(checksum_ok(mcfg));
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(mcfg, 44), PCI_ECAM_START);
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0 to 0");
+        let (_, _, xsdt) = find(b"XSDT");
+        assert!((36..xsdt.len())
+            .step_by(8)
+            .any(|o| u64_at(xsdt, o) == mcfg_addr.0));
+        let (_, _, dsdt) = find(b"DSDT");
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0") && has(b"_SEG") && has(b"_BBN") && has(b"MRES"));
+        // PNP0A08 and PNP0A03 as EISA ids.
+        assert!(has(&[0x41, 0xd0, 0x0a, 0x08]) && has(&[0x41, 0xd0, 0x0a, 0x03]));
+        // The BAR window: DWordMemory 0xc0000000..0xcfffffff.
+        let mut window = (PCI_MMIO_START as u32).to_le_bytes().to_vec();
+        window.extend_from_slice(&((PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32).to_le_bytes());
+        assert!(has(&window));
+        assert!(!has(b"LNRO0005"));
+        // _PRT: slot 2's INTA on GSI 6 (DWord 0x2ffff, Zero, Zero, Byte 6).
+        assert!(has(b"_PRT"));
+        assert!(has(&[0x0c, 0xff, 0xff, 0x02, 0x00, 0x00, 0x00, 0x0a, 0x06]));
     }
 }

@@ -10,7 +10,9 @@
 //! 0x000e_0000  ACPI tables (RSDP first, where legacy scans find it)
 //! 0x0010_0000  kernel (ELF physical addresses or bzImage protected-mode code)
 //! ...          RAM, initrd at the top of low RAM
-//! 0xc000_0000  32-bit MMIO hole (IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000)
+//! 0xc000_0000  32-bit MMIO hole: PCI BARs (with --enable-pci) to 0xd000_0000,
+//!              virtio-mmio from 0xd000_0000, PCI ECAM at 0xe000_0000 (1 MiB),
+//!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM above 4 GiB
 //! ```
 
@@ -48,6 +50,13 @@ pub const HIMEM_START: GuestAddress = GuestAddress(0x100000);
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole (4 GiB).
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Where PCI functions' BARs are placed (with `--enable-pci`), declared as the
+/// root bridge's memory window in the DSDT.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+/// Length of the PCI BAR window (up to the virtio-mmio windows).
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+/// PCI ECAM (enhanced configuration access) window of bus 0, in the MCFG.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
 /// I/O APIC base address.
 pub const IOAPIC_START: u32 = 0xfec0_0000;
 /// Local APIC base address.
