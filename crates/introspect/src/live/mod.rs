@@ -267,7 +267,9 @@ impl Introspector {
         Status {
             monitoring: monitor.is_some(),
             settings: monitor.as_ref().map(|m| m.settings),
-            baseline_taken: lock(&self.shared.baseline).is_some(),
+            // A carried baseline is set before its monitor starts: shown once
+            // the monitor that checks against it runs.
+            baseline_taken: monitor.is_some() && lock(&self.shared.baseline).is_some(),
             symbols: self.symbols().map_or(0, |s| s.len()),
             kaslr_slide: located.as_ref().map(|l| l.slide),
             kaslr_slide_from: located.as_ref().map(|l| l.slide_from.clone()),
