@@ -777,7 +777,7 @@ impl RunArgs {
                     tls: self.migration_tls()?,
                 }),
                 seccomp: !self.no_seccomp,
-                mmds_size_limit: None,
+                mmds: Default::default(),
             }
         } else if let Some(file) = &self.config_file {
             if let Some(option) = self.vm_options_given().first() {
@@ -804,7 +804,7 @@ impl RunArgs {
                 overrides,
                 incoming: None,
                 seccomp: !self.no_seccomp,
-                mmds_size_limit: None,
+                mmds: Default::default(),
             }
         } else {
             let waits = self.api_sock.is_some() && self.kernel.is_none();
@@ -819,7 +819,7 @@ impl RunArgs {
                 api_sock: self.api_sock.clone(),
                 id,
                 seccomp: !self.no_seccomp,
-                mmds_size_limit: None,
+                mmds: Default::default(),
                 boot_now: (!waits).then(|| self.into_config()),
                 pre: Default::default(),
                 logger: None,

@@ -12,7 +12,7 @@ use anyhow::anyhow;
 use clap::Parser;
 use vigil_model::firecracker::{Logger, Metrics};
 
-use crate::launch::{Launch, Overrides};
+use crate::launch::{Launch, MmdsStart, Overrides};
 use vigil_shared::logging::Logging;
 
 const ABOUT: &str = "\
@@ -72,6 +72,10 @@ struct FirecrackerArgs {
     /// API's body limit, 65536.
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
     mmds_size_limit: Option<u64>,
+    /// A JSON file the MMDS data store starts with (a JSON object, within
+    /// --mmds-size-limit), as if given by `PUT /mmds` before anything else.
+    #[arg(long, value_name = "PATH")]
+    metadata: Option<PathBuf>,
     /// Print the format version of a snapshot's state file (after checking it).
     #[arg(long, value_name = "PATH")]
     describe_snapshot: Option<PathBuf>,
@@ -174,9 +178,12 @@ pub fn main(argv: Vec<OsString>, logging: &Logging) -> anyhow::Result<ExitCode> 
             ..Overrides::default()
         },
         seccomp: !args.no_seccomp,
-        mmds_size_limit: args
-            .mmds_size_limit
-            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        mmds: MmdsStart {
+            size_limit: args
+                .mmds_size_limit
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            metadata: args.metadata,
+        },
     };
     if let Some(file) = &args.config_file {
         let (pre, config, logger, metrics) = crate::launch::from_config_file(file)?;

@@ -163,9 +163,18 @@ pub struct Launch {
     pub incoming: Option<Incoming>,
     /// Confine every thread with its seccomp filter (off only with `--no-seccomp`).
     pub seccomp: bool,
-    /// The MMDS data store's limit in bytes (`--mmds-size-limit`); by default
-    /// the API's body limit.
-    pub mmds_size_limit: Option<usize>,
+    /// What the MMDS data store starts with.
+    pub mmds: MmdsStart,
+}
+
+/// The MMDS data store at start (Firecracker's flags).
+#[derive(Default)]
+pub struct MmdsStart {
+    /// Its limit in bytes (`--mmds-size-limit`); by default the API's body
+    /// limit.
+    pub size_limit: Option<usize>,
+    /// A JSON file it starts with (`--metadata`), as a `PUT /mmds` would.
+    pub metadata: Option<PathBuf>,
 }
 
 /// Where a migrating VM comes in, and what its source must hold.
@@ -245,8 +254,18 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
     let (to_vmm, from_api) = mpsc::channel();
     let api = Api::new(l.id.clone(), to_vmm.clone(), Some(logging.hook()));
     api.set_preboot(l.pre);
-    if let Some(limit) = l.mmds_size_limit {
+    if let Some(limit) = l.mmds.size_limit {
         api.mmds().set_size_limit(limit);
+    }
+    if let Some(path) = &l.mmds.metadata {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("--metadata {shown}: cannot read it: {e}"))?;
+        let data = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("--metadata {shown}: not JSON: {e}"))?;
+        api.mmds()
+            .put(data)
+            .map_err(|e| anyhow!("--metadata {shown}: {e}"))?;
     }
     if let Some(logger) = l.logger {
         api.configure_logger(logger)

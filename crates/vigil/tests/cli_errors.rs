@@ -235,3 +235,50 @@ fn the_readme_says_what_becomes_of_every_firecracker_flag() {
         );
     }
 }
+
+/// `vigil firecracker --metadata FILE`: a file that is missing, not JSON, not
+/// an object or over `--mmds-size-limit` is named with why, before any API.
+#[test]
+fn firecracker_metadata_files_that_cannot_seed_the_store() {
+    let sock = std::env::temp_dir().join(format!("vigil-{}-metadata.sock", std::process::id()));
+    let not_json = temp_file("metadata-not-json", b"{\"latest\": ");
+    let array = temp_file("metadata-array", b"[1, 2]");
+    let big = temp_file(
+        "metadata-big",
+        br#"{"latest": {"meta-data": "0123456789"}}"#,
+    );
+    let missing = "/nonexistent/metadata.json";
+    for (file, limit, why) in [
+        (missing, "65536", "cannot read it"),
+        (not_json.to_str().unwrap(), "65536", "not JSON"),
+        (
+            array.to_str().unwrap(),
+            "65536",
+            "the MMDS data store is a JSON object, not an array",
+        ),
+        (
+            big.to_str().unwrap(),
+            "16",
+            "the MMDS data store would take 37 bytes, over its limit of 16 bytes",
+        ),
+    ] {
+        let r = run(
+            &[
+                "firecracker",
+                "--api-sock",
+                sock.to_str().unwrap(),
+                "--metadata",
+                file,
+                "--mmds-size-limit",
+                limit,
+            ],
+            TIMEOUT,
+        );
+        assert_eq!(r.code, Some(1), "{r}");
+        assert!(
+            r.stderr.contains(&format!("--metadata {file}: {why}")),
+            "{r}\nlacks {why:?}"
+        );
+        assert!(!sock.exists(), "no API was served: {r}");
+    }
+}
