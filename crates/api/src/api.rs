@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use vigil_mmds::{Mmds, MmdsConfig};
 use vigil_model::config::rt::VcpuSchedBody;
-use vigil_model::config::{VcpuSched, VmConfig};
+use vigil_model::config::{NetConfig, VcpuSched, VmConfig};
 use vigil_vmm::builder::BuildError;
 use vigil_vmm::snapshot::MemoryKind;
 use vigil_vmm::{BalloonHandle, ControlError, RunState, VmControl};
@@ -86,6 +86,8 @@ pub struct SnapshotLoad {
     pub memory: SnapshotMemory,
     /// Run the VM once loaded; otherwise it stays paused until `PATCH /vm`.
     pub resume: bool,
+    /// Other taps and vsock socket than the saved ones.
+    pub overrides: vigil_vmm::builder::DeviceOverrides,
 }
 
 /// Where a loaded snapshot's guest memory comes from.
@@ -911,11 +913,21 @@ impl Api {
             },
             (None, Some(f)) => SnapshotMemory::File(f),
         };
-        if !p.network_overrides.is_empty() {
-            return bad("network_overrides: not supported yet".into());
-        }
-        if p.vsock_override.is_some() {
-            return bad("vsock_override: not supported yet".into());
+        let mut overrides = vigil_vmm::builder::DeviceOverrides {
+            taps: Vec::new(),
+            vsock_uds: p.vsock_override.map(|v| v.uds_path),
+        };
+        for (i, o) in p.network_overrides.into_iter().enumerate() {
+            if let Err(e) = NetConfig::new(o.host_dev_name.clone(), 0).validate() {
+                return bad(format!("network_overrides[{i}].{e}"));
+            }
+            if overrides.taps.iter().any(|(id, _)| *id == o.iface_id) {
+                return bad(format!(
+                    "network_overrides[{i}].iface_id {:?}: overridden twice",
+                    o.iface_id
+                ));
+            }
+            overrides.taps.push((o.iface_id, o.host_dev_name));
         }
         if p.clock_realtime {
             return bad("clock_realtime true: not supported yet".into());
@@ -943,6 +955,7 @@ impl Api {
             state_path: p.snapshot_path,
             memory,
             resume: p.resume_vm,
+            overrides,
         };
         let (reply, answer) = mpsc::channel();
         if lock(&self.to_vmm)

@@ -22,6 +22,7 @@ const RX_BUF: u64 = 0x60000;
 fn net() -> (Net, OwnedFd) {
     let (tap, host) = Tap::pair().unwrap();
     let config = NetConfig {
+        id: None,
         tap: String::new(),
         mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
         rx_rate_limit: Default::default(),

@@ -337,6 +337,7 @@ fn rng_continues_after_restore() {
 fn net_transmits_after_restore() {
     let tap = format!("vgst{}", std::process::id() % 100_000);
     let config = NetConfig {
+        id: Some("eth0".into()),
         tap: tap.clone(),
         mac: vigil_model::MacAddr([0x02, 0x76, 0x69, 0x67, 0x00, 0x07]),
         rx_rate_limit: RateLimit::default(),
@@ -376,6 +377,7 @@ fn net_transmits_after_restore() {
     match &state.device {
         DeviceState::Net(n) => {
             assert_eq!(n.tap, tap);
+            assert_eq!(n.iface_id.as_deref(), Some("eth0"));
             assert_eq!(n.mac, config.mac.0);
             assert_eq!(n.tx_rate_limit.bandwidth.unwrap().burst, Some(1 << 16));
         }

@@ -696,6 +696,7 @@ impl NetworkInterface {
             return Err(BodyError::Mtu(mtu));
         }
         let net = NetConfig {
+            id: Some(self.iface_id.clone()),
             tap: self.host_dev_name.clone(),
             mac: match &self.guest_mac {
                 Some(m) => m.parse().map_err(BodyError::Mac)?,

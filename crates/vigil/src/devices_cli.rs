@@ -131,6 +131,7 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
         },
     };
     Ok(NetConfig {
+        id: None,
         tap: tap.into(),
         mac,
         rx_rate_limit: p.rate_limit("rx_")?,

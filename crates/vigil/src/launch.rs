@@ -218,10 +218,12 @@ fn restore(
     let (console, on_crash) = (&overrides.console, overrides.on_crash);
     let vm = match &load.memory {
         SnapshotMemory::File(file) => {
-            vigil_vmm::builder::restore(&load.state_path, file, console, on_crash)?
+            let o = &load.overrides;
+            vigil_vmm::builder::restore(&load.state_path, file, o, console, on_crash)?
         }
         SnapshotMemory::Uffd(handler) => {
-            vigil_vmm::builder::restore_lazily(&load.state_path, handler, console, on_crash)?
+            let o = &load.overrides;
+            vigil_vmm::builder::restore_lazily(&load.state_path, handler, o, console, on_crash)?
         }
     };
     // Refused before the VM runs: a monitor that cannot go on from its baseline.

@@ -7,8 +7,11 @@ mod common;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use common::http::request;
+use common::mobility::{api_vigil, ok};
 use common::tap::{can_use_tun, in_netns, TestTap};
 use common::{finish, vigil, TIMEOUT};
+use serde_json::{json, Value};
 
 const ETHERTYPE: u16 = 0x88b5;
 const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
@@ -262,4 +265,118 @@ fn net_option_errors_name_the_value() {
     let r = common::run(&["run", "--net", "tap=x,mac=03:00:00:00:00:01"], TIMEOUT);
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("multicast"), "{r}");
+}
+
+/// The taps process `pid` holds open (a tun fd's fdinfo names its interface).
+fn open_taps(pid: u32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut taps: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            let line = info.lines().find(|l| l.starts_with("iff:"))?;
+            Some(line["iff:".len()..].trim().to_owned())
+        })
+        .collect();
+    taps.sort();
+    taps
+}
+
+/// `PUT /snapshot/load` with `network_overrides` and `vsock_override`: the
+/// restored interface runs on the other tap and the vsock device listens on
+/// the other socket; an override naming no saved interface is refused with
+/// the ids the snapshot has, and the process can still load.
+#[test]
+fn a_loaded_snapshot_uses_the_overridden_tap_and_vsock_socket() {
+    in_netns(|| {
+        if !can_use_tun() {
+            return;
+        }
+        let tap = |prefix: &str| {
+            let name = format!("{prefix}{}", std::process::id() % 100_000);
+            TestTap::create(&name).unwrap_or_else(|e| panic!("tap {name}: {e}"))
+        };
+        let (first, second) = (tap("vgso"), tap("vgsn"));
+        let dir = common::scratch("net-snapshot-overrides");
+        let (mut source, sock) = api_vigil(&dir, "source");
+        ok(
+            &sock,
+            "PUT",
+            "/boot-source",
+            json!({"kernel_image_path": vigil_test_guest::ELF_PATH, "boot_args": "test=counter"}),
+        );
+        ok(
+            &sock,
+            "PUT",
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": first.name()}),
+        );
+        ok(
+            &sock,
+            "PUT",
+            "/vsock",
+            json!({"guest_cid": 3, "uds_path": dir.join("saved.vsock")}),
+        );
+        ok(
+            &sock,
+            "PUT",
+            "/actions",
+            json!({"action_type": "InstanceStart"}),
+        );
+        source.wait_for(&["counter: 2"], TIMEOUT);
+        ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+        let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+        ok(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_path": state, "mem_file_path": mem}),
+        );
+        drop(source);
+
+        let (mut restored, sock) = api_vigil(&dir, "restored");
+        let load = |overrides: Value| {
+            let mut body = json!({
+                "snapshot_path": state,
+                "mem_backend": {"backend_type": "File", "backend_path": mem},
+                "resume_vm": true,
+            });
+            body.as_object_mut()
+                .unwrap()
+                .extend(overrides.as_object().unwrap().clone());
+            request(&sock, "PUT", "/snapshot/load", &body.to_string())
+        };
+        for (overrides, why) in [
+            (
+                json!({"network_overrides": [{"iface_id": "eth9", "host_dev_name": second.name()}]}),
+                "network_overrides[0].iface_id \"eth9\": no interface of the snapshot has this id (its interfaces: \"eth0\")",
+            ),
+            (
+                json!({"network_overrides": [{"iface_id": "eth0", "host_dev_name": "a/b"}]}),
+                "network_overrides[0].host_dev_name \"a/b\"",
+            ),
+        ] {
+            let a = load(overrides);
+            assert_eq!(a.status, 400, "{a:?}");
+            assert!(a.fault().contains(why), "{a:?} lacks {why:?}");
+        }
+        let moved = dir.join("moved.vsock");
+        let a = load(json!({
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": second.name()}],
+            "vsock_override": {"uds_path": moved},
+        }));
+        assert_eq!(a.status, 204, "{a:?}");
+        restored.wait_for(&["counter: "], TIMEOUT);
+        assert_eq!(
+            open_taps(restored.pid()),
+            vec![second.name().to_owned()],
+            "the restored interface is on the overriding tap"
+        );
+        assert!(
+            std::os::unix::net::UnixStream::connect(&moved).is_ok(),
+            "the vsock device listens on {}",
+            moved.display()
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    });
 }

@@ -6,7 +6,7 @@
 //! MMIO windows and interrupt lines one after the other.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::{Block, BlockError};
 use vigil_devices::virtio::mmio::TransportError;
 use vigil_devices::virtio::net::{Net, NetError};
+use vigil_devices::virtio::persist::DeviceState;
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::{Vsock, VsockError};
 use vigil_devices::PowerHandler;
@@ -470,6 +471,61 @@ fn memory_from_file(ranges: &[MemoryRange], file: File) -> Result<GuestMemoryMma
     GuestMemoryMmap::from_regions(regions).map_err(|e| fail(e.to_string()))
 }
 
+/// What a snapshot load changes of the saved devices (Firecracker's
+/// `network_overrides` and `vsock_override`): the host side a new process
+/// uses, never what the guest sees.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceOverrides {
+    /// `(iface_id, tap)`: the interface saved with that id uses this tap.
+    pub taps: Vec<(String, String)>,
+    /// The vsock device's Unix socket path.
+    pub vsock_uds: Option<PathBuf>,
+}
+
+impl DeviceOverrides {
+    /// Rewrites the saved devices of `state`; an override that names nothing
+    /// in it is refused, naming the field. The devices' restores check the
+    /// new values as they check saved ones.
+    fn apply(&self, state: &mut VmState) -> Result<(), BuildError> {
+        for (i, (id, tap)) in self.taps.iter().enumerate() {
+            let mut ids = Vec::new();
+            let found = state.virtio.iter_mut().find_map(|t| match &mut t.device {
+                DeviceState::Net(n) => {
+                    ids.push(format!("{:?}", n.iface_id.as_deref().unwrap_or("")));
+                    (n.iface_id.as_deref() == Some(id.as_str())).then_some(n)
+                }
+                _ => None,
+            });
+            let Some(net) = found else {
+                let has = if ids.is_empty() {
+                    "it has no network interface".to_owned()
+                } else {
+                    format!("its interfaces: {}", ids.join(", "))
+                };
+                return Err(mismatch(
+                    format!("network_overrides[{i}].iface_id {id:?}"),
+                    format!("no interface of the snapshot has this id ({has})"),
+                ));
+            };
+            net.tap = tap.clone();
+        }
+        if let Some(uds) = &self.vsock_uds {
+            let vsock = state.virtio.iter_mut().find_map(|t| match &mut t.device {
+                DeviceState::Vsock(v) => Some(v),
+                _ => None,
+            });
+            let Some(vsock) = vsock else {
+                return Err(mismatch(
+                    "vsock_override",
+                    "the snapshot has no vsock device",
+                ));
+            };
+            vsock.uds = uds.clone();
+        }
+        Ok(())
+    }
+}
+
 /// Builds back the VM a snapshot holds, from its state file and memory file,
 /// ready to start where it was paused. The console and what a crash does are
 /// this process's choice, not the snapshot's. Every field of the state is
@@ -477,10 +533,12 @@ fn memory_from_file(ranges: &[MemoryRange], file: File) -> Result<GuestMemoryMma
 pub fn restore(
     state_path: &Path,
     memory_path: &Path,
+    overrides: &DeviceOverrides,
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<Vm, BuildError> {
-    let (_, state) = snapshot_file::read_state(state_path)?;
+    let (_, mut state) = snapshot_file::read_state(state_path)?;
+    overrides.apply(&mut state)?;
     check_machine(&state, &Kvm::new().map_err(BuildError::Kvm)?)?;
     let memory_bytes: u64 = state.memory.iter().map(|r| r.bytes).sum();
     let file = snapshot_file::open_memory(memory_path, memory_bytes)?;
@@ -505,10 +563,12 @@ pub fn restore(
 pub fn restore_lazily(
     state_path: &Path,
     handler: &Path,
+    overrides: &DeviceOverrides,
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<Vm, BuildError> {
-    let (_, state) = snapshot_file::read_state(state_path)?;
+    let (_, mut state) = snapshot_file::read_state(state_path)?;
+    overrides.apply(&mut state)?;
     check_machine(&state, &Kvm::new().map_err(BuildError::Kvm)?)?;
     let mem = memory_for(&state.memory)?;
     let lazy = LazyMemory::register(&mem, true)?;

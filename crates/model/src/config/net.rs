@@ -10,6 +10,9 @@ pub const IFNAME_MAX: usize = 15;
 /// How a network interface is attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
+    /// The interface's `iface_id` in Firecracker's API (kept in snapshots, for
+    /// `network_overrides` on load); none from the command line.
+    pub id: Option<String>,
     /// Name of the tap (created when absent).
     pub tap: String,
     /// MAC address the guest reads from the config space.
@@ -64,6 +67,7 @@ impl NetConfig {
     /// An interface on `tap` with the default MAC of interface `index` and no limits.
     pub fn new(tap: impl Into<String>, index: usize) -> Self {
         Self {
+            id: None,
             tap: tap.into(),
             mac: MacAddr::for_interface(index),
             rx_rate_limit: RateLimit::default(),

@@ -63,6 +63,8 @@ pub struct NetCounters {
 
 /// A virtio-net device.
 pub struct Net {
+    /// The `iface_id` it was configured with, for its saved state.
+    pub(super) id: Option<String>,
     pub(super) tap: Tap,
     pub(super) mac: [u8; 6],
     pub(super) rx_limiter: RateLimiter,
@@ -95,6 +97,7 @@ impl Net {
     pub fn with_tap(tap: Tap, config: &NetConfig) -> Self {
         tracing::info!(tap = tap.name(), "virtio-net attached");
         Self {
+            id: config.id.clone(),
             tap,
             mac: config.mac.0,
             rx_limiter: RateLimiter::new(config.rx_rate_limit),

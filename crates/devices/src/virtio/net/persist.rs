@@ -15,6 +15,10 @@ use vigil_model::MacAddr;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetState {
+    /// The interface's `iface_id` (none for one from the command line, and in
+    /// states from before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iface_id: Option<String>,
     pub tap: String,
     pub mac: [u8; 6],
     pub rx_rate_limit: RateLimitState,
@@ -28,6 +32,7 @@ impl Persist for Net {
 
     fn save(&self) -> NetState {
         NetState {
+            iface_id: self.id.clone(),
             tap: self.tap.name().to_owned(),
             mac: self.mac,
             rx_rate_limit: self.rx_limiter.limit().into(),
@@ -38,6 +43,7 @@ impl Persist for Net {
     fn restore((): (), s: &NetState) -> Result<Self, RestoreError> {
         let tap = &s.tap;
         let config = NetConfig {
+            id: s.iface_id.clone(),
             tap: tap.clone(),
             mac: MacAddr(s.mac),
             rx_rate_limit: s.rx_rate_limit.to_limit("rx_rate_limit")?,
