@@ -189,6 +189,23 @@ impl Link {
     ) -> Result<Segment, &'static str> {
         loop {
             let n = self.receive(buf, deadline)?;
+            // MMDS asking who we are (its neighbour cache is empty after a
+            // snapshot restore): answered, as any host on the link would.
+            if n >= 42
+                && buf[12..14] == [0x08, 0x06]
+                && buf[20..22] == [0, 1]
+                && buf[38..42] == GUEST_IP
+            {
+                let mut f = [0u8; 42];
+                f[..6].copy_from_slice(&buf[6..12]);
+                f[6..12].copy_from_slice(&self.mac);
+                f[12..22].copy_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 2]);
+                f[22..28].copy_from_slice(&self.mac);
+                f[28..32].copy_from_slice(&GUEST_IP);
+                f[32..42].copy_from_slice(&buf[22..32]);
+                self.send(&f)?;
+                continue;
+            }
             if n < 54 || buf[12..14] != [0x08, 0x00] || buf[23] != 6 || buf[26..30] != MMDS_IP {
                 continue;
             }
@@ -225,11 +242,20 @@ impl Link {
         let isn = 0x1000_0000u32.wrapping_add(u32::from(self.port) << 16);
         let mut buf = [0u8; FRAME_MAX];
         let deadline = rdtsc() + self.clock.ms(3000);
-        self.segment(isn, 0, SYN, &[])?;
+        // The SYN again after a while without an answer: a peer that had to
+        // ask for our MAC first dropped it.
+        let mut tries = 0;
         let mut rcv = loop {
-            let s = self
-                .next_segment(&mut buf, deadline)
-                .map_err(|_| "no SYN-ACK")?;
+            if tries < 6 {
+                tries += 1;
+                self.segment(isn, 0, SYN, &[])?;
+            }
+            let retry = (rdtsc() + self.clock.ms(250)).min(deadline);
+            let s = match self.next_segment(&mut buf, retry) {
+                Ok(s) => s,
+                Err(_) if rdtsc() < deadline => continue,
+                Err(_) => return Err("no SYN-ACK"),
+            };
             if s.flags & RST != 0 {
                 return Err("connection refused");
             }

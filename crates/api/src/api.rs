@@ -916,6 +916,7 @@ impl Api {
         let mut overrides = vigil_vmm::builder::DeviceOverrides {
             taps: Vec::new(),
             vsock_uds: p.vsock_override.map(|v| v.uds_path),
+            mmds: Some(self.mmds().clone()),
         };
         for (i, o) in p.network_overrides.into_iter().enumerate() {
             if let Err(e) = NetConfig::new(o.host_dev_name.clone(), 0).validate() {

@@ -49,11 +49,14 @@ pub enum ReceiveError {
 }
 
 /// Accepts sources on `listener` until one brings a VM that runs here; returns
-/// it running. `on_failed_attempt` hears of every attempt that failed. Ends
+/// it running, its devices rewritten by `overrides` as a snapshot load's are
+/// (the MMDS store its interfaces reach). `on_failed_attempt` hears of every
+/// attempt that failed. Ends
 /// with `Interrupted` once `stop` says so while no source is connected.
 pub fn receive(
     listener: &Listener,
     token: &str,
+    overrides: &builder::DeviceOverrides,
     console: &ConsoleConfig,
     on_crash: OnCrash,
     on_failed_attempt: &dyn Fn(&ReceiveError),
@@ -67,7 +70,7 @@ pub fn receive(
                 continue;
             }
         };
-        match attempt(&mut stream, token, console, on_crash) {
+        match attempt(&mut stream, token, overrides, console, on_crash) {
             Ok(running) => return Ok(running),
             Err(e) => {
                 // Tell the source why, when the stream still carries it.
@@ -194,6 +197,7 @@ pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, R
 fn attempt(
     stream: &mut Box<dyn Stream>,
     token: &str,
+    overrides: &builder::DeviceOverrides,
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<RunningVm, ReceiveError> {
@@ -201,10 +205,11 @@ fn attempt(
         .set_read_timeout(Some(READ_TIMEOUT))
         .map_err(WireError::Io)?;
     let Received {
-        state,
+        mut state,
         mem,
         pending,
     } = receive_state(&mut **stream, token)?;
+    overrides.apply(&mut state)?;
     if !pending.is_empty() {
         return crate::postcopy::arrive(stream, state, mem, pending, console, on_crash);
     }

@@ -321,9 +321,15 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                 listener.local(),
                 if tls.is_some() { " (TLS)" } else { "" }
             );
+            // The arriving interfaces that reach MMDS reach this API's store.
+            let overrides = vigil_vmm::builder::DeviceOverrides {
+                mmds: Some(api.mmds().clone()),
+                ..Default::default()
+            };
             let received = vigil_migration::receive(
                 &listener,
                 token,
+                &overrides,
                 &l.overrides.console,
                 l.overrides.on_crash,
                 &|e| eprintln!("vigil: a migration attempt failed: {e}; still waiting"),

@@ -168,3 +168,80 @@ fn mmds_v2_needs_a_live_token() {
         run.line("TEST mmds PASS version=V2");
     });
 }
+
+/// A snapshot keeps which interfaces reach MMDS and how (not the data store,
+/// as in Firecracker): the restored guest's next request reaches the loading
+/// process's store, filled after the load.
+#[test]
+fn a_restored_guest_reaches_the_mmds_of_the_loading_process() {
+    in_netns(|| {
+        if !can_use_tun() {
+            return;
+        }
+        let tap = TestTap::create(&format!("vgmr{}", std::process::id() % 10_000))
+            .expect("a tap in the test's namespace");
+        let dir = scratch("mmds-restore");
+        let sock = dir.join("source.sock");
+        let mut source = Console::spawn(&["firecracker", "--api-sock", sock.to_str().unwrap()]);
+        wait_for(&sock, TIMEOUT);
+        for (path, body) in [
+            (
+                "/boot-source",
+                json!({"kernel_image_path": vigil_test_guest::ELF_PATH, "boot_args": "test=mmds"}),
+            ),
+            (
+                "/network-interfaces/eth0",
+                json!({"iface_id": "eth0", "host_dev_name": tap.name()}),
+            ),
+            (
+                "/mmds/config",
+                json!({"version": "V1", "network_interfaces": ["eth0"]}),
+            ),
+            (
+                "/mmds",
+                json!({"latest": {"meta-data": {"ami-id": "ami-12345"}}}),
+            ),
+            ("/actions", json!({"action_type": "InstanceStart"})),
+        ] {
+            ok(&sock, "PUT", path, body);
+        }
+        source.wait_for(&["mmds: ready patch"], TIMEOUT);
+        ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+        let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+        ok(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_path": state, "mem_file_path": mem}),
+        );
+        drop(source);
+
+        let sock = dir.join("restored.sock");
+        let mut restored = Console::spawn(&["firecracker", "--api-sock", sock.to_str().unwrap()]);
+        wait_for(&sock, TIMEOUT);
+        ok(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+        );
+        assert_eq!(
+            request(&sock, "GET", "/mmds", "").json(),
+            json!({}),
+            "no data carried"
+        );
+        ok(
+            &sock,
+            "PUT",
+            "/mmds",
+            json!({"latest": {"meta-data": {"ami-id": "ami-restored"}}}),
+        );
+        restored.send(b"g");
+        let run = restored.finish(TIMEOUT);
+        drop(tap);
+        assert_eq!(run.code, Some(0), "{run}");
+        run.line("mmds: after-patch status=200 body=ami-restored");
+        run.line("TEST mmds PASS version=V1");
+        std::fs::remove_dir_all(&dir).ok();
+    });
+}

@@ -480,13 +480,16 @@ pub struct DeviceOverrides {
     pub taps: Vec<(String, String)>,
     /// The vsock device's Unix socket path.
     pub vsock_uds: Option<PathBuf>,
+    /// The process's MMDS store (its API's): interfaces saved as reaching
+    /// MMDS reach it, with the saved configuration.
+    pub mmds: Option<vigil_mmds::Mmds>,
 }
 
 impl DeviceOverrides {
     /// Rewrites the saved devices of `state`; an override that names nothing
     /// in it is refused, naming the field. The devices' restores check the
     /// new values as they check saved ones.
-    fn apply(&self, state: &mut VmState) -> Result<(), BuildError> {
+    pub fn apply(&self, state: &mut VmState) -> Result<(), BuildError> {
         for (i, (id, tap)) in self.taps.iter().enumerate() {
             let mut ids = Vec::new();
             let found = state.virtio.iter_mut().find_map(|t| match &mut t.device {
@@ -508,6 +511,11 @@ impl DeviceOverrides {
                 ));
             };
             net.tap = tap.clone();
+        }
+        for t in &mut state.virtio {
+            if let DeviceState::Net(n) = &mut t.device {
+                n.mmds_store = self.mmds.clone();
+            }
         }
         if let Some(uds) = &self.vsock_uds {
             let vsock = state.virtio.iter_mut().find_map(|t| match &mut t.device {

@@ -80,7 +80,7 @@ pub struct Net {
     counters: NetCounters,
     metrics: Arc<DeviceCounters>,
     /// MMDS, when this interface reaches it: its frames never touch the tap.
-    mmds: Option<MmdsStack>,
+    pub(super) mmds: Option<MmdsStack>,
 }
 
 impl Net {

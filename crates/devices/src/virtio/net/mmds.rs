@@ -164,6 +164,11 @@ impl MmdsStack {
         })
     }
 
+    /// The store it answers from.
+    pub fn store(&self) -> &Mmds {
+        &self.mmds
+    }
+
     /// Whether the guest's Ethernet `frame` is for MMDS: ARP about its address,
     /// or IPv4 TCP to its address and port 80.
     pub fn is_for_mmds(&self, frame: &[u8]) -> bool {

@@ -8,8 +8,12 @@ use crate::persist::{Persist, RestoreError};
 use crate::rate_limiter::RateLimitState;
 use crate::virtio::persist::VirtioDeviceState;
 use crate::virtio::{VirtioDevice, TYPE_NET};
+use vigil_mmds::{Mmds, MmdsConfig};
 use vigil_model::config::{NetConfig, NetConfigError};
 use vigil_model::MacAddr;
+
+/// A fresh store's limit when a restore is given none (the API's default).
+const DEFAULT_STORE_LIMIT: usize = 64 << 10;
 
 /// virtio-net: the tap is opened (or created) by name on restore.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -23,6 +27,14 @@ pub struct NetState {
     pub mac: [u8; 6],
     pub rx_rate_limit: RateLimitState,
     pub tx_rate_limit: RateLimitState,
+    /// MMDS's configuration when the interface reached it; the data store is
+    /// not kept (as in Firecracker: the host puts it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<MmdsConfig>,
+    /// The store a restored interface reaches MMDS through (the loading
+    /// process's, which its API fills); a fresh one when none is given.
+    #[serde(skip)]
+    pub mmds_store: Option<Mmds>,
 }
 
 impl Persist for Net {
@@ -37,6 +49,8 @@ impl Persist for Net {
             mac: self.mac,
             rx_rate_limit: self.rx_limiter.limit().into(),
             tx_rate_limit: self.tx_limiter.limit().into(),
+            mmds: self.mmds.as_ref().and_then(|m| m.store().config()),
+            mmds_store: None,
         }
     }
 
@@ -48,8 +62,14 @@ impl Persist for Net {
             mac: MacAddr(s.mac),
             rx_rate_limit: s.rx_rate_limit.to_limit("rx_rate_limit")?,
             tx_rate_limit: s.tx_rate_limit.to_limit("tx_rate_limit")?,
-            // MMDS is not in the state: a restored VM's interfaces do not reach it.
-            mmds: None,
+            mmds: s.mmds.clone().map(|config| {
+                let store = s
+                    .mmds_store
+                    .clone()
+                    .unwrap_or_else(|| Mmds::new(DEFAULT_STORE_LIMIT));
+                store.set_config(config);
+                store
+            }),
         };
         // The same checks as a configured interface's, with the state's names.
         config.validate().map_err(|e| match e {
