@@ -18,7 +18,7 @@ pub const SLOTS: usize = 32;
 pub const ECAM_BUS_SIZE: u64 = (SLOTS as u64) * 8 * 4096;
 /// Bytes of configuration space Vigil decodes per function (the rest of the 4 KiB
 /// of extended space reads as zero).
-const CONFIG_SIZE: usize = 256;
+pub const CONFIG_SIZE: usize = 256;
 
 /// Configuration header offsets (PCI Local Bus 3.0, 6.1).
 pub mod reg {

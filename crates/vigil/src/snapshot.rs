@@ -94,14 +94,29 @@ pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
     for (i, t) in state.virtio.iter().enumerate() {
         let what = match &t.device {
             DeviceState::Block(b) => format!("block {:?} at {}", b.id, b.path.display()),
-            DeviceState::Net(_) => "net".into(),
+            DeviceState::Net(n) => match &n.iface_id {
+                Some(id) => format!("net {id:?} on tap {:?}", n.tap),
+                None => format!("net on tap {:?}", n.tap),
+            },
             DeviceState::Vsock(_) => "vsock".into(),
             DeviceState::Balloon(b) => format!("balloon, target {} pages", b.num_pages),
             DeviceState::Rng(_) => "rng".into(),
         };
+        let on_pci = state.pci.get(i).map_or(String::new(), |p| {
+            let word = |at: usize| {
+                p.config
+                    .get(at..at + 4)
+                    .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            };
+            let bar = u64::from(word(0x14)) << 32 | u64::from(word(0x10) & !0xf);
+            format!(
+                "; on PCI, BAR {bar:#x}, {} MSI-X vectors",
+                p.msix_table.len()
+            )
+        });
         let _ = writeln!(
             out,
-            "virtio {i}: {what}; status {:#x}, {} queues",
+            "virtio {i}: {what}; status {:#x}, {} queues{on_pci}",
             t.device_status,
             t.queues.len()
         );

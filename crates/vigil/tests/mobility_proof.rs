@@ -270,9 +270,23 @@ fn second(k: u64) -> String {
 
 #[test]
 fn a_restored_guest_keeps_its_count_memory_disk_records_and_stream() {
-    let setup = Setup::new("proof-snapshot");
+    snapshot_proof("proof-snapshot", &[]);
+}
+
+/// The same on PCI: the restored functions keep their BARs, vectors and MSI
+/// routes (the guest's disk and stream go on through MSI-X).
+#[test]
+fn a_restored_pci_guest_keeps_its_count_memory_disk_records_and_stream() {
+    snapshot_proof("proof-snapshot-pci", &["--enable-pci"]);
+}
+
+fn snapshot_proof(name: &str, flags: &[&str]) {
+    let setup = Setup::new(name);
     let (state, mem) = (setup.dir.join("vm.snap"), setup.dir.join("vm.mem"));
-    let (mut source, sock) = api_vigil(&setup.dir, "source");
+    let sock = setup.dir.join("source.sock");
+    let mut source =
+        Console::spawn(&[&["run", "--api-sock", sock.to_str().unwrap()], flags].concat());
+    common::http::wait_for(&sock, TIMEOUT);
     setup.boot(&sock, 8);
     source.wait_for(&[&second(3)], TIMEOUT);
     ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
@@ -286,6 +300,9 @@ fn a_restored_guest_keeps_its_count_memory_disk_records_and_stream() {
     // were the host gone.
     let before = source.poll().to_string();
     drop(source);
+    let inspect = common::run(&["snapshot", "inspect", state.to_str().unwrap()], TIMEOUT);
+    let on_pci = inspect.stdout.matches("; on PCI, BAR 0xc00").count();
+    assert_eq!(on_pci, usize::from(!flags.is_empty()) * 2, "{inspect}");
     let (restored, sock) = api_vigil(&setup.dir, "restored");
     ok(
         &sock,

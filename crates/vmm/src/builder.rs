@@ -308,7 +308,7 @@ fn assemble(p: Parts) -> Vm {
         i8042: p.legacy.i8042,
         devices: p.virtio.handles,
         transports: p.virtio.transports,
-        pci: p.virtio.pci,
+        pci_functions: p.virtio.pci_functions,
         machine: p.machine,
         memory: p.memory,
         msr_guard: Default::default(),
@@ -636,9 +636,24 @@ pub fn restore_with_memory(
     let stop = Arc::new(AtomicBool::new(false));
     let power = power_handler(&events_tx, &stop);
     let legacy = legacy_devices(console, &vm_fd, power, Some((&state.serial, &state.i8042)))?;
-    let mut devices = DeviceManager::new(&vm_fd, &mem);
+    // On PCI, every transport has its function (ECAM, BAR window and ACPI
+    // tables as at boot; the tables are in guest memory).
+    let mut devices = if state.pci.is_empty() {
+        DeviceManager::new(&vm_fd, &mem)
+    } else if state.pci.len() != state.virtio.len() {
+        return Err(mismatch(
+            "pci",
+            format!(
+                "{} PCI functions for {} virtio transports",
+                state.pci.len(),
+                state.virtio.len()
+            ),
+        ));
+    } else {
+        DeviceManager::with_pci(&vm_fd, &mem)?
+    };
     for (i, transport) in state.virtio.iter().enumerate() {
-        devices.restore(i, transport)?;
+        devices.restore(i, transport, state.pci.get(i))?;
     }
     let virtio = devices.finish()?;
 

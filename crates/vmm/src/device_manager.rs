@@ -27,7 +27,7 @@ use vigil_devices::virtio::mmio::{
     MmioTransport, MmioTransportState, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY,
 };
 use vigil_devices::virtio::net::Net;
-use vigil_devices::virtio::pci::{Msix, VirtioPci, BAR_SIZE};
+use vigil_devices::virtio::pci::{Msix, VirtioPci, VirtioPciState, BAR_SIZE};
 use vigil_devices::virtio::persist::DeviceState;
 use vigil_devices::virtio::rng::Rng;
 use vigil_devices::virtio::vsock::Vsock;
@@ -69,8 +69,8 @@ pub(crate) struct VirtioDevices {
     pub(crate) handles: DeviceHandles,
     /// The transports in attach order, to save their state.
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
-    /// The devices are on PCI (whose state a snapshot does not keep).
-    pub(crate) pci: bool,
+    /// With PCI, the virtio-pci functions in attach order, to save their state.
+    pub(crate) pci_functions: Vec<Arc<Mutex<VirtioPci>>>,
 }
 
 /// The PCI bus being filled.
@@ -81,6 +81,14 @@ struct Pci {
     vm: Arc<KvmPci>,
     /// The GSI the next MSI-X vector takes.
     next_gsi: u32,
+}
+
+/// What a snapshot saved of a device's transport, and of its PCI function
+/// when the devices are on PCI.
+#[derive(Clone, Copy)]
+struct Saved<'s> {
+    transport: &'s MmioTransportState,
+    pci: Option<&'s VirtioPciState>,
 }
 
 /// A device just attached: its interrupt, and a waker of its queues.
@@ -112,7 +120,7 @@ impl<'a> DeviceManager<'a> {
                 counters: Vec::new(),
                 handles: DeviceHandles::default(),
                 transports: Vec::new(),
-                pci: false,
+                pci_functions: Vec::new(),
             },
         }
     }
@@ -122,7 +130,6 @@ impl<'a> DeviceManager<'a> {
         let vm = KvmPci::new(vm_fd)
             .map_err(|e| BuildError::Pci(format!("cannot duplicate the VM fd: {e}")))?;
         let mut manager = Self::new(vm_fd, mem);
-        manager.devices.pci = true;
         manager.pci = Some(Pci {
             bus: PciBus::new(),
             intx: Vec::new(),
@@ -148,7 +155,7 @@ impl<'a> DeviceManager<'a> {
         &mut self,
         id: &str,
         mut block: Block,
-        saved: Option<&MmioTransportState>,
+        saved: Option<Saved<'_>>,
     ) -> Result<(), BuildError> {
         let limit = block.rate_limit_control();
         let attached = self.attach(Box::new(block), saved)?;
@@ -162,11 +169,7 @@ impl<'a> DeviceManager<'a> {
         self.attach_net(net, None)
     }
 
-    fn attach_net(
-        &mut self,
-        mut net: Net,
-        saved: Option<&MmioTransportState>,
-    ) -> Result<(), BuildError> {
+    fn attach_net(&mut self, mut net: Net, saved: Option<Saved<'_>>) -> Result<(), BuildError> {
         let limits = net.rate_limit_controls();
         let attached = self.attach(Box::new(net), saved)?;
         let handle = NetHandle::new(limits, attached.waker);
@@ -187,7 +190,7 @@ impl<'a> DeviceManager<'a> {
         &mut self,
         balloon: Balloon,
         config: BalloonConfig,
-        saved: Option<&MmioTransportState>,
+        saved: Option<Saved<'_>>,
     ) -> Result<(), BuildError> {
         let control = balloon.control();
         let attached = self.attach(Box::new(balloon), saved)?;
@@ -210,10 +213,21 @@ impl<'a> DeviceManager<'a> {
         &mut self,
         index: usize,
         saved: &MmioTransportState,
+        pci: Option<&VirtioPciState>,
     ) -> Result<(), BuildError> {
+        if pci.is_some() != self.pci.is_some() {
+            return Err(BuildError::SnapshotMismatch {
+                field: format!("pci[{index}]"),
+                why: "every virtio transport has its PCI function, or none has".into(),
+            });
+        }
+        let saved = Saved {
+            transport: saved,
+            pci,
+        };
         let placed = |e: RestoreError| BuildError::Restore(e.within(&format!("virtio[{index}]")));
         let in_device = |e: RestoreError| placed(e.within("device"));
-        saved.check_registers_only().map_err(placed)?;
+        saved.transport.check_registers_only().map_err(placed)?;
         let n = |kind| {
             self.devices
                 .counters
@@ -221,7 +235,7 @@ impl<'a> DeviceManager<'a> {
                 .filter(|c| c.kind() == kind)
                 .count()
         };
-        match &saved.device {
+        match &saved.transport.device {
             DeviceState::Block(s) => {
                 let name = format!("blk{}", n(DeviceKind::Block));
                 let block = Block::restore((), s).map_err(|e| in_device(e.within("block")))?;
@@ -303,15 +317,10 @@ impl<'a> DeviceManager<'a> {
     fn attach(
         &mut self,
         device: Box<dyn VirtioDevice>,
-        saved: Option<&MmioTransportState>,
+        saved: Option<Saved<'_>>,
     ) -> Result<Attached, BuildError> {
         if self.pci.is_some() {
-            if saved.is_some() {
-                return Err(BuildError::Pci(
-                    "a snapshot's devices are restored on virtio-mmio only".into(),
-                ));
-            }
-            return self.attach_pci(device);
+            return self.attach_pci(device, saved);
         }
         let index = self.slots.len();
         let slot = MmioDevice {
@@ -348,10 +357,14 @@ impl<'a> DeviceManager<'a> {
         let mem = self.mem.clone();
         let transport = match saved {
             None => MmioTransport::new(device, mem, interrupt.clone(), transport_evts)?,
-            Some(state) => {
-                MmioTransport::restore(state, device, mem, interrupt.clone(), transport_evts)
-                    .map_err(|e| BuildError::Restore(e.within(&format!("virtio[{index}]"))))?
-            }
+            Some(saved) => MmioTransport::restore(
+                saved.transport,
+                device,
+                mem,
+                interrupt.clone(),
+                transport_evts,
+            )
+            .map_err(|e| BuildError::Restore(e.within(&format!("virtio[{index}]"))))?,
         };
         let transport = Arc::new(Mutex::new(transport));
         self.devices.transports.push(transport.clone());
@@ -370,7 +383,13 @@ impl DeviceManager<'_> {
     /// window, a vector per queue and one for its configuration, each an irqfd
     /// on the next GSI; notifications are caught where its BAR is
     /// ([`VirtioPci`] moves them with it).
-    fn attach_pci(&mut self, device: Box<dyn VirtioDevice>) -> Result<Attached, BuildError> {
+    fn attach_pci(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        saved: Option<Saved<'_>>,
+    ) -> Result<Attached, BuildError> {
+        let index = self.devices.transports.len();
+        let placed = |e: RestoreError| BuildError::Restore(e.within(&format!("virtio[{index}]")));
         let Some(pci) = self.pci.as_mut() else {
             return Err(BuildError::Pci("no PCI bus".into()));
         };
@@ -417,11 +436,21 @@ impl DeviceManager<'_> {
             pci.vm.clone(),
         )));
         let interrupt = Arc::new(Interrupt::msix(msix.clone()));
-        let transport =
-            MmioTransport::new(device, self.mem.clone(), interrupt.clone(), transport_evts)?;
+        let mem = self.mem.clone();
+        let transport = match saved {
+            None => MmioTransport::new(device, mem, interrupt.clone(), transport_evts)?,
+            Some(saved) => MmioTransport::restore(
+                saved.transport,
+                device,
+                mem,
+                interrupt.clone(),
+                transport_evts,
+            )
+            .map_err(placed)?,
+        };
         let transport = Arc::new(Mutex::new(transport));
         self.devices.transports.push(transport.clone());
-        let function = VirtioPci::new(
+        let mut function = VirtioPci::new(
             transport.clone(),
             interrupt.clone(),
             msix,
@@ -430,7 +459,14 @@ impl DeviceManager<'_> {
             (PCI_MMIO_START, PCI_MMIO_START + PCI_MMIO_SIZE),
             pci.vm.clone(),
         );
-        pci.bus.add(Arc::new(Mutex::new(function)));
+        if let Some(state) = saved.and_then(|s| s.pci) {
+            function
+                .restore_state(state)
+                .map_err(|e| placed(e.within("pci")))?;
+        }
+        let function = Arc::new(Mutex::new(function));
+        self.devices.pci_functions.push(function.clone());
+        pci.bus.add(function);
         pci.intx.push(PciIntx {
             slot: slot as u8,
             gsi: intx_gsi,
@@ -562,6 +598,6 @@ mod tests {
         let mut b = [0u8; 2];
         assert!(virtio.mmio.read(0xc001_0012, &mut b));
         assert_eq!(u16::from_le_bytes(b), 2);
-        assert!(virtio.pci);
+        assert_eq!(virtio.pci_functions.len(), 2);
     }
 }

@@ -16,6 +16,7 @@ use kvm_ioctls::VmFd;
 use vigil_devices::bus::Bus;
 use vigil_devices::legacy::{Serial, I8042};
 use vigil_devices::virtio::mmio::MmioTransport;
+use vigil_devices::virtio::pci::VirtioPci;
 use vigil_devices::PowerEvent;
 use vigil_metrics::{MetricsHandle, VmMetrics};
 use vigil_seccomp::ThreadKind;
@@ -66,8 +67,8 @@ pub struct Vm {
     pub(crate) devices: DeviceHandles,
     /// The virtio transports in attach order, to save their state.
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
-    /// The devices are on PCI: snapshots and migration are refused.
-    pub(crate) pci: bool,
+    /// With PCI, the virtio-pci functions in attach order (one per transport).
+    pub(crate) pci_functions: Vec<Arc<Mutex<VirtioPci>>>,
     /// What a snapshot keeps of the configuration.
     pub(crate) machine: SavedMachine,
     /// Where guest memory came from.
@@ -248,7 +249,7 @@ impl Vm {
             serial: self.serial,
             i8042: self.i8042.clone(),
             transports: self.transports,
-            pci: self.pci,
+            pci_functions: self.pci_functions,
             memory_file,
             written,
             extensions: Mutex::default(),

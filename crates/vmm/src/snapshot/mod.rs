@@ -31,6 +31,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vigil_devices::legacy::{Serial, I8042};
 use vigil_devices::persist::Persist;
 use vigil_devices::virtio::mmio::MmioTransport;
+use vigil_devices::virtio::pci::VirtioPci;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty_log::{DirtyLog, DirtyReader};
@@ -50,8 +51,6 @@ pub enum SnapshotError {
         "a diff snapshot needs the dirty log, which is not available: {0}; take a Full snapshot"
     )]
     NoDirtyLog(String),
-    #[error("the VM's devices are on PCI (--enable-pci), whose state Vigil does not save yet; snapshots and migration need a VM without --enable-pci")]
-    Pci,
     #[error("the {name:?} state cannot be captured: {message}")]
     Extension { name: String, message: String },
     #[error(transparent)]
@@ -89,8 +88,8 @@ pub(crate) struct SnapshotSources {
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
-    /// The devices are on PCI, whose state is not saved: capture is refused.
-    pub(crate) pci: bool,
+    /// With PCI, the virtio-pci functions, one per transport.
+    pub(crate) pci_functions: Vec<Arc<Mutex<VirtioPci>>>,
     /// The file guest memory is privately mapped from, after a restore.
     pub(crate) memory_file: Option<PathBuf>,
     pub(crate) written: WrittenSince,
@@ -180,9 +179,6 @@ impl SnapshotSources {
         vcpus: &crate::vstate::threads::VcpuThreads,
         with_memory: impl FnOnce(&GuestMemoryMmap, &mut VmState) -> Result<T, SnapshotError>,
     ) -> Result<(VmState, T), SnapshotError> {
-        if self.pci {
-            return Err(SnapshotError::Pci);
-        }
         let vm_fd = self.vm_fd.upgrade().ok_or(ControlError::Stopping)?;
         persist::check_xsave_size(&vm_fd)?;
         let msr_list = Kvm::new()
@@ -201,6 +197,7 @@ impl SnapshotSources {
         // transport keeps it out of the queues and guest memory until both taken.
         let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
         let virtio = transports.iter().map(|t| t.state()).collect();
+        let pci = self.pci_functions.iter().map(|f| lock(f).save()).collect();
         let mut state = VmState {
             vigil_version: env!("CARGO_PKG_VERSION").into(),
             machine: self.machine.clone(),
@@ -211,6 +208,7 @@ impl SnapshotSources {
             serial: lock(&self.serial).save(),
             i8042: lock(&self.i8042).save(),
             virtio,
+            pci,
             extensions,
         };
         let memory = with_memory(&self.mem, &mut state)?;

@@ -11,6 +11,7 @@ use kvm_bindings::{
 use serde::{Deserialize, Serialize};
 use vigil_devices::legacy::{I8042State, SerialState};
 use vigil_devices::virtio::mmio::MmioTransportState;
+use vigil_devices::virtio::pci::VirtioPciState;
 
 /// A paused VM, all but its memory.
 #[derive(Serialize, Deserialize, Debug)]
@@ -34,6 +35,11 @@ pub struct VmState {
     /// The virtio transports in attach order: each takes the next MMIO window
     /// and interrupt line, as when the VM was built.
     pub virtio: Vec<MmioTransportState>,
+    /// With PCI (`--enable-pci`), each transport's function, in the same
+    /// order: slot, BAR and vectors as the guest left them. Empty on
+    /// virtio-mmio.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pci: Vec<VirtioPciState>,
     /// What the layers above the VMM keep of this VM, by name, opaque here:
     /// each owner's provider fills its entry at capture
     /// (`VmControl::set_state_extension`), and reads it back from the VM built
