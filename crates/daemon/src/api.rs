@@ -70,7 +70,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, A
 async fn create(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let request: CreateRequest = parse(
         &body,
-        "POST /vms (expected {\"id\": \"NAME\", \"config\": {...}}, optionally \"introspect\", \"trace_syscalls\", \"debug_api\")",
+        "POST /vms (expected {\"id\": \"NAME\", \"config\": {...}}, optionally \"introspect\", \"trace_syscalls\", \"debug_api\", \"enable_pci\")",
     )?;
     let info = app.supervisor.create(request).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())

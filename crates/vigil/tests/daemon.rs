@@ -202,6 +202,31 @@ fn a_crashed_guest_is_reported_and_not_restarted() {
     assert_eq!(d.create("after", "hang")["state"], "running");
 }
 
+/// `vigil ctl create --enable-pci`: the VM's disk is found on PCI (the test
+/// guest's `pci` scenario passes: ECAM from the MCFG, BAR, an MSI-X vector
+/// after a request), and the record says so.
+#[test]
+fn a_vm_created_with_enable_pci_has_its_devices_on_pci() {
+    let d = Daemon::start("pci", &[]);
+    let disk = d.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut config = d.config("pci");
+    config["drives"] = json!([{"drive_id": "disk", "path_on_host": disk, "is_root_device": false, "is_read_only": false}]);
+    let file = d.dir.join("pci.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    d.ctl_ok(&[
+        "create",
+        "pci-1",
+        "--config",
+        file.to_str().unwrap(),
+        "--enable-pci",
+    ]);
+    let vm = wait_for_state(&d, "pci-1", "exited");
+    assert_eq!(vm["enable_pci"], true, "{vm}");
+    let console = std::fs::read_to_string(d.dir.join("state/vms/pci-1/console.log")).unwrap();
+    assert!(console.contains("TEST pci PASS devices=1:"), "{console}");
+}
+
 /// The pids whose parent is `pid` (zombies included).
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();

@@ -170,6 +170,7 @@ impl Supervisor {
             introspect: request.introspect,
             trace_syscalls: request.trace_syscalls,
             debug_api: request.debug_api,
+            enable_pci: request.enable_pci,
             ..Default::default()
         };
         let vm = self.launch_new(request.id, request.config, options).await?;

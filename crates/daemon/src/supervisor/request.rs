@@ -25,6 +25,9 @@ pub struct CreateRequest {
     /// socket (`vigil run --debug-api`): writes into the guest, for tests only.
     #[serde(default)]
     pub debug_api: bool,
+    /// Put its virtio devices on PCI (`vigil run --enable-pci`).
+    #[serde(default)]
+    pub enable_pci: bool,
 }
 
 /// `trace_syscalls` in a create request.
@@ -62,6 +65,7 @@ pub(super) struct LaunchOptions {
     pub(super) introspect: Option<IntrospectConfig>,
     pub(super) trace_syscalls: Option<TraceSpec>,
     pub(super) debug_api: bool,
+    pub(super) enable_pci: bool,
     /// Wait for the VM from another host: the port and one-time token.
     pub(super) incoming: Option<(u16, String)>,
     /// The certificate and key the incoming migration is served with.
@@ -88,6 +92,9 @@ impl LaunchOptions {
         }
         if self.debug_api {
             args.push("--debug-api".into());
+        }
+        if self.enable_pci {
+            args.push("--enable-pci".into());
         }
         if let Some((port, token)) = &self.incoming {
             args.push(format!("--migrate-from=tcp:0.0.0.0:{port}").into());
@@ -116,13 +123,15 @@ mod tests {
             "id": "a", "config": {},
             "introspect": {"period_ms": 100, "policy": "protect", "baseline_after_ms": 0},
             "trace_syscalls": {"syscalls": "read,write,59"},
-            "debug_api": true
+            "debug_api": true,
+            "enable_pci": true
         }))
         .unwrap();
         let options = LaunchOptions {
             introspect: req.introspect,
             trace_syscalls: req.trace_syscalls,
             debug_api: req.debug_api,
+            enable_pci: req.enable_pci,
             ..Default::default()
         };
         let args: Vec<String> = options
@@ -139,7 +148,8 @@ mod tests {
                 "--trace-syscalls",
                 "/s/vms/a/syscalls.jsonl",
                 "--trace-filter=read,write,59",
-                "--debug-api"
+                "--debug-api",
+                "--enable-pci"
             ]
         );
         // `{}`: introspection with the VMM's defaults, all calls traced.

@@ -131,6 +131,9 @@ pub struct VmInfo {
     /// Whether the VM's API serves the debug writes (tests only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub debug_api: bool,
+    /// Its virtio devices are on PCI.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enable_pci: bool,
     /// The last status of the migration this daemon moved it by (the VM's
     /// `GET /vigil/migration`), under way or ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,6 +220,7 @@ impl Vm {
             introspect: self.options.introspect,
             trace_syscalls: self.options.trace_syscalls.clone(),
             debug_api: self.options.debug_api,
+            enable_pci: self.options.enable_pci,
             migration: status.migration.clone(),
         }
     }

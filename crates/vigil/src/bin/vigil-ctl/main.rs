@@ -118,6 +118,10 @@ enum CtlCommand {
         /// tests only.
         #[arg(long)]
         debug_api: bool,
+        /// Put the VM's virtio devices on PCI (virtio-pci, MSI-X), as `vigil run
+        /// --enable-pci`; snapshots and migrations keep them there.
+        #[arg(long)]
+        enable_pci: bool,
     },
     /// Show everything about one VM, including how it ended and its logs' last lines.
     Inspect { id: String },
@@ -349,6 +353,7 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
             introspect,
             trace_syscalls,
             debug_api,
+            enable_pci,
         } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("--config {}: cannot read it", config.display()))?;
@@ -367,6 +372,9 @@ fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             if debug_api {
                 body["debug_api"] = Value::Bool(true);
+            }
+            if enable_pci {
+                body["enable_pci"] = Value::Bool(true);
             }
             let r = call(daemon, "POST", "/vms", Some(body), SLOW)?;
             print_record(&r, json);
