@@ -165,10 +165,16 @@ impl BalloonControl {
         }
     }
 
-    pub(super) fn restore_hinting(&self, host_cmd: u32, guest_cmd: u32) {
+    pub(super) fn restore_hinting(&self, host_cmd: u32, guest_cmd: u32, ack_on_stop: bool) {
+        self.hint_ack_on_stop.store(ack_on_stop, Ordering::Release);
         self.hint_host_cmd.store(host_cmd, Ordering::Release);
         self.hint_last_run.store(host_cmd, Ordering::Release);
         self.hint_guest_cmd.store(guest_cmd, Ordering::Release);
+    }
+
+    /// Whether the run under way acknowledges the guest's stop.
+    pub(super) fn hint_ack_on_stop(&self) -> bool {
+        self.hint_ack_on_stop.load(Ordering::Acquire)
     }
 
     /// The guest sent command `cmd` on the hinting queue.

@@ -39,6 +39,9 @@ pub struct BalloonState {
     pub hint_host_cmd: u32,
     #[serde(default = "no_guest_cmd")]
     pub hint_guest_cmd: u32,
+    /// The run under way acknowledges the guest's stop (`acknowledge_on_stop`).
+    #[serde(default = "ack_on_stop_default")]
+    pub hint_ack_on_stop: bool,
     pub deflate_on_oom: bool,
     /// Head of the statistics buffer the device holds, if any.
     pub stats_held: Option<u16>,
@@ -48,6 +51,11 @@ pub struct BalloonState {
 
 fn no_guest_cmd() -> u32 {
     u32::MAX
+}
+
+/// Firecracker's default, for snapshots from before the field was kept.
+fn ack_on_stop_default() -> bool {
+    true
 }
 
 /// The statistics queue's place: after inflate and deflate.
@@ -67,6 +75,7 @@ impl Persist for Balloon {
             free_page_hinting: self.config.free_page_hinting,
             hint_host_cmd: self.control.hinting_status().host_cmd,
             hint_guest_cmd: self.control.hinting_status().guest_cmd.unwrap_or(u32::MAX),
+            hint_ack_on_stop: self.control.hint_ack_on_stop(),
             deflate_on_oom: self.config.deflate_on_oom,
             stats_held: self.stats_held,
             stats: self
@@ -110,7 +119,7 @@ impl Persist for Balloon {
         let balloon = Balloon::restored(config, s.num_pages, s.actual, s.stats_held, stats);
         balloon
             .control
-            .restore_hinting(s.hint_host_cmd, s.hint_guest_cmd);
+            .restore_hinting(s.hint_host_cmd, s.hint_guest_cmd, s.hint_ack_on_stop);
         Ok(balloon)
     }
 }
@@ -135,5 +144,36 @@ impl VirtioDeviceState for BalloonState {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hinting run that does not acknowledge the guest's stop stays so
+    /// across a snapshot; a state from before the field was kept acknowledges.
+    #[test]
+    fn a_hinting_run_keeps_its_acknowledge_on_stop() {
+        let balloon = Balloon::new(BalloonConfig {
+            target_mib: 0,
+            stats_interval: None,
+            free_page_reporting: false,
+            free_page_hinting: true,
+            deflate_on_oom: false,
+        });
+        balloon.control().start_hinting(false);
+        let state = balloon.save();
+        assert!(!state.hint_ack_on_stop);
+        let back = Balloon::restore((), &state).unwrap();
+        assert!(!back.control().hint_ack_on_stop());
+        assert_eq!(
+            back.control().hinting_status(),
+            balloon.control().hinting_status()
+        );
+        let mut old = serde_json::to_value(&state).unwrap();
+        old.as_object_mut().unwrap().remove("hint_ack_on_stop");
+        let old: BalloonState = serde_json::from_value(old).unwrap();
+        assert!(old.hint_ack_on_stop);
     }
 }
