@@ -87,7 +87,7 @@ pub struct SnapshotLoad {
     /// Run the VM once loaded; otherwise it stays paused until `PATCH /vm`.
     pub resume: bool,
     /// Other taps and vsock socket than the saved ones.
-    pub overrides: vigil_vmm::builder::DeviceOverrides,
+    pub overrides: vigil_vmm::builder::RestoreOptions,
 }
 
 /// Where a loaded snapshot's guest memory comes from.
@@ -913,10 +913,11 @@ impl Api {
             },
             (None, Some(f)) => SnapshotMemory::File(f),
         };
-        let mut overrides = vigil_vmm::builder::DeviceOverrides {
+        let mut overrides = vigil_vmm::builder::RestoreOptions {
             taps: Vec::new(),
             vsock_uds: p.vsock_override.map(|v| v.uds_path),
             mmds: Some(self.mmds().clone()),
+            clock_realtime: p.clock_realtime,
         };
         for (i, o) in p.network_overrides.into_iter().enumerate() {
             if let Err(e) = NetConfig::new(o.host_dev_name.clone(), 0).validate() {
@@ -929,9 +930,6 @@ impl Api {
                 ));
             }
             overrides.taps.push((o.iface_id, o.host_dev_name));
-        }
-        if p.clock_realtime {
-            return bad("clock_realtime true: not supported yet".into());
         }
         if let Some(h) = p
             .huge_pages

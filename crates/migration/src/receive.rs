@@ -56,7 +56,7 @@ pub enum ReceiveError {
 pub fn receive(
     listener: &Listener,
     token: &str,
-    overrides: &builder::DeviceOverrides,
+    overrides: &builder::RestoreOptions,
     console: &ConsoleConfig,
     on_crash: OnCrash,
     on_failed_attempt: &dyn Fn(&ReceiveError),
@@ -197,7 +197,7 @@ pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, R
 fn attempt(
     stream: &mut Box<dyn Stream>,
     token: &str,
-    overrides: &builder::DeviceOverrides,
+    overrides: &builder::RestoreOptions,
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<RunningVm, ReceiveError> {

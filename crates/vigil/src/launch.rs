@@ -322,7 +322,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
                 if tls.is_some() { " (TLS)" } else { "" }
             );
             // The arriving interfaces that reach MMDS reach this API's store.
-            let overrides = vigil_vmm::builder::DeviceOverrides {
+            let overrides = vigil_vmm::builder::RestoreOptions {
                 mmds: Some(api.mmds().clone()),
                 ..Default::default()
             };

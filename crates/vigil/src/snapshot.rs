@@ -71,6 +71,15 @@ pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
                  snapshot's memory file merged with this one, vigil snapshot merge)",
         }
     );
+    let clock = &state.kvm.clock;
+    let _ = writeln!(
+        out,
+        "kvm clock: {} ns{}",
+        clock.clock,
+        state.kvm.clock_read_at().map_or(String::new(), |t| format!(
+            ", read at real time {t} ns (clock_realtime can load it)"
+        ))
+    );
     for v in &state.vcpus {
         let cpl = v.sregs.cs.selector & 3;
         let mode = if v.sregs.efer & (1 << 10) != 0 {

@@ -584,3 +584,55 @@ fn the_integrity_monitor_goes_on_from_its_baseline_in_the_restored_vm() {
     assert!(!restored.poll().contains("FAIL"), "{}", restored.seen);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The KVM clock a state file holds, in ns (`vigil snapshot inspect`).
+fn kvm_clock(state: &Path) -> u64 {
+    let inspect = snapshot_cli(&["inspect", text(state)]);
+    let line = inspect
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("kvm clock: "))
+        .unwrap_or_else(|| panic!("no kvm clock line: {inspect}"));
+    line.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// `clock_realtime` on load: the loaded VM's clock has moved on by the time
+/// the snapshot spent on disk; without it, by (about) nothing.
+#[test]
+fn clock_realtime_advances_the_clock_by_the_time_saved() {
+    let dir = scratch("snapshot-clock");
+    let (state, mem) = snapshot_paths(&dir);
+    let (source, sock) = counting_guest(&dir);
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    create(&sock, &state, &mem);
+    drop(source);
+    if !snapshot_cli(&["inspect", text(&state)])
+        .stdout
+        .contains("clock_realtime can load it")
+    {
+        eprintln!("SKIP: this host's KVM reads its clock without the real time");
+        return;
+    }
+    let saved = kvm_clock(&state);
+    let asleep = Duration::from_millis(1500);
+    std::thread::sleep(asleep);
+    for (realtime, name) in [(false, "plain"), (true, "realtime")] {
+        let (_restored, sock) = api_vigil(&dir, name);
+        let mut body = load_body(&state, &mem);
+        body["resume_vm"] = json!(false);
+        body["clock_realtime"] = json!(realtime);
+        ok(&sock, "PUT", "/snapshot/load", body);
+        let again = dir.join(format!("{name}.snap"));
+        create(&sock, &again, &dir.join(format!("{name}.mem")));
+        let moved = Duration::from_nanos(kvm_clock(&again) - saved);
+        if realtime {
+            assert!(moved >= asleep, "moved {moved:?}, slept {asleep:?}");
+        } else {
+            assert!(
+                moved < asleep,
+                "moved {moved:?}: the time saved was skipped"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

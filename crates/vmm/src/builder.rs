@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{KVM_CLOCK_REALTIME, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use vigil_devices::bus::{Bus, BusError};
 use vigil_devices::legacy::{
@@ -471,11 +471,12 @@ fn memory_from_file(ranges: &[MemoryRange], file: File) -> Result<GuestMemoryMma
     GuestMemoryMmap::from_regions(regions).map_err(|e| fail(e.to_string()))
 }
 
-/// What a snapshot load changes of the saved devices (Firecracker's
-/// `network_overrides` and `vsock_override`): the host side a new process
-/// uses, never what the guest sees.
+/// What a snapshot load (or an arriving migration) changes of the saved VM:
+/// the host side of its devices (Firecracker's `network_overrides` and
+/// `vsock_override`), never what the guest sees of them, and whether its
+/// clock skips the time it spent saved (`clock_realtime`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DeviceOverrides {
+pub struct RestoreOptions {
     /// `(iface_id, tap)`: the interface saved with that id uses this tap.
     pub taps: Vec<(String, String)>,
     /// The vsock device's Unix socket path.
@@ -483,13 +484,24 @@ pub struct DeviceOverrides {
     /// The process's MMDS store (its API's): interfaces saved as reaching
     /// MMDS reach it, with the saved configuration.
     pub mmds: Option<vigil_mmds::Mmds>,
+    /// Advance kvmclock by the wall-clock time since the capture.
+    pub clock_realtime: bool,
 }
 
-impl DeviceOverrides {
-    /// Rewrites the saved devices of `state`; an override that names nothing
-    /// in it is refused, naming the field. The devices' restores check the
-    /// new values as they check saved ones.
+impl RestoreOptions {
+    /// Rewrites `state` as asked; an override that names nothing in it is
+    /// refused, naming the field. The devices' restores check the new values
+    /// as they check saved ones.
     pub fn apply(&self, state: &mut VmState) -> Result<(), BuildError> {
+        let clock = &mut state.kvm.clock;
+        if !self.clock_realtime {
+            clock.flags &= !KVM_CLOCK_REALTIME;
+        } else if clock.flags & KVM_CLOCK_REALTIME == 0 {
+            return Err(mismatch(
+                "clock_realtime",
+                "the snapshot's clock was read without the host's real time (KVM before Linux 5.16, or a snapshot from before Vigil kept it)",
+            ));
+        }
         for (i, (id, tap)) in self.taps.iter().enumerate() {
             let mut ids = Vec::new();
             let found = state.virtio.iter_mut().find_map(|t| match &mut t.device {
@@ -541,7 +553,7 @@ impl DeviceOverrides {
 pub fn restore(
     state_path: &Path,
     memory_path: &Path,
-    overrides: &DeviceOverrides,
+    overrides: &RestoreOptions,
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<Vm, BuildError> {
@@ -571,7 +583,7 @@ pub fn restore(
 pub fn restore_lazily(
     state_path: &Path,
     handler: &Path,
-    overrides: &DeviceOverrides,
+    overrides: &RestoreOptions,
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<Vm, BuildError> {

@@ -127,6 +127,14 @@ pub struct KvmVmState {
     pub clock: kvm_clock_data,
 }
 
+impl KvmVmState {
+    /// The host's real time (ns since the epoch) when the clock was read, if
+    /// KVM said: what a `clock_realtime` load advances the clock from.
+    pub fn clock_read_at(&self) -> Option<u64> {
+        (self.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME != 0).then_some(self.clock.realtime)
+    }
+}
+
 /// One vCPU, as KVM reports it between two `KVM_RUN`s.
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(deny_unknown_fields)]

@@ -71,10 +71,13 @@ pub fn save_vm(vm: &VmFd) -> Result<KvmVmState, KvmStateError> {
 /// `create_vm`), before its vCPUs run.
 pub fn restore_vm(vm: &VmFd, s: &KvmVmState) -> Result<(), KvmStateError> {
     vm.set_pit2(&s.pit).map_err(kvm("write the PIT"))?;
-    // Only the time goes back: the flags say how it was read, and KVM refuses
-    // most of them on the way in.
+    // The time goes back, and with KVM_CLOCK_REALTIME (kept only when the
+    // load asked for `clock_realtime`) KVM adds the real time since it was
+    // read; the other flags say how it was read, and KVM refuses them.
     let clock = kvm_bindings::kvm_clock_data {
         clock: s.clock.clock,
+        flags: s.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME,
+        realtime: s.clock.realtime,
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(kvm("write the KVM clock"))?;
