@@ -159,6 +159,7 @@ fuzz_target!(|input: Input| {
                 _host_end = Some(host);
             }
             let config = NetConfig {
+                id: None,
                 tap: String::new(),
                 mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
                 rx_rate_limit: Default::default(),

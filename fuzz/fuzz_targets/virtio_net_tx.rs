@@ -99,6 +99,7 @@ fuzz_target!(|input: Input| {
         None => RateLimit::default(),
     };
     let config = NetConfig {
+        id: None,
         tap: String::new(),
         mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
         rx_rate_limit: RateLimit::default(),
