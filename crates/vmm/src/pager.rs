@@ -358,23 +358,27 @@ fn serve(shared: &Shared) {
                 drop(t);
                 // Held pages are missing: this only wakes the writer, whose
                 // retry faults on the missing page.
-                shared.lazy.unprotect(fault.gpa, PAGE_SIZE)
+                shared.lazy.unprotect(fault.gpa, PAGE_SIZE).map(|()| false)
             } else {
                 restore(shared, index, fault.gpa, &mut buf)
             };
-            if let Err(e) = r {
-                tracing::error!("memory compression: {e}");
-            }
-            if !fault.write_protected {
-                shared.counters.fault_in.record(start.elapsed());
+            match r {
+                Ok(true) => shared.counters.fault_in.record(start.elapsed()),
+                Ok(false) => {}
+                Err(e) => tracing::error!("memory compression: {e}"),
             }
         }
         account_cpu(&shared.counters, &mut cpu);
     }
 }
 
-/// Puts page `index` back for a missing fault on it.
-fn restore(shared: &Shared, index: usize, gpa: u64, buf: &mut [u8]) -> Result<(), LazyMemoryError> {
+/// Puts page `index` back for a missing fault on it; true when it was held.
+fn restore(
+    shared: &Shared,
+    index: usize,
+    gpa: u64,
+    buf: &mut [u8],
+) -> Result<bool, LazyMemoryError> {
     let mut t = lock(&shared.table);
     let t = &mut *t;
     match t.slots[index] {
@@ -395,13 +399,13 @@ fn restore(shared: &Shared, index: usize, gpa: u64, buf: &mut [u8]) -> Result<()
         }
         // Never backed, or given back by the balloon: zeros, as the kernel
         // would have filled it without the userfaultfd.
-        Slot::Resident | Slot::Compressing { .. } => return shared.lazy.zero(gpa),
+        Slot::Resident | Slot::Compressing { .. } => return shared.lazy.zero(gpa).map(|()| false),
     }
     t.slots[index] = Slot::Resident;
     t.last_hot[index] = t.scan;
     shared.counters.pages_restored.inc();
     shared.publish(t);
-    Ok(())
+    Ok(true)
 }
 
 /// A fast 64-bit hash of a page (collisions are settled by comparing bytes).
