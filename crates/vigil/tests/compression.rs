@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{http, scratch, Console, TIMEOUT};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 /// The mix: a quarter each zero, duplicate, text and random pages.
@@ -37,6 +37,87 @@ fn n(v: &Value, key: &str) -> u64 {
     v["compression"][key]
         .as_u64()
         .unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+/// Waits until the pager holds the mix's zero, duplicate and text pages;
+/// returns GET /vigil/memory then.
+fn wait_mix_held(sock: &Path) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = memory(sock);
+        if n(&m, "pages_zero") >= MIX_PAGES / 4
+            && n(&m, "pages_deduplicated") >= MIX_PAGES / 4 - 4
+            && n(&m, "pages_held") >= 3 * MIX_PAGES / 4
+        {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "the mix is not taken out: {m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Word `w` of page `i` of the guest's mix (guest/src/density.rs `word`).
+fn mix_word(i: u64, w: u64) -> u64 {
+    const TEXT: [&[u8; 8]; 4] = [b"the cold", b" pages o", b"f a gues", b"t idle.\n"];
+    match i % 4 {
+        0 => 0,
+        1 => ((i / 4) % 4 + 1).wrapping_mul(0x0101_0101_0101_0101) ^ w,
+        2 if w == 0 => i,
+        2 => u64::from_le_bytes(*TEXT[(w % 4) as usize]),
+        _ => {
+            let mut z = (i << 20 | w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+}
+
+#[test]
+fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
+    let dir = scratch("compression-snapshot");
+    let sock = dir.join("api.sock");
+    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=60");
+    let mut vm = Console::spawn(&[
+        "run",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--memory-compression",
+        "idle=1s",
+        "--cmdline",
+        &cmdline,
+    ]);
+    vm.wait_for(&["compress: filled"], TIMEOUT);
+    let held = wait_mix_held(&sock);
+    let ok = common::mobility::ok;
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Full"}),
+    );
+    let after = memory(&sock);
+    // The snapshot writer read the held pages through the pager's faults.
+    assert!(
+        n(&after, "pages_restored") >= n(&held, "pages_restored") + MIX_PAGES / 2,
+        "{after}"
+    );
+    // Guest RAM starts at 0: the file holds it at the same offsets.
+    let file = std::fs::read(&mem).unwrap();
+    let base = 16 * MIB as usize;
+    for i in 0..MIX_PAGES {
+        for w in 0..512 {
+            let at = base + (i * 4096 + w * 8) as usize;
+            let got = u64::from_le_bytes(file[at..at + 8].try_into().unwrap());
+            assert_eq!(got, mix_word(i, w), "page {i} word {w} of the snapshot");
+        }
+    }
+    drop(vm);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -71,18 +152,7 @@ fn cold_memory_leaves_ram_and_every_byte_comes_back() {
     let filled = rss_bytes(pid);
 
     // Zeros and duplicates go first; text once compressed. Random data stays.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let idle = loop {
-        let m = memory(&sock);
-        if n(&m, "pages_zero") >= MIX_PAGES / 4
-            && n(&m, "pages_deduplicated") >= MIX_PAGES / 4 - 4
-            && n(&m, "pages_held") >= 3 * MIX_PAGES / 4
-        {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "the mix is not taken out: {m}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let idle = wait_mix_held(&sock);
     let low = rss_bytes(pid);
     assert!(idle["compression"]["enabled"].as_bool().unwrap());
     // Three quarters of the mix (zero, duplicate, text) may leave RAM; the
