@@ -121,6 +121,47 @@ fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
 }
 
 #[test]
+fn a_compressing_vm_migrates_with_every_byte_of_its_memory() {
+    use common::mobility::{destination, ok, TOKEN};
+    let dir = scratch("compression-migrate");
+    let (mut dest, _dest_sock, target) = destination(&dir, "dest", &[]);
+    let sock = dir.join("source.sock");
+    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=8");
+    let mut src = Console::spawn(&[
+        "run",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--memory-compression",
+        "idle=1s",
+        "--cmdline",
+        &cmdline,
+    ]);
+    src.wait_for(&["compress: filled"], TIMEOUT);
+    wait_mix_held(&sock);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN}),
+    );
+    // The guest goes on idling at the destination, then checks every byte.
+    let verified = dest.wait_for(&["compress: verified"], TIMEOUT);
+    assert_eq!(
+        verified,
+        format!("compress: verified pages={MIX_PAGES} mismatches=0"),
+        "{}",
+        dest.seen
+    );
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(run.stderr.contains("the VM migrated to"), "{run}");
+    drop(dest);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn cold_memory_leaves_ram_and_every_byte_comes_back() {
     let dir = scratch("compression");
     let sock = dir.join("api.sock");
