@@ -396,16 +396,18 @@ pub struct RunArgs {
     pub rt_timer: Option<RtTimerArg>,
 
     /// Compress cold guest memory inside the VMM (off by default). A guest page
-    /// not written for the idle time (`idle=30s`, 200ms to 24h; `on` = 30s) is
-    /// taken out of RAM: pages of zeros are kept as a marker, identical pages
-    /// once, the rest LZ4-compressed into a pool in this process (a page that
-    /// does not compress to 3/4 stays in RAM). The guest's or a device's next
-    /// touch faults it back in (userfaultfd, tens of µs). GET /vigil/memory and
-    /// the metrics show the pool, the ratio and the fault-in latency. Needs 4
-    /// KiB pages (--huge-pages none); a VM loaded from a snapshot or received
-    /// by migration runs without it. The pool is VMM memory: like guest RAM, it
-    /// is lost if the VMM dies. Example: --memory-compression idle=2m
-    #[arg(long, value_name = "on|off|idle=DUR", value_parser = parse_memory_compression)]
+    /// not written for the idle time (`idle=30s`, 200ms to 24h; `on` = 30s, LZ4)
+    /// is taken out of RAM: pages of zeros are kept as a marker, identical pages
+    /// once, the rest compressed into a pool in this process (`algo=lz4`, the
+    /// default and fastest, or `algo=zstd`, smaller and slower to fault in; a
+    /// page that does not compress to 3/4 stays in RAM). The guest's or a
+    /// device's next touch faults it back in (userfaultfd, tens of µs). GET
+    /// /vigil/memory and the metrics show the pool, the ratio and the fault-in
+    /// latency. Needs 4 KiB pages (--huge-pages none); a VM loaded from a
+    /// snapshot or received by migration runs without it. The pool is VMM
+    /// memory: like guest RAM, it is lost if the VMM dies. Example:
+    /// --memory-compression idle=2m,algo=zstd
+    #[arg(long, value_name = "on|off|idle=DUR[,algo=lz4|zstd]", value_parser = parse_memory_compression)]
     pub memory_compression: Option<CompressionArg>,
 
     /// CPUID features to hide from the guest, comma-separated, in

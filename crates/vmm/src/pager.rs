@@ -4,7 +4,8 @@
 //! back when first touched again, by a vCPU or by any of the VMM's threads.
 //!
 //! Guest RAM is registered with a userfaultfd ([`LazyMemory`], missing and
-//! write-protect modes). Two threads:
+//! write-protect modes). The codec is LZ4 (`lz4_flex`) or, with `algo=zstd`,
+//! Zstandard at level 1. Two threads:
 //!
 //! - the fault server (`pager`) answers every fault: a missing page held in
 //!   the pool is decompressed into the server's own buffer and copied in
@@ -37,7 +38,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vigil_metrics::PagerCounters;
-use vigil_model::config::MemoryCompression;
+use vigil_model::config::{CompressionAlgo, MemoryCompression};
 use vigil_seccomp::ThreadKind;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -52,6 +53,57 @@ const MAX_COMPRESSED: usize = PAGE * 3 / 4;
 /// Pages write-protected and compressed together.
 const BATCH: usize = 256;
 
+/// Compresses pages for the pool (the scanner's; Zstandard keeps its context).
+enum Encoder {
+    Lz4,
+    Zstd(zstd::bulk::Compressor<'static>),
+}
+
+impl Encoder {
+    fn new(algo: CompressionAlgo) -> std::io::Result<Self> {
+        Ok(match algo {
+            CompressionAlgo::Lz4 => Self::Lz4,
+            CompressionAlgo::Zstd => Self::Zstd(zstd::bulk::Compressor::new(1)?),
+        })
+    }
+
+    fn compress(&mut self, page: &[u8]) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Lz4 => Ok(lz4_flex::block::compress(page)),
+            Self::Zstd(c) => c.compress(page),
+        }
+    }
+}
+
+/// Puts compressed pages back (the fault server's).
+enum Decoder {
+    Lz4,
+    Zstd(zstd::bulk::Decompressor<'static>),
+}
+
+impl Decoder {
+    fn new(algo: CompressionAlgo) -> std::io::Result<Self> {
+        Ok(match algo {
+            CompressionAlgo::Lz4 => Self::Lz4,
+            CompressionAlgo::Zstd => Self::Zstd(zstd::bulk::Decompressor::new()?),
+        })
+    }
+
+    /// Decompresses `data` into `page`, which it must fill.
+    fn decompress(&mut self, data: &[u8], page: &mut [u8]) -> Result<(), String> {
+        let n = match self {
+            Self::Lz4 => lz4_flex::block::decompress_into(data, page).map_err(|e| e.to_string()),
+            Self::Zstd(d) => d
+                .decompress_to_buffer(data, page)
+                .map_err(|e| e.to_string()),
+        }?;
+        if n != page.len() {
+            return Err(format!("{n} bytes, not a page"));
+        }
+        Ok(())
+    }
+}
+
 /// Why the pager could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PagerError {
@@ -61,6 +113,11 @@ pub enum PagerError {
     DirtyLog(crate::DirtyLogError),
     #[error("--memory-compression: cannot start its threads: {0}")]
     Thread(std::io::Error),
+    #[error("--memory-compression algo={algo:?}: {source}")]
+    Codec {
+        algo: CompressionAlgo,
+        source: std::io::Error,
+    },
 }
 
 /// Where one held page's bytes are.
@@ -93,8 +150,9 @@ struct Pool {
 }
 
 impl Pool {
-    /// The entry holding `data` (LZ4 is deterministic: equal pages compress to
-    /// equal bytes, and different ones cannot), shared when there is one.
+    /// The entry holding `data` (both codecs are deterministic: equal pages
+    /// compress to equal bytes, and different ones cannot), shared when there
+    /// is one.
     /// `None`: not held, and too large to be worth holding.
     fn insert(&mut self, hash: u64, data: Vec<u8>) -> Option<(u32, bool)> {
         if let Some(ids) = self.by_hash.get(&hash) {
@@ -258,6 +316,12 @@ impl Pager {
         dirty: &DirtyTracker,
         counters: Arc<PagerCounters>,
     ) -> Result<Self, PagerError> {
+        let codec = |source| PagerError::Codec {
+            algo: config.algo,
+            source,
+        };
+        let encoder = Encoder::new(config.algo).map_err(codec)?;
+        let decoder = Decoder::new(config.algo).map_err(codec)?;
         let lazy = LazyMemory::register_write_protect(mem).map_err(PagerError::Register)?;
         let reader = dirty.subscribe().map_err(PagerError::DirtyLog)?;
         let pages = Pages::new(mem);
@@ -284,7 +348,7 @@ impl Pager {
                 .name("pager".into())
                 .spawn(move || {
                     vigil_seccomp::confine(ThreadKind::Pager);
-                    serve(&shared)
+                    serve(&shared, decoder)
                 })
                 .map_err(PagerError::Thread)?
         };
@@ -294,11 +358,11 @@ impl Pager {
                 .name("pager-scan".into())
                 .spawn(move || {
                     vigil_seccomp::confine(ThreadKind::Pager);
-                    scan(&shared, reader, config.idle())
+                    scan(&shared, reader, config.idle(), encoder)
                 })
                 .map_err(PagerError::Thread)?
         };
-        tracing::info!(idle = ?config.idle(), "memory compression on");
+        tracing::info!(idle = ?config.idle(), algo = ?config.algo, "memory compression on");
         Ok(Self {
             shared,
             threads: vec![server, scanner],
@@ -334,7 +398,7 @@ fn account_cpu(counters: &PagerCounters, last: &mut u64) {
 }
 
 /// The fault server's loop: see the module's comment.
-fn serve(shared: &Shared) {
+fn serve(shared: &Shared, mut decoder: Decoder) {
     let mut buf = vec![0u8; PAGE];
     let mut cpu = thread_cpu_ns();
     while !shared.stop.load(Ordering::Acquire) {
@@ -360,7 +424,7 @@ fn serve(shared: &Shared) {
                 // retry faults on the missing page.
                 shared.lazy.unprotect(fault.gpa, PAGE_SIZE).map(|()| false)
             } else {
-                restore(shared, index, fault.gpa, &mut buf)
+                restore(shared, &mut decoder, index, fault.gpa, &mut buf)
             };
             match r {
                 Ok(true) => shared.counters.fault_in.record(start.elapsed()),
@@ -375,6 +439,7 @@ fn serve(shared: &Shared) {
 /// Puts page `index` back for a missing fault on it; true when it was held.
 fn restore(
     shared: &Shared,
+    decoder: &mut Decoder,
     index: usize,
     gpa: u64,
     buf: &mut [u8],
@@ -383,12 +448,12 @@ fn restore(
     let t = &mut *t;
     match t.slots[index] {
         Slot::Stored(id) => {
-            lz4_flex::block::decompress_into(t.pool.data(id), buf).map_err(|e| {
-                LazyMemoryError::Page {
+            decoder
+                .decompress(t.pool.data(id), buf)
+                .map_err(|e| LazyMemoryError::Page {
                     gpa,
                     why: format!("its compressed copy does not decompress: {e}"),
-                }
-            })?;
+                })?;
             shared.lazy.copy(gpa, buf)?;
             t.pool.release(id);
             t.stored -= 1;
@@ -424,7 +489,7 @@ enum Compressed {
 
 /// The scanner's loop: every quarter of the idle time, the dirty log read and
 /// the pages cold for the whole idle time compressed.
-fn scan(shared: &Shared, reader: DirtyReader, idle: Duration) {
+fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encoder) {
     let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let idle_scans = idle.as_millis().div_ceil(period.as_millis()).max(1) as u32;
     let mut cpu = thread_cpu_ns();
@@ -468,7 +533,7 @@ fn scan(shared: &Shared, reader: DirtyReader, idle: Duration) {
             if shared.stop.load(Ordering::Acquire) {
                 break;
             }
-            if let Err(e) = compress_batch(shared, batch) {
+            if let Err(e) = compress_batch(shared, batch, &mut encoder) {
                 tracing::error!("memory compression stops: {e}");
                 return;
             }
@@ -479,7 +544,11 @@ fn scan(shared: &Shared, reader: DirtyReader, idle: Duration) {
 
 /// Compresses the pages `batch` (ascending page numbers), taking out of RAM
 /// those not written meanwhile.
-fn compress_batch(shared: &Shared, batch: &[usize]) -> Result<(), LazyMemoryError> {
+fn compress_batch(
+    shared: &Shared,
+    batch: &[usize],
+    encoder: &mut Encoder,
+) -> Result<(), LazyMemoryError> {
     let mut taken = Vec::with_capacity(batch.len());
     {
         let mut t = lock(&shared.table);
@@ -505,10 +574,13 @@ fn compress_batch(shared: &Shared, batch: &[usize]) -> Result<(), LazyMemoryErro
         let r = shared.mem.read_slice(&mut buf, GuestAddress(gpa));
         results.push(match r {
             Ok(()) if buf.iter().all(|&b| b == 0) => Some(Compressed::Zero),
-            Ok(()) => Some(Compressed::Data(
-                hash(&buf),
-                lz4_flex::block::compress(&buf),
-            )),
+            Ok(()) => match encoder.compress(&buf) {
+                Ok(data) => Some(Compressed::Data(hash(&buf), data)),
+                Err(e) => {
+                    tracing::warn!("memory compression: page {gpa:#x}: {e}");
+                    None
+                }
+            },
             Err(e) => {
                 tracing::warn!("memory compression: reading page {gpa:#x}: {e}");
                 None
@@ -619,7 +691,16 @@ mod tests {
     }
 
     #[test]
-    fn cold_pages_leave_ram_and_come_back_intact_and_writes_are_never_lost() {
+    fn lz4_cold_pages_leave_ram_and_come_back_intact_and_writes_are_never_lost() {
+        round_trip(CompressionAlgo::Lz4);
+    }
+
+    #[test]
+    fn zstd_cold_pages_leave_ram_and_come_back_intact_and_writes_are_never_lost() {
+        round_trip(CompressionAlgo::Zstd);
+    }
+
+    fn round_trip(algo: CompressionAlgo) {
         const PAGES: u64 = 1024;
         const HOT: u64 = 8;
         let mem = GuestMemoryMmap::from_ranges(&[
@@ -649,7 +730,7 @@ mod tests {
         let dirty = DirtyTracker::new(mem.clone(), Box::new(Unlogged));
         let counters = Arc::new(PagerCounters::default());
         let pager = Pager::start(
-            MemoryCompression { idle_ms: 200 },
+            MemoryCompression { idle_ms: 200, algo },
             &mem,
             &dirty,
             counters.clone(),
