@@ -31,7 +31,8 @@ pub fn disk_byte(i: u64) -> u8 {
     (i * 13 + 7) as u8
 }
 
-/// Word `w` of page `i` of the mix.
+/// Word `w` of page `i` of the mix (the host's copy:
+/// `vigil_test_guest::compress_mix_word`).
 fn word(i: u64, w: u64) -> u64 {
     const TEXT: [&[u8; 8]; 4] = [b"the cold", b" pages o", b"f a gues", b"t idle.\n"];
     match i % 4 {

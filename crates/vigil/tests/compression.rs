@@ -56,23 +56,6 @@ fn wait_mix_held(sock: &Path) -> Value {
     }
 }
 
-/// Word `w` of page `i` of the guest's mix (guest/src/density.rs `word`).
-fn mix_word(i: u64, w: u64) -> u64 {
-    const TEXT: [&[u8; 8]; 4] = [b"the cold", b" pages o", b"f a gues", b"t idle.\n"];
-    match i % 4 {
-        0 => 0,
-        1 => ((i / 4) % 4 + 1).wrapping_mul(0x0101_0101_0101_0101) ^ w,
-        2 if w == 0 => i,
-        2 => u64::from_le_bytes(*TEXT[(w % 4) as usize]),
-        _ => {
-            let mut z = (i << 20 | w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-    }
-}
-
 #[test]
 fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
     let dir = scratch("compression-snapshot");
@@ -113,7 +96,11 @@ fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
         for w in 0..512 {
             let at = base + (i * 4096 + w * 8) as usize;
             let got = u64::from_le_bytes(file[at..at + 8].try_into().unwrap());
-            assert_eq!(got, mix_word(i, w), "page {i} word {w} of the snapshot");
+            assert_eq!(
+                got,
+                vigil_test_guest::compress_mix_word(i, w),
+                "page {i} word {w} of the snapshot"
+            );
         }
     }
     drop(vm);

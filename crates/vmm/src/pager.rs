@@ -647,20 +647,6 @@ fn compress_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dirty_log::DirtyLogError;
-
-    /// KVM's log of a guest that writes behind the dirty log's back: every
-    /// page it writes looks cold, so the pager races with its writes.
-    struct Unlogged;
-
-    impl crate::dirty_log::GuestWriteLog for Unlogged {
-        fn set_logging(&self, _on: bool) -> Result<(), DirtyLogError> {
-            Ok(())
-        }
-        fn fetch(&self, _slot: usize) -> Result<Vec<u64>, DirtyLogError> {
-            Ok(Vec::new())
-        }
-    }
 
     fn host(mem: &GuestMemoryMmap, gpa: u64) -> *mut u64 {
         mem.get_host_address(GuestAddress(gpa)).unwrap().cast()
@@ -727,7 +713,9 @@ mod tests {
         }
         let backed_before = DirtyLog::backed(&mem).unwrap().count();
         assert_eq!(backed_before, PAGES as usize);
-        let dirty = DirtyTracker::new(mem.clone(), Box::new(Unlogged));
+        // Its writes are not logged: every page looks cold, so the pager races
+        // with the writer below.
+        let dirty = DirtyTracker::for_memory(mem.clone());
         let counters = Arc::new(PagerCounters::default());
         let pager = Pager::start(
             MemoryCompression { idle_ms: 200, algo },

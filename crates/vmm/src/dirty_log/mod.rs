@@ -18,8 +18,6 @@ mod kvm;
 mod tracker;
 
 pub(crate) use kvm::KvmGuestLog;
-#[cfg(test)]
-pub(crate) use tracker::GuestWriteLog;
 pub use tracker::{DirtyReader, DirtyTracker};
 
 use crate::GuestMemoryMmap;
