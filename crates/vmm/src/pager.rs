@@ -15,7 +15,9 @@
 //! - the scanner (`pager-scan`) picks cold pages and compresses them. Cold:
 //!   not written for the idle time, by the guest or the VMM (the VM's dirty
 //!   log, one more [`DirtyReader`]), and not put back by a fault since (a page
-//!   read back is hot again and waits another idle time). Read-only use is not
+//!   read back is hot again and waits another idle time, twice as long each
+//!   time it came back within an idle time of leaving, up to 8 times: a page
+//!   the guest keeps reading stops going back and forth). Read-only use is not
 //!   seen otherwise: this host's kernel has DAMON but no per-page accessed bit
 //!   a VMM can read (no `/sys/kernel/mm/page_idle`), and DAMON's regions are
 //!   too coarse and need a writable sysfs inside the jail.
@@ -212,11 +214,34 @@ impl Pool {
     }
 }
 
-/// Every page's slot, when it was last written or put back (in scans), and
-/// the pool.
+/// The most a page's idle time doubles for coming back soon after it left.
+const MAX_BACKOFF: u8 = 3;
+
+/// Whether a page last hot at scan `last_hot` is cold at scan `scan`: idle
+/// for `idle_scans`, doubled `backoff` times.
+fn is_cold(scan: u32, last_hot: u32, idle_scans: u32, backoff: u8) -> bool {
+    scan - last_hot >= idle_scans << backoff
+}
+
+/// A page put back at scan `scan` that left at scan `left`: one that came
+/// back within an idle time is in use (read, as the dirty log cannot tell),
+/// so it waits twice as long next time; one that stayed out that long waits
+/// less again.
+fn next_backoff(scan: u32, left: u32, idle_scans: u32, backoff: u8) -> u8 {
+    if scan - left < idle_scans {
+        (backoff + 1).min(MAX_BACKOFF)
+    } else {
+        backoff.saturating_sub(1)
+    }
+}
+
+/// Every page's slot, when it was last written or put back (or, held, when
+/// it left), how many times its idle time doubles, and the pool.
 struct Table {
     slots: Vec<Slot>,
     last_hot: Vec<u32>,
+    backoff: Vec<u8>,
+    idle_scans: u32,
     scan: u32,
     pool: Pool,
     zeros: u64,
@@ -328,6 +353,8 @@ impl Pager {
         let table = Table {
             slots: vec![Slot::Resident; pages.total],
             last_hot: vec![0; pages.total],
+            backoff: vec![0; pages.total],
+            idle_scans: 1,
             scan: 0,
             pool: Pool::default(),
             zeros: 0,
@@ -467,6 +494,7 @@ fn restore(
         Slot::Resident | Slot::Compressing { .. } => return shared.lazy.zero(gpa).map(|()| false),
     }
     t.slots[index] = Slot::Resident;
+    t.backoff[index] = next_backoff(t.scan, t.last_hot[index], t.idle_scans, t.backoff[index]);
     t.last_hot[index] = t.scan;
     shared.counters.pages_restored.inc();
     shared.publish(t);
@@ -492,6 +520,7 @@ enum Compressed {
 fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encoder) {
     let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let idle_scans = idle.as_millis().div_ceil(period.as_millis()).max(1) as u32;
+    lock(&shared.table).idle_scans = idle_scans;
     let mut cpu = thread_cpu_ns();
     let mut next = Instant::now() + period;
     while !shared.stop.load(Ordering::Acquire) {
@@ -522,7 +551,7 @@ fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encod
             (0..shared.pages.total)
                 .filter(|&i| {
                     t.slots[i] == Slot::Resident
-                        && scan - t.last_hot[i] >= idle_scans
+                        && is_cold(scan, t.last_hot[i], idle_scans, t.backoff[i])
                         && backed
                             .as_ref()
                             .is_none_or(|b| b.is_dirty(shared.pages.gpa(i)))
@@ -588,11 +617,11 @@ fn compress_batch(
         });
     }
     let c = &shared.counters;
+    let mut dropped = Vec::with_capacity(taken.len());
     {
         let mut t = lock(&shared.table);
         let t = &mut *t;
         for (&i, result) in taken.iter().zip(results) {
-            let gpa = shared.pages.gpa(i);
             if t.slots[i] != (Slot::Compressing { written: false }) {
                 c.pages_raced.inc();
                 t.slots[i] = Slot::Resident;
@@ -626,11 +655,17 @@ fn compress_batch(
                 t.last_hot[i] = t.scan;
                 continue;
             }
-            // Under the lock, with no write let through since the read (the
-            // server marks any under this lock first): the copy is current.
-            shared.lazy.drop_pages(gpa, PAGE_SIZE)?;
             t.slots[i] = slot;
+            t.last_hot[i] = t.scan;
+            dropped.push(i);
             c.pages_compressed.inc();
+        }
+        // Under the lock, with no write let through since the read (the
+        // server marks any under this lock first): the copies are current.
+        for (first, n) in shared.pages.runs(&dropped) {
+            shared
+                .lazy
+                .drop_pages(shared.pages.gpa(first), n as u64 * PAGE_SIZE)?;
         }
         shared.publish(t);
     }
@@ -647,6 +682,21 @@ fn compress_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_that_comes_back_soon_waits_longer_next_time() {
+        // Idle for 4 scans; a page hot at scan 10 is cold from scan 14.
+        assert!(!is_cold(13, 10, 4, 0));
+        assert!(is_cold(14, 10, 4, 0));
+        // Taken out at 14, back at 15: in use; next time 8 scans, then 16, 32.
+        assert_eq!(next_backoff(15, 14, 4, 0), 1);
+        assert!(!is_cold(22, 15, 4, 1) && is_cold(23, 15, 4, 1));
+        assert_eq!(next_backoff(16, 15, 4, 2), 3);
+        assert_eq!(next_backoff(16, 15, 4, MAX_BACKOFF), MAX_BACKOFF);
+        // Out for a whole idle time: it waits less again.
+        assert_eq!(next_backoff(30, 20, 4, 3), 2);
+        assert_eq!(next_backoff(30, 20, 4, 0), 0);
+    }
 
     fn host(mem: &GuestMemoryMmap, gpa: u64) -> *mut u64 {
         mem.get_host_address(GuestAddress(gpa)).unwrap().cast()
