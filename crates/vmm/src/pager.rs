@@ -54,6 +54,8 @@ const PAGE: usize = PAGE_SIZE as usize;
 const MAX_COMPRESSED: usize = PAGE * 3 / 4;
 /// Pages write-protected and compressed together.
 const BATCH: usize = 256;
+/// Pages of the table looked at under one hold of its lock.
+const SCAN_SLICE: usize = 16 * 1024;
 
 /// Compresses pages for the pool (the scanner's; Zstandard keeps its context).
 enum Encoder {
@@ -537,27 +539,32 @@ fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encod
                 return;
             }
         };
-        let candidates = {
+        // Pages the host never backed are zeros nobody wrote: nothing to take.
+        // Read outside the lock, which faults must not wait for.
+        let backed = DirtyLog::backed(&shared.mem).ok();
+        let scan = {
             let mut t = lock(&shared.table);
             t.scan += 1;
-            let scan = t.scan;
             for gpa in written.dirty_pages() {
                 if let Some(i) = shared.pages.index(gpa) {
-                    t.last_hot[i] = scan;
+                    t.last_hot[i] = t.scan;
                 }
             }
-            // Pages the host never backed are zeros nobody wrote: nothing to take.
-            let backed = DirtyLog::backed(&shared.mem).ok();
-            (0..shared.pages.total)
-                .filter(|&i| {
-                    t.slots[i] == Slot::Resident
-                        && is_cold(scan, t.last_hot[i], idle_scans, t.backoff[i])
-                        && backed
-                            .as_ref()
-                            .is_none_or(|b| b.is_dirty(shared.pages.gpa(i)))
-                })
-                .collect::<Vec<_>>()
+            t.scan
         };
+        let mut candidates = Vec::new();
+        // A slice of the table at a time: faults wait for none of it long.
+        for start in (0..shared.pages.total).step_by(SCAN_SLICE) {
+            let t = lock(&shared.table);
+            let end = (start + SCAN_SLICE).min(shared.pages.total);
+            candidates.extend((start..end).filter(|&i| {
+                t.slots[i] == Slot::Resident
+                    && is_cold(scan, t.last_hot[i], idle_scans, t.backoff[i])
+                    && backed
+                        .as_ref()
+                        .is_none_or(|b| b.is_dirty(shared.pages.gpa(i)))
+            }));
+        }
         for batch in candidates.chunks(BATCH) {
             if shared.stop.load(Ordering::Acquire) {
                 break;
