@@ -293,6 +293,10 @@ fn zram_measure(bytes: u64) -> anyhow::Result<Sample> {
     let cpu_ns = (thread_cpu_ns() - cpu).max(1);
     // orig_data_size compr_data_size mem_used_total ...
     let stat = std::fs::read_to_string(Path::new(ZRAM).join("mm_stat"))?;
+    eprintln!(
+        "zram mm_stat (orig compr mem_used limit max same_pages compacted huge_pages): {}",
+        stat.trim()
+    );
     let held: u64 = stat
         .split_whitespace()
         .nth(2)
