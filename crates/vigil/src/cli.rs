@@ -289,8 +289,9 @@ pub struct RunArgs {
     /// keys "boot-source", "machine-config", "drives", "network-interfaces",
     /// "vsock", "balloon", "entropy", "logger", "metrics"; the bodies of the API's
     /// requests; and Vigil's own "vcpu-scheduling", a list of --vcpu-sched entries
-    /// as PUT /vigil/vcpus/sched takes them, and "rt-timer", {"max_timers",
-    /// "min_period_us", "max_budget_us", "priority"}). No API is needed; with
+    /// as PUT /vigil/vcpus/sched takes them, "rt-timer", {"max_timers",
+    /// "min_period_us", "max_budget_us", "priority"}, and "memory-compression",
+    /// {"idle_ms", "algo": "lz4" or "zstd"}). No API is needed; with
     /// --api-sock the API serves the running VM.
     /// Cannot be combined with options that describe the VM (--kernel, --disk, ...).
     #[arg(long, value_name = "PATH")]

@@ -18,11 +18,11 @@ pub const MAX_IDLE: Duration = Duration::from_secs(86_400);
 /// kept as a marker and identical pages stored once, and put back when first
 /// touched again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MemoryCompression {
     /// How long a page must go unwritten before it is compressed, in ms.
     pub idle_ms: u64,
     /// The codec.
-    #[serde(default)]
     pub algo: CompressionAlgo,
 }
 
