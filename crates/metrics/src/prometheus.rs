@@ -1055,6 +1055,44 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn renders_the_pager_of_vms_that_have_one() {
+        let mut a = sample_vm();
+        let b = sample_vm();
+        let p = crate::PagerCounters::default();
+        p.enabled.set(1);
+        p.pages_held.set(100);
+        p.pool_bytes.set(4096);
+        p.pages_compressed.add(120);
+        p.pages_restored.add(20);
+        p.fault_in.record_ns(12_000);
+        a.memory_compression = p.snapshot();
+        let text = render(&[("vm-a", &a), ("vm-b", &b)], None);
+        let s = &check(&text);
+        let vm_a = [("vm", "vm-a")];
+        assert_eq!(
+            find(s, "vigil_memory_compression_pool_bytes", &vm_a),
+            Some(&4096.0)
+        );
+        assert_eq!(
+            find(s, "vigil_memory_compression_saved_bytes", &vm_a),
+            Some(&(100.0 * 4096.0 - 4096.0))
+        );
+        assert_eq!(
+            find(s, "vigil_memory_compression_restored_pages_total", &vm_a),
+            Some(&20.0)
+        );
+        assert_eq!(
+            find(s, "vigil_memory_compression_fault_in_seconds_count", &vm_a),
+            Some(&1.0)
+        );
+        // vm-b runs without the pager: no samples of it.
+        assert_eq!(
+            find(s, "vigil_memory_compression_pool_bytes", &[("vm", "vm-b")]),
+            None
+        );
+    }
+
+    #[test]
     fn renders_this_host_and_nothing() {
         check(&render(&[], Some(&HostSnapshot::read())));
         assert_eq!(render(&[], None), "");
