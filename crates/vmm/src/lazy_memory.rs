@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
-use userfaultfd::{Event, FaultKind, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{Event, FaultKind, FeatureFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -73,6 +73,8 @@ pub struct Fault {
     pub gpa: u64,
     /// A write to a write-protected page (else a touch of a missing one).
     pub write_protected: bool,
+    /// A write (else a read).
+    pub write: bool,
 }
 
 /// Guest memory registered with a userfaultfd for missing pages.
@@ -331,11 +333,12 @@ impl LazyMemory {
         }
         let mut pages = Vec::new();
         while let Some(event) = self.uffd.read_event().map_err(LazyMemoryError::Read)? {
-            if let Event::Pagefault { addr, kind, .. } = event {
+            if let Event::Pagefault { addr, kind, rw, .. } = event {
                 if let Some(gpa) = self.gpa(addr as u64) {
                     pages.push(Fault {
                         gpa,
                         write_protected: kind == FaultKind::WriteProtected,
+                        write: rw == ReadWrite::Write,
                     });
                 }
             }

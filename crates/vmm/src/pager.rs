@@ -45,7 +45,7 @@ use vigil_seccomp::ThreadKind;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty_log::{DirtyLog, DirtyReader, DirtyTracker, PAGE_SIZE};
-use crate::lazy_memory::{LazyMemory, LazyMemoryError};
+use crate::lazy_memory::{Fault, LazyMemory, LazyMemoryError};
 use crate::GuestMemoryMmap;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -453,7 +453,7 @@ fn serve(shared: &Shared, mut decoder: Decoder) {
                 // retry faults on the missing page.
                 shared.lazy.unprotect(fault.gpa, PAGE_SIZE).map(|()| false)
             } else {
-                restore(shared, &mut decoder, index, fault.gpa, &mut buf)
+                restore(shared, &mut decoder, index, fault, &mut buf)
             };
             match r {
                 Ok(true) => shared.counters.fault_in.record(start.elapsed()),
@@ -470,9 +470,10 @@ fn restore(
     shared: &Shared,
     decoder: &mut Decoder,
     index: usize,
-    gpa: u64,
+    fault: Fault,
     buf: &mut [u8],
 ) -> Result<bool, LazyMemoryError> {
+    let gpa = fault.gpa;
     let mut t = lock(&shared.table);
     let t = &mut *t;
     match t.slots[index] {
@@ -492,7 +493,13 @@ fn restore(
             t.zeros -= 1;
         }
         // Never backed, or given back by the balloon: zeros, as the kernel
-        // would have filled it without the userfaultfd.
+        // would have filled it without the userfaultfd; a page of its own
+        // for a write, which would otherwise fault again to copy the zero
+        // page.
+        Slot::Resident | Slot::Compressing { .. } if fault.write => {
+            buf.fill(0);
+            return shared.lazy.copy(gpa, buf).map(|()| false);
+        }
         Slot::Resident | Slot::Compressing { .. } => return shared.lazy.zero(gpa).map(|()| false),
     }
     t.slots[index] = Slot::Resident;
