@@ -264,6 +264,33 @@ impl LazyMemory {
         }
     }
 
+    /// Maps the shared zero page at every page of `gpa..gpa+len`, none of which
+    /// may be there yet, waking nobody: reads of them then need no handler,
+    /// and a write copies the zero page in the kernel, as for memory without a
+    /// userfaultfd.
+    pub fn map_zeros(&self, gpa: u64, len: u64) -> Result<(), LazyMemoryError> {
+        let host = self.host(gpa, len)?;
+        let mut done = 0usize;
+        while done < len as usize {
+            // SAFETY: inside a registered region (checked by `host`).
+            let r = unsafe {
+                self.uffd
+                    .zeropage(host.add(done), len as usize - done, false)
+            };
+            match r {
+                Ok(n) if n > 0 => done += n,
+                Ok(_) => break,
+                Err(e) => {
+                    return Err(LazyMemoryError::Page {
+                        gpa: gpa + done as u64,
+                        why: format!("cannot map zeros there: {e}"),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the pages `gpa..gpa+len` missing again (their contents are
     /// stale): the next touch waits for them.
     pub fn drop_pages(&self, gpa: u64, len: u64) -> Result<(), LazyMemoryError> {

@@ -350,6 +350,7 @@ impl Pager {
         let encoder = Encoder::new(config.algo).map_err(codec)?;
         let decoder = Decoder::new(config.algo).map_err(codec)?;
         let lazy = LazyMemory::register_write_protect(mem).map_err(PagerError::Register)?;
+        map_untouched_zeros(&lazy, mem);
         let reader = dirty.subscribe().map_err(PagerError::DirtyLog)?;
         let pages = Pages::new(mem);
         let table = Table {
@@ -404,6 +405,41 @@ impl Drop for Pager {
         self.shared.stop.store(true, Ordering::Release);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// Maps the zero page at every page of `mem` the host never backed, before
+/// anything runs: a first touch of those is then the kernel's alone (a read
+/// sees zeros, a write copies them), not a round trip through the pager's
+/// thread. Only shared zero-page entries: no memory but page tables. On an
+/// error, those pages are simply served by the pager.
+fn map_untouched_zeros(lazy: &LazyMemory, mem: &GuestMemoryMmap) {
+    let backed = match DirtyLog::backed(mem) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(
+                "memory compression: /proc/self/pagemap: {e}; untouched pages go through the pager"
+            );
+            return;
+        }
+    };
+    for r in mem.iter() {
+        let (start, end) = (r.start_addr().0, r.start_addr().0 + r.len());
+        let mut gpa = start;
+        while gpa < end {
+            if backed.is_dirty(gpa) {
+                gpa += PAGE_SIZE;
+                continue;
+            }
+            let first = gpa;
+            while gpa < end && !backed.is_dirty(gpa) {
+                gpa += PAGE_SIZE;
+            }
+            if let Err(e) = lazy.map_zeros(first, gpa - first) {
+                tracing::warn!("memory compression: {e}; untouched pages go through the pager");
+                return;
+            }
         }
     }
 }
@@ -546,9 +582,10 @@ fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encod
                 return;
             }
         };
-        // Pages the host never backed are zeros nobody wrote: nothing to take.
+        // Only pages in RAM and this process's own: not the shared zero page
+        // an untouched page maps (nothing to take), nor one swapped out.
         // Read outside the lock, which faults must not wait for.
-        let backed = DirtyLog::backed(&shared.mem).ok();
+        let backed = DirtyLog::resident_own(&shared.mem).ok();
         let scan = {
             let mut t = lock(&shared.table);
             t.scan += 1;
