@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 use userfaultfd::{Event, FaultKind, FeatureFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::dirty_log::PAGE_SIZE as PAGE;
@@ -227,6 +228,9 @@ impl LazyMemory {
                 // Copied up to a page that was there already.
                 Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < left => done += n,
                 Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
+                    // Filled meanwhile: make sure nothing still waits on it.
+                    // SAFETY: inside the same registered range.
+                    let _ = self.uffd.wake(unsafe { dst.add(done) }, PAGE as usize);
                     done += PAGE as usize
                 }
                 // The mappings are changing (EAGAIN): try again.
@@ -264,29 +268,26 @@ impl LazyMemory {
         }
     }
 
-    /// Maps the shared zero page at every page of `gpa..gpa+len`, none of which
-    /// may be there yet, waking nobody: reads of them then need no handler,
-    /// and a write copies the zero page in the kernel, as for memory without a
-    /// userfaultfd.
+    /// Maps the shared zero page at every page of `gpa..gpa+len` still
+    /// missing, and wakes whoever waits for one: reads of them then need no
+    /// handler, and a write copies the zero page in the kernel, as for memory
+    /// without a userfaultfd. Pages already there are left as they are.
     pub fn map_zeros(&self, gpa: u64, len: u64) -> Result<(), LazyMemoryError> {
-        let host = self.host(gpa, len)?;
-        let mut done = 0usize;
-        while done < len as usize {
+        // 2 MiB at a time; a chunk that meets a page already there (the
+        // kernel then stops without saying where) is done page by page.
+        const CHUNK: u64 = 2 << 20;
+        let mut at = gpa;
+        while at < gpa + len {
+            let n = CHUNK.min(gpa + len - at);
+            let host = self.host(at, n)?;
             // SAFETY: inside a registered region (checked by `host`).
-            let r = unsafe {
-                self.uffd
-                    .zeropage(host.add(done), len as usize - done, false)
-            };
-            match r {
-                Ok(n) if n > 0 => done += n,
-                Ok(_) => break,
-                Err(e) => {
-                    return Err(LazyMemoryError::Page {
-                        gpa: gpa + done as u64,
-                        why: format!("cannot map zeros there: {e}"),
-                    })
+            let whole = unsafe { self.uffd.zeropage(host, n as usize, true) };
+            if !matches!(whole, Ok(done) if done as u64 == n) {
+                for page in (at..at + n).step_by(PAGE as usize) {
+                    self.zero(page)?;
                 }
             }
+            at += n;
         }
         Ok(())
     }
@@ -338,7 +339,7 @@ impl LazyMemory {
     /// `timeout` for the first; empty when none came.
     pub fn faults(&self, timeout: Duration) -> Result<Vec<u64>, LazyMemoryError> {
         Ok(self
-            .fault_events(timeout)?
+            .fault_events(timeout, None)?
             .into_iter()
             .filter(|f| !f.write_protected)
             .map(|f| f.gpa)
@@ -346,16 +347,26 @@ impl LazyMemory {
     }
 
     /// The faults waiting, missing pages and writes to write-protected ones,
-    /// waiting at most `timeout` for the first; empty when none came.
-    pub fn fault_events(&self, timeout: Duration) -> Result<Vec<Fault>, LazyMemoryError> {
-        let mut fds = [libc::pollfd {
-            fd: self.uffd.as_fd().as_raw_fd(),
+    /// waiting at most `timeout` for the first, or until `stop` is signalled;
+    /// empty when none came.
+    pub fn fault_events(
+        &self,
+        timeout: Duration,
+        stop: Option<&EventFd>,
+    ) -> Result<Vec<Fault>, LazyMemoryError> {
+        let poll_in = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        }];
+        };
+        let mut fds = [
+            poll_in(self.uffd.as_fd().as_raw_fd()),
+            poll_in(stop.map_or(-1, |s| s.as_raw_fd())),
+        ];
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd, for the duration of the call.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) } <= 0 {
+        // SAFETY: two valid pollfds (a negative fd is ignored), for the
+        // duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) } <= 0 || fds[0].revents == 0 {
             return Ok(Vec::new());
         }
         let mut pages = Vec::new();

@@ -47,6 +47,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::dirty_log::{DirtyLog, DirtyReader, DirtyTracker, PAGE_SIZE};
 use crate::lazy_memory::{Fault, LazyMemory, LazyMemoryError};
 use crate::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// A page that compresses to more than this stays in RAM (unless identical to
@@ -311,6 +312,8 @@ struct Shared {
     table: Mutex<Table>,
     counters: Arc<PagerCounters>,
     stop: AtomicBool,
+    /// Signalled with `stop`: the fault server leaves its wait at once.
+    stop_event: EventFd,
 }
 
 fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
@@ -350,7 +353,6 @@ impl Pager {
         let encoder = Encoder::new(config.algo).map_err(codec)?;
         let decoder = Decoder::new(config.algo).map_err(codec)?;
         let lazy = LazyMemory::register_write_protect(mem).map_err(PagerError::Register)?;
-        map_untouched_zeros(&lazy, mem);
         let reader = dirty.subscribe().map_err(PagerError::DirtyLog)?;
         let pages = Pages::new(mem);
         let table = Table {
@@ -371,6 +373,7 @@ impl Pager {
             table: Mutex::new(table),
             counters,
             stop: AtomicBool::new(false),
+            stop_event: EventFd::new(libc::EFD_NONBLOCK).map_err(PagerError::Thread)?,
         });
         let server = {
             let shared = shared.clone();
@@ -403,18 +406,23 @@ impl Pager {
 impl Drop for Pager {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.stop_event.write(1);
         for t in self.threads.drain(..) {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
 }
 
-/// Maps the zero page at every page of `mem` the host never backed, before
-/// anything runs: a first touch of those is then the kernel's alone (a read
-/// sees zeros, a write copies them), not a round trip through the pager's
-/// thread. Only shared zero-page entries: no memory but page tables. On an
-/// error, those pages are simply served by the pager.
-fn map_untouched_zeros(lazy: &LazyMemory, mem: &GuestMemoryMmap) {
+/// Maps the zero page at every page of `mem` the host never backed, first
+/// thing on the scanner's thread (the VM may be running: a page touched
+/// meanwhile is left as it is, a fault waiting on one is woken): a first touch
+/// of those is then the kernel's alone (a read sees zeros, a write copies
+/// them), not a round trip through the pager's thread. Only shared zero-page
+/// entries: no memory but page tables. On an error, those pages are simply
+/// served by the pager.
+fn map_untouched_zeros(shared: &Shared) {
+    let (lazy, mem) = (&shared.lazy, &shared.mem);
     let backed = match DirtyLog::backed(mem) {
         Ok(b) => b,
         Err(e) => {
@@ -432,9 +440,13 @@ fn map_untouched_zeros(lazy: &LazyMemory, mem: &GuestMemoryMmap) {
                 gpa += PAGE_SIZE;
                 continue;
             }
+            // At most 64 MiB at a time, so that a stop is not kept waiting.
             let first = gpa;
-            while gpa < end && !backed.is_dirty(gpa) {
+            while gpa < end && !backed.is_dirty(gpa) && gpa - first < 64 << 20 {
                 gpa += PAGE_SIZE;
+            }
+            if shared.stop.load(Ordering::Acquire) {
+                return;
             }
             if let Err(e) = lazy.map_zeros(first, gpa - first) {
                 tracing::warn!("memory compression: {e}; untouched pages go through the pager");
@@ -467,7 +479,8 @@ fn serve(shared: &Shared, mut decoder: Decoder) {
     let mut buf = vec![0u8; PAGE];
     let mut cpu = thread_cpu_ns();
     while !shared.stop.load(Ordering::Acquire) {
-        let faults = match shared.lazy.fault_events(Duration::from_millis(100)) {
+        let wait = Duration::from_secs(1);
+        let faults = match shared.lazy.fault_events(wait, Some(&shared.stop_event)) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!("memory compression: {e}; faults are no longer served");
@@ -563,6 +576,7 @@ enum Compressed {
 /// The scanner's loop: every quarter of the idle time, the dirty log read and
 /// the pages cold for the whole idle time compressed.
 fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encoder) {
+    map_untouched_zeros(shared);
     let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let idle_scans = idle.as_millis().div_ceil(period.as_millis()).max(1) as u32;
     lock(&shared.table).idle_scans = idle_scans;
@@ -571,7 +585,8 @@ fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encod
     while !shared.stop.load(Ordering::Acquire) {
         let now = Instant::now();
         if now < next {
-            std::thread::sleep((next - now).min(Duration::from_millis(100)));
+            // Unparked when the pager stops.
+            std::thread::park_timeout(next - now);
             continue;
         }
         next = now + period;
