@@ -261,11 +261,7 @@ unsafe fn set_tss_descriptor(gdt: *mut u64, tss: u64, limit: u64) {
 pub fn init() {
     // SAFETY: single-threaded start-up; the GDT slots 5 and 6 are the TSS descriptor.
     unsafe {
-        set_tss_descriptor(
-            addr_of_mut!(GDT) as *mut u64,
-            addr_of!(TSS) as u64,
-            TSS_LIMIT,
-        );
+        set_tss_descriptor(addr_of_mut!(GDT) as *mut u64, addr_of!(TSS) as u64, TSS_LIMIT);
         asm!("ltr {0:x}", in(reg) TSS_SEL, options(nostack, preserves_flags));
     }
 
@@ -279,10 +275,7 @@ pub fn init() {
         usize::from(SPURIOUS_VECTOR),
         spurious_isr as *const () as u64,
     );
-    set_gate(
-        usize::from(RT_VECTOR),
-        crate::rt::rt_isr as *const () as u64,
-    );
+    set_gate(usize::from(RT_VECTOR), crate::rt::rt_isr as *const () as u64);
     set_gate(DB_VECTOR, db_isr as *const () as u64);
     set_gate(usize::from(INT80_VECTOR), int80_entry as *const () as u64);
     load_idt();

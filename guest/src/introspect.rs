@@ -723,11 +723,7 @@ pub fn debug_trap(machine: &Machine, detail: &mut Line) -> bool {
         }
     });
     let cpl3 = cpu::DB_HITS.load(Ordering::SeqCst) - before;
-    detail
-        .str("dbs_cpl0=")
-        .dec(cpl0)
-        .str(" dbs_cpl3=")
-        .dec(cpl3);
+    detail.str("dbs_cpl0=").dec(cpl0).str(" dbs_cpl3=").dec(cpl3);
     cpl0 > 0 && cpl3 > 0
 }
 

@@ -224,16 +224,12 @@ impl Dirtier {
     /// goes to the detail.
     fn from_params(machine: &Machine, detail: &mut Line) -> Result<Dirtier, ()> {
         let (Ok(Some(mib)), Ok(Some(mib_s))) = (
-            machine.number(
-                "dirty_mib",
-                1,
+            machine.number("dirty_mib", 1,
                 DIRTY_MAX_MIB,
                 Some(DIRTY_DEFAULT_MIB),
                 detail,
             ),
-            machine.number(
-                "dirty_mib_s",
-                1,
+            machine.number("dirty_mib_s", 1,
                 DIRTY_MAX_MIB_S,
                 Some(DIRTY_DEFAULT_MIB_S),
                 detail,

@@ -97,10 +97,7 @@ pub fn io_evil(machine: &Machine, detail: &mut Line) -> bool {
         .str(" irq_toggles=")
         .dec(IRQ_TOGGLES);
     // The host reads its counters now, then lets the scenario end.
-    Serial
-        .str("io-evil: done ")
-        .bytes(detail.as_bytes())
-        .str("\n");
+    Serial.str("io-evil: done ").bytes(detail.as_bytes()).str("\n");
     if !wait_for_host(machine) {
         detail.str(" (no second go from the host)");
         return false;

@@ -343,13 +343,7 @@ impl Words {
     /// (said in `detail`) for a bad value or unknown timer frequencies.
     fn parse(machine: &Machine, defaults: Words, detail: &mut Line) -> Option<Words> {
         let (Ok(Some(period_us)), Ok(Some(periods)), Ok(Some(budget_us))) = (
-            machine.number(
-                "rt_period_us",
-                100,
-                100_000,
-                Some(defaults.period_us),
-                detail,
-            ),
+            machine.number("rt_period_us", 100, 100_000, Some(defaults.period_us), detail),
             machine.number("rt_periods", 10, 1_000_000, Some(defaults.periods), detail),
             machine.number("rt_budget_us", 1, 100_000, Some(defaults.budget_us), detail),
         ) else {
