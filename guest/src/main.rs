@@ -12,6 +12,7 @@ mod balloon;
 mod boot;
 mod bootinfo;
 mod cpu;
+mod density;
 mod introspect;
 mod mem;
 mod mmds;

@@ -37,8 +37,8 @@ MOBILITY_STACK_TOP:
 
 extern "C" {
     static mut COUNTER_PAGES: [u64; WORDS];
-    /// The CPL3 stack of `counter` and `dirty` (never both at once).
-    static MOBILITY_STACK_TOP: u8;
+    /// The CPL3 stack of `counter`, `dirty` and `compress` (never two at once).
+    pub(crate) static MOBILITY_STACK_TOP: u8;
 }
 
 /// The word `i` holds after tick `tick`.
@@ -51,7 +51,12 @@ const MAX_TICK_MS: u64 = 1000;
 
 /// The end of `mib` MiB from [`DIRTY_BASE`] up, when all of it is RAM above the
 /// guest's image; else says so in `detail` under `key`.
-fn free_region(machine: &Machine, key: &str, mib: u64, detail: &mut Line) -> Option<u64> {
+pub(crate) fn free_region(
+    machine: &Machine,
+    key: &str,
+    mib: u64,
+    detail: &mut Line,
+) -> Option<u64> {
     let end = DIRTY_BASE + (mib << 20);
     let image_end = addr_of!(__image_end) as u64;
     let in_ram = machine
@@ -174,7 +179,7 @@ pub fn counter(machine: &Machine, detail: &mut Line) -> bool {
 }
 
 /// Where the `dirty` region begins: above the guest's image.
-const DIRTY_BASE: u64 = 16 << 20;
+pub(crate) const DIRTY_BASE: u64 = 16 << 20;
 const PAGE: u64 = 4096;
 /// `dirty_mib=` without the word, and its most (the region stays below 4 GiB,
 /// which the boot page tables map).

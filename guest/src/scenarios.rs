@@ -56,6 +56,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"counter" => crate::mobility::counter(machine, detail),
         b"dirty" => crate::mobility::dirty(machine, detail),
         b"mobility" => crate::mobility::mobility(machine, detail),
+        b"compress" => crate::density::compress(machine, detail),
         b"rt" => crate::rt::rt(machine, detail),
         b"rt-spin" => crate::rt::rt_spin(machine, detail),
         // For the VMM's own tests: a guest that crashes, and one that never ends.

@@ -46,6 +46,10 @@ pub const OPENAPI_PATH: &str = "/vigil/openapi.yaml";
 /// daemon and dashboards.
 pub const METRICS_SNAPSHOT_PATH: &str = "/vigil/metrics";
 
+/// The VM's memory and what the memory-compression pager holds of it
+/// (`--memory-compression`).
+pub const MEMORY_PATH: &str = "/vigil/memory";
+
 /// Why the binary could not apply a `PUT /logger` body: its log subscriber's own
 /// error (the API only shows it).
 pub type LoggerHookError = Box<dyn std::error::Error + Send + Sync>;
@@ -200,6 +204,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/mmds/config", "PUT"),
     (OPENAPI_PATH, "GET"),
     (METRICS_SNAPSHOT_PATH, "GET"),
+    (MEMORY_PATH, "GET"),
     (MIGRATION_PATH, "GET, PUT, DELETE"),
     (VCPU_SCHED_PATH, "GET, PUT"),
 ];
@@ -453,6 +458,19 @@ impl Api {
                 Some(vm) => Response::json(&vm.metrics().snapshot()),
                 None => Response::bad(format!(
                     "GET {METRICS_SNAPSHOT_PATH}: the VM has not started; it has no counters yet"
+                )),
+            },
+            ("GET", MEMORY_PATH) => match lock(&self.inner).vm.as_ref() {
+                Some(vm) => {
+                    let s = vm.metrics().snapshot();
+                    Response::json(&json!({
+                        "guest_bytes": s.memory.guest_bytes,
+                        "rss_bytes": s.memory.rss_bytes,
+                        "compression": s.memory_compression,
+                    }))
+                }
+                None => Response::bad(format!(
+                    "GET {MEMORY_PATH}: the VM has not started; it has no memory yet"
                 )),
             },
             ("PUT", MIGRATION_PATH) => match body::<MigrationParams>(method, path, bytes) {

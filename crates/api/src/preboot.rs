@@ -31,9 +31,11 @@ pub struct PreBoot {
     pub cpu_config: Option<CpuConfig>,
     /// `PUT /serial`: the console's output file, over `--console`.
     pub serial_out: Option<std::path::PathBuf>,
-    /// Vigil's own keys of a configuration file: `vcpu-scheduling`, `rt-timer`.
+    /// Vigil's own keys of a configuration file: `vcpu-scheduling`, `rt-timer`,
+    /// `memory-compression`.
     pub vcpu_scheduling: Vec<vigil_model::config::rt::VcpuSchedBody>,
     pub rt_timer: Option<vigil_model::config::RtTimerConfig>,
+    pub memory_compression: Option<vigil_model::config::MemoryCompression>,
     /// `PUT /mmds/config`.
     pub mmds: Option<MmdsConfig>,
 }
@@ -281,6 +283,7 @@ impl PreBoot {
             cpu_config: file.cpu_config.clone(),
             vcpu_scheduling: file.vcpu_scheduling.clone(),
             rt_timer: file.rt_timer,
+            memory_compression: file.memory_compression,
             serial_out: None,
             mmds: file.mmds_config.clone(),
         };
@@ -302,6 +305,7 @@ impl PreBoot {
             metrics: None,
             vcpu_scheduling: self.vcpu_scheduling.clone(),
             rt_timer: self.rt_timer,
+            memory_compression: self.memory_compression,
             mmds_config: self.mmds.clone(),
         }
     }

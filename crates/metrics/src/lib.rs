@@ -12,6 +12,7 @@
 //! - [`IntrospectCounters`]: integrity checks, findings by rule, guarded MSR
 //!   writes and traced system calls of the VM's introspection.
 //! - [`RtCounters`]: the RT timer device's expiries, boosts and budget overruns.
+//! - [`PagerCounters`]: the memory-compression pager's pages, pool and fault-ins.
 //! - [`host`]: PSI, load, memory and CPU of the host, from `/proc`.
 //! - [`prometheus::render`]: the Prometheus text format of many VMs (labelled by VM
 //!   id) and the host; [`json::json_line`]: a Firecracker-style JSON line per VM.
@@ -20,6 +21,7 @@ pub mod device;
 pub mod host;
 pub mod introspect;
 pub mod json;
+pub mod pager;
 pub mod primitives;
 pub mod prometheus;
 pub mod rt;
@@ -29,6 +31,7 @@ pub mod vm;
 pub use device::{BalloonSnapshot, DeviceCounters, DeviceKind, DeviceSnapshot};
 pub use host::HostSnapshot;
 pub use introspect::{IntrospectCounters, IntrospectSnapshot};
+pub use pager::{PagerCounters, PagerSnapshot};
 pub use primitives::{Counter, Gauge, Histogram, HistogramSnapshot};
 pub use rt::{RtCounters, RtSnapshot};
 pub use vcpu::{ExitCounts, ExitReason, RunClock, VcpuCounters, VcpuSnapshot};

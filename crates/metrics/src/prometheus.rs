@@ -366,6 +366,76 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
     }
     render_introspection(out, vms);
     render_rt(out, vms);
+    render_pager(out, vms);
+}
+
+fn render_pager(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
+    let vms: Vec<_> = vms
+        .iter()
+        .filter(|(_, s)| s.memory_compression.enabled)
+        .collect();
+    let gauges: [SimpleFamily<crate::PagerSnapshot, u64>; 3] = [
+        (
+            "vigil_memory_compression_pool_bytes",
+            "Bytes of compressed guest pages the VMM holds.",
+            |p| p.pool_bytes,
+        ),
+        (
+            "vigil_memory_compression_saved_bytes",
+            "Guest bytes held out of RAM less the pool they take.",
+            |p| p.bytes_saved,
+        ),
+        (
+            "vigil_memory_compression_pages_held",
+            "Guest pages held out of RAM (compressed, zero or duplicate).",
+            |p| p.pages_held,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let mut f = Family::new(out, name, "gauge", help);
+        for (vm, s) in &vms {
+            f.sample("", &[("vm", vm)], Value::Int(get(&s.memory_compression)));
+        }
+    }
+    let counters: [SimpleFamily<crate::PagerSnapshot, u64>; 4] = [
+        (
+            "vigil_memory_compression_pages_total",
+            "Cold guest pages taken out of RAM.",
+            |p| p.pages_compressed,
+        ),
+        (
+            "vigil_memory_compression_zero_pages_total",
+            "Cold guest pages of zeros, held as a marker.",
+            |p| p.pages_zero,
+        ),
+        (
+            "vigil_memory_compression_deduplicated_pages_total",
+            "Cold guest pages identical to one already held, stored once.",
+            |p| p.pages_deduplicated,
+        ),
+        (
+            "vigil_memory_compression_restored_pages_total",
+            "Held guest pages put back on first access.",
+            |p| p.pages_restored,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let mut f = Family::new(out, name, "counter", help);
+        for (vm, s) in &vms {
+            f.sample("", &[("vm", vm)], Value::Int(get(&s.memory_compression)));
+        }
+    }
+    let mut f = Family::new(
+        out,
+        "vigil_memory_compression_fault_in_seconds",
+        "histogram",
+        "From a fault on a held guest page to the page being back.",
+    );
+    for (vm, s) in &vms {
+        if s.memory_compression.fault_in.count > 0 {
+            f.histogram(&[("vm", vm)], &s.memory_compression.fault_in);
+        }
+    }
 }
 
 fn render_rt(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
@@ -981,6 +1051,44 @@ pub(crate) mod tests {
         assert!(
             !text.contains("vigil_host_cpu_seconds_total"),
             "no samples, no family"
+        );
+    }
+
+    #[test]
+    fn renders_the_pager_of_vms_that_have_one() {
+        let mut a = sample_vm();
+        let b = sample_vm();
+        let p = crate::PagerCounters::default();
+        p.enabled.set(1);
+        p.pages_held.set(100);
+        p.pool_bytes.set(4096);
+        p.pages_compressed.add(120);
+        p.pages_restored.add(20);
+        p.fault_in.record_ns(12_000);
+        a.memory_compression = p.snapshot();
+        let text = render(&[("vm-a", &a), ("vm-b", &b)], None);
+        let s = &check(&text);
+        let vm_a = [("vm", "vm-a")];
+        assert_eq!(
+            find(s, "vigil_memory_compression_pool_bytes", &vm_a),
+            Some(&4096.0)
+        );
+        assert_eq!(
+            find(s, "vigil_memory_compression_saved_bytes", &vm_a),
+            Some(&(100.0 * 4096.0 - 4096.0))
+        );
+        assert_eq!(
+            find(s, "vigil_memory_compression_restored_pages_total", &vm_a),
+            Some(&20.0)
+        );
+        assert_eq!(
+            find(s, "vigil_memory_compression_fault_in_seconds_count", &vm_a),
+            Some(&1.0)
+        );
+        // vm-b runs without the pager: no samples of it.
+        assert_eq!(
+            find(s, "vigil_memory_compression_pool_bytes", &[("vm", "vm-b")]),
+            None
         );
     }
 

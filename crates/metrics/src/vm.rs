@@ -23,6 +23,7 @@ pub struct VmMetrics {
     devices: Vec<Arc<DeviceCounters>>,
     introspect: Arc<IntrospectCounters>,
     rt: Arc<crate::RtCounters>,
+    pager: Arc<crate::PagerCounters>,
     started: OnceLock<Instant>,
     dirty: Mutex<DirtyRate>,
 }
@@ -81,6 +82,7 @@ impl VmMetrics {
             devices,
             introspect: Arc::default(),
             rt: Arc::default(),
+            pager: Arc::default(),
             started: OnceLock::new(),
             dirty: Mutex::default(),
         }
@@ -125,6 +127,11 @@ impl VmMetrics {
         &self.rt
     }
 
+    /// What the memory-compression pager did (all zero while it is off).
+    pub fn pager(&self) -> &Arc<crate::PagerCounters> {
+        &self.pager
+    }
+
     /// Everything now. Reads `/proc` (this process's RSS, each vCPU thread's
     /// schedstat): a few system calls per vCPU; never blocks on the VM.
     pub fn snapshot(&self) -> VmMetricsSnapshot {
@@ -147,6 +154,7 @@ impl VmMetrics {
             devices,
             introspection: self.introspect.snapshot(),
             rt: self.rt.snapshot(),
+            memory_compression: self.pager.snapshot(),
         }
     }
 }
@@ -213,6 +221,10 @@ pub struct VmMetricsSnapshot {
     /// What the RT timer device did (absent in snapshots from before it existed).
     #[serde(default)]
     pub rt: crate::RtSnapshot,
+    /// What the memory-compression pager did (absent in snapshots from before it
+    /// existed).
+    #[serde(default)]
+    pub memory_compression: crate::PagerSnapshot,
 }
 
 #[cfg(test)]

@@ -425,6 +425,14 @@ pub struct FullVmConfig {
     /// Vigil's own: the RT timer device (`--rt-timer`).
     #[serde(rename = "rt-timer", default, skip_serializing_if = "Option::is_none")]
     pub rt_timer: Option<config::RtTimerConfig>,
+    /// Vigil's own: cold guest memory compressed inside the VMM
+    /// (`--memory-compression`): `{"idle_ms": 30000, "algo": "lz4"}`.
+    #[serde(
+        rename = "memory-compression",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_compression: Option<config::MemoryCompression>,
     /// MMDS: its version, address and the interfaces that reach it.
     #[serde(
         rename = "mmds-config",
@@ -821,6 +829,7 @@ impl FullVmConfig {
             config.vcpu_sched.push(entry);
         }
         config.rt_timer = self.rt_timer;
+        config.memory_compression = self.memory_compression;
         if let Some(m) = &self.mmds_config {
             m.validate(self.network_interfaces.iter().map(|n| n.iface_id.as_str()))
                 .map_err(|e| body("mmds-config".into())(e.into()))?;
@@ -977,7 +986,16 @@ mod tests {
         )
         .unwrap();
         d.rt_timer = Some(config::RtTimerConfig::default());
+        d.memory_compression = parse(br#"{"idle_ms": 2000, "algo": "zstd"}"#).unwrap();
+        assert!(parse::<config::MemoryCompression>(br#"{"idle": 2000}"#).is_err());
         let c = d.to_vm_config(&LIMITS).unwrap();
+        assert_eq!(
+            c.memory_compression,
+            Some(config::MemoryCompression {
+                idle_ms: 2000,
+                algo: config::CompressionAlgo::Zstd
+            })
+        );
         let plan = config::VcpuSched::resolve(&c.vcpu_sched, 2).unwrap();
         assert_eq!(plan[0].policy, config::SchedPolicy::Fifo { priority: 20 });
         assert_eq!(plan[1].policy.bandwidth(), 0.25);

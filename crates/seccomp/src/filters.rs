@@ -312,6 +312,28 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             kvm_ioctls(list, &[])?;
             start_threads(list)?;
         }
+        ThreadKind::Pager => {
+            // Faults read from the userfaultfd (poll, read) and answered by its
+            // ioctls (copy, zero page, write-protect); the dirty log
+            // (KVM_GET_DIRTY_LOG) and /proc/self/pagemap for the scanner;
+            // pages dropped with madvise (every thread's list).
+            list.any(&[poll, ppoll, read, pread64, fstat, fcntl]);
+            list.when(
+                openat,
+                vec![rule(&[(
+                    2,
+                    SeccompCmpOp::MaskedEq((libc::O_ACCMODE | libc::O_CREAT) as u64),
+                    libc::O_RDONLY as u64,
+                )])?],
+            );
+            list.when(
+                ioctl,
+                vec![
+                    rule(&[(1, SeccompCmpOp::MaskedEq(0xff00), UFFD_IO << 8)])?,
+                    rule(&[(1, SeccompCmpOp::MaskedEq(0xff00), KVM_IO << 8)])?,
+                ],
+            );
+        }
     }
     Ok(())
 }

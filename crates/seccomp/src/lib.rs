@@ -41,11 +41,13 @@ pub enum ThreadKind {
     Introspect,
     /// Live migration, on either side, with its readers and throttle.
     Migration,
+    /// The memory-compression pager: its fault server and its scanner.
+    Pager,
 }
 
 impl ThreadKind {
     /// Every kind, for checks over all filters.
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         Self::Main,
         Self::Api,
         Self::Signals,
@@ -55,6 +57,7 @@ impl ThreadKind {
         Self::RtTimer,
         Self::Introspect,
         Self::Migration,
+        Self::Pager,
     ];
 
     /// The kind's name, as `VIGIL_SECCOMP_PROBE` and the SIGSYS report spell it.
@@ -69,6 +72,7 @@ impl ThreadKind {
             Self::RtTimer => "rt-timer",
             Self::Introspect => "introspect",
             Self::Migration => "migration",
+            Self::Pager => "pager",
         }
     }
 

@@ -9,6 +9,26 @@ pub const ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vigil-test-gues
 /// Path of the built image, for tools that want a file (QEMU's `-kernel`, objdump).
 pub const ELF_PATH: &str = concat!(env!("OUT_DIR"), "/vigil-test-guest.elf");
 
+/// Word `w` (0..512) of page `i` of the `compress` scenario's mix, as the guest
+/// writes it (`guest/src/density.rs`): by `i % 4`, zeros, one of four distinct
+/// pages, text, random data.
+pub fn compress_mix_word(i: u64, w: u64) -> u64 {
+    const TEXT: [&[u8; 8]; 4] = [b"the cold", b" pages o", b"f a gues", b"t idle.\n"];
+    match i % 4 {
+        0 => 0,
+        1 => ((i / 4) % 4 + 1).wrapping_mul(0x0101_0101_0101_0101) ^ w,
+        2 if w == 0 => i,
+        2 => u64::from_le_bytes(*TEXT[(w % 4) as usize]),
+        _ => {
+            // splitmix64
+            let mut z = (i << 20 | w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

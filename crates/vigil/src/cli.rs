@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vigil_migration::{ServerTls, Target, TlsError};
 use vigil_model::config::{
     BalloonConfig, BootProtocol, ConsoleConfig, CpuTemplate, DriveConfig, HugePages,
-    IntrospectConfig, KernelImage, MachineConfig, NetConfig, OnCrash, RateLimit, RtTimerConfig,
-    VcpuSched, VmConfig, VsockConfig,
+    IntrospectConfig, KernelImage, MachineConfig, MemoryCompression, NetConfig, OnCrash, RateLimit,
+    RtTimerConfig, VcpuSched, VmConfig, VsockConfig,
 };
 use vigil_model::cpu::{CpuFeature, CpuModifiers};
 use vigil_model::firecracker::Metrics;
@@ -289,8 +289,9 @@ pub struct RunArgs {
     /// keys "boot-source", "machine-config", "drives", "network-interfaces",
     /// "vsock", "balloon", "entropy", "logger", "metrics"; the bodies of the API's
     /// requests; and Vigil's own "vcpu-scheduling", a list of --vcpu-sched entries
-    /// as PUT /vigil/vcpus/sched takes them, and "rt-timer", {"max_timers",
-    /// "min_period_us", "max_budget_us", "priority"}). No API is needed; with
+    /// as PUT /vigil/vcpus/sched takes them, "rt-timer", {"max_timers",
+    /// "min_period_us", "max_budget_us", "priority"}, and "memory-compression",
+    /// {"idle_ms", "algo": "lz4" or "zstd"}). No API is needed; with
     /// --api-sock the API serves the running VM.
     /// Cannot be combined with options that describe the VM (--kernel, --disk, ...).
     #[arg(long, value_name = "PATH")]
@@ -394,6 +395,21 @@ pub struct RunArgs {
     /// (vigil_rt_timer_overruns_total, a security event in vigild).
     #[arg(long, value_name = "on|off|max_timers=N,..", value_parser = parse_rt_timer)]
     pub rt_timer: Option<RtTimerArg>,
+
+    /// Compress cold guest memory inside the VMM (off by default). A guest page
+    /// not written for the idle time (`idle=30s`, 200ms to 24h; `on` = 30s, LZ4)
+    /// is taken out of RAM: pages of zeros are kept as a marker, identical pages
+    /// once, the rest compressed into a pool in this process (`algo=lz4`, the
+    /// default and fastest, or `algo=zstd`, smaller and slower to fault in; a
+    /// page that does not compress to 3/4 stays in RAM). The guest's or a
+    /// device's next touch faults it back in (userfaultfd, tens of µs). GET
+    /// /vigil/memory and the metrics show the pool, the ratio and the fault-in
+    /// latency. Needs 4 KiB pages (--huge-pages none); a VM loaded from a
+    /// snapshot or received by migration runs without it. The pool is VMM
+    /// memory: like guest RAM, it is lost if the VMM dies. Example:
+    /// --memory-compression idle=2m,algo=zstd
+    #[arg(long, value_name = "on|off|idle=DUR[,algo=lz4|zstd]", value_parser = parse_memory_compression)]
+    pub memory_compression: Option<CompressionArg>,
 
     /// CPUID features to hide from the guest, comma-separated, in
     /// /proc/cpuinfo spelling (e.g. "avx2,rdrand").
@@ -612,6 +628,14 @@ fn parse_rt_timer(s: &str) -> Result<RtTimerArg, String> {
     RtTimerConfig::parse(s).map(RtTimerArg)
 }
 
+/// `--memory-compression`: the pager's settings, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+pub struct CompressionArg(Option<MemoryCompression>);
+
+fn parse_memory_compression(s: &str) -> Result<CompressionArg, String> {
+    MemoryCompression::parse(s).map(CompressionArg)
+}
+
 /// The `vigil run` flag of each configuration field (`VmConfig`'s errors name
 /// the fields as the configuration document spells them).
 fn flag_of(field: &str) -> Option<&'static str> {
@@ -632,6 +656,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "amount_mib" => "--balloon size_mib=",
         "vcpu_sched" => "--vcpu-sched",
         "rt_timer" => "--rt-timer",
+        "memory_compression" => "--memory-compression",
         _ => return None,
     })
 }
@@ -709,6 +734,7 @@ impl RunArgs {
             huge_pages: self.huge_pages.into(),
             vcpu_sched: self.vcpu_sched.clone(),
             rt_timer: self.rt_timer.as_ref().and_then(|a| a.0),
+            memory_compression: self.memory_compression.and_then(|a| a.0),
             pci: self.enable_pci,
             introspect: IntrospectLaunch {
                 monitor: self.introspect,
@@ -761,6 +787,11 @@ impl RunArgs {
                 anyhow::bail!(
                     "--config-file {} with --migrate-from {from}: the VM comes from the source",
                     file.display()
+                );
+            }
+            if self.memory_compression.is_some_and(|a| a.0.is_some()) {
+                anyhow::bail!(
+                    "--memory-compression with --migrate-from {from}: a received VM runs without it (its pages arrive through a userfaultfd of their own)"
                 );
             }
             Launch {
@@ -872,6 +903,7 @@ impl RunArgs {
         config.on_crash = self.on_crash.into();
         config.vcpu_sched = self.vcpu_sched;
         config.rt_timer = self.rt_timer.and_then(|a| a.0);
+        config.memory_compression = self.memory_compression.and_then(|a| a.0);
         config.pci = self.enable_pci;
         config.drives = self.disk;
         for (i, disk) in config.drives.iter_mut().enumerate() {

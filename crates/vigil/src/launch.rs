@@ -17,8 +17,8 @@ use vigil_introspect::SyscallFilter;
 use vigil_migration::{Migrator, ServerTls, Target};
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
 use vigil_model::config::{
-    BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, OnCrash, RtTimerConfig,
-    VcpuSched, VmConfig,
+    BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, MemoryCompression,
+    OnCrash, RtTimerConfig, VcpuSched, VmConfig,
 };
 use vigil_model::cpu::{CpuFeature, CpuModifiers};
 use vigil_model::firecracker::{self, FullVmConfig, Logger, Metrics};
@@ -45,6 +45,8 @@ pub struct Overrides {
     pub vcpu_sched: Vec<VcpuSched>,
     /// `--rt-timer`.
     pub rt_timer: Option<RtTimerConfig>,
+    /// `--memory-compression`.
+    pub memory_compression: Option<MemoryCompression>,
     /// `--enable-pci`: the devices go on PCI.
     pub pci: bool,
     pub introspect: IntrospectLaunch,
@@ -109,6 +111,7 @@ impl Default for Overrides {
             huge_pages: HugePages::None,
             vcpu_sched: Vec::new(),
             rt_timer: None,
+            memory_compression: None,
             pci: false,
             introspect: IntrospectLaunch::default(),
         }
@@ -134,6 +137,9 @@ impl Overrides {
         }
         if self.rt_timer.is_some() {
             config.rt_timer = self.rt_timer;
+        }
+        if self.memory_compression.is_some() {
+            config.memory_compression = self.memory_compression;
         }
         // A configuration's `huge_pages` stands unless the flag asks for more.
         if self.huge_pages != HugePages::None {
@@ -216,6 +222,13 @@ fn restore(
     overrides: &Overrides,
 ) -> Result<(RunningVm, Option<TerminalGuard>), StartError> {
     let (console, on_crash) = (&overrides.console, overrides.on_crash);
+    if overrides.memory_compression.is_some() {
+        return Err(BuildError::SnapshotMismatch {
+            field: "--memory-compression".into(),
+            why: "a VM loaded from a snapshot runs without it (its memory is the snapshot's file or a page-fault handler's); start this VMM without the flag".into(),
+        }
+        .into());
+    }
     let vm = match &load.memory {
         SnapshotMemory::File(file) => {
             let o = &load.overrides;

@@ -125,6 +125,31 @@ fn usage_errors_name_the_value() {
     );
 }
 
+#[test]
+fn memory_compression_settings() {
+    let r = run(&["run", "--memory-compression", "idle=10ms"], TIMEOUT);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(
+        r.stderr
+            .contains("--memory-compression idle=10ms: expected 200ms to 24h"),
+        "{r}"
+    );
+    let r = run(&["run", "--memory-compression", "algo=gzip"], TIMEOUT);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(
+        r.stderr
+            .contains("--memory-compression algo=gzip: expected lz4 or zstd"),
+        "{r}"
+    );
+    let r = fails(&["--memory-compression", "on", "--huge-pages", "thp"]);
+    assert!(
+        r.stderr.contains(
+            "--memory-compression: works on 4 KiB guest pages; turn huge_pages off (--huge-pages none)"
+        ),
+        "{r}"
+    );
+}
+
 /// `vigil rt analyze`: a wrong value is named (exit 1), a "no" is explained (exit
 /// 4), and a schedulable system prints the flags that apply it (exit 0).
 #[test]

@@ -20,38 +20,11 @@ use std::time::{Duration, Instant};
 use common::daemon::free_loopback_addr;
 use common::http::request;
 use common::mobility::{
-    assert_counts_on, assert_monitor_carried, certificate, counting_guest, counts,
-    monitored_counting_guest, ok, tamper_before_capture, wait_monitoring, TIMEOUT,
+    assert_counts_on, assert_monitor_carried, certificate, counting_guest, counts, destination,
+    monitored_counting_guest, ok, tamper_before_capture, wait_monitoring, TIMEOUT, TOKEN,
 };
 use common::{scratch, Console};
 use serde_json::{json, Value};
-
-const TOKEN: &str = "4f1c9a7e-one-time";
-
-/// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`,
-/// with the `extra` arguments.
-fn destination(dir: &Path, name: &str, extra: &[&str]) -> (Console, PathBuf, String) {
-    let listen = format!("unix:{}", dir.join(format!("{name}.mig")).display());
-    let sock = dir.join(format!("{name}.sock"));
-    let mut args = vec![
-        "run",
-        "--migrate-from",
-        &listen,
-        "--migration-token",
-        TOKEN,
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let console = Console::spawn(&args);
-    let mig = dir.join(format!("{name}.mig"));
-    let deadline = Instant::now() + TIMEOUT;
-    while !mig.exists() {
-        assert!(Instant::now() < deadline, "the destination never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (console, sock, listen)
-}
 
 /// Polls `GET /vigil/migration` until it leaves the running phases.
 fn wait_migration_end(sock: &Path) -> Value {

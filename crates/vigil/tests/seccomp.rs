@@ -45,7 +45,7 @@ fn a_forbidden_call_by_each_kind_of_thread_stops_the_vmm_and_is_named() {
     let sock = dir.join("api.sock");
     let metrics = dir.join("metrics.json");
     let (sock, metrics) = (sock.to_str().unwrap(), metrics.to_str().unwrap());
-    let cases: [(&str, &[&str]); 8] = [
+    let cases: [(&str, &[&str]); 9] = [
         ("main", &["run"]),
         ("vcpu", &["run", "--cpus", "2"]),
         ("signals", &["run"]),
@@ -54,6 +54,7 @@ fn a_forbidden_call_by_each_kind_of_thread_stops_the_vmm_and_is_named() {
         ("api", &["run", "--api-sock", sock]),
         ("rt-timer", &["run", "--rt-timer", "on"]),
         ("introspect", &["run", "--introspect", "period=600s"]),
+        ("pager", &["run", "--memory-compression", "on"]),
     ];
     for (kind, args) in cases {
         let _ = std::fs::remove_file(sock);

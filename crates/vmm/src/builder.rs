@@ -55,7 +55,7 @@ use crate::vstate::vm::{create_vm, VmError};
 use crate::VmEvent;
 use vigil_model::config::{
     ConfigError, ConsoleConfig, CpuTemplate, FieldError, HostLimits, HugePages, KernelImage,
-    OnCrash, RtTimerConfig, VcpuSched, VmConfig,
+    MemoryCompression, OnCrash, RtTimerConfig, VcpuSched, VmConfig,
 };
 use vigil_model::cpu::CpuFeature;
 
@@ -245,6 +245,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         extensions: Default::default(),
         sched,
         rt_timer: config.rt_timer,
+        memory_compression: config.memory_compression,
     }))
 }
 
@@ -267,6 +268,8 @@ struct Parts {
     sched: VcpuScheduler,
     /// The RT timer device's limits, when the VM has one.
     rt_timer: Option<RtTimerConfig>,
+    /// The memory-compression pager's settings, when it is on.
+    memory_compression: Option<MemoryCompression>,
 }
 
 /// The last step of building or restoring: the VM from its parts, with the
@@ -316,6 +319,7 @@ fn assemble(p: Parts) -> Vm {
         extensions: p.extensions,
         sched,
         rt_timer,
+        memory_compression: p.memory_compression,
     }
 }
 
@@ -713,6 +717,8 @@ pub fn restore_with_memory(
         // vCPUs are time-shared, without the RT timer.
         sched: VcpuScheduler::new(vec![VcpuSched::default(); vcpu_count as usize])?,
         rt_timer: None,
+        // Nor memory compression: a restored VM's memory may not be anonymous.
+        memory_compression: None,
     }))
 }
 

@@ -14,8 +14,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
-use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
+use userfaultfd::{Event, FaultKind, FeatureFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::dirty_log::PAGE_SIZE as PAGE;
@@ -66,6 +67,17 @@ struct Region {
     len: u64,
 }
 
+/// One fault on registered guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The guest-physical page.
+    pub gpa: u64,
+    /// A write to a write-protected page (else a touch of a missing one).
+    pub write_protected: bool,
+    /// A write (else a read).
+    pub write: bool,
+}
+
 /// Guest memory registered with a userfaultfd for missing pages.
 #[derive(Debug)]
 pub struct LazyMemory {
@@ -80,14 +92,39 @@ impl LazyMemory {
     /// reported to the handler (Firecracker's handlers expect it, for the
     /// balloon).
     pub fn register(mem: &GuestMemoryMmap, removals: bool) -> Result<Self, LazyMemoryError> {
+        let features = if removals {
+            FeatureFlags::EVENT_REMOVE
+        } else {
+            FeatureFlags::empty()
+        };
+        Self::register_modes(mem, features, RegisterMode::MISSING)
+    }
+
+    /// Registers every region of `mem` for missing pages and for writes to
+    /// pages made read-only with [`LazyMemory::write_protect`] (the pager's
+    /// mode; needs Linux 5.7 for anonymous memory). A write to such a page
+    /// waits until [`LazyMemory::unprotect`].
+    pub fn register_write_protect(mem: &GuestMemoryMmap) -> Result<Self, LazyMemoryError> {
+        Self::register_modes(
+            mem,
+            FeatureFlags::PAGEFAULT_FLAG_WP,
+            RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+        )
+    }
+
+    fn register_modes(
+        mem: &GuestMemoryMmap,
+        features: FeatureFlags,
+        modes: RegisterMode,
+    ) -> Result<Self, LazyMemoryError> {
         let mut builder = UffdBuilder::new();
         builder
             .close_on_exec(true)
             .non_blocking(true)
             // KVM's accesses on behalf of a vCPU are kernel-mode faults.
             .user_mode_only(false);
-        if removals {
-            builder.require_features(FeatureFlags::EVENT_REMOVE);
+        if !features.is_empty() {
+            builder.require_features(features);
         }
         let uffd = builder.create().map_err(LazyMemoryError::Create)?;
         let mut regions = Vec::new();
@@ -97,7 +134,7 @@ impl LazyMemory {
                 host: r.as_ptr() as u64,
                 len: r.len(),
             };
-            uffd.register(region.host as *mut _, region.len as usize)
+            uffd.register_with_mode(region.host as *mut _, region.len as usize, modes)
                 .map_err(|source| LazyMemoryError::Register {
                     gpa: region.gpa,
                     bytes: region.len,
@@ -191,6 +228,9 @@ impl LazyMemory {
                 // Copied up to a page that was there already.
                 Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < left => done += n,
                 Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
+                    // Filled meanwhile: make sure nothing still waits on it.
+                    // SAFETY: inside the same registered range.
+                    let _ = self.uffd.wake(unsafe { dst.add(done) }, PAGE as usize);
                     done += PAGE as usize
                 }
                 // The mappings are changing (EAGAIN): try again.
@@ -228,6 +268,30 @@ impl LazyMemory {
         }
     }
 
+    /// Maps the shared zero page at every page of `gpa..gpa+len` still
+    /// missing, and wakes whoever waits for one: reads of them then need no
+    /// handler, and a write copies the zero page in the kernel, as for memory
+    /// without a userfaultfd. Pages already there are left as they are.
+    pub fn map_zeros(&self, gpa: u64, len: u64) -> Result<(), LazyMemoryError> {
+        // 2 MiB at a time; a chunk that meets a page already there (the
+        // kernel then stops without saying where) is done page by page.
+        const CHUNK: u64 = 2 << 20;
+        let mut at = gpa;
+        while at < gpa + len {
+            let n = CHUNK.min(gpa + len - at);
+            let host = self.host(at, n)?;
+            // SAFETY: inside a registered region (checked by `host`).
+            let whole = unsafe { self.uffd.zeropage(host, n as usize, true) };
+            if !matches!(whole, Ok(done) if done as u64 == n) {
+                for page in (at..at + n).step_by(PAGE as usize) {
+                    self.zero(page)?;
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Makes the pages `gpa..gpa+len` missing again (their contents are
     /// stale): the next touch waits for them.
     pub fn drop_pages(&self, gpa: u64, len: u64) -> Result<(), LazyMemoryError> {
@@ -245,24 +309,75 @@ impl LazyMemory {
         Ok(())
     }
 
+    /// Makes the pages `gpa..gpa+len` read-only to everyone (vCPUs through
+    /// KVM, the VMM's threads, the kernel on their behalf): a write waits, as a
+    /// [`Fault`] with `write_protected`, until [`LazyMemory::unprotect`]. Needs
+    /// [`LazyMemory::register_write_protect`].
+    pub fn write_protect(&self, gpa: u64, len: u64) -> Result<(), LazyMemoryError> {
+        let host = self.host(gpa, len)?;
+        self.uffd
+            .write_protect(host, len as usize)
+            .map_err(|e| LazyMemoryError::Page {
+                gpa,
+                why: format!("cannot write-protect it: {e}"),
+            })
+    }
+
+    /// Makes the pages `gpa..gpa+len` writable again and wakes the writes
+    /// waiting on them.
+    pub fn unprotect(&self, gpa: u64, len: u64) -> Result<(), LazyMemoryError> {
+        let host = self.host(gpa, len)?;
+        self.uffd
+            .remove_write_protection(host, len as usize, true)
+            .map_err(|e| LazyMemoryError::Page {
+                gpa,
+                why: format!("cannot lift its write protection: {e}"),
+            })
+    }
+
     /// The guest-physical pages touched while missing, waiting at most
     /// `timeout` for the first; empty when none came.
     pub fn faults(&self, timeout: Duration) -> Result<Vec<u64>, LazyMemoryError> {
-        let mut fds = [libc::pollfd {
-            fd: self.uffd.as_fd().as_raw_fd(),
+        Ok(self
+            .fault_events(timeout, None)?
+            .into_iter()
+            .filter(|f| !f.write_protected)
+            .map(|f| f.gpa)
+            .collect())
+    }
+
+    /// The faults waiting, missing pages and writes to write-protected ones,
+    /// waiting at most `timeout` for the first, or until `stop` is signalled;
+    /// empty when none came.
+    pub fn fault_events(
+        &self,
+        timeout: Duration,
+        stop: Option<&EventFd>,
+    ) -> Result<Vec<Fault>, LazyMemoryError> {
+        let poll_in = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        }];
+        };
+        let mut fds = [
+            poll_in(self.uffd.as_fd().as_raw_fd()),
+            poll_in(stop.map_or(-1, |s| s.as_raw_fd())),
+        ];
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd, for the duration of the call.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) } <= 0 {
+        // SAFETY: two valid pollfds (a negative fd is ignored), for the
+        // duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) } <= 0 || fds[0].revents == 0 {
             return Ok(Vec::new());
         }
         let mut pages = Vec::new();
         while let Some(event) = self.uffd.read_event().map_err(LazyMemoryError::Read)? {
-            if let Event::Pagefault { addr, .. } = event {
+            if let Event::Pagefault { addr, kind, rw, .. } = event {
                 if let Some(gpa) = self.gpa(addr as u64) {
-                    pages.push(gpa);
+                    pages.push(Fault {
+                        gpa,
+                        write_protected: kind == FaultKind::WriteProtected,
+                        write: rw == ReadWrite::Write,
+                    });
                 }
             }
         }

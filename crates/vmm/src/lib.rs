@@ -20,6 +20,7 @@ mod device_manager;
 pub mod dirty_log;
 mod inspect;
 pub mod lazy_memory;
+pub mod pager;
 mod pci;
 pub mod rt;
 pub mod snapshot;

@@ -29,6 +29,7 @@ use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{DirtyTracker, KvmGuestLog, PAGE_SIZE};
 use crate::inspect::VmInspect;
 use crate::lazy_memory::LazyMemory;
+use crate::pager::Pager;
 use crate::rt::{RtTimer, VcpuScheduler};
 use crate::snapshot::{SavedMachine, SnapshotSources, WrittenSince};
 use crate::symbols::KernelSymbols;
@@ -37,7 +38,7 @@ use crate::vstate::pause::PauseGate;
 use crate::vstate::threads::{kick_signal, VcpuThreads};
 use crate::vstate::vcpu::{CrashReport, Vcpu, VcpuContext};
 use crate::VmEvent;
-use vigil_model::config::OnCrash;
+use vigil_model::config::{MemoryCompression, OnCrash};
 
 /// A VM ready to start. Field order matters: the KVM fd and vCPUs are dropped
 /// before the guest memory they map.
@@ -84,6 +85,9 @@ pub struct Vm {
     pub(crate) sched: Arc<VcpuScheduler>,
     /// The RT timer device, when the VM has one.
     pub(crate) rt_timer: Option<Arc<RtTimer>>,
+    /// The memory-compression pager's settings, when it is on (a booted VM's
+    /// anonymous memory only).
+    pub(crate) memory_compression: Option<MemoryCompression>,
 }
 
 /// Where a VM's guest memory came from: what a snapshot or a migration of it
@@ -141,6 +145,8 @@ pub struct RunningVm {
     _vm_fd: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     _lazy: Option<Arc<LazyMemory>>,
+    /// Stopped last: a device or vCPU thread still running may wait on it.
+    pager: Option<Pager>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -182,6 +188,14 @@ impl Vm {
         };
         // Memory not built here holds data in pages the host has not backed.
         let restored = memory_file.is_some() || lazy.is_some();
+        // Before any vCPU runs, so every page it takes out is one it saw.
+        let pager = match self.memory_compression {
+            Some(config) if !restored => Some(
+                Pager::start(config, &self.mem, &dirty, self.metrics.pager().clone())
+                    .map_err(std::io::Error::other)?,
+            ),
+            _ => None,
+        };
         let written = WrittenSince::new(dirty.subscribe().map_err(|e| e.to_string()), restored);
         // The guest's write rate, measured when metrics are read.
         if let Ok(reader) = dirty.subscribe() {
@@ -271,7 +285,8 @@ impl Vm {
             msr_guard: self.msr_guard,
             vm_fd: Arc::downgrade(&vm_fd),
             mem: self.mem.clone(),
-            anonymous_memory: !restored,
+            // Pages the pager holds are not backed, yet not zeros.
+            anonymous_memory: !restored && pager.is_none(),
             dirty,
             symbols: self.symbols,
         };
@@ -291,6 +306,7 @@ impl Vm {
             _vm_fd: vm_fd,
             _mem: self.mem,
             _lazy: lazy,
+            pager,
         })
     }
 }
@@ -447,5 +463,6 @@ impl RunningVm {
             timer.stop();
             let _ = thread.join();
         }
+        self.pager.take();
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod balloon;
 pub mod boot;
+pub mod compression;
 pub mod drive;
 pub mod introspect;
 pub mod machine;
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 
 pub use balloon::{BalloonConfig, BalloonConfigError};
 pub use boot::{BootConfig, BootConfigError, BootProtocol, KernelImage};
+pub use compression::{CompressionAlgo, MemoryCompression, MemoryCompressionError};
 pub use drive::{DriveConfig, DriveConfigError};
 pub use introspect::{IntrospectConfig, IntrospectConfigError, Policy};
 pub use machine::{CpuTemplate, HugePages, MachineConfig, MachineConfigError};
@@ -131,6 +133,9 @@ pub struct VmConfig {
     /// Put the virtio devices on a PCI bus (virtio-pci, MSI-X) instead of
     /// virtio-mmio (`--enable-pci`).
     pub pci: bool,
+    /// Cold guest memory compressed inside the VMM (`--memory-compression`);
+    /// none: off.
+    pub memory_compression: Option<MemoryCompression>,
 }
 
 /// What the host allows, read once and passed to validation.
@@ -179,6 +184,12 @@ pub enum ConfigError {
     Sched(#[from] SchedConfigError),
     #[error(transparent)]
     RtTimer(#[from] RtTimerConfigError),
+    #[error(transparent)]
+    MemoryCompression(#[from] MemoryCompressionError),
+    #[error(
+        "memory_compression: works on 4 KiB guest pages; turn huge_pages off (--huge-pages none)"
+    )]
+    CompressionWithHugePages,
     #[error("devices {count}: Vigil has interrupt lines for at most {MAX_VIRTIO_DEVICES} virtio devices")]
     TooManyDevices { count: usize },
 }
@@ -194,6 +205,8 @@ impl FieldError for ConfigError {
             ConfigError::Balloon(e) => e.field(),
             ConfigError::Sched(e) => e.field(),
             ConfigError::RtTimer(e) => e.field(),
+            ConfigError::MemoryCompression(e) => e.field(),
+            ConfigError::CompressionWithHugePages => "memory_compression",
             ConfigError::TooManyDevices { .. } => "devices",
         }
     }
@@ -212,6 +225,9 @@ impl ConfigError {
             ConfigError::Balloon(_) => "balloon",
             ConfigError::Sched(_) => "vcpu-scheduling",
             ConfigError::RtTimer(_) => "rt-timer",
+            ConfigError::MemoryCompression(_) | ConfigError::CompressionWithHugePages => {
+                "memory-compression"
+            }
             ConfigError::TooManyDevices { .. } => "devices",
         }
     }
@@ -245,6 +261,7 @@ impl VmConfig {
             vcpu_sched: Vec::new(),
             rt_timer: None,
             pci: false,
+            memory_compression: None,
         }
     }
 
@@ -277,6 +294,12 @@ impl VmConfig {
         VcpuSched::resolve(&self.vcpu_sched, self.machine.vcpu_count)?;
         if let Some(rt_timer) = &self.rt_timer {
             rt_timer.validate()?;
+        }
+        if let Some(compression) = &self.memory_compression {
+            compression.validate()?;
+            if self.machine.huge_pages != HugePages::None {
+                return Err(ConfigError::CompressionWithHugePages);
+            }
         }
         let count = self.virtio_devices();
         if count > MAX_VIRTIO_DEVICES {

@@ -4,7 +4,7 @@
 //! and what the monitor says after.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -216,4 +216,32 @@ pub fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     std::fs::write(&cert, made.cert.pem()).unwrap();
     std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
     (cert, key)
+}
+
+/// The one-time token the migration tests' destinations take.
+pub const TOKEN: &str = "4f1c9a7e-one-time";
+
+/// A Vigil waiting for a VM on `dir/NAME.mig`, its API on `dir/NAME.sock`,
+/// with the `extra` arguments.
+pub fn destination(dir: &Path, name: &str, extra: &[&str]) -> (Console, PathBuf, String) {
+    let listen = format!("unix:{}", dir.join(format!("{name}.mig")).display());
+    let sock = dir.join(format!("{name}.sock"));
+    let mut args = vec![
+        "run",
+        "--migrate-from",
+        &listen,
+        "--migration-token",
+        TOKEN,
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let console = Console::spawn(&args);
+    let mig = dir.join(format!("{name}.mig"));
+    let deadline = Instant::now() + TIMEOUT;
+    while !mig.exists() {
+        assert!(Instant::now() < deadline, "the destination never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (console, sock, listen)
 }

@@ -27,6 +27,12 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 /// the memory's dirty bitmap has one bit per 4 KiB host page).
 pub const PAGE_SIZE: u64 = 4096;
 
+/// `/proc/self/pagemap` entry bits: in RAM, swapped out, mapped by this
+/// process alone.
+const PRESENT: u64 = 1 << 63;
+const SWAPPED: u64 = 1 << 62;
+const EXCLUSIVE: u64 = 1 << 56;
+
 /// One RAM slot's part of a [`DirtyLog`].
 #[derive(Clone, Debug)]
 struct SlotLog {
@@ -106,9 +112,19 @@ impl DirtyLog {
     /// page was never touched and reads as zeros. Not for memory mapped from a
     /// file, whose pages not yet read hold the file's content.
     pub fn backed(mem: &GuestMemoryMmap) -> std::io::Result<Self> {
+        Self::from_pagemap(mem, |e| e & (PRESENT | SWAPPED) != 0)
+    }
+
+    /// The pages of `mem` in RAM and mapped by this process alone (from
+    /// `/proc/self/pagemap`): not the shared zero page a read of an untouched
+    /// page maps, nor a page swapped out.
+    pub fn resident_own(mem: &GuestMemoryMmap) -> std::io::Result<Self> {
+        Self::from_pagemap(mem, |e| e & (PRESENT | EXCLUSIVE) == PRESENT | EXCLUSIVE)
+    }
+
+    /// The pages whose pagemap entry `wanted` takes.
+    fn from_pagemap(mem: &GuestMemoryMmap, wanted: impl Fn(u64) -> bool) -> std::io::Result<Self> {
         use std::os::unix::fs::FileExt;
-        const PRESENT: u64 = 1 << 63;
-        const SWAPPED: u64 = 1 << 62;
         let pagemap = std::fs::File::open("/proc/self/pagemap")?;
         let mut log = Self::empty(mem);
         let mut entries = vec![0u8; 8 * 4096];
@@ -125,7 +141,7 @@ impl DirtyLog {
                 pagemap.read_exact_at(buf, (host / PAGE_SIZE + page) * 8)?;
                 for (i, entry) in buf.chunks_exact(8).enumerate() {
                     let e = u64::from_le_bytes(entry.try_into().unwrap_or_default());
-                    if e & (PRESENT | SWAPPED) != 0 {
+                    if wanted(e) {
                         let p = page + i as u64;
                         bits[(p / 64) as usize] |= 1 << (p % 64);
                     }
@@ -242,6 +258,15 @@ mod tests {
         assert!(!backed.is_all());
         assert_eq!(
             backed.dirty_pages().collect::<Vec<_>>(),
+            [3 * 4096, 40 * 4096, 0x1_0000_0000 + 5 * 4096]
+        );
+        // A read of an untouched page maps the shared zero page: backed, not own.
+        let _: u8 = mem.read_obj(GuestAddress(7 * 4096)).unwrap();
+        let backed = DirtyLog::backed(&mem).unwrap();
+        assert!(backed.is_dirty(7 * 4096));
+        let own = DirtyLog::resident_own(&mem).unwrap();
+        assert_eq!(
+            own.dirty_pages().collect::<Vec<_>>(),
             [3 * 4096, 40 * 4096, 0x1_0000_0000 + 5 * 4096]
         );
     }

@@ -50,6 +50,22 @@ impl DirtyTracker {
         }))
     }
 
+    /// The owner of the dirty log of `mem` that no vCPU maps: only the VMM's own
+    /// writes (through vm-memory) are logged. For the pager's tests and
+    /// `vigil bench memory`.
+    pub fn for_memory(mem: GuestMemoryMmap) -> Self {
+        struct NoGuest;
+        impl GuestWriteLog for NoGuest {
+            fn set_logging(&self, _on: bool) -> Result<(), DirtyLogError> {
+                Ok(())
+            }
+            fn fetch(&self, _slot: usize) -> Result<Vec<u64>, DirtyLogError> {
+                Ok(Vec::new())
+            }
+        }
+        Self::new(mem, Box::new(NoGuest))
+    }
+
     /// A new reader, whose first [`DirtyReader::take`] counts every page as dirty
     /// (nothing is known of what was written before it came). The first reader
     /// turns KVM's logging on.

@@ -6,6 +6,7 @@ mod api;
 mod boot;
 mod devices;
 mod introspect;
+mod memory;
 mod migrate;
 mod peers;
 mod pvh;
@@ -83,6 +84,12 @@ enum BenchCommand {
     /// SCHED_FIFO, interleaved; print median p50/p99/max lateness, missed periods
     /// and the hogs' throughput. Cases a VMM refuses are left out with the reason.
     Rt(rt::RtBenchArgs),
+    /// Measure the memory-compression pager on the test guest's mix (zero,
+    /// duplicate, text and random pages) with LZ4 and zstd, beside zram with lz4
+    /// (/dev/zram0, as root, when unused; reset after) and a bare userfaultfd
+    /// round trip: memory holding the mix, ratio, compression per CPU second,
+    /// fault-in p50/p99; print a markdown table of medians.
+    Memory(memory::MemoryBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +107,7 @@ fn main() -> ExitCode {
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::RtAnalyze(args) => rt_analyze::run(args),
         BenchCommand::Rt(args) => rt::run(args),
+        BenchCommand::Memory(args) => memory::run(args),
     };
     exit::report("vigil-bench", result.map(|()| ExitCode::SUCCESS))
 }

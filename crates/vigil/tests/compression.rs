@@ -1,0 +1,236 @@
+//! The memory-compression pager (`--memory-compression`) end to end: the test
+//! guest fills memory with a known mix and goes idle; the host sees it leave
+//! RAM (GET /vigil/memory, the process's VmRSS), a virtio-blk read lands in a
+//! page the VMM held compressed, and the guest then finds every byte intact
+//! while the pages come back.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{http, scratch, Console, TIMEOUT};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+/// The mix: a quarter each zero, duplicate, text and random pages.
+const MIX_MIB: u64 = 16;
+const MIX_PAGES: u64 = MIX_MIB * MIB / 4096;
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in\n{status}"));
+    kib * 1024
+}
+
+fn memory(sock: &Path) -> Value {
+    let a = http::request(sock, "GET", "/vigil/memory", "");
+    assert_eq!(a.status, 200, "{a:?}");
+    a.json()
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v["compression"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+/// Waits until the pager holds the mix's zero, duplicate and text pages;
+/// returns GET /vigil/memory then.
+fn wait_mix_held(sock: &Path) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = memory(sock);
+        if n(&m, "pages_zero") >= MIX_PAGES / 4
+            && n(&m, "pages_deduplicated") >= MIX_PAGES / 4 - 4
+            && n(&m, "pages_held") >= 3 * MIX_PAGES / 4
+        {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "the mix is not taken out: {m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
+    let dir = scratch("compression-snapshot");
+    let sock = dir.join("api.sock");
+    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=60");
+    let mut vm = Console::spawn(&[
+        "run",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--memory-compression",
+        "idle=1s",
+        "--cmdline",
+        &cmdline,
+    ]);
+    vm.wait_for(&["compress: filled"], TIMEOUT);
+    let held = wait_mix_held(&sock);
+    let ok = common::mobility::ok;
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    let (state, mem) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Full"}),
+    );
+    let after = memory(&sock);
+    // The snapshot writer read the held pages through the pager's faults.
+    assert!(
+        n(&after, "pages_restored") >= n(&held, "pages_restored") + MIX_PAGES / 2,
+        "{after}"
+    );
+    // Guest RAM starts at 0: the file holds it at the same offsets.
+    let file = std::fs::read(&mem).unwrap();
+    let base = 16 * MIB as usize;
+    for i in 0..MIX_PAGES {
+        for w in 0..512 {
+            let at = base + (i * 4096 + w * 8) as usize;
+            let got = u64::from_le_bytes(file[at..at + 8].try_into().unwrap());
+            assert_eq!(
+                got,
+                vigil_test_guest::compress_mix_word(i, w),
+                "page {i} word {w} of the snapshot"
+            );
+        }
+    }
+    drop(vm);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_compressing_vm_migrates_with_every_byte_of_its_memory() {
+    use common::mobility::{destination, ok, TOKEN};
+    let dir = scratch("compression-migrate");
+    let (mut dest, _dest_sock, target) = destination(&dir, "dest", &[]);
+    let sock = dir.join("source.sock");
+    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=8");
+    // Zstandard here; LZ4 in the other tests.
+    let mut src = Console::spawn(&[
+        "run",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--memory-compression",
+        "idle=1s,algo=zstd",
+        "--cmdline",
+        &cmdline,
+    ]);
+    src.wait_for(&["compress: filled"], TIMEOUT);
+    wait_mix_held(&sock);
+    ok(
+        &sock,
+        "PUT",
+        "/vigil/migration",
+        json!({"destination": target, "token": TOKEN}),
+    );
+    // The guest goes on idling at the destination, then checks every byte.
+    let verified = dest.wait_for(&["compress: verified"], TIMEOUT);
+    assert_eq!(
+        verified,
+        format!("compress: verified pages={MIX_PAGES} mismatches=0"),
+        "{}",
+        dest.seen
+    );
+    let run = src.finish(TIMEOUT);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(run.stderr.contains("the VM migrated to"), "{run}");
+    drop(dest);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn cold_memory_leaves_ram_and_every_byte_comes_back() {
+    let dir = scratch("compression");
+    let sock = dir.join("api.sock");
+    // Sector 0 as the guest expects it (density.rs `disk_byte`).
+    let disk = dir.join("disk.img");
+    let mut image = vec![0u8; MIB as usize];
+    for (i, b) in image.iter_mut().take(512).enumerate() {
+        *b = (i * 13 + 7) as u8;
+    }
+    std::fs::write(&disk, &image).unwrap();
+    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=12 compress_blk=1");
+    let mut vm = Console::spawn(&[
+        "run",
+        "--kernel",
+        vigil_test_guest::ELF_PATH,
+        "--memory",
+        "128",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--disk",
+        &format!("path={},id=disk", disk.display()),
+        "--memory-compression",
+        "idle=2s",
+        "--cmdline",
+        &cmdline,
+    ]);
+    vm.wait_for(&["compress: filled"], TIMEOUT);
+    let pid = vm.pid();
+    let filled = rss_bytes(pid);
+
+    // Zeros and duplicates go first; text once compressed. Random data stays.
+    let idle = wait_mix_held(&sock);
+    let low = rss_bytes(pid);
+    assert!(idle["compression"]["enabled"].as_bool().unwrap());
+    // Three quarters of the mix (zero, duplicate, text) may leave RAM; the
+    // text's pool is small.
+    let saved = n(&idle, "bytes_saved");
+    assert!(saved >= 11 * MIB, "saved {saved}: {idle}");
+    assert!(n(&idle, "pool_bytes") < MIB, "{idle}");
+    assert!(n(&idle, "pages_incompressible") >= MIX_PAGES / 4, "{idle}");
+    assert!(
+        filled.saturating_sub(low) >= 10 * MIB,
+        "VmRSS {filled} -> {low}: {idle}"
+    );
+
+    // The disk read into a held page, then every byte checked by the guest.
+    let verified = vm.wait_for(&["compress: verified"], TIMEOUT);
+    let high = rss_bytes(pid);
+    assert_eq!(
+        verified,
+        format!("compress: verified pages={MIX_PAGES} mismatches=0"),
+        "{}",
+        vm.seen
+    );
+    let after = memory(&sock);
+    // Duplicate and text pages are private copies again; zero pages map the
+    // shared zero page, which VmRSS does not count.
+    assert!(
+        high.saturating_sub(low) >= 6 * MIB,
+        "VmRSS {low} -> {high}: {after}"
+    );
+    assert!(
+        n(&after, "pages_restored") >= MIX_PAGES / 2 + n(&idle, "pages_restored"),
+        "{after}"
+    );
+    assert!(
+        after["compression"]["fault_in_p99_ns"].as_u64().is_some(),
+        "{after}"
+    );
+    let line = vm.wait_for(&["TEST compress"], TIMEOUT);
+    assert!(
+        line.starts_with("TEST compress PASS"),
+        "{line}\n{}",
+        vm.seen
+    );
+    let r = vm.finish(TIMEOUT);
+    assert_eq!(r.code, Some(0), "{r}");
+    eprintln!(
+        "filled {} MiB, idle {} MiB, verified {} MiB (VmRSS); {idle}",
+        filled / MIB,
+        low / MIB,
+        high / MIB
+    );
+}

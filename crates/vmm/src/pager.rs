@@ -1,0 +1,906 @@
+//! The memory-compression pager of one VM (`--memory-compression`): guest
+//! pages not written for a while are taken out of RAM into a pool inside the
+//! VMM (LZ4, pages of zeros as a marker, identical pages stored once) and put
+//! back when first touched again, by a vCPU or by any of the VMM's threads.
+//!
+//! Guest RAM is registered with a userfaultfd ([`LazyMemory`], missing and
+//! write-protect modes). The codec is LZ4 (`lz4_flex`) or, with `algo=zstd`,
+//! Zstandard at level 1. Two threads:
+//!
+//! - the fault server (`pager`) answers every fault: a missing page held in
+//!   the pool is decompressed into the server's own buffer and copied in
+//!   (`UFFDIO_COPY`), a held zero page mapped as zeros (`UFFDIO_ZEROPAGE`), a
+//!   write to a page being compressed recorded and let through. It never reads
+//!   or writes guest memory itself, so it never waits on a fault of its own.
+//! - the scanner (`pager-scan`) picks cold pages and compresses them. Cold:
+//!   not written for the idle time, by the guest or the VMM (the VM's dirty
+//!   log, one more [`DirtyReader`]), and not put back by a fault since (a page
+//!   read back is hot again and waits another idle time, twice as long each
+//!   time it came back within an idle time of leaving, up to 8 times: a page
+//!   the guest keeps reading stops going back and forth). Read-only use is not
+//!   seen otherwise: this host's kernel has DAMON but no per-page accessed bit
+//!   a VMM can read (no `/sys/kernel/mm/page_idle`), and DAMON's regions are
+//!   too coarse and need a writable sysfs inside the jail.
+//!
+//! A write that races with compression is never lost: the scanner
+//! write-protects a page (userfaultfd) before it reads it, so from then on a
+//! write waits in the kernel. The server, answering such a write, marks the
+//! page written under the table's lock and lifts the protection. The scanner
+//! drops the page (`MADV_DONTNEED`) under that same lock only if it was not
+//! marked: a write that came after the drop finds the page missing, waits for
+//! it to be put back, and lands on the restored copy.
+//!
+//! The pool lives in this process only: if the VMM dies the held pages are
+//! lost with it, exactly as guest RAM would be.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vigil_metrics::PagerCounters;
+use vigil_model::config::{CompressionAlgo, MemoryCompression};
+use vigil_seccomp::ThreadKind;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::dirty_log::{DirtyLog, DirtyReader, DirtyTracker, PAGE_SIZE};
+use crate::lazy_memory::{Fault, LazyMemory, LazyMemoryError};
+use crate::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// A page that compresses to more than this stays in RAM (unless identical to
+/// one held): the pool would save too little for the fault it costs.
+const MAX_COMPRESSED: usize = PAGE * 3 / 4;
+/// Pages write-protected and compressed together.
+const BATCH: usize = 256;
+/// Pages of the table looked at under one hold of its lock.
+const SCAN_SLICE: usize = 16 * 1024;
+
+/// Compresses pages for the pool (the scanner's; Zstandard keeps its context).
+enum Encoder {
+    Lz4,
+    Zstd(zstd::bulk::Compressor<'static>),
+}
+
+impl Encoder {
+    fn new(algo: CompressionAlgo) -> std::io::Result<Self> {
+        Ok(match algo {
+            CompressionAlgo::Lz4 => Self::Lz4,
+            CompressionAlgo::Zstd => Self::Zstd(zstd::bulk::Compressor::new(1)?),
+        })
+    }
+
+    fn compress(&mut self, page: &[u8]) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Lz4 => Ok(lz4_flex::block::compress(page)),
+            Self::Zstd(c) => c.compress(page),
+        }
+    }
+}
+
+/// Puts compressed pages back (the fault server's).
+enum Decoder {
+    Lz4,
+    Zstd(zstd::bulk::Decompressor<'static>),
+}
+
+impl Decoder {
+    fn new(algo: CompressionAlgo) -> std::io::Result<Self> {
+        Ok(match algo {
+            CompressionAlgo::Lz4 => Self::Lz4,
+            CompressionAlgo::Zstd => Self::Zstd(zstd::bulk::Decompressor::new()?),
+        })
+    }
+
+    /// Decompresses `data` into `page`, which it must fill.
+    fn decompress(&mut self, data: &[u8], page: &mut [u8]) -> Result<(), String> {
+        let n = match self {
+            Self::Lz4 => lz4_flex::block::decompress_into(data, page).map_err(|e| e.to_string()),
+            Self::Zstd(d) => d
+                .decompress_to_buffer(data, page)
+                .map_err(|e| e.to_string()),
+        }?;
+        if n != page.len() {
+            return Err(format!("{n} bytes, not a page"));
+        }
+        Ok(())
+    }
+}
+
+/// Why the pager could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    #[error("--memory-compression: {0} (needs userfaultfd with write-protect, Linux 5.7)")]
+    Register(LazyMemoryError),
+    #[error("--memory-compression: the dirty log: {0}")]
+    DirtyLog(crate::DirtyLogError),
+    #[error("--memory-compression: cannot start its threads: {0}")]
+    Thread(std::io::Error),
+    #[error("--memory-compression algo={algo:?}: {source}")]
+    Codec {
+        algo: CompressionAlgo,
+        source: std::io::Error,
+    },
+}
+
+/// Where one held page's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// In guest RAM.
+    Resident,
+    /// Write-protected, being compressed; `written`: a write came meanwhile.
+    Compressing { written: bool },
+    /// Out of RAM: zeros.
+    Zero,
+    /// Out of RAM: pool entry `n`.
+    Stored(u32),
+}
+
+struct Blob {
+    hash: u64,
+    refs: u32,
+    data: Box<[u8]>,
+}
+
+/// The compressed pages, each distinct content once.
+#[derive(Default)]
+struct Pool {
+    blobs: Vec<Blob>,
+    free: Vec<u32>,
+    by_hash: HashMap<u64, Vec<u32>>,
+    bytes: u64,
+    duplicates: u64,
+}
+
+impl Pool {
+    /// The entry holding `data` (both codecs are deterministic: equal pages
+    /// compress to equal bytes, and different ones cannot), shared when there
+    /// is one.
+    /// `None`: not held, and too large to be worth holding.
+    fn insert(&mut self, hash: u64, data: Vec<u8>) -> Option<(u32, bool)> {
+        if let Some(ids) = self.by_hash.get(&hash) {
+            for &id in ids {
+                let blob = &mut self.blobs[id as usize];
+                if *blob.data == *data {
+                    blob.refs += 1;
+                    self.duplicates += 1;
+                    return Some((id, true));
+                }
+            }
+        }
+        if data.len() > MAX_COMPRESSED {
+            return None;
+        }
+        self.bytes += data.len() as u64;
+        let blob = Blob {
+            hash,
+            refs: 1,
+            data: data.into_boxed_slice(),
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.blobs[id as usize] = blob;
+                id
+            }
+            None => {
+                self.blobs.push(blob);
+                (self.blobs.len() - 1) as u32
+            }
+        };
+        self.by_hash.entry(hash).or_default().push(id);
+        Some((id, false))
+    }
+
+    fn data(&self, id: u32) -> &[u8] {
+        &self.blobs[id as usize].data
+    }
+
+    /// One page less refers to entry `id`; the last one frees it.
+    fn release(&mut self, id: u32) {
+        let blob = &mut self.blobs[id as usize];
+        blob.refs -= 1;
+        if blob.refs > 0 {
+            self.duplicates -= 1;
+            return;
+        }
+        let data = std::mem::take(&mut blob.data);
+        self.bytes -= data.len() as u64;
+        if let Some(ids) = self.by_hash.get_mut(&blob.hash) {
+            ids.retain(|&i| i != id);
+            if ids.is_empty() {
+                self.by_hash.remove(&blob.hash);
+            }
+        }
+        self.free.push(id);
+    }
+}
+
+/// The most a page's idle time doubles for coming back soon after it left.
+const MAX_BACKOFF: u8 = 3;
+
+/// Whether a page last hot at scan `last_hot` is cold at scan `scan`: idle
+/// for `idle_scans`, doubled `backoff` times.
+fn is_cold(scan: u32, last_hot: u32, idle_scans: u32, backoff: u8) -> bool {
+    scan - last_hot >= idle_scans << backoff
+}
+
+/// A page put back at scan `scan` that left at scan `left`: one that came
+/// back within an idle time is in use (read, as the dirty log cannot tell),
+/// so it waits twice as long next time; one that stayed out that long waits
+/// less again.
+fn next_backoff(scan: u32, left: u32, idle_scans: u32, backoff: u8) -> u8 {
+    if scan - left < idle_scans {
+        (backoff + 1).min(MAX_BACKOFF)
+    } else {
+        backoff.saturating_sub(1)
+    }
+}
+
+/// Every page's slot, when it was last written or put back (or, held, when
+/// it left), how many times its idle time doubles, and the pool.
+struct Table {
+    slots: Vec<Slot>,
+    last_hot: Vec<u32>,
+    backoff: Vec<u8>,
+    idle_scans: u32,
+    scan: u32,
+    pool: Pool,
+    zeros: u64,
+    stored: u64,
+}
+
+/// The guest RAM regions, as page numbers.
+struct Pages {
+    /// (first guest-physical address, first page number, pages)
+    regions: Vec<(u64, usize, usize)>,
+    total: usize,
+}
+
+impl Pages {
+    fn new(mem: &GuestMemoryMmap) -> Self {
+        let mut regions = Vec::new();
+        let mut total = 0;
+        for r in mem.iter() {
+            let pages = (r.len() / PAGE_SIZE) as usize;
+            regions.push((r.start_addr().0, total, pages));
+            total += pages;
+        }
+        Self { regions, total }
+    }
+
+    fn index(&self, gpa: u64) -> Option<usize> {
+        self.regions.iter().find_map(|&(start, first, pages)| {
+            let page = (gpa.checked_sub(start)? / PAGE_SIZE) as usize;
+            (page < pages).then_some(first + page)
+        })
+    }
+
+    /// Runs of pages consecutive in guest memory in `pages` (ascending page
+    /// numbers), each as (first, count).
+    fn runs(&self, pages: &[usize]) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &p in pages {
+            match runs.last_mut() {
+                Some((first, n))
+                    if *first + *n == p
+                        && self.gpa(*first) + *n as u64 * PAGE_SIZE == self.gpa(p) =>
+                {
+                    *n += 1
+                }
+                _ => runs.push((p, 1)),
+            }
+        }
+        runs
+    }
+
+    fn gpa(&self, index: usize) -> u64 {
+        let &(start, first, _) = self
+            .regions
+            .iter()
+            .rfind(|&&(_, first, _)| first <= index)
+            .unwrap_or(&(0, 0, 0));
+        start + (index - first) as u64 * PAGE_SIZE
+    }
+}
+
+struct Shared {
+    lazy: LazyMemory,
+    mem: GuestMemoryMmap,
+    pages: Pages,
+    table: Mutex<Table>,
+    counters: Arc<PagerCounters>,
+    stop: AtomicBool,
+    /// Signalled with `stop`: the fault server leaves its wait at once.
+    stop_event: EventFd,
+}
+
+fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// The gauges, from the table (under its lock).
+    fn publish(&self, t: &Table) {
+        let c = &self.counters;
+        c.pages_held.set(t.zeros + t.stored);
+        c.zero_pages_held.set(t.zeros);
+        c.duplicate_pages_held.set(t.pool.duplicates);
+        c.pool_bytes.set(t.pool.bytes);
+    }
+}
+
+/// A running pager; stopping it (dropping it) joins its threads. Stop it
+/// only once nothing else can touch guest memory: a page still held is lost.
+pub struct Pager {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pager {
+    /// Registers `mem` (anonymous, built here) and starts the pager's threads.
+    pub fn start(
+        config: MemoryCompression,
+        mem: &GuestMemoryMmap,
+        dirty: &DirtyTracker,
+        counters: Arc<PagerCounters>,
+    ) -> Result<Self, PagerError> {
+        let codec = |source| PagerError::Codec {
+            algo: config.algo,
+            source,
+        };
+        let encoder = Encoder::new(config.algo).map_err(codec)?;
+        let decoder = Decoder::new(config.algo).map_err(codec)?;
+        let lazy = LazyMemory::register_write_protect(mem).map_err(PagerError::Register)?;
+        let reader = dirty.subscribe().map_err(PagerError::DirtyLog)?;
+        let pages = Pages::new(mem);
+        let table = Table {
+            slots: vec![Slot::Resident; pages.total],
+            last_hot: vec![0; pages.total],
+            backoff: vec![0; pages.total],
+            idle_scans: 1,
+            scan: 0,
+            pool: Pool::default(),
+            zeros: 0,
+            stored: 0,
+        };
+        counters.enabled.set(1);
+        let shared = Arc::new(Shared {
+            lazy,
+            mem: mem.clone(),
+            pages,
+            table: Mutex::new(table),
+            counters,
+            stop: AtomicBool::new(false),
+            stop_event: EventFd::new(libc::EFD_NONBLOCK).map_err(PagerError::Thread)?,
+        });
+        let server = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("pager".into())
+                .spawn(move || {
+                    vigil_seccomp::confine(ThreadKind::Pager);
+                    serve(&shared, decoder)
+                })
+                .map_err(PagerError::Thread)?
+        };
+        let scanner = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("pager-scan".into())
+                .spawn(move || {
+                    vigil_seccomp::confine(ThreadKind::Pager);
+                    scan(&shared, reader, config.idle(), encoder)
+                })
+                .map_err(PagerError::Thread)?
+        };
+        tracing::info!(idle = ?config.idle(), algo = ?config.algo, "memory compression on");
+        Ok(Self {
+            shared,
+            threads: vec![server, scanner],
+        })
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.stop_event.write(1);
+        for t in self.threads.drain(..) {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Maps the zero page at every page of `mem` the host never backed, first
+/// thing on the scanner's thread (the VM may be running: a page touched
+/// meanwhile is left as it is, a fault waiting on one is woken): a first touch
+/// of those is then the kernel's alone (a read sees zeros, a write copies
+/// them), not a round trip through the pager's thread. Only shared zero-page
+/// entries: no memory but page tables. On an error, those pages are simply
+/// served by the pager.
+fn map_untouched_zeros(shared: &Shared) {
+    let (lazy, mem) = (&shared.lazy, &shared.mem);
+    let backed = match DirtyLog::backed(mem) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(
+                "memory compression: /proc/self/pagemap: {e}; untouched pages go through the pager"
+            );
+            return;
+        }
+    };
+    for r in mem.iter() {
+        let (start, end) = (r.start_addr().0, r.start_addr().0 + r.len());
+        let mut gpa = start;
+        while gpa < end {
+            if backed.is_dirty(gpa) {
+                gpa += PAGE_SIZE;
+                continue;
+            }
+            // At most 64 MiB at a time, so that a stop is not kept waiting.
+            let first = gpa;
+            while gpa < end && !backed.is_dirty(gpa) && gpa - first < 64 << 20 {
+                gpa += PAGE_SIZE;
+            }
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = lazy.map_zeros(first, gpa - first) {
+                tracing::warn!("memory compression: {e}; untouched pages go through the pager");
+                return;
+            }
+        }
+    }
+}
+
+/// CPU time of the calling thread, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Adds the CPU time the calling thread spent since `*last` to the counters.
+fn account_cpu(counters: &PagerCounters, last: &mut u64) {
+    let now = thread_cpu_ns();
+    counters.cpu_ns.add(now.saturating_sub(*last));
+    *last = now;
+}
+
+/// The fault server's loop: see the module's comment.
+fn serve(shared: &Shared, mut decoder: Decoder) {
+    let mut buf = vec![0u8; PAGE];
+    let mut cpu = thread_cpu_ns();
+    while !shared.stop.load(Ordering::Acquire) {
+        let wait = Duration::from_secs(1);
+        let faults = match shared.lazy.fault_events(wait, Some(&shared.stop_event)) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("memory compression: {e}; faults are no longer served");
+                return;
+            }
+        };
+        for fault in faults {
+            let start = Instant::now();
+            let Some(index) = shared.pages.index(fault.gpa) else {
+                continue;
+            };
+            let r = if fault.write_protected {
+                let mut t = lock(&shared.table);
+                if let Slot::Compressing { written } = &mut t.slots[index] {
+                    *written = true;
+                }
+                drop(t);
+                // Held pages are missing: this only wakes the writer, whose
+                // retry faults on the missing page.
+                shared.lazy.unprotect(fault.gpa, PAGE_SIZE).map(|()| false)
+            } else {
+                restore(shared, &mut decoder, index, fault, &mut buf)
+            };
+            match r {
+                Ok(true) => shared.counters.fault_in.record(start.elapsed()),
+                Ok(false) => {}
+                Err(e) => tracing::error!("memory compression: {e}"),
+            }
+        }
+        account_cpu(&shared.counters, &mut cpu);
+    }
+}
+
+/// Puts page `index` back for a missing fault on it; true when it was held.
+fn restore(
+    shared: &Shared,
+    decoder: &mut Decoder,
+    index: usize,
+    fault: Fault,
+    buf: &mut [u8],
+) -> Result<bool, LazyMemoryError> {
+    let gpa = fault.gpa;
+    let mut t = lock(&shared.table);
+    let t = &mut *t;
+    match t.slots[index] {
+        Slot::Stored(id) => {
+            decoder
+                .decompress(t.pool.data(id), buf)
+                .map_err(|e| LazyMemoryError::Page {
+                    gpa,
+                    why: format!("its compressed copy does not decompress: {e}"),
+                })?;
+            shared.lazy.copy(gpa, buf)?;
+            t.pool.release(id);
+            t.stored -= 1;
+        }
+        Slot::Zero => {
+            shared.lazy.zero(gpa)?;
+            t.zeros -= 1;
+        }
+        // Never backed, or given back by the balloon: zeros, as the kernel
+        // would have filled it without the userfaultfd; a page of its own
+        // for a write, which would otherwise fault again to copy the zero
+        // page.
+        Slot::Resident | Slot::Compressing { .. } if fault.write => {
+            buf.fill(0);
+            return shared.lazy.copy(gpa, buf).map(|()| false);
+        }
+        Slot::Resident | Slot::Compressing { .. } => return shared.lazy.zero(gpa).map(|()| false),
+    }
+    t.slots[index] = Slot::Resident;
+    t.backoff[index] = next_backoff(t.scan, t.last_hot[index], t.idle_scans, t.backoff[index]);
+    t.last_hot[index] = t.scan;
+    shared.counters.pages_restored.inc();
+    shared.publish(t);
+    Ok(true)
+}
+
+/// A fast 64-bit hash of a page (collisions are settled by comparing bytes).
+fn hash(page: &[u8]) -> u64 {
+    page.chunks_exact(8).fold(0xcbf2_9ce4_8422_2325, |h, w| {
+        let w = u64::from_le_bytes(w.try_into().unwrap_or_default());
+        (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
+    })
+}
+
+/// What the scanner made of one page it read.
+enum Compressed {
+    Zero,
+    Data(u64, Vec<u8>),
+}
+
+/// The scanner's loop: every quarter of the idle time, the dirty log read and
+/// the pages cold for the whole idle time compressed.
+fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encoder) {
+    map_untouched_zeros(shared);
+    let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let idle_scans = idle.as_millis().div_ceil(period.as_millis()).max(1) as u32;
+    lock(&shared.table).idle_scans = idle_scans;
+    let mut cpu = thread_cpu_ns();
+    let mut next = Instant::now() + period;
+    while !shared.stop.load(Ordering::Acquire) {
+        let now = Instant::now();
+        if now < next {
+            // Unparked when the pager stops.
+            std::thread::park_timeout(next - now);
+            continue;
+        }
+        next = now + period;
+        let written = match reader.take() {
+            Ok(log) => log,
+            Err(e) => {
+                tracing::warn!("memory compression stops: the dirty log: {e}");
+                return;
+            }
+        };
+        // Only pages in RAM and this process's own: not the shared zero page
+        // an untouched page maps (nothing to take), nor one swapped out.
+        // Read outside the lock, which faults must not wait for.
+        let backed = DirtyLog::resident_own(&shared.mem).ok();
+        let scan = {
+            let mut t = lock(&shared.table);
+            t.scan += 1;
+            for gpa in written.dirty_pages() {
+                if let Some(i) = shared.pages.index(gpa) {
+                    t.last_hot[i] = t.scan;
+                }
+            }
+            t.scan
+        };
+        let mut candidates = Vec::new();
+        // A slice of the table at a time: faults wait for none of it long.
+        for start in (0..shared.pages.total).step_by(SCAN_SLICE) {
+            let t = lock(&shared.table);
+            let end = (start + SCAN_SLICE).min(shared.pages.total);
+            candidates.extend((start..end).filter(|&i| {
+                t.slots[i] == Slot::Resident
+                    && is_cold(scan, t.last_hot[i], idle_scans, t.backoff[i])
+                    && backed
+                        .as_ref()
+                        .is_none_or(|b| b.is_dirty(shared.pages.gpa(i)))
+            }));
+        }
+        for batch in candidates.chunks(BATCH) {
+            if shared.stop.load(Ordering::Acquire) {
+                break;
+            }
+            if let Err(e) = compress_batch(shared, batch, &mut encoder) {
+                tracing::error!("memory compression stops: {e}");
+                return;
+            }
+        }
+        account_cpu(&shared.counters, &mut cpu);
+    }
+}
+
+/// Compresses the pages `batch` (ascending page numbers), taking out of RAM
+/// those not written meanwhile.
+fn compress_batch(
+    shared: &Shared,
+    batch: &[usize],
+    encoder: &mut Encoder,
+) -> Result<(), LazyMemoryError> {
+    let mut taken = Vec::with_capacity(batch.len());
+    {
+        let mut t = lock(&shared.table);
+        for &i in batch {
+            if t.slots[i] == Slot::Resident {
+                t.slots[i] = Slot::Compressing { written: false };
+                taken.push(i);
+            }
+        }
+    }
+    let runs = shared.pages.runs(&taken);
+    for &(first, n) in &runs {
+        shared
+            .lazy
+            .write_protect(shared.pages.gpa(first), n as u64 * PAGE_SIZE)?;
+    }
+    // Outside the lock: a page read here may be missing (the balloon gave it
+    // back), and the server must be free to answer that fault.
+    let mut buf = vec![0u8; PAGE];
+    let mut results = Vec::with_capacity(taken.len());
+    for &i in &taken {
+        let gpa = shared.pages.gpa(i);
+        let r = shared.mem.read_slice(&mut buf, GuestAddress(gpa));
+        results.push(match r {
+            Ok(()) if buf.iter().all(|&b| b == 0) => Some(Compressed::Zero),
+            Ok(()) => match encoder.compress(&buf) {
+                Ok(data) => Some(Compressed::Data(hash(&buf), data)),
+                Err(e) => {
+                    tracing::warn!("memory compression: page {gpa:#x}: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!("memory compression: reading page {gpa:#x}: {e}");
+                None
+            }
+        });
+    }
+    let c = &shared.counters;
+    let mut dropped = Vec::with_capacity(taken.len());
+    {
+        let mut t = lock(&shared.table);
+        let t = &mut *t;
+        for (&i, result) in taken.iter().zip(results) {
+            if t.slots[i] != (Slot::Compressing { written: false }) {
+                c.pages_raced.inc();
+                t.slots[i] = Slot::Resident;
+                t.last_hot[i] = t.scan;
+                continue;
+            }
+            let slot = match result {
+                Some(Compressed::Zero) => {
+                    t.zeros += 1;
+                    c.pages_zero.inc();
+                    Slot::Zero
+                }
+                Some(Compressed::Data(hash, data)) => match t.pool.insert(hash, data) {
+                    Some((id, duplicate)) => {
+                        t.stored += 1;
+                        if duplicate {
+                            c.pages_deduplicated.inc();
+                        }
+                        Slot::Stored(id)
+                    }
+                    None => {
+                        c.pages_incompressible.inc();
+                        Slot::Resident
+                    }
+                },
+                None => Slot::Resident,
+            };
+            if slot == Slot::Resident {
+                // Not worth holding: left alone for another idle time.
+                t.slots[i] = Slot::Resident;
+                t.last_hot[i] = t.scan;
+                continue;
+            }
+            t.slots[i] = slot;
+            t.last_hot[i] = t.scan;
+            dropped.push(i);
+            c.pages_compressed.inc();
+        }
+        // Under the lock, with no write let through since the read (the
+        // server marks any under this lock first): the copies are current.
+        for (first, n) in shared.pages.runs(&dropped) {
+            shared
+                .lazy
+                .drop_pages(shared.pages.gpa(first), n as u64 * PAGE_SIZE)?;
+        }
+        shared.publish(t);
+    }
+    // Pages left in RAM writable again; writers waiting on the others wake
+    // and fault on the missing page.
+    for &(first, n) in &runs {
+        shared
+            .lazy
+            .unprotect(shared.pages.gpa(first), n as u64 * PAGE_SIZE)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_that_comes_back_soon_waits_longer_next_time() {
+        // Idle for 4 scans; a page hot at scan 10 is cold from scan 14.
+        assert!(!is_cold(13, 10, 4, 0));
+        assert!(is_cold(14, 10, 4, 0));
+        // Taken out at 14, back at 15: in use; next time 8 scans, then 16, 32.
+        assert_eq!(next_backoff(15, 14, 4, 0), 1);
+        assert!(!is_cold(22, 15, 4, 1) && is_cold(23, 15, 4, 1));
+        assert_eq!(next_backoff(16, 15, 4, 2), 3);
+        assert_eq!(next_backoff(16, 15, 4, MAX_BACKOFF), MAX_BACKOFF);
+        // Out for a whole idle time: it waits less again.
+        assert_eq!(next_backoff(30, 20, 4, 3), 2);
+        assert_eq!(next_backoff(30, 20, 4, 0), 0);
+    }
+
+    fn host(mem: &GuestMemoryMmap, gpa: u64) -> *mut u64 {
+        mem.get_host_address(GuestAddress(gpa)).unwrap().cast()
+    }
+
+    /// Page `i` of the mix: zeros, four distinct pages repeated, text, noise.
+    fn expected(i: u64, word: u64) -> u64 {
+        match i % 4 {
+            0 => 0,
+            1 => (i % 16) * 0x0101_0101_0101_0101 + word,
+            2 => u64::from_le_bytes(*b"vigil pa") ^ (word % 7) ^ (i << 40),
+            _ => {
+                // splitmix64
+                let mut z = (i << 20 | word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^ (z >> 31)
+            }
+        }
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn lz4_cold_pages_leave_ram_and_come_back_intact_and_writes_are_never_lost() {
+        round_trip(CompressionAlgo::Lz4);
+    }
+
+    #[test]
+    fn zstd_cold_pages_leave_ram_and_come_back_intact_and_writes_are_never_lost() {
+        round_trip(CompressionAlgo::Zstd);
+    }
+
+    fn round_trip(algo: CompressionAlgo) {
+        const PAGES: u64 = 1024;
+        const HOT: u64 = 8;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), (PAGES / 2 * PAGE_SIZE) as usize),
+            (
+                GuestAddress(0x1_0000_0000),
+                (PAGES / 2 * PAGE_SIZE) as usize,
+            ),
+        ])
+        .unwrap();
+        let gpa = |i: u64| {
+            if i < PAGES / 2 {
+                i * PAGE_SIZE
+            } else {
+                0x1_0000_0000 + (i - PAGES / 2) * PAGE_SIZE
+            }
+        };
+        for i in 0..PAGES {
+            let p = host(&mem, gpa(i));
+            for w in 0..(PAGE / 8) as u64 {
+                // SAFETY: inside the mapping, nothing else touches it yet.
+                unsafe { p.add(w as usize).write_volatile(expected(i, w)) };
+            }
+        }
+        let backed_before = DirtyLog::backed(&mem).unwrap().count();
+        assert_eq!(backed_before, PAGES as usize);
+        // Its writes are not logged: every page looks cold, so the pager races
+        // with the writer below.
+        let dirty = DirtyTracker::for_memory(mem.clone());
+        let counters = Arc::new(PagerCounters::default());
+        let pager = Pager::start(
+            MemoryCompression { idle_ms: 200, algo },
+            &mem,
+            &dirty,
+            counters.clone(),
+        )
+        .unwrap();
+
+        // A writer the dirty log does not see, on the first word of HOT pages
+        // (zero, duplicate, text and noise ones) while they are compressed.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (mem, stop) = (mem.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    for i in 0..HOT {
+                        // SAFETY: a word of guest memory; faults are served
+                        // by the pager's thread.
+                        unsafe { host(&mem, gpa(i * 37)).write_volatile(n) };
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                n
+            })
+        };
+        // Zeros: a quarter; duplicates: of the next quarter, all but 4 (i % 16
+        // with i % 4 == 1 takes 4 values); noise stays.
+        wait_for("the mix to be taken out", || {
+            let s = counters.snapshot();
+            s.pages_zero >= PAGES / 4 - HOT && s.pages_deduplicated >= PAGES / 4 - 4 - HOT
+        });
+        let s = counters.snapshot();
+        assert!(s.pages_incompressible >= PAGES / 4 - HOT, "{s:?}");
+        assert!(
+            s.pool_bytes > 0 && s.pool_bytes < PAGES * PAGE_SIZE / 8,
+            "{s:?}"
+        );
+        let backed = DirtyLog::backed(&mem).unwrap().count();
+        assert!(
+            backed <= (PAGES / 4 + 2 * HOT + 8) as usize,
+            "{backed} pages still in RAM: {s:?}"
+        );
+        // Let compression race with the writer a little longer.
+        wait_for("writes to race with compression", || {
+            counters.pages_raced.get() > 0 || counters.pages_restored.get() > 4 * HOT
+        });
+        stop.store(true, Ordering::Relaxed);
+        let last = writer.join().unwrap();
+
+        // Every byte back as it was written, through faults the pager serves.
+        for i in 0..PAGES {
+            let p = host(&mem, gpa(i));
+            for w in 0..(PAGE / 8) as u64 {
+                // SAFETY: inside the mapping; the pager serves missing pages.
+                let got = unsafe { p.add(w as usize).read_volatile() };
+                let want = if w == 0 && i % 37 == 0 && i / 37 < HOT {
+                    last
+                } else {
+                    expected(i, w)
+                };
+                assert_eq!(got, want, "page {i} word {w}");
+            }
+        }
+        let s = counters.snapshot();
+        assert!(s.pages_restored > 0 && s.fault_in.count > 0, "{s:?}");
+        assert!(s.cpu_ns > 0);
+        drop(pager);
+    }
+}
