@@ -51,7 +51,12 @@ const MAX_TICK_MS: u64 = 1000;
 
 /// The end of `mib` MiB from [`DIRTY_BASE`] up, when all of it is RAM above the
 /// guest's image; else says so in `detail` under `key`.
-fn free_region(machine: &Machine, key: &str, mib: u64, detail: &mut Line) -> Option<u64> {
+pub(crate) fn free_region(
+    machine: &Machine,
+    key: &str,
+    mib: u64,
+    detail: &mut Line,
+) -> Option<u64> {
     let end = DIRTY_BASE + (mib << 20);
     let image_end = addr_of!(__image_end) as u64;
     let in_ram = machine
@@ -173,8 +178,8 @@ pub fn counter(machine: &Machine, detail: &mut Line) -> bool {
     pass
 }
 
-/// Where the `dirty` region begins: above the guest's image.
-const DIRTY_BASE: u64 = 16 << 20;
+/// Where the `dirty` region (and `blk-bench`'s buffers) begins: above the guest's image.
+pub(crate) const DIRTY_BASE: u64 = 16 << 20;
 const PAGE: u64 = 4096;
 /// `dirty_mib=` without the word, and its most (the region stays below 4 GiB,
 /// which the boot page tables map).
@@ -219,12 +224,16 @@ impl Dirtier {
     /// goes to the detail.
     fn from_params(machine: &Machine, detail: &mut Line) -> Result<Dirtier, ()> {
         let (Ok(Some(mib)), Ok(Some(mib_s))) = (
-            machine.number("dirty_mib", 1,
+            machine.number(
+                "dirty_mib",
+                1,
                 DIRTY_MAX_MIB,
                 Some(DIRTY_DEFAULT_MIB),
                 detail,
             ),
-            machine.number("dirty_mib_s", 1,
+            machine.number(
+                "dirty_mib_s",
+                1,
                 DIRTY_MAX_MIB_S,
                 Some(DIRTY_DEFAULT_MIB_S),
                 detail,

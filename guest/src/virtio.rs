@@ -7,9 +7,10 @@
 //! Only the discovery (parsing `virtio_mmio.device=` words, enumerating PCI,
 //! mapping the MMIO pages uncacheable) runs at CPL0. Everything else, device set-up included, runs at CPL3
 //! (`cpu::run_user`), where this platform executes natively: MMIO, rdtsc and the ring
-//! memory need no privilege. One device, one queue (0) and one request at a time; no
+//! memory need no privilege. One device, one queue (0) and one request at a time
+//! (`blk-bench`: up to `blk_qd=` at once, with event indices when offered); no
 //! interrupts are taken: completions are polled in the used ring, and InterruptStatus is
-//! checked and acknowledged after each.
+//! checked and acknowledged after each (after each batch in `blk-bench`).
 //!
 //! Devices with several queues (`net`, `vsock`, in their own files) use the same
 //! pieces: [`negotiate`], then [`setup_queue`] for each queue with its rings at
@@ -517,16 +518,18 @@ pub(crate) fn setup_queue(
     index: u16,
     features: u64,
 ) -> Result<Queue, &'static str> {
-    setup_queue_at(dev, clock, index, features, ring(index))
+    setup_queue_at(dev, clock, index, features, ring(index), QUEUE_SIZE)
 }
 
-/// [`setup_queue`] with the rings in the three pages at `base`.
+/// [`setup_queue`] with the rings in the three pages at `base`, at most `entries`
+/// entries (256 at most: three pages hold its rings).
 fn setup_queue_at(
     dev: Dev,
     clock: Clock,
     index: u16,
     features: u64,
     base: u64,
+    entries: u32,
 ) -> Result<Queue, &'static str> {
     dev.write(QUEUE_SEL, u32::from(index));
     if dev.read(QUEUE_READY) != 0 {
@@ -541,7 +544,7 @@ fn setup_queue_at(
             _ => "no queue 3",
         });
     }
-    let size = max.min(QUEUE_SIZE);
+    let size = max.min(entries);
     zero(base, 3 * 4096);
     dev.pci_queue(index)?;
     dev.write(QUEUE_NUM, size);
@@ -1289,20 +1292,132 @@ pub fn virtio_evil(machine: &Machine, detail: &mut Line) -> bool {
     })
 }
 
-/// Requests per direction in `blk-bench`.
+/// The most requests per direction in `blk-bench` (fewer for large requests:
+/// [`BENCH_BYTES`] at most).
 const BENCH_REQUESTS: u64 = 4000;
+/// The most bytes per direction in `blk-bench`.
+const BENCH_BYTES: u64 = 256 << 20;
+/// The deepest `blk_qd=`.
+const BENCH_MAX_QD: u64 = 128;
+/// The largest `blk_bs_kib=`.
+const BENCH_MAX_BS_KIB: u64 = 1024;
+/// Entries of the `blk-bench` queue (its rings fill the three ring pages).
+const BENCH_QUEUE_SIZE: u32 = 256;
+/// Descriptors per request: header, data, status.
+const DESCS_PER_REQUEST: u16 = 3;
+/// The most data buffer memory `blk-bench` uses; deeper queues of larger requests
+/// share buffers (a benchmark's data need not be kept apart).
+const BENCH_BUFFER_MIB: u64 = 32;
+/// `VIRTIO_RING_F_EVENT_IDX` (virtio 1.1, 2.6.7 and 2.6.10).
+const F_EVENT_IDX: u64 = 1 << 29;
 
-/// `blk-bench`: 4 KiB requests, one at a time, reads then writes, over the first
-/// 64 MiB of the first writable disk, timed with the TSC at CPL3.
+/// What `blk-bench` runs, from the command line.
+#[derive(Clone, Copy)]
+struct BenchParams {
+    /// Requests kept in flight (`blk_qd=`, 1 to [`BENCH_MAX_QD`], default 1).
+    qd: u16,
+    /// Bytes per request (`blk_bs_kib=`, 4 to [`BENCH_MAX_BS_KIB`] KiB in 4 KiB
+    /// steps, default 4).
+    bs: u32,
+    /// `blk_pattern=rand`: offsets drawn at random instead of in sequence.
+    random: bool,
+    /// `blk_event_idx=0` leaves `VIRTIO_RING_F_EVENT_IDX` unnegotiated even when
+    /// offered (default: negotiated when offered).
+    event_idx: bool,
+    /// Where the data buffers begin, and their bytes.
+    buffers: u64,
+    buffer_bytes: u64,
+}
+
+impl BenchParams {
+    /// The parameters, or the detail naming the word that is wrong.
+    fn parse(machine: &Machine, detail: &mut Line) -> Result<Self, ()> {
+        let info = &machine.info;
+        let number = |key: &str, min: u64, max: u64, default: u64, detail: &mut Line| match info
+            .param_number(key.as_bytes(), min, max)
+        {
+            Ok(n) => Ok(n.unwrap_or(default)),
+            Err(value) => {
+                detail
+                    .str(key)
+                    .str("=")
+                    .bytes(value)
+                    .str(": expected ")
+                    .dec(min)
+                    .str(" to ")
+                    .dec(max);
+                Err(())
+            }
+        };
+        let qd = number("blk_qd", 1, BENCH_MAX_QD, 1, detail)?;
+        let bs_kib = number("blk_bs_kib", 4, BENCH_MAX_BS_KIB, 4, detail)?;
+        if bs_kib % 4 != 0 {
+            detail
+                .str("blk_bs_kib=")
+                .dec(bs_kib)
+                .str(": expected a multiple of 4");
+            return Err(());
+        }
+        let event_idx = number("blk_event_idx", 0, 1, 1, detail)? == 1;
+        let random = match info.param(b"blk_pattern") {
+            None | Some(b"seq") => false,
+            Some(b"rand") => true,
+            Some(other) => {
+                detail
+                    .str("blk_pattern=")
+                    .bytes(other)
+                    .str(": expected seq or rand");
+                return Err(());
+            }
+        };
+        let buffer_bytes = (qd * bs_kib * 1024).min(BENCH_BUFFER_MIB << 20);
+        let mib = buffer_bytes.div_ceil(1 << 20);
+        let Some(_) = crate::mobility::free_region(machine, "blk_qd*blk_bs_kib", mib, detail)
+        else {
+            return Err(());
+        };
+        Ok(Self {
+            qd: qd as u16,
+            bs: (bs_kib * 1024) as u32,
+            random,
+            event_idx,
+            buffers: crate::mobility::DIRTY_BASE,
+            buffer_bytes,
+        })
+    }
+
+    /// The data buffer of request slot `slot`.
+    fn buffer(&self, slot: u16) -> u64 {
+        self.buffers + (u64::from(slot) * u64::from(self.bs)) % self.buffer_bytes
+    }
+}
+
+/// `blk-bench`: reads then writes of `blk_bs_kib=` KiB, `blk_qd=` of them in flight,
+/// in sequence or at random (`blk_pattern=`) over the first 64 MiB of the first
+/// writable disk, timed with the TSC at CPL3. `VIRTIO_RING_F_EVENT_IDX` is used
+/// when the device offers it (unless `blk_event_idx=0`).
 pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
-    with_queue0(
+    let Ok(params) = BenchParams::parse(machine, detail) else {
+        return false;
+    };
+    with_device_where(
         machine,
         detail,
         ID_BLK,
         |f| f & BLK_F_RO == 0,
         "no virtio-blk device without VIRTIO_BLK_F_RO",
-        0,
-        |q, clock, detail| blk_bench_body(q, clock, detail),
+        |dev, clock, detail| {
+            let wanted = if params.event_idx { F_EVENT_IDX } else { 0 };
+            let q = negotiate(dev, clock, wanted).and_then(|features| {
+                let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
+                driver_ok(dev)?;
+                Ok(q)
+            });
+            match q {
+                Ok(mut q) => blk_bench_body(&mut q, clock, params, detail),
+                Err(error) => fail(detail, "set-up", error),
+            }
+        },
     )
 }
 
@@ -1333,19 +1448,177 @@ fn bench_request(
     q.blk_within(kind, sector, dma(buffer), DATA_LEN, ms)
 }
 
-fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), ()> {
-    let span = bench_span(q, detail)?;
-    for (kind, buffer, name) in [
-        (BLK_T_IN, READ_BUF, "read"),
-        (BLK_T_OUT, WRITE_BUF, "write"),
-    ] {
-        let start = rdtsc();
-        for i in 0..BENCH_REQUESTS {
-            let status = bench_request(q, kind, buffer, i, span, 2000);
-            expect_ok(detail, name, status)?;
+/// `vring_need_event` (virtio 1.1, 2.6.7.2): whether moving an index from `old` to
+/// `new` passes `event`, the index the other side asked to hear about.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+impl Queue {
+    fn event_idx(&self) -> bool {
+        self.features & F_EVENT_IDX != 0
+    }
+
+    /// Notifies the device of what was made available since the index was `old`,
+    /// unless it said it does not need to hear about it (`avail_event`, or
+    /// `VIRTQ_USED_F_NO_NOTIFY` without event indices).
+    fn notify_since(&self, old: u16) {
+        let needed = if self.event_idx() {
+            let avail_event = rd::<u16>(self.ring + USED + 4 + 8 * u64::from(self.size));
+            need_event(avail_event, self.avail, old)
+        } else {
+            rd::<u16>(self.ring + USED) & 1 == 0
+        };
+        if needed {
+            self.notify();
         }
-        let us = ((rdtsc() - start) * 1000 / clock.tsc_khz).max(1);
-        let iops = BENCH_REQUESTS * 1_000_000 / us;
+    }
+
+    /// With event indices: asks for an interrupt at the next used buffer (what a
+    /// driver re-arming its callback does).
+    fn arm_used_event(&self) {
+        if self.event_idx() {
+            wr(self.ring + AVAIL + 4 + 2 * u64::from(self.size), self.used);
+            compiler_fence(Ordering::SeqCst);
+        }
+    }
+}
+
+/// One direction of `blk-bench`: `total` requests of `kind`, `params.qd` in
+/// flight. Returns the TSC ticks it took and the most requests ever in flight.
+fn bench_direction(
+    q: &mut Queue,
+    clock: Clock,
+    params: BenchParams,
+    kind: u32,
+    total: u64,
+    span: u64,
+) -> Result<(u64, u64), &'static str> {
+    let sectors = u64::from(params.bs / SECTOR);
+    let header = |slot: u16| dma(HEADER) + 16 * u64::from(slot);
+    let status = |slot: u16| dma(HEADER) + 0x800 + u64::from(slot);
+    let mut free: [u16; BENCH_MAX_QD as usize] = [0; BENCH_MAX_QD as usize];
+    for (slot, f) in free.iter_mut().enumerate() {
+        *f = slot as u16;
+    }
+    let mut free_count = usize::from(params.qd);
+    let (mut submitted, mut completed) = (0u64, 0u64);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut max_in_flight = 0;
+    q.arm_used_event();
+    let start = rdtsc();
+    let mut progress = start;
+    let mut checked = start;
+    while completed < total {
+        let old = q.avail;
+        while free_count > 0 && submitted < total {
+            free_count -= 1;
+            let slot = free[free_count];
+            let index = if params.random {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % span
+            } else {
+                submitted % span
+            };
+            wr(header(slot), kind);
+            wr(header(slot) + 4, 0u32);
+            wr(header(slot) + 8, index * sectors);
+            wr(status(slot), 0xffu8);
+            let head = slot * DESCS_PER_REQUEST;
+            let writes = if kind == BLK_T_OUT { 0 } else { WRITE };
+            q.desc(head, header(slot), 16, NEXT, head + 1);
+            q.desc(
+                head + 1,
+                params.buffer(slot),
+                params.bs,
+                NEXT | writes,
+                head + 2,
+            );
+            q.desc(head + 2, status(slot), 1, WRITE, 0);
+            q.push_avail(head);
+            submitted += 1;
+        }
+        max_in_flight = max_in_flight.max(submitted - completed);
+        if q.avail != old {
+            q.notify_since(old);
+        }
+        // Every used buffer there is, then one interrupt status read for the batch,
+        // as an interrupt handler does.
+        let mut batch = 0;
+        while rd::<u16>(q.ring + USED + 2) != q.used {
+            compiler_fence(Ordering::SeqCst);
+            let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
+            let slot = rd::<u32>(elem) as u16 / DESCS_PER_REQUEST;
+            q.used = q.used.wrapping_add(1);
+            if slot >= params.qd {
+                return Err("used id is no request's head");
+            }
+            match rd::<u8>(status(slot)) {
+                BLK_S_OK => {}
+                BLK_S_IOERR => return Err("status IOERR"),
+                _ => return Err("status not OK"),
+            }
+            free[free_count] = slot;
+            free_count += 1;
+            completed += 1;
+            batch += 1;
+        }
+        let now = rdtsc();
+        if batch > 0 {
+            q.arm_used_event();
+            let isr = q.dev.read(INTERRUPT_STATUS);
+            if isr != 0 {
+                q.dev.write(INTERRUPT_ACK, isr);
+            }
+            progress = now;
+        } else if now - checked >= clock.ms(1) {
+            checked = now;
+            if q.needs_reset() {
+                return Err("DEVICE_NEEDS_RESET");
+            }
+            if now - progress > clock.ms(2000) {
+                return Err("timeout");
+            }
+        }
+    }
+    Ok((rdtsc() - start, max_in_flight))
+}
+
+fn blk_bench_body(
+    q: &mut Queue,
+    clock: Clock,
+    params: BenchParams,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    if u32::from(params.qd) * u32::from(DESCS_PER_REQUEST) > u32::from(q.size) {
+        detail
+            .str("blk_qd=")
+            .dec(u64::from(params.qd))
+            .str(": a queue of ")
+            .dec(u64::from(q.size))
+            .str(" entries holds ")
+            .dec(u64::from(q.size / DESCS_PER_REQUEST))
+            .str(" requests of three descriptors at most");
+        return Err(());
+    }
+    let per_request = u64::from(params.bs / SECTOR);
+    let span = q.dev.config_u64(0).min(64 * 2048) / per_request;
+    if span == 0 {
+        detail.str("disk smaller than one request");
+        return Err(());
+    }
+    let total = BENCH_REQUESTS.min(BENCH_BYTES / u64::from(params.bs));
+    let mut deepest = 0;
+    for (kind, name) in [(BLK_T_IN, "read"), (BLK_T_OUT, "write")] {
+        let (ticks, max_in_flight) = match bench_direction(q, clock, params, kind, total, span) {
+            Ok(done) => done,
+            Err(error) => return fail(detail, name, error),
+        };
+        deepest = deepest.max(max_in_flight);
+        let us = (ticks * 1000 / clock.tsc_khz).max(1);
+        let iops = total * 1_000_000 / us;
         detail
             .str(name)
             .str("_iops=")
@@ -1353,10 +1626,20 @@ fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), 
             .str(" ")
             .str(name)
             .str("_kib_s=")
-            .dec(iops * u64::from(DATA_LEN) / 1024)
+            .dec(iops * u64::from(params.bs) / 1024)
             .str(" ");
     }
-    detail.str("requests=").dec(BENCH_REQUESTS);
+    detail
+        .str("requests=")
+        .dec(total)
+        .str(" qd=")
+        .dec(u64::from(params.qd))
+        .str(" bs_kib=")
+        .dec(u64::from(params.bs / 1024))
+        .str(" event_idx=")
+        .dec(u64::from(q.event_idx()))
+        .str(" max_in_flight=")
+        .dec(deepest);
     Ok(())
 }
 
@@ -1482,7 +1765,7 @@ impl Records {
         let dev = find(devices, clock, ID_BLK, |f| f & BLK_F_RO == 0)
             .ok_or("no virtio-blk device without VIRTIO_BLK_F_RO")?;
         let features = negotiate(dev, clock, 0)?;
-        let q = setup_queue_at(dev, clock, 0, features, dma(RINGS_SECOND))?;
+        let q = setup_queue_at(dev, clock, 0, features, dma(RINGS_SECOND), QUEUE_SIZE)?;
         driver_ok(dev)?;
         Ok(Records {
             capacity: dev.config_u64(0),

@@ -20,7 +20,7 @@ use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::{DriveConfig, FieldError};
 
@@ -342,7 +342,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let base = VIRTIO_F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        let base = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
         if self.read_only {
             base | F_RO
         } else {
@@ -366,6 +366,10 @@ impl VirtioDevice for Block {
         config[52..56].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes());
         config[56] = 1; // write_zeroes_may_unmap
         copy_config(&config, offset, data);
+    }
+
+    fn interrupted(&self) {
+        self.metrics.interrupts.inc();
     }
 
     fn process_queue(
