@@ -1484,8 +1484,17 @@ impl Queue {
     }
 }
 
+/// What one direction of `blk-bench` saw.
+struct BenchRun {
+    ticks: u64,
+    /// The most requests in flight at once.
+    max_in_flight: u64,
+    /// Requests completed after one submitted later than them had completed.
+    reordered: u64,
+}
+
 /// One direction of `blk-bench`: `total` requests of `kind`, `params.qd` in
-/// flight. Returns the TSC ticks it took and the most requests ever in flight.
+/// flight.
 fn bench_direction(
     q: &mut Queue,
     clock: Clock,
@@ -1493,7 +1502,7 @@ fn bench_direction(
     kind: u32,
     total: u64,
     span: u64,
-) -> Result<(u64, u64), &'static str> {
+) -> Result<BenchRun, &'static str> {
     let sectors = u64::from(params.bs / SECTOR);
     let header = |slot: u16| dma(HEADER) + 16 * u64::from(slot);
     let status = |slot: u16| dma(HEADER) + 0x800 + u64::from(slot);
@@ -1502,6 +1511,9 @@ fn bench_direction(
         *f = slot as u16;
     }
     let mut free_count = usize::from(params.qd);
+    // The submission number of each slot's request, and the latest completed.
+    let mut seq: [u64; BENCH_MAX_QD as usize] = [0; BENCH_MAX_QD as usize];
+    let (mut latest_done, mut reordered) = (0u64, 0u64);
     let (mut submitted, mut completed) = (0u64, 0u64);
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut max_in_flight = 0;
@@ -1539,6 +1551,7 @@ fn bench_direction(
             q.desc(head + 2, status(slot), 1, WRITE, 0);
             q.push_avail(head);
             submitted += 1;
+            seq[usize::from(slot)] = submitted;
         }
         max_in_flight = max_in_flight.max(submitted - completed);
         if q.avail != old {
@@ -1560,6 +1573,11 @@ fn bench_direction(
                 BLK_S_IOERR => return Err("status IOERR"),
                 _ => return Err("status not OK"),
             }
+            let done = seq[usize::from(slot)];
+            if done < latest_done {
+                reordered += 1;
+            }
+            latest_done = latest_done.max(done);
             free[free_count] = slot;
             free_count += 1;
             completed += 1;
@@ -1583,7 +1601,11 @@ fn bench_direction(
             }
         }
     }
-    Ok((rdtsc() - start, max_in_flight))
+    Ok(BenchRun {
+        ticks: rdtsc() - start,
+        max_in_flight,
+        reordered,
+    })
 }
 
 fn blk_bench_body(
@@ -1610,14 +1632,15 @@ fn blk_bench_body(
         return Err(());
     }
     let total = BENCH_REQUESTS.min(BENCH_BYTES / u64::from(params.bs));
-    let mut deepest = 0;
+    let (mut deepest, mut reordered) = (0, 0);
     for (kind, name) in [(BLK_T_IN, "read"), (BLK_T_OUT, "write")] {
-        let (ticks, max_in_flight) = match bench_direction(q, clock, params, kind, total, span) {
-            Ok(done) => done,
+        let run = match bench_direction(q, clock, params, kind, total, span) {
+            Ok(run) => run,
             Err(error) => return fail(detail, name, error),
         };
-        deepest = deepest.max(max_in_flight);
-        let us = (ticks * 1000 / clock.tsc_khz).max(1);
+        deepest = deepest.max(run.max_in_flight);
+        reordered += run.reordered;
+        let us = (run.ticks * 1000 / clock.tsc_khz).max(1);
         let iops = total * 1_000_000 / us;
         detail
             .str(name)
@@ -1639,7 +1662,9 @@ fn blk_bench_body(
         .str(" event_idx=")
         .dec(u64::from(q.event_idx()))
         .str(" max_in_flight=")
-        .dec(deepest);
+        .dec(deepest)
+        .str(" reordered=")
+        .dec(reordered);
     Ok(())
 }
 

@@ -213,6 +213,16 @@ pub trait VirtioDevice: Send {
     }
     /// The device is reset: forget any in-flight state.
     fn reset(&mut self) {}
+    /// Completes everything in flight on the host (an asynchronous disk's
+    /// requests), its chains given back: before a snapshot captures the queues.
+    fn quiesce(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let _ = (queues, mem);
+        Ok(QueueOutcome::Done(false))
+    }
     /// The transport raised the used-buffer interrupt after this device's
     /// processing (for its metrics; with event indices not every batch does).
     fn interrupted(&self) {}

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 pub use balloon::{BalloonConfig, BalloonConfigError};
 pub use boot::{BootConfig, BootConfigError, BootProtocol, KernelImage};
-pub use drive::{DriveConfig, DriveConfigError};
+pub use drive::{DriveConfig, DriveConfigError, IoEngine};
 pub use introspect::{IntrospectConfig, IntrospectConfigError, Policy};
 pub use machine::{CpuTemplate, HugePages, MachineConfig, MachineConfigError};
 pub use net::{NetConfig, NetConfigError};

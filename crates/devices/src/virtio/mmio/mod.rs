@@ -241,6 +241,17 @@ impl MmioTransport {
         self.outcome(None, result)
     }
 
+    /// Completes what the device has in flight on the host (see
+    /// [`VirtioDevice::quiesce`]), interrupting the driver as for any completion:
+    /// call it before [`Self::state`] when taking a snapshot.
+    pub fn quiesce(&mut self) {
+        if !self.driver_ok() {
+            return;
+        }
+        let result = self.device.quiesce(&mut self.queues, &self.mem);
+        self.outcome(None, result);
+    }
+
     /// The host fds the device wants watched: none until the driver is ready.
     pub fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
         let fds = self.device.watched_fds();
@@ -272,6 +283,16 @@ impl MmioTransport {
                     self.device.interrupted();
                 }
                 Some(_) => {}
+                // A host fd's completions, on any queue: with event indices each
+                // queue is asked (one without new entries needs none).
+                None if self.queues.iter().any(|q| q.event_idx_enabled()) => {
+                    for i in 0..self.queues.len() {
+                        if self.queue_needs_interrupt(i) {
+                            self.interrupt.signal_queue(i);
+                            self.device.interrupted();
+                        }
+                    }
+                }
                 None => {
                     self.interrupt.signal(INT_USED_RING);
                     self.device.interrupted();
