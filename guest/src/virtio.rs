@@ -1668,6 +1668,226 @@ fn blk_bench_body(
     Ok(())
 }
 
+/// Writes per `blk-integrity` round; the round's flush makes 32 in flight.
+const INTEGRITY_WRITES: usize = 31;
+/// The most `blk_integrity_rounds=` and `blk_integrity_verify=`.
+const INTEGRITY_MAX: u64 = 1 << 24;
+
+/// Byte `i` of block (4 KiB) `block` as `blk-integrity` writes it.
+pub fn integrity_byte(block: u64, i: u64) -> u8 {
+    (block.wrapping_mul(131) ^ i.wrapping_mul(7) ^ (block >> 8)) as u8
+}
+
+/// `blk-integrity`: rounds of 31 writes of 4 KiB (block `k` holds
+/// [`integrity_byte`]) and a flush, the 32 submitted together; once a round's
+/// flush completes (after its writes: checked), prints `blk-integrity: flushed
+/// <blocks>`. Up to `blk_integrity_rounds=` rounds (default: the disk full).
+/// With `blk_integrity_verify=<n>`: reads blocks 0 to n-1 back, 32 at a time,
+/// and checks them. For a host that kills the VMM after a flush and checks the
+/// image.
+pub fn blk_integrity(machine: &Machine, detail: &mut Line) -> bool {
+    let info = &machine.info;
+    let (verify, rounds) = match (
+        info.param_number(b"blk_integrity_verify", 1, INTEGRITY_MAX),
+        info.param_number(b"blk_integrity_rounds", 1, INTEGRITY_MAX),
+    ) {
+        (Ok(v), Ok(r)) => (v, r.unwrap_or(INTEGRITY_MAX)),
+        (Err(value), _) | (_, Err(value)) => {
+            detail
+                .str("blk_integrity_verify=/blk_integrity_rounds=")
+                .bytes(value)
+                .str(": expected 1 to ")
+                .dec(INTEGRITY_MAX);
+            return false;
+        }
+    };
+    if crate::mobility::free_region(machine, "blk-integrity buffers", 1, detail).is_none() {
+        return false;
+    }
+    let data = crate::mobility::DIRTY_BASE;
+    with_device_where(
+        machine,
+        detail,
+        ID_BLK,
+        |f| f & BLK_F_RO == 0,
+        "no virtio-blk device without VIRTIO_BLK_F_RO",
+        |dev, clock, detail| {
+            let q = negotiate(dev, clock, F_EVENT_IDX).and_then(|features| {
+                let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
+                driver_ok(dev)?;
+                Ok(q)
+            });
+            let mut q = match q {
+                Ok(q) => q,
+                Err(error) => return fail(detail, "set-up", error),
+            };
+            let blocks = q.dev.config_u64(0) / 8;
+            match verify {
+                Some(n) if n > blocks => {
+                    detail
+                        .str("blk_integrity_verify=")
+                        .dec(n)
+                        .str(": the disk has ")
+                        .dec(blocks)
+                        .str(" blocks");
+                    Err(())
+                }
+                Some(n) => integrity_verify(&mut q, clock, n, data, detail),
+                None => integrity_write(
+                    &mut q,
+                    clock,
+                    rounds.min(blocks / INTEGRITY_WRITES as u64),
+                    data,
+                    detail,
+                ),
+            }
+        },
+    )
+}
+
+fn integrity_write(
+    q: &mut Queue,
+    clock: Clock,
+    rounds: u64,
+    data: u64,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    let mut requests = [(BLK_T_FLUSH, 0); INTEGRITY_WRITES + 1];
+    let mut order = [0u16; INTEGRITY_WRITES + 1];
+    for round in 0..rounds {
+        for (k, request) in requests[..INTEGRITY_WRITES].iter_mut().enumerate() {
+            let block = round * INTEGRITY_WRITES as u64 + k as u64;
+            let buffer = data + 4096 * k as u64;
+            for i in 0..4096 {
+                wr(buffer + i, integrity_byte(block, i));
+            }
+            *request = (BLK_T_OUT, block * 8);
+        }
+        if let Err(error) = blk_batch(q, clock, &requests, data, &mut order) {
+            return fail(detail, "round", error);
+        }
+        if usize::from(order[INTEGRITY_WRITES]) != INTEGRITY_WRITES {
+            detail
+                .str("round ")
+                .dec(round)
+                .str(": the flush completed before a write submitted with it");
+            return Err(());
+        }
+        Serial
+            .str("blk-integrity: flushed ")
+            .dec((round + 1) * INTEGRITY_WRITES as u64)
+            .str("\n");
+    }
+    detail.str("flushed=").dec(rounds * INTEGRITY_WRITES as u64);
+    Ok(())
+}
+
+fn integrity_verify(
+    q: &mut Queue,
+    clock: Clock,
+    blocks: u64,
+    data: u64,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    let mut requests = [(BLK_T_IN, 0); INTEGRITY_WRITES + 1];
+    let mut order = [0u16; INTEGRITY_WRITES + 1];
+    let mut first = 0;
+    while first < blocks {
+        let n = (blocks - first).min(requests.len() as u64) as usize;
+        for (k, request) in requests[..n].iter_mut().enumerate() {
+            *request = (BLK_T_IN, (first + k as u64) * 8);
+        }
+        if let Err(error) = blk_batch(q, clock, &requests[..n], data, &mut order) {
+            return fail(detail, "read", error);
+        }
+        for k in 0..n as u64 {
+            let block = first + k;
+            if (0..4096).any(|i| rd::<u8>(data + 4096 * k + i) != integrity_byte(block, i)) {
+                detail
+                    .str("block ")
+                    .dec(block)
+                    .str(" does not hold what was flushed");
+                return Err(());
+            }
+        }
+        first += n as u64;
+    }
+    detail.str("verified=").dec(blocks);
+    Ok(())
+}
+
+/// Submits `requests` (`(kind, sector)`: request `k` in slot `k`, its 4 KiB of
+/// data at `data + 4096 k`, none for a flush) together and waits for all of
+/// them; `order` gets the slots in the order they completed.
+fn blk_batch(
+    q: &mut Queue,
+    clock: Clock,
+    requests: &[(u32, u64)],
+    data: u64,
+    order: &mut [u16],
+) -> Result<(), &'static str> {
+    let header = |slot: u16| dma(HEADER) + 16 * u64::from(slot);
+    let status = |slot: u16| dma(HEADER) + 0x800 + u64::from(slot);
+    let old = q.avail;
+    q.arm_used_event();
+    for (k, &(kind, sector)) in requests.iter().enumerate() {
+        let slot = k as u16;
+        wr(header(slot), kind);
+        wr(header(slot) + 4, 0u32);
+        wr(header(slot) + 8, sector);
+        wr(status(slot), 0xffu8);
+        let head = slot * DESCS_PER_REQUEST;
+        q.desc(head, header(slot), 16, NEXT, head + 1);
+        if kind == BLK_T_FLUSH {
+            q.desc(head + 1, status(slot), 1, WRITE, 0);
+        } else {
+            let writes = if kind == BLK_T_OUT { 0 } else { WRITE };
+            q.desc(
+                head + 1,
+                data + 4096 * u64::from(slot),
+                4096,
+                NEXT | writes,
+                head + 2,
+            );
+            q.desc(head + 2, status(slot), 1, WRITE, 0);
+        }
+        q.push_avail(head);
+    }
+    q.notify_since(old);
+    let start = rdtsc();
+    let mut done = 0;
+    while done < requests.len() {
+        if rd::<u16>(q.ring + USED + 2) == q.used {
+            if rdtsc() - start > clock.ms(5000) {
+                return Err(if q.needs_reset() {
+                    "DEVICE_NEEDS_RESET"
+                } else {
+                    "timeout"
+                });
+            }
+            continue;
+        }
+        compiler_fence(Ordering::SeqCst);
+        let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
+        let slot = rd::<u32>(elem) as u16 / DESCS_PER_REQUEST;
+        q.used = q.used.wrapping_add(1);
+        if usize::from(slot) >= requests.len() {
+            return Err("used id is no request's head");
+        }
+        if rd::<u8>(status(slot)) != BLK_S_OK {
+            return Err("status not OK");
+        }
+        order[done] = slot;
+        done += 1;
+        q.arm_used_event();
+    }
+    let isr = q.dev.read(INTERRUPT_STATUS);
+    if isr != 0 {
+        q.dev.write(INTERRUPT_ACK, isr);
+    }
+    Ok(())
+}
+
 /// `flood` runs this long without `flood_s=`.
 const FLOOD_DEFAULT_S: u64 = 5;
 /// The longest `flood_s=`.
