@@ -199,6 +199,13 @@ mod tests {
             .contains("rd_ops_burst needs rd_ops"));
         let d = parse_disk("path=b.img").unwrap();
         assert!(!d.read_only && d.id.is_empty() && d.rate_limit == RateLimit::default());
+        assert_eq!(d.io_engine, IoEngine::Sync);
+        let d = parse_disk("path=b.img,io_engine=async").unwrap();
+        assert_eq!(d.io_engine, IoEngine::Async);
+        assert_eq!(
+            parse_disk("path=b.img,io_engine=sync").unwrap().io_engine,
+            IoEngine::Sync
+        );
     }
 
     #[test]
@@ -228,6 +235,10 @@ mod tests {
         assert!(parse_disk("path=a,junk")
             .unwrap_err()
             .contains("\"junk\" is not key=value"));
+        assert_eq!(
+            parse_disk("path=a,io_engine=Turbo").unwrap_err(),
+            "--disk io_engine=Turbo: expected sync (one request at a time) or async (io_uring)"
+        );
     }
 
     #[test]

@@ -66,10 +66,11 @@ impl Bench {
     }
 }
 
-/// Runs `blk-bench` with `params` (and `extra` options) on a fresh image.
-fn bench(name: &str, params: &str, extra: &[&str]) -> Bench {
+/// Runs `blk-bench` with `params` (and `extra` options) on a fresh image, the
+/// disk on `engine` (`sync` or `async`).
+fn bench(name: &str, params: &str, extra: &[&str], engine: &str) -> Bench {
     let files = Files::new(name);
-    let disk = format!("path={}", files.disk.display());
+    let disk = format!("path={},io_engine={engine}", files.disk.display());
     let cmdline = format!("test=blk-bench {params}");
     let mut args = vec![
         "run",
@@ -118,23 +119,33 @@ fn assert_deep_queue_batches(b: &Bench) {
     );
 }
 
+/// Both engines.
 #[test]
 fn at_queue_depth_32_with_event_idx_interrupts_come_per_batch() {
-    let b = bench("qd32", "blk_qd=32", &[]);
-    assert_deep_queue_batches(&b);
+    for engine in ["sync", "async"] {
+        let b = bench(&format!("qd32-{engine}"), "blk_qd=32", &[], engine);
+        assert_deep_queue_batches(&b);
+    }
 }
 
 #[test]
 fn over_pci_with_msix_event_idx_batches_interrupts_too() {
-    let b = bench("pci", "blk_qd=32", &["--enable-pci"]);
-    assert_deep_queue_batches(&b);
+    for engine in ["sync", "async"] {
+        let b = bench(
+            &format!("pci-{engine}"),
+            "blk_qd=32",
+            &["--enable-pci"],
+            engine,
+        );
+        assert_deep_queue_batches(&b);
+    }
 }
 
 /// A driver that does not negotiate EVENT_IDX: every processed batch raises the
 /// interrupt; one request at a time, that is one interrupt per request.
 #[test]
 fn without_event_idx_every_batch_interrupts() {
-    let b = bench("noevidx1", "blk_qd=1 blk_event_idx=0", &[]);
+    let b = bench("noevidx1", "blk_qd=1 blk_event_idx=0", &[], "sync");
     assert_eq!(b.figure("event_idx"), 0);
     assert_eq!(b.figure("max_in_flight"), 1);
     assert_eq!(b.metric("interrupts"), b.requests(), "{}", b.block);
@@ -143,6 +154,7 @@ fn without_event_idx_every_batch_interrupts() {
         "noevidx32",
         "blk_qd=32 blk_event_idx=0 blk_bs_kib=64 blk_pattern=rand",
         &[],
+        "async",
     );
     assert_eq!(b.figure("event_idx"), 0);
     assert_eq!(b.figure("max_in_flight"), 32);

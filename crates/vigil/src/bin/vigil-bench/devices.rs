@@ -357,10 +357,14 @@ fn vmms(args: &DeviceBenchArgs) -> anyhow::Result<Vec<Vmm>> {
     Ok(vmms)
 }
 
+/// The row of Vigil with its disk on the asynchronous engine (io_uring).
+const VIGIL_ASYNC: &str = "vigil (io_engine=async)";
+
 pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
     let scratch = Scratch::new("blk")?;
     let image = scratch.0.join("disk.img");
     let mut vmms = vmms(&args.common)?;
+    vmms.insert(1, Vmm::vigil(VIGIL_ASYNC, &[])?);
     match &args.firecracker {
         Some(path) => {
             let mut fc = Vmm::firecracker(path, &scratch.0)?;
@@ -395,7 +399,13 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
         }
         match &vmm.kind {
             Kind::Vigil(_) | Kind::JailedVigil(_) => {
-                cmd.arg("--disk").arg(format!("path={}", image.display()));
+                let engine = if vmm.name == VIGIL_ASYNC {
+                    ",io_engine=async"
+                } else {
+                    ""
+                };
+                cmd.arg("--disk")
+                    .arg(format!("path={}{engine}", image.display()));
             }
             Kind::Qemu => {
                 cmd.args(["-global", "virtio-mmio.force-legacy=false", "-drive"])

@@ -40,7 +40,8 @@ enum BenchCommand {
     /// and the VMM's overhead (RSS less the guest's resident RAM), with ratios.
     Boot(boot::BootBenchArgs),
     /// Run the test guest's virtio-blk benchmark (reads then writes, at each
-    /// --qd queue depth and --bs request size) under Vigil, QEMU microvm and
+    /// --qd queue depth and --bs request size) under Vigil (its disk on the
+    /// synchronous and on the io_uring engine), QEMU microvm and
     /// Firecracker (--firecracker PATH), interleaved, and print IOPS and KiB/s,
     /// the VMM's CPU, KVM exits and interrupts per request, with ratios.
     Blk(devices::BlkBenchArgs),
