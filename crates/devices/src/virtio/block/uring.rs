@@ -87,7 +87,10 @@ impl Uring {
     pub(super) fn new(depth: u16) -> std::io::Result<Self> {
         let ring = IoUring::new(u32::from(depth))?;
         let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        // Only completions that did not happen during submission signal it: the
+        // device reaps those right after submitting.
+        ring.submitter()
+            .register_eventfd_async(eventfd.as_raw_fd())?;
         Ok(Self {
             ring,
             eventfd,
@@ -184,11 +187,15 @@ impl Uring {
         Ok(())
     }
 
-    /// The requests that completed, appended to `done`, a completed read's
-    /// buffers marked dirty. Clears the eventfd first, so that a completion
-    /// posted meanwhile signals it again.
-    pub(super) fn completed(&mut self, done: &mut Vec<Done>) {
+    /// Clears the completion eventfd: call before [`Self::completed`] when it
+    /// fired, so that a completion posted meanwhile signals it again.
+    pub(super) fn clear_eventfd(&self) {
         let _ = self.eventfd.read();
+    }
+
+    /// The requests that completed, appended to `done`, a completed read's
+    /// buffers marked dirty.
+    pub(super) fn completed(&mut self, done: &mut Vec<Done>) {
         let mem = &self.mem;
         for c in self.ring.completion() {
             let Some(index) = usize::try_from(c.user_data())
@@ -240,6 +247,7 @@ impl Uring {
                 }
             }
             self.unsubmitted = false;
+            self.clear_eventfd();
             self.completed(done);
         }
     }
