@@ -637,7 +637,6 @@ impl VirtioDevice for Block {
         if uring.eventfd().as_raw_fd() != fd {
             return Ok(QueueOutcome::Done(false));
         }
-        uring.clear_eventfd();
         uring.completed(&mut self.done);
         Ok(QueueOutcome::Done(self.complete(queue, mem)?))
     }

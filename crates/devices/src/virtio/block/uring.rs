@@ -87,10 +87,11 @@ impl Uring {
     pub(super) fn new(depth: u16) -> std::io::Result<Self> {
         let ring = IoUring::new(u32::from(depth))?;
         let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
-        // Only completions that did not happen during submission signal it: the
-        // device reaps those right after submitting.
-        ring.submitter()
-            .register_eventfd_async(eventfd.as_raw_fd())?;
+        // Every completion signals it, those made during submission too: the
+        // "async" registration signals only io-wq workers' completions, and a
+        // read completed by task work would then wait for the next submission
+        // (seen: a guest's requests timed out).
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Self {
             ring,
             eventfd,
@@ -187,15 +188,11 @@ impl Uring {
         Ok(())
     }
 
-    /// Clears the completion eventfd: call before [`Self::completed`] when it
-    /// fired, so that a completion posted meanwhile signals it again.
-    pub(super) fn clear_eventfd(&self) {
-        let _ = self.eventfd.read();
-    }
-
     /// The requests that completed, appended to `done`, a completed read's
-    /// buffers marked dirty.
+    /// buffers marked dirty. Clears the eventfd first, so that a completion
+    /// posted meanwhile signals it again.
     pub(super) fn completed(&mut self, done: &mut Vec<Done>) {
+        let _ = self.eventfd.read();
         let mem = &self.mem;
         for c in self.ring.completion() {
             let Some(index) = usize::try_from(c.user_data())
@@ -247,7 +244,6 @@ impl Uring {
                 }
             }
             self.unsubmitted = false;
-            self.clear_eventfd();
             self.completed(done);
         }
     }
