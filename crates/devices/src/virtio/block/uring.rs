@@ -26,6 +26,8 @@ use crate::GuestMemoryMmap;
 #[derive(Default)]
 struct Slot {
     busy: bool,
+    /// The device was reset while it was in flight: its completion is nobody's.
+    orphan: bool,
     /// The chain's head, given back when it completes.
     head: u16,
     /// `T_IN`, `T_OUT` or `T_FLUSH`.
@@ -170,6 +172,7 @@ impl Uring {
         self.free.pop();
         let slot = &mut self.slots[index];
         slot.busy = true;
+        slot.orphan = false;
         slot.head = s.head;
         slot.kind = s.kind;
         slot.len = len;
@@ -203,11 +206,13 @@ impl Uring {
             };
             let slot = &mut self.slots[index];
             slot.busy = false;
+            self.free.push(index);
             let result = c.result();
             let whole = match slot.kind {
                 T_IN | T_OUT => usize::try_from(result).ok() == Some(slot.len),
                 _ => result >= 0,
             };
+            // Guest memory a read wrote is dirty, whoever the request was for.
             if whole && slot.kind == T_IN {
                 if let Some(mem) = mem {
                     for &(addr, n) in &slot.segments {
@@ -217,17 +222,27 @@ impl Uring {
                     }
                 }
             }
-            done.push(Done {
-                head: slot.head,
-                kind: slot.kind,
-                status: slot.status,
-                moved: whole.then_some(slot.len),
-                result,
-            });
-            self.free.push(index);
+            if !slot.orphan {
+                done.push(Done {
+                    head: slot.head,
+                    kind: slot.kind,
+                    status: slot.status,
+                    moved: whole.then_some(slot.len),
+                    result,
+                });
+            }
         }
         if self.in_flight() == 0 {
             self.mem = None;
+        }
+    }
+
+    /// The device was reset: what is in flight completes unreported (its guest
+    /// memory stays mapped until then). Makes no system call, so that a reset
+    /// on whatever thread the driver's status write arrives costs nothing.
+    pub(super) fn forget_all(&mut self) {
+        for slot in self.slots.iter_mut().filter(|s| s.busy) {
+            slot.orphan = true;
         }
     }
 
