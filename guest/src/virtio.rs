@@ -1687,17 +1687,17 @@ pub fn integrity_byte(block: u64, i: u64) -> u8 {
 /// image.
 pub fn blk_integrity(machine: &Machine, detail: &mut Line) -> bool {
     let info = &machine.info;
-    let (verify, rounds) = match (
+    let (verify, rounds, reset) = match (
         info.param_number(b"blk_integrity_verify", 1, INTEGRITY_MAX),
         info.param_number(b"blk_integrity_rounds", 1, INTEGRITY_MAX),
+        info.param_number(b"blk_integrity_reset", 0, 1),
     ) {
-        (Ok(v), Ok(r)) => (v, r.unwrap_or(INTEGRITY_MAX)),
-        (Err(value), _) | (_, Err(value)) => {
+        (Ok(v), Ok(r), Ok(x)) => (v, r.unwrap_or(INTEGRITY_MAX), x == Some(1)),
+        (Err(value), _, _) | (_, Err(value), _) | (_, _, Err(value)) => {
             detail
-                .str("blk_integrity_verify=/blk_integrity_rounds=")
+                .str("blk_integrity_verify=/_rounds=/_reset=")
                 .bytes(value)
-                .str(": expected 1 to ")
-                .dec(INTEGRITY_MAX);
+                .str(": out of range");
             return false;
         }
     };
@@ -1712,15 +1712,30 @@ pub fn blk_integrity(machine: &Machine, detail: &mut Line) -> bool {
         |f| f & BLK_F_RO == 0,
         "no virtio-blk device without VIRTIO_BLK_F_RO",
         |dev, clock, detail| {
-            let q = negotiate(dev, clock, F_EVENT_IDX).and_then(|features| {
-                let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
-                driver_ok(dev)?;
-                Ok(q)
-            });
-            let mut q = match q {
+            let set_up = || {
+                negotiate(dev, clock, F_EVENT_IDX).and_then(|features| {
+                    let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
+                    driver_ok(dev)?;
+                    Ok(q)
+                })
+            };
+            let mut q = match set_up() {
                 Ok(q) => q,
                 Err(error) => return fail(detail, "set-up", error),
             };
+            if reset {
+                // A round submitted, and the device reset at once, its flush (and
+                // maybe writes) in flight; then set up again.
+                let mut requests = [(BLK_T_FLUSH, 0); INTEGRITY_WRITES + 1];
+                for (k, request) in requests[..INTEGRITY_WRITES].iter_mut().enumerate() {
+                    *request = (BLK_T_OUT, k as u64 * 8);
+                }
+                blk_submit(&mut q, &requests, data);
+                q = match set_up() {
+                    Ok(q) => q,
+                    Err(error) => return fail(detail, "set-up after a reset in flight", error),
+                };
+            }
             let blocks = q.dev.config_u64(0) / 8;
             match verify {
                 Some(n) if n > blocks => {
@@ -1816,6 +1831,15 @@ fn integrity_verify(
     Ok(())
 }
 
+/// Where `blk_batch` puts slot `slot`'s request header and status byte.
+fn batch_header(slot: u16) -> u64 {
+    dma(HEADER) + 16 * u64::from(slot)
+}
+
+fn batch_status(slot: u16) -> u64 {
+    dma(HEADER) + 0x800 + u64::from(slot)
+}
+
 /// Submits `requests` (`(kind, sector)`: request `k` in slot `k`, its 4 KiB of
 /// data at `data + 4096 k`, none for a flush) together and waits for all of
 /// them; `order` gets the slots in the order they completed.
@@ -1826,34 +1850,8 @@ fn blk_batch(
     data: u64,
     order: &mut [u16],
 ) -> Result<(), &'static str> {
-    let header = |slot: u16| dma(HEADER) + 16 * u64::from(slot);
-    let status = |slot: u16| dma(HEADER) + 0x800 + u64::from(slot);
-    let old = q.avail;
-    q.arm_used_event();
-    for (k, &(kind, sector)) in requests.iter().enumerate() {
-        let slot = k as u16;
-        wr(header(slot), kind);
-        wr(header(slot) + 4, 0u32);
-        wr(header(slot) + 8, sector);
-        wr(status(slot), 0xffu8);
-        let head = slot * DESCS_PER_REQUEST;
-        q.desc(head, header(slot), 16, NEXT, head + 1);
-        if kind == BLK_T_FLUSH {
-            q.desc(head + 1, status(slot), 1, WRITE, 0);
-        } else {
-            let writes = if kind == BLK_T_OUT { 0 } else { WRITE };
-            q.desc(
-                head + 1,
-                data + 4096 * u64::from(slot),
-                4096,
-                NEXT | writes,
-                head + 2,
-            );
-            q.desc(head + 2, status(slot), 1, WRITE, 0);
-        }
-        q.push_avail(head);
-    }
-    q.notify_since(old);
+    blk_submit(q, requests, data);
+    let status = batch_status;
     let start = rdtsc();
     let mut done = 0;
     while done < requests.len() {
@@ -1886,6 +1884,38 @@ fn blk_batch(
         q.dev.write(INTERRUPT_ACK, isr);
     }
     Ok(())
+}
+
+/// The submitting half of [`blk_batch`]: makes `requests` available and
+/// notifies the device.
+fn blk_submit(q: &mut Queue, requests: &[(u32, u64)], data: u64) {
+    let (header, status) = (batch_header, batch_status);
+    let old = q.avail;
+    q.arm_used_event();
+    for (k, &(kind, sector)) in requests.iter().enumerate() {
+        let slot = k as u16;
+        wr(header(slot), kind);
+        wr(header(slot) + 4, 0u32);
+        wr(header(slot) + 8, sector);
+        wr(status(slot), 0xffu8);
+        let head = slot * DESCS_PER_REQUEST;
+        q.desc(head, header(slot), 16, NEXT, head + 1);
+        if kind == BLK_T_FLUSH {
+            q.desc(head + 1, status(slot), 1, WRITE, 0);
+        } else {
+            let writes = if kind == BLK_T_OUT { 0 } else { WRITE };
+            q.desc(
+                head + 1,
+                data + 4096 * u64::from(slot),
+                4096,
+                NEXT | writes,
+                head + 2,
+            );
+            q.desc(head + 2, status(slot), 1, WRITE, 0);
+        }
+        q.push_avail(head);
+    }
+    q.notify_since(old);
 }
 
 /// `flood` runs this long without `flood_s=`.
