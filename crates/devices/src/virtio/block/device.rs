@@ -392,11 +392,7 @@ impl Block {
             T_FLUSH => {}
             _ => return None,
         }
-        let mut status = Vec::new();
-        cut(&self.writable, writable_len - 1, 1, &mut status);
-        let &[(status, 1)] = status.as_slice() else {
-            return None;
-        };
+        let status = byte_at(&self.writable, writable_len - 1)?;
         Some((header.sector.saturating_mul(SECTOR_SIZE), status))
     }
 
@@ -471,6 +467,17 @@ impl Block {
             }
         }
     }
+}
+
+/// Where byte `offset` of `buffers` (in order) is.
+fn byte_at(buffers: &[(GuestAddress, usize)], mut offset: usize) -> Option<GuestAddress> {
+    for &(addr, n) in buffers {
+        if offset < n {
+            return Some(addr.unchecked_add(offset as u64));
+        }
+        offset -= n;
+    }
+    None
 }
 
 /// Appends to `out` the `len` bytes of `buffers` (in order) that start `skip`
