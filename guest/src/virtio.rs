@@ -1310,6 +1310,14 @@ const DESCS_PER_REQUEST: u16 = 3;
 const BENCH_BUFFER_MIB: u64 = 32;
 /// `VIRTIO_RING_F_EVENT_IDX` (virtio 1.1, 2.6.7 and 2.6.10).
 const F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_RING_F_INDIRECT_DESC` (virtio 1.1, 2.6.5.3): `blk-bench` puts each
+/// request's three descriptors in a table of its own when the ring is too
+/// small for them.
+const F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTQ_DESC_F_INDIRECT`.
+const INDIRECT: u16 = 4;
+/// Bytes of one request's indirect table.
+const TABLE_BYTES: u64 = 48;
 
 /// What `blk-bench` runs, from the command line.
 #[derive(Clone, Copy)]
@@ -1327,6 +1335,8 @@ struct BenchParams {
     /// Where the data buffers begin, and their bytes.
     buffers: u64,
     buffer_bytes: u64,
+    /// The indirect tables, one per request slot, after the buffers.
+    tables: u64,
 }
 
 impl BenchParams {
@@ -1371,7 +1381,7 @@ impl BenchParams {
             }
         };
         let buffer_bytes = (qd * bs_kib * 1024).min(BENCH_BUFFER_MIB << 20);
-        let mib = buffer_bytes.div_ceil(1 << 20);
+        let mib = (buffer_bytes + BENCH_MAX_QD * TABLE_BYTES).div_ceil(1 << 20);
         let Some(_) = crate::mobility::free_region(machine, "blk_qd*blk_bs_kib", mib, detail)
         else {
             return Err(());
@@ -1383,6 +1393,7 @@ impl BenchParams {
             event_idx,
             buffers: crate::mobility::DIRTY_BASE,
             buffer_bytes,
+            tables: crate::mobility::DIRTY_BASE + buffer_bytes,
         })
     }
 
@@ -1407,7 +1418,7 @@ pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
         |f| f & BLK_F_RO == 0,
         "no virtio-blk device without VIRTIO_BLK_F_RO",
         |dev, clock, detail| {
-            let wanted = if params.event_idx { F_EVENT_IDX } else { 0 };
+            let wanted = F_INDIRECT_DESC | if params.event_idx { F_EVENT_IDX } else { 0 };
             let q = negotiate(dev, clock, wanted).and_then(|features| {
                 let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
                 driver_ok(dev)?;
@@ -1493,6 +1504,12 @@ struct BenchRun {
     reordered: u64,
 }
 
+/// Whether `blk-bench` puts its requests in indirect tables: when the ring
+/// cannot hold three descriptors for each of them.
+fn uses_indirect(q: &Queue, params: BenchParams) -> bool {
+    u32::from(params.qd) * u32::from(DESCS_PER_REQUEST) > u32::from(q.size)
+}
+
 /// One direction of `blk-bench`: `total` requests of `kind`, `params.qd` in
 /// flight.
 fn bench_direction(
@@ -1506,6 +1523,10 @@ fn bench_direction(
     let sectors = u64::from(params.bs / SECTOR);
     let header = |slot: u16| dma(HEADER) + 16 * u64::from(slot);
     let status = |slot: u16| dma(HEADER) + 0x800 + u64::from(slot);
+    // Indirect tables only where the ring cannot hold three descriptors per
+    // request (checked offered by `blk_bench_body`).
+    let indirect = uses_indirect(q, params);
+    let per_request = if indirect { 1 } else { DESCS_PER_REQUEST };
     let mut free: [u16; BENCH_MAX_QD as usize] = [0; BENCH_MAX_QD as usize];
     for (slot, f) in free.iter_mut().enumerate() {
         *f = slot as u16;
@@ -1538,17 +1559,30 @@ fn bench_direction(
             wr(header(slot) + 4, 0u32);
             wr(header(slot) + 8, index * sectors);
             wr(status(slot), 0xffu8);
-            let head = slot * DESCS_PER_REQUEST;
             let writes = if kind == BLK_T_OUT { 0 } else { WRITE };
-            q.desc(head, header(slot), 16, NEXT, head + 1);
-            q.desc(
-                head + 1,
-                params.buffer(slot),
-                params.bs,
-                NEXT | writes,
-                head + 2,
-            );
-            q.desc(head + 2, status(slot), 1, WRITE, 0);
+            let chain = [
+                (header(slot), 16, NEXT),
+                (params.buffer(slot), params.bs, NEXT | writes),
+                (status(slot), 1, WRITE),
+            ];
+            let head = slot * per_request;
+            if indirect {
+                // One ring descriptor for the table of the three.
+                let table = params.tables + TABLE_BYTES * u64::from(slot);
+                for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+                    let entry = table + 16 * i as u64;
+                    wr(entry, addr);
+                    wr(entry + 8, len);
+                    wr(entry + 12, flags);
+                    wr(entry + 14, i as u16 + 1);
+                }
+                q.desc(head, table, TABLE_BYTES as u32, INDIRECT, 0);
+            } else {
+                for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+                    let i = i as u16;
+                    q.desc(head + i, addr, len, flags, head + i + 1);
+                }
+            }
             q.push_avail(head);
             submitted += 1;
             seq[usize::from(slot)] = submitted;
@@ -1563,7 +1597,7 @@ fn bench_direction(
         while rd::<u16>(q.ring + USED + 2) != q.used {
             compiler_fence(Ordering::SeqCst);
             let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
-            let slot = rd::<u32>(elem) as u16 / DESCS_PER_REQUEST;
+            let slot = rd::<u32>(elem) as u16 / per_request;
             q.used = q.used.wrapping_add(1);
             if slot >= params.qd {
                 return Err("used id is no request's head");
@@ -1614,7 +1648,7 @@ fn blk_bench_body(
     params: BenchParams,
     detail: &mut Line,
 ) -> Result<(), ()> {
-    if u32::from(params.qd) * u32::from(DESCS_PER_REQUEST) > u32::from(q.size) {
+    if uses_indirect(q, params) && (q.features & F_INDIRECT_DESC == 0 || params.qd > q.size) {
         detail
             .str("blk_qd=")
             .dec(u64::from(params.qd))
@@ -1622,7 +1656,7 @@ fn blk_bench_body(
             .dec(u64::from(q.size))
             .str(" entries holds ")
             .dec(u64::from(q.size / DESCS_PER_REQUEST))
-            .str(" requests of three descriptors at most");
+            .str(" requests of three descriptors at most, and the device offers no indirect descriptors");
         return Err(());
     }
     let per_request = u64::from(params.bs / SECTOR);
@@ -1661,6 +1695,8 @@ fn blk_bench_body(
         .dec(u64::from(params.bs / 1024))
         .str(" event_idx=")
         .dec(u64::from(q.event_idx()))
+        .str(" indirect=")
+        .dec(u64::from(uses_indirect(q, params)))
         .str(" max_in_flight=")
         .dec(deepest)
         .str(" reordered=")

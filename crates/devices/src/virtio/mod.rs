@@ -43,6 +43,9 @@ pub(crate) type Writer<'a> = virtio_queue::Writer<'a, BS<'a, AtomicBitmap>>;
 
 /// `VIRTIO_F_VERSION_1`: the device is a virtio 1.x device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_RING_INDIRECT_DESC` (virtio 1.1, 2.6.5.3): a descriptor may point
+/// at a table of descriptors (virtio-queue's chains follow it, checking it).
+pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
 /// `VIRTIO_F_RING_EVENT_IDX` (virtio 1.1, 2.6.7, 2.6.10): each side writes the
 /// ring index at which it next wants to hear from the other (`used_event`,
 /// `avail_event`), so that notifications and interrupts come once per batch.

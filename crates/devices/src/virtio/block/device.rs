@@ -23,7 +23,7 @@ use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::{DriveConfig, FieldError, IoEngine};
 
@@ -523,7 +523,12 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let base = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        let base = VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_EVENT_IDX
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH;
         if self.read_only {
             base | F_RO
         } else {
