@@ -178,7 +178,7 @@ pub fn counter(machine: &Machine, detail: &mut Line) -> bool {
     pass
 }
 
-/// Where the `dirty` region begins: above the guest's image.
+/// Where the `dirty` region (and `blk-bench`'s buffers) begins: above the guest's image.
 pub(crate) const DIRTY_BASE: u64 = 16 << 20;
 const PAGE: u64 = 4096;
 /// `dirty_mib=` without the word, and its most (the region stays below 4 GiB,
@@ -224,12 +224,16 @@ impl Dirtier {
     /// goes to the detail.
     fn from_params(machine: &Machine, detail: &mut Line) -> Result<Dirtier, ()> {
         let (Ok(Some(mib)), Ok(Some(mib_s))) = (
-            machine.number("dirty_mib", 1,
+            machine.number(
+                "dirty_mib",
+                1,
                 DIRTY_MAX_MIB,
                 Some(DIRTY_DEFAULT_MIB),
                 detail,
             ),
-            machine.number("dirty_mib_s", 1,
+            machine.number(
+                "dirty_mib_s",
+                1,
                 DIRTY_MAX_MIB_S,
                 Some(DIRTY_DEFAULT_MIB_S),
                 detail,

@@ -25,6 +25,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"rng-evil" => virtio::rng_evil(machine, detail),
         b"virtio-evil" => virtio::virtio_evil(machine, detail),
         b"blk-bench" => virtio::blk_bench(machine, detail),
+        b"blk-integrity" => virtio::blk_integrity(machine, detail),
         b"pci" => virtio::pci_scenario(machine, detail),
         b"flood" => virtio::flood(machine, detail),
         b"io-evil" => crate::probe::io_evil(machine, detail),

@@ -7,9 +7,10 @@
 //! Only the discovery (parsing `virtio_mmio.device=` words, enumerating PCI,
 //! mapping the MMIO pages uncacheable) runs at CPL0. Everything else, device set-up included, runs at CPL3
 //! (`cpu::run_user`), where this platform executes natively: MMIO, rdtsc and the ring
-//! memory need no privilege. One device, one queue (0) and one request at a time; no
+//! memory need no privilege. One device, one queue (0) and one request at a time
+//! (`blk-bench`: up to `blk_qd=` at once, with event indices when offered); no
 //! interrupts are taken: completions are polled in the used ring, and InterruptStatus is
-//! checked and acknowledged after each.
+//! checked and acknowledged after each (after each batch in `blk-bench`).
 //!
 //! Devices with several queues (`net`, `vsock`, in their own files) use the same
 //! pieces: [`negotiate`], then [`setup_queue`] for each queue with its rings at
@@ -517,16 +518,18 @@ pub(crate) fn setup_queue(
     index: u16,
     features: u64,
 ) -> Result<Queue, &'static str> {
-    setup_queue_at(dev, clock, index, features, ring(index))
+    setup_queue_at(dev, clock, index, features, ring(index), QUEUE_SIZE)
 }
 
-/// [`setup_queue`] with the rings in the three pages at `base`.
+/// [`setup_queue`] with the rings in the three pages at `base`, at most `entries`
+/// entries (256 at most: three pages hold its rings).
 fn setup_queue_at(
     dev: Dev,
     clock: Clock,
     index: u16,
     features: u64,
     base: u64,
+    entries: u32,
 ) -> Result<Queue, &'static str> {
     dev.write(QUEUE_SEL, u32::from(index));
     if dev.read(QUEUE_READY) != 0 {
@@ -541,7 +544,7 @@ fn setup_queue_at(
             _ => "no queue 3",
         });
     }
-    let size = max.min(QUEUE_SIZE);
+    let size = max.min(entries);
     zero(base, 3 * 4096);
     dev.pci_queue(index)?;
     dev.write(QUEUE_NUM, size);
@@ -1289,20 +1292,143 @@ pub fn virtio_evil(machine: &Machine, detail: &mut Line) -> bool {
     })
 }
 
-/// Requests per direction in `blk-bench`.
+/// The most requests per direction in `blk-bench` (fewer for large requests:
+/// [`BENCH_BYTES`] at most).
 const BENCH_REQUESTS: u64 = 4000;
+/// The most bytes per direction in `blk-bench`.
+const BENCH_BYTES: u64 = 256 << 20;
+/// The deepest `blk_qd=`.
+const BENCH_MAX_QD: u64 = 128;
+/// The largest `blk_bs_kib=`.
+const BENCH_MAX_BS_KIB: u64 = 1024;
+/// Entries of the `blk-bench` queue (its rings fill the three ring pages).
+const BENCH_QUEUE_SIZE: u32 = 256;
+/// Descriptors per request: header, data, status.
+const DESCS_PER_REQUEST: u16 = 3;
+/// The most data buffer memory `blk-bench` uses; deeper queues of larger requests
+/// share buffers (a benchmark's data need not be kept apart).
+const BENCH_BUFFER_MIB: u64 = 32;
+/// `VIRTIO_RING_F_EVENT_IDX` (virtio 1.1, 2.6.7 and 2.6.10).
+const F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_RING_F_INDIRECT_DESC` (virtio 1.1, 2.6.5.3): `blk-bench` puts each
+/// request's three descriptors in a table of its own when the ring is too
+/// small for them.
+const F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTQ_DESC_F_INDIRECT`.
+const INDIRECT: u16 = 4;
+/// Bytes of one request's indirect table.
+const TABLE_BYTES: u64 = 48;
 
-/// `blk-bench`: 4 KiB requests, one at a time, reads then writes, over the first
-/// 64 MiB of the first writable disk, timed with the TSC at CPL3.
+/// What `blk-bench` runs, from the command line.
+#[derive(Clone, Copy)]
+struct BenchParams {
+    /// Requests kept in flight (`blk_qd=`, 1 to [`BENCH_MAX_QD`], default 1).
+    qd: u16,
+    /// Bytes per request (`blk_bs_kib=`, 4 to [`BENCH_MAX_BS_KIB`] KiB in 4 KiB
+    /// steps, default 4).
+    bs: u32,
+    /// `blk_pattern=rand`: offsets drawn at random instead of in sequence.
+    random: bool,
+    /// `blk_event_idx=0` leaves `VIRTIO_RING_F_EVENT_IDX` unnegotiated even when
+    /// offered (default: negotiated when offered).
+    event_idx: bool,
+    /// Where the data buffers begin, and their bytes.
+    buffers: u64,
+    buffer_bytes: u64,
+    /// The indirect tables, one per request slot, after the buffers.
+    tables: u64,
+}
+
+impl BenchParams {
+    /// The parameters, or the detail naming the word that is wrong.
+    fn parse(machine: &Machine, detail: &mut Line) -> Result<Self, ()> {
+        let info = &machine.info;
+        let number = |key: &str, min: u64, max: u64, default: u64, detail: &mut Line| match info
+            .param_number(key.as_bytes(), min, max)
+        {
+            Ok(n) => Ok(n.unwrap_or(default)),
+            Err(value) => {
+                detail
+                    .str(key)
+                    .str("=")
+                    .bytes(value)
+                    .str(": expected ")
+                    .dec(min)
+                    .str(" to ")
+                    .dec(max);
+                Err(())
+            }
+        };
+        let qd = number("blk_qd", 1, BENCH_MAX_QD, 1, detail)?;
+        let bs_kib = number("blk_bs_kib", 4, BENCH_MAX_BS_KIB, 4, detail)?;
+        if bs_kib % 4 != 0 {
+            detail
+                .str("blk_bs_kib=")
+                .dec(bs_kib)
+                .str(": expected a multiple of 4");
+            return Err(());
+        }
+        let event_idx = number("blk_event_idx", 0, 1, 1, detail)? == 1;
+        let random = match info.param(b"blk_pattern") {
+            None | Some(b"seq") => false,
+            Some(b"rand") => true,
+            Some(other) => {
+                detail
+                    .str("blk_pattern=")
+                    .bytes(other)
+                    .str(": expected seq or rand");
+                return Err(());
+            }
+        };
+        let buffer_bytes = (qd * bs_kib * 1024).min(BENCH_BUFFER_MIB << 20);
+        let mib = (buffer_bytes + BENCH_MAX_QD * TABLE_BYTES).div_ceil(1 << 20);
+        let Some(_) = crate::mobility::free_region(machine, "blk_qd*blk_bs_kib", mib, detail)
+        else {
+            return Err(());
+        };
+        Ok(Self {
+            qd: qd as u16,
+            bs: (bs_kib * 1024) as u32,
+            random,
+            event_idx,
+            buffers: crate::mobility::DIRTY_BASE,
+            buffer_bytes,
+            tables: crate::mobility::DIRTY_BASE + buffer_bytes,
+        })
+    }
+
+    /// The data buffer of request slot `slot`.
+    fn buffer(&self, slot: u16) -> u64 {
+        self.buffers + (u64::from(slot) * u64::from(self.bs)) % self.buffer_bytes
+    }
+}
+
+/// `blk-bench`: reads then writes of `blk_bs_kib=` KiB, `blk_qd=` of them in flight,
+/// in sequence or at random (`blk_pattern=`) over the first 64 MiB of the first
+/// writable disk, timed with the TSC at CPL3. `VIRTIO_RING_F_EVENT_IDX` is used
+/// when the device offers it (unless `blk_event_idx=0`).
 pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
-    with_queue0(
+    let Ok(params) = BenchParams::parse(machine, detail) else {
+        return false;
+    };
+    with_device_where(
         machine,
         detail,
         ID_BLK,
         |f| f & BLK_F_RO == 0,
         "no virtio-blk device without VIRTIO_BLK_F_RO",
-        0,
-        |q, clock, detail| blk_bench_body(q, clock, detail),
+        |dev, clock, detail| {
+            let wanted = F_INDIRECT_DESC | if params.event_idx { F_EVENT_IDX } else { 0 };
+            let q = negotiate(dev, clock, wanted).and_then(|features| {
+                let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
+                driver_ok(dev)?;
+                Ok(q)
+            });
+            match q {
+                Ok(mut q) => blk_bench_body(&mut q, clock, params, detail),
+                Err(error) => fail(detail, "set-up", error),
+            }
+        },
     )
 }
 
@@ -1333,19 +1459,223 @@ fn bench_request(
     q.blk_within(kind, sector, dma(buffer), DATA_LEN, ms)
 }
 
-fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), ()> {
-    let span = bench_span(q, detail)?;
-    for (kind, buffer, name) in [
-        (BLK_T_IN, READ_BUF, "read"),
-        (BLK_T_OUT, WRITE_BUF, "write"),
-    ] {
-        let start = rdtsc();
-        for i in 0..BENCH_REQUESTS {
-            let status = bench_request(q, kind, buffer, i, span, 2000);
-            expect_ok(detail, name, status)?;
+/// `vring_need_event` (virtio 1.1, 2.6.7.2): whether moving an index from `old` to
+/// `new` passes `event`, the index the other side asked to hear about.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+impl Queue {
+    fn event_idx(&self) -> bool {
+        self.features & F_EVENT_IDX != 0
+    }
+
+    /// Notifies the device of what was made available since the index was `old`,
+    /// unless it said it does not need to hear about it (`avail_event`, or
+    /// `VIRTQ_USED_F_NO_NOTIFY` without event indices).
+    fn notify_since(&self, old: u16) {
+        let needed = if self.event_idx() {
+            let avail_event = rd::<u16>(self.ring + USED + 4 + 8 * u64::from(self.size));
+            need_event(avail_event, self.avail, old)
+        } else {
+            rd::<u16>(self.ring + USED) & 1 == 0
+        };
+        if needed {
+            self.notify();
         }
-        let us = ((rdtsc() - start) * 1000 / clock.tsc_khz).max(1);
-        let iops = BENCH_REQUESTS * 1_000_000 / us;
+    }
+
+    /// With event indices: asks for an interrupt at the next used buffer (what a
+    /// driver re-arming its callback does).
+    fn arm_used_event(&self) {
+        if self.event_idx() {
+            wr(self.ring + AVAIL + 4 + 2 * u64::from(self.size), self.used);
+            compiler_fence(Ordering::SeqCst);
+        }
+    }
+}
+
+/// What one direction of `blk-bench` saw.
+struct BenchRun {
+    ticks: u64,
+    /// The most requests in flight at once.
+    max_in_flight: u64,
+    /// Requests completed after one submitted later than them had completed.
+    reordered: u64,
+}
+
+/// Whether `blk-bench` puts its requests in indirect tables: when the ring
+/// cannot hold three descriptors for each of them.
+fn uses_indirect(q: &Queue, params: BenchParams) -> bool {
+    u32::from(params.qd) * u32::from(DESCS_PER_REQUEST) > u32::from(q.size)
+}
+
+/// One direction of `blk-bench`: `total` requests of `kind`, `params.qd` in
+/// flight.
+fn bench_direction(
+    q: &mut Queue,
+    clock: Clock,
+    params: BenchParams,
+    kind: u32,
+    total: u64,
+    span: u64,
+) -> Result<BenchRun, &'static str> {
+    let sectors = u64::from(params.bs / SECTOR);
+    let header = |slot: u16| dma(HEADER) + 16 * u64::from(slot);
+    let status = |slot: u16| dma(HEADER) + 0x800 + u64::from(slot);
+    // Indirect tables only where the ring cannot hold three descriptors per
+    // request (checked offered by `blk_bench_body`).
+    let indirect = uses_indirect(q, params);
+    let per_request = if indirect { 1 } else { DESCS_PER_REQUEST };
+    let mut free: [u16; BENCH_MAX_QD as usize] = [0; BENCH_MAX_QD as usize];
+    for (slot, f) in free.iter_mut().enumerate() {
+        *f = slot as u16;
+    }
+    let mut free_count = usize::from(params.qd);
+    // The submission number of each slot's request, and the latest completed.
+    let mut seq: [u64; BENCH_MAX_QD as usize] = [0; BENCH_MAX_QD as usize];
+    let (mut latest_done, mut reordered) = (0u64, 0u64);
+    let (mut submitted, mut completed) = (0u64, 0u64);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut max_in_flight = 0;
+    q.arm_used_event();
+    let start = rdtsc();
+    let mut progress = start;
+    let mut checked = start;
+    while completed < total {
+        let old = q.avail;
+        while free_count > 0 && submitted < total {
+            free_count -= 1;
+            let slot = free[free_count];
+            let index = if params.random {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % span
+            } else {
+                submitted % span
+            };
+            wr(header(slot), kind);
+            wr(header(slot) + 4, 0u32);
+            wr(header(slot) + 8, index * sectors);
+            wr(status(slot), 0xffu8);
+            let writes = if kind == BLK_T_OUT { 0 } else { WRITE };
+            let chain = [
+                (header(slot), 16, NEXT),
+                (params.buffer(slot), params.bs, NEXT | writes),
+                (status(slot), 1, WRITE),
+            ];
+            let head = slot * per_request;
+            if indirect {
+                // One ring descriptor for the table of the three.
+                let table = params.tables + TABLE_BYTES * u64::from(slot);
+                for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+                    let entry = table + 16 * i as u64;
+                    wr(entry, addr);
+                    wr(entry + 8, len);
+                    wr(entry + 12, flags);
+                    wr(entry + 14, i as u16 + 1);
+                }
+                q.desc(head, table, TABLE_BYTES as u32, INDIRECT, 0);
+            } else {
+                for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+                    let i = i as u16;
+                    q.desc(head + i, addr, len, flags, head + i + 1);
+                }
+            }
+            q.push_avail(head);
+            submitted += 1;
+            seq[usize::from(slot)] = submitted;
+        }
+        max_in_flight = max_in_flight.max(submitted - completed);
+        if q.avail != old {
+            q.notify_since(old);
+        }
+        // Every used buffer there is, then one interrupt status read for the batch,
+        // as an interrupt handler does.
+        let mut batch = 0;
+        while rd::<u16>(q.ring + USED + 2) != q.used {
+            compiler_fence(Ordering::SeqCst);
+            let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
+            let slot = rd::<u32>(elem) as u16 / per_request;
+            q.used = q.used.wrapping_add(1);
+            if slot >= params.qd {
+                return Err("used id is no request's head");
+            }
+            match rd::<u8>(status(slot)) {
+                BLK_S_OK => {}
+                BLK_S_IOERR => return Err("status IOERR"),
+                _ => return Err("status not OK"),
+            }
+            let done = seq[usize::from(slot)];
+            if done < latest_done {
+                reordered += 1;
+            }
+            latest_done = latest_done.max(done);
+            free[free_count] = slot;
+            free_count += 1;
+            completed += 1;
+            batch += 1;
+        }
+        let now = rdtsc();
+        if batch > 0 {
+            q.arm_used_event();
+            let isr = q.dev.read(INTERRUPT_STATUS);
+            if isr != 0 {
+                q.dev.write(INTERRUPT_ACK, isr);
+            }
+            progress = now;
+        } else if now - checked >= clock.ms(1) {
+            checked = now;
+            if q.needs_reset() {
+                return Err("DEVICE_NEEDS_RESET");
+            }
+            if now - progress > clock.ms(2000) {
+                return Err("timeout");
+            }
+        }
+    }
+    Ok(BenchRun {
+        ticks: rdtsc() - start,
+        max_in_flight,
+        reordered,
+    })
+}
+
+fn blk_bench_body(
+    q: &mut Queue,
+    clock: Clock,
+    params: BenchParams,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    if uses_indirect(q, params) && (q.features & F_INDIRECT_DESC == 0 || params.qd > q.size) {
+        detail
+            .str("blk_qd=")
+            .dec(u64::from(params.qd))
+            .str(": a queue of ")
+            .dec(u64::from(q.size))
+            .str(" entries holds ")
+            .dec(u64::from(q.size / DESCS_PER_REQUEST))
+            .str(" requests of three descriptors at most, and the device offers no indirect descriptors");
+        return Err(());
+    }
+    let per_request = u64::from(params.bs / SECTOR);
+    let span = q.dev.config_u64(0).min(64 * 2048) / per_request;
+    if span == 0 {
+        detail.str("disk smaller than one request");
+        return Err(());
+    }
+    let total = BENCH_REQUESTS.min(BENCH_BYTES / u64::from(params.bs));
+    let (mut deepest, mut reordered) = (0, 0);
+    for (kind, name) in [(BLK_T_IN, "read"), (BLK_T_OUT, "write")] {
+        let run = match bench_direction(q, clock, params, kind, total, span) {
+            Ok(run) => run,
+            Err(error) => return fail(detail, name, error),
+        };
+        deepest = deepest.max(run.max_in_flight);
+        reordered += run.reordered;
+        let us = (run.ticks * 1000 / clock.tsc_khz).max(1);
+        let iops = total * 1_000_000 / us;
         detail
             .str(name)
             .str("_iops=")
@@ -1353,11 +1683,275 @@ fn blk_bench_body(q: &mut Queue, clock: Clock, detail: &mut Line) -> Result<(), 
             .str(" ")
             .str(name)
             .str("_kib_s=")
-            .dec(iops * u64::from(DATA_LEN) / 1024)
+            .dec(iops * u64::from(params.bs) / 1024)
             .str(" ");
     }
-    detail.str("requests=").dec(BENCH_REQUESTS);
+    detail
+        .str("requests=")
+        .dec(total)
+        .str(" qd=")
+        .dec(u64::from(params.qd))
+        .str(" bs_kib=")
+        .dec(u64::from(params.bs / 1024))
+        .str(" event_idx=")
+        .dec(u64::from(q.event_idx()))
+        .str(" indirect=")
+        .dec(u64::from(uses_indirect(q, params)))
+        .str(" max_in_flight=")
+        .dec(deepest)
+        .str(" reordered=")
+        .dec(reordered);
     Ok(())
+}
+
+/// Writes per `blk-integrity` round; the round's flush makes 32 in flight.
+const INTEGRITY_WRITES: usize = 31;
+/// The most `blk_integrity_rounds=` and `blk_integrity_verify=`.
+const INTEGRITY_MAX: u64 = 1 << 24;
+
+/// Byte `i` of block (4 KiB) `block` as `blk-integrity` writes it.
+pub fn integrity_byte(block: u64, i: u64) -> u8 {
+    (block.wrapping_mul(131) ^ i.wrapping_mul(7) ^ (block >> 8)) as u8
+}
+
+/// `blk-integrity`: rounds of 31 writes of 4 KiB (block `k` holds
+/// [`integrity_byte`]) and a flush, the 32 submitted together; once a round's
+/// flush completes (after its writes: checked), prints `blk-integrity: flushed
+/// <blocks>`. Up to `blk_integrity_rounds=` rounds (default: the disk full).
+/// With `blk_integrity_verify=<n>`: reads blocks 0 to n-1 back, 32 at a time,
+/// and checks them. For a host that kills the VMM after a flush and checks the
+/// image.
+pub fn blk_integrity(machine: &Machine, detail: &mut Line) -> bool {
+    let info = &machine.info;
+    let (verify, rounds, reset) = match (
+        info.param_number(b"blk_integrity_verify", 1, INTEGRITY_MAX),
+        info.param_number(b"blk_integrity_rounds", 1, INTEGRITY_MAX),
+        info.param_number(b"blk_integrity_reset", 0, 1),
+    ) {
+        (Ok(v), Ok(r), Ok(x)) => (v, r.unwrap_or(INTEGRITY_MAX), x == Some(1)),
+        (Err(value), _, _) | (_, Err(value), _) | (_, _, Err(value)) => {
+            detail
+                .str("blk_integrity_verify=/_rounds=/_reset=")
+                .bytes(value)
+                .str(": out of range");
+            return false;
+        }
+    };
+    if crate::mobility::free_region(machine, "blk-integrity buffers", 1, detail).is_none() {
+        return false;
+    }
+    let data = crate::mobility::DIRTY_BASE;
+    with_device_where(
+        machine,
+        detail,
+        ID_BLK,
+        |f| f & BLK_F_RO == 0,
+        "no virtio-blk device without VIRTIO_BLK_F_RO",
+        |dev, clock, detail| {
+            let set_up = || {
+                negotiate(dev, clock, F_EVENT_IDX).and_then(|features| {
+                    let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
+                    driver_ok(dev)?;
+                    Ok(q)
+                })
+            };
+            let mut q = match set_up() {
+                Ok(q) => q,
+                Err(error) => return fail(detail, "set-up", error),
+            };
+            if reset {
+                // A round submitted, and the device reset at once, its flush (and
+                // maybe writes) in flight; then set up again.
+                let mut requests = [(BLK_T_FLUSH, 0); INTEGRITY_WRITES + 1];
+                for (k, request) in requests[..INTEGRITY_WRITES].iter_mut().enumerate() {
+                    *request = (BLK_T_OUT, k as u64 * 8);
+                }
+                blk_submit(&mut q, &requests, data);
+                q = match set_up() {
+                    Ok(q) => q,
+                    Err(error) => return fail(detail, "set-up after a reset in flight", error),
+                };
+            }
+            let blocks = q.dev.config_u64(0) / 8;
+            match verify {
+                Some(n) if n > blocks => {
+                    detail
+                        .str("blk_integrity_verify=")
+                        .dec(n)
+                        .str(": the disk has ")
+                        .dec(blocks)
+                        .str(" blocks");
+                    Err(())
+                }
+                Some(n) => integrity_verify(&mut q, clock, n, data, detail),
+                None => integrity_write(
+                    &mut q,
+                    clock,
+                    rounds.min(blocks / INTEGRITY_WRITES as u64),
+                    data,
+                    detail,
+                ),
+            }
+        },
+    )
+}
+
+fn integrity_write(
+    q: &mut Queue,
+    clock: Clock,
+    rounds: u64,
+    data: u64,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    let mut requests = [(BLK_T_FLUSH, 0); INTEGRITY_WRITES + 1];
+    let mut order = [0u16; INTEGRITY_WRITES + 1];
+    for round in 0..rounds {
+        for (k, request) in requests[..INTEGRITY_WRITES].iter_mut().enumerate() {
+            let block = round * INTEGRITY_WRITES as u64 + k as u64;
+            let buffer = data + 4096 * k as u64;
+            for i in 0..4096 {
+                wr(buffer + i, integrity_byte(block, i));
+            }
+            *request = (BLK_T_OUT, block * 8);
+        }
+        if let Err(error) = blk_batch(q, clock, &requests, data, &mut order) {
+            return fail(detail, "round", error);
+        }
+        if usize::from(order[INTEGRITY_WRITES]) != INTEGRITY_WRITES {
+            detail
+                .str("round ")
+                .dec(round)
+                .str(": the flush completed before a write submitted with it");
+            return Err(());
+        }
+        Serial
+            .str("blk-integrity: flushed ")
+            .dec((round + 1) * INTEGRITY_WRITES as u64)
+            .str("\n");
+    }
+    detail.str("flushed=").dec(rounds * INTEGRITY_WRITES as u64);
+    Ok(())
+}
+
+fn integrity_verify(
+    q: &mut Queue,
+    clock: Clock,
+    blocks: u64,
+    data: u64,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    let mut requests = [(BLK_T_IN, 0); INTEGRITY_WRITES + 1];
+    let mut order = [0u16; INTEGRITY_WRITES + 1];
+    let mut first = 0;
+    while first < blocks {
+        let n = (blocks - first).min(requests.len() as u64) as usize;
+        for (k, request) in requests[..n].iter_mut().enumerate() {
+            *request = (BLK_T_IN, (first + k as u64) * 8);
+        }
+        if let Err(error) = blk_batch(q, clock, &requests[..n], data, &mut order) {
+            return fail(detail, "read", error);
+        }
+        for k in 0..n as u64 {
+            let block = first + k;
+            if (0..4096).any(|i| rd::<u8>(data + 4096 * k + i) != integrity_byte(block, i)) {
+                detail
+                    .str("block ")
+                    .dec(block)
+                    .str(" does not hold what was flushed");
+                return Err(());
+            }
+        }
+        first += n as u64;
+    }
+    detail.str("verified=").dec(blocks);
+    Ok(())
+}
+
+/// Where `blk_batch` puts slot `slot`'s request header and status byte.
+fn batch_header(slot: u16) -> u64 {
+    dma(HEADER) + 16 * u64::from(slot)
+}
+
+fn batch_status(slot: u16) -> u64 {
+    dma(HEADER) + 0x800 + u64::from(slot)
+}
+
+/// Submits `requests` (`(kind, sector)`: request `k` in slot `k`, its 4 KiB of
+/// data at `data + 4096 k`, none for a flush) together and waits for all of
+/// them; `order` gets the slots in the order they completed.
+fn blk_batch(
+    q: &mut Queue,
+    clock: Clock,
+    requests: &[(u32, u64)],
+    data: u64,
+    order: &mut [u16],
+) -> Result<(), &'static str> {
+    blk_submit(q, requests, data);
+    let status = batch_status;
+    let start = rdtsc();
+    let mut done = 0;
+    while done < requests.len() {
+        if rd::<u16>(q.ring + USED + 2) == q.used {
+            if rdtsc() - start > clock.ms(5000) {
+                return Err(if q.needs_reset() {
+                    "DEVICE_NEEDS_RESET"
+                } else {
+                    "timeout"
+                });
+            }
+            continue;
+        }
+        compiler_fence(Ordering::SeqCst);
+        let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
+        let slot = rd::<u32>(elem) as u16 / DESCS_PER_REQUEST;
+        q.used = q.used.wrapping_add(1);
+        if usize::from(slot) >= requests.len() {
+            return Err("used id is no request's head");
+        }
+        if rd::<u8>(status(slot)) != BLK_S_OK {
+            return Err("status not OK");
+        }
+        order[done] = slot;
+        done += 1;
+        q.arm_used_event();
+    }
+    let isr = q.dev.read(INTERRUPT_STATUS);
+    if isr != 0 {
+        q.dev.write(INTERRUPT_ACK, isr);
+    }
+    Ok(())
+}
+
+/// The submitting half of [`blk_batch`]: makes `requests` available and
+/// notifies the device.
+fn blk_submit(q: &mut Queue, requests: &[(u32, u64)], data: u64) {
+    let (header, status) = (batch_header, batch_status);
+    let old = q.avail;
+    q.arm_used_event();
+    for (k, &(kind, sector)) in requests.iter().enumerate() {
+        let slot = k as u16;
+        wr(header(slot), kind);
+        wr(header(slot) + 4, 0u32);
+        wr(header(slot) + 8, sector);
+        wr(status(slot), 0xffu8);
+        let head = slot * DESCS_PER_REQUEST;
+        q.desc(head, header(slot), 16, NEXT, head + 1);
+        if kind == BLK_T_FLUSH {
+            q.desc(head + 1, status(slot), 1, WRITE, 0);
+        } else {
+            let writes = if kind == BLK_T_OUT { 0 } else { WRITE };
+            q.desc(
+                head + 1,
+                data + 4096 * u64::from(slot),
+                4096,
+                NEXT | writes,
+                head + 2,
+            );
+            q.desc(head + 2, status(slot), 1, WRITE, 0);
+        }
+        q.push_avail(head);
+    }
+    q.notify_since(old);
 }
 
 /// `flood` runs this long without `flood_s=`.
@@ -1482,7 +2076,7 @@ impl Records {
         let dev = find(devices, clock, ID_BLK, |f| f & BLK_F_RO == 0)
             .ok_or("no virtio-blk device without VIRTIO_BLK_F_RO")?;
         let features = negotiate(dev, clock, 0)?;
-        let q = setup_queue_at(dev, clock, 0, features, dma(RINGS_SECOND))?;
+        let q = setup_queue_at(dev, clock, 0, features, dma(RINGS_SECOND), QUEUE_SIZE)?;
         driver_ok(dev)?;
         Ok(Records {
             capacity: dev.config_u64(0),

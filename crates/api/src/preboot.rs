@@ -123,12 +123,6 @@ impl PreBoot {
             }
         }
         d.to_config()?;
-        if d.io_engine.as_deref() == Some("Async") {
-            tracing::warn!(
-                drive = d.drive_id,
-                "io_engine \"Async\": Vigil serves virtio-blk synchronously on its device thread"
-            );
-        }
         self.check_device_count(usize::from(
             !self.drives.iter().any(|o| o.drive_id == d.drive_id),
         ))?;

@@ -69,6 +69,9 @@ pub struct DeviceCounters {
     pub errors: Counter,
     /// Times a request had to wait for the rate limiter.
     pub throttled: Counter,
+    /// Used-buffer interrupts raised (virtio-blk only so far); below the
+    /// requests when the driver batches with `VIRTIO_F_RING_EVENT_IDX`.
+    pub interrupts: Counter,
     /// Balloon only: pages (4 KiB) the driver says it holds (`actual`).
     pub balloon_actual_pages: Gauge,
     /// Balloon only: pages (4 KiB) the device asks for (`num_pages`).
@@ -125,6 +128,7 @@ impl DeviceCounters {
             ops_other: self.ops_other.get(),
             errors: self.errors.get(),
             throttled: self.throttled.get(),
+            interrupts: self.interrupts.get(),
             balloon,
         }
     }
@@ -142,6 +146,9 @@ pub struct DeviceSnapshot {
     pub ops_other: u64,
     pub errors: u64,
     pub throttled: u64,
+    /// Used-buffer interrupts (see [`DeviceCounters::interrupts`]).
+    #[serde(default)]
+    pub interrupts: u64,
     /// Present for a balloon.
     pub balloon: Option<BalloonSnapshot>,
 }
@@ -168,6 +175,7 @@ mod tests {
         c.ops_other.inc();
         c.errors.inc();
         c.throttled.add(2);
+        c.interrupts.add(3);
         let s = c.snapshot();
         assert_eq!(
             s,
@@ -181,6 +189,7 @@ mod tests {
                 ops_other: 1,
                 errors: 1,
                 throttled: 2,
+                interrupts: 3,
                 balloon: None,
             }
         );

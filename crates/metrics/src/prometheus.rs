@@ -343,7 +343,7 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
-    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 2] = [
+    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 3] = [
         (
             "vigil_device_errors_total",
             "Failed requests and dropped frames or packets.",
@@ -353,6 +353,11 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             "vigil_device_throttled_total",
             "Times a request waited for the device's rate limiter.",
             |d| d.throttled,
+        ),
+        (
+            "vigil_device_interrupts_total",
+            "Used-buffer interrupts the device raised.",
+            |d| d.interrupts,
         ),
     ];
     for (name, help, get) in per_device {

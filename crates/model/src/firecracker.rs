@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    self, BalloonConfig, BootConfig, BucketUpdate, ConfigError, DriveConfig, FieldError,
+    self, BalloonConfig, BootConfig, BucketUpdate, ConfigError, DriveConfig, FieldError, IoEngine,
     KernelImage, LimitUpdate, NetConfig, RateLimit, VmConfig, VsockConfig,
 };
 use crate::cpu::{BitModifier, CpuModifiers, CpuidModifier, MsrModifier, Reg};
@@ -678,10 +678,11 @@ impl Drive {
             None | Some("Unsafe") | Some("Writeback") => {}
             Some(v) => return Err(BodyError::CacheType(v.to_owned())),
         }
-        match self.io_engine.as_deref() {
-            None | Some("Sync") | Some("Async") => {}
+        let io_engine = match self.io_engine.as_deref() {
+            None | Some("Sync") => IoEngine::Sync,
+            Some("Async") => IoEngine::Async,
             Some(v) => return Err(BodyError::IoEngine(v.to_owned())),
-        }
+        };
         if let Some(uuid) = self.partuuid.as_ref().filter(|_| !self.is_root_device) {
             return Err(BodyError::PartuuidNotRoot(uuid.clone()));
         }
@@ -690,6 +691,7 @@ impl Drive {
             path: PathBuf::from(path),
             read_only: self.is_read_only.unwrap_or(false),
             rate_limit: rate_limit("rate_limiter", self.rate_limiter.as_ref())?,
+            io_engine,
             ..Default::default()
         };
         drive.validate().map_err(ConfigError::from)?;

@@ -158,6 +158,13 @@ const WRITE_FILES: &[Sysno] = &[
     unlinkat, mkdirat,
 ];
 
+/// A disk on the asynchronous engine (`io_engine` Async): its io_uring is set up
+/// and its completion eventfd registered where the device is built (the main
+/// thread; the API or migration thread for a restored VM), requests are
+/// submitted and completions drained on the device thread, and a snapshot's
+/// wait for requests in flight runs where the snapshot is taken.
+const IO_URING: &[Sysno] = &[io_uring_setup, io_uring_enter, io_uring_register];
+
 fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
     match kind {
         ThreadKind::Main => {
@@ -166,6 +173,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             // restores the terminal.
             list.any(READ_FILES);
             list.any(WRITE_FILES);
+            list.any(IO_URING);
             kvm_ioctls(list, &[TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ])?;
         }
         ThreadKind::Api => {
@@ -189,6 +197,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             ]);
             list.any(READ_FILES);
             list.any(WRITE_FILES);
+            list.any(IO_URING);
             kvm_ioctls(list, &[FIONBIO, FIONREAD])?;
             start_threads(list)?;
         }
@@ -260,6 +269,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
                 shutdown,
                 getsockopt,
             ]);
+            list.any(IO_URING);
             list.when(
                 socket,
                 vec![rule(&[(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])?],
@@ -296,6 +306,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             ]);
             list.any(READ_FILES);
             list.any(WRITE_FILES);
+            list.any(IO_URING);
             list.when_arg(
                 socket,
                 0,

@@ -431,8 +431,12 @@ pub struct RunArgs {
     /// requests: bw=BYTES/s, bw_burst=BYTES, ops=REQUESTS/s, ops_burst=REQUESTS; on
     /// reads alone: rd_bw, rd_bw_burst, rd_ops, rd_ops_burst; on writes (and discard,
     /// write-zeroes) alone: wr_bw, wr_bw_burst, wr_ops, wr_ops_burst (sizes take K,
-    /// M, G suffixes). Example: --disk path=rootfs.img,ro=on,id=root,bw=50M,wr_ops=200
-    #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..]", value_parser = crate::devices_cli::parse_disk)]
+    /// M, G suffixes); io_engine=sync|async: sync (default) serves one request at a
+    /// time on the device thread, async submits reads, writes and flushes to
+    /// io_uring, many in flight (Firecracker's io_engine "Async"; refused where the
+    /// host has no io_uring). Example:
+    /// --disk path=rootfs.img,ro=on,id=root,bw=50M,wr_ops=200,io_engine=async
+    #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..][,io_engine=async]", value_parser = crate::devices_cli::parse_disk)]
     pub disk: Vec<DriveConfig>,
 
     /// A virtio-rng entropy device fed by the host's getrandom, with an optional

@@ -3,7 +3,9 @@
 //! option strings of `vigil_model::options`. What is checked here is the shape
 //! of each value; the configuration's own checks (`VmConfig::validate`) come after.
 
-use vigil_model::config::{BalloonConfig, DriveConfig, NetConfig, RateLimit, VsockConfig};
+use vigil_model::config::{
+    BalloonConfig, DriveConfig, IoEngine, NetConfig, RateLimit, VsockConfig,
+};
 use vigil_model::options::{Options, OptionsError};
 use vigil_model::MacAddr;
 
@@ -64,7 +66,11 @@ fn keys<'k>(plain: &[&'k str], rates: &'k [String]) -> Vec<&'k str> {
 /// Parses one `--disk` value (an empty id is filled in later with the disk's index).
 pub fn parse_disk(s: &str) -> Result<DriveConfig, String> {
     let rates: Vec<String> = ["", "rd_", "wr_"].into_iter().flat_map(rate_keys).collect();
-    let p = Pairs::parse("--disk", s, &keys(&["path", "ro", "id"], &rates))?;
+    let p = Pairs::parse(
+        "--disk",
+        s,
+        &keys(&["path", "ro", "id", "io_engine"], &rates),
+    )?;
     let path = p
         .options
         .get("path")
@@ -77,6 +83,15 @@ pub fn parse_disk(s: &str) -> Result<DriveConfig, String> {
         rate_limit: p.rate_limit("")?,
         read_limit: p.rate_limit("rd_")?,
         write_limit: p.rate_limit("wr_")?,
+        io_engine: match p.options.get("io_engine") {
+            None | Some("sync") => IoEngine::Sync,
+            Some("async") => IoEngine::Async,
+            Some(v) => {
+                return Err(format!(
+                "--disk io_engine={v}: expected sync (one request at a time) or async (io_uring)"
+            ))
+            }
+        },
     })
 }
 
@@ -185,6 +200,13 @@ mod tests {
             .contains("rd_ops_burst needs rd_ops"));
         let d = parse_disk("path=b.img").unwrap();
         assert!(!d.read_only && d.id.is_empty() && d.rate_limit == RateLimit::default());
+        assert_eq!(d.io_engine, IoEngine::Sync);
+        let d = parse_disk("path=b.img,io_engine=async").unwrap();
+        assert_eq!(d.io_engine, IoEngine::Async);
+        assert_eq!(
+            parse_disk("path=b.img,io_engine=sync").unwrap().io_engine,
+            IoEngine::Sync
+        );
     }
 
     #[test]
@@ -214,6 +236,10 @@ mod tests {
         assert!(parse_disk("path=a,junk")
             .unwrap_err()
             .contains("\"junk\" is not key=value"));
+        assert_eq!(
+            parse_disk("path=a,io_engine=Turbo").unwrap_err(),
+            "--disk io_engine=Turbo: expected sync (one request at a time) or async (io_uring)"
+        );
     }
 
     #[test]

@@ -68,6 +68,14 @@ fn metrics_file_counts_exits_block_requests_and_memory() {
     assert!(u("block_blk0", "other_count") >= 2, "GET_ID and FLUSH");
     assert!(u("block_blk0", "errors") >= 1, "the read past the end");
     assert_eq!(u("block_blk0", "throttled"), 0);
+    // One request at a time, no EVENT_IDX negotiated: every request interrupts.
+    assert_eq!(
+        u("block_blk0", "interrupts"),
+        u("block_blk0", "read_count")
+            + u("block_blk0", "write_count")
+            + u("block_blk0", "other_count"),
+        "{text}"
+    );
     assert_eq!(u("block", "read_bytes"), u("block_blk0", "read_bytes"));
 }
 

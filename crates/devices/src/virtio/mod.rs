@@ -43,6 +43,13 @@ pub(crate) type Writer<'a> = virtio_queue::Writer<'a, BS<'a, AtomicBitmap>>;
 
 /// `VIRTIO_F_VERSION_1`: the device is a virtio 1.x device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_RING_INDIRECT_DESC` (virtio 1.1, 2.6.5.3): a descriptor may point
+/// at a table of descriptors (virtio-queue's chains follow it, checking it).
+pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_F_RING_EVENT_IDX` (virtio 1.1, 2.6.7, 2.6.10): each side writes the
+/// ring index at which it next wants to hear from the other (`used_event`,
+/// `avail_event`), so that notifications and interrupts come once per batch.
+pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 
 /// Device types (virtio 1.1, 5).
 pub const TYPE_NET: u32 = 1;
@@ -209,6 +216,19 @@ pub trait VirtioDevice: Send {
     }
     /// The device is reset: forget any in-flight state.
     fn reset(&mut self) {}
+    /// Completes everything in flight on the host (an asynchronous disk's
+    /// requests), its chains given back: before a snapshot captures the queues.
+    fn quiesce(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let _ = (queues, mem);
+        Ok(QueueOutcome::Done(false))
+    }
+    /// The transport raised the used-buffer interrupt after this device's
+    /// processing (for its metrics; with event indices not every batch does).
+    fn interrupted(&self) {}
 
     /// The features the driver accepted: told when the transport takes them
     /// (FEATURES_OK) and when a device is restored. A device whose queues depend
@@ -300,6 +320,10 @@ pub(crate) fn serve_chains<'a>(
     loop {
         let chain = match pop_chain(queue, mem, &mut budget)? {
             Next::Chain(chain) => chain,
+            // With event indices, tell the driver where to notify next (the
+            // entry after the last one taken); one made available meanwhile is
+            // served now, since its notification may have been skipped.
+            Next::Empty if queue.event_idx_enabled() && rearm(queue, mem)? => continue,
             Next::Empty => return Ok(QueueOutcome::Done(used)),
             Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
         };
@@ -354,6 +378,14 @@ pub(crate) fn whole_chain_writer<'a>(
 ) -> Result<Writer<'a>, virtio_queue::Error> {
     whole(&chain)?;
     chain.writer(mem)
+}
+
+/// Writes `avail_event` (the next entry the device will take); whether the
+/// driver made more available meanwhile.
+fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+    queue
+        .enable_notification(mem)
+        .map_err(|e| DeviceBroken(format!("cannot write avail_event: {e:?}")))
 }
 
 /// Returns the chain at `head` to the driver, `len` bytes written into it.

@@ -25,6 +25,30 @@ pub struct DriveConfig {
     pub read_limit: RateLimit,
     /// Limits on writes, discards and write-zeroes alone.
     pub write_limit: RateLimit,
+    /// How reads, writes and flushes reach the image.
+    pub io_engine: IoEngine,
+}
+
+/// How a disk's reads, writes and flushes reach its image (Firecracker's
+/// `io_engine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IoEngine {
+    /// One request at a time on the device thread (`pread`/`pwrite`/`fdatasync`).
+    #[default]
+    Sync,
+    /// Submitted to io_uring, many in flight, completed in any order (a flush
+    /// after every write submitted before it).
+    Async,
+}
+
+impl IoEngine {
+    /// `Sync` or `Async`, as Firecracker's API spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoEngine::Sync => "Sync",
+            IoEngine::Async => "Async",
+        }
+    }
 }
 
 /// A disk that cannot be attached as given.

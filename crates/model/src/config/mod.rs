@@ -23,7 +23,7 @@ use std::path::PathBuf;
 pub use balloon::{BalloonConfig, BalloonConfigError};
 pub use boot::{BootConfig, BootConfigError, BootProtocol, KernelImage};
 pub use compression::{CompressionAlgo, MemoryCompression, MemoryCompressionError};
-pub use drive::{DriveConfig, DriveConfigError};
+pub use drive::{DriveConfig, DriveConfigError, IoEngine};
 pub use introspect::{IntrospectConfig, IntrospectConfigError, Policy};
 pub use machine::{CpuTemplate, HugePages, MachineConfig, MachineConfigError};
 pub use net::{NetConfig, NetConfigError};

@@ -195,7 +195,10 @@ impl SnapshotSources {
         let extensions = self.capture_extensions()?;
         // The device event loop may be in the middle of a request: holding every
         // transport keeps it out of the queues and guest memory until both taken.
-        let transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
+        // An asynchronous disk's requests in flight complete first, so that the
+        // queues and guest memory hold their results.
+        let mut transports: Vec<_> = self.transports.iter().map(|t| lock(t)).collect();
+        transports.iter_mut().for_each(|t| t.quiesce());
         let virtio = transports.iter().map(|t| t.state()).collect();
         let pci = self.pci_functions.iter().map(|f| lock(f).save()).collect();
         let mut state = VmState {

@@ -9,20 +9,23 @@ use std::sync::Arc;
 
 use crate::GuestMemoryMmap;
 use vigil_metrics::{DeviceCounters, DeviceKind};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{Address, Bytes, GuestAddress};
+use vmm_sys_util::epoll::EventSet;
 
 use super::request::{
     Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
+use super::uring::{Done, Submission, Uring};
 use crate::persist::Persist;
 use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
+    TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
-use vigil_model::config::{DriveConfig, FieldError};
+use vigil_model::config::{DriveConfig, FieldError, IoEngine};
 
 const QUEUE_SIZE: u16 = 256;
 pub(super) const ID_LEN: usize = 20;
@@ -48,6 +51,14 @@ pub struct Block {
     pub(super) read_limiter: RateLimiter,
     pub(super) write_limiter: RateLimiter,
     buf: Vec<u8>,
+    /// The asynchronous engine's ring (`io_engine` Async), else `None`.
+    uring: Option<Uring>,
+    /// The asynchronous engine's lists, kept between requests (no allocation
+    /// per request): the chain's buffers, a request's data buffers, completions.
+    readable: Vec<(GuestAddress, usize)>,
+    writable: Vec<(GuestAddress, usize)>,
+    segments: Vec<(GuestAddress, usize)>,
+    done: Vec<Done>,
     requests: u64,
     errors: u64,
     metrics: Arc<DeviceCounters>,
@@ -66,12 +77,15 @@ pub enum BlockError {
     NotAFile { path: String },
     #[error("drive_id {id:?}: longer than the 20 bytes virtio-blk allows")]
     IdTooLong { id: String },
+    #[error("io_engine \"Async\": this host cannot set up an io_uring ({source}); use \"Sync\"")]
+    IoUring { source: std::io::Error },
 }
 
 impl FieldError for BlockError {
     fn field(&self) -> &'static str {
         match self {
             BlockError::IdTooLong { .. } => "drive_id",
+            BlockError::IoUring { .. } => "io_engine",
             _ => "path_on_host",
         }
     }
@@ -111,6 +125,18 @@ impl Block {
         }
         let mut id = [0u8; ID_LEN];
         id[..config.id.len()].copy_from_slice(config.id.as_bytes());
+        let uring = match config.io_engine {
+            IoEngine::Sync => None,
+            IoEngine::Async => {
+                let uring =
+                    Uring::new(QUEUE_SIZE).map_err(|source| BlockError::IoUring { source })?;
+                tracing::info!(
+                    drive = config.id,
+                    "io_engine Async: requests go to an io_uring of {QUEUE_SIZE} entries"
+                );
+                Some(uring)
+            }
+        };
         Ok(Self {
             file,
             path: config.path.clone(),
@@ -121,6 +147,11 @@ impl Block {
             read_limiter: RateLimiter::new(config.read_limit),
             write_limiter: RateLimiter::new(config.write_limit),
             buf: vec![0; CHUNK],
+            uring,
+            readable: Vec::new(),
+            writable: Vec::new(),
+            segments: Vec::new(),
+            done: Vec::new(),
             requests: 0,
             errors: 0,
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Block, config.id.clone())),
@@ -137,6 +168,15 @@ impl Block {
     /// one Firecracker's `rate_limiter` sets) while the device runs.
     pub fn rate_limit_control(&mut self) -> Arc<RateLimitControl> {
         self.limiter.control()
+    }
+
+    /// How requests reach the image.
+    pub fn io_engine(&self) -> IoEngine {
+        if self.uring.is_some() {
+            IoEngine::Async
+        } else {
+            IoEngine::Sync
+        }
     }
 
     /// Capacity in sectors.
@@ -308,8 +348,14 @@ impl Block {
             _ => S_UNSUPP,
         };
         status_writer.write_all(&[status]).ok()?;
+        self.count(header.kind, status);
+        Some(written as u32 + 1)
+    }
+
+    /// Counts a request of `kind` that completed with `status`.
+    fn count(&mut self, kind: u32, status: u8) {
         self.requests += 1;
-        match header.kind {
+        match kind {
             T_IN => self.metrics.ops_in.inc(),
             T_OUT => self.metrics.ops_out.inc(),
             _ => self.metrics.ops_other.inc(),
@@ -318,7 +364,142 @@ impl Block {
             self.errors += 1;
             self.metrics.errors.inc();
         }
-        Some(written as u32 + 1)
+    }
+
+    /// Where a read, write or flush the synchronous path would not refuse at
+    /// once goes, for the asynchronous engine: its data buffers into
+    /// `self.segments` (a read's: the device-writable bytes but the last; a
+    /// write's: the device-readable bytes after the header), and its byte offset
+    /// and status byte (the last device-writable byte, as `Request::parse` split
+    /// them). `None` for what the synchronous path serves (the rest, and
+    /// refusals). `self.readable` and `self.writable` hold the chain's buffers.
+    fn async_request(&mut self, request: &Request) -> Option<(u64, GuestAddress)> {
+        let header = &request.header;
+        self.segments.clear();
+        let writable_len = request.data.available_bytes() + 1;
+        match header.kind {
+            T_IN if self.in_bounds(header.sector, writable_len as u64 - 1) => {
+                cut(&self.writable, 0, writable_len - 1, &mut self.segments);
+            }
+            T_OUT
+                if !self.read_only
+                    && self.in_bounds(header.sector, request.reader.available_bytes() as u64) =>
+            {
+                let header_len = std::mem::size_of::<super::request::RequestHeader>();
+                let len = request.reader.available_bytes();
+                cut(&self.readable, header_len, len, &mut self.segments);
+            }
+            T_FLUSH => {}
+            _ => return None,
+        }
+        let status = byte_at(&self.writable, writable_len - 1)?;
+        Some((header.sector.saturating_mul(SECTOR_SIZE), status))
+    }
+
+    /// Gives completed asynchronous requests (in `self.done`) back to the
+    /// driver: status written, chain used. Whether any was.
+    fn complete(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+        let mut used = false;
+        for i in 0..self.done.len() {
+            let Done {
+                head,
+                kind,
+                status,
+                moved,
+                result,
+            } = self.done[i];
+            if moved.is_none() {
+                tracing::warn!(kind, result, "virtio-blk asynchronous request failed");
+            }
+            let written = match (kind, moved) {
+                (T_IN, Some(n)) => {
+                    self.metrics.bytes_in.add(n as u64);
+                    n as u32
+                }
+                (T_OUT, Some(n)) => {
+                    self.metrics.bytes_out.add(n as u64);
+                    0
+                }
+                _ => 0,
+            };
+            let code = if moved.is_some() { S_OK } else { S_IOERR };
+            let len = if mem.write_obj(code, status).is_ok() {
+                self.count(kind, code);
+                written + 1
+            } else {
+                tracing::warn!(head, "virtio-blk status not writable");
+                self.errors += 1;
+                self.metrics.errors.inc();
+                0
+            };
+            add_used(queue, mem, head, len)?;
+            used = true;
+        }
+        self.done.clear();
+        Ok(used)
+    }
+
+    /// Hands the requests queued for the asynchronous engine to the kernel, and
+    /// gives back any that completed already (reads from the page cache often
+    /// complete during submission).
+    fn submit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+        let Some(uring) = self.uring.as_mut() else {
+            return Ok(false);
+        };
+        if let Err(e) = uring.submit() {
+            // Retried at the next call; a completion or a notification makes one.
+            tracing::warn!("virtio-blk: io_uring submission failed: {e}");
+        }
+        uring.completed(&mut self.done);
+        self.complete(queue, mem)
+    }
+
+    /// Notes the device-readable and device-writable buffers of `chain`, in order.
+    fn note_buffers(&mut self, chain: &DescriptorChain<&GuestMemoryMmap>) {
+        self.readable.clear();
+        self.writable.clear();
+        for d in chain.clone() {
+            let buffer = (d.addr(), d.len() as usize);
+            if d.is_write_only() {
+                self.writable.push(buffer);
+            } else {
+                self.readable.push(buffer);
+            }
+        }
+    }
+}
+
+/// Where byte `offset` of `buffers` (in order) is.
+fn byte_at(buffers: &[(GuestAddress, usize)], mut offset: usize) -> Option<GuestAddress> {
+    for &(addr, n) in buffers {
+        if offset < n {
+            return Some(addr.unchecked_add(offset as u64));
+        }
+        offset -= n;
+    }
+    None
+}
+
+/// Appends to `out` the `len` bytes of `buffers` (in order) that start `skip`
+/// bytes in, as buffers.
+fn cut(
+    buffers: &[(GuestAddress, usize)],
+    mut skip: usize,
+    mut len: usize,
+    out: &mut Vec<(GuestAddress, usize)>,
+) {
+    for &(addr, n) in buffers {
+        if len == 0 {
+            break;
+        }
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(len);
+        out.push((addr.unchecked_add(skip as u64), take));
+        len -= take;
+        skip = 0;
     }
 }
 
@@ -342,7 +523,12 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let base = VIRTIO_F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        let base = VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_EVENT_IDX
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH;
         if self.read_only {
             base | F_RO
         } else {
@@ -368,14 +554,22 @@ impl VirtioDevice for Block {
         copy_config(&config, offset, data);
     }
 
+    fn interrupted(&self) {
+        self.metrics.interrupts.inc();
+    }
+
     fn process_queue(
         &mut self,
         _index: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        serve_chains(queue, mem, |chain| {
+        let outcome = serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
+            let is_async = self.uring.is_some();
+            if is_async {
+                self.note_buffers(&chain);
+            }
             let Some(request) = Request::parse(chain, mem) else {
                 // Still an operation: a guest cannot flood the device with garbage.
                 if let Err(wait) = self.limiter.consume(0) {
@@ -394,12 +588,89 @@ impl VirtioDevice for Block {
                 self.metrics.throttled.inc();
                 return Ok(Served::Wait(wait));
             }
+            if let Some((offset, status)) = is_async.then(|| self.async_request(&request)).flatten()
+            {
+                let submission = Submission {
+                    head,
+                    kind: request.header.kind,
+                    offset,
+                    status,
+                    segments: &self.segments,
+                };
+                match self
+                    .uring
+                    .as_mut()
+                    .and_then(|u| u.push(&self.file, mem, &submission))
+                {
+                    Some(true) => return Ok(Served::Kept { release: None }),
+                    // Never: there are as many slots as queue entries.
+                    Some(false) => {
+                        return Err(DeviceBroken(
+                            "more virtio-blk requests in flight than queue entries".into(),
+                        ))
+                    }
+                    // Buffers across a memory region boundary: served here.
+                    None => {}
+                }
+            }
             Ok(Served::Used(self.serve(request).unwrap_or_else(|| {
                 tracing::warn!(head, "virtio-blk status not writable");
                 self.errors += 1;
                 self.metrics.errors.inc();
                 0
             })))
+        })?;
+        let completed = self.submit(queue, mem)?;
+        Ok(match outcome {
+            QueueOutcome::Done(used) => QueueOutcome::Done(used || completed),
+            QueueOutcome::RetryAfter(wait, used) => {
+                QueueOutcome::RetryAfter(wait, used || completed)
+            }
         })
+    }
+
+    fn watched_fds(&mut self) -> Vec<(std::os::fd::RawFd, EventSet)> {
+        self.uring
+            .as_ref()
+            .map(|u| vec![(u.eventfd().as_raw_fd(), EventSet::IN)])
+            .unwrap_or_default()
+    }
+
+    fn process_fd(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        _events: EventSet,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let (Some(uring), Some(queue)) = (self.uring.as_mut(), queues.first_mut()) else {
+            return Ok(QueueOutcome::Done(false));
+        };
+        if uring.eventfd().as_raw_fd() != fd {
+            return Ok(QueueOutcome::Done(false));
+        }
+        uring.completed(&mut self.done);
+        Ok(QueueOutcome::Done(self.complete(queue, mem)?))
+    }
+
+    fn quiesce(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let (Some(uring), Some(queue)) = (self.uring.as_mut(), queues.first_mut()) else {
+            return Ok(QueueOutcome::Done(false));
+        };
+        uring.wait_all(&mut self.done);
+        Ok(QueueOutcome::Done(self.complete(queue, mem)?))
+    }
+
+    fn reset(&mut self) {
+        // The driver forgot its queue: what is in flight completes unreported.
+        // No waiting: the status write that resets comes on a vCPU thread.
+        if let Some(uring) = self.uring.as_mut() {
+            uring.forget_all();
+        }
+        self.done.clear();
     }
 }

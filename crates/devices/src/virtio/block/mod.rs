@@ -5,6 +5,7 @@
 mod device;
 mod persist;
 mod request;
+mod uring;
 
 pub use device::{Block, BlockError};
 pub use persist::BlockState;

@@ -10,7 +10,7 @@ use crate::persist::{Persist, RestoreError};
 use crate::rate_limiter::RateLimitState;
 use crate::virtio::persist::VirtioDeviceState;
 use crate::virtio::{VirtioDevice, TYPE_BLOCK};
-use vigil_model::config::DriveConfig;
+use vigil_model::config::{DriveConfig, IoEngine};
 
 /// virtio-blk: the image is re-opened from `path` on restore; it must still have
 /// `capacity` sectors.
@@ -26,6 +26,10 @@ pub struct BlockState {
     pub rate_limit: RateLimitState,
     pub read_limit: RateLimitState,
     pub write_limit: RateLimitState,
+    /// How requests reach the image (absent in snapshots from before the
+    /// asynchronous engine: `Sync`).
+    #[serde(default)]
+    pub io_engine: IoEngine,
 }
 
 impl Persist for Block {
@@ -43,6 +47,7 @@ impl Persist for Block {
             rate_limit: self.limiter.limit().into(),
             read_limit: self.read_limiter.limit().into(),
             write_limit: self.write_limiter.limit().into(),
+            io_engine: self.io_engine(),
         }
     }
 
@@ -65,6 +70,7 @@ impl Persist for Block {
             rate_limit: s.rate_limit.to_limit("rate_limit")?,
             read_limit: s.read_limit.to_limit("read_limit")?,
             write_limit: s.write_limit.to_limit("write_limit")?,
+            io_engine: s.io_engine,
         };
         let block = Block::new(&config).map_err(|e| match e {
             BlockError::Open { mode, source, .. } => RestoreError::Resource {
@@ -77,6 +83,12 @@ impl Persist for Block {
                 RestoreError::invalid("path", &path, "not a regular file or block device")
             }
             BlockError::IdTooLong { .. } => id_too_long(),
+            BlockError::IoUring { source } => RestoreError::Resource {
+                field: "io_engine".into(),
+                value: s.io_engine.name().into(),
+                why: "cannot set up an io_uring on this host".into(),
+                source,
+            },
         })?;
         if block.capacity() != s.capacity {
             return Err(RestoreError::invalid(

@@ -18,7 +18,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     DeviceBroken, Interrupt, QueueOutcome, VirtioDevice, INT_CONFIG, INT_USED_RING,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::bus::BusDevice;
 
@@ -187,6 +187,10 @@ impl MmioTransport {
                 value &= !status::FEATURES_OK;
             } else {
                 self.device.ack_features(self.driver_features);
+                let event_idx = self.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
+                for q in &mut self.queues {
+                    q.set_event_idx(event_idx);
+                }
             }
         }
         if added & status::DRIVER_OK != 0 {
@@ -237,6 +241,17 @@ impl MmioTransport {
         self.outcome(None, result)
     }
 
+    /// Completes what the device has in flight on the host (see
+    /// [`VirtioDevice::quiesce`]), interrupting the driver as for any completion:
+    /// call it before [`Self::state`] when taking a snapshot.
+    pub fn quiesce(&mut self) {
+        if !self.driver_ok() {
+            return;
+        }
+        let result = self.device.quiesce(&mut self.queues, &self.mem);
+        self.outcome(None, result);
+    }
+
     /// The host fds the device wants watched: none until the driver is ready.
     pub fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
         let fds = self.device.watched_fds();
@@ -253,28 +268,52 @@ impl MmioTransport {
         index: Option<usize>,
         result: Result<QueueOutcome, DeviceBroken>,
     ) -> Option<Duration> {
-        let used = |interrupt: &Interrupt| match index {
-            Some(i) => interrupt.signal_queue(i),
-            None => interrupt.signal(INT_USED_RING),
-        };
-        match result {
-            Ok(QueueOutcome::Done(used_any)) => {
-                if used_any {
-                    used(&self.interrupt);
-                }
-                None
-            }
-            Ok(QueueOutcome::RetryAfter(wait, used_any)) => {
-                if used_any {
-                    used(&self.interrupt);
-                }
-                Some(wait)
-            }
+        let (used_any, wait) = match result {
+            Ok(QueueOutcome::Done(used_any)) => (used_any, None),
+            Ok(QueueOutcome::RetryAfter(wait, used_any)) => (used_any, Some(wait)),
             Err(DeviceBroken(why)) => {
                 self.needs_reset(&why);
-                None
+                return None;
+            }
+        };
+        if used_any {
+            match index {
+                Some(i) if self.queue_needs_interrupt(i) => {
+                    self.interrupt.signal_queue(i);
+                    self.device.interrupted();
+                }
+                Some(_) => {}
+                // A host fd's completions, on any queue: with event indices each
+                // queue is asked (one without new entries needs none).
+                None if self.queues.iter().any(|q| q.event_idx_enabled()) => {
+                    for i in 0..self.queues.len() {
+                        if self.queue_needs_interrupt(i) {
+                            self.interrupt.signal_queue(i);
+                            self.device.interrupted();
+                        }
+                    }
+                }
+                None => {
+                    self.interrupt.signal(INT_USED_RING);
+                    self.device.interrupted();
+                }
             }
         }
+        wait
+    }
+
+    /// Whether the driver wants an interrupt for what queue `index` just used:
+    /// with event indices, only when the used index passed its `used_event`
+    /// (once per batch); always without them.
+    fn queue_needs_interrupt(&mut self, index: usize) -> bool {
+        let Some(queue) = self.queues.get_mut(index) else {
+            return false;
+        };
+        if !queue.event_idx_enabled() {
+            return true;
+        }
+        // An unreadable used_event: interrupt, as without event indices.
+        queue.needs_notification(&self.mem).unwrap_or(true)
     }
 
     /// Writes register `offset` (also the virtio-pci common configuration's way in).

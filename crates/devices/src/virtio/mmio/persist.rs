@@ -28,17 +28,15 @@ use std::sync::Arc;
 
 use crate::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, MmioTransport, KNOWN_STATUS};
 use crate::persist::RestoreError;
 use crate::virtio::persist::{DeviceState, QueueState};
-use crate::virtio::{Interrupt, VirtioDevice, INT_CONFIG, INT_USED_RING, VIRTIO_F_VERSION_1};
-
-/// `VIRTIO_F_RING_EVENT_IDX` (virtio 1.1, 6): no device offers it today, so a
-/// queue with event indices on is refused unless the feature was negotiated.
-const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+use crate::virtio::{
+    Interrupt, VirtioDevice, INT_CONFIG, INT_USED_RING, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
 
 /// Everything of a virtio-mmio transport a driver can observe, and its device.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -186,6 +184,8 @@ impl MmioTransportState {
                 "only bits 0x1 (used ring) and 0x2 (configuration) exist",
             ));
         }
+        // A queue uses event indices exactly when the feature was negotiated (the
+        // live transport turns them on at FEATURES_OK).
         let event_idx = s & status::FEATURES_OK != 0 && acked & VIRTIO_F_RING_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len().min(16));
         for (i, q) in self.queues.iter().enumerate() {
@@ -197,7 +197,9 @@ impl MmioTransportState {
                     "VIRTIO_F_RING_EVENT_IDX was not negotiated",
                 ));
             }
-            queues.push(q.to_queue(&field)?);
+            let mut queue = q.to_queue(&field)?;
+            queue.set_event_idx(event_idx);
+            queues.push(queue);
         }
         self.device
             .check_queues(&self.queues)

@@ -1,9 +1,9 @@
 //! `vigil bench blk|net`: the test guest's virtio-blk and virtio-net benchmarks
-//! under Vigil and under QEMU microvm, in the same invocation, the VMMs
-//! interleaved round by round.
+//! under Vigil, QEMU microvm and (blk) Firecracker, in the same invocation, the
+//! VMMs interleaved round by round.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
@@ -32,27 +32,98 @@ pub struct DeviceBenchArgs {
     pub pci: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct BlkBenchArgs {
+    #[command(flatten)]
+    pub common: DeviceBenchArgs,
+
+    /// Queue depths to measure, comma-separated (requests the guest keeps in
+    /// flight, 1 to 128; three descriptors each in a 256-entry queue, so above 85
+    /// in indirect tables, which a device must offer: Firecracker's does not).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_name = "N,...",
+          value_parser = clap::value_parser!(u16).range(1..=128))]
+    pub qd: Vec<u16>,
+
+    /// Request sizes to measure, comma-separated: KiB with a `k` suffix or MiB
+    /// with `m`, 4k to 1m in 4 KiB steps (`4k,64k,1m`).
+    #[arg(long, value_delimiter = ',', default_value = "4k,64k", value_name = "SIZE,...",
+          value_parser = parse_request_size)]
+    pub bs: Vec<u64>,
+
+    /// Offsets drawn at random instead of in sequence.
+    #[arg(long)]
+    pub random: bool,
+
+    /// Also run Firecracker (this binary) with its drive on `io_engine: "Async"`
+    /// (io_uring); left out without it.
+    #[arg(long, value_name = "PATH")]
+    pub firecracker: Option<PathBuf>,
+}
+
+/// `--bs` words: `4k`, `64k`, `1m`; the size in KiB.
+fn parse_request_size(s: &str) -> Result<u64, String> {
+    let lower = s.to_ascii_lowercase();
+    let (digits, unit) = match lower.strip_suffix('k') {
+        Some(d) => (d, 1),
+        None => match lower.strip_suffix('m') {
+            Some(d) => (d, 1024),
+            None => return Err(format!("{s:?}: expected KiB with k or MiB with m (4k, 1m)")),
+        },
+    };
+    let kib = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("{s:?}: expected a number before the unit"))?;
+    if !(4..=1024).contains(&kib) || kib % 4 != 0 {
+        return Err(format!("{s:?}: expected 4k to 1m in 4 KiB steps"));
+    }
+    Ok(kib)
+}
+
 /// A benchmark the test guest runs against one virtio device.
 struct DeviceBench {
     /// The guest scenario; its PASS line carries `key=value` figures.
     scenario: &'static str,
     /// The figures to report, in table order.
     keys: &'static [&'static str],
+    /// The PASS line's figure counting requests, and how many times over (one per
+    /// direction) the device served that many: per-request columns divide by it.
+    requests: Option<(&'static str, u64)>,
     /// What the table's caption says.
-    caption: &'static str,
+    caption: String,
 }
 
-/// Runs `bench.scenario` once on `guest`; `attach` adds the device to the VMM's
-/// command line. Returns the figures of `bench.keys`, then the VMM's CPU time for
-/// the whole run (boot included) in ms.
+/// One run's figures: `bench.keys`, then the VMM's CPU time for the whole run
+/// (boot included) in µs, the requests served, and from Vigil's metrics its
+/// KVM exits and the device's used-buffer interrupts.
+struct Sample {
+    figures: Vec<u64>,
+    cpu_us: u64,
+    requests: Option<u64>,
+    exits: Option<u64>,
+    interrupts: Option<u64>,
+}
+
+/// Runs `bench.scenario` once on `guest` with `params` on its command line;
+/// `attach` adds the device to the VMM's command line. Vigil also writes its
+/// metrics (into `scratch`) for the exit and interrupt counts.
 fn device_once(
     vmm: &Vmm,
     guest: &Path,
+    scratch: &Scratch,
     bench: &DeviceBench,
+    params: &str,
     attach: &dyn Fn(&Vmm, &mut Command),
-) -> anyhow::Result<Vec<u64>> {
-    let mut cmd = vmm.command(guest, &format!("test={}", bench.scenario), 128)?;
+) -> anyhow::Result<Sample> {
+    let cmdline = format!("test={} {params}", bench.scenario);
+    let mut cmd = vmm.command(guest, cmdline.trim_end(), 128)?;
     attach(vmm, &mut cmd);
+    let metrics = scratch.0.join("metrics.json");
+    std::fs::remove_file(&metrics).ok();
+    if let Kind::Vigil(_) = vmm.kind {
+        cmd.arg("--metrics-path").arg(&metrics);
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -91,34 +162,189 @@ fn device_once(
         .filter_map(|w| w.split_once('='))
         .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
         .collect();
-    let mut out = bench
+    let figure = |k: &str| {
+        figures
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| *v)
+            .with_context(|| format!("{}: no {k} in {line}", vmm.name))
+    };
+    let values = bench
         .keys
         .iter()
-        .map(|k| {
-            figures
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| *v)
-                .with_context(|| format!("{}: no {k} in {line}", vmm.name))
-        })
+        .map(|k| figure(k))
         .collect::<anyhow::Result<Vec<u64>>>()?;
-    out.push(cpu.as_millis() as u64);
-    Ok(out)
+    let requests = match bench.requests {
+        Some((key, times)) => Some(figure(key)? * times),
+        None => None,
+    };
+    let (exits, interrupts) = match vmm.kind {
+        Kind::Vigil(_) => vigil_counts(&metrics)
+            .with_context(|| format!("{}: its metrics file {}", vmm.name, metrics.display()))?,
+        _ => (None, None),
+    };
+    Ok(Sample {
+        figures: values,
+        cpu_us: cpu.as_micros() as u64,
+        requests,
+        exits,
+        interrupts,
+    })
 }
 
-/// Runs `bench` under Vigil (and without seccomp when asked) and the peer,
-/// interleaved round by round (each round starting with the next VMM), and
-/// prints the medians with each Vigil row's ratio to the peer.
+/// KVM exits (all vCPUs) and block-device interrupts from the last line of a
+/// Vigil metrics file.
+fn vigil_counts(path: &Path) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    let text = std::fs::read_to_string(path)?;
+    let last = text.lines().last().context("empty")?;
+    let m: serde_json::Value = serde_json::from_str(last)?;
+    Ok((
+        m["vcpu"]["exits_total"].as_u64(),
+        m["block"]["interrupts"].as_u64(),
+    ))
+}
+
+/// One configuration to measure: its label in the tables and the scenario's
+/// command-line words.
+struct Case {
+    label: String,
+    params: String,
+}
+
+/// Runs every case of `bench` under `vmms` (the peers last), interleaved round
+/// by round (each round going through every case, each case starting with the
+/// next VMM), and prints one table per case: medians, per-request costs and
+/// each Vigil row's ratio to each peer.
 fn device_bench(
-    args: &DeviceBenchArgs,
+    runs: usize,
+    vmms: &[Vmm],
     bench: &DeviceBench,
+    cases: &[Case],
     attach: &dyn Fn(&Vmm, &mut Command),
 ) -> anyhow::Result<()> {
-    if args.runs == 0 {
+    if runs == 0 {
         bail!("--runs 0: need at least one round");
     }
     let scratch = Scratch::new("device")?;
     let guest = scratch.write("guest.elf", vigil_test_guest::ELF)?;
+    let progress = Progress::new();
+    // samples[case][vmm]
+    let mut samples: Vec<Vec<Vec<Sample>>> = cases
+        .iter()
+        .map(|_| vmms.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for round in 0..runs {
+        for (c, case) in cases.iter().enumerate() {
+            for k in 0..vmms.len() {
+                let i = (round + k) % vmms.len();
+                let sample = device_once(&vmms[i], &guest, &scratch, bench, &case.params, attach)?;
+                samples[c][i].push(sample);
+                progress.show(&format!(
+                    "round {}/{runs}: {}: {}",
+                    round + 1,
+                    case.label,
+                    vmms[i].name
+                ));
+            }
+        }
+    }
+    progress.done();
+
+    println!(
+        "{}, medians of {runs} rounds (VMMs interleaved). VMM CPU: user + system time of \
+         the VMM process for the whole run, boot included, per request served; exits: \
+         KVM exits of all vCPUs per request and used-buffer interrupts per request, from \
+         Vigil's metrics (a peer's are not counted: n/a):\n",
+        bench.caption
+    );
+    let per_request = bench.requests.is_some();
+    for (case, by_vmm) in cases.iter().zip(&samples) {
+        if !case.label.is_empty() {
+            println!("{}:\n", case.label);
+        }
+        let mut head = bench.keys.join(" | ");
+        if per_request {
+            head.push_str(" | VMM CPU µs/request | exits/request | interrupts/request");
+        } else {
+            head.push_str(" | VMM CPU (ms)");
+        }
+        let columns = head.split(" | ").count();
+        println!("| VMM | {head} |");
+        println!("|---|{}", "---:|".repeat(columns));
+        // Per VMM: the medians of the figures, then of the per-request costs.
+        let rows: Vec<Vec<Option<f64>>> = by_vmm
+            .iter()
+            .map(|s| medians(s, bench.keys.len(), per_request))
+            .collect();
+        let cell = |v: &Option<f64>| match v {
+            None => "n/a".to_string(),
+            Some(x) if x.fract() == 0.0 => format!("{x:.0}"),
+            Some(x) if *x >= 100.0 => format!("{x:.0}"),
+            Some(x) => format!("{x:.2}"),
+        };
+        for (vmm, row) in vmms.iter().zip(&rows) {
+            let cells: Vec<String> = row.iter().map(cell).collect();
+            println!("| {} | {} |", vmm.name, cells.join(" | "));
+        }
+        let peers = vmms
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !matches!(v.kind, Kind::Vigil(_)));
+        for (p, peer) in peers {
+            for (vmm, ours) in vmms
+                .iter()
+                .zip(&rows)
+                .filter(|(v, _)| matches!(v.kind, Kind::Vigil(_)))
+            {
+                let cells: Vec<String> = ours
+                    .iter()
+                    .zip(&rows[p])
+                    .map(|(a, b)| match (a, b) {
+                        (Some(a), Some(b)) if *b > 0.0 => format!("{:.2}", a / b),
+                        _ => "n/a".into(),
+                    })
+                    .collect();
+                println!(
+                    "| ratio {}/{} | {} |",
+                    vmm.name,
+                    peer.name,
+                    cells.join(" | ")
+                );
+            }
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// The median of each figure over `samples`, then either the VMM's CPU (ms) or
+/// the CPU µs, exits and interrupts per request.
+fn medians(samples: &[Sample], keys: usize, per_request: bool) -> Vec<Option<f64>> {
+    let mut row: Vec<Option<f64>> = (0..keys)
+        .map(|c| Some(median(samples.iter().map(|s| s.figures[c]).collect()) as f64))
+        .collect();
+    if !per_request {
+        row.push(Some(
+            median(samples.iter().map(|s| s.cpu_us / 1000).collect()) as f64,
+        ));
+        return row;
+    }
+    // Medians of ratios, in thousandths so that `median` can sort them.
+    let per = |get: &dyn Fn(&Sample) -> Option<u64>| -> Option<f64> {
+        let v: Option<Vec<u64>> = samples
+            .iter()
+            .map(|s| Some(get(s)? * 1000 / s.requests?.max(1)))
+            .collect();
+        v.map(|v| median(v) as f64 / 1000.0)
+    };
+    row.push(per(&|s| Some(s.cpu_us)));
+    row.push(per(&|s| s.exits));
+    row.push(per(&|s| s.interrupts));
+    row
+}
+
+/// Vigil (without seccomp and on PCI when asked) and QEMU as `args` says.
+fn vmms(args: &DeviceBenchArgs) -> anyhow::Result<Vec<Vmm>> {
     let mut vmms = vec![Vmm::vigil("vigil", &[])?];
     if args.no_seccomp {
         vmms.push(Vmm::vigil("vigil (no seccomp)", &["--no-seccomp"])?);
@@ -129,83 +355,93 @@ fn device_bench(
     if args.qemu != "none" {
         vmms.push(Vmm::qemu(&args.qemu));
     }
-    let progress = Progress::new();
-    let mut rounds: Vec<Vec<Vec<u64>>> = vec![Vec::new(); vmms.len()];
-    for round in 0..args.runs {
-        for k in 0..vmms.len() {
-            let i = (round + k) % vmms.len();
-            rounds[i].push(device_once(&vmms[i], &guest, bench, attach)?);
-            progress.show(&format!(
-                "round {}/{}: {}",
-                round + 1,
-                args.runs,
-                vmms[i].name
-            ));
-        }
-    }
-    progress.done();
-    let columns = bench.keys.len() + 1;
-    let medians: Vec<Vec<u64>> = rounds
-        .iter()
-        .map(|r| {
-            (0..columns)
-                .map(|c| median(r.iter().map(|x| x[c]).collect()))
-                .collect()
-        })
-        .collect();
-
-    println!(
-        "{}, medians of {} rounds (VMMs interleaved); VMM CPU: user + system time of the \
-         VMM process for the whole run, boot included:\n",
-        bench.caption, args.runs
-    );
-    println!("| VMM | {} | VMM CPU (ms) |", bench.keys.join(" | "));
-    println!("|---|{}", "---|".repeat(columns));
-    for (vmm, m) in vmms.iter().zip(&medians) {
-        let cells: Vec<String> = m.iter().map(u64::to_string).collect();
-        println!("| {} | {} |", vmm.name, cells.join(" | "));
-    }
-    if let (true, Some(peer)) = (args.qemu != "none", medians.last()) {
-        let peer_name = &vmms[vmms.len() - 1].name;
-        for (vmm, ours) in vmms.iter().zip(&medians).take(vmms.len() - 1) {
-            let cells: Vec<String> = ours
-                .iter()
-                .zip(peer)
-                .map(|(a, b)| format!("{:.2}", *a as f64 / (*b).max(1) as f64))
-                .collect();
-            println!("| ratio {}/{peer_name} | {} |", vmm.name, cells.join(" | "));
-        }
-    }
-    Ok(())
+    Ok(vmms)
 }
 
-pub fn run_blk(args: DeviceBenchArgs) -> anyhow::Result<()> {
-    let image = std::env::temp_dir().join(format!("vigil-bench-disk-{}.img", std::process::id()));
+/// The row of Vigil with its disk on the asynchronous engine (io_uring).
+const VIGIL_ASYNC: &str = "vigil (io_engine=async)";
+
+pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
+    let scratch = Scratch::new("blk")?;
+    let image = scratch.0.join("disk.img");
+    let mut vmms = vmms(&args.common)?;
+    vmms.insert(1, Vmm::vigil(VIGIL_ASYNC, &[])?);
+    match &args.firecracker {
+        Some(path) => {
+            let mut fc = Vmm::firecracker(path, &scratch.0)?;
+            fc.name = "firecracker (Async)".into();
+            vmms.push(fc);
+        }
+        None => eprintln!("firecracker: left out (give --firecracker PATH to compare with it)"),
+    }
+    let pattern = if args.random { "rand" } else { "seq" };
+    let mut cases = Vec::new();
+    for &qd in &args.qd {
+        for &kib in &args.bs {
+            cases.push(Case {
+                label: format!("queue depth {qd}, {kib} KiB requests, {pattern}"),
+                params: format!("blk_qd={qd} blk_bs_kib={kib} blk_pattern={pattern}"),
+            });
+        }
+    }
     let bench = DeviceBench {
         scenario: "blk-bench",
         keys: &["read_iops", "read_kib_s", "write_iops", "write_kib_s"],
-        caption: "virtio-blk, 4 KiB requests at queue depth 1 from the test guest (CPL3 polling \
-                  driver), fresh raw 64 MiB image per round, 4000 reads then 4000 writes",
+        requests: Some(("requests", 2)),
+        caption: "virtio-blk from the test guest (CPL3 polling driver, EVENT_IDX where the \
+                  device offers it), fresh raw 64 MiB image per run, reads then writes over \
+                  it: 4000 requests per direction (256 MiB at most)"
+            .into(),
     };
     let attach = |vmm: &Vmm, cmd: &mut Command| {
         // A fresh image each round; creation errors show up as the VMM's own.
         if let Ok(f) = std::fs::File::create(&image) {
             let _ = f.set_len(64 << 20);
         }
-        if let Kind::Vigil(_) = vmm.kind {
-            cmd.arg("--disk").arg(format!("path={}", image.display()));
-        } else {
-            cmd.args(["-global", "virtio-mmio.force-legacy=false", "-drive"])
-                .arg(format!(
-                    "id=d0,file={},format=raw,if=none,cache=writeback",
-                    image.display()
-                ))
-                .args(["-device", "virtio-blk-device,drive=d0"]);
+        match &vmm.kind {
+            Kind::Vigil(_) | Kind::JailedVigil(_) => {
+                let engine = if vmm.name == VIGIL_ASYNC {
+                    ",io_engine=async"
+                } else {
+                    ""
+                };
+                cmd.arg("--disk")
+                    .arg(format!("path={}{engine}", image.display()));
+            }
+            Kind::Qemu => {
+                cmd.args(["-global", "virtio-mmio.force-legacy=false", "-drive"])
+                    .arg(format!(
+                        "id=d0,file={},format=raw,if=none,cache=writeback",
+                        image.display()
+                    ))
+                    .args(["-device", "virtio-blk-device,drive=d0"]);
+            }
+            Kind::Firecracker(dir) => {
+                // The drive goes into the configuration file `command` wrote.
+                if let Err(e) = add_firecracker_drive(&dir.join("firecracker.json"), &image) {
+                    eprintln!("firecracker: {e:#}");
+                }
+            }
         }
     };
-    let result = device_bench(&args, &bench, &attach);
-    std::fs::remove_file(&image).ok();
-    result
+    device_bench(args.common.runs, &vmms, &bench, &cases, &attach)
+}
+
+/// Adds `image` as a writable data drive on the Async (io_uring) engine to the
+/// Firecracker configuration at `config`.
+fn add_firecracker_drive(config: &Path, image: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let mut body: serde_json::Value = serde_json::from_str(&text)?;
+    body["drives"] = serde_json::json!([{
+        "drive_id": "data",
+        "path_on_host": image,
+        "is_root_device": false,
+        "is_read_only": false,
+        "io_engine": "Async",
+    }]);
+    std::fs::write(config, body.to_string())
+        .with_context(|| format!("cannot write {}", config.display()))
 }
 
 /// Creates tap `name` (up, no address) with iproute2, removed on drop.
@@ -245,8 +481,10 @@ pub fn run_net(args: DeviceBenchArgs) -> anyhow::Result<()> {
     let bench = DeviceBench {
         scenario: "net-bench",
         keys: &["tx_pps"],
+        requests: None,
         caption: "virtio-net on a tap, 60-byte frames sent one at a time by the test guest \
-                  (CPL3 polling driver), 20000 frames",
+                  (CPL3 polling driver), 20000 frames"
+            .into(),
     };
     let attach = |vmm: &Vmm, cmd: &mut Command| {
         if let Kind::Vigil(_) = vmm.kind {
@@ -260,5 +498,9 @@ pub fn run_net(args: DeviceBenchArgs) -> anyhow::Result<()> {
                 .args(["-device", "virtio-net-device,netdev=n0"]);
         }
     };
-    device_bench(&args, &bench, &attach)
+    let cases = [Case {
+        label: String::new(),
+        params: String::new(),
+    }];
+    device_bench(args.runs, &vmms(&args)?, &bench, &cases, &attach)
 }

@@ -40,10 +40,12 @@ enum BenchCommand {
     /// guest's line on the serial console, CPU time, resident memory at that line
     /// and the VMM's overhead (RSS less the guest's resident RAM), with ratios.
     Boot(boot::BootBenchArgs),
-    /// Run the test guest's virtio-blk benchmark (4 KiB requests, reads then
-    /// writes) under Vigil and under QEMU microvm, and print IOPS and MiB/s with
-    /// ratios.
-    Blk(devices::DeviceBenchArgs),
+    /// Run the test guest's virtio-blk benchmark (reads then writes, at each
+    /// --qd queue depth and --bs request size) under Vigil (its disk on the
+    /// synchronous and on the io_uring engine), QEMU microvm and
+    /// Firecracker (--firecracker PATH), interleaved, and print IOPS and KiB/s,
+    /// the VMM's CPU, KVM exits and interrupts per request, with ratios.
+    Blk(devices::BlkBenchArgs),
     /// Run the test guest's virtio-net transmit benchmark (minimum-size frames to a
     /// tap this command creates, so it needs root) under Vigil and under QEMU
     /// microvm, and print packets per second with the ratio.

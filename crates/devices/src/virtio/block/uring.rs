@@ -1,0 +1,272 @@
+//! The asynchronous engine (`io_engine` Async): reads, writes and flushes are
+//! submitted to an io_uring, many in flight, and complete in any order; the
+//! kernel signals completions on an eventfd that the device event loop watches.
+//!
+//! Data moves between the image and guest memory directly (`readv`/`writev`
+//! on the request's buffers, mapped through vm-memory): no copy and no host
+//! buffer per request. A read's buffers are marked in the memory's dirty bitmap
+//! when it completes, after the kernel wrote them. A flush is submitted with
+//! `IOSQE_IO_DRAIN`: it starts only once every request submitted before it has
+//! completed, so it covers every write acknowledged or in flight when the driver
+//! asked for it. Each slot keeps its lists between requests, so a request
+//! allocates nothing.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{T_IN, T_OUT};
+use crate::GuestMemoryMmap;
+
+/// A request in flight, in its slot (the entry's `user_data`).
+#[derive(Default)]
+struct Slot {
+    busy: bool,
+    /// The device was reset while it was in flight: its completion is nobody's.
+    orphan: bool,
+    /// The chain's head, given back when it completes.
+    head: u16,
+    /// `T_IN`, `T_OUT` or `T_FLUSH`.
+    kind: u32,
+    /// Bytes it moves.
+    len: usize,
+    /// The status byte.
+    status: GuestAddress,
+    /// Its data buffers in guest memory, and the same as the kernel sees them.
+    segments: Vec<(GuestAddress, usize)>,
+    iovecs: Iovecs,
+}
+
+/// The iovec list of a request: pointers into guest memory.
+#[derive(Default)]
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are into guest memory, which every thread of the VMM
+// shares (`GuestMemoryMmap` is `Send` and `Sync`); only the owning device reads
+// the list, and the kernel while the request is in flight.
+unsafe impl Send for Iovecs {}
+
+/// A completed request.
+pub(super) struct Done {
+    pub(super) head: u16,
+    pub(super) kind: u32,
+    pub(super) status: GuestAddress,
+    /// Bytes it moved, when all of them were; `None` when it failed.
+    pub(super) moved: Option<usize>,
+    /// The kernel's result (bytes, or a negative errno), for the log.
+    pub(super) result: i32,
+}
+
+/// A request to submit: what it is, where its status goes, and for a read or a
+/// write its data buffers in guest memory.
+pub(super) struct Submission<'a> {
+    pub(super) head: u16,
+    pub(super) kind: u32,
+    pub(super) offset: u64,
+    pub(super) status: GuestAddress,
+    pub(super) segments: &'a [(GuestAddress, usize)],
+}
+
+/// An io_uring with its completion eventfd and the requests in flight.
+pub(super) struct Uring {
+    ring: IoUring,
+    eventfd: EventFd,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Entries pushed but not yet submitted.
+    unsubmitted: bool,
+    /// The guest memory the requests in flight point into, kept mapped until
+    /// they complete.
+    mem: Option<GuestMemoryMmap>,
+}
+
+impl Uring {
+    /// A ring for up to `depth` requests in flight (the queue's size).
+    pub(super) fn new(depth: u16) -> std::io::Result<Self> {
+        let ring = IoUring::new(u32::from(depth))?;
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
+        // Every completion signals it, those made during submission too: the
+        // "async" registration signals only io-wq workers' completions, and a
+        // read completed by task work would then wait for the next submission
+        // (seen: a guest's requests timed out).
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Self {
+            ring,
+            eventfd,
+            slots: (0..depth).map(|_| Slot::default()).collect(),
+            free: (0..usize::from(depth)).rev().collect(),
+            unsubmitted: false,
+            mem: None,
+        })
+    }
+
+    /// The eventfd the kernel signals when requests complete.
+    pub(super) fn eventfd(&self) -> &EventFd {
+        &self.eventfd
+    }
+
+    /// Requests in flight.
+    pub(super) fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Queues `s` on `file`; it goes to the kernel at the next [`Self::submit`].
+    /// `None` when its buffers are not guest memory this engine can hand to the
+    /// kernel (one crossing a region boundary: the synchronous path serves it);
+    /// `Some(false)` when every slot is taken.
+    pub(super) fn push(
+        &mut self,
+        file: &File,
+        mem: &GuestMemoryMmap,
+        s: &Submission,
+    ) -> Option<bool> {
+        let Some(&index) = self.free.last() else {
+            return Some(false);
+        };
+        let slot = &mut self.slots[index];
+        slot.segments.clear();
+        slot.iovecs.0.clear();
+        let mut len = 0;
+        for &(addr, n) in s.segments {
+            let slice = mem.get_slice(addr, n).ok()?;
+            slot.iovecs.0.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: n,
+            });
+            slot.segments.push((addr, n));
+            len += n;
+        }
+        let fd = types::Fd(file.as_raw_fd());
+        let iovecs = slot.iovecs.0.as_ptr();
+        let count = slot.iovecs.0.len() as u32;
+        let entry = match s.kind {
+            T_IN => opcode::Readv::new(fd, iovecs, count)
+                .offset(s.offset)
+                .build(),
+            T_OUT => opcode::Writev::new(fd, iovecs, count)
+                .offset(s.offset)
+                .build(),
+            _ => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+        }
+        .user_data(index as u64);
+        // SAFETY: the iovec list stays in its slot, untouched, until the entry
+        // completes; the guest memory it points into stays mapped as long as
+        // `self.mem` holds it, and `Drop` waits for every entry first.
+        let mut pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        if !pushed {
+            // The submission queue is as deep as the slots: flush it and retry.
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        }
+        if !pushed {
+            return Some(false);
+        }
+        self.free.pop();
+        let slot = &mut self.slots[index];
+        slot.busy = true;
+        slot.orphan = false;
+        slot.head = s.head;
+        slot.kind = s.kind;
+        slot.len = len;
+        slot.status = s.status;
+        self.mem.get_or_insert_with(|| mem.clone());
+        self.unsubmitted = true;
+        Some(true)
+    }
+
+    /// Hands the queued entries to the kernel (one system call per batch).
+    pub(super) fn submit(&mut self) -> std::io::Result<()> {
+        if self.unsubmitted {
+            self.ring.submit()?;
+            self.unsubmitted = false;
+        }
+        Ok(())
+    }
+
+    /// The requests that completed, appended to `done`, a completed read's
+    /// buffers marked dirty. Clears the eventfd first, so that a completion
+    /// posted meanwhile signals it again.
+    pub(super) fn completed(&mut self, done: &mut Vec<Done>) {
+        let _ = self.eventfd.read();
+        let mem = &self.mem;
+        for c in self.ring.completion() {
+            let Some(index) = usize::try_from(c.user_data())
+                .ok()
+                .filter(|&i| self.slots.get(i).is_some_and(|s| s.busy))
+            else {
+                continue;
+            };
+            let slot = &mut self.slots[index];
+            slot.busy = false;
+            self.free.push(index);
+            let result = c.result();
+            let whole = match slot.kind {
+                T_IN | T_OUT => usize::try_from(result).ok() == Some(slot.len),
+                _ => result >= 0,
+            };
+            // Guest memory a read wrote is dirty, whoever the request was for.
+            if whole && slot.kind == T_IN {
+                if let Some(mem) = mem {
+                    for &(addr, n) in &slot.segments {
+                        if let Ok(s) = mem.get_slice(addr, n) {
+                            s.bitmap().mark_dirty(0, n);
+                        }
+                    }
+                }
+            }
+            if !slot.orphan {
+                done.push(Done {
+                    head: slot.head,
+                    kind: slot.kind,
+                    status: slot.status,
+                    moved: whole.then_some(slot.len),
+                    result,
+                });
+            }
+        }
+        if self.in_flight() == 0 {
+            self.mem = None;
+        }
+    }
+
+    /// The device was reset: what is in flight completes unreported (its guest
+    /// memory stays mapped until then). Makes no system call, so that a reset
+    /// on whatever thread the driver's status write arrives costs nothing.
+    pub(super) fn forget_all(&mut self) {
+        for slot in self.slots.iter_mut().filter(|s| s.busy) {
+            slot.orphan = true;
+        }
+    }
+
+    /// Waits until every request in flight has completed; appends them to `done`.
+    pub(super) fn wait_all(&mut self, done: &mut Vec<Done>) {
+        while self.in_flight() > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!(
+                        in_flight = self.in_flight(),
+                        "virtio-blk: cannot wait for requests in flight: {e}"
+                    );
+                    return;
+                }
+            }
+            self.unsubmitted = false;
+            self.completed(done);
+        }
+    }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // The kernel may still write into guest memory for requests in flight.
+        self.wait_all(&mut Vec::new());
+    }
+}

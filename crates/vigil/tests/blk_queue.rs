@@ -1,0 +1,253 @@
+//! virtio-blk with many requests in flight: the test guest's `blk-bench` keeps
+//! `blk_qd=` requests queued, and the metrics file shows what the device saw
+//! (requests, used-buffer interrupts) with and without
+//! `VIRTIO_F_RING_EVENT_IDX`, over virtio-mmio and virtio-pci.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{run, Run, TIMEOUT};
+
+/// A fresh 64 MiB image and a metrics path, removed on drop.
+struct Files {
+    disk: PathBuf,
+    metrics: PathBuf,
+}
+
+impl Files {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir();
+        let pid = std::process::id();
+        let disk = dir.join(format!("vigil-blkq-{pid}-{name}.img"));
+        let metrics = dir.join(format!("vigil-blkq-{pid}-{name}.json"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        std::fs::remove_file(&metrics).ok();
+        Files { disk, metrics }
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.disk).ok();
+        std::fs::remove_file(&self.metrics).ok();
+    }
+}
+
+/// What one `blk-bench` run reported: its PASS line's figures and the block
+/// device's metrics.
+struct Bench {
+    figures: Vec<(String, u64)>,
+    block: serde_json::Value,
+    run: Run,
+}
+
+impl Bench {
+    fn figure(&self, key: &str) -> u64 {
+        self.figures
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no {key} in the PASS line\n{}", self.run))
+    }
+
+    fn metric(&self, key: &str) -> u64 {
+        self.block[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("block.{key} missing: {}", self.block))
+    }
+
+    /// Reads and writes the device completed.
+    fn requests(&self) -> u64 {
+        self.metric("read_count") + self.metric("write_count")
+    }
+}
+
+/// Runs `blk-bench` with `params` (and `extra` options) on a fresh image, the
+/// disk on `engine` (`sync` or `async`).
+fn bench(name: &str, params: &str, extra: &[&str], engine: &str) -> Bench {
+    let files = Files::new(name);
+    let disk = format!("path={},io_engine={engine}", files.disk.display());
+    let cmdline = format!("test=blk-bench {params}");
+    let mut args = vec![
+        "run",
+        "--memory",
+        "128",
+        "--disk",
+        &disk,
+        "--metrics-path",
+        files.metrics.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    let run = run(&args, TIMEOUT);
+    let line = run.line("TEST blk-bench ");
+    assert!(line.starts_with("TEST blk-bench PASS"), "{run}");
+    let figures = line
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect();
+    let text = std::fs::read_to_string(&files.metrics).expect("the metrics file");
+    let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    Bench {
+        figures,
+        block: m["block"].clone(),
+        run,
+    }
+}
+
+fn assert_deep_queue_batches(b: &Bench) {
+    assert_eq!(b.figure("qd"), 32);
+    assert_eq!(
+        b.figure("max_in_flight"),
+        32,
+        "the driver kept 32 in flight"
+    );
+    assert_eq!(b.figure("event_idx"), 1, "EVENT_IDX negotiated");
+    assert_eq!(b.requests(), 2 * b.figure("requests"), "{}", b.block);
+    let interrupts = b.metric("interrupts");
+    assert!(
+        interrupts > 0 && interrupts < b.requests(),
+        "{interrupts} interrupts for {} requests: {}",
+        b.requests(),
+        b.block
+    );
+}
+
+/// Both engines.
+#[test]
+fn at_queue_depth_32_with_event_idx_interrupts_come_per_batch() {
+    for engine in ["sync", "async"] {
+        let b = bench(&format!("qd32-{engine}"), "blk_qd=32", &[], engine);
+        assert_deep_queue_batches(&b);
+    }
+}
+
+#[test]
+fn over_pci_with_msix_event_idx_batches_interrupts_too() {
+    for engine in ["sync", "async"] {
+        let b = bench(
+            &format!("pci-{engine}"),
+            "blk_qd=32",
+            &["--enable-pci"],
+            engine,
+        );
+        assert_deep_queue_batches(&b);
+    }
+}
+
+/// A driver that does not negotiate EVENT_IDX: every processed batch raises the
+/// interrupt; one request at a time, that is one interrupt per request.
+#[test]
+fn without_event_idx_every_batch_interrupts() {
+    let b = bench("noevidx1", "blk_qd=1 blk_event_idx=0", &[], "sync");
+    assert_eq!(b.figure("event_idx"), 0);
+    assert_eq!(b.figure("max_in_flight"), 1);
+    assert_eq!(b.metric("interrupts"), b.requests(), "{}", b.block);
+
+    let b = bench(
+        "noevidx32",
+        "blk_qd=32 blk_event_idx=0 blk_bs_kib=64 blk_pattern=rand",
+        &[],
+        "async",
+    );
+    assert_eq!(b.figure("event_idx"), 0);
+    assert_eq!(b.figure("max_in_flight"), 32);
+    assert_eq!(b.figure("bs_kib"), 64);
+    assert_eq!(b.metric("read_bytes"), b.figure("requests") * 65536);
+    assert!(b.metric("interrupts") > 0, "{}", b.block);
+}
+
+/// 128 requests of three descriptors do not fit a 256-entry ring: each goes in
+/// an indirect table of its own (`VIRTIO_F_RING_INDIRECT_DESC`), on both engines.
+#[test]
+fn at_queue_depth_128_requests_go_in_indirect_tables() {
+    for engine in ["sync", "async"] {
+        let b = bench(
+            &format!("qd128-{engine}"),
+            "blk_qd=128 blk_bs_kib=16",
+            &[],
+            engine,
+        );
+        assert_eq!(b.figure("indirect"), 1);
+        assert_eq!(b.figure("max_in_flight"), 128, "{engine}");
+        assert_eq!(b.requests(), 2 * b.figure("requests"), "{}", b.block);
+        assert_eq!(b.metric("read_bytes"), b.figure("requests") * 16384);
+        assert!(b.metric("interrupts") < b.requests(), "{}", b.block);
+    }
+}
+
+#[test]
+fn bench_parameters_out_of_range_are_named() {
+    for (params, expected) in [
+        ("blk_qd=0", "blk_qd=0: expected 1 to 128"),
+        ("blk_bs_kib=6", "blk_bs_kib=6: expected a multiple of 4"),
+        (
+            "blk_pattern=zigzag",
+            "blk_pattern=zigzag: expected seq or rand",
+        ),
+    ] {
+        let files = Files::new("bad");
+        let disk = format!("path={}", files.disk.display());
+        let cmdline = format!("test=blk-bench {params}");
+        let r = run(
+            &[
+                "run",
+                "--memory",
+                "128",
+                "--disk",
+                &disk,
+                "--cmdline",
+                &cmdline,
+            ],
+            TIMEOUT,
+        );
+        assert_eq!(
+            r.line("TEST blk-bench "),
+            format!("TEST blk-bench FAIL {expected}"),
+            "{r}"
+        );
+    }
+}
+
+/// `--disk ...,io_engine=async`: the disk is served through io_uring, 32
+/// requests in flight, and what the `blk` scenario writes and flushes reaches
+/// the image.
+#[test]
+fn the_async_engine_serves_a_deep_queue_and_writes_reach_the_image() {
+    let files = Files::new("async-run");
+    let disk = format!("path={},io_engine=async", files.disk.display());
+    let r = run(
+        &[
+            "run",
+            "--log-level",
+            "info",
+            "--memory",
+            "128",
+            "--disk",
+            &disk,
+            "--cmdline",
+            "test=blk-bench,blk blk_qd=32",
+        ],
+        TIMEOUT,
+    );
+    assert!(
+        r.stderr
+            .contains("io_engine Async: requests go to an io_uring"),
+        "{r}"
+    );
+    let line = r.line("TEST blk-bench ");
+    assert!(line.starts_with("TEST blk-bench PASS"), "{r}");
+    assert!(line.contains(" max_in_flight=32 "), "{line}");
+    assert!(r.line("TEST blk ").starts_with("TEST blk PASS"), "{r}");
+    let bytes = std::fs::read(&files.disk).unwrap();
+    // The `blk` scenario's pattern in sector 0 (guest/README.md).
+    for (i, &byte) in bytes[..512].iter().enumerate() {
+        assert_eq!(byte, ((i * 7 + 0x5a) & 0xff) as u8, "byte {i}");
+    }
+}
