@@ -523,7 +523,7 @@ pub(crate) fn setup_queue(
 
 /// [`setup_queue`] with the rings in the three pages at `base`, at most `entries`
 /// entries (256 at most: three pages hold its rings).
-fn setup_queue_at(
+pub(crate) fn setup_queue_at(
     dev: Dev,
     clock: Clock,
     index: u16,
@@ -611,6 +611,14 @@ impl Queue {
     /// The next used element (descriptor id, length), if the device used one;
     /// acknowledges the interrupt status.
     pub(crate) fn take_used(&mut self) -> Option<(u16, u32)> {
+        let used = self.pop_used()?;
+        self.ack_interrupts();
+        Some(used)
+    }
+
+    /// The next used element, the interrupt status left as it is (a batch
+    /// acknowledges it once, [`Self::ack_interrupts`]).
+    pub(crate) fn pop_used(&mut self) -> Option<(u16, u32)> {
         if rd::<u16>(self.ring + USED + 2) == self.used {
             return None;
         }
@@ -619,11 +627,25 @@ impl Queue {
         let id = rd::<u32>(elem) as u16;
         let len = rd::<u32>(elem + 4);
         self.used = self.used.wrapping_add(1);
+        Some((id, len))
+    }
+
+    /// Reads and acknowledges the interrupt status, as an interrupt handler does.
+    pub(crate) fn ack_interrupts(&self) {
         let isr = self.dev.read(INTERRUPT_STATUS);
         if isr != 0 {
             self.dev.write(INTERRUPT_ACK, isr);
         }
-        Some((id, len))
+    }
+
+    /// The available index: what the driver made available so far.
+    pub(crate) fn avail_index(&self) -> u16 {
+        self.avail
+    }
+
+    /// The ring's size.
+    pub(crate) fn size(&self) -> u16 {
+        self.size
     }
 
     /// Whether the device set DEVICE_NEEDS_RESET.
@@ -1301,15 +1323,16 @@ const BENCH_BYTES: u64 = 256 << 20;
 const BENCH_MAX_QD: u64 = 128;
 /// The largest `blk_bs_kib=`.
 const BENCH_MAX_BS_KIB: u64 = 1024;
-/// Entries of the `blk-bench` queue (its rings fill the three ring pages).
-const BENCH_QUEUE_SIZE: u32 = 256;
+/// Entries of the `blk-bench` queue and the `net-bench` transmit queue (their
+/// rings fill the three ring pages).
+pub(crate) const BENCH_QUEUE_SIZE: u32 = 256;
 /// Descriptors per request: header, data, status.
 const DESCS_PER_REQUEST: u16 = 3;
 /// The most data buffer memory `blk-bench` uses; deeper queues of larger requests
 /// share buffers (a benchmark's data need not be kept apart).
 const BENCH_BUFFER_MIB: u64 = 32;
 /// `VIRTIO_RING_F_EVENT_IDX` (virtio 1.1, 2.6.7 and 2.6.10).
-const F_EVENT_IDX: u64 = 1 << 29;
+pub(crate) const F_EVENT_IDX: u64 = 1 << 29;
 /// `VIRTIO_RING_F_INDIRECT_DESC` (virtio 1.1, 2.6.5.3): `blk-bench` puts each
 /// request's three descriptors in a table of its own when the ring is too
 /// small for them.
@@ -1466,14 +1489,14 @@ fn need_event(event: u16, new: u16, old: u16) -> bool {
 }
 
 impl Queue {
-    fn event_idx(&self) -> bool {
+    pub(crate) fn event_idx(&self) -> bool {
         self.features & F_EVENT_IDX != 0
     }
 
     /// Notifies the device of what was made available since the index was `old`,
     /// unless it said it does not need to hear about it (`avail_event`, or
     /// `VIRTQ_USED_F_NO_NOTIFY` without event indices).
-    fn notify_since(&self, old: u16) {
+    pub(crate) fn notify_since(&self, old: u16) {
         let needed = if self.event_idx() {
             let avail_event = rd::<u16>(self.ring + USED + 4 + 8 * u64::from(self.size));
             need_event(avail_event, self.avail, old)
@@ -1487,7 +1510,7 @@ impl Queue {
 
     /// With event indices: asks for an interrupt at the next used buffer (what a
     /// driver re-arming its callback does).
-    fn arm_used_event(&self) {
+    pub(crate) fn arm_used_event(&self) {
         if self.event_idx() {
             wr(self.ring + AVAIL + 4 + 2 * u64::from(self.size), self.used);
             compiler_fence(Ordering::SeqCst);

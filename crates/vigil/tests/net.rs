@@ -380,3 +380,66 @@ fn a_loaded_snapshot_uses_the_overridden_tap_and_vsock_socket() {
         std::fs::remove_dir_all(&dir).ok();
     });
 }
+
+/// `net-bench` on a tap with `params`: its PASS line and the net metrics.
+fn net_bench(tap: &str, params: &str) -> (String, Value) {
+    let metrics = std::env::temp_dir().join(format!(
+        "vigil-net-bench-{}-{}.json",
+        std::process::id(),
+        params.len()
+    ));
+    std::fs::remove_file(&metrics).ok();
+    let cmdline = format!("test=net-bench {params}");
+    let run = common::run(
+        &[
+            "run",
+            "--net",
+            &format!("tap={tap}"),
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+        ],
+        TIMEOUT,
+    );
+    let line = run.line("TEST net-bench ").to_owned();
+    assert!(line.starts_with("TEST net-bench PASS"), "{run}");
+    let text = std::fs::read_to_string(&metrics).expect("the metrics file");
+    std::fs::remove_file(&metrics).ok();
+    let m: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    (line, m["net"].clone())
+}
+
+/// With `VIRTIO_RING_F_EVENT_IDX` and 32 frames in flight the guest notifies
+/// and is interrupted once per batch, not per frame; without it, at one frame
+/// in flight, every frame is interrupted. Every frame reached the tap.
+#[test]
+fn net_transmit_in_batches_interrupts_once_per_batch() {
+    in_netns(|| {
+        let Some((tap, _)) = test_tap("vgnq") else {
+            return;
+        };
+        let (line, net) = net_bench(tap.name(), "net_qd=32");
+        assert!(
+            line.contains("qd=32 event_idx=1 max_in_flight=32"),
+            "{line}"
+        );
+        let (frames, interrupts) = (
+            net["tx_count"].as_u64().unwrap(),
+            net["interrupts"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            (frames, net["errors"].as_u64().unwrap()),
+            (20_000, 0),
+            "{net}"
+        );
+        assert!(
+            interrupts > 0 && interrupts * 4 < frames,
+            "{interrupts} interrupts: {net}"
+        );
+
+        let (line, net) = net_bench(tap.name(), "net_qd=1 net_event_idx=0");
+        assert!(line.contains("qd=1 event_idx=0"), "{line}");
+        assert_eq!(net["interrupts"], net["tx_count"], "{net}");
+    });
+}

@@ -382,7 +382,7 @@ pub(crate) fn whole_chain_writer<'a>(
 
 /// Writes `avail_event` (the next entry the device will take); whether the
 /// driver made more available meanwhile.
-fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+pub(crate) fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
     queue
         .enable_notification(mem)
         .map_err(|e| DeviceBroken(format!("cannot write avail_event: {e:?}")))

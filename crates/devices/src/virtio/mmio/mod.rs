@@ -278,20 +278,21 @@ impl MmioTransport {
         };
         if used_any {
             match index {
-                Some(i) if self.queue_needs_interrupt(i) => {
-                    self.interrupt.signal_queue(i);
-                    self.device.interrupted();
-                }
-                Some(_) => {}
-                // A host fd's completions, on any queue: with event indices each
-                // queue is asked (one without new entries needs none).
-                None if self.queues.iter().any(|q| q.event_idx_enabled()) => {
+                // With event indices every queue is asked (one without new
+                // entries needs none): a host fd's completions may be on any,
+                // and a queue's processing may use another's buffers (a net
+                // device's MMDS answers its transmissions on receive).
+                _ if self.queues.iter().any(|q| q.event_idx_enabled()) => {
                     for i in 0..self.queues.len() {
                         if self.queue_needs_interrupt(i) {
                             self.interrupt.signal_queue(i);
                             self.device.interrupted();
                         }
                     }
+                }
+                Some(i) => {
+                    self.interrupt.signal_queue(i);
+                    self.device.interrupted();
                 }
                 None => {
                     self.interrupt.signal(INT_USED_RING);

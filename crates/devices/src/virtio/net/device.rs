@@ -16,8 +16,9 @@ use crate::persist::Persist;
 use crate::rate_limiter::{RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
-    QueueOutcome, Served, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    add_used, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader, Budget,
+    DeviceBroken, Next, QueueOutcome, Served, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::{FieldError, NetConfig};
 
@@ -180,6 +181,9 @@ impl Net {
             }
             let chain = match pop_chain(queue, mem, &mut budget)? {
                 Next::Chain(chain) => chain,
+                // With event indices: where the driver notifies next; a buffer
+                // it added meanwhile is taken now.
+                Next::Empty if queue.event_idx_enabled() && rearm(queue, mem)? => continue,
                 Next::Empty => {
                     self.rx_blocked = true;
                     return Ok(QueueOutcome::Done(used));
@@ -314,11 +318,15 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_MAC | F_STATUS
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_MAC | F_STATUS
     }
 
     fn state(&self) -> DeviceState {
         DeviceState::Net(self.save())
+    }
+
+    fn interrupted(&self) {
+        self.metrics.interrupts.inc();
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

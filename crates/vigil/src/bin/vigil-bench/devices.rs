@@ -60,6 +60,18 @@ pub struct BlkBenchArgs {
     pub firecracker: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+pub struct NetBenchArgs {
+    #[command(flatten)]
+    pub common: DeviceBenchArgs,
+
+    /// Transmit queue depths to measure, comma-separated (frames the guest
+    /// keeps in flight, 1 to 128).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_name = "N,...",
+          value_parser = clap::value_parser!(u16).range(1..=128))]
+    pub qd: Vec<u16>,
+}
+
 /// `--bs` words: `4k`, `64k`, `1m`; the size in KiB.
 fn parse_request_size(s: &str) -> Result<u64, String> {
     let lower = s.to_ascii_lowercase();
@@ -476,14 +488,14 @@ impl Drop for Tap {
     }
 }
 
-pub fn run_net(args: DeviceBenchArgs) -> anyhow::Result<()> {
+pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
     let tap = Tap::new(format!("vgbench{}", std::process::id() % 10000))?;
     let bench = DeviceBench {
         scenario: "net-bench",
         keys: &["tx_pps"],
-        requests: None,
-        caption: "virtio-net on a tap, 60-byte frames sent one at a time by the test guest \
-                  (CPL3 polling driver), 20000 frames"
+        requests: Some(("frames", 1)),
+        caption: "virtio-net on a tap, 60-byte frames sent by the test guest (CPL3 polling \
+                  driver, event indices where offered), 20000 frames per case"
             .into(),
     };
     let attach = |vmm: &Vmm, cmd: &mut Command| {
@@ -498,9 +510,19 @@ pub fn run_net(args: DeviceBenchArgs) -> anyhow::Result<()> {
                 .args(["-device", "virtio-net-device,netdev=n0"]);
         }
     };
-    let cases = [Case {
-        label: String::new(),
-        params: String::new(),
-    }];
-    device_bench(args.runs, &vmms(&args)?, &bench, &cases, &attach)
+    let cases: Vec<Case> = args
+        .qd
+        .iter()
+        .map(|qd| Case {
+            label: format!("{qd} frames in flight"),
+            params: format!("net_qd={qd}"),
+        })
+        .collect();
+    device_bench(
+        args.common.runs,
+        &vmms(&args.common)?,
+        &bench,
+        &cases,
+        &attach,
+    )
 }

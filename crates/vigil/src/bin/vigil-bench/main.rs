@@ -47,9 +47,10 @@ enum BenchCommand {
     /// the VMM's CPU, KVM exits and interrupts per request, with ratios.
     Blk(devices::BlkBenchArgs),
     /// Run the test guest's virtio-net transmit benchmark (minimum-size frames to a
-    /// tap this command creates, so it needs root) under Vigil and under QEMU
-    /// microvm, and print packets per second with the ratio.
-    Net(devices::DeviceBenchArgs),
+    /// tap this command creates, so it needs root) at each queue depth (--qd)
+    /// under Vigil and under QEMU microvm, interleaved, and print packets per
+    /// second, the VMM's CPU, KVM exits and interrupts per frame, with ratios.
+    Net(devices::NetBenchArgs),
     /// Start `vigild` in a scratch folder and measure API request latency
     /// (p50/p99 of GET / on a VM's socket, GET /vms and GET /metrics on the daemon)
     /// and VM creation and destruction rates through the daemon (test-guest VMs,
