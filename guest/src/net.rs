@@ -139,18 +139,29 @@ const BENCH_FRAMES: u64 = 20_000;
 
 /// Most frames `net-bench` keeps in flight (`net_qd=`).
 const BENCH_MAX_QD: u64 = 128;
+/// `net_frame=`: Ethernet frame bytes `net-bench` sends (without the virtio
+/// header), from the minimum to a full 1500-byte payload.
+const BENCH_FRAME: (u64, u64) = (60, 1514);
+const _: () = assert!(TX_BUF + HDR + BENCH_FRAME.1 <= MQ_BUF + MQ_BUF_LEN);
 
-/// `net-bench`: 20000 minimum-size frames, `net_qd=` of them in flight (1 by
-/// default: each waits for the device to use it), timed with the TSC at CPL3:
-/// the transmit packet rate. `VIRTIO_RING_F_EVENT_IDX` is used when the device
+/// `net-bench`: 20000 frames of `net_frame=` bytes (60 by default), `net_qd=`
+/// of them in flight (1 by default: each waits for the device to use it), timed
+/// with the TSC at CPL3: the transmit packet rate. `VIRTIO_RING_F_EVENT_IDX` is used when the device
 /// offers it (unless `net_event_idx=0`): a notification per batch, and used
 /// buffers reaped once per pass with one interrupt status read.
 pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
     let params = (
         machine.number("net_qd", 1, BENCH_MAX_QD, Some(1), detail),
         machine.number("net_event_idx", 0, 1, Some(1), detail),
+        machine.number(
+            "net_frame",
+            BENCH_FRAME.0,
+            BENCH_FRAME.1,
+            Some(BENCH_FRAME.0),
+            detail,
+        ),
     );
-    let (Ok(Some(qd)), Ok(Some(event_idx))) = params else {
+    let (Ok(Some(qd)), Ok(Some(event_idx)), Ok(Some(frame_len))) = params else {
         return false;
     };
     virtio::with_device(
@@ -158,11 +169,22 @@ pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
         detail,
         ID_NET,
         "no virtio-net device",
-        |dev, clock, detail| bench(dev, clock, qd as u16, event_idx == 1, detail),
+        |dev, clock, detail| {
+            let len = HDR + frame_len;
+            bench(dev, clock, qd as u16, event_idx == 1, len, detail)
+        },
     )
 }
 
-fn bench(dev: Dev, clock: Clock, qd: u16, event_idx: bool, detail: &mut Line) -> Result<(), ()> {
+/// Sends `BENCH_FRAMES` buffers of `len` bytes (virtio header and frame).
+fn bench(
+    dev: Dev,
+    clock: Clock,
+    qd: u16,
+    event_idx: bool,
+    len: u64,
+    detail: &mut Line,
+) -> Result<(), ()> {
     let set_up = || -> Result<Queue, &'static str> {
         let wanted = if event_idx { virtio::F_EVENT_IDX } else { 0 };
         let features = virtio::negotiate(dev, clock, wanted)?;
@@ -188,7 +210,7 @@ fn bench(dev: Dev, clock: Clock, qd: u16, event_idx: bool, detail: &mut Line) ->
     };
     let qd = qd.min(tx.size());
     let frame = dma(TX_BUF);
-    zero(frame, TX_LEN as usize);
+    zero(frame, len as usize);
     for i in 0..6 {
         wr(frame + HDR + i, 0xffu8);
         wr(frame + HDR + 6 + i, [0x02u8, 0, 0, 0, 0, 0x99][i as usize]);
@@ -196,7 +218,7 @@ fn bench(dev: Dev, clock: Clock, qd: u16, event_idx: bool, detail: &mut Line) ->
     wr(frame + HDR + 12, ETHERTYPE.to_be_bytes());
     // Every slot's descriptor sends the same frame: the device only reads it.
     for slot in 0..qd {
-        tx.desc(slot, frame, TX_LEN as u32, 0, 0);
+        tx.desc(slot, frame, len as u32, 0, 0);
     }
     let mut free: [u16; BENCH_MAX_QD as usize] = [0; BENCH_MAX_QD as usize];
     for (slot, f) in free.iter_mut().enumerate().take(usize::from(qd)) {
@@ -243,8 +265,12 @@ fn bench(dev: Dev, clock: Clock, qd: u16, event_idx: bool, detail: &mut Line) ->
     detail
         .str("tx_pps=")
         .dec(BENCH_FRAMES * 1_000_000 / us)
+        .str(" tx_kib_s=")
+        .dec(BENCH_FRAMES * (len - HDR) * 1_000_000 / us / 1024)
         .str(" frames=")
         .dec(BENCH_FRAMES)
+        .str(" frame=")
+        .dec(len - HDR)
         .str(" qd=")
         .dec(u64::from(qd))
         .str(" event_idx=")

@@ -70,6 +70,12 @@ pub struct NetBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_name = "N,...",
           value_parser = clap::value_parser!(u16).range(1..=128))]
     pub qd: Vec<u16>,
+
+    /// Ethernet frame sizes to send, comma-separated bytes (60 to 1514: from a
+    /// minimum frame to a full 1500-byte payload).
+    #[arg(long, value_delimiter = ',', default_value = "60,1514", value_name = "BYTES,...",
+          value_parser = clap::value_parser!(u16).range(60..=1514))]
+    pub frame: Vec<u16>,
 }
 
 /// `--bs` words: `4k`, `64k`, `1m`; the size in KiB.
@@ -492,10 +498,10 @@ pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
     let tap = Tap::new(format!("vgbench{}", std::process::id() % 10000))?;
     let bench = DeviceBench {
         scenario: "net-bench",
-        keys: &["tx_pps"],
+        keys: &["tx_pps", "tx_kib_s"],
         requests: Some(("frames", 1)),
-        caption: "virtio-net on a tap, 60-byte frames sent by the test guest (CPL3 polling \
-                  driver, event indices where offered), 20000 frames per case"
+        caption: "virtio-net on a tap, frames sent by the test guest (CPL3 polling driver, \
+                  event indices where offered), 20000 frames per case"
             .into(),
     };
     let attach = |vmm: &Vmm, cmd: &mut Command| {
@@ -511,11 +517,13 @@ pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
         }
     };
     let cases: Vec<Case> = args
-        .qd
+        .frame
         .iter()
-        .map(|qd| Case {
-            label: format!("{qd} frames in flight"),
-            params: format!("net_qd={qd}"),
+        .flat_map(|frame| {
+            args.qd.iter().map(move |qd| Case {
+                label: format!("{frame}-byte frames, {qd} in flight"),
+                params: format!("net_qd={qd} net_frame={frame}"),
+            })
         })
         .collect();
     device_bench(
