@@ -18,7 +18,7 @@
 
 use core::arch::global_asm;
 use core::ptr::{addr_of, read_volatile, write_volatile};
-use core::sync::atomic::{compiler_fence, Ordering};
+use core::sync::atomic::{compiler_fence, fence, Ordering};
 
 use crate::cpu::{self, rdtsc};
 use crate::serial::{Line, Out, Serial};
@@ -1497,6 +1497,10 @@ impl Queue {
     /// unless it said it does not need to hear about it (`avail_event`, or
     /// `VIRTQ_USED_F_NO_NOTIFY` without event indices).
     pub(crate) fn notify_since(&self, old: u16) {
+        // A full barrier: the new available index must be visible before the
+        // device's flag or `avail_event` is read (x86 lets a load pass an
+        // earlier store), or a device that re-armed meanwhile is never told.
+        fence(Ordering::SeqCst);
         let needed = if self.event_idx() {
             let avail_event = rd::<u16>(self.ring + USED + 4 + 8 * u64::from(self.size));
             need_event(avail_event, self.avail, old)
