@@ -108,6 +108,8 @@ struct DeviceBench {
     /// The PASS line's figure counting requests, and how many times over (one per
     /// direction) the device served that many: per-request columns divide by it.
     requests: Option<(&'static str, u64)>,
+    /// The device's group in Vigil's metrics (`block`, `net`).
+    metrics_group: &'static str,
     /// What the table's caption says.
     caption: String,
 }
@@ -197,7 +199,7 @@ fn device_once(
         None => None,
     };
     let (exits, interrupts) = match vmm.kind {
-        Kind::Vigil(_) => vigil_counts(&metrics)
+        Kind::Vigil(_) => vigil_counts(&metrics, bench.metrics_group)
             .with_context(|| format!("{}: its metrics file {}", vmm.name, metrics.display()))?,
         _ => (None, None),
     };
@@ -210,15 +212,15 @@ fn device_once(
     })
 }
 
-/// KVM exits (all vCPUs) and block-device interrupts from the last line of a
-/// Vigil metrics file.
-fn vigil_counts(path: &Path) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+/// KVM exits (all vCPUs) and the interrupts of the devices of metrics `group`,
+/// from the last line of a Vigil metrics file.
+fn vigil_counts(path: &Path, group: &str) -> anyhow::Result<(Option<u64>, Option<u64>)> {
     let text = std::fs::read_to_string(path)?;
     let last = text.lines().last().context("empty")?;
     let m: serde_json::Value = serde_json::from_str(last)?;
     Ok((
         m["vcpu"]["exits_total"].as_u64(),
-        m["block"]["interrupts"].as_u64(),
+        m[group]["interrupts"].as_u64(),
     ))
 }
 
@@ -406,6 +408,7 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
         scenario: "blk-bench",
         keys: &["read_iops", "read_kib_s", "write_iops", "write_kib_s"],
         requests: Some(("requests", 2)),
+        metrics_group: "block",
         caption: "virtio-blk from the test guest (CPL3 polling driver, EVENT_IDX where the \
                   device offers it), fresh raw 64 MiB image per run, reads then writes over \
                   it: 4000 requests per direction (256 MiB at most)"
@@ -500,6 +503,7 @@ pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
         scenario: "net-bench",
         keys: &["tx_pps", "tx_kib_s"],
         requests: Some(("frames", 1)),
+        metrics_group: "net",
         caption: "virtio-net on a tap, frames sent by the test guest (CPL3 polling driver, \
                   event indices where offered), 20000 frames per case"
             .into(),
