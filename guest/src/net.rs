@@ -146,7 +146,8 @@ const _: () = assert!(TX_BUF + HDR + BENCH_FRAME.1 <= MQ_BUF + MQ_BUF_LEN);
 
 /// `net-bench`: 20000 frames of `net_frame=` bytes (60 by default), `net_qd=`
 /// of them in flight (1 by default: each waits for the device to use it), timed
-/// with the TSC at CPL3: the transmit packet rate. `VIRTIO_RING_F_EVENT_IDX` is used when the device
+/// with the TSC at CPL3: the transmit packet rate; with `net_dir=rx`, the
+/// receive rate of 20000 frames the host sends, `net_qd=` buffers posted. `VIRTIO_RING_F_EVENT_IDX` is used when the device
 /// offers it (unless `net_event_idx=0`): a notification per batch, and used
 /// buffers reaped once per pass with one interrupt status read.
 pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
@@ -164,6 +165,26 @@ pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
     let (Ok(Some(qd)), Ok(Some(event_idx)), Ok(Some(frame_len))) = params else {
         return false;
     };
+    let receive = match machine.info.param(b"net_dir") {
+        None | Some(b"tx") => false,
+        Some(b"rx") => true,
+        Some(other) => {
+            detail
+                .str("net_dir=")
+                .bytes(other)
+                .str(": expected tx or rx");
+            return false;
+        }
+    };
+    let buffers = if receive {
+        let mib = (qd * RX_LEN).div_ceil(1 << 20);
+        match crate::mobility::free_region(machine, "net_qd", mib, detail) {
+            Some(_) => crate::mobility::DIRTY_BASE,
+            None => return false,
+        }
+    } else {
+        0
+    };
     virtio::with_device(
         machine,
         detail,
@@ -171,9 +192,153 @@ pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
         "no virtio-net device",
         |dev, clock, detail| {
             let len = HDR + frame_len;
-            bench(dev, clock, qd as u16, event_idx == 1, len, detail)
+            if receive {
+                bench_rx(dev, clock, qd as u16, event_idx == 1, len, buffers, detail)
+            } else {
+                bench(dev, clock, qd as u16, event_idx == 1, len, detail)
+            }
         },
     )
+}
+
+/// Payload prefixes of `net_dir=rx`: the guest's frames asking the host to start
+/// (followed by the frame length wanted, big-endian) and to stop, and the host's
+/// frames (`vigil bench net --dir rx`).
+const RX_READY: &[u8] = b"vigil-net-bench-rx-ready";
+const RX_DONE: &[u8] = b"vigil-net-bench-rx-done";
+const RX_FLOOD: &[u8] = b"vigil-net-bench-rx-flood";
+
+/// Sends one minimum frame of our ethertype carrying `payload` on `tx` (its
+/// descriptor 0) and waits for the device to use it.
+fn send_marker(tx: &mut Queue, payload: &[u8]) -> Result<(), &'static str> {
+    let frame = dma(TX_BUF);
+    write_frame(frame, payload);
+    tx.desc(0, frame, TX_LEN as u32, 0, 0);
+    tx.push_avail(0);
+    tx.notify();
+    tx.wait_used(2000).map(|_| ())
+}
+
+/// `net_dir=rx`: posts `qd` receive buffers of 2 KiB at `buffers`, asks the host
+/// to flood (a ready frame, repeated until frames come), then counts
+/// `BENCH_FRAMES` flood frames of `len` bytes (virtio header and frame), each
+/// buffer posted again once read, timed with the TSC from the first; then a done
+/// frame. Other frames (the host's own traffic) are skipped and counted.
+fn bench_rx(
+    dev: Dev,
+    clock: Clock,
+    qd: u16,
+    event_idx: bool,
+    len: u64,
+    buffers: u64,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    let set_up = || -> Result<(Queue, Queue), &'static str> {
+        let wanted = if event_idx { virtio::F_EVENT_IDX } else { 0 };
+        let features = virtio::negotiate(dev, clock, wanted)?;
+        let rx = virtio::setup_queue_at(
+            dev,
+            clock,
+            RX,
+            features,
+            virtio::ring(RX),
+            virtio::BENCH_QUEUE_SIZE,
+        )?;
+        let tx = virtio::setup_queue(dev, clock, TX, features)?;
+        virtio::driver_ok(dev)?;
+        Ok((rx, tx))
+    };
+    let (mut rx, mut tx) = match set_up() {
+        Ok(queues) => queues,
+        Err(error) => {
+            detail.str(error);
+            return Err(());
+        }
+    };
+    let qd = qd.min(rx.size());
+    let buf = |id: u16| buffers + u64::from(id) * RX_LEN;
+    for id in 0..qd {
+        rx.desc(id, buf(id), RX_LEN as u32, WRITE, 0);
+        rx.push_avail(id);
+    }
+    rx.arm_used_event();
+    rx.notify();
+    let is_flood = |id: u16, used: u32| {
+        u64::from(used) == len
+            && rd::<[u8; 2]>(buf(id) + HDR + 12) == ETHERTYPE.to_be_bytes()
+            && RX_FLOOD
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| rd::<u8>(buf(id) + HDR + 14 + i as u64) == b)
+    };
+    // The ready frame names the frame length wanted.
+    let mut ready = [0u8; RX_READY.len() + 2];
+    ready[..RX_READY.len()].copy_from_slice(RX_READY);
+    ready[RX_READY.len()..].copy_from_slice(&((len - HDR) as u16).to_be_bytes());
+    let (mut received, mut others) = (0u64, 0u64);
+    let (mut start, mut asked) = (0u64, 0u64);
+    let mut last_progress = rdtsc();
+    while received < BENCH_FRAMES {
+        let now = rdtsc();
+        if received == 0 && (asked == 0 || now - asked > clock.ms(200)) {
+            if let Err(error) = send_marker(&mut tx, &ready) {
+                detail.str("ready: ").str(error);
+                return Err(());
+            }
+            asked = now;
+        }
+        let old = rx.avail_index();
+        while let Some((id, used)) = rx.pop_used() {
+            if id >= qd {
+                detail.str("receive: a used id that was never made available");
+                return Err(());
+            }
+            if is_flood(id, used) {
+                if received == 0 {
+                    start = rdtsc();
+                }
+                received += 1;
+            } else {
+                others += 1;
+            }
+            rx.push_avail(id);
+        }
+        if rx.avail_index() != old {
+            last_progress = rdtsc();
+            rx.ack_interrupts();
+            rx.arm_used_event();
+            rx.notify_since(old);
+        } else if rdtsc() - last_progress > clock.ms(5000) {
+            detail
+                .str("receive: timeout received=")
+                .dec(received)
+                .str(" other_frames=")
+                .dec(others);
+            return Err(());
+        }
+    }
+    let us = ((rdtsc() - start) * 1000 / clock.ms(1)).max(1);
+    // The host stops flooding at this frame (or when the VMM ends).
+    if let Err(error) = send_marker(&mut tx, RX_DONE) {
+        detail.str("done: ").str(error);
+        return Err(());
+    }
+    detail
+        .str("rx_pps=")
+        .dec(BENCH_FRAMES * 1_000_000 / us)
+        .str(" rx_kib_s=")
+        .dec(BENCH_FRAMES * (len - HDR) * 1_000_000 / us / 1024)
+        .str(" frames=")
+        .dec(BENCH_FRAMES)
+        .str(" frame=")
+        .dec(len - HDR)
+        .str(" qd=")
+        .dec(u64::from(qd))
+        .str(" event_idx=")
+        .dec(u64::from(rx.event_idx()))
+        .str(" other_frames=")
+        .dec(others);
+    Ok(())
 }
 
 /// Sends `BENCH_FRAMES` buffers of `len` bytes (virtio header and frame).

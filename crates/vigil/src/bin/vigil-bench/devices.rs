@@ -30,6 +30,12 @@ pub struct DeviceBenchArgs {
     /// virtio-pci (MSI-X) against the default virtio-mmio.
     #[arg(long)]
     pub pci: bool,
+
+    /// Also run Firecracker (this binary; `shared/peers/build-firecracker.sh`
+    /// builds one): its drive on `io_engine: "Async"` (io_uring), its interface
+    /// on the same tap. Left out without it.
+    #[arg(long, value_name = "PATH")]
+    pub firecracker: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -54,10 +60,6 @@ pub struct BlkBenchArgs {
     #[arg(long)]
     pub random: bool,
 
-    /// Also run Firecracker (this binary) with its drive on `io_engine: "Async"`
-    /// (io_uring); left out without it.
-    #[arg(long, value_name = "PATH")]
-    pub firecracker: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +78,19 @@ pub struct NetBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "60,1514", value_name = "BYTES,...",
           value_parser = clap::value_parser!(u16).range(60..=1514))]
     pub frame: Vec<u16>,
+
+    /// Directions to measure, comma-separated: `tx` (the guest sends) and `rx`
+    /// (this process floods the tap from the host, at the lowest CPU priority so
+    /// that it takes only what the VMM leaves, and the guest counts what arrives
+    /// in its `--qd` posted buffers).
+    #[arg(long, value_delimiter = ',', default_value = "tx,rx", value_name = "DIR,...")]
+    pub dir: Vec<Direction>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Tx,
+    Rx,
 }
 
 /// `--bs` words: `4k`, `64k`, `1m`; the size in KiB.
@@ -363,8 +378,9 @@ fn medians(samples: &[Sample], keys: usize, per_request: bool) -> Vec<Option<f64
     row
 }
 
-/// Vigil (without seccomp and on PCI when asked) and QEMU as `args` says.
-fn vmms(args: &DeviceBenchArgs) -> anyhow::Result<Vec<Vmm>> {
+/// Vigil (without seccomp and on PCI when asked), QEMU and Firecracker as `args`
+/// says; Firecracker's configuration files go into `scratch`.
+fn vmms(args: &DeviceBenchArgs, scratch: &Path) -> anyhow::Result<Vec<Vmm>> {
     let mut vmms = vec![Vmm::vigil("vigil", &[])?];
     if args.no_seccomp {
         vmms.push(Vmm::vigil("vigil (no seccomp)", &["--no-seccomp"])?);
@@ -375,6 +391,10 @@ fn vmms(args: &DeviceBenchArgs) -> anyhow::Result<Vec<Vmm>> {
     if args.qemu != "none" {
         vmms.push(Vmm::qemu(&args.qemu));
     }
+    match &args.firecracker {
+        Some(path) => vmms.push(Vmm::firecracker(path, scratch)?),
+        None => eprintln!("firecracker: left out (give --firecracker PATH to compare with it)"),
+    }
     Ok(vmms)
 }
 
@@ -384,15 +404,12 @@ const VIGIL_ASYNC: &str = "vigil (io_engine=async)";
 pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
     let scratch = Scratch::new("blk")?;
     let image = scratch.0.join("disk.img");
-    let mut vmms = vmms(&args.common)?;
+    let mut vmms = vmms(&args.common, &scratch.0)?;
     vmms.insert(1, Vmm::vigil(VIGIL_ASYNC, &[])?);
-    match &args.firecracker {
-        Some(path) => {
-            let mut fc = Vmm::firecracker(path, &scratch.0)?;
+    for fc in vmms.iter_mut() {
+        if let Kind::Firecracker(_) = fc.kind {
             fc.name = "firecracker (Async)".into();
-            vmms.push(fc);
         }
-        None => eprintln!("firecracker: left out (give --firecracker PATH to compare with it)"),
     }
     let pattern = if args.random { "rand" } else { "seq" };
     let mut cases = Vec::new();
@@ -499,19 +516,13 @@ impl Drop for Tap {
 
 pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
     let tap = Tap::new(format!("vgbench{}", std::process::id() % 10000))?;
-    let bench = DeviceBench {
-        scenario: "net-bench",
-        keys: &["tx_pps", "tx_kib_s"],
-        requests: Some(("frames", 1)),
-        metrics_group: "net",
-        caption: "virtio-net on a tap, frames sent by the test guest (CPL3 polling driver, \
-                  event indices where offered), 20000 frames per case"
-            .into(),
-    };
-    let attach = |vmm: &Vmm, cmd: &mut Command| {
-        if let Kind::Vigil(_) = vmm.kind {
+    let scratch = Scratch::new("net")?;
+    let vmms = vmms(&args.common, &scratch.0)?;
+    let attach = |vmm: &Vmm, cmd: &mut Command| match &vmm.kind {
+        Kind::Vigil(_) | Kind::JailedVigil(_) => {
             cmd.arg("--net").arg(format!("tap={}", tap.0));
-        } else {
+        }
+        Kind::Qemu => {
             cmd.args(["-global", "virtio-mmio.force-legacy=false", "-netdev"])
                 .arg(format!(
                     "tap,id=n0,ifname={},script=no,downscript=no",
@@ -519,22 +530,218 @@ pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
                 ))
                 .args(["-device", "virtio-net-device,netdev=n0"]);
         }
+        Kind::Firecracker(dir) => {
+            if let Err(e) = add_firecracker_interface(&dir.join("firecracker.json"), &tap.0) {
+                eprintln!("firecracker: {e:#}");
+            }
+        }
     };
-    let cases: Vec<Case> = args
-        .frame
-        .iter()
-        .flat_map(|frame| {
-            args.qd.iter().map(move |qd| Case {
-                label: format!("{frame}-byte frames, {qd} in flight"),
-                params: format!("net_qd={qd} net_frame={frame}"),
+    for dir in &args.dir {
+        let (word, keys, caption) = match dir {
+            Direction::Tx => (
+                "tx",
+                &["tx_pps", "tx_kib_s"],
+                "virtio-net on a tap, frames sent by the test guest (CPL3 polling driver, \
+                 event indices where offered), 20000 frames per case",
+            ),
+            Direction::Rx => (
+                "rx",
+                &["rx_pps", "rx_kib_s"],
+                "virtio-net on a tap, frames received by the test guest (CPL3 polling \
+                 driver, event indices where offered, `--qd` 2 KiB buffers posted, each \
+                 posted again once read) while this process floods the tap from the host \
+                 at nice 19; 20000 frames per case, timed from the first",
+            ),
+        };
+        // The flooder answers the guest's ready frames for every run of this direction.
+        let _flooder = match dir {
+            Direction::Rx => Some(Flooder::start(&tap.0)?),
+            Direction::Tx => None,
+        };
+        let bench = DeviceBench {
+            scenario: "net-bench",
+            keys,
+            requests: Some(("frames", 1)),
+            metrics_group: "net",
+            caption: caption.into(),
+        };
+        let cases: Vec<Case> = args
+            .frame
+            .iter()
+            .flat_map(|frame| {
+                args.qd.iter().map(move |qd| Case {
+                    label: format!("{word}: {frame}-byte frames, {qd} in flight"),
+                    params: format!("net_dir={word} net_qd={qd} net_frame={frame}"),
+                })
             })
+            .collect();
+        device_bench(args.common.runs, &vmms, &bench, &cases, &attach)?;
+    }
+    Ok(())
+}
+
+/// Adds an interface on `tap` to the Firecracker configuration at `config`.
+fn add_firecracker_interface(config: &Path, tap: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let mut body: serde_json::Value = serde_json::from_str(&text)?;
+    body["network-interfaces"] = serde_json::json!([{
+        "iface_id": "eth0",
+        "host_dev_name": tap,
+    }]);
+    std::fs::write(config, body.to_string())
+        .with_context(|| format!("cannot write {}", config.display()))
+}
+
+/// The guest's `net_dir=rx` frames (`guest/src/net.rs`): its ethertype, the
+/// ready frame (followed by the wanted frame length, big-endian), the done
+/// frame, and the prefix of the frames the flooder sends.
+const ETHERTYPE: u16 = 0x88b5;
+const RX_READY: &[u8] = b"vigil-net-bench-rx-ready";
+const RX_DONE: &[u8] = b"vigil-net-bench-rx-done";
+const RX_FLOOD: &[u8] = b"vigil-net-bench-rx-flood";
+/// The longest a flood lasts without the guest's done frame (a VMM that died).
+const FLOOD_MOST: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The host side of `net-bench net_dir=rx`: a thread on a packet socket bound to
+/// the tap that waits for the guest's ready frame, then sends frames of the
+/// length it asked for as fast as the tap takes them until the done frame.
+struct Flooder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flooder {
+    fn start(tap: &str) -> anyhow::Result<Self> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let name = std::ffi::CString::new(tap)?;
+        // SAFETY: `name` is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("tap {tap}: {}", std::io::Error::last_os_error());
+        }
+        let protocol = ETHERTYPE.to_be();
+        // SAFETY: plain socket creation; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+        if fd < 0 {
+            bail!("packet socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain old data; all zeros is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = protocol;
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: `addr` is a sockaddr_ll of the length given.
+        let bound = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if bound != 0 {
+            bail!("binding a packet socket to {tap}: {}", std::io::Error::last_os_error());
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("flooder".into())
+            .spawn(move || flood_loop(fd, &stopped))?;
+        Ok(Flooder {
+            stop,
+            thread: Some(thread),
         })
-        .collect();
-    device_bench(
-        args.common.runs,
-        &vmms(&args.common)?,
-        &bench,
-        &cases,
-        &attach,
-    )
+    }
+}
+
+impl Drop for Flooder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One frame from the packet socket within 50 ms (its length), or None.
+fn receive_frame(fd: std::os::fd::BorrowedFd, buf: &mut [u8], wait: bool) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    if wait {
+        let mut poll = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut poll, 1, 50) } <= 0 {
+            return None;
+        }
+    }
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).ok()
+}
+
+/// The payload of a frame of our ethertype, after the Ethernet header.
+fn payload(frame: &[u8]) -> &[u8] {
+    frame.get(14..).unwrap_or_default()
+}
+
+fn flood_loop(fd: std::os::fd::OwnedFd, stop: &std::sync::atomic::AtomicBool) {
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::sync::atomic::Ordering;
+    // SAFETY: changes only this thread's own scheduling priority.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as u32, 19);
+    }
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        let Some(n) = receive_frame(fd.as_fd(), &mut buf, true) else {
+            continue;
+        };
+        let Some(len) = payload(&buf[..n])
+            .strip_prefix(RX_READY)
+            .and_then(|rest| rest.get(..2))
+            .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])))
+        else {
+            continue;
+        };
+        let mut frame = vec![0u8; len.clamp(60, 1514)];
+        frame[..6].fill(0xff);
+        frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xaa]);
+        frame[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
+        frame[14..14 + RX_FLOOD.len()].copy_from_slice(RX_FLOOD);
+        let started = std::time::Instant::now();
+        'flood: while !stop.load(Ordering::Relaxed) && started.elapsed() < FLOOD_MOST {
+            for _ in 0..32 {
+                // SAFETY: `frame` is readable for its length. A full tap drops the
+                // frame or refuses it (ENOBUFS): either way, go on.
+                let sent = unsafe {
+                    libc::send(
+                        fd.as_raw_fd(),
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if sent < 0 {
+                    std::thread::yield_now();
+                }
+            }
+            while let Some(n) = receive_frame(fd.as_fd(), &mut buf, false) {
+                if payload(&buf[..n]).starts_with(RX_DONE) {
+                    break 'flood;
+                }
+            }
+        }
+    }
 }
