@@ -137,8 +137,9 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
 /// Frames `net-bench` sends.
 const BENCH_FRAMES: u64 = 20_000;
 
-/// Most frames `net-bench` keeps in flight (`net_qd=`).
-const BENCH_MAX_QD: u64 = 128;
+/// Most frames `net-bench` keeps in flight, or receive buffers it posts
+/// (`net_qd=`): a 256-entry queue's worth.
+const BENCH_MAX_QD: u64 = virtio::BENCH_QUEUE_SIZE as u64;
 /// `net_frame=`: Ethernet frame bytes `net-bench` sends (without the virtio
 /// header), from the minimum to a full 1500-byte payload.
 const BENCH_FRAME: (u64, u64) = (60, 1514);

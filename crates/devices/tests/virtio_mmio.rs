@@ -388,3 +388,38 @@ fn event_idx_interrupts_once_the_used_index_passes_used_event() {
     assert_eq!(d.used_idx(), 1);
     assert_eq!(irq.status(), INT_USED_RING);
 }
+
+/// The guest reads and acknowledges the interrupt status while the device
+/// thread holds the transport (processing a batch): neither waits for it. The
+/// other registers still go through the transport.
+#[test]
+fn interrupt_status_is_read_and_acknowledged_while_the_transport_is_busy() {
+    use std::sync::{mpsc, Arc, Mutex};
+    use vigil_devices::virtio::mmio::MmioBusDevice;
+
+    let mem = memory(1 << 20);
+    let (t, irq, _) = transport(rng(), &mem);
+    let t = Arc::new(Mutex::new(t));
+    let mut bus = MmioBusDevice::new(t.clone());
+    irq.signal(INT_USED_RING);
+
+    let busy = t.lock().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut word = [0u8; 4];
+        bus.read(0x60, &mut word);
+        let seen = u32::from_le_bytes(word);
+        bus.write(0x64, &seen.to_le_bytes());
+        tx.send(seen).unwrap();
+        // The magic value needs the transport.
+        bus.read(0x00, &mut word);
+        u32::from_le_bytes(word)
+    });
+    let seen = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the interrupt status was read without the transport's lock");
+    assert_eq!(seen, INT_USED_RING);
+    assert_eq!(irq.status(), 0, "acknowledged");
+    drop(busy);
+    assert_eq!(reader.join().unwrap(), 0x7472_6976);
+}

@@ -24,7 +24,7 @@ use vigil_devices::persist::{Persist, RestoreError};
 use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::mmio::{
-    MmioTransport, MmioTransportState, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY,
+    MmioBusDevice, MmioTransport, MmioTransportState, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY,
 };
 use vigil_devices::virtio::net::Net;
 use vigil_devices::virtio::pci::{Msix, VirtioPci, VirtioPciState, BAR_SIZE};
@@ -368,9 +368,11 @@ impl<'a> DeviceManager<'a> {
         };
         let transport = Arc::new(Mutex::new(transport));
         self.devices.transports.push(transport.clone());
-        self.devices
-            .mmio
-            .insert(transport.clone(), slot.base, slot.len)?;
+        self.devices.mmio.insert(
+            Arc::new(Mutex::new(MmioBusDevice::new(transport.clone()))),
+            slot.base,
+            slot.len,
+        )?;
         let subscriber = QueueEvents::new(transport, queue_evts).map_err(dev_err)?;
         self.devices.subscribers.push(Box::new(subscriber));
         self.slots.push(slot);

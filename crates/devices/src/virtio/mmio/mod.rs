@@ -28,6 +28,9 @@ pub use persist::MmioTransportState;
 pub const MMIO_WINDOW: u64 = 0x1000;
 /// Offset of the queue notification register (where ioeventfds are matched).
 pub const QUEUE_NOTIFY: u64 = 0x50;
+/// The interrupt status register (read) and its acknowledgement (write).
+const INTERRUPT_STATUS: u64 = 0x60;
+const INTERRUPT_ACK: u64 = 0x64;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -382,7 +385,7 @@ impl MmioTransport {
                     let _ = evt.write(1);
                 }
             }
-            0x64 => self.interrupt.ack(v),
+            INTERRUPT_ACK => self.interrupt.ack(v),
             0x70 => self.set_status(v),
             _ => tracing::debug!(
                 offset,
@@ -406,7 +409,7 @@ impl MmioTransport {
             },
             0x34 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             0x44 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            0x60 => self.interrupt.status(),
+            INTERRUPT_STATUS => self.interrupt.status(),
             0x70 => self.status,
             0xfc => self.config_generation,
             _ => 0,
@@ -443,6 +446,53 @@ impl BusDevice for MmioTransport {
                 len = data.len(),
                 "virtio-mmio register write not 32 bits wide; ignored"
             );
+        }
+    }
+}
+
+/// A transport as the guest's MMIO bus sees it. The interrupt status is read and
+/// acknowledged without the transport's lock, which the device thread holds
+/// while it processes a queue: a driver's interrupt handler would otherwise wait
+/// for a whole batch of frames or requests, during which it adds no buffers
+/// (virtio-pci's ISR is read the same way). Every other register goes through
+/// the lock.
+pub struct MmioBusDevice {
+    transport: Arc<Mutex<MmioTransport>>,
+    interrupt: Arc<Interrupt>,
+}
+
+impl MmioBusDevice {
+    pub fn new(transport: Arc<Mutex<MmioTransport>>) -> Self {
+        let interrupt = transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .interrupt
+            .clone();
+        Self {
+            transport,
+            interrupt,
+        }
+    }
+
+    fn transport(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl BusDevice for MmioBusDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match <&mut [u8; 4]>::try_from(&mut *data) {
+            Ok(bytes) if offset == INTERRUPT_STATUS => {
+                *bytes = self.interrupt.status().to_le_bytes();
+            }
+            _ => self.transport().read(offset, data),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match <[u8; 4]>::try_from(data) {
+            Ok(bytes) if offset == INTERRUPT_ACK => self.interrupt.ack(u32::from_le_bytes(bytes)),
+            _ => self.transport().write(offset, data),
         }
     }
 }

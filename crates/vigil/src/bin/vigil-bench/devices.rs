@@ -59,7 +59,6 @@ pub struct BlkBenchArgs {
     /// Offsets drawn at random instead of in sequence.
     #[arg(long)]
     pub random: bool,
-
 }
 
 #[derive(Args, Debug)]
@@ -68,10 +67,18 @@ pub struct NetBenchArgs {
     pub common: DeviceBenchArgs,
 
     /// Transmit queue depths to measure, comma-separated (frames the guest
-    /// keeps in flight, 1 to 128).
+    /// keeps in flight, 1 to 256).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_name = "N,...",
-          value_parser = clap::value_parser!(u16).range(1..=128))]
+          value_parser = clap::value_parser!(u16).range(1..=256))]
     pub qd: Vec<u16>,
+
+    /// Receive buffers the guest keeps posted, comma-separated (2 KiB each, 1 to
+    /// 256). Firecracker reads its tap only while the guest has posted 64 KiB
+    /// or more (room for the largest frame it could read), so under it fewer
+    /// than 33 never receive a frame.
+    #[arg(long, value_delimiter = ',', default_value = "64,256", value_name = "N,...",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub rx_buffers: Vec<u16>,
 
     /// Ethernet frame sizes to send, comma-separated bytes (60 to 1514: from a
     /// minimum frame to a full 1500-byte payload).
@@ -80,10 +87,15 @@ pub struct NetBenchArgs {
     pub frame: Vec<u16>,
 
     /// Directions to measure, comma-separated: `tx` (the guest sends) and `rx`
-    /// (this process floods the tap from the host, at the lowest CPU priority so
-    /// that it takes only what the VMM leaves, and the guest counts what arrives
-    /// in its `--qd` posted buffers).
-    #[arg(long, value_delimiter = ',', default_value = "tx,rx", value_name = "DIR,...")]
+    /// (this process floods the tap from the host, pausing while the tap's queue
+    /// is full, and the guest counts what arrives in its `--rx-buffers` posted
+    /// buffers).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tx,rx",
+        value_name = "DIR,..."
+    )]
     pub dir: Vec<Direction>,
 }
 
@@ -548,9 +560,10 @@ pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
                 "rx",
                 &["rx_pps", "rx_kib_s"],
                 "virtio-net on a tap, frames received by the test guest (CPL3 polling \
-                 driver, event indices where offered, `--qd` 2 KiB buffers posted, each \
+                 driver, event indices where offered, `--rx-buffers` 2 KiB buffers posted, each \
                  posted again once read) while this process floods the tap from the host \
-                 at nice 19; 20000 frames per case, timed from the first",
+                 (pausing while the tap's 1000-frame queue is full); 20000 frames per \
+                 case, timed from the first",
             ),
         };
         // The flooder answers the guest's ready frames for every run of this direction.
@@ -565,12 +578,16 @@ pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
             metrics_group: "net",
             caption: caption.into(),
         };
+        let (depths, what) = match dir {
+            Direction::Tx => (&args.qd, "in flight"),
+            Direction::Rx => (&args.rx_buffers, "buffers posted"),
+        };
         let cases: Vec<Case> = args
             .frame
             .iter()
             .flat_map(|frame| {
-                args.qd.iter().map(move |qd| Case {
-                    label: format!("{word}: {frame}-byte frames, {qd} in flight"),
+                depths.iter().map(move |qd| Case {
+                    label: format!("{word}: {frame}-byte frames, {qd} {what}"),
                     params: format!("net_dir={word} net_qd={qd} net_frame={frame}"),
                 })
             })
@@ -605,7 +622,9 @@ const FLOOD_MOST: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The host side of `net-bench net_dir=rx`: a thread on a packet socket bound to
 /// the tap that waits for the guest's ready frame, then sends frames of the
-/// length it asked for as fast as the tap takes them until the done frame.
+/// length it asked for as fast as the tap takes them until the done frame,
+/// pausing 50 µs whenever the tap's queue is full: the VMM's reads set the pace,
+/// and the flooder's CPU goes to the VMM while it waits.
 struct Flooder {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -642,7 +661,26 @@ impl Flooder {
             )
         };
         if bound != 0 {
-            bail!("binding a packet socket to {tap}: {}", std::io::Error::last_os_error());
+            bail!(
+                "binding a packet socket to {tap}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // Straight to the tap, without a queueing discipline: a full tap refuses
+        // the frame (ENOBUFS), which paces the flooder to what the VMM reads.
+        let one: libc::c_int = 1;
+        // SAFETY: PACKET_QDISC_BYPASS takes an int.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if set != 0 {
+            bail!("PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
@@ -699,10 +737,6 @@ fn payload(frame: &[u8]) -> &[u8] {
 fn flood_loop(fd: std::os::fd::OwnedFd, stop: &std::sync::atomic::AtomicBool) {
     use std::os::fd::{AsFd, AsRawFd};
     use std::sync::atomic::Ordering;
-    // SAFETY: changes only this thread's own scheduling priority.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as u32, 19);
-    }
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         let Some(n) = receive_frame(fd.as_fd(), &mut buf, true) else {
@@ -723,8 +757,7 @@ fn flood_loop(fd: std::os::fd::OwnedFd, stop: &std::sync::atomic::AtomicBool) {
         let started = std::time::Instant::now();
         'flood: while !stop.load(Ordering::Relaxed) && started.elapsed() < FLOOD_MOST {
             for _ in 0..32 {
-                // SAFETY: `frame` is readable for its length. A full tap drops the
-                // frame or refuses it (ENOBUFS): either way, go on.
+                // SAFETY: `frame` is readable for its length.
                 let sent = unsafe {
                     libc::send(
                         fd.as_raw_fd(),
@@ -734,7 +767,9 @@ fn flood_loop(fd: std::os::fd::OwnedFd, stop: &std::sync::atomic::AtomicBool) {
                     )
                 };
                 if sent < 0 {
-                    std::thread::yield_now();
+                    // The tap's queue is full (1000 frames): the VMM is behind.
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                    break;
                 }
             }
             while let Some(n) = receive_frame(fd.as_fd(), &mut buf, false) {
