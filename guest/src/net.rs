@@ -25,23 +25,40 @@ const _: () = assert!(TX_BUF + TX_LEN <= MQ_BUF + MQ_BUF_LEN);
 const RX: u16 = 0;
 const TX: u16 = 1;
 
-fn rx_buf(id: u16) -> u64 {
-    dma(MQ_BUF) + u64::from(id) * RX_LEN
+/// `VIRTIO_NET_F_MRG_RXBUF`.
+const NET_F_MRG_RXBUF: u64 = 1 << 15;
+/// With `net_mrg=1`: receive buffers of 512 bytes, so that a full frame spans
+/// four of them.
+const MRG_RX_LEN: u64 = 512;
+const MRG_RX_BUFFERS: u16 = (RX_BUFFERS as u64 * RX_LEN / MRG_RX_LEN) as u16;
+/// The byte at `offset` of the host's answer (an Ethernet frame), after its
+/// marker.
+fn answer_byte(offset: u64) -> u8 {
+    (offset % 251) as u8
 }
 
 pub fn net(machine: &Machine, detail: &mut Line) -> bool {
+    let Ok(Some(mrg)) = machine.number("net_mrg", 0, 1, Some(0), detail) else {
+        return false;
+    };
     virtio::with_device(
         machine,
         detail,
         ID_NET,
         "no virtio-net device",
-        |dev, clock, detail| run(dev, clock, detail),
+        |dev, clock, detail| run(dev, clock, mrg == 1, detail),
     )
 }
 
-fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+/// Receive buffer `id` of `len` bytes each.
+fn rx_buf_of(id: u16, len: u64) -> u64 {
+    dma(MQ_BUF) + u64::from(id) * len
+}
+
+fn run(dev: Dev, clock: Clock, mrg: bool, detail: &mut Line) -> Result<(), ()> {
+    let wanted = NET_F_MAC | if mrg { NET_F_MRG_RXBUF } else { 0 };
     let set_up = || -> Result<(Queue, Queue, u64), &'static str> {
-        let features = virtio::negotiate(dev, clock, NET_F_MAC)?;
+        let features = virtio::negotiate(dev, clock, wanted)?;
         let rx = virtio::setup_queue(dev, clock, RX, features)?;
         let tx = virtio::setup_queue(dev, clock, TX, features)?;
         virtio::driver_ok(dev)?;
@@ -54,18 +71,27 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
             return Err(());
         }
     };
-    if features & NET_F_MAC == 0 {
-        detail.str("no VIRTIO_NET_F_MAC");
+    if features & wanted != wanted {
+        detail.str(if features & NET_F_MAC == 0 {
+            "no VIRTIO_NET_F_MAC"
+        } else {
+            "no VIRTIO_NET_F_MRG_RXBUF"
+        });
         return Err(());
     }
+    let (buffers, buf_len) = if mrg {
+        (MRG_RX_BUFFERS, MRG_RX_LEN)
+    } else {
+        (RX_BUFFERS, RX_LEN)
+    };
     let mut mac = [0u8; 6];
     for (i, byte) in mac.iter_mut().enumerate() {
         *byte = dev.config_u8(i as u64);
     }
 
     zero(dma(MQ_BUF), MQ_BUF_LEN as usize);
-    for id in 0..RX_BUFFERS {
-        rx.desc(id, rx_buf(id), RX_LEN as u32, WRITE, 0);
+    for id in 0..buffers.min(rx.size()) {
+        rx.desc(id, rx_buf_of(id, buf_len), buf_len as u32, WRITE, 0);
         rx.push_avail(id);
     }
     rx.notify();
@@ -89,37 +115,73 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
     }
 
     // The host answers; other traffic (IPv6 router solicitations, ...) is skipped
-    // and its buffer posted again.
-    let mut received = 0;
-    let mut others = 0u64;
+    // and its buffers posted again. A frame is gathered into `frame` from as many
+    // buffers as its header says (one without mergeable buffers).
+    let mut frame = [0u8; 2048];
+    let (mut received, mut others, mut spanned) = (0, 0u64, 0u64);
     while received == 0 {
-        let (id, len) = match rx.wait_used(3000) {
-            Ok(used) => used,
-            Err(error) => {
-                detail.str("receive: ").str(error);
-                detail.str(" other_frames=").dec(others);
+        let mut len = 0usize;
+        let mut count = 1u64;
+        let mut ids = [0u16; 16];
+        let mut taken = 0usize;
+        while (taken as u64) < count {
+            let (id, used) = match rx.wait_used(3000) {
+                Ok(used) => used,
+                Err(error) => {
+                    detail.str("receive: ").str(error);
+                    detail.str(" other_frames=").dec(others);
+                    return Err(());
+                }
+            };
+            if id >= buffers || u64::from(used) > buf_len || len + used as usize > frame.len() {
+                detail
+                    .str("receive: used id ")
+                    .dec(u64::from(id))
+                    .str(" len ")
+                    .dec(u64::from(used));
                 return Err(());
             }
-        };
-        if id >= RX_BUFFERS {
-            detail.str("receive: used id ").dec(u64::from(id));
-            return Err(());
+            let buf = rx_buf_of(id, buf_len);
+            for (i, byte) in frame[len..len + used as usize].iter_mut().enumerate() {
+                *byte = rd::<u8>(buf + i as u64);
+            }
+            if taken == 0 {
+                count = if mrg {
+                    u64::from(u16::from_le_bytes([frame[10], frame[11]]))
+                } else {
+                    1
+                };
+                if count == 0 || count > ids.len() as u64 {
+                    detail.str("receive: num_buffers=").dec(count);
+                    return Err(());
+                }
+            }
+            ids[taken] = id;
+            taken += 1;
+            len += used as usize;
         }
-        let buf = rx_buf(id);
-        let wanted = u64::from(len) >= HDR + 14 + FROM_HOST.len() as u64
-            && u64::from(len) <= RX_LEN
-            && rd::<[u8; 2]>(buf + HDR + 12) == ETHERTYPE.to_be_bytes()
-            && FROM_HOST
-                .iter()
-                .enumerate()
-                .all(|(i, &b)| rd::<u8>(buf + HDR + 14 + i as u64) == b);
+        let header = HDR as usize;
+        let marker = header + 14..header + 14 + FROM_HOST.len();
+        let wanted = len >= marker.end
+            && frame[header + 12..header + 14] == ETHERTYPE.to_be_bytes()
+            && frame[marker.clone()] == *FROM_HOST;
         if wanted {
+            // Every byte after the marker is the host's pattern.
+            if let Some(at) =
+                (marker.end..len).find(|&i| frame[i] != answer_byte((i - header) as u64))
+            {
+                detail.str("receive: byte ").dec(at as u64).str(" differs");
+                return Err(());
+            }
             received += 1;
+            spanned = count;
         } else {
             others += 1;
-            rx.push_avail(id);
-            rx.notify();
         }
+        for &id in &ids[..taken] {
+            rx.push_avail(id);
+        }
+        rx.notify();
     }
 
     detail.str("mac=");
@@ -131,6 +193,9 @@ fn run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
         detail.bytes(&[digits[usize::from(b >> 4)], digits[usize::from(b & 15)]]);
     }
     detail.str(" sent=1 received=").dec(received);
+    if mrg {
+        detail.str(" buffers=").dec(spanned);
+    }
     Ok(())
 }
 

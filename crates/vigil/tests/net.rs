@@ -177,23 +177,29 @@ fn net_frames_cross_the_tap_both_ways_over_pci() {
     in_netns(|| frames_cross_the_tap(&["--enable-pci"]));
 }
 
+/// With `VIRTIO_NET_F_MRG_RXBUF` and 512-byte receive buffers, a full-size
+/// frame arrives over three of them, every byte in place.
+#[test]
+fn a_full_frame_spans_mergeable_receive_buffers() {
+    in_netns(|| frames_cross_the_tap(&["--cmdline", "test=net net_mrg=1"]));
+}
+
 fn frames_cross_the_tap(extra: &[&str]) {
+    let mergeable = extra.contains(&"test=net net_mrg=1");
     let Some((tap, socket)) = test_tap("vgtest") else {
         return;
     };
     let name = tap.name().to_string();
     let mac = [0x02, 0x76, 0x69, 0x67, 0x00, 0x42];
-    let child = vigil()
-        .args([
-            "run",
-            "--net",
-            &format!("tap={name},mac=02:76:69:67:00:42"),
-            "--cmdline",
-            "test=net",
-        ])
-        .args(extra)
-        .spawn()
-        .unwrap();
+    let mut args = vec![
+        "run".to_owned(),
+        "--net".to_owned(),
+        format!("tap={name},mac=02:76:69:67:00:42"),
+    ];
+    if !mergeable {
+        args.extend(["--cmdline".to_owned(), "test=net".to_owned()]);
+    }
+    let child = vigil().args(args).args(extra).spawn().unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let frame = loop {
@@ -222,15 +228,18 @@ fn frames_cross_the_tap(extra: &[&str]) {
     reply.extend_from_slice(&HOST_MAC);
     reply.extend_from_slice(&ETHERTYPE.to_be_bytes());
     reply.extend_from_slice(b"vigil-net-host-to-guest");
-    reply.resize(60, 0);
+    // After the marker, the pattern the guest checks byte by byte.
+    let len = if mergeable { 1514 } else { 60 };
+    reply.extend((reply.len()..len).map(|i| (i % 251) as u8));
     socket.send(mac, &reply);
 
     let r = finish(child, TIMEOUT);
-    assert_eq!(
-        r.line("TEST net "),
-        "TEST net PASS mac=02:76:69:67:00:42 sent=1 received=1",
-        "{r}"
-    );
+    let expected = if mergeable {
+        "TEST net PASS mac=02:76:69:67:00:42 sent=1 received=1 buffers=3"
+    } else {
+        "TEST net PASS mac=02:76:69:67:00:42 sent=1 received=1"
+    };
+    assert_eq!(r.line("TEST net "), expected, "{r}");
     assert_eq!(r.code, Some(0), "{r}");
 }
 

@@ -229,6 +229,12 @@ pub trait VirtioDevice: Send {
     /// The transport raised the used-buffer interrupt after this device's
     /// processing (for its metrics; with event indices not every batch does).
     fn interrupted(&self) {}
+    /// Whether queue `index` owes the driver an interrupt the queue's own
+    /// event-index check cannot see (used entries the device wrote itself);
+    /// asked, and cleared, each time the transport decides.
+    fn take_owed_interrupt(&mut self, _index: usize) -> bool {
+        false
+    }
 
     /// The features the driver accepted: told when the transport takes them
     /// (FEATURES_OK) and when a device is restored. A device whose queues depend

@@ -317,7 +317,8 @@ impl MmioTransport {
             return true;
         }
         // An unreadable used_event: interrupt, as without event indices.
-        queue.needs_notification(&self.mem).unwrap_or(true)
+        let needed = queue.needs_notification(&self.mem).unwrap_or(true);
+        self.device.take_owed_interrupt(index) || needed
     }
 
     /// Writes register `offset` (also the virtio-pci common configuration's way in).

@@ -2,12 +2,14 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vigil_metrics::{DeviceCounters, DeviceKind};
 
 use crate::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 use super::mmds::MmdsStack;
@@ -34,6 +36,9 @@ pub const MAX_BUFFER: usize = 65562;
 const MIN_BUFFER: usize = VNET_HDR_LEN + 14;
 
 const F_MAC: u64 = 1 << 5;
+/// `VIRTIO_NET_F_MRG_RXBUF`: a received frame may span several buffers, their
+/// number in the header's `num_buffers`.
+const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
 const LINK_UP: u16 = 1;
 
@@ -77,6 +82,11 @@ pub struct Net {
     /// closed: the tap is not watched until the guest adds buffers or the timer
     /// fires.
     rx_blocked: bool,
+    /// The driver accepted `VIRTIO_NET_F_MRG_RXBUF`.
+    mergeable: bool,
+    /// A frame spread over several buffers was published since the transport
+    /// last asked, and the driver's `used_event` asked to hear about it.
+    owed_interrupt: bool,
     tx_buf: Vec<u8>,
     counters: NetCounters,
     metrics: Arc<DeviceCounters>,
@@ -106,6 +116,8 @@ impl Net {
             rx_buf: vec![0; MAX_BUFFER],
             rx_len: 0,
             rx_blocked: false,
+            mergeable: false,
+            owed_interrupt: false,
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Net, config.tap.clone())),
@@ -136,6 +148,28 @@ impl Net {
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let start = queue.next_used();
+        let mut merged = false;
+        let outcome = self.receive_frames(queue, mem, &mut merged);
+        // The used entries a frame's earlier buffers took were written without
+        // `add_used`, so the queue's own interrupt check does not count them:
+        // check the whole batch against the driver's `used_event` here.
+        if merged && queue.event_idx_enabled() {
+            let end = queue.next_used();
+            self.owed_interrupt |= match used_event(queue, mem) {
+                Some(event) => need_event(event, end, start),
+                None => true,
+            };
+        }
+        outcome
+    }
+
+    fn receive_frames(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        merged: &mut bool,
     ) -> Result<QueueOutcome, DeviceBroken> {
         self.rx_blocked = false;
         let mut used = false;
@@ -206,6 +240,25 @@ impl Net {
                 }
             };
             let len = self.rx_len;
+            if writer.available_bytes() < len && self.mergeable {
+                match self.receive_merged(queue, mem, (head, writer), &mut budget)? {
+                    Merged::Delivered => {
+                        *merged = true;
+                        used = true;
+                        continue;
+                    }
+                    Merged::Later => return Ok(QueueOutcome::Done(used)),
+                    Merged::NoRoom if wait_for_buffers(queue, mem)? => continue,
+                    Merged::NoRoom => {
+                        self.rx_blocked = true;
+                        return Ok(QueueOutcome::Done(used));
+                    }
+                    Merged::Throttled(wait) => {
+                        self.rx_blocked = true;
+                        return Ok(QueueOutcome::RetryAfter(wait, used));
+                    }
+                }
+            }
             if writer.available_bytes() < len {
                 tracing::debug!(
                     len,
@@ -245,6 +298,81 @@ impl Net {
             add_used(queue, mem, head, written)?;
             used = true;
         }
+    }
+
+    /// Delivers the frame in `rx_buf` over `first` and as many more buffers as
+    /// it takes (`VIRTIO_NET_F_MRG_RXBUF`), published to the driver at once.
+    fn receive_merged<'m>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &'m GuestMemoryMmap,
+        first: (u16, GuestWriter<'m>),
+        budget: &mut Budget,
+    ) -> Result<Merged, DeviceBroken> {
+        let len = self.rx_len;
+        let mut room = first.1.available_bytes();
+        let mut chains = vec![first];
+        while room < len {
+            let chain = match pop_chain(queue, mem, budget)? {
+                Next::Chain(chain) => chain,
+                next => {
+                    // Not enough buffers yet: every one goes back to the queue.
+                    for _ in 0..chains.len() {
+                        queue.go_to_previous_position();
+                    }
+                    return Ok(match next {
+                        Next::Later => Merged::Later,
+                        _ => Merged::NoRoom,
+                    });
+                }
+            };
+            let head = chain.head_index();
+            match chain.writer(mem) {
+                Ok(w) if w.available_bytes() > 0 => {
+                    room += w.available_bytes();
+                    chains.push((head, w));
+                }
+                result => {
+                    // Given back empty at once; the frame goes on in the next.
+                    tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
+                    self.counters.errors += 1;
+                    self.metrics.errors.inc();
+                    add_used(queue, mem, head, 0)?;
+                }
+            }
+        }
+        if let Err(wait) = self.rx_limiter.consume(len as u64) {
+            self.metrics.throttled.inc();
+            for _ in 0..chains.len() {
+                queue.go_to_previous_position();
+            }
+            return Ok(Merged::Throttled(wait));
+        }
+        // No offloads: flags and GSO type 0; then the number of buffers.
+        self.rx_buf[..VNET_HDR_LEN].fill(0);
+        let count = chains.len() as u16;
+        self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
+        let mut used = Vec::with_capacity(chains.len());
+        let mut at = 0;
+        let mut failed = false;
+        for (head, mut writer) in chains {
+            let n = writer.available_bytes().min(len - at);
+            failed |= writer.write_all(&self.rx_buf[at..at + n]).is_err();
+            used.push((head, n as u32));
+            at += n;
+        }
+        self.rx_len = 0;
+        if failed {
+            tracing::debug!("cannot write a frame into guest memory");
+            self.counters.errors += 1;
+            self.metrics.errors.inc();
+        } else {
+            self.counters.rx_frames += 1;
+            self.counters.rx_bytes += (len - VNET_HDR_LEN) as u64;
+            self.metrics.transfer_in((len - VNET_HDR_LEN) as u64);
+        }
+        add_used_together(queue, mem, &used)?;
+        Ok(Merged::Delivered)
     }
 
     /// Sends what the guest made available on the transmit queue to the tap.
@@ -318,7 +446,15 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_MAC | F_STATUS
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_MAC | F_MRG_RXBUF | F_STATUS
+    }
+
+    fn ack_features(&mut self, acked: u64) {
+        self.mergeable = acked & F_MRG_RXBUF != 0;
+    }
+
+    fn take_owed_interrupt(&mut self, index: usize) -> bool {
+        index == RX && std::mem::take(&mut self.owed_interrupt)
     }
 
     fn state(&self) -> DeviceState {
@@ -408,4 +544,78 @@ impl VirtioDevice for Net {
         self.rx_len = 0;
         self.rx_blocked = false;
     }
+}
+
+/// A writer into a chain of guest memory, dirty pages marked.
+type GuestWriter<'m> = Writer<'m, vm_memory::bitmap::BS<'m, vm_memory::bitmap::AtomicBitmap>>;
+
+/// What [`Net::receive_merged`] did with the frame.
+enum Merged {
+    Delivered,
+    /// The budget ran out while gathering buffers: the event loop comes back.
+    Later,
+    /// The driver has not made enough buffers available yet.
+    NoRoom,
+    /// The rate limiter says wait this long.
+    Throttled(std::time::Duration),
+}
+
+/// Publishes `used` (chain heads and bytes written) in one step: the driver
+/// must see a frame's buffers together (virtio 1.1, 5.1.6.4), and
+/// `Queue::add_used` makes each visible on its own. The earlier entries are
+/// written into the used ring directly, the last through `add_used`, whose
+/// index update publishes them all.
+fn add_used_together(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    used: &[(u16, u32)],
+) -> Result<(), DeviceBroken> {
+    let Some((&(last, last_len), earlier)) = used.split_last() else {
+        return Ok(());
+    };
+    let start = queue.next_used();
+    for (i, &(head, len)) in earlier.iter().enumerate() {
+        let slot = start.wrapping_add(i as u16) % queue.size();
+        let element = queue.used_ring() + 4 + 8 * u64::from(slot);
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        bytes[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&bytes, GuestAddress(element))
+            .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e}")))?;
+    }
+    queue.set_next_used(start.wrapping_add(earlier.len() as u16));
+    add_used(queue, mem, last, last_len)
+}
+
+/// The driver's `used_event` (the used index it wants an interrupt after).
+fn used_event(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
+    let at = queue.avail_ring() + 4 + 2 * u64::from(queue.size());
+    mem.load::<u16>(GuestAddress(at), Ordering::Acquire)
+        .ok()
+        .map(u16::from_le)
+}
+
+/// `vring_need_event`: whether moving the used index from `old` to `new`
+/// passes `event`.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// A frame waits for more buffers than the driver has made available: asks to
+/// be notified at the next one it adds (the available index as it is now,
+/// since the device went back over the buffers it had taken). True when some
+/// arrived meanwhile.
+fn wait_for_buffers(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+    let broken =
+        |e: virtio_queue::Error| DeviceBroken(format!("cannot re-arm notifications: {e:?}"));
+    let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
+    if queue.event_idx_enabled() {
+        let at = queue.used_ring() + 4 + 8 * u64::from(queue.size());
+        mem.store(avail.0.to_le(), GuestAddress(at), Ordering::Release)
+            .map_err(|e| DeviceBroken(format!("cannot write avail_event: {e}")))?;
+    } else {
+        queue.enable_notification(mem).map_err(broken)?;
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    Ok(queue.avail_idx(mem, Ordering::Acquire).map_err(broken)? != avail)
 }
