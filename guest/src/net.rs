@@ -653,3 +653,202 @@ fn evil(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
     }
     Ok(())
 }
+
+/// `VIRTIO_NET_F_CSUM` and `VIRTIO_NET_F_GUEST_CSUM`.
+const NET_F_CSUM: u64 = 1 << 0;
+const NET_F_GUEST_CSUM: u64 = 1 << 1;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// `net-csum`'s addresses and ports: the host's end of the tap is 192.168.127.1.
+const CSUM_GUEST_IP: [u8; 4] = [192, 168, 127, 2];
+const CSUM_HOST_IP: [u8; 4] = [192, 168, 127, 1];
+const CSUM_GUEST_PORT: u16 = 5556;
+const CSUM_HOST_PORT: u16 = 5555;
+const CSUM_TO_HOST: &[u8] = b"vigil-csum-offload-to-host";
+/// Ethernet, IPv4 and UDP headers.
+const UDP_AT: u64 = 14 + 20;
+
+/// The Internet checksum's running sum of `len` bytes at `addr`.
+fn sum_bytes(addr: u64, len: u64, mut sum: u64) -> u64 {
+    let mut i = 0;
+    while i < len {
+        let hi = u64::from(rd::<u8>(addr + i));
+        let lo = if i + 1 < len {
+            u64::from(rd::<u8>(addr + i + 1))
+        } else {
+            0
+        };
+        sum += hi << 8 | lo;
+        i += 2;
+    }
+    sum
+}
+
+fn fold(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The UDP pseudo-header's sum: addresses, protocol and length.
+fn pseudo_sum(src: [u8; 4], dst: [u8; 4], udp_len: u64) -> u64 {
+    let word = |b: [u8; 4], i: usize| u64::from(u16::from_be_bytes([b[i], b[i + 1]]));
+    word(src, 0) + word(src, 2) + word(dst, 0) + word(dst, 2) + 17 + udp_len
+}
+
+/// `net-csum`: checksum offloads on the first virtio-net device. Sends a UDP
+/// datagram to the host with its checksum left partial (`VIRTIO_NET_F_CSUM`:
+/// only the pseudo-header's sum in the field, `NEEDS_CSUM` in the header), which
+/// the host's stack accepts only if the checksum is finished on the way; then
+/// waits for the host's answer and checks its checksum, finishing it first when
+/// the header says it is partial (which the host may send only with
+/// `net_guest_csum=1`, `VIRTIO_NET_F_GUEST_CSUM` accepted).
+pub fn net_csum(machine: &Machine, detail: &mut Line) -> bool {
+    let Ok(Some(guest_csum)) = machine.number("net_guest_csum", 0, 1, Some(1), detail) else {
+        return false;
+    };
+    virtio::with_device(
+        machine,
+        detail,
+        ID_NET,
+        "no virtio-net device",
+        |dev, clock, detail| csum_run(dev, clock, guest_csum == 1, detail),
+    )
+}
+
+fn csum_run(dev: Dev, clock: Clock, guest_csum: bool, detail: &mut Line) -> Result<(), ()> {
+    let wanted = NET_F_MAC | NET_F_CSUM | if guest_csum { NET_F_GUEST_CSUM } else { 0 };
+    let set_up = || -> Result<(Queue, Queue, u64), &'static str> {
+        let features = virtio::negotiate(dev, clock, wanted)?;
+        let rx = virtio::setup_queue(dev, clock, RX, features)?;
+        let tx = virtio::setup_queue(dev, clock, TX, features)?;
+        virtio::driver_ok(dev)?;
+        Ok((rx, tx, features))
+    };
+    let (mut rx, mut tx, features) = match set_up() {
+        Ok(queues) => queues,
+        Err(error) => {
+            detail.str(error);
+            return Err(());
+        }
+    };
+    if features & wanted != wanted {
+        detail.str("checksum offloads not offered");
+        return Err(());
+    }
+    let mut mac = [0u8; 6];
+    for (i, byte) in mac.iter_mut().enumerate() {
+        *byte = dev.config_u8(i as u64);
+    }
+    zero(dma(MQ_BUF), MQ_BUF_LEN as usize);
+    for id in 0..RX_BUFFERS {
+        rx.desc(id, rx_buf_of(id, RX_LEN), RX_LEN as u32, WRITE, 0);
+        rx.push_avail(id);
+    }
+    rx.notify();
+
+    // The header asks for the UDP checksum to be finished.
+    let at = dma(TX_BUF);
+    let udp_len = 8 + CSUM_TO_HOST.len() as u64;
+    let len = HDR + UDP_AT + udp_len;
+    zero(at, len as usize);
+    wr(at, HDR_F_NEEDS_CSUM);
+    wr(at + 6, (UDP_AT as u16).to_le_bytes());
+    wr(at + 8, 6u16.to_le_bytes());
+    let eth = at + HDR;
+    for i in 0..6 {
+        wr(eth + i, 0xffu8);
+        wr(eth + 6 + i, mac[i as usize]);
+    }
+    wr(eth + 12, 0x0800u16.to_be_bytes());
+    let ip = eth + 14;
+    wr(ip, 0x45u8);
+    wr(ip + 2, ((20 + udp_len) as u16).to_be_bytes());
+    wr(ip + 6, 0x4000u16.to_be_bytes());
+    wr(ip + 8, 64u8);
+    wr(ip + 9, 17u8);
+    wr(ip + 12, CSUM_GUEST_IP);
+    wr(ip + 16, CSUM_HOST_IP);
+    wr(ip + 10, (!fold(sum_bytes(ip, 20, 0))).to_be_bytes());
+    let udp = ip + 20;
+    wr(udp, CSUM_GUEST_PORT.to_be_bytes());
+    wr(udp + 2, CSUM_HOST_PORT.to_be_bytes());
+    wr(udp + 4, (udp_len as u16).to_be_bytes());
+    for (i, &b) in CSUM_TO_HOST.iter().enumerate() {
+        wr(udp + 8 + i as u64, b);
+    }
+    let pseudo = fold(pseudo_sum(CSUM_GUEST_IP, CSUM_HOST_IP, udp_len));
+    wr(udp + 6, pseudo.to_be_bytes());
+    tx.desc(0, at, len as u32, 0, 0);
+    tx.push_avail(0);
+    tx.notify();
+    if let Err(error) = tx.wait_used(2000) {
+        detail.str("send: ").str(error);
+        return Err(());
+    }
+
+    // The host's answer: UDP to our port; other traffic is skipped.
+    let mut others = 0u64;
+    loop {
+        let (id, used) = match rx.wait_used(5000) {
+            Ok(used) => used,
+            Err(error) => {
+                detail
+                    .str("receive: ")
+                    .str(error)
+                    .str(" other_frames=")
+                    .dec(others);
+                return Err(());
+            }
+        };
+        if id >= RX_BUFFERS || u64::from(used) > RX_LEN {
+            detail.str("receive: used id ").dec(u64::from(id));
+            return Err(());
+        }
+        let buf = rx_buf_of(id, RX_LEN);
+        let (eth, frame_len) = (buf + HDR, u64::from(used).saturating_sub(HDR));
+        let ours = frame_len >= UDP_AT + 8
+            && rd::<[u8; 2]>(eth + 12) == 0x0800u16.to_be_bytes()
+            && rd::<u8>(eth + 14 + 9) == 17
+            && rd::<[u8; 2]>(eth + UDP_AT + 2) == CSUM_GUEST_PORT.to_be_bytes();
+        if !ours {
+            others += 1;
+            rx.push_avail(id);
+            rx.notify();
+            continue;
+        }
+        let udp = eth + UDP_AT;
+        let udp_len = u64::from(u16::from_be_bytes(rd::<[u8; 2]>(udp + 4)));
+        if udp_len < 8 || UDP_AT + udp_len > frame_len {
+            detail.str("receive: UDP length ").dec(udp_len);
+            return Err(());
+        }
+        let partial = rd::<u8>(buf) & HDR_F_NEEDS_CSUM != 0;
+        if partial {
+            // As a device would: the sum from csum_start, the field holding the
+            // pseudo-header's, stored complemented.
+            let start = u64::from(u16::from_le_bytes(rd::<[u8; 2]>(buf + 6)));
+            let offset = u64::from(u16::from_le_bytes(rd::<[u8; 2]>(buf + 8)));
+            if start != UDP_AT || offset != 6 {
+                detail
+                    .str("receive: csum_start=")
+                    .dec(start)
+                    .str(" csum_offset=")
+                    .dec(offset);
+                return Err(());
+            }
+            let sum = !fold(sum_bytes(udp, udp_len, 0));
+            wr(udp + 6, sum.to_be_bytes());
+        }
+        let src = rd::<[u8; 4]>(eth + 14 + 12);
+        let dst = rd::<[u8; 4]>(eth + 14 + 16);
+        let valid = fold(sum_bytes(udp, udp_len, pseudo_sum(src, dst, udp_len))) == 0xffff;
+        detail
+            .str("tx=1 rx_partial=")
+            .dec(u64::from(partial))
+            .str(" rx_valid=")
+            .dec(u64::from(valid));
+        return if valid { Ok(()) } else { Err(()) };
+    }
+}

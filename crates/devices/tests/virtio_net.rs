@@ -235,3 +235,52 @@ fn a_large_frame_spans_mergeable_buffers_published_together() {
     assert!(dev.take_owed_interrupt(0), "the device owes the interrupt");
     assert!(!dev.take_owed_interrupt(0), "once");
 }
+
+/// With the checksum and TSO offloads accepted, a frame's partial checksum and
+/// segmentation reach the backend in its header (the tap finishes them); a
+/// segmentation the driver did not accept, or one without a partial checksum,
+/// is dropped and counted; the driver's `num_buffers` never goes out.
+#[test]
+fn transmit_offloads_pass_on_only_what_was_accepted() {
+    const CSUM: u64 = 1 << 0;
+    const HOST_TSO4: u64 = 1 << 11;
+    let mem = memory(1 << 20);
+    let (mut dev, host) = net();
+    dev.ack_features(dev.features() & !HOST_TSO4 | CSUM);
+    let d = Driver::at(&mem, 0x20000, QSIZE);
+    let mut q = d.queue();
+    // NEEDS_CSUM, no GSO, csum_start 34, csum_offset 6, num_buffers 7.
+    let header = |gso: u8, flags: u8| [flags, gso, 0, 0, 0, 0, 34, 0, 6, 0, 7, 0];
+    let with = |h: [u8; 12]| {
+        let mut f = frame(5);
+        f[..VNET_HDR_LEN].copy_from_slice(&h);
+        f
+    };
+    d.write(FRAME, &with(header(0, 1)));
+    d.write(FRAME + 0x1000, &with(header(1, 1)));
+    let mut d = d;
+    d.add(&[(FRAME, (VNET_HDR_LEN + 60) as u32, 0)]);
+    d.add(&[(FRAME + 0x1000, (VNET_HDR_LEN + 60) as u32, 0)]);
+    dev.process_queue(TX, &mut q, &mem).unwrap();
+    let sent = frames(&host);
+    assert_eq!(sent.len(), 1, "the TSO frame without HOST_TSO4 is dropped");
+    assert_eq!(
+        sent[0][..VNET_HDR_LEN],
+        [1, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0]
+    );
+    assert_eq!(dev.counters().errors, 1);
+
+    // Accepted now: TSO with a partial checksum goes; TSO without one does not.
+    dev.ack_features(dev.features());
+    d.write(FRAME + 0x2000, &with(header(1, 0)));
+    d.add(&[(FRAME + 0x1000, (VNET_HDR_LEN + 60) as u32, 0)]);
+    d.add(&[(FRAME + 0x2000, (VNET_HDR_LEN + 60) as u32, 0)]);
+    dev.process_queue(TX, &mut q, &mem).unwrap();
+    let sent = frames(&host);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0][..VNET_HDR_LEN],
+        [1, 1, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0]
+    );
+    assert_eq!(dev.counters().errors, 2);
+}

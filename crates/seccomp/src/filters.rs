@@ -23,6 +23,10 @@ const TCSETSF: u64 = 0x5404;
 const TIOCGWINSZ: u64 = 0x5413;
 const FIONREAD: u64 = 0x541B;
 const FIONBIO: u64 = 0x5421;
+/// A tap's offloads, set when a virtio-net driver accepts its features (a vCPU
+/// thread's register write) or a device is restored (the API, migration or main
+/// thread), and cleared by a device reset.
+const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 
 /// One kind's list while it is built: `None` = the call with any arguments.
 #[derive(Default)]
@@ -174,7 +178,10 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             list.any(READ_FILES);
             list.any(WRITE_FILES);
             list.any(IO_URING);
-            kvm_ioctls(list, &[TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ])?;
+            kvm_ioctls(
+                list,
+                &[TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ, TUNSETOFFLOAD],
+            )?;
         }
         ThreadKind::Api => {
             // HTTP on the API socket (tokio); snapshots, logger and metrics files;
@@ -198,7 +205,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             list.any(READ_FILES);
             list.any(WRITE_FILES);
             list.any(IO_URING);
-            kvm_ioctls(list, &[FIONBIO, FIONREAD])?;
+            kvm_ioctls(list, &[FIONBIO, FIONREAD, TUNSETOFFLOAD])?;
             start_threads(list)?;
         }
         ThreadKind::Signals => {
@@ -236,7 +243,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
                     libc::O_RDONLY as u64,
                 )])?],
             );
-            kvm_ioctls(list, &[])?;
+            kvm_ioctls(list, &[TUNSETOFFLOAD])?;
         }
         ThreadKind::Devices => {
             // virtio queues: disk I/O (flush, discard, write-zeroes), the tap,
@@ -320,7 +327,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
                 ioctl,
                 vec![rule(&[(1, SeccompCmpOp::MaskedEq(0xff00), UFFD_IO << 8)])?],
             );
-            kvm_ioctls(list, &[])?;
+            kvm_ioctls(list, &[TUNSETOFFLOAD])?;
             start_threads(list)?;
         }
         ThreadKind::Pager => {

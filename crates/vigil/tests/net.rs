@@ -517,7 +517,7 @@ fn net_bench(tap: &str, params: &str) -> (String, Value) {
 
 /// With `VIRTIO_RING_F_EVENT_IDX` and 32 frames in flight the guest notifies
 /// and is interrupted once per batch, not per frame; without it, at one frame
-/// in flight, every frame is interrupted. Every frame reached the tap.
+/// in flight, (nearly) every frame is interrupted. Every frame reached the tap.
 #[test]
 fn net_transmit_in_batches_interrupts_once_per_batch() {
     in_netns(|| {
@@ -545,6 +545,95 @@ fn net_transmit_in_batches_interrupts_once_per_batch() {
 
         let (line, net) = net_bench(tap.name(), "net_qd=1 net_event_idx=0");
         assert!(line.contains("qd=1 event_idx=0"), "{line}");
-        assert_eq!(net["interrupts"], net["tx_count"], "{net}");
+        // One interrupt per pass of the device over the queue: nearly one per
+        // frame (the guest may add the next frame while a pass still runs,
+        // which then serves both).
+        let (frames, interrupts) = (
+            net["tx_count"].as_u64().unwrap(),
+            net["interrupts"].as_u64().unwrap(),
+        );
+        assert!(
+            interrupts <= frames && interrupts * 10 >= frames * 9,
+            "{interrupts} interrupts: {net}"
+        );
     });
+}
+
+/// Checksum offloads end to end. The guest sends a UDP datagram whose checksum
+/// it left partial (`VIRTIO_NET_F_CSUM`, `NEEDS_CSUM`): the host's UDP socket
+/// receives it only if the header reached the tap, which finishes the
+/// checksum (a zeroed header would leave a bad one, and the stack drops the
+/// datagram). The host's answer reaches the guest with its checksum left
+/// partial when the guest accepted `VIRTIO_NET_F_GUEST_CSUM` (the tap was told,
+/// `TUNSETOFFLOAD`), complete when it did not; valid either way.
+#[test]
+fn checksum_offloads_reach_the_tap_and_the_guest() {
+    in_netns(|| {
+        for (guest_csum, partial) in [(1, 1), (0, 0)] {
+            udp_with_partial_checksums(guest_csum, partial);
+        }
+    });
+}
+
+fn udp_with_partial_checksums(guest_csum: u8, partial: u8) {
+    use std::net::{Ipv4Addr, UdpSocket};
+    if !can_use_tun() {
+        return;
+    }
+    let name = format!("vgcs{guest_csum}{}", std::process::id() % 10_000);
+    let tap = match TestTap::create(&name) {
+        Ok(tap) => tap,
+        Err(e) => {
+            eprintln!("SKIP: cannot create tap {name}: {e}");
+            return;
+        }
+    };
+    tap.set_ipv4(Ipv4Addr::new(192, 168, 127, 1)).unwrap();
+    let mac = "02:76:69:67:00:43";
+    let neigh = std::process::Command::new("ip")
+        .args([
+            "neigh",
+            "replace",
+            "192.168.127.2",
+            "lladdr",
+            mac,
+            "dev",
+            &name,
+        ])
+        .status()
+        .expect("ip (iproute2)");
+    assert!(neigh.success(), "ip neigh replace");
+    let socket = UdpSocket::bind("192.168.127.1:5555").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let cmdline = format!("test=net-csum net_guest_csum={guest_csum}");
+    let child = vigil()
+        .args([
+            "run",
+            "--net",
+            &format!("tap={name},mac={mac}"),
+            "--cmdline",
+            &cmdline,
+        ])
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let received = socket.recv_from(&mut buf);
+    let Ok((n, from)) = received else {
+        let r = finish(child, TIMEOUT);
+        panic!("no datagram from the guest ({received:?})\n{r}");
+    };
+    assert_eq!(&buf[..n], b"vigil-csum-offload-to-host");
+    assert_eq!(from.to_string(), "192.168.127.2:5556");
+    socket
+        .send_to(b"vigil-csum-offload-to-guest", from)
+        .unwrap();
+    let r = finish(child, TIMEOUT);
+    assert_eq!(
+        r.line("TEST net-csum "),
+        format!("TEST net-csum PASS tx=1 rx_partial={partial} rx_valid=1"),
+        "{r}"
+    );
+    drop(tap);
 }

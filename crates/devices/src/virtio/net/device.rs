@@ -35,6 +35,23 @@ pub const MAX_BUFFER: usize = 65562;
 /// Shortest buffer worth passing on: the header and an Ethernet header.
 const MIN_BUFFER: usize = VNET_HDR_LEN + 14;
 
+/// Checksum and segmentation offloads (virtio 1.1, 5.1.3): the driver may send
+/// frames with a partial checksum (`CSUM`) and TCP segments larger than the MTU
+/// (`HOST_TSO*`), and take them (`GUEST_CSUM`, `GUEST_TSO*`), which the tap is
+/// told (`TUNSETOFFLOAD`).
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const OFFLOADS: u64 =
+    F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6;
+/// `virtio_net_hdr` flags and GSO types.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
 const F_MAC: u64 = 1 << 5;
 /// `VIRTIO_NET_F_MRG_RXBUF`: a received frame may span several buffers, their
 /// number in the header's `num_buffers`.
@@ -84,6 +101,11 @@ pub struct Net {
     rx_blocked: bool,
     /// The driver accepted `VIRTIO_NET_F_MRG_RXBUF`.
     mergeable: bool,
+    /// The features the driver accepted.
+    acked: u64,
+    /// The tap hands over frames with the offloads the driver accepted, their
+    /// headers passed on as they are.
+    rx_offloads: bool,
     /// A frame spread over several buffers was published since the transport
     /// last asked, and the driver's `used_event` asked to hear about it.
     owed_interrupt: bool,
@@ -117,6 +139,8 @@ impl Net {
             rx_len: 0,
             rx_blocked: false,
             mergeable: false,
+            acked: 0,
+            rx_offloads: false,
             owed_interrupt: false,
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
@@ -140,6 +164,19 @@ impl Net {
     /// Frames and bytes each way, and drops.
     pub fn counters(&self) -> NetCounters {
         self.counters
+    }
+
+    /// Tells the tap which offloads (`TUN_F_*`) its frames may carry. A backend
+    /// that cannot (a socket pair) hands over complete frames, which a driver
+    /// that accepted offloads takes as well.
+    fn set_rx_offloads(&mut self, flags: u32) {
+        match self.tap.set_offload(flags) {
+            Ok(()) => self.rx_offloads = flags != 0,
+            Err(e) => {
+                tracing::debug!(tap = self.tap.name(), flags, "offloads not set: {e}");
+                self.rx_offloads = false;
+            }
+        }
     }
 
     /// Moves frames from the tap into the guest's receive buffers until either
@@ -179,6 +216,7 @@ impl Net {
                 if let Some(frame) = self.mmds.as_mut().and_then(MmdsStack::to_guest) {
                     // At most FRAME_MAX bytes: it fits after the header.
                     let len = VNET_HDR_LEN + frame.len();
+                    self.rx_buf[..VNET_HDR_LEN].fill(0);
                     self.rx_buf[VNET_HDR_LEN..len].copy_from_slice(&frame);
                     self.rx_len = len;
                 }
@@ -277,8 +315,10 @@ impl Net {
                 self.rx_blocked = true;
                 return Ok(QueueOutcome::RetryAfter(wait, used));
             }
-            // No offloads: flags and GSO type 0; num_buffers (bytes 10..12) is 1.
-            self.rx_buf[..VNET_HDR_LEN].fill(0);
+            // The tap's header as it is with offloads, else none; num_buffers is 1.
+            if !self.rx_offloads {
+                self.rx_buf[..VNET_HDR_LEN].fill(0);
+            }
             self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
             let written = match writer.write_all(&self.rx_buf[..len]) {
                 Ok(()) => {
@@ -348,8 +388,11 @@ impl Net {
             }
             return Ok(Merged::Throttled(wait));
         }
-        // No offloads: flags and GSO type 0; then the number of buffers.
-        self.rx_buf[..VNET_HDR_LEN].fill(0);
+        // The tap's header as it is with offloads, else none; then the number
+        // of buffers.
+        if !self.rx_offloads {
+            self.rx_buf[..VNET_HDR_LEN].fill(0);
+        }
         let count = chains.len() as u16;
         self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
         let mut used = Vec::with_capacity(chains.len());
@@ -397,10 +440,20 @@ impl Net {
                         tracing::debug!(head, "cannot read a frame from guest memory: {e}");
                         self.counters.errors += 1;
                         self.metrics.errors.inc();
+                    } else if !tx_header(&mut self.tx_buf[..len], self.acked) {
+                        tracing::debug!(head, "transmit header asks for an offload not accepted");
+                        self.counters.errors += 1;
+                        self.metrics.errors.inc();
                     } else {
-                        // Offloads were not offered: whatever the guest put in the
-                        // header, the frame is complete as it is.
-                        self.tx_buf[..VNET_HDR_LEN].fill(0);
+                        if self.tx_buf[0] & HDR_F_NEEDS_CSUM != 0
+                            && self
+                                .mmds
+                                .as_ref()
+                                .is_some_and(|m| m.is_for_mmds(&self.tx_buf[VNET_HDR_LEN..len]))
+                        {
+                            // MMDS's stack checks checksums: finish it here.
+                            complete_checksum(&mut self.tx_buf[..len]);
+                        }
                         let frame = &self.tx_buf[VNET_HDR_LEN..len];
                         if let Some(mmds) = self.mmds.as_mut().filter(|m| m.is_for_mmds(frame)) {
                             let dropped = mmds.from_guest(frame);
@@ -446,11 +499,13 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_MAC | F_MRG_RXBUF | F_STATUS
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_MAC | F_MRG_RXBUF | F_STATUS | OFFLOADS
     }
 
     fn ack_features(&mut self, acked: u64) {
+        self.acked = acked;
         self.mergeable = acked & F_MRG_RXBUF != 0;
+        self.set_rx_offloads(tun_offloads(acked));
     }
 
     fn take_owed_interrupt(&mut self, index: usize) -> bool {
@@ -543,6 +598,11 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.rx_len = 0;
         self.rx_blocked = false;
+        self.acked = 0;
+        self.mergeable = false;
+        if self.rx_offloads {
+            self.set_rx_offloads(0);
+        }
     }
 }
 
@@ -618,4 +678,132 @@ fn wait_for_buffers(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, De
     }
     std::sync::atomic::fence(Ordering::SeqCst);
     Ok(queue.avail_idx(mem, Ordering::Acquire).map_err(broken)? != avail)
+}
+
+/// The tap's offloads (`TUN_F_*`) for the features the driver accepted.
+fn tun_offloads(acked: u64) -> u32 {
+    if acked & F_GUEST_CSUM == 0 {
+        return 0;
+    }
+    let mut flags = libc::TUN_F_CSUM;
+    if acked & F_GUEST_TSO4 != 0 {
+        flags |= libc::TUN_F_TSO4;
+    }
+    if acked & F_GUEST_TSO6 != 0 {
+        flags |= libc::TUN_F_TSO6;
+    }
+    flags
+}
+
+/// Checks and tidies the virtio-net header at the start of `frame`, a frame
+/// the driver sends, for the tap. A driver that accepted no transmit offload
+/// gets its header cleared, whatever it holds: the frame is complete. Else a
+/// partial checksum and segmentation pass on as the driver asked where it
+/// accepted them (the tap finishes them), anything else is cleared;
+/// `num_buffers` is zeroed. False when the frame asks for segmentation the
+/// driver did not accept, or without a partial checksum (virtio 1.1,
+/// 5.1.6.2.1), or of a kind not offered: it is dropped.
+fn tx_header(frame: &mut [u8], acked: u64) -> bool {
+    let Some(hdr) = frame.get_mut(..VNET_HDR_LEN) else {
+        return false;
+    };
+    if acked & (F_CSUM | F_HOST_TSO4 | F_HOST_TSO6) == 0 {
+        hdr.fill(0);
+        return true;
+    }
+    let csum = acked & F_CSUM != 0 && hdr[0] & HDR_F_NEEDS_CSUM != 0;
+    let gso = match hdr[1] {
+        GSO_NONE => true,
+        GSO_TCPV4 => acked & F_HOST_TSO4 != 0,
+        GSO_TCPV6 => acked & F_HOST_TSO6 != 0,
+        _ => false,
+    };
+    if !gso || (hdr[1] != GSO_NONE && !csum) {
+        return false;
+    }
+    if csum {
+        hdr[0] = HDR_F_NEEDS_CSUM;
+        hdr[10..12].fill(0);
+    } else {
+        hdr.fill(0);
+    }
+    true
+}
+
+/// Finishes a partial checksum the header asks for (`csum_start`,
+/// `csum_offset`): the Internet checksum of the bytes from `csum_start`, whose
+/// field holds the pseudo-header's sum, stored in that field. A header pointing
+/// outside the frame leaves it as it is.
+fn complete_checksum(frame: &mut [u8]) {
+    let (Some(hdr), Some(body)) = (frame.get(..VNET_HDR_LEN), frame.get(VNET_HDR_LEN..)) else {
+        return;
+    };
+    let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
+    let field = start + usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
+    if field + 2 > body.len() {
+        return;
+    }
+    let mut sum: u64 = 0;
+    for pair in body[start..].chunks(2) {
+        sum += u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = !(sum as u16);
+    let at = VNET_HDR_LEN + field;
+    frame[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+    frame[0] &= !HDR_F_NEEDS_CSUM;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Internet checksum of `bytes` after `sum`.
+    fn checksum(bytes: &[u8], mut sum: u32) -> u16 {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// A partial UDP checksum (the pseudo-header's sum in the field) is finished
+    /// as a device finishes it: the datagram then checks out, odd length and all.
+    #[test]
+    fn a_partial_checksum_is_finished() {
+        let payload = b"odd-length payload";
+        let udp_len = 8 + payload.len();
+        let mut frame = vec![0u8; VNET_HDR_LEN + 14 + 20];
+        frame[0] = HDR_F_NEEDS_CSUM;
+        frame[6..8].copy_from_slice(&34u16.to_le_bytes());
+        frame[8..10].copy_from_slice(&6u16.to_le_bytes());
+        let ip = VNET_HDR_LEN + 14;
+        frame[ip + 12..ip + 16].copy_from_slice(&[10, 0, 0, 2]);
+        frame[ip + 16..ip + 20].copy_from_slice(&[10, 0, 0, 1]);
+        let pseudo = 0x0a00 + 0x0002 + 0x0a00 + 0x0001 + 17 + udp_len as u32;
+        let mut udp = vec![0x13, 0x88, 0x15, 0xb3, 0, udp_len as u8];
+        udp.extend_from_slice(&(!checksum(&[], pseudo)).to_be_bytes());
+        udp.extend_from_slice(payload);
+        frame.extend_from_slice(&udp);
+
+        complete_checksum(&mut frame);
+        assert_eq!(frame[0] & HDR_F_NEEDS_CSUM, 0);
+        assert_eq!(
+            checksum(&frame[ip + 20..], pseudo),
+            0,
+            "the datagram checks out"
+        );
+
+        // A header pointing past the frame leaves it alone.
+        let mut short = frame.clone();
+        short[0] = HDR_F_NEEDS_CSUM;
+        short[8..10].copy_from_slice(&0xfff0u16.to_le_bytes());
+        let before = short.clone();
+        complete_checksum(&mut short);
+        assert_eq!(short, before);
+    }
 }

@@ -1,6 +1,7 @@
 //! A Linux tap interface (`/dev/net/tun`), opened non-blocking with
 //! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and a 12-byte virtio-net header in front
-//! of each frame (`TUNSETVNETHDRSZ`), offloads off (`TUNSETOFFLOAD 0`). The ioctl
+//! of each frame (`TUNSETVNETHDRSZ`), offloads off (`TUNSETOFFLOAD 0`) until a
+//! driver accepts some ([`Tap::set_offload`]). The ioctl
 //! numbers and `struct ifreq` are libc's; the calls go through vmm-sys-util.
 
 use std::fs::File;
@@ -109,6 +110,16 @@ impl Tap {
         // SAFETY: both descriptors are new and ours.
         let (tap, host) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         Ok((Self::from_fd(tap)?, host))
+    }
+
+    /// Which offloads (`TUN_F_*`) the frames the tap hands over may carry:
+    /// checksums left partial, TCP segments larger than the MTU.
+    pub fn set_offload(&self, flags: u32) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe { ioctl_with_val(&self.file, libc::TUNSETOFFLOAD, flags.into()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// The interface name.
