@@ -11,6 +11,11 @@ use vigil_events::{HostSample, Timestamp};
 
 use super::{Events, Input};
 use crate::balance::{Candidate, Decision, Policy, PolicySettings};
+use crate::squeeze::{Action, Change, PagerVm, Squeezer};
+
+/// A VM's memory and its pager's policy (`GET`), and where the policy
+/// changes (`PATCH`).
+const MEMORY_PATH: &str = "/vigil/memory";
 use crate::findings::{
     finding_event, parse_findings_file, parse_records, FindingCursors, FindingRecord,
     FINDINGS_FILE, VM_FINDINGS_PATH,
@@ -26,6 +31,7 @@ pub async fn sample(
     interval: Duration,
     scrape_timeout: Duration,
     mut policy: Option<Policy>,
+    mut squeezer: Option<Squeezer>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut cursors = FindingCursors::default();
@@ -62,9 +68,144 @@ pub async fn sample(
                 decide(&supervisor, &events, decision, policy.settings());
             }
         }
+        if let Some(squeezer) = squeezer.as_mut() {
+            squeeze(squeezer, &events, &samples, &host, timeout).await;
+        }
         let _ = events.tx.send(Input::Tick { host, vms });
         events.flush_api_summaries();
     }
+}
+
+/// Reads the running VMs with the pager when the memory-pressure policy may
+/// act, and sends and reports (`policy_action`) the changes it decides.
+async fn squeeze(
+    squeezer: &mut Squeezer,
+    events: &Events,
+    samples: &[crate::metrics::VmSample],
+    host: &HostSample,
+    timeout: Duration,
+) {
+    let psi = host.psi_memory_some_avg10;
+    if !squeezer.wants_vms(psi) {
+        return;
+    }
+    let mut reads = tokio::task::JoinSet::new();
+    for s in samples {
+        let enabled = s
+            .snapshot
+            .as_ref()
+            .is_some_and(|m| m.memory_compression.enabled);
+        if s.info.state != VmState::Running || !enabled {
+            continue;
+        }
+        let (id, socket) = (s.info.id.clone(), s.info.api_socket.clone());
+        let memory_mib = s.info.memory_mib.unwrap_or(0);
+        reads.spawn(async move {
+            let get = |path: &'static str| {
+                let socket = socket.clone();
+                async move {
+                    match crate::client::request(&socket, "GET", path, None, timeout).await {
+                        Ok(r) if r.is_success() => r.json(),
+                        _ => None,
+                    }
+                }
+            };
+            let memory = get(MEMORY_PATH).await?;
+            // A VM without a balloon answers 400.
+            let balloon = get("/balloon").await;
+            pager_vm(id, memory_mib, &memory, balloon.as_ref())
+        });
+    }
+    let mut vms = Vec::new();
+    while let Some(joined) = reads.join_next().await {
+        if let Ok(Some(vm)) = joined {
+            vms.push(vm);
+        }
+    }
+    vms.sort_by(|a, b| a.id.cmp(&b.id));
+    let actions = squeezer.observe(Instant::now(), psi, &vms);
+    for action in actions {
+        let Some(socket) = samples
+            .iter()
+            .find(|s| s.info.id == action.vm)
+            .map(|s| s.info.api_socket.clone())
+        else {
+            continue;
+        };
+        let (path, body) = match action.change {
+            Change::Balloon(mib) => ("/balloon", serde_json::json!({ "amount_mib": mib })),
+            Change::Target(mib) => (MEMORY_PATH, serde_json::json!({ "rss_mib": mib })),
+        };
+        let body = body.to_string().into_bytes();
+        let result = match crate::client::request(&socket, "PATCH", path, Some(body), timeout).await
+        {
+            Ok(r) if r.is_success() => Ok(()),
+            Ok(r) => Err(r.fault_message()),
+            Err(e) => Err(e.to_string()),
+        };
+        events.emit(squeeze_event(&action, result.err().as_deref()));
+    }
+}
+
+/// A VM with the pager from its `GET /vigil/memory` and, when it has a
+/// balloon, `GET /balloon`.
+fn pager_vm(
+    id: String,
+    memory_mib: u64,
+    memory: &serde_json::Value,
+    balloon: Option<&serde_json::Value>,
+) -> Option<PagerVm> {
+    Some(PagerVm {
+        id,
+        memory_mib,
+        rss_mib: memory["rss_bytes"].as_u64()? >> 20,
+        target_mib: memory["policy"]["rss_mib"].as_u64(),
+        balloon_mib: balloon.and_then(|b| b["amount_mib"].as_u64()),
+    })
+}
+
+/// The `policy_action` event of a memory-pressure change.
+fn squeeze_event(a: &Action, error: Option<&str>) -> vigil_events::Event {
+    let (what, params) = match a.change {
+        Change::Balloon(mib) => (
+            format!("balloon to {mib} MiB"),
+            serde_json::json!({ "balloon_mib": mib }),
+        ),
+        Change::Target(Some(mib)) => (
+            format!("RSS target to {mib} MiB"),
+            serde_json::json!({ "rss_mib": mib }),
+        ),
+        Change::Target(None) => (
+            "no RSS target".to_owned(),
+            serde_json::json!({ "rss_mib": null }),
+        ),
+    };
+    let outcome = error.map(|e| format!(": failed: {e}")).unwrap_or_default();
+    let mut e = vigil_events::Event::new(
+        vigil_events::Rule::PolicyAction,
+        Timestamp::now(),
+        format!(
+            "policy: {} vm {}: {what} ({}){outcome}",
+            a.kind, a.vm, a.reason
+        ),
+    )
+    .with_vm(a.vm.clone())
+    .with_priority(if error.is_some() {
+        vigil_events::Priority::Error
+    } else {
+        vigil_events::Priority::Notice
+    })
+    .with_field("policy.action", a.kind)
+    .with_field("policy.rule", "memory_pressure")
+    .with_field(
+        "policy.result",
+        if error.is_some() { "failed" } else { "ok" },
+    )
+    .with_field("policy.params", params);
+    if let Some(err) = error {
+        e = e.with_field("policy.error", err);
+    }
+    e
 }
 
 /// Reports a migration decision as a `policy_action` event and, unless the
@@ -301,5 +442,50 @@ mod tests {
         let bare = vm_sample("vm-2", &VmMetricsSnapshot::default());
         assert_eq!(bare.disk_ops_total, None);
         assert_eq!(bare.throttled_total, None);
+    }
+
+    #[test]
+    fn a_pager_vm_from_its_memory_and_balloon_answers() {
+        // As a VM answers GET /vigil/memory and GET /balloon.
+        let memory = serde_json::json!({
+            "guest_bytes": 512u64 << 20,
+            "rss_bytes": (300u64 << 20) + 4096,
+            "compression": {"enabled": true},
+            "policy": {"idle_ms": null, "rss_mib": 256, "algo": "lz4"},
+        });
+        let balloon = serde_json::json!({"amount_mib": 64, "deflate_on_oom": true});
+        let vm = pager_vm("vm-1".into(), 512, &memory, Some(&balloon)).unwrap();
+        assert_eq!(
+            vm,
+            PagerVm {
+                id: "vm-1".into(),
+                memory_mib: 512,
+                rss_mib: 300,
+                target_mib: Some(256),
+                balloon_mib: Some(64),
+            }
+        );
+        let mut no_target = memory.clone();
+        no_target["policy"]["rss_mib"] = serde_json::Value::Null;
+        let vm = pager_vm("vm-1".into(), 512, &no_target, None).unwrap();
+        assert_eq!((vm.target_mib, vm.balloon_mib), (None, None));
+        assert!(pager_vm("vm-1".into(), 512, &serde_json::json!({}), None).is_none());
+        // The events: what changed, why, and the rule.
+        let e = squeeze_event(
+            &Action {
+                vm: "vm-1".into(),
+                change: Change::Target(Some(192)),
+                kind: "squeeze",
+                reason: "host memory pressure 25.0% above 20.0%".into(),
+            },
+            None,
+        );
+        assert_eq!(
+            e.message,
+            "policy: squeeze vm vm-1: RSS target to 192 MiB (host memory pressure 25.0% above 20.0%)"
+        );
+        assert_eq!(e.rule, vigil_events::Rule::PolicyAction);
+        assert_eq!(e.fields["policy.rule"], "memory_pressure");
+        assert_eq!(e.fields["policy.params"]["rss_mib"], 192);
     }
 }
