@@ -35,8 +35,11 @@
 //! under the target: when above, it takes the coldest pages first (the oldest
 //! "last written or put back", each age halved for every doubling of its
 //! backoff), idle for the full idle time or not, as many as it is over. Only
-//! pages written or put back within the last two scans are spared: a target
-//! below what the guest keeps writing cannot be met. The policy can change
+//! pages written or put back within the last two scans are spared (more for a
+//! page with a backoff): a target below what the guest keeps writing cannot
+//! be met. A page that did not compress waits twice as long each time too, so
+//! a target out of reach does not cost a try of every such page every other
+//! scan. The policy can change
 //! while the VM runs ([`PagerPolicy`], `PATCH /vigil/memory`).
 //!
 //! The pool lives in this process only: if the VMM dies the held pages are
@@ -760,8 +763,9 @@ fn scan(shared: &Shared, reader: DirtyReader, mut encoder: Encoder) {
                 let (last_hot, backoff) = (t.last_hot[i], t.backoff[i]);
                 if idle_scans.is_some_and(|n| is_cold(scan, last_hot, n, backoff)) {
                     candidates.push(i);
-                } else if over > 0 && scan - last_hot >= 2 {
-                    // Not written nor put back in the last two scans.
+                } else if over > 0 && coldness(scan, last_hot, backoff) >= 2 {
+                    // Not written nor put back in the last two scans (more
+                    // for a page that keeps coming back or not compressing).
                     warm.push((coldness(scan, last_hot, backoff), i));
                 }
             }
@@ -862,9 +866,13 @@ fn compress_batch(
                 None => Slot::Resident,
             };
             if slot == Slot::Resident {
-                // Not worth holding: left alone for another idle time.
+                // Not worth holding: left alone for another idle time, twice
+                // as long each time (up to 8 times), so that data that does
+                // not compress is not tried again every idle time, nor every
+                // other scan under a target it keeps out of reach.
                 t.slots[i] = Slot::Resident;
                 t.last_hot[i] = t.scan;
+                t.backoff[i] = (t.backoff[i] + 1).min(MAX_BACKOFF);
                 continue;
             }
             t.slots[i] = slot;
@@ -1007,6 +1015,41 @@ mod tests {
             }
         }
         drop(pager);
+    }
+
+    #[test]
+    fn a_target_out_of_reach_tries_incompressible_pages_less_and_less() {
+        const PAGES: u64 = 512;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+            .unwrap();
+        for i in 0..PAGES {
+            let p = host(&mem, i * PAGE_SIZE);
+            for w in 0..(PAGE / 8) as u64 {
+                // SAFETY: inside the mapping, nothing else touches it yet.
+                unsafe { p.add(w as usize).write_volatile(expected(i * 4 + 3, w)) };
+            }
+        }
+        let dirty = DirtyTracker::for_memory(mem.clone());
+        let counters = Arc::new(PagerCounters::default());
+        // 2 MiB of noise against a 1 MiB target.
+        let pager = Pager::start(
+            MemoryCompression {
+                idle_ms: None,
+                rss_mib: Some(1),
+                algo: CompressionAlgo::Lz4,
+            },
+            &mem,
+            &dirty,
+            counters.clone(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(pager);
+        // 12 scans: tried every other scan, that would be ~6 times each; with
+        // the backoff, at 2, 6 and 14 scans at most.
+        let tries = counters.pages_incompressible.get();
+        assert!((PAGES..=3 * PAGES).contains(&tries), "{tries} tries");
+        assert_eq!(counters.pages_compressed.get(), 0);
     }
 
     fn host(mem: &GuestMemoryMmap, gpa: u64) -> *mut u64 {
