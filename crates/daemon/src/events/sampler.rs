@@ -488,4 +488,125 @@ mod tests {
         assert_eq!(e.fields["policy.rule"], "memory_pressure");
         assert_eq!(e.fields["policy.params"]["rss_mib"], 192);
     }
+
+    /// A VM's API as the squeeze sees it: its memory, policy and balloon,
+    /// and every PATCH it was sent.
+    #[derive(Default)]
+    struct FakeVm {
+        target_mib: Option<u64>,
+        balloon_mib: u64,
+        patches: Vec<String>,
+    }
+
+    async fn fake_vm(socket: &std::path::Path) -> Arc<std::sync::Mutex<FakeVm>> {
+        use axum::extract::State;
+        use axum::routing::get;
+        use axum::Json;
+        type Vm = Arc<std::sync::Mutex<FakeVm>>;
+        let vm: Vm = Arc::default();
+        let app = axum::Router::new()
+            .route(
+                MEMORY_PATH,
+                get(|State(vm): State<Vm>| async move {
+                    let vm = vm.lock().unwrap();
+                    Json(serde_json::json!({
+                        "rss_bytes": 300u64 << 20,
+                        "compression": {"enabled": true},
+                        "policy": {"idle_ms": 2000, "rss_mib": vm.target_mib, "algo": "lz4"},
+                    }))
+                })
+                .patch(
+                    |State(vm): State<Vm>, Json(b): Json<serde_json::Value>| async move {
+                        let mut vm = vm.lock().unwrap();
+                        vm.target_mib = b["rss_mib"].as_u64();
+                        vm.patches.push(format!("memory {b}"));
+                        Json(serde_json::json!({}))
+                    },
+                ),
+            )
+            .route(
+                "/balloon",
+                get(|State(vm): State<Vm>| async move {
+                    Json(serde_json::json!({"amount_mib": vm.lock().unwrap().balloon_mib}))
+                })
+                .patch(
+                    |State(vm): State<Vm>, Json(b): Json<serde_json::Value>| async move {
+                        let mut vm = vm.lock().unwrap();
+                        vm.balloon_mib = b["amount_mib"].as_u64().unwrap();
+                        vm.patches.push(format!("balloon {b}"));
+                        Json(serde_json::json!({}))
+                    },
+                ),
+            )
+            .with_state(vm.clone());
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        vm
+    }
+
+    #[tokio::test]
+    async fn pressure_inflates_the_balloon_then_lowers_the_target_and_relief_undoes_both() {
+        let dir = std::env::temp_dir().join(format!("vigild-squeeze-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let vm = fake_vm(&socket).await;
+        let info: crate::supervisor::VmInfo = serde_json::from_value(serde_json::json!({
+            "id": "vm-1", "state": "running", "pid": 1, "vcpus": 1, "memory_mib": 128,
+            "created_at_unix_s": 0, "uptime_s": 1.0, "dir": dir, "api_socket": socket,
+        }))
+        .unwrap();
+        let mut snapshot = vigil_metrics::VmMetricsSnapshot::default();
+        snapshot.memory_compression.enabled = true;
+        let samples = [crate::metrics::VmSample {
+            info,
+            snapshot: Some(snapshot),
+        }];
+        let (events, super::super::EngineInput(rx)) = Events::new(&Default::default());
+        let mut squeezer = Squeezer::new(crate::squeeze::SqueezeSettings {
+            step: Duration::ZERO,
+            relax_samples: 1,
+            ..Default::default()
+        });
+        let host = |psi| HostSample {
+            psi_memory_some_avg10: Some(psi),
+            ..HostSample::default()
+        };
+        let timeout = Duration::from_secs(5);
+        // An eighth of 128 MiB at a time up to half, then the target.
+        for _ in 0..5 {
+            squeeze(&mut squeezer, &events, &samples, &host(50.0), timeout).await;
+        }
+        squeeze(&mut squeezer, &events, &samples, &host(1.0), timeout).await;
+        let patches = std::mem::take(&mut vm.lock().unwrap().patches);
+        assert_eq!(
+            patches,
+            [
+                r#"balloon {"amount_mib":16}"#,
+                r#"balloon {"amount_mib":32}"#,
+                r#"balloon {"amount_mib":48}"#,
+                r#"balloon {"amount_mib":64}"#,
+                r#"memory {"rss_mib":225}"#,
+                r#"balloon {"amount_mib":0}"#,
+                r#"memory {"rss_mib":null}"#,
+            ]
+        );
+        let messages: Vec<String> = rx
+            .try_iter()
+            .filter_map(|i| match i {
+                super::super::Input::Event(e) => Some(e.message),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(messages.len(), 7, "{messages:?}");
+        assert_eq!(
+            messages[4],
+            "policy: squeeze vm vm-1: RSS target to 225 MiB (host memory pressure 50.0% above 20.0%)"
+        );
+        assert_eq!(
+            messages[6],
+            "policy: relax vm vm-1: no RSS target (host memory pressure 1.0% under 10.0% for 1 samples)"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
