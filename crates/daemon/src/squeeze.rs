@@ -4,8 +4,8 @@
 //! memory-compression pager gives some back: its balloon first, where it has
 //! one (inflated by an eighth of guest memory, up to half: the guest chooses
 //! what to give), then its pager's RSS target (`PATCH /vigil/memory`), set
-//! to 3/4 of what it keeps now (its lower target or the VMM's resident
-//! memory), never below `floor_mib`. Once the pressure has stayed under half
+//! to 3/4 of what it keeps now (the lower of its target and guest memory's
+//! footprint, its pages in RAM and the pool), never below `floor_mib`. Once the pressure has stayed under half
 //! the threshold for `relax_samples` samples, every VM squeezed gets its
 //! balloon and target back as they were. Each change is a `policy_action`
 //! event (`policy.rule` `memory_pressure`).
@@ -47,8 +47,9 @@ pub struct PagerVm {
     pub id: String,
     /// Guest memory.
     pub memory_mib: u64,
-    /// The VMM's resident memory now.
-    pub rss_mib: u64,
+    /// Guest memory's footprint now (its pages in RAM and the pool: what a
+    /// target bounds).
+    pub footprint_mib: u64,
     /// The pager's RSS target now.
     pub target_mib: Option<u64>,
     /// The balloon's target now, when the VM has a balloon.
@@ -196,7 +197,9 @@ impl Squeezer {
                 return Some(action(Change::Balloon(next)));
             }
         }
-        let keeps = vm.target_mib.map_or(vm.rss_mib, |t| t.min(vm.rss_mib));
+        let keeps = vm
+            .target_mib
+            .map_or(vm.footprint_mib, |t| t.min(vm.footprint_mib));
         let next = (keeps * 3 / 4).max(self.settings.floor_mib);
         if vm.target_mib.is_some_and(|t| t <= next) {
             return None;
@@ -209,11 +212,16 @@ impl Squeezer {
 mod tests {
     use super::*;
 
-    fn vm(id: &str, rss_mib: u64, target_mib: Option<u64>, balloon_mib: Option<u64>) -> PagerVm {
+    fn vm(
+        id: &str,
+        footprint_mib: u64,
+        target_mib: Option<u64>,
+        balloon_mib: Option<u64>,
+    ) -> PagerVm {
         PagerVm {
             id: id.into(),
             memory_mib: 512,
-            rss_mib,
+            footprint_mib,
             target_mib,
             balloon_mib,
         }
@@ -241,7 +249,7 @@ mod tests {
         assert!(s.observe(t0, Some(5.0), &vms).is_empty());
         assert!(!s.wants_vms(Some(5.0)) && s.wants_vms(Some(25.0)));
 
-        // Pressure: a's target from its RSS; b's balloon first.
+        // Pressure: a's target from its footprint; b's balloon first.
         let a = s.observe(t0, Some(25.0), &vms);
         assert_eq!(
             changes(&a),

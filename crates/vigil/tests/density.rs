@@ -282,8 +282,9 @@ fn compressed_vms_fit_a_cgroup_that_oom_kills_them_uncompressed() {
             .iter()
             .map(|m| match m {
                 Some(m) => format!(
-                    "rss {} MiB pool {} KiB held {}",
+                    "VmRSS {} MiB footprint {} MiB pool {} KiB held {}",
                     m["rss_bytes"].as_u64().unwrap_or(0) / MIB,
+                    m["compression"]["footprint_bytes"].as_u64().unwrap_or(0) / MIB,
                     m["compression"]["pool_bytes"].as_u64().unwrap_or(0) / 1024,
                     m["compression"]["pages_held"].as_u64().unwrap_or(0)
                 ),
@@ -317,6 +318,13 @@ fn compressed_vms_fit_a_cgroup_that_oom_kills_them_uncompressed() {
         // At least the zero and duplicate pages of all but the last step.
         let held = m["compression"]["pages_held"].as_u64().unwrap_or(0);
         assert!(held >= FILL_PAGES / 3, "VM {i}: {m}");
+        // The target bounds the footprint, give or take the steps the pager
+        // has not caught up with yet (one is just written).
+        let footprint = m["compression"]["footprint_bytes"].as_u64().unwrap_or(0);
+        assert!(
+            footprint > 0 && footprint <= (RSS_MIB + 3 * STEP_MIB) * MIB,
+            "VM {i}: {m}"
+        );
     }
 
     let off = run_vms("density-off", None).expect("the cgroup was there a moment ago");

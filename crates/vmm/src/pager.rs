@@ -720,6 +720,12 @@ fn scan(shared: &Shared, reader: DirtyReader, mut encoder: Encoder) {
         // an untouched page maps (nothing to take), nor one swapped out.
         // Read outside the lock, which faults must not wait for.
         let backed = DirtyLog::resident_own(&shared.mem).ok();
+        if let Some(b) = &backed {
+            shared
+                .counters
+                .resident_bytes
+                .set(b.count() as u64 * PAGE_SIZE);
+        }
         let (scan, pool_bytes) = {
             let mut t = lock(&shared.table);
             t.scan += 1;

@@ -155,10 +155,16 @@ fn pager_vm(
     memory: &serde_json::Value,
     balloon: Option<&serde_json::Value>,
 ) -> Option<PagerVm> {
+    let compression = &memory["compression"];
+    // Before the scanner's first count, the VMM's resident memory (more).
+    let footprint = compression["footprint_bytes"]
+        .as_u64()
+        .filter(|&b| b > 0)
+        .or_else(|| memory["rss_bytes"].as_u64())?;
     Some(PagerVm {
         id,
         memory_mib,
-        rss_mib: memory["rss_bytes"].as_u64()? >> 20,
+        footprint_mib: footprint >> 20,
         target_mib: memory["policy"]["rss_mib"].as_u64(),
         balloon_mib: balloon.and_then(|b| b["amount_mib"].as_u64()),
     })
@@ -449,8 +455,8 @@ mod tests {
         // As a VM answers GET /vigil/memory and GET /balloon.
         let memory = serde_json::json!({
             "guest_bytes": 512u64 << 20,
-            "rss_bytes": (300u64 << 20) + 4096,
-            "compression": {"enabled": true},
+            "rss_bytes": (330u64 << 20),
+            "compression": {"enabled": true, "footprint_bytes": (300u64 << 20) + 4096},
             "policy": {"idle_ms": null, "rss_mib": 256, "algo": "lz4"},
         });
         let balloon = serde_json::json!({"amount_mib": 64, "deflate_on_oom": true});
@@ -460,15 +466,18 @@ mod tests {
             PagerVm {
                 id: "vm-1".into(),
                 memory_mib: 512,
-                rss_mib: 300,
+                footprint_mib: 300,
                 target_mib: Some(256),
                 balloon_mib: Some(64),
             }
         );
         let mut no_target = memory.clone();
         no_target["policy"]["rss_mib"] = serde_json::Value::Null;
+        // Not counted yet: the VMM's resident memory stands for it.
+        no_target["compression"]["footprint_bytes"] = 0.into();
         let vm = pager_vm("vm-1".into(), 512, &no_target, None).unwrap();
         assert_eq!((vm.target_mib, vm.balloon_mib), (None, None));
+        assert_eq!(vm.footprint_mib, 330);
         assert!(pager_vm("vm-1".into(), 512, &serde_json::json!({}), None).is_none());
         // The events: what changed, why, and the rule.
         let e = squeeze_event(
@@ -510,8 +519,8 @@ mod tests {
                 get(|State(vm): State<Vm>| async move {
                     let vm = vm.lock().unwrap();
                     Json(serde_json::json!({
-                        "rss_bytes": 300u64 << 20,
-                        "compression": {"enabled": true},
+                        "rss_bytes": 330u64 << 20,
+                        "compression": {"enabled": true, "footprint_bytes": 300u64 << 20},
                         "policy": {"idle_ms": 2000, "rss_mib": vm.target_mib, "algo": "lz4"},
                     }))
                 })
