@@ -7,7 +7,10 @@
 //! first virtio-blk disk into the first text page (the device writes into a
 //! page the host may hold compressed: its first 512 bytes must then be
 //! [`disk_byte`], the rest as filled); then checks every byte of the region
-//! and prints `compress: verified pages=<n> mismatches=<m>`.
+//! and prints `compress: verified pages=<n> mismatches=<m>`. With
+//! `compress_step_mib=<N>`, it fills and checks N MiB at a time, spinning
+//! `compress_step_ms=` between steps, so that a pager can take cold pages
+//! while the region grows (the density test).
 
 use core::ptr::{addr_of, read_volatile, write_volatile};
 
@@ -22,6 +25,8 @@ const DEFAULT_MIB: u64 = 16;
 const MAX_MIB: u64 = 1024;
 const DEFAULT_IDLE_S: u64 = 5;
 const MAX_IDLE_S: u64 = 3600;
+const DEFAULT_STEP_MS: u64 = 1000;
+const MAX_STEP_MS: u64 = 60_000;
 /// The page the disk's sector 0 is read into: the first text page.
 const BLK_PAGE: u64 = 2;
 const SECTOR: u64 = 512;
@@ -74,7 +79,20 @@ pub fn compress(machine: &Machine, detail: &mut Line) -> bool {
         ),
         machine.number("compress_blk", 0, 1, Some(0), detail),
     );
+    let steps = (
+        machine.number("compress_step_mib", 0, MAX_MIB, Some(0), detail),
+        machine.number(
+            "compress_step_ms",
+            0,
+            MAX_STEP_MS,
+            Some(DEFAULT_STEP_MS),
+            detail,
+        ),
+    );
     let (Ok(Some(mib)), Ok(Some(idle_s)), Ok(Some(blk))) = params else {
+        return false;
+    };
+    let (Ok(Some(step_mib)), Ok(Some(step_ms))) = steps else {
         return false;
     };
     let blk = blk == 1;
@@ -82,6 +100,19 @@ pub fn compress(machine: &Machine, detail: &mut Line) -> bool {
         return false;
     }
     let pages = (mib << 20) / PAGE;
+    // Pages per step (all at once without steps) and the pause after each.
+    let step = if step_mib == 0 {
+        pages
+    } else {
+        (step_mib << 20) / PAGE
+    };
+    let pause = step_ms * machine.delay_tsc_khz();
+    let spin = |tsc: u64| {
+        let start = rdtsc();
+        while rdtsc().wrapping_sub(start) < tsc {
+            core::hint::spin_loop();
+        }
+    };
     let at = |i: u64, w: u64| (DIRTY_BASE + i * PAGE + w * 8) as *mut u64;
     let mut fill = || {
         for i in 0..pages {
@@ -90,17 +121,15 @@ pub fn compress(machine: &Machine, detail: &mut Line) -> bool {
                 // identity-mapped and this scenario's alone.
                 unsafe { write_volatile(at(i, w), word(i, w)) };
             }
+            if (i + 1) % step == 0 && i + 1 < pages {
+                spin(pause);
+            }
         }
     };
     cpu::run_user(addr_of!(MOBILITY_STACK_TOP) as u64, &mut fill);
     Serial.str("compress: filled pages=").dec(pages).str("\n");
     let wait = idle_s * machine.delay_tsc_khz() * 1000;
-    let mut idle = || {
-        let start = rdtsc();
-        while rdtsc().wrapping_sub(start) < wait {
-            core::hint::spin_loop();
-        }
-    };
+    let mut idle = || spin(wait);
     cpu::run_user(addr_of!(MOBILITY_STACK_TOP) as u64, &mut idle);
     Serial.str("compress: idle over\n");
     if blk && !virtio::blk_read_into(machine, detail, DIRTY_BASE + BLK_PAGE * PAGE, SECTOR as u32) {
@@ -116,6 +145,9 @@ pub fn compress(machine: &Machine, detail: &mut Line) -> bool {
                     mismatches += 1;
                     first.get_or_insert((i, w, got));
                 }
+            }
+            if (i + 1) % step == 0 && i + 1 < pages {
+                spin(pause);
             }
         }
     };

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use vigil_mmds::{Mmds, MmdsConfig};
 use vigil_model::config::rt::VcpuSchedBody;
-use vigil_model::config::{NetConfig, VcpuSched, VmConfig};
+use vigil_model::config::{MemoryPolicyUpdate, NetConfig, VcpuSched, VmConfig};
 use vigil_vmm::builder::BuildError;
 use vigil_vmm::snapshot::MemoryKind;
 use vigil_vmm::{BalloonHandle, ControlError, RunState, VmControl};
@@ -204,7 +204,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/mmds/config", "PUT"),
     (OPENAPI_PATH, "GET"),
     (METRICS_SNAPSHOT_PATH, "GET"),
-    (MEMORY_PATH, "GET"),
+    (MEMORY_PATH, "GET, PATCH"),
     (MIGRATION_PATH, "GET, PUT, DELETE"),
     (VCPU_SCHED_PATH, "GET, PUT"),
 ];
@@ -467,11 +467,22 @@ impl Api {
                         "guest_bytes": s.memory.guest_bytes,
                         "rss_bytes": s.memory.rss_bytes,
                         "compression": s.memory_compression,
+                        "policy": vm.memory_policy(),
                     }))
                 }
                 None => Response::bad(format!(
                     "GET {MEMORY_PATH}: the VM has not started; it has no memory yet"
                 )),
+            },
+            ("PATCH", MEMORY_PATH) => match body::<MemoryPolicyUpdate>(method, path, bytes) {
+                Ok(update) => match lock(&self.inner).vm.clone() {
+                    Some(vm) => match vm.set_memory_policy(&update) {
+                        Ok(policy) => Response::json(&json!({ "policy": policy })),
+                        Err(e) => Response::bad(format!("{method} {path}: {e}")),
+                    },
+                    None => before_start(method, path),
+                },
+                Err(r) => r,
             },
             ("PUT", MIGRATION_PATH) => match body::<MigrationParams>(method, path, bytes) {
                 Ok(p) => self.migrate(method, path, p),

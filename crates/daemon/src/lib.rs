@@ -14,6 +14,7 @@ pub mod events;
 pub mod findings;
 pub mod id;
 pub mod metrics;
+pub mod squeeze;
 pub mod supervisor;
 pub mod tls;
 
@@ -128,6 +129,9 @@ pub struct DaemonConfig {
     pub events: events::EventsSettings,
     /// The adaptive migration policy (`--migrate-peer` ...); off without peers.
     pub migration: Option<balance::PolicySettings>,
+    /// Host memory pressure lowers the pager-enabled VMs' RSS targets
+    /// (`--squeeze-memory-pressure`); none: off.
+    pub squeeze: Option<squeeze::SqueezeSettings>,
     /// TLS for migrations (`--migration-tls-*`).
     pub migration_tls: supervisor::MigrationTls,
 }
@@ -153,6 +157,7 @@ impl DaemonConfig {
             max_vms: 256,
             events: events::EventsSettings::default(),
             migration: None,
+            squeeze: None,
             migration_tls: supervisor::MigrationTls::default(),
         }
     }
@@ -387,6 +392,7 @@ pub async fn serve(
         config.events.sample_interval,
         config.scrape_timeout,
         config.migration.clone().map(balance::Policy::new),
+        config.squeeze.clone().map(squeeze::Squeezer::new),
         stop_rx.clone(),
     ));
     // Misuse reporting is the outermost layer: it sees the token check's 401s.

@@ -20,6 +20,9 @@ pub struct PagerCounters {
     pub duplicate_pages_held: Gauge,
     /// Bytes of compressed data in the pool now.
     pub pool_bytes: Gauge,
+    /// Guest memory in RAM (this process's own pages, not the shared zero
+    /// page) as the scanner last counted it, bytes.
+    pub resident_bytes: Gauge,
     /// Pages taken out of guest RAM (compressed, zero or duplicate), ever.
     pub pages_compressed: Counter,
     /// Of those, pages of zeros.
@@ -50,6 +53,8 @@ impl PagerCounters {
             zero_pages_held: self.zero_pages_held.get(),
             duplicate_pages_held: self.duplicate_pages_held.get(),
             pool_bytes: pool,
+            resident_bytes: self.resident_bytes.get(),
+            footprint_bytes: self.resident_bytes.get() + pool,
             bytes_saved: (held * PAGE).saturating_sub(pool),
             ratio_percent: (held * PAGE * 100).checked_div(pool),
             pages_compressed: self.pages_compressed.get(),
@@ -76,6 +81,12 @@ pub struct PagerSnapshot {
     pub zero_pages_held: u64,
     pub duplicate_pages_held: u64,
     pub pool_bytes: u64,
+    /// Guest memory in RAM at the scanner's last count.
+    #[serde(default)]
+    pub resident_bytes: u64,
+    /// `resident_bytes` and the pool: what an RSS target bounds.
+    #[serde(default)]
+    pub footprint_bytes: u64,
     /// Guest bytes held out of RAM less the pool they take.
     pub bytes_saved: u64,
     /// Guest bytes held per pool byte, in percent (absent with an empty pool:
@@ -105,8 +116,10 @@ mod tests {
         c.pages_held.set(10);
         c.zero_pages_held.set(6);
         c.pool_bytes.set(2048);
+        c.resident_bytes.set(8192);
         c.fault_in.record_ns(10_000);
         let s = c.snapshot();
+        assert_eq!(s.footprint_bytes, 8192 + 2048);
         assert_eq!(s.bytes_saved, 10 * 4096 - 2048);
         assert_eq!(s.ratio_percent, Some(2000));
         assert_eq!(s.fault_in_p50_ns, Some(16384));

@@ -379,7 +379,12 @@ fn render_pager(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
         .iter()
         .filter(|(_, s)| s.memory_compression.enabled)
         .collect();
-    let gauges: [SimpleFamily<crate::PagerSnapshot, u64>; 3] = [
+    let gauges: [SimpleFamily<crate::PagerSnapshot, u64>; 4] = [
+        (
+            "vigil_memory_compression_footprint_bytes",
+            "Guest memory in RAM and the pool: what an RSS target bounds.",
+            |p| p.footprint_bytes,
+        ),
         (
             "vigil_memory_compression_pool_bytes",
             "Bytes of compressed guest pages the VMM holds.",

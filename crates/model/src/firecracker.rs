@@ -831,7 +831,7 @@ impl FullVmConfig {
             config.vcpu_sched.push(entry);
         }
         config.rt_timer = self.rt_timer;
-        config.memory_compression = self.memory_compression;
+        config.memory_compression = self.memory_compression.map(|c| c.normalized());
         if let Some(m) = &self.mmds_config {
             m.validate(self.network_interfaces.iter().map(|n| n.iface_id.as_str()))
                 .map_err(|e| body("mmds-config".into())(e.into()))?;
@@ -988,16 +988,23 @@ mod tests {
         )
         .unwrap();
         d.rt_timer = Some(config::RtTimerConfig::default());
-        d.memory_compression = parse(br#"{"idle_ms": 2000, "algo": "zstd"}"#).unwrap();
+        d.memory_compression =
+            parse(br#"{"idle_ms": 2000, "rss_mib": 96, "algo": "zstd"}"#).unwrap();
         assert!(parse::<config::MemoryCompression>(br#"{"idle": 2000}"#).is_err());
         let c = d.to_vm_config(&LIMITS).unwrap();
         assert_eq!(
             c.memory_compression,
             Some(config::MemoryCompression {
-                idle_ms: 2000,
+                idle_ms: Some(2000),
+                rss_mib: Some(96),
                 algo: config::CompressionAlgo::Zstd
             })
         );
+        // A target out of range is named with its resource.
+        let mut bad = document(&exe);
+        bad.memory_compression = parse(br#"{"rss_mib": 0}"#).unwrap();
+        let e = bad.to_vm_config(&LIMITS).unwrap_err().to_string();
+        assert!(e.contains("memory_compression rss_mib=0"), "{e}");
         let plan = config::VcpuSched::resolve(&c.vcpu_sched, 2).unwrap();
         assert_eq!(plan[0].policy, config::SchedPolicy::Fifo { priority: 20 });
         assert_eq!(plan[1].policy.bandwidth(), 0.25);

@@ -406,9 +406,13 @@ pub struct RunArgs {
     /// /vigil/memory and the metrics show the pool, the ratio and the fault-in
     /// latency. Needs 4 KiB pages (--huge-pages none); a VM loaded from a
     /// snapshot or received by migration runs without it. The pool is VMM
-    /// memory: like guest RAM, it is lost if the VMM dies. Example:
-    /// --memory-compression idle=2m,algo=zstd
-    #[arg(long, value_name = "on|off|idle=DUR[,algo=lz4|zstd]", value_parser = parse_memory_compression)]
+    /// memory: like guest RAM, it is lost if the VMM dies. With an RSS target
+    /// (`rss=MiB`, 1 to 16777216), guest memory's footprint (its pages in RAM
+    /// and the pool) is kept under it, the coldest pages taken first, idle or
+    /// not; with no idle time given, only the target takes pages. PATCH
+    /// /vigil/memory changes both while the VM runs. Examples:
+    /// --memory-compression idle=2m,algo=zstd; --memory-compression rss=512
+    #[arg(long, value_name = "on|off|[rss=MiB,][idle=DUR][,algo=lz4|zstd]", value_parser = parse_memory_compression)]
     pub memory_compression: Option<CompressionArg>,
 
     /// CPUID features to hide from the guest, comma-separated, in

@@ -141,6 +141,13 @@ fn memory_compression_settings() {
             .contains("--memory-compression algo=gzip: expected lz4 or zstd"),
         "{r}"
     );
+    let r = run(&["run", "--memory-compression", "rss=0,idle=1s"], TIMEOUT);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(
+        r.stderr
+            .contains("--memory-compression rss=0: expected 1 to 16777216 (MiB)"),
+        "{r}"
+    );
     let r = fails(&["--memory-compression", "on", "--huge-pages", "thp"]);
     assert!(
         r.stderr.contains(

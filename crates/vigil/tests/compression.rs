@@ -234,3 +234,86 @@ fn cold_memory_leaves_ram_and_every_byte_comes_back() {
         high / MIB
     );
 }
+
+/// `PATCH /vigil/memory` changes a running pager's policy: an RSS target set
+/// while the guest idles takes pages an idle time of an hour would not have;
+/// bad values are refused naming the field, and a VM without the pager says
+/// so.
+#[test]
+fn the_pager_policy_changes_while_the_vm_runs() {
+    let dir = scratch("compression-policy");
+    let sock = dir.join("api.sock");
+    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=60");
+    let spawn = |sock: &Path, compression: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--kernel",
+            vigil_test_guest::ELF_PATH,
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+        ];
+        args.extend_from_slice(compression);
+        Console::spawn(&args)
+    };
+    let mut vm = spawn(&sock, &["--memory-compression", "idle=1h"]);
+    vm.wait_for(&["compress: filled"], TIMEOUT);
+    let m = memory(&sock);
+    assert_eq!(
+        m["policy"],
+        json!({"idle_ms": 3_600_000, "rss_mib": null, "algo": "lz4"}),
+        "{m}"
+    );
+    let patch = |body: &str| http::request(&sock, "PATCH", "/vigil/memory", body);
+    for (body, why) in [
+        (r#"{"rss_mib": 0}"#, "rss_mib=0: expected 1 to 16777216 MiB"),
+        (
+            r#"{"idle_ms": 10}"#,
+            "idle_ms=10: expected 200 to 86400000 ms",
+        ),
+        (
+            r#"{"idle_ms": null}"#,
+            "idle_ms=null: the pager needs an idle time or an RSS target",
+        ),
+        (r#"{"rss": 8}"#, "unknown field `rss`"),
+        (r#"{"rss_mib": "8"}"#, "rss_mib"),
+    ] {
+        let a = patch(body);
+        assert_eq!(a.status, 400, "{body}: {a:?}");
+        assert!(a.fault().contains(why), "{body}: {}", a.fault());
+    }
+    // Nothing leaves for an hour's idle time.
+    assert_eq!(n(&memory(&sock), "pages_held"), 0);
+    // A target of 4 MiB of guest memory (the guest's image and the mix's
+    // random quarter are more): as much as can leave, leaves.
+    let a = patch(r#"{"rss_mib": 4}"#);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.json()["policy"],
+        json!({"idle_ms": 3_600_000, "rss_mib": 4, "algo": "lz4"})
+    );
+    let m = wait_mix_held(&sock);
+    assert_eq!(m["policy"]["rss_mib"], 4, "{m}");
+    // Cleared again: the idle time alone.
+    let a = patch(r#"{"rss_mib": null}"#);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.json()["policy"]["rss_mib"], Value::Null);
+    drop(vm);
+
+    // Without the pager: nothing to change, and no policy to show.
+    let plain_sock = dir.join("plain.sock");
+    let mut plain = spawn(&plain_sock, &[]);
+    plain.wait_for(&["compress: filled"], TIMEOUT);
+    let a = http::request(&plain_sock, "PATCH", "/vigil/memory", r#"{"rss_mib": 64}"#);
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.fault()
+            .contains("the VM runs without the memory-compression pager"),
+        "{}",
+        a.fault()
+    );
+    assert_eq!(memory(&plain_sock)["policy"], Value::Null);
+    drop(plain);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -98,6 +98,10 @@ pub enum ControlError {
     MsrRefused { vcpu: u32, index: u32, value: u64 },
     #[error("the VM crashed ({0}); it is kept for inspection and cannot resume")]
     Crashed(String),
+    #[error("the VM runs without the memory-compression pager (--memory-compression)")]
+    NoPager,
+    #[error(transparent)]
+    MemoryPolicy(#[from] vigil_model::config::MemoryCompressionError),
 }
 
 /// The balloon device of a running VM, as the host sees it: a target to set, and
@@ -279,6 +283,8 @@ pub struct VmControl {
     pub(crate) metrics: MetricsHandle,
     pub(crate) snapshot: Arc<SnapshotSources>,
     pub(crate) sched: Arc<crate::rt::VcpuScheduler>,
+    /// The memory-compression pager's policy, when it is on.
+    pub(crate) pager: Option<crate::pager::PagerPolicy>,
 }
 
 impl From<crate::rt::SchedError> for ControlError {
@@ -408,6 +414,21 @@ impl VmControl {
             .collect();
         self.sched.set(plan)?;
         Ok(self.sched.current())
+    }
+
+    /// The memory-compression pager's policy, when the VM has the pager.
+    pub fn memory_policy(&self) -> Option<vigil_model::config::MemoryCompression> {
+        self.pager.as_ref().map(|p| p.get())
+    }
+
+    /// Changes the pager's idle time or RSS target; the policy in force
+    /// after, or why not (nothing changes then).
+    pub fn set_memory_policy(
+        &self,
+        update: &vigil_model::config::MemoryPolicyUpdate,
+    ) -> Result<vigil_model::config::MemoryCompression, ControlError> {
+        let pager = self.pager.as_ref().ok_or(ControlError::NoPager)?;
+        Ok(pager.update(|current| update.apply(current))?)
     }
 
     /// Ends this VM because it cannot go on (`why`): it ends as

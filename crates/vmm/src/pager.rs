@@ -30,13 +30,25 @@
 //! marked: a write that came after the drop finds the page missing, waits for
 //! it to be put back, and lands on the restored copy.
 //!
+//! With an RSS target (`rss=MiB`), the scanner also keeps guest memory's
+//! footprint (its pages in RAM, [`DirtyLog::resident_own`], plus the pool)
+//! under the target: when above, it takes the coldest pages first (the oldest
+//! "last written or put back", each age halved for every doubling of its
+//! backoff), idle for the full idle time or not, as many as it is over. Only
+//! pages written or put back within the last two scans are spared (more for a
+//! page with a backoff): a target below what the guest keeps writing cannot
+//! be met. A page that did not compress waits twice as long each time too, so
+//! a target out of reach does not cost a try of every such page every other
+//! scan. The policy can change
+//! while the VM runs ([`PagerPolicy`], `PATCH /vigil/memory`).
+//!
 //! The pool lives in this process only: if the VMM dies the held pages are
 //! lost with it, exactly as guest RAM would be.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use vigil_metrics::PagerCounters;
@@ -57,6 +69,11 @@ const MAX_COMPRESSED: usize = PAGE * 3 / 4;
 const BATCH: usize = 256;
 /// Pages of the table looked at under one hold of its lock.
 const SCAN_SLICE: usize = 16 * 1024;
+/// The longest time between scans with an RSS target: the footprint may
+/// grow past it by what the guest writes in that time.
+const TARGET_PERIOD: Duration = Duration::from_millis(250);
+/// The idle time a page's backoff counts against with a target alone.
+const TARGET_BACKOFF_IDLE: Duration = Duration::from_secs(1);
 
 /// Compresses pages for the pool (the scanner's; Zstandard keeps its context).
 enum Encoder {
@@ -314,6 +331,59 @@ struct Shared {
     stop: AtomicBool,
     /// Signalled with `stop`: the fault server leaves its wait at once.
     stop_event: EventFd,
+    policy: PagerPolicy,
+}
+
+/// The policy of a running pager (idle time and RSS target), shared with
+/// whoever may change it. A change wakes the scanner, which applies it from
+/// its next scan; ages already counted are kept in scans, so a new scan
+/// period stretches or shrinks them once.
+#[derive(Clone)]
+pub struct PagerPolicy(Arc<PolicyCell>);
+
+struct PolicyCell {
+    policy: Mutex<MemoryCompression>,
+    scanner: OnceLock<Thread>,
+}
+
+impl PagerPolicy {
+    fn new(policy: MemoryCompression) -> Self {
+        Self(Arc::new(PolicyCell {
+            policy: Mutex::new(policy),
+            scanner: OnceLock::new(),
+        }))
+    }
+
+    /// The policy now.
+    pub fn get(&self) -> MemoryCompression {
+        *self.0.policy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the policy (checked by the caller: see
+    /// [`vigil_model::config::MemoryPolicyUpdate::apply`]; the codec is kept).
+    pub fn set(&self, policy: MemoryCompression) {
+        let _ = self.update(|_| Ok::<_, std::convert::Infallible>(policy));
+    }
+
+    /// Replaces the policy with what `change` makes of it, under one hold of
+    /// its lock (two changes at once cannot undo each other); nothing changes
+    /// on an error. The codec is kept. Returns the policy in force.
+    pub fn update<E>(
+        &self,
+        change: impl FnOnce(MemoryCompression) -> Result<MemoryCompression, E>,
+    ) -> Result<MemoryCompression, E> {
+        let mut p = self.0.policy.lock().unwrap_or_else(|e| e.into_inner());
+        *p = MemoryCompression {
+            algo: p.algo,
+            ..change(*p)?
+        };
+        let now = *p;
+        drop(p);
+        if let Some(t) = self.0.scanner.get() {
+            t.unpark();
+        }
+        Ok(now)
+    }
 }
 
 fn lock(m: &Mutex<Table>) -> MutexGuard<'_, Table> {
@@ -339,6 +409,11 @@ pub struct Pager {
 }
 
 impl Pager {
+    /// The pager's policy, to read or change while it runs.
+    pub fn policy(&self) -> PagerPolicy {
+        self.shared.policy.clone()
+    }
+
     /// Registers `mem` (anonymous, built here) and starts the pager's threads.
     pub fn start(
         config: MemoryCompression,
@@ -366,6 +441,7 @@ impl Pager {
             stored: 0,
         };
         counters.enabled.set(1);
+        let config = config.normalized();
         let shared = Arc::new(Shared {
             lazy,
             mem: mem.clone(),
@@ -374,6 +450,7 @@ impl Pager {
             counters,
             stop: AtomicBool::new(false),
             stop_event: EventFd::new(libc::EFD_NONBLOCK).map_err(PagerError::Thread)?,
+            policy: PagerPolicy::new(config),
         });
         let server = {
             let shared = shared.clone();
@@ -391,11 +468,12 @@ impl Pager {
                 .name("pager-scan".into())
                 .spawn(move || {
                     vigil_seccomp::confine(ThreadKind::Pager);
-                    scan(&shared, reader, config.idle(), encoder)
+                    scan(&shared, reader, encoder)
                 })
                 .map_err(PagerError::Thread)?
         };
-        tracing::info!(idle = ?config.idle(), algo = ?config.algo, "memory compression on");
+        let _ = shared.policy.0.scanner.set(scanner.thread().clone());
+        tracing::info!(idle = ?config.idle(), rss_mib = ?config.rss_mib, algo = ?config.algo, "memory compression on");
         Ok(Self {
             shared,
             threads: vec![server, scanner],
@@ -573,23 +651,64 @@ enum Compressed {
     Data(u64, Vec<u8>),
 }
 
-/// The scanner's loop: every quarter of the idle time, the dirty log read and
-/// the pages cold for the whole idle time compressed.
-fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encoder) {
+/// How often the scanner runs under `policy`, after how many scans a page is
+/// idle (none: no idle time), and the idle time in scans a page's backoff
+/// counts against.
+fn schedule(policy: &MemoryCompression) -> (Duration, Option<u32>, u32) {
+    let idle = policy.idle();
+    let mut period = idle.map_or(TARGET_PERIOD, |i| {
+        (i / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    });
+    if policy.rss_mib.is_some() {
+        period = period.min(TARGET_PERIOD);
+    }
+    let scans = |d: Duration| {
+        u32::try_from(d.as_millis().div_ceil(period.as_millis()).max(1)).unwrap_or(u32::MAX)
+    };
+    let idle_scans = idle.map(scans);
+    (
+        period,
+        idle_scans,
+        idle_scans.unwrap_or_else(|| scans(TARGET_BACKOFF_IDLE)),
+    )
+}
+
+/// How cold a page is for the RSS target: scans since it was last written or
+/// put back, halved for each doubling of its idle time (a page that keeps
+/// coming back goes last).
+fn coldness(scan: u32, last_hot: u32, backoff: u8) -> u32 {
+    (scan - last_hot) >> backoff
+}
+
+/// Of `warm` (coldness, page), the `n` coldest pages.
+fn coldest(mut warm: Vec<(u32, usize)>, n: usize) -> Vec<usize> {
+    if n < warm.len() {
+        warm.select_nth_unstable_by_key(n, |&(c, _)| std::cmp::Reverse(c));
+        warm.truncate(n);
+    }
+    warm.into_iter().map(|(_, i)| i).collect()
+}
+
+/// The scanner's loop: every period (a quarter of the idle time, at most
+/// [`TARGET_PERIOD`] with an RSS target) the dirty log read, the pages cold
+/// for the whole idle time compressed, and, when guest memory's footprint is
+/// above the target, the coldest of the others until it is not.
+fn scan(shared: &Shared, reader: DirtyReader, mut encoder: Encoder) {
     map_untouched_zeros(shared);
-    let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    let idle_scans = idle.as_millis().div_ceil(period.as_millis()).max(1) as u32;
-    lock(&shared.table).idle_scans = idle_scans;
     let mut cpu = thread_cpu_ns();
-    let mut next = Instant::now() + period;
+    let mut last = Instant::now();
+    let mut warned = false;
     while !shared.stop.load(Ordering::Acquire) {
+        // Read each time: a change (PATCH /vigil/memory) unparks this thread.
+        let policy = shared.policy.get();
+        let (period, idle_scans, backoff_scans) = schedule(&policy);
         let now = Instant::now();
-        if now < next {
-            // Unparked when the pager stops.
-            std::thread::park_timeout(next - now);
+        if now < last + period {
+            // Unparked when the pager stops or its policy changes.
+            std::thread::park_timeout(last + period - now);
             continue;
         }
-        next = now + period;
+        last = now;
         let written = match reader.take() {
             Ok(log) => log,
             Err(e) => {
@@ -601,28 +720,65 @@ fn scan(shared: &Shared, reader: DirtyReader, idle: Duration, mut encoder: Encod
         // an untouched page maps (nothing to take), nor one swapped out.
         // Read outside the lock, which faults must not wait for.
         let backed = DirtyLog::resident_own(&shared.mem).ok();
-        let scan = {
+        if let Some(b) = &backed {
+            shared
+                .counters
+                .resident_bytes
+                .set(b.count() as u64 * PAGE_SIZE);
+        }
+        let (scan, pool_bytes) = {
             let mut t = lock(&shared.table);
             t.scan += 1;
+            t.idle_scans = backoff_scans;
             for gpa in written.dirty_pages() {
                 if let Some(i) = shared.pages.index(gpa) {
                     t.last_hot[i] = t.scan;
                 }
             }
-            t.scan
+            (t.scan, t.pool.bytes)
+        };
+        // Pages over the target (rounded up); the pool counts, as it is RAM
+        // the guest's memory takes.
+        let over = match (policy.rss_bytes(), &backed) {
+            (Some(target), Some(b)) => (b.count() as u64 * PAGE_SIZE + pool_bytes)
+                .saturating_sub(target)
+                .div_ceil(PAGE_SIZE) as usize,
+            (Some(_), None) if !warned => {
+                warned = true;
+                tracing::warn!(
+                    "memory compression: /proc/self/pagemap unreadable; the RSS target is not kept"
+                );
+                0
+            }
+            _ => 0,
         };
         let mut candidates = Vec::new();
+        let mut warm = Vec::new();
         // A slice of the table at a time: faults wait for none of it long.
         for start in (0..shared.pages.total).step_by(SCAN_SLICE) {
             let t = lock(&shared.table);
             let end = (start + SCAN_SLICE).min(shared.pages.total);
-            candidates.extend((start..end).filter(|&i| {
-                t.slots[i] == Slot::Resident
-                    && is_cold(scan, t.last_hot[i], idle_scans, t.backoff[i])
-                    && backed
+            for i in start..end {
+                if t.slots[i] != Slot::Resident
+                    || !backed
                         .as_ref()
                         .is_none_or(|b| b.is_dirty(shared.pages.gpa(i)))
-            }));
+                {
+                    continue;
+                }
+                let (last_hot, backoff) = (t.last_hot[i], t.backoff[i]);
+                if idle_scans.is_some_and(|n| is_cold(scan, last_hot, n, backoff)) {
+                    candidates.push(i);
+                } else if over > 0 && coldness(scan, last_hot, backoff) >= 2 {
+                    // Not written nor put back in the last two scans (more
+                    // for a page that keeps coming back or not compressing).
+                    warm.push((coldness(scan, last_hot, backoff), i));
+                }
+            }
+        }
+        if over > candidates.len() {
+            candidates.extend(coldest(warm, over - candidates.len()));
+            candidates.sort_unstable();
         }
         for batch in candidates.chunks(BATCH) {
             if shared.stop.load(Ordering::Acquire) {
@@ -716,9 +872,13 @@ fn compress_batch(
                 None => Slot::Resident,
             };
             if slot == Slot::Resident {
-                // Not worth holding: left alone for another idle time.
+                // Not worth holding: left alone for another idle time, twice
+                // as long each time (up to 8 times), so that data that does
+                // not compress is not tried again every idle time, nor every
+                // other scan under a target it keeps out of reach.
                 t.slots[i] = Slot::Resident;
                 t.last_hot[i] = t.scan;
+                t.backoff[i] = (t.backoff[i] + 1).min(MAX_BACKOFF);
                 continue;
             }
             t.slots[i] = slot;
@@ -762,6 +922,140 @@ mod tests {
         // Out for a whole idle time: it waits less again.
         assert_eq!(next_backoff(30, 20, 4, 3), 2);
         assert_eq!(next_backoff(30, 20, 4, 0), 0);
+    }
+
+    #[test]
+    fn a_target_takes_the_coldest_pages_and_scans_often_enough() {
+        // Pages 3 and 1 are the coldest; a page with a backoff counts as warmer.
+        assert_eq!(
+            coldest(vec![(4, 0), (9, 1), (1, 2), (12, 3)], 2)
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>(),
+            [1, 3].into()
+        );
+        assert_eq!(coldest(vec![(4, 0)], 3), vec![0]);
+        assert_eq!(coldness(20, 4, 0), 16);
+        assert_eq!(coldness(20, 4, 2), 4);
+        let policy = |idle_ms, rss_mib| MemoryCompression {
+            idle_ms,
+            rss_mib,
+            algo: CompressionAlgo::Lz4,
+        };
+        // Idle alone: a quarter of it (at most 5 s).
+        assert_eq!(
+            schedule(&policy(Some(2000), None)),
+            (Duration::from_millis(500), Some(4), 4)
+        );
+        assert_eq!(
+            schedule(&policy(Some(60_000), None)).0,
+            Duration::from_secs(5)
+        );
+        // A target: at least every 250 ms, the idle time in those scans.
+        assert_eq!(
+            schedule(&policy(Some(60_000), Some(64))),
+            (TARGET_PERIOD, Some(240), 240)
+        );
+        assert_eq!(schedule(&policy(None, Some(64))), (TARGET_PERIOD, None, 4));
+    }
+
+    #[test]
+    fn an_rss_target_set_while_running_brings_the_footprint_under_it() {
+        const PAGES: u64 = 1024;
+        const TARGET_MIB: u64 = 2;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+            .unwrap();
+        for i in 0..PAGES {
+            let p = host(&mem, i * PAGE_SIZE);
+            for w in 0..(PAGE / 8) as u64 {
+                // SAFETY: inside the mapping, nothing else touches it yet.
+                unsafe { p.add(w as usize).write_volatile(expected(i, w)) };
+            }
+        }
+        let footprint = |c: &PagerCounters| {
+            DirtyLog::resident_own(&mem).unwrap().count() as u64 * PAGE_SIZE + c.pool_bytes.get()
+        };
+        let dirty = DirtyTracker::for_memory(mem.clone());
+        let counters = Arc::new(PagerCounters::default());
+        // An idle time of a day: nothing leaves for it.
+        let pager = Pager::start(
+            MemoryCompression {
+                idle_ms: Some(86_400_000),
+                rss_mib: None,
+                algo: CompressionAlgo::Lz4,
+            },
+            &mem,
+            &dirty,
+            counters.clone(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(counters.pages_compressed.get(), 0);
+        assert_eq!(footprint(&counters), PAGES * PAGE_SIZE);
+
+        let policy = pager.policy();
+        policy.set(MemoryCompression {
+            rss_mib: Some(TARGET_MIB),
+            // The codec is kept whatever the change says.
+            algo: CompressionAlgo::Zstd,
+            ..policy.get()
+        });
+        assert_eq!(
+            (policy.get().rss_mib, policy.get().algo),
+            (Some(TARGET_MIB), CompressionAlgo::Lz4)
+        );
+        wait_for("the footprint to fall under the target", || {
+            footprint(&counters) <= TARGET_MIB << 20
+        });
+        // As much as needed, not every compressible page (three quarters).
+        let s = counters.snapshot();
+        assert!(
+            s.pages_held >= (PAGES / 2) - 8 && s.pages_held < PAGES * 5 / 8,
+            "{s:?}"
+        );
+        for i in 0..PAGES {
+            let p = host(&mem, i * PAGE_SIZE);
+            for w in 0..(PAGE / 8) as u64 {
+                // SAFETY: inside the mapping; the pager serves missing pages.
+                let got = unsafe { p.add(w as usize).read_volatile() };
+                assert_eq!(got, expected(i, w), "page {i} word {w}");
+            }
+        }
+        drop(pager);
+    }
+
+    #[test]
+    fn a_target_out_of_reach_tries_incompressible_pages_less_and_less() {
+        const PAGES: u64 = 512;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+            .unwrap();
+        for i in 0..PAGES {
+            let p = host(&mem, i * PAGE_SIZE);
+            for w in 0..(PAGE / 8) as u64 {
+                // SAFETY: inside the mapping, nothing else touches it yet.
+                unsafe { p.add(w as usize).write_volatile(expected(i * 4 + 3, w)) };
+            }
+        }
+        let dirty = DirtyTracker::for_memory(mem.clone());
+        let counters = Arc::new(PagerCounters::default());
+        // 2 MiB of noise against a 1 MiB target.
+        let pager = Pager::start(
+            MemoryCompression {
+                idle_ms: None,
+                rss_mib: Some(1),
+                algo: CompressionAlgo::Lz4,
+            },
+            &mem,
+            &dirty,
+            counters.clone(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(pager);
+        // 12 scans: tried every other scan, that would be ~6 times each; with
+        // the backoff, at 2, 6 and 14 scans at most.
+        let tries = counters.pages_incompressible.get();
+        assert!((PAGES..=3 * PAGES).contains(&tries), "{tries} tries");
+        assert_eq!(counters.pages_compressed.get(), 0);
     }
 
     fn host(mem: &GuestMemoryMmap, gpa: u64) -> *mut u64 {
@@ -834,7 +1128,11 @@ mod tests {
         let dirty = DirtyTracker::for_memory(mem.clone());
         let counters = Arc::new(PagerCounters::default());
         let pager = Pager::start(
-            MemoryCompression { idle_ms: 200, algo },
+            MemoryCompression {
+                idle_ms: Some(200),
+                rss_mib: None,
+                algo,
+            },
             &mem,
             &dirty,
             counters.clone(),

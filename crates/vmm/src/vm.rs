@@ -278,6 +278,7 @@ impl Vm {
             metrics: MetricsHandle::new(self.metrics.clone()),
             snapshot: Arc::new(snapshot),
             sched: self.sched,
+            pager: pager.as_ref().map(Pager::policy),
         };
         let inspect = VmInspect {
             vcpus: vcpus.clone(),

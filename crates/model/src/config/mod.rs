@@ -22,7 +22,9 @@ use std::path::PathBuf;
 
 pub use balloon::{BalloonConfig, BalloonConfigError};
 pub use boot::{BootConfig, BootConfigError, BootProtocol, KernelImage};
-pub use compression::{CompressionAlgo, MemoryCompression, MemoryCompressionError};
+pub use compression::{
+    CompressionAlgo, MemoryCompression, MemoryCompressionError, MemoryPolicyUpdate,
+};
 pub use drive::{DriveConfig, DriveConfigError, IoEngine};
 pub use introspect::{IntrospectConfig, IntrospectConfigError, Policy};
 pub use machine::{CpuTemplate, HugePages, MachineConfig, MachineConfigError};

@@ -7,6 +7,7 @@ pub mod mobility;
 pub mod tap;
 
 use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 /// What a finished `vigil` process left behind.
 pub struct Run {
     pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -99,6 +102,7 @@ pub fn finish(mut child: Child, timeout: Duration) -> Run {
     };
     let run = Run {
         code: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
         stdout: out_reader.join().unwrap(),
         stderr: err_reader.join().unwrap(),
     };
@@ -226,6 +230,7 @@ pub fn run_until(args: &[&str], wanted: &[&str], timeout: Duration) -> Run {
     let status = child.wait().unwrap();
     Run {
         code: status.code(),
+        signal: status.signal(),
         stdout: reader.join().unwrap(),
         stderr: err,
     }
@@ -372,6 +377,7 @@ impl Console {
         }
         let run = Run {
             code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
             stdout: std::mem::take(&mut self.seen),
             stderr: self
                 .stderr

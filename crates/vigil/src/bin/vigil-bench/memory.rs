@@ -169,7 +169,8 @@ fn pager(bytes: u64, algo: CompressionAlgo) -> anyhow::Result<Sample> {
     let dirty = DirtyTracker::for_memory(mem.clone());
     // Long enough that no page touched below goes again meanwhile.
     let config = MemoryCompression {
-        idle_ms: 5000,
+        idle_ms: Some(5000),
+        rss_mib: None,
         algo,
     };
     let pager = Pager::start(config, &mem, &dirty, counters.clone())?;

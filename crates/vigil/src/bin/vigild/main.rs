@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use vigil_daemon::balance::{PeerDaemon, PolicySettings};
 use vigil_daemon::client::DaemonUrl;
+use vigil_daemon::squeeze::SqueezeSettings;
 use vigil_daemon::tls::{ApiTls, PeerTls};
 use vigil_shared::args::{default_socket, parse_seconds};
 use vigil_shared::{exit, logging, siblings};
@@ -305,6 +306,26 @@ struct DaemonArgs {
     /// Seconds after a migration decision before the next.
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS", value_parser = parse_seconds)]
     migrate_cooldown: f64,
+
+    /// Under host memory pressure (PSI some avg10 above PERCENT, or `off`),
+    /// VMs with the memory-compression pager give memory back: at most every
+    /// 10 s, each one's balloon is inflated by an eighth of its memory (up to
+    /// half) where it has one, then its pager's RSS target lowered to 3/4 of
+    /// what it keeps (not below 16 MiB); once the pressure stays under half
+    /// of PERCENT for 10 samples, balloons and targets go back. Each change
+    /// is a policy_action event (policy.rule memory_pressure).
+    #[arg(long, default_value = "20", value_name = "PERCENT|off", value_parser = parse_squeeze)]
+    squeeze_memory_pressure: Squeeze,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Squeeze(Option<f64>);
+
+fn parse_squeeze(s: &str) -> Result<Squeeze, String> {
+    match s {
+        "off" => Ok(Squeeze(None)),
+        _ => parse_percent(s).map(|p| Squeeze(Some(p))),
+    }
 }
 
 fn parse_peer(s: &str) -> Result<PeerDaemon, String> {
@@ -459,6 +480,13 @@ fn run(args: DaemonArgs) -> anyhow::Result<()> {
     }
     config.events.outputs = args.events_output;
     config.events.sample_interval = Duration::from_secs_f64(args.sample_interval);
+    config.squeeze = args
+        .squeeze_memory_pressure
+        .0
+        .map(|pressure| SqueezeSettings {
+            pressure,
+            ..SqueezeSettings::default()
+        });
     if !args.migrate_peer.is_empty() {
         if args.migrate_window == 0
             || args.migrate_hits == 0
