@@ -389,10 +389,29 @@ fn bench_rx(
         detail.str("done: ").str(error);
         return Err(());
     }
+    report(detail, "rx", us, len, qd, rx.event_idx())
+        .str(" other_frames=")
+        .dec(others);
+    Ok(())
+}
+
+/// The figures of a `net-bench` run in direction `dir` (`tx` or `rx`):
+/// `BENCH_FRAMES` frames of `len` bytes (with the virtio header) in `us`.
+fn report<'l>(
+    detail: &'l mut Line,
+    dir: &str,
+    us: u64,
+    len: u64,
+    qd: u16,
+    event_idx: bool,
+) -> &'l mut Line {
     detail
-        .str("rx_pps=")
+        .str(dir)
+        .str("_pps=")
         .dec(BENCH_FRAMES * 1_000_000 / us)
-        .str(" rx_kib_s=")
+        .str(" ")
+        .str(dir)
+        .str("_kib_s=")
         .dec(BENCH_FRAMES * (len - HDR) * 1_000_000 / us / 1024)
         .str(" frames=")
         .dec(BENCH_FRAMES)
@@ -401,10 +420,7 @@ fn bench_rx(
         .str(" qd=")
         .dec(u64::from(qd))
         .str(" event_idx=")
-        .dec(u64::from(rx.event_idx()))
-        .str(" other_frames=")
-        .dec(others);
-    Ok(())
+        .dec(u64::from(event_idx))
 }
 
 /// Sends `BENCH_FRAMES` buffers of `len` bytes (virtio header and frame).
@@ -493,19 +509,7 @@ fn bench(
         }
     }
     let us = ((rdtsc() - start) * 1000 / clock.ms(1)).max(1);
-    detail
-        .str("tx_pps=")
-        .dec(BENCH_FRAMES * 1_000_000 / us)
-        .str(" tx_kib_s=")
-        .dec(BENCH_FRAMES * (len - HDR) * 1_000_000 / us / 1024)
-        .str(" frames=")
-        .dec(BENCH_FRAMES)
-        .str(" frame=")
-        .dec(len - HDR)
-        .str(" qd=")
-        .dec(u64::from(qd))
-        .str(" event_idx=")
-        .dec(u64::from(tx.event_idx()))
+    report(detail, "tx", us, len, qd, tx.event_idx())
         .str(" max_in_flight=")
         .dec(max_in_flight);
     Ok(())

@@ -284,3 +284,34 @@ fn transmit_offloads_pass_on_only_what_was_accepted() {
     );
     assert_eq!(dev.counters().errors, 2);
 }
+
+/// A hostile driver's unusable buffer in the middle of a frame spread over
+/// mergeable buffers: the frame is dropped and counted, every buffer taken
+/// for it given back empty once, and the next frame goes through.
+#[test]
+fn an_unusable_buffer_among_mergeable_ones_drops_the_frame_only() {
+    let mem = memory(1 << 20);
+    let (mut dev, host) = net();
+    dev.ack_features(dev.features());
+    let mut d = Driver::at(&mem, 0x20000, QSIZE);
+    let mut queues = vec![d.queue(), Queue::new(QSIZE).unwrap()];
+    let mut big = vec![0u8; VNET_HDR_LEN];
+    big.extend((0..1514u32).map(|i| i as u8));
+    for f in [&big, &frame(9)] {
+        // SAFETY: sends from our buffer.
+        let n = unsafe { libc::send(host.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        assert_eq!(n, f.len() as isize);
+    }
+    d.add(&[(RX_BUF, 512, F_WRITE)]);
+    d.add(&[(RX_BUF + 0x1000, 512, 0)]); // device-readable: nothing to write into
+    d.add(&[(RX_BUF + 0x2000, 2048, F_WRITE)]);
+    let r = dev.process_fd(host.as_raw_fd(), EventSet::IN, &mut queues, &mem);
+    assert_eq!(r, Ok(QueueOutcome::Done(true)));
+    assert_eq!(d.used_idx(), 3);
+    assert_eq!(
+        (0..3).map(|i| d.used(i)).collect::<Vec<_>>(),
+        [(0, 0), (1, 0), (2, (VNET_HDR_LEN + 60) as u32)]
+    );
+    assert_eq!(dev.counters().errors, 1);
+    assert_eq!(dev.counters().rx_frames, 1);
+}

@@ -373,11 +373,16 @@ impl Net {
                     chains.push((head, w));
                 }
                 result => {
-                    // Given back empty at once; the frame goes on in the next.
+                    // The frame is dropped and every buffer taken for it given
+                    // back empty (none goes back to the queue: this one is used).
                     tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
                     self.counters.errors += 1;
                     self.metrics.errors.inc();
-                    add_used(queue, mem, head, 0)?;
+                    self.rx_len = 0;
+                    let mut empty: Vec<(u16, u32)> = chains.iter().map(|&(h, _)| (h, 0)).collect();
+                    empty.push((head, 0));
+                    add_used_together(queue, mem, &empty)?;
+                    return Ok(Merged::Delivered);
                 }
             }
         }
@@ -611,6 +616,7 @@ type GuestWriter<'m> = Writer<'m, vm_memory::bitmap::BS<'m, vm_memory::bitmap::A
 
 /// What [`Net::receive_merged`] did with the frame.
 enum Merged {
+    /// Delivered, or dropped with its buffers given back empty.
     Delivered,
     /// The budget ran out while gathering buffers: the event loop comes back.
     Later,

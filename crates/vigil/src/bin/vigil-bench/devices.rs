@@ -467,8 +467,18 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
                     .args(["-device", "virtio-blk-device,drive=d0"]);
             }
             Kind::Firecracker(dir) => {
-                // The drive goes into the configuration file `command` wrote.
-                if let Err(e) = add_firecracker_drive(&dir.join("firecracker.json"), &image) {
+                // A writable data drive on the Async (io_uring) engine, in the
+                // configuration file `command` wrote.
+                let drive = serde_json::json!([{
+                    "drive_id": "data",
+                    "path_on_host": image,
+                    "is_root_device": false,
+                    "is_read_only": false,
+                    "io_engine": "Async",
+                }]);
+                if let Err(e) =
+                    set_firecracker_config(&dir.join("firecracker.json"), "drives", drive)
+                {
                     eprintln!("firecracker: {e:#}");
                 }
             }
@@ -477,19 +487,16 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
     device_bench(args.common.runs, &vmms, &bench, &cases, &attach)
 }
 
-/// Adds `image` as a writable data drive on the Async (io_uring) engine to the
-/// Firecracker configuration at `config`.
-fn add_firecracker_drive(config: &Path, image: &Path) -> anyhow::Result<()> {
+/// Sets `key` to `value` in the Firecracker configuration file at `config`.
+fn set_firecracker_config(
+    config: &Path,
+    key: &str,
+    value: serde_json::Value,
+) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
     let mut body: serde_json::Value = serde_json::from_str(&text)?;
-    body["drives"] = serde_json::json!([{
-        "drive_id": "data",
-        "path_on_host": image,
-        "is_root_device": false,
-        "is_read_only": false,
-        "io_engine": "Async",
-    }]);
+    body[key] = value;
     std::fs::write(config, body.to_string())
         .with_context(|| format!("cannot write {}", config.display()))
 }
@@ -543,7 +550,9 @@ pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
                 .args(["-device", "virtio-net-device,netdev=n0"]);
         }
         Kind::Firecracker(dir) => {
-            if let Err(e) = add_firecracker_interface(&dir.join("firecracker.json"), &tap.0) {
+            let interface = serde_json::json!([{"iface_id": "eth0", "host_dev_name": tap.0}]);
+            let config = dir.join("firecracker.json");
+            if let Err(e) = set_firecracker_config(&config, "network-interfaces", interface) {
                 eprintln!("firecracker: {e:#}");
             }
         }
@@ -595,19 +604,6 @@ pub fn run_net(args: NetBenchArgs) -> anyhow::Result<()> {
         device_bench(args.common.runs, &vmms, &bench, &cases, &attach)?;
     }
     Ok(())
-}
-
-/// Adds an interface on `tap` to the Firecracker configuration at `config`.
-fn add_firecracker_interface(config: &Path, tap: &str) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(config)
-        .with_context(|| format!("cannot read {}", config.display()))?;
-    let mut body: serde_json::Value = serde_json::from_str(&text)?;
-    body["network-interfaces"] = serde_json::json!([{
-        "iface_id": "eth0",
-        "host_dev_name": tap,
-    }]);
-    std::fs::write(config, body.to_string())
-        .with_context(|| format!("cannot write {}", config.display()))
 }
 
 /// The guest's `net_dir=rx` frames (`guest/src/net.rs`): its ethertype, the
