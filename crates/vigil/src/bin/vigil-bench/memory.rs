@@ -1,12 +1,15 @@
 //! `vigil bench memory`: the memory-compression pager (crates/vmm `pager`) on
 //! the test guest's `compress` mix (a quarter each of zero, duplicate, text
 //! and random pages), beside zram (`/dev/zram0`, when it is free and this runs
-//! as root) and a bare userfaultfd round trip (the floor of any fault-in).
+//! as root), KSM (when it is idle and this runs as root) and a bare
+//! userfaultfd round trip (the floor of any fault-in).
 //!
 //! Each works on the same bytes in this process: the pager on anonymous
 //! memory registered as guest RAM, zram as a block device (O_DIRECT writes
-//! compress in the writer's context, O_DIRECT reads decompress), the round
-//! trip on memory whose every fault is answered with a page copy.
+//! compress in the writer's context, O_DIRECT reads decompress), KSM on the
+//! mix's mapping marked mergeable (its pages stay mapped: the cost a guest pays
+//! is the copy on its first write to a merged page), the round trip on memory
+//! whose every fault is answered with a page copy.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -30,6 +33,7 @@ use crate::peers::median;
 
 const PAGE: u64 = 4096;
 const ZRAM: &str = "/sys/block/zram0";
+const KSM: &str = "/sys/kernel/mm/ksm";
 
 #[derive(Args, Debug)]
 pub struct MemoryBenchArgs {
@@ -70,6 +74,11 @@ pub fn run(args: MemoryBenchArgs) -> anyhow::Result<()> {
     } else {
         rows.push(("zram, lz4 (kernel)".into(), Vec::new()));
     }
+    let ksm = ksm_free();
+    match &ksm {
+        Err(why) => eprintln!("KSM left out: {why}"),
+        Ok(()) => rows.push(("KSM (kernel), write fault-in".into(), Vec::new())),
+    }
     for round in 0..args.runs {
         eprintln!("round {} of {}", round + 1, args.runs);
         rows[0].1.push(pager(bytes, CompressionAlgo::Lz4)?);
@@ -77,6 +86,12 @@ pub fn run(args: MemoryBenchArgs) -> anyhow::Result<()> {
         rows[2].1.push(round_trip(bytes)?);
         if zram.is_ok() {
             rows[3].1.push(zram_round(bytes)?);
+        }
+        if ksm.is_ok() {
+            rows.last_mut()
+                .expect("the KSM row")
+                .1
+                .push(ksm_round(bytes)?);
         }
     }
     println!(
@@ -316,6 +331,138 @@ fn zram_measure(bytes: u64) -> anyhow::Result<Sample> {
     let (p50_ns, p99_ns) = quantiles(ns);
     Ok(Sample {
         held,
+        per_cpu_s: (bytes as u128 * 1_000_000_000 / cpu_ns as u128) as u64,
+        p50_ns,
+        p99_ns,
+    })
+}
+
+/// Whether KSM may be used: root, present, and not running for anyone else.
+fn ksm_free() -> anyhow::Result<()> {
+    let run = std::fs::read_to_string(Path::new(KSM).join("run"))
+        .context("no /sys/kernel/mm/ksm (a kernel without CONFIG_KSM)")?;
+    if run.trim() != "0" {
+        bail!("KSM is already running (run = {})", run.trim());
+    }
+    // SAFETY: no arguments, no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("starting KSM needs root");
+    }
+    Ok(())
+}
+
+fn ksm_read(key: &str) -> anyhow::Result<u64> {
+    let v = std::fs::read_to_string(Path::new(KSM).join(key))?;
+    v.trim()
+        .parse()
+        .with_context(|| format!("{KSM}/{key}: {v:?}"))
+}
+
+fn ksm_set(key: &str, value: &str) -> anyhow::Result<()> {
+    std::fs::write(Path::new(KSM).join(key), value)
+        .with_context(|| format!("writing {value} to {KSM}/{key}"))
+}
+
+/// ksmd's CPU time (user and system), ns.
+fn ksmd_cpu_ns() -> anyhow::Result<u64> {
+    for entry in std::fs::read_dir("/proc")? {
+        let path = entry?.path();
+        if std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == "ksmd") {
+            let stat = std::fs::read_to_string(path.join("stat"))?;
+            // The fields after the command's closing parenthesis; utime and
+            // stime are the 14th and 15th of the line.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+            let field = |n: usize| -> u64 {
+                rest.split_whitespace()
+                    .nth(n)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            // SAFETY: no arguments, no memory.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+            return Ok((field(11) + field(12)) * 1_000_000_000 / hz);
+        }
+    }
+    bail!("no ksmd thread")
+}
+
+/// One round of KSM, its settings put back and its merged pages undone
+/// afterwards whatever happened.
+fn ksm_round(bytes: u64) -> anyhow::Result<Sample> {
+    let saved = ["pages_to_scan", "sleep_millisecs"]
+        .map(|k| std::fs::read_to_string(Path::new(KSM).join(k)).unwrap_or_default());
+    let r = ksm_measure(bytes);
+    // Stopping with 2 unmerges every page KSM merged.
+    let stop = ksm_set("run", "2").and_then(|()| ksm_set("run", "0"));
+    for (key, value) in ["pages_to_scan", "sleep_millisecs"].iter().zip(&saved) {
+        if !value.trim().is_empty() {
+            let _ = ksm_set(key, value.trim());
+        }
+    }
+    let sample = r?;
+    stop?;
+    Ok(sample)
+}
+
+fn ksm_measure(bytes: u64) -> anyhow::Result<Sample> {
+    let pages = bytes / PAGE;
+    let (_mem, host) = memory(bytes)?;
+    fill(host, pages);
+    // SAFETY: the range is this mapping, which stays mapped until `_mem` drops.
+    if unsafe { libc::madvise(host.cast(), bytes as usize, libc::MADV_MERGEABLE) } != 0 {
+        bail!(
+            "madvise(MADV_MERGEABLE): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // Fast scanning, so that the round does not take minutes: 1000 pages
+    // every 10 ms.
+    ksm_set("pages_to_scan", "1000")?;
+    ksm_set("sleep_millisecs", "10")?;
+    let cpu = ksmd_cpu_ns()?;
+    let scans = ksm_read("full_scans")?;
+    ksm_set("run", "1")?;
+    // Merged once two more full scans changed nothing.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last = (scans, u64::MAX);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = (ksm_read("full_scans")?, ksm_read("pages_sharing")?);
+        if now.0 >= scans + 3 && now.0 > last.0 && now.1 == last.1 {
+            break;
+        }
+        if now.0 > last.0 {
+            last = now;
+        }
+        if Instant::now() > deadline {
+            bail!("KSM did not settle in 10 minutes ({} pages sharing)", now.1);
+        }
+    }
+    let cpu_ns = ksmd_cpu_ns()?.saturating_sub(cpu).max(1);
+    ksm_set("run", "0")?;
+    // pages_sharing: how many more pages share a KSM page than KSM keeps.
+    let saved = ksm_read("pages_sharing")? * PAGE;
+    eprintln!(
+        "KSM: pages_shared {}, pages_sharing {}, full scans {}, ksmd CPU {:.2} s",
+        ksm_read("pages_shared")?,
+        saved / PAGE,
+        ksm_read("full_scans")? - scans,
+        cpu_ns as f64 / 1e9
+    );
+    // A write to a merged page copies it first (a read costs nothing).
+    let mut ns = Vec::new();
+    for i in taken_pages(pages) {
+        let start = Instant::now();
+        // SAFETY: inside the mapping, which only this thread uses.
+        unsafe {
+            let word = host.add((i * PAGE / 8) as usize);
+            word.write_volatile(word.read_volatile());
+        }
+        ns.push(start.elapsed().as_nanos() as u64);
+    }
+    let (p50_ns, p99_ns) = quantiles(ns);
+    Ok(Sample {
+        held: bytes - saved.min(bytes),
         per_cpu_s: (bytes as u128 * 1_000_000_000 / cpu_ns as u128) as u64,
         p50_ns,
         p99_ns,
