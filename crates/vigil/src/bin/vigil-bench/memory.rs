@@ -56,7 +56,13 @@ struct Sample {
     /// Fault-in (or read) latency of the pages taken out, ns.
     p50_ns: u64,
     p99_ns: u64,
+    /// CPU at rest once everything cold was taken out, in millionths of a
+    /// core (0: not measured).
+    rest_ppm: u64,
 }
+
+/// How long the pager is watched at rest.
+const REST: Duration = Duration::from_secs(5);
 
 pub fn run(args: MemoryBenchArgs) -> anyhow::Result<()> {
     if args.mib == 0 || args.runs == 0 {
@@ -98,13 +104,19 @@ pub fn run(args: MemoryBenchArgs) -> anyhow::Result<()> {
         "{} MiB of the mix (zero, duplicate, text, random pages, a quarter each), medians of {} rounds\n",
         args.mib, args.runs
     );
-    println!("| | memory holding the mix | ratio | compression (per CPU) | fault-in p50 | fault-in p99 |");
-    println!("|---|---|---|---|---|---|");
+    println!("| | memory holding the mix | ratio | compression (per CPU) | fault-in p50 | fault-in p99 | CPU at rest |");
+    println!("|---|---|---|---|---|---|---|");
     for (name, samples) in rows {
         let held = median(samples.iter().map(|s| s.held).collect());
         let rate = median(samples.iter().map(|s| s.per_cpu_s).collect());
         let p50 = median(samples.iter().map(|s| s.p50_ns).collect());
         let p99 = median(samples.iter().map(|s| s.p99_ns).collect());
+        let rest = median(samples.iter().map(|s| s.rest_ppm).collect());
+        let rest = if rest == 0 {
+            "-".into()
+        } else {
+            format!("{:.3}% of a core", rest as f64 / 1e4)
+        };
         let (held, ratio) = if held == 0 {
             ("-".into(), "-".into())
         } else {
@@ -119,7 +131,7 @@ pub fn run(args: MemoryBenchArgs) -> anyhow::Result<()> {
             format!("{:.2} GB/s", rate as f64 / 1e9)
         };
         println!(
-            "| {name} | {held} | {ratio} | {rate} | {:.1} µs | {:.1} µs |",
+            "| {name} | {held} | {ratio} | {rate} | {:.1} µs | {:.1} µs | {rest} |",
             p50 as f64 / 1e3,
             p99 as f64 / 1e3
         );
@@ -202,12 +214,19 @@ fn pager(bytes: u64, algo: CompressionAlgo) -> anyhow::Result<Sample> {
     let cpu_ns = counters.cpu_ns.get().max(1);
     let held = counters.pool_bytes.get() + counters.pages_incompressible.get() * PAGE;
     let (p50_ns, p99_ns) = touch(host, &taken_pages(pages));
+    // Then at rest: nothing cold left to take (what came back waits an idle
+    // time), the guest idle; the scanner still reads the dirty log every
+    // quarter of the idle time.
+    let before = counters.cpu_ns.get();
+    std::thread::sleep(REST);
+    let rest_ns = counters.cpu_ns.get().saturating_sub(before);
     drop(pager);
     Ok(Sample {
         held,
         per_cpu_s: (bytes as u128 * 1_000_000_000 / cpu_ns as u128) as u64,
         p50_ns,
         p99_ns,
+        rest_ppm: (rest_ns as u128 * 1_000_000 / REST.as_nanos()) as u64,
     })
 }
 
@@ -334,6 +353,7 @@ fn zram_measure(bytes: u64) -> anyhow::Result<Sample> {
         per_cpu_s: (bytes as u128 * 1_000_000_000 / cpu_ns as u128) as u64,
         p50_ns,
         p99_ns,
+        ..Sample::default()
     })
 }
 
@@ -466,5 +486,6 @@ fn ksm_measure(bytes: u64) -> anyhow::Result<Sample> {
         per_cpu_s: (bytes as u128 * 1_000_000_000 / cpu_ns as u128) as u64,
         p50_ns,
         p99_ns,
+        ..Sample::default()
     })
 }
