@@ -55,8 +55,17 @@ fn rx_buf_of(id: u16, len: u64) -> u64 {
     dma(MQ_BUF) + u64::from(id) * len
 }
 
-fn run(dev: Dev, clock: Clock, mrg: bool, detail: &mut Line) -> Result<(), ()> {
-    let wanted = NET_F_MAC | if mrg { NET_F_MRG_RXBUF } else { 0 };
+/// Brings `dev` up with the offered part of `wanted`, both queues at their
+/// default size, and posts `buffers` receive buffers of `buf_len` bytes: the
+/// receive and transmit queues, the features accepted and the MAC.
+fn start(
+    dev: Dev,
+    clock: Clock,
+    wanted: u64,
+    buffers: u16,
+    buf_len: u64,
+    detail: &mut Line,
+) -> Result<(Queue, Queue, u64, [u8; 6]), ()> {
     let set_up = || -> Result<(Queue, Queue, u64), &'static str> {
         let features = virtio::negotiate(dev, clock, wanted)?;
         let rx = virtio::setup_queue(dev, clock, RX, features)?;
@@ -64,13 +73,30 @@ fn run(dev: Dev, clock: Clock, mrg: bool, detail: &mut Line) -> Result<(), ()> {
         virtio::driver_ok(dev)?;
         Ok((rx, tx, features))
     };
-    let (mut rx, mut tx, features) = match set_up() {
-        Ok(queues) => queues,
-        Err(error) => {
-            detail.str(error);
-            return Err(());
-        }
+    let (mut rx, tx, features) = set_up().map_err(|error| {
+        detail.str(error);
+    })?;
+    let mut mac = [0u8; 6];
+    for (i, byte) in mac.iter_mut().enumerate() {
+        *byte = dev.config_u8(i as u64);
+    }
+    zero(dma(MQ_BUF), MQ_BUF_LEN as usize);
+    for id in 0..buffers.min(rx.size()) {
+        rx.desc(id, rx_buf_of(id, buf_len), buf_len as u32, WRITE, 0);
+        rx.push_avail(id);
+    }
+    rx.notify();
+    Ok((rx, tx, features, mac))
+}
+
+fn run(dev: Dev, clock: Clock, mrg: bool, detail: &mut Line) -> Result<(), ()> {
+    let wanted = NET_F_MAC | if mrg { NET_F_MRG_RXBUF } else { 0 };
+    let (buffers, buf_len) = if mrg {
+        (MRG_RX_BUFFERS, MRG_RX_LEN)
+    } else {
+        (RX_BUFFERS, RX_LEN)
     };
+    let (mut rx, mut tx, features, mac) = start(dev, clock, wanted, buffers, buf_len, detail)?;
     if features & wanted != wanted {
         detail.str(if features & NET_F_MAC == 0 {
             "no VIRTIO_NET_F_MAC"
@@ -79,22 +105,6 @@ fn run(dev: Dev, clock: Clock, mrg: bool, detail: &mut Line) -> Result<(), ()> {
         });
         return Err(());
     }
-    let (buffers, buf_len) = if mrg {
-        (MRG_RX_BUFFERS, MRG_RX_LEN)
-    } else {
-        (RX_BUFFERS, RX_LEN)
-    };
-    let mut mac = [0u8; 6];
-    for (i, byte) in mac.iter_mut().enumerate() {
-        *byte = dev.config_u8(i as u64);
-    }
-
-    zero(dma(MQ_BUF), MQ_BUF_LEN as usize);
-    for id in 0..buffers.min(rx.size()) {
-        rx.desc(id, rx_buf_of(id, buf_len), buf_len as u32, WRITE, 0);
-        rx.push_avail(id);
-    }
-    rx.notify();
 
     // Broadcast destination, our source, the ethertype, the payload, zero padding.
     let frame = dma(TX_BUF);
@@ -723,34 +733,11 @@ pub fn net_csum(machine: &Machine, detail: &mut Line) -> bool {
 
 fn csum_run(dev: Dev, clock: Clock, guest_csum: bool, detail: &mut Line) -> Result<(), ()> {
     let wanted = NET_F_MAC | NET_F_CSUM | if guest_csum { NET_F_GUEST_CSUM } else { 0 };
-    let set_up = || -> Result<(Queue, Queue, u64), &'static str> {
-        let features = virtio::negotiate(dev, clock, wanted)?;
-        let rx = virtio::setup_queue(dev, clock, RX, features)?;
-        let tx = virtio::setup_queue(dev, clock, TX, features)?;
-        virtio::driver_ok(dev)?;
-        Ok((rx, tx, features))
-    };
-    let (mut rx, mut tx, features) = match set_up() {
-        Ok(queues) => queues,
-        Err(error) => {
-            detail.str(error);
-            return Err(());
-        }
-    };
+    let (mut rx, mut tx, features, mac) = start(dev, clock, wanted, RX_BUFFERS, RX_LEN, detail)?;
     if features & wanted != wanted {
         detail.str("checksum offloads not offered");
         return Err(());
     }
-    let mut mac = [0u8; 6];
-    for (i, byte) in mac.iter_mut().enumerate() {
-        *byte = dev.config_u8(i as u64);
-    }
-    zero(dma(MQ_BUF), MQ_BUF_LEN as usize);
-    for id in 0..RX_BUFFERS {
-        rx.desc(id, rx_buf_of(id, RX_LEN), RX_LEN as u32, WRITE, 0);
-        rx.push_avail(id);
-    }
-    rx.notify();
 
     // The header asks for the UDP checksum to be finished.
     let at = dma(TX_BUF);
