@@ -99,8 +99,6 @@ pub struct Net {
     /// closed: the tap is not watched until the guest adds buffers or the timer
     /// fires.
     rx_blocked: bool,
-    /// The driver accepted `VIRTIO_NET_F_MRG_RXBUF`.
-    mergeable: bool,
     /// The features the driver accepted.
     acked: u64,
     /// The tap hands over frames with the offloads the driver accepted, their
@@ -138,7 +136,6 @@ impl Net {
             rx_buf: vec![0; MAX_BUFFER],
             rx_len: 0,
             rx_blocked: false,
-            mergeable: false,
             acked: 0,
             rx_offloads: false,
             owed_interrupt: false,
@@ -164,6 +161,15 @@ impl Net {
     /// Frames and bytes each way, and drops.
     pub fn counters(&self) -> NetCounters {
         self.counters
+    }
+
+    /// The header of the frame in `rx_buf`: the tap's as it is with offloads,
+    /// else none; then the number of buffers the frame takes.
+    fn set_rx_header(&mut self, buffers: u16) {
+        if !self.rx_offloads {
+            self.rx_buf[..VNET_HDR_LEN].fill(0);
+        }
+        self.rx_buf[10..12].copy_from_slice(&buffers.to_le_bytes());
     }
 
     /// Tells the tap which offloads (`TUN_F_*`) its frames may carry. A backend
@@ -278,7 +284,7 @@ impl Net {
                 }
             };
             let len = self.rx_len;
-            if writer.available_bytes() < len && self.mergeable {
+            if writer.available_bytes() < len && self.acked & F_MRG_RXBUF != 0 {
                 match self.receive_merged(queue, mem, (head, writer), &mut budget)? {
                     Merged::Delivered => {
                         *merged = true;
@@ -315,11 +321,7 @@ impl Net {
                 self.rx_blocked = true;
                 return Ok(QueueOutcome::RetryAfter(wait, used));
             }
-            // The tap's header as it is with offloads, else none; num_buffers is 1.
-            if !self.rx_offloads {
-                self.rx_buf[..VNET_HDR_LEN].fill(0);
-            }
-            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            self.set_rx_header(1);
             let written = match writer.write_all(&self.rx_buf[..len]) {
                 Ok(()) => {
                     self.counters.rx_frames += 1;
@@ -393,13 +395,7 @@ impl Net {
             }
             return Ok(Merged::Throttled(wait));
         }
-        // The tap's header as it is with offloads, else none; then the number
-        // of buffers.
-        if !self.rx_offloads {
-            self.rx_buf[..VNET_HDR_LEN].fill(0);
-        }
-        let count = chains.len() as u16;
-        self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
+        self.set_rx_header(chains.len() as u16);
         let mut used = Vec::with_capacity(chains.len());
         let mut at = 0;
         let mut failed = false;
@@ -450,18 +446,13 @@ impl Net {
                         self.counters.errors += 1;
                         self.metrics.errors.inc();
                     } else {
-                        if self.tx_buf[0] & HDR_F_NEEDS_CSUM != 0
-                            && self
-                                .mmds
-                                .as_ref()
-                                .is_some_and(|m| m.is_for_mmds(&self.tx_buf[VNET_HDR_LEN..len]))
-                        {
-                            // MMDS's stack checks checksums: finish it here.
-                            complete_checksum(&mut self.tx_buf[..len]);
-                        }
                         let frame = &self.tx_buf[VNET_HDR_LEN..len];
                         if let Some(mmds) = self.mmds.as_mut().filter(|m| m.is_for_mmds(frame)) {
-                            let dropped = mmds.from_guest(frame);
+                            if self.tx_buf[0] & HDR_F_NEEDS_CSUM != 0 {
+                                // MMDS's stack checks checksums: finish it here.
+                                complete_checksum(&mut self.tx_buf[..len]);
+                            }
+                            let dropped = mmds.from_guest(&self.tx_buf[VNET_HDR_LEN..len]);
                             self.metrics.ops_other.inc();
                             self.counters.errors += dropped;
                             self.metrics.errors.add(dropped);
@@ -509,7 +500,6 @@ impl VirtioDevice for Net {
 
     fn ack_features(&mut self, acked: u64) {
         self.acked = acked;
-        self.mergeable = acked & F_MRG_RXBUF != 0;
         self.set_rx_offloads(tun_offloads(acked));
     }
 
@@ -604,7 +594,6 @@ impl VirtioDevice for Net {
         self.rx_len = 0;
         self.rx_blocked = false;
         self.acked = 0;
-        self.mergeable = false;
         if self.rx_offloads {
             self.set_rx_offloads(0);
         }
