@@ -947,6 +947,8 @@ impl Api {
             vsock_uds: p.vsock_override.map(|v| v.uds_path),
             mmds: Some(self.mmds().clone()),
             clock_realtime: p.clock_realtime,
+            // This process's --memory-compression, which the launcher adds.
+            memory_compression: None,
         };
         for (i, o) in p.network_overrides.into_iter().enumerate() {
             if let Err(e) = NetConfig::new(o.host_dev_name.clone(), 0).validate() {

@@ -127,6 +127,12 @@ impl VmMetrics {
         &self.rt
     }
 
+    /// These counters with the pager's, which counts from before the VM's
+    /// build ends (a restore loads memory through it).
+    pub fn with_pager(self, pager: Arc<crate::PagerCounters>) -> Self {
+        Self { pager, ..self }
+    }
+
     /// What the memory-compression pager did (all zero while it is off).
     pub fn pager(&self) -> &Arc<crate::PagerCounters> {
         &self.pager

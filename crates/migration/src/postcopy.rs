@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use vigil_model::config::{ConsoleConfig, OnCrash};
 use vigil_vmm::builder;
 use vigil_vmm::lazy_memory::LazyMemory;
+use vigil_vmm::pager::MemoryReader;
 use vigil_vmm::snapshot::{memory_ranges, VmState};
 use vigil_vmm::{DirtyLog, DirtyReader, GuestMemoryMmap, MemoryOrigin, RunningVm, VmControl};
 
@@ -86,7 +87,7 @@ pub(crate) fn send(
     (started, paused_at): (Instant, Instant),
 ) -> Result<(), MigrationError> {
     let target = request.destination.to_string();
-    let mem = m.inspect.guest_memory();
+    let mem = m.inspect.memory_reader();
     let before_commit = |out: &mut Out<'_>, e| Err(m.keep_vm(out.stream, e));
     let captured = m.control.capture(|_, _| {
         Ok(reader.take().map(|last| {
@@ -101,7 +102,7 @@ pub(crate) fn send(
         Err(e) => return before_commit(out, e.into()),
     };
     let order: Vec<u64> = pending.dirty_pages().collect();
-    let to_send = PageSet::new(&memory_ranges(&mem));
+    let to_send = PageSet::new(&memory_ranges(mem.memory()));
     for &gpa in &order {
         to_send.insert(gpa);
     }
@@ -168,7 +169,7 @@ fn unexpected(why: &str) -> MigrationError {
 fn serve(
     m: &Migrator,
     out: &mut Out<'_>,
-    mem: &GuestMemoryMmap,
+    mem: &MemoryReader,
     to_send: &PageSet,
     pages: &[u64],
 ) -> Result<(), MigrationError> {
@@ -194,7 +195,7 @@ fn serve(
 fn push(
     m: &Migrator,
     out: &mut Out<'_>,
-    mem: &GuestMemoryMmap,
+    mem: &MemoryReader,
     to_send: &PageSet,
     order: &[u64],
     heard: &Receiver<Heard>,
@@ -368,8 +369,15 @@ pub(crate) fn arrive(
         arrival.lose("the attempt failed here");
         e
     };
-    let vm = builder::restore_with_memory(state, mem, MemoryOrigin::Lazy(lazy), console, on_crash)
-        .map_err(|e| fail(e.into()))?;
+    let vm = builder::restore_with_memory(
+        state,
+        mem,
+        MemoryOrigin::Lazy(lazy),
+        None,
+        console,
+        on_crash,
+    )
+    .map_err(|e| fail(e.into()))?;
     vm.start_paused();
     let running = vm.start().map_err(|e| fail(ReceiveError::Threads(e)))?;
     let control = running.control();

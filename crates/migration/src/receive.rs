@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use vigil_model::config::{ConsoleConfig, HostLimits, OnCrash};
 use vigil_vmm::builder::{self, BuildError};
+use vigil_vmm::pager::Pager;
 use vigil_vmm::snapshot::{check_memory, MemoryRange, VmState};
 use vigil_vmm::{ControlError, GuestMemoryMmap, MemoryOrigin, RunningVm};
 use vm_memory::{Bytes, GuestAddress};
@@ -40,6 +41,8 @@ pub enum ReceiveError {
     State { field: String, message: String },
     #[error("cannot build the VM: {0}")]
     Build(#[from] BuildError),
+    #[error("the source sends memory after the VM runs (post-copy), which this destination's --memory-compression cannot page: migrate with \"method\": \"Precopy\"")]
+    Postcopy,
     #[error("cannot start the VM's threads: {0}")]
     Threads(std::io::Error),
     #[error(transparent)]
@@ -211,9 +214,29 @@ fn attempt(
     } = receive_state(&mut **stream, token)?;
     overrides.apply(&mut state)?;
     if !pending.is_empty() {
+        if overrides.memory_compression.is_some() {
+            return Err(ReceiveError::Postcopy);
+        }
         return crate::postcopy::arrive(stream, state, mem, pending, console, on_crash);
     }
-    let vm = builder::restore_with_memory(state, mem, MemoryOrigin::Anonymous, console, on_crash)?;
+    // The pages the source's pager held go back to a pool at once.
+    let pager = match overrides.memory_compression {
+        Some(config) => {
+            let mut pager =
+                Pager::new(config, &mem, Default::default()).map_err(BuildError::from)?;
+            let held = pager
+                .take_out(&state.memory_held)
+                .map_err(BuildError::from)?;
+            tracing::info!(
+                pages_held = held,
+                "memory compression on for the arriving VM"
+            );
+            Some(pager)
+        }
+        None => None,
+    };
+    let origin = MemoryOrigin::Anonymous;
+    let vm = builder::restore_with_memory(state, mem, origin, pager, console, on_crash)?;
     vm.start_paused();
     let running = vm.start().map_err(ReceiveError::Threads)?;
     let control = running.control();

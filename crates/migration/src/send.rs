@@ -26,9 +26,9 @@ use vigil_seccomp::ThreadKind;
 
 use serde::Serialize;
 use vigil_model::migration::MigrationMethod;
+use vigil_vmm::pager::MemoryReader;
 use vigil_vmm::snapshot::{memory_ranges, SnapshotError};
-use vigil_vmm::{ControlError, DirtyLog, DirtyLogError, GuestMemoryMmap, VmControl, VmInspect};
-use vm_memory::{Bytes, GuestAddress};
+use vigil_vmm::{ControlError, DirtyLog, DirtyLogError, VmControl, VmInspect};
 
 use crate::target::{Stream, Target};
 use crate::tls::ClientTls;
@@ -236,8 +236,9 @@ impl Migrator {
             .map_err(WireError::Io)?;
         wire::write(&mut stream, Kind::Hello, &wire::hello(&request.token))?;
         wire::read_answer(&mut stream)?.map_err(MigrationError::Refused)?;
-        let mem = self.inspect.guest_memory();
-        let begin = serde_json::to_vec(&memory_ranges(&mem)).unwrap_or_default();
+        // Pages the pager holds are read from its pool, not put back in RAM.
+        let mem = self.inspect.memory_reader();
+        let begin = serde_json::to_vec(&memory_ranges(mem.memory())).unwrap_or_default();
         let mut out = Out {
             stream: &mut stream,
             limit: request.bandwidth,
@@ -253,7 +254,7 @@ impl Migrator {
         // Round 0 need not read what the host never backed: in anonymous memory
         // that is zeros, which the destination starts with.
         if self.inspect.memory_is_anonymous() {
-            match DirtyLog::backed(&mem) {
+            match DirtyLog::backed(mem.memory()) {
                 Ok(backed) => log = backed,
                 Err(e) => {
                     tracing::debug!("/proc/self/pagemap unreadable, round 0 reads every page: {e}")
@@ -327,7 +328,7 @@ impl Migrator {
         &self,
         request: &MigrationRequest,
         out: &mut Out<'_>,
-        mem: &GuestMemoryMmap,
+        mem: &MemoryReader,
         reader: &vigil_vmm::DirtyReader,
         log: &mut DirtyLog,
     ) -> Result<bool, MigrationError> {
@@ -479,7 +480,7 @@ pub(crate) const ZEROS: usize = 8192;
 /// destination's memory starts zeroed).
 pub(crate) fn send_pages(
     out: &mut Out<'_>,
-    mem: &GuestMemoryMmap,
+    mem: &MemoryReader,
     pages: impl Iterator<Item = u64>,
     skip_zeros: bool,
 ) -> Result<Counts, MigrationError> {
@@ -496,7 +497,7 @@ pub(crate) fn send_pages(
             len += 1;
         }
         let span = &mut span[..len * PAGE];
-        mem.read_slice(span, GuestAddress(first))
+        mem.read(first, span)
             .map_err(|_| MigrationError::Memory(first))?;
         for (i, page) in span.chunks_exact(PAGE).enumerate() {
             let gpa = first + (i * PAGE) as u64;

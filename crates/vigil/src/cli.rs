@@ -404,8 +404,9 @@ pub struct RunArgs {
     /// page that does not compress to 3/4 stays in RAM). The guest's or a
     /// device's next touch faults it back in (userfaultfd, tens of µs). GET
     /// /vigil/memory and the metrics show the pool, the ratio and the fault-in
-    /// latency. Needs 4 KiB pages (--huge-pages none); a VM loaded from a
-    /// snapshot or received by migration runs without it. The pool is VMM
+    /// latency. Needs 4 KiB pages (--huge-pages none). A VM loaded from a
+    /// snapshot (File backend) or received by pre-copy migration runs with it
+    /// too: the pages the saved or sending VM held go straight to the pool. The pool is VMM
     /// memory: like guest RAM, it is lost if the VMM dies. With an RSS target
     /// (`rss=MiB`, 1 to 16777216), guest memory's footprint (its pages in RAM
     /// and the pool) is kept under it, the coldest pages taken first, idle or
@@ -795,11 +796,6 @@ impl RunArgs {
                 anyhow::bail!(
                     "--config-file {} with --migrate-from {from}: the VM comes from the source",
                     file.display()
-                );
-            }
-            if self.memory_compression.is_some_and(|a| a.0.is_some()) {
-                anyhow::bail!(
-                    "--memory-compression with --migrate-from {from}: a received VM runs without it (its pages arrive through a userfaultfd of their own)"
                 );
             }
             Launch {

@@ -222,17 +222,20 @@ fn restore(
     overrides: &Overrides,
 ) -> Result<(RunningVm, Option<TerminalGuard>), StartError> {
     let (console, on_crash) = (&overrides.console, overrides.on_crash);
-    if overrides.memory_compression.is_some() {
-        return Err(BuildError::SnapshotMismatch {
-            field: "--memory-compression".into(),
-            why: "a VM loaded from a snapshot runs without it (its memory is the snapshot's file or a page-fault handler's); start this VMM without the flag".into(),
-        }
-        .into());
-    }
     let vm = match &load.memory {
         SnapshotMemory::File(file) => {
-            let o = &load.overrides;
-            vigil_vmm::builder::restore(&load.state_path, file, o, console, on_crash)?
+            let o = vigil_vmm::builder::RestoreOptions {
+                memory_compression: overrides.memory_compression,
+                ..load.overrides.clone()
+            };
+            vigil_vmm::builder::restore(&load.state_path, file, &o, console, on_crash)?
+        }
+        SnapshotMemory::Uffd(_) if overrides.memory_compression.is_some() => {
+            return Err(BuildError::SnapshotMismatch {
+                field: "mem_backend.backend_type".into(),
+                why: "Uffd: the page-fault handler fills guest memory, so this VMM's --memory-compression cannot page it; load with the File backend".into(),
+            }
+            .into());
         }
         SnapshotMemory::Uffd(handler) => {
             let o = &load.overrides;
@@ -337,6 +340,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
             // The arriving interfaces that reach MMDS reach this API's store.
             let overrides = vigil_vmm::builder::RestoreOptions {
                 mmds: Some(api.mmds().clone()),
+                memory_compression: l.overrides.memory_compression,
                 ..Default::default()
             };
             let received = vigil_migration::receive(

@@ -56,11 +56,28 @@ fn wait_mix_held(sock: &Path) -> Value {
     }
 }
 
+/// Waits for the guest to check every byte of the mix.
+fn wait_verified(vm: &mut Console) {
+    let verified = vm.wait_for(&["compress: verified"], TIMEOUT);
+    assert_eq!(
+        verified,
+        format!("compress: verified pages={MIX_PAGES} mismatches=0"),
+        "{}",
+        vm.seen
+    );
+}
+
+/// The mix's zero, duplicate and text pages, less `slack`, are held.
+fn assert_mix_held(m: &Value, slack: u64) {
+    assert!(n(m, "pages_held") + slack >= 3 * MIX_PAGES / 4, "{m}");
+}
+
 #[test]
-fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
+fn a_compressing_vm_saves_held_pages_without_faulting_them_in_and_loads_them_back_held() {
     let dir = scratch("compression-snapshot");
     let sock = dir.join("api.sock");
-    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=60");
+    // The guest idles long enough to be saved and loaded, then checks.
+    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=20");
     let mut vm = Console::spawn(&[
         "run",
         "--kernel",
@@ -84,11 +101,13 @@ fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
         json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Full"}),
     );
     let after = memory(&sock);
-    // The snapshot writer read the held pages through the pager's faults.
-    assert!(
-        n(&after, "pages_restored") >= n(&held, "pages_restored") + MIX_PAGES / 2,
+    // The snapshot writer read the held pages from the pool: none came back.
+    assert_eq!(
+        n(&after, "pages_restored"),
+        n(&held, "pages_restored"),
         "{after}"
     );
+    assert_mix_held(&after, 0);
     // Guest RAM starts at 0: the file holds it at the same offsets.
     let file = std::fs::read(&mem).unwrap();
     let base = 16 * MIB as usize;
@@ -104,6 +123,59 @@ fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
         }
     }
     drop(vm);
+    // The state lists the held pages.
+    let inspect = common::run(&["snapshot", "inspect", state.to_str().unwrap()], TIMEOUT);
+    let line = inspect.line("memory held compressed at the capture: ");
+    let pages: u64 = line.split_whitespace().nth(6).unwrap().parse().unwrap();
+    assert_eq!(pages, n(&after, "pages_held"), "{line}");
+
+    // Loaded by a Vigil with the pager: the held pages go to its pool at the
+    // load, the guest goes on idling, then finds every byte.
+    let sock = dir.join("restored.sock");
+    let mut restored = Console::spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--memory-compression",
+        "idle=1s",
+    ]);
+    common::http::wait_for(&sock, TIMEOUT);
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+    );
+    let loaded = memory(&sock);
+    // Zero pages are holes in the file, left unbacked: the rest are held.
+    assert!(n(&loaded, "pages_held") + 8 >= MIX_PAGES / 2, "{loaded}");
+    wait_verified(&mut restored);
+    let line = restored.wait_for(&["TEST compress"], TIMEOUT);
+    assert!(
+        line.starts_with("TEST compress PASS"),
+        "{line}\n{}",
+        restored.seen
+    );
+    let after = memory(&sock);
+    assert!(
+        n(&after, "pages_restored") >= MIX_PAGES / 2 - 8,
+        "the guest's reads put the held pages back: {after}"
+    );
+
+    // The Uffd backend fills memory from a handler: refused with the pager.
+    let sock = dir.join("uffd.sock");
+    let _uffd = Console::spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--memory-compression",
+        "on",
+    ]);
+    common::http::wait_for(&sock, TIMEOUT);
+    let body = json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": dir.join("handler.sock")}});
+    let a = http::request(&sock, "PUT", "/snapshot/load", &body.to_string());
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(a.body.contains("mem_backend.backend_type"), "{a:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -111,9 +183,11 @@ fn a_snapshot_of_a_compressing_vm_holds_the_true_contents() {
 fn a_compressing_vm_migrates_with_every_byte_of_its_memory() {
     use common::mobility::{destination, ok, TOKEN};
     let dir = scratch("compression-migrate");
-    let (mut dest, _dest_sock, target) = destination(&dir, "dest", &[]);
+    // The destination runs the pager too: the pages held here stay held.
+    let (mut dest, dest_sock, target) =
+        destination(&dir, "dest", &["--memory-compression", "idle=1s"]);
     let sock = dir.join("source.sock");
-    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=8");
+    let cmdline = format!("test=compress compress_mib={MIX_MIB} compress_idle_s=12");
     // Zstandard here; LZ4 in the other tests.
     let mut src = Console::spawn(&[
         "run",
@@ -134,14 +208,19 @@ fn a_compressing_vm_migrates_with_every_byte_of_its_memory() {
         "/vigil/migration",
         json!({"destination": target, "token": TOKEN}),
     );
+    // Held at the destination as soon as the VM is there.
+    let deadline = Instant::now() + TIMEOUT;
+    let arrived = loop {
+        let a = http::request(&dest_sock, "GET", "/vigil/memory", "");
+        if a.status == 200 {
+            break a.json();
+        }
+        assert!(Instant::now() < deadline, "the VM never arrived: {a:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_mix_held(&arrived, 8);
     // The guest goes on idling at the destination, then checks every byte.
-    let verified = dest.wait_for(&["compress: verified"], TIMEOUT);
-    assert_eq!(
-        verified,
-        format!("compress: verified pages={MIX_PAGES} mismatches=0"),
-        "{}",
-        dest.seen
-    );
+    wait_verified(&mut dest);
     let run = src.finish(TIMEOUT);
     assert_eq!(run.code, Some(0), "{run}");
     assert!(run.stderr.contains("the VM migrated to"), "{run}");

@@ -41,6 +41,7 @@ use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::device_manager::DeviceManager;
 use crate::lazy_memory::{LazyMemory, LazyMemoryError};
+use crate::pager::{Pager, PagerError};
 use crate::rt::timer::{RT_TIMER_LEAF, RT_TIMER_PORT, RT_TIMER_PORTS};
 use crate::rt::{RtTimer, VcpuScheduler};
 use crate::snapshot::file::{self as snapshot_file, FileError};
@@ -119,6 +120,8 @@ pub enum BuildError {
     SnapshotMismatch { field: String, why: String },
     #[error("boot_args: {len} bytes once the virtio devices are declared on it, more than the {max} a kernel accepts")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error(transparent)]
+    Pager(#[from] PagerError),
 }
 
 impl BuildError {
@@ -221,6 +224,12 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
 
     let hide = hidden_features(config);
     let vcpus = create_vcpus(config, &kvm, &vm_fd, &mem, &apic_ids, &hide, entry)?;
+    // Once the boot files are in memory (writes to missing pages would each
+    // go through the pager).
+    let pager = config
+        .memory_compression
+        .map(|c| Pager::new(c, &mem, Arc::default()))
+        .transpose()?;
     tracing::info!(
         kernel = %config.boot.kernel,
         entry = ?entry,
@@ -245,7 +254,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         extensions: Default::default(),
         sched,
         rt_timer: config.rt_timer,
-        memory_compression: config.memory_compression,
+        pager,
     }))
 }
 
@@ -268,8 +277,8 @@ struct Parts {
     sched: VcpuScheduler,
     /// The RT timer device's limits, when the VM has one.
     rt_timer: Option<RtTimerConfig>,
-    /// The memory-compression pager's settings, when it is on.
-    memory_compression: Option<MemoryCompression>,
+    /// The memory-compression pager, when it is on.
+    pager: Option<Pager>,
 }
 
 /// The last step of building or restoring: the VM from its parts, with the
@@ -278,11 +287,15 @@ fn assemble(p: Parts) -> Vm {
     let vcpu_metrics = (0..p.machine.vcpu_count)
         .map(|id| Arc::new(VcpuCounters::new(id)))
         .collect();
-    let metrics = Arc::new(VmMetrics::new(
+    let mut metrics = VmMetrics::new(
         p.machine.mem_size_mib << 20,
         vcpu_metrics,
         p.virtio.counters,
-    ));
+    );
+    if let Some(pager) = &p.pager {
+        metrics = metrics.with_pager(pager.counters());
+    }
+    let metrics = Arc::new(metrics);
     let mut subscribers = p.legacy.subscribers;
     subscribers.extend(p.virtio.subscribers);
     let sched = Arc::new(p.sched);
@@ -319,7 +332,7 @@ fn assemble(p: Parts) -> Vm {
         extensions: p.extensions,
         sched,
         rt_timer,
-        memory_compression: p.memory_compression,
+        pager: p.pager,
     }
 }
 
@@ -490,6 +503,9 @@ pub struct RestoreOptions {
     pub mmds: Option<vigil_mmds::Mmds>,
     /// Advance kvmclock by the wall-clock time since the capture.
     pub clock_realtime: bool,
+    /// Run the VM with the memory-compression pager (this process's
+    /// `--memory-compression`): its memory is read in, not mapped.
+    pub memory_compression: Option<MemoryCompression>,
 }
 
 impl RestoreOptions {
@@ -566,16 +582,36 @@ pub fn restore(
     check_machine(&state, &Kvm::new().map_err(BuildError::Kvm)?)?;
     let memory_bytes: u64 = state.memory.iter().map(|r| r.bytes).sum();
     let file = snapshot_file::open_memory(memory_path, memory_bytes)?;
-    let mem = memory_from_file(&state.memory, file)?;
+    let Some(compression) = overrides.memory_compression else {
+        let mem = memory_from_file(&state.memory, file)?;
+        tracing::info!(
+            snapshot = %state_path.display(),
+            memory = %memory_path.display(),
+            "restoring a snapshot"
+        );
+        let origin = MemoryOrigin::File(memory_path.to_owned());
+        return restore_with_memory(state, mem, origin, None, console, on_crash);
+    };
+    // With the pager, guest memory is anonymous, read from the file now: the
+    // pages the saved VM's pager held go straight into this one's pool.
+    let mem = memory_for(&state.memory)?;
+    let mut pager = Pager::new(compression, &mem, Arc::default())?;
+    let data = snapshot_file::data_ranges(&file, memory_path)?;
+    let start = std::time::Instant::now();
+    let loaded = pager.load(&file, &data, &state.memory_held)?;
     tracing::info!(
         snapshot = %state_path.display(),
         memory = %memory_path.display(),
-        "restoring a snapshot"
+        pages_in_ram = loaded.copied,
+        pages_held = loaded.held,
+        took = ?start.elapsed(),
+        "restoring a snapshot, its memory read in with the pager"
     );
     restore_with_memory(
         state,
         mem,
-        MemoryOrigin::File(memory_path.to_owned()),
+        MemoryOrigin::Loaded,
+        Some(pager),
         console,
         on_crash,
     )
@@ -608,6 +644,7 @@ pub fn restore_lazily(
         state,
         mem,
         MemoryOrigin::Lazy(Arc::new(lazy)),
+        None,
         console,
         on_crash,
     )
@@ -628,12 +665,15 @@ pub fn memory_for(ranges: &[MemoryRange]) -> Result<GuestMemoryMmap, BuildError>
 }
 
 /// Builds back the VM `state` describes around `mem`, which holds its memory
-/// or will (`origin`: a snapshot's file mapped privately, pages received by
-/// migration, pages filled on demand). As [`restore`] otherwise.
+/// or will (`origin`: a snapshot's file mapped privately or read in, pages
+/// received by migration, pages filled on demand), with `pager` (already
+/// answering faults on `mem`) when memory compression is on. As [`restore`]
+/// otherwise.
 pub fn restore_with_memory(
     state: VmState,
     mem: GuestMemoryMmap,
     origin: MemoryOrigin,
+    pager: Option<Pager>,
     console: &ConsoleConfig,
     on_crash: OnCrash,
 ) -> Result<Vm, BuildError> {
@@ -717,8 +757,7 @@ pub fn restore_with_memory(
         // vCPUs are time-shared, without the RT timer.
         sched: VcpuScheduler::new(vec![VcpuSched::default(); vcpu_count as usize])?,
         rt_timer: None,
-        // Nor memory compression: a restored VM's memory may not be anonymous.
-        memory_compression: None,
+        pager,
     }))
 }
 

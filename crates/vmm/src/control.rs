@@ -23,7 +23,6 @@ use crate::snapshot::{
 };
 use crate::vstate::inspect::{self, MAX_BREAKPOINTS};
 use crate::vstate::threads::VcpuThreads;
-use crate::GuestMemoryMmap;
 use crate::VmEvent;
 
 /// Lets another thread (a signal handler thread, an API server) stop the VM.
@@ -371,7 +370,7 @@ impl VmControl {
     /// what migration's last round sends. The VM stays paused.
     pub fn capture<T>(
         &self,
-        with_memory: impl FnOnce(&GuestMemoryMmap, &mut VmState) -> Result<T, SnapshotError>,
+        with_memory: impl FnOnce(&crate::pager::MemoryReader, &mut VmState) -> Result<T, SnapshotError>,
     ) -> Result<(VmState, T), SnapshotError> {
         let _op = lock(&self.op);
         if self.stop.load(Ordering::Acquire) {

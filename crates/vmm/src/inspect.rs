@@ -11,6 +11,7 @@ use std::sync::{Arc, Weak};
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::dirty_log::DirtyTracker;
+use crate::pager::MemoryReader;
 use crate::symbols::KernelSymbols;
 use crate::vstate::inspect::{
     self, BreakpointHandler, MsrGuard, MsrGuardSlot, VcpuState, MAX_BREAKPOINTS,
@@ -28,6 +29,8 @@ pub struct VmInspect {
     /// For the MSR filter; gone once the VM has ended.
     pub(crate) vm_fd: Weak<VmFd>,
     pub(crate) mem: GuestMemoryMmap,
+    /// The same memory, pages the pager holds read from its pool.
+    pub(crate) reader: MemoryReader,
     /// Guest memory is anonymous (not mapped from a snapshot's file): a page the
     /// host never backed reads as zeros.
     pub(crate) anonymous_memory: bool,
@@ -41,6 +44,12 @@ impl VmInspect {
     /// Writes through it mark its dirty bitmap, so dirty-log readers see them.
     pub fn guest_memory(&self) -> GuestMemoryMmap {
         self.mem.clone()
+    }
+
+    /// Guest memory to read whole (a migration's pages): pages the pager
+    /// holds are read from its pool, not brought back into RAM.
+    pub fn memory_reader(&self) -> MemoryReader {
+        self.reader.clone()
     }
 
     /// Whether guest memory is anonymous (see [`crate::DirtyLog::backed`]); false

@@ -42,10 +42,18 @@
 //! scan. The policy can change
 //! while the VM runs ([`PagerPolicy`], `PATCH /vigil/memory`).
 //!
+//! Whoever reads all of guest memory (a snapshot, a migration) does so
+//! through a [`MemoryReader`], which decompresses held pages into its own
+//! buffer instead of faulting them back into RAM; the capture lists the
+//! held pages, and a VM loaded or received with the pager takes them out
+//! again before it runs ([`Pager::load`], [`Pager::take_out`]).
+//!
 //! The pool lives in this process only: if the VMM dies the held pages are
 //! lost with it, exactly as guest RAM would be.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{JoinHandle, Thread};
@@ -58,6 +66,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty_log::{DirtyLog, DirtyReader, DirtyTracker, PAGE_SIZE};
 use crate::lazy_memory::{Fault, LazyMemory, LazyMemoryError};
+use crate::snapshot::MemoryRange;
 use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -140,6 +149,14 @@ pub enum PagerError {
         algo: CompressionAlgo,
         source: std::io::Error,
     },
+    #[error("--memory-compression: cannot read the snapshot's memory file: {source}")]
+    Load { source: std::io::Error },
+    #[error("--memory-compression: cannot put the snapshot's pages in guest memory: {0}")]
+    Fill(LazyMemoryError),
+    #[error("--memory-compression: guest memory is loaded once, before the pager scans")]
+    Loaded,
+    #[error("memory_held[{index}]: {:#x}+{:#x} is not whole pages of guest RAM", range.guest_address, range.bytes)]
+    Held { index: usize, range: MemoryRange },
 }
 
 /// Where one held page's bytes are.
@@ -406,6 +423,10 @@ impl Shared {
 pub struct Pager {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// The scanner's, until it starts; meanwhile a load's.
+    encoder: Option<Encoder>,
+    /// A snapshot's memory was loaded (once only).
+    loaded: bool,
 }
 
 impl Pager {
@@ -421,6 +442,19 @@ impl Pager {
         dirty: &DirtyTracker,
         counters: Arc<PagerCounters>,
     ) -> Result<Self, PagerError> {
+        let mut pager = Self::new(config, mem, counters)?;
+        pager.start_scanning(dirty)?;
+        Ok(pager)
+    }
+
+    /// Registers `mem` (anonymous, built here) and starts answering its
+    /// faults; no page leaves RAM before [`Pager::start_scanning`], except
+    /// those [`Pager::load`] puts in the pool.
+    pub fn new(
+        config: MemoryCompression,
+        mem: &GuestMemoryMmap,
+        counters: Arc<PagerCounters>,
+    ) -> Result<Self, PagerError> {
         let codec = |source| PagerError::Codec {
             algo: config.algo,
             source,
@@ -428,7 +462,6 @@ impl Pager {
         let encoder = Encoder::new(config.algo).map_err(codec)?;
         let decoder = Decoder::new(config.algo).map_err(codec)?;
         let lazy = LazyMemory::register_write_protect(mem).map_err(PagerError::Register)?;
-        let reader = dirty.subscribe().map_err(PagerError::DirtyLog)?;
         let pages = Pages::new(mem);
         let table = Table {
             slots: vec![Slot::Resident; pages.total],
@@ -462,22 +495,287 @@ impl Pager {
                 })
                 .map_err(PagerError::Thread)?
         };
-        let scanner = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("pager-scan".into())
-                .spawn(move || {
-                    vigil_seccomp::confine(ThreadKind::Pager);
-                    scan(&shared, reader, encoder)
-                })
-                .map_err(PagerError::Thread)?
-        };
-        let _ = shared.policy.0.scanner.set(scanner.thread().clone());
-        tracing::info!(idle = ?config.idle(), rss_mib = ?config.rss_mib, algo = ?config.algo, "memory compression on");
         Ok(Self {
             shared,
-            threads: vec![server, scanner],
+            threads: vec![server],
+            encoder: Some(encoder),
+            loaded: false,
         })
+    }
+
+    /// Starts taking cold pages out: written ones are read from `dirty`'s
+    /// log from now on. Once only; before any vCPU runs, so that every page
+    /// it takes out is one whose writes it saw.
+    pub fn start_scanning(&mut self, dirty: &DirtyTracker) -> Result<(), PagerError> {
+        let Some(encoder) = self.encoder.take() else {
+            return Ok(());
+        };
+        let reader = dirty.subscribe().map_err(PagerError::DirtyLog)?;
+        let shared = self.shared.clone();
+        let scanner = std::thread::Builder::new()
+            .name("pager-scan".into())
+            .spawn(move || {
+                vigil_seccomp::confine(ThreadKind::Pager);
+                scan(&shared, reader, encoder)
+            })
+            .map_err(PagerError::Thread)?;
+        let _ = self.shared.policy.0.scanner.set(scanner.thread().clone());
+        self.threads.push(scanner);
+        let config = self.shared.policy.get();
+        tracing::info!(idle = ?config.idle(), rss_mib = ?config.rss_mib, algo = ?config.algo, "memory compression on");
+        Ok(())
+    }
+
+    /// Fills guest memory, still untouched, from a snapshot's memory `file`
+    /// (guest RAM's ranges one after the other) before the VM runs: the pages
+    /// the snapshot's pager held (`held`) go into the pool, compressed here,
+    /// never into RAM, unless they no longer compress; the other pages with
+    /// data are copied in; holes stay zeros. So a VM restored with the pager
+    /// takes no more memory than the one saved did.
+    pub fn load(
+        &mut self,
+        file: &File,
+        data: &[(u64, u64)],
+        held: &[MemoryRange],
+    ) -> Result<LoadInfo, PagerError> {
+        let shared = &*self.shared;
+        let encoder = match &mut self.encoder {
+            Some(encoder) if !self.loaded => encoder,
+            _ => return Err(PagerError::Loaded),
+        };
+        let mut is_held = vec![false; shared.pages.total];
+        for i in held_pages(&shared.pages, held)? {
+            is_held[i] = true;
+        }
+        let mut info = LoadInfo::default();
+        let mut buf = vec![0u8; BATCH * PAGE];
+        let load_error = |source| PagerError::Load { source };
+        for &(start, end) in data {
+            // Whole pages: a data range of a memory file written here is.
+            let (start, end) = (start / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
+            let end = end.min(shared.pages.total as u64) as usize;
+            let mut first = start as usize;
+            while first < end {
+                let n = BATCH.min(end - first);
+                let chunk = &mut buf[..n * PAGE];
+                file.read_exact_at(chunk, (first * PAGE) as u64)
+                    .map_err(load_error)?;
+                let mut t = lock(&shared.table);
+                let t = &mut *t;
+                // Runs of pages for RAM go in with one copy each.
+                let mut run: Option<usize> = None;
+                for k in 0..=n {
+                    let to_ram = k < n
+                        && !(is_held[first + k]
+                            && hold(t, encoder, &chunk[k * PAGE..][..PAGE], first + k));
+                    match (run, to_ram) {
+                        (None, true) => run = Some(k),
+                        (Some(from), false) => {
+                            let gpa = shared.pages.gpa(first + from);
+                            shared
+                                .lazy
+                                .copy(gpa, &chunk[from * PAGE..k * PAGE])
+                                .map_err(PagerError::Fill)?;
+                            info.copied += (k - from) as u64;
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+                shared.publish(t);
+                first += n;
+            }
+        }
+        self.loaded = true;
+        info.held = {
+            let t = lock(&shared.table);
+            t.zeros + t.stored
+        };
+        Ok(info)
+    }
+
+    /// Takes the pages in `held` out of RAM now, before the VM runs: memory
+    /// received by migration from a VM whose pager held them. Returns how
+    /// many are held.
+    pub fn take_out(&mut self, held: &[MemoryRange]) -> Result<u64, PagerError> {
+        let encoder = self.encoder.as_mut().ok_or(PagerError::Loaded)?;
+        let shared = &*self.shared;
+        let mut pages = held_pages(&shared.pages, held)?;
+        pages.sort_unstable();
+        pages.dedup();
+        for batch in pages.chunks(BATCH) {
+            compress_batch(shared, batch, encoder).map_err(PagerError::Fill)?;
+        }
+        let t = lock(&shared.table);
+        Ok(t.zeros + t.stored)
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> Arc<PagerCounters> {
+        self.shared.counters.clone()
+    }
+
+    /// A reader of guest memory that takes held pages from the pool.
+    pub fn reader(&self) -> MemoryReader {
+        MemoryReader {
+            mem: self.shared.mem.clone(),
+            pager: Some(self.shared.clone()),
+        }
+    }
+}
+
+/// The page numbers of `held` (a snapshot's or migration's `memory_held`,
+/// from outside: each range must be whole pages of guest RAM).
+fn held_pages(pages: &Pages, held: &[MemoryRange]) -> Result<Vec<usize>, PagerError> {
+    let mut out = Vec::new();
+    for (i, r) in held.iter().enumerate() {
+        let last = r
+            .guest_address
+            .checked_add(r.bytes)
+            .and_then(|end| end.checked_sub(PAGE_SIZE));
+        let first = pages.index(r.guest_address);
+        match (first, last.and_then(|l| pages.index(l))) {
+            (Some(first), Some(last))
+                if r.guest_address.is_multiple_of(PAGE_SIZE)
+                    && r.bytes.is_multiple_of(PAGE_SIZE)
+                    && last - first + 1 == (r.bytes / PAGE_SIZE) as usize =>
+            {
+                out.extend(first..=last)
+            }
+            _ => {
+                return Err(PagerError::Held {
+                    index: i,
+                    range: *r,
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Puts page `index`, whose bytes are `page`, in the pool as the scanner
+/// would (zeros as a marker, duplicates once); false when it does not
+/// compress well enough to be held.
+fn hold(t: &mut Table, encoder: &mut Encoder, page: &[u8], index: usize) -> bool {
+    let slot = if page.iter().all(|&b| b == 0) {
+        t.zeros += 1;
+        Slot::Zero
+    } else {
+        let Ok(data) = encoder.compress(page) else {
+            return false;
+        };
+        match t.pool.insert(hash(page), data) {
+            Some((id, _)) => {
+                t.stored += 1;
+                Slot::Stored(id)
+            }
+            None => return false,
+        }
+    };
+    t.slots[index] = slot;
+    true
+}
+
+/// What [`Pager::load`] did, in pages.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadInfo {
+    /// Copied into RAM.
+    pub copied: u64,
+    /// Held by the pager.
+    pub held: u64,
+}
+
+/// Reads guest memory as the guest would see it, pages the pager holds
+/// included, without putting those back in RAM: a held page is decompressed
+/// into the reader's buffer. What a snapshot writes and a migration sends.
+#[derive(Clone)]
+pub struct MemoryReader {
+    mem: GuestMemoryMmap,
+    pager: Option<Arc<Shared>>,
+}
+
+impl MemoryReader {
+    /// Reads `mem` as it is (no pager).
+    pub fn plain(mem: GuestMemoryMmap) -> Self {
+        Self { mem, pager: None }
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Fills `buf` from guest memory at `gpa`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        let plain = |buf: &mut [u8], gpa: u64| {
+            self.mem
+                .read_slice(buf, GuestAddress(gpa))
+                .map_err(|e| format!("{gpa:#x}+{:#x}: {e}", buf.len()))
+        };
+        let Some(shared) = &self.pager else {
+            return plain(buf, gpa);
+        };
+        if !gpa.is_multiple_of(PAGE_SIZE) || !buf.len().is_multiple_of(PAGE) {
+            return plain(buf, gpa);
+        }
+        let mut decoder = Decoder::new(shared.policy.get().algo).map_err(|e| e.to_string())?;
+        // Pages not held are read from RAM, a run at a time. One read may
+        // race with the scanner taking a page out: it faults, and the page
+        // comes back as it was.
+        let mut run: Option<usize> = None;
+        let pages = buf.len() / PAGE;
+        for k in 0..=pages {
+            let at = gpa + (k * PAGE) as u64;
+            let taken = k < pages && {
+                let t = lock(&shared.table);
+                match shared.pages.index(at).map(|i| t.slots[i]) {
+                    Some(Slot::Stored(id)) => {
+                        decoder
+                            .decompress(t.pool.data(id), &mut buf[k * PAGE..][..PAGE])
+                            .map_err(|e| format!("held page {at:#x}: {e}"))?;
+                        true
+                    }
+                    Some(Slot::Zero) => {
+                        buf[k * PAGE..][..PAGE].fill(0);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            match (run, taken || k == pages) {
+                (None, false) => run = Some(k),
+                (Some(from), true) => {
+                    plain(&mut buf[from * PAGE..k * PAGE], gpa + (from * PAGE) as u64)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The pages held now, as ranges of guest memory (none without a pager).
+    pub fn held(&self) -> Vec<MemoryRange> {
+        let Some(shared) = &self.pager else {
+            return Vec::new();
+        };
+        let mut held: Vec<MemoryRange> = Vec::new();
+        for start in (0..shared.pages.total).step_by(SCAN_SLICE) {
+            let t = lock(&shared.table);
+            for i in start..(start + SCAN_SLICE).min(shared.pages.total) {
+                if !matches!(t.slots[i], Slot::Zero | Slot::Stored(_)) {
+                    continue;
+                }
+                let gpa = shared.pages.gpa(i);
+                match held.last_mut() {
+                    Some(r) if r.guest_address + r.bytes == gpa => r.bytes += PAGE_SIZE,
+                    _ => held.push(MemoryRange {
+                        guest_address: gpa,
+                        bytes: PAGE_SIZE,
+                    }),
+                }
+            }
+        }
+        held
     }
 }
 
@@ -510,17 +808,25 @@ fn map_untouched_zeros(shared: &Shared) {
             return;
         }
     };
+    // Pages held from the start (a restored VM's) are not backed either, and
+    // must fault to come back. Nothing else takes pages out meanwhile.
+    let held: Vec<bool> = {
+        let t = lock(&shared.table);
+        t.slots.iter().map(|s| *s != Slot::Resident).collect()
+    };
+    let untouched =
+        |gpa: u64| !backed.is_dirty(gpa) && !shared.pages.index(gpa).is_some_and(|i| held[i]);
     for r in mem.iter() {
         let (start, end) = (r.start_addr().0, r.start_addr().0 + r.len());
         let mut gpa = start;
         while gpa < end {
-            if backed.is_dirty(gpa) {
+            if !untouched(gpa) {
                 gpa += PAGE_SIZE;
                 continue;
             }
             // At most 64 MiB at a time, so that a stop is not kept waiting.
             let first = gpa;
-            while gpa < end && !backed.is_dirty(gpa) && gpa - first < 64 << 20 {
+            while gpa < end && untouched(gpa) && gpa - first < 64 << 20 {
                 gpa += PAGE_SIZE;
             }
             if shared.stop.load(Ordering::Acquire) {
@@ -1200,5 +1506,110 @@ mod tests {
         assert!(s.pages_restored > 0 && s.fault_in.count > 0, "{s:?}");
         assert!(s.cpu_ns > 0);
         drop(pager);
+    }
+
+    #[test]
+    fn held_pages_are_saved_without_coming_back_and_load_straight_into_a_pool() {
+        use crate::snapshot::file::{self, Pages as Saved};
+        const PAGES: u64 = 512;
+        let fill = |mem: &GuestMemoryMmap| {
+            for i in 0..PAGES {
+                let p = host(mem, i * PAGE_SIZE);
+                for w in 0..(PAGE / 8) as u64 {
+                    // SAFETY: inside the mapping, nothing else touches it yet.
+                    unsafe { p.add(w as usize).write_volatile(expected(i, w)) };
+                }
+            }
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+            .unwrap();
+        fill(&mem);
+        let dirty = DirtyTracker::for_memory(mem.clone());
+        let counters = Arc::new(PagerCounters::default());
+        let policy = MemoryCompression {
+            idle_ms: Some(200),
+            rss_mib: None,
+            algo: CompressionAlgo::Lz4,
+        };
+        let pager = Pager::start(policy, &mem, &dirty, counters.clone()).unwrap();
+        // Zeros, duplicates and text held; noise stays in RAM.
+        wait_for("the mix to be taken out", || {
+            counters.pages_held.get() >= 3 * PAGES / 4 - 4
+        });
+        let reader = pager.reader();
+        let held = reader.held();
+        let held_pages: u64 = held.iter().map(|r| r.bytes / PAGE_SIZE).sum();
+        assert_eq!(held_pages, counters.pages_held.get());
+        let pages_of = |kind: u64| {
+            held.iter()
+                .flat_map(|r| (0..r.bytes / PAGE_SIZE).map(|k| r.guest_address / PAGE_SIZE + k))
+                .filter(|i| i % 4 == kind)
+                .count() as u64
+        };
+        assert_eq!(pages_of(3), 0, "noise is not held: {held:?}");
+
+        // A memory file with every byte, and not one page faulted back in.
+        let dir = std::env::temp_dir().join(format!("vigil-pager-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem");
+        file::write_memory(&path, &reader, Saved::NonZero).unwrap();
+        assert_eq!(counters.pages_restored.get(), 0);
+        assert_eq!(counters.pages_held.get(), held_pages);
+        let saved = std::fs::read(&path).unwrap();
+        for i in 0..PAGES {
+            for w in 0..(PAGE / 8) as u64 {
+                let at = (i * PAGE_SIZE + w * 8) as usize;
+                let got = u64::from_le_bytes(saved[at..at + 8].try_into().unwrap());
+                assert_eq!(got, expected(i, w), "page {i} word {w} of the file");
+            }
+        }
+        drop(pager);
+
+        // Loaded with a pager: the held pages go to its pool, the rest to RAM.
+        let restored =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+                .unwrap();
+        let counters = Arc::new(PagerCounters::default());
+        let mut pager = Pager::new(policy, &restored, counters.clone()).unwrap();
+        let f = File::open(&path).unwrap();
+        let data = file::data_ranges(&f, &path).unwrap();
+        // Ranges from outside must be whole pages of RAM.
+        let bad = [MemoryRange {
+            guest_address: (PAGES - 1) * PAGE_SIZE,
+            bytes: 2 * PAGE_SIZE,
+        }];
+        assert!(matches!(
+            pager.load(&f, &data, &bad),
+            Err(PagerError::Held { index: 0, .. })
+        ));
+        let info = pager.load(&f, &data, &held).unwrap();
+        // Held zero pages are holes in the file: untouched, they read as zeros.
+        let held_data = pages_of(1) + pages_of(2);
+        assert_eq!(info.held, held_data);
+        assert_eq!(info.copied, PAGES / 4 + (PAGES / 2 - held_data));
+        assert_eq!(
+            DirtyLog::backed(&restored).unwrap().count() as u64,
+            info.copied
+        );
+        assert_eq!(counters.pages_held.get(), held_data);
+        // Once: a second load would find its pages taken.
+        assert!(matches!(
+            pager.load(&f, &data, &held),
+            Err(PagerError::Loaded)
+        ));
+        pager
+            .start_scanning(&DirtyTracker::for_memory(restored.clone()))
+            .unwrap();
+        for i in 0..PAGES {
+            let p = host(&restored, i * PAGE_SIZE);
+            for w in 0..(PAGE / 8) as u64 {
+                // SAFETY: inside the mapping; the pager serves missing pages.
+                let got = unsafe { p.add(w as usize).read_volatile() };
+                assert_eq!(got, expected(i, w), "page {i} word {w} after the load");
+            }
+        }
+        assert!(counters.pages_restored.get() >= held_data);
+        drop(pager);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -29,7 +29,7 @@ use crate::device_manager::DeviceHandles;
 use crate::dirty_log::{DirtyTracker, KvmGuestLog, PAGE_SIZE};
 use crate::inspect::VmInspect;
 use crate::lazy_memory::LazyMemory;
-use crate::pager::Pager;
+use crate::pager::{MemoryReader, Pager};
 use crate::rt::{RtTimer, VcpuScheduler};
 use crate::snapshot::{SavedMachine, SnapshotSources, WrittenSince};
 use crate::symbols::KernelSymbols;
@@ -38,7 +38,7 @@ use crate::vstate::pause::PauseGate;
 use crate::vstate::threads::{kick_signal, VcpuThreads};
 use crate::vstate::vcpu::{CrashReport, Vcpu, VcpuContext};
 use crate::VmEvent;
-use vigil_model::config::{MemoryCompression, OnCrash};
+use vigil_model::config::OnCrash;
 
 /// A VM ready to start. Field order matters: the KVM fd and vCPUs are dropped
 /// before the guest memory they map.
@@ -85,9 +85,9 @@ pub struct Vm {
     pub(crate) sched: Arc<VcpuScheduler>,
     /// The RT timer device, when the VM has one.
     pub(crate) rt_timer: Option<Arc<RtTimer>>,
-    /// The memory-compression pager's settings, when it is on (a booted VM's
-    /// anonymous memory only).
-    pub(crate) memory_compression: Option<MemoryCompression>,
+    /// The memory-compression pager, when it is on (anonymous memory only),
+    /// answering faults already; it starts scanning with the VM.
+    pub(crate) pager: Option<Pager>,
 }
 
 /// Where a VM's guest memory came from: what a snapshot or a migration of it
@@ -100,6 +100,10 @@ pub enum MemoryOrigin {
     Anonymous,
     /// A snapshot's memory file, mapped privately.
     File(PathBuf),
+    /// Anonymous memory filled from a snapshot's memory file at the load
+    /// (with the pager, which holds some of its pages): the file is not
+    /// mapped.
+    Loaded,
     /// Filled on demand through a userfaultfd (a snapshot's `Uffd` backend,
     /// post-copy migration); kept open as long as the VM runs.
     Lazy(Arc<LazyMemory>),
@@ -181,21 +185,19 @@ impl Vm {
         let guest_log = KvmGuestLog::new(Arc::downgrade(&vm_fd), self.mem.clone());
         let dirty = DirtyTracker::new(self.mem.clone(), Box::new(guest_log));
         // Before any vCPU runs: a restored VM's first diff differs from its file.
+        // Memory not built here holds data in pages the host has not backed.
+        let restored = !matches!(self.memory, MemoryOrigin::Anonymous);
         let (memory_file, lazy) = match self.memory {
-            MemoryOrigin::Anonymous => (None, None),
+            MemoryOrigin::Anonymous | MemoryOrigin::Loaded => (None, None),
             MemoryOrigin::File(path) => (Some(path), None),
             MemoryOrigin::Lazy(lazy) => (None, Some(lazy)),
         };
-        // Memory not built here holds data in pages the host has not backed.
-        let restored = memory_file.is_some() || lazy.is_some();
-        // Before any vCPU runs, so every page it takes out is one it saw.
-        let pager = match self.memory_compression {
-            Some(config) if !restored => Some(
-                Pager::start(config, &self.mem, &dirty, self.metrics.pager().clone())
-                    .map_err(std::io::Error::other)?,
-            ),
-            _ => None,
-        };
+        let mut pager = self.pager;
+        if let Some(pager) = &mut pager {
+            pager
+                .start_scanning(&dirty)
+                .map_err(std::io::Error::other)?;
+        }
         let written = WrittenSince::new(dirty.subscribe().map_err(|e| e.to_string()), restored);
         // The guest's write rate, measured when metrics are read.
         if let Ok(reader) = dirty.subscribe() {
@@ -256,10 +258,14 @@ impl Vm {
             vcpu_threads.iter().map(|t| t.as_pthread_t()).collect(),
             mailboxes,
         ));
+        // Snapshots and migrations read held pages from the pool.
+        let reader = pager
+            .as_ref()
+            .map_or_else(|| MemoryReader::plain(self.mem.clone()), Pager::reader);
         let snapshot = SnapshotSources {
             machine: self.machine,
             vm_fd: Arc::downgrade(&vm_fd),
-            mem: self.mem.clone(),
+            reader: reader.clone(),
             serial: self.serial,
             i8042: self.i8042.clone(),
             transports: self.transports,
@@ -286,6 +292,7 @@ impl Vm {
             msr_guard: self.msr_guard,
             vm_fd: Arc::downgrade(&vm_fd),
             mem: self.mem.clone(),
+            reader,
             // Pages the pager holds are not backed, yet not zeros.
             anonymous_memory: !restored && pager.is_none(),
             dirty,

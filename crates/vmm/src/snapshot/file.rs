@@ -29,13 +29,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crc::{Crc, CRC_64_XZ};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 #[cfg(doc)]
 use super::state::MemoryKind;
 use super::state::{check_memory, VmState};
 use crate::dirty_log::DirtyLog;
-use crate::GuestMemoryMmap;
+use crate::pager::MemoryReader;
 
 /// What the state file starts with.
 pub const MAGIC: &[u8; 8] = b"VIGILSNP";
@@ -276,26 +276,24 @@ pub enum Pages<'a> {
 /// wrote. A diff ([`Pages::Dirty`]) is only as good as its holes, so the file's
 /// data ranges are read back and must be exactly the pages written: a file
 /// system that fills holes or makes holes of zeros is refused.
-pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, pages: Pages) -> Result<u64, FileError> {
+pub fn write_memory(path: &Path, mem: &MemoryReader, pages: Pages) -> Result<u64, FileError> {
     let mut written = 0u64;
     write_atomically(path, |file, tmp| {
         let mut runs = Runs::default();
         let mut buf = vec![0u8; CHUNK];
         let mut at = 0u64;
-        for region in mem.iter() {
+        for region in mem.memory().iter() {
             let len = region.len() as usize;
             let guest = region.start_addr().raw_value();
             let mut off = 0usize;
             while off < len {
                 let n = CHUNK.min(len - off);
-                let slice = region
-                    .get_slice(MemoryRegionAddress(off as u64), n)
+                mem.read(guest + off as u64, &mut buf[..n])
                     .map_err(|e| FileError::Io {
                         path: tmp.to_owned(),
                         what: "cannot read guest memory",
-                        source: std::io::Error::other(e.to_string()),
+                        source: std::io::Error::other(e),
                     })?;
-                slice.copy_to(&mut buf[..n]);
                 // Consecutive pages to write go out in one write.
                 let mut run: Option<usize> = None;
                 for i in 0..=n.div_ceil(PAGE) {
@@ -485,6 +483,7 @@ pub fn open_memory(path: &Path, expected: u64) -> Result<File, FileError> {
 mod tests {
     use super::*;
     use crate::snapshot::MemoryRange;
+    use crate::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
 
     fn scratch(name: &str) -> PathBuf {
@@ -520,7 +519,7 @@ mod tests {
             .unwrap();
         let base = dir.join("base.mem");
         assert_eq!(
-            write_memory(&base, &mem, Pages::NonZero).unwrap(),
+            write_memory(&base, &MemoryReader::plain(mem.clone()), Pages::NonZero).unwrap(),
             2 * PAGE as u64
         );
         assert_eq!(data_pages(&base), [(1, 2), (16, 17)]);
@@ -534,7 +533,7 @@ mod tests {
         log.add(0, &[0b11010]);
         let diff = dir.join("diff.mem");
         assert_eq!(
-            write_memory(&diff, &mem, Pages::Dirty(&log)).unwrap(),
+            write_memory(&diff, &MemoryReader::plain(mem.clone()), Pages::Dirty(&log)).unwrap(),
             3 * PAGE as u64
         );
         assert_eq!(data_pages(&diff), [(1, 2), (3, 5)]);

@@ -35,6 +35,7 @@ use vigil_devices::virtio::pci::VirtioPci;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty_log::{DirtyLog, DirtyReader};
+use crate::pager::MemoryReader;
 use crate::vstate::persist::{self, KvmStateError};
 use crate::{ControlError, GuestMemoryMmap};
 pub use file::{FileError, Header, FORMAT_VERSION};
@@ -84,7 +85,8 @@ pub type StateExtension = Arc<dyn Fn() -> Result<Option<serde_json::Value>, Stri
 pub(crate) struct SnapshotSources {
     pub(crate) machine: SavedMachine,
     pub(crate) vm_fd: Weak<VmFd>,
-    pub(crate) mem: GuestMemoryMmap,
+    /// Guest memory, held pages read from the pager's pool.
+    pub(crate) reader: MemoryReader,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
@@ -177,7 +179,7 @@ impl SnapshotSources {
     pub(crate) fn capture<T>(
         &self,
         vcpus: &crate::vstate::threads::VcpuThreads,
-        with_memory: impl FnOnce(&GuestMemoryMmap, &mut VmState) -> Result<T, SnapshotError>,
+        with_memory: impl FnOnce(&MemoryReader, &mut VmState) -> Result<T, SnapshotError>,
     ) -> Result<(VmState, T), SnapshotError> {
         let vm_fd = self.vm_fd.upgrade().ok_or(ControlError::Stopping)?;
         persist::check_xsave_size(&vm_fd)?;
@@ -204,8 +206,9 @@ impl SnapshotSources {
         let mut state = VmState {
             vigil_version: env!("CARGO_PKG_VERSION").into(),
             machine: self.machine.clone(),
-            memory: memory_ranges(&self.mem),
+            memory: memory_ranges(self.reader.memory()),
             memory_kind: MemoryKind::Full,
+            memory_held: self.reader.held(),
             kvm: persist::save_vm(&vm_fd)?,
             vcpus,
             serial: lock(&self.serial).save(),
@@ -214,7 +217,7 @@ impl SnapshotSources {
             pci,
             extensions,
         };
-        let memory = with_memory(&self.mem, &mut state)?;
+        let memory = with_memory(&self.reader, &mut state)?;
         drop(transports);
         Ok((state, memory))
     }
@@ -262,7 +265,7 @@ impl SnapshotSources {
                 (Err(why), MemoryKind::Diff) => return Err(SnapshotError::NoDirtyLog(why)),
                 // A full snapshot does not need the log, but the next diff cannot
                 // know what this one saved: it will hold every page.
-                (Err(_), MemoryKind::Full) => DirtyLog::all(mem),
+                (Err(_), MemoryKind::Full) => DirtyLog::all(mem.memory()),
             };
             state.memory_kind = match kind {
                 MemoryKind::Diff if !written.is_all() => MemoryKind::Diff,

@@ -26,6 +26,11 @@ pub struct VmState {
     /// before diffs existed are whole).
     #[serde(default)]
     pub memory_kind: MemoryKind,
+    /// The pages the memory-compression pager held at the capture (their
+    /// true contents are in the memory file): a load with the pager puts
+    /// them straight back in its pool, not in RAM. Left out when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_held: Vec<MemoryRange>,
     /// The in-kernel irqchip, PIT and clock.
     pub kvm: KvmVmState,
     /// One per vCPU, by index.
