@@ -91,7 +91,7 @@
   // gauges (rss, uptime). Missing fields stay null and show as "–".
   function figures(m) {
     if (!m || typeof m !== "object") return null;
-    const f = { exits: null, cpuNs: null, rss: null, disk: null, net: null, uptimeS: null };
+    const f = { exits: null, cpuNs: null, rss: null, saved: null, ratio: null, disk: null, net: null, uptimeS: null };
     const vcpus = Array.isArray(m.vcpus) ? m.vcpus : null;
     if (vcpus) {
       f.exits = vcpus.reduce((a, v) => a + sumValues(v.exits), 0);
@@ -108,6 +108,12 @@
     if (m.process && typeof m.process.cpu_ns === "number") f.cpuNs = m.process.cpu_ns;
     const mem = m.memory || m.process || {};
     f.rss = num(mem.rss_bytes, m.rss_bytes, m.memory_rss_bytes);
+    // The memory-compression pager's saving, when it is on.
+    const mc = m.memory_compression;
+    if (mc && mc.enabled) {
+      f.saved = num(mc.bytes_saved);
+      f.ratio = num(mc.ratio_percent);
+    }
     if (Array.isArray(m.devices)) {
       let disk = 0, net = 0;
       for (const d of m.devices) {
@@ -158,6 +164,11 @@
     let i = 0;
     while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
     return (i === 0 ? b.toFixed(0) : b.toFixed(1)) + " " + u[i];
+  }
+  // "12.0 MiB (3.9x)": bytes saved and the pool's ratio, "off" without the pager.
+  function fmtSaved(b, ratioPct) {
+    if (b === null || b === undefined) return "off";
+    return fmtBytes(b) + (typeof ratioPct === "number" ? " (" + (ratioPct / 100).toFixed(1) + "\u00d7)" : "");
   }
   function fmtRate(x) { return x === null || x === undefined ? dash : fmtBytes(x) + "/s"; }
   function fmtNum(x) {
@@ -262,8 +273,8 @@
   function newRow(id) {
     const row = document.createElement("tr");
     row.dataset.vmId = id;
-    for (let i = 0; i < 10; i++) row.appendChild(document.createElement("td"));
-    for (let i = 2; i < 10; i++) row.cells[i].className = "num";
+    for (let i = 0; i < 11; i++) row.appendChild(document.createElement("td"));
+    for (let i = 2; i < 11; i++) row.cells[i].className = "num";
     const b = document.createElement("button");
     b.type = "button";
     b.className = "vm-link";
@@ -293,6 +304,7 @@
       live ? fmtNum(r.exits) : dash,
       live ? fmtPct(r.cpu) : dash,
       live ? fmtBytes(f.rss) : dash,
+      live ? fmtSaved(f.saved, f.ratio) : dash,
       live ? fmtRate(r.disk) : dash,
       live ? fmtRate(r.net) : dash,
     ];

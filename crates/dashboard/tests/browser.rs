@@ -109,6 +109,7 @@ async fn metrics(State(f): State<Fake>, Path(id): Path<String>) -> Response {
               "guest_ns": vm.run_ns / 2, "cpu_ns": vm.run_ns / 2 },
         ],
         "memory": { "rss_bytes": 40_000_000u64 + (run_s * 100_000.0) as u64 },
+        "memory_compression": { "enabled": true, "bytes_saved": 12u64 << 20, "ratio_percent": 394 },
         "devices": [
             { "name": "rootfs", "kind": "block", "bytes_in": (run_s * 1e6) as u64, "bytes_out": 0 },
         ],
@@ -252,6 +253,14 @@ fn dashboard_in_chromium_against_a_fake_daemon() {
         secs(10),
     )
     .expect("the VM's row, Running");
+    // The compression pager's saving, in its column.
+    let saved = b
+        .wait_for(
+            "document.querySelector('tr[data-vm-id=\"web-1\"]').cells[8].textContent.includes('MiB') && document.querySelector('tr[data-vm-id=\"web-1\"]').cells[8].textContent",
+            secs(5),
+        )
+        .expect("the saved column");
+    assert_eq!(saved, json!("12.0 MiB (3.9\u{d7})"));
     // The chart gains points as samples arrive, one a second.
     let n0 = b
         .wait_for("window.vigilDashboard.series('web-1').length", secs(10))

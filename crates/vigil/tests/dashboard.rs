@@ -142,6 +142,8 @@ fn dashboard_shows_and_controls_a_booted_vm() {
     let config = json!({
         "boot-source": { "kernel_image_path": vigil_test_guest::ELF_PATH, "boot_args": "test=hang" },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": 64 },
+        // The idle guest's pages leave RAM: the Saved column shows it.
+        "memory-compression": { "idle_ms": 1000 },
     });
     let (status, body) = d.call(
         "POST",
@@ -181,6 +183,15 @@ fn dashboard_shows_and_controls_a_booted_vm() {
         secs(5),
     )
     .expect("the exits chart drew its points");
+    if let Err(e) = b.wait_for(
+        &format!("{row}.cells[8].textContent.endsWith('\u{d7})')"),
+        secs(15),
+    ) {
+        panic!(
+            "the pager's saving in the Saved column: {e}\n{}",
+            ctx(&b, &d)
+        );
+    }
     if let Ok(png) = b.screenshot() {
         let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-e2e.png");
         std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).ok();
