@@ -40,6 +40,26 @@ fn save(dir: &Path, name: &str, bytes: &[u8]) {
     println!("{}", path.display());
 }
 
+/// A `Packed` payload of one page at `gpa`, every byte 7, as an LZ4 block
+/// (written out here: one literal, a match of 4090 bytes at offset 1, then
+/// the five literals a block ends with).
+fn packed_payload(gpa: u64) -> Vec<u8> {
+    let mut block = vec![0x1f, 7, 1, 0];
+    // The match length less 4 and the token's 15, in bytes of 255 and a rest.
+    let mut rest = 4090 - 4 - 15;
+    while rest >= 255 {
+        block.push(255);
+        rest -= 255;
+    }
+    block.push(rest as u8);
+    block.extend_from_slice(&[0x50, 7, 7, 7, 7, 7]);
+    let mut payload = vec![wire::codec_byte(vigil_model::config::CompressionAlgo::Lz4)];
+    payload.extend_from_slice(&gpa.to_le_bytes());
+    payload.extend_from_slice(&(block.len() as u16).to_le_bytes());
+    payload.extend_from_slice(&block);
+    payload
+}
+
 fn main() {
     let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let states: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
@@ -49,6 +69,7 @@ fn main() {
     pages.extend_from_slice(&page);
     let zeros = wire::address_payload(&[0x2000, 0x3000]);
     let pending = wire::address_payload(&[0x4000, 0x5000]);
+    let packed = packed_payload(0x6000);
 
     for (i, path) in states.iter().enumerate() {
         let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -91,6 +112,16 @@ fn main() {
         );
         save(
             &dir,
+            "seed-packed",
+            &[
+                head.clone(),
+                frame(Kind::Packed, &packed),
+                frame(Kind::State, &body),
+            ]
+            .concat(),
+        );
+        save(
+            &dir,
             "seed-cancelled",
             &[head, frame(Kind::Cancel, b"the source gave up")].concat(),
         );
@@ -110,6 +141,7 @@ fn main() {
         frame(Kind::Running, &[]),
         frame(Kind::Done, &[]),
         frame(Kind::Cancel, b"cancelled"),
+        frame(Kind::Packed, &packed),
     ]
     .concat();
     save(

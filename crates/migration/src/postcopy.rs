@@ -179,7 +179,7 @@ fn serve(
         .filter(|&p| to_send.remove(p))
         .collect();
     now.sort_unstable();
-    let counts = out.urgently(|out| send_pages(out, mem, now.iter().copied(), false))?;
+    let counts = out.urgently(|out| send_pages(out, mem, now.iter().copied(), false, false))?;
     m.update(|s| {
         // Asked for, whether still to send or on the way already.
         s.requested_pages += pages.len() as u64;
@@ -261,7 +261,7 @@ fn push(
             }
             // In address order: a wrap-around makes two runs.
             chunk.sort_unstable();
-            let counts = send_pages(out, mem, chunk.iter().copied(), false)?;
+            let counts = send_pages(out, mem, chunk.iter().copied(), false, false)?;
             m.update(|s| {
                 s.pages_sent += counts.pages;
                 s.zero_pages += counts.zeros;

@@ -5,11 +5,12 @@
 //! is answered and dropped, and the destination waits for the next: the
 //! source, which never stopped its VM, is unharmed.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use vigil_model::config::{ConsoleConfig, HostLimits, OnCrash};
 use vigil_vmm::builder::{self, BuildError};
-use vigil_vmm::pager::Pager;
+use vigil_vmm::pager::{PackedPage, Pager, Unpacker};
 use vigil_vmm::snapshot::{check_memory, MemoryRange, VmState};
 use vigil_vmm::{ControlError, GuestMemoryMmap, MemoryOrigin, RunningVm};
 use vm_memory::{Bytes, GuestAddress};
@@ -96,6 +97,9 @@ pub struct Received {
     pub mem: GuestMemoryMmap,
     /// Pages the source will send after the VM runs here (post-copy).
     pub pending: PageSet,
+    /// Pages that came as the source's pager held them (`Packed`), checked,
+    /// by address; not in `mem`.
+    pub packed: Vec<PackedPage>,
 }
 
 /// An attempt up to the VM's build: the source's `Hello` checked (protocol
@@ -126,6 +130,8 @@ pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, R
     }
     let mem = builder::memory_for(&ranges)?;
     let pending = PageSet::new(&ranges);
+    let mut packed: BTreeMap<u64, PackedPage> = BTreeMap::new();
+    let mut unpacker = Unpacker::default();
     loop {
         let frame = wire::read(&mut stream)?;
         match frame.kind {
@@ -138,6 +144,28 @@ pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, R
                     .ok_or_else(|| bad("not whole pages at a page boundary"))?;
                 mem.write_slice(data, GuestAddress(gpa))
                     .map_err(|_| bad(&format!("{gpa:#x}+{:#x} is not guest RAM", data.len())))?;
+                if !packed.is_empty() {
+                    let end = gpa + data.len() as u64;
+                    packed.retain(|&p, _| p < gpa || p >= end);
+                }
+            }
+            Kind::Packed => {
+                let bad = |why: String| ReceiveError::Frame {
+                    kind: Kind::Packed,
+                    why,
+                };
+                let (algo, pages) = wire::packed(&frame.payload).ok_or_else(|| {
+                    bad("not a codec and compressed pages at page boundaries".into())
+                })?;
+                for (gpa, data) in pages {
+                    if !pending.covers(gpa) {
+                        return Err(bad(format!("{gpa:#x} is not a page of guest RAM")));
+                    }
+                    let page = unpacker
+                        .check(gpa, algo, data)
+                        .map_err(|e| bad(format!("page {gpa:#x}: {e}")))?;
+                    packed.insert(gpa, page);
+                }
             }
             Kind::Zeros => {
                 let zero = [0u8; PAGE];
@@ -146,6 +174,7 @@ pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, R
                     why: "not a list of pages".into(),
                 })?;
                 for gpa in pages {
+                    packed.remove(&gpa);
                     if mem.write_slice(&zero, GuestAddress(gpa)).is_err() {
                         return Err(ReceiveError::Frame {
                             kind: Kind::Zeros,
@@ -176,6 +205,7 @@ pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, R
                     state,
                     mem,
                     pending,
+                    packed: packed.into_values().collect(),
                 });
             }
             Kind::Cancel => {
@@ -197,6 +227,23 @@ pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, R
     }
 }
 
+/// Writes pages that came packed into guest memory (a destination without
+/// the pager).
+fn unpack_into(mem: &GuestMemoryMmap, packed: Vec<PackedPage>) -> Result<(), ReceiveError> {
+    let mut unpacker = Unpacker::default();
+    let mut page = vec![0u8; PAGE];
+    for p in packed {
+        let bad = |why: String| ReceiveError::Frame {
+            kind: Kind::Packed,
+            why: format!("page {:#x}: {why}", p.gpa),
+        };
+        unpacker.unpack(p.algo, &p.data, &mut page).map_err(bad)?;
+        mem.write_slice(&page, GuestAddress(p.gpa))
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(())
+}
+
 fn attempt(
     stream: &mut Box<dyn Stream>,
     token: &str,
@@ -211,19 +258,17 @@ fn attempt(
         mut state,
         mem,
         pending,
+        packed,
     } = receive_state(&mut **stream, token)?;
     overrides.apply(&mut state)?;
-    if !pending.is_empty() {
-        if overrides.memory_compression.is_some() {
-            return Err(ReceiveError::Postcopy);
-        }
-        return crate::postcopy::arrive(stream, state, mem, pending, console, on_crash);
-    }
-    // The pages the source's pager held go back to a pool at once.
+    // The pages the source's pager held go to a pool at once: those that
+    // came packed as they are, the others (zeros) taken out of RAM.
     let pager = match overrides.memory_compression {
+        Some(_) if !pending.is_empty() => return Err(ReceiveError::Postcopy),
         Some(config) => {
             let mut pager =
                 Pager::new(config, &mem, Default::default()).map_err(BuildError::from)?;
+            pager.adopt(packed).map_err(BuildError::from)?;
             let held = pager
                 .take_out(&state.memory_held)
                 .map_err(BuildError::from)?;
@@ -233,8 +278,14 @@ fn attempt(
             );
             Some(pager)
         }
-        None => None,
+        None => {
+            unpack_into(&mem, packed)?;
+            None
+        }
     };
+    if !pending.is_empty() {
+        return crate::postcopy::arrive(stream, state, mem, pending, console, on_crash);
+    }
     let origin = MemoryOrigin::Anonymous;
     let vm = builder::restore_with_memory(state, mem, origin, pager, console, on_crash)?;
     vm.start_paused();
@@ -257,6 +308,8 @@ fn attempt(
 mod tests {
     use super::*;
     use std::io::{Cursor, Read, Write};
+    use vigil_model::config::CompressionAlgo;
+    use vm_memory::GuestMemoryBackend;
 
     /// A source's side of the connection played from bytes; answers go nowhere.
     struct Played(Cursor<Vec<u8>>);
@@ -338,6 +391,103 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("the source gave up"), "{e}");
+
+        // A page packed as the source's pager held it: kept aside, checked.
+        let packed = seed(include_bytes!(
+            "../../../fuzz/corpus/migration_receive/seed-packed"
+        ))
+        .unwrap();
+        assert_eq!(packed.packed.len(), 1);
+        let p = &packed.packed[0];
+        assert_eq!((p.gpa, p.algo), (0x6000, CompressionAlgo::Lz4));
+        Unpacker::default()
+            .unpack(p.algo, &p.data, &mut page)
+            .unwrap();
+        assert!(page.iter().all(|&b| b == 7));
+    }
+
+    /// A `Packed` page replaces what came of it before and is replaced by
+    /// what comes after; one that does not unpack to a page, or lies outside
+    /// RAM, ends the attempt naming it.
+    #[test]
+    fn packed_pages_are_checked_and_the_last_word_on_a_page_wins() {
+        // The precopy seed's frames: Hello, Begin (the test guest's RAM),
+        // Pages, Zeros, State.
+        let bytes = include_bytes!("../../../fuzz/corpus/migration_receive/seed-precopy");
+        let mut input = &bytes[1..];
+        let mut seed = Vec::new();
+        while !input.is_empty() {
+            let f = wire::read(&mut input).unwrap();
+            seed.push(frame(f.kind, &f.payload));
+        }
+        let arrive = |middle: &[Vec<u8>]| {
+            let stream = [&seed[..2], middle, &seed[4..]].concat().concat();
+            receive_state(&mut Played(Cursor::new(stream)), TOKEN)
+        };
+        let page = |b: u8| vec![b; PAGE];
+        let lz4 = |gpa: u64, data: &[u8]| {
+            let block = lz4_flex::block::compress(data);
+            [
+                vec![wire::codec_byte(CompressionAlgo::Lz4)],
+                gpa.to_le_bytes().to_vec(),
+                (block.len() as u16).to_le_bytes().to_vec(),
+                block,
+            ]
+            .concat()
+        };
+        let pages = |gpa: u64, data: &[u8]| [&gpa.to_le_bytes()[..], data].concat();
+        // Page 1 raw then packed: packed. Page 2 packed then raw, page 3
+        // packed then zeros: not.
+        let r = arrive(&[
+            frame(Kind::Pages, &pages(0x1000, &page(1))),
+            frame(Kind::Packed, &lz4(0x1000, &page(2))),
+            frame(Kind::Packed, &lz4(0x2000, &page(3))),
+            frame(Kind::Pages, &pages(0x2000, &page(4))),
+            frame(Kind::Packed, &lz4(0x3000, &page(5))),
+            frame(Kind::Zeros, &wire::address_payload(&[0x3000])),
+        ])
+        .unwrap();
+        let kept: Vec<u64> = r.packed.iter().map(|p| p.gpa).collect();
+        assert_eq!(kept, [0x1000]);
+        let mut out = page(0);
+        Unpacker::default()
+            .unpack(r.packed[0].algo, &r.packed[0].data, &mut out)
+            .unwrap();
+        assert_eq!(out, page(2));
+        r.mem.read_slice(&mut out, GuestAddress(0x2000)).unwrap();
+        assert_eq!(out, page(4));
+
+        let ram = r.mem.last_addr().0 + 1;
+        for (bad, words) in [
+            (
+                lz4(ram, &page(1)),
+                format!("{ram:#x} is not a page of guest RAM"),
+            ),
+            (
+                [
+                    vec![1],
+                    0x1000u64.to_le_bytes().to_vec(),
+                    vec![3, 0],
+                    vec![9, 9, 9],
+                ]
+                .concat(),
+                "page 0x1000".into(),
+            ),
+            (vec![9, 0], "not a codec".into()),
+        ] {
+            let e = arrive(&[frame(Kind::Packed, &bad)]).err().unwrap();
+            assert!(
+                matches!(
+                    e,
+                    ReceiveError::Frame {
+                        kind: Kind::Packed,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains(&words), "{e}");
+        }
     }
 
     /// Found by fuzzing (migration_receive): RAM ranges whose sizes add up past

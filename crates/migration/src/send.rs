@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use vigil_seccomp::ThreadKind;
 
 use serde::Serialize;
+use vigil_model::config::CompressionAlgo;
 use vigil_model::migration::MigrationMethod;
 use vigil_vmm::pager::MemoryReader;
 use vigil_vmm::snapshot::{memory_ranges, SnapshotError};
@@ -84,6 +85,9 @@ pub struct MigrationStatus {
     pub pages_sent: u64,
     /// Pages sent as all zeros (no data).
     pub zero_pages: u64,
+    /// Pages sent as the source's memory-compression pager holds them,
+    /// compressed (also counted in `pages_sent`).
+    pub packed_pages: u64,
     /// Dirty bytes at the last round's start.
     pub remaining_bytes: u64,
     pub dirty_rate_bytes_per_s: u64,
@@ -339,7 +343,7 @@ impl Migrator {
         let mut round = 0u32;
         loop {
             let (t0, b0) = (Instant::now(), out.sent);
-            let counts = send_pages(out, mem, log.dirty_pages(), round == 0)?;
+            let counts = send_pages(out, mem, log.dirty_pages(), round == 0, true)?;
             let took = t0.elapsed().as_secs_f64().max(1e-6);
             let bandwidth = ((out.sent - b0) as f64 / took).max(1.0);
             round += 1;
@@ -354,6 +358,7 @@ impl Migrator {
                 s.bytes_sent = out.sent;
                 s.pages_sent += counts.pages;
                 s.zero_pages += counts.zeros;
+                s.packed_pages += counts.packed;
                 s.remaining_bytes = dirty_bytes;
                 s.dirty_rate_bytes_per_s = dirty_rate as u64;
                 s.bandwidth_bytes_per_s = bandwidth as u64;
@@ -395,12 +400,13 @@ impl Migrator {
         let (state, counts) = self.control.capture(|mem, _| {
             // Infallible for the capture: what failed here is the migration's.
             Ok(
-                send_pages(out, mem, pending.dirty_pages(), false).and_then(|a| {
+                send_pages(out, mem, pending.dirty_pages(), false, true).and_then(|a| {
                     let last = reader.take()?;
-                    let b = send_pages(out, mem, last.dirty_pages(), false)?;
+                    let b = send_pages(out, mem, last.dirty_pages(), false, true)?;
                     Ok(Counts {
                         pages: a.pages + b.pages,
                         zeros: a.zeros + b.zeros,
+                        packed: a.packed + b.packed,
                     })
                 }),
             )
@@ -409,6 +415,7 @@ impl Migrator {
         self.update(|s| {
             s.pages_sent += counts.pages;
             s.zero_pages += counts.zeros;
+            s.packed_pages += counts.packed;
         });
         let state = serde_json::to_vec(&state).map_err(|e| WireError::Payload {
             kind: Kind::State,
@@ -468,6 +475,7 @@ impl Out<'_> {
 pub(crate) struct Counts {
     pub(crate) pages: u64,
     pub(crate) zeros: u64,
+    pub(crate) packed: u64,
 }
 
 /// Pages in one `Pages` frame at most.
@@ -477,16 +485,20 @@ pub(crate) const ZEROS: usize = 8192;
 
 /// Sends `pages` (ascending addresses): runs of pages with data as `Pages`,
 /// pages of zeros as `Zeros` (or not at all with `skip_zeros`: the
-/// destination's memory starts zeroed).
+/// destination's memory starts zeroed), and with `pack`, pages the pager
+/// holds as `Packed` (compressed as its pool keeps them; not in post-copy,
+/// whose destination takes whole pages only).
 pub(crate) fn send_pages(
     out: &mut Out<'_>,
     mem: &MemoryReader,
     pages: impl Iterator<Item = u64>,
     skip_zeros: bool,
+    pack: bool,
 ) -> Result<Counts, MigrationError> {
     let mut counts = Counts::default();
     let mut run: Vec<u8> = Vec::with_capacity(8 + RUN * PAGE);
     let mut zeros: Vec<u8> = Vec::new();
+    let mut packed: Vec<u8> = Vec::new();
     // Contiguous dirty pages are read from guest memory in one copy.
     let mut span = vec![0u8; RUN * PAGE];
     let mut pages = pages.peekable();
@@ -497,12 +509,38 @@ pub(crate) fn send_pages(
             len += 1;
         }
         let span = &mut span[..len * PAGE];
-        mem.read(first, span)
-            .map_err(|_| MigrationError::Memory(first))?;
+        let mut held: Vec<(usize, CompressionAlgo, Vec<u8>)> = Vec::new();
+        let read = if pack {
+            mem.read_packed(first, span, &mut |k, algo, data| {
+                held.push((k, algo, data.to_vec()))
+            })
+        } else {
+            mem.read(first, span)
+        };
+        read.map_err(|_| MigrationError::Memory(first))?;
+        let mut is_held = [false; RUN];
+        for (k, algo, data) in held {
+            is_held[k] = true;
+            let codec = wire::codec_byte(algo);
+            if packed.first().is_some_and(|&c| c != codec)
+                || packed.len() + 10 + data.len() > wire::MAX_PAYLOAD
+            {
+                out.frame(Kind::Packed, &packed)?;
+                packed.clear();
+            }
+            if packed.is_empty() {
+                packed.push(codec);
+            }
+            packed.extend_from_slice(&(first + (k * PAGE) as u64).to_le_bytes());
+            packed.extend_from_slice(&(data.len() as u16).to_le_bytes());
+            packed.extend_from_slice(&data);
+            counts.pages += 1;
+            counts.packed += 1;
+        }
         for (i, page) in span.chunks_exact(PAGE).enumerate() {
             let gpa = first + (i * PAGE) as u64;
-            if is_zero(page) {
-                if !skip_zeros {
+            if is_held[i] || is_zero(page) {
+                if !is_held[i] && !skip_zeros {
                     zeros.extend_from_slice(&gpa.to_le_bytes());
                     counts.zeros += 1;
                     if zeros.len() >= ZEROS * 8 {
@@ -510,7 +548,7 @@ pub(crate) fn send_pages(
                         zeros.clear();
                     }
                 }
-                // A page of zeros ends a run of pages with data.
+                // A held page or a page of zeros ends a run of pages with data.
                 if run.len() > 8 {
                     out.frame(Kind::Pages, &run)?;
                 }
@@ -529,8 +567,10 @@ pub(crate) fn send_pages(
         }
         run.clear();
     }
-    if !zeros.is_empty() {
-        out.frame(Kind::Zeros, &zeros)?;
+    for (kind, frame) in [(Kind::Zeros, &zeros), (Kind::Packed, &packed)] {
+        if !frame.is_empty() {
+            out.frame(kind, frame)?;
+        }
     }
     Ok(counts)
 }

@@ -8,6 +8,7 @@
 //! | source | `Begin` | JSON: the guest RAM ranges |
 //! | source | `Pages` (repeated) | guest-physical address u64 LE, then whole 4 KiB pages from there |
 //! | source | `Zeros` (repeated) | guest-physical addresses u64 LE of pages that are all zeros now |
+//! | source | `Packed` (repeated) | pages the source's memory-compression pager holds, as its pool keeps them: the codec u8 (1 LZ4, 2 Zstandard), then per page its guest-physical address u64 LE, a length u16 LE and that many bytes |
 //! | source | `Pending` (repeated, post-copy only) | guest-physical addresses u64 LE of pages still to come: what the destination holds of them is stale |
 //! | source | `State` | JSON: the VM's state, as in a snapshot (`vigil_vmm::snapshot::VmState`) |
 //! | destination | `Answer` | 1: the VM is built, paused; 0 and why not |
@@ -21,15 +22,17 @@
 //! ends with `Done`, which the destination confirms with an `Answer`.
 //!
 //! A source may send `Cancel` (a reason) instead of any frame after `Hello`.
-//! Pages not sent are zeros at the destination. Any frame that does not
+//! Pages not sent are zeros at the destination. A page sent again (in
+//! `Pages`, `Zeros` or `Packed`) replaces what was sent of it before. Any frame that does not
 //! decode, fails its CRC or comes out of order ends the attempt.
 
 use std::io::{Read, Write};
 
 use crc::{Crc, CRC_32_ISCSI};
+use vigil_model::config::CompressionAlgo;
 
 /// The protocol version of this Vigil.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const MAGIC: &[u8; 8] = b"VIGILMIG";
 /// The largest payload: a run of 256 pages and its address.
 pub const MAX_PAYLOAD: usize = 8 + 256 * 4096;
@@ -52,13 +55,15 @@ pub enum Kind {
     Pending = 10,
     Want = 11,
     Done = 12,
+    Packed = 13,
 }
 
 impl Kind {
     fn from_u8(b: u8) -> Option<Kind> {
         use Kind::*;
         [
-            Hello, Answer, Begin, Pages, Zeros, State, Commit, Running, Cancel, Pending, Want, Done,
+            Hello, Answer, Begin, Pages, Zeros, State, Commit, Running, Cancel, Pending, Want,
+            Done, Packed,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -162,6 +167,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Pending => "Pending",
         Kind::Want => "Want",
         Kind::Done => "Done",
+        Kind::Packed => "Packed",
     }
 }
 
@@ -206,6 +212,41 @@ pub fn pages(payload: &[u8]) -> Option<(u64, &[u8])> {
     let gpa = u64::from_le_bytes(addr.try_into().ok()?);
     (gpa.is_multiple_of(PAGE as u64) && !data.is_empty() && data.len().is_multiple_of(PAGE))
         .then_some((gpa, data))
+}
+
+/// The byte that names `algo` in a `Packed` payload.
+pub fn codec_byte(algo: CompressionAlgo) -> u8 {
+    match algo {
+        CompressionAlgo::Lz4 => 1,
+        CompressionAlgo::Zstd => 2,
+    }
+}
+
+/// One page of a `Packed` payload: its address and compressed bytes.
+pub type PackedEntry<'a> = (u64, &'a [u8]);
+
+/// A `Packed` payload: its codec and pages (address, compressed bytes), each
+/// address a page boundary; `None` when it is not one.
+pub fn packed(payload: &[u8]) -> Option<(CompressionAlgo, Vec<PackedEntry<'_>>)> {
+    let (&codec, mut rest) = payload.split_first()?;
+    let algo = match codec {
+        1 => CompressionAlgo::Lz4,
+        2 => CompressionAlgo::Zstd,
+        _ => return None,
+    };
+    let mut pages = Vec::new();
+    while !rest.is_empty() {
+        let (head, tail) = rest.split_at_checked(10)?;
+        let gpa = u64::from_le_bytes(head[..8].try_into().ok()?);
+        let len = u16::from_le_bytes([head[8], head[9]]) as usize;
+        let (data, tail) = tail.split_at_checked(len)?;
+        if !gpa.is_multiple_of(PAGE as u64) || data.is_empty() {
+            return None;
+        }
+        pages.push((gpa, data));
+        rest = tail;
+    }
+    (!pages.is_empty()).then_some((algo, pages))
 }
 
 /// Addresses as a payload.
@@ -264,6 +305,32 @@ mod tests {
         assert_eq!(pages(&payload(0x3000, PAGE - 1)), None);
         assert_eq!(pages(&payload(0x3000, 0)), None);
         assert_eq!(pages(&[0; 7]), None);
+    }
+
+    #[test]
+    fn a_packed_payload_names_its_codec_and_each_page() {
+        let entry = |gpa: u64, data: &[u8]| {
+            [
+                &gpa.to_le_bytes()[..],
+                &(data.len() as u16).to_le_bytes(),
+                data,
+            ]
+            .concat()
+        };
+        let p = [vec![2], entry(0x2000, b"abc"), entry(0x5000, b"z")].concat();
+        assert_eq!(
+            packed(&p),
+            Some((
+                CompressionAlgo::Zstd,
+                vec![(0x2000, &b"abc"[..]), (0x5000, &b"z"[..])]
+            ))
+        );
+        assert_eq!(packed(&[vec![3], entry(0x2000, b"abc")].concat()), None);
+        assert_eq!(packed(&[vec![1], entry(0x2001, b"abc")].concat()), None);
+        assert_eq!(packed(&[vec![1], entry(0x2000, b"")].concat()), None);
+        // A length past the payload's end, and no page at all.
+        assert_eq!(packed(&p[..p.len() - 1]), None);
+        assert_eq!(packed(&[1]), None);
     }
 
     #[test]

@@ -610,6 +610,48 @@ impl Pager {
         Ok(t.zeros + t.stored)
     }
 
+    /// Holds `packed` (pages a migration source's pager held, sent as its
+    /// pool kept them and checked on arrival) before the VM runs: straight
+    /// into the pool when the codecs agree, recompressed when not, into RAM
+    /// when they do not compress enough here. Any copy of them in RAM (sent
+    /// before they were packed) is dropped. Returns how many are held.
+    pub fn adopt(&mut self, packed: Vec<PackedPage>) -> Result<u64, PagerError> {
+        let encoder = self.encoder.as_mut().ok_or(PagerError::Loaded)?;
+        let shared = &*self.shared;
+        let algo = shared.policy.get().algo;
+        let mut unpacker = Unpacker::default();
+        let mut page = vec![0u8; PAGE];
+        for p in packed {
+            let Some(index) = shared.pages.index(p.gpa) else {
+                continue;
+            };
+            shared
+                .lazy
+                .drop_pages(p.gpa, PAGE_SIZE)
+                .map_err(PagerError::Fill)?;
+            unpacker
+                .unpack(p.algo, &p.data, &mut page)
+                .map_err(|why| PagerError::Fill(LazyMemoryError::Page { gpa: p.gpa, why }))?;
+            let data = if p.algo == algo {
+                Some(p.data)
+            } else {
+                encoder.compress(&page).ok()
+            };
+            let mut guard = lock(&shared.table);
+            let t = &mut *guard;
+            if let Some((id, _)) = data.and_then(|d| t.pool.insert(p.hash, d)) {
+                t.slots[index] = Slot::Stored(id);
+                t.stored += 1;
+                shared.publish(t);
+                continue;
+            }
+            drop(guard);
+            shared.lazy.copy(p.gpa, &page).map_err(PagerError::Fill)?;
+        }
+        let t = lock(&shared.table);
+        Ok(t.zeros + t.stored)
+    }
+
     /// Its counters.
     pub fn counters(&self) -> Arc<PagerCounters> {
         self.shared.counters.clone()
@@ -685,6 +727,67 @@ pub struct LoadInfo {
     pub held: u64,
 }
 
+/// A held page as a pool keeps it, compressed with `algo`: what a migration
+/// sends of it, checked by an [`Unpacker`] on arrival.
+pub struct PackedPage {
+    pub gpa: u64,
+    pub algo: CompressionAlgo,
+    pub data: Vec<u8>,
+    /// Of the page it unpacks to, as the pool hashes it.
+    hash: u64,
+}
+
+/// Unpacks pages compressed by either codec; keeps a Zstandard context.
+#[derive(Default)]
+pub struct Unpacker {
+    lz4: Option<Decoder>,
+    zstd: Option<Decoder>,
+}
+
+impl Unpacker {
+    /// Decompresses `data` into `page`, which it must fill exactly.
+    pub fn unpack(
+        &mut self,
+        algo: CompressionAlgo,
+        data: &[u8],
+        page: &mut [u8],
+    ) -> Result<(), String> {
+        let slot = match algo {
+            CompressionAlgo::Lz4 => &mut self.lz4,
+            CompressionAlgo::Zstd => &mut self.zstd,
+        };
+        if slot.is_none() {
+            *slot = Some(Decoder::new(algo).map_err(|e| e.to_string())?);
+        }
+        slot.as_mut().map_or(Ok(()), |d| d.decompress(data, page))
+    }
+
+    /// `data`, from outside (a migration stream), checked: it must unpack to
+    /// exactly one page.
+    pub fn check(
+        &mut self,
+        gpa: u64,
+        algo: CompressionAlgo,
+        data: &[u8],
+    ) -> Result<PackedPage, String> {
+        if data.len() > PAGE {
+            return Err(format!("{} bytes, more than a page", data.len()));
+        }
+        let mut page = vec![0u8; PAGE];
+        self.unpack(algo, data, &mut page)?;
+        Ok(PackedPage {
+            gpa,
+            algo,
+            data: data.to_vec(),
+            hash: hash(&page),
+        })
+    }
+}
+
+/// Where [`MemoryReader::read_packed`] hands a held page: its index in the
+/// buffer, the codec and the compressed bytes.
+pub type PackedSink<'a> = dyn FnMut(usize, CompressionAlgo, &[u8]) + 'a;
+
 /// Reads guest memory as the guest would see it, pages the pager holds
 /// included, without putting those back in RAM: a held page is decompressed
 /// into the reader's buffer. What a snapshot writes and a migration sends.
@@ -706,6 +809,28 @@ impl MemoryReader {
 
     /// Fills `buf` from guest memory at `gpa`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.read_with(gpa, buf, None)
+    }
+
+    /// As [`MemoryReader::read`], except that each held page with data goes
+    /// to `packed` as the pool keeps it (its index in `buf`, the codec, the
+    /// compressed bytes) instead of into `buf`, whose page is left as it was:
+    /// what a migration sends compressed.
+    pub fn read_packed(
+        &self,
+        gpa: u64,
+        buf: &mut [u8],
+        packed: &mut PackedSink<'_>,
+    ) -> Result<(), String> {
+        self.read_with(gpa, buf, Some(packed))
+    }
+
+    fn read_with(
+        &self,
+        gpa: u64,
+        buf: &mut [u8],
+        mut packed: Option<&mut PackedSink<'_>>,
+    ) -> Result<(), String> {
         let plain = |buf: &mut [u8], gpa: u64| {
             self.mem
                 .read_slice(buf, GuestAddress(gpa))
@@ -717,7 +842,8 @@ impl MemoryReader {
         if !gpa.is_multiple_of(PAGE_SIZE) || !buf.len().is_multiple_of(PAGE) {
             return plain(buf, gpa);
         }
-        let mut decoder = Decoder::new(shared.policy.get().algo).map_err(|e| e.to_string())?;
+        let algo = shared.policy.get().algo;
+        let mut decoder = Decoder::new(algo).map_err(|e| e.to_string())?;
         // Pages not held are read from RAM, a run at a time. One read may
         // race with the scanner taking a page out: it faults, and the page
         // comes back as it was.
@@ -727,15 +853,19 @@ impl MemoryReader {
             let at = gpa + (k * PAGE) as u64;
             let taken = k < pages && {
                 let t = lock(&shared.table);
+                let page = &mut buf[k * PAGE..][..PAGE];
                 match shared.pages.index(at).map(|i| t.slots[i]) {
                     Some(Slot::Stored(id)) => {
-                        decoder
-                            .decompress(t.pool.data(id), &mut buf[k * PAGE..][..PAGE])
-                            .map_err(|e| format!("held page {at:#x}: {e}"))?;
+                        match packed.as_mut() {
+                            Some(packed) => packed(k, algo, t.pool.data(id)),
+                            None => decoder
+                                .decompress(t.pool.data(id), page)
+                                .map_err(|e| format!("held page {at:#x}: {e}"))?,
+                        }
                         true
                     }
                     Some(Slot::Zero) => {
-                        buf[k * PAGE..][..PAGE].fill(0);
+                        page.fill(0);
                         true
                     }
                     _ => false,
@@ -1466,9 +1596,13 @@ mod tests {
         };
         // Zeros: a quarter; duplicates: of the next quarter, all but 4 (i % 16
         // with i % 4 == 1 takes 4 values); noise stays.
+        let in_ram = || DirtyLog::backed(&mem).unwrap().count();
+        // Text goes last (a scan takes pages in order); all within a scan.
         wait_for("the mix to be taken out", || {
             let s = counters.snapshot();
-            s.pages_zero >= PAGES / 4 - HOT && s.pages_deduplicated >= PAGES / 4 - 4 - HOT
+            s.pages_zero >= PAGES / 4 - HOT
+                && s.pages_deduplicated >= PAGES / 4 - 4 - HOT
+                && in_ram() <= (PAGES / 4 + 2 * HOT + 8) as usize
         });
         let s = counters.snapshot();
         assert!(s.pages_incompressible >= PAGES / 4 - HOT, "{s:?}");
@@ -1476,11 +1610,7 @@ mod tests {
             s.pool_bytes > 0 && s.pool_bytes < PAGES * PAGE_SIZE / 8,
             "{s:?}"
         );
-        let backed = DirtyLog::backed(&mem).unwrap().count();
-        assert!(
-            backed <= (PAGES / 4 + 2 * HOT + 8) as usize,
-            "{backed} pages still in RAM: {s:?}"
-        );
+
         // Let compression race with the writer a little longer.
         wait_for("writes to race with compression", || {
             counters.pages_raced.get() > 0 || counters.pages_restored.get() > 4 * HOT
@@ -1608,8 +1738,74 @@ mod tests {
                 assert_eq!(got, expected(i, w), "page {i} word {w} after the load");
             }
         }
-        assert!(counters.pages_restored.get() >= held_data);
+        // Counted just after the faulting read is woken.
+        wait_for("every held page to be counted back", || {
+            counters.pages_restored.get() >= held_data
+        });
         drop(pager);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn adopted_pages_go_to_the_pool_in_either_codec_and_replace_what_was_in_ram() {
+        const PAGES: u64 = 8;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+            .unwrap();
+        let page = |i: u64| -> Vec<u8> {
+            (0..(PAGE / 8) as u64)
+                .flat_map(|w| expected(i, w).to_le_bytes())
+                .collect()
+        };
+        // Noise then zeros: compresses, but not to 3/4 of a page.
+        let mostly_noise = {
+            let mut p = page(3);
+            p[PAGE * 7 / 8..].fill(0);
+            p
+        };
+        // Page 2 is in RAM with stale bytes: the packed copy is newer.
+        mem.write_slice(&[0xee; PAGE], GuestAddress(2 * PAGE_SIZE))
+            .unwrap();
+        let counters = Arc::new(PagerCounters::default());
+        let policy = MemoryCompression {
+            idle_ms: None,
+            rss_mib: None,
+            algo: CompressionAlgo::Lz4,
+        };
+        let mut pager = Pager::new(policy, &mem, counters.clone()).unwrap();
+        let mut unpacker = Unpacker::default();
+        let mut zstd = Encoder::new(CompressionAlgo::Zstd).unwrap();
+        let lz4 = |p: &[u8]| lz4_flex::block::compress(p);
+        let packed = vec![
+            // Text in this pool's codec, text in the other (recompressed),
+            // noise (kept in RAM, as it does not compress enough).
+            unpacker
+                .check(PAGE_SIZE, CompressionAlgo::Lz4, &lz4(&page(2)))
+                .unwrap(),
+            unpacker
+                .check(
+                    2 * PAGE_SIZE,
+                    CompressionAlgo::Zstd,
+                    &zstd.compress(&page(6)).unwrap(),
+                )
+                .unwrap(),
+            unpacker
+                .check(3 * PAGE_SIZE, CompressionAlgo::Lz4, &lz4(&mostly_noise))
+                .unwrap(),
+        ];
+        assert!(unpacker.check(0, CompressionAlgo::Lz4, &[0x10, 1]).is_err());
+        assert_eq!(pager.adopt(packed).unwrap(), 2);
+        assert_eq!(counters.pages_held.get(), 2);
+        pager
+            .start_scanning(&DirtyTracker::for_memory(mem.clone()))
+            .unwrap();
+        let mut got = vec![0u8; PAGE];
+        for (i, want) in [(1, page(2)), (2, page(6)), (3, mostly_noise)] {
+            mem.read_slice(&mut got, GuestAddress(i * PAGE_SIZE))
+                .unwrap();
+            assert!(got == want, "page {i}");
+        }
+        wait_for("both held pages to be counted back", || {
+            counters.pages_restored.get() == 2
+        });
     }
 }
