@@ -42,7 +42,7 @@ pub enum ReceiveError {
     State { field: String, message: String },
     #[error("cannot build the VM: {0}")]
     Build(#[from] BuildError),
-    #[error("the source sends memory after the VM runs (post-copy), which this destination's --memory-compression cannot page: migrate with \"method\": \"Precopy\"")]
+    #[error("the source sends memory after the VM runs (post-copy), which this destination's --memory-compression cannot page: migrate with \"method\": \"precopy\"")]
     Postcopy,
     #[error("cannot start the VM's threads: {0}")]
     Threads(std::io::Error),

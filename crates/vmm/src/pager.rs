@@ -603,6 +603,20 @@ impl Pager {
         let mut pages = held_pages(&shared.pages, held)?;
         pages.sort_unstable();
         pages.dedup();
+        // A page never written here is zeros, and out of RAM already: held
+        // as such at no cost. The others are read and compressed.
+        if let Ok(backed) = DirtyLog::backed(&shared.mem) {
+            let mut t = lock(&shared.table);
+            pages.retain(|&i| {
+                if backed.is_dirty(shared.pages.gpa(i)) || t.slots[i] != Slot::Resident {
+                    return true;
+                }
+                t.slots[i] = Slot::Zero;
+                t.zeros += 1;
+                false
+            });
+            shared.publish(&t);
+        }
         for batch in pages.chunks(BATCH) {
             compress_batch(shared, batch, encoder).map_err(PagerError::Fill)?;
         }
@@ -621,32 +635,52 @@ impl Pager {
         let algo = shared.policy.get().algo;
         let mut unpacker = Unpacker::default();
         let mut page = vec![0u8; PAGE];
-        for p in packed {
-            let Some(index) = shared.pages.index(p.gpa) else {
-                continue;
-            };
+        // Only pages in RAM need dropping: most never were.
+        let backed = DirtyLog::backed(&shared.mem).ok();
+        let mut stale = Vec::new();
+        let mut to_ram = Vec::new();
+        {
+            let mut t = lock(&shared.table);
+            let t = &mut *t;
+            for p in packed {
+                let Some(index) = shared.pages.index(p.gpa) else {
+                    continue;
+                };
+                let unpack = |unpacker: &mut Unpacker, page: &mut [u8]| {
+                    unpacker
+                        .unpack(p.algo, &p.data, page)
+                        .map_err(|why| PagerError::Fill(LazyMemoryError::Page { gpa: p.gpa, why }))
+                };
+                let data = if p.algo == algo {
+                    Some(p.data.clone())
+                } else {
+                    unpack(&mut unpacker, &mut page)?;
+                    encoder.compress(&page).ok()
+                };
+                match data.and_then(|d| t.pool.insert(p.hash, d)) {
+                    Some((id, _)) => {
+                        t.slots[index] = Slot::Stored(id);
+                        t.stored += 1;
+                    }
+                    None => {
+                        unpack(&mut unpacker, &mut page)?;
+                        to_ram.push((p.gpa, page.clone()));
+                    }
+                }
+                if backed.as_ref().is_none_or(|b| b.is_dirty(p.gpa)) {
+                    stale.push(index);
+                }
+            }
+            shared.publish(t);
+        }
+        for (first, n) in shared.pages.runs(&stale) {
             shared
                 .lazy
-                .drop_pages(p.gpa, PAGE_SIZE)
+                .drop_pages(shared.pages.gpa(first), n as u64 * PAGE_SIZE)
                 .map_err(PagerError::Fill)?;
-            unpacker
-                .unpack(p.algo, &p.data, &mut page)
-                .map_err(|why| PagerError::Fill(LazyMemoryError::Page { gpa: p.gpa, why }))?;
-            let data = if p.algo == algo {
-                Some(p.data)
-            } else {
-                encoder.compress(&page).ok()
-            };
-            let mut guard = lock(&shared.table);
-            let t = &mut *guard;
-            if let Some((id, _)) = data.and_then(|d| t.pool.insert(p.hash, d)) {
-                t.slots[index] = Slot::Stored(id);
-                t.stored += 1;
-                shared.publish(t);
-                continue;
-            }
-            drop(guard);
-            shared.lazy.copy(p.gpa, &page).map_err(PagerError::Fill)?;
+        }
+        for (gpa, page) in to_ram {
+            shared.lazy.copy(gpa, &page).map_err(PagerError::Fill)?;
         }
         let t = lock(&shared.table);
         Ok(t.zeros + t.stored)

@@ -37,11 +37,15 @@ pub struct MigrateBenchArgs {
     /// guest dirties 3/4 of the link), fast (twice the link), fast-plain (fast,
     /// pre-copy only, without auto-converge), fast-postcopy (fast, post-copy
     /// from the start: Vigil's method postcopy, QEMU's postcopy-ram with
-    /// migrate-start-postcopy at once).
+    /// migrate-start-postcopy at once), compressed (half of guest memory
+    /// filled with a mix of zero, duplicate, text and random pages, then idle,
+    /// over the link: Vigil's source and destination with
+    /// --memory-compression idle=1s, the pages its pager holds sent as its pool
+    /// keeps them; QEMU with multifd and zstd compression on both sides).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,near,fast,fast-plain,fast-postcopy"
+        default_value = "idle,near,fast,fast-plain,fast-postcopy,compressed"
     )]
     pub cases: Vec<Case>,
 
@@ -70,6 +74,7 @@ pub enum Case {
     Fast,
     FastPlain,
     FastPostcopy,
+    Compressed,
 }
 
 /// The downtime target both VMMs get.
@@ -90,6 +95,8 @@ struct Setup {
     method: &'static str,
     timeout: Duration,
     tsc_khz: u64,
+    /// The compressed case: MiB of the mix the guest fills.
+    mix_mib: Option<u64>,
 }
 
 impl Setup {
@@ -100,8 +107,18 @@ impl Setup {
                 args.dirty_mib
             )
         };
+        let mix_mib = (case == Case::Compressed).then_some(memory_mib / 2);
         let (cmdline, ready, bandwidth) = match case {
             Case::Idle => ("test=hang".to_string(), "timer:", None),
+            // Idle for an hour once filled: it never checks during a round.
+            Case::Compressed => (
+                format!(
+                    "test=compress compress_mib={} compress_idle_s=3600",
+                    memory_mib / 2
+                ),
+                "compress: filled",
+                Some(args.link << 20),
+            ),
             Case::Near => (dirty(args.link * 3 / 4), "dirty: ", Some(args.link << 20)),
             Case::Fast | Case::FastPlain | Case::FastPostcopy => {
                 (dirty(args.link * 2), "dirty: ", Some(args.link << 20))
@@ -114,12 +131,13 @@ impl Setup {
             bandwidth,
             auto_converge: case == Case::Near || case == Case::Fast,
             method: match case {
-                Case::FastPlain => "precopy",
+                Case::FastPlain | Case::Compressed => "precopy",
                 Case::FastPostcopy => "postcopy",
                 _ => "auto",
             },
             timeout: Duration::from_secs(args.timeout),
             tsc_khz,
+            mix_mib,
         }
     }
 }
@@ -225,10 +243,16 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 fn vigil_once(vigil: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<Outcome> {
     let port = free_port()?;
     let mut dest_cmd = Command::new(vigil.program());
+    let compression: &[&str] = if s.mix_mib.is_some() {
+        &["--memory-compression", "idle=1s"]
+    } else {
+        &[]
+    };
     dest_cmd
         .args(["run", "--console", "stdio", "--migrate-from"])
         .arg(format!("tcp:127.0.0.1:{port}"))
         .args(["--migration-token", TOKEN])
+        .args(compression)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -238,9 +262,14 @@ fn vigil_once(vigil: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Resul
     let sock = dir.join("vigil-source.sock");
     let _ = std::fs::remove_file(&sock);
     let mut cmd = vigil.command(guest, &s.cmdline, s.memory_mib)?;
-    cmd.args(["--log-level", "info", "--api-sock"]).arg(&sock);
+    cmd.args(["--log-level", "info", "--api-sock"])
+        .arg(&sock)
+        .args(compression);
     let mut src = Running::spawn("vigil (source)", cmd)?;
     src.wait_for_line(s.ready, START_TIMEOUT)?;
+    if let Some(mix) = s.mix_mib {
+        wait_held(&sock, mix, &mut src)?;
+    }
 
     let mut body = json!({
         "destination": format!("tcp:127.0.0.1:{port}"),
@@ -292,6 +321,27 @@ fn vigil_once(vigil: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Resul
         cpu: cpu_after.saturating_sub(cpu_before),
         rounds: log.lines().filter(|l| l.contains("pre-copy round")).count() as u64,
     })
+}
+
+/// Waits until the source's pager holds the mix's zero, duplicate and text
+/// pages (three quarters of `mix_mib`).
+fn wait_held(sock: &Path, mix_mib: u64, src: &mut Running) -> anyhow::Result<()> {
+    let want = mix_mib * 256 * 3 / 4;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let answer = request_blocking(sock, "GET", "/vigil/memory", None, Duration::from_secs(10))?;
+        let held = serde_json::from_slice::<Value>(&answer.body)
+            .ok()
+            .and_then(|m| m["compression"]["pages_held"].as_u64())
+            .unwrap_or(0);
+        if held + 64 >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(src.failure(&format!("its pager holds {held} pages, not {want}")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A QMP connection (capabilities negotiated).
@@ -351,11 +401,18 @@ fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<
     // QEMU wants before it migrates a VM with invtsc.
     let cpu = format!("{},tsc-frequency={}", qemu::CPU, s.tsc_khz * 1000);
     let postcopy = s.method == "postcopy";
+    // Compressed: multifd with zstd, which both sides must set before the
+    // stream starts.
+    let multifd = s.mix_mib.is_some();
+    let capabilities = json!({"capabilities": [
+        {"capability": "postcopy-ram", "state": postcopy},
+        {"capability": "multifd", "state": multifd},
+    ]});
     let uri = format!("tcp:127.0.0.1:{port}");
     let mut dest_cmd = qemu.command(guest, &s.cmdline, s.memory_mib)?;
     dest_cmd.args(["-cpu", &cpu]).arg("-incoming");
     let dest_qmp = dir.join("qemu-destination.qmp");
-    if postcopy {
+    if postcopy || multifd {
         let _ = std::fs::remove_file(&dest_qmp);
         dest_cmd
             .arg("defer")
@@ -365,14 +422,19 @@ fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<
         dest_cmd.arg(&uri);
     }
     let mut dest = Running::spawn("qemu (destination)", dest_cmd)?;
-    if postcopy {
+    if postcopy || multifd {
         let mut qmp = Qmp::connect(&dest_qmp, &mut dest)?;
         let incoming = qmp
-            .call(
-                "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
-            )
-            .and_then(|_| qmp.call("migrate-incoming", json!({"uri": uri})));
+            .call("migrate-set-capabilities", capabilities.clone())
+            .and_then(|_| {
+                if multifd {
+                    qmp.call(
+                        "migrate-set-parameters",
+                        json!({"multifd-compression": "zstd"}),
+                    )?;
+                }
+                qmp.call("migrate-incoming", json!({"uri": uri}))
+            });
         if let Err(e) = incoming {
             return Err(dest.failure(&e.to_string()));
         }
@@ -393,21 +455,20 @@ fn qemu_once(qemu: &Vmm, guest: &Path, dir: &Path, s: &Setup) -> anyhow::Result<
     let bandwidth = s.bandwidth.unwrap_or(1 << 40);
     let setup = (|| {
         // Post-copy has its own limit, unlimited by default: the same link.
-        qmp.call(
-            "migrate-set-parameters",
-            json!({
-                "downtime-limit": DOWNTIME_MS,
-                "max-bandwidth": bandwidth,
-                "max-postcopy-bandwidth": bandwidth,
-            }),
-        )?;
-        qmp.call(
-            "migrate-set-capabilities",
-            json!({"capabilities": [
-                {"capability": "auto-converge", "state": s.auto_converge},
-                {"capability": "postcopy-ram", "state": postcopy},
-            ]}),
-        )
+        let mut parameters = json!({
+            "downtime-limit": DOWNTIME_MS,
+            "max-bandwidth": bandwidth,
+            "max-postcopy-bandwidth": bandwidth,
+        });
+        if multifd {
+            parameters["multifd-compression"] = json!("zstd");
+        }
+        qmp.call("migrate-set-parameters", parameters)?;
+        let mut capabilities = capabilities.clone();
+        if let Some(c) = capabilities["capabilities"].as_array_mut() {
+            c.push(json!({"capability": "auto-converge", "state": s.auto_converge}));
+        }
+        qmp.call("migrate-set-capabilities", capabilities)
     })();
     if let Err(e) = setup {
         return Err(src.failure(&e.to_string()));
@@ -512,6 +573,7 @@ fn case_name(case: Case) -> &'static str {
         Case::Fast => "fast",
         Case::FastPlain => "fast-plain",
         Case::FastPostcopy => "fast-postcopy",
+        Case::Compressed => "compressed",
     }
 }
 
@@ -603,6 +665,11 @@ pub fn run(args: MigrateBenchArgs) -> anyhow::Result<()> {
             progress.done();
             let what = match case {
                 Case::Idle => "idle (hang)".to_string(),
+                Case::Compressed => format!(
+                    "compressed ({} MiB mix idle, {} MiB/s, Vigil's pager / QEMU multifd zstd)",
+                    memory / 2,
+                    args.link
+                ),
                 _ => format!(
                     "{} ({} MiB/s, auto-converge {}, {})",
                     case_name(case),
