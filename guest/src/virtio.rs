@@ -1793,7 +1793,7 @@ pub fn blk_integrity(machine: &Machine, detail: &mut Line) -> bool {
                 for (k, request) in requests[..INTEGRITY_WRITES].iter_mut().enumerate() {
                     *request = (BLK_T_OUT, k as u64 * 8);
                 }
-                blk_submit(&mut q, &requests, data);
+                blk_submit(&mut q, &requests, data, dma(HEADER));
                 q = match set_up() {
                     Ok(q) => q,
                     Err(error) => return fail(detail, "set-up after a reset in flight", error),
@@ -1894,13 +1894,14 @@ fn integrity_verify(
     Ok(())
 }
 
-/// Where `blk_batch` puts slot `slot`'s request header and status byte.
-fn batch_header(slot: u16) -> u64 {
-    dma(HEADER) + 16 * u64::from(slot)
+/// Where `blk_batch` puts slot `slot`'s request header and status byte, in
+/// the page at `meta`.
+fn batch_header(meta: u64, slot: u16) -> u64 {
+    meta + 16 * u64::from(slot)
 }
 
-fn batch_status(slot: u16) -> u64 {
-    dma(HEADER) + 0x800 + u64::from(slot)
+fn batch_status(meta: u64, slot: u16) -> u64 {
+    meta + 0x800 + u64::from(slot)
 }
 
 /// Submits `requests` (`(kind, sector)`: request `k` in slot `k`, its 4 KiB of
@@ -1913,11 +1914,22 @@ fn blk_batch(
     data: u64,
     order: &mut [u16],
 ) -> Result<(), &'static str> {
-    blk_submit(q, requests, data);
-    let status = batch_status;
+    blk_submit(q, requests, data, dma(HEADER));
+    blk_collect(q, clock, requests.len(), dma(HEADER), order)
+}
+
+/// The waiting half of [`blk_batch`]: the `n` requests [`blk_submit`] made
+/// available with their headers and statuses at `meta`.
+fn blk_collect(
+    q: &mut Queue,
+    clock: Clock,
+    n: usize,
+    meta: u64,
+    order: &mut [u16],
+) -> Result<(), &'static str> {
     let start = rdtsc();
     let mut done = 0;
-    while done < requests.len() {
+    while done < n {
         if rd::<u16>(q.ring + USED + 2) == q.used {
             if rdtsc() - start > clock.ms(5000) {
                 return Err(if q.needs_reset() {
@@ -1932,10 +1944,10 @@ fn blk_batch(
         let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
         let slot = rd::<u32>(elem) as u16 / DESCS_PER_REQUEST;
         q.used = q.used.wrapping_add(1);
-        if usize::from(slot) >= requests.len() {
+        if usize::from(slot) >= n {
             return Err("used id is no request's head");
         }
-        if rd::<u8>(status(slot)) != BLK_S_OK {
+        if rd::<u8>(batch_status(meta, slot)) != BLK_S_OK {
             return Err("status not OK");
         }
         order[done] = slot;
@@ -1949,10 +1961,11 @@ fn blk_batch(
     Ok(())
 }
 
-/// The submitting half of [`blk_batch`]: makes `requests` available and
-/// notifies the device.
-fn blk_submit(q: &mut Queue, requests: &[(u32, u64)], data: u64) {
-    let (header, status) = (batch_header, batch_status);
+/// The submitting half of [`blk_batch`]: makes `requests` available, their
+/// headers and statuses in the page at `meta`, and notifies the device.
+fn blk_submit(q: &mut Queue, requests: &[(u32, u64)], data: u64, meta: u64) {
+    let header = |slot| batch_header(meta, slot);
+    let status = |slot| batch_status(meta, slot);
     let old = q.avail;
     q.arm_used_event();
     for (k, &(kind, sector)) in requests.iter().enumerate() {
@@ -1979,6 +1992,184 @@ fn blk_submit(q: &mut Queue, requests: &[(u32, u64)], data: u64) {
         q.push_avail(head);
     }
     q.notify_since(old);
+}
+
+/// `VIRTIO_BLK_F_MQ` (virtio 1.1, 5.2.3): `num_queues` request queues.
+const BLK_F_MQ: u64 = 1 << 12;
+/// The most request queues `blk-mq` and `blk-bench` drive.
+pub(crate) const MQ_MAX_QUEUES: usize = 16;
+/// Requests `blk-mq` keeps in flight on each queue.
+const MQ_PER_QUEUE: usize = 8;
+/// Rounds of writes, then of reads, of `blk-mq`.
+const MQ_ROUNDS: u64 = 2;
+
+/// Negotiates `wanted` and, when `max` is above 1, `VIRTIO_BLK_F_MQ`; sets up
+/// as many request queues as the device has (`num_queues`, le16 at config
+/// offset 34, with F_MQ; else one), `max` at most, queue `q`'s rings at
+/// `ring_at(q)`, 256 entries each; DRIVER_OK. The queues used.
+fn mq_setup(
+    dev: Dev,
+    clock: Clock,
+    wanted: u64,
+    max: usize,
+    ring_at: impl Fn(usize) -> u64,
+    queues: &mut [Option<Queue>; MQ_MAX_QUEUES],
+) -> Result<usize, &'static str> {
+    let mq = if max > 1 { BLK_F_MQ } else { 0 };
+    let features = negotiate(dev, clock, wanted | mq)?;
+    let n = if features & BLK_F_MQ == 0 {
+        1
+    } else {
+        match u16::from_le_bytes([dev.config_u8(34), dev.config_u8(35)]) {
+            0 => return Err("num_queues=0 with VIRTIO_BLK_F_MQ"),
+            n => usize::from(n).min(max),
+        }
+    };
+    for (q, slot) in queues[..n].iter_mut().enumerate() {
+        *slot = Some(setup_queue_at(
+            dev,
+            clock,
+            q as u16,
+            features,
+            ring_at(q),
+            BENCH_QUEUE_SIZE,
+        )?);
+    }
+    driver_ok(dev)?;
+    Ok(n)
+}
+
+/// `blk-mq`: on the first writable disk, `VIRTIO_BLK_F_MQ` negotiated when
+/// offered and every queue set up (16 at most; one without F_MQ); rounds of 8
+/// writes of 4 KiB on each queue, every queue's in flight together; a flush on
+/// each queue; then each queue's blocks read back through the next queue and
+/// checked. Block `(round * queues + q) * 8 + k` is queue `q`'s `k`-th write of
+/// `round`, and holds [`integrity_byte`].
+pub fn blk_mq(machine: &Machine, detail: &mut Line) -> bool {
+    if crate::mobility::free_region(machine, "blk-mq buffers", 1, detail).is_none() {
+        return false;
+    }
+    let base = crate::mobility::DIRTY_BASE;
+    with_device_where(
+        machine,
+        detail,
+        ID_BLK,
+        |f| f & BLK_F_RO == 0,
+        "no virtio-blk device without VIRTIO_BLK_F_RO",
+        |dev, clock, detail| {
+            let mut queues: [Option<Queue>; MQ_MAX_QUEUES] = core::array::from_fn(|_| None);
+            let wanted = F_EVENT_IDX | BLK_F_FLUSH;
+            let ring_at = |q: usize| base + 0x3000 * q as u64;
+            match mq_setup(dev, clock, wanted, MQ_MAX_QUEUES, ring_at, &mut queues) {
+                Ok(n) => blk_mq_body(&mut queues, n, clock, base, detail),
+                Err(error) => fail(detail, "set-up", error),
+            }
+        },
+    )
+}
+
+fn blk_mq_body(
+    queues: &mut [Option<Queue>; MQ_MAX_QUEUES],
+    n: usize,
+    clock: Clock,
+    base: u64,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    // After the rings: a page of headers and statuses, then the data, per queue.
+    let meta = |q: usize| base + 0x30000 + 0x1000 * q as u64;
+    let data = |q: usize| base + 0x40000 + (MQ_PER_QUEUE * 4096 * q) as u64;
+    let block = |round: u64, q: usize, k: usize| (round * n as u64 + q as u64) * 8 + k as u64;
+    let blocks = MQ_ROUNDS * (n * MQ_PER_QUEUE) as u64;
+    let Some(first) = queues[0].as_ref() else {
+        return fail(detail, "set-up", "no queue 0");
+    };
+    let flush = first.features & BLK_F_FLUSH != 0;
+    if first.dev.config_u64(0) / 8 < blocks {
+        return fail(detail, "capacity", "smaller than the blocks written");
+    }
+    let mut counts = [0u64; MQ_MAX_QUEUES];
+    let mut order = [0u16; MQ_PER_QUEUE];
+    let mut requests = [(BLK_T_OUT, 0); MQ_PER_QUEUE];
+    // Submits `requests[..len]` on each queue `q` (what `fill(q)` put there),
+    // then waits for every queue's.
+    let mut batch = |what: &str,
+                     fill: &mut dyn FnMut(usize, &mut [(u32, u64); MQ_PER_QUEUE]),
+                     len: usize,
+                     counts: &mut [u64; MQ_MAX_QUEUES],
+                     detail: &mut Line|
+     -> Result<(), ()> {
+        for (q, queue) in queues[..n].iter_mut().flatten().enumerate() {
+            fill(q, &mut requests);
+            blk_submit(queue, &requests[..len], data(q), meta(q));
+        }
+        for (q, queue) in queues[..n].iter_mut().flatten().enumerate() {
+            if let Err(error) = blk_collect(queue, clock, len, meta(q), &mut order) {
+                detail.str("queue ").dec(q as u64).str(" ");
+                return fail(detail, what, error);
+            }
+            counts[q] += len as u64;
+        }
+        Ok(())
+    };
+    for round in 0..MQ_ROUNDS {
+        let mut writes = |q: usize, requests: &mut [(u32, u64); MQ_PER_QUEUE]| {
+            for (k, request) in requests.iter_mut().enumerate() {
+                let b = block(round, q, k);
+                let buffer = data(q) + 4096 * k as u64;
+                for i in 0..4096 {
+                    wr(buffer + i, integrity_byte(b, i));
+                }
+                *request = (BLK_T_OUT, b * 8);
+            }
+        };
+        batch("write", &mut writes, MQ_PER_QUEUE, &mut counts, detail)?;
+    }
+    if flush {
+        let mut flushes = |_: usize, requests: &mut [(u32, u64); MQ_PER_QUEUE]| {
+            requests[0] = (BLK_T_FLUSH, 0);
+        };
+        batch("flush", &mut flushes, 1, &mut counts, detail)?;
+    }
+    for round in 0..MQ_ROUNDS {
+        // Queue `q` reads what queue `q - 1` wrote.
+        let writer = |q: usize| (q + n - 1) % n;
+        let mut reads = |q: usize, requests: &mut [(u32, u64); MQ_PER_QUEUE]| {
+            for (k, request) in requests.iter_mut().enumerate() {
+                *request = (BLK_T_IN, block(round, writer(q), k) * 8);
+            }
+        };
+        batch("read", &mut reads, MQ_PER_QUEUE, &mut counts, detail)?;
+        for q in 0..n {
+            for k in 0..MQ_PER_QUEUE {
+                let b = block(round, writer(q), k);
+                let buffer = data(q) + 4096 * k as u64;
+                if (0..4096).any(|i| rd::<u8>(buffer + i) != integrity_byte(b, i)) {
+                    detail
+                        .str("block ")
+                        .dec(b)
+                        .str(" read back through queue ")
+                        .dec(q as u64)
+                        .str(" does not hold what was written");
+                    return Err(());
+                }
+            }
+        }
+    }
+    detail
+        .str("queues=")
+        .dec(n as u64)
+        .str(" blocks=")
+        .dec(blocks)
+        .str(" flush=")
+        .dec(u64::from(flush))
+        .str(" per_queue=");
+    for (q, count) in counts[..n].iter().enumerate() {
+        if q > 0 {
+            detail.str(",");
+        }
+        detail.dec(*count);
+    }
+    Ok(())
 }
 
 /// `flood` runs this long without `flood_s=`.

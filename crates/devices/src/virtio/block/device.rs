@@ -147,7 +147,7 @@ impl Block {
                     .map_err(|source| BlockError::IoUring { source })?;
                 tracing::info!(
                     drive = config.id,
-                    "io_engine Async: requests go to {queues} io_uring(s) of {QUEUE_SIZE} entries"
+                    "io_engine Async: requests go to an io_uring of {QUEUE_SIZE} entries per queue ({queues} queues)"
                 );
                 urings
             }
