@@ -1355,11 +1355,17 @@ struct BenchParams {
     /// `blk_event_idx=0` leaves `VIRTIO_RING_F_EVENT_IDX` unnegotiated even when
     /// offered (default: negotiated when offered).
     event_idx: bool,
+    /// Request queues (`blk_queues=`, 1 to [`MQ_MAX_QUEUES`], default 1): more
+    /// than one negotiates `VIRTIO_BLK_F_MQ` when offered; request slot `s`
+    /// goes on queue `s % queues`.
+    queues: usize,
     /// Where the data buffers begin, and their bytes.
     buffers: u64,
     buffer_bytes: u64,
     /// The indirect tables, one per request slot, after the buffers.
     tables: u64,
+    /// The rings of queues 1 and up (three pages each), after the tables.
+    rings: u64,
 }
 
 impl BenchParams {
@@ -1392,6 +1398,7 @@ impl BenchParams {
             return Err(());
         }
         let event_idx = number("blk_event_idx", 0, 1, 1, detail)? == 1;
+        let queues = number("blk_queues", 1, MQ_MAX_QUEUES as u64, 1, detail)? as usize;
         let random = match info.param(b"blk_pattern") {
             None | Some(b"seq") => false,
             Some(b"rand") => true,
@@ -1404,7 +1411,10 @@ impl BenchParams {
             }
         };
         let buffer_bytes = (qd * bs_kib * 1024).min(BENCH_BUFFER_MIB << 20);
-        let mib = (buffer_bytes + BENCH_MAX_QD * TABLE_BYTES).div_ceil(1 << 20);
+        let tables = crate::mobility::DIRTY_BASE + buffer_bytes;
+        let rings = (tables + BENCH_MAX_QD * TABLE_BYTES).next_multiple_of(4096);
+        let end = rings + 0x3000 * MQ_MAX_QUEUES as u64;
+        let mib = (end - crate::mobility::DIRTY_BASE).div_ceil(1 << 20);
         let Some(_) = crate::mobility::free_region(machine, "blk_qd*blk_bs_kib", mib, detail)
         else {
             return Err(());
@@ -1414,9 +1424,11 @@ impl BenchParams {
             bs: (bs_kib * 1024) as u32,
             random,
             event_idx,
+            queues,
             buffers: crate::mobility::DIRTY_BASE,
             buffer_bytes,
-            tables: crate::mobility::DIRTY_BASE + buffer_bytes,
+            tables,
+            rings,
         })
     }
 
@@ -1428,8 +1440,9 @@ impl BenchParams {
 
 /// `blk-bench`: reads then writes of `blk_bs_kib=` KiB, `blk_qd=` of them in flight,
 /// in sequence or at random (`blk_pattern=`) over the first 64 MiB of the first
-/// writable disk, timed with the TSC at CPL3. `VIRTIO_RING_F_EVENT_IDX` is used
-/// when the device offers it (unless `blk_event_idx=0`).
+/// writable disk, timed with the TSC at CPL3, spread over `blk_queues=` request
+/// queues where the device has them. `VIRTIO_RING_F_EVENT_IDX` is used when the
+/// device offers it (unless `blk_event_idx=0`).
 pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
     let Ok(params) = BenchParams::parse(machine, detail) else {
         return false;
@@ -1442,13 +1455,13 @@ pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
         "no virtio-blk device without VIRTIO_BLK_F_RO",
         |dev, clock, detail| {
             let wanted = F_INDIRECT_DESC | if params.event_idx { F_EVENT_IDX } else { 0 };
-            let q = negotiate(dev, clock, wanted).and_then(|features| {
-                let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
-                driver_ok(dev)?;
-                Ok(q)
-            });
-            match q {
-                Ok(mut q) => blk_bench_body(&mut q, clock, params, detail),
+            let mut queues: [Option<Queue>; MQ_MAX_QUEUES] = core::array::from_fn(|_| None);
+            let ring_at = |q: usize| match q {
+                0 => ring(0),
+                q => params.rings + 0x3000 * (q as u64 - 1),
+            };
+            match mq_setup(dev, clock, wanted, params.queues, ring_at, &mut queues) {
+                Ok(n) => blk_bench_body(&mut queues, n, clock, params, detail),
                 Err(error) => fail(detail, "set-up", error),
             }
         },
@@ -1531,16 +1544,24 @@ struct BenchRun {
     reordered: u64,
 }
 
-/// Whether `blk-bench` puts its requests in indirect tables: when the ring
-/// cannot hold three descriptors for each of them.
-fn uses_indirect(q: &Queue, params: BenchParams) -> bool {
-    u32::from(params.qd) * u32::from(DESCS_PER_REQUEST) > u32::from(q.size)
+/// Request slots of `blk-bench` on each of `n` queues.
+fn slots_per_queue(params: BenchParams, n: usize) -> u16 {
+    params.qd.div_ceil(n as u16)
+}
+
+/// Whether `blk-bench` puts its requests in indirect tables: when a ring of
+/// `size` entries cannot hold three descriptors for each of its slots.
+fn uses_indirect(size: u16, params: BenchParams, n: usize) -> bool {
+    u32::from(slots_per_queue(params, n)) * u32::from(DESCS_PER_REQUEST) > u32::from(size)
 }
 
 /// One direction of `blk-bench`: `total` requests of `kind`, `params.qd` in
-/// flight.
+/// flight, slot `s` on queue `s % n` (the first `n` of `queues`, all of `size`
+/// entries).
 fn bench_direction(
-    q: &mut Queue,
+    queues: &mut [Option<Queue>; MQ_MAX_QUEUES],
+    n: usize,
+    size: u16,
     clock: Clock,
     params: BenchParams,
     kind: u32,
@@ -1550,9 +1571,9 @@ fn bench_direction(
     let sectors = u64::from(params.bs / SECTOR);
     let header = |slot: u16| dma(HEADER) + 16 * u64::from(slot);
     let status = |slot: u16| dma(HEADER) + 0x800 + u64::from(slot);
-    // Indirect tables only where the ring cannot hold three descriptors per
+    // Indirect tables only where a ring cannot hold three descriptors per
     // request (checked offered by `blk_bench_body`).
-    let indirect = uses_indirect(q, params);
+    let indirect = uses_indirect(size, params, n);
     let per_request = if indirect { 1 } else { DESCS_PER_REQUEST };
     let mut free: [u16; BENCH_MAX_QD as usize] = [0; BENCH_MAX_QD as usize];
     for (slot, f) in free.iter_mut().enumerate() {
@@ -1565,15 +1586,23 @@ fn bench_direction(
     let (mut submitted, mut completed) = (0u64, 0u64);
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut max_in_flight = 0;
-    q.arm_used_event();
+    for q in queues[..n].iter_mut().flatten() {
+        q.arm_used_event();
+    }
     let start = rdtsc();
     let mut progress = start;
     let mut checked = start;
     while completed < total {
-        let old = q.avail;
+        let mut old = [0u16; MQ_MAX_QUEUES];
+        for (q, old) in queues[..n].iter().flatten().zip(old.iter_mut()) {
+            *old = q.avail;
+        }
         while free_count > 0 && submitted < total {
             free_count -= 1;
             let slot = free[free_count];
+            let Some(q) = queues[usize::from(slot) % n].as_mut() else {
+                return Err("a request slot without its queue");
+            };
             let index = if params.random {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
@@ -1592,7 +1621,7 @@ fn bench_direction(
                 (params.buffer(slot), params.bs, NEXT | writes),
                 (status(slot), 1, WRITE),
             ];
-            let head = slot * per_request;
+            let head = slot / n as u16 * per_request;
             if indirect {
                 // One ring descriptor for the table of the three.
                 let table = params.tables + TABLE_BYTES * u64::from(slot);
@@ -1615,46 +1644,59 @@ fn bench_direction(
             seq[usize::from(slot)] = submitted;
         }
         max_in_flight = max_in_flight.max(submitted - completed);
-        if q.avail != old {
-            q.notify_since(old);
+        for (q, &old) in queues[..n].iter().flatten().zip(old.iter()) {
+            if q.avail != old {
+                q.notify_since(old);
+            }
         }
-        // Every used buffer there is, then one interrupt status read for the batch,
-        // as an interrupt handler does.
+        // Every used buffer there is on every queue, then one interrupt status
+        // read for the batch, as an interrupt handler does.
         let mut batch = 0;
-        while rd::<u16>(q.ring + USED + 2) != q.used {
-            compiler_fence(Ordering::SeqCst);
-            let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
-            let slot = rd::<u32>(elem) as u16 / per_request;
-            q.used = q.used.wrapping_add(1);
-            if slot >= params.qd {
-                return Err("used id is no request's head");
+        for (index, q) in queues[..n].iter_mut().flatten().enumerate() {
+            let mut used = 0;
+            while rd::<u16>(q.ring + USED + 2) != q.used {
+                compiler_fence(Ordering::SeqCst);
+                let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
+                let slot = (rd::<u32>(elem) as u16 / per_request)
+                    .wrapping_mul(n as u16)
+                    .wrapping_add(index as u16);
+                q.used = q.used.wrapping_add(1);
+                if slot >= params.qd {
+                    return Err("used id is no request's head");
+                }
+                match rd::<u8>(status(slot)) {
+                    BLK_S_OK => {}
+                    BLK_S_IOERR => return Err("status IOERR"),
+                    _ => return Err("status not OK"),
+                }
+                let done = seq[usize::from(slot)];
+                if done < latest_done {
+                    reordered += 1;
+                }
+                latest_done = latest_done.max(done);
+                free[free_count] = slot;
+                free_count += 1;
+                completed += 1;
+                used += 1;
             }
-            match rd::<u8>(status(slot)) {
-                BLK_S_OK => {}
-                BLK_S_IOERR => return Err("status IOERR"),
-                _ => return Err("status not OK"),
+            if used > 0 {
+                q.arm_used_event();
             }
-            let done = seq[usize::from(slot)];
-            if done < latest_done {
-                reordered += 1;
-            }
-            latest_done = latest_done.max(done);
-            free[free_count] = slot;
-            free_count += 1;
-            completed += 1;
-            batch += 1;
+            batch += used;
         }
+        let Some(first) = queues[0].as_ref() else {
+            return Err("no queue 0");
+        };
         let now = rdtsc();
         if batch > 0 {
-            q.arm_used_event();
-            let isr = q.dev.read(INTERRUPT_STATUS);
+            let isr = first.dev.read(INTERRUPT_STATUS);
             if isr != 0 {
-                q.dev.write(INTERRUPT_ACK, isr);
+                first.dev.write(INTERRUPT_ACK, isr);
             }
             progress = now;
         } else if now - checked >= clock.ms(1) {
             checked = now;
-            if q.needs_reset() {
+            if first.needs_reset() {
                 return Err("DEVICE_NEEDS_RESET");
             }
             if now - progress > clock.ms(2000) {
@@ -1670,24 +1712,30 @@ fn bench_direction(
 }
 
 fn blk_bench_body(
-    q: &mut Queue,
+    queues: &mut [Option<Queue>; MQ_MAX_QUEUES],
+    n: usize,
     clock: Clock,
     params: BenchParams,
     detail: &mut Line,
 ) -> Result<(), ()> {
-    if uses_indirect(q, params) && (q.features & F_INDIRECT_DESC == 0 || params.qd > q.size) {
+    let Some(q) = queues[0].as_ref() else {
+        return fail(detail, "set-up", "no queue 0");
+    };
+    let (size, features, event_idx, dev) = (q.size, q.features, q.event_idx(), q.dev);
+    let indirect = uses_indirect(size, params, n);
+    if indirect && (features & F_INDIRECT_DESC == 0 || slots_per_queue(params, n) > size) {
         detail
             .str("blk_qd=")
             .dec(u64::from(params.qd))
             .str(": a queue of ")
-            .dec(u64::from(q.size))
+            .dec(u64::from(size))
             .str(" entries holds ")
-            .dec(u64::from(q.size / DESCS_PER_REQUEST))
+            .dec(u64::from(size / DESCS_PER_REQUEST))
             .str(" requests of three descriptors at most, and the device offers no indirect descriptors");
         return Err(());
     }
     let per_request = u64::from(params.bs / SECTOR);
-    let span = q.dev.config_u64(0).min(64 * 2048) / per_request;
+    let span = dev.config_u64(0).min(64 * 2048) / per_request;
     if span == 0 {
         detail.str("disk smaller than one request");
         return Err(());
@@ -1695,7 +1743,7 @@ fn blk_bench_body(
     let total = BENCH_REQUESTS.min(BENCH_BYTES / u64::from(params.bs));
     let (mut deepest, mut reordered) = (0, 0);
     for (kind, name) in [(BLK_T_IN, "read"), (BLK_T_OUT, "write")] {
-        let run = match bench_direction(q, clock, params, kind, total, span) {
+        let run = match bench_direction(queues, n, size, clock, params, kind, total, span) {
             Ok(run) => run,
             Err(error) => return fail(detail, name, error),
         };
@@ -1721,13 +1769,15 @@ fn blk_bench_body(
         .str(" bs_kib=")
         .dec(u64::from(params.bs / 1024))
         .str(" event_idx=")
-        .dec(u64::from(q.event_idx()))
+        .dec(u64::from(event_idx))
         .str(" indirect=")
-        .dec(u64::from(uses_indirect(q, params)))
+        .dec(u64::from(indirect))
         .str(" max_in_flight=")
         .dec(deepest)
         .str(" reordered=")
-        .dec(reordered);
+        .dec(reordered)
+        .str(" queues=")
+        .dec(n as u64);
     Ok(())
 }
 

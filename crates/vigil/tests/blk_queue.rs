@@ -68,10 +68,10 @@ impl Bench {
 }
 
 /// Runs `blk-bench` with `params` (and `extra` options) on a fresh image, the
-/// disk on `engine` (`sync` or `async`).
-fn bench(name: &str, params: &str, extra: &[&str], engine: &str) -> Bench {
+/// disk with `options` (`io_engine=async`, ...).
+fn bench(name: &str, params: &str, extra: &[&str], options: &str) -> Bench {
     let files = Files::new(name);
-    let disk = format!("path={},io_engine={engine}", files.disk.display());
+    let disk = format!("path={},{options}", files.disk.display());
     let cmdline = format!("test=blk-bench {params}");
     let mut args = vec![
         "run",
@@ -124,7 +124,12 @@ fn assert_deep_queue_batches(b: &Bench) {
 #[test]
 fn at_queue_depth_32_with_event_idx_interrupts_come_per_batch() {
     for engine in ["sync", "async"] {
-        let b = bench(&format!("qd32-{engine}"), "blk_qd=32", &[], engine);
+        let b = bench(
+            &format!("qd32-{engine}"),
+            "blk_qd=32",
+            &[],
+            &format!("io_engine={engine}"),
+        );
         assert_deep_queue_batches(&b);
     }
 }
@@ -136,7 +141,7 @@ fn over_pci_with_msix_event_idx_batches_interrupts_too() {
             &format!("pci-{engine}"),
             "blk_qd=32",
             &["--enable-pci"],
-            engine,
+            &format!("io_engine={engine}"),
         );
         assert_deep_queue_batches(&b);
     }
@@ -146,7 +151,12 @@ fn over_pci_with_msix_event_idx_batches_interrupts_too() {
 /// interrupt; one request at a time, that is one interrupt per request.
 #[test]
 fn without_event_idx_every_batch_interrupts() {
-    let b = bench("noevidx1", "blk_qd=1 blk_event_idx=0", &[], "sync");
+    let b = bench(
+        "noevidx1",
+        "blk_qd=1 blk_event_idx=0",
+        &[],
+        "io_engine=sync",
+    );
     assert_eq!(b.figure("event_idx"), 0);
     assert_eq!(b.figure("max_in_flight"), 1);
     assert_eq!(b.metric("interrupts"), b.requests(), "{}", b.block);
@@ -155,7 +165,7 @@ fn without_event_idx_every_batch_interrupts() {
         "noevidx32",
         "blk_qd=32 blk_event_idx=0 blk_bs_kib=64 blk_pattern=rand",
         &[],
-        "async",
+        "io_engine=async",
     );
     assert_eq!(b.figure("event_idx"), 0);
     assert_eq!(b.figure("max_in_flight"), 32);
@@ -173,7 +183,7 @@ fn at_queue_depth_128_requests_go_in_indirect_tables() {
             &format!("qd128-{engine}"),
             "blk_qd=128 blk_bs_kib=16",
             &[],
-            engine,
+            &format!("io_engine={engine}"),
         );
         assert_eq!(b.figure("indirect"), 1);
         assert_eq!(b.figure("max_in_flight"), 128, "{engine}");
@@ -307,6 +317,23 @@ fn four_queues_each_complete_their_own_requests() {
                 );
             }
         }
+    }
+}
+
+/// `blk-bench` with `blk_queues=4` on a disk of four queues: slot `s` goes on
+/// queue `s % 4`, all 32 in flight together, on both engines.
+#[test]
+fn blk_bench_spreads_its_requests_over_four_queues() {
+    for engine in ["sync", "async"] {
+        let b = bench(
+            &format!("mq-bench-{engine}"),
+            "blk_qd=32 blk_queues=4",
+            &[],
+            &format!("io_engine={engine},num_queues=4"),
+        );
+        assert_eq!(b.figure("queues"), 4, "{}", b.run);
+        assert_eq!(b.figure("max_in_flight"), 32);
+        assert_eq!(b.requests(), 2 * b.figure("requests"), "{}", b.block);
     }
 }
 
