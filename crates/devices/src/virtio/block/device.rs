@@ -25,6 +25,7 @@ use crate::virtio::{
     add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
     TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
+use vigil_model::config::drive::MAX_DRIVE_QUEUES;
 use vigil_model::config::{DriveConfig, FieldError, IoEngine};
 
 const QUEUE_SIZE: u16 = 256;
@@ -135,9 +136,10 @@ impl Block {
         }
         let mut id = [0u8; ID_LEN];
         id[..config.id.len()].copy_from_slice(config.id.as_bytes());
-        // At least one queue: `DriveConfig::validate` refuses 0, a restored
-        // state does not go through it.
-        let queues = usize::from(config.num_queues.max(1));
+        // Checked where configurations and states come in; kept in range here
+        // too, so that no caller makes a disk without a queue or with more
+        // queues than a PCI function has vectors for.
+        let queues = usize::from(config.num_queues.clamp(1, MAX_DRIVE_QUEUES));
         let urings = match config.io_engine {
             IoEngine::Sync => Vec::new(),
             IoEngine::Async => {
