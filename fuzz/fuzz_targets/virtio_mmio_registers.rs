@@ -74,8 +74,10 @@ enum Op {
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Device {
+    /// One to four request queues (`VIRTIO_BLK_F_MQ` above one).
     Block {
         read_only: bool,
+        queues: u8,
     },
     Rng,
     /// On a socket pair (no root), whose host end may be closed.
@@ -138,7 +140,7 @@ fuzz_target!(|input: Input| {
     // Kept open for the whole input (unless the input closes it).
     let mut _host_end = None;
     let device: Box<dyn VirtioDevice> = match input.device {
-        Device::Block { read_only } => {
+        Device::Block { read_only, queues } => {
             let image = IMAGE.get_or_init(|| Image::new(64 * 512));
             image.reset();
             Box::new(
@@ -147,6 +149,7 @@ fuzz_target!(|input: Input| {
                     read_only,
                     id: "fuzz".into(),
                     rate_limit: Default::default(),
+                    num_queues: u16::from(queues % 4) + 1,
                     ..Default::default()
                 })
                 .unwrap(),

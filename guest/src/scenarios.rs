@@ -26,6 +26,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"virtio-evil" => virtio::virtio_evil(machine, detail),
         b"blk-bench" => virtio::blk_bench(machine, detail),
         b"blk-integrity" => virtio::blk_integrity(machine, detail),
+        b"blk-mq" => virtio::blk_mq(machine, detail),
         b"pci" => virtio::pci_scenario(machine, detail),
         b"flood" => virtio::flood(machine, detail),
         b"io-evil" => crate::probe::io_evil(machine, detail),

@@ -1355,11 +1355,17 @@ struct BenchParams {
     /// `blk_event_idx=0` leaves `VIRTIO_RING_F_EVENT_IDX` unnegotiated even when
     /// offered (default: negotiated when offered).
     event_idx: bool,
+    /// Request queues (`blk_queues=`, 1 to [`MQ_MAX_QUEUES`], default 1): more
+    /// than one negotiates `VIRTIO_BLK_F_MQ` when offered; request slot `s`
+    /// goes on queue `s % queues`.
+    queues: usize,
     /// Where the data buffers begin, and their bytes.
     buffers: u64,
     buffer_bytes: u64,
     /// The indirect tables, one per request slot, after the buffers.
     tables: u64,
+    /// The rings of queues 1 and up (three pages each), after the tables.
+    rings: u64,
 }
 
 impl BenchParams {
@@ -1392,6 +1398,7 @@ impl BenchParams {
             return Err(());
         }
         let event_idx = number("blk_event_idx", 0, 1, 1, detail)? == 1;
+        let queues = number("blk_queues", 1, MQ_MAX_QUEUES as u64, 1, detail)? as usize;
         let random = match info.param(b"blk_pattern") {
             None | Some(b"seq") => false,
             Some(b"rand") => true,
@@ -1404,7 +1411,10 @@ impl BenchParams {
             }
         };
         let buffer_bytes = (qd * bs_kib * 1024).min(BENCH_BUFFER_MIB << 20);
-        let mib = (buffer_bytes + BENCH_MAX_QD * TABLE_BYTES).div_ceil(1 << 20);
+        let tables = crate::mobility::DIRTY_BASE + buffer_bytes;
+        let rings = (tables + BENCH_MAX_QD * TABLE_BYTES).next_multiple_of(4096);
+        let end = rings + 0x3000 * MQ_MAX_QUEUES as u64;
+        let mib = (end - crate::mobility::DIRTY_BASE).div_ceil(1 << 20);
         let Some(_) = crate::mobility::free_region(machine, "blk_qd*blk_bs_kib", mib, detail)
         else {
             return Err(());
@@ -1414,9 +1424,11 @@ impl BenchParams {
             bs: (bs_kib * 1024) as u32,
             random,
             event_idx,
+            queues,
             buffers: crate::mobility::DIRTY_BASE,
             buffer_bytes,
-            tables: crate::mobility::DIRTY_BASE + buffer_bytes,
+            tables,
+            rings,
         })
     }
 
@@ -1428,8 +1440,9 @@ impl BenchParams {
 
 /// `blk-bench`: reads then writes of `blk_bs_kib=` KiB, `blk_qd=` of them in flight,
 /// in sequence or at random (`blk_pattern=`) over the first 64 MiB of the first
-/// writable disk, timed with the TSC at CPL3. `VIRTIO_RING_F_EVENT_IDX` is used
-/// when the device offers it (unless `blk_event_idx=0`).
+/// writable disk, timed with the TSC at CPL3, spread over `blk_queues=` request
+/// queues where the device has them. `VIRTIO_RING_F_EVENT_IDX` is used when the
+/// device offers it (unless `blk_event_idx=0`).
 pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
     let Ok(params) = BenchParams::parse(machine, detail) else {
         return false;
@@ -1442,13 +1455,13 @@ pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
         "no virtio-blk device without VIRTIO_BLK_F_RO",
         |dev, clock, detail| {
             let wanted = F_INDIRECT_DESC | if params.event_idx { F_EVENT_IDX } else { 0 };
-            let q = negotiate(dev, clock, wanted).and_then(|features| {
-                let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
-                driver_ok(dev)?;
-                Ok(q)
-            });
-            match q {
-                Ok(mut q) => blk_bench_body(&mut q, clock, params, detail),
+            let mut queues: [Option<Queue>; MQ_MAX_QUEUES] = core::array::from_fn(|_| None);
+            let ring_at = |q: usize| match q {
+                0 => ring(0),
+                q => params.rings + 0x3000 * (q as u64 - 1),
+            };
+            match mq_setup(dev, clock, wanted, params.queues, ring_at, &mut queues) {
+                Ok(n) => blk_bench_body(&mut queues, n, clock, params, detail),
                 Err(error) => fail(detail, "set-up", error),
             }
         },
@@ -1531,16 +1544,24 @@ struct BenchRun {
     reordered: u64,
 }
 
-/// Whether `blk-bench` puts its requests in indirect tables: when the ring
-/// cannot hold three descriptors for each of them.
-fn uses_indirect(q: &Queue, params: BenchParams) -> bool {
-    u32::from(params.qd) * u32::from(DESCS_PER_REQUEST) > u32::from(q.size)
+/// Request slots of `blk-bench` on each of `n` queues.
+fn slots_per_queue(params: BenchParams, n: usize) -> u16 {
+    params.qd.div_ceil(n as u16)
+}
+
+/// Whether `blk-bench` puts its requests in indirect tables: when a ring of
+/// `size` entries cannot hold three descriptors for each of its slots.
+fn uses_indirect(size: u16, params: BenchParams, n: usize) -> bool {
+    u32::from(slots_per_queue(params, n)) * u32::from(DESCS_PER_REQUEST) > u32::from(size)
 }
 
 /// One direction of `blk-bench`: `total` requests of `kind`, `params.qd` in
-/// flight.
+/// flight, slot `s` on queue `s % n` (the first `n` of `queues`, all of `size`
+/// entries).
 fn bench_direction(
-    q: &mut Queue,
+    queues: &mut [Option<Queue>; MQ_MAX_QUEUES],
+    n: usize,
+    size: u16,
     clock: Clock,
     params: BenchParams,
     kind: u32,
@@ -1550,9 +1571,9 @@ fn bench_direction(
     let sectors = u64::from(params.bs / SECTOR);
     let header = |slot: u16| dma(HEADER) + 16 * u64::from(slot);
     let status = |slot: u16| dma(HEADER) + 0x800 + u64::from(slot);
-    // Indirect tables only where the ring cannot hold three descriptors per
+    // Indirect tables only where a ring cannot hold three descriptors per
     // request (checked offered by `blk_bench_body`).
-    let indirect = uses_indirect(q, params);
+    let indirect = uses_indirect(size, params, n);
     let per_request = if indirect { 1 } else { DESCS_PER_REQUEST };
     let mut free: [u16; BENCH_MAX_QD as usize] = [0; BENCH_MAX_QD as usize];
     for (slot, f) in free.iter_mut().enumerate() {
@@ -1565,15 +1586,23 @@ fn bench_direction(
     let (mut submitted, mut completed) = (0u64, 0u64);
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut max_in_flight = 0;
-    q.arm_used_event();
+    for q in queues[..n].iter_mut().flatten() {
+        q.arm_used_event();
+    }
     let start = rdtsc();
     let mut progress = start;
     let mut checked = start;
     while completed < total {
-        let old = q.avail;
+        let mut old = [0u16; MQ_MAX_QUEUES];
+        for (q, old) in queues[..n].iter().flatten().zip(old.iter_mut()) {
+            *old = q.avail;
+        }
         while free_count > 0 && submitted < total {
             free_count -= 1;
             let slot = free[free_count];
+            let Some(q) = queues[usize::from(slot) % n].as_mut() else {
+                return Err("a request slot without its queue");
+            };
             let index = if params.random {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
@@ -1592,7 +1621,7 @@ fn bench_direction(
                 (params.buffer(slot), params.bs, NEXT | writes),
                 (status(slot), 1, WRITE),
             ];
-            let head = slot * per_request;
+            let head = slot / n as u16 * per_request;
             if indirect {
                 // One ring descriptor for the table of the three.
                 let table = params.tables + TABLE_BYTES * u64::from(slot);
@@ -1615,46 +1644,59 @@ fn bench_direction(
             seq[usize::from(slot)] = submitted;
         }
         max_in_flight = max_in_flight.max(submitted - completed);
-        if q.avail != old {
-            q.notify_since(old);
+        for (q, &old) in queues[..n].iter().flatten().zip(old.iter()) {
+            if q.avail != old {
+                q.notify_since(old);
+            }
         }
-        // Every used buffer there is, then one interrupt status read for the batch,
-        // as an interrupt handler does.
+        // Every used buffer there is on every queue, then one interrupt status
+        // read for the batch, as an interrupt handler does.
         let mut batch = 0;
-        while rd::<u16>(q.ring + USED + 2) != q.used {
-            compiler_fence(Ordering::SeqCst);
-            let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
-            let slot = rd::<u32>(elem) as u16 / per_request;
-            q.used = q.used.wrapping_add(1);
-            if slot >= params.qd {
-                return Err("used id is no request's head");
+        for (index, q) in queues[..n].iter_mut().flatten().enumerate() {
+            let mut used = 0;
+            while rd::<u16>(q.ring + USED + 2) != q.used {
+                compiler_fence(Ordering::SeqCst);
+                let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
+                let slot = (rd::<u32>(elem) as u16 / per_request)
+                    .wrapping_mul(n as u16)
+                    .wrapping_add(index as u16);
+                q.used = q.used.wrapping_add(1);
+                if slot >= params.qd {
+                    return Err("used id is no request's head");
+                }
+                match rd::<u8>(status(slot)) {
+                    BLK_S_OK => {}
+                    BLK_S_IOERR => return Err("status IOERR"),
+                    _ => return Err("status not OK"),
+                }
+                let done = seq[usize::from(slot)];
+                if done < latest_done {
+                    reordered += 1;
+                }
+                latest_done = latest_done.max(done);
+                free[free_count] = slot;
+                free_count += 1;
+                completed += 1;
+                used += 1;
             }
-            match rd::<u8>(status(slot)) {
-                BLK_S_OK => {}
-                BLK_S_IOERR => return Err("status IOERR"),
-                _ => return Err("status not OK"),
+            if used > 0 {
+                q.arm_used_event();
             }
-            let done = seq[usize::from(slot)];
-            if done < latest_done {
-                reordered += 1;
-            }
-            latest_done = latest_done.max(done);
-            free[free_count] = slot;
-            free_count += 1;
-            completed += 1;
-            batch += 1;
+            batch += used;
         }
+        let Some(first) = queues[0].as_ref() else {
+            return Err("no queue 0");
+        };
         let now = rdtsc();
         if batch > 0 {
-            q.arm_used_event();
-            let isr = q.dev.read(INTERRUPT_STATUS);
+            let isr = first.dev.read(INTERRUPT_STATUS);
             if isr != 0 {
-                q.dev.write(INTERRUPT_ACK, isr);
+                first.dev.write(INTERRUPT_ACK, isr);
             }
             progress = now;
         } else if now - checked >= clock.ms(1) {
             checked = now;
-            if q.needs_reset() {
+            if first.needs_reset() {
                 return Err("DEVICE_NEEDS_RESET");
             }
             if now - progress > clock.ms(2000) {
@@ -1670,24 +1712,30 @@ fn bench_direction(
 }
 
 fn blk_bench_body(
-    q: &mut Queue,
+    queues: &mut [Option<Queue>; MQ_MAX_QUEUES],
+    n: usize,
     clock: Clock,
     params: BenchParams,
     detail: &mut Line,
 ) -> Result<(), ()> {
-    if uses_indirect(q, params) && (q.features & F_INDIRECT_DESC == 0 || params.qd > q.size) {
+    let Some(q) = queues[0].as_ref() else {
+        return fail(detail, "set-up", "no queue 0");
+    };
+    let (size, features, event_idx, dev) = (q.size, q.features, q.event_idx(), q.dev);
+    let indirect = uses_indirect(size, params, n);
+    if indirect && (features & F_INDIRECT_DESC == 0 || slots_per_queue(params, n) > size) {
         detail
             .str("blk_qd=")
             .dec(u64::from(params.qd))
             .str(": a queue of ")
-            .dec(u64::from(q.size))
+            .dec(u64::from(size))
             .str(" entries holds ")
-            .dec(u64::from(q.size / DESCS_PER_REQUEST))
+            .dec(u64::from(size / DESCS_PER_REQUEST))
             .str(" requests of three descriptors at most, and the device offers no indirect descriptors");
         return Err(());
     }
     let per_request = u64::from(params.bs / SECTOR);
-    let span = q.dev.config_u64(0).min(64 * 2048) / per_request;
+    let span = dev.config_u64(0).min(64 * 2048) / per_request;
     if span == 0 {
         detail.str("disk smaller than one request");
         return Err(());
@@ -1695,7 +1743,7 @@ fn blk_bench_body(
     let total = BENCH_REQUESTS.min(BENCH_BYTES / u64::from(params.bs));
     let (mut deepest, mut reordered) = (0, 0);
     for (kind, name) in [(BLK_T_IN, "read"), (BLK_T_OUT, "write")] {
-        let run = match bench_direction(q, clock, params, kind, total, span) {
+        let run = match bench_direction(queues, n, size, clock, params, kind, total, span) {
             Ok(run) => run,
             Err(error) => return fail(detail, name, error),
         };
@@ -1721,13 +1769,15 @@ fn blk_bench_body(
         .str(" bs_kib=")
         .dec(u64::from(params.bs / 1024))
         .str(" event_idx=")
-        .dec(u64::from(q.event_idx()))
+        .dec(u64::from(event_idx))
         .str(" indirect=")
-        .dec(u64::from(uses_indirect(q, params)))
+        .dec(u64::from(indirect))
         .str(" max_in_flight=")
         .dec(deepest)
         .str(" reordered=")
-        .dec(reordered);
+        .dec(reordered)
+        .str(" queues=")
+        .dec(n as u64);
     Ok(())
 }
 
@@ -1793,7 +1843,7 @@ pub fn blk_integrity(machine: &Machine, detail: &mut Line) -> bool {
                 for (k, request) in requests[..INTEGRITY_WRITES].iter_mut().enumerate() {
                     *request = (BLK_T_OUT, k as u64 * 8);
                 }
-                blk_submit(&mut q, &requests, data);
+                blk_submit(&mut q, &requests, data, dma(HEADER));
                 q = match set_up() {
                     Ok(q) => q,
                     Err(error) => return fail(detail, "set-up after a reset in flight", error),
@@ -1894,13 +1944,14 @@ fn integrity_verify(
     Ok(())
 }
 
-/// Where `blk_batch` puts slot `slot`'s request header and status byte.
-fn batch_header(slot: u16) -> u64 {
-    dma(HEADER) + 16 * u64::from(slot)
+/// Where `blk_batch` puts slot `slot`'s request header and status byte, in
+/// the page at `meta`.
+fn batch_header(meta: u64, slot: u16) -> u64 {
+    meta + 16 * u64::from(slot)
 }
 
-fn batch_status(slot: u16) -> u64 {
-    dma(HEADER) + 0x800 + u64::from(slot)
+fn batch_status(meta: u64, slot: u16) -> u64 {
+    meta + 0x800 + u64::from(slot)
 }
 
 /// Submits `requests` (`(kind, sector)`: request `k` in slot `k`, its 4 KiB of
@@ -1913,11 +1964,22 @@ fn blk_batch(
     data: u64,
     order: &mut [u16],
 ) -> Result<(), &'static str> {
-    blk_submit(q, requests, data);
-    let status = batch_status;
+    blk_submit(q, requests, data, dma(HEADER));
+    blk_collect(q, clock, requests.len(), dma(HEADER), order)
+}
+
+/// The waiting half of [`blk_batch`]: the `n` requests [`blk_submit`] made
+/// available with their headers and statuses at `meta`.
+fn blk_collect(
+    q: &mut Queue,
+    clock: Clock,
+    n: usize,
+    meta: u64,
+    order: &mut [u16],
+) -> Result<(), &'static str> {
     let start = rdtsc();
     let mut done = 0;
-    while done < requests.len() {
+    while done < n {
         if rd::<u16>(q.ring + USED + 2) == q.used {
             if rdtsc() - start > clock.ms(5000) {
                 return Err(if q.needs_reset() {
@@ -1932,10 +1994,10 @@ fn blk_batch(
         let elem = q.ring + USED + 4 + 8 * u64::from(q.used % q.size);
         let slot = rd::<u32>(elem) as u16 / DESCS_PER_REQUEST;
         q.used = q.used.wrapping_add(1);
-        if usize::from(slot) >= requests.len() {
+        if usize::from(slot) >= n {
             return Err("used id is no request's head");
         }
-        if rd::<u8>(status(slot)) != BLK_S_OK {
+        if rd::<u8>(batch_status(meta, slot)) != BLK_S_OK {
             return Err("status not OK");
         }
         order[done] = slot;
@@ -1949,10 +2011,11 @@ fn blk_batch(
     Ok(())
 }
 
-/// The submitting half of [`blk_batch`]: makes `requests` available and
-/// notifies the device.
-fn blk_submit(q: &mut Queue, requests: &[(u32, u64)], data: u64) {
-    let (header, status) = (batch_header, batch_status);
+/// The submitting half of [`blk_batch`]: makes `requests` available, their
+/// headers and statuses in the page at `meta`, and notifies the device.
+fn blk_submit(q: &mut Queue, requests: &[(u32, u64)], data: u64, meta: u64) {
+    let header = |slot| batch_header(meta, slot);
+    let status = |slot| batch_status(meta, slot);
     let old = q.avail;
     q.arm_used_event();
     for (k, &(kind, sector)) in requests.iter().enumerate() {
@@ -1979,6 +2042,184 @@ fn blk_submit(q: &mut Queue, requests: &[(u32, u64)], data: u64) {
         q.push_avail(head);
     }
     q.notify_since(old);
+}
+
+/// `VIRTIO_BLK_F_MQ` (virtio 1.1, 5.2.3): `num_queues` request queues.
+const BLK_F_MQ: u64 = 1 << 12;
+/// The most request queues `blk-mq` and `blk-bench` drive.
+pub(crate) const MQ_MAX_QUEUES: usize = 16;
+/// Requests `blk-mq` keeps in flight on each queue.
+const MQ_PER_QUEUE: usize = 8;
+/// Rounds of writes, then of reads, of `blk-mq`.
+const MQ_ROUNDS: u64 = 2;
+
+/// Negotiates `wanted` and, when `max` is above 1, `VIRTIO_BLK_F_MQ`; sets up
+/// as many request queues as the device has (`num_queues`, le16 at config
+/// offset 34, with F_MQ; else one), `max` at most, queue `q`'s rings at
+/// `ring_at(q)`, 256 entries each; DRIVER_OK. The queues used.
+fn mq_setup(
+    dev: Dev,
+    clock: Clock,
+    wanted: u64,
+    max: usize,
+    ring_at: impl Fn(usize) -> u64,
+    queues: &mut [Option<Queue>; MQ_MAX_QUEUES],
+) -> Result<usize, &'static str> {
+    let mq = if max > 1 { BLK_F_MQ } else { 0 };
+    let features = negotiate(dev, clock, wanted | mq)?;
+    let n = if features & BLK_F_MQ == 0 {
+        1
+    } else {
+        match u16::from_le_bytes([dev.config_u8(34), dev.config_u8(35)]) {
+            0 => return Err("num_queues=0 with VIRTIO_BLK_F_MQ"),
+            n => usize::from(n).min(max),
+        }
+    };
+    for (q, slot) in queues[..n].iter_mut().enumerate() {
+        *slot = Some(setup_queue_at(
+            dev,
+            clock,
+            q as u16,
+            features,
+            ring_at(q),
+            BENCH_QUEUE_SIZE,
+        )?);
+    }
+    driver_ok(dev)?;
+    Ok(n)
+}
+
+/// `blk-mq`: on the first writable disk, `VIRTIO_BLK_F_MQ` negotiated when
+/// offered and every queue set up (16 at most; one without F_MQ); rounds of 8
+/// writes of 4 KiB on each queue, every queue's in flight together; a flush on
+/// each queue; then each queue's blocks read back through the next queue and
+/// checked. Block `(round * queues + q) * 8 + k` is queue `q`'s `k`-th write of
+/// `round`, and holds [`integrity_byte`].
+pub fn blk_mq(machine: &Machine, detail: &mut Line) -> bool {
+    if crate::mobility::free_region(machine, "blk-mq buffers", 1, detail).is_none() {
+        return false;
+    }
+    let base = crate::mobility::DIRTY_BASE;
+    with_device_where(
+        machine,
+        detail,
+        ID_BLK,
+        |f| f & BLK_F_RO == 0,
+        "no virtio-blk device without VIRTIO_BLK_F_RO",
+        |dev, clock, detail| {
+            let mut queues: [Option<Queue>; MQ_MAX_QUEUES] = core::array::from_fn(|_| None);
+            let wanted = F_EVENT_IDX | BLK_F_FLUSH;
+            let ring_at = |q: usize| base + 0x3000 * q as u64;
+            match mq_setup(dev, clock, wanted, MQ_MAX_QUEUES, ring_at, &mut queues) {
+                Ok(n) => blk_mq_body(&mut queues, n, clock, base, detail),
+                Err(error) => fail(detail, "set-up", error),
+            }
+        },
+    )
+}
+
+fn blk_mq_body(
+    queues: &mut [Option<Queue>; MQ_MAX_QUEUES],
+    n: usize,
+    clock: Clock,
+    base: u64,
+    detail: &mut Line,
+) -> Result<(), ()> {
+    // After the rings: a page of headers and statuses, then the data, per queue.
+    let meta = |q: usize| base + 0x30000 + 0x1000 * q as u64;
+    let data = |q: usize| base + 0x40000 + (MQ_PER_QUEUE * 4096 * q) as u64;
+    let block = |round: u64, q: usize, k: usize| (round * n as u64 + q as u64) * 8 + k as u64;
+    let blocks = MQ_ROUNDS * (n * MQ_PER_QUEUE) as u64;
+    let Some(first) = queues[0].as_ref() else {
+        return fail(detail, "set-up", "no queue 0");
+    };
+    let flush = first.features & BLK_F_FLUSH != 0;
+    if first.dev.config_u64(0) / 8 < blocks {
+        return fail(detail, "capacity", "smaller than the blocks written");
+    }
+    let mut counts = [0u64; MQ_MAX_QUEUES];
+    let mut order = [0u16; MQ_PER_QUEUE];
+    let mut requests = [(BLK_T_OUT, 0); MQ_PER_QUEUE];
+    // Submits `requests[..len]` on each queue `q` (what `fill(q)` put there),
+    // then waits for every queue's.
+    let mut batch = |what: &str,
+                     fill: &mut dyn FnMut(usize, &mut [(u32, u64); MQ_PER_QUEUE]),
+                     len: usize,
+                     counts: &mut [u64; MQ_MAX_QUEUES],
+                     detail: &mut Line|
+     -> Result<(), ()> {
+        for (q, queue) in queues[..n].iter_mut().flatten().enumerate() {
+            fill(q, &mut requests);
+            blk_submit(queue, &requests[..len], data(q), meta(q));
+        }
+        for (q, queue) in queues[..n].iter_mut().flatten().enumerate() {
+            if let Err(error) = blk_collect(queue, clock, len, meta(q), &mut order) {
+                detail.str("queue ").dec(q as u64).str(" ");
+                return fail(detail, what, error);
+            }
+            counts[q] += len as u64;
+        }
+        Ok(())
+    };
+    for round in 0..MQ_ROUNDS {
+        let mut writes = |q: usize, requests: &mut [(u32, u64); MQ_PER_QUEUE]| {
+            for (k, request) in requests.iter_mut().enumerate() {
+                let b = block(round, q, k);
+                let buffer = data(q) + 4096 * k as u64;
+                for i in 0..4096 {
+                    wr(buffer + i, integrity_byte(b, i));
+                }
+                *request = (BLK_T_OUT, b * 8);
+            }
+        };
+        batch("write", &mut writes, MQ_PER_QUEUE, &mut counts, detail)?;
+    }
+    if flush {
+        let mut flushes = |_: usize, requests: &mut [(u32, u64); MQ_PER_QUEUE]| {
+            requests[0] = (BLK_T_FLUSH, 0);
+        };
+        batch("flush", &mut flushes, 1, &mut counts, detail)?;
+    }
+    for round in 0..MQ_ROUNDS {
+        // Queue `q` reads what queue `q - 1` wrote.
+        let writer = |q: usize| (q + n - 1) % n;
+        let mut reads = |q: usize, requests: &mut [(u32, u64); MQ_PER_QUEUE]| {
+            for (k, request) in requests.iter_mut().enumerate() {
+                *request = (BLK_T_IN, block(round, writer(q), k) * 8);
+            }
+        };
+        batch("read", &mut reads, MQ_PER_QUEUE, &mut counts, detail)?;
+        for q in 0..n {
+            for k in 0..MQ_PER_QUEUE {
+                let b = block(round, writer(q), k);
+                let buffer = data(q) + 4096 * k as u64;
+                if (0..4096).any(|i| rd::<u8>(buffer + i) != integrity_byte(b, i)) {
+                    detail
+                        .str("block ")
+                        .dec(b)
+                        .str(" read back through queue ")
+                        .dec(q as u64)
+                        .str(" does not hold what was written");
+                    return Err(());
+                }
+            }
+        }
+    }
+    detail
+        .str("queues=")
+        .dec(n as u64)
+        .str(" blocks=")
+        .dec(blocks)
+        .str(" flush=")
+        .dec(u64::from(flush))
+        .str(" per_queue=");
+    for (q, count) in counts[..n].iter().enumerate() {
+        if q > 0 {
+            detail.str(",");
+        }
+        detail.dec(*count);
+    }
+    Ok(())
 }
 
 /// `flood` runs this long without `flood_s=`.

@@ -87,30 +87,7 @@ fn save(t: &MmioTransport) -> MmioTransportState {
 /// The driver's initialisation with `features` acknowledged and one queue per
 /// driver in `queues`.
 fn bring_up(t: &mut MmioTransport, features: u64, queues: &[&Driver]) {
-    write32(t, 0x70, 0);
-    write32(t, 0x70, ACKNOWLEDGE);
-    write32(t, 0x70, ACKNOWLEDGE | DRIVER);
-    for sel in 0..2 {
-        write32(t, 0x24, sel);
-        write32(t, 0x20, (features >> (32 * sel)) as u32);
-    }
-    write32(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    assert_eq!(read32(t, 0x70), ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    for (i, d) in queues.iter().enumerate() {
-        write32(t, 0x30, i as u32);
-        write32(t, 0x38, u32::from(QSIZE));
-        for (reg, addr) in [
-            (0x80, d.vq.desc_table_addr().0),
-            (0x90, d.vq.avail_addr().0),
-            (0xa0, d.used_addr),
-        ] {
-            write32(t, reg, addr as u32);
-            write32(t, reg + 4, (addr >> 32) as u32);
-        }
-        write32(t, 0x44, 1);
-    }
-    write32(t, 0x70, RUNNING);
-    assert_eq!(read32(t, 0x70), RUNNING);
+    common::bring_up_queues(t, features, queues, QSIZE);
 }
 
 /// Every eventfd in `evts` was signalled (and is drained).

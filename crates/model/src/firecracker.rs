@@ -110,6 +110,9 @@ pub struct Drive {
     pub io_engine: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// Vigil's: request queues (`VIRTIO_BLK_F_MQ` above 1); absent: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
 }
 
 /// `PUT /network-interfaces/{iface_id}`.
@@ -692,6 +695,7 @@ impl Drive {
             read_only: self.is_read_only.unwrap_or(false),
             rate_limit: rate_limit("rate_limiter", self.rate_limiter.as_ref())?,
             io_engine,
+            num_queues: self.num_queues.unwrap_or(1),
             ..Default::default()
         };
         drive.validate().map_err(ConfigError::from)?;
@@ -952,7 +956,11 @@ mod tests {
         assert_eq!(c.drives[0].id, "rootfs");
         assert!(c.drives[0].read_only);
         assert_eq!(c.drives[1].id, "data");
+        assert_eq!(c.drives[1].num_queues, 1);
         assert_eq!(c.nets[0].mac, MacAddr::for_interface(0));
+        let mut d = document(&exe);
+        d.drives[0].num_queues = Some(4);
+        assert_eq!(d.to_vm_config(&LIMITS).unwrap().drives[1].num_queues, 4);
     }
 
     #[test]
@@ -1048,6 +1056,10 @@ mod tests {
         assert_eq!(
             refused(&|d| d.drives[1].drive_id = "data".into()),
             "drives: drive_id \"data\": used by two disks"
+        );
+        assert_eq!(
+            refused(&|d| d.drives[0].num_queues = Some(0)),
+            "drives[\"data\"]: num_queues 0: expected 1 to 16 request queues"
         );
         assert_eq!(
             refused(&|d| d.network_interfaces[0].guest_mac = Some("nope".into())),

@@ -439,9 +439,10 @@ pub struct RunArgs {
     /// M, G suffixes); io_engine=sync|async: sync (default) serves one request at a
     /// time on the device thread, async submits reads, writes and flushes to
     /// io_uring, many in flight (Firecracker's io_engine "Async"; refused where the
-    /// host has no io_uring). Example:
-    /// --disk path=rootfs.img,ro=on,id=root,bw=50M,wr_ops=200,io_engine=async
-    #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..][,io_engine=async]", value_parser = crate::devices_cli::parse_disk)]
+    /// host has no io_uring); num_queues=N: request queues, 1 (default) to 16
+    /// (VIRTIO_BLK_F_MQ above 1: a guest gives each vCPU its own). Example:
+    /// --disk path=rootfs.img,ro=on,id=root,bw=50M,wr_ops=200,io_engine=async,num_queues=2
+    #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..][,io_engine=async][,num_queues=N]", value_parser = crate::devices_cli::parse_disk)]
     pub disk: Vec<DriveConfig>,
 
     /// A virtio-rng entropy device fed by the host's getrandom, with an optional
@@ -658,6 +659,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "console" => "--console",
         "drive_id" => "--disk id=",
         "path_on_host" => "--disk path=",
+        "num_queues" => "--disk num_queues=",
         "host_dev_name" => "--net tap=",
         "guest_mac" => "--net mac=",
         "guest_cid" => "--vsock cid=",

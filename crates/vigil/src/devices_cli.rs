@@ -69,7 +69,7 @@ pub fn parse_disk(s: &str) -> Result<DriveConfig, String> {
     let p = Pairs::parse(
         "--disk",
         s,
-        &keys(&["path", "ro", "id", "io_engine"], &rates),
+        &keys(&["path", "ro", "id", "io_engine", "num_queues"], &rates),
     )?;
     let path = p
         .options
@@ -92,6 +92,7 @@ pub fn parse_disk(s: &str) -> Result<DriveConfig, String> {
             ))
             }
         },
+        num_queues: p.named(p.options.number("num_queues"))?.unwrap_or(1),
     })
 }
 
@@ -207,6 +208,8 @@ mod tests {
             parse_disk("path=b.img,io_engine=sync").unwrap().io_engine,
             IoEngine::Sync
         );
+        assert_eq!(d.num_queues, 1);
+        assert_eq!(parse_disk("path=b.img,num_queues=4").unwrap().num_queues, 4);
     }
 
     #[test]
@@ -240,6 +243,9 @@ mod tests {
             parse_disk("path=a,io_engine=Turbo").unwrap_err(),
             "--disk io_engine=Turbo: expected sync (one request at a time) or async (io_uring)"
         );
+        assert!(parse_disk("path=a,num_queues=many")
+            .unwrap_err()
+            .contains("num_queues=many: not a number"));
     }
 
     #[test]

@@ -13,12 +13,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 
-use common::{run, vigil, TIMEOUT};
-
-/// Byte `i` of block (4 KiB) `block` (the guest's `integrity_byte`).
-fn integrity_byte(block: u64, i: u64) -> u8 {
-    (block.wrapping_mul(131) ^ i.wrapping_mul(7) ^ (block >> 8)) as u8
-}
+use common::{integrity_byte, run, vigil, TIMEOUT};
 
 /// Blocks acknowledged as flushed before the kill.
 const KILL_AFTER: u64 = 31 * 40;

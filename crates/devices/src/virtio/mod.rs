@@ -202,6 +202,13 @@ pub trait VirtioDevice: Send {
     fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
         Vec::new()
     }
+    /// The queue whose buffers the events on watched `fd` give back, when they
+    /// are one queue's only (an asynchronous disk's ring per queue): with MSI-X
+    /// only that queue's vector fires. `None`: any queue's.
+    fn fd_queue(&self, fd: RawFd) -> Option<usize> {
+        let _ = fd;
+        None
+    }
     /// One of [`Self::watched_fds`] is ready (only called once the driver set
     /// DRIVER_OK).
     fn process_fd(

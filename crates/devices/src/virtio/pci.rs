@@ -748,9 +748,13 @@ impl VirtioPci {
 mod tests {
     use super::*;
     use crate::pci::{BarWindow, EcamWindow, PciBus};
+    use crate::virtio::block::Block;
     use crate::virtio::rng::Rng;
+    use crate::virtio::VirtioDevice;
     use crate::GuestMemoryMmap;
-    use vm_memory::GuestAddress;
+    use vigil_model::config::{DriveConfig, IoEngine};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::epoll::EventSet;
 
     #[derive(Default)]
     struct FakeVm {
@@ -789,11 +793,22 @@ mod tests {
     /// its vector irqfds, INTx irqfd and interrupt.
     fn function(vm: &Arc<FakeVm>) -> (VirtioPci, Vec<EventFd>, EventFd, Arc<Interrupt>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let device = Box::new(Rng::new(Default::default()));
-        let evts = || vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()];
-        let queue_evts = evts();
-        let notify = vec![queue_evts[0].try_clone().unwrap()];
-        let irqfds: Vec<EventFd> = (0..2)
+        function_of(vm, Box::new(Rng::new(Default::default())), mem)
+    }
+
+    /// [`function`] for `device` over `mem`: a vector per queue and one for
+    /// the configuration.
+    fn function_of(
+        vm: &Arc<FakeVm>,
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+    ) -> (VirtioPci, Vec<EventFd>, EventFd, Arc<Interrupt>) {
+        let queues = device.queue_max_sizes().len();
+        let queue_evts: Vec<EventFd> = (0..queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let notify = queue_evts.iter().map(|e| e.try_clone().unwrap()).collect();
+        let irqfds: Vec<EventFd> = (0..=queues)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
         let intx = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -804,7 +819,7 @@ mod tests {
                 .map(|(i, e)| (e.try_clone().unwrap(), 24 + i as u32))
                 .collect(),
             (intx.try_clone().unwrap(), 5),
-            1,
+            queues,
             vm.clone(),
         )));
         let interrupt = Arc::new(Interrupt::msix(msix.clone()));
@@ -1032,5 +1047,98 @@ mod tests {
         // The guest unmasks the function: the pending vector fires.
         back.config_write(cap as usize + 2, &MSIX_ENABLE.to_le_bytes());
         assert_eq!(irqfds[0].read().unwrap(), 1);
+    }
+
+    /// A disk of two queues on the asynchronous engine: a flush on queue 1
+    /// completes through queue 1's io_uring, and only queue 1's vector fires.
+    #[test]
+    fn each_queue_of_a_disk_has_its_own_vector() {
+        let image = std::env::temp_dir().join(format!("vigil-pci-mq-{}.img", std::process::id()));
+        std::fs::write(&image, [0x5au8; 4096]).unwrap();
+        let disk = Block::new(&DriveConfig {
+            path: image.clone(),
+            id: "mq".into(),
+            io_engine: IoEngine::Async,
+            num_queues: 2,
+            ..Default::default()
+        })
+        .expect("io_uring on this host");
+        std::fs::remove_file(&image).ok();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vm = Arc::new(FakeVm::default());
+        let (mut f, irqfds, intx, _) = function_of(&vm, Box::new(disk), mem.clone());
+        let write = |f: &mut VirtioPci, at: u64, value: u64, len: usize| {
+            f.bar_write(at, &value.to_le_bytes()[..len]);
+        };
+        // Every vector routed and unmasked, MSI-X on.
+        for v in 0..3 {
+            write(&mut f, MSIX_TABLE + 16 * v, 0xfee0_0000, 4);
+            write(&mut f, MSIX_TABLE + 16 * v + 8, 0x41 + v, 4);
+            write(&mut f, MSIX_TABLE + 16 * v + 12, 0, 4);
+        }
+        let cap = f.msix_cap;
+        f.config_write(cap + 2, &MSIX_ENABLE.to_le_bytes());
+        // VERSION_1 and VIRTIO_BLK_F_MQ; queue q's rings at 0x10000 * (q + 1),
+        // on vector q + 1.
+        write(&mut f, 0x14, 1 | 2, 1);
+        write(&mut f, 0x08, 0, 4);
+        write(&mut f, 0x0c, 1 << 12, 4);
+        write(&mut f, 0x08, 1, 4);
+        write(&mut f, 0x0c, 1, 4);
+        write(&mut f, 0x14, 1 | 2 | 8, 1);
+        for q in 0..2u64 {
+            let rings = 0x10000 * (q + 1);
+            write(&mut f, 0x16, q, 2);
+            write(&mut f, 0x18, 16, 2);
+            write(&mut f, 0x1a, q + 1, 2);
+            write(&mut f, 0x20, rings, 8);
+            write(&mut f, 0x28, rings + 0x1000, 8);
+            write(&mut f, 0x30, rings + 0x2000, 8);
+            write(&mut f, 0x1c, 1, 2);
+        }
+        write(&mut f, 0x14, 1 | 2 | 8 | 4, 1);
+        assert_eq!(f.transport().status(), 1 | 2 | 8 | 4);
+        // A flush on queue 1 (header, status): it goes to the kernel's workers,
+        // so it completes through the ring's eventfd.
+        let rings = 0x20000u64;
+        mem.write_obj([4u64, 0u64], GuestAddress(0x40000)).unwrap();
+        for (i, (addr, len, flags)) in [(0x40000u64, 16u32, 1u16), (0x42000, 1, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let desc = rings + 16 * i as u64;
+            mem.write_obj(addr, GuestAddress(desc)).unwrap();
+            mem.write_obj(len, GuestAddress(desc + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(desc + 12)).unwrap();
+            mem.write_obj(i as u16 + 1, GuestAddress(desc + 14))
+                .unwrap();
+        }
+        mem.write_obj(0xffu8, GuestAddress(0x42000)).unwrap();
+        mem.write_obj([0u16, 1, 0], GuestAddress(rings + 0x1000))
+            .unwrap();
+        f.transport().process_queue(1);
+        let used =
+            |mem: &GuestMemoryMmap| mem.read_obj::<u16>(GuestAddress(rings + 0x2002)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while used(&mem) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the read never completed"
+            );
+            let fds = f.transport().watched_fds();
+            for (fd, _) in fds {
+                f.transport().process_fd(fd, EventSet::IN);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x42000)).unwrap(),
+            0,
+            "S_OK"
+        );
+        assert_eq!(irqfds[2].read().unwrap(), 1, "queue 1's vector");
+        assert!(irqfds[1].read().is_err(), "not queue 0's");
+        assert!(irqfds[0].read().is_err(), "not the configuration's");
+        assert!(intx.read().is_err(), "no INTx with MSI-X on");
     }
 }

@@ -218,6 +218,35 @@ pub fn bring_up(t: &mut MmioTransport, d: &Driver, size: u16) -> u32 {
     read32(t, 0x70)
 }
 
+/// The driver's initialisation with `features` acknowledged and queue `i` set
+/// up from `queues[i]` with `size` entries, then DRIVER_OK.
+pub fn bring_up_queues(t: &mut MmioTransport, features: u64, queues: &[&Driver], size: u16) {
+    write32(t, 0x70, 0);
+    write32(t, 0x70, 1);
+    write32(t, 0x70, 1 | 2);
+    for sel in 0..2 {
+        write32(t, 0x24, sel);
+        write32(t, 0x20, (features >> (32 * sel)) as u32);
+    }
+    write32(t, 0x70, 1 | 2 | 8);
+    assert_eq!(read32(t, 0x70), 1 | 2 | 8, "FEATURES_OK accepted");
+    for (i, d) in queues.iter().enumerate() {
+        write32(t, 0x30, i as u32);
+        write32(t, 0x38, u32::from(size));
+        for (reg, addr) in [
+            (0x80, d.vq.desc_table_addr().0),
+            (0x90, d.vq.avail_addr().0),
+            (0xa0, d.used_addr),
+        ] {
+            write32(t, reg, addr as u32);
+            write32(t, reg + 4, (addr >> 32) as u32);
+        }
+        write32(t, 0x44, 1);
+    }
+    write32(t, 0x70, 1 | 2 | 8 | 4);
+    assert_eq!(read32(t, 0x70), 1 | 2 | 8 | 4, "DRIVER_OK");
+}
+
 pub fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
     let mut b = [0u8; 4];
     t.read(offset, &mut b);

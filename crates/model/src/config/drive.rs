@@ -7,9 +7,13 @@ use crate::config::FieldError;
 
 /// Longest drive id: the virtio-blk serial the guest reads is 20 bytes.
 pub const MAX_DRIVE_ID: usize = 20;
+/// The most request queues a disk may have (`num_queues`): one per vCPU is
+/// what a guest uses, and each takes an MSI-X vector and, on the asynchronous
+/// engine, an io_uring.
+pub const MAX_DRIVE_QUEUES: u16 = 16;
 
 /// How a disk is attached.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DriveConfig {
     /// Device id the guest reads with GET_ID (1 to [`MAX_DRIVE_ID`] bytes).
     pub id: String,
@@ -27,6 +31,24 @@ pub struct DriveConfig {
     pub write_limit: RateLimit,
     /// How reads, writes and flushes reach the image.
     pub io_engine: IoEngine,
+    /// Request queues (1 to [`MAX_DRIVE_QUEUES`]); above 1 the device offers
+    /// `VIRTIO_BLK_F_MQ`, so that a guest can give each vCPU its own queue.
+    pub num_queues: u16,
+}
+
+impl Default for DriveConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            path: PathBuf::new(),
+            read_only: false,
+            rate_limit: RateLimit::default(),
+            read_limit: RateLimit::default(),
+            write_limit: RateLimit::default(),
+            io_engine: IoEngine::default(),
+            num_queues: 1,
+        }
+    }
 }
 
 /// How a disk's reads, writes and flushes reach its image (Firecracker's
@@ -62,6 +84,8 @@ pub enum DriveConfigError {
     IdTooLong(String),
     #[error("drive_id {0:?}: used by two disks")]
     DuplicateId(String),
+    #[error("num_queues {0}: expected 1 to {MAX_DRIVE_QUEUES} request queues")]
+    NumQueues(u16),
     #[error("path_on_host: empty path")]
     EmptyPath,
     #[error("path_on_host {0:?}: a directory, not a disk image")]
@@ -78,13 +102,14 @@ impl FieldError for DriveConfigError {
     fn field(&self) -> &'static str {
         match self {
             Self::EmptyId | Self::IdTooLong(_) | Self::DuplicateId(_) => "drive_id",
+            Self::NumQueues(_) => "num_queues",
             Self::EmptyPath | Self::Directory(_) | Self::Open { .. } => "path_on_host",
         }
     }
 }
 
 impl DriveConfig {
-    /// Checks one disk on its own: its id, and that its image (a file or a block
+    /// Checks one disk on its own: its id, its queue count, and that its image (a file or a block
     /// device) opens as the device will open it (a read-only disk needs no write
     /// permission).
     pub fn validate(&self) -> Result<(), DriveConfigError> {
@@ -93,6 +118,9 @@ impl DriveConfig {
         }
         if self.id.len() > MAX_DRIVE_ID {
             return Err(DriveConfigError::IdTooLong(self.id.clone()));
+        }
+        if !(1..=MAX_DRIVE_QUEUES).contains(&self.num_queues) {
+            return Err(DriveConfigError::NumQueues(self.num_queues));
         }
         if self.path.as_os_str().is_empty() {
             return Err(DriveConfigError::EmptyPath);

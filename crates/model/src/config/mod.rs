@@ -441,6 +441,15 @@ mod tests {
             .to_string()
             .contains("longer than the 20 bytes virtio-blk allows"));
         c.drives[1] = drive("b");
+        for n in [0, 17] {
+            c.drives[1].num_queues = n;
+            assert_eq!(
+                err(&c).named("--disk num_queues="),
+                format!("--disk num_queues={n}: expected 1 to 16 request queues")
+            );
+        }
+        c.drives[1].num_queues = 16;
+        c.validate(&LIMITS).unwrap();
         c.drives[1].path = "/".into();
         assert_eq!(
             err(&c).to_string(),

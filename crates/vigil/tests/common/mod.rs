@@ -198,6 +198,12 @@ pub fn hardware_kvm() -> bool {
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Byte `i` of block (4 KiB) `block` as the test guest's `blk-integrity` and
+/// `blk-mq` write it (its `integrity_byte`).
+pub fn integrity_byte(block: u64, i: u64) -> u8 {
+    (block.wrapping_mul(131) ^ i.wrapping_mul(7) ^ (block >> 8)) as u8
+}
+
 /// Runs `vigil ARGS` until its console shows every one of `wanted` (or `timeout`
 /// passes), then stops it with SIGTERM and collects what it printed.
 pub fn run_until(args: &[&str], wanted: &[&str], timeout: Duration) -> Run {

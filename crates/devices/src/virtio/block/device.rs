@@ -25,6 +25,7 @@ use crate::virtio::{
     add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
     TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
+use vigil_model::config::drive::MAX_DRIVE_QUEUES;
 use vigil_model::config::{DriveConfig, FieldError, IoEngine};
 
 const QUEUE_SIZE: u16 = 256;
@@ -37,6 +38,8 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
+/// `num_queues` request queues instead of one.
+const F_MQ: u64 = 1 << 12;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
 
@@ -51,8 +54,16 @@ pub struct Block {
     pub(super) read_limiter: RateLimiter,
     pub(super) write_limiter: RateLimiter,
     buf: Vec<u8>,
-    /// The asynchronous engine's ring (`io_engine` Async), else `None`.
-    uring: Option<Uring>,
+    /// Each request queue's maximum size; their number is `num_queues`.
+    queue_sizes: Vec<u16>,
+    /// The driver accepted `VIRTIO_BLK_F_MQ`: queues past the first are served.
+    mq: bool,
+    /// A queue past the first was notified without F_MQ and logged: a guest
+    /// that keeps doing it is not logged again until a reset.
+    ignored_logged: bool,
+    /// The asynchronous engine's rings (`io_engine` Async), one per queue, so
+    /// that a completion goes back on its own queue; empty for Sync.
+    urings: Vec<Uring>,
     /// The asynchronous engine's lists, kept between requests (no allocation
     /// per request): the chain's buffers, a request's data buffers, completions.
     readable: Vec<(GuestAddress, usize)>,
@@ -125,16 +136,22 @@ impl Block {
         }
         let mut id = [0u8; ID_LEN];
         id[..config.id.len()].copy_from_slice(config.id.as_bytes());
-        let uring = match config.io_engine {
-            IoEngine::Sync => None,
+        // Checked where configurations and states come in; kept in range here
+        // too, so that no caller makes a disk without a queue or with more
+        // queues than a PCI function has vectors for.
+        let queues = usize::from(config.num_queues.clamp(1, MAX_DRIVE_QUEUES));
+        let urings = match config.io_engine {
+            IoEngine::Sync => Vec::new(),
             IoEngine::Async => {
-                let uring =
-                    Uring::new(QUEUE_SIZE).map_err(|source| BlockError::IoUring { source })?;
+                let urings = (0..queues)
+                    .map(|_| Uring::new(QUEUE_SIZE))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| BlockError::IoUring { source })?;
                 tracing::info!(
                     drive = config.id,
-                    "io_engine Async: requests go to an io_uring of {QUEUE_SIZE} entries"
+                    "io_engine Async: requests go to an io_uring of {QUEUE_SIZE} entries per queue ({queues} queues)"
                 );
-                Some(uring)
+                urings
             }
         };
         Ok(Self {
@@ -147,7 +164,10 @@ impl Block {
             read_limiter: RateLimiter::new(config.read_limit),
             write_limiter: RateLimiter::new(config.write_limit),
             buf: vec![0; CHUNK],
-            uring,
+            queue_sizes: vec![QUEUE_SIZE; queues],
+            mq: false,
+            ignored_logged: false,
+            urings,
             readable: Vec::new(),
             writable: Vec::new(),
             segments: Vec::new(),
@@ -172,11 +192,16 @@ impl Block {
 
     /// How requests reach the image.
     pub fn io_engine(&self) -> IoEngine {
-        if self.uring.is_some() {
+        if !self.urings.is_empty() {
             IoEngine::Async
         } else {
             IoEngine::Sync
         }
+    }
+
+    /// Request queues.
+    pub fn num_queues(&self) -> u16 {
+        self.queue_sizes.len() as u16
     }
 
     /// Capacity in sectors.
@@ -439,11 +464,16 @@ impl Block {
         Ok(used)
     }
 
-    /// Hands the requests queued for the asynchronous engine to the kernel, and
-    /// gives back any that completed already (reads from the page cache often
-    /// complete during submission).
-    fn submit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
-        let Some(uring) = self.uring.as_mut() else {
+    /// Hands the requests queued for queue `index` on the asynchronous engine
+    /// to the kernel, and gives back any that completed already (reads from the
+    /// page cache often complete during submission).
+    fn submit(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceBroken> {
+        let Some(uring) = self.urings.get_mut(index) else {
             return Ok(false);
         };
         if let Err(e) = uring.submit() {
@@ -519,7 +549,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -528,7 +558,8 @@ impl VirtioDevice for Block {
             | VIRTIO_F_RING_INDIRECT_DESC
             | F_SEG_MAX
             | F_BLK_SIZE
-            | F_FLUSH;
+            | F_FLUSH
+            | if self.queue_sizes.len() > 1 { F_MQ } else { 0 };
         if self.read_only {
             base | F_RO
         } else {
@@ -545,6 +576,7 @@ impl VirtioDevice for Block {
         config[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        config[34..36].copy_from_slice(&self.num_queues().to_le_bytes());
         config[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
         config[40..44].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes());
         config[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard alignment, sectors
@@ -558,15 +590,29 @@ impl VirtioDevice for Block {
         self.metrics.interrupts.inc();
     }
 
+    fn ack_features(&mut self, acked: u64) {
+        self.mq = acked & F_MQ != 0;
+    }
+
     fn process_queue(
         &mut self,
-        _index: usize,
+        index: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
+        if index > 0 && !self.mq {
+            // Without VIRTIO_BLK_F_MQ only queue 0 exists for the driver.
+            if !std::mem::replace(&mut self.ignored_logged, true) {
+                tracing::warn!(
+                    index,
+                    "virtio-blk queue notified without VIRTIO_BLK_F_MQ; ignored"
+                );
+            }
+            return Ok(QueueOutcome::Done(false));
+        }
         let outcome = serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            let is_async = self.uring.is_some();
+            let is_async = !self.urings.is_empty();
             if is_async {
                 self.note_buffers(&chain);
             }
@@ -598,8 +644,8 @@ impl VirtioDevice for Block {
                     segments: &self.segments,
                 };
                 match self
-                    .uring
-                    .as_mut()
+                    .urings
+                    .get_mut(index)
                     .and_then(|u| u.push(&self.file, mem, &submission))
                 {
                     Some(true) => return Ok(Served::Kept { release: None }),
@@ -620,7 +666,7 @@ impl VirtioDevice for Block {
                 0
             })))
         })?;
-        let completed = self.submit(queue, mem)?;
+        let completed = self.submit(index, queue, mem)?;
         Ok(match outcome {
             QueueOutcome::Done(used) => QueueOutcome::Done(used || completed),
             QueueOutcome::RetryAfter(wait, used) => {
@@ -630,10 +676,16 @@ impl VirtioDevice for Block {
     }
 
     fn watched_fds(&mut self) -> Vec<(std::os::fd::RawFd, EventSet)> {
-        self.uring
-            .as_ref()
-            .map(|u| vec![(u.eventfd().as_raw_fd(), EventSet::IN)])
-            .unwrap_or_default()
+        self.urings
+            .iter()
+            .map(|u| (u.eventfd().as_raw_fd(), EventSet::IN))
+            .collect()
+    }
+
+    fn fd_queue(&self, fd: std::os::fd::RawFd) -> Option<usize> {
+        self.urings
+            .iter()
+            .position(|u| u.eventfd().as_raw_fd() == fd)
     }
 
     fn process_fd(
@@ -643,13 +695,13 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let (Some(uring), Some(queue)) = (self.uring.as_mut(), queues.first_mut()) else {
+        let Some(index) = self.fd_queue(fd) else {
             return Ok(QueueOutcome::Done(false));
         };
-        if uring.eventfd().as_raw_fd() != fd {
+        let Some(queue) = queues.get_mut(index) else {
             return Ok(QueueOutcome::Done(false));
-        }
-        uring.completed(&mut self.done);
+        };
+        self.urings[index].completed(&mut self.done);
         Ok(QueueOutcome::Done(self.complete(queue, mem)?))
     }
 
@@ -658,19 +710,25 @@ impl VirtioDevice for Block {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let (Some(uring), Some(queue)) = (self.uring.as_mut(), queues.first_mut()) else {
-            return Ok(QueueOutcome::Done(false));
-        };
-        uring.wait_all(&mut self.done);
-        Ok(QueueOutcome::Done(self.complete(queue, mem)?))
+        let mut used = false;
+        for (index, queue) in queues.iter_mut().enumerate() {
+            let Some(uring) = self.urings.get_mut(index) else {
+                break;
+            };
+            uring.wait_all(&mut self.done);
+            used |= self.complete(queue, mem)?;
+        }
+        Ok(QueueOutcome::Done(used))
     }
 
     fn reset(&mut self) {
-        // The driver forgot its queue: what is in flight completes unreported.
+        // The driver forgot its queues: what is in flight completes unreported.
         // No waiting: the status write that resets comes on a vCPU thread.
-        if let Some(uring) = self.uring.as_mut() {
+        for uring in &mut self.urings {
             uring.forget_all();
         }
         self.done.clear();
+        self.mq = false;
+        self.ignored_logged = false;
     }
 }

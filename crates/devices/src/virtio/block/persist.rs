@@ -10,6 +10,7 @@ use crate::persist::{Persist, RestoreError};
 use crate::rate_limiter::RateLimitState;
 use crate::virtio::persist::VirtioDeviceState;
 use crate::virtio::{VirtioDevice, TYPE_BLOCK};
+use vigil_model::config::drive::MAX_DRIVE_QUEUES;
 use vigil_model::config::{DriveConfig, IoEngine};
 
 /// virtio-blk: the image is re-opened from `path` on restore; it must still have
@@ -30,6 +31,13 @@ pub struct BlockState {
     /// asynchronous engine: `Sync`).
     #[serde(default)]
     pub io_engine: IoEngine,
+    /// Request queues (absent in snapshots from before multi-queue: 1).
+    #[serde(default = "one_queue")]
+    pub num_queues: u16,
+}
+
+fn one_queue() -> u16 {
+    1
 }
 
 impl Persist for Block {
@@ -48,6 +56,7 @@ impl Persist for Block {
             read_limit: self.read_limiter.limit().into(),
             write_limit: self.write_limiter.limit().into(),
             io_engine: self.io_engine(),
+            num_queues: self.num_queues(),
         }
     }
 
@@ -63,6 +72,13 @@ impl Persist for Block {
         if s.id.len() > ID_LEN {
             return Err(id_too_long());
         }
+        if !(1..=MAX_DRIVE_QUEUES).contains(&s.num_queues) {
+            return Err(RestoreError::invalid(
+                "num_queues",
+                s.num_queues,
+                format!("expected 1 to {MAX_DRIVE_QUEUES}"),
+            ));
+        }
         let config = DriveConfig {
             path: s.path.clone(),
             read_only: s.read_only,
@@ -71,6 +87,7 @@ impl Persist for Block {
             read_limit: s.read_limit.to_limit("read_limit")?,
             write_limit: s.write_limit.to_limit("write_limit")?,
             io_engine: s.io_engine,
+            num_queues: s.num_queues,
         };
         let block = Block::new(&config).map_err(|e| match e {
             BlockError::Open { mode, source, .. } => RestoreError::Resource {

@@ -241,7 +241,8 @@ impl MmioTransport {
         let result = self
             .device
             .process_fd(fd, events, &mut self.queues, &self.mem);
-        self.outcome(None, result)
+        let index = self.device.fd_queue(fd);
+        self.outcome(index, result)
     }
 
     /// Completes what the device has in flight on the host (see

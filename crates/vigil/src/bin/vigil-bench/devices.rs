@@ -59,6 +59,14 @@ pub struct BlkBenchArgs {
     /// Offsets drawn at random instead of in sequence.
     #[arg(long)]
     pub random: bool,
+
+    /// Above 1, also run Vigil with its disk on the asynchronous engine and
+    /// this many request queues (`num_queues`, 2 to 16), as a row of its own:
+    /// the guest spreads its requests over them (`VIRTIO_BLK_F_MQ`; the other
+    /// rows' devices offer one queue, so their guests use that one).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub queues: u16,
 }
 
 #[derive(Args, Debug)]
@@ -418,6 +426,10 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
     let image = scratch.0.join("disk.img");
     let mut vmms = vmms(&args.common, &scratch.0)?;
     vmms.insert(1, Vmm::vigil(VIGIL_ASYNC, &[])?);
+    let multi_queue = format!("vigil (io_engine=async, num_queues={})", args.queues);
+    if args.queues > 1 {
+        vmms.insert(2, Vmm::vigil(&multi_queue, &[])?);
+    }
     for fc in vmms.iter_mut() {
         if let Kind::Firecracker(_) = fc.kind {
             fc.name = "firecracker (Async)".into();
@@ -429,7 +441,10 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
         for &kib in &args.bs {
             cases.push(Case {
                 label: format!("queue depth {qd}, {kib} KiB requests, {pattern}"),
-                params: format!("blk_qd={qd} blk_bs_kib={kib} blk_pattern={pattern}"),
+                params: format!(
+                    "blk_qd={qd} blk_bs_kib={kib} blk_pattern={pattern} blk_queues={}",
+                    args.queues
+                ),
             });
         }
     }
@@ -451,9 +466,11 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
         match &vmm.kind {
             Kind::Vigil(_) | Kind::JailedVigil(_) => {
                 let engine = if vmm.name == VIGIL_ASYNC {
-                    ",io_engine=async"
+                    ",io_engine=async".to_string()
+                } else if vmm.name == multi_queue {
+                    format!(",io_engine=async,num_queues={}", args.queues)
                 } else {
-                    ""
+                    String::new()
                 };
                 cmd.arg("--disk")
                     .arg(format!("path={}{engine}", image.display()));
