@@ -96,11 +96,13 @@ pub(crate) fn send(
             pending
         }))
     });
-    let (state, pending) = match captured {
+    let (mut state, pending) = match captured {
         Ok((state, Ok(pending))) => (state, pending),
         Ok((_, Err(e))) => return before_commit(out, e.into()),
         Err(e) => return before_commit(out, e.into()),
     };
+    // Held pages go whole in post-copy: nothing there is held.
+    state.memory_held = Default::default();
     let order: Vec<u64> = pending.dirty_pages().collect();
     let to_send = PageSet::new(&memory_ranges(mem.memory()));
     for &gpa in &order {

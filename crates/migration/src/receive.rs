@@ -261,17 +261,14 @@ fn attempt(
         packed,
     } = receive_state(&mut **stream, token)?;
     overrides.apply(&mut state)?;
-    // The pages the source's pager held go to a pool at once: those that
-    // came packed as they are, the others (zeros) taken out of RAM.
+    // The pages the source's pager held with data came packed: they go to
+    // this pager's pool at once (those of zeros never came).
     let pager = match overrides.memory_compression {
         Some(_) if !pending.is_empty() => return Err(ReceiveError::Postcopy),
         Some(config) => {
             let mut pager =
                 Pager::new(config, &mem, Default::default()).map_err(BuildError::from)?;
-            pager.adopt(packed).map_err(BuildError::from)?;
-            let held = pager
-                .take_out(&state.memory_held)
-                .map_err(BuildError::from)?;
+            let held = pager.adopt(packed).map_err(BuildError::from)?;
             tracing::info!(
                 pages_held = held,
                 "memory compression on for the arriving VM"

@@ -397,7 +397,7 @@ impl Migrator {
         reader: &vigil_vmm::DirtyReader,
         pending: &DirtyLog,
     ) -> Result<(), MigrationError> {
-        let (state, counts) = self.control.capture(|mem, _| {
+        let (mut state, counts) = self.control.capture(|mem, _| {
             // Infallible for the capture: what failed here is the migration's.
             Ok(
                 send_pages(out, mem, pending.dirty_pages(), false, true).and_then(|a| {
@@ -417,6 +417,9 @@ impl Migrator {
             s.zero_pages += counts.zeros;
             s.packed_pages += counts.packed;
         });
+        // The destination knows the held pages with data from their Packed
+        // frames; those of zeros never came, and are zeros there.
+        state.memory_held = Default::default();
         let state = serde_json::to_vec(&state).map_err(|e| WireError::Payload {
             kind: Kind::State,
             why: format!("cannot encode the state: {e}"),

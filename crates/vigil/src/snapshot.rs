@@ -72,12 +72,11 @@ pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
         }
     );
     if !state.memory_held.is_empty() {
-        let pages: u64 = state.memory_held.iter().map(|r| r.bytes / 4096).sum();
         let _ = writeln!(
             out,
-            "memory held compressed at the capture: {pages} pages in {} ranges (a Vigil with \
+            "memory held compressed at the capture: {} pages (a Vigil with \
              --memory-compression loads them straight into its pool)",
-            state.memory_held.len()
+            state.memory_held.count()
         );
     }
     let clock = &state.kvm.clock;

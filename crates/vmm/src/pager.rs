@@ -44,9 +44,10 @@
 //!
 //! Whoever reads all of guest memory (a snapshot, a migration) does so
 //! through a [`MemoryReader`], which decompresses held pages into its own
-//! buffer instead of faulting them back into RAM; the capture lists the
-//! held pages, and a VM loaded or received with the pager takes them out
-//! again before it runs ([`Pager::load`], [`Pager::take_out`]).
+//! buffer instead of faulting them back into RAM (a migration sends them
+//! compressed, [`MemoryReader::read_packed`]); a snapshot lists the held
+//! pages, and a VM loaded or received with the pager holds them again before
+//! it runs ([`Pager::load`], [`Pager::adopt`]).
 //!
 //! The pool lives in this process only: if the VMM dies the held pages are
 //! lost with it, exactly as guest RAM would be.
@@ -66,7 +67,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty_log::{DirtyLog, DirtyReader, DirtyTracker, PAGE_SIZE};
 use crate::lazy_memory::{Fault, LazyMemory, LazyMemoryError};
-use crate::snapshot::MemoryRange;
+use crate::snapshot::PageBits;
 use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -157,8 +158,8 @@ pub enum PagerError {
     Fill(LazyMemoryError),
     #[error("--memory-compression: guest memory is loaded once, before the pager scans")]
     Loaded,
-    #[error("memory_held[{index}]: {:#x}+{:#x} is not whole pages of guest RAM", range.guest_address, range.bytes)]
-    Held { index: usize, range: MemoryRange },
+    #[error("memory_held: page {page} of {pages}: not a page of guest RAM")]
+    Held { page: usize, pages: usize },
 }
 
 /// Where one held page's bytes are.
@@ -538,7 +539,7 @@ impl Pager {
         &mut self,
         file: &File,
         data: &[(u64, u64)],
-        held: &[MemoryRange],
+        held: &PageBits,
     ) -> Result<LoadInfo, PagerError> {
         let shared = &*self.shared;
         let encoder = match &mut self.encoder {
@@ -594,36 +595,6 @@ impl Pager {
             t.zeros + t.stored
         };
         Ok(info)
-    }
-
-    /// Takes the pages in `held` out of RAM now, before the VM runs: memory
-    /// received by migration from a VM whose pager held them. Returns how
-    /// many are held.
-    pub fn take_out(&mut self, held: &[MemoryRange]) -> Result<u64, PagerError> {
-        let encoder = self.encoder.as_mut().ok_or(PagerError::Loaded)?;
-        let shared = &*self.shared;
-        let mut pages = held_pages(&shared.pages, held)?;
-        pages.sort_unstable();
-        pages.dedup();
-        // A page never written here is zeros, and out of RAM already: held
-        // as such at no cost. The others are read and compressed.
-        if let Ok(backed) = DirtyLog::backed(&shared.mem) {
-            let mut t = lock(&shared.table);
-            pages.retain(|&i| {
-                if backed.is_dirty(shared.pages.gpa(i)) || t.slots[i] != Slot::Resident {
-                    return true;
-                }
-                t.slots[i] = Slot::Zero;
-                t.zeros += 1;
-                false
-            });
-            shared.publish(&t);
-        }
-        for batch in pages.chunks(BATCH) {
-            compress_batch(shared, batch, encoder).map_err(PagerError::Fill)?;
-        }
-        let t = lock(&shared.table);
-        Ok(t.zeros + t.stored)
     }
 
     /// Holds `packed` (pages a migration source's pager held, sent as its
@@ -703,32 +674,16 @@ impl Pager {
 }
 
 /// The page numbers of `held` (a snapshot's or migration's `memory_held`,
-/// from outside: each range must be whole pages of guest RAM).
-fn held_pages(pages: &Pages, held: &[MemoryRange]) -> Result<Vec<usize>, PagerError> {
-    let mut out = Vec::new();
-    for (i, r) in held.iter().enumerate() {
-        let last = r
-            .guest_address
-            .checked_add(r.bytes)
-            .and_then(|end| end.checked_sub(PAGE_SIZE));
-        let first = pages.index(r.guest_address);
-        match (first, last.and_then(|l| pages.index(l))) {
-            (Some(first), Some(last))
-                if r.guest_address.is_multiple_of(PAGE_SIZE)
-                    && r.bytes.is_multiple_of(PAGE_SIZE)
-                    && last - first + 1 == (r.bytes / PAGE_SIZE) as usize =>
-            {
-                out.extend(first..=last)
-            }
-            _ => {
-                return Err(PagerError::Held {
-                    index: i,
-                    range: *r,
-                })
-            }
-        }
+/// from outside: each must be a page of guest RAM).
+fn held_pages(pages: &Pages, held: &PageBits) -> Result<Vec<usize>, PagerError> {
+    let out: Vec<usize> = held.pages().collect();
+    match out.last() {
+        Some(&page) if page >= pages.total => Err(PagerError::Held {
+            page,
+            pages: pages.total,
+        }),
+        _ => Ok(out),
     }
-    Ok(out)
 }
 
 /// Puts page `index`, whose bytes are `page`, in the pool as the scanner
@@ -919,29 +874,21 @@ impl MemoryReader {
         Ok(())
     }
 
-    /// The pages held now, as ranges of guest memory (none without a pager).
-    pub fn held(&self) -> Vec<MemoryRange> {
+    /// The pages held now, numbered through the RAM ranges (none without a
+    /// pager).
+    pub fn held(&self) -> PageBits {
         let Some(shared) = &self.pager else {
-            return Vec::new();
+            return PageBits::default();
         };
-        let mut held: Vec<MemoryRange> = Vec::new();
+        let mut held = Vec::new();
         for start in (0..shared.pages.total).step_by(SCAN_SLICE) {
             let t = lock(&shared.table);
-            for i in start..(start + SCAN_SLICE).min(shared.pages.total) {
-                if !matches!(t.slots[i], Slot::Zero | Slot::Stored(_)) {
-                    continue;
-                }
-                let gpa = shared.pages.gpa(i);
-                match held.last_mut() {
-                    Some(r) if r.guest_address + r.bytes == gpa => r.bytes += PAGE_SIZE,
-                    _ => held.push(MemoryRange {
-                        guest_address: gpa,
-                        bytes: PAGE_SIZE,
-                    }),
-                }
-            }
+            let end = (start + SCAN_SLICE).min(shared.pages.total);
+            held.extend(
+                (start..end).filter(|&i| matches!(t.slots[i], Slot::Zero | Slot::Stored(_))),
+            );
         }
-        held
+        PageBits::from_pages(held)
     }
 }
 
@@ -1723,14 +1670,9 @@ mod tests {
         });
         let reader = pager.reader();
         let held = reader.held();
-        let held_pages: u64 = held.iter().map(|r| r.bytes / PAGE_SIZE).sum();
+        let held_pages = held.count();
         assert_eq!(held_pages, counters.pages_held.get());
-        let pages_of = |kind: u64| {
-            held.iter()
-                .flat_map(|r| (0..r.bytes / PAGE_SIZE).map(|k| r.guest_address / PAGE_SIZE + k))
-                .filter(|i| i % 4 == kind)
-                .count() as u64
-        };
+        let pages_of = |kind: usize| held.pages().filter(|i| i % 4 == kind).count() as u64;
         assert_eq!(pages_of(3), 0, "noise is not held: {held:?}");
 
         // A memory file with every byte, and not one page faulted back in.
@@ -1759,13 +1701,10 @@ mod tests {
         let f = File::open(&path).unwrap();
         let data = file::data_ranges(&f, &path).unwrap();
         // Ranges from outside must be whole pages of RAM.
-        let bad = [MemoryRange {
-            guest_address: (PAGES - 1) * PAGE_SIZE,
-            bytes: 2 * PAGE_SIZE,
-        }];
+        let bad = PageBits::from_pages([3, PAGES as usize]);
         assert!(matches!(
             pager.load(&f, &data, &bad),
-            Err(PagerError::Held { index: 0, .. })
+            Err(PagerError::Held { page, .. }) if page == PAGES as usize
         ));
         let info = pager.load(&f, &data, &held).unwrap();
         // Held zero pages are holes in the file: untouched, they read as zeros.

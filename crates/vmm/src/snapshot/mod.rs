@@ -39,7 +39,7 @@ use crate::pager::MemoryReader;
 use crate::vstate::persist::{self, KvmStateError};
 use crate::{ControlError, GuestMemoryMmap};
 pub use file::{FileError, Header, FORMAT_VERSION};
-pub use state::{check_memory, MemoryKind, MemoryRange, SavedMachine, VmState};
+pub use state::{check_memory, MemoryKind, MemoryRange, PageBits, SavedMachine, VmState};
 
 /// Why a snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]

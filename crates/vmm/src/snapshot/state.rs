@@ -29,8 +29,8 @@ pub struct VmState {
     /// The pages the memory-compression pager held at the capture (their
     /// true contents are in the memory file): a load with the pager puts
     /// them straight back in its pool, not in RAM. Left out when empty.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub memory_held: Vec<MemoryRange>,
+    #[serde(default, skip_serializing_if = "PageBits::is_empty")]
+    pub memory_held: PageBits,
     /// The in-kernel irqchip, PIT and clock.
     pub kvm: KvmVmState,
     /// One per vCPU, by index.
@@ -81,6 +81,79 @@ pub struct SavedMachine {
     pub kernel_file: Option<PathBuf>,
     /// A `System.map` given at boot.
     pub symbols: Option<PathBuf>,
+}
+
+/// A set of guest pages, one bit each, numbered through the RAM ranges in
+/// order (bit `i` of word `i / 64`); written as hex, the words little-endian:
+/// a quarter of a byte per page however the set is scattered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageBits(pub Vec<u64>);
+
+impl PageBits {
+    /// The set of these page numbers.
+    pub fn from_pages(pages: impl IntoIterator<Item = usize>) -> Self {
+        let mut words = Vec::new();
+        for p in pages {
+            if words.len() <= p / 64 {
+                words.resize(p / 64 + 1, 0);
+            }
+            words[p / 64] |= 1u64 << (p % 64);
+        }
+        Self(words)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The page numbers in the set, ascending.
+    pub fn pages(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(i, &w)| {
+            (0..64)
+                .filter(move |b| w & (1u64 << b) != 0)
+                .map(move |b| i * 64 + b)
+        })
+    }
+}
+
+impl Serialize for PageBits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut hex = String::with_capacity(self.0.len() * 16);
+        for w in &self.0 {
+            for b in w.to_le_bytes() {
+                hex.push_str(&format!("{b:02x}"));
+            }
+        }
+        s.serialize_str(&hex)
+    }
+}
+
+impl<'de> Deserialize<'de> for PageBits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let hex = String::deserialize(d)?;
+        if !hex.len().is_multiple_of(16) || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(serde::de::Error::custom(
+                "not hex digits in whole 64-bit words (16 each)",
+            ));
+        }
+        let words = hex
+            .as_bytes()
+            .chunks(16)
+            .map(|w| {
+                let mut bytes = [0u8; 8];
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    let digits = std::str::from_utf8(&w[2 * i..2 * i + 2]).unwrap_or("00");
+                    *b = u8::from_str_radix(digits, 16).unwrap_or(0);
+                }
+                u64::from_le_bytes(bytes)
+            })
+            .collect();
+        Ok(Self(words))
+    }
 }
 
 /// A range of guest-physical RAM.
@@ -164,6 +237,26 @@ pub struct VcpuSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_bits_stay_a_quarter_byte_per_page_and_bad_hex_is_refused() {
+        // Every other page of 1 GiB: the worst case for a list of ranges.
+        let bits = PageBits::from_pages((0..262_144).step_by(2));
+        let json = serde_json::to_string(&bits).unwrap();
+        assert_eq!(json.len(), 262_144 / 4 + 2);
+        let back: PageBits = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, bits);
+        assert_eq!(back.count(), 131_072);
+        assert_eq!(back.pages().take(3).collect::<Vec<_>>(), [0, 2, 4]);
+        let one = PageBits::from_pages([65]);
+        assert_eq!(
+            serde_json::to_string(&one).unwrap(),
+            r#""00000000000000000200000000000000""#
+        );
+        for bad in [r#""0g00000000000000""#, r#""00""#] {
+            assert!(serde_json::from_str::<PageBits>(bad).is_err(), "{bad}");
+        }
+    }
 
     fn ranges(r: &[(u64, u64)]) -> Vec<MemoryRange> {
         r.iter()
