@@ -144,9 +144,13 @@ pub fn receive_state(stream: &mut dyn Stream, token: &str) -> Result<Received, R
                     .ok_or_else(|| bad("not whole pages at a page boundary"))?;
                 mem.write_slice(data, GuestAddress(gpa))
                     .map_err(|_| bad(&format!("{gpa:#x}+{:#x} is not guest RAM", data.len())))?;
-                if !packed.is_empty() {
-                    let end = gpa + data.len() as u64;
-                    packed.retain(|&p, _| p < gpa || p >= end);
+                // Those of these pages that came packed before are stale.
+                let stale: Vec<u64> = packed
+                    .range(gpa..gpa + data.len() as u64)
+                    .map(|(&p, _)| p)
+                    .collect();
+                for p in stale {
+                    packed.remove(&p);
                 }
             }
             Kind::Packed => {
