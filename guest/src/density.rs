@@ -78,6 +78,7 @@ pub fn compress(machine: &Machine, detail: &mut Line) -> bool {
             detail,
         ),
         machine.number("compress_blk", 0, 1, Some(0), detail),
+        machine.number("compress_hold_s", 0, MAX_IDLE_S, Some(0), detail),
     );
     let steps = (
         machine.number("compress_step_mib", 0, MAX_MIB, Some(0), detail),
@@ -89,7 +90,7 @@ pub fn compress(machine: &Machine, detail: &mut Line) -> bool {
             detail,
         ),
     );
-    let (Ok(Some(mib)), Ok(Some(idle_s)), Ok(Some(blk))) = params else {
+    let (Ok(Some(mib)), Ok(Some(idle_s)), Ok(Some(blk)), Ok(Some(hold_s))) = params else {
         return false;
     };
     let (Ok(Some(step_mib)), Ok(Some(step_ms))) = steps else {
@@ -158,6 +159,10 @@ pub fn compress(machine: &Machine, detail: &mut Line) -> bool {
         .str(" mismatches=")
         .dec(mismatches)
         .str("\n");
+    // The VM stays up a while for the host to read what the check did.
+    let hold = hold_s * machine.delay_tsc_khz() * 1000;
+    let mut held = || spin(hold);
+    cpu::run_user(addr_of!(MOBILITY_STACK_TOP) as u64, &mut held);
     detail
         .str("pages=")
         .dec(pages)
