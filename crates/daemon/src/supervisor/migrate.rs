@@ -91,6 +91,8 @@ impl Supervisor {
         let options = LaunchOptions {
             incoming: Some((port, token.clone())),
             incoming_tls: self.config.migration_tls.identity.clone(),
+            // The pages its pager holds arrive packed, into a pager here.
+            incoming_compression: document.memory_compression.map(|c| c.normalized()),
             ..Default::default()
         };
         let vm = self

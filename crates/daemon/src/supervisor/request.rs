@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vigil_model::config::IntrospectConfig;
+use vigil_model::config::{IntrospectConfig, MemoryCompression};
 
 /// The request to create a VM.
 #[derive(Debug, Deserialize)]
@@ -70,6 +70,9 @@ pub(super) struct LaunchOptions {
     pub(super) incoming: Option<(u16, String)>,
     /// The certificate and key the incoming migration is served with.
     pub(super) incoming_tls: Option<(PathBuf, PathBuf)>,
+    /// The incoming VM's memory-compression policy (its source's): a VMM
+    /// waiting for a VM takes no configuration file, only this flag.
+    pub(super) incoming_compression: Option<MemoryCompression>,
 }
 
 impl LaunchOptions {
@@ -104,6 +107,9 @@ impl LaunchOptions {
                 args.push(cert.into());
                 args.push("--migration-tls-key".into());
                 args.push(key.into());
+            }
+            if let Some(c) = &self.incoming_compression {
+                args.push(format!("--memory-compression={c}").into());
             }
         }
         args
@@ -174,6 +180,21 @@ mod tests {
         assert_eq!(
             LaunchOptions::default().args(Path::new("d")),
             ["--findings-path", "d/findings.jsonl"].map(std::ffi::OsString::from)
+        );
+        // A VM arriving with its source's compression policy.
+        let options = LaunchOptions {
+            incoming: Some((4000, "t".into())),
+            incoming_compression: MemoryCompression::parse("idle=1s,algo=zstd").unwrap(),
+            ..Default::default()
+        };
+        assert_eq!(
+            options.args(Path::new("d"))[2..],
+            [
+                "--migrate-from=tcp:0.0.0.0:4000",
+                "--migration-token=t",
+                "--memory-compression=idle=1000ms,algo=zstd"
+            ]
+            .map(std::ffi::OsString::from)
         );
     }
 

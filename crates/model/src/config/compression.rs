@@ -103,6 +103,28 @@ impl MemoryPolicyUpdate {
     }
 }
 
+/// The `--memory-compression` spelling of a policy, which
+/// [`MemoryCompression::parse`] reads back as it is (normalized).
+impl std::fmt::Display for MemoryCompression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(ms) = self.idle_ms {
+            parts.push(format!("idle={ms}ms"));
+        }
+        if let Some(mib) = self.rss_mib {
+            parts.push(format!("rss={mib}"));
+        }
+        parts.push(
+            match self.algo {
+                CompressionAlgo::Lz4 => "algo=lz4",
+                CompressionAlgo::Zstd => "algo=zstd",
+            }
+            .into(),
+        );
+        f.write_str(&parts.join(","))
+    }
+}
+
 impl MemoryCompression {
     /// The option keys of `--memory-compression`.
     pub const KEYS: &'static [&'static str] = &["idle", "rss", "algo"];
@@ -192,6 +214,19 @@ impl MemoryCompression {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_written_as_a_flag_reads_back_the_same() {
+        for flag in ["on", "idle=1500ms,algo=zstd", "rss=512", "rss=64,idle=2m"] {
+            let policy = MemoryCompression::parse(flag).unwrap().unwrap();
+            let again = MemoryCompression::parse(&policy.to_string()).unwrap();
+            assert_eq!(again, Some(policy), "{flag} -> {policy}");
+        }
+        let p = MemoryCompression::parse("idle=2s,algo=zstd")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.to_string(), "idle=2000ms,algo=zstd");
+    }
 
     #[test]
     fn parses_on_off_idle_and_rss() {
