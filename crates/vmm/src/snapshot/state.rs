@@ -122,37 +122,26 @@ impl PageBits {
 
 impl Serialize for PageBits {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut hex = String::with_capacity(self.0.len() * 16);
-        for w in &self.0 {
-            for b in w.to_le_bytes() {
-                hex.push_str(&format!("{b:02x}"));
-            }
-        }
-        s.serialize_str(&hex)
+        let bytes: Vec<u8> = self.0.iter().flat_map(|w| w.to_le_bytes()).collect();
+        s.serialize_str(&hex::encode(bytes))
     }
 }
 
 impl<'de> Deserialize<'de> for PageBits {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let hex = String::deserialize(d)?;
-        if !hex.len().is_multiple_of(16) || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(&text).map_err(serde::de::Error::custom)?;
+        if !bytes.len().is_multiple_of(8) {
             return Err(serde::de::Error::custom(
-                "not hex digits in whole 64-bit words (16 each)",
+                "not whole 64-bit words (16 hex digits each)",
             ));
         }
-        let words = hex
-            .as_bytes()
-            .chunks(16)
-            .map(|w| {
-                let mut bytes = [0u8; 8];
-                for (i, b) in bytes.iter_mut().enumerate() {
-                    let digits = std::str::from_utf8(&w[2 * i..2 * i + 2]).unwrap_or("00");
-                    *b = u8::from_str_radix(digits, 16).unwrap_or(0);
-                }
-                u64::from_le_bytes(bytes)
-            })
-            .collect();
-        Ok(Self(words))
+        Ok(Self(
+            bytes
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+                .collect(),
+        ))
     }
 }
 
