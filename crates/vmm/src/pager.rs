@@ -195,20 +195,20 @@ impl Pool {
     /// The entry holding `data` (both codecs are deterministic: equal pages
     /// compress to equal bytes, and different ones cannot), shared when there
     /// is one.
-    /// `None`: not held, and too large to be worth holding.
-    fn insert(&mut self, hash: u64, data: Vec<u8>) -> Option<(u32, bool)> {
+    /// `Err` (the bytes back): not held, too large to be worth holding.
+    fn insert(&mut self, hash: u64, data: Vec<u8>) -> Result<(u32, bool), Vec<u8>> {
         if let Some(ids) = self.by_hash.get(&hash) {
             for &id in ids {
                 let blob = &mut self.blobs[id as usize];
                 if *blob.data == *data {
                     blob.refs += 1;
                     self.duplicates += 1;
-                    return Some((id, true));
+                    return Ok((id, true));
                 }
             }
         }
         if data.len() > MAX_COMPRESSED {
-            return None;
+            return Err(data);
         }
         self.bytes += data.len() as u64;
         let blob = Blob {
@@ -227,7 +227,7 @@ impl Pool {
             }
         };
         self.by_hash.entry(hash).or_default().push(id);
-        Some((id, false))
+        Ok((id, false))
     }
 
     fn data(&self, id: u32) -> &[u8] {
@@ -286,6 +286,25 @@ struct Table {
     pool: Pool,
     zeros: u64,
     stored: u64,
+}
+
+impl Table {
+    /// Holds a page as `c` says (zeros as a marker, data in the pool, a
+    /// duplicate once): the slot it takes and whether it was a duplicate,
+    /// or `Err` with its bytes when they are too large to be worth holding.
+    fn hold(&mut self, c: Compressed) -> Result<(Slot, bool), Vec<u8>> {
+        match c {
+            Compressed::Zero => {
+                self.zeros += 1;
+                Ok((Slot::Zero, false))
+            }
+            Compressed::Data(hash, data) => {
+                let (id, duplicate) = self.pool.insert(hash, data)?;
+                self.stored += 1;
+                Ok((Slot::Stored(id), duplicate))
+            }
+        }
+    }
 }
 
 /// The guest RAM regions, as page numbers.
@@ -546,10 +565,7 @@ impl Pager {
             Some(encoder) if !self.loaded => encoder,
             _ => return Err(PagerError::Loaded),
         };
-        let mut is_held = vec![false; shared.pages.total];
-        for i in held_pages(&shared.pages, held)? {
-            is_held[i] = true;
-        }
+        check_held(&shared.pages, held)?;
         let mut info = LoadInfo::default();
         let mut buf = vec![0u8; BATCH * PAGE];
         let load_error = |source| PagerError::Load { source };
@@ -569,8 +585,18 @@ impl Pager {
                 let mut run: Option<usize> = None;
                 for k in 0..=n {
                     let to_ram = k < n
-                        && !(is_held[first + k]
-                            && hold(t, encoder, &chunk[k * PAGE..][..PAGE], first + k));
+                        && !(held.contains(first + k) && {
+                            // As the scanner would hold it; in RAM if it no
+                            // longer compresses well enough.
+                            let page = &chunk[k * PAGE..][..PAGE];
+                            match pack(encoder, page).ok().map(|c| t.hold(c)) {
+                                Some(Ok((slot, _))) => {
+                                    t.slots[first + k] = slot;
+                                    true
+                                }
+                                _ => false,
+                            }
+                        });
                     match (run, to_ram) {
                         (None, true) => run = Some(k),
                         (Some(from), false) => {
@@ -619,24 +645,24 @@ impl Pager {
                 let Some(index) = shared.pages.index(p.gpa) else {
                     continue;
                 };
-                let unpack = |unpacker: &mut Unpacker, page: &mut [u8]| {
+                let mut unpack = |data: &[u8], page: &mut [u8]| {
                     unpacker
-                        .unpack(p.algo, &p.data, page)
+                        .unpack(p.algo, data, page)
                         .map_err(|why| PagerError::Fill(LazyMemoryError::Page { gpa: p.gpa, why }))
                 };
+                // In this pool's codec: as it came, or recompressed.
                 let data = if p.algo == algo {
-                    Some(p.data.clone())
+                    Ok(p.data)
                 } else {
-                    unpack(&mut unpacker, &mut page)?;
-                    encoder.compress(&page).ok()
+                    unpack(&p.data, &mut page)?;
+                    encoder.compress(&page).map_err(|_| Vec::new())
                 };
-                match data.and_then(|d| t.pool.insert(p.hash, d)) {
-                    Some((id, _)) => {
-                        t.slots[index] = Slot::Stored(id);
-                        t.stored += 1;
-                    }
-                    None => {
-                        unpack(&mut unpacker, &mut page)?;
+                match data.and_then(|d| t.hold(Compressed::Data(p.hash, d))) {
+                    Ok((slot, _)) => t.slots[index] = slot,
+                    Err(back) => {
+                        if p.algo == algo {
+                            unpack(&back, &mut page)?;
+                        }
                         to_ram.push((p.gpa, page.clone()));
                     }
                 }
@@ -673,40 +699,16 @@ impl Pager {
     }
 }
 
-/// The page numbers of `held` (a snapshot's or migration's `memory_held`,
-/// from outside: each must be a page of guest RAM).
-fn held_pages(pages: &Pages, held: &PageBits) -> Result<Vec<usize>, PagerError> {
-    let out: Vec<usize> = held.pages().collect();
-    match out.last() {
-        Some(&page) if page >= pages.total => Err(PagerError::Held {
+/// Checks `held` (a snapshot's `memory_held`, from outside): each page must
+/// be one of guest RAM.
+fn check_held(pages: &Pages, held: &PageBits) -> Result<(), PagerError> {
+    match held.pages().last() {
+        Some(page) if page >= pages.total => Err(PagerError::Held {
             page,
             pages: pages.total,
         }),
-        _ => Ok(out),
+        _ => Ok(()),
     }
-}
-
-/// Puts page `index`, whose bytes are `page`, in the pool as the scanner
-/// would (zeros as a marker, duplicates once); false when it does not
-/// compress well enough to be held.
-fn hold(t: &mut Table, encoder: &mut Encoder, page: &[u8], index: usize) -> bool {
-    let slot = if page.iter().all(|&b| b == 0) {
-        t.zeros += 1;
-        Slot::Zero
-    } else {
-        let Ok(data) = encoder.compress(page) else {
-            return false;
-        };
-        match t.pool.insert(hash(page), data) {
-            Some((id, _)) => {
-                t.stored += 1;
-                Slot::Stored(id)
-            }
-            None => return false,
-        }
-    };
-    t.slots[index] = slot;
-    true
 }
 
 /// What [`Pager::load`] did, in pages.
@@ -834,7 +836,7 @@ impl MemoryReader {
             return plain(buf, gpa);
         }
         let algo = shared.policy.get().algo;
-        let mut decoder = Decoder::new(algo).map_err(|e| e.to_string())?;
+        let mut unpacker = Unpacker::default();
         // Pages not held are read from RAM, a run at a time. One read may
         // race with the scanner taking a page out: it faults, and the page
         // comes back as it was.
@@ -849,8 +851,8 @@ impl MemoryReader {
                     Some(Slot::Stored(id)) => {
                         match packed.as_mut() {
                             Some(packed) => packed(k, algo, t.pool.data(id)),
-                            None => decoder
-                                .decompress(t.pool.data(id), page)
+                            None => unpacker
+                                .unpack(algo, t.pool.data(id), page)
                                 .map_err(|e| format!("held page {at:#x}: {e}"))?,
                         }
                         true
@@ -1089,6 +1091,14 @@ enum Compressed {
     Data(u64, Vec<u8>),
 }
 
+/// `page` as the pool would hold it: zeros, or its hash and compressed bytes.
+fn pack(encoder: &mut Encoder, page: &[u8]) -> std::io::Result<Compressed> {
+    if page.iter().all(|&b| b == 0) {
+        return Ok(Compressed::Zero);
+    }
+    Ok(Compressed::Data(hash(page), encoder.compress(page)?))
+}
+
 /// How often the scanner runs under `policy`, after how many scans a page is
 /// idle (none: no idle time), and the idle time in scans a page's backoff
 /// counts against.
@@ -1262,9 +1272,8 @@ fn compress_batch(
         let gpa = shared.pages.gpa(i);
         let r = shared.mem.read_slice(&mut buf, GuestAddress(gpa));
         results.push(match r {
-            Ok(()) if buf.iter().all(|&b| b == 0) => Some(Compressed::Zero),
-            Ok(()) => match encoder.compress(&buf) {
-                Ok(data) => Some(Compressed::Data(hash(&buf), data)),
+            Ok(()) => match pack(encoder, &buf) {
+                Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!("memory compression: page {gpa:#x}: {e}");
                     None
@@ -1288,25 +1297,20 @@ fn compress_batch(
                 t.last_hot[i] = t.scan;
                 continue;
             }
-            let slot = match result {
-                Some(Compressed::Zero) => {
-                    t.zeros += 1;
-                    c.pages_zero.inc();
-                    Slot::Zero
+            let slot = match result.map(|r| t.hold(r)) {
+                Some(Ok((slot, duplicate))) => {
+                    if slot == Slot::Zero {
+                        c.pages_zero.inc();
+                    }
+                    if duplicate {
+                        c.pages_deduplicated.inc();
+                    }
+                    slot
                 }
-                Some(Compressed::Data(hash, data)) => match t.pool.insert(hash, data) {
-                    Some((id, duplicate)) => {
-                        t.stored += 1;
-                        if duplicate {
-                            c.pages_deduplicated.inc();
-                        }
-                        Slot::Stored(id)
-                    }
-                    None => {
-                        c.pages_incompressible.inc();
-                        Slot::Resident
-                    }
-                },
+                Some(Err(_)) => {
+                    c.pages_incompressible.inc();
+                    Slot::Resident
+                }
                 None => Slot::Resident,
             };
             if slot == Slot::Resident {

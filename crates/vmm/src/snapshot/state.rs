@@ -110,6 +110,12 @@ impl PageBits {
         self.0.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    pub fn contains(&self, page: usize) -> bool {
+        self.0
+            .get(page / 64)
+            .is_some_and(|w| w & (1u64 << (page % 64)) != 0)
+    }
+
     /// The page numbers in the set, ascending.
     pub fn pages(&self) -> impl Iterator<Item = usize> + '_ {
         self.0.iter().enumerate().flat_map(|(i, &w)| {
