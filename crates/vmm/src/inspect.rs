@@ -28,8 +28,7 @@ pub struct VmInspect {
     pub(crate) msr_guard: Arc<MsrGuardSlot>,
     /// For the MSR filter; gone once the VM has ended.
     pub(crate) vm_fd: Weak<VmFd>,
-    pub(crate) mem: GuestMemoryMmap,
-    /// The same memory, pages the pager holds read from its pool.
+    /// Guest memory, with a view of the pages the pager holds.
     pub(crate) reader: MemoryReader,
     /// Guest memory is anonymous (not mapped from a snapshot's file): a page the
     /// host never backed reads as zeros.
@@ -43,7 +42,7 @@ impl VmInspect {
     /// The guest's RAM (a clone of the reference-counted mapping), to read it.
     /// Writes through it mark its dirty bitmap, so dirty-log readers see them.
     pub fn guest_memory(&self) -> GuestMemoryMmap {
-        self.mem.clone()
+        self.reader.memory().clone()
     }
 
     /// Guest memory to read whole (a migration's pages): pages the pager

@@ -291,7 +291,6 @@ impl Vm {
             stop: stop.clone(),
             msr_guard: self.msr_guard,
             vm_fd: Arc::downgrade(&vm_fd),
-            mem: self.mem.clone(),
             reader,
             // Pages the pager holds are not backed, yet not zeros.
             anonymous_memory: !restored && pager.is_none(),
