@@ -865,6 +865,22 @@ pub(crate) fn with_device(
     with_device_where(machine, detail, id, |_| true, missing, body)
 }
 
+/// [`with_device_where`] for the first virtio-blk device a driver may write.
+fn with_writable_disk(
+    machine: &Machine,
+    detail: &mut Line,
+    body: impl Fn(Dev, Clock, &mut Line) -> Result<(), ()>,
+) -> bool {
+    with_device_where(
+        machine,
+        detail,
+        ID_BLK,
+        |f| f & BLK_F_RO == 0,
+        "no virtio-blk device without VIRTIO_BLK_F_RO",
+        body,
+    )
+}
+
 /// Runs `body` at CPL3 on queue 0 of the first device of type `id` whose offered
 /// features satisfy `wanted`, set up with `features`; resets the device after.
 fn with_queue0(
@@ -1447,25 +1463,18 @@ pub fn blk_bench(machine: &Machine, detail: &mut Line) -> bool {
     let Ok(params) = BenchParams::parse(machine, detail) else {
         return false;
     };
-    with_device_where(
-        machine,
-        detail,
-        ID_BLK,
-        |f| f & BLK_F_RO == 0,
-        "no virtio-blk device without VIRTIO_BLK_F_RO",
-        |dev, clock, detail| {
-            let wanted = F_INDIRECT_DESC | if params.event_idx { F_EVENT_IDX } else { 0 };
-            let mut queues: [Option<Queue>; MQ_MAX_QUEUES] = core::array::from_fn(|_| None);
-            let ring_at = |q: usize| match q {
-                0 => ring(0),
-                q => params.rings + 0x3000 * (q as u64 - 1),
-            };
-            match mq_setup(dev, clock, wanted, params.queues, ring_at, &mut queues) {
-                Ok(n) => blk_bench_body(&mut queues, n, clock, params, detail),
-                Err(error) => fail(detail, "set-up", error),
-            }
-        },
-    )
+    with_writable_disk(machine, detail, |dev, clock, detail| {
+        let wanted = F_INDIRECT_DESC | if params.event_idx { F_EVENT_IDX } else { 0 };
+        let mut queues: [Option<Queue>; MQ_MAX_QUEUES] = core::array::from_fn(|_| None);
+        let ring_at = |q: usize| match q {
+            0 => ring(0),
+            q => params.rings + 0x3000 * (q as u64 - 1),
+        };
+        match mq_setup(dev, clock, wanted, params.queues, ring_at, &mut queues) {
+            Ok(n) => blk_bench_body(&mut queues, n, clock, params, detail),
+            Err(error) => fail(detail, "set-up", error),
+        }
+    })
 }
 
 /// Sectors per 4 KiB request.
@@ -1818,59 +1827,52 @@ pub fn blk_integrity(machine: &Machine, detail: &mut Line) -> bool {
         return false;
     }
     let data = crate::mobility::DIRTY_BASE;
-    with_device_where(
-        machine,
-        detail,
-        ID_BLK,
-        |f| f & BLK_F_RO == 0,
-        "no virtio-blk device without VIRTIO_BLK_F_RO",
-        |dev, clock, detail| {
-            let set_up = || {
-                negotiate(dev, clock, F_EVENT_IDX).and_then(|features| {
-                    let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
-                    driver_ok(dev)?;
-                    Ok(q)
-                })
-            };
-            let mut q = match set_up() {
+    with_writable_disk(machine, detail, |dev, clock, detail| {
+        let set_up = || {
+            negotiate(dev, clock, F_EVENT_IDX).and_then(|features| {
+                let q = setup_queue_at(dev, clock, 0, features, ring(0), BENCH_QUEUE_SIZE)?;
+                driver_ok(dev)?;
+                Ok(q)
+            })
+        };
+        let mut q = match set_up() {
+            Ok(q) => q,
+            Err(error) => return fail(detail, "set-up", error),
+        };
+        if reset {
+            // A round submitted, and the device reset at once, its flush (and
+            // maybe writes) in flight; then set up again.
+            let mut requests = [(BLK_T_FLUSH, 0); INTEGRITY_WRITES + 1];
+            for (k, request) in requests[..INTEGRITY_WRITES].iter_mut().enumerate() {
+                *request = (BLK_T_OUT, k as u64 * 8);
+            }
+            blk_submit(&mut q, &requests, data, dma(HEADER));
+            q = match set_up() {
                 Ok(q) => q,
-                Err(error) => return fail(detail, "set-up", error),
+                Err(error) => return fail(detail, "set-up after a reset in flight", error),
             };
-            if reset {
-                // A round submitted, and the device reset at once, its flush (and
-                // maybe writes) in flight; then set up again.
-                let mut requests = [(BLK_T_FLUSH, 0); INTEGRITY_WRITES + 1];
-                for (k, request) in requests[..INTEGRITY_WRITES].iter_mut().enumerate() {
-                    *request = (BLK_T_OUT, k as u64 * 8);
-                }
-                blk_submit(&mut q, &requests, data, dma(HEADER));
-                q = match set_up() {
-                    Ok(q) => q,
-                    Err(error) => return fail(detail, "set-up after a reset in flight", error),
-                };
+        }
+        let blocks = q.dev.config_u64(0) / 8;
+        match verify {
+            Some(n) if n > blocks => {
+                detail
+                    .str("blk_integrity_verify=")
+                    .dec(n)
+                    .str(": the disk has ")
+                    .dec(blocks)
+                    .str(" blocks");
+                Err(())
             }
-            let blocks = q.dev.config_u64(0) / 8;
-            match verify {
-                Some(n) if n > blocks => {
-                    detail
-                        .str("blk_integrity_verify=")
-                        .dec(n)
-                        .str(": the disk has ")
-                        .dec(blocks)
-                        .str(" blocks");
-                    Err(())
-                }
-                Some(n) => integrity_verify(&mut q, clock, n, data, detail),
-                None => integrity_write(
-                    &mut q,
-                    clock,
-                    rounds.min(blocks / INTEGRITY_WRITES as u64),
-                    data,
-                    detail,
-                ),
-            }
-        },
-    )
+            Some(n) => integrity_verify(&mut q, clock, n, data, detail),
+            None => integrity_write(
+                &mut q,
+                clock,
+                rounds.min(blocks / INTEGRITY_WRITES as u64),
+                data,
+                detail,
+            ),
+        }
+    })
 }
 
 fn integrity_write(
@@ -2100,22 +2102,15 @@ pub fn blk_mq(machine: &Machine, detail: &mut Line) -> bool {
         return false;
     }
     let base = crate::mobility::DIRTY_BASE;
-    with_device_where(
-        machine,
-        detail,
-        ID_BLK,
-        |f| f & BLK_F_RO == 0,
-        "no virtio-blk device without VIRTIO_BLK_F_RO",
-        |dev, clock, detail| {
-            let mut queues: [Option<Queue>; MQ_MAX_QUEUES] = core::array::from_fn(|_| None);
-            let wanted = F_EVENT_IDX | BLK_F_FLUSH;
-            let ring_at = |q: usize| base + 0x3000 * q as u64;
-            match mq_setup(dev, clock, wanted, MQ_MAX_QUEUES, ring_at, &mut queues) {
-                Ok(n) => blk_mq_body(&mut queues, n, clock, base, detail),
-                Err(error) => fail(detail, "set-up", error),
-            }
-        },
-    )
+    with_writable_disk(machine, detail, |dev, clock, detail| {
+        let mut queues: [Option<Queue>; MQ_MAX_QUEUES] = core::array::from_fn(|_| None);
+        let wanted = F_EVENT_IDX | BLK_F_FLUSH;
+        let ring_at = |q: usize| base + 0x3000 * q as u64;
+        match mq_setup(dev, clock, wanted, MQ_MAX_QUEUES, ring_at, &mut queues) {
+            Ok(n) => blk_mq_body(&mut queues, n, clock, base, detail),
+            Err(error) => fail(detail, "set-up", error),
+        }
+    })
 }
 
 fn blk_mq_body(
