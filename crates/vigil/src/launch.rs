@@ -319,19 +319,27 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
         })
         .context("cannot start the signal thread")?;
 
+    // The migration port listens before the API answers: whoever waits for the
+    // API (vigild) then tells the source to connect.
+    let listener = match (&l.boot_now, &l.incoming) {
+        (None, Some(Incoming { from, tls, .. })) => {
+            let listener = from
+                .listen()
+                .with_context(|| format!("--migrate-from {from}: cannot listen there"))?;
+            Some(match tls {
+                Some(tls) => listener.with_tls(tls.clone()),
+                None => listener,
+            })
+        }
+        _ => None,
+    };
     let server = match &l.api_sock {
         Some(path) => Some(vigil_api::serve(path, api.clone())?),
         None => None,
     };
 
-    let (running, _terminal, introspector) = match (l.boot_now, &l.incoming) {
-        (None, Some(Incoming { from, token, tls })) => {
-            let mut listener = from
-                .listen()
-                .with_context(|| format!("--migrate-from {from}: cannot listen there"))?;
-            if let Some(tls) = tls {
-                listener = listener.with_tls(tls.clone());
-            }
+    let (running, _terminal, introspector) = match (l.boot_now, &l.incoming, listener) {
+        (None, Some(Incoming { from, token, tls }), Some(listener)) => {
             eprintln!(
                 "vigil: waiting for a VM to migrate here, on {}{}",
                 listener.local(),
@@ -371,7 +379,7 @@ pub fn launch(l: Launch, logging: &Logging) -> anyhow::Result<ExitCode> {
             api.set_running(running.control());
             (running, None, introspector)
         }
-        (boot_now, _) => match boot_now {
+        (boot_now, _, _) => match boot_now {
             Some(mut config) => {
                 l.overrides.apply(&mut config);
                 config.share_mmds(api.mmds());
