@@ -10,14 +10,16 @@
 //!   with the target's token, `Begin` (the state's RAM ranges), a `Pages`, a
 //!   `Zeros` and a `Pending` frame, then `State`; and the same without
 //!   `Pending` (pre-copy), and one the source cancels;
-//! - `corpus/migration_frames/`: one frame of every kind.
+//! - `corpus/migration_frames/`: one frame of every kind;
+//! - `corpus/snapshot_packed/`: a memory file's packed section.
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --example seed_corpus -- STATE...`
 
 use std::path::{Path, PathBuf};
 
 use vigil_migration::wire::{self, Kind, PAGE};
-use vigil_vmm::snapshot::file;
+use vigil_model::config::CompressionAlgo;
+use vigil_vmm::snapshot::{file, packed};
 
 /// `vigil_fuzz::MIGRATION_TOKEN`, the token `migration_receive` waits for. Not
 /// imported: what links `vigil_fuzz` links libFuzzer, whose interceptors crash
@@ -40,10 +42,9 @@ fn save(dir: &Path, name: &str, bytes: &[u8]) {
     println!("{}", path.display());
 }
 
-/// A `Packed` payload of one page at `gpa`, every byte 7, as an LZ4 block
-/// (written out here: one literal, a match of 4090 bytes at offset 1, then
-/// the five literals a block ends with).
-fn packed_payload(gpa: u64) -> Vec<u8> {
+/// One page, every byte 7, as an LZ4 block (written out here: one literal, a
+/// match of 4090 bytes at offset 1, then the five literals a block ends with).
+fn sevens_lz4() -> Vec<u8> {
     let mut block = vec![0x1f, 7, 1, 0];
     // The match length less 4 and the token's 15, in bytes of 255 and a rest.
     let mut rest = 4090 - 4 - 15;
@@ -53,7 +54,37 @@ fn packed_payload(gpa: u64) -> Vec<u8> {
     }
     block.push(rest as u8);
     block.extend_from_slice(&[0x50, 7, 7, 7, 7, 7]);
-    let mut payload = vec![wire::codec_byte(vigil_model::config::CompressionAlgo::Lz4)];
+    block
+}
+
+/// A memory file's packed section (its RAM image left out) as the VMM's
+/// writer makes it: pages 1, 5 and 6 each the page of sevens (its bytes
+/// written once).
+fn packed_section() -> Vec<u8> {
+    let path = std::env::temp_dir().join(format!("vigil-seed-section-{}", std::process::id()));
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("a scratch file");
+    let mut section = packed::SectionWriter::new(&file, 0);
+    for page in [1, 5, 6] {
+        section
+            .push(page, CompressionAlgo::Lz4, &sevens_lz4())
+            .expect("written");
+    }
+    section.finish().expect("written");
+    let bytes = std::fs::read(&path).expect("read back");
+    let _ = std::fs::remove_file(&path);
+    bytes
+}
+
+/// A `Packed` payload of one page at `gpa`, every byte 7.
+fn packed_payload(gpa: u64) -> Vec<u8> {
+    let block = sevens_lz4();
+    let mut payload = vec![wire::codec_byte(CompressionAlgo::Lz4)];
     payload.extend_from_slice(&gpa.to_le_bytes());
     payload.extend_from_slice(&(block.len() as u16).to_le_bytes());
     payload.extend_from_slice(&block);
@@ -148,5 +179,10 @@ fn main() {
         &corpus.join("migration_frames"),
         "seed-every-kind",
         &every_kind,
+    );
+    save(
+        &corpus.join("snapshot_packed"),
+        "seed-section",
+        &packed_section(),
     );
 }

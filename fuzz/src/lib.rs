@@ -328,6 +328,18 @@ pub fn mend_state(file: &mut [u8]) {
     head[24..32].copy_from_slice(&CRC64.checksum(body).to_le_bytes());
 }
 
+/// Gives a memory file's packed section (the bytes after its RAM image, a
+/// 32-byte footer last) the CRC-64/XZ its data and entries have.
+pub fn mend_section(section: &mut [u8]) {
+    const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+    if section.len() < 32 {
+        return;
+    }
+    let end = section.len() - 32;
+    let crc = CRC64.checksum(&section[..end]);
+    section[end + 24..].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// A restore of a decoded state up to what opens host resources (a snapshot's
 /// load, a migration's arrival): the legacy devices' state, each virtio
 /// transport's registers and queues, and whole transports of the devices that

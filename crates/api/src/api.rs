@@ -917,6 +917,8 @@ impl Api {
                     state_bytes = info.state_bytes,
                     memory_bytes = info.memory_bytes,
                     memory_written = info.memory_written,
+                    memory_packed_pages = info.memory_packed_pages,
+                    memory_packed_bytes = info.memory_packed_bytes,
                     ms = info.took.as_millis() as u64,
                     "snapshot created"
                 );

@@ -217,6 +217,9 @@ pub enum SnapshotCommand {
     ///
     /// Only the diff's data is copied (found with SEEK_DATA/SEEK_HOLE), so the
     /// file system holding it must keep its holes (ext4, XFS, btrfs, tmpfs do).
+    /// A Full snapshot of a VM with --memory-compression keeps the pages its
+    /// pager held compressed after the RAM image: those the diff does not
+    /// replace are unpacked into BASE's RAM image, which is all BASE keeps.
     /// Exits 1, naming the file and what is wrong, when the two files differ in
     /// size or cannot be read or written.
     #[command(verbatim_doc_comment)]

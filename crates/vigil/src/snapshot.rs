@@ -15,11 +15,16 @@ use vigil_vmm::snapshot::{file, MemoryKind};
 pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
     let (header, state) = file::read_state(path)?;
     let memory: u64 = state.memory.iter().map(|r| r.bytes).sum();
+    // The bytes of data in the RAM image, and of the packed pages after it.
     let data = match mem {
         Some(mem) => {
-            let f = file::open_memory(mem, memory)?;
-            let data: u64 = file::data_ranges(&f, mem)?.iter().map(|(a, b)| b - a).sum();
-            Some(data)
+            let (f, _) = file::open_memory(mem, &state)?;
+            let data: u64 = file::data_ranges(&f, mem)?
+                .iter()
+                .map(|(a, b)| b.min(&memory).saturating_sub(*a))
+                .sum();
+            let len = f.metadata().map_or(memory, |m| m.len());
+            Some((data, len - memory))
         }
         None => None,
     };
@@ -56,8 +61,12 @@ pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
         "memory: {memory} bytes ({}){}",
         ranges.join(", "),
         match (mem, data) {
-            (Some(mem), Some(data)) =>
+            (Some(mem), Some((data, 0))) =>
                 format!("; {} has that size, {data} bytes of data", mem.display()),
+            (Some(mem), Some((data, packed))) => format!(
+                "; {} has that size, {data} bytes of data, then {packed} bytes of packed pages (checked)",
+                mem.display()
+            ),
             _ => String::new(),
         }
     );
@@ -77,6 +86,14 @@ pub fn inspect(path: &Path, mem: Option<&Path>) -> anyhow::Result<String> {
             "memory held compressed at the capture: {} pages (a Vigil with \
              --memory-compression loads them straight into its pool)",
             state.memory_held.count()
+        );
+    }
+    if state.memory_packed > 0 {
+        let _ = writeln!(
+            out,
+            "packed pages: {} kept compressed after the RAM image of the memory file \
+             (load it with the File backend: a page-fault handler serves the RAM image only)",
+            state.memory_packed
         );
     }
     let clock = &state.kvm.clock;
@@ -192,11 +209,19 @@ pub fn merge(base: &Path, diff: &Path) -> anyhow::Result<String> {
         eprintln!();
     }
     Ok(format!(
-        "merged {}: {} bytes in {} ranges onto {} ({} bytes)",
+        "merged {}: {} bytes in {} ranges onto {} ({} bytes){}",
         diff.display(),
         info.copied,
         info.ranges,
         base.display(),
-        info.bytes
+        info.bytes,
+        if info.unpacked > 0 {
+            format!(
+                "; {} packed pages of the base unpacked into it",
+                info.unpacked
+            )
+        } else {
+            String::new()
+        }
     ))
 }

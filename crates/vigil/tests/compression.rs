@@ -109,26 +109,73 @@ fn a_compressing_vm_saves_held_pages_without_faulting_them_in_and_loads_them_bac
         "{after}"
     );
     assert_mix_held(&after, 0);
-    // Guest RAM starts at 0: the file holds it at the same offsets.
+    // Guest RAM starts at 0: the file's RAM image holds it at the same
+    // offsets, but for the held pages, which are holes there: they follow
+    // the image, compressed as the pool kept them.
     let file = std::fs::read(&mem).unwrap();
+    let config = http::request(&sock, "GET", "/machine-config", "").json();
+    let ram = (config["mem_size_mib"].as_u64().unwrap() * MIB) as usize;
     let base = 16 * MIB as usize;
+    let mut holes = 0;
     for i in 0..MIX_PAGES {
+        let page = &file[base + (i * 4096) as usize..][..4096];
+        if i % 4 != 0 && page.iter().all(|&b| b == 0) {
+            holes += 1;
+            continue;
+        }
         for w in 0..512 {
-            let at = base + (i * 4096 + w * 8) as usize;
-            let got = u64::from_le_bytes(file[at..at + 8].try_into().unwrap());
+            let got = u64::from_le_bytes(page[w * 8..w * 8 + 8].try_into().unwrap());
             assert_eq!(
                 got,
-                vigil_test_guest::compress_mix_word(i, w),
+                vigil_test_guest::compress_mix_word(i, w as u64),
                 "page {i} word {w} of the snapshot"
             );
         }
     }
+    let held_data = n(&after, "pages_held") - n(&after, "zero_pages_held");
+    assert!(holes >= MIX_PAGES / 2 - 8, "{holes} held pages left out");
+    // A moment of running, then a diff: the pages written meanwhile, whole.
+    ok(&sock, "PATCH", "/vm", json!({"state": "Resumed"}));
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    let (diff_state, diff) = (dir.join("diff.snap"), dir.join("diff.mem"));
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": diff_state, "mem_file_path": diff, "snapshot_type": "Diff"}),
+    );
     drop(vm);
-    // The state lists the held pages.
-    let inspect = common::run(&["snapshot", "inspect", state.to_str().unwrap()], TIMEOUT);
+    // The state lists the held pages; inspect checks the packed ones.
+    let inspect = common::run(
+        &[
+            "snapshot",
+            "inspect",
+            state.to_str().unwrap(),
+            "--mem",
+            mem.to_str().unwrap(),
+        ],
+        TIMEOUT,
+    );
     let line = inspect.line("memory held compressed at the capture: ");
     let pages: u64 = line.split_whitespace().nth(6).unwrap().parse().unwrap();
     assert_eq!(pages, n(&after, "pages_held"), "{line}");
+    let line = inspect.line("packed pages: ");
+    let packed: u64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_eq!(packed, held_data, "{line}");
+    // The pool's bytes, the duplicates once, with an entry per page.
+    let packed_bytes = (file.len() - ram) as u64;
+    assert!(
+        packed_bytes <= n(&after, "pool_bytes") + 20 * packed + 32,
+        "{packed_bytes} bytes packed: {after}"
+    );
+    assert!(
+        inspect.stdout.contains(&format!(
+            "then {packed_bytes} bytes of packed pages (checked)"
+        )),
+        "{}",
+        inspect.stdout
+    );
 
     // Loaded by a Vigil with the pager: the held pages go to its pool at the
     // load, the guest goes on idling, then finds every byte.
@@ -163,20 +210,87 @@ fn a_compressing_vm_saves_held_pages_without_faulting_them_in_and_loads_them_bac
         restored.seen
     );
 
-    // The Uffd backend fills memory from a handler: refused with the pager.
-    let sock = dir.join("uffd.sock");
-    let _uffd = Console::spawn(&[
-        "run",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--memory-compression",
-        "on",
-    ]);
-    common::http::wait_for(&sock, TIMEOUT);
-    let body = json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": dir.join("handler.sock")}});
-    let a = http::request(&sock, "PUT", "/snapshot/load", &body.to_string());
-    assert_eq!(a.status, 400, "{a:?}");
-    assert!(a.body.contains("mem_backend.backend_type"), "{a:?}");
+    // Loaded by a Vigil without the pager: the packed pages are unpacked
+    // into its memory at the load. And the diff merged onto a copy of the
+    // full memory file: the packed pages it did not replace are unpacked into
+    // the copy's RAM image, all the merged file keeps. Either way the guest
+    // finds every byte.
+    let merged = dir.join("merged.mem");
+    std::fs::copy(&mem, &merged).unwrap();
+    let r = common::run(
+        &[
+            "snapshot",
+            "merge",
+            "--base",
+            merged.to_str().unwrap(),
+            "--diff",
+            diff.to_str().unwrap(),
+        ],
+        TIMEOUT,
+    );
+    // All but those the diff wrote again.
+    let word = |after: &str| -> Option<u64> {
+        let at = r.stderr.find(after)? + after.len();
+        r.stderr[at..].split_whitespace().next()?.parse().ok()
+    };
+    let (copied, unpacked) = (word(".mem: "), word(" bytes); "));
+    assert!(
+        r.code == Some(0)
+            && unpacked
+                .zip(copied)
+                .is_some_and(|(u, c)| u <= packed && u + c / 4096 >= packed),
+        "{r}"
+    );
+    assert_eq!(
+        std::fs::metadata(&merged).unwrap().len() as usize,
+        ram,
+        "the RAM image alone"
+    );
+    let mut plain = Vec::new();
+    for (state, mem) in [(&state, &mem), (&diff_state, &merged)] {
+        let sock = dir.join(format!("plain-{}.sock", plain.len()));
+        let vm = Console::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+        common::http::wait_for(&sock, TIMEOUT);
+        ok(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+        );
+        plain.push(vm);
+    }
+    for vm in &mut plain {
+        wait_verified(vm);
+        let line = vm.wait_for(&["TEST compress"], TIMEOUT);
+        assert!(
+            line.starts_with("TEST compress PASS"),
+            "{line}\n{}",
+            vm.seen
+        );
+    }
+
+    // The Uffd backend fills memory from a handler: refused with the pager,
+    // and without it for a memory file with packed pages, which a handler
+    // does not serve.
+    for pager in [true, false] {
+        let sock = dir.join(format!("uffd-{pager}.sock"));
+        let mut args = vec!["run", "--api-sock", sock.to_str().unwrap()];
+        if pager {
+            args.extend(["--memory-compression", "on"]);
+        }
+        let _uffd = Console::spawn(&args);
+        common::http::wait_for(&sock, TIMEOUT);
+        let body = json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": dir.join("handler.sock")}});
+        let a = http::request(&sock, "PUT", "/snapshot/load", &body.to_string());
+        assert_eq!(a.status, 400, "{a:?}");
+        assert!(a.body.contains("mem_backend.backend_type"), "{a:?}");
+        if !pager {
+            assert!(
+                a.body.contains(&format!("keeps {packed} pages compressed")),
+                "{a:?}"
+            );
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -580,13 +580,15 @@ pub fn restore(
     let (_, mut state) = snapshot_file::read_state(state_path)?;
     overrides.apply(&mut state)?;
     check_machine(&state, &Kvm::new().map_err(BuildError::Kvm)?)?;
-    let memory_bytes: u64 = state.memory.iter().map(|r| r.bytes).sum();
-    let file = snapshot_file::open_memory(memory_path, memory_bytes)?;
+    let (file, packed) = snapshot_file::open_memory(memory_path, &state)?;
     let Some(compression) = overrides.memory_compression else {
         let mem = memory_from_file(&state.memory, file)?;
+        // Pages kept packed are holes in the mapping: written in, privately.
+        snapshot_file::unpack_into(&mem, &state.memory, &packed, memory_path)?;
         tracing::info!(
             snapshot = %state_path.display(),
             memory = %memory_path.display(),
+            pages_unpacked = packed.len(),
             "restoring a snapshot"
         );
         let origin = MemoryOrigin::File(memory_path.to_owned());
@@ -598,7 +600,7 @@ pub fn restore(
     let mut pager = Pager::new(compression, &mem, Arc::default())?;
     let data = snapshot_file::data_ranges(&file, memory_path)?;
     let start = std::time::Instant::now();
-    let loaded = pager.load(&file, &data, &state.memory_held)?;
+    let loaded = pager.load(&file, &data, &state.memory_held, &packed)?;
     tracing::info!(
         snapshot = %state_path.display(),
         memory = %memory_path.display(),
@@ -630,6 +632,15 @@ pub fn restore_lazily(
     let (_, mut state) = snapshot_file::read_state(state_path)?;
     overrides.apply(&mut state)?;
     check_machine(&state, &Kvm::new().map_err(BuildError::Kvm)?)?;
+    if state.memory_packed > 0 {
+        return Err(mismatch(
+            "mem_backend.backend_type",
+            format!(
+                "the memory file keeps {} pages compressed after its RAM image (the saved VM's pager held them), which a page-fault handler does not serve: load it with the File backend",
+                state.memory_packed
+            ),
+        ));
+    }
     let mem = memory_for(&state.memory)?;
     let lazy = LazyMemory::register(&mem, true)?;
     // Before anything is restored: restoring touches guest memory (KVM maps

@@ -45,9 +45,10 @@
 //! Whoever reads all of guest memory (a snapshot, a migration) does so
 //! through a [`MemoryReader`], which decompresses held pages into its own
 //! buffer instead of faulting them back into RAM (a migration sends them
-//! compressed, [`MemoryReader::read_packed`]); a snapshot lists the held
-//! pages, and a VM loaded or received with the pager holds them again before
-//! it runs ([`Pager::load`], [`Pager::adopt`]).
+//! compressed, [`MemoryReader::read_packed`], and so does a Full snapshot,
+//! after its memory file's RAM image); a snapshot lists the held pages, and a
+//! VM loaded or received with the pager holds them again before it runs
+//! ([`Pager::load`], [`Pager::adopt`]).
 //!
 //! The pool lives in this process only: if the VMM dies the held pages are
 //! lost with it, exactly as guest RAM would be.
@@ -67,6 +68,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty_log::{DirtyLog, DirtyReader, DirtyTracker, PAGE_SIZE};
 use crate::lazy_memory::{Fault, LazyMemory, LazyMemoryError};
+use crate::snapshot::packed::PackedEntry;
 use crate::snapshot::PageBits;
 use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -552,13 +554,16 @@ impl Pager {
     /// (guest RAM's ranges one after the other) before the VM runs: the pages
     /// the snapshot's pager held (`held`) go into the pool, compressed here,
     /// never into RAM, unless they no longer compress; the other pages with
-    /// data are copied in; holes stay zeros. So a VM restored with the pager
-    /// takes no more memory than the one saved did.
+    /// data are copied in; holes stay zeros; the pages the file keeps packed
+    /// (`packed`, checked here) are adopted as they are ([`Pager::adopt`]).
+    /// So a VM restored with the pager takes no more memory than the one
+    /// saved did.
     pub fn load(
         &mut self,
         file: &File,
         data: &[(u64, u64)],
         held: &PageBits,
+        packed: &[PackedEntry],
     ) -> Result<LoadInfo, PagerError> {
         let shared = &*self.shared;
         let encoder = match &mut self.encoder {
@@ -615,6 +620,18 @@ impl Pager {
                 first += n;
             }
         }
+        let mut unpacker = Unpacker::default();
+        let packed = packed
+            .iter()
+            .map(|e| {
+                let gpa = shared.pages.gpa(e.page);
+                unpacker
+                    .check(gpa, e.algo, &e.data)
+                    .map_err(|why| PagerError::Fill(LazyMemoryError::Page { gpa, why }))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.adopt(packed)?;
+        let shared = &*self.shared;
         self.loaded = true;
         info.held = {
             let t = lock(&shared.table);
@@ -1647,6 +1664,7 @@ mod tests {
     #[test]
     fn held_pages_are_saved_without_coming_back_and_load_straight_into_a_pool() {
         use crate::snapshot::file::{self, Pages as Saved};
+        use crate::snapshot::packed;
         const PAGES: u64 = 512;
         let fill = |mem: &GuestMemoryMmap| {
             for i in 0..PAGES {
@@ -1683,14 +1701,51 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vigil-pager-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("mem");
-        file::write_memory(&path, &reader, Saved::NonZero).unwrap();
+        let written = file::write_memory(&path, &reader, Saved::NonZero).unwrap();
         assert_eq!(counters.pages_restored.get(), 0);
         assert_eq!(counters.pages_held.get(), held_pages);
+        // Held pages with data stay compressed, after the RAM image (holes
+        // there); the rest of the mix's data is in it.
+        let held_data = pages_of(1) + pages_of(2);
+        assert_eq!(written.packed_pages, held_data);
+        assert_eq!(
+            written.data,
+            (PAGES / 4 + PAGES / 2 - held_data) * PAGE_SIZE,
+            "noise and whatever was not held"
+        );
+        let ram = (PAGES * PAGE_SIZE) as usize;
         let saved = std::fs::read(&path).unwrap();
+        assert_eq!(
+            saved.len() as u64,
+            ram as u64 + written.packed_bytes,
+            "{written:?}"
+        );
+        // The pool's bytes, each distinct page once as there, with a 20-byte
+        // entry per page and a 32-byte footer.
+        assert_eq!(
+            written.packed_bytes,
+            counters.pool_bytes.get() + held_data * 20 + 32,
+            "{written:?}"
+        );
+        let f = File::open(&path).unwrap();
+        let packed = packed::read_section(&f, ram as u64, PAGES as usize).unwrap();
+        assert_eq!(packed.len() as u64, held_data);
+        let mut image = saved[..ram].to_vec();
+        packed::unpack_each(
+            &packed,
+            |e| e,
+            |page, bytes| {
+                let at = &mut image[page * PAGE..][..PAGE];
+                assert!(at.iter().all(|&b| b == 0), "page {page} is a hole");
+                at.copy_from_slice(bytes);
+                Ok(())
+            },
+        )
+        .unwrap();
         for i in 0..PAGES {
             for w in 0..(PAGE / 8) as u64 {
                 let at = (i * PAGE_SIZE + w * 8) as usize;
-                let got = u64::from_le_bytes(saved[at..at + 8].try_into().unwrap());
+                let got = u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
                 assert_eq!(got, expected(i, w), "page {i} word {w} of the file");
             }
         }
@@ -1702,17 +1757,15 @@ mod tests {
                 .unwrap();
         let counters = Arc::new(PagerCounters::default());
         let mut pager = Pager::new(policy, &restored, counters.clone()).unwrap();
-        let f = File::open(&path).unwrap();
         let data = file::data_ranges(&f, &path).unwrap();
         // Ranges from outside must be whole pages of RAM.
         let bad = PageBits::from_pages([3, PAGES as usize]);
         assert!(matches!(
-            pager.load(&f, &data, &bad),
+            pager.load(&f, &data, &bad, &packed),
             Err(PagerError::Held { page, .. }) if page == PAGES as usize
         ));
-        let info = pager.load(&f, &data, &held).unwrap();
+        let info = pager.load(&f, &data, &held, &packed).unwrap();
         // Held zero pages are holes in the file: untouched, they read as zeros.
-        let held_data = pages_of(1) + pages_of(2);
         assert_eq!(info.held, held_data);
         assert_eq!(info.copied, PAGES / 4 + (PAGES / 2 - held_data));
         assert_eq!(
@@ -1722,7 +1775,7 @@ mod tests {
         assert_eq!(counters.pages_held.get(), held_data);
         // Once: a second load would find its pages taken.
         assert!(matches!(
-            pager.load(&f, &data, &held),
+            pager.load(&f, &data, &held, &packed),
             Err(PagerError::Loaded)
         ));
         pager

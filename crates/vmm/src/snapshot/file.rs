@@ -29,13 +29,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crc::{Crc, CRC_64_XZ};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vigil_model::config::CompressionAlgo;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::packed::{self, PackedEntry, SectionWriter};
 #[cfg(doc)]
 use super::state::MemoryKind;
-use super::state::{check_memory, VmState};
+use super::state::{check_memory, MemoryRange, VmState};
 use crate::dirty_log::DirtyLog;
 use crate::pager::MemoryReader;
+use crate::GuestMemoryMmap;
 
 /// What the state file starts with.
 pub const MAGIC: &[u8; 8] = b"VIGILSNP";
@@ -97,10 +100,13 @@ pub enum FileError {
     },
     #[error("{path}: the diff and the base are the same file")]
     MergeSame { path: PathBuf },
-    #[error("{path}: {found} bytes, but the snapshot's memory is {expected} bytes: the memory file is truncated or not this snapshot's")]
+    #[error("{path}: {message}")]
+    Packed { path: PathBuf, message: String },
+    #[error("{path}: {found} bytes, but the snapshot's memory is {expected} bytes{}: the memory file is truncated or not this snapshot's", if *.packed > 0 { format!(" and {} packed pages after it", .packed) } else { String::new() })]
     MemorySize {
         path: PathBuf,
         expected: u64,
+        packed: u64,
         found: u64,
     },
 }
@@ -125,7 +131,14 @@ fn write_atomically(
 ) -> Result<(), FileError> {
     let tmp = partial(path);
     let result = (|| {
-        let file = File::create(&tmp).map_err(io(&tmp, "cannot create it"))?;
+        // Readable too: the packed pages are compared with those written.
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io(&tmp, "cannot create it"))?;
         fill(&file, &tmp)?;
         file.sync_all().map_err(io(&tmp, "cannot sync it"))?;
         std::fs::rename(&tmp, path).map_err(io(path, "cannot rename the finished file to it"))
@@ -271,16 +284,30 @@ pub enum Pages<'a> {
     Dirty(&'a DirtyLog),
 }
 
+/// What [`write_memory`] wrote.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Written {
+    /// Bytes of the RAM image written (the rest are holes).
+    pub data: u64,
+    /// Held pages kept compressed after it ([`super::packed`]), and their bytes.
+    pub packed_pages: u64,
+    pub packed_bytes: u64,
+}
+
 /// Writes `pages` of guest RAM to a memory file at `path`: the ranges of `mem`
-/// one after the other, every page left out a hole. Returns how many bytes it
-/// wrote. A diff ([`Pages::Dirty`]) is only as good as its holes, so the file's
-/// data ranges are read back and must be exactly the pages written: a file
-/// system that fills holes or makes holes of zeros is refused.
-pub fn write_memory(path: &Path, mem: &MemoryReader, pages: Pages) -> Result<u64, FileError> {
-    let mut written = 0u64;
+/// one after the other, every page left out a hole. A full one keeps the
+/// pages the pager holds compressed, as its pool does, after the RAM image
+/// (a hole there). A diff ([`Pages::Dirty`]) is only as good as its holes, so
+/// the file's data ranges are read back and must be exactly the pages
+/// written: a file system that fills holes or makes holes of zeros is refused.
+pub fn write_memory(path: &Path, mem: &MemoryReader, pages: Pages) -> Result<Written, FileError> {
+    let mut written = Written::default();
     write_atomically(path, |file, tmp| {
+        let ram: u64 = mem.memory().iter().map(|r| r.len()).sum();
+        let mut section = SectionWriter::new(file, ram);
         let mut runs = Runs::default();
         let mut buf = vec![0u8; CHUNK];
+        let mut packed: Vec<(usize, CompressionAlgo, Vec<u8>)> = Vec::new();
         let mut at = 0u64;
         for region in mem.memory().iter() {
             let len = region.len() as usize;
@@ -288,17 +315,35 @@ pub fn write_memory(path: &Path, mem: &MemoryReader, pages: Pages) -> Result<u64
             let mut off = 0usize;
             while off < len {
                 let n = CHUNK.min(len - off);
-                mem.read(guest + off as u64, &mut buf[..n])
-                    .map_err(|e| FileError::Io {
-                        path: tmp.to_owned(),
-                        what: "cannot read guest memory",
-                        source: std::io::Error::other(e),
-                    })?;
-                // Consecutive pages to write go out in one write.
+                let read = match pages {
+                    // Copied out: the sink runs under the pager's lock.
+                    Pages::NonZero => {
+                        mem.read_packed(guest + off as u64, &mut buf[..n], &mut |k, algo, data| {
+                            packed.push((k, algo, data.to_vec()))
+                        })
+                    }
+                    Pages::Dirty(_) => mem.read(guest + off as u64, &mut buf[..n]),
+                };
+                read.map_err(|e| FileError::Io {
+                    path: tmp.to_owned(),
+                    what: "cannot read guest memory",
+                    source: std::io::Error::other(e),
+                })?;
+                let first_page = ((at + off as u64) / PAGE as u64) as usize;
+                for (k, algo, data) in &packed {
+                    section
+                        .push(first_page + k, *algo, data)
+                        .map_err(io(tmp, "cannot write a packed page"))?;
+                }
+                // Consecutive pages to write go out in one write; a packed
+                // page's is a hole (read_packed left it as it was).
+                let mut next_packed = packed.iter().map(|p| p.0).peekable();
                 let mut run: Option<usize> = None;
                 for i in 0..=n.div_ceil(PAGE) {
                     let from = i * PAGE;
+                    let is_packed = next_packed.next_if_eq(&i).is_some();
                     let wanted = from < n
+                        && !is_packed
                         && match pages {
                             Pages::NonZero => buf[from..n.min(from + PAGE)].iter().any(|&b| b != 0),
                             Pages::Dirty(log) => log.is_dirty(guest + (off + from) as u64),
@@ -316,11 +361,16 @@ pub fn write_memory(path: &Path, mem: &MemoryReader, pages: Pages) -> Result<u64
                         _ => {}
                     }
                 }
+                packed.clear();
                 off += n;
             }
             at += len as u64;
         }
-        file.set_len(at).map_err(io(tmp, "cannot size it"))?;
+        let (packed_pages, packed_bytes) = section
+            .finish()
+            .map_err(io(tmp, "cannot write the packed pages"))?;
+        file.set_len(at + packed_bytes)
+            .map_err(io(tmp, "cannot size it"))?;
         if matches!(pages, Pages::Dirty(_)) {
             let data = data_ranges(file, tmp)?;
             if data != runs.0 {
@@ -331,7 +381,11 @@ pub fn write_memory(path: &Path, mem: &MemoryReader, pages: Pages) -> Result<u64
                 });
             }
         }
-        written = runs.bytes();
+        written = Written {
+            data: runs.bytes(),
+            packed_pages,
+            packed_bytes,
+        };
         Ok(())
     })?;
     Ok(written)
@@ -401,21 +455,26 @@ pub struct MergeInfo {
     pub copied: u64,
     /// Data ranges of the diff.
     pub ranges: usize,
-    /// The size of both files.
+    /// Packed pages of the base unpacked into its RAM image.
+    pub unpacked: u64,
+    /// The size of the RAM image, the merged file's.
     pub bytes: u64,
 }
 
 /// Copies the data ranges of the diff memory file `diff` onto the memory file
 /// `base`, in place, at the same offsets: `base` becomes the memory the diff's
-/// snapshot saved when `base` is the memory of the snapshot before it. Both
-/// must be the same size. `progress` hears the bytes copied so far and the
-/// diff's data bytes.
+/// snapshot saved when `base` is the memory of the snapshot before it. Their
+/// RAM images must be the same size. The packed pages of a full base (after
+/// its RAM image) that the diff does not replace are unpacked into it, and the
+/// base ends with its RAM image, as the diff's state expects. `progress`
+/// hears the bytes copied so far and the diff's data bytes.
 pub fn merge_memory(
     base: &Path,
     diff: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeInfo, FileError> {
     let base_file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .open(base)
         .map_err(io(base, "cannot open it for writing"))?;
@@ -430,14 +489,30 @@ pub fn merge_memory(
             });
         }
     }
-    if base_len.len() != diff_len.len() {
+    // A diff is a RAM image alone; a full base may have packed pages after its.
+    let ram = diff_len.len();
+    if base_len.len() < ram || !ram.is_multiple_of(PAGE as u64) {
         return Err(FileError::MergeSize {
             base: base.to_owned(),
             base_bytes: base_len.len(),
             diff: diff.to_owned(),
-            diff_bytes: diff_len.len(),
+            diff_bytes: ram,
         });
     }
+    let bad_packed = |message| FileError::Packed {
+        path: base.to_owned(),
+        message,
+    };
+    let packed =
+        packed::read_section(&base_file, ram, (ram / PAGE as u64) as usize).map_err(|e| {
+            bad_packed(format!(
+                "{} bytes, but the diff {} is {ram} bytes, and {e}: a diff merges only onto the memory file of the same VM's previous snapshot",
+                base_len.len(),
+                diff.display()
+            ))
+        })?;
+    // Checked whole before the base is written.
+    packed::unpack_each(&packed, bad_packed, |_, _| Ok(()))?;
     let ranges = data_ranges(&diff_file, diff)?;
     let total: u64 = ranges.iter().map(|(a, b)| b - a).sum();
     let mut buf = vec![0u8; CHUNK];
@@ -457,26 +532,82 @@ pub fn merge_memory(
             progress(copied, total);
         }
     }
+    // The diff's pages are newer than the base's packed ones.
+    let replaced = |page: usize| {
+        let at = (page * PAGE) as u64;
+        let i = ranges.partition_point(|&(_, end)| end <= at);
+        ranges.get(i).is_some_and(|&(start, _)| start <= at)
+    };
+    let kept: Vec<PackedEntry> = packed.into_iter().filter(|e| !replaced(e.page)).collect();
+    packed::unpack_each(&kept, bad_packed, |page, bytes| {
+        base_file
+            .write_all_at(bytes, (page * PAGE) as u64)
+            .map_err(io(base, "cannot write to it"))
+    })?;
+    base_file
+        .set_len(ram)
+        .map_err(io(base, "cannot truncate it to its RAM image"))?;
     base_file.sync_all().map_err(io(base, "cannot sync it"))?;
     Ok(MergeInfo {
         copied,
         ranges: ranges.len(),
-        bytes: base_len.len(),
+        unpacked: kept.len() as u64,
+        bytes: ram,
     })
 }
 
-/// Opens a memory file and checks that it holds `expected` bytes.
-pub fn open_memory(path: &Path, expected: u64) -> Result<File, FileError> {
+/// Opens the memory file of the snapshot `state` describes and checks it:
+/// its RAM image the size of the snapshot's RAM, followed by as many packed
+/// pages as the state says (checked whole, [`packed::read_section`]), which it
+/// returns.
+pub fn open_memory(path: &Path, state: &VmState) -> Result<(File, Vec<PackedEntry>), FileError> {
     let file = File::open(path).map_err(io(path, "cannot open it"))?;
     let found = file.metadata().map_err(io(path, "cannot stat it"))?.len();
-    if found != expected {
-        return Err(FileError::MemorySize {
+    let ram: u64 = state.memory.iter().map(|r| r.bytes).sum();
+    let size = |found| FileError::MemorySize {
+        path: path.to_owned(),
+        expected: ram,
+        packed: state.memory_packed,
+        found,
+    };
+    if (state.memory_packed == 0 && found != ram) || found < ram {
+        return Err(size(found));
+    }
+    let pages = (ram / PAGE as u64) as usize;
+    let packed = packed::read_section(&file, ram, pages).map_err(|message| FileError::Packed {
+        path: path.to_owned(),
+        message,
+    })?;
+    if packed.len() as u64 != state.memory_packed {
+        return Err(FileError::Packed {
             path: path.to_owned(),
-            expected,
-            found,
+            message: format!(
+                "{} packed pages after the RAM image, but the state says {}: the memory file is not this snapshot's",
+                packed.len(),
+                state.memory_packed
+            ),
         });
     }
-    Ok(file)
+    Ok((file, packed))
+}
+
+/// Writes the pages a memory file keeps packed (`packed`, read with
+/// [`open_memory`] from `path`) into `mem`, guest RAM of `ranges`.
+pub fn unpack_into(
+    mem: &GuestMemoryMmap,
+    ranges: &[MemoryRange],
+    packed: &[PackedEntry],
+    path: &Path,
+) -> Result<(), FileError> {
+    let bad = |message| FileError::Packed {
+        path: path.to_owned(),
+        message,
+    };
+    packed::unpack_each(packed, bad, |page, bytes| {
+        packed::page_gpa(ranges, page)
+            .and_then(|gpa| mem.write_slice(bytes, GuestAddress(gpa)).ok())
+            .ok_or_else(|| bad(format!("packed page {page}: not in guest RAM")))
+    })
 }
 
 #[cfg(test)]
@@ -519,7 +650,9 @@ mod tests {
             .unwrap();
         let base = dir.join("base.mem");
         assert_eq!(
-            write_memory(&base, &MemoryReader::plain(mem.clone()), Pages::NonZero).unwrap(),
+            write_memory(&base, &MemoryReader::plain(mem.clone()), Pages::NonZero)
+                .unwrap()
+                .data,
             2 * PAGE as u64
         );
         assert_eq!(data_pages(&base), [(1, 2), (16, 17)]);
@@ -533,7 +666,9 @@ mod tests {
         log.add(0, &[0b11010]);
         let diff = dir.join("diff.mem");
         assert_eq!(
-            write_memory(&diff, &MemoryReader::plain(mem.clone()), Pages::Dirty(&log)).unwrap(),
+            write_memory(&diff, &MemoryReader::plain(mem.clone()), Pages::Dirty(&log))
+                .unwrap()
+                .data,
             3 * PAGE as u64
         );
         assert_eq!(data_pages(&diff), [(1, 2), (3, 5)]);
@@ -611,6 +746,68 @@ mod tests {
             e.contains("vm.state: state: memory: range 1 (0x0+0x2000): starts below"),
             "{e}"
         );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_merge_unpacks_the_packed_pages_of_its_base_the_diff_does_not_replace() {
+        let dir = scratch("merge-packed");
+        const PAGES: usize = 16;
+        let ram = (PAGES * PAGE) as u64;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), PAGES * PAGE)]).unwrap();
+        mem.write_slice(&[5; PAGE], GuestAddress(2 * PAGE as u64))
+            .unwrap();
+        // A full base: page 2 in its RAM image, pages 4 and 6 packed after it.
+        let base = dir.join("base.mem");
+        write_memory(&base, &MemoryReader::plain(mem), Pages::NonZero).unwrap();
+        {
+            let file = File::options().read(true).write(true).open(&base).unwrap();
+            let mut section = SectionWriter::new(&file, ram);
+            for (page, byte) in [(4, 9u8), (6, 8)] {
+                let packed = lz4_flex::block::compress(&[byte; PAGE]);
+                section.push(page, CompressionAlgo::Lz4, &packed).unwrap();
+            }
+            section.finish().unwrap();
+        }
+        // A diff that writes page 6 again.
+        let diff = dir.join("diff.mem");
+        {
+            let file = File::create(&diff).unwrap();
+            file.set_len(ram).unwrap();
+            file.write_all_at(&[1; PAGE], 6 * PAGE as u64).unwrap();
+        }
+
+        // A damaged section: refused, naming the base, which is left as it was.
+        let good = std::fs::read(&base).unwrap();
+        let mut bad = good.clone();
+        bad[ram as usize] ^= 0xff;
+        std::fs::write(&base, &bad).unwrap();
+        let e = merge_memory(&base, &diff, &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("base.mem: ") && e.contains("checksum"), "{e}");
+        assert!(std::fs::read(&base).unwrap() == bad);
+
+        std::fs::write(&base, &good).unwrap();
+        let info = merge_memory(&base, &diff, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            (info.copied, info.unpacked, info.bytes),
+            (PAGE as u64, 1, ram)
+        );
+        let merged = std::fs::read(&base).unwrap();
+        assert_eq!(merged.len() as u64, ram, "the RAM image alone");
+        for page in 0..PAGES {
+            let byte = match page {
+                2 => 5,
+                4 => 9,
+                6 => 1,
+                _ => 0,
+            };
+            assert!(
+                merged[page * PAGE..][..PAGE].iter().all(|&b| b == byte),
+                "page {page}"
+            );
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 

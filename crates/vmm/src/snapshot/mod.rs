@@ -20,6 +20,7 @@
 //! vCPUs paused, and reads its entry back from the VM built from the state.
 
 pub mod file;
+pub mod packed;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -71,6 +72,10 @@ pub struct SnapshotInfo {
     /// Bytes of it written (the rest are holes: pages of zeros in a full
     /// memory file, pages not written since the previous snapshot in a diff).
     pub memory_written: u64,
+    /// Pages the pager held, kept compressed after the RAM image, and their
+    /// bytes there.
+    pub memory_packed_pages: u64,
+    pub memory_packed_bytes: u64,
     /// What the memory file holds (a booted VM's first diff is a full one).
     pub memory_kind: MemoryKind,
     pub took: Duration,
@@ -209,6 +214,7 @@ impl SnapshotSources {
             memory: memory_ranges(self.reader.memory()),
             memory_kind: MemoryKind::Full,
             memory_held: self.reader.held(),
+            memory_packed: 0,
             kvm: persist::save_vm(&vm_fd)?,
             vcpus,
             serial: lock(&self.serial).save(),
@@ -276,7 +282,10 @@ impl SnapshotSources {
                 MemoryKind::Diff => file::Pages::Dirty(&written),
             };
             match file::write_memory(mem_path, mem, pages) {
-                Ok(n) => Ok((written, n)),
+                Ok(n) => {
+                    state.memory_packed = n.packed_pages;
+                    Ok((written, n))
+                }
                 Err(e) => {
                     self.written.keep(written);
                     Err(e.into())
@@ -291,7 +300,9 @@ impl SnapshotSources {
         Ok(SnapshotInfo {
             state_bytes,
             memory_bytes: state.memory.iter().map(|r| r.bytes).sum(),
-            memory_written,
+            memory_written: memory_written.data,
+            memory_packed_pages: memory_written.packed_pages,
+            memory_packed_bytes: memory_written.packed_bytes,
             memory_kind: state.memory_kind,
             took: start.elapsed(),
         })

@@ -31,6 +31,11 @@ pub struct VmState {
     /// them straight back in its pool, not in RAM. Left out when empty.
     #[serde(default, skip_serializing_if = "PageBits::is_empty")]
     pub memory_held: PageBits,
+    /// How many of them the memory file keeps compressed, after its RAM image
+    /// (a hole there), as the pager's pool kept them ([`super::packed`]): a
+    /// Full snapshot's. Left out when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub memory_packed: u64,
     /// The in-kernel irqchip, PIT and clock.
     pub kvm: KvmVmState,
     /// One per vCPU, by index.
@@ -53,6 +58,10 @@ pub struct VmState {
     /// from before it have none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extensions: BTreeMap<String, serde_json::Value>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a snapshot's memory file holds, as written (`snapshot_type`).
