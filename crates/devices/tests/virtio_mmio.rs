@@ -378,6 +378,17 @@ fn event_idx_interrupts_once_the_used_index_passes_used_event() {
     assert_eq!(d.used_idx(), 4);
     assert_eq!(irq.status(), 0, "used_event not reached: no interrupt");
 
+    // Asked to hear at the first of entries published together (4, 5 and 6,
+    // one move of the used index): interrupted, though the move is one
+    // `add_used` for the queue's own count.
+    d.write(used_event, &4u16.to_le_bytes());
+    for _ in 0..3 {
+        flush(&mut d);
+    }
+    t.process_queue(0);
+    assert_eq!(d.used_idx(), 7);
+    assert_eq!(irq.status(), INT_USED_RING, "used_event inside the batch");
+
     // Without the feature every used batch interrupts, whatever used_event says.
     let (mut t, irq, _evts) = transport(blk(&image), &mem);
     let mut d = Driver::new(&mem, QSIZE);

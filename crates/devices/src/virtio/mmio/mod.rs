@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -68,12 +69,22 @@ pub enum TransportError {
     EventFds { queues: usize, eventfds: usize },
 }
 
+/// `vring_need_event`: whether moving the used index from `old` to `new`
+/// passes `event` (the driver's `used_event`).
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 /// One virtio device behind its MMIO registers.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
+    /// Each queue's used index when the transport last decided whether the
+    /// driver wants an interrupt: with event indices, what was used since
+    /// then is checked against `used_event` as one batch.
+    used_checked: Vec<u16>,
     queue_evts: Vec<EventFd>,
     status: u32,
     device_features_sel: u32,
@@ -106,6 +117,7 @@ impl MmioTransport {
             device,
             mem,
             interrupt,
+            used_checked: vec![0; queues.len()],
             queues,
             queue_evts,
             status: 0,
@@ -141,6 +153,7 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
+        self.used_checked.fill(0);
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;
@@ -317,9 +330,17 @@ impl MmioTransport {
         if !queue.event_idx_enabled() {
             return true;
         }
+        // Not `Queue::needs_notification`, which counts `add_used` calls: a
+        // device publishes several entries with one (`add_used_together`).
+        let used = queue.next_used();
+        let old = std::mem::replace(&mut self.used_checked[index], used);
+        // The used entries written before `used_event` is read.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let at = queue.avail_ring() + 4 + 2 * u64::from(queue.size());
         // An unreadable used_event: interrupt, as without event indices.
-        let needed = queue.needs_notification(&self.mem).unwrap_or(true);
-        self.device.take_owed_interrupt(index) || needed
+        self.mem
+            .load::<u16>(GuestAddress(at), std::sync::atomic::Ordering::Acquire)
+            .map_or(true, |event| need_event(u16::from_le(event), used, old))
     }
 
     /// Writes register `offset` (also the virtio-pci common configuration's way in).

@@ -99,6 +99,7 @@ impl MmioTransport {
             device,
             mem,
             interrupt,
+            used_checked: queues.iter().map(|q| q.next_used()).collect(),
             queues,
             queue_evts,
             status: state.device_status,

@@ -18,9 +18,9 @@ use crate::persist::Persist;
 use crate::rate_limiter::{RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    add_used, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader, Budget,
-    DeviceBroken, Next, QueueOutcome, Served, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_VERSION_1,
+    add_used, add_used_together, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader,
+    Budget, DeviceBroken, Next, QueueOutcome, Served, VirtioDevice, TYPE_NET,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::{FieldError, NetConfig};
 
@@ -104,9 +104,6 @@ pub struct Net {
     /// The tap hands over frames with the offloads the driver accepted, their
     /// headers passed on as they are.
     rx_offloads: bool,
-    /// A frame spread over several buffers was published since the transport
-    /// last asked, and the driver's `used_event` asked to hear about it.
-    owed_interrupt: bool,
     tx_buf: Vec<u8>,
     counters: NetCounters,
     metrics: Arc<DeviceCounters>,
@@ -138,7 +135,6 @@ impl Net {
             rx_blocked: false,
             acked: 0,
             rx_offloads: false,
-            owed_interrupt: false,
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Net, config.tap.clone())),
@@ -191,28 +187,6 @@ impl Net {
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<QueueOutcome, DeviceBroken> {
-        let start = queue.next_used();
-        let mut merged = false;
-        let outcome = self.receive_frames(queue, mem, &mut merged);
-        // The used entries a frame's earlier buffers took were written without
-        // `add_used`, so the queue's own interrupt check does not count them:
-        // check the whole batch against the driver's `used_event` here.
-        if merged && queue.event_idx_enabled() {
-            let end = queue.next_used();
-            self.owed_interrupt |= match used_event(queue, mem) {
-                Some(event) => need_event(event, end, start),
-                None => true,
-            };
-        }
-        outcome
-    }
-
-    fn receive_frames(
-        &mut self,
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
-        merged: &mut bool,
     ) -> Result<QueueOutcome, DeviceBroken> {
         self.rx_blocked = false;
         let mut used = false;
@@ -287,7 +261,6 @@ impl Net {
             if writer.available_bytes() < len && self.acked & F_MRG_RXBUF != 0 {
                 match self.receive_merged(queue, mem, (head, writer), &mut budget)? {
                     Merged::Delivered => {
-                        *merged = true;
                         used = true;
                         continue;
                     }
@@ -503,10 +476,6 @@ impl VirtioDevice for Net {
         self.set_rx_offloads(tun_offloads(acked));
     }
 
-    fn take_owed_interrupt(&mut self, index: usize) -> bool {
-        index == RX && std::mem::take(&mut self.owed_interrupt)
-    }
-
     fn state(&self) -> DeviceState {
         DeviceState::Net(self.save())
     }
@@ -613,47 +582,6 @@ enum Merged {
     NoRoom,
     /// The rate limiter says wait this long.
     Throttled(std::time::Duration),
-}
-
-/// Publishes `used` (chain heads and bytes written) in one step: the driver
-/// must see a frame's buffers together (virtio 1.1, 5.1.6.4), and
-/// `Queue::add_used` makes each visible on its own. The earlier entries are
-/// written into the used ring directly, the last through `add_used`, whose
-/// index update publishes them all.
-fn add_used_together(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    used: &[(u16, u32)],
-) -> Result<(), DeviceBroken> {
-    let Some((&(last, last_len), earlier)) = used.split_last() else {
-        return Ok(());
-    };
-    let start = queue.next_used();
-    for (i, &(head, len)) in earlier.iter().enumerate() {
-        let slot = start.wrapping_add(i as u16) % queue.size();
-        let element = queue.used_ring() + 4 + 8 * u64::from(slot);
-        let mut bytes = [0u8; 8];
-        bytes[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        bytes[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&bytes, GuestAddress(element))
-            .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e}")))?;
-    }
-    queue.set_next_used(start.wrapping_add(earlier.len() as u16));
-    add_used(queue, mem, last, last_len)
-}
-
-/// The driver's `used_event` (the used index it wants an interrupt after).
-fn used_event(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
-    let at = queue.avail_ring() + 4 + 2 * u64::from(queue.size());
-    mem.load::<u16>(GuestAddress(at), Ordering::Acquire)
-        .ok()
-        .map(u16::from_le)
-}
-
-/// `vring_need_event`: whether moving the used index from `old` to `new`
-/// passes `event`.
-fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// A frame waits for more buffers than the driver has made available: asks to
