@@ -22,7 +22,7 @@ use crate::persist::Persist;
 use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    add_used, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
+    add_used_together, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
     TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::drive::MAX_DRIVE_QUEUES;
@@ -424,7 +424,8 @@ impl Block {
     /// Gives completed asynchronous requests (in `self.done`) back to the
     /// driver: status written, chain used. Whether any was.
     fn complete(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
-        let mut used = false;
+        // Published together, as `serve_chains` does.
+        let mut used = Vec::with_capacity(self.done.len());
         for i in 0..self.done.len() {
             let Done {
                 head,
@@ -457,11 +458,11 @@ impl Block {
                 self.metrics.errors.inc();
                 0
             };
-            add_used(queue, mem, head, len)?;
-            used = true;
+            used.push((head, len));
         }
         self.done.clear();
-        Ok(used)
+        add_used_together(queue, mem, &used)?;
+        Ok(!used.is_empty())
     }
 
     /// Hands the requests queued for queue `index` on the asynchronous engine
