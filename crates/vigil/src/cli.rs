@@ -192,7 +192,8 @@ pub enum SnapshotCommand {
         /// The state file (`snapshot_path`).
         path: PathBuf,
         /// The memory file (`mem_file_path`), to check its size and count its
-        /// data (the rest is holes).
+        /// data (the rest is holes), and the packed pages after its RAM image
+        /// when the saved VM's pager held some (checked whole).
         #[arg(long, value_name = "PATH")]
         mem: Option<PathBuf>,
     },
