@@ -17,7 +17,7 @@ use super::request::{
     Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
-use super::uring::{Done, Submission, Uring};
+use super::uring::{transfer, Done, Iovecs, Submission, Uring};
 use crate::persist::Persist;
 use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
@@ -69,6 +69,8 @@ pub struct Block {
     readable: Vec<(GuestAddress, usize)>,
     writable: Vec<(GuestAddress, usize)>,
     segments: Vec<(GuestAddress, usize)>,
+    /// The synchronous engine's iovec list for them, kept between requests.
+    iovecs: Iovecs,
     done: Vec<Done>,
     requests: u64,
     errors: u64,
@@ -171,6 +173,7 @@ impl Block {
             readable: Vec::new(),
             writable: Vec::new(),
             segments: Vec::new(),
+            iovecs: Iovecs::default(),
             done: Vec::new(),
             requests: 0,
             errors: 0,
@@ -392,7 +395,8 @@ impl Block {
     }
 
     /// Where a read, write or flush the synchronous path would not refuse at
-    /// once goes, for the asynchronous engine: its data buffers into
+    /// once goes, for the asynchronous engine and for the synchronous one's
+    /// direct reads and writes ([`transfer`]): its data buffers into
     /// `self.segments` (a read's: the device-writable bytes but the last; a
     /// write's: the device-readable bytes after the header), and its byte offset
     /// and status byte (the last device-writable byte, as `Request::parse` split
@@ -437,32 +441,45 @@ impl Block {
             if moved.is_none() {
                 tracing::warn!(kind, result, "virtio-blk asynchronous request failed");
             }
-            let written = match (kind, moved) {
-                (T_IN, Some(n)) => {
-                    self.metrics.bytes_in.add(n as u64);
-                    n as u32
-                }
-                (T_OUT, Some(n)) => {
-                    self.metrics.bytes_out.add(n as u64);
-                    0
-                }
-                _ => 0,
-            };
-            let code = if moved.is_some() { S_OK } else { S_IOERR };
-            let len = if mem.write_obj(code, status).is_ok() {
-                self.count(kind, code);
-                written + 1
-            } else {
-                tracing::warn!(head, "virtio-blk status not writable");
-                self.errors += 1;
-                self.metrics.errors.inc();
-                0
-            };
-            used.push((head, len));
+            used.push((head, self.finish(mem, head, kind, status, moved)));
         }
         self.done.clear();
         add_used_together(queue, mem, &used)?;
         Ok(!used.is_empty())
+    }
+
+    /// Ends a read, a write or a flush that moved `moved` bytes (`None`: it
+    /// failed): its status written and counted; the bytes the chain goes back
+    /// with.
+    fn finish(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        kind: u32,
+        status: GuestAddress,
+        moved: Option<usize>,
+    ) -> u32 {
+        let written = match (kind, moved) {
+            (T_IN, Some(n)) => {
+                self.metrics.bytes_in.add(n as u64);
+                n as u32
+            }
+            (T_OUT, Some(n)) => {
+                self.metrics.bytes_out.add(n as u64);
+                0
+            }
+            _ => 0,
+        };
+        let code = if moved.is_some() { S_OK } else { S_IOERR };
+        if mem.write_obj(code, status).is_ok() {
+            self.count(kind, code);
+            written + 1
+        } else {
+            tracing::warn!(head, "virtio-blk status not writable");
+            self.errors += 1;
+            self.metrics.errors.inc();
+            0
+        }
     }
 
     /// Hands the requests queued for queue `index` on the asynchronous engine
@@ -614,9 +631,7 @@ impl VirtioDevice for Block {
         let outcome = serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
             let is_async = !self.urings.is_empty();
-            if is_async {
-                self.note_buffers(&chain);
-            }
+            self.note_buffers(&chain);
             let Some(request) = Request::parse(chain, mem) else {
                 // Still an operation: a guest cannot flood the device with garbage.
                 if let Err(wait) = self.limiter.consume(0) {
@@ -635,8 +650,40 @@ impl VirtioDevice for Block {
                 self.metrics.throttled.inc();
                 return Ok(Served::Wait(wait));
             }
-            if let Some((offset, status)) = is_async.then(|| self.async_request(&request)).flatten()
+            let direct = self.async_request(&request);
+            if let (Some((offset, status)), false, T_IN | T_OUT) =
+                (direct, is_async, request.header.kind)
             {
+                // Straight between the image and the request's buffers.
+                let kind = request.header.kind;
+                let len = self.segments.iter().map(|&(_, n)| n).sum::<usize>();
+                match transfer(
+                    &self.file,
+                    mem,
+                    kind,
+                    offset,
+                    &self.segments,
+                    &mut self.iovecs,
+                ) {
+                    Some(result) => {
+                        let moved = match result {
+                            Ok(n) if n == len => Some(n),
+                            Ok(n) => {
+                                tracing::warn!(kind, len, n, "virtio-blk request cut short");
+                                None
+                            }
+                            Err(e) => {
+                                tracing::warn!(kind, "virtio-blk request failed: {e}");
+                                None
+                            }
+                        };
+                        return Ok(Served::Used(self.finish(mem, head, kind, status, moved)));
+                    }
+                    // Buffers across a memory region boundary: through `serve`.
+                    None => {}
+                }
+            }
+            if let Some((offset, status)) = direct.filter(|_| is_async) {
                 let submission = Submission {
                     head,
                     kind: request.header.kind,

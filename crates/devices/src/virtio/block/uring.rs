@@ -43,11 +43,12 @@ struct Slot {
 
 /// The iovec list of a request: pointers into guest memory.
 #[derive(Default)]
-struct Iovecs(Vec<libc::iovec>);
+pub(super) struct Iovecs(Vec<libc::iovec>);
 
 // SAFETY: the pointers are into guest memory, which every thread of the VMM
 // shares (`GuestMemoryMmap` is `Send` and `Sync`); only the owning device reads
-// the list, and the kernel while the request is in flight.
+// the list, and the kernel while the request is in flight (or, for the
+// synchronous engine, during the call).
 unsafe impl Send for Iovecs {}
 
 /// A completed request.
@@ -129,17 +130,8 @@ impl Uring {
         };
         let slot = &mut self.slots[index];
         slot.segments.clear();
-        slot.iovecs.0.clear();
-        let mut len = 0;
-        for &(addr, n) in s.segments {
-            let slice = mem.get_slice(addr, n).ok()?;
-            slot.iovecs.0.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: n,
-            });
-            slot.segments.push((addr, n));
-            len += n;
-        }
+        slot.segments.extend_from_slice(s.segments);
+        let len = guest_iovecs(mem, s.segments, 0, &mut slot.iovecs.0)?;
         let fd = types::Fd(file.as_raw_fd());
         let iovecs = slot.iovecs.0.as_ptr();
         let count = slot.iovecs.0.len() as u32;
@@ -215,11 +207,7 @@ impl Uring {
             // Guest memory a read wrote is dirty, whoever the request was for.
             if whole && slot.kind == T_IN {
                 if let Some(mem) = mem {
-                    for &(addr, n) in &slot.segments {
-                        if let Ok(s) = mem.get_slice(addr, n) {
-                            s.bitmap().mark_dirty(0, n);
-                        }
-                    }
+                    mark_written(mem, &slot.segments);
                 }
             }
             if !slot.orphan {
@@ -269,4 +257,90 @@ impl Drop for Uring {
         // The kernel may still write into guest memory for requests in flight.
         self.wait_all(&mut Vec::new());
     }
+}
+
+/// Fills `out` with iovecs for `segments` of guest memory, the first `skip`
+/// bytes left out; returns the bytes they cover. `None` when a segment is not
+/// guest memory the kernel can be handed (one across a region boundary).
+fn guest_iovecs(
+    mem: &GuestMemoryMmap,
+    segments: &[(GuestAddress, usize)],
+    mut skip: usize,
+    out: &mut Vec<libc::iovec>,
+) -> Option<usize> {
+    out.clear();
+    let mut len = 0;
+    for &(addr, n) in segments {
+        let slice = mem.get_slice(addr, n).ok()?;
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        out.push(libc::iovec {
+            // SAFETY: `skip < n`: inside the slice just checked.
+            iov_base: unsafe { slice.ptr_guard_mut().as_ptr().add(skip) }.cast(),
+            iov_len: n - skip,
+        });
+        len += n - skip;
+        skip = 0;
+    }
+    Some(len)
+}
+
+/// Marks `segments` of guest memory written (the dirty bitmap a snapshot
+/// or a migration reads).
+fn mark_written(mem: &GuestMemoryMmap, segments: &[(GuestAddress, usize)]) {
+    for &(addr, n) in segments {
+        if let Ok(s) = mem.get_slice(addr, n) {
+            s.bitmap().mark_dirty(0, n);
+        }
+    }
+}
+
+/// Moves a read (`T_IN`) or a write of `segments` between `file` at `offset`
+/// and guest memory at once, in the calling thread (`preadv`/`pwritev` on the
+/// request's buffers, no copy through a buffer of the device's): the
+/// synchronous engine. `None` when the buffers are not guest memory the
+/// kernel can be handed; else the bytes moved (fewer at the end of the file)
+/// or the error. A read's buffers are marked written.
+pub(super) fn transfer(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    kind: u32,
+    offset: u64,
+    segments: &[(GuestAddress, usize)],
+    iovecs: &mut Iovecs,
+) -> Option<std::io::Result<usize>> {
+    let iovecs = &mut iovecs.0;
+    let mut done = 0;
+    loop {
+        let left = guest_iovecs(mem, segments, done, iovecs)?;
+        if left == 0 {
+            break;
+        }
+        let count = iovecs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        let at = (offset + done as u64) as libc::off_t;
+        // SAFETY: the iovecs point into guest memory, mapped while `mem` is
+        // borrowed, each within one region and as long as it says; the kernel
+        // writes (a read) or reads (a write) at most that.
+        let n = unsafe {
+            if kind == T_IN {
+                libc::preadv(file.as_raw_fd(), iovecs.as_ptr(), count, at)
+            } else {
+                libc::pwritev(file.as_raw_fd(), iovecs.as_ptr(), count, at)
+            }
+        };
+        match n {
+            0 => break,
+            n if n > 0 => done += n as usize,
+            _ => match std::io::Error::last_os_error() {
+                e if e.kind() == std::io::ErrorKind::Interrupted => {}
+                e => return Some(Err(e)),
+            },
+        }
+    }
+    if kind == T_IN {
+        mark_written(mem, segments);
+    }
+    Some(Ok(done))
 }
