@@ -657,30 +657,28 @@ impl VirtioDevice for Block {
                 // Straight between the image and the request's buffers.
                 let kind = request.header.kind;
                 let len = self.segments.iter().map(|&(_, n)| n).sum::<usize>();
-                match transfer(
+                // Buffers across a memory region boundary (`None`): through `serve`.
+                let moved = transfer(
                     &self.file,
                     mem,
                     kind,
                     offset,
                     &self.segments,
                     &mut self.iovecs,
-                ) {
-                    Some(result) => {
-                        let moved = match result {
-                            Ok(n) if n == len => Some(n),
-                            Ok(n) => {
-                                tracing::warn!(kind, len, n, "virtio-blk request cut short");
-                                None
-                            }
-                            Err(e) => {
-                                tracing::warn!(kind, "virtio-blk request failed: {e}");
-                                None
-                            }
-                        };
-                        return Ok(Served::Used(self.finish(mem, head, kind, status, moved)));
-                    }
-                    // Buffers across a memory region boundary: through `serve`.
-                    None => {}
+                );
+                if let Some(result) = moved {
+                    let moved = match result {
+                        Ok(n) if n == len => Some(n),
+                        Ok(n) => {
+                            tracing::warn!(kind, len, n, "virtio-blk request cut short");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::warn!(kind, "virtio-blk request failed: {e}");
+                            None
+                        }
+                    };
+                    return Ok(Served::Used(self.finish(mem, head, kind, status, moved)));
                 }
             }
             if let Some((offset, status)) = direct.filter(|_| is_async) {
