@@ -378,9 +378,8 @@ fn event_idx_interrupts_once_the_used_index_passes_used_event() {
     assert_eq!(d.used_idx(), 4);
     assert_eq!(irq.status(), 0, "used_event not reached: no interrupt");
 
-    // Asked to hear at the first of entries published together (4, 5 and 6,
-    // one move of the used index): interrupted, though the move is one
-    // `add_used` for the queue's own count.
+    // Asked to hear at the first of three entries used in one pass (4, 5
+    // and 6): interrupted once the pass ends.
     d.write(used_event, &4u16.to_le_bytes());
     for _ in 0..3 {
         flush(&mut d);

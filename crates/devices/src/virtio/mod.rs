@@ -283,13 +283,6 @@ pub(crate) enum Next<'a> {
 /// event loop has served everything else).
 pub(crate) const YIELD: std::time::Duration = std::time::Duration::ZERO;
 
-/// The most used entries [`serve_chains`] writes before it publishes them (it
-/// also publishes whenever the queue runs empty). A driver polling the ring
-/// then takes several per look, and the exits and interrupts that cost it go
-/// down; more than this and it waits idle for the device's pass to end (4 KiB
-/// virtio-blk writes at depth 32 slowed by a fifth at 256).
-const USED_BATCH: usize = 8;
-
 /// The next chain the driver made available, after checking that the ring is sane.
 pub(crate) fn pop_chain<'a>(
     queue: &mut Queue,
@@ -322,7 +315,7 @@ pub(crate) enum Served {
 
 /// Hands the chains the driver made available on `queue` to `serve`, one at a
 /// time and at most one queue's worth ([`Budget`]), and gives each back as `serve`
-/// says, [`USED_BATCH`] at a time. Returns `Done` once the queue is empty, `RetryAfter(YIELD)` when the budget
+/// says. Returns `Done` once the queue is empty, `RetryAfter(YIELD)` when the budget
 /// ran out with more available, and `RetryAfter(wait)` when `serve` said wait; the
 /// flag says whether any chain went back to the driver.
 pub(crate) fn serve_chains<'a>(
@@ -330,48 +323,37 @@ pub(crate) fn serve_chains<'a>(
     mem: &'a GuestMemoryMmap,
     mut serve: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
 ) -> Result<QueueOutcome, DeviceBroken> {
-    let mut used = Vec::new();
-    let mut served = false;
+    let mut used = false;
     let mut budget = Budget::of(queue);
-    let outcome = loop {
+    loop {
         let chain = match pop_chain(queue, mem, &mut budget)? {
             Next::Chain(chain) => chain,
-            // What was served reaches the driver before the device looks
-            // again: a driver polling the ring adds its next requests at
-            // once, and they are taken in this pass.
-            Next::Empty if !used.is_empty() => {
-                add_used_together(queue, mem, &used)?;
-                served = true;
-                used.clear();
-                continue;
-            }
             // With event indices, tell the driver where to notify next (the
             // entry after the last one taken); one made available meanwhile is
             // served now, since its notification may have been skipped.
             Next::Empty if queue.event_idx_enabled() && rearm(queue, mem)? => continue,
-            Next::Empty => break QueueOutcome::Done(served),
-            Next::Later => break QueueOutcome::RetryAfter(YIELD, served || !used.is_empty()),
+            Next::Empty => return Ok(QueueOutcome::Done(used)),
+            Next::Later => return Ok(QueueOutcome::RetryAfter(YIELD, used)),
         };
         let head = chain.head_index();
         match serve(chain)? {
-            Served::Used(len) => used.push((head, len)),
+            Served::Used(len) => {
+                add_used(queue, mem, head, len)?;
+                used = true;
+            }
             Served::Kept { release: None } => {}
             Served::Kept {
                 release: Some(held),
-            } => used.push((held, 0)),
+            } => {
+                add_used(queue, mem, held, 0)?;
+                used = true;
+            }
             Served::Wait(wait) => {
                 queue.go_to_previous_position();
-                break QueueOutcome::RetryAfter(wait, served || !used.is_empty());
+                return Ok(QueueOutcome::RetryAfter(wait, used));
             }
         }
-        if used.len() >= USED_BATCH {
-            add_used_together(queue, mem, &used)?;
-            served = true;
-            used.clear();
-        }
-    };
-    add_used_together(queue, mem, &used)?;
-    Ok(outcome)
+    }
 }
 
 /// Whether `chain` ends where its driver ended it. Iterating a chain stops
@@ -416,8 +398,8 @@ pub(crate) fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, De
 
 /// Publishes `used` (chain heads and bytes written) in one step, as one move
 /// of the used index: a frame's buffers must reach the driver together (virtio
-/// 1.1, 5.1.6.4), and a driver that polls the ring takes a batch per look
-/// instead of an entry. `Queue::add_used` makes each entry visible on its own,
+/// 1.1, 5.1.6.4), and a driver that polls the ring takes a batch of completed
+/// requests per look. `Queue::add_used` makes each entry visible on its own,
 /// so the earlier entries are written into the used ring directly and the last
 /// through `add_used`, whose index update publishes them all.
 pub(crate) fn add_used_together(
@@ -428,6 +410,14 @@ pub(crate) fn add_used_together(
     let Some((&(last, last_len), earlier)) = used.split_last() else {
         return Ok(());
     };
+    if used.iter().any(|&(head, _)| head >= queue.size()) {
+        // `add_used` refuses a head past the queue (a hostile driver's): the
+        // entries before it go back one by one, so none of them is lost.
+        for &(head, len) in used {
+            add_used(queue, mem, head, len)?;
+        }
+        return Ok(());
+    }
     let start = queue.next_used();
     for (i, &(head, len)) in earlier.iter().enumerate() {
         let slot = start.wrapping_add(i as u16) % queue.size();
