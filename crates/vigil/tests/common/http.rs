@@ -30,6 +30,12 @@ impl Answer {
 
 /// Sends one request (`body` empty for none) and reads the whole answer.
 pub fn request(sock: &Path, method: &str, path: &str, body: &str) -> Answer {
+    try_request(sock, method, path, body).unwrap_or_else(|| panic!("{method} {path}: no answer"))
+}
+
+/// As [`request`]; `None` when the connection closes without an answer (the
+/// process behind the socket died first).
+pub fn try_request(sock: &Path, method: &str, path: &str, body: &str) -> Option<Answer> {
     let mut stream =
         UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
     stream
@@ -43,16 +49,19 @@ pub fn request(sock: &Path, method: &str, path: &str, body: &str) -> Answer {
     stream.write_all(body.as_bytes()).unwrap();
     let mut raw = String::new();
     stream.read_to_string(&mut raw).unwrap();
+    if raw.is_empty() {
+        return None;
+    }
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line: {raw:?}"));
-    Answer {
+    Some(Answer {
         status,
         body: body.to_string(),
-    }
+    })
 }
 
 /// Waits until something listens on `sock`.
