@@ -428,7 +428,7 @@ impl Block {
     /// Gives completed asynchronous requests (in `self.done`) back to the
     /// driver: status written, chain used. Whether any was.
     fn complete(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
-        // Published together, as `serve_chains` does.
+        // Published together: a driver polling the ring takes the batch in one look.
         let mut used = Vec::with_capacity(self.done.len());
         for i in 0..self.done.len() {
             let Done {
