@@ -94,3 +94,22 @@ fn avail_index_beyond_the_queue_size_breaks_the_device() {
     assert!(dev.process_queue(0, &mut q, &mem).is_err());
     assert_eq!(d.used_idx(), 0);
 }
+
+#[test]
+fn requests_served_before_a_broken_one_go_back_to_the_driver() {
+    let mem = memory(1 << 20);
+    let mut d = Driver::new(&mem, QSIZE);
+    let mut q = d.queue();
+    let mut dev = Rng::new(RateLimit::default());
+    let first = d.add(&[(0x10000, 32, F_WRITE)]);
+    let second = d.add(&[(0x11000, 16, F_WRITE)]);
+    // A head past the queue: the device breaks on it, after giving back what
+    // it served in the same pass (used entries are published in batches).
+    d.publish(QSIZE);
+    let err = dev.process_queue(0, &mut q, &mem).unwrap_err();
+    assert!(err.0.contains(&format!("chain {QSIZE}")), "{err:?}");
+    assert_eq!(d.used_idx(), 2);
+    assert_eq!(d.used(0), (u32::from(first), 32));
+    assert_eq!(d.used(1), (u32::from(second), 16));
+    assert_eq!(dev.bytes_served(), 48);
+}
