@@ -18,6 +18,7 @@
 
 pub mod balloon;
 pub mod block;
+pub(crate) mod iov;
 pub mod mmio;
 pub mod net;
 pub mod pci;

@@ -17,9 +17,10 @@ use super::request::{
     Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
-use super::uring::{transfer, Done, Iovecs, Submission, Uring};
+use super::uring::{transfer, Done, Submission, Uring};
 use crate::persist::Persist;
 use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
+use crate::virtio::iov::Iovecs;
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used_together, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,

@@ -15,11 +15,11 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use io_uring::{opcode, squeue, types, IoUring};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{T_IN, T_OUT};
+use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::GuestMemoryMmap;
 
 /// A request in flight, in its slot (the entry's `user_data`).
@@ -40,16 +40,6 @@ struct Slot {
     segments: Vec<(GuestAddress, usize)>,
     iovecs: Iovecs,
 }
-
-/// The iovec list of a request: pointers into guest memory.
-#[derive(Default)]
-pub(super) struct Iovecs(Vec<libc::iovec>);
-
-// SAFETY: the pointers are into guest memory, which every thread of the VMM
-// shares (`GuestMemoryMmap` is `Send` and `Sync`); only the owning device reads
-// the list, and the kernel while the request is in flight (or, for the
-// synchronous engine, during the call).
-unsafe impl Send for Iovecs {}
 
 /// A completed request.
 pub(super) struct Done {
@@ -207,7 +197,7 @@ impl Uring {
             // Guest memory a read wrote is dirty, whoever the request was for.
             if whole && slot.kind == T_IN {
                 if let Some(mem) = mem {
-                    mark_written(mem, &slot.segments);
+                    mark_written(mem, &slot.segments, slot.len);
                 }
             }
             if !slot.orphan {
@@ -259,44 +249,6 @@ impl Drop for Uring {
     }
 }
 
-/// Fills `out` with iovecs for `segments` of guest memory, the first `skip`
-/// bytes left out; returns the bytes they cover. `None` when a segment is not
-/// guest memory the kernel can be handed (one across a region boundary).
-fn guest_iovecs(
-    mem: &GuestMemoryMmap,
-    segments: &[(GuestAddress, usize)],
-    mut skip: usize,
-    out: &mut Vec<libc::iovec>,
-) -> Option<usize> {
-    out.clear();
-    let mut len = 0;
-    for &(addr, n) in segments {
-        let slice = mem.get_slice(addr, n).ok()?;
-        if skip >= n {
-            skip -= n;
-            continue;
-        }
-        out.push(libc::iovec {
-            // SAFETY: `skip < n`: inside the slice just checked.
-            iov_base: unsafe { slice.ptr_guard_mut().as_ptr().add(skip) }.cast(),
-            iov_len: n - skip,
-        });
-        len += n - skip;
-        skip = 0;
-    }
-    Some(len)
-}
-
-/// Marks `segments` of guest memory written (the dirty bitmap a snapshot
-/// or a migration reads).
-fn mark_written(mem: &GuestMemoryMmap, segments: &[(GuestAddress, usize)]) {
-    for &(addr, n) in segments {
-        if let Ok(s) = mem.get_slice(addr, n) {
-            s.bitmap().mark_dirty(0, n);
-        }
-    }
-}
-
 /// Moves a read (`T_IN`) or a write of `segments` between `file` at `offset`
 /// and guest memory at once, in the calling thread (`preadv`/`pwritev` on the
 /// request's buffers, no copy through a buffer of the device's): the
@@ -340,7 +292,7 @@ pub(super) fn transfer(
         }
     }
     if kind == T_IN {
-        mark_written(mem, segments);
+        mark_written(mem, segments, done);
     }
     Some(Ok(done))
 }

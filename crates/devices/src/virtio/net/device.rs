@@ -8,14 +8,15 @@ use std::sync::Arc;
 use vigil_metrics::{DeviceCounters, DeviceKind};
 
 use crate::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 use super::mmds::MmdsStack;
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::persist::Persist;
 use crate::rate_limiter::{RateLimitControl, RateLimiter};
+use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used, add_used_together, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader,
@@ -95,6 +96,9 @@ pub struct Net {
     /// A frame read from the tap and not yet delivered (`rx_len` bytes of `rx_buf`).
     rx_buf: Vec<u8>,
     rx_len: usize,
+    /// The writable buffers of the chain a frame is read into, and their iovecs.
+    rx_segments: Vec<(GuestAddress, usize)>,
+    rx_iovecs: Iovecs,
     /// The guest has no receive buffer, the limiter said wait, or the backend
     /// closed: the tap is not watched until the guest adds buffers or the timer
     /// fires.
@@ -132,6 +136,8 @@ impl Net {
             tx_limiter: RateLimiter::new(config.tx_rate_limit),
             rx_buf: vec![0; MAX_BUFFER],
             rx_len: 0,
+            rx_segments: Vec::new(),
+            rx_iovecs: Iovecs::default(),
             rx_blocked: false,
             acked: 0,
             rx_offloads: false,
@@ -181,6 +187,100 @@ impl Net {
         }
     }
 
+    /// Reads the next frame from the tap into `chain`'s buffers, its header
+    /// set in place, when it fits there and the limiter lets it pass now (no
+    /// copy); otherwise into `rx_buf` (`rx_len`), where `receive` takes it as
+    /// it takes any frame. The tap reads into guest memory first and `rx_buf`
+    /// after it, so a frame longer than the chain is never cut short.
+    fn read_direct(
+        &mut self,
+        chain: &DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Direct {
+        self.rx_segments.clear();
+        let mut room = 0;
+        for d in chain.clone().filter(|d| d.is_write_only()) {
+            self.rx_segments.push((d.addr(), d.len() as usize));
+            room += d.len() as usize;
+        }
+        let direct = room >= MIN_BUFFER
+            && self.rx_segments.len() <= MAX_RX_SEGMENTS
+            && self.rx_segments[0].1 >= VNET_HDR_LEN
+            && guest_iovecs(mem, &self.rx_segments, 0, &mut self.rx_iovecs.0).is_some();
+        if !direct {
+            return match self.tap.read_frame(&mut self.rx_buf) {
+                Ok(0) => Direct::Failed(None),
+                Ok(n) => {
+                    self.rx_len = n;
+                    Direct::Buffered
+                }
+                Err(e) => Direct::Failed(Some(e)),
+            };
+        }
+        if room < MAX_BUFFER {
+            self.rx_iovecs.0.push(libc::iovec {
+                iov_base: self.rx_buf[room..].as_mut_ptr().cast(),
+                iov_len: MAX_BUFFER - room,
+            });
+        }
+        let iovecs = &self.rx_iovecs.0;
+        // SAFETY: each iovec is inside guest memory (mapped while `mem` is
+        // borrowed) or `rx_buf`, as long as it says; the kernel writes at most that.
+        let n = unsafe {
+            libc::readv(
+                self.tap.as_raw_fd(),
+                iovecs.as_ptr(),
+                iovecs.len() as libc::c_int,
+            )
+        };
+        let n = match n {
+            0 => return Direct::Failed(None),
+            n if n < 0 => return Direct::Failed(Some(std::io::Error::last_os_error())),
+            n => n as usize,
+        };
+        let throttled = if (MIN_BUFFER..=room).contains(&n) {
+            self.rx_limiter.consume(n as u64).err()
+        } else {
+            None
+        };
+        if n > room || n < MIN_BUFFER || throttled.is_some() {
+            // The frame's first bytes are in the chain, the rest (if any) in
+            // `rx_buf` where it goes.
+            self.rx_len = n;
+            let mut at = 0;
+            for &(addr, len) in &self.rx_segments {
+                let len = len.min(n.min(room) - at);
+                if let Err(e) = mem.read_slice(&mut self.rx_buf[at..at + len], addr) {
+                    tracing::debug!("cannot read a frame back from guest memory: {e}");
+                    self.rx_len = 0;
+                    break;
+                }
+                at += len;
+            }
+            return throttled.map_or(Direct::Buffered, Direct::Throttled);
+        }
+        let (header, _) = self.rx_segments[0];
+        let mut fixed = [0u8; VNET_HDR_LEN];
+        fixed[10..12].copy_from_slice(&1u16.to_le_bytes());
+        // With offloads the tap's own header stays; num_buffers is always set.
+        let set = if self.rx_offloads {
+            mem.write_slice(&fixed[10..], header.unchecked_add(10))
+        } else {
+            mem.write_slice(&fixed, header)
+        };
+        mark_written(mem, &self.rx_segments, n);
+        if let Err(e) = set {
+            tracing::debug!("cannot write a frame's header into guest memory: {e}");
+            self.counters.errors += 1;
+            self.metrics.errors.inc();
+            return Direct::InPlace(0);
+        }
+        self.counters.rx_frames += 1;
+        self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
+        self.metrics.transfer_in((n - VNET_HDR_LEN) as u64);
+        Direct::InPlace(n as u32)
+    }
+
     /// Moves frames from the tap into the guest's receive buffers until either
     /// runs out (or the limiter says wait).
     fn receive(
@@ -201,36 +301,6 @@ impl Net {
                     self.rx_len = len;
                 }
             }
-            if self.rx_len == 0 {
-                match self.tap.read_frame(&mut self.rx_buf) {
-                    Ok(0) => {
-                        // End of file: the backend is gone (a tap never says so; a
-                        // socket or a handed-over fd can). Stop watching it, or it
-                        // would wake the event loop for ever; the guest adding
-                        // buffers tries again.
-                        tracing::warn!(tap = self.tap.name(), "the network backend closed");
-                        self.rx_blocked = true;
-                        return Ok(QueueOutcome::Done(used));
-                    }
-                    Ok(n) if n < MIN_BUFFER => {
-                        tracing::debug!(n, "runt frame from the tap; dropped");
-                        self.counters.errors += 1;
-                        self.metrics.errors.inc();
-                        continue;
-                    }
-                    Ok(n) => self.rx_len = n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        return Ok(QueueOutcome::Done(used))
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // As for end of file: an fd in error stays "readable".
-                        tracing::warn!("cannot read from the tap: {e}");
-                        self.rx_blocked = true;
-                        return Ok(QueueOutcome::Done(used));
-                    }
-                }
-            }
             let chain = match pop_chain(queue, mem, &mut budget)? {
                 Next::Chain(chain) => chain,
                 // With event indices: where the driver notifies next; a buffer
@@ -243,6 +313,51 @@ impl Net {
                 // The tap is still readable: the event loop comes back to it.
                 Next::Later => return Ok(QueueOutcome::Done(used)),
             };
+            if self.rx_len == 0 {
+                match self.read_direct(&chain, mem) {
+                    Direct::InPlace(len) => {
+                        add_used(queue, mem, chain.head_index(), len)?;
+                        used = true;
+                        continue;
+                    }
+                    Direct::Buffered if self.rx_len < MIN_BUFFER => {
+                        tracing::debug!(n = self.rx_len, "runt frame from the tap; dropped");
+                        self.counters.errors += 1;
+                        self.metrics.errors.inc();
+                        self.rx_len = 0;
+                        queue.go_to_previous_position();
+                        continue;
+                    }
+                    // Delivered from `rx_buf` below, into this chain or more.
+                    Direct::Buffered => {}
+                    Direct::Throttled(wait) => {
+                        self.metrics.throttled.inc();
+                        queue.go_to_previous_position();
+                        self.rx_blocked = true;
+                        return Ok(QueueOutcome::RetryAfter(wait, used));
+                    }
+                    Direct::Failed(e) => {
+                        queue.go_to_previous_position();
+                        match e {
+                            Some(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                return Ok(QueueOutcome::Done(used))
+                            }
+                            Some(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            // End of file: the backend is gone (a tap never says
+                            // so; a socket or a handed-over fd can). Stop watching
+                            // it, or it would wake the event loop for ever; the
+                            // guest adding buffers tries again. An fd in error
+                            // stays "readable" as well.
+                            None => {
+                                tracing::warn!(tap = self.tap.name(), "the network backend closed")
+                            }
+                            Some(e) => tracing::warn!("cannot read from the tap: {e}"),
+                        }
+                        self.rx_blocked = true;
+                        return Ok(QueueOutcome::Done(used));
+                    }
+                }
+            }
             let head = chain.head_index();
             let mut writer = match chain.writer(mem) {
                 Ok(w) if w.available_bytes() >= MIN_BUFFER => w,
@@ -571,6 +686,22 @@ impl VirtioDevice for Net {
 
 /// A writer into a chain of guest memory, dirty pages marked.
 type GuestWriter<'m> = Writer<'m, vm_memory::bitmap::BS<'m, vm_memory::bitmap::AtomicBitmap>>;
+
+/// Most buffers in a receive chain [`Net::read_direct`] reads into; a chain
+/// of more goes through `rx_buf`.
+const MAX_RX_SEGMENTS: usize = 64;
+
+/// What [`Net::read_direct`] did.
+enum Direct {
+    /// The frame is in the chain: give it back, this many bytes written.
+    InPlace(u32),
+    /// The frame is in `rx_buf` (`rx_len`; 0: dropped); the chain was not used.
+    Buffered,
+    /// As `Buffered`, and the limiter says wait this long.
+    Throttled(std::time::Duration),
+    /// Nothing read: end of file (`None`) or the error.
+    Failed(Option<std::io::Error>),
+}
 
 /// What [`Net::receive_merged`] did with the frame.
 enum Merged {
