@@ -10,7 +10,7 @@ use vigil_devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
 use vigil_devices::virtio::net::{Net, MAX_BUFFER, TX};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_devices::GuestMemoryMmap;
-use vigil_model::config::NetConfig;
+use vigil_model::config::{NetConfig, RateLimit};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
@@ -20,12 +20,17 @@ const RX_BUF: u64 = 0x60000;
 
 /// A device on one end of a socket pair; the other end plays the host.
 fn net() -> (Net, OwnedFd) {
+    net_limited(Default::default())
+}
+
+/// As [`net`], receiving at most at `rx_rate_limit`.
+fn net_limited(rx_rate_limit: RateLimit) -> (Net, OwnedFd) {
     let (tap, host) = Tap::pair().unwrap();
     let config = NetConfig {
         id: None,
         tap: String::new(),
         mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
-        rx_rate_limit: Default::default(),
+        rx_rate_limit,
         tx_rate_limit: Default::default(),
         mmds: None,
     };
@@ -54,6 +59,13 @@ fn frame(tag: u8) -> Vec<u8> {
     f.extend([0x88, 0xb5, tag]);
     f.resize(VNET_HDR_LEN + 60, tag);
     f
+}
+
+/// Sends `f` from the host end, as one frame.
+fn send(host: &OwnedFd, f: &[u8]) {
+    // SAFETY: sends from our buffer.
+    let n = unsafe { libc::send(host.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+    assert_eq!(n, f.len() as isize);
 }
 
 fn transmit(dev: &mut Net, d: &Driver, q: &mut Queue, mem: &GuestMemoryMmap) {
@@ -153,9 +165,7 @@ fn received_frames_fill_a_buffer_after_a_fresh_header() {
     let mut d = Driver::at(&mem, 0x20000, QSIZE);
     let mut queues = vec![d.queue(), Queue::new(QSIZE).unwrap()];
     let f = frame(3);
-    // SAFETY: sends from our buffer.
-    let n = unsafe { libc::send(host.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-    assert_eq!(n, f.len() as isize);
+    send(&host, &f);
     // Too small a buffer first: given back empty, the frame kept for the next.
     d.add(&[(RX_BUF, 20, F_WRITE)]);
     d.add(&[(RX_BUF + 0x1000, 2048, F_WRITE)]);
@@ -216,9 +226,7 @@ fn a_large_frame_spans_mergeable_buffers_published_together() {
 
     let mut f = vec![0xaa; VNET_HDR_LEN];
     f.extend((0..1514u32).map(|i| (i % 251) as u8));
-    // SAFETY: sends from our buffer.
-    let n = unsafe { libc::send(host.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-    assert_eq!(n, f.len() as isize);
+    send(&host, &f);
     for i in 0..2 {
         d.add(&[(RX_BUF + i * 0x1000, 512, F_WRITE)]);
     }
@@ -311,9 +319,7 @@ fn an_unusable_buffer_among_mergeable_ones_drops_the_frame_only() {
     let mut big = vec![0u8; VNET_HDR_LEN];
     big.extend((0..1514u32).map(|i| i as u8));
     for f in [&big, &frame(9)] {
-        // SAFETY: sends from our buffer.
-        let n = unsafe { libc::send(host.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-        assert_eq!(n, f.len() as isize);
+        send(&host, f);
     }
     d.add(&[(RX_BUF, 512, F_WRITE)]);
     d.add(&[(RX_BUF + 0x1000, 512, 0)]); // device-readable: nothing to write into
@@ -327,12 +333,6 @@ fn an_unusable_buffer_among_mergeable_ones_drops_the_frame_only() {
     );
     assert_eq!(dev.counters().errors, 1);
     assert_eq!(dev.counters().rx_frames, 1);
-}
-
-fn send(host: &OwnedFd, f: &[u8]) {
-    // SAFETY: sends from our buffer.
-    let n = unsafe { libc::send(host.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-    assert_eq!(n, f.len() as isize);
 }
 
 /// Frames are read from the backend straight into the driver's buffers
@@ -391,19 +391,10 @@ fn received_frames_land_whole_in_chains_of_several_buffers() {
 #[test]
 fn a_throttled_frame_waits_and_then_arrives_whole() {
     let mem = memory(1 << 20);
-    let (tap, host) = Tap::pair().unwrap();
-    let config = NetConfig {
-        id: None,
-        tap: String::new(),
-        mac: vigil_model::MacAddr([2, 0, 0, 0, 0, 1]),
-        rx_rate_limit: vigil_model::config::RateLimit {
-            ops: Some((1, Some(1))),
-            ..Default::default()
-        },
-        tx_rate_limit: Default::default(),
-        mmds: None,
-    };
-    let mut dev = Net::with_tap(tap, &config);
+    let (mut dev, host) = net_limited(RateLimit {
+        ops: Some((1, Some(1))),
+        ..Default::default()
+    });
     let mut d = Driver::at(&mem, 0x20000, QSIZE);
     let mut queues = vec![d.queue(), Queue::new(QSIZE).unwrap()];
     let (a, b) = (frame(7), frame(8));
