@@ -148,7 +148,11 @@ fn over_pci_with_msix_event_idx_batches_interrupts_too() {
 }
 
 /// A driver that does not negotiate EVENT_IDX: every processed batch raises the
-/// interrupt; one request at a time, that is one interrupt per request.
+/// interrupt; one request at a time, that is one interrupt per request, but for
+/// the rare pass that also takes the driver's next request (made available
+/// while the device was still in the pass that completed the one before; a
+/// loaded host preempts the device thread there). With event indices the same
+/// run takes 0.6 to 0.8 interrupts per request (BENCHMARKS.md).
 #[test]
 fn without_event_idx_every_batch_interrupts() {
     let b = bench(
@@ -159,7 +163,12 @@ fn without_event_idx_every_batch_interrupts() {
     );
     assert_eq!(b.figure("event_idx"), 0);
     assert_eq!(b.figure("max_in_flight"), 1);
-    assert_eq!(b.metric("interrupts"), b.requests(), "{}", b.block);
+    let (interrupts, requests) = (b.metric("interrupts"), b.requests());
+    assert!(
+        interrupts <= requests && interrupts >= requests - requests / 100,
+        "{interrupts} interrupts for {requests} requests: {}",
+        b.block
+    );
 
     let b = bench(
         "noevidx32",
