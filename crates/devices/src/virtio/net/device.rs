@@ -187,6 +187,20 @@ impl Net {
         }
     }
 
+    /// Counts a frame of `len` bytes (with its header) delivered to the guest.
+    fn count_received(&mut self, len: usize) {
+        let bytes = (len - VNET_HDR_LEN) as u64;
+        self.counters.rx_frames += 1;
+        self.counters.rx_bytes += bytes;
+        self.metrics.transfer_in(bytes);
+    }
+
+    /// Counts a frame or chain dropped.
+    fn count_error(&mut self) {
+        self.counters.errors += 1;
+        self.metrics.errors.inc();
+    }
+
     /// Reads the next frame from the tap into `chain`'s buffers, its header
     /// set in place, when it fits there and the limiter lets it pass now (no
     /// copy); otherwise into `rx_buf` (`rx_len`), where `receive` takes it as
@@ -271,13 +285,10 @@ impl Net {
         mark_written(mem, &self.rx_segments, n);
         if let Err(e) = set {
             tracing::debug!("cannot write a frame's header into guest memory: {e}");
-            self.counters.errors += 1;
-            self.metrics.errors.inc();
+            self.count_error();
             return Direct::InPlace(0);
         }
-        self.counters.rx_frames += 1;
-        self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
-        self.metrics.transfer_in((n - VNET_HDR_LEN) as u64);
+        self.count_received(n);
         Direct::InPlace(n as u32)
     }
 
@@ -322,8 +333,7 @@ impl Net {
                     }
                     Direct::Buffered if self.rx_len < MIN_BUFFER => {
                         tracing::debug!(n = self.rx_len, "runt frame from the tap; dropped");
-                        self.counters.errors += 1;
-                        self.metrics.errors.inc();
+                        self.count_error();
                         self.rx_len = 0;
                         queue.go_to_previous_position();
                         continue;
@@ -365,8 +375,7 @@ impl Net {
                     // A chain nothing can be received into: give it back empty and
                     // keep the frame for the next one.
                     tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
-                    self.counters.errors += 1;
-                    self.metrics.errors.inc();
+                    self.count_error();
                     add_used(queue, mem, head, 0)?;
                     used = true;
                     continue;
@@ -397,8 +406,7 @@ impl Net {
                     room = writer.available_bytes(),
                     "frame larger than the receive buffer; dropped"
                 );
-                self.counters.errors += 1;
-                self.metrics.errors.inc();
+                self.count_error();
                 self.rx_len = 0;
                 queue.go_to_previous_position();
                 continue;
@@ -412,15 +420,12 @@ impl Net {
             self.set_rx_header(1);
             let written = match writer.write_all(&self.rx_buf[..len]) {
                 Ok(()) => {
-                    self.counters.rx_frames += 1;
-                    self.counters.rx_bytes += (len - VNET_HDR_LEN) as u64;
-                    self.metrics.transfer_in((len - VNET_HDR_LEN) as u64);
+                    self.count_received(len);
                     len as u32
                 }
                 Err(e) => {
                     tracing::debug!(head, "cannot write a frame into guest memory: {e}");
-                    self.counters.errors += 1;
-                    self.metrics.errors.inc();
+                    self.count_error();
                     0
                 }
             };
@@ -466,8 +471,7 @@ impl Net {
                     // The frame is dropped and every buffer taken for it given
                     // back empty (none goes back to the queue: this one is used).
                     tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
-                    self.counters.errors += 1;
-                    self.metrics.errors.inc();
+                    self.count_error();
                     self.rx_len = 0;
                     let mut empty: Vec<(u16, u32)> = chains.iter().map(|&(h, _)| (h, 0)).collect();
                     empty.push((head, 0));
@@ -496,12 +500,9 @@ impl Net {
         self.rx_len = 0;
         if failed {
             tracing::debug!("cannot write a frame into guest memory");
-            self.counters.errors += 1;
-            self.metrics.errors.inc();
+            self.count_error();
         } else {
-            self.counters.rx_frames += 1;
-            self.counters.rx_bytes += (len - VNET_HDR_LEN) as u64;
-            self.metrics.transfer_in((len - VNET_HDR_LEN) as u64);
+            self.count_received(len);
         }
         add_used_together(queue, mem, &used)?;
         Ok(Merged::Delivered)
@@ -520,19 +521,16 @@ impl Net {
                     let len = reader.available_bytes();
                     if !(MIN_BUFFER..=MAX_BUFFER).contains(&len) {
                         tracing::debug!(head, len, "transmit buffer of a bad size; dropped");
-                        self.counters.errors += 1;
-                        self.metrics.errors.inc();
+                        self.count_error();
                     } else if let Err(wait) = self.tx_limiter.consume(len as u64) {
                         self.metrics.throttled.inc();
                         return Ok(Served::Wait(wait));
                     } else if let Err(e) = reader.read_exact(&mut self.tx_buf[..len]) {
                         tracing::debug!(head, "cannot read a frame from guest memory: {e}");
-                        self.counters.errors += 1;
-                        self.metrics.errors.inc();
+                        self.count_error();
                     } else if !tx_header(&mut self.tx_buf[..len], self.acked) {
                         tracing::debug!(head, "transmit header asks for an offload not accepted");
-                        self.counters.errors += 1;
-                        self.metrics.errors.inc();
+                        self.count_error();
                     } else {
                         let frame = &self.tx_buf[VNET_HDR_LEN..len];
                         if let Some(mmds) = self.mmds.as_mut().filter(|m| m.is_for_mmds(frame)) {
@@ -556,16 +554,14 @@ impl Net {
                                 // Full (WouldBlock) or down: the frame is lost, as
                                 // on a real link.
                                 tracing::debug!("cannot write a frame to the tap: {e}");
-                                self.counters.errors += 1;
-                                self.metrics.errors.inc();
+                                self.count_error();
                             }
                         }
                     }
                 }
                 Err(e) => {
                     tracing::debug!(head, "malformed transmit chain: {e:?}");
-                    self.counters.errors += 1;
-                    self.metrics.errors.inc();
+                    self.count_error();
                 }
             }
             Ok(Served::Used(0))
