@@ -433,3 +433,106 @@ fn interrupt_status_is_read_and_acknowledged_while_the_transport_is_busy() {
     drop(busy);
     assert_eq!(reader.join().unwrap(), 0x7472_6976);
 }
+
+/// `vring_need_event`: whether a driver that moved its available index from
+/// `old` to `new` notifies, given the device's `avail_event`.
+fn driver_notifies(avail_event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// While the device event loop polls the rings, the transport serves what the
+/// driver adds without a notification and asks the driver not to send one
+/// (with event indices `avail_event` stays behind the device; without them
+/// the used ring's NO_NOTIFY flag); when the poll ends notifications are asked
+/// for again, and what was added meanwhile is served.
+#[test]
+fn a_polling_device_loop_serves_new_entries_and_asks_for_no_notifications() {
+    use vigil_devices::virtio::poll::polling;
+
+    let mem = memory(1 << 20);
+    let image = TempImage::new(&[0; 4096]);
+    let mut d = Driver::new(&mem, QSIZE);
+    let (mut t, _irq, evts) = transport(blk(&image), &mem);
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
+    write32(&mut t, 0x24, 0);
+    write32(&mut t, 0x20, 1 << 29);
+    write32(&mut t, 0x24, 1);
+    write32(&mut t, 0x20, 1);
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    program_queue(&mut t, &d, QSIZE);
+    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    let avail_event = |d: &Driver| {
+        let at = d.used_addr + 4 + 8 * u64::from(QSIZE);
+        u16::from_le_bytes(d.read(at, 2).try_into().unwrap())
+    };
+    let flush = |d: &mut Driver| {
+        let mut h = [0u8; 16];
+        h[0] = 4; // VIRTIO_BLK_T_FLUSH
+        d.write(BUF, &h);
+        d.add(&[(BUF, 16, 0), (BUF + 16, 1, F_WRITE)]);
+    };
+
+    let guard = polling();
+    assert!(!t.poll(), "nothing available yet");
+    assert!(
+        !driver_notifies(avail_event(&d), 1, 0),
+        "asked not to notify"
+    );
+    flush(&mut d);
+    flush(&mut d);
+    assert!(t.poll(), "two entries seen without a notification");
+    assert_eq!(d.used_idx(), 2);
+    // The pass that emptied the queue did not ask for notifications again.
+    assert!(!driver_notifies(avail_event(&d), 3, 2));
+    assert!(!t.poll(), "nothing new: not processed again");
+    assert!(
+        evts[0].read().is_err(),
+        "nothing handed back to the event loop"
+    );
+    drop(guard);
+
+    // Added after the last look, before the poll ends: served by the end.
+    flush(&mut d);
+    t.end_poll();
+    assert_eq!(d.used_idx(), 3);
+    assert_eq!(avail_event(&d), 3, "notifications asked for again");
+    assert!(driver_notifies(avail_event(&d), 4, 3));
+
+    // Without event indices: the used ring's flags.
+    let mut d = Driver::new(&mem, QSIZE);
+    let (mut t, _irq, _evts) = transport(blk(&image), &mem);
+    assert_eq!(bring_up(&mut t, &d, QSIZE) & DRIVER_OK, DRIVER_OK);
+    let flags = |d: &Driver| u16::from_le_bytes(d.read(d.used_addr, 2).try_into().unwrap());
+    let guard = polling();
+    flush(&mut d);
+    assert!(t.poll());
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(flags(&d), 1, "VRING_USED_F_NO_NOTIFY while polled");
+    drop(guard);
+    t.end_poll();
+    assert_eq!(flags(&d), 0, "notifications on again");
+}
+
+/// A device the poll finds throttled is handed back to the event loop (its
+/// queue's eventfd signalled), whose subscriber arms the retry timer: the
+/// poll itself cannot.
+#[test]
+fn a_throttled_device_found_by_the_poll_goes_back_to_the_event_loop() {
+    use vigil_devices::virtio::poll::polling;
+
+    let mem = memory(1 << 20);
+    let mut d = Driver::new(&mem, QSIZE);
+    let limited = Rng::new(RateLimit {
+        ops: Some((1, Some(1))),
+        ..Default::default()
+    });
+    let (mut t, _irq, evts) = transport(Box::new(limited), &mem);
+    assert_eq!(bring_up(&mut t, &d, QSIZE) & DRIVER_OK, DRIVER_OK);
+    let _guard = polling();
+    assert!(!t.poll());
+    d.add(&[(BUF, 8, F_WRITE)]);
+    d.add(&[(BUF + 8, 8, F_WRITE)]);
+    assert!(t.poll());
+    assert_eq!(d.used_idx(), 1, "one operation allowed");
+    assert_eq!(evts[0].read().unwrap(), 1, "the event loop is told");
+}

@@ -18,7 +18,7 @@ use vigil_migration::{Migrator, ServerTls, Target};
 use vigil_model::config::introspect::BOOT_BASELINE_AFTER;
 use vigil_model::config::{
     BootProtocol, ConsoleConfig, CpuTemplate, HugePages, IntrospectConfig, MemoryCompression,
-    OnCrash, RtTimerConfig, VcpuSched, VmConfig,
+    OnCrash, RtTimerConfig, VcpuSched, VmConfig, DEFAULT_IO_POLL_US,
 };
 use vigil_model::cpu::{CpuFeature, CpuModifiers};
 use vigil_model::firecracker::{self, FullVmConfig, Logger, Metrics};
@@ -49,6 +49,8 @@ pub struct Overrides {
     pub memory_compression: Option<MemoryCompression>,
     /// `--enable-pci`: the devices go on PCI.
     pub pci: bool,
+    /// `--io-poll-us`.
+    pub io_poll_us: u32,
     pub introspect: IntrospectLaunch,
 }
 
@@ -113,6 +115,7 @@ impl Default for Overrides {
             rt_timer: None,
             memory_compression: None,
             pci: false,
+            io_poll_us: DEFAULT_IO_POLL_US,
             introspect: IntrospectLaunch::default(),
         }
     }
@@ -149,6 +152,7 @@ impl Overrides {
         if self.pci {
             config.pci = true;
         }
+        config.io_poll_us = self.io_poll_us;
     }
 }
 
@@ -222,7 +226,7 @@ fn restore(
     overrides: &Overrides,
 ) -> Result<(RunningVm, Option<TerminalGuard>), StartError> {
     let (console, on_crash) = (&overrides.console, overrides.on_crash);
-    let vm = match &load.memory {
+    let mut vm = match &load.memory {
         SnapshotMemory::File(file) => {
             let o = vigil_vmm::builder::RestoreOptions {
                 memory_compression: overrides.memory_compression,
@@ -249,6 +253,9 @@ fn restore(
             why: e.to_string(),
         })?;
     }
+    vm.poll_rings_for(std::time::Duration::from_micros(
+        overrides.io_poll_us.into(),
+    ));
     if !load.resume {
         vm.start_paused();
     }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
@@ -56,7 +57,7 @@ use crate::vstate::vm::{create_vm, VmError};
 use crate::VmEvent;
 use vigil_model::config::{
     ConfigError, ConsoleConfig, CpuTemplate, FieldError, HostLimits, HugePages, KernelImage,
-    MemoryCompression, OnCrash, RtTimerConfig, VcpuSched, VmConfig,
+    MemoryCompression, OnCrash, RtTimerConfig, VcpuSched, VmConfig, DEFAULT_IO_POLL_US,
 };
 use vigil_model::cpu::CpuFeature;
 
@@ -255,6 +256,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         sched,
         rt_timer: config.rt_timer,
         pager,
+        io_poll: Duration::from_micros(config.io_poll_us.into()),
     }))
 }
 
@@ -279,6 +281,8 @@ struct Parts {
     rt_timer: Option<RtTimerConfig>,
     /// The memory-compression pager, when it is on.
     pager: Option<Pager>,
+    /// The most the device event loop polls the rings.
+    io_poll: Duration,
 }
 
 /// The last step of building or restoring: the VM from its parts, with the
@@ -333,6 +337,7 @@ fn assemble(p: Parts) -> Vm {
         sched,
         rt_timer,
         pager: p.pager,
+        io_poll: p.io_poll,
     }
 }
 
@@ -769,6 +774,7 @@ pub fn restore_with_memory(
         sched: VcpuScheduler::new(vec![VcpuSched::default(); vcpu_count as usize])?,
         rt_timer: None,
         pager,
+        io_poll: Duration::from_micros(DEFAULT_IO_POLL_US.into()),
     }))
 }
 

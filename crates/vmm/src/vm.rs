@@ -17,6 +17,7 @@ use vigil_devices::bus::Bus;
 use vigil_devices::legacy::{Serial, I8042};
 use vigil_devices::virtio::mmio::MmioTransport;
 use vigil_devices::virtio::pci::VirtioPci;
+use vigil_devices::virtio::poll::PollWindow;
 use vigil_devices::PowerEvent;
 use vigil_metrics::{MetricsHandle, VmMetrics};
 use vigil_seccomp::ThreadKind;
@@ -88,6 +89,8 @@ pub struct Vm {
     /// The memory-compression pager, when it is on (anonymous memory only),
     /// answering faults already; it starts scanning with the VM.
     pub(crate) pager: Option<Pager>,
+    /// The most the device event loop polls the rings after its last work.
+    pub(crate) io_poll: Duration,
 }
 
 /// Where a VM's guest memory came from: what a snapshot or a migration of it
@@ -170,6 +173,14 @@ impl Vm {
         self.extensions.get(name)
     }
 
+    /// The most the device event loop polls the virtio rings after its last
+    /// work instead of sleeping (zero: never); a booted VM has its
+    /// configuration's `io_poll_us`, a restored one
+    /// [`DEFAULT_IO_POLL_US`](vigil_model::config::DEFAULT_IO_POLL_US).
+    pub fn poll_rings_for(&mut self, most: Duration) {
+        self.io_poll = most;
+    }
+
     /// Keeps the vCPUs parked from their first instruction on: once started,
     /// the VM is paused until [`VmControl::resume`].
     pub fn start_paused(&self) {
@@ -242,6 +253,8 @@ impl Vm {
         } else {
             Some(spawn_device_loop(
                 self.subscribers,
+                self.transports.clone(),
+                PollWindow::new(self.io_poll),
                 stop.clone(),
                 device_waker.try_clone()?,
             )?)
@@ -333,8 +346,13 @@ impl MutEventSubscriber for StopWaker {
     }
 }
 
+/// The device event loop: waits for events (queue notifications, host fds,
+/// timers) and hands them to their subscribers; after each, polls the rings of
+/// every transport for as long as `window` says ([`poll_rings`]).
 fn spawn_device_loop(
     subscribers: Vec<Box<dyn MutEventSubscriber + Send>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    mut window: PollWindow,
     stop: Arc<AtomicBool>,
     waker: EventFd,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -349,12 +367,59 @@ fn spawn_device_loop(
         .spawn(move || {
             vigil_seccomp::confine(ThreadKind::Devices);
             while !stop.load(Ordering::Acquire) {
-                if let Err(e) = manager.run() {
+                let asleep = Instant::now();
+                let mut result = manager.run().map(drop);
+                window.woke_after(asleep.elapsed());
+                if result.is_ok() && !window.get().is_zero() {
+                    result = poll_rings(&mut manager, &transports, window.get(), &stop);
+                }
+                if let Err(e) = result {
                     tracing::error!("device event loop failed: {e:?}");
                     return;
                 }
             }
         })
+}
+
+/// Looks at every transport's rings, and at the event loop's fds without
+/// waiting, until `window` passes without work; the drivers are asked not to
+/// notify meanwhile, and to notify again at the end.
+fn poll_rings(
+    manager: &mut EventManager<Box<dyn MutEventSubscriber + Send>>,
+    transports: &[Arc<Mutex<MmioTransport>>],
+    window: Duration,
+    stop: &AtomicBool,
+) -> Result<(), event_manager::Error> {
+    fn lock(t: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
+        t.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    let polling = vigil_devices::virtio::poll::polling();
+    let mut result = Ok(());
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Acquire) && last.elapsed() < window {
+        let mut found = false;
+        for transport in transports {
+            found |= lock(transport).poll();
+        }
+        match manager.run_with_timeout(0) {
+            Ok(events) => found |= events > 0,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+        if found {
+            last = Instant::now();
+        } else {
+            // Threads this loop waits on (io_uring's workers) may need this CPU.
+            std::thread::yield_now();
+        }
+    }
+    drop(polling);
+    for transport in transports {
+        lock(transport).end_poll();
+    }
+    result
 }
 
 impl RunningVm {

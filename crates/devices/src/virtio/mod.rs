@@ -6,7 +6,8 @@
 //! [`pci::VirtioPci`] is a PCI function whose BAR maps the virtio-pci structures
 //! onto that same register file, with MSI-X vectors for its interrupts;
 //! [`mmio::QueueEvents`] runs on the device event loop and is woken by the
-//! ioeventfds KVM signals when the guest notifies a queue.
+//! ioeventfds KVM signals when the guest notifies a queue, and while the
+//! device loop polls ([`poll`]) by the rings themselves.
 //!
 //! Each device has its folder (`block/`, `net/`, `vsock/`, `balloon/`, `rng/`):
 //! the device model in `device.rs`, its wire formats beside it, and in
@@ -23,6 +24,7 @@ pub mod mmio;
 pub mod net;
 pub mod pci;
 pub mod persist;
+pub mod poll;
 pub mod rng;
 pub mod vsock;
 
@@ -456,8 +458,14 @@ pub(crate) fn whole_chain_writer<'a>(
 }
 
 /// Writes `avail_event` (the next entry the device will take); whether the
-/// driver made more available meanwhile.
+/// driver made more available meanwhile. While this thread polls the rings,
+/// notifications stay off instead ([`poll::quiet`]) and nothing is reported:
+/// the poll sees new entries.
 pub(crate) fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+    if poll::active() {
+        poll::quiet(queue, mem)?;
+        return Ok(false);
+    }
     queue
         .enable_notification(mem)
         .map_err(|e| DeviceBroken(format!("cannot write avail_event: {e:?}")))

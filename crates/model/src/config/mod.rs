@@ -138,7 +138,16 @@ pub struct VmConfig {
     /// Cold guest memory compressed inside the VMM (`--memory-compression`);
     /// none: off.
     pub memory_compression: Option<MemoryCompression>,
+    /// The most microseconds the device event loop polls the virtio rings
+    /// after its last work instead of sleeping (`--io-poll-us`; 0: never).
+    pub io_poll_us: u32,
 }
+
+/// `io_poll_us` unless set: long enough to catch the next request of a driver
+/// that keeps one in flight on a nested host, whose exits take tens of µs.
+pub const DEFAULT_IO_POLL_US: u32 = 200;
+/// The largest `io_poll_us`.
+pub const MAX_IO_POLL_US: u32 = 10_000;
 
 /// What the host allows, read once and passed to validation.
 #[derive(Clone, Copy, Debug)]
@@ -194,6 +203,8 @@ pub enum ConfigError {
     CompressionWithHugePages,
     #[error("devices {count}: Vigil has interrupt lines for at most {MAX_VIRTIO_DEVICES} virtio devices")]
     TooManyDevices { count: usize },
+    #[error("io_poll_us {us}: at most {MAX_IO_POLL_US} (10 ms); 0 turns polling off")]
+    IoPoll { us: u32 },
 }
 
 impl FieldError for ConfigError {
@@ -210,6 +221,7 @@ impl FieldError for ConfigError {
             ConfigError::MemoryCompression(e) => e.field(),
             ConfigError::CompressionWithHugePages => "memory_compression",
             ConfigError::TooManyDevices { .. } => "devices",
+            ConfigError::IoPoll { .. } => "io_poll_us",
         }
     }
 }
@@ -231,6 +243,7 @@ impl ConfigError {
                 "memory-compression"
             }
             ConfigError::TooManyDevices { .. } => "devices",
+            ConfigError::IoPoll { .. } => "io_poll_us",
         }
     }
 }
@@ -264,6 +277,7 @@ impl VmConfig {
             rt_timer: None,
             pci: false,
             memory_compression: None,
+            io_poll_us: DEFAULT_IO_POLL_US,
         }
     }
 
@@ -302,6 +316,11 @@ impl VmConfig {
             if self.machine.huge_pages != HugePages::None {
                 return Err(ConfigError::CompressionWithHugePages);
             }
+        }
+        if self.io_poll_us > MAX_IO_POLL_US {
+            return Err(ConfigError::IoPoll {
+                us: self.io_poll_us,
+            });
         }
         let count = self.virtio_devices();
         if count > MAX_VIRTIO_DEVICES {

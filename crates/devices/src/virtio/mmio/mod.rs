@@ -6,6 +6,7 @@
 mod persist;
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,6 +86,11 @@ pub struct MmioTransport {
     /// driver wants an interrupt: with event indices, what was used since
     /// then is checked against `used_event` as one batch.
     used_checked: Vec<u16>,
+    /// Per queue: whether the device loop's poll turned its notifications
+    /// off, and the available index it last saw.
+    polled: Vec<(bool, u16)>,
+    /// The host fds [`Self::watched_fds`] last returned.
+    watched: Vec<(RawFd, EventSet)>,
     queue_evts: Vec<EventFd>,
     status: u32,
     device_features_sel: u32,
@@ -118,6 +124,8 @@ impl MmioTransport {
             mem,
             interrupt,
             used_checked: vec![0; queues.len()],
+            polled: vec![(false, 0); queues.len()],
+            watched: Vec::new(),
             queues,
             queue_evts,
             status: 0,
@@ -154,6 +162,7 @@ impl MmioTransport {
             q.reset();
         }
         self.used_checked.fill(0);
+        self.polled.fill((false, 0));
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;
@@ -246,6 +255,67 @@ impl MmioTransport {
         self.outcome(Some(index), result)
     }
 
+    /// One look of the device event loop's poll ([`super::poll`]): every ready
+    /// queue the driver added entries to since the last look is processed, as
+    /// if notified; the first look asks the driver not to notify. Whether any
+    /// queue had new entries.
+    pub fn poll(&mut self) -> bool {
+        if !self.driver_ok() {
+            return false;
+        }
+        let mut found = false;
+        for i in 0..self.queues.len() {
+            let queue = &mut self.queues[i];
+            if !queue.ready() {
+                continue;
+            }
+            if !self.polled[i].0 {
+                if let Err(DeviceBroken(why)) = super::poll::quiet(queue, &self.mem) {
+                    self.needs_reset(&why);
+                    return found;
+                }
+                self.polled[i] = (true, queue.next_avail());
+            }
+            let Ok(avail) = queue.avail_idx(&self.mem, Ordering::Acquire) else {
+                continue;
+            };
+            if avail.0 != self.polled[i].1 {
+                self.polled[i].1 = avail.0;
+                found = true;
+                self.process_polled(i);
+            }
+        }
+        found
+    }
+
+    /// The poll ends: notifications back on for every queue it turned off, and
+    /// a queue the driver added to meanwhile processed.
+    pub fn end_poll(&mut self) {
+        for i in 0..self.queues.len() {
+            if !std::mem::take(&mut self.polled[i].0) || !self.driver_ok() {
+                continue;
+            }
+            match self.queues[i].enable_notification(&self.mem) {
+                Ok(false) => {}
+                Ok(true) => self.process_polled(i),
+                Err(e) => self.needs_reset(&format!("cannot write avail_event: {e:?}")),
+            }
+        }
+    }
+
+    /// Processes queue `i` for the poll. What only the event loop's subscriber
+    /// can do (arm the retry timer of a throttled device, watch a host fd the
+    /// device now wants) is left to it: the queue's eventfd is signalled, so
+    /// that the subscriber processes the queue once more and does it.
+    fn process_polled(&mut self, i: usize) {
+        let wait = self.process_queue(i);
+        if wait.is_some() || self.watched_fds_changed() {
+            if let Err(e) = self.queue_evts[i].write(1) {
+                tracing::warn!("cannot hand a polled virtio queue to the event loop: {e}");
+            }
+        }
+    }
+
     /// Processes a ready host fd of the device (see [`VirtioDevice::watched_fds`]).
     pub fn process_fd(&mut self, fd: RawFd, events: EventSet) -> Option<Duration> {
         if !self.driver_ok() {
@@ -270,13 +340,25 @@ impl MmioTransport {
     }
 
     /// The host fds the device wants watched: none until the driver is ready.
+    /// The event loop's subscriber watches what this returned last.
     pub fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
+        let fds = self.wanted_fds();
+        self.watched.clone_from(&fds);
+        fds
+    }
+
+    fn wanted_fds(&mut self) -> Vec<(RawFd, EventSet)> {
         let fds = self.device.watched_fds();
         if self.driver_ok() {
             fds
         } else {
             Vec::new()
         }
+    }
+
+    /// Whether the device wants other host fds watched than the subscriber watches.
+    fn watched_fds_changed(&mut self) -> bool {
+        self.wanted_fds() != self.watched
     }
 
     /// What processing queue `index` (`None`: a host fd, any queue) came to.

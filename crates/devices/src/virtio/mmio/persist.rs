@@ -95,11 +95,13 @@ impl MmioTransport {
         if state.device_status & status::FEATURES_OK != 0 {
             device.ack_features(state.acked_features);
         }
-        let transport = Self {
+        let mut transport = Self {
             device,
             mem,
             interrupt,
             used_checked: queues.iter().map(|q| q.next_used()).collect(),
+            polled: vec![(false, 0); queues.len()],
+            watched: Vec::new(),
             queues,
             queue_evts,
             status: state.device_status,
@@ -110,6 +112,13 @@ impl MmioTransport {
             config_generation: state.config_generation,
         };
         if transport.driver_ok() {
+            // A state saved while the device loop polled has the driver's
+            // notifications off in guest memory: on again before the first look.
+            for queue in transport.queues.iter_mut().filter(|q| q.ready()) {
+                if let Err(e) = queue.enable_notification(&transport.mem) {
+                    tracing::warn!("cannot turn a restored virtio queue's notifications on: {e:?}");
+                }
+            }
             for evt in &transport.queue_evts {
                 if let Err(e) = evt.write(1) {
                     tracing::warn!("cannot wake a restored virtio queue: {e}");
