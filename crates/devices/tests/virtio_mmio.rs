@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    bring_up, memory, program_queue, read32, transport, write32, Driver, TempImage, F_WRITE,
+    bring_up, bring_up_queues, memory, program_queue, read32, transport, write32, Driver,
+    TempImage, F_WRITE,
 };
 use vigil_devices::bus::BusDevice;
 use vigil_devices::virtio::block::Block;
@@ -19,6 +20,8 @@ use vigil_model::config::RateLimit;
 
 const QSIZE: u16 = 16;
 const BUF: u64 = 0x8000;
+const F_VERSION_1: u64 = 1 << 32;
+const F_EVENT_IDX: u64 = 1 << 29;
 
 fn rng() -> Box<Rng> {
     Box::new(Rng::new(RateLimit::default()))
@@ -343,27 +346,14 @@ fn event_idx_interrupts_once_the_used_index_passes_used_event() {
     let (mut t, irq, _evts) = transport(blk(&image), &mem);
     write32(&mut t, 0x14, 0);
     assert_ne!(read32(&mut t, 0x10) & 1 << 29, 0, "EVENT_IDX offered");
-    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
-    write32(&mut t, 0x24, 0);
-    write32(&mut t, 0x20, 1 << 29);
-    write32(&mut t, 0x24, 1);
-    write32(&mut t, 0x20, 1);
-    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    program_queue(&mut t, &d, QSIZE);
-    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    bring_up_queues(&mut t, F_VERSION_1 | F_EVENT_IDX, &[&d], QSIZE);
     let used_event = d.vq.avail_addr().0 + 4 + 2 * u64::from(QSIZE);
     let avail_event = d.used_addr + 4 + 8 * u64::from(QSIZE);
-    let flush = |d: &mut Driver| {
-        let mut h = [0u8; 16];
-        h[0] = 4; // VIRTIO_BLK_T_FLUSH
-        d.write(BUF, &h);
-        d.add(&[(BUF, 16, 0), (BUF + 16, 1, F_WRITE)]);
-    };
 
     // Three requests, the driver asks to hear once the third (index 2) is used.
     d.write(used_event, &2u16.to_le_bytes());
     for _ in 0..3 {
-        flush(&mut d);
+        add_flush(&mut d);
     }
     t.process_queue(0);
     assert_eq!(d.used_idx(), 3);
@@ -373,7 +363,7 @@ fn event_idx_interrupts_once_the_used_index_passes_used_event() {
 
     // A driver that polls and has moved used_event ahead gets no interrupt.
     d.write(used_event, &10u16.to_le_bytes());
-    flush(&mut d);
+    add_flush(&mut d);
     t.process_queue(0);
     assert_eq!(d.used_idx(), 4);
     assert_eq!(irq.status(), 0, "used_event not reached: no interrupt");
@@ -382,7 +372,7 @@ fn event_idx_interrupts_once_the_used_index_passes_used_event() {
     // and 6): interrupted once the pass ends.
     d.write(used_event, &4u16.to_le_bytes());
     for _ in 0..3 {
-        flush(&mut d);
+        add_flush(&mut d);
     }
     t.process_queue(0);
     assert_eq!(d.used_idx(), 7);
@@ -393,7 +383,7 @@ fn event_idx_interrupts_once_the_used_index_passes_used_event() {
     let mut d = Driver::new(&mem, QSIZE);
     assert_eq!(bring_up(&mut t, &d, QSIZE) & DRIVER_OK, DRIVER_OK);
     d.write(used_event, &10u16.to_le_bytes());
-    flush(&mut d);
+    add_flush(&mut d);
     t.process_queue(0);
     assert_eq!(d.used_idx(), 1);
     assert_eq!(irq.status(), INT_USED_RING);
@@ -434,6 +424,14 @@ fn interrupt_status_is_read_and_acknowledged_while_the_transport_is_busy() {
     assert_eq!(reader.join().unwrap(), 0x7472_6976);
 }
 
+/// Makes a virtio-blk flush request available.
+fn add_flush(d: &mut Driver) {
+    let mut h = [0u8; 16];
+    h[0] = 4; // VIRTIO_BLK_T_FLUSH
+    d.write(BUF, &h);
+    d.add(&[(BUF, 16, 0), (BUF + 16, 1, F_WRITE)]);
+}
+
 /// `vring_need_event`: whether a driver that moved its available index from
 /// `old` to `new` notifies, given the device's `avail_event`.
 fn driver_notifies(avail_event: u16, new: u16, old: u16) -> bool {
@@ -453,23 +451,10 @@ fn a_polling_device_loop_serves_new_entries_and_asks_for_no_notifications() {
     let image = TempImage::new(&[0; 4096]);
     let mut d = Driver::new(&mem, QSIZE);
     let (mut t, _irq, evts) = transport(blk(&image), &mem);
-    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
-    write32(&mut t, 0x24, 0);
-    write32(&mut t, 0x20, 1 << 29);
-    write32(&mut t, 0x24, 1);
-    write32(&mut t, 0x20, 1);
-    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    program_queue(&mut t, &d, QSIZE);
-    write32(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    bring_up_queues(&mut t, F_VERSION_1 | F_EVENT_IDX, &[&d], QSIZE);
     let avail_event = |d: &Driver| {
         let at = d.used_addr + 4 + 8 * u64::from(QSIZE);
         u16::from_le_bytes(d.read(at, 2).try_into().unwrap())
-    };
-    let flush = |d: &mut Driver| {
-        let mut h = [0u8; 16];
-        h[0] = 4; // VIRTIO_BLK_T_FLUSH
-        d.write(BUF, &h);
-        d.add(&[(BUF, 16, 0), (BUF + 16, 1, F_WRITE)]);
     };
 
     let guard = polling();
@@ -478,8 +463,8 @@ fn a_polling_device_loop_serves_new_entries_and_asks_for_no_notifications() {
         !driver_notifies(avail_event(&d), 1, 0),
         "asked not to notify"
     );
-    flush(&mut d);
-    flush(&mut d);
+    add_flush(&mut d);
+    add_flush(&mut d);
     assert!(t.poll(), "two entries seen without a notification");
     assert_eq!(d.used_idx(), 2);
     // The pass that emptied the queue did not ask for notifications again.
@@ -492,7 +477,7 @@ fn a_polling_device_loop_serves_new_entries_and_asks_for_no_notifications() {
     drop(guard);
 
     // Added after the last look, before the poll ends: served by the end.
-    flush(&mut d);
+    add_flush(&mut d);
     t.end_poll();
     assert_eq!(d.used_idx(), 3);
     assert_eq!(avail_event(&d), 3, "notifications asked for again");
@@ -504,7 +489,7 @@ fn a_polling_device_loop_serves_new_entries_and_asks_for_no_notifications() {
     assert_eq!(bring_up(&mut t, &d, QSIZE) & DRIVER_OK, DRIVER_OK);
     let flags = |d: &Driver| u16::from_le_bytes(d.read(d.used_addr, 2).try_into().unwrap());
     let guard = polling();
-    flush(&mut d);
+    add_flush(&mut d);
     assert!(t.poll());
     assert_eq!(d.used_idx(), 1);
     assert_eq!(flags(&d), 1, "VRING_USED_F_NO_NOTIFY while polled");

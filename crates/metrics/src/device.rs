@@ -72,6 +72,10 @@ pub struct DeviceCounters {
     /// Used-buffer interrupts raised (virtio-blk only so far); below the
     /// requests when the driver batches with `VIRTIO_F_RING_EVENT_IDX`.
     pub interrupts: Counter,
+    /// Queue notifications the device event loop took (virtio-blk and
+    /// virtio-net): below the requests when the driver batches with event
+    /// indices, and far below while the loop polls the rings.
+    pub notifications: Counter,
     /// Balloon only: pages (4 KiB) the driver says it holds (`actual`).
     pub balloon_actual_pages: Gauge,
     /// Balloon only: pages (4 KiB) the device asks for (`num_pages`).
@@ -129,6 +133,7 @@ impl DeviceCounters {
             errors: self.errors.get(),
             throttled: self.throttled.get(),
             interrupts: self.interrupts.get(),
+            notifications: self.notifications.get(),
             balloon,
         }
     }
@@ -149,6 +154,9 @@ pub struct DeviceSnapshot {
     /// Used-buffer interrupts (see [`DeviceCounters::interrupts`]).
     #[serde(default)]
     pub interrupts: u64,
+    /// Queue notifications (see [`DeviceCounters::notifications`]).
+    #[serde(default)]
+    pub notifications: u64,
     /// Present for a balloon.
     pub balloon: Option<BalloonSnapshot>,
 }
@@ -176,6 +184,7 @@ mod tests {
         c.errors.inc();
         c.throttled.add(2);
         c.interrupts.add(3);
+        c.notifications.add(5);
         let s = c.snapshot();
         assert_eq!(
             s,
@@ -190,6 +199,7 @@ mod tests {
                 errors: 1,
                 throttled: 2,
                 interrupts: 3,
+                notifications: 5,
                 balloon: None,
             }
         );

@@ -343,7 +343,7 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
-    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 3] = [
+    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 4] = [
         (
             "vigil_device_errors_total",
             "Failed requests and dropped frames or packets.",
@@ -358,6 +358,11 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             "vigil_device_interrupts_total",
             "Used-buffer interrupts the device raised.",
             |d| d.interrupts,
+        ),
+        (
+            "vigil_device_notifications_total",
+            "Queue notifications the device event loop took.",
+            |d| d.notifications,
         ),
     ];
     for (name, help, get) in per_device {

@@ -116,6 +116,12 @@ fn usage_errors_name_the_value() {
     let r = run(&["run", "--cpuid-hide", "sse9"], TIMEOUT);
     assert_eq!(r.code, Some(2), "{r}");
     assert!(r.stderr.contains("unknown CPUID feature \"sse9\""), "{r}");
+    let r = run(&["run", "--io-poll-us", "20000"], TIMEOUT);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(
+        r.stderr.contains("'20000' for '--io-poll-us <US>'") && r.stderr.contains("0..=10000"),
+        "{r}"
+    );
     let r = run(&["run", "--symbols", "/nonexistent/System.map"], TIMEOUT);
     assert_eq!(r.code, Some(1), "{r}");
     assert!(

@@ -240,6 +240,11 @@ pub trait VirtioDevice: Send {
     /// The transport raised the used-buffer interrupt after this device's
     /// processing (for its metrics; with event indices not every batch does).
     fn interrupted(&self) {}
+    /// The device event loop took `count` notifications of its queues (for its
+    /// metrics).
+    fn notified(&self, count: u64) {
+        let _ = count;
+    }
 
     /// The features the driver accepted: told when the transport takes them
     /// (FEATURES_OK) and when a device is restored. A device whose queues depend

@@ -609,6 +609,10 @@ impl VirtioDevice for Block {
         self.metrics.interrupts.inc();
     }
 
+    fn notified(&self, count: u64) {
+        self.metrics.notifications.add(count);
+    }
+
     fn ack_features(&mut self, acked: u64) {
         self.mq = acked & F_MQ != 0;
     }

@@ -630,6 +630,10 @@ impl QueueEvents {
         let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
         let wait = match work {
             Work::Queues(range) => range.filter_map(|i| transport.process_queue(i)).min(),
+            Work::Notified(i, count) => {
+                transport.device().notified(count);
+                transport.process_queue(i)
+            }
             Work::Fd(fd, events) => transport.process_fd(fd, events),
         };
         let wanted = transport.watched_fds();
@@ -669,6 +673,8 @@ impl QueueEvents {
 
 enum Work {
     Queues(std::ops::Range<usize>),
+    /// Queue `.0`'s eventfd, read: `.1` notifications.
+    Notified(usize, u64),
     Fd(RawFd, EventSet),
 }
 
@@ -680,8 +686,8 @@ impl MutEventSubscriber for QueueEvents {
             let n = self.queue_evts.len();
             self.run(ops, Work::Queues(0..n));
         } else if let Some(i) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
-            let _ = self.queue_evts[i].read();
-            self.run(ops, Work::Queues(i..i + 1));
+            let count = self.queue_evts[i].read().unwrap_or(0);
+            self.run(ops, Work::Notified(i, count));
         } else if self.watched.iter().any(|&(w, _)| w == fd) {
             self.run(ops, Work::Fd(fd, events.event_set()));
         }

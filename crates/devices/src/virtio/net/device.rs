@@ -595,6 +595,10 @@ impl VirtioDevice for Net {
         self.metrics.interrupts.inc();
     }
 
+    fn notified(&self, count: u64) {
+        self.metrics.notifications.add(count);
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac);

@@ -151,13 +151,14 @@ struct DeviceBench {
 
 /// One run's figures: `bench.keys`, then the VMM's CPU time for the whole run
 /// (boot included) in µs, the requests served, and from Vigil's metrics its
-/// KVM exits and the device's used-buffer interrupts.
+/// KVM exits and the device's used-buffer interrupts and queue notifications.
 struct Sample {
     figures: Vec<u64>,
     cpu_us: u64,
     requests: Option<u64>,
     exits: Option<u64>,
     interrupts: Option<u64>,
+    notifications: Option<u64>,
 }
 
 /// Runs `bench.scenario` once on `guest` with `params` on its command line;
@@ -233,10 +234,10 @@ fn device_once(
         Some((key, times)) => Some(figure(key)? * times),
         None => None,
     };
-    let (exits, interrupts) = match vmm.kind {
+    let [exits, interrupts, notifications] = match vmm.kind {
         Kind::Vigil(_) => vigil_counts(&metrics, bench.metrics_group)
             .with_context(|| format!("{}: its metrics file {}", vmm.name, metrics.display()))?,
-        _ => (None, None),
+        _ => [None; 3],
     };
     Ok(Sample {
         figures: values,
@@ -244,19 +245,21 @@ fn device_once(
         requests,
         exits,
         interrupts,
+        notifications,
     })
 }
 
-/// KVM exits (all vCPUs) and the interrupts of the devices of metrics `group`,
-/// from the last line of a Vigil metrics file.
-fn vigil_counts(path: &Path, group: &str) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+/// KVM exits (all vCPUs), and the interrupts and queue notifications of the
+/// devices of metrics `group`, from the last line of a Vigil metrics file.
+fn vigil_counts(path: &Path, group: &str) -> anyhow::Result<[Option<u64>; 3]> {
     let text = std::fs::read_to_string(path)?;
     let last = text.lines().last().context("empty")?;
     let m: serde_json::Value = serde_json::from_str(last)?;
-    Ok((
+    Ok([
         m["vcpu"]["exits_total"].as_u64(),
         m[group]["interrupts"].as_u64(),
-    ))
+        m[group]["notifications"].as_u64(),
+    ])
 }
 
 /// One configuration to measure: its label in the tables and the scenario's
@@ -308,8 +311,8 @@ fn device_bench(
     println!(
         "{}, medians of {runs} rounds (VMMs interleaved). VMM CPU: user + system time of \
          the VMM process for the whole run, boot included, per request served; exits: \
-         KVM exits of all vCPUs per request and used-buffer interrupts per request, from \
-         Vigil's metrics (a peer's are not counted: n/a):\n",
+         KVM exits to the VMM of all vCPUs per request, used-buffer interrupts and queue \
+         notifications per request, from Vigil's metrics (a peer's are not counted: n/a):\n",
         bench.caption
     );
     let per_request = bench.requests.is_some();
@@ -319,7 +322,9 @@ fn device_bench(
         }
         let mut head = bench.keys.join(" | ");
         if per_request {
-            head.push_str(" | VMM CPU µs/request | exits/request | interrupts/request");
+            head.push_str(
+                " | VMM CPU µs/request | exits/request | interrupts/request | notifications/request",
+            );
         } else {
             head.push_str(" | VMM CPU (ms)");
         }
@@ -395,6 +400,7 @@ fn medians(samples: &[Sample], keys: usize, per_request: bool) -> Vec<Option<f64
     row.push(per(&|s| Some(s.cpu_us)));
     row.push(per(&|s| s.exits));
     row.push(per(&|s| s.interrupts));
+    row.push(per(&|s| s.notifications));
     row
 }
 
