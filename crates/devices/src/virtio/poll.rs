@@ -7,7 +7,8 @@
 //! How long the loop polls adapts to the gaps between events, as QEMU's event
 //! loop does its poll time ([`PollWindow`]): a VM whose devices are idle or
 //! seldom used is not polled for, and one whose requests come closer than the
-//! most it may poll (`io_poll_us`) is polled for as long as they keep coming.
+//! most it may poll (`io_poll_us`) is polled for as long as they keep coming,
+//! unless other threads want the CPU the loop polls on.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -62,14 +63,28 @@ pub(crate) fn quiet(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), Devi
 /// Where a window grown from nothing starts.
 const FIRST_WINDOW: Duration = Duration::from_micros(8);
 
+/// Wakes the loop sleeps through without polling after its first poll that
+/// had to share the CPU; doubled at each such poll in a row.
+const FIRST_HOLD: u32 = 64;
+/// The most wakes it holds off for.
+const MOST_HOLD: u32 = 4096;
+
 /// How long the device event loop polls after its last work: from nothing up
 /// to `max`. Doubled when the loop, after polling its whole window in vain,
 /// was woken within `max` (a longer window would have caught that event);
-/// halved, down to nothing, when it slept longer.
+/// halved, down to nothing, when it slept longer. A poll that had to share its
+/// CPU with other threads (it got less than half the time it ran for) stops
+/// polling for a number of wakes: polling is worth it only on a CPU nothing
+/// else wants, and a host whose CPUs are all busy runs its vCPUs better
+/// without it.
 #[derive(Clone, Copy, Debug)]
 pub struct PollWindow {
     max: Duration,
     now: Duration,
+    /// Wakes left without polling.
+    hold: u32,
+    /// The hold the next shared poll sets.
+    backoff: u32,
 }
 
 impl PollWindow {
@@ -78,6 +93,8 @@ impl PollWindow {
         Self {
             max,
             now: Duration::ZERO,
+            hold: 0,
+            backoff: FIRST_HOLD,
         }
     }
 
@@ -89,13 +106,26 @@ impl PollWindow {
     /// The loop polled its whole window without finding work, then slept
     /// `slept` until the next event.
     pub fn woke_after(&mut self, slept: Duration) {
-        if self.now + slept <= self.max {
+        if self.hold > 0 {
+            self.hold -= 1;
+        } else if self.now + slept <= self.max {
             self.now = (self.now * 2).clamp(FIRST_WINDOW.min(self.max), self.max);
         } else {
             self.now /= 2;
             if self.now < FIRST_WINDOW {
                 self.now = Duration::ZERO;
             }
+        }
+    }
+
+    /// The last poll ran `wall` and got `cpu` of CPU time.
+    pub fn polled(&mut self, wall: Duration, cpu: Duration) {
+        if cpu * 2 < wall {
+            self.now = Duration::ZERO;
+            self.hold = self.backoff;
+            self.backoff = (self.backoff * 2).min(MOST_HOLD);
+        } else {
+            self.backoff = FIRST_HOLD;
         }
     }
 }
@@ -135,6 +165,40 @@ mod tests {
         // An idle VM is not polled for: a long sleep never grows it.
         w.woke_after(300 * US);
         assert_eq!(w.get(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_poll_that_shares_its_cpu_stops_polling_for_a_while() {
+        let mut w = PollWindow::new(200 * US);
+        for _ in 0..6 {
+            w.woke_after(US);
+        }
+        w.polled(200 * US, 190 * US);
+        assert_eq!(w.get(), 200 * US, "had the CPU: goes on");
+        w.polled(200 * US, 60 * US);
+        assert_eq!(w.get(), Duration::ZERO, "shared it: stops");
+        for _ in 0..FIRST_HOLD {
+            w.woke_after(US);
+            assert_eq!(w.get(), Duration::ZERO, "held off");
+        }
+        w.woke_after(US);
+        assert_eq!(w.get(), FIRST_WINDOW, "then grows again");
+        // Shared again at once: held off twice as long.
+        w.polled(8 * US, US);
+        for _ in 0..2 * FIRST_HOLD {
+            w.woke_after(US);
+        }
+        assert_eq!(w.get(), Duration::ZERO);
+        w.woke_after(US);
+        assert_eq!(w.get(), FIRST_WINDOW);
+        // A poll with the CPU to itself resets the backoff.
+        w.polled(8 * US, 8 * US);
+        w.polled(8 * US, US);
+        for _ in 0..FIRST_HOLD {
+            w.woke_after(US);
+        }
+        w.woke_after(US);
+        assert_eq!(w.get(), FIRST_WINDOW);
     }
 
     #[test]

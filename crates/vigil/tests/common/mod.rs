@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests that run the `vigil` binary.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod blk_bench;
 pub mod daemon;
 pub mod http;
 pub mod mobility;

@@ -89,6 +89,9 @@ pub struct MmioTransport {
     /// Per queue: whether the device loop's poll turned its notifications
     /// off, and the available index it last saw.
     polled: Vec<(bool, u16)>,
+    /// Per queue: its last processing was throttled (or its budget spent) and
+    /// the retry timer will process it again; the poll leaves it alone.
+    waiting: Vec<bool>,
     /// The host fds [`Self::watched_fds`] last returned.
     watched: Vec<(RawFd, EventSet)>,
     queue_evts: Vec<EventFd>,
@@ -125,6 +128,7 @@ impl MmioTransport {
             interrupt,
             used_checked: vec![0; queues.len()],
             polled: vec![(false, 0); queues.len()],
+            waiting: vec![false; queues.len()],
             watched: Vec::new(),
             queues,
             queue_evts,
@@ -163,6 +167,7 @@ impl MmioTransport {
         }
         self.used_checked.fill(0);
         self.polled.fill((false, 0));
+        self.waiting.fill(false);
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;
@@ -252,12 +257,15 @@ impl MmioTransport {
         let result = self
             .device
             .process_queues(index, &mut self.queues, &self.mem);
-        self.outcome(Some(index), result)
+        let wait = self.outcome(Some(index), result);
+        self.waiting[index] = wait.is_some();
+        wait
     }
 
     /// One look of the device event loop's poll ([`super::poll`]): every ready
     /// queue the driver added entries to since the last look is processed, as
-    /// if notified; the first look asks the driver not to notify. Whether any
+    /// if notified; the first look asks the driver not to notify. A queue
+    /// waiting for its retry timer (throttled) is left to it. Whether any
     /// queue had new entries.
     pub fn poll(&mut self) -> bool {
         if !self.driver_ok() {
@@ -266,7 +274,7 @@ impl MmioTransport {
         let mut found = false;
         for i in 0..self.queues.len() {
             let queue = &mut self.queues[i];
-            if !queue.ready() {
+            if !queue.ready() || self.waiting[i] {
                 continue;
             }
             if !self.polled[i].0 {
@@ -289,7 +297,8 @@ impl MmioTransport {
     }
 
     /// The poll ends: notifications back on for every queue it turned off, and
-    /// a queue the driver added to meanwhile processed.
+    /// a queue the driver added to meanwhile processed (unless it waits for
+    /// its retry timer, which processes it).
     pub fn end_poll(&mut self) {
         for i in 0..self.queues.len() {
             if !std::mem::take(&mut self.polled[i].0) || !self.driver_ok() {
@@ -297,6 +306,7 @@ impl MmioTransport {
             }
             match self.queues[i].enable_notification(&self.mem) {
                 Ok(false) => {}
+                Ok(true) if self.waiting[i] => {}
                 Ok(true) => self.process_polled(i),
                 Err(e) => self.needs_reset(&format!("cannot write avail_event: {e:?}")),
             }

@@ -101,6 +101,7 @@ impl MmioTransport {
             interrupt,
             used_checked: queues.iter().map(|q| q.next_used()).collect(),
             polled: vec![(false, 0); queues.len()],
+            waiting: vec![false; queues.len()],
             watched: Vec::new(),
             queues,
             queue_evts,
