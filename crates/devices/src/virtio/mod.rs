@@ -321,16 +321,19 @@ pub(crate) enum Served {
     Wait(std::time::Duration),
 }
 
-/// The most used entries [`serve_chains`] writes before it publishes them (it
-/// also publishes whenever the queue runs empty). A driver polling the ring
-/// then takes several per look, and the exits and interrupts that cost it go
-/// down; more than this and it waits idle for the device's pass to end (4 KiB
-/// virtio-blk writes at depth 32 slowed by a fifth at 256).
-const USED_BATCH: usize = 8;
+/// The most used entries [`serve_chains`] writes before it publishes them. It
+/// also publishes once the oldest of them has waited [`USED_AGE`], and whenever
+/// the queue runs empty. A driver polling the ring then takes several per look,
+/// and the exits and interrupts that cost it go down; the age bounds how long
+/// it waits idle for them (a fixed batch of 8 held slow requests, 64 KiB ones,
+/// too long and fast ones too briefly: BENCHMARKS.md).
+const USED_BATCH: usize = 32;
+/// How long a used entry waits at most for others to be published with.
+const USED_AGE: std::time::Duration = std::time::Duration::from_micros(30);
 
 /// Hands the chains the driver made available on `queue` to `serve`, one at a
 /// time and at most one queue's worth ([`Budget`]), and gives each back as `serve`
-/// says, [`USED_BATCH`] at a time. Returns `Done` once the queue is empty,
+/// says, [`USED_BATCH`] at a time at most. Returns `Done` once the queue is empty,
 /// `RetryAfter(YIELD)` when the budget ran out with more available, and
 /// `RetryAfter(wait)` when `serve` said wait; the flag says whether any chain went
 /// back to the driver. Whatever ends the pass, an error included, every chain
@@ -356,6 +359,8 @@ pub(crate) fn serve_chains<'a>(
 struct UsedBatch {
     entries: [(u16, u32); USED_BATCH],
     len: usize,
+    /// When the oldest entry was written.
+    since: Option<std::time::Instant>,
     /// Whether the pass gave any chain back.
     any: bool,
 }
@@ -371,13 +376,16 @@ impl UsedBatch {
         self.entries[self.len] = (head, len);
         self.len += 1;
         self.any = true;
-        if self.len == USED_BATCH {
+        let now = std::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if self.len == USED_BATCH || now.duration_since(since) >= USED_AGE {
             self.publish(queue, mem)?;
         }
         Ok(())
     }
 
     fn publish(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceBroken> {
+        self.since = None;
         let entries = &self.entries[..std::mem::take(&mut self.len)];
         add_used_together(queue, mem, entries)
     }
