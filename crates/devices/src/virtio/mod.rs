@@ -321,19 +321,32 @@ pub(crate) enum Served {
     Wait(std::time::Duration),
 }
 
-/// The most used entries [`serve_chains`] writes before it publishes them. It
-/// also publishes once the oldest of them has waited [`USED_AGE`], and whenever
-/// the queue runs empty. A driver polling the ring then takes several per look,
-/// and the exits and interrupts that cost it go down; the age bounds how long
-/// it waits idle for them (a fixed batch of 8 held slow requests, 64 KiB ones,
-/// too long and fast ones too briefly: BENCHMARKS.md).
+/// The most used entries [`serve_chains`] writes before it publishes them (it
+/// also publishes whenever the queue runs empty, and as [`Publish`] says). A
+/// driver polling the ring then takes several per look, and the exits and
+/// interrupts that cost it go down.
 const USED_BATCH: usize = 32;
-/// How long a used entry waits at most for others to be published with.
+/// How long a used entry waits at most for others to be published with
+/// ([`Publish::ByAge`]).
 const USED_AGE: std::time::Duration = std::time::Duration::from_micros(30);
+
+/// When [`serve_chains`] publishes the entries it used, besides when the
+/// queue runs empty (BENCHMARKS.md, "Used entries published by age").
+#[derive(Clone, Copy, Default)]
+pub(crate) enum Publish {
+    /// Every 8: requests served at once (a frame sent, random bytes), which
+    /// a driver waits for idle when more are held.
+    #[default]
+    Every8,
+    /// Once the oldest has waited [`USED_AGE`], or [`USED_BATCH`] wait:
+    /// requests whose time varies with their size (a disk's), fast ones going
+    /// back in bigger batches and slow ones sooner.
+    ByAge,
+}
 
 /// Hands the chains the driver made available on `queue` to `serve`, one at a
 /// time and at most one queue's worth ([`Budget`]), and gives each back as `serve`
-/// says, [`USED_BATCH`] at a time at most. Returns `Done` once the queue is empty,
+/// says, published as `publish` says. Returns `Done` once the queue is empty,
 /// `RetryAfter(YIELD)` when the budget ran out with more available, and
 /// `RetryAfter(wait)` when `serve` said wait; the flag says whether any chain went
 /// back to the driver. Whatever ends the pass, an error included, every chain
@@ -341,9 +354,13 @@ const USED_AGE: std::time::Duration = std::time::Duration::from_micros(30);
 pub(crate) fn serve_chains<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
+    publish: Publish,
     mut serve: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
 ) -> Result<QueueOutcome, DeviceBroken> {
-    let mut batch = UsedBatch::default();
+    let mut batch = UsedBatch {
+        rule: publish,
+        ..UsedBatch::default()
+    };
     let outcome = serve_pass(queue, mem, &mut serve, &mut batch);
     let published = batch.publish(queue, mem);
     let outcome = outcome?;
@@ -361,6 +378,7 @@ struct UsedBatch {
     len: usize,
     /// When the oldest entry was written.
     since: Option<std::time::Instant>,
+    rule: Publish,
     /// Whether the pass gave any chain back.
     any: bool,
 }
@@ -376,9 +394,15 @@ impl UsedBatch {
         self.entries[self.len] = (head, len);
         self.len += 1;
         self.any = true;
-        let now = std::time::Instant::now();
-        let since = *self.since.get_or_insert(now);
-        if self.len == USED_BATCH || now.duration_since(since) >= USED_AGE {
+        let due = match self.rule {
+            Publish::Every8 => self.len == 8,
+            Publish::ByAge => {
+                let now = std::time::Instant::now();
+                let since = *self.since.get_or_insert(now);
+                self.len == USED_BATCH || now.duration_since(since) >= USED_AGE
+            }
+        };
+        if due {
             self.publish(queue, mem)?;
         }
         Ok(())

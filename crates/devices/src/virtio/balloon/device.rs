@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::virtio::{Interrupt, Reader, INT_CONFIG};
+use crate::virtio::{Interrupt, Publish, Reader, INT_CONFIG};
 use crate::GuestMemoryMmap;
 use vigil_metrics::{DeviceCounters, DeviceKind};
 use virtio_queue::Queue;
@@ -490,7 +490,7 @@ impl VirtioDevice for Balloon {
                 used = true;
             }
         }
-        let outcome = serve_chains(queue, mem, |chain| {
+        let outcome = serve_chains(queue, mem, Publish::Every8, |chain| {
             let head = chain.head_index();
             match role {
                 Role::Inflate | Role::Deflate => {

@@ -23,8 +23,9 @@ use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
 use crate::virtio::iov::Iovecs;
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    add_used_together, copy_config, serve_chains, DeviceBroken, QueueOutcome, Served, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    add_used_together, copy_config, serve_chains, DeviceBroken, Publish, QueueOutcome, Served,
+    VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::drive::MAX_DRIVE_QUEUES;
 use vigil_model::config::{DriveConfig, FieldError, IoEngine};
@@ -633,7 +634,7 @@ impl VirtioDevice for Block {
             }
             return Ok(QueueOutcome::Done(false));
         }
-        let outcome = serve_chains(queue, mem, |chain| {
+        let outcome = serve_chains(queue, mem, Publish::ByAge, |chain| {
             let head = chain.head_index();
             let is_async = !self.urings.is_empty();
             self.note_buffers(&chain);

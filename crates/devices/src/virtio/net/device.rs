@@ -20,7 +20,7 @@ use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used, add_used_together, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader,
-    Budget, DeviceBroken, Next, QueueOutcome, Served, VirtioDevice, TYPE_NET,
+    Budget, DeviceBroken, Next, Publish, QueueOutcome, Served, VirtioDevice, TYPE_NET,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::{FieldError, NetConfig};
@@ -514,7 +514,7 @@ impl Net {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        serve_chains(queue, mem, |chain| {
+        serve_chains(queue, mem, Publish::Every8, |chain| {
             let head = chain.head_index();
             match whole_chain_reader(chain, mem) {
                 Ok(mut reader) => {

@@ -12,8 +12,8 @@ use crate::persist::Persist;
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    serve_chains, whole_chain_writer, DeviceBroken, QueueOutcome, Served, VirtioDevice, TYPE_RNG,
-    VIRTIO_F_VERSION_1,
+    serve_chains, whole_chain_writer, DeviceBroken, Publish, QueueOutcome, Served, VirtioDevice,
+    TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -93,7 +93,7 @@ impl VirtioDevice for Rng {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        serve_chains(queue, mem, |chain| {
+        serve_chains(queue, mem, Publish::Every8, |chain| {
             let head = chain.head_index();
             let len = match whole_chain_writer(chain, mem) {
                 Ok(writer) if writer.available_bytes() == 0 => {

@@ -24,7 +24,7 @@ use crate::persist::Persist;
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used, copy_config, pop_chain, serve_chains, whole_chain_reader, Budget, DeviceBroken, Next,
-    QueueOutcome, Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
+    Publish, QueueOutcome, Served, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1, YIELD,
 };
 use vigil_model::config::{FieldError, VsockConfig};
 
@@ -356,7 +356,7 @@ impl Vsock {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceBroken> {
-        let outcome = serve_chains(queue, mem, |chain| {
+        let outcome = serve_chains(queue, mem, Publish::Every8, |chain| {
             let head = chain.head_index();
             match whole_chain_reader(chain, mem) {
                 Ok(mut reader) => self.packet_from(&mut reader),
