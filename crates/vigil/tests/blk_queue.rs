@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::blk_bench::{bench, Bench, Files};
+use common::blk_bench::{bench, run_on_disk, Bench, Files};
 use common::{integrity_byte, run, TIMEOUT};
 
 fn assert_deep_queue_batches(b: &Bench) {
@@ -193,31 +193,14 @@ fn four_queues_each_complete_their_own_requests() {
         ("async", Some("--enable-pci")),
     ] {
         let files = Files::new(&format!("mq-{engine}-{}", transport.is_some()));
-        let disk = format!(
-            "path={},io_engine={engine},num_queues=4",
-            files.disk.display()
-        );
-        let mut args = vec![
-            "run",
-            "--memory",
-            "128",
-            "--disk",
-            &disk,
-            "--metrics-path",
-            files.metrics.to_str().unwrap(),
-            "--cmdline",
-            "test=blk-mq",
-        ];
-        args.extend(transport);
-        let r = run(&args, TIMEOUT);
+        let options = format!("io_engine={engine},num_queues=4");
+        let extra: Vec<&str> = transport.into_iter().collect();
+        let (r, block) = run_on_disk(&files, &options, "test=blk-mq", &extra);
         assert_eq!(
             r.line("TEST blk-mq "),
             "TEST blk-mq PASS queues=4 blocks=64 flush=1 per_queue=33,33,33,33",
             "{engine} {transport:?}: {r}"
         );
-        let text = std::fs::read_to_string(&files.metrics).expect("the metrics file");
-        let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-        let block = &m["block"];
         assert_eq!(block["write_count"], 64, "{block}");
         assert_eq!(block["read_count"], 64, "{block}");
         assert_eq!(block["write_bytes"], 64 * 4096, "{block}");

@@ -46,6 +46,18 @@ pub use vstate::inspect::{
 use vigil_devices::PowerEvent;
 use vstate::vcpu::CrashReport;
 
+/// CPU time of the calling thread, ns (the pager's accounting, the device
+/// loop's check that it had its CPU while it polled).
+pub(crate) fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Something that ends a VM, sent to the thread waiting on it.
 #[derive(Debug)]
 pub enum VmEvent {

@@ -70,7 +70,7 @@ use crate::dirty_log::{DirtyLog, DirtyReader, DirtyTracker, PAGE_SIZE};
 use crate::lazy_memory::{Fault, LazyMemory, LazyMemoryError};
 use crate::snapshot::packed::PackedEntry;
 use crate::snapshot::PageBits;
-use crate::GuestMemoryMmap;
+use crate::{thread_cpu_ns, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -970,17 +970,6 @@ fn map_untouched_zeros(shared: &Shared) {
             }
         }
     }
-}
-
-/// CPU time of the calling thread, ns.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Adds the CPU time the calling thread spent since `*last` to the counters.

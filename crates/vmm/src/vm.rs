@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::GuestMemoryMmap;
+use crate::{thread_cpu_ns, GuestMemoryMmap};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VmFd;
 use vigil_devices::bus::Bus;
@@ -371,9 +371,10 @@ fn spawn_device_loop(
                 let mut result = manager.run().map(drop);
                 window.woke_after(asleep.elapsed());
                 if result.is_ok() && !window.get().is_zero() {
-                    let (started, cpu) = (Instant::now(), thread_cpu_time());
+                    let (started, cpu) = (Instant::now(), thread_cpu_ns());
                     result = poll_rings(&mut manager, &transports, window.get(), &stop);
-                    window.polled(started.elapsed(), thread_cpu_time().saturating_sub(cpu));
+                    let cpu = Duration::from_nanos(thread_cpu_ns().saturating_sub(cpu));
+                    window.polled(started.elapsed(), cpu);
                 }
                 if let Err(e) = result {
                     tracing::error!("device event loop failed: {e:?}");
@@ -381,17 +382,6 @@ fn spawn_device_loop(
                 }
             }
         })
-}
-
-/// The CPU time this thread has had.
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes the timespec it is given, nothing else.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Looks at every transport's rings, and at the event loop's fds without

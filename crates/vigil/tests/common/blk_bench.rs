@@ -62,12 +62,16 @@ impl Bench {
     }
 }
 
-/// Runs `blk-bench` with `params` (and `extra` options) on a fresh image, the
-/// disk with `options` (`io_engine=async`, ...).
-pub fn bench(name: &str, params: &str, extra: &[&str], options: &str) -> Bench {
-    let files = Files::new(name);
+/// Runs the test guest with `cmdline` (and `extra` options) on `files`' image,
+/// the disk with `options` (`io_engine=async`, ...); the run and the block
+/// devices' metrics at its end.
+pub fn run_on_disk(
+    files: &Files,
+    options: &str,
+    cmdline: &str,
+    extra: &[&str],
+) -> (Run, serde_json::Value) {
     let disk = format!("path={},{options}", files.disk.display());
-    let cmdline = format!("test=blk-bench {params}");
     let mut args = vec![
         "run",
         "--memory",
@@ -77,10 +81,21 @@ pub fn bench(name: &str, params: &str, extra: &[&str], options: &str) -> Bench {
         "--metrics-path",
         files.metrics.to_str().unwrap(),
         "--cmdline",
-        &cmdline,
+        cmdline,
     ];
     args.extend_from_slice(extra);
     let run = run(&args, TIMEOUT);
+    let text = std::fs::read_to_string(&files.metrics).expect("the metrics file");
+    let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    (run, m["block"].clone())
+}
+
+/// Runs `blk-bench` with `params` (and `extra` options) on a fresh image, the
+/// disk with `options` (`io_engine=async`, ...).
+pub fn bench(name: &str, params: &str, extra: &[&str], options: &str) -> Bench {
+    let files = Files::new(name);
+    let cmdline = format!("test=blk-bench {params}");
+    let (run, block) = run_on_disk(&files, options, &cmdline, extra);
     let line = run.line("TEST blk-bench ");
     assert!(line.starts_with("TEST blk-bench PASS"), "{run}");
     let figures = line
@@ -88,11 +103,9 @@ pub fn bench(name: &str, params: &str, extra: &[&str], options: &str) -> Bench {
         .filter_map(|w| w.split_once('='))
         .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
         .collect();
-    let text = std::fs::read_to_string(&files.metrics).expect("the metrics file");
-    let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     Bench {
         figures,
-        block: m["block"].clone(),
+        block,
         run,
     }
 }
