@@ -22,6 +22,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"blk" => virtio::blk(machine, detail),
         b"blk-ro" => virtio::blk_ro(machine, detail),
         b"rng" => virtio::rng(machine, detail),
+        b"mmio-reads" => virtio::mmio_reads(machine, detail),
         b"rng-evil" => virtio::rng_evil(machine, detail),
         b"virtio-evil" => virtio::virtio_evil(machine, detail),
         b"blk-bench" => virtio::blk_bench(machine, detail),

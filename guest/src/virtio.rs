@@ -1123,6 +1123,49 @@ fn rng_body(q: &mut Queue, detail: &mut Line) -> Result<(), ()> {
     Ok(())
 }
 
+/// Rounds of `mmio-reads`; five register reads each.
+const MMIO_READ_ROUNDS: u64 = 2000;
+
+/// `mmio-reads`: reads registers of the first virtio-blk device from CPL3,
+/// [`MMIO_READ_ROUNDS`] rounds of its magic value, device id, first
+/// configuration word, status and interrupt status, checking the first three;
+/// reports the TSC ticks per read. See README.md.
+pub fn mmio_reads(machine: &Machine, detail: &mut Line) -> bool {
+    with_device(
+        machine,
+        detail,
+        ID_BLK,
+        "no virtio-blk device",
+        |dev, _clock, detail| {
+            let capacity = dev.read(CONFIG);
+            let start = rdtsc();
+            for round in 0..MMIO_READ_ROUNDS {
+                let (magic, id, config) = (dev.read(MAGIC), dev.read(DEVICE_ID), dev.read(CONFIG));
+                let _ = (dev.read(STATUS), dev.read(INTERRUPT_STATUS));
+                if (magic, id, config) != (MAGIC_VALUE, ID_BLK, capacity) {
+                    detail
+                        .str("round ")
+                        .dec(round)
+                        .str(": magic=")
+                        .hex(u64::from(magic))
+                        .str(" id=")
+                        .dec(u64::from(id))
+                        .str(" config=")
+                        .dec(u64::from(config));
+                    return Err(());
+                }
+            }
+            let reads = 5 * MMIO_READ_ROUNDS;
+            detail
+                .str("reads=")
+                .dec(reads)
+                .str(" ticks_per_read=")
+                .dec((rdtsc() - start) / reads);
+            Ok(())
+        },
+    )
+}
+
 /// `rng-evil`: four malformed requests on one set-up of the first virtio-rng device,
 /// each waited for up to 2 s, then a good one. See README.md.
 pub fn rng_evil(machine: &Machine, detail: &mut Line) -> bool {

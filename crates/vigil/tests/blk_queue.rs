@@ -55,24 +55,28 @@ fn over_pci_with_msix_event_idx_batches_interrupts_too() {
 }
 
 /// A driver that does not negotiate EVENT_IDX: every processed batch raises the
-/// interrupt; one request at a time, that is one interrupt per request, but for
-/// the rare pass that also takes the driver's next request (made available
-/// while the device was still in the pass that completed the one before; a
-/// loaded host preempts the device thread there). With event indices the same
-/// run takes 0.6 to 0.8 interrupts per request (BENCHMARKS.md).
+/// interrupt. One request at a time and the device loop not polling, a batch
+/// is the request whose notification woke the device, and also the driver's
+/// next one where the driver made it available before the pass ended: this
+/// guest sees its completion at once (it reads the used ring and, from the
+/// register page, the interrupt status without an exit), so that happens for
+/// 5-10% of requests on a quiet host; a loaded one preempts the device thread
+/// mid-pass more often. So between one interrupt per two requests and one per
+/// request, every request notified.
 #[test]
 fn without_event_idx_every_batch_interrupts() {
     let b = bench(
         "noevidx1",
         "blk_qd=1 blk_event_idx=0",
-        &[],
+        &["--io-poll-us", "0"],
         "io_engine=sync",
     );
     assert_eq!(b.figure("event_idx"), 0);
     assert_eq!(b.figure("max_in_flight"), 1);
     let (interrupts, requests) = (b.metric("interrupts"), b.requests());
+    assert_eq!(b.metric("notifications"), requests, "{}", b.block);
     assert!(
-        interrupts <= requests && interrupts >= requests - requests / 100,
+        interrupts <= requests && interrupts >= requests / 2,
         "{interrupts} interrupts for {requests} requests: {}",
         b.block
     );

@@ -84,6 +84,38 @@ fn blk_writes_reach_the_image_and_read_back() {
     );
 }
 
+/// A virtio-mmio device's registers are read from memory KVM maps read-only:
+/// the guest's 10,000 register reads (checked by the guest against the
+/// device's identity and configuration) cost the vCPU no MMIO exit; its
+/// writes (set-up, reset) still do.
+#[test]
+fn register_reads_do_not_exit_to_the_vmm() {
+    let disk = Image::new("reads", &[], 1 << 20);
+    let metrics =
+        std::env::temp_dir().join(format!("vigil-virtio-{}-reads.json", std::process::id()));
+    let r = guest(
+        &[
+            "--disk".into(),
+            disk.arg(""),
+            "--metrics-path".into(),
+            metrics.display().to_string(),
+        ],
+        "mmio-reads",
+    );
+    let text = std::fs::read_to_string(&metrics);
+    std::fs::remove_file(&metrics).ok();
+    let detail = pass_detail(&r, "mmio-reads");
+    assert!(detail.starts_with("reads=10000 "), "{detail}");
+    let m: serde_json::Value =
+        serde_json::from_str(text.expect("the metrics file").lines().last().unwrap()).unwrap();
+    let exits = m["vcpu0"]["exits_mmio"].as_u64().expect("vcpu0.exits_mmio");
+    // The set-up and reset writes exit; the reads do not.
+    assert!(
+        (1..1000).contains(&exits),
+        "{exits} MMIO exits for 10,000 register reads\n{r}"
+    );
+}
+
 #[test]
 fn blk_read_only_refuses_writes_and_keeps_the_image() {
     let rw = Image::new("rw2", &[], 1 << 20);

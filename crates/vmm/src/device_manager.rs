@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vigil_devices::bus::Bus;
 use vigil_devices::pci::{BarWindow, EcamWindow, PciBus, ECAM_BUS_SIZE};
@@ -24,7 +25,8 @@ use vigil_devices::persist::{Persist, RestoreError};
 use vigil_devices::virtio::balloon::Balloon;
 use vigil_devices::virtio::block::Block;
 use vigil_devices::virtio::mmio::{
-    MmioBusDevice, MmioTransport, MmioTransportState, QueueEvents, MMIO_WINDOW, QUEUE_NOTIFY,
+    MmioBusDevice, MmioTransport, MmioTransportState, QueueEvents, RegisterPage, MMIO_WINDOW,
+    QUEUE_NOTIFY,
 };
 use vigil_devices::virtio::net::Net;
 use vigil_devices::virtio::pci::{Msix, VirtioPci, VirtioPciState, BAR_SIZE};
@@ -34,6 +36,7 @@ use vigil_devices::virtio::vsock::Vsock;
 use vigil_devices::virtio::{Interrupt, VirtioDevice};
 use vigil_metrics::{DeviceCounters, DeviceKind};
 use vigil_model::config::BalloonConfig;
+use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{MmioDevice, PciIntx};
@@ -353,7 +356,10 @@ impl<'a> DeviceManager<'a> {
         };
         let transport_evts = clone_evts()?;
         let waker = QueueWaker::new(clone_evts()?);
-        let interrupt = Arc::new(Interrupt::new(irq));
+        let interrupt = Arc::new(match self.register_page(&slot, index, device.as_ref()) {
+            Some(page) => Interrupt::in_page(irq, page),
+            None => Interrupt::new(irq),
+        });
         let mem = self.mem.clone();
         let transport = match saved {
             None => MmioTransport::new(device, mem, interrupt.clone(), transport_evts)?,
@@ -381,6 +387,54 @@ impl<'a> DeviceManager<'a> {
 }
 
 impl DeviceManager<'_> {
+    /// A page KVM maps read-only over `slot`'s register window, for the
+    /// transport to keep its registers in ([`RegisterPage`]): the driver's
+    /// register reads then exit no more. None for a device whose configuration
+    /// the host changes at run time, or where KVM refuses the mapping (the
+    /// registers then trap, as without a page).
+    fn register_page(
+        &self,
+        slot: &MmioDevice,
+        index: usize,
+        device: &dyn VirtioDevice,
+    ) -> Option<Arc<RegisterPage>> {
+        if device.host_changes_config() {
+            return None;
+        }
+        let page = match RegisterPage::new() {
+            Ok(page) => Arc::new(page),
+            Err(e) => {
+                tracing::warn!(
+                    base = slot.base,
+                    "no register page for a virtio device: {e}"
+                );
+                return None;
+            }
+        };
+        let region = kvm_userspace_memory_region {
+            // After guest memory's slots (one per region, `create_vm`).
+            slot: (self.mem.num_regions() + index) as u32,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: slot.base,
+            memory_size: MMIO_WINDOW,
+            userspace_addr: page.host_address(),
+        };
+        // SAFETY: the page is a live mapping of MMIO_WINDOW bytes that the device's
+        // interrupt and transport keep; the VM keeps those (its transports, and the
+        // MMIO bus every vCPU thread runs with) until after its fd is closed. The
+        // slot is read-only: the guest cannot write the VMM's memory through it.
+        match unsafe { self.vm_fd.set_user_memory_region(region) } {
+            Ok(()) => Some(page),
+            Err(e) => {
+                tracing::warn!(
+                    base = slot.base,
+                    "KVM cannot map a virtio register page: {e}"
+                );
+                None
+            }
+        }
+    }
+
     /// Puts `device` in the next PCI slot: its BAR the slot's share of the PCI
     /// window, a vector per queue and one for its configuration, each an irqfd
     /// on the next GSI; notifications are caught where its BAR is

@@ -72,8 +72,15 @@ pub const INT_CONFIG: u32 = 2;
 /// How a virtio device interrupts the guest: an I/O APIC line (virtio-mmio) or
 /// MSI-X vectors (virtio-pci), and its interrupt status register (ISR).
 pub struct Interrupt {
-    status: AtomicU32,
+    status: Status,
     line: Line,
+}
+
+/// Where the interrupt status register is kept.
+enum Status {
+    Own(AtomicU32),
+    /// In the transport's register page, where the guest reads it without an exit.
+    Page(Arc<mmio::RegisterPage>),
 }
 
 enum Line {
@@ -95,15 +102,40 @@ impl Interrupt {
     /// An interrupt raised by writing `irq` (an irqfd).
     pub fn new(irq: EventFd) -> Self {
         Self {
-            status: AtomicU32::new(0),
+            status: Status::Own(AtomicU32::new(0)),
             line: Line::Pin(irq),
+        }
+    }
+
+    /// As [`Self::new`], the status kept in `page` (a virtio-mmio transport's
+    /// register page, which the transport then keeps current too).
+    pub fn in_page(irq: EventFd, page: Arc<mmio::RegisterPage>) -> Self {
+        page.word(mmio::INTERRUPT_STATUS).store(0, Ordering::SeqCst);
+        Self {
+            status: Status::Page(page),
+            line: Line::Pin(irq),
+        }
+    }
+
+    /// The register page the status lives in, if it does.
+    pub(crate) fn page(&self) -> Option<&Arc<mmio::RegisterPage>> {
+        match &self.status {
+            Status::Own(_) => None,
+            Status::Page(page) => Some(page),
+        }
+    }
+
+    fn word(&self) -> &AtomicU32 {
+        match &self.status {
+            Status::Own(word) => word,
+            Status::Page(page) => page.word(mmio::INTERRUPT_STATUS),
         }
     }
 
     /// An interrupt raised through the MSI-X vectors of a virtio-pci function.
     pub fn msix(msix: Arc<Mutex<pci::Msix>>) -> Self {
         Self {
-            status: AtomicU32::new(0),
+            status: Status::Own(AtomicU32::new(0)),
             line: Line::Msix(msix),
         }
     }
@@ -120,7 +152,7 @@ impl Interrupt {
     }
 
     fn raise(&self, bits: u32, queue: Option<usize>) {
-        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.word().fetch_or(bits, Ordering::SeqCst);
         match &self.line {
             Line::Pin(irq) => {
                 if let Err(e) = irq.write(1) {
@@ -136,12 +168,17 @@ impl Interrupt {
 
     /// The interrupt status register.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        self.word().load(Ordering::SeqCst)
+    }
+
+    /// The status a snapshot saved.
+    pub(crate) fn restore_status(&self, bits: u32) {
+        self.word().store(bits, Ordering::SeqCst);
     }
 
     /// The guest acknowledges `bits`.
     pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
+        self.word().fetch_and(!bits, Ordering::SeqCst);
     }
 }
 
@@ -171,6 +208,13 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Reads the device configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Whether the host changes the configuration space while the VM runs (a
+    /// balloon's target): the transport then keeps no register page for the
+    /// guest to read (see [`mmio::RegisterPage`]), so that every configuration
+    /// read reaches [`Self::read_config`].
+    fn host_changes_config(&self) -> bool {
+        false
+    }
     /// Writes the device configuration space (most devices ignore it).
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         tracing::debug!(offset, len = data.len(), "ignored virtio config write");

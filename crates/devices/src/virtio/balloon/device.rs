@@ -432,6 +432,10 @@ impl VirtioDevice for Balloon {
         DeviceState::Balloon(self.save())
     }
 
+    fn host_changes_config(&self) -> bool {
+        true
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // num_pages, actual, free_page_hint_cmd_id, poison_val (no poisoning).
         let mut config = [0u8; 16];

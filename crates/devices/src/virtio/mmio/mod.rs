@@ -3,6 +3,7 @@
 //! and the event-loop subscriber that processes notified queues. Its saved state
 //! and restore are in `persist.rs`.
 
+mod page;
 mod persist;
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -24,6 +25,7 @@ use super::{
 };
 use crate::bus::BusDevice;
 
+pub use page::RegisterPage;
 pub use persist::MmioTransportState;
 
 /// Size of one device's register window.
@@ -31,7 +33,7 @@ pub const MMIO_WINDOW: u64 = 0x1000;
 /// Offset of the queue notification register (where ioeventfds are matched).
 pub const QUEUE_NOTIFY: u64 = 0x50;
 /// The interrupt status register (read) and its acknowledgement (write).
-const INTERRUPT_STATUS: u64 = 0x60;
+pub(crate) const INTERRUPT_STATUS: u64 = 0x60;
 const INTERRUPT_ACK: u64 = 0x64;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -101,6 +103,9 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     config_generation: u32,
+    /// The copy of the registers the guest reads, when KVM maps one
+    /// ([`RegisterPage`]; the interrupt's status lives in it).
+    page: Option<Arc<RegisterPage>>,
 }
 
 impl MmioTransport {
@@ -122,7 +127,8 @@ impl MmioTransport {
                 eventfds: queue_evts.len(),
             });
         }
-        Ok(Self {
+        let page = interrupt.page().cloned();
+        let mut transport = Self {
             device,
             mem,
             interrupt,
@@ -138,7 +144,31 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             config_generation: 0,
-        })
+            page,
+        };
+        transport.publish();
+        Ok(transport)
+    }
+
+    /// Brings the register page, when there is one, up to date with every
+    /// register but the interrupt status (which [`Interrupt`] keeps there) and
+    /// with the configuration space. Called after anything that may change
+    /// what a read returns: a driver's write, the transport's own status
+    /// changes, a restore. (A device whose configuration the host changes
+    /// while the VM runs gets no page: see `VirtioDevice::host_changes_config`.)
+    fn publish(&mut self) {
+        let Some(page) = self.page.clone() else {
+            return;
+        };
+        for offset in (0..CONFIG_SPACE).step_by(4) {
+            if offset != INTERRUPT_STATUS {
+                let value = self.read_register(offset);
+                page.word(offset).store(value, Ordering::Release);
+            }
+        }
+        let mut config = [0u8; (MMIO_WINDOW - CONFIG_SPACE) as usize];
+        self.device.read_config(0, &mut config);
+        page.write(CONFIG_SPACE, &config);
     }
 
     /// The device status register.
@@ -182,6 +212,7 @@ impl MmioTransport {
             "virtio device needs reset: {why}"
         );
         self.status |= status::DEVICE_NEEDS_RESET;
+        self.publish();
         self.interrupt.signal(INT_CONFIG);
     }
 
@@ -562,6 +593,7 @@ impl BusDevice for MmioTransport {
                 "virtio-mmio register write not 32 bits wide; ignored"
             );
         }
+        self.publish();
     }
 }
 

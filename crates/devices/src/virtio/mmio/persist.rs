@@ -89,9 +89,8 @@ impl MmioTransport {
                 format!("but {} eventfds to notify them", queue_evts.len()),
             ));
         }
-        interrupt
-            .status
-            .store(state.interrupt_status, std::sync::atomic::Ordering::SeqCst);
+        interrupt.restore_status(state.interrupt_status);
+        let page = interrupt.page().cloned();
         if state.device_status & status::FEATURES_OK != 0 {
             device.ack_features(state.acked_features);
         }
@@ -111,7 +110,9 @@ impl MmioTransport {
             driver_features: state.acked_features,
             queue_sel: state.queue_sel,
             config_generation: state.config_generation,
+            page,
         };
+        transport.publish();
         if transport.driver_ok() {
             // A state saved while the device loop polled has the driver's
             // notifications off in guest memory: on again before the first look.
