@@ -312,12 +312,21 @@ pub(crate) fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
 /// How many more chains a device may take from one queue in this call. A device
 /// stops there and asks to be called again, so a guest that keeps refilling a queue
 /// cannot hold the device event loop, which every device of the VM shares.
-pub(crate) struct Budget(u16);
+pub(crate) struct Budget {
+    left: u16,
+    /// The available index as [`pop_chain`] last read it: the chains up to it
+    /// are taken without reading it again. The driver writes that index as it
+    /// adds chains, so each read is likely a cache miss on another CPU's line.
+    avail: Option<std::num::Wrapping<u16>>,
+}
 
 impl Budget {
     /// One queue's worth.
     pub(crate) fn of(queue: &Queue) -> Self {
-        Self(queue.size().max(1))
+        Self {
+            left: queue.size().max(1),
+            avail: None,
+        }
     }
 }
 
@@ -341,13 +350,19 @@ pub(crate) fn pop_chain<'a>(
     mem: &'a GuestMemoryMmap,
     budget: &mut Budget,
 ) -> Result<Next<'a>, DeviceBroken> {
-    if pending(queue, mem)? == 0 {
-        return Ok(Next::Empty);
+    let next = std::num::Wrapping(queue.next_avail());
+    let known = budget.avail.map_or(0, |avail| (avail - next).0);
+    if known == 0 || known > queue.size() {
+        let pending = pending(queue, mem)?;
+        budget.avail = Some(next + std::num::Wrapping(pending));
+        if pending == 0 {
+            return Ok(Next::Empty);
+        }
     }
-    if budget.0 == 0 {
+    if budget.left == 0 {
         return Ok(Next::Later);
     }
-    budget.0 -= 1;
+    budget.left -= 1;
     Ok(queue
         .pop_descriptor_chain(mem)
         .map_or(Next::Empty, Next::Chain))
@@ -401,10 +416,7 @@ pub(crate) fn serve_chains<'a>(
     publish: Publish,
     mut serve: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
 ) -> Result<QueueOutcome, DeviceBroken> {
-    let mut batch = UsedBatch {
-        rule: publish,
-        ..UsedBatch::default()
-    };
+    let mut batch = UsedBatch::new(publish);
     let outcome = serve_pass(queue, mem, &mut serve, &mut batch);
     let published = batch.publish(queue, mem);
     let outcome = outcome?;
@@ -417,7 +429,7 @@ pub(crate) fn serve_chains<'a>(
 
 /// Used entries written by a pass and not yet published.
 #[derive(Default)]
-struct UsedBatch {
+pub(crate) struct UsedBatch {
     entries: [(u16, u32); USED_BATCH],
     len: usize,
     /// When the oldest entry was written.
@@ -428,7 +440,25 @@ struct UsedBatch {
 }
 
 impl UsedBatch {
-    fn push(
+    /// An empty batch published as `rule` says.
+    pub(crate) fn new(rule: Publish) -> Self {
+        Self {
+            rule,
+            ..Self::default()
+        }
+    }
+
+    /// Whether any chain went back to the driver through this batch.
+    pub(crate) fn any(&self) -> bool {
+        self.any
+    }
+
+    /// Whether entries wait to be published.
+    pub(crate) fn holds(&self) -> bool {
+        self.len > 0
+    }
+
+    pub(crate) fn push(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
@@ -452,7 +482,11 @@ impl UsedBatch {
         Ok(())
     }
 
-    fn publish(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceBroken> {
+    pub(crate) fn publish(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), DeviceBroken> {
         self.since = None;
         let entries = &self.entries[..std::mem::take(&mut self.len)];
         add_used_together(queue, mem, entries)
@@ -473,7 +507,7 @@ fn serve_pass<'a>(
             // What was served reaches the driver before the device looks
             // again: a driver polling the ring adds its next requests at once,
             // and they are taken in this pass.
-            Next::Empty if batch.len > 0 => {
+            Next::Empty if batch.holds() => {
                 batch.publish(queue, mem)?;
                 continue;
             }
@@ -575,14 +609,22 @@ pub(crate) fn add_used_together(
         return Ok(());
     }
     let start = queue.next_used();
-    for (i, &(head, len)) in earlier.iter().enumerate() {
-        let slot = start.wrapping_add(i as u16) % queue.size();
-        let element = queue.used_ring() + 4 + 8 * u64::from(slot);
-        let mut bytes = [0u8; 8];
-        bytes[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        bytes[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&bytes, GuestAddress(element))
+    let mut done = 0;
+    while done < earlier.len() {
+        // Consecutive elements up to the ring's end, USED_BATCH at most, in one write.
+        let slot = start.wrapping_add(done as u16) % queue.size();
+        let n = (earlier.len() - done)
+            .min(usize::from(queue.size() - slot))
+            .min(USED_BATCH);
+        let mut bytes = [0u8; 8 * USED_BATCH];
+        for (element, &(head, len)) in bytes.chunks_exact_mut(8).zip(&earlier[done..done + n]) {
+            element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            element[4..].copy_from_slice(&len.to_le_bytes());
+        }
+        let at = queue.used_ring() + 4 + 8 * u64::from(slot);
+        mem.write_slice(&bytes[..8 * n], GuestAddress(at))
             .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e}")))?;
+        done += n;
     }
     queue.set_next_used(start.wrapping_add(earlier.len() as u16));
     add_used(queue, mem, last, last_len)
@@ -633,7 +675,10 @@ mod tests {
         mock.add_desc_chains(&[desc(0x20000), desc(0x20010), desc(0x20020)], 0)
             .unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
-        let mut budget = Budget(2);
+        let mut budget = Budget {
+            left: 2,
+            avail: None,
+        };
         assert!(matches!(
             pop_chain(&mut queue, &mem, &mut budget),
             Ok(Next::Chain(_))
@@ -655,5 +700,49 @@ mod tests {
             pop_chain(&mut queue, &mem, &mut budget),
             Ok(Next::Empty)
         ));
+    }
+
+    /// The available index is read when the chains known to be there run out,
+    /// not for each chain: a driver's change meanwhile is checked then (here
+    /// an index gone past the queue size, which breaks the device).
+    #[test]
+    fn the_available_index_is_checked_again_once_the_known_chains_are_taken() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
+        let desc = |addr| RawDescriptor::from(SplitDescriptor::new(addr, 16, 0, 0));
+        mock.add_desc_chains(&[desc(0x20000)], 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut budget = Budget::of(&queue);
+        assert!(matches!(
+            pop_chain(&mut queue, &mem, &mut budget),
+            Ok(Next::Chain(_))
+        ));
+        mock.avail().idx().store(u16::to_le(40));
+        assert!(pop_chain(&mut queue, &mem, &mut budget).is_err());
+    }
+
+    /// Entries published together wrap around the ring's end in place, and the
+    /// used index moves once, past all of them.
+    #[test]
+    fn used_entries_published_together_wrap_around_the_ring() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 4);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        queue.set_next_used(3);
+        add_used_together(&mut queue, &mem, &[(1, 10), (2, 20), (3, 30)]).unwrap();
+        let used = queue.used_ring();
+        let element = |slot: u64| {
+            let at = used + 4 + 8 * slot;
+            (
+                mem.read_obj::<u32>(GuestAddress(at)).unwrap(),
+                mem.read_obj::<u32>(GuestAddress(at + 4)).unwrap(),
+            )
+        };
+        assert_eq!(
+            [element(3), element(0), element(1)],
+            [(1, 10), (2, 20), (3, 30)]
+        );
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 6);
+        assert_eq!(queue.next_used(), 6);
     }
 }

@@ -9,7 +9,7 @@ use vigil_metrics::{DeviceCounters, DeviceKind};
 
 use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
 use super::mmds::MmdsStack;
@@ -19,8 +19,8 @@ use crate::rate_limiter::{RateLimitControl, RateLimiter};
 use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    add_used, add_used_together, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader,
-    Budget, DeviceBroken, Next, Publish, QueueOutcome, Served, VirtioDevice, TYPE_NET,
+    add_used_together, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader, Budget,
+    DeviceBroken, Next, Publish, QueueOutcome, Served, UsedBatch, VirtioDevice, TYPE_NET,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::{FieldError, NetConfig};
@@ -273,31 +273,54 @@ impl Net {
             }
             return throttled.map_or(Direct::Buffered, Direct::Throttled);
         }
-        let (header, _) = self.rx_segments[0];
         let mut fixed = [0u8; VNET_HDR_LEN];
         fixed[10..12].copy_from_slice(&1u16.to_le_bytes());
         // With offloads the tap's own header stays; num_buffers is always set.
-        let set = if self.rx_offloads {
-            mem.write_slice(&fixed[10..], header.unchecked_add(10))
-        } else {
-            mem.write_slice(&fixed, header)
-        };
-        mark_written(mem, &self.rx_segments, n);
-        if let Err(e) = set {
-            tracing::debug!("cannot write a frame's header into guest memory: {e}");
-            self.count_error();
-            return Direct::InPlace(0);
+        let from = if self.rx_offloads { 10 } else { 0 };
+        // Written where the tap just wrote, through the first iovec.
+        let header = self.rx_iovecs.0[0].iov_base.cast::<u8>();
+        for (i, &byte) in fixed.iter().enumerate().skip(from) {
+            // SAFETY: the first iovec is the chain's first segment, whole (no
+            // bytes skipped), at least VNET_HDR_LEN bytes (`direct`), inside guest
+            // memory mapped while `mem` is borrowed; the driver may read or write
+            // it meanwhile, hence the volatile bytes.
+            unsafe { header.add(i).write_volatile(byte) };
         }
+        mark_written(mem, &self.rx_segments, n);
         self.count_received(n);
         Direct::InPlace(n as u32)
     }
 
     /// Moves frames from the tap into the guest's receive buffers until either
-    /// runs out (or the limiter says wait).
+    /// runs out (or the limiter says wait). Frames in one buffer each are
+    /// published 8 at a time and when the queue or the tap runs dry (the used
+    /// index is a line the driver keeps reading: one store per frame moved it
+    /// between CPUs per frame); whatever ends the pass, they are published.
     fn receive(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        let mut batch = UsedBatch::new(Publish::Every8);
+        let outcome = self.receive_into(queue, mem, &mut batch);
+        let published = batch.publish(queue, mem);
+        let outcome = outcome?;
+        published?;
+        Ok(match outcome {
+            QueueOutcome::Done(used) => QueueOutcome::Done(used || batch.any()),
+            QueueOutcome::RetryAfter(wait, used) => {
+                QueueOutcome::RetryAfter(wait, used || batch.any())
+            }
+        })
+    }
+
+    /// [`Self::receive`]'s pass; the flag of its outcome counts only frames
+    /// published outside `batch` (over several buffers).
+    fn receive_into(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        batch: &mut UsedBatch,
     ) -> Result<QueueOutcome, DeviceBroken> {
         self.rx_blocked = false;
         let mut used = false;
@@ -314,6 +337,12 @@ impl Net {
             }
             let chain = match pop_chain(queue, mem, &mut budget)? {
                 Next::Chain(chain) => chain,
+                // What was received reaches the driver before the device looks
+                // again, so that it posts those buffers again.
+                Next::Empty if batch.holds() => {
+                    batch.publish(queue, mem)?;
+                    continue;
+                }
                 // With event indices: where the driver notifies next; a buffer
                 // it added meanwhile is taken now.
                 Next::Empty if queue.event_idx_enabled() && rearm(queue, mem)? => continue,
@@ -327,8 +356,7 @@ impl Net {
             if self.rx_len == 0 {
                 match self.read_direct(&chain, mem) {
                     Direct::InPlace(len) => {
-                        add_used(queue, mem, chain.head_index(), len)?;
-                        used = true;
+                        batch.push(queue, mem, chain.head_index(), len)?;
                         continue;
                     }
                     Direct::Buffered if self.rx_len < MIN_BUFFER => {
@@ -376,13 +404,14 @@ impl Net {
                     // keep the frame for the next one.
                     tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
                     self.count_error();
-                    add_used(queue, mem, head, 0)?;
-                    used = true;
+                    batch.push(queue, mem, head, 0)?;
                     continue;
                 }
             };
             let len = self.rx_len;
             if writer.available_bytes() < len && self.acked & F_MRG_RXBUF != 0 {
+                // Its buffers go back together, after those received before.
+                batch.publish(queue, mem)?;
                 match self.receive_merged(queue, mem, (head, writer), &mut budget)? {
                     Merged::Delivered => {
                         used = true;
@@ -430,8 +459,7 @@ impl Net {
                 }
             };
             self.rx_len = 0;
-            add_used(queue, mem, head, written)?;
-            used = true;
+            batch.push(queue, mem, head, written)?;
         }
     }
 
