@@ -209,7 +209,7 @@ fn run(dev: Dev, clock: Clock, mrg: bool, detail: &mut Line) -> Result<(), ()> {
     Ok(())
 }
 
-/// Frames `net-bench` sends.
+/// Frames `net-bench` sends or counts, unless `net_frames=` says.
 const BENCH_FRAMES: u64 = 20_000;
 
 /// Most frames `net-bench` keeps in flight, or receive buffers it posts
@@ -237,8 +237,15 @@ pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
             Some(BENCH_FRAME.0),
             detail,
         ),
+        machine.number(
+            "net_frames",
+            1000,
+            10_000_000,
+            Some(BENCH_FRAMES),
+            detail,
+        ),
     );
-    let (Ok(Some(qd)), Ok(Some(event_idx)), Ok(Some(frame_len))) = params else {
+    let (Ok(Some(qd)), Ok(Some(event_idx)), Ok(Some(frame_len)), Ok(Some(frames))) = params else {
         return false;
     };
     let receive = match machine.info.param(b"net_dir") {
@@ -269,9 +276,9 @@ pub fn net_bench(machine: &Machine, detail: &mut Line) -> bool {
         |dev, clock, detail| {
             let len = HDR + frame_len;
             if receive {
-                bench_rx(dev, clock, qd as u16, event_idx == 1, len, buffers, detail)
+                bench_rx(dev, clock, qd as u16, event_idx == 1, (len, frames), buffers, detail)
             } else {
-                bench(dev, clock, qd as u16, event_idx == 1, len, detail)
+                bench(dev, clock, qd as u16, event_idx == 1, (len, frames), detail)
             }
         },
     )
@@ -297,7 +304,7 @@ fn send_marker(tx: &mut Queue, payload: &[u8]) -> Result<(), &'static str> {
 
 /// `net_dir=rx`: posts `qd` receive buffers of 2 KiB at `buffers`, asks the host
 /// to flood (a ready frame, repeated until frames come), then counts
-/// `BENCH_FRAMES` flood frames of `len` bytes (virtio header and frame), each
+/// `frames` flood frames of `len` bytes (virtio header and frame), each
 /// buffer posted again once read, timed with the TSC from the first; then a done
 /// frame. Other frames (the host's own traffic) are skipped and counted.
 fn bench_rx(
@@ -305,7 +312,7 @@ fn bench_rx(
     clock: Clock,
     qd: u16,
     event_idx: bool,
-    len: u64,
+    (len, frames): (u64, u64),
     buffers: u64,
     detail: &mut Line,
 ) -> Result<(), ()> {
@@ -354,7 +361,7 @@ fn bench_rx(
     let (mut received, mut others) = (0u64, 0u64);
     let (mut start, mut asked) = (0u64, 0u64);
     let mut last_progress = rdtsc();
-    while received < BENCH_FRAMES {
+    while received < frames {
         let now = rdtsc();
         if received == 0 && (asked == 0 || now - asked > clock.ms(200)) {
             if let Err(error) = send_marker(&mut tx, &ready) {
@@ -399,32 +406,32 @@ fn bench_rx(
         detail.str("done: ").str(error);
         return Err(());
     }
-    report(detail, "rx", us, len, qd, rx.event_idx())
+    report(detail, "rx", us, (len, frames), qd, rx.event_idx())
         .str(" other_frames=")
         .dec(others);
     Ok(())
 }
 
 /// The figures of a `net-bench` run in direction `dir` (`tx` or `rx`):
-/// `BENCH_FRAMES` frames of `len` bytes (with the virtio header) in `us`.
+/// `frames` frames of `len` bytes (with the virtio header) in `us`.
 fn report<'l>(
     detail: &'l mut Line,
     dir: &str,
     us: u64,
-    len: u64,
+    (len, frames): (u64, u64),
     qd: u16,
     event_idx: bool,
 ) -> &'l mut Line {
     detail
         .str(dir)
         .str("_pps=")
-        .dec(BENCH_FRAMES * 1_000_000 / us)
+        .dec(frames * 1_000_000 / us)
         .str(" ")
         .str(dir)
         .str("_kib_s=")
-        .dec(BENCH_FRAMES * (len - HDR) * 1_000_000 / us / 1024)
+        .dec(frames * (len - HDR) * 1_000_000 / us / 1024)
         .str(" frames=")
-        .dec(BENCH_FRAMES)
+        .dec(frames)
         .str(" frame=")
         .dec(len - HDR)
         .str(" qd=")
@@ -433,13 +440,13 @@ fn report<'l>(
         .dec(u64::from(event_idx))
 }
 
-/// Sends `BENCH_FRAMES` buffers of `len` bytes (virtio header and frame).
+/// Sends `frames` buffers of `len` bytes (virtio header and frame).
 fn bench(
     dev: Dev,
     clock: Clock,
     qd: u16,
     event_idx: bool,
-    len: u64,
+    (len, frames): (u64, u64),
     detail: &mut Line,
 ) -> Result<(), ()> {
     let set_up = || -> Result<Queue, &'static str> {
@@ -486,9 +493,9 @@ fn bench(
     tx.arm_used_event();
     let start = rdtsc();
     let mut last_progress = start;
-    while done < BENCH_FRAMES {
+    while done < frames {
         let old = tx.avail_index();
-        while free_count > 0 && sent < BENCH_FRAMES {
+        while free_count > 0 && sent < frames {
             free_count -= 1;
             tx.push_avail(free[free_count]);
             sent += 1;
@@ -519,7 +526,7 @@ fn bench(
         }
     }
     let us = ((rdtsc() - start) * 1000 / clock.ms(1)).max(1);
-    report(detail, "tx", us, len, qd, tx.event_idx())
+    report(detail, "tx", us, (len, frames), qd, tx.event_idx())
         .str(" max_in_flight=")
         .dec(max_in_flight);
     Ok(())
