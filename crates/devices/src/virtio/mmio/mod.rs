@@ -146,7 +146,7 @@ impl MmioTransport {
             config_generation: 0,
             page,
         };
-        transport.publish();
+        transport.refresh_page();
         Ok(transport)
     }
 
@@ -156,7 +156,7 @@ impl MmioTransport {
     /// what a read returns: a driver's write, the transport's own status
     /// changes, a restore. (A device whose configuration the host changes
     /// while the VM runs gets no page: see `VirtioDevice::host_changes_config`.)
-    fn publish(&mut self) {
+    fn refresh_page(&mut self) {
         let Some(page) = self.page.clone() else {
             return;
         };
@@ -212,7 +212,7 @@ impl MmioTransport {
             "virtio device needs reset: {why}"
         );
         self.status |= status::DEVICE_NEEDS_RESET;
-        self.publish();
+        self.refresh_page();
         self.interrupt.signal(INT_CONFIG);
     }
 
@@ -593,7 +593,7 @@ impl BusDevice for MmioTransport {
                 "virtio-mmio register write not 32 bits wide; ignored"
             );
         }
-        self.publish();
+        self.refresh_page();
     }
 }
 

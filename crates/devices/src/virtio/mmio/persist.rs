@@ -112,7 +112,7 @@ impl MmioTransport {
             config_generation: state.config_generation,
             page,
         };
-        transport.publish();
+        transport.refresh_page();
         if transport.driver_ok() {
             // A state saved while the device loop polled has the driver's
             // notifications off in guest memory: on again before the first look.
