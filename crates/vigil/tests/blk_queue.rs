@@ -199,7 +199,8 @@ fn four_queues_each_complete_their_own_requests() {
         let files = Files::new(&format!("mq-{engine}-{}", transport.is_some()));
         let options = format!("io_engine={engine},num_queues=4");
         let extra: Vec<&str> = transport.into_iter().collect();
-        let (r, block) = run_on_disk(&files, &options, "test=blk-mq", &extra);
+        let (r, metrics) = run_on_disk(&files, &options, "test=blk-mq", &extra);
+        let block = &metrics["block"];
         assert_eq!(
             r.line("TEST blk-mq "),
             "TEST blk-mq PASS queues=4 blocks=64 flush=1 per_queue=33,33,33,33",

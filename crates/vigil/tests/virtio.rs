@@ -6,6 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::blk_bench::{run_on_disk, Files};
 use common::{run, Run, TIMEOUT};
 
 struct Image(PathBuf);
@@ -90,25 +91,13 @@ fn blk_writes_reach_the_image_and_read_back() {
 /// writes (set-up, reset) still do.
 #[test]
 fn register_reads_do_not_exit_to_the_vmm() {
-    let disk = Image::new("reads", &[], 1 << 20);
-    let metrics =
-        std::env::temp_dir().join(format!("vigil-virtio-{}-reads.json", std::process::id()));
-    let r = guest(
-        &[
-            "--disk".into(),
-            disk.arg(""),
-            "--metrics-path".into(),
-            metrics.display().to_string(),
-        ],
-        "mmio-reads",
-    );
-    let text = std::fs::read_to_string(&metrics);
-    std::fs::remove_file(&metrics).ok();
+    let files = Files::new("mmio-reads");
+    let (r, metrics) = run_on_disk(&files, "io_engine=sync", "test=mmio-reads", &[]);
     let detail = pass_detail(&r, "mmio-reads");
     assert!(detail.starts_with("reads=10000 "), "{detail}");
-    let m: serde_json::Value =
-        serde_json::from_str(text.expect("the metrics file").lines().last().unwrap()).unwrap();
-    let exits = m["vcpu0"]["exits_mmio"].as_u64().expect("vcpu0.exits_mmio");
+    let exits = metrics["vcpu0"]["exits_mmio"]
+        .as_u64()
+        .expect("vcpu0.exits_mmio");
     // The set-up and reset writes exit; the reads do not.
     assert!(
         (1..1000).contains(&exits),

@@ -314,9 +314,10 @@ pub(crate) fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
 /// cannot hold the device event loop, which every device of the VM shares.
 pub(crate) struct Budget {
     left: u16,
-    /// The available index as [`pop_chain`] last read it: the chains up to it
-    /// are taken without reading it again. The driver writes that index as it
-    /// adds chains, so each read is likely a cache miss on another CPU's line.
+    /// The available index as [`pop_chain`] last read it: until the chains up
+    /// to it are taken, it is not read and checked again for each one
+    /// (virtio-queue's pop reads it once more itself, right after, from the
+    /// same line).
     avail: Option<std::num::Wrapping<u16>>,
 }
 
@@ -416,14 +417,29 @@ pub(crate) fn serve_chains<'a>(
     publish: Publish,
     mut serve: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
 ) -> Result<QueueOutcome, DeviceBroken> {
-    let mut batch = UsedBatch::new(publish);
-    let outcome = serve_pass(queue, mem, &mut serve, &mut batch);
+    with_used_batch(queue, mem, publish, |queue, batch| {
+        serve_pass(queue, mem, &mut serve, batch)
+    })
+}
+
+/// Runs `pass` over `queue` with a batch of used entries published as `rule`
+/// says, and publishes what the batch still holds whatever ended the pass, an
+/// error included. The outcome's flag is `pass`'s or'ed with whether the batch
+/// gave any chain back.
+pub(crate) fn with_used_batch(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    rule: Publish,
+    pass: impl FnOnce(&mut Queue, &mut UsedBatch) -> Result<QueueOutcome, DeviceBroken>,
+) -> Result<QueueOutcome, DeviceBroken> {
+    let mut batch = UsedBatch::new(rule);
+    let outcome = pass(queue, &mut batch);
     let published = batch.publish(queue, mem);
     let outcome = outcome?;
     published?;
     Ok(match outcome {
-        QueueOutcome::Done(_) => QueueOutcome::Done(batch.any),
-        QueueOutcome::RetryAfter(wait, _) => QueueOutcome::RetryAfter(wait, batch.any),
+        QueueOutcome::Done(used) => QueueOutcome::Done(used || batch.any),
+        QueueOutcome::RetryAfter(wait, used) => QueueOutcome::RetryAfter(wait, used || batch.any),
     })
 }
 
@@ -441,16 +457,11 @@ pub(crate) struct UsedBatch {
 
 impl UsedBatch {
     /// An empty batch published as `rule` says.
-    pub(crate) fn new(rule: Publish) -> Self {
+    fn new(rule: Publish) -> Self {
         Self {
             rule,
             ..Self::default()
         }
-    }
-
-    /// Whether any chain went back to the driver through this batch.
-    pub(crate) fn any(&self) -> bool {
-        self.any
     }
 
     /// Whether entries wait to be published.

@@ -63,8 +63,8 @@ impl Bench {
 }
 
 /// Runs the test guest with `cmdline` (and `extra` options) on `files`' image,
-/// the disk with `options` (`io_engine=async`, ...); the run and the block
-/// devices' metrics at its end.
+/// the disk with `options` (`io_engine=async`, ...); the run and the VM's
+/// metrics at its end.
 pub fn run_on_disk(
     files: &Files,
     options: &str,
@@ -87,7 +87,7 @@ pub fn run_on_disk(
     let run = run(&args, TIMEOUT);
     let text = std::fs::read_to_string(&files.metrics).expect("the metrics file");
     let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    (run, m["block"].clone())
+    (run, m)
 }
 
 /// Runs `blk-bench` with `params` (and `extra` options) on a fresh image, the
@@ -95,7 +95,7 @@ pub fn run_on_disk(
 pub fn bench(name: &str, params: &str, extra: &[&str], options: &str) -> Bench {
     let files = Files::new(name);
     let cmdline = format!("test=blk-bench {params}");
-    let (run, block) = run_on_disk(&files, options, &cmdline, extra);
+    let (run, metrics) = run_on_disk(&files, options, &cmdline, extra);
     let line = run.line("TEST blk-bench ");
     assert!(line.starts_with("TEST blk-bench PASS"), "{run}");
     let figures = line
@@ -105,7 +105,7 @@ pub fn bench(name: &str, params: &str, extra: &[&str], options: &str) -> Bench {
         .collect();
     Bench {
         figures,
-        block,
+        block: metrics["block"].clone(),
         run,
     }
 }

@@ -19,9 +19,9 @@ use crate::rate_limiter::{RateLimitControl, RateLimiter};
 use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    add_used_together, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader, Budget,
-    DeviceBroken, Next, Publish, QueueOutcome, Served, UsedBatch, VirtioDevice, TYPE_NET,
-    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    add_used_together, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader,
+    with_used_batch, Budget, DeviceBroken, Next, Publish, QueueOutcome, Served, UsedBatch,
+    VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::{FieldError, NetConfig};
 
@@ -301,16 +301,8 @@ impl Net {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let mut batch = UsedBatch::new(Publish::Every8);
-        let outcome = self.receive_into(queue, mem, &mut batch);
-        let published = batch.publish(queue, mem);
-        let outcome = outcome?;
-        published?;
-        Ok(match outcome {
-            QueueOutcome::Done(used) => QueueOutcome::Done(used || batch.any()),
-            QueueOutcome::RetryAfter(wait, used) => {
-                QueueOutcome::RetryAfter(wait, used || batch.any())
-            }
+        with_used_batch(queue, mem, Publish::Every8, |queue, batch| {
+            self.receive_into(queue, mem, batch)
         })
     }
 
