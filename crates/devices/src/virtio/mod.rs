@@ -312,22 +312,46 @@ pub(crate) fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
 /// How many more chains a device may take from one queue in this call. A device
 /// stops there and asks to be called again, so a guest that keeps refilling a queue
 /// cannot hold the device event loop, which every device of the VM shares.
-pub(crate) struct Budget {
+pub(crate) struct Budget<'m> {
     left: u16,
     /// The available index as [`pop_chain`] last read it: until the chains up
     /// to it are taken, it is not read and checked again for each one
     /// (virtio-queue's pop reads it once more itself, right after, from the
     /// same line).
     avail: Option<std::num::Wrapping<u16>>,
+    /// The available ring and the descriptor table as host memory, looked up
+    /// once per pass by [`pop_single`] (`None` inside: one of them is not one
+    /// piece of it).
+    rings: Option<Option<(RingSlice<'m>, RingSlice<'m>)>>,
 }
 
-impl Budget {
+/// A ring of a queue as host memory.
+type RingSlice<'m> = vm_memory::VolatileSlice<'m, BS<'m, AtomicBitmap>>;
+
+impl<'m> Budget<'m> {
     /// One queue's worth.
     pub(crate) fn of(queue: &Queue) -> Self {
         Self {
             left: queue.size().max(1),
             avail: None,
+            rings: None,
         }
+    }
+
+    /// The available ring and the descriptor table of `queue`, when each lies
+    /// in one memory region.
+    fn rings(
+        &mut self,
+        queue: &Queue,
+        mem: &'m GuestMemoryMmap,
+    ) -> Option<(RingSlice<'m>, RingSlice<'m>)> {
+        *self.rings.get_or_insert_with(|| {
+            use vm_memory::GuestMemoryBackend;
+            let size = usize::from(queue.size());
+            let avail = mem.get_slice(GuestAddress(queue.avail_ring()), 4 + 2 * size);
+            let table = mem.get_slice(GuestAddress(queue.desc_table()), 16 * size);
+            avail.ok().zip(table.ok())
+        })
     }
 }
 
@@ -349,7 +373,7 @@ pub(crate) const YIELD: std::time::Duration = std::time::Duration::ZERO;
 pub(crate) fn pop_chain<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
-    budget: &mut Budget,
+    budget: &mut Budget<'a>,
 ) -> Result<Next<'a>, DeviceBroken> {
     let next = std::num::Wrapping(queue.next_avail());
     let known = budget.avail.map_or(0, |avail| (avail - next).0);
@@ -367,6 +391,52 @@ pub(crate) fn pop_chain<'a>(
     Ok(queue
         .pop_descriptor_chain(mem)
         .map_or(Next::Empty, Next::Chain))
+}
+
+/// A chain of one descriptor ([`pop_single`]).
+pub(crate) struct Single {
+    pub(crate) head: u16,
+    pub(crate) addr: GuestAddress,
+    pub(crate) len: u32,
+    pub(crate) write_only: bool,
+}
+
+/// The next chain the driver made available when it is one descriptor (no
+/// next, not indirect), taken from the queue and read through host views of
+/// the available ring and the descriptor table that [`Budget`] keeps for the
+/// pass: vm-memory's access per field cost as much as the tap's read on the
+/// receive path (BENCHMARKS.md, "One descriptor read once"). `None` leaves the
+/// queue as it was, the chain (if any) for [`pop_chain`]; so does an index
+/// not yet read or a budget spent.
+pub(crate) fn pop_single<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+    budget: &mut Budget<'a>,
+) -> Option<Single> {
+    let next = queue.next_avail();
+    let known = budget.avail.map_or(0, |avail| avail.0.wrapping_sub(next));
+    if known == 0 || known > queue.size() || budget.left == 0 {
+        return None;
+    }
+    let (avail, table) = budget.rings(queue, mem)?;
+    let slot = usize::from(next % queue.size());
+    let head = u16::from_le(avail.load::<u16>(4 + 2 * slot, Ordering::Acquire).ok()?);
+    if head >= queue.size() {
+        return None;
+    }
+    let desc: virtio_queue::desc::split::Descriptor =
+        table.read_obj(16 * usize::from(head)).ok()?;
+    if desc.has_next() || desc.refers_to_indirect_table() {
+        return None;
+    }
+    queue.set_next_avail(next.wrapping_add(1));
+    budget.left -= 1;
+    Some(Single {
+        head,
+        addr: desc.addr(),
+        len: desc.len(),
+        write_only: desc.is_write_only(),
+    })
 }
 
 /// What a device did with one chain handed to it by [`serve_chains`].
@@ -601,44 +671,56 @@ pub(crate) fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, De
 /// of the used index: a frame's buffers must reach the driver together (virtio
 /// 1.1, 5.1.6.4), and a driver that polls the ring takes a batch of completed
 /// requests per look. `Queue::add_used` makes each entry visible on its own,
-/// so the earlier entries are written into the used ring directly and the last
-/// through `add_used`, whose index update publishes them all.
+/// so the entries go into the used ring through one host view of it, a write
+/// per run up to the ring's end, and then the index.
 pub(crate) fn add_used_together(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     used: &[(u16, u32)],
 ) -> Result<(), DeviceBroken> {
-    let Some((&(last, last_len), earlier)) = used.split_last() else {
+    use vm_memory::GuestMemoryBackend;
+    if used.is_empty() {
         return Ok(());
-    };
-    if used.iter().any(|&(head, _)| head >= queue.size()) {
+    }
+    let size = queue.size();
+    let ring = mem
+        .get_slice(GuestAddress(queue.used_ring()), 4 + 8 * usize::from(size))
+        .ok();
+    let Some(ring) = ring.filter(|_| used.iter().all(|&(head, _)| head < size)) else {
         // `add_used` refuses a head past the queue (a hostile driver's): the
-        // entries before it go back one by one, so none of them is lost.
+        // entries before it go back one by one, so none of them is lost. A used
+        // ring across memory regions goes that way too.
         for &(head, len) in used {
             add_used(queue, mem, head, len)?;
         }
         return Ok(());
-    }
+    };
+    let broken = |e: vm_memory::VolatileMemoryError| {
+        DeviceBroken(format!("cannot write the used ring: {e}"))
+    };
     let start = queue.next_used();
     let mut done = 0;
-    while done < earlier.len() {
+    while done < used.len() {
         // Consecutive elements up to the ring's end, USED_BATCH at most, in one write.
-        let slot = start.wrapping_add(done as u16) % queue.size();
-        let n = (earlier.len() - done)
-            .min(usize::from(queue.size() - slot))
+        let slot = start.wrapping_add(done as u16) % size;
+        let n = (used.len() - done)
+            .min(usize::from(size - slot))
             .min(USED_BATCH);
         let mut bytes = [0u8; 8 * USED_BATCH];
-        for (element, &(head, len)) in bytes.chunks_exact_mut(8).zip(&earlier[done..done + n]) {
+        for (element, &(head, len)) in bytes.chunks_exact_mut(8).zip(&used[done..done + n]) {
             element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
             element[4..].copy_from_slice(&len.to_le_bytes());
         }
-        let at = queue.used_ring() + 4 + 8 * u64::from(slot);
-        mem.write_slice(&bytes[..8 * n], GuestAddress(at))
-            .map_err(|e| DeviceBroken(format!("cannot write the used ring: {e}")))?;
+        ring.write_slice(&bytes[..8 * n], 4 + 8 * usize::from(slot))
+            .map_err(broken)?;
         done += n;
     }
-    queue.set_next_used(start.wrapping_add(earlier.len() as u16));
-    add_used(queue, mem, last, last_len)
+    let end = start.wrapping_add(used.len() as u16);
+    // Release: the entries are visible before the index that publishes them.
+    ring.store(end.to_le(), 2, Ordering::Release)
+        .map_err(broken)?;
+    queue.set_next_used(end);
+    Ok(())
 }
 
 /// Returns the chain at `head` to the driver, `len` bytes written into it.
@@ -688,7 +770,7 @@ mod tests {
         let mut queue: Queue = mock.create_queue().unwrap();
         let mut budget = Budget {
             left: 2,
-            avail: None,
+            ..Budget::of(&queue)
         };
         assert!(matches!(
             pop_chain(&mut queue, &mem, &mut budget),
@@ -740,8 +822,14 @@ mod tests {
         let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 4);
         let mut queue: Queue = mock.create_queue().unwrap();
         queue.set_next_used(3);
-        add_used_together(&mut queue, &mem, &[(1, 10), (2, 20), (3, 30)]).unwrap();
         let used = queue.used_ring();
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let region = mem.find_region(GuestAddress(used)).unwrap();
+        vm_memory::MmapRegion::bitmap(region).reset();
+        add_used_together(&mut queue, &mem, &[(1, 10), (2, 20), (3, 30)]).unwrap();
+        // Marked written for a snapshot or a migration to copy.
+        assert!(region.bitmap().dirty_at(used as usize));
         let element = |slot: u64| {
             let at = used + 4 + 8 * slot;
             (
@@ -755,5 +843,62 @@ mod tests {
         );
         assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 6);
         assert_eq!(queue.next_used(), 6);
+    }
+
+    /// A chain of one descriptor is taken by `pop_single` as `pop_chain` takes
+    /// it; a longer or an indirect chain, a head past the queue, or an index
+    /// not read yet is left where it is, for `pop_chain`.
+    #[test]
+    fn pop_single_takes_one_descriptor_chains_and_leaves_the_rest() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
+        let (next, write, indirect) = (1, 2, 4);
+        let desc = |i: u64, flags, next| {
+            RawDescriptor::from(SplitDescriptor::new(
+                0x20000 + 0x100 * i,
+                0x100,
+                flags,
+                next,
+            ))
+        };
+        // Chains {0}, {1, 2}, {3}, {4: indirect}, then a head past the queue.
+        mock.add_desc_chains(
+            &[
+                desc(0, write, 0),
+                desc(1, write | next, 2),
+                desc(2, write, 0),
+                desc(3, write, 0),
+                desc(4, indirect, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let avail = mock.avail_addr().0;
+        mem.write_obj(99u16.to_le(), GuestAddress(avail + 4 + 2 * 4))
+            .unwrap();
+        mem.write_obj(5u16.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut budget = Budget::of(&queue);
+        let chain_head = |next: Result<Next, DeviceBroken>| match next {
+            Ok(Next::Chain(chain)) => chain.head_index(),
+            _ => panic!("expected a chain"),
+        };
+
+        assert!(pop_single(&mut queue, &mem, &mut budget).is_none());
+        assert_eq!(chain_head(pop_chain(&mut queue, &mem, &mut budget)), 0);
+        assert!(pop_single(&mut queue, &mem, &mut budget).is_none());
+        assert_eq!(queue.next_avail(), 1);
+        assert_eq!(chain_head(pop_chain(&mut queue, &mem, &mut budget)), 1);
+        let single = pop_single(&mut queue, &mem, &mut budget).unwrap();
+        assert_eq!(
+            (single.head, single.addr, single.len, single.write_only),
+            (3, GuestAddress(0x20300), 0x100, true)
+        );
+        assert_eq!(queue.next_avail(), 3);
+        assert!(pop_single(&mut queue, &mem, &mut budget).is_none());
+        assert_eq!(chain_head(pop_chain(&mut queue, &mem, &mut budget)), 4);
+        assert!(pop_single(&mut queue, &mem, &mut budget).is_none());
+        assert_eq!(queue.next_avail(), 4);
     }
 }

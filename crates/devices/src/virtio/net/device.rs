@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vigil_metrics::{DeviceCounters, DeviceKind};
 
 use crate::GuestMemoryMmap;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
@@ -19,7 +19,7 @@ use crate::rate_limiter::{RateLimitControl, RateLimiter};
 use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    add_used_together, copy_config, pop_chain, rearm, serve_chains, whole_chain_reader,
+    add_used_together, copy_config, pop_chain, pop_single, rearm, serve_chains, whole_chain_reader,
     with_used_batch, Budget, DeviceBroken, Next, Publish, QueueOutcome, Served, UsedBatch,
     VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
@@ -201,22 +201,14 @@ impl Net {
         self.metrics.errors.inc();
     }
 
-    /// Reads the next frame from the tap into `chain`'s buffers, its header
-    /// set in place, when it fits there and the limiter lets it pass now (no
-    /// copy); otherwise into `rx_buf` (`rx_len`), where `receive` takes it as
-    /// it takes any frame. The tap reads into guest memory first and `rx_buf`
-    /// after it, so a frame longer than the chain is never cut short.
-    fn read_direct(
-        &mut self,
-        chain: &DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Direct {
-        self.rx_segments.clear();
-        let mut room = 0;
-        for d in chain.clone().filter(|d| d.is_write_only()) {
-            self.rx_segments.push((d.addr(), d.len() as usize));
-            room += d.len() as usize;
-        }
+    /// Reads the next frame from the tap into the buffers of `rx_segments`
+    /// (a chain's writable ones), its header set in place, when it fits there
+    /// and the limiter lets it pass now (no copy); otherwise into `rx_buf`
+    /// (`rx_len`), where `receive` takes it as it takes any frame. The tap
+    /// reads into guest memory first and `rx_buf` after it, so a frame longer
+    /// than the chain is never cut short.
+    fn read_direct(&mut self, mem: &GuestMemoryMmap) -> Direct {
+        let room = self.rx_segments.iter().map(|&(_, len)| len).sum::<usize>();
         let direct = room >= MIN_BUFFER
             && self.rx_segments.len() <= MAX_RX_SEGMENTS
             && self.rx_segments[0].1 >= VNET_HDR_LEN
@@ -239,9 +231,12 @@ impl Net {
         }
         let iovecs = &self.rx_iovecs.0;
         // SAFETY: each iovec is inside guest memory (mapped while `mem` is
-        // borrowed) or `rx_buf`, as long as it says; the kernel writes at most that.
+        // borrowed) or `rx_buf`, as long as it says; the kernel writes at most
+        // that. The system call itself, not libc's readv: that is a thread
+        // cancellation point, two locked instructions around every frame.
         let n = unsafe {
-            libc::readv(
+            libc::syscall(
+                libc::SYS_readv,
                 self.tap.as_raw_fd(),
                 iovecs.as_ptr(),
                 iovecs.len() as libc::c_int,
@@ -327,6 +322,23 @@ impl Net {
                     self.rx_len = len;
                 }
             }
+            // A buffer of one descriptor (what drivers post) is read into
+            // without building a chain; a frame that goes to `rx_buf` instead
+            // is delivered by the chain path below, which takes it again.
+            if self.rx_len == 0 {
+                if let Some(single) = pop_single(queue, mem, &mut budget) {
+                    if single.write_only {
+                        self.rx_segments.clear();
+                        self.rx_segments.push((single.addr, single.len as usize));
+                        match self.receive_direct(queue, mem, batch, single.head, used)? {
+                            Step::Next => continue,
+                            Step::Return(outcome) => return Ok(outcome),
+                            Step::Deliver => {}
+                        }
+                    }
+                    queue.go_to_previous_position();
+                }
+            }
             let chain = match pop_chain(queue, mem, &mut budget)? {
                 Next::Chain(chain) => chain,
                 // What was received reaches the driver before the device looks
@@ -346,46 +358,18 @@ impl Net {
                 Next::Later => return Ok(QueueOutcome::Done(used)),
             };
             if self.rx_len == 0 {
-                match self.read_direct(&chain, mem) {
-                    Direct::InPlace(len) => {
-                        batch.push(queue, mem, chain.head_index(), len)?;
-                        continue;
-                    }
-                    Direct::Buffered if self.rx_len < MIN_BUFFER => {
-                        tracing::debug!(n = self.rx_len, "runt frame from the tap; dropped");
-                        self.count_error();
-                        self.rx_len = 0;
-                        queue.go_to_previous_position();
-                        continue;
-                    }
+                self.rx_segments.clear();
+                self.rx_segments.extend(
+                    chain
+                        .clone()
+                        .filter(|d| d.is_write_only())
+                        .map(|d| (d.addr(), d.len() as usize)),
+                );
+                match self.receive_direct(queue, mem, batch, chain.head_index(), used)? {
+                    Step::Next => continue,
+                    Step::Return(outcome) => return Ok(outcome),
                     // Delivered from `rx_buf` below, into this chain or more.
-                    Direct::Buffered => {}
-                    Direct::Throttled(wait) => {
-                        self.metrics.throttled.inc();
-                        queue.go_to_previous_position();
-                        self.rx_blocked = true;
-                        return Ok(QueueOutcome::RetryAfter(wait, used));
-                    }
-                    Direct::Failed(e) => {
-                        queue.go_to_previous_position();
-                        match e {
-                            Some(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                return Ok(QueueOutcome::Done(used))
-                            }
-                            Some(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            // End of file: the backend is gone (a tap never says
-                            // so; a socket or a handed-over fd can). Stop watching
-                            // it, or it would wake the event loop for ever; the
-                            // guest adding buffers tries again. An fd in error
-                            // stays "readable" as well.
-                            None => {
-                                tracing::warn!(tap = self.tap.name(), "the network backend closed")
-                            }
-                            Some(e) => tracing::warn!("cannot read from the tap: {e}"),
-                        }
-                        self.rx_blocked = true;
-                        return Ok(QueueOutcome::Done(used));
-                    }
+                    Step::Deliver => {}
                 }
             }
             let head = chain.head_index();
@@ -455,6 +439,60 @@ impl Net {
         }
     }
 
+    /// Reads the next frame into the buffer at `head` (its writable segments in
+    /// `rx_segments`, taken from the queue) with [`Self::read_direct`], and
+    /// says what the pass does next; the buffer goes back to the queue unless
+    /// the frame is in it.
+    fn receive_direct(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        batch: &mut UsedBatch,
+        head: u16,
+        used: bool,
+    ) -> Result<Step, DeviceBroken> {
+        let step = match self.read_direct(mem) {
+            Direct::InPlace(len) => {
+                batch.push(queue, mem, head, len)?;
+                return Ok(Step::Next);
+            }
+            Direct::Buffered if self.rx_len < MIN_BUFFER => {
+                tracing::debug!(n = self.rx_len, "runt frame from the tap; dropped");
+                self.count_error();
+                self.rx_len = 0;
+                Step::Next
+            }
+            Direct::Buffered => return Ok(Step::Deliver),
+            Direct::Throttled(wait) => {
+                self.metrics.throttled.inc();
+                self.rx_blocked = true;
+                Step::Return(QueueOutcome::RetryAfter(wait, used))
+            }
+            Direct::Failed(e) => match e {
+                Some(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    Step::Return(QueueOutcome::Done(used))
+                }
+                Some(e) if e.kind() == std::io::ErrorKind::Interrupted => Step::Next,
+                // End of file: the backend is gone (a tap never says so; a
+                // socket or a handed-over fd can). Stop watching it, or it
+                // would wake the event loop for ever; the guest adding buffers
+                // tries again. An fd in error stays "readable" as well.
+                e => {
+                    match e {
+                        None => {
+                            tracing::warn!(tap = self.tap.name(), "the network backend closed")
+                        }
+                        Some(e) => tracing::warn!("cannot read from the tap: {e}"),
+                    }
+                    self.rx_blocked = true;
+                    Step::Return(QueueOutcome::Done(used))
+                }
+            },
+        };
+        queue.go_to_previous_position();
+        Ok(step)
+    }
+
     /// Delivers the frame in `rx_buf` over `first` and as many more buffers as
     /// it takes (`VIRTIO_NET_F_MRG_RXBUF`), published to the driver at once.
     fn receive_merged<'m>(
@@ -462,7 +500,7 @@ impl Net {
         queue: &mut Queue,
         mem: &'m GuestMemoryMmap,
         first: (u16, GuestWriter<'m>),
-        budget: &mut Budget,
+        budget: &mut Budget<'m>,
     ) -> Result<Merged, DeviceBroken> {
         let len = self.rx_len;
         let mut room = first.1.available_bytes();
@@ -721,6 +759,16 @@ enum Direct {
     Throttled(std::time::Duration),
     /// Nothing read: end of file (`None`) or the error.
     Failed(Option<std::io::Error>),
+}
+
+/// What the receive pass does after [`Net::receive_direct`].
+enum Step {
+    /// Take the next buffer.
+    Next,
+    /// End the pass so.
+    Return(QueueOutcome),
+    /// Deliver the frame in `rx_buf` through the chain path.
+    Deliver,
 }
 
 /// What [`Net::receive_merged`] did with the frame.
