@@ -1373,8 +1373,8 @@ pub fn virtio_evil(machine: &Machine, detail: &mut Line) -> bool {
     })
 }
 
-/// The most requests per direction in `blk-bench` (fewer for large requests:
-/// [`BENCH_BYTES`] at most).
+/// Requests per direction in `blk-bench` unless `blk_requests=` says (fewer
+/// for large requests: [`BENCH_BYTES`] at most).
 const BENCH_REQUESTS: u64 = 4000;
 /// The most bytes per direction in `blk-bench`.
 const BENCH_BYTES: u64 = 256 << 20;
@@ -1414,6 +1414,9 @@ struct BenchParams {
     /// `blk_event_idx=0` leaves `VIRTIO_RING_F_EVENT_IDX` unnegotiated even when
     /// offered (default: negotiated when offered).
     event_idx: bool,
+    /// Requests per direction (`blk_requests=`, 1 to 10,000,000: a run long
+    /// enough to profile; default [`BENCH_REQUESTS`], within [`BENCH_BYTES`]).
+    requests: u64,
     /// Request queues (`blk_queues=`, 1 to [`MQ_MAX_QUEUES`], default 1): more
     /// than one negotiates `VIRTIO_BLK_F_MQ` when offered; request slot `s`
     /// goes on queue `s % queues`.
@@ -1458,6 +1461,11 @@ impl BenchParams {
         }
         let event_idx = number("blk_event_idx", 0, 1, 1, detail)? == 1;
         let queues = number("blk_queues", 1, MQ_MAX_QUEUES as u64, 1, detail)? as usize;
+        let requests = number("blk_requests", 1, 10_000_000, 0, detail)?;
+        let requests = match requests {
+            0 => BENCH_REQUESTS.min(BENCH_BYTES / (bs_kib << 10)),
+            n => n,
+        };
         let random = match info.param(b"blk_pattern") {
             None | Some(b"seq") => false,
             Some(b"rand") => true,
@@ -1483,6 +1491,7 @@ impl BenchParams {
             bs: (bs_kib * 1024) as u32,
             random,
             event_idx,
+            requests,
             queues,
             buffers: crate::mobility::DIRTY_BASE,
             buffer_bytes,
@@ -1792,7 +1801,7 @@ fn blk_bench_body(
         detail.str("disk smaller than one request");
         return Err(());
     }
-    let total = BENCH_REQUESTS.min(BENCH_BYTES / u64::from(params.bs));
+    let total = params.requests;
     let (mut deepest, mut reordered) = (0, 0);
     for (kind, name) in [(BLK_T_IN, "read"), (BLK_T_OUT, "write")] {
         let run = match bench_direction(queues, n, size, clock, params, kind, total, span) {

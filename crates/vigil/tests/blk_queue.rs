@@ -27,17 +27,19 @@ fn assert_deep_queue_batches(b: &Bench) {
     );
 }
 
-/// Both engines.
+/// Both engines; `blk_requests=` sets how many requests go each way.
 #[test]
 fn at_queue_depth_32_with_event_idx_interrupts_come_per_batch() {
     for engine in ["sync", "async"] {
         let b = bench(
             &format!("qd32-{engine}"),
-            "blk_qd=32",
+            "blk_qd=32 blk_requests=6000",
             &[],
             &format!("io_engine={engine}"),
         );
         assert_deep_queue_batches(&b);
+        assert_eq!(b.figure("requests"), 6000);
+        assert_eq!(b.metric("read_bytes"), 6000 * 4096, "{}", b.block);
     }
 }
 
@@ -118,6 +120,7 @@ fn bench_parameters_out_of_range_are_named() {
     for (params, expected) in [
         ("blk_qd=0", "blk_qd=0: expected 1 to 128"),
         ("blk_bs_kib=6", "blk_bs_kib=6: expected a multiple of 4"),
+        ("blk_requests=0", "blk_requests=0: expected 1 to 10000000"),
         (
             "blk_pattern=zigzag",
             "blk_pattern=zigzag: expected seq or rand",
