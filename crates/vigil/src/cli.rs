@@ -470,7 +470,8 @@ pub struct RunArgs {
     /// mac=XX:XX:XX:XX:XX:XX (default 02:76:69:67:00:NN, NN the interface's index),
     /// and rate limits per direction (rx: to the guest, tx: from it): rx_bw,
     /// rx_bw_burst, rx_ops, rx_ops_burst, tx_bw, tx_bw_burst, tx_ops, tx_ops_burst.
-    /// No offloads. Example: --net tap=vm0,mac=02:00:00:00:00:01,tx_bw=10M
+    /// Checksum and segmentation offloads go to the tap as the guest's driver
+    /// accepts them. Example: --net tap=vm0,mac=02:00:00:00:00:01,tx_bw=10M
     #[arg(long, value_name = "tap=NAME[,mac=..][,rx_bw=..]", value_parser = crate::devices_cli::parse_net)]
     pub net: Vec<NetConfig>,
 
