@@ -80,9 +80,11 @@ enum Device {
         queues: u8,
     },
     Rng,
-    /// On a socket pair (no root), whose host end may be closed.
+    /// On socket pairs (no root), whose host ends may be closed; two queue
+    /// pairs and a control queue when `pairs` is odd.
     Net {
         host_closed: bool,
+        pairs: u8,
     },
     Vsock,
     /// Statistics and free page reporting on: four queues.
@@ -156,10 +158,11 @@ fuzz_target!(|input: Input| {
             )
         }
         Device::Rng => Box::new(Rng::new(Default::default())),
-        Device::Net { host_closed } => {
-            let (tap, host) = Tap::pair().unwrap();
+        Device::Net { host_closed, pairs } => {
+            let pairs = usize::from(pairs % 2) + 1;
+            let (taps, hosts): (Vec<_>, Vec<_>) = (0..pairs).map(|_| Tap::pair().unwrap()).unzip();
             if !host_closed {
-                _host_end = Some(host);
+                _host_end = Some(hosts);
             }
             let config = NetConfig {
                 id: None,
@@ -168,8 +171,9 @@ fuzz_target!(|input: Input| {
                 rx_rate_limit: Default::default(),
                 tx_rate_limit: Default::default(),
                 mmds: None,
+                queue_pairs: pairs as u16,
             };
-            Box::new(Net::with_tap(tap, &config))
+            Box::new(Net::with_taps(taps, &config))
         }
         Device::Vsock => {
             let uds = scratch_dir().join("v.sock");

@@ -105,6 +105,7 @@ fuzz_target!(|input: Input| {
         rx_rate_limit: RateLimit::default(),
         tx_rate_limit,
         mmds: None,
+        queue_pairs: 1,
     };
     let mut dev = Net::with_tap(tap, &config);
 
@@ -141,17 +142,15 @@ fuzz_target!(|input: Input| {
         for frame in sent.iter().take(8) {
             send(&host_end, frame);
         }
-        let host_fd = host_end.as_raw_fd();
         let host_end = (!input.host_closes).then_some(host_end);
         let mut rx = rx_input.install_at(&mem, RINGS_2);
         run(&mut dev, RX, &mut rx, &mem, rx_input, false);
-        // The event loop would call again when the tap is readable.
-        let _ = dev.process_fd(
-            host_fd,
-            vmm_sys_util::epoll::EventSet::IN,
-            &mut [rx, tx],
-            &mem,
-        );
+        // The event loop would call again when the tap is readable, on the fds
+        // the device watches.
+        let mut queues = [rx, tx];
+        for (fd, events) in dev.watched_fds() {
+            let _ = dev.process_fd(fd, events, &mut queues, &mem);
+        }
         let _ = dev.watched_fds();
         drop(host_end);
     }

@@ -850,3 +850,152 @@ fn csum_run(dev: Dev, clock: Clock, guest_csum: bool, detail: &mut Line) -> Resu
         return if valid { Ok(()) } else { Err(()) };
     }
 }
+
+const NET_F_CTRL_VQ: u64 = 1 << 17;
+const NET_F_MQ: u64 = 1 << 22;
+/// `net-mq`'s frames to the host (one per transmit queue, the queue's digit
+/// last) and the payload the host's frames carry after their UDP header.
+const MQ_TO_HOST: &[u8] = b"vigil-net-mq-tx";
+const MQ_FROM_HOST: &[u8] = b"vigil-net-mq-host";
+/// Bytes of Ethernet, IPv4 and UDP headers before that payload.
+const MQ_PAYLOAD_AT: u64 = 14 + 20 + 8;
+/// Receive buffers posted on each pair, 2 KiB each; then the transmit frames
+/// and the control command and its status byte.
+const MQ_RX_BUFFERS: u16 = 3;
+const MQ_TX_BUF: u64 = MQ_BUF + 2 * MQ_RX_BUFFERS as u64 * RX_LEN;
+const MQ_CTRL_BUF: u64 = MQ_TX_BUF + 2 * 128;
+const _: () = assert!(MQ_CTRL_BUF + 16 <= MQ_BUF + MQ_BUF_LEN);
+
+/// `net-mq`: two receive/transmit queue pairs (`VIRTIO_NET_F_MQ`, with the
+/// control queue): reads `max_virtqueue_pairs`, asks for two pairs with
+/// `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` (after checking that three more than the
+/// device has are refused), sends a frame on each transmit queue, then counts
+/// the host's frames (other traffic skipped) on each receive queue until both
+/// have had one (5 s at most): the host spreads its frames over the tap's
+/// queues by flow.
+pub fn net_mq(machine: &Machine, detail: &mut Line) -> bool {
+    virtio::with_device(
+        machine,
+        detail,
+        ID_NET,
+        "no virtio-net device",
+        mq_run,
+    )
+}
+
+fn mq_run(dev: Dev, clock: Clock, detail: &mut Line) -> Result<(), ()> {
+    let fail = |detail: &mut Line, what: &str| {
+        detail.str(what);
+        Err(())
+    };
+    let wanted = NET_F_MAC | NET_F_CTRL_VQ | NET_F_MQ;
+    let features = match virtio::negotiate(dev, clock, wanted) {
+        Ok(f) if f & wanted == wanted => f,
+        Ok(_) => return fail(detail, "no VIRTIO_NET_F_MQ"),
+        Err(e) => return fail(detail, e),
+    };
+    let max = u16::from_le_bytes([dev.config_u8(8), dev.config_u8(9)]);
+    if max < 2 {
+        detail.str("max_virtqueue_pairs=").dec(u64::from(max));
+        return fail(detail, ": expected 2 or more");
+    }
+    let mac: [u8; 6] = core::array::from_fn(|i| dev.config_u8(i as u64));
+    let set_up = || -> Result<[Queue; 5], &'static str> {
+        let rx0 = virtio::setup_queue(dev, clock, 0, features)?;
+        let tx0 = virtio::setup_queue(dev, clock, 1, features)?;
+        let rx1 = virtio::setup_queue(dev, clock, 2, features)?;
+        let tx1 = virtio::setup_queue(dev, clock, 3, features)?;
+        // The control queue comes after every pair the device has.
+        let ring = dma(virtio::RINGS_SECOND);
+        let ctrl = virtio::setup_queue_at(dev, clock, 2 * max, features, ring, 16)?;
+        virtio::driver_ok(dev)?;
+        Ok([rx0, tx0, rx1, tx1, ctrl])
+    };
+    let [mut rx0, mut tx0, mut rx1, mut tx1, mut ctrl] = match set_up() {
+        Ok(queues) => queues,
+        Err(e) => return fail(detail, e),
+    };
+    let buf = |pair: u16, id: u16| dma(MQ_BUF) + (u64::from(pair * MQ_RX_BUFFERS + id)) * RX_LEN;
+    for (pair, rx) in [(0, &mut rx0), (1, &mut rx1)] {
+        for id in 0..MQ_RX_BUFFERS {
+            rx.desc(id, buf(pair, id), RX_LEN as u32, WRITE, 0);
+            rx.push_avail(id);
+        }
+        rx.notify();
+    }
+
+    // VQ_PAIRS_SET: more pairs than the device has are refused, two taken.
+    let command = dma(MQ_CTRL_BUF);
+    let mut set_pairs = |n: u16| -> Result<u8, &'static str> {
+        wr(command, [4u8, 0]);
+        wr(command + 2, n.to_le_bytes());
+        wr(command + 8, 0xeeu8);
+        ctrl.desc(0, command, 4, NEXT, 1);
+        ctrl.desc(1, command + 8, 1, WRITE, 0);
+        ctrl.push_avail(0);
+        ctrl.notify();
+        ctrl.wait_used(2000)?;
+        Ok(rd::<u8>(command + 8))
+    };
+    match set_pairs(max + 3) {
+        Ok(1) => {}
+        Ok(_) => return fail(detail, "VQ_PAIRS_SET past max_virtqueue_pairs: not refused"),
+        Err(e) => return fail(detail, e),
+    }
+    match set_pairs(2) {
+        Ok(0) => {}
+        Ok(_) => return fail(detail, "VQ_PAIRS_SET 2: refused"),
+        Err(e) => return fail(detail, e),
+    }
+
+    for (pair, tx) in [(0u8, &mut tx0), (1, &mut tx1)] {
+        let frame = dma(MQ_TX_BUF) + u64::from(pair) * 128;
+        zero(frame, 128);
+        for i in 0..6 {
+            wr(frame + HDR + i, 0xffu8);
+            wr(frame + HDR + 6 + i, mac[i as usize]);
+        }
+        wr(frame + HDR + 12, ETHERTYPE.to_be_bytes());
+        for (i, &b) in MQ_TO_HOST.iter().chain(&[b'0' + pair]).enumerate() {
+            wr(frame + HDR + 14 + i as u64, b);
+        }
+        tx.desc(0, frame, TX_LEN as u32, 0, 0);
+        tx.push_avail(0);
+        tx.notify();
+        if let Err(e) = tx.wait_used(2000) {
+            detail.str("send on pair ").dec(u64::from(pair)).str(": ");
+            return fail(detail, e);
+        }
+    }
+
+    let mut counts = [0u64; 2];
+    let start = rdtsc();
+    while counts.contains(&0) {
+        if rdtsc() - start > clock.ms(5000) {
+            detail.str("receive: rx0=").dec(counts[0]).str(" rx1=").dec(counts[1]);
+            return fail(detail, " (a queue had none)");
+        }
+        for (pair, rx) in [(0u16, &mut rx0), (1, &mut rx1)] {
+            while let Some((id, len)) = rx.take_used() {
+                if id >= MQ_RX_BUFFERS || u64::from(len) > RX_LEN {
+                    detail.str("receive: used id ").dec(u64::from(id));
+                    return fail(detail, " out of range");
+                }
+                let at = buf(pair, id) + HDR + MQ_PAYLOAD_AT;
+                let ours = u64::from(len) >= HDR + MQ_PAYLOAD_AT + MQ_FROM_HOST.len() as u64
+                    && MQ_FROM_HOST
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &b)| rd::<u8>(at + i as u64) == b);
+                if ours {
+                    counts[usize::from(pair)] += 1;
+                }
+                rx.push_avail(id);
+                rx.notify();
+            }
+        }
+    }
+    // Both receive queues had the host's frames (how many each varies).
+    detail.str("pairs=2 tx=2 rx_queues=2");
+    Ok(())
+}

@@ -38,6 +38,7 @@ pub fn run(name: &[u8], machine: &Machine, detail: &mut Line) -> bool {
         b"net-bench" => net::net_bench(machine, detail),
         b"net-evil" => net::net_evil(machine, detail),
         b"net-csum" => net::net_csum(machine, detail),
+        b"net-mq" => net::net_mq(machine, detail),
         b"mmds" => crate::mmds::mmds(machine, detail),
         b"vsock" => vsock::vsock(machine, detail),
         b"vsock-listen" => vsock::vsock_listen(machine, detail),

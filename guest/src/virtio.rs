@@ -102,7 +102,7 @@ pub(crate) const MQ_BUF: u64 = 0xc000;
 pub(crate) const MQ_BUF_LEN: u64 = 0x4000;
 /// Rings of queue 0 of a second device (three pages): the `mobility` scenario's
 /// disk, beside a vsock device whose queue 0 has the first rings.
-const RINGS_SECOND: u64 = 0x10000;
+pub(crate) const RINGS_SECOND: u64 = 0x10000;
 
 global_asm!(
     r#"

@@ -33,8 +33,14 @@ fn net_limited(rx_rate_limit: RateLimit) -> (Net, OwnedFd) {
         rx_rate_limit,
         tx_rate_limit: Default::default(),
         mmds: None,
+        queue_pairs: 1,
     };
     (Net::with_tap(tap, &config), host)
+}
+
+/// The fd the device watches for frames (the event loop calls it with that).
+fn tap_fd(dev: &mut Net) -> std::os::fd::RawFd {
+    dev.watched_fds()[0].0
 }
 
 /// The frames the host end has received.
@@ -169,7 +175,8 @@ fn received_frames_fill_a_buffer_after_a_fresh_header() {
     // Too small a buffer first: given back empty, the frame kept for the next.
     d.add(&[(RX_BUF, 20, F_WRITE)]);
     d.add(&[(RX_BUF + 0x1000, 2048, F_WRITE)]);
-    let r = dev.process_fd(host.as_raw_fd(), EventSet::IN, &mut queues, &mem);
+    let fd = tap_fd(&mut dev);
+    let r = dev.process_fd(fd, EventSet::IN, &mut queues, &mem);
     assert_eq!(r, Ok(QueueOutcome::Done(true)));
     assert_eq!(d.used_idx(), 2);
     assert_eq!(d.used(0).1, 0);
@@ -230,7 +237,8 @@ fn a_large_frame_spans_mergeable_buffers_published_together() {
     for i in 0..2 {
         d.add(&[(RX_BUF + i * 0x1000, 512, F_WRITE)]);
     }
-    let r = dev.process_fd(host.as_raw_fd(), EventSet::IN, &mut queues, &mem);
+    let fd = tap_fd(&mut dev);
+    let r = dev.process_fd(fd, EventSet::IN, &mut queues, &mem);
     assert_eq!(r, Ok(QueueOutcome::Done(false)));
     assert_eq!(d.used_idx(), 0, "two buffers cannot hold it: none taken");
     assert!(
@@ -324,7 +332,8 @@ fn an_unusable_buffer_among_mergeable_ones_drops_the_frame_only() {
     d.add(&[(RX_BUF, 512, F_WRITE)]);
     d.add(&[(RX_BUF + 0x1000, 512, 0)]); // device-readable: nothing to write into
     d.add(&[(RX_BUF + 0x2000, 2048, F_WRITE)]);
-    let r = dev.process_fd(host.as_raw_fd(), EventSet::IN, &mut queues, &mem);
+    let fd = tap_fd(&mut dev);
+    let r = dev.process_fd(fd, EventSet::IN, &mut queues, &mem);
     assert_eq!(r, Ok(QueueOutcome::Done(true)));
     assert_eq!(d.used_idx(), 3);
     assert_eq!(
@@ -361,7 +370,8 @@ fn received_frames_land_whole_in_chains_of_several_buffers() {
     ]);
     // Room for 200 bytes: the 1526-byte frame is dropped, the next one fits.
     d.add(&[(RX_BUF + 0x4000, 200, F_WRITE)]);
-    let r = dev.process_fd(host.as_raw_fd(), EventSet::IN, &mut queues, &mem);
+    let fd = tap_fd(&mut dev);
+    let r = dev.process_fd(fd, EventSet::IN, &mut queues, &mem);
     assert_eq!(r, Ok(QueueOutcome::Done(true)));
     assert_eq!(d.used_idx(), 3);
     let len = a.len() as u32;
@@ -402,7 +412,8 @@ fn a_throttled_frame_waits_and_then_arrives_whole() {
     send(&host, &b);
     d.add(&[(RX_BUF, 2048, F_WRITE)]);
     d.add(&[(RX_BUF + 0x1000, 2048, F_WRITE)]);
-    let r = dev.process_fd(host.as_raw_fd(), EventSet::IN, &mut queues, &mem);
+    let fd = tap_fd(&mut dev);
+    let r = dev.process_fd(fd, EventSet::IN, &mut queues, &mem);
     let Ok(QueueOutcome::RetryAfter(wait, true)) = r else {
         panic!("{r:?}");
     };
@@ -420,4 +431,103 @@ fn a_throttled_frame_waits_and_then_arrives_whole() {
     let got = d.read(RX_BUF + 0x1000, b.len());
     assert_eq!(got[VNET_HDR_LEN..], b[VNET_HDR_LEN..]);
     assert_eq!(dev.counters().rx_frames, 2);
+}
+
+/// `queue_pairs`: a device of two pairs on two backends (a tap's two queues),
+/// with a control queue. The driver uses the first pair until
+/// `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` says two; then frames go out on the second
+/// pair's backend and come in from it into the second receive queue. A count
+/// out of range, or a command the device does not know, is answered with an
+/// error and changes nothing.
+#[test]
+fn two_queue_pairs_are_chosen_through_the_control_queue() {
+    const F_CTRL_VQ: u64 = 1 << 17;
+    const F_MQ: u64 = 1 << 22;
+    let mem = memory(1 << 20);
+    let (tap0, host0) = Tap::pair().unwrap();
+    let (tap1, host1) = Tap::pair().unwrap();
+    let config = NetConfig {
+        queue_pairs: 2,
+        ..NetConfig::new("", 0)
+    };
+    let mut dev = Net::with_taps(vec![tap0, tap1], &config);
+    assert_eq!(dev.queue_max_sizes().len(), 5, "rx0 tx0 rx1 tx1 control");
+    assert_eq!(dev.features() & (F_CTRL_VQ | F_MQ), F_CTRL_VQ | F_MQ);
+    let mut pairs = [0u8; 2];
+    dev.read_config(8, &mut pairs);
+    assert_eq!(u16::from_le_bytes(pairs), 2, "max_virtqueue_pairs");
+    assert_eq!(dev.watched_fds().len(), 1, "the first pair alone at first");
+
+    let mut ctrl = Driver::at(&mem, 0x10000, QSIZE);
+    let mut ctrl_q = ctrl.queue();
+    let command = 0x30000;
+    let mut set_pairs = |dev: &mut Net, class: u8, n: u16| -> u8 {
+        ctrl.write(command, &[class, 0]);
+        ctrl.write(command + 2, &n.to_le_bytes());
+        ctrl.write(command + 8, &[0xee]);
+        let before = ctrl.used_idx();
+        ctrl.add(&[
+            (command, 2, 0),
+            (command + 2, 2, 0),
+            (command + 8, 1, F_WRITE),
+        ]);
+        assert_eq!(
+            dev.process_queue(4, &mut ctrl_q, &mem),
+            Ok(QueueOutcome::Done(true))
+        );
+        assert_eq!(ctrl.used(before).1, 1, "the status byte written");
+        ctrl.read(command + 8, 1)[0]
+    };
+    assert_eq!(set_pairs(&mut dev, 4, 3), 1, "three pairs of two: refused");
+    assert_eq!(set_pairs(&mut dev, 4, 0), 1, "no pair: refused");
+    assert_eq!(set_pairs(&mut dev, 9, 2), 1, "an unknown class: refused");
+    assert_eq!(dev.watched_fds().len(), 1);
+    assert_eq!(set_pairs(&mut dev, 4, 2), 0, "two pairs");
+    let watched = dev.watched_fds();
+    assert_eq!(watched.len(), 2);
+
+    // A frame sent on the second transmit queue (index 3) leaves through the
+    // second backend.
+    let mut tx1 = Driver::at(&mem, 0x20000, QSIZE);
+    let mut tx1_q = tx1.queue();
+    let f = frame(5);
+    tx1.write(FRAME, &f);
+    tx1.add(&[(FRAME, f.len() as u32, 0)]);
+    assert_eq!(
+        dev.process_queue(3, &mut tx1_q, &mem),
+        Ok(QueueOutcome::Done(true))
+    );
+    assert!(frames(&host0).is_empty());
+    let sent = frames(&host1);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0][VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
+
+    // A frame from the second backend lands in the second receive queue (index 2).
+    let rx0 = Driver::at(&mem, 0x50000, QSIZE);
+    let mut rx1 = Driver::at(&mem, 0x70000, QSIZE);
+    rx1.add(&[(RX_BUF, 2048, F_WRITE)]);
+    let mut queues = vec![
+        rx0.queue(),
+        Queue::new(QSIZE).unwrap(),
+        rx1.queue(),
+        Queue::new(QSIZE).unwrap(),
+        Queue::new(QSIZE).unwrap(),
+    ];
+    let g = frame(6);
+    send(&host1, &g);
+    assert_eq!(
+        dev.process_fd(watched[1].0, EventSet::IN, &mut queues, &mem),
+        Ok(QueueOutcome::Done(true))
+    );
+    assert_eq!(rx1.used_idx(), 1);
+    assert_eq!(rx1.used(0), (0, g.len() as u32));
+    assert_eq!(
+        rx1.read(RX_BUF + VNET_HDR_LEN as u64, 60),
+        g[VNET_HDR_LEN..]
+    );
+    assert_eq!(rx0.used_idx(), 0, "nothing on the first pair");
+
+    // A reset goes back to the first pair alone.
+    dev.reset();
+    assert_eq!(dev.watched_fds().len(), 1);
 }

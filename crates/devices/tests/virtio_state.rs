@@ -324,6 +324,7 @@ fn net_transmits_after_restore() {
             ..Default::default()
         },
         mmds: None,
+        queue_pairs: 1,
     };
     let net = match Net::new(&config) {
         Ok(net) => net,
@@ -371,6 +372,42 @@ fn net_transmits_after_restore() {
     t.process_queue(1);
     assert_eq!(tx.used_idx(), 3);
     assert_eq!(t.state().queues[1].next_used, 3);
+}
+
+/// An interface of two queue pairs on a multi-queue tap keeps both, and how
+/// many the driver uses, across a save and a restore; a saved count of pairs in
+/// use past the pairs is refused, naming the field.
+#[test]
+fn net_restores_its_queue_pairs_and_the_pairs_in_use() {
+    use vigil_devices::persist::Persist;
+    let tap = format!("vgsq{}", std::process::id() % 100_000);
+    let config = NetConfig {
+        queue_pairs: 2,
+        ..NetConfig::new(tap.clone(), 0)
+    };
+    let mut net = match Net::new(&config) {
+        Ok(net) => net,
+        Err(e) => {
+            eprintln!("skipped: no tap here ({e})");
+            return;
+        }
+    };
+    assert_eq!(net.watched_fds().len(), 1, "one pair until the driver says");
+    let mut state = net.save();
+    assert_eq!((state.queue_pairs, state.active_pairs), (2, 1));
+    drop(net);
+    state.active_pairs = 2;
+    let mut restored = Net::restore((), &state).unwrap();
+    assert_eq!(restored.watched_fds().len(), 2);
+    assert_eq!(restored.queue_max_sizes().len(), 5);
+    assert_eq!(restored.save().active_pairs, 2);
+    drop(restored);
+    state.active_pairs = 3;
+    match Net::restore((), &state) {
+        Err(RestoreError::Invalid { field, .. }) => assert_eq!(field, "active_pairs"),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("three pairs in use of two restored"),
+    }
 }
 
 // -------------------------------------------------------------- virtio-vsock

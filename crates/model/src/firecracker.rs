@@ -719,6 +719,7 @@ impl NetworkInterface {
             rx_rate_limit: rate_limit("rx_rate_limiter", self.rx_rate_limiter.as_ref())?,
             tx_rate_limit: rate_limit("tx_rate_limiter", self.tx_rate_limiter.as_ref())?,
             mmds: None,
+            queue_pairs: 1,
         };
         net.validate().map_err(ConfigError::from)?;
         Ok(net)

@@ -27,6 +27,11 @@ const FIONBIO: u64 = 0x5421;
 /// thread's register write) or a device is restored (the API, migration or main
 /// thread), and cleared by a device reset.
 const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
+/// A multi-queue tap's queue attached or detached: when the driver chooses how
+/// many queue pairs it uses (the device thread's control queue), and where
+/// `TUNSETOFFLOAD` is (a reset goes back to one pair, a restore to the saved
+/// number).
+const TUNSETQUEUE: u64 = libc::TUNSETQUEUE;
 
 /// One kind's list while it is built: `None` = the call with any arguments.
 #[derive(Default)]
@@ -180,7 +185,15 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             list.any(IO_URING);
             kvm_ioctls(
                 list,
-                &[TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ, TUNSETOFFLOAD],
+                &[
+                    TCGETS,
+                    TCSETS,
+                    TCSETSW,
+                    TCSETSF,
+                    TIOCGWINSZ,
+                    TUNSETOFFLOAD,
+                    TUNSETQUEUE,
+                ],
             )?;
         }
         ThreadKind::Api => {
@@ -205,7 +218,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
             list.any(READ_FILES);
             list.any(WRITE_FILES);
             list.any(IO_URING);
-            kvm_ioctls(list, &[FIONBIO, FIONREAD, TUNSETOFFLOAD])?;
+            kvm_ioctls(list, &[FIONBIO, FIONREAD, TUNSETOFFLOAD, TUNSETQUEUE])?;
             start_threads(list)?;
         }
         ThreadKind::Signals => {
@@ -243,7 +256,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
                     libc::O_RDONLY as u64,
                 )])?],
             );
-            kvm_ioctls(list, &[TUNSETOFFLOAD])?;
+            kvm_ioctls(list, &[TUNSETOFFLOAD, TUNSETQUEUE])?;
         }
         ThreadKind::Devices => {
             // virtio queues: disk I/O (flush, discard, write-zeroes), the tap,
@@ -281,7 +294,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
                 socket,
                 vec![rule(&[(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])?],
             );
-            kvm_ioctls(list, &[FIONBIO, FIONREAD])?;
+            kvm_ioctls(list, &[FIONBIO, FIONREAD, TUNSETQUEUE])?;
         }
         ThreadKind::RtTimer => {
             // Boosts vCPU threads and sends MSIs (KVM_SIGNAL_MSI).
@@ -327,7 +340,7 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
                 ioctl,
                 vec![rule(&[(1, SeccompCmpOp::MaskedEq(0xff00), UFFD_IO << 8)])?],
             );
-            kvm_ioctls(list, &[TUNSETOFFLOAD])?;
+            kvm_ioctls(list, &[TUNSETOFFLOAD, TUNSETQUEUE])?;
             start_threads(list)?;
         }
         ThreadKind::Pager => {

@@ -468,11 +468,15 @@ pub struct RunArgs {
     /// (required: attaches to the tap, or creates it when absent, which needs root or
     /// CAP_NET_ADMIN; bring it up and into a bridge on the host yourself),
     /// mac=XX:XX:XX:XX:XX:XX (default 02:76:69:67:00:NN, NN the interface's index),
-    /// and rate limits per direction (rx: to the guest, tx: from it): rx_bw,
-    /// rx_bw_burst, rx_ops, rx_ops_burst, tx_bw, tx_bw_burst, tx_ops, tx_ops_burst.
-    /// Checksum and segmentation offloads go to the tap as the guest's driver
-    /// accepts them. Example: --net tap=vm0,mac=02:00:00:00:00:01,tx_bw=10M
-    #[arg(long, value_name = "tap=NAME[,mac=..][,rx_bw=..]", value_parser = crate::devices_cli::parse_net)]
+    /// rate limits per direction (rx: to the guest, tx: from it): rx_bw,
+    /// rx_bw_burst, rx_ops, rx_ops_burst, tx_bw, tx_bw_burst, tx_ops, tx_ops_burst
+    /// (each for the whole interface), and queue_pairs=N: receive/transmit queue
+    /// pairs, 1 (default) to 16, each on a queue of a multi-queue tap (one made
+    /// with `ip tuntap add NAME mode tap multi_queue`, or created so here); the
+    /// guest's driver chooses how many it uses (Linux: one per vCPU). Checksum
+    /// and segmentation offloads go to the tap as the guest's driver accepts
+    /// them. Example: --net tap=vm0,mac=02:00:00:00:00:01,tx_bw=10M,queue_pairs=2
+    #[arg(long, value_name = "tap=NAME[,mac=..][,rx_bw=..][,queue_pairs=N]", value_parser = crate::devices_cli::parse_net)]
     pub net: Vec<NetConfig>,
 
     /// A virtio-vsock device with Firecracker's Unix-socket convention: cid=N (the
@@ -677,6 +681,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "num_queues" => "--disk num_queues=",
         "host_dev_name" => "--net tap=",
         "guest_mac" => "--net mac=",
+        "queue_pairs" => "--net queue_pairs=",
         "guest_cid" => "--vsock cid=",
         "uds_path" => "--vsock uds=",
         "amount_mib" => "--balloon size_mib=",

@@ -126,7 +126,7 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
 /// caller replaces with the interface's default.
 pub fn parse_net(s: &str) -> Result<NetConfig, String> {
     let rates: Vec<String> = ["rx_", "tx_"].into_iter().flat_map(rate_keys).collect();
-    let p = Pairs::parse("--net", s, &keys(&["tap", "mac"], &rates))?;
+    let p = Pairs::parse("--net", s, &keys(&["tap", "mac", "queue_pairs"], &rates))?;
     let tap = p
         .options
         .get("tap")
@@ -153,6 +153,7 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
         rx_rate_limit: p.rate_limit("rx_")?,
         tx_rate_limit: p.rate_limit("tx_")?,
         mmds: None,
+        queue_pairs: p.named(p.options.number("queue_pairs"))?.unwrap_or(1),
     })
 }
 

@@ -6,6 +6,10 @@ use crate::mac::MacAddr;
 
 /// Longest Linux interface name, without its NUL.
 pub const IFNAME_MAX: usize = 15;
+/// The most receive/transmit queue pairs an interface may have
+/// (`queue_pairs`): one per vCPU is what a guest uses, each on a queue of its
+/// own of a multi-queue tap.
+pub const MAX_NET_QUEUE_PAIRS: u16 = 16;
 
 /// How a network interface is attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +28,9 @@ pub struct NetConfig {
     /// The VM's MMDS, when this interface is one of `mmds-config`'s
     /// `network_interfaces`: its frames to the MMDS address are answered by the VMM.
     pub mmds: Option<vigil_mmds::Mmds>,
+    /// Receive/transmit queue pairs (`VIRTIO_NET_F_MQ`), each on a queue of a
+    /// multi-queue tap; 1 (the default) is a plain tap and one pair.
+    pub queue_pairs: u16,
 }
 
 /// An interface that cannot be attached as given.
@@ -35,6 +42,8 @@ pub enum NetConfigError {
     DuplicateTap(String),
     #[error("guest_mac \"{mac}\": {why}")]
     Mac { mac: MacAddr, why: &'static str },
+    #[error("queue_pairs {0}: expected 1 to {MAX_NET_QUEUE_PAIRS}")]
+    QueuePairs(u16),
 }
 
 impl FieldError for NetConfigError {
@@ -42,6 +51,7 @@ impl FieldError for NetConfigError {
         match self {
             Self::TapName { .. } | Self::DuplicateTap(_) => "host_dev_name",
             Self::Mac { .. } => "guest_mac",
+            Self::QueuePairs(_) => "queue_pairs",
         }
     }
 }
@@ -73,6 +83,7 @@ impl NetConfig {
             rx_rate_limit: RateLimit::default(),
             tx_rate_limit: RateLimit::default(),
             mmds: None,
+            queue_pairs: 1,
         }
     }
 
@@ -99,6 +110,9 @@ impl NetConfig {
             return Err(bad(
                 "an interface name has no '/', ':', spaces or control characters",
             ));
+        }
+        if !(1..=MAX_NET_QUEUE_PAIRS).contains(&self.queue_pairs) {
+            return Err(NetConfigError::QueuePairs(self.queue_pairs));
         }
         if self.mac.is_multicast() {
             return Err(NetConfigError::Mac {

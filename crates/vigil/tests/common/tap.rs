@@ -27,13 +27,14 @@ fn ifreq_ipv4(name: &str, addr: Ipv4Addr) -> [u8; 40] {
     req
 }
 
-/// Sets or clears TUNSETPERSIST on tap `name`, creating it if needed.
-fn set_persist(name: &str, on: bool) -> std::io::Result<()> {
+/// Sets or clears TUNSETPERSIST on tap `name`, creating it if needed (with
+/// `extra` flags: `IFF_MULTI_QUEUE`).
+fn set_persist(name: &str, on: bool, extra: i32) -> std::io::Result<()> {
     let tun = std::fs::File::options()
         .read(true)
         .write(true)
         .open("/dev/net/tun")?;
-    let mut req = ifreq_flags(name, libc::IFF_TAP | libc::IFF_NO_PI);
+    let mut req = ifreq_flags(name, libc::IFF_TAP | libc::IFF_NO_PI | extra);
     // SAFETY: TUNSETIFF and TUNSETPERSIST on our own fd with a 40-byte ifreq.
     unsafe {
         if libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) < 0
@@ -62,12 +63,21 @@ fn if_ioctl(request: libc::c_ulong, req: &mut [u8; 40]) -> std::io::Result<()> {
 }
 
 /// A persistent tap, up, removed on drop.
-pub struct TestTap(String);
+pub struct TestTap(String, i32);
 
 impl TestTap {
     pub fn create(name: &str) -> std::io::Result<Self> {
-        set_persist(name, true)?;
-        let tap = TestTap(name.into());
+        Self::create_flags(name, 0)
+    }
+
+    /// A multi-queue tap (`IFF_MULTI_QUEUE`), for `--net queue_pairs=`.
+    pub fn create_multi_queue(name: &str) -> std::io::Result<Self> {
+        Self::create_flags(name, libc::IFF_MULTI_QUEUE)
+    }
+
+    fn create_flags(name: &str, extra: i32) -> std::io::Result<Self> {
+        set_persist(name, true, extra)?;
+        let tap = TestTap(name.into(), extra);
         let mut req = ifreq(name);
         if_ioctl(libc::SIOCGIFFLAGS, &mut req)?;
         let flags = i16::from_ne_bytes([req[16], req[17]]) | libc::IFF_UP as i16;
@@ -91,7 +101,7 @@ impl TestTap {
 
 impl Drop for TestTap {
     fn drop(&mut self) {
-        let _ = set_persist(&self.0, false);
+        let _ = set_persist(&self.0, false, self.1);
     }
 }
 

@@ -20,8 +20,8 @@ use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
     add_used_together, copy_config, pop_chain, pop_single, rearm, serve_chains, whole_chain_reader,
-    with_used_batch, Budget, DeviceBroken, Next, Publish, QueueOutcome, Served, UsedBatch,
-    VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    whole_chain_writer, with_used_batch, Budget, DeviceBroken, Next, Publish, QueueOutcome, Served,
+    UsedBatch, VirtioDevice, TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::{FieldError, NetConfig};
 
@@ -58,6 +58,17 @@ const F_MAC: u64 = 1 << 5;
 /// number in the header's `num_buffers`.
 const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
+/// `VIRTIO_NET_F_CTRL_VQ` and `VIRTIO_NET_F_MQ`: a control queue, through which
+/// the driver chooses how many of the queue pairs it uses.
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_MQ: u64 = 1 << 22;
+const CTRL_QUEUE_SIZE: u16 = 64;
+/// Control commands (virtio 1.1, 5.1.6.5): `VIRTIO_NET_CTRL_MQ`'s
+/// `VQ_PAIRS_SET`, and the status written back.
+const CTRL_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_OK: u8 = 0;
+const CTRL_ERR: u8 = 1;
 const LINK_UP: u16 = 1;
 
 /// Errors attaching a network interface.
@@ -85,24 +96,47 @@ pub struct NetCounters {
     pub errors: u64,
 }
 
-/// A virtio-net device.
-pub struct Net {
-    /// The `iface_id` it was configured with, for its saved state.
-    pub(super) id: Option<String>,
+/// A receive queue and a transmit queue on one queue of the tap.
+pub(super) struct Pair {
     pub(super) tap: Tap,
-    pub(super) mac: [u8; 6],
-    pub(super) rx_limiter: RateLimiter,
-    pub(super) tx_limiter: RateLimiter,
     /// A frame read from the tap and not yet delivered (`rx_len` bytes of `rx_buf`).
     rx_buf: Vec<u8>,
     rx_len: usize,
-    /// The writable buffers of the chain a frame is read into, and their iovecs.
-    rx_segments: Vec<(GuestAddress, usize)>,
-    rx_iovecs: Iovecs,
     /// The guest has no receive buffer, the limiter said wait, or the backend
     /// closed: the tap is not watched until the guest adds buffers or the timer
     /// fires.
     rx_blocked: bool,
+}
+
+impl Pair {
+    fn new(tap: Tap) -> Self {
+        Self {
+            tap,
+            rx_buf: vec![0; MAX_BUFFER],
+            rx_len: 0,
+            rx_blocked: false,
+        }
+    }
+}
+
+/// A virtio-net device.
+pub struct Net {
+    /// The `iface_id` it was configured with, for its saved state.
+    pub(super) id: Option<String>,
+    /// One queue pair per queue of the tap (one, unless `queue_pairs`).
+    pub(super) pairs: Vec<Pair>,
+    /// The pairs the driver uses (`VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`; 1 until it
+    /// says): the taps' other queues are detached.
+    pub(super) active: u16,
+    /// Receive and transmit of each pair, then the control queue when there are
+    /// several pairs.
+    queue_sizes: Vec<u16>,
+    pub(super) mac: [u8; 6],
+    pub(super) rx_limiter: RateLimiter,
+    pub(super) tx_limiter: RateLimiter,
+    /// The writable buffers of the chain a frame is read into, and their iovecs.
+    rx_segments: Vec<(GuestAddress, usize)>,
+    rx_iovecs: Iovecs,
     /// The features the driver accepted.
     acked: u64,
     /// The tap hands over frames with the offloads the driver accepted, their
@@ -118,33 +152,76 @@ pub struct Net {
 impl Net {
     /// Opens (or creates) the tap of `config`.
     pub fn new(config: &NetConfig) -> Result<Self, NetError> {
-        let tap = Tap::open(&config.tap).map_err(|source| NetError::Open {
-            tap: config.tap.clone(),
-            source,
-        })?;
-        Ok(Self::with_tap(tap, config))
+        let taps =
+            Tap::open_queues(&config.tap, config.queue_pairs).map_err(|source| NetError::Open {
+                tap: config.tap.clone(),
+                source,
+            })?;
+        Ok(Self::with_taps(taps, config))
     }
 
     /// A device on `tap`, already open (`config.tap` is not used).
     pub fn with_tap(tap: Tap, config: &NetConfig) -> Self {
-        tracing::info!(tap = tap.name(), "virtio-net attached");
-        Self {
+        Self::with_taps(vec![tap], config)
+    }
+
+    /// A device of one queue pair per tap queue in `taps`, already open (at
+    /// least one; `config.tap` and `config.queue_pairs` are not used). With
+    /// several, the driver uses the first until it asks for more.
+    pub fn with_taps(taps: Vec<Tap>, config: &NetConfig) -> Self {
+        let pairs: Vec<Pair> = taps.into_iter().map(Pair::new).collect();
+        tracing::info!(
+            tap = pairs.first().map_or("", |p| p.tap.name()),
+            queue_pairs = pairs.len(),
+            "virtio-net attached"
+        );
+        let mut queue_sizes = vec![QUEUE_SIZE; 2 * pairs.len()];
+        if pairs.len() > 1 {
+            queue_sizes.push(CTRL_QUEUE_SIZE);
+        }
+        let mut net = Self {
             id: config.id.clone(),
-            tap,
+            pairs,
+            active: 1,
+            queue_sizes,
             mac: config.mac.0,
             rx_limiter: RateLimiter::new(config.rx_rate_limit),
             tx_limiter: RateLimiter::new(config.tx_rate_limit),
-            rx_buf: vec![0; MAX_BUFFER],
-            rx_len: 0,
             rx_segments: Vec::new(),
             rx_iovecs: Iovecs::default(),
-            rx_blocked: false,
             acked: 0,
             rx_offloads: false,
             tx_buf: vec![0; MAX_BUFFER],
             counters: NetCounters::default(),
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Net, config.tap.clone())),
             mmds: config.mmds.clone().and_then(MmdsStack::new),
+        };
+        net.use_pairs(1);
+        net
+    }
+
+    /// The interface's name (its tap's).
+    pub(super) fn tap_name(&self) -> &str {
+        self.pairs.first().map_or("", |p| p.tap.name())
+    }
+
+    /// Serves the first `n` pairs (1 to their number): the tap's queues of the
+    /// others are detached, so the kernel hands them no frames, and a frame one
+    /// of them held for the guest is dropped.
+    pub(super) fn use_pairs(&mut self, n: u16) {
+        self.active = n;
+        if self.pairs.len() == 1 {
+            return;
+        }
+        for (i, pair) in self.pairs.iter_mut().enumerate() {
+            let attached = i < usize::from(n);
+            if !attached {
+                pair.rx_len = 0;
+            }
+            if let Err(e) = pair.tap.set_queue_attached(attached) {
+                // A backend that is not a multi-queue tap (a socket pair).
+                tracing::debug!(tap = pair.tap.name(), queue = i, attached, "{e}");
+            }
         }
     }
 
@@ -167,21 +244,23 @@ impl Net {
 
     /// The header of the frame in `rx_buf`: the tap's as it is with offloads,
     /// else none; then the number of buffers the frame takes.
-    fn set_rx_header(&mut self, buffers: u16) {
+    fn set_rx_header(&mut self, p: usize, buffers: u16) {
+        let rx_buf = &mut self.pairs[p].rx_buf;
         if !self.rx_offloads {
-            self.rx_buf[..VNET_HDR_LEN].fill(0);
+            rx_buf[..VNET_HDR_LEN].fill(0);
         }
-        self.rx_buf[10..12].copy_from_slice(&buffers.to_le_bytes());
+        rx_buf[10..12].copy_from_slice(&buffers.to_le_bytes());
     }
 
     /// Tells the tap which offloads (`TUN_F_*`) its frames may carry. A backend
     /// that cannot (a socket pair) hands over complete frames, which a driver
     /// that accepted offloads takes as well.
     fn set_rx_offloads(&mut self, flags: u32) {
-        match self.tap.set_offload(flags) {
+        // The tap's setting, through any of its queues.
+        match self.pairs[0].tap.set_offload(flags) {
             Ok(()) => self.rx_offloads = flags != 0,
             Err(e) => {
-                tracing::debug!(tap = self.tap.name(), flags, "offloads not set: {e}");
+                tracing::debug!(tap = self.tap_name(), flags, "offloads not set: {e}");
                 self.rx_offloads = false;
             }
         }
@@ -207,17 +286,18 @@ impl Net {
     /// (`rx_len`), where `receive` takes it as it takes any frame. The tap
     /// reads into guest memory first and `rx_buf` after it, so a frame longer
     /// than the chain is never cut short.
-    fn read_direct(&mut self, mem: &GuestMemoryMmap) -> Direct {
+    fn read_direct(&mut self, p: usize, mem: &GuestMemoryMmap) -> Direct {
         let room = self.rx_segments.iter().map(|&(_, len)| len).sum::<usize>();
         let direct = room >= MIN_BUFFER
             && self.rx_segments.len() <= MAX_RX_SEGMENTS
             && self.rx_segments[0].1 >= VNET_HDR_LEN
             && guest_iovecs(mem, &self.rx_segments, 0, &mut self.rx_iovecs.0).is_some();
+        let pair = &mut self.pairs[p];
         if !direct {
-            return match self.tap.read_frame(&mut self.rx_buf) {
+            return match pair.tap.read_frame(&mut pair.rx_buf) {
                 Ok(0) => Direct::Failed(None),
                 Ok(n) => {
-                    self.rx_len = n;
+                    pair.rx_len = n;
                     Direct::Buffered
                 }
                 Err(e) => Direct::Failed(Some(e)),
@@ -225,7 +305,7 @@ impl Net {
         }
         if room < MAX_BUFFER {
             self.rx_iovecs.0.push(libc::iovec {
-                iov_base: self.rx_buf[room..].as_mut_ptr().cast(),
+                iov_base: pair.rx_buf[room..].as_mut_ptr().cast(),
                 iov_len: MAX_BUFFER - room,
             });
         }
@@ -237,7 +317,7 @@ impl Net {
         let n = unsafe {
             libc::syscall(
                 libc::SYS_readv,
-                self.tap.as_raw_fd(),
+                pair.tap.as_raw_fd(),
                 iovecs.as_ptr(),
                 iovecs.len() as libc::c_int,
             )
@@ -255,13 +335,14 @@ impl Net {
         if n > room || n < MIN_BUFFER || throttled.is_some() {
             // The frame's first bytes are in the chain, the rest (if any) in
             // `rx_buf` where it goes.
-            self.rx_len = n;
+            let pair = &mut self.pairs[p];
+            pair.rx_len = n;
             let mut at = 0;
             for &(addr, len) in &self.rx_segments {
                 let len = len.min(n.min(room) - at);
-                if let Err(e) = mem.read_slice(&mut self.rx_buf[at..at + len], addr) {
+                if let Err(e) = mem.read_slice(&mut pair.rx_buf[at..at + len], addr) {
                     tracing::debug!("cannot read a frame back from guest memory: {e}");
-                    self.rx_len = 0;
+                    pair.rx_len = 0;
                     break;
                 }
                 at += len;
@@ -293,11 +374,12 @@ impl Net {
     /// between CPUs per frame); whatever ends the pass, they are published.
     fn receive(
         &mut self,
+        p: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
         with_used_batch(queue, mem, Publish::Every8, |queue, batch| {
-            self.receive_into(queue, mem, batch)
+            self.receive_into(p, queue, mem, batch)
         })
     }
 
@@ -305,32 +387,35 @@ impl Net {
     /// published outside `batch` (over several buffers).
     fn receive_into(
         &mut self,
+        p: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         batch: &mut UsedBatch,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        self.rx_blocked = false;
+        self.pairs[p].rx_blocked = false;
         let mut used = false;
         let mut budget = Budget::of(queue);
         loop {
-            if self.rx_len == 0 {
+            // MMDS answers on the first pair.
+            if self.pairs[p].rx_len == 0 && p == 0 {
                 if let Some(frame) = self.mmds.as_mut().and_then(MmdsStack::to_guest) {
                     // At most FRAME_MAX bytes: it fits after the header.
                     let len = VNET_HDR_LEN + frame.len();
-                    self.rx_buf[..VNET_HDR_LEN].fill(0);
-                    self.rx_buf[VNET_HDR_LEN..len].copy_from_slice(&frame);
-                    self.rx_len = len;
+                    let pair = &mut self.pairs[p];
+                    pair.rx_buf[..VNET_HDR_LEN].fill(0);
+                    pair.rx_buf[VNET_HDR_LEN..len].copy_from_slice(&frame);
+                    pair.rx_len = len;
                 }
             }
             // A buffer of one descriptor (what drivers post) is read into
             // without building a chain; a frame that goes to `rx_buf` instead
             // is delivered by the chain path below, which takes it again.
-            if self.rx_len == 0 {
+            if self.pairs[p].rx_len == 0 {
                 if let Some(single) = pop_single(queue, mem, &mut budget) {
                     if single.write_only {
                         self.rx_segments.clear();
                         self.rx_segments.push((single.addr, single.len as usize));
-                        match self.receive_direct(queue, mem, batch, single.head, used)? {
+                        match self.receive_direct(p, queue, mem, batch, single.head, used)? {
                             Step::Next => continue,
                             Step::Return(outcome) => return Ok(outcome),
                             Step::Deliver => {}
@@ -351,13 +436,13 @@ impl Net {
                 // it added meanwhile is taken now.
                 Next::Empty if queue.event_idx_enabled() && rearm(queue, mem)? => continue,
                 Next::Empty => {
-                    self.rx_blocked = true;
+                    self.pairs[p].rx_blocked = true;
                     return Ok(QueueOutcome::Done(used));
                 }
                 // The tap is still readable: the event loop comes back to it.
                 Next::Later => return Ok(QueueOutcome::Done(used)),
             };
-            if self.rx_len == 0 {
+            if self.pairs[p].rx_len == 0 {
                 self.rx_segments.clear();
                 self.rx_segments.extend(
                     chain
@@ -365,7 +450,7 @@ impl Net {
                         .filter(|d| d.is_write_only())
                         .map(|d| (d.addr(), d.len() as usize)),
                 );
-                match self.receive_direct(queue, mem, batch, chain.head_index(), used)? {
+                match self.receive_direct(p, queue, mem, batch, chain.head_index(), used)? {
                     Step::Next => continue,
                     Step::Return(outcome) => return Ok(outcome),
                     // Delivered from `rx_buf` below, into this chain or more.
@@ -384,11 +469,11 @@ impl Net {
                     continue;
                 }
             };
-            let len = self.rx_len;
+            let len = self.pairs[p].rx_len;
             if writer.available_bytes() < len && self.acked & F_MRG_RXBUF != 0 {
                 // Its buffers go back together, after those received before.
                 batch.publish(queue, mem)?;
-                match self.receive_merged(queue, mem, (head, writer), &mut budget)? {
+                match self.receive_merged(p, queue, mem, (head, writer), &mut budget)? {
                     Merged::Delivered => {
                         used = true;
                         continue;
@@ -396,11 +481,11 @@ impl Net {
                     Merged::Later => return Ok(QueueOutcome::Done(used)),
                     Merged::NoRoom if wait_for_buffers(queue, mem)? => continue,
                     Merged::NoRoom => {
-                        self.rx_blocked = true;
+                        self.pairs[p].rx_blocked = true;
                         return Ok(QueueOutcome::Done(used));
                     }
                     Merged::Throttled(wait) => {
-                        self.rx_blocked = true;
+                        self.pairs[p].rx_blocked = true;
                         return Ok(QueueOutcome::RetryAfter(wait, used));
                     }
                 }
@@ -412,18 +497,18 @@ impl Net {
                     "frame larger than the receive buffer; dropped"
                 );
                 self.count_error();
-                self.rx_len = 0;
+                self.pairs[p].rx_len = 0;
                 queue.go_to_previous_position();
                 continue;
             }
             if let Err(wait) = self.rx_limiter.consume(len as u64) {
                 self.metrics.throttled.inc();
                 queue.go_to_previous_position();
-                self.rx_blocked = true;
+                self.pairs[p].rx_blocked = true;
                 return Ok(QueueOutcome::RetryAfter(wait, used));
             }
-            self.set_rx_header(1);
-            let written = match writer.write_all(&self.rx_buf[..len]) {
+            self.set_rx_header(p, 1);
+            let written = match writer.write_all(&self.pairs[p].rx_buf[..len]) {
                 Ok(()) => {
                     self.count_received(len);
                     len as u32
@@ -434,7 +519,7 @@ impl Net {
                     0
                 }
             };
-            self.rx_len = 0;
+            self.pairs[p].rx_len = 0;
             batch.push(queue, mem, head, written)?;
         }
     }
@@ -445,27 +530,28 @@ impl Net {
     /// the frame is in it.
     fn receive_direct(
         &mut self,
+        p: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         batch: &mut UsedBatch,
         head: u16,
         used: bool,
     ) -> Result<Step, DeviceBroken> {
-        let step = match self.read_direct(mem) {
+        let step = match self.read_direct(p, mem) {
             Direct::InPlace(len) => {
                 batch.push(queue, mem, head, len)?;
                 return Ok(Step::Next);
             }
-            Direct::Buffered if self.rx_len < MIN_BUFFER => {
-                tracing::debug!(n = self.rx_len, "runt frame from the tap; dropped");
+            Direct::Buffered if self.pairs[p].rx_len < MIN_BUFFER => {
+                tracing::debug!(n = self.pairs[p].rx_len, "runt frame from the tap; dropped");
                 self.count_error();
-                self.rx_len = 0;
+                self.pairs[p].rx_len = 0;
                 Step::Next
             }
             Direct::Buffered => return Ok(Step::Deliver),
             Direct::Throttled(wait) => {
                 self.metrics.throttled.inc();
-                self.rx_blocked = true;
+                self.pairs[p].rx_blocked = true;
                 Step::Return(QueueOutcome::RetryAfter(wait, used))
             }
             Direct::Failed(e) => match e {
@@ -480,11 +566,11 @@ impl Net {
                 e => {
                     match e {
                         None => {
-                            tracing::warn!(tap = self.tap.name(), "the network backend closed")
+                            tracing::warn!(tap = self.tap_name(), "the network backend closed")
                         }
                         Some(e) => tracing::warn!("cannot read from the tap: {e}"),
                     }
-                    self.rx_blocked = true;
+                    self.pairs[p].rx_blocked = true;
                     Step::Return(QueueOutcome::Done(used))
                 }
             },
@@ -497,12 +583,13 @@ impl Net {
     /// it takes (`VIRTIO_NET_F_MRG_RXBUF`), published to the driver at once.
     fn receive_merged<'m>(
         &mut self,
+        p: usize,
         queue: &mut Queue,
         mem: &'m GuestMemoryMmap,
         first: (u16, GuestWriter<'m>),
         budget: &mut Budget<'m>,
     ) -> Result<Merged, DeviceBroken> {
-        let len = self.rx_len;
+        let len = self.pairs[p].rx_len;
         let mut room = first.1.available_bytes();
         let mut chains = vec![first];
         while room < len {
@@ -530,7 +617,7 @@ impl Net {
                     // back empty (none goes back to the queue: this one is used).
                     tracing::debug!(head, ok = result.is_ok(), "unusable receive buffer");
                     self.count_error();
-                    self.rx_len = 0;
+                    self.pairs[p].rx_len = 0;
                     let mut empty: Vec<(u16, u32)> = chains.iter().map(|&(h, _)| (h, 0)).collect();
                     empty.push((head, 0));
                     add_used_together(queue, mem, &empty)?;
@@ -545,17 +632,17 @@ impl Net {
             }
             return Ok(Merged::Throttled(wait));
         }
-        self.set_rx_header(chains.len() as u16);
+        self.set_rx_header(p, chains.len() as u16);
         let mut used = Vec::with_capacity(chains.len());
         let mut at = 0;
         let mut failed = false;
         for (head, mut writer) in chains {
             let n = writer.available_bytes().min(len - at);
-            failed |= writer.write_all(&self.rx_buf[at..at + n]).is_err();
+            failed |= writer.write_all(&self.pairs[p].rx_buf[at..at + n]).is_err();
             used.push((head, n as u32));
             at += n;
         }
-        self.rx_len = 0;
+        self.pairs[p].rx_len = 0;
         if failed {
             tracing::debug!("cannot write a frame into guest memory");
             self.count_error();
@@ -569,6 +656,7 @@ impl Net {
     /// Sends what the guest made available on the transmit queue to the tap.
     fn transmit(
         &mut self,
+        p: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
@@ -602,7 +690,7 @@ impl Net {
                             self.metrics.errors.add(dropped);
                             return Ok(Served::Used(0));
                         }
-                        match self.tap.write_frame(&self.tx_buf[..len]) {
+                        match self.pairs[p].tap.write_frame(&self.tx_buf[..len]) {
                             Ok(_) => {
                                 self.counters.tx_frames += 1;
                                 self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
@@ -627,17 +715,79 @@ impl Net {
     }
 }
 
+impl Net {
+    /// The control queue (`VIRTIO_NET_F_CTRL_VQ`, offered with several pairs):
+    /// each chain a command (class, command, its data) and a status byte the
+    /// device writes. `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` chooses the pairs in
+    /// use; any other command, or a count out of range, is answered
+    /// `VIRTIO_NET_ERR` and changes nothing.
+    fn control(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueOutcome, DeviceBroken> {
+        serve_chains(queue, mem, Publish::Every8, |chain| {
+            let head = chain.head_index();
+            let status = match whole_chain_reader(chain.clone(), mem) {
+                Ok(mut reader) => match reader.read_obj::<[u8; 2]>() {
+                    Ok([CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET]) => match reader.read_obj::<u16>() {
+                        Ok(n) if (1..=self.pairs.len()).contains(&usize::from(u16::from_le(n))) => {
+                            self.use_pairs(u16::from_le(n));
+                            tracing::debug!(
+                                tap = self.tap_name(),
+                                pairs = self.active,
+                                "queue pairs in use"
+                            );
+                            CTRL_OK
+                        }
+                        _ => CTRL_ERR,
+                    },
+                    _ => CTRL_ERR,
+                },
+                Err(_) => CTRL_ERR,
+            };
+            // The status is the last byte the driver made writable.
+            let written = match whole_chain_writer(chain, mem) {
+                Ok(mut writer) if writer.available_bytes() > 0 => {
+                    let at = writer.available_bytes() - 1;
+                    match writer.split_at(at).map(|mut last| last.write_obj(status)) {
+                        Ok(Ok(())) => 1,
+                        _ => 0,
+                    }
+                }
+                _ => 0,
+            };
+            if written == 0 {
+                tracing::debug!(head, "control command without a status byte");
+                self.count_error();
+            }
+            Ok(Served::Used(written))
+        })
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_MAC | F_MRG_RXBUF | F_STATUS | OFFLOADS
+        let mq = if self.pairs.len() > 1 {
+            F_CTRL_VQ | F_MQ
+        } else {
+            0
+        };
+        VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_EVENT_IDX
+            | F_MAC
+            | F_MRG_RXBUF
+            | F_STATUS
+            | OFFLOADS
+            | mq
     }
 
     fn ack_features(&mut self, acked: u64) {
@@ -658,9 +808,11 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; 8];
+        let mut config = [0u8; 10];
         config[..6].copy_from_slice(&self.mac);
         config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        // max_virtqueue_pairs (read with VIRTIO_NET_F_MQ).
+        config[8..10].copy_from_slice(&(self.pairs.len() as u16).to_le_bytes());
         copy_config(&config, offset, data);
     }
 
@@ -670,10 +822,12 @@ impl VirtioDevice for Net {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
+        let pairs = self.pairs.len();
         match index {
-            RX => self.receive(queue, mem),
-            TX => self.transmit(queue, mem),
-            _ => Ok(QueueOutcome::Done(false)),
+            _ if index == 2 * pairs && pairs > 1 => self.control(queue, mem),
+            _ if index >= 2 * pairs => Ok(QueueOutcome::Done(false)),
+            _ if index % 2 == RX => self.receive(index / 2, queue, mem),
+            _ => self.transmit(index / 2, queue, mem),
         }
     }
 
@@ -689,13 +843,14 @@ impl VirtioDevice for Net {
             return Ok(QueueOutcome::Done(false));
         };
         let sent = self.process_queue(index, queue, mem)?;
-        if index != TX || !self.mmds.as_ref().is_some_and(MmdsStack::has_frames) {
+        let transmit = index % 2 == TX && index < 2 * self.pairs.len();
+        if !transmit || !self.mmds.as_ref().is_some_and(MmdsStack::has_frames) {
             return Ok(sent);
         }
         let Some(rx) = queues.get_mut(RX).filter(|q| q.ready()) else {
             return Ok(sent);
         };
-        let received = self.receive(rx, mem)?;
+        let received = self.receive(0, rx, mem)?;
         Ok(match (sent, received) {
             (QueueOutcome::Done(a), QueueOutcome::Done(b)) => QueueOutcome::Done(a || b),
             (QueueOutcome::RetryAfter(wait, a), QueueOutcome::Done(b))
@@ -709,32 +864,42 @@ impl VirtioDevice for Net {
     }
 
     fn watched_fds(&mut self) -> Vec<(RawFd, EventSet)> {
-        if self.rx_blocked {
-            Vec::new()
-        } else {
-            vec![(self.tap.as_raw_fd(), EventSet::IN)]
-        }
+        self.pairs[..usize::from(self.active)]
+            .iter()
+            .filter(|pair| !pair.rx_blocked)
+            .map(|pair| (pair.tap.as_raw_fd(), EventSet::IN))
+            .collect()
     }
 
     fn process_fd(
         &mut self,
-        _fd: RawFd,
+        fd: RawFd,
         _events: EventSet,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        match queues.get_mut(RX).filter(|q| q.ready()) {
-            Some(queue) => self.receive(queue, mem),
+        let Some(p) = self
+            .pairs
+            .iter()
+            .position(|pair| pair.tap.as_raw_fd() == fd)
+        else {
+            return Ok(QueueOutcome::Done(false));
+        };
+        match queues.get_mut(2 * p + RX).filter(|q| q.ready()) {
+            Some(queue) => self.receive(p, queue, mem),
             None => {
-                self.rx_blocked = true;
+                self.pairs[p].rx_blocked = true;
                 Ok(QueueOutcome::Done(false))
             }
         }
     }
 
     fn reset(&mut self) {
-        self.rx_len = 0;
-        self.rx_blocked = false;
+        for pair in &mut self.pairs {
+            pair.rx_len = 0;
+            pair.rx_blocked = false;
+        }
+        self.use_pairs(1);
         self.acked = 0;
         if self.rx_offloads {
             self.set_rx_offloads(0);

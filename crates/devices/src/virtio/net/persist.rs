@@ -9,6 +9,7 @@ use crate::rate_limiter::RateLimitState;
 use crate::virtio::persist::VirtioDeviceState;
 use crate::virtio::{VirtioDevice, TYPE_NET};
 use vigil_mmds::{Mmds, MmdsConfig};
+use vigil_model::config::net::MAX_NET_QUEUE_PAIRS;
 use vigil_model::config::{NetConfig, NetConfigError};
 use vigil_model::MacAddr;
 
@@ -35,6 +36,20 @@ pub struct NetState {
     /// process's, which its API fills); a fresh one when none is given.
     #[serde(skip)]
     pub mmds_store: Option<Mmds>,
+    /// Queue pairs, each on a queue of the (multi-queue) tap, and how many of
+    /// them the driver uses (1 and 1 in states from before they were kept).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub queue_pairs: u16,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub active_pairs: u16,
+}
+
+fn one() -> u16 {
+    1
+}
+
+fn is_one(n: &u16) -> bool {
+    *n == 1
 }
 
 impl Persist for Net {
@@ -45,12 +60,14 @@ impl Persist for Net {
     fn save(&self) -> NetState {
         NetState {
             iface_id: self.id.clone(),
-            tap: self.tap.name().to_owned(),
+            tap: self.tap_name().to_owned(),
             mac: self.mac,
             rx_rate_limit: self.rx_limiter.limit().into(),
             tx_rate_limit: self.tx_limiter.limit().into(),
             mmds: self.mmds.as_ref().and_then(|m| m.store().config()),
             mmds_store: None,
+            queue_pairs: self.pairs.len() as u16,
+            active_pairs: self.active,
         }
     }
 
@@ -70,20 +87,35 @@ impl Persist for Net {
                 store.set_config(config);
                 store
             }),
+            queue_pairs: s.queue_pairs,
         };
         // The same checks as a configured interface's, with the state's names.
         config.validate().map_err(|e| match e {
             NetConfigError::Mac { mac, why } => RestoreError::invalid("mac", mac, why),
+            NetConfigError::QueuePairs(n) => RestoreError::invalid(
+                "queue_pairs",
+                n,
+                format!("expected 1 to {MAX_NET_QUEUE_PAIRS}"),
+            ),
             other => RestoreError::invalid("tap", format_args!("{tap:?}"), other.to_string()),
         })?;
-        Net::new(&config).map_err(|e| match e {
+        if !(1..=s.queue_pairs).contains(&s.active_pairs) {
+            return Err(RestoreError::invalid(
+                "active_pairs",
+                s.active_pairs,
+                format!("expected 1 to queue_pairs ({})", s.queue_pairs),
+            ));
+        }
+        let mut net = Net::new(&config).map_err(|e| match e {
             NetError::Open { source, .. } => RestoreError::Resource {
                 field: "tap".into(),
                 value: tap.clone(),
                 why: "cannot open or create the tap".into(),
                 source,
             },
-        })
+        })?;
+        net.use_pairs(s.active_pairs);
+        Ok(net)
     }
 }
 

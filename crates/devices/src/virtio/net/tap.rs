@@ -1,5 +1,6 @@
 //! A Linux tap interface (`/dev/net/tun`), opened non-blocking with
-//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and a 12-byte virtio-net header in front
+//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (and `IFF_MULTI_QUEUE`, an fd per queue,
+//! for several queue pairs) and a 12-byte virtio-net header in front
 //! of each frame (`TUNSETVNETHDRSZ`), offloads off (`TUNSETOFFLOAD 0`) until a
 //! driver accepts some ([`Tap::set_offload`]). The ioctl
 //! numbers and `struct ifreq` are libc's; the calls go through vmm-sys-util.
@@ -25,6 +26,41 @@ impl Tap {
     /// Attaches to the tap `name`, creating it when absent (both need root or
     /// CAP_NET_ADMIN, unless the tap was created for this user).
     pub fn open(name: &str) -> std::io::Result<Self> {
+        Self::open_flags(name, 0)
+    }
+
+    /// `queues` queues of the multi-queue tap `name` (`IFF_MULTI_QUEUE`; created
+    /// so when absent), each its own fd, or the plain tap when `queues` is 1.
+    /// All attached: the kernel spreads the frames it hands over among them.
+    pub fn open_queues(name: &str, queues: u16) -> std::io::Result<Vec<Self>> {
+        if queues <= 1 {
+            return Ok(vec![Self::open(name)?]);
+        }
+        (0..queues)
+            .map(|_| Self::open_flags(name, libc::IFF_MULTI_QUEUE))
+            .collect()
+    }
+
+    /// Attaches this queue of a multi-queue tap, or detaches it: a detached
+    /// queue is handed no frames, and those it held are dropped.
+    pub fn set_queue_attached(&self, attached: bool) -> std::io::Result<()> {
+        // SAFETY: `ifreq` is plain data: all zeroes is a valid value of it.
+        let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
+        let flag = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        ifreq.ifr_ifru.ifru_flags = flag as _;
+        // SAFETY: TUNSETQUEUE reads the `struct ifreq` it is given, which lives
+        // across the call; the fd is ours.
+        if unsafe { ioctl_with_ref(&self.file, libc::TUNSETQUEUE, &ifreq) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn open_flags(name: &str, extra: libc::c_int) -> std::io::Result<Self> {
         if name.is_empty() || name.len() > IFNAME_MAX || name.as_bytes().contains(&0) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -43,7 +79,8 @@ impl Tap {
         for (to, from) in ifreq.ifr_name.iter_mut().zip(name.bytes()) {
             *to = from as libc::c_char;
         }
-        ifreq.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
+        ifreq.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | extra) as _;
         // SAFETY: TUNSETIFF reads and writes the `struct ifreq` it is given, which
         // lives across the call; the fd is ours.
         if unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifreq) } < 0 {
