@@ -129,6 +129,10 @@ pub struct NetworkInterface {
     pub rx_rate_limiter: Option<RateLimiter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiter>,
+    /// Vigil's: receive/transmit queue pairs (`VIRTIO_NET_F_MQ` above 1, on a
+    /// multi-queue tap); absent: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_pairs: Option<u16>,
 }
 
 /// `PUT /vsock`.
@@ -719,7 +723,7 @@ impl NetworkInterface {
             rx_rate_limit: rate_limit("rx_rate_limiter", self.rx_rate_limiter.as_ref())?,
             tx_rate_limit: rate_limit("tx_rate_limiter", self.tx_rate_limiter.as_ref())?,
             mmds: None,
-            queue_pairs: 1,
+            queue_pairs: self.queue_pairs.unwrap_or(1),
         };
         net.validate().map_err(ConfigError::from)?;
         Ok(net)
@@ -962,6 +966,9 @@ mod tests {
         let mut d = document(&exe);
         d.drives[0].num_queues = Some(4);
         assert_eq!(d.to_vm_config(&LIMITS).unwrap().drives[1].num_queues, 4);
+        assert_eq!(c.nets[0].queue_pairs, 1);
+        d.network_interfaces[0].queue_pairs = Some(2);
+        assert_eq!(d.to_vm_config(&LIMITS).unwrap().nets[0].queue_pairs, 2);
     }
 
     #[test]
@@ -1065,6 +1072,10 @@ mod tests {
         assert_eq!(
             refused(&|d| d.network_interfaces[0].guest_mac = Some("nope".into())),
             "network-interfaces[\"eth0\"]: guest_mac \"nope\": not a MAC address (aa:bb:cc:dd:ee:ff)"
+        );
+        assert_eq!(
+            refused(&|d| d.network_interfaces[0].queue_pairs = Some(17)),
+            "network-interfaces[\"eth0\"]: queue_pairs 17: expected 1 to 16"
         );
         assert_eq!(
             refused(&|d| d.boot_source = None),
