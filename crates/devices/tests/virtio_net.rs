@@ -485,6 +485,9 @@ fn two_queue_pairs_are_chosen_through_the_control_queue() {
     assert_eq!(set_pairs(&mut dev, 4, 2), 0, "two pairs");
     let watched = dev.watched_fds();
     assert_eq!(watched.len(), 2);
+    // Each tap queue's frames go to its own pair's receive queue.
+    assert_eq!(dev.fd_queue(watched[0].0), Some(0));
+    assert_eq!(dev.fd_queue(watched[1].0), Some(2));
 
     // A frame sent on the second transmit queue (index 3) leaves through the
     // second backend.

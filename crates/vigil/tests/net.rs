@@ -647,52 +647,61 @@ fn udp_with_partial_checksums(guest_csum: u8, partial: u8) {
 /// over its queues by flow hash.
 #[test]
 fn two_queue_pairs_carry_frames_both_ways() {
-    in_netns(|| {
-        if !can_use_tun() {
-            return;
-        }
-        let name = format!("vgmq{}", std::process::id() % 100_000);
-        let tap = match TestTap::create_multi_queue(&name) {
-            Ok(tap) => tap,
-            Err(e) => return eprintln!("SKIP: cannot create a multi-queue tap {name}: {e}"),
-        };
-        tap.set_ipv4(std::net::Ipv4Addr::new(10, 99, 0, 1)).unwrap();
-        let socket = PacketSocket::bind(&name);
-        let child = vigil()
-            .args(["run", "--net"])
-            .arg(format!("tap={name},queue_pairs=2"))
-            .args(["--cmdline", "test=net-mq"])
-            .spawn()
-            .unwrap();
-        // The guest's frame from each transmit queue.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        while seen.len() < 2 && Instant::now() < deadline {
-            if let Some(frame) = socket.recv() {
-                if let Some(rest) = frame[14..].strip_prefix(b"vigil-net-mq-tx") {
-                    seen.push(rest[0]);
-                }
+    in_netns(|| two_queue_pairs(&[]));
+}
+
+/// The same over virtio-pci: five queues, each with its MSI-X vector.
+#[test]
+fn two_queue_pairs_carry_frames_both_ways_over_pci() {
+    in_netns(|| two_queue_pairs(&["--enable-pci"]));
+}
+
+fn two_queue_pairs(extra: &[&str]) {
+    if !can_use_tun() {
+        return;
+    }
+    let name = format!("vgmq{}", std::process::id() % 100_000);
+    let tap = match TestTap::create_multi_queue(&name) {
+        Ok(tap) => tap,
+        Err(e) => return eprintln!("SKIP: cannot create a multi-queue tap {name}: {e}"),
+    };
+    tap.set_ipv4(std::net::Ipv4Addr::new(10, 99, 0, 1)).unwrap();
+    let socket = PacketSocket::bind(&name);
+    let child = vigil()
+        .args(["run", "--net"])
+        .arg(format!("tap={name},queue_pairs=2"))
+        .args(["--cmdline", "test=net-mq"])
+        .args(extra)
+        .spawn()
+        .unwrap();
+    // The guest's frame from each transmit queue.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while seen.len() < 2 && Instant::now() < deadline {
+        if let Some(frame) = socket.recv() {
+            if let Some(rest) = frame[14..].strip_prefix(b"vigil-net-mq-tx") {
+                seen.push(rest[0]);
             }
         }
-        seen.sort_unstable();
-        if seen != b"01" {
-            let r = finish(child, TIMEOUT);
-            panic!("frames from the guest's transmit queues: {seen:?}\n{r}");
-        }
-        // Datagrams of 64 flows (source ports) to the subnet's broadcast address.
-        for _ in 0..64 {
-            let udp = std::net::UdpSocket::bind("10.99.0.1:0").unwrap();
-            udp.set_broadcast(true).unwrap();
-            udp.send_to(b"vigil-net-mq-host", "10.99.0.255:5000")
-                .unwrap();
-        }
+    }
+    seen.sort_unstable();
+    if seen != b"01" {
         let r = finish(child, TIMEOUT);
-        assert_eq!(
-            r.line("TEST net-mq "),
-            "TEST net-mq PASS pairs=2 tx=2 rx_queues=2",
-            "{r}"
-        );
-    });
+        panic!("frames from the guest's transmit queues: {seen:?}\n{r}");
+    }
+    // Datagrams of 64 flows (source ports) to the subnet's broadcast address.
+    for _ in 0..64 {
+        let udp = std::net::UdpSocket::bind("10.99.0.1:0").unwrap();
+        udp.set_broadcast(true).unwrap();
+        udp.send_to(b"vigil-net-mq-host", "10.99.0.255:5000")
+            .unwrap();
+    }
+    let r = finish(child, TIMEOUT);
+    assert_eq!(
+        r.line("TEST net-mq "),
+        "TEST net-mq PASS pairs=2 tx=2 rx_queues=2",
+        "{r}"
+    );
 }
 
 /// `queue_pairs` out of range is refused, naming the option.

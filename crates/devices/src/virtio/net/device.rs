@@ -871,6 +871,15 @@ impl VirtioDevice for Net {
             .collect()
     }
 
+    /// A tap queue's frames go to its pair's receive queue only (with MSI-X,
+    /// that queue's vector alone fires).
+    fn fd_queue(&self, fd: RawFd) -> Option<usize> {
+        self.pairs
+            .iter()
+            .position(|pair| pair.tap.as_raw_fd() == fd)
+            .map(|p| 2 * p + RX)
+    }
+
     fn process_fd(
         &mut self,
         fd: RawFd,
