@@ -704,6 +704,27 @@ fn two_queue_pairs(extra: &[&str]) {
     );
 }
 
+/// `queue_pairs=2` on a tap made without `multi_queue` fails at start-up with
+/// an error that says what the tap needs.
+#[test]
+fn queue_pairs_on_a_plain_tap_say_what_it_needs() {
+    in_netns(|| {
+        let Some((tap, _socket)) = test_tap("vgpl") else {
+            return;
+        };
+        let r = common::run(
+            &["run", "--net", &format!("tap={},queue_pairs=2", tap.name())],
+            TIMEOUT,
+        );
+        assert_ne!(r.code, Some(0), "{r}");
+        assert!(
+            r.stderr
+                .contains("queue_pairs above 1 needs a multi-queue tap"),
+            "{r}"
+        );
+    });
+}
+
 /// `queue_pairs` out of range is refused, naming the option.
 #[test]
 fn queue_pairs_out_of_range_is_named() {

@@ -74,8 +74,12 @@ const LINK_UP: u16 = 1;
 /// Errors attaching a network interface.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("host_dev_name {tap:?}: cannot open or create the tap: {source} (this needs /dev/net/tun and root or CAP_NET_ADMIN, unless the tap was created for this user)")]
-    Open { tap: String, source: std::io::Error },
+    #[error("host_dev_name {tap:?}: cannot open or create the tap: {source} ({hint})")]
+    Open {
+        tap: String,
+        source: std::io::Error,
+        hint: &'static str,
+    },
 }
 
 impl FieldError for NetError {
@@ -152,11 +156,21 @@ pub struct Net {
 impl Net {
     /// Opens (or creates) the tap of `config`.
     pub fn new(config: &NetConfig) -> Result<Self, NetError> {
-        let taps =
-            Tap::open_queues(&config.tap, config.queue_pairs).map_err(|source| NetError::Open {
+        let taps = Tap::open_queues(&config.tap, config.queue_pairs).map_err(|source| {
+            // A tap made without IFF_MULTI_QUEUE refuses a queue opened with it.
+            let hint = if config.queue_pairs > 1 && source.raw_os_error() == Some(libc::EINVAL) {
+                "queue_pairs above 1 needs a multi-queue tap: one made with `ip tuntap add NAME \
+                 mode tap multi_queue`, or none of that name, for Vigil to create"
+            } else {
+                "this needs /dev/net/tun and root or CAP_NET_ADMIN, unless the tap was created \
+                 for this user"
+            };
+            NetError::Open {
                 tap: config.tap.clone(),
                 source,
-            })?;
+                hint,
+            }
+        })?;
         Ok(Self::with_taps(taps, config))
     }
 
