@@ -214,6 +214,13 @@ impl Net {
         net
     }
 
+    /// The pair whose tap queue is `fd`.
+    fn pair_of(&self, fd: RawFd) -> Option<usize> {
+        self.pairs
+            .iter()
+            .position(|pair| pair.tap.as_raw_fd() == fd)
+    }
+
     /// The interface's name (its tap's).
     pub(super) fn tap_name(&self) -> &str {
         self.pairs.first().map_or("", |p| p.tap.name())
@@ -888,10 +895,7 @@ impl VirtioDevice for Net {
     /// A tap queue's frames go to its pair's receive queue only (with MSI-X,
     /// that queue's vector alone fires).
     fn fd_queue(&self, fd: RawFd) -> Option<usize> {
-        self.pairs
-            .iter()
-            .position(|pair| pair.tap.as_raw_fd() == fd)
-            .map(|p| 2 * p + RX)
+        self.pair_of(fd).map(|p| 2 * p + RX)
     }
 
     fn process_fd(
@@ -901,11 +905,7 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<QueueOutcome, DeviceBroken> {
-        let Some(p) = self
-            .pairs
-            .iter()
-            .position(|pair| pair.tap.as_raw_fd() == fd)
-        else {
+        let Some(p) = self.pair_of(fd) else {
             return Ok(QueueOutcome::Done(false));
         };
         match queues.get_mut(2 * p + RX).filter(|q| q.ready()) {
