@@ -265,6 +265,35 @@ fn a_large_frame_spans_mergeable_buffers_published_together() {
     assert_eq!(got[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
 }
 
+/// A frame that does not fit the buffer it was read into goes on over more
+/// (mergeable buffers); the buffer first tried is charged to the pass once,
+/// so one pass fills a queue's worth of buffers: 5 frames over 3 each of 16.
+#[test]
+fn a_pass_fills_a_queues_worth_of_buffers_with_frames_over_several() {
+    const MRG_RXBUF: u64 = 1 << 15;
+    let mem = memory(1 << 20);
+    let (mut dev, host) = net();
+    dev.ack_features(dev.features() & MRG_RXBUF);
+    let mut d = Driver::at(&mem, 0x20000, QSIZE);
+    let mut queues = vec![d.queue(), Queue::new(QSIZE).unwrap()];
+    let mut f = vec![0xaa; VNET_HDR_LEN];
+    f.extend((0..1514u32).map(|i| (i % 251) as u8));
+    for _ in 0..5 {
+        send(&host, &f);
+    }
+    for i in 0..u64::from(QSIZE) {
+        d.add(&[(RX_BUF + i * 0x1000, 512, F_WRITE)]);
+    }
+    let fd = tap_fd(&mut dev);
+    let r = dev.process_fd(fd, EventSet::IN, &mut queues, &mem);
+    assert_eq!(r, Ok(QueueOutcome::Done(true)));
+    assert_eq!(d.used_idx(), 15, "five frames of three buffers each");
+    assert_eq!(
+        (0..15).map(|i| d.used(i).1).collect::<Vec<_>>(),
+        [512, 512, 1526 - 1024].repeat(5)
+    );
+}
+
 /// With the checksum and TSO offloads accepted, a frame's partial checksum and
 /// segmentation reach the backend in its header (the tap finishes them); a
 /// segmentation the driver did not accept, or one without a partial checksum,

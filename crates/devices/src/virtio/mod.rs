@@ -338,6 +338,14 @@ impl<'m> Budget<'m> {
         }
     }
 
+    /// Puts the chain [`pop_single`] took last back on `queue` for
+    /// [`pop_chain`] to take at once, with its share: one buffer is one
+    /// buffer's worth of the pass, whichever path takes it.
+    pub(crate) fn put_back_single(&mut self, queue: &mut Queue) {
+        queue.go_to_previous_position();
+        self.left += 1;
+    }
+
     /// The available ring and the descriptor table of `queue`, when each lies
     /// in one memory region.
     fn rings(

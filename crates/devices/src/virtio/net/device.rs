@@ -442,7 +442,7 @@ impl Net {
                             Step::Deliver => {}
                         }
                     }
-                    queue.go_to_previous_position();
+                    budget.put_back_single(queue);
                 }
             }
             let chain = match pop_chain(queue, mem, &mut budget)? {
