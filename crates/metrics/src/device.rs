@@ -76,6 +76,10 @@ pub struct DeviceCounters {
     /// virtio-net): below the requests when the driver batches with event
     /// indices, and far below while the loop polls the rings.
     pub notifications: Counter,
+    /// Requests moved by the same system call as the one before them
+    /// (virtio-blk's synchronous engine: contiguous reads or writes taken
+    /// together); a request moved on its own is not counted.
+    pub merged: Counter,
     /// Balloon only: pages (4 KiB) the driver says it holds (`actual`).
     pub balloon_actual_pages: Gauge,
     /// Balloon only: pages (4 KiB) the device asks for (`num_pages`).
@@ -134,6 +138,7 @@ impl DeviceCounters {
             throttled: self.throttled.get(),
             interrupts: self.interrupts.get(),
             notifications: self.notifications.get(),
+            merged: self.merged.get(),
             balloon,
         }
     }
@@ -157,6 +162,9 @@ pub struct DeviceSnapshot {
     /// Queue notifications (see [`DeviceCounters::notifications`]).
     #[serde(default)]
     pub notifications: u64,
+    /// Requests merged (see [`DeviceCounters::merged`]).
+    #[serde(default)]
+    pub merged: u64,
     /// Present for a balloon.
     pub balloon: Option<BalloonSnapshot>,
 }
@@ -185,6 +193,7 @@ mod tests {
         c.throttled.add(2);
         c.interrupts.add(3);
         c.notifications.add(5);
+        c.merged.add(7);
         let s = c.snapshot();
         assert_eq!(
             s,
@@ -200,6 +209,7 @@ mod tests {
                 throttled: 2,
                 interrupts: 3,
                 notifications: 5,
+                merged: 7,
                 balloon: None,
             }
         );

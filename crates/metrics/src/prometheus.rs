@@ -343,7 +343,7 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
-    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 4] = [
+    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 5] = [
         (
             "vigil_device_errors_total",
             "Failed requests and dropped frames or packets.",
@@ -363,6 +363,11 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             "vigil_device_notifications_total",
             "Queue notifications the device event loop took.",
             |d| d.notifications,
+        ),
+        (
+            "vigil_device_merged_total",
+            "Requests moved by one system call with the request before them.",
+            |d| d.merged,
         ),
     ];
     for (name, help, get) in per_device {

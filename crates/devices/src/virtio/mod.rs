@@ -482,21 +482,73 @@ pub(crate) enum Publish {
     ByAge,
 }
 
-/// Hands the chains the driver made available on `queue` to `serve`, one at a
-/// time and at most one queue's worth ([`Budget`]), and gives each back as `serve`
-/// says, published as `publish` says. Returns `Done` once the queue is empty,
-/// `RetryAfter(YIELD)` when the budget ran out with more available, and
-/// `RetryAfter(wait)` when `serve` said wait; the flag says whether any chain went
-/// back to the driver. Whatever ends the pass, an error included, every chain
-/// served goes back first: a device that breaks loses at most the chain it broke on.
+/// What [`serve_chains_with`] hands a queue's chains to: a closure taking one
+/// chain, or a device that holds chains during the pass and gives them back
+/// together ([`Server::release`]).
+pub(crate) trait Server<'a> {
+    /// Serves one chain.
+    fn serve(
+        &mut self,
+        chain: DescriptorChain<&'a GuestMemoryMmap>,
+    ) -> Result<Served, DeviceBroken>;
+
+    /// Gives back into `batch` the chains held (`Served::Kept`) that are done
+    /// by now: called after each chain served (before what was said of that
+    /// chain takes effect), and with `idle` when the queue ran empty or the
+    /// pass ends, when nothing may stay held.
+    fn release(
+        &mut self,
+        _queue: &mut Queue,
+        _mem: &GuestMemoryMmap,
+        _batch: &mut UsedBatch,
+        _idle: bool,
+    ) -> Result<(), DeviceBroken> {
+        Ok(())
+    }
+}
+
+impl<'a, F> Server<'a> for F
+where
+    F: FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
+{
+    fn serve(
+        &mut self,
+        chain: DescriptorChain<&'a GuestMemoryMmap>,
+    ) -> Result<Served, DeviceBroken> {
+        self(chain)
+    }
+}
+
+/// [`serve_chains_with`] a closure that serves one chain at a time.
 pub(crate) fn serve_chains<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
     publish: Publish,
-    mut serve: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
+    serve: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
+) -> Result<QueueOutcome, DeviceBroken> {
+    serve_chains_with(queue, mem, publish, serve)
+}
+
+/// Hands the chains the driver made available on `queue` to `server`, one at a
+/// time and at most one queue's worth ([`Budget`]), and gives each back as it
+/// says, published as `publish` says. Returns `Done` once the queue is empty,
+/// `RetryAfter(YIELD)` when the budget ran out with more available, and
+/// `RetryAfter(wait)` when `server` said wait; the flag says whether any chain went
+/// back to the driver. Whatever ends the pass, an error included, every chain
+/// served (and released) goes back first: a device that breaks loses at most
+/// the chain it broke on.
+pub(crate) fn serve_chains_with<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+    publish: Publish,
+    mut server: impl Server<'a>,
 ) -> Result<QueueOutcome, DeviceBroken> {
     with_used_batch(queue, mem, publish, |queue, batch| {
-        serve_pass(queue, mem, &mut serve, batch)
+        let outcome = serve_pass(queue, mem, &mut server, batch);
+        let released = server.release(queue, mem, batch, true);
+        let outcome = outcome?;
+        released?;
+        Ok(outcome)
     })
 }
 
@@ -586,12 +638,16 @@ impl UsedBatch {
 fn serve_pass<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
-    serve: &mut impl FnMut(DescriptorChain<&'a GuestMemoryMmap>) -> Result<Served, DeviceBroken>,
+    server: &mut impl Server<'a>,
     batch: &mut UsedBatch,
 ) -> Result<QueueOutcome, DeviceBroken> {
     let mut budget = Budget::of(queue);
     loop {
-        let chain = match pop_chain(queue, mem, &mut budget)? {
+        let next = pop_chain(queue, mem, &mut budget)?;
+        if let Next::Empty = next {
+            server.release(queue, mem, batch, true)?;
+        }
+        let chain = match next {
             Next::Chain(chain) => chain,
             // What was served reaches the driver before the device looks
             // again: a driver polling the ring adds its next requests at once,
@@ -615,7 +671,10 @@ fn serve_pass<'a>(
                 queue.size()
             )));
         }
-        match serve(chain)? {
+        let served = server.serve(chain)?;
+        // Chains done before this one go back before it.
+        server.release(queue, mem, batch, false)?;
+        match served {
             Served::Used(len) => batch.push(queue, mem, head, len)?,
             Served::Kept { release: None } => {}
             Served::Kept {

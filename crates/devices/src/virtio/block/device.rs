@@ -17,15 +17,15 @@ use super::request::{
     Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
-use super::uring::{transfer, Done, Submission, Uring};
+use super::run::Run;
+use super::uring::{Done, Submission, Uring};
 use crate::persist::Persist;
 use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
-use crate::virtio::iov::Iovecs;
 use crate::virtio::persist::DeviceState;
 use crate::virtio::{
-    add_used_together, copy_config, serve_chains, DeviceBroken, Publish, QueueOutcome, Served,
-    VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
+    add_used_together, copy_config, serve_chains_with, DeviceBroken, Publish, QueueOutcome, Served,
+    Server, UsedBatch, VirtioDevice, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 use vigil_model::config::drive::MAX_DRIVE_QUEUES;
 use vigil_model::config::{DriveConfig, FieldError, IoEngine};
@@ -66,14 +66,15 @@ pub struct Block {
     /// The asynchronous engine's rings (`io_engine` Async), one per queue, so
     /// that a completion goes back on its own queue; empty for Sync.
     urings: Vec<Uring>,
-    /// The asynchronous engine's lists, kept between requests (no allocation
-    /// per request): the chain's buffers, a request's data buffers, completions.
+    /// Lists kept between requests (no allocation per request): the chain's
+    /// buffers, a request's data buffers, reads and writes completed (by
+    /// either engine) and not yet given back.
     readable: Vec<(GuestAddress, usize)>,
     writable: Vec<(GuestAddress, usize)>,
     segments: Vec<(GuestAddress, usize)>,
-    /// The synchronous engine's iovec list for them, kept between requests.
-    iovecs: Iovecs,
     done: Vec<Done>,
+    /// The synchronous engine's reads or writes held to be moved together.
+    run: Run,
     requests: u64,
     errors: u64,
     metrics: Arc<DeviceCounters>,
@@ -175,8 +176,8 @@ impl Block {
             readable: Vec::new(),
             writable: Vec::new(),
             segments: Vec::new(),
-            iovecs: Iovecs::default(),
             done: Vec::new(),
+            run: Run::default(),
             requests: 0,
             errors: 0,
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Block, config.id.clone())),
@@ -398,7 +399,7 @@ impl Block {
 
     /// Where a read, write or flush the synchronous path would not refuse at
     /// once goes, for the asynchronous engine and for the synchronous one's
-    /// direct reads and writes ([`transfer`]): its data buffers into
+    /// direct reads and writes ([`Run`]): its data buffers into
     /// `self.segments` (a read's: the device-writable bytes but the last; a
     /// write's: the device-readable bytes after the header), and its byte offset
     /// and status byte (the last device-writable byte, as `Request::parse` split
@@ -427,10 +428,18 @@ impl Block {
         Some((header.sector.saturating_mul(SECTOR_SIZE), status))
     }
 
-    /// Gives completed asynchronous requests (in `self.done`) back to the
+    /// Gives completed reads, writes and flushes (in `self.done`) back to the
     /// driver: status written, chain used. Whether any was.
     fn complete(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
         // Published together: a driver polling the ring takes the batch in one look.
+        let used = self.take_done(mem);
+        add_used_together(queue, mem, &used)?;
+        Ok(!used.is_empty())
+    }
+
+    /// Ends every request in `self.done` ([`Self::finish`]): the used entries
+    /// they go back with.
+    fn take_done(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
         let mut used = Vec::with_capacity(self.done.len());
         for i in 0..self.done.len() {
             let Done {
@@ -441,13 +450,12 @@ impl Block {
                 result,
             } = self.done[i];
             if moved.is_none() {
-                tracing::warn!(kind, result, "virtio-blk asynchronous request failed");
+                tracing::warn!(kind, result, "virtio-blk request failed");
             }
             used.push((head, self.finish(mem, head, kind, status, moved)));
         }
         self.done.clear();
-        add_used_together(queue, mem, &used)?;
-        Ok(!used.is_empty())
+        used
     }
 
     /// Ends a read, a write or a flush that moved `moved` bytes (`None`: it
@@ -504,6 +512,94 @@ impl Block {
         self.complete(queue, mem)
     }
 
+    /// Ends the run: its requests' outcomes into `self.done`.
+    fn end_run(&mut self, mem: &GuestMemoryMmap) {
+        let merged = self.run.end(&self.file, mem, &mut self.done);
+        self.metrics.merged.add(merged);
+    }
+
+    /// Serves one request of queue `index`, or holds it in the run.
+    fn serve_request(
+        &mut self,
+        index: usize,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Served, DeviceBroken> {
+        let head = chain.head_index();
+        let is_async = !self.urings.is_empty();
+        self.note_buffers(&chain);
+        let Some(request) = Request::parse(chain, mem) else {
+            // Still an operation: a guest cannot flood the device with garbage.
+            if let Err(wait) = self.limiter.consume(0) {
+                self.metrics.throttled.inc();
+                return Ok(Served::Wait(wait));
+            }
+            tracing::warn!(
+                head,
+                "malformed virtio-blk request; completed without a status"
+            );
+            self.errors += 1;
+            self.metrics.errors.inc();
+            return Ok(Served::Used(0));
+        };
+        if let Err(wait) = self.charge(&request) {
+            self.metrics.throttled.inc();
+            return Ok(Served::Wait(wait));
+        }
+        let direct = self.async_request(&request);
+        if let (Some((offset, status)), false, T_IN | T_OUT) =
+            (direct, is_async, request.header.kind)
+        {
+            // Straight between the image and the request's buffers, with
+            // those before it when it continues them.
+            let kind = request.header.kind;
+            if !self.run.continues(kind, offset, &self.segments) {
+                self.end_run(mem);
+            }
+            if self
+                .run
+                .hold(mem, head, kind, offset, status, &self.segments)
+            {
+                if self.run.full() {
+                    self.end_run(mem);
+                }
+                return Ok(Served::Kept { release: None });
+            }
+            // Buffers across a memory region boundary: through `serve`.
+        }
+        self.end_run(mem);
+        if let Some((offset, status)) = direct.filter(|_| is_async) {
+            let submission = Submission {
+                head,
+                kind: request.header.kind,
+                offset,
+                status,
+                segments: &self.segments,
+            };
+            match self
+                .urings
+                .get_mut(index)
+                .and_then(|u| u.push(&self.file, mem, &submission))
+            {
+                Some(true) => return Ok(Served::Kept { release: None }),
+                // Never: there are as many slots as queue entries.
+                Some(false) => {
+                    return Err(DeviceBroken(
+                        "more virtio-blk requests in flight than queue entries".into(),
+                    ))
+                }
+                // Buffers across a memory region boundary: served here.
+                None => {}
+            }
+        }
+        Ok(Served::Used(self.serve(request).unwrap_or_else(|| {
+            tracing::warn!(head, "virtio-blk status not writable");
+            self.errors += 1;
+            self.metrics.errors.inc();
+            0
+        })))
+    }
+
     /// Notes the device-readable and device-writable buffers of `chain`, in order.
     fn note_buffers(&mut self, chain: &DescriptorChain<&GuestMemoryMmap>) {
         self.readable.clear();
@@ -516,6 +612,46 @@ impl Block {
                 self.readable.push(buffer);
             }
         }
+    }
+}
+
+/// One pass over queue `index`: each request served, or held in the
+/// synchronous engine's run and given back as soon as the run ends (it is
+/// full, the next request does not continue it, the queue ran empty or the
+/// pass ends), published at once: the run already made its requests wait
+/// for each other, and a driver keeping the queue deep adds more meanwhile.
+struct Pass<'d, 'a> {
+    block: &'d mut Block,
+    index: usize,
+    mem: &'a GuestMemoryMmap,
+}
+
+impl<'a> Server<'a> for Pass<'_, 'a> {
+    fn serve(
+        &mut self,
+        chain: DescriptorChain<&'a GuestMemoryMmap>,
+    ) -> Result<Served, DeviceBroken> {
+        self.block.serve_request(self.index, chain, self.mem)
+    }
+
+    fn release(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        batch: &mut UsedBatch,
+        idle: bool,
+    ) -> Result<(), DeviceBroken> {
+        let block = &mut *self.block;
+        if idle {
+            block.end_run(mem);
+        }
+        if block.done.is_empty() {
+            return Ok(());
+        }
+        for (head, len) in block.take_done(mem) {
+            batch.push(queue, mem, head, len)?;
+        }
+        batch.publish(queue, mem)
     }
 }
 
@@ -634,90 +770,16 @@ impl VirtioDevice for Block {
             }
             return Ok(QueueOutcome::Done(false));
         }
-        let outcome = serve_chains(queue, mem, Publish::ByAge, |chain| {
-            let head = chain.head_index();
-            let is_async = !self.urings.is_empty();
-            self.note_buffers(&chain);
-            let Some(request) = Request::parse(chain, mem) else {
-                // Still an operation: a guest cannot flood the device with garbage.
-                if let Err(wait) = self.limiter.consume(0) {
-                    self.metrics.throttled.inc();
-                    return Ok(Served::Wait(wait));
-                }
-                tracing::warn!(
-                    head,
-                    "malformed virtio-blk request; completed without a status"
-                );
-                self.errors += 1;
-                self.metrics.errors.inc();
-                return Ok(Served::Used(0));
-            };
-            if let Err(wait) = self.charge(&request) {
-                self.metrics.throttled.inc();
-                return Ok(Served::Wait(wait));
-            }
-            let direct = self.async_request(&request);
-            if let (Some((offset, status)), false, T_IN | T_OUT) =
-                (direct, is_async, request.header.kind)
-            {
-                // Straight between the image and the request's buffers.
-                let kind = request.header.kind;
-                let len = self.segments.iter().map(|&(_, n)| n).sum::<usize>();
-                // Buffers across a memory region boundary (`None`): through `serve`.
-                let moved = transfer(
-                    &self.file,
-                    mem,
-                    kind,
-                    offset,
-                    &self.segments,
-                    &mut self.iovecs,
-                );
-                if let Some(result) = moved {
-                    let moved = match result {
-                        Ok(n) if n == len => Some(n),
-                        Ok(n) => {
-                            tracing::warn!(kind, len, n, "virtio-blk request cut short");
-                            None
-                        }
-                        Err(e) => {
-                            tracing::warn!(kind, "virtio-blk request failed: {e}");
-                            None
-                        }
-                    };
-                    return Ok(Served::Used(self.finish(mem, head, kind, status, moved)));
-                }
-            }
-            if let Some((offset, status)) = direct.filter(|_| is_async) {
-                let submission = Submission {
-                    head,
-                    kind: request.header.kind,
-                    offset,
-                    status,
-                    segments: &self.segments,
-                };
-                match self
-                    .urings
-                    .get_mut(index)
-                    .and_then(|u| u.push(&self.file, mem, &submission))
-                {
-                    Some(true) => return Ok(Served::Kept { release: None }),
-                    // Never: there are as many slots as queue entries.
-                    Some(false) => {
-                        return Err(DeviceBroken(
-                            "more virtio-blk requests in flight than queue entries".into(),
-                        ))
-                    }
-                    // Buffers across a memory region boundary: served here.
-                    None => {}
-                }
-            }
-            Ok(Served::Used(self.serve(request).unwrap_or_else(|| {
-                tracing::warn!(head, "virtio-blk status not writable");
-                self.errors += 1;
-                self.metrics.errors.inc();
-                0
-            })))
-        })?;
+        let outcome = serve_chains_with(
+            queue,
+            mem,
+            Publish::ByAge,
+            Pass {
+                block: self,
+                index,
+                mem,
+            },
+        )?;
         let completed = self.submit(index, queue, mem)?;
         Ok(match outcome {
             QueueOutcome::Done(used) => QueueOutcome::Done(used || completed),

@@ -5,6 +5,7 @@
 mod device;
 mod persist;
 mod request;
+mod run;
 mod uring;
 
 pub use device::{Block, BlockError};

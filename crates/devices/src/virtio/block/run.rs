@@ -1,0 +1,176 @@
+//! The synchronous engine's runs: reads (or writes) that follow each other in
+//! the image, taken in one pass over a queue, are held back and moved by one
+//! `preadv` (`pwritev`) over all their buffers, as QEMU merges a queue's
+//! requests. Each call into the image has a cost of its own (into a page
+//! cache of large folios, a 4 KiB write walks the whole folio: BENCHMARKS.md,
+//! "Runs"); a driver that keeps many small sequential requests in flight pays
+//! it once per run instead of once per request.
+//!
+//! A run ends at the first request that does not continue it, before anything
+//! else the device does, and at the end of the pass: requests take effect in
+//! the order the driver made them available, and none is held between passes
+//! (a snapshot, a reset or a quiesce never finds one).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use vm_memory::GuestAddress;
+
+use super::request::T_IN;
+use super::uring::{transfer, Done};
+use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
+use crate::GuestMemoryMmap;
+
+/// The most bytes a run moves: past it the copy outgrows the CPU's caches
+/// (2 MiB writes of 64 KiB requests were slower than 512 KiB ones).
+const MAX_BYTES: usize = 256 << 10;
+/// The most requests a run holds: the driver sees the first of a deep queue
+/// come back while the device moves the rest, rather than all at the end.
+const MAX_REQUESTS: usize = 16;
+/// The most buffers a run hands the kernel (what one call takes).
+const MAX_BUFFERS: usize = libc::UIO_MAXIOV as usize;
+
+/// A request held in a run.
+struct Held {
+    head: u16,
+    status: GuestAddress,
+    /// Its bytes.
+    len: usize,
+    /// Where its buffers start in the run's `segments`.
+    first: usize,
+}
+
+/// Reads or writes held back to be moved together (see the module's text).
+#[derive(Default)]
+pub(super) struct Run {
+    /// `T_IN` or `T_OUT`, for every request held.
+    kind: u32,
+    /// The image's byte offset of the first.
+    offset: u64,
+    /// Bytes of all of them.
+    len: usize,
+    held: Vec<Held>,
+    /// Their data buffers in guest memory, in order, and the same as the
+    /// kernel sees them.
+    segments: Vec<(GuestAddress, usize)>,
+    iovecs: Iovecs,
+    /// One request's iovecs, before they join the run's.
+    scratch: Iovecs,
+}
+
+impl Run {
+    /// Whether a `kind` request at byte `offset` over `segments` may join the
+    /// run: any may join an empty one; else one of the same kind that starts
+    /// where the run ends, within its limits.
+    pub(super) fn continues(
+        &self,
+        kind: u32,
+        offset: u64,
+        segments: &[(GuestAddress, usize)],
+    ) -> bool {
+        let len = segments.iter().map(|&(_, n)| n).sum::<usize>();
+        self.held.is_empty()
+            || (kind == self.kind
+                && Some(offset) == self.offset.checked_add(self.len as u64)
+                && self.len + len <= MAX_BYTES
+                && self.segments.len() + segments.len() <= MAX_BUFFERS)
+    }
+
+    /// Whether the run holds as many requests or bytes as it may: it ends now.
+    pub(super) fn full(&self) -> bool {
+        self.held.len() >= MAX_REQUESTS || self.len >= MAX_BYTES
+    }
+
+    /// Holds the request at `head` ([`Self::continues`] said it may join);
+    /// false, and the run as it was, when its buffers are not guest memory
+    /// the kernel can be handed (one across a region boundary).
+    pub(super) fn hold(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        kind: u32,
+        offset: u64,
+        status: GuestAddress,
+        segments: &[(GuestAddress, usize)],
+    ) -> bool {
+        let Some(len) = guest_iovecs(mem, segments, 0, &mut self.scratch.0) else {
+            return false;
+        };
+        if self.held.is_empty() {
+            self.kind = kind;
+            self.offset = offset;
+            self.len = 0;
+        }
+        self.held.push(Held {
+            head,
+            status,
+            len,
+            first: self.segments.len(),
+        });
+        self.segments.extend_from_slice(segments);
+        self.iovecs.0.extend_from_slice(&self.scratch.0);
+        self.len += len;
+        true
+    }
+
+    /// Moves the run's bytes between `file` and guest memory (`mem`, the
+    /// memory of the pass that held them) and appends each request's outcome
+    /// to `done`. One call for the whole run; when it fails or moves less,
+    /// each request again on its own, so that each gets its own status (moving
+    /// the same bytes twice changes nothing). Empty after. Returns how many
+    /// requests went with the one before them.
+    pub(super) fn end(&mut self, file: &File, mem: &GuestMemoryMmap, done: &mut Vec<Done>) -> u64 {
+        if self.held.is_empty() {
+            return 0;
+        }
+        let count = self.iovecs.0.len() as libc::c_int;
+        let at = self.offset as libc::off_t;
+        // SAFETY: the iovecs point into guest memory (`hold` built them from
+        // `mem`'s regions, mapped while it is borrowed: the same pass), each as
+        // long as it says; the kernel writes (a read) or reads (a write) at most that.
+        let n = unsafe {
+            if self.kind == T_IN {
+                libc::preadv(file.as_raw_fd(), self.iovecs.0.as_ptr(), count, at)
+            } else {
+                libc::pwritev(file.as_raw_fd(), self.iovecs.0.as_ptr(), count, at)
+            }
+        };
+        let whole = usize::try_from(n).ok() == Some(self.len);
+        if whole && self.kind == T_IN {
+            mark_written(mem, &self.segments, self.len);
+        }
+        let mut offset = self.offset;
+        let bytes = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        for (i, held) in self.held.iter().enumerate() {
+            let (moved, result) = if whole {
+                (Some(held.len), bytes(held.len))
+            } else {
+                let end = self
+                    .held
+                    .get(i + 1)
+                    .map_or(self.segments.len(), |h| h.first);
+                let segments = &self.segments[held.first..end];
+                match transfer(file, mem, self.kind, offset, segments, &mut self.scratch) {
+                    Some(Ok(n)) if n == held.len => (Some(n), bytes(n)),
+                    // Cut short: the bytes it moved, for the log.
+                    Some(Ok(n)) => (None, bytes(n)),
+                    Some(Err(e)) => (None, -e.raw_os_error().unwrap_or(libc::EIO)),
+                    None => (None, -libc::EFAULT),
+                }
+            };
+            done.push(Done {
+                head: held.head,
+                kind: self.kind,
+                status: held.status,
+                moved,
+                result,
+            });
+            offset += held.len as u64;
+        }
+        let merged = if whole { self.held.len() as u64 - 1 } else { 0 };
+        self.held.clear();
+        self.segments.clear();
+        self.iovecs.0.clear();
+        merged
+    }
+}
