@@ -440,8 +440,9 @@ pub struct RunArgs {
     /// requests: bw=BYTES/s, bw_burst=BYTES, ops=REQUESTS/s, ops_burst=REQUESTS; on
     /// reads alone: rd_bw, rd_bw_burst, rd_ops, rd_ops_burst; on writes (and discard,
     /// write-zeroes) alone: wr_bw, wr_bw_burst, wr_ops, wr_ops_burst (sizes take K,
-    /// M, G suffixes); io_engine=sync|async: sync (default) serves one request at a
-    /// time on the device thread, async submits reads, writes and flushes to
+    /// M, G suffixes); io_engine=sync|async: sync (default) serves requests on the
+    /// device thread (contiguous reads or writes taken together in one system
+    /// call), async submits reads, writes and flushes to
     /// io_uring, many in flight (Firecracker's io_engine "Async"; refused where the
     /// host has no io_uring); num_queues=N: request queues, 1 (default) to 16
     /// (VIRTIO_BLK_F_MQ above 1: a guest gives each vCPU its own). Example:

@@ -27,7 +27,9 @@ fn assert_deep_queue_batches(b: &Bench) {
     );
 }
 
-/// Both engines; `blk_requests=` sets how many requests go each way.
+/// Both engines; `blk_requests=` sets how many requests go each way. The
+/// guest's requests are sequential: the synchronous engine moves runs of them
+/// in one system call (`merged`), the asynchronous one each on its own.
 #[test]
 fn at_queue_depth_32_with_event_idx_interrupts_come_per_batch() {
     for engine in ["sync", "async"] {
@@ -40,6 +42,16 @@ fn at_queue_depth_32_with_event_idx_interrupts_come_per_batch() {
         assert_deep_queue_batches(&b);
         assert_eq!(b.figure("requests"), 6000);
         assert_eq!(b.metric("read_bytes"), 6000 * 4096, "{}", b.block);
+        let merged = b.metric("merged");
+        match engine {
+            "sync" => assert!(
+                merged > 0 && merged < b.requests(),
+                "{merged} of {} requests merged: {}",
+                b.requests(),
+                b.block
+            ),
+            _ => assert_eq!(merged, 0, "{}", b.block),
+        }
     }
 }
 
