@@ -135,9 +135,12 @@ impl Run {
                 libc::pwritev(file.as_raw_fd(), self.iovecs.0.as_ptr(), count, at)
             }
         };
-        let whole = usize::try_from(n).ok() == Some(self.len);
-        if whole && self.kind == T_IN {
-            mark_written(mem, &self.segments, self.len);
+        let moved = usize::try_from(n).unwrap_or(0);
+        let whole = moved == self.len;
+        // What a read wrote is dirty, even a read cut short that each request
+        // then reads again.
+        if self.kind == T_IN {
+            mark_written(mem, &self.segments, moved);
         }
         let mut offset = self.offset;
         let bytes = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
