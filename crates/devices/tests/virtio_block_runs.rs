@@ -1,7 +1,8 @@
-//! virtio-blk's synchronous engine moves contiguous reads or writes taken in one
-//! pass by one system call (a run): each still completes with its own status and
-//! used length, in effect in the order the driver made them available, and a
-//! run cut short gives each request what it alone got.
+//! virtio-blk moves contiguous reads or writes taken in one pass together (a
+//! run: one system call, or one io_uring entry on the asynchronous engine):
+//! each still completes with its own status and used length, on the
+//! synchronous engine in effect in the order the driver made them available,
+//! and a run cut short gives each request what it alone got.
 
 mod common;
 
@@ -10,8 +11,11 @@ use std::sync::Arc;
 use common::{memory, Driver, TempImage, F_WRITE};
 use vigil_devices::virtio::block::{Block, S_IOERR, S_OK};
 use vigil_devices::virtio::VirtioDevice;
+use vigil_devices::GuestMemoryMmap;
 use vigil_metrics::{DeviceCounters, DeviceKind};
-use vigil_model::config::DriveConfig;
+use vigil_model::config::{DriveConfig, IoEngine};
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::EventSet;
 
 const QSIZE: u16 = 128;
 /// Per request `i`: a 16-byte header at `HDRS + 16 * i`, its status byte at
@@ -23,11 +27,12 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 
-fn block(image: &TempImage) -> (Block, Arc<DeviceCounters>) {
+fn block(image: &TempImage, io_engine: IoEngine) -> (Block, Arc<DeviceCounters>) {
     let counters = Arc::new(DeviceCounters::new(DeviceKind::Block, "runs"));
     let dev = Block::new(&DriveConfig {
         path: image.0.clone(),
         id: "runs".into(),
+        io_engine,
         ..Default::default()
     })
     .unwrap()
@@ -54,6 +59,34 @@ fn add(d: &mut Driver, i: u64, kind: u32, sector: u64, len: u32) {
     d.add(&descs);
 }
 
+/// Serves what is available until `n` chains are used: one pass on the
+/// synchronous engine (which gives every request back in it); on the
+/// asynchronous one, then its completions as the eventfd signals them.
+fn serve(dev: &mut Block, d: &Driver, q: &mut Queue, mem: &GuestMemoryMmap, n: u16) {
+    dev.process_queue(0, q, mem).expect("device broken");
+    let Some(&(fd, _)) = dev.watched_fds().first() else {
+        assert_eq!(d.used_idx(), n, "every request went back in the pass");
+        return;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d.used_idx() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} completed",
+            d.used_idx()
+        );
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        dev.process_fd(fd, EventSet::IN, std::slice::from_mut(q), mem)
+            .expect("device broken");
+    }
+}
+
 /// The status byte of request `i`.
 fn status(d: &Driver, i: u64) -> u8 {
     d.read(STATUS + i, 1)[0]
@@ -63,7 +96,7 @@ fn status(d: &Driver, i: u64) -> u8 {
 fn contiguous_requests_go_together_and_take_effect_in_order() {
     let image = TempImage::new(&vec![0; 256 * 1024]);
     let mem = memory(8 << 20);
-    let (mut dev, counters) = block(&image);
+    let (mut dev, counters) = block(&image, IoEngine::Sync);
     let mut d = Driver::new(&mem, QSIZE);
     let mut q = d.queue();
     // Four contiguous writes (one run), a read of all four (a run of its own,
@@ -121,19 +154,21 @@ fn contiguous_requests_go_together_and_take_effect_in_order() {
     );
 }
 
-#[test]
-fn a_run_holds_sixteen_requests_at_most() {
+/// 40 contiguous writes available at once: a run holds 16 at most; on the
+/// synchronous engine it also ends once it holds as many as still wait after
+/// it (runs of 16, 12, 6, 3, 2 and 1), on the asynchronous one it does not
+/// (16, 16 and 8).
+fn forty_writes_go_in_runs(engine: IoEngine, merged: u64) {
     let image = TempImage::new(&vec![0; 256 * 1024]);
     let mem = memory(8 << 20);
-    let (mut dev, counters) = block(&image);
+    let (mut dev, counters) = block(&image, engine);
     let mut d = Driver::new(&mem, QSIZE);
     let mut q = d.queue();
     for i in 0..40 {
         d.write(DATA + 0x1_0000 * i, &[i as u8; 4096]);
         add(&mut d, i, T_OUT, 8 * i, 4096);
     }
-    dev.process_queue(0, &mut q, &mem).expect("device broken");
-    assert_eq!(d.used_idx(), 40);
+    serve(&mut dev, &d, &mut q, &mem, 40);
     assert!((0..40).all(|i| status(&d, i) == S_OK));
     let bytes = image.bytes();
     for i in 0..40 {
@@ -143,39 +178,91 @@ fn a_run_holds_sixteen_requests_at_most() {
             "block {i}"
         );
     }
-    // Runs of 16, 16 and 8.
-    assert_eq!(counters.snapshot().merged, 37);
+    assert_eq!(counters.snapshot().merged, merged);
 }
 
 #[test]
-fn a_run_cut_short_gives_each_request_its_own_status() {
+fn forty_writes_go_in_runs_sync() {
+    forty_writes_go_in_runs(IoEngine::Sync, 40 - 6);
+}
+
+#[test]
+fn forty_writes_go_in_runs_async() {
+    forty_writes_go_in_runs(IoEngine::Async, 40 - 3);
+}
+
+fn a_run_cut_short_gives_each_request_its_own_status(engine: IoEngine) {
     let pattern: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 + i / 4096) as u8).collect();
     let image = TempImage::new(&pattern);
     let mem = memory(8 << 20);
-    let (mut dev, counters) = block(&image);
+    let (mut dev, counters) = block(&image, engine);
     // The image shrinks under the device (its capacity stays 64 KiB): the
-    // run of four reads gets 8 KiB.
+    // first run of reads gets 4 KiB, any after it nothing.
     std::fs::OpenOptions::new()
         .write(true)
         .open(&image.0)
         .unwrap()
-        .set_len(8 * 1024)
+        .set_len(4096)
         .unwrap();
     let mut d = Driver::new(&mem, QSIZE);
     let mut q = d.queue();
     for i in 0..4 {
         add(&mut d, i, T_IN, 8 * i, 4096);
     }
-    dev.process_queue(0, &mut q, &mem).expect("device broken");
-    assert_eq!(d.used_idx(), 4);
+    serve(&mut dev, &d, &mut q, &mem, 4);
     assert_eq!(
         (0..4).map(|i| status(&d, i)).collect::<Vec<_>>(),
-        [S_OK, S_OK, S_IOERR, S_IOERR]
+        [S_OK, S_IOERR, S_IOERR, S_IOERR]
     );
-    for i in 0..2u64 {
-        let at = i as usize * 4096;
-        assert_eq!(d.read(DATA + 0x1_0000 * i, 4096), pattern[at..at + 4096]);
-    }
+    assert_eq!(d.read(DATA, 4096), pattern[..4096]);
     let snapshot = counters.snapshot();
-    assert_eq!((snapshot.merged, snapshot.errors), (0, 2));
+    assert_eq!((snapshot.merged, snapshot.errors), (0, 3));
+}
+
+#[test]
+fn a_run_cut_short_gives_each_request_its_own_status_sync() {
+    a_run_cut_short_gives_each_request_its_own_status(IoEngine::Sync);
+}
+
+#[test]
+fn a_run_cut_short_gives_each_request_its_own_status_async() {
+    a_run_cut_short_gives_each_request_its_own_status(IoEngine::Async);
+}
+
+/// On the asynchronous engine: a run of writes and one of reads each go as
+/// one entry; the flush between them still completes after the writes.
+#[test]
+fn runs_go_as_one_entry_each_on_the_async_engine() {
+    let image = TempImage::new(&vec![9; 256 * 1024]);
+    let mem = memory(8 << 20);
+    let (mut dev, counters) = block(&image, IoEngine::Async);
+    let mut d = Driver::new(&mem, QSIZE);
+    let mut q = d.queue();
+    for i in 0..4 {
+        d.write(DATA + 0x1_0000 * i, &[i as u8 + 1; 4096]);
+        add(&mut d, i, T_OUT, 8 * i, 4096);
+    }
+    add(&mut d, 4, T_FLUSH, 0, 0);
+    // Reads of what the writes do not touch (requests in flight together
+    // have no order on this engine).
+    for i in 5..9 {
+        add(&mut d, i, T_IN, 256 + 8 * i, 4096);
+    }
+    serve(&mut dev, &d, &mut q, &mem, 9);
+    assert!((0..9).all(|i| status(&d, i) == S_OK));
+    let flush = (0..9).position(|i| d.used(i).0 == 12).unwrap();
+    let writes_before = (0..flush as u16).filter(|&i| d.used(i).0 < 12).count();
+    assert_eq!(writes_before, 4, "the flush completed after the writes");
+    for i in 5..9 {
+        assert_eq!(d.read(DATA + 0x1_0000 * i, 4096), [9; 4096]);
+    }
+    let bytes = image.bytes();
+    for i in 0..4 {
+        assert_eq!(bytes[i * 4096..(i + 1) * 4096], [i as u8 + 1; 4096]);
+    }
+    assert_eq!(
+        counters.snapshot().merged,
+        6,
+        "3 writes and 3 reads after the first"
+    );
 }

@@ -77,7 +77,7 @@ pub struct DeviceCounters {
     /// indices, and far below while the loop polls the rings.
     pub notifications: Counter,
     /// Requests moved by the same system call as the one before them
-    /// (virtio-blk's synchronous engine: contiguous reads or writes taken
+    /// or io_uring entry (virtio-blk: contiguous reads or writes taken
     /// together); a request moved on its own is not counted.
     pub merged: Counter,
     /// Balloon only: pages (4 KiB) the driver says it holds (`actual`).

@@ -366,7 +366,7 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
         ),
         (
             "vigil_device_merged_total",
-            "Requests moved by one system call with the request before them.",
+            "Requests moved by one system call or io_uring entry with the one before them.",
             |d| d.merged,
         ),
     ];

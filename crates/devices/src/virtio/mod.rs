@@ -338,6 +338,14 @@ impl<'m> Budget<'m> {
         }
     }
 
+    /// Chains the driver made available that the pass has not taken, as far as
+    /// the available index was last read.
+    pub(crate) fn waiting(&self, queue: &Queue) -> u16 {
+        self.avail
+            .map_or(0, |avail| avail.0.wrapping_sub(queue.next_avail()))
+            .min(queue.size())
+    }
+
     /// Puts the chain [`pop_single`] took last back on `queue` for
     /// [`pop_chain`] to take at once, with its share: one buffer is one
     /// buffer's worth of the pass, whichever path takes it.
@@ -486,10 +494,11 @@ pub(crate) enum Publish {
 /// chain, or a device that holds chains during the pass and gives them back
 /// together ([`Server::release`]).
 pub(crate) trait Server<'a> {
-    /// Serves one chain.
+    /// Serves one chain; at least `waiting` more are available after it.
     fn serve(
         &mut self,
         chain: DescriptorChain<&'a GuestMemoryMmap>,
+        waiting: u16,
     ) -> Result<Served, DeviceBroken>;
 
     /// Gives back into `batch` the chains held (`Served::Kept`) that are done
@@ -514,6 +523,7 @@ where
     fn serve(
         &mut self,
         chain: DescriptorChain<&'a GuestMemoryMmap>,
+        _waiting: u16,
     ) -> Result<Served, DeviceBroken> {
         self(chain)
     }
@@ -671,7 +681,7 @@ fn serve_pass<'a>(
                 queue.size()
             )));
         }
-        let served = server.serve(chain)?;
+        let served = server.serve(chain, budget.waiting(queue))?;
         // Chains done before this one go back before it.
         server.release(queue, mem, batch, false)?;
         match served {

@@ -18,7 +18,7 @@ use super::request::{
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
 use super::run::Run;
-use super::uring::{Done, Submission, Uring};
+use super::uring::{Done, Uring};
 use crate::persist::Persist;
 use crate::rate_limiter::{consume_all, RateLimitControl, RateLimiter};
 use crate::virtio::persist::DeviceState;
@@ -73,7 +73,7 @@ pub struct Block {
     writable: Vec<(GuestAddress, usize)>,
     segments: Vec<(GuestAddress, usize)>,
     done: Vec<Done>,
-    /// The synchronous engine's reads or writes held to be moved together.
+    /// Reads or writes held to be moved together (either engine).
     run: Run,
     requests: u64,
     errors: u64,
@@ -149,7 +149,7 @@ impl Block {
             IoEngine::Sync => Vec::new(),
             IoEngine::Async => {
                 let urings = (0..queues)
-                    .map(|_| Uring::new(QUEUE_SIZE))
+                    .map(|_| Uring::new(QUEUE_SIZE, &file))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|source| BlockError::IoUring { source })?;
                 tracing::info!(
@@ -398,14 +398,14 @@ impl Block {
     }
 
     /// Where a read, write or flush the synchronous path would not refuse at
-    /// once goes, for the asynchronous engine and for the synchronous one's
-    /// direct reads and writes ([`Run`]): its data buffers into
+    /// once goes, for the direct paths (reads and writes in a [`Run`], the
+    /// asynchronous engine's flushes): its data buffers into
     /// `self.segments` (a read's: the device-writable bytes but the last; a
     /// write's: the device-readable bytes after the header), and its byte offset
     /// and status byte (the last device-writable byte, as `Request::parse` split
     /// them). `None` for what the synchronous path serves (the rest, and
     /// refusals). `self.readable` and `self.writable` hold the chain's buffers.
-    fn async_request(&mut self, request: &Request) -> Option<(u64, GuestAddress)> {
+    fn direct_request(&mut self, request: &Request) -> Option<(u64, GuestAddress)> {
         let header = &request.header;
         self.segments.clear();
         let writable_len = request.data.available_bytes() + 1;
@@ -448,9 +448,13 @@ impl Block {
                 status,
                 moved,
                 result,
+                merged,
             } = self.done[i];
             if moved.is_none() {
                 tracing::warn!(kind, result, "virtio-blk request failed");
+            }
+            if merged {
+                self.metrics.merged.inc();
             }
             used.push((head, self.finish(mem, head, kind, status, moved)));
         }
@@ -512,21 +516,34 @@ impl Block {
         self.complete(queue, mem)
     }
 
-    /// Ends the run: its requests' outcomes into `self.done`.
-    fn end_run(&mut self, mem: &GuestMemoryMmap) {
-        let merged = self.run.end(&self.file, mem, &mut self.done);
-        self.metrics.merged.add(merged);
+    /// Ends the run: on the synchronous engine its requests' outcomes go into
+    /// `self.done`; on the asynchronous one it goes to queue `index`'s ring.
+    fn end_run(&mut self, index: usize, mem: &GuestMemoryMmap) -> Result<(), DeviceBroken> {
+        if self.run.is_empty() {
+            return Ok(());
+        }
+        match self.urings.get_mut(index) {
+            None => self.run.end(&self.file, mem, &mut self.done),
+            Some(uring) => {
+                if !uring.push_run(mem, &self.run) {
+                    return Err(too_many_in_flight());
+                }
+                self.run.clear();
+            }
+        }
+        Ok(())
     }
 
-    /// Serves one request of queue `index`, or holds it in the run.
+    /// Serves one request of queue `index`, or holds it in the run (`waiting`:
+    /// requests available after it).
     fn serve_request(
         &mut self,
         index: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
+        waiting: u16,
     ) -> Result<Served, DeviceBroken> {
         let head = chain.head_index();
-        let is_async = !self.urings.is_empty();
         self.note_buffers(&chain);
         let Some(request) = Request::parse(chain, mem) else {
             // Still an operation: a guest cannot flood the device with garbage.
@@ -546,50 +563,39 @@ impl Block {
             self.metrics.throttled.inc();
             return Ok(Served::Wait(wait));
         }
-        let direct = self.async_request(&request);
-        if let (Some((offset, status)), false, T_IN | T_OUT) =
-            (direct, is_async, request.header.kind)
-        {
+        let direct = self.direct_request(&request);
+        if let (Some((offset, status)), T_IN | T_OUT) = (direct, request.header.kind) {
             // Straight between the image and the request's buffers, with
             // those before it when it continues them.
             let kind = request.header.kind;
             if !self.run.continues(kind, offset, &self.segments) {
-                self.end_run(mem);
+                self.end_run(index, mem)?;
             }
             if self
                 .run
                 .hold(mem, head, kind, offset, status, &self.segments)
             {
-                if self.run.full() {
-                    self.end_run(mem);
+                // The asynchronous engine's runs all go to the kernel when
+                // the pass ends: a shorter one would only merge less.
+                let waiting = if self.urings.is_empty() {
+                    waiting
+                } else {
+                    u16::MAX
+                };
+                if self.run.full(waiting) {
+                    self.end_run(index, mem)?;
                 }
                 return Ok(Served::Kept { release: None });
             }
             // Buffers across a memory region boundary: through `serve`.
         }
-        self.end_run(mem);
-        if let Some((offset, status)) = direct.filter(|_| is_async) {
-            let submission = Submission {
-                head,
-                kind: request.header.kind,
-                offset,
-                status,
-                segments: &self.segments,
-            };
-            match self
-                .urings
-                .get_mut(index)
-                .and_then(|u| u.push(&self.file, mem, &submission))
-            {
-                Some(true) => return Ok(Served::Kept { release: None }),
-                // Never: there are as many slots as queue entries.
-                Some(false) => {
-                    return Err(DeviceBroken(
-                        "more virtio-blk requests in flight than queue entries".into(),
-                    ))
+        self.end_run(index, mem)?;
+        if let (Some((_, status)), T_FLUSH) = (direct, request.header.kind) {
+            if let Some(uring) = self.urings.get_mut(index) {
+                if !uring.push_flush(mem, head, status) {
+                    return Err(too_many_in_flight());
                 }
-                // Buffers across a memory region boundary: served here.
-                None => {}
+                return Ok(Served::Kept { release: None });
             }
         }
         Ok(Served::Used(self.serve(request).unwrap_or_else(|| {
@@ -615,11 +621,12 @@ impl Block {
     }
 }
 
-/// One pass over queue `index`: each request served, or held in the
-/// synchronous engine's run and given back as soon as the run ends (it is
-/// full, the next request does not continue it, the queue ran empty or the
-/// pass ends), published at once: the run already made its requests wait
-/// for each other, and a driver keeping the queue deep adds more meanwhile.
+/// One pass over queue `index`: each request served, or held in a run that
+/// goes to the image as soon as it ends (it is full, the next request does not
+/// continue it, the queue ran empty or the pass ends): on the synchronous
+/// engine its requests are given back then and published at once (the run
+/// already made them wait for each other, and a driver keeping the queue deep
+/// adds more meanwhile); on the asynchronous one it goes to the ring.
 struct Pass<'d, 'a> {
     block: &'d mut Block,
     index: usize,
@@ -630,8 +637,10 @@ impl<'a> Server<'a> for Pass<'_, 'a> {
     fn serve(
         &mut self,
         chain: DescriptorChain<&'a GuestMemoryMmap>,
+        waiting: u16,
     ) -> Result<Served, DeviceBroken> {
-        self.block.serve_request(self.index, chain, self.mem)
+        self.block
+            .serve_request(self.index, chain, self.mem, waiting)
     }
 
     fn release(
@@ -643,7 +652,7 @@ impl<'a> Server<'a> for Pass<'_, 'a> {
     ) -> Result<(), DeviceBroken> {
         let block = &mut *self.block;
         if idle {
-            block.end_run(mem);
+            block.end_run(self.index, mem)?;
         }
         if block.done.is_empty() {
             return Ok(());
@@ -653,6 +662,12 @@ impl<'a> Server<'a> for Pass<'_, 'a> {
         }
         batch.publish(queue, mem)
     }
+}
+
+/// A device that has more requests in flight than its queue has entries is broken
+/// (there are as many slots as entries).
+fn too_many_in_flight() -> DeviceBroken {
+    DeviceBroken("more virtio-blk requests in flight than queue entries".into())
 }
 
 /// Where byte `offset` of `buffers` (in order) is.

@@ -1,7 +1,7 @@
-//! The synchronous engine's runs: reads (or writes) that follow each other in
-//! the image, taken in one pass over a queue, are held back and moved by one
-//! `preadv` (`pwritev`) over all their buffers, as QEMU merges a queue's
-//! requests. Each call into the image has a cost of its own (into a page
+//! Runs: reads (or writes) that follow each other in the image, taken in one
+//! pass over a queue, are held back and moved by one `preadv` (`pwritev`) over
+//! all their buffers, or one io_uring entry on the asynchronous engine, as QEMU
+//! merges a queue's requests. Each call into the image has a cost of its own (into a page
 //! cache of large folios, a 4 KiB write walks the whole folio: BENCHMARKS.md,
 //! "Runs"); a driver that keeps many small sequential requests in flight pays
 //! it once per run instead of once per request.
@@ -24,36 +24,36 @@ use crate::GuestMemoryMmap;
 /// The most bytes a run moves: past it the copy outgrows the CPU's caches
 /// (2 MiB writes of 64 KiB requests were slower than 512 KiB ones).
 const MAX_BYTES: usize = 256 << 10;
-/// The most requests a run holds: the driver sees the first of a deep queue
-/// come back while the device moves the rest, rather than all at the end.
+/// The most requests a run holds.
 const MAX_REQUESTS: usize = 16;
 /// The most buffers a run hands the kernel (what one call takes).
 const MAX_BUFFERS: usize = libc::UIO_MAXIOV as usize;
 
 /// A request held in a run.
-struct Held {
-    head: u16,
-    status: GuestAddress,
+#[derive(Clone, Copy)]
+pub(super) struct Held {
+    pub(super) head: u16,
+    pub(super) status: GuestAddress,
     /// Its bytes.
-    len: usize,
+    pub(super) len: usize,
     /// Where its buffers start in the run's `segments`.
-    first: usize,
+    pub(super) first: usize,
 }
 
 /// Reads or writes held back to be moved together (see the module's text).
 #[derive(Default)]
 pub(super) struct Run {
     /// `T_IN` or `T_OUT`, for every request held.
-    kind: u32,
+    pub(super) kind: u32,
     /// The image's byte offset of the first.
-    offset: u64,
+    pub(super) offset: u64,
     /// Bytes of all of them.
-    len: usize,
-    held: Vec<Held>,
+    pub(super) len: usize,
+    pub(super) held: Vec<Held>,
     /// Their data buffers in guest memory, in order, and the same as the
     /// kernel sees them.
-    segments: Vec<(GuestAddress, usize)>,
-    iovecs: Iovecs,
+    pub(super) segments: Vec<(GuestAddress, usize)>,
+    pub(super) iovecs: Iovecs,
     /// One request's iovecs, before they join the run's.
     scratch: Iovecs,
 }
@@ -76,9 +76,14 @@ impl Run {
                 && self.segments.len() + segments.len() <= MAX_BUFFERS)
     }
 
-    /// Whether the run holds as many requests or bytes as it may: it ends now.
-    pub(super) fn full(&self) -> bool {
-        self.held.len() >= MAX_REQUESTS || self.len >= MAX_BYTES
+    /// Whether the run ends now: it holds as many requests or bytes as it
+    /// may, or as many requests as still wait after it (`waiting`): on the
+    /// synchronous engine the driver then sees the first half of a deep queue
+    /// come back while the device moves the rest, and adds requests meanwhile,
+    /// rather than all at the end (4 KiB writes at depth 8 2.4x, BENCHMARKS.md
+    /// "Runs").
+    pub(super) fn full(&self, waiting: u16) -> bool {
+        self.held.len() >= MAX_REQUESTS.min(usize::from(waiting).max(1)) || self.len >= MAX_BYTES
     }
 
     /// Holds the request at `head` ([`Self::continues`] said it may join);
@@ -113,15 +118,26 @@ impl Run {
         true
     }
 
+    /// Whether it holds nothing.
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Empties it (its requests went elsewhere: an io_uring entry).
+    pub(super) fn clear(&mut self) {
+        self.held.clear();
+        self.segments.clear();
+        self.iovecs.0.clear();
+    }
+
     /// Moves the run's bytes between `file` and guest memory (`mem`, the
     /// memory of the pass that held them) and appends each request's outcome
     /// to `done`. One call for the whole run; when it fails or moves less,
     /// each request again on its own, so that each gets its own status (moving
-    /// the same bytes twice changes nothing). Empty after. Returns how many
-    /// requests went with the one before them.
-    pub(super) fn end(&mut self, file: &File, mem: &GuestMemoryMmap, done: &mut Vec<Done>) -> u64 {
+    /// the same bytes twice changes nothing). Empty after.
+    pub(super) fn end(&mut self, file: &File, mem: &GuestMemoryMmap, done: &mut Vec<Done>) {
         if self.held.is_empty() {
-            return 0;
+            return;
         }
         let count = self.iovecs.0.len() as libc::c_int;
         let at = self.offset as libc::off_t;
@@ -135,15 +151,14 @@ impl Run {
                 libc::pwritev(file.as_raw_fd(), self.iovecs.0.as_ptr(), count, at)
             }
         };
-        let moved = usize::try_from(n).unwrap_or(0);
-        let whole = moved == self.len;
+        let n = usize::try_from(n).unwrap_or(0);
+        let whole = n == self.len;
         // What a read wrote is dirty, even a read cut short that each request
         // then reads again.
         if self.kind == T_IN {
-            mark_written(mem, &self.segments, moved);
+            mark_written(mem, &self.segments, n);
         }
         let mut offset = self.offset;
-        let bytes = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
         for (i, held) in self.held.iter().enumerate() {
             let (moved, result) = if whole {
                 (Some(held.len), bytes(held.len))
@@ -153,13 +168,8 @@ impl Run {
                     .get(i + 1)
                     .map_or(self.segments.len(), |h| h.first);
                 let segments = &self.segments[held.first..end];
-                match transfer(file, mem, self.kind, offset, segments, &mut self.scratch) {
-                    Some(Ok(n)) if n == held.len => (Some(n), bytes(n)),
-                    // Cut short: the bytes it moved, for the log.
-                    Some(Ok(n)) => (None, bytes(n)),
-                    Some(Err(e)) => (None, -e.raw_os_error().unwrap_or(libc::EIO)),
-                    None => (None, -libc::EFAULT),
-                }
+                let again = transfer(file, mem, self.kind, offset, segments, &mut self.scratch);
+                moved(again, held.len)
             };
             done.push(Done {
                 head: held.head,
@@ -167,13 +177,31 @@ impl Run {
                 status: held.status,
                 moved,
                 result,
+                merged: whole && i > 0,
             });
             offset += held.len as u64;
         }
-        let merged = if whole { self.held.len() as u64 - 1 } else { 0 };
-        self.held.clear();
-        self.segments.clear();
-        self.iovecs.0.clear();
-        merged
+        self.clear();
     }
+}
+
+/// A request of `len` bytes moved on its own ([`transfer`]): the bytes when
+/// all of them were (else `None`), and for the log the bytes moved or the
+/// negative errno.
+pub(super) fn moved(
+    transferred: Option<std::io::Result<usize>>,
+    len: usize,
+) -> (Option<usize>, i32) {
+    match transferred {
+        Some(Ok(n)) if n == len => (Some(n), bytes(n)),
+        // Cut short: the bytes it moved, for the log.
+        Some(Ok(n)) => (None, bytes(n)),
+        Some(Err(e)) => (None, -e.raw_os_error().unwrap_or(libc::EIO)),
+        None => (None, -libc::EFAULT),
+    }
+}
+
+/// A byte count as a completion's result.
+pub(super) fn bytes(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
 }

@@ -1,6 +1,9 @@
 //! The asynchronous engine (`io_engine` Async): reads, writes and flushes are
 //! submitted to an io_uring, many in flight, and complete in any order; the
 //! kernel signals completions on an eventfd that the device event loop watches.
+//! Contiguous reads (or writes) go as one entry, a run ([`Run`]); a run cut
+//! short is moved again request by request when it completes, so that each
+//! gets its own status.
 //!
 //! Data moves between the image and guest memory directly (`readv`/`writev`
 //! on the request's buffers, mapped through vm-memory): no copy and no host
@@ -19,24 +22,27 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{T_IN, T_OUT};
+use super::run::{Held, Run};
 use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::GuestMemoryMmap;
 
-/// A request in flight, in its slot (the entry's `user_data`).
+/// A read, a write or a flush in flight, in its slot (the entry's
+/// `user_data`): one request, or a run of contiguous ones ([`Run`]) that one
+/// entry moves.
 #[derive(Default)]
 struct Slot {
     busy: bool,
     /// The device was reset while it was in flight: its completion is nobody's.
     orphan: bool,
-    /// The chain's head, given back when it completes.
-    head: u16,
     /// `T_IN`, `T_OUT` or `T_FLUSH`.
     kind: u32,
+    /// The image's byte offset (a run cut short moves again from there).
+    offset: u64,
     /// Bytes it moves.
     len: usize,
-    /// The status byte.
-    status: GuestAddress,
-    /// Its data buffers in guest memory, and the same as the kernel sees them.
+    /// Its requests, given back when it completes.
+    requests: Vec<Held>,
+    /// Their data buffers in guest memory, and the same as the kernel sees them.
     segments: Vec<(GuestAddress, usize)>,
     iovecs: Iovecs,
 }
@@ -50,22 +56,17 @@ pub(super) struct Done {
     pub(super) moved: Option<usize>,
     /// The kernel's result (bytes, or a negative errno), for the log.
     pub(super) result: i32,
-}
-
-/// A request to submit: what it is, where its status goes, and for a read or a
-/// write its data buffers in guest memory.
-pub(super) struct Submission<'a> {
-    pub(super) head: u16,
-    pub(super) kind: u32,
-    pub(super) offset: u64,
-    pub(super) status: GuestAddress,
-    pub(super) segments: &'a [(GuestAddress, usize)],
+    /// It moved with the request before it, in one system call or entry.
+    pub(super) merged: bool,
 }
 
 /// An io_uring with its completion eventfd and the requests in flight.
 pub(super) struct Uring {
     ring: IoUring,
     eventfd: EventFd,
+    /// The image (its own descriptor), for the entries and for a run cut
+    /// short, moved again request by request.
+    file: File,
     slots: Vec<Slot>,
     free: Vec<usize>,
     /// Entries pushed but not yet submitted.
@@ -73,11 +74,13 @@ pub(super) struct Uring {
     /// The guest memory the requests in flight point into, kept mapped until
     /// they complete.
     mem: Option<GuestMemoryMmap>,
+    /// Iovecs of a request moved again on its own.
+    scratch: Iovecs,
 }
 
 impl Uring {
-    /// A ring for up to `depth` requests in flight (the queue's size).
-    pub(super) fn new(depth: u16) -> std::io::Result<Self> {
+    /// A ring on `file` for up to `depth` requests in flight (the queue's size).
+    pub(super) fn new(depth: u16, file: &File) -> std::io::Result<Self> {
         let ring = IoUring::new(u32::from(depth))?;
         let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
         // Every completion signals it, those made during submission too: the
@@ -88,10 +91,12 @@ impl Uring {
         Ok(Self {
             ring,
             eventfd,
+            file: file.try_clone()?,
             slots: (0..depth).map(|_| Slot::default()).collect(),
             free: (0..usize::from(depth)).rev().collect(),
             unsubmitted: false,
             mem: None,
+            scratch: Iovecs::default(),
         })
     }
 
@@ -105,33 +110,64 @@ impl Uring {
         self.slots.len() - self.free.len()
     }
 
-    /// Queues `s` on `file`; it goes to the kernel at the next [`Self::submit`].
-    /// `None` when its buffers are not guest memory this engine can hand to the
-    /// kernel (one crossing a region boundary: the synchronous path serves it);
-    /// `Some(false)` when every slot is taken.
-    pub(super) fn push(
+    /// Queues `run`'s reads or writes as one entry; it goes to the kernel at
+    /// the next [`Self::submit`]. False when every slot is taken.
+    pub(super) fn push_run(&mut self, mem: &GuestMemoryMmap, run: &Run) -> bool {
+        self.push(
+            mem,
+            run.kind,
+            run.offset,
+            run.len,
+            &run.held,
+            &run.segments,
+            &run.iovecs.0,
+        )
+    }
+
+    /// Queues a flush of the request at `head` (status byte at `status`),
+    /// started only once every entry before it completed. False when every
+    /// slot is taken.
+    pub(super) fn push_flush(
         &mut self,
-        file: &File,
         mem: &GuestMemoryMmap,
-        s: &Submission,
-    ) -> Option<bool> {
+        head: u16,
+        status: GuestAddress,
+    ) -> bool {
+        let request = Held {
+            head,
+            status,
+            len: 0,
+            first: 0,
+        };
+        self.push(mem, super::request::T_FLUSH, 0, 0, &[request], &[], &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        kind: u32,
+        offset: u64,
+        len: usize,
+        requests: &[Held],
+        segments: &[(GuestAddress, usize)],
+        iovecs: &[libc::iovec],
+    ) -> bool {
         let Some(&index) = self.free.last() else {
-            return Some(false);
+            return false;
         };
         let slot = &mut self.slots[index];
+        slot.requests.clear();
+        slot.requests.extend_from_slice(requests);
         slot.segments.clear();
-        slot.segments.extend_from_slice(s.segments);
-        let len = guest_iovecs(mem, s.segments, 0, &mut slot.iovecs.0)?;
-        let fd = types::Fd(file.as_raw_fd());
-        let iovecs = slot.iovecs.0.as_ptr();
-        let count = slot.iovecs.0.len() as u32;
-        let entry = match s.kind {
-            T_IN => opcode::Readv::new(fd, iovecs, count)
-                .offset(s.offset)
-                .build(),
-            T_OUT => opcode::Writev::new(fd, iovecs, count)
-                .offset(s.offset)
-                .build(),
+        slot.segments.extend_from_slice(segments);
+        slot.iovecs.0.clear();
+        slot.iovecs.0.extend_from_slice(iovecs);
+        let fd = types::Fd(self.file.as_raw_fd());
+        let (at, count) = (slot.iovecs.0.as_ptr(), slot.iovecs.0.len() as u32);
+        let entry = match kind {
+            T_IN => opcode::Readv::new(fd, at, count).offset(offset).build(),
+            T_OUT => opcode::Writev::new(fd, at, count).offset(offset).build(),
             _ => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()
@@ -149,19 +185,18 @@ impl Uring {
             pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
         }
         if !pushed {
-            return Some(false);
+            return false;
         }
         self.free.pop();
         let slot = &mut self.slots[index];
         slot.busy = true;
         slot.orphan = false;
-        slot.head = s.head;
-        slot.kind = s.kind;
+        slot.kind = kind;
+        slot.offset = offset;
         slot.len = len;
-        slot.status = s.status;
         self.mem.get_or_insert_with(|| mem.clone());
         self.unsubmitted = true;
-        Some(true)
+        true
     }
 
     /// Hands the queued entries to the kernel (one system call per batch).
@@ -173,9 +208,10 @@ impl Uring {
         Ok(())
     }
 
-    /// The requests that completed, appended to `done`, a completed read's
-    /// buffers marked dirty. Clears the eventfd first, so that a completion
-    /// posted meanwhile signals it again.
+    /// The requests that completed, appended to `done`, what a read wrote
+    /// marked dirty; a run cut short is moved again request by request (in this
+    /// thread), so that each gets its own status. Clears the eventfd first, so
+    /// that a completion posted meanwhile signals it again.
     pub(super) fn completed(&mut self, done: &mut Vec<Done>) {
         let _ = self.eventfd.read();
         let mem = &self.mem;
@@ -190,24 +226,53 @@ impl Uring {
             slot.busy = false;
             self.free.push(index);
             let result = c.result();
-            let whole = match slot.kind {
-                T_IN | T_OUT => usize::try_from(result).ok() == Some(slot.len),
-                _ => result >= 0,
+            let data = matches!(slot.kind, T_IN | T_OUT);
+            let whole = if data {
+                usize::try_from(result).ok() == Some(slot.len)
+            } else {
+                result >= 0
             };
             // Guest memory a read wrote is dirty, whoever the request was for.
-            if whole && slot.kind == T_IN {
-                if let Some(mem) = mem {
-                    mark_written(mem, &slot.segments, slot.len);
-                }
+            if let (T_IN, Some(mem), Ok(n)) = (slot.kind, mem, usize::try_from(result)) {
+                mark_written(mem, &slot.segments, n);
             }
-            if !slot.orphan {
+            if slot.orphan {
+                continue;
+            }
+            let again = data && !whole && slot.requests.len() > 1;
+            let mut offset = slot.offset;
+            for (i, request) in slot.requests.iter().enumerate() {
+                let (moved, result) = match (whole, again, mem) {
+                    (true, ..) => (Some(request.len), super::run::bytes(request.len)),
+                    (false, true, Some(mem)) => {
+                        let end = slot
+                            .requests
+                            .get(i + 1)
+                            .map_or(slot.segments.len(), |r| r.first);
+                        let segments = &slot.segments[request.first..end];
+                        super::run::moved(
+                            transfer(
+                                &self.file,
+                                mem,
+                                slot.kind,
+                                offset,
+                                segments,
+                                &mut self.scratch,
+                            ),
+                            request.len,
+                        )
+                    }
+                    _ => (None, result),
+                };
                 done.push(Done {
-                    head: slot.head,
+                    head: request.head,
                     kind: slot.kind,
-                    status: slot.status,
-                    moved: whole.then_some(slot.len),
+                    status: request.status,
+                    moved,
                     result,
+                    merged: whole && i > 0,
                 });
+                offset += request.len as u64;
             }
         }
         if self.in_flight() == 0 {
@@ -251,8 +316,8 @@ impl Drop for Uring {
 
 /// Moves a read (`T_IN`) or a write of `segments` between `file` at `offset`
 /// and guest memory at once, in the calling thread (`preadv`/`pwritev` on the
-/// request's buffers, no copy through a buffer of the device's): the
-/// synchronous engine. `None` when the buffers are not guest memory the
+/// request's buffers, no copy through a buffer of the device's): a request
+/// of a run cut short, on its own. `None` when the buffers are not guest memory the
 /// kernel can be handed; else the bytes moved (fewer at the end of the file)
 /// or the error. A read's buffers are marked written.
 pub(super) fn transfer(
