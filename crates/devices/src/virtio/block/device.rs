@@ -505,15 +505,26 @@ impl Block {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceBroken> {
-        let Some(uring) = self.urings.get_mut(index) else {
+        if self.urings.is_empty() {
             return Ok(false);
+        }
+        self.submit_entries(index);
+        self.complete(queue, mem)
+    }
+
+    /// Hands queue `index`'s queued entries to its ring, if any, and takes
+    /// what completed into `self.done`.
+    fn submit_entries(&mut self, index: usize) {
+        let Some(uring) = self.urings.get_mut(index) else {
+            return;
         };
-        if let Err(e) = uring.submit() {
+        match uring.submit() {
+            Ok(false) => return,
+            Ok(true) => {}
             // Retried at the next call; a completion or a notification makes one.
-            tracing::warn!("virtio-blk: io_uring submission failed: {e}");
+            Err(e) => tracing::warn!("virtio-blk: io_uring submission failed: {e}"),
         }
         uring.completed(&mut self.done);
-        self.complete(queue, mem)
     }
 
     /// Ends the run: on the synchronous engine its requests' outcomes go into
@@ -653,6 +664,10 @@ impl<'a> Server<'a> for Pass<'_, 'a> {
         let block = &mut *self.block;
         if idle {
             block.end_run(self.index, mem)?;
+            // The asynchronous engine's entries go to the kernel now: reads
+            // from the page cache complete during submission and go back in
+            // this pass, where a polling driver's next request is taken too.
+            block.submit_entries(self.index);
         }
         if block.done.is_empty() {
             return Ok(());

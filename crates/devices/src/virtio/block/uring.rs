@@ -199,13 +199,15 @@ impl Uring {
         true
     }
 
-    /// Hands the queued entries to the kernel (one system call per batch).
-    pub(super) fn submit(&mut self) -> std::io::Result<()> {
-        if self.unsubmitted {
-            self.ring.submit()?;
-            self.unsubmitted = false;
+    /// Hands the queued entries to the kernel (one system call per batch);
+    /// whether there were any.
+    pub(super) fn submit(&mut self) -> std::io::Result<bool> {
+        if !self.unsubmitted {
+            return Ok(false);
         }
-        Ok(())
+        self.ring.submit()?;
+        self.unsubmitted = false;
+        Ok(true)
     }
 
     /// The requests that completed, appended to `done`, what a read wrote
