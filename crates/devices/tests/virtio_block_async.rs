@@ -8,7 +8,7 @@ mod common;
 
 use std::os::fd::{AsRawFd, RawFd};
 
-use common::{memory, Driver, TempImage, F_WRITE};
+use common::{memory, wait_used, Driver, TempImage, F_WRITE};
 use vigil_devices::virtio::block::{Block, S_OK};
 use vigil_devices::virtio::{QueueOutcome, VirtioDevice};
 use vigil_devices::GuestMemoryMmap;
@@ -71,23 +71,7 @@ fn used_heads(
     n: u16,
 ) -> Vec<u32> {
     let fd = completion_fd(dev);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while d.used_idx() < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {n} completed",
-            d.used_idx()
-        );
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
-        dev.process_fd(fd, EventSet::IN, std::slice::from_mut(q), mem)
-            .expect("device broken");
-    }
+    wait_used(dev, fd, d, q, mem, n);
     (0..n).map(|i| d.used(i).0).collect()
 }
 

@@ -8,14 +8,13 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{memory, Driver, TempImage, F_WRITE};
+use common::{memory, wait_used, Driver, TempImage, F_WRITE};
 use vigil_devices::virtio::block::{Block, S_IOERR, S_OK};
 use vigil_devices::virtio::VirtioDevice;
 use vigil_devices::GuestMemoryMmap;
 use vigil_metrics::{DeviceCounters, DeviceKind};
 use vigil_model::config::{DriveConfig, IoEngine};
 use virtio_queue::Queue;
-use vmm_sys_util::epoll::EventSet;
 
 const QSIZE: u16 = 128;
 /// Per request `i`: a 16-byte header at `HDRS + 16 * i`, its status byte at
@@ -68,23 +67,7 @@ fn serve(dev: &mut Block, d: &Driver, q: &mut Queue, mem: &GuestMemoryMmap, n: u
         assert_eq!(d.used_idx(), n, "every request went back in the pass");
         return;
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while d.used_idx() < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {n} completed",
-            d.used_idx()
-        );
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
-        dev.process_fd(fd, EventSet::IN, std::slice::from_mut(q), mem)
-            .expect("device broken");
-    }
+    wait_used(dev, fd, d, q, mem, n);
 }
 
 /// The status byte of request `i`.

@@ -256,3 +256,38 @@ pub fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
 pub fn write32(t: &mut MmioTransport, offset: u64, v: u32) {
     t.write(offset, &v.to_le_bytes());
 }
+
+/// Lets `dev` take what completed on its host fd `fd` (an io_uring's
+/// eventfd), waiting for the fd to signal, until `n` chains of `q` are used;
+/// fails after 10 s.
+pub fn wait_used(
+    dev: &mut impl VirtioDevice,
+    fd: std::os::fd::RawFd,
+    d: &Driver,
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    n: u16,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d.used_idx() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} completed",
+            d.used_idx()
+        );
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        dev.process_fd(
+            fd,
+            vmm_sys_util::epoll::EventSet::IN,
+            std::slice::from_mut(q),
+            mem,
+        )
+        .expect("device broken");
+    }
+}

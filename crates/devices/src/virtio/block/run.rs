@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 
 use vm_memory::GuestAddress;
 
-use super::request::T_IN;
+use super::request::{T_IN, T_OUT};
 use super::uring::{transfer, Done};
 use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::GuestMemoryMmap;
@@ -40,21 +40,74 @@ pub(super) struct Held {
     pub(super) first: usize,
 }
 
-/// Reads or writes held back to be moved together (see the module's text).
+/// Requests moved by one call or io_uring entry: one, or a run of contiguous
+/// ones.
 #[derive(Default)]
-pub(super) struct Run {
-    /// `T_IN` or `T_OUT`, for every request held.
+pub(super) struct Requests {
+    /// `T_IN`, `T_OUT` (or, alone, `T_FLUSH`), for every one of them.
     pub(super) kind: u32,
     /// The image's byte offset of the first.
     pub(super) offset: u64,
     /// Bytes of all of them.
     pub(super) len: usize,
     pub(super) held: Vec<Held>,
-    /// Their data buffers in guest memory, in order, and the same as the
-    /// kernel sees them.
+    /// Their data buffers in guest memory, in order.
     pub(super) segments: Vec<(GuestAddress, usize)>,
+}
+
+impl Requests {
+    /// Appends each request's outcome to `done`, once the call that moved
+    /// them together returned `result` (bytes, or a negative errno): when it
+    /// moved every byte (a flush: succeeded), each moved its own; otherwise
+    /// each is moved again on its own through `redo` where given, so that each
+    /// gets its own status (moving the same bytes twice changes nothing), or
+    /// fails with `result`.
+    pub(super) fn outcomes(
+        &self,
+        result: i32,
+        mut redo: Option<(&File, &GuestMemoryMmap, &mut Iovecs)>,
+        done: &mut Vec<Done>,
+    ) {
+        let whole = match self.kind {
+            T_IN | T_OUT => usize::try_from(result).ok() == Some(self.len),
+            _ => result >= 0,
+        };
+        let mut offset = self.offset;
+        for (i, held) in self.held.iter().enumerate() {
+            let (moved, result) = match &mut redo {
+                _ if whole => (Some(held.len), bytes(held.len)),
+                Some((file, mem, scratch)) => {
+                    let end = self
+                        .held
+                        .get(i + 1)
+                        .map_or(self.segments.len(), |h| h.first);
+                    let segments = &self.segments[held.first..end];
+                    let again = transfer(file, mem, self.kind, offset, segments, scratch);
+                    moved(again, held.len)
+                }
+                None => (None, result),
+            };
+            done.push(Done {
+                head: held.head,
+                kind: self.kind,
+                status: held.status,
+                moved,
+                result,
+                merged: whole && i > 0,
+            });
+            offset += held.len as u64;
+        }
+    }
+}
+
+/// Reads or writes held back to be moved together (see the module's text).
+#[derive(Default)]
+pub(super) struct Run {
+    pub(super) requests: Requests,
+    /// The requests' buffers as the kernel sees them.
     pub(super) iovecs: Iovecs,
-    /// One request's iovecs, before they join the run's.
+    /// One request's iovecs, before they join the run's; a request's, moved
+    /// again on its own.
     scratch: Iovecs,
 }
 
@@ -68,12 +121,13 @@ impl Run {
         offset: u64,
         segments: &[(GuestAddress, usize)],
     ) -> bool {
+        let r = &self.requests;
         let len = segments.iter().map(|&(_, n)| n).sum::<usize>();
-        self.held.is_empty()
-            || (kind == self.kind
-                && Some(offset) == self.offset.checked_add(self.len as u64)
-                && self.len + len <= MAX_BYTES
-                && self.segments.len() + segments.len() <= MAX_BUFFERS)
+        r.held.is_empty()
+            || (kind == r.kind
+                && Some(offset) == r.offset.checked_add(r.len as u64)
+                && r.len + len <= MAX_BYTES
+                && r.segments.len() + segments.len() <= MAX_BUFFERS)
     }
 
     /// Whether the run ends now: it holds as many requests or bytes as it
@@ -83,7 +137,8 @@ impl Run {
     /// rather than all at the end (4 KiB writes at depth 8 2.4x, BENCHMARKS.md
     /// "Runs").
     pub(super) fn full(&self, waiting: u16) -> bool {
-        self.held.len() >= MAX_REQUESTS.min(usize::from(waiting).max(1)) || self.len >= MAX_BYTES
+        let r = &self.requests;
+        r.held.len() >= MAX_REQUESTS.min(usize::from(waiting).max(1)) || r.len >= MAX_BYTES
     }
 
     /// Holds the request at `head` ([`Self::continues`] said it may join);
@@ -101,86 +156,70 @@ impl Run {
         let Some(len) = guest_iovecs(mem, segments, 0, &mut self.scratch.0) else {
             return false;
         };
-        if self.held.is_empty() {
-            self.kind = kind;
-            self.offset = offset;
-            self.len = 0;
+        let r = &mut self.requests;
+        if r.held.is_empty() {
+            r.kind = kind;
+            r.offset = offset;
+            r.len = 0;
         }
-        self.held.push(Held {
+        r.held.push(Held {
             head,
             status,
             len,
-            first: self.segments.len(),
+            first: r.segments.len(),
         });
-        self.segments.extend_from_slice(segments);
+        r.segments.extend_from_slice(segments);
+        r.len += len;
         self.iovecs.0.extend_from_slice(&self.scratch.0);
-        self.len += len;
         true
     }
 
     /// Whether it holds nothing.
     pub(super) fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        self.requests.held.is_empty()
     }
 
     /// Empties it (its requests went elsewhere: an io_uring entry).
     pub(super) fn clear(&mut self) {
-        self.held.clear();
-        self.segments.clear();
+        self.requests.held.clear();
+        self.requests.segments.clear();
         self.iovecs.0.clear();
     }
 
     /// Moves the run's bytes between `file` and guest memory (`mem`, the
-    /// memory of the pass that held them) and appends each request's outcome
-    /// to `done`. One call for the whole run; when it fails or moves less,
-    /// each request again on its own, so that each gets its own status (moving
-    /// the same bytes twice changes nothing). Empty after.
+    /// memory of the pass that held them) in one call and appends each
+    /// request's outcome to `done` ([`Requests::outcomes`], each moved again on
+    /// its own when the call fails or moves less). Empty after.
     pub(super) fn end(&mut self, file: &File, mem: &GuestMemoryMmap, done: &mut Vec<Done>) {
-        if self.held.is_empty() {
+        if self.is_empty() {
             return;
         }
+        let r = &self.requests;
         let count = self.iovecs.0.len() as libc::c_int;
-        let at = self.offset as libc::off_t;
+        let at = r.offset as libc::off_t;
         // SAFETY: the iovecs point into guest memory (`hold` built them from
         // `mem`'s regions, mapped while it is borrowed: the same pass), each as
         // long as it says; the kernel writes (a read) or reads (a write) at most that.
         let n = unsafe {
-            if self.kind == T_IN {
+            if r.kind == T_IN {
                 libc::preadv(file.as_raw_fd(), self.iovecs.0.as_ptr(), count, at)
             } else {
                 libc::pwritev(file.as_raw_fd(), self.iovecs.0.as_ptr(), count, at)
             }
         };
-        let n = usize::try_from(n).unwrap_or(0);
-        let whole = n == self.len;
+        let transferred = usize::try_from(n).ok();
+        let result = match transferred {
+            Some(n) => bytes(n),
+            None => -std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        };
         // What a read wrote is dirty, even a read cut short that each request
         // then reads again.
-        if self.kind == T_IN {
-            mark_written(mem, &self.segments, n);
+        if r.kind == T_IN {
+            mark_written(mem, &r.segments, transferred.unwrap_or(0));
         }
-        let mut offset = self.offset;
-        for (i, held) in self.held.iter().enumerate() {
-            let (moved, result) = if whole {
-                (Some(held.len), bytes(held.len))
-            } else {
-                let end = self
-                    .held
-                    .get(i + 1)
-                    .map_or(self.segments.len(), |h| h.first);
-                let segments = &self.segments[held.first..end];
-                let again = transfer(file, mem, self.kind, offset, segments, &mut self.scratch);
-                moved(again, held.len)
-            };
-            done.push(Done {
-                head: held.head,
-                kind: self.kind,
-                status: held.status,
-                moved,
-                result,
-                merged: whole && i > 0,
-            });
-            offset += held.len as u64;
-        }
+        r.outcomes(result, Some((file, mem, &mut self.scratch)), done);
         self.clear();
     }
 }
@@ -188,10 +227,7 @@ impl Run {
 /// A request of `len` bytes moved on its own ([`transfer`]): the bytes when
 /// all of them were (else `None`), and for the log the bytes moved or the
 /// negative errno.
-pub(super) fn moved(
-    transferred: Option<std::io::Result<usize>>,
-    len: usize,
-) -> (Option<usize>, i32) {
+fn moved(transferred: Option<std::io::Result<usize>>, len: usize) -> (Option<usize>, i32) {
     match transferred {
         Some(Ok(n)) if n == len => (Some(n), bytes(n)),
         // Cut short: the bytes it moved, for the log.
@@ -202,6 +238,6 @@ pub(super) fn moved(
 }
 
 /// A byte count as a completion's result.
-pub(super) fn bytes(n: usize) -> i32 {
+fn bytes(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }

@@ -21,8 +21,8 @@ use io_uring::{opcode, squeue, types, IoUring};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{T_IN, T_OUT};
-use super::run::{Held, Run};
+use super::request::{T_FLUSH, T_IN, T_OUT};
+use super::run::{Held, Requests, Run};
 use crate::virtio::iov::{guest_iovecs, mark_written, Iovecs};
 use crate::GuestMemoryMmap;
 
@@ -34,16 +34,9 @@ struct Slot {
     busy: bool,
     /// The device was reset while it was in flight: its completion is nobody's.
     orphan: bool,
-    /// `T_IN`, `T_OUT` or `T_FLUSH`.
-    kind: u32,
-    /// The image's byte offset (a run cut short moves again from there).
-    offset: u64,
-    /// Bytes it moves.
-    len: usize,
     /// Its requests, given back when it completes.
-    requests: Vec<Held>,
-    /// Their data buffers in guest memory, and the same as the kernel sees them.
-    segments: Vec<(GuestAddress, usize)>,
+    requests: Requests,
+    /// Their buffers as the kernel sees them.
     iovecs: Iovecs,
 }
 
@@ -113,15 +106,17 @@ impl Uring {
     /// Queues `run`'s reads or writes as one entry; it goes to the kernel at
     /// the next [`Self::submit`]. False when every slot is taken.
     pub(super) fn push_run(&mut self, mem: &GuestMemoryMmap, run: &Run) -> bool {
-        self.push(
-            mem,
-            run.kind,
-            run.offset,
-            run.len,
-            &run.held,
-            &run.segments,
-            &run.iovecs.0,
-        )
+        let Some(&index) = self.free.last() else {
+            return false;
+        };
+        let slot = &mut self.slots[index];
+        slot.requests.kind = run.requests.kind;
+        slot.requests.offset = run.requests.offset;
+        slot.requests.len = run.requests.len;
+        slot.requests.held.clone_from(&run.requests.held);
+        slot.requests.segments.clone_from(&run.requests.segments);
+        slot.iovecs.0.clone_from(&run.iovecs.0);
+        self.push(mem, index)
     }
 
     /// Queues a flush of the request at `head` (status byte at `status`),
@@ -133,39 +128,32 @@ impl Uring {
         head: u16,
         status: GuestAddress,
     ) -> bool {
-        let request = Held {
-            head,
-            status,
-            len: 0,
-            first: 0,
-        };
-        self.push(mem, super::request::T_FLUSH, 0, 0, &[request], &[], &[])
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        kind: u32,
-        offset: u64,
-        len: usize,
-        requests: &[Held],
-        segments: &[(GuestAddress, usize)],
-        iovecs: &[libc::iovec],
-    ) -> bool {
         let Some(&index) = self.free.last() else {
             return false;
         };
         let slot = &mut self.slots[index];
-        slot.requests.clear();
-        slot.requests.extend_from_slice(requests);
-        slot.segments.clear();
-        slot.segments.extend_from_slice(segments);
+        slot.requests.kind = T_FLUSH;
+        slot.requests.offset = 0;
+        slot.requests.len = 0;
+        slot.requests.held.clear();
+        slot.requests.held.push(Held {
+            head,
+            status,
+            len: 0,
+            first: 0,
+        });
+        slot.requests.segments.clear();
         slot.iovecs.0.clear();
-        slot.iovecs.0.extend_from_slice(iovecs);
+        self.push(mem, index)
+    }
+
+    /// Queues the entry for free slot `index`, filled in by the caller.
+    fn push(&mut self, mem: &GuestMemoryMmap, index: usize) -> bool {
+        let slot = &self.slots[index];
         let fd = types::Fd(self.file.as_raw_fd());
         let (at, count) = (slot.iovecs.0.as_ptr(), slot.iovecs.0.len() as u32);
-        let entry = match kind {
+        let offset = slot.requests.offset;
+        let entry = match slot.requests.kind {
             T_IN => opcode::Readv::new(fd, at, count).offset(offset).build(),
             T_OUT => opcode::Writev::new(fd, at, count).offset(offset).build(),
             _ => opcode::Fsync::new(fd)
@@ -191,9 +179,6 @@ impl Uring {
         let slot = &mut self.slots[index];
         slot.busy = true;
         slot.orphan = false;
-        slot.kind = kind;
-        slot.offset = offset;
-        slot.len = len;
         self.mem.get_or_insert_with(|| mem.clone());
         self.unsubmitted = true;
         true
@@ -227,55 +212,20 @@ impl Uring {
             let slot = &mut self.slots[index];
             slot.busy = false;
             self.free.push(index);
-            let result = c.result();
-            let data = matches!(slot.kind, T_IN | T_OUT);
-            let whole = if data {
-                usize::try_from(result).ok() == Some(slot.len)
-            } else {
-                result >= 0
-            };
+            let (requests, result) = (&slot.requests, c.result());
             // Guest memory a read wrote is dirty, whoever the request was for.
-            if let (T_IN, Some(mem), Ok(n)) = (slot.kind, mem, usize::try_from(result)) {
-                mark_written(mem, &slot.segments, n);
+            if let (T_IN, Some(mem), Ok(n)) = (requests.kind, mem, usize::try_from(result)) {
+                mark_written(mem, &requests.segments, n);
             }
             if slot.orphan {
                 continue;
             }
-            let again = data && !whole && slot.requests.len() > 1;
-            let mut offset = slot.offset;
-            for (i, request) in slot.requests.iter().enumerate() {
-                let (moved, result) = match (whole, again, mem) {
-                    (true, ..) => (Some(request.len), super::run::bytes(request.len)),
-                    (false, true, Some(mem)) => {
-                        let end = slot
-                            .requests
-                            .get(i + 1)
-                            .map_or(slot.segments.len(), |r| r.first);
-                        let segments = &slot.segments[request.first..end];
-                        super::run::moved(
-                            transfer(
-                                &self.file,
-                                mem,
-                                slot.kind,
-                                offset,
-                                segments,
-                                &mut self.scratch,
-                            ),
-                            request.len,
-                        )
-                    }
-                    _ => (None, result),
-                };
-                done.push(Done {
-                    head: request.head,
-                    kind: slot.kind,
-                    status: request.status,
-                    moved,
-                    result,
-                    merged: whole && i > 0,
-                });
-                offset += request.len as u64;
-            }
+            // A run cut short is moved again request by request.
+            let redo = mem
+                .as_ref()
+                .filter(|_| requests.held.len() > 1)
+                .map(|mem| (&self.file, mem, &mut self.scratch));
+            requests.outcomes(result, redo, done);
         }
         if self.in_flight() == 0 {
             self.mem = None;
