@@ -15,6 +15,8 @@ use vigil_devices::GuestMemoryMmap;
 use vigil_metrics::{DeviceCounters, DeviceKind};
 use vigil_model::config::{DriveConfig, IoEngine};
 use virtio_queue::Queue;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const QSIZE: u16 = 128;
 /// Per request `i`: a 16-byte header at `HDRS + 16 * i`, its status byte at
@@ -248,4 +250,110 @@ fn runs_go_as_one_entry_each_on_the_async_engine() {
         6,
         "3 writes and 3 reads after the first"
     );
+}
+
+/// Which of the `len` bytes at `offset` of the file at `path` are in the host's
+/// page cache, a flag per 4 KiB page (`mincore` on a mapping that touches none).
+fn cached_pages(path: &std::path::Path, offset: usize, len: usize) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let size = file.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh read-only mapping of the whole file, only passed to
+    // mincore (never read) and unmapped here.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let mut flags = vec![0u8; len / 4096];
+    // SAFETY: the range lies in the mapping; `flags` has a byte per page of it.
+    let r = unsafe { libc::mincore(map.add(offset), len, flags.as_mut_ptr()) };
+    // SAFETY: the mapping made above, used no more.
+    unsafe { libc::munmap(map, size) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    flags.iter().map(|f| f & 1 != 0).collect()
+}
+
+/// A sparse image: reads that lie in a hole get zeroes in their buffers (what
+/// was there before is gone, the pages are dirty) without the image being
+/// read, so the host caches none of those pages; reads with data in them read it.
+fn reads_in_a_hole_get_zeroes_without_the_page_cache(engine: IoEngine, merged: u64) {
+    const MIB: u64 = 1 << 20;
+    let image = TempImage::new(&[]);
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image.0)
+            .unwrap();
+        file.set_len(8 * MIB).unwrap();
+        file.write_all_at(&[0x11; 4096], 6 * MIB + 8192).unwrap();
+    }
+    let mem = memory(8 << 20);
+    let (mut dev, counters) = block(&image, engine);
+    let mut d = Driver::new(&mem, QSIZE);
+    let mut q = d.queue();
+    for i in 0..6 {
+        d.write(DATA + 0x1_0000 * i, &[0xee; 0x1_0000]);
+    }
+    // One read alone at 0, a run of four from 2 MiB (each 64 KiB), one read
+    // over the data at 6 MiB.
+    add(&mut d, 0, T_IN, 0, 0x1_0000);
+    for i in 1..5 {
+        add(
+            &mut d,
+            i,
+            T_IN,
+            (2 * MIB + (i - 1) * 0x1_0000) / 512,
+            0x1_0000,
+        );
+    }
+    add(&mut d, 5, T_IN, 6 * MIB / 512, 0x1_0000);
+    serve(&mut dev, &d, &mut q, &mem, 6);
+
+    assert_eq!((0..6).map(|i| status(&d, i)).collect::<Vec<_>>(), [S_OK; 6]);
+    let mut used: Vec<(u32, u32)> = (0..6).map(|i| d.used(i)).collect();
+    used.sort();
+    assert!(used.iter().all(|&(_, len)| len == 0x1_0000 + 1), "{used:?}");
+    for i in 0..5 {
+        assert!(
+            d.read(DATA + 0x1_0000 * i, 0x1_0000)
+                .iter()
+                .all(|&b| b == 0),
+            "request {i} read zeroes"
+        );
+    }
+    let data = d.read(DATA + 0x1_0000 * 5, 0x1_0000);
+    assert!(data[..8192].iter().all(|&b| b == 0));
+    assert!(data[8192..12288].iter().all(|&b| b == 0x11));
+    assert!(data[12288..].iter().all(|&b| b == 0));
+    let region = mem.find_region(GuestAddress(DATA)).unwrap();
+    let dirty = |i: u64| region.bitmap().dirty_at((DATA + 0x1_0000 * i) as usize);
+    assert!((0..6).all(dirty), "every buffer read into is dirty");
+    assert!(
+        !cached_pages(&image.0, 0, 0x1_0000).contains(&true)
+            && !cached_pages(&image.0, 2 * MIB as usize, 0x4_0000).contains(&true),
+        "the holes were not read into the host's page cache"
+    );
+    assert_eq!(
+        counters.snapshot().merged,
+        merged,
+        "the run still went together"
+    );
+}
+
+#[test]
+fn reads_in_a_hole_get_zeroes_without_the_page_cache_sync() {
+    reads_in_a_hole_get_zeroes_without_the_page_cache(IoEngine::Sync, 2);
+}
+
+#[test]
+fn reads_in_a_hole_get_zeroes_without_the_page_cache_async() {
+    reads_in_a_hole_get_zeroes_without_the_page_cache(IoEngine::Async, 3);
 }

@@ -290,6 +290,8 @@ fn own(kind: ThreadKind, list: &mut List) -> Result<(), BackendError> {
                 getsockopt,
             ]);
             list.any(IO_URING);
+            // Whether a read lies in a hole of its image.
+            list.when_arg(lseek, 2, &[libc::SEEK_DATA as u64])?;
             list.when(
                 socket,
                 vec![rule(&[(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])?],

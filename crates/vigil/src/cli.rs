@@ -444,7 +444,8 @@ pub struct RunArgs {
     /// device thread, async submits reads, writes and flushes to io_uring, many
     /// in flight (Firecracker's io_engine "Async"; refused where the host has no
     /// io_uring); either moves contiguous reads or writes together, in one
-    /// call; num_queues=N: request queues, 1 (default) to 16
+    /// call, and answers reads of a sparse image's holes with zeroes without
+    /// reading it; num_queues=N: request queues, 1 (default) to 16
     /// (VIRTIO_BLK_F_MQ above 1: a guest gives each vCPU its own). Example:
     /// --disk path=rootfs.img,ro=on,id=root,bw=50M,wr_ops=200,io_engine=async,num_queues=2
     #[arg(long, value_name = "path=IMAGE[,ro=on][,id=NAME][,bw=..][,io_engine=async][,num_queues=N]", value_parser = crate::devices_cli::parse_disk)]

@@ -13,6 +13,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 
+use super::holes::Holes;
 use super::request::{
     Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
@@ -75,6 +76,8 @@ pub struct Block {
     done: Vec<Done>,
     /// Reads or writes held to be moved together (either engine).
     run: Run,
+    /// Where the image holds data: a read run in a hole reads no file.
+    holes: Holes,
     requests: u64,
     errors: u64,
     metrics: Arc<DeviceCounters>,
@@ -178,6 +181,7 @@ impl Block {
             segments: Vec::new(),
             done: Vec::new(),
             run: Run::default(),
+            holes: Holes::new(bytes, meta.is_file()),
             requests: 0,
             errors: 0,
             metrics: Arc::new(DeviceCounters::new(DeviceKind::Block, config.id.clone())),
@@ -527,10 +531,17 @@ impl Block {
         uring.completed(&mut self.done);
     }
 
-    /// Ends the run: on the synchronous engine its requests' outcomes go into
-    /// `self.done`; on the asynchronous one it goes to queue `index`'s ring.
+    /// Ends the run: on the synchronous engine, or for reads that lie in a
+    /// hole of the image (zeroes, no read), its requests' outcomes go into
+    /// `self.done`; else, on the asynchronous engine, it goes to queue
+    /// `index`'s ring.
     fn end_run(&mut self, index: usize, mem: &GuestMemoryMmap) -> Result<(), DeviceBroken> {
         if self.run.is_empty() {
+            return Ok(());
+        }
+        let r = &self.run.requests;
+        if r.kind == T_IN && self.holes.within_hole(&self.file, r.offset, r.len as u64) {
+            self.run.zero(mem, &mut self.done);
             return Ok(());
         }
         match self.urings.get_mut(index) {

@@ -3,6 +3,7 @@
 //! against the capacity and I/O errors reported to the guest, never raised.
 
 mod device;
+mod holes;
 mod persist;
 mod request;
 mod run;

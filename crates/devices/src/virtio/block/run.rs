@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-use vm_memory::GuestAddress;
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::request::{T_IN, T_OUT};
 use super::uring::{transfer, Done};
@@ -220,6 +220,32 @@ impl Run {
             mark_written(mem, &r.segments, transferred.unwrap_or(0));
         }
         r.outcomes(result, Some((file, mem, &mut self.scratch)), done);
+        self.clear();
+    }
+
+    /// Ends a run of reads that lie in a hole of the image: zeroes go into
+    /// their buffers (marked dirty), and each request's outcome into `done`.
+    /// Empty after.
+    pub(super) fn zero(&mut self, mem: &GuestMemoryMmap, done: &mut Vec<Done>) {
+        static ZEROES: [u8; 4096] = [0; 4096];
+        let r = &self.requests;
+        let mut result = bytes(r.len);
+        'buffers: for &(addr, len) in &r.segments {
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(ZEROES.len());
+                // `hold` found every buffer in guest memory.
+                if mem
+                    .write_slice(&ZEROES[..n], addr.unchecked_add(at as u64))
+                    .is_err()
+                {
+                    result = -libc::EFAULT;
+                    break 'buffers;
+                }
+                at += n;
+            }
+        }
+        r.outcomes(result, None, done);
         self.clear();
     }
 }

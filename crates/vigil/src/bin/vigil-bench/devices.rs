@@ -60,6 +60,14 @@ pub struct BlkBenchArgs {
     #[arg(long)]
     pub random: bool,
 
+    /// The image each round starts from: `filled` (written all over with data
+    /// and synced before the VMM starts, so reads copy data out of the host's
+    /// page cache) or `sparse` (a fresh sparse file: reads read holes, which
+    /// Vigil answers without the page cache, and a guest's first writes
+    /// allocate blocks).
+    #[arg(long, value_enum, default_value_t = Image::Filled, value_name = "KIND")]
+    pub image: Image,
+
     /// Above 1, also run Vigil with its disk on the asynchronous engine and
     /// this many request queues (`num_queues`, 2 to 16), as a row of its own:
     /// the guest spreads its requests over them (`VIRTIO_BLK_F_MQ`; the other
@@ -105,6 +113,12 @@ pub struct NetBenchArgs {
         value_name = "DIR,..."
     )]
     pub dir: Vec<Direction>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Image {
+    Filled,
+    Sparse,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -471,16 +485,21 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
         keys: &["read_iops", "read_kib_s", "write_iops", "write_kib_s"],
         requests: Some(("requests", 2)),
         metrics_group: "block",
-        caption: "virtio-blk from the test guest (CPL3 polling driver, EVENT_IDX where the \
-                  device offers it), fresh raw 64 MiB image per run, reads then writes over \
-                  it: 1000 requests per direction per request in flight, 4000 to 65536 \
-                  (256 MiB at most)"
-            .into(),
+        caption: format!(
+            "virtio-blk from the test guest (CPL3 polling driver, EVENT_IDX where the \
+             device offers it), a fresh raw 64 MiB image per run ({}), reads then writes \
+             over it: 1000 requests per direction per request in flight, 4000 to 65536 \
+             (256 MiB at most)",
+            match args.image {
+                Image::Filled => "written all over and synced first",
+                Image::Sparse => "sparse: reads read holes",
+            }
+        ),
     };
     let attach = |vmm: &Vmm, cmd: &mut Command| {
         // A fresh image each round; creation errors show up as the VMM's own.
-        if let Ok(f) = std::fs::File::create(&image) {
-            let _ = f.set_len(64 << 20);
+        if let Err(e) = fresh_image(&image, args.image) {
+            eprintln!("{}: {e}", image.display());
         }
         match &vmm.kind {
             Kind::Vigil(_) | Kind::JailedVigil(_) => {
@@ -521,6 +540,23 @@ pub fn run_blk(args: BlkBenchArgs) -> anyhow::Result<()> {
         }
     };
     device_bench(args.common.runs, &vmms, &bench, &cases, &attach)
+}
+
+/// Makes the bench's 64 MiB image at `path`: sparse, or written all over
+/// (bytes that are not zero) and synced.
+fn fresh_image(path: &Path, kind: Image) -> std::io::Result<()> {
+    const BYTES: u64 = 64 << 20;
+    let mut f = std::fs::File::create(path)?;
+    match kind {
+        Image::Sparse => f.set_len(BYTES),
+        Image::Filled => {
+            let chunk = vec![0x5a; 1 << 20];
+            for _ in 0..BYTES / chunk.len() as u64 {
+                std::io::Write::write_all(&mut f, &chunk)?;
+            }
+            f.sync_all()
+        }
+    }
 }
 
 /// Sets `key` to `value` in the Firecracker configuration file at `config`.
