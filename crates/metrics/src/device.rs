@@ -80,6 +80,9 @@ pub struct DeviceCounters {
     /// or io_uring entry (virtio-blk: contiguous reads or writes taken
     /// together); a request moved on its own is not counted.
     pub merged: Counter,
+    /// Reads answered with zeroes because they lay in a hole of a sparse
+    /// image, without reading it (virtio-blk).
+    pub hole_reads: Counter,
     /// Balloon only: pages (4 KiB) the driver says it holds (`actual`).
     pub balloon_actual_pages: Gauge,
     /// Balloon only: pages (4 KiB) the device asks for (`num_pages`).
@@ -139,6 +142,7 @@ impl DeviceCounters {
             interrupts: self.interrupts.get(),
             notifications: self.notifications.get(),
             merged: self.merged.get(),
+            hole_reads: self.hole_reads.get(),
             balloon,
         }
     }
@@ -165,6 +169,9 @@ pub struct DeviceSnapshot {
     /// Requests merged (see [`DeviceCounters::merged`]).
     #[serde(default)]
     pub merged: u64,
+    /// Reads of holes (see [`DeviceCounters::hole_reads`]).
+    #[serde(default)]
+    pub hole_reads: u64,
     /// Present for a balloon.
     pub balloon: Option<BalloonSnapshot>,
 }
@@ -194,6 +201,7 @@ mod tests {
         c.interrupts.add(3);
         c.notifications.add(5);
         c.merged.add(7);
+        c.hole_reads.add(11);
         let s = c.snapshot();
         assert_eq!(
             s,
@@ -210,6 +218,7 @@ mod tests {
                 interrupts: 3,
                 notifications: 5,
                 merged: 7,
+                hole_reads: 11,
                 balloon: None,
             }
         );

@@ -8,7 +8,7 @@
 //! | `vm` | `uptime_ms`, `guest_memory_bytes`, `rss_bytes`, `balloon_actual_bytes`, `balloon_target_bytes`, `dirty_bytes_per_s` |
 //! | `vcpu` | all vCPUs together: `exits_<reason>` (reasons: `io`, `mmio`, `hlt`, `shutdown`, `internal_error`, `fail_entry`, `system_event`, `msr`, `debug`, `intr`, `other`), `exits_total`, `guest_ns`, `unclaimed_pio`, `unclaimed_mmio`, `cpu_ns`, `wait_ns`, `exit_handling_count`, `exit_handling_sum_ns`, `exit_handling_p50_ns`, `exit_handling_p99_ns`, `exit_handling_max_ns` |
 //! | `vcpu<N>` | the same for vCPU N |
-//! | `block`, `net`, `vsock`, `entropy`, `balloon` | all devices of the kind together: `<dir>_bytes`, `<dir>_count` for the kind's two directions (`read`/`write`, `rx`/`tx`, `deflate`/`inflate`; entropy has `read` only), `other_count`, `errors`, `throttled`, `interrupts` (used-buffer interrupts raised), `notifications` (queue notifications the device loop took; virtio-blk and virtio-net), `merged` (requests moved by one system call with the one before them; virtio-blk); the balloon adds `actual_pages`, `target_pages` |
+//! | `block`, `net`, `vsock`, `entropy`, `balloon` | all devices of the kind together: `<dir>_bytes`, `<dir>_count` for the kind's two directions (`read`/`write`, `rx`/`tx`, `deflate`/`inflate`; entropy has `read` only), `other_count`, `errors`, `throttled`, `interrupts` (used-buffer interrupts raised), `notifications` (queue notifications the device loop took; virtio-blk and virtio-net), `merged` (requests moved by one system call with the one before them; virtio-blk), `hole_reads` (reads answered with zeroes from a hole of a sparse image, not read; virtio-blk); the balloon adds `actual_pages`, `target_pages` |
 //! | `block_<name>`, `net_<name>` | the same for one disk or interface (`block_blk0`) |
 //! | `introspect` | once monitoring or tracing ran: `checks`, `check_sum_ns`, `pages_hashed`, `findings`, `msr_writes_allowed`, `msr_writes_refused`, `syscalls_seen`, `syscalls_traced`, `syscalls_unreturned` |
 //! | `host` | when given: `load1`, `load5`, `load15`, `mem_total_bytes`, `mem_available_bytes`, `cpus`, and `pressure_<cpu\|memory\|io>_<some\|full>_avg10` (percent) / `_total_us` where PSI exists |
@@ -148,6 +148,7 @@ fn sum_devices(kind: DeviceKind, all: &[&DeviceSnapshot]) -> DeviceSnapshot {
         t.interrupts += d.interrupts;
         t.notifications += d.notifications;
         t.merged += d.merged;
+        t.hole_reads += d.hole_reads;
         t.balloon = t.balloon.or(d.balloon);
     }
     t
@@ -167,6 +168,7 @@ fn device_group(mut g: Obj, d: &DeviceSnapshot) -> Obj {
     g.u64("interrupts", d.interrupts);
     g.u64("notifications", d.notifications);
     g.u64("merged", d.merged);
+    g.u64("hole_reads", d.hole_reads);
     if let Some(b) = d.balloon {
         g.u64("actual_pages", b.actual_pages);
         g.u64("target_pages", b.target_pages);

@@ -343,7 +343,7 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             }
         }
     }
-    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 5] = [
+    let per_device: [SimpleFamily<crate::DeviceSnapshot, u64>; 6] = [
         (
             "vigil_device_errors_total",
             "Failed requests and dropped frames or packets.",
@@ -368,6 +368,11 @@ fn render_vms(out: &mut String, vms: &[(&str, &VmMetricsSnapshot)]) {
             "vigil_device_merged_total",
             "Requests moved by one system call or io_uring entry with the one before them.",
             |d| d.merged,
+        ),
+        (
+            "vigil_device_hole_reads_total",
+            "Reads answered with zeroes from a hole of a sparse image, without reading it.",
+            |d| d.hole_reads,
         ),
     ];
     for (name, help, get) in per_device {

@@ -541,6 +541,7 @@ impl Block {
         }
         let r = &self.run.requests;
         if r.kind == T_IN && self.holes.within_hole(&self.file, r.offset, r.len as u64) {
+            self.metrics.hole_reads.add(r.held.len() as u64);
             self.run.zero(mem, &mut self.done);
             return Ok(());
         }
