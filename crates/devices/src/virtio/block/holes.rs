@@ -100,27 +100,23 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    /// A sparse file of `len` bytes with 4 KiB of data at each of `data_at`.
-    fn sparse(name: &str, len: u64, data_at: &[u64]) -> (std::path::PathBuf, File) {
+    /// A sparse file of `len` bytes with 4 KiB of data at each of `data_at`,
+    /// unlinked (gone with its descriptor).
+    fn sparse(name: &str, len: u64, data_at: &[u64]) -> File {
         let path =
             std::env::temp_dir().join(format!("vigil-holes-{name}-{}.img", std::process::id()));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let file = File::create_new(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
         file.set_len(len).unwrap();
         for &at in data_at {
             file.write_all_at(&[7; 4096], at).unwrap();
         }
-        (path, file)
+        file
     }
 
     #[test]
     fn a_range_is_a_hole_only_with_no_data_in_it_and_the_file_past_it() {
-        let (path, file) = sparse("range", 4 * MIB, &[MIB + 4096]);
+        let file = sparse("range", 4 * MIB, &[MIB + 4096]);
         let mut holes = Holes::new(4 * MIB, true);
         assert!(holes.within_hole(&file, 0, 64 << 10));
         assert!(holes.within_hole(&file, 2 * MIB, 256 << 10));
@@ -134,12 +130,11 @@ mod tests {
             "past the end"
         );
         assert!(!holes.within_hole(&file, 0, 0));
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn a_hole_written_since_is_data() {
-        let (path, file) = sparse("written", 4 * MIB, &[]);
+        let file = sparse("written", 4 * MIB, &[]);
         let mut holes = Holes::new(4 * MIB, true);
         assert!(holes.within_hole(&file, 3 * MIB, 4096));
         file.write_all_at(&[1; 512], 3 * MIB + 1024).unwrap();
@@ -147,24 +142,21 @@ mod tests {
         // The chunk is remembered: a hole beside the data in it reads too.
         assert!(!holes.within_hole(&file, 3 * MIB + 65536, 4096));
         assert!(holes.within_hole(&file, 2 * MIB, 4096));
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn an_image_truncated_under_the_device_has_no_hole_past_its_end() {
-        let (path, file) = sparse("truncated", 4 * MIB, &[]);
+        let file = sparse("truncated", 4 * MIB, &[]);
         let mut holes = Holes::new(4 * MIB, true);
         file.set_len(MIB).unwrap();
         assert!(holes.within_hole(&file, 0, 4096));
         assert!(!holes.within_hole(&file, 2 * MIB, 4096));
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn a_block_device_is_all_data() {
-        let (path, file) = sparse("disabled", MIB, &[]);
+        let file = sparse("disabled", MIB, &[]);
         assert!(!Holes::new(MIB, false).within_hole(&file, 0, 4096));
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
