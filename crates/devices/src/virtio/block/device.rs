@@ -15,8 +15,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::holes::Holes;
 use super::request::{
-    Range, Request, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP, SECTOR_SIZE,
-    S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
+    Range, Request, RequestHeader, Segments, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, RANGE_UNMAP,
+    SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    T_WRITE_ZEROES,
 };
 use super::run::Run;
 use super::uring::{Done, Uring};
@@ -305,12 +306,11 @@ impl Block {
         Ok(())
     }
 
-    /// Takes what `request` costs from the rate limiters: the bytes it moves
-    /// (write-zeroes: the bytes it zeroes; discard: none, it only frees storage)
-    /// from the overall bucket and its direction's, one operation from each.
-    fn charge(&mut self, request: &Request) -> Result<(), std::time::Duration> {
-        let bytes = request.bytes();
-        match request.header.kind {
+    /// Takes what a `kind` request of `bytes` ([`Request::bytes`]) costs from
+    /// the rate limiters: the bytes from the overall bucket and its
+    /// direction's, one operation from each.
+    fn charge(&mut self, kind: u32, bytes: u64) -> Result<(), std::time::Duration> {
+        match kind {
             T_IN => consume_all(&mut [&mut self.limiter, &mut self.read_limiter], bytes),
             T_OUT | T_DISCARD | T_WRITE_ZEROES => {
                 consume_all(&mut [&mut self.limiter, &mut self.write_limiter], bytes)
@@ -401,35 +401,52 @@ impl Block {
         }
     }
 
-    /// Where a read, write or flush the synchronous path would not refuse at
-    /// once goes, for the direct paths (reads and writes in a [`Run`], the
-    /// asynchronous engine's flushes): its data buffers into
-    /// `self.segments` (a read's: the device-writable bytes but the last; a
-    /// write's: the device-readable bytes after the header), and its byte offset
-    /// and status byte (the last device-writable byte, as `Request::parse` split
-    /// them). `None` for what the synchronous path serves (the rest, and
-    /// refusals). `self.readable` and `self.writable` hold the chain's buffers.
-    fn direct_request(&mut self, request: &Request) -> Option<(u64, GuestAddress)> {
-        let header = &request.header;
-        self.segments.clear();
-        let writable_len = request.data.available_bytes() + 1;
-        match header.kind {
-            T_IN if self.in_bounds(header.sector, writable_len as u64 - 1) => {
-                cut(&self.writable, 0, writable_len - 1, &mut self.segments);
-            }
-            T_OUT
-                if !self.read_only
-                    && self.in_bounds(header.sector, request.reader.available_bytes() as u64) =>
-            {
-                let header_len = std::mem::size_of::<super::request::RequestHeader>();
-                let len = request.reader.available_bytes();
-                cut(&self.readable, header_len, len, &mut self.segments);
-            }
-            T_FLUSH => {}
-            _ => return None,
+    /// A read, write or flush the synchronous path would not refuse at once,
+    /// for the direct paths (reads and writes in a [`Run`], the asynchronous
+    /// engine's flushes), taken from the chain's buffers as `note_buffers`
+    /// listed them, without walking the chain again: its header (in the first
+    /// device-readable buffer), its data buffers into `self.segments` (a
+    /// read's: the device-writable bytes but the last; a write's: the
+    /// device-readable bytes after the header), its byte offset, the bytes the
+    /// rate limiters charge ([`Request::bytes`]) and its status byte (the last
+    /// device-writable byte, as `Request::parse` splits them). `None` for what
+    /// the synchronous path serves (the rest, refusals, a header split
+    /// across buffers).
+    fn direct_request(&mut self, mem: &GuestMemoryMmap) -> Option<Direct> {
+        let header_len = std::mem::size_of::<RequestHeader>();
+        let &(first, first_len) = self.readable.first()?;
+        if first_len < header_len {
+            return None;
         }
-        let status = byte_at(&self.writable, writable_len - 1)?;
-        Some((header.sector.saturating_mul(SECTOR_SIZE), status))
+        let header: RequestHeader = mem.read_obj(first).ok()?;
+        let total = |buffers: &[(GuestAddress, usize)]| buffers.iter().map(|&(_, n)| n).sum();
+        let readable_len: usize = total(&self.readable);
+        let writable_len: usize = total(&self.writable);
+        let data_len = writable_len.checked_sub(1)?;
+        let written_len = readable_len - header_len;
+        self.segments.clear();
+        let bytes = match header.kind {
+            T_IN if self.in_bounds(header.sector, data_len as u64) => {
+                if !cut(&self.writable, 0, data_len, &mut self.segments) {
+                    return None;
+                }
+                data_len
+            }
+            T_OUT if !self.read_only && self.in_bounds(header.sector, written_len as u64) => {
+                if !cut(&self.readable, header_len, written_len, &mut self.segments) {
+                    return None;
+                }
+                written_len
+            }
+            T_FLUSH => written_len + data_len,
+            _ => return None,
+        };
+        Some(Direct {
+            kind: header.kind,
+            offset: header.sector.saturating_mul(SECTOR_SIZE),
+            bytes: bytes as u64,
+            status: byte_at(&self.writable, data_len)?,
+        })
     }
 
     /// Gives completed reads, writes and flushes (in `self.done`) back to the
@@ -568,11 +585,60 @@ impl Block {
     ) -> Result<Served, DeviceBroken> {
         let head = chain.head_index();
         self.note_buffers(&chain);
-        let Some(request) = Request::parse(chain, mem) else {
-            // Still an operation: a guest cannot flood the device with garbage.
-            if let Err(wait) = self.limiter.consume(0) {
+        let direct = self.direct_request(mem);
+        if let Some(d) = &direct {
+            if let Err(wait) = self.charge(d.kind, d.bytes) {
                 self.metrics.throttled.inc();
                 return Ok(Served::Wait(wait));
+            }
+            if let T_IN | T_OUT = d.kind {
+                // Straight between the image and the request's buffers, with
+                // those before it when it continues them.
+                if !self.run.continues(d.kind, d.offset, &self.segments) {
+                    self.end_run(index, mem)?;
+                }
+                if self
+                    .run
+                    .hold(mem, head, d.kind, d.offset, d.status, &self.segments)
+                {
+                    // The asynchronous engine's runs all go to the kernel when
+                    // the pass ends: a shorter one would only merge less.
+                    let waiting = if self.urings.is_empty() {
+                        waiting
+                    } else {
+                        u16::MAX
+                    };
+                    if self.run.full(waiting) {
+                        self.end_run(index, mem)?;
+                    }
+                    return Ok(Served::Kept { release: None });
+                }
+                // Buffers across a memory region boundary: through `serve`.
+            }
+        }
+        self.end_run(index, mem)?;
+        if let Some(Direct {
+            kind: T_FLUSH,
+            status,
+            ..
+        }) = direct
+        {
+            if let Some(uring) = self.urings.get_mut(index) {
+                if !uring.push_flush(mem, head, status) {
+                    return Err(too_many_in_flight());
+                }
+                return Ok(Served::Kept { release: None });
+            }
+        }
+        // The rest: the chain read through virtio-queue's reader and writer.
+        let Some(request) = Request::parse(chain, mem) else {
+            // Still an operation (charged above if its header made sense): a
+            // guest cannot flood the device with garbage.
+            if direct.is_none() {
+                if let Err(wait) = self.limiter.consume(0) {
+                    self.metrics.throttled.inc();
+                    return Ok(Served::Wait(wait));
+                }
             }
             tracing::warn!(
                 head,
@@ -582,43 +648,10 @@ impl Block {
             self.metrics.errors.inc();
             return Ok(Served::Used(0));
         };
-        if let Err(wait) = self.charge(&request) {
-            self.metrics.throttled.inc();
-            return Ok(Served::Wait(wait));
-        }
-        let direct = self.direct_request(&request);
-        if let (Some((offset, status)), T_IN | T_OUT) = (direct, request.header.kind) {
-            // Straight between the image and the request's buffers, with
-            // those before it when it continues them.
-            let kind = request.header.kind;
-            if !self.run.continues(kind, offset, &self.segments) {
-                self.end_run(index, mem)?;
-            }
-            if self
-                .run
-                .hold(mem, head, kind, offset, status, &self.segments)
-            {
-                // The asynchronous engine's runs all go to the kernel when
-                // the pass ends: a shorter one would only merge less.
-                let waiting = if self.urings.is_empty() {
-                    waiting
-                } else {
-                    u16::MAX
-                };
-                if self.run.full(waiting) {
-                    self.end_run(index, mem)?;
-                }
-                return Ok(Served::Kept { release: None });
-            }
-            // Buffers across a memory region boundary: through `serve`.
-        }
-        self.end_run(index, mem)?;
-        if let (Some((_, status)), T_FLUSH) = (direct, request.header.kind) {
-            if let Some(uring) = self.urings.get_mut(index) {
-                if !uring.push_flush(mem, head, status) {
-                    return Err(too_many_in_flight());
-                }
-                return Ok(Served::Kept { release: None });
+        if direct.is_none() {
+            if let Err(wait) = self.charge(request.header.kind, request.bytes()) {
+                self.metrics.throttled.inc();
+                return Ok(Served::Wait(wait));
             }
         }
         Ok(Served::Used(self.serve(request).unwrap_or_else(|| {
@@ -642,6 +675,17 @@ impl Block {
             }
         }
     }
+}
+
+/// A read, write or flush taken from the chain's buffers alone
+/// ([`Block::direct_request`]).
+struct Direct {
+    kind: u32,
+    /// The image's byte offset.
+    offset: u64,
+    /// What the rate limiters charge.
+    bytes: u64,
+    status: GuestAddress,
 }
 
 /// One pass over queue `index`: each request served, or held in a run that
@@ -701,7 +745,7 @@ fn too_many_in_flight() -> DeviceBroken {
 fn byte_at(buffers: &[(GuestAddress, usize)], mut offset: usize) -> Option<GuestAddress> {
     for &(addr, n) in buffers {
         if offset < n {
-            return Some(addr.unchecked_add(offset as u64));
+            return addr.checked_add(offset as u64);
         }
         offset -= n;
     }
@@ -709,13 +753,15 @@ fn byte_at(buffers: &[(GuestAddress, usize)], mut offset: usize) -> Option<Guest
 }
 
 /// Appends to `out` the `len` bytes of `buffers` (in order) that start `skip`
-/// bytes in, as buffers.
+/// bytes in, as buffers; false when one would start past the end of the
+/// address space (the guest's descriptors are not checked yet).
+#[must_use]
 fn cut(
     buffers: &[(GuestAddress, usize)],
     mut skip: usize,
     mut len: usize,
     out: &mut Vec<(GuestAddress, usize)>,
-) {
+) -> bool {
     for &(addr, n) in buffers {
         if len == 0 {
             break;
@@ -725,10 +771,14 @@ fn cut(
             continue;
         }
         let take = (n - skip).min(len);
-        out.push((addr.unchecked_add(skip as u64), take));
+        let Some(start) = addr.checked_add(skip as u64) else {
+            return false;
+        };
+        out.push((start, take));
         len -= take;
         skip = 0;
     }
+    true
 }
 
 fn image_size(file: &File, path: &Path) -> std::io::Result<u64> {
