@@ -308,15 +308,19 @@ impl Block {
 
     /// Takes what a `kind` request of `bytes` ([`Request::bytes`]) costs from
     /// the rate limiters: the bytes from the overall bucket and its
-    /// direction's, one operation from each.
+    /// direction's, one operation from each. A wait is counted as `throttled`.
     fn charge(&mut self, kind: u32, bytes: u64) -> Result<(), std::time::Duration> {
-        match kind {
+        let charged = match kind {
             T_IN => consume_all(&mut [&mut self.limiter, &mut self.read_limiter], bytes),
             T_OUT | T_DISCARD | T_WRITE_ZEROES => {
                 consume_all(&mut [&mut self.limiter, &mut self.write_limiter], bytes)
             }
             _ => self.limiter.consume(bytes),
+        };
+        if charged.is_err() {
+            self.metrics.throttled.inc();
         }
+        charged
     }
 
     /// Serves one request; returns the bytes written into the guest's buffers, or
@@ -588,7 +592,6 @@ impl Block {
         let direct = self.direct_request(mem);
         if let Some(d) = &direct {
             if let Err(wait) = self.charge(d.kind, d.bytes) {
-                self.metrics.throttled.inc();
                 return Ok(Served::Wait(wait));
             }
             if let T_IN | T_OUT = d.kind {
@@ -650,7 +653,6 @@ impl Block {
         };
         if direct.is_none() {
             if let Err(wait) = self.charge(request.header.kind, request.bytes()) {
-                self.metrics.throttled.inc();
                 return Ok(Served::Wait(wait));
             }
         }
